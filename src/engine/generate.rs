@@ -1,0 +1,159 @@
+//! Generation for one sequence: prefill, then decode step by step with sampling, stop tokens,
+//! stop strings and a token budget. The CLI's `generate` runs on it; the server's batched
+//! engine keeps the same finish rules.
+//!
+//! Knows the model's forward and the sampler; never HTTP. Invariant: the prompt plus the token
+//! budget must fit the model's context; nothing is silently truncated.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::sampler::{Sampler, SamplingParams};
+use super::stop::{StopMatcher, StopOutcome};
+use crate::error::{Error, Result};
+use crate::model::detok::IncrementalDecoder;
+use crate::model::LoadedModel;
+
+/// How many recent tokens the repetition penalties look at (llama.cpp's `penalty_last_n`).
+pub const PENALTY_WINDOW: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended, with OpenAI's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// The token budget ran out.
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub prompt_seconds: f64,
+    pub prompt_tokens_per_second: f64,
+    pub generation_seconds: f64,
+    pub generation_tokens_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationOutput {
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+/// Generates from `prompt` (token ids), calling `on_text` with each new piece of text.
+pub fn generate(
+    model: &LoadedModel,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<GenerationOutput> {
+    let ctx = model.llama.config.context_length;
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt has no tokens".into()));
+    }
+    if prompt.len() + params.max_tokens > ctx {
+        return Err(Error::Invalid(format!(
+            "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {ctx} tokens",
+            prompt.len(),
+            params.max_tokens
+        )));
+    }
+    params
+        .sampling
+        .validate()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let tok = &model.tokenizer;
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut cache = model.llama.new_cache();
+    let mut detok = IncrementalDecoder::new();
+    let mut stops = StopMatcher::new(params.stop.clone());
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    let mut finish = FinishReason::Length;
+    let mut stop_string_hit = false;
+
+    let started = Instant::now();
+    let mut logits = model.llama.forward(prompt, &mut cache)?;
+    let prompt_seconds = started.elapsed().as_secs_f64();
+    let decode_started = Instant::now();
+    let mut decode_steps = 0usize;
+    while tokens.len() < params.max_tokens {
+        let mut row = logits.to_vec1::<f32>()?;
+        let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
+        let next = sampler.sample(&mut row, window);
+        if tok.is_stop(next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(next);
+        history.push(next);
+        if let Some(piece) = detok.push(tok, next)? {
+            if emit(&mut stops, &piece, &mut text, &mut on_text) {
+                finish = FinishReason::Stop;
+                stop_string_hit = true;
+                break;
+            }
+        }
+        if tokens.len() == params.max_tokens {
+            break;
+        }
+        logits = model.llama.forward(&[next], &mut cache)?;
+        decode_steps += 1;
+    }
+    if !stop_string_hit {
+        if let Some(piece) = detok.flush(tok)? {
+            if emit(&mut stops, &piece, &mut text, &mut on_text) {
+                finish = FinishReason::Stop;
+            }
+        }
+        let rest = stops.flush();
+        if !rest.is_empty() {
+            on_text(&rest);
+            text.push_str(&rest);
+        }
+    }
+    let generation_seconds = decode_started.elapsed().as_secs_f64();
+    Ok(GenerationOutput {
+        prompt_tokens: prompt.to_vec(),
+        tokens,
+        text,
+        finish_reason: finish,
+        timings: Timings {
+            prompt_seconds,
+            prompt_tokens_per_second: prompt.len() as f64 / prompt_seconds.max(1e-9),
+            generation_seconds,
+            generation_tokens_per_second: decode_steps as f64 / generation_seconds.max(1e-9),
+        },
+    })
+}
+
+/// Passes `piece` through the stop matcher; returns true when a stop string was found.
+fn emit(
+    stops: &mut StopMatcher,
+    piece: &str,
+    text: &mut String,
+    on_text: &mut impl FnMut(&str),
+) -> bool {
+    let (out, stopped) = match stops.push(piece) {
+        StopOutcome::Continue { emit } => (emit, false),
+        StopOutcome::Stopped { emit, .. } => (emit, true),
+    };
+    if !out.is_empty() {
+        on_text(&out);
+        text.push_str(&out);
+    }
+    stopped
+}

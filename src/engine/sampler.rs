@@ -1,0 +1,559 @@
+//! Token sampling: turns one logits vector into one token id.
+//!
+//! Owns: the repetition / frequency / presence penalties, greedy argmax, the
+//! top-k, top-p and min-p filters, temperature, the seeded random draw, and
+//! [`log_softmax_of`] for logprobs.
+//!
+//! Must not know: the model, the tokenizer, HTTP or request formats. It only
+//! ever sees `f32` logits indexed by `u32` token ids.
+//!
+//! Invariant: with the same build, the same [`SamplingParams`] (seed
+//! included), the same logits and the same history give the same token. Every
+//! tie is broken by the lowest token id and NaN logits are treated as `-inf`,
+//! so nothing depends on hash or sort order.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How to pick the next token. The default is greedy with every filter off.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// `<= 0` means greedy (argmax); valid range `[0, 2]`.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; `0` = off.
+    pub top_k: usize,
+    /// Nucleus sampling threshold in `(0, 1]`; `1.0` = off.
+    pub top_p: f32,
+    /// Drop tokens with probability below `min_p * p_max`; `0` = off.
+    pub min_p: f32,
+    /// CTRL-style repetition penalty, `> 0`; `1.0` = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once per previous occurrence, in `[-2, 2]`; `0` = off.
+    pub frequency_penalty: f32,
+    /// Subtracted once if the token occurred at all, in `[-2, 2]`; `0` = off.
+    pub presence_penalty: f32,
+    /// Seed for the random draw; `None` seeds from OS entropy.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+/// A sampling parameter outside its valid range. Field names are OpenAI's.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplingError {
+    #[error("`{field}` must be {expected}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        expected: &'static str,
+        value: String,
+    },
+}
+
+impl SamplingParams {
+    /// Greedy decoding: always the most likely token, no filters, no penalties.
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    /// Whether [`Sampler::sample`] takes the argmax instead of drawing.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_nan() || self.temperature <= 0.0
+    }
+
+    /// Checks every field against its range; the first bad field is reported.
+    /// NaN and infinities are rejected everywhere.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let err = |field: &'static str, expected: &'static str, value: f32| {
+            let value = value.to_string();
+            Err(SamplingError::OutOfRange {
+                field,
+                expected,
+                value,
+            })
+        };
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return err("temperature", "in [0, 2]", self.temperature);
+        }
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return err("top_p", "in (0, 1]", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return err("min_p", "in [0, 1]", self.min_p);
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return err(
+                "repetition_penalty",
+                "a finite number > 0",
+                self.repetition_penalty,
+            );
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return err("frequency_penalty", "in [-2, 2]", self.frequency_penalty);
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return err("presence_penalty", "in [-2, 2]", self.presence_penalty);
+        }
+        Ok(())
+    }
+}
+
+/// One surviving token during filtering.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    id: u32,
+    logit: f32,
+    p: f32,
+}
+
+/// Highest logit first, lowest id first among equals. NaNs are filtered out
+/// before this is used.
+fn by_logit_desc(a: &Candidate, b: &Candidate) -> Ordering {
+    b.logit.total_cmp(&a.logit).then_with(|| a.id.cmp(&b.id))
+}
+
+/// Index of the largest logit; ties go to the lowest index, NaN counts as
+/// `-inf`. An empty or all-NaN slice gives 0.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() {
+            continue;
+        }
+        match best {
+            Some((_, b)) if l <= b => {}
+            _ => best = Some((i, l)),
+        }
+    }
+    // Vocabularies are far below u32::MAX tokens.
+    best.map_or(0, |(i, _)| i as u32)
+}
+
+/// Fills `p` with the temperature softmax of the candidates' logits (which
+/// are never NaN or +inf). If every logit is `-inf`, every `p` stays 0.
+fn softmax(cands: &mut [Candidate], temperature: f32) {
+    let max = cands
+        .iter()
+        .map(|c| c.logit)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for c in cands.iter_mut() {
+        // NaN only from `-inf - -inf`: such a token has no mass.
+        let z = (c.logit - max) / temperature;
+        c.p = if z.is_nan() { 0.0 } else { z.exp() };
+        sum += f64::from(c.p);
+    }
+    if sum > 0.0 {
+        for c in cands.iter_mut() {
+            c.p = (f64::from(c.p) / sum) as f32;
+        }
+    }
+}
+
+/// Token sampler for one sequence: parameters plus its own random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Seeds from `params.seed` when given, otherwise from OS entropy.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies the repetition, frequency and presence penalties in place, as
+    /// llama.cpp does: for every distinct token in `history`, a positive logit
+    /// is divided by the repetition penalty and a non-positive one multiplied
+    /// by it, then `count * frequency_penalty + presence_penalty` is
+    /// subtracted. History ids outside the vocabulary are ignored.
+    pub fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        let repeat = p.repetition_penalty;
+        let use_repeat = repeat != 1.0 && repeat.is_finite() && repeat > 0.0;
+        let off = !use_repeat && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
+        if off || history.is_empty() {
+            return;
+        }
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &token in history {
+            *counts.entry(token).or_insert(0) += 1;
+        }
+        // Each token is adjusted independently, so map order does not matter.
+        for (&token, &count) in &counts {
+            let Some(logit) = logits.get_mut(token as usize) else {
+                continue;
+            };
+            if use_repeat {
+                *logit = if *logit > 0.0 {
+                    *logit / repeat
+                } else {
+                    *logit * repeat
+                };
+            }
+            *logit -= count as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+
+    /// Picks the next token. `logits` is modified in place (penalties and
+    /// nothing else). `history` is whatever the caller wants penalised:
+    /// generated tokens, optionally preceded by the prompt.
+    ///
+    /// Order: penalties; then greedy argmax if `temperature <= 0`; otherwise
+    /// top-k, temperature softmax, top-p, min-p, renormalise, draw.
+    /// Parameters should have passed [`SamplingParams::validate`]; invalid
+    /// ones never panic but pick an unspecified (still deterministic) token.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.apply_penalties(logits, history);
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        let temperature = self.params.temperature;
+
+        let mut cands: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            // +inf is clamped so that it wins the softmax instead of making NaN.
+            .map(|(i, &l)| Candidate {
+                id: i as u32,
+                logit: l.min(f32::MAX),
+                p: 0.0,
+            })
+            .collect();
+        if cands.is_empty() {
+            return 0;
+        }
+
+        let mut sorted = false;
+        let k = self.params.top_k;
+        if k > 0 && k < cands.len() {
+            // Partial selection: O(vocab) instead of sorting the whole vocabulary.
+            cands.select_nth_unstable_by(k - 1, by_logit_desc);
+            cands.truncate(k);
+            cands.sort_unstable_by(by_logit_desc);
+            sorted = true;
+        }
+
+        let top_p = self.params.top_p;
+        let nucleus = top_p < 1.0;
+        if nucleus && !sorted {
+            cands.sort_unstable_by(by_logit_desc);
+        }
+
+        softmax(&mut cands, temperature);
+
+        if nucleus {
+            // Smallest prefix of the sorted candidates reaching `top_p`; at least one.
+            let mut cumulative = 0.0f64;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                cumulative += f64::from(c.p);
+                if cumulative >= f64::from(top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+        }
+
+        let min_p = self.params.min_p;
+        if min_p > 0.0 {
+            let p_max = cands.iter().map(|c| c.p).fold(0.0f32, f32::max);
+            // The most likely token always survives since min_p <= 1.
+            let threshold = min_p.min(1.0) * p_max;
+            cands.retain(|c| c.p >= threshold);
+        }
+
+        self.draw(&cands)
+    }
+
+    /// Draws one candidate in proportion to `p` (renormalising implicitly).
+    fn draw(&mut self, cands: &[Candidate]) -> u32 {
+        let Some(first) = cands.first() else {
+            return 0;
+        };
+        let total: f64 = cands.iter().map(|c| f64::from(c.p)).sum();
+        if !total.is_finite() || total <= 0.0 {
+            return first.id;
+        }
+        let r = self.rng.gen::<f64>() * total;
+        let mut cumulative = 0.0f64;
+        for c in cands {
+            cumulative += f64::from(c.p);
+            if cumulative > r {
+                return c.id;
+            }
+        }
+        // Rounding left `r` past the end: take the last token with any mass.
+        cands
+            .iter()
+            .rev()
+            .find(|c| c.p > 0.0)
+            .map_or(first.id, |c| c.id)
+    }
+}
+
+/// `log softmax(logits)[token]` at temperature 1, computed stably (max
+/// subtracted, summed in f64). NaN logits count as `-inf`; a token outside
+/// the vocabulary, or a NaN one, gives `-inf`.
+pub fn log_softmax_of(logits: &[f32], token: u32) -> f32 {
+    // NaN counts as -inf; +inf is clamped so the arithmetic stays finite.
+    let clean = |l: f32| {
+        if l.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            f64::from(l.min(f32::MAX))
+        }
+    };
+    let Some(&x) = logits.get(token as usize) else {
+        return f32::NEG_INFINITY;
+    };
+    let max = logits
+        .iter()
+        .map(|&l| clean(l))
+        .fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = logits.iter().map(|&l| (clean(l) - max).exp()).sum();
+    (clean(x) - max - sum.ln()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn with(base: SamplingParams, edit: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut params = base;
+        edit(&mut params);
+        params
+    }
+
+    fn seeded(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut sampler = Sampler::new(params);
+        (0..n)
+            .map(|_| sampler.sample(&mut logits.to_vec(), &[]))
+            .collect()
+    }
+
+    fn ln(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
+    }
+
+    fn counts(tokens: &[u32], vocab: usize) -> Vec<usize> {
+        let mut c = vec![0; vocab];
+        for &t in tokens {
+            c[t as usize] += 1;
+        }
+        c
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_lowest_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut [0.1, -2.0, 3.5, 3.4], &[]), 2);
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, 2.0], &[]), 1);
+    }
+
+    #[test]
+    fn nan_is_never_picked() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut [f32::NAN, -5.0, f32::NAN, -6.0], &[]), 1);
+        let picked = draws(seeded(3), &[f32::NAN, 0.0, f32::NAN, 0.0], 200);
+        assert!(picked.iter().all(|&t| t == 1 || t == 3), "{picked:?}");
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy_at_any_temperature() {
+        let logits = [0.3, 2.0, -1.0, 2.0, 1.5, f32::NAN];
+        let expected = argmax(&logits);
+        assert_eq!(expected, 1);
+        for (seed, temperature) in [0.05f32, 0.7, 1.0, 2.0].into_iter().enumerate() {
+            let params = with(seeded(seed as u64), |p| {
+                p.temperature = temperature;
+                p.top_k = 1;
+            });
+            assert!(draws(params, &logits, 100).iter().all(|&t| t == expected));
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_k_best() {
+        let params = with(seeded(5), |p| {
+            p.temperature = 2.0;
+            p.top_k = 2;
+        });
+        let c = counts(&draws(params, &[0.0, 1.0, 5.0, 4.0, 3.0], 300), 5);
+        assert_eq!((c[0], c[1], c[4]), (0, 0, 0), "{c:?}");
+        assert!(c[2] > 0 && c[3] > 0, "{c:?}");
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_different_draws() {
+        let flat = vec![0.0f32; 1000];
+        let a = draws(seeded(42), &flat, 50);
+        assert_eq!(a, draws(seeded(42), &flat, 50));
+        assert_ne!(a, draws(seeded(43), &flat, 50));
+        let distinct = a.iter().collect::<HashSet<_>>().len();
+        assert!(distinct > 10, "not random: {a:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        let logits = ln(&[0.5, 0.3, 0.15, 0.05]);
+        let c = counts(&draws(with(seeded(7), |p| p.top_p = 0.6), &logits, 500), 4);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+        // Control: without the filter the tail does show up.
+        let c = counts(&draws(seeded(7), &logits, 500), 4);
+        assert!(c[2] + c[3] > 0, "{c:?}");
+    }
+
+    #[test]
+    fn min_p_excludes_tokens_below_half_the_max() {
+        let logits = ln(&[0.4, 0.3, 0.19, 0.11]);
+        let c = counts(&draws(with(seeded(11), |p| p.min_p = 0.5), &logits, 500), 4);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+    }
+
+    #[test]
+    fn repetition_penalty_flips_argmax_away_from_repeated_token() {
+        let mut s = Sampler::new(with(SamplingParams::greedy(), |p| {
+            p.repetition_penalty = 1.5
+        }));
+        assert_eq!(s.sample(&mut [2.0, 1.9, 0.5], &[]), 0);
+        assert_eq!(s.sample(&mut [2.0, 1.9, 0.5], &[0, 0]), 1);
+        // Negative logits are multiplied, positive ones divided, once per distinct token.
+        let s = Sampler::new(with(SamplingParams::greedy(), |p| {
+            p.repetition_penalty = 2.0
+        }));
+        let mut logits = [-1.0, 3.0, 0.5];
+        s.apply_penalties(&mut logits, &[0, 1, 1]);
+        assert_close(&logits, &[-2.0, 1.5, 0.5]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract_the_right_amounts() {
+        let params = with(SamplingParams::greedy(), |p| {
+            p.frequency_penalty = 0.5;
+            p.presence_penalty = 0.25;
+        });
+        let mut logits = [1.0; 4];
+        // Token 99 is outside the vocabulary and must be ignored.
+        Sampler::new(params).apply_penalties(&mut logits, &[0, 0, 0, 2, 99]);
+        assert_close(&logits, &[1.0 - 1.5 - 0.25, 1.0, 1.0 - 0.5 - 0.25, 1.0]);
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_field_by_name() {
+        assert_eq!(SamplingParams::default().validate(), Ok(()));
+        let edges = SamplingParams {
+            temperature: 2.0,
+            top_p: 1.0,
+            min_p: 1.0,
+            repetition_penalty: 10.0,
+            frequency_penalty: -2.0,
+            presence_penalty: 2.0,
+            seed: Some(0),
+            ..SamplingParams::default()
+        };
+        assert_eq!(edges.validate(), Ok(()));
+        let bad: [(&str, fn(&mut SamplingParams)); 11] = [
+            ("temperature", |p| p.temperature = 2.5),
+            ("temperature", |p| p.temperature = -0.1),
+            ("temperature", |p| p.temperature = f32::NAN),
+            ("top_p", |p| p.top_p = 0.0),
+            ("top_p", |p| p.top_p = 1.01),
+            ("min_p", |p| p.min_p = -0.1),
+            ("min_p", |p| p.min_p = 1.5),
+            ("repetition_penalty", |p| p.repetition_penalty = 0.0),
+            ("repetition_penalty", |p| {
+                p.repetition_penalty = f32::INFINITY
+            }),
+            ("frequency_penalty", |p| p.frequency_penalty = 2.5),
+            ("presence_penalty", |p| p.presence_penalty = -2.01),
+        ];
+        for (field, edit) in bad {
+            let params = with(SamplingParams::default(), edit);
+            match params.validate() {
+                Err(SamplingError::OutOfRange { field: got, .. }) => assert_eq!(got, field),
+                Ok(()) => panic!("{params:?} should be rejected for `{field}`"),
+            }
+        }
+        let err = with(SamplingParams::default(), |p| p.top_p = 0.0).validate();
+        let message = err.map_err(|e| e.to_string());
+        assert_eq!(message, Err("`top_p` must be in (0, 1], got 0".to_owned()));
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_distribution() {
+        let probs = [0.2, 0.3, 0.5];
+        let n = 5000;
+        let c = counts(&draws(seeded(12345), &ln(&probs), n), 3);
+        let chi2: f64 = c
+            .iter()
+            .zip(probs)
+            .map(|(&o, p)| {
+                let e = f64::from(p) * n as f64;
+                (o as f64 - e).powi(2) / e
+            })
+            .sum();
+        // 2 degrees of freedom: p = 0.001 at 13.8; 20 is a loose bound.
+        assert!(chi2 < 20.0, "chi2 = {chi2}, counts = {c:?}");
+    }
+
+    #[test]
+    fn log_softmax_is_correct_and_stable() {
+        assert!((log_softmax_of(&[1.0, 2.0, 3.0], 2) - (-0.407_606)).abs() < 1e-5);
+        let ln2 = std::f32::consts::LN_2;
+        assert!((log_softmax_of(&[1000.0, 1000.0], 0) + ln2).abs() < 1e-6);
+        assert_eq!(log_softmax_of(&[1.0, 2.0], 7), f32::NEG_INFINITY);
+        let logits = [0.5, -3.0, 2.0, f32::NAN, 7.0];
+        let total: f32 = (0..5).map(|t| log_softmax_of(&logits, t).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert_eq!(log_softmax_of(&logits, 3), f32::NEG_INFINITY);
+    }
+}

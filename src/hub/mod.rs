@@ -1,0 +1,229 @@
+//! Fetching models: resolve a spec against the manifest, try each source in order, verify the
+//! sha256, and move the file into place atomically.
+//!
+//! Knows files, hashes and download sources; never GGUF contents. Invariant: the final path
+//! only ever holds a complete file (data is written to `FILE.part` and renamed), and a file
+//! whose checksum does not match is never left under the final name.
+
+pub mod manifest;
+mod progress;
+mod sources;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use manifest::{Manifest, ModelEntry, Source};
+use progress::Progress;
+
+use crate::error::HubError;
+
+/// Environment variable naming the models directory (default `models`).
+pub const MODELS_DIR_ENV: &str = "EDGEINFER_MODELS_DIR";
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os(MODELS_DIR_ENV).map_or_else(|| PathBuf::from("models"), PathBuf::from)
+}
+
+/// Where `entry` lives once pulled.
+pub fn local_path(entry: &ModelEntry, dir: &Path) -> PathBuf {
+    dir.join(&entry.file)
+}
+
+/// Makes sure `entry` is present and verified under `dir`, fetching it if needed.
+/// Returns its path. A present, verified file is not fetched again.
+pub fn pull(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, HubError> {
+    let dest = local_path(entry, dir);
+    if dest.exists() {
+        match &entry.sha256 {
+            None => return Ok(dest),
+            Some(expected) => {
+                let actual = sha256_file(&dest)?;
+                if &actual == expected {
+                    tracing::info!(path = %dest.display(), "model present and verified");
+                    return Ok(dest);
+                }
+                tracing::warn!(path = %dest.display(), %expected, %actual,
+                    "present file has the wrong checksum; fetching it again");
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
+    let mut attempts = Vec::new();
+    for source in &entry.sources {
+        let label = sources::describe(source);
+        tracing::info!(source = %label, "fetching {}", entry.file);
+        match sources::fetch(source, &dest, entry.sha256.as_deref()) {
+            Ok(()) => {
+                tracing::info!(path = %dest.display(), "model ready");
+                return Ok(dest);
+            }
+            Err(e) => {
+                tracing::warn!(source = %label, error = %e, "source failed");
+                attempts.push(format!("  - {label}: {e}"));
+            }
+        }
+    }
+    Err(HubError::AllSourcesFailed {
+        what: entry.name.clone(),
+        attempts: attempts.join("\n"),
+    })
+}
+
+/// Copies `reader` (of `size` bytes if known) to `dest` through `DEST.part`, hashing as it
+/// goes; renames into place only if the hash matches `expected` (when given).
+fn install_from_reader(
+    mut reader: impl Read,
+    size: Option<u64>,
+    dest: &Path,
+    expected: Option<&str>,
+    label: &str,
+) -> Result<(), HubError> {
+    let part = part_path(dest);
+    let result = (|| {
+        let mut out = File::create(&part).map_err(|source| io_err(&part, source))?;
+        let mut hasher = Sha256::new();
+        let mut progress = Progress::new(label, size);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|source| io_err(dest, source))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|source| io_err(&part, source))?;
+            progress.advance(n as u64);
+        }
+        out.sync_all().map_err(|source| io_err(&part, source))?;
+        progress.finish();
+        let actual = hex(&hasher.finalize());
+        if let Some(expected) = expected {
+            if actual != expected {
+                return Err(HubError::Checksum {
+                    path: dest.to_path_buf(),
+                    expected: expected.into(),
+                    actual,
+                });
+            }
+        }
+        std::fs::rename(&part, dest).map_err(|source| io_err(dest, source))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
+/// The lowercase hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String, HubError> {
+    let mut f = File::open(path).map_err(|source| io_err(path, source))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher).map_err(|source| io_err(path, source))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> HubError {
+    HubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sources: Vec<Source>, sha: Option<String>) -> ModelEntry {
+        ModelEntry {
+            name: "test-model".into(),
+            description: String::new(),
+            file: "test.gguf".into(),
+            sha256: sha,
+            sources,
+        }
+    }
+
+    #[test]
+    fn falls_back_verifies_and_is_idempotent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("mirror.gguf");
+        std::fs::write(&src, b"GGUF pretend model bytes").unwrap();
+        let sha = sha256_file(&src).unwrap();
+        let dir = tmp.path().join("models");
+        let missing = tmp.path().join("nowhere.gguf").display().to_string();
+        let e = entry(
+            vec![
+                Source::Path { path: missing },
+                Source::Path {
+                    path: src.display().to_string(),
+                },
+            ],
+            Some(sha),
+        );
+        let dest = pull(&e, &dir).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"GGUF pretend model bytes");
+        assert!(!part_path(&dest).exists());
+        // A second pull finds the verified file and does not touch the sources.
+        std::fs::remove_file(&src).unwrap();
+        assert_eq!(pull(&e, &dir).unwrap(), dest);
+    }
+
+    #[test]
+    fn checksum_mismatch_leaves_no_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("mirror.gguf");
+        std::fs::write(&src, b"tampered").unwrap();
+        let dir = tmp.path().join("models");
+        let e = entry(
+            vec![Source::Path {
+                path: src.display().to_string(),
+            }],
+            Some("0".repeat(64)),
+        );
+        let err = pull(&e, &dir).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(!dir.join("test.gguf").exists());
+        assert!(!dir.join("test.gguf.part").exists());
+    }
+
+    #[test]
+    fn unreachable_hub_without_fallback_fails_fast_and_clearly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = entry(
+            vec![Source::Hf {
+                repo: "nobody/nothing".into(),
+                file: "x.gguf".into(),
+                revision: "main".into(),
+            }],
+            None,
+        );
+        let started = std::time::Instant::now();
+        // Port 9 on loopback: nothing listens, the connection is refused at once.
+        let err = sources::fetch_hf_from(
+            &e.sources[0],
+            &tmp.path().join("x.gguf"),
+            None,
+            "http://127.0.0.1:9",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed().as_secs() < 30);
+        assert!(!err.is_empty());
+        assert!(!tmp.path().join("x.gguf").exists());
+    }
+}

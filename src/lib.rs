@@ -1,0 +1,24 @@
+//! edgeinfer: a self-hosted edge inference node for quantized Llama- and Mistral-family GGUF
+//! models.
+//!
+//! ```text
+//! CLI / HTTP (api)          engine                               model (candle)
+//! ----------------          ------                               --------------
+//! prompt or messages  ->    validate, sample, stop rules   ->    GGUF weights, forward pass,
+//! text stream         <-    incremental detokenization     <-    tokenizer, chat template
+//! ```
+//!
+//! Modules:
+//! - [`model`]: GGUF loading, the Llama forward pass, tokenizer, detokenizer, chat template.
+//! - [`engine`]: sampling, stop strings, the generation loop.
+//! - [`hub`]: the model manifest and downloads (Hugging Face Hub, then fallbacks), checksums.
+//! - [`config`]: the command line.
+//! - [`error`]: one error enum per layer.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,151 @@
+//! The `edgeinfer` binary: parse the command line, set up logging and threads, run a
+//! subcommand. Errors are printed as one clear message with a non-zero exit, never a panic.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use edgeinfer::config::{Cli, Command, GenerateArgs, PullArgs};
+use edgeinfer::engine::generate::{generate, GenerateParams};
+use edgeinfer::engine::sampler::SamplingParams;
+use edgeinfer::hub::{self, Manifest};
+use edgeinfer::model::{LoadedModel, Message};
+
+fn main() {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Generate(_) => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("EDGEINFER_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    set_threads(cli.threads);
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// candle reads its thread count from the environment; set it before the first tensor op.
+/// With RAYON_NUM_THREADS unset, candle re-reads /proc/cpuinfo on every f32 matmul.
+fn set_threads(threads: usize) {
+    let n = if threads > 0 {
+        threads
+    } else {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    };
+    // Safe: called once at start-up, before any other thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pull(args) => pull(args),
+        Command::Generate(args) => run_generate(args),
+        Command::Models => {
+            let m = Manifest::builtin();
+            for e in &m.models {
+                let mark = if e.name == m.default {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!("{}{mark}\t{}\t{}", e.name, e.file, e.description);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn pull(args: PullArgs) -> Result<()> {
+    let manifest = Manifest::builtin();
+    let spec = args.spec.unwrap_or_else(|| manifest.default.clone());
+    let entry = manifest.resolve(&spec)?;
+    let path = hub::pull(&entry, &args.models_dir)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// A path to an existing file, or a manifest name / HF spec pulled into `models_dir`.
+fn resolve_model(model: Option<&str>, models_dir: &Path) -> Result<PathBuf> {
+    let manifest = Manifest::builtin();
+    let spec = match model {
+        Some(m) if Path::new(m).is_file() => return Ok(PathBuf::from(m)),
+        Some(m) if m.ends_with(".gguf") && !m.contains(':') => {
+            anyhow::bail!("model file {m} does not exist (to download a model, pass its name or HF_REPO:FILE)")
+        }
+        Some(m) => m.to_string(),
+        None => manifest.default.clone(),
+    };
+    let entry = manifest.resolve(&spec)?;
+    let local = hub::local_path(&entry, models_dir);
+    if local.is_file() {
+        return Ok(local);
+    }
+    Ok(hub::pull(&entry, models_dir)?)
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let path = resolve_model(args.model.as_deref(), &args.models_dir)?;
+    let device = candle_core::Device::Cpu;
+    let model = LoadedModel::load(&path, args.tokenizer.as_deref(), &device)
+        .with_context(|| format!("cannot load model {}", path.display()))?;
+    let prompt_ids = if args.raw {
+        model.tokenizer.encode(&args.prompt, true)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        let text = model.render_chat(&messages)?;
+        // The template writes BOS itself where the model wants one.
+        model.tokenizer.encode(&text, false)?
+    };
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            frequency_penalty: args.frequency_penalty,
+            presence_penalty: args.presence_penalty,
+            seed: args.seed,
+        },
+        stop: args.stop.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&model, &prompt_ids, &params, |piece| {
+        // A closed pipe (e.g. `| head`) is not an error worth a panic.
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    let t = &out.timings;
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | finish: {:?}",
+        out.prompt_tokens.len(),
+        t.prompt_tokens_per_second,
+        out.tokens.len(),
+        t.generation_tokens_per_second,
+        out.finish_reason,
+    );
+    if args.json {
+        let _ = writeln!(stdout, "{}", serde_json::to_string(&out)?);
+    }
+    Ok(())
+}

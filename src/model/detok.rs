@@ -1,0 +1,67 @@
+//! Incremental detokenization: turns a growing list of token ids into text deltas.
+//!
+//! Knows only the tokenizer's `decode`. Invariant: a delta never ends in the middle of a UTF-8
+//! character (a token holding half of an emoji waits for the next one), and the deltas
+//! concatenate to the decoding of all tokens.
+
+use super::tokenizer::Tokenizer;
+use crate::error::ModelError;
+
+/// Decodes a window of recent tokens, so each step costs O(window), not O(sequence).
+pub struct IncrementalDecoder {
+    tokens: Vec<u32>,
+    /// Start of the window decoded for context (the decoder may strip or merge at its start).
+    prefix_offset: usize,
+    /// End of what has been emitted.
+    read_offset: usize,
+}
+
+impl Default for IncrementalDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self {
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds `token` and returns the new complete text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, token: u32) -> Result<Option<String>, ModelError> {
+        self.tokens.push(token);
+        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.tokens[self.prefix_offset..])?;
+        if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        match full.get(prefix.len()..) {
+            Some(delta) if full.starts_with(&prefix) => {
+                let delta = delta.to_string();
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.tokens.len();
+                Ok(Some(delta))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Text held back at the end (an incomplete character is emitted as U+FFFD).
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>, ModelError> {
+        if self.read_offset == self.tokens.len() {
+            return Ok(None);
+        }
+        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
+        Ok(full
+            .get(prefix.len()..)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string))
+    }
+}

@@ -1,0 +1,274 @@
+//! Opening a GGUF file: magic and size checks, metadata access, and the model's
+//! hyper-parameters ([`ModelConfig`]).
+//!
+//! Knows the GGUF layout and llama.cpp's metadata keys; never the forward pass or the tokenizer.
+//! Invariant: every tensor named in the header lies wholly inside the file, so later reads
+//! cannot hit a short read.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
+use crate::error::ModelError;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// An open GGUF file: its parsed header and a reader for tensor data.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Opens and validates `path`: the magic bytes, the header, and that every tensor fits.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| ModelError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let actual = file
+            .metadata()
+            .map_err(|source| ModelError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let not_gguf = |reason: String| ModelError::NotGguf {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut magic = [0u8; 4];
+        reader
+            .read_exact(&mut magic)
+            .map_err(|_| not_gguf(format!("only {actual} bytes long")))?;
+        if &magic != b"GGUF" {
+            return Err(not_gguf(format!(
+                "it starts with {magic:02x?}, not the GGUF magic \"GGUF\""
+            )));
+        }
+        reader.rewind().map_err(|source| ModelError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| not_gguf(format!("its header cannot be read ({e})")))?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let needed = content.tensor_data_offset + info.offset + bytes;
+            if needed > actual {
+                return Err(ModelError::Truncated {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    needed,
+                    actual,
+                });
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads one tensor onto `device`, naming it if it is missing.
+    pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        Ok(self.content.tensor(&mut self.reader, name, device)?)
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str> {
+        match self.metadata(key) {
+            None => Err(ModelError::MissingMetadata(key.into())),
+            Some(v) => v.to_string().map(|s| s.as_str()).map_err(|e| bad(key, e)),
+        }
+    }
+
+    pub fn get_u32(&self, key: &str) -> Result<u32> {
+        match self.metadata(key) {
+            None => Err(ModelError::MissingMetadata(key.into())),
+            Some(v) => as_u32(v).ok_or_else(|| bad(key, "not an unsigned integer")),
+        }
+    }
+
+    pub fn get_f32(&self, key: &str) -> Result<f32> {
+        match self.metadata(key) {
+            None => Err(ModelError::MissingMetadata(key.into())),
+            Some(Value::F32(v)) => Ok(*v),
+            Some(Value::F64(v)) => Ok(*v as f32),
+            Some(v) => as_u32(v)
+                .map(|u| u as f32)
+                .ok_or_else(|| bad(key, "not a number")),
+        }
+    }
+
+    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
+        self.metadata(key).map(|_| self.get_u32(key)).transpose()
+    }
+
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        self.metadata(key).map(|_| self.get_f32(key)).transpose()
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.metadata(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(bad(key, "not a boolean")),
+        }
+    }
+
+    /// Shape of a tensor in candle's order (outermost first), if present.
+    pub fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|i| i.shape.dims().to_vec())
+    }
+}
+
+fn as_u32(v: &Value) -> Option<u32> {
+    match v {
+        Value::U8(x) => Some(*x as u32),
+        Value::U16(x) => Some(*x as u32),
+        Value::U32(x) => Some(*x),
+        Value::U64(x) => u32::try_from(*x).ok(),
+        Value::I8(x) => u32::try_from(*x).ok(),
+        Value::I16(x) => u32::try_from(*x).ok(),
+        Value::I32(x) => u32::try_from(*x).ok(),
+        Value::I64(x) => u32::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn bad(key: &str, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::BadMetadata {
+        key: key.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// RoPE frequency scaling, as llama.cpp applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions are divided by `factor`.
+    Linear {
+        factor: f32,
+    },
+}
+
+/// Hyper-parameters of a Llama-family model, read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub n_layer: usize,
+    pub dim: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub norm_eps: f64,
+    /// True when the file has no `output.weight`: the lm head reuses `token_embd.weight`.
+    pub tied_embeddings: bool,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.get_str("general.architecture")?.to_string();
+        if arch != "llama" && arch != "mistral" {
+            return Err(ModelError::UnsupportedArchitecture(arch));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layer = f.get_u32(&key("block_count"))? as usize;
+        let dim = f.get_u32(&key("embedding_length"))? as usize;
+        let n_head = f.get_u32(&key("attention.head_count"))? as usize;
+        let n_kv_head = f
+            .opt_u32(&key("attention.head_count_kv"))?
+            .map_or(n_head, |v| v as usize);
+        if n_head == 0 || dim % n_head != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(bad(
+                &key("attention.head_count"),
+                format!("{n_head} heads / {n_kv_head} KV heads do not divide dim {dim}"),
+            ));
+        }
+        let head_dim = f
+            .opt_u32(&key("attention.key_length"))?
+            .map_or(dim / n_head, |v| v as usize);
+        if let Some(rope_dim) = f.opt_u32(&key("rope.dimension_count"))? {
+            if rope_dim as usize != head_dim {
+                return Err(bad(
+                    &key("rope.dimension_count"),
+                    format!("partial rotary ({rope_dim} of {head_dim}) is not supported"),
+                ));
+            }
+        }
+        let embd = f
+            .tensor_dims("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let vocab_size = embd[0];
+        let ffn_dim = match f.opt_u32(&key("feed_forward_length"))? {
+            Some(v) => v as usize,
+            None => f
+                .tensor_dims("blk.0.ffn_gate.weight")
+                .ok_or_else(|| ModelError::MissingTensor("blk.0.ffn_gate.weight".into()))?[0],
+        };
+        let rope_scaling = match f.metadata(&key("rope.scaling.type")) {
+            Some(Value::String(t)) if t == "linear" => RopeScaling::Linear {
+                factor: f.get_f32(&key("rope.scaling.factor"))?,
+            },
+            Some(Value::String(t)) if t == "none" => RopeScaling::None,
+            Some(Value::String(t)) => {
+                return Err(bad(
+                    &key("rope.scaling.type"),
+                    format!("scaling `{t}` is not supported"),
+                ))
+            }
+            _ => match f.opt_f32(&key("rope.scale_linear"))? {
+                Some(factor) if factor != 1.0 => RopeScaling::Linear { factor },
+                _ => RopeScaling::None,
+            },
+        };
+        Ok(Self {
+            n_layer,
+            dim,
+            n_head,
+            n_kv_head,
+            head_dim,
+            ffn_dim,
+            vocab_size,
+            context_length: f
+                .opt_u32(&key("context_length"))?
+                .map_or(4096, |v| v as usize),
+            rope_theta: f.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            norm_eps: f
+                .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5) as f64,
+            tied_embeddings: !f.has_tensor("output.weight"),
+            architecture: arch,
+        })
+    }
+}

@@ -1,0 +1,72 @@
+//! The model layer: GGUF loading, the forward pass, tokenizer, detokenizer and chat template.
+//!
+//! Knows candle, GGUF and text; never the scheduler or HTTP. Invariant: everything a model file
+//! implies (hyper-parameters, vocabulary, template, stop tokens) is read from the file itself.
+
+pub mod detok;
+pub mod gguf;
+pub mod llama;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use candle_core::Device;
+
+pub use gguf::{GgufFile, ModelConfig};
+pub use llama::{KvCache, Llama};
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::Tokenizer;
+
+use crate::error::ModelError;
+
+/// Everything needed to turn messages into tokens and tokens into text, plus the weights.
+pub struct LoadedModel {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// True when the template came from the file, false for a built-in fallback.
+    pub template_from_file: bool,
+}
+
+impl LoadedModel {
+    /// Loads `path`, with an optional `tokenizer.json` that replaces the GGUF vocabulary.
+    pub fn load(
+        path: &Path,
+        tokenizer_json: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut file = GgufFile::open(path)?;
+        // Config first: an unsupported architecture is reported before anything else.
+        ModelConfig::from_gguf(&file)?;
+        let tokenizer = match tokenizer_json {
+            Some(p) => Tokenizer::from_file(p, &file)?,
+            None => Tokenizer::from_gguf(&file)?,
+        };
+        let (template, template_from_file) = load_template(&file, &tokenizer)?;
+        let llama = Llama::load(&mut file, device)?;
+        Ok(Self {
+            llama,
+            tokenizer,
+            template,
+            template_from_file,
+        })
+    }
+
+    /// Renders `messages` with the chat template and an open assistant turn.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, ModelError> {
+        self.template.render(messages, true)
+    }
+}
+
+fn load_template(file: &GgufFile, tok: &Tokenizer) -> Result<(ChatTemplate, bool), ModelError> {
+    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+    let (bos, eos) = (text(tok.bos), text(tok.eos));
+    match file.get_str("tokenizer.chat_template") {
+        Ok(src) => Ok((ChatTemplate::new(src, &bos, &eos)?, true)),
+        Err(_) => {
+            let src = ChatTemplate::fallback_source(|t| tok.token_id(t).is_some());
+            Ok((ChatTemplate::new(src, &bos, &eos)?, false))
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The tokenizer, built from GGUF metadata (`tokenizer.ggml.*`) with the `tokenizers` crate,
+//! or loaded from an explicit `tokenizer.json`.
+//!
+//! Knows vocabularies, merges, pre-tokenizers and special tokens; never the model's tensors.
+//! Invariant: text that spells a control token (`<|im_start|>`) encodes to that one token, as
+//! in llama.cpp, and an unknown `tokenizer.ggml.pre` is refused rather than guessed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::{json, Value as Json};
+
+use super::gguf::GgufFile;
+use crate::error::ModelError;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Texts of control tokens that end a turn in common chat formats (llama.cpp's EOG list).
+const END_OF_TURN_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+/// Llama 3's pre-tokenizer split (`llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer plus what the model's metadata says about BOS, EOS and end-of-turn tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Whether a BOS token is prepended when encoding a prompt.
+    pub add_bos: bool,
+    /// Tokens that end generation: EOS, EOT and the end-of-turn control tokens.
+    pub stop_ids: Vec<u32>,
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by the GGUF metadata.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let model = f.get_str("tokenizer.ggml.model")?;
+        let tokens = string_array(f, "tokenizer.ggml.tokens")?;
+        let types = match f.metadata("tokenizer.ggml.token_type") {
+            Some(_) => i32_array(f, "tokenizer.ggml.token_type")?,
+            None => vec![1; tokens.len()],
+        };
+        let json = match model {
+            "gpt2" => {
+                let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
+                gpt2_json(f, &tokens, pre)?
+            }
+            "llama" => spm_json(f, &tokens)?,
+            other => return Err(ModelError::UnsupportedTokenizer(other.to_string())),
+        };
+        let mut inner = tokenizers::Tokenizer::from_str(&json.to_string())
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+            .map(|(text, &ty)| {
+                tokenizers::AddedToken::from(text.clone(), ty == TOKEN_TYPE_CONTROL)
+                    .normalized(false)
+            })
+            .collect();
+        inner.add_special_tokens(&added);
+        let opt_id = |key: &str| f.opt_u32(key);
+        let bos = opt_id("tokenizer.ggml.bos_token_id")?;
+        let eos = opt_id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = f
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(model == "llama");
+        let mut stop_ids: Vec<u32> = [eos, opt_id("tokenizer.ggml.eot_token_id")?]
+            .into_iter()
+            .flatten()
+            .collect();
+        for (id, (text, &ty)) in tokens.iter().zip(&types).enumerate() {
+            if ty == TOKEN_TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&text.as_str()) {
+                stop_ids.push(id as u32);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            stop_ids,
+        })
+    }
+
+    /// Loads a `tokenizer.json`, keeping BOS/EOS facts from the GGUF metadata.
+    pub fn from_file(path: &Path, f: &GgufFile) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let meta = Self::from_gguf(f).ok();
+        Ok(Self {
+            inner,
+            bos: meta.as_ref().and_then(|m| m.bos),
+            eos: meta.as_ref().and_then(|m| m.eos),
+            add_bos: meta.as_ref().is_some_and(|m| m.add_bos),
+            stop_ids: meta.map(|m| m.stop_ids).unwrap_or_default(),
+        })
+    }
+
+    /// Encodes `text`; control-token text becomes the control token. With `add_bos`, a BOS
+    /// token is prepended when the model's metadata asks for one.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes `ids` to text; control tokens are dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// The text of one token as stored in the vocabulary (e.g. `<|im_end|>`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.binary_search(&id).is_ok()
+    }
+}
+
+fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>> {
+    let bad = |reason: &str| ModelError::BadMetadata {
+        key: key.into(),
+        reason: reason.into(),
+    };
+    let values = f
+        .metadata(key)
+        .ok_or_else(|| ModelError::MissingMetadata(key.into()))?
+        .to_vec()
+        .map_err(|_| bad("not an array"))?;
+    values
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(bad("not an array of strings")),
+        })
+        .collect()
+}
+
+fn i32_array(f: &GgufFile, key: &str) -> Result<Vec<i32>> {
+    let bad = || ModelError::BadMetadata {
+        key: key.into(),
+        reason: "not an array of integers".into(),
+    };
+    let values = f
+        .metadata(key)
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(bad)?;
+    values
+        .iter()
+        .map(|v| match v {
+            Value::I32(x) => Ok(*x),
+            Value::U32(x) => Ok(*x as i32),
+            Value::I8(x) => Ok(*x as i32),
+            Value::U8(x) => Ok(*x as i32),
+            _ => Err(bad()),
+        })
+        .collect()
+}
+
+fn f32_array(f: &GgufFile, key: &str) -> Result<Vec<f32>> {
+    let bad = || ModelError::BadMetadata {
+        key: key.into(),
+        reason: "not an array of floats".into(),
+    };
+    let values = f
+        .metadata(key)
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(bad)?;
+    values
+        .iter()
+        .map(|v| v.to_f32().map_err(|_| bad()))
+        .collect()
+}
+
+fn vocab_json(tokens: &[String]) -> Json {
+    let map: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    Json::Object(map)
+}
+
+/// A byte-level BPE (`tokenizer.ggml.model = gpt2`), pre-tokenized as `pre` says.
+fn gpt2_json(f: &GgufFile, tokens: &[String], pre: &str) -> Result<Json> {
+    let merges: Vec<Json> = string_array(f, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(ModelError::BadMetadata {
+                key: "tokenizer.ggml.merges".into(),
+                reason: format!("merge `{m}` is not two tokens separated by a space"),
+            }),
+        })
+        .collect::<Result<_>>()?;
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let (pre_tokenizer, ignore_merges) = match pre {
+        "default" | "gpt-2" | "gpt2" => (byte_level(true), false),
+        "smollm" | "starcoder" | "refact" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            false,
+        ),
+        "llama-bpe" | "llama3" | "llama-v3" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+                byte_level(false)]}),
+            true,
+        ),
+        other => return Err(ModelError::UnknownPreTokenizer(other.to_string())),
+    };
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": ignore_merges, "vocab": vocab_json(tokens), "merges": merges},
+    }))
+}
+
+/// A SentencePiece-style BPE with byte fallback (`tokenizer.ggml.model = llama`, Llama 2 and
+/// Mistral). Merges are derived from the token scores, as SentencePiece merges the pair whose
+/// result scores highest.
+fn spm_json(f: &GgufFile, tokens: &[String]) -> Result<Json> {
+    let scores = f32_array(f, "tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        return Err(ModelError::BadMetadata {
+            key: "tokenizer.ggml.scores".into(),
+            reason: format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        });
+    }
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (merged, score) in tokens.iter().zip(&scores) {
+        for (split, _) in merged.char_indices().skip(1) {
+            let (a, b) = merged.split_at(split);
+            if let (Some(&ia), Some(&ib)) = (ids.get(a), ids.get(b)) {
+                merges.push((*score, ia, ib, a, b));
+            }
+        }
+    }
+    // Highest-scoring result first; ties broken by the parts' ids, like transformers does.
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges: Vec<Json> = merges.iter().map(|m| json!([m.3, m.4])).collect();
+    let add_space_prefix = f
+        .opt_bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let mut normalizers = Vec::new();
+    if add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let unk = f
+        .opt_u32("tokenizer.ggml.unknown_token_id")?
+        .and_then(|i| tokens.get(i as usize).cloned());
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab_json(tokens), "merges": merges},
+    }))
+}
