@@ -30,6 +30,23 @@ token id (llama.cpp's `parse_special = true` behaviour) -- the script asserts th
 `roundtrip` records whether `tok.decode(ids) == text` (decode keeps special tokens and does no
 clean-up of tokenization spaces).
 
+The `smollm` pre-tokenizer correction
+-------------------------------------
+transformers (checked with 5.24) has no entry for `tokenizer.ggml.pre = "smollm"`, so it leaves the
+plain GPT-2 `ByteLevel(use_regex=True)` pre-tokenizer in place. llama.cpp (llama-vocab.cpp, the
+STARCODER/REFACT/COMMAND_R/SMOLLM/... group) first isolates every `\p{N}` character and then applies
+the GPT-2 regex, which is also what the model's own tokenizer.json does with
+`Sequence[Digits(individual_digits=True), ByteLevel]`. For ASCII digits the two agree on this
+vocabulary (it has no merges that join an ASCII digit to anything), but they differ where a space
+precedes a non-ASCII number character (" ½", " ²", Arabic-Indic digits ...): the GPT-2 regex keeps
+" ½" in one piece and BPE merges the space into it.
+
+So, by default, when the file says `smollm` and transformers built a bare ByteLevel pre-tokenizer,
+this script prepends `Digits(individual_digits=True)` -- the upstream pipeline -- before encoding,
+and for every case where that changes the result it also stores transformers' unpatched ids as
+`"ids_transformers_as_built"`. `--as-built` turns the correction off (ids are then exactly
+transformers' output). The fixture's "source" says which was used.
+
 How to run (from the repository root)
 -------------------------------------
     python3 -m venv .venv-fixture && \
@@ -141,6 +158,15 @@ CASES = [
     "∫₀^∞ e^{-x²} dx = √π / 2",
     "a ≠ b, α + β = γ, ½ + ¼ = ¾",
     "€100 £50 ¥1000 $5.99 ₹20",
+    # non-ASCII number characters (\p{N}) after a space: where the smollm digit split matters
+    " ½",
+    " ²",
+    "x² + y³ = z⁴",
+    "١٢٣ ٤٥",
+    "१२३ ४५",
+    "１２３ ４５",
+    "①②③ Ⅻ",
+    "H₂O and CO₂",
     "→ ← ↑ ↓ ⇒ ⇔ • … — – «quote» “curly” ‘single’",
     # --- URLs, e-mails, paths --------------------------------------------------------------
     "https://example.com/path/to/page?query=1&lang=en#section",
@@ -195,6 +221,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", help="path to the .gguf file whose tokenizer to use")
     parser.add_argument("output", help="where to write the JSON fixture")
+    parser.add_argument(
+        "--as-built",
+        action="store_true",
+        help="do not apply the smollm digit-split correction; ids are exactly what transformers builds",
+    )
     args = parser.parse_args()
 
     import tokenizers
@@ -205,6 +236,35 @@ def main():
     gguf_dir, gguf_name = os.path.split(gguf_path)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     backend = tok.backend_tokenizer
+    as_built_pre_tokenizer = str(backend.pre_tokenizer)
+
+    from gguf import GGUFReader
+
+    pre_type = GGUFReader(gguf_path).fields["tokenizer.ggml.pre"].contents()
+    # A second, untouched copy, to record where the correction changes anything.
+    as_built = None
+    correction = "none"
+    if pre_type == "smollm" and not args.as_built:
+        from tokenizers import pre_tokenizers
+
+        current = json.loads(backend.to_str())["pre_tokenizer"]
+        bare_byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        if current == bare_byte_level:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+                ]
+            )
+            as_built = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            correction = (
+                "pre_tokenizer patched for tokenizer.ggml.pre='smollm': Digits(individual_digits=True) prepended "
+                f"to transformers' {as_built_pre_tokenizer} (matches llama.cpp and the model's tokenizer.json)"
+            )
+        elif "Digits" in json.dumps(current):
+            correction = "none needed: transformers already splits digits for smollm"
+        else:
+            sys.exit(f"unexpected pre-tokenizer for smollm, refusing to guess a correction: {current}")
 
     # Special (control) tokens written inside the text must come out as their single id.
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
@@ -224,19 +284,26 @@ def main():
         roundtrip = decoded == text
         if not roundtrip:
             failures.append((text, decoded))
-        cases.append({"text": text, "ids": ids, "roundtrip": roundtrip})
+        case = {"text": text, "ids": ids, "roundtrip": roundtrip}
+        if as_built is not None:
+            unpatched = as_built.encode(text, add_special_tokens=False)
+            if unpatched != ids:
+                case["ids_transformers_as_built"] = unpatched
+        cases.append(case)
 
     source = (
         f"transformers {transformers.__version__} (tokenizers {tokenizers.__version__}), "
         f"AutoTokenizer.from_pretrained(dir, gguf_file={gguf_name!r}); "
-        f"{gguf_name} sha256 {sha256_of(gguf_path)}"
+        f"{gguf_name} sha256 {sha256_of(gguf_path)}, tokenizer.ggml.pre={pre_type!r}; correction: {correction}"
     )
     note = (
         "ids = tok.encode(text, add_special_tokens=False): no BOS/EOS added; control tokens such as "
         "<|im_start|> written in the text map to their single special id. "
         "roundtrip = (tok.decode(ids) == text). "
-        f"Backend built by transformers: normalizer={backend.normalizer}; "
-        f"pre_tokenizer={backend.pre_tokenizer}; decoder={backend.decoder}. "
+        "ids_transformers_as_built (only where different) = ids from transformers without the correction. "
+        f"Backend pipeline used for ids: normalizer={backend.normalizer}; "
+        f"pre_tokenizer={backend.pre_tokenizer}; decoder={backend.decoder} "
+        f"(transformers as built: pre_tokenizer={as_built_pre_tokenizer}). "
         "Generated by scripts/make_tokenizer_fixture.py; do not edit by hand."
     )
 
@@ -253,11 +320,15 @@ def main():
         handle.write("\n".join(lines) + "\n")
 
     print(f"wrote {len(cases)} cases to {args.output}")
+    print(f"correction:    {correction}")
     print(f"normalizer:    {backend.normalizer}")
     print(f"pre_tokenizer: {backend.pre_tokenizer}")
     print(f"decoder:       {backend.decoder}")
     for text, decoded in failures:
         print(f"roundtrip failed: {text!r} -> {decoded!r}")
+    for case in cases:
+        if "ids_transformers_as_built" in case:
+            print(f"correction changed: {case['text']!r}: {case['ids_transformers_as_built']} -> {case['ids']}")
 
 
 if __name__ == "__main__":

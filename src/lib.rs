@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -49,6 +49,8 @@ pub struct GenerationOutput {
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The end-of-turn token that ended generation, if one did (not part of `tokens`).
+    pub stop_token: Option<u32>,
     pub timings: Timings,
 }
 
@@ -84,6 +86,7 @@ pub fn generate(
     let mut text = String::new();
     let mut finish = FinishReason::Length;
     let mut stop_string_hit = false;
+    let mut stop_token = None;
 
     let started = Instant::now();
     let mut logits = model.llama.forward(prompt, &mut cache)?;
@@ -91,11 +94,12 @@ pub fn generate(
     let decode_started = Instant::now();
     let mut decode_steps = 0usize;
     while tokens.len() < params.max_tokens {
-        let mut row = logits.to_vec1::<f32>()?;
+        let mut row = std::mem::take(&mut logits);
         let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
         let next = sampler.sample(&mut row, window);
         if tok.is_stop(next) {
             finish = FinishReason::Stop;
+            stop_token = Some(next);
             break;
         }
         tokens.push(next);
@@ -131,6 +135,7 @@ pub fn generate(
         tokens,
         text,
         finish_reason: finish,
+        stop_token,
         timings: Timings {
             prompt_seconds,
             prompt_tokens_per_second: prompt.len() as f64 / prompt_seconds.max(1e-9),

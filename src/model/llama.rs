@@ -1,46 +1,50 @@
 //! The Llama / Mistral forward pass over quantized GGUF weights, with a per-sequence KV cache.
 //!
-//! Knows tensors and candle ops; never the tokenizer, the scheduler or HTTP. Invariant: the
-//! output for a sequence depends only on its own tokens and cache, so the engine may run
-//! sequences in any order. candle-transformers' `quantized_llama` is the test oracle.
-
-use std::sync::Arc;
+//! Knows weights, activations and our kernels; never the tokenizer, the scheduler or HTTP.
+//! Invariant: the output for a sequence depends only on its own tokens and cache, so the
+//! engine may run sequences in any order. candle-transformers' `quantized_llama` is the test
+//! oracle; llama.cpp's arithmetic is followed op by op so greedy outputs agree with it.
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Tensor};
+use half::f16;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
 use crate::error::ModelError;
+use crate::kernels::attention::{causal_attention, AttentionShape};
+use crate::kernels::norm::rms_norm;
+use crate::kernels::qmatmul::Linear;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
 struct Layer {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// A loaded Llama-family model.
 pub struct Llama {
     pub config: ModelConfig,
+    /// Token embeddings, kept quantized; rows are dequantized on lookup.
     embed: QMatMul,
     layers: Vec<Layer>,
-    norm: Tensor,
-    output: QMatMul,
-    /// Per rotary pair i: the angle per position, `1 / (theta^(2i/d) * freq_factor_i * scale)`.
-    rope_inv_freq: Vec<f32>,
+    norm: Vec<f32>,
+    output: Linear,
+    rope: Rope,
     device: Device,
 }
 
-/// The keys and values a sequence has produced so far, per layer: `[n_kv_head, len, head_dim]`.
+/// The keys and values a sequence has produced so far, per layer, in f16 (as llama.cpp stores
+/// them): `[len, n_kv_head * head_dim]`, position-major.
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     len: usize,
 }
 
@@ -55,72 +59,68 @@ impl KvCache {
     }
 }
 
+fn check_dims(name: &str, t: &QTensor, expected: &[usize]) -> Result<()> {
+    if t.shape().dims() != expected {
+        return Err(ModelError::BadShape {
+            name: name.into(),
+            expected: expected.to_vec(),
+            actual: t.shape().dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 impl Llama {
     /// Loads the weights of `file` onto `device`. The config is read from its metadata.
     pub fn load(file: &mut GgufFile, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
-        let vec = |file: &mut GgufFile, name: &str, len: usize| -> Result<Tensor> {
-            let t = file.tensor(name, device)?.dequantize(device)?;
-            if t.dims() != [len] {
-                return Err(ModelError::BadShape {
-                    name: name.into(),
-                    expected: vec![len],
-                    actual: t.dims().to_vec(),
-                });
-            }
-            Ok(t)
-        };
-        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| -> Result<QTensor> {
-            let t = file.tensor(name, device)?;
-            if t.shape().dims() != [rows, cols] {
-                return Err(ModelError::BadShape {
-                    name: name.into(),
-                    expected: vec![rows, cols],
-                    actual: t.shape().dims().to_vec(),
-                });
-            }
-            Ok(t)
-        };
         let c = &config;
+        let vec = |file: &mut GgufFile, name: &str, len: usize| -> Result<Vec<f32>> {
+            let t = file.tensor(name, device)?;
+            check_dims(name, &t, &[len])?;
+            Ok(t.dequantize(device)?.to_vec1::<f32>()?)
+        };
+        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| -> Result<Linear> {
+            let t = file.tensor(name, device)?;
+            check_dims(name, &t, &[rows, cols])?;
+            Ok(Linear::from_qtensor(&t)?)
+        };
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-        let embed = Arc::new(mat(file, "token_embd.weight", c.vocab_size, c.dim)?);
+        let embed = file.tensor("token_embd.weight", device)?;
+        check_dims("token_embd.weight", &embed, &[c.vocab_size, c.dim])?;
         let output = if c.tied_embeddings {
-            QMatMul::from_arc(embed.clone())?
+            Linear::from_qtensor(&embed)?
         } else {
-            QMatMul::from_qtensor(mat(file, "output.weight", c.vocab_size, c.dim)?)?
+            mat(file, "output.weight", c.vocab_size, c.dim)?
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let q = |file: &mut GgufFile, s: &str, rows, cols| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(mat(file, &n(s), rows, cols)?)?)
-            };
             layers.push(Layer {
                 attn_norm: vec(file, &n("attn_norm"), c.dim)?,
-                wq: q(file, "attn_q", q_dim, c.dim)?,
-                wk: q(file, "attn_k", kv_dim, c.dim)?,
-                wv: q(file, "attn_v", kv_dim, c.dim)?,
-                wo: q(file, "attn_output", c.dim, q_dim)?,
+                wq: mat(file, &n("attn_q"), q_dim, c.dim)?,
+                wk: mat(file, &n("attn_k"), kv_dim, c.dim)?,
+                wv: mat(file, &n("attn_v"), kv_dim, c.dim)?,
+                wo: mat(file, &n("attn_output"), c.dim, q_dim)?,
                 ffn_norm: vec(file, &n("ffn_norm"), c.dim)?,
-                w_gate: q(file, "ffn_gate", c.ffn_dim, c.dim)?,
-                w_up: q(file, "ffn_up", c.ffn_dim, c.dim)?,
-                w_down: q(file, "ffn_down", c.dim, c.ffn_dim)?,
+                w_gate: mat(file, &n("ffn_gate"), c.ffn_dim, c.dim)?,
+                w_up: mat(file, &n("ffn_up"), c.ffn_dim, c.dim)?,
+                w_down: mat(file, &n("ffn_down"), c.dim, c.ffn_dim)?,
             });
         }
         let norm = vec(file, "output_norm.weight", c.dim)?;
         let freq_factors = if file.has_tensor("rope_freqs.weight") {
-            let t = vec(file, "rope_freqs.weight", c.head_dim / 2)?;
-            Some(t.to_vec1::<f32>()?)
+            Some(vec(file, "rope_freqs.weight", c.head_dim / 2)?)
         } else {
             None
         };
-        let rope_inv_freq = rope_inv_freq(c, freq_factors.as_deref());
+        let rope = Rope::new(c, freq_factors);
         Ok(Self {
-            embed: QMatMul::from_arc(embed)?,
+            embed: QMatMul::from_qtensor(embed)?,
             layers,
             norm,
             output,
-            rope_inv_freq,
+            rope,
             device: device.clone(),
             config,
         })
@@ -128,14 +128,16 @@ impl Llama {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.config.n_layer).map(|_| None).collect(),
+            layers: (0..self.config.n_layer)
+                .map(|_| (Vec::new(), Vec::new()))
+                .collect(),
             len: 0,
         }
     }
 
-    /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one,
-    /// `[vocab_size]` f32.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one
+    /// (`vocab_size` values).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -144,127 +146,107 @@ impl Llama {
             )));
         }
         let start = cache.len;
+        let eps = c.norm_eps as f32;
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.to_dtype(DType::F32)?; // [t, dim]
-        let (cos, sin) = self.rope_tables(start, t)?; // [t, head_dim/2]
-        let mask = causal_mask(t, start, &self.device)?; // [t, start + t] or None
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.norm_eps as f32)?;
-            let q = layer.wq.forward(&h)?; // [t, n_head * head_dim]
-            let k = layer.wk.forward(&h)?; // [t, n_kv_head * head_dim]
-            let v = layer.wv.forward(&h)?;
-            let q = heads_first(&q, c.n_head, c.head_dim)?; // [1, n_head, t, head_dim]
-            let k = heads_first(&k, c.n_kv_head, c.head_dim)?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?.squeeze(0)?;
-            let v = heads_first(&v, c.n_kv_head, c.head_dim)?.squeeze(0)?;
-            let (k, v) = match kv.take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            };
-            let y = attention(&q, &k, &v, mask.as_ref(), c)?; // [t, n_head * head_dim]
-            *kv = Some((k, v));
-            x = (x + layer.wo.forward(&y)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        let mut x = self
+            .embed
+            .embedding(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // [t, dim]
+        let shape = AttentionShape {
+            n_head: c.n_head,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
+        };
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.attn_norm, eps);
+            let mut q = layer.wq.matmul(&h, t)?; // [t, n_head * head_dim]
+            let mut k = layer.wk.matmul(&h, t)?; // [t, n_kv_head * head_dim]
+            let v = layer.wv.matmul(&h, t)?;
+            self.rope.apply(&mut q, start, t);
+            self.rope.apply(&mut k, start, t);
+            k_cache.extend(k.iter().map(|&v| f16::from_f32(v)));
+            v_cache.extend(v.iter().map(|&v| f16::from_f32(v)));
+            let y = causal_attention(&q, k_cache, v_cache, t, start, shape);
+            add(&mut x, &layer.wo.matmul(&y, t)?);
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.ffn_norm, eps);
+            let mut gate = layer.w_gate.matmul(&h, t)?; // [t, ffn_dim]
+            let up = layer.w_up.matmul(&h, t)?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u; // SiLU(gate) * up
+            }
+            add(&mut x, &layer.w_down.matmul(&gate, t)?);
         }
         cache.len += t;
-        let last = x.narrow(0, t - 1, 1)?; // [1, dim]
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.norm_eps as f32)?;
-        Ok(self
-            .output
-            .forward(&last)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?)
+        let mut last = x[(t - 1) * c.dim..].to_vec(); // [1, dim]
+        rms_norm(&mut last, &self.norm, eps);
+        Ok(self.output.matmul(&last, 1)?)
     }
+}
 
-    /// cos and sin of every rotary angle for positions `start..start + len`.
-    fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.rope_inv_freq.len();
-        let mut angles = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            angles.extend(self.rope_inv_freq.iter().map(|f| p as f32 * f));
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Interleaved rotary position embedding (llama.cpp's "normal" mode), with angles computed as
+/// llama.cpp computes them: `theta_i = p * base^(-2i/d)` by repeated multiplication.
+struct Rope {
+    head_dim: usize,
+    theta_scale: f32,
+    /// Positions are multiplied by this (1 / linear scaling factor).
+    freq_scale: f32,
+    freq_factors: Option<Vec<f32>>,
+}
+
+impl Rope {
+    fn new(c: &ModelConfig, freq_factors: Option<Vec<f32>>) -> Self {
+        let freq_scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        };
+        Self {
+            head_dim: c.head_dim,
+            theta_scale: c.rope_theta.powf(-2.0 / c.head_dim as f32),
+            freq_scale,
+            freq_factors,
         }
-        let angles = Tensor::from_vec(angles, (len, half), &self.device)?;
-        Ok((angles.cos()?, angles.sin()?))
     }
-}
 
-fn rope_inv_freq(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f32> {
-    let scale = match c.rope_scaling {
-        RopeScaling::None => 1.0,
-        RopeScaling::Linear { factor } => factor,
-    };
-    (0..c.head_dim / 2)
-        .map(|i| {
-            let base = 1.0 / c.rope_theta.powf(2.0 * i as f32 / c.head_dim as f32);
-            let factor = freq_factors.map_or(1.0, |f| f[i]);
-            base / factor / scale
-        })
-        .collect()
-}
-
-/// `[t, heads * head_dim]` -> `[1, heads, t, head_dim]`, contiguous.
-fn heads_first(x: &Tensor, heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
-    let t = x.dim(0)?;
-    x.reshape((1, t, heads, head_dim))?
-        .transpose(1, 2)?
-        .contiguous()
-}
-
-/// Additive causal mask `[t, start + t]` (0 where visible, -inf above the diagonal), or None
-/// for a single token, which sees everything.
-fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let kv = start + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..kv).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
+    /// Rotates `x` (`[t, heads * head_dim]`, rows at positions `start..start + t`) in place.
+    fn apply(&self, x: &mut [f32], start: usize, t: usize) {
+        let half = self.head_dim / 2;
+        let row_len = x.len() / t;
+        let mut cos_sin = vec![(0f32, 0f32); half];
+        for (i, row) in x.chunks_exact_mut(row_len).enumerate() {
+            let mut theta = (start + i) as f32;
+            for (j, cs) in cos_sin.iter_mut().enumerate() {
+                let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[j]);
+                let angle = self.freq_scale * (theta / ff);
+                *cs = (angle.cos(), angle.sin());
+                theta *= self.theta_scale;
+            }
+            for head in row.chunks_exact_mut(self.head_dim) {
+                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(&cos_sin) {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos - x1 * sin;
+                    pair[1] = x0 * sin + x1 * cos;
                 }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (t, kv), device)?))
+            }
+        }
+    }
 }
 
-/// Grouped-query attention without copying K/V per head.
-/// q: `[n_head, t, hd]`, k and v: `[n_kv_head, kv, hd]` -> `[t, n_head * hd]`.
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    c: &ModelConfig,
-) -> candle_core::Result<Tensor> {
-    let (n_head, t, hd) = q.dims3()?;
-    let kv_len = k.dim(1)?;
-    let group = n_head / c.n_kv_head;
-    // Heads sharing a KV head are adjacent: fold them into the row dimension.
-    let q = q.reshape((c.n_kv_head, group * t, hd))?;
-    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // [n_kv, group * t, kv]
-    let scores = match mask {
-        None => scores,
-        Some(mask) => scores
-            .reshape((c.n_kv_head, group, t, kv_len))?
-            .broadcast_add(mask)?
-            .reshape((c.n_kv_head, group * t, kv_len))?,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let y = probs.matmul(v)?; // [n_kv, group * t, hd]
-    y.reshape((n_head, t, hd))?
-        .transpose(0, 1)?
-        .reshape((t, n_head * hd))
-}
-
-/// The argmax of a logits vector, for greedy checks in tests and tools.
-pub fn argmax(logits: &Tensor) -> Result<u32> {
-    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+/// Index of the largest value (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

@@ -1,0 +1,195 @@
+//! Causal attention over an f16 KV cache with an online softmax, computed the way llama.cpp's
+//! CPU flash attention computes it (Q rounded to f16, f32 dot products, the V accumulator
+//! kept in f16), so greedy outputs agree with llama.cpp token for token.
+//!
+//! Layouts: `q` is `[t, n_head * head_dim]` f32 (RoPE applied); `k` and `v` are
+//! `[kv_len, n_kv_head * head_dim]` f16, position-major, so appending a token is a push.
+//! Invariant: query `i` sits at position `start + i` and sees keys `0..=start + i` only.
+
+use half::f16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+/// Returns `[t, n_head * head_dim]` f32.
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    t: usize,
+    start: usize,
+    shape: AttentionShape,
+) -> Vec<f32> {
+    let AttentionShape {
+        n_head,
+        n_kv_head,
+        head_dim: hd,
+    } = shape;
+    let group = n_head / n_kv_head;
+    let kv_stride = n_kv_head * hd;
+    debug_assert_eq!(q.len(), t * n_head * hd);
+    debug_assert!(k.len() >= (start + t) * kv_stride && v.len() == k.len());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; t * n_head * hd];
+    let mut qh = vec![0f32; hd];
+    let mut acc = vec![f16::ZERO; hd];
+    for i in 0..t {
+        for h in 0..n_head {
+            let kv_off = (h / group) * hd;
+            let q_row = &q[(i * n_head + h) * hd..][..hd];
+            for (dst, &x) in qh.iter_mut().zip(q_row) {
+                *dst = f16::from_f32(x).to_f32();
+            }
+            acc.fill(f16::ZERO);
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            for j in 0..=start + i {
+                let k_row = &k[j * kv_stride + kv_off..][..hd];
+                let s = qh
+                    .iter()
+                    .zip(k_row)
+                    .map(|(a, b)| a * b.to_f32())
+                    .sum::<f32>()
+                    * scale;
+                let (ms, vs) = if s > max {
+                    let ms = (max - s).exp();
+                    max = s;
+                    for a in acc.iter_mut() {
+                        *a = f16::from_f32(a.to_f32() * ms);
+                    }
+                    (ms, 1.0)
+                } else {
+                    (1.0, (s - max).exp())
+                };
+                let v_row = &v[j * kv_stride + kv_off..][..hd];
+                for (a, b) in acc.iter_mut().zip(v_row) {
+                    *a = f16::from_f32(b.to_f32().mul_add(vs, a.to_f32()));
+                }
+                sum = sum * ms + vs;
+            }
+            let dst = &mut out[(i * n_head + h) * hd..][..hd];
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = a.to_f32() / sum;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Plain two-pass softmax attention in f64 over the same (f16) inputs.
+    fn reference(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        t: usize,
+        start: usize,
+        s: AttentionShape,
+    ) -> Vec<f32> {
+        let hd = s.head_dim;
+        let group = s.n_head / s.n_kv_head;
+        let stride = s.n_kv_head * hd;
+        let mut out = vec![0f32; t * s.n_head * hd];
+        for i in 0..t {
+            for h in 0..s.n_head {
+                let off = (h / group) * hd;
+                let qr = &q[(i * s.n_head + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..=start + i)
+                    .map(|j| {
+                        let kr = &k[j * stride + off..][..hd];
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * b.to_f64())
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let y: f64 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| w * v[j * stride + off + d].to_f64())
+                        .sum::<f64>()
+                        / z;
+                    out[(i * s.n_head + h) * hd + d] = y as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_plain_softmax_attention_within_f16_tolerance() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for &(n_head, n_kv_head, hd, t, start) in &[
+            (4, 2, 16, 5, 0),
+            (9, 3, 64, 1, 37),
+            (8, 8, 32, 7, 11),
+            (6, 1, 8, 3, 2),
+        ] {
+            let shape = AttentionShape {
+                n_head,
+                n_kv_head,
+                head_dim: hd,
+            };
+            let kv = (start + t) * n_kv_head * hd;
+            let q: Vec<f32> = (0..t * n_head * hd)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect();
+            let k: Vec<f16> = (0..kv)
+                .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
+                .collect();
+            let v: Vec<f16> = (0..kv)
+                .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
+                .collect();
+            let got = causal_attention(&q, &k, &v, t, start, shape);
+            let want = reference(&q, &k, &v, t, start, shape);
+            let max_err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // f16 rounding of Q and of the running V sum: about 3 decimal digits.
+            assert!(
+                max_err < 2e-2,
+                "shape {:?}: max error {max_err}",
+                (n_head, n_kv_head, hd, t, start)
+            );
+        }
+    }
+
+    #[test]
+    fn causality_future_keys_do_not_matter() {
+        let shape = AttentionShape {
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+        };
+        let q = vec![0.5f32; 3 * 2 * 4];
+        let mut k: Vec<f16> = (0..3 * 4).map(|i| f16::from_f32(i as f32 / 10.0)).collect();
+        let mut v: Vec<f16> = (0..3 * 4).map(|i| f16::from_f32(i as f32)).collect();
+        let before = causal_attention(&q, &k, &v, 3, 0, shape);
+        // Change the last position's key and value: rows 0 and 1 must not move.
+        for x in &mut k[8..] {
+            *x = f16::from_f32(9.0);
+        }
+        for x in &mut v[8..] {
+            *x = f16::from_f32(-9.0);
+        }
+        let after = causal_attention(&q, &k, &v, 3, 0, shape);
+        assert_eq!(before[..16], after[..16]);
+        assert_ne!(before[16..], after[16..]);
+        // The first query sees only itself: its output is its own value row.
+        assert_eq!(before[..4], [0.0, 1.0, 2.0, 3.0]);
+    }
+}

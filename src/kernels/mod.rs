@@ -1,0 +1,8 @@
+//! Our CPU hot paths, each checked in tests against a plain reference.
+//!
+//! Knows slices and layouts; never the scheduler or HTTP.
+
+pub mod attention;
+pub mod norm;
+pub mod qmatmul;
+pub mod quant;

@@ -1,0 +1,33 @@
+//! RMS normalisation, computed as llama.cpp computes it (sum of squares in f64, scale
+//! `1 / sqrt(mean + eps)` in f32, then the weight multiplied in a second pass).
+
+/// Normalises each row of `x` (`[n, dim]`) in place and multiplies by `weight`.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_rms_after_norm() {
+        let mut x = vec![3.0f32, -4.0, 0.0, 5.0, 1.0, 1.0, 1.0, 1.0];
+        rms_norm(&mut x, &[1.0, 1.0, 1.0, 1.0], 0.0);
+        for row in x.chunks(4) {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+            assert!((rms - 1.0).abs() < 1e-6, "{rms}");
+        }
+        let mut y = vec![2.0f32, 2.0];
+        rms_norm(&mut y, &[0.5, 3.0], 0.0);
+        assert_eq!(y, vec![0.5, 3.0]);
+    }
+}

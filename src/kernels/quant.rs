@@ -1,0 +1,160 @@
+//! Quantized blocks of 32 values (GGML's Q4_0, Q4_1, Q8_0 weights; Q8_0 / Q8_1 activations):
+//! activation quantization and block dot products.
+//!
+//! Arithmetic follows llama.cpp's x86 code step for step (rounding half to even, the scale
+//! kept in f16, eight f32 lanes of four products each, the same final horizontal sum), so
+//! our logits track llama.cpp's closely enough to agree on greedy tokens.
+
+use half::f16;
+
+pub const QK: usize = 32;
+pub const Q4_0_BYTES: usize = 18;
+pub const Q4_1_BYTES: usize = 20;
+pub const Q8_0_BYTES: usize = 34;
+
+/// One row of activations quantized to 8 bits per value, 32 values a block.
+#[derive(Debug, Clone, Default)]
+pub struct Q8Row {
+    /// Per block: the scale as stored (f16, widened).
+    pub d: Vec<f32>,
+    /// Per block: `scale * sum(qs)` as stored (f16, widened); used by Q4_1's offset term.
+    pub s: Vec<f32>,
+    pub qs: Vec<i8>,
+}
+
+/// Quantizes `x` (a multiple of 32 long) the way llama.cpp's `quantize_row_q8_1` does;
+/// `d` and `qs` alone are exactly its `quantize_row_q8_0`.
+pub fn quantize_row(x: &[f32], out: &mut Q8Row) {
+    debug_assert_eq!(x.len() % QK, 0);
+    let nb = x.len() / QK;
+    out.d.clear();
+    out.s.clear();
+    out.qs.clear();
+    out.qs.reserve(x.len());
+    for block in x.chunks_exact(QK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for &v in block {
+            let q = (v * id).round_ties_even() as i32;
+            sum += q;
+            out.qs.push(q as i8);
+        }
+        out.d.push(f16::from_f32(d).to_f32());
+        out.s.push(f16::from_f32(d * sum as f32).to_f32());
+    }
+    debug_assert_eq!(out.d.len(), nb);
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// llama.cpp's `hsum_float_8`: the order of the final additions matters for exactness.
+#[inline(always)]
+fn hsum8(a: [f32; 8]) -> f32 {
+    let r = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// Lane `l` of the products of one block: values `4l..4l+4`.
+#[inline(always)]
+fn lane_sums(x: &[i8; QK], y: &[i8]) -> [f32; 8] {
+    let mut lanes = [0f32; 8];
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        let mut s = 0i32;
+        for j in 4 * l..4 * l + 4 {
+            s += x[j] as i32 * y[j] as i32;
+        }
+        *lane = s as f32;
+    }
+    lanes
+}
+
+/// Dot product of a Q4_0 weight row with a Q8_0 activation row.
+#[inline(always)]
+pub fn dot_q4_0(w: &[u8], a: &Q8Row) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut x = [0i8; QK];
+    for (b, blk) in w.chunks_exact(Q4_0_BYTES).enumerate() {
+        let d = f16_at(blk, 0) * a.d[b];
+        for j in 0..16 {
+            x[j] = (blk[2 + j] & 0x0F) as i8 - 8;
+            x[j + 16] = (blk[2 + j] >> 4) as i8 - 8;
+        }
+        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
+    }
+    hsum8(acc)
+}
+
+/// Dot product of a Q4_1 weight row with a Q8_1 activation row.
+#[inline(always)]
+pub fn dot_q4_1(w: &[u8], a: &Q8Row) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    let mut x = [0i8; QK];
+    for (b, blk) in w.chunks_exact(Q4_1_BYTES).enumerate() {
+        let d = f16_at(blk, 0) * a.d[b];
+        summs += f16_at(blk, 2) * a.s[b];
+        for j in 0..16 {
+            x[j] = (blk[4 + j] & 0x0F) as i8;
+            x[j + 16] = (blk[4 + j] >> 4) as i8;
+        }
+        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
+    }
+    hsum8(acc) + summs
+}
+
+/// Dot product of a Q8_0 weight row with a Q8_0 activation row.
+#[inline(always)]
+pub fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut x = [0i8; QK];
+    for (b, blk) in w.chunks_exact(Q8_0_BYTES).enumerate() {
+        let d = f16_at(blk, 0) * a.d[b];
+        for (dst, &src) in x.iter_mut().zip(&blk[2..]) {
+            *dst = src as i8;
+        }
+        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
+    }
+    hsum8(acc)
+}
+
+/// Dequantizes one weight row (for references and tests).
+pub fn dequantize_row(kind: super::qmatmul::WeightKind, w: &[u8], out: &mut Vec<f32>) {
+    use super::qmatmul::WeightKind;
+    out.clear();
+    match kind {
+        WeightKind::Q4_0 => {
+            for blk in w.chunks_exact(Q4_0_BYTES) {
+                let d = f16_at(blk, 0);
+                out.extend((0..16).map(|j| ((blk[2 + j] & 0x0F) as i32 - 8) as f32 * d));
+                out.extend((0..16).map(|j| ((blk[2 + j] >> 4) as i32 - 8) as f32 * d));
+            }
+        }
+        WeightKind::Q4_1 => {
+            for blk in w.chunks_exact(Q4_1_BYTES) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                out.extend((0..16).map(|j| (blk[4 + j] & 0x0F) as f32 * d + m));
+                out.extend((0..16).map(|j| (blk[4 + j] >> 4) as f32 * d + m));
+            }
+        }
+        WeightKind::Q8_0 => {
+            for blk in w.chunks_exact(Q8_0_BYTES) {
+                let d = f16_at(blk, 0);
+                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Shared helpers for integration tests: the real default model and the llama.cpp reference.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use edgeinfer::model::LoadedModel;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The default model: `EDGEINFER_TEST_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn default_model_path() -> PathBuf {
+    let path = std::env::var_os("EDGEINFER_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.is_file(),
+        "the default model is missing at {}: run scripts/download_model.sh first",
+        path.display()
+    );
+    path
+}
+
+/// The default model, loaded once per test binary.
+pub fn default_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        LoadedModel::load(&default_model_path(), None, &candle_core::Device::Cpu)
+            .expect("the default model loads")
+    })
+}
+
+/// `../shared/reference/smollm2-llamacpp.json`: what llama.cpp produced on the default model.
+pub fn llamacpp_reference() -> serde_json::Value {
+    let path = repo_root().join("../shared/reference/smollm2-llamacpp.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the reference {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("the reference is JSON")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
+}
