@@ -43,6 +43,7 @@ pub struct PullArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// The prompt: a user message put through the chat template, or raw text with --raw.
     #[arg(long, short = 'p')]

@@ -45,6 +45,8 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// Tokens that end generation: EOS, EOT and the end-of-turn control tokens.
     pub stop_ids: Vec<u32>,
+    /// Control tokens (sorted): they encode from their text but decode to nothing.
+    control_ids: Vec<u32>,
 }
 
 impl Tokenizer {
@@ -93,12 +95,16 @@ impl Tokenizer {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        let control_ids = (0..tokens.len() as u32)
+            .filter(|&i| types[i as usize] == TOKEN_TYPE_CONTROL)
+            .collect();
         Ok(Self {
             inner,
             bos,
             eos,
             add_bos,
             stop_ids,
+            control_ids,
         })
     }
 
@@ -112,7 +118,11 @@ impl Tokenizer {
             bos: meta.as_ref().and_then(|m| m.bos),
             eos: meta.as_ref().and_then(|m| m.eos),
             add_bos: meta.as_ref().is_some_and(|m| m.add_bos),
-            stop_ids: meta.map(|m| m.stop_ids).unwrap_or_default(),
+            stop_ids: meta
+                .as_ref()
+                .map(|m| m.stop_ids.clone())
+                .unwrap_or_default(),
+            control_ids: meta.map(|m| m.control_ids).unwrap_or_default(),
         })
     }
 
@@ -149,6 +159,10 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control_ids.binary_search(&id).is_ok()
     }
 
     pub fn is_stop(&self, id: u32) -> bool {

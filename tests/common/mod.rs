@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: the real default model and the llama.cpp reference.
 #![allow(dead_code)]
 
+pub mod synthetic;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

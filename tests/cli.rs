@@ -1,0 +1,195 @@
+//! The `edgeinfer` binary on good and bad input: each error is one clear message on stderr and
+//! exit status 1 (never a panic, whose status is 101).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::synthetic::{self, Spec};
+
+fn edgeinfer(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeinfer"));
+    cmd.args(args).env("RAYON_NUM_THREADS", "2");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the binary runs")
+}
+
+/// Runs `generate` on `model` and checks it fails cleanly with `expected` in the message.
+fn assert_generate_fails(model: &Path, expected: &str) {
+    let out = edgeinfer(
+        &["generate", "--model", model.to_str().unwrap(), "-p", "hi"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.gguf");
+    std::fs::write(&path, "these are not model weights").unwrap();
+    assert_generate_fails(&path, "is not a GGUF file");
+}
+
+#[test]
+fn truncated_file_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    assert_generate_fails(&path, "is truncated: tensor `");
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("falcon.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            arch: "falcon",
+            ..Spec::default()
+        },
+    );
+    assert_generate_fails(&path, "unsupported model architecture `falcon`");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holey.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            drop_tensor: Some("blk.1.ffn_down.weight"),
+            ..Spec::default()
+        },
+    );
+    assert_generate_fails(&path, "no tensor `blk.1.ffn_down.weight`");
+}
+
+#[test]
+fn unknown_pre_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mystery.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            pre: "mystery-bpe",
+            ..Spec::default()
+        },
+    );
+    assert_generate_fails(
+        &path,
+        "unknown tokenizer pre-tokenizer `tokenizer.ggml.pre = mystery-bpe`",
+    );
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    assert_generate_fails(Path::new("/nonexistent/model.gguf"), "does not exist");
+}
+
+#[test]
+fn unreachable_hub_without_fallback_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = edgeinfer(
+        &["pull", "nobody/nothing-GGUF:nothing.Q4_0.gguf"],
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("EDGEINFER_MODELS_DIR", dir.path().to_str().unwrap()),
+            ("HF_HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("every source failed"), "{stderr}");
+    assert!(
+        stderr.contains("Hugging Face Hub nobody/nothing-GGUF@main:nothing.Q4_0.gguf"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|e| { !e.unwrap().file_name().to_string_lossy().ends_with(".gguf") }));
+}
+
+#[test]
+fn bad_specs_and_bad_flags_are_refused() {
+    let out = edgeinfer(&["pull", "no-such-model"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("unknown model `no-such-model`"), "{stderr}");
+    let out = edgeinfer(
+        &[
+            "generate",
+            "-p",
+            "x",
+            "--temperature",
+            "-1",
+            "--model",
+            "/dev/null",
+        ],
+        &[],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+#[test]
+fn generate_json_on_a_synthetic_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let model = path.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model, "-n", "12", "--json"];
+        args.extend_from_slice(extra);
+        let out = edgeinfer(&args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let last = stdout.lines().last().unwrap().to_string();
+        let json: serde_json::Value = serde_json::from_str(&last).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (json, stderr)
+    };
+    // --raw: special-token text becomes the special token, no BOS is added by the tokenizer.
+    let (json, stderr) = run(&["--raw", "-p", "<|im_start|>ab"]);
+    assert_eq!(common::ids(&json["prompt_tokens"]), vec![256, 97, 98]);
+    let tokens = common::ids(&json["tokens"]);
+    assert!(!tokens.is_empty() && tokens.len() <= 12);
+    assert!(["stop", "length"].contains(&json["finish_reason"].as_str().unwrap()));
+    assert!(json["timings"]["generation_tokens_per_second"]
+        .as_f64()
+        .is_some());
+    assert!(stderr.contains("prompt: 3 tokens"), "{stderr}");
+    // Chat mode goes through the built-in ChatML template (the file has none).
+    let (json, _) = run(&["-p", "ab"]);
+    let prompt = common::ids(&json["prompt_tokens"]);
+    assert_eq!(prompt[0], 256, "starts with <|im_start|>");
+    assert!(prompt.len() > 6);
+    // Seeds: the same seed samples the same tokens; greedy ignores seeds.
+    let (a, _) = run(&["--raw", "-p", "ab", "--temperature", "1.5", "--seed", "7"]);
+    let (b, _) = run(&["--raw", "-p", "ab", "--temperature", "1.5", "--seed", "7"]);
+    assert_eq!(a["tokens"], b["tokens"]);
+}

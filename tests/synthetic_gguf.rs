@@ -1,0 +1,156 @@
+//! A tiny random-weight Llama GGUF written here, loaded by us and by candle-transformers'
+//! `quantized_llama` (the oracle): the forward passes must agree. This is the harness later
+//! kernels and batching prove themselves against.
+
+mod common;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use common::synthetic::{self, Spec};
+use edgeinfer::model::{GgufFile, Llama};
+
+/// Largest |ours - candle| allowed, relative to the largest |logit|, with f32 weights: only
+/// attention rounding differs (we keep K/V, Q and the attention accumulator in f16 as
+/// llama.cpp does; candle stays in f32). Measured 0.0021 on 2026-11-26.
+const REL_TOL_F32: f32 = 0.005;
+/// The same with quantized weights: activations are quantized to 8 bits per matmul on both
+/// sides, and candle rounds scales differently from llama.cpp (whose rounding we follow), so
+/// a few quantized activations land one step apart. Measured 0.032 on 2026-11-26.
+const REL_TOL: f32 = 0.06;
+
+fn ours(path: &std::path::Path) -> Llama {
+    let mut f = GgufFile::open(path).unwrap();
+    Llama::load(&mut f, &Device::Cpu).unwrap()
+}
+
+fn oracle(path: &std::path::Path) -> ModelWeights {
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap()
+}
+
+fn oracle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+    let x = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&x, pos)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn check_against_oracle(spec: &Spec) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, spec);
+    let model = ours(&path);
+    assert_eq!(model.config.tied_embeddings, spec.tied);
+    let mut oracle_model = oracle(&path);
+    let prompt: Vec<u32> = vec![256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114];
+    // Prefill in two chunks on our side (positions 0..4, then 4..11): the oracle does it whole.
+    let mut cache = model.new_cache();
+    model.forward(&prompt[..4], &mut cache).unwrap();
+    let mut got = model.forward(&prompt[4..], &mut cache).unwrap();
+    let mut want = oracle_logits(&mut oracle_model, &prompt, 0);
+    let mut worst = max_rel_diff(&got, &want);
+    let mut pos = prompt.len();
+    for _ in 0..8 {
+        let next = edgeinfer::model::llama::argmax(&got);
+        got = model.forward(&[next], &mut cache).unwrap();
+        want = oracle_logits(&mut oracle_model, &[next], pos);
+        pos += 1;
+        worst = worst.max(max_rel_diff(&got, &want));
+    }
+    assert_eq!(cache.len(), pos);
+    println!(
+        "{spec_arch} tied={tied}: worst relative logit difference {worst:.5}",
+        spec_arch = spec.arch,
+        tied = spec.tied
+    );
+    let tol = if spec.matrix_dtype.is_some() {
+        REL_TOL_F32
+    } else {
+        REL_TOL
+    };
+    assert!(
+        worst < tol,
+        "logits differ from candle's quantized_llama by {worst} (relative)"
+    );
+}
+
+#[test]
+fn forward_matches_candle_quantized_llama() {
+    check_against_oracle(&Spec::default());
+}
+
+#[test]
+fn f32_weights_match_candle_closely() {
+    check_against_oracle(&Spec {
+        matrix_dtype: Some(candle_core::quantized::GgmlDType::F32),
+        ..Spec::default()
+    });
+}
+
+#[test]
+fn tied_embeddings_match_candle_quantized_llama() {
+    check_against_oracle(&Spec {
+        tied: true,
+        seed: 7,
+        ..Spec::default()
+    });
+}
+
+#[test]
+fn mistral_architecture_name_loads_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("llama.gguf"),
+        dir.path().join("mistral.gguf"),
+    );
+    synthetic::write(&a, &Spec::default());
+    synthetic::write(
+        &b,
+        &Spec {
+            arch: "mistral",
+            ..Spec::default()
+        },
+    );
+    let (ma, mb) = (ours(&a), ours(&b));
+    assert_eq!(mb.config.architecture, "mistral");
+    let tokens = [256, 1, 2, 3, 4];
+    let la = ma.forward(&tokens, &mut ma.new_cache()).unwrap();
+    let lb = mb.forward(&tokens, &mut mb.new_cache()).unwrap();
+    assert_eq!(la, lb);
+}
+
+#[test]
+fn a_wrong_logit_would_be_caught() {
+    // The tolerance is meaningful: two different random models are far apart.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    synthetic::write(&a, &Spec::default());
+    synthetic::write(
+        &b,
+        &Spec {
+            seed: 43,
+            ..Spec::default()
+        },
+    );
+    let tokens = [256, 10, 20, 30];
+    let la = ours(&a)
+        .forward(&tokens, &mut ours(&a).new_cache())
+        .unwrap();
+    let mut ob = oracle(&b);
+    let lb = oracle_logits(&mut ob, &tokens, 0);
+    assert!(max_rel_diff(&la, &lb) > 10.0 * REL_TOL);
+}

@@ -1,0 +1,73 @@
+//! Tokenizer parity on a wider set: 120 strings (unicode, emoji, code, whitespace runs, digits,
+//! control tokens) with ids from an independent implementation (Python `transformers` loading
+//! the same GGUF; see `scripts/make_tokenizer_fixture.py` and the fixture's `note`).
+
+mod common;
+
+#[test]
+fn gguf_tokenizer_matches_the_fixture() {
+    let model = common::default_model();
+    let path = common::repo_root().join("tests/fixtures/tokenizer_smollm2.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(
+        cases.len() >= 50,
+        "the fixture has only {} cases",
+        cases.len()
+    );
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = common::ids(&case["ids"]);
+        let got = model.tokenizer.encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
+            continue;
+        }
+        // Plain text (no control tokens, which decoding drops) must survive a round trip.
+        let has_control = got.iter().any(|&id| model.tokenizer.is_control(id));
+        if case["roundtrip"].as_bool() == Some(true) && !has_control {
+            let back = model.tokenizer.decode(&got).unwrap();
+            if back != text {
+                failures.push(format!("{text:?}: decodes to {back:?}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn incremental_decoding_never_splits_a_character() {
+    use edgeinfer::model::detok::IncrementalDecoder;
+    let model = common::default_model();
+    let tok = &model.tokenizer;
+    let text = "Ünïcödé 你好世界 🚀🔥 👨‍👩‍👧 naïve café\n\tdone";
+    let ids = tok.encode(text, false).unwrap();
+    let mut dec = IncrementalDecoder::new();
+    let mut out = String::new();
+    let mut pieces = 0;
+    for &id in &ids {
+        if let Some(piece) = dec.push(tok, id).unwrap() {
+            assert!(!piece.contains('\u{FFFD}'), "broken character in {piece:?}");
+            out.push_str(&piece);
+            pieces += 1;
+        }
+    }
+    if let Some(rest) = dec.flush(tok).unwrap() {
+        out.push_str(&rest);
+    }
+    assert_eq!(out, text);
+    // Multi-byte characters span several byte-level tokens: some pushes must have waited.
+    assert!(
+        pieces < ids.len(),
+        "{pieces} pieces for {} tokens",
+        ids.len()
+    );
+}
