@@ -26,6 +26,7 @@ fn main() {
                 .unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     set_threads(cli.threads);
     if let Err(e) = run(cli) {
@@ -98,6 +99,18 @@ fn resolve_model(model: Option<&str>, models_dir: &Path) -> Result<PathBuf> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        frequency_penalty: args.frequency_penalty,
+        presence_penalty: args.presence_penalty,
+        seed: args.seed,
+    };
+    // Bad flags are reported before minutes of model loading or downloading.
+    sampling.validate()?;
     let path = resolve_model(args.model.as_deref(), &args.models_dir)?;
     let device = candle_core::Device::Cpu;
     let model = LoadedModel::load(&path, args.tokenizer.as_deref(), &device)
@@ -116,16 +129,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let params = GenerateParams {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-            repetition_penalty: args.repetition_penalty,
-            frequency_penalty: args.frequency_penalty,
-            presence_penalty: args.presence_penalty,
-            seed: args.seed,
-        },
+        sampling,
         stop: args.stop.clone(),
     };
     let mut stdout = std::io::stdout().lock();

@@ -218,7 +218,7 @@ mod tests {
             &e.sources[0],
             &tmp.path().join("x.gguf"),
             None,
-            "http://127.0.0.1:9",
+            Some("http://127.0.0.1:9"),
         )
         .unwrap_err()
         .to_string();

@@ -12,9 +12,6 @@ use hf_hub::{Repo, RepoType};
 use super::{install_from_reader, io_err, Source};
 use crate::error::HubError;
 
-/// The Hub's address unless `HF_ENDPOINT` says otherwise.
-const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-
 pub fn describe(source: &Source) -> String {
     match source {
         Source::Hf {
@@ -37,9 +34,8 @@ pub fn fetch(source: &Source, dest: &Path, expected: Option<&str>) -> Result<(),
             if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
                 return Err(other(dest, "skipped: HF_HUB_OFFLINE=1".into()));
             }
-            let endpoint =
-                std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
-            fetch_hf_from(source, dest, expected, &endpoint)
+            // hf-hub reads HF_ENDPOINT (a mirror) and HF_HOME (its cache) itself.
+            fetch_hf_from(source, dest, expected, None)
         }
         Source::Pip {
             package,
@@ -55,12 +51,13 @@ pub fn fetch(source: &Source, dest: &Path, expected: Option<&str>) -> Result<(),
     }
 }
 
-/// Fetches a hub source from `endpoint` into the hub cache, then installs it at `dest`.
+/// Fetches a hub source (from `endpoint`, else the hub's default) into the hub cache, then
+/// installs it at `dest`.
 pub fn fetch_hf_from(
     source: &Source,
     dest: &Path,
     expected: Option<&str>,
-    endpoint: &str,
+    endpoint: Option<&str>,
 ) -> Result<(), HubError> {
     let Source::Hf {
         repo,
@@ -70,8 +67,11 @@ pub fn fetch_hf_from(
     else {
         return Err(other(dest, "not a hub source. This is a bug.".into()));
     };
-    let api = ApiBuilder::from_env()
-        .with_endpoint(endpoint.to_string())
+    let mut builder = ApiBuilder::from_env();
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint.to_string());
+    }
+    let api = builder
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_retries(0)
         .build()

@@ -7,6 +7,8 @@
 //! Invariant: query `i` sits at position `start + i` and sees keys `0..=start + i` only.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -15,7 +17,8 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// Returns `[t, n_head * head_dim]` f32.
+/// Returns `[t, n_head * head_dim]` f32. Heads run in parallel; each is computed by one
+/// thread in a fixed order, so the result does not depend on the thread count.
 pub fn causal_attention(
     q: &[f32],
     k: &[f16],
@@ -25,58 +28,79 @@ pub fn causal_attention(
     shape: AttentionShape,
 ) -> Vec<f32> {
     let AttentionShape {
-        n_head,
-        n_kv_head,
-        head_dim: hd,
+        n_head, head_dim, ..
     } = shape;
-    let group = n_head / n_kv_head;
-    let kv_stride = n_kv_head * hd;
-    debug_assert_eq!(q.len(), t * n_head * hd);
-    debug_assert!(k.len() >= (start + t) * kv_stride && v.len() == k.len());
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; t * n_head * hd];
-    let mut qh = vec![0f32; hd];
-    let mut acc = vec![f16::ZERO; hd];
-    for i in 0..t {
-        for h in 0..n_head {
-            let kv_off = (h / group) * hd;
-            let q_row = &q[(i * n_head + h) * hd..][..hd];
-            for (dst, &x) in qh.iter_mut().zip(q_row) {
-                *dst = f16::from_f32(x).to_f32();
-            }
-            acc.fill(f16::ZERO);
-            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for j in 0..=start + i {
-                let k_row = &k[j * kv_stride + kv_off..][..hd];
-                let s = qh
-                    .iter()
-                    .zip(k_row)
-                    .map(|(a, b)| a * b.to_f32())
-                    .sum::<f32>()
-                    * scale;
-                let (ms, vs) = if s > max {
-                    let ms = (max - s).exp();
-                    max = s;
-                    for a in acc.iter_mut() {
-                        *a = f16::from_f32(a.to_f32() * ms);
-                    }
-                    (ms, 1.0)
-                } else {
-                    (1.0, (s - max).exp())
-                };
-                let v_row = &v[j * kv_stride + kv_off..][..hd];
-                for (a, b) in acc.iter_mut().zip(v_row) {
-                    *a = f16::from_f32(b.to_f32().mul_add(vs, a.to_f32()));
-                }
-                sum = sum * ms + vs;
-            }
-            let dst = &mut out[(i * n_head + h) * hd..][..hd];
-            for (d, a) in dst.iter_mut().zip(&acc) {
-                *d = a.to_f32() / sum;
-            }
+    debug_assert_eq!(q.len(), t * n_head * head_dim);
+    debug_assert!(k.len() >= (start + t) * shape.n_kv_head * head_dim && v.len() == k.len());
+    let per_head: Vec<Vec<f32>> = (0..n_head)
+        .into_par_iter()
+        .map(|h| head_attention(q, k, v, t, start, shape, h))
+        .collect();
+    let mut out = vec![0f32; t * n_head * head_dim];
+    for (h, rows) in per_head.iter().enumerate() {
+        for (i, row) in rows.chunks_exact(head_dim).enumerate() {
+            out[(i * n_head + h) * head_dim..][..head_dim].copy_from_slice(row);
         }
     }
     out
+}
+
+/// One head's output for every query: `[t, head_dim]`.
+fn head_attention(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    t: usize,
+    start: usize,
+    shape: AttentionShape,
+    h: usize,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let kv_stride = shape.n_kv_head * hd;
+    let kv_off = (h / (shape.n_head / shape.n_kv_head)) * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; t * hd];
+    let (mut qh, mut kr, mut vr) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
+    let (mut acc, mut acc16) = (vec![0f32; hd], vec![f16::ZERO; hd]);
+    let mut q16 = vec![f16::ZERO; hd];
+    for i in 0..t {
+        // Q rounded to f16, as llama.cpp converts it to the K cache's type.
+        q16.convert_from_f32_slice(&q[(i * shape.n_head + h) * hd..][..hd]);
+        q16.convert_to_f32_slice(&mut qh);
+        acc.fill(0.0);
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for j in 0..=start + i {
+            k[j * kv_stride + kv_off..][..hd].convert_to_f32_slice(&mut kr);
+            let s = qh.iter().zip(&kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+            let (ms, vs) = if s > max {
+                let ms = (max - s).exp();
+                max = s;
+                acc.iter_mut().for_each(|a| *a *= ms);
+                round_to_f16(&mut acc, &mut acc16);
+                (ms, 1.0)
+            } else {
+                (1.0, (s - max).exp())
+            };
+            v[j * kv_stride + kv_off..][..hd].convert_to_f32_slice(&mut vr);
+            for (a, b) in acc.iter_mut().zip(&vr) {
+                *a = b.mul_add(vs, *a);
+            }
+            // The accumulator lives in f16, as in llama.cpp's flash attention.
+            round_to_f16(&mut acc, &mut acc16);
+            sum = sum * ms + vs;
+        }
+        for (d, a) in out[i * hd..][..hd].iter_mut().zip(&acc) {
+            *d = a / sum;
+        }
+    }
+    out
+}
+
+/// Rounds every value to the nearest f16 (through a scratch buffer, with SIMD conversions).
+#[inline]
+fn round_to_f16(x: &mut [f32], scratch: &mut [f16]) {
+    scratch.convert_from_f32_slice(x);
+    scratch.convert_to_f32_slice(x);
 }
 
 #[cfg(test)]

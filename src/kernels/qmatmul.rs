@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use rayon::prelude::*;
 
-use super::quant::{self, Q8Row, QK};
+use super::quant::{self, Q8Row, UnpackedRow, QK};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightKind {
@@ -93,29 +93,15 @@ impl QMatrix {
     }
 }
 
-/// Computes `out` (`[rows_in_task, n]`) for the weight rows starting at `first`.
+/// Computes `out` (`[rows_in_task, n]`) for the weight rows starting at `first`: each weight
+/// row is unpacked once and applied to every input row.
 #[inline(always)]
 fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
-    // Each arm passes a function item (not a pointer), so the dot product is inlined.
-    match m.kind {
-        WeightKind::Q4_0 => rows_with(m, first, out, acts, quant::dot_q4_0),
-        WeightKind::Q4_1 => rows_with(m, first, out, acts, quant::dot_q4_1),
-        WeightKind::Q8_0 => rows_with(m, first, out, acts, quant::dot_q8_0),
-    }
-}
-
-#[inline(always)]
-fn rows_with(
-    m: &QMatrix,
-    first: usize,
-    out: &mut [f32],
-    acts: &[Q8Row],
-    dot: impl Fn(&[u8], &Q8Row) -> f32,
-) {
+    let mut w = UnpackedRow::default();
     for (local, out_row) in out.chunks_exact_mut(acts.len()).enumerate() {
-        let w = m.row(first + local);
+        quant::unpack_row(m.kind, m.row(first + local), &mut w);
         for (o, a) in out_row.iter_mut().zip(acts) {
-            *o = dot(w, a);
+            *o = quant::dot(&w, a);
         }
     }
 }

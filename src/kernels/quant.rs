@@ -7,6 +7,8 @@
 
 use half::f16;
 
+use super::qmatmul::WeightKind;
+
 pub const QK: usize = 32;
 pub const Q4_0_BYTES: usize = 18;
 pub const Q4_1_BYTES: usize = 20;
@@ -61,7 +63,8 @@ fn hsum8(a: [f32; 8]) -> f32 {
 
 /// Lane `l` of the products of one block: values `4l..4l+4`.
 #[inline(always)]
-fn lane_sums(x: &[i8; QK], y: &[i8]) -> [f32; 8] {
+fn lane_sums(x: &[i8], y: &[i8]) -> [f32; 8] {
+    let (x, y) = (&x[..QK], &y[..QK]);
     let mut lanes = [0f32; 8];
     for (l, lane) in lanes.iter_mut().enumerate() {
         let mut s = 0i32;
@@ -73,88 +76,67 @@ fn lane_sums(x: &[i8; QK], y: &[i8]) -> [f32; 8] {
     lanes
 }
 
-/// Dot product of a Q4_0 weight row with a Q8_0 activation row.
-#[inline(always)]
-pub fn dot_q4_0(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut x = [0i8; QK];
-    for (b, blk) in w.chunks_exact(Q4_0_BYTES).enumerate() {
-        let d = f16_at(blk, 0) * a.d[b];
-        for j in 0..16 {
-            x[j] = (blk[2 + j] & 0x0F) as i8 - 8;
-            x[j + 16] = (blk[2 + j] >> 4) as i8 - 8;
-        }
-        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
-    }
-    hsum8(acc)
+/// A weight row unpacked to one `i8` per value, with its per-block scales (and, for Q4_1,
+/// minimums), so one unpacking serves every input row of a matmul.
+#[derive(Debug, Clone, Default)]
+pub struct UnpackedRow {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    /// Per-block minimum (Q4_1 only; empty otherwise).
+    pub m: Vec<f32>,
 }
 
-/// Dot product of a Q4_1 weight row with a Q8_1 activation row.
-#[inline(always)]
-pub fn dot_q4_1(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut summs = 0f32;
-    let mut x = [0i8; QK];
-    for (b, blk) in w.chunks_exact(Q4_1_BYTES).enumerate() {
-        let d = f16_at(blk, 0) * a.d[b];
-        summs += f16_at(blk, 2) * a.s[b];
-        for j in 0..16 {
-            x[j] = (blk[4 + j] & 0x0F) as i8;
-            x[j + 16] = (blk[4 + j] >> 4) as i8;
-        }
-        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
-    }
-    hsum8(acc) + summs
-}
-
-/// Dot product of a Q8_0 weight row with a Q8_0 activation row.
-#[inline(always)]
-pub fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut x = [0i8; QK];
-    for (b, blk) in w.chunks_exact(Q8_0_BYTES).enumerate() {
-        let d = f16_at(blk, 0) * a.d[b];
-        for (dst, &src) in x.iter_mut().zip(&blk[2..]) {
-            *dst = src as i8;
-        }
-        let lanes = lane_sums(&x, &a.qs[b * QK..][..QK]);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
-    }
-    hsum8(acc)
-}
-
-/// Dequantizes one weight row (for references and tests).
-pub fn dequantize_row(kind: super::qmatmul::WeightKind, w: &[u8], out: &mut Vec<f32>) {
-    use super::qmatmul::WeightKind;
-    out.clear();
+/// Unpacks one GGML weight row of `kind`.
+pub fn unpack_row(kind: WeightKind, w: &[u8], out: &mut UnpackedRow) {
+    out.qs.clear();
+    out.d.clear();
+    out.m.clear();
     match kind {
         WeightKind::Q4_0 => {
             for blk in w.chunks_exact(Q4_0_BYTES) {
-                let d = f16_at(blk, 0);
-                out.extend((0..16).map(|j| ((blk[2 + j] & 0x0F) as i32 - 8) as f32 * d));
-                out.extend((0..16).map(|j| ((blk[2 + j] >> 4) as i32 - 8) as f32 * d));
+                out.d.push(f16_at(blk, 0));
+                out.qs
+                    .extend(blk[2..].iter().map(|&b| (b & 0x0F) as i8 - 8));
+                out.qs.extend(blk[2..].iter().map(|&b| (b >> 4) as i8 - 8));
             }
         }
         WeightKind::Q4_1 => {
             for blk in w.chunks_exact(Q4_1_BYTES) {
-                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                out.extend((0..16).map(|j| (blk[4 + j] & 0x0F) as f32 * d + m));
-                out.extend((0..16).map(|j| (blk[4 + j] >> 4) as f32 * d + m));
+                out.d.push(f16_at(blk, 0));
+                out.m.push(f16_at(blk, 2));
+                out.qs.extend(blk[4..].iter().map(|&b| (b & 0x0F) as i8));
+                out.qs.extend(blk[4..].iter().map(|&b| (b >> 4) as i8));
             }
         }
         WeightKind::Q8_0 => {
             for blk in w.chunks_exact(Q8_0_BYTES) {
-                let d = f16_at(blk, 0);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+                out.d.push(f16_at(blk, 0));
+                out.qs.extend(blk[2..].iter().map(|&b| b as i8));
             }
         }
+    }
+}
+
+/// Dot product of an unpacked weight row with a quantized activation row, as llama.cpp's
+/// `ggml_vec_dot_q4_0_q8_0`, `_q4_1_q8_1` and `_q8_0_q8_0` compute it on x86.
+#[inline(always)]
+pub fn dot(w: &UnpackedRow, a: &Q8Row) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    let has_min = !w.m.is_empty();
+    for (b, (x, y)) in w.qs.chunks_exact(QK).zip(a.qs.chunks_exact(QK)).enumerate() {
+        let d = w.d[b] * a.d[b];
+        if has_min {
+            summs += w.m[b] * a.s[b];
+        }
+        let lanes = lane_sums(x, y);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
+    }
+    if has_min {
+        hsum8(acc) + summs
+    } else {
+        hsum8(acc)
     }
 }

