@@ -12,17 +12,19 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The default model: `EDGEINFER_TEST_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+/// The default model: `EDGEINFER_TEST_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`,
+/// pulled (and verified) on first use like `edgeinfer pull` does.
 pub fn default_model_path() -> PathBuf {
-    let path = std::env::var_os("EDGEINFER_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.is_file(),
-        "the default model is missing at {}: run scripts/download_model.sh first",
-        path.display()
-    );
-    path
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("EDGEINFER_TEST_MODEL") {
+            return PathBuf::from(path);
+        }
+        let manifest = edgeinfer::hub::Manifest::builtin();
+        edgeinfer::hub::pull(manifest.default_entry(), &repo_root().join("models"))
+            .unwrap_or_else(|e| panic!("cannot fetch the default model for the tests: {e}"))
+    })
+    .clone()
 }
 
 /// The default model, loaded once per test binary.
