@@ -193,3 +193,39 @@ fn generate_json_on_a_synthetic_model() {
     let (b, _) = run(&["--raw", "-p", "ab", "--temperature", "1.5", "--seed", "7"]);
     assert_eq!(a["tokens"], b["tokens"]);
 }
+
+#[test]
+fn tokenizer_json_overrides_an_unsupported_gguf_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mystery.gguf");
+    synthetic::write(
+        &model,
+        &Spec {
+            pre: "mystery-bpe",
+            ..Spec::default()
+        },
+    );
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(&tok, synthetic::tokenizer_json()).unwrap();
+    let out = edgeinfer(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--raw",
+            "-p",
+            "<|im_start|>hi",
+            "-n",
+            "4",
+            "--json",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(common::ids(&json["prompt_tokens"]), vec![256, 104, 105]);
+}

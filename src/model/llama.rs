@@ -145,6 +145,13 @@ impl Llama {
                 "forward called with no tokens. This is a bug.".into(),
             )));
         }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            // A tokenizer.json with a larger vocabulary than the weights would get here.
+            return Err(ModelError::Tokenizer(format!(
+                "token id {bad} is outside the model's vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
         let start = cache.len;
         let eps = c.norm_eps as f32;
         let ids = Tensor::new(tokens, &self.device)?;

@@ -49,15 +49,61 @@ pub struct Tokenizer {
     control_ids: Vec<u32>,
 }
 
+/// What the metadata says about special tokens, independent of how text is split.
+#[derive(Default)]
+struct Specials {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    stop_ids: Vec<u32>,
+    control_ids: Vec<u32>,
+}
+
+impl Specials {
+    fn from_gguf(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<Self> {
+        let model = f.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
+        let eos = f.opt_u32("tokenizer.ggml.eos_token_id")?;
+        let mut stop_ids: Vec<u32> = [eos, f.opt_u32("tokenizer.ggml.eot_token_id")?]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut control_ids = Vec::new();
+        for (id, (text, &ty)) in tokens.iter().zip(types).enumerate() {
+            if ty == TOKEN_TYPE_CONTROL {
+                control_ids.push(id as u32);
+                if END_OF_TURN_TEXTS.contains(&text.as_str()) {
+                    stop_ids.push(id as u32);
+                }
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            bos: f.opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos,
+            add_bos: f
+                .opt_bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(model == "llama"),
+            stop_ids,
+            control_ids,
+        })
+    }
+}
+
+fn tokens_and_types(f: &GgufFile) -> Result<(Vec<String>, Vec<i32>)> {
+    let tokens = string_array(f, "tokenizer.ggml.tokens")?;
+    let types = match f.metadata("tokenizer.ggml.token_type") {
+        Some(_) => i32_array(f, "tokenizer.ggml.token_type")?,
+        None => vec![1; tokens.len()],
+    };
+    Ok((tokens, types))
+}
+
 impl Tokenizer {
     /// Builds the tokenizer described by the GGUF metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let model = f.get_str("tokenizer.ggml.model")?;
-        let tokens = string_array(f, "tokenizer.ggml.tokens")?;
-        let types = match f.metadata("tokenizer.ggml.token_type") {
-            Some(_) => i32_array(f, "tokenizer.ggml.token_type")?,
-            None => vec![1; tokens.len()],
-        };
+        let (tokens, types) = tokens_and_types(f)?;
         let json = match model {
             "gpt2" => {
                 let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
@@ -78,52 +124,41 @@ impl Tokenizer {
             })
             .collect();
         inner.add_special_tokens(&added);
-        let opt_id = |key: &str| f.opt_u32(key);
-        let bos = opt_id("tokenizer.ggml.bos_token_id")?;
-        let eos = opt_id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = f
-            .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(model == "llama");
-        let mut stop_ids: Vec<u32> = [eos, opt_id("tokenizer.ggml.eot_token_id")?]
-            .into_iter()
-            .flatten()
-            .collect();
-        for (id, (text, &ty)) in tokens.iter().zip(&types).enumerate() {
-            if ty == TOKEN_TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&text.as_str()) {
-                stop_ids.push(id as u32);
-            }
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        let control_ids = (0..tokens.len() as u32)
-            .filter(|&i| types[i as usize] == TOKEN_TYPE_CONTROL)
-            .collect();
-        Ok(Self {
+        Ok(Self::with_specials(
             inner,
-            bos,
-            eos,
-            add_bos,
-            stop_ids,
-            control_ids,
-        })
+            Specials::from_gguf(f, &tokens, &types)?,
+        ))
     }
 
-    /// Loads a `tokenizer.json`, keeping BOS/EOS facts from the GGUF metadata.
+    /// Loads a `tokenizer.json`; BOS, EOS and end-of-turn tokens still come from the GGUF
+    /// metadata when it has them, else from the file's special tokens.
     pub fn from_file(path: &Path, f: &GgufFile) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let meta = Self::from_gguf(f).ok();
-        Ok(Self {
+        let mut specials = match tokens_and_types(f) {
+            Ok((tokens, types)) => Specials::from_gguf(f, &tokens, &types)?,
+            Err(_) => Specials::default(),
+        };
+        if specials.stop_ids.is_empty() {
+            specials.stop_ids = END_OF_TURN_TEXTS
+                .iter()
+                .filter_map(|t| inner.token_to_id(t))
+                .collect();
+            specials.stop_ids.sort_unstable();
+            specials.stop_ids.dedup();
+        }
+        Ok(Self::with_specials(inner, specials))
+    }
+
+    fn with_specials(inner: tokenizers::Tokenizer, s: Specials) -> Self {
+        Self {
             inner,
-            bos: meta.as_ref().and_then(|m| m.bos),
-            eos: meta.as_ref().and_then(|m| m.eos),
-            add_bos: meta.as_ref().is_some_and(|m| m.add_bos),
-            stop_ids: meta
-                .as_ref()
-                .map(|m| m.stop_ids.clone())
-                .unwrap_or_default(),
-            control_ids: meta.map(|m| m.control_ids).unwrap_or_default(),
-        })
+            bos: s.bos,
+            eos: s.eos,
+            add_bos: s.add_bos,
+            stop_ids: s.stop_ids,
+            control_ids: s.control_ids,
+        }
     }
 
     /// Encodes `text`; control-token text becomes the control token. With `add_bos`, a BOS

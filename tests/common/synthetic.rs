@@ -24,6 +24,8 @@ pub struct Spec {
     pub seed: u64,
     /// Store every matrix in this type instead of the default mix of Q4_0 / Q4_1 / Q8_0.
     pub matrix_dtype: Option<GgmlDType>,
+    /// A SentencePiece-style (`llama`) vocabulary instead of the byte-level BPE one.
+    pub spm: bool,
 }
 
 impl Default for Spec {
@@ -35,12 +37,13 @@ impl Default for Spec {
             drop_tensor: None,
             seed: 42,
             matrix_dtype: None,
+            spm: false,
         }
     }
 }
 
 /// GPT-2's byte-to-character map: printable bytes stand for themselves, others move to 256+.
-fn byte_level_alphabet() -> Vec<String> {
+pub fn byte_level_alphabet() -> Vec<String> {
     let printable =
         |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
@@ -105,15 +108,8 @@ pub fn write(path: &Path, spec: &Spec) {
     tensors.retain(|(name, _)| Some(name.as_str()) != spec.drop_tensor);
 
     let a = spec.arch;
-    let mut tokens: Vec<Value> = byte_level_alphabet()
-        .into_iter()
-        .map(Value::String)
-        .collect();
-    tokens.push(Value::String("<|im_start|>".into()));
-    tokens.push(Value::String("<|im_end|>".into()));
-    let mut types = vec![Value::I32(1); 256];
-    types.extend([Value::I32(3), Value::I32(3)]);
-    let meta: Vec<(String, Value)> = vec![
+    let spm = spec.spm;
+    let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.block_count"), Value::U32(LAYERS as u32)),
         (format!("{a}.context_length"), Value::U32(256)),
@@ -133,14 +129,12 @@ pub fn write(path: &Path, spec: &Spec) {
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(1e-5),
         ),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String(spec.pre.into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
     ];
+    meta.extend(if spm {
+        spm_vocab()
+    } else {
+        bpe_vocab(spec.pre)
+    });
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
@@ -154,4 +148,106 @@ fn norm(rng: &mut rand::rngs::StdRng) -> QTensor {
         GgmlDType::F32,
     )
     .unwrap()
+}
+
+/// A `tokenizer.json` for the synthetic vocabulary (byte-level BPE, no merges, the two control
+/// tokens as special tokens), as a user would pass with `--tokenizer`.
+pub fn tokenizer_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in byte_level_alphabet().into_iter().enumerate() {
+        vocab.insert(t, i.into());
+    }
+    vocab.insert("<|im_start|>".into(), 256.into());
+    vocab.insert("<|im_end|>".into(), 257.into());
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": []}
+    })
+    .to_string()
+}
+
+fn strings(v: &[&str]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+}
+
+/// Byte-level BPE metadata: 256 byte symbols, `<|im_start|>` (256), `<|im_end|>` (257).
+fn bpe_vocab(pre: &str) -> Vec<(String, Value)> {
+    let mut tokens: Vec<Value> = byte_level_alphabet()
+        .into_iter()
+        .map(Value::String)
+        .collect();
+    tokens.push(Value::String("<|im_start|>".into()));
+    tokens.push(Value::String("<|im_end|>".into()));
+    let mut types = vec![Value::I32(1); 256];
+    types.extend([Value::I32(3), Value::I32(3)]);
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
+    ]
+}
+
+/// The pieces of the SentencePiece-style vocabulary after `<unk>`, `<s>`, `</s>` and the 256
+/// byte tokens, with their scores (higher merges first).
+pub const SPM_PIECES: &[(&str, f32)] = &[
+    ("▁", -1.0),
+    ("h", -2.0),
+    ("e", -2.0),
+    ("l", -2.0),
+    ("o", -2.0),
+    ("w", -2.0),
+    ("r", -2.0),
+    ("d", -2.0),
+    ("he", -3.0),
+    ("ll", -3.0),
+    ("llo", -4.0),
+    ("hello", -5.0),
+    ("▁hello", -6.0),
+    ("or", -3.0),
+    ("▁w", -3.0),
+    ("▁wor", -5.0),
+    ("▁world", -6.0),
+    ("ld", -4.0),
+];
+
+/// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces.
+fn spm_vocab() -> Vec<(String, Value)> {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
+    let mut scores = vec![Value::F32(0.0); 3];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(Value::I32(6));
+        scores.push(Value::F32(0.0));
+    }
+    for (piece, score) in SPM_PIECES {
+        tokens.push(piece.to_string());
+        types.push(Value::I32(1));
+        scores.push(Value::F32(*score));
+    }
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+    ]
 }

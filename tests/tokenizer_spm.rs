@@ -1,0 +1,65 @@
+//! The SentencePiece-style (`tokenizer.ggml.model = llama`) tokenizer of Llama 2 and Mistral
+//! GGUF files, built from a synthetic vocabulary: merges by score, `▁` for spaces, a BOS by
+//! default, byte fallback for characters outside the vocabulary.
+
+mod common;
+
+use common::synthetic::{self, Spec, SPM_PIECES};
+use edgeinfer::model::{GgufFile, Tokenizer};
+
+fn id(piece: &str) -> u32 {
+    let i = SPM_PIECES.iter().position(|(p, _)| *p == piece).unwrap();
+    (3 + 256 + i) as u32
+}
+
+fn tokenizer() -> Tokenizer {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            spm: true,
+            ..Spec::default()
+        },
+    );
+    Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn words_merge_into_their_pieces_with_a_space_prefix() {
+    let tok = tokenizer();
+    assert!(
+        tok.add_bos,
+        "llama vocabularies add BOS unless the metadata says otherwise"
+    );
+    assert_eq!(
+        tok.encode("hello world", true).unwrap(),
+        vec![1, id("▁hello"), id("▁world")]
+    );
+    assert_eq!(
+        tok.encode("hello world", false).unwrap(),
+        vec![id("▁hello"), id("▁world")]
+    );
+    assert_eq!(
+        tok.decode(&[id("▁hello"), id("▁world")]).unwrap(),
+        "hello world"
+    );
+    assert_eq!(tok.stop_ids, vec![2]);
+}
+
+#[test]
+fn unknown_characters_fall_back_to_bytes() {
+    let tok = tokenizer();
+    // "€" is E2 82 AC in UTF-8; byte token <0xNN> has id 3 + NN.
+    let ids = tok.encode("he€", false).unwrap();
+    assert_eq!(ids, vec![id("▁"), id("he"), 3 + 0xE2, 3 + 0x82, 3 + 0xAC]);
+    assert_eq!(tok.decode(&ids).unwrap(), "he€");
+}
+
+#[test]
+fn control_token_text_becomes_the_control_token() {
+    let tok = tokenizer();
+    let ids = tok.encode("<s>hello", false).unwrap();
+    assert_eq!(ids[0], 1);
+    assert!(tok.is_control(1));
+}
