@@ -2,13 +2,45 @@
 //! CPU flash attention computes it (Q rounded to f16, f32 dot products, the V accumulator
 //! kept in f16), so greedy outputs agree with llama.cpp token for token.
 //!
-//! Layouts: `q` is `[t, n_head * head_dim]` f32 (RoPE applied); `k` and `v` are
-//! `[kv_len, n_kv_head * head_dim]` f16, position-major, so appending a token is a push.
+//! Layouts: `q` is `[t, n_head * head_dim]` f32 (RoPE applied); keys and values are f16 rows
+//! of `n_kv_head * head_dim`, found through a block table ([`KvView`]).
 //! Invariant: query `i` sits at position `start + i` and sees keys `0..=start + i` only.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+
+/// Keys and values of one layer as seen by one sequence: position `p` is row
+/// `blocks[p / block_size] * block_size + p % block_size` of `k` and `v`.
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub blocks: &'a [u32],
+    pub block_size: usize,
+    /// Values per row: `n_kv_head * head_dim`.
+    pub stride: usize,
+}
+
+impl KvView<'_> {
+    #[inline]
+    fn row(&self, pos: usize) -> usize {
+        (self.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size)
+            * self.stride
+    }
+}
+
+/// One sequence's part of a packed attention call.
+#[derive(Clone, Copy)]
+pub struct AttentionSeq<'a> {
+    /// First row of this sequence in the packed `q` (and output).
+    pub row: usize,
+    /// Number of query rows (tokens this step).
+    pub len: usize,
+    /// Position of the first query row.
+    pub start: usize,
+    pub kv: KvView<'a>,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -17,29 +49,30 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// Returns `[t, n_head * head_dim]` f32. Heads run in parallel; each is computed by one
-/// thread in a fixed order, so the result does not depend on the thread count.
-pub fn causal_attention(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    t: usize,
-    start: usize,
-    shape: AttentionShape,
-) -> Vec<f32> {
+/// Attention for a packed batch: `q` is `[rows, n_head * head_dim]` holding every sequence's
+/// query rows; returns the same shape. (sequence, head) pairs run in parallel; each is computed
+/// by one thread in a fixed order, so results do not depend on batching or thread count.
+pub fn packed_attention(q: &[f32], seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<f32> {
     let AttentionShape {
         n_head, head_dim, ..
     } = shape;
-    debug_assert_eq!(q.len(), t * n_head * head_dim);
-    debug_assert!(k.len() >= (start + t) * shape.n_kv_head * head_dim && v.len() == k.len());
-    let per_head: Vec<Vec<f32>> = (0..n_head)
-        .into_par_iter()
-        .map(|h| head_attention(q, k, v, t, start, shape, h))
+    let width = n_head * head_dim;
+    let tasks: Vec<(usize, usize)> = (0..seqs.len())
+        .flat_map(|s| (0..n_head).map(move |h| (s, h)))
         .collect();
-    let mut out = vec![0f32; t * n_head * head_dim];
-    for (h, rows) in per_head.iter().enumerate() {
+    let per_task: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(s, h)| {
+            let seq = &seqs[s];
+            let rows = &q[seq.row * width..(seq.row + seq.len) * width];
+            head_attention(rows, seq.kv, seq.len, seq.start, shape, h)
+        })
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    for (&(s, h), rows) in tasks.iter().zip(&per_task) {
+        let seq = &seqs[s];
         for (i, row) in rows.chunks_exact(head_dim).enumerate() {
-            out[(i * n_head + h) * head_dim..][..head_dim].copy_from_slice(row);
+            out[(seq.row + i) * width + h * head_dim..][..head_dim].copy_from_slice(row);
         }
     }
     out
@@ -48,15 +81,13 @@ pub fn causal_attention(
 /// One head's output for every query: `[t, head_dim]`.
 fn head_attention(
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    kv: KvView,
     t: usize,
     start: usize,
     shape: AttentionShape,
     h: usize,
 ) -> Vec<f32> {
     let hd = shape.head_dim;
-    let kv_stride = shape.n_kv_head * hd;
     let kv_off = (h / (shape.n_head / shape.n_kv_head)) * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; t * hd];
@@ -70,7 +101,8 @@ fn head_attention(
         acc.fill(0.0);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
         for j in 0..=start + i {
-            k[j * kv_stride + kv_off..][..hd].convert_to_f32_slice(&mut kr);
+            let row = kv.row(j) + kv_off;
+            kv.k[row..][..hd].convert_to_f32_slice(&mut kr);
             let s = qh.iter().zip(&kr).map(|(a, b)| a * b).sum::<f32>() * scale;
             let (ms, vs) = if s > max {
                 let ms = (max - s).exp();
@@ -81,7 +113,7 @@ fn head_attention(
             } else {
                 (1.0, (s - max).exp())
             };
-            v[j * kv_stride + kv_off..][..hd].convert_to_f32_slice(&mut vr);
+            kv.v[row..][..hd].convert_to_f32_slice(&mut vr);
             for (a, b) in acc.iter_mut().zip(&vr) {
                 *a = b.mul_add(vs, *a);
             }
@@ -107,6 +139,106 @@ fn round_to_f16(x: &mut [f32], scratch: &mut [f16]) {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// One sequence over contiguous K/V (a block table of one-row blocks in order).
+    fn causal_attention(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        t: usize,
+        start: usize,
+        s: AttentionShape,
+    ) -> Vec<f32> {
+        let stride = s.n_kv_head * s.head_dim;
+        let blocks: Vec<u32> = (0..(k.len() / stride) as u32).collect();
+        let kv = KvView {
+            k,
+            v,
+            blocks: &blocks,
+            block_size: 1,
+            stride,
+        };
+        packed_attention(
+            q,
+            &[AttentionSeq {
+                row: 0,
+                len: t,
+                start,
+                kv,
+            }],
+            s,
+        )
+    }
+
+    #[test]
+    fn block_tables_and_packing_change_nothing() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let shape = AttentionShape {
+            n_head: 4,
+            n_kv_head: 2,
+            head_dim: 8,
+        };
+        let stride = 16;
+        // Two sequences: 5 cached + 2 new, and 0 cached + 3 new; blocks of 2 rows, scattered.
+        let (bs, n_blocks) = (2, 16);
+        let k: Vec<f16> = (0..bs * n_blocks * stride)
+            .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let v: Vec<f16> = (0..bs * n_blocks * stride)
+            .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let (table_a, table_b) = (vec![9u32, 3, 14, 0], vec![7u32, 12]);
+        let q: Vec<f32> = (0..5 * 4 * 8).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let view = |blocks: &'static [u32]| KvView {
+            k: &k,
+            v: &v,
+            blocks,
+            block_size: bs,
+            stride,
+        };
+        let table_a: &'static [u32] = Box::leak(table_a.into_boxed_slice());
+        let table_b: &'static [u32] = Box::leak(table_b.into_boxed_slice());
+        let packed = packed_attention(
+            &q,
+            &[
+                AttentionSeq {
+                    row: 0,
+                    len: 2,
+                    start: 5,
+                    kv: view(table_a),
+                },
+                AttentionSeq {
+                    row: 2,
+                    len: 3,
+                    start: 0,
+                    kv: view(table_b),
+                },
+            ],
+            shape,
+        );
+        // The same sequences alone, over K/V copied out to contiguous rows.
+        let gather = |blocks: &[u32], n: usize| -> (Vec<f16>, Vec<f16>) {
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                blocks,
+                block_size: bs,
+                stride,
+            };
+            let rows = |src: &[f16]| {
+                (0..n)
+                    .flat_map(|p| src[kv.row(p)..][..stride].to_vec())
+                    .collect::<Vec<_>>()
+            };
+            (rows(&k), rows(&v))
+        };
+        let (ka, va) = gather(table_a, 7);
+        let alone_a = causal_attention(&q[..2 * 32], &ka, &va, 2, 5, shape);
+        let (kb, vb) = gather(table_b, 3);
+        let alone_b = causal_attention(&q[2 * 32..], &kb, &vb, 3, 0, shape);
+        assert_eq!(packed[..2 * 32], alone_a[..]);
+        assert_eq!(packed[2 * 32..], alone_b[..]);
+    }
 
     /// Plain two-pass softmax attention in f64 over the same (f16) inputs.
     fn reference(

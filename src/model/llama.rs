@@ -7,11 +7,11 @@
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Tensor};
-use half::f16;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
+use super::kv::KvPool;
 use crate::error::ModelError;
-use crate::kernels::attention::{causal_attention, AttentionShape};
+use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
 use crate::kernels::norm::rms_norm;
 use crate::kernels::qmatmul::Linear;
 
@@ -41,10 +41,14 @@ pub struct Llama {
     device: Device,
 }
 
-/// The keys and values a sequence has produced so far, per layer, in f16 (as llama.cpp stores
-/// them): `[len, n_kv_head * head_dim]`, position-major.
+/// Positions per KV block for a single sequence's own cache.
+const SINGLE_BLOCK: usize = 64;
+
+/// One sequence's own KV memory (for the CLI and tests): a private pool that grows a block at
+/// a time. The server shares one [`KvPool`] between sequences instead.
 pub struct KvCache {
-    layers: Vec<(Vec<f16>, Vec<f16>)>,
+    pool: KvPool,
+    blocks: Vec<u32>,
     len: usize,
 }
 
@@ -57,6 +61,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// One sequence's part of a packed forward: `tokens` at positions `start..`, its KV through
+/// `blocks` (which must already cover `start + tokens.len()` positions).
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub blocks: &'a [u32],
+    /// Whether to compute the logits of the last token (false for a prefill chunk that does
+    /// not end the prompt).
+    pub logits: bool,
 }
 
 fn check_dims(name: &str, t: &QTensor, expected: &[usize]) -> Result<()> {
@@ -128,23 +143,58 @@ impl Llama {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.config.n_layer)
-                .map(|_| (Vec::new(), Vec::new()))
-                .collect(),
+            pool: self.new_pool(SINGLE_BLOCK, 0),
+            blocks: Vec::new(),
             len: 0,
         }
+    }
+
+    /// A KV pool of `n_blocks` blocks of `block_size` positions for this model.
+    pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
+        let c = &self.config;
+        KvPool::new(c.n_layer, c.n_kv_head * c.head_dim, block_size, n_blocks)
     }
 
     /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one
     /// (`vocab_size` values).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let needed = (cache.len + tokens.len()).div_ceil(SINGLE_BLOCK);
+        if needed > cache.blocks.len() {
+            let extra = needed - cache.blocks.len();
+            let first = cache.pool.n_blocks() as u32;
+            cache.pool.grow(extra);
+            cache.blocks.extend(first..first + extra as u32);
+        }
+        let seq = SeqInput {
+            tokens,
+            start: cache.len,
+            blocks: &cache.blocks,
+            logits: true,
+        };
+        let mut out = self.forward_batch(&[seq], &mut cache.pool)?;
+        cache.len += tokens.len();
+        Ok(out
+            .pop()
+            .flatten()
+            .expect("one sequence asked for logits. This is a bug."))
+    }
+
+    /// One forward over every token of a step, packed into one matrix for each linear layer,
+    /// with attention per sequence over its own blocks. Returns, per sequence, the logits of
+    /// its last token when it asked for them.
+    pub fn forward_batch(
+        &self,
+        seqs: &[SeqInput],
+        pool: &mut KvPool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
-        let t = tokens.len();
-        if t == 0 {
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if n == 0 || seqs.iter().any(|s| s.tokens.is_empty()) {
             return Err(ModelError::Candle(candle_core::Error::Msg(
-                "forward called with no tokens. This is a bug.".into(),
+                "forward called with an empty sequence. This is a bug.".into(),
             )));
         }
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             // A tokenizer.json with a larger vocabulary than the weights would get here.
             return Err(ModelError::Tokenizer(format!(
@@ -152,44 +202,82 @@ impl Llama {
                 c.vocab_size
             )));
         }
-        let start = cache.len;
+        let positions: Vec<usize> = seqs
+            .iter()
+            .flat_map(|s| s.start..s.start + s.tokens.len())
+            .collect();
         let eps = c.norm_eps as f32;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self
             .embed
             .embedding(&ids)?
             .flatten_all()?
-            .to_vec1::<f32>()?; // [t, dim]
+            .to_vec1::<f32>()?; // [n, dim]
         let shape = AttentionShape {
             n_head: c.n_head,
             n_kv_head: c.n_kv_head,
             head_dim: c.head_dim,
         };
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let kv_dim = c.n_kv_head * c.head_dim;
+        for (l, layer) in self.layers.iter().enumerate() {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.attn_norm, eps);
-            let mut q = layer.wq.matmul(&h, t)?; // [t, n_head * head_dim]
-            let mut k = layer.wk.matmul(&h, t)?; // [t, n_kv_head * head_dim]
-            let v = layer.wv.matmul(&h, t)?;
-            self.rope.apply(&mut q, start, t);
-            self.rope.apply(&mut k, start, t);
-            k_cache.extend(k.iter().map(|&v| f16::from_f32(v)));
-            v_cache.extend(v.iter().map(|&v| f16::from_f32(v)));
-            let y = causal_attention(&q, k_cache, v_cache, t, start, shape);
-            add(&mut x, &layer.wo.matmul(&y, t)?);
+            let mut q = layer.wq.matmul(&h, n)?; // [n, n_head * head_dim]
+            let mut k = layer.wk.matmul(&h, n)?; // [n, n_kv_head * head_dim]
+            let v = layer.wv.matmul(&h, n)?;
+            self.rope.apply(&mut q, &positions);
+            self.rope.apply(&mut k, &positions);
+            let mut row = 0;
+            for s in seqs {
+                for (i, pos) in (s.start..s.start + s.tokens.len()).enumerate() {
+                    let r = (row + i) * kv_dim;
+                    pool.write(l, s.blocks, pos, &k[r..r + kv_dim], &v[r..r + kv_dim]);
+                }
+                row += s.tokens.len();
+            }
+            let mut att = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for s in seqs {
+                att.push(AttentionSeq {
+                    row,
+                    len: s.tokens.len(),
+                    start: s.start,
+                    kv: pool.view(l, s.blocks),
+                });
+                row += s.tokens.len();
+            }
+            let y = packed_attention(&q, &att, shape);
+            add(&mut x, &layer.wo.matmul(&y, n)?);
             let mut h = x.clone();
             rms_norm(&mut h, &layer.ffn_norm, eps);
-            let mut gate = layer.w_gate.matmul(&h, t)?; // [t, ffn_dim]
-            let up = layer.w_up.matmul(&h, t)?;
+            let mut gate = layer.w_gate.matmul(&h, n)?; // [n, ffn_dim]
+            let up = layer.w_up.matmul(&h, n)?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u; // SiLU(gate) * up
             }
-            add(&mut x, &layer.w_down.matmul(&gate, t)?);
+            add(&mut x, &layer.w_down.matmul(&gate, n)?);
         }
-        cache.len += t;
-        let mut last = x[(t - 1) * c.dim..].to_vec(); // [1, dim]
-        rms_norm(&mut last, &self.norm, eps);
-        Ok(self.output.matmul(&last, 1)?)
+        // The lm head runs only on the last row of sequences that want logits, all at once.
+        let mut last_rows = Vec::new();
+        let mut end = 0;
+        for s in seqs {
+            end += s.tokens.len();
+            if s.logits {
+                last_rows.extend_from_slice(&x[(end - 1) * c.dim..end * c.dim]);
+            }
+        }
+        let wanted = last_rows.len() / c.dim;
+        let logits = if wanted > 0 {
+            rms_norm(&mut last_rows, &self.norm, eps);
+            self.output.matmul(&last_rows, wanted)?
+        } else {
+            Vec::new()
+        };
+        let mut rows = logits.chunks_exact(c.vocab_size.max(1));
+        Ok(seqs
+            .iter()
+            .map(|s| s.logits.then(|| rows.next().map(<[f32]>::to_vec)).flatten())
+            .collect())
     }
 }
 
@@ -223,13 +311,13 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` (`[t, heads * head_dim]`, rows at positions `start..start + t`) in place.
-    fn apply(&self, x: &mut [f32], start: usize, t: usize) {
+    /// Rotates `x` (`[n, heads * head_dim]`, row `i` at position `positions[i]`) in place.
+    fn apply(&self, x: &mut [f32], positions: &[usize]) {
         let half = self.head_dim / 2;
-        let row_len = x.len() / t;
+        let row_len = x.len() / positions.len();
         let mut cos_sin = vec![(0f32, 0f32); half];
-        for (i, row) in x.chunks_exact_mut(row_len).enumerate() {
-            let mut theta = (start + i) as f32;
+        for (row, &pos) in x.chunks_exact_mut(row_len).zip(positions) {
+            let mut theta = pos as f32;
             for (j, cs) in cos_sin.iter_mut().enumerate() {
                 let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[j]);
                 let angle = self.freq_scale * (theta / ff);

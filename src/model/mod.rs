@@ -5,6 +5,7 @@
 
 pub mod detok;
 pub mod gguf;
+pub mod kv;
 pub mod llama;
 pub mod template;
 pub mod tokenizer;
@@ -14,7 +15,8 @@ use std::path::Path;
 use candle_core::Device;
 
 pub use gguf::{GgufFile, ModelConfig};
-pub use llama::{KvCache, Llama};
+pub use kv::KvPool;
+pub use llama::{KvCache, Llama, SeqInput};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
 

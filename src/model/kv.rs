@@ -1,0 +1,97 @@
+//! KV memory: one pool of fixed-size blocks per layer holding keys and values in f16 (as
+//! llama.cpp stores them). A sequence owns an ordered list of blocks (its block table); its
+//! position `p` lives in block `table[p / block_size]` at row `p % block_size`.
+//!
+//! Knows storage and layout; never which sequence owns which block (the engine's block manager
+//! decides). Invariant: a write touches exactly one row of one block.
+
+use half::f16;
+
+use crate::kernels::attention::KvView;
+
+struct LayerKv {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+pub struct KvPool {
+    block_size: usize,
+    n_blocks: usize,
+    /// Values per position: `n_kv_head * head_dim`.
+    stride: usize,
+    layers: Vec<LayerKv>,
+}
+
+impl KvPool {
+    pub fn new(n_layer: usize, stride: usize, block_size: usize, n_blocks: usize) -> Self {
+        assert!(
+            block_size > 0,
+            "block size must be positive. This is a bug."
+        );
+        let len = n_blocks * block_size * stride;
+        Self {
+            block_size,
+            n_blocks,
+            stride,
+            layers: (0..n_layer)
+                .map(|_| LayerKv {
+                    k: vec![f16::ZERO; len],
+                    v: vec![f16::ZERO; len],
+                })
+                .collect(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Bytes of KV memory one position takes across all layers.
+    pub fn bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.stride * std::mem::size_of::<f16>()
+    }
+
+    /// Adds `extra` empty blocks (for a single growing sequence).
+    pub fn grow(&mut self, extra: usize) {
+        self.n_blocks += extra;
+        let len = self.n_blocks * self.block_size * self.stride;
+        for l in &mut self.layers {
+            l.k.resize(len, f16::ZERO);
+            l.v.resize(len, f16::ZERO);
+        }
+    }
+
+    fn offset(&self, blocks: &[u32], pos: usize) -> usize {
+        (blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size)
+            * self.stride
+    }
+
+    /// Stores one position's key and value rows (f32, rounded to f16).
+    pub fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        let off = self.offset(blocks, pos);
+        let stride = self.stride;
+        let l = &mut self.layers[layer];
+        for (dst, &x) in l.k[off..off + stride].iter_mut().zip(k) {
+            *dst = f16::from_f32(x);
+        }
+        for (dst, &x) in l.v[off..off + stride].iter_mut().zip(v) {
+            *dst = f16::from_f32(x);
+        }
+    }
+
+    /// A read view of one layer through a sequence's block table.
+    pub fn view<'a>(&'a self, layer: usize, blocks: &'a [u32]) -> KvView<'a> {
+        let l = &self.layers[layer];
+        KvView {
+            k: &l.k,
+            v: &l.v,
+            blocks,
+            block_size: self.block_size,
+            stride: self.stride,
+        }
+    }
+}

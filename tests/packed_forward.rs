@@ -1,0 +1,151 @@
+//! Batching invariance at the model level: sequences of different lengths, prefilling in
+//! chunks and decoding together in one packed forward over a shared block pool, produce the
+//! logits each produces alone (bit for bit), and stay within tolerance of candle's
+//! `quantized_llama` run per sequence.
+
+mod common;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use common::synthetic::{self, Spec};
+use edgeinfer::model::llama::argmax;
+use edgeinfer::model::{GgufFile, Llama, SeqInput};
+
+const BLOCK: usize = 4;
+
+struct Seq {
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the KV cache.
+    done: usize,
+    generated: Vec<u32>,
+    blocks: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+#[test]
+fn mixed_batches_equal_each_sequence_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
+    let mut pool = model.new_pool(BLOCK, 32);
+    // Scattered block tables: no sequence's blocks are contiguous or in order.
+    let tables = [
+        vec![5, 17, 2, 9, 30, 11],
+        vec![0, 21, 14, 6],
+        vec![25, 3, 19, 8, 28, 1, 12],
+    ];
+    let prompts = [
+        vec![256, 10, 20, 30, 40, 50, 60],
+        vec![256, 99, 98],
+        (0..14).map(|i| 100 + i).collect::<Vec<u32>>(),
+    ];
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .zip(tables)
+        .map(|(p, blocks)| Seq {
+            prompt: p.clone(),
+            done: 0,
+            generated: vec![],
+            blocks,
+            logits: vec![],
+        })
+        .collect();
+    // Step plan: sequence 2 joins at step 2 and prefills in chunks of 5 while 0 and 1 decode.
+    for step in 0..7 {
+        let mut work: Vec<(usize, Vec<u32>, usize, bool)> = Vec::new(); // (seq, tokens, start, logits)
+        for (i, s) in seqs.iter().enumerate() {
+            if i == 2 && step < 2 {
+                continue;
+            }
+            if s.done < s.prompt.len() {
+                let chunk = if i == 2 { 5 } else { s.prompt.len() };
+                let end = (s.done + chunk).min(s.prompt.len());
+                work.push((
+                    i,
+                    s.prompt[s.done..end].to_vec(),
+                    s.done,
+                    end == s.prompt.len(),
+                ));
+            } else {
+                let pos = s.prompt.len() + s.generated.len() - 1;
+                work.push((i, vec![*s.generated.last().unwrap()], pos, true));
+            }
+        }
+        let inputs: Vec<SeqInput> = work
+            .iter()
+            .map(|(i, tokens, start, logits)| SeqInput {
+                tokens,
+                start: *start,
+                blocks: &seqs[*i].blocks,
+                logits: *logits,
+            })
+            .collect();
+        let out = model.forward_batch(&inputs, &mut pool).unwrap();
+        for ((i, tokens, _, _), logits) in work.iter().zip(out) {
+            let s = &mut seqs[*i];
+            if s.done < s.prompt.len() {
+                s.done += tokens.len();
+            }
+            if let Some(l) = logits {
+                s.generated.push(argmax(&l));
+                s.logits.push(l);
+            }
+        }
+    }
+    let oracle = || {
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap()
+    };
+    for s in &seqs {
+        assert!(
+            s.logits.len() >= 3,
+            "every sequence produced several tokens"
+        );
+        // Alone, with its own cache: identical logits at every step.
+        let mut cache = model.new_cache();
+        let mut alone = vec![model.forward(&s.prompt, &mut cache).unwrap()];
+        for &t in &s.generated[..s.generated.len() - 1] {
+            alone.push(model.forward(&[t], &mut cache).unwrap());
+        }
+        assert_eq!(
+            alone, s.logits,
+            "batched logits differ from the sequence alone"
+        );
+        // And close to candle's quantized_llama on the same tokens.
+        let mut m = oracle();
+        let x = Tensor::new(s.prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut want: Vec<f32> = m
+            .forward(&x, 0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (step, &t) in s.generated.iter().enumerate() {
+            let got = &s.logits[step];
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(diff / scale < 0.06, "step {step}: {}", diff / scale);
+            let x = Tensor::new(&[t], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            want = m
+                .forward(&x, s.prompt.len() + step)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        }
+    }
+}
