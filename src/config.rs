@@ -30,6 +30,96 @@ pub enum Command {
     Generate(GenerateArgs),
     /// List the models this build knows by name.
     Models,
+    /// Serve OpenAI-compatible chat completions over HTTP with continuous batching.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A GGUF file path, a model name from the manifest, or HF_REPO:FILE (pulled if missing).
+    /// Defaults to the default model.
+    #[arg(long, short = 'm', env = "EDGEINFER_MODEL")]
+    pub model: Option<String>,
+
+    /// Where models are stored when --model is a name.
+    #[arg(long, env = "EDGEINFER_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+
+    /// A tokenizer.json that replaces the vocabulary in the GGUF file.
+    #[arg(long, env = "EDGEINFER_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// Address to bind. Loopback by default: expose the node deliberately (0.0.0.0) behind
+    /// your own network policy.
+    #[arg(long, env = "EDGEINFER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to bind (0 picks a free one; the chosen address is logged).
+    #[arg(long, env = "EDGEINFER_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// The model name clients send and see in responses. Defaults to the manifest name, or the
+    /// file's stem for a path.
+    #[arg(long, env = "EDGEINFER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Most sequences decoded together. More raises aggregate throughput (weights are read once
+    /// per step for all of them) at the cost of each stream's speed and of KV memory.
+    #[arg(long, env = "EDGEINFER_MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+
+    /// Most tokens computed per step (decodes plus prefill chunks). Larger chunks prefill long
+    /// prompts faster; smaller ones keep running streams smooth while a prompt is read.
+    #[arg(long, env = "EDGEINFER_MAX_BATCH_TOKENS", default_value_t = 256)]
+    pub max_batch_tokens: usize,
+
+    /// Positions the shared KV cache holds across all sequences (memory: about 23 KB per
+    /// position for the default model). A request's prompt plus max_tokens must fit in it;
+    /// when it fills, the newest sequences are preempted and recomputed later.
+    #[arg(long, env = "EDGEINFER_KV_CACHE_TOKENS", default_value_t = 16384)]
+    pub kv_cache_tokens: usize,
+
+    /// Positions per KV block. Smaller blocks waste less memory per sequence; larger ones cost
+    /// less bookkeeping.
+    #[arg(long, env = "EDGEINFER_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Requests allowed to wait for a slot; beyond it clients get 429 with Retry-After, so
+    /// overload sheds quickly instead of queueing without bound.
+    #[arg(long, env = "EDGEINFER_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, env = "EDGEINFER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
+    #[arg(long, env = "EDGEINFER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+impl ServeArgs {
+    /// Checks budgets that must hold together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch_size == 0 || self.block_size == 0 || self.kv_cache_tokens == 0 {
+            return Err(
+                "--max-batch-size, --block-size and --kv-cache-tokens must be positive".into(),
+            );
+        }
+        if self.max_batch_tokens < self.max_batch_size {
+            return Err(format!(
+                "--max-batch-tokens ({}) must be at least --max-batch-size ({}): every running sequence decodes one token per step",
+                self.max_batch_tokens, self.max_batch_size
+            ));
+        }
+        if self.kv_cache_tokens < self.max_batch_tokens {
+            return Err(format!(
+                "--kv-cache-tokens ({}) must be at least --max-batch-tokens ({})",
+                self.kv_cache_tokens, self.max_batch_tokens
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]

@@ -12,9 +12,11 @@
 //! - [`model`]: GGUF loading, the Llama forward pass, tokenizer, detokenizer, chat template.
 //! - [`engine`]: sampling, stop strings, the generation loop.
 //! - [`hub`]: the model manifest and downloads (Hugging Face Hub, then fallbacks), checksums.
+//! - [`api`]: the OpenAI-compatible HTTP server (axum), errors, SSE, metrics.
 //! - [`config`]: the command line.
 //! - [`error`]: one error enum per layer.
 
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;

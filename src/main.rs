@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use edgeinfer::config::{Cli, Command, GenerateArgs, PullArgs};
+use edgeinfer::config::{Cli, Command, GenerateArgs, PullArgs, ServeArgs};
 use edgeinfer::engine::generate::{generate, GenerateParams};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::hub::{self, Manifest};
@@ -55,6 +55,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pull(args) => pull(args),
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
         Command::Models => {
             let m = Manifest::builtin();
             for e in &m.models {
@@ -150,6 +151,81 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     );
     if args.json {
         let _ = writeln!(stdout, "{}", serde_json::to_string(&out)?);
+    }
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The model thread does the heavy work; the HTTP side needs little.
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_async(args))
+}
+
+async fn serve_async(args: ServeArgs) -> Result<()> {
+    use std::sync::Arc;
+
+    use edgeinfer::api::{self, AppState, Ready};
+    use edgeinfer::engine::core::{self, EngineConfig};
+
+    let manifest = Manifest::builtin();
+    let name = match (&args.served_model_name, &args.model) {
+        (Some(n), _) => n.clone(),
+        (None, Some(m)) if Path::new(m).is_file() => Path::new(m)
+            .file_stem()
+            .map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()),
+        (None, Some(m)) => m.clone(),
+        (None, None) => manifest.default.clone(),
+    };
+    let metrics = api::install_metrics()?;
+    let state = Arc::new(AppState::new(name, metrics, args.max_body_bytes));
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot bind {}:{}", args.host, args.port))?;
+    // Load in the background: /health answers 503 until the model is ready.
+    let loader_state = state.clone();
+    let engine_config = EngineConfig {
+        max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        kv_cache_tokens: args.kv_cache_tokens,
+        block_size: args.block_size,
+        max_queue: args.max_queue,
+    };
+    let model_arg = args.model.clone();
+    let models_dir = args.models_dir.clone();
+    let tokenizer = args.tokenizer.clone();
+    let loader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let path = resolve_model(model_arg.as_deref(), &models_dir)?;
+        let model = LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
+            .with_context(|| format!("cannot load model {}", path.display()))?;
+        let context_length = model.llama.config.context_length;
+        let tokenizer = model.tokenizer.clone();
+        let template = Arc::new(model.template);
+        let engine = core::start(model.llama, model.tokenizer, engine_config);
+        let _ = loader_state.ready.set(Ready {
+            engine,
+            tokenizer,
+            template,
+            context_length,
+        });
+        tracing::info!(path = %path.display(), "model loaded; ready");
+        Ok(())
+    });
+    let server = api::serve(
+        state,
+        listener,
+        std::time::Duration::from_secs(args.shutdown_timeout),
+    );
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        r = loader => {
+            r??;
+            server.await?;
+        }
     }
     Ok(())
 }

@@ -10,13 +10,15 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::sampler::{Sampler, SamplingParams};
-use super::stop::{StopMatcher, StopOutcome};
+use super::sequence::{OutputState, TokenOutcome};
 use crate::error::{Error, Result};
-use crate::model::detok::IncrementalDecoder;
 use crate::model::LoadedModel;
 
 /// How many recent tokens the repetition penalties look at (llama.cpp's `penalty_last_n`).
 pub const PENALTY_WINDOW: usize = 64;
+
+/// Prompt tokens the detokenizer sees before the first generated one (as TGI does).
+pub const DETOK_CONTEXT: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -65,7 +67,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt has no tokens".into()));
     }
-    if prompt.len() + params.max_tokens > ctx {
+    if prompt.len().saturating_add(params.max_tokens) > ctx {
         return Err(Error::Invalid(format!(
             "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {ctx} tokens",
             prompt.len(),
@@ -79,13 +81,11 @@ pub fn generate(
     let tok = &model.tokenizer;
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut cache = model.llama.new_cache();
-    let mut detok = IncrementalDecoder::new();
-    let mut stops = StopMatcher::new(params.stop.clone());
+    let context = &prompt[prompt.len().saturating_sub(DETOK_CONTEXT)..];
+    let mut output = OutputState::new(params.stop.clone(), params.max_tokens, context);
     let mut history: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();
     let mut text = String::new();
-    let mut finish = FinishReason::Length;
-    let mut stop_string_hit = false;
     let mut stop_token = None;
 
     let started = Instant::now();
@@ -93,42 +93,37 @@ pub fn generate(
     let prompt_seconds = started.elapsed().as_secs_f64();
     let decode_started = Instant::now();
     let mut decode_steps = 0usize;
-    while tokens.len() < params.max_tokens {
-        let mut row = std::mem::take(&mut logits);
+    let finish = loop {
         let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
-        let next = sampler.sample(&mut row, window);
-        if tok.is_stop(next) {
-            finish = FinishReason::Stop;
-            stop_token = Some(next);
-            break;
-        }
-        tokens.push(next);
-        history.push(next);
-        if let Some(piece) = detok.push(tok, next)? {
-            if emit(&mut stops, &piece, &mut text, &mut on_text) {
-                finish = FinishReason::Stop;
-                stop_string_hit = true;
-                break;
+        let next = sampler.sample(&mut logits, window);
+        let outcome = output.push(tok, next)?;
+        let (emit, finished) = match outcome {
+            TokenOutcome::Continue { emit } => (emit, None),
+            TokenOutcome::Finished {
+                emit,
+                reason,
+                counted,
+            } => {
+                if !counted {
+                    stop_token = Some(next);
+                }
+                (emit, Some((reason, counted)))
             }
+        };
+        if finished.is_none_or(|(_, counted)| counted) {
+            tokens.push(next);
+            history.push(next);
         }
-        if tokens.len() == params.max_tokens {
-            break;
+        if !emit.is_empty() {
+            on_text(&emit);
+            text.push_str(&emit);
+        }
+        if let Some((reason, _)) = finished {
+            break reason;
         }
         logits = model.llama.forward(&[next], &mut cache)?;
         decode_steps += 1;
-    }
-    if !stop_string_hit {
-        if let Some(piece) = detok.flush(tok)? {
-            if emit(&mut stops, &piece, &mut text, &mut on_text) {
-                finish = FinishReason::Stop;
-            }
-        }
-        let rest = stops.flush();
-        if !rest.is_empty() {
-            on_text(&rest);
-            text.push_str(&rest);
-        }
-    }
+    };
     let generation_seconds = decode_started.elapsed().as_secs_f64();
     Ok(GenerationOutput {
         prompt_tokens: prompt.to_vec(),
@@ -143,22 +138,4 @@ pub fn generate(
             generation_tokens_per_second: decode_steps as f64 / generation_seconds.max(1e-9),
         },
     })
-}
-
-/// Passes `piece` through the stop matcher; returns true when a stop string was found.
-fn emit(
-    stops: &mut StopMatcher,
-    piece: &str,
-    text: &mut String,
-    on_text: &mut impl FnMut(&str),
-) -> bool {
-    let (out, stopped) = match stops.push(piece) {
-        StopOutcome::Continue { emit } => (emit, false),
-        StopOutcome::Stopped { emit, .. } => (emit, true),
-    };
-    if !out.is_empty() {
-        on_text(&out);
-        text.push_str(&out);
-    }
-    stopped
 }

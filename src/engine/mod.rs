@@ -1,4 +1,9 @@
 //! The engine: sequences, scheduling and sampling. Knows tokens and budgets, never HTTP.
+pub mod blocks;
+pub mod core;
 pub mod generate;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod stop;

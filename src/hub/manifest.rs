@@ -123,7 +123,12 @@ pub fn parse_hf_spec(spec: &str) -> Result<ModelEntry, HubError> {
     if !file.ends_with(".gguf") {
         return Err(bad("the file must be a .gguf file"));
     }
-    let local = file.rsplit('/').next().unwrap_or(file).to_string();
+    // Files from different repositories or revisions must not share a local name.
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let local = match revision {
+        "main" => format!("{}--{}", repo.replace('/', "--"), base),
+        rev => format!("{}--{}--{}", repo.replace('/', "--"), rev, base),
+    };
     Ok(ModelEntry {
         name: spec.into(),
         description: String::new(),
@@ -155,7 +160,7 @@ mod tests {
     #[test]
     fn hf_specs_parse() {
         let e = parse_hf_spec("bartowski/Mistral-7B-GGUF:Mistral-7B-Q4_K_M.gguf").unwrap();
-        assert_eq!(e.file, "Mistral-7B-Q4_K_M.gguf");
+        assert_eq!(e.file, "bartowski--Mistral-7B-GGUF--Mistral-7B-Q4_K_M.gguf");
         assert_eq!(
             e.sources,
             vec![Source::Hf {
@@ -165,7 +170,7 @@ mod tests {
             }]
         );
         let e = parse_hf_spec("a/b@v1.0:sub/dir/x.gguf").unwrap();
-        assert_eq!(e.file, "x.gguf");
+        assert_eq!(e.file, "a--b--v1.0--x.gguf");
         assert!(
             matches!(&e.sources[0], Source::Hf { revision, file, .. } if revision == "v1.0" && file == "sub/dir/x.gguf")
         );

@@ -119,9 +119,11 @@ fn install_from_reader(
     result
 }
 
+/// A temporary name next to `dest`, unique per process so concurrent pulls cannot truncate
+/// each other's data.
 fn part_path(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".part");
+    name.push(format!(".{}.part", std::process::id()));
     dest.with_file_name(name)
 }
 

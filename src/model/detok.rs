@@ -31,6 +31,16 @@ impl IncrementalDecoder {
         }
     }
 
+    /// A decoder that continues after `context` (e.g. the prompt's last tokens), so decoders
+    /// that strip a leading space (SentencePiece) keep the space of the first new token.
+    pub fn with_context(context: &[u32]) -> Self {
+        Self {
+            tokens: context.to_vec(),
+            prefix_offset: 0,
+            read_offset: context.len(),
+        }
+    }
+
     /// Adds `token` and returns the new complete text, if any.
     pub fn push(&mut self, tok: &Tokenizer, token: u32) -> Result<Option<String>, ModelError> {
         self.tokens.push(token);
@@ -59,6 +69,9 @@ impl IncrementalDecoder {
         let full = tok.decode(&self.tokens[self.prefix_offset..])?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
+        if !full.starts_with(&prefix) {
+            return Ok(None);
+        }
         Ok(full
             .get(prefix.len()..)
             .filter(|d| !d.is_empty())

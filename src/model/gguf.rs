@@ -56,13 +56,20 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut reader)
-            .map_err(|e| not_gguf(format!("its header cannot be read ({e})")))?;
+        // candle panics on a few malformed headers (e.g. `general.alignment = 0`): contain it.
+        let content =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+                .map_err(|_| not_gguf("its header is malformed".into()))?
+                .map_err(|e| not_gguf(format!("its header cannot be read ({e})")))?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let needed = content.tensor_data_offset + info.offset + bytes;
+            let needed = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|n| n.checked_add(bytes))
+                .unwrap_or(u64::MAX);
             if needed > actual {
                 return Err(ModelError::Truncated {
                     path: path.to_path_buf(),
@@ -217,6 +224,12 @@ impl ModelConfig {
         let head_dim = f
             .opt_u32(&key("attention.key_length"))?
             .map_or(dim / n_head, |v| v as usize);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(
+                &key("attention.key_length"),
+                format!("head dimension {head_dim} must be even and positive"),
+            ));
+        }
         if let Some(rope_dim) = f.opt_u32(&key("rope.dimension_count"))? {
             if rope_dim as usize != head_dim {
                 return Err(bad(
@@ -228,17 +241,30 @@ impl ModelConfig {
         let embd = f
             .tensor_dims("token_embd.weight")
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let vocab_size = embd[0];
+        let vocab_size = *embd.first().unwrap_or(&0);
         let ffn_dim = match f.opt_u32(&key("feed_forward_length"))? {
             Some(v) => v as usize,
             None => f
                 .tensor_dims("blk.0.ffn_gate.weight")
-                .ok_or_else(|| ModelError::MissingTensor("blk.0.ffn_gate.weight".into()))?[0],
+                .ok_or_else(|| ModelError::MissingTensor("blk.0.ffn_gate.weight".into()))?
+                .first()
+                .copied()
+                .unwrap_or(0),
         };
+        if vocab_size == 0 || ffn_dim == 0 || n_layer == 0 {
+            return Err(bad(
+                &key("block_count"),
+                format!("empty model: {n_layer} layers, vocabulary {vocab_size}, ffn {ffn_dim}"),
+            ));
+        }
         let rope_scaling = match f.metadata(&key("rope.scaling.type")) {
-            Some(Value::String(t)) if t == "linear" => RopeScaling::Linear {
-                factor: f.get_f32(&key("rope.scaling.factor"))?,
-            },
+            Some(Value::String(t)) if t == "linear" => {
+                let factor = f.get_f32(&key("rope.scaling.factor"))?;
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(bad(&key("rope.scaling.factor"), format!("{factor}")));
+                }
+                RopeScaling::Linear { factor }
+            }
             Some(Value::String(t)) if t == "none" => RopeScaling::None,
             Some(Value::String(t)) => {
                 return Err(bad(

@@ -188,6 +188,14 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The text one token decodes to on its own (control tokens: their vocabulary text).
+    pub fn token_text_decoded(&self, id: u32) -> String {
+        if self.is_control(id) {
+            return self.token_text(id).unwrap_or_default();
+        }
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.inner.token_to_id(text)
     }

@@ -1,0 +1,392 @@
+//! Route handlers: parse and validate, render and tokenize off the async threads, submit to
+//! the engine, answer whole or streamed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::stream::sse_response;
+use super::types::{
+    from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
+};
+use super::{AppState, Ready, RequestId};
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{Event, GenerationRequest, LogprobInfo, Usage};
+
+/// Fields shared by every chunk or response of one request.
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub chat: bool,
+    pub logprobs: bool,
+}
+
+pub fn finish_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+pub fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    })
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.chat, chunk) {
+            (true, true) => "chat.completion.chunk",
+            (true, false) => "chat.completion",
+            (false, _) => "text_completion",
+        }
+    }
+
+    /// One streamed chunk. `delta` is the chat delta (for text completions its `content`
+    /// becomes `text`).
+    pub fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
+        let choice = if self.chat {
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        } else {
+            let text = delta.get("content").cloned().unwrap_or(json!(""));
+            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        };
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+               "model": self.model, "system_fingerprint": Value::Null, "choices": [choice]})
+    }
+
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+               "model": self.model, "choices": [], "usage": usage_json(usage)})
+    }
+
+    /// Chat logprobs for one token (`{"content": [...]}`), or null when not requested.
+    pub fn logprobs_value(&self, info: Option<&LogprobInfo>) -> Value {
+        match info {
+            Some(info) if self.logprobs => json!({"content": [info]}),
+            _ => Value::Null,
+        }
+    }
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request(format!("Cannot read the request body: {e}"))
+        }
+    })
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.model_name => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let body = parse_body(&body)?;
+    let req: ChatCompletionRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let messages = req.validated_messages()?;
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > 20 {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("`top_logprobs` must be at most 20, got {top}"),
+        ));
+    }
+    let r = ready.clone();
+    let prompt = tokio::task::spawn_blocking(move || {
+        let text = r.template.render(&messages, true)?;
+        r.tokenizer.encode(&text, false)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("templating failed: {e}")))?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let meta = Meta {
+        id: format!("chatcmpl-{}", rid.0),
+        created: unix_now(),
+        model: state.model_name.clone(),
+        chat: true,
+        logprobs: req.logprobs,
+    };
+    run(
+        &ready,
+        prompt,
+        &sampling,
+        req.logprobs,
+        top as usize,
+        meta,
+        &rid.0,
+    )
+    .await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let body = parse_body(&body)?;
+    let req: CompletionRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let prompt = match req.prompt {
+        PromptField::Text(t) => t,
+        PromptField::Many(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
+        PromptField::Many(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ))
+        }
+    };
+    for (field, set) in [
+        ("echo", req.echo == Some(true)),
+        ("suffix", req.suffix.is_some()),
+        ("best_of", req.best_of.is_some_and(|b| b != 1)),
+    ] {
+        if set {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not supported yet"),
+            ));
+        }
+    }
+    let top = req.logprobs.unwrap_or(0);
+    if top > 5 {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("`logprobs` must be at most 5, got {top}"),
+        ));
+    }
+    let r = ready.clone();
+    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&prompt, true))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let meta = Meta {
+        id: format!("cmpl-{}", rid.0),
+        created: unix_now(),
+        model: state.model_name.clone(),
+        chat: false,
+        logprobs: req.logprobs.is_some(),
+    };
+    run(
+        &ready,
+        ids,
+        &sampling,
+        req.logprobs.is_some(),
+        top as usize,
+        meta,
+        &rid.0,
+    )
+    .await
+}
+
+/// Validates budgets, submits, and answers whole or streamed.
+async fn run(
+    ready: &Ready,
+    prompt: Vec<u32>,
+    fields: &SamplingFields,
+    logprobs: bool,
+    top_logprobs: usize,
+    meta: Meta,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let sampling = fields.sampling_params()?;
+    let stop = fields.stops()?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let limit = ready.context_length.min(ready.engine.kv_capacity);
+    let max_tokens = match fields.max_tokens()? {
+        Some(m) if prompt.len().saturating_add(m) > limit => {
+            return Err(ApiError::context_length(format!(
+                "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+                prompt.len().saturating_add(m),
+                prompt.len()
+            )))
+        }
+        Some(m) => m,
+        None if prompt.len() >= limit => {
+            return Err(ApiError::context_length(format!(
+                "This model's maximum context length is {limit} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
+                prompt.len()
+            )))
+        }
+        None => limit - prompt.len(),
+    };
+    let req = GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+        top_logprobs,
+        logprobs,
+        request_id: request_id.to_string(),
+        received: Instant::now(),
+    };
+    let rx = ready.engine.submit(req)?;
+    if fields.stream {
+        return Ok(sse_response(rx, meta, fields.include_usage()));
+    }
+    collect(rx, meta).await
+}
+
+async fn collect(
+    mut rx: crate::engine::request::EventReceiver,
+    meta: Meta,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { text: t, logprob } => {
+                text.push_str(&t);
+                lps.extend(logprob);
+            }
+            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            Event::Finished { reason, usage } => {
+                let logprobs = if meta.logprobs {
+                    json!({"content": lps})
+                } else {
+                    Value::Null
+                };
+                let choice = if meta.chat {
+                    json!({"index": 0, "message": {"role": "assistant", "content": text},
+                           "logprobs": logprobs, "finish_reason": finish_name(reason)})
+                } else {
+                    json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_name(reason)})
+                };
+                let body = json!({"id": meta.id, "object": meta.object(false), "created": meta.created,
+                                  "model": meta.model, "system_fingerprint": Value::Null,
+                                  "choices": [choice], "usage": usage_json(usage)});
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError::unavailable(
+        "The engine stopped before the request finished",
+    ))
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let ctx = state.ready.get().map(|r| r.context_length);
+    Json(json!({"object": "list", "data": [{
+        "id": state.model_name, "object": "model", "created": state.started, "owned_by": "edgeinfer",
+        "context_length": ctx,
+    }]}))
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down"})),
+        )
+            .into_response();
+    }
+    match state.ready.get() {
+        Some(_) => Json(json!({"status": "ok"})).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        content: String,
+        #[serde(default)]
+        add_special: bool,
+    }
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let req: Req = from_value(&parse_body(&body)?)?;
+    let ids =
+        tokio::task::spawn_blocking(move || ready.tokenizer.encode(&req.content, req.add_special))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"tokens": ids})))
+}
+
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        tokens: Vec<u32>,
+    }
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let req: Req = from_value(&parse_body(&body)?)?;
+    let vocab = ready.tokenizer.vocab_size();
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let text = ready
+        .tokenizer
+        .decode(&req.tokens)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"content": text})))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        ..ApiError::bad_request("Unknown route")
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

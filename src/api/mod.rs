@@ -1,0 +1,237 @@
+//! The HTTP layer (axum): OpenAI-compatible routes, SSE, request ids, metrics, graceful
+//! shutdown. Knows JSON and status codes; never tensors. Errors map to HTTP in `error.rs` only.
+
+pub mod error;
+mod handlers;
+mod stream;
+pub mod types;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::core::EngineHandle;
+use crate::model::{ChatTemplate, Tokenizer};
+use error::ApiError;
+
+/// What exists once the model is loaded.
+#[derive(Clone)]
+pub struct Ready {
+    pub engine: EngineHandle,
+    pub tokenizer: Tokenizer,
+    pub template: Arc<ChatTemplate>,
+    pub context_length: usize,
+}
+
+pub struct AppState {
+    pub model_name: String,
+    pub ready: OnceLock<Ready>,
+    pub metrics: PrometheusHandle,
+    pub max_body_bytes: usize,
+    pub started: u64,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(model_name: String, metrics: PrometheusHandle, max_body_bytes: usize) -> Self {
+        Self {
+            model_name,
+            ready: OnceLock::new(),
+            metrics,
+            max_body_bytes,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// The loaded model, or 503 while loading or shutting down.
+    pub fn ready(&self) -> Result<Ready, ApiError> {
+        if self.shutting_down() {
+            return Err(ApiError::unavailable("The server is shutting down"));
+        }
+        self.ready
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("The model is still loading"))
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The request's id (from `x-request-id`, or generated), in every log line about it.
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/health", get(handlers::health))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Honours or generates `x-request-id`, echoes it, and logs sizes, status and timing (never
+/// bodies: prompts and completions stay private).
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(new_id);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let size = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let started = Instant::now();
+    let mut resp = next.run(req).await;
+    tracing::info!(request_id = %id, %method, %path, body_bytes = size,
+        status = resp.status().as_u16(), seconds = started.elapsed().as_secs_f64(), "http request");
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn new_id() -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().gen();
+    format!("{n:032x}")
+}
+
+/// Installs the Prometheus recorder with histogram buckets and metric descriptions.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let latency = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
+        .install_recorder()?;
+    metrics::describe_gauge!(
+        "edgeinfer_requests_running",
+        "Requests in the running batch"
+    );
+    metrics::describe_gauge!("edgeinfer_requests_waiting", "Requests waiting to run");
+    metrics::describe_counter!("edgeinfer_prompt_tokens_total", "Prompt tokens admitted");
+    metrics::describe_counter!("edgeinfer_generation_tokens_total", "Tokens generated");
+    metrics::describe_counter!(
+        "edgeinfer_request_success_total",
+        "Finished requests by finish reason"
+    );
+    metrics::describe_histogram!(
+        "edgeinfer_time_to_first_token_seconds",
+        "Arrival to first token"
+    );
+    metrics::describe_histogram!(
+        "edgeinfer_inter_token_latency_seconds",
+        "Time between tokens"
+    );
+    metrics::describe_histogram!(
+        "edgeinfer_e2e_request_latency_seconds",
+        "Arrival to last token"
+    );
+    metrics::describe_histogram!(
+        "edgeinfer_request_queue_time_seconds",
+        "Arrival to first step"
+    );
+    metrics::describe_gauge!(
+        "edgeinfer_kv_cache_usage_ratio",
+        "Share of KV blocks in use"
+    );
+    // Present from the start, so scrapers see them before the first request.
+    metrics::gauge!("edgeinfer_requests_running").set(0.0);
+    metrics::gauge!("edgeinfer_requests_waiting").set(0.0);
+    metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(0.0);
+    metrics::counter!("edgeinfer_prompt_tokens_total").absolute(0);
+    metrics::counter!("edgeinfer_generation_tokens_total").absolute(0);
+    Ok(handle)
+}
+
+/// Serves until SIGINT/SIGTERM, then stops accepting, drains running requests for up to
+/// `drain`, and returns.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    let app = router(state.clone());
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_state = state.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: draining running requests");
+        shutdown_state.begin_shutdown();
+        let _ = signal_tx.send(());
+    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = signal_rx.await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    // Wait for the server; once shutdown began, give it `drain` to finish.
+    let mut server = server;
+    tokio::select! {
+        r = &mut server => { r??; }
+        _ = async {
+            while !state.shutting_down() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!("drain timeout reached; exiting with requests still running");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,368 @@
+//! The engine thread: the one owner of the model. It receives requests on a bounded channel,
+//! asks the scheduler for a step, runs one packed forward over every token of the step,
+//! samples, and sends each request its events on its own channel.
+//!
+//! Knows sequences, channels and metrics; never HTTP. Invariant: a request whose receiver is
+//! gone (the client left) is dropped at the next step, whatever its phase, and its KV blocks
+//! are freed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::blocks::BlockManager;
+use super::generate::{FinishReason, DETOK_CONTEXT, PENALTY_WINDOW};
+use super::request::{Event, EventSender, GenerationRequest, LogprobInfo, TokenLogprob, Usage};
+use super::sampler::{log_softmax_of, Sampler};
+use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
+use super::sequence::{OutputState, TokenOutcome};
+use crate::model::{KvPool, Llama, SeqInput, Tokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub kv_cache_tokens: usize,
+    pub block_size: usize,
+    pub max_queue: usize,
+}
+
+pub enum Command {
+    Submit(Box<GenerationRequest>, EventSender),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    ShuttingDown,
+}
+
+/// A cheap handle to the engine thread, shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    /// Positions the KV pool holds: no request may need more.
+    pub kv_capacity: usize,
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned receiver.
+    pub fn submit(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        // Reserve a queue slot first, so a flood cannot overshoot `max_queue`.
+        let prev = self.queued.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        match self.tx.try_send(Command::Submit(Box::new(req), tx)) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
+                })
+            }
+        }
+    }
+}
+
+/// Starts the engine thread. It exits when every handle is dropped and its work is done.
+pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> EngineHandle {
+    let n_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
+    let pool = llama.new_pool(config.block_size, n_blocks);
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_batch_size: config.max_batch_size,
+            max_batch_tokens: config.max_batch_tokens,
+        },
+        BlockManager::new(n_blocks, config.block_size),
+    );
+    let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let engine = Engine {
+        llama,
+        tokenizer,
+        pool,
+        scheduler,
+        rx,
+        queued: queued.clone(),
+        active: HashMap::new(),
+        next_id: 0,
+    };
+    std::thread::Builder::new()
+        .name("edgeinfer-engine".into())
+        .spawn(move || engine.run())
+        .expect("the OS can start the engine thread");
+    EngineHandle {
+        tx,
+        queued,
+        max_queue: config.max_queue,
+        kv_capacity: n_blocks * config.block_size,
+    }
+}
+
+struct Active {
+    req: GenerationRequest,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    events: EventSender,
+    sampler: Sampler,
+    output: OutputState,
+    last_token_at: Option<Instant>,
+}
+
+struct Engine {
+    llama: Llama,
+    tokenizer: Tokenizer,
+    pool: KvPool,
+    scheduler: Scheduler,
+    rx: mpsc::Receiver<Command>,
+    queued: Arc<AtomicUsize>,
+    active: HashMap<SeqId, Active>,
+    next_id: SeqId,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            if self.scheduler.is_idle() {
+                self.update_gauges();
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.accept(cmd),
+                    None => break,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.accept(cmd);
+            }
+            self.drop_cancelled();
+            let step = self.scheduler.schedule();
+            for id in &step.admitted {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                if let Some(a) = self.active.get(id) {
+                    let waited = a.req.received.elapsed().as_secs_f64();
+                    metrics::histogram!("edgeinfer_request_queue_time_seconds").record(waited);
+                    metrics::counter!("edgeinfer_prompt_tokens_total")
+                        .increment(a.req.prompt.len() as u64);
+                }
+            }
+            if !step.chunks.is_empty() {
+                self.run_step(&step);
+            } else if !self.scheduler.is_idle() {
+                // Nothing fits right now (cannot happen with validated requests); yield.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.update_gauges();
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        let Command::Submit(req, events) = cmd;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.scheduler.add(id, req.prompt.len());
+        let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
+        let active = Active {
+            tokens: req.prompt.clone(),
+            sampler: Sampler::new(req.sampling.clone()),
+            output: OutputState::new(req.stop.clone(), req.max_tokens, context),
+            events,
+            last_token_at: None,
+            req: *req,
+        };
+        self.active.insert(id, active);
+    }
+
+    /// Requests whose client went away: free them now, in any phase.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(a) = self.active.remove(&id) {
+                tracing::info!(request_id = %a.req.request_id, "client disconnected; request dropped");
+                if a.last_token_at.is_none() && !self.was_admitted(id) {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                metrics::counter!("edgeinfer_request_success_total", "finish_reason" => "cancelled")
+                    .increment(1);
+            }
+            self.scheduler.remove(id);
+        }
+    }
+
+    fn was_admitted(&self, id: SeqId) -> bool {
+        self.scheduler.has_run(id)
+    }
+
+    fn run_step(&mut self, step: &Step) {
+        let inputs: Vec<SeqInput> = step
+            .chunks
+            .iter()
+            .map(|c| SeqInput {
+                tokens: &self.active[&c.id].tokens[c.start..c.start + c.len],
+                start: c.start,
+                blocks: self.scheduler.blocks(c.id),
+                logits: c.logits,
+            })
+            .collect();
+        let outputs = match self.llama.forward_batch(&inputs, &mut self.pool) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "forward failed; failing the step's requests");
+                for c in &step.chunks {
+                    if let Some(a) = self.active.remove(&c.id) {
+                        let _ = a
+                            .events
+                            .send(Event::Failed(format!("model computation failed: {e}")));
+                    }
+                    self.scheduler.remove(c.id);
+                }
+                return;
+            }
+        };
+        let mut sampled = Vec::new();
+        let mut finished = Vec::new();
+        for (c, logits) in step.chunks.iter().zip(outputs) {
+            let Some(logits) = logits else { continue };
+            sampled.push(c.id);
+            if self.on_logits(c.id, logits) {
+                finished.push(c.id);
+            }
+        }
+        self.scheduler.complete(step, &sampled);
+        for id in finished {
+            self.active.remove(&id);
+            self.scheduler.remove(id);
+        }
+    }
+
+    /// Samples the next token of `id` and sends its events; true when the request finished.
+    fn on_logits(&mut self, id: SeqId, mut logits: Vec<f32>) -> bool {
+        let a = self
+            .active
+            .get_mut(&id)
+            .expect("scheduled ids are active. This is a bug.");
+        let logprobs = a.req.logprobs.then(|| logits.clone());
+        let window = &a.tokens[a.tokens.len().saturating_sub(PENALTY_WINDOW)..];
+        let token = a.sampler.sample(&mut logits, window);
+        a.tokens.push(token);
+        let now = Instant::now();
+        match a.last_token_at {
+            None => metrics::histogram!("edgeinfer_time_to_first_token_seconds")
+                .record((now - a.req.received).as_secs_f64()),
+            Some(prev) => metrics::histogram!("edgeinfer_inter_token_latency_seconds")
+                .record((now - prev).as_secs_f64()),
+        }
+        a.last_token_at = Some(now);
+        let outcome = match a.output.push(&self.tokenizer, token) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = a
+                    .events
+                    .send(Event::Failed(format!("detokenization failed: {e}")));
+                return true;
+            }
+        };
+        let (text, finish, counted) = match outcome {
+            TokenOutcome::Continue { emit } => (emit, None, true),
+            TokenOutcome::Finished {
+                emit,
+                reason,
+                counted,
+            } => (emit, Some(reason), counted),
+        };
+        if counted {
+            metrics::counter!("edgeinfer_generation_tokens_total").increment(1);
+            let logprob =
+                logprobs.map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
+            // A closed receiver is noticed at the next step.
+            let _ = a.events.send(Event::Token { text, logprob });
+        } else if !text.is_empty() {
+            let _ = a.events.send(Event::Token {
+                text,
+                logprob: None,
+            });
+        }
+        // The KV pool must hold the next position too.
+        let full = a.tokens.len() >= self.llama.config.context_length;
+        let reason = match (finish, full) {
+            (Some(r), _) => r,
+            (None, true) => FinishReason::Length,
+            (None, false) => return false,
+        };
+        let usage = Usage {
+            prompt_tokens: a.req.prompt.len(),
+            completion_tokens: a.output.generated(),
+            total_tokens: a.req.prompt.len() + a.output.generated(),
+        };
+        let _ = a.events.send(Event::Finished { reason, usage });
+        let label = match reason {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        };
+        metrics::counter!("edgeinfer_request_success_total", "finish_reason" => label).increment(1);
+        metrics::histogram!("edgeinfer_e2e_request_latency_seconds")
+            .record(a.req.received.elapsed().as_secs_f64());
+        tracing::info!(
+            request_id = %a.req.request_id,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            finish_reason = label,
+            seconds = a.req.received.elapsed().as_secs_f64(),
+            "request finished"
+        );
+        true
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!("edgeinfer_requests_running").set(self.scheduler.running_count() as f64);
+        let waiting = self.scheduler.waiting_count() + self.rx.len();
+        metrics::gauge!("edgeinfer_requests_waiting").set(waiting as f64);
+        metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(self.scheduler.kv_usage());
+    }
+}
+
+fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
+    let entry = |id: u32, logprob: f32| {
+        let token = tok.token_text_decoded(id);
+        TokenLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob,
+        }
+    };
+    let mut top_logprobs = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = top.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        top_logprobs = idx
+            .iter()
+            .map(|&i| entry(i, log_softmax_of(logits, i)))
+            .collect();
+    }
+    LogprobInfo {
+        chosen: entry(chosen, log_softmax_of(logits, chosen)),
+        top_logprobs,
+    }
+}

@@ -1,0 +1,65 @@
+//! What the API layer hands the engine (a validated [`GenerationRequest`]) and what comes back
+//! on each request's own channel ([`Event`]).
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::generate::FinishReason;
+use super::sampler::SamplingParams;
+
+/// A validated request: token ids, budgets and sampling, nothing about HTTP.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Number of most likely alternatives to report per token (0: only the chosen token's
+    /// logprob when `logprobs` is set).
+    pub top_logprobs: usize,
+    pub logprobs: bool,
+    /// For the logs: the caller's request id.
+    pub request_id: String,
+    pub received: Instant,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LogprobInfo {
+    #[serde(flatten)]
+    pub chosen: TokenLogprob,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (may be empty when a token completes no character, or is held back by a
+    /// possible stop string) for one generated token.
+    Token {
+        text: String,
+        logprob: Option<LogprobInfo>,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+    Failed(String),
+}
+
+pub type EventSender = mpsc::UnboundedSender<Event>;
+pub type EventReceiver = mpsc::UnboundedReceiver<Event>;

@@ -1,0 +1,94 @@
+//! Per-sequence output rules shared by the CLI loop and the batched engine: incremental
+//! detokenization, stop strings, end-of-turn tokens and the token budget.
+//!
+//! Knows token ids and text; never the model or HTTP. Invariant: the emitted pieces
+//! concatenate to the final text, which never contains a stop string or a broken character.
+
+use super::generate::FinishReason;
+use super::stop::{StopMatcher, StopOutcome};
+use crate::error::ModelError;
+use crate::model::detok::IncrementalDecoder;
+use crate::model::Tokenizer;
+
+/// What one sampled token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOutcome {
+    /// Generation goes on; `emit` is the new text (possibly empty).
+    Continue { emit: String },
+    /// Generation ended; `emit` is the last text. `counted` says whether the token is part of
+    /// the completion (an end-of-turn token is not).
+    Finished {
+        emit: String,
+        reason: FinishReason,
+        counted: bool,
+    },
+}
+
+pub struct OutputState {
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+    max_tokens: usize,
+    generated: usize,
+}
+
+impl OutputState {
+    /// `context`: the prompt's last few tokens, so the first piece decodes as it would
+    /// mid-text.
+    pub fn new(stop: Vec<String>, max_tokens: usize, context: &[u32]) -> Self {
+        Self {
+            detok: IncrementalDecoder::with_context(context),
+            stops: StopMatcher::new(stop),
+            max_tokens,
+            generated: 0,
+        }
+    }
+
+    /// Tokens counted as completion so far.
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<TokenOutcome, ModelError> {
+        if tok.is_stop(id) {
+            return Ok(TokenOutcome::Finished {
+                emit: self.flush(tok)?,
+                reason: FinishReason::Stop,
+                counted: false,
+            });
+        }
+        self.generated += 1;
+        let piece = self.detok.push(tok, id)?.unwrap_or_default();
+        let mut emit = match self.stops.push(&piece) {
+            StopOutcome::Continue { emit } => emit,
+            StopOutcome::Stopped { emit, .. } => {
+                return Ok(TokenOutcome::Finished {
+                    emit,
+                    reason: FinishReason::Stop,
+                    counted: true,
+                })
+            }
+        };
+        if self.generated >= self.max_tokens {
+            emit.push_str(&self.flush(tok)?);
+            return Ok(TokenOutcome::Finished {
+                emit,
+                reason: FinishReason::Length,
+                counted: true,
+            });
+        }
+        Ok(TokenOutcome::Continue { emit })
+    }
+
+    /// Text held back at the end: an incomplete character and a possible stop-string prefix.
+    fn flush(&mut self, tok: &Tokenizer) -> Result<String, ModelError> {
+        let mut out = String::new();
+        if let Some(piece) = self.detok.flush(tok)? {
+            match self.stops.push(&piece) {
+                StopOutcome::Continue { emit } => out.push_str(&emit),
+                StopOutcome::Stopped { emit, .. } => return Ok(out + &emit),
+            }
+        }
+        out.push_str(&self.stops.flush());
+        Ok(out)
+    }
+}
