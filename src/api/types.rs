@@ -183,13 +183,15 @@ impl ChatCompletionRequest {
                         for (j, p) in parts.iter().enumerate() {
                             match (p.kind.as_str(), &p.text) {
                                 ("text", Some(t)) => text.push_str(t),
-                                _ => return Err(ApiError::invalid(
-                                    format!("messages[{i}].content[{j}]"),
-                                    format!(
+                                _ => {
+                                    return Err(ApiError::invalid(
+                                        format!("messages[{i}].content[{j}]"),
+                                        format!(
                                         "content part of type `{}` is not supported; only `text`",
                                         p.kind
                                     ),
-                                )),
+                                    ))
+                                }
                             }
                         }
                         text

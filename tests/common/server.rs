@@ -1,0 +1,179 @@
+//! A real `edgeinfer serve` process on a free loopback port, for HTTP tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts the server on the default model with extra flags and waits until it is ready.
+    pub fn start(extra: &[&str]) -> Server {
+        let model = super::default_model_path();
+        let mut args = vec!["serve", "--port", "0", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+            .args(&args)
+            .env("EDGEINFER_LOG", "info")
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("addr=") {
+                    let addr = line[i + 5..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+                // Keep draining so the server never blocks on a full pipe.
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logs its address");
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the server did not become ready");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// POSTs JSON; returns status and parsed body (error statuses included).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string().as_bytes())
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        let resp = ureq::post(&format!("{}{path}", self.base))
+            .set("content-type", "application/json")
+            .send_bytes(body);
+        match resp {
+            Ok(r) => {
+                let status = r.status();
+                (status, r.into_json().unwrap_or(Value::Null))
+            }
+            Err(ureq::Error::Status(status, r)) => (status, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+
+    /// POSTs a streaming request and returns every `data:` payload, in order.
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = ureq::post(&format!("{}{path}", self.base))
+            .send_json(body.clone())
+            .expect("the stream starts");
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&format!("{}{path}", self.base)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+
+    /// A metric's value from /metrics (first sample whose line starts with `name`).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Waits until no request runs or waits and the KV cache is empty.
+    pub fn wait_idle(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.metric("edgeinfer_requests_running") == 0.0
+                && self.metric("edgeinfer_requests_waiting") == 0.0
+                && self.metric("edgeinfer_kv_cache_usage_ratio") == 0.0
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Opens a raw connection and sends a POST without reading the answer.
+    pub fn raw_post(&self, path: &str, body: &Value) -> TcpStream {
+        let body = body.to_string();
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        s
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads from a raw stream until `n` bytes arrived or it closes.
+pub fn read_some(s: &mut TcpStream, n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    while got < n {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k,
+        }
+    }
+    String::from_utf8_lossy(&buf[..got]).into_owned()
+}
