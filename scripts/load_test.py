@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Load test for any OpenAI-compatible server: N concurrent streaming clients.
+
+Each client sends `--requests` streaming chat completions one after another (temperature 0,
+`--max-tokens` each, a request may stop early at an end-of-turn token) and
+records time to first token and per-token arrival times. Prints aggregate generated tok/s
+over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard library only.
+
+  scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
+"""
+import argparse
+import http.client
+import json
+import statistics
+import threading
+import time
+import urllib.parse
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe the water cycle in detail.",
+    "Tell me about the history of bread.",
+    "What makes a good friend? Answer at length.",
+    "Describe a walk through a forest in autumn.",
+    "Explain why the sky is blue.",
+    "Write a letter to a future version of yourself.",
+]
+
+
+def one_request(url, model, prompt, max_tokens):
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    if model:
+        body["model"] = model
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    times = []
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        for choice in chunk.get("choices", []):
+            if choice.get("delta", {}).get("content"):
+                times.append(time.perf_counter())
+    conn.close()
+    return start, times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args()
+
+    results, errors = [], []
+    lock = threading.Lock()
+
+    def client(i):
+        for r in range(args.requests):
+            prompt = PROMPTS[(i + r) % len(PROMPTS)]
+            try:
+                start, times = one_request(args.url, args.model, prompt, args.max_tokens)
+                with lock:
+                    results.append((start, times))
+            except Exception as e:  # report, keep going
+                with lock:
+                    errors.append(str(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    tokens = sum(len(t) for _, t in results)
+    ttft = sorted(t[0] - s for s, t in results if t)
+    decode = sorted((len(t) - 1) / (t[-1] - t[0]) for _, t in results if len(t) > 2 and t[-1] > t[0])
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+    print(json.dumps({
+        "concurrency": args.concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "generated_tokens": tokens,
+        "wall_seconds": round(wall, 2),
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(pct(ttft, 50), 3),
+        "ttft_p95_s": round(pct(ttft, 95), 3),
+        "decode_tok_s_per_stream_p50": round(statistics.median(decode), 1) if decode else None,
+    }))
+    if errors:
+        print("errors:", errors[:3])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+//! The official `openai` Python package against the real server, streaming and not.
+//! It runs in the virtual environment `.venv` (created with `openai` installed if missing;
+//! `.ci/run` prepares it).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::server::Server;
+use serde_json::Value;
+
+fn python_with_openai() -> PathBuf {
+    let root = common::repo_root();
+    let python = root.join(".venv/bin/python");
+    let ok = |p: &PathBuf| {
+        Command::new(p).args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
+    };
+    if !ok(&python) {
+        let venv = Command::new("python3").args(["-m", "venv"]).arg(root.join(".venv")).status();
+        assert!(venv.is_ok_and(|s| s.success()), "cannot create .venv");
+        let pip = Command::new(root.join(".venv/bin/pip"))
+            .args(["install", "--quiet", "openai"])
+            .status();
+        assert!(pip.is_ok_and(|s| s.success()), "cannot install openai into .venv");
+    }
+    python
+}
+
+#[test]
+fn official_openai_client_works() {
+    let python = python_with_openai();
+    let s = Server::start(&[]);
+    let out = Command::new(python)
+        .arg(common::repo_root().join("tests/python/openai_client.py"))
+        .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the client failed:\n{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!r["text"].as_str().unwrap().is_empty());
+    assert_eq!(r["text"], r["streamed"], "{r}");
+    assert_eq!(r["finish_reason"], r["stream_finish_reason"]);
+    assert_eq!(r["usage"], r["stream_usage"]);
+    assert_eq!(r["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    assert_eq!(r["not_found"], 404);
+    assert_eq!(r["bad_request"], 400);
+}

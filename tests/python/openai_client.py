@@ -1,0 +1,54 @@
+"""Drives a running edgeinfer server with the official `openai` package, as a client would.
+
+Usage: python tests/python/openai_client.py BASE_URL MODEL
+Prints one JSON object with what it saw; exits non-zero on any failure.
+"""
+import json
+import sys
+
+import openai
+
+base, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+messages = [{"role": "user", "content": "Name three colors."}]
+
+whole = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+text = whole.choices[0].message.content
+
+parts, usage, finish = [], None, None
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=20, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+)
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            parts.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+
+models = [m.id for m in client.models.list()]
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    not_found = None
+except openai.NotFoundError as e:
+    not_found = e.status_code
+try:
+    client.chat.completions.create(model=model, messages=messages, temperature=9)
+    bad_request = None
+except openai.BadRequestError as e:
+    bad_request = e.status_code
+
+print(json.dumps({
+    "text": text,
+    "streamed": "".join(parts),
+    "finish_reason": whole.choices[0].finish_reason,
+    "stream_finish_reason": finish,
+    "usage": whole.usage.model_dump(),
+    "stream_usage": usage.model_dump() if usage else None,
+    "models": models,
+    "not_found": not_found,
+    "bad_request": bad_request,
+}))
