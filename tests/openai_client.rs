@@ -14,15 +14,24 @@ fn python_with_openai() -> PathBuf {
     let root = common::repo_root();
     let python = root.join(".venv/bin/python");
     let ok = |p: &PathBuf| {
-        Command::new(p).args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
+        Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
     };
     if !ok(&python) {
-        let venv = Command::new("python3").args(["-m", "venv"]).arg(root.join(".venv")).status();
+        let venv = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(root.join(".venv"))
+            .status();
         assert!(venv.is_ok_and(|s| s.success()), "cannot create .venv");
         let pip = Command::new(root.join(".venv/bin/pip"))
             .args(["install", "--quiet", "openai"])
             .status();
-        assert!(pip.is_ok_and(|s| s.success()), "cannot install openai into .venv");
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "cannot install openai into .venv"
+        );
     }
     python
 }
@@ -43,7 +52,10 @@ fn official_openai_client_works() {
     assert_eq!(r["text"], r["streamed"], "{r}");
     assert_eq!(r["finish_reason"], r["stream_finish_reason"]);
     assert_eq!(r["usage"], r["stream_usage"]);
-    assert_eq!(r["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    assert_eq!(
+        r["models"],
+        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"])
+    );
     assert_eq!(r["not_found"], 404);
     assert_eq!(r["bad_request"], 400);
 }

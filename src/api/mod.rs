@@ -174,6 +174,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(0.0);
     metrics::counter!("edgeinfer_prompt_tokens_total").absolute(0);
     metrics::counter!("edgeinfer_generation_tokens_total").absolute(0);
+    metrics::counter!("edgeinfer_preemptions_total").absolute(0);
     Ok(handle)
 }
 

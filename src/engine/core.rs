@@ -148,6 +148,10 @@ impl Engine {
             }
             self.drop_cancelled();
             let step = self.scheduler.schedule();
+            if !step.preempted.is_empty() {
+                metrics::counter!("edgeinfer_preemptions_total")
+                    .increment(step.preempted.len() as u64);
+            }
             for id in &step.admitted {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 if let Some(a) = self.active.get(id) {

@@ -18,9 +18,22 @@ impl Server {
     /// Starts the server on the default model with extra flags and waits until it is ready.
     pub fn start(extra: &[&str]) -> Server {
         let model = super::default_model_path();
-        let mut args = vec!["serve", "--port", "0", "--model", model.to_str().unwrap()];
+        let mut args = vec!["--model", model.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        let server = Self::spawn(&args, &[]);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts `serve` with these flags and environment; returns once it listens.
+    pub fn spawn(extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut args = vec!["serve", "--port", "0"];
+        args.extend_from_slice(extra);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeinfer"));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .args(&args)
             .env("EDGEINFER_LOG", "info")
             .env("RAYON_NUM_THREADS", "2")
@@ -46,16 +59,19 @@ impl Server {
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the server logs its address");
-        let server = Server {
+        Server {
             child,
             base: format!("http://{addr}"),
             addr,
-        };
+        }
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
+            if let Ok(r) = ureq::get(&format!("{}/health", self.base)).call() {
                 if r.status() == 200 {
-                    return server;
+                    return;
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
