@@ -6,3 +6,4 @@ pub mod attention;
 pub mod norm;
 pub mod qmatmul;
 pub mod quant;
+pub mod x86;

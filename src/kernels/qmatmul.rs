@@ -73,12 +73,14 @@ impl QMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first = task * ROWS_PER_TASK;
+                #[cfg(target_arch = "x86_64")]
                 if simd {
                     // Safety: `simd::available()` checked the CPU features.
-                    unsafe { simd::rows_avx2(self, first, out, &acts) }
-                } else {
-                    rows_portable(self, first, out, &acts)
+                    unsafe { rows_x86(self, first, out, &acts) };
+                    return;
                 }
+                let _ = simd;
+                rows_portable(self, first, out, &acts)
             });
         if n == 1 {
             return by_row;
@@ -106,28 +108,38 @@ fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
     }
 }
 
-/// The same code compiled for AVX2 + FMA and chosen at run time: the compiler vectorises the
-/// lane sums and `mul_add` becomes one instruction (a library call without FMA). Results are
-/// bit-identical to the portable path: FMA is exact either way.
-mod simd {
-    use super::{rows_portable, Q8Row, QMatrix};
+/// The AVX2 kernels: each weight row is applied to every input row straight from its
+/// quantized blocks (it stays in L1 meanwhile). Bit-identical to [`rows_portable`].
+///
+/// # Safety
+/// The CPU must support what [`super::x86::available`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_x86(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
+    use super::x86;
+    for (local, out_row) in out.chunks_exact_mut(acts.len()).enumerate() {
+        let w = m.row(first + local);
+        for (o, a) in out_row.iter_mut().zip(acts) {
+            *o = match m.kind {
+                WeightKind::Q4_0 => x86::dot_q4_0(w, a),
+                WeightKind::Q4_1 => x86::dot_q4_1(w, a),
+                WeightKind::Q8_0 => x86::dot_q8_0(w, a),
+            };
+        }
+    }
+}
 
+/// Run-time choice of kernels.
+mod simd {
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            super::super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             false
         }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-    pub unsafe fn rows_avx2(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
-        rows_portable(m, first, out, acts)
     }
 }
 
@@ -236,6 +248,62 @@ mod tests {
                             "{dtype:?}: {g} vs candle {cd}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_kernels_are_bit_identical_to_portable_ones() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = random(40, 576, 9);
+            let x = random(5, 576, 10)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let Linear::Native(m) =
+                Linear::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
+            else {
+                panic!("native kernels for {dtype:?}");
+            };
+            let acts: Vec<Q8Row> = x
+                .chunks_exact(576)
+                .map(|r| {
+                    let mut q = Q8Row::default();
+                    quant::quantize_row(r, &mut q);
+                    q
+                })
+                .collect();
+            let mut portable = vec![0f32; 40 * 5];
+            for task in 0..40 / 8 {
+                rows_portable(
+                    &m,
+                    task * 8,
+                    &mut portable[task * 8 * 5..(task + 1) * 8 * 5],
+                    &acts,
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if super::super::x86::available() {
+                let mut fast = vec![0f32; 40 * 5];
+                for task in 0..40 / 8 {
+                    unsafe {
+                        rows_x86(
+                            &m,
+                            task * 8,
+                            &mut fast[task * 8 * 5..(task + 1) * 8 * 5],
+                            &acts,
+                        )
+                    };
+                }
+                assert_eq!(fast, portable, "{dtype:?}");
+            }
+            // And the public path (whichever kernel it picks) agrees with both.
+            let got = m.matmul(&x, 5);
+            for i in 0..5 {
+                for r in 0..40 {
+                    assert_eq!(got[i * 40 + r], portable[r * 5 + i]);
                 }
             }
         }

@@ -25,8 +25,25 @@ pub struct Q8Row {
 }
 
 /// Quantizes `x` (a multiple of 32 long) the way llama.cpp's `quantize_row_q8_1` does;
-/// `d` and `qs` alone are exactly its `quantize_row_q8_0`.
+/// `d` and `qs` alone are exactly its `quantize_row_q8_0`. Compiled for AVX2 when available
+/// (rounding is then one instruction), with identical results.
 pub fn quantize_row(x: &[f32], out: &mut Q8Row) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn fast(x: &[f32], out: &mut Q8Row) {
+            quantize_row_impl(x, out)
+        }
+        if super::x86::available() {
+            // Safety: the features were checked.
+            return unsafe { fast(x, out) };
+        }
+    }
+    quantize_row_impl(x, out)
+}
+
+#[inline(always)]
+fn quantize_row_impl(x: &[f32], out: &mut Q8Row) {
     debug_assert_eq!(x.len() % QK, 0);
     let nb = x.len() / QK;
     out.d.clear();

@@ -1,0 +1,101 @@
+//! AVX2 block dot products (chosen at run time), bit-identical to the portable ones in
+//! [`super::quant`]: the integer lane sums are exact, and the float steps (scale products, one
+//! FMA per lane per block, the final horizontal sum) happen in the same order.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::quant::{Q8Row, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, QK};
+
+/// True when this CPU runs the kernels below.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// llama.cpp's `hsum_float_8` order.
+#[inline(always)]
+unsafe fn hsum8(x: __m256) -> f32 {
+    let mut res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    _mm_cvtss_f32(res)
+}
+
+/// 32 nibbles -> 32 bytes: low nibbles are values 0..16, high nibbles 16..32.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let tmp = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Unsigned x signed bytes -> eight i32 lanes of four products each, as floats.
+#[inline(always)]
+unsafe fn lanes_us(x: __m256i, y: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(x, y);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// Signed x signed bytes, through |x| and y with x's sign.
+#[inline(always)]
+unsafe fn lanes_ss(x: __m256i, y: __m256i) -> __m256 {
+    lanes_us(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` holds `a.d.len()` Q4_1 blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_1(w: &[u8], a: &Q8Row) -> f32 {
+    debug_assert!(w.len() >= a.d.len() * Q4_1_BYTES);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for b in 0..a.d.len() {
+        let blk = w.as_ptr().add(b * Q4_1_BYTES);
+        let d = f16_at(blk) * a.d[b];
+        summs += f16_at(blk.add(2)) * a.s[b];
+        let qy = _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes_us(nibbles(blk.add(4)), qy), acc);
+    }
+    hsum8(acc) + summs
+}
+
+/// # Safety
+/// As [`dot_q4_1`], for Q4_0 blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0(w: &[u8], a: &Q8Row) -> f32 {
+    debug_assert!(w.len() >= a.d.len() * Q4_0_BYTES);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..a.d.len() {
+        let blk = w.as_ptr().add(b * Q4_0_BYTES);
+        let d = f16_at(blk) * a.d[b];
+        let qx = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+        let qy = _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes_ss(qx, qy), acc);
+    }
+    hsum8(acc)
+}
+
+/// # Safety
+/// As [`dot_q4_1`], for Q8_0 blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
+    debug_assert!(w.len() >= a.d.len() * Q8_0_BYTES);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..a.d.len() {
+        let blk = w.as_ptr().add(b * Q8_0_BYTES);
+        let d = f16_at(blk) * a.d[b];
+        let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let qy = _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes_ss(qx, qy), acc);
+    }
+    hsum8(acc)
+}
