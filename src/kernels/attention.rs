@@ -122,49 +122,132 @@ fn head_attention(
     let hd = shape.head_dim;
     let kv_off = (h / (shape.n_head / shape.n_kv_head)) * hd;
     let scale = 1.0 / (hd as f32).sqrt();
+    let len = start + t;
     let mut out = vec![0f32; t * hd];
-    let (mut qh, mut kr, mut vr) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
-    let (mut acc, mut acc16) = (vec![0f32; hd], vec![f16::ZERO; hd]);
-    let mut q16 = vec![f16::ZERO; hd];
+    let mut qh = vec![0f32; hd];
+    let mut acc = vec![0f32; hd];
+    let mut scores = vec![0f32; len];
+    if t == 1 {
+        // Decode: one query; read each key and value straight from the cache.
+        qh.copy_from_slice(&q[h * hd..][..hd]);
+        round_to_f16(&mut qh);
+        let mut kr = vec![0f32; hd];
+        for (j, s) in scores.iter_mut().enumerate() {
+            kv.k[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut kr);
+            *s = 0.0;
+            for (&a, &b) in qh.iter().zip(&kr) {
+                *s += a * b;
+            }
+        }
+        let mut vr = vec![0f32; hd];
+        let value = |j: usize, vr: &mut Vec<f32>| {
+            kv.v[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(vr);
+        };
+        softmax_accumulate(&scores, scale, &mut acc, |j, dst| {
+            value(j, &mut vr);
+            dst.copy_from_slice(&vr);
+        });
+        out.copy_from_slice(&acc);
+        return out;
+    }
+    // Prefill: this head's keys (transposed, `[head_dim, len]`) and values (`[len, head_dim]`)
+    // widened to f32 once per call rather than once per query.
+    let (mut kt, mut vf) = (vec![0f32; hd * len], vec![0f32; len * hd]);
+    let mut row = vec![0f32; hd];
+    for j in 0..len {
+        let r = kv.row(j) + kv_off;
+        kv.k[r..][..hd].convert_to_f32_slice(&mut row);
+        for (d, &x) in row.iter().enumerate() {
+            kt[d * len + j] = x;
+        }
+        kv.v[r..][..hd].convert_to_f32_slice(&mut vf[j * hd..][..hd]);
+    }
     for i in 0..t {
         // Q rounded to f16, as llama.cpp converts it to the K cache's type.
-        q16.convert_from_f32_slice(&q[(i * shape.n_head + h) * hd..][..hd]);
-        q16.convert_to_f32_slice(&mut qh);
-        acc.fill(0.0);
-        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j in 0..=start + i {
-            let row = kv.row(j) + kv_off;
-            kv.k[row..][..hd].convert_to_f32_slice(&mut kr);
-            let s = qh.iter().zip(&kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-            let (ms, vs) = if s > max {
-                let ms = (max - s).exp();
-                max = s;
-                acc.iter_mut().for_each(|a| *a *= ms);
-                round_to_f16(&mut acc, &mut acc16);
-                (ms, 1.0)
-            } else {
-                (1.0, (s - max).exp())
-            };
-            kv.v[row..][..hd].convert_to_f32_slice(&mut vr);
-            for (a, b) in acc.iter_mut().zip(&vr) {
-                *a = b.mul_add(vs, *a);
+        qh.copy_from_slice(&q[(i * shape.n_head + h) * hd..][..hd]);
+        round_to_f16(&mut qh);
+        let seen = start + i + 1;
+        // Every key's score at once: lanes run over keys, and each key's sum still adds
+        // its products in element order, exactly as the decode path does.
+        let scores = &mut scores[..seen];
+        scores.fill(0.0);
+        for (d, &qd) in qh.iter().enumerate() {
+            for (s, &k) in scores.iter_mut().zip(&kt[d * len..d * len + seen]) {
+                *s += qd * k;
             }
-            // The accumulator lives in f16, as in llama.cpp's flash attention.
-            round_to_f16(&mut acc, &mut acc16);
-            sum = sum * ms + vs;
         }
-        for (d, a) in out[i * hd..][..hd].iter_mut().zip(&acc) {
-            *d = a / sum;
-        }
+        softmax_accumulate(scores, scale, &mut acc, |j, dst| {
+            dst.copy_from_slice(&vf[j * hd..][..hd]);
+        });
+        out[i * hd..][..hd].copy_from_slice(&acc);
     }
     out
 }
 
-/// Rounds every value to the nearest f16 (through a scratch buffer, with SIMD conversions).
+/// Online softmax over `scores` (times `scale`) weighting the values `value(j)`, with the
+/// accumulator rounded to f16 after every update as llama.cpp's flash attention keeps it.
+/// Leaves the normalised output in `acc`.
+#[inline(always)]
+fn softmax_accumulate(
+    scores: &[f32],
+    scale: f32,
+    acc: &mut [f32],
+    mut value: impl FnMut(usize, &mut [f32]),
+) {
+    let mut v = vec![0f32; acc.len()];
+    acc.fill(0.0);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (j, &raw) in scores.iter().enumerate() {
+        let s = raw * scale;
+        let (ms, vs) = if s > max {
+            let ms = (max - s).exp();
+            max = s;
+            acc.iter_mut().for_each(|a| *a *= ms);
+            round_to_f16(acc);
+            (ms, 1.0)
+        } else {
+            (1.0, (s - max).exp())
+        };
+        value(j, &mut v);
+        for (a, b) in acc.iter_mut().zip(&v) {
+            *a = b.mul_add(vs, *a);
+        }
+        round_to_f16(acc);
+        sum = sum * ms + vs;
+    }
+    acc.iter_mut().for_each(|a| *a /= sum);
+}
+
+/// Rounds every value to the nearest f16.
+#[inline(always)]
+fn round_to_f16(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("f16c") {
+            // Safety: F16C was just checked (the check is a cached load).
+            unsafe { round_to_f16_x86(x) };
+            return;
+        }
+    }
+    for v in x.iter_mut() {
+        *v = f16::from_f32(*v).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
 #[inline]
-fn round_to_f16(x: &mut [f32], scratch: &mut [f16]) {
-    scratch.convert_from_f32_slice(x);
-    scratch.convert_to_f32_slice(x);
+unsafe fn round_to_f16_x86(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = _mm256_loadu_ps(c.as_ptr());
+        let h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+    }
+    for v in chunks.into_remainder() {
+        *v = f16::from_f32(*v).to_f32();
+    }
 }
 
 #[cfg(test)]

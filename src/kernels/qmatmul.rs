@@ -76,7 +76,13 @@ impl QMatrix {
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // Safety: `simd::available()` checked the CPU features.
-                    unsafe { rows_x86(self, first, out, &acts) };
+                    unsafe {
+                        if n >= 4 {
+                            rows_x86_multi(self, first, out, &acts)
+                        } else {
+                            rows_x86(self, first, out, &acts)
+                        }
+                    };
                     return;
                 }
                 let _ = simd;
@@ -117,13 +123,55 @@ fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_x86(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
     use super::x86;
+    // One loop per weight type, so the type is not re-examined per dot product.
+    match m.kind {
+        WeightKind::Q4_0 => rows_x86_with(m, first, out, acts, |w, a| x86::dot_q4_0(w, a)),
+        WeightKind::Q4_1 => rows_x86_with(m, first, out, acts, |w, a| x86::dot_q4_1(w, a)),
+        WeightKind::Q8_0 => rows_x86_with(m, first, out, acts, |w, a| x86::dot_q8_0(w, a)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_x86_with(
+    m: &QMatrix,
+    first: usize,
+    out: &mut [f32],
+    acts: &[Q8Row],
+    dot: impl Fn(&[u8], &Q8Row) -> f32,
+) {
     for (local, out_row) in out.chunks_exact_mut(acts.len()).enumerate() {
         let w = m.row(first + local);
         for (o, a) in out_row.iter_mut().zip(acts) {
+            *o = dot(w, a);
+        }
+    }
+}
+
+/// Several input rows: four at a time share each expanded weight block
+/// ([`super::x86::dot4`]), the rest go one by one. A separate function from [`rows_x86`] so
+/// the decode loop's code stays as tight as it is alone (measured: 250 vs 150 tok/s).
+///
+/// # Safety
+/// As [`rows_x86`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_x86_multi(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
+    let n = acts.len();
+    let quads = n / 4 * 4;
+    for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
+        let w = m.row(first + local);
+        for (o, a) in out_row[..quads]
+            .chunks_exact_mut(4)
+            .zip(acts.chunks_exact(4))
+        {
+            o.copy_from_slice(&super::x86::dot4(m.kind, w, [&a[0], &a[1], &a[2], &a[3]]));
+        }
+        for (o, a) in out_row[quads..].iter_mut().zip(&acts[quads..]) {
             *o = match m.kind {
-                WeightKind::Q4_0 => x86::dot_q4_0(w, a),
-                WeightKind::Q4_1 => x86::dot_q4_1(w, a),
-                WeightKind::Q8_0 => x86::dot_q8_0(w, a),
+                WeightKind::Q4_0 => super::x86::dot_q4_0(w, a),
+                WeightKind::Q4_1 => super::x86::dot_q4_1(w, a),
+                WeightKind::Q8_0 => super::x86::dot_q8_0(w, a),
             };
         }
     }

@@ -99,3 +99,56 @@ pub unsafe fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
     }
     hsum8(acc)
 }
+
+/// Four activation rows against one weight row at once: the weight block is expanded once
+/// and the four FMA chains run side by side. Each result is computed exactly as by the
+/// single-row kernels (same operations in the same order).
+///
+/// # Safety
+/// As [`dot_q4_1`]; all four rows have the same number of blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot4(kind: super::qmatmul::WeightKind, w: &[u8], a: [&Q8Row; 4]) -> [f32; 4] {
+    use super::qmatmul::WeightKind;
+    let nb = a[0].d.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    let bytes = kind.block_bytes();
+    debug_assert!(w.len() >= nb * bytes);
+    for b in 0..nb {
+        let blk = w.as_ptr().add(b * bytes);
+        let dw = f16_at(blk);
+        let (qx, signed) = match kind {
+            WeightKind::Q4_1 => {
+                let m = f16_at(blk.add(2));
+                for r in 0..4 {
+                    summs[r] += m * a[r].s[b];
+                }
+                (nibbles(blk.add(4)), false)
+            }
+            WeightKind::Q4_0 => (
+                _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8)),
+                true,
+            ),
+            WeightKind::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), true),
+        };
+        let (ax, sx) = if signed {
+            (_mm256_sign_epi8(qx, qx), qx)
+        } else {
+            (qx, _mm256_set1_epi8(1))
+        };
+        for r in 0..4 {
+            let qy = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
+            let qy = if signed { _mm256_sign_epi8(qy, sx) } else { qy };
+            let d = dw * a[r].d[b];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes_us(ax, qy), acc[r]);
+        }
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        out[r] = match kind {
+            WeightKind::Q4_1 => hsum8(acc[r]) + summs[r],
+            _ => hsum8(acc[r]),
+        };
+    }
+    out
+}
