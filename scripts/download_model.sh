@@ -21,13 +21,16 @@ if [ "$#" -gt 0 ]; then
   exit 1
 fi
 
-python3 - <<'PY'
+PYTHON="${EDGEINFER_PYTHON:-python3}"
+"$PYTHON" - <<'PY'
 """Fallback without cargo: the default model from its Python package, checked and renamed."""
 import hashlib, json, os, subprocess, sys, tempfile, zipfile
 
 manifest = json.load(open("models/manifest.json"))
 entry = next(m for m in manifest["models"] if m["name"] == manifest["default"])
-dest = os.path.join(os.environ.get("EDGEINFER_MODELS_DIR", "models"), entry["file"])
+models_dir = os.environ.get("EDGEINFER_MODELS_DIR", "models")
+os.makedirs(models_dir, exist_ok=True)
+dest = os.path.join(models_dir, entry["file"])
 
 def sha256(path):
     h = hashlib.sha256()
