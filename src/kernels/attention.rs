@@ -131,28 +131,28 @@ fn head_attention(
         // Decode: one query; read each key and value straight from the cache.
         qh.copy_from_slice(&q[h * hd..][..hd]);
         round_to_f16(&mut qh);
-        let mut kr = vec![0f32; hd];
-        for (j, s) in scores.iter_mut().enumerate() {
-            kv.k[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut kr);
-            *s = 0.0;
-            for (&a, &b) in qh.iter().zip(&kr) {
-                *s += a * b;
+        // Eight keys at a time: eight independent sums, each still in element order.
+        let mut kr = vec![0f32; 8 * hd];
+        for (c, chunk) in scores.chunks_mut(8).enumerate() {
+            for (l, _) in chunk.iter().enumerate() {
+                let j = c * 8 + l;
+                kv.k[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut kr[l * hd..][..hd]);
             }
+            let mut s8 = [0f32; 8];
+            for (d, &qd) in qh.iter().enumerate() {
+                for (l, s) in s8.iter_mut().enumerate() {
+                    *s += qd * kr[l * hd + d];
+                }
+            }
+            chunk.copy_from_slice(&s8[..chunk.len()]);
         }
-        let mut vr = vec![0f32; hd];
-        let value = |j: usize, vr: &mut Vec<f32>| {
-            kv.v[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(vr);
-        };
-        softmax_accumulate(&scores, scale, &mut acc, |j, dst| {
-            value(j, &mut vr);
-            dst.copy_from_slice(&vr);
-        });
+        accumulate_from_cache(&scores, scale, &mut acc, kv, kv_off);
         out.copy_from_slice(&acc);
         return out;
     }
-    // Prefill: this head's keys (transposed, `[head_dim, len]`) and values (`[len, head_dim]`)
-    // widened to f32 once per call rather than once per query.
-    let (mut kt, mut vf) = (vec![0f32; hd * len], vec![0f32; len * hd]);
+    // Prefill: this head's keys, transposed (`[head_dim, len]`) and widened to f32 once per
+    // call rather than once per query.
+    let mut kt = vec![0f32; hd * len];
     let mut row = vec![0f32; hd];
     for j in 0..len {
         let r = kv.row(j) + kv_off;
@@ -160,7 +160,6 @@ fn head_attention(
         for (d, &x) in row.iter().enumerate() {
             kt[d * len + j] = x;
         }
-        kv.v[r..][..hd].convert_to_f32_slice(&mut vf[j * hd..][..hd]);
     }
     for i in 0..t {
         // Q rounded to f16, as llama.cpp converts it to the K cache's type.
@@ -176,12 +175,68 @@ fn head_attention(
                 *s += qd * k;
             }
         }
-        softmax_accumulate(scores, scale, &mut acc, |j, dst| {
-            dst.copy_from_slice(&vf[j * hd..][..hd]);
-        });
+        accumulate_from_cache(scores, scale, &mut acc, kv, kv_off);
         out[i * hd..][..hd].copy_from_slice(&acc);
     }
     out
+}
+
+/// [`softmax_accumulate`] over the values of `kv` (this head's slice at `kv_off`): with F16C
+/// the accumulator stays in f16 registers and values are widened as they are read, exactly
+/// as the generic code computes it.
+#[inline(always)]
+fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView, kv_off: usize) {
+    let hd = acc.len();
+    #[cfg(target_arch = "x86_64")]
+    if hd % 8 == 0 && hd <= 256 && std::is_x86_feature_detected!("f16c") {
+        // Safety: F16C (and the AVX2/FMA of `head_attention_dispatch`'s caller) checked.
+        unsafe { accumulate_x86(scores, scale, acc, kv, kv_off) };
+        return;
+    }
+    let mut vr = vec![0f32; hd];
+    softmax_accumulate(scores, scale, acc, |j, dst| {
+        kv.v[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut vr);
+        dst.copy_from_slice(&vr);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate_x86(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView, kv_off: usize) {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+    let vecs = acc.len() / 8;
+    let mut acc16 = [_mm_setzero_si128(); 32];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (j, &raw) in scores.iter().enumerate() {
+        let s = raw * scale;
+        let (ms, vs) = if s > max {
+            let ms = (max - s).exp();
+            max = s;
+            let m = _mm256_set1_ps(ms);
+            for a in acc16.iter_mut().take(vecs) {
+                *a = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(*a), m), NEAREST);
+            }
+            (ms, 1.0)
+        } else {
+            (1.0, (s - max).exp())
+        };
+        let v = kv.v.as_ptr().add(kv.row(j) + kv_off) as *const __m128i;
+        let w = _mm256_set1_ps(vs);
+        for (i, a) in acc16.iter_mut().take(vecs).enumerate() {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(i)));
+            *a = _mm256_cvtps_ph(_mm256_fmadd_ps(vv, w, _mm256_cvtph_ps(*a)), NEAREST);
+        }
+        sum = sum * ms + vs;
+    }
+    for (i, a) in acc16.iter().take(vecs).enumerate() {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(*a));
+        for (dst, x) in acc[i * 8..i * 8 + 8].iter_mut().zip(out) {
+            *dst = x / sum;
+        }
+    }
 }
 
 /// Online softmax over `scores` (times `scale`) weighting the values `value(j)`, with the
@@ -283,6 +338,36 @@ mod tests {
             }],
             s,
         )
+    }
+
+    #[test]
+    fn f16c_accumulation_is_bit_identical_to_the_generic_one() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (hd, len) = (64, 37);
+        let v: Vec<f16> = (0..len * hd)
+            .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
+            .collect();
+        let blocks: Vec<u32> = (0..len as u32).collect();
+        let kv = KvView {
+            k: &v,
+            v: &v,
+            blocks: &blocks,
+            block_size: 1,
+            stride: hd,
+        };
+        let scores: Vec<f32> = (0..len).map(|_| rng.gen_range(-6.0..6.0)).collect();
+        let mut generic = vec![0f32; hd];
+        let mut vr = vec![0f32; hd];
+        softmax_accumulate(&scores, 0.125, &mut generic, |j, dst| {
+            kv.v[kv.row(j)..][..hd].convert_to_f32_slice(&mut vr);
+            dst.copy_from_slice(&vr);
+        });
+        #[cfg(target_arch = "x86_64")]
+        if super::super::x86::available() {
+            let mut fast = vec![0f32; hd];
+            unsafe { accumulate_x86(&scores, 0.125, &mut fast, kv, 0) };
+            assert_eq!(fast, generic);
+        }
     }
 
     #[test]
