@@ -36,18 +36,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// A GGUF file path, a model name from the manifest, or HF_REPO:FILE (pulled if missing).
-    /// Defaults to the default model.
-    #[arg(long, short = 'm', env = "EDGEINFER_MODEL")]
-    pub model: Option<String>,
-
-    /// Where models are stored when --model is a name.
-    #[arg(long, env = "EDGEINFER_MODELS_DIR", default_value = "models")]
-    pub models_dir: PathBuf,
-
-    /// A tokenizer.json that replaces the vocabulary in the GGUF file.
-    #[arg(long, env = "EDGEINFER_TOKENIZER")]
-    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
 
     /// Address to bind. Loopback by default: expose the node deliberately (0.0.0.0) behind
     /// your own network policy.
@@ -122,6 +112,24 @@ impl ServeArgs {
     }
 }
 
+/// Which model to run, shared by `generate` and `serve`.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file path, a model name from the manifest, or HF_REPO:FILE (pulled if missing).
+    /// Defaults to the default model.
+    #[arg(long, short = 'm', env = "EDGEINFER_MODEL")]
+    pub model: Option<String>,
+
+    /// Where models are stored when --model is a name.
+    #[arg(long, env = "EDGEINFER_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+
+    /// A tokenizer.json that replaces the vocabulary in the GGUF file (for files whose
+    /// embedded tokenizer is wrong or unsupported).
+    #[arg(long, env = "EDGEINFER_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// Model name from the manifest, or HF_REPO[@REVISION]:FILE.
@@ -139,19 +147,8 @@ pub struct GenerateArgs {
     #[arg(long, short = 'p')]
     pub prompt: String,
 
-    /// A GGUF file path, a model name from the manifest, or HF_REPO:FILE (pulled if missing).
-    /// Defaults to the default model.
-    #[arg(long, short = 'm', env = "EDGEINFER_MODEL")]
-    pub model: Option<String>,
-
-    /// Where models are stored when --model is a name.
-    #[arg(long, env = "EDGEINFER_MODELS_DIR", default_value = "models")]
-    pub models_dir: PathBuf,
-
-    /// A tokenizer.json that replaces the vocabulary in the GGUF file (for files whose
-    /// embedded tokenizer is wrong or unsupported).
-    #[arg(long, env = "EDGEINFER_TOKENIZER")]
-    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
 
     /// Tokenize the prompt as is: no chat template, no BOS unless the model asks for one;
     /// special-token text such as <|im_start|> becomes that token.

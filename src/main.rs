@@ -112,9 +112,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     // Bad flags are reported before minutes of model loading or downloading.
     sampling.validate()?;
-    let path = resolve_model(args.model.as_deref(), &args.models_dir)?;
+    let path = resolve_model(args.source.model.as_deref(), &args.source.models_dir)?;
     let device = candle_core::Device::Cpu;
-    let model = LoadedModel::load(&path, args.tokenizer.as_deref(), &device)
+    let model = LoadedModel::load(&path, args.source.tokenizer.as_deref(), &device)
         .with_context(|| format!("cannot load model {}", path.display()))?;
     let prompt_ids = if args.raw {
         model.tokenizer.encode(&args.prompt, true)?
@@ -172,7 +172,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     use edgeinfer::engine::core::{self, EngineConfig};
 
     let manifest = Manifest::builtin();
-    let name = match (&args.served_model_name, &args.model) {
+    let name = match (&args.served_model_name, &args.source.model) {
         (Some(n), _) => n.clone(),
         (None, Some(m)) if Path::new(m).is_file() => Path::new(m)
             .file_stem()
@@ -194,9 +194,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_queue: args.max_queue,
     };
-    let model_arg = args.model.clone();
-    let models_dir = args.models_dir.clone();
-    let tokenizer = args.tokenizer.clone();
+    let model_arg = args.source.model.clone();
+    let models_dir = args.source.models_dir.clone();
+    let tokenizer = args.source.tokenizer.clone();
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let path = resolve_model(model_arg.as_deref(), &models_dir)?;
         let model = LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)

@@ -98,17 +98,28 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// The common front of both completion endpoints: body, readiness, JSON, model name.
+fn accept<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    model: impl Fn(&T) -> Option<&str>,
+) -> Result<(Ready, T, SamplingFields), ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let body = parse_body(&body)?;
+    let req: T = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    check_model(state, model(&req))?;
+    Ok((ready, req, sampling))
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.max_body_bytes)?;
-    let ready = state.ready()?;
-    let body = parse_body(&body)?;
-    let req: ChatCompletionRequest = from_value(&body)?;
-    let sampling: SamplingFields = from_value(&body)?;
-    check_model(&state, req.model.as_deref())?;
+    let (ready, req, sampling) =
+        accept(&state, body, |r: &ChatCompletionRequest| r.model.as_deref())?;
     let messages = req.validated_messages()?;
     let top = req.top_logprobs.unwrap_or(0);
     if top > 20 {
@@ -149,12 +160,7 @@ pub async fn completions(
     Extension(rid): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.max_body_bytes)?;
-    let ready = state.ready()?;
-    let body = parse_body(&body)?;
-    let req: CompletionRequest = from_value(&body)?;
-    let sampling: SamplingFields = from_value(&body)?;
-    check_model(&state, req.model.as_deref())?;
+    let (ready, req, sampling) = accept(&state, body, |r: &CompletionRequest| r.model.as_deref())?;
     let prompt = match req.prompt {
         PromptField::Text(t) => t,
         PromptField::Many(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
