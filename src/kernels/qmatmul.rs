@@ -217,6 +217,27 @@ impl Linear {
         }
     }
 
+    /// The rows `ids`, dequantized: `[ids.len(), cols]` (an embedding lookup). Ids must be
+    /// below the row count (the model checks them against its vocabulary).
+    pub fn embedding(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Self::Native(m) => {
+                let mut out = Vec::with_capacity(ids.len() * m.cols);
+                for &id in ids {
+                    quant::dequantize_row(m.kind, m.row(id as usize), &mut out);
+                }
+                Ok(out)
+            }
+            Self::Candle(m) => {
+                let ids = Tensor::new(ids, &candle_core::Device::Cpu)?;
+                m.embedding(&ids)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+            }
+        }
+    }
+
     /// `x`: `[n, cols]` row-major f32 -> `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
         match self {
@@ -354,6 +375,31 @@ mod tests {
                     assert_eq!(got[i * 40 + r], portable[r * 5 + i]);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn embedding_rows_equal_candles_dequantization() {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+        ] {
+            let w = random(12, 256, 4);
+            let qt = QTensor::quantize(&w, dtype).unwrap();
+            let want = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = Linear::from_qtensor(&qt)
+                .unwrap()
+                .embedding(&[7, 0, 11])
+                .unwrap();
+            assert_eq!(got[..256], want[7][..], "{dtype:?}");
+            assert_eq!(got[256..512], want[0][..], "{dtype:?}");
+            assert_eq!(got[512..], want[11][..], "{dtype:?}");
         }
     }
 

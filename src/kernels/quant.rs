@@ -157,3 +157,30 @@ pub fn dot(w: &UnpackedRow, a: &Q8Row) -> f32 {
         hsum8(acc)
     }
 }
+
+/// Dequantizes one weight row into `out` (appending), as candle and llama.cpp do for
+/// embedding lookups: `q * d` (`+ m` for Q4_1).
+pub fn dequantize_row(kind: WeightKind, w: &[u8], out: &mut Vec<f32>) {
+    match kind {
+        WeightKind::Q4_0 => {
+            for blk in w.chunks_exact(Q4_0_BYTES) {
+                let d = f16_at(blk, 0);
+                out.extend(blk[2..].iter().map(|&b| ((b & 0x0F) as i32 - 8) as f32 * d));
+                out.extend(blk[2..].iter().map(|&b| ((b >> 4) as i32 - 8) as f32 * d));
+            }
+        }
+        WeightKind::Q4_1 => {
+            for blk in w.chunks_exact(Q4_1_BYTES) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                out.extend(blk[4..].iter().map(|&b| (b & 0x0F) as f32 * d + m));
+                out.extend(blk[4..].iter().map(|&b| (b >> 4) as f32 * d + m));
+            }
+        }
+        WeightKind::Q8_0 => {
+            for blk in w.chunks_exact(Q8_0_BYTES) {
+                let d = f16_at(blk, 0);
+                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+            }
+        }
+    }
+}

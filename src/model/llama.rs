@@ -5,8 +5,8 @@
 //! engine may run sequences in any order. candle-transformers' `quantized_llama` is the test
 //! oracle; llama.cpp's arithmetic is followed op by op so greedy outputs agree with it.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
 use super::kv::KvPool;
@@ -32,13 +32,13 @@ struct Layer {
 /// A loaded Llama-family model.
 pub struct Llama {
     pub config: ModelConfig,
-    /// Token embeddings, kept quantized; rows are dequantized on lookup.
-    embed: QMatMul,
+    /// Token embeddings, kept quantized; rows are dequantized on lookup. `None` when tied to
+    /// the output matrix, which then serves both (one copy in memory).
+    embed: Option<Linear>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
     rope: Rope,
-    device: Device,
 }
 
 /// Positions per KV block for a single sequence's own cache.
@@ -103,10 +103,11 @@ impl Llama {
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let embed = file.tensor("token_embd.weight", device)?;
         check_dims("token_embd.weight", &embed, &[c.vocab_size, c.dim])?;
-        let output = if c.tied_embeddings {
-            Linear::from_qtensor(&embed)?
+        let (embed, output) = if c.tied_embeddings {
+            (None, Linear::from_qtensor(&embed)?)
         } else {
-            mat(file, "output.weight", c.vocab_size, c.dim)?
+            let output = mat(file, "output.weight", c.vocab_size, c.dim)?;
+            (Some(Linear::from_qtensor(&embed)?), output)
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
@@ -131,12 +132,11 @@ impl Llama {
         };
         let rope = Rope::new(c, freq_factors);
         Ok(Self {
-            embed: QMatMul::from_qtensor(embed)?,
+            embed,
             layers,
             norm,
             output,
             rope,
-            device: device.clone(),
             config,
         })
     }
@@ -219,12 +219,11 @@ impl Llama {
             .flat_map(|s| s.start..s.start + s.tokens.len())
             .collect();
         let eps = c.norm_eps as f32;
-        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self
             .embed
-            .embedding(&ids)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [n, dim]
+            .as_ref()
+            .unwrap_or(&self.output)
+            .embedding(&tokens)?; // [n, dim]
         let shape = AttentionShape {
             n_head: c.n_head,
             n_kv_head: c.n_kv_head,
