@@ -91,6 +91,9 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Checks budgets that must hold together.
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_queue == 0 {
+            return Err("--max-queue must be positive: with 0 every request would get 429".into());
+        }
         if self.max_batch_size == 0 || self.block_size == 0 || self.kv_cache_tokens == 0 {
             return Err(
                 "--max-batch-size, --block-size and --kv-cache-tokens must be positive".into(),

@@ -162,7 +162,10 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(serve_async(args))
+    let result = runtime.block_on(serve_async(args));
+    // A model download still running in a blocking task must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn serve_async(args: ServeArgs) -> Result<()> {
@@ -202,6 +205,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         let model = LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
             .with_context(|| format!("cannot load model {}", path.display()))?;
         let context_length = model.llama.config.context_length;
+        let vocab_size = model.llama.config.vocab_size;
         let tokenizer = model.tokenizer.clone();
         let template = Arc::new(model.template);
         let engine = core::start(model.llama, model.tokenizer, engine_config);
@@ -210,6 +214,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             tokenizer,
             template,
             context_length,
+            vocab_size,
         });
         tracing::info!(path = %path.display(), "model loaded; ready");
         Ok(())

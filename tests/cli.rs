@@ -229,3 +229,28 @@ fn tokenizer_json_overrides_an_unsupported_gguf_tokenizer() {
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(common::ids(&json["prompt_tokens"]), vec![256, 104, 105]);
 }
+
+#[test]
+fn serve_refuses_inconsistent_budgets() {
+    for (args, expected) in [
+        (
+            vec!["serve", "--max-queue", "0"],
+            "--max-queue must be positive",
+        ),
+        (
+            vec![
+                "serve",
+                "--max-batch-size",
+                "32",
+                "--max-batch-tokens",
+                "16",
+            ],
+            "must be at least --max-batch-size",
+        ),
+    ] {
+        let out = edgeinfer(&args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}

@@ -122,6 +122,12 @@ pub async fn chat_completions(
         accept(&state, body, |r: &ChatCompletionRequest| r.model.as_deref())?;
     let messages = req.validated_messages()?;
     let top = req.top_logprobs.unwrap_or(0);
+    if top > 0 && !req.logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` requires `logprobs: true`",
+        ));
+    }
     if top > 20 {
         return Err(ApiError::invalid(
             "top_logprobs",
@@ -228,6 +234,13 @@ async fn run(
     let stop = fields.stops()?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= ready.vocab_size) {
+        // Only a --tokenizer larger than the model's vocabulary can produce this.
+        return Err(ApiError::bad_request(format!(
+            "the prompt has token id {bad}, outside the model's vocabulary of {}",
+            ready.vocab_size
+        )));
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     let max_tokens = match fields.max_tokens()? {
@@ -366,9 +379,9 @@ pub async fn detokenize(
             format!("token id {bad} is outside the vocabulary of {vocab}"),
         ));
     }
-    let text = ready
-        .tokenizer
-        .decode(&req.tokens)
+    let text = tokio::task::spawn_blocking(move || ready.tokenizer.decode(&req.tokens))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({"content": text})))
 }

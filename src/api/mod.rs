@@ -30,6 +30,8 @@ pub struct Ready {
     pub tokenizer: Tokenizer,
     pub template: Arc<ChatTemplate>,
     pub context_length: usize,
+    /// Rows of the model's embedding matrix: every prompt id must be below it.
+    pub vocab_size: usize,
 }
 
 pub struct AppState {
@@ -218,7 +220,10 @@ pub async fn serve(
 
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No SIGINT handler: rely on SIGTERM only, never shut down by accident.
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {

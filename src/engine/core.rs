@@ -225,7 +225,16 @@ impl Engine {
                 logits: c.logits,
             })
             .collect();
-        let outputs = match self.llama.forward_batch(&inputs, &mut self.pool) {
+        // A panic in the forward (a bug) must fail this step's requests, not kill the engine.
+        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.llama.forward_batch(&inputs, &mut self.pool)
+        }))
+        .unwrap_or_else(|_| {
+            Err(crate::error::ModelError::Candle(candle_core::Error::Msg(
+                "the forward pass panicked. This is a bug.".into(),
+            )))
+        });
+        let outputs = match forward {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the step's requests");

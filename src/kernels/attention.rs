@@ -188,8 +188,8 @@ fn head_attention(
 fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView, kv_off: usize) {
     let hd = acc.len();
     #[cfg(target_arch = "x86_64")]
-    if hd % 8 == 0 && hd <= 256 && std::is_x86_feature_detected!("f16c") {
-        // Safety: F16C (and the AVX2/FMA of `head_attention_dispatch`'s caller) checked.
+    if hd % 8 == 0 && hd <= 256 && super::x86::available() {
+        // Safety: AVX2, FMA and F16C were checked.
         unsafe { accumulate_x86(scores, scale, acc, kv, kv_off) };
         return;
     }
@@ -222,7 +222,9 @@ unsafe fn accumulate_x86(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView
         } else {
             (1.0, (s - max).exp())
         };
-        let v = kv.v.as_ptr().add(kv.row(j) + kv_off) as *const __m128i;
+        // A checked slice: the view's fields are public, so no trust in the block table.
+        let row = &kv.v[kv.row(j) + kv_off..][..vecs * 8];
+        let v = row.as_ptr() as *const __m128i;
         let w = _mm256_set1_ps(vs);
         for (i, a) in acc16.iter_mut().take(vecs).enumerate() {
             let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(i)));
@@ -278,8 +280,8 @@ fn softmax_accumulate(
 fn round_to_f16(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("f16c") {
-            // Safety: F16C was just checked (the check is a cached load).
+        if super::x86::available() {
+            // Safety: AVX2 and F16C were just checked (cached loads).
             unsafe { round_to_f16_x86(x) };
             return;
         }
