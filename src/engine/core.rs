@@ -200,7 +200,7 @@ impl Engine {
         for id in gone {
             if let Some(a) = self.active.remove(&id) {
                 tracing::info!(request_id = %a.req.request_id, "client disconnected; request dropped");
-                if a.last_token_at.is_none() && !self.was_admitted(id) {
+                if !self.scheduler.has_run(id) {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
                 }
                 metrics::counter!("edgeinfer_request_success_total", "finish_reason" => "cancelled")
@@ -208,10 +208,6 @@ impl Engine {
             }
             self.scheduler.remove(id);
         }
-    }
-
-    fn was_admitted(&self, id: SeqId) -> bool {
-        self.scheduler.has_run(id)
     }
 
     fn run_step(&mut self, step: &Step) {

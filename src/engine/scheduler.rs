@@ -165,13 +165,7 @@ impl Scheduler {
                 budget += self.preempt(victim, &mut step);
                 continue; // re-examine index i (or stop if it was the victim)
             }
-            let s = &self.seqs[&id];
-            step.chunks.push(Chunk {
-                id,
-                start: s.computed,
-                len: want,
-                logits: target == s.tokens,
-            });
+            step.chunks.push(self.chunk(id, want));
             budget -= want;
             i += 1;
         }
@@ -196,15 +190,21 @@ impl Scheduler {
                 s.ever_ran = true;
                 step.admitted.push(id);
             }
-            step.chunks.push(Chunk {
-                id,
-                start: s.computed,
-                len: want,
-                logits: target == s.tokens,
-            });
+            step.chunks.push(self.chunk(id, want));
             budget -= want;
         }
         step
+    }
+
+    /// The next `len` tokens of `id`, from its first uncomputed position.
+    fn chunk(&self, id: SeqId, len: usize) -> Chunk {
+        let s = &self.seqs[&id];
+        Chunk {
+            id,
+            start: s.computed,
+            len,
+            logits: s.computed + len == s.tokens,
+        }
     }
 
     fn grow(&mut self, id: SeqId, positions: usize) -> bool {
