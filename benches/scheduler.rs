@@ -13,18 +13,19 @@ pub fn bench(c: &mut Criterion) {
                 max_batch_size: 64,
                 max_batch_tokens: 512,
             },
-            BlockManager::new(100_000, 16),
+            BlockManager::new(100_000, 16, true),
         );
         for id in 0..96 {
-            s.add(id, 40 + (id as usize % 300));
+            let prompt: Vec<u32> = (0..40 + (id as u32 % 300)).map(|t| t + id as u32).collect();
+            s.add(id, &prompt, true);
         }
         b.iter(|| {
             let step = s.schedule();
-            let sampled: Vec<u64> = step
+            let sampled: Vec<(u64, u32)> = step
                 .chunks
                 .iter()
                 .filter(|c| c.logits)
-                .map(|c| c.id)
+                .map(|c| (c.id, 7))
                 .collect();
             s.complete(&step, &sampled);
             step.chunks.len()

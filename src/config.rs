@@ -74,6 +74,13 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
 
+    /// Turn off automatic prefix caching. With it on (the default), full KV blocks of earlier
+    /// requests stay in the KV cache until their memory is needed, and a request whose prompt
+    /// starts with the same tokens (a shared system prompt, an agent's history) skips
+    /// recomputing them. Off: every prompt is computed in full.
+    #[arg(long, env = "EDGEINFER_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
+
     /// Requests allowed to wait for a slot; beyond it clients get 429 with Retry-After, so
     /// overload sheds quickly instead of queueing without bound.
     #[arg(long, env = "EDGEINFER_MAX_QUEUE", default_value_t = 256)]

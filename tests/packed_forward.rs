@@ -149,3 +149,68 @@ fn mixed_batches_equal_each_sequence_alone() {
         }
     }
 }
+
+/// Prefix caching shares blocks whose keys and values were written by decode steps (one token
+/// at a time) with sequences that would otherwise compute them in a prefill chunk. That is
+/// only safe if both paths write the same bits, and if continuing from shared blocks gives
+/// the logits of a full computation.
+#[test]
+fn decoded_kv_equals_prefilled_kv_and_cached_blocks_continue_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
+    let mut pool = model.new_pool(BLOCK, 12);
+    let step = |pool: &mut edgeinfer::model::KvPool, tokens: &[u32], start, blocks: &[u32]| {
+        let input = SeqInput {
+            tokens,
+            start,
+            blocks,
+            logits: true,
+        };
+        model
+            .forward_batch(&[input], pool)
+            .unwrap()
+            .remove(0)
+            .unwrap()
+    };
+    // A: prefill 6 prompt tokens, then decode until positions 0..=10 are in the cache.
+    let a_blocks = [0u32, 1, 2];
+    let mut tokens: Vec<u32> = vec![256, 11, 22, 33, 44, 55];
+    let mut logits = step(&mut pool, &tokens, 0, &a_blocks);
+    while tokens.len() < 11 {
+        tokens.push(argmax(&logits));
+        let pos = tokens.len() - 1;
+        logits = step(&mut pool, &tokens[pos..], pos, &a_blocks);
+    }
+    // B: the same 11 tokens in one prefill chunk into other blocks.
+    let b_blocks = [3u32, 4, 5];
+    let b_logits = step(&mut pool, &tokens, 0, &b_blocks);
+    assert_eq!(b_logits, logits, "prefill and decode disagree on logits");
+    let row = |blocks: &[u32], p: usize| blocks[p / BLOCK] as usize * BLOCK + p % BLOCK;
+    for layer in 0..model.config.n_layer {
+        let va = pool.view(layer, &a_blocks);
+        let stride = va.stride;
+        for p in 0..tokens.len() {
+            let (ra, rb) = (row(&a_blocks, p) * stride, row(&b_blocks, p) * stride);
+            assert!(
+                va.k[ra..ra + stride]
+                    .iter()
+                    .zip(&va.k[rb..rb + stride])
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+                    && va.v[ra..ra + stride]
+                        .iter()
+                        .zip(&va.v[rb..rb + stride])
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "layer {layer} position {p}: decoded and prefilled KV differ"
+            );
+        }
+    }
+    // C: shares A's two full blocks (positions 0..8) and computes only the rest.
+    let c_blocks = [0u32, 1, 6];
+    let c_logits = step(&mut pool, &tokens[8..], 8, &c_blocks);
+    assert_eq!(
+        c_logits, logits,
+        "continuing from shared blocks changed the logits"
+    );
+}

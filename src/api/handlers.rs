@@ -42,6 +42,7 @@ pub fn usage_json(u: Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -269,6 +270,7 @@ async fn run(
         logprobs,
         request_id: request_id.to_string(),
         received: Instant::now(),
+        cache_prompt: fields.cache_prompt.unwrap_or(true),
     };
     let rx = ready.engine.submit(req)?;
     if fields.stream {

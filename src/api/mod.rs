@@ -168,7 +168,27 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_gauge!(
         "edgeinfer_kv_cache_usage_ratio",
-        "Share of KV blocks in use"
+        "Share of KV blocks referenced by requests (cached, unreferenced blocks count as free)"
+    );
+    metrics::describe_counter!(
+        "edgeinfer_prompt_tokens_computed_total",
+        "Prompt tokens run through the model (prompt tokens minus prefix-cache hits, plus recomputation after preemption)"
+    );
+    metrics::describe_counter!(
+        "edgeinfer_prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache"
+    );
+    metrics::describe_counter!(
+        "edgeinfer_prefix_cache_hits_total",
+        "Prompt tokens found in the prefix cache"
+    );
+    metrics::describe_gauge!(
+        "edgeinfer_prefix_cache_blocks",
+        "KV blocks registered in the prefix cache"
+    );
+    metrics::describe_counter!(
+        "edgeinfer_prefix_cache_evictions_total",
+        "Cached KV blocks evicted to make room"
     );
     // Present from the start, so scrapers see them before the first request.
     metrics::gauge!("edgeinfer_requests_running").set(0.0);
@@ -177,6 +197,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::counter!("edgeinfer_prompt_tokens_total").absolute(0);
     metrics::counter!("edgeinfer_generation_tokens_total").absolute(0);
     metrics::counter!("edgeinfer_preemptions_total").absolute(0);
+    metrics::counter!("edgeinfer_prompt_tokens_computed_total").absolute(0);
+    metrics::counter!("edgeinfer_prefix_cache_queries_total").absolute(0);
+    metrics::counter!("edgeinfer_prefix_cache_hits_total").absolute(0);
+    metrics::counter!("edgeinfer_prefix_cache_evictions_total").absolute(0);
+    metrics::gauge!("edgeinfer_prefix_cache_blocks").set(0.0);
     Ok(handle)
 }
 

@@ -28,6 +28,8 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Our extension (as llama.cpp's server names it): false bypasses the prefix cache.
+    pub cache_prompt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

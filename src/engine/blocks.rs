@@ -1,24 +1,66 @@
-//! The KV block manager: which blocks of the shared pool are free. Sequences hold block
-//! tables (lists of block ids); this module hands blocks out and takes them back.
+//! The KV block manager: which blocks of the shared pool are free, which are referenced, and
+//! which hold a cached prefix. Sequences hold block tables (lists of block ids); this module
+//! hands blocks out, shares cached ones and takes them back.
 //!
-//! Knows block ids and counts; never tensors. Invariant: a block is either free or owned by
-//! exactly one sequence, and `free + owned == total` at all times. (Prefix caching will add
-//! reference counts and content hashes on top of this.)
+//! Prefix caching (after vLLM's automatic prefix caching): a full, computed block is
+//! registered under a chained hash of its tokens and of every token before it, so a later
+//! sequence whose prompt starts with the same tokens takes a reference to it instead of
+//! recomputing it. A block whose last reference goes away keeps its content and joins an LRU
+//! list; it is evicted (its hash forgotten) only when a new block is needed and no empty one
+//! is left.
+//!
+//! Knows block ids, counts and hashes; never tensors. Invariants: every block is in exactly
+//! one of {empty, evictable (cached, unreferenced), referenced}; `refs[b] > 0` exactly for
+//! referenced blocks; a registered block is full and never written again (sequences write
+//! only past their cached prefix).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+/// Hash of a block's tokens chained to the hash of everything before it.
+pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// The parent hash of a sequence's first block.
+pub const ROOT_HASH: u64 = 0x6564_6765_696e_6672; // "edgeinfr"
 
 #[derive(Debug)]
 pub struct BlockManager {
     block_size: usize,
     total: usize,
-    /// Free block ids; popped from the end, so recently freed blocks are reused first.
+    caching: bool,
+    /// Empty block ids; popped from the end, so recently freed blocks are reused first.
     free: Vec<u32>,
+    refs: Vec<u32>,
+    /// The hash a block is registered under, if any.
+    hash_of: Vec<Option<u64>>,
+    cached: HashMap<u64, u32>,
+    /// Unreferenced cached blocks by the tick they were released at (oldest first).
+    lru: BTreeMap<u64, u32>,
+    /// The `lru` key of each evictable block.
+    lru_key: Vec<u64>,
+    tick: u64,
+    evictions: u64,
 }
 
 impl BlockManager {
-    pub fn new(total: usize, block_size: usize) -> Self {
+    pub fn new(total: usize, block_size: usize, caching: bool) -> Self {
         Self {
             block_size,
             total,
+            caching,
             free: (0..total as u32).rev().collect(),
+            refs: vec![0; total],
+            hash_of: vec![None; total],
+            cached: HashMap::new(),
+            lru: BTreeMap::new(),
+            lru_key: vec![0; total],
+            tick: 0,
+            evictions: 0,
         }
     }
 
@@ -30,8 +72,23 @@ impl BlockManager {
         self.total
     }
 
+    pub fn caching(&self) -> bool {
+        self.caching
+    }
+
+    /// Blocks a sequence can still get: empty ones plus evictable cached ones.
     pub fn free_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.lru.len()
+    }
+
+    /// Blocks registered in the prefix cache (referenced or not).
+    pub fn cached_count(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Cached blocks evicted so far to make room.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Blocks needed to hold `positions` positions.
@@ -40,32 +97,97 @@ impl BlockManager {
     }
 
     /// Grows `table` to cover `positions` positions; false (and `table` unchanged) if there
-    /// are not enough free blocks.
+    /// are not enough free blocks. Empty blocks go first, then the least recently used
+    /// cached ones.
     pub fn ensure(&mut self, table: &mut Vec<u32>, positions: usize) -> bool {
         let needed = self.blocks_for(positions).saturating_sub(table.len());
-        if needed > self.free.len() {
+        if needed > self.free_count() {
             return false;
         }
-        let at = self.free.len() - needed;
-        table.extend(self.free.drain(at..).rev());
+        for _ in 0..needed {
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => self.evict_oldest(),
+            };
+            debug_assert_eq!(self.refs[b as usize], 0, "handed out a referenced block");
+            self.refs[b as usize] = 1;
+            table.push(b);
+        }
         true
     }
 
-    /// Returns every block of `table` to the free list.
-    pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.append(table);
-        debug_assert!(
-            self.free.len() <= self.total,
-            "a block was freed twice. This is a bug."
-        );
+    fn evict_oldest(&mut self) -> u32 {
+        let (_, b) = self
+            .lru
+            .pop_first()
+            .expect("free_count covered the request. This is a bug.");
+        if let Some(h) = self.hash_of[b as usize].take() {
+            self.cached.remove(&h);
+        }
+        self.evictions += 1;
+        b
     }
 
-    /// Share of blocks in use, 0..=1.
+    /// Drops a reference to every block of `table` (emptying it). Blocks nobody references
+    /// become empty, or evictable when they are cached; the table's last blocks get the
+    /// oldest LRU ticks, so a prefix outlives its tail.
+    pub fn release(&mut self, table: &mut Vec<u32>) {
+        for b in table.drain(..).rev() {
+            let r = &mut self.refs[b as usize];
+            debug_assert!(*r > 0, "a block was freed twice. This is a bug.");
+            *r -= 1;
+            if *r > 0 {
+                continue;
+            }
+            if self.hash_of[b as usize].is_some() {
+                self.tick += 1;
+                self.lru_key[b as usize] = self.tick;
+                self.lru.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Takes a reference to the cached blocks matching the longest run of `hashes` (chained
+    /// block hashes from the start of a sequence) and returns them in order.
+    pub fn lookup(&mut self, hashes: &[u64]) -> Vec<u32> {
+        let mut out = Vec::new();
+        if !self.caching {
+            return out;
+        }
+        for h in hashes {
+            let Some(&b) = self.cached.get(h) else {
+                break;
+            };
+            if self.refs[b as usize] == 0 {
+                self.lru.remove(&self.lru_key[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+            out.push(b);
+        }
+        out
+    }
+
+    /// Registers a full, computed block under its chained hash. If another block already
+    /// holds that content, the existing entry stays and `block` remains private.
+    pub fn register(&mut self, block: u32, hash: u64) {
+        if !self.caching || self.hash_of[block as usize].is_some() {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
+            e.insert(block);
+            self.hash_of[block as usize] = Some(hash);
+        }
+    }
+
+    /// Share of blocks referenced by sequences, 0..=1 (cached but unreferenced blocks count
+    /// as free: they are given up on demand).
     pub fn usage(&self) -> f64 {
         if self.total == 0 {
             return 0.0;
         }
-        1.0 - self.free.len() as f64 / self.total as f64
+        1.0 - self.free_count() as f64 / self.total as f64
     }
 }
 
@@ -73,9 +195,20 @@ impl BlockManager {
 mod tests {
     use super::*;
 
+    fn hashes(tokens: &[u32], bs: usize) -> Vec<u64> {
+        let mut parent = ROOT_HASH;
+        tokens
+            .chunks_exact(bs)
+            .map(|c| {
+                parent = chain_hash(parent, c);
+                parent
+            })
+            .collect()
+    }
+
     #[test]
     fn ensure_and_release_balance() {
-        let mut m = BlockManager::new(4, 16);
+        let mut m = BlockManager::new(4, 16, true);
         let mut a = Vec::new();
         assert!(m.ensure(&mut a, 17));
         assert_eq!(a.len(), 2);
@@ -94,5 +227,68 @@ mod tests {
         m.release(&mut b);
         assert_eq!(m.free_count(), 4);
         assert!(a.is_empty() && b.is_empty());
+    }
+
+    #[test]
+    fn cached_blocks_are_shared_reference_counted_and_evicted_lru() {
+        let mut m = BlockManager::new(4, 2, true);
+        let h = hashes(&[1, 2, 3, 4], 2);
+        let mut a = Vec::new();
+        assert!(m.ensure(&mut a, 4));
+        m.register(a[0], h[0]);
+        m.register(a[1], h[1]);
+        assert_eq!(m.cached_count(), 2);
+        // A second sequence shares both blocks while the first still holds them.
+        let b_blocks = m.lookup(&h);
+        assert_eq!(b_blocks, a);
+        assert_eq!(m.free_count(), 2);
+        let mut b = b_blocks;
+        m.release(&mut a);
+        assert_eq!(m.free_count(), 2, "still referenced by b");
+        m.release(&mut b);
+        assert_eq!(
+            m.free_count(),
+            4,
+            "cached but unreferenced blocks count as free"
+        );
+        assert_eq!(m.cached_count(), 2);
+        // A diverging second block: only the first matches.
+        let other = hashes(&[1, 2, 9, 9], 2);
+        let mut c = m.lookup(&other);
+        assert_eq!(c.len(), 1);
+        m.release(&mut c);
+        // Filling the pool evicts the least recently released cached block first: the
+        // second block (released before the first block's later use) goes, the first stays.
+        let mut d = Vec::new();
+        assert!(m.ensure(&mut d, 6));
+        assert_eq!(m.evictions(), 1);
+        let mut e = m.lookup(&h);
+        assert_eq!(e.len(), 1, "the first block survived, the second did not");
+        m.release(&mut e);
+        assert!(m.ensure(&mut d, 8));
+        assert_eq!((m.evictions(), m.cached_count(), m.free_count()), (2, 0, 0));
+        assert!(!m.ensure(&mut d, 10), "cannot evict referenced blocks");
+        m.release(&mut d);
+        assert_eq!(m.free_count(), 4);
+    }
+
+    #[test]
+    fn duplicate_content_keeps_one_entry_and_caching_off_caches_nothing() {
+        let mut m = BlockManager::new(4, 2, true);
+        let h = hashes(&[5, 6], 2);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        assert!(m.ensure(&mut a, 2) && m.ensure(&mut b, 2));
+        m.register(a[0], h[0]);
+        m.register(b[0], h[0]);
+        assert_eq!(m.cached_count(), 1);
+        m.release(&mut b);
+        assert_eq!(m.free.len(), 3, "the private duplicate became empty");
+        m.release(&mut a);
+        let mut off = BlockManager::new(4, 2, false);
+        let mut a = Vec::new();
+        assert!(off.ensure(&mut a, 2));
+        off.register(a[0], h[0]);
+        assert_eq!(off.cached_count(), 0);
+        assert!(off.lookup(&h).is_empty());
     }
 }

@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub kv_cache_tokens: usize,
     pub block_size: usize,
     pub max_queue: usize,
+    /// Automatic prefix caching on the KV block pool.
+    pub prefix_cache: bool,
 }
 
 pub enum Command {
@@ -86,7 +88,7 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
             max_batch_size: config.max_batch_size,
             max_batch_tokens: config.max_batch_tokens,
         },
-        BlockManager::new(n_blocks, config.block_size),
+        BlockManager::new(n_blocks, config.block_size, config.prefix_cache),
     );
     let (tx, rx) = mpsc::channel(config.max_queue.max(1));
     let queued = Arc::new(AtomicUsize::new(0));
@@ -99,6 +101,7 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
         queued: queued.clone(),
         active: HashMap::new(),
         next_id: 0,
+        prefix_cache: config.prefix_cache,
     };
     std::thread::Builder::new()
         .name("edgeinfer-engine".into())
@@ -120,6 +123,8 @@ struct Active {
     sampler: Sampler,
     output: OutputState,
     last_token_at: Option<Instant>,
+    /// Prompt tokens taken from the prefix cache.
+    cached_tokens: usize,
 }
 
 struct Engine {
@@ -131,6 +136,7 @@ struct Engine {
     queued: Arc<AtomicUsize>,
     active: HashMap<SeqId, Active>,
     next_id: SeqId,
+    prefix_cache: bool,
 }
 
 impl Engine {
@@ -154,11 +160,19 @@ impl Engine {
             }
             for id in &step.admitted {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
-                if let Some(a) = self.active.get(id) {
+                let cached = self.scheduler.cached_tokens(*id);
+                if let Some(a) = self.active.get_mut(id) {
+                    a.cached_tokens = cached;
                     let waited = a.req.received.elapsed().as_secs_f64();
                     metrics::histogram!("edgeinfer_request_queue_time_seconds").record(waited);
                     metrics::counter!("edgeinfer_prompt_tokens_total")
                         .increment(a.req.prompt.len() as u64);
+                    if self.prefix_cache && a.req.cache_prompt {
+                        metrics::counter!("edgeinfer_prefix_cache_queries_total")
+                            .increment(a.req.prompt.len() as u64);
+                        metrics::counter!("edgeinfer_prefix_cache_hits_total")
+                            .increment(cached as u64);
+                    }
                 }
             }
             if !step.chunks.is_empty() {
@@ -176,7 +190,7 @@ impl Engine {
         let Command::Submit(req, events) = cmd;
         let id = self.next_id;
         self.next_id += 1;
-        self.scheduler.add(id, req.prompt.len());
+        self.scheduler.add(id, &req.prompt, req.cache_prompt);
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
             tokens: req.prompt.clone(),
@@ -184,6 +198,7 @@ impl Engine {
             output: OutputState::new(req.stop.clone(), req.max_tokens, context),
             events,
             last_token_at: None,
+            cached_tokens: 0,
             req: *req,
         };
         self.active.insert(id, active);
@@ -245,12 +260,23 @@ impl Engine {
                 return;
             }
         };
+        // Prompt positions computed this step (counted before any response can complete).
+        let prefill: usize = step
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let prompt = self.active.get(&c.id)?.req.prompt.len();
+                Some((c.start + c.len).min(prompt).saturating_sub(c.start))
+            })
+            .sum();
+        metrics::counter!("edgeinfer_prompt_tokens_computed_total").increment(prefill as u64);
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
         for (c, logits) in step.chunks.iter().zip(outputs) {
             let Some(logits) = logits else { continue };
-            sampled.push(c.id);
-            if self.on_logits(c.id, logits) {
+            let (token, done) = self.on_logits(c.id, logits);
+            sampled.push((c.id, token));
+            if done {
                 finished.push(c.id);
             }
         }
@@ -261,8 +287,9 @@ impl Engine {
         }
     }
 
-    /// Samples the next token of `id` and sends its events; true when the request finished.
-    fn on_logits(&mut self, id: SeqId, mut logits: Vec<f32>) -> bool {
+    /// Samples the next token of `id` and sends its events; returns the token and whether
+    /// the request finished.
+    fn on_logits(&mut self, id: SeqId, mut logits: Vec<f32>) -> (u32, bool) {
         let a = self
             .active
             .get_mut(&id)
@@ -285,7 +312,7 @@ impl Engine {
                 let _ = a
                     .events
                     .send(Event::Failed(format!("detokenization failed: {e}")));
-                return true;
+                return (token, true);
             }
         };
         let (text, finish, counted) = match outcome {
@@ -313,12 +340,13 @@ impl Engine {
         let reason = match (finish, full) {
             (Some(r), _) => r,
             (None, true) => FinishReason::Length,
-            (None, false) => return false,
+            (None, false) => return (token, false),
         };
         let usage = Usage {
             prompt_tokens: a.req.prompt.len(),
             completion_tokens: a.output.generated(),
             total_tokens: a.req.prompt.len() + a.output.generated(),
+            cached_tokens: a.cached_tokens,
         };
         let _ = a.events.send(Event::Finished { reason, usage });
         let label = match reason {
@@ -332,11 +360,12 @@ impl Engine {
             request_id = %a.req.request_id,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
+            cached_tokens = usage.cached_tokens,
             finish_reason = label,
             seconds = a.req.received.elapsed().as_secs_f64(),
             "request finished"
         );
-        true
+        (token, true)
     }
 
     fn update_gauges(&self) {
@@ -344,6 +373,9 @@ impl Engine {
         let waiting = self.scheduler.waiting_count() + self.rx.len();
         metrics::gauge!("edgeinfer_requests_waiting").set(waiting as f64);
         metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(self.scheduler.kv_usage());
+        let (cached_blocks, evictions) = self.scheduler.cache_stats();
+        metrics::gauge!("edgeinfer_prefix_cache_blocks").set(cached_blocks as f64);
+        metrics::counter!("edgeinfer_prefix_cache_evictions_total").absolute(evictions);
     }
 }
 

@@ -23,6 +23,8 @@ pub struct GenerationRequest {
     /// For the logs: the caller's request id.
     pub request_id: String,
     pub received: Instant,
+    /// Whether this request may read and feed the prefix cache.
+    pub cache_prompt: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -44,6 +46,8 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -5,12 +5,16 @@
 //! waiting sequences in arrival order, under two budgets: `max_batch_size` running sequences
 //! and `max_batch_tokens` tokens per step (so a long prompt is prefilled in chunks and never
 //! stalls running streams). When KV blocks run out, the most recently admitted sequence is
-//! preempted: its blocks are freed and it waits to be recomputed. Invariant: a sequence is in
-//! exactly one of waiting / running, and only running sequences hold blocks.
+//! preempted: its blocks are freed and it waits to be recomputed. With prefix caching, a
+//! sequence admitted with no blocks first takes the cached blocks matching its tokens and
+//! starts computing after them; each block it fills is registered for later sequences.
+//! Invariants: a sequence is in exactly one of waiting / running, and only running sequences
+//! hold blocks; at least the last token of a sequence is always computed (never taken from
+//! the cache), so its logits exist.
 
 use std::collections::{HashMap, VecDeque};
 
-use super::blocks::BlockManager;
+use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
 
 pub type SeqId = u64;
 
@@ -42,11 +46,32 @@ pub struct Step {
 #[derive(Debug)]
 struct SeqState {
     /// Tokens known so far (prompt plus generated).
-    tokens: usize,
+    tokens: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
     ever_ran: bool,
+    /// Whether this sequence reads and feeds the prefix cache.
+    cache: bool,
+    /// Chained hashes of the full blocks of `tokens` worked out so far.
+    hashes: Vec<u64>,
+    /// Leading blocks of `blocks` registered in (or taken from) the prefix cache.
+    registered: usize,
+    /// Prompt tokens taken from the cache at first admission.
+    cached_tokens: usize,
+}
+
+impl SeqState {
+    /// Chained hashes of the first `n` full blocks (worked out once, kept).
+    fn hashes(&mut self, n: usize, block_size: usize) -> &[u64] {
+        while self.hashes.len() < n {
+            let i = self.hashes.len();
+            let parent = self.hashes.last().copied().unwrap_or(ROOT_HASH);
+            let block = &self.tokens[i * block_size..(i + 1) * block_size];
+            self.hashes.push(chain_hash(parent, block));
+        }
+        &self.hashes[..n]
+    }
 }
 
 #[derive(Debug)]
@@ -73,15 +98,24 @@ impl Scheduler {
         }
     }
 
-    /// Queues a sequence whose prompt has `prompt_len` tokens.
-    pub fn add(&mut self, id: SeqId, prompt_len: usize) {
+    /// Queues a sequence with its prompt; `cache` lets it use the prefix cache (when the
+    /// block manager has one).
+    pub fn add(&mut self, id: SeqId, prompt: &[u32], cache: bool) {
+        assert!(
+            !prompt.is_empty(),
+            "prompts are validated non-empty. This is a bug."
+        );
         self.seqs.insert(
             id,
             SeqState {
-                tokens: prompt_len,
+                tokens: prompt.to_vec(),
                 computed: 0,
                 blocks: Vec::new(),
                 ever_ran: false,
+                cache,
+                hashes: Vec::new(),
+                registered: 0,
+                cached_tokens: 0,
             },
         );
         self.waiting.push_back(id);
@@ -96,19 +130,41 @@ impl Scheduler {
         self.running.retain(|&r| r != id);
     }
 
-    /// Records that the chunks of a step were computed; `sampled` lists sequences that
-    /// gained a token.
-    pub fn complete(&mut self, step: &Step, sampled: &[SeqId]) {
+    /// Records that the chunks of a step were computed and registers the blocks they
+    /// filled; `sampled` lists sequences that gained a token, with the token.
+    pub fn complete(&mut self, step: &Step, sampled: &[(SeqId, u32)]) {
+        let bs = self.blocks.block_size();
         for c in &step.chunks {
-            if let Some(s) = self.seqs.get_mut(&c.id) {
-                s.computed = s.computed.max(c.start + c.len);
+            let Some(s) = self.seqs.get_mut(&c.id) else {
+                continue;
+            };
+            s.computed = s.computed.max(c.start + c.len);
+            if s.cache && self.blocks.caching() {
+                let full = s.computed / bs;
+                if full > s.registered {
+                    s.hashes(full, bs);
+                    for i in s.registered..full {
+                        self.blocks.register(s.blocks[i], s.hashes[i]);
+                    }
+                    s.registered = full;
+                }
             }
         }
-        for id in sampled {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.tokens += 1;
+        for &(id, token) in sampled {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.tokens.push(token);
             }
         }
+    }
+
+    /// Prompt tokens `id` took from the prefix cache when it was first admitted.
+    pub fn cached_tokens(&self, id: SeqId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.cached_tokens)
+    }
+
+    /// Blocks registered in the prefix cache, and cached blocks evicted so far.
+    pub fn cache_stats(&self) -> (usize, u64) {
+        (self.blocks.cached_count(), self.blocks.evictions())
     }
 
     pub fn blocks(&self, id: SeqId) -> &[u32] {
@@ -149,7 +205,7 @@ impl Scheduler {
         while i < self.running.len() {
             let id = self.running[i];
             let s = &self.seqs[&id];
-            let remaining = s.tokens - s.computed;
+            let remaining = s.tokens.len() - s.computed;
             let want = remaining.min(budget);
             if want == 0 {
                 i += 1;
@@ -174,10 +230,12 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let hit = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
-            let want = (s.tokens - s.computed).min(budget);
+            let want = (s.tokens.len() - s.computed).min(budget);
             let target = s.computed + want;
             if !self.grow(id, target) {
+                self.give_back_cached_prefix(id);
                 break;
             }
             self.waiting.pop_front();
@@ -188,6 +246,7 @@ impl Scheduler {
                 .expect("waiting ids are known. This is a bug.");
             if !s.ever_ran {
                 s.ever_ran = true;
+                s.cached_tokens = hit;
                 step.admitted.push(id);
             }
             step.chunks.push(self.chunk(id, want));
@@ -203,7 +262,36 @@ impl Scheduler {
             id,
             start: s.computed,
             len,
-            logits: s.computed + len == s.tokens,
+            logits: s.computed + len == s.tokens.len(),
+        }
+    }
+
+    /// For a sequence about to be admitted with no blocks: takes references to the cached
+    /// blocks matching its leading full blocks (never its last token) and skips their
+    /// computation. Returns the tokens taken.
+    fn take_cached_prefix(&mut self, id: SeqId) -> usize {
+        let bs = self.blocks.block_size();
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .expect("waiting ids are known. This is a bug.");
+        if !s.cache || !self.blocks.caching() || !s.blocks.is_empty() {
+            return 0;
+        }
+        let n = (s.tokens.len() - 1) / bs;
+        let found = self.blocks.lookup(s.hashes(n, bs));
+        s.registered = found.len();
+        s.computed = found.len() * bs;
+        s.blocks = found;
+        s.computed
+    }
+
+    /// Undoes [`Self::take_cached_prefix`] for a sequence that could not be admitted.
+    fn give_back_cached_prefix(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            self.blocks.release(&mut s.blocks);
+            s.computed = 0;
+            s.registered = 0;
         }
     }
 
@@ -228,6 +316,7 @@ impl Scheduler {
         if let Some(s) = self.seqs.get_mut(&id) {
             self.blocks.release(&mut s.blocks);
             s.computed = 0;
+            s.registered = 0;
         }
         self.waiting.push_front(id);
         step.preempted.push(id);

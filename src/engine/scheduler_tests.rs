@@ -1,24 +1,48 @@
-//! Scheduler tests: budgets, chunked prefill, mixed steps, preemption, removal. No model.
+//! Scheduler tests: budgets, chunked prefill, mixed steps, preemption, removal, prefix
+//! caching. No model.
 use super::*;
 
 fn sched(max_batch_size: usize, max_batch_tokens: usize, blocks: usize) -> Scheduler {
+    sched_cached(max_batch_size, max_batch_tokens, blocks, false)
+}
+
+fn sched_cached(
+    max_batch_size: usize,
+    max_batch_tokens: usize,
+    blocks: usize,
+    caching: bool,
+) -> Scheduler {
     Scheduler::new(
         SchedulerConfig {
             max_batch_size,
             max_batch_tokens,
         },
-        BlockManager::new(blocks, 4),
+        BlockManager::new(blocks, 4, caching),
     )
+}
+
+/// A prompt of `len` tokens no other sequence shares.
+fn prompt(id: SeqId, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| id as u32 * 1000 + i).collect()
+}
+
+fn add(s: &mut Scheduler, id: SeqId, len: usize) {
+    s.add(id, &prompt(id, len), true);
+}
+
+/// The token a sequence "samples" at a step: deterministic per sequence and position.
+fn token(id: SeqId, pos: usize) -> u32 {
+    500_000 + id as u32 * 1000 + pos as u32
 }
 
 /// Runs one step, pretending every sequence with logits sampled a token.
 fn run(s: &mut Scheduler) -> Step {
     let step = s.schedule();
-    let sampled: Vec<SeqId> = step
+    let sampled: Vec<(SeqId, u32)> = step
         .chunks
         .iter()
         .filter(|c| c.logits)
-        .map(|c| c.id)
+        .map(|c| (c.id, token(c.id, c.start + c.len)))
         .collect();
     s.complete(&step, &sampled);
     step
@@ -27,7 +51,7 @@ fn run(s: &mut Scheduler) -> Step {
 #[test]
 fn long_prompts_are_chunked_and_decodes_keep_running() {
     let mut s = sched(4, 8, 100);
-    s.add(1, 3);
+    add(&mut s, 1, 3);
     let st = run(&mut s);
     assert_eq!(
         st.chunks,
@@ -39,7 +63,7 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
         }]
     );
     assert_eq!(st.admitted, vec![1]);
-    s.add(2, 20);
+    add(&mut s, 2, 20);
     // Seq 1 decodes one token; seq 2 gets the remaining budget of 7.
     let st = run(&mut s);
     assert_eq!(
@@ -90,7 +114,7 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
 fn batch_size_limits_running_sequences() {
     let mut s = sched(2, 64, 100);
     for id in 1..=3 {
-        s.add(id, 5);
+        add(&mut s, id, 5);
     }
     let st = run(&mut s);
     assert_eq!(
@@ -111,8 +135,8 @@ fn batch_size_limits_running_sequences() {
 fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
     // 4 blocks of 4 positions: two sequences of 8 tokens fill the pool.
     let mut s = sched(4, 64, 4);
-    s.add(1, 8);
-    s.add(2, 8);
+    add(&mut s, 1, 8);
+    add(&mut s, 2, 8);
     run(&mut s);
     assert_eq!(s.free_blocks(), 0);
     // Both want a 9th position (a new block each): seq 2, the newest, is preempted.
@@ -127,7 +151,7 @@ fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
             logits: true
         }]
     );
-    s.complete(&st, &[1]);
+    s.complete(&st, &[(1, 7)]);
     assert_eq!(s.waiting_count(), 1);
     // Seq 1 finishes: seq 2 is recomputed from position 0 (its 8 prompt + 1 sampled tokens).
     s.remove(1);
@@ -147,8 +171,8 @@ fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
 #[test]
 fn waiting_sequences_wait_for_blocks_without_deadlock() {
     let mut s = sched(4, 64, 3);
-    s.add(1, 10); // 3 blocks
-    s.add(2, 4);
+    add(&mut s, 1, 10); // 3 blocks
+    add(&mut s, 2, 4);
     let st = run(&mut s);
     assert_eq!(st.chunks.len(), 1, "seq 2 waits: no block left");
     s.remove(1);
@@ -160,8 +184,8 @@ fn waiting_sequences_wait_for_blocks_without_deadlock() {
 #[test]
 fn removal_frees_everything_and_idle_means_empty() {
     let mut s = sched(4, 16, 10);
-    s.add(1, 9);
-    s.add(2, 30);
+    add(&mut s, 1, 9);
+    add(&mut s, 2, 30);
     run(&mut s);
     run(&mut s);
     s.remove(2);
@@ -169,4 +193,142 @@ fn removal_frees_everything_and_idle_means_empty() {
     assert!(s.is_idle());
     assert_eq!(s.free_blocks(), 10);
     assert_eq!(s.schedule(), Step::default());
+}
+
+/// Runs `id` alone until it has `total` tokens (prompt plus sampled), then returns them.
+fn run_until(s: &mut Scheduler, id: SeqId, total: usize) -> Vec<u32> {
+    while s.seqs[&id].tokens.len() < total {
+        run(s);
+    }
+    s.seqs[&id].tokens.clone()
+}
+
+#[test]
+fn a_later_prompt_reuses_full_blocks_of_prompt_and_generated_tokens() {
+    let mut s = sched_cached(4, 64, 20, true);
+    add(&mut s, 1, 6);
+    // 6 prompt tokens + 4 sampled: positions 0..9 computed, blocks 0 and 1 full.
+    let first = run_until(&mut s, 1, 10);
+    s.remove(1);
+    assert_eq!(
+        s.free_blocks(),
+        20,
+        "cached blocks count as free when unreferenced"
+    );
+    assert_eq!(s.cache_stats().0, 2);
+    // A follow-up: the whole first sequence plus a new turn.
+    let mut follow = first.clone();
+    follow.extend([1, 2, 3]);
+    s.add(2, &follow, true);
+    let st = run(&mut s);
+    assert_eq!(s.cached_tokens(2), 8);
+    assert_eq!(
+        st.chunks,
+        vec![Chunk {
+            id: 2,
+            start: 8,
+            len: 5,
+            logits: true
+        }]
+    );
+    s.remove(2);
+    // Diverging in the middle of the second block: only the first block is shared.
+    let mut diverge = first[..6].to_vec();
+    diverge.extend([77, 78, 79]);
+    s.add(3, &diverge, true);
+    let st = run(&mut s);
+    assert_eq!((s.cached_tokens(3), st.chunks[0].start), (4, 4));
+    s.remove(3);
+    // cache = false bypasses it.
+    s.add(4, &follow, false);
+    let st = run(&mut s);
+    assert_eq!((s.cached_tokens(4), st.chunks[0].start), (0, 0));
+}
+
+#[test]
+fn the_last_token_is_always_computed_and_shared_blocks_are_never_written() {
+    let mut s = sched_cached(4, 64, 20, true);
+    add(&mut s, 1, 8);
+    run(&mut s);
+    s.remove(1);
+    // The same 8 tokens again: both blocks are cached, but the last token must produce
+    // logits, so only the first block is taken and the second is recomputed in a new block.
+    s.add(2, &prompt(1, 8), true);
+    let st = run(&mut s);
+    assert_eq!(st.chunks[0].start, 4);
+    assert_eq!(s.cached_tokens(2), 4);
+    s.add(3, &prompt(1, 8), true);
+    run(&mut s);
+    let (b2, b3) = (s.blocks(2).to_vec(), s.blocks(3).to_vec());
+    assert_eq!(b2[0], b3[0], "the cached first block is shared");
+    assert_ne!(b2[1], b3[1], "blocks written by a sequence are its own");
+}
+
+#[test]
+fn concurrent_sequences_share_a_cached_prefix_and_idle_frees_everything() {
+    let mut s = sched_cached(4, 64, 12, true);
+    let shared = prompt(9, 8);
+    s.add(1, &shared, true);
+    run(&mut s);
+    s.remove(1);
+    let (mut p2, mut p3) = (shared.clone(), shared.clone());
+    p2.extend([1, 2]);
+    p3.extend([3, 4, 5]);
+    s.add(2, &p2, true);
+    s.add(3, &p3, true);
+    let st = run(&mut s);
+    assert_eq!((s.cached_tokens(2), s.cached_tokens(3)), (8, 8));
+    assert_eq!(
+        st.chunks.iter().map(|c| c.start).collect::<Vec<_>>(),
+        [8, 8]
+    );
+    assert_eq!(s.blocks(2)[..2], s.blocks(3)[..2]);
+    // 2 shared blocks + one own block each.
+    assert_eq!(s.free_blocks(), 12 - 4);
+    s.remove(2);
+    s.remove(3);
+    assert_eq!(s.free_blocks(), 12);
+}
+
+#[test]
+fn a_small_pool_evicts_cached_blocks_and_requests_still_run() {
+    let mut s = sched_cached(4, 64, 6, true);
+    for id in 1..=5 {
+        add(&mut s, id, 12); // 3 blocks, plus a 4th for the sampled tokens
+        run_until(&mut s, id, 14);
+        s.remove(id);
+        assert_eq!(s.free_blocks(), 6, "nothing leaks");
+        assert!(s.cache_stats().0 <= 6, "the cache never overruns the pool");
+    }
+    assert!(s.cache_stats().1 > 0, "old prefixes were evicted");
+    // The last sequence's prefix survived; the first one's did not.
+    add(&mut s, 6, 1);
+    s.remove(6);
+    s.add(7, &prompt(5, 12), true);
+    run(&mut s);
+    assert_eq!(s.cached_tokens(7), 8);
+    s.remove(7);
+    s.add(8, &prompt(1, 12), true);
+    run(&mut s);
+    assert_eq!(s.cached_tokens(8), 0);
+}
+
+#[test]
+fn preempted_sequences_resume_from_their_cached_blocks() {
+    // 4 blocks: two sequences of 8 tokens fill the pool, as in the preemption test above.
+    let mut s = sched_cached(4, 64, 4, true);
+    add(&mut s, 1, 8);
+    add(&mut s, 2, 8);
+    run(&mut s);
+    let st = s.schedule();
+    assert_eq!(st.preempted, vec![2]);
+    s.complete(&st, &[(1, 7)]);
+    s.remove(1);
+    // Seq 2's blocks were registered before it lost them. Seq 1's new block took the
+    // least recently used one, seq 2's tail; seq 2 takes its first block back instead of
+    // recomputing from 0.
+    assert_eq!(s.cache_stats().1, 1, "one eviction");
+    let st = s.schedule();
+    assert_eq!(st.chunks[0].id, 2);
+    assert_eq!(st.chunks[0].start, 4);
 }
