@@ -1,5 +1,6 @@
 //! The forward pass on the default model: prefill of 128 and 512 tokens, and one decode step
-//! for 1, 4, 16 and 64 sequences at context 0 and 512, through the shared KV pool.
+//! for 1, 4, 16 and 64 sequences at context 0 and 512, and a 16-token chunk after 1,024
+//! cached positions (a follow-up turn), through the shared KV pool.
 
 use std::path::PathBuf;
 
@@ -42,6 +43,33 @@ pub fn bench(c: &mut Criterion) {
                 let seq = SeqInput {
                     tokens: &prompt,
                     start: 0,
+                    blocks: &blocks,
+                    logits: true,
+                };
+                model.forward_batch(&[seq], &mut pool).unwrap()
+            })
+        });
+    }
+    // A follow-up turn: 16 new tokens after 1,024 cached positions (prefix caching).
+    {
+        let (ctx, n) = (1024usize, 16usize);
+        let blocks: Vec<u32> = (0..(ctx + n).div_ceil(BLOCK) as u32).collect();
+        let mut pool = model.new_pool(BLOCK, blocks.len());
+        let history = tokens(ctx, 3);
+        let seq = SeqInput {
+            tokens: &history,
+            start: 0,
+            blocks: &blocks,
+            logits: false,
+        };
+        model.forward_batch(&[seq], &mut pool).unwrap();
+        let turn = tokens(n, 4);
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::new(format!("chunk/ctx{ctx}"), n), |b| {
+            b.iter(|| {
+                let seq = SeqInput {
+                    tokens: &turn,
+                    start: ctx,
                     blocks: &blocks,
                     logits: true,
                 };

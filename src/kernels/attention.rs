@@ -24,7 +24,7 @@ pub struct KvView<'a> {
 
 impl KvView<'_> {
     #[inline]
-    fn row(&self, pos: usize) -> usize {
+    pub(crate) fn row(&self, pos: usize) -> usize {
         (self.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size)
             * self.stride
     }
@@ -50,29 +50,148 @@ pub struct AttentionShape {
 }
 
 /// Attention for a packed batch: `q` is `[rows, n_head * head_dim]` holding every sequence's
-/// query rows; returns the same shape. (sequence, head) pairs run in parallel; each is computed
-/// by one thread in a fixed order, so results do not depend on batching or thread count.
+/// query rows; returns the same shape. The work is split into tasks (see [`plan`]) that run
+/// in parallel; each output row is computed by one thread in a fixed order, so results do not
+/// depend on batching, the split or the thread count.
 pub fn packed_attention(q: &[f32], seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if shape.head_dim % 8 == 0 && shape.head_dim <= 256 {
+        return packed_attention_with(q, seqs, shape, super::attention_x86::best());
+    }
+    packed_attention_with(q, seqs, shape, None)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Debug, Clone, Copy)]
+enum Variant {}
+#[cfg(target_arch = "x86_64")]
+use super::attention_x86::Variant;
+
+/// One unit of work: sequence `seq`, KV head `kvh`, the query heads `heads` of its group
+/// (absolute head indices) and the query rows `rows` (relative to the sequence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Task {
+    pub seq: usize,
+    pub kvh: usize,
+    pub heads: std::ops::Range<usize>,
+    pub rows: std::ops::Range<usize>,
+}
+
+impl Task {
+    fn cost(&self, start: usize) -> usize {
+        self.heads.len() * self.rows.len() * (start + self.rows.end)
+    }
+}
+
+/// One task per (sequence, KV head), so the query heads sharing a KV head read its keys once;
+/// the costliest tasks are then halved (by query rows, else by heads) until there are a few
+/// per thread, so one long prompt or one decoding sequence still uses every core.
+fn plan(seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<Task> {
+    let group = shape.n_head / shape.n_kv_head;
+    let mut tasks: Vec<Task> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(seq, s)| {
+            (0..shape.n_kv_head).map(move |kvh| Task {
+                seq,
+                kvh,
+                heads: kvh * group..(kvh + 1) * group,
+                rows: 0..s.len,
+            })
+        })
+        .collect();
+    let want = 4 * rayon::current_num_threads();
+    while tasks.len() < want {
+        let Some((i, _)) = tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.rows.len() > 1 || t.heads.len() > 1)
+            .max_by_key(|(_, t)| t.cost(seqs[t.seq].start))
+        else {
+            break;
+        };
+        let t = tasks[i].clone();
+        let (a, b) = if t.rows.len() > 1 {
+            let mid = t.rows.start + t.rows.len() / 2;
+            (
+                Task {
+                    rows: t.rows.start..mid,
+                    ..t.clone()
+                },
+                Task {
+                    rows: mid..t.rows.end,
+                    ..t
+                },
+            )
+        } else {
+            let mid = t.heads.start + t.heads.len() / 2;
+            (
+                Task {
+                    heads: t.heads.start..mid,
+                    ..t.clone()
+                },
+                Task {
+                    heads: mid..t.heads.end,
+                    ..t
+                },
+            )
+        };
+        tasks[i] = a;
+        tasks.push(b);
+    }
+    tasks
+}
+
+fn packed_attention_with(
+    q: &[f32],
+    seqs: &[AttentionSeq],
+    shape: AttentionShape,
+    simd: Option<Variant>,
+) -> Vec<f32> {
     let AttentionShape {
         n_head, head_dim, ..
     } = shape;
     let width = n_head * head_dim;
-    let tasks: Vec<(usize, usize)> = (0..seqs.len())
-        .flat_map(|s| (0..n_head).map(move |h| (s, h)))
-        .collect();
+    let tasks = plan(seqs, shape);
+    // Each task's output: for each of its rows, for each of its heads, `head_dim` values.
     let per_task: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(s, h)| {
-            let seq = &seqs[s];
+        .map(|t| {
+            let seq = &seqs[t.seq];
             let rows = &q[seq.row * width..(seq.row + seq.len) * width];
-            head_attention_dispatch(rows, seq.kv, seq.len, seq.start, shape, h)
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v) = simd {
+                // Safety: `best()` checked the CPU features, `packed_attention` the head size.
+                return unsafe {
+                    super::attention_x86::group_attention(v, rows, seq.kv, seq.start, shape, t)
+                };
+            }
+            let _ = simd;
+            let mut out = Vec::with_capacity(t.rows.len() * t.heads.len() * head_dim);
+            let per_head: Vec<Vec<f32>> = t
+                .heads
+                .clone()
+                .map(|h| head_attention_dispatch(rows, seq.kv, t.rows.clone(), seq.start, shape, h))
+                .collect();
+            for i in 0..t.rows.len() {
+                for ph in &per_head {
+                    out.extend_from_slice(&ph[i * head_dim..][..head_dim]);
+                }
+            }
+            out
         })
         .collect();
     let mut out = vec![0f32; q.len()];
-    for (&(s, h), rows) in tasks.iter().zip(&per_task) {
-        let seq = &seqs[s];
-        for (i, row) in rows.chunks_exact(head_dim).enumerate() {
-            out[(seq.row + i) * width + h * head_dim..][..head_dim].copy_from_slice(row);
+    for (t, vals) in tasks.iter().zip(&per_task) {
+        let seq = &seqs[t.seq];
+        let mut it = vals.chunks_exact(head_dim);
+        for i in t.rows.clone() {
+            for h in t.heads.clone() {
+                let src = it
+                    .next()
+                    .expect("one chunk per (row, head). This is a bug.");
+                out[(seq.row + i) * width + h * head_dim..][..head_dim].copy_from_slice(src);
+            }
         }
     }
     out
@@ -83,7 +202,7 @@ pub fn packed_attention(q: &[f32], seqs: &[AttentionSeq], shape: AttentionShape)
 fn head_attention_dispatch(
     q: &[f32],
     kv: KvView,
-    t: usize,
+    rows: std::ops::Range<usize>,
     start: usize,
     shape: AttentionShape,
     h: usize,
@@ -94,27 +213,29 @@ fn head_attention_dispatch(
         unsafe fn fast(
             q: &[f32],
             kv: KvView,
-            t: usize,
+            rows: std::ops::Range<usize>,
             start: usize,
             shape: AttentionShape,
             h: usize,
         ) -> Vec<f32> {
-            head_attention(q, kv, t, start, shape, h)
+            head_attention(q, kv, rows, start, shape, h)
         }
         if super::x86::available() {
             // Safety: the features were checked.
-            return unsafe { fast(q, kv, t, start, shape, h) };
+            return unsafe { fast(q, kv, rows, start, shape, h) };
         }
     }
-    head_attention(q, kv, t, start, shape, h)
+    head_attention(q, kv, rows, start, shape, h)
 }
 
-/// One head's output for every query: `[t, head_dim]`.
+/// The portable path: one head's output for the query rows `rows`, `[rows.len(), head_dim]`.
+/// Each key's score adds its products in element order (multiply, then add), exactly as the
+/// AVX2 path computes it eight keys at a time.
 #[inline(always)]
 fn head_attention(
     q: &[f32],
     kv: KvView,
-    t: usize,
+    rows: std::ops::Range<usize>,
     start: usize,
     shape: AttentionShape,
     h: usize,
@@ -122,61 +243,26 @@ fn head_attention(
     let hd = shape.head_dim;
     let kv_off = (h / (shape.n_head / shape.n_kv_head)) * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let len = start + t;
-    let mut out = vec![0f32; t * hd];
+    let mut out = Vec::with_capacity(rows.len() * hd);
     let mut qh = vec![0f32; hd];
     let mut acc = vec![0f32; hd];
-    let mut scores = vec![0f32; len];
-    if t == 1 {
-        // Decode: one query; read each key and value straight from the cache.
-        qh.copy_from_slice(&q[h * hd..][..hd]);
-        round_to_f16(&mut qh);
-        // Eight keys at a time: eight independent sums, each still in element order.
-        let mut kr = vec![0f32; 8 * hd];
-        for (c, chunk) in scores.chunks_mut(8).enumerate() {
-            for (l, _) in chunk.iter().enumerate() {
-                let j = c * 8 + l;
-                kv.k[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut kr[l * hd..][..hd]);
-            }
-            let mut s8 = [0f32; 8];
-            for (d, &qd) in qh.iter().enumerate() {
-                for (l, s) in s8.iter_mut().enumerate() {
-                    *s += qd * kr[l * hd + d];
-                }
-            }
-            chunk.copy_from_slice(&s8[..chunk.len()]);
-        }
-        accumulate_from_cache(&scores, scale, &mut acc, kv, kv_off);
-        out.copy_from_slice(&acc);
-        return out;
-    }
-    // Prefill: this head's keys, transposed (`[head_dim, len]`) and widened to f32 once per
-    // call rather than once per query.
-    let mut kt = vec![0f32; hd * len];
-    let mut row = vec![0f32; hd];
-    for j in 0..len {
-        let r = kv.row(j) + kv_off;
-        kv.k[r..][..hd].convert_to_f32_slice(&mut row);
-        for (d, &x) in row.iter().enumerate() {
-            kt[d * len + j] = x;
-        }
-    }
-    for i in 0..t {
+    let mut kr = vec![0f32; hd];
+    let mut scores = vec![0f32; start + rows.end];
+    for i in rows {
         // Q rounded to f16, as llama.cpp converts it to the K cache's type.
         qh.copy_from_slice(&q[(i * shape.n_head + h) * hd..][..hd]);
         round_to_f16(&mut qh);
         let seen = start + i + 1;
-        // Every key's score at once: lanes run over keys, and each key's sum still adds
-        // its products in element order, exactly as the decode path does.
-        let scores = &mut scores[..seen];
-        scores.fill(0.0);
-        for (d, &qd) in qh.iter().enumerate() {
-            for (s, &k) in scores.iter_mut().zip(&kt[d * len..d * len + seen]) {
-                *s += qd * k;
+        for (j, s) in scores[..seen].iter_mut().enumerate() {
+            kv.k[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut kr);
+            let mut sum = 0f32;
+            for (&qd, &k) in qh.iter().zip(&kr) {
+                sum += qd * k;
             }
+            *s = sum;
         }
-        accumulate_from_cache(scores, scale, &mut acc, kv, kv_off);
-        out[i * hd..][..hd].copy_from_slice(&acc);
+        accumulate_from_cache(&scores[..seen], scale, &mut acc, kv, kv_off);
+        out.extend_from_slice(&acc);
     }
     out
 }
@@ -203,7 +289,81 @@ fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn accumulate_x86(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView, kv_off: usize) {
+pub(crate) unsafe fn accumulate_x86(
+    scores: &[f32],
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) {
+    // A fixed width keeps the f16 accumulators in registers (a loop over a run-time count
+    // kept them in memory: a store and reload on every key's dependency chain).
+    match acc.len() {
+        64 => accumulate_x86_n::<8>(scores, scale, acc, kv, kv_off),
+        128 => accumulate_x86_n::<16>(scores, scale, acc, kv, kv_off),
+        _ => accumulate_x86_any(scores, scale, acc, kv, kv_off),
+    }
+}
+
+/// [`accumulate_x86`] for `head_dim == 8 * N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate_x86_n<const N: usize>(
+    scores: &[f32],
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+    assert_eq!(acc.len(), N * 8);
+    let mut acc16 = [_mm_setzero_si128(); N];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (j, &raw) in scores.iter().enumerate() {
+        let s = raw * scale;
+        let (ms, vs) = if s > max {
+            let ms = (max - s).exp();
+            max = s;
+            let m = _mm256_set1_ps(ms);
+            for a in acc16.iter_mut() {
+                *a = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(*a), m), NEAREST);
+            }
+            (ms, 1.0)
+        } else {
+            (1.0, (s - max).exp())
+        };
+        // A checked slice: the view's fields are public, so no trust in the block table.
+        let row = &kv.v[kv.row(j) + kv_off..][..N * 8];
+        let v = row.as_ptr() as *const __m128i;
+        let w = _mm256_set1_ps(vs);
+        for (i, a) in acc16.iter_mut().enumerate() {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(i)));
+            *a = _mm256_cvtps_ph(_mm256_fmadd_ps(vv, w, _mm256_cvtph_ps(*a)), NEAREST);
+        }
+        sum = sum * ms + vs;
+    }
+    for (i, a) in acc16.iter().enumerate() {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(*a));
+        for (dst, x) in acc[i * 8..i * 8 + 8].iter_mut().zip(out) {
+            *dst = x / sum;
+        }
+    }
+}
+
+/// [`accumulate_x86`] for any `head_dim` that is a multiple of 8, up to 256.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate_x86_any(
+    scores: &[f32],
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) {
     use std::arch::x86_64::*;
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
     let vecs = acc.len() / 8;
@@ -440,6 +600,122 @@ mod tests {
         let alone_b = causal_attention(&q[2 * 32..], &kb, &vb, 3, 0, shape);
         assert_eq!(packed[..2 * 32], alone_a[..]);
         assert_eq!(packed[2 * 32..], alone_b[..]);
+    }
+
+    #[test]
+    fn avx2_path_is_bit_identical_to_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if super::super::x86::available() {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            for &(n_head, n_kv_head, hd) in &[(9, 3, 64), (32, 8, 128), (4, 4, 16), (6, 2, 8)] {
+                let shape = AttentionShape {
+                    n_head,
+                    n_kv_head,
+                    head_dim: hd,
+                };
+                let stride = n_kv_head * hd;
+                let (bs, n_blocks) = (4, 64);
+                let mut gen = |n: usize| -> Vec<f16> {
+                    (0..n)
+                        .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
+                        .collect()
+                };
+                let k = gen(bs * n_blocks * stride);
+                let v = gen(bs * n_blocks * stride);
+                // (cached, new) per sequence: decodes, a long prefill, odd key counts.
+                let plan: [(usize, usize); 5] = [(0, 1), (37, 1), (0, 13), (90, 20), (5, 3)];
+                let mut tables: Vec<Vec<u32>> = Vec::new();
+                let mut next = 0u32;
+                for &(c, t) in &plan {
+                    let n = (c + t).div_ceil(bs) as u32;
+                    // Reversed, so no table is in order.
+                    tables.push((next..next + n).rev().collect());
+                    next += n;
+                }
+                let rows: usize = plan.iter().map(|p| p.1).sum();
+                let q: Vec<f32> = (0..rows * n_head * hd)
+                    .map(|_| rng.gen_range(-2.0..2.0))
+                    .collect();
+                let mut row = 0;
+                let seqs: Vec<AttentionSeq> = plan
+                    .iter()
+                    .zip(&tables)
+                    .map(|(&(c, t), table)| {
+                        let s = AttentionSeq {
+                            row,
+                            len: t,
+                            start: c,
+                            kv: KvView {
+                                k: &k,
+                                v: &v,
+                                blocks: table,
+                                block_size: bs,
+                                stride,
+                            },
+                        };
+                        row += t;
+                        s
+                    })
+                    .collect();
+                let portable = packed_attention_with(&q, &seqs, shape, None);
+                let mut variants = vec![Variant::Avx2];
+                if super::super::attention_x86::best() == Some(Variant::Avx512) {
+                    variants.push(Variant::Avx512);
+                }
+                for v in variants {
+                    let fast = packed_attention_with(&q, &seqs, shape, Some(v));
+                    assert!(
+                        fast.iter()
+                            .zip(&portable)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{v:?}, shape {:?}",
+                        (n_head, n_kv_head, hd)
+                    );
+                    // Each sequence alone (another task split) gives the same bits.
+                    let alone =
+                        packed_attention_with(&q[..n_head * hd], &seqs[..1], shape, Some(v));
+                    assert_eq!(alone[..], fast[..n_head * hd]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_plan_covers_every_row_and_head_once() {
+        let shape = AttentionShape {
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 8,
+        };
+        let k = [f16::ZERO; 8];
+        let kv = KvView {
+            k: &k,
+            v: &k,
+            blocks: &[],
+            block_size: 1,
+            stride: 24,
+        };
+        for lens in [vec![1], vec![1, 1], vec![30], vec![1, 7, 100], vec![1; 40]] {
+            let seqs: Vec<AttentionSeq> = lens
+                .iter()
+                .map(|&len| AttentionSeq {
+                    row: 0,
+                    len,
+                    start: 3,
+                    kv,
+                })
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            for t in plan(&seqs, shape) {
+                for r in t.rows.clone() {
+                    for h in t.heads.clone() {
+                        assert_eq!(h / 3, t.kvh, "a head outside its KV group");
+                        assert!(seen.insert((t.seq, r, h)), "done twice");
+                    }
+                }
+            }
+            assert_eq!(seen.len(), lens.iter().sum::<usize>() * 9, "{lens:?}");
+        }
     }
 
     /// Plain two-pass softmax attention in f64 over the same (f16) inputs.

@@ -3,6 +3,7 @@
 //! Knows slices and layouts; never the scheduler or HTTP.
 
 pub mod attention;
+mod attention_x86;
 pub mod norm;
 pub mod qmatmul;
 pub mod quant;
