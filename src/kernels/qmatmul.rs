@@ -68,6 +68,14 @@ impl QMatrix {
         // Weight-row-major results: [rows, n].
         let mut by_row = vec![0f32; self.rows * n];
         let simd = simd::available();
+        #[cfg(target_arch = "x86_64")]
+        let quads: Vec<super::x86::Quad> = if simd && n >= 4 {
+            acts.chunks_exact(4)
+                .map(|a| super::x86::Quad::new([&a[0], &a[1], &a[2], &a[3]]))
+                .collect()
+        } else {
+            Vec::new()
+        };
         by_row
             .par_chunks_mut(ROWS_PER_TASK * n)
             .enumerate()
@@ -78,7 +86,7 @@ impl QMatrix {
                     // Safety: `simd::available()` checked the CPU features.
                     unsafe {
                         if n >= 4 {
-                            rows_x86_multi(self, first, out, &acts)
+                            rows_x86_multi(self, first, out, &acts, &quads)
                         } else {
                             rows_x86(self, first, out, &acts)
                         }
@@ -149,25 +157,43 @@ unsafe fn rows_x86_with(
 }
 
 /// Several input rows: four at a time share each expanded weight block
-/// ([`super::x86::dot4`]), the rest go one by one. A separate function from [`rows_x86`] so
+/// ([`super::x86::dot4_quad`], or its VNNI twin), the rest go one by one. A separate function from [`rows_x86`] so
 /// the decode loop's code stays as tight as it is alone (measured: 250 vs 150 tok/s).
 ///
 /// # Safety
 /// As [`rows_x86`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_x86_multi(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
+unsafe fn rows_x86_multi(
+    m: &QMatrix,
+    first: usize,
+    out: &mut [f32],
+    acts: &[Q8Row],
+    quads: &[super::x86::Quad],
+) {
     let n = acts.len();
-    let quads = n / 4 * 4;
+    let quads_len = n / 4 * 4;
+    let nb = m.cols / QK;
+    let (mut dw, mut mw) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+    let vnni = super::x86::vnni_available();
     for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
         let w = m.row(first + local);
-        for (o, a) in out_row[..quads]
+        super::x86::row_scales(m.kind, w, nb, &mut dw, &mut mw);
+        for ((o, a), quad) in out_row[..quads_len]
             .chunks_exact_mut(4)
             .zip(acts.chunks_exact(4))
+            .zip(quads)
         {
-            o.copy_from_slice(&super::x86::dot4(m.kind, w, [&a[0], &a[1], &a[2], &a[3]]));
+            let four = [&a[0], &a[1], &a[2], &a[3]];
+            // Safety: `vnni_available` checked the VNNI kernel's extra features.
+            let r = if vnni {
+                super::x86::dot4_quad_vnni(m.kind, w, &dw, &mw, four, quad)
+            } else {
+                super::x86::dot4_quad(m.kind, w, &dw, &mw, four, quad)
+            };
+            o.copy_from_slice(&r);
         }
-        for (o, a) in out_row[quads..].iter_mut().zip(&acts[quads..]) {
+        for (o, a) in out_row[quads_len..].iter_mut().zip(&acts[quads_len..]) {
             *o = match m.kind {
                 WeightKind::Q4_0 => super::x86::dot_q4_0(w, a),
                 WeightKind::Q4_1 => super::x86::dot_q4_1(w, a),
@@ -367,6 +393,26 @@ mod tests {
                     };
                 }
                 assert_eq!(fast, portable, "{dtype:?}");
+            }
+            // The four-row kernels, with and without VNNI, agree with the single-row ones.
+            #[cfg(target_arch = "x86_64")]
+            if super::super::x86::available() {
+                use super::super::x86;
+                let nb = 576 / QK;
+                let (mut dw, mut mw) = (Vec::new(), Vec::new());
+                let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
+                let quad = x86::Quad::new(four);
+                for r in 0..40 {
+                    x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw);
+                    let want: Vec<f32> = (0..4).map(|i| portable[r * 5 + i]).collect();
+                    let got = unsafe { x86::dot4_quad(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                    assert_eq!(got[..], want[..], "{dtype:?} row {r}");
+                    if x86::vnni_available() {
+                        let got =
+                            unsafe { x86::dot4_quad_vnni(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                        assert_eq!(got[..], want[..], "{dtype:?} row {r} (VNNI)");
+                    }
+                }
             }
             // And the public path (whichever kernel it picks) agrees with both.
             let got = m.matmul(&x, 5);

@@ -100,55 +100,151 @@ pub unsafe fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
     hsum8(acc)
 }
 
-/// Four activation rows against one weight row at once: the weight block is expanded once
-/// and the four FMA chains run side by side. Each result is computed exactly as by the
-/// single-row kernels (same operations in the same order).
-///
-/// # Safety
-/// As [`dot_q4_1`]; all four rows have the same number of blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot4(kind: super::qmatmul::WeightKind, w: &[u8], a: [&Q8Row; 4]) -> [f32; 4] {
-    use super::qmatmul::WeightKind;
-    let nb = a[0].d.len();
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut summs = [0f32; 4];
-    let bytes = kind.block_bytes();
-    debug_assert!(w.len() >= nb * bytes);
-    for b in 0..nb {
-        let blk = w.as_ptr().add(b * bytes);
-        let dw = f16_at(blk);
-        let (qx, signed) = match kind {
-            WeightKind::Q4_1 => {
-                let m = f16_at(blk.add(2));
-                for r in 0..4 {
-                    summs[r] += m * a[r].s[b];
-                }
-                (nibbles(blk.add(4)), false)
-            }
-            WeightKind::Q4_0 => (
-                _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8)),
-                true,
-            ),
-            WeightKind::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), true),
-        };
-        let (ax, sx) = if signed {
-            (_mm256_sign_epi8(qx, qx), qx)
-        } else {
-            (qx, _mm256_set1_epi8(1))
-        };
-        for r in 0..4 {
-            let qy = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
-            let qy = if signed { _mm256_sign_epi8(qy, sx) } else { qy };
-            let d = dw * a[r].d[b];
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes_us(ax, qy), acc[r]);
+/// The activation scales of four input rows side by side, block by block: `d[b][r]` and
+/// `s[b][r]` are row `r`'s `d[b]` and `s[b]` ([`Q8Row`]). Built once per matrix product and
+/// shared by every weight row.
+#[derive(Debug, Default, Clone)]
+pub struct Quad {
+    pub d: Vec<[f32; 4]>,
+    pub s: Vec<[f32; 4]>,
+}
+
+impl Quad {
+    pub fn new(a: [&Q8Row; 4]) -> Self {
+        let nb = a[0].d.len();
+        Self {
+            d: (0..nb)
+                .map(|b| std::array::from_fn(|r| a[r].d[b]))
+                .collect(),
+            s: (0..nb)
+                .map(|b| std::array::from_fn(|r| a[r].s[b]))
+                .collect(),
         }
     }
-    let mut out = [0f32; 4];
-    for r in 0..4 {
-        out[r] = match kind {
-            WeightKind::Q4_1 => hsum8(acc[r]) + summs[r],
-            _ => hsum8(acc[r]),
-        };
+}
+
+/// One weight row's block scales (and Q4_1 minimums) widened to f32, read once per weight
+/// row instead of once per input row.
+pub fn row_scales(
+    kind: super::qmatmul::WeightKind,
+    w: &[u8],
+    nb: usize,
+    d: &mut Vec<f32>,
+    m: &mut Vec<f32>,
+) {
+    use super::qmatmul::WeightKind;
+    let bytes = kind.block_bytes();
+    d.clear();
+    m.clear();
+    for b in 0..nb {
+        let blk = &w[b * bytes..];
+        d.push(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+        if kind == WeightKind::Q4_1 {
+            m.push(half::f16::from_le_bytes([blk[2], blk[3]]).to_f32());
+        }
     }
-    out
+}
+
+macro_rules! dot4_quad {
+    ($name:ident, $features:literal, $lanes:ident) => {
+        /// Four activation rows against one weight row at once: each weight block is
+        /// expanded once for the four rows; the per-block scale products of the four rows
+        /// come from one vector multiply (`dw[b] * quad.d[b]`) read back by broadcast loads,
+        /// and the four Q4_1 offset sums share one vector. Each result is computed exactly
+        /// as by the single-row kernels (same operations in the same order).
+        ///
+        /// # Safety
+        /// The CPU must have the function's features; `dw` (and for Q4_1 `mw`) hold the
+        /// weight row's `nb` scales from [`row_scales`]; `quad` was built from `a`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(
+            kind: super::qmatmul::WeightKind,
+            w: &[u8],
+            dw: &[f32],
+            mw: &[f32],
+            a: [&Q8Row; 4],
+            quad: &Quad,
+        ) -> [f32; 4] {
+            use super::qmatmul::WeightKind;
+            let nb = a[0].d.len();
+            let bytes = kind.block_bytes();
+            assert!(
+                w.len() >= nb * bytes
+                    && dw.len() >= nb
+                    && quad.d.len() >= nb
+                    && (kind != WeightKind::Q4_1 || (mw.len() >= nb && quad.s.len() >= nb))
+            );
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut summs = _mm_setzero_ps();
+            let mut dp = [0f32; 4];
+            for b in 0..nb {
+                let blk = w.as_ptr().add(b * bytes);
+                let prod = _mm_mul_ps(
+                    _mm_broadcast_ss(dw.get_unchecked(b)),
+                    _mm_loadu_ps(quad.d.get_unchecked(b).as_ptr()),
+                );
+                _mm_storeu_ps(dp.as_mut_ptr(), prod);
+                let (qx, signed) = match kind {
+                    WeightKind::Q4_1 => {
+                        let m = _mm_broadcast_ss(mw.get_unchecked(b));
+                        let s = _mm_loadu_ps(quad.s.get_unchecked(b).as_ptr());
+                        summs = _mm_add_ps(summs, _mm_mul_ps(m, s));
+                        (nibbles(blk.add(4)), false)
+                    }
+                    WeightKind::Q4_0 => (
+                        _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8)),
+                        true,
+                    ),
+                    WeightKind::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), true),
+                };
+                let (ax, sx) = if signed {
+                    (_mm256_sign_epi8(qx, qx), qx)
+                } else {
+                    (qx, _mm256_set1_epi8(1))
+                };
+                for r in 0..4 {
+                    let qy = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
+                    let qy = if signed { _mm256_sign_epi8(qy, sx) } else { qy };
+                    let d = _mm256_broadcast_ss(&dp[r]);
+                    acc[r] = _mm256_fmadd_ps(d, $lanes(ax, qy), acc[r]);
+                }
+            }
+            let mut sm = [0f32; 4];
+            _mm_storeu_ps(sm.as_mut_ptr(), summs);
+            let mut out = [0f32; 4];
+            for r in 0..4 {
+                out[r] = match kind {
+                    WeightKind::Q4_1 => hsum8(acc[r]) + sm[r],
+                    _ => hsum8(acc[r]),
+                };
+            }
+            out
+        }
+    };
+}
+
+/// [`lanes_us`] in one VNNI instruction: the same exact i32 lane sums (the products of
+/// unsigned nibbles or |x| by signed bytes never saturate `maddubs`' i16 pairs here).
+#[inline(always)]
+unsafe fn lanes_us_vnni(x: __m256i, y: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y))
+}
+
+dot4_quad!(dot4_quad, "avx2,fma,f16c", lanes_us);
+dot4_quad!(
+    dot4_quad_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    lanes_us_vnni
+);
+
+/// True when this CPU has AVX-512 VNNI with VL (and `EDGEINFER_NO_AVX512` is unset).
+pub fn vnni_available() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && std::env::var_os("EDGEINFER_NO_AVX512").is_none()
+    })
 }
