@@ -1,6 +1,6 @@
 //! Quantized matmul: our kernels against candle's `QMatMul`, per weight type, on the shapes of
 //! real models (SmolLM2's 576x1536, 1536x576 and 49152x576 lm head; a Llama 8B 4096x14336),
-//! for 1, 16 and 128 input rows.
+//! for 1, 4, 16 and 128 input rows.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -26,7 +26,7 @@ pub fn bench(c: &mut Criterion) {
             let qt = QTensor::quantize(&w, dtype).unwrap();
             let ours = Linear::from_qtensor(&qt).unwrap();
             let candle = QMatMul::from_qtensor(qt).unwrap();
-            for n in [1usize, 16, 128] {
+            for n in [1usize, 4, 16, 128] {
                 if rows * cols > 20_000_000 && n > 16 {
                     continue;
                 }

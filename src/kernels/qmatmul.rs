@@ -403,7 +403,7 @@ mod tests {
                 let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
                 let quad = x86::Quad::new(four);
                 for r in 0..40 {
-                    x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw);
+                    unsafe { x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw) };
                     let want: Vec<f32> = (0..4).map(|i| portable[r * 5 + i]).collect();
                     let got = unsafe { x86::dot4_quad(m.kind, m.row(r), &dw, &mw, four, &quad) };
                     assert_eq!(got[..], want[..], "{dtype:?} row {r}");

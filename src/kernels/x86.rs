@@ -124,8 +124,12 @@ impl Quad {
 }
 
 /// One weight row's block scales (and Q4_1 minimums) widened to f32, read once per weight
-/// row instead of once per input row.
-pub fn row_scales(
+/// row instead of once per group of input rows.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` holds `nb` blocks of `kind`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_scales(
     kind: super::qmatmul::WeightKind,
     w: &[u8],
     nb: usize,
@@ -134,13 +138,14 @@ pub fn row_scales(
 ) {
     use super::qmatmul::WeightKind;
     let bytes = kind.block_bytes();
+    assert!(w.len() >= nb * bytes);
     d.clear();
     m.clear();
     for b in 0..nb {
-        let blk = &w[b * bytes..];
-        d.push(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+        let blk = w.as_ptr().add(b * bytes);
+        d.push(f16_at(blk));
         if kind == WeightKind::Q4_1 {
-            m.push(half::f16::from_le_bytes([blk[2], blk[3]]).to_f32());
+            m.push(f16_at(blk.add(2)));
         }
     }
 }
