@@ -262,7 +262,7 @@ fn a_prompt_diverging_mid_block_reuses_only_the_full_blocks_before_it() {
                 .zip(ids(&v))
                 .take_while(|(x, y)| **x == *y)
                 .count() as u64;
-            (common % BLOCK != 0).then_some((v, common))
+            (!common.is_multiple_of(BLOCK)).then_some((v, common))
         })
         .expect("some split ends mid-block");
     assert!(common > 2 * BLOCK);

@@ -55,7 +55,7 @@ pub struct AttentionShape {
 /// depend on batching, the split or the thread count.
 pub fn packed_attention(q: &[f32], seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if shape.head_dim % 8 == 0 && shape.head_dim <= 256 {
+    if shape.head_dim.is_multiple_of(8) && shape.head_dim <= 256 {
         return packed_attention_with(q, seqs, shape, super::attention_x86::best());
     }
     packed_attention_with(q, seqs, shape, None)
@@ -274,7 +274,7 @@ fn head_attention(
 fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView, kv_off: usize) {
     let hd = acc.len();
     #[cfg(target_arch = "x86_64")]
-    if hd % 8 == 0 && hd <= 256 && super::x86::available() {
+    if hd.is_multiple_of(8) && hd <= 256 && super::x86::available() {
         // Safety: AVX2, FMA and F16C were checked.
         unsafe { accumulate_x86(scores, scale, acc, kv, kv_off) };
         return;

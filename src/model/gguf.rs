@@ -215,7 +215,11 @@ impl ModelConfig {
         let n_kv_head = f
             .opt_u32(&key("attention.head_count_kv"))?
             .map_or(n_head, |v| v as usize);
-        if n_head == 0 || dim % n_head != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+        if n_head == 0
+            || !dim.is_multiple_of(n_head)
+            || n_kv_head == 0
+            || !n_head.is_multiple_of(n_kv_head)
+        {
             return Err(bad(
                 &key("attention.head_count"),
                 format!("{n_head} heads / {n_kv_head} KV heads do not divide dim {dim}"),
