@@ -32,7 +32,8 @@ thread_local! {
 }
 
 /// Which compiled variant runs: AVX-512 F/VL when the CPU has it (and
-/// `EDGEINFER_NO_AVX512` is unset), else AVX2. `None`: neither (use the portable path).
+/// `EDGEINFER_NO_AVX512` is unset), else AVX2. `None`: neither, or `EDGEINFER_NO_SIMD` is
+/// set (use the portable path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Avx2,
@@ -42,7 +43,7 @@ pub enum Variant {
 pub fn best() -> Option<Variant> {
     static BEST: std::sync::OnceLock<Option<Variant>> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
-        if !super::x86::available() {
+        if !super::x86::available() || std::env::var_os("EDGEINFER_NO_SIMD").is_some() {
             return None;
         }
         let avx512 = is_x86_feature_detected!("avx512f")
