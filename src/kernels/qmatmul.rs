@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use rayon::prelude::*;
 
+use super::kquant::{self, KKind, KMatrix, QK_K};
 use super::quant::{self, Q8Row, UnpackedRow, QK};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +68,7 @@ impl QMatrix {
             .collect();
         // Weight-row-major results: [rows, n].
         let mut by_row = vec![0f32; self.rows * n];
-        let simd = simd::available();
+        let simd = simd_available();
         #[cfg(target_arch = "x86_64")]
         let quads: Vec<super::x86::Quad> = if simd && n >= 4 {
             acts.chunks_exact(4)
@@ -96,17 +97,22 @@ impl QMatrix {
                 let _ = simd;
                 rows_portable(self, first, out, &acts)
             });
-        if n == 1 {
-            return by_row;
-        }
-        let mut y = vec![0f32; n * self.rows];
-        for r in 0..self.rows {
-            for i in 0..n {
-                y[i * self.rows + r] = by_row[r * n + i];
-            }
-        }
-        y
+        transpose_rows(by_row, self.rows, n)
     }
+}
+
+/// `[rows, n]` -> `[n, rows]`.
+pub(crate) fn transpose_rows(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return by_row;
+    }
+    let mut y = vec![0f32; n * rows];
+    for r in 0..rows {
+        for i in 0..n {
+            y[i * rows + r] = by_row[r * n + i];
+        }
+    }
+    y
 }
 
 /// Computes `out` (`[rows_in_task, n]`) for the weight rows starting at `first`: each weight
@@ -203,29 +209,56 @@ unsafe fn rows_x86_multi(
     }
 }
 
-/// Run-time choice of kernels.
-mod simd {
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+/// Run-time choice of kernels: AVX2 ones unless the CPU lacks them or `EDGEINFER_NO_SIMD`
+/// is set.
+pub(crate) fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
 /// A linear layer: our kernels where we have them, candle's otherwise.
 pub enum Linear {
     Native(QMatrix),
+    NativeK(KMatrix),
     Candle(QMatMul),
 }
 
 impl Linear {
+    /// The fastest kernel measured for `t`'s type (`cargo bench --bench main -- qmatmul/`):
+    /// ours, except for Q4_K and Q6_K, where candle's repacked tile kernels (run-time
+    /// dispatched, AVX-512 VNNI here) beat our unpack-then-dot ones 3-4x on every shape.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
+        match t.dtype() {
+            GgmlDType::Q4K | GgmlDType::Q6K => Self::candle(t),
+            _ => Self::from_qtensor_native(t),
+        }
+    }
+
+    /// Our kernels wherever we have one for `t`'s type and width, candle's otherwise.
+    pub fn from_qtensor_native(t: &QTensor) -> candle_core::Result<Self> {
         let dims = t.shape().dims().to_vec();
+        let k_kind = match t.dtype() {
+            GgmlDType::Q4K => Some(KKind::Q4K),
+            GgmlDType::Q5K => Some(KKind::Q5K),
+            GgmlDType::Q6K => Some(KKind::Q6K),
+            _ => None,
+        };
+        if let (Some(kind), &[rows, cols]) = (k_kind, dims.as_slice()) {
+            if cols % QK_K == 0 {
+                return Ok(Self::NativeK(KMatrix {
+                    rows,
+                    cols,
+                    kind,
+                    data: t.data()?.into_owned(),
+                }));
+            }
+        }
         match (WeightKind::from_dtype(t.dtype()), dims.as_slice()) {
             (Some(kind), &[rows, cols]) if cols % QK == 0 => Ok(Self::Native(QMatrix {
                 rows,
@@ -233,14 +266,16 @@ impl Linear {
                 kind,
                 data: t.data()?.into_owned(),
             })),
-            _ => {
-                let copy = QTensor::new(
-                    candle_core::quantized::QStorage::from_data(t.data()?, &t.device(), t.dtype())?,
-                    t.shape(),
-                )?;
-                Ok(Self::Candle(QMatMul::from_qtensor(copy)?))
-            }
+            _ => Self::candle(t),
         }
+    }
+
+    fn candle(t: &QTensor) -> candle_core::Result<Self> {
+        let copy = QTensor::new(
+            candle_core::quantized::QStorage::from_data(t.data()?, &t.device(), t.dtype())?,
+            t.shape(),
+        )?;
+        Ok(Self::Candle(QMatMul::from_qtensor(copy)?))
     }
 
     /// The rows `ids`, dequantized: `[ids.len(), cols]` (an embedding lookup). Ids must be
@@ -251,6 +286,13 @@ impl Linear {
                 let mut out = Vec::with_capacity(ids.len() * m.cols);
                 for &id in ids {
                     quant::dequantize_row(m.kind, m.row(id as usize), &mut out);
+                }
+                Ok(out)
+            }
+            Self::NativeK(m) => {
+                let mut out = Vec::with_capacity(ids.len() * m.cols);
+                for &id in ids {
+                    kquant::dequantize_row(m.kind, m.row(id as usize), &mut out);
                 }
                 Ok(out)
             }
@@ -268,6 +310,7 @@ impl Linear {
     pub fn matmul(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
         match self {
             Self::Native(m) => Ok(m.matmul(x, n)),
+            Self::NativeK(m) => Ok(m.matmul(x, n)),
             Self::Candle(m) => {
                 let cols = x.len() / n.max(1);
                 let x = Tensor::from_slice(x, (n, cols), &candle_core::Device::Cpu)?;
@@ -278,14 +321,14 @@ impl Linear {
 
     /// `x`: `[n, cols]` f32 -> `[n, rows]` f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Native(m) => {
-                let n = x.dim(0)?;
-                let data = x.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(m.matmul(&data, n), (n, m.rows), x.device())
-            }
-            Self::Candle(m) => m.forward(x),
-        }
+        let rows = match self {
+            Self::Native(m) => m.rows,
+            Self::NativeK(m) => m.rows,
+            Self::Candle(m) => return m.forward(x),
+        };
+        let n = x.dim(0)?;
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        Tensor::from_vec(self.matmul(&data, n)?, (n, rows), x.device())
     }
 }
 
@@ -431,6 +474,8 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
         ] {
             let w = random(12, 256, 4);
             let qt = QTensor::quantize(&w, dtype).unwrap();
@@ -439,7 +484,7 @@ mod tests {
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
-            let got = Linear::from_qtensor(&qt)
+            let got = Linear::from_qtensor_native(&qt)
                 .unwrap()
                 .embedding(&[7, 0, 11])
                 .unwrap();
@@ -452,7 +497,18 @@ mod tests {
     #[test]
     fn other_types_fall_back_to_candle() {
         let w = random(8, 256, 3);
-        let lin = Linear::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+        let lin = Linear::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q2K).unwrap()).unwrap();
         assert!(matches!(lin, Linear::Candle(_)));
+        for (dtype, native) in [
+            (GgmlDType::Q4K, false),
+            (GgmlDType::Q5K, true),
+            (GgmlDType::Q6K, false),
+        ] {
+            let qt = QTensor::quantize(&w, dtype).unwrap();
+            let lin = Linear::from_qtensor(&qt).unwrap();
+            assert_eq!(matches!(lin, Linear::NativeK(_)), native, "{dtype:?}");
+            let lin = Linear::from_qtensor_native(&qt).unwrap();
+            assert!(matches!(lin, Linear::NativeK(_)), "{dtype:?}");
+        }
     }
 }

@@ -1,0 +1,199 @@
+//! AVX2 K-quant kernels: unpacking a weight row, and its integer sums against up to four
+//! Q8_K rows at once. Bit-identical to the portable code in [`super::kquant`] (the unpacked
+//! bytes are the same; integer sums are exact; the float steps are the shared `combine`).
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::kquant::{combine, KKind, KMatrix, KRow, Q8KRow, QK_K};
+
+/// Unpacks one weight row, as [`super::kquant::unpack_row`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn unpack_row(kind: KKind, w: &[u8], out: &mut KRow) {
+    let bytes = kind.block_bytes();
+    out.resize(w.len() / bytes);
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (b, blk) in w.chunks_exact(bytes).enumerate() {
+        write_scales(kind, blk, b, out);
+        let src = blk.as_ptr();
+        let dst = out.q.as_mut_ptr().add(b * QK_K);
+        let load = |off: usize| _mm256_loadu_si256(src.add(off) as *const __m256i);
+        let store = |off: usize, v: __m256i| _mm256_storeu_si256(dst.add(off) as *mut __m256i, v);
+        match kind {
+            KKind::Q4K => {
+                for j in 0..4 {
+                    let x = load(16 + 32 * j);
+                    store(64 * j, _mm256_and_si256(x, m4));
+                    store(64 * j + 32, _mm256_and_si256(_mm256_srli_epi16(x, 4), m4));
+                }
+            }
+            KKind::Q5K => {
+                let qh = load(16);
+                let sixteen = _mm256_set1_epi8(16);
+                // 16 where `qh` has bit `m` set.
+                let bit = |m: u8| {
+                    let m = _mm256_set1_epi8(m as i8);
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m), sixteen)
+                };
+                for j in 0..4 {
+                    let x = load(48 + 32 * j);
+                    let lo = _mm256_add_epi8(_mm256_and_si256(x, m4), bit(1 << (2 * j)));
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+                    store(64 * j, lo);
+                    store(64 * j + 32, _mm256_add_epi8(hi, bit(2 << (2 * j))));
+                }
+            }
+            KKind::Q6K => {
+                let m30 = _mm256_set1_epi8(0x30);
+                for half in 0..2 {
+                    let (ql0, ql1) = (load(64 * half), load(64 * half + 32));
+                    let qh = load(128 + 32 * half);
+                    let (lo0, lo1) = (_mm256_and_si256(ql0, m4), _mm256_and_si256(ql1, m4));
+                    let hi0 = _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4);
+                    let hi1 = _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4);
+                    let h = |v: __m256i| _mm256_and_si256(v, m30);
+                    let base = 128 * half;
+                    store(base, _mm256_or_si256(lo0, h(_mm256_slli_epi16(qh, 4))));
+                    store(base + 32, _mm256_or_si256(lo1, h(_mm256_slli_epi16(qh, 2))));
+                    store(base + 64, _mm256_or_si256(hi0, h(qh)));
+                    store(base + 96, _mm256_or_si256(hi1, h(_mm256_srli_epi16(qh, 2))));
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Eight bytes -> sixteen i16, each repeated (a 32-value sub-block's scale for both of its
+/// 16-value groups).
+#[inline(always)]
+unsafe fn widen_twice(v: u64) -> __m256i {
+    let w = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(v as i64));
+    _mm256_set_m128i(_mm_unpackhi_epi16(w, w), _mm_unpacklo_epi16(w, w))
+}
+
+/// [`super::kquant::write_scales`] without the per-group branching: the twelve scale bytes of
+/// Q4_K / Q5_K decoded four at a time.
+#[inline(always)]
+unsafe fn write_scales(kind: KKind, blk: &[u8], sb: usize, out: &mut KRow) {
+    let p = blk.as_ptr();
+    let (sc, mn) = (
+        out.sc.as_mut_ptr().add(16 * sb),
+        out.mn.as_mut_ptr().add(16 * sb),
+    );
+    match kind {
+        KKind::Q4K | KKind::Q5K => {
+            out.d[sb] = f16_at(p);
+            out.dmin[sb] = f16_at(p.add(2));
+            let word = |i: usize| u32::from_le_bytes(blk[4 + 4 * i..8 + 4 * i].try_into().unwrap());
+            let (a0, a1, a2) = (word(0), word(1), word(2));
+            let sc_lo = a0 & 0x3f3f_3f3f;
+            let mn_lo = a1 & 0x3f3f_3f3f;
+            let sc_hi = (a2 & 0x0f0f_0f0f) | (((a0 >> 6) & 0x0303_0303) << 4);
+            let mn_hi = ((a2 >> 4) & 0x0f0f_0f0f) | (((a1 >> 6) & 0x0303_0303) << 4);
+            let join = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+            _mm256_storeu_si256(sc as *mut __m256i, widen_twice(join(sc_lo, sc_hi)));
+            _mm256_storeu_si256(mn as *mut __m256i, widen_twice(join(mn_lo, mn_hi)));
+        }
+        KKind::Q6K => {
+            let d = f16_at(p.add(208));
+            out.d[sb] = d;
+            out.dmin[sb] = d;
+            let s = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+            _mm256_storeu_si256(sc as *mut __m256i, s);
+            _mm256_storeu_si256(mn as *mut __m256i, _mm256_slli_epi16(s, 5));
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Super-block `sb`'s integer sums (`sum_g sc[g] * q[g].a[g]`, `sum_g mn[g] * bsum[g]`)
+/// against `R` activation rows, sharing each weight load.
+#[inline(always)]
+unsafe fn sums<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(i32, i32); R] {
+    let mut acc = [_mm256_setzero_si256(); R];
+    let q = w.q.as_ptr().add(sb * QK_K);
+    let sc = w.sc.as_ptr().add(sb * 16);
+    for c in 0..8 {
+        let qv = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+        // Values 32c..32c+16 take group 2c's scale, the next 16 group 2c+1's.
+        let s = _mm256_set_m128i(
+            _mm_set1_epi16(*sc.add(2 * c + 1)),
+            _mm_set1_epi16(*sc.add(2 * c)),
+        );
+        for r in 0..R {
+            let x = _mm256_loadu_si256(a[r].qs.as_ptr().add(sb * QK_K + 32 * c) as *const __m256i);
+            // |products| <= 63 * 127, pairs <= 16002: `maddubs` never saturates.
+            let p = _mm256_maddubs_epi16(qv, x);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, s));
+        }
+    }
+    let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
+    std::array::from_fn(|r| {
+        let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
+        (hsum_i32(acc[r]), hsum_i32(_mm256_madd_epi16(mn, b)))
+    })
+}
+
+#[inline(always)]
+unsafe fn dots<const R: usize>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
+    let mut acc = [0f32; R];
+    for sb in 0..a[0].d.len() {
+        let s = sums(w, sb, a);
+        for r in 0..R {
+            acc[r] = combine(acc[r], w.d[sb], w.dmin[sb], a[r].d[sb], s[r].0, s[r].1);
+        }
+    }
+    acc
+}
+
+/// `out` (`[rows_in_task, n]`) for the weight rows from `first`: each row is unpacked once,
+/// then applied to the input rows four at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows(m: &KMatrix, first: usize, out: &mut [f32], acts: &[Q8KRow]) {
+    let n = acts.len();
+    let mut w = KRow::default();
+    for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
+        unpack_row(m.kind, m.row(first + local), &mut w);
+        assert!(w.q.len() == m.cols && acts.iter().all(|a| a.qs.len() == m.cols));
+        let quads = n / 4 * 4;
+        for (o, a) in out_row[..quads]
+            .chunks_exact_mut(4)
+            .zip(acts.chunks_exact(4))
+        {
+            o.copy_from_slice(&dots(&w, [&a[0], &a[1], &a[2], &a[3]]));
+        }
+        for (o, a) in out_row[quads..].iter_mut().zip(&acts[quads..]) {
+            *o = dots(&w, [a])[0];
+        }
+    }
+}
+
+/// One weight row against one activation row (tests compare it with the portable `dot`).
+///
+/// # Safety
+/// As [`rows`]; `w` was unpacked from a row of `a`'s length.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot(w: &KRow, a: &Q8KRow) -> f32 {
+    dots(w, [a])[0]
+}
