@@ -1,7 +1,7 @@
 //! Automatic prefix caching over real HTTP with the real default model: follow-up turns
 //! compute only their new tokens and answer exactly as with the cache off; a small KV budget
 //! evicts without leaking; concurrent requests share a prefix; a prompt diverging mid-block
-//! reuses only the full blocks before the divergence.
+//! reuses exactly the tokens before the divergence (rows of a partly matching block are copied).
 
 mod common;
 
@@ -118,8 +118,8 @@ fn a_follow_up_turn_computes_only_its_new_tokens_and_answers_as_without_cache() 
     );
     let after = counters(&s);
     eprintln!("first turn {p1} prompt tokens; follow-up {p2}, of which {cached} cached");
-    // Everything of the first turn in full blocks is reused; only the new tokens (and the
-    // partial block before them) are computed.
+    // Everything of the first turn in registered (full) blocks is reused; only the new tokens
+    // (and the reply's last, unregistered partial block) are computed.
     assert!(
         cached >= p1 / BLOCK * BLOCK - BLOCK && cached < p2,
         "cached {cached} of {p2} (first turn {p1})"
@@ -176,7 +176,8 @@ fn a_small_budget_evicts_old_prefixes_without_leaking() {
     for p in &prompts {
         let (t, usage) = chat(&s, p, json!({}));
         assert!(num(&usage["prompt_tokens"]) > 250, "{usage}");
-        assert_eq!(num(&usage["prompt_tokens_details"]["cached_tokens"]), 0);
+        // At most the template's head ("<|im_start|>system\nPersona ") is shared.
+        assert!(num(&usage["prompt_tokens_details"]["cached_tokens"]) < BLOCK);
         answers.push(t);
         assert!(s.wait_idle(Duration::from_secs(10)), "blocks leaked");
         assert!(counter(&s, "edgeinfer_prefix_cache_blocks") <= 32.0);
@@ -187,7 +188,7 @@ fn a_small_budget_evicts_old_prefixes_without_leaking() {
     assert!(num(&usage["prompt_tokens_details"]["cached_tokens"]) > 200);
     assert_eq!(t, answers[3]);
     let (t, usage) = chat(&s, &prompts[0], json!({}));
-    assert_eq!(num(&usage["prompt_tokens_details"]["cached_tokens"]), 0);
+    assert!(num(&usage["prompt_tokens_details"]["cached_tokens"]) < BLOCK);
     assert_eq!(t, answers[0]);
     assert!(s.wait_idle(Duration::from_secs(10)), "blocks leaked");
 }
@@ -225,7 +226,7 @@ fn concurrent_requests_share_a_cached_prefix() {
 }
 
 #[test]
-fn a_prompt_diverging_mid_block_reuses_only_the_full_blocks_before_it() {
+fn a_prompt_diverging_mid_block_reuses_exactly_the_tokens_before_it() {
     let s = Server::start(&[]);
     let ids = |text: &str| -> Vec<u64> {
         let (status, v) = s.post("/tokenize", &json!({"content": text, "add_special": true}));
@@ -269,7 +270,9 @@ fn a_prompt_diverging_mid_block_reuses_only_the_full_blocks_before_it() {
     let (_, first) = complete(&base, true);
     assert_eq!(first, 0);
     let (text, cached) = complete(&variant, true);
-    assert_eq!(cached, common / BLOCK * BLOCK, "{common} tokens in common");
+    // The full blocks before the divergence are shared; the rows of the block it falls in
+    // that still match are copied, so exactly the common tokens are reused.
+    assert_eq!(cached, common, "{common} tokens in common");
     let (uncached, _) = complete(&variant, false);
     assert_eq!(text, uncached);
     assert!(s.wait_idle(Duration::from_secs(10)), "blocks leaked");

@@ -9,7 +9,11 @@
 //! list; it is evicted (its hash forgotten) only when a new block is needed and no empty one
 //! is left.
 //!
-//! Knows block ids, counts and hashes; never tensors. Invariants: every block is in exactly
+//! A registered block also keeps its tokens: a match by hash is confirmed token by token (no
+//! hash collision can hand out wrong keys and values), and a sequence whose tokens part from
+//! a cached block's midway can copy the rows they share ([`BlockManager::partial`]).
+//!
+//! Knows block ids, counts, hashes and tokens; never tensors. Invariants: every block is in exactly
 //! one of {empty, evictable (cached, unreferenced), referenced}; `refs[b] > 0` exactly for
 //! referenced blocks; a registered block is full and never written again (sequences write
 //! only past their cached prefix).
@@ -39,6 +43,11 @@ pub struct BlockManager {
     /// The hash a block is registered under, if any.
     hash_of: Vec<Option<u64>>,
     cached: HashMap<u64, u32>,
+    /// Tokens and parent hash of each registered block.
+    tokens_of: Vec<Vec<u32>>,
+    parent_of: Vec<u64>,
+    /// Registered blocks by parent hash (the candidates for a partial match).
+    children: HashMap<u64, Vec<u32>>,
     /// Unreferenced cached blocks by the tick they were released at (oldest first).
     lru: BTreeMap<u64, u32>,
     /// The `lru` key of each evictable block.
@@ -57,6 +66,9 @@ impl BlockManager {
             refs: vec![0; total],
             hash_of: vec![None; total],
             cached: HashMap::new(),
+            tokens_of: vec![Vec::new(); total],
+            parent_of: vec![0; total],
+            children: HashMap::new(),
             lru: BTreeMap::new(),
             lru_key: vec![0; total],
             tick: 0,
@@ -123,6 +135,14 @@ impl BlockManager {
             .expect("free_count covered the request. This is a bug.");
         if let Some(h) = self.hash_of[b as usize].take() {
             self.cached.remove(&h);
+            let parent = self.parent_of[b as usize];
+            if let Some(list) = self.children.get_mut(&parent) {
+                list.retain(|&c| c != b);
+                if list.is_empty() {
+                    self.children.remove(&parent);
+                }
+            }
+            self.tokens_of[b as usize].clear();
         }
         self.evictions += 1;
         b
@@ -150,34 +170,72 @@ impl BlockManager {
     }
 
     /// Takes a reference to the cached blocks matching the longest run of `hashes` (chained
-    /// block hashes from the start of a sequence) and returns them in order.
-    pub fn lookup(&mut self, hashes: &[u64]) -> Vec<u32> {
+    /// block hashes from the start of a sequence whose tokens are `tokens`) and returns them
+    /// in order. Each match is confirmed against the block's stored tokens.
+    pub fn lookup(&mut self, hashes: &[u64], tokens: &[u32]) -> Vec<u32> {
         let mut out = Vec::new();
         if !self.caching {
             return out;
         }
-        for h in hashes {
+        let bs = self.block_size;
+        for (i, h) in hashes.iter().enumerate() {
             let Some(&b) = self.cached.get(h) else {
                 break;
             };
-            if self.refs[b as usize] == 0 {
-                self.lru.remove(&self.lru_key[b as usize]);
+            if self.tokens_of[b as usize][..] != tokens[i * bs..(i + 1) * bs] {
+                break;
             }
-            self.refs[b as usize] += 1;
+            self.pin(b);
             out.push(b);
         }
         out
     }
 
-    /// Registers a full, computed block under its chained hash. If another block already
-    /// holds that content, the existing entry stays and `block` remains private.
-    pub fn register(&mut self, block: u32, hash: u64) {
+    /// The cached block after `parent` (a chained hash) that starts with the most of `tail`'s
+    /// tokens, and how many (at least one); `tail` is shorter than a block.
+    pub fn partial(&self, parent: u64, tail: &[u32]) -> Option<(u32, usize)> {
+        if !self.caching {
+            return None;
+        }
+        self.children
+            .get(&parent)?
+            .iter()
+            .map(|&b| {
+                let common = self.tokens_of[b as usize]
+                    .iter()
+                    .zip(tail)
+                    .take_while(|(x, y)| x == y)
+                    .count();
+                (b, common)
+            })
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(_, n)| n)
+    }
+
+    /// Takes one more reference to block `b` (a cached one leaves the LRU list). Undone by
+    /// [`Self::release`].
+    pub fn pin(&mut self, b: u32) {
+        if self.refs[b as usize] == 0 {
+            debug_assert!(self.hash_of[b as usize].is_some(), "pinned an empty block");
+            self.lru.remove(&self.lru_key[b as usize]);
+        }
+        self.refs[b as usize] += 1;
+    }
+
+    /// Registers a full, computed block holding `tokens` after the prefix hashed `parent`,
+    /// under `hash` (their [`chain_hash`]). If another block already holds that content, the
+    /// existing entry stays and `block` remains private.
+    pub fn register(&mut self, block: u32, parent: u64, hash: u64, tokens: &[u32]) {
+        debug_assert_eq!(tokens.len(), self.block_size);
         if !self.caching || self.hash_of[block as usize].is_some() {
             return;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(block);
             self.hash_of[block as usize] = Some(hash);
+            self.parent_of[block as usize] = parent;
+            self.tokens_of[block as usize] = tokens.to_vec();
+            self.children.entry(parent).or_default().push(block);
         }
     }
 
@@ -235,11 +293,11 @@ mod tests {
         let h = hashes(&[1, 2, 3, 4], 2);
         let mut a = Vec::new();
         assert!(m.ensure(&mut a, 4));
-        m.register(a[0], h[0]);
-        m.register(a[1], h[1]);
+        m.register(a[0], ROOT_HASH, h[0], &[1, 2]);
+        m.register(a[1], h[0], h[1], &[3, 4]);
         assert_eq!(m.cached_count(), 2);
         // A second sequence shares both blocks while the first still holds them.
-        let b_blocks = m.lookup(&h);
+        let b_blocks = m.lookup(&h, &[1, 2, 3, 4]);
         assert_eq!(b_blocks, a);
         assert_eq!(m.free_count(), 2);
         let mut b = b_blocks;
@@ -254,7 +312,7 @@ mod tests {
         assert_eq!(m.cached_count(), 2);
         // A diverging second block: only the first matches.
         let other = hashes(&[1, 2, 9, 9], 2);
-        let mut c = m.lookup(&other);
+        let mut c = m.lookup(&other, &[1, 2, 9, 9]);
         assert_eq!(c.len(), 1);
         m.release(&mut c);
         // Filling the pool evicts the least recently released cached block first: the
@@ -262,7 +320,7 @@ mod tests {
         let mut d = Vec::new();
         assert!(m.ensure(&mut d, 6));
         assert_eq!(m.evictions(), 1);
-        let mut e = m.lookup(&h);
+        let mut e = m.lookup(&h, &[1, 2, 3, 4]);
         assert_eq!(e.len(), 1, "the first block survived, the second did not");
         m.release(&mut e);
         assert!(m.ensure(&mut d, 8));
@@ -278,8 +336,8 @@ mod tests {
         let h = hashes(&[5, 6], 2);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         assert!(m.ensure(&mut a, 2) && m.ensure(&mut b, 2));
-        m.register(a[0], h[0]);
-        m.register(b[0], h[0]);
+        m.register(a[0], ROOT_HASH, h[0], &[5, 6]);
+        m.register(b[0], ROOT_HASH, h[0], &[5, 6]);
         assert_eq!(m.cached_count(), 1);
         m.release(&mut b);
         assert_eq!(m.free.len(), 3, "the private duplicate became empty");
@@ -287,8 +345,46 @@ mod tests {
         let mut off = BlockManager::new(4, 2, false);
         let mut a = Vec::new();
         assert!(off.ensure(&mut a, 2));
-        off.register(a[0], h[0]);
+        off.register(a[0], ROOT_HASH, h[0], &[5, 6]);
         assert_eq!(off.cached_count(), 0);
-        assert!(off.lookup(&h).is_empty());
+        assert!(off.lookup(&h, &[5, 6]).is_empty());
+        assert!(off.partial(ROOT_HASH, &[5]).is_none());
+    }
+
+    #[test]
+    fn matches_are_confirmed_by_tokens_and_partial_matches_pick_the_longest() {
+        let mut m = BlockManager::new(4, 4, true);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        assert!(m.ensure(&mut a, 4) && m.ensure(&mut b, 4));
+        let h = hashes(&[1, 2, 3, 4], 4);
+        m.register(a[0], ROOT_HASH, h[0], &[1, 2, 3, 4]);
+        m.register(b[0], ROOT_HASH, hashes(&[1, 2, 7, 7], 4)[0], &[1, 2, 7, 7]);
+        // A hash that names a block whose tokens differ (a collision) is not a match.
+        assert!(m.lookup(&h, &[1, 2, 3, 5]).is_empty());
+        assert_eq!(m.partial(ROOT_HASH, &[1, 2, 3]), Some((a[0], 3)));
+        assert_eq!(m.partial(ROOT_HASH, &[1, 2, 7]), Some((b[0], 3)));
+        assert_eq!(m.partial(ROOT_HASH, &[1, 9]).map(|p| p.1), Some(1));
+        assert_eq!(m.partial(ROOT_HASH, &[9]), None);
+        assert_eq!(m.partial(h[0], &[1]), None, "another parent");
+        // A pinned cached block is never evicted; once unpinned it can be.
+        m.release(&mut a);
+        m.release(&mut b);
+        m.pin(h_block(&m, &h));
+        let mut c = Vec::new();
+        assert!(m.ensure(&mut c, 12), "three of four blocks");
+        assert!(!m.ensure(&mut c, 16), "the pinned block is not free");
+        assert_eq!(m.lookup(&h, &[1, 2, 3, 4]).len(), 1);
+        let mut pinned = vec![h_block(&m, &h), h_block(&m, &h)];
+        m.release(&mut pinned);
+        assert!(m.ensure(&mut c, 16));
+        assert_eq!(
+            m.partial(ROOT_HASH, &[1, 2, 3]),
+            None,
+            "evicted with its tokens"
+        );
+    }
+
+    fn h_block(m: &BlockManager, h: &[u64]) -> u32 {
+        m.cached[&h[0]]
     }
 }

@@ -176,7 +176,16 @@ impl Engine {
                 }
             }
             if !step.chunks.is_empty() {
+                let started = std::time::Instant::now();
                 self.run_step(&step);
+                tracing::debug!(
+                    sequences = step.chunks.len(),
+                    tokens = step.chunks.iter().map(|c| c.len).sum::<usize>(),
+                    admitted = step.admitted.len(),
+                    waiting = self.scheduler.waiting_count(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "step"
+                );
             } else if !self.scheduler.is_idle() {
                 // Nothing fits right now (cannot happen with validated requests); yield.
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -226,6 +235,9 @@ impl Engine {
     }
 
     fn run_step(&mut self, step: &Step) {
+        for c in &step.copies {
+            self.pool.copy_rows(c.src, c.dst, c.rows);
+        }
         let inputs: Vec<SeqInput> = step
             .chunks
             .iter()

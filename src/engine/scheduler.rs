@@ -7,7 +7,9 @@
 //! stalls running streams). When KV blocks run out, the most recently admitted sequence is
 //! preempted: its blocks are freed and it waits to be recomputed. With prefix caching, a
 //! sequence admitted with no blocks first takes the cached blocks matching its tokens and
-//! starts computing after them; each block it fills is registered for later sequences.
+//! starts computing after them; each block it fills is registered for later sequences. When
+//! its next tokens part from a cached block's midway, the rows they share are copied into the
+//! sequence's own block (the step's `copies`), so reuse is token-granular.
 //! Invariants: a sequence is in exactly one of waiting / running, and only running sequences
 //! hold blocks; at least the last token of a sequence is always computed (never taken from
 //! the cache), so its logits exist.
@@ -41,6 +43,17 @@ pub struct Step {
     pub preempted: Vec<SeqId>,
     /// Sequences that started running for the first time this step.
     pub admitted: Vec<SeqId>,
+    /// KV rows to copy before the step runs (a cached block's leading rows into a new
+    /// sequence's own block).
+    pub copies: Vec<BlockCopy>,
+}
+
+/// Copy rows `0..rows` of KV block `src` into block `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
+    pub rows: usize,
 }
 
 #[derive(Debug)]
@@ -81,6 +94,9 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     seqs: HashMap<SeqId, SeqState>,
+    /// Sources of the planned step's copies, held until it completes (or the next step is
+    /// planned, or nothing is left to run).
+    pinned: Vec<u32>,
 }
 
 impl Scheduler {
@@ -95,6 +111,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             seqs: HashMap::new(),
+            pinned: Vec::new(),
         }
     }
 
@@ -128,11 +145,16 @@ impl Scheduler {
         }
         self.waiting.retain(|&w| w != id);
         self.running.retain(|&r| r != id);
+        if self.seqs.is_empty() {
+            self.blocks.release(&mut self.pinned);
+        }
     }
 
     /// Records that the chunks of a step were computed and registers the blocks they
     /// filled; `sampled` lists sequences that gained a token, with the token.
     pub fn complete(&mut self, step: &Step, sampled: &[(SeqId, u32)]) {
+        // The step's copies are done.
+        self.blocks.release(&mut self.pinned);
         let bs = self.blocks.block_size();
         for c in &step.chunks {
             let Some(s) = self.seqs.get_mut(&c.id) else {
@@ -144,7 +166,10 @@ impl Scheduler {
                 if full > s.registered {
                     s.hashes(full, bs);
                     for i in s.registered..full {
-                        self.blocks.register(s.blocks[i], s.hashes[i]);
+                        let parent = if i == 0 { ROOT_HASH } else { s.hashes[i - 1] };
+                        let tokens = &s.tokens[i * bs..(i + 1) * bs];
+                        self.blocks
+                            .register(s.blocks[i], parent, s.hashes[i], tokens);
                     }
                     s.registered = full;
                 }
@@ -198,6 +223,7 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> Step {
+        self.blocks.release(&mut self.pinned);
         let mut step = Step::default();
         let mut budget = self.config.max_batch_tokens;
         // 1. Running sequences, oldest first: decodes and continuing prefills.
@@ -230,13 +256,21 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let hit = self.take_cached_prefix(id);
+            let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
             let target = s.computed + want;
             if !self.grow(id, target) {
                 self.give_back_cached_prefix(id);
+                if let Some((src, _)) = copy {
+                    self.blocks.release(&mut vec![src]);
+                }
                 break;
+            }
+            if let Some((src, rows)) = copy {
+                let dst = self.seqs[&id].blocks[(hit - rows) / self.blocks.block_size()];
+                step.copies.push(BlockCopy { src, dst, rows });
+                self.pinned.push(src);
             }
             self.waiting.pop_front();
             self.running.push(id);
@@ -267,23 +301,33 @@ impl Scheduler {
     }
 
     /// For a sequence about to be admitted with no blocks: takes references to the cached
-    /// blocks matching its leading full blocks (never its last token) and skips their
-    /// computation. Returns the tokens taken.
-    fn take_cached_prefix(&mut self, id: SeqId) -> usize {
+    /// blocks matching its leading full blocks, then looks for a cached block sharing the
+    /// start of the next one, and skips computing all of that (never its last token).
+    /// Returns the tokens taken and the partial block to copy from, pinned, with its rows.
+    fn take_cached_prefix(&mut self, id: SeqId) -> (usize, Option<(u32, usize)>) {
         let bs = self.blocks.block_size();
         let s = self
             .seqs
             .get_mut(&id)
             .expect("waiting ids are known. This is a bug.");
         if !s.cache || !self.blocks.caching() || !s.blocks.is_empty() {
-            return 0;
+            return (0, None);
         }
-        let n = (s.tokens.len() - 1) / bs;
-        let found = self.blocks.lookup(s.hashes(n, bs));
-        s.registered = found.len();
-        s.computed = found.len() * bs;
+        let last = s.tokens.len() - 1;
+        s.hashes(last / bs, bs);
+        let found = self.blocks.lookup(&s.hashes[..last / bs], &s.tokens);
+        let k = found.len();
+        s.registered = k;
+        s.computed = k * bs;
         s.blocks = found;
-        s.computed
+        let parent = if k == 0 { ROOT_HASH } else { s.hashes[k - 1] };
+        let tail = &s.tokens[k * bs..last.min((k + 1) * bs)];
+        let copy = self.blocks.partial(parent, tail);
+        if let Some((src, rows)) = copy {
+            self.blocks.pin(src);
+            s.computed += rows;
+        }
+        (s.computed, copy)
     }
 
     /// Undoes [`Self::take_cached_prefix`] for a sequence that could not be admitted.

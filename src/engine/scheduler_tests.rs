@@ -232,12 +232,29 @@ fn a_later_prompt_reuses_full_blocks_of_prompt_and_generated_tokens() {
         }]
     );
     s.remove(2);
-    // Diverging in the middle of the second block: only the first block is shared.
+    // Diverging in the middle of the second block: the first block is shared, and the two
+    // rows of the second that match are copied into the new sequence's own block.
     let mut diverge = first[..6].to_vec();
     diverge.extend([77, 78, 79]);
     s.add(3, &diverge, true);
-    let st = run(&mut s);
-    assert_eq!((s.cached_tokens(3), st.chunks[0].start), (4, 4));
+    let before = s.free_blocks();
+    let st = s.schedule();
+    assert_eq!((s.cached_tokens(3), st.chunks[0].start), (6, 6));
+    let own = s.blocks(3)[1];
+    assert_eq!(st.copies.len(), 1);
+    let c = st.copies[0];
+    assert_eq!((c.dst, c.rows), (own, 2));
+    assert!(c.src != own && !s.blocks(3).contains(&c.src));
+    // Until the step completes the source is held: the shared block, two own blocks (nine
+    // positions) and the source.
+    assert_eq!(before - s.free_blocks(), 4);
+    s.complete(&st, &[(3, 5)]);
+    assert_eq!(before - s.free_blocks(), 3, "the source is free again");
+    // It is still cached: another sequence finds it.
+    assert_eq!(
+        s.blocks.partial(s.seqs[&3].hashes[0], &first[4..7]),
+        Some((c.src, 3))
+    );
     s.remove(3);
     // cache = false bypasses it.
     s.add(4, &follow, false);
@@ -252,11 +269,13 @@ fn the_last_token_is_always_computed_and_shared_blocks_are_never_written() {
     run(&mut s);
     s.remove(1);
     // The same 8 tokens again: both blocks are cached, but the last token must produce
-    // logits, so only the first block is taken and the second is recomputed in a new block.
+    // logits, so the first block is shared and the second's first three rows are copied
+    // into a new block, where the last token is computed.
     s.add(2, &prompt(1, 8), true);
     let st = run(&mut s);
-    assert_eq!(st.chunks[0].start, 4);
-    assert_eq!(s.cached_tokens(2), 4);
+    assert_eq!(st.chunks[0].start, 7);
+    assert_eq!(s.cached_tokens(2), 7);
+    assert_eq!(st.copies[0].rows, 3);
     s.add(3, &prompt(1, 8), true);
     run(&mut s);
     let (b2, b3) = (s.blocks(2).to_vec(), s.blocks(3).to_vec());
@@ -306,7 +325,7 @@ fn a_small_pool_evicts_cached_blocks_and_requests_still_run() {
     s.remove(6);
     s.add(7, &prompt(5, 12), true);
     run(&mut s);
-    assert_eq!(s.cached_tokens(7), 8);
+    assert_eq!(s.cached_tokens(7), 11, "all but the last token");
     s.remove(7);
     s.add(8, &prompt(1, 12), true);
     run(&mut s);

@@ -3,7 +3,8 @@
 //! position `p` lives in block `table[p / block_size]` at row `p % block_size`.
 //!
 //! Knows storage and layout; never which sequence owns which block (the engine's block manager
-//! decides). Invariant: a write touches exactly one row of one block.
+//! decides). Invariant: a write touches exactly one row of one block; a copy only the rows
+//! it names.
 
 use half::f16;
 
@@ -80,6 +81,22 @@ impl KvPool {
         }
         for (dst, &x) in l.v[off..off + stride].iter_mut().zip(v) {
             *dst = f16::from_f32(x);
+        }
+    }
+
+    /// Copies rows `0..rows` of block `src` into block `dst`, in every layer.
+    pub fn copy_rows(&mut self, src: u32, dst: u32, rows: usize) {
+        assert!(
+            rows <= self.block_size
+                && (src as usize) < self.n_blocks
+                && (dst as usize) < self.n_blocks,
+            "block copy out of range. This is a bug."
+        );
+        let at = |b: u32| b as usize * self.block_size * self.stride;
+        let (from, to, len) = (at(src), at(dst), rows * self.stride);
+        for l in &mut self.layers {
+            l.k.copy_within(from..from + len, to);
+            l.v.copy_within(from..from + len, to);
         }
     }
 
