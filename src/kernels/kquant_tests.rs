@@ -144,15 +144,23 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
                     assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} row {r}");
                 }
             }
-            // Whole tasks: four rows at once plus the remainder, against the portable loop.
+            // Whole tasks: four rows at once plus the remainder, 256- and 512-bit, against the
+            // portable loop.
             let mut portable = vec![0f32; rows * n];
-            let mut simd = vec![0f32; rows * n];
+            let (mut narrow, mut wide) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            use crate::kernels::kquant_x86 as kx;
             for t in 0..rows / 8 {
                 let range = t * 8 * n..(t + 1) * 8 * n;
                 rows_portable(&m, t * 8, &mut portable[range.clone()], &acts);
-                unsafe { crate::kernels::kquant_x86::rows(&m, t * 8, &mut simd[range], &acts) };
+                unsafe { kx::rows256(&m, t * 8, &mut narrow[range.clone()], &acts) };
+                if kx::wide_available() {
+                    unsafe { kx::rows512(&m, t * 8, &mut wide[range], &acts) };
+                }
             }
-            assert_eq!(simd, portable, "{dtype:?}");
+            assert_eq!(narrow, portable, "{dtype:?}");
+            if kx::wide_available() {
+                assert_eq!(wide, portable, "{dtype:?} (AVX-512)");
+            }
             let got = m.matmul(&x, n);
             for j in 0..n {
                 for r in 0..rows {

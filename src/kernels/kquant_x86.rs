@@ -151,11 +151,54 @@ unsafe fn sums<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(i32, i
     })
 }
 
+/// [`sums`] with 512-bit vectors (AVX-512BW): 64 values per instruction; the four group
+/// scales of each 64 values are spread to their lanes with one permute.
 #[inline(always)]
-unsafe fn dots<const R: usize>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
+unsafe fn sums512<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(i32, i32); R] {
+    let mut acc = [_mm512_setzero_si512(); R];
+    let q = w.q.as_ptr().add(sb * QK_K);
+    let sc = _mm512_castsi256_si512(_mm256_loadu_si256(
+        w.sc.as_ptr().add(sb * 16) as *const __m256i
+    ));
+    for c in 0..4 {
+        let qv = _mm512_loadu_si512(q.add(64 * c) as *const _);
+        // i16 lane j of a product covers values 2j, 2j+1: group 4c + j / 8.
+        let idx = _mm512_add_epi16(
+            _mm512_srli_epi16(
+                _mm512_set_epi16(
+                    31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
+                    11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                ),
+                3,
+            ),
+            _mm512_set1_epi16(4 * c as i16),
+        );
+        let s = _mm512_permutexvar_epi16(idx, sc);
+        for r in 0..R {
+            let x = _mm512_loadu_si512(a[r].qs.as_ptr().add(sb * QK_K + 64 * c) as *const _);
+            let p = _mm512_maddubs_epi16(qv, x);
+            acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(p, s));
+        }
+    }
+    let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
+    std::array::from_fn(|r| {
+        let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
+        (
+            _mm512_reduce_add_epi32(acc[r]),
+            hsum_i32(_mm256_madd_epi16(mn, b)),
+        )
+    })
+}
+
+#[inline(always)]
+unsafe fn dots<const R: usize, const WIDE: bool>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
     let mut acc = [0f32; R];
     for sb in 0..a[0].d.len() {
-        let s = sums(w, sb, a);
+        let s = if WIDE {
+            sums512(w, sb, a)
+        } else {
+            sums(w, sb, a)
+        };
         for r in 0..R {
             acc[r] = combine(acc[r], w.d[sb], w.dmin[sb], a[r].d[sb], s[r].0, s[r].1);
         }
@@ -164,29 +207,56 @@ unsafe fn dots<const R: usize>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
 }
 
 /// `out` (`[rows_in_task, n]`) for the weight rows from `first`: each row is unpacked once,
-/// then applied to the input rows four at a time.
+/// then applied to the input rows four at a time, with 512-bit vectors where the CPU has
+/// AVX-512BW (and `EDGEINFER_NO_AVX512` is unset).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows(m: &KMatrix, first: usize, out: &mut [f32], acts: &[Q8KRow]) {
-    let n = acts.len();
-    let mut w = KRow::default();
-    for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
-        unpack_row(m.kind, m.row(first + local), &mut w);
-        assert!(w.q.len() == m.cols && acts.iter().all(|a| a.qs.len() == m.cols));
-        let quads = n / 4 * 4;
-        for (o, a) in out_row[..quads]
-            .chunks_exact_mut(4)
-            .zip(acts.chunks_exact(4))
-        {
-            o.copy_from_slice(&dots(&w, [&a[0], &a[1], &a[2], &a[3]]));
-        }
-        for (o, a) in out_row[quads..].iter_mut().zip(&acts[quads..]) {
-            *o = dots(&w, [a])[0];
-        }
+    if wide_available() {
+        rows512(m, first, out, acts)
+    } else {
+        rows256(m, first, out, acts)
     }
 }
+
+/// True when this CPU has AVX-512F and BW (and `EDGEINFER_NO_AVX512` is unset).
+pub fn wide_available() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        super::x86::available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && std::env::var_os("EDGEINFER_NO_AVX512").is_none()
+    })
+}
+
+macro_rules! rows_with {
+    ($name:ident, $features:literal, $wide:literal) => {
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(m: &KMatrix, first: usize, out: &mut [f32], acts: &[Q8KRow]) {
+            let n = acts.len();
+            let mut w = KRow::default();
+            for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
+                unpack_row(m.kind, m.row(first + local), &mut w);
+                assert!(w.q.len() == m.cols && acts.iter().all(|a| a.qs.len() == m.cols));
+                let quads = n / 4 * 4;
+                for (o, a) in out_row[..quads]
+                    .chunks_exact_mut(4)
+                    .zip(acts.chunks_exact(4))
+                {
+                    o.copy_from_slice(&dots::<4, $wide>(&w, [&a[0], &a[1], &a[2], &a[3]]));
+                }
+                for (o, a) in out_row[quads..].iter_mut().zip(&acts[quads..]) {
+                    *o = dots::<1, $wide>(&w, [a])[0];
+                }
+            }
+        }
+    };
+}
+
+rows_with!(rows256, "avx2,fma,f16c", false);
+rows_with!(rows512, "avx2,fma,f16c,avx512f,avx512bw", true);
 
 /// One weight row against one activation row (tests compare it with the portable `dot`).
 ///
@@ -195,5 +265,5 @@ pub unsafe fn rows(m: &KMatrix, first: usize, out: &mut [f32], acts: &[Q8KRow]) 
 #[cfg(test)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot(w: &KRow, a: &Q8KRow) -> f32 {
-    dots(w, [a])[0]
+    dots::<1, false>(w, [a])[0]
 }
