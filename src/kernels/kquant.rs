@@ -279,6 +279,13 @@ impl KMatrix {
                 q
             })
             .collect();
+        self.matmul_q8k(&acts)
+    }
+
+    /// The product with activation rows already in Q8_K form. Returns `[n, rows]`.
+    pub fn matmul_q8k(&self, acts: &[Q8KRow]) -> Vec<f32> {
+        let n = acts.len();
+        assert!(acts.iter().all(|a| a.qs.len() == self.cols));
         let simd = super::qmatmul::simd_available();
         let mut by_row = vec![0f32; self.rows * n];
         by_row
@@ -289,11 +296,11 @@ impl KMatrix {
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // Safety: `simd_available` checked the CPU features.
-                    unsafe { super::kquant_x86::rows(self, first, out, &acts) };
+                    unsafe { super::kquant_x86::rows(self, first, out, acts) };
                     return;
                 }
                 let _ = simd;
-                rows_portable(self, first, out, &acts)
+                rows_portable(self, first, out, acts)
             });
         super::qmatmul::transpose_rows(by_row, self.rows, n)
     }

@@ -57,26 +57,17 @@ impl QMatrix {
 
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), n * self.cols);
-        let acts: Vec<Q8Row> = x
-            .chunks_exact(self.cols)
-            .map(|row| {
-                let mut q = Q8Row::default();
-                quant::quantize_row(row, &mut q);
-                q
-            })
-            .collect();
+        self.matmul_q8(Activations::new(x, n).q8())
+    }
+
+    fn matmul_q8(&self, q8: &Q8Acts) -> Vec<f32> {
+        let (acts, n) = (&q8.rows[..], q8.rows.len());
+        debug_assert!(acts.iter().all(|a| a.qs.len() == self.cols));
         // Weight-row-major results: [rows, n].
         let mut by_row = vec![0f32; self.rows * n];
         let simd = simd_available();
         #[cfg(target_arch = "x86_64")]
-        let quads: Vec<super::x86::Quad> = if simd && n >= 4 {
-            acts.chunks_exact(4)
-                .map(|a| super::x86::Quad::new([&a[0], &a[1], &a[2], &a[3]]))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let quads = &q8.quads;
         by_row
             .par_chunks_mut(ROWS_PER_TASK * n)
             .enumerate()
@@ -87,17 +78,88 @@ impl QMatrix {
                     // Safety: `simd::available()` checked the CPU features.
                     unsafe {
                         if n >= 4 {
-                            rows_x86_multi(self, first, out, &acts, &quads)
+                            rows_x86_multi(self, first, out, acts, quads)
                         } else {
-                            rows_x86(self, first, out, &acts)
+                            rows_x86(self, first, out, acts)
                         }
                     };
                     return;
                 }
                 let _ = simd;
-                rows_portable(self, first, out, &acts)
+                rows_portable(self, first, out, acts)
             });
         transpose_rows(by_row, self.rows, n)
+    }
+}
+
+/// Activations quantized to Q8 (32-value blocks), with the four-row scale groups the SIMD
+/// kernels use.
+pub struct Q8Acts {
+    rows: Vec<Q8Row>,
+    #[cfg(target_arch = "x86_64")]
+    quads: Vec<super::x86::Quad>,
+}
+
+/// Input rows `[n, cols]` of one or more matrix products, quantized on first use in each form
+/// the weights ask for, so layers reading the same input (q, k, v; gate, up) share the work.
+pub struct Activations<'a> {
+    x: &'a [f32],
+    n: usize,
+    q8: std::cell::OnceCell<Q8Acts>,
+    q8k: std::cell::OnceCell<Vec<kquant::Q8KRow>>,
+}
+
+/// Rows quantized in parallel only when there is enough work to pay for waking threads.
+const PARALLEL_QUANT_VALUES: usize = 16 * 1024;
+
+impl<'a> Activations<'a> {
+    pub fn new(x: &'a [f32], n: usize) -> Self {
+        debug_assert!(n == 0 || x.len() % n == 0);
+        Self {
+            x,
+            n,
+            q8: std::cell::OnceCell::new(),
+            q8k: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn map_rows<T: Send + Default>(&self, f: impl Fn(&[f32], &mut T) + Sync) -> Vec<T> {
+        let cols = self.x.len() / self.n.max(1);
+        let mut out: Vec<T> = (0..self.n).map(|_| T::default()).collect();
+        if self.x.len() >= PARALLEL_QUANT_VALUES {
+            out.par_iter_mut()
+                .zip(self.x.par_chunks_exact(cols))
+                .for_each(|(q, row)| f(row, q));
+        } else {
+            out.iter_mut()
+                .zip(self.x.chunks_exact(cols))
+                .for_each(|(q, row)| f(row, q));
+        }
+        out
+    }
+
+    fn q8(&self) -> &Q8Acts {
+        self.q8.get_or_init(|| {
+            let rows = self.map_rows(quant::quantize_row);
+            #[cfg(target_arch = "x86_64")]
+            let quads = if simd_available() {
+                rows.chunks_exact(4)
+                    .map(|a| super::x86::Quad::new([&a[0], &a[1], &a[2], &a[3]]))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Q8Acts {
+                rows,
+                #[cfg(target_arch = "x86_64")]
+                quads,
+            }
+        })
+    }
+
+    fn q8k(&self) -> &[kquant::Q8KRow] {
+        self.q8k
+            .get_or_init(|| self.map_rows(kquant::quantize_row_q8k))
     }
 }
 
@@ -308,12 +370,17 @@ impl Linear {
 
     /// `x`: `[n, cols]` row-major f32 -> `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        self.apply(&Activations::new(x, n))
+    }
+
+    /// The product with (possibly already quantized) activations: `[n, rows]`.
+    pub fn apply(&self, a: &Activations) -> candle_core::Result<Vec<f32>> {
         match self {
-            Self::Native(m) => Ok(m.matmul(x, n)),
-            Self::NativeK(m) => Ok(m.matmul(x, n)),
+            Self::Native(m) => Ok(m.matmul_q8(a.q8())),
+            Self::NativeK(m) => Ok(m.matmul_q8k(a.q8k())),
             Self::Candle(m) => {
-                let cols = x.len() / n.max(1);
-                let x = Tensor::from_slice(x, (n, cols), &candle_core::Device::Cpu)?;
+                let cols = a.x.len() / a.n.max(1);
+                let x = Tensor::from_slice(a.x, (a.n, cols), &candle_core::Device::Cpu)?;
                 m.forward(&x)?.flatten_all()?.to_vec1::<f32>()
             }
         }
@@ -333,182 +400,5 @@ impl Linear {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-    use rand::{Rng, SeedableRng};
-
-    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
-
-    /// Every supported type, several shapes and batch sizes: against the f32 product of the
-    /// dequantized weights (tolerance: 8-bit activation rounding, about 1% of the row norm),
-    /// and against candle's own quantized matmul (same math, different summation order).
-    #[test]
-    fn matches_dequantized_reference_and_candle() {
-        for (i, dtype) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
-            .into_iter()
-            .enumerate()
-        {
-            for &(rows, cols, n) in &[(48, 64, 1), (33, 96, 3), (16, 576, 7)] {
-                let w = random(rows, cols, 1 + i as u64);
-                let x = random(n, cols, 100 + rows as u64);
-                let qt = QTensor::quantize(&w, dtype).unwrap();
-                let wq = qt.dequantize(&Device::Cpu).unwrap();
-                let want = x
-                    .matmul(&wq.t().unwrap())
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap())
-                    .unwrap()
-                    .forward(&x)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                let lin = Linear::from_qtensor(&qt).unwrap();
-                assert!(matches!(lin, Linear::Native(_)));
-                let got = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-                let tol = 0.01 * (cols as f32).sqrt();
-                for r in 0..n {
-                    for c in 0..rows {
-                        let (g, w, cd) = (got[r][c], want[r][c], candle[r][c]);
-                        assert!(
-                            (g - w).abs() < tol,
-                            "{dtype:?} {rows}x{cols} n={n}: {g} vs {w}"
-                        );
-                        // candle rounds the Q8_1 block sum differently (f16 twice): ~1e-3 relative.
-                        assert!(
-                            (g - cd).abs() < 5e-3 * (1.0 + cd.abs()),
-                            "{dtype:?}: {g} vs candle {cd}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn simd_kernels_are_bit_identical_to_portable_ones() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = random(40, 576, 9);
-            let x = random(5, 576, 10)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let Linear::Native(m) =
-                Linear::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
-            else {
-                panic!("native kernels for {dtype:?}");
-            };
-            let acts: Vec<Q8Row> = x
-                .chunks_exact(576)
-                .map(|r| {
-                    let mut q = Q8Row::default();
-                    quant::quantize_row(r, &mut q);
-                    q
-                })
-                .collect();
-            let mut portable = vec![0f32; 40 * 5];
-            for task in 0..40 / 8 {
-                rows_portable(
-                    &m,
-                    task * 8,
-                    &mut portable[task * 8 * 5..(task + 1) * 8 * 5],
-                    &acts,
-                );
-            }
-            #[cfg(target_arch = "x86_64")]
-            if super::super::x86::available() {
-                let mut fast = vec![0f32; 40 * 5];
-                for task in 0..40 / 8 {
-                    unsafe {
-                        rows_x86(
-                            &m,
-                            task * 8,
-                            &mut fast[task * 8 * 5..(task + 1) * 8 * 5],
-                            &acts,
-                        )
-                    };
-                }
-                assert_eq!(fast, portable, "{dtype:?}");
-            }
-            // The four-row kernels, with and without VNNI, agree with the single-row ones.
-            #[cfg(target_arch = "x86_64")]
-            if super::super::x86::available() {
-                use super::super::x86;
-                let nb = 576 / QK;
-                let (mut dw, mut mw) = (Vec::new(), Vec::new());
-                let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
-                let quad = x86::Quad::new(four);
-                for r in 0..40 {
-                    unsafe { x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw) };
-                    let want: Vec<f32> = (0..4).map(|i| portable[r * 5 + i]).collect();
-                    let got = unsafe { x86::dot4_quad(m.kind, m.row(r), &dw, &mw, four, &quad) };
-                    assert_eq!(got[..], want[..], "{dtype:?} row {r}");
-                    if x86::vnni_available() {
-                        let got =
-                            unsafe { x86::dot4_quad_vnni(m.kind, m.row(r), &dw, &mw, four, &quad) };
-                        assert_eq!(got[..], want[..], "{dtype:?} row {r} (VNNI)");
-                    }
-                }
-            }
-            // And the public path (whichever kernel it picks) agrees with both.
-            let got = m.matmul(&x, 5);
-            for i in 0..5 {
-                for r in 0..40 {
-                    assert_eq!(got[i * 40 + r], portable[r * 5 + i]);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn embedding_rows_equal_candles_dequantization() {
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
-            let w = random(12, 256, 4);
-            let qt = QTensor::quantize(&w, dtype).unwrap();
-            let want = qt
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            let got = Linear::from_qtensor_native(&qt)
-                .unwrap()
-                .embedding(&[7, 0, 11])
-                .unwrap();
-            assert_eq!(got[..256], want[7][..], "{dtype:?}");
-            assert_eq!(got[256..512], want[0][..], "{dtype:?}");
-            assert_eq!(got[512..], want[11][..], "{dtype:?}");
-        }
-    }
-
-    #[test]
-    fn other_types_fall_back_to_candle() {
-        let w = random(8, 256, 3);
-        let lin = Linear::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q2K).unwrap()).unwrap();
-        assert!(matches!(lin, Linear::Candle(_)));
-        for (dtype, native) in [
-            (GgmlDType::Q4K, false),
-            (GgmlDType::Q5K, true),
-            (GgmlDType::Q6K, false),
-        ] {
-            let qt = QTensor::quantize(&w, dtype).unwrap();
-            let lin = Linear::from_qtensor(&qt).unwrap();
-            assert_eq!(matches!(lin, Linear::NativeK(_)), native, "{dtype:?}");
-            let lin = Linear::from_qtensor_native(&qt).unwrap();
-            assert!(matches!(lin, Linear::NativeK(_)), "{dtype:?}");
-        }
-    }
-}
+#[path = "qmatmul_tests.rs"]
+mod tests;

@@ -13,7 +13,7 @@ use super::kv::KvPool;
 use crate::error::ModelError;
 use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
 use crate::kernels::norm::rms_norm;
-use crate::kernels::qmatmul::Linear;
+use crate::kernels::qmatmul::{Activations, Linear};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -233,9 +233,10 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.attn_norm, eps);
-            let mut q = layer.wq.matmul(&h, n)?; // [n, n_head * head_dim]
-            let mut k = layer.wk.matmul(&h, n)?; // [n, n_kv_head * head_dim]
-            let v = layer.wv.matmul(&h, n)?;
+            let acts = Activations::new(&h, n); // quantized once for q, k and v
+            let mut q = layer.wq.apply(&acts)?; // [n, n_head * head_dim]
+            let mut k = layer.wk.apply(&acts)?; // [n, n_kv_head * head_dim]
+            let v = layer.wv.apply(&acts)?;
             self.rope.apply(&mut q, &positions);
             self.rope.apply(&mut k, &positions);
             let mut row = 0;
@@ -261,8 +262,9 @@ impl Llama {
             add(&mut x, &layer.wo.matmul(&y, n)?);
             let mut h = x.clone();
             rms_norm(&mut h, &layer.ffn_norm, eps);
-            let mut gate = layer.w_gate.matmul(&h, n)?; // [n, ffn_dim]
-            let up = layer.w_up.matmul(&h, n)?;
+            let acts = Activations::new(&h, n);
+            let mut gate = layer.w_gate.apply(&acts)?; // [n, ffn_dim]
+            let up = layer.w_up.apply(&acts)?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u; // SiLU(gate) * up
             }

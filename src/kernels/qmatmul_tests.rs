@@ -1,0 +1,209 @@
+//! Quantized matmul tests: every type against the dequantized f32 product and candle, SIMD
+//! against portable code bit for bit, shared activations, embeddings, the candle fallback.
+use super::*;
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+
+fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+}
+
+/// Every supported type, several shapes and batch sizes: against the f32 product of the
+/// dequantized weights (tolerance: 8-bit activation rounding, about 1% of the row norm),
+/// and against candle's own quantized matmul (same math, different summation order).
+#[test]
+fn matches_dequantized_reference_and_candle() {
+    for (i, dtype) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+        .into_iter()
+        .enumerate()
+    {
+        for &(rows, cols, n) in &[(48, 64, 1), (33, 96, 3), (16, 576, 7)] {
+            let w = random(rows, cols, 1 + i as u64);
+            let x = random(n, cols, 100 + rows as u64);
+            let qt = QTensor::quantize(&w, dtype).unwrap();
+            let wq = qt.dequantize(&Device::Cpu).unwrap();
+            let want = x
+                .matmul(&wq.t().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let lin = Linear::from_qtensor(&qt).unwrap();
+            assert!(matches!(lin, Linear::Native(_)));
+            let got = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let tol = 0.01 * (cols as f32).sqrt();
+            for r in 0..n {
+                for c in 0..rows {
+                    let (g, w, cd) = (got[r][c], want[r][c], candle[r][c]);
+                    assert!(
+                        (g - w).abs() < tol,
+                        "{dtype:?} {rows}x{cols} n={n}: {g} vs {w}"
+                    );
+                    // candle rounds the Q8_1 block sum differently (f16 twice): ~1e-3 relative.
+                    assert!(
+                        (g - cd).abs() < 5e-3 * (1.0 + cd.abs()),
+                        "{dtype:?}: {g} vs candle {cd}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_kernels_are_bit_identical_to_portable_ones() {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = random(40, 576, 9);
+        let x = random(5, 576, 10)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let Linear::Native(m) =
+            Linear::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
+        else {
+            panic!("native kernels for {dtype:?}");
+        };
+        let acts: Vec<Q8Row> = x
+            .chunks_exact(576)
+            .map(|r| {
+                let mut q = Q8Row::default();
+                quant::quantize_row(r, &mut q);
+                q
+            })
+            .collect();
+        let mut portable = vec![0f32; 40 * 5];
+        for task in 0..40 / 8 {
+            rows_portable(
+                &m,
+                task * 8,
+                &mut portable[task * 8 * 5..(task + 1) * 8 * 5],
+                &acts,
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::super::x86::available() {
+            let mut fast = vec![0f32; 40 * 5];
+            for task in 0..40 / 8 {
+                unsafe {
+                    rows_x86(
+                        &m,
+                        task * 8,
+                        &mut fast[task * 8 * 5..(task + 1) * 8 * 5],
+                        &acts,
+                    )
+                };
+            }
+            assert_eq!(fast, portable, "{dtype:?}");
+        }
+        // The four-row kernels, with and without VNNI, agree with the single-row ones.
+        #[cfg(target_arch = "x86_64")]
+        if super::super::x86::available() {
+            use super::super::x86;
+            let nb = 576 / QK;
+            let (mut dw, mut mw) = (Vec::new(), Vec::new());
+            let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
+            let quad = x86::Quad::new(four);
+            for r in 0..40 {
+                unsafe { x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw) };
+                let want: Vec<f32> = (0..4).map(|i| portable[r * 5 + i]).collect();
+                let got = unsafe { x86::dot4_quad(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                assert_eq!(got[..], want[..], "{dtype:?} row {r}");
+                if x86::vnni_available() {
+                    let got =
+                        unsafe { x86::dot4_quad_vnni(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                    assert_eq!(got[..], want[..], "{dtype:?} row {r} (VNNI)");
+                }
+            }
+        }
+        // And the public path (whichever kernel it picks) agrees with both.
+        let got = m.matmul(&x, 5);
+        for i in 0..5 {
+            for r in 0..40 {
+                assert_eq!(got[i * 40 + r], portable[r * 5 + i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_rows_equal_candles_dequantization() {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let w = random(12, 256, 4);
+        let qt = QTensor::quantize(&w, dtype).unwrap();
+        let want = qt
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let got = Linear::from_qtensor_native(&qt)
+            .unwrap()
+            .embedding(&[7, 0, 11])
+            .unwrap();
+        assert_eq!(got[..256], want[7][..], "{dtype:?}");
+        assert_eq!(got[256..512], want[0][..], "{dtype:?}");
+        assert_eq!(got[512..], want[11][..], "{dtype:?}");
+    }
+}
+
+/// One set of activations serves layers of different types (each form quantized once,
+/// rows in parallel above the threshold) with the same results as separate products.
+#[test]
+fn shared_activations_give_the_same_products() {
+    let (n, cols) = (24, 768);
+    assert!(n * cols >= PARALLEL_QUANT_VALUES);
+    let x = random(n, cols, 7)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let shared = Activations::new(&x, n);
+    for (i, dtype) in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5K,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q4_0,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let w = random(20, cols, 50 + i as u64);
+        let lin = Linear::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        let alone = lin.matmul(&x, n).unwrap();
+        assert_eq!(lin.apply(&shared).unwrap(), alone, "{dtype:?}");
+    }
+    assert!(shared.q8.get().is_some() && shared.q8k.get().is_some());
+}
+
+#[test]
+fn other_types_fall_back_to_candle() {
+    let w = random(8, 256, 3);
+    let lin = Linear::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q2K).unwrap()).unwrap();
+    assert!(matches!(lin, Linear::Candle(_)));
+    for (dtype, native) in [
+        (GgmlDType::Q4K, false),
+        (GgmlDType::Q5K, true),
+        (GgmlDType::Q6K, false),
+    ] {
+        let qt = QTensor::quantize(&w, dtype).unwrap();
+        let lin = Linear::from_qtensor(&qt).unwrap();
+        assert_eq!(matches!(lin, Linear::NativeK(_)), native, "{dtype:?}");
+        let lin = Linear::from_qtensor_native(&qt).unwrap();
+        assert!(matches!(lin, Linear::NativeK(_)), "{dtype:?}");
+    }
+}
