@@ -114,7 +114,7 @@ const PARALLEL_QUANT_VALUES: usize = 16 * 1024;
 
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n: usize) -> Self {
-        debug_assert!(n == 0 || x.len() % n == 0);
+        debug_assert!(n == 0 || x.len().is_multiple_of(n));
         Self {
             x,
             n,
