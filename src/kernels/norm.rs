@@ -2,15 +2,22 @@
 //! `1 / sqrt(mean + eps)` in f32, then the weight multiplied in a second pass).
 
 /// Normalises each row of `x` (`[n, dim]`) in place and multiplies by `weight`.
+/// Rows go in parallel when there are many.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    for row in x.chunks_exact_mut(dim) {
+    let norm = |row: &mut [f32]| {
         let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let mean = (sum / dim as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = (*v * scale) * w;
         }
+    };
+    if x.len() >= super::qmatmul::PARALLEL_QUANT_VALUES {
+        use rayon::prelude::*;
+        x.par_chunks_exact_mut(dim).for_each(norm);
+    } else {
+        x.chunks_exact_mut(dim).for_each(norm);
     }
 }
 

@@ -109,8 +109,9 @@ pub struct Activations<'a> {
     q8k: std::cell::OnceCell<Vec<kquant::Q8KRow>>,
 }
 
-/// Rows quantized in parallel only when there is enough work to pay for waking threads.
-const PARALLEL_QUANT_VALUES: usize = 16 * 1024;
+/// Rows quantized (or outputs transposed) in parallel only when there is enough work to pay
+/// for waking threads.
+pub(crate) const PARALLEL_QUANT_VALUES: usize = 16 * 1024;
 
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n: usize) -> Self {
@@ -169,10 +170,15 @@ pub(crate) fn transpose_rows(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32
         return by_row;
     }
     let mut y = vec![0f32; n * rows];
-    for r in 0..rows {
-        for i in 0..n {
-            y[i * rows + r] = by_row[r * n + i];
+    let column = |(i, out): (usize, &mut [f32])| {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = by_row[r * n + i];
         }
+    };
+    if n * rows >= PARALLEL_QUANT_VALUES {
+        y.par_chunks_mut(rows).enumerate().for_each(column);
+    } else {
+        y.chunks_mut(rows).enumerate().for_each(column);
     }
     y
 }

@@ -218,6 +218,7 @@ impl Llama {
             .iter()
             .flat_map(|s| s.start..s.start + s.tokens.len())
             .collect();
+        let rope = self.rope.table(&positions);
         let eps = c.norm_eps as f32;
         let mut x = self
             .embed
@@ -237,8 +238,8 @@ impl Llama {
             let mut q = layer.wq.apply(&acts)?; // [n, n_head * head_dim]
             let mut k = layer.wk.apply(&acts)?; // [n, n_kv_head * head_dim]
             let v = layer.wv.apply(&acts)?;
-            self.rope.apply(&mut q, &positions);
-            self.rope.apply(&mut k, &positions);
+            self.rope.apply(&mut q, &rope);
+            self.rope.apply(&mut k, &rope);
             let mut row = 0;
             for s in seqs {
                 for (i, pos) in (s.start..s.start + s.tokens.len()).enumerate() {
@@ -265,9 +266,7 @@ impl Llama {
             let acts = Activations::new(&h, n);
             let mut gate = layer.w_gate.apply(&acts)?; // [n, ffn_dim]
             let up = layer.w_up.apply(&acts)?;
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u; // SiLU(gate) * up
-            }
+            silu_mul(&mut gate, &up, c.ffn_dim);
             add(&mut x, &layer.w_down.matmul(&gate, n)?);
         }
         // The lm head runs only on the last row of sequences that want logits, all at once.
@@ -324,21 +323,32 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` (`[n, heads * head_dim]`, row `i` at position `positions[i]`) in place.
-    fn apply(&self, x: &mut [f32], positions: &[usize]) {
+    /// The `(cos, sin)` pairs of each position (`head_dim / 2` per position), worked out
+    /// once per forward and shared by every layer's q and k.
+    fn table(&self, positions: &[usize]) -> Vec<(f32, f32)> {
         let half = self.head_dim / 2;
-        let row_len = x.len() / positions.len();
-        let mut cos_sin = vec![(0f32, 0f32); half];
-        for (row, &pos) in x.chunks_exact_mut(row_len).zip(positions) {
+        let mut out = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
             let mut theta = pos as f32;
-            for (j, cs) in cos_sin.iter_mut().enumerate() {
+            for j in 0..half {
                 let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[j]);
                 let angle = self.freq_scale * (theta / ff);
-                *cs = (angle.cos(), angle.sin());
+                out.push((angle.cos(), angle.sin()));
                 theta *= self.theta_scale;
             }
+        }
+        out
+    }
+
+    /// Rotates `x` (`[n, heads * head_dim]`, row `i` at the position of `table`'s row `i`)
+    /// in place.
+    fn apply(&self, x: &mut [f32], table: &[(f32, f32)]) {
+        let half = self.head_dim / 2;
+        let n = table.len() / half;
+        let row_len = x.len() / n;
+        for (row, cos_sin) in x.chunks_exact_mut(row_len).zip(table.chunks_exact(half)) {
             for head in row.chunks_exact_mut(self.head_dim) {
-                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(&cos_sin) {
+                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(cos_sin) {
                     let (x0, x1) = (pair[0], pair[1]);
                     pair[0] = x0 * cos - x1 * sin;
                     pair[1] = x0 * sin + x1 * cos;
@@ -357,4 +367,21 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// `gate = SiLU(gate) * up`, elementwise; rows in parallel when there are many.
+fn silu_mul(gate: &mut [f32], up: &[f32], width: usize) {
+    let row = |(g, u): (&mut [f32], &[f32])| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() >= crate::kernels::qmatmul::PARALLEL_QUANT_VALUES {
+        use rayon::prelude::*;
+        gate.par_chunks_mut(width)
+            .zip(up.par_chunks(width))
+            .for_each(row);
+    } else {
+        gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
+    }
 }
