@@ -207,7 +207,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot load model {}", path.display()))?;
         let context_length = model.llama.config.context_length;
         let vocab_size = model.llama.config.vocab_size;
-        let tokenizer = model.tokenizer.clone();
+        let tokenizer = Arc::new(model.tokenizer.clone());
         let template = Arc::new(model.template);
         let engine = core::start(model.llama, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {

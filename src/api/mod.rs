@@ -27,7 +27,8 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct Ready {
     pub engine: EngineHandle,
-    pub tokenizer: Tokenizer,
+    /// Shared: a request takes a reference, never a copy of the vocabulary.
+    pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
     pub context_length: usize,
     /// Rows of the model's embedding matrix: every prompt id must be below it.

@@ -9,12 +9,14 @@
 //! sequence admitted with no blocks first takes the cached blocks matching its tokens and
 //! starts computing after them; each block it fills is registered for later sequences. When
 //! its next tokens part from a cached block's midway, the rows they share are copied into the
-//! sequence's own block (the step's `copies`), so reuse is token-granular.
+//! sequence's own block (the step's `copies`), so reuse is token-granular. A waiting sequence
+//! whose leading blocks another sequence computes in the same step waits for them (one step)
+//! instead of computing them twice.
 //! Invariants: a sequence is in exactly one of waiting / running, and only running sequences
 //! hold blocks; at least the last token of a sequence is always computed (never taken from
 //! the cache), so its logits exist.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
 
@@ -251,11 +253,24 @@ impl Scheduler {
             budget -= want;
             i += 1;
         }
+        // Full blocks this step computes, by hash: a waiting sequence that would compute one
+        // of them too (a burst of prompts with a common, uncached start) waits a step and
+        // then takes them from the cache.
+        let mut computing = HashSet::new();
+        for c in &step.chunks {
+            self.note_computing(c, &mut computing);
+        }
         // 2. Admit waiting sequences in arrival order while budgets and blocks allow.
-        while budget > 0 && self.running.len() < self.config.max_batch_size {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
+        let mut idx = 0;
+        while budget > 0
+            && self.running.len() < self.config.max_batch_size
+            && idx < self.waiting.len()
+        {
+            let id = self.waiting[idx];
+            if self.shares_computing(id, &computing) {
+                idx += 1;
+                continue;
+            }
             let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
@@ -272,7 +287,7 @@ impl Scheduler {
                 step.copies.push(BlockCopy { src, dst, rows });
                 self.pinned.push(src);
             }
-            self.waiting.pop_front();
+            self.waiting.remove(idx);
             self.running.push(id);
             let s = self
                 .seqs
@@ -283,10 +298,39 @@ impl Scheduler {
                 s.cached_tokens = hit;
                 step.admitted.push(id);
             }
-            step.chunks.push(self.chunk(id, want));
+            let chunk = self.chunk(id, want);
+            self.note_computing(&chunk, &mut computing);
+            step.chunks.push(chunk);
             budget -= want;
         }
         step
+    }
+
+    /// Adds the hashes of the full blocks chunk `c` completes to `computing`.
+    fn note_computing(&mut self, c: &Chunk, computing: &mut HashSet<u64>) {
+        let bs = self.blocks.block_size();
+        let Some(s) = self.seqs.get_mut(&c.id) else {
+            return;
+        };
+        if !s.cache || !self.blocks.caching() {
+            return;
+        }
+        let end = (c.start + c.len) / bs;
+        computing.extend(&s.hashes(end, bs)[(c.start / bs).min(end)..]);
+    }
+
+    /// Whether waiting sequence `id` shares a full block that this step computes.
+    fn shares_computing(&mut self, id: SeqId, computing: &HashSet<u64>) -> bool {
+        let bs = self.blocks.block_size();
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .expect("waiting ids are known. This is a bug.");
+        if computing.is_empty() || !s.cache || !self.blocks.caching() || !s.blocks.is_empty() {
+            return false;
+        }
+        let n = (s.tokens.len() - 1) / bs;
+        s.hashes(n, bs).iter().any(|h| computing.contains(h))
     }
 
     /// The next `len` tokens of `id`, from its first uncomputed position.

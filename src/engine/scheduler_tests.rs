@@ -351,3 +351,31 @@ fn preempted_sequences_resume_from_their_cached_blocks() {
     assert_eq!(st.chunks[0].id, 2);
     assert_eq!(st.chunks[0].start, 4);
 }
+
+#[test]
+fn a_burst_sharing_an_uncached_prefix_computes_it_once() {
+    let mut s = sched_cached(8, 64, 40, true);
+    let shared = prompt(7, 12);
+    for id in 1..=3 {
+        s.add(id, &shared, true);
+    }
+    add(&mut s, 4, 5); // unrelated: admitted at once
+    let st = run(&mut s);
+    let ids: Vec<SeqId> = st.chunks.iter().map(|c| c.id).collect();
+    assert_eq!(ids, [1, 4], "2 and 3 wait for 1's blocks");
+    assert_eq!(s.waiting_count(), 2);
+    let st = run(&mut s);
+    assert_eq!(st.admitted, [2, 3]);
+    for id in [2, 3] {
+        // Two full blocks shared, three rows of the third copied: only the last token runs.
+        assert_eq!(s.cached_tokens(id), 11);
+        let c = st.chunks.iter().find(|c| c.id == id).unwrap();
+        assert_eq!((c.start, c.len), (11, 1));
+    }
+    // With the cache off nothing waits.
+    let mut off = sched_cached(8, 64, 40, false);
+    for id in 1..=3 {
+        off.add(id, &shared, true);
+    }
+    assert_eq!(run(&mut off).chunks.len(), 3);
+}
