@@ -222,11 +222,13 @@ impl BlockManager {
         self.refs[b as usize] += 1;
     }
 
-    /// Registers a full, computed block holding `tokens` after the prefix hashed `parent`,
-    /// under `hash` (their [`chain_hash`]). If another block already holds that content, the
-    /// existing entry stays and `block` remains private.
+    /// Registers a computed block holding `tokens` after the prefix hashed `parent`, under
+    /// `hash` (their [`chain_hash`]). If another block already holds that content, the
+    /// existing entry stays and `block` remains private. A block with fewer tokens than a
+    /// block holds (the end of a finished sequence, never written again) is only ever found
+    /// by [`Self::partial`]: [`Self::lookup`] confirms a full block's tokens.
     pub fn register(&mut self, block: u32, parent: u64, hash: u64, tokens: &[u32]) {
-        debug_assert_eq!(tokens.len(), self.block_size);
+        debug_assert!(!tokens.is_empty() && tokens.len() <= self.block_size);
         if !self.caching || self.hash_of[block as usize].is_some() {
             return;
         }

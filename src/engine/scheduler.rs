@@ -143,6 +143,21 @@ impl Scheduler {
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks.
     pub fn remove(&mut self, id: SeqId) {
         if let Some(mut s) = self.seqs.remove(&id) {
+            // The computed rows of a last, partly filled block stay findable (to be copied,
+            // never shared): an agent's next turn starts with them.
+            let bs = self.blocks.block_size();
+            let full = s.computed / bs;
+            if s.cache && s.computed % bs != 0 && full == s.registered && full < s.blocks.len() {
+                s.hashes(full, bs);
+                let parent = if full == 0 {
+                    ROOT_HASH
+                } else {
+                    s.hashes[full - 1]
+                };
+                let tokens = &s.tokens[full * bs..s.computed];
+                let hash = chain_hash(parent, tokens);
+                self.blocks.register(s.blocks[full], parent, hash, tokens);
+            }
             self.blocks.release(&mut s.blocks);
         }
         self.waiting.retain(|&w| w != id);

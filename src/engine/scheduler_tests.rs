@@ -215,19 +215,20 @@ fn a_later_prompt_reuses_full_blocks_of_prompt_and_generated_tokens() {
         20,
         "cached blocks count as free when unreferenced"
     );
-    assert_eq!(s.cache_stats().0, 2);
+    // Blocks 0 and 1, and block 2's one computed row (kept to be copied).
+    assert_eq!(s.cache_stats().0, 3);
     // A follow-up: the whole first sequence plus a new turn.
     let mut follow = first.clone();
     follow.extend([1, 2, 3]);
     s.add(2, &follow, true);
     let st = run(&mut s);
-    assert_eq!(s.cached_tokens(2), 8);
+    assert_eq!(s.cached_tokens(2), 9);
     assert_eq!(
         st.chunks,
         vec![Chunk {
             id: 2,
-            start: 8,
-            len: 5,
+            start: 9,
+            len: 4,
             logits: true
         }]
     );
@@ -378,4 +379,28 @@ fn a_burst_sharing_an_uncached_prefix_computes_it_once() {
         off.add(id, &shared, true);
     }
     assert_eq!(run(&mut off).chunks.len(), 3);
+}
+
+#[test]
+fn the_computed_rows_of_a_finished_sequences_last_block_are_copied_by_the_next_turn() {
+    let mut s = sched_cached(4, 64, 20, true);
+    add(&mut s, 1, 6);
+    // 6 prompt tokens + 3 sampled: positions 0..8 computed; block 1 is full, block 2 holds
+    // one computed row (position 8) and is not registered while the sequence runs.
+    let first = run_until(&mut s, 1, 10);
+    assert_eq!(s.seqs[&1].computed, 9);
+    s.remove(1);
+    let mut follow = first.clone();
+    follow.extend([1, 2, 3]);
+    s.add(2, &follow, true);
+    let st = run(&mut s);
+    assert_eq!(
+        s.cached_tokens(2),
+        9,
+        "two shared blocks and one copied row"
+    );
+    assert_eq!((st.chunks[0].start, st.copies[0].rows), (9, 1));
+    // A partial block is never taken whole: a prompt equal to its rows plus more is
+    // computed after the copy, into the sequence's own block.
+    assert!(!s.blocks(2).contains(&st.copies[0].src));
 }
