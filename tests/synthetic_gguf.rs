@@ -73,11 +73,12 @@ fn check_against_oracle(spec: &Spec) {
     }
     assert_eq!(cache.len(), pos);
     println!(
-        "{spec_arch} tied={tied}: worst relative logit difference {worst:.5}",
+        "{spec_arch} tied={tied} {dtype:?}: worst relative logit difference {worst:.5}",
         spec_arch = spec.arch,
-        tied = spec.tied
+        tied = spec.tied,
+        dtype = spec.matrix_dtype
     );
-    let tol = if spec.matrix_dtype.is_some() {
+    let tol = if spec.matrix_dtype == Some(candle_core::quantized::GgmlDType::F32) {
         REL_TOL_F32
     } else {
         REL_TOL
@@ -99,6 +100,24 @@ fn f32_weights_match_candle_closely() {
         matrix_dtype: Some(candle_core::quantized::GgmlDType::F32),
         ..Spec::default()
     });
+}
+
+/// K-quant weights (width 256, FFN 512): Q5_K runs our kernels, Q4_K and Q6_K candle's
+/// repacked ones (`Linear::from_qtensor` picks the faster). Per matmul ours and candle's agree
+/// to 1e-4 (kernel tests); through the model, the f16-vs-f32 attention difference moves a few
+/// activations across an 8-bit rounding step, as with the default mix (measured 2026-11-27:
+/// Q4_K 0.049, Q6_K 0.044, Q5_K 0.046), hence `REL_TOL`.
+#[test]
+fn k_quant_weights_match_candle_quantized_llama() {
+    use candle_core::quantized::GgmlDType;
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K] {
+        check_against_oracle(&Spec {
+            matrix_dtype: Some(dtype),
+            dim: 256,
+            ffn: 512,
+            ..Spec::default()
+        });
+    }
 }
 
 #[test]

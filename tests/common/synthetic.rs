@@ -26,6 +26,9 @@ pub struct Spec {
     pub matrix_dtype: Option<GgmlDType>,
     /// A SentencePiece-style (`llama`) vocabulary instead of the byte-level BPE one.
     pub spm: bool,
+    /// Model width and FFN width (K-quant matrices need multiples of 256).
+    pub dim: usize,
+    pub ffn: usize,
 }
 
 impl Default for Spec {
@@ -38,6 +41,8 @@ impl Default for Spec {
             seed: 42,
             matrix_dtype: None,
             spm: false,
+            dim: DIM,
+            ffn: FFN,
         }
     }
 }
@@ -69,41 +74,42 @@ pub fn write(path: &Path, spec: &Spec) {
             .collect();
         QTensor::quantize(&Tensor::from_vec(v, (rows, cols), &dev).unwrap(), dtype).unwrap()
     };
-    let hd = DIM / HEADS;
+    let (dim, ffn) = (spec.dim, spec.ffn);
+    let hd = dim / HEADS;
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
-            tensor(VOCAB, DIM, 1.0, GgmlDType::Q8_0),
+            tensor(VOCAB, dim, 1.0, GgmlDType::Q8_0),
         ),
         (
             "output_norm.weight".into(),
-            norm(&mut rand::rngs::StdRng::seed_from_u64(spec.seed + 1)),
+            norm(&mut rand::rngs::StdRng::seed_from_u64(spec.seed + 1), dim),
         ),
     ];
     if !spec.tied {
         tensors.push((
             "output.weight".into(),
-            tensor(VOCAB, DIM, 0.5, GgmlDType::Q4_1),
+            tensor(VOCAB, dim, 0.5, GgmlDType::Q4_1),
         ));
     }
     for l in 0..LAYERS {
         let mut nrng = rand::rngs::StdRng::seed_from_u64(spec.seed + 10 + l as u64);
         let n = |s: &str| format!("blk.{l}.{s}.weight");
-        tensors.push((n("attn_norm"), norm(&mut nrng)));
-        tensors.push((n("ffn_norm"), norm(&mut nrng)));
-        tensors.push((n("attn_q"), tensor(DIM, DIM, 0.3, GgmlDType::Q4_1)));
+        tensors.push((n("attn_norm"), norm(&mut nrng, dim)));
+        tensors.push((n("ffn_norm"), norm(&mut nrng, dim)));
+        tensors.push((n("attn_q"), tensor(dim, dim, 0.3, GgmlDType::Q4_1)));
         tensors.push((
             n("attn_k"),
-            tensor(KV_HEADS * hd, DIM, 0.3, GgmlDType::Q4_0),
+            tensor(KV_HEADS * hd, dim, 0.3, GgmlDType::Q4_0),
         ));
         tensors.push((
             n("attn_v"),
-            tensor(KV_HEADS * hd, DIM, 0.3, GgmlDType::Q8_0),
+            tensor(KV_HEADS * hd, dim, 0.3, GgmlDType::Q8_0),
         ));
-        tensors.push((n("attn_output"), tensor(DIM, DIM, 0.3, GgmlDType::Q4_1)));
-        tensors.push((n("ffn_gate"), tensor(FFN, DIM, 0.3, GgmlDType::Q4_1)));
-        tensors.push((n("ffn_up"), tensor(FFN, DIM, 0.3, GgmlDType::Q8_0)));
-        tensors.push((n("ffn_down"), tensor(DIM, FFN, 0.3, GgmlDType::Q4_0)));
+        tensors.push((n("attn_output"), tensor(dim, dim, 0.3, GgmlDType::Q4_1)));
+        tensors.push((n("ffn_gate"), tensor(ffn, dim, 0.3, GgmlDType::Q4_1)));
+        tensors.push((n("ffn_up"), tensor(ffn, dim, 0.3, GgmlDType::Q8_0)));
+        tensors.push((n("ffn_down"), tensor(dim, ffn, 0.3, GgmlDType::Q4_0)));
     }
     tensors.retain(|(name, _)| Some(name.as_str()) != spec.drop_tensor);
 
@@ -113,8 +119,8 @@ pub fn write(path: &Path, spec: &Spec) {
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.block_count"), Value::U32(LAYERS as u32)),
         (format!("{a}.context_length"), Value::U32(256)),
-        (format!("{a}.embedding_length"), Value::U32(DIM as u32)),
-        (format!("{a}.feed_forward_length"), Value::U32(FFN as u32)),
+        (format!("{a}.embedding_length"), Value::U32(dim as u32)),
+        (format!("{a}.feed_forward_length"), Value::U32(ffn as u32)),
         (
             format!("{a}.attention.head_count"),
             Value::U32(HEADS as u32),
@@ -141,10 +147,10 @@ pub fn write(path: &Path, spec: &Spec) {
     candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
-fn norm(rng: &mut rand::rngs::StdRng) -> QTensor {
-    let v: Vec<f32> = (0..DIM).map(|_| rng.gen_range(0.8..1.2)).collect();
+fn norm(rng: &mut rand::rngs::StdRng, dim: usize) -> QTensor {
+    let v: Vec<f32> = (0..dim).map(|_| rng.gen_range(0.8..1.2)).collect();
     QTensor::quantize(
-        &Tensor::from_vec(v, DIM, &Device::Cpu).unwrap(),
+        &Tensor::from_vec(v, dim, &Device::Cpu).unwrap(),
         GgmlDType::F32,
     )
     .unwrap()
