@@ -9,8 +9,8 @@
 //! `sum_sb d * da * sum_g sc[g] * (q[g] . a[g])  -  dmin * da * sum_g mn[g] * bsum[g]`
 //!
 //! over 16-value groups `g` (Q6_K's `-32` offset becomes `mn = 32 * sc`, `dmin = d`). The
-//! integer sums are exact; the float steps are two FMAs per super-block in a fixed order, so the
-//! AVX2 kernels ([`super::kquant_x86`]) give the same bits as the portable ones here.
+//! integer sums are exact and the float steps follow one fixed lane layout ([`dot`]), so the
+//! AVX2 and AVX-512 kernels ([`super::kquant_x86`]) give the same bits as the portable code.
 
 use half::f16;
 use rayon::prelude::*;
@@ -206,27 +206,44 @@ impl KRow {
     }
 }
 
-/// The float combination of one super-block's integer sums (shared by every kernel).
-#[inline(always)]
-pub(crate) fn combine(acc: f32, d: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
-    let acc = (d * da).mul_add(isum as f32, acc);
-    (-(dmin * da)).mul_add(msum as f32, acc)
+/// Dot product of an unpacked weight row with a Q8_K row (portable code), in the SIMD
+/// kernels' lane layout so that they give the same bits: sixteen f32 lanes gather
+/// `d * da * (integer sum)` over the values `v` with `(v % 64) / 4` equal to the lane (one
+/// FMA per lane per super-block), eight more `-(dmin * da) * (mn . bsum)` over groups
+/// `2m, 2m + 1`; the lanes are summed once at the end ([`finish`]).
+pub fn dot(w: &KRow, a: &Q8KRow) -> f32 {
+    let (mut acc, mut acc_m) = ([0f32; 16], [0f32; 8]);
+    for (sb, &da) in a.d.iter().enumerate() {
+        let (q, x) = (&w.q[sb * QK_K..][..QK_K], &a.qs[sb * QK_K..][..QK_K]);
+        let sc = &w.sc[sb * GROUPS..][..GROUPS];
+        let mut lanes = [0i32; 16];
+        for v in 0..QK_K {
+            lanes[(v % 64) / 4] += sc[v / 16] as i32 * (q[v] as i32 * x[v] as i32);
+        }
+        let (mn, bs) = (
+            &w.mn[sb * GROUPS..][..GROUPS],
+            &a.bsums[sb * GROUPS..][..GROUPS],
+        );
+        let (fd, fm) = (w.d[sb] * da, -(w.dmin[sb] * da));
+        for (l, &s) in lanes.iter().enumerate() {
+            acc[l] = fd.mul_add(s as f32, acc[l]);
+        }
+        for (m, lane) in acc_m.iter_mut().enumerate() {
+            let s =
+                mn[2 * m] as i32 * bs[2 * m] as i32 + mn[2 * m + 1] as i32 * bs[2 * m + 1] as i32;
+            *lane = fm.mul_add(s as f32, *lane);
+        }
+    }
+    finish(acc, acc_m)
 }
 
-/// Dot product of an unpacked weight row with a Q8_K row (portable code).
-pub fn dot(w: &KRow, a: &Q8KRow) -> f32 {
-    let mut acc = 0f32;
-    for (sb, &da) in a.d.iter().enumerate() {
-        let (mut isum, mut msum) = (0i32, 0i32);
-        for g in sb * GROUPS..(sb + 1) * GROUPS {
-            let (q, x) = (&w.q[16 * g..16 * g + 16], &a.qs[16 * g..16 * g + 16]);
-            let p: i32 = q.iter().zip(x).map(|(&q, &x)| q as i32 * x as i32).sum();
-            isum += w.sc[g] as i32 * p;
-            msum += w.mn[g] as i32 * a.bsums[g] as i32;
-        }
-        acc = combine(acc, w.d[sb], w.dmin[sb], da, isum, msum);
-    }
-    acc
+/// The final lane sums, in llama.cpp's `hsum_float_8` order.
+fn finish(acc: [f32; 16], acc_m: [f32; 8]) -> f32 {
+    let hsum8 = |a: [f32; 8]| {
+        let r = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        (r[0] + r[2]) + (r[1] + r[3])
+    };
+    hsum8(std::array::from_fn(|i| acc[i] + acc[i + 8])) + hsum8(acc_m)
 }
 
 /// Dequantizes one weight row into `out` (appending), with candle's arithmetic (embedding

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquant::{combine, KKind, KMatrix, KRow, Q8KRow, QK_K};
+use super::kquant::{KKind, KMatrix, KRow, Q8KRow, QK_K};
 
 /// Unpacks one weight row, as [`super::kquant::unpack_row`].
 ///
@@ -115,95 +115,125 @@ unsafe fn write_scales(kind: KKind, blk: &[u8], sb: usize, out: &mut KRow) {
     }
 }
 
+/// llama.cpp's `hsum_float_8` order, as [`super::kquant::finish`] sums.
 #[inline(always)]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-    _mm_cvtsi128_si32(s)
+unsafe fn hsum8(x: __m256) -> f32 {
+    let mut res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    _mm_cvtss_f32(res)
 }
 
-/// Super-block `sb`'s integer sums (`sum_g sc[g] * q[g].a[g]`, `sum_g mn[g] * bsum[g]`)
-/// against `R` activation rows, sharing each weight load.
+/// The scales of super-block `sb` in f32: `d * da` and `-(dmin * da)` for each row.
 #[inline(always)]
-unsafe fn sums<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(i32, i32); R] {
-    let mut acc = [_mm256_setzero_si256(); R];
-    let q = w.q.as_ptr().add(sb * QK_K);
-    let sc = w.sc.as_ptr().add(sb * 16);
-    for c in 0..8 {
-        let qv = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
-        // Values 32c..32c+16 take group 2c's scale, the next 16 group 2c+1's.
-        let s = _mm256_set_m128i(
-            _mm_set1_epi16(*sc.add(2 * c + 1)),
-            _mm_set1_epi16(*sc.add(2 * c)),
-        );
+fn factors<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(f32, f32); R] {
+    std::array::from_fn(|r| (w.d[sb] * a[r].d[sb], -(w.dmin[sb] * a[r].d[sb])))
+}
+
+/// `R` activation rows against one unpacked weight row, sharing each weight load, in the
+/// lane layout of [`super::kquant::dot`]: per super-block the integer lanes are converted
+/// and added into f32 lanes with one FMA, and summed across lanes once at the end.
+/// 256-bit: lanes 0..8 and 8..16 of the sixteen are two registers (even and odd 32-value
+/// chunks).
+#[inline(always)]
+unsafe fn dots256<const R: usize>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
+    let mut acc_lo = [_mm256_setzero_ps(); R];
+    let mut acc_hi = [_mm256_setzero_ps(); R];
+    let mut acc_m = [_mm256_setzero_ps(); R];
+    for sb in 0..a[0].d.len() {
+        let q = w.q.as_ptr().add(sb * QK_K);
+        let sc = w.sc.as_ptr().add(sb * 16);
+        let mut lo = [_mm256_setzero_si256(); R];
+        let mut hi = [_mm256_setzero_si256(); R];
+        for c in 0..8 {
+            let qv = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+            // Values 32c..32c+16 take group 2c's scale, the next 16 group 2c+1's.
+            let s = _mm256_set_m128i(
+                _mm_set1_epi16(*sc.add(2 * c + 1)),
+                _mm_set1_epi16(*sc.add(2 * c)),
+            );
+            for r in 0..R {
+                let x =
+                    _mm256_loadu_si256(a[r].qs.as_ptr().add(sb * QK_K + 32 * c) as *const __m256i);
+                // |products| <= 63 * 127, pairs <= 16002: `maddubs` never saturates.
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, x), s);
+                if c % 2 == 0 {
+                    lo[r] = _mm256_add_epi32(lo[r], p);
+                } else {
+                    hi[r] = _mm256_add_epi32(hi[r], p);
+                }
+            }
+        }
+        let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
+        let f = factors(w, sb, a);
         for r in 0..R {
-            let x = _mm256_loadu_si256(a[r].qs.as_ptr().add(sb * QK_K + 32 * c) as *const __m256i);
-            // |products| <= 63 * 127, pairs <= 16002: `maddubs` never saturates.
-            let p = _mm256_maddubs_epi16(qv, x);
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, s));
+            let d = _mm256_set1_ps(f[r].0);
+            acc_lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[r]), d, acc_lo[r]);
+            acc_hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi[r]), d, acc_hi[r]);
+            let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
+            let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, b));
+            acc_m[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(f[r].1), acc_m[r]);
         }
     }
-    let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
-    std::array::from_fn(|r| {
-        let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
-        (hsum_i32(acc[r]), hsum_i32(_mm256_madd_epi16(mn, b)))
-    })
+    std::array::from_fn(|r| hsum8(_mm256_add_ps(acc_lo[r], acc_hi[r])) + hsum8(acc_m[r]))
 }
 
-/// [`sums`] with 512-bit vectors (AVX-512BW): 64 values per instruction; the four group
+/// [`dots256`] with 512-bit vectors (AVX-512BW): 64 values per instruction; the four group
 /// scales of each 64 values are spread to their lanes with one permute.
 #[inline(always)]
-unsafe fn sums512<const R: usize>(w: &KRow, sb: usize, a: [&Q8KRow; R]) -> [(i32, i32); R] {
-    let mut acc = [_mm512_setzero_si512(); R];
-    let q = w.q.as_ptr().add(sb * QK_K);
-    let sc = _mm512_castsi256_si512(_mm256_loadu_si256(
-        w.sc.as_ptr().add(sb * 16) as *const __m256i
-    ));
-    for c in 0..4 {
-        let qv = _mm512_loadu_si512(q.add(64 * c) as *const _);
-        // i16 lane j of a product covers values 2j, 2j+1: group 4c + j / 8.
-        let idx = _mm512_add_epi16(
-            _mm512_srli_epi16(
-                _mm512_set_epi16(
-                    31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
-                    11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
-                ),
-                3,
-            ),
-            _mm512_set1_epi16(4 * c as i16),
-        );
-        let s = _mm512_permutexvar_epi16(idx, sc);
+unsafe fn dots512<const R: usize>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_m = [_mm256_setzero_ps(); R];
+    // i16 lane j of a product covers values 2j, 2j+1: group j / 8 of the 64.
+    let lane_group = _mm512_srli_epi16(
+        _mm512_set_epi16(
+            31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
+            9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+        ),
+        3,
+    );
+    for sb in 0..a[0].d.len() {
+        let q = w.q.as_ptr().add(sb * QK_K);
+        let sc = _mm512_castsi256_si512(_mm256_loadu_si256(
+            w.sc.as_ptr().add(sb * 16) as *const __m256i
+        ));
+        let mut lanes = [_mm512_setzero_si512(); R];
+        for c in 0..4 {
+            let qv = _mm512_loadu_si512(q.add(64 * c) as *const _);
+            let idx = _mm512_add_epi16(lane_group, _mm512_set1_epi16(4 * c as i16));
+            let s = _mm512_permutexvar_epi16(idx, sc);
+            for r in 0..R {
+                let x = _mm512_loadu_si512(a[r].qs.as_ptr().add(sb * QK_K + 64 * c) as *const _);
+                let p = _mm512_madd_epi16(_mm512_maddubs_epi16(qv, x), s);
+                lanes[r] = _mm512_add_epi32(lanes[r], p);
+            }
+        }
+        let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
+        let f = factors(w, sb, a);
         for r in 0..R {
-            let x = _mm512_loadu_si512(a[r].qs.as_ptr().add(sb * QK_K + 64 * c) as *const _);
-            let p = _mm512_maddubs_epi16(qv, x);
-            acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(p, s));
+            let d = _mm512_set1_ps(f[r].0);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes[r]), d, acc[r]);
+            let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
+            let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, b));
+            acc_m[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(f[r].1), acc_m[r]);
         }
     }
-    let mn = _mm256_loadu_si256(w.mn.as_ptr().add(sb * 16) as *const __m256i);
     std::array::from_fn(|r| {
-        let b = _mm256_loadu_si256(a[r].bsums.as_ptr().add(sb * 16) as *const __m256i);
-        (
-            _mm512_reduce_add_epi32(acc[r]),
-            hsum_i32(_mm256_madd_epi16(mn, b)),
-        )
+        let halves = _mm256_add_ps(
+            _mm512_castps512_ps256(acc[r]),
+            _mm512_extractf32x8_ps(acc[r], 1),
+        );
+        hsum8(halves) + hsum8(acc_m[r])
     })
 }
 
 #[inline(always)]
 unsafe fn dots<const R: usize, const WIDE: bool>(w: &KRow, a: [&Q8KRow; R]) -> [f32; R] {
-    let mut acc = [0f32; R];
-    for sb in 0..a[0].d.len() {
-        let s = if WIDE {
-            sums512(w, sb, a)
-        } else {
-            sums(w, sb, a)
-        };
-        for r in 0..R {
-            acc[r] = combine(acc[r], w.d[sb], w.dmin[sb], a[r].d[sb], s[r].0, s[r].1);
-        }
+    if WIDE {
+        dots512(w, a)
+    } else {
+        dots256(w, a)
     }
-    acc
 }
 
 /// `out` (`[rows_in_task, n]`) for the weight rows from `first`: each row is unpacked once,
