@@ -272,8 +272,10 @@ impl Scheduler {
         // of them too (a burst of prompts with a common, uncached start) waits a step and
         // then takes them from the cache.
         let mut computing = HashSet::new();
-        for c in &step.chunks {
-            self.note_computing(c, &mut computing);
+        if !self.waiting.is_empty() {
+            for c in &step.chunks {
+                self.note_computing(c, &mut computing);
+            }
         }
         // 2. Admit waiting sequences in arrival order while budgets and blocks allow.
         let mut idx = 0;

@@ -12,7 +12,7 @@
 //! integer sums are exact and the float steps follow one fixed lane layout ([`dot`]), so the
 //! AVX2 and AVX-512 kernels ([`super::kquant_x86`]) give the same bits as the portable code.
 
-use half::f16;
+use super::quant::{f16_at, hsum8};
 use rayon::prelude::*;
 
 pub const QK_K: usize = 256;
@@ -89,11 +89,6 @@ pub struct KRow {
     pub mn: Vec<i16>,
     pub d: Vec<f32>,
     pub dmin: Vec<f32>,
-}
-
-#[inline(always)]
-pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// The eight (scale, min) pairs of a Q4_K / Q5_K super-block, 6 bits each.
@@ -239,10 +234,6 @@ pub fn dot(w: &KRow, a: &Q8KRow) -> f32 {
 
 /// The final lane sums, in llama.cpp's `hsum_float_8` order.
 fn finish(acc: [f32; 16], acc_m: [f32; 8]) -> f32 {
-    let hsum8 = |a: [f32; 8]| {
-        let r = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-        (r[0] + r[2]) + (r[1] + r[3])
-    };
     hsum8(std::array::from_fn(|i| acc[i] + acc[i + 8])) + hsum8(acc_m)
 }
 
@@ -288,15 +279,7 @@ impl KMatrix {
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * self.cols);
-        let acts: Vec<Q8KRow> = x
-            .chunks_exact(self.cols)
-            .map(|row| {
-                let mut q = Q8KRow::default();
-                quantize_row_q8k(row, &mut q);
-                q
-            })
-            .collect();
-        self.matmul_q8k(&acts)
+        self.matmul_q8k(super::qmatmul::Activations::new(x, n).q8k())
     }
 
     /// The product with activation rows already in Q8_K form. Returns `[n, rows]`.

@@ -7,6 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::kquant::{KKind, KMatrix, KRow, Q8KRow, QK_K};
+use super::x86::{f16_at, hsum8};
 
 /// Unpacks one weight row, as [`super::kquant::unpack_row`].
 ///
@@ -67,12 +68,6 @@ pub unsafe fn unpack_row(kind: KKind, w: &[u8], out: &mut KRow) {
     }
 }
 
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
 /// Eight bytes -> sixteen i16, each repeated (a 32-value sub-block's scale for both of its
 /// 16-value groups).
 #[inline(always)]
@@ -113,15 +108,6 @@ unsafe fn write_scales(kind: KKind, blk: &[u8], sb: usize, out: &mut KRow) {
             _mm256_storeu_si256(mn as *mut __m256i, _mm256_slli_epi16(s, 5));
         }
     }
-}
-
-/// llama.cpp's `hsum_float_8` order, as [`super::kquant::finish`] sums.
-#[inline(always)]
-unsafe fn hsum8(x: __m256) -> f32 {
-    let mut res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-    res = _mm_add_ss(res, _mm_movehdup_ps(res));
-    _mm_cvtss_f32(res)
 }
 
 /// The scales of super-block `sb` in f32: `d * da` and `-(dmin * da)` for each row.
@@ -266,10 +252,11 @@ macro_rules! rows_with {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $name(m: &KMatrix, first: usize, out: &mut [f32], acts: &[Q8KRow]) {
             let n = acts.len();
+            assert!(acts.iter().all(|a| a.qs.len() == m.cols));
             let mut w = KRow::default();
             for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
                 unpack_row(m.kind, m.row(first + local), &mut w);
-                assert!(w.q.len() == m.cols && acts.iter().all(|a| a.qs.len() == m.cols));
+                assert_eq!(w.q.len(), m.cols);
                 let quads = n / 4 * 4;
                 for (o, a) in out_row[..quads]
                     .chunks_exact_mut(4)

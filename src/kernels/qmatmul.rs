@@ -158,7 +158,7 @@ impl<'a> Activations<'a> {
         })
     }
 
-    fn q8k(&self) -> &[kquant::Q8KRow] {
+    pub(crate) fn q8k(&self) -> &[kquant::Q8KRow] {
         self.q8k
             .get_or_init(|| self.map_rows(kquant::quantize_row_q8k))
     }
