@@ -23,5 +23,6 @@ pub mod error;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod structured;
 
 pub use error::{Error, Result};

@@ -173,6 +173,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
 
     use edgeinfer::api::{self, AppState, Ready};
     use edgeinfer::engine::core::{self, EngineConfig};
+    use edgeinfer::structured::{Grammars, ToolFormat};
 
     let manifest = Manifest::builtin();
     let name = match (&args.served_model_name, &args.source.model) {
@@ -209,6 +210,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         let vocab_size = model.llama.config.vocab_size;
         let tokenizer = Arc::new(model.tokenizer.clone());
         let template = Arc::new(model.template);
+        let grammars = Grammars::new(tokenizer.clone(), vocab_size)
+            .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?;
+        let (tool_format, native_tools) = ToolFormat::for_template(template.source());
         let engine = core::start(model.llama, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {
             engine,
@@ -216,6 +220,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             template,
             context_length,
             vocab_size,
+            grammars: Arc::new(grammars),
+            tool_format,
+            native_tools,
         });
         tracing::info!(path = %path.display(), "model loaded; ready");
         Ok(())

@@ -88,6 +88,11 @@ impl ApiError {
         )
     }
 
+    /// The engine thread ended before the request did.
+    pub fn engine_stopped() -> Self {
+        Self::unavailable("The engine stopped before the request finished")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -120,5 +125,12 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+/// A refused response format or tool grammar: the client's fault, naming its field.
+impl From<crate::structured::StructuredError> for ApiError {
+    fn from(e: crate::structured::StructuredError) -> Self {
+        Self::invalid(e.param, e.message)
     }
 }

@@ -13,74 +13,15 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::response::{collect, Meta};
 use super::stream::sse_response;
 use super::types::{
     from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
 };
 use super::{AppState, Ready, RequestId};
-use crate::engine::generate::FinishReason;
-use crate::engine::request::{Event, GenerationRequest, LogprobInfo, Usage};
-
-/// Fields shared by every chunk or response of one request.
-pub struct Meta {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-    pub chat: bool,
-    pub logprobs: bool,
-}
-
-pub fn finish_name(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-pub fn usage_json(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
-}
-
-impl Meta {
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.chat, chunk) {
-            (true, true) => "chat.completion.chunk",
-            (true, false) => "chat.completion",
-            (false, _) => "text_completion",
-        }
-    }
-
-    /// One streamed chunk. `delta` is the chat delta (for text completions its `content`
-    /// becomes `text`).
-    pub fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
-        let choice = if self.chat {
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-        } else {
-            let text = delta.get("content").cloned().unwrap_or(json!(""));
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
-        };
-        json!({"id": self.id, "object": self.object(true), "created": self.created,
-               "model": self.model, "system_fingerprint": Value::Null, "choices": [choice]})
-    }
-
-    pub fn usage_chunk(&self, usage: Usage) -> Value {
-        json!({"id": self.id, "object": self.object(true), "created": self.created,
-               "model": self.model, "choices": [], "usage": usage_json(usage)})
-    }
-
-    /// Chat logprobs for one token (`{"content": [...]}`), or null when not requested.
-    pub fn logprobs_value(&self, info: Option<&LogprobInfo>) -> Value {
-        match info {
-            Some(info) if self.logprobs => json!({"content": [info]}),
-            _ => Value::Null,
-        }
-    }
-}
+use crate::engine::constraint::TokenConstraint;
+use crate::engine::request::GenerationRequest;
+use crate::structured::toolcall;
 
 fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
@@ -122,6 +63,8 @@ pub async fn chat_completions(
     let (ready, req, sampling) =
         accept(&state, body, |r: &ChatCompletionRequest| r.model.as_deref())?;
     let messages = req.validated_messages()?;
+    let spec = req.constraint_spec(ready.tool_format)?;
+    let tools = req.tools_json();
     let top = req.top_logprobs.unwrap_or(0);
     if top > 0 && !req.logprobs {
         return Err(ApiError::invalid(
@@ -136,30 +79,49 @@ pub async fn chat_completions(
         ));
     }
     let r = ready.clone();
-    let prompt = tokio::task::spawn_blocking(move || {
-        let text = r.template.render(&messages, true)?;
-        r.tokenizer.encode(&text, false)
+    let tools_active = spec.calls_tools();
+    // Render, tokenize and compile the grammar off the async threads; a grammar error is
+    // the client's (400 naming the field), before anything is queued.
+    let (prompt, constraint) = tokio::task::spawn_blocking(move || {
+        let (messages, native) = if tools.is_empty() || r.native_tools {
+            (messages, !tools.is_empty())
+        } else {
+            (toolcall::generic_messages(messages, &tools), false)
+        };
+        let text = r
+            .template
+            .render_with_tools(&messages, true, native.then_some(tools.as_slice()))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let prompt = r
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let constraint = r.grammars.constraint(&spec)?;
+        Ok::<_, ApiError>((prompt, constraint))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("templating failed: {e}")))?
-    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
     let meta = Meta {
         id: format!("chatcmpl-{}", rid.0),
         created: unix_now(),
         model: state.model_name.clone(),
         chat: true,
         logprobs: req.logprobs,
+        tools: tools_active.then_some(ready.tool_format),
     };
-    run(
-        &ready,
-        prompt,
-        &sampling,
-        req.logprobs,
-        top as usize,
-        meta,
-        &rid.0,
-    )
-    .await
+    let out = Output {
+        logprobs: req.logprobs,
+        top_logprobs: top as usize,
+        constraint,
+    };
+    run(&ready, prompt, &sampling, out, meta, &rid.0).await
+}
+
+/// What to produce besides text: logprobs, and the grammar the text must follow.
+struct Output {
+    logprobs: bool,
+    top_logprobs: usize,
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 pub async fn completions(
@@ -168,15 +130,14 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (ready, req, sampling) = accept(&state, body, |r: &CompletionRequest| r.model.as_deref())?;
+    let one = || ApiError::invalid("prompt", "exactly one prompt per request is supported");
     let prompt = match req.prompt {
-        PromptField::Text(t) => t,
-        PromptField::Many(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
-        PromptField::Many(_) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "exactly one prompt per request is supported",
-            ))
-        }
+        PromptField::Text(t) => Ok(t),
+        PromptField::Many(v) if v.is_empty() => Err(Vec::new()),
+        PromptField::Many(v) if v.len() == 1 => Ok(v.into_iter().next().unwrap_or_default()),
+        PromptField::Ids(ids) => Err(ids),
+        PromptField::ManyIds(v) if v.len() == 1 => Err(v.into_iter().next().unwrap_or_default()),
+        PromptField::Many(_) | PromptField::ManyIds(_) => return Err(one()),
     };
     for (field, set) in [
         ("echo", req.echo == Some(true)),
@@ -197,28 +158,31 @@ pub async fn completions(
             format!("`logprobs` must be at most 5, got {top}"),
         ));
     }
-    let r = ready.clone();
-    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&prompt, true))
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Token ids are taken as given (checked against the vocabulary in `run`).
+    let ids = match prompt {
+        Err(ids) => ids,
+        Ok(text) => {
+            let r = ready.clone();
+            tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, true))
+                .await
+                .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+    };
     let meta = Meta {
         id: format!("cmpl-{}", rid.0),
         created: unix_now(),
         model: state.model_name.clone(),
         chat: false,
         logprobs: req.logprobs.is_some(),
+        tools: None,
     };
-    run(
-        &ready,
-        ids,
-        &sampling,
-        req.logprobs.is_some(),
-        top as usize,
-        meta,
-        &rid.0,
-    )
-    .await
+    let out = Output {
+        logprobs: req.logprobs.is_some(),
+        top_logprobs: top as usize,
+        constraint: None,
+    };
+    run(&ready, ids, &sampling, out, meta, &rid.0).await
 }
 
 /// Validates budgets, submits, and answers whole or streamed.
@@ -226,8 +190,7 @@ async fn run(
     ready: &Ready,
     prompt: Vec<u32>,
     fields: &SamplingFields,
-    logprobs: bool,
-    top_logprobs: usize,
+    out: Output,
     meta: Meta,
     request_id: &str,
 ) -> Result<Response, ApiError> {
@@ -266,54 +229,18 @@ async fn run(
         max_tokens,
         sampling,
         stop,
-        top_logprobs,
-        logprobs,
+        top_logprobs: out.top_logprobs,
+        logprobs: out.logprobs,
         request_id: request_id.to_string(),
         received: Instant::now(),
         cache_prompt: fields.cache_prompt.unwrap_or(true),
+        constraint: out.constraint,
     };
     let rx = ready.engine.submit(req)?;
     if fields.stream {
         return Ok(sse_response(rx, meta, fields.include_usage()));
     }
     collect(rx, meta).await
-}
-
-async fn collect(
-    mut rx: crate::engine::request::EventReceiver,
-    meta: Meta,
-) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut lps = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token { text: t, logprob } => {
-                text.push_str(&t);
-                lps.extend(logprob);
-            }
-            Event::Failed(msg) => return Err(ApiError::internal(msg)),
-            Event::Finished { reason, usage } => {
-                let logprobs = if meta.logprobs {
-                    json!({"content": lps})
-                } else {
-                    Value::Null
-                };
-                let choice = if meta.chat {
-                    json!({"index": 0, "message": {"role": "assistant", "content": text},
-                           "logprobs": logprobs, "finish_reason": finish_name(reason)})
-                } else {
-                    json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_name(reason)})
-                };
-                let body = json!({"id": meta.id, "object": meta.object(false), "created": meta.created,
-                                  "model": meta.model, "system_fingerprint": Value::Null,
-                                  "choices": [choice], "usage": usage_json(usage)});
-                return Ok(Json(body).into_response());
-            }
-        }
-    }
-    Err(ApiError::unavailable(
-        "The engine stopped before the request finished",
-    ))
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

@@ -3,6 +3,7 @@
 
 pub mod error;
 mod handlers;
+mod response;
 mod stream;
 pub mod types;
 
@@ -21,6 +22,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::core::EngineHandle;
 use crate::model::{ChatTemplate, Tokenizer};
+use crate::structured::{Grammars, ToolFormat};
 use error::ApiError;
 
 /// What exists once the model is loaded.
@@ -33,6 +35,11 @@ pub struct Ready {
     pub context_length: usize,
     /// Rows of the model's embedding matrix: every prompt id must be below it.
     pub vocab_size: usize,
+    /// Compiles response formats and tool grammars for this vocabulary.
+    pub grammars: Arc<Grammars>,
+    /// How this model writes tool calls, and whether its template renders tools itself.
+    pub tool_format: ToolFormat,
+    pub native_tools: bool,
 }
 
 pub struct AppState {

@@ -1,7 +1,9 @@
-//! Server-sent events in OpenAI's exact chunk shapes: a role delta first (chat), content
-//! deltas, a chunk with `finish_reason`, an optional usage chunk, then `data: [DONE]`.
-//! Dropping the stream (the client left) drops the engine's receiver, which cancels the request.
+//! Server-sent events in OpenAI's exact chunk shapes: a role delta first (chat), content or
+//! tool-call deltas, a chunk with `finish_reason`, an optional usage chunk, then
+//! `data: [DONE]`. Dropping the stream (the client left) drops the engine's receiver, which
+//! cancels the request.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -10,34 +12,89 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::handlers::{finish_name, Meta};
-use crate::engine::request::{Event, EventReceiver, Usage};
-
-enum Phase {
-    Start,
-    Body,
-    UsageChunk(Usage),
-    Done,
-    End,
-}
+use super::response::{delta_json, finish_name, Meta};
+use crate::engine::request::{Event, EventReceiver};
+use crate::structured::toolcall::CallParser;
 
 struct State {
     rx: EventReceiver,
     meta: Meta,
-    phase: Phase,
+    /// Chunks ready to send, in order.
+    pending: VecDeque<Value>,
+    /// Splits the text into content and tool-call deltas, when the reply may call tools.
+    calls: Option<CallParser>,
     include_usage: bool,
+    /// The engine has nothing more to send (finished, failed or gone).
+    ended: bool,
+    done_sent: bool,
 }
 
 pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool) -> Response {
+    let mut pending = VecDeque::new();
+    if meta.chat {
+        let delta = json!({"role": "assistant", "content": ""});
+        pending.push_back(meta.chunk(delta, None, Value::Null));
+    }
     let state = State {
         rx,
+        calls: meta.call_parser(),
         meta,
-        phase: Phase::Start,
+        pending,
         include_usage,
+        ended: false,
+        done_sent: false,
     };
     Sse::new(events(state))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+impl State {
+    /// Turns one engine event into the chunks it makes.
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Token { text, logprob }) => {
+                let mut logprobs = self.meta.logprobs_value(logprob.as_ref());
+                let deltas: Vec<Value> = match &mut self.calls {
+                    None if text.is_empty() && logprob.is_none() => Vec::new(),
+                    None => vec![json!({"content": text})],
+                    Some(p) => p.push(&text).iter().map(delta_json).collect(),
+                };
+                for delta in deltas {
+                    let chunk = self.meta.chunk(delta, None, std::mem::take(&mut logprobs));
+                    self.pending.push_back(chunk);
+                }
+            }
+            Some(Event::Finished { reason, usage }) => {
+                let mut made_calls = false;
+                if let Some(p) = &mut self.calls {
+                    for piece in p.finish() {
+                        self.pending.push_back(self.meta.chunk(
+                            delta_json(&piece),
+                            None,
+                            Value::Null,
+                        ));
+                    }
+                    made_calls = !p.calls().is_empty();
+                }
+                let finish = finish_name(reason, made_calls);
+                self.pending
+                    .push_back(self.meta.chunk(json!({}), Some(finish), Value::Null));
+                if self.include_usage {
+                    self.pending.push_back(self.meta.usage_chunk(usage));
+                }
+                self.ended = true;
+            }
+            Some(Event::Failed(msg)) => {
+                self.pending.push_back(ApiError::internal(msg).body());
+                self.ended = true;
+            }
+            None => {
+                self.pending.push_back(ApiError::engine_stopped().body());
+                self.ended = true;
+            }
+        }
+    }
 }
 
 fn data(v: Value) -> Result<SseEvent, Infallible> {
@@ -47,56 +104,18 @@ fn data(v: Value) -> Result<SseEvent, Infallible> {
 fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(state, |mut s| async move {
         loop {
-            match std::mem::replace(&mut s.phase, Phase::End) {
-                Phase::Start => {
-                    s.phase = Phase::Body;
-                    if s.meta.chat {
-                        let delta = json!({"role": "assistant", "content": ""});
-                        return Some((data(s.meta.chunk(delta, None, Value::Null)), s));
-                    }
-                }
-                Phase::Body => match s.rx.recv().await {
-                    Some(Event::Token { text, logprob }) => {
-                        s.phase = Phase::Body;
-                        if text.is_empty() && logprob.is_none() {
-                            continue;
-                        }
-                        let logprobs = s.meta.logprobs_value(logprob.as_ref());
-                        let chunk = s.meta.chunk(json!({"content": text}), None, logprobs);
-                        return Some((data(chunk), s));
-                    }
-                    Some(Event::Finished { reason, usage }) => {
-                        s.phase = if s.include_usage {
-                            Phase::UsageChunk(usage)
-                        } else {
-                            Phase::Done
-                        };
-                        let chunk = s
-                            .meta
-                            .chunk(json!({}), Some(finish_name(reason)), Value::Null);
-                        return Some((data(chunk), s));
-                    }
-                    Some(Event::Failed(msg)) => {
-                        s.phase = Phase::Done;
-                        return Some((data(ApiError::internal(msg).body()), s));
-                    }
-                    None => {
-                        s.phase = Phase::Done;
-                        let err =
-                            ApiError::unavailable("The engine stopped before the request finished");
-                        return Some((data(err.body()), s));
-                    }
-                },
-                Phase::UsageChunk(usage) => {
-                    s.phase = Phase::Done;
-                    return Some((data(s.meta.usage_chunk(usage)), s));
-                }
-                Phase::Done => {
-                    s.phase = Phase::End;
-                    return Some((Ok(SseEvent::default().data("[DONE]")), s));
-                }
-                Phase::End => return None,
+            if let Some(chunk) = s.pending.pop_front() {
+                return Some((data(chunk), s));
             }
+            if s.ended {
+                if s.done_sent {
+                    return None;
+                }
+                s.done_sent = true;
+                return Some((Ok(SseEvent::default().data("[DONE]")), s));
+            }
+            let ev = s.rx.recv().await;
+            s.on_event(ev);
         }
     })
 }

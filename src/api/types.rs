@@ -7,6 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
+use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice, ToolFormat, ToolSpec};
 
 /// Fields of both completion endpoints that shape generation.
 #[derive(Debug, Default, Deserialize)]
@@ -52,23 +53,83 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoiceField>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<ResponseFormat>,
 }
 
 #[derive(Debug, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceField {
+    Mode(String),
+    Function {
+        #[serde(rename = "type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+    /// Our extensions: `{"type": "regex", "regex": ...}`, `{"type": "lark", "lark": ...}`.
+    pub regex: Option<String>,
+    pub lark: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunctionCall {
+    pub name: String,
+    /// A JSON object's text, as OpenAI sends it.
+    pub arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +162,9 @@ pub struct CompletionRequest {
 pub enum PromptField {
     Text(String),
     Many(Vec<String>),
+    /// Token ids, as the OpenAI spec allows.
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
 }
 
 /// Parses a request body as a JSON object.
@@ -138,23 +202,13 @@ impl ChatCompletionRequest {
     /// The messages as template input; refuses what we would otherwise silently ignore.
     pub fn validated_messages(&self) -> Result<Vec<Message>, ApiError> {
         for (field, value) in [
-            ("tools", &self.tools),
-            ("tool_choice", &self.tool_choice),
             ("functions", &self.functions),
             ("function_call", &self.function_call),
         ] {
             if value.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(ApiError::invalid(
                     field,
-                    format!("`{field}` is not supported yet"),
-                ));
-            }
-        }
-        if let Some(f) = &self.response_format {
-            if f.kind != "text" {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!("response_format `{}` is not supported; only `text`", f.kind),
+                    format!("`{field}` is deprecated and not supported: use `tools`"),
                 ));
             }
         }
@@ -167,46 +221,197 @@ impl ChatCompletionRequest {
         self.messages
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                if !["system", "user", "assistant", "developer"].contains(&m.role.as_str()) {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "unsupported role `{}`: use system, user or assistant",
-                            m.role
-                        ),
-                    ));
+            .map(|(i, m)| m.to_message(i))
+            .collect()
+    }
+
+    /// The tools as OpenAI-shaped JSON, for the chat template or the generic tool prompt.
+    pub fn tools_json(&self) -> Vec<Value> {
+        self.tools
+            .iter()
+            .flatten()
+            .map(|t| {
+                let mut f = serde_json::Map::new();
+                f.insert("name".into(), Value::from(t.function.name.clone()));
+                if let Some(d) = &t.function.description {
+                    f.insert("description".into(), Value::from(d.clone()));
                 }
-                let content = match &m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t.clone(),
-                    Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
-                        for (j, p) in parts.iter().enumerate() {
-                            match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => text.push_str(t),
-                                _ => {
-                                    return Err(ApiError::invalid(
-                                        format!("messages[{i}].content[{j}]"),
-                                        format!(
-                                        "content part of type `{}` is not supported; only `text`",
-                                        p.kind
-                                    ),
-                                    ))
-                                }
-                            }
-                        }
-                        text
-                    }
-                };
-                let role = if m.role == "developer" {
-                    "system"
-                } else {
-                    &m.role
-                };
-                Ok(Message::new(role, &content))
+                f.insert(
+                    "parameters".into(),
+                    parameters_or_empty(&t.function.parameters),
+                );
+                serde_json::json!({"type": "function", "function": f})
             })
             .collect()
+    }
+
+    /// What the reply must look like: its format, and the tools it may or must call.
+    pub fn constraint_spec(&self, tool_format: ToolFormat) -> Result<ConstraintSpec, ApiError> {
+        let format = match &self.response_format {
+            None => OutputFormat::Text,
+            Some(f) => f.output_format()?,
+        };
+        let mut tools = Vec::new();
+        for (i, t) in self.tools.iter().flatten().enumerate() {
+            if t.kind != "function" {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    format!("tool type `{}` is not supported; only `function`", t.kind),
+                ));
+            }
+            tools.push(ToolSpec {
+                name: t.function.name.clone(),
+                parameters: parameters_or_empty(&t.function.parameters),
+                strict: t.function.strict.unwrap_or(false),
+            });
+        }
+        let choice = match &self.tool_choice {
+            None if tools.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+            Some(ToolChoiceField::Mode(m)) => match m.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!(
+                        "`tool_choice` must be none, auto, required or a function, got `{other}`"
+                    ),
+                )),
+            },
+            Some(ToolChoiceField::Function { kind, function }) => {
+                if kind != "function" {
+                    return Err(ApiError::invalid(
+                        "tool_choice.type",
+                        format!("`tool_choice.type` must be `function`, got `{kind}`"),
+                    ));
+                }
+                ToolChoice::Named(function.name.clone())
+            }
+        };
+        Ok(ConstraintSpec {
+            format,
+            tools,
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true) && tool_format.parallel,
+            tool_format,
+        })
+    }
+}
+
+/// A function without `parameters` takes none.
+fn parameters_or_empty(p: &Option<Value>) -> Value {
+    p.clone()
+        .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
+}
+
+impl ResponseFormat {
+    fn output_format(&self) -> Result<OutputFormat, ApiError> {
+        let missing = |field: &str| {
+            ApiError::invalid(
+                format!("response_format.{field}"),
+                format!("response_format `{}` needs `{field}`", self.kind),
+            )
+        };
+        Ok(match self.kind.as_str() {
+            "text" => OutputFormat::Text,
+            "json_object" => OutputFormat::JsonObject,
+            "json_schema" => {
+                let js = self.json_schema.as_ref().ok_or_else(|| missing("json_schema"))?;
+                let schema = js
+                    .schema
+                    .clone()
+                    .ok_or_else(|| missing("json_schema.schema"))?;
+                OutputFormat::JsonSchema {
+                    schema,
+                    strict: js.strict.unwrap_or(false),
+                }
+            }
+            "regex" => OutputFormat::Regex(self.regex.clone().ok_or_else(|| missing("regex"))?),
+            "lark" => OutputFormat::Lark(self.lark.clone().ok_or_else(|| missing("lark"))?),
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("response_format `{other}` is not supported: use text, json_object, json_schema, regex or lark"),
+                ))
+            }
+        })
+    }
+}
+
+impl ChatMessage {
+    fn to_message(&self, i: usize) -> Result<Message, ApiError> {
+        if !["system", "user", "assistant", "developer", "tool"].contains(&self.role.as_str()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].role"),
+                format!(
+                    "unsupported role `{}`: use system, user, assistant or tool",
+                    self.role
+                ),
+            ));
+        }
+        let content = match &self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content[{j}]"),
+                                format!(
+                                    "content part of type `{}` is not supported; only `text`",
+                                    p.kind
+                                ),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let role = if self.role == "developer" {
+            "system"
+        } else {
+            &self.role
+        };
+        let mut msg = Message::new(role, &content);
+        if self.role == "tool" {
+            msg.tool_call_id = Some(self.tool_call_id.clone().ok_or_else(|| {
+                ApiError::invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    "a `tool` message needs `tool_call_id`",
+                )
+            })?);
+        }
+        if let Some(calls) = &self.tool_calls {
+            if self.role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "only assistant messages carry `tool_calls`",
+                ));
+            }
+            let mut out = Vec::with_capacity(calls.len());
+            for (j, c) in calls.iter().enumerate() {
+                let args: Value = serde_json::from_str(&c.function.arguments)
+                    .ok()
+                    .filter(Value::is_object)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            "`arguments` must be a JSON object's text",
+                        )
+                    })?;
+                out.push(serde_json::json!({
+                    "id": c.id, "type": c.kind.as_deref().unwrap_or("function"),
+                    "function": {"name": c.function.name, "arguments": args},
+                }));
+            }
+            msg.tool_calls = Some(out);
+        }
+        Ok(msg)
     }
 }
 

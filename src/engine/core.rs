@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::blocks::BlockManager;
+use super::constraint::TokenConstraint;
 use super::generate::{FinishReason, DETOK_CONTEXT, PENALTY_WINDOW};
 use super::request::{Event, EventSender, GenerationRequest, LogprobInfo, TokenLogprob, Usage};
 use super::sampler::{log_softmax_of, Sampler};
@@ -117,6 +118,8 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
 
 struct Active {
     req: GenerationRequest,
+    /// Taken out of `req`: the grammar this sequence's tokens must follow.
+    constraint: Option<Box<dyn TokenConstraint>>,
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
     events: EventSender,
@@ -196,12 +199,13 @@ impl Engine {
     }
 
     fn accept(&mut self, cmd: Command) {
-        let Command::Submit(req, events) = cmd;
+        let Command::Submit(mut req, events) = cmd;
         let id = self.next_id;
         self.next_id += 1;
         self.scheduler.add(id, &req.prompt, req.cache_prompt);
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
+            constraint: req.constraint.take(),
             tokens: req.prompt.clone(),
             sampler: Sampler::new(req.sampling.clone()),
             output: OutputState::new(req.stop.clone(), req.max_tokens, context),
@@ -308,7 +312,17 @@ impl Engine {
             .expect("scheduled ids are active. This is a bug.");
         let logprobs = a.req.logprobs.then(|| logits.clone());
         let window = &a.tokens[a.tokens.len().saturating_sub(PENALTY_WINDOW)..];
-        let token = a.sampler.sample(&mut logits, window);
+        let token = match a.constraint.as_deref_mut() {
+            None => a.sampler.sample(&mut logits, window),
+            Some(c) => match a.sampler.sample_constrained(&mut logits, window, c) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(request_id = %a.req.request_id, error = %e, "constrained sampling failed");
+                    let _ = a.events.send(Event::Failed(e.to_string()));
+                    return (0, true);
+                }
+            },
+        };
         a.tokens.push(token);
         let now = Instant::now();
         match a.last_token_at {

@@ -1,5 +1,6 @@
 //! The engine: sequences, scheduling and sampling. Knows tokens and budgets, never HTTP.
 pub mod blocks;
+pub mod constraint;
 pub mod core;
 pub mod generate;
 pub mod request;

@@ -6,11 +6,12 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::constraint::TokenConstraint;
 use super::generate::FinishReason;
 use super::sampler::SamplingParams;
 
 /// A validated request: token ids, budgets and sampling, nothing about HTTP.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -25,6 +26,8 @@ pub struct GenerationRequest {
     pub received: Instant,
     /// Whether this request may read and feed the prefix cache.
     pub cache_prompt: bool,
+    /// What the output must match (a grammar), ready to run; `None`: free text.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::constraint::{ConstraintError, TokenConstraint};
+
 /// How to pick the next token. The default is greedy with every filter off.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -230,6 +232,41 @@ impl Sampler {
     /// ones never panic but pick an unspecified (still deterministic) token.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.apply_penalties(logits, history);
+        self.pick(logits, false)
+    }
+
+    /// [`sample`](Self::sample) restricted to the tokens `constraint` allows, from exactly
+    /// the distribution the mask would give. Without top-k, top-p or min-p, the unmasked
+    /// pick is tried first and the mask computed only when the constraint rejects it: for
+    /// argmax that is the masked argmax, and for a plain softmax draw, accepting an allowed
+    /// draw and otherwise redrawing from the allowed tokens gives each allowed token
+    /// `p / p(allowed)`, the masked distribution. With those filters the mask comes first,
+    /// since they must see only allowed tokens. The chosen token is committed.
+    pub fn sample_constrained(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        constraint: &mut dyn TokenConstraint,
+    ) -> Result<u32, ConstraintError> {
+        self.apply_penalties(logits, history);
+        let p = &self.params;
+        let filtered = !p.is_greedy() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0);
+        if !filtered {
+            let token = self.pick(logits, false);
+            if constraint.allows(token)? {
+                constraint.commit(token)?;
+                return Ok(token);
+            }
+        }
+        constraint.mask(logits)?;
+        let token = self.pick(logits, true);
+        constraint.commit(token)?;
+        Ok(token)
+    }
+
+    /// Greedy argmax, or the filtered draw. `masked`: `-inf` logits are left out of the
+    /// candidates (a mask left most of the vocabulary at `-inf`).
+    fn pick(&mut self, logits: &[f32], masked: bool) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -238,7 +275,7 @@ impl Sampler {
         let mut cands: Vec<Candidate> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_nan())
+            .filter(|(_, l)| !l.is_nan() && !(masked && **l == f32::NEG_INFINITY))
             // +inf is clamped so that it wins the softmax instead of making NaN.
             .map(|(i, &l)| Candidate {
                 id: i as u32,

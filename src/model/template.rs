@@ -9,11 +9,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 
-/// One chat message.
+/// One chat message, as Hugging Face chat templates see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, OpenAI-shaped, `function.arguments` as a JSON object (as
+    /// templates expect it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -21,6 +28,8 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -34,6 +43,7 @@ pub const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if mes
 /// A compiled chat template with the special-token texts it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -96,9 +106,15 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Template(format!("cannot parse the chat template: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Picks a built-in template from the vocabulary's special tokens.
@@ -117,6 +133,17 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ModelError> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// [`render`](Self::render), with `tools` (OpenAI-shaped function list) given to the
+    /// template as `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, ModelError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -126,7 +153,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
         })
         .map_err(|e| ModelError::Template(format!("cannot render the chat template: {e}")))
     }

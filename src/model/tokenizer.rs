@@ -211,6 +211,76 @@ impl Tokenizer {
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.binary_search(&id).is_ok()
     }
+
+    /// The bytes each token id stands for, indexed by id, for grammar engines: a byte-level
+    /// piece mapped back through GPT-2's byte alphabet, a SentencePiece piece with `▁` as a
+    /// space and `<0xHH>` as its byte, an added token's own text. Control tokens are marked
+    /// with a leading `0xFF` byte (no valid UTF-8 text starts with it), so no text can spell
+    /// them.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_level = self
+            .inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|d| d.contains("ByteLevel"));
+        let unbyte = byte_level.then(gpt2_byte_decoder);
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let Some(piece) = self.inner.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if self.is_control(id) || added.get(&id).is_some_and(|t| t.special) {
+                    let mut b = vec![0xFF];
+                    b.extend_from_slice(piece.as_bytes());
+                    return b;
+                }
+                if added.contains_key(&id) {
+                    return piece.into_bytes();
+                }
+                match &unbyte {
+                    Some(map) => piece
+                        .chars()
+                        .map(|c| map.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .unwrap_or_else(|| piece.clone().into_bytes()),
+                    None => spm_piece_bytes(&piece),
+                }
+            })
+            .collect()
+    }
+}
+
+/// GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the other
+/// 68 bytes for the code points from U+0100 on, in byte order.
+fn gpt2_byte_decoder() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut next = 0x100u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            char::from(b)
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143 are chars. This is a bug.")
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+/// A SentencePiece piece as bytes: `<0xHH>` is that byte, `▁` a space.
+fn spm_piece_bytes(piece: &str) -> Vec<u8> {
+    if let Some(hex) = piece
+        .strip_prefix("<0x")
+        .and_then(|p| p.strip_suffix('>'))
+        .filter(|h| h.len() == 2)
+    {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
 }
 
 fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>> {

@@ -1,0 +1,369 @@
+//! What a request asks the output to be ([`ConstraintSpec`]), checked piece by piece and
+//! turned into one llguidance grammar.
+//!
+//! JSON is generated in one canonical layout (`", "` and `": "` separators, no other
+//! whitespace): a model cannot wander into endless whitespace, and a tool call's arguments
+//! are the exact text the model produced.
+
+use llguidance::api::TopLevelGrammar;
+use serde_json::{json, Value};
+
+use super::toolcall::ToolFormat;
+use super::StructuredError;
+
+/// The shape of a reply's text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against `schema`; `strict` applies OpenAI's strict-mode rules first.
+    JsonSchema {
+        schema: Value,
+        strict: bool,
+    },
+    /// Our extension: text matching a regular expression (Rust regex syntax, whole output).
+    Regex(String),
+    /// Our extension: a Lark grammar in llguidance's dialect.
+    Lark(String),
+}
+
+/// One callable function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    /// A JSON schema of type object for the arguments.
+    pub parameters: Value,
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never call a tool.
+    None,
+    /// Text or calls, as the model chooses; a call, once started, follows the schemas.
+    Auto,
+    /// At least one call, from the first token.
+    Required,
+    /// A call of this function, from the first token.
+    Named(String),
+}
+
+/// Everything that constrains one reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstraintSpec {
+    pub format: OutputFormat,
+    pub tools: Vec<ToolSpec>,
+    pub choice: ToolChoice,
+    /// Whether several calls may come in one reply.
+    pub parallel: bool,
+    pub tool_format: ToolFormat,
+}
+
+/// The JSON layout we generate (llguidance's options, set by us only).
+fn with_layout(schema: &Value) -> Value {
+    let mut s = schema.clone();
+    if let Some(obj) = s.as_object_mut() {
+        obj.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    s
+}
+
+fn json_grammar(schema: &Value) -> TopLevelGrammar {
+    TopLevelGrammar::from_json_schema(with_layout(schema))
+}
+
+/// A Lark string literal (Lark's literals are JSON strings).
+fn lit(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes. This is a bug.")
+}
+
+/// A regex matching `s` literally, every non-alphanumeric character hex-escaped.
+fn regex_literal(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_string()
+            } else {
+                format!("\\x{{{:X}}}", c as u32)
+            }
+        })
+        .collect()
+}
+
+/// Refuses llguidance's `x-guidance` options anywhere in a user schema: they include a
+/// lenient mode that drops what it cannot enforce.
+fn reject_x_guidance(v: &Value, param: &str) -> Result<(), StructuredError> {
+    match v {
+        Value::Object(m) => {
+            if m.contains_key("x-guidance") {
+                return Err(StructuredError::new(
+                    param,
+                    "`x-guidance` is not accepted in schemas: options that loosen enforcement are not offered",
+                ));
+            }
+            m.values().try_for_each(|v| reject_x_guidance(v, param))
+        }
+        Value::Array(a) => a.iter().try_for_each(|v| reject_x_guidance(v, param)),
+        _ => Ok(()),
+    }
+}
+
+/// OpenAI's strict-mode rules: every object lists all its properties in `required` and sets
+/// `additionalProperties: false`.
+fn check_strict(v: &Value, param: &str, at: &str) -> Result<(), StructuredError> {
+    let Some(m) = v.as_object() else {
+        return Ok(());
+    };
+    let is_object = m.get("type").is_some_and(|t| {
+        t == "object"
+            || t.as_array()
+                .is_some_and(|a| a.iter().any(|t| t == "object"))
+    }) || m.contains_key("properties");
+    if is_object {
+        if m.get("additionalProperties") != Some(&Value::Bool(false)) {
+            return Err(StructuredError::new(
+                param,
+                format!("strict mode: `additionalProperties` must be false at `{at}`"),
+            ));
+        }
+        let required: Vec<&str> = m
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(props) = m.get("properties").and_then(Value::as_object) {
+            if let Some(missing) = props.keys().find(|k| !required.contains(&k.as_str())) {
+                return Err(StructuredError::new(
+                    param,
+                    format!(
+                        "strict mode: property `{missing}` at `{at}` must be listed in `required`"
+                    ),
+                ));
+            }
+        }
+    }
+    for (k, child) in m {
+        match (k.as_str(), child) {
+            ("properties" | "$defs" | "definitions" | "patternProperties", Value::Object(c)) => {
+                for (name, s) in c {
+                    check_strict(s, param, &format!("{at}/{k}/{name}"))?;
+                }
+            }
+            ("anyOf" | "allOf" | "oneOf" | "prefixItems", Value::Array(a)) => {
+                for (i, s) in a.iter().enumerate() {
+                    check_strict(s, param, &format!("{at}/{k}/{i}"))?;
+                }
+            }
+            ("items" | "additionalProperties" | "additionalItems", Value::Object(_)) => {
+                check_strict(child, param, &format!("{at}/{k}"))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_object_schema(schema: &Value, param: &str, strict: bool) -> Result<(), StructuredError> {
+    if !schema.is_object() {
+        return Err(StructuredError::new(
+            param,
+            "the schema must be a JSON object",
+        ));
+    }
+    reject_x_guidance(schema, param)?;
+    if strict {
+        if schema.get("type") != Some(&json!("object")) {
+            return Err(StructuredError::new(
+                param,
+                "strict mode: the root schema must have `type: \"object\"`",
+            ));
+        }
+        check_strict(schema, param, "#")?;
+    }
+    Ok(())
+}
+
+pub(crate) fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ConstraintSpec {
+    /// A spec that constrains nothing.
+    pub fn text() -> Self {
+        Self {
+            format: OutputFormat::Text,
+            tools: Vec::new(),
+            choice: ToolChoice::Auto,
+            parallel: true,
+            tool_format: ToolFormat::HERMES,
+        }
+    }
+
+    /// Whether a reply may contain tool calls (so its text is parsed for them).
+    pub fn calls_tools(&self) -> bool {
+        !self.tools.is_empty() && self.choice != ToolChoice::None
+    }
+
+    /// Checks each piece on its own, so that an error names its field; `compile` compiles
+    /// one grammar and reports its error text.
+    pub(crate) fn check(
+        &self,
+        compile: impl Fn(&str, TopLevelGrammar) -> Result<(), StructuredError>,
+    ) -> Result<(), StructuredError> {
+        match &self.format {
+            OutputFormat::Text | OutputFormat::JsonObject => {}
+            OutputFormat::JsonSchema { schema, strict } => {
+                let param = "response_format.json_schema";
+                check_object_schema(schema, param, *strict)?;
+                compile(param, json_grammar(schema))?;
+            }
+            OutputFormat::Regex(rx) => {
+                compile("response_format.regex", TopLevelGrammar::from_regex(rx))?
+            }
+            OutputFormat::Lark(src) => {
+                let param = "response_format.lark";
+                if src.contains("x-guidance") {
+                    return Err(StructuredError::new(
+                        param,
+                        "`x-guidance` is not accepted in grammars",
+                    ));
+                }
+                compile(param, TopLevelGrammar::from_lark(src.clone()))?;
+            }
+        }
+        let tools_active = self.calls_tools();
+        if tools_active && matches!(self.format, OutputFormat::Regex(_) | OutputFormat::Lark(_)) {
+            return Err(StructuredError::new(
+                "response_format",
+                "`regex` and `lark` formats cannot be combined with tool calls",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tools.iter().enumerate() {
+            if !valid_tool_name(&t.name) {
+                return Err(StructuredError::new(
+                    format!("tools[{i}].function.name"),
+                    format!(
+                        "invalid function name `{}`: use 1 to 64 of a-z, A-Z, 0-9, _ and -",
+                        t.name
+                    ),
+                ));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(StructuredError::new(
+                    format!("tools[{i}].function.name"),
+                    format!("function `{}` is declared twice", t.name),
+                ));
+            }
+            let param = format!("tools[{i}].function.parameters");
+            check_object_schema(&t.parameters, &param, t.strict)?;
+            if t.parameters.get("type").is_some_and(|ty| ty != "object") {
+                return Err(StructuredError::new(
+                    &param,
+                    "function parameters must be a schema of `type: \"object\"`",
+                ));
+            }
+            compile(&param, json_grammar(&t.parameters))?;
+        }
+        match &self.choice {
+            ToolChoice::Named(name) if !self.tools.iter().any(|t| &t.name == name) => {
+                Err(StructuredError::new(
+                    "tool_choice",
+                    format!("`tool_choice` names function `{name}`, which is not in `tools`"),
+                ))
+            }
+            ToolChoice::Named(_) | ToolChoice::Required if self.tools.is_empty() => Err(
+                StructuredError::new("tool_choice", "`tool_choice` requires `tools`"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The one grammar for the whole reply and the field to blame if it fails to compile;
+    /// `None` when nothing is constrained.
+    pub(crate) fn grammar(
+        &self,
+    ) -> Result<Option<(&'static str, TopLevelGrammar)>, StructuredError> {
+        if self.tools.is_empty() {
+            return Ok(match &self.format {
+                OutputFormat::Text => None,
+                OutputFormat::JsonObject => {
+                    Some(("response_format", json_grammar(&json!({"type": "object"}))))
+                }
+                OutputFormat::JsonSchema { schema, .. } => {
+                    Some(("response_format.json_schema", json_grammar(schema)))
+                }
+                OutputFormat::Regex(rx) => {
+                    Some(("response_format.regex", TopLevelGrammar::from_regex(rx)))
+                }
+                OutputFormat::Lark(src) => Some((
+                    "response_format.lark",
+                    TopLevelGrammar::from_lark(src.clone()),
+                )),
+            });
+        }
+        Ok(Some(("tools", TopLevelGrammar::from_lark(self.lark()))))
+    }
+
+    /// The Lark grammar of a reply that may (or must) be tool calls.
+    fn lark(&self) -> String {
+        let f = &self.tool_format;
+        let mut g = String::new();
+        let start = match self.choice {
+            ToolChoice::None => "text",
+            ToolChoice::Auto => "calls | text",
+            ToolChoice::Required | ToolChoice::Named(_) => "calls",
+        };
+        g.push_str(&format!("start: {start}\n"));
+        let text = match &self.format {
+            OutputFormat::JsonObject => {
+                format!("%json {}", with_layout(&json!({"type": "object"})))
+            }
+            OutputFormat::JsonSchema { schema, .. } => format!("%json {}", with_layout(schema)),
+            // Text that does not open a tool call (regex and lark were refused with tools).
+            _ => {
+                g.push_str(&format!(
+                    "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{}.*)/\n",
+                    regex_literal(f.trigger())
+                ));
+                "TEXT".to_string()
+            }
+        };
+        g.push_str(&format!("text: {text}\n"));
+        if self.parallel {
+            g.push_str(&format!("calls: call ({} call)*\n", lit(f.sep)));
+        } else {
+            g.push_str("calls: call\n");
+        }
+        let declared: Vec<(usize, &ToolSpec)> = self
+            .tools
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| match &self.choice {
+                ToolChoice::Named(n) => &t.name == n,
+                _ => true,
+            })
+            .collect();
+        let alts: Vec<String> = declared.iter().map(|(i, _)| format!("fn_{i}")).collect();
+        let wrap = |s: &str| if s.is_empty() { String::new() } else { lit(s) };
+        g.push_str(&format!(
+            "call: {} ({}) {}\n",
+            wrap(f.open),
+            alts.join(" | "),
+            wrap(f.close)
+        ));
+        for (i, t) in declared {
+            let head = format!("{{\"name\": \"{}\", \"{}\": ", t.name, f.args_key);
+            g.push_str(&format!("fn_{i}: {} args_{i} \"}}\"\n", lit(&head)));
+            g.push_str(&format!("args_{i}: %json {}\n", with_layout(&t.parameters)));
+        }
+        g
+    }
+}

@@ -1,0 +1,254 @@
+//! Structured output and tool calls: grammars compiled with llguidance, and the tool-call
+//! text format. llguidance lives only here; the engine sees a [`TokenConstraint`].
+//!
+//! Knows JSON schemas, grammars, the tokenizer's byte pieces; never HTTP or the scheduler.
+//! Invariant: fail closed. A grammar that does not compile, or compiles with a warning, is
+//! an error naming the request field it came from, never an unconstrained run.
+
+mod grammar;
+pub mod toolcall;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+
+pub use grammar::{ConstraintSpec, OutputFormat, ToolChoice, ToolSpec};
+pub use toolcall::ToolFormat;
+
+use crate::engine::constraint::{ConstraintError, TokenConstraint};
+use crate::model::Tokenizer;
+
+/// A request field whose grammar was refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StructuredError {
+    /// The request field, e.g. `response_format.json_schema` or `tools[0].function.parameters`.
+    pub param: String,
+    pub message: String,
+}
+
+impl StructuredError {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Compiled grammars kept for reuse, by hash of the grammar.
+const CACHE_ENTRIES: usize = 128;
+
+/// The grammar compiler for one model's vocabulary, with a cache of compiled grammars.
+pub struct Grammars {
+    factory: ParserFactory,
+    stop_ids: Vec<u32>,
+    /// grammar hash -> (last use, the compiled matcher in its start state, or the error).
+    cache: Mutex<(u64, HashMap<u64, (u64, Result<Matcher, String>)>)>,
+}
+
+/// Our tokenizer seen through llguidance's tokenizer interface.
+struct Env {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        match std::str::from_utf8(s) {
+            Ok(text) => self
+                .tokenizer
+                .encode(text, false)
+                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
+            Err(_) => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+impl Grammars {
+    /// `vocab_size`: the model's logits length (at least the tokenizer's vocabulary).
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize) -> Result<Self, String> {
+        let mut words = tokenizer.token_bytes();
+        words.resize(vocab_size.max(words.len()), Vec::new());
+        let stop_ids = tokenizer.stop_ids.clone();
+        let eos = stop_ids
+            .first()
+            .copied()
+            .or(tokenizer.eos)
+            .ok_or("the tokenizer has no end-of-turn or EOS token to end a grammar")?;
+        let mut info = TokRxInfo::new(words.len() as u32, eos);
+        info.tok_bos = tokenizer.bos;
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(&stop_ids);
+        Self::from_env(Arc::new(Env { trie, tokenizer }), stop_ids)
+    }
+
+    /// A compiler over any llguidance tokenizer; `stop_ids` end every grammar.
+    pub(crate) fn from_env(env: TokEnv, stop_ids: Vec<u32>) -> Result<Self, String> {
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities::default(),
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| format!("cannot set up the grammar engine: {e}"))?;
+        factory.quiet();
+        Ok(Self {
+            factory,
+            stop_ids,
+            cache: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Builds and compiles the constraint a request asks for; `None` when it asks for none.
+    /// Runs off the async threads (compiling can take milliseconds).
+    pub fn constraint(
+        &self,
+        spec: &ConstraintSpec,
+    ) -> Result<Option<Box<dyn TokenConstraint>>, StructuredError> {
+        spec.check(|param, g| {
+            self.compile(g)
+                .map(|_| ())
+                .map_err(|m| StructuredError::new(param, m))
+        })?;
+        let Some((param, grammar)) = spec.grammar()? else {
+            return Ok(None);
+        };
+        let matcher = self
+            .compile(grammar)
+            .map_err(|m| StructuredError::new(param, m))?;
+        Ok(Some(Box::new(Constraint {
+            matcher,
+            stop_ids: self.stop_ids.clone(),
+        })))
+    }
+
+    /// A fresh matcher for `grammar`, from the cache when it was compiled before.
+    fn compile(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        let text = serde_json::to_string(&grammar).map_err(|e| e.to_string())?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let key = h.finish();
+        {
+            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let (tick, map) = &mut *guard;
+            *tick += 1;
+            if let Some((used, entry)) = map.get_mut(&key) {
+                *used = *tick;
+                return entry
+                    .as_ref()
+                    .map(Matcher::deep_clone)
+                    .map_err(Clone::clone);
+            }
+        }
+        let entry = self.compile_uncached(grammar);
+        let out = entry
+            .as_ref()
+            .map(Matcher::deep_clone)
+            .map_err(Clone::clone);
+        let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (tick, map) = &mut *guard;
+        if map.len() >= CACHE_ENTRIES {
+            if let Some(oldest) = map.iter().min_by_key(|(_, (u, _))| *u).map(|(k, _)| *k) {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(key, (*tick, entry));
+        out
+    }
+
+    fn compile_uncached(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| e.to_string())?;
+        let mut matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        let warnings = matcher.grammar_warnings();
+        if !warnings.is_empty() {
+            return Err(format!(
+                "the grammar would not be enforced exactly: {}",
+                warnings.join("; ")
+            ));
+        }
+        Ok(matcher)
+    }
+}
+
+/// A compiled grammar driving one sequence.
+struct Constraint {
+    matcher: Matcher,
+    stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").finish_non_exhaustive()
+    }
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> ConstraintError {
+    ConstraintError(format!("the output grammar failed to {what}: {e}"))
+}
+
+impl TokenConstraint for Constraint {
+    fn allows(&mut self, token: u32) -> Result<bool, ConstraintError> {
+        if self.stop_ids.contains(&token) {
+            return self
+                .matcher
+                .is_accepting()
+                .map_err(|e| failed("check a token", e));
+        }
+        if self.matcher.is_stopped() {
+            return Ok(false);
+        }
+        let n = self
+            .matcher
+            .validate_tokens(&[token])
+            .map_err(|e| failed("check a token", e))?;
+        Ok(n == 1)
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
+        let mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| failed("compute a mask", e))?;
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            if mask.is_allowed(i as u32) {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            return Err(ConstraintError(
+                "the output grammar allows no token here".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, token: u32) -> Result<(), ConstraintError> {
+        if self.stop_ids.contains(&token) {
+            // A stop token ends the sequence; the grammar was accepting (checked above).
+            return Ok(());
+        }
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| failed("accept a token", e))
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

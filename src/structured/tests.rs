@@ -1,0 +1,400 @@
+//! Grammar checks and generation over a one-byte-per-token vocabulary: every output a
+//! constraint lets through is walked token by token, as the engine would.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use super::toolcall::{generic_messages, CallParser, Piece, ToolFormat};
+use super::*;
+use crate::engine::constraint::TokenConstraint;
+use crate::model::Message;
+
+/// 256 byte tokens, five specials, and `<|end|>` (261) as the stop token.
+fn grammars() -> Grammars {
+    let env = llguidance::toktrie::ApproximateTokEnv::single_byte_env();
+    Grammars::from_env(env, vec![261]).unwrap()
+}
+
+const END: u32 = 261;
+const VOCAB: usize = 262;
+
+fn spec(format: OutputFormat) -> ConstraintSpec {
+    ConstraintSpec {
+        format,
+        ..ConstraintSpec::text()
+    }
+}
+
+fn tool(name: &str, parameters: Value) -> ToolSpec {
+    ToolSpec {
+        name: name.into(),
+        parameters,
+        strict: false,
+    }
+}
+
+/// Samples random allowed tokens until the stop token (or `limit` tokens): the output bytes.
+fn walk(c: &mut dyn TokenConstraint, seed: u64, limit: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for _ in 0..limit {
+        // Digits less likely, so numbers stay short enough for serde_json's f64.
+        let mut logits: Vec<f32> = (0..VOCAB)
+            .map(|i| {
+                rng.gen::<f32>()
+                    * if (b'0'..=b'9').contains(&(i as u8)) && i < 256 {
+                        0.5
+                    } else {
+                        1.0
+                    }
+            })
+            .collect();
+        // Favour ending, so that walks finish.
+        logits[END as usize] = 0.9;
+        c.mask(&mut logits).unwrap();
+        let tok = (0..VOCAB)
+            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap() as u32;
+        assert!(
+            c.allows(tok).unwrap(),
+            "the mask let through a token it refuses"
+        );
+        c.commit(tok).unwrap();
+        if tok == END {
+            return out;
+        }
+        out.push(tok as u8);
+    }
+    panic!(
+        "no stop token within {limit} tokens: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// JSON Schema's integer: a number with no fractional part (of any size).
+fn is_integer(v: &Value) -> bool {
+    v.as_f64().is_some_and(|f| f.fract() == 0.0)
+}
+
+fn constraint(g: &Grammars, s: &ConstraintSpec) -> Box<dyn TokenConstraint> {
+    g.constraint(s).unwrap().expect("a constraint")
+}
+
+#[test]
+fn free_text_has_no_constraint() {
+    assert!(grammars()
+        .constraint(&ConstraintSpec::text())
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn json_object_output_is_an_object() {
+    let g = grammars();
+    for seed in 0..5 {
+        let mut c = constraint(&g, &spec(OutputFormat::JsonObject));
+        let out = walk(c.as_mut(), seed, 4000);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.is_object(), "{v}");
+    }
+}
+
+#[test]
+fn schema_output_validates_and_uses_one_layout() {
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "kind": {"enum": ["a", "b"]},
+        "tags": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+    }, "required": ["name", "kind", "tags"], "additionalProperties": false});
+    let g = grammars();
+    for seed in 0..8 {
+        let s = spec(OutputFormat::JsonSchema {
+            schema: schema.clone(),
+            strict: true,
+        });
+        let out = walk(constraint(&g, &s).as_mut(), seed, 4000);
+        let text = String::from_utf8(out).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["name"].as_str().unwrap().chars().count() <= 8);
+        assert!(["a", "b"].contains(&v["kind"].as_str().unwrap()), "{v}");
+        assert!(v["tags"].as_array().unwrap().iter().all(is_integer), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 3);
+        assert!(text.starts_with("{\"name\": \""), "{text}");
+    }
+}
+
+#[test]
+fn a_rejected_token_is_refused_and_a_stop_only_when_complete() {
+    let g = grammars();
+    let mut c = constraint(&g, &spec(OutputFormat::JsonObject));
+    assert!(!c.allows(b'x' as u32).unwrap());
+    assert!(!c.allows(END).unwrap(), "an empty output is no JSON object");
+    assert!(c.allows(b'{' as u32).unwrap());
+    c.commit(b'{' as u32).unwrap();
+    c.commit(b'}' as u32).unwrap();
+    assert!(c.allows(END).unwrap());
+}
+
+#[test]
+fn unsupported_keywords_and_bad_schemas_are_refused_naming_the_field() {
+    let g = grammars();
+    let bad = [
+        json!({"type": "object", "not": {"type": "string"}}),
+        json!({"type": "object", "if": {}, "then": {}, "else": {}}),
+        json!({"type": "array", "uniqueItems": true}),
+        json!({"type": 5}),
+        json!({"type": "object", "x-guidance": {"lenient": true}}),
+        json!({"type": "object", "properties": {"a": {"x-guidance": {}}}}),
+        json!("not a schema"),
+    ];
+    for schema in bad {
+        let s = spec(OutputFormat::JsonSchema {
+            schema: schema.clone(),
+            strict: false,
+        });
+        let e = g
+            .constraint(&s)
+            .err()
+            .unwrap_or_else(|| panic!("accepted {schema}"));
+        assert_eq!(e.param, "response_format.json_schema", "{schema}");
+        let mut s = ConstraintSpec::text();
+        s.tools = vec![
+            tool("ok", json!({"type": "object"})),
+            tool("f", schema.clone()),
+        ];
+        let e = g
+            .constraint(&s)
+            .err()
+            .unwrap_or_else(|| panic!("accepted tool {schema}"));
+        assert_eq!(e.param, "tools[1].function.parameters", "{schema}");
+    }
+}
+
+#[test]
+fn strict_mode_needs_closed_objects_with_every_property_required() {
+    let g = grammars();
+    let cases = [
+        json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}),
+        json!({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": false}),
+        json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}}, "required": ["a"], "additionalProperties": false}),
+        json!({"type": "array"}),
+    ];
+    for schema in cases {
+        let s = spec(OutputFormat::JsonSchema {
+            schema: schema.clone(),
+            strict: true,
+        });
+        assert!(g.constraint(&s).is_err(), "strict accepted {schema}");
+        let s = spec(OutputFormat::JsonSchema {
+            schema,
+            strict: false,
+        });
+        assert!(g.constraint(&s).is_ok());
+    }
+}
+
+#[test]
+fn tool_choice_must_name_a_declared_function() {
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = vec![tool("get_weather", json!({"type": "object"}))];
+    s.choice = ToolChoice::Named("nope".into());
+    assert_eq!(g.constraint(&s).unwrap_err().param, "tool_choice");
+    s.tools.clear();
+    s.choice = ToolChoice::Required;
+    assert_eq!(g.constraint(&s).unwrap_err().param, "tool_choice");
+    let mut s = ConstraintSpec::text();
+    s.tools = vec![tool("bad name!", json!({"type": "object"}))];
+    assert_eq!(
+        g.constraint(&s).unwrap_err().param,
+        "tools[0].function.name"
+    );
+}
+
+fn weather_tools() -> Vec<ToolSpec> {
+    vec![
+        tool(
+            "get_weather",
+            json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": false}),
+        ),
+        tool(
+            "add",
+            json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "additionalProperties": false}),
+        ),
+    ]
+}
+
+fn parse_all(text: &str) -> (String, Vec<super::toolcall::ParsedCall>) {
+    let mut p = CallParser::new(ToolFormat::HERMES);
+    let mut content = String::new();
+    for piece in p.push(text).into_iter().chain(p.finish()) {
+        if let Piece::Content(t) = piece {
+            content.push_str(&t);
+        }
+    }
+    (content, p.calls().to_vec())
+}
+
+#[test]
+fn required_and_named_choices_always_call_with_valid_arguments() {
+    let g = grammars();
+    for (choice, parallel) in [
+        (ToolChoice::Required, true),
+        (ToolChoice::Required, false),
+        (ToolChoice::Named("add".into()), true),
+    ] {
+        let mut s = ConstraintSpec::text();
+        s.tools = weather_tools();
+        s.choice = choice.clone();
+        s.parallel = parallel;
+        for seed in 0..6 {
+            let out = walk(constraint(&g, &s).as_mut(), seed, 6000);
+            let text = String::from_utf8(out).unwrap();
+            let (content, calls) = parse_all(&text);
+            assert!(content.is_empty(), "{text:?}");
+            assert!(!calls.is_empty(), "{text:?}");
+            assert!(parallel || calls.len() == 1);
+            for c in calls {
+                let args: Value = serde_json::from_str(&c.arguments).unwrap();
+                match c.name.as_str() {
+                    "get_weather" => assert!(args["city"].is_string()),
+                    "add" => assert!(is_integer(&args["a"]) && is_integer(&args["b"]), "{args}"),
+                    other => panic!("undeclared function {other}"),
+                }
+                if let ToolChoice::Named(n) = &choice {
+                    assert_eq!(&c.name, n);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn none_and_auto_text_never_open_a_call() {
+    let g = grammars();
+    for choice in [ToolChoice::None, ToolChoice::Auto] {
+        let mut s = ConstraintSpec::text();
+        s.tools = weather_tools();
+        s.choice = choice;
+        let mut c = constraint(&g, &s);
+        for &b in b"<tool_call" {
+            assert!(c.allows(b as u32).unwrap());
+            c.commit(b as u32).unwrap();
+        }
+        let l = b'>' as u32;
+        // `auto` may go on into a call; `none` may not.
+        assert_eq!(c.allows(l).unwrap(), s.choice == ToolChoice::Auto);
+    }
+}
+
+#[test]
+fn auto_calls_once_started_follow_the_schema() {
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    let mut c = constraint(&g, &s);
+    for &b in b"<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": " {
+        assert!(c.allows(b as u32).unwrap(), "{}", b as char);
+        c.commit(b as u32).unwrap();
+    }
+    assert!(
+        !c.allows(b'"' as u32).unwrap(),
+        "a string where an integer must be"
+    );
+    assert!(c.allows(b'7' as u32).unwrap());
+}
+
+#[test]
+fn call_parser_gives_the_same_pieces_for_any_split() {
+    let text = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let (content, whole) = parse_all(text);
+    assert_eq!(content, "");
+    assert_eq!(whole.len(), 2);
+    assert_eq!(whole[0].arguments, "{\"a\": 1, \"s\": \"}]{\\\"\"}");
+    assert_eq!(whole[1].name, "get_weather");
+    let mut rng = StdRng::seed_from_u64(3);
+    for _ in 0..50 {
+        let mut p = CallParser::new(ToolFormat::HERMES);
+        let chars: Vec<char> = text.chars().collect();
+        let mut i = 0;
+        let mut args = vec![String::new(); 2];
+        while i < chars.len() {
+            let n = rng.gen_range(1..6).min(chars.len() - i);
+            let piece: String = chars[i..i + n].iter().collect();
+            i += n;
+            for p in p.push(&piece) {
+                if let Piece::Arguments { index, text } = p {
+                    args[index].push_str(&text);
+                }
+            }
+        }
+        p.finish();
+        let calls = p.calls();
+        assert_eq!(calls.len(), 2);
+        for (c, w) in calls.iter().zip(&whole) {
+            assert_eq!((&c.name, &c.arguments), (&w.name, &w.arguments));
+        }
+        assert_eq!(args[0], whole[0].arguments);
+        assert_eq!(args[1], whole[1].arguments);
+    }
+}
+
+#[test]
+fn call_parser_keeps_plain_text_as_content() {
+    for text in ["Hello <tool_call> there", "<tool", "  {\"a\": 1}", ""] {
+        let (content, calls) = parse_all(text);
+        assert_eq!(content, text);
+        assert!(calls.is_empty());
+    }
+}
+
+#[test]
+fn generic_rendering_shows_tools_calls_and_results() {
+    let tools = vec![
+        json!({"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}),
+    ];
+    let mut call = Message::new("assistant", "");
+    call.tool_calls = Some(vec![
+        json!({"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}),
+    ]);
+    let mut result = Message::new("tool", "3");
+    result.tool_call_id = Some("c1".into());
+    let msgs = generic_messages(
+        vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "1+2?"),
+            call,
+            result.clone(),
+            result,
+        ],
+        &tools,
+    );
+    assert_eq!(msgs.len(), 4, "{msgs:?}");
+    assert_eq!(msgs[0].role, "system");
+    assert!(msgs[0].content.starts_with("Be brief.\n\n# Tools"));
+    assert!(msgs[0].content.contains("\"name\":\"add\""));
+    assert_eq!(
+        msgs[2].content,
+        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\":1}}\n</tool_call>"
+    );
+    assert_eq!(msgs[3].role, "user");
+    assert_eq!(
+        msgs[3]
+            .content
+            .matches("<tool_response>\n3\n</tool_response>")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn compiled_grammars_are_cached() {
+    let g = grammars();
+    let s = spec(OutputFormat::JsonObject);
+    g.constraint(&s).unwrap();
+    let n = g.cache.lock().unwrap().1.len();
+    g.constraint(&s).unwrap();
+    assert_eq!(g.cache.lock().unwrap().1.len(), n);
+}
