@@ -237,15 +237,15 @@ fn errors_have_the_openai_shape_and_status() {
                 .to_string()
                 .into_bytes(),
             400,
-            Some("tools"),
+            Some("tools[0]"),
             None,
         ),
         (
-            json!({"messages": user, "response_format": {"type": "json_object"}})
+            json!({"messages": user, "response_format": {"type": "xml"}})
                 .to_string()
                 .into_bytes(),
             400,
-            Some("response_format"),
+            Some("response_format.type"),
             None,
         ),
         (

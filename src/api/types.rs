@@ -272,12 +272,14 @@ impl ChatCompletionRequest {
                 "none" => ToolChoice::None,
                 "auto" => ToolChoice::Auto,
                 "required" => ToolChoice::Required,
-                other => return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!(
+                other => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!(
                         "`tool_choice` must be none, auto, required or a function, got `{other}`"
                     ),
-                )),
+                    ))
+                }
             },
             Some(ToolChoiceField::Function { kind, function }) => {
                 if kind != "function" {

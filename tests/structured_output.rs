@@ -1,0 +1,433 @@
+//! Structured output and tool calls through the real server and model: grammars that fail
+//! closed, JSON that always parses, tool choices that hold, streamed calls that add up to the
+//! whole call, a full tool round trip, and batching invariance with constrained and free
+//! sequences in one batch.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::Server;
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 96});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+         "parameters": {"type": "object", "properties": {
+             "city": {"type": "string", "maxLength": 40},
+             "unit": {"enum": ["celsius", "fahrenheit"]}},
+             "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "description": "Add two integers",
+         "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": false}}}
+    ])
+}
+
+/// Checks a call's arguments against the declared schema of its function.
+fn check_call(call: &Value) {
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {call}"));
+    let obj = args.as_object().unwrap();
+    match call["function"]["name"].as_str().unwrap() {
+        "get_weather" => {
+            assert_eq!(obj.len(), 2, "{args}");
+            assert!(args["city"].as_str().unwrap().chars().count() <= 40);
+            assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+        }
+        "add" => {
+            assert_eq!(obj.len(), 2, "{args}");
+            for k in ["a", "b"] {
+                assert!(args[k].as_f64().is_some_and(|f| f.fract() == 0.0), "{args}");
+            }
+        }
+        other => panic!("undeclared function {other}"),
+    }
+}
+
+#[test]
+fn bad_grammars_are_refused_with_the_field_before_any_compute() {
+    let s = Server::start(&[]);
+    let schema = |schema: Value| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
+    let tool = |parameters: Value| json!([{"type": "function", "function": {"name": "f", "parameters": parameters}}]);
+    let cases = [
+        (
+            json!({"response_format": schema(json!({"type": "object", "not": {"required": ["a"]}}))}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": schema(json!({"type": "object", "if": {}, "then": {}, "else": {}}))}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": schema(json!({"type": "array", "uniqueItems": true}))}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": schema(json!({"type": "object", "properties": 7}))}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": schema(json!({"type": "object", "x-guidance": {"lenient": true}}))}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": true,
+            "schema": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "regex", "regex": "(unclosed"}}),
+            "response_format.regex",
+        ),
+        (
+            json!({"response_format": {"type": "lark", "lark": "start: ("}}),
+            "response_format.lark",
+        ),
+        (
+            json!({"tools": tool(json!({"type": "object", "properties": {"a": {"type": "nonsense"}}}))}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": tool(json!({"type": "object", "not": {}}))}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": tool(json!({"type": "string"}))}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": tools(), "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+            "function": {"name": "add", "arguments": "not json"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+    ];
+    let computed = s.metric("edgeinfer_prompt_tokens_total");
+    for (extra, param) in cases {
+        let (status, r) = s.post(CHAT, &chat("Hello", extra.clone()));
+        assert_eq!(status, 400, "{extra}: {r}");
+        assert_eq!(r["error"]["param"], param, "{extra}: {r}");
+        assert_eq!(r["error"]["type"], "invalid_request_error");
+        assert!(!r["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // Nothing reached the engine.
+    assert_eq!(s.metric("edgeinfer_prompt_tokens_total"), computed);
+    let (status, _) = s.post(CHAT, &chat("Hello", json!({"max_tokens": 2})));
+    assert_eq!(status, 200, "the server is alive after the refusals");
+}
+
+#[test]
+fn json_replies_always_parse_and_validate() {
+    let s = Server::start(&[]);
+    let schema = json!({"type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "year": {"type": "integer"},
+        "genre": {"enum": ["drama", "comedy", "documentary"]},
+        "cast": {"type": "array", "maxItems": 3, "items": {"type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 30}, "lead": {"type": "boolean"}},
+            "required": ["name", "lead"], "additionalProperties": false}}},
+        "required": ["title", "year", "genre", "cast"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "movie", "strict": true, "schema": schema}});
+    let mut validated = 0;
+    for seed in 0..4 {
+        let body = chat(
+            "Describe a film as JSON.",
+            json!({"temperature": 1, "seed": seed,
+            "max_tokens": 200, "response_format": format}),
+        );
+        let (status, r) = s.post(CHAT, &body);
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        if r["choices"][0]["finish_reason"] == "length" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
+        assert!(["drama", "comedy", "documentary"].contains(&v["genre"].as_str().unwrap()));
+        for m in v["cast"].as_array().unwrap() {
+            assert!(m["lead"].is_boolean() && m["name"].is_string(), "{v}");
+        }
+        validated += 1;
+    }
+    assert!(
+        validated >= 2,
+        "too few replies finished to check the schema"
+    );
+    let mut parsed = 0;
+    for seed in 0..3 {
+        let body = chat(
+            "List two colours.",
+            json!({"temperature": 1, "seed": seed, "max_tokens": 120,
+            "response_format": {"type": "json_object"}}),
+        );
+        let (_, r) = s.post(CHAT, &body);
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        if r["choices"][0]["finish_reason"] == "stop" {
+            let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert!(v.is_object());
+            parsed += 1;
+        }
+    }
+    assert!(parsed >= 1, "no json_object reply finished");
+    let body = chat(
+        "Pick a number.",
+        json!({"response_format": {"type": "regex", "regex": "[0-9]{3}"}}),
+    );
+    let (_, r) = s.post(CHAT, &body);
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.len() == 3 && text.bytes().all(|b| b.is_ascii_digit()),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn tool_choices_hold_and_streamed_calls_equal_whole_ones() {
+    let s = Server::start(&[]);
+    let prompts = [
+        "What is the weather in Paris?",
+        "Add 2 and 40.",
+        "Tell me a story.",
+    ];
+    let mut checked = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        for choice in [
+            json!("required"),
+            json!({"type": "function", "function": {"name": "add"}}),
+        ] {
+            let body = chat(
+                p,
+                json!({"tools": tools(), "tool_choice": choice, "temperature": 1, "seed": i}),
+            );
+            let (status, r) = s.post(CHAT, &body);
+            assert_eq!(status, 200, "{r}");
+            let c = &r["choices"][0];
+            let calls = c["message"]["tool_calls"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no call: {r}"));
+            assert!(!calls.is_empty());
+            if c["finish_reason"] != "length" {
+                assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+                calls.iter().for_each(check_call);
+                checked += 1;
+            }
+            if choice.is_object() {
+                assert!(calls.iter().all(|c| c["function"]["name"] == "add"), "{r}");
+            }
+            assert!(c["message"]["content"].is_null(), "{r}");
+        }
+        let body = chat(
+            p,
+            json!({"tools": tools(), "tool_choice": "none", "temperature": 1, "seed": i}),
+        );
+        let (_, r) = s.post(CHAT, &body);
+        let m = &r["choices"][0]["message"];
+        assert!(m.get("tool_calls").is_none(), "{r}");
+        assert!(!m["content"]
+            .as_str()
+            .unwrap()
+            .trim_start()
+            .starts_with("<tool_call>"));
+    }
+    assert!(checked >= 4, "too few finished calls to check ({checked})");
+    // Streaming: OpenAI's deltas, adding up to exactly the non-streamed reply.
+    for (choice, parallel) in [(json!("required"), true), (json!("auto"), false)] {
+        let body = chat(
+            "What is the weather in Paris?",
+            json!({"tools": tools(), "tool_choice": choice,
+            "parallel_tool_calls": parallel}),
+        );
+        let (_, whole) = s.post(CHAT, &body);
+        let mut stream_body = body.clone();
+        stream_body["stream"] = json!(true);
+        let chunks: Vec<Value> = s
+            .stream(CHAT, &stream_body)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let mut calls: Vec<Value> = Vec::new();
+        let mut content = String::new();
+        let mut finish = Value::Null;
+        for ch in &chunks {
+            let choice = &ch["choices"][0];
+            if !choice["finish_reason"].is_null() {
+                finish = choice["finish_reason"].clone();
+            }
+            content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            for d in choice["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let i = d["index"].as_u64().unwrap() as usize;
+                if d.get("id").is_some() {
+                    assert_eq!(i, calls.len(), "calls start in index order");
+                    assert_eq!(d["type"], "function");
+                    calls.push(json!({"name": d["function"]["name"], "arguments": ""}));
+                }
+                let args = d["function"]["arguments"].as_str().unwrap();
+                let acc = calls[i]["arguments"].as_str().unwrap().to_string() + args;
+                calls[i]["arguments"] = json!(acc);
+            }
+        }
+        let w = &whole["choices"][0];
+        assert_eq!(finish, w["finish_reason"]);
+        assert_eq!(content, w["message"]["content"].as_str().unwrap_or(""));
+        let want: Vec<Value> = w["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(
+                |c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}),
+            )
+            .collect();
+        assert_eq!(calls, want, "{whole}");
+        assert!(parallel || calls.len() <= 1);
+    }
+}
+
+#[test]
+fn a_tool_round_trip_renders_calls_and_results() {
+    let s = Server::start(&[]);
+    let user = json!({"role": "user", "content": "What is the weather in Paris?"});
+    let body = json!({"messages": [user], "tools": tools(), "tool_choice": "required",
+        "parallel_tool_calls": false, "temperature": 0, "max_tokens": 96});
+    let (_, r) = s.post(CHAT, &body);
+    let call = r["choices"][0]["message"]["tool_calls"][0].clone();
+    check_call(&call);
+    let first_prompt = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    let messages = json!([
+        user,
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 18, \"sky\": \"sunny\"}"}
+    ]);
+    let body = json!({"messages": messages, "tools": tools(), "tool_choice": "none",
+        "temperature": 0, "max_tokens": 48});
+    let (status, r) = s.post(CHAT, &body);
+    assert_eq!(status, 200, "{r}");
+    let c = &r["choices"][0];
+    assert!(c["message"].get("tool_calls").is_none());
+    assert!(!c["message"]["content"].as_str().unwrap().is_empty());
+    assert_ne!(c["finish_reason"], "tool_calls");
+    // The model saw the call and the result: the prompt grew, and its head came from the
+    // cache of the first turn (same tool list, same user turn).
+    let u = &r["usage"];
+    assert!(
+        u["prompt_tokens"].as_u64().unwrap() > first_prompt + 20,
+        "{u}"
+    );
+    assert!(
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{u}"
+    );
+    // `auto` after the result may answer in text or call again; either way it is well formed.
+    let mut auto = body.clone();
+    auto["tool_choice"] = json!("auto");
+    let (_, r) = s.post(CHAT, &auto);
+    for call in r["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        check_call(call);
+    }
+}
+
+#[test]
+fn constrained_and_free_sequences_batch_without_changing_outputs() {
+    let s = Server::start(&["--max-batch-size", "8", "--max-batch-tokens", "64"]);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object",
+        "properties": {"colour": {"type": "string", "maxLength": 20}, "hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"}},
+        "required": ["colour", "hex"]}}});
+    let bodies = [
+        chat("Name a colour.", json!({"response_format": schema})),
+        chat("What is the capital of France?", json!({"max_tokens": 24})),
+        chat(
+            "What is the weather in Rome?",
+            json!({"tools": tools(), "tool_choice": "required"}),
+        ),
+        chat("Write a haiku about the sea.", json!({"max_tokens": 30})),
+        chat(
+            "Give me a JSON object about a cat.",
+            json!({"response_format": {"type": "json_object"}}),
+        ),
+        chat(
+            "Add 3 and 4.",
+            json!({"tools": tools(), "tool_choice": "auto", "seed": 1, "temperature": 0.7}),
+        ),
+        chat(
+            "Count to five.",
+            json!({"max_tokens": 20, "seed": 7, "temperature": 0.9}),
+        ),
+    ];
+    let answer = |r: &Value| {
+        let m = &r["choices"][0]["message"];
+        let calls: Vec<Value> = m["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["function"].clone())
+            .collect();
+        (
+            m["content"].clone(),
+            calls,
+            r["choices"][0]["finish_reason"].clone(),
+        )
+    };
+    let solo: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            let (status, r) = s.post(CHAT, b);
+            assert_eq!(status, 200, "{r}");
+            answer(&r)
+        })
+        .collect();
+    let together: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let s = &s;
+                scope.spawn(move || answer(&s.post(CHAT, b).1))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, solo, "batching changed an output");
+    // The constrained replies are what they were asked to be.
+    let json: Value = serde_json::from_str(solo[0].0.as_str().unwrap()).unwrap();
+    assert!(json["hex"].as_str().is_some_and(|h| h.len() == 7), "{json}");
+    assert!(!solo[2].1.is_empty(), "`required` made no call");
+    assert!(s.wait_idle(Duration::from_secs(10)));
+}
