@@ -8,12 +8,14 @@ mod forward;
 mod kernels;
 mod sampler;
 mod scheduler;
+mod structured;
 
 criterion_group!(
     benches,
     kernels::bench,
     forward::bench,
     sampler::bench,
-    scheduler::bench
+    scheduler::bench,
+    structured::bench
 );
 criterion_main!(benches);

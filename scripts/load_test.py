@@ -5,6 +5,7 @@ Each client sends `--requests` streaming chat completions one after another (tem
 `--max-tokens` each, a request may stop early at an end-of-turn token) and
 records time to first token and per-token arrival times. Prints aggregate generated tok/s
 over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard library only.
+`--response-format json_object|json_schema` constrains every request (structured output).
 
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
 """
@@ -28,13 +29,26 @@ PROMPTS = [
 ]
 
 
-def one_request(url, model, prompt, max_tokens):
+# A schema whose replies run long (free strings and a list), like an agent's report.
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "summary": {"type": "string"},
+    "points": {"type": "array", "items": {"type": "string"}}},
+    "required": ["title", "summary", "points"], "additionalProperties": False}
+FORMATS = {
+    "json_object": {"type": "json_object"},
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "report", "strict": True, "schema": SCHEMA}},
+}
+
+
+def one_request(url, model, prompt, max_tokens, response_format=None):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     if model:
         body["model"] = model
+    if response_format:
+        body["response_format"] = FORMATS[response_format]
     start = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
                  {"Content-Type": "application/json"})
@@ -61,6 +75,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--response-format", choices=sorted(FORMATS), default=None,
+                    help="constrain every request to this format")
     args = ap.parse_args()
 
     results, errors = [], []
@@ -70,7 +86,8 @@ def main():
         for r in range(args.requests):
             prompt = PROMPTS[(i + r) % len(PROMPTS)]
             try:
-                start, times = one_request(args.url, args.model, prompt, args.max_tokens)
+                start, times = one_request(args.url, args.model, prompt, args.max_tokens,
+                                           args.response_format)
                 with lock:
                     results.append((start, times))
             except Exception as e:  # report, keep going
@@ -94,6 +111,7 @@ def main():
 
     print(json.dumps({
         "concurrency": args.concurrency,
+        "response_format": args.response_format,
         "requests": len(results),
         "errors": len(errors),
         "generated_tokens": tokens,

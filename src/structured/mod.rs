@@ -106,6 +106,11 @@ impl Grammars {
         })
     }
 
+    /// Whether `id` is one of the model's stop tokens, which end every grammar.
+    pub fn is_stop_id(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
     /// Builds and compiles the constraint a request asks for; `None` when it asks for none.
     /// Runs off the async threads (compiling can take milliseconds).
     pub fn constraint(
