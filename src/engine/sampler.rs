@@ -275,7 +275,7 @@ impl Sampler {
         let mut cands: Vec<Candidate> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_nan() && !(masked && **l == f32::NEG_INFINITY))
+            .filter(|(_, l)| !(l.is_nan() || masked && **l == f32::NEG_INFINITY))
             // +inf is clamped so that it wins the softmax instead of making NaN.
             .map(|(i, &l)| Candidate {
                 id: i as u32,

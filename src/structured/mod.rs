@@ -43,12 +43,15 @@ impl StructuredError {
 /// Compiled grammars kept for reuse, by hash of the grammar.
 const CACHE_ENTRIES: usize = 128;
 
+/// grammar hash -> (last use, the compiled matcher in its start state, or the error).
+type Cache = HashMap<u64, (u64, Result<Matcher, String>)>;
+
 /// The grammar compiler for one model's vocabulary, with a cache of compiled grammars.
 pub struct Grammars {
     factory: ParserFactory,
     stop_ids: Vec<u32>,
-    /// grammar hash -> (last use, the compiled matcher in its start state, or the error).
-    cache: Mutex<(u64, HashMap<u64, (u64, Result<Matcher, String>)>)>,
+    /// (use counter, cache).
+    cache: Mutex<(u64, Cache)>,
 }
 
 /// Our tokenizer seen through llguidance's tokenizer interface.

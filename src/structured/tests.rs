@@ -43,7 +43,7 @@ fn walk(c: &mut dyn TokenConstraint, seed: u64, limit: usize) -> Vec<u8> {
         let mut logits: Vec<f32> = (0..VOCAB)
             .map(|i| {
                 rng.gen::<f32>()
-                    * if (b'0'..=b'9').contains(&(i as u8)) && i < 256 {
+                    * if i < 256 && (i as u8).is_ascii_digit() {
                         0.5
                     } else {
                         1.0
