@@ -398,3 +398,49 @@ fn compiled_grammars_are_cached() {
     g.constraint(&s).unwrap();
     assert_eq!(g.cache.lock().unwrap().1.len(), n);
 }
+
+#[test]
+fn the_tool_format_follows_the_template() {
+    assert_eq!(
+        ToolFormat::for_template("{{ messages }}"),
+        (ToolFormat::HERMES, false)
+    );
+    let qwen = "{% if tools %}<tools>{% endif %}<tool_call>";
+    assert_eq!(ToolFormat::for_template(qwen), (ToolFormat::HERMES, true));
+    let llama = "{% if tools %}{\"name\": ..., \"parameters\": ...}{% endif %}<|python_tag|>";
+    assert_eq!(
+        ToolFormat::for_template(llama),
+        (ToolFormat::LLAMA3_JSON, true)
+    );
+    // Tools referenced in a format we do not parse: the generic rendering.
+    assert_eq!(
+        ToolFormat::for_template("{% if tools %}[TOOL_CALLS]{% endif %}"),
+        (ToolFormat::HERMES, false)
+    );
+}
+
+#[test]
+fn llama3_json_calls_are_generated_and_parsed() {
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    s.choice = ToolChoice::Required;
+    s.tool_format = ToolFormat::LLAMA3_JSON;
+    s.parallel = false;
+    for seed in 0..4 {
+        let text = String::from_utf8(walk(constraint(&g, &s).as_mut(), seed, 6000)).unwrap();
+        assert!(text.starts_with("{\"name\": \""), "{text}");
+        let whole: Value = serde_json::from_str(&text).unwrap();
+        let mut p = CallParser::new(ToolFormat::LLAMA3_JSON);
+        let pieces: Vec<Piece> = p.push(&text).into_iter().chain(p.finish()).collect();
+        assert!(
+            pieces.iter().all(|p| !matches!(p, Piece::Content(_))),
+            "{text}"
+        );
+        let calls = p.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(whole["name"], calls[0].name.as_str());
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert_eq!(whole["parameters"], args);
+    }
+}
