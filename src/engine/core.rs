@@ -317,7 +317,8 @@ impl Engine {
             Some(c) => match a.sampler.sample_constrained(&mut logits, window, c) {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::error!(request_id = %a.req.request_id, error = %e, "constrained sampling failed");
+                    // The grammar error may quote generated text: the client gets it, the log does not.
+                    tracing::error!(request_id = %a.req.request_id, "constrained sampling failed");
                     let _ = a.events.send(Event::Failed(e.to_string()));
                     return (0, true);
                 }
