@@ -38,18 +38,23 @@ fn python_with_openai() -> PathBuf {
     python
 }
 
-#[test]
-fn official_openai_client_works() {
+/// Runs `tests/python/SCRIPT` against a fresh server; returns the JSON it prints.
+fn run_client(script: &str) -> Value {
     let python = python_with_openai();
     let s = Server::start(&[]);
     let out = Command::new(python)
-        .arg(common::repo_root().join("tests/python/openai_client.py"))
+        .arg(common::repo_root().join("tests/python").join(script))
         .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the client failed:\n{stderr}");
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn official_openai_client_works() {
+    let r = run_client("openai_client.py");
     assert!(!r["text"].as_str().unwrap().is_empty());
     assert_eq!(r["text"], r["streamed"], "{r}");
     assert_eq!(r["finish_reason"], r["stream_finish_reason"]);
@@ -72,16 +77,7 @@ fn official_openai_client_works() {
 
 #[test]
 fn official_client_parses_structured_output_and_calls_tools() {
-    let python = python_with_openai();
-    let s = Server::start(&[]);
-    let out = Command::new(python)
-        .arg(common::repo_root().join("tests/python/structured_client.py"))
-        .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the client failed:\n{stderr}");
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run_client("structured_client.py");
     // `parse` gave a pydantic object (the script asserts its type), here as JSON.
     assert!(r["film"]["director"]["age"].is_i64(), "{r}");
     // Every one of the 20 strict-schema replies at temperature 1 validated (jsonschema).
