@@ -16,7 +16,10 @@ use tokio::sync::mpsc;
 use super::blocks::BlockManager;
 use super::constraint::TokenConstraint;
 use super::generate::{FinishReason, DETOK_CONTEXT, PENALTY_WINDOW};
-use super::request::{Event, EventSender, GenerationRequest, LogprobInfo, TokenLogprob, Usage};
+use super::request::{
+    EndReport, Ending, Event, EventSender, GenerationRequest, LogprobInfo, TokenLogprob, Usage,
+    UsageSink,
+};
 use super::sampler::{log_softmax_of, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
@@ -126,8 +129,42 @@ struct Active {
     sampler: Sampler,
     output: OutputState,
     last_token_at: Option<Instant>,
+    first_token_at: Option<Instant>,
     /// Prompt tokens taken from the prefix cache.
     cached_tokens: usize,
+    /// Prompt tokens whose keys and values exist (cached or computed), for metering.
+    prompt_done: usize,
+    /// How the request ends if it is dropped now; set when it finishes or fails.
+    ending: Ending,
+    on_end: Option<UsageSink>,
+}
+
+impl Active {
+    /// What this request has computed so far.
+    fn usage(&self) -> Usage {
+        let prompt = self.prompt_done.min(self.req.prompt.len());
+        let completion = self.output.generated();
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: self.cached_tokens.min(prompt),
+        }
+    }
+}
+
+/// Every ending reports its usage exactly once: when the sequence leaves the engine, in
+/// whatever way (finished, failed, the client left, the engine stopped).
+impl Drop for Active {
+    fn drop(&mut self) {
+        if let Some(sink) = self.on_end.take() {
+            sink.call(EndReport {
+                ending: self.ending,
+                usage: self.usage(),
+                first_token_at: self.first_token_at,
+            });
+        }
+    }
 }
 
 struct Engine {
@@ -166,6 +203,7 @@ impl Engine {
                 let cached = self.scheduler.cached_tokens(*id);
                 if let Some(a) = self.active.get_mut(id) {
                     a.cached_tokens = cached;
+                    a.prompt_done = a.prompt_done.max(cached);
                     let waited = a.req.received.elapsed().as_secs_f64();
                     metrics::histogram!("edgeinfer_request_queue_time_seconds").record(waited);
                     metrics::counter!("edgeinfer_prompt_tokens_total")
@@ -211,7 +249,11 @@ impl Engine {
             output: OutputState::new(req.stop.clone(), req.max_tokens, context),
             events,
             last_token_at: None,
+            first_token_at: None,
             cached_tokens: 0,
+            prompt_done: 0,
+            ending: Ending::Cancelled,
+            on_end: req.on_end.take(),
             req: *req,
         };
         self.active.insert(id, active);
@@ -266,7 +308,8 @@ impl Engine {
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the step's requests");
                 for c in &step.chunks {
-                    if let Some(a) = self.active.remove(&c.id) {
+                    if let Some(mut a) = self.active.remove(&c.id) {
+                        a.ending = Ending::Failed;
                         let _ = a
                             .events
                             .send(Event::Failed(format!("model computation failed: {e}")));
@@ -277,14 +320,14 @@ impl Engine {
             }
         };
         // Prompt positions computed this step (counted before any response can complete).
-        let prefill: usize = step
-            .chunks
-            .iter()
-            .filter_map(|c| {
-                let prompt = self.active.get(&c.id)?.req.prompt.len();
-                Some((c.start + c.len).min(prompt).saturating_sub(c.start))
-            })
-            .sum();
+        let mut prefill = 0;
+        for c in &step.chunks {
+            if let Some(a) = self.active.get_mut(&c.id) {
+                let end = (c.start + c.len).min(a.req.prompt.len());
+                prefill += end.saturating_sub(c.start);
+                a.prompt_done = a.prompt_done.max(end);
+            }
+        }
         metrics::counter!("edgeinfer_prompt_tokens_computed_total").increment(prefill as u64);
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
@@ -319,6 +362,7 @@ impl Engine {
                 Err(e) => {
                     // The grammar error may quote generated text: the client gets it, the log does not.
                     tracing::error!(request_id = %a.req.request_id, "constrained sampling failed");
+                    a.ending = Ending::Failed;
                     let _ = a.events.send(Event::Failed(e.to_string()));
                     return (0, true);
                 }
@@ -327,8 +371,11 @@ impl Engine {
         a.tokens.push(token);
         let now = Instant::now();
         match a.last_token_at {
-            None => metrics::histogram!("edgeinfer_time_to_first_token_seconds")
-                .record((now - a.req.received).as_secs_f64()),
+            None => {
+                a.first_token_at = Some(now);
+                metrics::histogram!("edgeinfer_time_to_first_token_seconds")
+                    .record((now - a.req.received).as_secs_f64())
+            }
             Some(prev) => metrics::histogram!("edgeinfer_inter_token_latency_seconds")
                 .record((now - prev).as_secs_f64()),
         }
@@ -336,6 +383,7 @@ impl Engine {
         let outcome = match a.output.push(&self.tokenizer, token) {
             Ok(o) => o,
             Err(e) => {
+                a.ending = Ending::Failed;
                 let _ = a
                     .events
                     .send(Event::Failed(format!("detokenization failed: {e}")));
@@ -369,12 +417,8 @@ impl Engine {
             (None, true) => FinishReason::Length,
             (None, false) => return (token, false),
         };
-        let usage = Usage {
-            prompt_tokens: a.req.prompt.len(),
-            completion_tokens: a.output.generated(),
-            total_tokens: a.req.prompt.len() + a.output.generated(),
-            cached_tokens: a.cached_tokens,
-        };
+        a.ending = Ending::Finished(reason);
+        let usage = a.usage();
         let _ = a.events.send(Event::Finished { reason, usage });
         let label = match reason {
             FinishReason::Stop => "stop",

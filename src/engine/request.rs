@@ -28,6 +28,46 @@ pub struct GenerationRequest {
     pub cache_prompt: bool,
     /// What the output must match (a grammar), ready to run; `None`: free text.
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// Told once how the request ended and what it computed, however it ended.
+    pub on_end: Option<UsageSink>,
+}
+
+/// How a request ended, for metering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Finished(FinishReason),
+    /// The client left (in any phase) or the engine stopped first.
+    Cancelled,
+    Failed,
+}
+
+/// What the engine reports when a request ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndReport {
+    pub ending: Ending,
+    /// The tokens actually computed: a request cancelled mid-prefill reports only the prompt
+    /// tokens it got through.
+    pub usage: Usage,
+    pub first_token_at: Option<Instant>,
+}
+
+/// Called exactly once when a request ends, however it ends.
+pub struct UsageSink(Box<dyn FnOnce(EndReport) + Send>);
+
+impl UsageSink {
+    pub fn new(f: impl FnOnce(EndReport) + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    pub fn call(self, report: EndReport) {
+        (self.0)(report)
+    }
+}
+
+impl std::fmt::Debug for UsageSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageSink")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -44,7 +84,7 @@ pub struct LogprobInfo {
     pub top_logprobs: Vec<TokenLogprob>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
