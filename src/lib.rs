@@ -20,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gateway;
 pub mod hub;
 pub mod kernels;
 pub mod model;

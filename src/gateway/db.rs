@@ -1,0 +1,86 @@
+//! The embedded store: one SQLite file in WAL mode holding the keys and the request ledger.
+//! Knows tables and SQL; never HTTP. Invariant: every connection opens through [`open`], so
+//! every one has the same pragmas (WAL, a busy timeout, synchronous=NORMAL: a commit survives
+//! the process being killed; only a power loss can take the last commits).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::GatewayError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,              -- sha256 hex of the key: the key itself is never stored
+    alias TEXT,
+    models TEXT NOT NULL,             -- JSON array; empty: every model
+    tpm_limit INTEGER,
+    rpm_limit INTEGER,
+    max_budget_micros INTEGER,
+    budget_duration_secs INTEGER,
+    max_parallel_requests INTEGER,
+    metadata TEXT NOT NULL,           -- JSON object
+    expires INTEGER,                  -- unix seconds
+    created INTEGER NOT NULL,         -- unix seconds
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS keys_alias ON keys(alias) WHERE alias IS NOT NULL AND revoked = 0;
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,           -- when the request ended, unix milliseconds
+    request_id TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT NOT NULL,
+    route TEXT NOT NULL,
+    status TEXT NOT NULL,             -- ok, cancelled, error, rate_limited, cached
+    finish_reason TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    ttft_ms INTEGER,
+    duration_ms INTEGER NOT NULL,
+    session_id TEXT,
+    metadata TEXT                     -- cf-aig-metadata, as sent (never prompt text)
+);
+CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
+";
+
+/// Opens (creating if needed) the store at `path` with the shared pragmas and schema.
+pub fn open(path: &Path) -> Result<Connection, GatewayError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| GatewayError::Store {
+            path: path.to_path_buf(),
+            reason: format!("cannot create its directory: {e}"),
+        })?;
+    }
+    let fail = |e: rusqlite::Error| GatewayError::Store {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let conn = Connection::open(path).map_err(fail)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(fail)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(fail)?;
+    conn.execute_batch(SCHEMA).map_err(fail)?;
+    Ok(conn)
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

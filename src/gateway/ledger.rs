@@ -1,0 +1,265 @@
+//! The request ledger: one row per request (tokens, cost, status, timings, session and
+//! metadata; never text), written by one thread in batched transactions.
+//!
+//! Knows rows and SQL; never HTTP. Invariant: a caller that awaits [`Ledger::record`]'s
+//! acknowledgement holds a committed row, so a response sent after it survives `kill -9`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
+
+use rusqlite::{params, Connection};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::GatewayError;
+
+/// One request's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Row {
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub model: String,
+    pub route: String,
+    /// `ok`, `cancelled`, `error`, `rate_limited` or `cached`.
+    pub status: &'static str,
+    pub finish_reason: Option<&'static str>,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: u64,
+    pub ttft_ms: Option<i64>,
+    pub duration_ms: i64,
+    pub session_id: Option<String>,
+    pub metadata: Option<String>,
+}
+
+type Msg = (Row, Option<oneshot::Sender<bool>>);
+
+pub struct Ledger {
+    tx: Mutex<mpsc::Sender<Msg>>,
+    reader: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// A line of `GET /v1/usage` and `edgeinfer usage`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsageLine {
+    pub day: String,
+    pub model: String,
+    pub key_id: Option<String>,
+    pub key_alias: Option<String>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_micros: u64,
+}
+
+/// Which rows a usage report covers.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub key_id: Option<String>,
+    /// Inclusive `YYYY-MM-DD` bounds (UTC).
+    pub start: Option<String>,
+    pub end: Option<String>,
+}
+
+impl Ledger {
+    /// Opens the store and starts the writer thread.
+    pub fn start(path: &Path) -> Result<Self, GatewayError> {
+        let writer = super::db::open(path)?;
+        let reader = super::db::open(path)?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::Builder::new()
+            .name("edgeinfer-ledger".into())
+            .spawn(move || write_loop(writer, rx))
+            .map_err(|e| GatewayError::Store {
+                path: path.to_path_buf(),
+                reason: format!("cannot start the ledger thread: {e}"),
+            })?;
+        Ok(Self {
+            tx: Mutex::new(tx),
+            reader: Mutex::new(reader),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a row; the receiver says `true` once it is committed (`false`: the write
+    /// failed, which is logged).
+    pub fn record(&self, row: Row) -> oneshot::Receiver<bool> {
+        let (ack, done) = oneshot::channel();
+        self.record_then(row, Some(ack));
+        done
+    }
+
+    /// Queues a row without waiting (any thread, no async runtime needed); `ack`, if given,
+    /// hears when it is committed.
+    pub fn record_then(&self, row: Row, ack: Option<oneshot::Sender<bool>>) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(mpsc::SendError((_, Some(ack)))) = tx.send((row, ack)) {
+            let _ = ack.send(false);
+        }
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A key's spend (microdollars) in rows that ended at or after `since_unix`.
+    pub fn spent(&self, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
+        spent(&self.reader(), key_id, since_unix)
+    }
+
+    pub fn usage(&self, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
+        usage(&self.reader(), f)
+    }
+}
+
+pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(cost_micros), 0) FROM requests WHERE key_id = ?1 AND ts_ms >= ?2",
+        params![key_id, since_unix.saturating_mul(1000)],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|x| x.max(0) as u64)
+    .map_err(GatewayError::db)
+}
+
+/// Totals by day (UTC), model and key.
+pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
+                    COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
+                    SUM(r.completion_tokens), SUM(r.cost_micros)
+             FROM requests r LEFT JOIN keys k ON k.id = r.key_id
+             WHERE (?1 IS NULL OR r.key_id = ?1)
+               AND (?2 IS NULL OR day >= ?2) AND (?3 IS NULL OR day <= ?3)
+             GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id",
+        )
+        .map_err(GatewayError::db)?;
+    let rows = stmt
+        .query_map(params![f.key_id, f.start, f.end], |r| {
+            let n = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+            Ok(UsageLine {
+                day: r.get(0)?,
+                model: r.get(1)?,
+                key_id: r.get(2)?,
+                key_alias: r.get(3)?,
+                requests: n(4)?,
+                prompt_tokens: n(5)?,
+                cached_tokens: n(6)?,
+                completion_tokens: n(7)?,
+                total_tokens: n(5)? + n(7)?,
+                cost_micros: n(8)?,
+            })
+        })
+        .map_err(GatewayError::db)?;
+    rows.collect::<Result<_, _>>().map_err(GatewayError::db)
+}
+
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let ok = match insert(&mut conn, &batch) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, rows = batch.len(), "ledger write failed");
+                false
+            }
+        };
+        for (_, ack) in batch {
+            if let Some(ack) = ack {
+                let _ = ack.send(ok);
+            }
+        }
+    }
+}
+
+fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO requests (ts_ms, request_id, key_id, model, route, status, finish_reason,
+                prompt_tokens, cached_tokens, completion_tokens, cost_micros, ttft_ms, duration_ms,
+                session_id, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?;
+        for (r, _) in batch {
+            stmt.execute(params![
+                r.ts_ms,
+                r.request_id,
+                r.key_id,
+                r.model,
+                r.route,
+                r.status,
+                r.finish_reason,
+                r.prompt_tokens as i64,
+                r.cached_tokens as i64,
+                r.completion_tokens as i64,
+                r.cost_micros as i64,
+                r.ttft_ms,
+                r.duration_ms,
+                r.session_id,
+                r.metadata,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rows_are_committed_before_the_ack_and_summed_by_day_and_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::start(&path).unwrap();
+        let day_ms = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        for (i, (model, cost)) in [("a", 5), ("a", 7), ("b", 1)].into_iter().enumerate() {
+            let row = Row {
+                ts_ms: day_ms + i as i64,
+                request_id: format!("r{i}"),
+                key_id: Some("k".into()),
+                model: model.into(),
+                route: "/v1/chat/completions".into(),
+                status: "ok",
+                prompt_tokens: 10,
+                cached_tokens: 2,
+                completion_tokens: 3,
+                cost_micros: cost,
+                ..Row::default()
+            };
+            assert!(ledger.record(row).await.unwrap());
+        }
+        // A fresh connection (another process, after a crash) sees every acknowledged row.
+        let other = super::super::db::open(&path).unwrap();
+        let lines = usage(&other, &UsageFilter::default()).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[0].model.as_str(), lines[0].requests), ("a", 2));
+        assert_eq!(lines[0].cost_micros, 12);
+        assert_eq!(lines[0].total_tokens, 26);
+        assert_eq!(lines[0].day, "2026-01-01");
+        assert_eq!(spent(&other, "k", day_ms / 1000).unwrap(), 13);
+        assert_eq!(spent(&other, "k", day_ms / 1000 + 1).unwrap(), 0);
+        let f = UsageFilter {
+            key_id: Some("other".into()),
+            ..UsageFilter::default()
+        };
+        assert!(usage(&other, &f).unwrap().is_empty());
+    }
+}

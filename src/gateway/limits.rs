@@ -1,0 +1,562 @@
+//! Rate limits and budgets by reservation. At admission a request reserves its prompt tokens
+//! plus its completion budget against every window that applies (the key's tokens and
+//! requests per minute, its parallel requests and money budget, the global windows), all or
+//! nothing under one lock; at its end what it did not use is given back.
+//!
+//! Pure: knows tokens, money and time (passed in); never HTTP or the store. Invariant: the
+//! tokens admitted in any window never exceed its limit, however many requests race, because
+//! a reservation is the most a request can use (its `max_tokens` is clamped to what it got).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::price::Price;
+
+/// A token bucket: holds up to `limit`, refills `limit` per minute, continuously.
+#[derive(Debug, Clone)]
+struct Bucket {
+    limit: u64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(limit: u64, now: Instant) -> Self {
+        Self {
+            limit,
+            level: limit as f64,
+            at: now,
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.limit as f64 / 60.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + dt * self.rate()).min(self.limit as f64);
+        self.at = now;
+    }
+
+    fn available(&self) -> u64 {
+        self.level.max(0.0).floor() as u64
+    }
+
+    /// How long until `n` fit; `None` when `n` is more than the bucket ever holds.
+    fn wait_for(&self, n: u64) -> Option<Duration> {
+        if n > self.limit {
+            return None;
+        }
+        let short = n as f64 - self.level;
+        Some(if short <= 0.0 || self.limit == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(short / self.rate())
+        })
+    }
+
+    fn until_full(&self) -> Duration {
+        self.wait_for(self.limit).unwrap_or_default()
+    }
+
+    fn take(&mut self, n: u64) {
+        self.level -= n as f64;
+    }
+
+    fn give(&mut self, n: u64) {
+        self.level = (self.level + n as f64).min(self.limit as f64);
+    }
+
+    /// Follows a changed limit, keeping what is already used.
+    fn set_limit(&mut self, limit: u64) {
+        if limit != self.limit {
+            let used = self.limit as f64 - self.level;
+            self.limit = limit;
+            self.level = limit as f64 - used;
+        }
+    }
+}
+
+/// The windows of one key (or the global ones, with no budget or parallel cap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitSpec {
+    pub tpm: Option<u64>,
+    pub rpm: Option<u64>,
+    pub max_parallel: Option<u64>,
+    pub max_budget_micros: Option<u64>,
+    /// Budget period; `None`: the budget is for the key's whole life.
+    pub budget_duration_secs: Option<u64>,
+    /// Unix seconds the budget periods count from (the key's creation).
+    pub created: i64,
+}
+
+#[derive(Debug, Default)]
+struct Windows {
+    tokens: Option<Bucket>,
+    requests: Option<Bucket>,
+    parallel: u64,
+    /// Spend in the current budget period, and what running requests may still add.
+    spend: u64,
+    reserved_cost: u64,
+    period_start: i64,
+    loaded: bool,
+}
+
+impl Windows {
+    fn follow(&mut self, spec: &LimitSpec, now: Instant) {
+        let sync = |b: &mut Option<Bucket>, limit: Option<u64>| match (b.as_mut(), limit) {
+            (Some(b), Some(l)) => b.set_limit(l),
+            (None, Some(l)) => *b = Some(Bucket::new(l, now)),
+            (_, None) => *b = None,
+        };
+        sync(&mut self.tokens, spec.tpm);
+        sync(&mut self.requests, spec.rpm);
+        for b in [&mut self.tokens, &mut self.requests].into_iter().flatten() {
+            b.refill(now);
+        }
+    }
+}
+
+/// Start of the budget period that contains `unix`.
+pub fn period_start(spec: &LimitSpec, unix: i64) -> i64 {
+    match spec.budget_duration_secs {
+        Some(d) if d > 0 && unix >= spec.created => {
+            spec.created + (unix - spec.created) / d as i64 * d as i64
+        }
+        _ => spec.created,
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub prompt: u64,
+    /// The completion budget: the client's `max_tokens`, or the rest of the context.
+    pub max_tokens: u64,
+    /// Whether the client set `max_tokens` (then it is never clamped: it fits or is refused).
+    pub explicit: bool,
+    pub price: Price,
+}
+
+/// An admitted request's hold on its windows; give it back with [`Limits::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The completion budget granted: `Ask::max_tokens`, or less when a window or budget
+    /// only fits less (the stream then ends with `length`).
+    pub max_tokens: u64,
+    key: Option<String>,
+    tokens: u64,
+    cost: u64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A tokens-per-minute window; `retry_after` is `None` when the request is larger than the
+    /// window itself.
+    Tokens {
+        limit: u64,
+        scope: Scope,
+        retry_after: Option<Duration>,
+    },
+    Requests {
+        limit: u64,
+        scope: Scope,
+        retry_after: Duration,
+    },
+    Parallel {
+        limit: u64,
+    },
+    /// The key's money budget; `retry_after` is the time until the period resets, if it does.
+    Budget {
+        budget_micros: u64,
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    Global,
+}
+
+/// The window a response reports in OpenAI's `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateInfo {
+    pub requests: Option<(u64, u64, Duration)>,
+    pub tokens: Option<(u64, u64, Duration)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Limits {
+    global_spec: LimitSpec,
+    global: Windows,
+    keys: HashMap<String, Windows>,
+}
+
+impl Limits {
+    pub fn new(global_tpm: Option<u64>, global_rpm: Option<u64>) -> Self {
+        Self {
+            global_spec: LimitSpec {
+                tpm: global_tpm,
+                rpm: global_rpm,
+                ..LimitSpec::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Admits or refuses a request, atomically over every window. `key`: the key's id and
+    /// windows; `spent(period_start)`: the key's spend since then in the ledger (read once
+    /// per key and period).
+    pub fn admit(
+        &mut self,
+        key: Option<(&str, &LimitSpec)>,
+        ask: Ask,
+        now: Instant,
+        unix: i64,
+        spent: impl FnOnce(i64) -> u64,
+    ) -> Result<Grant, Refusal> {
+        let Limits {
+            global_spec,
+            global,
+            keys,
+        } = self;
+        global.follow(global_spec, now);
+        let mut windows: Vec<(&mut Windows, Scope, &LimitSpec)> = Vec::new();
+        if let Some((id, spec)) = key {
+            let w = keys.entry(id.to_string()).or_default();
+            w.follow(spec, now);
+            let start = period_start(spec, unix);
+            if !w.loaded || w.period_start != start {
+                w.spend = if w.loaded { 0 } else { spent(start) };
+                w.period_start = start;
+                w.loaded = true;
+            }
+            if let Some(max) = spec.max_parallel {
+                if w.parallel >= max {
+                    return Err(Refusal::Parallel { limit: max });
+                }
+            }
+            windows.push((w, Scope::Key, spec));
+        }
+        windows.push((global, Scope::Global, global_spec));
+
+        // Requests per minute.
+        for (w, scope, _) in &windows {
+            if let Some(b) = &w.requests {
+                if b.available() < 1 {
+                    return Err(Refusal::Requests {
+                        limit: b.limit,
+                        scope: *scope,
+                        retry_after: b.wait_for(1).unwrap_or(Duration::from_secs(60)),
+                    });
+                }
+            }
+        }
+        // Tokens: what completion budget fits every window.
+        let mut fits = ask.max_tokens;
+        for (w, scope, _) in &windows {
+            if let Some(b) = &w.tokens {
+                let room = b.available().saturating_sub(ask.prompt);
+                let need = ask.prompt + if ask.explicit { ask.max_tokens } else { 1 };
+                if room < fits.max(1) && (ask.explicit || room == 0) {
+                    return Err(Refusal::Tokens {
+                        limit: b.limit,
+                        scope: *scope,
+                        retry_after: b.wait_for(need),
+                    });
+                }
+                fits = fits.min(room);
+            }
+        }
+        // Money: the most this request could cost must fit the rest of the budget.
+        for (w, _, spec) in &windows {
+            if let Some(budget) = spec.max_budget_micros {
+                let left = budget.saturating_sub(w.spend + w.reserved_cost);
+                let mut n = fits;
+                if ask.price.bound(ask.prompt, n) > left && !ask.explicit && ask.price.output > 0 {
+                    // The largest completion whose bound fits (bound is monotone in n).
+                    let (mut lo, mut hi) = (0, n);
+                    while lo < hi {
+                        let mid = (lo + hi).div_ceil(2);
+                        if ask.price.bound(ask.prompt, mid) <= left {
+                            lo = mid;
+                        } else {
+                            hi = mid - 1;
+                        }
+                    }
+                    n = lo;
+                }
+                if n == 0 || ask.price.bound(ask.prompt, n) > left {
+                    let retry_after = spec.budget_duration_secs.map(|d| {
+                        Duration::from_secs((w.period_start + d as i64 - unix).max(1) as u64)
+                    });
+                    return Err(Refusal::Budget {
+                        budget_micros: budget,
+                        retry_after,
+                    });
+                }
+                fits = n;
+            }
+        }
+        let tokens = ask.prompt + fits;
+        let cost = ask.price.bound(ask.prompt, fits);
+        for (w, _, _) in windows.iter_mut() {
+            if let Some(b) = &mut w.requests {
+                b.take(1);
+            }
+            if let Some(b) = &mut w.tokens {
+                b.take(tokens);
+            }
+            w.parallel += 1;
+            w.reserved_cost += cost;
+        }
+        Ok(Grant {
+            max_tokens: fits,
+            key: key.map(|(id, _)| id.to_string()),
+            tokens,
+            cost,
+        })
+    }
+
+    /// Ends a reservation: `used` is what the request consumed (tokens, cost); `None` when it
+    /// never ran (refused downstream), which gives back its request slot too.
+    pub fn settle(&mut self, grant: &Grant, used: Option<(u64, u64)>, now: Instant) {
+        let settle_one = |w: &mut Windows| {
+            for b in [&mut w.tokens, &mut w.requests].into_iter().flatten() {
+                b.refill(now);
+            }
+            w.parallel = w.parallel.saturating_sub(1);
+            w.reserved_cost = w.reserved_cost.saturating_sub(grant.cost);
+            match used {
+                Some((tokens, cost)) => {
+                    if let Some(b) = &mut w.tokens {
+                        b.give(grant.tokens.saturating_sub(tokens));
+                    }
+                    w.spend += cost;
+                }
+                None => {
+                    if let Some(b) = &mut w.tokens {
+                        b.give(grant.tokens);
+                    }
+                    if let Some(b) = &mut w.requests {
+                        b.give(1);
+                    }
+                }
+            }
+        };
+        settle_one(&mut self.global);
+        if let Some(w) = grant.key.as_ref().and_then(|k| self.keys.get_mut(k)) {
+            settle_one(w);
+        }
+    }
+
+    /// Adds a cost that reserved nothing (a reply from the response cache) to a key's spend.
+    pub fn charge(&mut self, key: &str, cost: u64) {
+        if let Some(w) = self.keys.get_mut(key) {
+            w.spend += cost;
+        }
+    }
+
+    /// The windows to report: the key's where it has them, else the global ones.
+    pub fn rate_info(&mut self, key: Option<&str>, now: Instant) -> RateInfo {
+        let report = |b: &mut Option<Bucket>| {
+            b.as_mut().map(|b| {
+                b.refill(now);
+                (b.limit, b.available(), b.until_full())
+            })
+        };
+        let mut info = RateInfo::default();
+        if let Some(w) = key.and_then(|k| self.keys.get_mut(k)) {
+            info.requests = report(&mut w.requests);
+            info.tokens = report(&mut w.tokens);
+        }
+        if info.requests.is_none() {
+            info.requests = report(&mut self.global.requests);
+        }
+        if info.tokens.is_none() {
+            info.tokens = report(&mut self.global.tokens);
+        }
+        info
+    }
+
+    /// The key's spend in its current budget period, if it was loaded.
+    pub fn spend(&self, key: &str) -> Option<u64> {
+        self.keys.get(key).map(|w| w.spend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(prompt: u64, max: u64, explicit: bool) -> Ask {
+        Ask {
+            prompt,
+            max_tokens: max,
+            explicit,
+            price: Price::default(),
+        }
+    }
+
+    fn spec(tpm: Option<u64>, rpm: Option<u64>) -> LimitSpec {
+        LimitSpec {
+            tpm,
+            rpm,
+            ..LimitSpec::default()
+        }
+    }
+
+    #[test]
+    fn reservations_never_exceed_the_window() {
+        let mut l = Limits::new(None, None);
+        let s = spec(Some(1000), None);
+        let t0 = Instant::now();
+        let mut granted = 0;
+        for _ in 0..50 {
+            if l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0)
+                .is_ok()
+            {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 7, "7 x 140 = 980 <= 1000 < 8 x 140");
+        // The next one waits for (140 - 20) tokens at 1000/60 per second.
+        match l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0) {
+            Err(Refusal::Tokens {
+                retry_after: Some(d),
+                ..
+            }) => assert!((d.as_secs_f64() - 7.2).abs() < 0.01, "{d:?}"),
+            other => panic!("{other:?}"),
+        }
+        // After that wait it fits.
+        let later = t0 + Duration::from_secs_f64(7.21);
+        assert!(l
+            .admit(Some(("k", &s)), ask(40, 100, true), later, 0, |_| 0)
+            .is_ok());
+    }
+
+    #[test]
+    fn unused_tokens_come_back_and_a_request_too_large_never_fits() {
+        let mut l = Limits::new(None, None);
+        let s = spec(Some(300), Some(2));
+        let t0 = Instant::now();
+        let g = l
+            .admit(Some(("k", &s)), ask(100, 200, true), t0, 0, |_| 0)
+            .unwrap();
+        assert!(l
+            .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
+            .is_err());
+        l.settle(&g, Some((110, 0)), t0);
+        let info = l.rate_info(Some("k"), t0);
+        assert_eq!(info.tokens.map(|t| t.1), Some(190));
+        assert_eq!(info.requests.map(|t| t.1), Some(1));
+        assert!(matches!(
+            l.admit(Some(("k", &s)), ask(100, 250, true), t0, 0, |_| 0),
+            Err(Refusal::Tokens {
+                retry_after: None,
+                ..
+            })
+        ));
+        let g = l
+            .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
+            .unwrap();
+        // Requests per minute: both used.
+        assert!(matches!(
+            l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
+            Err(Refusal::Requests { .. })
+        ));
+        // A request that never ran gives its slot back.
+        l.settle(&g, None, t0);
+        assert!(l
+            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+            .is_ok());
+    }
+
+    #[test]
+    fn without_max_tokens_the_completion_is_clamped_to_what_fits() {
+        let mut l = Limits::new(Some(500), None);
+        let t0 = Instant::now();
+        let g = l.admit(None, ask(100, 2000, false), t0, 0, |_| 0).unwrap();
+        assert_eq!(g.max_tokens, 400);
+        assert!(matches!(
+            l.admit(None, ask(1, 2000, false), t0, 0, |_| 0),
+            Err(Refusal::Tokens {
+                scope: Scope::Global,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn budgets_reserve_the_most_a_request_can_cost() {
+        let mut l = Limits::new(None, None);
+        let s = LimitSpec {
+            max_budget_micros: Some(100),
+            budget_duration_secs: Some(3600),
+            created: 1000,
+            ..LimitSpec::default()
+        };
+        // 1 micro-USD per token each way.
+        let price = Price {
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 1_000_000,
+            cached_response: 0,
+        };
+        let a = |max, explicit| Ask {
+            prompt: 10,
+            max_tokens: max,
+            explicit,
+            price,
+        };
+        let t0 = Instant::now();
+        // 30 already spent this period: 70 left.
+        let g = l.admit(Some(("k", &s)), a(50, true), t0, 2000, |start| {
+            assert_eq!(start, 1000);
+            30
+        });
+        let g = g.unwrap();
+        // 10 left after reserving 60: a request of 10 + 1 cannot fit.
+        assert!(matches!(
+            l.admit(Some(("k", &s)), a(1, true), t0, 2000, |_| 0),
+            Err(Refusal::Budget { retry_after: Some(d), .. }) if d == Duration::from_secs(2600)
+        ));
+        l.settle(&g, Some((15, 15)), t0);
+        assert_eq!(l.spend("k"), Some(45));
+        // Without max_tokens, the completion is clamped to the budget: 55 - 10 = 45.
+        let g = l
+            .admit(Some(("k", &s)), a(1000, false), t0, 2000, |_| 0)
+            .unwrap();
+        assert_eq!(g.max_tokens, 45);
+        l.settle(&g, None, t0);
+        // A new period starts from zero.
+        let g = l
+            .admit(Some(("k", &s)), a(1000, false), t0, 4700, |_| 0)
+            .unwrap();
+        assert_eq!(g.max_tokens, 90);
+    }
+
+    #[test]
+    fn parallel_requests_are_capped() {
+        let mut l = Limits::new(None, None);
+        let s = LimitSpec {
+            max_parallel: Some(1),
+            ..LimitSpec::default()
+        };
+        let t0 = Instant::now();
+        let g = l
+            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+            .unwrap();
+        assert_eq!(
+            l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
+            Err(Refusal::Parallel { limit: 1 })
+        );
+        l.settle(&g, Some((2, 0)), t0);
+        assert!(l
+            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+            .is_ok());
+    }
+}

@@ -1,0 +1,354 @@
+//! The gateway: virtual keys, rate limits and budgets by reservation, the request ledger,
+//! prices, and the response cache's bookkeeping. Knows keys, tokens, money and time; never
+//! axum or tensors.
+//!
+//! ```text
+//! authenticate(key) -> Principal
+//! admit(Principal, Ask) -> Meter (holds a Grant: tokens, requests, money, a parallel slot)
+//!     engine runs the request; at its end (finished, failed, cancelled) the engine's
+//!     UsageSink calls Meter::finish(usage): cost computed, what was not used given back,
+//!     one ledger row committed (the acknowledgement comes back on a oneshot)
+//! ```
+//!
+//! Invariant: every admitted request is settled exactly once (by `finish`, or by dropping its
+//! `Meter` when it never ran), so no window leaks a reservation.
+
+pub mod cache;
+pub mod db;
+pub mod keys;
+pub mod ledger;
+pub mod limits;
+pub mod price;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{EndReport, Ending, Usage};
+use keys::{KeyRecord, KeyStore};
+use ledger::{Ledger, Row};
+use limits::{Ask, Grant, LimitSpec, Limits, RateInfo, Refusal};
+use price::{Price, PriceTable, Tokens};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the key and ledger store {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+    #[error("the key and ledger store: {0}")]
+    Db(String),
+    #[error("price file {path}: {reason}")]
+    Prices { path: PathBuf, reason: String },
+    #[error("`{field}` {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("no such key")]
+    UnknownKey,
+}
+
+impl GatewayError {
+    fn db(e: rusqlite::Error) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// Auth is off (loopback without keys) and no known key was sent.
+    Anonymous,
+    /// The master key: admin routes, no limits.
+    Master,
+    Key(Arc<KeyRecord>),
+}
+
+impl Principal {
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Principal::Key(k) => Some(&k.id),
+            _ => None,
+        }
+    }
+
+    fn limits(&self) -> Option<LimitSpec> {
+        match self {
+            Principal::Key(k) => Some(LimitSpec {
+                tpm: k.tpm_limit,
+                rpm: k.rpm_limit,
+                max_parallel: k.max_parallel_requests,
+                max_budget_micros: k.max_budget_micros,
+                budget_duration_secs: k.budget_duration_secs,
+                created: k.created,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Why a presented credential was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Invalid,
+    Expired,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub db_path: PathBuf,
+    pub master_key: Option<String>,
+    pub prices: PriceTable,
+    pub global_tpm: Option<u64>,
+    pub global_rpm: Option<u64>,
+}
+
+pub struct Gateway {
+    pub keys: KeyStore,
+    pub ledger: Ledger,
+    pub prices: PriceTable,
+    limits: Mutex<Limits>,
+    master_key: Option<String>,
+    /// Whether every request must carry a key: a master key is set or keys exist.
+    auth_required: bool,
+}
+
+/// Labels of one request for its ledger row (never text).
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    pub request_id: String,
+    pub model: String,
+    pub route: String,
+    pub session_id: Option<String>,
+    pub metadata: Option<String>,
+}
+
+impl Gateway {
+    pub fn open(config: GatewayConfig) -> Result<Self, GatewayError> {
+        let keys = KeyStore::new(db::open(&config.db_path)?)?;
+        let ledger = Ledger::start(&config.db_path)?;
+        let auth_required = config.master_key.is_some() || keys.count()? > 0;
+        Ok(Self {
+            keys,
+            ledger,
+            prices: config.prices,
+            limits: Mutex::new(Limits::new(config.global_tpm, config.global_rpm)),
+            master_key: config.master_key,
+            auth_required,
+        })
+    }
+
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
+    }
+
+    fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The principal of a presented key. With auth off, an unknown or missing key is
+    /// anonymous (clients send placeholder keys); a known one is still metered as itself.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Principal, AuthError> {
+        let Some(key) = presented.filter(|k| !k.is_empty()) else {
+            return if self.auth_required {
+                Err(AuthError::Missing)
+            } else {
+                Ok(Principal::Anonymous)
+            };
+        };
+        if let Some(master) = &self.master_key {
+            if keys::secrets_equal(key, master) {
+                return Ok(Principal::Master);
+            }
+        }
+        let found = self.keys.lookup(key).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "key lookup failed");
+            None
+        });
+        match found {
+            Some(k) if k.expired(db::unix_now()) => Err(AuthError::Expired),
+            Some(k) => Ok(Principal::Key(k)),
+            None if self.auth_required => Err(AuthError::Invalid),
+            None => Ok(Principal::Anonymous),
+        }
+    }
+
+    /// Whether `presented` is the master key.
+    pub fn is_master(&self, presented: Option<&str>) -> bool {
+        match (&self.master_key, presented) {
+            (Some(m), Some(p)) => keys::secrets_equal(p, m),
+            _ => false,
+        }
+    }
+
+    /// The price of a request: the custom one if given, else the model's.
+    pub fn price(&self, model: &str, custom: Option<Price>) -> Price {
+        custom.unwrap_or_else(|| self.prices.price(model))
+    }
+
+    /// Reserves a request's tokens, request slot and money, or says why not (and writes a
+    /// `rate_limited` ledger row).
+    pub fn admit(
+        self: &Arc<Self>,
+        who: &Principal,
+        ask: Ask,
+        labels: Labels,
+    ) -> Result<Meter, (Refusal, RateInfo)> {
+        let spec = who.limits();
+        let key = who.key_id().zip(spec.as_ref());
+        let now = Instant::now();
+        let mut limits = self.limits();
+        let spent = |since| {
+            let id = who.key_id().unwrap_or_default();
+            self.ledger.spent(id, since).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading a key's spend failed; counting 0");
+                0
+            })
+        };
+        match limits.admit(key, ask, now, db::unix_now(), spent) {
+            Ok(grant) => {
+                let rate = limits.rate_info(who.key_id(), now);
+                drop(limits);
+                Ok(Meter {
+                    gateway: self.clone(),
+                    grant: Some(grant),
+                    price: ask.price,
+                    key_id: who.key_id().map(str::to_string),
+                    labels,
+                    received: now,
+                    rate,
+                })
+            }
+            Err(refusal) => {
+                let rate = limits.rate_info(who.key_id(), now);
+                drop(limits);
+                let row = Row {
+                    status: "rate_limited",
+                    ..self.row(who.key_id(), &labels, now)
+                };
+                self.ledger.record_then(row, None);
+                Err((refusal, rate))
+            }
+        }
+    }
+
+    /// The windows a response reports for this principal.
+    pub fn rate_info(&self, who: &Principal) -> RateInfo {
+        self.limits().rate_info(who.key_id(), Instant::now())
+    }
+
+    /// A key's spend in its current budget period, if known in memory.
+    pub fn spend(&self, key_id: &str) -> Option<u64> {
+        self.limits().spend(key_id)
+    }
+
+    /// Meters a reply replayed from the response cache: no tokens reserved or computed, its
+    /// own price, one `cached` row. Returns the commit acknowledgement.
+    pub fn record_cache_hit(
+        &self,
+        who: &Principal,
+        usage: Usage,
+        price: Price,
+        labels: &Labels,
+        received: Instant,
+    ) -> oneshot::Receiver<bool> {
+        let tokens = tokens_of(usage);
+        let cost = price.cached_cost(tokens);
+        if let Some(k) = who.key_id() {
+            self.limits().charge(k, cost);
+        }
+        self.ledger.record(Row {
+            status: "cached",
+            finish_reason: None,
+            prompt_tokens: tokens.prompt,
+            cached_tokens: tokens.cached,
+            completion_tokens: tokens.completion,
+            cost_micros: cost,
+            ..self.row(who.key_id(), labels, received)
+        })
+    }
+
+    fn row(&self, key_id: Option<&str>, labels: &Labels, received: Instant) -> Row {
+        Row {
+            ts_ms: db::unix_ms(),
+            request_id: labels.request_id.clone(),
+            key_id: key_id.map(str::to_string),
+            model: labels.model.clone(),
+            route: labels.route.clone(),
+            session_id: labels.session_id.clone(),
+            metadata: labels.metadata.clone(),
+            duration_ms: received.elapsed().as_millis() as i64,
+            ..Row::default()
+        }
+    }
+}
+
+fn tokens_of(u: Usage) -> Tokens {
+    Tokens {
+        prompt: u.prompt_tokens as u64,
+        cached: u.cached_tokens as u64,
+        completion: u.completion_tokens as u64,
+    }
+}
+
+/// An admitted request's reservation and ledger labels, settled once.
+pub struct Meter {
+    gateway: Arc<Gateway>,
+    grant: Option<Grant>,
+    price: Price,
+    key_id: Option<String>,
+    labels: Labels,
+    received: Instant,
+    /// The windows after admission, for the response headers.
+    pub rate: RateInfo,
+}
+
+impl Meter {
+    /// The completion budget granted (the stream ends with `length` there).
+    pub fn max_tokens(&self) -> u64 {
+        self.grant.as_ref().map_or(0, |g| g.max_tokens)
+    }
+
+    /// Settles with what the request computed and commits its ledger row; `ack` hears when
+    /// the row is committed.
+    pub fn finish(mut self, report: EndReport, ack: Option<oneshot::Sender<bool>>) {
+        let tokens = tokens_of(report.usage);
+        let cost = self.price.cost(tokens);
+        if let Some(grant) = self.grant.take() {
+            let used = tokens.prompt + tokens.completion;
+            self.gateway
+                .limits()
+                .settle(&grant, Some((used, cost)), Instant::now());
+        }
+        let (status, finish) = match report.ending {
+            Ending::Finished(FinishReason::Stop) => ("ok", Some("stop")),
+            Ending::Finished(FinishReason::Length) => ("ok", Some("length")),
+            Ending::Cancelled => ("cancelled", None),
+            Ending::Failed => ("error", None),
+        };
+        let row = Row {
+            status,
+            finish_reason: finish,
+            prompt_tokens: tokens.prompt,
+            cached_tokens: tokens.cached.min(tokens.prompt),
+            completion_tokens: tokens.completion,
+            cost_micros: cost,
+            ttft_ms: report
+                .first_token_at
+                .map(|t| t.saturating_duration_since(self.received).as_millis() as i64),
+            ..self
+                .gateway
+                .row(self.key_id.as_deref(), &self.labels, self.received)
+        };
+        self.gateway.ledger.record_then(row, ack);
+    }
+}
+
+impl Drop for Meter {
+    /// A request that never ran (refused by the engine's queue) gives everything back.
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            self.gateway.limits().settle(&grant, None, Instant::now());
+        }
+    }
+}
