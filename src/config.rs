@@ -32,6 +32,128 @@ pub enum Command {
     Models,
     /// Serve OpenAI-compatible chat completions over HTTP with continuous batching.
     Serve(ServeArgs),
+    /// Manage API keys in the key store, offline (the same store `serve --db` uses; a running
+    /// server sees changes on its next request).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print the request ledger's totals by day, model and key.
+    Usage(UsageArgs),
+}
+
+/// Where the key store and ledger live.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Directory for the server's state (the key and ledger database).
+    #[arg(long, env = "EDGEINFER_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// The SQLite database of keys and the request ledger (WAL mode). Default:
+    /// DATA_DIR/edgeinfer.db.
+    #[arg(long, env = "EDGEINFER_DB")]
+    pub db: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn db_path(&self) -> PathBuf {
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("edgeinfer.db"))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (it is shown only once; the store keeps its hash).
+    Generate(KeyFields),
+    /// List the live keys (never the keys themselves: their tokens, aliases and limits).
+    List(StoreOnly),
+    /// Show one key's settings and spend.
+    Info(KeyName),
+    /// Change a key's settings.
+    Update(KeyUpdate),
+    /// Revoke keys (effective on a running server's next request).
+    Delete(KeyNames),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreOnly {
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyName {
+    /// The key, its token (sha256) or its alias.
+    pub key: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyNames {
+    /// Keys, tokens or aliases.
+    #[arg(required = true)]
+    pub keys: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyUpdate {
+    /// The key, its token (sha256) or its alias.
+    pub key: String,
+    #[command(flatten)]
+    pub fields: KeyFields,
+}
+
+/// A key's settings, as the admin routes name them.
+#[derive(Debug, Args)]
+pub struct KeyFields {
+    #[arg(long)]
+    pub alias: Option<String>,
+    /// Models the key may use, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// Tokens per minute (prompt plus completion, reserved at admission).
+    #[arg(long)]
+    pub tpm_limit: Option<u64>,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm_limit: Option<u64>,
+    /// Budget in USD per --budget-duration (or for the key's life).
+    #[arg(long)]
+    pub max_budget: Option<f64>,
+    /// Budget period: 30s, 30m, 24h, 30d.
+    #[arg(long)]
+    pub budget_duration: Option<String>,
+    #[arg(long)]
+    pub max_parallel_requests: Option<u64>,
+    /// The key expires after this long: 30s, 30m, 24h, 30d.
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// A JSON object kept with the key.
+    #[arg(long)]
+    pub metadata: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Only this key (the key, its token or its alias).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// First day, YYYY-MM-DD (UTC).
+    #[arg(long)]
+    pub start_date: Option<String>,
+    /// Last day, YYYY-MM-DD (UTC).
+    #[arg(long)]
+    pub end_date: Option<String>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +215,43 @@ pub struct ServeArgs {
     /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
     #[arg(long, env = "EDGEINFER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// The master key: guards the admin routes (/key/*) and turns key checks on. Keys are
+    /// also required whenever the key store holds any.
+    #[arg(long, env = "EDGEINFER_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+
+    /// Serve a non-loopback address without keys. Without it the server refuses to start
+    /// on such an address unless keys are on.
+    #[arg(long, env = "EDGEINFER_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Prices per model, a JSON file: {"MODEL or *": {"input": 0.15, "cached_input": 0.075,
+    /// "output": 0.6, "cached_response": 0}} in USD per million tokens. Without it requests
+    /// cost 0 (tokens are still metered).
+    #[arg(long, env = "EDGEINFER_PRICES")]
+    pub prices: Option<PathBuf>,
+
+    /// Tokens per minute for the whole server, reserved at admission like a key's.
+    #[arg(long, env = "EDGEINFER_TPM_LIMIT")]
+    pub tpm_limit: Option<u64>,
+
+    /// Requests per minute for the whole server.
+    #[arg(long, env = "EDGEINFER_RPM_LIMIT")]
+    pub rpm_limit: Option<u64>,
+
+    /// Response-cache TTL in seconds for requests that send no `cf-aig-cache-ttl`
+    /// (0: only requests that ask are cached). Only deterministic requests (temperature 0
+    /// or a seed) are ever cached.
+    #[arg(long, env = "EDGEINFER_CACHE_TTL", default_value_t = 0)]
+    pub cache_ttl: u64,
+
+    /// Memory the response cache may hold, in bytes; least recently used replies go first.
+    #[arg(long, env = "EDGEINFER_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_bytes: usize,
 }
 
 impl ServeArgs {
@@ -111,6 +270,9 @@ impl ServeArgs {
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): every running sequence decodes one token per step",
                 self.max_batch_tokens, self.max_batch_size
             ));
+        }
+        if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
+            return Err("--master-key must have at least 8 characters".into());
         }
         if self.kv_cache_tokens < self.max_batch_tokens {
             return Err(format!(

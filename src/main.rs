@@ -9,6 +9,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use edgeinfer::config::{Cli, Command, GenerateArgs, PullArgs, ServeArgs};
+
+mod admin_cli;
 use edgeinfer::engine::generate::{generate, GenerateParams};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::hub::{self, Manifest};
@@ -56,6 +58,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pull(args) => pull(args),
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Keys(cmd) => admin_cli::keys(cmd),
+        Command::Usage(args) => admin_cli::usage(args),
         Command::Models => {
             let m = Manifest::builtin();
             for e in &m.models {
@@ -171,8 +175,10 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 async fn serve_async(args: ServeArgs) -> Result<()> {
     use std::sync::Arc;
 
-    use edgeinfer::api::{self, AppState, Ready};
+    use edgeinfer::api::{self, AppState, HttpConfig, Ready};
     use edgeinfer::engine::core::{self, EngineConfig};
+    use edgeinfer::gateway::price::PriceTable;
+    use edgeinfer::gateway::{Gateway, GatewayConfig};
     use edgeinfer::structured::{Grammars, ToolFormat};
 
     let manifest = Manifest::builtin();
@@ -184,8 +190,33 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         (None, Some(m)) => m.clone(),
         (None, None) => manifest.default.clone(),
     };
+    let prices = match &args.prices {
+        Some(p) => PriceTable::load(p)?,
+        None => PriceTable::default(),
+    };
+    let db_path = args.store.db_path();
+    let gateway = Gateway::open(GatewayConfig {
+        db_path: db_path.clone(),
+        master_key: args.master_key.clone(),
+        prices,
+        global_tpm: args.tpm_limit,
+        global_rpm: args.rpm_limit,
+    })?;
+    if !gateway.auth_required() && !args.insecure_no_auth && !admin_cli::is_loopback(&args.host) {
+        anyhow::bail!(
+            "refusing to serve {} without API keys: anyone who can reach it could use it. Set --master-key (EDGEINFER_MASTER_KEY) or create keys with `edgeinfer keys generate`, bind 127.0.0.1, or pass --insecure-no-auth",
+            args.host
+        );
+    }
+    tracing::info!(db = %db_path.display(), auth = gateway.auth_required(), "key and ledger store open");
     let metrics = api::install_metrics()?;
-    let state = Arc::new(AppState::new(name, metrics, args.max_body_bytes));
+    let http = HttpConfig {
+        max_body_bytes: args.max_body_bytes,
+        cache_max_bytes: args.cache_max_bytes,
+        default_cache_ttl: (args.cache_ttl > 0)
+            .then(|| std::time::Duration::from_secs(args.cache_ttl)),
+    };
+    let state = Arc::new(AppState::new(name, metrics, Arc::new(gateway), http));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot bind {}:{}", args.host, args.port))?;
@@ -213,6 +244,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         let grammars = Grammars::new(tokenizer.clone(), vocab_size)
             .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?;
         let (tool_format, native_tools) = ToolFormat::for_template(template.source());
+        // Response-cache keys name the exact weights and template.
+        let model_hash = hub::sha256_file(&path)?;
+        let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
         let engine = core::start(model.llama, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {
             engine,
@@ -223,6 +257,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             grammars: Arc::new(grammars),
             tool_format,
             native_tools,
+            model_hash,
+            template_hash,
         });
         tracing::info!(path = %path.display(), "model loaded; ready");
         Ok(())

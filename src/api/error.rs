@@ -15,6 +15,8 @@ pub struct ApiError {
     pub param: Option<String>,
     pub code: Option<&'static str>,
     pub retry_after: Option<u64>,
+    /// More headers (rate-limit state, retry hints).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -26,7 +28,51 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// 401: no key, or one that is unknown, revoked or expired.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("invalid_api_key"),
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+        }
+    }
+
+    /// 403: a valid key asking for something it may not use.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
+    /// 404 for a thing named in the request (a key, a route).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+    }
+
+    /// 429 from a rate limit or budget. `retry`: when it would fit (`None`: it never will,
+    /// and clients are told not to retry).
+    pub fn rate_limited(
+        code: &'static str,
+        message: impl Into<String>,
+        retry: Option<std::time::Duration>,
+    ) -> Self {
+        let mut e = Self {
+            code: Some(code),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        };
+        match retry {
+            Some(d) => {
+                e.retry_after = Some(d.as_secs_f64().ceil().max(1.0) as u64);
+                e.headers
+                    .push(("retry-after-ms", (d.as_millis() as u64).max(1).to_string()));
+            }
+            None => e.headers.push(("x-should-retry", "false".into())),
+        }
+        e
     }
 
     /// 400 naming the offending field.
@@ -124,6 +170,11 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
         resp
     }
 }
@@ -132,5 +183,20 @@ impl IntoResponse for ApiError {
 impl From<crate::structured::StructuredError> for ApiError {
     fn from(e: crate::structured::StructuredError) -> Self {
         Self::invalid(e.param, e.message)
+    }
+}
+
+/// Store failures are ours (500); a bad field or unknown key is the client's.
+impl From<crate::gateway::GatewayError> for ApiError {
+    fn from(e: crate::gateway::GatewayError) -> Self {
+        use crate::gateway::GatewayError as G;
+        match e {
+            G::Invalid { ref field, .. } => Self::invalid(field.clone(), e.to_string()),
+            G::UnknownKey => Self::not_found("No such key"),
+            e => {
+                tracing::error!(error = %e, "gateway store failed");
+                Self::internal("The key and ledger store failed")
+            }
+        }
     }
 }

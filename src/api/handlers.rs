@@ -7,12 +7,15 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::gate::{
+    add_headers, rate_headers, refusal_error, replay, tap, Directives, Gate, Recorded,
+};
 use super::response::{collect, Meta};
 use super::stream::sse_response;
 use super::types::{
@@ -20,10 +23,17 @@ use super::types::{
 };
 use super::{AppState, Ready, RequestId};
 use crate::engine::constraint::TokenConstraint;
-use crate::engine::request::GenerationRequest;
+use crate::engine::request::{Event, GenerationRequest, UsageSink};
+use crate::gateway::cache::{self, Cached, Lookup};
+use crate::gateway::limits::Ask;
+use crate::gateway::{Labels, Principal};
 use crate::structured::toolcall;
+use tokio::sync::oneshot;
 
-fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) fn body_or_error(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(limit)
@@ -33,35 +43,61 @@ fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<By
     })
 }
 
-fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+/// The model must be the served one (404), and one the key may use (403).
+fn check_model(state: &AppState, who: &Principal, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != state.model_name => Err(ApiError::model_not_found(m)),
-        _ => Ok(()),
+        _ => match who {
+            Principal::Key(k) if !k.allows_model(&state.model_name) => Err(ApiError::forbidden(
+                "model_not_allowed",
+                format!("This key may not use the model `{}`", state.model_name),
+            )),
+            _ => Ok(()),
+        },
     }
 }
 
-/// The common front of both completion endpoints: body, readiness, JSON, model name.
+/// The common front of both completion endpoints: body, readiness, JSON, model name, the
+/// gateway's headers.
 fn accept<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    who: Principal,
+    headers: &HeaderMap,
+    route: &'static str,
     body: Result<Bytes, BytesRejection>,
     model: impl Fn(&T) -> Option<&str>,
-) -> Result<(Ready, T, SamplingFields), ApiError> {
+) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
     let body = parse_body(&body)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
-    check_model(state, model(&req))?;
-    Ok((ready, req, sampling))
+    check_model(state, &who, model(&req))?;
+    let directives = Directives::from_headers(headers, state.default_cache_ttl)?;
+    let gate = Gate {
+        principal: who,
+        directives,
+        route,
+        body,
+    };
+    Ok((ready, req, sampling, gate))
 }
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (ready, req, sampling) =
-        accept(&state, body, |r: &ChatCompletionRequest| r.model.as_deref())?;
+    let (ready, req, sampling, gate) = accept(
+        &state,
+        who,
+        &headers,
+        "/v1/chat/completions",
+        body,
+        |r: &ChatCompletionRequest| r.model.as_deref(),
+    )?;
     let messages = req.validated_messages()?;
     let spec = req.constraint_spec(ready.tool_format)?;
     let tools = req.tools_json();
@@ -114,7 +150,7 @@ pub async fn chat_completions(
         top_logprobs: top as usize,
         constraint,
     };
-    run(&ready, prompt, &sampling, out, meta, &rid.0).await
+    run(&state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
 }
 
 /// What to produce besides text: logprobs, and the grammar the text must follow.
@@ -127,9 +163,18 @@ struct Output {
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (ready, req, sampling) = accept(&state, body, |r: &CompletionRequest| r.model.as_deref())?;
+    let (ready, req, sampling, gate) = accept(
+        &state,
+        who,
+        &headers,
+        "/v1/completions",
+        body,
+        |r: &CompletionRequest| r.model.as_deref(),
+    )?;
     let one = || ApiError::invalid("prompt", "exactly one prompt per request is supported");
     let prompt = match req.prompt {
         PromptField::Text(t) => Ok(t),
@@ -182,18 +227,23 @@ pub async fn completions(
         top_logprobs: top as usize,
         constraint: None,
     };
-    run(&ready, ids, &sampling, out, meta, &rid.0).await
+    run(&state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
 }
 
-/// Validates budgets, submits, and answers whole or streamed.
+/// Validates budgets, answers from the response cache or reserves the request's tokens,
+/// submits, and answers whole or streamed.
+#[allow(clippy::too_many_arguments)]
 async fn run(
+    state: &AppState,
     ready: &Ready,
     prompt: Vec<u32>,
     fields: &SamplingFields,
     out: Output,
     meta: Meta,
     request_id: &str,
+    gate: Gate,
 ) -> Result<Response, ApiError> {
+    let received = Instant::now();
     let sampling = fields.sampling_params()?;
     let stop = fields.stops()?;
     if prompt.is_empty() {
@@ -207,7 +257,8 @@ async fn run(
         )));
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
-    let max_tokens = match fields.max_tokens()? {
+    let requested = fields.max_tokens()?;
+    let max_tokens = match requested {
         Some(m) if prompt.len().saturating_add(m) > limit => {
             return Err(ApiError::context_length(format!(
                 "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
@@ -224,6 +275,67 @@ async fn run(
         }
         None => limit - prompt.len(),
     };
+    let labels = Labels {
+        request_id: request_id.to_string(),
+        model: state.model_name.clone(),
+        route: gate.route.to_string(),
+        session_id: gate.directives.session_id.clone(),
+        metadata: gate.directives.metadata.clone(),
+    };
+    let price = state
+        .gateway
+        .price(&state.model_name, gate.directives.custom_cost);
+    let include_usage = fields.include_usage();
+
+    // The response cache: replay a hit, wait for an identical request under way, or lead.
+    let deterministic = sampling.temperature == 0.0 || sampling.seed.is_some();
+    let mut leader = None;
+    if let Some(key) = gate.cache_key(deterministic, &ready.model_hash, &ready.template_hash) {
+        let ttl = gate.directives.cache_ttl.unwrap_or_default();
+        loop {
+            let hit = match state.cache.lookup(key, ttl) {
+                Lookup::Hit(hit) => hit,
+                Lookup::Wait(rx) => match cache::wait(rx).await {
+                    Some(hit) => hit,
+                    None => continue, // its leader gave up: look again
+                },
+                Lookup::Lead(l) => {
+                    leader = Some(l);
+                    break;
+                }
+            };
+            return replay_hit(
+                state,
+                &gate,
+                &hit,
+                price,
+                &labels,
+                meta,
+                fields.stream,
+                include_usage,
+                received,
+            )
+            .await;
+        }
+    }
+
+    // Reserve the prompt plus the completion budget against every window that applies.
+    let ask = Ask {
+        prompt: prompt.len() as u64,
+        max_tokens: max_tokens as u64,
+        explicit: requested.is_some(),
+        price,
+    };
+    let meter = state
+        .gateway
+        .admit(&gate.principal, ask, labels)
+        .map_err(|(refusal, rate)| refusal_error(refusal, prompt.len(), max_tokens, rate))?;
+    let max_tokens = meter.max_tokens() as usize;
+    let mut headers = rate_headers(meter.rate);
+    if leader.is_some() {
+        headers.push(("cf-aig-cache-status", "MISS".into()));
+    }
+    let (committed_tx, committed) = oneshot::channel();
     let req = GenerationRequest {
         prompt,
         max_tokens,
@@ -232,15 +344,63 @@ async fn run(
         top_logprobs: out.top_logprobs,
         logprobs: out.logprobs,
         request_id: request_id.to_string(),
-        received: Instant::now(),
+        received,
         cache_prompt: fields.cache_prompt.unwrap_or(true),
         constraint: out.constraint,
+        on_end: Some(UsageSink::new(move |report| {
+            meter.finish(report, Some(committed_tx))
+        })),
     };
-    let rx = ready.engine.submit(req)?;
-    if fields.stream {
-        return Ok(sse_response(rx, meta, fields.include_usage()));
+    // Refused by the queue: the request (and its meter) is dropped, which gives back its
+    // reservation.
+    let rx = tap(ready.engine.submit(req)?, committed, leader);
+    let mut resp = if fields.stream {
+        sse_response(rx, meta, include_usage)
+    } else {
+        collect(rx, meta).await?
+    };
+    add_headers(&mut resp, headers);
+    Ok(resp)
+}
+
+/// Answers from a cached reply: metered as `cached` at its own price, no tokens reserved.
+#[allow(clippy::too_many_arguments)]
+async fn replay_hit(
+    state: &AppState,
+    gate: &Gate,
+    hit: &Cached<Recorded>,
+    price: crate::gateway::price::Price,
+    labels: &Labels,
+    meta: Meta,
+    stream: bool,
+    include_usage: bool,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    let usage = hit
+        .value
+        .iter()
+        .find_map(|e| match e {
+            Event::Finished { usage, .. } => Some(*usage),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let committed = state
+        .gateway
+        .record_cache_hit(&gate.principal, usage, price, labels, received);
+    if !matches!(committed.await, Ok(true)) {
+        tracing::error!("the ledger row of a cache hit was not committed");
     }
-    collect(rx, meta).await
+    let rx = replay(&hit.value);
+    let mut resp = if stream {
+        sse_response(rx, meta, include_usage)
+    } else {
+        collect(rx, meta).await?
+    };
+    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
+    headers.push(("cf-aig-cache-status", "HIT".into()));
+    headers.push(("age", hit.age().to_string()));
+    add_headers(&mut resp, headers);
+    Ok(resp)
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

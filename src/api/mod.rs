@@ -1,7 +1,9 @@
 //! The HTTP layer (axum): OpenAI-compatible routes, SSE, request ids, metrics, graceful
 //! shutdown. Knows JSON and status codes; never tensors. Errors map to HTTP in `error.rs` only.
 
+mod admin;
 pub mod error;
+pub mod gate;
 mod handlers;
 mod response;
 mod stream;
@@ -21,6 +23,8 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::core::EngineHandle;
+use crate::gateway::cache::ResponseCache;
+use crate::gateway::Gateway;
 use crate::model::{ChatTemplate, Tokenizer};
 use crate::structured::{Grammars, ToolFormat};
 use error::ApiError;
@@ -40,6 +44,10 @@ pub struct Ready {
     /// How this model writes tool calls, and whether its template renders tools itself.
     pub tool_format: ToolFormat,
     pub native_tools: bool,
+    /// sha256 of the model file and of the chat template source: part of every response
+    /// cache key, so a new model or template never replays old replies.
+    pub model_hash: String,
+    pub template_hash: String,
 }
 
 pub struct AppState {
@@ -49,15 +57,35 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub started: u64,
     shutting_down: AtomicBool,
+    pub gateway: Arc<Gateway>,
+    /// Replies of deterministic requests that asked to be cached.
+    pub cache: ResponseCache<gate::Recorded>,
+    /// The TTL of requests that send no `cf-aig-cache-ttl` (`None`: not cached).
+    pub default_cache_ttl: Option<Duration>,
+}
+
+/// The HTTP side's settings.
+pub struct HttpConfig {
+    pub max_body_bytes: usize,
+    pub cache_max_bytes: usize,
+    pub default_cache_ttl: Option<Duration>,
 }
 
 impl AppState {
-    pub fn new(model_name: String, metrics: PrometheusHandle, max_body_bytes: usize) -> Self {
+    pub fn new(
+        model_name: String,
+        metrics: PrometheusHandle,
+        gateway: Arc<Gateway>,
+        config: HttpConfig,
+    ) -> Self {
         Self {
             model_name,
             ready: OnceLock::new(),
             metrics,
-            max_body_bytes,
+            max_body_bytes: config.max_body_bytes,
+            gateway,
+            cache: ResponseCache::new(config.cache_max_bytes),
+            default_cache_ttl: config.default_cache_ttl,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -91,13 +119,26 @@ pub struct RequestId(pub String);
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    // Everything but the probes and metrics needs a key when auth is on.
+    let keyed = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
-        .route("/health", get(handlers::health))
+        .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
+        .route("/key/generate", post(admin::generate))
+        .route("/key/info", get(admin::key_info))
+        .route("/key/update", post(admin::update))
+        .route("/key/delete", post(admin::delete))
+        .route("/key/list", get(admin::list))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            gate::authenticate,
+        ));
+    Router::new()
+        .merge(keyed)
+        .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(limit))
@@ -122,15 +163,29 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    // The agent's session and the caller's metadata label the log line (never bodies).
+    let (session, meta) = (
+        log_header(req.headers(), "x-session-id"),
+        log_header(req.headers(), "cf-aig-metadata"),
+    );
     req.extensions_mut().insert(RequestId(id.clone()));
     let started = Instant::now();
     let mut resp = next.run(req).await;
     tracing::info!(request_id = %id, %method, %path, body_bytes = size,
-        status = resp.status().as_u16(), seconds = started.elapsed().as_secs_f64(), "http request");
+        status = resp.status().as_u16(), seconds = started.elapsed().as_secs_f64(),
+        session_id = %session, metadata = %meta, "http request");
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+fn log_header(h: &axum::http::HeaderMap, name: &str) -> String {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 4096)
+        .unwrap_or("")
+        .to_string()
 }
 
 fn new_id() -> String {

@@ -1,0 +1,415 @@
+//! The gateway at the HTTP edge: who is asking (keys from `Authorization: Bearer` or
+//! `x-api-key`), the AI Gateway request headers (`cf-aig-*`, `x-session-id`), OpenAI's
+//! `x-ratelimit-*` answer headers, refusals as 429s, and the tap that holds a reply's end
+//! until its ledger row is committed and records it for the response cache.
+//!
+//! Knows headers and status codes; the decisions themselves live in `crate::gateway`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::engine::request::{Event, EventReceiver};
+use crate::gateway::cache::{canonical_json, Leader};
+use crate::gateway::limits::{RateInfo, Refusal, Scope};
+use crate::gateway::price::Price;
+use crate::gateway::{AuthError, Principal};
+
+/// A recorded reply: the engine's events, replayed on a hit.
+pub type Recorded = Vec<Event>;
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_string())
+        });
+    bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// Middleware on every route but `/health` and `/metrics`: puts the request's [`Principal`]
+/// in its extensions, or answers 401 in OpenAI's shape.
+pub async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let key = presented_key(req.headers());
+    match state.gateway.authenticate(key.as_deref()) {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => {
+            let msg = match e {
+                AuthError::Missing => "You didn't provide an API key. Pass it as `Authorization: Bearer KEY` (or `x-api-key: KEY`).",
+                AuthError::Invalid => "Incorrect API key provided (unknown or revoked).",
+                AuthError::Expired => "The API key provided has expired.",
+            };
+            ApiError::unauthorized(msg).into_response()
+        }
+    }
+}
+
+/// What a request's headers ask of the gateway.
+#[derive(Debug, Clone, Default)]
+pub struct Directives {
+    /// Cache the reply for this long (`cf-aig-cache-ttl`, or the server default).
+    pub cache_ttl: Option<Duration>,
+    /// `cf-aig-skip-cache: true`: neither read nor write the cache.
+    pub skip_cache: bool,
+    /// `cf-aig-cache-key`: replaces the computed key (shared across keys).
+    pub cache_key: Option<String>,
+    /// `cf-aig-custom-cost`.
+    pub custom_cost: Option<Price>,
+    pub session_id: Option<String>,
+    /// `cf-aig-metadata`, canonical JSON.
+    pub metadata: Option<String>,
+}
+
+impl Directives {
+    pub fn from_headers(h: &HeaderMap, default_ttl: Option<Duration>) -> Result<Self, ApiError> {
+        let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
+            match h.get(name) {
+                None => Ok(None),
+                Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+                    ApiError::invalid(name, format!("header `{name}` must be visible ASCII"))
+                }),
+            }
+        };
+        let cache_ttl = match text("cf-aig-cache-ttl")? {
+            None => default_ttl,
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => None,
+                Ok(s) if s <= 31 * 86_400 => Some(Duration::from_secs(s)),
+                _ => return Err(ApiError::invalid(
+                    "cf-aig-cache-ttl",
+                    "header `cf-aig-cache-ttl` must be whole seconds from 0 to 2678400 (31 days)",
+                )),
+            },
+        };
+        let skip_cache = match text("cf-aig-skip-cache")? {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "cf-aig-skip-cache",
+                    "header `cf-aig-skip-cache` must be true or false",
+                ))
+            }
+        };
+        let bounded = |name: &'static str, v: Option<&str>| -> Result<Option<String>, ApiError> {
+            match v {
+                Some(v) if v.is_empty() || v.len() > 256 => Err(ApiError::invalid(
+                    name,
+                    format!("header `{name}` must have 1 to 256 characters"),
+                )),
+                v => Ok(v.map(str::to_string)),
+            }
+        };
+        let cache_key = bounded("cf-aig-cache-key", text("cf-aig-cache-key")?)?;
+        let session_id = bounded("x-session-id", text("x-session-id")?)?;
+        let custom_cost = text("cf-aig-custom-cost")?
+            .map(Price::from_custom_cost)
+            .transpose()?;
+        let metadata = match text("cf-aig-metadata")? {
+            None => None,
+            Some(v) => match serde_json::from_str::<Value>(v) {
+                Ok(m @ Value::Object(_)) if v.len() <= 4096 => Some(canonical_json(&m)),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "cf-aig-metadata",
+                        "header `cf-aig-metadata` must be a JSON object of at most 4096 bytes",
+                    ))
+                }
+            },
+        };
+        Ok(Self {
+            cache_ttl,
+            skip_cache,
+            cache_key,
+            custom_cost,
+            session_id,
+            metadata,
+        })
+    }
+}
+
+/// Everything the gateway needs of one generation request.
+pub struct Gate {
+    pub principal: Principal,
+    pub directives: Directives,
+    pub route: &'static str,
+    /// The parsed body, for the cache key.
+    pub body: Value,
+}
+
+impl Gate {
+    /// The response-cache key, when this request may use the cache: asked for (a TTL, no
+    /// skip) and deterministic (temperature 0 or a seed).
+    pub fn cache_key(
+        &self,
+        deterministic: bool,
+        model_hash: &str,
+        template_hash: &str,
+    ) -> Option<[u8; 32]> {
+        let d = &self.directives;
+        if d.cache_ttl.is_none() || d.skip_cache || !deterministic {
+            return None;
+        }
+        if let Some(custom) = &d.cache_key {
+            return Some(crate::gateway::cache::cache_key(&[
+                self.route,
+                "custom",
+                custom,
+                model_hash,
+                template_hash,
+            ]));
+        }
+        // Fields that change how a reply is delivered or attributed, not what it says.
+        let mut body = self.body.clone();
+        if let Some(m) = body.as_object_mut() {
+            for f in ["stream", "stream_options", "user"] {
+                m.remove(f);
+            }
+        }
+        let scope = match &self.principal {
+            Principal::Key(k) => format!("key:{}", k.id),
+            Principal::Master => "master".into(),
+            Principal::Anonymous => "anonymous".into(),
+        };
+        Some(crate::gateway::cache::cache_key(&[
+            self.route,
+            &scope,
+            model_hash,
+            template_hash,
+            &canonical_json(&body),
+        ]))
+    }
+}
+
+/// A refusal as OpenAI's 429, with honest retry hints.
+pub fn refusal_error(r: Refusal, prompt: usize, max_tokens: usize, rate: RateInfo) -> ApiError {
+    let scope = |s: Scope| match s {
+        Scope::Key => "this key",
+        Scope::Global => "this server",
+    };
+    let mut e = match r {
+        Refusal::Tokens { limit, scope: s, retry_after } => {
+            let need = format!("{} tokens ({prompt} in the prompt, up to {max_tokens} in the completion)", prompt + max_tokens);
+            match retry_after {
+                Some(d) => ApiError::rate_limited(
+                    "rate_limit_exceeded",
+                    format!("Rate limit reached for tokens per minute (TPM) on {}: limit {limit}, this request reserves {need}. Please try again in {}.", scope(s), fmt_duration(d)),
+                    Some(d),
+                ),
+                None => ApiError::rate_limited(
+                    "rate_limit_exceeded",
+                    format!("Request too large for the tokens per minute (TPM) limit of {limit} on {}: it reserves {need}. Lower max_tokens or the prompt.", scope(s)),
+                    None,
+                ),
+            }
+        }
+        Refusal::Requests { limit, scope: s, retry_after } => ApiError::rate_limited(
+            "rate_limit_exceeded",
+            format!("Rate limit reached for requests per minute (RPM) on {}: limit {limit}. Please try again in {}.", scope(s), fmt_duration(retry_after)),
+            Some(retry_after),
+        ),
+        Refusal::Parallel { limit } => ApiError::rate_limited(
+            "rate_limit_exceeded",
+            format!("This key already has its maximum of {limit} requests running. Retry when one finishes."),
+            Some(Duration::from_secs(1)),
+        ),
+        Refusal::Budget { budget_micros, retry_after } => {
+            let mut e = ApiError::rate_limited(
+                "insufficient_quota",
+                format!(
+                    "You exceeded this key's budget of ${:.6}{}.",
+                    budget_micros as f64 / 1e6,
+                    retry_after.map_or(String::new(), |d| format!("; it resets in {}", fmt_duration(d)))
+                ),
+                retry_after,
+            );
+            if retry_after.is_some() {
+                e.headers.push(("x-should-retry", "false".into()));
+            }
+            e
+        }
+    };
+    e.headers.extend(rate_headers(rate));
+    e
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the windows that apply.
+pub fn rate_headers(r: RateInfo) -> Vec<(&'static str, String)> {
+    let mut h = Vec::new();
+    if let Some((limit, remaining, reset)) = r.requests {
+        h.push(("x-ratelimit-limit-requests", limit.to_string()));
+        h.push(("x-ratelimit-remaining-requests", remaining.to_string()));
+        h.push(("x-ratelimit-reset-requests", fmt_duration(reset)));
+    }
+    if let Some((limit, remaining, reset)) = r.tokens {
+        h.push(("x-ratelimit-limit-tokens", limit.to_string()));
+        h.push(("x-ratelimit-remaining-tokens", remaining.to_string()));
+        h.push(("x-ratelimit-reset-tokens", fmt_duration(reset)));
+    }
+    h
+}
+
+pub fn add_headers(resp: &mut Response, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+}
+
+/// OpenAI's duration form: `20ms`, `7.2s`, `6m0s`.
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+/// Forwards a request's events, holding its `Finished` back until `committed` (its ledger
+/// row) and, when leading a cache key, storing the reply. Dropping the returned receiver
+/// (the client left) drops the engine's, which cancels the request.
+pub fn tap(
+    mut rx: EventReceiver,
+    committed: oneshot::Receiver<bool>,
+    mut leader: Option<Leader<Recorded>>,
+) -> EventReceiver {
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut committed = Some(committed);
+        let mut recorded: Recorded = Vec::new();
+        loop {
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = rx.recv() => ev,
+            };
+            let Some(ev) = ev else { return };
+            let finished = matches!(ev, Event::Finished { .. });
+            if leader.is_some() {
+                recorded.push(ev.clone());
+            }
+            if finished {
+                if let Some(c) = committed.take() {
+                    if !matches!(c.await, Ok(true)) {
+                        tracing::error!("the ledger row of a finished request was not committed");
+                    }
+                }
+                if let Some(l) = leader.take() {
+                    let bytes = recorded_bytes(&recorded);
+                    l.fill(std::mem::take(&mut recorded), bytes);
+                }
+            }
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    out
+}
+
+/// A recorded reply as a fresh event stream.
+pub fn replay(events: &Recorded) -> EventReceiver {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for ev in events {
+        let _ = tx.send(ev.clone());
+    }
+    rx
+}
+
+/// About how much memory a recorded reply holds.
+fn recorded_bytes(events: &Recorded) -> usize {
+    events
+        .iter()
+        .map(|e| match e {
+            Event::Token { text, logprob } => {
+                64 + text.len()
+                    + logprob.as_ref().map_or(0, |l| {
+                        64 + l
+                            .top_logprobs
+                            .iter()
+                            .map(|t| 48 + t.token.len() * 2)
+                            .sum::<usize>()
+                    })
+            }
+            _ => 64,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openai() {
+        assert_eq!(fmt_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(fmt_duration(Duration::from_millis(7200)), "7.2s");
+        assert_eq!(fmt_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(fmt_duration(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(presented_key(&h).as_deref(), Some("k2"));
+        h.insert("authorization", HeaderValue::from_static("Bearer k1"));
+        assert_eq!(presented_key(&h).as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn bad_gateway_headers_name_themselves() {
+        for (name, value) in [
+            ("cf-aig-cache-ttl", "soon"),
+            ("cf-aig-skip-cache", "maybe"),
+            ("cf-aig-metadata", "[1]"),
+            ("cf-aig-custom-cost", "{\"per_token_in\": -1}"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_str(value).unwrap());
+            let e = Directives::from_headers(&h, None).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(name), "{e:?}");
+            assert_eq!(e.status.as_u16(), 400);
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cf-aig-metadata",
+            HeaderValue::from_static("{\"b\": 1, \"a\": \"x\"}"),
+        );
+        h.insert("cf-aig-cache-ttl", HeaderValue::from_static("60"));
+        let d = Directives::from_headers(&h, None).unwrap();
+        assert_eq!(d.metadata.as_deref(), Some("{\"a\":\"x\",\"b\":1}"));
+        assert_eq!(d.cache_ttl, Some(Duration::from_secs(60)));
+    }
+}
