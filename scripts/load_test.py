@@ -5,7 +5,8 @@ Each client sends `--requests` streaming chat completions one after another (tem
 `--max-tokens` each, a request may stop early at an end-of-turn token) and
 records time to first token and per-token arrival times. Prints aggregate generated tok/s
 over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard library only.
-`--response-format json_object|json_schema` constrains every request (structured output).
+`--response-format json_object|json_schema` constrains every request (structured output);
+`--api-key KEY` sends a key (for a server with keys on).
 
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
 """
@@ -40,7 +41,7 @@ FORMATS = {
 }
 
 
-def one_request(url, model, prompt, max_tokens, response_format=None):
+def one_request(url, model, prompt, max_tokens, response_format=None, api_key=None):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -50,8 +51,10 @@ def one_request(url, model, prompt, max_tokens, response_format=None):
     if response_format:
         body["response_format"] = FORMATS[response_format]
     start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                 {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
@@ -77,6 +80,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--response-format", choices=sorted(FORMATS), default=None,
                     help="constrain every request to this format")
+    ap.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     args = ap.parse_args()
 
     results, errors = [], []
@@ -87,7 +91,7 @@ def main():
             prompt = PROMPTS[(i + r) % len(PROMPTS)]
             try:
                 start, times = one_request(args.url, args.model, prompt, args.max_tokens,
-                                           args.response_format)
+                                           args.response_format, args.api_key)
                 with lock:
                     results.append((start, times))
             except Exception as e:  # report, keep going

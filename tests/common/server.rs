@@ -12,6 +12,21 @@ pub struct Server {
     child: Child,
     pub base: String,
     pub addr: String,
+    /// Its own key and ledger store (unless `--db` was passed), removed with the server.
+    pub data_dir: tempfile::TempDir,
+}
+
+/// A response with its headers (names lowercased).
+pub struct Reply {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
 }
 
 impl Server {
@@ -30,6 +45,8 @@ impl Server {
         let mut args = vec!["serve", "--port", "0"];
         args.extend_from_slice(extra);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeinfer"));
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        cmd.env("EDGEINFER_DATA_DIR", data_dir.path());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -63,10 +80,11 @@ impl Server {
             child,
             base: format!("http://{addr}"),
             addr,
+            data_dir,
         }
     }
 
-    fn wait_ready(&self) {
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if let Ok(r) = ureq::get(&format!("{}/health", self.base)).call() {
@@ -100,6 +118,52 @@ impl Server {
             Err(ureq::Error::Status(status, r)) => (status, r.into_json().unwrap_or(Value::Null)),
             Err(e) => panic!("request failed: {e}"),
         }
+    }
+
+    /// A request with headers; any status comes back with its headers and JSON body.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = ureq::request(method, &format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let resp = match body {
+            Some(b) => req.send_json(b.clone()),
+            None => req.call(),
+        };
+        let r = match resp {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("request failed: {e}"),
+        };
+        let headers = r
+            .headers_names()
+            .into_iter()
+            .filter_map(|n| {
+                r.header(&n)
+                    .map(|v| (n.to_ascii_lowercase(), v.to_string()))
+            })
+            .collect();
+        let status = r.status();
+        Reply {
+            status,
+            headers,
+            body: r.into_json().unwrap_or(Value::Null),
+        }
+    }
+
+    /// POSTs JSON with a bearer key.
+    pub fn post_key(&self, path: &str, body: &Value, key: &str) -> Reply {
+        self.call(
+            "POST",
+            path,
+            Some(body),
+            &[("authorization", &format!("Bearer {key}"))],
+        )
     }
 
     /// POSTs a body the server may refuse before reading it all (a 413): write errors are
@@ -184,6 +248,12 @@ impl Server {
         )
         .unwrap();
         s
+    }
+
+    /// Sends SIGKILL (no chance to flush anything) and waits for the process to end.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the exit status.

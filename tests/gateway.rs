@@ -1,0 +1,738 @@
+//! The gateway over real HTTP on the real default model: keys (401/403/404, revocation on the
+//! next request, the offline CLI), reservation-exact token limits, budgets that end a stream
+//! with `length`, an exact ledger that survives `kill -9`, and the response cache.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::server::{Reply, Server};
+use serde_json::{json, Value};
+
+const MASTER: &str = "sk-master-test-0123456789";
+
+fn counter(s: &Server, name: &str) -> f64 {
+    let v = s.metric(name);
+    if v.is_nan() {
+        0.0
+    } else {
+        v
+    }
+}
+
+fn generate_key(s: &Server, fields: Value) -> String {
+    let r = s.post_key("/key/generate", &fields, MASTER);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["key"]
+        .as_str()
+        .expect("the key is returned once")
+        .to_string()
+}
+
+fn chat(content: &str, max_tokens: u64) -> Value {
+    json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn assert_openai_error(r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let e = &r.body["error"];
+    assert_eq!(e["code"], code, "{}", r.body);
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(e["type"].is_string() && e.get("param").is_some());
+}
+
+fn edgeinfer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn db_of(s: &Server) -> String {
+    s.data_dir
+        .path()
+        .join("edgeinfer.db")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn keys_guard_every_route_but_the_probes() {
+    let s = Server::start(&["--master-key", MASTER]);
+    let body = chat("Hi", 2);
+    let route = "/v1/chat/completions";
+    assert_openai_error(
+        &s.call("POST", route, Some(&body), &[]),
+        401,
+        "invalid_api_key",
+    );
+    assert_openai_error(
+        &s.post_key(route, &body, "sk-ei-wrong"),
+        401,
+        "invalid_api_key",
+    );
+    assert_openai_error(
+        &s.call("GET", "/v1/models", None, &[]),
+        401,
+        "invalid_api_key",
+    );
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/metrics").0, 200);
+
+    // Admin routes take only the master key.
+    let none = s.call("POST", "/key/generate", Some(&json!({})), &[]);
+    assert_openai_error(&none, 401, "invalid_api_key");
+    let models = s.call(
+        "GET",
+        "/v1/models",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    let model = models.body["data"][0]["id"].as_str().unwrap().to_string();
+    let alice = generate_key(&s, json!({"key_alias": "alice", "models": [model]}));
+    assert_openai_error(
+        &s.post_key("/key/generate", &json!({}), &alice),
+        403,
+        "admin_only",
+    );
+    assert_eq!(s.post_key(route, &body, &alice).status, 200);
+    let via_x_api_key = s.call("POST", route, Some(&body), &[("x-api-key", &alice)]);
+    assert_eq!(via_x_api_key.status, 200);
+
+    // A key limited to another model: 403 for this one; an unknown model is 404.
+    let other = generate_key(&s, json!({"models": ["some-other-model"]}));
+    assert_openai_error(&s.post_key(route, &body, &other), 403, "model_not_allowed");
+    let mut unknown = body.clone();
+    unknown["model"] = json!("no-such-model");
+    assert_openai_error(&s.post_key(route, &unknown, &alice), 404, "model_not_found");
+
+    // Settings change on the next request: one request per minute.
+    let info = s.call(
+        "GET",
+        "/key/info?key=alice",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    assert_eq!(info.body["info"]["key_alias"], "alice", "{}", info.body);
+    assert!(info.body["info"]["spend"].is_number());
+    let upd = s.post_key(
+        "/key/update",
+        &json!({"key": "alice", "rpm_limit": 1}),
+        MASTER,
+    );
+    assert_eq!(upd.status, 200, "{}", upd.body);
+    let first = s.post_key(route, &body, &alice);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit-requests"), Some("1"));
+    assert_eq!(first.header("x-ratelimit-remaining-requests"), Some("0"));
+    let second = s.post_key(route, &body, &alice);
+    assert_openai_error(&second, 429, "rate_limit_exceeded");
+    assert!(second.header("retry-after").is_some() && second.header("retry-after-ms").is_some());
+
+    // Revocation holds from the next request, without a restart.
+    let del = s.post_key("/key/delete", &json!({"key_aliases": ["alice"]}), MASTER);
+    assert_eq!(del.status, 200, "{}", del.body);
+    assert_openai_error(&s.post_key(route, &body, &alice), 401, "invalid_api_key");
+
+    // The offline CLI writes the same store; the running server sees it at once.
+    let db = db_of(&s);
+    let out = edgeinfer(&[
+        "keys",
+        "generate",
+        "--db",
+        &db,
+        "--alias",
+        "bob",
+        "--tpm-limit",
+        "5000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).expect("keys generate prints JSON");
+    let bob = made["key"].as_str().unwrap().to_string();
+    let ok = s.post_key(route, &body, &bob);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.header("x-ratelimit-limit-tokens"), Some("5000"));
+    let out = edgeinfer(&["keys", "delete", "--db", &db, "bob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_openai_error(&s.post_key(route, &body, &bob), 401, "invalid_api_key");
+    // No key is stored in the clear.
+    let list = edgeinfer(&["keys", "list", "--db", &db]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(!text.contains(&other) && text.contains("token"), "{text}");
+}
+
+#[test]
+fn a_public_address_without_keys_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::default_model_path();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args([
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .env("EDGEINFER_DATA_DIR", dir.path())
+        .env_remove("EDGEINFER_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve 0.0.0.0 without API keys")
+            && err.contains("--master-key")
+            && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+}
+
+/// 40 token ids that differ from every other request's from the first one on (no prefix
+/// cache sharing, so computed prompt tokens are exact).
+fn ids(i: usize) -> Vec<u32> {
+    (0..40).map(|j| (1000 + i * 97 + j * 13) as u32).collect()
+}
+
+#[test]
+fn token_limits_reserve_exactly_and_refuse_before_prefill() {
+    let s = Server::start(&["--master-key", MASTER]);
+    let key = generate_key(&s, json!({"tpm_limit": 1000}));
+    let computed0 = counter(&s, "edgeinfer_prompt_tokens_computed_total");
+    let s = Arc::new(s);
+    let started = Instant::now();
+    let replies: Vec<(Reply, Instant)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let (s, key) = (s.clone(), key.clone());
+                sc.spawn(move || {
+                    let body = json!({"prompt": ids(i), "max_tokens": 100, "temperature": 0});
+                    let r = s.post_key("/v1/completions", &body, &key);
+                    (r, Instant::now())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let admitted: Vec<&Reply> = replies
+        .iter()
+        .map(|(r, _)| r)
+        .filter(|r| r.status == 200)
+        .collect();
+    let refused: Vec<&(Reply, Instant)> = replies.iter().filter(|(r, _)| r.status != 200).collect();
+    let total: u64 = admitted
+        .iter()
+        .map(|r| r.body["usage"]["total_tokens"].as_u64().unwrap())
+        .sum();
+    // Each reserves 40 + 100 = 140: seven fit in 1,000 (plus what refills during the burst).
+    let refill = (started.elapsed().as_secs_f64() * 1000.0 / 60.0) as usize;
+    assert!(
+        !admitted.is_empty() && admitted.len() * 140 <= 1000 + refill,
+        "{} admitted",
+        admitted.len()
+    );
+    assert!(total <= 1000, "admitted requests used {total} tokens");
+    eprintln!(
+        "tpm 1000: {} admitted using {total} tokens, {} refused",
+        admitted.len(),
+        50 - admitted.len()
+    );
+    assert_eq!(admitted.len() + refused.len(), 50);
+    for (r, _) in &refused {
+        assert_openai_error(r, 429, "rate_limit_exceeded");
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+        assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+        assert!(r.header("x-ratelimit-reset-tokens").is_some());
+        assert!(r
+            .header("retry-after-ms")
+            .is_some_and(|v| v.parse::<u64>().is_ok()));
+    }
+    // Refused requests computed nothing: the prompt tokens computed are exactly the
+    // admitted requests' uncached prompt tokens.
+    assert!(s.wait_idle(Duration::from_secs(60)));
+    let computed = counter(&s, "edgeinfer_prompt_tokens_computed_total") - computed0;
+    let expected: u64 = admitted
+        .iter()
+        .map(|r| {
+            r.body["usage"]["prompt_tokens"].as_u64().unwrap()
+                - r.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap()
+        })
+        .sum();
+    assert_eq!(computed as u64, expected);
+    // The last refused client waits what it was told, then gets in.
+    let (last, at) = refused
+        .iter()
+        .max_by_key(|(_, at)| *at)
+        .expect("some were refused");
+    let wait = Duration::from_millis(last.header("retry-after-ms").unwrap().parse().unwrap());
+    assert!(wait <= Duration::from_secs(9), "{wait:?}");
+    eprintln!("computed prompt tokens {computed}; last refused client waits {wait:?}");
+    std::thread::sleep((*at + wait).saturating_duration_since(Instant::now()));
+    let again = s.post_key(
+        "/v1/completions",
+        &json!({"prompt": ids(99), "max_tokens": 100, "temperature": 0}),
+        &key,
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+}
+
+fn sse_lines(resp: ureq::Response, max_chunks: Option<usize>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for line in BufReader::new(resp.into_reader())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(d) = line.strip_prefix("data: ") {
+            if d == "[DONE]" {
+                break;
+            }
+            out.push(serde_json::from_str(d).unwrap());
+            if max_chunks.is_some_and(|m| out.len() >= m) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn stream_req(s: &Server, path: &str, body: &Value, headers: &[(&str, &str)]) -> ureq::Response {
+    let mut req = ureq::post(&format!("{}{path}", s.base));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    req.send_json(body.clone()).expect("the stream starts")
+}
+
+#[test]
+fn a_budget_ends_a_stream_with_length_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.json");
+    // Prompts are free; every completion token costs 1,000 micro-USD.
+    std::fs::write(&prices, r#"{"*": {"input": 0, "output": 1000}}"#).unwrap();
+    let s = Server::start(&["--master-key", MASTER, "--prices", prices.to_str().unwrap()]);
+    let key = generate_key(&s, json!({"max_budget": 0.05, "budget_duration": "30d"}));
+    let auth = format!("Bearer {key}");
+    // No max_tokens: the completion is clamped to what the budget pays for (50 tokens).
+    let body = json!({"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let chunks = sse_lines(
+        stream_req(&s, "/v1/completions", &body, &[("authorization", &auth)]),
+        None,
+    );
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .unwrap();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        (finish, usage["completion_tokens"].as_u64()),
+        ("length", Some(50)),
+        "{usage}"
+    );
+    let r = s.post_key(
+        "/v1/completions",
+        &json!({"prompt": "7, 8,", "max_tokens": 1}),
+        &key,
+    );
+    assert_openai_error(&r, 429, "insufficient_quota");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let info = s.call("GET", "/key/info", None, &[("authorization", &auth)]);
+    assert_eq!(
+        info.body["info"]["spend"].as_f64(),
+        Some(0.05),
+        "{}",
+        info.body
+    );
+}
+
+/// Microdollars, as the ledger computes them (prices in picodollars per token).
+fn cost(prompt: u64, cached: u64, completion: u64, p: (u64, u64, u64)) -> u64 {
+    let picos = (prompt - cached) * p.0 + cached * p.1 + completion * p.2;
+    (picos + 500_000) / 1_000_000
+}
+
+fn ledger_rows(db: &str) -> Vec<HashMap<String, Value>> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT request_id, status, prompt_tokens, cached_tokens, completion_tokens, cost_micros, session_id, metadata, key_id FROM requests")
+        .unwrap();
+    let names = [
+        "request_id",
+        "status",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "cost_micros",
+        "session_id",
+        "metadata",
+        "key_id",
+    ];
+    stmt.query_map([], |row| {
+        let mut m = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let v: rusqlite::types::Value = row.get(i)?;
+            m.insert(
+                n.to_string(),
+                match v {
+                    rusqlite::types::Value::Integer(x) => json!(x),
+                    rusqlite::types::Value::Text(t) => json!(t),
+                    _ => Value::Null,
+                },
+            );
+        }
+        Ok(m)
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+#[test]
+fn the_ledger_matches_every_response_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db").to_string_lossy().into_owned();
+    let prices = dir.path().join("prices.json");
+    std::fs::write(
+        &prices,
+        r#"{"*": {"input": 0.15, "cached_input": 0.075, "output": 0.6, "cached_response": 0.05}}"#,
+    )
+    .unwrap();
+    let p = (150_000u64, 75_000u64, 600_000u64);
+    let flags = [
+        "--master-key",
+        MASTER,
+        "--db",
+        &db,
+        "--prices",
+        prices.to_str().unwrap(),
+    ];
+    let s = Server::start(&flags);
+    let key = generate_key(&s, json!({"key_alias": "ledger"}));
+    let auth = format!("Bearer {key}");
+    let labels = [
+        ("authorization", auth.as_str()),
+        ("x-session-id", "session-1"),
+        ("cf-aig-metadata", r#"{"team": "a", "n": 1}"#),
+    ];
+    let (mut tokens, mut micros, mut ok, mut cached_rows) = ([0u64; 3], 0u64, 0, 0);
+    let mut add = |u: &Value, hit: bool| {
+        let (pr, ca, co) = (
+            u["prompt_tokens"].as_u64().unwrap(),
+            u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            u["completion_tokens"].as_u64().unwrap(),
+        );
+        tokens[0] += pr;
+        tokens[1] += ca;
+        tokens[2] += co;
+        micros += if hit {
+            ((pr + co) * 50_000 + 500_000) / 1_000_000
+        } else {
+            cost(pr, ca, co, p)
+        };
+    };
+    // Whole and streamed replies.
+    for i in 0..3 {
+        let r = s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat(&format!("Name {i} animals."), 20 + i)),
+            &labels,
+        );
+        assert_eq!(r.status, 200);
+        add(&r.body["usage"], false);
+        ok += 1;
+        let mut body = chat(&format!("Name {i} rivers."), 16);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let chunks = sse_lines(stream_req(&s, "/v1/chat/completions", &body, &labels), None);
+        add(&chunks.last().unwrap()["usage"], false);
+        ok += 1;
+    }
+    // A miss and a hit of the response cache.
+    let cache_headers = [labels[0], ("cf-aig-cache-ttl", "600")];
+    for status in ["MISS", "HIT"] {
+        let r = s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat("Say hello.", 12)),
+            &cache_headers,
+        );
+        assert_eq!(r.header("cf-aig-cache-status"), Some(status));
+        add(&r.body["usage"], status == "HIT");
+        if status == "HIT" {
+            cached_rows += 1
+        } else {
+            ok += 1
+        }
+    }
+    // Two streams cancelled after a few chunks.
+    let mut received = Vec::new();
+    for i in 0..2 {
+        let mut body = chat(&format!("Write a long story about {i} ships."), 400);
+        body["stream"] = json!(true);
+        let chunks = sse_lines(
+            stream_req(&s, "/v1/chat/completions", &body, &labels),
+            Some(4),
+        );
+        received.push(chunks.len() - 1); // the first chunk carries only the role
+    }
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let rows = ledger_rows(&db);
+    let of = |st: &str| {
+        rows.iter()
+            .filter(|r| r["status"] == st)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (of("ok").len(), of("cached").len(), of("cancelled").len()),
+        (ok, cached_rows, 2),
+        "{rows:?}"
+    );
+    let sum = |rs: &[&HashMap<String, Value>], f: &str| {
+        rs.iter().map(|r| r[f].as_u64().unwrap()).sum::<u64>()
+    };
+    let answered: Vec<_> = rows
+        .iter()
+        .filter(|r| r["status"] == "ok" || r["status"] == "cached")
+        .collect();
+    assert_eq!(
+        [
+            sum(&answered, "prompt_tokens"),
+            sum(&answered, "cached_tokens"),
+            sum(&answered, "completion_tokens")
+        ],
+        tokens
+    );
+    assert_eq!(sum(&answered, "cost_micros"), micros);
+    assert!(micros > 0);
+    for (r, got) in of("cancelled").iter().zip(&received) {
+        let done = r["completion_tokens"].as_u64().unwrap();
+        assert!(
+            done as usize >= *got && done < 400,
+            "cancelled after {got} chunks, metered {done}"
+        );
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(
+            r["cost_micros"].as_u64().unwrap(),
+            cost(
+                r["prompt_tokens"].as_u64().unwrap(),
+                r["cached_tokens"].as_u64().unwrap(),
+                done,
+                p
+            )
+        );
+    }
+    let labelled = rows
+        .iter()
+        .filter(|r| r["session_id"] == "session-1")
+        .count();
+    assert_eq!(
+        labelled, 8,
+        "3 whole, 3 streamed and 2 cancelled carry the session id"
+    );
+    assert!(rows
+        .iter()
+        .any(|r| r["metadata"] == r#"{"n":1,"team":"a"}"#));
+    // GET /v1/usage reads the same rows (the key's own).
+    let usage = s.call("GET", "/v1/usage", None, &[("authorization", &auth)]);
+    let all = &usage.body["data"];
+    let total_cost: u64 = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["cost_micros"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total_cost,
+        sum(&rows.iter().collect::<Vec<_>>(), "cost_micros"),
+        "{}",
+        usage.body
+    );
+
+    // kill -9 under load: every request whose reply arrived whole has its row.
+    let s = Arc::new(s);
+    let done: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..8)
+            .map(|c| {
+                let (s, auth) = (s.clone(), auth.clone());
+                sc.spawn(move || {
+                    let mut done = Vec::new();
+                    for r in 0..6 {
+                        let id = format!("kill9-{c}-{r}");
+                        let resp = ureq::post(&format!("{}/v1/chat/completions", s.base))
+                            .set("authorization", &auth)
+                            .set("x-request-id", &id)
+                            .timeout(Duration::from_secs(30))
+                            .send_json(chat(&format!("Count to {} slowly.", c * 10 + r), 24));
+                        match resp.map(|r| r.into_json::<Value>()) {
+                            Ok(Ok(v)) if v["usage"].is_object() => done.push(id),
+                            _ => break,
+                        }
+                    }
+                    done
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(2500));
+        let pid = s.pid();
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(!done.is_empty(), "some requests completed before the kill");
+    eprintln!("kill -9: {} requests had completed", done.len());
+    let s = Server::start(&flags);
+    let rows = ledger_rows(&db);
+    for id in &done {
+        assert!(
+            rows.iter()
+                .any(|r| r["request_id"] == id.as_str() && r["status"] == "ok"),
+            "completed request {id} has no row"
+        );
+    }
+    let usage = s.call(
+        "GET",
+        "/v1/usage?key=ledger",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    let n: u64 = usage.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["requests"].as_u64().unwrap())
+        .sum();
+    assert!(n as usize >= 10 + done.len(), "{}", usage.body);
+}
+
+#[test]
+fn the_response_cache_replays_exact_deterministic_replies() {
+    let s = Server::start(&[]);
+    let ttl = [("cf-aig-cache-ttl", "60")];
+    let body = chat("Give me three colors.", 24);
+    let miss = s.call("POST", "/v1/chat/completions", Some(&body), &ttl);
+    let hit = s.call("POST", "/v1/chat/completions", Some(&body), &ttl);
+    assert_eq!(miss.header("cf-aig-cache-status"), Some("MISS"));
+    assert_eq!(hit.header("cf-aig-cache-status"), Some("HIT"));
+    assert!(hit.header("age").is_some_and(|a| a.parse::<u64>().is_ok()));
+    let content = |r: &Reply| {
+        r.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(content(&hit), content(&miss));
+    assert_eq!(hit.body["usage"], miss.body["usage"]);
+
+    // Key order and layout do not matter.
+    let reordered = r#"{ "temperature" : 0, "max_tokens": 24,
+        "messages": [{"content": "Give me three colors.", "role": "user"}] }"#;
+    let r = ureq::post(&format!("{}/v1/chat/completions", s.base))
+        .set("content-type", "application/json")
+        .set("cf-aig-cache-ttl", "60")
+        .send_string(reordered)
+        .unwrap();
+    assert_eq!(r.header("cf-aig-cache-status"), Some("HIT"));
+    // A stream replays the same text as SSE.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let resp = stream_req(&s, "/v1/chat/completions", &sbody, &ttl);
+    assert_eq!(resp.header("cf-aig-cache-status"), Some("HIT"));
+    let text: String = sse_lines(resp, None)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, content(&miss));
+    // Another sampling parameter misses; a skip or a random request bypasses the cache.
+    let mut other = body.clone();
+    other["top_k"] = json!(5);
+    assert_eq!(
+        s.call("POST", "/v1/chat/completions", Some(&other), &ttl)
+            .header("cf-aig-cache-status"),
+        Some("MISS")
+    );
+    let skip = s.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        &[ttl[0], ("cf-aig-skip-cache", "true")],
+    );
+    assert_eq!(skip.header("cf-aig-cache-status"), None);
+    let mut random = body.clone();
+    random["temperature"] = json!(1.0);
+    assert_eq!(
+        s.call("POST", "/v1/chat/completions", Some(&random), &ttl)
+            .header("cf-aig-cache-status"),
+        None
+    );
+    let mut seeded = random.clone();
+    seeded["seed"] = json!(7);
+    assert_eq!(
+        s.call("POST", "/v1/chat/completions", Some(&seeded), &ttl)
+            .header("cf-aig-cache-status"),
+        Some("MISS")
+    );
+    assert_eq!(
+        s.call("POST", "/v1/chat/completions", Some(&seeded), &ttl)
+            .header("cf-aig-cache-status"),
+        Some("HIT")
+    );
+
+    // Ten identical concurrent requests compute once.
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    let (gen0, prompt0) = (
+        counter(&s, "edgeinfer_generation_tokens_total"),
+        counter(&s, "edgeinfer_prompt_tokens_total"),
+    );
+    let fresh = chat("Name a large city.", 32);
+    let replies: Vec<Reply> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| sc.spawn(|| s.call("POST", "/v1/chat/completions", Some(&fresh), &ttl)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let misses = replies
+        .iter()
+        .filter(|r| r.header("cf-aig-cache-status") == Some("MISS"))
+        .count();
+    let hits = replies
+        .iter()
+        .filter(|r| r.header("cf-aig-cache-status") == Some("HIT"))
+        .count();
+    assert_eq!((misses, hits), (1, 9));
+    assert!(replies.iter().all(|r| content(r) == content(&replies[0])));
+    let usage = &replies[0].body["usage"];
+    assert_eq!(
+        counter(&s, "edgeinfer_generation_tokens_total") - gen0,
+        usage["completion_tokens"].as_f64().unwrap()
+    );
+    assert_eq!(
+        counter(&s, "edgeinfer_prompt_tokens_total") - prompt0,
+        usage["prompt_tokens"].as_f64().unwrap()
+    );
+}
