@@ -1,7 +1,7 @@
 //! The gateway at the HTTP edge: who is asking (keys from `Authorization: Bearer` or
 //! `x-api-key`), the AI Gateway request headers (`cf-aig-*`, `x-session-id`), OpenAI's
-//! `x-ratelimit-*` answer headers, refusals as 429s, and the tap that holds a reply's end
-//! until its ledger row is committed and records it for the response cache.
+//! `x-ratelimit-*` answer headers, refusals as 429s, and the [`Tail`] that holds a reply's
+//! end until its ledger row is committed and records it for the response cache.
 //!
 //! Knows headers and status codes; the decisions themselves live in `crate::gateway`.
 
@@ -296,45 +296,44 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// Forwards a request's events, holding its `Finished` back until `committed` (its ledger
-/// row) and, when leading a cache key, storing the reply. Dropping the returned receiver
-/// (the client left) drops the engine's, which cancels the request.
-pub fn tap(
-    mut rx: EventReceiver,
-    committed: oneshot::Receiver<bool>,
-    mut leader: Option<Leader<Recorded>>,
-) -> EventReceiver {
-    let (tx, out) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut committed = Some(committed);
-        let mut recorded: Recorded = Vec::new();
-        loop {
-            let ev = tokio::select! {
-                _ = tx.closed() => return,
-                ev = rx.recv() => ev,
-            };
-            let Some(ev) = ev else { return };
-            let finished = matches!(ev, Event::Finished { .. });
-            if leader.is_some() {
-                recorded.push(ev.clone());
-            }
-            if finished {
-                if let Some(c) = committed.take() {
-                    if !matches!(c.await, Ok(true)) {
-                        tracing::error!("the ledger row of a finished request was not committed");
-                    }
-                }
-                if let Some(l) = leader.take() {
-                    let bytes = recorded_bytes(&recorded);
-                    l.fill(std::mem::take(&mut recorded), bytes);
-                }
-            }
-            if tx.send(ev).is_err() {
-                return;
+/// What a reply's renderer (whole or SSE) does with each engine event before showing it:
+/// hold `Finished` back until the ledger row is committed, and record the reply when leading
+/// a response-cache key. Dropped with the renderer (the client left): the leader goes too,
+/// and its waiters look again.
+#[derive(Default)]
+pub struct Tail {
+    committed: Option<oneshot::Receiver<bool>>,
+    leader: Option<Leader<Recorded>>,
+    recorded: Recorded,
+}
+
+impl Tail {
+    pub fn new(committed: oneshot::Receiver<bool>, leader: Option<Leader<Recorded>>) -> Self {
+        Self {
+            committed: Some(committed),
+            leader,
+            recorded: Vec::new(),
+        }
+    }
+
+    pub async fn observe(&mut self, ev: &Event) {
+        if self.leader.is_some() {
+            self.recorded.push(ev.clone());
+        }
+        if !matches!(ev, Event::Finished { .. }) {
+            return;
+        }
+        if let Some(c) = self.committed.take() {
+            if !matches!(c.await, Ok(true)) {
+                tracing::error!("the ledger row of a finished request was not committed");
             }
         }
-    });
-    out
+        if let Some(l) = self.leader.take() {
+            let recorded = std::mem::take(&mut self.recorded);
+            let bytes = recorded_bytes(&recorded);
+            l.fill(recorded, bytes);
+        }
+    }
 }
 
 /// A recorded reply as a fresh event stream.

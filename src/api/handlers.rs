@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::gate::{
-    add_headers, rate_headers, refusal_error, replay, tap, Directives, Gate, Recorded,
+    add_headers, rate_headers, refusal_error, replay, Directives, Gate, Recorded, Tail,
 };
 use super::response::{collect, Meta};
 use super::stream::sse_response;
@@ -353,11 +353,12 @@ async fn run(
     };
     // Refused by the queue: the request (and its meter) is dropped, which gives back its
     // reservation.
-    let rx = tap(ready.engine.submit(req)?, committed, leader);
+    let rx = ready.engine.submit(req)?;
+    let tail = Tail::new(committed, leader);
     let mut resp = if fields.stream {
-        sse_response(rx, meta, include_usage)
+        sse_response(rx, meta, include_usage, tail)
     } else {
-        collect(rx, meta).await?
+        collect(rx, meta, tail).await?
     };
     add_headers(&mut resp, headers);
     Ok(resp)
@@ -392,9 +393,9 @@ async fn replay_hit(
     }
     let rx = replay(&hit.value);
     let mut resp = if stream {
-        sse_response(rx, meta, include_usage)
+        sse_response(rx, meta, include_usage, Tail::default())
     } else {
-        collect(rx, meta).await?
+        collect(rx, meta, Tail::default()).await?
     };
     let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
     headers.push(("cf-aig-cache-status", "HIT".into()));

@@ -6,6 +6,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::gate::Tail;
 use crate::engine::generate::FinishReason;
 use crate::engine::request::{Event, EventReceiver, LogprobInfo, Usage};
 use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
@@ -144,10 +145,15 @@ impl Meta {
 }
 
 /// Collects every event of one request into the whole answer.
-pub async fn collect(mut rx: EventReceiver, meta: Meta) -> Result<Response, ApiError> {
+pub async fn collect(
+    mut rx: EventReceiver,
+    meta: Meta,
+    mut tail: Tail,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
+        tail.observe(&ev).await;
         match ev {
             Event::Token { text: t, logprob } => {
                 text.push_str(&t);

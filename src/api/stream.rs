@@ -12,6 +12,7 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::gate::Tail;
 use super::response::{delta_json, finish_name, Meta};
 use crate::engine::request::{Event, EventReceiver};
 use crate::structured::toolcall::CallParser;
@@ -24,12 +25,13 @@ struct State {
     /// Splits the text into content and tool-call deltas, when the reply may call tools.
     calls: Option<CallParser>,
     include_usage: bool,
+    tail: Tail,
     /// The engine has nothing more to send (finished, failed or gone).
     ended: bool,
     done_sent: bool,
 }
 
-pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool) -> Response {
+pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool, tail: Tail) -> Response {
     let mut pending = VecDeque::new();
     if meta.chat {
         let delta = json!({"role": "assistant", "content": ""});
@@ -41,6 +43,7 @@ pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool) -> Respo
         meta,
         pending,
         include_usage,
+        tail,
         ended: false,
         done_sent: false,
     };
@@ -115,6 +118,9 @@ fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 return Some((Ok(SseEvent::default().data("[DONE]")), s));
             }
             let ev = s.rx.recv().await;
+            if let Some(ev) = &ev {
+                s.tail.observe(ev).await;
+            }
             s.on_event(ev);
         }
     })
