@@ -1,7 +1,7 @@
 //! The one place where failures become HTTP: status codes and OpenAI's error body
 //! `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -14,8 +14,7 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
-    pub retry_after: Option<u64>,
-    /// More headers (rate-limit state, retry hints).
+    /// More headers (`retry-after`, rate-limit state).
     pub headers: Vec<(&'static str, String)>,
 }
 
@@ -27,7 +26,6 @@ impl ApiError {
             kind,
             param: None,
             code: None,
-            retry_after: None,
             headers: Vec::new(),
         }
     }
@@ -66,7 +64,8 @@ impl ApiError {
         };
         match retry {
             Some(d) => {
-                e.retry_after = Some(d.as_secs_f64().ceil().max(1.0) as u64);
+                let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+                e.headers.push(("retry-after", secs.to_string()));
                 e.headers
                     .push(("retry-after-ms", (d.as_millis() as u64).max(1).to_string()));
             }
@@ -109,7 +108,7 @@ impl ApiError {
 
     pub fn overloaded() -> Self {
         Self {
-            retry_after: Some(1),
+            headers: vec![("retry-after", "1".into())],
             code: Some("rate_limit_exceeded"),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -121,7 +120,7 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
-            retry_after: Some(1),
+            headers: vec![("retry-after", "1".into())],
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
         }
     }
@@ -166,10 +165,6 @@ impl From<SubmitError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, v);

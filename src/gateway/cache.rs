@@ -86,7 +86,7 @@ impl<V> ResponseCache<V> {
             inner.lru.pop(&key);
         }
         if let Some(rx) = inner.inflight.get(&key) {
-            if !rx.has_changed().is_err() {
+            if rx.has_changed().is_ok() {
                 return Lookup::Wait(rx.clone());
             }
         }

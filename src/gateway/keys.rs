@@ -105,7 +105,7 @@ impl KeyRecord {
                     self.max_budget_micros = match v {
                         Value::Null => None,
                         v => match v.as_f64() {
-                            Some(usd) if usd >= 0.0 && usd < 1e12 => {
+                            Some(usd) if (0.0..1e12).contains(&usd) => {
                                 Some((usd * 1e6).round() as u64)
                             }
                             _ => return Err(bad("must be a non-negative amount in USD")),
@@ -480,7 +480,7 @@ mod tests {
         let (key, _) = s.generate(&Map::new()).unwrap();
         let other =
             KeyStore::new(super::super::db::open(&dir.path().join("t.db")).unwrap()).unwrap();
-        other.revoke(&[key.clone()]).unwrap();
+        other.revoke(std::slice::from_ref(&key)).unwrap();
         assert!(s.lookup(&key).unwrap().is_none());
     }
 
