@@ -5,9 +5,9 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 use edgeinfer::config::{KeyFields, KeysCommand, StoreArgs, UsageArgs};
+use edgeinfer::gateway::db;
 use edgeinfer::gateway::keys::{KeyRecord, KeyStore};
 use edgeinfer::gateway::ledger::{self, UsageFilter};
-use edgeinfer::gateway::{db, limits};
 
 fn store(args: &StoreArgs) -> Result<(KeyStore, rusqlite::Connection)> {
     let path = args.db_path();
@@ -44,12 +44,7 @@ fn fields(f: &KeyFields) -> Result<Map<String, Value>> {
 }
 
 fn info(conn: &rusqlite::Connection, r: &KeyRecord) -> Result<Value> {
-    let spec = limits::LimitSpec {
-        budget_duration_secs: r.budget_duration_secs,
-        created: r.created,
-        ..Default::default()
-    };
-    let spent = ledger::spent(conn, &r.id, limits::period_start(&spec, db::unix_now()))?;
+    let spent = ledger::spent(conn, &r.id, r.budget_period_start(db::unix_now()))?;
     let mut v = r.info();
     v["spend"] = json!(spent as f64 / 1e6);
     Ok(v)

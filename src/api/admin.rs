@@ -49,14 +49,7 @@ fn fields(
 fn info(state: &AppState, rec: &KeyRecord) -> Value {
     let mut v = rec.info();
     let spend = state.gateway.spend(&rec.id).or_else(|| {
-        let start = crate::gateway::limits::period_start(
-            &crate::gateway::limits::LimitSpec {
-                budget_duration_secs: rec.budget_duration_secs,
-                created: rec.created,
-                ..Default::default()
-            },
-            crate::gateway::db::unix_now(),
-        );
+        let start = rec.budget_period_start(crate::gateway::db::unix_now());
         state.gateway.ledger.spent(&rec.id, start).ok()
     });
     v["spend"] = json!(spend.map(|m| m as f64 / 1e6));

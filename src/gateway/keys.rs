@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::db::unix_now;
+use super::limits::LimitSpec;
 use super::GatewayError;
 
 /// A key's settings (never the key itself).
@@ -55,6 +56,23 @@ impl KeyRecord {
 
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    /// The windows this key's settings ask for.
+    pub fn limit_spec(&self) -> LimitSpec {
+        LimitSpec {
+            tpm: self.tpm_limit,
+            rpm: self.rpm_limit,
+            max_parallel: self.max_parallel_requests,
+            max_budget_micros: self.max_budget_micros,
+            budget_duration_secs: self.budget_duration_secs,
+            created: self.created,
+        }
+    }
+
+    /// Unix seconds at which the key's current budget period began.
+    pub fn budget_period_start(&self, now: i64) -> i64 {
+        super::limits::period_start(&self.limit_spec(), now)
     }
 
     pub fn expired(&self, now: i64) -> bool {

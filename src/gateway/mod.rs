@@ -73,14 +73,7 @@ impl Principal {
 
     fn limits(&self) -> Option<LimitSpec> {
         match self {
-            Principal::Key(k) => Some(LimitSpec {
-                tpm: k.tpm_limit,
-                rpm: k.rpm_limit,
-                max_parallel: k.max_parallel_requests,
-                max_budget_micros: k.max_budget_micros,
-                budget_duration_secs: k.budget_duration_secs,
-                created: k.created,
-            }),
+            Principal::Key(k) => Some(k.limit_spec()),
             _ => None,
         }
     }
