@@ -430,7 +430,9 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         ("cf-aig-metadata", r#"{"team": "a", "n": 1}"#),
     ];
     let (mut tokens, mut micros, mut ok, mut cached_rows) = ([0u64; 3], 0u64, 0, 0);
-    let mut add = |u: &Value, hit: bool| {
+    // `priced`: the cost when the request set its own prices.
+    let mut add = |u: &Value, priced: Option<u64>| {
+        let hit = priced == Some(u64::MAX);
         let (pr, ca, co) = (
             u["prompt_tokens"].as_u64().unwrap(),
             u["prompt_tokens_details"]["cached_tokens"]
@@ -441,10 +443,10 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         tokens[0] += pr;
         tokens[1] += ca;
         tokens[2] += co;
-        micros += if hit {
-            ((pr + co) * 50_000 + 500_000) / 1_000_000
-        } else {
-            cost(pr, ca, co, p)
+        micros += match priced {
+            _ if hit => ((pr + co) * 50_000 + 500_000) / 1_000_000,
+            Some(c) => c,
+            None => cost(pr, ca, co, p),
         };
     };
     // Whole and streamed replies.
@@ -456,15 +458,37 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
             &labels,
         );
         assert_eq!(r.status, 200);
-        add(&r.body["usage"], false);
+        add(&r.body["usage"], None);
         ok += 1;
         let mut body = chat(&format!("Name {i} rivers."), 16);
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
         let chunks = sse_lines(stream_req(&s, "/v1/chat/completions", &body, &labels), None);
-        add(&chunks.last().unwrap()["usage"], false);
+        add(&chunks.last().unwrap()["usage"], None);
         ok += 1;
     }
+    // A request with its own price (AI Gateway's cf-aig-custom-cost, USD per token).
+    let custom = [
+        labels[0],
+        (
+            "cf-aig-custom-cost",
+            r#"{"per_token_in": 0.000001, "per_token_out": 0.000003}"#,
+        ),
+    ];
+    let r = s.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat("Name a color.", 8)),
+        &custom,
+    );
+    assert_eq!(r.status, 200);
+    let u = &r.body["usage"];
+    let (pr, co) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    add(u, Some(pr + 3 * co));
+    ok += 1;
     // A miss and a hit of the response cache.
     let cache_headers = [labels[0], ("cf-aig-cache-ttl", "600")];
     for status in ["MISS", "HIT"] {
@@ -475,7 +499,7 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
             &cache_headers,
         );
         assert_eq!(r.header("cf-aig-cache-status"), Some(status));
-        add(&r.body["usage"], status == "HIT");
+        add(&r.body["usage"], (status == "HIT").then_some(u64::MAX));
         if status == "HIT" {
             cached_rows += 1
         } else {
@@ -522,7 +546,7 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         ],
         tokens
     );
-    assert_eq!(sum(&answered, "cost_micros"), micros);
+    assert_eq!(sum(&answered, "cost_micros"), micros, "{answered:?}");
     assert!(micros > 0);
     for (r, got) in of("cancelled").iter().zip(&received) {
         let done = r["completion_tokens"].as_u64().unwrap();
@@ -623,7 +647,7 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         .iter()
         .map(|l| l["requests"].as_u64().unwrap())
         .sum();
-    assert!(n as usize >= 10 + done.len(), "{}", usage.body);
+    assert!(n as usize >= 11 + done.len(), "{}", usage.body);
 }
 
 #[test]
