@@ -38,6 +38,35 @@ pub enum Command {
     Keys(KeysCommand),
     /// Print the request ledger's totals by day, model and key.
     Usage(UsageArgs),
+    /// Write a random-weight GGUF of a real model's shape (for benchmarks and tests), with the
+    /// default model's vocabulary, tokenizer and chat template.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or mistral-7b.
+    #[arg(long)]
+    pub shape: String,
+    /// Write only this many layers (a small file with the real widths, e.g. for tests).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// q4_k_m (llama.cpp's Q4_K_M mix), q4_0, q8_0 or f16.
+    #[arg(long, default_value = "q4_k_m")]
+    pub quant: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The context length written into the file.
+    #[arg(long, default_value_t = 8192)]
+    pub context: usize,
+    /// The GGUF whose vocabulary, tokenizer and chat template are copied (default: the default
+    /// model, fetched if missing).
+    #[arg(long)]
+    pub donor: Option<PathBuf>,
+    #[arg(long, env = "EDGEINFER_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
 }
 
 /// Where the key store and ledger live.

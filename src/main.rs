@@ -60,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => run_serve(args),
         Command::Keys(cmd) => admin_cli::keys(cmd),
         Command::Usage(args) => admin_cli::usage(args),
+        Command::Synth(args) => synth(args),
         Command::Models => {
             let m = Manifest::builtin();
             for e in &m.models {
@@ -73,6 +74,42 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn synth(args: edgeinfer::config::SynthArgs) -> Result<()> {
+    use edgeinfer::model::synth::{self, Quant, SynthSpec, SHAPES};
+    let names = || SHAPES.map(|s| s.name).join(", ");
+    let shape = synth::shape(&args.shape)
+        .with_context(|| format!("unknown --shape {}: known are {}", args.shape, names()))?;
+    let quant = Quant::parse(&args.quant).with_context(|| {
+        format!(
+            "unknown --quant {}: known are q4_k_m, q4_0, q8_0, f16",
+            args.quant
+        )
+    })?;
+    let donor = match &args.donor {
+        Some(p) => p.clone(),
+        None => resolve_model(None, &args.models_dir)?,
+    };
+    let started = std::time::Instant::now();
+    let spec = SynthSpec {
+        shape,
+        layers: args.layers,
+        quant,
+        seed: args.seed,
+        context: args.context,
+    };
+    let report = synth::write(&args.out, &spec, &donor)?;
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} MiB, vocabulary {} from {}) in {:.1} s",
+        args.out.display(),
+        report.tensors,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.vocab,
+        donor.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn pull(args: PullArgs) -> Result<()> {

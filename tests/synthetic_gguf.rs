@@ -4,9 +4,8 @@
 
 mod common;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_core::Device;
+use common::oracle::{max_rel_diff, oracle, oracle_logits};
 use common::synthetic::{self, Spec};
 use edgeinfer::model::{GgufFile, Llama};
 
@@ -22,31 +21,6 @@ const REL_TOL: f32 = 0.06;
 fn ours(path: &std::path::Path) -> Llama {
     let mut f = GgufFile::open(path).unwrap();
     Llama::load(&mut f, &Device::Cpu).unwrap()
-}
-
-fn oracle(path: &std::path::Path) -> ModelWeights {
-    let mut f = std::fs::File::open(path).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap()
-}
-
-fn oracle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
-    let x = Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(&x, pos)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 fn check_against_oracle(spec: &Spec) {

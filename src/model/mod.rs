@@ -7,6 +7,7 @@ pub mod detok;
 pub mod gguf;
 pub mod kv;
 pub mod llama;
+pub mod synth;
 pub mod template;
 pub mod tokenizer;
 

@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests: the real default model and the llama.cpp reference.
 #![allow(dead_code)]
 
+pub mod oracle;
 pub mod server;
 pub mod synthetic;
 
