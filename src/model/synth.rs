@@ -113,9 +113,8 @@ impl Quant {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third in
 /// between, get more bits.
 pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
-    layer < n_layers / 8
-        || layer >= 7 * n_layers / 8
-        || (layer >= n_layers / 8 && (layer - n_layers / 8) % 3 == 2)
+    let first = n_layers / 8;
+    layer < first || layer >= 7 * n_layers / 8 || (layer - first) % 3 == 2
 }
 
 /// The storage type of one matrix (`name` without `blk.N.` and `.weight`).
