@@ -48,6 +48,15 @@ impl LoadedModel {
         };
         let (template, template_from_file) = load_template(&file, &tokenizer)?;
         let llama = Llama::load(&mut file, device)?;
+        // candle repacks Q4_K / Q6_K / Q8_0 weights for its tile kernels on their first
+        // matmul: do it now, at load, so no request pays seconds for it.
+        let started = std::time::Instant::now();
+        let mut cache = llama.new_cache();
+        llama.forward(&[0], &mut cache)?;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "warm-up forward (weight repacking) done"
+        );
         Ok(Self {
             llama,
             tokenizer,
