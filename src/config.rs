@@ -241,6 +241,16 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Seconds a client has to send a request's whole header, after connecting or after its
+    /// previous response (idle keep-alive connections close then too). Guards against
+    /// slowloris clients that hold sockets by trickling header bytes.
+    #[arg(long, env = "EDGEINFER_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
+
+    /// Open connections at most; a new one beyond it gets a 503 and is closed.
+    #[arg(long, env = "EDGEINFER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
     /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
     #[arg(long, env = "EDGEINFER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -299,6 +309,9 @@ impl ServeArgs {
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): every running sequence decodes one token per step",
                 self.max_batch_tokens, self.max_batch_size
             ));
+        }
+        if self.header_read_timeout == 0 || self.max_connections == 0 {
+            return Err("--header-read-timeout and --max-connections must be positive".into());
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());

@@ -304,6 +304,10 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         state,
         listener,
         std::time::Duration::from_secs(args.shutdown_timeout),
+        api::ConnLimits {
+            header_read_timeout: std::time::Duration::from_secs(args.header_read_timeout),
+            max_connections: args.max_connections,
+        },
     );
     tokio::pin!(server);
     tokio::select! {

@@ -268,42 +268,98 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// How connections are accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A client must send a request's whole header within this time after the connection
+    /// opens or goes idle, or the connection is closed (slow clients, idle keep-alives).
+    pub header_read_timeout: Duration,
+    /// Open connections at most; beyond it a new one gets a 503 and is closed.
+    pub max_connections: usize,
+}
+
 /// Serves until SIGINT/SIGTERM, then stops accepting, drains running requests for up to
 /// `drain`, and returns.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     drain: Duration,
+    limits: ConnLimits,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let app = router(state.clone());
-    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown_state = state.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested: draining running requests");
-        shutdown_state.begin_shutdown();
-        let _ = signal_tx.send(());
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = signal_rx.await;
-    });
-    let server = tokio::spawn(async move { server.await });
-    // Wait for the server; once shutdown began, give it `drain` to finish.
-    let mut server = server;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, never spin or exit.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    // New connections are refused from here on; running requests finish.
+    drop(listener);
+    tracing::info!("shutdown requested: draining running requests");
+    state.begin_shutdown();
     tokio::select! {
-        r = &mut server => { r??; }
-        _ = async {
-            while !state.shutting_down() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            tokio::time::sleep(drain).await;
-        } => {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => {
             tracing::warn!("drain timeout reached; exiting with requests still running");
         }
     }
     Ok(())
+}
+
+/// Over `--max-connections`: a short 503 in OpenAI's shape, then close.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = ApiError::unavailable("Too many open connections; retry shortly")
+        .body()
+        .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn shutdown_signal() {

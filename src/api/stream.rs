@@ -47,9 +47,16 @@ pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool, tail: Ta
         ended: false,
         done_sent: false,
     };
-    Sse::new(events(state))
+    // A comment every 15 s keeps proxies from timing out a stream that waits in the queue
+    // or in a long prefill; nginx must not buffer it.
+    let mut resp = Sse::new(events(state))
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp
 }
 
 impl State {

@@ -1,0 +1,86 @@
+//! Slow and many clients: a header trickled byte by byte is cut off by the header-read
+//! timeout (axum's own `serve` would wait forever), connections beyond the cap get a 503,
+//! and the server keeps answering everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use serde_json::json;
+
+fn chat() -> serde_json::Value {
+    json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0})
+}
+
+/// Sends `head` then one more header byte every 200 ms; returns how long until the server
+/// closed the connection (or `None` if it never did within `limit`).
+fn trickle(addr: &str, limit: Duration) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let _ = s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+    let mut buf = [0u8; 256];
+    while started.elapsed() < limit {
+        if s.write_all(b"a").is_err() {
+            return Some(started.elapsed());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {} // an error response may come first; the close follows
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn trickled_headers_are_cut_off_while_others_are_served() {
+    let s = Server::start(&["--header-read-timeout", "1"]);
+    let addr = s.addr.clone();
+    let closed: Vec<Option<Duration>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..50)
+            .map(|_| sc.spawn(|| trickle(&addr, Duration::from_secs(10))))
+            .collect();
+        // Meanwhile an ordinary client is served.
+        let (status, body) = s.post("/v1/chat/completions", &chat());
+        assert_eq!(status, 200, "{body}");
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for c in &closed {
+        let c = c.expect("every trickling connection is closed");
+        assert!(
+            c >= Duration::from_millis(900) && c < Duration::from_secs(4),
+            "closed after {c:?}"
+        );
+    }
+}
+
+#[test]
+fn connections_beyond_the_cap_get_503_and_the_rest_go_on() {
+    let s = Server::start(&["--max-connections", "2"]);
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&s.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = s.post_tolerant("/v1/chat/completions", chat().to_string().as_bytes());
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = s.post("/v1/chat/completions", &chat());
+    assert_eq!(status, 200);
+    // Streams say that proxies must not buffer them.
+    let mut body = chat();
+    body["stream"] = json!(true);
+    let r = ureq::post(&format!("{}/v1/chat/completions", s.base))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(r.header("x-accel-buffering"), Some("no"));
+}
