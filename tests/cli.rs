@@ -51,6 +51,34 @@ fn truncated_file_names_the_tensor() {
 }
 
 #[test]
+fn hostile_headers_are_refused_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let good = std::fs::read(&path).unwrap();
+    // (byte offset, bytes written there, what the message names)
+    let cases: [(usize, Vec<u8>, &str); 3] = [
+        (8, (1u64 << 62).to_le_bytes().to_vec(), "the tensor count"),
+        (
+            16,
+            (1u64 << 62).to_le_bytes().to_vec(),
+            "the metadata count",
+        ),
+        // The first key's length.
+        (24, u64::MAX.to_le_bytes().to_vec(), "metadata key 0"),
+    ];
+    for (at, bytes, named) in cases {
+        let mut bad = good.clone();
+        bad[at..at + bytes.len()].copy_from_slice(&bytes);
+        std::fs::write(&path, &bad).unwrap();
+        assert_generate_fails(&path, named);
+    }
+    // Cut inside the metadata: named, not a panic.
+    std::fs::write(&path, &good[..200]).unwrap();
+    assert_generate_fails(&path, "is not a GGUF file: ");
+}
+
+#[test]
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("falcon.gguf");

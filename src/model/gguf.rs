@@ -56,6 +56,13 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
+        // Counts, lengths and dimensions checked against the file before candle parses (and
+        // allocates) anything.
+        super::gguf_check::check_header(&mut reader, actual).map_err(not_gguf)?;
+        reader.rewind().map_err(|source| ModelError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         // candle panics on a few malformed headers (e.g. `general.alignment = 0`): contain it.
         let content =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))

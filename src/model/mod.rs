@@ -5,6 +5,7 @@
 
 pub mod detok;
 pub mod gguf;
+mod gguf_check;
 pub mod kv;
 pub mod llama;
 pub mod synth;

@@ -1,0 +1,335 @@
+//! A bounds-checked walk over a GGUF header before anything is parsed into memory: every
+//! count, string length, array length and dimension is checked against what the file can
+//! hold, with overflow-safe arithmetic, so a corrupt or hostile file gets a
+//! clear error naming the field instead of a panic or a huge allocation in the parser.
+//!
+//! Knows the GGUF layout (v1 to v3); never what the metadata means. Invariant: it reads
+//! sequentially and allocates only key names (at most 64 KiB each).
+
+use std::io::Read;
+
+/// GGML's limit on tensor dimensions.
+const MAX_DIMS: u32 = 4;
+const MAX_KEY_BYTES: u64 = 65_535;
+
+struct Walk<R> {
+    r: R,
+    /// Bytes read so far.
+    pos: u64,
+    len: u64,
+    /// v1 files use 32-bit counts and lengths.
+    wide: bool,
+}
+
+impl<R: Read> Walk<R> {
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| format!("the file ends inside {what} (at byte {})", self.pos))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        self.bytes::<4>(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        self.bytes::<8>(what).map(u64::from_le_bytes)
+    }
+
+    /// A count or length field (32-bit in v1).
+    fn count(&mut self, what: &str) -> Result<u64, String> {
+        if self.wide {
+            self.u64(what)
+        } else {
+            self.u32(what).map(u64::from)
+        }
+    }
+
+    fn left(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+
+    /// A count of items of at least `min_bytes` each must fit in what is left of the file.
+    fn fits(&self, n: u64, min_bytes: u64, what: &str) -> Result<(), String> {
+        match n.checked_mul(min_bytes) {
+            Some(b) if b <= self.left() => Ok(()),
+            _ => Err(format!(
+                "{what} is {n}, more than the {} bytes left in the file can hold",
+                self.left()
+            )),
+        }
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<(), String> {
+        if n > self.left() {
+            return Err(format!("{what} ({n} bytes) runs past the end of the file"));
+        }
+        let copied = std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())
+            .map_err(|e| format!("cannot read {what}: {e}"))?;
+        if copied != n {
+            return Err(format!("the file ends inside {what}"));
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    fn string(&mut self, what: &str) -> Result<(), String> {
+        let n = self.count(what)?;
+        self.skip(n, what)
+    }
+
+    fn key(&mut self, index: u64) -> Result<String, String> {
+        let what = format!("metadata key {index}");
+        let n = self.count(&what)?;
+        if n > MAX_KEY_BYTES || n > self.left() {
+            return Err(format!("{what} claims {n} bytes"));
+        }
+        let mut b = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| format!("the file ends inside {what}"))?;
+        self.pos += n;
+        String::from_utf8(b).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    /// Skips one value of GGUF type `ty`; returns it when it is a small unsigned integer.
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> Result<Option<u64>, String> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1u64),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match ty {
+            4 => return self.u32(what).map(|v| Some(v.into())),
+            10 => return self.u64(what).map(Some),
+            8 => self.string(what)?,
+            9 => {
+                if depth > 0 {
+                    return Err(format!("{what} nests arrays"));
+                }
+                let elem = self.u32(what)?;
+                let n = self.count(what)?;
+                match fixed(elem) {
+                    Some(size) => {
+                        self.fits(n, size, &format!("the length of {what}"))?;
+                        self.skip(n * size, what)?;
+                    }
+                    None => {
+                        // Strings (a length each) or nested arrays (refused).
+                        let min = if self.wide { 8 } else { 4 };
+                        self.fits(n, min, &format!("the length of {what}"))?;
+                        for _ in 0..n {
+                            self.value(elem, what, depth + 1)?;
+                        }
+                    }
+                }
+            }
+            t => match fixed(t) {
+                Some(size) => self.skip(size, what)?,
+                None => return Err(format!("{what} has unknown value type {t}")),
+            },
+        }
+        Ok(None)
+    }
+}
+
+/// Bytes per block and values per block of a GGML type (the types GGUF files carry).
+fn type_layout(t: u32) -> Option<(u64, u64)> {
+    Some(match t {
+        0 => (4, 1),      // F32
+        1 => (2, 1),      // F16
+        2 => (18, 32),    // Q4_0
+        3 => (20, 32),    // Q4_1
+        6 => (22, 32),    // Q5_0
+        7 => (24, 32),    // Q5_1
+        8 => (34, 32),    // Q8_0
+        9 => (36, 32),    // Q8_1
+        10 => (84, 256),  // Q2_K
+        11 => (110, 256), // Q3_K
+        12 => (144, 256), // Q4_K
+        13 => (176, 256), // Q5_K
+        14 => (210, 256), // Q6_K
+        15 => (292, 256), // Q8_K
+        24 => (1, 1),     // I8
+        25 => (2, 1),     // I16
+        26 => (4, 1),     // I32
+        27 => (8, 1),     // I64
+        28 => (8, 1),     // F64
+        30 => (2, 1),     // BF16
+        _ => return None,
+    })
+}
+
+/// Walks the header of a GGUF file of `len` bytes read from `r` (positioned at its start).
+/// Returns a reason naming the field when it is malformed.
+pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
+    let mut w = Walk {
+        r,
+        pos: 0,
+        len,
+        wide: true,
+    };
+    let magic = w.bytes::<4>("the magic")?;
+    if &magic != b"GGUF" {
+        return Err(format!(
+            "it starts with {magic:02x?}, not the GGUF magic \"GGUF\""
+        ));
+    }
+    let version = w.u32("the version")?;
+    if !(1..=3).contains(&version) {
+        return Err(format!(
+            "unsupported GGUF version {version} (known: 1 to 3)"
+        ));
+    }
+    w.wide = version >= 2;
+    let n_tensors = w.count("the tensor count")?;
+    let n_kv = w.count("the metadata count")?;
+    // A key is at least a length and a type; a tensor info at least a name length, a
+    // dimension count, a type and an offset.
+    w.fits(n_kv, if w.wide { 12 } else { 8 }, "the metadata count")?;
+    w.fits(n_tensors, if w.wide { 24 } else { 20 }, "the tensor count")?;
+    let mut alignment = 32u64;
+    for i in 0..n_kv {
+        let key = w.key(i)?;
+        let ty = w.u32(&format!("the type of `{key}`"))?;
+        let v = w.value(ty, &format!("`{key}`"), 0)?;
+        if key == "general.alignment" {
+            alignment = match v {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+                _ => return Err("`general.alignment` must be a power of two up to 1 MiB".into()),
+            };
+        }
+    }
+    for i in 0..n_tensors {
+        let what = format!("tensor info {i}");
+        w.string(&what)?;
+        let n_dims = w.u32(&what)?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(format!(
+                "{what} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            ));
+        }
+        let mut elems: u64 = 1;
+        for _ in 0..n_dims {
+            let d = w.count(&what)?;
+            elems = elems
+                .checked_mul(d)
+                .filter(|&e| e <= len.saturating_mul(8))
+                .ok_or_else(|| format!("{what} has dimensions larger than the file could hold"))?;
+        }
+        let ty = w.u32(&what)?;
+        let (block_bytes, block_values) =
+            type_layout(ty).ok_or_else(|| format!("{what} has unknown type {ty}"))?;
+        if !elems.is_multiple_of(block_values) {
+            return Err(format!(
+                "{what} has {elems} values, not a multiple of its type's block of {block_values}"
+            ));
+        }
+        let offset = w.u64(&what)?;
+        if !offset.is_multiple_of(alignment) {
+            return Err(format!(
+                "{what}'s offset {offset} is not aligned to {alignment}"
+            ));
+        }
+        // Whether the data lies inside the file is checked after parsing, naming the tensor.
+        (elems / block_values)
+            .checked_mul(block_bytes)
+            .ok_or_else(|| format!("{what}'s size overflows"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal v3 header: `kv` metadata entries written by the caller, one F32 tensor.
+    fn file(kv: &[u8], n_kv: u64, dims: &[u64], offset: u64, data: usize) -> Vec<u8> {
+        let mut f = b"GGUF".to_vec();
+        f.extend(3u32.to_le_bytes());
+        f.extend(1u64.to_le_bytes());
+        f.extend(n_kv.to_le_bytes());
+        f.extend(kv);
+        f.extend(1u64.to_le_bytes());
+        f.push(b'w');
+        f.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            f.extend(d.to_le_bytes());
+        }
+        f.extend(0u32.to_le_bytes()); // F32
+        f.extend(offset.to_le_bytes());
+        while !f.len().is_multiple_of(32) {
+            f.push(0);
+        }
+        f.extend(vec![0u8; data]);
+        f
+    }
+
+    fn kv_u32(key: &str, v: u32) -> Vec<u8> {
+        let mut b = (key.len() as u64).to_le_bytes().to_vec();
+        b.extend(key.as_bytes());
+        b.extend(4u32.to_le_bytes());
+        b.extend(v.to_le_bytes());
+        b
+    }
+
+    fn check(f: &[u8]) -> Result<(), String> {
+        check_header(f, f.len() as u64)
+    }
+
+    #[test]
+    fn a_well_formed_header_passes() {
+        check(&file(&kv_u32("general.alignment", 32), 1, &[4, 2], 0, 32)).unwrap();
+    }
+
+    #[test]
+    fn malformed_headers_are_named_without_allocating() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"GGUX".to_vec(), "magic"),
+            (
+                file(&kv_u32("general.alignment", 0), 1, &[8], 0, 32),
+                "general.alignment",
+            ),
+            (
+                file(&kv_u32("general.alignment", 24), 1, &[8], 0, 32),
+                "general.alignment",
+            ),
+            (file(&[], 0, &[u64::MAX, 4], 0, 32), "dimensions"),
+            (file(&[], 0, &[1 << 40, 1 << 40], 0, 32), "dimensions"),
+            (file(&[], 0, &[8], 3, 64), "not aligned"),
+            (file(&[], 0, &[], 0, 32), "dimensions"),
+            (file(&[], u64::MAX, &[8], 0, 32), "metadata count"),
+        ];
+        for (f, needle) in cases {
+            let e = check(&f).expect_err(needle);
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // A string or array length far past the end of the file.
+        let mut kv = 3u64.to_le_bytes().to_vec();
+        kv.extend(b"k.s");
+        kv.extend(8u32.to_le_bytes());
+        kv.extend((1u64 << 62).to_le_bytes());
+        let e = check(&file(&kv, 1, &[8], 0, 32)).unwrap_err();
+        assert!(e.contains("`k.s`"), "{e}");
+        let mut kv = 3u64.to_le_bytes().to_vec();
+        kv.extend(b"k.a");
+        kv.extend(9u32.to_le_bytes());
+        kv.extend(8u32.to_le_bytes()); // array of strings
+        kv.extend((1u64 << 62).to_le_bytes());
+        let e = check(&file(&kv, 1, &[8], 0, 32)).unwrap_err();
+        assert!(e.contains("length of `k.a`"), "{e}");
+        // Truncation anywhere in the header is an error, never a panic.
+        let kv = kv_u32("general.alignment", 32);
+        let good = file(&kv, 1, &[4, 2], 0, 32);
+        let header = 24 + kv.len() + 9 + 4 + 16 + 4 + 8;
+        check(&good[..header]).expect("the whole header without data passes this check");
+        for cut in 0..header {
+            assert!(check(&good[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
