@@ -232,14 +232,21 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
 
-    /// Requests allowed to wait for a slot; beyond it clients get 429 with Retry-After, so
-    /// overload sheds quickly instead of queueing without bound.
+    /// Requests allowed to wait for a slot in the running batch (in flight at most:
+    /// `--max-batch-size` plus this); beyond it clients get 429 with Retry-After at once, so
+    /// overload sheds quickly instead of queueing without bound. 0: never wait, for nodes
+    /// that must keep time to first token low under a flood.
     #[arg(long, env = "EDGEINFER_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
 
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "EDGEINFER_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Seconds a client has to send a request's whole body once its header is in (408
+    /// beyond): a client trickling its body cannot hold a connection for ever.
+    #[arg(long, env = "EDGEINFER_BODY_READ_TIMEOUT", default_value_t = 30)]
+    pub body_read_timeout: u64,
 
     /// Seconds a client has to send a request's whole header, after connecting or after its
     /// previous response (idle keep-alive connections close then too). Guards against
@@ -296,9 +303,6 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Checks budgets that must hold together.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_queue == 0 {
-            return Err("--max-queue must be positive: with 0 every request would get 429".into());
-        }
         if self.max_batch_size == 0 || self.block_size == 0 || self.kv_cache_tokens == 0 {
             return Err(
                 "--max-batch-size, --block-size and --kv-cache-tokens must be positive".into(),
@@ -310,8 +314,12 @@ impl ServeArgs {
                 self.max_batch_tokens, self.max_batch_size
             ));
         }
-        if self.header_read_timeout == 0 || self.max_connections == 0 {
-            return Err("--header-read-timeout and --max-connections must be positive".into());
+        if self.header_read_timeout == 0 || self.body_read_timeout == 0 || self.max_connections == 0
+        {
+            return Err(
+                "--header-read-timeout, --body-read-timeout and --max-connections must be positive"
+                    .into(),
+            );
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());

@@ -133,6 +133,30 @@ impl ApiError {
         )
     }
 
+    /// 415: a JSON route given a body of another declared type.
+    pub fn unsupported_media_type(declared: &str) -> Self {
+        Self {
+            param: Some("content-type".into()),
+            ..Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                format!("Expected a JSON body (content-type: application/json), got `{declared}`"),
+            )
+        }
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+        )
+    }
+
     /// The engine thread ended before the request did.
     pub fn engine_stopped() -> Self {
         Self::unavailable("The engine stopped before the request finished")

@@ -69,6 +69,10 @@ fn accept<T: serde::de::DeserializeOwned>(
 ) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
+    // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
+    if !ready.engine.has_room() {
+        return Err(ApiError::overloaded());
+    }
     let body = parse_body(&body)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
@@ -421,6 +425,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             .into_response();
     }
     match state.ready.get() {
+        Some(r) if r.engine.has_failed() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "engine_failed"})),
+        )
+            .into_response(),
         Some(_) => Json(json!({"status": "ok"})).into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -2,7 +2,10 @@
 //! shutdown. Knows JSON and status codes; never tensors. Errors map to HTTP in `error.rs` only.
 
 mod admin;
+pub mod body;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gate;
 mod handlers;
 mod response;
@@ -55,6 +58,7 @@ pub struct AppState {
     pub ready: OnceLock<Ready>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
+    pub body_limits: body::BodyLimits,
     pub started: u64,
     shutting_down: AtomicBool,
     pub gateway: Arc<Gateway>,
@@ -67,6 +71,8 @@ pub struct AppState {
 /// The HTTP side's settings.
 pub struct HttpConfig {
     pub max_body_bytes: usize,
+    /// The whole body must arrive within this time (408 beyond).
+    pub body_read_timeout: Duration,
     pub cache_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
 }
@@ -83,6 +89,10 @@ impl AppState {
             ready: OnceLock::new(),
             metrics,
             max_body_bytes: config.max_body_bytes,
+            body_limits: body::BodyLimits {
+                max_bytes: config.max_body_bytes,
+                read_timeout: config.body_read_timeout,
+            },
             gateway,
             cache: ResponseCache::new(config.cache_max_bytes),
             default_cache_ttl: config.default_cache_ttl,
@@ -98,10 +108,32 @@ impl AppState {
         if self.shutting_down() {
             return Err(ApiError::unavailable("The server is shutting down"));
         }
-        self.ready
+        let ready = self
+            .ready
             .get()
             .cloned()
-            .ok_or_else(|| ApiError::unavailable("The model is still loading"))
+            .ok_or_else(|| ApiError::unavailable("The model is still loading"))?;
+        if ready.engine.has_failed() {
+            return Err(ApiError::unavailable(
+                "The engine failed; the server is restarting",
+            ));
+        }
+        Ok(ready)
+    }
+
+    /// Requests inside the engine (0 while loading).
+    fn in_flight(&self) -> usize {
+        self.ready.get().map_or(0, |r| r.engine.in_flight())
+    }
+
+    /// Resolves if the engine thread dies.
+    async fn engine_failure(&self) {
+        loop {
+            if let Some(r) = self.ready.get() {
+                return r.engine.failure().await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -142,6 +174,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), body::guard))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -278,8 +311,10 @@ pub struct ConnLimits {
     pub max_connections: usize,
 }
 
-/// Serves until SIGINT/SIGTERM, then stops accepting, drains running requests for up to
-/// `drain`, and returns.
+/// Serves until SIGINT/SIGTERM, then drains: `/health` and new requests get 503 at once
+/// (new connections are still accepted, so probes see the 503), running requests finish
+/// for up to `drain`, and it returns. If the engine thread dies it stops the same way, with
+/// a short drain, and returns an error so the process exits non-zero.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
@@ -303,6 +338,12 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let failure_state = state.clone();
+    let failure = failure_state.engine_failure();
+    tokio::pin!(failure);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut engine_failed = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         let (stream, _peer) = tokio::select! {
             conn = listener.accept() => match conn {
@@ -314,7 +355,26 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut signal => break,
+            _ = &mut signal, if deadline.is_none() => {
+                tracing::info!(in_flight = state.in_flight(), "shutdown requested: readiness 503, draining running requests");
+                state.begin_shutdown();
+                deadline = Some(tokio::time::Instant::now() + drain);
+                continue;
+            }
+            _ = &mut failure, if !engine_failed => {
+                tracing::error!("the engine thread failed: stopping");
+                engine_failed = true;
+                state.begin_shutdown();
+                let short = tokio::time::Instant::now() + Duration::from_secs(2);
+                deadline = Some(deadline.map_or(short, |d| d.min(short)));
+                continue;
+            }
+            _ = tick.tick(), if deadline.is_some() => {
+                if state.in_flight() == 0 || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    break;
+                }
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -331,15 +391,22 @@ pub async fn serve(
             drop(slot);
         });
     }
-    // New connections are refused from here on; running requests finish.
+    // The engine is idle (or time is up): close the listener and let every connection
+    // finish the response it is writing (streams' last events, ledger commits).
     drop(listener);
-    tracing::info!("shutdown requested: draining running requests");
-    state.begin_shutdown();
+    let rest = deadline
+        .map_or(drain, |d| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+        })
+        .max(Duration::from_millis(500));
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain) => {
+        _ = tokio::time::sleep(rest) => {
             tracing::warn!("drain timeout reached; exiting with requests still running");
         }
+    }
+    if engine_failed {
+        anyhow::bail!("the engine thread failed (an internal error); exiting so a supervisor can restart the server");
     }
     Ok(())
 }

@@ -51,8 +51,12 @@ pub enum SubmitError {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
-    queued: Arc<AtomicUsize>,
-    max_queue: usize,
+    /// Requests inside the engine (waiting or running): admission and draining.
+    in_flight: Arc<AtomicUsize>,
+    /// In-flight requests at most: a full batch plus `max_queue` waiting.
+    capacity: usize,
+    /// Turns true, once, if the engine thread dies (a panic outside the forward pass).
+    failed: tokio::sync::watch::Receiver<bool>,
     /// Positions the KV pool holds: no request may need more.
     pub kv_capacity: usize,
 }
@@ -63,17 +67,17 @@ impl EngineHandle {
         &self,
         req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        // Reserve a queue slot first, so a flood cannot overshoot `max_queue`.
-        let prev = self.queued.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        // Reserve a slot first, so a flood cannot overshoot the capacity.
+        let prev = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.capacity {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         match self.tx.try_send(Command::Submit(Box::new(req), tx)) {
             Ok(()) => Ok(rx),
             Err(e) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 Err(match e {
                     mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
                     mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
@@ -81,6 +85,42 @@ impl EngineHandle {
             }
         }
     }
+
+    /// Whether a request submitted now would find room: a cheap early check, so a flood
+    /// is refused before any rendering or tokenizing. `submit` decides.
+    pub fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) < self.capacity
+    }
+
+    /// Requests submitted and not yet ended.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Whether the engine thread has died. Read from a watch channel, never from the thread.
+    pub fn has_failed(&self) -> bool {
+        *self.failed.borrow()
+    }
+
+    /// Resolves when the engine thread dies; never if it stops normally.
+    pub async fn failure(&self) {
+        let mut rx = self.failed.clone();
+        if rx.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A fault to inject for tests, from `EDGEINFER_FAULT` (`engine-panic-at-step=N`): the
+/// engine thread panics outside the forward pass at its N-th step. Never set in production.
+fn injected_panic_step() -> Option<u64> {
+    let spec = std::env::var("EDGEINFER_FAULT").ok()?;
+    let n = spec.strip_prefix("engine-panic-at-step=")?.parse().ok()?;
+    tracing::warn!(
+        step = n,
+        "EDGEINFER_FAULT: the engine thread will panic (fault injection)"
+    );
+    Some(n)
 }
 
 /// Starts the engine thread. It exits when every handle is dropped and its work is done.
@@ -94,27 +134,44 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
         },
         BlockManager::new(n_blocks, config.block_size, config.prefix_cache),
     );
-    let (tx, rx) = mpsc::channel(config.max_queue.max(1));
-    let queued = Arc::new(AtomicUsize::new(0));
-    let engine = Engine {
+    let capacity = config.max_batch_size + config.max_queue;
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (failed_tx, failed) = tokio::sync::watch::channel(false);
+    let mut engine = Engine {
         llama,
         tokenizer,
         pool,
         scheduler,
         rx,
-        queued: queued.clone(),
         active: HashMap::new(),
         next_id: 0,
         prefix_cache: config.prefix_cache,
+        in_flight: in_flight.clone(),
+        steps: 0,
+        panic_at_step: injected_panic_step(),
     };
     std::thread::Builder::new()
         .name("edgeinfer-engine".into())
-        .spawn(move || engine.run())
+        .spawn(move || {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run()));
+            if run.is_err() {
+                // A bug outside the forward pass: the engine's state can no longer be
+                // trusted. Fail every request it holds, then say so; the server stops
+                // taking work and exits non-zero so a supervisor restarts it.
+                tracing::error!("the engine thread panicked; failing its requests");
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.fail_all("the engine failed (an internal error); retry the request")
+                }));
+                let _ = failed_tx.send(true);
+            }
+        })
         .expect("the OS can start the engine thread");
     EngineHandle {
         tx,
-        queued,
-        max_queue: config.max_queue,
+        in_flight,
+        capacity,
+        failed,
         kv_capacity: n_blocks * config.block_size,
     }
 }
@@ -137,6 +194,8 @@ struct Active {
     /// How the request ends if it is dropped now; set when it finishes or fails.
     ending: Ending,
     on_end: Option<UsageSink>,
+    /// The engine's count of requests not yet ended.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Active {
@@ -157,6 +216,7 @@ impl Active {
 /// whatever way (finished, failed, the client left, the engine stopped).
 impl Drop for Active {
     fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Some(sink) = self.on_end.take() {
             sink.call(EndReport {
                 ending: self.ending,
@@ -173,14 +233,17 @@ struct Engine {
     pool: KvPool,
     scheduler: Scheduler,
     rx: mpsc::Receiver<Command>,
-    queued: Arc<AtomicUsize>,
     active: HashMap<SeqId, Active>,
     next_id: SeqId,
     prefix_cache: bool,
+    in_flight: Arc<AtomicUsize>,
+    /// Steps run so far, and the step at which an injected fault panics.
+    steps: u64,
+    panic_at_step: Option<u64>,
 }
 
 impl Engine {
-    fn run(mut self) {
+    fn run(&mut self) {
         loop {
             if self.scheduler.is_idle() {
                 self.update_gauges();
@@ -199,7 +262,6 @@ impl Engine {
                     .increment(step.preempted.len() as u64);
             }
             for id in &step.admitted {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
                 let cached = self.scheduler.cached_tokens(*id);
                 if let Some(a) = self.active.get_mut(id) {
                     a.cached_tokens = cached;
@@ -217,6 +279,13 @@ impl Engine {
                 }
             }
             if !step.chunks.is_empty() {
+                self.steps += 1;
+                if self.panic_at_step == Some(self.steps) {
+                    panic!(
+                        "injected fault: the engine thread panics at step {}",
+                        self.steps
+                    );
+                }
                 let started = std::time::Instant::now();
                 self.run_step(&step);
                 tracing::debug!(
@@ -254,9 +323,26 @@ impl Engine {
             prompt_done: 0,
             ending: Ending::Cancelled,
             on_end: req.on_end.take(),
+            in_flight: self.in_flight.clone(),
             req: *req,
         };
         self.active.insert(id, active);
+    }
+
+    /// Ends every request with an error (the engine cannot go on).
+    fn fail_all(&mut self, message: &str) {
+        // New submissions now get `ShuttingDown`; queued ones are failed like the rest.
+        self.rx.close();
+        while let Ok(Command::Submit(_, events)) = self.rx.try_recv() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = events.send(Event::Failed(message.into()));
+        }
+        for (_, mut a) in self.active.drain() {
+            a.ending = Ending::Failed;
+            let _ = a.events.send(Event::Failed(message.into()));
+        }
+        metrics::gauge!("edgeinfer_requests_running").set(0.0);
+        metrics::gauge!("edgeinfer_requests_waiting").set(0.0);
     }
 
     /// Requests whose client went away: free them now, in any phase.
@@ -270,9 +356,6 @@ impl Engine {
         for id in gone {
             if let Some(a) = self.active.remove(&id) {
                 tracing::info!(request_id = %a.req.request_id, "client disconnected; request dropped");
-                if !self.scheduler.has_run(id) {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                }
                 metrics::counter!("edgeinfer_request_success_total", "finish_reason" => "cancelled")
                     .increment(1);
             }

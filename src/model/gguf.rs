@@ -17,6 +17,66 @@ use crate::error::ModelError;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
+/// The header of a GGUF of `actual` bytes read from `reader`: the magic, a bounds-checked
+/// walk over counts, lengths, dimensions and offsets, candle's parse, and every tensor
+/// inside the file. Errors name `path` and the problem; nothing is allocated from an
+/// unchecked size.
+pub fn read_content<R: Read + Seek>(reader: &mut R, actual: u64, path: &Path) -> Result<Content> {
+    let not_gguf = |reason: String| ModelError::NotGguf {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut magic = [0u8; 4];
+    reader
+        .read_exact(&mut magic)
+        .map_err(|_| not_gguf(format!("only {actual} bytes long")))?;
+    if &magic != b"GGUF" {
+        return Err(not_gguf(format!(
+            "it starts with {magic:02x?}, not the GGUF magic \"GGUF\""
+        )));
+    }
+    reader.rewind().map_err(|source| ModelError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Counts, lengths and dimensions checked against the file before candle parses (and
+    // allocates) anything.
+    super::gguf_check::check_header(&mut *reader, actual).map_err(not_gguf)?;
+    reader.rewind().map_err(|source| ModelError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // candle panics on a few malformed headers (e.g. `general.alignment = 0`): contain it.
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)))
+        .map_err(|_| not_gguf("its header is malformed".into()))?
+        .map_err(|e| not_gguf(format!("its header cannot be read ({e})")))?;
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+        let needed = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|n| n.checked_add(bytes))
+            .unwrap_or(u64::MAX);
+        if needed > actual {
+            return Err(ModelError::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                needed,
+                actual,
+            });
+        }
+    }
+    Ok(content)
+}
+
+/// [`read_content`] over bytes in memory (fuzzing, tests).
+pub fn read_content_bytes(bytes: &[u8]) -> Result<Content> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    read_content(&mut cursor, bytes.len() as u64, Path::new("(memory)"))
+}
+
 /// An open GGUF file: its parsed header and a reader for tensor data.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -39,53 +99,7 @@ impl GgufFile {
             })?
             .len();
         let mut reader = BufReader::new(file);
-        let not_gguf = |reason: String| ModelError::NotGguf {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut magic = [0u8; 4];
-        reader
-            .read_exact(&mut magic)
-            .map_err(|_| not_gguf(format!("only {actual} bytes long")))?;
-        if &magic != b"GGUF" {
-            return Err(not_gguf(format!(
-                "it starts with {magic:02x?}, not the GGUF magic \"GGUF\""
-            )));
-        }
-        reader.rewind().map_err(|source| ModelError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // Counts, lengths and dimensions checked against the file before candle parses (and
-        // allocates) anything.
-        super::gguf_check::check_header(&mut reader, actual).map_err(not_gguf)?;
-        reader.rewind().map_err(|source| ModelError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // candle panics on a few malformed headers (e.g. `general.alignment = 0`): contain it.
-        let content =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
-                .map_err(|_| not_gguf("its header is malformed".into()))?
-                .map_err(|e| not_gguf(format!("its header cannot be read ({e})")))?;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let needed = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .and_then(|n| n.checked_add(bytes))
-                .unwrap_or(u64::MAX);
-            if needed > actual {
-                return Err(ModelError::Truncated {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    needed,
-                    actual,
-                });
-            }
-        }
+        let content = read_content(&mut reader, actual, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,

@@ -1,0 +1,106 @@
+//! Request bodies, before any handler: a JSON route gets JSON (415 for another declared
+//! type), the whole body must arrive within `--body-read-timeout` (408: a client trickling
+//! its body cannot hold a task and a connection for ever), and never more than
+//! `--max-body-bytes` (413). Handlers then read the buffered bytes at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// What a body must satisfy.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub read_timeout: Duration,
+}
+
+/// `application/json`, `application/*+json` (parameters such as `charset` allowed), or no
+/// declared type at all (many clients send JSON without one).
+pub fn is_json_type(value: Option<&str>) -> bool {
+    let Some(v) = value else { return true };
+    let essence = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let limits = state.body_limits;
+    let declared = req.headers().get(header::CONTENT_TYPE);
+    let declared = match declared.map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => Some("(not text)"),
+    };
+    if !is_json_type(declared) {
+        return ApiError::unsupported_media_type(declared.unwrap_or_default()).into_response();
+    }
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_bytes as u64) {
+        return ApiError::payload_too_large(limits.max_bytes).into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, limits.max_bytes);
+    let bytes = match tokio::time::timeout(limits.read_timeout, read).await {
+        Err(_) => return ApiError::body_timeout(limits.read_timeout).into_response(),
+        Ok(Err(e)) => {
+            let too_long = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_long {
+                ApiError::payload_too_large(limits.max_bytes)
+            } else {
+                ApiError::bad_request(format!("Cannot read the request body: {e}"))
+            }
+            .into_response();
+        }
+        Ok(Ok(b)) => b,
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_type;
+
+    #[test]
+    fn json_types() {
+        for ok in [
+            None,
+            Some("application/json"),
+            Some("Application/JSON; charset=utf-8"),
+            Some("application/vnd.api+json"),
+        ] {
+            assert!(is_json_type(ok), "{ok:?}");
+        }
+        for bad in [
+            Some("application/x-www-form-urlencoded"),
+            Some("text/plain"),
+            Some("multipart/form-data; boundary=x"),
+            Some(""),
+            Some("application/jsonx"),
+        ] {
+            assert!(!is_json_type(bad), "{bad:?}");
+        }
+    }
+}

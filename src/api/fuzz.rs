@@ -1,0 +1,144 @@
+//! Entry points for the fuzz targets in `fuzz/` (and their seed tests): the request path
+//! (JSON bytes -> typed request -> validation -> chat template) and the SSE encoder. Each
+//! returns normally on any input; a panic is the bug the fuzzer looks for. Not a public API.
+
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::response::Meta;
+use super::types::{from_value, parse_body, ChatCompletionRequest, SamplingFields};
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{Event, Usage};
+use crate::model::ChatTemplate;
+use crate::structured::{toolcall, ToolFormat};
+
+/// What the chat route does with a body before the engine: parse, type, validate every
+/// field, and render the prompt with `template`. The rendered prompt, or the 4xx.
+pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiError> {
+    let body = parse_body(data)?;
+    let req: ChatCompletionRequest = from_value(&body)?;
+    let sampling: SamplingFields = from_value(&body)?;
+    sampling.sampling_params()?;
+    sampling.stops()?;
+    sampling.max_tokens()?;
+    let messages = req.validated_messages()?;
+    req.constraint_spec(ToolFormat::HERMES)?;
+    let tools = req.tools_json();
+    let messages = if tools.is_empty() {
+        messages
+    } else {
+        toolcall::generic_messages(messages, &tools)
+    };
+    template
+        .render_with_tools(&messages, true, None)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// The SSE body a chat stream of these token texts sends (ending `stop`), as bytes on the
+/// wire; with `tools` the texts are parsed for Hermes-style tool calls.
+pub fn sse_body(texts: &[String], tools: bool) -> String {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for t in texts {
+        let _ = tx.send(Event::Token {
+            text: t.clone(),
+            logprob: None,
+        });
+    }
+    let _ = tx.send(Event::Finished {
+        reason: FinishReason::Stop,
+        usage: Usage::default(),
+    });
+    drop(tx);
+    let meta = Meta {
+        id: "chatcmpl-fuzz".into(),
+        created: 0,
+        model: "m".into(),
+        chat: true,
+        logprobs: false,
+        tools: tools.then_some(ToolFormat::HERMES),
+    };
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime");
+    }
+    let bytes = RUNTIME.with(|rt| {
+        rt.block_on(async {
+            let resp = super::stream::sse_response(rx, meta, true, super::gate::Tail::default());
+            axum::body::to_bytes(resp.into_body(), usize::MAX).await
+        })
+    });
+    let bytes = bytes.expect("an in-memory body");
+    String::from_utf8(bytes.to_vec()).expect("SSE bodies are UTF-8")
+}
+
+/// The `data:` payloads of an SSE body, checking the framing on the way: every event is
+/// `data: ...` lines (or a comment) ended by a blank line, and every payload is JSON but
+/// the last, `[DONE]`. An error names what broke.
+pub fn sse_payloads(body: &str) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    let mut done = false;
+    if !body.ends_with("\n\n") {
+        return Err("the body does not end with a blank line".into());
+    }
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        if done {
+            return Err("events after [DONE]".into());
+        }
+        let mut data = String::new();
+        for line in event.split('\n') {
+            if line.starts_with(':') {
+                continue;
+            }
+            let Some(d) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) else {
+                return Err(format!("a line that is not data: {line:?}"));
+            };
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d);
+        }
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data:?}"))?;
+        out.push(v);
+    }
+    if !done {
+        return Err("no [DONE]".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_content_adds_up_to_the_tokens() {
+        let texts: Vec<String> = ["He", "llo\n\n", "", "data: x\r\n", "\u{0}é😀"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let body = sse_body(&texts, false);
+        let events = sse_payloads(&body).unwrap();
+        let content: String = events
+            .iter()
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, texts.concat());
+        assert_eq!(events.last().unwrap()["usage"]["total_tokens"], 0);
+    }
+
+    #[test]
+    fn the_request_path_refuses_without_panicking() {
+        let t = ChatTemplate::new(ChatTemplate::fallback_source(|_| true), "", "").unwrap();
+        let ok = chat_request(br#"{"messages":[{"role":"user","content":"Hi"}]}"#, &t).unwrap();
+        assert!(ok.contains("Hi"), "{ok}");
+        for bad in [&b""[..], b"{", b"[]", br#"{"messages":[],"n":1e999}"#] {
+            assert!(chat_request(bad, &t).unwrap_err().status.is_client_error());
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Faults: a panic on the engine thread fails its requests, flips /health to 503 and ends
+//! the process non-zero (a supervisor restarts it) instead of hanging; SIGTERM under load
+//! turns readiness to 503 at once, lets running streams finish, and exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use common::server::{raw_request, Server};
+use serde_json::{json, Value};
+
+fn long_stream() -> Value {
+    json!({"messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+           "max_tokens": 120, "temperature": 0, "stream": true})
+}
+
+/// Streams a request and returns its `data:` payloads; `first` is told when one arrived.
+fn stream_lines(base: &str, body: &Value, first: std::sync::mpsc::Sender<()>) -> Vec<String> {
+    let r = match ureq::post(&format!("{base}/v1/chat/completions")).send_json(body.clone()) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("request failed: {e}")],
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(r.into_reader())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(d) = line.strip_prefix("data: ") {
+            if out.is_empty() {
+                let _ = first.send(());
+            }
+            out.push(d.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn an_engine_panic_fails_requests_flips_health_and_exits_nonzero() {
+    let mut s = Server::spawn(
+        &["--model", common::default_model_path().to_str().unwrap()],
+        &[("EDGEINFER_FAULT", "engine-panic-at-step=6")],
+    );
+    s.wait_ready();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let base = s.base.clone();
+    let h = std::thread::spawn(move || stream_lines(&base, &long_stream(), tx));
+    let _ = rx.recv_timeout(Duration::from_secs(60));
+    let lines = h.join().unwrap();
+    // The stream ends with an error event in OpenAI's shape, not a hang.
+    let last_json = lines
+        .iter()
+        .rev()
+        .find(|l| l.as_str() != "[DONE]")
+        .expect("some events");
+    let v: Value = serde_json::from_str(last_json).unwrap();
+    assert!(v["error"]["message"].is_string(), "{lines:?}");
+    // Health says so (or the process is already gone), and the process exits non-zero.
+    let started = Instant::now();
+    let (status, _) = raw_request(&s.addr, "GET", "/health", None, b"");
+    assert!(status == 503 || status == 0, "health {status}");
+    let exit = s
+        .wait_exit(Duration::from_secs(15))
+        .expect("the process exits");
+    assert!(!exit.success(), "{exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn sigterm_under_load_drains_and_exits_zero() {
+    let mut s = Server::start(&["--shutdown-timeout", "60"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, tx) = (s.base.clone(), tx.clone());
+            std::thread::spawn(move || stream_lines(&base, &long_stream(), tx))
+        })
+        .collect();
+    for _ in 0..4 {
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("every stream starts");
+    }
+    s.signal_term();
+    // Readiness is 503 at once; a new request is refused with 503 in OpenAI's shape.
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");
+    assert_eq!(status, 503, "{body}");
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let (status, body) = raw_request(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some("application/json"),
+        chat.to_string().as_bytes(),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["type"], "server_error");
+    // The running streams finish whole.
+    for h in handles {
+        let lines = h.join().unwrap();
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("[DONE]"),
+            "{lines:?}"
+        );
+        let finish = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| {
+                v["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string)
+            });
+        assert!(
+            matches!(finish.as_deref(), Some("length" | "stop")),
+            "{lines:?}"
+        );
+    }
+    let exit = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the process exits");
+    assert!(exit.success(), "{exit:?}");
+}
