@@ -51,7 +51,8 @@ async def main():
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--sockets", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="requests per client; enough to outlast the header timeout")
     ap.add_argument("--header-timeout", type=float, default=10.0,
                     help="the server's --header-read-timeout")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -59,6 +60,7 @@ async def main():
     args = ap.parse_args()
     host, port = host_port(args.url)
 
+    await clients(args.url, args.clients, 1, 8, args.api_key)  # warm-up, not counted
     base = await clients(args.url, args.clients, args.rounds, args.max_tokens, args.api_key)
     limit = args.header_timeout + 5
     stop = asyncio.Event()

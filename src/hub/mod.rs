@@ -200,7 +200,43 @@ mod tests {
         let err = pull(&e, &dir).unwrap_err().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
         assert!(!dir.join("test.gguf").exists());
-        assert!(!dir.join("test.gguf.part").exists());
+        assert_eq!(leftovers(&dir), Vec::<String>::new());
+    }
+
+    /// Files in `dir` (a failed pull must leave none, `.part` files included).
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A source that fails midway (a dropped connection; a full disk fails `write_all` or
+    /// `sync_all` the same way): the error names the file and the partial data is removed.
+    #[test]
+    fn a_copy_failing_midway_removes_the_partial_file() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("No space left on device"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("m.gguf");
+        let err = install_from_reader(Failing(3 << 20), None, &dest, None, "m")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("No space left on device"), "{err}");
+        assert_eq!(leftovers(tmp.path()), Vec::<String>::new());
     }
 
     #[test]

@@ -92,11 +92,16 @@ impl<R: Read> Walk<R> {
             .read_exact(&mut b)
             .map_err(|_| format!("the file ends inside {what}"))?;
         self.pos += n;
+        // As candle reads keys: trailing NULs dropped (some writers add them).
+        while b.last() == Some(&0) {
+            b.pop();
+        }
         String::from_utf8(b).map_err(|_| format!("{what} is not UTF-8"))
     }
 
-    /// Skips one value of GGUF type `ty`; returns it when it is a small unsigned integer.
-    fn value(&mut self, ty: u32, what: &str, depth: u32) -> Result<Option<u64>, String> {
+    /// Skips one value of GGUF type `ty`; returns it when it is an integer of 32 bits or
+    /// fewer (signed ones sign-extended).
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> Result<Option<i64>, String> {
         let fixed = |ty: u32| match ty {
             0 | 1 | 7 => Some(1u64),
             2 | 3 => Some(2),
@@ -105,8 +110,25 @@ impl<R: Read> Walk<R> {
             _ => None,
         };
         match ty {
+            0 | 1 => {
+                let mut b = [0u8; 1];
+                self.r
+                    .read_exact(&mut b)
+                    .map_err(|_| format!("the file ends inside {what}"))?;
+                self.pos += 1;
+                return Ok(Some(if ty == 1 { b[0] as i8 as i64 } else { b[0].into() }));
+            }
+            2 | 3 => {
+                let mut b = [0u8; 2];
+                self.r
+                    .read_exact(&mut b)
+                    .map_err(|_| format!("the file ends inside {what}"))?;
+                self.pos += 2;
+                let v = u16::from_le_bytes(b);
+                return Ok(Some(if ty == 3 { v as i16 as i64 } else { v.into() }));
+            }
             4 => return self.u32(what).map(|v| Some(v.into())),
-            10 => return self.u64(what).map(Some),
+            5 => return self.u32(what).map(|v| Some((v as i32).into())),
             8 => self.string(what)?,
             9 => {
                 if depth > 0 {
@@ -198,9 +220,13 @@ pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
         let key = w.key(i)?;
         let ty = w.u32(&format!("the type of `{key}`"))?;
         let v = w.value(ty, &format!("`{key}`"), 0)?;
+        // candle takes the alignment from an 8-, 16- or 32-bit integer (a negative one, or
+        // any other type, means the default 32), so exactly those are checked.
         if key == "general.alignment" {
             alignment = match v {
-                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+                Some(a) if a < 0 => 32,
+                Some(a) if a > 0 && (a as u64).is_power_of_two() && a <= 1 << 20 => a as u64,
+                None => 32,
                 _ => return Err("`general.alignment` must be a power of two up to 1 MiB".into()),
             };
         }
@@ -217,6 +243,11 @@ pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
         let mut elems: u64 = 1;
         for _ in 0..n_dims {
             let d = w.count(&what)?;
+            // A zero would hide an overflowing product of the others (parsers multiply in
+            // their own order); a model has no empty tensors.
+            if d == 0 {
+                return Err(format!("{what} has a zero dimension"));
+            }
             elems = elems
                 .checked_mul(d)
                 .filter(|&e| e <= len.saturating_mul(8))
@@ -278,6 +309,36 @@ mod tests {
         b
     }
 
+    /// A key of any bytes with a one-byte value of type `ty` (0: u8, 1: i8).
+    fn kv_byte(key: &[u8], ty: u32, v: u8) -> Vec<u8> {
+        let mut b = (key.len() as u64).to_le_bytes().to_vec();
+        b.extend(key);
+        b.extend(ty.to_le_bytes());
+        b.push(v);
+        b
+    }
+
+    #[test]
+    fn the_alignment_is_read_as_candle_reads_it() {
+        // Found by fuzzing: a NUL-padded key and a u8 value both reach candle's alignment.
+        let e = check(&file(&kv_byte(b"general.alignment\0\0", 0, 0), 1, &[8], 0, 32));
+        assert!(e.unwrap_err().contains("general.alignment"));
+        // A negative one means the default (32), as in candle.
+        check(&file(&kv_byte(b"general.alignment", 1, 0xff), 1, &[8], 0, 32)).unwrap();
+        let e = check(&file(&kv_byte(b"general.alignment", 0, 24), 1, &[8], 0, 32));
+        assert!(e.unwrap_err().contains("general.alignment"));
+        for ok in [
+            file(&kv_byte(b"general.alignment\0\0", 0, 0), 1, &[8], 0, 32),
+            file(&kv_byte(b"general.alignment", 1, 0xff), 1, &[8], 0, 32),
+        ] {
+            // Whatever the walk accepts, candle parses without a panic.
+            if check(&ok).is_ok() {
+                let mut c = std::io::Cursor::new(&ok);
+                candle_core::quantized::gguf_file::Content::read(&mut c).unwrap();
+            }
+        }
+    }
+
     fn check(f: &[u8]) -> Result<(), String> {
         check_header(f, f.len() as u64)
     }
@@ -301,6 +362,8 @@ mod tests {
             ),
             (file(&[], 0, &[u64::MAX, 4], 0, 32), "dimensions"),
             (file(&[], 0, &[1 << 40, 1 << 40], 0, 32), "dimensions"),
+            // Found by fuzzing: the zero hid a product that overflows in candle's order.
+            (file(&[], 0, &[0, 1 << 62, 1 << 62], 0, 32), "zero dimension"),
             (file(&[], 0, &[8], 3, 64), "not aligned"),
             (file(&[], 0, &[], 0, 32), "dimensions"),
             (file(&[], u64::MAX, &[8], 0, 32), "metadata count"),
