@@ -260,16 +260,22 @@ fn tokenizer_json_overrides_an_unsupported_gguf_tokenizer() {
 
 #[test]
 fn serve_refuses_inconsistent_budgets() {
-    for (args, expected) in [(
-        vec![
-            "serve",
-            "--max-batch-size",
-            "32",
-            "--max-batch-tokens",
-            "16",
-        ],
-        "must be at least --max-batch-size",
-    )] {
+    for (args, expected) in [
+        (
+            vec![
+                "serve",
+                "--max-batch-size",
+                "32",
+                "--max-batch-tokens",
+                "16",
+            ],
+            "must be at least --max-batch-size",
+        ),
+        (
+            vec!["serve", "--body-read-timeout", "0"],
+            "--body-read-timeout and --max-connections must be positive",
+        ),
+    ] {
         let out = edgeinfer(&args, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
         .map(|t| String::from_utf8_lossy(t).into_owned())
         .collect();
     let body = edgeinfer::api::fuzz::sse_body(&texts, tools);
-    let events = edgeinfer::api::fuzz::sse_payloads(&body)
-        .unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let events =
+        edgeinfer::api::fuzz::sse_payloads(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
     if !tools {
         let content: String = events
             .iter()

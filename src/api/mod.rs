@@ -286,6 +286,15 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "edgeinfer_prefix_cache_evictions_total",
         "Cached KV blocks evicted to make room"
     );
+    // Histogram samples wait in the recorder until upkeep drains them; without it a node
+    // that nobody scrapes grows by every token's latency sample (found by the soak).
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("edgeinfer-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })?;
     // Present from the start, so scrapers see them before the first request.
     metrics::gauge!("edgeinfer_requests_running").set(0.0);
     metrics::gauge!("edgeinfer_requests_waiting").set(0.0);

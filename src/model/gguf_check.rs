@@ -116,7 +116,11 @@ impl<R: Read> Walk<R> {
                     .read_exact(&mut b)
                     .map_err(|_| format!("the file ends inside {what}"))?;
                 self.pos += 1;
-                return Ok(Some(if ty == 1 { b[0] as i8 as i64 } else { b[0].into() }));
+                return Ok(Some(if ty == 1 {
+                    b[0] as i8 as i64
+                } else {
+                    b[0].into()
+                }));
             }
             2 | 3 => {
                 let mut b = [0u8; 2];
@@ -321,10 +325,23 @@ mod tests {
     #[test]
     fn the_alignment_is_read_as_candle_reads_it() {
         // Found by fuzzing: a NUL-padded key and a u8 value both reach candle's alignment.
-        let e = check(&file(&kv_byte(b"general.alignment\0\0", 0, 0), 1, &[8], 0, 32));
+        let e = check(&file(
+            &kv_byte(b"general.alignment\0\0", 0, 0),
+            1,
+            &[8],
+            0,
+            32,
+        ));
         assert!(e.unwrap_err().contains("general.alignment"));
         // A negative one means the default (32), as in candle.
-        check(&file(&kv_byte(b"general.alignment", 1, 0xff), 1, &[8], 0, 32)).unwrap();
+        check(&file(
+            &kv_byte(b"general.alignment", 1, 0xff),
+            1,
+            &[8],
+            0,
+            32,
+        ))
+        .unwrap();
         let e = check(&file(&kv_byte(b"general.alignment", 0, 24), 1, &[8], 0, 32));
         assert!(e.unwrap_err().contains("general.alignment"));
         for ok in [
@@ -363,7 +380,10 @@ mod tests {
             (file(&[], 0, &[u64::MAX, 4], 0, 32), "dimensions"),
             (file(&[], 0, &[1 << 40, 1 << 40], 0, 32), "dimensions"),
             // Found by fuzzing: the zero hid a product that overflows in candle's order.
-            (file(&[], 0, &[0, 1 << 62, 1 << 62], 0, 32), "zero dimension"),
+            (
+                file(&[], 0, &[0, 1 << 62, 1 << 62], 0, 32),
+                "zero dimension",
+            ),
             (file(&[], 0, &[8], 3, 64), "not aligned"),
             (file(&[], 0, &[], 0, 32), "dimensions"),
             (file(&[], u64::MAX, &[8], 0, 32), "metadata count"),
