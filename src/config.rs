@@ -248,6 +248,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_BODY_READ_TIMEOUT", default_value_t = 30)]
     pub body_read_timeout: u64,
 
+    /// Seconds between SSE comments on a stream with nothing else to send (queued, in a
+    /// long prefill), so proxies and clients do not time it out.
+    #[arg(long, env = "EDGEINFER_SSE_KEEP_ALIVE", default_value_t = 15)]
+    pub sse_keep_alive: u64,
+
     /// Seconds a client has to send a request's whole header, after connecting or after its
     /// previous response (idle keep-alive connections close then too). Guards against
     /// slowloris clients that hold sockets by trickling header bytes.
@@ -314,10 +319,13 @@ impl ServeArgs {
                 self.max_batch_tokens, self.max_batch_size
             ));
         }
-        if self.header_read_timeout == 0 || self.body_read_timeout == 0 || self.max_connections == 0
+        if self.header_read_timeout == 0
+            || self.body_read_timeout == 0
+            || self.sse_keep_alive == 0
+            || self.max_connections == 0
         {
             return Err(
-                "--header-read-timeout, --body-read-timeout and --max-connections must be positive"
+                "--header-read-timeout, --body-read-timeout, --sse-keep-alive and --max-connections must be positive"
                     .into(),
             );
         }

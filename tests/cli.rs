@@ -273,7 +273,7 @@ fn serve_refuses_inconsistent_budgets() {
         ),
         (
             vec!["serve", "--body-read-timeout", "0"],
-            "--body-read-timeout and --max-connections must be positive",
+            "--sse-keep-alive and --max-connections must be positive",
         ),
     ] {
         let out = edgeinfer(&args, &[]);

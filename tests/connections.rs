@@ -84,3 +84,46 @@ fn connections_beyond_the_cap_get_503_and_the_rest_go_on() {
         .unwrap();
     assert_eq!(r.header("x-accel-buffering"), Some("no"));
 }
+
+#[test]
+fn a_queued_stream_gets_keep_alive_comments() {
+    use std::io::{BufRead, BufReader};
+    // One slot, held by a long request: the second stream waits in the queue.
+    let s = Server::start(&["--sse-keep-alive", "1", "--max-batch-size", "1"]);
+    let long = json!({"messages": [{"role": "user", "content": "Tell me a very long story."}],
+                      "max_tokens": 400, "temperature": 0, "stream": true});
+    let base = s.base.clone();
+    let holder = std::thread::spawn(move || {
+        let r = ureq::post(&format!("{base}/v1/chat/completions"))
+            .send_json(long)
+            .unwrap();
+        BufReader::new(r.into_reader()).lines().count()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut body = chat();
+    body["stream"] = json!(true);
+    let r = ureq::post(&format!("{}/v1/chat/completions", s.base))
+        .send_json(body)
+        .unwrap();
+    // Lines before the first content delta: the role delta, then comments while queued.
+    let mut comments = 0;
+    let mut content = false;
+    for line in BufReader::new(r.into_reader())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.starts_with(':') {
+            comments += 1;
+        }
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            content = true;
+        }
+        if line == "data: [DONE]" {
+            break;
+        }
+    }
+    let held = holder.join().unwrap();
+    assert!(held > 10, "the long request ran");
+    assert!(content, "the queued stream produced text");
+    assert!(comments >= 1, "no keep-alive comment while queued");
+}

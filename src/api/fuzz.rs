@@ -65,7 +65,13 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
     }
     let bytes = RUNTIME.with(|rt| {
         rt.block_on(async {
-            let resp = super::stream::sse_response(rx, meta, true, super::gate::Tail::default());
+            let resp = super::stream::sse_response(
+                rx,
+                meta,
+                true,
+                super::gate::Tail::default(),
+                std::time::Duration::from_secs(15),
+            );
             axum::body::to_bytes(resp.into_body(), usize::MAX).await
         })
     });

@@ -360,7 +360,7 @@ async fn run(
     let rx = ready.engine.submit(req)?;
     let tail = Tail::new(committed, leader);
     let mut resp = if fields.stream {
-        sse_response(rx, meta, include_usage, tail)
+        sse_response(rx, meta, include_usage, tail, state.sse_keep_alive)
     } else {
         collect(rx, meta, tail).await?
     };
@@ -397,7 +397,13 @@ async fn replay_hit(
     }
     let rx = replay(&hit.value);
     let mut resp = if stream {
-        sse_response(rx, meta, include_usage, Tail::default())
+        sse_response(
+            rx,
+            meta,
+            include_usage,
+            Tail::default(),
+            state.sse_keep_alive,
+        )
     } else {
         collect(rx, meta, Tail::default()).await?
     };

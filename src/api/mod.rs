@@ -59,6 +59,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
     pub body_limits: body::BodyLimits,
+    /// How often an SSE stream with nothing to send sends a comment.
+    pub sse_keep_alive: Duration,
     pub started: u64,
     shutting_down: AtomicBool,
     pub gateway: Arc<Gateway>,
@@ -73,6 +75,7 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// The whole body must arrive within this time (408 beyond).
     pub body_read_timeout: Duration,
+    pub sse_keep_alive: Duration,
     pub cache_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
 }
@@ -89,6 +92,7 @@ impl AppState {
             ready: OnceLock::new(),
             metrics,
             max_body_bytes: config.max_body_bytes,
+            sse_keep_alive: config.sse_keep_alive,
             body_limits: body::BodyLimits {
                 max_bytes: config.max_body_bytes,
                 read_timeout: config.body_read_timeout,

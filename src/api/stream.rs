@@ -31,7 +31,13 @@ struct State {
     done_sent: bool,
 }
 
-pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool, tail: Tail) -> Response {
+pub fn sse_response(
+    rx: EventReceiver,
+    meta: Meta,
+    include_usage: bool,
+    tail: Tail,
+    keep_alive: std::time::Duration,
+) -> Response {
     let mut pending = VecDeque::new();
     if meta.chat {
         let delta = json!({"role": "assistant", "content": ""});
@@ -47,10 +53,10 @@ pub fn sse_response(rx: EventReceiver, meta: Meta, include_usage: bool, tail: Ta
         ended: false,
         done_sent: false,
     };
-    // A comment every 15 s keeps proxies from timing out a stream that waits in the queue
-    // or in a long prefill; nginx must not buffer it.
+    // A comment (`--sse-keep-alive`, 15 s) keeps proxies from timing out a stream that
+    // waits in the queue or in a long prefill; nginx must not buffer it.
     let mut resp = Sse::new(events(state))
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(keep_alive))
         .into_response();
     resp.headers_mut().insert(
         "x-accel-buffering",
