@@ -594,10 +594,11 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
 
     // kill -9 under load: every request whose reply arrived whole has its row.
     let s = Arc::new(s);
+    let completed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let done: Vec<String> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..8)
             .map(|c| {
-                let (s, auth) = (s.clone(), auth.clone());
+                let (s, auth, completed) = (s.clone(), auth.clone(), completed.clone());
                 sc.spawn(move || {
                     let mut done = Vec::new();
                     for r in 0..6 {
@@ -608,7 +609,10 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
                             .timeout(Duration::from_secs(30))
                             .send_json(chat(&format!("Count to {} slowly.", c * 10 + r), 24));
                         match resp.map(|r| r.into_json::<Value>()) {
-                            Ok(Ok(v)) if v["usage"].is_object() => done.push(id),
+                            Ok(Ok(v)) if v["usage"].is_object() => {
+                                done.push(id);
+                                completed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             _ => break,
                         }
                     }
@@ -616,7 +620,13 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(2500));
+        // Kill while requests run, once a few have finished (however slow the host).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while completed.load(std::sync::atomic::Ordering::SeqCst) < 4
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let pid = s.pid();
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         handles
