@@ -160,10 +160,11 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
                 // trusted. Fail every request it holds, then say so; the server stops
                 // taking work and exits non-zero so a supervisor restarts it.
                 tracing::error!("the engine thread panicked; failing its requests");
+                // Health turns first, so no client sees its error before the 503.
+                let _ = failed_tx.send(true);
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     engine.fail_all("the engine failed (an internal error); retry the request")
                 }));
-                let _ = failed_tx.send(true);
             }
         })
         .expect("the OS can start the engine thread");
