@@ -335,7 +335,13 @@ impl CallParser {
                 if self.buf.len() < tail.len() {
                     return false;
                 }
-                self.buf.drain(..tail.len());
+                // The grammar writes exactly `tail`; unconstrained text may not, and is
+                // cut at a character boundary, never inside one (found by fuzzing).
+                let mut cut = tail.len();
+                while !self.buf.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                self.buf.drain(..cut);
                 self.mode = Mode::Between;
                 true
             }
