@@ -11,6 +11,8 @@ over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard libr
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
 """
 import argparse
+import os
+import sys
 import http.client
 import json
 import statistics
@@ -18,16 +20,8 @@ import threading
 import time
 import urllib.parse
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "Describe the water cycle in detail.",
-    "Tell me about the history of bread.",
-    "What makes a good friend? Answer at length.",
-    "Describe a walk through a forest in autumn.",
-    "Explain why the sky is blue.",
-    "Write a letter to a future version of yourself.",
-]
+sys.path.insert(0, os.path.dirname(__file__))
+from loadkit import PROMPTS  # noqa: E402
 
 
 # A schema whose replies run long (free strings and a list), like an agent's report.

@@ -111,24 +111,11 @@ impl<R: Read> Walk<R> {
         };
         match ty {
             0 | 1 => {
-                let mut b = [0u8; 1];
-                self.r
-                    .read_exact(&mut b)
-                    .map_err(|_| format!("the file ends inside {what}"))?;
-                self.pos += 1;
-                return Ok(Some(if ty == 1 {
-                    b[0] as i8 as i64
-                } else {
-                    b[0].into()
-                }));
+                let [b] = self.bytes::<1>(what)?;
+                return Ok(Some(if ty == 1 { b as i8 as i64 } else { b.into() }));
             }
             2 | 3 => {
-                let mut b = [0u8; 2];
-                self.r
-                    .read_exact(&mut b)
-                    .map_err(|_| format!("the file ends inside {what}"))?;
-                self.pos += 2;
-                let v = u16::from_le_bytes(b);
+                let v = u16::from_le_bytes(self.bytes::<2>(what)?);
                 return Ok(Some(if ty == 3 { v as i16 as i64 } else { v.into() }));
             }
             4 => return self.u32(what).map(|v| Some(v.into())),

@@ -169,25 +169,7 @@ impl Server {
     /// POSTs a body the server may refuse before reading it all (a 413): write errors are
     /// ignored and the answer is read from the raw connection.
     pub fn post_tolerant(&self, path: &str, body: &[u8]) -> (u16, Value) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        let _ = s.write_all(head.as_bytes());
-        let _ = s.write_all(body);
-        let text = read_some(&mut s, 1 << 16);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let json = text
-            .find("\r\n\r\n")
-            .and_then(|i| serde_json::from_str(&text[i + 4..]).ok())
-            .unwrap_or(Value::Null);
-        (status, json)
+        raw_request(&self.addr, "POST", path, Some("application/json"), body)
     }
 
     /// POSTs a streaming request and returns every `data:` payload, in order.
