@@ -45,8 +45,20 @@ pub struct Q8KRow {
 }
 
 /// Quantizes `x` (a multiple of 256 long): per super-block the scale is `max / -127` of the
-/// value with the largest magnitude, values round half to even.
+/// value with the largest magnitude, values round half to even. AVX2 where the CPU has it
+/// (the same bytes as [`quantize_row_q8k_portable`]).
 pub fn quantize_row_q8k(x: &[f32], out: &mut Q8KRow) {
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::simd_available() {
+        // Safety: `simd_available` checked the CPU features.
+        unsafe { super::kquant_x86::quantize_row_q8k(x, out) };
+        return;
+    }
+    quantize_row_q8k_portable(x, out)
+}
+
+/// [`quantize_row_q8k`] in portable code.
+pub fn quantize_row_q8k_portable(x: &[f32], out: &mut Q8KRow) {
     out.d.clear();
     out.qs.clear();
     out.bsums.clear();

@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::kquant::quantize_row_q8k_portable;
 use super::kquant::{KKind, KMatrix, KRow, Q8KRow, QK_K};
 use super::x86::{f16_at, hsum8};
 
@@ -283,4 +284,65 @@ rows_with!(rows512, "avx2,fma,f16c,avx512f,avx512bw", true);
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot(w: &KRow, a: &Q8KRow) -> f32 {
     dots::<1, false>(w, [a])[0]
+}
+
+/// [`super::kquant::quantize_row_q8k`] with AVX2: the largest magnitude by vector max (the
+/// first value reaching it gives the sign, as in the portable scan), products rounded half to
+/// even by `cvtps2dq` (the default rounding mode), the same bytes as the portable code.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8k(x: &[f32], out: &mut Q8KRow) {
+    assert!(x.len().is_multiple_of(QK_K));
+    let nb = x.len() / QK_K;
+    out.d.clear();
+    out.qs.resize(x.len(), 0);
+    out.bsums.clear();
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (b, block) in x.chunks_exact(QK_K).enumerate() {
+        let p = block.as_ptr();
+        let (mut vmax, mut nan) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..QK_K / 8 {
+            let v = _mm256_loadu_ps(p.add(8 * i));
+            vmax = _mm256_max_ps(_mm256_and_ps(v, abs_mask), vmax);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        let qs = &mut out.qs[b * QK_K..][..QK_K];
+        if amax == 0.0 || !amax.is_finite() || _mm256_movemask_ps(nan) != 0 {
+            // All zero, or a NaN or infinity: the portable code's exact behaviour.
+            let mut one = Q8KRow::default();
+            quantize_row_q8k_portable(block, &mut one);
+            qs.copy_from_slice(&one.qs);
+            out.d.push(one.d[0]);
+            out.bsums.extend_from_slice(&one.bsums);
+            continue;
+        }
+        let max = *block
+            .iter()
+            .find(|v| v.abs() == amax)
+            .expect("the maximum is in the block");
+        let iscale = -127.0 / max;
+        let vs = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_epi32(127);
+        let q = |i: usize| {
+            let v = _mm256_mul_ps(vs, _mm256_loadu_ps(p.add(8 * i)));
+            _mm256_min_epi32(_mm256_cvtps_epi32(v), top)
+        };
+        for i in 0..QK_K / 32 {
+            let a = _mm256_permute4x64_epi64(_mm256_packs_epi32(q(4 * i), q(4 * i + 1)), 0xD8);
+            let c = _mm256_permute4x64_epi64(_mm256_packs_epi32(q(4 * i + 2), q(4 * i + 3)), 0xD8);
+            let bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, c), 0xD8);
+            _mm256_storeu_si256(qs.as_mut_ptr().add(32 * i) as *mut __m256i, bytes);
+        }
+        out.bsums.extend(
+            qs.chunks_exact(16)
+                .map(|g| g.iter().map(|&q| q as i16).sum::<i16>()),
+        );
+        out.d.push(1.0 / iscale);
+    }
+    debug_assert_eq!(out.d.len(), nb);
 }

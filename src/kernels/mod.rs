@@ -4,6 +4,8 @@
 
 pub mod attention;
 mod attention_x86;
+pub mod kpack;
+mod kpack_x86;
 pub mod kquant;
 mod kquant_x86;
 pub mod norm;

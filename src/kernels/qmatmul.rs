@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use rayon::prelude::*;
 
+use super::kpack::KPacked;
 use super::kquant::{self, KKind, KMatrix, QK_K};
 use super::quant::{self, Q8Row, UnpackedRow, QK};
 
@@ -277,6 +278,25 @@ unsafe fn rows_x86_multi(
     }
 }
 
+/// True when this CPU has the instructions of the repacked K-quant kernel (AVX-512 F, BW,
+/// VNNI): the layout is chosen by hardware, so `EDGEINFER_NO_SIMD` / `EDGEINFER_NO_AVX512` run
+/// the same tiles through the portable code and give the same results.
+/// `EDGEINFER_NO_KPACK=1` keeps candle's tile kernels instead (for side-by-side benchmarks).
+pub(crate) fn packed_preferred() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::env::var_os("EDGEINFER_NO_KPACK").is_none()
+            && super::x86::available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Run-time choice of kernels: AVX2 ones unless the CPU lacks them or `EDGEINFER_NO_SIMD`
 /// is set.
 pub(crate) fn simd_available() -> bool {
@@ -294,16 +314,29 @@ pub(crate) fn simd_available() -> bool {
 pub enum Linear {
     Native(QMatrix),
     NativeK(KMatrix),
+    Packed(KPacked),
     Candle(QMatMul),
 }
 
 impl Linear {
     /// The fastest kernel measured for `t`'s type (`cargo bench --bench main -- qmatmul/`):
-    /// ours, except for Q4_K and Q6_K, where candle's repacked tile kernels (run-time
-    /// dispatched, AVX-512 VNNI here) beat our unpack-then-dot ones 3-4x on every shape.
+    /// ours; for Q4_K and Q6_K our repacked tiles ([`KPacked`]) on CPUs with AVX-512 VNNI,
+    /// else candle's repacked tile kernels, which beat our unpack-then-dot ones 3-4x.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
         match t.dtype() {
-            GgmlDType::Q4K | GgmlDType::Q6K => Self::candle(t),
+            GgmlDType::Q4K | GgmlDType::Q6K => {
+                let kind = if t.dtype() == GgmlDType::Q4K {
+                    KKind::Q4K
+                } else {
+                    KKind::Q6K
+                };
+                match t.shape().dims() {
+                    &[rows, cols] if packed_preferred() && KPacked::supports(kind, rows, cols) => {
+                        Ok(Self::Packed(KPacked::pack(kind, rows, cols, &t.data()?)))
+                    }
+                    _ => Self::candle(t),
+                }
+            }
             _ => Self::from_qtensor_native(t),
         }
     }
@@ -364,6 +397,13 @@ impl Linear {
                 }
                 Ok(out)
             }
+            Self::Packed(m) => {
+                let mut out = Vec::with_capacity(ids.len() * m.cols);
+                for &id in ids {
+                    m.dequantize_row(id as usize, &mut out);
+                }
+                Ok(out)
+            }
             Self::Candle(m) => {
                 let ids = Tensor::new(ids, &candle_core::Device::Cpu)?;
                 m.embedding(&ids)?
@@ -384,6 +424,7 @@ impl Linear {
         match self {
             Self::Native(m) => Ok(m.matmul_q8(a.q8())),
             Self::NativeK(m) => Ok(m.matmul_q8k(a.q8k())),
+            Self::Packed(m) => Ok(m.matmul_q8k(a.q8k())),
             Self::Candle(m) => {
                 let cols = a.x.len() / a.n.max(1);
                 let x = Tensor::from_slice(a.x, (a.n, cols), &candle_core::Device::Cpu)?;
@@ -392,11 +433,28 @@ impl Linear {
         }
     }
 
+    /// The products of several layers reading the same activations (q, k, v; gate, up): one
+    /// parallel loop when all are repacked K-quant tiles, one per layer otherwise.
+    pub fn apply_many(layers: &[&Linear], a: &Activations) -> candle_core::Result<Vec<Vec<f32>>> {
+        let packed: Option<Vec<&KPacked>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Packed(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        match packed {
+            Some(ms) if ms.len() > 1 => Ok(KPacked::matmul_many(&ms, a.q8k())),
+            _ => layers.iter().map(|l| l.apply(a)).collect(),
+        }
+    }
+
     /// `x`: `[n, cols]` f32 -> `[n, rows]` f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = match self {
             Self::Native(m) => m.rows,
             Self::NativeK(m) => m.rows,
+            Self::Packed(m) => m.rows,
             Self::Candle(m) => return m.forward(x),
         };
         let n = x.dim(0)?;

@@ -235,9 +235,11 @@ impl Llama {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.attn_norm, eps);
             let acts = Activations::new(&h, n); // quantized once for q, k and v
-            let mut q = layer.wq.apply(&acts)?; // [n, n_head * head_dim]
-            let mut k = layer.wk.apply(&acts)?; // [n, n_kv_head * head_dim]
-            let v = layer.wv.apply(&acts)?;
+                                                // [n, n_head * head_dim], [n, n_kv_head * head_dim] twice
+            let [mut q, mut k, v]: [Vec<f32>; 3] =
+                Linear::apply_many(&[&layer.wq, &layer.wk, &layer.wv], &acts)?
+                    .try_into()
+                    .expect("three products");
             self.rope.apply(&mut q, &rope);
             self.rope.apply(&mut k, &rope);
             let mut row = 0;
@@ -264,8 +266,10 @@ impl Llama {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.ffn_norm, eps);
             let acts = Activations::new(&h, n);
-            let mut gate = layer.w_gate.apply(&acts)?; // [n, ffn_dim]
-            let up = layer.w_up.apply(&acts)?;
+            let [mut gate, up]: [Vec<f32>; 2] = // [n, ffn_dim] each
+                Linear::apply_many(&[&layer.w_gate, &layer.w_up], &acts)?
+                    .try_into()
+                    .expect("two products");
             silu_mul(&mut gate, &up, c.ffn_dim);
             add(&mut x, &layer.w_down.matmul(&gate, n)?);
         }
