@@ -13,8 +13,8 @@
 //!
 //! Each output is `sum_sb (d * da) * T - (dmin * da) * M` with exact integer sums `T` (the
 //! sub-block sums times their scales) and `M` (mins times activation sums): one FMA each per
-//! super-block, in the same order in every variant, so the AVX-512 kernel
-//! ([`super::kpack_x86`]) gives the portable code's bits.
+//! super-block, in the same order in every variant, so the AVX-512 VNNI and AVX2 kernels
+//! ([`super::kpack_x86`]) give the portable code's bits.
 
 use rayon::prelude::*;
 
@@ -210,6 +210,8 @@ enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
 }
 
 impl Kernel {
@@ -217,6 +219,8 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if simd_available() {
             return Self::Avx512;
+        } else if super::qmatmul::simd_available() {
+            return Self::Avx2;
         }
         Self::Portable
     }
@@ -234,6 +238,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // Safety: `simd_available` checked the CPU features.
             Self::Avx512 => unsafe { super::kpack_x86::tile(m.kind, m.tile(t), acts, outs) },
+            #[cfg(target_arch = "x86_64")]
+            // Safety: `qmatmul::simd_available` checked the CPU features.
+            Self::Avx2 => unsafe { super::kpack_x86::tile_avx2(m.kind, m.tile(t), acts, outs) },
         }
     }
 }

@@ -198,3 +198,35 @@ fn simd_q8k_quantization_gives_the_portable_bytes() {
         );
     }
 }
+
+/// The AVX2 kernel (run by CPUs without AVX-512 VNNI) against the portable code, bit for bit,
+/// for one to four activation rows at a time.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_kernel_gives_the_portable_bits() {
+    if !crate::kernels::x86::available() {
+        return;
+    }
+    for (i, (dtype, _)) in KINDS.into_iter().enumerate() {
+        let (rows, cols) = (32, 768);
+        let m = packed(&unpacked(
+            &random(rows, cols, 21 + i as u64),
+            rows,
+            cols,
+            dtype,
+        ));
+        for n in 1..=4 {
+            let acts = q8k(&random(n, cols, 40 + n as u64), cols);
+            let want = portable(&m, &acts);
+            let mut got = vec![0f32; n * rows];
+            for t in 0..rows / TILE {
+                let outs: Vec<*mut f32> = (0..n)
+                    .map(|j| got[j * rows + t * TILE..].as_mut_ptr())
+                    .collect();
+                // Safety: AVX2 checked above; each pointer has 16 outputs.
+                unsafe { crate::kernels::kpack_x86::tile_avx2(m.kind, m.tile(t), &acts, &outs) };
+            }
+            assert_eq!(want, got, "{dtype:?} n={n}");
+        }
+    }
+}

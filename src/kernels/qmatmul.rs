@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::kpack::KPacked;
 use super::kquant::{self, KKind, KMatrix, QK_K};
+use super::q41tile::{self, Q41Tiles};
 use super::quant::{self, Q8Row, UnpackedRow, QK};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,21 +40,59 @@ impl WeightKind {
     }
 }
 
-/// A weight matrix `[rows, cols]` in GGML block layout.
+/// A weight matrix `[rows, cols]`: GGML blocks, or for Q4_1 on CPUs with AVX-512 VNNI,
+/// 16-row tiles ([`Q41Tiles`]).
 pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub kind: WeightKind,
-    data: Vec<u8>,
+    storage: Storage,
+}
+
+enum Storage {
+    Blocks(Vec<u8>),
+    Q41Tiles(Q41Tiles),
 }
 
 /// Weight rows handed to one parallel task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 
 impl QMatrix {
-    pub fn row(&self, r: usize) -> &[u8] {
-        let bytes = self.cols / QK * self.kind.block_bytes();
-        &self.data[r * bytes..(r + 1) * bytes]
+    /// `data`: GGML blocks, row-major. Q4_1 goes into tiles where the CPU has their kernel.
+    pub fn new(kind: WeightKind, rows: usize, cols: usize, data: Vec<u8>) -> Self {
+        assert_eq!(
+            data.len(),
+            rows * cols / QK * kind.block_bytes(),
+            "weight data length"
+        );
+        let storage =
+            if kind == WeightKind::Q4_1 && Q41Tiles::supports(rows, cols) && q41tile::hardware() {
+                Storage::Q41Tiles(Q41Tiles::pack(rows, cols, &data))
+            } else {
+                Storage::Blocks(data)
+            };
+        Self {
+            rows,
+            cols,
+            kind,
+            storage,
+        }
+    }
+
+    /// Row `r`'s GGML blocks (rebuilt into `buf` when the matrix is tiled).
+    pub fn row_in<'a>(&'a self, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        match &self.storage {
+            Storage::Blocks(data) => {
+                let bytes = self.cols / QK * self.kind.block_bytes();
+                &data[r * bytes..(r + 1) * bytes]
+            }
+            Storage::Q41Tiles(t) => t.row_into(r, buf),
+        }
+    }
+
+    /// True when the matrix is stored in tiles.
+    pub fn tiled(&self) -> bool {
+        matches!(self.storage, Storage::Q41Tiles(_))
     }
 
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.
@@ -64,6 +103,11 @@ impl QMatrix {
     fn matmul_q8(&self, q8: &Q8Acts) -> Vec<f32> {
         let (acts, n) = (&q8.rows[..], q8.rows.len());
         debug_assert!(acts.iter().all(|a| a.qs.len() == self.cols));
+        if let Storage::Q41Tiles(t) = &self.storage {
+            if q41tile::simd_available() {
+                return matmul_tiles(t, acts);
+            }
+        }
         // Weight-row-major results: [rows, n].
         let mut by_row = vec![0f32; self.rows * n];
         let simd = simd_available();
@@ -91,6 +135,33 @@ impl QMatrix {
             });
         transpose_rows(by_row, self.rows, n)
     }
+}
+
+/// `[n, rows]` from tiles, in parallel over tiles, two input rows per pass.
+fn matmul_tiles(t: &Q41Tiles, acts: &[Q8Row]) -> Vec<f32> {
+    struct Dst(*mut f32);
+    // Safety: tasks write disjoint outputs (one tile's 16 per input row).
+    unsafe impl Sync for Dst {}
+    let (rows, n) = (t.rows(), acts.len());
+    let mut out = vec![0f32; n * rows];
+    let dst = Dst(out.as_mut_ptr());
+    let min_tiles = (48 * 1024 / t.tile(0).len()).max(1);
+    (0..rows / q41tile::TILE)
+        .into_par_iter()
+        .with_min_len(min_tiles)
+        .for_each(|tile| {
+            let dst = &dst;
+            for (g, pair) in acts.chunks(2).enumerate() {
+                // Safety: each (tile, input row) owns its 16 outputs.
+                let outs: [*mut f32; 2] = std::array::from_fn(|j| unsafe {
+                    dst.0
+                        .add((2 * g + j.min(pair.len() - 1)) * rows + tile * q41tile::TILE)
+                });
+                let ran = q41tile::run_tile(t, tile, pair, &outs[..pair.len()]);
+                debug_assert!(ran);
+            }
+        });
+    out
 }
 
 /// Activations quantized to Q8 (32-value blocks), with the four-row scale groups the SIMD
@@ -188,9 +259,9 @@ pub(crate) fn transpose_rows(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32
 /// row is unpacked once and applied to every input row.
 #[inline(always)]
 fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
-    let mut w = UnpackedRow::default();
+    let (mut w, mut buf) = (UnpackedRow::default(), Vec::new());
     for (local, out_row) in out.chunks_exact_mut(acts.len()).enumerate() {
-        quant::unpack_row(m.kind, m.row(first + local), &mut w);
+        quant::unpack_row(m.kind, m.row_in(first + local, &mut buf), &mut w);
         for (o, a) in out_row.iter_mut().zip(acts) {
             *o = quant::dot(&w, a);
         }
@@ -223,8 +294,9 @@ unsafe fn rows_x86_with(
     acts: &[Q8Row],
     dot: impl Fn(&[u8], &Q8Row) -> f32,
 ) {
+    let mut buf = Vec::new();
     for (local, out_row) in out.chunks_exact_mut(acts.len()).enumerate() {
-        let w = m.row(first + local);
+        let w = m.row_in(first + local, &mut buf);
         for (o, a) in out_row.iter_mut().zip(acts) {
             *o = dot(w, a);
         }
@@ -251,8 +323,9 @@ unsafe fn rows_x86_multi(
     let nb = m.cols / QK;
     let (mut dw, mut mw) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
     let vnni = super::x86::vnni_available();
+    let mut buf = Vec::new();
     for (local, out_row) in out.chunks_exact_mut(n).enumerate() {
-        let w = m.row(first + local);
+        let w = m.row_in(first + local, &mut buf);
         super::x86::row_scales(m.kind, w, nb, &mut dw, &mut mw);
         for ((o, a), quad) in out_row[..quads_len]
             .chunks_exact_mut(4)
@@ -278,18 +351,14 @@ unsafe fn rows_x86_multi(
     }
 }
 
-/// True when this CPU has the instructions of the repacked K-quant kernel (AVX-512 F, BW,
-/// VNNI): the layout is chosen by hardware, so `EDGEINFER_NO_SIMD` / `EDGEINFER_NO_AVX512` run
-/// the same tiles through the portable code and give the same results.
-/// `EDGEINFER_NO_KPACK=1` keeps candle's tile kernels instead (for side-by-side benchmarks).
+/// True when this CPU runs one of the repacked K-quant kernels (AVX-512 VNNI, else AVX2). The
+/// layout is chosen by hardware, so `EDGEINFER_NO_SIMD` / `EDGEINFER_NO_AVX512` run the same
+/// tiles through the portable / AVX2 code and give the same results. `EDGEINFER_NO_KPACK=1`
+/// keeps candle's tile kernels instead (for side-by-side benchmarks).
 pub(crate) fn packed_preferred() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::env::var_os("EDGEINFER_NO_KPACK").is_none()
-            && super::x86::available()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+        std::env::var_os("EDGEINFER_NO_KPACK").is_none() && super::x86::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -320,8 +389,8 @@ pub enum Linear {
 
 impl Linear {
     /// The fastest kernel measured for `t`'s type (`cargo bench --bench main -- qmatmul/`):
-    /// ours; for Q4_K and Q6_K our repacked tiles ([`KPacked`]) on CPUs with AVX-512 VNNI,
-    /// else candle's repacked tile kernels, which beat our unpack-then-dot ones 3-4x.
+    /// ours; for Q4_K and Q6_K our repacked tiles ([`KPacked`]) on x86 CPUs with AVX2, else
+    /// candle's repacked tile kernels, which beat our unpack-then-dot ones 3-4x.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
         match t.dtype() {
             GgmlDType::Q4K | GgmlDType::Q6K => {
@@ -361,12 +430,12 @@ impl Linear {
             }
         }
         match (WeightKind::from_dtype(t.dtype()), dims.as_slice()) {
-            (Some(kind), &[rows, cols]) if cols % QK == 0 => Ok(Self::Native(QMatrix {
+            (Some(kind), &[rows, cols]) if cols % QK == 0 => Ok(Self::Native(QMatrix::new(
+                kind,
                 rows,
                 cols,
-                kind,
-                data: t.data()?.into_owned(),
-            })),
+                t.data()?.into_owned(),
+            ))),
             _ => Self::candle(t),
         }
     }
@@ -384,9 +453,9 @@ impl Linear {
     pub fn embedding(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
         match self {
             Self::Native(m) => {
-                let mut out = Vec::with_capacity(ids.len() * m.cols);
+                let (mut out, mut buf) = (Vec::with_capacity(ids.len() * m.cols), Vec::new());
                 for &id in ids {
-                    quant::dequantize_row(m.kind, m.row(id as usize), &mut out);
+                    quant::dequantize_row(m.kind, m.row_in(id as usize, &mut buf), &mut out);
                 }
                 Ok(out)
             }

@@ -60,7 +60,7 @@ fn matches_dequantized_reference_and_candle() {
 #[test]
 fn simd_kernels_are_bit_identical_to_portable_ones() {
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        let w = random(40, 576, 9);
+        let w = random(48, 576, 9);
         let x = random(5, 576, 10)
             .flatten_all()
             .unwrap()
@@ -79,8 +79,8 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
                 q
             })
             .collect();
-        let mut portable = vec![0f32; 40 * 5];
-        for task in 0..40 / 8 {
+        let mut portable = vec![0f32; 48 * 5];
+        for task in 0..48 / 8 {
             rows_portable(
                 &m,
                 task * 8,
@@ -90,8 +90,8 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
         }
         #[cfg(target_arch = "x86_64")]
         if super::super::x86::available() {
-            let mut fast = vec![0f32; 40 * 5];
-            for task in 0..40 / 8 {
+            let mut fast = vec![0f32; 48 * 5];
+            for task in 0..48 / 8 {
                 unsafe {
                     rows_x86(
                         &m,
@@ -108,26 +108,32 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
         if super::super::x86::available() {
             use super::super::x86;
             let nb = 576 / QK;
-            let (mut dw, mut mw) = (Vec::new(), Vec::new());
+            let (mut dw, mut mw, mut buf) = (Vec::new(), Vec::new(), Vec::new());
             let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
             let quad = x86::Quad::new(four);
-            for r in 0..40 {
-                unsafe { x86::row_scales(m.kind, m.row(r), nb, &mut dw, &mut mw) };
+            for r in 0..48 {
+                let w = m.row_in(r, &mut buf);
+                unsafe { x86::row_scales(m.kind, w, nb, &mut dw, &mut mw) };
                 let want: Vec<f32> = (0..4).map(|i| portable[r * 5 + i]).collect();
-                let got = unsafe { x86::dot4_quad(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                let got = unsafe { x86::dot4_quad(m.kind, w, &dw, &mw, four, &quad) };
                 assert_eq!(got[..], want[..], "{dtype:?} row {r}");
                 if x86::vnni_available() {
-                    let got =
-                        unsafe { x86::dot4_quad_vnni(m.kind, m.row(r), &dw, &mw, four, &quad) };
+                    let got = unsafe { x86::dot4_quad_vnni(m.kind, w, &dw, &mw, four, &quad) };
                     assert_eq!(got[..], want[..], "{dtype:?} row {r} (VNNI)");
                 }
             }
         }
-        // And the public path (whichever kernel it picks) agrees with both.
+        // Q4_1 is kept in 16-row tiles where the CPU has their kernel.
+        assert_eq!(
+            m.tiled(),
+            dtype == GgmlDType::Q4_1 && crate::kernels::q41tile::hardware(),
+            "{dtype:?}"
+        );
+        // And the public path (whichever kernel it picks: tiles for Q4_1) agrees with both.
         let got = m.matmul(&x, 5);
         for i in 0..5 {
-            for r in 0..40 {
-                assert_eq!(got[i * 40 + r], portable[r * 5 + i]);
+            for r in 0..48 {
+                assert_eq!(got[i * 48 + r], portable[r * 5 + i]);
             }
         }
     }
