@@ -9,7 +9,7 @@ mod kpack_x86;
 pub mod kquant;
 mod kquant_x86;
 pub mod norm;
-pub mod q41tile;
 pub mod qmatmul;
+pub mod qtile;
 pub mod quant;
 pub mod x86;

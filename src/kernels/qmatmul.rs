@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::kpack::KPacked;
 use super::kquant::{self, KKind, KMatrix, QK_K};
-use super::q41tile::{self, Q41Tiles};
+use super::qtile::{self, QTiles};
 use super::quant::{self, Q8Row, UnpackedRow, QK};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +40,8 @@ impl WeightKind {
     }
 }
 
-/// A weight matrix `[rows, cols]`: GGML blocks, or for Q4_1 on CPUs with AVX-512 VNNI,
-/// 16-row tiles ([`Q41Tiles`]).
+/// A weight matrix `[rows, cols]`: GGML blocks, or for Q4_1 and Q8_0 on CPUs with AVX-512
+/// VNNI, 16-row tiles ([`QTiles`]).
 pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
@@ -51,26 +51,26 @@ pub struct QMatrix {
 
 enum Storage {
     Blocks(Vec<u8>),
-    Q41Tiles(Q41Tiles),
+    QTiles(QTiles),
 }
 
 /// Weight rows handed to one parallel task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 
 impl QMatrix {
-    /// `data`: GGML blocks, row-major. Q4_1 goes into tiles where the CPU has their kernel.
+    /// `data`: GGML blocks, row-major. Q4_1 and Q8_0 go into tiles where the CPU has their
+    /// kernel.
     pub fn new(kind: WeightKind, rows: usize, cols: usize, data: Vec<u8>) -> Self {
         assert_eq!(
             data.len(),
             rows * cols / QK * kind.block_bytes(),
             "weight data length"
         );
-        let storage =
-            if kind == WeightKind::Q4_1 && Q41Tiles::supports(rows, cols) && q41tile::hardware() {
-                Storage::Q41Tiles(Q41Tiles::pack(rows, cols, &data))
-            } else {
-                Storage::Blocks(data)
-            };
+        let storage = if QTiles::supports(kind, rows, cols) && qtile::hardware() {
+            Storage::QTiles(QTiles::pack(kind, rows, cols, &data))
+        } else {
+            Storage::Blocks(data)
+        };
         Self {
             rows,
             cols,
@@ -86,13 +86,13 @@ impl QMatrix {
                 let bytes = self.cols / QK * self.kind.block_bytes();
                 &data[r * bytes..(r + 1) * bytes]
             }
-            Storage::Q41Tiles(t) => t.row_into(r, buf),
+            Storage::QTiles(t) => t.row_into(r, buf),
         }
     }
 
     /// True when the matrix is stored in tiles.
     pub fn tiled(&self) -> bool {
-        matches!(self.storage, Storage::Q41Tiles(_))
+        matches!(self.storage, Storage::QTiles(_))
     }
 
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.
@@ -103,8 +103,8 @@ impl QMatrix {
     fn matmul_q8(&self, q8: &Q8Acts) -> Vec<f32> {
         let (acts, n) = (&q8.rows[..], q8.rows.len());
         debug_assert!(acts.iter().all(|a| a.qs.len() == self.cols));
-        if let Storage::Q41Tiles(t) = &self.storage {
-            if q41tile::simd_available() {
+        if let Storage::QTiles(t) = &self.storage {
+            if qtile::simd_available() {
                 return matmul_tiles(t, acts);
             }
         }
@@ -138,7 +138,7 @@ impl QMatrix {
 }
 
 /// `[n, rows]` from tiles, in parallel over tiles, two input rows per pass.
-fn matmul_tiles(t: &Q41Tiles, acts: &[Q8Row]) -> Vec<f32> {
+fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
     struct Dst(*mut f32);
     // Safety: tasks write disjoint outputs (one tile's 16 per input row).
     unsafe impl Sync for Dst {}
@@ -146,7 +146,7 @@ fn matmul_tiles(t: &Q41Tiles, acts: &[Q8Row]) -> Vec<f32> {
     let mut out = vec![0f32; n * rows];
     let dst = Dst(out.as_mut_ptr());
     let min_tiles = (48 * 1024 / t.tile(0).len()).max(1);
-    (0..rows / q41tile::TILE)
+    (0..rows / qtile::TILE)
         .into_par_iter()
         .with_min_len(min_tiles)
         .for_each(|tile| {
@@ -155,9 +155,9 @@ fn matmul_tiles(t: &Q41Tiles, acts: &[Q8Row]) -> Vec<f32> {
                 // Safety: each (tile, input row) owns its 16 outputs.
                 let outs: [*mut f32; 2] = std::array::from_fn(|j| unsafe {
                     dst.0
-                        .add((2 * g + j.min(pair.len() - 1)) * rows + tile * q41tile::TILE)
+                        .add((2 * g + j.min(pair.len() - 1)) * rows + tile * qtile::TILE)
                 });
-                let ran = q41tile::run_tile(t, tile, pair, &outs[..pair.len()]);
+                let ran = qtile::run_tile(t, tile, pair, &outs[..pair.len()]);
                 debug_assert!(ran);
             }
         });
@@ -371,7 +371,10 @@ pub(crate) fn packed_preferred() -> bool {
 pub(crate) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
+        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

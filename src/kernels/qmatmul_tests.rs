@@ -123,13 +123,13 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
                 }
             }
         }
-        // Q4_1 is kept in 16-row tiles where the CPU has their kernel.
+        // Q4_1 and Q8_0 are kept in 16-row tiles where the CPU has their kernel.
         assert_eq!(
             m.tiled(),
-            dtype == GgmlDType::Q4_1 && crate::kernels::q41tile::hardware(),
+            dtype != GgmlDType::Q4_0 && crate::kernels::qtile::hardware(),
             "{dtype:?}"
         );
-        // And the public path (whichever kernel it picks: tiles for Q4_1) agrees with both.
+        // And the public path (whichever kernel it picks: tiles for Q4_1 and Q8_0) agrees with both.
         let got = m.matmul(&x, 5);
         for i in 0..5 {
             for r in 0..48 {
