@@ -96,7 +96,16 @@ impl KPacked {
                 };
                 for r in 0..TILE {
                     let row = t * TILE + r;
-                    kquant::unpack_row(kind, &data[row * row_bytes..][..row_bytes], w);
+                    let src = &data[row * row_bytes..][..row_bytes];
+                    #[cfg(target_arch = "x86_64")]
+                    if super::qmatmul::simd_available() {
+                        // Safety: `simd_available` checked AVX2, FMA and F16C; the same bytes.
+                        unsafe { super::kquant_x86::unpack_row(kind, src, w) };
+                    } else {
+                        kquant::unpack_row(kind, src, w);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    kquant::unpack_row(kind, src, w);
                     for (sb, blk) in tile.chunks_exact_mut(Self::sb_bytes(kind)).enumerate() {
                         write_row(kind, w, sb, r, blk);
                     }
