@@ -202,7 +202,7 @@ impl KPacked {
                         dst.0
                             .add((4 * g + j.min(group.len() - 1)) * m.rows + t * TILE)
                     });
-                    kernel.run(m, t, group, &outs[..group.len()]);
+                    kernel.run(m, t, group, &outs[..group.len()], g == 0);
                 }
             });
         outs
@@ -234,9 +234,10 @@ impl Kernel {
         Self::Portable
     }
 
-    fn run(self, m: &KPacked, t: usize, acts: &[Q8KRow], outs: &[*mut f32]) {
+    fn run(self, m: &KPacked, t: usize, acts: &[Q8KRow], outs: &[*mut f32], pf: bool) {
         match self {
             Self::Portable => {
+                let _ = pf;
                 let mut acc = [0f32; TILE];
                 for (a, &o) in acts.iter().zip(outs) {
                     tile_portable(m.kind, m.tile(t), a, &mut acc);
@@ -246,10 +247,10 @@ impl Kernel {
             }
             #[cfg(target_arch = "x86_64")]
             // Safety: `simd_available` checked the CPU features.
-            Self::Avx512 => unsafe { super::kpack_x86::tile(m.kind, m.tile(t), acts, outs) },
+            Self::Avx512 => unsafe { super::kpack_x86::tile(m.kind, m.tile(t), acts, outs, pf) },
             #[cfg(target_arch = "x86_64")]
             // Safety: `qmatmul::simd_available` checked the CPU features.
-            Self::Avx2 => unsafe { super::kpack_x86::tile_avx2(m.kind, m.tile(t), acts, outs) },
+            Self::Avx2 => unsafe { super::kpack_x86::tile_avx2(m.kind, m.tile(t), acts, outs, pf) },
         }
     }
 }

@@ -224,7 +224,15 @@ fn avx2_kernel_gives_the_portable_bits() {
                     .map(|j| got[j * rows + t * TILE..].as_mut_ptr())
                     .collect();
                 // Safety: AVX2 checked above; each pointer has 16 outputs.
-                unsafe { crate::kernels::kpack_x86::tile_avx2(m.kind, m.tile(t), &acts, &outs) };
+                unsafe {
+                    crate::kernels::kpack_x86::tile_avx2(
+                        m.kind,
+                        m.tile(t),
+                        &acts,
+                        &outs,
+                        t % 2 == 0,
+                    )
+                };
             }
             assert_eq!(want, got, "{dtype:?} n={n}");
         }

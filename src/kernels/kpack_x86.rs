@@ -10,21 +10,23 @@ use std::arch::x86_64::*;
 use super::kpack::{q4k, q6k, TILE};
 use super::kquant::{KKind, Q8KRow, QK_K};
 
-/// Tile `tile` against `acts` (one to four rows), writing 16 outputs at each of `outs`.
+/// Tile `tile` against `acts` (one to four rows), writing 16 outputs at each of `outs`;
+/// `pf`: prefetch the weights ahead (the first pass over a tile; later passes find them in
+/// cache).
 ///
 /// # Safety
 /// The CPU must support AVX-512F, BW and VNNI; each `outs[i]` must be valid for 16 writes;
 /// `tile` is a whole tile of `kind` for rows as wide as `acts`'.
-pub unsafe fn tile(kind: KKind, tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32]) {
+pub unsafe fn tile(kind: KKind, tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], pf: bool) {
     match (kind, acts.len()) {
-        (KKind::Q6K, 1) => q6k_tile::<1>(tile, acts, outs),
-        (KKind::Q6K, 2) => q6k_tile::<2>(tile, acts, outs),
-        (KKind::Q6K, 3) => q6k_tile::<3>(tile, acts, outs),
-        (KKind::Q6K, 4) => q6k_tile::<4>(tile, acts, outs),
-        (_, 1) => q4k_tile::<1>(tile, acts, outs),
-        (_, 2) => q4k_tile::<2>(tile, acts, outs),
-        (_, 3) => q4k_tile::<3>(tile, acts, outs),
-        (_, 4) => q4k_tile::<4>(tile, acts, outs),
+        (KKind::Q6K, 1) => q6k_tile::<1>(tile, acts, outs, pf),
+        (KKind::Q6K, 2) => q6k_tile::<2>(tile, acts, outs, pf),
+        (KKind::Q6K, 3) => q6k_tile::<3>(tile, acts, outs, pf),
+        (KKind::Q6K, 4) => q6k_tile::<4>(tile, acts, outs, pf),
+        (_, 1) => q4k_tile::<1>(tile, acts, outs, pf),
+        (_, 2) => q4k_tile::<2>(tile, acts, outs, pf),
+        (_, 3) => q4k_tile::<3>(tile, acts, outs, pf),
+        (_, 4) => q4k_tile::<4>(tile, acts, outs, pf),
         _ => unreachable!("one to four activation rows"),
     }
 }
@@ -46,7 +48,7 @@ unsafe fn bcast(p: *const i8) -> __m512i {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32]) {
+unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], pf: bool) {
     let kb = acts[0].d.len();
     assert!(tile.len() >= kb * q4k::BYTES && acts.len() == MT && outs.len() == MT);
     let m4 = _mm512_set1_epi8(0x0F);
@@ -56,7 +58,9 @@ unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
         let x: [*const i8; MT] = std::array::from_fn(|m| acts[m].qs.as_ptr().add(sb * QK_K));
         let mut total = [_mm512_setzero_si512(); MT];
         for s in 0..8 {
-            prefetch(blk.wrapping_add(PREFETCH_SBS * q4k::BYTES + 320 * s), 5);
+            if pf {
+                prefetch(blk.wrapping_add(PREFETCH_SBS * q4k::BYTES + 320 * s), 5);
+            }
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s) as *const _));
             let mut lo_sum = [_mm512_setzero_si512(); MT];
             let mut hi_sum = [_mm512_setzero_si512(); MT];
@@ -100,7 +104,7 @@ unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn q6k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32]) {
+unsafe fn q6k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], pf: bool) {
     let kb = acts[0].d.len();
     assert!(tile.len() >= kb * q6k::BYTES && acts.len() == MT && outs.len() == MT);
     let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
@@ -110,7 +114,9 @@ unsafe fn q6k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
         let x: [*const i8; MT] = std::array::from_fn(|m| acts[m].qs.as_ptr().add(sb * QK_K));
         let mut total = [_mm512_setzero_si512(); MT];
         for p in 0..16 {
-            prefetch(blk.wrapping_add(PREFETCH_SBS * q6k::BYTES + 212 * p), 4);
+            if pf {
+                prefetch(blk.wrapping_add(PREFETCH_SBS * q6k::BYTES + 212 * p), 4);
+            }
             let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(q6k::SC + 16 * p) as *const _));
             let wa = _mm512_loadu_si512(blk.add(q6k::QL + 128 * p) as *const _);
             let wb = _mm512_loadu_si512(blk.add(q6k::QL + 128 * p + 64) as *const _);
@@ -158,17 +164,17 @@ const _: () = assert!(TILE == 16);
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; otherwise as [`tile`].
-pub unsafe fn tile_avx2(kind: KKind, tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32]) {
+pub unsafe fn tile_avx2(kind: KKind, tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], pf: bool) {
     for half in 0..2 {
         match (kind, acts.len()) {
-            (KKind::Q6K, 1) => q6k_half::<1>(tile, acts, outs, half),
-            (KKind::Q6K, 2) => q6k_half::<2>(tile, acts, outs, half),
-            (KKind::Q6K, 3) => q6k_half::<3>(tile, acts, outs, half),
-            (KKind::Q6K, 4) => q6k_half::<4>(tile, acts, outs, half),
-            (_, 1) => q4k_half::<1>(tile, acts, outs, half),
-            (_, 2) => q4k_half::<2>(tile, acts, outs, half),
-            (_, 3) => q4k_half::<3>(tile, acts, outs, half),
-            (_, 4) => q4k_half::<4>(tile, acts, outs, half),
+            (KKind::Q6K, 1) => q6k_half::<1>(tile, acts, outs, half, pf),
+            (KKind::Q6K, 2) => q6k_half::<2>(tile, acts, outs, half, pf),
+            (KKind::Q6K, 3) => q6k_half::<3>(tile, acts, outs, half, pf),
+            (KKind::Q6K, 4) => q6k_half::<4>(tile, acts, outs, half, pf),
+            (_, 1) => q4k_half::<1>(tile, acts, outs, half, pf),
+            (_, 2) => q4k_half::<2>(tile, acts, outs, half, pf),
+            (_, 3) => q4k_half::<3>(tile, acts, outs, half, pf),
+            (_, 4) => q4k_half::<4>(tile, acts, outs, half, pf),
             _ => unreachable!("one to four activation rows"),
         }
     }
@@ -187,14 +193,20 @@ unsafe fn dp8(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_half<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], half: usize) {
+unsafe fn q4k_half<const MT: usize>(
+    tile: &[u8],
+    acts: &[Q8KRow],
+    outs: &[*mut f32],
+    half: usize,
+    pf: bool,
+) {
     let kb = acts[0].d.len();
     assert!(tile.len() >= kb * q4k::BYTES && acts.len() == MT && outs.len() == MT && half < 2);
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); MT];
     for sb in 0..kb {
         let blk = tile.as_ptr().add(sb * q4k::BYTES);
-        if half == 0 {
+        if pf && half == 0 {
             prefetch(blk.wrapping_add(PREFETCH_SBS * q4k::BYTES), q4k::BYTES / 64);
         }
         let x: [*const i8; MT] = std::array::from_fn(|m| acts[m].qs.as_ptr().add(sb * QK_K));
@@ -244,14 +256,20 @@ unsafe fn q4k_half<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_half<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32], half: usize) {
+unsafe fn q6k_half<const MT: usize>(
+    tile: &[u8],
+    acts: &[Q8KRow],
+    outs: &[*mut f32],
+    half: usize,
+    pf: bool,
+) {
     let kb = acts[0].d.len();
     assert!(tile.len() >= kb * q6k::BYTES && acts.len() == MT && outs.len() == MT && half < 2);
     let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
     let mut acc = [_mm256_setzero_ps(); MT];
     for sb in 0..kb {
         let blk = tile.as_ptr().add(sb * q6k::BYTES);
-        if half == 0 {
+        if pf && half == 0 {
             prefetch(blk.wrapping_add(PREFETCH_SBS * q6k::BYTES), q6k::BYTES / 64);
         }
         let x: [*const i8; MT] = std::array::from_fn(|m| acts[m].qs.as_ptr().add(sb * QK_K));

@@ -157,7 +157,7 @@ fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
                     dst.0
                         .add((2 * g + j.min(pair.len() - 1)) * rows + tile * qtile::TILE)
                 });
-                let ran = qtile::run_tile(t, tile, pair, &outs[..pair.len()]);
+                let ran = qtile::run_tile(t, tile, pair, &outs[..pair.len()], g == 0);
                 debug_assert!(ran);
             }
         });

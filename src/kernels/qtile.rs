@@ -148,17 +148,18 @@ pub mod x86 {
     /// How many blocks ahead the weights are prefetched.
     const PREFETCH_BLOCKS: usize = 4;
 
-    /// Tile `tile` of `kind` against one or two activation rows, 16 outputs at each of `outs`.
+    /// Tile `tile` of `kind` against one or two activation rows, 16 outputs at each of `outs`;
+    /// `pf`: prefetch the weights ahead (the first pass over a tile).
     ///
     /// # Safety
     /// The CPU must support AVX-512F, BW, VNNI, FMA and F16C; each `outs[i]` must be valid for
     /// 16 writes; `tile` is a whole tile for rows as wide as `acts`'.
-    pub unsafe fn tile(kind: WeightKind, tile: &[u8], acts: &[Q8Row], outs: &[*mut f32]) {
+    pub unsafe fn tile(kind: WeightKind, tile: &[u8], acts: &[Q8Row], outs: &[*mut f32], pf: bool) {
         match (kind, acts.len()) {
-            (WeightKind::Q8_0, 1) => kernel::<1, true>(tile, acts, outs),
-            (WeightKind::Q8_0, 2) => kernel::<2, true>(tile, acts, outs),
-            (_, 1) => kernel::<1, false>(tile, acts, outs),
-            (_, 2) => kernel::<2, false>(tile, acts, outs),
+            (WeightKind::Q8_0, 1) => kernel::<1, true>(tile, acts, outs, pf),
+            (WeightKind::Q8_0, 2) => kernel::<2, true>(tile, acts, outs, pf),
+            (_, 1) => kernel::<1, false>(tile, acts, outs, pf),
+            (_, 2) => kernel::<2, false>(tile, acts, outs, pf),
             _ => unreachable!("one or two activation rows"),
         }
     }
@@ -171,6 +172,7 @@ pub mod x86 {
         tile: &[u8],
         acts: &[Q8Row],
         outs: &[*mut f32],
+        pf: bool,
     ) {
         let lay = layout(if Q8 {
             WeightKind::Q8_0
@@ -187,7 +189,7 @@ pub mod x86 {
         let mut summs = [_mm512_setzero_ps(); MT];
         for b in 0..nb {
             let blk = tile.as_ptr().add(b * lay.block);
-            for i in 0..lay.block / 64 {
+            for i in 0..if pf { lay.block / 64 } else { 0 } {
                 let ahead = blk.wrapping_add(PREFETCH_BLOCKS * lay.block + 64 * i);
                 _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             }
@@ -270,13 +272,13 @@ pub fn simd_available() -> bool {
 
 /// One tile against one or two activation rows (see [`x86::tile`]); `false` when the kernel
 /// does not run on this CPU (the caller then rebuilds rows).
-pub fn run_tile(tiles: &QTiles, t: usize, acts: &[Q8Row], outs: &[*mut f32]) -> bool {
+pub fn run_tile(tiles: &QTiles, t: usize, acts: &[Q8Row], outs: &[*mut f32], pf: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // Safety: `simd_available` checked the features; the caller owns `outs`.
-        unsafe { x86::tile(tiles.kind, tiles.tile(t), acts, outs) };
+        unsafe { x86::tile(tiles.kind, tiles.tile(t), acts, outs, pf) };
         return true;
     }
-    let _ = (tiles, t, acts, outs);
+    let _ = (tiles, t, acts, outs, pf);
     false
 }
