@@ -7,7 +7,14 @@
 #   scripts/bench_vs_llamacpp.sh LLAMA_BIN_DIR [PAIRS] [MODELS]
 #
 # LLAMA_BIN_DIR holds llama-bench (a CMake Release build of llama.cpp, e.g. the one vendored in
-# the PyPI sdist llama_cpp_python==0.3.36, built outside this repository). MODELS is a
+# the PyPI sdist llama_cpp_python==0.3.36, built outside this repository). On CPUs with AMX,
+# llama.cpp's native build takes its AMX path, which crashed in prompt processing on our
+# machines; the README's run used, in vendor/llama.cpp:
+#   cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+#     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+#     -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON \
+#     -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+#   cmake --build build -j2 --target llama-bench llama-server llama-quantize MODELS is a
 # comma-separated subset of default,1b,8b (default: all three). Only the ratios mean anything
 # on a shared host: each pair runs back to back.
 set -euo pipefail
