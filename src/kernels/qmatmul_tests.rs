@@ -149,20 +149,26 @@ fn embedding_rows_equal_candles_dequantization() {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
-        let w = random(12, 256, 4);
-        let qt = QTensor::quantize(&w, dtype).unwrap();
-        let want = qt
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let got = Linear::from_qtensor_native(&qt)
-            .unwrap()
-            .embedding(&[7, 0, 11])
-            .unwrap();
-        assert_eq!(got[..256], want[7][..], "{dtype:?}");
-        assert_eq!(got[256..512], want[0][..], "{dtype:?}");
-        assert_eq!(got[512..], want[11][..], "{dtype:?}");
+        // 12 rows stay in GGML blocks; 32 rows go into tiles where the CPU has their kernels
+        // (`from_qtensor`), so both layouts are read back.
+        for rows in [12, 32] {
+            let w = random(rows, 256, 4);
+            let qt = QTensor::quantize(&w, dtype).unwrap();
+            let want = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for lin in [
+                Linear::from_qtensor_native(&qt).unwrap(),
+                Linear::from_qtensor(&qt).unwrap(),
+            ] {
+                let got = lin.embedding(&[7, 0, 11]).unwrap();
+                assert_eq!(got[..256], want[7][..], "{dtype:?}");
+                assert_eq!(got[256..512], want[0][..], "{dtype:?}");
+                assert_eq!(got[512..], want[11][..], "{dtype:?}");
+            }
+        }
     }
 }
 
