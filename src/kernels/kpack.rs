@@ -18,7 +18,9 @@
 
 use rayon::prelude::*;
 
+use super::aligned::AlignedBytes;
 use super::kquant::{self, KKind, KRow, Q8KRow, QK_K};
+use super::quant::f16_at as f16;
 
 /// Weight rows per tile (one per 32-bit lane of a 512-bit vector).
 pub const TILE: usize = 16;
@@ -43,16 +45,12 @@ pub(crate) mod q6k {
     pub const BYTES: usize = 3392;
 }
 
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
 /// A Q4_K or Q6_K matrix `[rows, cols]` in tiles: `rows` a multiple of [`TILE`], `cols` of 256.
 pub struct KPacked {
     pub rows: usize,
     pub cols: usize,
     pub kind: KKind,
-    lines: Vec<Line>,
+    data: AlignedBytes,
 }
 
 /// Tiles handed to one parallel task: at least this many weight bytes.
@@ -85,15 +83,12 @@ impl KPacked {
         let row_bytes = kb * kind.block_bytes();
         assert_eq!(data.len(), rows * row_bytes, "K-quant data length");
         let tile_bytes = kb * Self::sb_bytes(kind);
-        let mut lines = vec![Line([0; 64]); rows / TILE * tile_bytes / 64];
-        lines
-            .par_chunks_mut(tile_bytes / 64)
+        let mut tiles = AlignedBytes::zeroed(rows / TILE * tile_bytes);
+        tiles
+            .as_mut_slice()
+            .par_chunks_mut(tile_bytes)
             .enumerate()
             .for_each_init(KRow::default, |w, (t, tile)| {
-                // Safety: `Line` is 64 plain bytes.
-                let tile = unsafe {
-                    std::slice::from_raw_parts_mut(tile.as_mut_ptr() as *mut u8, tile_bytes)
-                };
                 for r in 0..TILE {
                     let row = t * TILE + r;
                     let src = &data[row * row_bytes..][..row_bytes];
@@ -115,14 +110,7 @@ impl KPacked {
             rows,
             cols,
             kind,
-            lines,
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // Safety: `Line` is 64 plain bytes.
-        unsafe {
-            std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.lines.len() * 64)
+            data: tiles,
         }
     }
 
@@ -132,7 +120,7 @@ impl KPacked {
 
     /// Tile `t`'s bytes (all its super-blocks).
     pub(crate) fn tile(&self, t: usize) -> &[u8] {
-        &self.bytes()[t * self.tile_bytes()..][..self.tile_bytes()]
+        &self.data.as_slice()[t * self.tile_bytes()..][..self.tile_bytes()]
     }
 
     /// Row `r` dequantized (appended to `out`), with candle's arithmetic (the values of
@@ -268,10 +256,6 @@ pub fn simd_available() -> bool {
     {
         false
     }
-}
-
-fn f16(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Column `v`'s 4-bit value in a nibble plane at `base` (see the module docs).

@@ -1,7 +1,7 @@
 //! Repacked K-quant tiles: the same values as GGML's blocks, products within float rounding
 //! of the unpack-then-dot kernels, and the AVX-512 kernel equal to the portable one bit for bit.
 use super::*;
-use crate::kernels::kquant::{quantize_row_q8k, KMatrix};
+use crate::kernels::kquant::KMatrix;
 use crate::kernels::qmatmul::Linear;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -30,13 +30,9 @@ fn packed(m: &KMatrix) -> KPacked {
 }
 
 fn q8k(x: &[f32], cols: usize) -> Vec<Q8KRow> {
-    x.chunks_exact(cols)
-        .map(|r| {
-            let mut q = Q8KRow::default();
-            quantize_row_q8k(r, &mut q);
-            q
-        })
-        .collect()
+    crate::kernels::qmatmul::Activations::new(x, x.len() / cols)
+        .q8k()
+        .to_vec()
 }
 
 fn portable(m: &KPacked, acts: &[Q8KRow]) -> Vec<f32> {

@@ -36,14 +36,14 @@ const PREFETCH_SBS: usize = 2;
 
 /// Prefetches `lines` cache lines from `p` (an address past the tile is harmless).
 #[inline(always)]
-unsafe fn prefetch(p: *const u8, lines: usize) {
+pub(crate) unsafe fn prefetch(p: *const u8, lines: usize) {
     for i in 0..lines {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * i) as *const i8);
     }
 }
 
 #[inline(always)]
-unsafe fn bcast(p: *const i8) -> __m512i {
+pub(crate) unsafe fn bcast(p: *const i8) -> __m512i {
     _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
 }
 

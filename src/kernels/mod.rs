@@ -2,6 +2,7 @@
 //!
 //! Knows slices and layouts; never the scheduler or HTTP.
 
+mod aligned;
 pub mod attention;
 mod attention_x86;
 pub mod kpack;

@@ -13,6 +13,7 @@
 //! then Q4_1's offset sum. So it gives the bits of [`super::x86::dot_q4_1`] /
 //! [`super::x86::dot_q8_0`] and of the portable [`super::quant::dot`].
 
+use super::aligned::AlignedBytes;
 use super::qmatmul::WeightKind;
 use super::quant::{Q8Row, QK};
 
@@ -43,16 +44,12 @@ fn layout(kind: WeightKind) -> Layout {
     }
 }
 
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
 /// A Q4_1 or Q8_0 matrix `[rows, cols]` in tiles (`rows` a multiple of 16).
 pub struct QTiles {
     kind: WeightKind,
     rows: usize,
     cols: usize,
-    lines: Vec<Line>,
+    data: AlignedBytes,
 }
 
 impl QTiles {
@@ -69,11 +66,8 @@ impl QTiles {
         assert!(Self::supports(kind, rows, cols), "unsupported tile shape");
         let (nb, bb, lay) = (cols / QK, kind.block_bytes(), layout(kind));
         assert_eq!(data.len(), rows * nb * bb, "weight data length");
-        let mut lines = vec![Line([0; 64]); rows / TILE * nb * lay.block / 64];
-        // Safety: `Line` is 64 plain bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64)
-        };
+        let mut tiles = AlignedBytes::zeroed(rows / TILE * nb * lay.block);
+        let bytes = tiles.as_mut_slice();
         for (r, row) in data.chunks_exact(nb * bb).enumerate() {
             let (tile, lane) = (r / TILE, r % TILE);
             for (b, blk) in row.chunks_exact(bb).enumerate() {
@@ -95,14 +89,7 @@ impl QTiles {
             kind,
             rows,
             cols,
-            lines,
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // Safety: `Line` is 64 plain bytes.
-        unsafe {
-            std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.lines.len() * 64)
+            data: tiles,
         }
     }
 
@@ -117,7 +104,7 @@ impl QTiles {
     /// Tile `t`'s blocks.
     pub fn tile(&self, t: usize) -> &[u8] {
         let len = self.cols / QK * layout(self.kind).block;
-        &self.bytes()[t * len..][..len]
+        &self.data.as_slice()[t * len..][..len]
     }
 
     /// Row `r` as GGML blocks, rebuilt into `buf`.
@@ -142,6 +129,7 @@ impl QTiles {
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use super::{layout, WeightKind, QK};
+    use crate::kernels::kpack_x86::{bcast as bc, prefetch};
     use crate::kernels::quant::Q8Row;
     use std::arch::x86_64::*;
 
@@ -189,15 +177,16 @@ pub mod x86 {
         let mut summs = [_mm512_setzero_ps(); MT];
         for b in 0..nb {
             let blk = tile.as_ptr().add(b * lay.block);
-            for i in 0..if pf { lay.block / 64 } else { 0 } {
-                let ahead = blk.wrapping_add(PREFETCH_BLOCKS * lay.block + 64 * i);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            if pf {
+                prefetch(
+                    blk.wrapping_add(PREFETCH_BLOCKS * lay.block),
+                    lay.block / 64,
+                );
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(lay.d) as *const _));
             let d: [__m512; MT] =
                 std::array::from_fn(|m| _mm512_mul_ps(dw, _mm512_set1_ps(acts[m].d[b])));
             let x: [*const i8; MT] = std::array::from_fn(|m| acts[m].qs.as_ptr().add(b * QK));
-            let bc = |p: *const i8| _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32));
             if Q8 {
                 for l in 0..8 {
                     let w = _mm512_loadu_si512(blk.add(64 * l) as *const _);
