@@ -213,6 +213,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| lower_thread_priority())
         .build_global();
+    edgeinfer::kernels::pool::set_thread_start(lower_thread_priority);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The model thread does the heavy work; the HTTP side needs little.
         .worker_threads(2)

@@ -8,7 +8,6 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 /// Keys and values of one layer as seen by one sequence: position `p` is row
 /// `blocks[p / block_size] * block_size + p % block_size` of `k` and `v`.
@@ -100,7 +99,7 @@ fn plan(seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<Task> {
             })
         })
         .collect();
-    let want = 4 * rayon::current_num_threads();
+    let want = 4 * super::pool::threads();
     while tasks.len() < want {
         let Some((i, _)) = tasks
             .iter()
@@ -154,33 +153,32 @@ fn packed_attention_with(
     let width = n_head * head_dim;
     let tasks = plan(seqs, shape);
     // Each task's output: for each of its rows, for each of its heads, `head_dim` values.
-    let per_task: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|t| {
-            let seq = &seqs[t.seq];
-            let rows = &q[seq.row * width..(seq.row + seq.len) * width];
-            #[cfg(target_arch = "x86_64")]
-            if let Some(v) = simd {
-                // Safety: `best()` checked the CPU features, `packed_attention` the head size.
-                return unsafe {
-                    super::attention_x86::group_attention(v, rows, seq.kv, seq.start, shape, t)
-                };
+    let run = |t: &Task| -> Vec<f32> {
+        let seq = &seqs[t.seq];
+        let rows = &q[seq.row * width..(seq.row + seq.len) * width];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v) = simd {
+            // Safety: `best()` checked the CPU features, `packed_attention` the head size.
+            return unsafe {
+                super::attention_x86::group_attention(v, rows, seq.kv, seq.start, shape, t)
+            };
+        }
+        let _ = simd;
+        let mut out = Vec::with_capacity(t.rows.len() * t.heads.len() * head_dim);
+        let per_head: Vec<Vec<f32>> = t
+            .heads
+            .clone()
+            .map(|h| head_attention_dispatch(rows, seq.kv, t.rows.clone(), seq.start, shape, h))
+            .collect();
+        for i in 0..t.rows.len() {
+            for ph in &per_head {
+                out.extend_from_slice(&ph[i * head_dim..][..head_dim]);
             }
-            let _ = simd;
-            let mut out = Vec::with_capacity(t.rows.len() * t.heads.len() * head_dim);
-            let per_head: Vec<Vec<f32>> = t
-                .heads
-                .clone()
-                .map(|h| head_attention_dispatch(rows, seq.kv, t.rows.clone(), seq.start, shape, h))
-                .collect();
-            for i in 0..t.rows.len() {
-                for ph in &per_head {
-                    out.extend_from_slice(&ph[i * head_dim..][..head_dim]);
-                }
-            }
-            out
-        })
-        .collect();
+        }
+        out
+    };
+    let mut per_task: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
+    super::pool::for_chunks_mut(&mut per_task, 1, |i, slot| slot[0] = run(&tasks[i]));
     let mut out = vec![0f32; q.len()];
     for (t, vals) in tasks.iter().zip(&per_task) {
         let seq = &seqs[t.seq];

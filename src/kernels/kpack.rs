@@ -179,10 +179,9 @@ impl KPacked {
             .min()
             .unwrap_or(1);
         let kernel = Kernel::choose();
-        units
-            .par_iter()
-            .with_min_len(min_tiles)
-            .for_each(|&(i, t)| {
+        let grain = super::pool::grain(units.len(), min_tiles);
+        super::pool::for_ranges(units.len(), grain, |range| {
+            for &(i, t) in &units[range] {
                 let (m, dst) = (ms[i], &dsts[i]);
                 for (g, group) in acts.chunks(4).enumerate() {
                     // Safety: each (matrix, tile, input row) writes its own 16 outputs.
@@ -192,7 +191,8 @@ impl KPacked {
                     });
                     kernel.run(m, t, group, &outs[..group.len()], g == 0);
                 }
-            });
+            }
+        });
         outs
     }
 }

@@ -13,7 +13,6 @@
 //! AVX2 and AVX-512 kernels ([`super::kquant_x86`]) give the same bits as the portable code.
 
 use super::quant::{f16_at, hsum8};
-use rayon::prelude::*;
 
 pub const QK_K: usize = 256;
 const GROUPS: usize = QK_K / 16;
@@ -300,20 +299,17 @@ impl KMatrix {
         assert!(acts.iter().all(|a| a.qs.len() == self.cols));
         let simd = super::qmatmul::simd_available();
         let mut by_row = vec![0f32; self.rows * n];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // Safety: `simd_available` checked the CPU features.
-                    unsafe { super::kquant_x86::rows(self, first, out, acts) };
-                    return;
-                }
-                let _ = simd;
-                rows_portable(self, first, out, acts)
-            });
+        super::pool::for_chunks_mut(&mut by_row, ROWS_PER_TASK * n, |task, out| {
+            let first = task * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // Safety: `simd_available` checked the CPU features.
+                unsafe { super::kquant_x86::rows(self, first, out, acts) };
+                return;
+            }
+            let _ = simd;
+            rows_portable(self, first, out, acts)
+        });
         super::qmatmul::transpose_rows(by_row, self.rows, n)
     }
 }

@@ -10,6 +10,7 @@ mod kpack_x86;
 pub mod kquant;
 mod kquant_x86;
 pub mod norm;
+pub mod pool;
 pub mod qmatmul;
 pub mod qtile;
 pub mod quant;

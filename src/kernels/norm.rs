@@ -14,8 +14,7 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
         }
     };
     if x.len() >= super::qmatmul::PARALLEL_QUANT_VALUES {
-        use rayon::prelude::*;
-        x.par_chunks_exact_mut(dim).for_each(norm);
+        super::pool::for_chunks_mut(x, dim, |_, row| norm(row));
     } else {
         x.chunks_exact_mut(dim).for_each(norm);
     }

@@ -1,13 +1,13 @@
 //! Quantized matrix products `y = x · Wᵀ` for Q4_0, Q4_1 and Q8_0 weights: activations are
 //! quantized once per call, then each weight row is applied to every input row while it is
-//! in cache, in parallel over weight rows (rayon). Other quantization types run on candle.
+//! in cache, in parallel over weight rows (the compute pool). Other quantization types run on candle.
 //!
 //! Invariant: results match [`super::quant`]'s llama.cpp-exact block dot products; the
 //! thread split never changes a result (each output is computed by one thread, in order).
 
+use super::pool;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
-use rayon::prelude::*;
 
 use super::kpack::KPacked;
 use super::kquant::{self, KKind, KMatrix, QK_K};
@@ -113,26 +113,23 @@ impl QMatrix {
         let simd = simd_available();
         #[cfg(target_arch = "x86_64")]
         let quads = &q8.quads;
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // Safety: `simd::available()` checked the CPU features.
-                    unsafe {
-                        if n >= 4 {
-                            rows_x86_multi(self, first, out, acts, quads)
-                        } else {
-                            rows_x86(self, first, out, acts)
-                        }
-                    };
-                    return;
-                }
-                let _ = simd;
-                rows_portable(self, first, out, acts)
-            });
+        pool::for_chunks_mut(&mut by_row, ROWS_PER_TASK * n, |task, out| {
+            let first = task * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // Safety: `simd::available()` checked the CPU features.
+                unsafe {
+                    if n >= 4 {
+                        rows_x86_multi(self, first, out, acts, quads)
+                    } else {
+                        rows_x86(self, first, out, acts)
+                    }
+                };
+                return;
+            }
+            let _ = simd;
+            rows_portable(self, first, out, acts)
+        });
         transpose_rows(by_row, self.rows, n)
     }
 }
@@ -145,12 +142,11 @@ fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
     let (rows, n) = (t.rows(), acts.len());
     let mut out = vec![0f32; n * rows];
     let dst = Dst(out.as_mut_ptr());
+    let tiles = rows / qtile::TILE;
     let min_tiles = (48 * 1024 / t.tile(0).len()).max(1);
-    (0..rows / qtile::TILE)
-        .into_par_iter()
-        .with_min_len(min_tiles)
-        .for_each(|tile| {
-            let dst = &dst;
+    pool::for_ranges(tiles, pool::grain(tiles, min_tiles), |range| {
+        let dst = &dst;
+        for tile in range {
             for (g, pair) in acts.chunks(2).enumerate() {
                 // Safety: each (tile, input row) owns its 16 outputs.
                 let outs: [*mut f32; 2] = std::array::from_fn(|j| unsafe {
@@ -160,7 +156,8 @@ fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
                 let ran = qtile::run_tile(t, tile, pair, &outs[..pair.len()], g == 0);
                 debug_assert!(ran);
             }
-        });
+        }
+    });
     out
 }
 
@@ -200,9 +197,9 @@ impl<'a> Activations<'a> {
         let cols = self.x.len() / self.n.max(1);
         let mut out: Vec<T> = (0..self.n).map(|_| T::default()).collect();
         if self.x.len() >= PARALLEL_QUANT_VALUES {
-            out.par_iter_mut()
-                .zip(self.x.par_chunks_exact(cols))
-                .for_each(|(q, row)| f(row, q));
+            pool::for_chunks_mut(&mut out, 1, |i, q| {
+                f(&self.x[i * cols..][..cols], &mut q[0])
+            });
         } else {
             out.iter_mut()
                 .zip(self.x.chunks_exact(cols))
@@ -248,7 +245,7 @@ pub(crate) fn transpose_rows(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32
         }
     };
     if n * rows >= PARALLEL_QUANT_VALUES {
-        y.par_chunks_mut(rows).enumerate().for_each(column);
+        pool::for_chunks_mut(&mut y, rows, |i, out| column((i, out)));
     } else {
         y.chunks_mut(rows).enumerate().for_each(column);
     }

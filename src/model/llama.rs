@@ -187,18 +187,6 @@ impl Llama {
         seqs: &[SeqInput],
         pool: &mut KvPool,
     ) -> Result<Vec<Option<Vec<f32>>>> {
-        // Run the whole forward on a rayon worker: its parallel loops then start and join
-        // from inside the pool instead of waking the calling thread for every matmul.
-        let mut result = None;
-        rayon::scope(|_| result = Some(self.forward_batch_inner(seqs, pool)));
-        result.expect("the scope ran the forward. This is a bug.")
-    }
-
-    fn forward_batch_inner(
-        &self,
-        seqs: &[SeqInput],
-        pool: &mut KvPool,
-    ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if n == 0 || seqs.iter().any(|s| s.tokens.is_empty()) {
@@ -381,10 +369,9 @@ fn silu_mul(gate: &mut [f32], up: &[f32], width: usize) {
         }
     };
     if gate.len() >= crate::kernels::qmatmul::PARALLEL_QUANT_VALUES {
-        use rayon::prelude::*;
-        gate.par_chunks_mut(width)
-            .zip(up.par_chunks(width))
-            .for_each(row);
+        crate::kernels::pool::for_chunks_mut(gate, width, |i, g| {
+            row((g, &up[i * width..][..width]))
+        });
     } else {
         gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
     }
