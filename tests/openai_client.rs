@@ -1,46 +1,17 @@
 //! The official `openai` Python package against the real server, streaming and not, with
-//! structured output and tools. It runs in the virtual environment `.venv` (created with
-//! `openai` and `jsonschema` installed if missing; `.ci/run` prepares it).
+//! structured output and tools. It runs in the virtual environment `.venv` (see
+//! [`common::python_with_clients`]; `.ci/run` prepares it).
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::server::Server;
 use serde_json::Value;
 
-fn python_with_openai() -> PathBuf {
-    let root = common::repo_root();
-    let python = root.join(".venv/bin/python");
-    let ok = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import openai, jsonschema"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ok(&python) {
-        if !root.join(".venv/bin/pip").exists() {
-            let venv = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(root.join(".venv"))
-                .status();
-            assert!(venv.is_ok_and(|s| s.success()), "cannot create .venv");
-        }
-        let pip = Command::new(root.join(".venv/bin/pip"))
-            .args(["install", "--quiet", "openai", "jsonschema"])
-            .status();
-        assert!(
-            pip.is_ok_and(|s| s.success()),
-            "cannot install openai and jsonschema into .venv"
-        );
-    }
-    python
-}
-
 /// Runs `tests/python/SCRIPT` against a fresh server; returns the JSON it prints.
 fn run_client(script: &str) -> Value {
-    let python = python_with_openai();
+    let python = common::python_with_clients();
     let s = Server::start(&[]);
     let out = Command::new(python)
         .arg(common::repo_root().join("tests/python").join(script))

@@ -177,6 +177,54 @@ impl ApiError {
     }
 }
 
+/// Anthropic's error type for an HTTP status.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl ApiError {
+    /// The body in Anthropic's envelope: `{"type": "error", "error": {"type", "message"}}`.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        anthropic_envelope(self.status, &self.message)
+    }
+}
+
+fn anthropic_envelope(status: StatusCode, message: &str) -> serde_json::Value {
+    json!({"type": "error", "error": {"type": anthropic_type(status), "message": message}})
+}
+
+/// Re-renders an error response of the OpenAI surface (from a handler or a layer in front of
+/// it: auth, body limits, routing) in Anthropic's envelope, keeping status and headers.
+pub async fn to_anthropic(resp: Response) -> Response {
+    if resp.status().is_success() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    let body = anthropic_envelope(parts.status, &message).to_string();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {

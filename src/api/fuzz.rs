@@ -56,6 +56,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         chat: true,
         logprobs: false,
         tools: tools.then_some(ToolFormat::HERMES),
+        surface: super::response::Surface::OpenAi,
     };
     thread_local! {
         static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()

@@ -16,8 +16,7 @@ use super::error::ApiError;
 use super::gate::{
     add_headers, rate_headers, refusal_error, replay, Directives, Gate, Recorded, Tail,
 };
-use super::response::{collect, Meta};
-use super::stream::sse_response;
+use super::response::{respond, Meta, Surface};
 use super::types::{
     from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
 };
@@ -27,6 +26,7 @@ use crate::engine::request::{Event, GenerationRequest, UsageSink};
 use crate::gateway::cache::{self, Cached, Lookup};
 use crate::gateway::limits::Ask;
 use crate::gateway::{Labels, Principal};
+use crate::model::Message;
 use crate::structured::toolcall;
 use tokio::sync::oneshot;
 
@@ -65,6 +65,7 @@ fn accept<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     route: &'static str,
     body: Result<Bytes, BytesRejection>,
+    translate: impl FnOnce(Value) -> Result<Value, ApiError>,
     model: impl Fn(&T) -> Option<&str>,
 ) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
@@ -73,7 +74,7 @@ fn accept<T: serde::de::DeserializeOwned>(
     if !ready.engine.has_room() {
         return Err(ApiError::overloaded());
     }
-    let body = parse_body(&body)?;
+    let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     check_model(state, &who, model(&req))?;
@@ -94,12 +95,80 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    chat(&state, rid, who, &headers, body, "/v1/chat/completions").await
+}
+
+/// Anthropic's `POST /v1/messages`: the chat path with the request translated and the
+/// answer rendered in Anthropic's shapes (errors too, by the router's surface layer).
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    chat(&state, rid, who, &headers, body, "/v1/messages").await
+}
+
+/// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let body = super::anthropic::to_chat_request(parse_body(&body)?, true)?;
+    let req: ChatCompletionRequest = from_value(&body)?;
+    check_model(&state, &who, req.model.as_deref())?;
+    let messages = req.validated_messages()?;
+    let tools = req.tools_json();
+    let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools))
+        .await
+        .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
+    Ok(Json(json!({"input_tokens": prompt.len()})))
+}
+
+/// The chat prompt as token ids: the template applied to the messages and tools (through
+/// the generic tool prompt when the template has no tool support).
+fn render(r: &Ready, messages: Vec<Message>, tools: Vec<Value>) -> Result<Vec<u32>, ApiError> {
+    let (messages, native) = if tools.is_empty() || r.native_tools {
+        (messages, !tools.is_empty())
+    } else {
+        (toolcall::generic_messages(messages, &tools), false)
+    };
+    let text = r
+        .template
+        .render_with_tools(&messages, true, native.then_some(tools.as_slice()))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    r.tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).
+async fn chat(
+    state: &AppState,
+    rid: RequestId,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    route: &'static str,
+) -> Result<Response, ApiError> {
+    let anthropic = route == "/v1/messages";
     let (ready, req, sampling, gate) = accept(
-        &state,
+        state,
         who,
-        &headers,
-        "/v1/chat/completions",
+        headers,
+        route,
         body,
+        |v| {
+            if anthropic {
+                super::anthropic::to_chat_request(v, false)
+            } else {
+                Ok(v)
+            }
+        },
         |r: &ChatCompletionRequest| r.model.as_deref(),
     )?;
     let messages = req.validated_messages()?;
@@ -123,38 +192,37 @@ pub async fn chat_completions(
     // Render, tokenize and compile the grammar off the async threads; a grammar error is
     // the client's (400 naming the field), before anything is queued.
     let (prompt, constraint) = tokio::task::spawn_blocking(move || {
-        let (messages, native) = if tools.is_empty() || r.native_tools {
-            (messages, !tools.is_empty())
-        } else {
-            (toolcall::generic_messages(messages, &tools), false)
-        };
-        let text = r
-            .template
-            .render_with_tools(&messages, true, native.then_some(tools.as_slice()))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let prompt = r
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let prompt = render(&r, messages, tools)?;
         let constraint = r.grammars.constraint(&spec)?;
         Ok::<_, ApiError>((prompt, constraint))
     })
     .await
     .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
     let meta = Meta {
-        id: format!("chatcmpl-{}", rid.0),
+        id: if anthropic {
+            format!("msg_{}", rid.0)
+        } else {
+            format!("chatcmpl-{}", rid.0)
+        },
         created: unix_now(),
         model: state.model_name.clone(),
         chat: true,
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
+        surface: if anthropic {
+            Surface::Anthropic {
+                prompt_tokens: prompt.len(),
+            }
+        } else {
+            Surface::OpenAi
+        },
     };
     let out = Output {
         logprobs: req.logprobs,
         top_logprobs: top as usize,
         constraint,
     };
-    run(&state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
+    run(state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
 }
 
 /// What to produce besides text: logprobs, and the grammar the text must follow.
@@ -177,6 +245,7 @@ pub async fn completions(
         &headers,
         "/v1/completions",
         body,
+        Ok,
         |r: &CompletionRequest| r.model.as_deref(),
     )?;
     let one = || ApiError::invalid("prompt", "exactly one prompt per request is supported");
@@ -225,6 +294,7 @@ pub async fn completions(
         chat: false,
         logprobs: req.logprobs.is_some(),
         tools: None,
+        surface: Surface::OpenAi,
     };
     let out = Output {
         logprobs: req.logprobs.is_some(),
@@ -359,11 +429,15 @@ async fn run(
     // reservation.
     let rx = ready.engine.submit(req)?;
     let tail = Tail::new(committed, leader);
-    let mut resp = if fields.stream {
-        sse_response(rx, meta, include_usage, tail, state.sse_keep_alive)
-    } else {
-        collect(rx, meta, tail).await?
-    };
+    let mut resp = respond(
+        rx,
+        meta,
+        fields.stream,
+        include_usage,
+        tail,
+        state.sse_keep_alive,
+    )
+    .await?;
     add_headers(&mut resp, headers);
     Ok(resp)
 }
@@ -396,17 +470,15 @@ async fn replay_hit(
         tracing::error!("the ledger row of a cache hit was not committed");
     }
     let rx = replay(&hit.value);
-    let mut resp = if stream {
-        sse_response(
-            rx,
-            meta,
-            include_usage,
-            Tail::default(),
-            state.sse_keep_alive,
-        )
-    } else {
-        collect(rx, meta, Tail::default()).await?
-    };
+    let mut resp = respond(
+        rx,
+        meta,
+        stream,
+        include_usage,
+        Tail::default(),
+        state.sse_keep_alive,
+    )
+    .await?;
     let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
     headers.push(("cf-aig-cache-status", "HIT".into()));
     headers.push(("age", hit.age().to_string()));

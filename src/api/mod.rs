@@ -2,6 +2,7 @@
 //! shutdown. Knows JSON and status codes; never tensors. Errors map to HTTP in `error.rs` only.
 
 mod admin;
+mod anthropic;
 pub mod body;
 pub mod error;
 #[doc(hidden)]
@@ -160,6 +161,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
+        // Also without the prefix, as llama-server allows.
+        .route("/chat/completions", post(handlers::chat_completions))
+        .route("/completions", post(handlers::completions))
+        .route("/models", get(handlers::models))
+        .route("/v1/messages", post(handlers::messages))
+        .route("/v1/messages/count_tokens", post(handlers::count_tokens))
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
@@ -180,7 +187,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body::guard))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(surface_errors))
         .with_state(state)
+}
+
+/// Errors in the envelope of the surface a path belongs to: Anthropic's under
+/// `/v1/messages`, OpenAI's elsewhere (as every layer and handler writes them).
+async fn surface_errors(req: Request, next: Next) -> Response {
+    let anthropic = req.uri().path().starts_with("/v1/messages");
+    let resp = next.run(req).await;
+    if anthropic {
+        error::to_anthropic(resp).await
+    } else {
+        resp
+    }
 }
 
 /// Honours or generates `x-request-id`, echoes it, and logs sizes, status and timing (never

@@ -21,6 +21,46 @@ pub struct Meta {
     pub logprobs: bool,
     /// Set when the reply may hold tool calls: the text is parsed for them in this format.
     pub tools: Option<ToolFormat>,
+    /// The API shape the answer is rendered in.
+    pub surface: Surface,
+}
+
+/// The API shape of an answer: each renders the same engine events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    OpenAi,
+    /// Anthropic's Messages API; its stream announces the prompt's size first.
+    Anthropic {
+        prompt_tokens: usize,
+    },
+}
+
+/// The answer to one request in its surface's shape, whole or streamed.
+pub async fn respond(
+    rx: EventReceiver,
+    meta: Meta,
+    stream: bool,
+    include_usage: bool,
+    tail: Tail,
+    keep_alive: std::time::Duration,
+) -> Result<Response, ApiError> {
+    match (meta.surface, stream) {
+        (Surface::OpenAi, true) => Ok(super::stream::sse_response(
+            rx,
+            meta,
+            include_usage,
+            tail,
+            keep_alive,
+        )),
+        (Surface::Anthropic { prompt_tokens }, true) => Ok(super::anthropic::sse(
+            rx,
+            meta,
+            prompt_tokens,
+            tail,
+            keep_alive,
+        )),
+        (_, false) => collect(rx, meta, tail).await,
+    }
 }
 
 pub fn usage_json(u: Usage) -> Value {
@@ -145,11 +185,7 @@ impl Meta {
 }
 
 /// Collects every event of one request into the whole answer.
-pub async fn collect(
-    mut rx: EventReceiver,
-    meta: Meta,
-    mut tail: Tail,
-) -> Result<Response, ApiError> {
+async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
@@ -161,7 +197,13 @@ pub async fn collect(
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
             Event::Finished { reason, usage } => {
-                return Ok(Json(meta.whole(text, lps, reason, usage)).into_response());
+                let whole = match meta.surface {
+                    Surface::OpenAi => meta.whole(text, lps, reason, usage),
+                    Surface::Anthropic { .. } => {
+                        super::anthropic::whole(&meta, text, reason, usage)
+                    }
+                };
+                return Ok(Json(whole).into_response());
             }
         }
     }

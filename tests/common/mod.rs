@@ -6,6 +6,7 @@ pub mod server;
 pub mod synthetic;
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::OnceLock;
 
 use edgeinfer::model::LoadedModel;
@@ -52,4 +53,34 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("a token id") as u32)
         .collect()
+}
+
+/// The Python of `.venv`, with the official `openai` and `anthropic` packages and
+/// `jsonschema` (the virtual environment is created, and they are installed, if missing).
+pub fn python_with_clients() -> PathBuf {
+    let root = repo_root();
+    let python = root.join(".venv/bin/python");
+    let ok = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import openai, anthropic, jsonschema"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&python) {
+        if !root.join(".venv/bin/pip").exists() {
+            let venv = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(root.join(".venv"))
+                .status();
+            assert!(venv.is_ok_and(|s| s.success()), "cannot create .venv");
+        }
+        let pip = Command::new(root.join(".venv/bin/pip"))
+            .args(["install", "--quiet", "openai", "anthropic", "jsonschema"])
+            .status();
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "cannot install openai, anthropic and jsonschema into .venv"
+        );
+    }
+    python
 }

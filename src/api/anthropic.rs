@@ -1,0 +1,570 @@
+//! Anthropic's Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`): the
+//! request is translated into the chat path's (OpenAI-shaped) request, which the shared path
+//! validates, renders and runs; the answer is rendered here in Anthropic's shapes, whole or
+//! as its event stream. Errors get Anthropic's envelope in [`super::error`].
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::gate::Tail;
+use super::response::Meta;
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{Event, EventReceiver, Usage};
+use crate::structured::toolcall::{CallParser, Piece};
+
+/// Translates a Messages request (`count`: a count_tokens request, which has no
+/// `max_tokens`) into a chat-completions request.
+pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
+    let Value::Object(b) = body else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object",
+        ));
+    };
+    let mut out = Map::new();
+    match b.get("model") {
+        Some(Value::String(m)) => {
+            out.insert("model".into(), Value::from(m.clone()));
+        }
+        _ => return Err(ApiError::invalid("model", "`model` is required (a string)")),
+    }
+    if !count {
+        match b.get("max_tokens").and_then(Value::as_u64) {
+            Some(m) if m >= 1 => {
+                out.insert("max_tokens".into(), Value::from(m));
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    "`max_tokens` is required (an integer of at least 1)",
+                ))
+            }
+        }
+    }
+    for field in ["temperature", "top_p", "top_k", "stream"] {
+        if let Some(v) = b.get(field) {
+            out.insert(field.into(), v.clone());
+        }
+    }
+    if let Some(t) = b.get("temperature").and_then(Value::as_f64) {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("`temperature` must be between 0 and 1, got {t}"),
+            ));
+        }
+    }
+    if let Some(s) = b.get("stop_sequences") {
+        let ok = s
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x.as_str().is_some_and(|x| !x.is_empty())));
+        if !ok {
+            return Err(ApiError::invalid(
+                "stop_sequences",
+                "`stop_sequences` must be a list of non-empty strings",
+            ));
+        }
+        out.insert("stop".into(), s.clone());
+    }
+    for field in ["thinking", "mcp_servers", "container"] {
+        if b.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not supported by this server"),
+            ));
+        }
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = b.get("system") {
+        let text = text_of(system, "system")?;
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    let Some(Value::Array(input)) = b.get("messages") else {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` is required (a list)",
+        ));
+    };
+    for (i, m) in input.iter().enumerate() {
+        translate_message(m, i, &mut messages)?;
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    if let Some(tools) = b.get("tools") {
+        out.insert("tools".into(), translate_tools(tools)?);
+    }
+    if let Some(choice) = b.get("tool_choice") {
+        let (choice, parallel) = translate_tool_choice(choice)?;
+        out.insert("tool_choice".into(), choice);
+        if !parallel {
+            out.insert("parallel_tool_calls".into(), Value::Bool(false));
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// A string, or a list of text blocks, as one string.
+fn text_of(v: &Value, field: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut text = String::new();
+            for (j, blk) in blocks.iter().enumerate() {
+                match (blk.get("type").and_then(Value::as_str), blk.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            format!("{field}[{j}]"),
+                            format!(
+                                "block type `{}` is not supported here; only `text`",
+                                kind.unwrap_or("?")
+                            ),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::invalid(
+            field,
+            format!("`{field}` must be a string or a list of text blocks"),
+        )),
+    }
+}
+
+fn translate_message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), ApiError> {
+    let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+    if role != "user" && role != "assistant" {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].role"),
+            format!("`role` must be `user` or `assistant`, got `{role}`"),
+        ));
+    }
+    let blocks = match m.get("content") {
+        Some(Value::String(s)) => {
+            out.push(json!({"role": role, "content": s}));
+            return Ok(());
+        }
+        Some(Value::Array(blocks)) => blocks,
+        _ => {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "`content` must be a string or a list of blocks",
+            ))
+        }
+    };
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, blk) in blocks.iter().enumerate() {
+        let at = || format!("messages[{i}].content[{j}]");
+        let kind = blk.get("type").and_then(Value::as_str).unwrap_or_default();
+        match (role, kind) {
+            (_, "text") => match blk.get("text") {
+                Some(Value::String(t)) => text.push_str(t),
+                _ => return Err(ApiError::invalid(at(), "a text block needs `text`")),
+            },
+            ("assistant", "tool_use") => {
+                let (Some(id), Some(name), Some(input)) = (
+                    blk.get("id").and_then(Value::as_str),
+                    blk.get("name").and_then(Value::as_str),
+                    blk.get("input").filter(|v| v.is_object()),
+                ) else {
+                    return Err(ApiError::invalid(
+                        at(),
+                        "a tool_use block needs `id`, `name` and an object `input`",
+                    ));
+                };
+                calls.push(json!({"id": id, "type": "function",
+                    "function": {"name": name, "arguments": input.to_string()}}));
+            }
+            ("user", "tool_result") => {
+                let Some(id) = blk.get("tool_use_id").and_then(Value::as_str) else {
+                    return Err(ApiError::invalid(
+                        at(),
+                        "a tool_result block needs `tool_use_id`",
+                    ));
+                };
+                let mut content = match blk.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(c) => text_of(c, &format!("{}.content", at()))?,
+                };
+                if blk.get("is_error").and_then(Value::as_bool) == Some(true) {
+                    content = format!("Error: {content}");
+                }
+                out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    at(),
+                    format!("a {role} block of type `{kind}` is not supported"),
+                ))
+            }
+        }
+    }
+    if role == "assistant" {
+        let mut msg = json!({"role": "assistant", "content": text});
+        if !calls.is_empty() {
+            msg["tool_calls"] = Value::Array(calls);
+        }
+        out.push(msg);
+    } else if !text.is_empty() || !out.last().is_some_and(|m| m["role"] == "tool") {
+        out.push(json!({"role": "user", "content": text}));
+    }
+    Ok(())
+}
+
+fn translate_tools(tools: &Value) -> Result<Value, ApiError> {
+    let Some(list) = tools.as_array() else {
+        return Err(ApiError::invalid("tools", "`tools` must be a list"));
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        if let Some(kind) = t.get("type").and_then(Value::as_str) {
+            if kind != "custom" {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    format!("tool type `{kind}` is not supported; only client tools"),
+                ));
+            }
+        }
+        let Some(name) = t.get("name").and_then(Value::as_str) else {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].name"),
+                "a tool needs `name`",
+            ));
+        };
+        let Some(schema) = t.get("input_schema").filter(|s| s.is_object()) else {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].input_schema"),
+                "a tool needs an object `input_schema`",
+            ));
+        };
+        let mut f = json!({"name": name, "parameters": schema});
+        if let Some(d) = t.get("description") {
+            f["description"] = d.clone();
+        }
+        out.push(json!({"type": "function", "function": f}));
+    }
+    Ok(Value::Array(out))
+}
+
+/// OpenAI's `tool_choice`, and whether calls may come in parallel.
+fn translate_tool_choice(c: &Value) -> Result<(Value, bool), ApiError> {
+    let parallel = c.get("disable_parallel_tool_use").and_then(Value::as_bool) != Some(true);
+    let choice = match c.get("type").and_then(Value::as_str) {
+        Some("auto") => json!("auto"),
+        Some("any") => json!("required"),
+        Some("none") => json!("none"),
+        Some("tool") => match c.get("name").and_then(Value::as_str) {
+            Some(name) => json!({"type": "function", "function": {"name": name}}),
+            None => {
+                return Err(ApiError::invalid(
+                    "tool_choice.name",
+                    "`tool_choice` of type `tool` needs `name`",
+                ))
+            }
+        },
+        _ => {
+            return Err(ApiError::invalid(
+                "tool_choice.type",
+                "`tool_choice.type` must be auto, any, tool or none",
+            ))
+        }
+    };
+    Ok((choice, parallel))
+}
+
+fn stop_reason(r: FinishReason, made_calls: bool) -> &'static str {
+    match r {
+        FinishReason::Stop if made_calls => "tool_use",
+        FinishReason::Stop => "end_turn",
+        FinishReason::Length => "max_tokens",
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens),
+        "cache_read_input_tokens": u.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": u.completion_tokens,
+    })
+}
+
+/// A call's arguments as the object Anthropic's `input` is (`{}` if they were cut short).
+fn input_of(arguments: &str) -> Value {
+    serde_json::from_str::<Value>(arguments)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}))
+}
+
+/// The whole message.
+pub fn whole(meta: &Meta, text: String, reason: FinishReason, usage: Usage) -> Value {
+    let mut content = Vec::new();
+    let mut made_calls = false;
+    match meta.call_parser() {
+        None => {
+            if !text.is_empty() {
+                content.push(json!({"type": "text", "text": text}));
+            }
+        }
+        Some(mut p) => {
+            let mut t = String::new();
+            for piece in p.push(&text).into_iter().chain(p.finish()) {
+                if let Piece::Content(c) = piece {
+                    t.push_str(&c);
+                }
+            }
+            if !t.is_empty() {
+                content.push(json!({"type": "text", "text": t}));
+            }
+            for c in p.calls() {
+                made_calls = true;
+                content.push(json!({"type": "tool_use", "id": c.id, "name": c.name,
+                    "input": input_of(&c.arguments)}));
+            }
+        }
+    }
+    json!({"id": meta.id, "type": "message", "role": "assistant", "model": meta.model,
+           "content": content, "stop_reason": stop_reason(reason, made_calls),
+           "stop_sequence": Value::Null, "usage": usage_json(usage)})
+}
+
+/// Streams Anthropic's events: `message_start`, `ping`, per block `content_block_start`,
+/// deltas (`text_delta`, `input_json_delta`) and `content_block_stop`, then `message_delta`
+/// (stop reason, usage) and `message_stop`; an error after the headers is an `error` event.
+/// Dropping the stream cancels the request, as on the OpenAI surface.
+pub fn sse(
+    rx: EventReceiver,
+    meta: Meta,
+    prompt_tokens: usize,
+    tail: Tail,
+    keep_alive: std::time::Duration,
+) -> Response {
+    let mut pending = VecDeque::new();
+    pending.push_back((
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": meta.id, "type": "message", "role": "assistant", "model": meta.model,
+            "content": [], "stop_reason": Value::Null, "stop_sequence": Value::Null,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        }}),
+    ));
+    pending.push_back(("ping", json!({"type": "ping"})));
+    let state = State {
+        rx,
+        calls: meta.call_parser(),
+        pending,
+        open: None,
+        blocks: 0,
+        tail,
+        ended: false,
+    };
+    let mut resp = Sse::new(events(state))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response();
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Open {
+    Text,
+    /// A tool_use block for the parser's call `n`.
+    Call(usize),
+}
+
+struct State {
+    rx: EventReceiver,
+    calls: Option<CallParser>,
+    pending: VecDeque<(&'static str, Value)>,
+    /// The block being streamed.
+    open: Option<Open>,
+    /// Blocks started so far (the next block's index).
+    blocks: usize,
+    tail: Tail,
+    ended: bool,
+}
+
+impl State {
+    fn close(&mut self) {
+        if self.open.take().is_some() {
+            let index = self.blocks - 1;
+            self.pending.push_back((
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index}),
+            ));
+        }
+    }
+
+    fn start(&mut self, open: Open, block: Value) {
+        self.close();
+        self.pending.push_back((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.blocks, "content_block": block}),
+        ));
+        self.blocks += 1;
+        self.open = Some(open);
+    }
+
+    fn delta(&mut self, delta: Value) {
+        let index = self.blocks - 1;
+        self.pending.push_back((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        ));
+    }
+
+    fn piece(&mut self, piece: Piece) {
+        match piece {
+            Piece::Content(text) if text.is_empty() => {}
+            Piece::Content(text) => {
+                if self.open != Some(Open::Text) {
+                    self.start(Open::Text, json!({"type": "text", "text": ""}));
+                }
+                self.delta(json!({"type": "text_delta", "text": text}));
+            }
+            Piece::CallStart { index, id, name } => self.start(
+                Open::Call(index),
+                json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+            ),
+            Piece::Arguments { text, .. } => {
+                self.delta(json!({"type": "input_json_delta", "partial_json": text}))
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Token { text, .. }) => {
+                let pieces = match &mut self.calls {
+                    None => vec![Piece::Content(text)],
+                    Some(p) => p.push(&text),
+                };
+                pieces.into_iter().for_each(|p| self.piece(p));
+            }
+            Some(Event::Finished { reason, usage }) => {
+                let mut made_calls = false;
+                if let Some(mut p) = self.calls.take() {
+                    p.finish().into_iter().for_each(|piece| self.piece(piece));
+                    made_calls = !p.calls().is_empty();
+                }
+                self.close();
+                self.pending.push_back((
+                    "message_delta",
+                    json!({"type": "message_delta",
+                           "delta": {"stop_reason": stop_reason(reason, made_calls), "stop_sequence": Value::Null},
+                           "usage": usage_json(usage)}),
+                ));
+                self.pending
+                    .push_back(("message_stop", json!({"type": "message_stop"})));
+                self.ended = true;
+            }
+            Some(Event::Failed(msg)) => {
+                self.pending
+                    .push_back(("error", ApiError::internal(msg).anthropic_body()));
+                self.ended = true;
+            }
+            None => {
+                self.pending
+                    .push_back(("error", ApiError::engine_stopped().anthropic_body()));
+                self.ended = true;
+            }
+        }
+    }
+}
+
+fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some((name, v)) = s.pending.pop_front() {
+                return Some((Ok(SseEvent::default().event(name).data(v.to_string())), s));
+            }
+            if s.ended {
+                return None;
+            }
+            let ev = s.rx.recv().await;
+            if let Some(ev) = &ev {
+                s.tail.observe(ev).await;
+            }
+            s.on_event(ev);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_round_trip_translates_to_chat_messages() {
+        let body = json!({
+            "model": "m", "max_tokens": 64, "system": [{"type": "text", "text": "Be brief."}],
+            "stop_sequences": ["END"],
+            "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"}]},
+            ],
+        });
+        let chat = to_chat_request(body, false).unwrap();
+        assert_eq!(chat["max_tokens"], 64);
+        assert_eq!(chat["stop"], json!(["END"]));
+        assert_eq!(chat["tool_choice"], "required");
+        assert_eq!(chat["parallel_tool_calls"], false);
+        assert_eq!(chat["tools"][0]["function"]["name"], "get_weather");
+        let m = chat["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"})
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        let cases = [
+            (json!({"max_tokens": 5, "messages": []}), "model"),
+            (json!({"model": "m", "messages": []}), "max_tokens"),
+            (json!({"model": "m", "max_tokens": 5}), "messages"),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "temperature": 1.5, "messages": []}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
+                "messages[0].content[0]",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [], "tools": [{"name": "t"}]}),
+                "tools[0].input_schema",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = to_chat_request(body.clone(), false).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+        // count_tokens takes no max_tokens.
+        assert!(to_chat_request(json!({"model": "m", "messages": []}), true).is_ok());
+    }
+}
