@@ -204,6 +204,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
+    /// Another name requests may give the served model, e.g. a Workers AI model id
+    /// (`@cf/meta/llama-3.1-8b-instruct`) so code written for the vendor moves by changing only
+    /// the base URL. Repeat the flag, or separate names with commas in the variable.
+    #[arg(long, env = "EDGEINFER_MODEL_ALIASES", value_delimiter = ',')]
+    pub model_alias: Vec<String>,
+
     /// Most sequences decoded together. More raises aggregate throughput (weights are read once
     /// per step for all of them) at the cost of each stream's speed and of KV memory.
     #[arg(long, env = "EDGEINFER_MAX_BATCH_SIZE", default_value_t = 16)]

@@ -270,6 +270,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         cache_max_bytes: args.cache_max_bytes,
         default_cache_ttl: (args.cache_ttl > 0)
             .then(|| std::time::Duration::from_secs(args.cache_ttl)),
+        model_aliases: args.model_alias.clone(),
     };
     let state = Arc::new(AppState::new(name, metrics, Arc::new(gateway), http));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))

@@ -191,20 +191,60 @@ fn anthropic_type(status: StatusCode) -> &'static str {
     }
 }
 
-impl ApiError {
-    /// The body in Anthropic's envelope: `{"type": "error", "error": {"type", "message"}}`.
-    pub fn anthropic_body(&self) -> serde_json::Value {
-        anthropic_envelope(self.status, &self.message)
+/// Workers AI's (and the Cloudflare API's) error code for a status and our OpenAI code.
+fn workers_code(status: StatusCode, code: Option<&str>) -> u32 {
+    match (status.as_u16(), code) {
+        (_, Some("model_not_found")) => 3042,
+        (_, Some("context_length_exceeded")) => 5021,
+        (401, _) => 10000,
+        (403, _) => 5018,
+        (404, _) => 7000,
+        (408, _) => 3007,
+        (413, _) => 3006,
+        (429, Some("insufficient_quota")) => 3036,
+        (429, _) | (503, _) => 3040,
+        (500..=599, _) => 5000,
+        _ => 5006,
     }
 }
 
-fn anthropic_envelope(status: StatusCode, message: &str) -> serde_json::Value {
+impl ApiError {
+    /// The body in Anthropic's envelope: `{"type": "error", "error": {"type", "message"}}`.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        anthropic_envelope(self.status, &self.message, self.code)
+    }
+
+    /// The body in Cloudflare's envelope:
+    /// `{"result": null, "success": false, "errors": [{"code", "message"}], "messages": []}`.
+    pub fn workers_body(&self) -> serde_json::Value {
+        workers_envelope(self.status, &self.message, self.code)
+    }
+}
+
+fn anthropic_envelope(status: StatusCode, message: &str, _code: Option<&str>) -> serde_json::Value {
     json!({"type": "error", "error": {"type": anthropic_type(status), "message": message}})
+}
+
+fn workers_envelope(status: StatusCode, message: &str, code: Option<&str>) -> serde_json::Value {
+    json!({"result": null, "success": false, "messages": [],
+           "errors": [{"code": workers_code(status, code), "message": message}]})
 }
 
 /// Re-renders an error response of the OpenAI surface (from a handler or a layer in front of
 /// it: auth, body limits, routing) in Anthropic's envelope, keeping status and headers.
 pub async fn to_anthropic(resp: Response) -> Response {
+    rerender(resp, anthropic_envelope).await
+}
+
+/// The same in Cloudflare's envelope, for the Workers AI route.
+pub async fn to_workers(resp: Response) -> Response {
+    rerender(resp, workers_envelope).await
+}
+
+async fn rerender(
+    resp: Response,
+    envelope: fn(StatusCode, &str, Option<&str>) -> serde_json::Value,
+) -> Response {
     if resp.status().is_success() {
         return resp;
     }
@@ -212,11 +252,14 @@ pub async fn to_anthropic(resp: Response) -> Response {
     let bytes = axum::body::to_bytes(body, 1 << 20)
         .await
         .unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-    let body = anthropic_envelope(parts.status, &message).to_string();
+    let parsed = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+    let field = |f: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v["error"][f].as_str().map(str::to_string))
+    };
+    let message = field("message").unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    let body = envelope(parts.status, &message, field("code").as_deref()).to_string();
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.insert(
         axum::http::header::CONTENT_TYPE,

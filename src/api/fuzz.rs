@@ -18,7 +18,7 @@ pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiE
     let body = parse_body(data)?;
     let req: ChatCompletionRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
-    sampling.sampling_params()?;
+    sampling.sampling_params(2.0)?;
     sampling.stops()?;
     sampling.max_tokens()?;
     let messages = req.validated_messages()?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -46,7 +46,9 @@ pub(super) fn body_or_error(
 /// The model must be the served one (404), and one the key may use (403).
 fn check_model(state: &AppState, who: &Principal, model: Option<&str>) -> Result<(), ApiError> {
     match model {
-        Some(m) if m != state.model_name => Err(ApiError::model_not_found(m)),
+        Some(m) if m != state.model_name && !state.model_aliases.iter().any(|a| a == m) => {
+            Err(ApiError::model_not_found(m))
+        }
         _ => match who {
             Principal::Key(k) if !k.allows_model(&state.model_name) => Err(ApiError::forbidden(
                 "model_not_allowed",
@@ -95,7 +97,58 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    chat(&state, rid, who, &headers, body, "/v1/chat/completions").await
+    chat(&state, rid, who, &headers, body, Api::OpenAi).await
+}
+
+/// The API a request came in through: how its body translates into the shared request, and
+/// the route it is ledgered under.
+enum Api {
+    OpenAi,
+    Anthropic,
+    /// Workers AI's `ai/run`, for the served model or one of its aliases.
+    Workers {
+        model: String,
+    },
+}
+
+impl Api {
+    fn translate(&self, v: Value) -> Result<Value, ApiError> {
+        match self {
+            Api::OpenAi => Ok(v),
+            Api::Anthropic => super::anthropic::to_chat_request(v, false),
+            Api::Workers { model } => super::workers::to_openai(v, model),
+        }
+    }
+
+    fn route(&self, chat: bool) -> &'static str {
+        match (self, chat) {
+            (Api::OpenAi, true) => "/v1/chat/completions",
+            (Api::OpenAi, false) => "/v1/completions",
+            (Api::Anthropic, _) => "/v1/messages",
+            (Api::Workers { .. }, _) => "/ai/run",
+        }
+    }
+}
+
+/// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}`: a chat request
+/// (`messages`, or `prompt` through the chat template) or, with `raw`, a completion; the
+/// answer in Cloudflare's envelope (errors too, by the router's surface layer).
+pub async fn workers_run(
+    State(state): State<Arc<AppState>>,
+    Path((_account, model)): Path<(String, String)>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_or_error(body, state.max_body_bytes)?;
+    let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
+    let api = Api::Workers { model };
+    if raw {
+        completion(&state, rid, who, &headers, Ok(bytes), api).await
+    } else {
+        chat(&state, rid, who, &headers, Ok(bytes), api).await
+    }
 }
 
 /// Anthropic's `POST /v1/messages`: the chat path with the request translated and the
@@ -107,7 +160,7 @@ pub async fn messages(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    chat(&state, rid, who, &headers, body, "/v1/messages").await
+    chat(&state, rid, who, &headers, body, Api::Anthropic).await
 }
 
 /// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
@@ -153,22 +206,16 @@ async fn chat(
     who: Principal,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-    route: &'static str,
+    api: Api,
 ) -> Result<Response, ApiError> {
-    let anthropic = route == "/v1/messages";
+    let anthropic = matches!(api, Api::Anthropic);
     let (ready, req, sampling, gate) = accept(
         state,
         who,
         headers,
-        route,
+        api.route(true),
         body,
-        |v| {
-            if anthropic {
-                super::anthropic::to_chat_request(v, false)
-            } else {
-                Ok(v)
-            }
-        },
+        |v| api.translate(v),
         |r: &ChatCompletionRequest| r.model.as_deref(),
     )?;
     let messages = req.validated_messages()?;
@@ -209,12 +256,17 @@ async fn chat(
         chat: true,
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
-        surface: if anthropic {
-            Surface::Anthropic {
+        surface: match api {
+            Api::OpenAi => Surface::OpenAi,
+            Api::Anthropic => Surface::Anthropic {
                 prompt_tokens: prompt.len(),
-            }
-        } else {
-            Surface::OpenAi
+            },
+            Api::Workers { .. } => Surface::Workers {
+                json: req
+                    .response_format
+                    .as_ref()
+                    .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
+            },
         },
     };
     let out = Output {
@@ -239,13 +291,24 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    completion(&state, rid, who, &headers, body, Api::OpenAi).await
+}
+
+async fn completion(
+    state: &AppState,
+    rid: RequestId,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Result<Response, ApiError> {
     let (ready, req, sampling, gate) = accept(
-        &state,
+        state,
         who,
-        &headers,
-        "/v1/completions",
+        headers,
+        api.route(false),
         body,
-        Ok,
+        |v| api.translate(v),
         |r: &CompletionRequest| r.model.as_deref(),
     )?;
     let one = || ApiError::invalid("prompt", "exactly one prompt per request is supported");
@@ -294,14 +357,17 @@ pub async fn completions(
         chat: false,
         logprobs: req.logprobs.is_some(),
         tools: None,
-        surface: Surface::OpenAi,
+        surface: match api {
+            Api::Workers { .. } => Surface::Workers { json: false },
+            _ => Surface::OpenAi,
+        },
     };
     let out = Output {
         logprobs: req.logprobs.is_some(),
         top_logprobs: top as usize,
         constraint: None,
     };
-    run(&state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
+    run(state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
 }
 
 /// Validates budgets, answers from the response cache or reserves the request's tokens,
@@ -318,7 +384,7 @@ async fn run(
     gate: Gate,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let sampling = fields.sampling_params()?;
+    let sampling = fields.sampling_params(meta.surface.max_temperature())?;
     let stop = fields.stops()?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));

@@ -12,6 +12,7 @@ mod handlers;
 mod response;
 mod stream;
 pub mod types;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +57,9 @@ pub struct Ready {
 
 pub struct AppState {
     pub model_name: String,
+    /// Other names requests may give the served model (e.g. Workers AI's
+    /// `@cf/meta/llama-3.1-8b-instruct`).
+    pub model_aliases: Vec<String>,
     pub ready: OnceLock<Ready>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
@@ -79,6 +83,7 @@ pub struct HttpConfig {
     pub sse_keep_alive: Duration,
     pub cache_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
+    pub model_aliases: Vec<String>,
 }
 
 impl AppState {
@@ -90,6 +95,7 @@ impl AppState {
     ) -> Self {
         Self {
             model_name,
+            model_aliases: config.model_aliases,
             ready: OnceLock::new(),
             metrics,
             max_body_bytes: config.max_body_bytes,
@@ -167,6 +173,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(handlers::models))
         .route("/v1/messages", post(handlers::messages))
         .route("/v1/messages/count_tokens", post(handlers::count_tokens))
+        .route(
+            "/client/v4/accounts/{account_id}/ai/run/{*model}",
+            post(handlers::workers_run),
+        )
+        // Workers AI's OpenAI-compatible path: OpenAI's shapes.
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
+            post(handlers::chat_completions),
+        )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/completions",
+            post(handlers::completions),
+        )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/models",
+            get(handlers::models),
+        )
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
@@ -192,12 +215,17 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Errors in the envelope of the surface a path belongs to: Anthropic's under
-/// `/v1/messages`, OpenAI's elsewhere (as every layer and handler writes them).
+/// `/v1/messages`, Cloudflare's under Workers AI's `/client/v4/accounts/{id}/ai/run/`,
+/// OpenAI's elsewhere (as every layer and handler writes them).
 async fn surface_errors(req: Request, next: Next) -> Response {
-    let anthropic = req.uri().path().starts_with("/v1/messages");
+    let path = req.uri().path();
+    let anthropic = path.starts_with("/v1/messages");
+    let workers = path.starts_with("/client/v4/") && !path.contains("/ai/v1/");
     let resp = next.run(req).await;
     if anthropic {
         error::to_anthropic(resp).await
+    } else if workers {
+        error::to_workers(resp).await
     } else {
         resp
     }

@@ -33,6 +33,22 @@ pub enum Surface {
     Anthropic {
         prompt_tokens: usize,
     },
+    /// Workers AI's `ai/run`; `json`: the reply was constrained to JSON, which its
+    /// `response` then carries as a value.
+    Workers {
+        json: bool,
+    },
+}
+
+impl Surface {
+    /// The highest `temperature` the surface's API documents.
+    pub fn max_temperature(self) -> f32 {
+        match self {
+            Surface::OpenAi => 2.0,
+            Surface::Anthropic { .. } => 1.0,
+            Surface::Workers { .. } => 5.0,
+        }
+    }
 }
 
 /// The answer to one request in its surface's shape, whole or streamed.
@@ -59,6 +75,7 @@ pub async fn respond(
             tail,
             keep_alive,
         )),
+        (Surface::Workers { .. }, true) => Ok(super::workers::sse(rx, meta, tail, keep_alive)),
         (_, false) => collect(rx, meta, tail).await,
     }
 }
@@ -202,6 +219,7 @@ async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Re
                     Surface::Anthropic { .. } => {
                         super::anthropic::whole(&meta, text, reason, usage)
                     }
+                    Surface::Workers { json } => super::workers::whole(&meta, text, json, usage),
                 };
                 return Ok(Json(whole).into_response());
             }

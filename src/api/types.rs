@@ -418,7 +418,14 @@ impl ChatMessage {
 }
 
 impl SamplingFields {
-    pub fn sampling_params(&self) -> Result<SamplingParams, ApiError> {
+    /// The sampling settings; `max_temperature` is the surface's own bound (OpenAI's 2).
+    pub fn sampling_params(&self, max_temperature: f32) -> Result<SamplingParams, ApiError> {
+        if let Some(t) = self.temperature.filter(|t| *t > max_temperature) {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("`temperature` must be in [0, {max_temperature}], got {t}"),
+            ));
+        }
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::invalid(

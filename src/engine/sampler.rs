@@ -90,8 +90,9 @@ impl SamplingParams {
                 value,
             })
         };
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return err("temperature", "in [0, 2]", self.temperature);
+        // The widest range of any surface (Workers AI's); each API checks its own first.
+        if !(0.0..=5.0).contains(&self.temperature) {
+            return err("temperature", "in [0, 5]", self.temperature);
         }
         if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return err("top_p", "in (0, 1]", self.top_p);

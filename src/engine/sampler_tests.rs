@@ -155,7 +155,7 @@ fn validate_rejects_each_bad_field_by_name() {
     assert_eq!(edges.validate(), Ok(()));
     type Edit = fn(&mut SamplingParams);
     let bad: [(&str, Edit); 11] = [
-        ("temperature", |p| p.temperature = 2.5),
+        ("temperature", |p| p.temperature = 5.5),
         ("temperature", |p| p.temperature = -0.1),
         ("temperature", |p| p.temperature = f32::NAN),
         ("top_p", |p| p.top_p = 0.0),

@@ -55,14 +55,14 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The Python of `.venv`, with the official `openai` and `anthropic` packages and
+/// The Python of `.venv`, with the official `openai`, `anthropic` and `cloudflare` packages and
 /// `jsonschema` (the virtual environment is created, and they are installed, if missing).
 pub fn python_with_clients() -> PathBuf {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     let ok = |p: &PathBuf| {
         Command::new(p)
-            .args(["-c", "import openai, anthropic, jsonschema"])
+            .args(["-c", "import openai, anthropic, cloudflare, jsonschema"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -75,11 +75,18 @@ pub fn python_with_clients() -> PathBuf {
             assert!(venv.is_ok_and(|s| s.success()), "cannot create .venv");
         }
         let pip = Command::new(root.join(".venv/bin/pip"))
-            .args(["install", "--quiet", "openai", "anthropic", "jsonschema"])
+            .args([
+                "install",
+                "--quiet",
+                "openai",
+                "anthropic",
+                "cloudflare",
+                "jsonschema",
+            ])
             .status();
         assert!(
             pip.is_ok_and(|s| s.success()),
-            "cannot install openai, anthropic and jsonschema into .venv"
+            "cannot install openai, anthropic, cloudflare and jsonschema into .venv"
         );
     }
     python

@@ -1,6 +1,6 @@
 """The official `anthropic` package against the server: messages, streaming, count_tokens, a
 tool round trip (whole and streamed) and errors in Anthropic's envelope. Prints one JSON
-object for tests/anthropic_client.rs to check.
+object for tests/api_surfaces.rs to check.
 
     python anthropic_client.py BASE_URL MODEL
 """

@@ -1,0 +1,332 @@
+//! The Workers AI REST shape: `POST /client/v4/accounts/{account_id}/ai/run/{model}`. Its
+//! body (`messages` or `prompt`, `raw`, sampling settings with Workers AI's defaults, tools,
+//! `response_format`) is translated into the shared chat or completion request; the answer
+//! is rendered in Cloudflare's envelope `{"result", "success", "errors", "messages"}`, or
+//! streamed as `data: {"response": ...}` lines, a usage event and `data: [DONE]`. Errors
+//! get the envelope in [`super::error`]. Nothing of this shape reaches `/v1`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::gate::Tail;
+use super::response::Meta;
+use crate::engine::request::{Event, EventReceiver, Usage};
+use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
+
+/// Workers AI's defaults for text generation.
+const DEFAULT_MAX_TOKENS: u64 = 256;
+const DEFAULT_TEMPERATURE: f64 = 0.6;
+
+/// True when the body asks for a raw prompt (no chat template): the completion path.
+pub fn is_raw_prompt(body: &Value) -> bool {
+    body.get("raw").and_then(Value::as_bool) == Some(true) && body.get("prompt").is_some()
+}
+
+/// Translates a Workers AI body for `model` into an OpenAI chat request, or a completion
+/// request when `raw` is set with a `prompt`.
+pub fn to_openai(body: Value, model: &str) -> Result<Value, ApiError> {
+    let raw = is_raw_prompt(&body);
+    let Value::Object(b) = body else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object",
+        ));
+    };
+    let mut out = Map::new();
+    out.insert("model".into(), Value::from(model));
+    for field in ["lora", "functions", "image"] {
+        if b.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not supported by this server"),
+            ));
+        }
+    }
+    match (b.get("messages"), b.get("prompt")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "send either `messages` or `prompt`, not both",
+            ))
+        }
+        (_, Some(p)) if !p.is_string() => {
+            return Err(ApiError::invalid("prompt", "`prompt` must be a string"))
+        }
+        (None, Some(p)) if raw => {
+            out.insert("prompt".into(), p.clone());
+        }
+        (None, Some(p)) => {
+            out.insert("messages".into(), json!([{"role": "user", "content": p}]));
+        }
+        (Some(Value::Array(msgs)), None) => {
+            // Workers AI names a tool result by the tool; the chat path wants an id.
+            let msgs = msgs
+                .iter()
+                .map(|m| {
+                    let mut m = m.clone();
+                    if m["role"] == "tool" && m.get("tool_call_id").is_none() {
+                        m["tool_call_id"] = m.get("name").cloned().unwrap_or(json!("tool"));
+                    }
+                    m
+                })
+                .collect();
+            out.insert("messages".into(), Value::Array(msgs));
+        }
+        (Some(_), None) => return Err(ApiError::invalid("messages", "`messages` must be a list")),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "one of `messages` or `prompt` is required",
+            ))
+        }
+    }
+    let max_tokens = match b.get("max_tokens") {
+        None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
+        Some(v) => v.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
+            ApiError::invalid(
+                "max_tokens",
+                "`max_tokens` must be an integer of at least 1",
+            )
+        })?,
+    };
+    out.insert("max_tokens".into(), Value::from(max_tokens));
+    let temperature = b
+        .get("temperature")
+        .cloned()
+        .unwrap_or(json!(DEFAULT_TEMPERATURE));
+    out.insert("temperature".into(), temperature);
+    for field in [
+        "top_p",
+        "top_k",
+        "seed",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "stream",
+        // Not in Workers AI's schema; taken as in OpenAI's for code that forces a call.
+        "tool_choice",
+    ] {
+        if let Some(v) = b.get(field) {
+            out.insert(field.into(), v.clone());
+        }
+    }
+    if let Some(tools) = b.get("tools") {
+        let Some(list) = tools.as_array() else {
+            return Err(ApiError::invalid("tools", "`tools` must be a list"));
+        };
+        // Workers AI takes OpenAI's shape or the bare function (`name`, `parameters`).
+        let tools = list
+            .iter()
+            .map(|t| {
+                if t.get("function").is_some() {
+                    t.clone()
+                } else {
+                    json!({"type": "function", "function": t})
+                }
+            })
+            .collect();
+        out.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(f) = b.get("response_format") {
+        let mut f = f.clone();
+        // Workers AI's `json_schema` is the schema itself; OpenAI's wraps it.
+        if f["type"] == "json_schema" && f["json_schema"].get("schema").is_none() {
+            let schema = f["json_schema"].take();
+            f["json_schema"] = json!({"name": "response", "schema": schema});
+        }
+        out.insert("response_format".into(), f);
+    }
+    Ok(Value::Object(out))
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    })
+}
+
+fn call_json(c: &ParsedCall) -> Value {
+    let arguments = serde_json::from_str::<Value>(&c.arguments)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    json!({"id": c.id, "name": c.name, "arguments": arguments})
+}
+
+pub fn envelope(result: Value) -> Value {
+    json!({"result": result, "success": true, "errors": [], "messages": []})
+}
+
+/// The whole answer. `json`: the reply was constrained to JSON, so `response` is its value.
+pub fn whole(meta: &Meta, text: String, json: bool, usage: Usage) -> Value {
+    let (text, calls) = match meta.call_parser() {
+        None => (text, Vec::new()),
+        Some(mut p) => {
+            let mut content = String::new();
+            for piece in p.push(&text).into_iter().chain(p.finish()) {
+                if let Piece::Content(t) = piece {
+                    content.push_str(&t);
+                }
+            }
+            (content, p.calls().iter().map(call_json).collect())
+        }
+    };
+    let response = match serde_json::from_str::<Value>(&text) {
+        Ok(v) if json => v,
+        _ => Value::from(text),
+    };
+    envelope(json!({"response": response, "tool_calls": calls, "usage": usage_json(usage)}))
+}
+
+/// Streams `data: {"response": TEXT}` per piece of text, the calls (if any) in one event, a
+/// final `{"response": "", "usage": ...}`, then `data: [DONE]`.
+pub fn sse(rx: EventReceiver, meta: Meta, tail: Tail, keep_alive: std::time::Duration) -> Response {
+    let state = State {
+        rx,
+        calls: meta.call_parser(),
+        pending: VecDeque::new(),
+        tail,
+        ended: false,
+        done_sent: false,
+    };
+    let mut resp = Sse::new(events(state))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response();
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp
+}
+
+struct State {
+    rx: EventReceiver,
+    calls: Option<CallParser>,
+    pending: VecDeque<Value>,
+    tail: Tail,
+    ended: bool,
+    done_sent: bool,
+}
+
+impl State {
+    fn text(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            if let Piece::Content(t) = piece {
+                if !t.is_empty() {
+                    self.pending.push_back(json!({"response": t}));
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Token { text, .. }) => {
+                let pieces = match &mut self.calls {
+                    None => vec![Piece::Content(text)],
+                    Some(p) => p.push(&text),
+                };
+                self.text(pieces);
+            }
+            Some(Event::Finished { usage, .. }) => {
+                if let Some(mut p) = self.calls.take() {
+                    let rest = p.finish();
+                    self.text(rest);
+                    if !p.calls().is_empty() {
+                        let calls: Vec<Value> = p.calls().iter().map(call_json).collect();
+                        self.pending
+                            .push_back(json!({"response": "", "tool_calls": calls}));
+                    }
+                }
+                self.pending
+                    .push_back(json!({"response": "", "usage": usage_json(usage)}));
+                self.ended = true;
+            }
+            Some(Event::Failed(msg)) => {
+                self.pending
+                    .push_back(ApiError::internal(msg).workers_body());
+                self.ended = true;
+            }
+            None => {
+                self.pending
+                    .push_back(ApiError::engine_stopped().workers_body());
+                self.ended = true;
+            }
+        }
+    }
+}
+
+fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(v) = s.pending.pop_front() {
+                return Some((Ok(SseEvent::default().data(v.to_string())), s));
+            }
+            if s.ended {
+                if s.done_sent {
+                    return None;
+                }
+                s.done_sent = true;
+                return Some((Ok(SseEvent::default().data("[DONE]")), s));
+            }
+            let ev = s.rx.recv().await;
+            if let Some(ev) = &ev {
+                s.tail.observe(ev).await;
+            }
+            s.on_event(ev);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_prompt_tools_and_schema_translate() {
+        let chat = to_openai(json!({"prompt": "Hi"}), "m").unwrap();
+        assert_eq!(chat["messages"], json!([{"role": "user", "content": "Hi"}]));
+        assert_eq!(chat["max_tokens"], 256);
+        assert_eq!(chat["temperature"], 0.6);
+        assert_eq!(chat["model"], "m");
+        let raw = to_openai(json!({"prompt": "Once", "raw": true}), "m").unwrap();
+        assert_eq!(raw["prompt"], "Once");
+        assert!(raw.get("messages").is_none());
+        let t = to_openai(
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "1"}],
+                   "tools": [{"name": "f", "parameters": {"type": "object"}}],
+                   "response_format": {"type": "json_schema", "json_schema": {"type": "object"}}}),
+            "m",
+        )
+        .unwrap();
+        assert_eq!(t["tools"][0]["type"], "function");
+        assert_eq!(t["tools"][0]["function"]["name"], "f");
+        assert_eq!(t["messages"][1]["tool_call_id"], "f");
+        assert_eq!(
+            t["response_format"]["json_schema"]["schema"],
+            json!({"type": "object"})
+        );
+    }
+
+    #[test]
+    fn bad_bodies_name_their_field() {
+        for (body, param) in [
+            (json!({}), "messages"),
+            (json!({"prompt": 5}), "prompt"),
+            (json!({"prompt": "a", "messages": []}), "prompt"),
+            (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
+            (json!({"prompt": "a", "lora": "x"}), "lora"),
+            (json!({"messages": "hi"}), "messages"),
+        ] {
+            let e = to_openai(body.clone(), "m").unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+}
