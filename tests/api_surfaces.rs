@@ -187,3 +187,213 @@ fn workers_ai_shapes_stay_off_v1_and_its_openai_path_speaks_openai() {
     assert_eq!(e["success"], false, "{e}");
     assert_eq!(e["errors"][0]["code"], 5006, "{e}");
 }
+
+#[test]
+fn official_openai_client_chains_responses() {
+    let s = Server::start(&[]);
+    let r = client("responses_client.py", &s, MODEL);
+    let turns = r["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 3);
+    for (i, t) in turns.iter().enumerate() {
+        assert!(t["id"].as_str().unwrap().starts_with("resp_"), "{r}");
+        assert!(!t["text"].as_str().unwrap().is_empty(), "{r}");
+        if i > 0 {
+            assert_eq!(t["previous"], turns[i - 1]["id"], "{r}");
+        }
+    }
+    let input = |i: usize| turns[i]["usage"]["input_tokens"].as_u64().unwrap();
+    let output = |i: usize| turns[i]["usage"]["output_tokens"].as_u64().unwrap();
+    let cached = |i: usize| {
+        turns[i]["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    // Each turn's prompt holds the whole conversation before it...
+    assert!(input(1) >= input(0) + output(0), "{r}");
+    assert!(input(2) >= input(1) + output(1), "{r}");
+    // ...and the prefix cache covers that history: all but the last partial block (16).
+    assert!(cached(2) + 16 > input(1) + output(1), "{r}");
+    assert!(cached(1) + 16 > input(0) + output(0), "{r}");
+
+    let events: Vec<&str> = r["stream_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(events[0], "response.created");
+    assert!(events.contains(&"response.output_text.delta"), "{r}");
+    assert!(events.contains(&"response.output_item.done"), "{r}");
+    assert!(
+        ["response.completed", "response.incomplete"].contains(events.last().unwrap()),
+        "{r}"
+    );
+    assert_eq!(r["stream_text"], r["whole_text"], "{r}");
+
+    assert_eq!(r["call"]["name"], "get_weather", "{r}");
+    assert!(r["call"]["arguments"]["city"].is_string(), "{r}");
+    assert_eq!(r["streamed_call"]["name"], "get_weather", "{r}");
+    // The output went back through previous_response_id: the call and its result are in
+    // the prompt.
+    let u = |k: &str| r[k]["input_tokens"].as_u64().unwrap();
+    assert!(u("answer_usage") > u("call_usage"), "{r}");
+    assert!(
+        r["json"]["city"].is_string() && r["json"]["country"].is_string(),
+        "{r}"
+    );
+
+    assert_eq!(r["retrieved_text"], turns[0]["text"], "{r}");
+    assert_eq!(r["deleted"], true, "{r}");
+    assert_eq!(r["after_delete"], 404, "{r}");
+    assert_eq!(r["unknown_previous"], 404, "{r}");
+    assert_eq!(r["unstored"], 404, "{r}");
+}
+
+#[test]
+fn stored_responses_survive_a_restart_and_belong_to_their_key() {
+    const MASTER: &str = "sk-master-responses-test";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("node.db");
+    let flags = ["--db", db.to_str().unwrap(), "--master-key", MASTER];
+    let s = Server::start(&flags);
+    let key = |s: &Server| {
+        let r = s.post_key("/key/generate", &json!({}), MASTER);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["key"].as_str().unwrap().to_string()
+    };
+    let (alice, bob) = (key(&s), key(&s));
+    let turn = |s: &Server, k: &str, input: &str, prev: Option<&str>| {
+        s.post_key(
+            "/v1/responses",
+            &json!({"model": MODEL, "input": input, "previous_response_id": prev,
+                    "max_output_tokens": 8, "temperature": 0}),
+            k,
+        )
+    };
+    let first = turn(&s, &alice, "My name is Ada.", None);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let id = first.body["id"].as_str().unwrap().to_string();
+    drop(s);
+
+    let s = Server::start(&flags);
+    let get = |k: &str| {
+        s.call(
+            "GET",
+            &format!("/v1/responses/{id}"),
+            None,
+            &[("authorization", &format!("Bearer {k}"))],
+        )
+    };
+    let mine = get(&alice);
+    assert_eq!(mine.status, 200, "{}", mine.body);
+    assert_eq!(mine.body["output"], first.body["output"]);
+    let theirs = get(&bob);
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    assert!(theirs.body["error"]["message"].is_string());
+    // Continuing works for the owner after the restart, and not for another key.
+    let next = turn(&s, &alice, "What is my name?", Some(&id));
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert!(
+        next.body["usage"]["input_tokens"].as_u64().unwrap()
+            > first.body["usage"]["input_tokens"].as_u64().unwrap()
+    );
+    let stolen = turn(&s, &bob, "What is my name?", Some(&id));
+    assert_eq!(stolen.status, 404, "{}", stolen.body);
+    assert_eq!(stolen.body["error"]["param"], "previous_response_id");
+    let del = s.call(
+        "DELETE",
+        &format!("/v1/responses/{id}"),
+        None,
+        &[("authorization", &format!("Bearer {bob}"))],
+    );
+    assert_eq!(del.status, 404, "another key cannot delete it");
+}
+
+#[test]
+fn errors_come_in_each_surfaces_envelope() {
+    let s = Server::start(&["--model-alias", ALIAS, "--rpm-limit", "4"]);
+    let run = format!("/client/v4/accounts/abc/ai/run/{ALIAS}");
+    let anthropic = |e: &Value, kind: &str| {
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["error"]["type"], kind, "{e}");
+    };
+    let workers = |e: &Value, code: u64| {
+        assert_eq!(e["success"], false, "{e}");
+        assert_eq!(e["errors"][0]["code"], code, "{e}");
+    };
+    let openai = |e: &Value| assert!(e["error"]["message"].is_string(), "{e}");
+    // Bad JSON.
+    let (st, e) = s.post_raw("/v1/messages", b"{");
+    assert_eq!(st, 400);
+    anthropic(&e, "invalid_request_error");
+    let (st, e) = s.post_raw(&run, b"{");
+    assert_eq!(st, 400);
+    workers(&e, 5006);
+    let (st, e) = s.post_raw("/v1/responses", b"{");
+    assert_eq!(st, 400);
+    openai(&e);
+    // A field of the wrong type.
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    let (st, e) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": "x", "messages": msgs}),
+    );
+    assert_eq!(st, 400);
+    anthropic(&e, "invalid_request_error");
+    let (st, e) = s.post(&run, &json!({"messages": msgs, "max_tokens": "x"}));
+    assert_eq!(st, 400);
+    workers(&e, 5006);
+    let (st, e) = s.post("/v1/responses", &json!({"model": MODEL, "input": 5}));
+    assert_eq!(st, 400);
+    assert_eq!(e["error"]["param"], "input", "{e}");
+    // Unknown model.
+    let (st, e) = s.post(
+        "/v1/messages",
+        &json!({"model": "claude-x", "max_tokens": 4, "messages": msgs}),
+    );
+    assert_eq!(st, 404);
+    anthropic(&e, "not_found_error");
+    let (st, e) = s.post(
+        "/client/v4/accounts/abc/ai/run/@cf/x/y",
+        &json!({"prompt": "Hi"}),
+    );
+    assert_eq!(st, 404);
+    workers(&e, 3042);
+    let (st, e) = s.post("/v1/responses", &json!({"model": "gpt-x", "input": "Hi"}));
+    assert_eq!(st, 404);
+    openai(&e);
+    // Over the limit (4 requests a minute, node-wide).
+    let ok = |st: u16, e: &Value| assert_eq!(st, 200, "{e}");
+    let (st, e) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": 2, "messages": msgs}),
+    );
+    ok(st, &e);
+    let (st, e) = s.post(&run, &json!({"prompt": "Hi", "max_tokens": 2}));
+    ok(st, &e);
+    let (st, e) = s.post(
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "Hi", "max_output_tokens": 2}),
+    );
+    ok(st, &e);
+    let (st, e) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "max_tokens": 2, "messages": msgs}),
+    );
+    ok(st, &e);
+    let (st, e) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": 2, "messages": msgs}),
+    );
+    assert_eq!(st, 429);
+    anthropic(&e, "rate_limit_error");
+    let (st, e) = s.post(&run, &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(st, 429);
+    workers(&e, 3040);
+    let (st, e) = s.post(
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "Hi", "max_output_tokens": 2}),
+    );
+    assert_eq!(st, 429);
+    assert_eq!(e["error"]["type"], "rate_limit_error", "{e}");
+}

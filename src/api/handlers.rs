@@ -17,6 +17,7 @@ use super::gate::{
     add_headers, rate_headers, refusal_error, replay, Directives, Gate, Recorded, Tail,
 };
 use super::response::{respond, Meta, Surface};
+use super::responses::ResponsesCtx;
 use super::types::{
     from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
 };
@@ -109,6 +110,8 @@ enum Api {
     Workers {
         model: String,
     },
+    /// OpenAI's Responses API, with the conversation so far.
+    Responses(Arc<ResponsesCtx>),
 }
 
 impl Api {
@@ -117,6 +120,7 @@ impl Api {
             Api::OpenAi => Ok(v),
             Api::Anthropic => super::anthropic::to_chat_request(v, false),
             Api::Workers { model } => super::workers::to_openai(v, model),
+            Api::Responses(ctx) => super::responses::to_chat_request(v, &ctx.context),
         }
     }
 
@@ -126,8 +130,104 @@ impl Api {
             (Api::OpenAi, false) => "/v1/completions",
             (Api::Anthropic, _) => "/v1/messages",
             (Api::Workers { .. }, _) => "/ai/run",
+            (Api::Responses(_), _) => "/v1/responses",
         }
     }
+}
+
+/// OpenAI's `POST /v1/responses`: the conversation is the stored one named by
+/// `previous_response_id` (the key's own) plus this input; the answer is stored with it
+/// unless `store` is false.
+pub async fn responses_create(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_or_error(body, state.max_body_bytes)?;
+    let v = parse_body(&bytes)?;
+    let owner = who.key_id().unwrap_or_default().to_string();
+    let mut context = match v.get("previous_response_id") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(id)) => {
+            state
+                .gateway
+                .conversations
+                .get(id, &owner)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .ok_or_else(|| previous_not_found(id))?
+                .context
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "previous_response_id",
+                "`previous_response_id` must be a string",
+            ))
+        }
+    };
+    context.extend(super::responses::input_items(&v)?);
+    let store = match v.get("store") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
+    };
+    let ctx = ResponsesCtx {
+        id: format!("resp_{}", rid.0),
+        owner,
+        created_at: unix_now(),
+        store,
+        context,
+        echo: super::responses::echo(&v),
+        gateway: state.gateway.clone(),
+    };
+    let api = Api::Responses(Arc::new(ctx));
+    chat(&state, rid, who, &headers, Ok(bytes), api).await
+}
+
+fn previous_not_found(id: &str) -> ApiError {
+    ApiError {
+        param: Some("previous_response_id".into()),
+        ..ApiError::not_found(format!("Previous response with id '{id}' not found."))
+    }
+}
+
+/// `GET /v1/responses/{id}`: a stored response, to the key that made it (404 otherwise).
+pub async fn responses_get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    let owner = who.key_id().unwrap_or_default();
+    state
+        .gateway
+        .conversations
+        .get(&id, owner)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map(|s| Json(s.response))
+        .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn responses_delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    let owner = who.key_id().unwrap_or_default();
+    let deleted = state
+        .gateway
+        .conversations
+        .delete(&id, owner)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if !deleted {
+        return Err(ApiError::not_found(format!(
+            "No response found with id '{id}'."
+        )));
+    }
+    Ok(Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
 }
 
 /// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}`: a chat request
@@ -267,6 +367,7 @@ async fn chat(
                     .as_ref()
                     .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
             },
+            Api::Responses(ctx) => Surface::Responses(ctx.clone()),
         },
     };
     let out = Output {

@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod gate;
 mod handlers;
 mod response;
+mod responses;
 mod stream;
 pub mod types;
 mod workers;
@@ -173,6 +174,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(handlers::models))
         .route("/v1/messages", post(handlers::messages))
         .route("/v1/messages/count_tokens", post(handlers::count_tokens))
+        .route("/v1/responses", post(handlers::responses_create))
+        .route(
+            "/v1/responses/{id}",
+            get(handlers::responses_get).delete(handlers::responses_delete),
+        )
         .route(
             "/client/v4/accounts/{account_id}/ai/run/{*model}",
             post(handlers::workers_run),

@@ -26,7 +26,7 @@ pub struct Meta {
 }
 
 /// The API shape of an answer: each renders the same engine events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Surface {
     OpenAi,
     /// Anthropic's Messages API; its stream announces the prompt's size first.
@@ -38,13 +38,15 @@ pub enum Surface {
     Workers {
         json: bool,
     },
+    /// OpenAI's Responses API, with what its answer echoes and stores.
+    Responses(std::sync::Arc<super::responses::ResponsesCtx>),
 }
 
 impl Surface {
     /// The highest `temperature` the surface's API documents.
-    pub fn max_temperature(self) -> f32 {
+    pub fn max_temperature(&self) -> f32 {
         match self {
-            Surface::OpenAi => 2.0,
+            Surface::OpenAi | Surface::Responses(_) => 2.0,
             Surface::Anthropic { .. } => 1.0,
             Surface::Workers { .. } => 5.0,
         }
@@ -60,7 +62,7 @@ pub async fn respond(
     tail: Tail,
     keep_alive: std::time::Duration,
 ) -> Result<Response, ApiError> {
-    match (meta.surface, stream) {
+    match (meta.surface.clone(), stream) {
         (Surface::OpenAi, true) => Ok(super::stream::sse_response(
             rx,
             meta,
@@ -76,6 +78,9 @@ pub async fn respond(
             keep_alive,
         )),
         (Surface::Workers { .. }, true) => Ok(super::workers::sse(rx, meta, tail, keep_alive)),
+        (Surface::Responses(ctx), true) => {
+            Ok(super::responses::sse(rx, meta, ctx, tail, keep_alive))
+        }
         (_, false) => collect(rx, meta, tail).await,
     }
 }
@@ -214,12 +219,15 @@ async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Re
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
             Event::Finished { reason, usage } => {
-                let whole = match meta.surface {
+                let whole = match &meta.surface {
                     Surface::OpenAi => meta.whole(text, lps, reason, usage),
                     Surface::Anthropic { .. } => {
                         super::anthropic::whole(&meta, text, reason, usage)
                     }
-                    Surface::Workers { json } => super::workers::whole(&meta, text, json, usage),
+                    Surface::Workers { json } => super::workers::whole(&meta, text, *json, usage),
+                    Surface::Responses(ctx) => {
+                        super::responses::whole(&meta, ctx, text, reason, usage)
+                    }
                 };
                 return Ok(Json(whole).into_response());
             }

@@ -1,4 +1,5 @@
-//! The embedded store: one SQLite file in WAL mode holding the keys and the request ledger.
+//! The embedded store: one SQLite file in WAL mode holding the keys, the request ledger and
+//! the stored responses of the Responses API.
 //! Knows tables and SQL; never HTTP. Invariant: every connection opens through [`open`], so
 //! every one has the same pragmas (WAL, a busy timeout, synchronous=NORMAL: a commit survives
 //! the process being killed; only a power loss can take the last commits).
@@ -45,6 +46,13 @@ CREATE TABLE IF NOT EXISTS requests (
     metadata TEXT                     -- cf-aig-metadata, as sent (never prompt text)
 );
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,              -- resp_...
+    owner TEXT NOT NULL,              -- the key id that made it ('' without a key)
+    created INTEGER NOT NULL,         -- unix seconds
+    response TEXT NOT NULL,           -- the response object (JSON): holds conversation text
+    context TEXT NOT NULL             -- JSON array: the conversation's items through its output
+);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
 ";

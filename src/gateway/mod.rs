@@ -14,6 +14,7 @@
 //! `Meter` when it never ran), so no window leaks a reservation.
 
 pub mod cache;
+pub mod conversations;
 pub mod db;
 pub mod keys;
 pub mod ledger;
@@ -98,6 +99,8 @@ pub struct GatewayConfig {
 
 pub struct Gateway {
     pub keys: KeyStore,
+    /// Stored responses of the Responses API.
+    pub conversations: conversations::Conversations,
     pub ledger: Ledger,
     pub prices: PriceTable,
     limits: Mutex<Limits>,
@@ -123,6 +126,7 @@ impl Gateway {
         let auth_required = config.master_key.is_some() || keys.count()? > 0;
         Ok(Self {
             keys,
+            conversations: conversations::Conversations::new(db::open(&config.db_path)?),
             ledger,
             prices: config.prices,
             limits: Mutex::new(Limits::new(config.global_tpm, config.global_rpm)),

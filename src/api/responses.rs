@@ -1,0 +1,698 @@
+//! OpenAI's Responses API: `POST /v1/responses` (input as text or items, `instructions`,
+//! function tools and their outputs, `text.format`, streaming with its typed events),
+//! `store` and `previous_response_id` (the node keeps the conversation, so a turn sends only
+//! its new items and the prefix cache makes it cost only its new tokens), and
+//! `GET` / `DELETE /v1/responses/{id}` for the key that made it.
+//!
+//! The request becomes the shared chat request (items -> messages); the answer is rendered
+//! here and, when stored, written with the conversation through its output.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::gate::Tail;
+use super::response::Meta;
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{Event, EventReceiver, Usage};
+use crate::gateway::Gateway;
+use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
+
+/// What a Responses request carries into its answer: identity, the conversation so far
+/// (previous items plus this input), the request's settings to echo, where to store it.
+pub struct ResponsesCtx {
+    pub id: String,
+    pub owner: String,
+    pub created_at: u64,
+    pub store: bool,
+    pub context: Vec<Value>,
+    /// The request's settings as the response object echoes them.
+    pub echo: Map<String, Value>,
+    pub gateway: Arc<Gateway>,
+}
+
+/// The request's input as items: a string is one user message.
+pub fn input_items(body: &Value) -> Result<Vec<Value>, ApiError> {
+    match body.get("input") {
+        Some(Value::String(s)) => Ok(vec![json!({"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": s}]})]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| normalize_item(it, i))
+            .collect(),
+        _ => Err(ApiError::invalid(
+            "input",
+            "`input` is required: a string or a list of items",
+        )),
+    }
+}
+
+fn normalize_item(it: &Value, i: usize) -> Result<Value, ApiError> {
+    let at = |f: &str| format!("input[{i}]{f}");
+    let kind = it.get("type").and_then(Value::as_str).unwrap_or("message");
+    match kind {
+        "message" => {
+            let role = it.get("role").and_then(Value::as_str).unwrap_or_default();
+            if !["user", "assistant", "system", "developer"].contains(&role) {
+                return Err(ApiError::invalid(
+                    at(".role"),
+                    format!("`role` must be user, assistant, system or developer, got `{role}`"),
+                ));
+            }
+            let text = match it.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                            (
+                                Some("input_text" | "output_text" | "text"),
+                                Some(Value::String(t)),
+                            ) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    at(&format!(".content[{j}]")),
+                                    format!(
+                                        "content of type `{}` is not supported; only text",
+                                        kind.unwrap_or("?")
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        at(".content"),
+                        "`content` must be a string or a list of text parts",
+                    ))
+                }
+            };
+            let part = if role == "assistant" {
+                "output_text"
+            } else {
+                "input_text"
+            };
+            Ok(json!({"type": "message", "role": role, "content": [{"type": part, "text": text}]}))
+        }
+        "function_call" => {
+            let (Some(call_id), Some(name), Some(args)) = (
+                it.get("call_id").and_then(Value::as_str),
+                it.get("name").and_then(Value::as_str),
+                it.get("arguments").and_then(Value::as_str),
+            ) else {
+                return Err(ApiError::invalid(
+                    at(""),
+                    "a function_call item needs `call_id`, `name` and `arguments`",
+                ));
+            };
+            Ok(
+                json!({"type": "function_call", "call_id": call_id, "name": name, "arguments": args}),
+            )
+        }
+        "function_call_output" => {
+            let Some(call_id) = it.get("call_id").and_then(Value::as_str) else {
+                return Err(ApiError::invalid(
+                    at(".call_id"),
+                    "a function_call_output item needs `call_id`",
+                ));
+            };
+            let output = match it.get("output") {
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            };
+            Ok(json!({"type": "function_call_output", "call_id": call_id, "output": output}))
+        }
+        other => Err(ApiError::invalid(
+            at(".type"),
+            format!("input items of type `{other}` are not supported"),
+        )),
+    }
+}
+
+/// Chat messages for a conversation's items: consecutive function calls become one
+/// assistant message with `tool_calls`; outputs become `tool` messages.
+fn messages(items: &[Value], instructions: Option<&str>) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(i) = instructions {
+        out.push(json!({"role": "system", "content": i}));
+    }
+    for it in items {
+        match it["type"].as_str() {
+            Some("function_call") => {
+                let call = json!({"id": it["call_id"], "type": "function",
+                    "function": {"name": it["name"], "arguments": it["arguments"]}});
+                let last_calls = out.last_mut().filter(|m: &&mut Value| {
+                    m["role"] == "assistant" && m.get("tool_calls").is_some()
+                });
+                match last_calls {
+                    Some(m) => m["tool_calls"]
+                        .as_array_mut()
+                        .into_iter()
+                        .for_each(|a| a.push(call.clone())),
+                    None => {
+                        out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]}))
+                    }
+                }
+            }
+            Some("function_call_output") => out.push(
+                json!({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]}),
+            ),
+            _ => {
+                let role = if it["role"] == "developer" {
+                    "system"
+                } else {
+                    it["role"].as_str().unwrap_or("user")
+                };
+                out.push(json!({"role": role, "content": it["content"][0]["text"]}));
+            }
+        }
+    }
+    out
+}
+
+/// The chat request for a Responses body whose conversation is `context`.
+pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError> {
+    let Value::Object(b) = body else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object",
+        ));
+    };
+    let mut out = Map::new();
+    let instructions = match b.get("instructions") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "instructions",
+                "`instructions` must be a string",
+            ))
+        }
+    };
+    out.insert(
+        "messages".into(),
+        Value::Array(messages(context, instructions)),
+    );
+    for field in [
+        "model",
+        "temperature",
+        "top_p",
+        "stream",
+        "parallel_tool_calls",
+        "seed",
+    ] {
+        if let Some(v) = b.get(field) {
+            out.insert(field.into(), v.clone());
+        }
+    }
+    if let Some(m) = b.get("max_output_tokens").filter(|v| !v.is_null()) {
+        out.insert("max_tokens".into(), m.clone());
+    }
+    if let Some(tools) = b.get("tools") {
+        let Some(list) = tools.as_array() else {
+            return Err(ApiError::invalid("tools", "`tools` must be a list"));
+        };
+        let mut chat_tools = Vec::new();
+        for (i, t) in list.iter().enumerate() {
+            if t["type"] != "function" {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    format!(
+                        "tool type `{}` is not supported; only `function`",
+                        t["type"].as_str().unwrap_or("?")
+                    ),
+                ));
+            }
+            let mut f = Map::new();
+            for k in ["name", "description", "parameters", "strict"] {
+                if let Some(v) = t.get(k).filter(|v| !v.is_null()) {
+                    f.insert(k.into(), v.clone());
+                }
+            }
+            chat_tools.push(json!({"type": "function", "function": f}));
+        }
+        out.insert("tools".into(), Value::Array(chat_tools));
+    }
+    if let Some(c) = b.get("tool_choice") {
+        let choice = match c {
+            Value::String(_) => c.clone(),
+            _ if c["type"] == "function" => {
+                json!({"type": "function", "function": {"name": c["name"]}})
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "`tool_choice` must be none, auto, required or a function",
+                ))
+            }
+        };
+        out.insert("tool_choice".into(), choice);
+    }
+    if let Some(f) = b.get("text").and_then(|t| t.get("format")) {
+        let format = match f["type"].as_str() {
+            Some("text") => json!({"type": "text"}),
+            Some("json_object") => json!({"type": "json_object"}),
+            Some("json_schema") => json!({"type": "json_schema", "json_schema": {
+                "name": f["name"], "schema": f["schema"], "strict": f["strict"]}}),
+            _ => {
+                return Err(ApiError::invalid(
+                    "text.format.type",
+                    "`text.format.type` must be text, json_object or json_schema",
+                ))
+            }
+        };
+        out.insert("response_format".into(), format);
+    }
+    Ok(Value::Object(out))
+}
+
+/// The settings a response object echoes from its request.
+pub fn echo(body: &Value) -> Map<String, Value> {
+    let mut e = Map::new();
+    let get = |k: &str, default: Value| body.get(k).cloned().unwrap_or(default);
+    e.insert("instructions".into(), get("instructions", Value::Null));
+    e.insert(
+        "max_output_tokens".into(),
+        get("max_output_tokens", Value::Null),
+    );
+    e.insert("metadata".into(), get("metadata", json!({})));
+    e.insert(
+        "parallel_tool_calls".into(),
+        get("parallel_tool_calls", json!(true)),
+    );
+    e.insert(
+        "previous_response_id".into(),
+        get("previous_response_id", Value::Null),
+    );
+    e.insert("temperature".into(), get("temperature", json!(1.0)));
+    e.insert("top_p".into(), get("top_p", json!(1.0)));
+    e.insert("tool_choice".into(), get("tool_choice", json!("auto")));
+    e.insert("tools".into(), get("tools", json!([])));
+    e.insert(
+        "text".into(),
+        get("text", json!({"format": {"type": "text"}})),
+    );
+    e.insert("store".into(), get("store", json!(true)));
+    e
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.total_tokens,
+    })
+}
+
+fn message_item(ctx: &ResponsesCtx, text: &str, status: &str) -> Value {
+    json!({"type": "message", "id": format!("msg_{}", &ctx.id[5..]), "status": status,
+           "role": "assistant",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]})
+}
+
+fn call_item(c: &ParsedCall, status: &str) -> Value {
+    json!({"type": "function_call", "id": format!("fc_{}", c.id.trim_start_matches("call_")),
+           "call_id": c.id, "name": c.name, "arguments": c.arguments, "status": status})
+}
+
+/// The response object: `output` as given, `usage` when finished.
+fn object(
+    ctx: &ResponsesCtx,
+    meta: &Meta,
+    status: &str,
+    output: Vec<Value>,
+    end: Option<(FinishReason, Usage)>,
+) -> Value {
+    let mut r = ctx.echo.clone();
+    r.insert("id".into(), Value::from(ctx.id.clone()));
+    r.insert("object".into(), json!("response"));
+    r.insert("created_at".into(), Value::from(ctx.created_at));
+    r.insert("status".into(), Value::from(status));
+    r.insert("model".into(), Value::from(meta.model.clone()));
+    r.insert("output".into(), Value::Array(output));
+    r.insert("error".into(), Value::Null);
+    let incomplete = matches!(end, Some((FinishReason::Length, _)));
+    r.insert(
+        "incomplete_details".into(),
+        if incomplete {
+            json!({"reason": "max_output_tokens"})
+        } else {
+            Value::Null
+        },
+    );
+    r.insert(
+        "usage".into(),
+        end.map_or(Value::Null, |(_, u)| usage_json(u)),
+    );
+    Value::Object(r)
+}
+
+/// The finished response: rendered, and stored with its conversation when asked.
+fn finish(
+    ctx: &ResponsesCtx,
+    meta: &Meta,
+    output: Vec<Value>,
+    reason: FinishReason,
+    usage: Usage,
+) -> Value {
+    let status = match reason {
+        FinishReason::Length => "incomplete",
+        FinishReason::Stop => "completed",
+    };
+    let r = object(ctx, meta, status, output.clone(), Some((reason, usage)));
+    if ctx.store {
+        let mut context = ctx.context.clone();
+        for it in &output {
+            context.push(match it["type"].as_str() {
+                Some("function_call") => json!({"type": "function_call", "call_id": it["call_id"],
+                    "name": it["name"], "arguments": it["arguments"]}),
+                _ => json!({"type": "message", "role": "assistant",
+                    "content": [{"type": "output_text", "text": it["content"][0]["text"]}]}),
+            });
+        }
+        if let Err(e) = ctx
+            .gateway
+            .conversations
+            .put(&ctx.id, &ctx.owner, &r, &context)
+        {
+            tracing::error!(error = %e, "a response could not be stored");
+        }
+    }
+    r
+}
+
+/// The whole response.
+pub fn whole(
+    meta: &Meta,
+    ctx: &ResponsesCtx,
+    text: String,
+    reason: FinishReason,
+    usage: Usage,
+) -> Value {
+    let (content, calls) = match meta.call_parser() {
+        None => (text, Vec::new()),
+        Some(mut p) => {
+            let mut content = String::new();
+            for piece in p.push(&text).into_iter().chain(p.finish()) {
+                if let Piece::Content(t) = piece {
+                    content.push_str(&t);
+                }
+            }
+            (content, p.calls().to_vec())
+        }
+    };
+    let mut output = Vec::new();
+    if !content.is_empty() || calls.is_empty() {
+        output.push(message_item(ctx, &content, "completed"));
+    }
+    output.extend(calls.iter().map(|c| call_item(c, "completed")));
+    finish(ctx, meta, output, reason, usage)
+}
+
+/// Streams the Responses API's typed events, each with a `sequence_number`.
+pub fn sse(
+    rx: EventReceiver,
+    meta: Meta,
+    ctx: Arc<ResponsesCtx>,
+    tail: Tail,
+    keep_alive: std::time::Duration,
+) -> Response {
+    let mut s = State {
+        rx,
+        calls: meta.call_parser(),
+        pending: VecDeque::new(),
+        seq: 0,
+        text: None,
+        call: None,
+        output: Vec::new(),
+        tail,
+        ended: false,
+        meta,
+        ctx,
+    };
+    let created = object(&s.ctx, &s.meta, "in_progress", Vec::new(), None);
+    s.emit("response.created", json!({"response": created}));
+    s.emit("response.in_progress", json!({"response": created}));
+    let mut resp = Sse::new(events(s))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response();
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp
+}
+
+struct State {
+    rx: EventReceiver,
+    calls: Option<CallParser>,
+    pending: VecDeque<(&'static str, Value)>,
+    seq: u64,
+    /// The message item being streamed: its text so far.
+    text: Option<String>,
+    /// The call item being streamed: (id, call id, name, arguments so far).
+    call: Option<(String, String, String, String)>,
+    output: Vec<Value>,
+    tail: Tail,
+    ended: bool,
+    meta: Meta,
+    ctx: Arc<ResponsesCtx>,
+}
+
+impl State {
+    fn emit(&mut self, kind: &'static str, mut data: Value) {
+        data["type"] = Value::from(kind);
+        data["sequence_number"] = Value::from(self.seq);
+        self.seq += 1;
+        self.pending.push_back((kind, data));
+    }
+
+    fn close(&mut self) {
+        let index = self.output.len();
+        if let Some(text) = self.text.take() {
+            let item = message_item(&self.ctx, &text, "completed");
+            let id = item["id"].clone();
+            let part = json!({"type": "output_text", "text": text, "annotations": []});
+            self.emit(
+                "response.output_text.done",
+                json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+            );
+            self.emit(
+                "response.content_part.done",
+                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+            );
+            self.emit(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
+            self.output.push(item);
+        }
+        if let Some((id, call_id, name, args)) = self.call.take() {
+            let item = json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
+                              "arguments": args, "status": "completed"});
+            self.emit(
+                "response.function_call_arguments.done",
+                json!({"item_id": id, "output_index": index, "arguments": args}),
+            );
+            self.emit(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
+            self.output.push(item);
+        }
+    }
+
+    fn piece(&mut self, piece: Piece) {
+        let index = self.output.len();
+        match piece {
+            Piece::Content(t) if t.is_empty() => {}
+            Piece::Content(t) => {
+                if self.text.is_none() {
+                    self.close();
+                    let index = self.output.len();
+                    let item = message_item(&self.ctx, "", "in_progress");
+                    let id = item["id"].clone();
+                    let mut item = item;
+                    item["content"] = json!([]);
+                    self.emit(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": item}),
+                    );
+                    self.emit(
+                        "response.content_part.added",
+                        json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": []}}),
+                    );
+                    self.text = Some(String::new());
+                }
+                let index = self.output.len();
+                let id = format!("msg_{}", &self.ctx.id[5..]);
+                self.emit(
+                    "response.output_text.delta",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t}),
+                );
+                if let Some(text) = &mut self.text {
+                    text.push_str(&t);
+                }
+            }
+            Piece::CallStart { id, name, .. } => {
+                self.close();
+                let index = self.output.len();
+                let item_id = format!("fc_{}", id.trim_start_matches("call_"));
+                self.emit(
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": {
+                    "type": "function_call", "id": item_id, "call_id": id, "name": name,
+                    "arguments": "", "status": "in_progress"}}),
+                );
+                self.call = Some((item_id, id, name, String::new()));
+            }
+            Piece::Arguments { text, .. } => {
+                if let Some((item_id, _, _, args)) = &mut self.call {
+                    args.push_str(&text);
+                    let item_id = item_id.clone();
+                    self.emit(
+                        "response.function_call_arguments.delta",
+                        json!({"item_id": item_id, "output_index": index, "delta": text}),
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Token { text, .. }) => {
+                let pieces = match &mut self.calls {
+                    None => vec![Piece::Content(text)],
+                    Some(p) => p.push(&text),
+                };
+                pieces.into_iter().for_each(|p| self.piece(p));
+            }
+            Some(Event::Finished { reason, usage }) => {
+                if let Some(mut p) = self.calls.take() {
+                    p.finish().into_iter().for_each(|piece| self.piece(piece));
+                }
+                self.close();
+                if self.output.is_empty() {
+                    self.output.push(message_item(&self.ctx, "", "completed"));
+                }
+                let r = finish(
+                    &self.ctx,
+                    &self.meta,
+                    std::mem::take(&mut self.output),
+                    reason,
+                    usage,
+                );
+                let kind = match reason {
+                    FinishReason::Length => "response.incomplete",
+                    FinishReason::Stop => "response.completed",
+                };
+                self.emit(kind, json!({"response": r}));
+                self.ended = true;
+            }
+            Some(Event::Failed(msg)) => {
+                self.emit(
+                    "error",
+                    json!({"code": "server_error", "message": msg, "param": null}),
+                );
+                self.ended = true;
+            }
+            None => {
+                let msg = ApiError::engine_stopped().message;
+                self.emit(
+                    "error",
+                    json!({"code": "server_error", "message": msg, "param": null}),
+                );
+                self.ended = true;
+            }
+        }
+    }
+}
+
+fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some((name, v)) = s.pending.pop_front() {
+                return Some((Ok(SseEvent::default().event(name).data(v.to_string())), s));
+            }
+            if s.ended {
+                return None;
+            }
+            let ev = s.rx.recv().await;
+            if let Some(ev) = &ev {
+                s.tail.observe(ev).await;
+            }
+            s.on_event(ev);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_become_chat_messages() {
+        let body = json!({"input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "w", "arguments": "{\"c\":\"P\"}"},
+            {"type": "function_call", "call_id": "call_2", "name": "w", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+        ], "instructions": "Be brief.", "max_output_tokens": 9,
+           "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}],
+           "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}});
+        let items = input_items(&body).unwrap();
+        let chat = to_chat_request(body, &items).unwrap();
+        let m = chat["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(
+            m[2]["tool_calls"].as_array().unwrap().len(),
+            2,
+            "consecutive calls merge"
+        );
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "18 C"})
+        );
+        assert_eq!(chat["max_tokens"], 9);
+        assert_eq!(chat["tools"][0]["function"]["name"], "w");
+        assert_eq!(
+            chat["response_format"]["json_schema"]["schema"],
+            json!({"type": "object"})
+        );
+    }
+
+    #[test]
+    fn bad_input_names_its_field() {
+        for (body, param) in [
+            (json!({}), "input"),
+            (
+                json!({"input": [{"role": "tool", "content": "x"}]}),
+                "input[0].role",
+            ),
+            (json!({"input": [{"type": "reasoning"}]}), "input[0].type"),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+                "input[0].content[0]",
+            ),
+        ] {
+            let e = input_items(&body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+        let e = to_chat_request(json!({"tools": [{"type": "web_search"}]}), &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[0].type"));
+    }
+}

@@ -1,0 +1,84 @@
+"""The official `openai` package's Responses API against the server: three turns chained by
+`previous_response_id`, streaming, a function-call round trip, `text.format` json_schema,
+retrieve and delete. Prints one JSON object for tests/api_surfaces.rs to check.
+
+    python responses_client.py BASE_URL MODEL
+"""
+import json
+import sys
+
+import openai
+
+base, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+out = {"turns": []}
+
+prev = None
+for text in ["My name is Ada and I like tea.", "What do I like to drink?", "And what is my name?"]:
+    r = client.responses.create(model=model, input=text, previous_response_id=prev,
+                                instructions="You are brief.", max_output_tokens=24, temperature=0)
+    out["turns"].append({"id": r.id, "text": r.output_text, "status": r.status,
+                         "usage": r.usage.model_dump(), "previous": r.previous_response_id})
+    prev = r.id
+
+events = []
+with client.responses.create(model=model, input="Count to three.", max_output_tokens=16,
+                             temperature=0, stream=True) as stream:
+    for ev in stream:
+        events.append(ev.type)
+        if ev.type in ("response.completed", "response.incomplete"):
+            final = ev.response
+out["stream_events"] = events
+out["stream_text"] = final.output_text
+out["stream_id"] = final.id
+again = client.responses.create(model=model, input="Count to three.", max_output_tokens=16,
+                                temperature=0, store=False)
+out["whole_text"] = again.output_text
+
+tools = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                         "required": ["city"]}}]
+call = client.responses.create(model=model, input="What is the weather in Paris?", tools=tools,
+                               tool_choice="required", max_output_tokens=64, temperature=0)
+calls = [o for o in call.output if o.type == "function_call"]
+out["call"] = {"name": calls[0].name, "arguments": json.loads(calls[0].arguments)} if calls else None
+answer = client.responses.create(
+    model=model, previous_response_id=call.id, tools=tools, max_output_tokens=24, temperature=0,
+    input=[{"type": "function_call_output", "call_id": calls[0].call_id if calls else "x",
+            "output": "18 degrees and sunny"}])
+out["answer_text"] = answer.output_text
+out["answer_usage"] = answer.usage.model_dump()
+out["call_usage"] = call.usage.model_dump()
+
+with client.responses.stream(model=model, input="Weather in Rome?", tools=tools,
+                             tool_choice="required", max_output_tokens=64, temperature=0) as s:
+    streamed_call = s.get_final_response()
+sc = [o for o in streamed_call.output if o.type == "function_call"]
+out["streamed_call"] = {"name": sc[0].name, "arguments": json.loads(sc[0].arguments)} if sc else None
+
+js = client.responses.create(
+    model=model, input="Give a city and its country.", max_output_tokens=64, temperature=0,
+    text={"format": {"type": "json_schema", "name": "place", "strict": True, "schema": {
+        "type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"], "additionalProperties": False}}})
+out["json"] = json.loads(js.output_text)
+
+got = client.responses.retrieve(out["turns"][0]["id"])
+out["retrieved_text"] = got.output_text
+out["deleted"] = client.responses.delete(out["turns"][0]["id"]) is None
+try:
+    client.responses.retrieve(out["turns"][0]["id"])
+    out["after_delete"] = None
+except openai.NotFoundError as e:
+    out["after_delete"] = e.status_code
+try:
+    client.responses.create(model=model, input="hi", previous_response_id="resp_nope")
+    out["unknown_previous"] = None
+except openai.NotFoundError as e:
+    out["unknown_previous"] = e.status_code
+try:
+    client.responses.retrieve(again.id)
+    out["unstored"] = None
+except openai.NotFoundError as e:
+    out["unstored"] = e.status_code
+print(json.dumps(out))
