@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -45,7 +45,11 @@ pub(super) fn body_or_error(
 }
 
 /// The model must be the served one (404), and one the key may use (403).
-fn check_model(state: &AppState, who: &Principal, model: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn check_model(
+    state: &AppState,
+    who: &Principal,
+    model: Option<&str>,
+) -> Result<(), ApiError> {
     match model {
         Some(m) if m != state.model_name && !state.model_aliases.iter().any(|a| a == m) => {
             Err(ApiError::model_not_found(m))
@@ -103,7 +107,7 @@ pub async fn chat_completions(
 
 /// The API a request came in through: how its body translates into the shared request, and
 /// the route it is ledgered under.
-enum Api {
+pub(super) enum Api {
     OpenAi,
     Anthropic,
     /// Workers AI's `ai/run`, for the served model or one of its aliases.
@@ -135,156 +139,13 @@ impl Api {
     }
 }
 
-/// OpenAI's `POST /v1/responses`: the conversation is the stored one named by
-/// `previous_response_id` (the key's own) plus this input; the answer is stored with it
-/// unless `store` is false.
-pub async fn responses_create(
-    State(state): State<Arc<AppState>>,
-    Extension(rid): Extension<RequestId>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let bytes = body_or_error(body, state.max_body_bytes)?;
-    let v = parse_body(&bytes)?;
-    let owner = who.key_id().unwrap_or_default().to_string();
-    let mut context = match v.get("previous_response_id") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(id)) => {
-            state
-                .gateway
-                .conversations
-                .get(id, &owner)
-                .map_err(|e| ApiError::internal(e.to_string()))?
-                .ok_or_else(|| previous_not_found(id))?
-                .context
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "previous_response_id",
-                "`previous_response_id` must be a string",
-            ))
-        }
-    };
-    context.extend(super::responses::input_items(&v)?);
-    let store = match v.get("store") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
-    };
-    let ctx = ResponsesCtx {
-        id: format!("resp_{}", rid.0),
-        owner,
-        created_at: unix_now(),
-        store,
-        context,
-        echo: super::responses::echo(&v),
-        gateway: state.gateway.clone(),
-    };
-    let api = Api::Responses(Arc::new(ctx));
-    chat(&state, rid, who, &headers, Ok(bytes), api).await
-}
-
-fn previous_not_found(id: &str) -> ApiError {
-    ApiError {
-        param: Some("previous_response_id".into()),
-        ..ApiError::not_found(format!("Previous response with id '{id}' not found."))
-    }
-}
-
-/// `GET /v1/responses/{id}`: a stored response, to the key that made it (404 otherwise).
-pub async fn responses_get(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Extension(who): Extension<Principal>,
-) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default();
-    state
-        .gateway
-        .conversations
-        .get(&id, owner)
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map(|s| Json(s.response))
-        .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
-}
-
-/// `DELETE /v1/responses/{id}`.
-pub async fn responses_delete(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Extension(who): Extension<Principal>,
-) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default();
-    let deleted = state
-        .gateway
-        .conversations
-        .delete(&id, owner)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if !deleted {
-        return Err(ApiError::not_found(format!(
-            "No response found with id '{id}'."
-        )));
-    }
-    Ok(Json(
-        json!({"id": id, "object": "response", "deleted": true}),
-    ))
-}
-
-/// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}`: a chat request
-/// (`messages`, or `prompt` through the chat template) or, with `raw`, a completion; the
-/// answer in Cloudflare's envelope (errors too, by the router's surface layer).
-pub async fn workers_run(
-    State(state): State<Arc<AppState>>,
-    Path((_account, model)): Path<(String, String)>,
-    Extension(rid): Extension<RequestId>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let bytes = body_or_error(body, state.max_body_bytes)?;
-    let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
-    let api = Api::Workers { model };
-    if raw {
-        completion(&state, rid, who, &headers, Ok(bytes), api).await
-    } else {
-        chat(&state, rid, who, &headers, Ok(bytes), api).await
-    }
-}
-
-/// Anthropic's `POST /v1/messages`: the chat path with the request translated and the
-/// answer rendered in Anthropic's shapes (errors too, by the router's surface layer).
-pub async fn messages(
-    State(state): State<Arc<AppState>>,
-    Extension(rid): Extension<RequestId>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    chat(&state, rid, who, &headers, body, Api::Anthropic).await
-}
-
-/// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
-pub async fn count_tokens(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let body = body_or_error(body, state.max_body_bytes)?;
-    let ready = state.ready()?;
-    let body = super::anthropic::to_chat_request(parse_body(&body)?, true)?;
-    let req: ChatCompletionRequest = from_value(&body)?;
-    check_model(&state, &who, req.model.as_deref())?;
-    let messages = req.validated_messages()?;
-    let tools = req.tools_json();
-    let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools))
-        .await
-        .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
-    Ok(Json(json!({"input_tokens": prompt.len()})))
-}
-
 /// The chat prompt as token ids: the template applied to the messages and tools (through
 /// the generic tool prompt when the template has no tool support).
-fn render(r: &Ready, messages: Vec<Message>, tools: Vec<Value>) -> Result<Vec<u32>, ApiError> {
+pub(super) fn render(
+    r: &Ready,
+    messages: Vec<Message>,
+    tools: Vec<Value>,
+) -> Result<Vec<u32>, ApiError> {
     let (messages, native) = if tools.is_empty() || r.native_tools {
         (messages, !tools.is_empty())
     } else {
@@ -300,7 +161,7 @@ fn render(r: &Ready, messages: Vec<Message>, tools: Vec<Value>) -> Result<Vec<u3
 }
 
 /// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).
-async fn chat(
+pub(super) async fn chat(
     state: &AppState,
     rid: RequestId,
     who: Principal,
@@ -395,7 +256,7 @@ pub async fn completions(
     completion(&state, rid, who, &headers, body, Api::OpenAi).await
 }
 
-async fn completion(
+pub(super) async fn completion(
     state: &AppState,
     rid: RequestId,
     who: Principal,
@@ -748,7 +609,7 @@ pub async fn not_found() -> ApiError {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

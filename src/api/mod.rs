@@ -12,6 +12,7 @@ mod handlers;
 mod response;
 mod responses;
 mod stream;
+mod surfaces;
 pub mod types;
 mod workers;
 
@@ -172,16 +173,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/models", get(handlers::models))
-        .route("/v1/messages", post(handlers::messages))
-        .route("/v1/messages/count_tokens", post(handlers::count_tokens))
-        .route("/v1/responses", post(handlers::responses_create))
+        .route("/v1/messages", post(surfaces::messages))
+        .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
+        .route("/v1/responses", post(surfaces::responses_create))
         .route(
             "/v1/responses/{id}",
-            get(handlers::responses_get).delete(handlers::responses_delete),
+            get(surfaces::responses_get).delete(surfaces::responses_delete),
         )
         .route(
             "/client/v4/accounts/{account_id}/ai/run/{*model}",
-            post(handlers::workers_run),
+            post(surfaces::workers_run),
         )
         // Workers AI's OpenAI-compatible path: OpenAI's shapes.
         .route(
