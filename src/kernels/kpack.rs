@@ -183,11 +183,12 @@ impl KPacked {
         super::pool::for_ranges(units.len(), grain, |range| {
             for &(i, t) in &units[range] {
                 let (m, dst) = (ms[i], &dsts[i]);
-                for (g, group) in acts.chunks(4).enumerate() {
+                let rows = kernel.rows_per_pass();
+                for (g, group) in acts.chunks(rows).enumerate() {
                     // Safety: each (matrix, tile, input row) writes its own 16 outputs.
-                    let outs: [*mut f32; 4] = std::array::from_fn(|j| unsafe {
+                    let outs: [*mut f32; 8] = std::array::from_fn(|j| unsafe {
                         dst.0
-                            .add((4 * g + j.min(group.len() - 1)) * m.rows + t * TILE)
+                            .add((rows * g + j.min(group.len() - 1)) * m.rows + t * TILE)
                     });
                     kernel.run(m, t, group, &outs[..group.len()], g == 0);
                 }
@@ -212,6 +213,15 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Activation rows per pass over a tile.
+    fn rows_per_pass(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => super::kpack_x86::MAX_ROWS,
+            _ => 4,
+        }
+    }
+
     fn choose() -> Self {
         #[cfg(target_arch = "x86_64")]
         if simd_available() {

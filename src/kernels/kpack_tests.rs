@@ -234,3 +234,39 @@ fn avx2_kernel_gives_the_portable_bits() {
         }
     }
 }
+
+/// The AVX-512 VNNI kernel against the portable code, bit for bit, for one to eight
+/// activation rows per pass, and a 13-row product (passes of eight and five).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_kernel_gives_the_portable_bits_for_up_to_eight_rows() {
+    if !crate::kernels::kpack::simd_available() {
+        return;
+    }
+    for (i, (dtype, _)) in KINDS.into_iter().enumerate() {
+        let (rows, cols) = (32, 768);
+        let m = packed(&unpacked(
+            &random(rows, cols, 61 + i as u64),
+            rows,
+            cols,
+            dtype,
+        ));
+        for n in 1..=crate::kernels::kpack_x86::MAX_ROWS {
+            let acts = q8k(&random(n, cols, 80 + n as u64), cols);
+            let want = portable(&m, &acts);
+            let mut got = vec![0f32; n * rows];
+            for t in 0..rows / TILE {
+                let outs: Vec<*mut f32> = (0..n)
+                    .map(|j| got[j * rows + t * TILE..].as_mut_ptr())
+                    .collect();
+                // Safety: AVX-512 VNNI checked above; each pointer has 16 outputs.
+                unsafe {
+                    crate::kernels::kpack_x86::tile(m.kind, m.tile(t), &acts, &outs, t % 2 == 0)
+                };
+            }
+            assert_eq!(want, got, "{dtype:?} n={n}");
+        }
+        let acts = q8k(&random(13, cols, 99), cols);
+        assert_eq!(portable(&m, &acts), m.matmul_q8k(&acts), "{dtype:?} n=13");
+    }
+}

@@ -23,13 +23,24 @@ pub unsafe fn tile(kind: KKind, tile: &[u8], acts: &[Q8KRow], outs: &[*mut f32],
         (KKind::Q6K, 2) => q6k_tile::<2>(tile, acts, outs, pf),
         (KKind::Q6K, 3) => q6k_tile::<3>(tile, acts, outs, pf),
         (KKind::Q6K, 4) => q6k_tile::<4>(tile, acts, outs, pf),
+        (KKind::Q6K, 5) => q6k_tile::<5>(tile, acts, outs, pf),
+        (KKind::Q6K, 6) => q6k_tile::<6>(tile, acts, outs, pf),
+        (KKind::Q6K, 7) => q6k_tile::<7>(tile, acts, outs, pf),
+        (KKind::Q6K, 8) => q6k_tile::<8>(tile, acts, outs, pf),
         (_, 1) => q4k_tile::<1>(tile, acts, outs, pf),
         (_, 2) => q4k_tile::<2>(tile, acts, outs, pf),
         (_, 3) => q4k_tile::<3>(tile, acts, outs, pf),
         (_, 4) => q4k_tile::<4>(tile, acts, outs, pf),
-        _ => unreachable!("one to four activation rows"),
+        (_, 5) => q4k_tile::<5>(tile, acts, outs, pf),
+        (_, 6) => q4k_tile::<6>(tile, acts, outs, pf),
+        (_, 7) => q4k_tile::<7>(tile, acts, outs, pf),
+        (_, 8) => q4k_tile::<8>(tile, acts, outs, pf),
+        _ => unreachable!("one to eight activation rows"),
     }
 }
+
+/// Activation rows the AVX-512 kernel takes per pass over a tile (the AVX2 one takes four).
+pub const MAX_ROWS: usize = 8;
 
 /// How many super-blocks ahead the weights are prefetched.
 const PREFETCH_SBS: usize = 2;
@@ -62,6 +73,9 @@ unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
                 prefetch(blk.wrapping_add(PREFETCH_SBS * q4k::BYTES + 320 * s), 5);
             }
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(q4k::SC + 16 * s) as *const _));
+            // Up to four rows: two sums per row (independent chains hide the latency);
+            // more rows give enough chains with one sum each, which leaves registers for
+            // them (integer sums: the same value either way).
             let mut lo_sum = [_mm512_setzero_si512(); MT];
             let mut hi_sum = [_mm512_setzero_si512(); MT];
             for g4 in 0..4 {
@@ -71,11 +85,20 @@ unsafe fn q4k_tile<const MT: usize>(tile: &[u8], acts: &[Q8KRow], outs: &[*mut f
                 let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
                 for m in 0..MT {
                     lo_sum[m] = _mm512_dpbusd_epi32(lo_sum[m], lo, bcast(x[m].add(8 * g)));
-                    hi_sum[m] = _mm512_dpbusd_epi32(hi_sum[m], hi, bcast(x[m].add(8 * g + 4)));
+                    let xh = bcast(x[m].add(8 * g + 4));
+                    if MT > 4 {
+                        lo_sum[m] = _mm512_dpbusd_epi32(lo_sum[m], hi, xh);
+                    } else {
+                        hi_sum[m] = _mm512_dpbusd_epi32(hi_sum[m], hi, xh);
+                    }
                 }
             }
             for m in 0..MT {
-                let i = _mm512_add_epi32(lo_sum[m], hi_sum[m]);
+                let i = if MT > 4 {
+                    lo_sum[m]
+                } else {
+                    _mm512_add_epi32(lo_sum[m], hi_sum[m])
+                };
                 total[m] = _mm512_add_epi32(total[m], _mm512_mullo_epi32(i, sc));
             }
         }
