@@ -80,7 +80,7 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
         }
     }
     let mut messages = Vec::new();
-    if let Some(system) = b.get("system") {
+    if let Some(system) = b.get("system").filter(|s| !s.is_null()) {
         let text = text_of(system, "system")?;
         messages.push(json!({"role": "system", "content": text}));
     }
@@ -564,6 +564,13 @@ mod tests {
             let e = to_chat_request(body.clone(), false).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+        // A null system prompt is no system prompt.
+        let chat = to_chat_request(
+            json!({"model": "m", "max_tokens": 5, "system": null, "messages": []}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(chat["messages"], json!([]));
         // count_tokens takes no max_tokens.
         assert!(to_chat_request(json!({"model": "m", "messages": []}), true).is_ok());
     }

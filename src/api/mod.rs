@@ -280,7 +280,7 @@ fn log_header(h: &axum::http::HeaderMap, name: &str) -> String {
         .to_string()
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     use rand::Rng;
     let n: u128 = rand::thread_rng().gen();
     format!("{n:032x}")

@@ -315,8 +315,13 @@ fn usage_json(u: Usage) -> Value {
     })
 }
 
-fn message_item(ctx: &ResponsesCtx, text: &str, status: &str) -> Value {
-    json!({"type": "message", "id": format!("msg_{}", &ctx.id[5..]), "status": status,
+/// The id of the message item at `index` of a response's output.
+fn message_id(ctx: &ResponsesCtx, index: usize) -> String {
+    format!("msg_{}_{index}", ctx.id.trim_start_matches("resp_"))
+}
+
+fn message_item(ctx: &ResponsesCtx, index: usize, text: &str, status: &str) -> Value {
+    json!({"type": "message", "id": message_id(ctx, index), "status": status,
            "role": "assistant",
            "content": [{"type": "output_text", "text": text, "annotations": []}]})
 }
@@ -370,6 +375,12 @@ fn finish(
         FinishReason::Length => "incomplete",
         FinishReason::Stop => "completed",
     };
+    let mut output = output;
+    if reason == FinishReason::Length {
+        for it in &mut output {
+            it["status"] = json!("incomplete");
+        }
+    }
     let r = object(ctx, meta, status, output.clone(), Some((reason, usage)));
     if ctx.store {
         let mut context = ctx.context.clone();
@@ -414,7 +425,7 @@ pub fn whole(
     };
     let mut output = Vec::new();
     if !content.is_empty() || calls.is_empty() {
-        output.push(message_item(ctx, &content, "completed"));
+        output.push(message_item(ctx, 0, &content, "completed"));
     }
     output.extend(calls.iter().map(|c| call_item(c, "completed")));
     finish(ctx, meta, output, reason, usage)
@@ -436,6 +447,7 @@ pub fn sse(
         text: None,
         call: None,
         output: Vec::new(),
+        item_status: "completed",
         tail,
         ended: false,
         meta,
@@ -464,6 +476,8 @@ struct State {
     /// The call item being streamed: (id, call id, name, arguments so far).
     call: Option<(String, String, String, String)>,
     output: Vec<Value>,
+    /// The status items get when they close: `incomplete` once the token budget ran out.
+    item_status: &'static str,
     tail: Tail,
     ended: bool,
     meta: Meta,
@@ -481,12 +495,13 @@ impl State {
     fn close(&mut self) {
         let index = self.output.len();
         if let Some(text) = self.text.take() {
-            let item = message_item(&self.ctx, &text, "completed");
+            let item = message_item(&self.ctx, index, &text, self.item_status);
             let id = item["id"].clone();
             let part = json!({"type": "output_text", "text": text, "annotations": []});
             self.emit(
                 "response.output_text.done",
-                json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+                json!({"item_id": id, "output_index": index, "content_index": 0, "text": text,
+                       "logprobs": []}),
             );
             self.emit(
                 "response.content_part.done",
@@ -500,10 +515,10 @@ impl State {
         }
         if let Some((id, call_id, name, args)) = self.call.take() {
             let item = json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
-                              "arguments": args, "status": "completed"});
+                              "arguments": args, "status": self.item_status});
             self.emit(
                 "response.function_call_arguments.done",
-                json!({"item_id": id, "output_index": index, "arguments": args}),
+                json!({"item_id": id, "output_index": index, "name": name, "arguments": args}),
             );
             self.emit(
                 "response.output_item.done",
@@ -521,7 +536,7 @@ impl State {
                 if self.text.is_none() {
                     self.close();
                     let index = self.output.len();
-                    let item = message_item(&self.ctx, "", "in_progress");
+                    let item = message_item(&self.ctx, index, "", "in_progress");
                     let id = item["id"].clone();
                     let mut item = item;
                     item["content"] = json!([]);
@@ -537,10 +552,11 @@ impl State {
                     self.text = Some(String::new());
                 }
                 let index = self.output.len();
-                let id = format!("msg_{}", &self.ctx.id[5..]);
+                let id = message_id(&self.ctx, index);
                 self.emit(
                     "response.output_text.delta",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t}),
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t,
+                           "logprobs": []}),
                 );
                 if let Some(text) = &mut self.text {
                     text.push_str(&t);
@@ -584,9 +600,13 @@ impl State {
                 if let Some(mut p) = self.calls.take() {
                     p.finish().into_iter().for_each(|piece| self.piece(piece));
                 }
+                if reason == FinishReason::Length {
+                    self.item_status = "incomplete";
+                }
                 self.close();
                 if self.output.is_empty() {
-                    self.output.push(message_item(&self.ctx, "", "completed"));
+                    self.output
+                        .push(message_item(&self.ctx, 0, "", self.item_status));
                 }
                 let r = finish(
                     &self.ctx,

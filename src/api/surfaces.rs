@@ -57,7 +57,8 @@ pub async fn responses_create(
         Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
     };
     let ctx = ResponsesCtx {
-        id: format!("resp_{}", rid.0),
+        // Never the client's x-request-id: ids must not collide across keys.
+        id: format!("resp_{}", super::new_id()),
         owner,
         created_at: unix_now(),
         store,

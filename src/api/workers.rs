@@ -58,6 +58,14 @@ pub fn to_openai(body: Value, model: &str) -> Result<Value, ApiError> {
             return Err(ApiError::invalid("prompt", "`prompt` must be a string"))
         }
         (None, Some(p)) if raw => {
+            for field in ["response_format", "tools"] {
+                if b.get(field).is_some_and(|v| !v.is_null()) {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!("`{field}` needs a chat request: send it without `raw`"),
+                    ));
+                }
+            }
             out.insert("prompt".into(), p.clone());
         }
         (None, Some(p)) => {
@@ -324,6 +332,10 @@ mod tests {
             (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
             (json!({"prompt": "a", "lora": "x"}), "lora"),
             (json!({"messages": "hi"}), "messages"),
+            (
+                json!({"prompt": "a", "raw": true, "response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
         ] {
             let e = to_openai(body.clone(), "m").unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");

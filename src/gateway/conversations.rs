@@ -41,7 +41,7 @@ impl Conversations {
     ) -> Result<(), GatewayError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO responses (id, owner, created, response, context)
+                "INSERT INTO responses (id, owner, created, response, context)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     id,

@@ -198,7 +198,7 @@ impl Pool {
                 self.0.state.fetch_and(!OPEN, SeqCst);
                 let mut spins = 0u32;
                 while self.0.state.load(Acquire) & ACTIVE != 0 {
-                    spins += 1;
+                    spins = spins.saturating_add(1);
                     if spins < 1 << 14 {
                         std::hint::spin_loop();
                     } else {
@@ -260,8 +260,10 @@ impl Pool {
             // Safety: joined an open job, so its caller is still inside `run`.
             let job = unsafe { &*self.job.get() };
             let (f, n) = (job.f, job.n);
-            if catch_unwind(AssertUnwindSafe(|| self.claim(f, n))).is_err() {
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.claim(f, n))) {
                 self.panicked.store(true, Relaxed);
+                // Its drop could panic and kill this worker before it leaves the job.
+                std::mem::forget(payload);
             }
             self.state.fetch_sub(1, Release);
         }
