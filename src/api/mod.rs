@@ -11,9 +11,11 @@ pub mod gate;
 mod handlers;
 mod response;
 mod responses;
+mod responses_sse;
 mod stream;
 mod surfaces;
 pub mod types;
+mod utility;
 mod workers;
 
 use std::net::SocketAddr;
@@ -168,11 +170,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     let keyed = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
-        .route("/v1/models", get(handlers::models))
+        .route("/v1/models", get(utility::models))
         // Also without the prefix, as llama-server allows.
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
-        .route("/models", get(handlers::models))
+        .route("/models", get(utility::models))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
         .route("/v1/responses", post(surfaces::responses_create))
@@ -195,11 +197,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/client/v4/accounts/{account_id}/ai/v1/models",
-            get(handlers::models),
+            get(utility::models),
         )
         .route("/v1/usage", get(admin::usage))
-        .route("/tokenize", post(handlers::tokenize))
-        .route("/detokenize", post(handlers::detokenize))
+        .route("/tokenize", post(utility::tokenize))
+        .route("/detokenize", post(utility::detokenize))
         .route("/key/generate", post(admin::generate))
         .route("/key/info", get(admin::key_info))
         .route("/key/update", post(admin::update))
@@ -211,9 +213,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(keyed)
-        .route("/health", get(handlers::health))
-        .route("/metrics", get(handlers::metrics))
-        .fallback(handlers::not_found)
+        .route("/health", get(utility::health))
+        .route("/metrics", get(utility::metrics))
+        .fallback(utility::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body::guard))
         .layer(middleware::from_fn(request_id))

@@ -79,7 +79,7 @@ pub async fn respond(
         )),
         (Surface::Workers { .. }, true) => Ok(super::workers::sse(rx, meta, tail, keep_alive)),
         (Surface::Responses(ctx), true) => {
-            Ok(super::responses::sse(rx, meta, ctx, tail, keep_alive))
+            Ok(super::responses_sse::sse(rx, meta, ctx, tail, keep_alive))
         }
         (_, false) => collect(rx, meta, tail).await,
     }

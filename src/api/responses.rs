@@ -7,22 +7,16 @@
 //! The request becomes the shared chat request (items -> messages); the answer is rendered
 //! here and, when stored, written with the conversation through its output.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::gate::Tail;
 use super::response::Meta;
 use crate::engine::generate::FinishReason;
-use crate::engine::request::{Event, EventReceiver, Usage};
+use crate::engine::request::Usage;
 use crate::gateway::Gateway;
-use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
+use crate::structured::toolcall::{ParsedCall, Piece};
 
 /// What a Responses request carries into its answer: identity, the conversation so far
 /// (previous items plus this input), the request's settings to echo, where to store it.
@@ -316,11 +310,11 @@ fn usage_json(u: Usage) -> Value {
 }
 
 /// The id of the message item at `index` of a response's output.
-fn message_id(ctx: &ResponsesCtx, index: usize) -> String {
+pub(super) fn message_id(ctx: &ResponsesCtx, index: usize) -> String {
     format!("msg_{}_{index}", ctx.id.trim_start_matches("resp_"))
 }
 
-fn message_item(ctx: &ResponsesCtx, index: usize, text: &str, status: &str) -> Value {
+pub(super) fn message_item(ctx: &ResponsesCtx, index: usize, text: &str, status: &str) -> Value {
     json!({"type": "message", "id": message_id(ctx, index), "status": status,
            "role": "assistant",
            "content": [{"type": "output_text", "text": text, "annotations": []}]})
@@ -332,7 +326,7 @@ fn call_item(c: &ParsedCall, status: &str) -> Value {
 }
 
 /// The response object: `output` as given, `usage` when finished.
-fn object(
+pub(super) fn object(
     ctx: &ResponsesCtx,
     meta: &Meta,
     status: &str,
@@ -364,7 +358,7 @@ fn object(
 }
 
 /// The finished response: rendered, and stored with its conversation when asked.
-fn finish(
+pub(super) fn finish(
     ctx: &ResponsesCtx,
     meta: &Meta,
     output: Vec<Value>,
@@ -429,234 +423,6 @@ pub fn whole(
     }
     output.extend(calls.iter().map(|c| call_item(c, "completed")));
     finish(ctx, meta, output, reason, usage)
-}
-
-/// Streams the Responses API's typed events, each with a `sequence_number`.
-pub fn sse(
-    rx: EventReceiver,
-    meta: Meta,
-    ctx: Arc<ResponsesCtx>,
-    tail: Tail,
-    keep_alive: std::time::Duration,
-) -> Response {
-    let mut s = State {
-        rx,
-        calls: meta.call_parser(),
-        pending: VecDeque::new(),
-        seq: 0,
-        text: None,
-        call: None,
-        output: Vec::new(),
-        item_status: "completed",
-        tail,
-        ended: false,
-        meta,
-        ctx,
-    };
-    let created = object(&s.ctx, &s.meta, "in_progress", Vec::new(), None);
-    s.emit("response.created", json!({"response": created}));
-    s.emit("response.in_progress", json!({"response": created}));
-    let mut resp = Sse::new(events(s))
-        .keep_alive(KeepAlive::new().interval(keep_alive))
-        .into_response();
-    resp.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    resp
-}
-
-struct State {
-    rx: EventReceiver,
-    calls: Option<CallParser>,
-    pending: VecDeque<(&'static str, Value)>,
-    seq: u64,
-    /// The message item being streamed: its text so far.
-    text: Option<String>,
-    /// The call item being streamed: (id, call id, name, arguments so far).
-    call: Option<(String, String, String, String)>,
-    output: Vec<Value>,
-    /// The status items get when they close: `incomplete` once the token budget ran out.
-    item_status: &'static str,
-    tail: Tail,
-    ended: bool,
-    meta: Meta,
-    ctx: Arc<ResponsesCtx>,
-}
-
-impl State {
-    fn emit(&mut self, kind: &'static str, mut data: Value) {
-        data["type"] = Value::from(kind);
-        data["sequence_number"] = Value::from(self.seq);
-        self.seq += 1;
-        self.pending.push_back((kind, data));
-    }
-
-    fn close(&mut self) {
-        let index = self.output.len();
-        if let Some(text) = self.text.take() {
-            let item = message_item(&self.ctx, index, &text, self.item_status);
-            let id = item["id"].clone();
-            let part = json!({"type": "output_text", "text": text, "annotations": []});
-            self.emit(
-                "response.output_text.done",
-                json!({"item_id": id, "output_index": index, "content_index": 0, "text": text,
-                       "logprobs": []}),
-            );
-            self.emit(
-                "response.content_part.done",
-                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
-            );
-            self.emit(
-                "response.output_item.done",
-                json!({"output_index": index, "item": item}),
-            );
-            self.output.push(item);
-        }
-        if let Some((id, call_id, name, args)) = self.call.take() {
-            let item = json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
-                              "arguments": args, "status": self.item_status});
-            self.emit(
-                "response.function_call_arguments.done",
-                json!({"item_id": id, "output_index": index, "name": name, "arguments": args}),
-            );
-            self.emit(
-                "response.output_item.done",
-                json!({"output_index": index, "item": item}),
-            );
-            self.output.push(item);
-        }
-    }
-
-    fn piece(&mut self, piece: Piece) {
-        let index = self.output.len();
-        match piece {
-            Piece::Content(t) if t.is_empty() => {}
-            Piece::Content(t) => {
-                if self.text.is_none() {
-                    self.close();
-                    let index = self.output.len();
-                    let item = message_item(&self.ctx, index, "", "in_progress");
-                    let id = item["id"].clone();
-                    let mut item = item;
-                    item["content"] = json!([]);
-                    self.emit(
-                        "response.output_item.added",
-                        json!({"output_index": index, "item": item}),
-                    );
-                    self.emit(
-                        "response.content_part.added",
-                        json!({"item_id": id, "output_index": index, "content_index": 0,
-                        "part": {"type": "output_text", "text": "", "annotations": []}}),
-                    );
-                    self.text = Some(String::new());
-                }
-                let index = self.output.len();
-                let id = message_id(&self.ctx, index);
-                self.emit(
-                    "response.output_text.delta",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t,
-                           "logprobs": []}),
-                );
-                if let Some(text) = &mut self.text {
-                    text.push_str(&t);
-                }
-            }
-            Piece::CallStart { id, name, .. } => {
-                self.close();
-                let index = self.output.len();
-                let item_id = format!("fc_{}", id.trim_start_matches("call_"));
-                self.emit(
-                    "response.output_item.added",
-                    json!({"output_index": index, "item": {
-                    "type": "function_call", "id": item_id, "call_id": id, "name": name,
-                    "arguments": "", "status": "in_progress"}}),
-                );
-                self.call = Some((item_id, id, name, String::new()));
-            }
-            Piece::Arguments { text, .. } => {
-                if let Some((item_id, _, _, args)) = &mut self.call {
-                    args.push_str(&text);
-                    let item_id = item_id.clone();
-                    self.emit(
-                        "response.function_call_arguments.delta",
-                        json!({"item_id": item_id, "output_index": index, "delta": text}),
-                    );
-                }
-            }
-        }
-    }
-
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Token { text, .. }) => {
-                let pieces = match &mut self.calls {
-                    None => vec![Piece::Content(text)],
-                    Some(p) => p.push(&text),
-                };
-                pieces.into_iter().for_each(|p| self.piece(p));
-            }
-            Some(Event::Finished { reason, usage }) => {
-                if let Some(mut p) = self.calls.take() {
-                    p.finish().into_iter().for_each(|piece| self.piece(piece));
-                }
-                if reason == FinishReason::Length {
-                    self.item_status = "incomplete";
-                }
-                self.close();
-                if self.output.is_empty() {
-                    self.output
-                        .push(message_item(&self.ctx, 0, "", self.item_status));
-                }
-                let r = finish(
-                    &self.ctx,
-                    &self.meta,
-                    std::mem::take(&mut self.output),
-                    reason,
-                    usage,
-                );
-                let kind = match reason {
-                    FinishReason::Length => "response.incomplete",
-                    FinishReason::Stop => "response.completed",
-                };
-                self.emit(kind, json!({"response": r}));
-                self.ended = true;
-            }
-            Some(Event::Failed(msg)) => {
-                self.emit(
-                    "error",
-                    json!({"code": "server_error", "message": msg, "param": null}),
-                );
-                self.ended = true;
-            }
-            None => {
-                let msg = ApiError::engine_stopped().message;
-                self.emit(
-                    "error",
-                    json!({"code": "server_error", "message": msg, "param": null}),
-                );
-                self.ended = true;
-            }
-        }
-    }
-}
-
-fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some((name, v)) = s.pending.pop_front() {
-                return Some((Ok(SseEvent::default().event(name).data(v.to_string())), s));
-            }
-            if s.ended {
-                return None;
-            }
-            let ev = s.rx.recv().await;
-            if let Some(ev) = &ev {
-                s.tail.observe(ev).await;
-            }
-            s.on_event(ev);
-        }
-    })
 }
 
 #[cfg(test)]
