@@ -6,8 +6,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event as SseEvent;
+use axum::response::Response;
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
 
@@ -365,14 +365,7 @@ pub fn sse(
         tail,
         ended: false,
     };
-    let mut resp = Sse::new(events(state))
-        .keep_alive(KeepAlive::new().interval(keep_alive))
-        .into_response();
-    resp.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    resp
+    super::stream::sse_of(events(state), keep_alive)
 }
 
 #[derive(Clone, Copy, PartialEq)]

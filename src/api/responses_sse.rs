@@ -7,8 +7,8 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event as SseEvent;
+use axum::response::Response;
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 
@@ -45,14 +45,7 @@ pub fn sse(
     let created = object(&s.ctx, &s.meta, "in_progress", Vec::new(), None);
     s.emit("response.created", json!({"response": created}));
     s.emit("response.in_progress", json!({"response": created}));
-    let mut resp = Sse::new(events(s))
-        .keep_alive(KeepAlive::new().interval(keep_alive))
-        .into_response();
-    resp.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    resp
+    super::stream::sse_of(events(s), keep_alive)
 }
 
 struct State {

@@ -53,9 +53,17 @@ pub fn sse_response(
         ended: false,
         done_sent: false,
     };
-    // A comment (`--sse-keep-alive`, 15 s) keeps proxies from timing out a stream that
-    // waits in the queue or in a long prefill; nginx must not buffer it.
-    let mut resp = Sse::new(events(state))
+    sse_of(events(state), keep_alive)
+}
+
+/// A streamed answer of any surface: a comment every `keep_alive` (`--sse-keep-alive`, 15 s)
+/// keeps proxies from timing out a stream that waits in the queue or in a long prefill, and
+/// nginx must not buffer it.
+pub fn sse_of(
+    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    keep_alive: std::time::Duration,
+) -> Response {
+    let mut resp = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(keep_alive))
         .into_response();
     resp.headers_mut().insert(

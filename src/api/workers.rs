@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event as SseEvent;
+use axum::response::Response;
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
 
@@ -204,14 +204,7 @@ pub fn sse(rx: EventReceiver, meta: Meta, tail: Tail, keep_alive: std::time::Dur
         ended: false,
         done_sent: false,
     };
-    let mut resp = Sse::new(events(state))
-        .keep_alive(KeepAlive::new().interval(keep_alive))
-        .into_response();
-    resp.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    resp
+    super::stream::sse_of(events(state), keep_alive)
 }
 
 struct State {
