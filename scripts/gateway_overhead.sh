@@ -19,7 +19,7 @@ echo '{"*": {"input": 0.15, "cached_input": 0.075, "output": 0.6}}' >"$work/pric
 
 wait_ready() {
   for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0
     sleep 0.1
   done
   echo "server did not start" >&2

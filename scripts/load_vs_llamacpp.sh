@@ -20,8 +20,14 @@ model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -x "$bin" ] || cargo build --release
 [ -f "$model" ] || scripts/download_model.sh
 
-wait_up() {
-  for _ in $(seq 240); do curl -sf "$1" >/dev/null && return 0; sleep 0.5; done
+wait_up() { # URL [FALLBACK_URL: asked while URL answers 404, for builds before /ready]
+  local code
+  for _ in $(seq 240); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$1") || true
+    [ "$code" = 200 ] && return 0
+    [ "$code" = 404 ] && [ -n "${2:-}" ] && curl -sf "$2" >/dev/null && return 0
+    sleep 0.5
+  done
   echo "no answer from $1" >&2
   return 1
 }
@@ -36,7 +42,7 @@ load() {
 edgeinfer() { # binary -> aggregate tok/s
   "$1" --threads 2 serve --port 8095 >/tmp/load_vs_edgeinfer.log 2>&1 &
   local p=$!
-  wait_up http://127.0.0.1:8095/health
+  wait_up http://127.0.0.1:8095/ready http://127.0.0.1:8095/health
   load 8095
   kill "$p"
   wait "$p" 2>/dev/null || true

@@ -269,6 +269,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Seconds the engine may hold work without finishing a step before `/health` (liveness)
+    /// answers 503 `engine_stalled`. Allow for the longest prefill chunk of the model served.
+    #[arg(long, env = "EDGEINFER_STALL_TIMEOUT", default_value_t = 120)]
+    pub stall_timeout: u64,
+
     /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
     #[arg(long, env = "EDGEINFER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -326,6 +331,7 @@ impl ServeArgs {
             ));
         }
         if self.header_read_timeout == 0
+            || self.stall_timeout == 0
             || self.body_read_timeout == 0
             || self.sse_keep_alive == 0
             || self.max_connections == 0

@@ -25,5 +25,6 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod structured;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -262,7 +262,13 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(db = %db_path.display(), auth = gateway.auth_required(), "key and ledger store open");
-    let metrics = api::install_metrics()?;
+    let metrics = api::install_metrics(
+        &name,
+        edgeinfer::telemetry::CacheShape {
+            block_size: args.block_size,
+            num_blocks: args.kv_cache_tokens.div_ceil(args.block_size),
+        },
+    )?;
     let http = HttpConfig {
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: std::time::Duration::from_secs(args.body_read_timeout),
@@ -271,12 +277,13 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         default_cache_ttl: (args.cache_ttl > 0)
             .then(|| std::time::Duration::from_secs(args.cache_ttl)),
         model_aliases: args.model_alias.clone(),
+        stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
     };
     let state = Arc::new(AppState::new(name, metrics, Arc::new(gateway), http));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot bind {}:{}", args.host, args.port))?;
-    // Load in the background: /health answers 503 until the model is ready.
+    // Load in the background: /ready and the API answer 503 until the model is ready.
     let loader_state = state.clone();
     let engine_config = EngineConfig {
         max_batch_size: args.max_batch_size,
@@ -303,6 +310,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         // Response-cache keys name the exact weights and template.
         let model_hash = hub::sha256_file(&path)?;
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
+        warm_up(&model.llama).with_context(|| format!("cannot run model {}", path.display()))?;
         let engine = core::start(model.llama, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {
             engine,
@@ -336,5 +344,19 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             server.await?;
         }
     }
+    Ok(())
+}
+
+/// One short prefill and one decode step before the node says it is ready: the first pass
+/// touches every weight page and starts the compute pool, so the first client does not pay.
+fn warm_up(llama: &edgeinfer::model::Llama) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut cache = llama.new_cache();
+    llama.forward(&[0; 8], &mut cache)?;
+    llama.forward(&[0], &mut cache)?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "warmed up (one prefill, one decode step)"
+    );
     Ok(())
 }

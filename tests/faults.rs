@@ -94,10 +94,15 @@ fn sigterm_under_load_drains_and_exits_zero() {
             .expect("every stream starts");
     }
     s.signal_term();
-    // Readiness is 503 at once; a new request is refused with 503 in OpenAI's shape.
+    // Readiness is 503 at once while liveness stays 200 (draining is not a failure); a new
+    // request is refused with 503 in OpenAI's shape.
     std::thread::sleep(Duration::from_millis(200));
-    let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");
+    let (status, body) = raw_request(&s.addr, "GET", "/ready", None, b"");
     assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "shutting_down");
+    let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "draining");
     let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
     let (status, body) = raw_request(
         &s.addr,

@@ -166,6 +166,7 @@ fn chat_completions_behave_like_openai() {
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/ready").0, 200);
     let (_, t) = s.post("/tokenize", &json!({"content": "Hello, world!"}));
     assert_eq!(t["tokens"], json!([19556, 28, 905, 17]));
     let (_, d) = s.post("/detokenize", &json!({"tokens": [19556, 28, 905, 17]}));
@@ -191,6 +192,19 @@ fn chat_completions_behave_like_openai() {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
     assert!(s.metric("edgeinfer_generation_tokens_total") > 50.0);
+    // The same counts under vLLM's names, labelled with the model, for schedulers.
+    let model = "{model_name=\"SmolLM2-135M-Instruct.Q4_1\"}";
+    for name in ["vllm:generation_tokens_total", "vllm:prompt_tokens_total"] {
+        let ours = name.replace("vllm:", "edgeinfer_");
+        assert_eq!(
+            s.metric(&format!("{name}{model}")),
+            s.metric(&format!("{ours} ")),
+            "{name}"
+        );
+    }
+    assert!(metrics.contains(
+        "vllm:request_success_total{model_name=\"SmolLM2-135M-Instruct.Q4_1\",finished_reason=\"stop\"}"
+    ));
 }
 
 #[test]
@@ -548,7 +562,7 @@ fn a_small_kv_pool_preempts_and_recomputes_without_changing_outputs() {
 }
 
 #[test]
-fn health_is_503_while_the_model_loads() {
+fn ready_is_503_and_health_200_while_the_model_loads() {
     // A hub that accepts connections and never answers keeps the model loading.
     let hub = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", hub.local_addr().unwrap());
@@ -565,9 +579,16 @@ fn health_is_503_while_the_model_loads() {
             ("HF_HOME", dir.path().to_str().unwrap()),
         ],
     );
+    // Liveness holds (loading is not a failure); readiness does not.
     let (status, body) = s.get("/health");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    let (status, body) = s.get("/ready");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("loading"), "{body}");
+    // The scheduler metrics are there before the model is.
+    let (_, metrics) = s.get("/metrics");
+    assert!(metrics.contains("vllm:num_requests_waiting{"), "{metrics}");
     let (status, r) = s.post("/v1/chat/completions", &chat("Hi", json!({})));
     assert_eq!(status, 503, "{r}");
     assert_eq!(r["error"]["type"], "server_error");

@@ -77,6 +77,7 @@ pub struct AppState {
     pub cache: ResponseCache<gate::Recorded>,
     /// The TTL of requests that send no `cf-aig-cache-ttl` (`None`: not cached).
     pub default_cache_ttl: Option<Duration>,
+    pub stall_timeout: Duration,
 }
 
 /// The HTTP side's settings.
@@ -88,6 +89,8 @@ pub struct HttpConfig {
     pub cache_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
     pub model_aliases: Vec<String>,
+    /// How long the engine may hold work without finishing a step before liveness fails.
+    pub stall_timeout: Duration,
 }
 
 impl AppState {
@@ -111,6 +114,7 @@ impl AppState {
             gateway,
             cache: ResponseCache::new(config.cache_max_bytes),
             default_cache_ttl: config.default_cache_ttl,
+            stall_timeout: config.stall_timeout,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -214,6 +218,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(keyed)
         .route("/health", get(utility::health))
+        .route("/ready", get(utility::ready))
         .route("/metrics", get(utility::metrics))
         .fallback(utility::not_found)
         .layer(DefaultBodyLimit::max(limit))
@@ -288,65 +293,18 @@ pub(crate) fn new_id() -> String {
     format!("{n:032x}")
 }
 
-/// Installs the Prometheus recorder with histogram buckets and metric descriptions.
-pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+/// Installs the Prometheus recorder with histogram buckets, then names every series (ours
+/// and vLLM's, see [`crate::telemetry`]) so scrapers see them before the first request.
+pub fn install_metrics(
+    model_name: &str,
+    cache: crate::telemetry::CacheShape,
+) -> anyhow::Result<PrometheusHandle> {
     let latency = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
         .install_recorder()?;
-    metrics::describe_gauge!(
-        "edgeinfer_requests_running",
-        "Requests in the running batch"
-    );
-    metrics::describe_gauge!("edgeinfer_requests_waiting", "Requests waiting to run");
-    metrics::describe_counter!("edgeinfer_prompt_tokens_total", "Prompt tokens admitted");
-    metrics::describe_counter!("edgeinfer_generation_tokens_total", "Tokens generated");
-    metrics::describe_counter!(
-        "edgeinfer_request_success_total",
-        "Finished requests by finish reason"
-    );
-    metrics::describe_histogram!(
-        "edgeinfer_time_to_first_token_seconds",
-        "Arrival to first token"
-    );
-    metrics::describe_histogram!(
-        "edgeinfer_inter_token_latency_seconds",
-        "Time between tokens"
-    );
-    metrics::describe_histogram!(
-        "edgeinfer_e2e_request_latency_seconds",
-        "Arrival to last token"
-    );
-    metrics::describe_histogram!(
-        "edgeinfer_request_queue_time_seconds",
-        "Arrival to first step"
-    );
-    metrics::describe_gauge!(
-        "edgeinfer_kv_cache_usage_ratio",
-        "Share of KV blocks referenced by requests (cached, unreferenced blocks count as free)"
-    );
-    metrics::describe_counter!(
-        "edgeinfer_prompt_tokens_computed_total",
-        "Prompt tokens run through the model (prompt tokens minus prefix-cache hits, plus recomputation after preemption)"
-    );
-    metrics::describe_counter!(
-        "edgeinfer_prefix_cache_queries_total",
-        "Prompt tokens looked up in the prefix cache"
-    );
-    metrics::describe_counter!(
-        "edgeinfer_prefix_cache_hits_total",
-        "Prompt tokens found in the prefix cache"
-    );
-    metrics::describe_gauge!(
-        "edgeinfer_prefix_cache_blocks",
-        "KV blocks registered in the prefix cache"
-    );
-    metrics::describe_counter!(
-        "edgeinfer_prefix_cache_evictions_total",
-        "Cached KV blocks evicted to make room"
-    );
     // Histogram samples wait in the recorder until upkeep drains them; without it a node
     // that nobody scrapes grows by every token's latency sample (found by the soak).
     let upkeep = handle.clone();
@@ -356,18 +314,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             std::thread::sleep(Duration::from_secs(5));
             upkeep.run_upkeep();
         })?;
-    // Present from the start, so scrapers see them before the first request.
-    metrics::gauge!("edgeinfer_requests_running").set(0.0);
-    metrics::gauge!("edgeinfer_requests_waiting").set(0.0);
-    metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(0.0);
-    metrics::counter!("edgeinfer_prompt_tokens_total").absolute(0);
-    metrics::counter!("edgeinfer_generation_tokens_total").absolute(0);
-    metrics::counter!("edgeinfer_preemptions_total").absolute(0);
-    metrics::counter!("edgeinfer_prompt_tokens_computed_total").absolute(0);
-    metrics::counter!("edgeinfer_prefix_cache_queries_total").absolute(0);
-    metrics::counter!("edgeinfer_prefix_cache_hits_total").absolute(0);
-    metrics::counter!("edgeinfer_prefix_cache_evictions_total").absolute(0);
-    metrics::gauge!("edgeinfer_prefix_cache_blocks").set(0.0);
+    crate::telemetry::init(model_name, cache);
     Ok(handle)
 }
 

@@ -1,4 +1,4 @@
-//! The small routes: the model list, health, metrics, tokenize and detokenize, and the
+//! The small routes: the model list, the probes (health, ready), metrics, tokenize and detokenize, and the
 //! fallback 404.
 
 use std::sync::Arc;
@@ -24,27 +24,42 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }]}))
 }
 
+/// Liveness: 200 while the process and its engine thread are alive, also while the model
+/// loads and while draining; 503 once the engine has failed or has held work without
+/// finishing a step for longer than `--stall-timeout` (a restart is the cure for both).
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutting_down() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "shutting_down"})),
-        )
-            .into_response();
-    }
-    match state.ready.get() {
-        Some(r) if r.engine.has_failed() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "engine_failed"})),
-        )
-            .into_response(),
-        Some(_) => Json(json!({"status": "ok"})).into_response(),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
-            .into_response(),
-    }
+    let Some(r) = state.ready.get() else {
+        return Json(json!({"status": "loading"})).into_response();
+    };
+    let silent = r.engine.silent_for();
+    let engine = json!({"silent_seconds": silent.as_secs_f64(), "in_flight": r.engine.in_flight()});
+    let (code, status) = if r.engine.has_failed() {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine_failed")
+    } else if silent > state.stall_timeout {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine_stalled")
+    } else if state.shutting_down() {
+        (StatusCode::OK, "draining")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (code, Json(json!({"status": status, "engine": engine}))).into_response()
+}
+
+/// Readiness: 200 once the model is loaded and warmed (a forward pass has run), 503 before,
+/// from SIGTERM on, and while liveness fails: a balancer sends nothing here then.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let status = match state.ready.get() {
+        None => "loading",
+        Some(r) if r.engine.has_failed() => "engine_failed",
+        Some(r) if r.engine.silent_for() > state.stall_timeout => "engine_stalled",
+        Some(_) if state.shutting_down() => "shutting_down",
+        Some(_) => return Json(json!({"status": "ready"})).into_response(),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": status})),
+    )
+        .into_response()
 }
 
 pub async fn tokenize(

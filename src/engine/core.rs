@@ -7,9 +7,9 @@
 //! are freed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -24,6 +24,7 @@ use super::sampler::{log_softmax_of, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
 use crate::model::{KvPool, Llama, SeqInput, Tokenizer};
+use crate::telemetry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -59,6 +60,39 @@ pub struct EngineHandle {
     failed: tokio::sync::watch::Receiver<bool>,
     /// Positions the KV pool holds: no request may need more.
     pub kv_capacity: usize,
+    heartbeat: Heartbeat,
+}
+
+/// The engine thread's pulse: when it last went round its loop while it had work (0 while
+/// it waits for work, which is not a stall).
+#[derive(Clone, Default)]
+struct Heartbeat(Arc<AtomicU64>);
+
+impl Heartbeat {
+    fn epoch() -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    fn beat(&self) {
+        let ms = Self::epoch().elapsed().as_millis() as u64;
+        self.0.store(ms + 1, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the engine has held work without going round its loop.
+    fn silent_for(&self) -> Duration {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            beat => {
+                let now = Self::epoch().elapsed().as_millis() as u64 + 1;
+                Duration::from_millis(now.saturating_sub(beat))
+            }
+        }
+    }
 }
 
 impl EngineHandle {
@@ -102,6 +136,12 @@ impl EngineHandle {
         *self.failed.borrow()
     }
 
+    /// How long the engine thread has held work without finishing a step (zero while it
+    /// waits for work). A step of a large prompt takes seconds; minutes mean it is stuck.
+    pub fn silent_for(&self) -> Duration {
+        self.heartbeat.silent_for()
+    }
+
     /// Resolves when the engine thread dies; never if it stops normally.
     pub async fn failure(&self) {
         let mut rx = self.failed.clone();
@@ -111,16 +151,24 @@ impl EngineHandle {
     }
 }
 
-/// A fault to inject for tests, from `EDGEINFER_FAULT` (`engine-panic-at-step=N`): the
-/// engine thread panics outside the forward pass at its N-th step. Never set in production.
-fn injected_panic_step() -> Option<u64> {
+/// A fault to inject for tests, from `EDGEINFER_FAULT`: `engine-panic-at-step=N` (the
+/// engine thread panics outside the forward pass at its N-th step) or
+/// `engine-stall-at-step=N` (it stops there, as a hung step would). Never set in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    PanicAt(u64),
+    StallAt(u64),
+}
+
+fn injected_fault() -> Option<Fault> {
     let spec = std::env::var("EDGEINFER_FAULT").ok()?;
-    let n = spec.strip_prefix("engine-panic-at-step=")?.parse().ok()?;
-    tracing::warn!(
-        step = n,
-        "EDGEINFER_FAULT: the engine thread will panic (fault injection)"
-    );
-    Some(n)
+    let fault = if let Some(n) = spec.strip_prefix("engine-panic-at-step=") {
+        Fault::PanicAt(n.parse().ok()?)
+    } else {
+        Fault::StallAt(spec.strip_prefix("engine-stall-at-step=")?.parse().ok()?)
+    };
+    tracing::warn!(?fault, "EDGEINFER_FAULT: fault injection is on");
+    Some(fault)
 }
 
 /// Starts the engine thread. It exits when every handle is dropped and its work is done.
@@ -138,7 +186,9 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (failed_tx, failed) = tokio::sync::watch::channel(false);
+    let heartbeat = Heartbeat::default();
     let mut engine = Engine {
+        heartbeat: heartbeat.clone(),
         llama,
         tokenizer,
         pool,
@@ -149,7 +199,7 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
         prefix_cache: config.prefix_cache,
         in_flight: in_flight.clone(),
         steps: 0,
-        panic_at_step: injected_panic_step(),
+        fault: injected_fault(),
     };
     std::thread::Builder::new()
         .name("edgeinfer-engine".into())
@@ -174,6 +224,7 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
         capacity,
         failed,
         kv_capacity: n_blocks * config.block_size,
+        heartbeat,
     }
 }
 
@@ -238,9 +289,10 @@ struct Engine {
     next_id: SeqId,
     prefix_cache: bool,
     in_flight: Arc<AtomicUsize>,
-    /// Steps run so far, and the step at which an injected fault panics.
+    /// Steps run so far, and a fault to inject at one of them.
     steps: u64,
-    panic_at_step: Option<u64>,
+    fault: Option<Fault>,
+    heartbeat: Heartbeat,
 }
 
 impl Engine {
@@ -248,44 +300,44 @@ impl Engine {
         loop {
             if self.scheduler.is_idle() {
                 self.update_gauges();
+                self.heartbeat.idle();
                 match self.rx.blocking_recv() {
                     Some(cmd) => self.accept(cmd),
                     None => break,
                 }
             }
+            self.heartbeat.beat();
             while let Ok(cmd) = self.rx.try_recv() {
                 self.accept(cmd);
             }
             self.drop_cancelled();
             let step = self.scheduler.schedule();
             if !step.preempted.is_empty() {
-                metrics::counter!("edgeinfer_preemptions_total")
-                    .increment(step.preempted.len() as u64);
+                telemetry::preempted(step.preempted.len());
             }
             for id in &step.admitted {
                 let cached = self.scheduler.cached_tokens(*id);
                 if let Some(a) = self.active.get_mut(id) {
                     a.cached_tokens = cached;
                     a.prompt_done = a.prompt_done.max(cached);
-                    let waited = a.req.received.elapsed().as_secs_f64();
-                    metrics::histogram!("edgeinfer_request_queue_time_seconds").record(waited);
-                    metrics::counter!("edgeinfer_prompt_tokens_total")
-                        .increment(a.req.prompt.len() as u64);
-                    if self.prefix_cache && a.req.cache_prompt {
-                        metrics::counter!("edgeinfer_prefix_cache_queries_total")
-                            .increment(a.req.prompt.len() as u64);
-                        metrics::counter!("edgeinfer_prefix_cache_hits_total")
-                            .increment(cached as u64);
-                    }
+                    telemetry::admitted(
+                        a.req.received.elapsed().as_secs_f64(),
+                        a.req.prompt.len(),
+                        cached,
+                        self.prefix_cache && a.req.cache_prompt,
+                    );
                 }
             }
             if !step.chunks.is_empty() {
                 self.steps += 1;
-                if self.panic_at_step == Some(self.steps) {
-                    panic!(
-                        "injected fault: the engine thread panics at step {}",
-                        self.steps
-                    );
+                match self.fault {
+                    Some(Fault::PanicAt(n)) if n == self.steps => {
+                        panic!("injected fault: the engine thread panics at step {n}")
+                    }
+                    Some(Fault::StallAt(n)) if n == self.steps => loop {
+                        std::thread::sleep(Duration::from_secs(3600))
+                    },
+                    _ => {}
                 }
                 let started = std::time::Instant::now();
                 self.run_step(&step);
@@ -342,8 +394,8 @@ impl Engine {
             a.ending = Ending::Failed;
             let _ = a.events.send(Event::Failed(message.into()));
         }
-        metrics::gauge!("edgeinfer_requests_running").set(0.0);
-        metrics::gauge!("edgeinfer_requests_waiting").set(0.0);
+        let (cached_blocks, evictions) = self.scheduler.cache_stats();
+        telemetry::gauges(0, 0, 0.0, cached_blocks, evictions);
     }
 
     /// Requests whose client went away: free them now, in any phase.
@@ -357,8 +409,7 @@ impl Engine {
         for id in gone {
             if let Some(a) = self.active.remove(&id) {
                 tracing::info!(request_id = %a.req.request_id, "client disconnected; request dropped");
-                metrics::counter!("edgeinfer_request_success_total", "finish_reason" => "cancelled")
-                    .increment(1);
+                telemetry::finished("cancelled", None);
             }
             self.scheduler.remove(id);
         }
@@ -412,7 +463,7 @@ impl Engine {
                 a.prompt_done = a.prompt_done.max(end);
             }
         }
-        metrics::counter!("edgeinfer_prompt_tokens_computed_total").increment(prefill as u64);
+        telemetry::prompt_computed(prefill);
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
         for (c, logits) in step.chunks.iter().zip(outputs) {
@@ -457,11 +508,9 @@ impl Engine {
         match a.last_token_at {
             None => {
                 a.first_token_at = Some(now);
-                metrics::histogram!("edgeinfer_time_to_first_token_seconds")
-                    .record((now - a.req.received).as_secs_f64())
+                telemetry::token_latency(true, (now - a.req.received).as_secs_f64())
             }
-            Some(prev) => metrics::histogram!("edgeinfer_inter_token_latency_seconds")
-                .record((now - prev).as_secs_f64()),
+            Some(prev) => telemetry::token_latency(false, (now - prev).as_secs_f64()),
         }
         a.last_token_at = Some(now);
         let outcome = match a.output.push(&self.tokenizer, token) {
@@ -483,7 +532,7 @@ impl Engine {
             } => (emit, Some(reason), counted),
         };
         if counted {
-            metrics::counter!("edgeinfer_generation_tokens_total").increment(1);
+            telemetry::generated();
             let logprob =
                 logprobs.map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
             // A closed receiver is noticed at the next step.
@@ -508,9 +557,7 @@ impl Engine {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
         };
-        metrics::counter!("edgeinfer_request_success_total", "finish_reason" => label).increment(1);
-        metrics::histogram!("edgeinfer_e2e_request_latency_seconds")
-            .record(a.req.received.elapsed().as_secs_f64());
+        telemetry::finished(label, Some(a.req.received.elapsed().as_secs_f64()));
         tracing::info!(
             request_id = %a.req.request_id,
             prompt_tokens = usage.prompt_tokens,
@@ -524,13 +571,14 @@ impl Engine {
     }
 
     fn update_gauges(&self) {
-        metrics::gauge!("edgeinfer_requests_running").set(self.scheduler.running_count() as f64);
-        let waiting = self.scheduler.waiting_count() + self.rx.len();
-        metrics::gauge!("edgeinfer_requests_waiting").set(waiting as f64);
-        metrics::gauge!("edgeinfer_kv_cache_usage_ratio").set(self.scheduler.kv_usage());
         let (cached_blocks, evictions) = self.scheduler.cache_stats();
-        metrics::gauge!("edgeinfer_prefix_cache_blocks").set(cached_blocks as f64);
-        metrics::counter!("edgeinfer_prefix_cache_evictions_total").absolute(evictions);
+        telemetry::gauges(
+            self.scheduler.running_count(),
+            self.scheduler.waiting_count() + self.rx.len(),
+            self.scheduler.kv_usage(),
+            cached_blocks,
+            evictions,
+        );
     }
 }
 

@@ -87,7 +87,7 @@ impl Server {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if let Ok(r) = ureq::get(&format!("{}/health", self.base)).call() {
+            if let Ok(r) = ureq::get(&format!("{}/ready", self.base)).call() {
                 if r.status() == 200 {
                     return;
                 }

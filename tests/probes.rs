@@ -1,0 +1,114 @@
+//! What schedulers and orchestrators read: vLLM-named metrics from start-up, `/metrics`
+//! answering quickly during a long prefill, and liveness failing on a stalled engine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::server::{raw_request, Server};
+use serde_json::json;
+
+const MODEL: &str = "{model_name=\"SmolLM2-135M-Instruct.Q4_1\"}";
+
+#[test]
+fn vllm_metrics_are_there_from_start_up_and_scrapes_stay_fast_during_a_long_prefill() {
+    let s = Server::start(&[]);
+    let (_, text) = s.get("/metrics");
+    for name in [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:request_queue_time_seconds_bucket",
+    ] {
+        let labelled = format!("{name}{}", &MODEL[..MODEL.len() - 1]);
+        assert!(text.contains(&labelled), "/metrics lacks {labelled}");
+    }
+    assert!(
+        text.contains("vllm:cache_config_info{model_name=\"SmolLM2-135M-Instruct.Q4_1\",block_size=\"16\",num_gpu_blocks=\"1024\""),
+        "{text}"
+    );
+    assert_eq!(s.metric(&format!("vllm:num_requests_running{MODEL}")), 0.0);
+
+    // A scheduler scrapes every 50 ms; a 2,000-token prefill must not hold the answers up.
+    // (The script's own default bound is 20 ms; this shared CI host gets some slack.)
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/metrics_under_prefill.py"
+        ))
+        .args([
+            "--base",
+            &s.base,
+            "--prompt-tokens",
+            "2000",
+            "--p99-ms",
+            "60",
+        ])
+        .output()
+        .expect("python3 runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert!(report["prompt_tokens"].as_u64().unwrap() >= 2000);
+    assert!(report["scrapes"].as_u64().unwrap() >= 5, "{report}");
+
+    // The prefill is counted under both names, and the queries saw the whole prompt.
+    let prompt = s.metric(&format!("vllm:prompt_tokens_total{MODEL}"));
+    assert!(prompt >= 2000.0, "{prompt}");
+    assert_eq!(prompt, s.metric("edgeinfer_prompt_tokens_total "));
+    assert_eq!(
+        s.metric(&format!("vllm:prefix_cache_queries_total{MODEL}")),
+        prompt
+    );
+    let ttft = s.metric(&format!("vllm:time_to_first_token_seconds_count{MODEL}"));
+    assert!(ttft >= 1.0, "{ttft}");
+}
+
+#[test]
+fn a_stalled_engine_fails_liveness_and_readiness() {
+    let s = Server::spawn(
+        &[
+            "--model",
+            common::default_model_path().to_str().unwrap(),
+            "--stall-timeout",
+            "2",
+        ],
+        &[("EDGEINFER_FAULT", "engine-stall-at-step=1")],
+    );
+    s.wait_ready();
+    let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    // The first step hangs; the request never finishes.
+    let base = s.base.clone();
+    std::thread::spawn(move || {
+        let _ = ureq::post(&format!("{base}/v1/completions"))
+            .timeout(Duration::from_secs(30))
+            .send_json(json!({"prompt": "Hi", "max_tokens": 2}));
+    });
+    let started = Instant::now();
+    let mut last = (0, serde_json::Value::Null);
+    while started.elapsed() < Duration::from_secs(20) {
+        last = raw_request(&s.addr, "GET", "/health", None, b"");
+        if last.0 == 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last.0, 503, "{}", last.1);
+    assert_eq!(last.1["status"], "engine_stalled");
+    assert!(last.1["engine"]["silent_seconds"].as_f64().unwrap() > 2.0);
+    // Not before the timeout: a slow step is not a stall.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let (status, body) = raw_request(&s.addr, "GET", "/ready", None, b"");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("engine_stalled"))
+    );
+    s.kill9();
+}
