@@ -4,6 +4,7 @@
 mod admin;
 mod anthropic;
 pub mod body;
+mod console;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
@@ -219,6 +220,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(keyed)
         .route("/health", get(utility::health))
         .route("/ready", get(utility::ready))
+        // The console's page and assets hold no data; what it shows needs the API's key.
+        .route("/", get(console::index))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/app.css", get(console::app_css))
         .route("/metrics", get(utility::metrics))
         .fallback(utility::not_found)
         .layer(DefaultBodyLimit::max(limit))

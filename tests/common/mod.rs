@@ -55,14 +55,18 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The Python of `.venv`, with the official `openai`, `anthropic` and `cloudflare` packages and
-/// `jsonschema` (the virtual environment is created, and they are installed, if missing).
+/// The Python of `.venv`, with the official `openai`, `anthropic` and `cloudflare` packages,
+/// `jsonschema` and `playwright` (the virtual environment is created, and they are
+/// installed, if missing; Playwright drives Debian's Chromium and never downloads a browser).
 pub fn python_with_clients() -> PathBuf {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     let ok = |p: &PathBuf| {
         Command::new(p)
-            .args(["-c", "import openai, anthropic, cloudflare, jsonschema"])
+            .args([
+                "-c",
+                "import openai, anthropic, cloudflare, jsonschema, playwright",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -82,12 +86,39 @@ pub fn python_with_clients() -> PathBuf {
                 "anthropic",
                 "cloudflare",
                 "jsonschema",
+                "playwright",
             ])
             .status();
         assert!(
             pip.is_ok_and(|s| s.success()),
-            "cannot install openai, anthropic, cloudflare and jsonschema into .venv"
+            "cannot install openai, anthropic, cloudflare, jsonschema and playwright into .venv"
         );
     }
     python
+}
+
+/// Debian's Chromium for the browser tests: `EDGEINFER_CHROMIUM`, else `/usr/bin/chromium`,
+/// installed with apt-get when missing and this runs as root (as CI does).
+pub fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGEINFER_CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from("/usr/bin/chromium");
+    if !path.exists() {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if root {
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "-q", "chromium"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+        }
+    }
+    assert!(
+        path.exists(),
+        "the browser tests need Debian's Chromium: apt-get install chromium (or set EDGEINFER_CHROMIUM)"
+    );
+    path
 }
