@@ -37,21 +37,30 @@ done = threading.Event()
 result = {}
 
 def run():
-    t = time.perf_counter()
-    r = post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
-    result["seconds"] = time.perf_counter() - t
-    result["prompt_tokens"] = r["usage"]["prompt_tokens"]
-    done.set()
+    try:
+        t = time.perf_counter()
+        r = post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+        result["seconds"] = time.perf_counter() - t
+        result["prompt_tokens"] = r["usage"]["prompt_tokens"]
+    except Exception as e:  # noqa: BLE001 - reported, and the scrape loop must end
+        result["error"] = repr(e)
+    finally:
+        done.set()
 
 threading.Thread(target=run, daemon=True).start()
 lat = []
+deadline = time.time() + 600
 while not done.is_set():
+    if time.time() > deadline:
+        raise SystemExit("the prefill did not finish within 600 s")
     t = time.perf_counter()
     with urllib.request.urlopen(args.base + "/metrics", timeout=10) as r:
         body = r.read()
     lat.append((time.perf_counter() - t) * 1000)
     assert b"vllm:num_requests_running" in body
     time.sleep(max(0.0, args.interval - (time.perf_counter() - t)))
+if "error" in result:
+    raise SystemExit(f"the completion failed: {result['error']}")
 lat.sort()
 q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
 print(json.dumps({"prompt_tokens": result["prompt_tokens"], "prefill_seconds": round(result["seconds"], 3),

@@ -267,6 +267,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         edgeinfer::telemetry::CacheShape {
             block_size: args.block_size,
             num_blocks: args.kv_cache_tokens.div_ceil(args.block_size),
+            prefix_caching: !args.no_prefix_cache,
         },
     )?;
     let http = HttpConfig {
@@ -311,7 +312,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         let model_hash = hub::sha256_file(&path)?;
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
         warm_up(&model.llama).with_context(|| format!("cannot run model {}", path.display()))?;
-        let engine = core::start(model.llama, model.tokenizer, engine_config);
+        let runner = edgeinfer::model::LlamaRunner::new(model.llama);
+        let engine = core::start(runner, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {
             engine,
             tokenizer,

@@ -22,6 +22,7 @@ fn model() -> &'static str {
 pub struct CacheShape {
     pub block_size: usize,
     pub num_blocks: usize,
+    pub prefix_caching: bool,
 }
 
 /// Names every series and sets it to zero. Call once, after the recorder is installed.
@@ -43,7 +44,18 @@ pub fn init(model_name: &str, cache: CacheShape) {
     ] {
         counter!(name).absolute(0);
     }
-    for name in [V_RUNNING, V_WAITING, V_KV_USAGE] {
+    for name in [TTFT, ITL, E2E, QUEUE] {
+        let _ = histogram!(name);
+    }
+    for (ours, theirs) in [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("cancelled", "abort"),
+    ] {
+        counter!(SUCCESS, "finish_reason" => ours).absolute(0);
+        counter!(V_SUCCESS, "model_name" => m, "finished_reason" => theirs).absolute(0);
+    }
+    for name in [V_RUNNING, V_WAITING, V_KV_USAGE, PS_KV_USAGE, PS_HIT_RATE] {
         gauge!(name, "model_name" => m).set(0.0);
     }
     for name in [
@@ -52,6 +64,8 @@ pub fn init(model_name: &str, cache: CacheShape) {
         V_PREEMPTIONS,
         V_CACHE_QUERIES,
         V_CACHE_HITS,
+        PS_CACHE_QUERIES,
+        PS_CACHE_HITS,
     ] {
         counter!(name, "model_name" => m).absolute(0);
     }
@@ -64,8 +78,12 @@ pub fn init(model_name: &str, cache: CacheShape) {
         "block_size" => cache.block_size.to_string(),
         "num_gpu_blocks" => cache.num_blocks.to_string(),
         "cache_dtype" => "f16",
-        "enable_prefix_caching" => "True")
+        "enable_prefix_caching" => if cache.prefix_caching { "True" } else { "False" })
     .set(1.0);
+    // No LoRA adapters; the endpoint picker reads this family and logs an error without it.
+    gauge!("vllm:lora_requests_info",
+        "max_lora" => "0", "running_lora_adapters" => "", "waiting_lora_adapters" => "")
+    .set(0.0);
 }
 
 const RUNNING: &str = "edgeinfer_requests_running";
@@ -98,6 +116,11 @@ const V_TTFT: &str = "vllm:time_to_first_token_seconds";
 const V_ITL: &str = "vllm:inter_token_latency_seconds";
 const V_E2E: &str = "vllm:e2e_request_latency_seconds";
 const V_QUEUE: &str = "vllm:request_queue_time_seconds";
+// The older names vLLM's production-stack router reads.
+const PS_KV_USAGE: &str = "vllm:gpu_cache_usage_perc";
+const PS_CACHE_QUERIES: &str = "vllm:gpu_prefix_cache_queries_total";
+const PS_CACHE_HITS: &str = "vllm:gpu_prefix_cache_hits_total";
+const PS_HIT_RATE: &str = "vllm:gpu_prefix_cache_hit_rate";
 
 fn describe() {
     describe_gauge!(RUNNING, "Requests in the running batch");
@@ -136,6 +159,17 @@ fn describe() {
     describe_histogram!(V_ITL, "vLLM name: time between tokens");
     describe_histogram!(V_E2E, "vLLM name: arrival to last token");
     describe_histogram!(V_QUEUE, "vLLM name: arrival to first step");
+    describe_gauge!(PS_KV_USAGE, "Older vLLM name: KV-cache usage, 0..1");
+    describe_counter!(PS_CACHE_QUERIES, "Older vLLM name: prompt tokens looked up");
+    describe_counter!(PS_CACHE_HITS, "Older vLLM name: prompt tokens found");
+    describe_gauge!(
+        PS_HIT_RATE,
+        "Older vLLM name: hits over queries since start, 0..1"
+    );
+    describe_gauge!(
+        "vllm:lora_requests_info",
+        "vLLM name: LoRA adapters (none are served)"
+    );
     describe_gauge!(
         "vllm:cache_config_info",
         "vLLM name: the KV cache's configuration, in labels"
@@ -155,6 +189,15 @@ pub fn admitted(waited_s: f64, prompt: usize, cached: usize, cache_queried: bool
         counter!(CACHE_HITS).increment(cached as u64);
         counter!(V_CACHE_QUERIES, "model_name" => m).increment(prompt as u64);
         counter!(V_CACHE_HITS, "model_name" => m).increment(cached as u64);
+        counter!(PS_CACHE_QUERIES, "model_name" => m).increment(prompt as u64);
+        counter!(PS_CACHE_HITS, "model_name" => m).increment(cached as u64);
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        static TOTALS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+        let queried = TOTALS[0].fetch_add(prompt as u64, Relaxed) + prompt as u64;
+        let hit = TOTALS[1].fetch_add(cached as u64, Relaxed) + cached as u64;
+        if queried > 0 {
+            gauge!(PS_HIT_RATE, "model_name" => m).set(hit as f64 / queried as f64);
+        }
     }
 }
 
@@ -208,6 +251,7 @@ pub fn gauges(running: usize, waiting: usize, kv_usage: f64, cached_blocks: usiz
     gauge!(V_RUNNING, "model_name" => m).set(running as f64);
     gauge!(V_WAITING, "model_name" => m).set(waiting as f64);
     gauge!(V_KV_USAGE, "model_name" => m).set(kv_usage);
+    gauge!(PS_KV_USAGE, "model_name" => m).set(kv_usage);
     gauge!(PREFIX_BLOCKS).set(cached_blocks as f64);
     counter!(EVICTIONS).absolute(evictions);
 }

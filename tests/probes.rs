@@ -35,7 +35,10 @@ fn vllm_metrics_are_there_from_start_up_and_scrapes_stay_fast_during_a_long_pref
     assert_eq!(s.metric(&format!("vllm:num_requests_running{MODEL}")), 0.0);
 
     // A scheduler scrapes every 50 ms; a 2,000-token prefill must not hold the answers up.
-    // (The script's own default bound is 20 ms; this shared CI host gets some slack.)
+    // The script's own default bound on p99 is 20 ms (what the README reports); with ~100
+    // scrapes p99 is nearly the maximum, so on a shared 2-core CI host, with the other test
+    // of this file loading a model beside it, the test allows 250 ms: a scrape that waited
+    // for the engine would wait for whole prefill steps, which take seconds here.
     let out = std::process::Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

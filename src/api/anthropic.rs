@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver, Usage};
 use crate::structured::toolcall::{CallParser, Piece};
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::response::Meta;
 use super::types::{from_value, parse_body, ChatCompletionRequest, SamplingFields};
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, Usage};
 use crate::model::ChatTemplate;
 use crate::structured::{toolcall, ToolFormat};

@@ -45,7 +45,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Middleware on every route but `/health` and `/metrics`: puts the request's [`Principal`]
+/// Middleware on every route but the probes, `/metrics` and the console's static assets: puts the request's [`Principal`]
 /// in its extensions, or answers 401 in OpenAI's shape.
 pub async fn authenticate(
     State(state): State<Arc<AppState>>,

@@ -138,6 +138,11 @@ impl AppState {
                 "The engine failed; the server is restarting",
             ));
         }
+        if ready.engine.silent_for() > self.stall_timeout {
+            return Err(ApiError::unavailable(
+                "The engine has stopped making progress; the server is restarting",
+            ));
+        }
         Ok(ready)
     }
 
@@ -306,6 +311,7 @@ pub fn install_metrics(
 ) -> anyhow::Result<PrometheusHandle> {
     let latency = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        120.0, 300.0, 600.0, 1800.0,
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
@@ -333,7 +339,7 @@ pub struct ConnLimits {
     pub max_connections: usize,
 }
 
-/// Serves until SIGINT/SIGTERM, then drains: `/health` and new requests get 503 at once
+/// Serves until SIGINT/SIGTERM, then drains: `/ready` and new requests get 503 at once (`/health` stays 200, draining)
 /// (new connections are still accepted, so probes see the 503), running requests finish
 /// for up to `drain`, and it returns. If the engine thread dies it stops the same way, with
 /// a short drain, and returns an error so the process exits non-zero.

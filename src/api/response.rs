@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::gate::Tail;
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver, LogprobInfo, Usage};
 use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
 use crate::structured::ToolFormat;

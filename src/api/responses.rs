@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::response::Meta;
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::Usage;
 use crate::gateway::Gateway;
 use crate::structured::toolcall::{ParsedCall, Piece};

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
 use super::responses::{finish, message_id, message_item, object, ResponsesCtx};
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver};
 use crate::structured::toolcall::{CallParser, Piece};
 

@@ -15,15 +15,15 @@ use tokio::sync::mpsc;
 
 use super::blocks::BlockManager;
 use super::constraint::TokenConstraint;
-use super::generate::{FinishReason, DETOK_CONTEXT, PENALTY_WINDOW};
 use super::request::{
-    EndReport, Ending, Event, EventSender, GenerationRequest, LogprobInfo, TokenLogprob, Usage,
-    UsageSink,
+    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, LogprobInfo,
+    TokenLogprob, Usage, UsageSink,
 };
 use super::sampler::{log_softmax_of, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
-use crate::model::{KvPool, Llama, SeqInput, Tokenizer};
+use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
+use crate::model::{ModelRunner, SeqInput, Tokenizer};
 use crate::telemetry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub struct EngineHandle {
     heartbeat: Heartbeat,
 }
 
-/// The engine thread's pulse: when it last went round its loop while it had work (0 while
+/// The engine thread's pulse: when it last finished a step, or took work while idle (0 while
 /// it waits for work, which is not a stall).
 #[derive(Clone, Default)]
 struct Heartbeat(Arc<AtomicU64>);
@@ -171,10 +171,15 @@ fn injected_fault() -> Option<Fault> {
     Some(fault)
 }
 
-/// Starts the engine thread. It exits when every handle is dropped and its work is done.
-pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> EngineHandle {
+/// Starts the engine thread over `model` (any [`ModelRunner`]: the CPU Llama, or a fake in
+/// tests). It exits when every handle is dropped and its work is done.
+pub fn start<M: ModelRunner>(
+    mut model: M,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+) -> EngineHandle {
     let n_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
-    let pool = llama.new_pool(config.block_size, n_blocks);
+    model.allocate_kv(config.block_size, n_blocks);
     let scheduler = Scheduler::new(
         SchedulerConfig {
             max_batch_size: config.max_batch_size,
@@ -189,9 +194,8 @@ pub fn start(llama: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Engine
     let heartbeat = Heartbeat::default();
     let mut engine = Engine {
         heartbeat: heartbeat.clone(),
-        llama,
+        model,
         tokenizer,
-        pool,
         scheduler,
         rx,
         active: HashMap::new(),
@@ -279,10 +283,9 @@ impl Drop for Active {
     }
 }
 
-struct Engine {
-    llama: Llama,
+struct Engine<M> {
+    model: M,
     tokenizer: Tokenizer,
-    pool: KvPool,
     scheduler: Scheduler,
     rx: mpsc::Receiver<Command>,
     active: HashMap<SeqId, Active>,
@@ -295,18 +298,21 @@ struct Engine {
     heartbeat: Heartbeat,
 }
 
-impl Engine {
+impl<M: ModelRunner> Engine<M> {
     fn run(&mut self) {
         loop {
             if self.scheduler.is_idle() {
                 self.update_gauges();
                 self.heartbeat.idle();
                 match self.rx.blocking_recv() {
-                    Some(cmd) => self.accept(cmd),
+                    Some(cmd) => {
+                        // Work arrived: the stall clock starts now.
+                        self.heartbeat.beat();
+                        self.accept(cmd)
+                    }
                     None => break,
                 }
             }
-            self.heartbeat.beat();
             while let Ok(cmd) = self.rx.try_recv() {
                 self.accept(cmd);
             }
@@ -341,6 +347,8 @@ impl Engine {
                 }
                 let started = std::time::Instant::now();
                 self.run_step(&step);
+                // Progress: a finished step (a turn with nothing to run is not one).
+                self.heartbeat.beat();
                 tracing::debug!(
                     sequences = step.chunks.len(),
                     tokens = step.chunks.iter().map(|c| c.len).sum::<usize>(),
@@ -417,7 +425,7 @@ impl Engine {
 
     fn run_step(&mut self, step: &Step) {
         for c in &step.copies {
-            self.pool.copy_rows(c.src, c.dst, c.rows);
+            self.model.copy_kv(c.src, c.dst, c.rows);
         }
         let inputs: Vec<SeqInput> = step
             .chunks
@@ -430,14 +438,13 @@ impl Engine {
             })
             .collect();
         // A panic in the forward (a bug) must fail this step's requests, not kill the engine.
-        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.llama.forward_batch(&inputs, &mut self.pool)
-        }))
-        .unwrap_or_else(|_| {
-            Err(crate::error::ModelError::Candle(candle_core::Error::Msg(
-                "the forward pass panicked. This is a bug.".into(),
-            )))
-        });
+        let forward =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.forward(&inputs)))
+                .unwrap_or_else(|_| {
+                    Err(crate::error::ModelError::Candle(candle_core::Error::Msg(
+                        "the forward pass panicked. This is a bug.".into(),
+                    )))
+                });
         let outputs = match forward {
             Ok(o) => o,
             Err(e) => {
@@ -544,7 +551,7 @@ impl Engine {
             });
         }
         // The KV pool must hold the next position too.
-        let full = a.tokens.len() >= self.llama.config.context_length;
+        let full = a.tokens.len() >= self.model.context_length();
         let reason = match (finish, full) {
             (Some(r), _) => r,
             (None, true) => FinishReason::Length,

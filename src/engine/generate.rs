@@ -9,32 +9,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub use super::request::FinishReason;
 use super::sampler::{Sampler, SamplingParams};
 use super::sequence::{OutputState, TokenOutcome};
+pub use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
-
-/// How many recent tokens the repetition penalties look at (llama.cpp's `penalty_last_n`).
-pub const PENALTY_WINDOW: usize = 64;
-
-/// Prompt tokens the detokenizer sees before the first generated one (as TGI does).
-pub const DETOK_CONTEXT: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
-}
-
-/// Why generation ended, with OpenAI's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-turn token or a stop string.
-    Stop,
-    /// The token budget ran out.
-    Length,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,8 +7,17 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::constraint::TokenConstraint;
-use super::generate::FinishReason;
 use super::sampler::SamplingParams;
+
+/// Why generation ended, with OpenAI's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// The token budget ran out.
+    Length,
+}
 
 /// A validated request: token ids, budgets and sampling, nothing about HTTP.
 #[derive(Debug)]

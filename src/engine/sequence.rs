@@ -4,11 +4,17 @@
 //! Knows token ids and text; never the model or HTTP. Invariant: the emitted pieces
 //! concatenate to the final text, which never contains a stop string or a broken character.
 
-use super::generate::FinishReason;
+use super::request::FinishReason;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::error::ModelError;
 use crate::model::detok::IncrementalDecoder;
 use crate::model::Tokenizer;
+
+/// How many recent tokens the repetition penalties look at (llama.cpp's `penalty_last_n`).
+pub const PENALTY_WINDOW: usize = 64;
+
+/// Prompt tokens the detokenizer sees before the first generated one (as TGI does).
+pub const DETOK_CONTEXT: usize = 5;
 
 /// What one sampled token did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::engine::generate::FinishReason;
+use crate::engine::request::FinishReason;
 use crate::engine::request::{EndReport, Ending, Usage};
 use keys::{KeyRecord, KeyStore};
 use ledger::{Ledger, Row};

@@ -274,7 +274,7 @@ fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && hd <= 256 && super::x86::available() {
         // Safety: AVX2, FMA and F16C were checked.
-        unsafe { accumulate_x86(scores, scale, acc, kv, kv_off) };
+        unsafe { super::attention_x86::accumulate(scores, scale, acc, kv, kv_off) };
         return;
     }
     let mut vr = vec![0f32; hd];
@@ -282,55 +282,6 @@ fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView
         kv.v[kv.row(j) + kv_off..][..hd].convert_to_f32_slice(&mut vr);
         dst.copy_from_slice(&vr);
     });
-}
-
-/// With AVX2 + F16C, for any `head_dim` that is a multiple of 8, up to 256. (The task
-/// kernels in `attention_x86` have register-resident versions for 64 and 128.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(crate) unsafe fn accumulate_x86(
-    scores: &[f32],
-    scale: f32,
-    acc: &mut [f32],
-    kv: KvView,
-    kv_off: usize,
-) {
-    use std::arch::x86_64::*;
-    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
-    let vecs = acc.len() / 8;
-    let mut acc16 = [_mm_setzero_si128(); 32];
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-    for (j, &raw) in scores.iter().enumerate() {
-        let s = raw * scale;
-        let (ms, vs) = if s > max {
-            let ms = (max - s).exp();
-            max = s;
-            let m = _mm256_set1_ps(ms);
-            for a in acc16.iter_mut().take(vecs) {
-                *a = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(*a), m), NEAREST);
-            }
-            (ms, 1.0)
-        } else {
-            (1.0, (s - max).exp())
-        };
-        // A checked slice: the view's fields are public, so no trust in the block table.
-        let row = &kv.v[kv.row(j) + kv_off..][..vecs * 8];
-        let v = row.as_ptr() as *const __m128i;
-        let w = _mm256_set1_ps(vs);
-        for (i, a) in acc16.iter_mut().take(vecs).enumerate() {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(i)));
-            *a = _mm256_cvtps_ph(_mm256_fmadd_ps(vv, w, _mm256_cvtph_ps(*a)), NEAREST);
-        }
-        sum = sum * ms + vs;
-    }
-    for (i, a) in acc16.iter().take(vecs).enumerate() {
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(*a));
-        for (dst, x) in acc[i * 8..i * 8 + 8].iter_mut().zip(out) {
-            *dst = x / sum;
-        }
-    }
 }
 
 /// Online softmax over `scores` (times `scale`) weighting the values `value(j)`, with the
@@ -374,27 +325,11 @@ fn round_to_f16(x: &mut [f32]) {
     {
         if super::x86::available() {
             // Safety: AVX2 and F16C were just checked (cached loads).
-            unsafe { round_to_f16_x86(x) };
+            unsafe { super::attention_x86::round_to_f16(x) };
             return;
         }
     }
     for v in x.iter_mut() {
-        *v = f16::from_f32(*v).to_f32();
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn round_to_f16_x86(x: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut chunks = x.chunks_exact_mut(8);
-    for c in &mut chunks {
-        let v = _mm256_loadu_ps(c.as_ptr());
-        let h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-        _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
-    }
-    for v in chunks.into_remainder() {
         *v = f16::from_f32(*v).to_f32();
     }
 }

@@ -58,7 +58,7 @@ fn f16c_accumulation_is_bit_identical_to_the_generic_one() {
     #[cfg(target_arch = "x86_64")]
     if super::super::x86::available() {
         let mut fast = vec![0f32; hd];
-        unsafe { accumulate_x86(&scores, 0.125, &mut fast, kv, 0) };
+        unsafe { super::super::attention_x86::accumulate(&scores, 0.125, &mut fast, kv, 0) };
         assert_eq!(fast, generic);
     }
 }

@@ -276,13 +276,7 @@ macro_rules! kernels {
                         16 => accumulate::<16, 1>(sc, kpad, seen, scale, out, kv, kv_off),
                         _ => {
                             let out = &mut out[..hd];
-                            super::super::attention::accumulate_x86(
-                                &sc[..seen],
-                                scale,
-                                out,
-                                kv,
-                                kv_off,
-                            );
+                            super::accumulate(&sc[..seen], scale, out, kv, kv_off);
                             1
                         }
                     };
@@ -291,7 +285,7 @@ macro_rules! kernels {
             }
 
             /// `H` heads of `8 * N` dimensions; returns `H`. Per head, exactly
-            /// [`super::super::attention::accumulate_x86`]'s arithmetic.
+            /// [`super::accumulate`]'s arithmetic.
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn accumulate<const N: usize, const H: usize>(
@@ -360,3 +354,67 @@ macro_rules! kernels {
 // (forward/chunk/ctx1024/16: 68.6 vs 70.9 ms).
 kernels!(avx2, "avx2,fma,f16c", 16);
 kernels!(avx512, "avx2,fma,f16c,avx512f,avx512vl", 24);
+
+/// The portable path's value accumulation ([`super::attention`]) with AVX2 + F16C, for any `head_dim` that is a multiple of 8, up to 256. (The task
+/// kernels in `attention_x86` have register-resident versions for 64 and 128.)
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn accumulate(
+    scores: &[f32],
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+    let vecs = acc.len() / 8;
+    let mut acc16 = [_mm_setzero_si128(); 32];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (j, &raw) in scores.iter().enumerate() {
+        let s = raw * scale;
+        let (ms, vs) = if s > max {
+            let ms = (max - s).exp();
+            max = s;
+            let m = _mm256_set1_ps(ms);
+            for a in acc16.iter_mut().take(vecs) {
+                *a = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(*a), m), NEAREST);
+            }
+            (ms, 1.0)
+        } else {
+            (1.0, (s - max).exp())
+        };
+        // A checked slice: the view's fields are public, so no trust in the block table.
+        let row = &kv.v[kv.row(j) + kv_off..][..vecs * 8];
+        let v = row.as_ptr() as *const __m128i;
+        let w = _mm256_set1_ps(vs);
+        for (i, a) in acc16.iter_mut().take(vecs).enumerate() {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(i)));
+            *a = _mm256_cvtps_ph(_mm256_fmadd_ps(vv, w, _mm256_cvtph_ps(*a)), NEAREST);
+        }
+        sum = sum * ms + vs;
+    }
+    for (i, a) in acc16.iter().take(vecs).enumerate() {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(*a));
+        for (dst, x) in acc[i * 8..i * 8 + 8].iter_mut().zip(out) {
+            *dst = x / sum;
+        }
+    }
+}
+
+/// Rounds every value to the nearest f16 (the portable path's `round_to_f16`).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(crate) unsafe fn round_to_f16(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = _mm256_loadu_ps(c.as_ptr());
+        let h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+    }
+    for v in chunks.into_remainder() {
+        *v = f16::from_f32(*v).to_f32();
+    }
+}

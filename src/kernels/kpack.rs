@@ -93,7 +93,7 @@ impl KPacked {
                     let row = t * TILE + r;
                     let src = &data[row * row_bytes..][..row_bytes];
                     #[cfg(target_arch = "x86_64")]
-                    if super::qmatmul::simd_available() {
+                    if super::cpu::simd_available() {
                         // Safety: `simd_available` checked AVX2, FMA and F16C; the same bytes.
                         unsafe { super::kquant_x86::unpack_row(kind, src, w) };
                     } else {
@@ -226,7 +226,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if simd_available() {
             return Self::Avx512;
-        } else if super::qmatmul::simd_available() {
+        } else if super::cpu::simd_available() {
             return Self::Avx2;
         }
         Self::Portable
@@ -247,7 +247,7 @@ impl Kernel {
             // Safety: `simd_available` checked the CPU features.
             Self::Avx512 => unsafe { super::kpack_x86::tile(m.kind, m.tile(t), acts, outs, pf) },
             #[cfg(target_arch = "x86_64")]
-            // Safety: `qmatmul::simd_available` checked the CPU features.
+            // Safety: `cpu::simd_available` checked the CPU features.
             Self::Avx2 => unsafe { super::kpack_x86::tile_avx2(m.kind, m.tile(t), acts, outs, pf) },
         }
     }
@@ -260,7 +260,7 @@ pub fn simd_available() -> bool {
     {
         super::x86::vnni_available()
             && is_x86_feature_detected!("avx512bw")
-            && super::qmatmul::simd_available()
+            && super::cpu::simd_available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

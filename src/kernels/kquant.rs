@@ -48,7 +48,7 @@ pub struct Q8KRow {
 /// (the same bytes as [`quantize_row_q8k_portable`]).
 pub fn quantize_row_q8k(x: &[f32], out: &mut Q8KRow) {
     #[cfg(target_arch = "x86_64")]
-    if super::qmatmul::simd_available() {
+    if super::cpu::simd_available() {
         // Safety: `simd_available` checked the CPU features.
         unsafe { super::kquant_x86::quantize_row_q8k(x, out) };
         return;
@@ -290,14 +290,14 @@ impl KMatrix {
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * self.cols);
-        self.matmul_q8k(super::qmatmul::Activations::new(x, n).q8k())
+        self.matmul_q8k(&super::cpu::map_rows(x, n, quantize_row_q8k))
     }
 
     /// The product with activation rows already in Q8_K form. Returns `[n, rows]`.
     pub fn matmul_q8k(&self, acts: &[Q8KRow]) -> Vec<f32> {
         let n = acts.len();
         assert!(acts.iter().all(|a| a.qs.len() == self.cols));
-        let simd = super::qmatmul::simd_available();
+        let simd = super::cpu::simd_available();
         let mut by_row = vec![0f32; self.rows * n];
         super::pool::for_chunks_mut(&mut by_row, ROWS_PER_TASK * n, |task, out| {
             let first = task * ROWS_PER_TASK;
@@ -310,7 +310,7 @@ impl KMatrix {
             let _ = simd;
             rows_portable(self, first, out, acts)
         });
-        super::qmatmul::transpose_rows(by_row, self.rows, n)
+        super::cpu::transpose_rows(by_row, self.rows, n)
     }
 }
 

@@ -5,6 +5,7 @@
 mod aligned;
 pub mod attention;
 mod attention_x86;
+pub mod cpu;
 pub mod kpack;
 mod kpack_x86;
 pub mod kquant;

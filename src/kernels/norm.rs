@@ -13,7 +13,7 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
             *v = (*v * scale) * w;
         }
     };
-    if x.len() >= super::qmatmul::PARALLEL_QUANT_VALUES {
+    if x.len() >= super::cpu::PARALLEL_QUANT_VALUES {
         super::pool::for_chunks_mut(x, dim, |_, row| norm(row));
     } else {
         x.chunks_exact_mut(dim).for_each(norm);

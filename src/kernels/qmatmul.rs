@@ -5,6 +5,7 @@
 //! Invariant: results match [`super::quant`]'s llama.cpp-exact block dot products; the
 //! thread split never changes a result (each output is computed by one thread, in order).
 
+use super::cpu::{self, simd_available, transpose_rows};
 use super::pool;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
@@ -12,33 +13,8 @@ use candle_core::{Module, Tensor};
 use super::kpack::KPacked;
 use super::kquant::{self, KKind, KMatrix, QK_K};
 use super::qtile::{self, QTiles};
+pub use super::quant::WeightKind;
 use super::quant::{self, Q8Row, UnpackedRow, QK};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightKind {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-impl WeightKind {
-    fn from_dtype(d: GgmlDType) -> Option<Self> {
-        match d {
-            GgmlDType::Q4_0 => Some(Self::Q4_0),
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
-        }
-    }
-
-    pub fn block_bytes(self) -> usize {
-        match self {
-            Self::Q4_0 => quant::Q4_0_BYTES,
-            Self::Q4_1 => quant::Q4_1_BYTES,
-            Self::Q8_0 => quant::Q8_0_BYTES,
-        }
-    }
-}
 
 /// A weight matrix `[rows, cols]`: GGML blocks, or for Q4_1 and Q8_0 on CPUs with AVX-512
 /// VNNI, 16-row tiles ([`QTiles`]).
@@ -178,10 +154,6 @@ pub struct Activations<'a> {
     q8k: std::cell::OnceCell<Vec<kquant::Q8KRow>>,
 }
 
-/// Rows quantized (or outputs transposed) in parallel only when there is enough work to pay
-/// for waking threads.
-pub(crate) const PARALLEL_QUANT_VALUES: usize = 16 * 1024;
-
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n: usize) -> Self {
         debug_assert!(n == 0 || x.len().is_multiple_of(n));
@@ -193,24 +165,9 @@ impl<'a> Activations<'a> {
         }
     }
 
-    fn map_rows<T: Send + Default>(&self, f: impl Fn(&[f32], &mut T) + Sync) -> Vec<T> {
-        let cols = self.x.len() / self.n.max(1);
-        let mut out: Vec<T> = (0..self.n).map(|_| T::default()).collect();
-        if self.x.len() >= PARALLEL_QUANT_VALUES {
-            pool::for_chunks_mut(&mut out, 1, |i, q| {
-                f(&self.x[i * cols..][..cols], &mut q[0])
-            });
-        } else {
-            out.iter_mut()
-                .zip(self.x.chunks_exact(cols))
-                .for_each(|(q, row)| f(row, q));
-        }
-        out
-    }
-
     fn q8(&self) -> &Q8Acts {
         self.q8.get_or_init(|| {
-            let rows = self.map_rows(quant::quantize_row);
+            let rows = cpu::map_rows(self.x, self.n, quant::quantize_row);
             #[cfg(target_arch = "x86_64")]
             let quads = if simd_available() {
                 rows.chunks_exact(4)
@@ -229,27 +186,8 @@ impl<'a> Activations<'a> {
 
     pub(crate) fn q8k(&self) -> &[kquant::Q8KRow] {
         self.q8k
-            .get_or_init(|| self.map_rows(kquant::quantize_row_q8k))
+            .get_or_init(|| cpu::map_rows(self.x, self.n, kquant::quantize_row_q8k))
     }
-}
-
-/// `[rows, n]` -> `[n, rows]`.
-pub(crate) fn transpose_rows(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return by_row;
-    }
-    let mut y = vec![0f32; n * rows];
-    let column = |(i, out): (usize, &mut [f32])| {
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = by_row[r * n + i];
-        }
-    };
-    if n * rows >= PARALLEL_QUANT_VALUES {
-        pool::for_chunks_mut(&mut y, rows, |i, out| column((i, out)));
-    } else {
-        y.chunks_mut(rows).enumerate().for_each(column);
-    }
-    y
 }
 
 /// Computes `out` (`[rows_in_task, n]`) for the weight rows starting at `first`: each weight
@@ -356,22 +294,6 @@ pub(crate) fn packed_preferred() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::env::var_os("EDGEINFER_NO_KPACK").is_none() && super::x86::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Run-time choice of kernels: AVX2 ones unless the CPU lacks them or `EDGEINFER_NO_SIMD`
-/// is set.
-pub(crate) fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SIMD.get_or_init(|| {
-            super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
-        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -1,6 +1,7 @@
 //! Quantized matmul tests: every type against the dequantized f32 product and candle, SIMD
 //! against portable code bit for bit, shared activations, embeddings, the candle fallback.
 use super::*;
+use crate::kernels::cpu::PARALLEL_QUANT_VALUES;
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
 

@@ -14,8 +14,7 @@
 //! [`super::x86::dot_q8_0`] and of the portable [`super::quant::dot`].
 
 use super::aligned::AlignedBytes;
-use super::qmatmul::WeightKind;
-use super::quant::{Q8Row, QK};
+use super::quant::{Q8Row, WeightKind, QK};
 
 /// Weight rows per tile.
 pub const TILE: usize = 16;

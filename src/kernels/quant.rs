@@ -7,12 +7,39 @@
 
 use half::f16;
 
-use super::qmatmul::WeightKind;
+use candle_core::quantized::GgmlDType;
 
 pub const QK: usize = 32;
 pub const Q4_0_BYTES: usize = 18;
 pub const Q4_1_BYTES: usize = 20;
 pub const Q8_0_BYTES: usize = 34;
+
+/// The 32-value block formats a weight matrix may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl WeightKind {
+    pub(super) fn from_dtype(d: GgmlDType) -> Option<Self> {
+        match d {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => Q4_0_BYTES,
+            Self::Q4_1 => Q4_1_BYTES,
+            Self::Q8_0 => Q8_0_BYTES,
+        }
+    }
+}
 
 /// One row of activations quantized to 8 bits per value, 32 values a block.
 #[derive(Debug, Clone, Default)]

@@ -130,13 +130,13 @@ impl Quad {
 /// The CPU must support AVX2, FMA and F16C; `w` holds `nb` blocks of `kind`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn row_scales(
-    kind: super::qmatmul::WeightKind,
+    kind: super::quant::WeightKind,
     w: &[u8],
     nb: usize,
     d: &mut Vec<f32>,
     m: &mut Vec<f32>,
 ) {
-    use super::qmatmul::WeightKind;
+    use super::quant::WeightKind;
     let bytes = kind.block_bytes();
     assert!(w.len() >= nb * bytes);
     let with_min = kind == WeightKind::Q4_1;
@@ -184,14 +184,14 @@ macro_rules! dot4_quad {
         /// weight row's `nb` scales from [`row_scales`]; `quad` was built from `a`.
         #[target_feature(enable = $features)]
         pub unsafe fn $name(
-            kind: super::qmatmul::WeightKind,
+            kind: super::quant::WeightKind,
             w: &[u8],
             dw: &[f32],
             mw: &[f32],
             a: [&Q8Row; 4],
             quad: &Quad,
         ) -> [f32; 4] {
-            use super::qmatmul::WeightKind;
+            use super::quant::WeightKind;
             let nb = a[0].d.len();
             let bytes = kind.block_bytes();
             assert!(

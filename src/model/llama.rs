@@ -368,7 +368,7 @@ fn silu_mul(gate: &mut [f32], up: &[f32], width: usize) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
     };
-    if gate.len() >= crate::kernels::qmatmul::PARALLEL_QUANT_VALUES {
+    if gate.len() >= crate::kernels::cpu::PARALLEL_QUANT_VALUES {
         crate::kernels::pool::for_chunks_mut(gate, width, |i, g| {
             row((g, &up[i * width..][..width]))
         });

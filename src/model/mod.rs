@@ -8,6 +8,7 @@ pub mod gguf;
 mod gguf_check;
 pub mod kv;
 pub mod llama;
+pub mod runner;
 pub mod synth;
 pub mod template;
 pub mod tokenizer;
@@ -19,6 +20,7 @@ use candle_core::Device;
 pub use gguf::{GgufFile, ModelConfig};
 pub use kv::KvPool;
 pub use llama::{KvCache, Llama, SeqInput};
+pub use runner::{LlamaRunner, ModelRunner};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
 

@@ -86,7 +86,8 @@ pub fn python_with_clients() -> PathBuf {
                 "anthropic",
                 "cloudflare",
                 "jsonschema",
-                "playwright",
+                // Pinned: it must speak the protocol of Debian's Chromium.
+                "playwright==1.65.2",
             ])
             .status();
         assert!(

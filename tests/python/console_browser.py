@@ -49,6 +49,8 @@ def send_and_watch(page, prompt):
             break
         time.sleep(0.02)
     text = reply.locator(".text").text_content() or ""
+    if lengths[-1] != len(text):  # the last pieces landed between the two reads above
+        lengths.append(len(text))
     return text, lengths
 
 

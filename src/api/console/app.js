@@ -87,25 +87,26 @@ function requestBody() {
   return body;
 }
 
-// Yields the JSON of each `data:` event of an SSE response until `[DONE]`.
+// Yields the JSON of each `data:` event of an SSE response until `[DONE]`; throws if the
+// stream ends without it (a node that died mid-reply), so a cut reply is never taken whole.
 async function* sseEvents(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
-    buf += decoder.decode(value, { stream: true });
+    if (done) throw new Error("the stream ended before the reply was complete");
+    // CRLF or CR line ends become LF (a trailing CR may be half of a CRLF: keep it).
+    buf = (buf + decoder.decode(value, { stream: true })).replace(/\r\n|\r(?!$)/g, "\n");
     let cut;
     while ((cut = buf.indexOf("\n\n")) >= 0) {
       const event = buf.slice(0, cut);
       buf = buf.slice(cut + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
-        yield JSON.parse(data);
-      }
+      const data = event.split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(l[5] === " " ? 6 : 5)).join("\n");
+      if (!data) continue; // a comment (keep-alive) or an empty event
+      if (data.trim() === "[DONE]") return;
+      yield JSON.parse(data);
     }
   }
 }
@@ -125,6 +126,7 @@ async function send(ev) {
   state.abort = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
+  $("reply-stats").textContent = "";
   const started = performance.now();
   let first = null, content = "", usage = null, finish = null;
   const calls = [];
@@ -155,7 +157,13 @@ async function send(ev) {
       $("transcript").scrollTop = $("transcript").scrollHeight;
     }
     const msg = { role: "assistant", content: content || null };
-    if (calls.length) msg.tool_calls = calls;
+    // Only whole calls go back into the conversation: arguments cut off by max_tokens
+    // would make every later request a 400.
+    const whole = calls.filter((c) => {
+      try { const a = JSON.parse(c.function.arguments); return a !== null && typeof a === "object" && !Array.isArray(a); } catch (_) { return false; }
+    });
+    if (whole.length) msg.tool_calls = whole;
+    if (!msg.content && !whole.length) msg.content = "";
     state.messages.push(msg);
     replyStats(started, first, usage, finish);
   } catch (e) {
@@ -296,9 +304,9 @@ function draw(id, series, fixedMax) {
 }
 
 async function refreshUsage() {
-  const { status, body } = await getJson("/v1/usage");
+  const { status, body } = await getJson("/v1/usage").catch(() => ({ status: "unreachable", body: null }));
   const tbody = $("usage").querySelector("tbody");
-  if (status !== 200 || !body) { $("usage-note").textContent = `usage: ${status}`; return; }
+  if (status !== 200 || !body || !Array.isArray(body.data)) { $("usage-note").textContent = `usage: ${status}`; return; }
   const byKey = new Map();
   for (const l of body.data) {
     const name = l.key_alias || (l.key_id ? l.key_id.slice(0, 12) + "…" : "(no key)");
@@ -324,9 +332,9 @@ async function refreshStatus() {
   const status = r ? (await r.json().catch(() => ({}))).status : "unreachable";
   badge.textContent = status || "?";
   badge.className = "badge " + (r && r.ok ? "ok" : "bad");
-  if (!state.model) {
-    const { status: code, body } = await getJson("/v1/models");
-    if (code === 200 && body.data && body.data[0]) {
+  if (!state.model && r) {
+    const { status: code, body } = await getJson("/v1/models").catch(() => ({ status: 0, body: null }));
+    if (code === 200 && body && Array.isArray(body.data) && body.data[0]) {
       state.model = body.data[0].id;
       $("model").textContent = `${state.model} · context ${body.data[0].context_length || "?"}`;
     }

@@ -1,0 +1,311 @@
+//! The engine loop against a fake model through the `ModelRunner` seam: no weights, so these
+//! run in milliseconds and can drive what a real model makes slow (chunked prefill under a
+//! small token budget, preemption in a small KV pool, prefix-cache reuse, failures).
+//!
+//! The fake's next token is a hash of every token its KV store holds for the sequence, read
+//! back through the block table the engine hands it. A wrong block table, a bad
+//! copy-on-write, a stale prefix-cache block or a lost preemption all change the output,
+//! which the tests compare with the same hash worked out from the request alone.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgeinfer::engine::core::{self, EngineConfig, EngineHandle};
+use edgeinfer::engine::request::{EndReport, Ending, Event, GenerationRequest, UsageSink};
+use edgeinfer::engine::sampler::SamplingParams;
+use edgeinfer::error::ModelError;
+use edgeinfer::model::runner::StepLogits;
+use edgeinfer::model::{GgufFile, ModelRunner, SeqInput, Tokenizer};
+
+const CONTEXT: usize = 4096;
+
+/// Word tokens the fake chooses from (they decode to plain text).
+fn script(tok: &Tokenizer) -> Vec<u32> {
+    tok.encode(
+        " one two three four five six seven eight nine ten red green blue sea sky",
+        false,
+    )
+    .unwrap()
+}
+
+fn next_token(history: &[u32], script: &[u32]) -> u32 {
+    let h = history.iter().fold(0xcbf29ce484222325u64, |h, &t| {
+        (h ^ t as u64).wrapping_mul(0x100000001b3)
+    });
+    script[(h % script.len() as u64) as usize]
+}
+
+#[derive(Default)]
+struct Log {
+    /// Tokens per forward call.
+    calls: Vec<usize>,
+}
+
+struct FakeModel {
+    vocab: usize,
+    script: Vec<u32>,
+    block_size: usize,
+    /// (block, row) -> token whose "keys and values" are there.
+    kv: HashMap<(u32, usize), u32>,
+    log: Arc<Mutex<Log>>,
+    /// The forward call (0-based) that fails, if any.
+    fail_call: Option<usize>,
+}
+
+impl ModelRunner for FakeModel {
+    fn context_length(&self) -> usize {
+        CONTEXT
+    }
+
+    fn allocate_kv(&mut self, block_size: usize, _n_blocks: usize) {
+        self.block_size = block_size;
+    }
+
+    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) {
+        for r in 0..rows {
+            match self.kv.get(&(src, r)).copied() {
+                Some(t) => self.kv.insert((dst, r), t),
+                None => self.kv.remove(&(dst, r)),
+            };
+        }
+    }
+
+    fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError> {
+        let call = {
+            let mut log = self.log.lock().unwrap();
+            log.calls.push(seqs.iter().map(|s| s.tokens.len()).sum());
+            log.calls.len() - 1
+        };
+        if self.fail_call == Some(call) {
+            return Err(ModelError::Tokenizer("injected failure".into()));
+        }
+        let bs = self.block_size;
+        let mut out = Vec::new();
+        for s in seqs {
+            assert!(
+                s.blocks.len() * bs >= s.start + s.tokens.len(),
+                "short block table"
+            );
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let p = s.start + i;
+                self.kv.insert((s.blocks[p / bs], p % bs), t);
+            }
+            if !s.logits {
+                out.push(None);
+                continue;
+            }
+            // Everything the sequence attends to, read back through its block table.
+            let end = s.start + s.tokens.len();
+            let history: Vec<u32> = (0..end)
+                .map(|p| {
+                    self.kv
+                        .get(&(s.blocks[p / bs], p % bs))
+                        .copied()
+                        .unwrap_or(u32::MAX)
+                })
+                .collect();
+            let mut logits = vec![0.0f32; self.vocab];
+            logits[next_token(&history, &self.script) as usize] = 10.0;
+            out.push(Some(logits));
+        }
+        Ok(out)
+    }
+}
+
+fn tokenizer() -> Tokenizer {
+    let f = GgufFile::open(&common::default_model_path()).unwrap();
+    Tokenizer::from_gguf(&f).unwrap()
+}
+
+fn start(
+    config: EngineConfig,
+    fail_call: Option<usize>,
+) -> (EngineHandle, Arc<Mutex<Log>>, Vec<u32>) {
+    let tok = tokenizer();
+    let log = Arc::new(Mutex::new(Log::default()));
+    let script = script(&tok);
+    let fake = FakeModel {
+        vocab: tok.vocab_size(),
+        script: script.clone(),
+        block_size: 0,
+        kv: HashMap::new(),
+        log: log.clone(),
+        fail_call,
+    };
+    (core::start(fake, tok, config), log, script)
+}
+
+fn config(max_batch_tokens: usize, kv_cache_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_batch_tokens,
+        kv_cache_tokens,
+        block_size: 16,
+        max_queue: 64,
+        prefix_cache: true,
+    }
+}
+
+type Ended = Arc<Mutex<Option<EndReport>>>;
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
+    let ended: Ended = Arc::default();
+    let sink = ended.clone();
+    let req = GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop: Vec::new(),
+        top_logprobs: 0,
+        logprobs: false,
+        request_id: "test".into(),
+        received: Instant::now(),
+        cache_prompt: true,
+        constraint: None,
+        on_end: Some(UsageSink::new(move |r| *sink.lock().unwrap() = Some(r))),
+    };
+    (req, ended)
+}
+
+/// What the fake must generate for `prompt`: the same hash over the growing history.
+fn expected(prompt: &[u32], n: usize, script: &[u32]) -> Vec<u32> {
+    let mut history = prompt.to_vec();
+    for _ in 0..n {
+        let t = next_token(&history, script);
+        history.push(t);
+    }
+    history[prompt.len()..].to_vec()
+}
+
+/// A prompt of `len` tokens: a shared head of `shared` tokens, then `tag`'s own.
+fn prompt(script: &[u32], shared: usize, len: usize, tag: u32) -> Vec<u32> {
+    (0..len)
+        .map(|i| {
+            let salt = if i < shared { 0 } else { tag as usize + 1 };
+            script[(i * 7 + salt * 3 + i / 5) % script.len()]
+        })
+        .collect()
+}
+
+fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Option<Event>) {
+    let mut text = String::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { text: t, .. } => text.push_str(&t),
+            end => return (text, Some(end)),
+        }
+    }
+    (text, None)
+}
+
+fn wait_idle(engine: &EngineHandle) {
+    let t = Instant::now();
+    while engine.in_flight() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the engine did not go idle"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
+    // 64 tokens a step forces chunked prefill; 20 blocks of 16 for 12 requests of up to
+    // ~150 positions forces preemption and recomputation.
+    let (engine, log, script) = start(config(64, 320), None);
+    let tok = tokenizer();
+    let mut jobs = Vec::new();
+    for tag in 0..12u32 {
+        let p = prompt(&script, 48, 60 + (tag as usize * 13) % 50, tag);
+        let n = 20 + (tag as usize * 7) % 30;
+        let (req, ended) = request(p.clone(), n);
+        let rx = engine.submit(req).expect("room");
+        jobs.push((p, n, ended, std::thread::spawn(move || collect(rx))));
+    }
+    let results: Vec<_> = jobs
+        .into_iter()
+        .map(|(p, n, ended, h)| (p, n, ended, h.join().unwrap()))
+        .collect();
+    wait_idle(&engine);
+    let mut cached_total = 0;
+    // Positions a run without preemption would compute: each prompt less its cached head,
+    // and each output token but the last fed back.
+    let mut needed = 0;
+    for (p, n, ended, (text, end)) in results {
+        let want = expected(&p, n, &script);
+        assert_eq!(text, tok.decode(&want).unwrap(), "prompt of {}", p.len());
+        match end {
+            Some(Event::Finished { usage, .. }) => {
+                assert_eq!(usage.prompt_tokens, p.len());
+                assert_eq!(usage.completion_tokens, n);
+                cached_total += usage.cached_tokens;
+                needed += p.len() - usage.cached_tokens + n - 1;
+            }
+            other => panic!("{other:?}"),
+        }
+        let report = ended.lock().unwrap().expect("on_end was called");
+        assert!(matches!(report.ending, Ending::Finished(_)));
+        assert_eq!(report.usage.completion_tokens, n);
+    }
+    let calls = log.lock().unwrap().calls.clone();
+    assert!(calls.iter().all(|&t| t <= 64), "{calls:?}");
+    assert!(
+        calls.iter().any(|&t| t > 8),
+        "prefill was batched: {calls:?}"
+    );
+    assert!(
+        cached_total >= 32,
+        "the shared head came from the prefix cache: {cached_total}"
+    );
+    let computed: usize = calls.iter().sum();
+    assert!(
+        computed > needed,
+        "the small pool made the engine preempt and recompute: {computed} vs {needed}"
+    );
+}
+
+#[test]
+fn a_failed_forward_fails_that_steps_requests_and_the_engine_goes_on() {
+    let (engine, _log, script) = start(config(512, 4096), Some(3));
+    let p = prompt(&script, 0, 30, 1);
+    let (req, ended) = request(p.clone(), 40);
+    let (text, end) = collect(engine.submit(req).unwrap());
+    assert!(
+        matches!(end, Some(Event::Failed(ref m)) if m.contains("injected failure")),
+        "{end:?}"
+    );
+    wait_idle(&engine);
+    let report = ended.lock().unwrap().expect("on_end was called");
+    assert_eq!(report.ending, Ending::Failed);
+    // Calls 0 (the prefill), 1 and 2 (decodes) each gave a token before call 3 failed.
+    assert_eq!(report.usage.completion_tokens, 3);
+    assert_eq!(text, tokenizer().decode(&expected(&p, 3, &script)).unwrap());
+    // The next request is served normally.
+    let (req, _) = request(p.clone(), 5);
+    let (text, end) = collect(engine.submit(req).unwrap());
+    assert!(matches!(end, Some(Event::Finished { .. })), "{end:?}");
+    assert_eq!(text, tokenizer().decode(&expected(&p, 5, &script)).unwrap());
+}
+
+#[test]
+fn a_client_that_leaves_mid_generation_is_freed_and_metered() {
+    let (engine, _log, script) = start(config(512, 4096), None);
+    let (req, ended) = request(prompt(&script, 0, 20, 2), 3000);
+    let mut rx = engine.submit(req).unwrap();
+    for _ in 0..5 {
+        assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
+    }
+    drop(rx);
+    wait_idle(&engine);
+    let report = ended.lock().unwrap().expect("on_end was called");
+    assert_eq!(report.ending, Ending::Cancelled);
+    assert!(report.usage.completion_tokens >= 5 && report.usage.completion_tokens < 3000);
+    assert_eq!(report.usage.prompt_tokens, 20);
+}
