@@ -314,7 +314,7 @@ def chat(port: int, session: str, messages: list, max_tokens: int, stream: bool,
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     rec = {"status": None, "error": None, "upstream": None, "lb_retries": None, "node": None,
-           "prompt_tokens": None, "cached_tokens": None, "completion_tokens": None,
+           "node_name": None, "prompt_tokens": None, "cached_tokens": None, "completion_tokens": None,
            "content": None}
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
@@ -325,6 +325,7 @@ def chat(port: int, session: str, messages: list, max_tokens: int, stream: bool,
         rec["upstream"] = resp.getheader("X-Upstream-Addr")
         rec["lb_retries"] = resp.getheader("X-Upstream-Retries")  # HAProxy's %rc
         rec["node"] = node_of(rec["upstream"])
+        rec["node_name"] = resp.getheader("X-Edgeinfer-Node")  # the node's own word
         if resp.status != 200:
             text = resp.read()[:300].decode(errors="replace")
             rec["error"] = f"HTTP {resp.status}: {text}"
@@ -533,6 +534,13 @@ def analyse(args, records: list[dict], sessions: list[Session], node_addrs: list
         reasons.append(f"(b) {len(moved_wrong)} session(s) moved for a reason other than the "
                        f"kill (see the moved sessions above): "
                        f"{', '.join(moved_wrong[:8])}{' ...' if len(moved_wrong) > 8 else ''}")
+    # The balancer's header and the node's own must agree on who answered.
+    disagree = [r for r in records if r["ok"] and r["node"] in node_addrs
+                and r["node_name"] != f"node{node_addrs.index(r['node']) + 1}"]
+    if disagree:
+        ex = disagree[0]
+        reasons.append(f"(d) {len(disagree)} answer(s) where X-Upstream-Addr and the node's "
+                       f"x-edgeinfer-node disagree, e.g. {ex['node']} vs {ex['node_name']}")
     last = per_turn[-1]["cache_hit_ratio"]
     if last is None or last <= 0.5:
         reasons.append(f"(c) prefix-cache hit ratio of the last turn is {last}, not > 0.5")
@@ -738,6 +746,7 @@ def main(argv=None) -> int:
             os.makedirs(ndir)
             argv_node = [binary, "serve", "--model", model, "--host", HOST, "--port", str(port),
                          "--threads", str(args.node_threads), "--data-dir", ndir,
+                         "--node-name", f"node{i + 1}",
                          "--db", os.path.join(ndir, "edgeinfer.db"), *args.node_arg]
             nodes.append(Child(f"node{i + 1}", argv_node,
                                os.path.join(workdir, f"node{i + 1}.log"), env=env))

@@ -210,6 +210,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_MODEL_ALIASES", value_delimiter = ',')]
     pub model_alias: Vec<String>,
 
+    /// This node's name, sent in every response's `x-edgeinfer-node` header so a client behind
+    /// a balancer sees which node answered. Defaults to the host name.
+    #[arg(long, env = "EDGEINFER_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Most sequences decoded together. More raises aggregate throughput (weights are read once
     /// per step for all of them) at the cost of each stream's speed and of KV memory.
     #[arg(long, env = "EDGEINFER_MAX_BATCH_SIZE", default_value_t = 16)]

@@ -279,6 +279,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             .then(|| std::time::Duration::from_secs(args.cache_ttl)),
         model_aliases: args.model_alias.clone(),
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
+        node_name: args.node_name.clone().unwrap_or_else(host_name),
     };
     let state = Arc::new(AppState::new(name, metrics, Arc::new(gateway), http));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
@@ -361,4 +362,13 @@ fn warm_up(llama: &edgeinfer::model::Llama) -> Result<()> {
         "warmed up (one prefill, one decode step)"
     );
     Ok(())
+}
+
+/// The host name (Linux), or "edgeinfer" where it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "edgeinfer".to_string())
 }

@@ -12,7 +12,10 @@ const MODEL: &str = "{model_name=\"SmolLM2-135M-Instruct.Q4_1\"}";
 
 #[test]
 fn vllm_metrics_are_there_from_start_up_and_scrapes_stay_fast_during_a_long_prefill() {
-    let s = Server::start(&[]);
+    let s = Server::start(&["--node-name", "node-a"]);
+    // Every response names the node, so a client behind a balancer sees who answered.
+    let r = ureq::get(&format!("{}/ready", s.base)).call().unwrap();
+    assert_eq!(r.header("x-edgeinfer-node"), Some("node-a"));
     let (_, text) = s.get("/metrics");
     for name in [
         "vllm:num_requests_waiting",

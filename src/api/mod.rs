@@ -79,6 +79,8 @@ pub struct AppState {
     /// The TTL of requests that send no `cf-aig-cache-ttl` (`None`: not cached).
     pub default_cache_ttl: Option<Duration>,
     pub stall_timeout: Duration,
+    /// `x-edgeinfer-node` (none when the name is not a valid header value).
+    node_header: Option<HeaderValue>,
 }
 
 /// The HTTP side's settings.
@@ -92,6 +94,8 @@ pub struct HttpConfig {
     pub model_aliases: Vec<String>,
     /// How long the engine may hold work without finishing a step before liveness fails.
     pub stall_timeout: Duration,
+    /// Sent in every response's `x-edgeinfer-node` header.
+    pub node_name: String,
 }
 
 impl AppState {
@@ -116,6 +120,7 @@ impl AppState {
             cache: ResponseCache::new(config.cache_max_bytes),
             default_cache_ttl: config.default_cache_ttl,
             stall_timeout: config.stall_timeout,
+            node_header: HeaderValue::from_str(&config.node_name).ok(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -233,7 +238,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(utility::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body::guard))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .layer(middleware::from_fn(surface_errors))
         .with_state(state)
 }
@@ -255,9 +260,13 @@ async fn surface_errors(req: Request, next: Next) -> Response {
     }
 }
 
-/// Honours or generates `x-request-id`, echoes it, and logs sizes, status and timing (never
+/// Honours or generates `x-request-id`, echoes it, names the node (`x-edgeinfer-node`), and logs sizes, status and timing (never
 /// bodies: prompts and completions stay private).
-async fn request_id(mut req: Request, next: Next) -> Response {
+async fn request_id(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let id = req
         .headers()
         .get("x-request-id")
@@ -285,6 +294,9 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         session_id = %session, metadata = %meta, "http request");
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(node) = &state.node_header {
+        resp.headers_mut().insert("x-edgeinfer-node", node.clone());
     }
     resp
 }
