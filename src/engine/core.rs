@@ -7,7 +7,7 @@
 //! are freed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::blocks::BlockManager;
 use super::constraint::TokenConstraint;
+use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
     EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, LogprobInfo,
     TokenLogprob, Usage, UsageSink,
@@ -61,38 +62,6 @@ pub struct EngineHandle {
     /// Positions the KV pool holds: no request may need more.
     pub kv_capacity: usize,
     heartbeat: Heartbeat,
-}
-
-/// The engine thread's pulse: when it last finished a step, or took work while idle (0 while
-/// it waits for work, which is not a stall).
-#[derive(Clone, Default)]
-struct Heartbeat(Arc<AtomicU64>);
-
-impl Heartbeat {
-    fn epoch() -> Instant {
-        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *EPOCH.get_or_init(Instant::now)
-    }
-
-    fn beat(&self) {
-        let ms = Self::epoch().elapsed().as_millis() as u64;
-        self.0.store(ms + 1, Ordering::Relaxed);
-    }
-
-    fn idle(&self) {
-        self.0.store(0, Ordering::Relaxed);
-    }
-
-    /// How long the engine has held work without going round its loop.
-    fn silent_for(&self) -> Duration {
-        match self.0.load(Ordering::Relaxed) {
-            0 => Duration::ZERO,
-            beat => {
-                let now = Self::epoch().elapsed().as_millis() as u64 + 1;
-                Duration::from_millis(now.saturating_sub(beat))
-            }
-        }
-    }
 }
 
 impl EngineHandle {
@@ -149,26 +118,6 @@ impl EngineHandle {
             std::future::pending::<()>().await;
         }
     }
-}
-
-/// A fault to inject for tests, from `EDGEINFER_FAULT`: `engine-panic-at-step=N` (the
-/// engine thread panics outside the forward pass at its N-th step) or
-/// `engine-stall-at-step=N` (it stops there, as a hung step would). Never set in production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    PanicAt(u64),
-    StallAt(u64),
-}
-
-fn injected_fault() -> Option<Fault> {
-    let spec = std::env::var("EDGEINFER_FAULT").ok()?;
-    let fault = if let Some(n) = spec.strip_prefix("engine-panic-at-step=") {
-        Fault::PanicAt(n.parse().ok()?)
-    } else {
-        Fault::StallAt(spec.strip_prefix("engine-stall-at-step=")?.parse().ok()?)
-    };
-    tracing::warn!(?fault, "EDGEINFER_FAULT: fault injection is on");
-    Some(fault)
 }
 
 /// Starts the engine thread over `model` (any [`ModelRunner`]: the CPU Llama, or a fake in
