@@ -41,13 +41,46 @@ pub enum Command {
     /// Write a random-weight GGUF of a real model's shape (for benchmarks and tests), with the
     /// default model's vocabulary, tokenizer and chat template.
     Synth(SynthArgs),
+    /// Check a backend (`--device`) against the CPU and measure it: logits agreement,
+    /// batching invariance, decode tok/s at several stream counts, prefill tok/s. Prints one
+    /// JSON object per check.
+    BackendCheck(BackendCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackendCheckArgs {
+    #[command(flatten)]
+    pub source: ModelArgs,
+    /// Compare the device's logits with the CPU's over a prompt and greedy steps (loads the
+    /// model twice: use a small file).
+    #[arg(long)]
+    pub compare: bool,
+    /// Check batching invariance on the device: prompts alone against packed together.
+    #[arg(long)]
+    pub invariance: bool,
+    /// Measure decode throughput at these stream counts (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub streams: Vec<usize>,
+    /// Prompt length before the timed decode steps.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Timed decode steps per stream count.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Measure prefill throughput of one prompt of this many tokens.
+    #[arg(long)]
+    pub prefill: Option<usize>,
 }
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
     /// llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or mistral-7b.
+    #[arg(long, required_unless_present = "vocab_only")]
+    pub shape: Option<String>,
+    /// Write only the donor's vocabulary, tokenizer and chat template, with no tensors: a
+    /// small donor (about 2 MiB) to carry to a machine that has no model.
     #[arg(long)]
-    pub shape: String,
+    pub vocab_only: bool,
     /// Write only this many layers (a small file with the real widths, e.g. for tests).
     #[arg(long)]
     pub layers: Option<usize>,
@@ -375,6 +408,40 @@ pub struct ModelArgs {
     /// embedded tokenizer is wrong or unsupported).
     #[arg(long, env = "EDGEINFER_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (GPU N; a build with the `cuda`
+    /// feature, see scripts/build_cuda.sh). On CUDA, weights and the KV cache live in GPU
+    /// memory and --kv-cache-tokens sizes the cache there.
+    #[arg(long, env = "EDGEINFER_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceChoice,
+}
+
+/// A `--device` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    match s {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+    }
 }
 
 #[derive(Debug, Args)]

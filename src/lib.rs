@@ -9,6 +9,7 @@
 //! ```
 //!
 //! Modules:
+//! - [`backend`]: the per-op work of a forward step on one device (CPU; CUDA with `--features cuda`).
 //! - [`model`]: GGUF loading, the Llama forward pass, tokenizer, detokenizer, chat template.
 //! - [`engine`]: sampling, stop strings, the generation loop.
 //! - [`hub`]: the model manifest and downloads (Hugging Face Hub, then fallbacks), checksums.
@@ -17,6 +18,7 @@
 //! - [`error`]: one error enum per layer.
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -8,9 +8,12 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use edgeinfer::config::{Cli, Command, GenerateArgs, PullArgs, ServeArgs};
+use edgeinfer::backend::Backend;
+use edgeinfer::config::{Cli, Command, DeviceChoice, GenerateArgs, PullArgs, ServeArgs};
 
 mod admin_cli;
+mod check_cli;
+use edgeinfer::engine::core::{self, EngineConfig};
 use edgeinfer::engine::generate::{generate, GenerateParams};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::hub::{self, Manifest};
@@ -71,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keys(cmd) => admin_cli::keys(cmd),
         Command::Usage(args) => admin_cli::usage(args),
         Command::Synth(args) => synth(args),
+        Command::BackendCheck(args) => check_cli::run(args),
         Command::Models => {
             let m = Manifest::builtin();
             for e in &m.models {
@@ -88,19 +92,25 @@ fn run(cli: Cli) -> Result<()> {
 
 fn synth(args: edgeinfer::config::SynthArgs) -> Result<()> {
     use edgeinfer::model::synth::{self, Quant, SynthSpec, SHAPES};
+    let donor = match &args.donor {
+        Some(p) => p.clone(),
+        None => resolve_model(None, &args.models_dir)?,
+    };
+    if args.vocab_only {
+        let bytes = synth::write_vocab_only(&args.out, &donor)?;
+        eprintln!("wrote {} ({bytes} bytes, no tensors)", args.out.display());
+        return Ok(());
+    }
     let names = || SHAPES.map(|s| s.name).join(", ");
-    let shape = synth::shape(&args.shape)
-        .with_context(|| format!("unknown --shape {}: known are {}", args.shape, names()))?;
+    let name = args.shape.as_deref().unwrap_or_default();
+    let shape = synth::shape(name)
+        .with_context(|| format!("unknown --shape {name}: known are {}", names()))?;
     let quant = Quant::parse(&args.quant).with_context(|| {
         format!(
             "unknown --quant {}: known are q4_k_m, q4_0, q8_0, f16",
             args.quant
         )
     })?;
-    let donor = match &args.donor {
-        Some(p) => p.clone(),
-        None => resolve_model(None, &args.models_dir)?,
-    };
     let started = std::time::Instant::now();
     let spec = SynthSpec {
         shape,
@@ -164,9 +174,49 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     // Bad flags are reported before minutes of model loading or downloading.
     sampling.validate()?;
     let path = resolve_model(args.source.model.as_deref(), &args.source.models_dir)?;
-    let device = candle_core::Device::Cpu;
-    let model = LoadedModel::load(&path, args.source.tokenizer.as_deref(), &device)
-        .with_context(|| format!("cannot load model {}", path.display()))?;
+    let tokenizer = args.source.tokenizer.as_deref();
+    match args.source.device {
+        DeviceChoice::Cpu => {
+            let model = LoadedModel::load(&path, tokenizer, &candle_core::Device::Cpu)
+                .with_context(|| format!("cannot load model {}", path.display()))?;
+            generate_on(&model, &args, sampling)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => {
+            let model = load_cuda(&path, tokenizer, n)?;
+            generate_on(&model, &args, sampling)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => Err(no_cuda()),
+    }
+}
+
+/// Loads `path` onto GPU `n`; the tensors are read on the host and uploaded.
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    path: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    n: usize,
+) -> Result<LoadedModel<edgeinfer::backend::cuda::Cuda>> {
+    let backend = edgeinfer::backend::cuda::Cuda::new(n)
+        .with_context(|| format!("cannot open CUDA device {n}"))?;
+    LoadedModel::load_on(path, tokenizer, &candle_core::Device::Cpu, backend)
+        .with_context(|| format!("cannot load model {} onto cuda:{n}", path.display()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this build has no CUDA backend: build it with `cargo build --release --features cuda` \
+         (scripts/build_cuda.sh sets up the toolkit)"
+    )
+}
+
+fn generate_on<B: Backend>(
+    model: &LoadedModel<B>,
+    args: &GenerateArgs,
+    sampling: SamplingParams,
+) -> Result<()> {
     let prompt_ids = if args.raw {
         model.tokenizer.encode(&args.prompt, true)?
     } else {
@@ -185,7 +235,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&model, &prompt_ids, &params, |piece| {
+    let out = generate(model, &prompt_ids, &params, |piece| {
         // A closed pipe (e.g. `| head`) is not an error worth a panic.
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
@@ -229,7 +279,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     use std::sync::Arc;
 
     use edgeinfer::api::{self, AppState, HttpConfig, Ready};
-    use edgeinfer::engine::core::{self, EngineConfig};
+
     use edgeinfer::gateway::price::PriceTable;
     use edgeinfer::gateway::{Gateway, GatewayConfig};
     use edgeinfer::structured::{Grammars, ToolFormat};
@@ -298,23 +348,40 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let model_arg = args.source.model.clone();
     let models_dir = args.source.models_dir.clone();
     let tokenizer = args.source.tokenizer.clone();
+    let device = args.source.device;
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let path = resolve_model(model_arg.as_deref(), &models_dir)?;
-        let model = LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
-            .with_context(|| format!("cannot load model {}", path.display()))?;
-        let context_length = model.llama.config.context_length;
-        let vocab_size = model.llama.config.vocab_size;
-        let tokenizer = Arc::new(model.tokenizer.clone());
-        let template = Arc::new(model.template);
+        let loaded = match device {
+            DeviceChoice::Cpu => {
+                let model =
+                    LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
+                        .with_context(|| format!("cannot load model {}", path.display()))?;
+                start_engine(model, engine_config, &path)?
+            }
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(n) => start_engine(
+                load_cuda(&path, tokenizer.as_deref(), n)?,
+                engine_config,
+                &path,
+            )?,
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(_) => return Err(no_cuda()),
+        };
+        let Started {
+            engine,
+            tokenizer,
+            template,
+            context_length,
+            vocab_size,
+        } = loaded;
+        let tokenizer = Arc::new(tokenizer);
+        let template = Arc::new(template);
         let grammars = Grammars::new(tokenizer.clone(), vocab_size)
             .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?;
         let (tool_format, native_tools) = ToolFormat::for_template(template.source());
         // Response-cache keys name the exact weights and template.
         let model_hash = hub::sha256_file(&path)?;
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
-        warm_up(&model.llama).with_context(|| format!("cannot run model {}", path.display()))?;
-        let runner = edgeinfer::model::LlamaRunner::new(model.llama);
-        let engine = core::start(runner, model.tokenizer, engine_config);
         let _ = loader_state.ready.set(Ready {
             engine,
             tokenizer,
@@ -350,14 +417,46 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// A model loaded, warmed up and handed to its engine thread.
+struct Started {
+    engine: core::EngineHandle,
+    tokenizer: edgeinfer::model::Tokenizer,
+    template: edgeinfer::model::ChatTemplate,
+    context_length: usize,
+    vocab_size: usize,
+}
+
+fn start_engine<B: Backend>(
+    model: LoadedModel<B>,
+    config: EngineConfig,
+    path: &Path,
+) -> Result<Started> {
+    let (context_length, vocab_size) = (
+        model.llama.config.context_length,
+        model.llama.config.vocab_size,
+    );
+    warm_up(&model.llama).with_context(|| format!("cannot run model {}", path.display()))?;
+    let runner = edgeinfer::model::LlamaRunner::new(model.llama);
+    let engine = core::start(runner, model.tokenizer.clone(), config)
+        .with_context(|| format!("cannot allocate the KV cache for {}", path.display()))?;
+    Ok(Started {
+        engine,
+        tokenizer: model.tokenizer,
+        template: model.template,
+        context_length,
+        vocab_size,
+    })
+}
+
 /// One short prefill and one decode step before the node says it is ready: the first pass
 /// touches every weight page and starts the compute pool, so the first client does not pay.
-fn warm_up(llama: &edgeinfer::model::Llama) -> Result<()> {
+fn warm_up<B: Backend>(llama: &edgeinfer::model::Llama<B>) -> Result<()> {
     let started = std::time::Instant::now();
     let mut cache = llama.new_cache();
     llama.forward(&[0; 8], &mut cache)?;
     llama.forward(&[0], &mut cache)?;
     tracing::info!(
+        backend = %llama.backend().name(),
         seconds = started.elapsed().as_secs_f64(),
         "warmed up (one prefill, one decode step)"
     );

@@ -60,17 +60,19 @@ impl ModelRunner for FakeModel {
         CONTEXT
     }
 
-    fn allocate_kv(&mut self, block_size: usize, _n_blocks: usize) {
+    fn allocate_kv(&mut self, block_size: usize, _n_blocks: usize) -> Result<(), ModelError> {
         self.block_size = block_size;
+        Ok(())
     }
 
-    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) {
+    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) -> Result<(), ModelError> {
         for r in 0..rows {
             match self.kv.get(&(src, r)).copied() {
                 Some(t) => self.kv.insert((dst, r), t),
                 None => self.kv.remove(&(dst, r)),
             };
         }
+        Ok(())
     }
 
     fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError> {
@@ -135,7 +137,7 @@ fn start(
         log: log.clone(),
         fail_call,
     };
-    (core::start(fake, tok, config), log, script)
+    (core::start(fake, tok, config).unwrap(), log, script)
 }
 
 fn config(max_batch_tokens: usize, kv_cache_tokens: usize) -> EngineConfig {

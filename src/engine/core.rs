@@ -126,9 +126,9 @@ pub fn start<M: ModelRunner>(
     mut model: M,
     tokenizer: Tokenizer,
     config: EngineConfig,
-) -> EngineHandle {
+) -> Result<EngineHandle, crate::error::ModelError> {
     let n_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
-    model.allocate_kv(config.block_size, n_blocks);
+    model.allocate_kv(config.block_size, n_blocks)?;
     let scheduler = Scheduler::new(
         SchedulerConfig {
             max_batch_size: config.max_batch_size,
@@ -171,14 +171,14 @@ pub fn start<M: ModelRunner>(
             }
         })
         .expect("the OS can start the engine thread");
-    EngineHandle {
+    Ok(EngineHandle {
         tx,
         in_flight,
         capacity,
         failed,
         kv_capacity: n_blocks * config.block_size,
         heartbeat,
-    }
+    })
 }
 
 struct Active {
@@ -373,9 +373,10 @@ impl<M: ModelRunner> Engine<M> {
     }
 
     fn run_step(&mut self, step: &Step) {
-        for c in &step.copies {
-            self.model.copy_kv(c.src, c.dst, c.rows);
-        }
+        let copied = step
+            .copies
+            .iter()
+            .try_for_each(|c| self.model.copy_kv(c.src, c.dst, c.rows));
         let inputs: Vec<SeqInput> = step
             .chunks
             .iter()
@@ -387,13 +388,15 @@ impl<M: ModelRunner> Engine<M> {
             })
             .collect();
         // A panic in the forward (a bug) must fail this step's requests, not kill the engine.
-        let forward =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.forward(&inputs)))
-                .unwrap_or_else(|_| {
-                    Err(crate::error::ModelError::Candle(candle_core::Error::Msg(
-                        "the forward pass panicked. This is a bug.".into(),
-                    )))
-                });
+        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copied?;
+            self.model.forward(&inputs)
+        }))
+        .unwrap_or_else(|_| {
+            Err(crate::error::ModelError::Candle(candle_core::Error::Msg(
+                "the forward pass panicked. This is a bug.".into(),
+            )))
+        });
         let outputs = match forward {
             Ok(o) => o,
             Err(e) => {

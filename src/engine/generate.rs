@@ -13,6 +13,7 @@ pub use super::request::FinishReason;
 use super::sampler::{Sampler, SamplingParams};
 use super::sequence::{OutputState, TokenOutcome};
 pub use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
@@ -43,8 +44,8 @@ pub struct GenerationOutput {
 }
 
 /// Generates from `prompt` (token ids), calling `on_text` with each new piece of text.
-pub fn generate(
-    model: &LoadedModel,
+pub fn generate<B: Backend>(
+    model: &LoadedModel<B>,
     prompt: &[u32],
     params: &GenerateParams,
     mut on_text: impl FnMut(&str),

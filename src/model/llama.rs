@@ -9,35 +9,33 @@ use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
-use super::kv::KvPool;
+use crate::backend::{Backend, Cpu, HeadShape, KvPool, StepPlan, StepSeq, WeightUse};
 use crate::error::ModelError;
-use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
-use crate::kernels::norm::rms_norm;
-use crate::kernels::qmatmul::{Activations, Linear};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+struct Layer<B: Backend> {
+    attn_norm: B::Norm,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    wo: B::Weight,
+    ffn_norm: B::Norm,
+    w_gate: B::Weight,
+    w_up: B::Weight,
+    w_down: B::Weight,
 }
 
-/// A loaded Llama-family model.
-pub struct Llama {
+/// A loaded Llama-family model on backend `B` (the CPU unless named).
+pub struct Llama<B: Backend = Cpu> {
     pub config: ModelConfig,
+    backend: B,
     /// Token embeddings, kept quantized; rows are dequantized on lookup. `None` when tied to
     /// the output matrix, which then serves both (one copy in memory).
-    embed: Option<Linear>,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    output: Linear,
+    embed: Option<B::Weight>,
+    layers: Vec<Layer<B>>,
+    norm: B::Norm,
+    output: B::Weight,
     rope: Rope,
 }
 
@@ -45,14 +43,14 @@ pub struct Llama {
 const SINGLE_BLOCK: usize = 64;
 
 /// One sequence's own KV memory (for the CLI and tests): a private pool that grows a block at
-/// a time. The server shares one [`KvPool`] between sequences instead.
-pub struct KvCache {
-    pool: KvPool,
+/// a time. The server shares one pool between sequences instead.
+pub struct KvCache<B: Backend = Cpu> {
+    pool: B::Kv,
     blocks: Vec<u32>,
     len: usize,
 }
 
-impl KvCache {
+impl<B: Backend> KvCache<B> {
     /// Number of positions cached.
     pub fn len(&self) -> usize {
         self.len
@@ -85,46 +83,65 @@ fn check_dims(name: &str, t: &QTensor, expected: &[usize]) -> Result<()> {
     Ok(())
 }
 
-impl Llama {
-    /// Loads the weights of `file` onto `device`. The config is read from its metadata.
+impl Llama<Cpu> {
+    /// Loads the weights of `file` for the CPU backend. `device` is where candle reads the
+    /// tensors (the CPU).
     pub fn load(file: &mut GgufFile, device: &Device) -> Result<Self> {
+        Self::load_on(file, device, Cpu)
+    }
+
+    /// A KV pool of `n_blocks` blocks of `block_size` positions for this model.
+    pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
+        let c = &self.config;
+        KvPool::new(c.n_layer, c.n_kv_head * c.head_dim, block_size, n_blocks)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads the weights of `file` onto `backend`. The config is read from its metadata;
+    /// candle reads the tensors on `device` and the backend takes them from there.
+    pub fn load_on(file: &mut GgufFile, device: &Device, backend: B) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         let c = &config;
+        let b = &backend;
         let vec = |file: &mut GgufFile, name: &str, len: usize| -> Result<Vec<f32>> {
             let t = file.tensor(name, device)?;
             check_dims(name, &t, &[len])?;
             Ok(t.dequantize(device)?.to_vec1::<f32>()?)
         };
-        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| -> Result<Linear> {
+        let norm = |file: &mut GgufFile, name: &str| -> Result<B::Norm> {
+            b.load_norm(vec(file, name, c.dim)?)
+        };
+        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| {
             let t = file.tensor(name, device)?;
             check_dims(name, &t, &[rows, cols])?;
-            Ok(Linear::from_qtensor(&t)?)
+            b.load_weight(&t, WeightUse::Matmul)
         };
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let embed = file.tensor("token_embd.weight", device)?;
         check_dims("token_embd.weight", &embed, &[c.vocab_size, c.dim])?;
         let (embed, output) = if c.tied_embeddings {
-            (None, Linear::from_qtensor(&embed)?)
+            (None, b.load_weight(&embed, WeightUse::Both)?)
         } else {
             let output = mat(file, "output.weight", c.vocab_size, c.dim)?;
-            (Some(Linear::from_qtensor(&embed)?), output)
+            (Some(b.load_weight(&embed, WeightUse::Embedding)?), output)
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
-                attn_norm: vec(file, &n("attn_norm"), c.dim)?,
+                attn_norm: norm(file, &n("attn_norm"))?,
                 wq: mat(file, &n("attn_q"), q_dim, c.dim)?,
                 wk: mat(file, &n("attn_k"), kv_dim, c.dim)?,
                 wv: mat(file, &n("attn_v"), kv_dim, c.dim)?,
                 wo: mat(file, &n("attn_output"), c.dim, q_dim)?,
-                ffn_norm: vec(file, &n("ffn_norm"), c.dim)?,
+                ffn_norm: norm(file, &n("ffn_norm"))?,
                 w_gate: mat(file, &n("ffn_gate"), c.ffn_dim, c.dim)?,
                 w_up: mat(file, &n("ffn_up"), c.ffn_dim, c.dim)?,
                 w_down: mat(file, &n("ffn_down"), c.dim, c.ffn_dim)?,
             });
         }
-        let norm = vec(file, "output_norm.weight", c.dim)?;
+        let norm = norm(file, "output_norm.weight")?;
         let freq_factors = if file.has_tensor("rope_freqs.weight") {
             Some(vec(file, "rope_freqs.weight", c.head_dim / 2)?)
         } else {
@@ -138,31 +155,45 @@ impl Llama {
             output,
             rope,
             config,
+            backend,
         })
     }
 
-    pub fn new_cache(&self) -> KvCache {
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A KV store of `n_blocks` blocks of `block_size` positions on this model's backend.
+    pub fn new_kv(&self, block_size: usize, n_blocks: usize) -> Result<B::Kv> {
+        let c = &self.config;
+        let stride = c.n_kv_head * c.head_dim;
+        self.backend
+            .alloc_kv(c.n_layer, stride, block_size, n_blocks)
+    }
+
+    /// Copies the first `rows` positions of block `src` into block `dst`.
+    pub fn copy_kv(&self, kv: &mut B::Kv, src: u32, dst: u32, rows: usize) -> Result<()> {
+        self.backend.copy_kv(kv, src, dst, rows)
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
         KvCache {
-            pool: self.new_pool(SINGLE_BLOCK, 0),
+            pool: self
+                .new_kv(SINGLE_BLOCK, 0)
+                .expect("an empty KV store needs no memory"),
             blocks: Vec::new(),
             len: 0,
         }
     }
 
-    /// A KV pool of `n_blocks` blocks of `block_size` positions for this model.
-    pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
-        let c = &self.config;
-        KvPool::new(c.n_layer, c.n_kv_head * c.head_dim, block_size, n_blocks)
-    }
-
     /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one
     /// (`vocab_size` values).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
         let needed = (cache.len + tokens.len()).div_ceil(SINGLE_BLOCK);
         if needed > cache.blocks.len() {
             let extra = needed - cache.blocks.len();
-            let first = cache.pool.n_blocks() as u32;
-            cache.pool.grow(extra);
+            let first = self.backend.kv_blocks(&cache.pool) as u32;
+            self.backend.grow_kv(&mut cache.pool, extra)?;
             cache.blocks.extend(first..first + extra as u32);
         }
         let seq = SeqInput {
@@ -185,9 +216,10 @@ impl Llama {
     pub fn forward_batch(
         &self,
         seqs: &[SeqInput],
-        pool: &mut KvPool,
+        pool: &mut B::Kv,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
+        let b = &self.backend;
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if n == 0 || seqs.iter().any(|s| s.tokens.is_empty()) {
             return Err(ModelError::Candle(candle_core::Error::Msg(
@@ -206,60 +238,51 @@ impl Llama {
             .iter()
             .flat_map(|s| s.start..s.start + s.tokens.len())
             .collect();
-        let rope = self.rope.table(&positions);
+        let mut row = 0;
+        let plan = StepPlan {
+            seqs: seqs
+                .iter()
+                .map(|s| {
+                    row += s.tokens.len();
+                    StepSeq {
+                        row: row - s.tokens.len(),
+                        len: s.tokens.len(),
+                        start: s.start,
+                        blocks: s.blocks.to_vec(),
+                    }
+                })
+                .collect(),
+            rows: n,
+            rope: self.rope.table(&positions),
+        };
+        let step = b.begin_step(pool, plan)?;
         let eps = c.norm_eps as f32;
-        let mut x = self
-            .embed
-            .as_ref()
-            .unwrap_or(&self.output)
-            .embedding(&tokens)?; // [n, dim]
-        let shape = AttentionShape {
+        let mut x = b.embed(self.embed.as_ref().unwrap_or(&self.output), &tokens)?; // [n, dim]
+        let shape = HeadShape {
             n_head: c.n_head,
             n_kv_head: c.n_kv_head,
             head_dim: c.head_dim,
         };
-        let kv_dim = c.n_kv_head * c.head_dim;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.attn_norm, eps);
-            let acts = Activations::new(&h, n); // quantized once for q, k and v
-                                                // [n, n_head * head_dim], [n, n_kv_head * head_dim] twice
-            let [mut q, mut k, v]: [Vec<f32>; 3] =
-                Linear::apply_many(&[&layer.wq, &layer.wk, &layer.wv], &acts)?
+            let h = b.rms_norm(&x, &layer.attn_norm, eps)?;
+            // [n, n_head * head_dim], [n, n_kv_head * head_dim] twice
+            let [mut q, mut k, v]: [B::Act; 3] = b
+                .matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?
+                .try_into()
+                .map_err(|_| bug("three products"))?;
+            b.rope(&mut q, &step, c.head_dim)?;
+            b.rope(&mut k, &step, c.head_dim)?;
+            b.kv_write(pool, l, &step, &k, &v)?;
+            let y = b.attention(&q, pool, l, &step, shape)?;
+            b.add(&mut x, &b.matmul(&layer.wo, &y)?)?;
+            let h = b.rms_norm(&x, &layer.ffn_norm, eps)?;
+            let [mut gate, up]: [B::Act; 2] =
+                b // [n, ffn_dim] each
+                    .matmul_many(&[&layer.w_gate, &layer.w_up], &h)?
                     .try_into()
-                    .expect("three products");
-            self.rope.apply(&mut q, &rope);
-            self.rope.apply(&mut k, &rope);
-            let mut row = 0;
-            for s in seqs {
-                for (i, pos) in (s.start..s.start + s.tokens.len()).enumerate() {
-                    let r = (row + i) * kv_dim;
-                    pool.write(l, s.blocks, pos, &k[r..r + kv_dim], &v[r..r + kv_dim]);
-                }
-                row += s.tokens.len();
-            }
-            let mut att = Vec::with_capacity(seqs.len());
-            let mut row = 0;
-            for s in seqs {
-                att.push(AttentionSeq {
-                    row,
-                    len: s.tokens.len(),
-                    start: s.start,
-                    kv: pool.view(l, s.blocks),
-                });
-                row += s.tokens.len();
-            }
-            let y = packed_attention(&q, &att, shape);
-            add(&mut x, &layer.wo.matmul(&y, n)?);
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.ffn_norm, eps);
-            let acts = Activations::new(&h, n);
-            let [mut gate, up]: [Vec<f32>; 2] = // [n, ffn_dim] each
-                Linear::apply_many(&[&layer.w_gate, &layer.w_up], &acts)?
-                    .try_into()
-                    .expect("two products");
-            silu_mul(&mut gate, &up, c.ffn_dim);
-            add(&mut x, &layer.w_down.matmul(&gate, n)?);
+                    .map_err(|_| bug("two products"))?;
+            b.silu_mul(&mut gate, &up)?;
+            b.add(&mut x, &b.matmul(&layer.w_down, &gate)?)?;
         }
         // The lm head runs only on the last row of sequences that want logits, all at once.
         let mut last_rows = Vec::new();
@@ -267,15 +290,15 @@ impl Llama {
         for s in seqs {
             end += s.tokens.len();
             if s.logits {
-                last_rows.extend_from_slice(&x[(end - 1) * c.dim..end * c.dim]);
+                last_rows.push(end - 1);
             }
         }
-        let wanted = last_rows.len() / c.dim;
-        let logits = if wanted > 0 {
-            rms_norm(&mut last_rows, &self.norm, eps);
-            self.output.matmul(&last_rows, wanted)?
-        } else {
+        let logits = if last_rows.is_empty() {
             Vec::new()
+        } else {
+            let last = b.select_rows(&x, &last_rows)?;
+            let last = b.rms_norm(&last, &self.norm, eps)?;
+            b.to_host(b.matmul(&self.output, &last)?)?
         };
         let mut rows = logits.chunks_exact(c.vocab_size.max(1));
         Ok(seqs
@@ -285,10 +308,10 @@ impl Llama {
     }
 }
 
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+fn bug(what: &str) -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(format!(
+        "the backend did not return {what}. This is a bug."
+    )))
 }
 
 /// Interleaved rotary position embedding (llama.cpp's "normal" mode), with angles computed as
@@ -331,23 +354,6 @@ impl Rope {
         }
         out
     }
-
-    /// Rotates `x` (`[n, heads * head_dim]`, row `i` at the position of `table`'s row `i`)
-    /// in place.
-    fn apply(&self, x: &mut [f32], table: &[(f32, f32)]) {
-        let half = self.head_dim / 2;
-        let n = table.len() / half;
-        let row_len = x.len() / n;
-        for (row, cos_sin) in x.chunks_exact_mut(row_len).zip(table.chunks_exact(half)) {
-            for head in row.chunks_exact_mut(self.head_dim) {
-                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(cos_sin) {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * cos - x1 * sin;
-                    pair[1] = x0 * sin + x1 * cos;
-                }
-            }
-        }
-    }
 }
 
 /// Index of the largest value (the first on ties).
@@ -359,20 +365,4 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// `gate = SiLU(gate) * up`, elementwise; rows in parallel when there are many.
-fn silu_mul(gate: &mut [f32], up: &[f32], width: usize) {
-    let row = |(g, u): (&mut [f32], &[f32])| {
-        for (g, u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    };
-    if gate.len() >= crate::kernels::cpu::PARALLEL_QUANT_VALUES {
-        crate::kernels::pool::for_chunks_mut(gate, width, |i, g| {
-            row((g, &up[i * width..][..width]))
-        });
-    } else {
-        gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
-    }
 }

@@ -3,10 +3,10 @@
 //! Knows candle, GGUF and text; never the scheduler or HTTP. Invariant: everything a model file
 //! implies (hyper-parameters, vocabulary, template, stop tokens) is read from the file itself.
 
+pub mod check;
 pub mod detok;
 pub mod gguf;
 mod gguf_check;
-pub mod kv;
 pub mod llama;
 pub mod runner;
 pub mod synth;
@@ -17,8 +17,10 @@ use std::path::Path;
 
 use candle_core::Device;
 
+use crate::backend::{Backend, Cpu};
+
+pub use crate::backend::KvPool;
 pub use gguf::{GgufFile, ModelConfig};
-pub use kv::KvPool;
 pub use llama::{KvCache, Llama, SeqInput};
 pub use runner::{LlamaRunner, ModelRunner};
 pub use template::{ChatTemplate, Message};
@@ -26,21 +28,36 @@ pub use tokenizer::Tokenizer;
 
 use crate::error::ModelError;
 
-/// Everything needed to turn messages into tokens and tokens into text, plus the weights.
-pub struct LoadedModel {
-    pub llama: Llama,
+/// Everything needed to turn messages into tokens and tokens into text, plus the weights on
+/// backend `B` (the CPU unless named).
+pub struct LoadedModel<B: Backend = Cpu> {
+    pub llama: Llama<B>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// True when the template came from the file, false for a built-in fallback.
     pub template_from_file: bool,
 }
 
-impl LoadedModel {
-    /// Loads `path`, with an optional `tokenizer.json` that replaces the GGUF vocabulary.
+impl LoadedModel<Cpu> {
+    /// Loads `path` for the CPU, with an optional `tokenizer.json` that replaces the GGUF
+    /// vocabulary.
     pub fn load(
         path: &Path,
         tokenizer_json: Option<&Path>,
         device: &Device,
+    ) -> Result<Self, ModelError> {
+        Self::load_on(path, tokenizer_json, device, Cpu)
+    }
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// Loads `path` onto `backend` (candle reads the file's tensors on `device`), with an
+    /// optional `tokenizer.json` that replaces the GGUF vocabulary.
+    pub fn load_on(
+        path: &Path,
+        tokenizer_json: Option<&Path>,
+        device: &Device,
+        backend: B,
     ) -> Result<Self, ModelError> {
         let mut file = GgufFile::open(path)?;
         // Config first: an unsupported architecture is reported before anything else.
@@ -50,7 +67,7 @@ impl LoadedModel {
             None => Tokenizer::from_gguf(&file)?,
         };
         let (template, template_from_file) = load_template(&file, &tokenizer)?;
-        let llama = Llama::load(&mut file, device)?;
+        let llama = Llama::load_on(&mut file, device, backend)?;
         // candle repacks Q4_K / Q6_K / Q8_0 weights for its tile kernels on their first
         // matmul: do it now, at load, so no request pays seconds for it.
         let started = std::time::Instant::now();

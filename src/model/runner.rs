@@ -1,10 +1,10 @@
 //! The seam between the engine and a model: [`ModelRunner`] runs one scheduler step (packed
 //! sequences, chunked prefill and decode together) over a paged KV store that the runner
-//! owns. The engine knows only this trait, so its loop can be tested with a fake model and a
-//! GPU backend can stand where [`LlamaRunner`] stands today.
+//! owns. The engine knows only this trait, so its loop can be tested with a fake model, and
+//! [`LlamaRunner`] runs on any [`Backend`] (the CPU, or CUDA with the `cuda` feature).
 
-use super::kv::KvPool;
 use super::llama::{Llama, SeqInput};
+use crate::backend::{Backend, Cpu};
 use crate::error::ModelError;
 
 /// One step's logits: for each sequence of the step, its last token's logits
@@ -17,49 +17,59 @@ pub trait ModelRunner: Send + 'static {
     fn context_length(&self) -> usize;
 
     /// Sets up the KV store: `n_blocks` blocks of `block_size` positions each. Called once,
-    /// before the first step; the engine's block manager hands out the block ids.
-    fn allocate_kv(&mut self, block_size: usize, n_blocks: usize);
+    /// before the first step; the engine's block manager hands out the block ids. Fails
+    /// when the device cannot hold it.
+    fn allocate_kv(&mut self, block_size: usize, n_blocks: usize) -> Result<(), ModelError>;
 
     /// Copies the first `rows` positions of block `src` into block `dst` (copy-on-write of
     /// a shared, partly filled prefix block).
-    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize);
+    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) -> Result<(), ModelError>;
 
     /// Runs one step: each sequence's `tokens` at positions `start..`, its KV through its
     /// block table. Writes their keys and values, and returns the logits asked for.
     fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError>;
 }
 
-/// The Llama / Mistral forward pass on the CPU kernels, with an f16 [`KvPool`].
-pub struct LlamaRunner {
-    llama: Llama,
-    pool: KvPool,
+/// The Llama / Mistral forward pass on backend `B`, with its KV store on the same backend.
+pub struct LlamaRunner<B: Backend = Cpu> {
+    llama: Llama<B>,
+    kv: Option<B::Kv>,
 }
 
-impl LlamaRunner {
-    pub fn new(llama: Llama) -> Self {
-        let pool = llama.new_pool(1, 0);
-        Self { llama, pool }
+impl<B: Backend> LlamaRunner<B> {
+    pub fn new(llama: Llama<B>) -> Self {
+        Self { llama, kv: None }
     }
 
-    pub fn llama(&self) -> &Llama {
+    pub fn llama(&self) -> &Llama<B> {
         &self.llama
     }
 }
 
-impl ModelRunner for LlamaRunner {
+fn unallocated() -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(
+        "the KV store is used before it is allocated. This is a bug.".into(),
+    ))
+}
+
+impl<B: Backend> ModelRunner for LlamaRunner<B> {
     fn context_length(&self) -> usize {
         self.llama.config.context_length
     }
 
-    fn allocate_kv(&mut self, block_size: usize, n_blocks: usize) {
-        self.pool = self.llama.new_pool(block_size, n_blocks);
+    fn allocate_kv(&mut self, block_size: usize, n_blocks: usize) -> Result<(), ModelError> {
+        self.kv = None; // the old store goes first: a GPU may not hold two
+        self.kv = Some(self.llama.new_kv(block_size, n_blocks)?);
+        Ok(())
     }
 
-    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) {
-        self.pool.copy_rows(src, dst, rows);
+    fn copy_kv(&mut self, src: u32, dst: u32, rows: usize) -> Result<(), ModelError> {
+        let kv = self.kv.as_mut().ok_or_else(unallocated)?;
+        self.llama.copy_kv(kv, src, dst, rows)
     }
 
     fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError> {
-        self.llama.forward_batch(seqs, &mut self.pool)
+        let kv = self.kv.as_mut().ok_or_else(unallocated)?;
+        self.llama.forward_batch(seqs, kv)
     }
 }

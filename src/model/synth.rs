@@ -308,6 +308,27 @@ pub fn write(out: &Path, spec: &SynthSpec, donor: &Path) -> Result<SynthReport, 
     })
 }
 
+/// Writes `donor`'s metadata (vocabulary, tokenizer, chat template and hyper-parameters) with
+/// no tensors: a small donor for [`write`]. Returns the bytes written.
+pub fn write_vocab_only(out: &Path, donor: &Path) -> Result<u64, ModelError> {
+    let donor = GgufFile::open(donor)?;
+    let mut meta: Vec<(&str, &Value)> = donor
+        .content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    meta.sort_by(|a, b| a.0.cmp(b.0));
+    let io = |source| ModelError::Open {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
+    candle_core::quantized::gguf_file::write(&mut f, &meta, &[])?;
+    std::io::Write::flush(&mut f).map_err(io)?;
+    Ok(std::fs::metadata(out).map_err(io)?.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
