@@ -10,7 +10,8 @@
 # driver on the machines we target (580.x) loads PTX up to ISA 9.0; a newer nvcc writes
 # PTX those drivers refuse. The driver library itself (libcuda.so.1) comes with the
 # driver, never with a toolkit, so the link uses a stub of it built here from the names
-# cudarc calls; the real one is loaded at run time on the GPU machine.
+# cudarc calls (each returns CUDA_ERROR_NO_DEVICE); the real one is loaded at run time on
+# the GPU machine.
 #
 # Then it runs `cargo build --release --features cuda` into target/cuda (its own target
 # folder, so the default CPU build is not rebuilt) for CUDA_COMPUTE_CAP (default 90:
@@ -62,7 +63,7 @@ if [ ! -e "$stub" ]; then
     (cd "$repo" && cargo fetch -q)
     sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19*/src/driver/sys/mod.rs' | sort | tail -1)
     grep -oE 'fn cu[A-Za-z0-9_]+\(' "$sys" | sed 's/^fn //; s/($//' | sort -u |
-        awk '{ print "void " $1 "(void) {}" }' >"$PREFIX/stubs/libcuda_stub.c"
+        awk '{ print "int " $1 "(void) { return 100; }" }' >"$PREFIX/stubs/libcuda_stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$PREFIX/stubs/libcuda_stub.c"
 fi
 t1=$(date +%s)

@@ -212,37 +212,91 @@ pub fn write(out: &Path, spec: &SynthSpec, donor: &Path) -> Result<SynthReport, 
         Quant::Q4KM => GgmlDType::Q4K,
         _ => matrix_type(q, "token_embd", 0, n_layers),
     };
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        (
+    // Every matrix is independent and seeded on its own: make them in parallel (an 8B
+    // file is minutes of quantizing on one core), then write them in this order.
+    struct Job {
+        name: String,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        scale: f32,
+        dtype: Option<GgmlDType>, // None: a norm vector
+    }
+    let matrix = |name: String, rows, cols, seed, scale, t| Job {
+        name,
+        rows,
+        cols,
+        seed,
+        scale,
+        dtype: Some(t),
+    };
+    let norm_job = |name: String, dim, seed| Job {
+        name,
+        rows: 1,
+        cols: dim,
+        seed,
+        scale: 0.0,
+        dtype: None,
+    };
+    let mut jobs = vec![
+        matrix(
             "token_embd.weight".into(),
-            random_matrix(vocab, s.dim, spec.seed, 1.0, embd_type)?,
+            vocab,
+            s.dim,
+            spec.seed,
+            1.0,
+            embd_type,
         ),
-        ("output_norm.weight".into(), norm(s.dim, spec.seed + 1)?),
+        norm_job("output_norm.weight".into(), s.dim, spec.seed + 1),
     ];
     if !s.tied {
         let t = matrix_type(q, "output", 0, n_layers);
-        tensors.push((
+        jobs.push(matrix(
             "output.weight".into(),
-            random_matrix(vocab, s.dim, spec.seed + 2, scale(s.dim), t)?,
+            vocab,
+            s.dim,
+            spec.seed + 2,
+            scale(s.dim),
+            t,
         ));
     }
     for l in 0..n_layers {
         let seed = spec.seed + 100 * (l as u64 + 1);
         let mat = |i: u64, name: &str, rows: usize, cols: usize| {
             let t = matrix_type(q, name, l, n_layers);
-            random_matrix(rows, cols, seed + i, scale(cols), t)
-                .map(|m| (format!("blk.{l}.{name}.weight"), m))
+            matrix(
+                format!("blk.{l}.{name}.weight"),
+                rows,
+                cols,
+                seed + i,
+                scale(cols),
+                t,
+            )
         };
-        tensors.push((format!("blk.{l}.attn_norm.weight"), norm(s.dim, seed)?));
-        tensors.push((format!("blk.{l}.ffn_norm.weight"), norm(s.dim, seed + 1)?));
-        tensors.push(mat(2, "attn_q", s.dim, s.dim)?);
-        tensors.push(mat(3, "attn_k", kv, s.dim)?);
-        tensors.push(mat(4, "attn_v", kv, s.dim)?);
-        tensors.push(mat(5, "attn_output", s.dim, s.dim)?);
-        tensors.push(mat(6, "ffn_gate", s.ffn, s.dim)?);
-        tensors.push(mat(7, "ffn_up", s.ffn, s.dim)?);
-        tensors.push(mat(8, "ffn_down", s.dim, s.ffn)?);
+        jobs.push(norm_job(format!("blk.{l}.attn_norm.weight"), s.dim, seed));
+        jobs.push(norm_job(
+            format!("blk.{l}.ffn_norm.weight"),
+            s.dim,
+            seed + 1,
+        ));
+        jobs.push(mat(2, "attn_q", s.dim, s.dim));
+        jobs.push(mat(3, "attn_k", kv, s.dim));
+        jobs.push(mat(4, "attn_v", kv, s.dim));
+        jobs.push(mat(5, "attn_output", s.dim, s.dim));
+        jobs.push(mat(6, "ffn_gate", s.ffn, s.dim));
+        jobs.push(mat(7, "ffn_up", s.ffn, s.dim));
+        jobs.push(mat(8, "ffn_down", s.dim, s.ffn));
     }
+    let tensors: Vec<(String, QTensor)> = jobs
+        .par_iter()
+        .map(|j| {
+            let t = match j.dtype {
+                Some(t) => random_matrix(j.rows, j.cols, j.seed, j.scale, t)?,
+                None => norm(j.cols, j.seed)?,
+            };
+            Ok((j.name.clone(), t))
+        })
+        .collect::<Result<_, ModelError>>()?;
     let a = "llama";
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
