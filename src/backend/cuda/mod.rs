@@ -318,7 +318,7 @@ impl Backend for Cuda {
         step: &CudaStep,
         shape: HeadShape,
     ) -> Result<Tensor> {
-        if shape.head_dim > MAX_HEAD_DIM || shape.n_head % shape.n_kv_head != 0 {
+        if shape.head_dim > MAX_HEAD_DIM || !shape.n_head.is_multiple_of(shape.n_kv_head) {
             return Err(ModelError::Candle(candle_core::Error::Msg(format!(
                 "the CUDA attention kernel takes head_dim <= {MAX_HEAD_DIM} and n_head a \
                  multiple of n_kv_head; this model has {} and {}/{}",
