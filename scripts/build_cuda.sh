@@ -3,6 +3,7 @@
 # system CUDA toolkit.
 #
 #   scripts/build_cuda.sh [extra cargo args...]
+#   SETUP_ONLY=1 scripts/build_cuda.sh      # only the toolkit
 #
 # It sets up a CUDA 13.0 toolkit from NVIDIA's Python wheels under $CUDA_PREFIX (default
 # /opt/edgeinfer-cuda, outside the repository): nvcc, the headers, CCCL, and the runtime,
@@ -67,6 +68,10 @@ if [ ! -e "$stub" ]; then
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$PREFIX/stubs/libcuda_stub.c"
 fi
 t1=$(date +%s)
+if [ -n "${SETUP_ONLY:-}" ]; then
+    echo "== toolkit set up in $PREFIX in $((t1 - t0)) s"
+    exit 0
+fi
 
 export CUDA_HOME CUDA_PATH="$CUDA_HOME" NVCC="$CUDA_HOME/bin/nvcc" CUDA_COMPUTE_CAP="$CAP"
 export PATH="$CUDA_HOME/bin:$PATH"

@@ -46,9 +46,9 @@ run() {
     # The CUDA 13 libraries candle links (cuBLAS, cuRAND, NVRTC, the runtime): from the
     # toolkit, or from a CUDA 13 PyTorch's wheels.
     local libs
-    libs=$(find / -xdev \( -name 'libcublas.so.13*' -o -name 'libnvrtc.so.13*' -o -name 'libcurand.so.10*' -o -name 'libcudart.so.13*' \) 2>/dev/null |
+    libs=$(find /usr /opt /lib /root /home \( -name 'libcublas.so.13*' -o -name 'libnvrtc.so.13*' -o -name 'libcurand.so.10*' -o -name 'libcudart.so.13*' \) 2>/dev/null |
         xargs -r -n1 dirname | sort -u | tr '\n' ':')
-    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    export LD_LIBRARY_PATH="${libs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
     local e="$work/edgeinfer"
     "$e" --version
