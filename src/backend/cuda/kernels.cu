@@ -85,7 +85,8 @@ extern "C" __global__ void paged_attention_f32(const float *q, const __half *kc,
 #pragma unroll
     for (int i = 0; i < PER_LANE; i++) {
         const int d = lane + 32 * i;
-        qr[i] = d < head_dim ? qh[d] * scale : 0.f;
+        // Rounded to f16 as the CPU kernel (and llama.cpp) does before the dot product.
+        qr[i] = d < head_dim ? __half2float(__float2half_rn(qh[d])) : 0.f;
         acc[i] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
@@ -101,9 +102,10 @@ extern "C" __global__ void paged_attention_f32(const float *q, const __half *kc,
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        s *= scale;
         const float m_new = fmaxf(m, s);
-        const float corr = __expf(m - m_new);
-        const float e = __expf(s - m_new);
+        const float corr = expf(m - m_new);
+        const float e = expf(s - m_new);
         l = l * corr + e;
 #pragma unroll
         for (int i = 0; i < PER_LANE; i++) {
@@ -127,12 +129,12 @@ extern "C" __global__ void paged_attention_f32(const float *q, const __half *kc,
     for (int w = 0; w < WARPS; w++) big = fmaxf(big, s_m[w]);
     float total = 0.f;
     for (int w = 0; w < WARPS; w++)
-        if (s_l[w] > 0.f) total += s_l[w] * __expf(s_m[w] - big);
+        if (s_l[w] > 0.f) total += s_l[w] * expf(s_m[w] - big);
     float *oh = out + ((long)row * n_head + head) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.f;
         for (int w = 0; w < WARPS; w++)
-            if (s_l[w] > 0.f) o += s_acc[w][d] * __expf(s_m[w] - big);
+            if (s_l[w] > 0.f) o += s_acc[w][d] * expf(s_m[w] - big);
         oh[d] = o / total;
     }
 }

@@ -7,7 +7,11 @@
 //! The scheduler, block manager, prefix cache and sampler are the CPU's, unchanged: this
 //! backend only does a step's arithmetic.
 
-use candle_core::cuda::cudarc::driver::{CudaSlice, DriverError, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
 use candle_core::op::BackpropOp;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Module, Storage, Tensor};
@@ -18,16 +22,14 @@ use crate::error::ModelError;
 use crate::kernels::qmatmul::Linear;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/edgeinfer_kernels.ptx"));
-const MODULE: &str = "edgeinfer";
 const MAX_HEAD_DIM: usize = 256;
 const THREADS: u32 = 256;
 
 /// Launches our kernel `$name` with `$cfg` and the arguments its signature in kernels.cu
 /// names, in order.
 macro_rules! launch {
-    ($self:ident, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
-        let func = $self.dev.get_or_load_custom_func($name, MODULE, PTX)?;
-        let mut b = func.builder();
+    ($self:ident, $name:ident, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let mut b = $self.stream.launch_builder(&$self.kernels.$name);
         $( b.arg($arg); )*
         // SAFETY: every call passes the arguments the kernel's signature names, with buffers
         // at least as long as the sizes it passes.
@@ -35,10 +37,27 @@ macro_rules! launch {
     }};
 }
 
+/// Our kernels, looked up once.
+struct Kernels {
+    rope_f32: CudaFunction,
+    kv_write_f32: CudaFunction,
+    kv_copy: CudaFunction,
+    paged_attention_f32: CudaFunction,
+}
+
 /// One NVIDIA GPU.
+///
+/// candle gives each thread its own stream (`per_thread_stream`), and the model is loaded on
+/// one thread and run on the engine thread: whatever the loading thread queues (weights,
+/// the zeroed KV pool) is waited for before the store is handed over ([`Backend::alloc_kv`]
+/// and [`Backend::grow_kv`] synchronize). Within a step every op runs on the engine
+/// thread's stream, in order.
 pub struct Cuda {
     device: Device,
     dev: CudaDevice,
+    /// The per-thread stream handle: launches go to the calling thread's stream.
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
     ordinal: usize,
 }
 
@@ -47,10 +66,20 @@ impl Cuda {
     pub fn new(ordinal: usize) -> Result<Self> {
         let device = Device::new_cuda(ordinal)?;
         let dev = device.as_cuda_device()?.clone();
-        dev.get_or_load_custom_func("rope_f32", MODULE, PTX)?;
+        let stream = dev.cuda_stream();
+        let module = stream.context().load_module(PTX.into()).map_err(driver)?;
+        let f = |name: &str| module.load_function(name).map_err(driver);
+        let kernels = Kernels {
+            rope_f32: f("rope_f32")?,
+            kv_write_f32: f("kv_write_f32")?,
+            kv_copy: f("kv_copy")?,
+            paged_attention_f32: f("paged_attention_f32")?,
+        };
         Ok(Self {
             device,
             dev,
+            stream,
+            kernels,
             ordinal,
         })
     }
@@ -164,6 +193,9 @@ impl Backend for Cuda {
         let layers = (0..n_layer)
             .map(|_| Ok((self.dev.alloc_zeros(len)?, self.dev.alloc_zeros(len)?)))
             .collect::<Result<_>>()?;
+        // The zeroing (and the weights' uploads before it) ran on this thread's stream; the
+        // engine thread's stream must not overtake them.
+        self.device.synchronize()?;
         Ok(CudaKv {
             layers,
             block_size,
@@ -189,6 +221,7 @@ impl Backend for Cuda {
             }
         }
         *kv = bigger;
+        self.device.synchronize()?;
         Ok(())
     }
 
@@ -205,12 +238,7 @@ impl Backend for Cuda {
         let at = |b: u32| (b as usize * kv.block_size * kv.stride) as i64;
         let (from, to, len) = (at(src), at(dst), (rows * kv.stride) as i64);
         for (k, v) in &mut kv.layers {
-            launch!(
-                self,
-                "kv_copy",
-                grid(len as usize),
-                [k, v, &from, &to, &len]
-            )?;
+            launch!(self, kv_copy, grid(len as usize), [k, v, &from, &to, &len])?;
         }
         Ok(())
     }
@@ -276,7 +304,7 @@ impl Backend for Cuda {
             let (r, h, d) = (rows as i32, heads as i32, head_dim as i32);
             launch!(
                 self,
-                "rope_f32",
+                rope_f32,
                 grid(rows * width / 2),
                 [&xs, &mut out, &step.rope, &r, &h, &d]
             )
@@ -302,7 +330,7 @@ impl Backend for Cuda {
                 let (ks, vs) = (ks.slice(koff..), vs.slice(voff..));
                 launch!(
                     self,
-                    "kv_write_f32",
+                    kv_write_f32,
                     cfg,
                     [&ks, &vs, kc, vc, &step.slots, &rows, &stride]
                 )
@@ -339,7 +367,7 @@ impl Backend for Cuda {
             let qs = qs.slice(off..);
             launch!(
                 self,
-                "paged_attention_f32",
+                paged_attention_f32,
                 cfg,
                 [
                     &qs,
