@@ -207,10 +207,6 @@ impl Backend for Cpu {
         })
     }
 
-    fn rows(&self, x: &Rows) -> usize {
-        x.n
-    }
-
     fn to_host(&self, x: Rows) -> Result<Vec<f32>> {
         Ok(x.data)
     }

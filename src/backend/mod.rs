@@ -138,8 +138,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// A new matrix of the given rows of `x`, in that order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
-    /// Row count of `x`.
-    fn rows(&self, x: &Self::Act) -> usize;
     /// `x` on the host, row-major.
     fn to_host(&self, x: Self::Act) -> Result<Vec<f32>>;
 }

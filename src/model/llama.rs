@@ -92,8 +92,8 @@ impl Llama<Cpu> {
 
     /// A KV pool of `n_blocks` blocks of `block_size` positions for this model.
     pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
-        let c = &self.config;
-        KvPool::new(c.n_layer, c.n_kv_head * c.head_dim, block_size, n_blocks)
+        self.new_kv(block_size, n_blocks)
+            .expect("the CPU's KV pool is plain host memory")
     }
 }
 

@@ -404,10 +404,6 @@ impl Backend for Cuda {
         Ok(x.index_select(&ids, 0)?)
     }
 
-    fn rows(&self, x: &Tensor) -> usize {
-        x.dims().first().copied().unwrap_or(0)
-    }
-
     fn to_host(&self, x: Tensor) -> Result<Vec<f32>> {
         Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
