@@ -9,6 +9,7 @@ use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
 use crate::kernels::cpu::PARALLEL_QUANT_VALUES;
 use crate::kernels::norm::rms_norm;
 use crate::kernels::qmatmul::{Activations, Linear};
+use crate::kernels::silu::silu_mul_row;
 
 /// The host CPU, with the thread pool of [`crate::kernels::pool`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -173,11 +174,7 @@ impl Backend for Cpu {
     fn silu_mul(&self, gate: &mut Rows, up: &Rows) -> Result<()> {
         let width = gate.width();
         let (gate, up) = (&mut gate.data, &up.data);
-        let row = |(g, u): (&mut [f32], &[f32])| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        };
+        let row = |(g, u): (&mut [f32], &[f32])| silu_mul_row(g, u);
         if gate.len() >= PARALLEL_QUANT_VALUES {
             crate::kernels::pool::for_chunks_mut(gate, width, |i, g| {
                 row((g, &up[i * width..][..width]))

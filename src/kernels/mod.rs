@@ -15,4 +15,5 @@ pub mod pool;
 pub mod qmatmul;
 pub mod qtile;
 pub mod quant;
+pub mod silu;
 pub mod x86;

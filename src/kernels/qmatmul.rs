@@ -66,6 +66,13 @@ impl QMatrix {
         }
     }
 
+    fn tiles(&self) -> Option<&QTiles> {
+        match &self.storage {
+            Storage::QTiles(t) => Some(t),
+            Storage::Blocks(_) => None,
+        }
+    }
+
     /// True when the matrix is stored in tiles.
     pub fn tiled(&self) -> bool {
         matches!(self.storage, Storage::QTiles(_))
@@ -112,19 +119,34 @@ impl QMatrix {
 
 /// `[n, rows]` from tiles, in parallel over tiles, two input rows per pass.
 fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
+    matmul_tiles_many(&[t], acts).pop().expect("one product")
+}
+
+/// The products of several tiled matrices with the same activations (q, k, v; gate, up) in
+/// one parallel loop over all their tiles. Returns one `[n, rows]` per matrix.
+fn matmul_tiles_many(ts: &[&QTiles], acts: &[Q8Row]) -> Vec<Vec<f32>> {
     struct Dst(*mut f32);
     // Safety: tasks write disjoint outputs (one tile's 16 per input row).
     unsafe impl Sync for Dst {}
-    let (rows, n) = (t.rows(), acts.len());
-    let mut out = vec![0f32; n * rows];
-    let dst = Dst(out.as_mut_ptr());
-    let tiles = rows / qtile::TILE;
-    let min_tiles = (48 * 1024 / t.tile(0).len()).max(1);
-    pool::for_ranges(tiles, pool::grain(tiles, min_tiles), |range| {
-        let dst = &dst;
-        for tile in range {
+    let n = acts.len();
+    let mut outs: Vec<Vec<f32>> = ts.iter().map(|t| vec![0f32; n * t.rows()]).collect();
+    let dsts: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
+    // (matrix, tile) pairs, matrix by matrix.
+    let units: Vec<(usize, usize)> = ts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| (0..t.rows() / qtile::TILE).map(move |tile| (i, tile)))
+        .collect();
+    let min_tiles = ts
+        .iter()
+        .map(|t| (48 * 1024 / t.tile(0).len()).max(1))
+        .min()
+        .unwrap_or(1);
+    pool::for_ranges(units.len(), pool::grain(units.len(), min_tiles), |range| {
+        for &(i, tile) in &units[range] {
+            let (t, dst, rows) = (ts[i], &dsts[i], ts[i].rows());
             for (g, pair) in acts.chunks(2).enumerate() {
-                // Safety: each (tile, input row) owns its 16 outputs.
+                // Safety: each (matrix, tile, input row) owns its 16 outputs.
                 let outs: [*mut f32; 2] = std::array::from_fn(|j| unsafe {
                     dst.0
                         .add((2 * g + j.min(pair.len() - 1)) * rows + tile * qtile::TILE)
@@ -134,7 +156,7 @@ fn matmul_tiles(t: &QTiles, acts: &[Q8Row]) -> Vec<f32> {
             }
         }
     });
-    out
+    outs
 }
 
 /// Activations quantized to Q8 (32-value blocks), with the four-row scale groups the SIMD
@@ -425,7 +447,8 @@ impl Linear {
     }
 
     /// The products of several layers reading the same activations (q, k, v; gate, up): one
-    /// parallel loop when all are repacked K-quant tiles, one per layer otherwise.
+    /// parallel loop when all are repacked K-quant tiles or all Q4_1 / Q8_0 tiles, one per layer
+    /// otherwise.
     pub fn apply_many(layers: &[&Linear], a: &Activations) -> candle_core::Result<Vec<Vec<f32>>> {
         let packed: Option<Vec<&KPacked>> = layers
             .iter()
@@ -434,8 +457,20 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        match packed {
-            Some(ms) if ms.len() > 1 => Ok(KPacked::matmul_many(&ms, a.q8k())),
+        if let Some(ms) = packed.filter(|ms| ms.len() > 1) {
+            return Ok(KPacked::matmul_many(&ms, a.q8k()));
+        }
+        let tiled: Option<Vec<&QTiles>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Native(m) => m.tiles(),
+                _ => None,
+            })
+            .collect();
+        match tiled {
+            Some(ts) if ts.len() > 1 && qtile::simd_available() => {
+                Ok(matmul_tiles_many(&ts, &a.q8().rows))
+            }
             _ => layers.iter().map(|l| l.apply(a)).collect(),
         }
     }

@@ -220,3 +220,32 @@ fn other_types_fall_back_to_candle() {
         assert!(matches!(lin, Linear::NativeK(_)), "{dtype:?}");
     }
 }
+
+#[test]
+fn simd_activation_quantization_is_bit_identical_to_portable() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut x: Vec<f32> = (0..1536).map(|_| rng.gen_range(-3.0..3.0)).collect();
+    // A zero block, and a block whose scaled values land on halves (ties go to even).
+    x[32..64].fill(0.0);
+    for (j, v) in x[64..96].iter_mut().enumerate() {
+        *v = if j == 0 { 127.0 } else { j as f32 - 15.5 };
+    }
+    x[96] = -1e-30;
+    let mut want = Q8Row::default();
+    quant::quantize_row_portable(&x, &mut want);
+    let mut got = Q8Row::default();
+    quant::quantize_row(&x, &mut got);
+    assert_eq!(got.qs, want.qs);
+    assert_eq!(got.d, want.d);
+    assert_eq!(got.s, want.s);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+        let mut fast = Q8Row::default();
+        unsafe { super::super::x86::quantize_row_avx512(&x, &mut fast) };
+        assert_eq!(fast.qs, want.qs);
+        assert_eq!(fast.d, want.d);
+        assert_eq!(fast.s, want.s);
+        // The half-way values really were ties.
+        assert_eq!(&want.qs[64..68], &[127, -14, -14, -12]);
+    }
+}

@@ -61,11 +61,24 @@ pub fn quantize_row(x: &[f32], out: &mut Q8Row) {
         unsafe fn fast(x: &[f32], out: &mut Q8Row) {
             quantize_row_impl(x, out)
         }
+        if super::x86::vnni_available() && x.len().is_multiple_of(QK) {
+            // Safety: `vnni_available` checked AVX-512F (and BW, which the AVX-512 CPUs we
+            // pick share with it; checked again there).
+            if is_x86_feature_detected!("avx512bw") {
+                return unsafe { super::x86::quantize_row_avx512(x, out) };
+            }
+        }
         if super::x86::available() {
             // Safety: the features were checked.
             return unsafe { fast(x, out) };
         }
     }
+    quantize_row_impl(x, out)
+}
+
+/// [`quantize_row`] in portable code (the reference the SIMD versions are tested against).
+#[cfg(test)]
+pub(crate) fn quantize_row_portable(x: &[f32], out: &mut Q8Row) {
     quantize_row_impl(x, out)
 }
 
