@@ -204,16 +204,21 @@ pub mod x86 {
                     let s = _mm512_mul_ps(mw, _mm512_set1_ps(acts[m].s[b]));
                     summs[m] = _mm512_add_ps(summs[m], s);
                 }
+                // High nibbles stay in place (16x their value), so no shift: their sums are
+                // 16x too and meet d/16. Both scalings are exact (powers of two, sums far
+                // below 2^24), so each FMA gets the same real product and the same bits.
+                let d16: [__m512; MT] =
+                    std::array::from_fn(|m| _mm512_mul_ps(d[m], _mm512_set1_ps(0.0625)));
                 for g in 0..4 {
                     let w = _mm512_loadu_si512(blk.add(64 * g) as *const _);
                     let lo = _mm512_and_si512(w, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+                    let hi = _mm512_andnot_si512(m4, w);
                     for m in 0..MT {
                         let il = _mm512_dpbusd_epi32(zero, lo, bc(x[m].add(4 * g)));
                         acc[m][g] = _mm512_fmadd_ps(d[m], _mm512_cvtepi32_ps(il), acc[m][g]);
                         let ih = _mm512_dpbusd_epi32(zero, hi, bc(x[m].add(16 + 4 * g)));
                         acc[m][g + 4] =
-                            _mm512_fmadd_ps(d[m], _mm512_cvtepi32_ps(ih), acc[m][g + 4]);
+                            _mm512_fmadd_ps(d16[m], _mm512_cvtepi32_ps(ih), acc[m][g + 4]);
                     }
                 }
             }
