@@ -19,3 +19,7 @@ criterion_group!(
     structured::bench
 );
 criterion_main!(benches);
+
+/// The binary's allocator, so the forward benches allocate as `edgeinfer` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -246,6 +246,24 @@ fn the_plan_covers_every_row_and_head_once() {
         }
         assert_eq!(seen.len(), lens.iter().sum::<usize>() * 9, "{lens:?}");
     }
+    // One decoding sequence: its three groups stay whole when there are enough tasks for the
+    // threads; a single KV head (MQA) is split by heads so every core works.
+    let one = [AttentionSeq {
+        row: 0,
+        len: 1,
+        start: 3,
+        kv,
+    }];
+    let threads = crate::kernels::pool::threads();
+    if threads <= 3 {
+        assert!(plan(&one, shape).iter().all(|t| t.heads.len() == 3));
+    }
+    let mqa = AttentionShape {
+        n_head: 8,
+        n_kv_head: 1,
+        head_dim: 8,
+    };
+    assert_eq!(plan(&one, mqa).len(), threads.min(8));
 }
 
 /// Plain two-pass softmax attention in f64 over the same (f16) inputs.
