@@ -292,7 +292,9 @@ fn accumulate_from_cache(scores: &[f32], scale: f32, acc: &mut [f32], kv: KvView
 
 /// Online softmax over `scores` (times `scale`) weighting the values `value(j)`, with the
 /// accumulator rounded to f16 after every update as llama.cpp's flash attention keeps it.
-/// Leaves the normalised output in `acc`.
+/// Leaves the normalised output in `acc`. The exponentials are the C library's `expf`, as
+/// llama.cpp's: our vectorised one ([`super::silu`], about one ulp away) flipped a clear step
+/// of the parity test here (measured 2026-12-03), while SwiGLU's use of it did not.
 #[inline(always)]
 fn softmax_accumulate(
     scores: &[f32],
