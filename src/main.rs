@@ -2,12 +2,6 @@
 //! subcommand. Errors are printed as one clear message with a non-zero exit, never a panic.
 
 use std::io::Write;
-
-/// mimalloc instead of glibc's allocator: a forward pass allocates a few kilobytes per op,
-/// which in glibc triggers fastbin consolidation on nearly every large request (measured: 3%
-/// of a decode step's samples in malloc, free and consolidation). TEI makes the same choice.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -24,6 +18,12 @@ use edgeinfer::engine::generate::{generate, GenerateParams};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::hub::{self, Manifest};
 use edgeinfer::model::{LoadedModel, Message};
+
+/// mimalloc instead of glibc's allocator: a forward pass allocates a few kilobytes per op,
+/// which in glibc triggers fastbin consolidation on nearly every large request (measured: 3%
+/// of a decode step's samples in malloc, free and consolidation). TEI makes the same choice.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();

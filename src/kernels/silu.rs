@@ -2,11 +2,12 @@
 //! time where the CPU has it, the same operations in scalar code elsewhere, so both give the
 //! same bits (every step is an IEEE operation or fused multiply-add done the same way).
 //!
-//! `exp(z)`: `z` clamped to `[-87, 88]` (the results stay normal floats; `silu` is already
-//! `-0` or `x` to f32 precision beyond), `n = round(z · log2 e)`, `r = z - n·ln 2` in two
-//! steps (Cody-Waite), `e^r` by its degree-7 Taylor polynomial (|r| ≤ ln 2 / 2: truncation
-//! below 1e-8 relative), times `2^n` built from its exponent bits. About one ulp from the
-//! correctly rounded value, as llama.cpp's own vectorised SiLU is.
+//! `exp(z)`: infinity above 88 (so `silu` is `-0` there, as with the library `exp`), `z`
+//! raised to -87 below (the result stays a normal float; `silu` is `x` to f32 precision
+//! there anyway), `n = round(z · log2 e)`, `r = z - n·ln 2` in two steps (Cody-Waite), `e^r`
+//! by its degree-7 Taylor polynomial (|r| ≤ ln 2 / 2: truncation below 1e-8 relative), times
+//! `2^n` built from its exponent bits. About one ulp from the correctly rounded value, as
+//! llama.cpp's own vectorised SiLU is.
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -28,7 +29,10 @@ const C: [f32; 8] = [
 /// `e^z` (see the module notes), scalar.
 #[inline(always)]
 fn exp(z: f32) -> f32 {
-    let z = z.clamp(Z_MIN, Z_MAX);
+    if z > Z_MAX {
+        return f32::INFINITY;
+    }
+    let z = z.max(Z_MIN);
     let n = (z * LOG2E).round_ties_even();
     let r = (-n).mul_add(LN2_HI, z);
     let r = (-n).mul_add(LN2_LO, r);
@@ -42,13 +46,25 @@ fn exp(z: f32) -> f32 {
 /// `gate[i] = silu(gate[i]) * up[i]`, where `silu(x) = x / (1 + e^-x)`.
 pub fn silu_mul_row(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::kpack::simd_available() {
-        // Safety: `simd_available` checked AVX-512F (with FMA).
-        done = unsafe { x86::silu_mul(gate, up) };
+    {
+        if super::kpack::simd_available() {
+            // Safety: `simd_available` checked AVX-512F and FMA.
+            let done = unsafe { x86::silu_mul(gate, up) };
+            return unsafe { x86::scalar_fma(&mut gate[done..], &up[done..]) };
+        }
+        if super::x86::available() {
+            // Safety: `available` checked FMA.
+            return unsafe { x86::scalar_fma(gate, up) };
+        }
     }
-    for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
+    scalar(gate, up)
+}
+
+/// The scalar loop (the vector code's tail, or every value without AVX-512).
+#[inline(always)]
+fn scalar(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + exp(-*g)) * u;
     }
 }
@@ -58,9 +74,20 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// [`super::scalar`] with `mul_add` as one instruction instead of a library call (the
+    /// same correctly rounded result).
+    ///
+    /// # Safety
+    /// The CPU must support FMA.
+    #[target_feature(enable = "fma")]
+    pub unsafe fn scalar_fma(gate: &mut [f32], up: &[f32]) {
+        scalar(gate, up)
+    }
+
     /// Sixteen lanes of [`super::exp`].
     #[inline(always)]
     unsafe fn exp16(z: __m512) -> __m512 {
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_set1_ps(Z_MAX));
         let z = _mm512_min_ps(
             _mm512_max_ps(z, _mm512_set1_ps(Z_MIN)),
             _mm512_set1_ps(Z_MAX),
@@ -78,7 +105,8 @@ mod x86 {
             _mm512_cvtps_epi32(n),
             _mm512_set1_epi32(127),
         ));
-        _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
+        let e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+        _mm512_mask_blend_ps(big, e, _mm512_set1_ps(f32::INFINITY))
     }
 
     /// The whole sixteens of `gate`; returns how many values it did.
@@ -118,7 +146,7 @@ mod tests {
             "worst relative error {worst}"
         );
         assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+        assert!(exp(-1000.0) > 0.0 && exp(1000.0) == f32::INFINITY);
     }
 
     #[test]
@@ -126,7 +154,7 @@ mod tests {
         let n = 16 * 40 + 7;
         let gate: Vec<f32> = (0..n)
             .map(|i| ((i as f32) * 0.37).sin() * 12.0 + if i == 5 { 200.0 } else { 0.0 })
-            .chain([-200.0, 1e-30, -0.0])
+            .chain([-200.0, 1e-30, -0.0, -3.0e38, 95.0])
             .collect();
         let up: Vec<f32> = (0..gate.len()).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut fast = gate.clone();

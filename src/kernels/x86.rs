@@ -1,6 +1,7 @@
 //! AVX2 block dot products (chosen at run time), bit-identical to the portable ones in
 //! [`super::quant`]: the integer lane sums are exact, and the float steps (scale products, one
-//! FMA per lane per block, the final horizontal sum) happen in the same order.
+//! FMA per lane per block, the final horizontal sum) happen in the same order. Also the
+//! AVX-512 activation quantization.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -279,7 +280,9 @@ pub fn vnni_available() -> bool {
 /// [`super::quant::quantize_row`] with AVX-512: a block's 32 values in two registers, the
 /// largest magnitude by vector max, `round(x * id)` by one conversion (the default rounding
 /// mode is half to even), the sum by a vector reduction. The same bytes and scales as the
-/// portable code (every step is exact or the same IEEE operation).
+/// portable code (every step is exact or the same IEEE operation); a block holding a NaN or
+/// an infinity, or so small that `127 / amax` overflows, goes through the portable code,
+/// whose saturating conversions the vector ones do not share.
 ///
 /// # Safety
 /// The CPU must support AVX-512F and BW; `x.len()` is a multiple of 32.
@@ -292,14 +295,27 @@ pub unsafe fn quantize_row_avx512(x: &[f32], out: &mut Q8Row) {
     out.qs.clear();
     out.qs.resize(x.len(), 0);
     let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+    let mut odd = Q8Row::default();
     for b in 0..nb {
         let p = x.as_ptr().add(b * QK);
         let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
         let a0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask));
         let a1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), abs_mask));
+        // Infinities and NaNs (whose magnitudes compare unordered or infinite) show in amax.
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a0, a1);
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        if nan != 0 || !amax.is_finite() || !id.is_finite() {
+            odd.qs.clear();
+            odd.d.clear();
+            odd.s.clear();
+            super::quant::quantize_block(&x[b * QK..][..QK], &mut odd);
+            std::ptr::copy_nonoverlapping(odd.qs.as_ptr(), out.qs.as_mut_ptr().add(b * QK), QK);
+            out.d.push(odd.d[0]);
+            out.s.push(odd.s[0]);
+            continue;
+        }
         let vid = _mm512_set1_ps(id);
         let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
         let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
