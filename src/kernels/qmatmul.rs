@@ -75,7 +75,7 @@ impl QMatrix {
 
     /// True when the matrix is stored in tiles.
     pub fn tiled(&self) -> bool {
-        matches!(self.storage, Storage::QTiles(_))
+        self.tiles().is_some()
     }
 
     /// `x`: `[n, cols]` row-major. Returns `[n, rows]`.

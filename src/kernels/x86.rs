@@ -293,9 +293,8 @@ pub unsafe fn quantize_row_avx512(x: &[f32], out: &mut Q8Row) {
     out.d.clear();
     out.s.clear();
     out.qs.clear();
-    out.qs.resize(x.len(), 0);
+    out.qs.reserve(x.len());
     let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
-    let mut odd = Q8Row::default();
     for b in 0..nb {
         let p = x.as_ptr().add(b * QK);
         let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
@@ -307,22 +306,18 @@ pub unsafe fn quantize_row_avx512(x: &[f32], out: &mut Q8Row) {
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         if nan != 0 || !amax.is_finite() || !id.is_finite() {
-            odd.qs.clear();
-            odd.d.clear();
-            odd.s.clear();
-            super::quant::quantize_block(&x[b * QK..][..QK], &mut odd);
-            std::ptr::copy_nonoverlapping(odd.qs.as_ptr(), out.qs.as_mut_ptr().add(b * QK), QK);
-            out.d.push(odd.d[0]);
-            out.s.push(odd.s[0]);
+            super::quant::quantize_block(&x[b * QK..][..QK], out);
             continue;
         }
         let vid = _mm512_set1_ps(id);
         let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
         let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        // Into the reserved capacity: blocks `0..b` are written, so `len == b * QK`.
         let dst = out.qs.as_mut_ptr().add(b * QK);
         _mm_storeu_si128(dst as *mut __m128i, _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128(dst.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+        out.qs.set_len((b + 1) * QK);
         out.d.push(f16::from_f32(d).to_f32());
         out.s.push(f16::from_f32(d * sum as f32).to_f32());
     }
