@@ -144,6 +144,27 @@ fn plan(seqs: &[AttentionSeq], shape: AttentionShape) -> Vec<Task> {
         tasks[i] = a;
         tasks.push(b);
     }
+    // Decoding, when the groups do not divide evenly among the threads (SmolLM2's 3 KV heads
+    // on 2 threads), the last group with several heads is halved: the threads then end within
+    // a head of each other instead of one waiting out a whole group (5 heads against 6 on the
+    // slower thread, for one extra key transpose; measured 1.01x at 128 tokens, 1.04x at 500).
+    if tasks.len() < want
+        && !tasks.len().is_multiple_of(threads)
+        && tasks.iter().all(|t| t.rows.len() == 1)
+    {
+        if let Some(i) = tasks.iter().rposition(|t| t.heads.len() > 1) {
+            let t = tasks[i].clone();
+            let mid = t.heads.start + t.heads.len().div_ceil(2);
+            tasks[i] = Task {
+                heads: t.heads.start..mid,
+                ..t.clone()
+            };
+            tasks.push(Task {
+                heads: mid..t.heads.end,
+                ..t
+            });
+        }
+    }
     tasks
 }
 
