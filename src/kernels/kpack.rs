@@ -179,8 +179,7 @@ impl KPacked {
             .min()
             .unwrap_or(1);
         let kernel = Kernel::choose();
-        let grain = super::pool::grain(units.len(), min_tiles);
-        super::pool::for_ranges(units.len(), grain, |range| {
+        super::pool::for_ranges_guided(units.len(), min_tiles, |range| {
             for &(i, t) in &units[range] {
                 let (m, dst) = (ms[i], &dsts[i]);
                 let rows = kernel.rows_per_pass();

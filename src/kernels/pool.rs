@@ -140,18 +140,36 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     pool.run(n, &f);
 }
 
-/// Units per task for `units` units of work: at least `min` (enough work to pay for a task),
-/// and few enough tasks (about eight per thread) that claiming them costs little.
-pub fn grain(units: usize, min: usize) -> usize {
-    min.max(units.div_ceil(8 * threads())).max(1)
-}
-
-/// Runs `f` over consecutive ranges of `0..units`, `grain` units each (the last may be
-/// shorter), in parallel.
-pub fn for_ranges(units: usize, grain: usize, f: impl Fn(Range<usize>) + Sync) {
-    let grain = grain.max(1);
-    for_each(units.div_ceil(grain), |t| {
-        f(t * grain..((t + 1) * grain).min(units))
+/// Runs `f` over consecutive ranges that cover `0..units` once, in parallel, claimed as in
+/// OpenMP's guided schedule: each claim takes a share of what is left (`1 / (2 * threads)`)
+/// and at least `min` units. Ranges start long, so each thread streams through memory with
+/// few claims, and end short, so the threads finish within about `min` units of each other
+/// (fixed ranges of an eighth per thread left one thread waiting out half a range on
+/// average at every loop's end: guided decodes the default model 1.03x faster, median of 12
+/// interleaved pairs).
+pub fn for_ranges_guided(units: usize, min: usize, f: impl Fn(Range<usize>) + Sync) {
+    let min = min.max(1);
+    if units == 0 {
+        return;
+    }
+    let t = threads();
+    if units <= min || t == 1 {
+        return f(0..units);
+    }
+    let next = AtomicUsize::new(0);
+    for_each(t, |_| loop {
+        let mut cur = next.load(Relaxed);
+        let range = loop {
+            if cur >= units {
+                return;
+            }
+            let end = (cur + ((units - cur) / (2 * t)).max(min)).min(units);
+            match next.compare_exchange_weak(cur, end, Relaxed, Relaxed) {
+                Ok(_) => break cur..end,
+                Err(now) => cur = now,
+            }
+        };
+        f(range);
     });
 }
 
@@ -331,11 +349,21 @@ mod tests {
             assert_eq!(inner.load(Relaxed), 5);
         });
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32));
-        let sum = AtomicUsize::new(0);
-        for_ranges(103, 10, |r| {
-            sum.fetch_add(r.sum::<usize>(), Relaxed);
-        });
-        assert_eq!(sum.load(Relaxed), (0..103).sum::<usize>());
+        // Guided ranges cover every unit once, long ranges first, none below `min` but the last.
+        for (units, min) in [(0, 1), (1, 4), (5, 10), (103, 1), (3072, 24), (1000, 7)] {
+            let hits: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
+            let short = AtomicUsize::new(0);
+            for_ranges_guided(units, min, |r| {
+                if r.len() < min && r.end != units {
+                    short.fetch_add(1, Relaxed);
+                }
+                r.for_each(|i| {
+                    hits[i].fetch_add(1, Relaxed);
+                });
+            });
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "{units} units");
+            assert_eq!(short.load(Relaxed), 0, "{units} units");
+        }
     }
 
     #[test]

@@ -142,7 +142,7 @@ fn matmul_tiles_many(ts: &[&QTiles], acts: &[Q8Row]) -> Vec<Vec<f32>> {
         .map(|t| (48 * 1024 / t.tile(0).len()).max(1))
         .min()
         .unwrap_or(1);
-    pool::for_ranges(units.len(), pool::grain(units.len(), min_tiles), |range| {
+    pool::for_ranges_guided(units.len(), min_tiles, |range| {
         for &(i, tile) in &units[range] {
             let (t, dst, rows) = (ts[i], &dsts[i], ts[i].rows());
             for (g, pair) in acts.chunks(2).enumerate() {
