@@ -50,6 +50,44 @@ fn greedy_picks_argmax_and_lowest_on_ties() {
 }
 
 #[test]
+fn vectorised_argmax_matches_the_plain_loop() {
+    use rand::{Rng, SeedableRng};
+    // The one-compare-at-a-time loop it replaced.
+    fn plain(logits: &[f32]) -> u32 {
+        let mut best: Option<(usize, f32)> = None;
+        for (i, &l) in logits.iter().enumerate() {
+            match best {
+                _ if l.is_nan() => {}
+                Some((_, b)) if l <= b => {}
+                _ => best = Some((i, l)),
+            }
+        }
+        best.map_or(0, |(i, _)| i as u32)
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0];
+    for len in [0, 1, 2, 15, 16, 17, 33, 100, 49152] {
+        for round in 0..40 {
+            let mut x: Vec<f32> = (0..len)
+                .map(|_| rng.gen_range(-8..8) as f32 * 0.5)
+                .collect();
+            // Ties, signed zeros, infinities and NaNs at random places.
+            for _ in 0..round % 6 {
+                if len > 0 {
+                    x[rng.gen_range(0..len)] = special[rng.gen_range(0..special.len())];
+                }
+            }
+            assert_eq!(argmax(&x), plain(&x), "len {len}, round {round}");
+        }
+    }
+    assert_eq!(argmax(&[f32::NAN; 40]), 0);
+    assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+    let mut late = vec![f32::NAN; 40];
+    late[37] = f32::NEG_INFINITY;
+    assert_eq!(argmax(&late), 37);
+}
+
+#[test]
 fn nan_is_never_picked() {
     let mut s = Sampler::new(SamplingParams::greedy());
     assert_eq!(s.sample(&mut [f32::NAN, -5.0, f32::NAN, -6.0], &[]), 1);
