@@ -255,3 +255,53 @@ fn simd_activation_quantization_is_bit_identical_to_portable() {
         assert_eq!(&want.qs[64..68], &[127, -14, -14, -12]);
     }
 }
+
+/// Tiles of every width, an odd number of blocks included (Q8_0 keeps blocks in pairs, so
+/// its last block then sits alone): the GGML rows read back byte for byte, and the tile
+/// kernel's products equal the portable ones bit for bit, for one to three input rows.
+#[test]
+fn tiles_of_odd_and_even_block_counts_read_back_and_multiply_exactly() {
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for cols in [32, 96, 160, 576] {
+            let rows = 32;
+            let qt = QTensor::quantize(&random(rows, cols, cols as u64), dtype).unwrap();
+            let raw = qt.data().unwrap().to_vec();
+            let kind = WeightKind::from_dtype(dtype).unwrap();
+            let m = QMatrix::new(kind, rows, cols, raw.clone());
+            assert_eq!(m.tiled(), crate::kernels::qtile::hardware(), "{dtype:?}");
+            let bytes = raw.len() / rows;
+            let mut buf = Vec::new();
+            for r in 0..rows {
+                let got = m.row_in(r, &mut buf);
+                assert_eq!(got, &raw[r * bytes..][..bytes], "{dtype:?} {cols} row {r}");
+            }
+            for n in 1..=3 {
+                let x = random(n, cols, 7)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let acts: Vec<Q8Row> = x
+                    .chunks_exact(cols)
+                    .map(|r| {
+                        let mut q = Q8Row::default();
+                        quant::quantize_row(r, &mut q);
+                        q
+                    })
+                    .collect();
+                let mut portable = vec![0f32; rows * n];
+                rows_portable(&m, 0, &mut portable, &acts);
+                let got = m.matmul(&x, n);
+                for i in 0..n {
+                    for r in 0..rows {
+                        assert_eq!(
+                            got[i * rows + r].to_bits(),
+                            portable[r * n + i].to_bits(),
+                            "{dtype:?} cols {cols} n {n} row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
