@@ -300,6 +300,14 @@ impl<B: Backend> Llama<B> {
             let last = b.rms_norm(&last, &self.norm, eps)?;
             b.to_host(b.matmul(&self.output, &last)?)?
         };
+        if last_rows.len() == 1 {
+            // One sequence's logits: hand over the vector itself (49k floats), no copy.
+            let mut logits = Some(logits);
+            return Ok(seqs
+                .iter()
+                .map(|s| if s.logits { logits.take() } else { None })
+                .collect());
+        }
         let mut rows = logits.chunks_exact(c.vocab_size.max(1));
         Ok(seqs
             .iter()
