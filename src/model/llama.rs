@@ -302,6 +302,7 @@ impl<B: Backend> Llama<B> {
         };
         if last_rows.len() == 1 {
             // One sequence's logits: hand over the vector itself (49k floats), no copy.
+            debug_assert_eq!(logits.len(), c.vocab_size, "one row of logits");
             let mut logits = Some(logits);
             return Ok(seqs
                 .iter()
