@@ -129,6 +129,13 @@ fn matmul_tiles_many(ts: &[&QTiles], acts: &[Q8Row]) -> Vec<Vec<f32>> {
     // Safety: tasks write disjoint outputs (one tile's 16 per input row).
     unsafe impl Sync for Dst {}
     let n = acts.len();
+    // Exactly as wide as the weights: an odd Q8_0 tile has room for one block more (its last
+    // pair's unused half), which the kernel's length check alone would let through.
+    assert!(
+        ts.iter()
+            .all(|t| acts.iter().all(|a| a.d.len() * QK == t.cols())),
+        "activation width"
+    );
     let mut outs: Vec<Vec<f32>> = ts.iter().map(|t| vec![0f32; n * t.rows()]).collect();
     let dsts: Vec<Dst> = outs.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
     // (matrix, tile) pairs, matrix by matrix.

@@ -143,6 +143,10 @@ impl QTiles {
         self.rows
     }
 
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Tile `t`'s blocks.
     pub fn tile(&self, t: usize) -> &[u8] {
         let len = layout(self.kind).tile_len(self.cols / QK);
@@ -313,12 +317,6 @@ pub fn simd_available() -> bool {
 pub fn run_tile(tiles: &QTiles, t: usize, acts: &[Q8Row], outs: &[*mut f32], pf: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        // Exactly as wide as the weights: an odd Q8_0 tile has room for one block more (its
-        // last pair's unused half), which the kernel's length check alone would let through.
-        assert!(
-            acts.iter().all(|a| a.d.len() * QK == tiles.cols),
-            "activation width"
-        );
         // Safety: `simd_available` checked the features; the caller owns `outs`.
         unsafe { x86::tile(tiles.kind, tiles.tile(t), acts, outs, pf) };
         return true;
