@@ -16,6 +16,12 @@ use half::f16;
 
 use super::attention::{AttentionShape, KvView, Task};
 
+/// How many positions ahead of the key transpose the cache rows (keys and values) are
+/// prefetched. Without it the transpose waited on memory for every key (a step's weights
+/// stream through the caches between layers): at 200 tokens, 16 ahead gave decode 1.046x
+/// median over 6 pairs; 32 and all at once measured the same as 16.
+const KV_AHEAD: usize = 16;
+
 /// Scratch memory of one thread's attention tasks, kept between calls.
 #[derive(Default)]
 struct Scratch {
@@ -155,7 +161,13 @@ macro_rules! kernels {
             ) {
                 let zero = [f16::ZERO; 256];
                 assert!(kt.len() >= hd * kpad && hd % 8 == 0 && hd <= zero.len());
+                for j in 0..keys.min(KV_AHEAD) {
+                    prefetch_kv(kv, j, kv_off, hd);
+                }
                 for j0 in (0..kpad).step_by(8) {
+                    for j in (j0 + KV_AHEAD..j0 + KV_AHEAD + 8).take_while(|&j| j < keys) {
+                        prefetch_kv(kv, j, kv_off, hd);
+                    }
                     // Checked slices: the view's fields are public, so no trust in the table.
                     let rows: [&[f16]; 8] = std::array::from_fn(|l| {
                         if j0 + l < keys {
@@ -199,6 +211,21 @@ macro_rules! kernels {
                             _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_cvtph_ps(*c));
                         }
                     }
+                }
+            }
+
+            /// Asks for this head's key and value of position `j` ahead of use: the cache rows
+            /// come from memory (a step's weights stream through the caches between layers),
+            /// one line per key and value at a time without it.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn prefetch_kv(kv: KvView, j: usize, kv_off: usize, hd: usize) {
+                let at = kv.row(j) + kv_off;
+                for i in 0..(2 * hd).div_ceil(64) {
+                    let k = (kv.k.as_ptr().wrapping_add(at) as *const i8).wrapping_add(64 * i);
+                    let v = (kv.v.as_ptr().wrapping_add(at) as *const i8).wrapping_add(64 * i);
+                    _mm_prefetch::<_MM_HINT_T0>(k);
+                    _mm_prefetch::<_MM_HINT_T0>(v);
                 }
             }
 
