@@ -138,7 +138,9 @@ fn avx2_path_is_bit_identical_to_the_portable_one() {
     #[cfg(target_arch = "x86_64")]
     if super::super::x86::available() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for &(n_head, n_kv_head, hd) in &[(9, 3, 64), (32, 8, 128), (4, 4, 16), (6, 2, 8)] {
+        for &(n_head, n_kv_head, hd) in
+            &[(9, 3, 64), (8, 2, 64), (32, 8, 128), (4, 4, 16), (6, 2, 8)]
+        {
             let shape = AttentionShape {
                 n_head,
                 n_kv_head,

@@ -83,11 +83,13 @@ pub unsafe fn group_attention(
 }
 
 macro_rules! kernels {
-    ($module:ident, $features:literal, $max_acc_regs:literal) => {
+    ($module:ident, $features:literal, $max_acc_regs:literal, $wide:literal) => {
         mod $module {
             use std::arch::x86_64::*;
 
             use super::*;
+            #[allow(unused_imports)]
+            use crate::kernels::attention_wide as wide;
 
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
@@ -103,7 +105,8 @@ macro_rules! kernels {
                 let kv_off = t.kvh * hd;
                 let scale = 1.0 / (hd as f32).sqrt();
                 let keys = start + t.rows.end;
-                let kpad = keys.div_ceil(8) * 8;
+                let lanes = if $wide { wide::LANES } else { 8 };
+                let kpad = keys.div_ceil(lanes) * lanes;
                 let nh = t.heads.len();
                 let mut out = Vec::with_capacity(t.rows.len() * nh * hd);
                 SCRATCH.with(|cell| {
@@ -119,7 +122,12 @@ macro_rules! kernels {
                             // Q rounded to f16, as llama.cpp converts it to the K cache's type.
                             let src = &q[(i * shape.n_head + h) * hd..][..hd];
                             round_to_f16(src, &mut sc.qh);
-                            scores(&sc.qh, &sc.kt, kpad, seen, &mut sc.scores[k * kpad..]);
+                            let out = &mut sc.scores[k * kpad..];
+                            if $wide {
+                                wide::scores(&sc.qh, &sc.kt, kpad, seen, out);
+                            } else {
+                                scores(&sc.qh, &sc.kt, kpad, seen, out);
+                            }
                         }
                         accumulate_heads(
                             &sc.scores,
@@ -289,6 +297,14 @@ macro_rules! kernels {
                     let left = nh - h;
                     let sc = &scores[h * kpad..];
                     let out = &mut acc[h * hd..];
+                    if $wide {
+                        let done =
+                            wide::accumulate_some(sc, kpad, left, hd, seen, scale, out, kv, kv_off);
+                        if done > 0 {
+                            h += done;
+                            continue;
+                        }
+                    }
                     let done = match hd / 8 {
                         8 if left >= 3 && 3 * 8 <= $max_acc_regs => {
                             accumulate::<8, 3>(sc, kpad, seen, scale, out, kv, kv_off)
@@ -379,8 +395,8 @@ macro_rules! kernels {
 // Accumulator registers a variant may use for several heads at once (of 16 and 32 vector
 // registers). AVX2 at 16 spills a little but measured faster than one head at a time
 // (forward/chunk/ctx1024/16: 68.6 vs 70.9 ms).
-kernels!(avx2, "avx2,fma,f16c", 16);
-kernels!(avx512, "avx2,fma,f16c,avx512f,avx512vl", 24);
+kernels!(avx2, "avx2,fma,f16c", 16, false);
+kernels!(avx512, "avx2,fma,f16c,avx512f,avx512vl", 24, true);
 
 /// The portable path's value accumulation ([`super::attention`]) with AVX2 + F16C, for any `head_dim` that is a multiple of 8, up to 256. (The task
 /// kernels in `attention_x86` have register-resident versions for 64 and 128.)

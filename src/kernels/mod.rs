@@ -4,6 +4,7 @@
 
 mod aligned;
 pub mod attention;
+mod attention_wide;
 mod attention_x86;
 pub mod cpu;
 pub mod kpack;

@@ -1,0 +1,148 @@
+//! The AVX-512 attention task's two inner loops at full width: sixteen keys per score vector
+//! and sixteen dimensions per value vector (the AVX2 kernels in [`super::attention_x86`] take
+//! eight). Every lane does the arithmetic of the portable path in [`super::attention`] (same
+//! operations, same order), so results are bit-identical; there are only half as many
+//! instructions, which is what the value accumulation (an f16 round trip per key, head and
+//! vector) is bound by.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::attention::KvView;
+
+const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+/// Keys a score vector holds: `kpad` (the transposed keys' row length) is a multiple of it.
+pub(super) const LANES: usize = 16;
+
+/// `out[j] = sum over d of qh[d] * kt[d][j]` for `j < seen` (rounded up to 16), the sum taken
+/// in element order with a separate multiply and add, 128 keys per pass.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn scores(qh: &[f32], kt: &[f32], kpad: usize, seen: usize, out: &mut [f32]) {
+    let hd = qh.len();
+    let nvec = seen.div_ceil(LANES);
+    assert!(kpad.is_multiple_of(LANES) && nvec * LANES <= kpad);
+    assert!(kt.len() >= hd * kpad && out.len() >= nvec * LANES);
+    let kp = kt.as_ptr();
+    let mut v = 0;
+    while v + 8 <= nvec {
+        let mut s = [_mm512_setzero_ps(); 8];
+        for (d, &qd) in qh.iter().enumerate() {
+            let qv = _mm512_set1_ps(qd);
+            let row = kp.add(d * kpad + v * LANES);
+            for (u, acc) in s.iter_mut().enumerate() {
+                let k = _mm512_loadu_ps(row.add(u * LANES));
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qv, k));
+            }
+        }
+        for (u, acc) in s.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add((v + u) * LANES), *acc);
+        }
+        v += 8;
+    }
+    while v < nvec {
+        let mut acc = _mm512_setzero_ps();
+        for (d, &qd) in qh.iter().enumerate() {
+            let k = _mm512_loadu_ps(kp.add(d * kpad + v * LANES));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(qd), k));
+        }
+        _mm512_storeu_ps(out.as_mut_ptr().add(v * LANES), acc);
+        v += 1;
+    }
+}
+
+/// The online softmax and f16 value accumulation of as many of the `nh` heads as fit in
+/// registers at once (`scores` holds each head's scores, `kpad` apart); returns how many
+/// it did, or 0 when `head_dim` is not 64 or 128 (the caller's narrower code then runs).
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn accumulate_some(
+    scores: &[f32],
+    kpad: usize,
+    left: usize,
+    hd: usize,
+    seen: usize,
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) -> usize {
+    match (hd, left) {
+        (64, 4..) => accumulate::<4, 4>(scores, kpad, seen, scale, acc, kv, kv_off),
+        (64, 3) => accumulate::<4, 3>(scores, kpad, seen, scale, acc, kv, kv_off),
+        (64, 2) => accumulate::<4, 2>(scores, kpad, seen, scale, acc, kv, kv_off),
+        (64, _) => accumulate::<4, 1>(scores, kpad, seen, scale, acc, kv, kv_off),
+        (128, 2..) => accumulate::<8, 2>(scores, kpad, seen, scale, acc, kv, kv_off),
+        (128, _) => accumulate::<8, 1>(scores, kpad, seen, scale, acc, kv, kv_off),
+        _ => 0,
+    }
+}
+
+/// `H` heads of `16 * N` dimensions; returns `H`. Per head and lane, exactly the portable
+/// path's arithmetic: a new maximum rescales the f16 accumulator, each key adds its weighted
+/// value with one FMA, and the accumulator is rounded to f16 after every update.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate<const N: usize, const H: usize>(
+    scores: &[f32],
+    kpad: usize,
+    seen: usize,
+    scale: f32,
+    acc: &mut [f32],
+    kv: KvView,
+    kv_off: usize,
+) -> usize {
+    assert!(acc.len() >= H * N * LANES && scores.len() >= (H - 1) * kpad + seen);
+    let mut a = [[_mm256_setzero_si256(); N]; H];
+    let mut max = [f32::NEG_INFINITY; H];
+    let mut sum = [0f32; H];
+    for j in 0..seen {
+        let mut w = [_mm512_setzero_ps(); H];
+        for h in 0..H {
+            let s = *scores.get_unchecked(h * kpad + j) * scale;
+            let (ms, vs) = if s > max[h] {
+                let ms = (max[h] - s).exp();
+                max[h] = s;
+                let m = _mm512_set1_ps(ms);
+                for x in a[h].iter_mut() {
+                    *x = _mm512_cvtps_ph(_mm512_mul_ps(_mm512_cvtph_ps(*x), m), NEAREST);
+                }
+                (ms, 1.0)
+            } else {
+                (1.0, (s - max[h]).exp())
+            };
+            sum[h] = sum[h] * ms + vs;
+            w[h] = _mm512_set1_ps(vs);
+        }
+        // A checked slice: the view's fields are public, so no trust in the table.
+        let row = &kv.v[kv.row(j) + kv_off..][..N * LANES];
+        let v = row.as_ptr() as *const __m256i;
+        for i in 0..N {
+            let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(i)));
+            for h in 0..H {
+                a[h][i] =
+                    _mm512_cvtps_ph(_mm512_fmadd_ps(vv, w[h], _mm512_cvtph_ps(a[h][i])), NEAREST);
+            }
+        }
+    }
+    for h in 0..H {
+        for i in 0..N {
+            let mut out = [0f32; LANES];
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(a[h][i]));
+            let dst = &mut acc[(h * N + i) * LANES..][..LANES];
+            for (d, x) in dst.iter_mut().zip(out) {
+                *d = x / sum[h];
+            }
+        }
+    }
+    H
+}
