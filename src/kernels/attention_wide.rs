@@ -92,6 +92,7 @@ pub(super) unsafe fn accumulate_some(
 /// value with one FMA, and the accumulator is rounded to f16 after every update.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::needless_range_loop)] // a[h][i] for every head h of vector i reads plainer
 unsafe fn accumulate<const N: usize, const H: usize>(
     scores: &[f32],
     kpad: usize,
