@@ -56,6 +56,88 @@ pub(super) unsafe fn scores(qh: &[f32], kt: &[f32], kpad: usize, seen: usize, ou
     }
 }
 
+/// Keys a block of the one-row path holds: its transposed keys (`[head_dim][BLOCK]` f32,
+/// 16 KiB at 64 dimensions) stay in the L1 cache while every head of the group scores them.
+pub(super) const BLOCK: usize = 64;
+
+/// The scores of `nh` heads (`qh`: their f16-rounded queries, `head_dim` apart) against one
+/// block of transposed keys (`kb`: `[head_dim][BLOCK]`, `len` keys, a multiple of 16), into
+/// `out[h * kpad + at..]`. Up to four heads share each load of the keys; every score is
+/// [`scores`]'s sum, in the same order.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn scores_heads(
+    qh: &[f32],
+    nh: usize,
+    kb: &[f32],
+    len: usize,
+    out: &mut [f32],
+    kpad: usize,
+    at: usize,
+) {
+    let hd = qh.len() / nh;
+    assert!(len.is_multiple_of(LANES) && len <= BLOCK && kb.len() >= hd * BLOCK);
+    assert!(qh.len() == nh * hd && at + len <= kpad && out.len() >= nh * kpad);
+    let mut h = 0;
+    while h < nh {
+        let q = &qh[h * hd..];
+        let o = &mut out[h * kpad + at..];
+        h += match (nh - h, len / LANES) {
+            (1, 4) => block::<1, 4>(q, hd, kb, o, kpad),
+            (2, 4) => block::<2, 4>(q, hd, kb, o, kpad),
+            (3, 4) => block::<3, 4>(q, hd, kb, o, kpad),
+            (_, 4) => block::<4, 4>(q, hd, kb, o, kpad),
+            (1, 3) => block::<1, 3>(q, hd, kb, o, kpad),
+            (2, 3) => block::<2, 3>(q, hd, kb, o, kpad),
+            (3, 3) => block::<3, 3>(q, hd, kb, o, kpad),
+            (_, 3) => block::<4, 3>(q, hd, kb, o, kpad),
+            (1, 2) => block::<1, 2>(q, hd, kb, o, kpad),
+            (2, 2) => block::<2, 2>(q, hd, kb, o, kpad),
+            (3, 2) => block::<3, 2>(q, hd, kb, o, kpad),
+            (_, 2) => block::<4, 2>(q, hd, kb, o, kpad),
+            (1, _) => block::<1, 1>(q, hd, kb, o, kpad),
+            (2, _) => block::<2, 1>(q, hd, kb, o, kpad),
+            (3, _) => block::<3, 1>(q, hd, kb, o, kpad),
+            (_, _) => block::<4, 1>(q, hd, kb, o, kpad),
+        };
+    }
+}
+
+/// `H` heads' scores for `V` vectors of keys of one block; returns `H`.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn block<const H: usize, const V: usize>(
+    qh: &[f32],
+    hd: usize,
+    kb: &[f32],
+    out: &mut [f32],
+    kpad: usize,
+) -> usize {
+    assert!(V * LANES <= BLOCK && kb.len() >= hd * BLOCK);
+    assert!(qh.len() >= H * hd && out.len() >= (H - 1) * kpad + V * LANES);
+    let mut s = [[_mm512_setzero_ps(); V]; H];
+    let kp = kb.as_ptr();
+    for d in 0..hd {
+        let k: [__m512; V] =
+            std::array::from_fn(|u| _mm512_loadu_ps(kp.add(d * BLOCK + u * LANES)));
+        for (h, s) in s.iter_mut().enumerate() {
+            let qv = _mm512_set1_ps(*qh.get_unchecked(h * hd + d));
+            for (acc, k) in s.iter_mut().zip(&k) {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qv, *k));
+            }
+        }
+    }
+    for (h, s) in s.iter().enumerate() {
+        for (u, acc) in s.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(h * kpad + u * LANES), *acc);
+        }
+    }
+    H
+}
+
 /// The online softmax and f16 value accumulation of as many of the `nh` heads as fit in
 /// registers at once (`scores` holds each head's scores, `kpad` apart); returns how many
 /// it did, or 0 when `head_dim` is not 64 or 128 (the caller's narrower code then runs).

@@ -111,11 +111,48 @@ macro_rules! kernels {
                 let mut out = Vec::with_capacity(t.rows.len() * nh * hd);
                 SCRATCH.with(|cell| {
                     let sc = &mut *cell.borrow_mut();
+                    if $wide && t.rows.len() == 1 {
+                        // One query row: its heads' scores block by block of keys.
+                        sc.scores.resize(nh * kpad, 0.0);
+                        sc.qh.resize(nh * hd, 0.0);
+                        sc.acc.resize(nh * hd, 0.0);
+                        sc.kt.resize(hd * wide::BLOCK, 0.0);
+                        let i = t.rows.start;
+                        for (k, h) in t.heads.clone().enumerate() {
+                            let src = &q[(i * shape.n_head + h) * hd..][..hd];
+                            round_to_f16(src, &mut sc.qh[k * hd..][..hd]);
+                        }
+                        for j0 in (0..kpad).step_by(wide::BLOCK) {
+                            let j1 = kpad.min(j0 + wide::BLOCK);
+                            transpose_keys(kv, kv_off, keys, hd, j0..j1, wide::BLOCK, &mut sc.kt);
+                            wide::scores_heads(
+                                &sc.qh,
+                                nh,
+                                &sc.kt,
+                                j1 - j0,
+                                &mut sc.scores,
+                                kpad,
+                                j0,
+                            );
+                        }
+                        accumulate_heads(
+                            &sc.scores,
+                            kpad,
+                            nh,
+                            keys,
+                            scale,
+                            &mut sc.acc,
+                            kv,
+                            kv_off,
+                        );
+                        out.extend_from_slice(&sc.acc);
+                        return;
+                    }
                     sc.kt.resize(hd * kpad, 0.0);
                     sc.scores.resize(nh * kpad, 0.0);
                     sc.qh.resize(hd, 0.0);
                     sc.acc.resize(nh * hd, 0.0);
-                    transpose_keys(kv, kv_off, keys, hd, kpad, &mut sc.kt);
+                    transpose_keys(kv, kv_off, keys, hd, 0..kpad, kpad, &mut sc.kt);
                     for i in t.rows.clone() {
                         let seen = start + i + 1;
                         for (k, h) in t.heads.clone().enumerate() {
@@ -154,9 +191,9 @@ macro_rules! kernels {
                 }
             }
 
-            /// Keys `0..keys` of one KV head into `kt` (`[hd][kpad]`, f32), eight keys by
-            /// eight dimensions at a time through an 8x8 transpose of 16-bit lanes; padding
-            /// keys are zero.
+            /// Keys `span` (of `0..keys`; bounds multiples of 8) of one KV head into `kt`
+            /// (`[hd][width]`, f32, key `span.start` first), eight keys by eight dimensions at
+            /// a time through an 8x8 transpose of 16-bit lanes; padding keys are zero.
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn transpose_keys(
@@ -164,15 +201,19 @@ macro_rules! kernels {
                 kv_off: usize,
                 keys: usize,
                 hd: usize,
-                kpad: usize,
+                span: std::ops::Range<usize>,
+                width: usize,
                 kt: &mut [f32],
             ) {
                 let zero = [f16::ZERO; 256];
-                assert!(kt.len() >= hd * kpad && hd % 8 == 0 && hd <= zero.len());
-                for j in 0..keys.min(KV_AHEAD) {
-                    prefetch_kv(kv, j, kv_off, hd);
+                assert!(kt.len() >= hd * width && hd % 8 == 0 && hd <= zero.len());
+                assert!(span.start % 8 == 0 && span.end % 8 == 0 && span.len() <= width);
+                if span.start == 0 {
+                    for j in 0..keys.min(KV_AHEAD) {
+                        prefetch_kv(kv, j, kv_off, hd);
+                    }
                 }
-                for j0 in (0..kpad).step_by(8) {
+                for j0 in span.clone().step_by(8) {
                     for j in (j0 + KV_AHEAD..j0 + KV_AHEAD + 8).take_while(|&j| j < keys) {
                         prefetch_kv(kv, j, kv_off, hd);
                     }
@@ -215,7 +256,7 @@ macro_rules! kernels {
                             _mm_unpackhi_epi64(u3, u7),
                         ];
                         for (i, c) in cols.iter().enumerate() {
-                            let dst = &mut kt[(d0 + i) * kpad + j0..][..8];
+                            let dst = &mut kt[(d0 + i) * width + j0 - span.start..][..8];
                             _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_cvtph_ps(*c));
                         }
                     }
