@@ -56,13 +56,13 @@ pub(super) unsafe fn scores(qh: &[f32], kt: &[f32], kpad: usize, seen: usize, ou
     }
 }
 
-/// Keys a block of the one-row path holds: its transposed keys (`[head_dim][BLOCK]` f32,
+/// Keys a block holds: its transposed keys (`[head_dim][BLOCK]` f32,
 /// 16 KiB at 64 dimensions) stay in the L1 cache while every head of the group scores them.
 pub(super) const BLOCK: usize = 64;
 
-/// The scores of `nh` heads (`qh`: their f16-rounded queries, `head_dim` apart) against one
+/// The scores of `nh` queries (`qh`: f16-rounded, `head_dim` apart) against one
 /// block of transposed keys (`kb`: `[head_dim][BLOCK]`, `len` keys, a multiple of 16), into
-/// `out[h * kpad + at..]`. Up to four heads share each load of the keys; every score is
+/// `out[h * kpad + at..]`. Up to four queries share each load of the keys; every score is
 /// [`scores`]'s sum, in the same order.
 ///
 /// # Safety

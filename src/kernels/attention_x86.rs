@@ -111,41 +111,47 @@ macro_rules! kernels {
                 let mut out = Vec::with_capacity(t.rows.len() * nh * hd);
                 SCRATCH.with(|cell| {
                     let sc = &mut *cell.borrow_mut();
-                    if $wide && t.rows.len() == 1 {
-                        // One query row: its heads' scores block by block of keys.
-                        sc.scores.resize(nh * kpad, 0.0);
-                        sc.qh.resize(nh * hd, 0.0);
-                        sc.acc.resize(nh * hd, 0.0);
+                    if $wide {
+                        // The query rows `ROWS` at a time: each block of keys is transposed
+                        // once and scored by every head of those rows while in L1.
+                        const ROWS: usize = 8;
                         sc.kt.resize(hd * wide::BLOCK, 0.0);
-                        let i = t.rows.start;
-                        for (k, h) in t.heads.clone().enumerate() {
-                            let src = &q[(i * shape.n_head + h) * hd..][..hd];
-                            round_to_f16(src, &mut sc.qh[k * hd..][..hd]);
+                        sc.acc.resize(nh * hd, 0.0);
+                        for r0 in t.rows.clone().step_by(ROWS) {
+                            let r1 = t.rows.end.min(r0 + ROWS);
+                            let nq = (r1 - r0) * nh;
+                            let keys = start + r1;
+                            let kpad = keys.div_ceil(lanes) * lanes;
+                            sc.qh.resize(nq * hd, 0.0);
+                            sc.scores.resize(nq * kpad, 0.0);
+                            for i in r0..r1 {
+                                for (k, h) in t.heads.clone().enumerate() {
+                                    let src = &q[(i * shape.n_head + h) * hd..][..hd];
+                                    let at = ((i - r0) * nh + k) * hd;
+                                    round_to_f16(src, &mut sc.qh[at..][..hd]);
+                                }
+                            }
+                            for j0 in (0..kpad).step_by(wide::BLOCK) {
+                                let j1 = kpad.min(j0 + wide::BLOCK);
+                                let kt = &mut sc.kt;
+                                transpose_keys(kv, kv_off, keys, hd, j0..j1, wide::BLOCK, kt);
+                                let (qh, scores) = (&sc.qh[..nq * hd], &mut sc.scores[..nq * kpad]);
+                                wide::scores_heads(qh, nq, kt, j1 - j0, scores, kpad, j0);
+                            }
+                            for i in r0..r1 {
+                                accumulate_heads(
+                                    &sc.scores[(i - r0) * nh * kpad..],
+                                    kpad,
+                                    nh,
+                                    start + i + 1,
+                                    scale,
+                                    &mut sc.acc,
+                                    kv,
+                                    kv_off,
+                                );
+                                out.extend_from_slice(&sc.acc);
+                            }
                         }
-                        for j0 in (0..kpad).step_by(wide::BLOCK) {
-                            let j1 = kpad.min(j0 + wide::BLOCK);
-                            transpose_keys(kv, kv_off, keys, hd, j0..j1, wide::BLOCK, &mut sc.kt);
-                            wide::scores_heads(
-                                &sc.qh,
-                                nh,
-                                &sc.kt,
-                                j1 - j0,
-                                &mut sc.scores,
-                                kpad,
-                                j0,
-                            );
-                        }
-                        accumulate_heads(
-                            &sc.scores,
-                            kpad,
-                            nh,
-                            keys,
-                            scale,
-                            &mut sc.acc,
-                            kv,
-                            kv_off,
-                        );
-                        out.extend_from_slice(&sc.acc);
                         return;
                     }
                     sc.kt.resize(hd * kpad, 0.0);
