@@ -1,6 +1,6 @@
-//! The AVX-512 attention task's two inner loops at full width: sixteen keys per score vector
-//! and sixteen dimensions per value vector (the AVX2 kernels in [`super::attention_x86`] take
-//! eight). Every lane does the arithmetic of the portable path in [`super::attention`] (same
+//! The AVX-512 attention task's inner loops at full width: sixteen keys per score vector
+//! (scored a block of keys at a time by up to four queries per load) and sixteen dimensions
+//! per value vector (the AVX2 kernels in [`super::attention_x86`] take eight). Every lane does the arithmetic of the portable path in [`super::attention`] (same
 //! operations, same order), so results are bit-identical; there are only half as many
 //! instructions, which is what the value accumulation (an f16 round trip per key, head and
 //! vector) is bound by.
@@ -13,48 +13,8 @@ use super::attention::KvView;
 
 const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
-/// Keys a score vector holds: `kpad` (the transposed keys' row length) is a multiple of it.
+/// Keys a score vector holds: `kpad` (a row of scores) is a multiple of it.
 pub(super) const LANES: usize = 16;
-
-/// `out[j] = sum over d of qh[d] * kt[d][j]` for `j < seen` (rounded up to 16), the sum taken
-/// in element order with a separate multiply and add, 128 keys per pass.
-///
-/// # Safety
-/// AVX-512 F must be available.
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-#[inline]
-pub(super) unsafe fn scores(qh: &[f32], kt: &[f32], kpad: usize, seen: usize, out: &mut [f32]) {
-    let hd = qh.len();
-    let nvec = seen.div_ceil(LANES);
-    assert!(kpad.is_multiple_of(LANES) && nvec * LANES <= kpad);
-    assert!(kt.len() >= hd * kpad && out.len() >= nvec * LANES);
-    let kp = kt.as_ptr();
-    let mut v = 0;
-    while v + 8 <= nvec {
-        let mut s = [_mm512_setzero_ps(); 8];
-        for (d, &qd) in qh.iter().enumerate() {
-            let qv = _mm512_set1_ps(qd);
-            let row = kp.add(d * kpad + v * LANES);
-            for (u, acc) in s.iter_mut().enumerate() {
-                let k = _mm512_loadu_ps(row.add(u * LANES));
-                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qv, k));
-            }
-        }
-        for (u, acc) in s.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add((v + u) * LANES), *acc);
-        }
-        v += 8;
-    }
-    while v < nvec {
-        let mut acc = _mm512_setzero_ps();
-        for (d, &qd) in qh.iter().enumerate() {
-            let k = _mm512_loadu_ps(kp.add(d * kpad + v * LANES));
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(qd), k));
-        }
-        _mm512_storeu_ps(out.as_mut_ptr().add(v * LANES), acc);
-        v += 1;
-    }
-}
 
 /// Keys a block holds: its transposed keys (`[head_dim][BLOCK]` f32,
 /// 16 KiB at 64 dimensions) stay in the L1 cache while every head of the group scores them.
@@ -63,7 +23,7 @@ pub(super) const BLOCK: usize = 64;
 /// The scores of `nh` queries (`qh`: f16-rounded, `head_dim` apart) against one
 /// block of transposed keys (`kb`: `[head_dim][BLOCK]`, `len` keys, a multiple of 16), into
 /// `out[h * kpad + at..]`. Up to four queries share each load of the keys; every score is
-/// [`scores`]'s sum, in the same order.
+/// the portable path's sum (element order, multiply then add).
 ///
 /// # Safety
 /// AVX-512 F must be available.

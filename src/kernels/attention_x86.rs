@@ -3,10 +3,13 @@
 //! registers at once. Both do the arithmetic of the portable path in
 //! [`super::attention`] (same operations, same order), so results are bit-identical.
 //!
-//! Per task: the KV head's keys are transposed to f32 once (eight keys per vector) and shared
-//! by the task's query heads; each (row, head) scores its keys eight at a time; then the heads
-//! of a row accumulate their values together, so the loads of each value row are shared and
-//! the heads' dependency chains (f16 accumulator -> FMA -> f16) overlap.
+//! Per task (AVX2): the KV head's keys are transposed to f32 once (eight keys per vector) and
+//! shared by the task's query heads; each (row, head) scores its keys eight at a time. With
+//! AVX-512 the task goes eight query rows at a time: 64 keys are transposed into an L1-sized
+//! block and scored by every (row, head) of those rows, up to four per load, sixteen keys per
+//! vector ([`super::attention_wide`]). Then the heads of a row accumulate their values
+//! together, so the loads of each value row are shared and the heads' dependency chains
+//! (f16 accumulator -> FMA -> f16) overlap.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -165,12 +168,7 @@ macro_rules! kernels {
                             // Q rounded to f16, as llama.cpp converts it to the K cache's type.
                             let src = &q[(i * shape.n_head + h) * hd..][..hd];
                             round_to_f16(src, &mut sc.qh);
-                            let out = &mut sc.scores[k * kpad..];
-                            if $wide {
-                                wide::scores(&sc.qh, &sc.kt, kpad, seen, out);
-                            } else {
-                                scores(&sc.qh, &sc.kt, kpad, seen, out);
-                            }
+                            scores(&sc.qh, &sc.kt, kpad, seen, &mut sc.scores[k * kpad..]);
                         }
                         accumulate_heads(
                             &sc.scores,
