@@ -3,13 +3,11 @@
 //! registers at once. Both do the arithmetic of the portable path in
 //! [`super::attention`] (same operations, same order), so results are bit-identical.
 //!
-//! Per task (AVX2): the KV head's keys are transposed to f32 once (eight keys per vector) and
-//! shared by the task's query heads; each (row, head) scores its keys eight at a time. With
-//! AVX-512 the task goes eight query rows at a time: 64 keys are transposed into an L1-sized
-//! block and scored by every (row, head) of those rows, up to four per load, sixteen keys per
-//! vector ([`super::attention_wide`]). Then the heads of a row accumulate their values
-//! together, so the loads of each value row are shared and the heads' dependency chains
-//! (f16 accumulator -> FMA -> f16) overlap.
+//! Per task: eight query rows at a time, 64 keys are transposed to f32 into an L1-sized block
+//! and scored by every (row, head) of those rows: eight keys per vector with AVX2; sixteen,
+//! up to four queries per load, with AVX-512 ([`super::attention_wide`]). Then the heads of a
+//! row accumulate their values together, so the loads of each value row are shared and the
+//! heads' dependency chains (f16 accumulator -> FMA -> f16) overlap.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -107,80 +105,56 @@ macro_rules! kernels {
                 let hd = shape.head_dim;
                 let kv_off = t.kvh * hd;
                 let scale = 1.0 / (hd as f32).sqrt();
-                let keys = start + t.rows.end;
                 let lanes = if $wide { wide::LANES } else { 8 };
-                let kpad = keys.div_ceil(lanes) * lanes;
                 let nh = t.heads.len();
                 let mut out = Vec::with_capacity(t.rows.len() * nh * hd);
                 SCRATCH.with(|cell| {
                     let sc = &mut *cell.borrow_mut();
-                    if $wide {
-                        // The query rows `ROWS` at a time: each block of keys is transposed
-                        // once and scored by every head of those rows while in L1.
-                        const ROWS: usize = 8;
-                        sc.kt.resize(hd * wide::BLOCK, 0.0);
-                        sc.acc.resize(nh * hd, 0.0);
-                        for r0 in t.rows.clone().step_by(ROWS) {
-                            let r1 = t.rows.end.min(r0 + ROWS);
-                            let nq = (r1 - r0) * nh;
-                            let keys = start + r1;
-                            let kpad = keys.div_ceil(lanes) * lanes;
-                            sc.qh.resize(nq * hd, 0.0);
-                            sc.scores.resize(nq * kpad, 0.0);
-                            for i in r0..r1 {
-                                for (k, h) in t.heads.clone().enumerate() {
-                                    let src = &q[(i * shape.n_head + h) * hd..][..hd];
-                                    let at = ((i - r0) * nh + k) * hd;
-                                    round_to_f16(src, &mut sc.qh[at..][..hd]);
+                    // The query rows `ROWS` at a time: each block of keys is transposed
+                    // once and scored by every head of those rows while in L1.
+                    const ROWS: usize = 8;
+                    sc.kt.resize(hd * wide::BLOCK, 0.0);
+                    sc.acc.resize(nh * hd, 0.0);
+                    for r0 in t.rows.clone().step_by(ROWS) {
+                        let r1 = t.rows.end.min(r0 + ROWS);
+                        let nq = (r1 - r0) * nh;
+                        let keys = start + r1;
+                        let kpad = keys.div_ceil(lanes) * lanes;
+                        sc.qh.resize(nq * hd, 0.0);
+                        sc.scores.resize(nq * kpad, 0.0);
+                        for i in r0..r1 {
+                            for (k, h) in t.heads.clone().enumerate() {
+                                let src = &q[(i * shape.n_head + h) * hd..][..hd];
+                                let at = ((i - r0) * nh + k) * hd;
+                                round_to_f16(src, &mut sc.qh[at..][..hd]);
+                            }
+                        }
+                        for j0 in (0..kpad).step_by(wide::BLOCK) {
+                            let j1 = kpad.min(j0 + wide::BLOCK);
+                            let kt = &mut sc.kt;
+                            transpose_keys(kv, kv_off, keys, hd, j0..j1, wide::BLOCK, kt);
+                            let (qh, sco) = (&sc.qh[..nq * hd], &mut sc.scores[..nq * kpad]);
+                            if $wide {
+                                wide::scores_heads(qh, nq, kt, j1 - j0, sco, kpad, j0);
+                            } else {
+                                for (qi, q) in qh.chunks_exact(hd).enumerate() {
+                                    scores(q, kt, wide::BLOCK, j1 - j0, &mut sco[qi * kpad + j0..]);
                                 }
                             }
-                            for j0 in (0..kpad).step_by(wide::BLOCK) {
-                                let j1 = kpad.min(j0 + wide::BLOCK);
-                                let kt = &mut sc.kt;
-                                transpose_keys(kv, kv_off, keys, hd, j0..j1, wide::BLOCK, kt);
-                                let (qh, scores) = (&sc.qh[..nq * hd], &mut sc.scores[..nq * kpad]);
-                                wide::scores_heads(qh, nq, kt, j1 - j0, scores, kpad, j0);
-                            }
-                            for i in r0..r1 {
-                                accumulate_heads(
-                                    &sc.scores[(i - r0) * nh * kpad..],
-                                    kpad,
-                                    nh,
-                                    start + i + 1,
-                                    scale,
-                                    &mut sc.acc,
-                                    kv,
-                                    kv_off,
-                                );
-                                out.extend_from_slice(&sc.acc);
-                            }
                         }
-                        return;
-                    }
-                    sc.kt.resize(hd * kpad, 0.0);
-                    sc.scores.resize(nh * kpad, 0.0);
-                    sc.qh.resize(hd, 0.0);
-                    sc.acc.resize(nh * hd, 0.0);
-                    transpose_keys(kv, kv_off, keys, hd, 0..kpad, kpad, &mut sc.kt);
-                    for i in t.rows.clone() {
-                        let seen = start + i + 1;
-                        for (k, h) in t.heads.clone().enumerate() {
-                            // Q rounded to f16, as llama.cpp converts it to the K cache's type.
-                            let src = &q[(i * shape.n_head + h) * hd..][..hd];
-                            round_to_f16(src, &mut sc.qh);
-                            scores(&sc.qh, &sc.kt, kpad, seen, &mut sc.scores[k * kpad..]);
+                        for i in r0..r1 {
+                            accumulate_heads(
+                                &sc.scores[(i - r0) * nh * kpad..],
+                                kpad,
+                                nh,
+                                start + i + 1,
+                                scale,
+                                &mut sc.acc,
+                                kv,
+                                kv_off,
+                            );
+                            out.extend_from_slice(&sc.acc);
                         }
-                        accumulate_heads(
-                            &sc.scores,
-                            kpad,
-                            nh,
-                            seen,
-                            scale,
-                            &mut sc.acc,
-                            kv,
-                            kv_off,
-                        );
-                        out.extend_from_slice(&sc.acc);
                     }
                 });
                 out
