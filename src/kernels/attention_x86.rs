@@ -26,10 +26,11 @@ const KV_AHEAD: usize = 16;
 /// Scratch memory of one thread's attention tasks, kept between calls.
 #[derive(Default)]
 struct Scratch {
-    /// This KV head's keys, transposed and widened: `[head_dim][keys rounded up to 8]`.
+    /// One block of this KV head's keys, transposed and widened: `[head_dim][BLOCK]`.
     kt: Vec<f32>,
-    /// One row of scores per head of the task, `kpad` apart.
+    /// One row of scores per (query row, head) of a block of rows, `kpad` apart.
     scores: Vec<f32>,
+    /// Those queries, rounded to f16, `head_dim` apart.
     qh: Vec<f32>,
     acc: Vec<f32>,
 }
