@@ -104,9 +104,15 @@ fn connections_beyond_the_cap_get_503_and_the_rest_go_on() {
 #[test]
 fn a_queued_stream_gets_keep_alive_comments() {
     use std::io::{BufRead, BufReader};
-    // One slot, held by a long request: the second stream waits in the queue.
+    // One slot, held by a long request: the second stream waits in the queue. The holder's
+    // 2,000-word prompt keeps the slot for seconds even on a fast host (400 tokens of story
+    // alone took under the keep-alive second there).
     let s = Server::start(&["--sse-keep-alive", "1", "--max-batch-size", "1"]);
-    let long = json!({"messages": [{"role": "user", "content": "Tell me a very long story."}],
+    let prompt = format!(
+        "{}Tell me a very long story.",
+        "The quick brown fox jumps over the lazy dog. ".repeat(200)
+    );
+    let long = json!({"messages": [{"role": "user", "content": prompt}],
                       "max_tokens": 400, "temperature": 0, "stream": true});
     let base = s.base.clone();
     let holder = std::thread::spawn(move || {
