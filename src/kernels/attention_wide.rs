@@ -1,9 +1,9 @@
 //! The AVX-512 attention task's inner loops at full width: sixteen keys per score vector
 //! (scored a block of keys at a time by up to four queries per load) and sixteen dimensions
-//! per value vector (the AVX2 kernels in [`super::attention_x86`] take eight). Every lane does the arithmetic of the portable path in [`super::attention`] (same
-//! operations, same order), so results are bit-identical; there are only half as many
-//! instructions, which is what the value accumulation (an f16 round trip per key, head and
-//! vector) is bound by.
+//! per value vector (the AVX2 kernels in [`super::attention_x86`] take eight). Every lane
+//! does the arithmetic of the portable path in [`super::attention`] (same operations, same
+//! order), so results are bit-identical; there are only half as many instructions, which is
+//! what the value accumulation (an f16 round trip per key, head and vector) is bound by.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -16,8 +16,8 @@ const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 /// Keys a score vector holds: `kpad` (a row of scores) is a multiple of it.
 pub(super) const LANES: usize = 16;
 
-/// Keys a block holds: its transposed keys (`[head_dim][BLOCK]` f32,
-/// 16 KiB at 64 dimensions) stay in the L1 cache while every head of the group scores them.
+/// Keys a block holds: its transposed keys (`[head_dim][BLOCK]` f32, 16 KiB at 64
+/// dimensions) stay in the L1 cache while every query of a block of rows scores them.
 pub(super) const BLOCK: usize = 64;
 
 /// The scores of `nh` queries (`qh`: f16-rounded, `head_dim` apart) against one
@@ -66,7 +66,7 @@ pub(super) unsafe fn scores_heads(
     }
 }
 
-/// `H` heads' scores for `V` vectors of keys of one block; returns `H`.
+/// `H` queries' scores for `V` vectors of keys of one block; returns `H`.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn block<const H: usize, const V: usize>(
