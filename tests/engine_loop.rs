@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeinfer::engine::core::{self, EngineConfig, EngineHandle};
@@ -53,6 +53,31 @@ struct FakeModel {
     log: Arc<Mutex<Log>>,
     /// The forward call (0-based) that fails, if any.
     fail_call: Option<usize>,
+    /// Forward calls wait until this opens (a test queues its requests first).
+    gate: Gate,
+}
+
+/// A latch the fake model's forward waits on; open by default.
+#[derive(Clone)]
+struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    fn new(open: bool) -> Gate {
+        Gate(Arc::new((Mutex::new(open), Condvar::new())))
+    }
+
+    fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+
+    fn wait(&self) {
+        let (lock, cvar) = &*self.0;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = cvar.wait(open).unwrap();
+        }
+    }
 }
 
 impl ModelRunner for FakeModel {
@@ -76,6 +101,7 @@ impl ModelRunner for FakeModel {
     }
 
     fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError> {
+        self.gate.wait();
         let call = {
             let mut log = self.log.lock().unwrap();
             log.calls.push(seqs.iter().map(|s| s.tokens.len()).sum());
@@ -125,6 +151,7 @@ fn tokenizer() -> Tokenizer {
 fn start(
     config: EngineConfig,
     fail_call: Option<usize>,
+    gate: Gate,
 ) -> (EngineHandle, Arc<Mutex<Log>>, Vec<u32>) {
     let tok = tokenizer();
     let log = Arc::new(Mutex::new(Log::default()));
@@ -136,6 +163,7 @@ fn start(
         kv: HashMap::new(),
         log: log.clone(),
         fail_call,
+        gate,
     };
     (core::start(fake, tok, config).unwrap(), log, script)
 }
@@ -220,8 +248,11 @@ fn wait_idle(engine: &EngineHandle) {
 #[test]
 fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
     // 64 tokens a step forces chunked prefill; 20 blocks of 16 for 12 requests of up to
-    // ~150 positions forces preemption and recomputation.
-    let (engine, log, script) = start(config(64, 320), None);
+    // ~150 positions forces preemption and recomputation. The model waits until all twelve
+    // are queued: on a fast host the first requests could otherwise finish before the last
+    // arrive, and the pool would never run short.
+    let gate = Gate::new(false);
+    let (engine, log, script) = start(config(64, 320), None, gate.clone());
     let tok = tokenizer();
     let mut jobs = Vec::new();
     for tag in 0..12u32 {
@@ -231,6 +262,7 @@ fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
         let rx = engine.submit(req).expect("room");
         jobs.push((p, n, ended, std::thread::spawn(move || collect(rx))));
     }
+    gate.open();
     let results: Vec<_> = jobs
         .into_iter()
         .map(|(p, n, ended, h)| (p, n, ended, h.join().unwrap()))
@@ -275,7 +307,7 @@ fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
 
 #[test]
 fn a_failed_forward_fails_that_steps_requests_and_the_engine_goes_on() {
-    let (engine, _log, script) = start(config(512, 4096), Some(3));
+    let (engine, _log, script) = start(config(512, 4096), Some(3), Gate::new(true));
     let p = prompt(&script, 0, 30, 1);
     let (req, ended) = request(p.clone(), 40);
     let (text, end) = collect(engine.submit(req).unwrap());
@@ -298,7 +330,7 @@ fn a_failed_forward_fails_that_steps_requests_and_the_engine_goes_on() {
 
 #[test]
 fn a_client_that_leaves_mid_generation_is_freed_and_metered() {
-    let (engine, _log, script) = start(config(512, 4096), None);
+    let (engine, _log, script) = start(config(512, 4096), None, Gate::new(true));
     let (req, ended) = request(prompt(&script, 0, 20, 2), 3000);
     let mut rx = engine.submit(req).unwrap();
     for _ in 0..5 {
