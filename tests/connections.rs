@@ -89,8 +89,15 @@ fn connections_beyond_the_cap_get_503_and_the_rest_go_on() {
     assert!(refusal.starts_with("HTTP/1.1 503"), "{refusal}");
     assert!(refusal.contains("\"server_error\""), "{refusal}");
     drop(idle);
-    std::thread::sleep(Duration::from_millis(200));
-    let (status, _) = s.post("/v1/chat/completions", &chat());
+    // The server notices the closed connections and frees their slots soon after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let (status, _) = s.post("/v1/chat/completions", &chat());
+        if status == 200 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, 200);
     // Streams say that proxies must not buffer them.
     let mut body = chat();
@@ -108,11 +115,7 @@ fn a_queued_stream_gets_keep_alive_comments() {
     // 2,000-word prompt keeps the slot for seconds even on a fast host (400 tokens of story
     // alone took under the keep-alive second there).
     let s = Server::start(&["--sse-keep-alive", "1", "--max-batch-size", "1"]);
-    let prompt = format!(
-        "{}Tell me a very long story.",
-        "The quick brown fox jumps over the lazy dog. ".repeat(200)
-    );
-    let long = json!({"messages": [{"role": "user", "content": prompt}],
+    let long = json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a very long story.")}],
                       "max_tokens": 400, "temperature": 0, "stream": true});
     let base = s.base.clone();
     let holder = std::thread::spawn(move || {
@@ -121,7 +124,10 @@ fn a_queued_stream_gets_keep_alive_comments() {
             .unwrap();
         BufReader::new(r.into_reader()).lines().count()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)),
+        "the holder started"
+    );
     let mut body = chat();
     body["stream"] = json!(true);
     let r = ureq::post(&format!("{}/v1/chat/completions", s.base))

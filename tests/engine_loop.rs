@@ -57,22 +57,36 @@ struct FakeModel {
     gate: Gate,
 }
 
-/// A latch the fake model's forward waits on; open by default.
+/// A latch that the fake model's forward calls from `from` on wait for until it opens.
 #[derive(Clone)]
-struct Gate(Arc<(Mutex<bool>, Condvar)>);
+struct Gate {
+    latch: Arc<(Mutex<bool>, Condvar)>,
+    from: usize,
+}
 
 impl Gate {
     fn new(open: bool) -> Gate {
-        Gate(Arc::new((Mutex::new(open), Condvar::new())))
+        Gate::closed_from(if open { usize::MAX } else { 0 })
+    }
+
+    /// Closed for forward call `from` (0-based) and the ones after it.
+    fn closed_from(from: usize) -> Gate {
+        Gate {
+            latch: Arc::new((Mutex::new(false), Condvar::new())),
+            from,
+        }
     }
 
     fn open(&self) {
-        *self.0 .0.lock().unwrap() = true;
-        self.0 .1.notify_all();
+        *self.latch.0.lock().unwrap() = true;
+        self.latch.1.notify_all();
     }
 
-    fn wait(&self) {
-        let (lock, cvar) = &*self.0;
+    fn wait(&self, call: usize) {
+        if call < self.from {
+            return;
+        }
+        let (lock, cvar) = &*self.latch;
         let mut open = lock.lock().unwrap();
         while !*open {
             open = cvar.wait(open).unwrap();
@@ -101,12 +115,12 @@ impl ModelRunner for FakeModel {
     }
 
     fn forward(&mut self, seqs: &[SeqInput]) -> Result<StepLogits, ModelError> {
-        self.gate.wait();
         let call = {
             let mut log = self.log.lock().unwrap();
             log.calls.push(seqs.iter().map(|s| s.tokens.len()).sum());
             log.calls.len() - 1
         };
+        self.gate.wait(call);
         if self.fail_call == Some(call) {
             return Err(ModelError::Tokenizer("injected failure".into()));
         }
@@ -330,13 +344,17 @@ fn a_failed_forward_fails_that_steps_requests_and_the_engine_goes_on() {
 
 #[test]
 fn a_client_that_leaves_mid_generation_is_freed_and_metered() {
-    let (engine, _log, script) = start(config(512, 4096), None, Gate::new(true));
+    // The model waits from its sixth call until the client has left, so the client leaves
+    // mid-generation however slowly this thread runs.
+    let gate = Gate::closed_from(5);
+    let (engine, _log, script) = start(config(512, 4096), None, gate.clone());
     let (req, ended) = request(prompt(&script, 0, 20, 2), 3000);
     let mut rx = engine.submit(req).unwrap();
     for _ in 0..5 {
         assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
     }
     drop(rx);
+    gate.open();
     wait_idle(&engine);
     let report = ended.lock().unwrap().expect("on_end was called");
     assert_eq!(report.ending, Ending::Cancelled);

@@ -83,10 +83,15 @@ fn an_engine_panic_fails_requests_flips_health_and_exits_nonzero() {
 fn sigterm_under_load_drains_and_exits_zero() {
     let mut s = Server::start(&["--shutdown-timeout", "60"]);
     let (tx, rx) = std::sync::mpsc::channel();
+    // A stream's first line comes before its prefill; 2,000-word prompts keep all four
+    // running for seconds after it on any host, so the checks below meet a draining server.
+    let mut body = long_stream();
+    body["messages"][0]["content"] =
+        json!(common::long_prompt("Tell me a long story about the sea."));
     let handles: Vec<_> = (0..4)
         .map(|_| {
-            let (base, tx) = (s.base.clone(), tx.clone());
-            std::thread::spawn(move || stream_lines(&base, &long_stream(), tx))
+            let (base, tx, body) = (s.base.clone(), tx.clone(), body.clone());
+            std::thread::spawn(move || stream_lines(&base, &body, tx))
         })
         .collect();
     for _ in 0..4 {
@@ -94,10 +99,16 @@ fn sigterm_under_load_drains_and_exits_zero() {
             .expect("every stream starts");
     }
     s.signal_term();
-    // Readiness is 503 at once while liveness stays 200 (draining is not a failure); a new
-    // request is refused with 503 in OpenAI's shape.
-    std::thread::sleep(Duration::from_millis(200));
-    let (status, body) = raw_request(&s.addr, "GET", "/ready", None, b"");
+    // Readiness turns 503 at once while liveness stays 200 (draining is not a failure); a
+    // new request is refused with 503 in OpenAI's shape.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (status, body) = loop {
+        let (status, body) = raw_request(&s.addr, "GET", "/ready", None, b"");
+        if status == 503 || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "shutting_down");
     let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");

@@ -518,7 +518,12 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         received.push(chunks.len() - 1); // the first chunk carries only the role
     }
     assert!(s.wait_idle(Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(300));
+    // The ledger's writer commits in batches of its own: wait until every row is there.
+    let expected_rows = ok + cached_rows + 2;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ledger_rows(&db).len() < expected_rows && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let rows = ledger_rows(&db);
     let of = |st: &str| {

@@ -53,7 +53,7 @@ fn vllm_metrics_are_there_from_start_up_and_scrapes_stay_fast_during_a_long_pref
             "--prompt-tokens",
             "2000",
             "--p99-ms",
-            "60",
+            "250",
         ])
         .output()
         .expect("python3 runs");

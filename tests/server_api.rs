@@ -386,6 +386,16 @@ fn concurrent_greedy_requests_equal_their_solo_runs() {
 #[test]
 fn flood_with_a_small_queue_gets_429_with_retry_after() {
     let s = Server::start(&["--max-queue", "1", "--max-batch-size", "1"]);
+    // A long request holds the one slot first, so the flood meets a full queue on any host
+    // (ten 16-token requests alone can pass one at a time on a fast one).
+    let holder = s.raw_post(
+        "/v1/chat/completions",
+        &chat(
+            &common::long_prompt("Tell me a long story."),
+            json!({"max_tokens": 200, "stream": true}),
+        ),
+    );
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
     let results: Vec<(u16, Option<String>)> = std::thread::scope(|scope| {
         let hs: Vec<_> = (0..10)
             .map(|_| {
@@ -413,18 +423,8 @@ fn flood_with_a_small_queue_gets_429_with_retry_after() {
         "{results:?}"
     );
     assert!(results.iter().any(|(st, _)| *st == 200));
+    drop(holder);
     assert!(s.wait_idle(Duration::from_secs(20)));
-}
-
-fn wait_for(s: &Server, metric: &str, value: f64) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if s.metric(metric) == value {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]
@@ -453,7 +453,7 @@ fn disconnects_free_the_sequence_in_every_phase() {
         &chat(&long_prompt, json!({"max_tokens": 5})),
     );
     assert!(
-        wait_for(&s, "edgeinfer_requests_running", 1.0),
+        s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)),
         "the prompt is being prefilled"
     );
     drop(conn);
@@ -466,13 +466,13 @@ fn disconnects_free_the_sequence_in_every_phase() {
         "/v1/chat/completions",
         &chat(&long_prompt, json!({"max_tokens": 50})),
     );
-    assert!(wait_for(&s, "edgeinfer_requests_running", 1.0));
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
     let queued = s.raw_post(
         "/v1/chat/completions",
         &chat("Hi", json!({"max_tokens": 5})),
     );
     assert!(
-        wait_for(&s, "edgeinfer_requests_waiting", 1.0),
+        s.wait_metric("edgeinfer_requests_waiting", 1.0, Duration::from_secs(10)),
         "the second request waits"
     );
     drop(queued);
@@ -540,12 +540,17 @@ fn a_small_kv_pool_preempts_and_recomputes_without_changing_outputs() {
         .iter()
         .map(|p| s.post("/v1/chat/completions", &body(p)).1)
         .collect();
+    // All six are sent at once (a barrier), so they overlap in the engine on any host.
+    let start = std::sync::Barrier::new(prompts.len());
     let together: Vec<Value> = std::thread::scope(|scope| {
         let hs: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let (s, b) = (&s, body(p));
-                scope.spawn(move || s.post("/v1/chat/completions", &b).1)
+                let (s, b, start) = (&s, body(p), &start);
+                scope.spawn(move || {
+                    start.wait();
+                    s.post("/v1/chat/completions", &b).1
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -11,6 +11,15 @@ use std::sync::OnceLock;
 
 use edgeinfer::model::LoadedModel;
 
+/// A 2,000-word prompt ending in `ask`: its prefill alone keeps a request busy for a second
+/// or more on any host, so tests that need a request still running don't race its end.
+pub fn long_prompt(ask: &str) -> String {
+    format!(
+        "{}{ask}",
+        "The quick brown fox jumps over the lazy dog. ".repeat(200)
+    )
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

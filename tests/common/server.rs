@@ -203,6 +203,18 @@ impl Server {
             .unwrap_or(f64::NAN)
     }
 
+    /// Waits until the metric `name` reads `value`; false if it did not within `within`.
+    pub fn wait_metric(&self, name: &str, value: f64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.metric(name) == value {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Waits until no request runs or waits and the KV cache is empty.
     pub fn wait_idle(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
