@@ -386,7 +386,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?;
         let (tool_format, native_tools) = ToolFormat::for_template(template.source());
         // Response-cache keys name the exact weights and template.
-        let model_hash = hub::sha256_file(&path)?;
+        let model_hash = hub::sha256_file_memo(&path)?;
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
         let _ = loader_state.ready.set(Ready {
             engine,

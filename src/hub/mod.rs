@@ -6,6 +6,7 @@
 //! whose checksum does not match is never left under the final name.
 
 pub mod manifest;
+mod memo;
 mod progress;
 mod sources;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use manifest::{Manifest, ModelEntry, Source};
+pub use memo::sha256_file_memo;
 use progress::Progress;
 
 use crate::error::HubError;
@@ -40,7 +42,7 @@ pub fn pull(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, HubError> {
         match &entry.sha256 {
             None => return Ok(dest),
             Some(expected) => {
-                let actual = sha256_file(&dest)?;
+                let actual = sha256_file_memo(&dest)?;
                 if &actual == expected {
                     tracing::info!(path = %dest.display(), "model present and verified");
                     return Ok(dest);
@@ -111,7 +113,9 @@ fn install_from_reader(
                 });
             }
         }
-        std::fs::rename(&part, dest).map_err(|source| io_err(dest, source))
+        std::fs::rename(&part, dest).map_err(|source| io_err(dest, source))?;
+        memo::remember(dest, &actual);
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&part);
@@ -180,6 +184,9 @@ mod tests {
         let dest = pull(&e, &dir).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"GGUF pretend model bytes");
         assert!(!part_path(&dest).exists());
+        // The download's hash is remembered, so the next start need not read the file again.
+        let memo = std::fs::read_to_string(dir.join(".test.gguf.sha256")).unwrap();
+        assert!(memo.starts_with(e.sha256.as_deref().unwrap()), "{memo}");
         // A second pull finds the verified file and does not touch the sources.
         std::fs::remove_file(&src).unwrap();
         assert_eq!(pull(&e, &dir).unwrap(), dest);
