@@ -327,7 +327,20 @@ fn a_budget_ends_a_stream_with_length_then_refuses() {
     let s = Server::start(&["--master-key", MASTER, "--prices", prices.to_str().unwrap()]);
     let key = generate_key(&s, json!({"max_budget": 0.05, "budget_duration": "30d"}));
     let auth = format!("Bearer {key}");
-    // No max_tokens: the completion is clamped to what the budget pays for (50 tokens).
+    // A short cacheable reply first (a miss that pays for its tokens).
+    let cached = |s: &Server| {
+        s.call(
+            "POST",
+            "/v1/completions",
+            Some(&json!({"prompt": "7, 8,", "max_tokens": 5, "temperature": 0})),
+            &[("authorization", &auth), ("cf-aig-cache-ttl", "600")],
+        )
+    };
+    let first = cached(&s);
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("cf-aig-cache-status"), Some("MISS"));
+    let paid = first.body["usage"]["completion_tokens"].as_u64().unwrap();
+    // No max_tokens: the completion is clamped to what the rest of the budget pays for.
     let body = json!({"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": true,
                       "stream_options": {"include_usage": true}});
     let chunks = sse_lines(
@@ -341,9 +354,13 @@ fn a_budget_ends_a_stream_with_length_then_refuses() {
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(
         (finish, usage["completion_tokens"].as_u64()),
-        ("length", Some(50)),
+        ("length", Some(50 - paid)),
         "{usage}"
     );
+    // The budget is spent: the cached reply is refused too (it is not replayed for free).
+    let again = cached(&s);
+    assert_openai_error(&again, 429, "insufficient_quota");
+    assert_eq!(again.header("cf-aig-cache-status"), None);
     let r = s.post_key(
         "/v1/completions",
         &json!({"prompt": "7, 8,", "max_tokens": 1}),
@@ -773,5 +790,52 @@ fn the_response_cache_replays_exact_deterministic_replies() {
     assert_eq!(
         counter(&s, "edgeinfer_prompt_tokens_total") - prompt0,
         usage["prompt_tokens"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn requests_the_full_queue_refuses_are_ledgered_as_rejected() {
+    let s = Server::start(&["--max-queue", "1", "--max-batch-size", "1"]);
+    let db = db_of(&s);
+    // A long request holds the one slot; then a burst meets a full queue.
+    let holder = s.raw_post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a story.")}],
+                "max_tokens": 100, "stream": true}),
+    );
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body = json!({"prompt": "Hi", "max_tokens": 2});
+                    s.post("/v1/completions", &body).0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused = statuses.iter().filter(|&&st| st == 429).count();
+    assert!(refused >= 1, "{statuses:?}");
+    drop(holder);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rejected = loop {
+        let rows = ledger_rows(&db);
+        let rejected: Vec<_> = rows.iter().filter(|r| r["status"] == "rejected").collect();
+        if rejected.len() >= refused || Instant::now() > deadline {
+            break rejected
+                .iter()
+                .map(|r| (r["prompt_tokens"].clone(), r["cost_micros"].clone()))
+                .collect::<Vec<_>>();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // One row per refusal, with nothing computed or charged.
+    assert_eq!(rejected.len(), refused, "{statuses:?}");
+    assert!(
+        rejected.iter().all(|r| *r == (json!(0), json!(0))),
+        "{rejected:?}"
     );
 }

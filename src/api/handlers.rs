@@ -65,8 +65,10 @@ pub(super) fn check_model(
 
 /// The common front of both completion endpoints: body, readiness, JSON, model name, the
 /// gateway's headers.
+#[allow(clippy::too_many_arguments)]
 fn accept<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    rid: &RequestId,
     who: Principal,
     headers: &HeaderMap,
     route: &'static str,
@@ -78,6 +80,17 @@ fn accept<T: serde::de::DeserializeOwned>(
     let ready = state.ready()?;
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
     if !ready.engine.has_room() {
+        let directives = Directives::from_headers(headers, state.default_cache_ttl).ok();
+        let labels = Labels {
+            request_id: rid.0.clone(),
+            model: state.model_name.clone(),
+            route: route.to_string(),
+            session_id: directives.as_ref().and_then(|d| d.session_id.clone()),
+            metadata: directives.and_then(|d| d.metadata),
+        };
+        state
+            .gateway
+            .record_rejected(who.key_id(), &labels, Instant::now());
         return Err(ApiError::overloaded());
     }
     let body = translate(parse_body(&body)?)?;
@@ -171,6 +184,7 @@ pub(super) async fn chat(
     let anthropic = matches!(api, Api::Anthropic);
     let (ready, req, sampling, gate) = accept(
         state,
+        &rid,
         who,
         headers,
         api.route(true),
@@ -265,6 +279,7 @@ pub(super) async fn completion(
 ) -> Result<Response, ApiError> {
     let (ready, req, sampling, gate) = accept(
         state,
+        &rid,
         who,
         headers,
         api.route(false),
@@ -492,7 +507,10 @@ async fn replay_hit(
         .unwrap_or_default();
     let committed = state
         .gateway
-        .record_cache_hit(&gate.principal, usage, price, labels, received);
+        .admit_cache_hit(&gate.principal, usage, price, labels, received)
+        .map_err(|(refusal, rate)| {
+            refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
+        })?;
     if !matches!(committed.await, Ok(true)) {
         tracing::error!("the ledger row of a cache hit was not committed");
     }

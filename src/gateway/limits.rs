@@ -116,6 +116,27 @@ impl Windows {
             b.refill(now);
         }
     }
+
+    /// Reads the key's spend from the ledger once per budget period (a new period starts at 0).
+    fn load_spend(&mut self, spec: &LimitSpec, unix: i64, spent: impl FnOnce(i64) -> u64) {
+        let start = period_start(spec, unix);
+        if !self.loaded || self.period_start != start {
+            self.spend = if self.loaded { 0 } else { spent(start) };
+            self.period_start = start;
+            self.loaded = true;
+        }
+    }
+
+    /// The money budget's refusal, retried when the period resets (if it does).
+    fn budget_refusal(&self, budget: u64, spec: &LimitSpec, unix: i64) -> Refusal {
+        let retry_after = spec
+            .budget_duration_secs
+            .map(|d| Duration::from_secs((self.period_start + d as i64 - unix).max(1) as u64));
+        Refusal::Budget {
+            budget_micros: budget,
+            retry_after,
+        }
+    }
 }
 
 /// Start of the budget period that contains `unix`.
@@ -228,12 +249,7 @@ impl Limits {
         if let Some((id, spec)) = key {
             let w = keys.entry(id.to_string()).or_default();
             w.follow(spec, now);
-            let start = period_start(spec, unix);
-            if !w.loaded || w.period_start != start {
-                w.spend = if w.loaded { 0 } else { spent(start) };
-                w.period_start = start;
-                w.loaded = true;
-            }
+            w.load_spend(spec, unix, spent);
             if let Some(max) = spec.max_parallel {
                 if w.parallel >= max {
                     return Err(Refusal::Parallel { limit: max });
@@ -290,13 +306,7 @@ impl Limits {
                     n = lo;
                 }
                 if n == 0 || ask.price.bound(ask.prompt, n) > left {
-                    let retry_after = spec.budget_duration_secs.map(|d| {
-                        Duration::from_secs((w.period_start + d as i64 - unix).max(1) as u64)
-                    });
-                    return Err(Refusal::Budget {
-                        budget_micros: budget,
-                        retry_after,
-                    });
+                    return Err(w.budget_refusal(budget, spec, unix));
                 }
                 fits = n;
             }
@@ -353,11 +363,29 @@ impl Limits {
         }
     }
 
-    /// Adds a cost that reserved nothing (a reply from the response cache) to a key's spend.
-    pub fn charge(&mut self, key: &str, cost: u64) {
-        if let Some(w) = self.keys.get_mut(key) {
-            w.spend += cost;
+    /// Admits a reply from the response cache, which reserves no tokens: only the key's money
+    /// budget can refuse it, once spent (or reserved by running requests) or unable to pay
+    /// `cost`; else `cost` is added to the spend.
+    pub fn admit_cached(
+        &mut self,
+        key: Option<(&str, &LimitSpec)>,
+        cost: u64,
+        unix: i64,
+        spent: impl FnOnce(i64) -> u64,
+    ) -> Result<(), Refusal> {
+        let Some((id, spec)) = key else {
+            return Ok(());
+        };
+        let w = self.keys.entry(id.to_string()).or_default();
+        w.load_spend(spec, unix, spent);
+        if let Some(budget) = spec.max_budget_micros {
+            let left = budget.saturating_sub(w.spend + w.reserved_cost);
+            if left == 0 || cost > left {
+                return Err(w.budget_refusal(budget, spec, unix));
+            }
         }
+        w.spend += cost;
+        Ok(())
     }
 
     /// The windows to report: the key's where it has them, else the global ones.
@@ -389,174 +417,5 @@ impl Limits {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ask(prompt: u64, max: u64, explicit: bool) -> Ask {
-        Ask {
-            prompt,
-            max_tokens: max,
-            explicit,
-            price: Price::default(),
-        }
-    }
-
-    fn spec(tpm: Option<u64>, rpm: Option<u64>) -> LimitSpec {
-        LimitSpec {
-            tpm,
-            rpm,
-            ..LimitSpec::default()
-        }
-    }
-
-    #[test]
-    fn reservations_never_exceed_the_window() {
-        let mut l = Limits::new(None, None);
-        let s = spec(Some(1000), None);
-        let t0 = Instant::now();
-        let mut granted = 0;
-        for _ in 0..50 {
-            if l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0)
-                .is_ok()
-            {
-                granted += 1;
-            }
-        }
-        assert_eq!(granted, 7, "7 x 140 = 980 <= 1000 < 8 x 140");
-        // The next one waits for (140 - 20) tokens at 1000/60 per second.
-        match l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0) {
-            Err(Refusal::Tokens {
-                retry_after: Some(d),
-                ..
-            }) => assert!((d.as_secs_f64() - 7.2).abs() < 0.01, "{d:?}"),
-            other => panic!("{other:?}"),
-        }
-        // After that wait it fits.
-        let later = t0 + Duration::from_secs_f64(7.21);
-        assert!(l
-            .admit(Some(("k", &s)), ask(40, 100, true), later, 0, |_| 0)
-            .is_ok());
-    }
-
-    #[test]
-    fn unused_tokens_come_back_and_a_request_too_large_never_fits() {
-        let mut l = Limits::new(None, None);
-        let s = spec(Some(300), Some(2));
-        let t0 = Instant::now();
-        let g = l
-            .admit(Some(("k", &s)), ask(100, 200, true), t0, 0, |_| 0)
-            .unwrap();
-        assert!(l
-            .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
-            .is_err());
-        l.settle(&g, Some((110, 0)), t0);
-        let info = l.rate_info(Some("k"), t0);
-        assert_eq!(info.tokens.map(|t| t.1), Some(190));
-        assert_eq!(info.requests.map(|t| t.1), Some(1));
-        assert!(matches!(
-            l.admit(Some(("k", &s)), ask(100, 250, true), t0, 0, |_| 0),
-            Err(Refusal::Tokens {
-                retry_after: None,
-                ..
-            })
-        ));
-        let g = l
-            .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
-            .unwrap();
-        // Requests per minute: both used.
-        assert!(matches!(
-            l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
-            Err(Refusal::Requests { .. })
-        ));
-        // A request that never ran gives its slot back.
-        l.settle(&g, None, t0);
-        assert!(l
-            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
-            .is_ok());
-    }
-
-    #[test]
-    fn without_max_tokens_the_completion_is_clamped_to_what_fits() {
-        let mut l = Limits::new(Some(500), None);
-        let t0 = Instant::now();
-        let g = l.admit(None, ask(100, 2000, false), t0, 0, |_| 0).unwrap();
-        assert_eq!(g.max_tokens, 400);
-        assert!(matches!(
-            l.admit(None, ask(1, 2000, false), t0, 0, |_| 0),
-            Err(Refusal::Tokens {
-                scope: Scope::Global,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn budgets_reserve_the_most_a_request_can_cost() {
-        let mut l = Limits::new(None, None);
-        let s = LimitSpec {
-            max_budget_micros: Some(100),
-            budget_duration_secs: Some(3600),
-            created: 1000,
-            ..LimitSpec::default()
-        };
-        // 1 micro-USD per token each way.
-        let price = Price {
-            input: 1_000_000,
-            cached_input: 1_000_000,
-            output: 1_000_000,
-            cached_response: 0,
-        };
-        let a = |max, explicit| Ask {
-            prompt: 10,
-            max_tokens: max,
-            explicit,
-            price,
-        };
-        let t0 = Instant::now();
-        // 30 already spent this period: 70 left.
-        let g = l.admit(Some(("k", &s)), a(50, true), t0, 2000, |start| {
-            assert_eq!(start, 1000);
-            30
-        });
-        let g = g.unwrap();
-        // 10 left after reserving 60: a request of 10 + 1 cannot fit.
-        assert!(matches!(
-            l.admit(Some(("k", &s)), a(1, true), t0, 2000, |_| 0),
-            Err(Refusal::Budget { retry_after: Some(d), .. }) if d == Duration::from_secs(2600)
-        ));
-        l.settle(&g, Some((15, 15)), t0);
-        assert_eq!(l.spend("k"), Some(45));
-        // Without max_tokens, the completion is clamped to the budget: 55 - 10 = 45.
-        let g = l
-            .admit(Some(("k", &s)), a(1000, false), t0, 2000, |_| 0)
-            .unwrap();
-        assert_eq!(g.max_tokens, 45);
-        l.settle(&g, None, t0);
-        // A new period starts from zero.
-        let g = l
-            .admit(Some(("k", &s)), a(1000, false), t0, 4700, |_| 0)
-            .unwrap();
-        assert_eq!(g.max_tokens, 90);
-    }
-
-    #[test]
-    fn parallel_requests_are_capped() {
-        let mut l = Limits::new(None, None);
-        let s = LimitSpec {
-            max_parallel: Some(1),
-            ..LimitSpec::default()
-        };
-        let t0 = Instant::now();
-        let g = l
-            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
-            .unwrap();
-        assert_eq!(
-            l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
-            Err(Refusal::Parallel { limit: 1 })
-        );
-        l.settle(&g, Some((2, 0)), t0);
-        assert!(l
-            .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
-            .is_ok());
-    }
-}
+#[path = "limits_tests.rs"]
+mod tests;

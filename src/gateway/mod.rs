@@ -195,13 +195,7 @@ impl Gateway {
         let key = who.key_id().zip(spec.as_ref());
         let now = Instant::now();
         let mut limits = self.limits();
-        let spent = |since| {
-            let id = who.key_id().unwrap_or_default();
-            self.ledger.spent(id, since).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "reading a key's spend failed; counting 0");
-                0
-            })
-        };
+        let spent = |since| self.spent(who.key_id().unwrap_or_default(), since);
         match limits.admit(key, ask, now, db::unix_now(), spent) {
             Ok(grant) => {
                 let rate = limits.rate_info(who.key_id(), now);
@@ -239,22 +233,37 @@ impl Gateway {
         self.limits().spend(key_id)
     }
 
-    /// Meters a reply replayed from the response cache: no tokens reserved or computed, its
-    /// own price, one `cached` row. Returns the commit acknowledgement.
-    pub fn record_cache_hit(
+    /// Admits and meters a reply replayed from the response cache: no tokens reserved or
+    /// computed, its own price, one `cached` row; refused (and ledgered as such) when the key's
+    /// budget is spent or cannot pay for it. Returns the commit acknowledgement.
+    pub fn admit_cache_hit(
         &self,
         who: &Principal,
         usage: Usage,
         price: Price,
         labels: &Labels,
         received: Instant,
-    ) -> oneshot::Receiver<bool> {
+    ) -> Result<oneshot::Receiver<bool>, (Refusal, RateInfo)> {
         let tokens = tokens_of(usage);
         let cost = price.cached_cost(tokens);
-        if let Some(k) = who.key_id() {
-            self.limits().charge(k, cost);
+        let spec = who.limits();
+        let key = who.key_id().zip(spec.as_ref());
+        let mut limits = self.limits();
+        let admitted = limits.admit_cached(key, cost, db::unix_now(), |since| {
+            self.spent(who.key_id().unwrap_or_default(), since)
+        });
+        if let Err(refusal) = admitted {
+            let rate = limits.rate_info(who.key_id(), Instant::now());
+            drop(limits);
+            let row = Row {
+                status: "rate_limited",
+                ..self.row(who.key_id(), labels, received)
+            };
+            self.ledger.record_then(row, None);
+            return Err((refusal, rate));
         }
-        self.ledger.record(Row {
+        drop(limits);
+        Ok(self.ledger.record(Row {
             status: "cached",
             finish_reason: None,
             prompt_tokens: tokens.prompt,
@@ -262,6 +271,24 @@ impl Gateway {
             completion_tokens: tokens.completion,
             cost_micros: cost,
             ..self.row(who.key_id(), labels, received)
+        }))
+    }
+
+    /// Ledgers a request the engine had no room for (a full queue, or shutting down): nothing
+    /// computed or charged, status `rejected`.
+    pub fn record_rejected(&self, key_id: Option<&str>, labels: &Labels, received: Instant) {
+        let row = Row {
+            status: "rejected",
+            ..self.row(key_id, labels, received)
+        };
+        self.ledger.record_then(row, None);
+    }
+
+    /// A key's spend since `since` in the ledger (0, logged, if it cannot be read).
+    fn spent(&self, key_id: &str, since: i64) -> u64 {
+        self.ledger.spent(key_id, since).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading a key's spend failed; counting 0");
+            0
         })
     }
 
@@ -342,10 +369,13 @@ impl Meter {
 }
 
 impl Drop for Meter {
-    /// A request that never ran (refused by the engine's queue) gives everything back.
+    /// A request that never ran (refused by the engine's full queue, or by a server shutting
+    /// down) gives everything back and is ledgered as `rejected`.
     fn drop(&mut self) {
         if let Some(grant) = self.grant.take() {
             self.gateway.limits().settle(&grant, None, Instant::now());
+            self.gateway
+                .record_rejected(self.key_id.as_deref(), &self.labels, self.received);
         }
     }
 }
