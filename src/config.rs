@@ -352,6 +352,11 @@ pub struct ServeArgs {
     /// Memory the response cache may hold, in bytes; least recently used replies go first.
     #[arg(long, env = "EDGEINFER_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_max_bytes: usize,
+
+    /// Days a stored Responses-API response (and its conversation's text) is kept: older
+    /// ones are deleted and answer 404 (0: kept until deleted).
+    #[arg(long, env = "EDGEINFER_RESPONSES_RETENTION_DAYS", default_value_t = 30)]
+    pub responses_retention_days: u64,
 }
 
 impl ServeArgs {

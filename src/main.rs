@@ -310,6 +310,9 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         prices,
         global_tpm: args.tpm_limit,
         global_rpm: args.rpm_limit,
+        responses_retention: (args.responses_retention_days > 0).then(|| {
+            std::time::Duration::from_secs(args.responses_retention_days.saturating_mul(86_400))
+        }),
     })?;
     if !gateway.auth_required() && !args.insecure_no_auth && !admin_cli::is_loopback(&args.host) {
         anyhow::bail!(

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS responses (
     response TEXT NOT NULL,           -- the response object (JSON): holds conversation text
     context TEXT NOT NULL             -- JSON array: the conversation's items through its output
 );
+CREATE INDEX IF NOT EXISTS responses_created ON responses(created);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
 ";

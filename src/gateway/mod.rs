@@ -95,6 +95,8 @@ pub struct GatewayConfig {
     pub prices: PriceTable,
     pub global_tpm: Option<u64>,
     pub global_rpm: Option<u64>,
+    /// How long stored responses are kept (`None`: until deleted).
+    pub responses_retention: Option<std::time::Duration>,
 }
 
 pub struct Gateway {
@@ -126,7 +128,10 @@ impl Gateway {
         let auth_required = config.master_key.is_some() || keys.count()? > 0;
         Ok(Self {
             keys,
-            conversations: conversations::Conversations::new(db::open(&config.db_path)?),
+            conversations: conversations::Conversations::new(
+                db::open(&config.db_path)?,
+                config.responses_retention,
+            )?,
             ledger,
             prices: config.prices,
             limits: Mutex::new(Limits::new(config.global_tpm, config.global_rpm)),
