@@ -51,6 +51,12 @@ fn official_anthropic_client_works() {
     assert_eq!(u["output_tokens"], su["output_tokens"], "{r}");
     assert_eq!(r["count"].as_u64().unwrap(), input(u), "{r}");
 
+    // A matched stop sequence is the stop reason and is named, whole and streamed.
+    assert_eq!(r["stop"]["stop_reason"], "stop_sequence", "{r}");
+    assert_eq!(r["stop"]["stop_sequence"], "e", "{r}");
+    assert!(!r["stop"]["text"].as_str().unwrap().contains('e'), "{r}");
+    assert_eq!(r["stop"], r["stream_stop"], "{r}");
+
     // The forced call, whole and streamed (the SDK assembles `input_json_delta`s).
     assert_eq!(r["call_stop_reason"], "tool_use", "{r}");
     assert_eq!(r["call"]["name"], "get_weather", "{r}");

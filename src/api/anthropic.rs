@@ -278,11 +278,14 @@ fn translate_tool_choice(c: &Value) -> Result<(Value, bool), ApiError> {
     Ok((choice, parallel))
 }
 
-fn stop_reason(r: FinishReason, made_calls: bool) -> &'static str {
-    match r {
-        FinishReason::Stop if made_calls => "tool_use",
-        FinishReason::Stop => "end_turn",
-        FinishReason::Length => "max_tokens",
+/// Anthropic's `stop_reason` and `stop_sequence`: a stop string that ended the message is
+/// named (`stop_sequence`), else the end of the turn, a tool call or the token budget.
+fn stop_fields(r: FinishReason, stop: Option<String>, made_calls: bool) -> (&'static str, Value) {
+    match (r, stop) {
+        (FinishReason::Stop, Some(s)) => ("stop_sequence", Value::String(s)),
+        (FinishReason::Stop, None) if made_calls => ("tool_use", Value::Null),
+        (FinishReason::Stop, None) => ("end_turn", Value::Null),
+        (FinishReason::Length, _) => ("max_tokens", Value::Null),
     }
 }
 
@@ -304,7 +307,13 @@ fn input_of(arguments: &str) -> Value {
 }
 
 /// The whole message.
-pub fn whole(meta: &Meta, text: String, reason: FinishReason, usage: Usage) -> Value {
+pub fn whole(
+    meta: &Meta,
+    text: String,
+    reason: FinishReason,
+    stop: Option<String>,
+    usage: Usage,
+) -> Value {
     let mut content = Vec::new();
     let mut made_calls = false;
     match meta.call_parser() {
@@ -330,9 +339,10 @@ pub fn whole(meta: &Meta, text: String, reason: FinishReason, usage: Usage) -> V
             }
         }
     }
+    let (stop_reason, stop_sequence) = stop_fields(reason, stop, made_calls);
     json!({"id": meta.id, "type": "message", "role": "assistant", "model": meta.model,
-           "content": content, "stop_reason": stop_reason(reason, made_calls),
-           "stop_sequence": Value::Null, "usage": usage_json(usage)})
+           "content": content, "stop_reason": stop_reason,
+           "stop_sequence": stop_sequence, "usage": usage_json(usage)})
 }
 
 /// Streams Anthropic's events: `message_start`, `ping`, per block `content_block_start`,
@@ -444,17 +454,22 @@ impl State {
                 };
                 pieces.into_iter().for_each(|p| self.piece(p));
             }
-            Some(Event::Finished { reason, usage }) => {
+            Some(Event::Finished {
+                reason,
+                usage,
+                stop_sequence,
+            }) => {
                 let mut made_calls = false;
                 if let Some(mut p) = self.calls.take() {
                     p.finish().into_iter().for_each(|piece| self.piece(piece));
                     made_calls = !p.calls().is_empty();
                 }
                 self.close();
+                let (stop_reason, stop_sequence) = stop_fields(reason, stop_sequence, made_calls);
                 self.pending.push_back((
                     "message_delta",
                     json!({"type": "message_delta",
-                           "delta": {"stop_reason": stop_reason(reason, made_calls), "stop_sequence": Value::Null},
+                           "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                            "usage": usage_json(usage)}),
                 ));
                 self.pending

@@ -47,6 +47,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
     let _ = tx.send(Event::Finished {
         reason: FinishReason::Stop,
         usage: Usage::default(),
+        stop_sequence: None,
     });
     drop(tx);
     let meta = Meta {

@@ -218,11 +218,15 @@ async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Re
                 lps.extend(logprob);
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
-            Event::Finished { reason, usage } => {
+            Event::Finished {
+                reason,
+                usage,
+                stop_sequence,
+            } => {
                 let whole = match &meta.surface {
                     Surface::OpenAi => meta.whole(text, lps, reason, usage),
                     Surface::Anthropic { .. } => {
-                        super::anthropic::whole(&meta, text, reason, usage)
+                        super::anthropic::whole(&meta, text, reason, stop_sequence, usage)
                     }
                     Surface::Workers { json } => super::workers::whole(&meta, text, *json, usage),
                     Surface::Responses(ctx) => {

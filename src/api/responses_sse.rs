@@ -178,7 +178,7 @@ impl State {
                 };
                 pieces.into_iter().for_each(|p| self.piece(p));
             }
-            Some(Event::Finished { reason, usage }) => {
+            Some(Event::Finished { reason, usage, .. }) => {
                 if let Some(mut p) = self.calls.take() {
                     p.finish().into_iter().for_each(|piece| self.piece(piece));
                 }

@@ -89,7 +89,7 @@ impl State {
                     self.pending.push_back(chunk);
                 }
             }
-            Some(Event::Finished { reason, usage }) => {
+            Some(Event::Finished { reason, usage, .. }) => {
                 let mut made_calls = false;
                 if let Some(p) = &mut self.calls {
                     for piece in p.finish() {

@@ -488,7 +488,8 @@ impl<M: ModelRunner> Engine<M> {
                 emit,
                 reason,
                 counted,
-            } => (emit, Some(reason), counted),
+                stop,
+            } => (emit, Some((reason, stop)), counted),
         };
         if counted {
             telemetry::generated();
@@ -504,14 +505,18 @@ impl<M: ModelRunner> Engine<M> {
         }
         // The KV pool must hold the next position too.
         let full = a.tokens.len() >= self.model.context_length();
-        let reason = match (finish, full) {
+        let (reason, stop_sequence) = match (finish, full) {
             (Some(r), _) => r,
-            (None, true) => FinishReason::Length,
+            (None, true) => (FinishReason::Length, None),
             (None, false) => return (token, false),
         };
         a.ending = Ending::Finished(reason);
         let usage = a.usage();
-        let _ = a.events.send(Event::Finished { reason, usage });
+        let _ = a.events.send(Event::Finished {
+            reason,
+            usage,
+            stop_sequence,
+        });
         let label = match reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",

@@ -90,6 +90,7 @@ pub fn generate<B: Backend>(
                 emit,
                 reason,
                 counted,
+                ..
             } => {
                 if !counted {
                     stop_token = Some(next);

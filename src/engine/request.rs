@@ -113,6 +113,8 @@ pub enum Event {
     Finished {
         reason: FinishReason,
         usage: Usage,
+        /// The request's stop string that ended it, if one did.
+        stop_sequence: Option<String>,
     },
     Failed(String),
 }

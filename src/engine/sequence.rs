@@ -22,11 +22,12 @@ pub enum TokenOutcome {
     /// Generation goes on; `emit` is the new text (possibly empty).
     Continue { emit: String },
     /// Generation ended; `emit` is the last text. `counted` says whether the token is part of
-    /// the completion (an end-of-turn token is not).
+    /// the completion (an end-of-turn token is not); `stop` is the stop string that matched.
     Finished {
         emit: String,
         reason: FinishReason,
         counted: bool,
+        stop: Option<String>,
     },
 }
 
@@ -60,17 +61,19 @@ impl OutputState {
                 emit: self.flush(tok)?,
                 reason: FinishReason::Stop,
                 counted: false,
+                stop: None,
             });
         }
         self.generated += 1;
         let piece = self.detok.push(tok, id)?.unwrap_or_default();
         let mut emit = match self.stops.push(&piece) {
             StopOutcome::Continue { emit } => emit,
-            StopOutcome::Stopped { emit, .. } => {
+            StopOutcome::Stopped { emit, stop } => {
                 return Ok(TokenOutcome::Finished {
                     emit,
                     reason: FinishReason::Stop,
                     counted: true,
+                    stop: Some(stop),
                 })
             }
         };
@@ -80,6 +83,7 @@ impl OutputState {
                 emit,
                 reason: FinishReason::Length,
                 counted: true,
+                stop: None,
             });
         }
         Ok(TokenOutcome::Continue { emit })

@@ -34,6 +34,28 @@ with client.messages.stream(
 out["stream_stop_reason"] = final.stop_reason
 out["stream_usage"] = final.usage.model_dump()
 
+# A stop sequence ends the message and is named, whole and streamed ("e" comes early in
+# any English reply; the other never matches).
+stops = ["zzz-never", "e"]
+stopped = client.messages.create(
+    model=model, max_tokens=48, extra_body=T0, stop_sequences=stops, messages=ask
+)
+out["stop"] = {
+    "text": "".join(b.text for b in stopped.content if b.type == "text"),
+    "stop_reason": stopped.stop_reason,
+    "stop_sequence": stopped.stop_sequence,
+}
+with client.messages.stream(
+    model=model, max_tokens=48, extra_body=T0, stop_sequences=stops, messages=ask
+) as s:
+    text = "".join(s.text_stream)
+    final = s.get_final_message()
+out["stream_stop"] = {
+    "text": text,
+    "stop_reason": final.stop_reason,
+    "stop_sequence": final.stop_sequence,
+}
+
 out["count"] = client.messages.count_tokens(
     model=model, system="You are brief.", messages=ask
 ).input_tokens
