@@ -106,6 +106,18 @@ fn keys_guard_every_route_but_the_probes() {
     // A key limited to another model: 403 for this one; an unknown model is 404.
     let other = generate_key(&s, json!({"models": ["some-other-model"]}));
     assert_openai_error(&s.post_key(route, &body, &other), 403, "model_not_allowed");
+    // The model list shows each key what it may use.
+    let listed = |key: &str| {
+        let r = s.call(
+            "GET",
+            "/v1/models",
+            None,
+            &[("authorization", &format!("Bearer {key}"))],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["data"].as_array().unwrap().len()
+    };
+    assert_eq!((listed(&alice), listed(&other), listed(MASTER)), (1, 0, 1));
     let mut unknown = body.clone();
     unknown["model"] = json!("no-such-model");
     assert_openai_error(&s.post_key(route, &unknown, &alice), 404, "model_not_found");

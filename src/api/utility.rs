@@ -8,6 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 
@@ -15,13 +16,29 @@ use super::error::ApiError;
 use super::handlers::body_or_error;
 use super::types::{from_value, parse_body};
 use super::AppState;
+use crate::gateway::Principal;
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// The served model, unless the caller's key may not use it (then the list is empty, as a
+/// completion with that key would answer 403).
+pub async fn models(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+) -> Json<Value> {
     let ctx = state.ready.get().map(|r| r.context_length);
-    Json(json!({"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.started, "owned_by": "edgeinfer",
-        "context_length": ctx,
-    }]}))
+    let visible = match &who {
+        Principal::Key(k) => k.allows_model(&state.model_name),
+        Principal::Anonymous | Principal::Master => true,
+    };
+    let data: Vec<Value> = visible
+        .then(|| {
+            json!({
+                "id": state.model_name, "object": "model", "created": state.started,
+                "owned_by": "edgeinfer", "context_length": ctx,
+            })
+        })
+        .into_iter()
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// Liveness: 200 while the process and its engine thread are alive, also while the model
