@@ -84,6 +84,9 @@ with sync_playwright() as p:
     report["model"] = page.text_content("#model")
     wait_js(page, "document.getElementById('node-status').textContent === 'ready'", timeout=15000)
     check(page.is_hidden("#auth-error"), "the 401 message goes away with the key")
+    check(page.evaluate("localStorage.getItem('edgeinfer.key')") is None
+          and page.evaluate("sessionStorage.getItem('edgeinfer.key')") == key,
+          "the key is kept for the tab only (sessionStorage), never in localStorage")
     # The 401s above were expected; from here on the page must log no error.
     console_errors.clear()
 

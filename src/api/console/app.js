@@ -21,7 +21,7 @@ const SAMPLE_TOOLS = [{
 
 // ---- the key and requests -------------------------------------------------------------
 
-function key() { return localStorage.getItem("edgeinfer.key") || ""; }
+function key() { return sessionStorage.getItem("edgeinfer.key") || ""; }
 
 function headers(json) {
   const h = {};
@@ -346,7 +346,7 @@ async function refreshStatus() {
 function init() {
   $("api-key").value = key();
   $("api-key").addEventListener("change", (e) => {
-    localStorage.setItem("edgeinfer.key", e.target.value.trim());
+    sessionStorage.setItem("edgeinfer.key", e.target.value.trim());
     state.model = null;
     refreshStatus();
     refreshUsage();
