@@ -70,7 +70,7 @@ pub fn init(model_name: &str, cache: CacheShape) {
         counter!(name, "model_name" => m).absolute(0);
     }
     // Histograms exist once touched; an empty one renders as all-zero buckets.
-    for name in [V_TTFT, V_ITL, V_E2E, V_QUEUE] {
+    for name in [V_TTFT, V_ITL, V_E2E, V_QUEUE, PS_TPOT] {
         let _ = histogram!(name, "model_name" => m);
     }
     gauge!("vllm:cache_config_info",
@@ -121,6 +121,7 @@ const PS_KV_USAGE: &str = "vllm:gpu_cache_usage_perc";
 const PS_CACHE_QUERIES: &str = "vllm:gpu_prefix_cache_queries_total";
 const PS_CACHE_HITS: &str = "vllm:gpu_prefix_cache_hits_total";
 const PS_HIT_RATE: &str = "vllm:gpu_prefix_cache_hit_rate";
+const PS_TPOT: &str = "vllm:time_per_output_token_seconds";
 
 fn describe() {
     describe_gauge!(RUNNING, "Requests in the running batch");
@@ -160,6 +161,7 @@ fn describe() {
     describe_histogram!(V_E2E, "vLLM name: arrival to last token");
     describe_histogram!(V_QUEUE, "vLLM name: arrival to first step");
     describe_gauge!(PS_KV_USAGE, "Older vLLM name: KV-cache usage, 0..1");
+    describe_histogram!(PS_TPOT, "Older vLLM name: time between tokens");
     describe_counter!(PS_CACHE_QUERIES, "Older vLLM name: prompt tokens looked up");
     describe_counter!(PS_CACHE_HITS, "Older vLLM name: prompt tokens found");
     describe_gauge!(
@@ -217,6 +219,9 @@ pub fn token_latency(first: bool, seconds: f64) {
     let (ours, theirs) = if first { (TTFT, V_TTFT) } else { (ITL, V_ITL) };
     histogram!(ours).record(seconds);
     histogram!(theirs, "model_name" => model()).record(seconds);
+    if !first {
+        histogram!(PS_TPOT, "model_name" => model()).record(seconds);
+    }
 }
 
 /// A token that counts toward the completion.

@@ -25,6 +25,7 @@ fn vllm_metrics_are_there_from_start_up_and_scrapes_stay_fast_during_a_long_pref
         "vllm:prefix_cache_hits_total",
         "vllm:time_to_first_token_seconds_bucket",
         "vllm:inter_token_latency_seconds_bucket",
+        "vllm:time_per_output_token_seconds_bucket",
         "vllm:e2e_request_latency_seconds_bucket",
         "vllm:request_queue_time_seconds_bucket",
     ] {
