@@ -365,13 +365,38 @@ impl Rope {
     }
 }
 
-/// Index of the largest value (the first on ties).
+/// Index of the largest logit; ties go to the lowest index, NaN counts as
+/// `-inf`. An empty or all-NaN slice gives 0.
+///
+/// Two passes the compiler vectorises: the maximum over sixteen lanes, then
+/// the first sixteen-logit chunk holding it. Greedy decoding runs this on
+/// every step's logits (49k for SmolLM2), where a one-compare-at-a-time loop
+/// took about 1% of a step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = logits.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            // A select: NaN compares false, so it never replaces a lane.
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let mut max = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(tail) {
+        if v > max {
+            max = v;
+        }
+    }
+    // The first value equal to the maximum (NaN equals nothing); none when every
+    // logit is NaN. Vocabularies are far below u32::MAX tokens.
+    logits
+        .chunks(L)
+        .position(|c| c.iter().fold(false, |hit, &v| hit | (v == max)))
+        .and_then(|chunk| {
+            let at = logits[chunk * L..].iter().position(|&v| v == max)?;
+            Some((chunk * L + at) as u32)
+        })
+        .unwrap_or(0)
 }
