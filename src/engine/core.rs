@@ -343,8 +343,16 @@ impl<M: ModelRunner> Engine<M> {
     fn fail_all(&mut self, message: &str) {
         // New submissions now get `ShuttingDown`; queued ones are failed like the rest.
         self.rx.close();
-        while let Ok(Command::Submit(_, events)) = self.rx.try_recv() {
+        while let Ok(Command::Submit(mut req, events)) = self.rx.try_recv() {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            // Metered as failed (nothing computed), as the client is told.
+            if let Some(sink) = req.on_end.take() {
+                sink.call(EndReport {
+                    ending: Ending::Failed,
+                    usage: Usage::default(),
+                    first_token_at: None,
+                });
+            }
             let _ = events.send(Event::Failed(message.into()));
         }
         for (_, mut a) in self.active.drain() {

@@ -57,11 +57,12 @@ impl OutputState {
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<TokenOutcome, ModelError> {
         if tok.is_stop(id) {
+            let (emit, stop) = self.flush(tok)?;
             return Ok(TokenOutcome::Finished {
-                emit: self.flush(tok)?,
+                emit,
                 reason: FinishReason::Stop,
                 counted: false,
-                stop: None,
+                stop,
             });
         }
         self.generated += 1;
@@ -78,27 +79,34 @@ impl OutputState {
             }
         };
         if self.generated >= self.max_tokens {
-            emit.push_str(&self.flush(tok)?);
+            let (rest, stop) = self.flush(tok)?;
+            emit.push_str(&rest);
+            // The held-back text can complete a stop string: then that is why it ended.
+            let reason = match stop {
+                Some(_) => FinishReason::Stop,
+                None => FinishReason::Length,
+            };
             return Ok(TokenOutcome::Finished {
                 emit,
-                reason: FinishReason::Length,
+                reason,
                 counted: true,
-                stop: None,
+                stop,
             });
         }
         Ok(TokenOutcome::Continue { emit })
     }
 
-    /// Text held back at the end: an incomplete character and a possible stop-string prefix.
-    fn flush(&mut self, tok: &Tokenizer) -> Result<String, ModelError> {
+    /// Text held back at the end: an incomplete character and a possible stop-string prefix,
+    /// and the stop string that this last text completed, if any.
+    fn flush(&mut self, tok: &Tokenizer) -> Result<(String, Option<String>), ModelError> {
         let mut out = String::new();
         if let Some(piece) = self.detok.flush(tok)? {
             match self.stops.push(&piece) {
                 StopOutcome::Continue { emit } => out.push_str(&emit),
-                StopOutcome::Stopped { emit, .. } => return Ok(out + &emit),
+                StopOutcome::Stopped { emit, stop } => return Ok((out + &emit, Some(stop))),
             }
         }
         out.push_str(&self.stops.flush());
-        Ok(out)
+        Ok((out, None))
     }
 }

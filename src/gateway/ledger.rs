@@ -21,7 +21,7 @@ pub struct Row {
     pub key_id: Option<String>,
     pub model: String,
     pub route: String,
-    /// `ok`, `cancelled`, `error`, `rate_limited` or `cached`.
+    /// `ok`, `cancelled`, `error`, `rate_limited`, `cached` or `rejected`.
     pub status: &'static str,
     pub finish_reason: Option<&'static str>,
     pub prompt_tokens: u64,

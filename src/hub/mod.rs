@@ -114,7 +114,9 @@ fn install_from_reader(
             }
         }
         std::fs::rename(&part, dest).map_err(|source| io_err(dest, source))?;
-        memo::remember(dest, &actual);
+        if expected.is_some() {
+            memo::remember(dest, &actual);
+        }
         Ok(())
     })();
     if result.is_err() {

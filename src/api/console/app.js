@@ -344,6 +344,8 @@ async function refreshStatus() {
 // ---- wiring ---------------------------------------------------------------------------
 
 function init() {
+  // Earlier versions kept the key in localStorage: remove it from there.
+  localStorage.removeItem("edgeinfer.key");
   $("api-key").value = key();
   $("api-key").addEventListener("change", (e) => {
     sessionStorage.setItem("edgeinfer.key", e.target.value.trim());
