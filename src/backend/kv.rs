@@ -24,6 +24,13 @@ pub struct KvPool {
     layers: Vec<LayerKv>,
 }
 
+/// `len` zero halves straight from the allocator's zeroed memory: pages the pool never
+/// writes cost nothing, and start-up does not write gigabytes of zeros
+/// (`vec![f16::ZERO; len]` would write every element).
+fn zeroed(len: usize) -> Vec<f16> {
+    bytemuck::allocation::zeroed_vec(len)
+}
+
 impl KvPool {
     pub fn new(n_layer: usize, stride: usize, block_size: usize, n_blocks: usize) -> Self {
         assert!(
@@ -37,8 +44,8 @@ impl KvPool {
             stride,
             layers: (0..n_layer)
                 .map(|_| LayerKv {
-                    k: vec![f16::ZERO; len],
-                    v: vec![f16::ZERO; len],
+                    k: zeroed(len),
+                    v: zeroed(len),
                 })
                 .collect(),
         }
