@@ -63,6 +63,18 @@ pub(super) fn check_model(
     }
 }
 
+/// A request's ledger labels: its id, the served model, the route, and the session and
+/// metadata headers when they parsed.
+fn labels(state: &AppState, request_id: &str, route: &str, d: Option<&Directives>) -> Labels {
+    Labels {
+        request_id: request_id.to_string(),
+        model: state.model_name.clone(),
+        route: route.to_string(),
+        session_id: d.and_then(|d| d.session_id.clone()),
+        metadata: d.and_then(|d| d.metadata.clone()),
+    }
+}
+
 /// The common front of both completion endpoints: body, readiness, JSON, model name, the
 /// gateway's headers.
 #[allow(clippy::too_many_arguments)]
@@ -81,13 +93,7 @@ fn accept<T: serde::de::DeserializeOwned>(
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
     if !ready.engine.has_room() {
         let directives = Directives::from_headers(headers, state.default_cache_ttl).ok();
-        let labels = Labels {
-            request_id: rid.0.clone(),
-            model: state.model_name.clone(),
-            route: route.to_string(),
-            session_id: directives.as_ref().and_then(|d| d.session_id.clone()),
-            metadata: directives.and_then(|d| d.metadata),
-        };
+        let labels = labels(state, &rid.0, route, directives.as_ref());
         state
             .gateway
             .record_rejected(who.key_id(), &labels, Instant::now());
@@ -391,13 +397,7 @@ async fn run(
         }
         None => limit - prompt.len(),
     };
-    let labels = Labels {
-        request_id: request_id.to_string(),
-        model: state.model_name.clone(),
-        route: gate.route.to_string(),
-        session_id: gate.directives.session_id.clone(),
-        metadata: gate.directives.metadata.clone(),
-    };
+    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
     let price = state
         .gateway
         .price(&state.model_name, gate.directives.custom_cost);
