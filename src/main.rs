@@ -176,6 +176,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         frequency_penalty: args.frequency_penalty,
         presence_penalty: args.presence_penalty,
         seed: args.seed,
+        logit_bias: Vec::new(),
     };
     // Bad flags are reported before minutes of model loading or downloading.
     sampling.validate()?;

@@ -204,7 +204,18 @@ fn cases() -> Vec<(String, &'static str, Option<&'static str>, Vec<u8>)> {
         ),
         ("tools", &["{}", "[{\"type\": \"function\"}]"]),
         ("tool_choice", &["\"sometimes\"", "5"]),
-        ("logit_bias", &["{\"1\": 100}"]),
+        (
+            "logit_bias",
+            &[
+                "{\"1\": 101}",
+                "{\"-1\": 1}",
+                "{\"x\": 1}",
+                "{\"1\": \"up\"}",
+                "{\"1\": 1, \"01\": 2}",
+                "{\"49152\": 1}",
+                "[1]",
+            ],
+        ),
         ("model", &["5", "\"no-such-model\""]),
     ];
     for (field, values) in fields {

@@ -378,6 +378,19 @@ async fn run(
             ready.vocab_size
         )));
     }
+    if let Some(&(bad, _)) = sampling
+        .logit_bias
+        .last()
+        .filter(|(id, _)| *id as usize >= ready.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "`logit_bias` names token {bad}, outside the model's vocabulary of {}",
+                ready.vocab_size
+            ),
+        ));
+    }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     let requested = fields.max_tokens()?;
     let max_tokens = match requested {

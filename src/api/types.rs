@@ -434,12 +434,6 @@ impl SamplingFields {
                 ));
             }
         }
-        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::invalid(
-                "logit_bias",
-                "`logit_bias` is not supported yet",
-            ));
-        }
         let p = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0) as usize,
@@ -449,11 +443,43 @@ impl SamplingFields {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             seed: self.seed,
+            logit_bias: self.logit_bias()?,
         };
         p.validate().map_err(|e| match &e {
             SamplingError::OutOfRange { field, .. } => ApiError::invalid(*field, e.to_string()),
         })?;
         Ok(p)
+    }
+
+    /// `logit_bias`: token ids (decimal strings) to numbers, ids ascending. Ranges are
+    /// checked with the other sampling fields, ids against the vocabulary by the caller.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        let mut bias = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let bad = |reason: String| ApiError::invalid("logit_bias", reason);
+            let id = key.parse::<u32>().map_err(|_| {
+                bad(format!(
+                    "`logit_bias` keys must be token ids (non-negative integers), got {key:?}"
+                ))
+            })?;
+            let b = value.as_f64().ok_or_else(|| {
+                bad(format!(
+                    "`logit_bias[{key:?}]` must be a number in [-100, 100], got {value}"
+                ))
+            })?;
+            bias.push((id, b as f32));
+        }
+        bias.sort_by_key(|&(id, _)| id);
+        if let Some(w) = bias.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` names token {} twice", w[0].0),
+            ));
+        }
+        Ok(bias)
     }
 
     pub fn stops(&self) -> Result<Vec<String>, ApiError> {

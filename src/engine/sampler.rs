@@ -1,6 +1,6 @@
 //! Token sampling: turns one logits vector into one token id.
 //!
-//! Owns: the repetition / frequency / presence penalties, greedy argmax, the
+//! Owns: the logit bias, the repetition / frequency / presence penalties, greedy argmax, the
 //! top-k, top-p and min-p filters, temperature, the seeded random draw, and
 //! [`log_softmax_of`] for logprobs.
 //!
@@ -41,6 +41,11 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Seed for the random draw; `None` seeds from OS entropy.
     pub seed: Option<u64>,
+    /// Added to these tokens' logits before anything else (OpenAI's `logit_bias`): each
+    /// in `[-100, 100]`, ids ascending and distinct. Ids outside the vocabulary are
+    /// ignored here (the API refuses them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -54,6 +59,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -113,6 +119,13 @@ impl SamplingParams {
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return err("presence_penalty", "in [-2, 2]", self.presence_penalty);
+        }
+        if let Some(&(_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return err("logit_bias", "in [-100, 100] for every token", b);
         }
         Ok(())
     }
@@ -174,6 +187,17 @@ impl Sampler {
         &self.params
     }
 
+    /// Adds the logit bias, then applies the penalties (llama.cpp's order: its bias
+    /// sampler comes first).
+    fn adjust(&self, logits: &mut [f32], history: &[u32]) {
+        for &(token, bias) in &self.params.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
+        self.apply_penalties(logits, history);
+    }
+
     /// Applies the repetition, frequency and presence penalties in place, as
     /// llama.cpp does: for every distinct token in `history`, a positive logit
     /// is divided by the repetition penalty and a non-positive one multiplied
@@ -207,16 +231,16 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token. `logits` is modified in place (penalties and
+    /// Picks the next token. `logits` is modified in place (bias and penalties,
     /// nothing else). `history` is whatever the caller wants penalised:
     /// generated tokens, optionally preceded by the prompt.
     ///
-    /// Order: penalties; then greedy argmax if `temperature <= 0`; otherwise
+    /// Order: logit bias, penalties; then greedy argmax if `temperature <= 0`; otherwise
     /// top-k, temperature softmax, top-p, min-p, renormalise, draw.
     /// Parameters should have passed [`SamplingParams::validate`]; invalid
     /// ones never panic but pick an unspecified (still deterministic) token.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        self.apply_penalties(logits, history);
+        self.adjust(logits, history);
         self.pick(logits, false)
     }
 
@@ -233,7 +257,7 @@ impl Sampler {
         history: &[u32],
         constraint: &mut dyn TokenConstraint,
     ) -> Result<u32, ConstraintError> {
-        self.apply_penalties(logits, history);
+        self.adjust(logits, history);
         let p = &self.params;
         let filtered = !p.is_greedy() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0);
         if !filtered {

@@ -192,7 +192,7 @@ fn validate_rejects_each_bad_field_by_name() {
     };
     assert_eq!(edges.validate(), Ok(()));
     type Edit = fn(&mut SamplingParams);
-    let bad: [(&str, Edit); 11] = [
+    let bad: [(&str, Edit); 13] = [
         ("temperature", |p| p.temperature = 5.5),
         ("temperature", |p| p.temperature = -0.1),
         ("temperature", |p| p.temperature = f32::NAN),
@@ -206,6 +206,8 @@ fn validate_rejects_each_bad_field_by_name() {
         }),
         ("frequency_penalty", |p| p.frequency_penalty = 2.5),
         ("presence_penalty", |p| p.presence_penalty = -2.01),
+        ("logit_bias", |p| p.logit_bias = vec![(0, 1.0), (3, 100.5)]),
+        ("logit_bias", |p| p.logit_bias = vec![(7, f32::NAN)]),
     ];
     for (field, edit) in bad {
         let params = with(SamplingParams::default(), edit);
@@ -246,4 +248,31 @@ fn log_softmax_is_correct_and_stable() {
     let total: f32 = (0..5).map(|t| log_softmax_of(&logits, t).exp()).sum();
     assert!((total - 1.0).abs() < 1e-5, "{total}");
     assert_eq!(log_softmax_of(&logits, 3), f32::NEG_INFINITY);
+}
+
+#[test]
+fn logit_bias_is_added_before_the_penalties_and_the_pick() {
+    let logits = [1.0, 4.0, 2.0, 3.0];
+    // Greedy: -100 bans the argmax, +100 forces a token; ids past the vocabulary are ignored.
+    let greedy = |bias: Vec<(u32, f32)>| {
+        let params = with(SamplingParams::greedy(), |p| p.logit_bias = bias);
+        Sampler::new(params).sample(&mut logits.to_vec(), &[])
+    };
+    assert_eq!(greedy(vec![]), 1);
+    assert_eq!(greedy(vec![(1, -100.0)]), 3);
+    assert_eq!(greedy(vec![(0, 100.0), (99, 100.0)]), 0);
+    // The bias comes first: a repetition penalty of 2 then halves the biased logit
+    // (4 + 4 = 8 -> 4, below 4.5); penalising the unbiased one instead would leave 6.
+    let params = with(SamplingParams::greedy(), |p| {
+        p.logit_bias = vec![(1, 4.0), (3, 1.5)];
+        p.repetition_penalty = 2.0;
+    });
+    let mut l = logits.to_vec();
+    assert_eq!(Sampler::new(params).sample(&mut l, &[1]), 3);
+    assert_eq!(l, [1.0, 4.0, 2.0, 4.5]);
+    // Sampling: a token biased by -100 is never drawn, one biased by +100 always is.
+    let banned = with(seeded(7), |p| p.logit_bias = vec![(1, -100.0)]);
+    assert_eq!(counts(&draws(banned, &logits, 2000), 4)[1], 0);
+    let forced = with(seeded(7), |p| p.logit_bias = vec![(2, 100.0)]);
+    assert!(draws(forced, &logits, 500).iter().all(|&t| t == 2));
 }
