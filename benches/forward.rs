@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use edgeinfer::model::{GgufFile, KvPool, Llama, SeqInput};
+use edgeinfer::model::{GgufFile, KvPool, Llama, Logits, SeqInput};
 
 const BLOCK: usize = 16;
 
@@ -44,7 +44,7 @@ pub fn bench(c: &mut Criterion) {
                     tokens: &prompt,
                     start: 0,
                     blocks: &blocks,
-                    logits: true,
+                    logits: Logits::Last,
                 };
                 model.forward_batch(&[seq], &mut pool).unwrap()
             })
@@ -60,7 +60,7 @@ pub fn bench(c: &mut Criterion) {
             tokens: &history,
             start: 0,
             blocks: &blocks,
-            logits: false,
+            logits: Logits::Skip,
         };
         model.forward_batch(&[seq], &mut pool).unwrap();
         let turn = tokens(n, 4);
@@ -71,7 +71,7 @@ pub fn bench(c: &mut Criterion) {
                     tokens: &turn,
                     start: ctx,
                     blocks: &blocks,
-                    logits: true,
+                    logits: Logits::Last,
                 };
                 model.forward_batch(&[seq], &mut pool).unwrap()
             })
@@ -91,7 +91,7 @@ pub fn bench(c: &mut Criterion) {
                         tokens: &prompt,
                         start: 0,
                         blocks: t,
-                        logits: false,
+                        logits: Logits::Skip,
                     };
                     model.forward_batch(&[seq], &mut pool).unwrap();
                 }
@@ -107,7 +107,7 @@ pub fn bench(c: &mut Criterion) {
                             tokens: tok,
                             start: ctx,
                             blocks: t,
-                            logits: true,
+                            logits: Logits::Last,
                         })
                         .collect();
                     model.forward_batch(&seqs, &mut pool).unwrap()

@@ -14,11 +14,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeinfer::engine::core::{self, EngineConfig, EngineHandle};
-use edgeinfer::engine::request::{EndReport, Ending, Event, GenerationRequest, UsageSink};
+use edgeinfer::engine::request::{
+    EndReport, Ending, Event, GenerationRequest, LogprobInfo, UsageSink,
+};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::error::ModelError;
 use edgeinfer::model::runner::StepLogits;
-use edgeinfer::model::{GgufFile, ModelRunner, SeqInput, Tokenizer};
+use edgeinfer::model::{GgufFile, Logits, ModelRunner, SeqInput, Tokenizer};
 
 const CONTEXT: usize = 4096;
 
@@ -135,22 +137,29 @@ impl ModelRunner for FakeModel {
                 let p = s.start + i;
                 self.kv.insert((s.blocks[p / bs], p % bs), t);
             }
-            if !s.logits {
-                out.push(None);
-                continue;
-            }
-            // Everything the sequence attends to, read back through its block table.
+            // The positions whose next token is asked for.
             let end = s.start + s.tokens.len();
-            let history: Vec<u32> = (0..end)
-                .map(|p| {
-                    self.kv
-                        .get(&(s.blocks[p / bs], p % bs))
-                        .copied()
-                        .unwrap_or(u32::MAX)
-                })
-                .collect();
-            let mut logits = vec![0.0f32; self.vocab];
-            logits[next_token(&history, &self.script) as usize] = 10.0;
+            let rows = match s.logits {
+                Logits::Skip => {
+                    out.push(None);
+                    continue;
+                }
+                Logits::Last => end - 1..end,
+                Logits::All => s.start..end,
+            };
+            let mut logits = vec![0.0f32; self.vocab * rows.len()];
+            for (r, p) in rows.enumerate() {
+                // Everything the sequence attends to, read back through its block table.
+                let history: Vec<u32> = (0..=p)
+                    .map(|p| {
+                        self.kv
+                            .get(&(s.blocks[p / bs], p % bs))
+                            .copied()
+                            .unwrap_or(u32::MAX)
+                    })
+                    .collect();
+                logits[r * self.vocab + next_token(&history, &self.script) as usize] = 10.0;
+            }
             out.push(Some(logits));
         }
         Ok(out)
@@ -208,6 +217,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         stop: Vec::new(),
         top_logprobs: 0,
         logprobs: false,
+        prompt_logprobs: None,
         request_id: "test".into(),
         received: Instant::now(),
         cache_prompt: true,
@@ -237,15 +247,41 @@ fn prompt(script: &[u32], shared: usize, len: usize, tag: u32) -> Vec<u32> {
         .collect()
 }
 
-fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Option<Event>) {
-    let mut text = String::new();
+fn collect(rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Option<Event>) {
+    let (text, end, _) = collect_scored(rx);
+    (text, end)
+}
+
+/// The text, the ending, and each prompt-scores event with the tokens that came before it.
+type Scored = Vec<(usize, Vec<LogprobInfo>)>;
+
+fn collect_scored(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> (String, Option<Event>, Scored) {
+    let (mut text, mut tokens, mut scored) = (String::new(), 0, Vec::new());
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            Event::Token { text: t, .. } => text.push_str(&t),
-            end => return (text, Some(end)),
+            Event::Token { text: t, .. } => {
+                text.push_str(&t);
+                tokens += 1;
+            }
+            Event::Prompt { logprobs, .. } => scored.push((tokens, logprobs)),
+            end => return (text, Some(end), scored),
         }
     }
-    (text, None)
+    (text, None, scored)
+}
+
+/// The fake's logprob of each prompt token given the ones before: its logits put 10 on the
+/// token it predicts and 0 elsewhere.
+fn fake_prompt_logprobs(prompt: &[u32], script: &[u32], vocab: usize) -> Vec<f32> {
+    let log_z = (10f64.exp() + (vocab - 1) as f64).ln();
+    (1..prompt.len())
+        .map(|p| {
+            let hit = next_token(&prompt[..p], script) == prompt[p];
+            (if hit { 10.0 - log_z } else { -log_z }) as f32
+        })
+        .collect()
 }
 
 fn wait_idle(engine: &EngineHandle) {
@@ -270,11 +306,19 @@ fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
     let tok = tokenizer();
     let mut jobs = Vec::new();
     for tag in 0..12u32 {
-        let p = prompt(&script, 48, 60 + (tag as usize * 13) % 50, tag);
+        let mut p = prompt(&script, 48, 60 + (tag as usize * 13) % 50, tag);
+        if tag % 3 == 1 {
+            // Partly the fake's own predictions, so the scores show which positions hit.
+            for i in (20..p.len()).step_by(2) {
+                p[i] = next_token(&p[..i], &script);
+            }
+        }
         let n = 20 + (tag as usize * 7) % 30;
-        let (req, ended) = request(p.clone(), n);
+        let (mut req, ended) = request(p.clone(), n);
+        // Every third request scores its prompt: preempted or not, each position once.
+        req.prompt_logprobs = (tag % 3 == 1).then_some(1);
         let rx = engine.submit(req).expect("room");
-        jobs.push((p, n, ended, std::thread::spawn(move || collect(rx))));
+        jobs.push((p, n, ended, std::thread::spawn(move || collect_scored(rx))));
     }
     gate.open();
     let results: Vec<_> = jobs
@@ -286,11 +330,30 @@ fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
     // Positions a run without preemption would compute: each prompt less its cached head,
     // and each output token but the last fed back.
     let mut needed = 0;
-    for (p, n, ended, (text, end)) in results {
+    let mut scored_requests = 0;
+    for (p, n, ended, (text, end, scored)) in results {
         let want = expected(&p, n, &script);
         assert_eq!(text, tok.decode(&want).unwrap(), "prompt of {}", p.len());
+        if let Some((before, lps)) = scored.first() {
+            assert_eq!(scored.len(), 1, "one prompt event");
+            assert_eq!(
+                *before, 0,
+                "the prompt's scores come before its first token"
+            );
+            let got: Vec<f32> = lps.iter().map(|l| l.chosen.logprob).collect();
+            let want = fake_prompt_logprobs(&p, &script, tok.vocab_size());
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-3, "position {}: {g} vs {w}", i + 1);
+            }
+            assert!(want.iter().filter(|&&w| w > -2.0).count() >= 20, "{want:?}");
+            scored_requests += 1;
+        }
         match end {
             Some(Event::Finished { usage, .. }) => {
+                if !scored.is_empty() {
+                    assert_eq!(usage.cached_tokens, 0, "scoring reads no cache");
+                }
                 assert_eq!(usage.prompt_tokens, p.len());
                 assert_eq!(usage.completion_tokens, n);
                 cached_total += usage.cached_tokens;
@@ -302,6 +365,7 @@ fn batched_chunked_preempted_and_cached_requests_match_the_reference() {
         assert!(matches!(report.ending, Ending::Finished(_)));
         assert_eq!(report.usage.completion_tokens, n);
     }
+    assert_eq!(scored_requests, 4);
     let calls = log.lock().unwrap().calls.clone();
     assert!(calls.iter().all(|&t| t <= 64), "{calls:?}");
     assert!(

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::synthetic::{self, Spec};
 use edgeinfer::model::llama::argmax;
-use edgeinfer::model::{GgufFile, Llama, SeqInput};
+use edgeinfer::model::{GgufFile, Llama, Logits, SeqInput};
 
 const BLOCK: usize = 4;
 
@@ -79,7 +79,7 @@ fn mixed_batches_equal_each_sequence_alone() {
                 tokens,
                 start: *start,
                 blocks: &seqs[*i].blocks,
-                logits: *logits,
+                logits: (*logits).into(),
             })
             .collect();
         let out = model.forward_batch(&inputs, &mut pool).unwrap();
@@ -166,7 +166,7 @@ fn decoded_kv_equals_prefilled_kv_and_cached_blocks_continue_exactly() {
             tokens,
             start,
             blocks,
-            logits: true,
+            logits: Logits::Last,
         };
         model
             .forward_batch(&[input], pool)
@@ -213,4 +213,68 @@ fn decoded_kv_equals_prefilled_kv_and_cached_blocks_continue_exactly() {
         c_logits, logits,
         "continuing from shared blocks changed the logits"
     );
+}
+
+/// `Logits::All` (prompt scoring) gives each position's row as that position would get
+/// it as the last token of its own forward, and splits right beside other sequences.
+#[test]
+fn every_rows_logits_equal_each_prefix_run_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
+    let vocab = model.config.vocab_size;
+    let mut pool = model.new_pool(BLOCK, 16);
+    let a: Vec<u32> = vec![256, 7, 9, 200, 12, 5, 77, 8, 41];
+    let b: Vec<u32> = vec![256, 99, 98, 97];
+    let out = model
+        .forward_batch(
+            &[
+                SeqInput {
+                    tokens: &b,
+                    start: 0,
+                    blocks: &[0],
+                    logits: Logits::Last,
+                },
+                SeqInput {
+                    tokens: &a,
+                    start: 0,
+                    blocks: &[1, 2, 3],
+                    logits: Logits::All,
+                },
+                SeqInput {
+                    tokens: &b[..2],
+                    start: 0,
+                    blocks: &[4],
+                    logits: Logits::Skip,
+                },
+            ],
+            &mut pool,
+        )
+        .unwrap();
+    assert!(out[2].is_none());
+    let rows = out[1].as_ref().unwrap();
+    assert_eq!(rows.len(), a.len() * vocab);
+    let alone = |tokens: &[u32], pool: &mut edgeinfer::model::KvPool| {
+        let input = SeqInput {
+            tokens,
+            start: 0,
+            blocks: &[8, 9, 10],
+            logits: Logits::Last,
+        };
+        model
+            .forward_batch(&[input], pool)
+            .unwrap()
+            .remove(0)
+            .unwrap()
+    };
+    assert_eq!(
+        out[0].as_ref().unwrap(),
+        &alone(&b, &mut pool),
+        "the Last beside it"
+    );
+    for k in 1..=a.len() {
+        let row = &rows[(k - 1) * vocab..k * vocab];
+        assert_eq!(row, &alone(&a[..k], &mut pool)[..], "position {}", k - 1);
+    }
 }

@@ -1,4 +1,5 @@
-//! Sampling settings over HTTP with the real default model: `logit_bias`.
+//! Sampling settings and logprobs over HTTP with the real default model: `logit_bias`, and
+//! `echo` with the prompt's logprobs (how evaluation harnesses score a model).
 
 mod common;
 
@@ -108,4 +109,168 @@ fn logit_bias_bans_and_forces_tokens() {
         })
         .collect();
     assert_eq!(streamed, detokenize(&s, &[forced; 3]));
+}
+
+/// lm-evaluation-harness's loglikelihood request: token ids, `echo`, `logprobs: 1`,
+/// `max_tokens: 1`; it sums `token_logprobs[ctxlen:-1]` and calls the continuation greedy
+/// when each token is the largest of its `top_logprobs`.
+fn score(s: &Server, context: &[u64], continuation: &[u64]) -> (f64, bool, Value) {
+    let ids: Vec<u64> = context.iter().chain(continuation).copied().collect();
+    let r = complete(
+        s,
+        "/v1/completions",
+        json!({"prompt": [ids], "echo": true, "logprobs": 1, "max_tokens": 1, "seed": 1234}),
+    );
+    let lp = r["choices"][0]["logprobs"].clone();
+    let n = ids.len() + 1;
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[field].as_array().unwrap().len(), n, "{field}: {lp}");
+    }
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    let cont = context.len()..ids.len();
+    let mut sum = 0.0;
+    let mut greedy = true;
+    for i in cont {
+        let l = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(l <= 0.0, "{l}");
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        let max = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        sum += l;
+        greedy &= l == max;
+    }
+    // The text is the prompt's, then the one generated token's.
+    let text = text(&r);
+    assert!(text.starts_with(&detokenize(s, &ids)), "{text:?}");
+    assert_eq!(r["usage"]["prompt_tokens"], ids.len());
+    (sum, greedy, r)
+}
+
+#[test]
+fn echo_scores_the_prompt_as_evaluation_harnesses_read_it() {
+    let s = Server::start(&[]);
+    let context = tokens(&s, "The capital of France is");
+    // The greedy next token, as generated.
+    let gen = complete(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [context], "max_tokens": 1, "logprobs": 1}),
+    );
+    let next_text = gen["choices"][0]["logprobs"]["tokens"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let next_lp = gen["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    assert_eq!(text(&gen), next_text);
+    let next = tokens(&s, &next_text);
+    assert_eq!(next.len(), 1, "{next_text:?}");
+
+    // Scored as a continuation, it has the logprob generation gave it, and is greedy.
+    let (likely, greedy, r) = score(&s, &context, &next);
+    assert!(greedy, "{r}");
+    assert!(
+        (likely - next_lp).abs() < 1e-3,
+        "{likely} vs {next_lp} when generated"
+    );
+    // An unlikely continuation scores lower and is not greedy.
+    let banana = tokens(&s, " banana");
+    let (unlikely, greedy, r) = score(&s, &context, &banana);
+    assert!(!greedy, "{r}");
+    assert!(unlikely < likely - 1.0, "{unlikely} vs {likely}");
+
+    // Every prompt position matches generation from the prefix before it: the logprob of
+    // the prompt's token among the alternatives generation reports (top 5).
+    let (_, _, r) = score(&s, &context, &next);
+    let lp = &r["choices"][0]["logprobs"];
+    let mut compared = 0;
+    for p in 1..context.len() + 1 {
+        let want = lp["tokens"][p].as_str().unwrap();
+        let want_lp = lp["token_logprobs"][p].as_f64().unwrap();
+        let ids: Vec<u64> = context.iter().chain(&next).take(p).copied().collect();
+        let g = complete(
+            &s,
+            "/v1/completions",
+            json!({"prompt": [ids], "max_tokens": 1, "logprobs": 5}),
+        );
+        if let Some(got) = g["choices"][0]["logprobs"]["top_logprobs"][0][want].as_f64() {
+            assert!(
+                (got - want_lp).abs() < 1e-3,
+                "position {p}: {got} vs {want_lp}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        compared >= 2,
+        "only {compared} positions had the prompt's token in the top 5"
+    );
+    // Scoring reads no cached prefix: the same request again computes every position.
+    let (_, _, again) = score(&s, &context, &next);
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(again["choices"][0]["logprobs"], r["choices"][0]["logprobs"]);
+}
+
+#[test]
+fn echo_streams_and_works_without_logprobs() {
+    let s = Server::start(&[]);
+    let prompt = "Once upon a time";
+    // Without logprobs: the prompt's text, then the completion's.
+    let plain = complete(
+        &s,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 5}),
+    );
+    let echoed = complete(
+        &s,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 5, "echo": true}),
+    );
+    assert_eq!(text(&echoed), format!("{prompt}{}", text(&plain)));
+    assert!(echoed["choices"][0]["logprobs"].is_null());
+
+    // Streamed with logprobs: the same text and lists as the whole answer, in pieces.
+    let body = json!({"prompt": prompt, "max_tokens": 5, "echo": true, "logprobs": 2,
+                      "temperature": 0});
+    let (status, whole) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{whole}");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &sbody);
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text(&whole));
+    assert!(streamed.starts_with(prompt));
+    let wl = &whole["choices"][0]["logprobs"];
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let joined: Vec<Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["logprobs"][field].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        assert_eq!(Value::from(joined), wl[field], "{field}");
+    }
+    // Offsets index the returned text.
+    let offsets = wl["text_offset"].as_array().unwrap();
+    let toks = wl["tokens"].as_array().unwrap();
+    let all: Vec<char> = text(&whole).chars().collect();
+    for (o, t) in offsets.iter().zip(toks).skip(1) {
+        let o = o.as_u64().unwrap() as usize;
+        let t = t.as_str().unwrap();
+        let at: String = all[o..(o + t.chars().count()).min(all.len())]
+            .iter()
+            .collect();
+        assert_eq!(at, t, "offset {o}");
+    }
 }

@@ -56,6 +56,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         model: "m".into(),
         chat: true,
         logprobs: false,
+        echo: None,
         tools: tools.then_some(ToolFormat::HERMES),
         surface: super::response::Surface::OpenAi,
     };

@@ -351,18 +351,19 @@ fn recorded_bytes(events: &Recorded) -> usize {
         .iter()
         .map(|e| match e {
             Event::Token { text, logprob } => {
-                64 + text.len()
-                    + logprob.as_ref().map_or(0, |l| {
-                        64 + l
-                            .top_logprobs
-                            .iter()
-                            .map(|t| 48 + t.token.len() * 2)
-                            .sum::<usize>()
-                    })
+                64 + text.len() + logprob.as_ref().map_or(0, logprob_bytes)
+            }
+            Event::Prompt { first, logprobs } => {
+                64 + first.len() + logprobs.iter().map(logprob_bytes).sum::<usize>()
             }
             _ => 64,
         })
         .sum()
+}
+
+fn logprob_bytes(l: &crate::engine::request::LogprobInfo) -> usize {
+    let token = |t: &crate::engine::request::TokenLogprob| 48 + t.token.len() * 2;
+    64 + token(&l.chosen) + l.top_logprobs.iter().map(token).sum::<usize>()
 }
 
 #[cfg(test)]

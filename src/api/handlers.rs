@@ -235,6 +235,7 @@ pub(super) async fn chat(
         model: state.model_name.clone(),
         chat: true,
         logprobs: req.logprobs,
+        echo: None,
         tools: tools_active.then_some(ready.tool_format),
         surface: match api {
             Api::OpenAi => Surface::OpenAi,
@@ -253,6 +254,7 @@ pub(super) async fn chat(
     let out = Output {
         logprobs: req.logprobs,
         top_logprobs: top as usize,
+        prompt_logprobs: false,
         constraint,
     };
     run(state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
@@ -262,6 +264,8 @@ pub(super) async fn chat(
 struct Output {
     logprobs: bool,
     top_logprobs: usize,
+    /// Score the prompt's tokens too (`echo` with `logprobs`), with `top_logprobs` each.
+    prompt_logprobs: bool,
     constraint: Option<Box<dyn TokenConstraint>>,
 }
 
@@ -303,7 +307,6 @@ pub(super) async fn completion(
         PromptField::Many(_) | PromptField::ManyIds(_) => return Err(one()),
     };
     for (field, set) in [
-        ("echo", req.echo == Some(true)),
         ("suffix", req.suffix.is_some()),
         ("best_of", req.best_of.is_some_and(|b| b != 1)),
     ] {
@@ -321,23 +324,36 @@ pub(super) async fn completion(
             format!("`logprobs` must be at most 5, got {top}"),
         ));
     }
-    // Token ids are taken as given (checked against the vocabulary in `run`).
-    let ids = match prompt {
-        Err(ids) => ids,
-        Ok(text) => {
-            let r = ready.clone();
-            tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, true))
-                .await
-                .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
+    let echo = req.echo == Some(true);
+    // Token ids are taken as given (checked against the vocabulary in `run`); echoed, they
+    // come back as their text.
+    let r = ready.clone();
+    let (ids, echo) = tokio::task::spawn_blocking(move || match prompt {
+        Err(ids) if echo => {
+            let ids_ok = ids.iter().all(|&t| (t as usize) < r.vocab_size);
+            let text = if ids_ok {
+                r.tokenizer.decode_with_control(&ids).ok()
+            } else {
+                None
+            };
+            Ok((ids, text))
         }
-    };
+        Err(ids) => Ok((ids, None)),
+        Ok(text) => {
+            let ids = r.tokenizer.encode(&text, true);
+            Ok((ids?, echo.then_some(text)))
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+    .map_err(|e: crate::error::ModelError| ApiError::bad_request(e.to_string()))?;
     let meta = Meta {
         id: format!("cmpl-{}", rid.0),
         created: unix_now(),
         model: state.model_name.clone(),
         chat: false,
         logprobs: req.logprobs.is_some(),
+        echo,
         tools: None,
         surface: match api {
             Api::Workers { .. } => Surface::Workers { json: false },
@@ -347,6 +363,7 @@ pub(super) async fn completion(
     let out = Output {
         logprobs: req.logprobs.is_some(),
         top_logprobs: top as usize,
+        prompt_logprobs: req.echo == Some(true) && req.logprobs.is_some(),
         constraint: None,
     };
     run(state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
@@ -472,6 +489,7 @@ async fn run(
         stop,
         top_logprobs: out.top_logprobs,
         logprobs: out.logprobs,
+        prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
         request_id: request_id.to_string(),
         received,
         cache_prompt: fields.cache_prompt.unwrap_or(true),

@@ -15,6 +15,7 @@ mod responses;
 mod responses_sse;
 mod stream;
 mod surfaces;
+mod text_logprobs;
 pub mod types;
 mod utility;
 mod workers;

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::gate::Tail;
+use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver, LogprobInfo, Usage};
 use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
@@ -19,6 +20,8 @@ pub struct Meta {
     pub model: String,
     pub chat: bool,
     pub logprobs: bool,
+    /// The completions API's `echo`: the prompt's text, put before the completion's.
+    pub echo: Option<String>,
     /// Set when the reply may hold tool calls: the text is parsed for them in this format.
     pub tools: Option<ToolFormat>,
     /// The API shape the answer is rendered in.
@@ -161,18 +164,27 @@ impl Meta {
         }
     }
 
-    /// The whole answer, once the engine finished.
+    /// The whole answer, once the engine finished. `prompt`: the prompt's first token and
+    /// the logprobs of the others, when asked for (`echo` with `logprobs`).
     fn whole(
         &self,
         text: String,
         lps: Vec<LogprobInfo>,
+        prompt: Option<(String, Vec<LogprobInfo>)>,
         reason: FinishReason,
         usage: Usage,
     ) -> Value {
-        let logprobs = if self.logprobs {
-            json!({"content": lps})
-        } else {
-            Value::Null
+        let logprobs = match (self.logprobs, self.chat) {
+            (false, _) => Value::Null,
+            (true, true) => json!({"content": lps}),
+            (true, false) => {
+                let prompt = prompt.iter().flat_map(|(f, p)| prompt_items(f, p));
+                TextLogprobs::default().value(prompt.chain(lps.iter().map(Item::Scored)))
+            }
+        };
+        let text = match &self.echo {
+            Some(echo) => format!("{echo}{text}"),
+            None => text,
         };
         let choice = if self.chat {
             let (content, calls) = match self.call_parser() {
@@ -210,9 +222,11 @@ impl Meta {
 async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
+    let mut prompt = None;
     while let Some(ev) = rx.recv().await {
         tail.observe(&ev).await;
         match ev {
+            Event::Prompt { first, logprobs } => prompt = Some((first, logprobs)),
             Event::Token { text: t, logprob } => {
                 text.push_str(&t);
                 lps.extend(logprob);
@@ -224,7 +238,7 @@ async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Re
                 stop_sequence,
             } => {
                 let whole = match &meta.surface {
-                    Surface::OpenAi => meta.whole(text, lps, reason, usage),
+                    Surface::OpenAi => meta.whole(text, lps, prompt, reason, usage),
                     Surface::Anthropic { .. } => {
                         super::anthropic::whole(&meta, text, reason, stop_sequence, usage)
                     }

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::gate::Tail;
 use super::response::{delta_json, finish_name, Meta};
+use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::{Event, EventReceiver};
 use crate::structured::toolcall::CallParser;
 
@@ -26,6 +27,8 @@ struct State {
     calls: Option<CallParser>,
     include_usage: bool,
     tail: Tail,
+    /// The completions API's logprobs, whose offsets run on from chunk to chunk.
+    text_logprobs: TextLogprobs,
     /// The engine has nothing more to send (finished, failed or gone).
     ended: bool,
     done_sent: bool,
@@ -42,6 +45,9 @@ pub fn sse_response(
     if meta.chat {
         let delta = json!({"role": "assistant", "content": ""});
         pending.push_back(meta.chunk(delta, None, Value::Null));
+    } else if let (Some(echo), false) = (&meta.echo, meta.logprobs) {
+        // Echoed at once; with logprobs it waits for the prompt's scores.
+        pending.push_back(meta.chunk(json!({"content": echo}), None, Value::Null));
     }
     let state = State {
         rx,
@@ -50,6 +56,7 @@ pub fn sse_response(
         pending,
         include_usage,
         tail,
+        text_logprobs: TextLogprobs::default(),
         ended: false,
         done_sent: false,
     };
@@ -77,8 +84,20 @@ impl State {
     /// Turns one engine event into the chunks it makes.
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
+            Some(Event::Prompt { first, logprobs }) => {
+                if let (Some(echo), true) = (&self.meta.echo, self.meta.logprobs) {
+                    let lps = self.text_logprobs.value(prompt_items(&first, &logprobs));
+                    let chunk = self.meta.chunk(json!({"content": echo}), None, lps);
+                    self.pending.push_back(chunk);
+                }
+            }
             Some(Event::Token { text, logprob }) => {
-                let mut logprobs = self.meta.logprobs_value(logprob.as_ref());
+                let mut logprobs = match (&logprob, self.meta.chat) {
+                    (Some(info), false) if self.meta.logprobs => {
+                        self.text_logprobs.value([Item::Scored(info)])
+                    }
+                    _ => self.meta.logprobs_value(logprob.as_ref()),
+                };
                 let deltas: Vec<Value> = match &mut self.calls {
                     None if text.is_empty() && logprob.is_none() => Vec::new(),
                     None => vec![json!({"content": text})],

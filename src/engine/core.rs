@@ -15,16 +15,16 @@ use tokio::sync::mpsc;
 
 use super::blocks::BlockManager;
 use super::constraint::TokenConstraint;
+use super::logprobs::{logprob_info, PromptScores};
 use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
-    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, LogprobInfo,
-    TokenLogprob, Usage, UsageSink,
+    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, Usage, UsageSink,
 };
-use super::sampler::{log_softmax_of, Sampler};
-use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
+use super::sampler::Sampler;
+use super::scheduler::{Chunk, Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
 use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
-use crate::model::{ModelRunner, SeqInput, Tokenizer};
+use crate::model::{Logits, ModelRunner, SeqInput, Tokenizer};
 use crate::telemetry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +192,8 @@ struct Active {
     output: OutputState,
     last_token_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    /// The prompt's logprobs, when asked for.
+    scores: Option<PromptScores>,
     /// Prompt tokens taken from the prefix cache.
     cached_tokens: usize,
     /// Prompt tokens whose keys and values exist (cached or computed), for metering.
@@ -319,6 +321,8 @@ impl<M: ModelRunner> Engine<M> {
         let Command::Submit(mut req, events) = cmd;
         let id = self.next_id;
         self.next_id += 1;
+        // Scoring the prompt needs the logits of every position: none come from the cache.
+        req.cache_prompt &= req.prompt_logprobs.is_none();
         self.scheduler.add(id, &req.prompt, req.cache_prompt);
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
@@ -329,6 +333,7 @@ impl<M: ModelRunner> Engine<M> {
             events,
             last_token_at: None,
             first_token_at: None,
+            scores: req.prompt_logprobs.map(PromptScores::new),
             cached_tokens: 0,
             prompt_done: 0,
             ending: Ending::Cancelled,
@@ -388,13 +393,21 @@ impl<M: ModelRunner> Engine<M> {
         let inputs: Vec<SeqInput> = step
             .chunks
             .iter()
-            .map(|c| SeqInput {
-                tokens: &self.active[&c.id].tokens[c.start..c.start + c.len],
-                start: c.start,
-                blocks: self.scheduler.blocks(c.id),
-                logits: c.logits,
+            .map(|c| {
+                let a = &self.active[&c.id];
+                let every = a
+                    .scores
+                    .as_ref()
+                    .is_some_and(|s| s.wants_rows(a.req.prompt.len(), c.start));
+                SeqInput {
+                    tokens: &a.tokens[c.start..c.start + c.len],
+                    start: c.start,
+                    blocks: self.scheduler.blocks(c.id),
+                    logits: if every { Logits::All } else { c.logits.into() },
+                }
             })
             .collect();
+        let every: Vec<bool> = inputs.iter().map(|i| i.logits == Logits::All).collect();
         // A panic in the forward (a bug) must fail this step's requests, not kill the engine.
         let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             copied?;
@@ -433,7 +446,8 @@ impl<M: ModelRunner> Engine<M> {
         telemetry::prompt_computed(prefill);
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
-        for (c, logits) in step.chunks.iter().zip(outputs) {
+        for ((c, logits), every) in step.chunks.iter().zip(outputs).zip(every) {
+            let logits = self.score_prompt(c, logits, every);
             let Some(logits) = logits else { continue };
             let (token, done) = self.on_logits(c.id, logits);
             sampled.push((c.id, token));
@@ -446,6 +460,28 @@ impl<M: ModelRunner> Engine<M> {
             self.active.remove(&id);
             self.scheduler.remove(id);
         }
+    }
+
+    /// Scores the prompt positions a chunk's rows predict (when its request asked) and
+    /// sends the prompt's event once the last is scored. Returns the logits to sample from:
+    /// the last row's, when the chunk asked for them.
+    fn score_prompt(
+        &mut self,
+        c: &Chunk,
+        logits: Option<Vec<f32>>,
+        every: bool,
+    ) -> Option<Vec<f32>> {
+        let Some(a) = self.active.get_mut(&c.id) else {
+            return logits;
+        };
+        let Some(scores) = a.scores.as_mut() else {
+            return logits;
+        };
+        let logits = scores.on_chunk(&self.tokenizer, &a.req.prompt, c, logits, every);
+        if let Some(ev) = scores.finish(&self.tokenizer, &a.req.prompt) {
+            let _ = a.events.send(ev);
+        }
+        logits
     }
 
     /// Samples the next token of `id` and sends its events; returns the token and whether
@@ -551,34 +587,5 @@ impl<M: ModelRunner> Engine<M> {
             cached_blocks,
             evictions,
         );
-    }
-}
-
-fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
-    let entry = |id: u32, logprob: f32| {
-        let token = tok.token_text_decoded(id);
-        TokenLogprob {
-            bytes: token.as_bytes().to_vec(),
-            token,
-            logprob,
-        }
-    };
-    let mut top_logprobs = Vec::new();
-    if top > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = top.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
-        idx.truncate(k);
-        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        top_logprobs = idx
-            .iter()
-            .map(|&i| entry(i, log_softmax_of(logits, i)))
-            .collect();
-    }
-    LogprobInfo {
-        chosen: entry(chosen, log_softmax_of(logits, chosen)),
-        top_logprobs,
     }
 }

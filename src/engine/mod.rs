@@ -3,6 +3,7 @@ pub mod blocks;
 pub mod constraint;
 pub mod core;
 pub mod generate;
+pub mod logprobs;
 mod pulse;
 pub mod request;
 pub mod sampler;

@@ -30,6 +30,10 @@ pub struct GenerationRequest {
     /// logprob when `logprobs` is set).
     pub top_logprobs: usize,
     pub logprobs: bool,
+    /// Score the prompt's own tokens, with this many alternatives each: an
+    /// [`Event::Prompt`] comes before the first token. Such a request does not read the
+    /// prefix cache (a cached position has no logits).
+    pub prompt_logprobs: Option<usize>,
     /// For the logs: the caller's request id.
     pub request_id: String,
     pub received: Instant,
@@ -104,6 +108,12 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The prompt's tokens scored (asked with `prompt_logprobs`): the first token's text,
+    /// then each later token's logprob given the ones before it.
+    Prompt {
+        first: String,
+        logprobs: Vec<LogprobInfo>,
+    },
     /// New text (may be empty when a token completes no character, or is held back by a
     /// possible stop string) for one generated token.
     Token {

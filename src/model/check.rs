@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::llama::{argmax, Llama, SeqInput};
+use super::llama::{argmax, Llama, Logits, SeqInput};
 use crate::backend::Backend;
 use crate::error::ModelError;
 
@@ -88,7 +88,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             tokens,
             start,
             blocks: t,
-            logits: true,
+            logits: Logits::Last,
         };
         let first = model
             .forward_batch(&[seq(p, 0)], &mut kv)?
@@ -110,7 +110,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             tokens: p,
             start: 0,
             blocks: t,
-            logits: true,
+            logits: Logits::Last,
         })
         .collect();
     let firsts = model.forward_batch(&seqs, &mut kv)?;
@@ -123,7 +123,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             tokens: n,
             start: p.len(),
             blocks: t,
-            logits: true,
+            logits: Logits::Last,
         })
         .collect();
     let seconds = model.forward_batch(&seqs, &mut kv)?;
@@ -176,7 +176,7 @@ pub fn decode_speed<B: Backend>(
                 tokens: p,
                 start: 0,
                 blocks: t,
-                logits: false,
+                logits: Logits::Skip,
             })
             .collect();
         model.forward_batch(&seqs, &mut kv)?;
@@ -192,7 +192,7 @@ pub fn decode_speed<B: Backend>(
                 tokens: n,
                 start: pos,
                 blocks: t,
-                logits: true,
+                logits: Logits::Last,
             })
             .collect();
         let out = model.forward_batch(&seqs, &mut kv)?;
@@ -227,7 +227,7 @@ pub fn prefill_speed<B: Backend>(model: &Llama<B>, tokens: usize) -> Result<f64>
         tokens: &prompt,
         start: 0,
         blocks: &blocks,
-        logits: true,
+        logits: Logits::Last,
     };
     model.forward_batch(std::slice::from_ref(&seq), &mut kv)?;
     let started = Instant::now();

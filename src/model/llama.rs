@@ -67,9 +67,31 @@ pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub blocks: &'a [u32],
-    /// Whether to compute the logits of the last token (false for a prefill chunk that does
-    /// not end the prompt).
-    pub logits: bool,
+    /// Which rows' logits to compute.
+    pub logits: Logits,
+}
+
+/// The logits a sequence wants from a forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that does not end the prompt).
+    Skip,
+    /// The last token's: what the next token is sampled from.
+    Last,
+    /// Every token's, row after row (`tokens.len() * vocab_size` values): the logprobs of
+    /// the prompt's own tokens.
+    All,
+}
+
+impl From<bool> for Logits {
+    /// `true`: the last token's.
+    fn from(last: bool) -> Self {
+        if last {
+            Self::Last
+        } else {
+            Self::Skip
+        }
+    }
 }
 
 fn check_dims(name: &str, t: &QTensor, expected: &[usize]) -> Result<()> {
@@ -200,7 +222,7 @@ impl<B: Backend> Llama<B> {
             tokens,
             start: cache.len,
             blocks: &cache.blocks,
-            logits: true,
+            logits: Logits::Last,
         };
         let mut out = self.forward_batch(&[seq], &mut cache.pool)?;
         cache.len += tokens.len();
@@ -284,35 +306,53 @@ impl<B: Backend> Llama<B> {
             b.silu_mul(&mut gate, &up)?;
             b.add(&mut x, &b.matmul(&layer.w_down, &gate)?)?;
         }
-        // The lm head runs only on the last row of sequences that want logits, all at once.
-        let mut last_rows = Vec::new();
+        // The lm head runs only on the rows sequences want logits of, all at once.
+        let mut wanted = Vec::new();
         let mut end = 0;
         for s in seqs {
             end += s.tokens.len();
-            if s.logits {
-                last_rows.push(end - 1);
+            match s.logits {
+                Logits::Skip => {}
+                Logits::Last => wanted.push(end - 1),
+                Logits::All => wanted.extend(end - s.tokens.len()..end),
             }
         }
-        let logits = if last_rows.is_empty() {
+        let logits = if wanted.is_empty() {
             Vec::new()
         } else {
-            let last = b.select_rows(&x, &last_rows)?;
-            let last = b.rms_norm(&last, &self.norm, eps)?;
-            b.to_host(b.matmul(&self.output, &last)?)?
+            let rows = b.select_rows(&x, &wanted)?;
+            let rows = b.rms_norm(&rows, &self.norm, eps)?;
+            b.to_host(b.matmul(&self.output, &rows)?)?
         };
-        if last_rows.len() == 1 {
-            // One sequence's logits: hand over the vector itself (49k floats), no copy.
-            debug_assert_eq!(logits.len(), c.vocab_size, "one row of logits");
+        let wants = |s: &SeqInput| match s.logits {
+            Logits::Skip => 0,
+            Logits::Last => 1,
+            Logits::All => s.tokens.len(),
+        };
+        if let [only] = seqs.iter().filter(|s| wants(s) > 0).collect::<Vec<_>>()[..] {
+            // One sequence's logits: hand over the vector itself (49k floats a row), no copy.
+            debug_assert_eq!(
+                logits.len(),
+                wants(only) * c.vocab_size,
+                "its rows of logits"
+            );
             let mut logits = Some(logits);
             return Ok(seqs
                 .iter()
-                .map(|s| if s.logits { logits.take() } else { None })
+                .map(|s| if wants(s) > 0 { logits.take() } else { None })
                 .collect());
         }
-        let mut rows = logits.chunks_exact(c.vocab_size.max(1));
+        let mut rest = &logits[..];
         Ok(seqs
             .iter()
-            .map(|s| s.logits.then(|| rows.next().map(<[f32]>::to_vec)).flatten())
+            .map(|s| {
+                let len = wants(s) * c.vocab_size;
+                (len > 0 && rest.len() >= len).then(|| {
+                    let (mine, after) = rest.split_at(len);
+                    rest = after;
+                    mine.to_vec()
+                })
+            })
             .collect())
     }
 }

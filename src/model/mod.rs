@@ -21,7 +21,7 @@ use crate::backend::{Backend, Cpu};
 
 pub use crate::backend::KvPool;
 pub use gguf::{GgufFile, ModelConfig};
-pub use llama::{KvCache, Llama, SeqInput};
+pub use llama::{KvCache, Llama, Logits, SeqInput};
 pub use runner::{LlamaRunner, ModelRunner};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;

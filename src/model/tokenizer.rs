@@ -183,6 +183,14 @@ impl Tokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// Decodes `ids` to text, control tokens as their text (`<|im_start|>`): what a
+    /// prompt of these ids reads as.
+    pub fn decode_with_control(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// The text of one token as stored in the vocabulary (e.g. `<|im_end|>`).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
