@@ -208,6 +208,29 @@ fn echo_scores_the_prompt_as_evaluation_harnesses_read_it() {
         compared >= 2,
         "only {compared} positions had the prompt's token in the top 5"
     );
+    // `max_tokens: 0` scores the prompt alone (as older harnesses ask): the same scores,
+    // no token generated.
+    let ids: Vec<u64> = context.iter().chain(&next).copied().collect();
+    let only = complete(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [ids], "echo": true, "logprobs": 1, "max_tokens": 0}),
+    );
+    let c = &only["choices"][0];
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(only["usage"]["completion_tokens"], 0);
+    assert_eq!(c["text"], detokenize(&s, &ids));
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let mut want = lp[field].as_array().unwrap().clone();
+        want.pop();
+        assert_eq!(c["logprobs"][field], Value::from(want), "{field}");
+    }
+    // Without `echo`, 0 is still refused.
+    let (status, e) = s.post(
+        "/v1/completions",
+        &json!({"prompt": [ids], "logprobs": 1, "max_tokens": 0}),
+    );
+    assert_eq!((status, &e["error"]["param"]), (400, &json!("max_tokens")), "{e}");
     // Scoring reads no cached prefix: the same request again computes every position.
     let (_, _, again) = score(&s, &context, &next);
     assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0);

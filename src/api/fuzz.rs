@@ -20,7 +20,7 @@ pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiE
     let sampling: SamplingFields = from_value(&body)?;
     sampling.sampling_params(2.0)?;
     sampling.stops()?;
-    sampling.max_tokens()?;
+    sampling.max_tokens(false)?;
     let messages = req.validated_messages()?;
     req.constraint_spec(ToolFormat::HERMES)?;
     let tools = req.tools_json();

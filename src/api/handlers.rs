@@ -255,6 +255,7 @@ pub(super) async fn chat(
         logprobs: req.logprobs,
         top_logprobs: top as usize,
         prompt_logprobs: false,
+        echo: false,
         constraint,
     };
     run(state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
@@ -266,6 +267,8 @@ struct Output {
     top_logprobs: usize,
     /// Score the prompt's tokens too (`echo` with `logprobs`), with `top_logprobs` each.
     prompt_logprobs: bool,
+    /// `echo`: `max_tokens` may be 0.
+    echo: bool,
     constraint: Option<Box<dyn TokenConstraint>>,
 }
 
@@ -364,6 +367,7 @@ pub(super) async fn completion(
         logprobs: req.logprobs.is_some(),
         top_logprobs: top as usize,
         prompt_logprobs: req.echo == Some(true) && req.logprobs.is_some(),
+        echo: req.echo == Some(true),
         constraint: None,
     };
     run(state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
@@ -409,7 +413,7 @@ async fn run(
         ));
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
-    let requested = fields.max_tokens()?;
+    let requested = fields.max_tokens(out.echo)?;
     let max_tokens = match requested {
         Some(m) if prompt.len().saturating_add(m) > limit => {
             return Err(ApiError::context_length(format!(

@@ -498,16 +498,17 @@ impl SamplingFields {
     }
 
     /// `max_completion_tokens` (or the older `max_tokens`); `None` means "until the context".
-    pub fn max_tokens(&self) -> Result<Option<usize>, ApiError> {
+    /// `echo`: 0 is allowed (the prompt alone, scored when `logprobs` is set).
+    pub fn max_tokens(&self, echo: bool) -> Result<Option<usize>, ApiError> {
         let (field, value) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => ("max_completion_tokens", v),
             (None, Some(v)) => ("max_tokens", v),
             (None, None) => return Ok(None),
         };
-        if value == 0 {
+        if value == 0 && !echo {
             return Err(ApiError::invalid(
                 field,
-                format!("`{field}` must be at least 1"),
+                format!("`{field}` must be at least 1 (0 only with `echo`)"),
             ));
         }
         Ok(Some(usize::try_from(value).unwrap_or(usize::MAX)))

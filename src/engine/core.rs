@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::active::Active;
 use super::blocks::BlockManager;
-use super::constraint::TokenConstraint;
 use super::logprobs::{logprob_info, PromptScores};
 use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
-    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, Usage, UsageSink,
+    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, Usage,
 };
 use super::sampler::Sampler;
 use super::scheduler::{Chunk, Scheduler, SchedulerConfig, SeqId, Step};
@@ -179,59 +179,6 @@ pub fn start<M: ModelRunner>(
         kv_capacity: n_blocks * config.block_size,
         heartbeat,
     })
-}
-
-struct Active {
-    req: GenerationRequest,
-    /// Taken out of `req`: the grammar this sequence's tokens must follow.
-    constraint: Option<Box<dyn TokenConstraint>>,
-    /// Prompt then generated tokens.
-    tokens: Vec<u32>,
-    events: EventSender,
-    sampler: Sampler,
-    output: OutputState,
-    last_token_at: Option<Instant>,
-    first_token_at: Option<Instant>,
-    /// The prompt's logprobs, when asked for.
-    scores: Option<PromptScores>,
-    /// Prompt tokens taken from the prefix cache.
-    cached_tokens: usize,
-    /// Prompt tokens whose keys and values exist (cached or computed), for metering.
-    prompt_done: usize,
-    /// How the request ends if it is dropped now; set when it finishes or fails.
-    ending: Ending,
-    on_end: Option<UsageSink>,
-    /// The engine's count of requests not yet ended.
-    in_flight: Arc<AtomicUsize>,
-}
-
-impl Active {
-    /// What this request has computed so far.
-    fn usage(&self) -> Usage {
-        let prompt = self.prompt_done.min(self.req.prompt.len());
-        let completion = self.output.generated();
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
-            cached_tokens: self.cached_tokens.min(prompt),
-        }
-    }
-}
-
-/// Every ending reports its usage exactly once: when the sequence leaves the engine, in
-/// whatever way (finished, failed, the client left, the engine stopped).
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if let Some(sink) = self.on_end.take() {
-            sink.call(EndReport {
-                ending: self.ending,
-                usage: self.usage(),
-                first_token_at: self.first_token_at,
-            });
-        }
-    }
 }
 
 struct Engine<M> {
@@ -449,6 +396,12 @@ impl<M: ModelRunner> Engine<M> {
         for ((c, logits), every) in step.chunks.iter().zip(outputs).zip(every) {
             let logits = self.score_prompt(c, logits, every);
             let Some(logits) = logits else { continue };
+            if let Some(a) = self.active.get_mut(&c.id).filter(|a| a.req.max_tokens == 0) {
+                // Only the prompt was asked for (`echo`, scoring it): nothing to sample.
+                a.end(FinishReason::Length, None);
+                finished.push(c.id);
+                continue;
+            }
             let (token, done) = self.on_logits(c.id, logits);
             sampled.push((c.id, token));
             if done {
@@ -554,27 +507,7 @@ impl<M: ModelRunner> Engine<M> {
             (None, true) => (FinishReason::Length, None),
             (None, false) => return (token, false),
         };
-        a.ending = Ending::Finished(reason);
-        let usage = a.usage();
-        let _ = a.events.send(Event::Finished {
-            reason,
-            usage,
-            stop_sequence,
-        });
-        let label = match reason {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        };
-        telemetry::finished(label, Some(a.req.received.elapsed().as_secs_f64()));
-        tracing::info!(
-            request_id = %a.req.request_id,
-            prompt_tokens = usage.prompt_tokens,
-            completion_tokens = usage.completion_tokens,
-            cached_tokens = usage.cached_tokens,
-            finish_reason = label,
-            seconds = a.req.received.elapsed().as_secs_f64(),
-            "request finished"
-        );
+        a.end(reason, stop_sequence);
         (token, true)
     }
 

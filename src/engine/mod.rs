@@ -1,4 +1,5 @@
 //! The engine: sequences, scheduling and sampling. Knows tokens and budgets, never HTTP.
+mod active;
 pub mod blocks;
 pub mod constraint;
 pub mod core;
