@@ -155,7 +155,7 @@ fn cases() -> Vec<(String, &'static str, Option<&'static str>, Vec<u8>)> {
                 "18446744073709551616",
                 "-1",
                 "0",
-                "2",
+                "17",
                 "\"2\"",
                 "1.5",
             ],

@@ -496,6 +496,20 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         add(&chunks.last().unwrap()["usage"], None);
         ok += 1;
     }
+    // Several choices, whole and streamed: one row each request, the choices summed.
+    let mut several = chat("Name a fruit.", 10);
+    several["n"] = json!(3);
+    several["temperature"] = json!(1.0);
+    let r = s.call("POST", "/v1/chat/completions", Some(&several), &labels);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["choices"].as_array().unwrap().len(), 3);
+    add(&r.body["usage"], None);
+    ok += 1;
+    let body = json!({"prompt": ["A", "B"], "max_tokens": 6, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let chunks = sse_lines(stream_req(&s, "/v1/completions", &body, &labels), None);
+    add(&chunks.last().unwrap()["usage"], None);
+    ok += 1;
     // A request with its own price (AI Gateway's cf-aig-custom-cost, USD per token).
     let custom = [
         labels[0],
@@ -604,8 +618,8 @@ fn the_ledger_matches_every_response_and_survives_kill_9() {
         .filter(|r| r["session_id"] == "session-1")
         .count();
     assert_eq!(
-        labelled, 8,
-        "3 whole, 3 streamed and 2 cancelled carry the session id"
+        labelled, 10,
+        "3 whole, 3 streamed, 2 of several choices and 2 cancelled carry the session id"
     );
     assert!(rows
         .iter()

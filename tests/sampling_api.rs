@@ -230,7 +230,11 @@ fn echo_scores_the_prompt_as_evaluation_harnesses_read_it() {
         "/v1/completions",
         &json!({"prompt": [ids], "logprobs": 1, "max_tokens": 0}),
     );
-    assert_eq!((status, &e["error"]["param"]), (400, &json!("max_tokens")), "{e}");
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("max_tokens")),
+        "{e}"
+    );
     // Scoring reads no cached prefix: the same request again computes every position.
     let (_, _, again) = score(&s, &context, &next);
     assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
@@ -296,4 +300,93 @@ fn echo_streams_and_works_without_logprobs() {
             .collect();
         assert_eq!(at, t, "offset {o}");
     }
+}
+
+fn choices(r: &Value) -> Vec<String> {
+    let cs = r["choices"].as_array().unwrap();
+    for (i, c) in cs.iter().enumerate() {
+        assert_eq!(c["index"], i, "{r}");
+    }
+    cs.iter().map(|c| text(&json!({"choices": [c]}))).collect()
+}
+
+#[test]
+fn n_and_several_prompts_give_one_choice_each() {
+    let s = Server::start(&[]);
+    let chat = "/v1/chat/completions";
+    // Greedy: every choice is the one greedy reply.
+    let one = complete(&s, chat, json!({"max_tokens": 8}));
+    let three = complete(&s, chat, json!({"max_tokens": 8, "n": 3}));
+    assert_eq!(choices(&three), vec![text(&one); 3]);
+    let single = one["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(three["usage"]["completion_tokens"], 3 * single);
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        3 * one["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    // Seeded sampling: choices differ, repeat, and the first is the n = 1 reply.
+    let sampled = json!({"max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 4});
+    let a = choices(&complete(&s, chat, sampled.clone()));
+    let b = choices(&complete(&s, chat, sampled));
+    assert_eq!(a, b);
+    assert!(a.iter().any(|t| *t != a[0]), "{a:?}");
+    let first = complete(
+        &s,
+        chat,
+        json!({"max_tokens": 12, "temperature": 1.0, "seed": 5}),
+    );
+    assert_eq!(a[0], text(&first));
+
+    // Several prompts, `n` each: prompt by prompt, as OpenAI orders them.
+    let route = "/v1/completions";
+    let prompts = ["The capital of France is", "Once upon a time"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| text(&complete(&s, route, json!({"prompt": p, "max_tokens": 5}))))
+        .collect();
+    let both = complete(
+        &s,
+        route,
+        json!({"prompt": prompts, "max_tokens": 5, "n": 2, "echo": true}),
+    );
+    let want: Vec<String> = (0..4)
+        .map(|c| format!("{}{}", prompts[c / 2], alone[c / 2]))
+        .collect();
+    assert_eq!(choices(&both), want);
+
+    // Streamed: each choice's chunks carry its index; one finish each, one usage, one [DONE].
+    let body = json!({"prompt": prompts, "max_tokens": 5, "stream": true,
+                      "stream_options": {"include_usage": true}, "temperature": 0});
+    let events = s.stream(route, &body);
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut texts = vec![String::new(); 2];
+    let mut finishes = [0; 2];
+    for c in &chunks {
+        if let Some(choice) = c["choices"].as_array().unwrap().first() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["text"].as_str().unwrap());
+            finishes[i] += usize::from(!choice["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(texts, alone);
+    assert_eq!(finishes, [1, 1]);
+    let usage = &chunks.last().unwrap()["usage"];
+    let (_, whole) = s.post(
+        route,
+        &json!({"prompt": prompts, "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(
+        usage["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+
+    // At most 16 choices a request.
+    let many = vec!["Hi"; 9];
+    let (status, e) = s.post(route, &json!({"prompt": many, "n": 2, "max_tokens": 1}));
+    assert_eq!((status, &e["error"]["param"]), (400, &json!("n")), "{e}");
 }

@@ -241,7 +241,7 @@ fn errors_have_the_openai_shape_and_status() {
             None,
         ),
         (
-            json!({"messages": user, "n": 3}).to_string().into_bytes(),
+            json!({"messages": user, "n": 17}).to_string().into_bytes(),
             400,
             Some("n"),
             None,

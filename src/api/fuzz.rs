@@ -56,7 +56,6 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         model: "m".into(),
         chat: true,
         logprobs: false,
-        echo: None,
         tools: tools.then_some(ToolFormat::HERMES),
         surface: super::response::Surface::OpenAi,
     };
@@ -68,8 +67,9 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
     }
     let bytes = RUNTIME.with(|rt| {
         rt.block_on(async {
+            let choice = super::choices::Choice { rx, echo: None };
             let resp = super::stream::sse_response(
-                rx,
+                vec![choice],
                 meta,
                 true,
                 super::gate::Tail::default(),

@@ -12,23 +12,18 @@ use axum::response::Response;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::gate::{
-    add_headers, rate_headers, refusal_error, replay, Directives, Gate, Recorded, Tail,
-};
-use super::response::{respond, Meta, Surface};
+use super::gate::{Directives, Gate};
+use super::generate::{run, Input, Output};
+use super::response::{Meta, Surface};
 use super::responses::ResponsesCtx;
 use super::types::{
     from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
+    MAX_CHOICES,
 };
 use super::{AppState, Ready, RequestId};
-use crate::engine::constraint::TokenConstraint;
-use crate::engine::request::{Event, GenerationRequest, UsageSink};
-use crate::gateway::cache::{self, Cached, Lookup};
-use crate::gateway::limits::Ask;
 use crate::gateway::{Labels, Principal};
 use crate::model::Message;
 use crate::structured::toolcall;
-use tokio::sync::oneshot;
 
 pub(super) fn body_or_error(
     body: Result<Bytes, BytesRejection>,
@@ -65,7 +60,12 @@ pub(super) fn check_model(
 
 /// A request's ledger labels: its id, the served model, the route, and the session and
 /// metadata headers when they parsed.
-fn labels(state: &AppState, request_id: &str, route: &str, d: Option<&Directives>) -> Labels {
+pub(super) fn labels(
+    state: &AppState,
+    request_id: &str,
+    route: &str,
+    d: Option<&Directives>,
+) -> Labels {
     Labels {
         request_id: request_id.to_string(),
         model: state.model_name.clone(),
@@ -218,10 +218,15 @@ pub(super) async fn chat(
     let tools_active = spec.calls_tools();
     // Render, tokenize and compile the grammar off the async threads; a grammar error is
     // the client's (400 naming the field), before anything is queued.
-    let (prompt, constraint) = tokio::task::spawn_blocking(move || {
+    let n = sampling.n()?;
+    let (prompt, constraints) = tokio::task::spawn_blocking(move || {
         let prompt = render(&r, messages, tools)?;
-        let constraint = r.grammars.constraint(&spec)?;
-        Ok::<_, ApiError>((prompt, constraint))
+        // One grammar state for each choice (compiled once: the compiler caches).
+        let mut constraints = Vec::new();
+        for _ in 0..n {
+            constraints.extend(r.grammars.constraint(&spec)?);
+        }
+        Ok::<_, ApiError>((prompt, constraints))
     })
     .await
     .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
@@ -235,7 +240,6 @@ pub(super) async fn chat(
         model: state.model_name.clone(),
         chat: true,
         logprobs: req.logprobs,
-        echo: None,
         tools: tools_active.then_some(ready.tool_format),
         surface: match api {
             Api::OpenAi => Surface::OpenAi,
@@ -256,20 +260,20 @@ pub(super) async fn chat(
         top_logprobs: top as usize,
         prompt_logprobs: false,
         echo: false,
-        constraint,
+        constraints,
     };
-    run(state, &ready, prompt, &sampling, out, meta, &rid.0, gate).await
-}
-
-/// What to produce besides text: logprobs, and the grammar the text must follow.
-struct Output {
-    logprobs: bool,
-    top_logprobs: usize,
-    /// Score the prompt's tokens too (`echo` with `logprobs`), with `top_logprobs` each.
-    prompt_logprobs: bool,
-    /// `echo`: `max_tokens` may be 0.
-    echo: bool,
-    constraint: Option<Box<dyn TokenConstraint>>,
+    let input = Input { prompt, echo: None };
+    run(
+        state,
+        &ready,
+        vec![input],
+        &sampling,
+        out,
+        meta,
+        &rid.0,
+        gate,
+    )
+    .await
 }
 
 pub async fn completions(
@@ -300,15 +304,24 @@ pub(super) async fn completion(
         |v| api.translate(v),
         |r: &CompletionRequest| r.model.as_deref(),
     )?;
-    let one = || ApiError::invalid("prompt", "exactly one prompt per request is supported");
-    let prompt = match req.prompt {
-        PromptField::Text(t) => Ok(t),
-        PromptField::Many(v) if v.is_empty() => Err(Vec::new()),
-        PromptField::Many(v) if v.len() == 1 => Ok(v.into_iter().next().unwrap_or_default()),
-        PromptField::Ids(ids) => Err(ids),
-        PromptField::ManyIds(v) if v.len() == 1 => Err(v.into_iter().next().unwrap_or_default()),
-        PromptField::Many(_) | PromptField::ManyIds(_) => return Err(one()),
+    // Each prompt: its text (`Ok`) or its token ids (`Err`); an empty list is one empty
+    // prompt (refused in `run`).
+    let prompts: Vec<Result<String, Vec<u32>>> = match req.prompt {
+        PromptField::Text(t) => vec![Ok(t)],
+        PromptField::Ids(ids) => vec![Err(ids)],
+        PromptField::Many(v) if v.is_empty() => vec![Err(Vec::new())],
+        PromptField::Many(v) => v.into_iter().map(Ok).collect(),
+        PromptField::ManyIds(v) => v.into_iter().map(Err).collect(),
     };
+    if prompts.len() as u64 > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "at most {MAX_CHOICES} prompts a request, got {}",
+                prompts.len()
+            ),
+        ));
+    }
     for (field, set) in [
         ("suffix", req.suffix.is_some()),
         ("best_of", req.best_of.is_some_and(|b| b != 1)),
@@ -329,23 +342,29 @@ pub(super) async fn completion(
     }
     let echo = req.echo == Some(true);
     // Token ids are taken as given (checked against the vocabulary in `run`); echoed, they
-    // come back as their text.
+    // come back as their text, control tokens included.
     let r = ready.clone();
-    let (ids, echo) = tokio::task::spawn_blocking(move || match prompt {
-        Err(ids) if echo => {
-            let ids_ok = ids.iter().all(|&t| (t as usize) < r.vocab_size);
-            let text = if ids_ok {
-                r.tokenizer.decode_with_control(&ids).ok()
-            } else {
-                None
-            };
-            Ok((ids, text))
-        }
-        Err(ids) => Ok((ids, None)),
-        Ok(text) => {
-            let ids = r.tokenizer.encode(&text, true);
-            Ok((ids?, echo.then_some(text)))
-        }
+    let inputs = tokio::task::spawn_blocking(move || {
+        let input = |prompt: Result<String, Vec<u32>>| match prompt {
+            Err(ids) if echo => {
+                let ids_ok = ids.iter().all(|&t| (t as usize) < r.vocab_size);
+                let text = ids_ok.then(|| r.tokenizer.decode_with_control(&ids).ok());
+                let echo = Some(text.flatten().unwrap_or_default());
+                Ok(Input { prompt: ids, echo })
+            }
+            Err(ids) => Ok(Input {
+                prompt: ids,
+                echo: None,
+            }),
+            Ok(text) => Ok(Input {
+                prompt: r.tokenizer.encode(&text, true)?,
+                echo: echo.then_some(text),
+            }),
+        };
+        prompts
+            .into_iter()
+            .map(input)
+            .collect::<Result<Vec<_>, _>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
@@ -356,7 +375,6 @@ pub(super) async fn completion(
         model: state.model_name.clone(),
         chat: false,
         logprobs: req.logprobs.is_some(),
-        echo,
         tools: None,
         surface: match api {
             Api::Workers { .. } => Surface::Workers { json: false },
@@ -366,204 +384,11 @@ pub(super) async fn completion(
     let out = Output {
         logprobs: req.logprobs.is_some(),
         top_logprobs: top as usize,
-        prompt_logprobs: req.echo == Some(true) && req.logprobs.is_some(),
-        echo: req.echo == Some(true),
-        constraint: None,
+        prompt_logprobs: echo && req.logprobs.is_some(),
+        echo,
+        constraints: Vec::new(),
     };
-    run(state, &ready, ids, &sampling, out, meta, &rid.0, gate).await
-}
-
-/// Validates budgets, answers from the response cache or reserves the request's tokens,
-/// submits, and answers whole or streamed.
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    state: &AppState,
-    ready: &Ready,
-    prompt: Vec<u32>,
-    fields: &SamplingFields,
-    out: Output,
-    meta: Meta,
-    request_id: &str,
-    gate: Gate,
-) -> Result<Response, ApiError> {
-    let received = Instant::now();
-    let sampling = fields.sampling_params(meta.surface.max_temperature())?;
-    let stop = fields.stops()?;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= ready.vocab_size) {
-        // Only a --tokenizer larger than the model's vocabulary can produce this.
-        return Err(ApiError::bad_request(format!(
-            "the prompt has token id {bad}, outside the model's vocabulary of {}",
-            ready.vocab_size
-        )));
-    }
-    if let Some(&(bad, _)) = sampling
-        .logit_bias
-        .last()
-        .filter(|(id, _)| *id as usize >= ready.vocab_size)
-    {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!(
-                "`logit_bias` names token {bad}, outside the model's vocabulary of {}",
-                ready.vocab_size
-            ),
-        ));
-    }
-    let limit = ready.context_length.min(ready.engine.kv_capacity);
-    let requested = fields.max_tokens(out.echo)?;
-    let max_tokens = match requested {
-        Some(m) if prompt.len().saturating_add(m) > limit => {
-            return Err(ApiError::context_length(format!(
-                "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
-                prompt.len().saturating_add(m),
-                prompt.len()
-            )))
-        }
-        Some(m) => m,
-        None if prompt.len() >= limit => {
-            return Err(ApiError::context_length(format!(
-                "This model's maximum context length is {limit} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
-                prompt.len()
-            )))
-        }
-        None => limit - prompt.len(),
-    };
-    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
-    let price = state
-        .gateway
-        .price(&state.model_name, gate.directives.custom_cost);
-    let include_usage = fields.include_usage();
-
-    // The response cache: replay a hit, wait for an identical request under way, or lead.
-    let deterministic = sampling.temperature == 0.0 || sampling.seed.is_some();
-    let mut leader = None;
-    if let Some(key) = gate.cache_key(deterministic, &ready.model_hash, &ready.template_hash) {
-        let ttl = gate.directives.cache_ttl.unwrap_or_default();
-        loop {
-            let hit = match state.cache.lookup(key, ttl) {
-                Lookup::Hit(hit) => hit,
-                Lookup::Wait(rx) => match cache::wait(rx).await {
-                    Some(hit) => hit,
-                    None => continue, // its leader gave up: look again
-                },
-                Lookup::Lead(l) => {
-                    leader = Some(l);
-                    break;
-                }
-            };
-            return replay_hit(
-                state,
-                &gate,
-                &hit,
-                price,
-                &labels,
-                meta,
-                fields.stream,
-                include_usage,
-                received,
-            )
-            .await;
-        }
-    }
-
-    // Reserve the prompt plus the completion budget against every window that applies.
-    let ask = Ask {
-        prompt: prompt.len() as u64,
-        max_tokens: max_tokens as u64,
-        explicit: requested.is_some(),
-        price,
-    };
-    let meter = state
-        .gateway
-        .admit(&gate.principal, ask, labels)
-        .map_err(|(refusal, rate)| refusal_error(refusal, prompt.len(), max_tokens, rate))?;
-    let max_tokens = meter.max_tokens() as usize;
-    let mut headers = rate_headers(meter.rate);
-    if leader.is_some() {
-        headers.push(("cf-aig-cache-status", "MISS".into()));
-    }
-    let (committed_tx, committed) = oneshot::channel();
-    let req = GenerationRequest {
-        prompt,
-        max_tokens,
-        sampling,
-        stop,
-        top_logprobs: out.top_logprobs,
-        logprobs: out.logprobs,
-        prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
-        request_id: request_id.to_string(),
-        received,
-        cache_prompt: fields.cache_prompt.unwrap_or(true),
-        constraint: out.constraint,
-        on_end: Some(UsageSink::new(move |report| {
-            meter.finish(report, Some(committed_tx))
-        })),
-    };
-    // Refused by the queue: the request (and its meter) is dropped, which gives back its
-    // reservation.
-    let rx = ready.engine.submit(req)?;
-    let tail = Tail::new(committed, leader);
-    let mut resp = respond(
-        rx,
-        meta,
-        fields.stream,
-        include_usage,
-        tail,
-        state.sse_keep_alive,
-    )
-    .await?;
-    add_headers(&mut resp, headers);
-    Ok(resp)
-}
-
-/// Answers from a cached reply: metered as `cached` at its own price, no tokens reserved.
-#[allow(clippy::too_many_arguments)]
-async fn replay_hit(
-    state: &AppState,
-    gate: &Gate,
-    hit: &Cached<Recorded>,
-    price: crate::gateway::price::Price,
-    labels: &Labels,
-    meta: Meta,
-    stream: bool,
-    include_usage: bool,
-    received: Instant,
-) -> Result<Response, ApiError> {
-    let usage = hit
-        .value
-        .iter()
-        .find_map(|e| match e {
-            Event::Finished { usage, .. } => Some(*usage),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let committed = state
-        .gateway
-        .admit_cache_hit(&gate.principal, usage, price, labels, received)
-        .map_err(|(refusal, rate)| {
-            refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
-        })?;
-    if !matches!(committed.await, Ok(true)) {
-        tracing::error!("the ledger row of a cache hit was not committed");
-    }
-    let rx = replay(&hit.value);
-    let mut resp = respond(
-        rx,
-        meta,
-        stream,
-        include_usage,
-        Tail::default(),
-        state.sse_keep_alive,
-    )
-    .await?;
-    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
-    headers.push(("cf-aig-cache-status", "HIT".into()));
-    headers.push(("age", hit.age().to_string()));
-    add_headers(&mut resp, headers);
-    Ok(resp)
+    run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
 }
 
 pub(super) fn unix_now() -> u64 {

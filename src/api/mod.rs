@@ -4,11 +4,13 @@
 mod admin;
 mod anthropic;
 pub mod body;
+mod choices;
 mod console;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gate;
+mod generate;
 mod handlers;
 mod response;
 mod responses;

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::choices::Choice;
 use super::error::ApiError;
 use super::gate::Tail;
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
@@ -20,8 +21,6 @@ pub struct Meta {
     pub model: String,
     pub chat: bool,
     pub logprobs: bool,
-    /// The completions API's `echo`: the prompt's text, put before the completion's.
-    pub echo: Option<String>,
     /// Set when the reply may hold tool calls: the text is parsed for them in this format.
     pub tools: Option<ToolFormat>,
     /// The API shape the answer is rendered in.
@@ -56,36 +55,47 @@ impl Surface {
     }
 }
 
-/// The answer to one request in its surface's shape, whole or streamed.
+/// The answer to one request in its surface's shape, whole or streamed. Only OpenAI's
+/// shapes carry several choices; the other surfaces get one.
 pub async fn respond(
-    rx: EventReceiver,
+    choices: Vec<Choice>,
     meta: Meta,
     stream: bool,
     include_usage: bool,
     tail: Tail,
     keep_alive: std::time::Duration,
 ) -> Result<Response, ApiError> {
-    match (meta.surface.clone(), stream) {
-        (Surface::OpenAi, true) => Ok(super::stream::sse_response(
-            rx,
-            meta,
-            include_usage,
-            tail,
-            keep_alive,
-        )),
-        (Surface::Anthropic { prompt_tokens }, true) => Ok(super::anthropic::sse(
-            rx,
-            meta,
-            prompt_tokens,
-            tail,
-            keep_alive,
-        )),
-        (Surface::Workers { .. }, true) => Ok(super::workers::sse(rx, meta, tail, keep_alive)),
-        (Surface::Responses(ctx), true) => {
-            Ok(super::responses_sse::sse(rx, meta, ctx, tail, keep_alive))
-        }
-        (_, false) => collect(rx, meta, tail).await,
+    if !stream {
+        return collect(choices, meta, tail).await;
     }
+    if let Surface::OpenAi = meta.surface {
+        let sse = super::stream::sse_response(choices, meta, include_usage, tail, keep_alive);
+        return Ok(sse);
+    }
+    let Some(Choice { rx, .. }) = choices.into_iter().next() else {
+        return Err(ApiError::internal(
+            "a reply without a choice. This is a bug.",
+        ));
+    };
+    Ok(match meta.surface.clone() {
+        Surface::Anthropic { prompt_tokens } => {
+            super::anthropic::sse(rx, meta, prompt_tokens, tail, keep_alive)
+        }
+        Surface::Workers { .. } => super::workers::sse(rx, meta, tail, keep_alive),
+        Surface::Responses(ctx) => super::responses_sse::sse(rx, meta, ctx, tail, keep_alive),
+        Surface::OpenAi => {
+            let choice = Choice { rx, echo: None };
+            super::stream::sse_response(vec![choice], meta, include_usage, tail, keep_alive)
+        }
+    })
+}
+
+/// Adds one choice's usage to a request's.
+pub fn add_usage(total: &mut Usage, u: Usage) {
+    total.prompt_tokens += u.prompt_tokens;
+    total.completion_tokens += u.completion_tokens;
+    total.total_tokens += u.total_tokens;
+    total.cached_tokens += u.cached_tokens;
 }
 
 pub fn usage_json(u: Usage) -> Value {
@@ -140,12 +150,18 @@ impl Meta {
 
     /// One streamed chunk. `delta` is the chat delta (for text completions its `content`
     /// becomes `text`).
-    pub fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
+    pub fn chunk(
+        &self,
+        index: usize,
+        delta: Value,
+        finish: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let choice = if self.chat {
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
             let text = delta.get("content").cloned().unwrap_or(json!(""));
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         };
         json!({"id": self.id, "object": self.object(true), "created": self.created,
                "model": self.model, "system_fingerprint": Value::Null, "choices": [choice]})
@@ -164,92 +180,162 @@ impl Meta {
         }
     }
 
-    /// The whole answer, once the engine finished. `prompt`: the prompt's first token and
-    /// the logprobs of the others, when asked for (`echo` with `logprobs`).
-    fn whole(
-        &self,
-        text: String,
-        lps: Vec<LogprobInfo>,
-        prompt: Option<(String, Vec<LogprobInfo>)>,
-        reason: FinishReason,
-        usage: Usage,
-    ) -> Value {
+    /// The whole answer, once the engine finished every choice.
+    fn whole(&self, replies: Vec<(Reply, Option<String>)>) -> Value {
+        let mut usage = Usage::default();
+        let choices: Vec<Value> = replies
+            .into_iter()
+            .enumerate()
+            .map(|(i, (r, echo))| {
+                add_usage(&mut usage, r.usage);
+                self.choice(i, r, echo)
+            })
+            .collect();
+        json!({"id": self.id, "object": self.object(false), "created": self.created,
+               "model": self.model, "system_fingerprint": Value::Null,
+               "choices": choices, "usage": usage_json(usage)})
+    }
+
+    /// One whole choice; `echo`: the text put before it.
+    fn choice(&self, index: usize, r: Reply, echo: Option<String>) -> Value {
+        let Reply {
+            text,
+            lps,
+            prompt,
+            reason,
+            ..
+        } = r;
         let logprobs = match (self.logprobs, self.chat) {
             (false, _) => Value::Null,
             (true, true) => json!({"content": lps}),
             (true, false) => {
-                let prompt = prompt.iter().flat_map(|(f, p)| prompt_items(f, p));
+                // The prompt's scores only beside its echoed text.
+                let prompt = prompt.iter().filter(|_| echo.is_some());
+                let prompt = prompt.flat_map(|(f, p)| prompt_items(f, p));
                 TextLogprobs::default().value(prompt.chain(lps.iter().map(Item::Scored)))
             }
         };
-        let text = match &self.echo {
-            Some(echo) => format!("{echo}{text}"),
+        let text = match echo {
+            Some(echo) => echo + &text,
             None => text,
         };
-        let choice = if self.chat {
-            let (content, calls) = match self.call_parser() {
-                None => (Some(text), Vec::new()),
-                Some(mut p) => {
-                    let mut content = String::new();
-                    for piece in p.push(&text).into_iter().chain(p.finish()) {
-                        if let Piece::Content(t) = piece {
-                            content.push_str(&t);
-                        }
+        if !self.chat {
+            return json!({"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": finish_name(reason, false)});
+        }
+        let (content, calls) = match self.call_parser() {
+            None => (Some(text), Vec::new()),
+            Some(mut p) => {
+                let mut content = String::new();
+                for piece in p.push(&text).into_iter().chain(p.finish()) {
+                    if let Piece::Content(t) = piece {
+                        content.push_str(&t);
                     }
-                    let calls: Vec<Value> = p.calls().iter().map(tool_call_json).collect();
-                    (
-                        (calls.is_empty() || !content.is_empty()).then_some(content),
-                        calls,
-                    )
                 }
-            };
-            let mut message = json!({"role": "assistant", "content": content});
-            if !calls.is_empty() {
-                message["tool_calls"] = Value::Array(calls.clone());
+                let calls: Vec<Value> = p.calls().iter().map(tool_call_json).collect();
+                (
+                    (calls.is_empty() || !content.is_empty()).then_some(content),
+                    calls,
+                )
             }
-            json!({"index": 0, "message": message, "logprobs": logprobs,
-                   "finish_reason": finish_name(reason, !calls.is_empty())})
-        } else {
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_name(reason, false)})
         };
-        json!({"id": self.id, "object": self.object(false), "created": self.created,
-               "model": self.model, "system_fingerprint": Value::Null,
-               "choices": [choice], "usage": usage_json(usage)})
+        let mut message = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            message["tool_calls"] = Value::Array(calls.clone());
+        }
+        json!({"index": index, "message": message, "logprobs": logprobs,
+               "finish_reason": finish_name(reason, !calls.is_empty())})
     }
 }
 
-/// Collects every event of one request into the whole answer.
-async fn collect(mut rx: EventReceiver, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut lps = Vec::new();
-    let mut prompt = None;
+/// One choice's reply, from its events.
+struct Reply {
+    text: String,
+    lps: Vec<LogprobInfo>,
+    /// The prompt's first token and the others' logprobs, when asked for.
+    prompt: Option<(String, Vec<LogprobInfo>)>,
+    reason: FinishReason,
+    usage: Usage,
+    stop_sequence: Option<String>,
+}
+
+/// One choice's events up to its end; an error if it failed or the engine went away.
+async fn gather(mut rx: EventReceiver) -> Result<Vec<Event>, ApiError> {
+    let mut events = Vec::new();
     while let Some(ev) = rx.recv().await {
-        tail.observe(&ev).await;
+        let end = matches!(ev, Event::Finished { .. });
+        if let Event::Failed(msg) = ev {
+            return Err(ApiError::internal(msg));
+        }
+        events.push(ev);
+        if end {
+            return Ok(events);
+        }
+    }
+    Err(ApiError::engine_stopped())
+}
+
+fn reply(events: Vec<Event>) -> Reply {
+    let mut r = Reply {
+        text: String::new(),
+        lps: Vec::new(),
+        prompt: None,
+        reason: FinishReason::Stop,
+        usage: Usage::default(),
+        stop_sequence: None,
+    };
+    for ev in events {
         match ev {
-            Event::Prompt { first, logprobs } => prompt = Some((first, logprobs)),
-            Event::Token { text: t, logprob } => {
-                text.push_str(&t);
-                lps.extend(logprob);
+            Event::Prompt { first, logprobs } => r.prompt = Some((first, logprobs)),
+            Event::Token { text, logprob } => {
+                r.text.push_str(&text);
+                r.lps.extend(logprob);
             }
-            Event::Failed(msg) => return Err(ApiError::internal(msg)),
             Event::Finished {
                 reason,
                 usage,
                 stop_sequence,
-            } => {
-                let whole = match &meta.surface {
-                    Surface::OpenAi => meta.whole(text, lps, prompt, reason, usage),
-                    Surface::Anthropic { .. } => {
-                        super::anthropic::whole(&meta, text, reason, stop_sequence, usage)
-                    }
-                    Surface::Workers { json } => super::workers::whole(&meta, text, *json, usage),
-                    Surface::Responses(ctx) => {
-                        super::responses::whole(&meta, ctx, text, reason, usage)
-                    }
-                };
-                return Ok(Json(whole).into_response());
-            }
+            } => (r.reason, r.usage, r.stop_sequence) = (reason, usage, stop_sequence),
+            Event::Failed(_) => {}
         }
     }
-    Err(ApiError::engine_stopped())
+    r
+}
+
+/// Collects every choice of one request into the whole answer.
+async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
+    let (rxs, echoes): (Vec<_>, Vec<_>) = choices.into_iter().map(|c| (c.rx, c.echo)).unzip();
+    let several = rxs.len() > 1;
+    let gathered = futures_util::future::try_join_all(rxs.into_iter().map(gather)).await?;
+    // One choice: every event (the response cache records them); several: the end of the
+    // last, which waits for the one ledger row.
+    for events in &gathered {
+        let events = if several {
+            &events[events.len() - 1..]
+        } else {
+            &events[..]
+        };
+        for ev in events {
+            tail.observe(ev).await;
+        }
+    }
+    let mut replies: Vec<(Reply, Option<String>)> =
+        gathered.into_iter().map(reply).zip(echoes).collect();
+    let whole = match &meta.surface {
+        Surface::OpenAi => meta.whole(replies),
+        surface => {
+            let (r, echo) = replies.swap_remove(0);
+            match surface {
+                Surface::Anthropic { .. } => {
+                    super::anthropic::whole(&meta, r.text, r.reason, r.stop_sequence, r.usage)
+                }
+                Surface::Workers { json } => super::workers::whole(&meta, r.text, *json, r.usage),
+                Surface::Responses(ctx) => {
+                    super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
+                }
+                Surface::OpenAi => meta.whole(vec![(r, echo)]),
+            }
+        }
+    };
+    Ok(Json(whole).into_response())
 }

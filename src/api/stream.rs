@@ -8,55 +8,98 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, BoxStream, SelectAll, Stream};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::choices::Choice;
 use super::error::ApiError;
 use super::gate::Tail;
-use super::response::{delta_json, finish_name, Meta};
+use super::response::{add_usage, delta_json, finish_name, Meta};
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
-use crate::engine::request::{Event, EventReceiver};
+use crate::engine::request::{Event, EventReceiver, Usage};
 use crate::structured::toolcall::CallParser;
 
+/// One choice's part of the stream.
+struct ChoiceState {
+    /// Splits the text into content and tool-call deltas, when the reply may call tools.
+    calls: Option<CallParser>,
+    /// The completions API's logprobs, whose offsets run on from chunk to chunk.
+    text_logprobs: TextLogprobs,
+    /// The text `echo` puts first, until it is sent.
+    echo: Option<String>,
+    finished: bool,
+}
+
+/// Every choice's events, merged: `(choice, None)` once its channel closes.
+type Merged = SelectAll<BoxStream<'static, (usize, Option<Event>)>>;
+
 struct State {
-    rx: EventReceiver,
+    rx: Merged,
     meta: Meta,
     /// Chunks ready to send, in order.
     pending: VecDeque<Value>,
-    /// Splits the text into content and tool-call deltas, when the reply may call tools.
-    calls: Option<CallParser>,
+    choices: Vec<ChoiceState>,
+    /// The finished choices' usage, summed.
+    usage: Usage,
     include_usage: bool,
     tail: Tail,
-    /// The completions API's logprobs, whose offsets run on from chunk to chunk.
-    text_logprobs: TextLogprobs,
     /// The engine has nothing more to send (finished, failed or gone).
     ended: bool,
     done_sent: bool,
 }
 
+/// The events of one choice, then `None` when its channel closes.
+fn tagged(index: usize, rx: EventReceiver) -> BoxStream<'static, (usize, Option<Event>)> {
+    stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(ev) => Some(((index, Some(ev)), Some(rx))),
+            None => Some(((index, None), None)),
+        }
+    })
+    .boxed()
+}
+
+/// The choices' chunks interleave as their tokens come; each choice's carry its `index`.
 pub fn sse_response(
-    rx: EventReceiver,
+    choices: Vec<Choice>,
     meta: Meta,
     include_usage: bool,
     tail: Tail,
     keep_alive: std::time::Duration,
 ) -> Response {
     let mut pending = VecDeque::new();
-    if meta.chat {
-        let delta = json!({"role": "assistant", "content": ""});
-        pending.push_back(meta.chunk(delta, None, Value::Null));
-    } else if let (Some(echo), false) = (&meta.echo, meta.logprobs) {
-        // Echoed at once; with logprobs it waits for the prompt's scores.
-        pending.push_back(meta.chunk(json!({"content": echo}), None, Value::Null));
+    let mut states = Vec::new();
+    let mut streams = Vec::new();
+    for (i, c) in choices.into_iter().enumerate() {
+        if meta.chat {
+            let delta = json!({"role": "assistant", "content": ""});
+            pending.push_back(meta.chunk(i, delta, None, Value::Null));
+        }
+        let mut echo = c.echo;
+        if !meta.logprobs {
+            // Echoed at once; with logprobs it waits for the prompt's scores.
+            if let Some(echo) = echo.take() {
+                pending.push_back(meta.chunk(i, json!({"content": echo}), None, Value::Null));
+            }
+        }
+        states.push(ChoiceState {
+            calls: meta.call_parser(),
+            text_logprobs: TextLogprobs::default(),
+            echo,
+            finished: false,
+        });
+        streams.push(tagged(i, c.rx));
     }
     let state = State {
-        rx,
-        calls: meta.call_parser(),
+        rx: stream::select_all(streams),
         meta,
         pending,
+        choices: states,
+        usage: Usage::default(),
         include_usage,
         tail,
-        text_logprobs: TextLogprobs::default(),
         ended: false,
         done_sent: false,
     };
@@ -81,57 +124,77 @@ pub fn sse_of(
 }
 
 impl State {
-    /// Turns one engine event into the chunks it makes.
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Prompt { first, logprobs }) => {
-                if let (Some(echo), true) = (&self.meta.echo, self.meta.logprobs) {
-                    let lps = self.text_logprobs.value(prompt_items(&first, &logprobs));
-                    let chunk = self.meta.chunk(json!({"content": echo}), None, lps);
-                    self.pending.push_back(chunk);
+    /// Whether `ev` ends the last choice still running.
+    fn ends_all(&self, i: usize, ev: &Event) -> bool {
+        matches!(ev, Event::Finished { .. })
+            && self
+                .choices
+                .iter()
+                .enumerate()
+                .all(|(j, c)| c.finished || j == i)
+    }
+
+    /// Turns one engine event of choice `i` into the chunks it makes.
+    fn on_event(&mut self, i: usize, ev: Option<Event>) {
+        let meta = &self.meta;
+        let c = &mut self.choices[i];
+        if let Some(echo) = c.echo.take() {
+            // The prompt's scores come first; a reply recorded without them (a custom cache
+            // key) still echoes the prompt.
+            let lps = match &ev {
+                Some(Event::Prompt { first, logprobs }) => {
+                    c.text_logprobs.value(prompt_items(first, logprobs))
                 }
-            }
+                _ => Value::Null,
+            };
+            self.pending
+                .push_back(meta.chunk(i, json!({"content": echo}), None, lps));
+        }
+        match ev {
+            Some(Event::Prompt { .. }) => {}
             Some(Event::Token { text, logprob }) => {
-                let mut logprobs = match (&logprob, self.meta.chat) {
-                    (Some(info), false) if self.meta.logprobs => {
-                        self.text_logprobs.value([Item::Scored(info)])
+                let mut logprobs = match (&logprob, meta.chat) {
+                    (Some(info), false) if meta.logprobs => {
+                        c.text_logprobs.value([Item::Scored(info)])
                     }
-                    _ => self.meta.logprobs_value(logprob.as_ref()),
+                    _ => meta.logprobs_value(logprob.as_ref()),
                 };
-                let deltas: Vec<Value> = match &mut self.calls {
+                let deltas: Vec<Value> = match &mut c.calls {
                     None if text.is_empty() && logprob.is_none() => Vec::new(),
                     None => vec![json!({"content": text})],
                     Some(p) => p.push(&text).iter().map(delta_json).collect(),
                 };
                 for delta in deltas {
-                    let chunk = self.meta.chunk(delta, None, std::mem::take(&mut logprobs));
+                    let chunk = meta.chunk(i, delta, None, std::mem::take(&mut logprobs));
                     self.pending.push_back(chunk);
                 }
             }
             Some(Event::Finished { reason, usage, .. }) => {
                 let mut made_calls = false;
-                if let Some(p) = &mut self.calls {
+                if let Some(p) = &mut c.calls {
                     for piece in p.finish() {
-                        self.pending.push_back(self.meta.chunk(
-                            delta_json(&piece),
-                            None,
-                            Value::Null,
-                        ));
+                        let chunk = meta.chunk(i, delta_json(&piece), None, Value::Null);
+                        self.pending.push_back(chunk);
                     }
                     made_calls = !p.calls().is_empty();
                 }
+                c.finished = true;
                 let finish = finish_name(reason, made_calls);
                 self.pending
-                    .push_back(self.meta.chunk(json!({}), Some(finish), Value::Null));
-                if self.include_usage {
-                    self.pending.push_back(self.meta.usage_chunk(usage));
+                    .push_back(meta.chunk(i, json!({}), Some(finish), Value::Null));
+                add_usage(&mut self.usage, usage);
+                if self.choices.iter().all(|c| c.finished) {
+                    if self.include_usage {
+                        self.pending.push_back(self.meta.usage_chunk(self.usage));
+                    }
+                    self.ended = true;
                 }
-                self.ended = true;
             }
             Some(Event::Failed(msg)) => {
                 self.pending.push_back(ApiError::internal(msg).body());
                 self.ended = true;
             }
+            None if c.finished => {}
             None => {
                 self.pending.push_back(ApiError::engine_stopped().body());
                 self.ended = true;
@@ -157,11 +220,20 @@ fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 s.done_sent = true;
                 return Some((Ok(SseEvent::default().data("[DONE]")), s));
             }
-            let ev = s.rx.recv().await;
-            if let Some(ev) = &ev {
+            let Some((i, ev)) = s.rx.next().await else {
+                // Every channel closed (cannot happen before every choice ended).
+                s.ended = true;
+                continue;
+            };
+            // One choice: every event (the response cache records them); several: the end
+            // of the last, which waits for the one ledger row.
+            if let Some(ev) = ev
+                .as_ref()
+                .filter(|ev| s.choices.len() == 1 || s.ends_all(i, ev))
+            {
                 s.tail.observe(ev).await;
             }
-            s.on_event(ev);
+            s.on_event(i, ev);
         }
     })
 }

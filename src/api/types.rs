@@ -9,6 +9,10 @@ use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
 use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice, ToolFormat, ToolSpec};
 
+/// The most choices one request may ask for (prompts times `n`): each is a sequence in the
+/// engine.
+pub const MAX_CHOICES: u64 = 16;
+
 /// Fields of both completion endpoints that shape generation.
 #[derive(Debug, Default, Deserialize)]
 pub struct SamplingFields {
@@ -426,14 +430,6 @@ impl SamplingFields {
                 format!("`temperature` must be in [0, {max_temperature}], got {t}"),
             ));
         }
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid(
-                    "n",
-                    format!("`n` must be 1 (got {n}); several choices are not supported yet"),
-                ));
-            }
-        }
         let p = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0) as usize,
@@ -480,6 +476,17 @@ impl SamplingFields {
             ));
         }
         Ok(bias)
+    }
+
+    /// `n`: how many choices to generate for each prompt, 1 to [`MAX_CHOICES`].
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=MAX_CHOICES => Ok(n as usize),
+            n => Err(ApiError::invalid(
+                "n",
+                format!("`n` must be in [1, {MAX_CHOICES}], got {n}"),
+            )),
+        }
     }
 
     pub fn stops(&self) -> Result<Vec<String>, ApiError> {

@@ -1,0 +1,129 @@
+//! A request of several choices (`n`, or several prompts) is several engine requests settled
+//! as one: one meter, one ledger row, with the parts' usage summed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::engine::request::{EndReport, Ending, EventReceiver, FinishReason, Usage, UsageSink};
+use crate::gateway::Meter;
+
+/// One choice to render: its events, and the text `echo` puts before it.
+pub struct Choice {
+    pub rx: EventReceiver,
+    pub echo: Option<String>,
+}
+
+/// What the parts reported so far.
+struct Shared {
+    meter: Option<Meter>,
+    ack: Option<oneshot::Sender<bool>>,
+    left: usize,
+    ran: usize,
+    usage: Usage,
+    ending: Option<Ending>,
+    first_token_at: Option<Instant>,
+}
+
+impl Shared {
+    fn settle(&mut self) {
+        self.left -= 1;
+        if self.left > 0 {
+            return;
+        }
+        let Some(meter) = self.meter.take() else {
+            return;
+        };
+        if self.ran == 0 {
+            // No part ever ran (the queue refused them): the meter's drop gives everything
+            // back and ledgers the request as rejected.
+            drop(meter);
+            return;
+        }
+        meter.finish(
+            EndReport {
+                ending: self.ending.unwrap_or(Ending::Cancelled),
+                usage: self.usage,
+                first_token_at: self.first_token_at,
+            },
+            self.ack.take(),
+        );
+    }
+}
+
+/// The worse of two endings, for the one ledger row: a failure, else a cancellation, else
+/// `length` if any part ran out of tokens, else `stop`.
+fn worse(a: Ending, b: Ending) -> Ending {
+    let rank = |e: Ending| match e {
+        Ending::Failed => 3,
+        Ending::Cancelled => 2,
+        Ending::Finished(FinishReason::Length) => 1,
+        Ending::Finished(FinishReason::Stop) => 0,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// A part's report; dropped unreported (never submitted, or refused), it counts as a part
+/// that computed nothing.
+struct Part {
+    shared: Arc<Mutex<Shared>>,
+    reported: bool,
+}
+
+impl Part {
+    fn report(mut self, r: EndReport) {
+        self.reported = true;
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        s.ran += 1;
+        let u = &mut s.usage;
+        u.prompt_tokens += r.usage.prompt_tokens;
+        u.completion_tokens += r.usage.completion_tokens;
+        u.total_tokens += r.usage.total_tokens;
+        u.cached_tokens += r.usage.cached_tokens;
+        s.ending = Some(s.ending.map_or(r.ending, |e| worse(e, r.ending)));
+        s.first_token_at = match (s.first_token_at, r.first_token_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        s.settle();
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .settle();
+        }
+    }
+}
+
+/// `parts` usage sinks that settle `meter` once, when the last of them has reported or been
+/// dropped; `ack` hears when its ledger row is committed.
+pub fn split_meter(meter: Meter, ack: oneshot::Sender<bool>, parts: usize) -> Vec<UsageSink> {
+    let shared = Arc::new(Mutex::new(Shared {
+        meter: Some(meter),
+        ack: Some(ack),
+        left: parts,
+        ran: 0,
+        usage: Usage::default(),
+        ending: None,
+        first_token_at: None,
+    }));
+    (0..parts)
+        .map(|_| {
+            let part = Part {
+                shared: shared.clone(),
+                reported: false,
+            };
+            UsageSink::new(move |r| part.report(r))
+        })
+        .collect()
+}

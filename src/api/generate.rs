@@ -1,0 +1,279 @@
+//! The surface-neutral path of a generation request: validate its prompts against the
+//! model, answer from the response cache or reserve its tokens with the gateway, submit one
+//! engine request per choice, and hand the events to the surface's renderer.
+
+use std::time::Instant;
+
+use axum::response::Response;
+use tokio::sync::oneshot;
+
+use super::choices::{split_meter, Choice};
+use super::error::ApiError;
+use super::gate::{add_headers, rate_headers, refusal_error, replay, Gate, Recorded, Tail};
+use super::handlers::labels;
+use super::response::{respond, Meta, Surface};
+use super::types::{SamplingFields, MAX_CHOICES};
+use super::{AppState, Ready};
+use crate::engine::constraint::TokenConstraint;
+use crate::engine::request::{Event, GenerationRequest};
+use crate::gateway::cache::{self, Cached, Lookup};
+use crate::gateway::limits::Ask;
+use crate::gateway::Labels;
+
+/// One prompt of a request, as token ids, and the text `echo` puts before its choices.
+pub(super) struct Input {
+    pub prompt: Vec<u32>,
+    pub echo: Option<String>,
+}
+
+/// What to produce besides text: logprobs, and the grammar the text must follow.
+pub(super) struct Output {
+    pub logprobs: bool,
+    pub top_logprobs: usize,
+    /// Score the prompt's tokens too (`echo` with `logprobs`), with `top_logprobs` each.
+    pub prompt_logprobs: bool,
+    /// `echo`: `max_tokens` may be 0.
+    pub echo: bool,
+    /// The grammar each choice's text must follow, one per choice; empty: free text.
+    pub constraints: Vec<Box<dyn TokenConstraint>>,
+}
+
+/// Checks one prompt against the model; its completion budget (`requested`, or the rest of
+/// the context).
+fn budget(prompt: &[u32], requested: Option<usize>, ready: &Ready) -> Result<usize, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= ready.vocab_size) {
+        // Only a --tokenizer larger than the model's vocabulary can produce this.
+        return Err(ApiError::bad_request(format!(
+            "the prompt has token id {bad}, outside the model's vocabulary of {}",
+            ready.vocab_size
+        )));
+    }
+    let limit = ready.context_length.min(ready.engine.kv_capacity);
+    match requested {
+        Some(m) if prompt.len().saturating_add(m) > limit => Err(ApiError::context_length(format!(
+            "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+            prompt.len().saturating_add(m),
+            prompt.len()
+        ))),
+        Some(m) => Ok(m),
+        None if prompt.len() >= limit => Err(ApiError::context_length(format!(
+            "This model's maximum context length is {limit} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
+            prompt.len()
+        ))),
+        None => Ok(limit - prompt.len()),
+    }
+}
+
+/// Validates budgets, answers from the response cache or reserves the request's tokens,
+/// submits its choices (`n` for each prompt), and answers whole or streamed.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    state: &AppState,
+    ready: &Ready,
+    inputs: Vec<Input>,
+    fields: &SamplingFields,
+    out: Output,
+    meta: Meta,
+    request_id: &str,
+    gate: Gate,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let sampling = fields.sampling_params(meta.surface.max_temperature())?;
+    let stop = fields.stops()?;
+    let n = fields.n()?;
+    let count = inputs.len() * n;
+    if count as u64 > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "n",
+            format!("at most {MAX_CHOICES} choices a request (prompts times `n`), got {count}"),
+        ));
+    }
+    if count > 1 && !matches!(meta.surface, Surface::OpenAi) {
+        return Err(ApiError::invalid("n", "this API answers one choice"));
+    }
+    if let Some(&(bad, _)) = sampling
+        .logit_bias
+        .last()
+        .filter(|(id, _)| *id as usize >= ready.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "`logit_bias` names token {bad}, outside the model's vocabulary of {}",
+                ready.vocab_size
+            ),
+        ));
+    }
+    let requested = fields.max_tokens(out.echo)?;
+    // Each choice's completion budget, in choice order (prompt by prompt, `n` each).
+    let mut budgets = Vec::with_capacity(count);
+    for input in &inputs {
+        let m = budget(&input.prompt, requested, ready)?;
+        budgets.extend(std::iter::repeat_n(m, n));
+    }
+    let prompt_total: usize = inputs.iter().map(|i| i.prompt.len() * n).sum();
+    let max_total: usize = budgets.iter().sum();
+    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
+    let price = state
+        .gateway
+        .price(&state.model_name, gate.directives.custom_cost);
+    let include_usage = fields.include_usage();
+
+    // The response cache (one choice only): replay a hit, wait for an identical request
+    // under way, or lead.
+    let deterministic = sampling.temperature == 0.0 || sampling.seed.is_some();
+    let mut leader = None;
+    let key = gate.cache_key(deterministic, &ready.model_hash, &ready.template_hash);
+    if let Some(key) = key.filter(|_| count == 1) {
+        let ttl = gate.directives.cache_ttl.unwrap_or_default();
+        loop {
+            let hit = match state.cache.lookup(key, ttl) {
+                Lookup::Hit(hit) => hit,
+                Lookup::Wait(rx) => match cache::wait(rx).await {
+                    Some(hit) => hit,
+                    None => continue, // its leader gave up: look again
+                },
+                Lookup::Lead(l) => {
+                    leader = Some(l);
+                    break;
+                }
+            };
+            let echo = inputs.into_iter().next().and_then(|i| i.echo);
+            let reply = Reply {
+                meta,
+                echo,
+                stream: fields.stream,
+                include_usage,
+            };
+            return replay_hit(state, &gate, &hit, price, &labels, reply, received).await;
+        }
+    }
+
+    // Reserve the prompts plus the completion budgets against every window that applies.
+    let ask = Ask {
+        prompt: prompt_total as u64,
+        max_tokens: max_total as u64,
+        explicit: requested.is_some(),
+        price,
+    };
+    let meter = state
+        .gateway
+        .admit(&gate.principal, ask, labels)
+        .map_err(|(refusal, rate)| refusal_error(refusal, prompt_total, max_total, rate))?;
+    // A budget may grant fewer tokens than asked: each choice gets its share.
+    let granted = meter.max_tokens() as usize;
+    if granted < max_total {
+        for m in &mut budgets {
+            *m = (*m as u128 * granted as u128 / max_total.max(1) as u128) as usize;
+        }
+    }
+    let mut headers = rate_headers(meter.rate);
+    if leader.is_some() {
+        headers.push(("cf-aig-cache-status", "MISS".into()));
+    }
+    let (committed_tx, committed) = oneshot::channel();
+    // One meter for every choice: a part refused by the queue is dropped unrun; if none ran,
+    // the reservation is given back whole.
+    let mut sinks = split_meter(meter, committed_tx, count).into_iter();
+    let mut constraints = out.constraints.into_iter();
+    let mut choices = Vec::with_capacity(count);
+    for (i, input) in inputs.iter().enumerate() {
+        for j in 0..n {
+            let c = i * n + j;
+            let mut sampling = sampling.clone();
+            // Seeded choices differ from each other and repeat.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(c as u64));
+            let req = GenerationRequest {
+                prompt: input.prompt.clone(),
+                max_tokens: budgets[c],
+                sampling,
+                stop: stop.clone(),
+                top_logprobs: out.top_logprobs,
+                logprobs: out.logprobs,
+                prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
+                request_id: request_id.to_string(),
+                received,
+                cache_prompt: fields.cache_prompt.unwrap_or(true),
+                constraint: constraints.next(),
+                on_end: sinks.next(),
+            };
+            // Refused by the queue: the choices submitted so far are dropped (cancelled).
+            let rx = ready.engine.submit(req)?;
+            choices.push(Choice {
+                rx,
+                echo: input.echo.clone(),
+            });
+        }
+    }
+    let tail = Tail::new(committed, leader);
+    let keep_alive = state.sse_keep_alive;
+    let mut resp = respond(
+        choices,
+        meta,
+        fields.stream,
+        include_usage,
+        tail,
+        keep_alive,
+    )
+    .await?;
+    add_headers(&mut resp, headers);
+    Ok(resp)
+}
+
+/// How to render a reply.
+struct Reply {
+    meta: Meta,
+    echo: Option<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Answers from a cached reply: metered as `cached` at its own price, no tokens reserved.
+async fn replay_hit(
+    state: &AppState,
+    gate: &Gate,
+    hit: &Cached<Recorded>,
+    price: crate::gateway::price::Price,
+    labels: &Labels,
+    reply: Reply,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    let usage = hit
+        .value
+        .iter()
+        .find_map(|e| match e {
+            Event::Finished { usage, .. } => Some(*usage),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let committed = state
+        .gateway
+        .admit_cache_hit(&gate.principal, usage, price, labels, received)
+        .map_err(|(refusal, rate)| {
+            refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
+        })?;
+    if !matches!(committed.await, Ok(true)) {
+        tracing::error!("the ledger row of a cache hit was not committed");
+    }
+    let choice = Choice {
+        rx: replay(&hit.value),
+        echo: reply.echo,
+    };
+    let mut resp = respond(
+        vec![choice],
+        reply.meta,
+        reply.stream,
+        reply.include_usage,
+        Tail::default(),
+        state.sse_keep_alive,
+    )
+    .await?;
+    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
+    headers.push(("cf-aig-cache-status", "HIT".into()));
+    headers.push(("age", hit.age().to_string()));
+    add_headers(&mut resp, headers);
+    Ok(resp)
+}
