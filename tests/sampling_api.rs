@@ -225,6 +225,27 @@ fn echo_scores_the_prompt_as_evaluation_harnesses_read_it() {
         want.pop();
         assert_eq!(c["logprobs"][field], Value::from(want), "{field}");
     }
+    // The one generated token is the end of turn (forced here): it still has its entry, so
+    // the harness's `[ctxlen:-1]` slice keeps every continuation token.
+    let eot = tokens(&s, "<|im_end|>");
+    assert_eq!(eot.len(), 1, "{eot:?}");
+    let ended = complete(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [ids], "echo": true, "logprobs": 1, "max_tokens": 1,
+               "logit_bias": {eot[0].to_string(): 100}}),
+    );
+    let c = &ended["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{ended}");
+    assert_eq!(c["text"], detokenize(&s, &ids));
+    let toks = c["logprobs"]["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), ids.len() + 1, "{ended}");
+    assert_eq!(toks[ids.len()], "<|im_end|>");
+    let prompt_part = |v: &Value| v.as_array().unwrap()[1..ids.len()].to_vec();
+    assert_eq!(
+        prompt_part(&c["logprobs"]["token_logprobs"]),
+        prompt_part(&lp["token_logprobs"])
+    );
     // Without `echo`, 0 is still refused.
     let (status, e) = s.post(
         "/v1/completions",

@@ -456,16 +456,26 @@ impl SamplingFields {
         let mut bias = Vec::with_capacity(map.len());
         for (key, value) in map {
             let bad = |reason: String| ApiError::invalid("logit_bias", reason);
-            let id = key.parse::<u32>().map_err(|_| {
-                bad(format!(
-                    "`logit_bias` keys must be token ids (non-negative integers), got {key:?}"
-                ))
-            })?;
-            let b = value.as_f64().ok_or_else(|| {
-                bad(format!(
-                    "`logit_bias[{key:?}]` must be a number in [-100, 100], got {value}"
-                ))
-            })?;
+            // Plain decimal: no sign, no leading zeros.
+            let canonical =
+                key.bytes().all(|b| b.is_ascii_digit()) && (key == "0" || !key.starts_with('0'));
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|_| canonical)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`logit_bias` keys must be token ids (non-negative integers), got {key:?}"
+                    ))
+                })?;
+            let b = value
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`logit_bias[{key:?}]` must be a number in [-100, 100], got {value}"
+                    ))
+                })?;
             bias.push((id, b as f32));
         }
         bias.sort_by_key(|&(id, _)| id);

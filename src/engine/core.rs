@@ -345,7 +345,7 @@ impl<M: ModelRunner> Engine<M> {
                 let every = a
                     .scores
                     .as_ref()
-                    .is_some_and(|s| s.wants_rows(a.req.prompt.len(), c.start));
+                    .is_some_and(|s| s.wants_rows(a.req.prompt.len(), c.start, c.len));
                 SeqInput {
                     tokens: &a.tokens[c.start..c.start + c.len],
                     start: c.start,
@@ -488,17 +488,18 @@ impl<M: ModelRunner> Engine<M> {
                 stop,
             } => (emit, Some((reason, stop)), counted),
         };
+        // A scored prompt's end-of-turn token keeps its logprob (not its text): the lists
+        // hold one entry per token computed, as harnesses slice them.
+        let scoring = a.req.prompt_logprobs.is_some();
         if counted {
             telemetry::generated();
-            let logprob =
-                logprobs.map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
+        }
+        if counted || scoring || !text.is_empty() {
+            let logprob = logprobs
+                .filter(|_| counted || scoring)
+                .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
             // A closed receiver is noticed at the next step.
             let _ = a.events.send(Event::Token { text, logprob });
-        } else if !text.is_empty() {
-            let _ = a.events.send(Event::Token {
-                text,
-                logprob: None,
-            });
         }
         // The KV pool must hold the next position too.
         let full = a.tokens.len() >= self.model.context_length();

@@ -5,18 +5,20 @@
 //! Knows logits, token ids and their text; never the model or HTTP.
 
 use super::request::{Event, LogprobInfo, TokenLogprob};
-use super::sampler::log_softmax_of;
+use super::sampler::LogSoftmax;
 use super::scheduler::Chunk;
 use crate::model::Tokenizer;
 
 /// `chosen`'s logprob under `logits` (temperature 1), with the `top` most likely tokens.
+/// One pass of exponentials for all of them (scoring a prompt runs this on every row).
 pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
-    let entry = |id: u32, logprob: f32| {
+    let ls = LogSoftmax::new(logits);
+    let entry = |id: u32| {
         let token = tok.token_text_decoded(id);
         TokenLogprob {
             bytes: token.as_bytes().to_vec(),
             token,
-            logprob,
+            logprob: ls.of(logits, id),
         }
     };
     let mut top_logprobs = Vec::new();
@@ -28,13 +30,10 @@ pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) ->
         });
         idx.truncate(k);
         idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        top_logprobs = idx
-            .iter()
-            .map(|&i| entry(i, log_softmax_of(logits, i)))
-            .collect();
+        top_logprobs = idx.iter().map(|&i| entry(i)).collect();
     }
     LogprobInfo {
-        chosen: entry(chosen, log_softmax_of(logits, chosen)),
+        chosen: entry(chosen),
         top_logprobs,
     }
 }
@@ -63,10 +62,11 @@ impl PromptScores {
         }
     }
 
-    /// Whether a chunk starting at `start` still has prompt positions to score: then it
-    /// needs the logits of every row.
-    pub fn wants_rows(&self, prompt_len: usize, start: usize) -> bool {
-        self.next < prompt_len && start < prompt_len
+    /// Whether the chunk of `len` positions from `start` predicts a prompt position still
+    /// to score (row `j` predicts position `start + j + 1`): then it needs every row's
+    /// logits. A chunk recomputed after preemption over scored positions does not.
+    pub fn wants_rows(&self, prompt_len: usize, start: usize, len: usize) -> bool {
+        self.next < prompt_len && start < self.next && start + len >= self.next
     }
 
     /// Takes one chunk's output: scores its rows when it computed every row (`every`), and

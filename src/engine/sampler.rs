@@ -369,26 +369,52 @@ impl Sampler {
 /// subtracted, summed in f64). NaN logits count as `-inf`; a token outside
 /// the vocabulary, or a NaN one, gives `-inf`.
 pub fn log_softmax_of(logits: &[f32], token: u32) -> f32 {
-    // NaN counts as -inf; +inf is clamped so the arithmetic stays finite.
-    let clean = |l: f32| {
-        if l.is_nan() {
-            f64::NEG_INFINITY
-        } else {
-            f64::from(l.min(f32::MAX))
-        }
-    };
-    let Some(&x) = logits.get(token as usize) else {
-        return f32::NEG_INFINITY;
-    };
-    let max = logits
-        .iter()
-        .map(|&l| clean(l))
-        .fold(f64::NEG_INFINITY, f64::max);
-    if max == f64::NEG_INFINITY {
-        return f32::NEG_INFINITY;
+    LogSoftmax::new(logits).of(logits, token)
+}
+
+/// One distribution's normaliser, for the logprobs of several of its tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct LogSoftmax {
+    max: f64,
+    ln_sum: f64,
+}
+
+/// NaN counts as -inf; +inf is clamped so the arithmetic stays finite.
+fn clean(l: f32) -> f64 {
+    if l.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        f64::from(l.min(f32::MAX))
     }
-    let sum: f64 = logits.iter().map(|&l| (clean(l) - max).exp()).sum();
-    (clean(x) - max - sum.ln()) as f32
+}
+
+impl LogSoftmax {
+    pub fn new(logits: &[f32]) -> Self {
+        let max = logits
+            .iter()
+            .map(|&l| clean(l))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = if max == f64::NEG_INFINITY {
+            0.0
+        } else {
+            logits.iter().map(|&l| (clean(l) - max).exp()).sum()
+        };
+        Self {
+            max,
+            ln_sum: sum.ln(),
+        }
+    }
+
+    /// `token`'s logprob under the `logits` this was made from.
+    pub fn of(&self, logits: &[f32], token: u32) -> f32 {
+        let Some(&x) = logits.get(token as usize) else {
+            return f32::NEG_INFINITY;
+        };
+        if self.max == f64::NEG_INFINITY {
+            return f32::NEG_INFINITY;
+        }
+        (clean(x) - self.max - self.ln_sum) as f32
+    }
 }
 
 #[cfg(test)]

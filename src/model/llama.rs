@@ -233,8 +233,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// One forward over every token of a step, packed into one matrix for each linear layer,
-    /// with attention per sequence over its own blocks. Returns, per sequence, the logits of
-    /// its last token when it asked for them.
+    /// with attention per sequence over its own blocks. Returns, per sequence, the logits it
+    /// asked for ([`Logits`]): its last token's, or every token's row after row.
     pub fn forward_batch(
         &self,
         seqs: &[SeqInput],
@@ -342,16 +342,16 @@ impl<B: Backend> Llama<B> {
                 .map(|s| if wants(s) > 0 { logits.take() } else { None })
                 .collect());
         }
+        if logits.len() != wanted.len() * c.vocab_size {
+            return Err(bug("one row of logits for each row asked for"));
+        }
         let mut rest = &logits[..];
         Ok(seqs
             .iter()
             .map(|s| {
-                let len = wants(s) * c.vocab_size;
-                (len > 0 && rest.len() >= len).then(|| {
-                    let (mine, after) = rest.split_at(len);
-                    rest = after;
-                    mine.to_vec()
-                })
+                let (mine, after) = rest.split_at(wants(s) * c.vocab_size);
+                rest = after;
+                (!mine.is_empty()).then(|| mine.to_vec())
             })
             .collect())
     }

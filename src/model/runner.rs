@@ -7,8 +7,8 @@ use super::llama::{Llama, SeqInput};
 use crate::backend::{Backend, Cpu};
 use crate::error::ModelError;
 
-/// One step's logits: for each sequence of the step, its last token's logits
-/// (`vocab_size` values) if it asked for them.
+/// One step's logits: for each sequence of the step, the logits it asked for (its last
+/// token's `vocab_size` values, or every token's row after row), `None` if none.
 pub type StepLogits = Vec<Option<Vec<f32>>>;
 
 /// A model as the engine drives it. Runs on the engine thread only.
