@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::server::Server;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Runs `tests/python/SCRIPT` against a fresh server; returns the JSON it prints.
 fn run_client(script: &str) -> Value {
@@ -38,12 +38,21 @@ fn official_openai_client_works() {
     whole["prompt_tokens_details"] = Value::Null;
     streamed["prompt_tokens_details"] = Value::Null;
     assert_eq!(whole, streamed);
-    assert_eq!(
-        r["models"],
-        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"])
-    );
+    assert_eq!(r["models"], json!(["SmolLM2-135M-Instruct.Q4_1"]));
     assert_eq!(r["not_found"], 404);
     assert_eq!(r["bad_request"], 400);
+    // Scoring five prompt ids: the client parses six entries (the first unscored).
+    let scored = &r["scored"];
+    assert_eq!(scored["tokens"], 6, "{r}");
+    assert_eq!(scored["top_logprobs"], 6, "{r}");
+    let lps = scored["token_logprobs"].as_array().unwrap();
+    assert!(lps[0].is_null() && lps[1..].iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert_eq!(scored["text_offset"].as_array().unwrap().len(), 6);
+    // n = 2, greedy: two choices, indexed, the same text.
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{r}");
+    assert_eq!((&choices[0][0], &choices[1][0]), (&json!(0), &json!(1)));
+    assert_eq!(choices[0][1], choices[1][1]);
 }
 
 #[test]

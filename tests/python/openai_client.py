@@ -29,6 +29,15 @@ for chunk in stream:
         if choice.finish_reason:
             finish = choice.finish_reason
 
+# The completions API as evaluation harnesses call it: token ids, echo, logprobs.
+ids = [504, 3575, 282, 4649, 314]
+scored = client.completions.create(
+    model=model, prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0
+).choices[0].logprobs
+several = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, n=2
+)
+
 models = [m.id for m in client.models.list()]
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
@@ -51,4 +60,11 @@ print(json.dumps({
     "models": models,
     "not_found": not_found,
     "bad_request": bad_request,
+    "scored": {
+        "tokens": len(scored.tokens),
+        "token_logprobs": scored.token_logprobs,
+        "top_logprobs": len(scored.top_logprobs),
+        "text_offset": scored.text_offset,
+    },
+    "choices": [[c.index, c.message.content] for c in several.choices],
 }))
