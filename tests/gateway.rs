@@ -865,3 +865,60 @@ fn requests_the_full_queue_refuses_are_ledgered_as_rejected() {
         "{rejected:?}"
     );
 }
+
+#[test]
+fn several_choices_are_queued_whole_or_refused_whole() {
+    // Room for three requests in flight; a holder takes one.
+    let s = Server::start(&["--max-queue", "1", "--max-batch-size", "2"]);
+    let db = db_of(&s);
+    let holder = s.raw_post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a story.")}],
+                "max_tokens": 100, "stream": true}),
+    );
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    // Three choices do not fit beside it: refused whole, ledgered as rejected, nothing run.
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        &json!({
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 3}),
+    );
+    assert_eq!(status, 429, "{r}");
+    // More choices than the node ever holds: a 400, not a 429 to retry.
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": ["a", "b"], "n": 2, "max_tokens": 2}),
+    );
+    assert_eq!((status, &r["error"]["param"]), (400, &json!("n")), "{r}");
+    drop(holder);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        &json!({
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 3}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 3);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let statuses = loop {
+        let mut st: Vec<String> = ledger_rows(&db)
+            .iter()
+            .map(|r| format!("{} {}", r["status"].as_str().unwrap(), r["prompt_tokens"]))
+            .collect();
+        st.sort();
+        if st.len() >= 3 || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The holder (cancelled), the refused request (rejected, 0 tokens) and the three
+    // choices' one row; the 400 is no request.
+    assert_eq!(statuses.len(), 3, "{statuses:?}");
+    assert!(statuses.contains(&"rejected 0".to_string()), "{statuses:?}");
+    assert!(
+        statuses.iter().any(|s| s.starts_with("cancelled")),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().any(|s| s.starts_with("ok")), "{statuses:?}");
+}

@@ -21,6 +21,8 @@ struct Shared {
     ack: Option<oneshot::Sender<bool>>,
     left: usize,
     ran: usize,
+    /// The engine refused the request (some parts may have been queued, then cancelled).
+    refused: bool,
     usage: Usage,
     ending: Option<Ending>,
     first_token_at: Option<Instant>,
@@ -35,9 +37,9 @@ impl Shared {
         let Some(meter) = self.meter.take() else {
             return;
         };
-        if self.ran == 0 {
-            // No part ever ran (the queue refused them): the meter's drop gives everything
-            // back and ledgers the request as rejected.
+        if self.ran == 0 || self.refused {
+            // The queue refused the request: the meter's drop gives everything back and
+            // ledgers it as rejected.
             drop(meter);
             return;
         }
@@ -105,19 +107,33 @@ impl Drop for Part {
     }
 }
 
+/// Marks the request refused (its client is told so): it settles as rejected.
+pub struct Refusal(Arc<Mutex<Shared>>);
+
+impl Refusal {
+    pub fn refused(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).refused = true;
+    }
+}
+
 /// `parts` usage sinks that settle `meter` once, when the last of them has reported or been
 /// dropped; `ack` hears when its ledger row is committed.
-pub fn split_meter(meter: Meter, ack: oneshot::Sender<bool>, parts: usize) -> Vec<UsageSink> {
+pub fn split_meter(
+    meter: Meter,
+    ack: oneshot::Sender<bool>,
+    parts: usize,
+) -> (Vec<UsageSink>, Refusal) {
     let shared = Arc::new(Mutex::new(Shared {
         meter: Some(meter),
         ack: Some(ack),
         left: parts,
         ran: 0,
+        refused: false,
         usage: Usage::default(),
         ending: None,
         first_token_at: None,
     }));
-    (0..parts)
+    let sinks = (0..parts)
         .map(|_| {
             let part = Part {
                 shared: shared.clone(),
@@ -125,5 +141,6 @@ pub fn split_meter(meter: Meter, ack: oneshot::Sender<bool>, parts: usize) -> Ve
             };
             UsageSink::new(move |r| part.report(r))
         })
-        .collect()
+        .collect();
+    (sinks, Refusal(shared))
 }

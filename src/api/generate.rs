@@ -94,6 +94,16 @@ pub(super) async fn run(
     if count > 1 && !matches!(meta.surface, Surface::OpenAi) {
         return Err(ApiError::invalid("n", "this API answers one choice"));
     }
+    if count > ready.engine.capacity() {
+        // Never admissible here: not a 429 a client would retry.
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{count} choices exceed this node's {} requests in flight",
+                ready.engine.capacity()
+            ),
+        ));
+    }
     if let Some(&(bad, _)) = sampling
         .logit_bias
         .last()
@@ -163,51 +173,55 @@ pub(super) async fn run(
         .gateway
         .admit(&gate.principal, ask, labels)
         .map_err(|(refusal, rate)| refusal_error(refusal, prompt_total, max_total, rate))?;
-    // A budget may grant fewer tokens than asked: each choice gets its share.
-    let granted = meter.max_tokens() as usize;
-    if granted < max_total {
-        for m in &mut budgets {
-            *m = (*m as u128 * granted as u128 / max_total.max(1) as u128) as usize;
-        }
-    }
+    share(&mut budgets, meter.max_tokens() as usize);
     let mut headers = rate_headers(meter.rate);
     if leader.is_some() {
         headers.push(("cf-aig-cache-status", "MISS".into()));
+    } else if key.is_some() {
+        // Several choices are never cached.
+        headers.push(("cf-aig-cache-status", "BYPASS".into()));
     }
     let (committed_tx, committed) = oneshot::channel();
-    // One meter for every choice: a part refused by the queue is dropped unrun; if none ran,
-    // the reservation is given back whole.
-    let mut sinks = split_meter(meter, committed_tx, count).into_iter();
+    // One meter for every choice; refused by the queue, the request is ledgered rejected.
+    let (sinks, refusal) = split_meter(meter, committed_tx, count);
+    let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
-    let mut choices = Vec::with_capacity(count);
-    for (i, input) in inputs.iter().enumerate() {
-        for j in 0..n {
-            let c = i * n + j;
-            let mut sampling = sampling.clone();
-            // Seeded choices differ from each other and repeat.
-            sampling.seed = sampling.seed.map(|s| s.wrapping_add(c as u64));
-            let req = GenerationRequest {
-                prompt: input.prompt.clone(),
-                max_tokens: budgets[c],
-                sampling,
-                stop: stop.clone(),
-                top_logprobs: out.top_logprobs,
-                logprobs: out.logprobs,
-                prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
-                request_id: request_id.to_string(),
-                received,
-                cache_prompt: fields.cache_prompt.unwrap_or(true),
-                constraint: constraints.next(),
-                on_end: sinks.next(),
-            };
-            // Refused by the queue: the choices submitted so far are dropped (cancelled).
-            let rx = ready.engine.submit(req)?;
-            choices.push(Choice {
-                rx,
-                echo: input.echo.clone(),
-            });
-        }
+    let mut reqs = Vec::with_capacity(count);
+    let mut echoes = Vec::with_capacity(count);
+    for (c, (input, j)) in inputs
+        .iter()
+        .flat_map(|input| (0..n).map(move |j| (input, j)))
+        .enumerate()
+    {
+        let mut sampling = sampling.clone();
+        // Seeded choices differ from each other and repeat; a prompt's choices do not
+        // depend on the prompts beside it.
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
+        reqs.push(GenerationRequest {
+            prompt: input.prompt.clone(),
+            max_tokens: budgets[c],
+            sampling,
+            stop: stop.clone(),
+            top_logprobs: out.top_logprobs,
+            logprobs: out.logprobs,
+            prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
+            request_id: request_id.to_string(),
+            received,
+            cache_prompt: fields.cache_prompt.unwrap_or(true),
+            constraint: constraints.next(),
+            on_end: sinks.next(),
+        });
+        echoes.push(input.echo.clone());
     }
+    let rxs = ready
+        .engine
+        .submit_many(reqs)
+        .inspect_err(|_| refusal.refused())?;
+    let choices = rxs
+        .into_iter()
+        .zip(echoes)
+        .map(|(rx, echo)| Choice { rx, echo })
+        .collect();
     let tail = Tail::new(committed, leader);
     let keep_alive = state.sse_keep_alive;
     let mut resp = respond(
@@ -221,6 +235,22 @@ pub(super) async fn run(
     .await?;
     add_headers(&mut resp, headers);
     Ok(resp)
+}
+
+/// Fits the choices' completion budgets into `granted` tokens when a budget granted fewer
+/// than asked: shares in proportion, the remainder a token at a time from the first.
+fn share(budgets: &mut [usize], granted: usize) {
+    let total: usize = budgets.iter().sum();
+    if granted >= total {
+        return;
+    }
+    for m in budgets.iter_mut() {
+        *m = (*m as u128 * granted as u128 / total as u128) as usize;
+    }
+    let left = granted - budgets.iter().sum::<usize>();
+    for m in budgets.iter_mut().take(left) {
+        *m += 1;
+    }
 }
 
 /// How to render a reply.
@@ -276,4 +306,22 @@ async fn replay_hit(
     headers.push(("age", hit.age().to_string()));
     add_headers(&mut resp, headers);
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn a_short_grant_is_shared_and_fully_used() {
+        let mut b = [10, 10, 10];
+        share(&mut b, 7);
+        assert_eq!(b, [3, 2, 2]);
+        let mut b = [6, 2];
+        share(&mut b, 4);
+        assert_eq!(b, [3, 1]);
+        let mut b = [5, 5];
+        share(&mut b, 50);
+        assert_eq!(b, [5, 5]);
+    }
 }

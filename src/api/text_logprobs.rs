@@ -35,8 +35,8 @@ impl TextLogprobs {
                 Item::Scored(info) => {
                     logprobs.push(json!(info.chosen.logprob));
                     let mut top = Map::new();
-                    // The chosen token first: two tokens of the same text keep its entry.
-                    for t in [&info.chosen].into_iter().chain(&info.top_logprobs) {
+                    // Most likely first: of two tokens with the same text, the likelier stays.
+                    for t in info.top_logprobs.iter().chain([&info.chosen]) {
                         top.entry(t.token.clone()).or_insert(json!(t.logprob));
                     }
                     tops.push(Value::Object(top));

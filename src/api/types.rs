@@ -447,8 +447,8 @@ impl SamplingFields {
         Ok(p)
     }
 
-    /// `logit_bias`: token ids (decimal strings) to numbers, ids ascending. Ranges are
-    /// checked with the other sampling fields, ids against the vocabulary by the caller.
+    /// `logit_bias`: token ids (decimal strings) to numbers in [-100, 100], ids ascending;
+    /// the ids are checked against the vocabulary by the caller.
     fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
         let Some(map) = &self.logit_bias else {
             return Ok(Vec::new());

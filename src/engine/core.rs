@@ -89,6 +89,39 @@ impl EngineHandle {
         }
     }
 
+    /// Queues several requests at once, or none: room for all of them is reserved first, so
+    /// a request of several choices is never half refused.
+    pub fn submit_many(
+        &self,
+        reqs: Vec<GenerationRequest>,
+    ) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, SubmitError> {
+        let n = reqs.len();
+        let prev = self.in_flight.fetch_add(n, Ordering::SeqCst);
+        if prev + n > self.capacity {
+            self.in_flight.fetch_sub(n, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let mut rxs = Vec::with_capacity(n);
+        for req in reqs {
+            let (tx, rx) = mpsc::unbounded_channel();
+            if let Err(e) = self.tx.try_send(Command::Submit(Box::new(req), tx)) {
+                // Those sent are cancelled as their receivers drop; the rest never ran.
+                self.in_flight.fetch_sub(n - rxs.len(), Ordering::SeqCst);
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
+                });
+            }
+            rxs.push(rx);
+        }
+        Ok(rxs)
+    }
+
+    /// Requests the engine holds at most (running and waiting).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Whether a request submitted now would find room: a cheap early check, so a flood
     /// is refused before any rendering or tokenizing. `submit` decides.
     pub fn has_room(&self) -> bool {

@@ -329,21 +329,16 @@ impl<B: Backend> Llama<B> {
             Logits::Last => 1,
             Logits::All => s.tokens.len(),
         };
-        if let [only] = seqs.iter().filter(|s| wants(s) > 0).collect::<Vec<_>>()[..] {
+        if logits.len() != wanted.len() * c.vocab_size {
+            return Err(bug("one row of logits for each row asked for"));
+        }
+        if seqs.iter().filter(|s| wants(s) > 0).count() == 1 {
             // One sequence's logits: hand over the vector itself (49k floats a row), no copy.
-            debug_assert_eq!(
-                logits.len(),
-                wants(only) * c.vocab_size,
-                "its rows of logits"
-            );
             let mut logits = Some(logits);
             return Ok(seqs
                 .iter()
                 .map(|s| if wants(s) > 0 { logits.take() } else { None })
                 .collect());
-        }
-        if logits.len() != wanted.len() * c.vocab_size {
-            return Err(bug("one row of logits for each row asked for"));
         }
         let mut rest = &logits[..];
         Ok(seqs
