@@ -819,17 +819,23 @@ fn the_response_cache_replays_exact_deterministic_replies() {
     );
 }
 
-#[test]
-fn requests_the_full_queue_refuses_are_ledgered_as_rejected() {
-    let s = Server::start(&["--max-queue", "1", "--max-batch-size", "1"]);
-    let db = db_of(&s);
-    // A long request holds the one slot; then a burst meets a full queue.
+/// A long streamed request, running: it holds one engine slot until dropped.
+fn hold_a_slot(s: &Server) -> std::net::TcpStream {
     let holder = s.raw_post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a story.")}],
                 "max_tokens": 100, "stream": true}),
     );
     assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    holder
+}
+
+#[test]
+fn requests_the_full_queue_refuses_are_ledgered_as_rejected() {
+    let s = Server::start(&["--max-queue", "1", "--max-batch-size", "1"]);
+    let db = db_of(&s);
+    // A long request holds the one slot; then a burst meets a full queue.
+    let holder = hold_a_slot(&s);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let hs: Vec<_> = (0..6)
             .map(|_| {
@@ -871,12 +877,7 @@ fn several_choices_are_queued_whole_or_refused_whole() {
     // Room for three requests in flight; a holder takes one.
     let s = Server::start(&["--max-queue", "1", "--max-batch-size", "2"]);
     let db = db_of(&s);
-    let holder = s.raw_post(
-        "/v1/chat/completions",
-        &json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a story.")}],
-                "max_tokens": 100, "stream": true}),
-    );
-    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    let holder = hold_a_slot(&s);
     // Three choices do not fit beside it: refused whole, ledgered as rejected, nothing run.
     let (status, r) = s.post(
         "/v1/chat/completions",

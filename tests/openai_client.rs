@@ -73,3 +73,59 @@ fn official_client_parses_structured_output_and_calls_tools() {
     assert!(!r["final_text"].as_str().unwrap().is_empty());
     assert_eq!(r["refused_param"], "response_format.json_schema");
 }
+
+/// lm-evaluation-harness's `local-completions` model, with the server's own tokenizer.
+#[test]
+fn lm_evaluation_harness_scores_and_generates() {
+    let s = Server::start(&[]);
+    let python = common::python_with_lm_eval();
+    let script = common::repo_root().join("tests/python/lm_eval_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // It found the server's tokenizer (no download) and it agrees with /tokenize.
+    assert_eq!(r["tokenizer_backend"], "remote", "{r}");
+    let (_, t) = s.post("/tokenize", &json!({"content": "The capital of France is"}));
+    assert_eq!(r["context_ids"], t["tokens"]);
+    let (_, info) = s.get("/tokenizer_info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    let (_, eos) = s.post("/tokenize", &json!({"content": info["eos_token"]}));
+    assert_eq!(eos["tokens"].as_array().unwrap().len(), 1, "{info}");
+    assert_eq!(r["eos_token_id"], eos["tokens"][0], "{r}");
+    // Its scores are ours: Paris is greedy and likelier than banana.
+    let scores = r["scores"].as_array().unwrap();
+    let (paris, banana) = (&scores[0], &scores[1]);
+    assert_eq!(paris[1], true, "{r}");
+    assert_eq!(banana[1], false, "{r}");
+    assert!(
+        paris[0].as_f64().unwrap() > banana[0].as_f64().unwrap() + 1.0,
+        "{r}"
+    );
+    let (_, direct) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 1, "logprobs": 1,
+                "temperature": 0}),
+    );
+    let want = direct["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (paris[0].as_f64().unwrap() - want).abs() < 1e-3,
+        "{r} vs {direct}"
+    );
+    // Its generation is the greedy reply.
+    let (_, g) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+                "stop": ["\n"]}),
+    );
+    assert_eq!(r["generated"][0], g["choices"][0]["text"], "{r}");
+}

@@ -10,9 +10,30 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::synthetic::{self, Spec};
 use edgeinfer::model::llama::argmax;
-use edgeinfer::model::{GgufFile, Llama, Logits, SeqInput};
+use edgeinfer::model::{GgufFile, KvPool, Llama, Logits, SeqInput};
 
 const BLOCK: usize = 4;
+
+/// One sequence's forward alone: the logits of its last token.
+fn last_logits(
+    model: &Llama,
+    pool: &mut KvPool,
+    tokens: &[u32],
+    start: usize,
+    blocks: &[u32],
+) -> Vec<f32> {
+    let input = SeqInput {
+        tokens,
+        start,
+        blocks,
+        logits: Logits::Last,
+    };
+    model
+        .forward_batch(&[input], pool)
+        .unwrap()
+        .remove(0)
+        .unwrap()
+}
 
 struct Seq {
     prompt: Vec<u32>,
@@ -161,18 +182,8 @@ fn decoded_kv_equals_prefilled_kv_and_cached_blocks_continue_exactly() {
     synthetic::write(&path, &Spec::default());
     let model = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
     let mut pool = model.new_pool(BLOCK, 12);
-    let step = |pool: &mut edgeinfer::model::KvPool, tokens: &[u32], start, blocks: &[u32]| {
-        let input = SeqInput {
-            tokens,
-            start,
-            blocks,
-            logits: Logits::Last,
-        };
-        model
-            .forward_batch(&[input], pool)
-            .unwrap()
-            .remove(0)
-            .unwrap()
+    let step = |pool: &mut KvPool, tokens: &[u32], start, blocks: &[u32]| {
+        last_logits(&model, pool, tokens, start, blocks)
     };
     // A: prefill 6 prompt tokens, then decode until positions 0..=10 are in the cache.
     let a_blocks = [0u32, 1, 2];
@@ -255,19 +266,8 @@ fn every_rows_logits_equal_each_prefix_run_alone() {
     assert!(out[2].is_none());
     let rows = out[1].as_ref().unwrap();
     assert_eq!(rows.len(), a.len() * vocab);
-    let alone = |tokens: &[u32], pool: &mut edgeinfer::model::KvPool| {
-        let input = SeqInput {
-            tokens,
-            start: 0,
-            blocks: &[8, 9, 10],
-            logits: Logits::Last,
-        };
-        model
-            .forward_batch(&[input], pool)
-            .unwrap()
-            .remove(0)
-            .unwrap()
-    };
+    let alone =
+        |tokens: &[u32], pool: &mut KvPool| last_logits(&model, pool, tokens, 0, &[8, 9, 10]);
     assert_eq!(
         out[0].as_ref().unwrap(),
         &alone(&b, &mut pool),

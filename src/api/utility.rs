@@ -1,5 +1,5 @@
-//! The small routes: the model list, the probes (health, ready), metrics, tokenize and detokenize, and the
-//! fallback 404.
+//! The small routes: the model list, the probes (health, ready), metrics, tokenize,
+//! detokenize and the tokenizer's description, and the fallback 404.
 
 use std::sync::Arc;
 
@@ -79,25 +79,50 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// Text to token ids. Takes llama-server's body (`content`, `add_special`) or vLLM's
+/// (`prompt`, `add_special_tokens`), and answers both: `tokens`, `count`, `max_model_len`.
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Req {
+        #[serde(alias = "prompt")]
         content: String,
-        #[serde(default)]
+        #[serde(default, alias = "add_special_tokens")]
         add_special: bool,
     }
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
     let req: Req = from_value(&parse_body(&body)?)?;
+    let r = ready.clone();
     let ids =
-        tokio::task::spawn_blocking(move || ready.tokenizer.encode(&req.content, req.add_special))
+        tokio::task::spawn_blocking(move || r.tokenizer.encode(&req.content, req.add_special))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(json!({"tokens": ids})))
+    Ok(Json(json!({
+        "tokens": ids, "count": ids.len(), "max_model_len": ready.context_length,
+    })))
+}
+
+/// What a client needs to tokenize as the server does (vLLM's `/tokenizer_info`, which
+/// lm-evaluation-harness reads to use the server's tokenizer instead of downloading one):
+/// the special tokens, the chat template, the context length.
+pub async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let ready = state.ready()?;
+    let tok = &ready.tokenizer;
+    let text = |id: Option<u32>| id.and_then(|id| tok.token_text(id));
+    Ok(Json(json!({
+        "tokenizer_class": "edgeinfer",
+        "bos_token": text(tok.bos),
+        "eos_token": text(tok.eos),
+        "pad_token": Value::Null,
+        "add_bos_token": tok.add_bos,
+        "chat_template": ready.template.source(),
+        "model_max_length": ready.context_length,
+        "vocab_size": tok.vocab_size(),
+    })))
 }
 
 pub async fn detokenize(
@@ -122,7 +147,8 @@ pub async fn detokenize(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(json!({"content": text})))
+    // `content` as llama-server answers, `prompt` as vLLM does.
+    Ok(Json(json!({"content": text, "prompt": text})))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -107,6 +107,44 @@ pub fn python_with_clients() -> PathBuf {
     python
 }
 
+/// The Python of `.venv` with lm-evaluation-harness (0.4.13, installed without its
+/// dependencies on PyTorch, transformers and the datasets, which its API models do not
+/// need) and the few packages its `local-completions` model imports.
+pub fn python_with_lm_eval() -> PathBuf {
+    let python = python_with_clients();
+    let ok = Command::new(&python)
+        .args(["-c", "import lm_eval.models.openai_completions"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let pip = repo_root().join(".venv/bin/pip");
+        let installed = [
+            &["install", "--quiet", "--no-deps", "lm-eval==0.4.13"][..],
+            &[
+                "install",
+                "--quiet",
+                "numpy",
+                "pyyaml",
+                "jinja2",
+                "requests",
+                "tqdm",
+                "typing_extensions",
+                "aiohttp",
+                "tenacity",
+            ][..],
+        ]
+        .iter()
+        .all(|args| {
+            Command::new(&pip)
+                .args(*args)
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(installed, "cannot install lm-eval into .venv");
+    }
+    python
+}
+
 /// Debian's Chromium for the browser tests: `EDGEINFER_CHROMIUM`, else `/usr/bin/chromium`,
 /// installed with apt-get when missing and this runs as root (as CI does).
 pub fn chromium() -> PathBuf {
