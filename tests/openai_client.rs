@@ -11,8 +11,11 @@ use serde_json::{json, Value};
 
 /// Runs `tests/python/SCRIPT` against a fresh server; returns the JSON it prints.
 fn run_client(script: &str) -> Value {
-    let python = common::python_with_clients();
-    let s = Server::start(&[]);
+    run_script(common::python_with_clients(), script, &Server::start(&[]))
+}
+
+/// Runs `tests/python/SCRIPT BASE_URL MODEL` against `s`; what it printed, as JSON.
+fn run_script(python: std::path::PathBuf, script: &str, s: &Server) -> Value {
     let out = Command::new(python)
         .arg(common::repo_root().join("tests/python").join(script))
         .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
@@ -78,19 +81,7 @@ fn official_client_parses_structured_output_and_calls_tools() {
 #[test]
 fn lm_evaluation_harness_scores_and_generates() {
     let s = Server::start(&[]);
-    let python = common::python_with_lm_eval();
-    let script = common::repo_root().join("tests/python/lm_eval_client.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args([&s.base, "SmolLM2-135M-Instruct.Q4_1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run_script(common::python_with_lm_eval(), "lm_eval_client.py", &s);
     // It found the server's tokenizer (no download) and it agrees with /tokenize.
     assert_eq!(r["tokenizer_backend"], "remote", "{r}");
     let (_, t) = s.post("/tokenize", &json!({"content": "The capital of France is"}));
