@@ -48,6 +48,16 @@ fn words_merge_into_their_pieces_with_a_space_prefix() {
 }
 
 #[test]
+fn a_tokens_text_keeps_its_space() {
+    // As logprobs show each token: `▁world` is " world" mid-text, not "world".
+    let tok = tokenizer();
+    assert_eq!(tok.token_text_decoded(id("▁world")), " world");
+    assert_eq!(tok.token_text_decoded(id("he")), "he");
+    assert_eq!(tok.token_text_decoded(id("▁")), " ");
+    assert_eq!(tok.token_text_decoded(1), "<s>");
+}
+
+#[test]
 fn unknown_characters_fall_back_to_bytes() {
     let tok = tokenizer();
     // "€" is E2 82 AC in UTF-8; byte token <0xNN> has id 3 + NN.

@@ -47,6 +47,8 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     /// Control tokens (sorted): they encode from their text but decode to nothing.
     control_ids: Vec<u32>,
+    /// A plain token one token's text is decoded after (see [`Self::token_text_decoded`]).
+    probe: Option<u32>,
 }
 
 /// What the metadata says about special tokens, independent of how text is split.
@@ -151,6 +153,11 @@ impl Tokenizer {
     }
 
     fn with_specials(inner: tokenizers::Tokenizer, s: Specials) -> Self {
+        // "a" as a word: its last token decodes the same on its own and first in a text.
+        let probe = inner
+            .encode_fast("a", false)
+            .ok()
+            .and_then(|e| e.get_ids().last().copied());
         Self {
             inner,
             bos: s.bos,
@@ -158,6 +165,7 @@ impl Tokenizer {
             add_bos: s.add_bos,
             stop_ids: s.stop_ids,
             control_ids: s.control_ids,
+            probe,
         }
     }
 
@@ -196,12 +204,27 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    /// The text one token decodes to on its own (control tokens: their vocabulary text).
+    /// The text one token stands for mid-text (control tokens: their vocabulary text). It is
+    /// decoded after a plain token and that token's text taken off: SentencePiece decoders
+    /// drop the space a text starts with, which would turn `▁world` into `world`.
     pub fn token_text_decoded(&self, id: u32) -> String {
         if self.is_control(id) {
             return self.token_text(id).unwrap_or_default();
         }
-        self.inner.decode(&[id], false).unwrap_or_default()
+        let alone = || self.inner.decode(&[id], false).unwrap_or_default();
+        let Some(probe) = self.probe.filter(|&p| p != id) else {
+            return alone();
+        };
+        match (
+            self.inner.decode(&[probe, id], false),
+            self.inner.decode(&[probe], false),
+        ) {
+            (Ok(both), Ok(first)) => match both.strip_prefix(&first) {
+                Some(rest) => rest.to_string(),
+                None => alone(),
+            },
+            _ => alone(),
+        }
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {
