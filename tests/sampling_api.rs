@@ -358,6 +358,19 @@ fn n_and_several_prompts_give_one_choice_each() {
     );
     assert_eq!(a[0], text(&first));
 
+    // The choices share one prefill: the first computes the prompt, the others wait for its
+    // blocks and take them from the prefix cache (all but the last, partial block).
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let r = complete(
+        &s,
+        chat,
+        json!({"messages": [{"role": "user", "content": long}], "max_tokens": 2, "n": 3}),
+    );
+    let u = &r["usage"];
+    let each = u["prompt_tokens"].as_u64().unwrap() / 3;
+    let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(each > 400 && cached >= 2 * (each - 16), "{u}");
+
     // Several prompts, `n` each: prompt by prompt, as OpenAI orders them.
     let route = "/v1/completions";
     let prompts = ["The capital of France is", "Once upon a time"];
