@@ -368,7 +368,9 @@ fn n_and_several_prompts_give_one_choice_each() {
     );
     let u = &r["usage"];
     let each = u["prompt_tokens"].as_u64().unwrap() / 3;
-    let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let cached = u["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
     assert!(each > 400 && cached >= 2 * (each - 16), "{u}");
 
     // Several prompts, `n` each: prompt by prompt, as OpenAI orders them.

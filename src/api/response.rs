@@ -210,8 +210,11 @@ impl Meta {
             (true, true) => json!({"content": lps}),
             (true, false) => {
                 // The prompt's scores only beside its echoed text.
-                let prompt = prompt.iter().filter(|_| echo.is_some());
-                let prompt = prompt.flat_map(|(f, p)| prompt_items(f, p));
+                let shown = echo.as_deref().map(|e| (e, prompt.as_ref()));
+                let prompt = shown
+                    .and_then(|(e, p)| p.map(|(f, p)| prompt_items(f, p, e)))
+                    .into_iter()
+                    .flatten();
                 TextLogprobs::default().value(prompt.chain(lps.iter().map(Item::Scored)))
             }
         };

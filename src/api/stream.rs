@@ -143,7 +143,7 @@ impl State {
             // key) still echoes the prompt.
             let lps = match &ev {
                 Some(Event::Prompt { first, logprobs }) => {
-                    c.text_logprobs.value(prompt_items(first, logprobs))
+                    c.text_logprobs.value(prompt_items(first, logprobs, &echo))
                 }
                 _ => Value::Null,
             };

@@ -10,8 +10,12 @@ use crate::engine::request::LogprobInfo;
 
 /// One token of the returned text.
 pub enum Item<'a> {
-    /// The prompt's first token: nothing comes before it to score it.
-    Unscored(&'a str),
+    /// The prompt's first token: nothing comes before it to score it. `shown`: whether the
+    /// echoed text holds it (a BOS the server added is not: it takes no characters).
+    Unscored {
+        text: &'a str,
+        shown: bool,
+    },
     Scored(&'a LogprobInfo),
 }
 
@@ -26,11 +30,11 @@ impl TextLogprobs {
     pub fn value<'a>(&mut self, items: impl IntoIterator<Item = Item<'a>>) -> Value {
         let (mut tokens, mut logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
         for item in items {
-            let text = match item {
-                Item::Unscored(text) => {
+            let (text, width) = match item {
+                Item::Unscored { text, shown } => {
                     logprobs.push(Value::Null);
                     tops.push(Value::Null);
-                    text
+                    (text, if shown { text.chars().count() } else { 0 })
                 }
                 Item::Scored(info) => {
                     logprobs.push(json!(info.chosen.logprob));
@@ -40,24 +44,29 @@ impl TextLogprobs {
                         top.entry(t.token.clone()).or_insert(json!(t.logprob));
                     }
                     tops.push(Value::Object(top));
-                    info.chosen.token.as_str()
+                    let text = info.chosen.token.as_str();
+                    (text, text.chars().count())
                 }
             };
             tokens.push(json!(text));
             offsets.push(json!(self.offset));
-            self.offset += text.chars().count();
+            self.offset += width;
         }
         json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
                "text_offset": offsets})
     }
 }
 
-/// The prompt's tokens as items: the first unscored, the rest with their logprobs.
+/// The prompt's tokens as items: the first unscored, the rest with their logprobs. `echo`:
+/// the prompt's text as returned; a first token it does not start with (a BOS added to a
+/// text prompt) takes no characters, so the offsets index that text.
 pub fn prompt_items<'a>(
     first: &'a str,
     scored: &'a [LogprobInfo],
+    echo: &str,
 ) -> impl Iterator<Item = Item<'a>> {
-    std::iter::once(Item::Unscored(first)).chain(scored.iter().map(Item::Scored))
+    let shown = echo.starts_with(first);
+    std::iter::once(Item::Unscored { text: first, shown }).chain(scored.iter().map(Item::Scored))
 }
 
 #[cfg(test)]
@@ -84,7 +93,7 @@ mod tests {
             info("b", -1.0, &[("b", -1.0)]),
         ];
         let mut lp = TextLogprobs::default();
-        let v = lp.value(prompt_items("Hi", &scored));
+        let v = lp.value(prompt_items("Hi", &scored, "Hi éb"));
         assert_eq!(v["tokens"], json!(["Hi", " é", "b"]));
         assert_eq!(v["token_logprobs"], json!([null, -0.5, -1.0]));
         // The chosen token joins the alternatives (once).
@@ -96,5 +105,9 @@ mod tests {
         assert_eq!(v["text_offset"], json!([0, 2, 4]));
         let next = lp.value([Item::Scored(&scored[1])]);
         assert_eq!(next["text_offset"], json!([5]));
+        // A BOS the echoed text does not hold takes no characters.
+        let v = TextLogprobs::default().value(prompt_items("<s>", &scored, " éb"));
+        assert_eq!(v["tokens"], json!(["<s>", " é", "b"]));
+        assert_eq!(v["text_offset"], json!([0, 0, 2]));
     }
 }
