@@ -147,3 +147,30 @@ fn a_wrong_logit_would_be_caught() {
     let lb = oracle_logits(&mut ob, &tokens, 0);
     assert!(max_rel_diff(&la, &lb) > 10.0 * REL_TOL);
 }
+
+/// The weights are packed from the mapped file: every tensor's bytes there are the blocks
+/// candle reads, and a tensor's dimensions come back in candle's order.
+#[test]
+fn mapped_tensor_bytes_are_the_blocks_candle_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            matrix_dtype: Some(candle_core::quantized::GgmlDType::Q4K),
+            dim: 256,
+            ffn: 512,
+            ..Spec::default()
+        },
+    );
+    let mut f = GgufFile::open(&path).unwrap();
+    let names: Vec<String> = f.content.tensor_infos.keys().cloned().collect();
+    assert!(names.len() > 5);
+    for name in names {
+        let t = f.tensor(&name, &Device::Cpu).unwrap();
+        let (bytes, dtype, dims) = f.tensor_bytes(&name).unwrap().expect("the file is mapped");
+        assert_eq!(bytes, &t.data().unwrap()[..], "{name}");
+        assert_eq!((dtype, &dims[..]), (t.dtype(), t.shape().dims()), "{name}");
+    }
+    assert!(f.tensor_bytes("no.such.tensor").is_err());
+}

@@ -2,7 +2,7 @@
 //! [`KvPool`]. Each op is the code the forward pass ran before the backend seam, moved here
 //! unchanged, so outputs and speed stay as they were.
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::{Backend, HeadShape, KvPool, Result, StepPlan, WeightUse};
 use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
@@ -41,6 +41,16 @@ impl Backend for Cpu {
 
     fn load_weight(&self, t: &QTensor, _usage: WeightUse) -> Result<Linear> {
         Ok(Linear::from_qtensor(t)?)
+    }
+
+    fn load_weight_bytes(
+        &self,
+        bytes: &[u8],
+        dtype: GgmlDType,
+        dims: &[usize],
+        _usage: WeightUse,
+    ) -> Option<Result<Linear>> {
+        Some(Linear::from_bytes(dtype, dims, bytes).map_err(Into::into))
     }
 
     fn load_norm(&self, w: Vec<f32>) -> Result<Vec<f32>> {

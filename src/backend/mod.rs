@@ -14,7 +14,7 @@ mod cpu;
 pub mod cuda;
 pub mod kv;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 pub use cpu::{Cpu, Rows};
 pub use kv::KvPool;
@@ -82,6 +82,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn name(&self) -> String;
 
     fn load_weight(&self, t: &QTensor, usage: WeightUse) -> Result<Self::Weight>;
+    /// A weight from its GGML blocks as they lie in the (mapped) file, when the backend can
+    /// take them so; `None`: the caller reads a [`QTensor`] for [`Self::load_weight`].
+    fn load_weight_bytes(
+        &self,
+        _bytes: &[u8],
+        _dtype: GgmlDType,
+        _dims: &[usize],
+        _usage: WeightUse,
+    ) -> Option<Result<Self::Weight>> {
+        None
+    }
     fn load_norm(&self, w: Vec<f32>) -> Result<Self::Norm>;
 
     /// A KV store of `n_blocks` blocks of `block_size` positions, `stride` values per

@@ -36,16 +36,16 @@ const ROWS_PER_TASK: usize = 16;
 impl QMatrix {
     /// `data`: GGML blocks, row-major. Q4_1 and Q8_0 go into tiles where the CPU has their
     /// kernel.
-    pub fn new(kind: WeightKind, rows: usize, cols: usize, data: Vec<u8>) -> Self {
+    pub fn new(kind: WeightKind, rows: usize, cols: usize, data: &[u8]) -> Self {
         assert_eq!(
             data.len(),
             rows * cols / QK * kind.block_bytes(),
             "weight data length"
         );
         let storage = if QTiles::supports(kind, rows, cols) && qtile::hardware() {
-            Storage::QTiles(QTiles::pack(kind, rows, cols, &data))
+            Storage::QTiles(QTiles::pack(kind, rows, cols, data))
         } else {
-            Storage::Blocks(data)
+            Storage::Blocks(data.to_vec())
         };
         Self {
             rows,
@@ -343,59 +343,65 @@ impl Linear {
     /// ours; for Q4_K and Q6_K our repacked tiles ([`KPacked`]) on x86 CPUs with AVX2, else
     /// candle's repacked tile kernels, which beat our unpack-then-dot ones 3-4x.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        match t.dtype() {
-            GgmlDType::Q4K | GgmlDType::Q6K => {
-                let kind = if t.dtype() == GgmlDType::Q4K {
-                    KKind::Q4K
-                } else {
-                    KKind::Q6K
-                };
-                match t.shape().dims() {
-                    &[rows, cols] if packed_preferred() && KPacked::supports(kind, rows, cols) => {
-                        Ok(Self::Packed(KPacked::pack(kind, rows, cols, &t.data()?)))
-                    }
-                    _ => Self::candle(t),
-                }
+        Self::from_bytes(t.dtype(), t.shape().dims(), &t.data()?)
+    }
+
+    /// [`from_qtensor`](Self::from_qtensor) over a tensor's GGML blocks as they lie in the
+    /// file (a memory map): packed from there, with no copy of the file in between.
+    pub fn from_bytes(dtype: GgmlDType, dims: &[usize], data: &[u8]) -> candle_core::Result<Self> {
+        let k_kind = match dtype {
+            GgmlDType::Q4K => Some(KKind::Q4K),
+            GgmlDType::Q6K => Some(KKind::Q6K),
+            _ => None,
+        };
+        match (k_kind, dims) {
+            (Some(kind), &[rows, cols])
+                if packed_preferred() && KPacked::supports(kind, rows, cols) =>
+            {
+                Ok(Self::Packed(KPacked::pack(kind, rows, cols, data)))
             }
-            _ => Self::from_qtensor_native(t),
+            (Some(_), _) => Self::candle(dtype, dims, data),
+            (None, _) => Self::native_bytes(dtype, dims, data),
         }
     }
 
     /// Our kernels wherever we have one for `t`'s type and width, candle's otherwise.
     pub fn from_qtensor_native(t: &QTensor) -> candle_core::Result<Self> {
-        let dims = t.shape().dims().to_vec();
-        let k_kind = match t.dtype() {
+        Self::native_bytes(t.dtype(), t.shape().dims(), &t.data()?)
+    }
+
+    fn native_bytes(dtype: GgmlDType, dims: &[usize], data: &[u8]) -> candle_core::Result<Self> {
+        let k_kind = match dtype {
             GgmlDType::Q4K => Some(KKind::Q4K),
             GgmlDType::Q5K => Some(KKind::Q5K),
             GgmlDType::Q6K => Some(KKind::Q6K),
             _ => None,
         };
-        if let (Some(kind), &[rows, cols]) = (k_kind, dims.as_slice()) {
+        if let (Some(kind), &[rows, cols]) = (k_kind, dims) {
             if cols % QK_K == 0 {
                 return Ok(Self::NativeK(KMatrix {
                     rows,
                     cols,
                     kind,
-                    data: t.data()?.into_owned(),
+                    data: data.to_vec(),
                 }));
             }
         }
-        match (WeightKind::from_dtype(t.dtype()), dims.as_slice()) {
-            (Some(kind), &[rows, cols]) if cols % QK == 0 => Ok(Self::Native(QMatrix::new(
-                kind,
-                rows,
-                cols,
-                t.data()?.into_owned(),
-            ))),
-            _ => Self::candle(t),
+        match (WeightKind::from_dtype(dtype), dims) {
+            (Some(kind), &[rows, cols]) if cols % QK == 0 => {
+                Ok(Self::Native(QMatrix::new(kind, rows, cols, data)))
+            }
+            _ => Self::candle(dtype, dims, data),
         }
     }
 
-    fn candle(t: &QTensor) -> candle_core::Result<Self> {
-        let copy = QTensor::new(
-            candle_core::quantized::QStorage::from_data(t.data()?, &t.device(), t.dtype())?,
-            t.shape(),
+    fn candle(dtype: GgmlDType, dims: &[usize], data: &[u8]) -> candle_core::Result<Self> {
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Borrowed(data),
+            &candle_core::Device::Cpu,
+            dtype,
         )?;
+        let copy = QTensor::new(storage, dims)?;
         Ok(Self::Candle(QMatMul::from_qtensor(copy)?))
     }
 

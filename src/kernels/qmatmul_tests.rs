@@ -267,7 +267,7 @@ fn tiles_of_odd_and_even_block_counts_read_back_and_multiply_exactly() {
             let qt = QTensor::quantize(&random(rows, cols, cols as u64), dtype).unwrap();
             let raw = qt.data().unwrap().to_vec();
             let kind = WeightKind::from_dtype(dtype).unwrap();
-            let m = QMatrix::new(kind, rows, cols, raw.clone());
+            let m = QMatrix::new(kind, rows, cols, &raw);
             assert_eq!(m.tiled(), crate::kernels::qtile::hardware(), "{dtype:?}");
             let bytes = raw.len() / rows;
             let mut buf = Vec::new();

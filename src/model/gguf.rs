@@ -10,7 +10,7 @@ use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::error::ModelError;
@@ -77,11 +77,13 @@ pub fn read_content_bytes(bytes: &[u8]) -> Result<Content> {
     read_content(&mut cursor, bytes.len() as u64, Path::new("(memory)"))
 }
 
-/// An open GGUF file: its parsed header and a reader for tensor data.
+/// An open GGUF file: its parsed header, a reader for tensor data and, where the system
+/// allows, a read-only memory map of the file for tensors taken as bytes.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     reader: BufReader<File>,
+    map: Option<memmap2::Mmap>,
 }
 
 impl GgufFile {
@@ -98,13 +100,47 @@ impl GgufFile {
                 source,
             })?
             .len();
+        // Mapped before the checks, so they hold for the bytes the map shows. Safety: the
+        // map is read-only and lives only while the model loads (the weights are packed
+        // into memory of our own); downloads replace a model file whole (written to a
+        // temporary name, then renamed), never truncating it in place.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .ok()
+            .filter(|m| m.len() as u64 == actual);
         let mut reader = BufReader::new(file);
         let content = read_content(&mut reader, actual, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
             reader,
+            map,
         })
+    }
+
+    /// One tensor's GGML blocks as they lie in the file, with its type and dimensions, when
+    /// the file is mapped (`None` otherwise: read it with [`Self::tensor`]). The header
+    /// checks put every tensor inside the file.
+    pub fn tensor_bytes(&self, name: &str) -> Result<Option<(&[u8], GgmlDType, Vec<usize>)>> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let Some(map) = &self.map else {
+            return Ok(None);
+        };
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = map
+            .get(start..start + len)
+            .ok_or_else(|| ModelError::Truncated {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                needed: (start + len) as u64,
+                actual: map.len() as u64,
+            })?;
+        Ok(Some((bytes, dtype, info.shape.dims().to_vec())))
     }
 
     pub fn metadata(&self, key: &str) -> Option<&Value> {

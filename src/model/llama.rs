@@ -134,19 +134,37 @@ impl<B: Backend> Llama<B> {
         let norm = |file: &mut GgufFile, name: &str| -> Result<B::Norm> {
             b.load_norm(vec(file, name, c.dim)?)
         };
-        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| {
+        // A weight straight from the mapped file where the backend takes bytes (no copy of
+        // the file in between), else read through candle.
+        let weight = |file: &mut GgufFile, name: &str, dims: [usize; 2], usage| {
+            if let Some((bytes, dtype, got)) = file.tensor_bytes(name)? {
+                if got != dims {
+                    return Err(ModelError::BadShape {
+                        name: name.into(),
+                        expected: dims.to_vec(),
+                        actual: got,
+                    });
+                }
+                if let Some(w) = b.load_weight_bytes(bytes, dtype, &dims, usage) {
+                    return w;
+                }
+            }
             let t = file.tensor(name, device)?;
-            check_dims(name, &t, &[rows, cols])?;
-            b.load_weight(&t, WeightUse::Matmul)
+            check_dims(name, &t, &dims)?;
+            b.load_weight(&t, usage)
+        };
+        let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| {
+            weight(file, name, [rows, cols], WeightUse::Matmul)
         };
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-        let embed = file.tensor("token_embd.weight", device)?;
-        check_dims("token_embd.weight", &embed, &[c.vocab_size, c.dim])?;
+        let embed_dims = [c.vocab_size, c.dim];
         let (embed, output) = if c.tied_embeddings {
-            (None, b.load_weight(&embed, WeightUse::Both)?)
+            let both = weight(file, "token_embd.weight", embed_dims, WeightUse::Both)?;
+            (None, both)
         } else {
             let output = mat(file, "output.weight", c.vocab_size, c.dim)?;
-            (Some(b.load_weight(&embed, WeightUse::Embedding)?), output)
+            let embed = weight(file, "token_embd.weight", embed_dims, WeightUse::Embedding)?;
+            (Some(embed), output)
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
