@@ -77,6 +77,9 @@ pub fn read_content_bytes(bytes: &[u8]) -> Result<Content> {
     read_content(&mut cursor, bytes.len() as u64, Path::new("(memory)"))
 }
 
+/// A tensor's GGML blocks in the mapped file, its type and its dimensions (candle's order).
+pub type TensorBytes<'a> = (&'a [u8], GgmlDType, Vec<usize>);
+
 /// An open GGUF file: its parsed header, a reader for tensor data and, where the system
 /// allows, a read-only memory map of the file for tensors taken as bytes.
 pub struct GgufFile {
@@ -120,7 +123,7 @@ impl GgufFile {
     /// One tensor's GGML blocks as they lie in the file, with its type and dimensions, when
     /// the file is mapped (`None` otherwise: read it with [`Self::tensor`]). The header
     /// checks put every tensor inside the file.
-    pub fn tensor_bytes(&self, name: &str) -> Result<Option<(&[u8], GgmlDType, Vec<usize>)>> {
+    pub fn tensor_bytes(&self, name: &str) -> Result<Option<TensorBytes<'_>>> {
         let info = self
             .content
             .tensor_infos
