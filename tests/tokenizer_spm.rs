@@ -54,7 +54,11 @@ fn a_tokens_text_keeps_its_space() {
     assert_eq!(tok.token_text_decoded(id("▁world")), " world");
     assert_eq!(tok.token_text_decoded(id("he")), "he");
     assert_eq!(tok.token_text_decoded(id("▁")), " ");
+    // The probe's own token too ("a" is two byte-fallback tokens here: ▁ and <0x61>).
+    assert_eq!(tok.token_text_decoded(3 + 0x61), "a");
     assert_eq!(tok.token_text_decoded(1), "<s>");
+    // A text's first word reads without it (echoed prompts start so).
+    assert_eq!(tok.decode_with_control(&[id("▁hello")]).unwrap(), "hello");
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub enum Item<'a> {
         shown: bool,
     },
     Scored(&'a LogprobInfo),
+    /// A scored token that takes `width` characters of the text instead of its text's.
+    Narrow(&'a LogprobInfo, usize),
 }
 
 /// Builds the object, chunk by chunk when streamed: offsets run on across calls.
@@ -36,7 +38,7 @@ impl TextLogprobs {
                     tops.push(Value::Null);
                     (text, if shown { text.chars().count() } else { 0 })
                 }
-                Item::Scored(info) => {
+                Item::Scored(info) | Item::Narrow(info, _) => {
                     logprobs.push(json!(info.chosen.logprob));
                     let mut top = Map::new();
                     // Most likely first: of two tokens with the same text, the likelier stays.
@@ -45,7 +47,10 @@ impl TextLogprobs {
                     }
                     tops.push(Value::Object(top));
                     let text = info.chosen.token.as_str();
-                    (text, text.chars().count())
+                    match item {
+                        Item::Narrow(_, width) => (text, width),
+                        _ => (text, text.chars().count()),
+                    }
                 }
             };
             tokens.push(json!(text));
@@ -58,15 +63,26 @@ impl TextLogprobs {
 }
 
 /// The prompt's tokens as items: the first unscored, the rest with their logprobs. `echo`:
-/// the prompt's text as returned; a first token it does not start with (a BOS added to a
-/// text prompt) takes no characters, so the offsets index that text.
+/// the prompt's text as returned, which the offsets index: a first token it does not start
+/// with (a BOS added to a text prompt) takes no characters, and the word after such a token
+/// takes none for the space SentencePiece puts before a text's first word.
 pub fn prompt_items<'a>(
     first: &'a str,
     scored: &'a [LogprobInfo],
     echo: &str,
 ) -> impl Iterator<Item = Item<'a>> {
     let shown = echo.starts_with(first);
-    std::iter::once(Item::Unscored { text: first, shown }).chain(scored.iter().map(Item::Scored))
+    let echo_space = echo.starts_with(' ');
+    let lead = move |(i, info): (usize, &'a LogprobInfo)| {
+        let text = &info.chosen.token;
+        if i == 0 && !shown && text.starts_with(' ') && !echo_space {
+            Item::Narrow(info, text.chars().count() - 1)
+        } else {
+            Item::Scored(info)
+        }
+    };
+    let first = Item::Unscored { text: first, shown };
+    std::iter::once(first).chain(scored.iter().enumerate().map(lead))
 }
 
 #[cfg(test)]
@@ -109,5 +125,8 @@ mod tests {
         let v = TextLogprobs::default().value(prompt_items("<s>", &scored, " éb"));
         assert_eq!(v["tokens"], json!(["<s>", " é", "b"]));
         assert_eq!(v["text_offset"], json!([0, 0, 2]));
+        // Nor the space SentencePiece gives the word after it ("éb" typed, " é" scored).
+        let v = TextLogprobs::default().value(prompt_items("<s>", &scored, "éb"));
+        assert_eq!(v["text_offset"], json!([0, 0, 1]));
     }
 }

@@ -87,20 +87,30 @@ pub async fn tokenize(
 ) -> Result<Json<Value>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Req {
-        #[serde(alias = "prompt")]
-        content: String,
-        #[serde(default, alias = "add_special_tokens")]
-        add_special: bool,
+        content: Option<String>,
+        add_special: Option<bool>,
+        prompt: Option<String>,
+        add_special_tokens: Option<bool>,
     }
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
     let req: Req = from_value(&parse_body(&body)?)?;
+    // Each server's default: llama-server adds no special tokens unless asked, vLLM does.
+    let (text, special) = match (req.content, req.prompt) {
+        (Some(text), _) => (text, req.add_special.unwrap_or(false)),
+        (None, Some(text)) => (text, req.add_special_tokens.unwrap_or(true)),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "content",
+                "`content` (or `prompt`) is required",
+            ))
+        }
+    };
     let r = ready.clone();
-    let ids =
-        tokio::task::spawn_blocking(move || r.tokenizer.encode(&req.content, req.add_special))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, special))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({
         "tokens": ids, "count": ids.len(), "max_model_len": ready.context_length,
     })))

@@ -115,9 +115,10 @@ impl PromptScores {
         }
         self.sent = true;
         Some(Event::Prompt {
+            // As a text's first token reads (a SentencePiece word drops its space there).
             first: prompt
                 .first()
-                .map(|&t| tok.token_text_decoded(t))
+                .and_then(|&t| tok.decode_with_control(&[t]).ok())
                 .unwrap_or_default(),
             logprobs: std::mem::take(&mut self.scored),
         })

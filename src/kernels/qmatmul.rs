@@ -396,8 +396,10 @@ impl Linear {
     }
 
     fn candle(dtype: GgmlDType, dims: &[usize], data: &[u8]) -> candle_core::Result<Self> {
+        // Copied: candle casts the bytes to its block type, and a mapped tensor's offset in
+        // the file need not suit that type's alignment.
         let storage = candle_core::quantized::QStorage::from_data(
-            std::borrow::Cow::Borrowed(data),
+            std::borrow::Cow::Owned(data.to_vec()),
             &candle_core::Device::Cpu,
             dtype,
         )?;

@@ -105,11 +105,17 @@ impl GgufFile {
             .len();
         // Mapped before the checks, so they hold for the bytes the map shows. Safety: the
         // map is read-only and lives only while the model loads (the weights are packed
-        // into memory of our own); downloads replace a model file whole (written to a
-        // temporary name, then renamed), never truncating it in place.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .ok()
-            .filter(|m| m.len() as u64 == actual);
+        // into memory of our own); our downloads replace a model file whole (written to a
+        // temporary name, then renamed). A file truncated in place during those seconds, or
+        // an I/O error on network storage, would end the process (SIGBUS) instead of an
+        // error: `EDGEINFER_NO_MMAP=1` reads the file instead.
+        let map = if std::env::var_os("EDGEINFER_NO_MMAP").is_some_and(|v| v != "0") {
+            None
+        } else {
+            unsafe { memmap2::Mmap::map(&file) }
+                .ok()
+                .filter(|m| m.len() as u64 == actual)
+        };
         let mut reader = BufReader::new(file);
         let content = read_content(&mut reader, actual, path)?;
         Ok(Self {
@@ -134,13 +140,16 @@ impl GgufFile {
         };
         let dtype = info.ggml_dtype;
         let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
-        let bytes = map
-            .get(start..start + len)
+        let start = self.content.tensor_data_offset.checked_add(info.offset);
+        let range = start
+            .and_then(|s| usize::try_from(s).ok())
+            .and_then(|s| Some(s..s.checked_add(len)?));
+        let bytes = range
+            .and_then(|r| map.get(r))
             .ok_or_else(|| ModelError::Truncated {
                 path: self.path.clone(),
                 tensor: name.to_string(),
-                needed: (start + len) as u64,
+                needed: start.map_or(u64::MAX, |s| s.saturating_add(len as u64)),
                 actual: map.len() as u64,
             })?;
         Ok(Some((bytes, dtype, info.shape.dims().to_vec())))

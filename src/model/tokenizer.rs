@@ -47,8 +47,9 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     /// Control tokens (sorted): they encode from their text but decode to nothing.
     control_ids: Vec<u32>,
-    /// A plain token one token's text is decoded after (see [`Self::token_text_decoded`]).
-    probe: Option<u32>,
+    /// A plain token one token's text is decoded after, and that token's own text (see
+    /// [`Self::token_text_decoded`]).
+    probe: Option<(u32, String)>,
 }
 
 /// What the metadata says about special tokens, independent of how text is split.
@@ -157,7 +158,8 @@ impl Tokenizer {
         let probe = inner
             .encode_fast("a", false)
             .ok()
-            .and_then(|e| e.get_ids().last().copied());
+            .and_then(|e| e.get_ids().last().copied())
+            .and_then(|p| Some((p, inner.decode(&[p], false).ok()?)));
         Self {
             inner,
             bos: s.bos,
@@ -212,18 +214,15 @@ impl Tokenizer {
             return self.token_text(id).unwrap_or_default();
         }
         let alone = || self.inner.decode(&[id], false).unwrap_or_default();
-        let Some(probe) = self.probe.filter(|&p| p != id) else {
+        let Some((probe, first)) = &self.probe else {
             return alone();
         };
-        match (
-            self.inner.decode(&[probe, id], false),
-            self.inner.decode(&[probe], false),
-        ) {
-            (Ok(both), Ok(first)) => match both.strip_prefix(&first) {
+        match self.inner.decode(&[*probe, id], false) {
+            Ok(both) => match both.strip_prefix(first.as_str()) {
                 Some(rest) => rest.to_string(),
                 None => alone(),
             },
-            _ => alone(),
+            Err(_) => alone(),
         }
     }
 
