@@ -70,23 +70,8 @@ impl EngineHandle {
         &self,
         req: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        // Reserve a slot first, so a flood cannot overshoot the capacity.
-        let prev = self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.capacity {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull);
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        match self.tx.try_send(Command::Submit(Box::new(req), tx)) {
-            Ok(()) => Ok(rx),
-            Err(e) => {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                    mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
-                })
-            }
-        }
+        let mut rxs = self.submit_many(vec![req])?;
+        rxs.pop().ok_or(SubmitError::QueueFull)
     }
 
     /// Queues several requests at once, or none: room for all of them is reserved first, so
@@ -96,6 +81,7 @@ impl EngineHandle {
         reqs: Vec<GenerationRequest>,
     ) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, SubmitError> {
         let n = reqs.len();
+        // Reserve the slots first, so a flood cannot overshoot the capacity.
         let prev = self.in_flight.fetch_add(n, Ordering::SeqCst);
         if prev + n > self.capacity {
             self.in_flight.fetch_sub(n, Ordering::SeqCst);

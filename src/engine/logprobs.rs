@@ -83,6 +83,9 @@ impl PromptScores {
         if every {
             let vocab = rows.len() / chunk.len.max(1);
             self.absorb(tok, prompt, chunk.start, &rows, vocab);
+            if !chunk.logits {
+                return None;
+            }
             rows = rows.split_off(rows.len() - vocab);
         }
         chunk.logits.then_some(rows)

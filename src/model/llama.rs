@@ -5,7 +5,6 @@
 //! engine may run sequences in any order. candle-transformers' `quantized_llama` is the test
 //! oracle; llama.cpp's arithmetic is followed op by op so greedy outputs agree with it.
 
-use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
@@ -94,12 +93,12 @@ impl From<bool> for Logits {
     }
 }
 
-fn check_dims(name: &str, t: &QTensor, expected: &[usize]) -> Result<()> {
-    if t.shape().dims() != expected {
+fn check_dims(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual != expected {
         return Err(ModelError::BadShape {
             name: name.into(),
             expected: expected.to_vec(),
-            actual: t.shape().dims().to_vec(),
+            actual: actual.to_vec(),
         });
     }
     Ok(())
@@ -128,7 +127,7 @@ impl<B: Backend> Llama<B> {
         let b = &backend;
         let vec = |file: &mut GgufFile, name: &str, len: usize| -> Result<Vec<f32>> {
             let t = file.tensor(name, device)?;
-            check_dims(name, &t, &[len])?;
+            check_dims(name, t.shape().dims(), &[len])?;
             Ok(t.dequantize(device)?.to_vec1::<f32>()?)
         };
         let norm = |file: &mut GgufFile, name: &str| -> Result<B::Norm> {
@@ -138,19 +137,13 @@ impl<B: Backend> Llama<B> {
         // the file in between), else read through candle.
         let weight = |file: &mut GgufFile, name: &str, dims: [usize; 2], usage| {
             if let Some((bytes, dtype, got)) = file.tensor_bytes(name)? {
-                if got != dims {
-                    return Err(ModelError::BadShape {
-                        name: name.into(),
-                        expected: dims.to_vec(),
-                        actual: got,
-                    });
-                }
+                check_dims(name, &got, &dims)?;
                 if let Some(w) = b.load_weight_bytes(bytes, dtype, &dims, usage) {
                     return w;
                 }
             }
             let t = file.tensor(name, device)?;
-            check_dims(name, &t, &dims)?;
+            check_dims(name, t.shape().dims(), &dims)?;
             b.load_weight(&t, usage)
         };
         let mat = |file: &mut GgufFile, name: &str, rows: usize, cols: usize| {
