@@ -426,3 +426,30 @@ fn n_and_several_prompts_give_one_choice_each() {
     let (status, e) = s.post(route, &json!({"prompt": many, "n": 2, "max_tokens": 1}));
     assert_eq!((status, &e["error"]["param"]), (400, &json!("n")), "{e}");
 }
+
+#[test]
+fn logprob_bytes_hold_a_split_characters_own_bytes() {
+    let s = Server::start(&[]);
+    let rocket = "🚀".as_bytes();
+    let ids = tokens(&s, "🚀");
+    assert!(ids.len() > 1, "🚀 is one token here: {ids:?}");
+    // Force the first of its tokens: its text alone is no character, its bytes are the
+    // character's first bytes.
+    let r = complete(
+        &s,
+        "/v1/chat/completions",
+        json!({"max_tokens": 1, "logprobs": true, "top_logprobs": 2,
+               "logit_bias": {ids[0].to_string(): 100}}),
+    );
+    let entry = &r["choices"][0]["logprobs"]["content"][0];
+    let bytes: Vec<u8> = entry["bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert!(
+        !bytes.is_empty() && bytes.len() < rocket.len() && rocket.starts_with(&bytes),
+        "{entry}"
+    );
+}

@@ -71,3 +71,27 @@ fn incremental_decoding_never_splits_a_character() {
         ids.len()
     );
 }
+
+#[test]
+fn each_tokens_bytes_join_into_the_texts_bytes() {
+    // Logprobs' `bytes` let a client rebuild characters split across tokens.
+    let model = common::default_model();
+    let tok = &model.tokenizer;
+    let text = "Ünïcödé 你好世界 🚀🔥 naïve café <|im_end|>\n\tdone";
+    let ids = tok.encode(text, false).unwrap();
+    let joined: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes_of(id)).collect();
+    assert_eq!(String::from_utf8(joined).unwrap(), text);
+    // Some token holds part of a character: its text cannot show it, its bytes do.
+    let partial = ids
+        .iter()
+        .map(|&id| tok.token_bytes_of(id))
+        .filter(|b| std::str::from_utf8(b).is_err())
+        .count();
+    assert!(partial > 0, "no token of {text:?} splits a character");
+    for &id in &ids {
+        let bytes = tok.token_bytes_of(id);
+        if let Ok(s) = std::str::from_utf8(&bytes) {
+            assert_eq!(tok.token_text_decoded(id), s, "token {id}");
+        }
+    }
+}

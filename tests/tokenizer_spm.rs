@@ -68,6 +68,12 @@ fn unknown_characters_fall_back_to_bytes() {
     let ids = tok.encode("he€", false).unwrap();
     assert_eq!(ids, vec![id("▁"), id("he"), 3 + 0xE2, 3 + 0x82, 3 + 0xAC]);
     assert_eq!(tok.decode(&ids).unwrap(), "he€");
+    // Each byte token's bytes are that byte (its text alone reads U+FFFD).
+    assert_eq!(tok.token_bytes_of(3 + 0xE2), vec![0xE2]);
+    let joined: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes_of(id)).collect();
+    assert_eq!(joined, " he€".as_bytes());
+    assert_eq!(tok.token_bytes_of(id("▁world")), b" world");
+    assert_eq!(tok.token_bytes_of(1), b"<s>");
 }
 
 #[test]

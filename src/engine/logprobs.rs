@@ -13,13 +13,10 @@ use crate::model::Tokenizer;
 /// One pass of exponentials for all of them (scoring a prompt runs this on every row).
 pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
     let ls = LogSoftmax::new(logits);
-    let entry = |id: u32| {
-        let token = tok.token_text_decoded(id);
-        TokenLogprob {
-            bytes: token.as_bytes().to_vec(),
-            token,
-            logprob: ls.of(logits, id),
-        }
+    let entry = |id: u32| TokenLogprob {
+        token: tok.token_text_decoded(id),
+        bytes: tok.token_bytes_of(id),
+        logprob: ls.of(logits, id),
     };
     let mut top_logprobs = Vec::new();
     if top > 0 && !logits.is_empty() {

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
@@ -50,6 +51,8 @@ pub struct Tokenizer {
     /// A plain token one token's text is decoded after, and that token's own text (see
     /// [`Self::token_text_decoded`]).
     probe: Option<(u32, String)>,
+    /// The bytes each token id stands for (see [`Self::token_bytes_of`]), built on first use.
+    bytes: Arc<OnceLock<Vec<Vec<u8>>>>,
 }
 
 /// What the metadata says about special tokens, independent of how text is split.
@@ -168,6 +171,7 @@ impl Tokenizer {
             stop_ids: s.stop_ids,
             control_ids: s.control_ids,
             probe,
+            bytes: Arc::default(),
         }
     }
 
@@ -242,42 +246,61 @@ impl Tokenizer {
         self.stop_ids.binary_search(&id).is_ok()
     }
 
-    /// The bytes each token id stands for, indexed by id, for grammar engines: a byte-level
-    /// piece mapped back through GPT-2's byte alphabet, a SentencePiece piece with `▁` as a
-    /// space and `<0xHH>` as its byte, an added token's own text. Control tokens are marked
-    /// with a leading `0xFF` byte (no valid UTF-8 text starts with it), so no text can spell
-    /// them.
+    /// The bytes token `id` stands for mid-text: a byte-level piece mapped back through
+    /// GPT-2's byte alphabet, a SentencePiece piece with `▁` as a space and `<0xHH>` as its
+    /// byte, an added or control token's own text. A token that holds part of a character
+    /// has those bytes (its decoded text would read U+FFFD); a text's tokens' bytes joined
+    /// are the text's bytes.
+    pub fn token_bytes_of(&self, id: u32) -> Vec<u8> {
+        self.byte_table()
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every token's bytes, indexed by id, for grammar engines: as
+    /// [`Self::token_bytes_of`], with control tokens marked by a leading `0xFF` byte (no
+    /// valid UTF-8 text starts with it), so no text can spell them.
     pub fn token_bytes(&self) -> Vec<Vec<u8>> {
-        let byte_level = self
-            .inner
-            .get_decoder()
-            .and_then(|d| serde_json::to_string(d).ok())
-            .is_some_and(|d| d.contains("ByteLevel"));
-        let unbyte = byte_level.then(gpt2_byte_decoder);
         let added = self.inner.get_added_tokens_decoder();
-        (0..self.vocab_size() as u32)
-            .map(|id| {
-                let Some(piece) = self.inner.id_to_token(id) else {
-                    return Vec::new();
-                };
-                if self.is_control(id) || added.get(&id).is_some_and(|t| t.special) {
-                    let mut b = vec![0xFF];
-                    b.extend_from_slice(piece.as_bytes());
-                    return b;
-                }
-                if added.contains_key(&id) {
-                    return piece.into_bytes();
-                }
-                match &unbyte {
-                    Some(map) => piece
-                        .chars()
-                        .map(|c| map.get(&c).copied())
-                        .collect::<Option<Vec<u8>>>()
-                        .unwrap_or_else(|| piece.clone().into_bytes()),
-                    None => spm_piece_bytes(&piece),
-                }
-            })
-            .collect()
+        let mut table = self.byte_table().to_vec();
+        for (id, b) in table.iter_mut().enumerate() {
+            let id = id as u32;
+            if self.is_control(id) || added.get(&id).is_some_and(|t| t.special) {
+                b.insert(0, 0xFF);
+            }
+        }
+        table
+    }
+
+    fn byte_table(&self) -> &[Vec<u8>] {
+        self.bytes.get_or_init(|| {
+            let byte_level = self
+                .inner
+                .get_decoder()
+                .and_then(|d| serde_json::to_string(d).ok())
+                .is_some_and(|d| d.contains("ByteLevel"));
+            let unbyte = byte_level.then(gpt2_byte_decoder);
+            let added = self.inner.get_added_tokens_decoder();
+            (0..self.vocab_size() as u32)
+                .map(|id| {
+                    let Some(piece) = self.inner.id_to_token(id) else {
+                        return Vec::new();
+                    };
+                    if self.is_control(id) || added.contains_key(&id) {
+                        return piece.into_bytes();
+                    }
+                    match &unbyte {
+                        Some(map) => piece
+                            .chars()
+                            .map(|c| map.get(&c).copied())
+                            .collect::<Option<Vec<u8>>>()
+                            .unwrap_or_else(|| piece.clone().into_bytes()),
+                        None => spm_piece_bytes(&piece),
+                    }
+                })
+                .collect()
+        })
     }
 }
 
