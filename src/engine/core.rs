@@ -139,6 +139,18 @@ impl EngineHandle {
     }
 }
 
+/// The logits a step may return for prompts being scored: each of their rows returns a
+/// whole vocabulary's (64 MiB is 341 rows of a 49k vocabulary, 130 of a 128k one).
+const SCORED_LOGITS_BYTES: usize = 64 << 20;
+
+/// How many rows of prompts being scored one step may compute: what fits
+/// [`SCORED_LOGITS_BYTES`], at least 16, at most the step's tokens.
+fn max_scored_rows(vocab: usize, max_batch_tokens: usize) -> usize {
+    (SCORED_LOGITS_BYTES / (4 * vocab.max(1)))
+        .max(16)
+        .min(max_batch_tokens)
+}
+
 /// Starts the engine thread over `model` (any [`ModelRunner`]: the CPU Llama, or a fake in
 /// tests). It exits when every handle is dropped and its work is done.
 pub fn start<M: ModelRunner>(
@@ -152,6 +164,7 @@ pub fn start<M: ModelRunner>(
         SchedulerConfig {
             max_batch_size: config.max_batch_size,
             max_batch_tokens: config.max_batch_tokens,
+            max_scored_rows: max_scored_rows(tokenizer.vocab_size(), config.max_batch_tokens),
         },
         BlockManager::new(n_blocks, config.block_size, config.prefix_cache),
     );
@@ -289,7 +302,11 @@ impl<M: ModelRunner> Engine<M> {
         self.next_id += 1;
         // Scoring the prompt needs the logits of every position: none come from the cache.
         req.cache_prompt &= req.prompt_logprobs.is_none();
-        self.scheduler.add(id, &req.prompt, req.cache_prompt);
+        if req.prompt_logprobs.is_some() {
+            self.scheduler.add_scoring(id, &req.prompt);
+        } else {
+            self.scheduler.add(id, &req.prompt, req.cache_prompt);
+        }
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
             constraint: req.constraint.take(),

@@ -4,7 +4,8 @@
 //! Each step takes every running decode (one token each), then continues prefills and admits
 //! waiting sequences in arrival order, under two budgets: `max_batch_size` running sequences
 //! and `max_batch_tokens` tokens per step (so a long prompt is prefilled in chunks and never
-//! stalls running streams). When KV blocks run out, the most recently admitted sequence is
+//! stalls running streams), of which at most `max_scored_rows` may be rows of prompts being
+//! scored (each returns a whole vocabulary's logits). When KV blocks run out, the most recently admitted sequence is
 //! preempted: its blocks are freed and it waits to be recomputed. With prefix caching, a
 //! sequence admitted with no blocks first takes the cached blocks matching its tokens and
 //! starts computing after them; each block it fills is registered for later sequences. When
@@ -26,6 +27,8 @@ pub type SeqId = u64;
 pub struct SchedulerConfig {
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
+    /// Rows a step may compute of prompts being scored (see [`Scheduler::add_scoring`]).
+    pub max_scored_rows: usize,
 }
 
 /// One sequence's share of a step: compute `len` tokens starting at position `start`.
@@ -74,6 +77,8 @@ struct SeqState {
     registered: usize,
     /// Prompt tokens taken from the cache at first admission.
     cached_tokens: usize,
+    /// Positions before this are scored: each computed row returns its logits.
+    scored_until: usize,
 }
 
 impl SeqState {
@@ -135,9 +140,29 @@ impl Scheduler {
                 hashes: Vec::new(),
                 registered: 0,
                 cached_tokens: 0,
+                scored_until: 0,
             },
         );
         self.waiting.push_back(id);
+    }
+
+    /// Queues a sequence whose prompt is scored: every prompt row returns its logits, so its
+    /// prefill rows share the step's `max_scored_rows`; it never uses the prefix cache.
+    pub fn add_scoring(&mut self, id: SeqId, prompt: &[u32]) {
+        self.add(id, prompt, false);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.scored_until = prompt.len();
+        }
+    }
+
+    /// `want` rows for sequence `id`, no more than the scored rows left when it is scoring.
+    fn capped(&self, id: SeqId, want: usize, scored_left: usize) -> usize {
+        let s = &self.seqs[&id];
+        if s.computed < s.scored_until {
+            want.min(scored_left)
+        } else {
+            want
+        }
     }
 
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks.
@@ -243,13 +268,14 @@ impl Scheduler {
         self.blocks.release(&mut self.pinned);
         let mut step = Step::default();
         let mut budget = self.config.max_batch_tokens;
+        let mut scored_left = self.config.max_scored_rows;
         // 1. Running sequences, oldest first: decodes and continuing prefills.
         let mut i = 0;
         while i < self.running.len() {
             let id = self.running[i];
             let s = &self.seqs[&id];
             let remaining = s.tokens.len() - s.computed;
-            let want = remaining.min(budget);
+            let want = self.capped(id, remaining.min(budget), scored_left);
             if want == 0 {
                 i += 1;
                 continue;
@@ -263,6 +289,9 @@ impl Scheduler {
                     .expect("`id` is running. This is a bug.");
                 budget += self.preempt(victim, &mut step);
                 continue; // re-examine index i (or stop if it was the victim)
+            }
+            if self.seqs[&id].computed < self.seqs[&id].scored_until {
+                scored_left -= want;
             }
             step.chunks.push(self.chunk(id, want));
             budget -= want;
@@ -288,9 +317,15 @@ impl Scheduler {
                 idx += 1;
                 continue;
             }
+            if self.capped(id, budget, scored_left) == 0 {
+                // A scoring prompt while this step's scored rows are spent: later ones may fit.
+                idx += 1;
+                continue;
+            }
             let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
+            let want = self.capped(id, want, scored_left);
             let target = s.computed + want;
             if !self.grow(id, target) {
                 self.give_back_cached_prefix(id);
@@ -314,6 +349,9 @@ impl Scheduler {
                 s.ever_ran = true;
                 s.cached_tokens = hit;
                 step.admitted.push(id);
+            }
+            if self.seqs[&id].computed < self.seqs[&id].scored_until {
+                scored_left -= want;
             }
             let chunk = self.chunk(id, want);
             self.note_computing(&chunk, &mut computing);

@@ -16,6 +16,7 @@ fn sched_cached(
         SchedulerConfig {
             max_batch_size,
             max_batch_tokens,
+            max_scored_rows: max_batch_tokens,
         },
         BlockManager::new(blocks, 4, caching),
     )
@@ -403,4 +404,29 @@ fn the_computed_rows_of_a_finished_sequences_last_block_are_copied_by_the_next_t
     // A partial block is never taken whole: a prompt equal to its rows plus more is
     // computed after the copy, into the sequence's own block.
     assert!(!s.blocks(2).contains(&st.copies[0].src));
+}
+
+#[test]
+fn scored_prompts_share_a_steps_scored_rows() {
+    let mut s = sched(4, 32, 100);
+    s.config.max_scored_rows = 10;
+    s.add_scoring(1, &prompt(1, 25));
+    s.add_scoring(2, &prompt(2, 6));
+    add(&mut s, 3, 12);
+    // Seq 1 takes every scored row; seq 2 waits while seq 3, not scored, goes past it.
+    let st = run(&mut s);
+    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(lens, vec![(1, 10), (3, 12)]);
+    let st = run(&mut s);
+    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(lens, vec![(1, 10), (3, 1)]);
+    // The rest of seq 1's prompt (5) and seq 2's first 5 rows.
+    let st = run(&mut s);
+    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(lens, vec![(1, 5), (3, 1), (2, 5)]);
+    // Past its prompt a scored sequence decodes as any other; seq 2 finishes its prompt.
+    let st = run(&mut s);
+    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(lens, vec![(1, 1), (3, 1), (2, 1)]);
+    assert!(st.chunks.iter().all(|c| c.logits));
 }
