@@ -12,6 +12,7 @@ pub fn bench(c: &mut Criterion) {
             SchedulerConfig {
                 max_batch_size: 64,
                 max_batch_tokens: 512,
+                max_scored_rows: 512,
             },
             BlockManager::new(100_000, 16, true),
         );
