@@ -341,9 +341,15 @@ fn n_and_several_prompts_give_one_choice_each() {
     assert_eq!(choices(&three), vec![text(&one); 3]);
     let single = one["usage"]["completion_tokens"].as_u64().unwrap();
     assert_eq!(three["usage"]["completion_tokens"], 3 * single);
+    // The prompt counts once, as OpenAI counts `n`.
     assert_eq!(
         three["usage"]["prompt_tokens"],
-        3 * one["usage"]["prompt_tokens"].as_u64().unwrap()
+        one["usage"]["prompt_tokens"]
+    );
+    let total = |r: &Value| r["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(
+        total(&three),
+        3 * single + one["usage"]["prompt_tokens"].as_u64().unwrap()
     );
     // Seeded sampling: choices differ, repeat, and the first is the n = 1 reply.
     let sampled = json!({"max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 4});
@@ -361,17 +367,24 @@ fn n_and_several_prompts_give_one_choice_each() {
     // The choices share one prefill: the first computes the prompt, the others wait for its
     // blocks and take them from the prefix cache (all but the last, partial block).
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let computed = || s.metric("edgeinfer_prompt_tokens_computed_total") as u64;
+    let before = computed();
     let r = complete(
         &s,
         chat,
         json!({"messages": [{"role": "user", "content": long}], "max_tokens": 2, "n": 3}),
     );
     let u = &r["usage"];
-    let each = u["prompt_tokens"].as_u64().unwrap() / 3;
+    let prompt = u["prompt_tokens"].as_u64().unwrap();
+    // Only the chat template's start was cached before; the first choice computes the rest.
     let cached = u["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .unwrap();
-    assert!(each > 400 && cached >= 2 * (each - 16), "{u}");
+    let ran = computed() - before;
+    assert!(
+        prompt > 400 && ran + cached >= prompt && ran <= prompt - cached + 2 * 16,
+        "{ran} prompt tokens computed for three choices of {prompt}"
+    );
 
     // Several prompts, `n` each: prompt by prompt, as OpenAI orders them.
     let route = "/v1/completions";
@@ -419,6 +432,21 @@ fn n_and_several_prompts_give_one_choice_each() {
     assert_eq!(
         usage["completion_tokens"],
         whole["usage"]["completion_tokens"]
+    );
+    // Two prompts, each counted once, streamed or whole.
+    assert_eq!(usage["prompt_tokens"], whole["usage"]["prompt_tokens"]);
+    let two_prompts: usize = prompts.iter().map(|p| tokens(&s, p).len()).sum();
+    assert_eq!(whole["usage"]["prompt_tokens"], two_prompts);
+    let events = s.stream(
+        route,
+        &json!({"prompt": prompts, "max_tokens": 5, "temperature": 0, "n": 2, "stream": true,
+                "stream_options": {"include_usage": true}}),
+    );
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["usage"]["prompt_tokens"], two_prompts, "{last}");
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        2 * whole["usage"]["completion_tokens"].as_u64().unwrap()
     );
 
     // At most 16 choices a request.

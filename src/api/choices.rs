@@ -9,10 +9,26 @@ use tokio::sync::oneshot;
 use crate::engine::request::{EndReport, Ending, EventReceiver, FinishReason, Usage, UsageSink};
 use crate::gateway::Meter;
 
-/// One choice to render: its events, and the text `echo` puts before it.
+use super::response::add_usage;
+
+/// One choice to render: its events, the text `echo` puts before it, and whether its
+/// usage counts its prompt (a prompt's first choice does; see [`add_usage`]).
+///
+/// [`add_usage`]: super::response::add_usage
 pub struct Choice {
     pub rx: EventReceiver,
     pub echo: Option<String>,
+    pub counts_prompt: bool,
+}
+
+impl Choice {
+    pub fn new(rx: EventReceiver, echo: Option<String>, counts_prompt: bool) -> Self {
+        Self {
+            rx,
+            echo,
+            counts_prompt,
+        }
+    }
 }
 
 /// What the parts reported so far.
@@ -75,6 +91,7 @@ fn worse(a: Ending, b: Ending) -> Ending {
 struct Part {
     shared: Arc<Mutex<Shared>>,
     reported: bool,
+    counts_prompt: bool,
 }
 
 impl Part {
@@ -82,11 +99,7 @@ impl Part {
         self.reported = true;
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         s.ran += 1;
-        let u = &mut s.usage;
-        u.prompt_tokens += r.usage.prompt_tokens;
-        u.completion_tokens += r.usage.completion_tokens;
-        u.total_tokens += r.usage.total_tokens;
-        u.cached_tokens += r.usage.cached_tokens;
+        add_usage(&mut s.usage, r.usage, self.counts_prompt);
         s.ending = Some(s.ending.map_or(r.ending, |e| worse(e, r.ending)));
         s.first_token_at = match (s.first_token_at, r.first_token_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -117,11 +130,13 @@ impl Refusal {
 }
 
 /// `parts` usage sinks that settle `meter` once, when the last of them has reported or been
-/// dropped; `ack` hears when its ledger row is committed.
+/// dropped; `ack` hears when its ledger row is committed. Parts come `n` to a prompt: each
+/// prompt's first counts its prompt.
 pub fn split_meter(
     meter: Meter,
     ack: oneshot::Sender<bool>,
     parts: usize,
+    n: usize,
 ) -> (Vec<UsageSink>, Refusal) {
     let shared = Arc::new(Mutex::new(Shared {
         meter: Some(meter),
@@ -134,10 +149,11 @@ pub fn split_meter(
         first_token_at: None,
     }));
     let sinks = (0..parts)
-        .map(|_| {
+        .map(|i| {
             let part = Part {
                 shared: shared.clone(),
                 reported: false,
+                counts_prompt: i % n.max(1) == 0,
             };
             UsageSink::new(move |r| part.report(r))
         })

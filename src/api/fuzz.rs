@@ -67,7 +67,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
     }
     let bytes = RUNTIME.with(|rt| {
         rt.block_on(async {
-            let choice = super::choices::Choice { rx, echo: None };
+            let choice = super::choices::Choice::new(rx, None, true);
             let resp = super::stream::sse_response(
                 vec![choice],
                 meta,

@@ -124,7 +124,8 @@ pub(super) async fn run(
         let m = budget(&input.prompt, requested, ready)?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
-    let prompt_total: usize = inputs.iter().map(|i| i.prompt.len() * n).sum();
+    // A prompt counts once, however many choices it has.
+    let prompt_total: usize = inputs.iter().map(|i| i.prompt.len()).sum();
     let max_total: usize = budgets.iter().sum();
     let labels = labels(state, request_id, gate.route, Some(&gate.directives));
     let price = state
@@ -183,7 +184,7 @@ pub(super) async fn run(
     }
     let (committed_tx, committed) = oneshot::channel();
     // One meter for every choice; refused by the queue, the request is ledgered rejected.
-    let (sinks, refusal) = split_meter(meter, committed_tx, count);
+    let (sinks, refusal) = split_meter(meter, committed_tx, count, n);
     let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
     let mut reqs = Vec::with_capacity(count);
@@ -220,7 +221,8 @@ pub(super) async fn run(
     let choices = rxs
         .into_iter()
         .zip(echoes)
-        .map(|(rx, echo)| Choice { rx, echo })
+        .enumerate()
+        .map(|(c, (rx, echo))| Choice::new(rx, echo, c % n == 0))
         .collect();
     let tail = Tail::new(committed, leader);
     let keep_alive = state.sse_keep_alive;
@@ -288,10 +290,7 @@ async fn replay_hit(
     if !matches!(committed.await, Ok(true)) {
         tracing::error!("the ledger row of a cache hit was not committed");
     }
-    let choice = Choice {
-        rx: replay(&hit.value),
-        echo: reply.echo,
-    };
+    let choice = Choice::new(replay(&hit.value), reply.echo, true);
     let mut resp = respond(
         vec![choice],
         reply.meta,

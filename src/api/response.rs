@@ -84,18 +84,22 @@ pub async fn respond(
         Surface::Workers { .. } => super::workers::sse(rx, meta, tail, keep_alive),
         Surface::Responses(ctx) => super::responses_sse::sse(rx, meta, ctx, tail, keep_alive),
         Surface::OpenAi => {
-            let choice = Choice { rx, echo: None };
+            let choice = Choice::new(rx, None, true);
             super::stream::sse_response(vec![choice], meta, include_usage, tail, keep_alive)
         }
     })
 }
 
-/// Adds one choice's usage to a request's.
-pub fn add_usage(total: &mut Usage, u: Usage) {
-    total.prompt_tokens += u.prompt_tokens;
+/// Adds one choice's usage to a request's. A prompt counts once however many choices it
+/// has (as OpenAI counts `n`): only its first choice's `counts_prompt`; the others' copies
+/// of it come from the prefix cache.
+pub fn add_usage(total: &mut Usage, u: Usage, counts_prompt: bool) {
+    if counts_prompt {
+        total.prompt_tokens += u.prompt_tokens;
+        total.cached_tokens += u.cached_tokens;
+    }
     total.completion_tokens += u.completion_tokens;
-    total.total_tokens += u.total_tokens;
-    total.cached_tokens += u.cached_tokens;
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
 }
 
 pub fn usage_json(u: Usage) -> Value {
@@ -181,13 +185,13 @@ impl Meta {
     }
 
     /// The whole answer, once the engine finished every choice.
-    fn whole(&self, replies: Vec<(Reply, Option<String>)>) -> Value {
+    fn whole(&self, replies: Vec<(Reply, Option<String>, bool)>) -> Value {
         let mut usage = Usage::default();
         let choices: Vec<Value> = replies
             .into_iter()
             .enumerate()
-            .map(|(i, (r, echo))| {
-                add_usage(&mut usage, r.usage);
+            .map(|(i, (r, echo, counts_prompt))| {
+                add_usage(&mut usage, r.usage, counts_prompt);
                 self.choice(i, r, echo)
             })
             .collect();
@@ -307,7 +311,10 @@ fn reply(events: Vec<Event>) -> Reply {
 
 /// Collects every choice of one request into the whole answer.
 async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
-    let (rxs, echoes): (Vec<_>, Vec<_>) = choices.into_iter().map(|c| (c.rx, c.echo)).unzip();
+    let (rxs, shown): (Vec<_>, Vec<_>) = choices
+        .into_iter()
+        .map(|c| (c.rx, (c.echo, c.counts_prompt)))
+        .unzip();
     let several = rxs.len() > 1;
     let gathered = futures_util::future::try_join_all(rxs.into_iter().map(gather)).await?;
     // One choice: every event (the response cache records them); several: the end of the
@@ -322,12 +329,16 @@ async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Res
             tail.observe(ev).await;
         }
     }
-    let mut replies: Vec<(Reply, Option<String>)> =
-        gathered.into_iter().map(reply).zip(echoes).collect();
+    let mut replies: Vec<(Reply, Option<String>, bool)> = gathered
+        .into_iter()
+        .map(reply)
+        .zip(shown)
+        .map(|(r, (echo, counts))| (r, echo, counts))
+        .collect();
     let whole = match &meta.surface {
         Surface::OpenAi => meta.whole(replies),
         surface => {
-            let (r, echo) = replies.swap_remove(0);
+            let (r, echo, _) = replies.swap_remove(0);
             match surface {
                 Surface::Anthropic { .. } => {
                     super::anthropic::whole(&meta, r.text, r.reason, r.stop_sequence, r.usage)
@@ -336,7 +347,7 @@ async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Res
                 Surface::Responses(ctx) => {
                     super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
                 }
-                Surface::OpenAi => meta.whole(vec![(r, echo)]),
+                Surface::OpenAi => meta.whole(vec![(r, echo, true)]),
             }
         }
     };

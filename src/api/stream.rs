@@ -28,6 +28,8 @@ struct ChoiceState {
     text_logprobs: TextLogprobs,
     /// The text `echo` puts first, until it is sent.
     echo: Option<String>,
+    /// Whether its usage counts its prompt (see `add_usage`).
+    counts_prompt: bool,
     finished: bool,
 }
 
@@ -88,6 +90,7 @@ pub fn sse_response(
             calls: meta.call_parser(),
             text_logprobs: TextLogprobs::default(),
             echo,
+            counts_prompt: c.counts_prompt,
             finished: false,
         });
         streams.push(tagged(i, c.rx));
@@ -182,7 +185,7 @@ impl State {
                 let finish = finish_name(reason, made_calls);
                 self.pending
                     .push_back(meta.chunk(i, json!({}), Some(finish), Value::Null));
-                add_usage(&mut self.usage, usage);
+                add_usage(&mut self.usage, usage, c.counts_prompt);
                 if self.choices.iter().all(|c| c.finished) {
                     if self.include_usage {
                         self.pending.push_back(self.meta.usage_chunk(self.usage));
