@@ -351,6 +351,16 @@ fn n_and_several_prompts_give_one_choice_each() {
         total(&three),
         3 * single + one["usage"]["prompt_tokens"].as_u64().unwrap()
     );
+    // Choices that each compute the prompt each count it.
+    let apart = complete(
+        &s,
+        chat,
+        json!({"max_tokens": 8, "n": 2, "cache_prompt": false}),
+    );
+    assert_eq!(
+        apart["usage"]["prompt_tokens"],
+        2 * one["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
     // Seeded sampling: choices differ, repeat, and the first is the n = 1 reply.
     let sampled = json!({"max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 4});
     let a = choices(&complete(&s, chat, sampled.clone()));

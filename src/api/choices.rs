@@ -130,30 +130,30 @@ impl Refusal {
 }
 
 /// `parts` usage sinks that settle `meter` once, when the last of them has reported or been
-/// dropped; `ack` hears when its ledger row is committed. Parts come `n` to a prompt: each
-/// prompt's first counts its prompt.
+/// dropped; `ack` hears when its ledger row is committed. Part `i` counts its prompt when
+/// `counts_prompt[i]` (see [`add_usage`]).
 pub fn split_meter(
     meter: Meter,
     ack: oneshot::Sender<bool>,
-    parts: usize,
-    n: usize,
+    counts_prompt: &[bool],
 ) -> (Vec<UsageSink>, Refusal) {
     let shared = Arc::new(Mutex::new(Shared {
         meter: Some(meter),
         ack: Some(ack),
-        left: parts,
+        left: counts_prompt.len(),
         ran: 0,
         refused: false,
         usage: Usage::default(),
         ending: None,
         first_token_at: None,
     }));
-    let sinks = (0..parts)
-        .map(|i| {
+    let sinks = counts_prompt
+        .iter()
+        .map(|&counts_prompt| {
             let part = Part {
                 shared: shared.clone(),
                 reported: false,
-                counts_prompt: i % n.max(1) == 0,
+                counts_prompt,
             };
             UsageSink::new(move |r| part.report(r))
         })

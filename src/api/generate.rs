@@ -124,8 +124,15 @@ pub(super) async fn run(
         let m = budget(&input.prompt, requested, ready)?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
-    // A prompt counts once, however many choices it has.
-    let prompt_total: usize = inputs.iter().map(|i| i.prompt.len()).sum();
+    // A prompt's choices share its computation through the prefix cache, unless it is off
+    // or the prompt is scored (each choice then computes it): shared, it counts once.
+    let shared =
+        ready.engine.prefix_cache && fields.cache_prompt.unwrap_or(true) && !out.prompt_logprobs;
+    let counts_prompt: Vec<bool> = (0..count).map(|c| !shared || c % n == 0).collect();
+    let prompt_total: usize = inputs
+        .iter()
+        .map(|i| i.prompt.len() * if shared { 1 } else { n })
+        .sum();
     let max_total: usize = budgets.iter().sum();
     let labels = labels(state, request_id, gate.route, Some(&gate.directives));
     let price = state
@@ -184,7 +191,7 @@ pub(super) async fn run(
     }
     let (committed_tx, committed) = oneshot::channel();
     // One meter for every choice; refused by the queue, the request is ledgered rejected.
-    let (sinks, refusal) = split_meter(meter, committed_tx, count, n);
+    let (sinks, refusal) = split_meter(meter, committed_tx, &counts_prompt);
     let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
     let mut reqs = Vec::with_capacity(count);
@@ -221,8 +228,8 @@ pub(super) async fn run(
     let choices = rxs
         .into_iter()
         .zip(echoes)
-        .enumerate()
-        .map(|(c, (rx, echo))| Choice::new(rx, echo, c % n == 0))
+        .zip(counts_prompt)
+        .map(|((rx, echo), counts)| Choice::new(rx, echo, counts))
         .collect();
     let tail = Tail::new(committed, leader);
     let keep_alive = state.sse_keep_alive;

@@ -90,9 +90,9 @@ pub async fn respond(
     })
 }
 
-/// Adds one choice's usage to a request's. A prompt counts once however many choices it
-/// has (as OpenAI counts `n`): only its first choice's `counts_prompt`; the others' copies
-/// of it come from the prefix cache.
+/// Adds one choice's usage to a request's. A prompt whose choices share it through the
+/// prefix cache counts once (as OpenAI counts `n`): only its first choice `counts_prompt`.
+/// Choices that each compute it (scored prompts, the cache off) each count it.
 pub fn add_usage(total: &mut Usage, u: Usage, counts_prompt: bool) {
     if counts_prompt {
         total.prompt_tokens += u.prompt_tokens;

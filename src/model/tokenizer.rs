@@ -250,7 +250,7 @@ impl Tokenizer {
     /// GPT-2's byte alphabet, a SentencePiece piece with `▁` as a space and `<0xHH>` as its
     /// byte, an added or control token's own text. A token that holds part of a character
     /// has those bytes (its decoded text would read U+FFFD); a text's tokens' bytes joined
-    /// are the text's bytes.
+    /// are the text's bytes (with SentencePiece, after the space it puts first).
     pub fn token_bytes_of(&self, id: u32) -> Vec<u8> {
         self.byte_table()
             .get(id as usize)
@@ -266,7 +266,8 @@ impl Tokenizer {
         let mut table = self.byte_table().to_vec();
         for (id, b) in table.iter_mut().enumerate() {
             let id = id as u32;
-            if self.is_control(id) || added.get(&id).is_some_and(|t| t.special) {
+            let special = self.is_control(id) || added.get(&id).is_some_and(|t| t.special);
+            if special && !b.is_empty() {
                 b.insert(0, 0xFF);
             }
         }
