@@ -276,6 +276,13 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
 
+    /// Speculative decoding by prompt lookup: when a decoding sequence's last tokens occurred
+    /// earlier in its prompt or output, up to this many of the tokens that followed them are
+    /// verified in the same step, and kept while they equal what is sampled (the output is
+    /// unchanged; it comes faster when a reply repeats its context). 0 turns it off.
+    #[arg(long, env = "EDGEINFER_SPECULATE", default_value_t = 0)]
+    pub speculate: usize,
+
     /// Requests allowed to wait for a slot in the running batch (in flight at most:
     /// `--max-batch-size` plus this); beyond it clients get 429 with Retry-After at once, so
     /// overload sheds quickly instead of queueing without bound. 0: never wait, for nodes

@@ -354,6 +354,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_queue: args.max_queue,
         prefix_cache: !args.no_prefix_cache,
+        speculate: args.speculate,
     };
     let model_arg = args.source.model.clone();
     let models_dir = args.source.models_dir.clone();

@@ -41,6 +41,8 @@ pub fn init(model_name: &str, cache: CacheShape) {
         CACHE_QUERIES,
         CACHE_HITS,
         EVICTIONS,
+        DRAFT_OFFERED,
+        DRAFT_ACCEPTED,
     ] {
         counter!(name).absolute(0);
     }
@@ -98,6 +100,8 @@ const CACHE_QUERIES: &str = "edgeinfer_prefix_cache_queries_total";
 const CACHE_HITS: &str = "edgeinfer_prefix_cache_hits_total";
 const EVICTIONS: &str = "edgeinfer_prefix_cache_evictions_total";
 const SUCCESS: &str = "edgeinfer_request_success_total";
+const DRAFT_OFFERED: &str = "edgeinfer_draft_tokens_total";
+const DRAFT_ACCEPTED: &str = "edgeinfer_draft_tokens_accepted_total";
 const TTFT: &str = "edgeinfer_time_to_first_token_seconds";
 const ITL: &str = "edgeinfer_inter_token_latency_seconds";
 const E2E: &str = "edgeinfer_e2e_request_latency_seconds";
@@ -146,6 +150,14 @@ fn describe() {
     describe_counter!(CACHE_HITS, "Prompt tokens found in the prefix cache");
     describe_gauge!(PREFIX_BLOCKS, "KV blocks registered in the prefix cache");
     describe_counter!(EVICTIONS, "Cached KV blocks evicted to make room");
+    describe_counter!(
+        DRAFT_OFFERED,
+        "Draft tokens verified (speculative decoding by prompt lookup, --speculate)"
+    );
+    describe_counter!(
+        DRAFT_ACCEPTED,
+        "Draft tokens kept (equal to the token sampled)"
+    );
 
     describe_gauge!(V_RUNNING, "vLLM name: requests in the running batch");
     describe_gauge!(V_WAITING, "vLLM name: requests waiting to run");
@@ -206,6 +218,12 @@ pub fn admitted(waited_s: f64, prompt: usize, cached: usize, cache_queried: bool
 pub fn preempted(n: usize) {
     counter!(PREEMPTIONS).increment(n as u64);
     counter!(V_PREEMPTIONS, "model_name" => model()).increment(n as u64);
+}
+
+/// A draft of `offered` tokens was verified and `accepted` of them kept.
+pub fn drafted(offered: usize, accepted: usize) {
+    counter!(DRAFT_OFFERED).increment(offered as u64);
+    counter!(DRAFT_ACCEPTED).increment(accepted as u64);
 }
 
 /// Prompt positions run through the model in one step.

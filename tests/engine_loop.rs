@@ -199,6 +199,7 @@ fn config(max_batch_tokens: usize, kv_cache_tokens: usize) -> EngineConfig {
         block_size: 16,
         max_queue: 64,
         prefix_cache: true,
+        speculate: 0,
     }
 }
 

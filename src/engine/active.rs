@@ -31,6 +31,8 @@ pub(super) struct Active {
     pub(super) cached_tokens: usize,
     /// Prompt tokens whose keys and values exist (cached or computed), for metering.
     pub(super) prompt_done: usize,
+    /// Speculation: the draft offered for the next step, and how much to offer.
+    pub(super) draft: super::core::Draft,
     /// How the request ends if it is dropped now; set when it finishes or fails.
     pub(super) ending: Ending,
     pub(super) on_end: Option<UsageSink>,

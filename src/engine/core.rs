@@ -24,8 +24,12 @@ use super::sampler::Sampler;
 use super::scheduler::{Chunk, Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
 use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
+
+#[path = "draft.rs"]
+mod draft;
 use crate::model::{Logits, ModelRunner, SeqInput, Tokenizer};
 use crate::telemetry;
+pub use draft::{propose, Draft};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -36,6 +40,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Automatic prefix caching on the KV block pool.
     pub prefix_cache: bool,
+    /// Draft tokens a decoding sequence may verify per step (prompt lookup; 0: none).
+    pub speculate: usize,
 }
 
 pub enum Command {
@@ -61,6 +67,8 @@ pub struct EngineHandle {
     failed: tokio::sync::watch::Receiver<bool>,
     /// Positions the KV pool holds: no request may need more.
     pub kv_capacity: usize,
+    /// Whether requests may share computed prompts through the prefix cache.
+    pub prefix_cache: bool,
     heartbeat: Heartbeat,
 }
 
@@ -165,6 +173,7 @@ pub fn start<M: ModelRunner>(
             max_batch_size: config.max_batch_size,
             max_batch_tokens: config.max_batch_tokens,
             max_scored_rows: max_scored_rows(tokenizer.vocab_size(), config.max_batch_tokens),
+            max_draft_rows: 2 * config.speculate,
         },
         BlockManager::new(n_blocks, config.block_size, config.prefix_cache),
     );
@@ -185,6 +194,7 @@ pub fn start<M: ModelRunner>(
         in_flight: in_flight.clone(),
         steps: 0,
         fault: injected_fault(),
+        speculate: config.speculate,
     };
     std::thread::Builder::new()
         .name("edgeinfer-engine".into())
@@ -209,6 +219,7 @@ pub fn start<M: ModelRunner>(
         capacity,
         failed,
         kv_capacity: n_blocks * config.block_size,
+        prefix_cache: config.prefix_cache,
         heartbeat,
     })
 }
@@ -226,6 +237,7 @@ struct Engine<M> {
     steps: u64,
     fault: Option<Fault>,
     heartbeat: Heartbeat,
+    speculate: usize,
 }
 
 impl<M: ModelRunner> Engine<M> {
@@ -247,6 +259,7 @@ impl<M: ModelRunner> Engine<M> {
                 self.accept(cmd);
             }
             self.drop_cancelled();
+            self.offer_drafts();
             let step = self.scheduler.schedule();
             if !step.preempted.is_empty() {
                 telemetry::preempted(step.preempted.len());
@@ -319,6 +332,7 @@ impl<M: ModelRunner> Engine<M> {
             scores: req.prompt_logprobs.map(PromptScores::new),
             cached_tokens: 0,
             prompt_done: 0,
+            draft: Default::default(),
             ending: Ending::Cancelled,
             on_end: req.on_end.take(),
             in_flight: self.in_flight.clone(),
@@ -373,6 +387,7 @@ impl<M: ModelRunner> Engine<M> {
             .copies
             .iter()
             .try_for_each(|c| self.model.copy_kv(c.src, c.dst, c.rows));
+        self.place_drafts(&step.chunks);
         let inputs: Vec<SeqInput> = step
             .chunks
             .iter()
@@ -386,7 +401,11 @@ impl<M: ModelRunner> Engine<M> {
                     tokens: &a.tokens[c.start..c.start + c.len],
                     start: c.start,
                     blocks: self.scheduler.blocks(c.id),
-                    logits: if every { Logits::All } else { c.logits.into() },
+                    logits: if every || c.draft > 0 {
+                        Logits::All
+                    } else {
+                        c.logits.into()
+                    },
                 }
             })
             .collect();
@@ -401,6 +420,7 @@ impl<M: ModelRunner> Engine<M> {
                 "the forward pass panicked. This is a bug.".into(),
             )))
         });
+        self.remove_drafts(&step.chunks);
         let outputs = match forward {
             Ok(o) => o,
             Err(e) => {
@@ -432,6 +452,12 @@ impl<M: ModelRunner> Engine<M> {
         for ((c, logits), every) in step.chunks.iter().zip(outputs).zip(every) {
             let logits = self.score_prompt(c, logits, every);
             let Some(logits) = logits else { continue };
+            if c.draft > 0 {
+                if self.verify(c, logits, &mut sampled) {
+                    finished.push(c.id);
+                }
+                continue;
+            }
             if let Some(a) = self.active.get_mut(&c.id).filter(|a| a.req.max_tokens == 0) {
                 // Only the prompt was asked for (`echo`, scoring it): nothing to sample.
                 a.end(FinishReason::Length, None);

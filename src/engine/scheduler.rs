@@ -5,7 +5,11 @@
 //! waiting sequences in arrival order, under two budgets: `max_batch_size` running sequences
 //! and `max_batch_tokens` tokens per step (so a long prompt is prefilled in chunks and never
 //! stalls running streams), of which at most `max_scored_rows` may be rows of prompts being
-//! scored (each returns a whole vocabulary's logits). When KV blocks run out, the most recently admitted sequence is
+//! scored (each returns a whole vocabulary's logits; a scored prompt waiting for them lets
+//! later arrivals pass). A decoding sequence may carry draft tokens (speculation, see
+//! `draft.rs`): its chunk then runs its last token and the drafts together, at most
+//! `max_draft_rows` drafts a step, and [`Scheduler::complete`] keeps the positions the
+//! sampled tokens confirmed. When KV blocks run out, the most recently admitted sequence is
 //! preempted: its blocks are freed and it waits to be recomputed. With prefix caching, a
 //! sequence admitted with no blocks first takes the cached blocks matching its tokens and
 //! starts computing after them; each block it fills is registered for later sequences. When
@@ -29,6 +33,8 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Rows a step may compute of prompts being scored (see [`Scheduler::add_scoring`]).
     pub max_scored_rows: usize,
+    /// Draft tokens a step may verify, over all sequences (see [`Scheduler::set_draft`]).
+    pub max_draft_rows: usize,
 }
 
 /// One sequence's share of a step: compute `len` tokens starting at position `start`.
@@ -39,6 +45,9 @@ pub struct Chunk {
     pub len: usize,
     /// True when the chunk reaches the sequence's last token, so a new token is sampled.
     pub logits: bool,
+    /// Draft tokens after the sequence's last token: the chunk's last `draft` positions
+    /// hold them, and every row's logits are needed to verify them.
+    pub draft: usize,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -79,6 +88,11 @@ struct SeqState {
     cached_tokens: usize,
     /// Positions before this are scored: each computed row returns its logits.
     scored_until: usize,
+    /// Positions computed (and so scored) before a preemption: recomputing them needs no
+    /// logits.
+    rescored: usize,
+    /// Draft tokens offered for the next step (taken by it).
+    draft: usize,
 }
 
 impl SeqState {
@@ -141,6 +155,8 @@ impl Scheduler {
                 registered: 0,
                 cached_tokens: 0,
                 scored_until: 0,
+                rescored: 0,
+                draft: 0,
             },
         );
         self.waiting.push_back(id);
@@ -155,14 +171,33 @@ impl Scheduler {
         }
     }
 
-    /// `want` rows for sequence `id`, no more than the scored rows left when it is scoring.
+    /// Offers `draft` tokens to follow decoding sequence `id`'s last token in the next step
+    /// (the caller holds them). The step takes them if `id` is decoding and the budgets and
+    /// blocks allow; its chunk says how many it took.
+    pub fn set_draft(&mut self, id: SeqId, draft: usize) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.draft = draft;
+        }
+    }
+
+    /// `want` rows for sequence `id`, no more than the scored rows left when it is scoring;
+    /// a sequence recomputing rows it scored before a preemption stops short of the first
+    /// row whose logits are needed again.
     fn capped(&self, id: SeqId, want: usize, scored_left: usize) -> usize {
         let s = &self.seqs[&id];
-        if s.computed < s.scored_until {
-            want.min(scored_left)
-        } else {
-            want
+        if s.computed >= s.scored_until {
+            return want;
         }
+        match s.rescored.saturating_sub(1).saturating_sub(s.computed) {
+            0 => want.min(scored_left),
+            free => want.min(free),
+        }
+    }
+
+    /// Whether `id`'s next chunk returns logits for its prompt's scores.
+    fn scoring(&self, id: SeqId) -> bool {
+        let s = &self.seqs[&id];
+        s.computed < s.scored_until && s.computed + 1 >= s.rescored
     }
 
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks.
@@ -194,15 +229,31 @@ impl Scheduler {
 
     /// Records that the chunks of a step were computed and registers the blocks they
     /// filled; `sampled` lists sequences that gained a token, with the token.
+    ///
+    /// A sequence may gain several tokens (listed in order): a chunk with drafts keeps the
+    /// positions up to its last token and the drafts the tokens confirmed, one fewer than
+    /// the tokens sampled.
     pub fn complete(&mut self, step: &Step, sampled: &[(SeqId, u32)]) {
         // The step's copies are done.
         self.blocks.release(&mut self.pinned);
+        for &(id, token) in sampled {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.tokens.push(token);
+            }
+        }
         let bs = self.blocks.block_size();
         for c in &step.chunks {
             let Some(s) = self.seqs.get_mut(&c.id) else {
                 continue;
             };
-            s.computed = s.computed.max(c.start + c.len);
+            s.draft = 0;
+            let end = if c.draft > 0 {
+                let gained = sampled.iter().filter(|(id, _)| *id == c.id).count();
+                c.start + gained.max(1)
+            } else {
+                c.start + c.len
+            };
+            s.computed = s.computed.max(end).min(s.tokens.len());
             if s.cache && self.blocks.caching() {
                 let full = s.computed / bs;
                 if full > s.registered {
@@ -215,11 +266,6 @@ impl Scheduler {
                     }
                     s.registered = full;
                 }
-            }
-        }
-        for &(id, token) in sampled {
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.tokens.push(token);
             }
         }
     }
@@ -269,7 +315,9 @@ impl Scheduler {
         let mut step = Step::default();
         let mut budget = self.config.max_batch_tokens;
         let mut scored_left = self.config.max_scored_rows;
-        // 1. Running sequences, oldest first: decodes and continuing prefills.
+        let mut drafts_left = self.config.max_draft_rows;
+        // 1. Running sequences, oldest first: decodes (with their drafts) and continuing
+        // prefills.
         let mut i = 0;
         while i < self.running.len() {
             let id = self.running[i];
@@ -280,7 +328,22 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let target = s.computed + want;
+            let draft = if remaining == 1 {
+                s.draft.min(drafts_left).min(budget - 1)
+            } else {
+                0
+            };
+            if draft > 0 && self.grow(id, s.computed + 1 + draft) {
+                drafts_left -= draft;
+                let mut chunk = self.chunk(id, 1 + draft);
+                chunk.logits = true;
+                chunk.draft = draft;
+                step.chunks.push(chunk);
+                budget -= 1 + draft;
+                i += 1;
+                continue;
+            }
+            let target = self.seqs[&id].computed + want;
             if !self.grow(id, target) {
                 // Out of blocks: preempt the newest running sequence (maybe this one).
                 let victim = *self
@@ -290,7 +353,7 @@ impl Scheduler {
                 budget += self.preempt(victim, &mut step);
                 continue; // re-examine index i (or stop if it was the victim)
             }
-            if self.seqs[&id].computed < self.seqs[&id].scored_until {
+            if self.scoring(id) {
                 scored_left -= want;
             }
             step.chunks.push(self.chunk(id, want));
@@ -306,7 +369,8 @@ impl Scheduler {
                 self.note_computing(c, &mut computing);
             }
         }
-        // 2. Admit waiting sequences in arrival order while budgets and blocks allow.
+        // 2. Admit waiting sequences in arrival order while budgets and blocks allow (a
+        // scored prompt without scored rows left lets the next ones pass).
         let mut idx = 0;
         while budget > 0
             && self.running.len() < self.config.max_batch_size
@@ -350,7 +414,7 @@ impl Scheduler {
                 s.cached_tokens = hit;
                 step.admitted.push(id);
             }
-            if self.seqs[&id].computed < self.seqs[&id].scored_until {
+            if self.scoring(id) {
                 scored_left -= want;
             }
             let chunk = self.chunk(id, want);
@@ -370,7 +434,8 @@ impl Scheduler {
         if !s.cache || !self.blocks.caching() {
             return;
         }
-        let end = (c.start + c.len) / bs;
+        // A chunk's drafts are not the sequence's tokens (yet).
+        let end = (c.start + c.len - c.draft) / bs;
         computing.extend(&s.hashes(end, bs)[(c.start / bs).min(end)..]);
     }
 
@@ -396,6 +461,7 @@ impl Scheduler {
             start: s.computed,
             len,
             logits: s.computed + len == s.tokens.len(),
+            draft: 0,
         }
     }
 
@@ -458,6 +524,7 @@ impl Scheduler {
         step.chunks.retain(|c| c.id != id);
         if let Some(s) = self.seqs.get_mut(&id) {
             self.blocks.release(&mut s.blocks);
+            s.rescored = s.rescored.max(s.computed);
             s.computed = 0;
             s.registered = 0;
         }

@@ -17,6 +17,7 @@ fn sched_cached(
             max_batch_size,
             max_batch_tokens,
             max_scored_rows: max_batch_tokens,
+            max_draft_rows: 8,
         },
         BlockManager::new(blocks, 4, caching),
     )
@@ -60,7 +61,8 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
             id: 1,
             start: 0,
             len: 3,
-            logits: true
+            logits: true,
+            draft: 0
         }]
     );
     assert_eq!(st.admitted, vec![1]);
@@ -73,7 +75,8 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
             id: 1,
             start: 3,
             len: 1,
-            logits: true
+            logits: true,
+            draft: 0
         }
     );
     assert_eq!(
@@ -82,7 +85,8 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
             id: 2,
             start: 0,
             len: 7,
-            logits: false
+            logits: false,
+            draft: 0
         }
     );
     let st = run(&mut s);
@@ -92,7 +96,8 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
             id: 2,
             start: 7,
             len: 7,
-            logits: false
+            logits: false,
+            draft: 0
         }
     );
     let st = run(&mut s);
@@ -103,7 +108,8 @@ fn long_prompts_are_chunked_and_decodes_keep_running() {
             id: 2,
             start: 14,
             len: 6,
-            logits: true
+            logits: true,
+            draft: 0
         }
     );
     let st = run(&mut s);
@@ -149,7 +155,8 @@ fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
             id: 1,
             start: 8,
             len: 1,
-            logits: true
+            logits: true,
+            draft: 0
         }]
     );
     s.complete(&st, &[(1, 7)]);
@@ -163,7 +170,8 @@ fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
             id: 2,
             start: 0,
             len: 9,
-            logits: true
+            logits: true,
+            draft: 0
         }]
     );
     assert!(st.admitted.is_empty(), "seq 2 already ran once");
@@ -230,7 +238,8 @@ fn a_later_prompt_reuses_full_blocks_of_prompt_and_generated_tokens() {
             id: 2,
             start: 9,
             len: 4,
-            logits: true
+            logits: true,
+            draft: 0
         }]
     );
     s.remove(2);
@@ -429,4 +438,82 @@ fn scored_prompts_share_a_steps_scored_rows() {
     let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
     assert_eq!(lens, vec![(1, 1), (3, 1), (2, 1)]);
     assert!(st.chunks.iter().all(|c| c.logits));
+}
+
+fn lens(st: &Step) -> Vec<(SeqId, usize)> {
+    st.chunks.iter().map(|c| (c.id, c.len)).collect()
+}
+
+#[test]
+fn a_preempted_scored_prompt_recomputes_its_scored_rows_uncapped() {
+    let mut s = sched(2, 32, 6);
+    s.config.max_scored_rows = 8;
+    add(&mut s, 0, 7);
+    s.add_scoring(1, &prompt(1, 20));
+    assert_eq!(lens(&run(&mut s)), vec![(0, 7), (1, 8)]);
+    assert_eq!(lens(&run(&mut s)), vec![(0, 1), (1, 8)]);
+    // Seq 0's next position needs a block: seq 1, the newest, gives its four back.
+    let st = run(&mut s);
+    assert_eq!(st.preempted, vec![1]);
+    s.remove(0);
+    // Its 16 scored positions come back without logits (all but the last row before
+    // them), past the scored-row bound; then the bound holds again.
+    let st = run(&mut s);
+    assert_eq!(lens(&st), vec![(1, 15)]);
+    assert_eq!(lens(&run(&mut s)), vec![(1, 5)]);
+}
+
+#[test]
+fn drafts_run_after_the_last_token_and_keep_what_sampling_confirmed() {
+    let mut s = sched_cached(4, 16, 100, true);
+    add(&mut s, 1, 6);
+    add(&mut s, 2, 6);
+    run(&mut s);
+    // Seq 1 offers 3 drafts, seq 2 offers 6: the step verifies at most 8, and a waiting
+    // sequence's prefill takes what is left of the step.
+    s.set_draft(1, 3);
+    s.set_draft(2, 6);
+    add(&mut s, 3, 40);
+    let st = s.schedule();
+    assert_eq!(
+        st.chunks[..2],
+        [
+            Chunk {
+                id: 1,
+                start: 6,
+                len: 4,
+                logits: true,
+                draft: 3
+            },
+            Chunk {
+                id: 2,
+                start: 6,
+                len: 6,
+                logits: true,
+                draft: 5
+            }
+        ]
+    );
+    assert_eq!(lens(&st)[2..], [(3, 6)]);
+    // Seq 1 kept two drafts (three tokens sampled); seq 2 none (one token).
+    s.complete(&st, &[(1, 70), (1, 71), (1, 99), (2, 80)]);
+    // Offers last one step: the next decodes one token each, after what was kept.
+    let st = s.schedule();
+    let decodes: Vec<(SeqId, usize, usize)> = st
+        .chunks
+        .iter()
+        .filter(|c| c.id != 3)
+        .map(|c| (c.id, c.start, c.len))
+        .collect();
+    assert_eq!(decodes, vec![(1, 9, 1), (2, 7, 1)]);
+    assert!(st.chunks.iter().all(|c| c.draft == 0));
+    s.complete(&st, &[(1, 5), (2, 6)]);
+    // The prefix cache holds confirmed tokens: a sequence starting with seq 1's first
+    // nine takes the two full blocks of them.
+    s.remove(3);
+    let mut nine = prompt(1, 6);
+    nine.extend([token(1, 6), 70, 71]);
+    s.add(4, &nine, true);
+    s.schedule();
+    assert_eq!(s.cached_tokens(4), 8);
 }

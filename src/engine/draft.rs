@@ -1,0 +1,178 @@
+//! Speculative decoding by prompt lookup: a decoding sequence whose last few tokens occurred
+//! earlier in its prompt or output offers the tokens that followed them as a draft. One step
+//! runs its last token and the draft together (a few more rows of a step whose cost is
+//! mostly reading the weights), and the token sampled from each row is kept while it equals
+//! the draft token that row was fed: the output is the one plain decoding gives, token for
+//! token and with the same random draws, only faster when the text repeats its context
+//! (tool calls quoting their arguments, edits of given code or JSON, quotations).
+//!
+//! A child of `core`: it works on the engine's private state.
+
+use super::{Active, Engine, ModelRunner};
+use crate::engine::scheduler::{Chunk, SeqId};
+use crate::telemetry;
+
+/// Longest and shortest suffix looked up; a 1-token match proposes too much noise.
+const MAX_NGRAM: usize = 4;
+const MIN_NGRAM: usize = 2;
+/// How far back a suffix is looked for.
+const WINDOW: usize = 8192;
+/// Most steps a sequence waits between drafts after drafts that all failed.
+const MAX_PAUSE: u32 = 32;
+
+/// A sequence's drafting: the draft offered for the next step, and how much to offer. A
+/// draft costs a row each even when it fails (on a small model, a 5-row step takes about
+/// 1.7x a 1-row one), so a sequence whose drafts fail drafts less: after a draft whose
+/// first token failed it pauses, 1, 2, 4, ... steps, and after a partly kept one it offers
+/// one more token than it kept; a draft kept whole brings the full length back.
+#[derive(Debug, Default)]
+pub struct Draft {
+    /// The tokens offered for the next step.
+    tokens: Vec<u32>,
+    /// Most tokens to offer next (0 until the first draft: the engine's setting).
+    len: Option<usize>,
+    /// Steps left to wait before offering again, and how long the last wait was.
+    wait: u32,
+    pause: u32,
+}
+
+impl Draft {
+    /// Takes a verified draft's outcome: `kept` of `offered` tokens.
+    fn learn(&mut self, offered: usize, kept: usize, most: usize) {
+        if kept == 0 {
+            self.pause = (self.pause * 2).clamp(1, MAX_PAUSE);
+            self.wait = self.pause;
+            self.len = Some(1);
+        } else {
+            self.pause = 0;
+            self.len = Some(if kept == offered { most } else { kept + 1 });
+        }
+    }
+}
+
+/// Up to `k` tokens that followed the latest earlier occurrence of the last `n` tokens of
+/// `tokens` (the longest `n` that occurs), or none.
+pub fn propose(tokens: &[u32], k: usize) -> &[u32] {
+    let len = tokens.len();
+    let floor = len.saturating_sub(WINDOW);
+    if k == 0 {
+        return &[];
+    }
+    for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
+        if len <= n {
+            continue;
+        }
+        let suffix = &tokens[len - n..];
+        // Latest first; a match ends before the suffix starts... or overlaps it, but never
+        // is it, so at least one token follows.
+        for i in (floor..len - n).rev() {
+            if tokens[i..i + n] == *suffix {
+                let from = i + n;
+                return &tokens[from..(from + k).min(len)];
+            }
+        }
+    }
+    &[]
+}
+
+impl<M: ModelRunner> Engine<M> {
+    /// Offers each decoding sequence's draft to the scheduler for the next step.
+    pub(super) fn offer_drafts(&mut self) {
+        if self.speculate == 0 {
+            return;
+        }
+        let context = self.model.context_length();
+        for (&id, a) in self.active.iter_mut() {
+            let d = &mut a.draft;
+            d.tokens.clear();
+            if a.scores.is_some() || a.tokens.len() <= a.req.prompt.len() {
+                continue;
+            }
+            if d.wait > 0 {
+                d.wait -= 1;
+                continue;
+            }
+            // Every draft token accepted still leaves room for the token after them, in
+            // the request's budget and in the context.
+            let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
+            let room = context.saturating_sub(a.tokens.len() + 1);
+            let k = d.len.unwrap_or(self.speculate).min(budget).min(room);
+            d.tokens.extend_from_slice(propose(&a.tokens, k));
+            self.scheduler.set_draft(id, d.tokens.len());
+        }
+    }
+
+    /// Puts the drafts the step took after their sequences' tokens, so each chunk's tokens
+    /// are one slice; [`Self::verify`] takes them off again.
+    pub(super) fn place_drafts(&mut self, chunks: &[Chunk]) {
+        for c in chunks.iter().filter(|c| c.draft > 0) {
+            if let Some(a) = self.active.get_mut(&c.id) {
+                let Active { tokens, draft, .. } = a;
+                tokens.extend_from_slice(&draft.tokens[..c.draft]);
+            }
+        }
+    }
+
+    /// Takes a step's drafts off their sequences' tokens (before sampling, or when the
+    /// step failed).
+    pub(super) fn remove_drafts(&mut self, chunks: &[Chunk]) {
+        for c in chunks.iter().filter(|c| c.draft > 0) {
+            if let Some(a) = self.active.get_mut(&c.id) {
+                a.tokens.truncate(c.start + 1);
+            }
+        }
+    }
+
+    /// Samples from a drafted chunk's rows in order while each sampled token equals the
+    /// draft token the next row was fed; the first that differs (or the last row's) is
+    /// kept too. Records the tokens in `sampled`; returns whether the request finished.
+    pub(super) fn verify(
+        &mut self,
+        c: &Chunk,
+        logits: Vec<f32>,
+        sampled: &mut Vec<(SeqId, u32)>,
+    ) -> bool {
+        let vocab = logits.len() / c.len;
+        let draft = match self.active.get_mut(&c.id) {
+            Some(a) => std::mem::take(&mut a.draft.tokens),
+            None => return false,
+        };
+        let mut accepted = 0;
+        let mut done = false;
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            let (token, finished) = self.on_logits(c.id, row.to_vec());
+            sampled.push((c.id, token));
+            done = finished;
+            if done || i == c.draft || draft.get(i) != Some(&token) {
+                break;
+            }
+            accepted += 1;
+        }
+        telemetry::drafted(c.draft, accepted);
+        if let Some(a) = self.active.get_mut(&c.id) {
+            a.draft.learn(c.draft, accepted, self.speculate);
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::propose;
+
+    #[test]
+    fn the_latest_longest_match_proposes_what_followed_it() {
+        // "1 2 3" occurred twice before; the latest occurrence was followed by 7 8.
+        let t = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 2, 3];
+        assert_eq!(propose(&t, 2), &[7, 8]);
+        assert_eq!(propose(&t, 10), &[7, 8, 6, 2, 3]);
+        assert_eq!(propose(&t, 0), &[] as &[u32]);
+        // A longer suffix wins over a later, shorter one.
+        let t = [5, 6, 7, 1, 9, 6, 7, 2, 5, 6, 7];
+        assert_eq!(propose(&t, 1), &[1]);
+        // No repeated pair: nothing.
+        assert_eq!(propose(&[1, 2, 3, 4, 1], 3), &[] as &[u32]);
+        // An overlapping match (a run) proposes the run going on.
+        assert_eq!(propose(&[4, 4, 4], 3), &[4]);
+    }
+}

@@ -1,0 +1,148 @@
+//! Speculative decoding by prompt lookup (`--speculate`) with the real model: the replies are
+//! the ones plain decoding gives, token for token (greedy, seeded sampling, logprobs, a JSON
+//! schema, tool calls, stop strings, several choices, streamed), while drafts are verified
+//! and kept.
+
+mod common;
+
+use std::thread;
+
+use common::server::Server;
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// A text the model is asked to copy: its replies repeat their context.
+fn passage() -> String {
+    [
+        "The node keeps a shared cache of keys and values in blocks of sixteen positions.",
+        "When a request arrives, its prompt is split into blocks and each full block is",
+        "looked up by the hash of its tokens and of the blocks before it. A block that is",
+        "found is taken as it is, and the request starts computing after it. A block that",
+        "is not found is computed and then registered, so the next request with the same",
+        "start finds it. Blocks nobody holds stay in the cache until their memory is needed,",
+        "and the oldest of them go first. Config: `block_size = 16`, `max_batch_tokens =",
+        "256`, `kv_cache_tokens = 16384`, `prefix_cache = true`.",
+    ]
+    .join("\n")
+}
+
+fn bodies() -> Vec<(&'static str, Value)> {
+    let copy = format!("Copy this text exactly, word for word:\n\n{}", passage());
+    let user = |text: &str| json!([{"role": "user", "content": text}]);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "entry", "strict": true,
+        "schema": {"type": "object", "properties": {
+            "title": {"type": "string"}, "summary": {"type": "string"},
+            "words": {"type": "array", "items": {"type": "string"}}},
+        "required": ["title", "summary", "words"], "additionalProperties": false}}});
+    let tools = json!([{"type": "function", "function": {"name": "save", "description": "Save a note",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
+        "required": ["text"], "additionalProperties": false}}}]);
+    vec![
+        (
+            "greedy copy",
+            json!({"messages": user(&copy), "max_tokens": 160, "temperature": 0}),
+        ),
+        (
+            "seeded copy",
+            json!({"messages": user(&copy), "max_tokens": 160, "temperature": 0.9, "seed": 11, "top_p": 0.95}),
+        ),
+        (
+            "logprobs",
+            json!({"messages": user(&copy), "max_tokens": 60, "temperature": 0, "logprobs": true, "top_logprobs": 3}),
+        ),
+        (
+            "penalties",
+            json!({"messages": user(&copy), "max_tokens": 80, "temperature": 0.7, "seed": 3, "frequency_penalty": 0.5, "presence_penalty": 0.3}),
+        ),
+        (
+            "json schema",
+            json!({"messages": user(&format!("Describe this text as JSON:\n\n{}", passage())), "max_tokens": 160, "temperature": 0, "response_format": schema}),
+        ),
+        (
+            "tool call",
+            json!({"messages": user(&format!("Save this as a note: {}", &passage()[..300])), "max_tokens": 120, "temperature": 0, "tools": tools, "tool_choice": "required"}),
+        ),
+        (
+            "stop string",
+            json!({"messages": user(&copy), "max_tokens": 160, "temperature": 0, "stop": ["size"]}),
+        ),
+        (
+            "two choices",
+            json!({"messages": user(&copy), "max_tokens": 60, "temperature": 1.0, "seed": 5, "n": 2}),
+        ),
+        (
+            "free text",
+            json!({"messages": user("Write a short story about a lighthouse keeper."), "max_tokens": 120, "temperature": 0}),
+        ),
+    ]
+}
+
+/// What must not change: everything but ids and timestamps.
+fn essence(r: &Value) -> Value {
+    let mut choices = r["choices"].clone();
+    for c in choices.as_array_mut().unwrap() {
+        if let Some(calls) = c["message"]["tool_calls"].as_array_mut() {
+            for call in calls {
+                call["id"] = Value::Null;
+            }
+        }
+    }
+    json!({"choices": choices, "usage": r["usage"]})
+}
+
+/// Each choice's streamed text (content and tool-call arguments), by index.
+fn streamed_text(s: &Server, body: &Value) -> Vec<String> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let mut texts = vec![String::new(); 2];
+    for d in s.stream(CHAT, &body).iter().filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(d).unwrap();
+        let Some(c) = v["choices"].as_array().and_then(|c| c.first()) else {
+            continue;
+        };
+        let delta = &c["delta"];
+        let text = delta["content"]
+            .as_str()
+            .or(delta["tool_calls"][0]["function"]["arguments"].as_str());
+        texts[c["index"].as_u64().unwrap() as usize].push_str(text.unwrap_or(""));
+    }
+    texts
+}
+
+#[test]
+fn speculation_changes_no_reply_and_keeps_drafts() {
+    let (plain, fast) = thread::scope(|t| {
+        let a = t.spawn(|| Server::start(&[]));
+        let b = t.spawn(|| Server::start(&["--speculate", "4"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (name, body) in bodies() {
+        let (sa, a) = plain.post(CHAT, &body);
+        let (sb, b) = fast.post(CHAT, &body);
+        assert_eq!((sa, sb), (200, 200), "{name}: {a} {b}");
+        assert_eq!(essence(&a), essence(&b), "{name}");
+    }
+    // Streamed, and several at once (drafted and plain sequences in one batch).
+    let all = bodies();
+    let want: Vec<Vec<String>> = all.iter().map(|(_, b)| streamed_text(&plain, b)).collect();
+    let got: Vec<Vec<String>> = thread::scope(|t| {
+        let handles: Vec<_> = all
+            .iter()
+            .map(|(_, b)| t.spawn(|| streamed_text(&fast, b)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((name, _), (w, g)) in all.iter().zip(want.iter().zip(&got)) {
+        assert!(!w[0].is_empty(), "{name}: nothing streamed");
+        assert_eq!(w, g, "{name}, streamed concurrently");
+    }
+    // Drafts were verified and most of them kept (the copies repeat their context).
+    let offered = fast.metric("edgeinfer_draft_tokens_total");
+    let kept = fast.metric("edgeinfer_draft_tokens_accepted_total");
+    assert!(
+        offered > 100.0 && kept > 0.4 * offered,
+        "{kept} of {offered}"
+    );
+    assert_eq!(plain.metric("edgeinfer_draft_tokens_total"), 0.0);
+}
