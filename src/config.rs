@@ -366,6 +366,9 @@ pub struct ServeArgs {
     pub responses_retention_days: u64,
 }
 
+/// Most draft tokens `--speculate` may ask for.
+const MAX_SPECULATE: usize = 16;
+
 impl ServeArgs {
     /// Checks budgets that must hold together.
     pub fn validate(&self) -> Result<(), String> {
@@ -390,6 +393,12 @@ impl ServeArgs {
                 "--header-read-timeout, --body-read-timeout, --sse-keep-alive and --max-connections must be positive"
                     .into(),
             );
+        }
+        if self.speculate > MAX_SPECULATE {
+            return Err(format!(
+                "--speculate ({}) must be at most {MAX_SPECULATE}: a longer draft is rarely kept whole",
+                self.speculate
+            ));
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());

@@ -108,6 +108,23 @@ impl BlockManager {
         positions.div_ceil(self.block_size)
     }
 
+    /// Grows `table` to cover `positions` positions from empty blocks only (never evicting
+    /// a cached one); false (and `table` unchanged) if there are not enough.
+    pub fn ensure_empty(&mut self, table: &mut Vec<u32>, positions: usize) -> bool {
+        let needed = self.blocks_for(positions).saturating_sub(table.len());
+        needed <= self.free.len() && self.ensure(table, positions)
+    }
+
+    /// Gives back the blocks of `table` past the first `positions` positions (never
+    /// registered ones: those hold only positions not computed).
+    pub fn shrink(&mut self, table: &mut Vec<u32>, positions: usize) {
+        let keep = self.blocks_for(positions);
+        if table.len() > keep {
+            let mut extra = table.split_off(keep);
+            self.release(&mut extra);
+        }
+    }
+
     /// Grows `table` to cover `positions` positions; false (and `table` unchanged) if there
     /// are not enough free blocks. Empty blocks go first, then the least recently used
     /// cached ones.

@@ -51,28 +51,37 @@ impl Draft {
 }
 
 /// Up to `k` tokens that followed the latest earlier occurrence of the last `n` tokens of
-/// `tokens` (the longest `n` that occurs), or none.
-pub fn propose(tokens: &[u32], k: usize) -> &[u32] {
+/// `tokens` (the longest `n` that occurs), appended to `draft`. When they run into the end
+/// of `tokens` (a match less than `k` tokens back: a repeating run), the run goes on.
+pub fn propose(tokens: &[u32], k: usize, draft: &mut Vec<u32>) {
     let len = tokens.len();
     let floor = len.saturating_sub(WINDOW);
     if k == 0 {
-        return &[];
+        return;
     }
     for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
         if len <= n {
             continue;
         }
         let suffix = &tokens[len - n..];
-        // Latest first; a match ends before the suffix starts... or overlaps it, but never
-        // is it, so at least one token follows.
-        for i in (floor..len - n).rev() {
-            if tokens[i..i + n] == *suffix {
-                let from = i + n;
-                return &tokens[from..(from + k).min(len)];
+        // Latest first; a match may overlap the suffix but is never it, so at least one
+        // token follows it.
+        if let Some(i) = (floor..len - n)
+            .rev()
+            .find(|&i| tokens[i..i + n] == *suffix)
+        {
+            let start = draft.len();
+            for j in i + n..i + n + k {
+                let t = if j < len {
+                    tokens[j]
+                } else {
+                    draft[start + j - len]
+                };
+                draft.push(t);
             }
+            return;
         }
     }
-    &[]
 }
 
 impl<M: ModelRunner> Engine<M> {
@@ -85,19 +94,18 @@ impl<M: ModelRunner> Engine<M> {
         for (&id, a) in self.active.iter_mut() {
             let d = &mut a.draft;
             d.tokens.clear();
-            if a.scores.is_some() || a.tokens.len() <= a.req.prompt.len() {
-                continue;
-            }
-            if d.wait > 0 {
+            let decoding = a.scores.is_none() && a.tokens.len() > a.req.prompt.len();
+            if decoding && d.wait > 0 {
                 d.wait -= 1;
-                continue;
+            } else if decoding {
+                // Every draft token accepted still leaves room for the token after them, in
+                // the request's budget and in the context.
+                let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
+                let room = context.saturating_sub(a.tokens.len() + 1);
+                let k = d.len.unwrap_or(self.speculate).min(budget).min(room);
+                propose(&a.tokens, k, &mut d.tokens);
             }
-            // Every draft token accepted still leaves room for the token after them, in
-            // the request's budget and in the context.
-            let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
-            let room = context.saturating_sub(a.tokens.len() + 1);
-            let k = d.len.unwrap_or(self.speculate).min(budget).min(room);
-            d.tokens.extend_from_slice(propose(&a.tokens, k));
+            // Always said, so the step never takes a draft this sequence does not hold.
             self.scheduler.set_draft(id, d.tokens.len());
         }
     }
@@ -160,19 +168,28 @@ impl<M: ModelRunner> Engine<M> {
 mod tests {
     use super::propose;
 
+    fn draft(tokens: &[u32], k: usize) -> Vec<u32> {
+        let mut d = Vec::new();
+        propose(tokens, k, &mut d);
+        d
+    }
+
     #[test]
     fn the_latest_longest_match_proposes_what_followed_it() {
-        // "1 2 3" occurred twice before; the latest occurrence was followed by 7 8.
+        // "2 3" occurred twice before; the latest occurrence was followed by 7 8.
         let t = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 2, 3];
-        assert_eq!(propose(&t, 2), &[7, 8]);
-        assert_eq!(propose(&t, 10), &[7, 8, 6, 2, 3]);
-        assert_eq!(propose(&t, 0), &[] as &[u32]);
+        assert_eq!(draft(&t, 2), [7, 8]);
+        assert_eq!(draft(&t, 5), [7, 8, 6, 2, 3]);
+        // Past the end, the run repeats: 7 8 6 2 3 then 7 8 6 ...
+        assert_eq!(draft(&t, 8), [7, 8, 6, 2, 3, 7, 8, 6]);
+        assert!(draft(&t, 0).is_empty());
         // A longer suffix wins over a later, shorter one.
         let t = [5, 6, 7, 1, 9, 6, 7, 2, 5, 6, 7];
-        assert_eq!(propose(&t, 1), &[1]);
+        assert_eq!(draft(&t, 1), [1]);
         // No repeated pair: nothing.
-        assert_eq!(propose(&[1, 2, 3, 4, 1], 3), &[] as &[u32]);
-        // An overlapping match (a run) proposes the run going on.
-        assert_eq!(propose(&[4, 4, 4], 3), &[4]);
+        assert!(draft(&[1, 2, 3, 4, 1], 3).is_empty());
+        // A run goes on.
+        assert_eq!(draft(&[4, 4, 4], 3), [4, 4, 4]);
+        assert_eq!(draft(&[9, 1, 2, 1, 2], 3), [1, 2, 1]);
     }
 }

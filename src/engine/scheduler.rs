@@ -254,6 +254,10 @@ impl Scheduler {
                 c.start + c.len
             };
             s.computed = s.computed.max(end).min(s.tokens.len());
+            if c.draft > 0 {
+                // Blocks taken for drafts that were not kept go back.
+                self.blocks.shrink(&mut s.blocks, s.tokens.len());
+            }
             if s.cache && self.blocks.caching() {
                 let full = s.computed / bs;
                 if full > s.registered {
@@ -315,9 +319,7 @@ impl Scheduler {
         let mut step = Step::default();
         let mut budget = self.config.max_batch_tokens;
         let mut scored_left = self.config.max_scored_rows;
-        let mut drafts_left = self.config.max_draft_rows;
-        // 1. Running sequences, oldest first: decodes (with their drafts) and continuing
-        // prefills.
+        // 1. Running sequences, oldest first: decodes and continuing prefills.
         let mut i = 0;
         while i < self.running.len() {
             let id = self.running[i];
@@ -328,22 +330,7 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let draft = if remaining == 1 {
-                s.draft.min(drafts_left).min(budget - 1)
-            } else {
-                0
-            };
-            if draft > 0 && self.grow(id, s.computed + 1 + draft) {
-                drafts_left -= draft;
-                let mut chunk = self.chunk(id, 1 + draft);
-                chunk.logits = true;
-                chunk.draft = draft;
-                step.chunks.push(chunk);
-                budget -= 1 + draft;
-                i += 1;
-                continue;
-            }
-            let target = self.seqs[&id].computed + want;
+            let target = s.computed + want;
             if !self.grow(id, target) {
                 // Out of blocks: preempt the newest running sequence (maybe this one).
                 let victim = *self
@@ -421,6 +408,26 @@ impl Scheduler {
             self.note_computing(&chunk, &mut computing);
             step.chunks.push(chunk);
             budget -= want;
+        }
+        // 3. Drafts, with what the step has left: tokens, and empty blocks (a draft never
+        // evicts a cached block nor preempts anyone).
+        let mut drafts_left = self.config.max_draft_rows.min(budget);
+        for c in step.chunks.iter_mut() {
+            let s = self
+                .seqs
+                .get_mut(&c.id)
+                .expect("scheduled ids are known. This is a bug.");
+            let draft = s.draft.min(drafts_left);
+            let decode = c.len == 1 && c.logits && c.start + 1 == s.tokens.len();
+            if draft == 0
+                || !decode
+                || !self.blocks.ensure_empty(&mut s.blocks, c.start + 1 + draft)
+            {
+                continue;
+            }
+            drafts_left -= draft;
+            c.len += draft;
+            c.draft = draft;
         }
         step
     }

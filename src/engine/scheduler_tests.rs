@@ -469,11 +469,11 @@ fn drafts_run_after_the_last_token_and_keep_what_sampling_confirmed() {
     add(&mut s, 1, 6);
     add(&mut s, 2, 6);
     run(&mut s);
-    // Seq 1 offers 3 drafts, seq 2 offers 6: the step verifies at most 8, and a waiting
-    // sequence's prefill takes what is left of the step.
+    // Seq 1 offers 3 drafts, seq 2 offers 6. A waiting sequence's prefill goes first (6
+    // of the step's 16 tokens); drafts take what is left (8, at most 8).
     s.set_draft(1, 3);
     s.set_draft(2, 6);
-    add(&mut s, 3, 40);
+    add(&mut s, 3, 6);
     let st = s.schedule();
     assert_eq!(
         st.chunks[..2],
@@ -516,4 +516,23 @@ fn drafts_run_after_the_last_token_and_keep_what_sampling_confirmed() {
     s.add(4, &nine, true);
     s.schedule();
     assert_eq!(s.cached_tokens(4), 8);
+}
+
+#[test]
+fn drafts_take_empty_blocks_only() {
+    for (blocks, drafted) in [(5, 3), (4, 0)] {
+        let mut s = sched_cached(4, 16, blocks, true);
+        // A finished sequence leaves two cached blocks; seq 1 holds two more.
+        add(&mut s, 9, 8);
+        run(&mut s);
+        s.remove(9);
+        add(&mut s, 1, 6);
+        run(&mut s);
+        // Three drafts need a third block: an empty one if there is one, never a cached
+        // one (the third cached block is seq 1's own first).
+        s.set_draft(1, 3);
+        let st = run(&mut s);
+        assert_eq!(st.chunks[0].draft, drafted, "{blocks} blocks");
+        assert_eq!(s.cache_stats(), (3, 0), "{blocks} blocks");
+    }
 }
