@@ -279,8 +279,10 @@ pub struct ServeArgs {
     /// Speculative decoding by prompt lookup: when a decoding sequence's last tokens occurred
     /// earlier in its prompt or output, up to this many of the tokens that followed them are
     /// verified in the same step, and kept while they equal what is sampled (the output is
-    /// unchanged; it comes faster when a reply repeats its context). 0 turns it off.
-    #[arg(long, env = "EDGEINFER_SPECULATE", default_value_t = 0)]
+    /// unchanged; it comes faster when a reply repeats its context). Drafts run only in
+    /// steps of at most 4 sequences, and a sequence whose drafts fail pauses them. 0 turns
+    /// it off.
+    #[arg(long, env = "EDGEINFER_SPECULATE", default_value_t = 4)]
     pub speculate: usize,
 
     /// Requests allowed to wait for a slot in the running batch (in flight at most:

@@ -113,7 +113,7 @@ fn streamed_text(s: &Server, body: &Value) -> Vec<String> {
 #[test]
 fn speculation_changes_no_reply_and_keeps_drafts() {
     let (plain, fast) = thread::scope(|t| {
-        let a = t.spawn(|| Server::start(&[]));
+        let a = t.spawn(|| Server::start(&["--speculate", "0"]));
         let b = t.spawn(|| Server::start(&["--speculate", "4"]));
         (a.join().unwrap(), b.join().unwrap())
     });

@@ -27,6 +27,11 @@ use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
 
 pub type SeqId = u64;
 
+/// Drafts run only in steps of at most this many sequences: a larger step's cost grows
+/// with its rows (on a CPU it is bound by arithmetic, not by reading the weights), so a
+/// draft row would cost about what another sequence's token does.
+const DRAFTING_MAX_SEQUENCES: usize = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub max_batch_size: usize,
@@ -410,8 +415,12 @@ impl Scheduler {
             budget -= want;
         }
         // 3. Drafts, with what the step has left: tokens, and empty blocks (a draft never
-        // evicts a cached block nor preempts anyone).
-        let mut drafts_left = self.config.max_draft_rows.min(budget);
+        // evicts a cached block nor preempts anyone); only in small steps.
+        let mut drafts_left = if step.chunks.len() <= DRAFTING_MAX_SEQUENCES {
+            self.config.max_draft_rows.min(budget)
+        } else {
+            0
+        };
         for c in step.chunks.iter_mut() {
             let s = self
                 .seqs
