@@ -281,9 +281,11 @@ pub struct ServeArgs {
     /// verified in the same step, and kept while they equal what is sampled (the output is
     /// unchanged; it comes faster when a reply repeats its context). Drafts run only in
     /// steps of at most 4 sequences, and a sequence whose drafts fail pauses them. 0 turns
-    /// it off.
-    #[arg(long, env = "EDGEINFER_SPECULATE", default_value_t = 4)]
-    pub speculate: usize,
+    /// it off. Default: 4 on the CPU, whose kernels give a row the same result whatever the
+    /// step's size; 0 on CUDA, where candle's matmul picks its kernel by the step's row count
+    /// (so a draft could flip a near-tie and change a reply).
+    #[arg(long, env = "EDGEINFER_SPECULATE")]
+    pub speculate: Option<usize>,
 
     /// Requests allowed to wait for a slot in the running batch (in flight at most:
     /// `--max-batch-size` plus this); beyond it clients get 429 with Retry-After at once, so
@@ -396,10 +398,9 @@ impl ServeArgs {
                     .into(),
             );
         }
-        if self.speculate > MAX_SPECULATE {
+        if let Some(k) = self.speculate.filter(|&k| k > MAX_SPECULATE) {
             return Err(format!(
-                "--speculate ({}) must be at most {MAX_SPECULATE}: a longer draft is rarely kept whole",
-                self.speculate
+                "--speculate ({k}) must be at most {MAX_SPECULATE}: a longer draft is rarely kept whole"
             ));
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {

@@ -354,7 +354,10 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_queue: args.max_queue,
         prefix_cache: !args.no_prefix_cache,
-        speculate: args.speculate,
+        speculate: args.speculate.unwrap_or(match args.source.device {
+            DeviceChoice::Cpu => 4,
+            DeviceChoice::Cuda(_) => 0,
+        }),
     };
     let model_arg = args.source.model.clone();
     let models_dir = args.source.models_dir.clone();

@@ -432,7 +432,7 @@ impl<M: ModelRunner> Engine<M> {
                             .events
                             .send(Event::Failed(format!("model computation failed: {e}")));
                     }
-                    self.scheduler.remove(c.id);
+                    self.scheduler.discard(c.id);
                 }
                 return;
             }

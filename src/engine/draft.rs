@@ -9,7 +9,7 @@
 //! A child of `core`: it works on the engine's private state.
 
 use super::{Active, Engine, ModelRunner};
-use crate::engine::scheduler::{Chunk, SeqId};
+use crate::engine::scheduler::{Chunk, SeqId, DRAFTING_MAX_SEQUENCES};
 use crate::telemetry;
 
 /// Longest and shortest suffix looked up; a 1-token match proposes too much noise.
@@ -91,10 +91,12 @@ impl<M: ModelRunner> Engine<M> {
             return;
         }
         let context = self.model.context_length();
+        // Steps of more sequences take no drafts (see the scheduler).
+        let small = self.scheduler.running_count() <= DRAFTING_MAX_SEQUENCES;
         for (&id, a) in self.active.iter_mut() {
             let d = &mut a.draft;
             d.tokens.clear();
-            let decoding = a.scores.is_none() && a.tokens.len() > a.req.prompt.len();
+            let decoding = small && a.scores.is_none() && a.tokens.len() > a.req.prompt.len();
             if decoding && d.wait > 0 {
                 d.wait -= 1;
             } else if decoding {

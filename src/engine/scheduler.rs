@@ -30,7 +30,7 @@ pub type SeqId = u64;
 /// Drafts run only in steps of at most this many sequences: a larger step's cost grows
 /// with its rows (on a CPU it is bound by arithmetic, not by reading the weights), so a
 /// draft row would cost about what another sequence's token does.
-const DRAFTING_MAX_SEQUENCES: usize = 4;
+pub const DRAFTING_MAX_SEQUENCES: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -203,6 +203,15 @@ impl Scheduler {
     fn scoring(&self, id: SeqId) -> bool {
         let s = &self.seqs[&id];
         s.computed < s.scored_until && s.computed + 1 >= s.rescored
+    }
+
+    /// Removes a sequence whose step failed: as [`Self::remove`], but none of its rows is
+    /// offered to the cache (the step's copies into its blocks may not have run).
+    pub fn discard(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.cache = false;
+        }
+        self.remove(id);
     }
 
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks.
