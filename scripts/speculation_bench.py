@@ -53,7 +53,21 @@ WORKLOADS = {
     # A reply that does not repeat itself (this prompt's greedy reply on the default model
     # does not loop within 200 tokens): what failed drafts cost.
     "free text": "Write a story about a dragon.",
+    # A JSON schema whose keys the grammar forces (drafted from the grammar, not the context).
+    "JSON schema": "Describe a made-up city for a travel guide.",
 }
+SCHEMA = {"type": "object", "properties": {
+    "city_name": {"type": "string", "maxLength": 40},
+    "country_of_location": {"type": "string", "maxLength": 40},
+    "estimated_population_in_millions": {"type": "number"},
+    "best_season_to_visit": {"enum": ["spring", "summer", "autumn", "winter"]},
+    "three_things_to_see": {"type": "array", "items": {"type": "string", "maxLength": 60},
+                            "minItems": 3, "maxItems": 3}},
+    "required": ["city_name", "country_of_location", "estimated_population_in_millions",
+                 "best_season_to_visit", "three_things_to_see"],
+    "additionalProperties": False}
+EXTRA = {"JSON schema": {"response_format": {"type": "json_schema", "json_schema": {
+    "name": "city", "strict": True, "schema": SCHEMA}}}}
 
 
 def start(binary, model, port, speculate, threads, data):
@@ -72,11 +86,11 @@ def start(binary, model, port, speculate, threads, data):
     sys.exit(f"server on port {port} did not become ready")
 
 
-def stream(port, prompt, max_tokens):
+def stream(port, prompt, max_tokens, extra):
     """Returns (text, decode tok/s) of one greedy streamed reply."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, **extra}
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
                  {"content-type": "application/json"})
     resp = conn.getresponse()
@@ -116,7 +130,7 @@ def main():
                     before = metrics(f"http://127.0.0.1:{ports[1]}")
                     texts = []
                     for i, port in enumerate(ports):
-                        text, rate = stream(port, prompt, a.max_tokens)
+                        text, rate = stream(port, prompt, a.max_tokens, EXTRA.get(w, {}))
                         texts.append(text)
                         if r > 0:  # round 0 warms up (and fills the prefix cache)
                             rates[w][i].append(rate)

@@ -20,4 +20,9 @@ pub trait TokenConstraint: Send + std::fmt::Debug {
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError>;
     /// Advances past `token`, which [`allows`](Self::allows) accepted or the mask left.
     fn commit(&mut self, token: u32) -> Result<(), ConstraintError>;
+    /// Tokens the constraint forces next (the only text it allows, tokenized), without
+    /// advancing: a draft for speculation. None by default.
+    fn forced(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
 }

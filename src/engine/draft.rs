@@ -1,5 +1,6 @@
 //! Speculative decoding by prompt lookup: a decoding sequence whose last few tokens occurred
-//! earlier in its prompt or output offers the tokens that followed them as a draft. One step
+//! earlier in its prompt or output offers the tokens that followed them as a draft (under a
+//! grammar, first the tokens the grammar forces next). One step
 //! runs its last token and the draft together (a few more rows of a step whose cost is
 //! mostly reading the weights), and the token sampled from each row is kept while it equals
 //! the draft token that row was fed: the output is the one plain decoding gives, token for
@@ -105,7 +106,13 @@ impl<M: ModelRunner> Engine<M> {
                 let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
                 let room = context.saturating_sub(a.tokens.len() + 1);
                 let k = d.len.unwrap_or(self.speculate).min(budget).min(room);
-                propose(&a.tokens, k, &mut d.tokens);
+                // What a grammar forces comes first; else what the context suggests.
+                if let Some(c) = a.constraint.as_deref_mut() {
+                    d.tokens.extend(c.forced().into_iter().take(k));
+                }
+                if d.tokens.is_empty() {
+                    propose(&a.tokens, k, &mut d.tokens);
+                }
             }
             // Always said, so the step never takes a draft this sequence does not hold.
             self.scheduler.set_draft(id, d.tokens.len());

@@ -255,6 +255,13 @@ impl TokenConstraint for Constraint {
             .consume_token(token)
             .map_err(|e| failed("accept a token", e))
     }
+
+    fn forced(&mut self) -> Vec<u32> {
+        if self.matcher.is_stopped() {
+            return Vec::new();
+        }
+        self.matcher.compute_ff_tokens()
+    }
 }
 
 #[cfg(test)]

@@ -444,3 +444,35 @@ fn llama3_json_calls_are_generated_and_parsed() {
         assert_eq!(whole["parameters"], args);
     }
 }
+
+#[test]
+fn a_schema_forces_its_keys_as_drafts() {
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "kind": {"enum": ["alpha", "beta"]},
+    }, "required": ["name", "kind"], "additionalProperties": false});
+    let g = grammars();
+    let s = spec(OutputFormat::JsonSchema {
+        schema,
+        strict: true,
+    });
+    let mut c = constraint(&g, &s);
+    let text = |t: Vec<u32>| String::from_utf8(t.iter().map(|&b| b as u8).collect()).unwrap();
+    // The start is forced up to the first value; asking does not advance.
+    let forced = c.forced();
+    assert!(
+        text(forced.clone()).starts_with("{\"name\": \""),
+        "{forced:?}"
+    );
+    assert_eq!(c.forced(), forced);
+    for &t in &forced {
+        c.commit(t).unwrap();
+    }
+    // Inside a free string nothing is forced.
+    assert!(c.forced().is_empty());
+    for b in "ab\", \"kind\": \"b".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    // "beta" is the only enum value starting with "b".
+    assert!(text(c.forced()).starts_with("eta\""), "{:?}", c.forced());
+}
