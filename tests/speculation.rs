@@ -1,6 +1,6 @@
 //! Speculative decoding by prompt lookup (`--speculate`) with the real model: the replies are
 //! the ones plain decoding gives, token for token (greedy, seeded sampling, logprobs, a JSON
-//! schema, tool calls, stop strings, several choices, streamed), while drafts are verified
+//! schema greedy and sampled (drafted from the grammar), tool calls, stop strings, several choices, streamed), while drafts are verified
 //! and kept.
 
 mod common;
@@ -58,6 +58,10 @@ fn bodies() -> Vec<(&'static str, Value)> {
         (
             "json schema",
             json!({"messages": user(&format!("Describe this text as JSON:\n\n{}", passage())), "max_tokens": 160, "temperature": 0, "response_format": schema}),
+        ),
+        (
+            "sampled json schema",
+            json!({"messages": user("Describe a made-up city as JSON."), "max_tokens": 160, "temperature": 0.8, "top_p": 0.9, "seed": 9, "response_format": schema}),
         ),
         (
             "tool call",

@@ -98,20 +98,21 @@ impl<M: ModelRunner> Engine<M> {
             let d = &mut a.draft;
             d.tokens.clear();
             let decoding = small && a.scores.is_none() && a.tokens.len() > a.req.prompt.len();
-            if decoding && d.wait > 0 {
-                d.wait -= 1;
-            } else if decoding {
-                // Every draft token accepted still leaves room for the token after them, in
-                // the request's budget and in the context.
-                let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
-                let room = context.saturating_sub(a.tokens.len() + 1);
-                let k = d.len.unwrap_or(self.speculate).min(budget).min(room);
-                // What a grammar forces comes first; else what the context suggests.
-                if let Some(c) = a.constraint.as_deref_mut() {
-                    d.tokens.extend(c.forced().into_iter().take(k));
-                }
-                if d.tokens.is_empty() {
-                    propose(&a.tokens, k, &mut d.tokens);
+            // Every draft token accepted still leaves room for the token after them, in the
+            // request's budget and in the context.
+            let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
+            let room = context.saturating_sub(a.tokens.len() + 1);
+            let most = self.speculate.min(budget).min(room);
+            // What a grammar forces comes first, whatever earlier drafts did (it is the
+            // only text the grammar allows); else what the context suggests.
+            if let Some(c) = a.constraint.as_deref_mut().filter(|_| decoding && most > 0) {
+                d.tokens.extend(c.forced().into_iter().take(most));
+            }
+            if decoding && d.tokens.is_empty() {
+                if d.wait > 0 {
+                    d.wait -= 1;
+                } else {
+                    propose(&a.tokens, d.len.unwrap_or(most).min(most), &mut d.tokens);
                 }
             }
             // Always said, so the step never takes a draft this sequence does not hold.

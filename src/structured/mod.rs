@@ -50,6 +50,8 @@ type Cache = HashMap<u64, (u64, Result<Matcher, String>)>;
 pub struct Grammars {
     factory: ParserFactory,
     stop_ids: Vec<u32>,
+    /// Token ids the model has (embedding rows): a forced token past them is never drafted.
+    vocab: u32,
     /// (use counter, cache).
     cache: Mutex<(u64, Cache)>,
 }
@@ -90,7 +92,9 @@ impl Grammars {
         let mut info = TokRxInfo::new(words.len() as u32, eos);
         info.tok_bos = tokenizer.bos;
         let trie = TokTrie::from(&info, &words).with_eos_tokens(&stop_ids);
-        Self::from_env(Arc::new(Env { trie, tokenizer }), stop_ids)
+        let mut grammars = Self::from_env(Arc::new(Env { trie, tokenizer }), stop_ids)?;
+        grammars.vocab = vocab_size as u32;
+        Ok(grammars)
     }
 
     /// A compiler over any llguidance tokenizer; `stop_ids` end every grammar.
@@ -102,9 +106,11 @@ impl Grammars {
         )
         .map_err(|e| format!("cannot set up the grammar engine: {e}"))?;
         factory.quiet();
+        let vocab = env.tok_trie().vocab_size() as u32;
         Ok(Self {
             factory,
             stop_ids,
+            vocab,
             cache: Mutex::new((0, HashMap::new())),
         })
     }
@@ -134,6 +140,7 @@ impl Grammars {
         Ok(Some(Box::new(Constraint {
             matcher,
             stop_ids: self.stop_ids.clone(),
+            vocab: self.vocab,
         })))
     }
 
@@ -195,6 +202,7 @@ impl Grammars {
 struct Constraint {
     matcher: Matcher,
     stop_ids: Vec<u32>,
+    vocab: u32,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -260,7 +268,14 @@ impl TokenConstraint for Constraint {
         if self.matcher.is_stopped() {
             return Vec::new();
         }
-        self.matcher.compute_ff_tokens()
+        // Up to a token the model cannot run (a larger replacement tokenizer) or a stop.
+        let mut forced = self.matcher.compute_ff_tokens();
+        let end = forced
+            .iter()
+            .position(|&t| t >= self.vocab || self.stop_ids.contains(&t))
+            .unwrap_or(forced.len());
+        forced.truncate(end);
+        forced
     }
 }
 
