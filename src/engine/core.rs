@@ -24,12 +24,12 @@ use super::sampler::Sampler;
 use super::scheduler::{Chunk, Scheduler, SchedulerConfig, SeqId, Step};
 use super::sequence::{OutputState, TokenOutcome};
 use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
+use crate::model::{Logits, ModelRunner, SeqInput, Tokenizer};
+use crate::telemetry;
 
 #[path = "draft.rs"]
 mod draft;
-use crate::model::{Logits, ModelRunner, SeqInput, Tokenizer};
-use crate::telemetry;
-pub use draft::{propose, Draft};
+pub(super) use draft::Draft;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {

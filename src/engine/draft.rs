@@ -30,7 +30,7 @@ const MAX_PAUSE: u32 = 32;
 pub struct Draft {
     /// The tokens offered for the next step.
     tokens: Vec<u32>,
-    /// Most tokens to offer next (0 until the first draft: the engine's setting).
+    /// Most tokens to offer next (`None` until a draft was verified: the engine's setting).
     len: Option<usize>,
     /// Steps left to wait before offering again, and how long the last wait was.
     wait: u32,

@@ -423,20 +423,13 @@ fn scored_prompts_share_a_steps_scored_rows() {
     s.add_scoring(2, &prompt(2, 6));
     add(&mut s, 3, 12);
     // Seq 1 takes every scored row; seq 2 waits while seq 3, not scored, goes past it.
-    let st = run(&mut s);
-    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
-    assert_eq!(lens, vec![(1, 10), (3, 12)]);
-    let st = run(&mut s);
-    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
-    assert_eq!(lens, vec![(1, 10), (3, 1)]);
+    assert_eq!(lens(&run(&mut s)), vec![(1, 10), (3, 12)]);
+    assert_eq!(lens(&run(&mut s)), vec![(1, 10), (3, 1)]);
     // The rest of seq 1's prompt (5) and seq 2's first 5 rows.
-    let st = run(&mut s);
-    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
-    assert_eq!(lens, vec![(1, 5), (3, 1), (2, 5)]);
+    assert_eq!(lens(&run(&mut s)), vec![(1, 5), (3, 1), (2, 5)]);
     // Past its prompt a scored sequence decodes as any other; seq 2 finishes its prompt.
     let st = run(&mut s);
-    let lens: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
-    assert_eq!(lens, vec![(1, 1), (3, 1), (2, 1)]);
+    assert_eq!(lens(&st), vec![(1, 1), (3, 1), (2, 1)]);
     assert!(st.chunks.iter().all(|c| c.logits));
 }
 
