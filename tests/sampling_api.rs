@@ -466,6 +466,73 @@ fn n_and_several_prompts_give_one_choice_each() {
 }
 
 #[test]
+fn best_of_answers_the_choices_with_the_best_mean_logprob() {
+    let s = Server::start(&[]);
+    let route = "/v1/completions";
+    let body = |extra: Value| {
+        let mut b = json!({"prompt": "Once upon a time", "max_tokens": 10,
+                           "temperature": 1.0, "seed": 11});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // `best_of` samples its candidate j with seed + j, as `n` does: `n: 4` shows them all.
+    let all = complete(&s, route, body(json!({"n": 4, "logprobs": 0})));
+    let mean = |c: &Value| {
+        let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+        lps.iter().map(|l| l.as_f64().unwrap()).sum::<f64>() / lps.len().max(1) as f64
+    };
+    let mut ranked: Vec<(f64, String)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (mean(c), c["text"].as_str().unwrap().to_string()))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert!(ranked[0].0 > ranked[3].0 + 1e-3, "{ranked:?}");
+    let best: Vec<String> = ranked.iter().map(|(_, t)| t.clone()).collect();
+
+    let two = complete(
+        &s,
+        route,
+        body(json!({"best_of": 4, "n": 2, "logprobs": 0})),
+    );
+    assert_eq!(choices(&two), best[..2], "{two}");
+    // Every candidate is billed, kept or not; the prompt once.
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(two["usage"][field], all["usage"][field], "{field}");
+    }
+    // Ranked by logprobs the client did not ask to see.
+    let one = complete(&s, route, body(json!({"best_of": 4})));
+    assert_eq!(choices(&one), best[..1]);
+    assert!(one["choices"][0]["logprobs"].is_null(), "{one}");
+    // Several prompts: each gets its own best.
+    let prompts = json!(["Once upon a time", "Once upon a time"]);
+    let both = complete(&s, route, body(json!({"prompt": prompts, "best_of": 4})));
+    assert_eq!(choices(&both), vec![best[0].clone(), best[0].clone()]);
+
+    // `best_of` equal to `n` streams; greater must be whole; fewer than `n` or too many is
+    // refused.
+    let events = s.stream(route, &body(json!({"best_of": 2, "n": 2, "stream": true})));
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    for bad in [
+        json!({"best_of": 3, "stream": true}),
+        json!({"best_of": 1, "n": 2}),
+        json!({"best_of": 0}),
+        json!({"best_of": 17}),
+        json!({"best_of": 9, "prompt": ["a", "b"]}),
+    ] {
+        let (status, e) = s.post(route, &body(bad.clone()));
+        assert_eq!(
+            (status, &e["error"]["param"]),
+            (400, &json!("best_of")),
+            "{bad} {e}"
+        );
+    }
+}
+
+#[test]
 fn logprob_bytes_hold_a_split_characters_own_bytes() {
     let s = Server::start(&[]);
     let rocket = "🚀".as_bytes();

@@ -58,6 +58,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         logprobs: false,
         tools: tools.then_some(ToolFormat::HERMES),
         surface: super::response::Surface::OpenAi,
+        pick: None,
     };
     thread_local! {
         static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()

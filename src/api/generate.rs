@@ -11,7 +11,7 @@ use super::choices::{split_meter, Choice};
 use super::error::ApiError;
 use super::gate::{add_headers, rate_headers, refusal_error, replay, Gate, Recorded, Tail};
 use super::handlers::labels;
-use super::response::{respond, Meta, Surface};
+use super::response::{respond, Meta, Pick, Surface};
 use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
@@ -36,6 +36,27 @@ pub(super) struct Output {
     pub echo: bool,
     /// The grammar each choice's text must follow, one per choice; empty: free text.
     pub constraints: Vec<Box<dyn TokenConstraint>>,
+    /// `best_of`: how many choices each prompt runs, of which the best `n` are answered.
+    pub best_of: Option<u64>,
+}
+
+/// How many choices each prompt runs: `best_of` (from `n` to the most a request may run;
+/// more than `n` only whole, as they are ranked at the end), else `n`.
+fn per_prompt(best_of: Option<u64>, n: usize, stream: bool) -> Result<usize, ApiError> {
+    let Some(b) = best_of else { return Ok(n) };
+    if b < n as u64 || b > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("`best_of` must be in [n, {MAX_CHOICES}] (n is {n}), got {b}"),
+        ));
+    }
+    if b > n as u64 && stream {
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` greater than `n` cannot be streamed: the choices are ranked once all have finished",
+        ));
+    }
+    Ok(b as usize)
 }
 
 /// Checks one prompt against the model; its completion budget (`requested`, or the rest of
@@ -76,19 +97,30 @@ pub(super) async fn run(
     inputs: Vec<Input>,
     fields: &SamplingFields,
     out: Output,
-    meta: Meta,
+    mut meta: Meta,
     request_id: &str,
     gate: Gate,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let sampling = fields.sampling_params(meta.surface.max_temperature())?;
     let stop = fields.stops()?;
-    let n = fields.n()?;
+    let keep = fields.n()?;
+    // Each prompt's choices: `n`, or `best_of` of which the best `n` are answered.
+    let n = per_prompt(out.best_of, keep, fields.stream)?;
+    let ranked = n > keep;
+    meta.pick = ranked.then_some(Pick { of: n, keep });
     let count = inputs.len() * n;
     if count as u64 > MAX_CHOICES {
+        let field = if out.best_of.is_some() {
+            "best_of"
+        } else {
+            "n"
+        };
         return Err(ApiError::invalid(
-            "n",
-            format!("at most {MAX_CHOICES} choices a request (prompts times `n`), got {count}"),
+            field,
+            format!(
+                "at most {MAX_CHOICES} choices a request (prompts times `{field}`), got {count}"
+            ),
         ));
     }
     if count > 1 && !matches!(meta.surface, Surface::OpenAi) {
@@ -211,7 +243,8 @@ pub(super) async fn run(
             sampling,
             stop: stop.clone(),
             top_logprobs: out.top_logprobs,
-            logprobs: out.logprobs,
+            // Ranking reads each token's logprob, shown or not.
+            logprobs: out.logprobs || ranked,
             prompt_logprobs: out.prompt_logprobs.then_some(out.top_logprobs),
             request_id: request_id.to_string(),
             received,

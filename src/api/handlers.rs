@@ -254,6 +254,7 @@ pub(super) async fn chat(
             },
             Api::Responses(ctx) => Surface::Responses(ctx.clone()),
         },
+        pick: None,
     };
     let out = Output {
         logprobs: req.logprobs,
@@ -261,6 +262,7 @@ pub(super) async fn chat(
         prompt_logprobs: false,
         echo: false,
         constraints,
+        best_of: None,
     };
     let input = Input { prompt, echo: None };
     run(
@@ -322,16 +324,8 @@ pub(super) async fn completion(
             ),
         ));
     }
-    for (field, set) in [
-        ("suffix", req.suffix.is_some()),
-        ("best_of", req.best_of.is_some_and(|b| b != 1)),
-    ] {
-        if set {
-            return Err(ApiError::invalid(
-                field,
-                format!("`{field}` is not supported yet"),
-            ));
-        }
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported yet"));
     }
     let top = req.logprobs.unwrap_or(0);
     if top > 5 {
@@ -380,6 +374,7 @@ pub(super) async fn completion(
             Api::Workers { .. } => Surface::Workers { json: false },
             _ => Surface::OpenAi,
         },
+        pick: None,
     };
     let out = Output {
         logprobs: req.logprobs.is_some(),
@@ -387,6 +382,7 @@ pub(super) async fn completion(
         prompt_logprobs: echo && req.logprobs.is_some(),
         echo,
         constraints: Vec::new(),
+        best_of: req.best_of,
     };
     run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
 }

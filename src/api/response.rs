@@ -25,6 +25,35 @@ pub struct Meta {
     pub tools: Option<ToolFormat>,
     /// The API shape the answer is rendered in.
     pub surface: Surface,
+    /// `best_of`: keep each prompt's best choices of those generated (whole answers only).
+    pub pick: Option<Pick>,
+}
+
+/// `best_of`: each prompt ran `of` choices; the answer keeps the `keep` whose tokens have
+/// the highest mean logprob, best first (OpenAI's "highest log probability per token").
+#[derive(Debug, Clone, Copy)]
+pub struct Pick {
+    pub of: usize,
+    pub keep: usize,
+}
+
+impl Pick {
+    /// Each group of `of` replies (prompt by prompt) cut to its best `keep`, best first; a
+    /// tie keeps the order the choices ran in.
+    fn best<T>(self, replies: Vec<T>, mean_logprob: impl Fn(&T) -> f64) -> Vec<T> {
+        let mut out = Vec::with_capacity(replies.len() / self.of.max(1) * self.keep);
+        let mut replies = replies.into_iter().peekable();
+        while replies.peek().is_some() {
+            let mut group: Vec<(f64, T)> = replies
+                .by_ref()
+                .take(self.of.max(1))
+                .map(|r| (mean_logprob(&r), r))
+                .collect();
+            group.sort_by(|a, b| b.0.total_cmp(&a.0));
+            out.extend(group.into_iter().take(self.keep).map(|(_, r)| r));
+        }
+        out
+    }
 }
 
 /// The API shape of an answer: each renders the same engine events.
@@ -185,15 +214,20 @@ impl Meta {
     }
 
     /// The whole answer, once the engine finished every choice.
+    /// With `best_of`, usage counts every choice generated, kept or not.
     fn whole(&self, replies: Vec<(Reply, Option<String>, bool)>) -> Value {
         let mut usage = Usage::default();
-        let choices: Vec<Value> = replies
+        for (r, _, counts_prompt) in &replies {
+            add_usage(&mut usage, r.usage, *counts_prompt);
+        }
+        let kept = match self.pick {
+            Some(pick) => pick.best(replies, |(r, _, _)| r.mean_logprob()),
+            None => replies,
+        };
+        let choices: Vec<Value> = kept
             .into_iter()
             .enumerate()
-            .map(|(i, (r, echo, counts_prompt))| {
-                add_usage(&mut usage, r.usage, counts_prompt);
-                self.choice(i, r, echo)
-            })
+            .map(|(i, (r, echo, _))| self.choice(i, r, echo))
             .collect();
         json!({"id": self.id, "object": self.object(false), "created": self.created,
                "model": self.model, "system_fingerprint": Value::Null,
@@ -264,6 +298,14 @@ struct Reply {
     reason: FinishReason,
     usage: Usage,
     stop_sequence: Option<String>,
+}
+
+impl Reply {
+    /// The mean logprob of the reply's tokens (0 for none).
+    fn mean_logprob(&self) -> f64 {
+        let sum: f64 = self.lps.iter().map(|l| f64::from(l.chosen.logprob)).sum();
+        sum / self.lps.len().max(1) as f64
+    }
 }
 
 /// One choice's events up to its end; an error if it failed or the engine went away.
@@ -352,4 +394,20 @@ async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Res
         }
     };
     Ok(Json(whole).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pick;
+
+    #[test]
+    fn best_of_keeps_each_prompts_best_first() {
+        // Two prompts, three choices each, scored by their value.
+        let scores = vec![-1.0, -0.5, -2.0, -0.1, -0.1, -3.0];
+        let kept = Pick { of: 3, keep: 2 }.best((0..6).collect(), |&i: &usize| scores[i]);
+        // Best first within each prompt; a tie keeps the order the choices ran in.
+        assert_eq!(kept, vec![1, 0, 3, 4]);
+        let one = Pick { of: 3, keep: 1 }.best((0..6).collect(), |&i: &usize| scores[i]);
+        assert_eq!(one, vec![1, 3]);
+    }
 }
