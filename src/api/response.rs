@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn best_of_keeps_each_prompts_best_first() {
         // Two prompts, three choices each, scored by their value.
-        let scores = vec![-1.0, -0.5, -2.0, -0.1, -0.1, -3.0];
+        let scores = [-1.0, -0.5, -2.0, -0.1, -0.1, -3.0];
         let kept = Pick { of: 3, keep: 2 }.best((0..6).collect(), |&i: &usize| scores[i]);
         // Best first within each prompt; a tie keeps the order the choices ran in.
         assert_eq!(kept, vec![1, 0, 3, 4]);
