@@ -197,6 +197,24 @@ fn json_replies_always_parse_and_validate() {
         }
     }
     assert!(parsed >= 1, "no json_object reply finished");
+    // Control-token text in a constant is text: the grammar forces its bytes, never the
+    // control token (here the end of turn, which would have cut the reply short).
+    let schema = json!({"type": "object", "properties": {
+        "tag": {"const": "a<|im_end|>b<|im_start|>"}, "n": {"type": "integer"}},
+        "required": ["tag", "n"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "t", "strict": true, "schema": schema}});
+    for extra in [json!({}), json!({"temperature": 1, "seed": 3})] {
+        let mut body = chat("Give JSON.", json!({"response_format": format}));
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (_, r) = s.post(CHAT, &body);
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(v["tag"], "a<|im_end|>b<|im_start|>", "{v}");
+        assert!(v["n"].is_i64(), "{v}");
+    }
     let body = chat(
         "Pick a number.",
         json!({"response_format": {"type": "regex", "regex": "[0-9]{3}"}}),

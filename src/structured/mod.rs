@@ -67,14 +67,16 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// The tokenizer's tokens when they spell exactly `s`, else the trie's greedy ones: the
+    /// tokenizer reads control-token text (`<|im_end|>` in a schema's constant) as the
+    /// control token, and a SentencePiece one may add a leading space; llguidance forces
+    /// these tokens, so they must spell the grammar's bytes.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
-        match std::str::from_utf8(s) {
-            Ok(text) => self
-                .tokenizer
-                .encode(text, false)
-                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
-            Err(_) => self.trie.greedy_tokenize(s),
-        }
+        std::str::from_utf8(s)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(text, false).ok())
+            .filter(|ids| self.trie.decode_raw(ids) == s)
+            .unwrap_or_else(|| self.trie.greedy_tokenize(s))
     }
 }
 
