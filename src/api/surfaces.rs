@@ -17,7 +17,21 @@ use super::handlers::{body_or_error, chat, check_model, completion, render, unix
 use super::responses::ResponsesCtx;
 use super::types::{from_value, parse_body, ChatCompletionRequest};
 use super::{AppState, RequestId};
-use crate::gateway::Principal;
+use crate::gateway::conversations::Conversations;
+use crate::gateway::{GatewayError, Principal};
+
+/// Runs `f` on the stored conversations on a blocking thread: a large conversation's read
+/// or write must not hold an async worker.
+async fn stored<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Conversations) -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let gateway = state.gateway.clone();
+    tokio::task::spawn_blocking(move || f(&gateway.conversations))
+        .await
+        .map_err(|e| ApiError::internal(format!("the conversation store task failed: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
 
 /// OpenAI's `POST /v1/responses`: the conversation is the stored one named by
 /// `previous_response_id` (the key's own) plus this input; the answer is stored with it
@@ -35,11 +49,9 @@ pub async fn responses_create(
     let mut context = match v.get("previous_response_id") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(id)) => {
-            state
-                .gateway
-                .conversations
-                .get(id, &owner)
-                .map_err(|e| ApiError::internal(e.to_string()))?
+            let (key, who) = (id.clone(), owner.clone());
+            stored(&state, move |c| c.get(&key, &who))
+                .await?
                 .ok_or_else(|| previous_not_found(id))?
                 .context
         }
@@ -83,12 +95,10 @@ pub async fn responses_get(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default();
-    state
-        .gateway
-        .conversations
-        .get(&id, owner)
-        .map_err(|e| ApiError::internal(e.to_string()))?
+    let owner = who.key_id().unwrap_or_default().to_string();
+    let key = id.clone();
+    stored(&state, move |c| c.get(&key, &owner))
+        .await?
         .map(|s| Json(s.response))
         .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
 }
@@ -99,12 +109,9 @@ pub async fn responses_delete(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default();
-    let deleted = state
-        .gateway
-        .conversations
-        .delete(&id, owner)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let owner = who.key_id().unwrap_or_default().to_string();
+    let key = id.clone();
+    let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
     if !deleted {
         return Err(ApiError::not_found(format!(
             "No response found with id '{id}'."
