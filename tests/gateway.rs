@@ -923,3 +923,38 @@ fn several_choices_are_queued_whole_or_refused_whole() {
     );
     assert!(statuses.iter().any(|s| s.starts_with("ok")), "{statuses:?}");
 }
+
+#[test]
+fn one_keys_burst_does_not_queue_another_keys_request_behind_it() {
+    // Two requests run at a time; key A queues eight, then key B sends one.
+    let s = Server::start(&["--master-key", MASTER, "--max-batch-size", "2"]);
+    let (a, b) = (generate_key(&s, json!({})), generate_key(&s, json!({})));
+    // The stop tokens banned: every request generates all its tokens.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+                      "logit_bias": {"0": -100, "1": -100, "2": -100}});
+    let order = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let (s, a, body, order) = (&s, &a, &body, &order);
+            scope.spawn(move || {
+                let r = s.post_key("/v1/completions", body, a);
+                assert_eq!(r.status, 200, "{}", r.body);
+                assert_eq!(r.body["usage"]["completion_tokens"], 40);
+                order.lock().unwrap().push(format!("a{i}"));
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while counter(&s, "edgeinfer_requests_waiting") < 5.0 {
+            assert!(Instant::now() < deadline, "A's burst never queued");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = s.post_key("/v1/completions", &body, &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        order.lock().unwrap().push("b".into());
+    });
+    // B takes the first slot that frees (A runs two, B none): it ends among the first
+    // four, not after A's whole burst as arrival order would have it.
+    let order = order.into_inner().unwrap();
+    let at = order.iter().position(|o| o == "b").unwrap();
+    assert!(at < 4, "{order:?}");
+}

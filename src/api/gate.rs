@@ -164,6 +164,19 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Whose request this is, for fair admission in the engine: the key's; without a key,
+    /// the body's `user` (an end user of a node without keys); else nobody's (0).
+    pub fn tenant(&self, user: Option<&str>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match (&self.principal, user) {
+            (Principal::Key(k), _) => ("key", k.id.as_str()).hash(&mut h),
+            (_, Some(u)) => ("user", u).hash(&mut h),
+            _ => return 0,
+        }
+        h.finish().max(1)
+    }
+
     /// The response-cache key, when this request may use the cache: asked for (a TTL, no
     /// skip) and deterministic (temperature 0 or a seed).
     pub fn cache_key(

@@ -226,6 +226,7 @@ pub(super) async fn run(
     let (sinks, refusal) = split_meter(meter, committed_tx, &counts_prompt);
     let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
+    let tenant = gate.tenant(fields.user.as_deref());
     let mut reqs = Vec::with_capacity(count);
     let mut echoes = Vec::with_capacity(count);
     for (c, (input, j)) in inputs
@@ -251,6 +252,7 @@ pub(super) async fn run(
             cache_prompt: fields.cache_prompt.unwrap_or(true),
             constraint: constraints.next(),
             on_end: sinks.next(),
+            tenant,
         });
         echoes.push(input.echo.clone());
     }

@@ -320,6 +320,7 @@ impl<M: ModelRunner> Engine<M> {
         } else {
             self.scheduler.add(id, &req.prompt, req.cache_prompt);
         }
+        self.scheduler.set_tenant(id, req.tenant);
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
             constraint: req.constraint.take(),

@@ -43,6 +43,9 @@ pub struct GenerationRequest {
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Told once how the request ended and what it computed, however it ended.
     pub on_end: Option<UsageSink>,
+    /// Whose request it is (any number naming a key or end user; 0 for none): waiting
+    /// requests are admitted fairly among tenants.
+    pub tenant: u64,
 }
 
 /// How a request ended, for metering.

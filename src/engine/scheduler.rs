@@ -2,7 +2,7 @@
 //! channels), so it is unit-tested on its own.
 //!
 //! Each step takes every running decode (one token each), then continues prefills and admits
-//! waiting sequences in arrival order, under two budgets: `max_batch_size` running sequences
+//! waiting sequences (fairly among tenants: see [`Scheduler::set_tenant`]), under two budgets: `max_batch_size` running sequences
 //! and `max_batch_tokens` tokens per step (so a long prompt is prefilled in chunks and never
 //! stalls running streams), of which at most `max_scored_rows` may be rows of prompts being
 //! scored (each returns a whole vocabulary's logits; a scored prompt waiting for them lets
@@ -98,6 +98,8 @@ struct SeqState {
     rescored: usize,
     /// Draft tokens offered for the next step (taken by it).
     draft: usize,
+    /// Whose sequence it is (0: nobody's in particular).
+    tenant: u64,
 }
 
 impl SeqState {
@@ -162,6 +164,7 @@ impl Scheduler {
                 scored_until: 0,
                 rescored: 0,
                 draft: 0,
+                tenant: 0,
             },
         );
         self.waiting.push_back(id);
@@ -174,6 +177,30 @@ impl Scheduler {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.scored_until = prompt.len();
         }
+    }
+
+    /// Names whose sequence `id` is. Waiting sequences are admitted tenant by tenant: next
+    /// is always one of the tenant with the fewest running sequences (the earliest of its
+    /// own), so one tenant's burst does not queue the others behind it; a preempted sequence
+    /// still goes first. One tenant alone is served in arrival order.
+    pub fn set_tenant(&mut self, id: SeqId, tenant: u64) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tenant = tenant;
+        }
+    }
+
+    /// The index in `waiting` of the sequence to admit next, `passed` aside.
+    fn next_waiting(&self, running: &HashMap<u64, usize>, passed: &[SeqId]) -> Option<usize> {
+        let rank = |(i, id): (usize, &SeqId)| {
+            let s = &self.seqs[id];
+            let (ran, tenant) = (s.ever_ran, running.get(&s.tenant).copied().unwrap_or(0));
+            (!ran, tenant, i)
+        };
+        let candidates = self.waiting.iter().enumerate();
+        let best = candidates
+            .filter(|(_, id)| !passed.contains(id))
+            .min_by_key(|&c| rank(c));
+        best.map(|(i, _)| i)
     }
 
     /// Offers `draft` tokens to follow decoding sequence `id`'s last token in the next step
@@ -370,21 +397,20 @@ impl Scheduler {
                 self.note_computing(c, &mut computing);
             }
         }
-        // 2. Admit waiting sequences in arrival order while budgets and blocks allow (a
+        // 2. Admit waiting sequences, tenant by tenant, while budgets and blocks allow (a
         // scored prompt without scored rows left lets the next ones pass).
-        let mut idx = 0;
-        while budget > 0
-            && self.running.len() < self.config.max_batch_size
-            && idx < self.waiting.len()
-        {
+        let mut running_by = HashMap::new();
+        for id in &self.running {
+            *running_by.entry(self.seqs[id].tenant).or_insert(0) += 1;
+        }
+        let mut passed = Vec::new();
+        while budget > 0 && self.running.len() < self.config.max_batch_size {
+            let Some(idx) = self.next_waiting(&running_by, &passed) else {
+                break;
+            };
             let id = self.waiting[idx];
-            if self.shares_computing(id, &computing) {
-                idx += 1;
-                continue;
-            }
-            if self.capped(id, budget, scored_left) == 0 {
-                // A scoring prompt while this step's scored rows are spent: later ones may fit.
-                idx += 1;
+            if self.shares_computing(id, &computing) || self.capped(id, budget, scored_left) == 0 {
+                passed.push(id);
                 continue;
             }
             let (hit, copy) = self.take_cached_prefix(id);
@@ -406,6 +432,7 @@ impl Scheduler {
             }
             self.waiting.remove(idx);
             self.running.push(id);
+            *running_by.entry(self.seqs[&id].tenant).or_insert(0) += 1;
             let s = self
                 .seqs
                 .get_mut(&id)

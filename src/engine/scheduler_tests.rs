@@ -139,6 +139,35 @@ fn batch_size_limits_running_sequences() {
 }
 
 #[test]
+fn waiting_sequences_are_admitted_fairly_among_tenants() {
+    let mut s = sched(2, 64, 100);
+    let queue = |s: &mut Scheduler, id: SeqId, tenant: u64| {
+        add(s, id, 5);
+        s.set_tenant(id, tenant);
+    };
+    // Tenant 7 queues four sequences and two run; tenant 9's, queued after them, is next.
+    for id in 1..=4 {
+        queue(&mut s, id, 7);
+    }
+    assert_eq!(run(&mut s).admitted, vec![1, 2]);
+    queue(&mut s, 5, 9);
+    s.remove(1);
+    assert_eq!(run(&mut s).admitted, vec![5]);
+    s.remove(5);
+    assert_eq!(run(&mut s).admitted, vec![3]);
+    // One slot: the tenant running fewer gets it.
+    queue(&mut s, 6, 11);
+    queue(&mut s, 7, 11);
+    s.remove(2);
+    assert_eq!(run(&mut s).admitted, vec![6]);
+    // Two slots, both tenants running none: the earliest first, then the other tenant.
+    s.remove(3);
+    s.remove(6);
+    queue(&mut s, 8, 7);
+    assert_eq!(run(&mut s).admitted, vec![4, 7]);
+}
+
+#[test]
 fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
     // 4 blocks of 4 positions: two sequences of 8 tokens fill the pool.
     let mut s = sched(4, 64, 4);
