@@ -60,9 +60,11 @@ pub struct ConstraintSpec {
     pub tool_format: ToolFormat,
 }
 
-/// The JSON layout we generate (llguidance's options, set by us only).
+/// The JSON layout we generate (llguidance's options, set by us only), after the schema's
+/// exact rewrites (`oneOf` of disjoint branches as `anyOf`).
 fn with_layout(schema: &Value) -> Value {
     let mut s = schema.clone();
+    super::schema::disjoint_one_of_as_any_of(&mut s);
     if let Some(obj) = s.as_object_mut() {
         obj.insert(
             "x-guidance".into(),

@@ -6,6 +6,7 @@
 //! an error naming the request field it came from, never an unconstrained run.
 
 mod grammar;
+mod schema;
 pub mod toolcall;
 
 use std::collections::HashMap;
