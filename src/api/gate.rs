@@ -164,16 +164,15 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Whose request this is, for fair admission in the engine: the key's; without a key,
-    /// the body's `user` (an end user of a node without keys); else nobody's (0).
-    pub fn tenant(&self, user: Option<&str>) -> u64 {
+    /// Whose request this is, for fair admission in the engine: the key's, else nobody's
+    /// (0). Never the body's `user`, which any client may vary to jump the queue.
+    pub fn tenant(&self) -> u64 {
         use std::hash::{Hash, Hasher};
+        let Principal::Key(k) = &self.principal else {
+            return 0;
+        };
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        match (&self.principal, user) {
-            (Principal::Key(k), _) => ("key", k.id.as_str()).hash(&mut h),
-            (_, Some(u)) => ("user", u).hash(&mut h),
-            _ => return 0,
-        }
+        k.id.hash(&mut h);
         h.finish().max(1)
     }
 

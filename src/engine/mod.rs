@@ -3,6 +3,7 @@ mod active;
 pub mod blocks;
 pub mod constraint;
 pub mod core;
+mod fair;
 pub mod generate;
 pub mod logprobs;
 mod pulse;

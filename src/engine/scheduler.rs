@@ -24,6 +24,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
+use super::fair::Turns;
 
 pub type SeqId = u64;
 
@@ -179,28 +180,14 @@ impl Scheduler {
         }
     }
 
-    /// Names whose sequence `id` is. Waiting sequences are admitted tenant by tenant: next
-    /// is always one of the tenant with the fewest running sequences (the earliest of its
-    /// own), so one tenant's burst does not queue the others behind it; a preempted sequence
-    /// still goes first. One tenant alone is served in arrival order.
+    /// Names whose sequence `id` is. Waiting sequences are admitted tenant by tenant (see
+    /// `fair.rs`): next is always one of the tenant with the fewest running sequences (the
+    /// earliest of its own), so one tenant's burst does not queue the others behind it; a
+    /// preempted sequence still goes first. One tenant alone is served in queue order.
     pub fn set_tenant(&mut self, id: SeqId, tenant: u64) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.tenant = tenant;
         }
-    }
-
-    /// The index in `waiting` of the sequence to admit next, `passed` aside.
-    fn next_waiting(&self, running: &HashMap<u64, usize>, passed: &[SeqId]) -> Option<usize> {
-        let rank = |(i, id): (usize, &SeqId)| {
-            let s = &self.seqs[id];
-            let (ran, tenant) = (s.ever_ran, running.get(&s.tenant).copied().unwrap_or(0));
-            (!ran, tenant, i)
-        };
-        let candidates = self.waiting.iter().enumerate();
-        let best = candidates
-            .filter(|(_, id)| !passed.contains(id))
-            .min_by_key(|&c| rank(c));
-        best.map(|(i, _)| i)
     }
 
     /// Offers `draft` tokens to follow decoding sequence `id`'s last token in the next step
@@ -399,18 +386,24 @@ impl Scheduler {
         }
         // 2. Admit waiting sequences, tenant by tenant, while budgets and blocks allow (a
         // scored prompt without scored rows left lets the next ones pass).
-        let mut running_by = HashMap::new();
-        for id in &self.running {
-            *running_by.entry(self.seqs[id].tenant).or_insert(0) += 1;
-        }
-        let mut passed = Vec::new();
+        // The queue is looked at only when a place is free.
+        let room = budget > 0 && self.running.len() < self.config.max_batch_size;
+        let mut turns = Turns::new(
+            self.waiting
+                .iter()
+                .take(if room { usize::MAX } else { 0 })
+                .map(|id| {
+                    let s = &self.seqs[id];
+                    (*id, s.tenant, s.ever_ran)
+                }),
+            self.running.iter().map(|id| self.seqs[id].tenant),
+        );
         while budget > 0 && self.running.len() < self.config.max_batch_size {
-            let Some(idx) = self.next_waiting(&running_by, &passed) else {
+            let Some((tenant, id)) = turns.next() else {
                 break;
             };
-            let id = self.waiting[idx];
             if self.shares_computing(id, &computing) || self.capped(id, budget, scored_left) == 0 {
-                passed.push(id);
+                turns.take(tenant, false);
                 continue;
             }
             let (hit, copy) = self.take_cached_prefix(id);
@@ -430,9 +423,11 @@ impl Scheduler {
                 step.copies.push(BlockCopy { src, dst, rows });
                 self.pinned.push(src);
             }
-            self.waiting.remove(idx);
+            turns.take(tenant, true);
+            let idx = self.waiting.iter().position(|&w| w == id);
+            self.waiting
+                .remove(idx.expect("offered ids wait. This is a bug."));
             self.running.push(id);
-            *running_by.entry(self.seqs[&id].tenant).or_insert(0) += 1;
             let s = self
                 .seqs
                 .get_mut(&id)
