@@ -55,6 +55,10 @@ WORKLOADS = {
     "free text": "Write a story about a dragon.",
     # A JSON schema whose keys the grammar forces (drafted from the grammar, not the context).
     "JSON schema": "Describe a made-up city for a travel guide.",
+    # The story again, with OpenAI's `prediction`: its own greedy reply with a sentence put
+    # in the middle (a client revising a text it holds), set from the warm-up round's
+    # "free text" reply. Nothing in the prompt to copy: drafts come from the prediction.
+    "predicted story": "Write a story about a dragon.",
 }
 SCHEMA = {"type": "object", "properties": {
     "city_name": {"type": "string", "maxLength": 40},
@@ -136,6 +140,12 @@ def main():
                             rates[w][i].append(rate)
                     after = metrics(f"http://127.0.0.1:{ports[1]}")
                     same[w] &= texts[0] == texts[1]
+                    if w == "free text" and "predicted story" not in EXTRA:
+                        half = len(texts[0]) // 2
+                        edited = (texts[0][:half] + " Nobody in the village had ever seen "
+                                  "anything like it." + texts[0][half:])
+                        EXTRA["predicted story"] = {
+                            "prediction": {"type": "content", "content": edited}}
                     for j, name in enumerate(["edgeinfer_draft_tokens_total",
                                               "edgeinfer_draft_tokens_accepted_total"]):
                         drafts[w][j] += after.get(name, 0) - before.get(name, 0)

@@ -225,6 +225,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         constraint: None,
         on_end: Some(UsageSink::new(move |r| *sink.lock().unwrap() = Some(r))),
         tenant: 0,
+        prediction: Vec::new(),
     };
     (req, ended)
 }

@@ -469,29 +469,43 @@ fn n_and_several_prompts_give_one_choice_each() {
 fn best_of_answers_the_choices_with_the_best_mean_logprob() {
     let s = Server::start(&[]);
     let route = "/v1/completions";
+    // Stop tokens banned: every candidate runs its 10 tokens, so its mean logprob is the
+    // mean of the token_logprobs shown.
     let body = |extra: Value| {
         let mut b = json!({"prompt": "Once upon a time", "max_tokens": 10,
-                           "temperature": 1.0, "seed": 11});
+                           "temperature": 1.0, "seed": 11,
+                           "logit_bias": {"0": -100, "1": -100, "2": -100}});
         for (k, v) in extra.as_object().unwrap() {
             b[k] = v.clone();
         }
         b
     };
     // `best_of` samples its candidate j with seed + j, as `n` does: `n: 4` shows them all.
-    let all = complete(&s, route, body(json!({"n": 4, "logprobs": 0})));
-    let mean = |c: &Value| {
-        let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
-        lps.iter().map(|l| l.as_f64().unwrap()).sum::<f64>() / lps.len().max(1) as f64
+    let ranked = |prompt: &str| {
+        let all = complete(
+            &s,
+            route,
+            body(json!({"prompt": prompt, "n": 4, "logprobs": 0})),
+        );
+        let mean = |c: &Value| {
+            let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+            lps.iter().map(|l| l.as_f64().unwrap()).sum::<f64>() / lps.len() as f64
+        };
+        let run: Vec<(f64, String)> = all["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (mean(c), c["text"].as_str().unwrap().to_string()))
+            .collect();
+        let mut best = run.clone();
+        best.sort_by(|a, b| b.0.total_cmp(&a.0));
+        assert!(best[0].0 > best[3].0 + 1e-3, "{best:?}");
+        let texts = |v: &[(f64, String)]| v.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>();
+        (texts(&best), texts(&run), all)
     };
-    let mut ranked: Vec<(f64, String)> = all["choices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (mean(c), c["text"].as_str().unwrap().to_string()))
-        .collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-    assert!(ranked[0].0 > ranked[3].0 + 1e-3, "{ranked:?}");
-    let best: Vec<String> = ranked.iter().map(|(_, t)| t.clone()).collect();
+    let (best, run, all) = ranked("Once upon a time");
+    // The ranking reorders these candidates (else this test could not see it).
+    assert_ne!(best[..2], run[..2]);
 
     let two = complete(
         &s,
@@ -507,10 +521,18 @@ fn best_of_answers_the_choices_with_the_best_mean_logprob() {
     let one = complete(&s, route, body(json!({"best_of": 4})));
     assert_eq!(choices(&one), best[..1]);
     assert!(one["choices"][0]["logprobs"].is_null(), "{one}");
-    // Several prompts: each gets its own best.
-    let prompts = json!(["Once upon a time", "Once upon a time"]);
-    let both = complete(&s, route, body(json!({"prompt": prompts, "best_of": 4})));
-    assert_eq!(choices(&both), vec![best[0].clone(), best[0].clone()]);
+    // Several prompts: each gets the best of its own candidates.
+    let other = "The capital of France is";
+    let (best_other, _, _) = ranked(other);
+    let both = complete(
+        &s,
+        route,
+        body(json!({"prompt": ["Once upon a time", other], "best_of": 4})),
+    );
+    assert_eq!(choices(&both), vec![best[0].clone(), best_other[0].clone()]);
+    // `best_of` equal to `n`, whole: every candidate, best first.
+    let four = complete(&s, route, body(json!({"best_of": 4, "n": 4})));
+    assert_eq!(choices(&four), best);
 
     // `best_of` equal to `n` streams; greater must be whole; fewer than `n` or too many is
     // refused.

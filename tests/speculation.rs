@@ -150,3 +150,74 @@ fn speculation_changes_no_reply_and_keeps_drafts() {
     );
     assert_eq!(plain.metric("edgeinfer_draft_tokens_total"), 0.0);
 }
+
+#[test]
+fn a_prediction_drafts_the_reply_and_changes_nothing() {
+    let (plain, fast) = thread::scope(|t| {
+        let a = t.spawn(|| Server::start(&["--speculate", "0"]));
+        let b = t.spawn(|| Server::start(&["--speculate", "4"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    // A reply with nothing to copy from its prompt: only the prediction can draft it.
+    let story = json!({"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+                       "max_tokens": 120, "temperature": 0});
+    let (_, r) = plain.post(CHAT, &story);
+    let reply = r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tokens = r["usage"]["completion_tokens"].as_u64().unwrap() as f64;
+    let (head, tail) = reply.split_at(reply.len() / 2);
+    let edited = format!("{head} Then a storm came from nowhere at all.{tail}");
+    let parts = json!([{"type": "text", "text": head}, {"type": "text", "text": tail}]);
+    let accepted = |r: &Value| {
+        let d = &r["usage"]["completion_tokens_details"];
+        let a = d["accepted_prediction_tokens"].as_f64().unwrap();
+        (a, d["rejected_prediction_tokens"].as_f64().unwrap())
+    };
+    for (name, content, least) in [
+        ("exact", json!(reply), 0.7),
+        ("in parts", parts, 0.7),
+        ("edited", json!(edited), 0.4),
+        (
+            "unrelated",
+            json!("Spreadsheets sort rows by the values in a column."),
+            0.0,
+        ),
+    ] {
+        let mut body = story.clone();
+        body["prediction"] = json!({"type": "content", "content": content});
+        let (sa, a) = plain.post(CHAT, &body);
+        let (sb, b) = fast.post(CHAT, &body);
+        assert_eq!((sa, sb), (200, 200), "{name}: {a} {b}");
+        // The reply is the one without a prediction, token for token.
+        assert_eq!(a["choices"], r["choices"], "{name}");
+        assert_eq!(b["choices"], r["choices"], "{name}");
+        assert_eq!(
+            b["usage"]["completion_tokens"],
+            r["usage"]["completion_tokens"]
+        );
+        let (kept, refused) = accepted(&b);
+        assert!(kept >= least * tokens, "{name}: {kept} of {tokens} kept");
+        assert!(refused < tokens, "{name}: {refused} refused");
+        // Without speculation a prediction is only accepted, never used.
+        assert_eq!(accepted(&a), (0.0, 0.0), "{name}");
+        assert_eq!(streamed_text(&fast, &body)[0], reply, "{name}, streamed");
+    }
+    for bad in [
+        json!({"type": "text", "content": "x"}),
+        json!({"type": "content"}),
+        json!({"type": "content", "content": 7}),
+        json!({"type": "content", "content": [{"type": "image_url"}]}),
+        json!("x"),
+    ] {
+        let mut body = story.clone();
+        body["prediction"] = bad.clone();
+        let (status, e) = fast.post(CHAT, &body);
+        assert_eq!(
+            (status, &e["error"]["param"]),
+            (400, &json!("prediction")),
+            "{bad}: {e}"
+        );
+    }
+}

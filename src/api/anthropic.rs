@@ -460,6 +460,7 @@ impl State {
                 reason,
                 usage,
                 stop_sequence,
+                ..
             }) => {
                 let mut made_calls = false;
                 if let Some(mut p) = self.calls.take() {

@@ -48,6 +48,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         reason: FinishReason::Stop,
         usage: Usage::default(),
         stop_sequence: None,
+        end_logprob: None,
     });
     drop(tx);
     let meta = Meta {

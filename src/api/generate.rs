@@ -107,15 +107,16 @@ pub(super) async fn run(
     let keep = fields.n()?;
     // Each prompt's choices: `n`, or `best_of` of which the best `n` are answered.
     let n = per_prompt(out.best_of, keep, fields.stream)?;
-    let ranked = n > keep;
+    // Whole answers with `best_of` come best first (streams only when it equals `n`).
+    let ranked = out.best_of.is_some() && n > 1 && !fields.stream;
     meta.pick = ranked.then_some(Pick { of: n, keep });
     let count = inputs.len() * n;
+    let field = if out.best_of.is_some() {
+        "best_of"
+    } else {
+        "n"
+    };
     if count as u64 > MAX_CHOICES {
-        let field = if out.best_of.is_some() {
-            "best_of"
-        } else {
-            "n"
-        };
         return Err(ApiError::invalid(
             field,
             format!(
@@ -124,12 +125,12 @@ pub(super) async fn run(
         ));
     }
     if count > 1 && !matches!(meta.surface, Surface::OpenAi) {
-        return Err(ApiError::invalid("n", "this API answers one choice"));
+        return Err(ApiError::invalid(field, "this API answers one choice"));
     }
     if count > ready.engine.capacity() {
         // Never admissible here: not a 429 a client would retry.
         return Err(ApiError::invalid(
-            "n",
+            field,
             format!(
                 "{count} choices exceed this node's {} requests in flight",
                 ready.engine.capacity()
@@ -150,6 +151,7 @@ pub(super) async fn run(
         ));
     }
     let requested = fields.max_tokens(out.echo)?;
+    let prediction = predicted_tokens(fields, ready).await?;
     // Each choice's completion budget, in choice order (prompt by prompt, `n` each).
     let mut budgets = Vec::with_capacity(count);
     for input in &inputs {
@@ -226,7 +228,7 @@ pub(super) async fn run(
     let (sinks, refusal) = split_meter(meter, committed_tx, &counts_prompt);
     let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
-    let tenant = gate.tenant(fields.user.as_deref());
+    let tenant = gate.tenant();
     let mut reqs = Vec::with_capacity(count);
     let mut echoes = Vec::with_capacity(count);
     for (c, (input, j)) in inputs
@@ -253,6 +255,7 @@ pub(super) async fn run(
             constraint: constraints.next(),
             on_end: sinks.next(),
             tenant,
+            prediction: prediction.clone(),
         });
         echoes.push(input.echo.clone());
     }
@@ -279,6 +282,29 @@ pub(super) async fn run(
     .await?;
     add_headers(&mut resp, headers);
     Ok(resp)
+}
+
+/// The tokens of the request's `prediction` (none when it has none), at most a context's.
+async fn predicted_tokens(fields: &SamplingFields, ready: &Ready) -> Result<Vec<u32>, ApiError> {
+    let Some(text) = fields.prediction()? else {
+        return Ok(Vec::new());
+    };
+    let r = ready.clone();
+    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, false))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if ids.len() > ready.context_length {
+        return Err(ApiError::invalid(
+            "prediction",
+            format!(
+                "`prediction` has {} tokens, more than the model's context of {}",
+                ids.len(),
+                ready.context_length
+            ),
+        ));
+    }
+    Ok(ids)
 }
 
 /// Fits the choices' completion budgets into `granted` tokens when a budget granted fewer

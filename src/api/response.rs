@@ -129,6 +129,8 @@ pub fn add_usage(total: &mut Usage, u: Usage, counts_prompt: bool) {
     }
     total.completion_tokens += u.completion_tokens;
     total.total_tokens = total.prompt_tokens + total.completion_tokens;
+    total.accepted_prediction_tokens += u.accepted_prediction_tokens;
+    total.rejected_prediction_tokens += u.rejected_prediction_tokens;
 }
 
 pub fn usage_json(u: Usage) -> Value {
@@ -137,6 +139,10 @@ pub fn usage_json(u: Usage) -> Value {
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": u.accepted_prediction_tokens,
+            "rejected_prediction_tokens": u.rejected_prediction_tokens,
+        },
     })
 }
 
@@ -298,13 +304,17 @@ struct Reply {
     reason: FinishReason,
     usage: Usage,
     stop_sequence: Option<String>,
+    /// The logprob of the stop token that ended it, when no entry of `lps` holds it.
+    end_logprob: Option<f32>,
 }
 
 impl Reply {
-    /// The mean logprob of the reply's tokens (0 for none).
+    /// The mean logprob of the reply's tokens, the stop token that ended it included (as
+    /// choosing to stop is part of the reply); 0 for none.
     fn mean_logprob(&self) -> f64 {
-        let sum: f64 = self.lps.iter().map(|l| f64::from(l.chosen.logprob)).sum();
-        sum / self.lps.len().max(1) as f64
+        let lps = self.lps.iter().map(|l| l.chosen.logprob);
+        let all: Vec<f64> = lps.chain(self.end_logprob).map(f64::from).collect();
+        all.iter().sum::<f64>() / all.len().max(1) as f64
     }
 }
 
@@ -332,6 +342,7 @@ fn reply(events: Vec<Event>) -> Reply {
         reason: FinishReason::Stop,
         usage: Usage::default(),
         stop_sequence: None,
+        end_logprob: None,
     };
     for ev in events {
         match ev {
@@ -344,7 +355,11 @@ fn reply(events: Vec<Event>) -> Reply {
                 reason,
                 usage,
                 stop_sequence,
-            } => (r.reason, r.usage, r.stop_sequence) = (reason, usage, stop_sequence),
+                end_logprob,
+            } => {
+                (r.reason, r.usage, r.stop_sequence) = (reason, usage, stop_sequence);
+                r.end_logprob = end_logprob;
+            }
             Event::Failed(_) => {}
         }
     }
@@ -398,7 +413,40 @@ async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Res
 
 #[cfg(test)]
 mod tests {
-    use super::Pick;
+    use super::{Pick, Reply};
+    use crate::engine::request::{FinishReason, LogprobInfo, TokenLogprob, Usage};
+
+    #[test]
+    fn a_replys_mean_logprob_counts_the_stop_token_that_ended_it() {
+        let info = |logprob: f32| LogprobInfo {
+            chosen: TokenLogprob {
+                token: "t".into(),
+                logprob,
+                bytes: vec![b't'],
+            },
+            top_logprobs: Vec::new(),
+        };
+        let reply = |lps: Vec<LogprobInfo>, end_logprob: Option<f32>| Reply {
+            text: String::new(),
+            lps,
+            prompt: None,
+            reason: FinishReason::Stop,
+            usage: Usage::default(),
+            stop_sequence: None,
+            end_logprob,
+        };
+        assert_eq!(
+            reply(vec![info(-1.0), info(-2.0)], Some(-3.0)).mean_logprob(),
+            -2.0
+        );
+        assert_eq!(
+            reply(vec![info(-1.0), info(-2.0)], None).mean_logprob(),
+            -1.5
+        );
+        // Stopping at once is not free: its stop token's logprob is the reply's.
+        assert_eq!(reply(Vec::new(), Some(-4.0)).mean_logprob(), -4.0);
+        assert_eq!(reply(Vec::new(), None).mean_logprob(), 0.0);
+    }
 
     #[test]
     fn best_of_keeps_each_prompts_best_first() {

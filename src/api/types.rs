@@ -35,6 +35,8 @@ pub struct SamplingFields {
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     /// Our extension (as llama.cpp's server names it): false bypasses the prefix cache.
     pub cache_prompt: Option<bool>,
+    /// OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`.
+    pub prediction: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,5 +537,33 @@ impl SamplingFields {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
+    }
+
+    /// The text of `prediction`, when given: its `content`, a string or text parts joined.
+    pub fn prediction(&self) -> Result<Option<String>, ApiError> {
+        let Some(p) = self.prediction.as_ref().filter(|p| !p.is_null()) else {
+            return Ok(None);
+        };
+        let bad = || {
+            ApiError::invalid(
+                "prediction",
+                "`prediction` must be {\"type\": \"content\", \"content\": a string or an array of text parts}",
+            )
+        };
+        if p.get("type").and_then(Value::as_str) != Some("content") {
+            return Err(bad());
+        }
+        match p.get("content") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(|part| match (part.get("type"), part.get("text")) {
+                    (Some(t), Some(Value::String(text))) if t == "text" => Ok(text.as_str()),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<String, _>>()
+                .map(Some),
+            _ => Err(bad()),
+        }
     }
 }

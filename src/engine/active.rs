@@ -31,6 +31,8 @@ pub(super) struct Active {
     pub(super) cached_tokens: usize,
     /// Prompt tokens whose keys and values exist (cached or computed), for metering.
     pub(super) prompt_done: usize,
+    /// The logprob of the stop token that ended the reply, for [`Event::Finished`].
+    pub(super) end_logprob: Option<f32>,
     /// Speculation: the draft offered for the next step, and how much to offer.
     pub(super) draft: super::core::Draft,
     /// How the request ends if it is dropped now; set when it finishes or fails.
@@ -49,6 +51,7 @@ impl Active {
             reason,
             usage,
             stop_sequence,
+            end_logprob: self.end_logprob,
         });
         let label = match reason {
             FinishReason::Stop => "stop",
@@ -76,6 +79,8 @@ impl Active {
             completion_tokens: completion,
             total_tokens: prompt + completion,
             cached_tokens: self.cached_tokens.min(prompt),
+            accepted_prediction_tokens: self.draft.predicted.0,
+            rejected_prediction_tokens: self.draft.predicted.1,
         }
     }
 }

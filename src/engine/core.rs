@@ -332,6 +332,7 @@ impl<M: ModelRunner> Engine<M> {
             first_token_at: None,
             scores: req.prompt_logprobs.map(PromptScores::new),
             cached_tokens: 0,
+            end_logprob: None,
             prompt_done: 0,
             draft: Default::default(),
             ending: Ending::Cancelled,
@@ -563,6 +564,8 @@ impl<M: ModelRunner> Engine<M> {
                 .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
             // A closed receiver is noticed at the next step.
             let _ = a.events.send(Event::Token { text, logprob });
+        } else if let Some(l) = logprobs.filter(|_| finish.is_some()) {
+            a.end_logprob = Some(logprob_info(&self.tokenizer, &l, token, 0).chosen.logprob);
         }
         // The KV pool must hold the next position too.
         let full = a.tokens.len() >= self.model.context_length();

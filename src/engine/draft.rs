@@ -35,6 +35,12 @@ pub struct Draft {
     /// Steps left to wait before offering again, and how long the last wait was.
     wait: u32,
     pause: u32,
+    /// Whether the tokens offered come from the client's prediction, and where in it the
+    /// last such draft started.
+    from_prediction: bool,
+    at: usize,
+    /// Prediction tokens verified so far: kept, and not kept.
+    pub(in crate::engine) predicted: (usize, usize),
 }
 
 impl Draft {
@@ -48,6 +54,37 @@ impl Draft {
             self.pause = 0;
             self.len = Some(if kept == offered { most } else { kept + 1 });
         }
+    }
+}
+
+/// Up to `k` tokens of `prediction` where `output` has got to in it, appended to `draft`:
+/// after the output when the prediction starts with it (a short output), else after the
+/// first occurrence of the output's last `n` tokens (the longest `n` that occurs) at or
+/// after `at`, else anywhere. Moves `at` to where the draft starts.
+pub fn predicted(
+    output: &[u32],
+    prediction: &[u32],
+    at: &mut usize,
+    k: usize,
+    draft: &mut Vec<u32>,
+) {
+    let m = output.len();
+    let start = if m < MIN_NGRAM {
+        prediction.starts_with(output).then_some(m)
+    } else {
+        (MIN_NGRAM..=MAX_NGRAM.min(m)).rev().find_map(|n| {
+            let suffix = &output[m - n..];
+            let find = |from: usize| {
+                let hay = prediction.get(from..)?;
+                let i = hay.windows(n).position(|w| w == suffix)?;
+                Some(from + i + n)
+            };
+            find(at.saturating_sub(n)).or_else(|| find(0))
+        })
+    };
+    if let Some(s) = start.filter(|&s| s < prediction.len()) {
+        *at = s;
+        draft.extend(&prediction[s..(s + k).min(prediction.len())]);
     }
 }
 
@@ -103,16 +140,29 @@ impl<M: ModelRunner> Engine<M> {
             let budget = a.req.max_tokens.saturating_sub(a.output.generated() + 1);
             let room = context.saturating_sub(a.tokens.len() + 1);
             let most = self.speculate.min(budget).min(room);
+            let most_predicted = budget.min(room);
             // What a grammar forces comes first, whatever earlier drafts did (it is the
             // only text the grammar allows); else what the context suggests.
             if let Some(c) = a.constraint.as_deref_mut().filter(|_| decoding && most > 0) {
                 d.tokens.extend(c.forced().into_iter().take(most));
             }
-            if decoding && d.tokens.is_empty() {
+            let forced = !d.tokens.is_empty();
+            d.from_prediction = false;
+            if decoding && !forced {
                 if d.wait > 0 {
                     d.wait -= 1;
                 } else {
-                    propose(&a.tokens, d.len.unwrap_or(most).min(most), &mut d.tokens);
+                    // The client's prediction first (drafts twice as long: it is meant to
+                    // be the reply), then the context.
+                    let long = (2 * self.speculate).min(most_predicted);
+                    let output = &a.tokens[a.req.prompt.len()..];
+                    let k = d.len.unwrap_or(long).min(long);
+                    predicted(output, &a.req.prediction, &mut d.at, k, &mut d.tokens);
+                    d.from_prediction = !d.tokens.is_empty();
+                    if d.tokens.is_empty() {
+                        let k = d.len.unwrap_or(most).min(most);
+                        propose(&a.tokens, k, &mut d.tokens);
+                    }
                 }
             }
             // Always said, so the step never takes a draft this sequence does not hold.
@@ -168,7 +218,12 @@ impl<M: ModelRunner> Engine<M> {
         }
         telemetry::drafted(c.draft, accepted);
         if let Some(a) = self.active.get_mut(&c.id) {
-            a.draft.learn(c.draft, accepted, self.speculate);
+            if a.draft.from_prediction {
+                a.draft.predicted.0 += accepted;
+                a.draft.predicted.1 += c.draft - accepted;
+            }
+            let most = self.speculate * if a.draft.from_prediction { 2 } else { 1 };
+            a.draft.learn(c.draft, accepted, most);
         }
         done
     }
@@ -201,5 +256,33 @@ mod tests {
         // A run goes on.
         assert_eq!(draft(&[4, 4, 4], 3), [4, 4, 4]);
         assert_eq!(draft(&[9, 1, 2, 1, 2], 3), [1, 2, 1]);
+    }
+
+    #[test]
+    fn a_prediction_is_followed_from_where_the_output_got_to() {
+        let p = [10, 11, 12, 13, 10, 11, 14, 15];
+        let run = |output: &[u32], at: &mut usize, k: usize| {
+            let mut d = Vec::new();
+            super::predicted(output, &p, at, k, &mut d);
+            d
+        };
+        let mut at = 0;
+        // A short output that starts the prediction: what follows it.
+        assert_eq!(run(&[10], &mut at, 3), [11, 12, 13]);
+        assert_eq!(at, 1);
+        assert!(run(&[99], &mut at, 3).is_empty());
+        // "10 11" occurs twice: the first at or after where the last draft started...
+        assert_eq!(run(&[5, 10, 11], &mut at, 2), [12, 13]);
+        at = 4;
+        // ... which, once past the first, is the second.
+        assert_eq!(run(&[5, 10, 11], &mut at, 5), [14, 15]);
+        assert_eq!(at, 6);
+        // Behind `at`, anywhere; at the prediction's end, nothing.
+        assert_eq!(run(&[12, 13], &mut at, 1), [10]);
+        assert!(run(&[14, 15], &mut at, 4).is_empty());
+        // No prediction: nothing.
+        let mut d = Vec::new();
+        super::predicted(&[10, 11], &[], &mut 0, 4, &mut d);
+        assert!(d.is_empty());
     }
 }

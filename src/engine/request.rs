@@ -46,6 +46,9 @@ pub struct GenerationRequest {
     /// Whose request it is (any number naming a key or end user; 0 for none): waiting
     /// requests are admitted fairly among tenants.
     pub tenant: u64,
+    /// Tokens the client expects the output to hold (OpenAI's Predicted Outputs): with
+    /// speculation on, drafts come from them first. Empty: none.
+    pub prediction: Vec<u32>,
 }
 
 /// How a request ended, for metering.
@@ -107,6 +110,10 @@ pub struct Usage {
     pub total_tokens: usize,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
+    /// Tokens of the client's prediction offered as drafts and kept, and offered and not
+    /// kept (OpenAI's Predicted Outputs; both 0 without a prediction).
+    pub accepted_prediction_tokens: usize,
+    pub rejected_prediction_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +135,9 @@ pub enum Event {
         usage: Usage,
         /// The request's stop string that ended it, if one did.
         stop_sequence: Option<String>,
+        /// With `logprobs`, the logprob of the stop token that ended the reply when it is in
+        /// no token's entry (not scoring): never shown, `best_of` ranks with it.
+        end_logprob: Option<f32>,
     },
     Failed(String),
 }
