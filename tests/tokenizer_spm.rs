@@ -83,3 +83,22 @@ fn control_token_text_becomes_the_control_token() {
     assert_eq!(ids[0], 1);
     assert!(tok.is_control(1));
 }
+
+#[test]
+fn a_grammar_forces_the_texts_own_tokens_without_the_space_prefix() {
+    use edgeinfer::structured::{ConstraintSpec, Grammars, OutputFormat};
+    let tok = std::sync::Arc::new(tokenizer());
+    let vocab = tok.vocab_size();
+    let grammars = Grammars::new(tok.clone(), vocab).unwrap();
+    let spec = ConstraintSpec {
+        format: OutputFormat::Regex("hello world".into()),
+        ..ConstraintSpec::text()
+    };
+    let mut c = grammars.constraint(&spec).unwrap().unwrap();
+    // The reply's first word takes no space (SentencePiece's encoder would put one before
+    // it), the second its own `▁world` piece.
+    let forced = c.forced();
+    assert_eq!(forced, vec![id("hello"), id("▁world")]);
+    let bytes: Vec<u8> = forced.iter().flat_map(|&t| tok.token_bytes_of(t)).collect();
+    assert_eq!(bytes, b"hello world");
+}

@@ -68,17 +68,42 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
-    /// The tokenizer's tokens when they spell exactly `s`, else the trie's greedy ones: the
-    /// tokenizer reads control-token text (`<|im_end|>` in a schema's constant) as the
-    /// control token, and a SentencePiece one may add a leading space; llguidance forces
-    /// these tokens, so they must spell the grammar's bytes.
+    /// The tokenizer's tokens when they spell exactly `s`, else the trie's greedy ones.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
-        std::str::from_utf8(s)
-            .ok()
-            .and_then(|text| self.tokenizer.encode(text, false).ok())
-            .filter(|ids| self.trie.decode_raw(ids) == s)
+        let encode = |text: &str| self.tokenizer.encode(text, false).ok();
+        canonical(s, encode, |ids| self.trie.decode_raw(ids))
             .unwrap_or_else(|| self.trie.greedy_tokenize(s))
     }
+}
+
+/// How the tokenizer splits `s`, when its tokens spell exactly `s`. llguidance forces these
+/// tokens, so they must: a tokenizer reads control-token text (`<|im_end|>` in a schema's
+/// constant) as the control token, and a SentencePiece one puts a space before its input.
+/// That space is avoided by tokenizing after a newline (which takes none) and dropping the
+/// newline's tokens, when they end on a token boundary.
+fn canonical(
+    s: &[u8],
+    encode: impl Fn(&str) -> Option<Vec<u32>>,
+    spell: impl Fn(&[u32]) -> Vec<u8>,
+) -> Option<Vec<u32>> {
+    let text = std::str::from_utf8(s).ok()?;
+    let ids = encode(text)?;
+    if spell(&ids) == s {
+        return Some(ids);
+    }
+    let ids = encode(&format!("\n{text}"))?;
+    let mut lead = Vec::new();
+    for (k, id) in ids.iter().enumerate() {
+        if lead == b"\n" || lead == b" \n" {
+            let rest = &ids[k..];
+            return (spell(rest) == s).then(|| rest.to_vec());
+        }
+        lead.extend(spell(&[*id]));
+        if lead.len() > 2 {
+            return None;
+        }
+    }
+    None
 }
 
 impl Grammars {

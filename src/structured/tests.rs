@@ -476,3 +476,41 @@ fn a_schema_forces_its_keys_as_drafts() {
     // "beta" is the only enum value starting with "b".
     assert!(text(c.forced()).starts_with("eta\""), "{:?}", c.forced());
 }
+
+#[test]
+fn forced_tokens_spell_the_grammars_bytes() {
+    // A toy tokenizer over single bytes: 300 is a control token read from "<e>", and with
+    // `space` it puts a space token (301) before its input, as SentencePiece does.
+    let encode = |space: bool| {
+        move |text: &str| {
+            let mut ids: Vec<u32> = if space { vec![301] } else { vec![] };
+            let mut rest = text;
+            while !rest.is_empty() {
+                if let Some(after) = rest.strip_prefix("<e>") {
+                    ids.push(300);
+                    rest = after;
+                } else {
+                    ids.push(rest.as_bytes()[0] as u32);
+                    rest = &rest[1..];
+                }
+            }
+            Some(ids)
+        }
+    };
+    let spell = |ids: &[u32]| -> Vec<u8> {
+        ids.iter()
+            .flat_map(|&t| match t {
+                300 => vec![0xff, b'e'],
+                301 => vec![b' '],
+                t => vec![t as u8],
+            })
+            .collect()
+    };
+    let ab: Vec<u32> = vec![b'a' as u32, b'b' as u32];
+    assert_eq!(canonical(b"ab", encode(false), spell), Some(ab.clone()));
+    // The leading space is avoided, the text's own tokens kept.
+    assert_eq!(canonical(b"ab", encode(true), spell), Some(ab));
+    // Control-token text never becomes the control token: no canonical split (greedy then).
+    assert_eq!(canonical(b"a<e>", encode(false), spell), None);
+    assert_eq!(canonical(b"a<e>", encode(true), spell), None);
+}
