@@ -386,11 +386,22 @@ pub(super) fn finish(
                     "content": [{"type": "output_text", "text": it["content"][0]["text"]}]}),
             });
         }
-        if let Err(e) = ctx
-            .gateway
-            .conversations
-            .put(&ctx.id, &ctx.owner, &r, &context)
-        {
+        let put = || {
+            ctx.gateway
+                .conversations
+                .put(&ctx.id, &ctx.owner, &r, &context)
+        };
+        // A blocking write: on a multi-threaded runtime its worker's other tasks move
+        // elsewhere while it runs (the answer is sent only once it is stored, so that a
+        // follow-up naming it finds it).
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let stored = if multi {
+            tokio::task::block_in_place(put)
+        } else {
+            put()
+        };
+        if let Err(e) = stored {
             tracing::error!(error = %e, "a response could not be stored");
         }
     }

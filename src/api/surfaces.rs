@@ -21,7 +21,7 @@ use crate::gateway::conversations::Conversations;
 use crate::gateway::{GatewayError, Principal};
 
 /// Runs `f` on the stored conversations on a blocking thread: reading a large conversation
-/// must not hold an async worker. (A response is still stored from the async path.)
+/// must not hold an async worker.
 async fn stored<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Conversations) -> Result<T, GatewayError> + Send + 'static,
