@@ -284,9 +284,10 @@ pub(super) async fn run(
     Ok(resp)
 }
 
-/// The tokens of the request's `prediction` (none when it has none), at most a context's.
+/// The tokens of the request's `prediction` (none when it has none, or when the engine does
+/// not draft), at most a context's.
 async fn predicted_tokens(fields: &SamplingFields, ready: &Ready) -> Result<Vec<u32>, ApiError> {
-    let Some(text) = fields.prediction()? else {
+    let Some(text) = fields.prediction()?.filter(|_| ready.engine.speculates) else {
         return Ok(Vec::new());
     };
     let r = ready.clone();

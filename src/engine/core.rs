@@ -69,6 +69,8 @@ pub struct EngineHandle {
     pub kv_capacity: usize,
     /// Whether requests may share computed prompts through the prefix cache.
     pub prefix_cache: bool,
+    /// Whether sequences draft (a request's `prediction` is used only then).
+    pub speculates: bool,
     heartbeat: Heartbeat,
 }
 
@@ -220,6 +222,7 @@ pub fn start<M: ModelRunner>(
         failed,
         kv_capacity: n_blocks * config.block_size,
         prefix_cache: config.prefix_cache,
+        speculates: config.speculate > 0,
         heartbeat,
     })
 }
@@ -558,14 +561,16 @@ impl<M: ModelRunner> Engine<M> {
         if counted {
             telemetry::generated();
         }
-        if counted || scoring || !text.is_empty() {
+        let shown = counted || scoring;
+        if let Some(l) = logprobs.as_ref().filter(|_| !shown) {
+            a.end_logprob = Some(logprob_info(&self.tokenizer, l, token, 0).chosen.logprob);
+        }
+        if shown || !text.is_empty() {
             let logprob = logprobs
-                .filter(|_| counted || scoring)
+                .filter(|_| shown)
                 .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
             // A closed receiver is noticed at the next step.
             let _ = a.events.send(Event::Token { text, logprob });
-        } else if let Some(l) = logprobs.filter(|_| finish.is_some()) {
-            a.end_logprob = Some(logprob_info(&self.tokenizer, &l, token, 0).chosen.logprob);
         }
         // The KV pool must hold the next position too.
         let full = a.tokens.len() >= self.model.context_length();

@@ -21,20 +21,14 @@ const WINDOW: usize = 8192;
 /// Most steps a sequence waits between drafts after drafts that all failed.
 const MAX_PAUSE: u32 = 32;
 
-/// A sequence's drafting: the draft offered for the next step, and how much to offer. A
-/// draft costs a row each even when it fails (on a small model, a 5-row step takes about
-/// 1.7x a 1-row one), so a sequence whose drafts fail drafts less: after a draft whose
-/// first token failed it pauses, 1, 2, 4, ... steps, and after a partly kept one it offers
-/// one more token than it kept; a draft kept whole brings the full length back.
+/// A sequence's drafting: the draft offered for the next step, and how much each source
+/// (the context, the client's prediction) offers.
 #[derive(Debug, Default)]
 pub struct Draft {
     /// The tokens offered for the next step.
     tokens: Vec<u32>,
-    /// Most tokens to offer next (`None` until a draft was verified: the engine's setting).
-    len: Option<usize>,
-    /// Steps left to wait before offering again, and how long the last wait was.
-    wait: u32,
-    pause: u32,
+    /// How much the context (0) and the prediction (1) offer, each learning from its own.
+    pace: [Pace; 2],
     /// Whether the tokens offered come from the client's prediction, and where in it the
     /// last such draft started.
     from_prediction: bool,
@@ -43,7 +37,35 @@ pub struct Draft {
     pub(in crate::engine) predicted: (usize, usize),
 }
 
-impl Draft {
+/// How much one source offers. A draft costs a row each even when it fails (on a small
+/// model, a 5-row step takes about 1.7x a 1-row one), so a source whose drafts fail offers
+/// less: after a draft whose first token failed it pauses, 1, 2, 4, ... of the steps it is
+/// asked, and after a partly kept one it offers one more token than it kept; a draft kept
+/// whole brings the full length back.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Most tokens to offer next (`None` until a draft was verified: the full length).
+    len: Option<usize>,
+    /// Steps left to wait before offering again, and how long the last wait was.
+    wait: u32,
+    pause: u32,
+}
+
+impl Pace {
+    /// Whether to offer now (else a step of its pause passes).
+    fn ready(&mut self) -> bool {
+        if self.wait > 0 {
+            self.wait -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// How many tokens to offer, at most `most`.
+    fn take(&self, most: usize) -> usize {
+        self.len.unwrap_or(most).min(most)
+    }
+
     /// Takes a verified draft's outcome: `kept` of `offered` tokens.
     fn learn(&mut self, offered: usize, kept: usize, most: usize) {
         if kept == 0 {
@@ -148,22 +170,17 @@ impl<M: ModelRunner> Engine<M> {
             }
             let forced = !d.tokens.is_empty();
             d.from_prediction = false;
-            if decoding && !forced {
-                if d.wait > 0 {
-                    d.wait -= 1;
-                } else {
-                    // The client's prediction first (drafts twice as long: it is meant to
-                    // be the reply), then the context.
-                    let long = (2 * self.speculate).min(most_predicted);
-                    let output = &a.tokens[a.req.prompt.len()..];
-                    let k = d.len.unwrap_or(long).min(long);
-                    predicted(output, &a.req.prediction, &mut d.at, k, &mut d.tokens);
-                    d.from_prediction = !d.tokens.is_empty();
-                    if d.tokens.is_empty() {
-                        let k = d.len.unwrap_or(most).min(most);
-                        propose(&a.tokens, k, &mut d.tokens);
-                    }
-                }
+            // The client's prediction first (drafts twice as long: it is meant to be the
+            // reply), then the context.
+            let prediction = &a.req.prediction;
+            if decoding && !forced && !prediction.is_empty() && d.pace[1].ready() {
+                let k = d.pace[1].take((2 * self.speculate).min(most_predicted));
+                let output = &a.tokens[a.req.prompt.len()..];
+                predicted(output, prediction, &mut d.at, k, &mut d.tokens);
+                d.from_prediction = !d.tokens.is_empty();
+            }
+            if decoding && d.tokens.is_empty() && d.pace[0].ready() {
+                propose(&a.tokens, d.pace[0].take(most), &mut d.tokens);
             }
             // Always said, so the step never takes a draft this sequence does not hold.
             self.scheduler.set_draft(id, d.tokens.len());
@@ -222,8 +239,9 @@ impl<M: ModelRunner> Engine<M> {
                 a.draft.predicted.0 += accepted;
                 a.draft.predicted.1 += c.draft - accepted;
             }
-            let most = self.speculate * if a.draft.from_prediction { 2 } else { 1 };
-            a.draft.learn(c.draft, accepted, most);
+            let source = usize::from(a.draft.from_prediction);
+            let most = self.speculate * (1 + source);
+            a.draft.pace[source].learn(c.draft, accepted, most);
         }
         done
     }

@@ -32,10 +32,49 @@ const MAP: &[&str] = &[
 ];
 const LIST: &[&str] = &["anyOf", "allOf", "oneOf", "prefixItems", "items"];
 
+/// Keywords that change what a `$ref` points to (base URIs, anchors, dynamic scopes):
+/// a schema holding any is left as it is, since `resolve` reads `#/...` from the root.
+const SCOPING: &[&str] = &[
+    "$id",
+    "$anchor",
+    "$dynamicRef",
+    "$dynamicAnchor",
+    "$recursiveRef",
+];
+
 /// Rewrites every `oneOf` of disjoint branches in `schema` (at any depth) into `anyOf`.
 pub(crate) fn disjoint_one_of_as_any_of(schema: &mut Value) {
+    if has_key(schema, SCOPING) {
+        return;
+    }
     let root = schema.clone();
     rewrite(&root, schema);
+}
+
+fn has_key(v: &Value, keys: &[&str]) -> bool {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| keys.contains(&k.as_str()) || has_key(v, keys)),
+        Value::Array(a) => a.iter().any(|v| has_key(v, keys)),
+        _ => false,
+    }
+}
+
+/// JSON Schema's equality: numbers by value (`1` is `1.0`), arrays and objects member by
+/// member. (Integers past 2^53 may compare equal when they differ: that only keeps a
+/// `oneOf` as it is.)
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
 }
 
 fn rewrite(root: &Value, node: &mut Value) {
@@ -104,7 +143,7 @@ fn disjoint(root: &Value, branches: &[Value]) -> bool {
     };
     // Distinct constants.
     if let Some(values) = bs.iter().map(|b| constants(b)).collect::<Option<Vec<_>>>() {
-        if pairwise(&values, |a, b| a == b) {
+        if pairwise(&values, same) {
             return true;
         }
     }
@@ -126,7 +165,7 @@ fn disjoint(root: &Value, branches: &[Value]) -> bool {
             .iter()
             .map(|b| tag(root, b, p))
             .collect::<Option<Vec<_>>>();
-        values.is_some_and(|v| pairwise(&v, |a, b| a == b))
+        values.is_some_and(|v| pairwise(&v, same))
     })
 }
 
@@ -212,6 +251,11 @@ mod tests {
             json!({"oneOf": [{"properties": {"k": {"const": "a"}}, "required": ["k"]},
                              {"properties": {"k": {"const": "b"}}, "required": ["k"]}]}),
             json!({"oneOf": [{"$ref": "#/$defs/missing"}, {"type": "string"}]}),
+            // Equal numbers written differently are one value.
+            json!({"oneOf": [{"const": 1}, {"const": 1.0}]}),
+            json!({"oneOf": [{"const": [1, {"a": 2.0}]}, {"enum": [[1.0, {"a": 2}]]}]}),
+            // A `$ref` may not point where `#/...` from the root does.
+            json!({"$id": "https://example.org/s", "oneOf": [{"const": 1}, {"const": 2}]}),
         ] {
             assert_eq!(rewritten(overlap.clone()), overlap);
         }
