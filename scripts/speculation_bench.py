@@ -8,6 +8,9 @@ equality, and the drafts offered and kept. Standard library only.
 
   scripts/speculation_bench.py --binary target/release/edgeinfer --rounds 4 --speculate 4 \\
       [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--max-tokens 200]
+
+`--baseline OLD_BINARY` makes the first server that binary with the same `--speculate K`
+(two builds compared, "off" then reads as the old build and "on" as the new one).
 """
 import argparse
 import http.client
@@ -120,10 +123,12 @@ def main():
     ap.add_argument("--speculate", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--baseline", default=None, help="an older binary, run with --speculate K")
     a = ap.parse_args()
     ports = (18311, 18312)
     with tempfile.TemporaryDirectory() as d0, tempfile.TemporaryDirectory() as d1:
-        procs = [start(a.binary, a.model, ports[0], 0, a.threads, d0),
+        first = (a.baseline, a.speculate) if a.baseline else (a.binary, 0)
+        procs = [start(first[0], a.model, ports[0], first[1], a.threads, d0),
                  start(a.binary, a.model, ports[1], a.speculate, a.threads, d1)]
         try:
             rates = {w: ([], []) for w in WORKLOADS}
@@ -150,7 +155,8 @@ def main():
                                               "edgeinfer_draft_tokens_accepted_total"]):
                         drafts[w][j] += after.get(name, 0) - before.get(name, 0)
             print(f"model {a.model}, --speculate {a.speculate}, {a.rounds} rounds, "
-                  f"{a.max_tokens} tokens, decode tok/s (median)")
+                  f"{a.max_tokens} tokens, decode tok/s (median)"
+                  + (f"; 'off' is {a.baseline}" if a.baseline else ""))
             for w in WORKLOADS:
                 base, spec = rates[w]
                 ratios = [s / b for b, s in zip(base, spec)]
