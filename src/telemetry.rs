@@ -106,6 +106,9 @@ const TTFT: &str = "edgeinfer_time_to_first_token_seconds";
 const ITL: &str = "edgeinfer_inter_token_latency_seconds";
 const E2E: &str = "edgeinfer_e2e_request_latency_seconds";
 const QUEUE: &str = "edgeinfer_request_queue_time_seconds";
+const GW_REQUESTS: &str = "edgeinfer_gateway_requests_total";
+const GW_TOKENS: &str = "edgeinfer_gateway_tokens_total";
+const GW_COST: &str = "edgeinfer_gateway_cost_micros_total";
 
 const V_RUNNING: &str = "vllm:num_requests_running";
 const V_WAITING: &str = "vllm:num_requests_waiting";
@@ -158,6 +161,15 @@ fn describe() {
         DRAFT_ACCEPTED,
         "Draft tokens kept (equal to the token sampled)"
     );
+    describe_counter!(
+        GW_REQUESTS,
+        "Ledgered requests by key (the first 12 hex digits of its token; `none` without one) and status"
+    );
+    describe_counter!(
+        GW_TOKENS,
+        "Ledgered tokens by key and kind (prompt, cached: of the prompt, completion)"
+    );
+    describe_counter!(GW_COST, "Ledgered cost by key, in micro-dollars");
 
     describe_gauge!(V_RUNNING, "vLLM name: requests in the running batch");
     describe_gauge!(V_WAITING, "vLLM name: requests waiting to run");
@@ -188,6 +200,17 @@ fn describe() {
         "vllm:cache_config_info",
         "vLLM name: the KV cache's configuration, in labels"
     );
+}
+
+/// One ledger row, as `/v1/usage` totals it: by key (`key_id` is its token, the sha256 of
+/// the key; its first 12 hex digits name it here, as `/key/list` shows it) and status.
+pub fn ledgered(key_id: Option<&str>, status: &'static str, tokens: [u64; 3], cost_micros: u64) {
+    let key = key_id.map_or_else(|| "none".to_string(), |k| k.chars().take(12).collect());
+    counter!(GW_REQUESTS, "key" => key.clone(), "status" => status).increment(1);
+    for (kind, n) in ["prompt", "cached", "completion"].into_iter().zip(tokens) {
+        counter!(GW_TOKENS, "key" => key.clone(), "kind" => kind).increment(n);
+    }
+    counter!(GW_COST, "key" => key).increment(cost_micros);
 }
 
 /// A request got its first step: how long it waited, its prompt, and what the prefix cache

@@ -958,3 +958,61 @@ fn one_keys_burst_does_not_queue_another_keys_request_behind_it() {
     let at = order.iter().position(|o| o == "b").unwrap();
     assert!(at < 4, "{order:?}");
 }
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn labelled(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_total_the_ledger_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.json");
+    // USD per million tokens: a prompt token costs 1 micro-USD, a completion token 2.
+    std::fs::write(&prices, r#"{"*": {"input": 1, "output": 2}}"#).unwrap();
+    let s = Server::start(&["--master-key", MASTER, "--prices", prices.to_str().unwrap()]);
+    let r = s.post_key("/key/generate", &json!({"rpm_limit": 2}), MASTER);
+    let (key, token) = (
+        r.body["key"].as_str().unwrap().to_string(),
+        r.body["token"].as_str().unwrap()[..12].to_string(),
+    );
+    let k = token.as_str();
+    let mut prompt = 0;
+    let mut completion = 0;
+    for _ in 0..2 {
+        let r = s.post_key("/v1/chat/completions", &chat("Hi", 5), &key);
+        assert_eq!(r.status, 200, "{}", r.body);
+        prompt += r.body["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion += r.body["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    // The third request in the minute is refused, and ledgered so.
+    let r = s.post_key("/v1/chat/completions", &chat("Hi", 5), &key);
+    assert_eq!(r.status, 429, "{}", r.body);
+    // Rows are counted as they are ledgered, before the reply's end is sent.
+    let m = |name: &str, labels: &[(&str, &str)]| labelled(&s, name, labels);
+    let requests = "edgeinfer_gateway_requests_total";
+    assert_eq!(m(requests, &[("key", k), ("status", "ok")]), 2.0);
+    assert_eq!(m(requests, &[("key", k), ("status", "rate_limited")]), 1.0);
+    let tokens = "edgeinfer_gateway_tokens_total";
+    assert_eq!(m(tokens, &[("key", k), ("kind", "prompt")]), prompt as f64);
+    assert_eq!(
+        m(tokens, &[("key", k), ("kind", "completion")]),
+        completion as f64
+    );
+    let cost = m("edgeinfer_gateway_cost_micros_total", &[("key", k)]);
+    assert_eq!(cost, (prompt + 2 * completion) as f64);
+    // The master key's requests are nobody's key.
+    let r = s.post_key("/v1/chat/completions", &chat("Hi", 2), MASTER);
+    assert_eq!(r.status, 200);
+    assert_eq!(m(requests, &[("key", "none"), ("status", "ok")]), 1.0);
+}

@@ -101,6 +101,8 @@ impl Ledger {
     /// Queues a row without waiting (any thread, no async runtime needed); `ack`, if given,
     /// hears when it is committed.
     pub fn record_then(&self, row: Row, ack: Option<oneshot::Sender<bool>>) {
+        let tokens = [row.prompt_tokens, row.cached_tokens, row.completion_tokens];
+        crate::telemetry::ledgered(row.key_id.as_deref(), row.status, tokens, row.cost_micros);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(mpsc::SendError((_, Some(ack)))) = tx.send((row, ack)) {
             let _ = ack.send(false);
