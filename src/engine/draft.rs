@@ -1,6 +1,7 @@
 //! Speculative decoding by prompt lookup: a decoding sequence whose last few tokens occurred
 //! earlier in its prompt or output offers the tokens that followed them as a draft (under a
-//! grammar, first the tokens the grammar forces next). One step
+//! grammar, first the tokens the grammar forces next; with the client's `prediction`, the
+//! prediction's tokens from where the output has got to in it). One step
 //! runs its last token and the draft together (a few more rows of a step whose cost is
 //! mostly reading the weights), and the token sampled from each row is kept while it equals
 //! the draft token that row was fed: the output is the one plain decoding gives, token for
