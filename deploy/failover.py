@@ -470,11 +470,13 @@ def analyse(args, records: list[dict], sessions: list[Session], node_addrs: list
     unexpected_fail = [r for r in failed if r not in expected_fail]
 
     # Sessions. A move is explained by the kill when the session was on the
-    # killed node and its turns from the kill round on read "away* home*":
-    # some turns elsewhere (while the node was down or not yet re-admitted),
-    # then back home for good, or never back. Anything else (a move before
-    # the kill, a session of another node moving, leaving home again once
-    # back) is a move the kill does not explain.
+    # killed node and its turns from the kill round on read "home? away* home*":
+    # the kill round's request perhaps answered at home before the kill, then
+    # some turns elsewhere (while the node was down, or still held out by the
+    # balancer's failure window after its restart), then back home for good,
+    # or never back. Anything else (a move before the kill, a session of
+    # another node moving, leaving home again once back) is a move the kill
+    # does not explain.
     sess_rows = []
     for s in sessions:
         turns = by_sess[s.id]
@@ -493,6 +495,8 @@ def analyse(args, records: list[dict], sessions: list[Session], node_addrs: list
             cls = "moved (not by the kill)"
         else:
             post = [(t, n) for t, n in enumerate(seq[K:], start=K + 1) if n]
+            if post and post[0] == (K + 1, home):
+                post = post[1:]  # answered at home before the kill
             i = next((j for j, (_, n) in enumerate(post) if n == home), len(post))
             back = post[i:]
             if any(n != home for _, n in back):
