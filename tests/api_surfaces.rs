@@ -403,3 +403,62 @@ fn errors_come_in_each_surfaces_envelope() {
     assert_eq!(st, 429);
     assert_eq!(e["error"]["type"], "rate_limit_error", "{e}");
 }
+
+#[test]
+fn ai_gateway_urls_reach_the_same_surfaces() {
+    let s = Server::start(&["--model-alias", ALIAS]);
+    let gw = "/v1/acct-1/my-gateway";
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    // Workers AI's REST shape, in Cloudflare's envelope; errors too.
+    let (status, w) = s.post(
+        &format!("{gw}/workers-ai/{ALIAS}"),
+        &json!({"messages": msgs, "max_tokens": 3}),
+    );
+    assert_eq!(status, 200, "{w}");
+    assert_eq!(w["success"], true, "{w}");
+    assert!(w["result"]["response"].is_string(), "{w}");
+    let (status, e) = s.post_raw(&format!("{gw}/workers-ai/{ALIAS}"), b"{nope");
+    assert_eq!(
+        (status, &e["errors"][0]["code"]),
+        (400, &json!(5006)),
+        "{e}"
+    );
+    let (status, e) = s.post(
+        &format!("{gw}/workers-ai/@cf/x/y"),
+        &json!({"prompt": "Hi"}),
+    );
+    assert_eq!(
+        (status, &e["errors"][0]["code"]),
+        (404, &json!(3042)),
+        "{e}"
+    );
+    // OpenAI's shapes on the provider paths, with the model named as that provider names it.
+    for (path, model) in [
+        ("workers-ai/v1/chat/completions", ALIAS.to_string()),
+        ("openai/chat/completions", MODEL.to_string()),
+        ("compat/chat/completions", format!("workers-ai/{ALIAS}")),
+    ] {
+        let body = json!({"model": model, "messages": msgs, "max_tokens": 3, "temperature": 0});
+        let (status, o) = s.post(&format!("{gw}/{path}"), &body);
+        assert_eq!(status, 200, "{path}: {o}");
+        assert_eq!(o["object"], "chat.completion", "{path}: {o}");
+        let (_, direct) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": msgs, "max_tokens": 3, "temperature": 0}),
+        );
+        assert_eq!(o["choices"], direct["choices"], "{path}");
+        // An unknown model is OpenAI's 404 there.
+        let (status, e) = s.post(
+            &format!("{gw}/{path}"),
+            &json!({"model": "openai/nope", "messages": msgs}),
+        );
+        assert_eq!(
+            (status, &e["error"]["code"]),
+            (404, &json!("model_not_found")),
+            "{path}: {e}"
+        );
+    }
+    let (status, m) = s.get(&format!("{gw}/openai/models"));
+    assert_eq!(status, 200, "{m}");
+    assert!(m.contains(MODEL), "{m}");
+}

@@ -217,6 +217,39 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/client/v4/accounts/{account_id}/ai/v1/models",
             get(utility::models),
         )
+        // The same surfaces through AI Gateway's URLs (a client moves by changing the host).
+        .route(
+            "/v1/{account_id}/{gateway_id}/workers-ai/{*model}",
+            post(surfaces::gateway_workers_run),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/workers-ai/v1/chat/completions",
+            post(handlers::chat_completions),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/workers-ai/v1/completions",
+            post(handlers::completions),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/workers-ai/v1/models",
+            get(utility::models),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/openai/chat/completions",
+            post(handlers::chat_completions),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/openai/completions",
+            post(handlers::completions),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/openai/models",
+            get(utility::models),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/compat/chat/completions",
+            post(surfaces::gateway_compat),
+        )
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(utility::tokenize))
         .route("/detokenize", post(utility::detokenize))
@@ -248,12 +281,15 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Errors in the envelope of the surface a path belongs to: Anthropic's under
-/// `/v1/messages`, Cloudflare's under Workers AI's `/client/v4/accounts/{id}/ai/run/`,
-/// OpenAI's elsewhere (as every layer and handler writes them).
+/// `/v1/messages`, Cloudflare's under Workers AI's `/client/v4/accounts/{id}/ai/run/` (and
+/// AI Gateway's `/v1/{account}/{gateway}/workers-ai/{model}`), OpenAI's elsewhere (as every
+/// layer and handler writes them).
 async fn surface_errors(req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let anthropic = path.starts_with("/v1/messages");
-    let workers = path.starts_with("/client/v4/") && !path.contains("/ai/v1/");
+    let segments: Vec<&str> = path.split('/').take(6).collect();
+    let gateway_run = matches!(segments[..], ["", "v1", _, _, "workers-ai", s] if s != "v1");
+    let workers = (path.starts_with("/client/v4/") && !path.contains("/ai/v1/")) || gateway_run;
     let resp = next.run(req).await;
     if anthropic {
         error::to_anthropic(resp).await

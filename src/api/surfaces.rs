@@ -133,13 +133,59 @@ pub async fn workers_run(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    run_workers(&state, model, rid, who, &headers, body).await
+}
+
+/// The same through AI Gateway's URL: `POST /v1/{account_id}/{gateway_id}/workers-ai/{model}`.
+pub async fn gateway_workers_run(
+    State(state): State<Arc<AppState>>,
+    Path((_account, _gateway, model)): Path<(String, String, String)>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    run_workers(&state, model, rid, who, &headers, body).await
+}
+
+/// AI Gateway's universal OpenAI-compatible endpoint,
+/// `POST /v1/{account_id}/{gateway_id}/compat/chat/completions`: models are named
+/// `provider/model` (`workers-ai/@cf/meta/llama-3.1-8b-instruct`); the provider is dropped
+/// and the rest names ours (or an alias).
+pub async fn gateway_compat(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_or_error(body, state.max_body_bytes)?;
+    let mut v = parse_body(&bytes)?;
+    let bytes = match v.get_mut("model") {
+        Some(Value::String(m)) if m.contains('/') => {
+            *m = m.split_once('/').map_or("", |(_, rest)| rest).to_string();
+            Bytes::from(serde_json::to_vec(&v).map_err(|e| ApiError::internal(e.to_string()))?)
+        }
+        _ => bytes,
+    };
+    chat(&state, rid, who, &headers, Ok(bytes), Api::OpenAi).await
+}
+
+async fn run_workers(
+    state: &AppState,
+    model: String,
+    rid: RequestId,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let bytes = body_or_error(body, state.max_body_bytes)?;
     let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
     let api = Api::Workers { model };
     if raw {
-        completion(&state, rid, who, &headers, Ok(bytes), api).await
+        completion(state, rid, who, headers, Ok(bytes), api).await
     } else {
-        chat(&state, rid, who, &headers, Ok(bytes), api).await
+        chat(state, rid, who, headers, Ok(bytes), api).await
     }
 }
 
