@@ -220,7 +220,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The same surfaces through AI Gateway's URLs (a client moves by changing the host).
         .route(
             "/v1/{account_id}/{gateway_id}/workers-ai/{*model}",
-            post(surfaces::gateway_workers_run),
+            post(surfaces::workers_run),
         )
         .route(
             "/v1/{account_id}/{gateway_id}/workers-ai/v1/chat/completions",

@@ -2,6 +2,7 @@
 //! Workers AI's `ai/run`, and the Responses API with its stored conversations. Each
 //! translates its request and runs the shared chat or completion path with its [`Api`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -122,30 +123,27 @@ pub async fn responses_delete(
     ))
 }
 
-/// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}`: a chat request
+/// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}` (and the same through
+/// AI Gateway's URL, `POST /v1/{account_id}/{gateway_id}/workers-ai/{model}`): a chat request
 /// (`messages`, or `prompt` through the chat template) or, with `raw`, a completion; the
 /// answer in Cloudflare's envelope (errors too, by the router's surface layer).
 pub async fn workers_run(
     State(state): State<Arc<AppState>>,
-    Path((_account, model)): Path<(String, String)>,
+    Path(params): Path<HashMap<String, String>>,
     Extension(rid): Extension<RequestId>,
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    run_workers(&state, model, rid, who, &headers, body).await
-}
-
-/// The same through AI Gateway's URL: `POST /v1/{account_id}/{gateway_id}/workers-ai/{model}`.
-pub async fn gateway_workers_run(
-    State(state): State<Arc<AppState>>,
-    Path((_account, _gateway, model)): Path<(String, String, String)>,
-    Extension(rid): Extension<RequestId>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    run_workers(&state, model, rid, who, &headers, body).await
+    let model = params.get("model").cloned().unwrap_or_default();
+    let bytes = body_or_error(body, state.max_body_bytes)?;
+    let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
+    let api = Api::Workers { model };
+    if raw {
+        completion(&state, rid, who, &headers, Ok(bytes), api).await
+    } else {
+        chat(&state, rid, who, &headers, Ok(bytes), api).await
+    }
 }
 
 /// AI Gateway's universal OpenAI-compatible endpoint,
@@ -169,24 +167,6 @@ pub async fn gateway_compat(
         _ => bytes,
     };
     chat(&state, rid, who, &headers, Ok(bytes), Api::OpenAi).await
-}
-
-async fn run_workers(
-    state: &AppState,
-    model: String,
-    rid: RequestId,
-    who: Principal,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let bytes = body_or_error(body, state.max_body_bytes)?;
-    let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
-    let api = Api::Workers { model };
-    if raw {
-        completion(state, rid, who, headers, Ok(bytes), api).await
-    } else {
-        chat(state, rid, who, headers, Ok(bytes), api).await
-    }
 }
 
 /// Anthropic's `POST /v1/messages`: the chat path with the request translated and the
