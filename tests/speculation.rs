@@ -114,13 +114,18 @@ fn streamed_text(s: &Server, body: &Value) -> Vec<String> {
     texts
 }
 
-#[test]
-fn speculation_changes_no_reply_and_keeps_drafts() {
-    let (plain, fast) = thread::scope(|t| {
+/// Two servers started side by side: `--speculate 0` and `--speculate 4`.
+fn plain_and_drafting() -> (Server, Server) {
+    thread::scope(|t| {
         let a = t.spawn(|| Server::start(&["--speculate", "0"]));
         let b = t.spawn(|| Server::start(&["--speculate", "4"]));
         (a.join().unwrap(), b.join().unwrap())
-    });
+    })
+}
+
+#[test]
+fn speculation_changes_no_reply_and_keeps_drafts() {
+    let (plain, fast) = plain_and_drafting();
     for (name, body) in bodies() {
         let (sa, a) = plain.post(CHAT, &body);
         let (sb, b) = fast.post(CHAT, &body);
@@ -153,11 +158,7 @@ fn speculation_changes_no_reply_and_keeps_drafts() {
 
 #[test]
 fn a_prediction_drafts_the_reply_and_changes_nothing() {
-    let (plain, fast) = thread::scope(|t| {
-        let a = t.spawn(|| Server::start(&["--speculate", "0"]));
-        let b = t.spawn(|| Server::start(&["--speculate", "4"]));
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let (plain, fast) = plain_and_drafting();
     // A reply with nothing to copy from its prompt: only the prediction can draft it.
     let story = json!({"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
                        "max_tokens": 120, "temperature": 0});
