@@ -165,6 +165,11 @@ pub(super) fn render(
     tools: Vec<Value>,
 ) -> Result<Vec<u32>, ApiError> {
     let (messages, native) = if tools.is_empty() || r.native_tools {
+        let messages = if r.tool_format.short_ids {
+            toolcall::with_short_ids(messages)
+        } else {
+            messages
+        };
         (messages, !tools.is_empty())
     } else {
         (toolcall::generic_messages(messages, &tools), false)

@@ -333,17 +333,28 @@ impl ConstraintSpec {
             _ => {
                 g.push_str(&format!(
                     "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{}.*)/\n",
-                    regex_literal(f.trigger())
+                    regex_literal(&f.trigger())
                 ));
                 "TEXT".to_string()
             }
         };
         g.push_str(&format!("text: {text}\n"));
-        if self.parallel {
-            g.push_str(&format!("calls: call ({} call)*\n", lit(f.sep)));
+        let wrap = |s: &str| if s.is_empty() { String::new() } else { lit(s) };
+        // The control token that opens the calls, by id (`<[id]>`).
+        let special = f
+            .special_id
+            .map(|id| format!("<[{id}]> "))
+            .unwrap_or_default();
+        let more = if self.parallel {
+            format!("({} call)*", lit(f.sep))
         } else {
-            g.push_str("calls: call\n");
-        }
+            String::new()
+        };
+        g.push_str(&format!(
+            "calls: {special}{} call {more} {}\n",
+            wrap(f.begin),
+            wrap(f.end)
+        ));
         let declared: Vec<(usize, &ToolSpec)> = self
             .tools
             .iter()
@@ -354,7 +365,6 @@ impl ConstraintSpec {
             })
             .collect();
         let alts: Vec<String> = declared.iter().map(|(i, _)| format!("fn_{i}")).collect();
-        let wrap = |s: &str| if s.is_empty() { String::new() } else { lit(s) };
         g.push_str(&format!(
             "call: {} ({}) {}\n",
             wrap(f.open),

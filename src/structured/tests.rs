@@ -36,6 +36,13 @@ fn tool(name: &str, parameters: Value) -> ToolSpec {
 
 /// Samples random allowed tokens until the stop token (or `limit` tokens): the output bytes.
 fn walk(c: &mut dyn TokenConstraint, seed: u64, limit: usize) -> Vec<u8> {
+    let tokens = walk_tokens(c, seed, limit);
+    assert!(tokens.iter().all(|&t| t < 256), "{tokens:?}");
+    tokens.into_iter().map(|t| t as u8).collect()
+}
+
+/// [`walk`]'s tokens, the stop token left out.
+fn walk_tokens(c: &mut dyn TokenConstraint, seed: u64, limit: usize) -> Vec<u32> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     for _ in 0..limit {
@@ -65,12 +72,9 @@ fn walk(c: &mut dyn TokenConstraint, seed: u64, limit: usize) -> Vec<u8> {
         if tok == END {
             return out;
         }
-        out.push(tok as u8);
+        out.push(tok);
     }
-    panic!(
-        "no stop token within {limit} tokens: {:?}",
-        String::from_utf8_lossy(&out)
-    );
+    panic!("no stop token within {limit} tokens");
 }
 
 /// JSON Schema's integer: a number with no fractional part (of any size).
@@ -308,15 +312,33 @@ fn auto_calls_once_started_follow_the_schema() {
 
 #[test]
 fn call_parser_gives_the_same_pieces_for_any_split() {
-    let text = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-    let (content, whole) = parse_all(text);
+    let hermes = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    // Mistral's list as the detokenizer shows it: the control token gone, its space kept.
+    let mistral = " [{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]";
+    for (format, text) in [(ToolFormat::HERMES, hermes), (ToolFormat::MISTRAL, mistral)] {
+        same_pieces_for_any_split(format, text);
+    }
+}
+
+fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
+    let mut p = CallParser::new(format);
+    let content: String = p
+        .push(text)
+        .into_iter()
+        .chain(p.finish())
+        .filter_map(|p| match p {
+            Piece::Content(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let whole = p.calls().to_vec();
     assert_eq!(content, "");
     assert_eq!(whole.len(), 2);
     assert_eq!(whole[0].arguments, "{\"a\": 1, \"s\": \"}]{\\\"\"}");
     assert_eq!(whole[1].name, "get_weather");
     let mut rng = StdRng::seed_from_u64(3);
     for _ in 0..50 {
-        let mut p = CallParser::new(ToolFormat::HERMES);
+        let mut p = CallParser::new(format);
         let chars: Vec<char> = text.chars().collect();
         let mut i = 0;
         let mut args = vec![String::new(); 2];
@@ -412,11 +434,138 @@ fn the_tool_format_follows_the_template() {
         ToolFormat::for_template(llama),
         (ToolFormat::LLAMA3_JSON, true)
     );
+    let mistral = "{% if tools %}[AVAILABLE_TOOLS]{% endif %}{{ '[TOOL_CALLS] [' }}";
+    assert_eq!(
+        ToolFormat::for_template(mistral),
+        (ToolFormat::MISTRAL, true)
+    );
+    let nemo = "{% if tools %}[AVAILABLE_TOOLS]{% endif %}{{ '[TOOL_CALLS][' }}";
+    assert_eq!(
+        ToolFormat::for_template(nemo),
+        (ToolFormat::MISTRAL_NEMO, true)
+    );
     // Tools referenced in a format we do not parse: the generic rendering.
     assert_eq!(
-        ToolFormat::for_template("{% if tools %}[TOOL_CALLS]{% endif %}"),
+        ToolFormat::for_template("{% if tools %}<|tool▁calls▁begin|>{% endif %}"),
         (ToolFormat::HERMES, false)
     );
+    // The opening control token is looked up; a vocabulary without it cannot be served.
+    let found = ToolFormat::MISTRAL.resolve(|t| (t == "[TOOL_CALLS]").then_some(5));
+    assert_eq!(found.and_then(|f| f.special_id), Some(5));
+    assert_eq!(ToolFormat::MISTRAL.resolve(|_| None), None);
+    assert_eq!(
+        ToolFormat::HERMES.resolve(|_| None),
+        Some(ToolFormat::HERMES)
+    );
+}
+
+#[test]
+fn mistral_calls_open_with_the_control_token_and_parse_as_a_list() {
+    let g = grammars();
+    // The single-byte vocabulary's `<|tool|>` (256) stands for `[TOOL_CALLS]`.
+    let format = ToolFormat::MISTRAL.resolve(|_| Some(256)).unwrap();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    s.tool_format = format;
+    s.parallel = true;
+    for choice in [ToolChoice::Required, ToolChoice::Auto] {
+        s.choice = choice.clone();
+        let mut calls_seen = 0;
+        for seed in 0..6 {
+            let mut c = constraint(&g, &s);
+            if choice == ToolChoice::Required {
+                // Nothing but the control token may start the reply.
+                assert!(c.allows(256).unwrap());
+                assert!(!c.allows(b'[' as u32).unwrap() && !c.allows(b' ' as u32).unwrap());
+            } else {
+                // Text may not spell a call without the token.
+                let mut t = constraint(&g, &s);
+                t.commit(b'[' as u32).unwrap();
+                assert!(!t.allows(b'{' as u32).unwrap());
+                // Text would rarely end in a walk: take the call.
+                assert!(c.allows(256).unwrap());
+                c.commit(256).unwrap();
+            }
+            let mut tokens = walk_tokens(c.as_mut(), seed, 6000);
+            if choice == ToolChoice::Auto {
+                tokens.insert(0, 256);
+            }
+            assert_eq!(tokens[0], 256);
+            assert!(tokens[1..].iter().all(|&t| t < 256), "{tokens:?}");
+            // The engine's detokenizer drops control tokens: the parser sees the rest.
+            let text = String::from_utf8(
+                tokens
+                    .iter()
+                    .filter(|&&t| t < 256)
+                    .map(|&t| t as u8)
+                    .collect(),
+            )
+            .unwrap();
+            let mut p = CallParser::new(format);
+            let pieces: Vec<Piece> = p.push(&text).into_iter().chain(p.finish()).collect();
+            let content: String = pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Content(t) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                text.starts_with(" [{\"name\": \"") && text.ends_with("}]"),
+                "{text:?}"
+            );
+            assert!(content.is_empty(), "{text:?}");
+            let list: Value = serde_json::from_str(&text).unwrap();
+            let list = list.as_array().unwrap();
+            assert_eq!(list.len(), p.calls().len(), "{text:?}");
+            for (whole, call) in list.iter().zip(p.calls()) {
+                assert_eq!(whole["name"], call.name.as_str());
+                let args: Value = serde_json::from_str(&call.arguments).unwrap();
+                assert_eq!(whole["arguments"], args);
+                assert!(call.id.len() == 9 && call.id.bytes().all(|b| b.is_ascii_alphanumeric()));
+            }
+            calls_seen += list.len();
+        }
+        // Some replies hold several calls.
+        assert!(calls_seen > 6, "{choice:?}");
+    }
+}
+
+#[test]
+fn short_ids_keep_which_result_answers_which_call() {
+    let mut call = Message::new("assistant", "");
+    call.tool_calls = Some(vec![
+        json!({"id": "call_0123456789abcdef", "type": "function", "function": {"name": "f", "arguments": {}}}),
+        json!({"id": "abcDEF123", "type": "function", "function": {"name": "g", "arguments": {}}}),
+        json!({"id": "call_0123456789abcdeg", "type": "function", "function": {"name": "h", "arguments": {}}}),
+    ]);
+    let result = |id: &str| {
+        let mut m = Message::new("tool", "42");
+        m.tool_call_id = Some(id.into());
+        m
+    };
+    let out = super::toolcall::with_short_ids(vec![
+        call,
+        result("call_0123456789abcdef"),
+        result("abcDEF123"),
+        result("call_0123456789abcdeg"),
+    ]);
+    let ids: Vec<&str> = out[0]
+        .tool_calls
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    for (k, id) in ids.iter().enumerate() {
+        assert!(
+            id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+            "{id}"
+        );
+        assert_eq!(out[k + 1].tool_call_id.as_deref(), Some(*id));
+    }
+    assert_eq!(ids[1], "abcDEF123", "an id the template accepts is kept");
+    assert_ne!(ids[0], ids[2]);
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //! inside `<tools></tools>` in the system turn, each call as
 //! `<tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call>`, results in a user turn
 //! as `<tool_response>\n...\n</tool_response>`. Templates that take `tools` themselves
-//! (Hermes/Qwen style, Llama 3.1) are given the tools and calls natively.
+//! (Hermes/Qwen style, Llama 3.1, Mistral) are given the tools and calls natively. Mistral's
+//! calls are a JSON list after its `[TOOL_CALLS]` control token, which decodes to no text:
+//! the grammar writes the token, the parser reads the list that follows.
 //!
 //! Invariant: feeding the parser the text in any split gives the same pieces concatenated,
 //! so streamed deltas add up to the non-streamed call exactly.
@@ -16,7 +18,7 @@ use serde_json::Value;
 use crate::model::Message;
 
 /// How calls are written in the model's output. The grammar generates exactly
-/// `open {"name": "NAME", "ARGS_KEY": ARGS} close`, calls separated by `sep`.
+/// `[special] begin open {"name": "NAME", "ARGS_KEY": ARGS} close (sep open ... close)* end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ToolFormat {
     pub open: &'static str,
@@ -25,6 +27,15 @@ pub struct ToolFormat {
     pub args_key: &'static str,
     /// Whether the format has several calls in one reply.
     pub parallel: bool,
+    /// Text before the first call and after the last (Mistral's JSON list brackets).
+    pub begin: &'static str,
+    pub end: &'static str,
+    /// A control token the model writes before its calls (`[TOOL_CALLS]`), "" for none;
+    /// its id is looked up in the vocabulary by [`resolve`](Self::resolve).
+    pub special: &'static str,
+    pub special_id: Option<u32>,
+    /// Call ids of 9 letters and digits, which Mistral's templates insist on.
+    pub short_ids: bool,
 }
 
 impl ToolFormat {
@@ -35,6 +46,11 @@ impl ToolFormat {
         sep: "\n",
         args_key: "arguments",
         parallel: true,
+        begin: "",
+        end: "",
+        special: "",
+        special_id: None,
+        short_ids: false,
     };
     /// Llama 3.1's JSON tool calling: a bare object with `parameters`, one call a reply.
     pub const LLAMA3_JSON: Self = Self {
@@ -43,15 +59,51 @@ impl ToolFormat {
         sep: "",
         args_key: "parameters",
         parallel: false,
+        begin: "",
+        end: "",
+        special: "",
+        special_id: None,
+        short_ids: false,
+    };
+    /// Mistral's (v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+    pub const MISTRAL: Self = Self {
+        open: "",
+        close: "",
+        sep: ", ",
+        args_key: "arguments",
+        parallel: true,
+        begin: " [",
+        end: "]",
+        special: "[TOOL_CALLS]",
+        special_id: None,
+        short_ids: true,
+    };
+    /// Mistral Nemo's: the list right after the token, `[TOOL_CALLS][{...}]`.
+    pub const MISTRAL_NEMO: Self = Self {
+        begin: "[",
+        ..Self::MISTRAL
     };
 
     /// The text that starts a call; a reply that starts with it is parsed as calls.
-    pub fn trigger(&self) -> &'static str {
+    pub fn trigger(&self) -> String {
         if self.open.is_empty() {
-            "{"
+            format!("{}{{", self.begin.trim())
         } else {
-            self.open.trim_end()
+            self.open.trim_end().to_string()
         }
+    }
+
+    /// Looks up the control token the format writes before its calls; `None` when the
+    /// vocabulary has no such control token (then the format cannot be generated).
+    pub fn resolve(self, control_id: impl Fn(&str) -> Option<u32>) -> Option<Self> {
+        if self.special.is_empty() {
+            return Some(self);
+        }
+        let id = control_id(self.special)?;
+        Some(Self {
+            special_id: Some(id),
+            ..self
+        })
     }
 
     /// The format a chat template was tuned with, and whether it renders tools itself
@@ -62,6 +114,12 @@ impl ToolFormat {
         }
         if source.contains("<tool_call>") {
             (Self::HERMES, true)
+        } else if source.contains("[TOOL_CALLS]") {
+            if source.contains("[TOOL_CALLS] [") {
+                (Self::MISTRAL, true)
+            } else {
+                (Self::MISTRAL_NEMO, true)
+            }
         } else if source.contains("<|python_tag|>") || source.contains("\"parameters\"") {
             (Self::LLAMA3_JSON, true)
         } else {
@@ -242,11 +300,12 @@ impl CallParser {
         match self.mode {
             Mode::Undecided => {
                 let t = self.buf.trim_start();
-                if t.starts_with(f.trigger()) {
+                let trigger = f.trigger();
+                if t.starts_with(&trigger) {
                     self.buf = t.to_string();
                     self.mode = Mode::Head;
                     true
-                } else if f.trigger().starts_with(t) {
+                } else if trigger.starts_with(t) {
                     false
                 } else {
                     self.mode = Mode::Text;
@@ -260,7 +319,13 @@ impl CallParser {
                 false
             }
             Mode::Head => {
-                let head = format!("{}{{\"name\": \"", f.open);
+                // The list's opening before the first call (the space before it was trimmed).
+                let begin = if self.calls.is_empty() {
+                    f.begin.trim_start()
+                } else {
+                    ""
+                };
+                let head = format!("{begin}{}{{\"name\": \"", f.open);
                 let Some(rest) = self.buf.strip_prefix(head.as_str()) else {
                     return false;
                 };
@@ -274,7 +339,7 @@ impl CallParser {
                 };
                 self.buf = after.to_string();
                 let index = self.calls.len();
-                let id = new_call_id();
+                let id = new_call_id(f.short_ids);
                 self.calls.push(ParsedCall {
                     id: id.clone(),
                     name: name.clone(),
@@ -361,8 +426,55 @@ impl CallParser {
     }
 }
 
-fn new_call_id() -> String {
+fn new_call_id(short: bool) -> String {
     use rand::Rng;
-    let n: u64 = rand::thread_rng().gen();
+    let mut rng = rand::thread_rng();
+    if short {
+        return (0..9)
+            .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+            .collect();
+    }
+    let n: u64 = rng.gen();
     format!("call_{n:016x}")
+}
+
+/// Whether `id` is what Mistral's templates accept: 9 ASCII letters and digits.
+fn is_short_id(id: &str) -> bool {
+    id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A 9-character id standing for `id`, the same every time (FNV-1a, in base 62).
+fn short_id(id: &str) -> String {
+    if is_short_id(id) {
+        return id.to_string();
+    }
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (0..9)
+        .map(|_| {
+            let d = DIGITS[(h % 62) as usize] as char;
+            h /= 62;
+            d
+        })
+        .collect()
+}
+
+/// Gives the calls and tool results of a conversation ids a short-id template accepts
+/// (clients send back whatever ids they were given, or their own), keeping which result
+/// answers which call.
+pub fn with_short_ids(mut messages: Vec<Message>) -> Vec<Message> {
+    for m in &mut messages {
+        for c in m.tool_calls.iter_mut().flatten() {
+            if let Some(id) = c.get("id").and_then(Value::as_str) {
+                c["id"] = Value::String(short_id(id));
+            }
+        }
+        if let Some(id) = &mut m.tool_call_id {
+            *id = short_id(id);
+        }
+    }
+    messages
 }

@@ -26,6 +26,11 @@ pub struct Spec {
     pub matrix_dtype: Option<GgmlDType>,
     /// A SentencePiece-style (`llama`) vocabulary instead of the byte-level BPE one.
     pub spm: bool,
+    /// With `spm`: Mistral's control tokens (`[INST]`, `[TOOL_CALLS]`, ...) and a chat
+    /// template that takes tools in Mistral's format.
+    pub mistral: bool,
+    /// The context length the metadata declares.
+    pub context: u32,
     /// Model width and FFN width (K-quant matrices need multiples of 256).
     pub dim: usize,
     pub ffn: usize,
@@ -41,6 +46,8 @@ impl Default for Spec {
             seed: 42,
             matrix_dtype: None,
             spm: false,
+            mistral: false,
+            context: 256,
             dim: DIM,
             ffn: FFN,
         }
@@ -75,11 +82,25 @@ pub fn write(path: &Path, spec: &Spec) {
         QTensor::quantize(&Tensor::from_vec(v, (rows, cols), &dev).unwrap(), dtype).unwrap()
     };
     let (dim, ffn) = (spec.dim, spec.ffn);
+    let vocab_meta = if spec.spm {
+        spm_vocab(spec.mistral)
+    } else {
+        bpe_vocab(spec.pre)
+    };
+    // One embedding row for each token.
+    let vocab = vocab_meta
+        .iter()
+        .find_map(|(k, v)| match (k.as_str(), v) {
+            ("tokenizer.ggml.tokens", Value::Array(t)) => Some(t.len()),
+            _ => None,
+        })
+        .unwrap()
+        .max(VOCAB);
     let hd = dim / HEADS;
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
-            tensor(VOCAB, dim, 1.0, GgmlDType::Q8_0),
+            tensor(vocab, dim, 1.0, GgmlDType::Q8_0),
         ),
         (
             "output_norm.weight".into(),
@@ -89,7 +110,7 @@ pub fn write(path: &Path, spec: &Spec) {
     if !spec.tied {
         tensors.push((
             "output.weight".into(),
-            tensor(VOCAB, dim, 0.5, GgmlDType::Q4_1),
+            tensor(vocab, dim, 0.5, GgmlDType::Q4_1),
         ));
     }
     for l in 0..LAYERS {
@@ -114,11 +135,10 @@ pub fn write(path: &Path, spec: &Spec) {
     tensors.retain(|(name, _)| Some(name.as_str()) != spec.drop_tensor);
 
     let a = spec.arch;
-    let spm = spec.spm;
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.block_count"), Value::U32(LAYERS as u32)),
-        (format!("{a}.context_length"), Value::U32(256)),
+        (format!("{a}.context_length"), Value::U32(spec.context)),
         (format!("{a}.embedding_length"), Value::U32(dim as u32)),
         (format!("{a}.feed_forward_length"), Value::U32(ffn as u32)),
         (
@@ -136,11 +156,7 @@ pub fn write(path: &Path, spec: &Spec) {
             Value::F32(1e-5),
         ),
     ];
-    meta.extend(if spm {
-        spm_vocab()
-    } else {
-        bpe_vocab(spec.pre)
-    });
+    meta.extend(vocab_meta);
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
@@ -231,8 +247,33 @@ pub const SPM_PIECES: &[(&str, f32)] = &[
     ("ld", -4.0),
 ];
 
-/// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces.
-fn spm_vocab() -> Vec<(String, Value)> {
+/// Mistral's control tokens, after the pieces when asked for.
+pub const MISTRAL_CONTROLS: &[&str] = &[
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+];
+
+/// A chat template in Mistral v0.3's format (tools before the last user turn, calls as a JSON
+/// list after `[TOOL_CALLS]`, 9-character call ids or an exception), written for the tests.
+pub const MISTRAL_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}
+{%- if tools and loop.index0 == ns.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m.content }}[/INST]
+{%- elif m.role == 'assistant' and m.tool_calls %}{{ '[TOOL_CALLS] [' }}
+{%- for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}{"name": {{ c.function.name | tojson }}, "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}
+{%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}
+{%- elif m.role == 'tool' %}{% if m.tool_call_id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}[TOOL_RESULTS] {"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]
+{%- endif %}
+{%- endfor %}"#;
+
+/// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces,
+/// and with `mistral` [`MISTRAL_CONTROLS`] and [`MISTRAL_TEMPLATE`].
+fn spm_vocab(mistral: bool) -> Vec<(String, Value)> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
     let mut scores = vec![Value::F32(0.0); 3];
@@ -246,8 +287,20 @@ fn spm_vocab() -> Vec<(String, Value)> {
         types.push(Value::I32(1));
         scores.push(Value::F32(*score));
     }
+    let mut extra = Vec::new();
+    if mistral {
+        for c in MISTRAL_CONTROLS {
+            tokens.push(c.to_string());
+            types.push(Value::I32(3));
+            scores.push(Value::F32(0.0));
+        }
+        extra.push((
+            "tokenizer.chat_template".to_string(),
+            Value::String(MISTRAL_TEMPLATE.into()),
+        ));
+    }
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    vec![
+    extra.extend(vec![
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
         ("tokenizer.ggml.tokens".into(), strings(&tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
@@ -255,5 +308,6 @@ fn spm_vocab() -> Vec<(String, Value)> {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
-    ]
+    ]);
+    extra
 }
