@@ -31,7 +31,7 @@ pub enum Command {
     /// List the models this build knows by name.
     Models,
     /// Serve OpenAI-compatible chat completions over HTTP with continuous batching.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage API keys in the key store, offline (the same store `serve --db` uses; a running
     /// server sees changes on its next request).
     #[command(subcommand)]
@@ -359,6 +359,12 @@ pub struct ServeArgs {
     /// or a seed) are ever cached.
     #[arg(long, env = "EDGEINFER_CACHE_TTL", default_value_t = 0)]
     pub cache_ttl: u64,
+
+    /// Milliseconds a request may wait for the first part of its response (a whole reply,
+    /// or a stream's first token) before it is cancelled and answered 504, for requests
+    /// that send no `cf-aig-request-timeout` header (0: no limit).
+    #[arg(long, env = "EDGEINFER_REQUEST_TIMEOUT_MS", default_value_t = 0)]
+    pub request_timeout_ms: u64,
 
     /// Memory the response cache may hold, in bytes; least recently used replies go first.
     #[arg(long, env = "EDGEINFER_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]

@@ -76,7 +76,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pull(args) => pull(args),
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
         Command::Keys(cmd) => admin_cli::keys(cmd),
         Command::Usage(args) => admin_cli::usage(args),
         Command::Synth(args) => synth(args),
@@ -337,6 +337,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         cache_max_bytes: args.cache_max_bytes,
         default_cache_ttl: (args.cache_ttl > 0)
             .then(|| std::time::Duration::from_secs(args.cache_ttl)),
+        default_request_timeout: (args.request_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(args.request_timeout_ms)),
         model_aliases: args.model_alias.clone(),
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
         node_name: args.node_name.clone().unwrap_or_else(host_name),

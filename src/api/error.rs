@@ -157,6 +157,22 @@ impl ApiError {
         )
     }
 
+    /// 504: the first part of the response was not ready within the request's timeout
+    /// (`cf-aig-request-timeout`, or the server's `--request-timeout-ms`); it was cancelled.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                format!(
+                    "The response did not begin within the request timeout of {} ms; the request was cancelled",
+                    limit.as_millis()
+                ),
+            )
+        }
+    }
+
     /// The engine thread ended before the request did.
     pub fn engine_stopped() -> Self {
         Self::unavailable("The engine stopped before the request finished")

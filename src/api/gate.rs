@@ -83,10 +83,24 @@ pub struct Directives {
     pub session_id: Option<String>,
     /// `cf-aig-metadata`, canonical JSON.
     pub metadata: Option<String>,
+    /// `cf-aig-request-timeout` (or the server default): the first part of the response
+    /// must be ready within this time of the request's arrival, or the request is
+    /// cancelled and answered 504.
+    pub request_timeout: Option<Duration>,
 }
 
+/// The server's defaults for requests whose headers do not say.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirectiveDefaults {
+    pub cache_ttl: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+}
+
+/// The longest `cf-aig-request-timeout`, in milliseconds (an hour).
+const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
+
 impl Directives {
-    pub fn from_headers(h: &HeaderMap, default_ttl: Option<Duration>) -> Result<Self, ApiError> {
+    pub fn from_headers(h: &HeaderMap, defaults: DirectiveDefaults) -> Result<Self, ApiError> {
         let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
             match h.get(name) {
                 None => Ok(None),
@@ -96,7 +110,7 @@ impl Directives {
             }
         };
         let cache_ttl = match text("cf-aig-cache-ttl")? {
-            None => default_ttl,
+            None => defaults.cache_ttl,
             Some(v) => match v.parse::<u64>() {
                 Ok(0) => None,
                 Ok(s) if s <= 31 * 86_400 => Some(Duration::from_secs(s)),
@@ -143,8 +157,20 @@ impl Directives {
                 }
             },
         };
+        let request_timeout = match text("cf-aig-request-timeout")? {
+            None => defaults.request_timeout,
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => None,
+                Ok(ms) if ms <= MAX_REQUEST_TIMEOUT_MS => Some(Duration::from_millis(ms)),
+                _ => return Err(ApiError::invalid(
+                    "cf-aig-request-timeout",
+                    format!("header `cf-aig-request-timeout` must be whole milliseconds from 0 (none) to {MAX_REQUEST_TIMEOUT_MS}"),
+                )),
+            },
+        };
         Ok(Self {
             cache_ttl,
+            request_timeout,
             skip_cache,
             cache_key,
             custom_cost,
@@ -161,6 +187,8 @@ pub struct Gate {
     pub route: &'static str,
     /// The parsed body, for the cache key.
     pub body: Value,
+    /// When the whole body had arrived: the request timeout counts from here.
+    pub arrived: std::time::Instant,
 }
 
 impl Gate {
@@ -407,10 +435,12 @@ mod tests {
             ("cf-aig-skip-cache", "maybe"),
             ("cf-aig-metadata", "[1]"),
             ("cf-aig-custom-cost", "{\"per_token_in\": -1}"),
+            ("cf-aig-request-timeout", "5s"),
+            ("cf-aig-request-timeout", "3600001"),
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_str(value).unwrap());
-            let e = Directives::from_headers(&h, None).unwrap_err();
+            let e = Directives::from_headers(&h, DirectiveDefaults::default()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(name), "{e:?}");
             assert_eq!(e.status.as_u16(), 400);
         }
@@ -420,8 +450,22 @@ mod tests {
             HeaderValue::from_static("{\"b\": 1, \"a\": \"x\"}"),
         );
         h.insert("cf-aig-cache-ttl", HeaderValue::from_static("60"));
-        let d = Directives::from_headers(&h, None).unwrap();
+        let d = Directives::from_headers(&h, DirectiveDefaults::default()).unwrap();
         assert_eq!(d.metadata.as_deref(), Some("{\"a\":\"x\",\"b\":1}"));
         assert_eq!(d.cache_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(d.request_timeout, None);
+        // The header overrides the server's default, 0 turning it off.
+        let defaults = DirectiveDefaults {
+            cache_ttl: None,
+            request_timeout: Some(Duration::from_secs(9)),
+        };
+        let d = Directives::from_headers(&h, defaults).unwrap();
+        assert_eq!(d.request_timeout, Some(Duration::from_secs(9)));
+        h.insert("cf-aig-request-timeout", HeaderValue::from_static("250"));
+        let d = Directives::from_headers(&h, defaults).unwrap();
+        assert_eq!(d.request_timeout, Some(Duration::from_millis(250)));
+        h.insert("cf-aig-request-timeout", HeaderValue::from_static("0"));
+        let d = Directives::from_headers(&h, defaults).unwrap();
+        assert_eq!(d.request_timeout, None);
     }
 }

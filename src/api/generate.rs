@@ -2,10 +2,10 @@
 //! model, answer from the response cache or reserve its tokens with the gateway, submit one
 //! engine request per choice, and hand the events to the surface's renderer.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::response::Response;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::choices::{split_meter, Choice};
 use super::error::ApiError;
@@ -173,6 +173,12 @@ pub(super) async fn run(
         .gateway
         .price(&state.model_name, gate.directives.custom_cost);
     let include_usage = fields.include_usage();
+    // The first part of the response (a whole reply, a stream's first event) must be ready
+    // by then, or the request is cancelled and answered 504.
+    let deadline = gate
+        .directives
+        .request_timeout
+        .map(|t| (tokio::time::Instant::from_std(gate.arrived + t), t));
 
     // The response cache (one choice only): replay a hit, wait for an identical request
     // under way, or lead.
@@ -184,7 +190,7 @@ pub(super) async fn run(
         loop {
             let hit = match state.cache.lookup(key, ttl) {
                 Lookup::Hit(hit) => hit,
-                Lookup::Wait(rx) => match cache::wait(rx).await {
+                Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await? {
                     Some(hit) => hit,
                     None => continue, // its leader gave up: look again
                 },
@@ -263,7 +269,7 @@ pub(super) async fn run(
         .engine
         .submit_many(reqs)
         .inspect_err(|_| refusal.refused())?;
-    let choices = rxs
+    let mut choices: Vec<Choice> = rxs
         .into_iter()
         .zip(echoes)
         .zip(counts_prompt)
@@ -271,17 +277,67 @@ pub(super) async fn run(
         .collect();
     let tail = Tail::new(committed, leader);
     let keep_alive = state.sse_keep_alive;
-    let mut resp = respond(
+    if fields.stream && deadline.is_some() {
+        choices = in_time(deadline, first_event(choices)).await?;
+    }
+    let reply = respond(
         choices,
         meta,
         fields.stream,
         include_usage,
         tail,
         keep_alive,
-    )
-    .await?;
+    );
+    // Dropped on time out, the choices' receivers close: the engine drops the sequences in
+    // its next step and their meter ledgers what they computed as cancelled.
+    let mut resp = in_time(deadline, reply).await??;
     add_headers(&mut resp, headers);
     Ok(resp)
+}
+
+/// `fut`'s output, or the request-timeout error once `deadline` passes.
+async fn in_time<T>(
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    match deadline {
+        None => Ok(fut.await),
+        Some((at, limit)) => tokio::time::timeout_at(at, fut)
+            .await
+            .map_err(|_| ApiError::request_timeout(limit)),
+    }
+}
+
+/// Waits until one of the choices has an event (its stream can begin), passing every
+/// event on through a relay so that none is lost. A relay ends when its reader goes away,
+/// closing the engine's channel then, even while the sequence waits in the queue.
+async fn first_event(choices: Vec<Choice>) -> Vec<Choice> {
+    let (seen_tx, mut seen) = mpsc::channel::<()>(choices.len().max(1));
+    let relayed = choices
+        .into_iter()
+        .map(|c| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (mut from, seen) = (c.rx, seen_tx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        ev = from.recv() => {
+                            let Some(ev) = ev else { break };
+                            let _ = seen.try_send(());
+                            if tx.send(ev).is_err() {
+                                break;
+                            }
+                        }
+                        _ = tx.closed() => break,
+                    }
+                }
+            });
+            Choice { rx, ..c }
+        })
+        .collect();
+    drop(seen_tx);
+    seen.recv().await;
+    relayed
 }
 
 /// The tokens of the request's `prediction` (none when it has none, or when the engine does

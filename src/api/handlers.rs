@@ -89,10 +89,12 @@ fn accept<T: serde::de::DeserializeOwned>(
     model: impl Fn(&T) -> Option<&str>,
 ) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
+    // The request timeout counts from here: parsing, templating and grammars included.
+    let arrived = Instant::now();
     let ready = state.ready()?;
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
     if !ready.engine.has_room() {
-        let directives = Directives::from_headers(headers, state.default_cache_ttl).ok();
+        let directives = Directives::from_headers(headers, state.directive_defaults).ok();
         let labels = labels(state, &rid.0, route, directives.as_ref());
         state
             .gateway
@@ -103,12 +105,13 @@ fn accept<T: serde::de::DeserializeOwned>(
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     check_model(state, &who, model(&req))?;
-    let directives = Directives::from_headers(headers, state.default_cache_ttl)?;
+    let directives = Directives::from_headers(headers, state.directive_defaults)?;
     let gate = Gate {
         principal: who,
         directives,
         route,
         body,
+        arrived,
     };
     Ok((ready, req, sampling, gate))
 }

@@ -79,8 +79,8 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     /// Replies of deterministic requests that asked to be cached.
     pub cache: ResponseCache<gate::Recorded>,
-    /// The TTL of requests that send no `cf-aig-cache-ttl` (`None`: not cached).
-    pub default_cache_ttl: Option<Duration>,
+    /// The cache TTL and request timeout of requests whose headers do not set them.
+    pub directive_defaults: gate::DirectiveDefaults,
     pub stall_timeout: Duration,
     /// `x-edgeinfer-node` (none when the name is not a valid header value).
     node_header: Option<HeaderValue>,
@@ -94,6 +94,8 @@ pub struct HttpConfig {
     pub sse_keep_alive: Duration,
     pub cache_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
+    /// The request timeout of requests that send no `cf-aig-request-timeout`.
+    pub default_request_timeout: Option<Duration>,
     pub model_aliases: Vec<String>,
     /// How long the engine may hold work without finishing a step before liveness fails.
     pub stall_timeout: Duration,
@@ -121,7 +123,10 @@ impl AppState {
             },
             gateway,
             cache: ResponseCache::new(config.cache_max_bytes),
-            default_cache_ttl: config.default_cache_ttl,
+            directive_defaults: gate::DirectiveDefaults {
+                cache_ttl: config.default_cache_ttl,
+                request_timeout: config.default_request_timeout,
+            },
             stall_timeout: config.stall_timeout,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             started: std::time::SystemTime::now()

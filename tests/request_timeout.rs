@@ -1,0 +1,151 @@
+//! Request timeouts (`cf-aig-request-timeout`, `--request-timeout-ms`) with the real default
+//! model: a reply that has not begun in time is cancelled (its queue place and compute
+//! freed, its row ledgered) and answered 504; a stream that began in time runs to its end.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use serde_json::{json, Value};
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn labelled(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn cancelled_rows(s: &Server) -> f64 {
+    labelled(
+        s,
+        "edgeinfer_gateway_requests_total",
+        &[("status", "cancelled")],
+    )
+}
+
+fn assert_timed_out(r: &common::server::Reply) {
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "request_timeout", "{}", r.body);
+    assert_eq!(r.body["error"]["type"], "timeout_error", "{}", r.body);
+}
+
+/// Completions with the end-of-text tokens banned, so replies run to `max_tokens`.
+fn endless(max_tokens: u32, stream: bool) -> Value {
+    json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": stream,
+           "temperature": 0, "logit_bias": {"0": -100, "2": -100}})
+}
+
+#[test]
+fn a_reply_not_begun_in_time_is_cancelled_and_answered_504() {
+    let s = Server::start(&["--max-batch-size", "1"]);
+    // A long request holds the one slot; the next ones wait in the queue.
+    let holder = s.raw_post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": common::long_prompt("Tell me a story.")}],
+                "max_tokens": 1000, "stream": true, "logit_bias": {"0": -100, "2": -100}}),
+    );
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    let timeout = [("cf-aig-request-timeout", "300")];
+    for stream in [false, true] {
+        let t = Instant::now();
+        let r = s.call(
+            "POST",
+            "/v1/completions",
+            Some(&endless(8, stream)),
+            &timeout,
+        );
+        let waited = t.elapsed();
+        // A stream too is refused before anything of it is sent.
+        assert_timed_out(&r);
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        // Cancelled in the queue: it leaves it while the holder still runs.
+        assert!(s.wait_metric("edgeinfer_requests_waiting", 0.0, Duration::from_secs(5)));
+        assert_eq!(
+            s.metric("edgeinfer_requests_running"),
+            1.0,
+            "the holder ended early"
+        );
+    }
+    // Both are ledgered (as cancelled, nothing generated) before the holder ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cancelled_rows(&s) < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(cancelled_rows(&s), 2.0);
+    assert_eq!(s.metric("edgeinfer_requests_running"), 1.0);
+    drop(holder);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    // With time to spare, the same requests are answered.
+    let timeout = [("cf-aig-request-timeout", "60000")];
+    let r = s.call(
+        "POST",
+        "/v1/completions",
+        Some(&endless(8, false)),
+        &timeout,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["usage"]["completion_tokens"], 8);
+}
+
+#[test]
+fn the_server_default_applies_and_a_stream_begun_in_time_runs_to_its_end() {
+    let s = Server::start(&["--request-timeout-ms", "1"]);
+    // The server's 1 ms: nothing begins that soon.
+    let r = s.call("POST", "/v1/completions", Some(&endless(8, false)), &[]);
+    assert_timed_out(&r);
+    assert!(s.wait_idle(Duration::from_secs(10)));
+    // The header overrides it: 0 is no timeout.
+    let none = [("cf-aig-request-timeout", "0")];
+    let r = s.call("POST", "/v1/completions", Some(&endless(8, false)), &none);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A bad value is the client's error, naming the header.
+    let bad = [("cf-aig-request-timeout", "soon")];
+    let r = s.call("POST", "/v1/completions", Some(&endless(8, false)), &bad);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "cf-aig-request-timeout");
+
+    // 250 ms to the first token; the whole stream takes longer, and is not cut.
+    let t = Instant::now();
+    let resp = ureq::post(&format!("{}/v1/completions", s.base))
+        .set("cf-aig-request-timeout", "250")
+        .send_json(endless(400, true))
+        .expect("the stream starts");
+    let mut tokens = 0;
+    let mut finish = Value::Null;
+    for line in BufReader::new(resp.into_reader())
+        .lines()
+        .map_while(Result::ok)
+    {
+        let Some(d) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if d == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        if let Some(c) = v["choices"].get(0) {
+            tokens += 1;
+            if !c["finish_reason"].is_null() {
+                finish = c["finish_reason"].clone();
+            }
+        }
+    }
+    let took = t.elapsed();
+    assert_eq!(finish, "length");
+    assert!(tokens >= 100, "{tokens} chunks");
+    assert!(
+        took > Duration::from_millis(250),
+        "the stream ended within its timeout ({took:?}): nothing shown"
+    );
+}
