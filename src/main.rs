@@ -397,7 +397,11 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         let (tool_format, native_tools) = ToolFormat::for_template(template.source());
         // A format opened by a control token the vocabulary lacks: the generic rendering.
         let (tool_format, native_tools) = tool_format
-            .resolve(|t| tokenizer.token_id(t).filter(|&id| tokenizer.is_control(id)))
+            .resolve(|t| {
+                tokenizer
+                    .token_id(t)
+                    .filter(|&id| tokenizer.is_control(id) && (id as usize) < vocab_size)
+            })
             .map_or((ToolFormat::HERMES, false), |f| (f, native_tools));
         // Response-cache keys name the exact weights and template.
         let model_hash = hub::sha256_file_memo(&path)?;

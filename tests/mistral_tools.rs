@@ -157,3 +157,34 @@ fn mistral_models_call_tools_in_their_own_format() {
         "{body}"
     );
 }
+
+#[test]
+fn past_calls_render_in_the_shape_the_model_writes_them() {
+    use edgeinfer::model::{ChatTemplate, Message};
+    // A Mistral v0.3-style template shows a past call as `function | tojson` less its last
+    // brace, then the id: with Python's `json.dumps` and the call's own key order that is
+    // exactly how the grammar has the model write a call.
+    let t = ChatTemplate::new(synthetic::MISTRAL_TEMPLATE, "<s>", "</s>").unwrap();
+    let mut call = Message::new("assistant", "");
+    // As the server builds it from OpenAI's wire shape.
+    call.tool_calls = Some(vec![json!({"id": "abcDEF123", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}})]);
+    let mut result = Message::new("tool", "sunny");
+    result.tool_call_id = Some("abcDEF123".into());
+    let tools: Vec<Value> = tools().as_array().unwrap().clone();
+    let text = t
+        .render_with_tools(
+            &[Message::new("user", "hi"), call, result],
+            true,
+            Some(&tools),
+        )
+        .unwrap();
+    assert!(
+        text.contains(r#"[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}, "id": "abcDEF123"}]</s>"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "#),
+        "{text}"
+    );
+}

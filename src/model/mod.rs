@@ -8,6 +8,7 @@ pub mod detok;
 pub mod gguf;
 mod gguf_check;
 pub mod llama;
+mod pyjson;
 pub mod runner;
 pub mod synth;
 pub mod template;

@@ -2,7 +2,8 @@
 //! built-in ChatML, Llama 3 or Mistral template when the file has none.
 //!
 //! Knows message lists and Jinja; never token ids. Invariant: rendering is byte-identical to
-//! Python jinja2 as Hugging Face runs it (trim_blocks, lstrip_blocks, Python string methods).
+//! Python jinja2 as Hugging Face runs it (trim_blocks, lstrip_blocks, Python string methods,
+//! `tojson` as `json.dumps`, maps in their insertion order).
 
 use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,8 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        // Python's `json.dumps`, as Hugging Face's templates were written against.
+        env.add_filter("tojson", super::pyjson::tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Template(format!("cannot parse the chat template: {e}")))?;
         Ok(Self {
@@ -204,6 +207,23 @@ mod tests {
         );
         let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn tools_render_as_python_shows_them() {
+        // Key order as the client sent it, Python's separators, no HTML escapes; as
+        // jinja2 renders `{{ tools | tojson }}`, `tojson(indent=2)` and `.items()`.
+        let tools: Vec<serde_json::Value> = vec![serde_json::from_str(
+            r#"{"type": "function", "function": {"name": "f", "description": "a <b> & 'c'", "parameters": {"type": "object", "properties": {"z": {"type": "string"}, "a": {"type": "integer"}}}}}"#,
+        )
+        .unwrap()];
+        let src = "{{ tools | tojson }}|{{ tools[0].function.parameters.properties | tojson(indent=2) }}|{% for k, v in tools[0].function.items() %}{{ k }},{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let out = t.render_with_tools(&[], false, Some(&tools)).unwrap();
+        assert_eq!(
+            out,
+            "[{\"type\": \"function\", \"function\": {\"name\": \"f\", \"description\": \"a <b> & 'c'\", \"parameters\": {\"type\": \"object\", \"properties\": {\"z\": {\"type\": \"string\"}, \"a\": {\"type\": \"integer\"}}}}}]|{\n  \"z\": {\n    \"type\": \"string\"\n  },\n  \"a\": {\n    \"type\": \"integer\"\n  }\n}|name,description,parameters,"
+        );
     }
 
     #[test]

@@ -370,6 +370,31 @@ fn call_parser_keeps_plain_text_as_content() {
         assert_eq!(content, text);
         assert!(calls.is_empty());
     }
+    // Text that starts like a call and then is not one (a JSON reply) is kept whole, its
+    // leading whitespace too, in any split.
+    for (format, text) in [
+        (ToolFormat::MISTRAL, " [{\"a\": 1}]"),
+        (ToolFormat::MISTRAL, "\n[{\"name\": \"x\", \"b\": 2}]"),
+        (ToolFormat::LLAMA3_JSON, "  {\"title\": \"x\"}"),
+        (ToolFormat::LLAMA3_JSON, "{\"name\": \"x\", \"kind\": 1}"),
+        (ToolFormat::HERMES, "\n<tool_call>\n{\"nom\": 1}"),
+    ] {
+        for cut in 0..=text.len() {
+            let mut p = CallParser::new(format);
+            let content: String = p
+                .push(&text[..cut])
+                .into_iter()
+                .chain(p.push(&text[cut..]))
+                .chain(p.finish())
+                .map(|piece| match piece {
+                    Piece::Content(t) => t,
+                    other => panic!("{other:?} in {text:?}"),
+                })
+                .collect();
+            assert_eq!(content, text, "{format:?} cut at {cut}");
+            assert!(p.calls().is_empty());
+        }
+    }
 }
 
 #[test]
@@ -445,10 +470,18 @@ fn the_tool_format_follows_the_template() {
         (ToolFormat::MISTRAL_NEMO, true)
     );
     // Tools referenced in a format we do not parse: the generic rendering.
-    assert_eq!(
-        ToolFormat::for_template("{% if tools %}<|tool▁calls▁begin|>{% endif %}"),
-        (ToolFormat::HERMES, false)
-    );
+    for other in [
+        "{% if tools %}<|tool▁calls▁begin|>{% endif %}",
+        "{% if tools %}[TOOL_CALLS]{% endif %}",
+        // Mistral Small 3.2 and later: `[TOOL_CALLS]name[ARGS]{...}`.
+        "{% if tools %}[AVAILABLE_TOOLS]{% endif %}{{ '[TOOL_CALLS][' }}{{ name }}[ARGS]{{ args }}",
+    ] {
+        assert_eq!(
+            ToolFormat::for_template(other),
+            (ToolFormat::HERMES, false),
+            "{other}"
+        );
+    }
     // The opening control token is looked up; a vocabulary without it cannot be served.
     let found = ToolFormat::MISTRAL.resolve(|t| (t == "[TOOL_CALLS]").then_some(5));
     assert_eq!(found.and_then(|f| f.special_id), Some(5));
@@ -474,8 +507,11 @@ fn mistral_calls_open_with_the_control_token_and_parse_as_a_list() {
         for seed in 0..6 {
             let mut c = constraint(&g, &s);
             if choice == ToolChoice::Required {
-                // Nothing but the control token may start the reply.
+                // Nothing but the control token may start the reply: it and the list's
+                // opening are forced (and so drafted when speculating).
                 assert!(c.allows(256).unwrap());
+                let forced = c.forced();
+                assert_eq!(forced[..4], [256, b' ' as u32, b'[' as u32, b'{' as u32]);
                 assert!(!c.allows(b'[' as u32).unwrap() && !c.allows(b' ' as u32).unwrap());
             } else {
                 // Text may not spell a call without the token.

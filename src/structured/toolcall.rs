@@ -114,12 +114,13 @@ impl ToolFormat {
         }
         if source.contains("<tool_call>") {
             (Self::HERMES, true)
+        } else if source.contains("[TOOL_CALLS] [") && !source.contains("[ARGS]") {
+            (Self::MISTRAL, true)
+        } else if source.contains("[TOOL_CALLS][") && !source.contains("[ARGS]") {
+            (Self::MISTRAL_NEMO, true)
         } else if source.contains("[TOOL_CALLS]") {
-            if source.contains("[TOOL_CALLS] [") {
-                (Self::MISTRAL, true)
-            } else {
-                (Self::MISTRAL_NEMO, true)
-            }
+            // Later Mistral formats (`[TOOL_CALLS]name[ARGS]{...}`) are not parsed.
+            (Self::HERMES, false)
         } else if source.contains("<|python_tag|>") || source.contains("\"parameters\"") {
             (Self::LLAMA3_JSON, true)
         } else {
@@ -260,6 +261,8 @@ pub struct CallParser {
     mode: Mode,
     buf: String,
     calls: Vec<ParsedCall>,
+    /// The whitespace before a reply that looked like a call: content again if it is not.
+    lead: String,
 }
 
 impl CallParser {
@@ -269,7 +272,15 @@ impl CallParser {
             mode: Mode::Undecided,
             buf: String::new(),
             calls: Vec::new(),
+            lead: String::new(),
         }
+    }
+
+    /// What looked like the start of a call is not one: all of it is content.
+    fn not_a_call(&mut self) -> bool {
+        self.buf.insert_str(0, &std::mem::take(&mut self.lead));
+        self.mode = Mode::Text;
+        true
     }
 
     pub fn calls(&self) -> &[ParsedCall] {
@@ -299,10 +310,13 @@ impl CallParser {
         let f = self.format;
         match self.mode {
             Mode::Undecided => {
-                let t = self.buf.trim_start();
+                // The whitespace the grammar lets before a call (not all of Unicode's).
+                let t = self.buf.trim_start_matches([' ', '\t', '\r', '\n']);
                 let trigger = f.trigger();
                 if t.starts_with(&trigger) {
-                    self.buf = t.to_string();
+                    let t = t.to_string();
+                    self.buf.truncate(self.buf.len() - t.len());
+                    self.lead = std::mem::replace(&mut self.buf, t);
                     self.mode = Mode::Head;
                     true
                 } else if trigger.starts_with(t) {
@@ -326,7 +340,13 @@ impl CallParser {
                     ""
                 };
                 let head = format!("{begin}{}{{\"name\": \"", f.open);
+                // Before the first call, text that stops matching a call is content (a JSON
+                // reply that starts as a call would); later, the grammar wrote it.
+                let first = self.calls.is_empty();
                 let Some(rest) = self.buf.strip_prefix(head.as_str()) else {
+                    if first && !head.starts_with(self.buf.as_str()) {
+                        return self.not_a_call();
+                    }
                     return false;
                 };
                 let Some(end) = rest.find('"') else {
@@ -335,6 +355,9 @@ impl CallParser {
                 let name = rest[..end].to_string();
                 let tail = format!("\", \"{}\": ", f.args_key);
                 let Some(after) = rest[end..].strip_prefix(tail.as_str()) else {
+                    if first && !tail.starts_with(&rest[end..]) {
+                        return self.not_a_call();
+                    }
                     return false;
                 };
                 self.buf = after.to_string();
@@ -466,11 +489,14 @@ fn short_id(id: &str) -> String {
 /// (clients send back whatever ids they were given, or their own), keeping which result
 /// answers which call.
 pub fn with_short_ids(mut messages: Vec<Message>) -> Vec<Message> {
-    for m in &mut messages {
-        for c in m.tool_calls.iter_mut().flatten() {
-            if let Some(id) = c.get("id").and_then(Value::as_str) {
-                c["id"] = Value::String(short_id(id));
-            }
+    for (i, m) in messages.iter_mut().enumerate() {
+        for (j, c) in m.tool_calls.iter_mut().flatten().enumerate() {
+            // A call sent without an id gets one from its place (no result can name it).
+            let id = match c.get("id").and_then(Value::as_str) {
+                Some(id) => short_id(id),
+                None => short_id(&format!("{i}.{j}")),
+            };
+            c["id"] = Value::String(id);
         }
         if let Some(id) = &mut m.tool_call_id {
             *id = short_id(id);

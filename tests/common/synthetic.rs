@@ -265,7 +265,7 @@ pub const MISTRAL_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(last=
 {%- if m.role == 'user' %}
 {%- if tools and loop.index0 == ns.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m.content }}[/INST]
 {%- elif m.role == 'assistant' and m.tool_calls %}{{ '[TOOL_CALLS] [' }}
-{%- for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}{"name": {{ c.function.name | tojson }}, "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}
+{%- for c in m.tool_calls %}{% set out = c.function | tojson %}{{ out[:-1] }}{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}{{ ', "id": "' + c.id + '"}' }}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}
 {%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}
 {%- elif m.role == 'tool' %}{% if m.tool_call_id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}[TOOL_RESULTS] {"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]
 {%- endif %}
