@@ -62,9 +62,33 @@ impl Turns {
     }
 }
 
+/// Which running sequence to preempt, given each one's tenant oldest first: the newest of
+/// the tenant running the most (a tie: the tenant of the newer one). One tenant: the newest.
+pub(super) fn victim(running: impl Iterator<Item = u64>) -> usize {
+    // tenant -> (sequences running, index of its newest)
+    let mut seen: HashMap<u64, (usize, usize)> = HashMap::new();
+    for (i, tenant) in running.enumerate() {
+        let e = seen.entry(tenant).or_default();
+        *e = (e.0 + 1, i);
+    }
+    seen.into_values()
+        .max()
+        .expect("a sequence runs. This is a bug.")
+        .1
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Turns;
+    use super::{victim, Turns};
+
+    #[test]
+    fn the_victim_is_the_newest_of_the_tenant_running_the_most() {
+        assert_eq!(victim([5, 5, 5].into_iter()), 2);
+        assert_eq!(victim([7, 7, 9].into_iter()), 1);
+        assert_eq!(victim([7, 9, 7, 9, 9, 3].into_iter()), 4);
+        // A tie: the tenant whose newest is newer.
+        assert_eq!(victim([7, 9, 9, 7].into_iter()), 3);
+    }
 
     /// Admits every offer: the order of admission.
     fn order(waiting: &[(u64, u64, bool)], running: &[u64]) -> Vec<u64> {

@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
-use super::fair::Turns;
+use super::fair::{victim, Turns};
 
 pub type SeqId = u64;
 
@@ -360,13 +360,14 @@ impl Scheduler {
             }
             let target = s.computed + want;
             if !self.grow(id, target) {
-                // Out of blocks: preempt the newest running sequence (maybe this one).
-                let victim = *self
-                    .running
-                    .last()
-                    .expect("`id` is running. This is a bug.");
-                budget += self.preempt(victim, &mut step);
-                continue; // re-examine index i (or stop if it was the victim)
+                // Out of blocks: preempt the newest running sequence of the tenant running
+                // the most (maybe this one).
+                let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
+                budget += self.preempt(self.running[at], &mut step);
+                if at < i {
+                    i -= 1; // `id` moved down one place
+                }
+                continue; // re-examine `id` (or the next, if it was the victim)
             }
             if self.scoring(id) {
                 scored_left -= want;

@@ -168,6 +168,28 @@ fn waiting_sequences_are_admitted_fairly_among_tenants() {
 }
 
 #[test]
+fn out_of_blocks_preempts_the_newest_of_the_tenant_running_the_most() {
+    // 6 blocks of 4 positions, full: tenant 7 runs seqs 1 and 2 (next position 7: fits),
+    // tenant 9 runs seq 3, admitted after them (next position 8: needs a block).
+    let mut s = sched(4, 64, 6);
+    for (id, len, tenant) in [(1, 6, 7), (2, 6, 7), (3, 8, 9)] {
+        add(&mut s, id, len);
+        s.set_tenant(id, tenant);
+        if id == 2 {
+            assert_eq!(run(&mut s).admitted, vec![1, 2]);
+        }
+    }
+    assert_eq!(run(&mut s).admitted, vec![3]);
+    assert_eq!(s.free_blocks(), 0);
+    // Seq 3, the newest, is not the one preempted: seq 2, tenant 7's newest, is, though
+    // its position fitted and was planned first. Seq 3 then gets its block this step.
+    let st = s.schedule();
+    assert_eq!(st.preempted, vec![2]);
+    let planned: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.start)).collect();
+    assert_eq!(planned, vec![(1, 7), (3, 8)]);
+}
+
+#[test]
 fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
     // 4 blocks of 4 positions: two sequences of 8 tokens fill the pool.
     let mut s = sched(4, 64, 4);
