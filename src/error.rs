@@ -38,7 +38,7 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("unknown tokenizer pre-tokenizer `tokenizer.ggml.pre = {0}`: known are default, gpt-2, smollm, llama-bpe, llama3; pass --tokenizer tokenizer.json to use your own")]
+    #[error("unknown tokenizer pre-tokenizer `tokenizer.ggml.pre = {0}`: known are default, gpt-2, smollm, llama-bpe, llama3, tekken; pass --tokenizer tokenizer.json to use your own")]
     UnknownPreTokenizer(String),
     #[error("unsupported tokenizer model `tokenizer.ggml.model = {0}`: known are gpt2 and llama")]
     UnsupportedTokenizer(String),

@@ -1,6 +1,7 @@
 //! The SentencePiece-style (`tokenizer.ggml.model = llama`) tokenizer of Llama 2 and Mistral
 //! GGUF files, built from a synthetic vocabulary: merges by score, `▁` for spaces, a BOS by
-//! default, byte fallback for characters outside the vocabulary.
+//! default, byte fallback for characters outside the vocabulary. Also: each byte-level
+//! pre-tokenizer we know loads and round-trips.
 
 mod common;
 
@@ -101,4 +102,25 @@ fn a_grammar_forces_the_texts_own_tokens_without_the_space_prefix() {
     assert_eq!(forced, vec![id("hello"), id("▁world")]);
     let bytes: Vec<u8> = forced.iter().flat_map(|&t| tok.token_bytes_of(t)).collect();
     assert_eq!(bytes, b"hello world");
+}
+
+#[test]
+fn every_known_byte_level_pre_tokenizer_loads_and_round_trips() {
+    // The byte-level vocabularies by `tokenizer.ggml.pre` (Tekken: Mistral Nemo, Small 3).
+    for pre in ["gpt-2", "smollm", "llama-bpe", "tekken"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bpe.gguf");
+        synthetic::write(
+            &path,
+            &Spec {
+                pre,
+                ..Spec::default()
+            },
+        );
+        let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{pre}: {e}"));
+        let text = "getHTTPResponse(42) naïve\n\n  ok";
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text, "{pre}");
+    }
 }

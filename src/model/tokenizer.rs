@@ -36,6 +36,15 @@ const END_OF_TURN_TEXTS: &[&str] = &[
 /// Llama 3's pre-tokenizer split (`llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Mistral's Tekken pre-tokenizer split (Mistral Nemo, Mistral Small 3 and later), as its
+/// `tokenizer.json` writes it: letters split at case changes, each digit alone.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The regex split of a byte-level BPE pre-tokenizer.
+fn split(pattern: &str) -> Json {
+    json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
+}
+
 /// A tokenizer plus what the model's metadata says about BOS, EOS and end-of-turn tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -422,9 +431,11 @@ fn gpt2_json(f: &GgufFile, tokens: &[String], pre: &str) -> Result<Json> {
             false,
         ),
         "llama-bpe" | "llama3" | "llama-v3" => (
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                byte_level(false)]}),
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+            true,
+        ),
+        "tekken" => (
+            json!({"type": "Sequence", "pretokenizers": [split(TEKKEN_SPLIT), byte_level(false)]}),
             true,
         ),
         other => return Err(ModelError::UnknownPreTokenizer(other.to_string())),
@@ -500,4 +511,54 @@ fn spm_json(f: &GgufFile, tokens: &[String]) -> Result<Json> {
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                   "ignore_merges": false, "vocab": vocab_json(tokens), "merges": merges},
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pattern: &str, text: &str) -> Vec<String> {
+        let pre: PreTokenizerWrapper = serde_json::from_value(split(pattern)).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_tekken_split_is_mistrals() {
+        // Expected: Python's `regex.findall` with the pattern of Mistral's tokenizer.json.
+        let cases: [(&str, &[&str]); 5] = [
+            (
+                "Hello World123 ABCdef",
+                &["Hello", " World", "1", "2", "3", " ABCdef"],
+            ),
+            (
+                "HTTPServer's JSONParser  \n\n  x",
+                &["HTTPServer", "'s", " JSONParser", "  \n\n", " ", " x"],
+            ),
+            (
+                "naïve café: 3.14159!\r\n// done",
+                &[
+                    "naïve", " café", ":", " ", "3", ".", "1", "4", "1", "5", "9", "!\r\n//",
+                    " done",
+                ],
+            ),
+            (
+                "getHTTPResponseCode(42)",
+                &["get", "HTTPResponse", "Code", "(", "4", "2", ")"],
+            ),
+            (
+                "ÉCOLE über straße 你好",
+                &["ÉCOLE", " über", " straße", " 你好"],
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(pieces(TEKKEN_SPLIT, text), want, "{text:?}");
+        }
+    }
 }
