@@ -360,6 +360,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_CACHE_TTL", default_value_t = 0)]
     pub cache_ttl: u64,
 
+    /// A bearer token `/metrics` requires (the master key also works); without it `/metrics`
+    /// is open, and its gateway series show each key's volumes by token prefix.
+    #[arg(long, env = "EDGEINFER_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+
     /// Milliseconds a request may wait for the first part of its response (a whole reply,
     /// or a stream's first token) before it is cancelled and answered 504, for requests
     /// that send no `cf-aig-request-timeout` header (0: no limit).
@@ -411,6 +416,13 @@ impl ServeArgs {
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());
+        }
+        if self
+            .metrics_key
+            .as_deref()
+            .is_some_and(|k| !k.is_empty() && k.len() < 8)
+        {
+            return Err("--metrics-key must have at least 8 characters".into());
         }
         if self.kv_cache_tokens < self.max_batch_tokens {
             return Err(format!(

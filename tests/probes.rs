@@ -119,3 +119,37 @@ fn a_stalled_engine_fails_liveness_and_readiness() {
     );
     s.kill9();
 }
+
+#[test]
+fn a_metrics_key_guards_metrics_and_leaves_the_probes_open() {
+    let s = Server::start(&[
+        "--metrics-key",
+        "scrape-secret-1",
+        "--master-key",
+        "master-secret-1",
+    ]);
+    let scrape = |token: Option<&str>| {
+        let mut req = ureq::get(&format!("{}/metrics", s.base));
+        if let Some(t) = token {
+            req = req.set("authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for token in [None, Some("wrong-secret-1")] {
+        let (status, body) = scrape(token);
+        assert_eq!(status, 401, "{body}");
+        assert!(!body.contains("edgeinfer_"), "{body}");
+        assert!(body.contains("metrics key"), "{body}");
+    }
+    for token in ["scrape-secret-1", "master-secret-1"] {
+        let (status, body) = scrape(Some(token));
+        assert_eq!(status, 200);
+        assert!(body.contains("edgeinfer_requests_running"), "{body}");
+    }
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/ready").0, 200);
+}

@@ -82,6 +82,8 @@ pub struct AppState {
     /// The cache TTL and request timeout of requests whose headers do not set them.
     pub directive_defaults: gate::DirectiveDefaults,
     pub stall_timeout: Duration,
+    /// `--metrics-key`: the bearer token `/metrics` asks for (none: open).
+    pub metrics_key: Option<String>,
     /// `x-edgeinfer-node` (none when the name is not a valid header value).
     node_header: Option<HeaderValue>,
 }
@@ -101,6 +103,7 @@ pub struct HttpConfig {
     pub stall_timeout: Duration,
     /// Sent in every response's `x-edgeinfer-node` header.
     pub node_name: String,
+    pub metrics_key: Option<String>,
 }
 
 impl AppState {
@@ -128,6 +131,7 @@ impl AppState {
                 request_timeout: config.default_request_timeout,
             },
             stall_timeout: config.stall_timeout,
+            metrics_key: config.metrics_key,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

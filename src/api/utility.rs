@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -161,7 +161,21 @@ pub async fn detokenize(
     Ok(Json(json!({"content": text, "prompt": text})))
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// Prometheus text. With `--metrics-key`, only for that key (or the master key) as a bearer
+/// token: the gateway series show each key's volumes.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(want) = &state.metrics_key {
+        let got = super::gate::presented_key(&headers);
+        let ok = got.as_deref().is_some_and(|k| {
+            crate::gateway::keys::secrets_equal(k, want) || state.gateway.is_master(Some(k))
+        });
+        if !ok {
+            return ApiError::unauthorized(
+                "/metrics needs the metrics key (or the master key): `Authorization: Bearer KEY`",
+            )
+            .into_response();
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -217,7 +217,13 @@ function parseMetrics(text) {
 async function sample() {
   let m;
   try {
-    const r = await fetch("/metrics");
+    // With --metrics-key, /metrics takes that key or the master key.
+    const r = await fetch("/metrics", { headers: headers(false) });
+    if (r.status === 401) {
+      $("node-status").textContent = "metrics need the metrics or master key";
+      $("node-status").className = "badge bad";
+      return;
+    }
     m = parseMetrics(await r.text());
   } catch (_) {
     $("node-status").textContent = "unreachable";
