@@ -81,6 +81,8 @@ pub struct Directives {
     /// `cf-aig-custom-cost`.
     pub custom_cost: Option<Price>,
     pub session_id: Option<String>,
+    /// `Idempotency-Key`: a retry with the same key and body gets the first attempt's reply.
+    pub idempotency_key: Option<String>,
     /// `cf-aig-metadata`, canonical JSON.
     pub metadata: Option<String>,
     /// `cf-aig-request-timeout` (or the server default): the first part of the response
@@ -142,6 +144,7 @@ impl Directives {
         };
         let cache_key = bounded("cf-aig-cache-key", text("cf-aig-cache-key")?)?;
         let session_id = bounded("x-session-id", text("x-session-id")?)?;
+        let idempotency_key = bounded("idempotency-key", text("idempotency-key")?)?;
         let custom_cost = text("cf-aig-custom-cost")?
             .map(Price::from_custom_cost)
             .transpose()?;
@@ -175,6 +178,7 @@ impl Directives {
             cache_key,
             custom_cost,
             session_id,
+            idempotency_key,
             metadata,
         })
     }
@@ -216,7 +220,24 @@ impl Gate {
         if d.cache_ttl.is_none() || d.skip_cache || !deterministic {
             return None;
         }
-        if let Some(custom) = &d.cache_key {
+        self.key_of(None, model_hash, template_hash)
+    }
+
+    /// The key an `Idempotency-Key` request's reply is kept under: the key's own, the
+    /// caller's, the model's and the body's (so a retry must send the same body).
+    pub fn idempotency_key(&self, model_hash: &str, template_hash: &str) -> Option<[u8; 32]> {
+        let idem = self.directives.idempotency_key.as_deref()?;
+        self.key_of(Some(idem), model_hash, template_hash)
+    }
+
+    fn key_of(
+        &self,
+        idempotency: Option<&str>,
+        model_hash: &str,
+        template_hash: &str,
+    ) -> Option<[u8; 32]> {
+        let d = &self.directives;
+        if let Some(custom) = d.cache_key.as_ref().filter(|_| idempotency.is_none()) {
             return Some(crate::gateway::cache::cache_key(&[
                 self.route,
                 "custom",
@@ -232,11 +253,14 @@ impl Gate {
                 m.remove(f);
             }
         }
-        let scope = match &self.principal {
+        let mut scope = match &self.principal {
             Principal::Key(k) => format!("key:{}", k.id),
             Principal::Master => "master".into(),
             Principal::Anonymous => "anonymous".into(),
         };
+        if let Some(idem) = idempotency {
+            scope = format!("{scope}\nidempotency:{idem}");
+        }
         Some(crate::gateway::cache::cache_key(&[
             self.route,
             &scope,
@@ -374,6 +398,28 @@ impl Tail {
             l.fill(recorded, bytes);
         }
     }
+}
+
+/// Runs an `Idempotency-Key` request's events into the cache through a relay of its own: the
+/// reply is recorded and stored even when its client goes away (the engine keeps going; a
+/// retry waits for it and replays), and passed on to the client while it is there.
+pub fn detach(mut from: EventReceiver, leader: Leader<Recorded>) -> EventReceiver {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut recorded = Vec::new();
+        while let Some(ev) = from.recv().await {
+            let finished = matches!(ev, Event::Finished { .. });
+            recorded.push(ev.clone());
+            let _ = tx.send(ev);
+            if finished {
+                let bytes = recorded_bytes(&recorded);
+                leader.fill(recorded, bytes);
+                return;
+            }
+        }
+        // Failed or dropped: the leader goes, and a retry generates afresh.
+    });
+    rx
 }
 
 /// A recorded reply as a fresh event stream.

@@ -181,12 +181,24 @@ pub(super) async fn run(
         .map(|t| (tokio::time::Instant::from_std(gate.arrived + t), t));
 
     // The response cache (one choice only): replay a hit, wait for an identical request
-    // under way, or lead.
+    // under way, or lead. An `Idempotency-Key` keeps any reply (sampled too) for a day.
     let deterministic = sampling.temperature == 0.0 || sampling.seed.is_some();
     let mut leader = None;
-    let key = gate.cache_key(deterministic, &ready.model_hash, &ready.template_hash);
+    let idempotent = gate.idempotency_key(&ready.model_hash, &ready.template_hash);
+    if idempotent.is_some() && count > 1 {
+        return Err(ApiError::invalid(
+            "idempotency-key",
+            "`Idempotency-Key` is for requests of one choice (one prompt, `n` 1)",
+        ));
+    }
+    let (key, ttl) = match idempotent {
+        Some(k) => (Some(k), IDEMPOTENCY_TTL),
+        None => (
+            gate.cache_key(deterministic, &ready.model_hash, &ready.template_hash),
+            gate.directives.cache_ttl.unwrap_or_default(),
+        ),
+    };
     if let Some(key) = key.filter(|_| count == 1) {
-        let ttl = gate.directives.cache_ttl.unwrap_or_default();
         loop {
             let hit = match state.cache.lookup(key, ttl) {
                 Lookup::Hit(hit) => hit,
@@ -206,7 +218,11 @@ pub(super) async fn run(
                 stream: fields.stream,
                 include_usage,
             };
-            return replay_hit(state, &gate, &hit, price, &labels, reply, received).await;
+            let mut resp = replay_hit(state, &gate, &hit, price, &labels, reply, received).await?;
+            if idempotent.is_some() {
+                add_headers(&mut resp, vec![("idempotent-replayed", "true".into())]);
+            }
+            return Ok(resp);
         }
     }
 
@@ -223,7 +239,9 @@ pub(super) async fn run(
         .map_err(|(refusal, rate)| refusal_error(refusal, prompt_total, max_total, rate))?;
     share(&mut budgets, meter.max_tokens() as usize);
     let mut headers = rate_headers(meter.rate);
-    if leader.is_some() {
+    if idempotent.is_some() {
+        // Not the response cache's business.
+    } else if leader.is_some() {
         headers.push(("cf-aig-cache-status", "MISS".into()));
     } else if key.is_some() {
         // Several choices are never cached.
@@ -269,6 +287,14 @@ pub(super) async fn run(
         .engine
         .submit_many(reqs)
         .inspect_err(|_| refusal.refused())?;
+    // An idempotent reply is recorded apart from its client, which may leave and retry.
+    let mut rxs = rxs;
+    if let (Some(_), [rx]) = (idempotent, &mut rxs[..]) {
+        if let Some(l) = leader.take() {
+            let (_, closed) = tokio::sync::mpsc::unbounded_channel();
+            *rx = super::gate::detach(std::mem::replace(rx, closed), l);
+        }
+    }
     let mut choices: Vec<Choice> = rxs
         .into_iter()
         .zip(echoes)
@@ -294,6 +320,9 @@ pub(super) async fn run(
     add_headers(&mut resp, headers);
     Ok(resp)
 }
+
+/// How long an `Idempotency-Key` request's reply is kept for its retries.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `fut`'s output, or the request-timeout error once `deadline` passes.
 async fn in_time<T>(

@@ -1,0 +1,112 @@
+//! `Idempotency-Key` with the real default model: a retry with the same key and body gets
+//! the first attempt's reply (sampled ones too) without a second generation or a second
+//! charge, even when the first client left mid-stream; a request of several choices is
+//! refused the header.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::server::Server;
+use serde_json::{json, Value};
+
+/// Sampled (no seed), with the end-of-text tokens banned so it runs to `max_tokens`.
+fn sampled(max_tokens: u32, stream: bool) -> Value {
+    json!({"messages": [{"role": "user", "content": "Write a poem about the sea."}],
+           "max_tokens": max_tokens, "temperature": 1.0, "stream": stream,
+           "logit_bias": {"0": -100, "2": -100}})
+}
+
+fn text(r: &common::server::Reply) -> String {
+    r.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", r.body))
+        .to_string()
+}
+
+fn labelled(s: &Server, name: &str, label: (&str, &str)) -> f64 {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| l.contains(&format!("{}=\"{}\"", label.0, label.1)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_retry_gets_the_first_reply_without_a_second_generation() {
+    let s = Server::start(&[]);
+    let post = |body: &Value, key: Option<&str>| {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        s.call("POST", "/v1/chat/completions", Some(body), &headers)
+    };
+    // Sampled replies differ without the header...
+    let (a, b) = (
+        post(&sampled(48, false), None),
+        post(&sampled(48, false), None),
+    );
+    assert_ne!(text(&a), text(&b), "two samples came out the same");
+    // ...and repeat with it: the retry is a replay, ledgered as such.
+    let first = post(&sampled(48, false), Some("order-17"));
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let generated = s.metric("edgeinfer_generation_tokens_total");
+    let again = post(&sampled(48, false), Some("order-17"));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(text(&again), text(&first));
+    assert_eq!(again.body["usage"], first.body["usage"]);
+    assert_eq!(s.metric("edgeinfer_generation_tokens_total"), generated);
+    // Another key, or another body, is another request.
+    let other = post(&sampled(48, false), Some("order-18"));
+    assert_ne!(text(&other), text(&first));
+    assert_eq!(other.header("idempotent-replayed"), None);
+    let longer = post(&sampled(49, false), Some("order-17"));
+    assert_eq!(longer.body["usage"]["completion_tokens"], 49);
+
+    // Several choices cannot be replayed as one: refused, naming the header.
+    let mut two = sampled(4, false);
+    two["n"] = json!(2);
+    let r = post(&two, Some("order-19"));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "idempotency-key");
+    let bad = post(&sampled(4, false), Some(&"x".repeat(300)));
+    assert_eq!(bad.status, 400, "{}", bad.body);
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_can_retry_and_get_the_whole_reply() {
+    let s = Server::start(&[]);
+    let before = s.metric("edgeinfer_generation_tokens_total");
+    // A stream of 400 tokens whose client reads its first bytes and goes.
+    let mut gone = ureq::post(&format!("{}/v1/chat/completions", s.base))
+        .set("idempotency-key", "agent-step-3")
+        .send_json(sampled(400, true))
+        .expect("the stream starts")
+        .into_reader();
+    let mut buf = [0u8; 64];
+    gone.read_exact(&mut buf).unwrap();
+    drop(gone);
+    // The retry (not streamed this time: delivery is not part of the key) waits for the
+    // generation the first attempt started, which went on without its client.
+    let r = s.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&sampled(400, false)),
+        &[("idempotency-key", "agent-step-3")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["usage"]["completion_tokens"], 400, "{}", r.body);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    // One generation of 400 tokens in all; the ledger has it once, and one replay.
+    assert_eq!(
+        s.metric("edgeinfer_generation_tokens_total") - before,
+        400.0
+    );
+    let rows = |status| labelled(&s, "edgeinfer_gateway_requests_total", ("status", status));
+    assert_eq!(rows("ok"), 1.0);
+    assert_eq!(rows("cached"), 1.0);
+    assert_eq!(rows("cancelled"), 0.0);
+}
