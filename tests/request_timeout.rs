@@ -114,14 +114,16 @@ fn the_server_default_applies_and_a_stream_begun_in_time_runs_to_its_end() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["error"]["param"], "cf-aig-request-timeout");
 
-    // 250 ms to the first token; the whole stream takes longer, and is not cut.
+    // 1.5 s to the first token; the whole stream takes longer, and is not cut: every token
+    // arrives, in order (the same text as the same request whole, without a timeout).
+    let mut body = endless(1500, true);
+    body["stream_options"] = json!({"include_usage": true});
     let t = Instant::now();
     let resp = ureq::post(&format!("{}/v1/completions", s.base))
-        .set("cf-aig-request-timeout", "250")
-        .send_json(endless(400, true))
+        .set("cf-aig-request-timeout", "1500")
+        .send_json(body)
         .expect("the stream starts");
-    let mut tokens = 0;
-    let mut finish = Value::Null;
+    let (mut text, mut usage, mut finish) = (String::new(), Value::Null, Value::Null);
     for line in BufReader::new(resp.into_reader())
         .lines()
         .map_while(Result::ok)
@@ -135,17 +137,77 @@ fn the_server_default_applies_and_a_stream_begun_in_time_runs_to_its_end() {
         let v: Value = serde_json::from_str(d).unwrap();
         assert!(v.get("error").is_none(), "{v}");
         if let Some(c) = v["choices"].get(0) {
-            tokens += 1;
+            text.push_str(c["text"].as_str().unwrap_or(""));
             if !c["finish_reason"].is_null() {
                 finish = c["finish_reason"].clone();
             }
         }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
     }
     let took = t.elapsed();
     assert_eq!(finish, "length");
-    assert!(tokens >= 100, "{tokens} chunks");
+    assert_eq!(usage["completion_tokens"], 1500, "{usage}");
     assert!(
-        took > Duration::from_millis(250),
+        took > Duration::from_millis(1500),
         "the stream ended within its timeout ({took:?}): nothing shown"
     );
+    let whole = s.call(
+        "POST",
+        "/v1/completions",
+        Some(&endless(1500, false)),
+        &none,
+    );
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    assert_eq!(
+        whole.body["choices"][0]["text"].as_str(),
+        Some(text.as_str())
+    );
+}
+
+#[test]
+fn with_a_timeout_an_identical_request_under_way_is_not_waited_for() {
+    let s = Server::start(&[]);
+    // Cached, deterministic and long: a second identical request would otherwise wait for
+    // the first one's whole reply (seconds), far past its own 2 s to a first token.
+    let headers = [
+        ("cf-aig-cache-ttl", "60"),
+        ("cf-aig-request-timeout", "2000"),
+    ];
+    let stream = |s: &Server| {
+        let mut req = ureq::post(&format!("{}/v1/completions", s.base));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = req
+            .send_json(endless(1500, true))
+            .expect("the stream starts");
+        let status = r.header("cf-aig-cache-status").map(str::to_string);
+        let mut text = String::new();
+        for line in BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Some(d) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                break;
+            }
+            let v: Value = serde_json::from_str(d).unwrap();
+            assert!(v.get("error").is_none(), "{v}");
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+        }
+        (status, text)
+    };
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| stream(&s));
+        assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+        let (status, text) = stream(&s);
+        assert_eq!(status.as_deref(), Some("BYPASS"));
+        let (first_status, first_text) = first.join().unwrap();
+        assert_eq!(first_status.as_deref(), Some("MISS"));
+        assert_eq!(text, first_text);
+    });
 }

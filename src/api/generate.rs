@@ -11,7 +11,7 @@ use super::choices::{split_meter, Choice};
 use super::error::ApiError;
 use super::gate::{add_headers, rate_headers, refusal_error, replay, Gate, Recorded, Tail};
 use super::handlers::labels;
-use super::response::{respond, Meta, Pick, Surface};
+use super::response::{respond, Deadline, Meta, Pick, Surface};
 use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
@@ -202,9 +202,18 @@ pub(super) async fn run(
         loop {
             let hit = match state.cache.lookup(key, ttl) {
                 Lookup::Hit(hit) => hit,
-                Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await? {
-                    Some(hit) => hit,
-                    None => continue, // its leader gave up: look again
+                // With a deadline, an identical request under way is not waited for (a
+                // waiter gets the whole reply at its end): this one runs by itself. A retry
+                // of an idempotent request waits, within its deadline.
+                Lookup::Wait(_) if deadline.is_some() && idempotent.is_none() => break,
+                Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {
+                    Ok(Some(hit)) => hit,
+                    Ok(None) => continue, // its leader gave up: look again
+                    Err(e) => {
+                        let who = gate.principal.key_id();
+                        state.gateway.record_timed_out(who, &labels, received);
+                        return Err(e);
+                    }
                 },
                 Lookup::Lead(l) => {
                     leader = Some(l);
@@ -226,6 +235,14 @@ pub(super) async fn run(
         }
     }
 
+    // Past its deadline already (templating, grammars): answered before it is queued.
+    if deadline.is_some_and(|(at, _)| tokio::time::Instant::now() >= at) {
+        let limit = deadline.map(|(_, t)| t).unwrap_or_default();
+        state
+            .gateway
+            .record_timed_out(gate.principal.key_id(), &labels, received);
+        return Err(ApiError::request_timeout(limit));
+    }
     // Reserve the prompts plus the completion budgets against every window that applies.
     let ask = Ask {
         prompt: prompt_total as u64,
@@ -306,17 +323,18 @@ pub(super) async fn run(
     if fields.stream && deadline.is_some() {
         choices = in_time(deadline, first_event(choices)).await?;
     }
-    let reply = respond(
+    // Dropped on time out, the choices' receivers close: the engine drops the sequences in
+    // its next step and their meter ledgers what they computed as cancelled.
+    let mut resp = respond(
         choices,
         meta,
         fields.stream,
         include_usage,
         tail,
         keep_alive,
-    );
-    // Dropped on time out, the choices' receivers close: the engine drops the sequences in
-    // its next step and their meter ledgers what they computed as cancelled.
-    let mut resp = in_time(deadline, reply).await??;
+        deadline,
+    )
+    .await?;
     add_headers(&mut resp, headers);
     Ok(resp)
 }
@@ -326,7 +344,7 @@ const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `fut`'s output, or the request-timeout error once `deadline` passes.
 async fn in_time<T>(
-    deadline: Option<(tokio::time::Instant, Duration)>,
+    deadline: Deadline,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, ApiError> {
     match deadline {
@@ -452,6 +470,7 @@ async fn replay_hit(
         reply.include_usage,
         Tail::default(),
         state.sse_keep_alive,
+        None,
     )
     .await?;
     let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));

@@ -84,8 +84,13 @@ impl Surface {
     }
 }
 
+/// When a request's reply must have begun (a stream) or be done (a whole reply), and the
+/// limit that set it: past it the request is answered 504.
+pub type Deadline = Option<(tokio::time::Instant, std::time::Duration)>;
+
 /// The answer to one request in its surface's shape, whole or streamed. Only OpenAI's
-/// shapes carry several choices; the other surfaces get one.
+/// shapes carry several choices; the other surfaces get one. `deadline` bounds the wait
+/// for a whole reply's events (a stream's first event is awaited before).
 pub async fn respond(
     choices: Vec<Choice>,
     meta: Meta,
@@ -93,9 +98,10 @@ pub async fn respond(
     include_usage: bool,
     tail: Tail,
     keep_alive: std::time::Duration,
+    deadline: Deadline,
 ) -> Result<Response, ApiError> {
     if !stream {
-        return collect(choices, meta, tail).await;
+        return collect(choices, meta, tail, deadline).await;
     }
     if let Surface::OpenAi = meta.surface {
         let sse = super::stream::sse_response(choices, meta, include_usage, tail, keep_alive);
@@ -367,13 +373,26 @@ fn reply(events: Vec<Event>) -> Reply {
 }
 
 /// Collects every choice of one request into the whole answer.
-async fn collect(choices: Vec<Choice>, meta: Meta, mut tail: Tail) -> Result<Response, ApiError> {
+async fn collect(
+    choices: Vec<Choice>,
+    meta: Meta,
+    mut tail: Tail,
+    deadline: Deadline,
+) -> Result<Response, ApiError> {
     let (rxs, shown): (Vec<_>, Vec<_>) = choices
         .into_iter()
         .map(|c| (c.rx, (c.echo, c.counts_prompt)))
         .unzip();
     let several = rxs.len() > 1;
-    let gathered = futures_util::future::try_join_all(rxs.into_iter().map(gather)).await?;
+    // Only the engine's part is timed: once every choice has ended, the ledger and the
+    // cache are waited for whatever the time (the request was computed and charged).
+    let gathered = futures_util::future::try_join_all(rxs.into_iter().map(gather));
+    let gathered = match deadline {
+        None => gathered.await?,
+        Some((at, limit)) => tokio::time::timeout_at(at, gathered)
+            .await
+            .map_err(|_| ApiError::request_timeout(limit))??,
+    };
     // One choice: every event (the response cache records them); several: the end of the
     // last, which waits for the one ledger row.
     for events in &gathered {

@@ -363,7 +363,14 @@ impl Scheduler {
                 // Out of blocks: preempt the newest running sequence of the tenant running
                 // the most (maybe this one).
                 let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
-                budget += self.preempt(self.running[at], &mut step);
+                let gone = self.running[at];
+                // Planned already (before `i`), its rows go back to the budgets they took.
+                let scored = self.scoring(gone);
+                let refund = self.preempt(gone, &mut step);
+                budget += refund;
+                if scored {
+                    scored_left += refund;
+                }
                 if at < i {
                     i -= 1; // `id` moved down one place
                 }

@@ -289,6 +289,16 @@ impl Gateway {
         self.ledger.record_then(row, None);
     }
 
+    /// A request that ran out of time before it was admitted (waiting for an identical one,
+    /// or in templating): a `cancelled` row, nothing computed or charged.
+    pub fn record_timed_out(&self, key_id: Option<&str>, labels: &Labels, received: Instant) {
+        let row = Row {
+            status: "cancelled",
+            ..self.row(key_id, labels, received)
+        };
+        self.ledger.record_then(row, None);
+    }
+
     /// A key's spend since `since` in the ledger (0, logged, if it cannot be read).
     fn spent(&self, key_id: &str, since: i64) -> u64 {
         self.ledger.spent(key_id, since).unwrap_or_else(|e| {

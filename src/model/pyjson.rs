@@ -114,7 +114,7 @@ fn sorted(v: serde_json::Value) -> serde_json::Value {
 fn ascii(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_ascii() {
+        if c.is_ascii() && c != '\u{7f}' {
             out.push(c);
         } else {
             let mut units = [0u16; 2];
@@ -166,13 +166,10 @@ pub fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) => match (v.as_i64(), v.as_str()) {
-            (Some(n), _) if n >= 0 => Some(" ".repeat(n as usize)),
+            // A negative indent is Python's `" " * n`: newlines, no indentation.
+            (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
             (_, Some(s)) => Some(s.to_string()),
-            _ => {
-                return Err(bad(
-                    "tojson: `indent` must be a non-negative integer or a string",
-                ))
-            }
+            _ => return Err(bad("tojson: `indent` must be an integer or a string")),
         },
     };
     let separators = match kwargs.get::<Option<Vec<String>>>("separators")? {
@@ -242,8 +239,8 @@ mod tests {
             r#"{"a":[1,2]}"#
         );
         assert_eq!(
-            dumps(&json!(["é", "😀"]), None, None, false, true).unwrap(),
-            r#"["\u00e9", "\ud83d\ude00"]"#
+            dumps(&json!(["é", "😀", "\u{7f}"]), None, None, false, true).unwrap(),
+            r#"["\u00e9", "\ud83d\ude00", "\u007f"]"#
         );
         assert_eq!(
             dumps(&json!([]), Some("    ".into()), None, false, false).unwrap(),

@@ -98,7 +98,10 @@ impl Specials {
             eos,
             add_bos: f
                 .opt_bool("tokenizer.ggml.add_bos_token")?
-                .unwrap_or(model == "llama"),
+                // SentencePiece vocabularies and Tekken add BOS unless told (as llama.cpp).
+                .unwrap_or(
+                    model == "llama" || f.get_str("tokenizer.ggml.pre").ok() == Some("tekken"),
+                ),
             stop_ids,
             control_ids,
         })
