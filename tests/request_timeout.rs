@@ -104,6 +104,13 @@ fn the_server_default_applies_and_a_stream_begun_in_time_runs_to_its_end() {
     let r = s.call("POST", "/v1/completions", Some(&endless(8, false)), &[]);
     assert_timed_out(&r);
     assert!(s.wait_idle(Duration::from_secs(10)));
+    // Anthropic's surface in Anthropic's shape.
+    let msg = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 8,
+                     "messages": [{"role": "user", "content": "Hi"}]});
+    let r = s.call("POST", "/v1/messages", Some(&msg), &[]);
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.body["type"], "error", "{}", r.body);
+    assert_eq!(r.body["error"]["type"], "timeout_error", "{}", r.body);
     // The header overrides it: 0 is no timeout.
     let none = [("cf-aig-request-timeout", "0")];
     let r = s.call("POST", "/v1/completions", Some(&endless(8, false)), &none);
