@@ -118,6 +118,14 @@ fn keys_guard_every_route_but_the_probes() {
         r.body["data"].as_array().unwrap().len()
     };
     assert_eq!((listed(&alice), listed(&other), listed(MASTER)), (1, 0, 1));
+    // Retrieved by name: a key that may not use it does not see it either.
+    let one = |key: &str| {
+        let auth = format!("Bearer {key}");
+        let path = "/v1/models/SmolLM2-135M-Instruct.Q4_1";
+        s.call("GET", path, None, &[("authorization", &auth)])
+            .status
+    };
+    assert_eq!((one(&alice), one(&other), one(MASTER)), (200, 404, 200));
     let mut unknown = body.clone();
     unknown["model"] = json!("no-such-model");
     assert_openai_error(&s.post_key(route, &unknown, &alice), 404, "model_not_found");

@@ -165,6 +165,22 @@ fn chat_completions_behave_like_openai() {
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+    // One model by name, as the list shows it; another name is 404.
+    for path in [
+        "/v1/models/SmolLM2-135M-Instruct.Q4_1",
+        "/models/SmolLM2-135M-Instruct.Q4_1",
+    ] {
+        let (status, one) = s.get(path);
+        assert_eq!(status, 200, "{one}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&one).unwrap(),
+            models["data"][0]
+        );
+    }
+    let (status, none) = s.get("/v1/models/org/other-model");
+    assert_eq!(status, 404, "{none}");
+    let none: Value = serde_json::from_str(&none).unwrap();
+    assert_eq!(none["error"]["code"], "model_not_found");
     assert_eq!(s.get("/health").0, 200);
     assert_eq!(s.get("/ready").0, 200);
     let (_, t) = s.post("/tokenize", &json!({"content": "Hello, world!"}));

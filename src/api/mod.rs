@@ -198,10 +198,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(utility::models))
+        .route("/v1/models/{*model}", get(utility::model))
         // Also without the prefix, as llama-server allows.
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/models", get(utility::models))
+        .route("/models/{*model}", get(utility::model))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
         .route("/v1/responses", post(surfaces::responses_create))

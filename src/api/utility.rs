@@ -24,21 +24,32 @@ pub async fn models(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
 ) -> Json<Value> {
-    let ctx = state.ready.get().map(|r| r.context_length);
     let visible = match &who {
         Principal::Key(k) => k.allows_model(&state.model_name),
         Principal::Anonymous | Principal::Master => true,
     };
-    let data: Vec<Value> = visible
-        .then(|| {
-            json!({
-                "id": state.model_name, "object": "model", "created": state.started,
-                "owned_by": "edgeinfer", "context_length": ctx,
-            })
-        })
-        .into_iter()
-        .collect();
+    let data: Vec<Value> = visible.then(|| model_object(&state)).into_iter().collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+fn model_object(state: &AppState) -> Value {
+    let ctx = state.ready.get().map(|r| r.context_length);
+    json!({
+        "id": state.model_name, "object": "model", "created": state.started,
+        "owned_by": "edgeinfer", "context_length": ctx,
+    })
+}
+
+/// OpenAI's `GET /v1/models/{model}`: the served model by its name or an alias; 404
+/// `model_not_found` otherwise (and for a key that may not use it, as the list hides it).
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    super::handlers::check_model(&state, &who, Some(&name))
+        .map_err(|_| ApiError::model_not_found(&name))?;
+    Ok(Json(model_object(&state)))
 }
 
 /// Liveness: 200 while the process and its engine thread are alive, also while the model
