@@ -42,6 +42,7 @@ fn official_openai_client_works() {
     streamed["prompt_tokens_details"] = Value::Null;
     assert_eq!(whole, streamed);
     assert_eq!(r["models"], json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    assert_eq!(r["retrieved"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(r["not_found"], 404);
     assert_eq!(r["bad_request"], 400);
     // Scoring five prompt ids: the client parses six entries (the first unscored).

@@ -39,6 +39,7 @@ several = client.chat.completions.create(
 )
 
 models = [m.id for m in client.models.list()]
+retrieved = client.models.retrieve(model).id
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     not_found = None
@@ -58,6 +59,7 @@ print(json.dumps({
     "usage": whole.usage.model_dump(),
     "stream_usage": usage.model_dump() if usage else None,
     "models": models,
+    "retrieved": retrieved,
     "not_found": not_found,
     "bad_request": bad_request,
     "scored": {
