@@ -150,6 +150,39 @@ fn mistral_models_call_tools_in_their_own_format() {
         body["choices"][0]["message"]["tool_calls"].is_null(),
         "{body}"
     );
+    // Several calls in one reply (parallel calls allowed), each a whole call.
+    let mut several = ask.clone();
+    several["parallel_tool_calls"] = json!(true);
+    several["max_tokens"] = json!(400);
+    let (status, reply) = server.post("/v1/chat/completions", &several);
+    assert_eq!(status, 200, "{reply}");
+    if reply["choices"][0]["finish_reason"] == "tool_calls" {
+        for (name, args) in calls_of(&reply) {
+            assert_eq!(name, "get_weather");
+            serde_json::from_str::<Value>(&args).unwrap();
+        }
+    }
+    // Anthropic's surface: `tool_use` blocks from the same format.
+    let msg = json!({
+        "model": reply["model"], "max_tokens": 120, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello world"}],
+        "tools": [{"name": "get_weather", "description": "The weather in a city",
+                   "input_schema": tools()[0]["function"]["parameters"]}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+    });
+    let (status, reply) = server.post("/v1/messages", &msg);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["stop_reason"], "tool_use", "{reply}");
+    let block = reply["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_eq!(block["name"], "get_weather");
+    assert!(block["input"]["city"].is_string(), "{reply}");
+    assert!(is_short_id(block["id"].as_str().unwrap()), "{reply}");
+
     // The history is in the prompt: more tokens than the first turn's.
     let (_, first) = server.post("/v1/chat/completions", &ask);
     assert!(
