@@ -365,6 +365,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_METRICS_KEY", hide_env_values = true)]
     pub metrics_key: Option<String>,
 
+    /// Memory the replies kept for `Idempotency-Key` retries may hold (24 hours each, least
+    /// recently used out first; a retry whose reply is gone gets 409, never a new generation).
+    #[arg(long, env = "EDGEINFER_IDEMPOTENCY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub idempotency_max_bytes: usize,
+
     /// Milliseconds a request may wait for the first part of its response (a whole reply,
     /// or a stream's first token) before it is cancelled and answered 504, for requests
     /// that send no `cf-aig-request-timeout` header (0: no limit).

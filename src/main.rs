@@ -335,6 +335,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         body_read_timeout: std::time::Duration::from_secs(args.body_read_timeout),
         sse_keep_alive: std::time::Duration::from_secs(args.sse_keep_alive),
         cache_max_bytes: args.cache_max_bytes,
+        idempotency_max_bytes: args.idempotency_max_bytes,
         default_cache_ttl: (args.cache_ttl > 0)
             .then(|| std::time::Duration::from_secs(args.cache_ttl)),
         default_request_timeout: (args.request_timeout_ms > 0)

@@ -1,7 +1,8 @@
 //! `Idempotency-Key` with the real default model: a retry with the same key and body gets
 //! the first attempt's reply (sampled ones too) without a second generation or a second
-//! charge, even when the first client left mid-stream; a request of several choices is
-//! refused the header.
+//! charge, even when the first client left mid-stream or its budget is now spent; another
+//! API key's retry is its own request; a reply no longer held is 409, never made again; a
+//! request of several choices is refused the header.
 
 mod common;
 
@@ -107,6 +108,82 @@ fn a_client_that_leaves_mid_stream_can_retry_and_get_the_whole_reply() {
     );
     let rows = |status| labelled(&s, "edgeinfer_gateway_requests_total", ("status", status));
     assert_eq!(rows("ok"), 1.0);
-    assert_eq!(rows("cached"), 1.0);
+    assert_eq!(rows("replayed"), 1.0);
     assert_eq!(rows("cancelled"), 0.0);
+}
+
+const MASTER: &str = "sk-master-test-0123456789";
+
+#[test]
+fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.json");
+    // Every completion token costs 1,000 micro-USD.
+    std::fs::write(&prices, r#"{"*": {"input": 0, "output": 1000}}"#).unwrap();
+    // Room for short replies only: a long one is too large to keep.
+    let s = Server::start(&[
+        "--master-key",
+        MASTER,
+        "--prices",
+        prices.to_str().unwrap(),
+        "--idempotency-max-bytes",
+        "4000",
+    ]);
+    let key = |fields: Value| {
+        let r = s.post_key("/key/generate", &fields, MASTER);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["key"].as_str().unwrap().to_string()
+    };
+    // A budget of exactly ten tokens.
+    let (a, b) = (key(json!({"max_budget": 0.01})), key(json!({})));
+    let post = |k: &str, body: &Value, idem: &str| {
+        let auth = format!("Bearer {k}");
+        s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(body),
+            &[("authorization", &auth), ("idempotency-key", idem)],
+        )
+    };
+    let first = post(&a, &sampled(10, false), "step-1");
+    assert_eq!(first.status, 200, "{}", first.body);
+    // The budget is spent: a new request is refused, the retry is handed its reply.
+    let refused = post(&a, &sampled(10, false), "step-2");
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let again = post(&a, &sampled(10, false), "step-1");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(text(&again), text(&first));
+    // Another API key with the same idempotency key and body: its own request.
+    let other = post(&b, &sampled(10, false), "step-1");
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert_eq!(other.header("idempotent-replayed"), None);
+    assert_ne!(text(&other), text(&first));
+    // A reply too large to keep: its retry is told so, and nothing runs again.
+    let long = post(&b, &sampled(120, false), "step-3");
+    assert_eq!(long.status, 200, "{}", long.body);
+    let generated = s.metric("edgeinfer_generation_tokens_total");
+    let gone = post(&b, &sampled(120, false), "step-3");
+    assert_eq!(gone.status, 409, "{}", gone.body);
+    assert_eq!(gone.body["error"]["code"], "idempotency_reply_gone");
+    assert_eq!(s.metric("edgeinfer_generation_tokens_total"), generated);
+    // The replay is ledgered as one, at no cost: the spend is the first attempt's.
+    let replayed = labelled(
+        &s,
+        "edgeinfer_gateway_requests_total",
+        ("status", "replayed"),
+    );
+    assert_eq!(replayed, 1.0);
+    let paid = first.body["usage"]["completion_tokens"].as_f64().unwrap() * 1000.0;
+    let (_, spend) = s.get("/metrics");
+    let a_cost: f64 = spend
+        .lines()
+        .filter(|l| l.starts_with("edgeinfer_gateway_cost_micros_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|&c| c == paid)
+        .count() as f64;
+    assert!(
+        a_cost >= 1.0,
+        "no key spent exactly the first attempt's {paid}: {spend}"
+    );
 }

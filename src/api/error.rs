@@ -173,6 +173,19 @@ impl ApiError {
         }
     }
 
+    /// 409: an `Idempotency-Key` whose reply was made and is no longer held.
+    pub fn idempotency_gone() -> Self {
+        Self {
+            code: Some("idempotency_reply_gone"),
+            param: Some("idempotency-key".into()),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "The reply to this Idempotency-Key was made and is no longer held (evicted, or too large to keep); it is not generated again. Send the request under a new key.",
+            )
+        }
+    }
+
     /// The engine thread ended before the request did.
     pub fn engine_stopped() -> Self {
         Self::unavailable("The engine stopped before the request finished")

@@ -372,9 +372,12 @@ pub struct Tail {
 }
 
 impl Tail {
-    pub fn new(committed: oneshot::Receiver<bool>, leader: Option<Leader<Recorded>>) -> Self {
+    pub fn new(
+        committed: Option<oneshot::Receiver<bool>>,
+        leader: Option<Leader<Recorded>>,
+    ) -> Self {
         Self {
-            committed: Some(committed),
+            committed,
             leader,
             recorded: Vec::new(),
         }
@@ -403,19 +406,30 @@ impl Tail {
 /// Runs an `Idempotency-Key` request's events into the cache through a relay of its own: the
 /// reply is recorded and stored even when its client goes away (the engine keeps going; a
 /// retry waits for it and replays), and passed on to the client while it is there.
-pub fn detach(mut from: EventReceiver, leader: Leader<Recorded>) -> EventReceiver {
+///
+/// The end is kept and passed on once its ledger row is committed (`committed`): a retry
+/// woken by it finds the first attempt settled, and a client's last chunk follows its row.
+pub fn detach(
+    mut from: EventReceiver,
+    leader: Leader<Recorded>,
+    committed: oneshot::Receiver<bool>,
+) -> EventReceiver {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut recorded = Vec::new();
         while let Some(ev) = from.recv().await {
-            let finished = matches!(ev, Event::Finished { .. });
-            recorded.push(ev.clone());
-            let _ = tx.send(ev);
-            if finished {
+            if matches!(ev, Event::Finished { .. }) {
+                if !matches!(committed.await, Ok(true)) {
+                    tracing::error!("the ledger row of a finished request was not committed");
+                }
+                recorded.push(ev.clone());
                 let bytes = recorded_bytes(&recorded);
                 leader.fill(recorded, bytes);
+                let _ = tx.send(ev);
                 return;
             }
+            recorded.push(ev.clone());
+            let _ = tx.send(ev);
         }
         // Failed or dropped: the leader goes, and a retry generates afresh.
     });

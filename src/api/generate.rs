@@ -198,14 +198,23 @@ pub(super) async fn run(
             gate.directives.cache_ttl.unwrap_or_default(),
         ),
     };
+    let store = if idempotent.is_some() {
+        &state.idempotency
+    } else {
+        &state.cache
+    };
     if let Some(key) = key.filter(|_| count == 1) {
         loop {
-            let hit = match state.cache.lookup(key, ttl) {
+            let hit = match store.lookup(key, ttl) {
                 Lookup::Hit(hit) => hit,
-                // With a deadline, an identical request under way is not waited for (a
-                // waiter gets the whole reply at its end): this one runs by itself. A retry
-                // of an idempotent request waits, within its deadline.
-                Lookup::Wait(_) if deadline.is_some() && idempotent.is_none() => break,
+                // Made, and no longer held: never generated twice.
+                Lookup::Gone => return Err(ApiError::idempotency_gone()),
+                // With a deadline, a stream does not wait for an identical one under way (a
+                // waiter gets the whole reply at its end, past its time to a first token):
+                // it runs by itself. A retry of an idempotent request waits, within it.
+                Lookup::Wait(_) if fields.stream && deadline.is_some() && idempotent.is_none() => {
+                    break
+                }
                 Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {
                     Ok(Some(hit)) => hit,
                     Ok(None) => continue, // its leader gave up: look again
@@ -227,11 +236,17 @@ pub(super) async fn run(
                 stream: fields.stream,
                 include_usage,
             };
-            let mut resp = replay_hit(state, &gate, &hit, price, &labels, reply, received).await?;
-            if idempotent.is_some() {
-                add_headers(&mut resp, vec![("idempotent-replayed", "true".into())]);
-            }
-            return Ok(resp);
+            let replayed = idempotent.is_some();
+            return replay_hit(
+                state,
+                &gate,
+                &hit,
+                (price, replayed),
+                &labels,
+                reply,
+                received,
+            )
+            .await;
         }
     }
 
@@ -261,7 +276,7 @@ pub(super) async fn run(
     } else if leader.is_some() {
         headers.push(("cf-aig-cache-status", "MISS".into()));
     } else if key.is_some() {
-        // Several choices are never cached.
+        // Several choices are never cached; a stream with a deadline does not wait.
         headers.push(("cf-aig-cache-status", "BYPASS".into()));
     }
     let (committed_tx, committed) = oneshot::channel();
@@ -305,11 +320,13 @@ pub(super) async fn run(
         .submit_many(reqs)
         .inspect_err(|_| refusal.refused())?;
     // An idempotent reply is recorded apart from its client, which may leave and retry.
+    // Its ledger row is awaited there, before the reply is kept and its end passed on.
     let mut rxs = rxs;
+    let mut committed = Some(committed);
     if let (Some(_), [rx]) = (idempotent, &mut rxs[..]) {
-        if let Some(l) = leader.take() {
+        if let (Some(l), Some(c)) = (leader.take(), committed.take()) {
             let (_, closed) = tokio::sync::mpsc::unbounded_channel();
-            *rx = super::gate::detach(std::mem::replace(rx, closed), l);
+            *rx = super::gate::detach(std::mem::replace(rx, closed), l, c);
         }
     }
     let mut choices: Vec<Choice> = rxs
@@ -440,7 +457,7 @@ async fn replay_hit(
     state: &AppState,
     gate: &Gate,
     hit: &Cached<Recorded>,
-    price: crate::gateway::price::Price,
+    (price, replayed): (crate::gateway::price::Price, bool),
     labels: &Labels,
     reply: Reply,
     received: Instant,
@@ -455,7 +472,7 @@ async fn replay_hit(
         .unwrap_or_default();
     let committed = state
         .gateway
-        .admit_cache_hit(&gate.principal, usage, price, labels, received)
+        .admit_cache_hit(&gate.principal, usage, price, replayed, labels, received)
         .map_err(|(refusal, rate)| {
             refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
         })?;
@@ -474,8 +491,12 @@ async fn replay_hit(
     )
     .await?;
     let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
-    headers.push(("cf-aig-cache-status", "HIT".into()));
-    headers.push(("age", hit.age().to_string()));
+    if replayed {
+        headers.push(("idempotent-replayed", "true".into()));
+    } else {
+        headers.push(("cf-aig-cache-status", "HIT".into()));
+        headers.push(("age", hit.age().to_string()));
+    }
     add_headers(&mut resp, headers);
     Ok(resp)
 }

@@ -93,7 +93,8 @@ fn accept<T: serde::de::DeserializeOwned>(
     let arrived = Instant::now();
     let ready = state.ready()?;
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
-    if !ready.engine.has_room() {
+    // A retry with an `Idempotency-Key` goes on: its reply may be there to replay.
+    if !ready.engine.has_room() && !headers.contains_key("idempotency-key") {
         let directives = Directives::from_headers(headers, state.directive_defaults).ok();
         let labels = labels(state, &rid.0, route, directives.as_ref());
         state

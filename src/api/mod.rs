@@ -79,6 +79,9 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     /// Replies of deterministic requests that asked to be cached.
     pub cache: ResponseCache<gate::Recorded>,
+    /// Replies of `Idempotency-Key` requests, apart from the response cache's, remembering
+    /// the keys whose replies it lost.
+    pub idempotency: ResponseCache<gate::Recorded>,
     /// The cache TTL and request timeout of requests whose headers do not set them.
     pub directive_defaults: gate::DirectiveDefaults,
     pub stall_timeout: Duration,
@@ -95,6 +98,7 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     pub sse_keep_alive: Duration,
     pub cache_max_bytes: usize,
+    pub idempotency_max_bytes: usize,
     pub default_cache_ttl: Option<Duration>,
     /// The request timeout of requests that send no `cf-aig-request-timeout`.
     pub default_request_timeout: Option<Duration>,
@@ -126,6 +130,7 @@ impl AppState {
             },
             gateway,
             cache: ResponseCache::new(config.cache_max_bytes),
+            idempotency: ResponseCache::remembering(config.idempotency_max_bytes),
             directive_defaults: gate::DirectiveDefaults {
                 cache_ttl: config.default_cache_ttl,
                 request_timeout: config.default_request_timeout,

@@ -39,6 +39,9 @@ struct Inner<V> {
     lru: LruCache<CacheKey, Arc<Cached<V>>>,
     bytes: usize,
     inflight: HashMap<CacheKey, watch::Receiver<Option<Arc<Cached<V>>>>>,
+    /// With [`ResponseCache::remembering`]: keys whose reply was made but is no longer held
+    /// (evicted, or too large to keep), until their entry would have expired.
+    gone: Option<LruCache<CacheKey, Instant>>,
 }
 
 pub struct ResponseCache<V> {
@@ -46,11 +49,16 @@ pub struct ResponseCache<V> {
     max_bytes: usize,
 }
 
+/// How many lost keys a remembering cache keeps (48 bytes or so each).
+const GONE_KEYS: usize = 100_000;
+
 /// What a lookup found.
 pub enum Lookup<V> {
     Hit(Arc<Cached<V>>),
     /// The same request is being generated: wait for it ([`wait`]), then replay or retry.
     Wait(watch::Receiver<Option<Arc<Cached<V>>>>),
+    /// (A remembering cache only.) Its reply was made, and is no longer held.
+    Gone,
     /// Nobody has it: generate, then [`Leader::fill`] (dropping the leader lets waiters retry).
     Lead(Leader<V>),
 }
@@ -70,9 +78,20 @@ impl<V> ResponseCache<V> {
                 lru: LruCache::unbounded(),
                 bytes: 0,
                 inflight: HashMap::new(),
+                gone: None,
             })),
             max_bytes,
         }
+    }
+
+    /// A cache that remembers the keys whose replies it lost, so that a lookup can tell
+    /// "made and gone" ([`Lookup::Gone`]) from "never made" (idempotency needs the difference).
+    pub fn remembering(max_bytes: usize) -> Self {
+        let cache = Self::new(max_bytes);
+        cache.inner.lock().unwrap_or_else(|p| p.into_inner()).gone = Some(LruCache::new(
+            std::num::NonZeroUsize::new(GONE_KEYS).expect("a positive bound"),
+        ));
+        cache
     }
 
     /// Looks `key` up; a miss with no generation under way makes the caller its leader.
@@ -84,6 +103,15 @@ impl<V> ResponseCache<V> {
             }
             inner.bytes -= hit.bytes;
             inner.lru.pop(&key);
+        }
+        if let Some(gone) = &mut inner.gone {
+            match gone.get(&key) {
+                Some(&until) if until > Instant::now() => return Lookup::Gone,
+                Some(_) => {
+                    gone.pop(&key);
+                }
+                None => {}
+            }
         }
         if let Some(rx) = inner.inflight.get(&key) {
             if rx.has_changed().is_ok() {
@@ -132,6 +160,7 @@ impl<V> Leader<V> {
         });
         {
             let mut inner = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let inner = &mut *inner;
             if bytes <= self.max_bytes {
                 if let Some(old) = inner.lru.put(self.key, entry.clone()) {
                     inner.bytes -= old.bytes;
@@ -139,10 +168,17 @@ impl<V> Leader<V> {
                 inner.bytes += bytes;
                 while inner.bytes > self.max_bytes {
                     match inner.lru.pop_lru() {
-                        Some((_, old)) => inner.bytes -= old.bytes,
+                        Some((key, old)) => {
+                            inner.bytes -= old.bytes;
+                            if let Some(gone) = &mut inner.gone {
+                                gone.put(key, old.expires);
+                            }
+                        }
                         None => break,
                     }
                 }
+            } else if let Some(gone) = &mut inner.gone {
+                gone.put(self.key, entry.expires);
             }
         }
         let _ = self.slot.send(Some(entry.clone()));
@@ -249,6 +285,37 @@ mod tests {
         l2.fill(8, 60);
         assert_eq!(c.stats(), (1, 60));
         assert!(matches!(c.lookup([1; 32], ttl), Lookup::Lead(_)));
+    }
+
+    #[test]
+    fn a_remembering_cache_tells_lost_replies_from_unmade_ones() {
+        let c: ResponseCache<u32> = ResponseCache::remembering(100);
+        let ttl = Duration::from_secs(60);
+        let lead = |k: u8| match c.lookup([k; 32], ttl) {
+            Lookup::Lead(l) => l,
+            _ => panic!("{k} is not a miss"),
+        };
+        lead(1).fill(1, 60);
+        lead(2).fill(2, 60); // evicts 1
+        assert!(matches!(c.lookup([1; 32], ttl), Lookup::Gone));
+        assert!(matches!(c.lookup([2; 32], ttl), Lookup::Hit(e) if e.value == 2));
+        lead(3).fill(3, 500); // too large to keep
+        assert!(matches!(c.lookup([3; 32], ttl), Lookup::Gone));
+        // A reply never made is a miss; one whose time is up is a miss again.
+        assert!(matches!(c.lookup([4; 32], ttl), Lookup::Lead(_)));
+        let short = match c.lookup([5; 32], Duration::ZERO) {
+            Lookup::Lead(l) => l,
+            _ => panic!(),
+        };
+        short.fill(5, 500);
+        assert!(matches!(c.lookup([5; 32], ttl), Lookup::Lead(_)));
+        // The plain response cache forgets: a lost reply is a miss.
+        let plain: ResponseCache<u32> = ResponseCache::new(100);
+        match plain.lookup([1; 32], ttl) {
+            Lookup::Lead(l) => l.fill(1, 500),
+            _ => panic!(),
+        };
+        assert!(matches!(plain.lookup([1; 32], ttl), Lookup::Lead(_)));
     }
 
     #[tokio::test]

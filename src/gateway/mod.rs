@@ -246,10 +246,24 @@ impl Gateway {
         who: &Principal,
         usage: Usage,
         price: Price,
+        replayed: bool,
         labels: &Labels,
         received: Instant,
     ) -> Result<oneshot::Receiver<bool>, (Refusal, RateInfo)> {
         let tokens = tokens_of(usage);
+        if replayed {
+            // An `Idempotency-Key` retry: the first attempt was admitted and paid; its
+            // reply is handed over whatever the limits say now, at no cost.
+            return Ok(self.ledger.record(Row {
+                status: "replayed",
+                finish_reason: None,
+                prompt_tokens: tokens.prompt,
+                cached_tokens: tokens.cached,
+                completion_tokens: tokens.completion,
+                cost_micros: 0,
+                ..self.row(who.key_id(), labels, received)
+            }));
+        }
         let cost = price.cached_cost(tokens);
         let spec = who.limits();
         let key = who.key_id().zip(spec.as_ref());
