@@ -967,21 +967,6 @@ fn one_keys_burst_does_not_queue_another_keys_request_behind_it() {
     assert!(at < 4, "{order:?}");
 }
 
-/// The value of the sample of `name` whose labels include every one of `labels`.
-fn labelled(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (_, text) = s.get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn metrics_total_the_ledger_by_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -1007,7 +992,7 @@ fn metrics_total_the_ledger_by_key() {
     let r = s.post_key("/v1/chat/completions", &chat("Hi", 5), &key);
     assert_eq!(r.status, 429, "{}", r.body);
     // Rows are counted as they are ledgered, before the reply's end is sent.
-    let m = |name: &str, labels: &[(&str, &str)]| labelled(&s, name, labels);
+    let m = |name: &str, labels: &[(&str, &str)]| s.labelled(name, labels);
     let requests = "edgeinfer_gateway_requests_total";
     assert_eq!(m(requests, &[("key", k), ("status", "ok")]), 2.0);
     assert_eq!(m(requests, &[("key", k), ("status", "rate_limited")]), 1.0);

@@ -26,16 +26,6 @@ fn text(r: &common::server::Reply) -> String {
         .to_string()
 }
 
-fn labelled(s: &Server, name: &str, label: (&str, &str)) -> f64 {
-    let (_, text) = s.get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| l.contains(&format!("{}=\"{}\"", label.0, label.1)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn a_retry_gets_the_first_reply_without_a_second_generation() {
     let s = Server::start(&[]);
@@ -106,7 +96,7 @@ fn a_client_that_leaves_mid_stream_can_retry_and_get_the_whole_reply() {
         s.metric("edgeinfer_generation_tokens_total") - before,
         400.0
     );
-    let rows = |status| labelled(&s, "edgeinfer_gateway_requests_total", ("status", status));
+    let rows = |status| s.labelled("edgeinfer_gateway_requests_total", &[("status", status)]);
     assert_eq!(rows("ok"), 1.0);
     assert_eq!(rows("replayed"), 1.0);
     assert_eq!(rows("cancelled"), 0.0);
@@ -168,10 +158,9 @@ fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
     assert_eq!(gone.body["error"]["code"], "idempotency_reply_gone");
     assert_eq!(s.metric("edgeinfer_generation_tokens_total"), generated);
     // The replay is ledgered as one, at no cost: the spend is the first attempt's.
-    let replayed = labelled(
-        &s,
+    let replayed = s.labelled(
         "edgeinfer_gateway_requests_total",
-        ("status", "replayed"),
+        &[("status", "replayed")],
     );
     assert_eq!(replayed, 1.0);
     let paid = first.body["usage"]["completion_tokens"].as_f64().unwrap() * 1000.0;

@@ -10,24 +10,8 @@ use std::time::{Duration, Instant};
 use common::server::Server;
 use serde_json::{json, Value};
 
-/// The value of the sample of `name` whose labels include every one of `labels`.
-fn labelled(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (_, text) = s.get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn cancelled_rows(s: &Server) -> f64 {
-    labelled(
-        s,
+    s.labelled(
         "edgeinfer_gateway_requests_total",
         &[("status", "cancelled")],
     )
@@ -37,6 +21,34 @@ fn assert_timed_out(r: &common::server::Reply) {
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "request_timeout", "{}", r.body);
     assert_eq!(r.body["error"]["type"], "timeout_error", "{}", r.body);
+}
+
+/// A completions stream read to its end: (text, usage, finish reason); no error events.
+fn read_stream(resp: ureq::Response) -> (String, Value, Value) {
+    let (mut text, mut usage, mut finish) = (String::new(), Value::Null, Value::Null);
+    for line in BufReader::new(resp.into_reader())
+        .lines()
+        .map_while(Result::ok)
+    {
+        let Some(d) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if d == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        if let Some(c) = v["choices"].get(0) {
+            text.push_str(c["text"].as_str().unwrap_or(""));
+            if !c["finish_reason"].is_null() {
+                finish = c["finish_reason"].clone();
+            }
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    (text, usage, finish)
 }
 
 /// Completions with the end-of-text tokens banned, so replies run to `max_tokens`.
@@ -130,29 +142,7 @@ fn the_server_default_applies_and_a_stream_begun_in_time_runs_to_its_end() {
         .set("cf-aig-request-timeout", "1500")
         .send_json(body)
         .expect("the stream starts");
-    let (mut text, mut usage, mut finish) = (String::new(), Value::Null, Value::Null);
-    for line in BufReader::new(resp.into_reader())
-        .lines()
-        .map_while(Result::ok)
-    {
-        let Some(d) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if d == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(d).unwrap();
-        assert!(v.get("error").is_none(), "{v}");
-        if let Some(c) = v["choices"].get(0) {
-            text.push_str(c["text"].as_str().unwrap_or(""));
-            if !c["finish_reason"].is_null() {
-                finish = c["finish_reason"].clone();
-            }
-        }
-        if !v["usage"].is_null() {
-            usage = v["usage"].clone();
-        }
-    }
+    let (text, usage, finish) = read_stream(resp);
     let took = t.elapsed();
     assert_eq!(finish, "length");
     assert_eq!(usage["completion_tokens"], 1500, "{usage}");
@@ -191,21 +181,7 @@ fn with_a_timeout_an_identical_request_under_way_is_not_waited_for() {
             .send_json(endless(1500, true))
             .expect("the stream starts");
         let status = r.header("cf-aig-cache-status").map(str::to_string);
-        let mut text = String::new();
-        for line in BufReader::new(r.into_reader())
-            .lines()
-            .map_while(Result::ok)
-        {
-            let Some(d) = line.strip_prefix("data: ") else {
-                continue;
-            };
-            if d == "[DONE]" {
-                break;
-            }
-            let v: Value = serde_json::from_str(d).unwrap();
-            assert!(v.get("error").is_none(), "{v}");
-            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
-        }
+        let (text, _, _) = read_stream(r);
         (status, text)
     };
     std::thread::scope(|scope| {

@@ -203,6 +203,22 @@ impl Server {
             .unwrap_or(f64::NAN)
     }
 
+    /// The value of the sample of `name` whose labels include every one of `labels` (0 when
+    /// there is none yet).
+    pub fn labelled(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Waits until the metric `name` reads `value`; false if it did not within `within`.
     pub fn wait_metric(&self, name: &str, value: f64, within: Duration) -> bool {
         let deadline = Instant::now() + within;
