@@ -422,6 +422,9 @@ impl ServeArgs {
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());
         }
+        if self.idempotency_max_bytes == 0 {
+            return Err("--idempotency-max-bytes must be positive".into());
+        }
         if self.request_timeout_ms > 3_600_000 {
             return Err("--request-timeout-ms must be at most 3600000 (an hour)".into());
         }

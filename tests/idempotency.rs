@@ -109,7 +109,11 @@ fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
     let dir = tempfile::tempdir().unwrap();
     let prices = dir.path().join("prices.json");
     // Every completion token costs 1,000 micro-USD.
-    std::fs::write(&prices, r#"{"*": {"input": 0, "output": 1000}}"#).unwrap();
+    std::fs::write(
+        &prices,
+        r#"{"*": {"input": 0, "output": 1000, "cached_response": 500}}"#,
+    )
+    .unwrap();
     // Room for short replies only: a long one is too large to keep.
     let s = Server::start(&[
         "--master-key",
@@ -148,7 +152,6 @@ fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
     let other = post(&b, &sampled(10, false), "step-1");
     assert_eq!(other.status, 200, "{}", other.body);
     assert_eq!(other.header("idempotent-replayed"), None);
-    assert_ne!(text(&other), text(&first));
     // A reply too large to keep: its retry is told so, and nothing runs again.
     let long = post(&b, &sampled(120, false), "step-3");
     assert_eq!(long.status, 200, "{}", long.body);
@@ -163,16 +166,44 @@ fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
         &[("status", "replayed")],
     );
     assert_eq!(replayed, 1.0);
-    let paid = first.body["usage"]["completion_tokens"].as_f64().unwrap() * 1000.0;
-    let (_, spend) = s.get("/metrics");
-    let a_cost: f64 = spend
-        .lines()
-        .filter(|l| l.starts_with("edgeinfer_gateway_cost_micros_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .filter(|&c| c == paid)
-        .count() as f64;
-    assert!(
-        a_cost >= 1.0,
-        "no key spent exactly the first attempt's {paid}: {spend}"
+    // Key a spent the first attempt's tokens, not a cached reply's price on top.
+    let paid = first.body["usage"]["completion_tokens"].as_f64().unwrap() * 1000.0 / 1e6;
+    let info = s.call(
+        "GET",
+        "/key/info",
+        None,
+        &[("authorization", &format!("Bearer {a}"))],
     );
+    assert_eq!(info.status, 200, "{}", info.body);
+    assert_eq!(info.body["info"]["spend"].as_f64(), Some(paid), "{}", info.body);
+}
+
+#[test]
+fn a_retry_is_replayed_past_a_full_queue() {
+    let s = Server::start(&["--max-batch-size", "1", "--max-queue", "1"]);
+    let post = |idem: &str| {
+        s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&sampled(8, false)),
+            &[("idempotency-key", idem)],
+        )
+    };
+    let first = post("r-1");
+    assert_eq!(first.status, 200, "{}", first.body);
+    // One long request runs, one waits: the queue is full.
+    let long = json!({"messages": [{"role": "user", "content": "Tell me a story."}],
+                      "max_tokens": 1000, "stream": true, "logit_bias": {"0": -100, "2": -100}});
+    let running = s.raw_post("/v1/chat/completions", &long);
+    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    let waiting = s.raw_post("/v1/chat/completions", &long);
+    assert!(s.wait_metric("edgeinfer_requests_waiting", 1.0, Duration::from_secs(10)));
+    // The retry is handed its reply; a new request is refused as usual.
+    let again = post("r-1");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(text(&again), text(&first));
+    assert_eq!(post("r-2").status, 429);
+    drop((running, waiting));
+    assert!(s.wait_idle(Duration::from_secs(30)));
 }

@@ -407,33 +407,33 @@ impl Tail {
 /// reply is recorded and stored even when its client goes away (the engine keeps going; a
 /// retry waits for it and replays), and passed on to the client while it is there.
 ///
-/// The end is kept and passed on once its ledger row is committed (`committed`): a retry
-/// woken by it finds the first attempt settled, and a client's last chunk follows its row.
+/// The reply is kept once its ledger row is committed (`committed`), so that a retry woken
+/// by it finds the first attempt settled; the returned receiver resolves then, for the
+/// client's [`Tail`] to send its last chunk after the row as always.
 pub fn detach(
     mut from: EventReceiver,
     leader: Leader<Recorded>,
     committed: oneshot::Receiver<bool>,
-) -> EventReceiver {
+) -> (EventReceiver, oneshot::Receiver<bool>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (done_tx, done) = oneshot::channel();
     tokio::spawn(async move {
         let mut recorded = Vec::new();
         while let Some(ev) = from.recv().await {
-            if matches!(ev, Event::Finished { .. }) {
-                if !matches!(committed.await, Ok(true)) {
-                    tracing::error!("the ledger row of a finished request was not committed");
-                }
-                recorded.push(ev.clone());
-                let bytes = recorded_bytes(&recorded);
-                leader.fill(recorded, bytes);
-                let _ = tx.send(ev);
-                return;
-            }
+            let finished = matches!(ev, Event::Finished { .. });
             recorded.push(ev.clone());
             let _ = tx.send(ev);
+            if finished {
+                let ok = matches!(committed.await, Ok(true));
+                let bytes = recorded_bytes(&recorded);
+                leader.fill(recorded, bytes);
+                let _ = done_tx.send(ok);
+                return;
+            }
         }
         // Failed or dropped: the leader goes, and a retry generates afresh.
     });
-    rx
+    (rx, done)
 }
 
 /// A recorded reply as a fresh event stream.

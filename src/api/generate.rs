@@ -326,7 +326,8 @@ pub(super) async fn run(
     if let (Some(_), [rx]) = (idempotent, &mut rxs[..]) {
         if let (Some(l), Some(c)) = (leader.take(), committed.take()) {
             let (_, closed) = tokio::sync::mpsc::unbounded_channel();
-            *rx = super::gate::detach(std::mem::replace(rx, closed), l, c);
+            let (relayed, done) = super::gate::detach(std::mem::replace(rx, closed), l, c);
+            (*rx, committed) = (relayed, Some(done));
         }
     }
     let mut choices: Vec<Choice> = rxs

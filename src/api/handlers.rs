@@ -93,14 +93,18 @@ fn accept<T: serde::de::DeserializeOwned>(
     let arrived = Instant::now();
     let ready = state.ready()?;
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
-    // A retry with an `Idempotency-Key` goes on: its reply may be there to replay.
-    if !ready.engine.has_room() && !headers.contains_key("idempotency-key") {
+    // A retry with an `Idempotency-Key` is parsed first: its reply may be there to replay.
+    let refuse = |who: &Principal| {
         let directives = Directives::from_headers(headers, state.directive_defaults).ok();
         let labels = labels(state, &rid.0, route, directives.as_ref());
         state
             .gateway
             .record_rejected(who.key_id(), &labels, Instant::now());
-        return Err(ApiError::overloaded());
+        ApiError::overloaded()
+    };
+    let idempotent = headers.contains_key("idempotency-key");
+    if !ready.engine.has_room() && !idempotent {
+        return Err(refuse(&who));
     }
     let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
@@ -114,6 +118,14 @@ fn accept<T: serde::de::DeserializeOwned>(
         body,
         arrived,
     };
+    if idempotent && !ready.engine.has_room() {
+        let held = gate
+            .idempotency_key(&ready.model_hash, &ready.template_hash)
+            .is_some_and(|k| state.idempotency.holds(k));
+        if !held {
+            return Err(refuse(&gate.principal));
+        }
+    }
     Ok((ready, req, sampling, gate))
 }
 

@@ -49,7 +49,8 @@ pub struct ResponseCache<V> {
     max_bytes: usize,
 }
 
-/// How many lost keys a remembering cache keeps (48 bytes or so each).
+/// How many lost keys a remembering cache keeps (about 100 bytes each, outside the byte
+/// bound); past it the oldest are forgotten, and a retry of one of them generates again.
 const GONE_KEYS: usize = 100_000;
 
 /// What a lookup found.
@@ -127,6 +128,23 @@ impl<V> ResponseCache<V> {
             cache: self.inner.clone(),
             max_bytes: self.max_bytes,
         })
+    }
+
+    /// Whether `key` has something a lookup would answer without a new generation: a reply,
+    /// one under way, or (remembering) the news that it is gone. Registers nothing.
+    pub fn holds(&self, key: CacheKey) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        inner.lru.peek(&key).is_some_and(|e| e.expires > now)
+            || inner
+                .inflight
+                .get(&key)
+                .is_some_and(|rx| rx.has_changed().is_ok())
+            || inner
+                .gone
+                .as_ref()
+                .and_then(|g| g.peek(&key))
+                .is_some_and(|&until| until > now)
     }
 
     /// Entries and bytes held.

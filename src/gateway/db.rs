@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS requests (
     key_id TEXT,
     model TEXT NOT NULL,
     route TEXT NOT NULL,
-    status TEXT NOT NULL,             -- ok, cancelled, error, rate_limited, cached, rejected
+    status TEXT NOT NULL,             -- ok, cancelled, error, rate_limited, cached, replayed, rejected
     finish_reason TEXT,
     prompt_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL,

@@ -21,7 +21,8 @@ pub struct Row {
     pub key_id: Option<String>,
     pub model: String,
     pub route: String,
-    /// `ok`, `cancelled`, `error`, `rate_limited`, `cached` or `rejected`.
+    /// `ok`, `cancelled`, `error`, `rate_limited`, `cached`, `replayed` (an `Idempotency-Key`
+    /// retry: the reply's tokens, at no cost) or `rejected`.
     pub status: &'static str,
     pub finish_reason: Option<&'static str>,
     pub prompt_tokens: u64,
