@@ -1009,3 +1009,40 @@ fn metrics_total_the_ledger_by_key() {
     assert_eq!(r.status, 200);
     assert_eq!(m(requests, &[("key", "none"), ("status", "ok")]), 1.0);
 }
+
+#[test]
+fn each_choice_holds_one_of_a_keys_parallel_slots() {
+    let s = Server::start(&["--master-key", MASTER]);
+    let key = generate_key(&s, json!({"max_parallel_requests": 2}));
+    let auth = format!("Bearer {key}");
+    let post = |body: &Value| {
+        s.call(
+            "POST",
+            "/v1/completions",
+            Some(body),
+            &[("authorization", &auth)],
+        )
+    };
+    // More choices than the key has slots can never run: the client's error, naming `n`.
+    let r = post(&json!({"prompt": "Hi", "max_tokens": 2, "n": 3}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "n");
+    assert_eq!(
+        post(&json!({"prompt": "Hi", "max_tokens": 2, "n": 2})).status,
+        200
+    );
+    // Two choices running hold both slots: a third request waits its turn as a 429.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 1000, "n": 2, "stream": true,
+                      "logit_bias": {"0": -100, "2": -100}});
+    let held = {
+        let mut req = ureq::post(&format!("{}/v1/completions", s.base));
+        req = req.set("authorization", &auth);
+        req.send_json(long).expect("the stream starts")
+    };
+    assert!(s.wait_metric("edgeinfer_requests_running", 2.0, Duration::from_secs(10)));
+    let r = post(&json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(r.status, 429, "{}", r.body);
+    drop(held);
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    assert_eq!(post(&json!({"prompt": "Hi", "max_tokens": 2})).status, 200);
+}

@@ -175,7 +175,12 @@ fn replays_are_per_api_key_free_of_limits_and_never_made_twice() {
         &[("authorization", &format!("Bearer {a}"))],
     );
     assert_eq!(info.status, 200, "{}", info.body);
-    assert_eq!(info.body["info"]["spend"].as_f64(), Some(paid), "{}", info.body);
+    assert_eq!(
+        info.body["info"]["spend"].as_f64(),
+        Some(paid),
+        "{}",
+        info.body
+    );
 }
 
 #[test]

@@ -127,6 +127,17 @@ pub(super) async fn run(
     if count > 1 && !matches!(meta.surface, Surface::OpenAi) {
         return Err(ApiError::invalid(field, "this API answers one choice"));
     }
+    // Each choice holds one of the key's parallel slots: more than it has is never admissible.
+    let slots = match &gate.principal {
+        crate::gateway::Principal::Key(k) => k.limit_spec().max_parallel,
+        _ => None,
+    };
+    if let Some(max) = slots.filter(|&m| count as u64 > m) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{count} choices exceed this key's {max} parallel requests (`max_parallel_requests`)"),
+        ));
+    }
     if count > ready.engine.capacity() {
         // Never admissible here: not a 429 a client would retry.
         return Err(ApiError::invalid(
@@ -264,6 +275,7 @@ pub(super) async fn run(
         max_tokens: max_total as u64,
         explicit: requested.is_some(),
         price,
+        sequences: count as u64,
     };
     let meter = state
         .gateway

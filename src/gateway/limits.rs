@@ -158,6 +158,9 @@ pub struct Ask {
     /// Whether the client set `max_tokens` (then it is never clamped: it fits or is refused).
     pub explicit: bool,
     pub price: Price,
+    /// The engine sequences it runs (its choices: prompts times `n` or `best_of`); each
+    /// holds one of the key's parallel slots.
+    pub sequences: u64,
 }
 
 /// An admitted request's hold on its windows; give it back with [`Limits::settle`].
@@ -169,6 +172,7 @@ pub struct Grant {
     key: Option<String>,
     tokens: u64,
     cost: u64,
+    sequences: u64,
 }
 
 /// Why a request was refused.
@@ -251,7 +255,7 @@ impl Limits {
             w.follow(spec, now);
             w.load_spend(spec, unix, spent);
             if let Some(max) = spec.max_parallel {
-                if w.parallel >= max {
+                if w.parallel + ask.sequences > max {
                     return Err(Refusal::Parallel { limit: max });
                 }
             }
@@ -320,7 +324,7 @@ impl Limits {
             if let Some(b) = &mut w.tokens {
                 b.take(tokens);
             }
-            w.parallel += 1;
+            w.parallel += ask.sequences;
             w.reserved_cost += cost;
         }
         Ok(Grant {
@@ -328,6 +332,7 @@ impl Limits {
             key: key.map(|(id, _)| id.to_string()),
             tokens,
             cost,
+            sequences: ask.sequences,
         })
     }
 
@@ -338,7 +343,7 @@ impl Limits {
             for b in [&mut w.tokens, &mut w.requests].into_iter().flatten() {
                 b.refill(now);
             }
-            w.parallel = w.parallel.saturating_sub(1);
+            w.parallel = w.parallel.saturating_sub(grant.sequences);
             w.reserved_cost = w.reserved_cost.saturating_sub(grant.cost);
             match used {
                 Some((tokens, cost)) => {

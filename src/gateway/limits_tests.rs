@@ -7,6 +7,7 @@ fn ask(prompt: u64, max: u64, explicit: bool) -> Ask {
         max_tokens: max,
         explicit,
         price: Price::default(),
+        sequences: 1,
     }
 }
 
@@ -120,6 +121,7 @@ fn budgets_reserve_the_most_a_request_can_cost() {
         max_tokens: max,
         explicit,
         price,
+        sequences: 1,
     };
     let t0 = Instant::now();
     // 30 already spent this period: 70 left.
@@ -170,6 +172,31 @@ fn parallel_requests_are_capped() {
 }
 
 #[test]
+fn each_choice_holds_a_parallel_slot() {
+    let mut l = Limits::new(None, None);
+    let s = LimitSpec {
+        max_parallel: Some(3),
+        ..LimitSpec::default()
+    };
+    let t0 = Instant::now();
+    let choices = |n| Ask {
+        sequences: n,
+        ..ask(1, 1, true)
+    };
+    let two = l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0).unwrap();
+    assert_eq!(
+        l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0),
+        Err(Refusal::Parallel { limit: 3 })
+    );
+    let one = l.admit(Some(("k", &s)), choices(1), t0, 0, |_| 0).unwrap();
+    // Settling gives back every slot a request held.
+    l.settle(&two, Some((2, 0)), t0);
+    assert!(l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0).is_ok());
+    l.settle(&one, None, t0);
+    assert!(l.admit(Some(("k", &s)), choices(1), t0, 0, |_| 0).is_ok());
+}
+
+#[test]
 fn cache_hits_pay_from_the_budget_and_are_refused_once_it_is_spent() {
     let mut l = Limits::new(Some(10), Some(1));
     let s = LimitSpec {
@@ -203,6 +230,7 @@ fn cache_hits_pay_from_the_budget_and_are_refused_once_it_is_spent() {
         max_tokens: 100,
         explicit: true,
         price,
+        sequences: 1,
     };
     let mut l = Limits::new(None, None);
     let g = l
