@@ -310,3 +310,7 @@ impl TokenConstraint for Constraint {
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "toolcall_tests.rs"]
+mod toolcall_tests;
