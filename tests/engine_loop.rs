@@ -226,6 +226,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         on_end: Some(UsageSink::new(move |r| *sink.lock().unwrap() = Some(r))),
         tenant: 0,
         prediction: Vec::new(),
+        embed: None,
     };
     (req, ended)
 }

@@ -27,6 +27,8 @@ pub(super) struct Active {
     pub(super) first_token_at: Option<Instant>,
     /// The prompt's logprobs, when asked for.
     pub(super) scores: Option<PromptScores>,
+    /// An embedding request's pooling.
+    pub(super) pooler: Option<super::core::Pooler>,
     /// Prompt tokens taken from the prefix cache.
     pub(super) cached_tokens: usize,
     /// Prompt tokens whose keys and values exist (cached or computed), for metering.

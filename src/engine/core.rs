@@ -9,27 +9,31 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::active::Active;
 use super::blocks::BlockManager;
-use super::logprobs::{logprob_info, PromptScores};
+use super::logprobs::PromptScores;
 use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
     EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, Usage,
 };
 use super::sampler::Sampler;
-use super::scheduler::{Chunk, Scheduler, SchedulerConfig, SeqId, Step};
-use super::sequence::{OutputState, TokenOutcome};
-use super::sequence::{DETOK_CONTEXT, PENALTY_WINDOW};
+use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
+use super::sequence::{OutputState, DETOK_CONTEXT};
 use crate::model::{Logits, ModelRunner, SeqInput, Tokenizer};
 use crate::telemetry;
 
 #[path = "draft.rs"]
 mod draft;
 pub(super) use draft::Draft;
+#[path = "pool.rs"]
+mod pool;
+pub(super) use pool::Pooler;
+#[path = "token.rs"]
+mod token;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -71,6 +75,8 @@ pub struct EngineHandle {
     pub prefix_cache: bool,
     /// Whether sequences draft (a request's `prediction` is used only then).
     pub speculates: bool,
+    /// Sequences a step runs at most.
+    pub max_batch_size: usize,
     heartbeat: Heartbeat,
 }
 
@@ -114,6 +120,33 @@ impl EngineHandle {
     }
 
     /// Requests the engine holds at most (running and waiting).
+    /// Queues one request, or hands it back with the reason it could not be, so that a
+    /// caller feeding several in turn (an embeddings request's inputs) can retry it.
+    pub fn try_submit(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, (SubmitError, Box<GenerationRequest>)> {
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err((SubmitError::QueueFull, Box::new(req)));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        match self.tx.try_send(Command::Submit(Box::new(req), tx)) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let (why, Command::Submit(req, _)) = (
+                    match &e {
+                        mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                        mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
+                    },
+                    e.into_inner(),
+                );
+                Err((why, req))
+            }
+        }
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -223,6 +256,7 @@ pub fn start<M: ModelRunner>(
         kv_capacity: n_blocks * config.block_size,
         prefix_cache: config.prefix_cache,
         speculates: config.speculate > 0,
+        max_batch_size: config.max_batch_size,
         heartbeat,
     })
 }
@@ -317,7 +351,8 @@ impl<M: ModelRunner> Engine<M> {
         let id = self.next_id;
         self.next_id += 1;
         // Scoring the prompt needs the logits of every position: none come from the cache.
-        req.cache_prompt &= req.prompt_logprobs.is_none();
+        // An embedding needs the hidden state of positions it pools: none from the cache.
+        req.cache_prompt &= req.prompt_logprobs.is_none() && req.embed.is_none();
         if req.prompt_logprobs.is_some() {
             self.scheduler.add_scoring(id, &req.prompt);
         } else {
@@ -334,6 +369,9 @@ impl<M: ModelRunner> Engine<M> {
             last_token_at: None,
             first_token_at: None,
             scores: req.prompt_logprobs.map(PromptScores::new),
+            pooler: req
+                .embed
+                .map(|p| Pooler::new(p, self.model.embedding_length(), req.prompt.len())),
             cached_tokens: 0,
             end_logprob: None,
             prompt_done: 0,
@@ -402,15 +440,17 @@ impl<M: ModelRunner> Engine<M> {
                     .scores
                     .as_ref()
                     .is_some_and(|s| s.wants_rows(a.req.prompt.len(), c.start, c.len));
+                let logits = match &a.pooler {
+                    Some(p) if p.wants(c.start, c.len) => Logits::Hidden,
+                    Some(_) => Logits::Skip,
+                    None if every || c.draft > 0 => Logits::All,
+                    None => c.logits.into(),
+                };
                 SeqInput {
                     tokens: &a.tokens[c.start..c.start + c.len],
                     start: c.start,
                     blocks: self.scheduler.blocks(c.id),
-                    logits: if every || c.draft > 0 {
-                        Logits::All
-                    } else {
-                        c.logits.into()
-                    },
+                    logits,
                 }
             })
             .collect();
@@ -455,6 +495,12 @@ impl<M: ModelRunner> Engine<M> {
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
         for ((c, logits), every) in step.chunks.iter().zip(outputs).zip(every) {
+            if self.active.get(&c.id).is_some_and(|a| a.pooler.is_some()) {
+                if self.pool(c, logits) {
+                    finished.push(c.id);
+                }
+                continue;
+            }
             let logits = self.score_prompt(c, logits, every);
             let Some(logits) = logits else { continue };
             if c.draft > 0 {
@@ -480,107 +526,6 @@ impl<M: ModelRunner> Engine<M> {
             self.active.remove(&id);
             self.scheduler.remove(id);
         }
-    }
-
-    /// Scores the prompt positions a chunk's rows predict (when its request asked) and
-    /// sends the prompt's event once the last is scored. Returns the logits to sample from:
-    /// the last row's, when the chunk asked for them.
-    fn score_prompt(
-        &mut self,
-        c: &Chunk,
-        logits: Option<Vec<f32>>,
-        every: bool,
-    ) -> Option<Vec<f32>> {
-        let Some(a) = self.active.get_mut(&c.id) else {
-            return logits;
-        };
-        let Some(scores) = a.scores.as_mut() else {
-            return logits;
-        };
-        let logits = scores.on_chunk(&self.tokenizer, &a.req.prompt, c, logits, every);
-        if let Some(ev) = scores.finish(&self.tokenizer, &a.req.prompt) {
-            let _ = a.events.send(ev);
-        }
-        logits
-    }
-
-    /// Samples the next token of `id` and sends its events; returns the token and whether
-    /// the request finished.
-    fn on_logits(&mut self, id: SeqId, mut logits: Vec<f32>) -> (u32, bool) {
-        let a = self
-            .active
-            .get_mut(&id)
-            .expect("scheduled ids are active. This is a bug.");
-        let logprobs = a.req.logprobs.then(|| logits.clone());
-        let window = &a.tokens[a.tokens.len().saturating_sub(PENALTY_WINDOW)..];
-        let token = match a.constraint.as_deref_mut() {
-            None => a.sampler.sample(&mut logits, window),
-            Some(c) => match a.sampler.sample_constrained(&mut logits, window, c) {
-                Ok(t) => t,
-                Err(e) => {
-                    // The grammar error may quote generated text: the client gets it, the log does not.
-                    tracing::error!(request_id = %a.req.request_id, "constrained sampling failed");
-                    a.ending = Ending::Failed;
-                    let _ = a.events.send(Event::Failed(e.to_string()));
-                    return (0, true);
-                }
-            },
-        };
-        a.tokens.push(token);
-        let now = Instant::now();
-        match a.last_token_at {
-            None => {
-                a.first_token_at = Some(now);
-                telemetry::token_latency(true, (now - a.req.received).as_secs_f64())
-            }
-            Some(prev) => telemetry::token_latency(false, (now - prev).as_secs_f64()),
-        }
-        a.last_token_at = Some(now);
-        let outcome = match a.output.push(&self.tokenizer, token) {
-            Ok(o) => o,
-            Err(e) => {
-                a.ending = Ending::Failed;
-                let _ = a
-                    .events
-                    .send(Event::Failed(format!("detokenization failed: {e}")));
-                return (token, true);
-            }
-        };
-        let (text, finish, counted) = match outcome {
-            TokenOutcome::Continue { emit } => (emit, None, true),
-            TokenOutcome::Finished {
-                emit,
-                reason,
-                counted,
-                stop,
-            } => (emit, Some((reason, stop)), counted),
-        };
-        // A scored prompt's end-of-turn token keeps its logprob (not its text): the lists
-        // hold one entry per token computed, as harnesses slice them.
-        let scoring = a.req.prompt_logprobs.is_some();
-        if counted {
-            telemetry::generated();
-        }
-        let shown = counted || scoring;
-        if let Some(l) = logprobs.as_ref().filter(|_| !shown) {
-            a.end_logprob = Some(logprob_info(&self.tokenizer, l, token, 0).chosen.logprob);
-        }
-        if shown || !text.is_empty() {
-            let logprob = logprobs
-                .filter(|_| shown)
-                .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
-            // A closed receiver is noticed at the next step.
-            let _ = a.events.send(Event::Token { text, logprob });
-        }
-        // The KV pool must hold the next position too.
-        let full = a.tokens.len() >= self.model.context_length();
-        let (reason, stop_sequence) = match (finish, full) {
-            (Some(r), _) => r,
-            (None, true) => (FinishReason::Length, None),
-            (None, false) => return (token, false),
-        };
-        a.end(reason, stop_sequence);
-        (token, true)
     }
 
     fn update_gauges(&self) {

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 
 use super::constraint::TokenConstraint;
 use super::sampler::SamplingParams;
+pub use crate::model::Pooling;
 
 /// Why generation ended, with OpenAI's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,6 +50,10 @@ pub struct GenerationRequest {
     /// Tokens the client expects the output to hold (OpenAI's Predicted Outputs): with
     /// speculation on, drafts come from them first. Empty: none.
     pub prediction: Vec<u32>,
+    /// Embed the prompt instead of continuing it: its final hidden states pooled this way
+    /// come back as one [`Event::Embedding`] (`max_tokens` is then ignored, nothing is
+    /// sampled). Such a request neither reads nor feeds the prefix cache.
+    pub embed: Option<Pooling>,
 }
 
 /// How a request ended, for metering.
@@ -139,6 +144,9 @@ pub enum Event {
         /// no token's entry (not scoring): never shown, `best_of` ranks with it.
         end_logprob: Option<f32>,
     },
+    /// An embedding request's vector: its prompt's final hidden states pooled, of unit
+    /// length. Comes before its [`Event::Finished`].
+    Embedding(Vec<f32>),
     Failed(String),
 }
 

@@ -252,6 +252,40 @@ pub enum RopeScaling {
     },
 }
 
+/// How one embedding is made of a sequence's final hidden states (llama.cpp's
+/// `{arch}.pooling_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Their mean.
+    Mean,
+    /// The first token's (`cls`).
+    First,
+    /// The last token's.
+    Last,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::First => "cls",
+            Pooling::Last => "last",
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mean" => Ok(Pooling::Mean),
+            "cls" | "first" => Ok(Pooling::First),
+            "last" => Ok(Pooling::Last),
+            _ => Err(format!("unknown pooling `{s}` (mean, cls or last)")),
+        }
+    }
+}
+
 /// Hyper-parameters of a Llama-family model, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -269,6 +303,8 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     /// True when the file has no `output.weight`: the lm head reuses `token_embd.weight`.
     pub tied_embeddings: bool,
+    /// The pooling an embedding model declares; `None` for a chat model (none declared).
+    pub pooling: Option<Pooling>,
 }
 
 impl ModelConfig {
@@ -350,7 +386,20 @@ impl ModelConfig {
                 _ => RopeScaling::None,
             },
         };
+        let pooling = match f.opt_u32(&key("pooling_type"))? {
+            None | Some(0) => None,
+            Some(1) => Some(Pooling::Mean),
+            Some(2) => Some(Pooling::First),
+            Some(3) => Some(Pooling::Last),
+            Some(t) => {
+                return Err(bad(
+                    &key("pooling_type"),
+                    format!("pooling type {t} is not supported (1 mean, 2 cls, 3 last)"),
+                ))
+            }
+        };
         Ok(Self {
+            pooling,
             n_layer,
             dim,
             n_head,

@@ -80,6 +80,9 @@ pub enum Logits {
     /// Every token's, row after row (`tokens.len() * vocab_size` values): the logprobs of
     /// the prompt's own tokens.
     All,
+    /// No logits: every token's final hidden state (after the output norm, before the lm
+    /// head), row after row (`tokens.len() * dim` values), that embeddings pool.
+    Hidden,
 }
 
 impl From<bool> for Logits {
@@ -317,46 +320,67 @@ impl<B: Backend> Llama<B> {
             b.silu_mul(&mut gate, &up)?;
             b.add(&mut x, &b.matmul(&layer.w_down, &gate)?)?;
         }
-        // The lm head runs only on the rows sequences want logits of, all at once.
-        let mut wanted = Vec::new();
+        // The output norm and the lm head run only on the rows sequences want, all at once.
+        let (mut heads, mut hidden) = (Vec::new(), Vec::new());
         let mut end = 0;
         for s in seqs {
             end += s.tokens.len();
+            let rows = end - s.tokens.len()..end;
             match s.logits {
                 Logits::Skip => {}
-                Logits::Last => wanted.push(end - 1),
-                Logits::All => wanted.extend(end - s.tokens.len()..end),
+                Logits::Last => heads.push(end - 1),
+                Logits::All => heads.extend(rows),
+                Logits::Hidden => hidden.extend(rows),
             }
         }
-        let logits = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            let rows = b.select_rows(&x, &wanted)?;
-            let rows = b.rms_norm(&rows, &self.norm, eps)?;
-            b.to_host(b.matmul(&self.output, &rows)?)?
+        let normed = |rows: &[usize]| -> Result<Option<B::Act>> {
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(b.rms_norm(
+                &b.select_rows(&x, rows)?,
+                &self.norm,
+                eps,
+            )?))
         };
+        let logits = match normed(&heads)? {
+            Some(h) => b.to_host(b.matmul(&self.output, &h)?)?,
+            None => Vec::new(),
+        };
+        let states = match normed(&hidden)? {
+            Some(h) => b.to_host(h)?,
+            None => Vec::new(),
+        };
+        if logits.len() != heads.len() * c.vocab_size || states.len() != hidden.len() * c.dim {
+            return Err(bug("one row for each row asked for"));
+        }
         let wants = |s: &SeqInput| match s.logits {
             Logits::Skip => 0,
             Logits::Last => 1,
-            Logits::All => s.tokens.len(),
+            Logits::All | Logits::Hidden => s.tokens.len(),
         };
-        if logits.len() != wanted.len() * c.vocab_size {
-            return Err(bug("one row of logits for each row asked for"));
-        }
         if seqs.iter().filter(|s| wants(s) > 0).count() == 1 {
-            // One sequence's logits: hand over the vector itself (49k floats a row), no copy.
-            let mut logits = Some(logits);
+            // One sequence's rows: hand over the vector itself (49k floats a row), no copy.
+            let (mut logits, mut states) = (Some(logits), Some(states));
             return Ok(seqs
                 .iter()
-                .map(|s| if wants(s) > 0 { logits.take() } else { None })
+                .map(|s| match s.logits {
+                    Logits::Skip => None,
+                    Logits::Hidden => states.take(),
+                    Logits::Last | Logits::All => logits.take(),
+                })
                 .collect());
         }
-        let mut rest = &logits[..];
+        let (mut logits, mut states) = (&logits[..], &states[..]);
         Ok(seqs
             .iter()
             .map(|s| {
-                let (mine, after) = rest.split_at(wants(s) * c.vocab_size);
-                rest = after;
+                let (rest, width) = match s.logits {
+                    Logits::Hidden => (&mut states, c.dim),
+                    _ => (&mut logits, c.vocab_size),
+                };
+                let (mine, after) = rest.split_at(wants(s) * width);
+                *rest = after;
                 (!mine.is_empty()).then(|| mine.to_vec())
             })
             .collect())

@@ -7,14 +7,20 @@ use super::llama::{Llama, SeqInput};
 use crate::backend::{Backend, Cpu};
 use crate::error::ModelError;
 
-/// One step's logits: for each sequence of the step, the logits it asked for (its last
-/// token's `vocab_size` values, or every token's row after row), `None` if none.
+/// One step's outputs: for each sequence of the step, the rows it asked for (its last
+/// token's `vocab_size` logits, every token's logits row after row, or every token's
+/// `embedding_length` hidden state row after row), `None` if none.
 pub type StepLogits = Vec<Option<Vec<f32>>>;
 
 /// A model as the engine drives it. Runs on the engine thread only.
 pub trait ModelRunner: Send + 'static {
     /// Positions one sequence may hold, prompt and output together.
     fn context_length(&self) -> usize;
+
+    /// Values in a hidden state ([`Logits::Hidden`]'s rows).
+    ///
+    /// [`Logits::Hidden`]: super::Logits::Hidden
+    fn embedding_length(&self) -> usize;
 
     /// Sets up the KV store: `n_blocks` blocks of `block_size` positions each. Called once,
     /// before the first step; the engine's block manager hands out the block ids. Fails
@@ -55,6 +61,10 @@ fn unallocated() -> ModelError {
 impl<B: Backend> ModelRunner for LlamaRunner<B> {
     fn context_length(&self) -> usize {
         self.llama.config.context_length
+    }
+
+    fn embedding_length(&self) -> usize {
+        self.llama.config.dim
     }
 
     fn allocate_kv(&mut self, block_size: usize, n_blocks: usize) -> Result<(), ModelError> {
