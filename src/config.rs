@@ -287,6 +287,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_SPECULATE")]
     pub speculate: Option<usize>,
 
+    /// How `/v1/embeddings` pools a text's final hidden states into one vector: `mean`,
+    /// `cls` (the first token's) or `last` (the last token's). Default: what the model file
+    /// declares (`{arch}.pooling_type`, set by embedding models), else `mean`.
+    #[arg(long, env = "EDGEINFER_POOLING")]
+    pub pooling: Option<crate::model::Pooling>,
+
     /// Requests allowed to wait for a slot in the running batch (in flight at most:
     /// `--max-batch-size` plus this); beyond it clients get 429 with Retry-After at once, so
     /// overload sheds quickly instead of queueing without bound. 0: never wait, for nodes

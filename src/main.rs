@@ -17,7 +17,7 @@ use edgeinfer::engine::core::{self, EngineConfig};
 use edgeinfer::engine::generate::{generate, GenerateParams};
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::hub::{self, Manifest};
-use edgeinfer::model::{LoadedModel, Message};
+use edgeinfer::model::{LoadedModel, Message, Pooling};
 
 /// mimalloc instead of glibc's allocator: a forward pass allocates a few kilobytes per op,
 /// which in glibc triggers fastbin consolidation on nearly every large request (measured: 3%
@@ -367,6 +367,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let models_dir = args.source.models_dir.clone();
     let tokenizer = args.source.tokenizer.clone();
     let device = args.source.device;
+    let pooling_flag = args.pooling;
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let path = resolve_model(model_arg.as_deref(), &models_dir)?;
         let loaded = match device {
@@ -391,6 +392,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             template,
             context_length,
             vocab_size,
+            embedding_length,
+            pooling,
         } = loaded;
         let tokenizer = Arc::new(tokenizer);
         let template = Arc::new(template);
@@ -414,6 +417,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             template,
             context_length,
             vocab_size,
+            embedding_length,
+            pooling: pooling_flag.or(pooling).unwrap_or(Pooling::Mean),
             grammars: Arc::new(grammars),
             tool_format,
             native_tools,
@@ -450,6 +455,9 @@ struct Started {
     template: edgeinfer::model::ChatTemplate,
     context_length: usize,
     vocab_size: usize,
+    embedding_length: usize,
+    /// The pooling the model file declares, if any.
+    pooling: Option<edgeinfer::model::Pooling>,
 }
 
 fn start_engine<B: Backend>(
@@ -457,10 +465,9 @@ fn start_engine<B: Backend>(
     config: EngineConfig,
     path: &Path,
 ) -> Result<Started> {
-    let (context_length, vocab_size) = (
-        model.llama.config.context_length,
-        model.llama.config.vocab_size,
-    );
+    let c = &model.llama.config;
+    let (context_length, vocab_size, embedding_length, pooling) =
+        (c.context_length, c.vocab_size, c.dim, c.pooling);
     warm_up(&model.llama).with_context(|| format!("cannot run model {}", path.display()))?;
     let runner = edgeinfer::model::LlamaRunner::new(model.llama);
     let engine = core::start(runner, model.tokenizer.clone(), config)
@@ -471,6 +478,8 @@ fn start_engine<B: Backend>(
         template: model.template,
         context_length,
         vocab_size,
+        embedding_length,
+        pooling,
     })
 }
 

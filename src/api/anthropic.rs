@@ -447,8 +447,8 @@ impl State {
 
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
-            // Only the completions API asks for the prompt's scores.
-            Some(Event::Prompt { .. }) => {}
+            // Only the completions API asks for the prompt's scores; embeddings are not text.
+            Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
             Some(Event::Token { text, .. }) => {
                 let pieces = match &mut self.calls {
                     None => vec![Piece::Content(text)],

@@ -112,10 +112,13 @@ impl Part {
 impl Drop for Part {
     fn drop(&mut self) {
         if !self.reported {
-            self.shared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .settle();
+            let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            // Never run (refused, or its request ended first): the request did not finish.
+            s.ending = Some(
+                s.ending
+                    .map_or(Ending::Cancelled, |e| worse(e, Ending::Cancelled)),
+            );
+            s.settle();
         }
     }
 }

@@ -446,7 +446,7 @@ pub fn replay(events: &Recorded) -> EventReceiver {
 }
 
 /// About how much memory a recorded reply holds.
-fn recorded_bytes(events: &Recorded) -> usize {
+pub(super) fn recorded_bytes(events: &Recorded) -> usize {
     events
         .iter()
         .map(|e| match e {
@@ -456,6 +456,7 @@ fn recorded_bytes(events: &Recorded) -> usize {
             Event::Prompt { first, logprobs } => {
                 64 + first.len() + logprobs.iter().map(logprob_bytes).sum::<usize>()
             }
+            Event::Embedding(v) => 64 + 4 * v.len(),
             _ => 64,
         })
         .sum()

@@ -324,6 +324,7 @@ pub(super) async fn run(
             on_end: sinks.next(),
             tenant,
             prediction: prediction.clone(),
+            embed: None,
         });
         echoes.push(input.echo.clone());
     }
@@ -373,7 +374,7 @@ pub(super) async fn run(
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `fut`'s output, or the request-timeout error once `deadline` passes.
-async fn in_time<T>(
+pub(super) async fn in_time<T>(
     deadline: Deadline,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, ApiError> {

@@ -78,7 +78,7 @@ pub(super) fn labels(
 /// The common front of both completion endpoints: body, readiness, JSON, model name, the
 /// gateway's headers.
 #[allow(clippy::too_many_arguments)]
-fn accept<T: serde::de::DeserializeOwned>(
+pub(super) fn accept<T: serde::de::DeserializeOwned>(
     state: &AppState,
     rid: &RequestId,
     who: Principal,

@@ -6,6 +6,7 @@ mod anthropic;
 pub mod body;
 mod choices;
 mod console;
+mod embeddings;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
@@ -52,6 +53,9 @@ pub struct Ready {
     pub context_length: usize,
     /// Rows of the model's embedding matrix: every prompt id must be below it.
     pub vocab_size: usize,
+    /// Values in one of `/v1/embeddings`' vectors, and how they are pooled.
+    pub embedding_length: usize,
+    pub pooling: crate::model::Pooling,
     /// Compiles response formats and tool grammars for this vocabulary.
     pub grammars: Arc<Grammars>,
     /// How this model writes tool calls, and whether its template renders tools itself.
@@ -204,11 +208,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(utility::models))
         .route("/v1/models/{*model}", get(utility::model))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         // Also without the prefix, as llama-server allows.
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/models", get(utility::models))
         .route("/models/{*model}", get(utility::model))
+        .route("/embeddings", post(embeddings::embeddings))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
         .route("/v1/responses", post(surfaces::responses_create))
@@ -233,6 +239,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/client/v4/accounts/{account_id}/ai/v1/models",
             get(utility::models),
         )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/embeddings",
+            post(embeddings::embeddings),
+        )
         // The same surfaces through AI Gateway's URLs (a client moves by changing the host).
         .route(
             "/v1/{account_id}/{gateway_id}/workers-ai/{*model}",
@@ -251,6 +261,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(utility::models),
         )
         .route(
+            "/v1/{account_id}/{gateway_id}/workers-ai/v1/embeddings",
+            post(embeddings::embeddings),
+        )
+        .route(
             "/v1/{account_id}/{gateway_id}/openai/chat/completions",
             post(handlers::chat_completions),
         )
@@ -261,6 +275,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/{account_id}/{gateway_id}/openai/models",
             get(utility::models),
+        )
+        .route(
+            "/v1/{account_id}/{gateway_id}/openai/embeddings",
+            post(embeddings::embeddings),
         )
         .route(
             "/v1/{account_id}/{gateway_id}/compat/chat/completions",

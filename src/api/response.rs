@@ -353,6 +353,7 @@ fn reply(events: Vec<Event>) -> Reply {
     for ev in events {
         match ev {
             Event::Prompt { first, logprobs } => r.prompt = Some((first, logprobs)),
+            Event::Embedding(_) => {} // not a generation's
             Event::Token { text, logprob } => {
                 r.text.push_str(&text);
                 r.lps.extend(logprob);

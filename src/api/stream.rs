@@ -154,7 +154,7 @@ impl State {
                 .push_back(meta.chunk(i, json!({"content": echo}), None, lps));
         }
         match ev {
-            Some(Event::Prompt { .. }) => {}
+            Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
             Some(Event::Token { text, logprob }) => {
                 let mut logprobs = match (&logprob, meta.chat) {
                     (Some(info), false) if meta.logprobs => {

@@ -1,0 +1,391 @@
+//! OpenAI's `/v1/embeddings`: each input's final hidden states pooled into one vector of unit
+//! length. The inputs run as engine sequences that only prefill, a key's parallel slots at
+//! a time, packed into the same steps as generation; the gateway meters their tokens as
+//! prompt tokens, and caches whole replies like any deterministic request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::choices::{split_meter, Refusal};
+use super::error::ApiError;
+use super::gate::{add_headers, rate_headers, recorded_bytes, refusal_error, Gate, Recorded};
+use super::generate::in_time;
+use super::handlers::{accept, labels};
+use super::types::PromptField;
+use super::{AppState, Ready, RequestId};
+use crate::engine::core::{EngineHandle, SubmitError};
+use crate::engine::request::{Event, EventReceiver, GenerationRequest, Usage};
+use crate::engine::sampler::SamplingParams;
+use crate::gateway::cache::{self, Lookup};
+use crate::gateway::limits::Ask;
+use crate::gateway::Principal;
+
+/// Most inputs one request may embed (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+
+const ROUTE: &str = "/v1/embeddings";
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub input: PromptField,
+    pub model: Option<String>,
+    /// `float` (the default) or `base64` (each vector's little-endian `f32`s).
+    pub encoding_format: Option<String>,
+    /// Must be the model's own: its vectors are not trained to be cut short.
+    pub dimensions: Option<u64>,
+}
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (ready, req, _, gate) = accept(&state, &rid, who, &headers, ROUTE, body, Ok, model_of)?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("`encoding_format` must be `float` or `base64`, got `{f}`"),
+            ))
+        }
+    };
+    if let Some(d) = req
+        .dimensions
+        .filter(|&d| d != ready.embedding_length as u64)
+    {
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!(
+                "this model's embeddings have {} dimensions, got `dimensions: {d}`",
+                ready.embedding_length
+            ),
+        ));
+    }
+    let prompts = tokenize(&ready, req.input).await?;
+    let vectors = embed(&state, &ready, prompts, &gate, &rid.0).await?;
+    let (vectors, prompt_tokens, headers) = vectors;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let mut resp = Json(json!({
+        "object": "list",
+        "data": data,
+        "model": state.model_name,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response();
+    add_headers(&mut resp, headers);
+    Ok(resp)
+}
+
+fn model_of(r: &EmbeddingRequest) -> Option<&str> {
+    r.model.as_deref()
+}
+
+/// Each input as token ids (texts with the model's special tokens, ids as given), checked
+/// against the vocabulary and the context.
+async fn tokenize(ready: &Ready, input: PromptField) -> Result<Vec<Vec<u32>>, ApiError> {
+    let inputs: Vec<Result<String, Vec<u32>>> = match input {
+        PromptField::Text(t) => vec![Ok(t)],
+        PromptField::Ids(ids) => vec![Err(ids)],
+        PromptField::Many(v) => v.into_iter().map(Ok).collect(),
+        PromptField::ManyIds(v) => v.into_iter().map(Err).collect(),
+    };
+    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
+        return Err(ApiError::invalid(
+            "input",
+            format!(
+                "`input` must hold 1 to {MAX_INPUTS} inputs, got {}",
+                inputs.len()
+            ),
+        ));
+    }
+    if inputs.iter().any(|i| match i {
+        Ok(t) => t.is_empty(),
+        Err(ids) => ids.is_empty(),
+    }) {
+        return Err(ApiError::invalid("input", "an input is empty"));
+    }
+    let r = ready.clone();
+    let prompts = tokio::task::spawn_blocking(move || {
+        inputs
+            .into_iter()
+            .map(|i| match i {
+                Ok(text) => r.tokenizer.encode(&text, true),
+                Err(ids) => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let limit = ready.context_length.min(ready.engine.kv_capacity);
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(bad) = p.iter().find(|&&t| t as usize >= ready.vocab_size) {
+            return Err(ApiError::invalid(
+                "input",
+                format!(
+                    "input {i} has token id {bad}, outside the model's vocabulary of {}",
+                    ready.vocab_size
+                ),
+            ));
+        }
+        if p.len() > limit {
+            return Err(ApiError::context_length(format!(
+                "This model's maximum context length is {limit} tokens, however input {i} has {} tokens. Please shorten it.",
+                p.len()
+            )));
+        }
+    }
+    Ok(prompts)
+}
+
+type Embedded = (Vec<Vec<f32>>, usize, Vec<(&'static str, String)>);
+
+/// The vectors of `prompts`: from the response cache, or computed and metered (and cached
+/// when asked); with the prompt tokens and the headers to send.
+async fn embed(
+    state: &AppState,
+    ready: &Ready,
+    prompts: Vec<Vec<u32>>,
+    gate: &Gate,
+    request_id: &str,
+) -> Result<Embedded, ApiError> {
+    let received = Instant::now();
+    let labels = labels(state, request_id, ROUTE, Some(&gate.directives));
+    let price = state
+        .gateway
+        .price(&state.model_name, gate.directives.custom_cost);
+    let deadline = gate
+        .directives
+        .request_timeout
+        .map(|t| (tokio::time::Instant::from_std(gate.arrived + t), t));
+    let timed_out = || {
+        let who = gate.principal.key_id();
+        state.gateway.record_timed_out(who, &labels, received);
+    };
+    // Deterministic: cached whenever the request asks (`cf-aig-cache-ttl`).
+    let key = gate.cache_key(true, &ready.model_hash, &ready.template_hash);
+    let ttl = gate.directives.cache_ttl.unwrap_or_default();
+    let mut leader = None;
+    if let Some(key) = key {
+        loop {
+            let hit = match state.cache.lookup(key, ttl) {
+                Lookup::Hit(hit) => hit,
+                Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {
+                    Ok(Some(hit)) => hit,
+                    Ok(None) => continue, // its leader gave up: look again
+                    Err(e) => {
+                        timed_out();
+                        return Err(e);
+                    }
+                },
+                Lookup::Gone => return Err(ApiError::idempotency_gone()),
+                Lookup::Lead(l) => {
+                    leader = Some(l);
+                    break;
+                }
+            };
+            let (vectors, usage) = from_recorded(&hit.value);
+            let committed = state
+                .gateway
+                .admit_cache_hit(&gate.principal, usage, price, false, &labels, received)
+                .map_err(|(refusal, rate)| refusal_error(refusal, usage.prompt_tokens, 0, rate))?;
+            if !matches!(committed.await, Ok(true)) {
+                tracing::error!("the ledger row of a cache hit was not committed");
+            }
+            let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
+            headers.push(("cf-aig-cache-status", "HIT".into()));
+            headers.push(("age", hit.age().to_string()));
+            return Ok((vectors, usage.prompt_tokens, headers));
+        }
+    }
+    if let Some((_, limit)) = deadline.filter(|&(at, _)| tokio::time::Instant::now() >= at) {
+        timed_out();
+        return Err(ApiError::request_timeout(limit));
+    }
+    // The inputs run a window at a time: the key's parallel slots, at most a step's worth.
+    let slots = match &gate.principal {
+        Principal::Key(k) => k.limit_spec().max_parallel,
+        _ => None,
+    };
+    let width = prompts
+        .len()
+        .min(slots.map_or(usize::MAX, |s| s.max(1) as usize))
+        .min(ready.engine.max_batch_size.max(1));
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let ask = Ask {
+        prompt: prompt_tokens as u64,
+        max_tokens: 0,
+        explicit: true,
+        price,
+        sequences: width as u64,
+    };
+    let meter = state
+        .gateway
+        .admit(&gate.principal, ask, labels)
+        .map_err(|(refusal, rate)| refusal_error(refusal, prompt_tokens, 0, rate))?;
+    let mut headers = rate_headers(meter.rate);
+    if leader.is_some() {
+        headers.push(("cf-aig-cache-status", "MISS".into()));
+    }
+    let (committed_tx, committed) = oneshot::channel();
+    let (sinks, refusal) = split_meter(meter, committed_tx, &vec![true; prompts.len()]);
+    let tenant = gate.tenant();
+    let reqs = prompts
+        .into_iter()
+        .zip(sinks)
+        .map(|(prompt, sink)| GenerationRequest {
+            prompt,
+            max_tokens: 0,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            top_logprobs: 0,
+            logprobs: false,
+            prompt_logprobs: None,
+            request_id: request_id.to_string(),
+            received,
+            cache_prompt: false,
+            constraint: None,
+            on_end: Some(sink),
+            tenant,
+            prediction: Vec::new(),
+            embed: Some(ready.pooling),
+        })
+        .collect();
+    // Timed out, the sequences' receivers close: the engine drops them at its next step
+    // and their meter ledgers what they computed as cancelled.
+    let vectors = in_time(deadline, run(&ready.engine, reqs, width, &refusal)).await??;
+    if !matches!(committed.await, Ok(true)) {
+        tracing::error!("the ledger row of an embeddings request was not committed");
+    }
+    if let Some(l) = leader {
+        let usage = Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+            ..Usage::default()
+        };
+        let recorded = to_recorded(&vectors, usage);
+        let bytes = recorded_bytes(&recorded);
+        l.fill(recorded, bytes);
+    }
+    Ok((vectors, prompt_tokens, headers))
+}
+
+/// Runs `reqs`, `width` in flight at a time, and returns their embeddings in order. The
+/// first is refused as any request is when the queue is full; a later one that finds the
+/// queue full waits for room (its request was admitted and is partly computed).
+async fn run(
+    engine: &EngineHandle,
+    reqs: Vec<GenerationRequest>,
+    width: usize,
+    refusal: &Refusal,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let mut out = vec![Vec::new(); reqs.len()];
+    let mut pending = reqs.into_iter().enumerate();
+    let mut held: Option<(usize, Box<GenerationRequest>)> = None;
+    let mut running = FuturesUnordered::new();
+    let mut started = false;
+    loop {
+        while running.len() < width {
+            let next = held
+                .take()
+                .or_else(|| pending.next().map(|(i, r)| (i, Box::new(r))));
+            let Some((i, req)) = next else { break };
+            match engine.try_submit(*req) {
+                Ok(rx) => {
+                    started = true;
+                    running.push(vector(i, rx));
+                }
+                Err((SubmitError::QueueFull, req)) if started => {
+                    held = Some((i, req));
+                    break;
+                }
+                Err((e, _)) => {
+                    if !started {
+                        refusal.refused();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        match running.next().await {
+            Some(done) => {
+                let (i, v) = done?;
+                out[i] = v;
+            }
+            None if held.is_none() => return Ok(out),
+            // The queue is full of other requests' work: wait for room.
+            None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Input `i`'s embedding, once its sequence has finished.
+async fn vector(i: usize, mut rx: EventReceiver) -> Result<(usize, Vec<f32>), ApiError> {
+    let mut vector = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Embedding(v) => vector = Some(v),
+            Event::Finished { .. } => {
+                return vector
+                    .map(|v| (i, v))
+                    .ok_or_else(|| ApiError::internal("the engine sent no embedding"))
+            }
+            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            _ => {}
+        }
+    }
+    Err(ApiError::engine_stopped())
+}
+
+/// A reply as the response cache keeps it: its vectors, then its usage.
+fn to_recorded(vectors: &[Vec<f32>], usage: Usage) -> Recorded {
+    let mut events: Vec<Event> = vectors.iter().cloned().map(Event::Embedding).collect();
+    events.push(Event::Finished {
+        reason: crate::engine::request::FinishReason::Stop,
+        usage,
+        stop_sequence: None,
+        end_logprob: None,
+    });
+    events
+}
+
+fn from_recorded(events: &Recorded) -> (Vec<Vec<f32>>, Usage) {
+    let mut vectors = Vec::new();
+    let mut usage = Usage::default();
+    for ev in events {
+        match ev {
+            Event::Embedding(v) => vectors.push(v.clone()),
+            Event::Finished { usage: u, .. } => usage = *u,
+            _ => {}
+        }
+    }
+    (vectors, usage)
+}
