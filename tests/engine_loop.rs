@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use edgeinfer::engine::core::{self, EngineConfig, EngineHandle};
 use edgeinfer::engine::request::{
-    EndReport, Ending, Event, GenerationRequest, LogprobInfo, UsageSink,
+    EndReport, Ending, Event, FinishReason, GenerationRequest, LogprobInfo, Pooling, UsageSink,
 };
 use edgeinfer::engine::sampler::SamplingParams;
 use edgeinfer::error::ModelError;
@@ -33,17 +33,31 @@ fn script(tok: &Tokenizer) -> Vec<u32> {
     .unwrap()
 }
 
-fn next_token(history: &[u32], script: &[u32]) -> u32 {
-    let h = history.iter().fold(0xcbf29ce484222325u64, |h, &t| {
+fn hash(history: &[u32]) -> u64 {
+    history.iter().fold(0xcbf29ce484222325u64, |h, &t| {
         (h ^ t as u64).wrapping_mul(0x100000001b3)
-    });
-    script[(h % script.len() as u64) as usize]
+    })
+}
+
+fn next_token(history: &[u32], script: &[u32]) -> u32 {
+    script[(hash(history) % script.len() as u64) as usize]
+}
+
+/// Values in the fake's hidden states.
+const DIM: usize = 4;
+
+/// The fake's final hidden state at the last position of `history`: its hash's bytes.
+fn hidden_state(history: &[u32]) -> [f32; DIM] {
+    let h = hash(history);
+    std::array::from_fn(|i| ((h >> (8 * i)) & 0xff) as f32 - 127.5)
 }
 
 #[derive(Default)]
 struct Log {
     /// Tokens per forward call.
     calls: Vec<usize>,
+    /// Chunks from position 0: a sequence starting, or starting again after a preemption.
+    from_start: usize,
 }
 
 struct FakeModel {
@@ -101,6 +115,10 @@ impl ModelRunner for FakeModel {
         CONTEXT
     }
 
+    fn embedding_length(&self) -> usize {
+        DIM
+    }
+
     fn allocate_kv(&mut self, block_size: usize, _n_blocks: usize) -> Result<(), ModelError> {
         self.block_size = block_size;
         Ok(())
@@ -137,6 +155,9 @@ impl ModelRunner for FakeModel {
                 let p = s.start + i;
                 self.kv.insert((s.blocks[p / bs], p % bs), t);
             }
+            if s.start == 0 {
+                self.log.lock().unwrap().from_start += 1;
+            }
             // The positions whose next token is asked for.
             let end = s.start + s.tokens.len();
             let rows = match s.logits {
@@ -145,9 +166,10 @@ impl ModelRunner for FakeModel {
                     continue;
                 }
                 Logits::Last => end - 1..end,
-                Logits::All => s.start..end,
+                Logits::All | Logits::Hidden => s.start..end,
             };
             let mut logits = vec![0.0f32; self.vocab * rows.len()];
+            let mut hidden = Vec::new();
             for (r, p) in rows.enumerate() {
                 // Everything the sequence attends to, read back through its block table.
                 let history: Vec<u32> = (0..=p)
@@ -159,8 +181,13 @@ impl ModelRunner for FakeModel {
                     })
                     .collect();
                 logits[r * self.vocab + next_token(&history, &self.script) as usize] = 10.0;
+                hidden.extend(hidden_state(&history));
             }
-            out.push(Some(logits));
+            out.push(Some(if s.logits == Logits::Hidden {
+                hidden
+            } else {
+                logits
+            }));
         }
         Ok(out)
     }
@@ -428,4 +455,80 @@ fn a_client_that_leaves_mid_generation_is_freed_and_metered() {
     assert_eq!(report.ending, Ending::Cancelled);
     assert!(report.usage.completion_tokens >= 5 && report.usage.completion_tokens < 3000);
     assert_eq!(report.usage.prompt_tokens, 20);
+}
+
+/// The embedding the engine must send for `prompt` with `pooling`: the fake's hidden
+/// states over the prompt pooled, of unit length.
+fn expected_embedding(prompt: &[u32], pooling: Pooling) -> Vec<f32> {
+    let rows: Vec<[f32; DIM]> = (1..=prompt.len())
+        .map(|p| hidden_state(&prompt[..p]))
+        .collect();
+    let v: Vec<f32> = match pooling {
+        Pooling::Mean => (0..DIM)
+            .map(|i| rows.iter().map(|r| r[i]).sum::<f32>() / rows.len() as f32)
+            .collect(),
+        Pooling::First => rows[0].to_vec(),
+        Pooling::Last => rows[rows.len() - 1].to_vec(),
+    };
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+#[test]
+fn embeddings_pool_each_position_once_through_chunks_preemption_and_generation() {
+    // Steps of 8 tokens and a 160-position KV pool: five 100-token prompts beside two
+    // requests generating 100 tokens each cannot all be held, so embeddings (the newest)
+    // are preempted mid-prompt and computed again. The model waits until all are queued.
+    let gate = Gate::new(false);
+    let (engine, log, script) = start(config(8, 160), None, gate.clone());
+    let poolings = [
+        Pooling::Mean,
+        Pooling::Last,
+        Pooling::Mean,
+        Pooling::First,
+        Pooling::Mean,
+    ];
+    let mut gens = Vec::new();
+    for tag in [8, 9] {
+        let (req, ended) = request(prompt(&script, 0, 20, tag), 100);
+        gens.push((tag, engine.submit(req).unwrap(), ended));
+    }
+    let mut embeds = Vec::new();
+    for (tag, pooling) in poolings.into_iter().enumerate() {
+        let p = prompt(&script, 0, 100, tag as u32);
+        let (mut req, ended) = request(p.clone(), 0);
+        req.embed = Some(pooling);
+        embeds.push((p, pooling, engine.submit(req).unwrap(), ended));
+    }
+    gate.open();
+    for (p, pooling, mut rx, ended) in embeds {
+        let Some(Event::Embedding(v)) = rx.blocking_recv() else {
+            panic!("no embedding first")
+        };
+        let want = expected_embedding(&p, pooling);
+        assert!(
+            v.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{pooling:?}: {v:?} != {want:?}"
+        );
+        let Some(Event::Finished { usage, .. }) = rx.blocking_recv() else {
+            panic!("no end after the embedding")
+        };
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (100, 0));
+        wait_idle(&engine);
+        let report = ended.lock().unwrap().expect("on_end was called");
+        assert_eq!(report.ending, Ending::Finished(FinishReason::Stop));
+        assert_eq!(report.usage.prompt_tokens, 100);
+    }
+    let tok = tokenizer();
+    for (tag, rx, ended) in gens {
+        let (text, end) = collect(rx);
+        assert!(matches!(end, Some(Event::Finished { .. })), "{end:?}");
+        let want = expected(&prompt(&script, 0, 20, tag), 100, &script);
+        assert_eq!(text, tok.decode(&want).unwrap());
+        assert!(ended.lock().unwrap().is_some());
+    }
+    // Some started again after a preemption (a mean-pooled embedding among them, at its
+    // 77th position: its rows already pooled are not asked for again).
+    let starts = log.lock().unwrap().from_start;
+    assert!(starts > 7, "nothing was preempted: {starts}");
 }

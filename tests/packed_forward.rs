@@ -278,3 +278,95 @@ fn every_rows_logits_equal_each_prefix_run_alone() {
         assert_eq!(row, &alone(&a[..k], &mut pool)[..], "position {}", k - 1);
     }
 }
+
+/// `Logits::Hidden` (embeddings) gives each position's final hidden state: the rows the lm
+/// head reads (projected through the output matrix, they are the logits `Logits::All`
+/// gives), split right beside sequences asking for logits, and the same whether the
+/// prompt runs in one chunk or two.
+#[test]
+fn hidden_rows_are_what_the_lm_head_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    synthetic::write(&path, &Spec::default());
+    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
+    let (vocab, dim) = (model.config.vocab_size, model.config.dim);
+    let mut pool = model.new_pool(BLOCK, 16);
+    let a: Vec<u32> = vec![256, 7, 9, 200, 12, 5, 77, 8, 41];
+    let b: Vec<u32> = vec![256, 99, 98, 97];
+    let seq = |tokens, start, blocks, logits| SeqInput {
+        tokens,
+        start,
+        blocks,
+        logits,
+    };
+    let out = model
+        .forward_batch(
+            &[
+                seq(&b, 0, &[0], Logits::Last),
+                seq(&a, 0, &[1, 2, 3], Logits::Hidden),
+                seq(&b, 0, &[4], Logits::All),
+            ],
+            &mut pool,
+        )
+        .unwrap();
+    let hidden = out[1].as_ref().unwrap();
+    assert_eq!(hidden.len(), a.len() * dim);
+    assert_eq!(out[0].as_ref().unwrap().len(), vocab);
+    assert_eq!(out[2].as_ref().unwrap().len(), b.len() * vocab);
+    // Alone, and in two chunks: the same bits.
+    let alone = model
+        .forward_batch(&[seq(&a, 0, &[5, 6, 7], Logits::All)], &mut pool)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let first = model
+        .forward_batch(&[seq(&a[..4], 0, &[8, 9, 10], Logits::Hidden)], &mut pool)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let rest = model
+        .forward_batch(&[seq(&a[4..], 4, &[8, 9, 10], Logits::Hidden)], &mut pool)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(
+        [first, rest].concat(),
+        *hidden,
+        "chunked hidden states differ"
+    );
+    // Through the output matrix (dequantized, in f32): each position's logits.
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let name = if content.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    let w = content
+        .tensor(&mut file, name, &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    let h = Tensor::from_slice(hidden, (a.len(), dim), &Device::Cpu).unwrap();
+    let projected: Vec<f32> = h
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for p in 0..a.len() {
+        let (got, want) = (
+            &projected[p * vocab..][..vocab],
+            &alone[p * vocab..][..vocab],
+        );
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // The lm head quantizes its input rows to 8 bits; a wrong row is off by the scale.
+        assert!(diff / scale < 0.02, "position {p}: {}", diff / scale);
+        assert_eq!(argmax(got), argmax(want), "position {p}");
+    }
+}

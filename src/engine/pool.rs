@@ -117,9 +117,10 @@ mod tests {
         assert!(p.wants(0, 2));
         p.add(0, &rows(&[[1.0, 0.0], [3.0, 4.0]]));
         // Preempted and computed again from the start: nothing counts twice.
-        p.add(0, &rows(&[[100.0, 100.0], [100.0, 100.0]]));
-        assert!(p.wants(2, 1) && !p.wants(0, 2));
-        p.add(2, &rows(&[[2.0, 2.0]]));
+        p.add(0, &rows(&[[100.0, 0.0], [100.0, 0.0]]));
+        assert!(p.wants(1, 2) && !p.wants(0, 2));
+        // A chunk across the edge: only its new position counts.
+        p.add(1, &rows(&[[100.0, 0.0], [2.0, 2.0]]));
         // Mean (2, 2): unit length (0.7071, 0.7071).
         let v = p.finish();
         assert!(
