@@ -43,6 +43,26 @@ fn official_openai_client_works() {
     assert_eq!(whole, streamed);
     assert_eq!(r["models"], json!(["SmolLM2-135M-Instruct.Q4_1"]));
     assert_eq!(r["retrieved"], "SmolLM2-135M-Instruct.Q4_1");
+    // Embeddings through the client's default base64 decode to the floats it asks for.
+    let vectors = r["embeddings"].as_array().unwrap();
+    assert_eq!(vectors.len(), 2);
+    assert_eq!(vectors[0].as_array().unwrap().len(), 576);
+    // (JSON floats are f32's shortest form, base64 the f32 itself: equal as f32.)
+    let as_f32 = |v: &Value| -> Vec<f32> {
+        let rows = v.as_array().unwrap().iter();
+        rows.flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect()
+    };
+    assert_eq!(as_f32(&r["embeddings"]), as_f32(&r["float_embeddings"]));
+    assert_ne!(vectors[0], vectors[1]);
+    let tokens = r["embedding_usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens > 10, "{}", r["embedding_usage"]);
+    assert_eq!(r["embedding_usage"]["total_tokens"].as_u64(), Some(tokens));
     assert_eq!(r["not_found"], 404);
     assert_eq!(r["bad_request"], 400);
     // Scoring five prompt ids: the client parses six entries (the first unscored).

@@ -51,7 +51,15 @@ try:
 except openai.BadRequestError as e:
     bad_request = e.status_code
 
+# The client asks for base64 unless told (and decodes it); floats when asked.
+texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
+packed = client.embeddings.create(model=model, input=texts)
+floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+
 print(json.dumps({
+    "embeddings": [d.embedding for d in packed.data],
+    "float_embeddings": [d.embedding for d in floats.data],
+    "embedding_usage": packed.usage.model_dump(),
     "text": text,
     "streamed": "".join(parts),
     "finish_reason": whole.choices[0].finish_reason,
