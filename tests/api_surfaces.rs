@@ -159,6 +159,18 @@ fn official_cloudflare_client_runs_workers_ai() {
     envelope(&r["unknown_model"], 404, 3042);
     envelope(&r["bad_temperature"], 400, 5006);
     envelope(&r["no_input"], 400, 5006);
+    envelope(&r["bad_pooling"], 400, 5006);
+    // Embeddings in Workers AI's shape: the same vectors as OpenAI's route gives.
+    assert_eq!(r["embedding_shape"], json!([2, 576]), "{r}");
+    assert_eq!(r["embedding_pooling"], "mean", "{r}");
+    let (status, openai) = s.post(
+        "/v1/embeddings",
+        &json!({"input": ["The cat sat on the mat.", "Markets fell."]}),
+    );
+    assert_eq!(status, 200, "{openai}");
+    for i in 0..2 {
+        assert_eq!(r["embeddings"][i], openai["data"][i]["embedding"], "{r}");
+    }
 }
 
 #[test]

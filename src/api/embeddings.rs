@@ -35,7 +35,37 @@ use crate::gateway::Principal;
 /// Most inputs one request may embed (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
 
-const ROUTE: &str = "/v1/embeddings";
+/// The API a request came in through: its body, its reply's shape, its ledger route.
+pub(super) enum Shape {
+    OpenAi,
+    /// Workers AI's `ai/run` for an embedding model: `{"text": ...}` in,
+    /// `{"result": {"shape", "data", "pooling"}}` out.
+    Workers {
+        model: String,
+    },
+}
+
+impl Shape {
+    fn route(&self) -> &'static str {
+        match self {
+            Shape::OpenAi => "/v1/embeddings",
+            Shape::Workers { .. } => "/ai/run",
+        }
+    }
+
+    fn translate(&self, v: Value) -> Result<Value, ApiError> {
+        let Shape::Workers { model } = self else {
+            return Ok(v);
+        };
+        let Value::Object(mut b) = v else {
+            return Err(ApiError::bad_request(
+                "The request body must be a JSON object",
+            ));
+        };
+        let text = b.remove("text").unwrap_or(Value::Null);
+        Ok(json!({"input": text, "model": model, "pooling": b.remove("pooling")}))
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingRequest {
@@ -45,6 +75,8 @@ pub struct EmbeddingRequest {
     pub encoding_format: Option<String>,
     /// Must be the model's own: its vectors are not trained to be cut short.
     pub dimensions: Option<u64>,
+    /// (Workers AI) Must be the server's (`--pooling`).
+    pub pooling: Option<String>,
 }
 
 pub async fn embeddings(
@@ -54,7 +86,31 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (ready, req, _, gate) = accept(&state, &rid, who, &headers, ROUTE, body, Ok, model_of)?;
+    serve(&state, rid, who, &headers, body, Shape::OpenAi).await
+}
+
+/// Both surfaces of embeddings (by `shape`).
+pub(super) async fn serve(
+    state: &AppState,
+    rid: RequestId,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
+    let route = shape.route();
+    let translate = |v| shape.translate(v);
+    let (ready, req, _, gate) =
+        accept(state, &rid, who, headers, route, body, translate, model_of)?;
+    if let Some(p) = req.pooling.filter(|p| p != ready.pooling.name()) {
+        return Err(ApiError::invalid(
+            "pooling",
+            format!(
+                "this server pools `{}` (its --pooling), got `{p}`",
+                ready.pooling.name()
+            ),
+        ));
+    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -78,8 +134,19 @@ pub async fn embeddings(
         ));
     }
     let prompts = tokenize(&ready, req.input).await?;
-    let vectors = embed(&state, &ready, prompts, &gate, &rid.0).await?;
+    let vectors = embed(state, &ready, prompts, &gate, &rid.0).await?;
     let (vectors, prompt_tokens, headers) = vectors;
+    if let Shape::Workers { .. } = shape {
+        let result = json!({
+            "shape": [vectors.len(), ready.embedding_length],
+            "data": vectors,
+            "pooling": ready.pooling.name(),
+        });
+        let body = json!({"result": result, "success": true, "errors": [], "messages": []});
+        let mut resp = Json(body).into_response();
+        add_headers(&mut resp, headers);
+        return Ok(resp);
+    }
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -178,7 +245,7 @@ async fn embed(
     request_id: &str,
 ) -> Result<Embedded, ApiError> {
     let received = Instant::now();
-    let labels = labels(state, request_id, ROUTE, Some(&gate.directives));
+    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
     let price = state
         .gateway
         .price(&state.model_name, gate.directives.custom_cost);

@@ -137,7 +137,12 @@ pub async fn workers_run(
 ) -> Result<Response, ApiError> {
     let model = params.get("model").cloned().unwrap_or_default();
     let bytes = body_or_error(body, state.max_body_bytes)?;
-    let raw = super::workers::is_raw_prompt(&parse_body(&bytes)?);
+    let parsed = parse_body(&bytes)?;
+    if super::workers::is_embedding(&parsed) {
+        let shape = super::embeddings::Shape::Workers { model };
+        return super::embeddings::serve(&state, rid, who, &headers, Ok(bytes), shape).await;
+    }
+    let raw = super::workers::is_raw_prompt(&parsed);
     let api = Api::Workers { model };
     if raw {
         completion(&state, rid, who, &headers, Ok(bytes), api).await

@@ -1,6 +1,6 @@
 """The official `cloudflare` package's Workers AI client against the server: `ai.run` with
 messages and with a prompt, streaming (through the SDK's raw-response interface), a tool
-call, JSON mode, and errors in Cloudflare's envelope. Prints one JSON object for
+call, JSON mode, embeddings, and errors in Cloudflare's envelope. Prints one JSON object for
 tests/api_surfaces.rs to check.
 
     python cloudflare_client.py BASE_URL MODEL_ALIAS
@@ -67,6 +67,12 @@ r = client.ai.run(model, account_id=account, max_tokens=64, temperature=0,
                       "required": ["city", "country"]}})
 out["json_response"] = r["response"]
 
+# An embedding model's input: `text` (one string or several).
+r = client.ai.run(model, account_id=account, text=["The cat sat on the mat.", "Markets fell."])
+out["embedding_shape"] = r["shape"]
+out["embedding_pooling"] = r.get("pooling")
+out["embeddings"] = r["data"]
+
 
 def error_of(call):
     try:
@@ -81,4 +87,6 @@ out["unknown_model"] = error_of(lambda: client.ai.run(
 out["bad_temperature"] = error_of(lambda: client.ai.run(
     model, account_id=account, prompt="hi", temperature=7))
 out["no_input"] = error_of(lambda: client.ai.run(model, account_id=account, max_tokens=4))
+out["bad_pooling"] = error_of(lambda: client.ai.run(
+    model, account_id=account, text="hi", extra_body={"pooling": "cls"}))
 print(json.dumps(out))
