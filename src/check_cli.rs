@@ -62,6 +62,11 @@ fn check_on<B: Backend>(
             "{}",
             json!({"check": "logits_vs_cpu", "device": name, "result": a})
         );
+        let h = check::compare_hidden(&reference, &model, &prompt(40, 6))?;
+        println!(
+            "{}",
+            json!({"check": "hidden_vs_cpu", "device": name, "result": h})
+        );
     }
     if args.invariance {
         let prompts = [prompt(5, 2), prompt(37, 3), prompt(1, 4), prompt(70, 5)];

@@ -28,6 +28,9 @@ fn cpu_agrees_with_itself_and_packing_changes_nothing() {
     assert_eq!(agreement.max_abs_diff, 0.0);
     let prompts = vec![vec![3, 4, 5], (1..40).collect(), vec![7], (2..30).collect()];
     assert_eq!(check::batch_invariance(&a, &prompts).unwrap(), 0.0);
+    let hidden = check::compare_hidden(&a, &b, &prompt).unwrap();
+    assert_eq!((hidden.positions, hidden.max_abs_diff), (19, 0.0));
+    assert!((hidden.min_cosine - 1.0).abs() < 1e-6, "{hidden:?}");
 }
 
 #[test]
@@ -45,6 +48,8 @@ fn a_different_model_is_seen_as_different() {
     let b = Llama::load(&mut GgufFile::open(&path).unwrap(), &Device::Cpu).unwrap();
     let agreement = check::compare(&a, &b, &[1, 2, 3, 4], 3).unwrap();
     assert!(agreement.max_abs_diff > 0.01, "{agreement:?}");
+    let hidden = check::compare_hidden(&a, &b, &[1, 2, 3, 4]).unwrap();
+    assert!(hidden.min_cosine < 0.99, "{hidden:?}");
 }
 
 #[test]

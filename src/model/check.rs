@@ -56,6 +56,56 @@ pub fn compare<A: Backend, B: Backend>(
     Ok(agreement)
 }
 
+/// How far two backends' final hidden states (the rows embeddings pool) are apart over one
+/// prompt: the largest |a - b|, and the smallest cosine similarity of a position's rows.
+#[derive(Debug, Serialize)]
+pub struct HiddenAgreement {
+    pub positions: usize,
+    pub max_abs_diff: f32,
+    pub min_cosine: f32,
+}
+
+pub fn compare_hidden<A: Backend, B: Backend>(
+    reference: &Llama<A>,
+    other: &Llama<B>,
+    prompt: &[u32],
+) -> Result<HiddenAgreement> {
+    let (a, b) = (hidden(reference, prompt)?, hidden(other, prompt)?);
+    let dim = reference.config.dim;
+    let cosine = |x: &[f32], y: &[f32]| {
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| f64::from(p * q)).sum();
+        let norm = |v: &[f32]| v.iter().map(|p| f64::from(p * p)).sum::<f64>().sqrt();
+        (dot / (norm(x) * norm(y)).max(1e-30)) as f32
+    };
+    let min_cosine = a
+        .chunks(dim)
+        .zip(b.chunks(dim))
+        .map(|(x, y)| cosine(x, y))
+        .fold(f32::INFINITY, f32::min);
+    Ok(HiddenAgreement {
+        positions: prompt.len(),
+        max_abs_diff: max_abs_diff(&a, &b),
+        min_cosine,
+    })
+}
+
+/// Every position's final hidden state over `prompt`, in one forward of its own.
+fn hidden<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Result<Vec<f32>> {
+    const BLOCK: usize = 16;
+    let blocks: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32).collect();
+    let mut kv = model.new_kv(BLOCK, blocks.len())?;
+    let input = SeqInput {
+        tokens: prompt,
+        start: 0,
+        blocks: &blocks,
+        logits: Logits::Hidden,
+    };
+    let mut out = model.forward_batch(&[input], &mut kv)?;
+    out.pop()
+        .flatten()
+        .ok_or_else(|| ModelError::Candle(candle_core::Error::Msg("no hidden states".into())))
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
         return f32::INFINITY;
