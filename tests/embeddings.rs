@@ -127,6 +127,21 @@ fn embeddings_are_unit_vectors_whatever_their_batch() {
     let e = post(json!({"input": ["short", too_long]}));
     assert_eq!(e.0, 400, "{}", e.1);
     assert_eq!(e.1["error"]["code"], "context_length_exceeded", "{}", e.1);
+    // A request timeout cancels what is left (the timeout's clock starts at the body).
+    let many: Vec<String> = (0..64).map(|i| format!("{long} {i}")).collect();
+    let r = s.call(
+        "POST",
+        "/v1/embeddings",
+        Some(&json!({"input": many})),
+        &[("cf-aig-request-timeout", "200")],
+    );
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "request_timeout", "{}", r.body);
+    // 64 inputs of 2,000 tokens would take most of a minute; cancelled, they stop now.
+    assert!(
+        s.wait_idle(std::time::Duration::from_secs(5)),
+        "the inputs were not cancelled"
+    );
     // The server still answers.
     assert_eq!(post(json!({"input": "ok"})).0, 200);
 }
