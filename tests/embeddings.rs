@@ -129,6 +129,7 @@ fn embeddings_are_unit_vectors_whatever_their_batch() {
     assert_eq!(e.1["error"]["code"], "context_length_exceeded", "{}", e.1);
     // A request timeout cancels what is left (the timeout's clock starts at the body).
     let many: Vec<String> = (0..64).map(|i| format!("{long} {i}")).collect();
+    let before = s.metric("edgeinfer_prompt_tokens_computed_total");
     let r = s.call(
         "POST",
         "/v1/embeddings",
@@ -142,6 +143,9 @@ fn embeddings_are_unit_vectors_whatever_their_batch() {
         s.wait_idle(std::time::Duration::from_secs(5)),
         "the inputs were not cancelled"
     );
+    // Some inputs had started (the timeout cut a run short, not the tokenizing).
+    let computed = s.metric("edgeinfer_prompt_tokens_computed_total") - before;
+    assert!(computed > 0.0 && computed < 32.0 * 2000.0, "{computed}");
     // The server still answers.
     assert_eq!(post(json!({"input": "ok"})).0, 200);
 }
@@ -167,6 +171,44 @@ fn last_token_pooling_is_a_flag() {
     );
     assert_eq!(vectors(&a)[0], vectors(&b)[0]);
     assert!(max_diff(&vectors(&b)[0], &vectors(&b)[1]) > 1e-3);
+}
+
+/// An embedding model's metadata (a synthetic model declaring last-token pooling and an
+/// EOS after each text) is followed: the EOS's state is the embedding.
+#[test]
+fn an_embedding_models_pooling_and_eos_are_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("embedder.gguf");
+    let spec = common::synthetic::Spec {
+        embedding: true,
+        ..Default::default()
+    };
+    common::synthetic::write(&path, &spec);
+    let s = Server::spawn(&["--model", path.to_str().unwrap()], &[]);
+    s.wait_ready();
+    let (_, t) = s.post(
+        "/tokenize",
+        &json!({"content": "hello world", "add_special": true}),
+    );
+    let ids: Vec<u64> = serde_json::from_value(t["tokens"].clone()).unwrap();
+    let eos = 257; // the synthetic vocabulary's
+    assert_ne!(ids.last(), Some(&eos));
+    let mut with_eos = ids.clone();
+    with_eos.push(eos);
+    let (status, body) = s.post("/v1/embeddings", &json!({"input": "hello world"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], with_eos.len());
+    let (_, by_ids) = s.post("/v1/embeddings", &json!({"input": [with_eos, ids]}));
+    let (text, v) = (&vectors(&body)[0], vectors(&by_ids));
+    assert_eq!(text, &v[0], "the text's embedding is its ids' with the EOS");
+    assert!(max_diff(text, &v[1]) > 1e-3, "the EOS was not appended");
+    // Workers AI's shape names the model's pooling.
+    let (_, w) = s.post(
+        "/client/v4/accounts/a/ai/run/embedder",
+        &json!({"text": "hello world"}),
+    );
+    assert_eq!(w["result"]["pooling"], "last", "{w}");
+    assert_eq!(w["result"]["data"][0], body["data"][0]["embedding"], "{w}");
 }
 
 fn generate_key(s: &Server, fields: Value) -> String {
@@ -224,6 +266,17 @@ fn the_gateway_meters_limits_and_caches_embeddings() {
     assert_eq!(hit.body["usage"], miss.body["usage"]);
     assert_eq!(s.metric("edgeinfer_prompt_tokens_computed_total"), computed);
     assert_eq!(usage_of(&s, &key)["requests"], 3);
+    // A budget pays for what it can: prompt tokens only, no completion to fit.
+    let budgeted = generate_key(&s, json!({"max_budget": 1.0, "budget_duration": "30d"}));
+    let r = embed_with(&s, &budgeted, &body, &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        usage_of(&s, &budgeted)["cost_micros"].as_u64(),
+        Some(tokens * 1000)
+    );
+    let poor = generate_key(&s, json!({"max_budget": 0.001, "budget_duration": "30d"}));
+    assert_eq!(embed_with(&s, &poor, &body, &[]).status, 429);
+    let computed = s.metric("edgeinfer_prompt_tokens_computed_total");
     // A token limit refuses a request larger than it before computing anything.
     let small = generate_key(&s, json!({"tpm_limit": 20}));
     let r = embed_with(&s, &small, &body, &[]);

@@ -56,8 +56,8 @@ fn hidden_state(history: &[u32]) -> [f32; DIM] {
 struct Log {
     /// Tokens per forward call.
     calls: Vec<usize>,
-    /// Chunks from position 0: a sequence starting, or starting again after a preemption.
-    from_start: usize,
+    /// Each chunk: its sequence's first token, where it starts, what it asked for.
+    chunks: Vec<(u32, usize, Logits)>,
 }
 
 struct FakeModel {
@@ -155,9 +155,9 @@ impl ModelRunner for FakeModel {
                 let p = s.start + i;
                 self.kv.insert((s.blocks[p / bs], p % bs), t);
             }
-            if s.start == 0 {
-                self.log.lock().unwrap().from_start += 1;
-            }
+            let first = self.kv[&(s.blocks[0], 0)];
+            let chunk = (first, s.start, s.logits);
+            self.log.lock().unwrap().chunks.push(chunk);
             // The positions whose next token is asked for.
             let end = s.start + s.tokens.len();
             let rows = match s.logits {
@@ -166,7 +166,8 @@ impl ModelRunner for FakeModel {
                     continue;
                 }
                 Logits::Last => end - 1..end,
-                Logits::All | Logits::Hidden => s.start..end,
+                Logits::All => s.start..end,
+                Logits::Hidden { from, to } => s.start + from..s.start + to,
             };
             let mut logits = vec![0.0f32; self.vocab * rows.len()];
             let mut hidden = Vec::new();
@@ -183,7 +184,7 @@ impl ModelRunner for FakeModel {
                 logits[r * self.vocab + next_token(&history, &self.script) as usize] = 10.0;
                 hidden.extend(hidden_state(&history));
             }
-            out.push(Some(if s.logits == Logits::Hidden {
+            out.push(Some(if matches!(s.logits, Logits::Hidden { .. }) {
                 hidden
             } else {
                 logits
@@ -488,14 +489,20 @@ fn embeddings_pool_each_position_once_through_chunks_preemption_and_generation()
         Pooling::First,
         Pooling::Mean,
     ];
+    // Each prompt's first token tells its chunks apart in the fake's log.
+    let tagged = |len, tag: u32| {
+        let mut p = prompt(&script, 0, len, tag);
+        p[0] = script[tag as usize];
+        p
+    };
     let mut gens = Vec::new();
     for tag in [8, 9] {
-        let (req, ended) = request(prompt(&script, 0, 20, tag), 100);
+        let (req, ended) = request(tagged(20, tag), 100);
         gens.push((tag, engine.submit(req).unwrap(), ended));
     }
     let mut embeds = Vec::new();
     for (tag, pooling) in poolings.into_iter().enumerate() {
-        let p = prompt(&script, 0, 100, tag as u32);
+        let p = tagged(100, tag as u32);
         let (mut req, ended) = request(p.clone(), 0);
         req.embed = Some(pooling);
         embeds.push((p, pooling, engine.submit(req).unwrap(), ended));
@@ -523,12 +530,23 @@ fn embeddings_pool_each_position_once_through_chunks_preemption_and_generation()
     for (tag, rx, ended) in gens {
         let (text, end) = collect(rx);
         assert!(matches!(end, Some(Event::Finished { .. })), "{end:?}");
-        let want = expected(&prompt(&script, 0, 20, tag), 100, &script);
+        let want = expected(&tagged(20, tag), 100, &script);
         assert_eq!(text, tok.decode(&want).unwrap());
         assert!(ended.lock().unwrap().is_some());
     }
-    // Some started again after a preemption (a mean-pooled embedding among them, at its
-    // 77th position: its rows already pooled are not asked for again).
-    let starts = log.lock().unwrap().from_start;
-    assert!(starts > 7, "nothing was preempted: {starts}");
+    // A mean-pooled embedding was preempted after pooling rows and computed again: its
+    // chunks then ask for no row it already has (a chunk of no new row asks for none).
+    let rerun = log
+        .lock()
+        .unwrap()
+        .chunks
+        .iter()
+        .any(|&(first, _, logits)| {
+            [0, 2, 4].map(|t| script[t]).contains(&first)
+                && matches!(logits, Logits::Skip | Logits::Hidden { from: 1.., .. })
+        });
+    assert!(
+        rerun,
+        "no mean-pooled embedding ran again after a preemption"
+    );
 }

@@ -279,6 +279,11 @@ fn every_rows_logits_equal_each_prefix_run_alone() {
     }
 }
 
+/// Every row's hidden state.
+fn every(len: usize) -> Logits {
+    Logits::Hidden { from: 0, to: len }
+}
+
 /// `Logits::Hidden` (embeddings) gives each position's final hidden state: the rows the lm
 /// head reads (projected through the output matrix, they are the logits `Logits::All`
 /// gives), split right beside sequences asking for logits, and the same whether the
@@ -303,12 +308,22 @@ fn hidden_rows_are_what_the_lm_head_reads() {
         .forward_batch(
             &[
                 seq(&b, 0, &[0], Logits::Last),
-                seq(&a, 0, &[1, 2, 3], Logits::Hidden),
+                seq(&a, 0, &[1, 2, 3], every(a.len())),
                 seq(&b, 0, &[4], Logits::All),
+                seq(&b[..2], 0, &[11], Logits::Skip),
+                seq(&b, 0, &[12], Logits::Hidden { from: 1, to: 3 }),
             ],
             &mut pool,
         )
         .unwrap();
+    assert!(out[3].is_none());
+    // Rows 1 and 2 of b's: what b alone gives there.
+    let b_alone = model
+        .forward_batch(&[seq(&b, 0, &[13], every(b.len()))], &mut pool)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(out[4].as_deref(), Some(&b_alone[dim..3 * dim]));
     let hidden = out[1].as_ref().unwrap();
     assert_eq!(hidden.len(), a.len() * dim);
     assert_eq!(out[0].as_ref().unwrap().len(), vocab);
@@ -320,12 +335,15 @@ fn hidden_rows_are_what_the_lm_head_reads() {
         .remove(0)
         .unwrap();
     let first = model
-        .forward_batch(&[seq(&a[..4], 0, &[8, 9, 10], Logits::Hidden)], &mut pool)
+        .forward_batch(&[seq(&a[..4], 0, &[8, 9, 10], every(4))], &mut pool)
         .unwrap()
         .remove(0)
         .unwrap();
     let rest = model
-        .forward_batch(&[seq(&a[4..], 4, &[8, 9, 10], Logits::Hidden)], &mut pool)
+        .forward_batch(
+            &[seq(&a[4..], 4, &[8, 9, 10], every(a.len() - 4))],
+            &mut pool,
+        )
         .unwrap()
         .remove(0)
         .unwrap();

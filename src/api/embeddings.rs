@@ -49,7 +49,8 @@ impl Shape {
     fn route(&self) -> &'static str {
         match self {
             Shape::OpenAi => "/v1/embeddings",
-            Shape::Workers { .. } => "/ai/run",
+            // Apart from `ai/run`'s generations: a custom cache key never mixes the two.
+            Shape::Workers { .. } => "/ai/run/embeddings",
         }
     }
 
@@ -100,9 +101,15 @@ pub(super) async fn serve(
 ) -> Result<Response, ApiError> {
     let route = shape.route();
     let translate = |v| shape.translate(v);
-    let (ready, req, _, gate) =
+    let (ready, req, _, mut gate) =
         accept(state, &rid, who, headers, route, body, translate, model_of)?;
-    if let Some(p) = req.pooling.filter(|p| p != ready.pooling.name()) {
+    // The cached vectors do not depend on how they are sent (the official clients ask for
+    // base64 by default, other code for floats): one entry for both.
+    if let Some(b) = gate.body.as_object_mut() {
+        b.remove("encoding_format");
+        b.remove("pooling");
+    }
+    if let Some(p) = req.pooling.filter(|p| p.parse() != Ok(ready.pooling)) {
         return Err(ApiError::invalid(
             "pooling",
             format!(
@@ -204,7 +211,13 @@ async fn tokenize(ready: &Ready, input: PromptField) -> Result<Vec<Vec<u32>>, Ap
         inputs
             .into_iter()
             .map(|i| match i {
-                Ok(text) => r.tokenizer.encode(&text, true),
+                Ok(text) => r.tokenizer.encode(&text, true).map(|mut ids| {
+                    // As llama.cpp: the EOS a model asks for (its last token is pooled).
+                    if r.tokenizer.add_eos {
+                        ids.extend(r.tokenizer.eos);
+                    }
+                    ids
+                }),
                 Err(ids) => Ok(ids),
             })
             .collect::<Result<Vec<_>, _>>()
@@ -214,6 +227,13 @@ async fn tokenize(ready: &Ready, input: PromptField) -> Result<Vec<Vec<u32>>, Ap
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            // A --tokenizer whose normalizer drops the whole text.
+            return Err(ApiError::invalid(
+                "input",
+                format!("input {i} has no tokens"),
+            ));
+        }
         if let Some(bad) = p.iter().find(|&&t| t as usize >= ready.vocab_size) {
             return Err(ApiError::invalid(
                 "input",
@@ -297,11 +317,9 @@ async fn embed(
         timed_out();
         return Err(ApiError::request_timeout(limit));
     }
-    // The inputs run a window at a time: the key's parallel slots, at most a step's worth.
-    let slots = match &gate.principal {
-        Principal::Key(k) => k.limit_spec().max_parallel,
-        _ => None,
-    };
+    // The inputs run a window at a time: the key's free parallel slots (one, to be refused
+    // when it has none), at most a step's worth.
+    let slots = state.gateway.free_slots(&gate.principal);
     let width = prompts
         .len()
         .min(slots.map_or(usize::MAX, |s| s.max(1) as usize))

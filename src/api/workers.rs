@@ -23,12 +23,12 @@ use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
 const DEFAULT_MAX_TOKENS: u64 = 256;
 const DEFAULT_TEMPERATURE: f64 = 0.6;
 
-/// True when the body asks for a raw prompt (no chat template): the completion path.
 /// A body for an embedding model: `text`, without `messages` or `prompt`.
 pub fn is_embedding(body: &Value) -> bool {
     body.get("text").is_some() && body.get("messages").is_none() && body.get("prompt").is_none()
 }
 
+/// True when the body asks for a raw prompt (no chat template): the completion path.
 pub fn is_raw_prompt(body: &Value) -> bool {
     body.get("raw").and_then(Value::as_bool) == Some(true) && body.get("prompt").is_some()
 }

@@ -119,7 +119,6 @@ impl EngineHandle {
         Ok(rxs)
     }
 
-    /// Requests the engine holds at most (running and waiting).
     /// Queues one request, or hands it back with the reason it could not be, so that a
     /// caller feeding several in turn (an embeddings request's inputs) can retry it.
     pub fn try_submit(
@@ -147,6 +146,7 @@ impl EngineHandle {
         }
     }
 
+    /// Requests the engine holds at most (running and waiting).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -441,8 +441,10 @@ impl<M: ModelRunner> Engine<M> {
                     .as_ref()
                     .is_some_and(|s| s.wants_rows(a.req.prompt.len(), c.start, c.len));
                 let logits = match &a.pooler {
-                    Some(p) if p.wants(c.start, c.len) => Logits::Hidden,
-                    Some(_) => Logits::Skip,
+                    Some(p) => match p.wants(c.start, c.len) {
+                        Some((from, to)) => Logits::Hidden { from, to },
+                        None => Logits::Skip,
+                    },
                     None if every || c.draft > 0 => Logits::All,
                     None => c.logits.into(),
                 };

@@ -30,14 +30,18 @@ impl Pooler {
         }
     }
 
-    /// Whether the chunk of positions `start..start + len` has rows this pooling reads.
-    pub fn wants(&self, start: usize, len: usize) -> bool {
+    /// The rows (`from..to`, counted from the chunk's first) of the chunk of positions
+    /// `start..start + len` that this pooling still has to read, if any: a chunk computed
+    /// again after a preemption asks for none it already has.
+    pub fn wants(&self, start: usize, len: usize) -> Option<(usize, usize)> {
         let end = start + len;
-        match self.pooling {
-            Pooling::Mean => end > self.next,
-            Pooling::First => start == 0,
-            Pooling::Last => end >= self.prompt_len,
-        }
+        let (from, to) = match self.pooling {
+            Pooling::Mean => (self.next.max(start), end),
+            Pooling::First if self.next == 0 => (0, 1),
+            Pooling::First => return None,
+            Pooling::Last => (self.prompt_len.saturating_sub(1), self.prompt_len),
+        };
+        (from >= start && from < to && to <= end).then(|| (from - start, to - start))
     }
 
     /// Takes the hidden states of positions `start..`, `dim` values each.
@@ -90,8 +94,8 @@ impl<M: ModelRunner> Engine<M> {
         let Some(p) = a.pooler.as_mut() else {
             return false;
         };
-        if let Some(rows) = rows {
-            p.add(c.start, &rows);
+        if let (Some(rows), Some((from, _))) = (rows, p.wants(c.start, c.len)) {
+            p.add(c.start + from, &rows);
         }
         if c.start + c.len < a.req.prompt.len() {
             return false;
@@ -114,12 +118,13 @@ mod tests {
     #[test]
     fn mean_pooling_counts_each_position_once_and_scales_to_unit_length() {
         let mut p = Pooler::new(Pooling::Mean, 2, 3);
-        assert!(p.wants(0, 2));
+        assert_eq!(p.wants(0, 2), Some((0, 2)));
         p.add(0, &rows(&[[1.0, 0.0], [3.0, 4.0]]));
-        // Preempted and computed again from the start: nothing counts twice.
+        // Preempted and computed again from the start: nothing asked, nothing counts twice.
+        assert_eq!(p.wants(0, 2), None);
         p.add(0, &rows(&[[100.0, 0.0], [100.0, 0.0]]));
-        assert!(p.wants(1, 2) && !p.wants(0, 2));
-        // A chunk across the edge: only its new position counts.
+        // A chunk across the edge: only its new position is asked for, and counts.
+        assert_eq!(p.wants(1, 2), Some((1, 2)));
         p.add(1, &rows(&[[100.0, 0.0], [2.0, 2.0]]));
         // Mean (2, 2): unit length (0.7071, 0.7071).
         let v = p.finish();
@@ -132,13 +137,14 @@ mod tests {
     #[test]
     fn first_and_last_pooling_keep_their_one_row() {
         let mut last = Pooler::new(Pooling::Last, 2, 3);
-        assert!(!last.wants(0, 2) && last.wants(2, 1));
+        assert_eq!((last.wants(0, 2), last.wants(1, 2)), (None, Some((1, 2))));
         last.add(0, &rows(&[[9.0, 9.0], [9.0, 9.0]]));
         last.add(2, &rows(&[[0.0, -2.0]]));
         assert_eq!(last.finish(), vec![0.0, -1.0]);
         let mut first = Pooler::new(Pooling::First, 2, 3);
-        assert!(first.wants(0, 2) && !first.wants(2, 1));
+        assert_eq!((first.wants(0, 2), first.wants(2, 1)), (Some((0, 1)), None));
         first.add(0, &rows(&[[3.0, 4.0], [9.0, 9.0]]));
+        assert_eq!(first.wants(0, 2), None, "asked again after a preemption");
         assert_eq!(first.finish(), vec![0.6, 0.8]);
     }
 }

@@ -281,7 +281,13 @@ impl Limits {
             if let Some(b) = &w.tokens {
                 let room = b.available().saturating_sub(ask.prompt);
                 let need = ask.prompt + if ask.explicit { ask.max_tokens } else { 1 };
-                if room < fits.max(1) && (ask.explicit || room == 0) {
+                // A prompt-only request (embeddings, scoring) needs room for its prompt only.
+                let short = if ask.explicit && ask.max_tokens == 0 {
+                    b.available() < ask.prompt
+                } else {
+                    room < fits.max(1) && (ask.explicit || room == 0)
+                };
+                if short {
                     return Err(Refusal::Tokens {
                         limit: b.limit,
                         scope: *scope,
@@ -309,7 +315,7 @@ impl Limits {
                     }
                     n = lo;
                 }
-                if n == 0 || ask.price.bound(ask.prompt, n) > left {
+                if (n == 0 && ask.max_tokens > 0) || ask.price.bound(ask.prompt, n) > left {
                     return Err(w.budget_refusal(budget, spec, unix));
                 }
                 fits = n;
@@ -418,6 +424,11 @@ impl Limits {
     /// The key's spend in its current budget period, if it was loaded.
     pub fn spend(&self, key: &str) -> Option<u64> {
         self.keys.get(key).map(|w| w.spend)
+    }
+
+    /// Engine sequences the key runs now (its parallel slots taken).
+    pub fn running(&self, key: &str) -> u64 {
+        self.keys.get(key).map_or(0, |w| w.parallel)
     }
 }
 

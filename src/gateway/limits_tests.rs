@@ -244,3 +244,37 @@ fn cache_hits_pay_from_the_budget_and_are_refused_once_it_is_spent() {
     let free = LimitSpec::default();
     assert_eq!(l.admit_cached(Some(("f", &free)), 5, 2000, |_| 0), Ok(()));
 }
+
+#[test]
+fn a_prompt_only_request_needs_room_for_its_prompt_only() {
+    let mut l = Limits::new(None, None);
+    // Embeddings: 40 prompt tokens, no completion (explicitly).
+    let s = LimitSpec {
+        tpm: Some(40),
+        max_budget_micros: Some(40),
+        budget_duration_secs: Some(3600),
+        created: 1000,
+        ..LimitSpec::default()
+    };
+    let price = Price {
+        input: 1_000_000,
+        cached_input: 1_000_000,
+        output: 1_000_000,
+        cached_response: 0,
+    };
+    let a = |prompt| Ask {
+        prompt,
+        max_tokens: 0,
+        explicit: true,
+        price,
+        sequences: 1,
+    };
+    let t0 = Instant::now();
+    // Exactly the window and exactly the budget: it fits (it was refused for want of a
+    // completion token that it never asks for).
+    let g = l.admit(Some(("k", &s)), a(40), t0, 2000, |_| 0).unwrap();
+    assert_eq!(g.max_tokens, 0);
+    // Nothing left of either: refused.
+    assert!(l.admit(Some(("k", &s)), a(1), t0, 2000, |_| 0).is_err());
+    l.settle(&g, None, t0);
+}

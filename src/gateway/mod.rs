@@ -233,6 +233,13 @@ impl Gateway {
         self.limits().rate_info(who.key_id(), Instant::now())
     }
 
+    /// How many of a key's parallel slots are free now (`None`: no cap).
+    pub fn free_slots(&self, who: &Principal) -> Option<u64> {
+        let Principal::Key(k) = who else { return None };
+        let max = k.limit_spec().max_parallel?;
+        Some(max.saturating_sub(self.limits().running(&k.id)))
+    }
+
     /// A key's spend in its current budget period, if known in memory.
     pub fn spend(&self, key_id: &str) -> Option<u64> {
         self.limits().spend(key_id)

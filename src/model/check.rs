@@ -98,7 +98,10 @@ fn hidden<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Result<Vec<f32>> {
         tokens: prompt,
         start: 0,
         blocks: &blocks,
-        logits: Logits::Hidden,
+        logits: Logits::Hidden {
+            from: 0,
+            to: prompt.len(),
+        },
     };
     let mut out = model.forward_batch(&[input], &mut kv)?;
     out.pop()

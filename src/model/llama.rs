@@ -80,9 +80,10 @@ pub enum Logits {
     /// Every token's, row after row (`tokens.len() * vocab_size` values): the logprobs of
     /// the prompt's own tokens.
     All,
-    /// No logits: every token's final hidden state (after the output norm, before the lm
-    /// head), row after row (`tokens.len() * dim` values), that embeddings pool.
-    Hidden,
+    /// No logits: the final hidden states (after the output norm, before the lm head) of
+    /// the chunk's tokens `from..to`, row after row (`(to - from) * dim` values), that
+    /// embeddings pool.
+    Hidden { from: usize, to: usize },
 }
 
 impl From<bool> for Logits {
@@ -330,7 +331,10 @@ impl<B: Backend> Llama<B> {
                 Logits::Skip => {}
                 Logits::Last => heads.push(end - 1),
                 Logits::All => heads.extend(rows),
-                Logits::Hidden => hidden.extend(rows),
+                Logits::Hidden { from, to } => {
+                    let to = to.min(s.tokens.len());
+                    hidden.extend(rows.start + from.min(to)..rows.start + to)
+                }
             }
         }
         let normed = |rows: &[usize]| -> Result<Option<B::Act>> {
@@ -357,7 +361,8 @@ impl<B: Backend> Llama<B> {
         let wants = |s: &SeqInput| match s.logits {
             Logits::Skip => 0,
             Logits::Last => 1,
-            Logits::All | Logits::Hidden => s.tokens.len(),
+            Logits::All => s.tokens.len(),
+            Logits::Hidden { from, to } => to.min(s.tokens.len()).saturating_sub(from),
         };
         if seqs.iter().filter(|s| wants(s) > 0).count() == 1 {
             // One sequence's rows: hand over the vector itself (49k floats a row), no copy.
@@ -365,9 +370,9 @@ impl<B: Backend> Llama<B> {
             return Ok(seqs
                 .iter()
                 .map(|s| match s.logits {
-                    Logits::Skip => None,
-                    Logits::Hidden => states.take(),
-                    Logits::Last | Logits::All => logits.take(),
+                    _ if wants(s) == 0 => None,
+                    Logits::Hidden { .. } => states.take(),
+                    _ => logits.take(),
                 })
                 .collect());
         }
@@ -376,7 +381,7 @@ impl<B: Backend> Llama<B> {
             .iter()
             .map(|s| {
                 let (rest, width) = match s.logits {
-                    Logits::Hidden => (&mut states, c.dim),
+                    Logits::Hidden { .. } => (&mut states, c.dim),
                     _ => (&mut logits, c.vocab_size),
                 };
                 let (mine, after) = rest.split_at(wants(s) * width);

@@ -53,6 +53,9 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     /// Whether a BOS token is prepended when encoding a prompt.
     pub add_bos: bool,
+    /// Whether the model asks for an EOS token after a text (embedding models that pool
+    /// the last token): `/v1/embeddings` appends it.
+    pub add_eos: bool,
     /// Tokens that end generation: EOS, EOT and the end-of-turn control tokens.
     pub stop_ids: Vec<u32>,
     /// Control tokens (sorted): they encode from their text but decode to nothing.
@@ -70,6 +73,7 @@ struct Specials {
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
+    add_eos: bool,
     stop_ids: Vec<u32>,
     control_ids: Vec<u32>,
 }
@@ -102,6 +106,7 @@ impl Specials {
                 .unwrap_or(
                     model == "llama" || f.get_str("tokenizer.ggml.pre").ok() == Some("tekken"),
                 ),
+            add_eos: f.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
             stop_ids,
             control_ids,
         })
@@ -180,6 +185,7 @@ impl Tokenizer {
             bos: s.bos,
             eos: s.eos,
             add_bos: s.add_bos,
+            add_eos: s.add_eos,
             stop_ids: s.stop_ids,
             control_ids: s.control_ids,
             probe,

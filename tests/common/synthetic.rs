@@ -34,6 +34,8 @@ pub struct Spec {
     /// Model width and FFN width (K-quant matrices need multiples of 256).
     pub dim: usize,
     pub ffn: usize,
+    /// An embedding model's metadata: last-token pooling, and an EOS after each text.
+    pub embedding: bool,
 }
 
 impl Default for Spec {
@@ -50,6 +52,7 @@ impl Default for Spec {
             context: 256,
             dim: DIM,
             ffn: FFN,
+            embedding: false,
         }
     }
 }
@@ -157,6 +160,10 @@ pub fn write(path: &Path, spec: &Spec) {
         ),
     ];
     meta.extend(vocab_meta);
+    if spec.embedding {
+        meta.push((format!("{a}.pooling_type"), Value::U32(3)));
+        meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(true)));
+    }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
