@@ -174,3 +174,39 @@ fn mapped_tensor_bytes_are_the_blocks_candle_reads() {
     }
     assert!(f.tensor_bytes("no.such.tensor").is_err());
 }
+
+/// An embedding model's pooling is read; a pooling we cannot do still loads (for
+/// generation); a bidirectional model (which we would run causally) is refused by name.
+#[test]
+fn pooling_metadata_is_read_and_bidirectional_models_are_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    use edgeinfer::model::Pooling;
+    let dir = tempfile::tempdir().unwrap();
+    let load = |meta: Vec<(&'static str, Value)>| {
+        let path = dir.path().join("m.gguf");
+        synthetic::write(
+            &path,
+            &Spec {
+                meta,
+                ..Spec::default()
+            },
+        );
+        let mut f = GgufFile::open(&path).unwrap();
+        Llama::load(&mut f, &Device::Cpu).map(|m| m.config.pooling)
+    };
+    assert_eq!(load(vec![]).unwrap(), None);
+    let mean = vec![("{arch}.pooling_type", Value::U32(1))];
+    assert_eq!(load(mean).unwrap(), Some(Pooling::Mean));
+    let cls = vec![("{arch}.pooling_type", Value::U32(2))];
+    assert_eq!(load(cls).unwrap(), Some(Pooling::First));
+    let rank = vec![("{arch}.pooling_type", Value::U32(4))];
+    assert_eq!(load(rank).unwrap(), None);
+    let causal = vec![("{arch}.attention.causal", Value::Bool(true))];
+    assert!(load(causal).is_ok());
+    let encoder = vec![("{arch}.attention.causal", Value::Bool(false))];
+    let e = load(encoder).unwrap_err().to_string();
+    assert!(
+        e.contains("llama.attention.causal") && e.contains("bidirectional"),
+        "{e}"
+    );
+}

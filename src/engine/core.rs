@@ -351,7 +351,11 @@ impl<M: ModelRunner> Engine<M> {
         let id = self.next_id;
         self.next_id += 1;
         // Scoring the prompt needs the logits of every position: none come from the cache.
-        // An embedding needs the hidden state of positions it pools: none from the cache.
+        // An embedding needs the hidden state of positions it pools: none from the cache;
+        // and it is not scored.
+        if req.embed.is_some() {
+            req.prompt_logprobs = None;
+        }
         req.cache_prompt &= req.prompt_logprobs.is_none() && req.embed.is_none();
         if req.prompt_logprobs.is_some() {
             self.scheduler.add_scoring(id, &req.prompt);

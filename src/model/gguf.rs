@@ -392,12 +392,18 @@ impl ModelConfig {
             Some(2) => Some(Pooling::First),
             Some(3) => Some(Pooling::Last),
             Some(t) => {
-                return Err(bad(
-                    &key("pooling_type"),
-                    format!("pooling type {t} is not supported (1 mean, 2 cls, 3 last)"),
-                ))
+                // (4 is a reranker's.) The model still generates; embeddings pool the mean
+                // unless `--pooling` says otherwise.
+                tracing::warn!(pooling_type = t, "unsupported pooling type ignored");
+                None
             }
         };
+        if f.opt_bool(&key("attention.causal"))? == Some(false) {
+            return Err(bad(
+                &key("attention.causal"),
+                "bidirectional attention (an encoder-style embedding model) is not supported",
+            ));
+        }
         Ok(Self {
             pooling,
             n_layer,

@@ -36,6 +36,8 @@ pub struct Spec {
     pub ffn: usize,
     /// An embedding model's metadata: last-token pooling, and an EOS after each text.
     pub embedding: bool,
+    /// More metadata, written last (`{arch}` in a key is the architecture).
+    pub meta: Vec<(&'static str, Value)>,
 }
 
 impl Default for Spec {
@@ -53,6 +55,7 @@ impl Default for Spec {
             dim: DIM,
             ffn: FFN,
             embedding: false,
+            meta: Vec::new(),
         }
     }
 }
@@ -163,6 +166,9 @@ pub fn write(path: &Path, spec: &Spec) {
     if spec.embedding {
         meta.push((format!("{a}.pooling_type"), Value::U32(3)));
         meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(true)));
+    }
+    for (k, v) in &spec.meta {
+        meta.push((k.replace("{arch}", a), v.clone()));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
