@@ -35,6 +35,7 @@ fn fields(f: &KeyFields) -> Result<Map<String, Value>> {
         "max_parallel_requests",
         f.max_parallel_requests.map(Value::from),
     );
+    put("weight", f.weight.map(Value::from));
     put("duration", f.duration.clone().map(Value::from));
     if let Some(meta) = &f.metadata {
         let v: Value = serde_json::from_str(meta).context("--metadata must be a JSON object")?;

@@ -190,6 +190,9 @@ pub struct KeyFields {
     pub budget_duration: Option<String>,
     #[arg(long)]
     pub max_parallel_requests: Option<u64>,
+    /// Its share of a contended batch relative to other keys' (1 to 100; default 1).
+    #[arg(long)]
+    pub weight: Option<u64>,
     /// The key expires after this long: 30s, 30m, 24h, 30d.
     #[arg(long)]
     pub duration: Option<String>,

@@ -252,7 +252,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         cache_prompt: true,
         constraint: None,
         on_end: Some(UsageSink::new(move |r| *sink.lock().unwrap() = Some(r))),
-        tenant: 0,
+        tenant: 0.into(),
         prediction: Vec::new(),
         embed: None,
     };

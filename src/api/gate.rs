@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::engine::request::{Event, EventReceiver};
+use crate::engine::request::{Event, EventReceiver, Tenant};
 use crate::gateway::cache::{canonical_json, Leader};
 use crate::gateway::limits::{RateInfo, Refusal, Scope};
 use crate::gateway::price::Price;
@@ -197,15 +197,19 @@ pub struct Gate {
 
 impl Gate {
     /// Whose request this is, for fair admission in the engine: the key's, else nobody's
-    /// (0). Never the body's `user`, which any client may vary to jump the queue.
-    pub fn tenant(&self) -> u64 {
+    /// (0), with the key's weight. Never the body's `user`, which any client may vary to
+    /// jump the queue.
+    pub fn tenant(&self) -> Tenant {
         use std::hash::{Hash, Hasher};
         let Principal::Key(k) = &self.principal else {
-            return 0;
+            return Tenant::from(0);
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         k.id.hash(&mut h);
-        h.finish().max(1)
+        Tenant {
+            id: h.finish().max(1),
+            weight: k.weight.unwrap_or(1).clamp(1, 100) as u32,
+        }
     }
 
     /// The response-cache key, when this request may use the cache: asked for (a TTL, no

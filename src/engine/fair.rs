@@ -1,35 +1,46 @@
 //! Fair admission: the order in which one step offers waiting sequences a place. Each
 //! tenant's sequences keep their queue order (a preempted one, at the queue's front, first);
-//! next is the head of the tenant with the fewest sequences running, a sequence that ran
-//! before ahead of any that never did, and the earlier in the queue on a tie. Built once
-//! a step in one pass over the queue; each pick looks at one head per tenant.
+//! next is the head of the tenant whose share of the batch, once admitted, would be the
+//! smallest for its weight (equal weights: the tenant running the fewest), a sequence that
+//! ran before ahead of any that never did, and the earlier in the queue on a tie. Built
+//! once a step in one pass over the queue; each pick looks at one head per tenant.
 
 use std::collections::{HashMap, VecDeque};
 
+use super::request::Tenant;
 use super::scheduler::SeqId;
 
-/// One tenant's running count and waiting sequences: (queue position, id, ran before).
-struct Tenant {
+/// One tenant's weight, running count and waiting sequences: (queue position, id, ran
+/// before).
+struct Queue {
+    weight: u32,
     running: usize,
     waiting: VecDeque<(usize, SeqId, bool)>,
 }
 
 pub(super) struct Turns {
-    tenants: Vec<Tenant>,
+    tenants: Vec<Queue>,
+}
+
+/// `count` sequences of a tenant of `weight`, as a share comparable across tenants.
+fn share(count: usize, weight: u32) -> u64 {
+    // 720720 is divisible by every weight up to 16: those shares compare exactly.
+    count as u64 * 720_720 / u64::from(weight.max(1))
 }
 
 impl Turns {
     /// `waiting`: the queue in order, as (id, tenant, ran before); `running`: the tenant of
     /// each running sequence.
     pub(super) fn new(
-        waiting: impl Iterator<Item = (SeqId, u64, bool)>,
-        running: impl Iterator<Item = u64>,
+        waiting: impl Iterator<Item = (SeqId, Tenant, bool)>,
+        running: impl Iterator<Item = Tenant>,
     ) -> Self {
         let mut slot: HashMap<u64, usize> = HashMap::new();
-        let mut tenants: Vec<Tenant> = Vec::new();
+        let mut tenants: Vec<Queue> = Vec::new();
         for (pos, (id, tenant, ran)) in waiting.enumerate() {
-            let i = *slot.entry(tenant).or_insert_with(|| {
-                tenants.push(Tenant {
+            let i = *slot.entry(tenant.id).or_insert_with(|| {
+                tenants.push(Queue {
+                    weight: tenant.weight,
                     running: 0,
                     waiting: VecDeque::new(),
                 });
@@ -38,7 +49,7 @@ impl Turns {
             tenants[i].waiting.push_back((pos, id, ran));
         }
         for tenant in running {
-            if let Some(&i) = slot.get(&tenant) {
+            if let Some(&i) = slot.get(&tenant.id) {
                 tenants[i].running += 1;
             }
         }
@@ -49,7 +60,7 @@ impl Turns {
     pub(super) fn next(&self) -> Option<(usize, SeqId)> {
         let heads = self.tenants.iter().enumerate().filter_map(|(i, t)| {
             let &(pos, id, ran) = t.waiting.front()?;
-            Some(((!ran, t.running, pos), i, id))
+            Some(((!ran, share(t.running + 1, t.weight), pos), i, id))
         });
         heads.min().map(|(_, i, id)| (i, id))
     }
@@ -63,15 +74,17 @@ impl Turns {
 }
 
 /// Which running sequence to preempt, given each one's tenant oldest first: the newest of
-/// the tenant running the most (a tie: the tenant of the newer one). One tenant: the newest.
-pub(super) fn victim(running: impl Iterator<Item = u64>) -> usize {
-    // tenant -> (sequences running, index of its newest)
-    let mut seen: HashMap<u64, (usize, usize)> = HashMap::new();
+/// the tenant running the most for its weight (a tie: the tenant of the newer one). One
+/// tenant: the newest.
+pub(super) fn victim(running: impl Iterator<Item = Tenant>) -> usize {
+    // tenant -> (sequences running, index of its newest, weight)
+    let mut seen: HashMap<u64, (usize, usize, u32)> = HashMap::new();
     for (i, tenant) in running.enumerate() {
-        let e = seen.entry(tenant).or_default();
-        *e = (e.0 + 1, i);
+        let e = seen.entry(tenant.id).or_insert((0, 0, tenant.weight));
+        *e = (e.0 + 1, i, tenant.weight);
     }
     seen.into_values()
+        .map(|(n, newest, weight)| (share(n, weight), newest))
         .max()
         .expect("a sequence runs. This is a bug.")
         .1
@@ -79,20 +92,27 @@ pub(super) fn victim(running: impl Iterator<Item = u64>) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{victim, Turns};
+    use super::{victim, Tenant, Turns};
+
+    fn plain(ids: &[u64]) -> impl Iterator<Item = Tenant> + '_ {
+        ids.iter().map(|&t| Tenant::from(t))
+    }
 
     #[test]
     fn the_victim_is_the_newest_of_the_tenant_running_the_most() {
-        assert_eq!(victim([5, 5, 5].into_iter()), 2);
-        assert_eq!(victim([7, 7, 9].into_iter()), 1);
-        assert_eq!(victim([7, 9, 7, 9, 9, 3].into_iter()), 4);
+        assert_eq!(victim(plain(&[5, 5, 5])), 2);
+        assert_eq!(victim(plain(&[7, 7, 9])), 1);
+        assert_eq!(victim(plain(&[7, 9, 7, 9, 9, 3])), 4);
         // A tie: the tenant whose newest is newer.
-        assert_eq!(victim([7, 9, 9, 7].into_iter()), 3);
+        assert_eq!(victim(plain(&[7, 9, 9, 7])), 3);
     }
 
     /// Admits every offer: the order of admission.
     fn order(waiting: &[(u64, u64, bool)], running: &[u64]) -> Vec<u64> {
-        let mut t = Turns::new(waiting.iter().copied(), running.iter().copied());
+        let waiting = waiting
+            .iter()
+            .map(|&(id, t, ran)| (id, Tenant::from(t), ran));
+        let mut t = Turns::new(waiting, plain(running));
         let mut out = Vec::new();
         while let Some((i, id)) = t.next() {
             t.take(i, true);
@@ -118,7 +138,8 @@ mod tests {
     #[test]
     fn a_passed_sequence_lets_its_tenants_next_one_be_offered() {
         let w = [(1, 7, false), (2, 7, false), (3, 9, false)];
-        let mut t = Turns::new(w.iter().copied(), [9].into_iter());
+        let w = w.iter().map(|&(id, t, ran)| (id, Tenant::from(t), ran));
+        let mut t = Turns::new(w, plain(&[9]));
         assert_eq!(t.next(), Some((0, 1)));
         t.take(0, false);
         // Passed over, 1 is not counted as running: 7 still runs fewer than 9.
@@ -127,5 +148,40 @@ mod tests {
         assert_eq!(t.next(), Some((1, 3)));
         t.take(1, true);
         assert_eq!(t.next(), None);
+    }
+}
+
+#[cfg(test)]
+mod weighted {
+    use super::{victim, Tenant, Turns};
+
+    const HEAVY: Tenant = Tenant { id: 7, weight: 2 };
+    const LIGHT: Tenant = Tenant { id: 9, weight: 1 };
+
+    #[test]
+    fn a_tenant_of_weight_two_is_admitted_twice_as_often() {
+        // Both queue six, alternately; four places: the heavy one gets two of each three.
+        let waiting: Vec<_> = (0..12)
+            .map(|i| (i, if i % 2 == 0 { HEAVY } else { LIGHT }, false))
+            .collect();
+        let mut t = Turns::new(waiting.into_iter(), std::iter::empty());
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let (i, id) = t.next().unwrap();
+            t.take(i, true);
+            got.push(id % 2 == 0);
+        }
+        let heavy = got.iter().filter(|&&h| h).count();
+        assert_eq!(heavy, 4, "{got:?}");
+    }
+
+    #[test]
+    fn the_victim_is_the_tenant_running_the_most_for_its_weight() {
+        // Heavy runs 3 (1.5 per weight), light 2 (2 per weight): light's newest goes.
+        let running = [HEAVY, LIGHT, HEAVY, LIGHT, HEAVY];
+        assert_eq!(victim(running.into_iter()), 3);
+        // Heavy runs 5 (2.5): heavy's newest.
+        let running = [HEAVY, LIGHT, HEAVY, LIGHT, HEAVY, HEAVY, HEAVY];
+        assert_eq!(victim(running.into_iter()), 6);
     }
 }

@@ -44,9 +44,8 @@ pub struct GenerationRequest {
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Told once how the request ended and what it computed, however it ended.
     pub on_end: Option<UsageSink>,
-    /// Whose request it is (any number naming a key or end user; 0 for none): waiting
-    /// requests are admitted fairly among tenants.
-    pub tenant: u64,
+    /// Whose request it is: waiting requests are admitted fairly among tenants.
+    pub tenant: Tenant,
     /// Tokens the client expects the output to hold (OpenAI's Predicted Outputs): with
     /// speculation on, drafts come from them first. Empty: none.
     pub prediction: Vec<u32>,
@@ -54,6 +53,22 @@ pub struct GenerationRequest {
     /// come back as one [`Event::Embedding`] (`max_tokens` is then ignored, nothing is
     /// sampled). Such a request neither reads nor feeds the prefix cache.
     pub embed: Option<Pooling>,
+}
+
+/// Whose request it is, for fair admission: any number naming a key or end user (0 for
+/// none), and its weight: under contention, tenants' shares of the running batch follow
+/// their weights (at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: u64,
+    pub weight: u32,
+}
+
+impl From<u64> for Tenant {
+    /// Tenant `id` of weight 1.
+    fn from(id: u64) -> Self {
+        Self { id, weight: 1 }
+    }
 }
 
 /// How a request ended, for metering.

@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
 use super::fair::{victim, Turns};
+use super::request::Tenant;
 
 pub type SeqId = u64;
 
@@ -99,8 +100,8 @@ struct SeqState {
     rescored: usize,
     /// Draft tokens offered for the next step (taken by it).
     draft: usize,
-    /// Whose sequence it is (0: nobody's in particular).
-    tenant: u64,
+    /// Whose sequence it is (0: nobody's in particular) and its weight.
+    tenant: Tenant,
 }
 
 impl SeqState {
@@ -165,7 +166,7 @@ impl Scheduler {
                 scored_until: 0,
                 rescored: 0,
                 draft: 0,
-                tenant: 0,
+                tenant: Tenant::from(0),
             },
         );
         self.waiting.push_back(id);
@@ -181,12 +182,13 @@ impl Scheduler {
     }
 
     /// Names whose sequence `id` is. Waiting sequences are admitted tenant by tenant (see
-    /// `fair.rs`): next is always one of the tenant with the fewest running sequences (the
-    /// earliest of its own), so one tenant's burst does not queue the others behind it; a
-    /// preempted sequence still goes first. One tenant alone is served in queue order.
-    pub fn set_tenant(&mut self, id: SeqId, tenant: u64) {
+    /// `fair.rs`): next is always one of the tenant running the fewest sequences for its
+    /// weight (the earliest of its own), so one tenant's burst does not queue the others
+    /// behind it; a preempted sequence still goes first. One tenant alone is served in
+    /// queue order.
+    pub fn set_tenant(&mut self, id: SeqId, tenant: impl Into<Tenant>) {
         if let Some(s) = self.seqs.get_mut(&id) {
-            s.tenant = tenant;
+            s.tenant = tenant.into();
         }
     }
 

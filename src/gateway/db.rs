@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS keys (
     max_budget_micros INTEGER,
     budget_duration_secs INTEGER,
     max_parallel_requests INTEGER,
+    weight INTEGER,                   -- fair share under contention (NULL: 1)
     metadata TEXT NOT NULL,           -- JSON object
     expires INTEGER,                  -- unix seconds
     created INTEGER NOT NULL,         -- unix seconds
@@ -77,6 +78,11 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(fail)?;
     conn.execute_batch(SCHEMA).map_err(fail)?;
+    // Stores made before a column existed get it.
+    if conn.prepare("SELECT weight FROM keys LIMIT 0").is_err() {
+        conn.execute_batch("ALTER TABLE keys ADD COLUMN weight INTEGER")
+            .map_err(fail)?;
+    }
     Ok(conn)
 }
 
@@ -92,4 +98,32 @@ pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_from_before_key_weights_gets_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE keys (id TEXT PRIMARY KEY, alias TEXT, models TEXT NOT NULL,
+             tpm_limit INTEGER, rpm_limit INTEGER, max_budget_micros INTEGER,
+             budget_duration_secs INTEGER, max_parallel_requests INTEGER,
+             metadata TEXT NOT NULL, expires INTEGER, created INTEGER NOT NULL,
+             revoked INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO keys (id, models, metadata, created) VALUES ('k', '[]', '{}', 1);",
+        )
+        .unwrap();
+        drop(old);
+        let conn = super::open(&path).unwrap();
+        let w: Option<i64> = conn
+            .query_row("SELECT weight FROM keys WHERE id = 'k'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(w, None);
+        // Opening again finds the column there.
+        drop(conn);
+        super::open(&path).unwrap();
+    }
 }

@@ -29,6 +29,8 @@ pub struct KeyRecord {
     pub max_budget_micros: Option<u64>,
     pub budget_duration_secs: Option<u64>,
     pub max_parallel_requests: Option<u64>,
+    /// Its share of a contended batch relative to other keys' (1..=100; `None`: 1).
+    pub weight: Option<u64>,
     pub metadata: Value,
     /// Unix seconds after which the key is refused.
     pub expires: Option<i64>,
@@ -47,6 +49,7 @@ impl KeyRecord {
             max_budget_micros: None,
             budget_duration_secs: None,
             max_parallel_requests: None,
+            weight: None,
             metadata: json!({}),
             expires: None,
             created: unix_now(),
@@ -119,6 +122,14 @@ impl KeyRecord {
                 "tpm_limit" => self.tpm_limit = uint()?,
                 "rpm_limit" => self.rpm_limit = uint()?,
                 "max_parallel_requests" => self.max_parallel_requests = uint()?,
+                "weight" => {
+                    self.weight = match uint()? {
+                        Some(w) if !(1..=100).contains(&w) => {
+                            return Err(bad("must be an integer from 1 to 100"))
+                        }
+                        w => w,
+                    }
+                }
                 "max_budget" => {
                     self.max_budget_micros = match v {
                         Value::Null => None,
@@ -180,6 +191,7 @@ impl KeyRecord {
             "max_budget": self.max_budget_micros.map(|m| m as f64 / 1e6),
             "budget_duration": self.budget_duration_secs.map(|s| format!("{s}s")),
             "max_parallel_requests": self.max_parallel_requests,
+            "weight": self.weight.unwrap_or(1),
             "metadata": self.metadata,
             "expires": self.expires,
             "created_at": self.created,
@@ -386,9 +398,9 @@ impl KeyStore {
             }
         }
         let sql = if insert {
-            "INSERT INTO keys (id, alias, models, tpm_limit, rpm_limit, max_budget_micros, budget_duration_secs, max_parallel_requests, metadata, expires, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0)"
+            "INSERT INTO keys (id, alias, models, tpm_limit, rpm_limit, max_budget_micros, budget_duration_secs, max_parallel_requests, metadata, expires, created, weight, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0)"
         } else {
-            "UPDATE keys SET alias = ?2, models = ?3, tpm_limit = ?4, rpm_limit = ?5, max_budget_micros = ?6, budget_duration_secs = ?7, max_parallel_requests = ?8, metadata = ?9, expires = ?10, created = ?11 WHERE id = ?1"
+            "UPDATE keys SET alias = ?2, models = ?3, tpm_limit = ?4, rpm_limit = ?5, max_budget_micros = ?6, budget_duration_secs = ?7, max_parallel_requests = ?8, metadata = ?9, expires = ?10, created = ?11, weight = ?12 WHERE id = ?1"
         };
         let n = tx
             .execute(
@@ -405,6 +417,7 @@ impl KeyStore {
                     r.metadata.to_string(),
                     r.expires,
                     r.created,
+                    r.weight.map(|x| x as i64),
                 ],
             )
             .map_err(|e| match e {
@@ -447,6 +460,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         max_budget_micros: opt_u("max_budget_micros")?,
         budget_duration_secs: opt_u("budget_duration_secs")?,
         max_parallel_requests: opt_u("max_parallel_requests")?,
+        weight: opt_u("weight")?,
         metadata: serde_json::from_str(&metadata).unwrap_or_else(|_| json!({})),
         expires: row.get("expires")?,
         created: row.get("created")?,
