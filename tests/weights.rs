@@ -25,10 +25,10 @@ fn waiting_reaches(s: &Server, n: f64) {
 }
 
 #[test]
-fn a_heavier_key_is_admitted_first_when_slots_free() {
-    // One request runs at a time; a blocker holds it while a light key queues three,
-    // then a key of weight 3 queues three behind them.
-    let s = Server::start(&["--master-key", MASTER, "--max-batch-size", "1"]);
+fn a_heavier_key_running_as_many_gets_the_slot_that_frees() {
+    // Three run at a time: a short blocker, and one long request of each of a light key
+    // and a key of weight 3. Then each of them queues one more, the light key first.
+    let s = Server::start(&["--master-key", MASTER, "--max-batch-size", "3"]);
     let (blocker, light) = (key(&s, json!({})), key(&s, json!({})));
     let heavy = key(&s, json!({"weight": 3}));
     let info = s.call(
@@ -46,33 +46,43 @@ fn a_heavier_key_is_admitted_first_when_slots_free() {
     let order = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         let (s, order) = (&s, &order);
-        scope.spawn(move || {
-            let r = s.post_key("/v1/completions", &body(300), &blocker);
-            assert_eq!(r.status, 200, "{}", r.body);
-        });
+        let send = |name: &'static str, k: &'static str, n: u64| {
+            let key = match k {
+                "blocker" => blocker.clone(),
+                "light" => light.clone(),
+                _ => heavy.clone(),
+            };
+            scope.spawn(move || {
+                let r = s.post_key("/v1/completions", &body(n), &key);
+                assert_eq!(r.status, 200, "{}", r.body);
+                order.lock().unwrap().push(name);
+            });
+        };
+        send("blocker", "blocker", 150);
+        send("light long", "light", 600);
+        send("heavy long", "heavy", 600);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while s.metric("edgeinfer_requests_running") < 1.0 {
-            assert!(Instant::now() < deadline, "the blocker never ran");
+        while s.metric("edgeinfer_requests_running") < 3.0 {
+            assert!(Instant::now() < deadline, "the three never ran");
             std::thread::sleep(Duration::from_millis(5));
         }
-        for (name, k) in [("light", &light), ("heavy", &heavy)] {
-            for i in 0..3 {
-                let b = body(8);
-                scope.spawn(move || {
-                    let r = s.post_key("/v1/completions", &b, k);
-                    assert_eq!(r.status, 200, "{}", r.body);
-                    order.lock().unwrap().push(format!("{name}{i}"));
-                });
-            }
-            let queued = if name == "light" { 3.0 } else { 6.0 };
-            waiting_reaches(s, queued);
-        }
+        send("light", "light", 8);
+        waiting_reaches(s, 1.0);
+        send("heavy", "heavy", 8);
+        waiting_reaches(s, 2.0);
+        assert_eq!(
+            s.metric("edgeinfer_requests_running"),
+            3.0,
+            "the blocker ended early"
+        );
     });
-    // With no one running, arrival order would serve the light key's three first; the
-    // heavy key (a third of a slot each running sequence costs it) goes first every time.
+    // When the blocker ends, both keys run one: the light key at its whole share, the
+    // heavy one at a third of it, so the heavy key's request goes first (with equal
+    // weights, the light key's, queued earlier, would).
     let order = order.into_inner().unwrap();
-    let firsts: Vec<&str> = order[..3].iter().map(|o| &o[..5]).collect();
-    assert_eq!(firsts, ["heavy"; 3], "{order:?}");
+    let at = |name| order.iter().position(|&o| o == name).unwrap();
+    assert_eq!(order[0], "blocker", "{order:?}");
+    assert!(at("heavy") < at("light"), "{order:?}");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Fair admission: the order in which one step offers waiting sequences a place. Each
 //! tenant's sequences keep their queue order (a preempted one, at the queue's front, first);
-//! next is the head of the tenant whose share of the batch, once admitted, would be the
-//! smallest for its weight (equal weights: the tenant running the fewest), a sequence that
-//! ran before ahead of any that never did, and the earlier in the queue on a tie. Built
-//! once a step in one pass over the queue; each pick looks at one head per tenant.
+//! next is the head of the tenant running the fewest sequences for its weight (a tenant
+//! running none first, whatever the weights: no weight starves another tenant), a sequence
+//! that ran before ahead of any that never did, and the earlier in the queue on a tie.
+//! Built once a step in one pass over the queue; each pick looks at one head per tenant.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -24,7 +24,8 @@ pub(super) struct Turns {
 
 /// `count` sequences of a tenant of `weight`, as a share comparable across tenants.
 fn share(count: usize, weight: u32) -> u64 {
-    // 720720 is divisible by every weight up to 16: those shares compare exactly.
+    // Scaled so that flooring never ties or inverts two shares of weights up to 100 (they
+    // differ by at least 720720 / 100^2 before flooring).
     count as u64 * 720_720 / u64::from(weight.max(1))
 }
 
@@ -46,6 +47,8 @@ impl Turns {
                 });
                 tenants.len() - 1
             });
+            // A key's weight changed while it waited: its newest request's holds.
+            tenants[i].weight = tenant.weight;
             tenants[i].waiting.push_back((pos, id, ran));
         }
         for tenant in running {
@@ -60,7 +63,7 @@ impl Turns {
     pub(super) fn next(&self) -> Option<(usize, SeqId)> {
         let heads = self.tenants.iter().enumerate().filter_map(|(i, t)| {
             let &(pos, id, ran) = t.waiting.front()?;
-            Some(((!ran, share(t.running + 1, t.weight), pos), i, id))
+            Some(((!ran, share(t.running, t.weight), pos), i, id))
         });
         heads.min().map(|(_, i, id)| (i, id))
     }
@@ -160,7 +163,8 @@ mod weighted {
 
     #[test]
     fn a_tenant_of_weight_two_is_admitted_twice_as_often() {
-        // Both queue six, alternately; four places: the heavy one gets two of each three.
+        // Both queue six, alternately; six places: once both run, the heavy one gets two
+        // of each three.
         let waiting: Vec<_> = (0..12)
             .map(|i| (i, if i % 2 == 0 { HEAVY } else { LIGHT }, false))
             .collect();
@@ -173,6 +177,20 @@ mod weighted {
         }
         let heavy = got.iter().filter(|&&h| h).count();
         assert_eq!(heavy, 4, "{got:?}");
+    }
+
+    #[test]
+    fn no_weight_keeps_a_tenant_running_nothing_waiting() {
+        // Weight 100 running 15 of 16: the light tenant running none is next.
+        let big = Tenant { id: 7, weight: 100 };
+        let waiting = [(1, big, false), (2, big, false), (3, LIGHT, false)];
+        let t = Turns::new(waiting.into_iter(), std::iter::repeat_n(big, 15));
+        assert_eq!(t.next(), Some((1, 3)));
+        // The newest waiting request's weight is the tenant's.
+        let lighter = Tenant { id: 7, weight: 1 };
+        let waiting = [(3, LIGHT, false), (1, big, false), (2, lighter, false)];
+        let t = Turns::new(waiting.into_iter(), [big, LIGHT].into_iter());
+        assert_eq!(t.next(), Some((0, 3)), "one each at weight 1: the earlier");
     }
 
     #[test]

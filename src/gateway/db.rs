@@ -78,10 +78,14 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(fail)?;
     conn.execute_batch(SCHEMA).map_err(fail)?;
-    // Stores made before a column existed get it.
-    if conn.prepare("SELECT weight FROM keys LIMIT 0").is_err() {
-        conn.execute_batch("ALTER TABLE keys ADD COLUMN weight INTEGER")
-            .map_err(fail)?;
+    // Stores made before a column existed get it (another process may add it first).
+    let has_weight = |c: &Connection| c.prepare("SELECT weight FROM keys LIMIT 0").is_ok();
+    if !has_weight(&conn) {
+        if let Err(e) = conn.execute_batch("ALTER TABLE keys ADD COLUMN weight INTEGER") {
+            if !has_weight(&conn) {
+                return Err(fail(e));
+            }
+        }
     }
     Ok(conn)
 }

@@ -123,11 +123,12 @@ impl KeyRecord {
                 "rpm_limit" => self.rpm_limit = uint()?,
                 "max_parallel_requests" => self.max_parallel_requests = uint()?,
                 "weight" => {
-                    self.weight = match uint()? {
-                        Some(w) if !(1..=100).contains(&w) => {
-                            return Err(bad("must be an integer from 1 to 100"))
-                        }
-                        w => w,
+                    self.weight = match v {
+                        Value::Null => None,
+                        v => match v.as_u64() {
+                            Some(w) if (1..=100).contains(&w) => Some(w),
+                            _ => return Err(bad("must be an integer from 1 to 100")),
+                        },
                     }
                 }
                 "max_budget" => {
