@@ -59,7 +59,7 @@ fn endless(max_tokens: u32, stream: bool) -> Value {
 
 #[test]
 fn a_reply_not_begun_in_time_is_cancelled_and_answered_504() {
-    let s = Server::start(&["--max-batch-size", "1"]);
+    let s = Server::start(&["--max-batch-size", "1", "--rpm-limit", "1000"]);
     // A long request holds the one slot; the next ones wait in the queue.
     let holder = s.raw_post(
         "/v1/chat/completions",
@@ -79,6 +79,12 @@ fn a_reply_not_begun_in_time_is_cancelled_and_answered_504() {
         let waited = t.elapsed();
         // A stream too is refused before anything of it is sent.
         assert_timed_out(&r);
+        // With the rate state it was admitted under.
+        assert!(
+            r.header("x-ratelimit-limit-requests") == Some("1000"),
+            "{:?}",
+            r.headers
+        );
         assert!(waited >= Duration::from_millis(300), "{waited:?}");
         // Cancelled in the queue: it leaves it while the holder still runs.
         assert!(s.wait_metric("edgeinfer_requests_waiting", 0.0, Duration::from_secs(5)));

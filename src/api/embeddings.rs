@@ -366,7 +366,14 @@ async fn embed(
         .collect();
     // Timed out, the sequences' receivers close: the engine drops them at its next step
     // and their meter ledgers what they computed as cancelled.
-    let vectors = in_time(deadline, run(&ready.engine, reqs, width, &refusal)).await??;
+    let with_rate = |mut e: ApiError| {
+        e.headers.extend(headers.iter().cloned());
+        e
+    };
+    let vectors = in_time(deadline, run(&ready.engine, reqs, width, &refusal))
+        .await
+        .and_then(|r| r)
+        .map_err(with_rate)?;
     if !matches!(committed.await, Ok(true)) {
         tracing::error!("the ledger row of an embeddings request was not committed");
     }

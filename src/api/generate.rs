@@ -351,8 +351,15 @@ pub(super) async fn run(
         .collect();
     let tail = Tail::new(committed, leader);
     let keep_alive = state.sse_keep_alive;
+    // An error past admission (a timeout, a failure) still tells the key's rate state.
+    let with_rate = |mut e: ApiError| {
+        e.headers.extend(headers.iter().cloned());
+        e
+    };
     if fields.stream && deadline.is_some() {
-        choices = in_time(deadline, first_event(choices)).await?;
+        choices = in_time(deadline, first_event(choices))
+            .await
+            .map_err(with_rate)?;
     }
     // Dropped on time out, the choices' receivers close: the engine drops the sequences in
     // its next step and their meter ledgers what they computed as cancelled.
@@ -365,7 +372,8 @@ pub(super) async fn run(
         keep_alive,
         deadline,
     )
-    .await?;
+    .await
+    .map_err(with_rate)?;
     add_headers(&mut resp, headers);
     Ok(resp)
 }
