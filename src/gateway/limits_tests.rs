@@ -11,6 +11,16 @@ fn ask(prompt: u64, max: u64, explicit: bool) -> Ask {
     }
 }
 
+/// 1 micro-USD per token, in and out (cached responses free).
+fn micro_per_token() -> Price {
+    Price {
+        input: 1_000_000,
+        cached_input: 1_000_000,
+        output: 1_000_000,
+        cached_response: 0,
+    }
+}
+
 fn spec(tpm: Option<u64>, rpm: Option<u64>) -> LimitSpec {
     LimitSpec {
         tpm,
@@ -110,12 +120,7 @@ fn budgets_reserve_the_most_a_request_can_cost() {
         ..LimitSpec::default()
     };
     // 1 micro-USD per token each way.
-    let price = Price {
-        input: 1_000_000,
-        cached_input: 1_000_000,
-        output: 1_000_000,
-        cached_response: 0,
-    };
+    let price = micro_per_token();
     let a = |max, explicit| Ask {
         prompt: 10,
         max_tokens: max,
@@ -256,12 +261,7 @@ fn a_prompt_only_request_needs_room_for_its_prompt_only() {
         created: 1000,
         ..LimitSpec::default()
     };
-    let price = Price {
-        input: 1_000_000,
-        cached_input: 1_000_000,
-        output: 1_000_000,
-        cached_response: 0,
-    };
+    let price = micro_per_token();
     let a = |prompt| Ask {
         prompt,
         max_tokens: 0,
