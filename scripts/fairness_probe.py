@@ -7,6 +7,11 @@ interleaved. Standard library only.
 
   scripts/fairness_probe.py --master-key KEY --url http://127.0.0.1:8080 [--url ...] \\
       [--burst 48] [--rounds 3] [--max-tokens 128]
+
+With `--weights WA,WB`, keys of those weights each send `--burst` requests at once instead,
+and each round prints the tokens each key received while both still had requests waiting
+(until either key had half of its burst answered) and their ratio, A's over B's: what the
+weights buy.
 """
 import argparse
 import http.client
@@ -25,8 +30,8 @@ def call(url, key, path, body):
     return conn, conn.getresponse()
 
 
-def key(url, master):
-    conn, r = call(url, master, "/key/generate", {})
+def key(url, master, weight=None):
+    conn, r = call(url, master, "/key/generate", {} if weight is None else {"weight": weight})
     k = json.loads(r.read())["key"]
     conn.close()
     return k
@@ -39,16 +44,17 @@ def stream(url, key, max_tokens, out=None):
             "logit_bias": {"0": -100, "1": -100, "2": -100}}
     t0 = time.perf_counter()
     conn, r = call(url, key, "/v1/chat/completions", body)
-    ttft = None
+    ttft, times = None, []
     for line in r:
         line = line.strip()
-        if ttft is not None or not line.startswith(b"data: ") or line == b"data: [DONE]":
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         choices = json.loads(line[6:]).get("choices") or [{}]
         if choices[0].get("delta", {}).get("content"):
-            ttft = time.perf_counter() - t0
+            times.append(time.perf_counter())
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
     conn.close()
-    res = (ttft, time.perf_counter() - t0)
+    res = (ttft, time.perf_counter() - t0, times)
     if out is not None:
         out.append(res)
     return res
@@ -61,7 +67,10 @@ def main():
     ap.add_argument("--burst", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--weights", default=None, metavar="WA,WB")
     a = ap.parse_args()
+    if a.weights:
+        return weighted(a)
     keys = {u: (key(u, a.master_key), key(u, a.master_key)) for u in a.url}
     results = {u: [] for u in a.url}
     for r in range(a.rounds):
@@ -72,7 +81,7 @@ def main():
             for t in threads:
                 t.start()
             time.sleep(0.5)  # A's burst is queued
-            ttft, total = stream(u, kb, a.max_tokens)
+            ttft, total, _ = stream(u, kb, a.max_tokens)
             for t in threads:
                 t.join()
             results[u].append((ttft, total))
@@ -81,6 +90,30 @@ def main():
     for u in a.url:
         ttfts = [x for x, _ in results[u]]
         print(f"{u}: B's TTFT median {statistics.median(ttfts):.2f} s")
+
+
+def weighted(a):
+    wa, wb = (int(w) for w in a.weights.split(","))
+    keys = {u: (key(u, a.master_key, wa), key(u, a.master_key, wb)) for u in a.url}
+    ratios = {u: [] for u in a.url}
+    for r in range(a.rounds):
+        for u in a.url:
+            got = {k: [] for k in keys[u]}
+            threads = [threading.Thread(target=stream, args=(u, k, a.max_tokens, got[k]))
+                       for _ in range(a.burst) for k in keys[u]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            # Until either key had half its burst answered, both had requests waiting.
+            end = min(sorted(ts[-1] for _, _, ts in got[k] if ts)[a.burst // 2 - 1]
+                      for k in keys[u])
+            n = [sum(sum(1 for t in ts if t <= end) for _, _, ts in got[k]) for k in keys[u]]
+            ratios[u].append(n[0] / max(n[1], 1))
+            print(f"round {r + 1} {u}: weights {wa}:{wb}, tokens while both busy "
+                  f"{n[0]} : {n[1]} = {ratios[u][-1]:.2f}", flush=True)
+    for u in a.url:
+        print(f"{u}: ratio median {statistics.median(ratios[u]):.2f}")
 
 
 if __name__ == "__main__":
