@@ -134,7 +134,9 @@ fn embeddings_are_unit_vectors_whatever_their_batch() {
         "POST",
         "/v1/embeddings",
         Some(&json!({"input": many})),
-        &[("cf-aig-request-timeout", "200")],
+        // Long enough that tokenizing 64 inputs on a slow, shared host leaves time to start
+        // computing (200 ms did not in one CI run); far too short for 128k prompt tokens.
+        &[("cf-aig-request-timeout", "2000")],
     );
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "request_timeout", "{}", r.body);
