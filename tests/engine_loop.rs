@@ -255,6 +255,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         tenant: 0.into(),
         prediction: Vec::new(),
         embed: None,
+        shown_tokens: Vec::new(),
     };
     (req, ended)
 }

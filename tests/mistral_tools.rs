@@ -1,6 +1,7 @@
-//! Tool calls in Mistral's own format, end to end: a synthetic model with Mistral's control
-//! tokens and a chat template in Mistral v0.3's format, served over HTTP. The grammar makes
-//! the model open its calls with the `[TOOL_CALLS]` token and write them as a JSON list;
+//! Tool calls in Mistral's own formats, end to end: a synthetic model with Mistral's control
+//! tokens and a chat template in Mistral v0.3's format, or in Mistral Small 3.2's, served
+//! over HTTP. The grammar makes the model open its calls with the `[TOOL_CALLS]` token and
+//! write them as a JSON list (v0.3), or write each as `[TOOL_CALLS]name[ARGS]{...}` (3.2);
 //! the answer is OpenAI's `tool_calls`; call ids sent back in any form render.
 
 mod common;
@@ -9,7 +10,7 @@ use common::server::Server;
 use common::synthetic::{self, Spec};
 use serde_json::{json, Value};
 
-fn mistral_server() -> (tempfile::TempDir, Server) {
+fn mistral_server(args: bool) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mistral.gguf");
     synthetic::write(
@@ -17,6 +18,7 @@ fn mistral_server() -> (tempfile::TempDir, Server) {
         &Spec {
             spm: true,
             mistral: true,
+            mistral_args: args,
             // The tool list is mostly byte tokens in this small vocabulary.
             context: 1024,
             ..Spec::default()
@@ -60,9 +62,28 @@ fn calls_of(body: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The tokens of a reply's logprobs.
+fn tokens_of(body: &Value) -> Vec<String> {
+    body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {body}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn mistral_models_call_tools_in_their_own_format() {
-    let (_dir, server) = mistral_server();
+    calls_in_own_format(false);
+}
+
+#[test]
+fn mistral_small_3_2_models_call_tools_as_name_args() {
+    calls_in_own_format(true);
+}
+
+fn calls_in_own_format(args_format: bool) {
+    let (_dir, server) = mistral_server(args_format);
     let ask = json!({
         "messages": [{"role": "user", "content": "hello world"}],
         "tools": tools(),
@@ -88,10 +109,16 @@ fn mistral_models_call_tools_in_their_own_format() {
         "{args}"
     );
     // The model wrote the control token Mistral models open their calls with.
-    let tokens = body["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap();
-    assert_eq!(tokens[0]["token"], "[TOOL_CALLS]", "{body}");
+    let tokens = tokens_of(&body);
+    assert_eq!(tokens[0], "[TOOL_CALLS]", "{body}");
+    if args_format {
+        // Then the name's tokens, `[ARGS]` and the arguments' object: the text between the
+        // two tokens is the name.
+        let at = tokens.iter().position(|t| t == "[ARGS]");
+        let at = at.unwrap_or_else(|| panic!("no [ARGS]: {tokens:?}"));
+        assert_eq!(tokens[1..at].concat(), "get_weather", "{tokens:?}");
+        assert_eq!(tokens[at + 1], "{", "{tokens:?}");
+    }
 
     // Streamed, the same call arrives in deltas.
     let mut streamed = ask.clone();
@@ -157,11 +184,24 @@ fn mistral_models_call_tools_in_their_own_format() {
     let (status, reply) = server.post("/v1/chat/completions", &several);
     assert_eq!(status, 200, "{reply}");
     if reply["choices"][0]["finish_reason"] == "tool_calls" {
-        for (name, args) in calls_of(&reply) {
+        let calls = calls_of(&reply);
+        for (name, args) in &calls {
             assert_eq!(name, "get_weather");
-            serde_json::from_str::<Value>(&args).unwrap();
+            serde_json::from_str::<Value>(args).unwrap();
+        }
+        if args_format {
+            // Each call opens with its own `[TOOL_CALLS]`.
+            let opened = tokens_of(&reply)
+                .iter()
+                .filter(|t| *t == "[TOOL_CALLS]")
+                .count();
+            assert_eq!(opened, calls.len(), "{reply}");
         }
     }
+    assert!(
+        reply["choices"][0]["message"]["content"].is_null(),
+        "no marker or call text leaks into the content: {reply}"
+    );
     // Anthropic's surface: `tool_use` blocks from the same format.
     let msg = json!({
         "model": reply["model"], "max_tokens": 120, "temperature": 0,
@@ -218,6 +258,35 @@ fn past_calls_render_in_the_shape_the_model_writes_them() {
     );
     assert!(
         text.contains(r#"[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "#),
+        "{text}"
+    );
+}
+
+#[test]
+fn past_name_args_calls_render_as_the_model_writes_them() {
+    use edgeinfer::model::{ChatTemplate, Message};
+    // Mistral Small 3.2's shape: `[TOOL_CALLS]name[ARGS]` then the arguments through
+    // `tojson`, which is the layout the grammar has the model write.
+    let t = ChatTemplate::new(synthetic::MISTRAL_ARGS_TEMPLATE, "<s>", "</s>").unwrap();
+    let mut call = Message::new("assistant", "");
+    call.tool_calls = Some(vec![
+        json!({"id": "abcDEF123", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}}),
+        json!({"id": "abcDEF124", "type": "function",
+            "function": {"name": "get_time", "arguments": {}}}),
+    ]);
+    let mut result = Message::new("tool", "sunny");
+    result.tool_call_id = Some("abcDEF123".into());
+    let tools: Vec<Value> = tools().as_array().unwrap().clone();
+    let text = t
+        .render_with_tools(
+            &[Message::new("user", "hi"), call, result],
+            true,
+            Some(&tools),
+        )
+        .unwrap();
+    assert!(
+        text.contains(r#"[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "C"}[TOOL_CALLS]get_time[ARGS]{}</s>[TOOL_RESULTS]sunny[/TOOL_RESULTS]"#),
         "{text}"
     );
 }

@@ -407,6 +407,7 @@ async fn embed(
             on_end: Some(sink),
             tenant,
             prediction: Vec::new(),
+            shown_tokens: Vec::new(),
             embed: Some(ready.pooling),
         })
         .collect();

@@ -325,6 +325,7 @@ pub(super) async fn run(
             tenant,
             prediction: prediction.clone(),
             embed: None,
+            shown_tokens: meta.tools.map(|f| f.shown_tokens()).unwrap_or_default(),
         });
         echoes.push(input.echo.clone());
     }

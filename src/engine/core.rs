@@ -368,7 +368,8 @@ impl<M: ModelRunner> Engine<M> {
             constraint: req.constraint.take(),
             tokens: req.prompt.clone(),
             sampler: Sampler::new(req.sampling.clone()),
-            output: OutputState::new(req.stop.clone(), req.max_tokens, context),
+            output: OutputState::new(req.stop.clone(), req.max_tokens, context)
+                .showing(std::mem::take(&mut req.shown_tokens)),
             events,
             last_token_at: None,
             first_token_at: None,

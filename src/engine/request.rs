@@ -53,6 +53,9 @@ pub struct GenerationRequest {
     /// come back as one [`Event::Embedding`] (`max_tokens` is then ignored, nothing is
     /// sampled). Such a request neither reads nor feeds the prefix cache.
     pub embed: Option<Pooling>,
+    /// Control tokens whose text the output keeps (a tool-call format's markers, for the
+    /// caller's parser); every other control token decodes to nothing.
+    pub shown_tokens: Vec<u32>,
 }
 
 /// Whose request it is, for fair admission: any number naming a key or end user (0 for

@@ -36,6 +36,8 @@ pub struct OutputState {
     stops: StopMatcher,
     max_tokens: usize,
     generated: usize,
+    /// Control tokens emitted as their text (see `GenerationRequest::shown_tokens`).
+    shown: Vec<u32>,
 }
 
 impl OutputState {
@@ -47,7 +49,14 @@ impl OutputState {
             stops: StopMatcher::new(stop),
             max_tokens,
             generated: 0,
+            shown: Vec::new(),
         }
+    }
+
+    /// Emits these control tokens' text instead of nothing.
+    pub fn showing(mut self, shown: Vec<u32>) -> Self {
+        self.shown = shown;
+        self
     }
 
     /// Tokens counted as completion so far.
@@ -66,7 +75,14 @@ impl OutputState {
             });
         }
         self.generated += 1;
-        let piece = self.detok.push(tok, id)?.unwrap_or_default();
+        let piece = if self.shown.contains(&id) {
+            // The text held back comes first; the decoder goes on after it as before.
+            let mut piece = self.detok.flush(tok)?.unwrap_or_default();
+            piece.push_str(&tok.decode_with_control(&[id])?);
+            piece
+        } else {
+            self.detok.push(tok, id)?.unwrap_or_default()
+        };
         let mut emit = match self.stops.push(&piece) {
             StopOutcome::Continue { emit } => emit,
             StopOutcome::Stopped { emit, stop } => {

@@ -346,15 +346,20 @@ impl ConstraintSpec {
             .map(|id| format!("<[{id}]> "))
             .unwrap_or_default();
         let more = if self.parallel {
-            format!("({} call)*", lit(f.sep))
+            format!("({} call)*", wrap(f.sep))
         } else {
             String::new()
         };
-        g.push_str(&format!(
-            "calls: {special}{} call {more} {}\n",
-            wrap(f.begin),
-            wrap(f.end)
-        ));
+        if f.named() {
+            // The token opens each call: `<[tc]> name <[args]> {...}`, calls back to back.
+            g.push_str(&format!("calls: call {more}\n"));
+        } else {
+            g.push_str(&format!(
+                "calls: {special}{} call {more} {}\n",
+                wrap(f.begin),
+                wrap(f.end)
+            ));
+        }
         let declared: Vec<(usize, &ToolSpec)> = self
             .tools
             .iter()
@@ -365,6 +370,14 @@ impl ConstraintSpec {
             })
             .collect();
         let alts: Vec<String> = declared.iter().map(|(i, _)| format!("fn_{i}")).collect();
+        if let (true, Some(args)) = (f.named(), f.args_token_id) {
+            g.push_str(&format!("call: {special}({})\n", alts.join(" | ")));
+            for (i, t) in declared {
+                g.push_str(&format!("fn_{i}: {} <[{args}]> args_{i}\n", lit(&t.name)));
+                g.push_str(&format!("args_{i}: %json {}\n", with_layout(&t.parameters)));
+            }
+            return g;
+        }
         g.push_str(&format!(
             "call: {} ({}) {}\n",
             wrap(f.open),

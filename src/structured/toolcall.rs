@@ -8,7 +8,10 @@
 //! as `<tool_response>\n...\n</tool_response>`. Templates that take `tools` themselves
 //! (Hermes/Qwen style, Llama 3.1, Mistral) are given the tools and calls natively. Mistral's
 //! calls are a JSON list after its `[TOOL_CALLS]` control token, which decodes to no text:
-//! the grammar writes the token, the parser reads the list that follows.
+//! the grammar writes the token, the parser reads the list that follows. Later Mistral
+//! models (Small 3.2, Devstral, Magistral, Ministral 3) write each call as
+//! `[TOOL_CALLS]name[ARGS]{...}`: there the two control tokens are kept in the output's
+//! text ([`ToolFormat::shown_tokens`]), and the parser reads the name between them.
 //!
 //! Invariant: feeding the parser the text in any split gives the same pieces concatenated,
 //! so streamed deltas add up to the non-streamed call exactly.
@@ -18,7 +21,8 @@ use serde_json::Value;
 use crate::model::Message;
 
 /// How calls are written in the model's output. The grammar generates exactly
-/// `[special] begin open {"name": "NAME", "ARGS_KEY": ARGS} close (sep open ... close)* end`.
+/// `[special] begin open {"name": "NAME", "ARGS_KEY": ARGS} close (sep open ... close)* end`,
+/// or with an `args_token`, `(special NAME args_token ARGS)+`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ToolFormat {
     pub open: &'static str,
@@ -36,6 +40,10 @@ pub struct ToolFormat {
     pub special_id: Option<u32>,
     /// Call ids of 9 letters and digits, which Mistral's templates insist on.
     pub short_ids: bool,
+    /// The control token between a call's bare name and its arguments (`[ARGS]`), "" for
+    /// calls written as a JSON object; with it, `special` opens every call, not the list.
+    pub args_token: &'static str,
+    pub args_token_id: Option<u32>,
 }
 
 impl ToolFormat {
@@ -51,6 +59,8 @@ impl ToolFormat {
         special: "",
         special_id: None,
         short_ids: false,
+        args_token: "",
+        args_token_id: None,
     };
     /// Llama 3.1's JSON tool calling: a bare object with `parameters`, one call a reply.
     pub const LLAMA3_JSON: Self = Self {
@@ -64,6 +74,8 @@ impl ToolFormat {
         special: "",
         special_id: None,
         short_ids: false,
+        args_token: "",
+        args_token_id: None,
     };
     /// Mistral's (v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
     pub const MISTRAL: Self = Self {
@@ -77,12 +89,47 @@ impl ToolFormat {
         special: "[TOOL_CALLS]",
         special_id: None,
         short_ids: true,
+        args_token: "",
+        args_token_id: None,
     };
     /// Mistral Nemo's: the list right after the token, `[TOOL_CALLS][{...}]`.
     pub const MISTRAL_NEMO: Self = Self {
         begin: "[",
         ..Self::MISTRAL
     };
+    /// Mistral Small 3.2's and later: `[TOOL_CALLS]name[ARGS]{...}` for each call, both
+    /// control tokens kept in the text the parser reads.
+    pub const MISTRAL_ARGS: Self = Self {
+        open: "[TOOL_CALLS]",
+        close: "",
+        sep: "",
+        args_key: "",
+        parallel: true,
+        begin: "",
+        end: "",
+        special: "[TOOL_CALLS]",
+        special_id: None,
+        short_ids: true,
+        args_token: "[ARGS]",
+        args_token_id: None,
+    };
+
+    /// Whether a call is `name[ARGS]{...}` rather than a `{"name": ..}` object.
+    pub fn named(&self) -> bool {
+        !self.args_token.is_empty()
+    }
+
+    /// Control tokens whose text the output keeps, for the parser to read (the named
+    /// format's two markers); the JSON formats' opening token is dropped as usual.
+    pub fn shown_tokens(&self) -> Vec<u32> {
+        if !self.named() {
+            return Vec::new();
+        }
+        self.special_id
+            .into_iter()
+            .chain(self.args_token_id)
+            .collect()
+    }
 
     /// The text that starts a call; a reply that starts with it is parsed as calls.
     pub fn trigger(&self) -> String {
@@ -100,8 +147,13 @@ impl ToolFormat {
             return Some(self);
         }
         let id = control_id(self.special)?;
+        let args_token_id = match self.args_token {
+            "" => None,
+            t => Some(control_id(t)?),
+        };
         Some(Self {
             special_id: Some(id),
+            args_token_id,
             ..self
         })
     }
@@ -118,8 +170,10 @@ impl ToolFormat {
             (Self::MISTRAL, true)
         } else if source.contains("[TOOL_CALLS][") && !source.contains("[ARGS]") {
             (Self::MISTRAL_NEMO, true)
+        } else if source.contains("[TOOL_CALLS]") && source.contains("[ARGS]") {
+            (Self::MISTRAL_ARGS, true)
         } else if source.contains("[TOOL_CALLS]") {
-            // Later Mistral formats (`[TOOL_CALLS]name[ARGS]{...}`) are not parsed.
+            // Another Mistral format, not parsed.
             (Self::HERMES, false)
         } else if source.contains("<|python_tag|>") || source.contains("\"parameters\"") {
             (Self::LLAMA3_JSON, true)
@@ -130,6 +184,12 @@ impl ToolFormat {
 
     /// One call as the model writes it.
     pub fn call_text(&self, name: &str, arguments: &str) -> String {
+        if self.named() {
+            return format!(
+                "{}{name}{}{arguments}{}",
+                self.open, self.args_token, self.close
+            );
+        }
         format!(
             "{}{{\"name\": \"{name}\", \"{}\": {arguments}}}{}",
             self.open, self.args_key, self.close
@@ -339,7 +399,11 @@ impl CallParser {
                 } else {
                     ""
                 };
-                let head = format!("{begin}{}{{\"name\": \"", f.open);
+                let head = if f.named() {
+                    format!("{begin}{}", f.open)
+                } else {
+                    format!("{begin}{}{{\"name\": \"", f.open)
+                };
                 // Before the first call, text that stops matching a call is content (a JSON
                 // reply that starts as a call would); later, the grammar wrote it.
                 let first = self.calls.is_empty();
@@ -349,11 +413,26 @@ impl CallParser {
                     }
                     return false;
                 };
-                let Some(end) = rest.find('"') else {
+                let (name_end, tail) = if f.named() {
+                    (f.args_token, f.args_token.to_string())
+                } else {
+                    ("\"", format!("\", \"{}\": ", f.args_key))
+                };
+                let Some(end) = rest.find(name_end) else {
+                    // A bare name is a function's name, then the marker's start; anything
+                    // else is not a call.
+                    let stray = |(i, c): (usize, char)| {
+                        !is_name_char(c) && !f.args_token.starts_with(&rest[i..])
+                    };
+                    if first && f.named() && rest.char_indices().any(stray) {
+                        return self.not_a_call();
+                    }
                     return false;
                 };
                 let name = rest[..end].to_string();
-                let tail = format!("\", \"{}\": ", f.args_key);
+                if first && f.named() && (name.is_empty() || !name.chars().all(is_name_char)) {
+                    return self.not_a_call();
+                }
                 let Some(after) = rest[end..].strip_prefix(tail.as_str()) else {
                     if first && !tail.starts_with(&rest[end..]) {
                         return self.not_a_call();
@@ -419,7 +498,11 @@ impl CallParser {
                 done
             }
             Mode::Tail => {
-                let tail = format!("}}{}", f.close);
+                let tail = if f.named() {
+                    f.close.to_string()
+                } else {
+                    format!("}}{}", f.close)
+                };
                 if self.buf.len() < tail.len() {
                     return false;
                 }
@@ -447,6 +530,11 @@ impl CallParser {
             }
         }
     }
+}
+
+/// What a function's name is made of, in the named format (OpenAI's own rule, and `.`).
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
 }
 
 fn new_call_id(short: bool) -> String {

@@ -1,5 +1,6 @@
 //! Tool-call formats: the streaming parser in any split, the generic rendering, each
-//! template's format, Mistral's list after its control token, Llama 3.1's JSON calls.
+//! template's format, Mistral's list after its control token, Mistral Small 3.2's
+//! `[TOOL_CALLS]name[ARGS]{...}`, Llama 3.1's JSON calls.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +16,13 @@ fn call_parser_gives_the_same_pieces_for_any_split() {
     let hermes = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
     // Mistral's list as the detokenizer shows it: the control token gone, its space kept.
     let mistral = " [{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]";
-    for (format, text) in [(ToolFormat::HERMES, hermes), (ToolFormat::MISTRAL, mistral)] {
+    // Mistral Small 3.2's calls, both control tokens shown as their text.
+    let named = "[TOOL_CALLS]add[ARGS]{\"a\": 1, \"s\": \"}]{\\\"\"}[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}";
+    for (format, text) in [
+        (ToolFormat::HERMES, hermes),
+        (ToolFormat::MISTRAL, mistral),
+        (ToolFormat::MISTRAL_ARGS, named),
+    ] {
         same_pieces_for_any_split(format, text);
     }
 }
@@ -78,6 +85,9 @@ fn call_parser_keeps_plain_text_as_content() {
         (ToolFormat::LLAMA3_JSON, "  {\"title\": \"x\"}"),
         (ToolFormat::LLAMA3_JSON, "{\"name\": \"x\", \"kind\": 1}"),
         (ToolFormat::HERMES, "\n<tool_call>\n{\"nom\": 1}"),
+        // Text spelling the marker, then not a name.
+        (ToolFormat::MISTRAL_ARGS, "[TOOL_CALLS] hello [ARGS]"),
+        (ToolFormat::MISTRAL_ARGS, " [TOOL_CALLS]{\"a\": 1}"),
     ] {
         for cut in 0..=text.len() {
             let mut p = CallParser::new(format);
@@ -159,12 +169,16 @@ fn the_tool_format_follows_the_template() {
         ToolFormat::for_template(nemo),
         (ToolFormat::MISTRAL_NEMO, true)
     );
+    // Mistral Small 3.2 and later: `[TOOL_CALLS]name[ARGS]{...}`.
+    let named = "{% if tools %}[AVAILABLE_TOOLS]{% endif %}{{ '[TOOL_CALLS]' + name + '[ARGS]' }}";
+    assert_eq!(
+        ToolFormat::for_template(named),
+        (ToolFormat::MISTRAL_ARGS, true)
+    );
     // Tools referenced in a format we do not parse: the generic rendering.
     for other in [
         "{% if tools %}<|tool▁calls▁begin|>{% endif %}",
         "{% if tools %}[TOOL_CALLS]{% endif %}",
-        // Mistral Small 3.2 and later: `[TOOL_CALLS]name[ARGS]{...}`.
-        "{% if tools %}[AVAILABLE_TOOLS]{% endif %}{{ '[TOOL_CALLS][' }}{{ name }}[ARGS]{{ args }}",
     ] {
         assert_eq!(
             ToolFormat::for_template(other),
@@ -176,6 +190,16 @@ fn the_tool_format_follows_the_template() {
     let found = ToolFormat::MISTRAL.resolve(|t| (t == "[TOOL_CALLS]").then_some(5));
     assert_eq!(found.and_then(|f| f.special_id), Some(5));
     assert_eq!(ToolFormat::MISTRAL.resolve(|_| None), None);
+    // The named format needs both of its tokens, and shows them; the others show none.
+    let both = ToolFormat::MISTRAL_ARGS.resolve(|t| match t {
+        "[TOOL_CALLS]" => Some(5),
+        "[ARGS]" => Some(9),
+        _ => None,
+    });
+    assert_eq!(both.map(|f| f.shown_tokens()), Some(vec![5, 9]));
+    let one = ToolFormat::MISTRAL_ARGS.resolve(|t| (t == "[TOOL_CALLS]").then_some(5));
+    assert_eq!(one, None);
+    assert_eq!(found.map(|f| f.shown_tokens()), Some(Vec::new()));
     assert_eq!(
         ToolFormat::HERMES.resolve(|_| None),
         Some(ToolFormat::HERMES)
@@ -318,4 +342,77 @@ fn llama3_json_calls_are_generated_and_parsed() {
         let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
         assert_eq!(whole["parameters"], args);
     }
+}
+
+#[test]
+fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
+    let g = grammars();
+    // The single-byte vocabulary's specials 256 and 257 stand for `[TOOL_CALLS]` and `[ARGS]`.
+    let format = ToolFormat::MISTRAL_ARGS
+        .resolve(|t| match t {
+            "[TOOL_CALLS]" => Some(256),
+            "[ARGS]" => Some(257),
+            _ => None,
+        })
+        .unwrap();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    s.tool_format = format;
+    s.parallel = true;
+    let names: Vec<&str> = s.tools.iter().map(|t| t.name.as_str()).collect();
+    let mut calls_seen = 0;
+    for choice in [ToolChoice::Required, ToolChoice::Auto] {
+        s.choice = choice.clone();
+        for seed in 0..6 {
+            let mut c = constraint(&g, &s);
+            if choice == ToolChoice::Required {
+                // Only the control token may start the reply.
+                assert_eq!(c.forced().first(), Some(&256));
+                assert!(!c.allows(257).unwrap() && !c.allows(b'g' as u32).unwrap());
+            } else {
+                // Text may hold neither token.
+                let mut t = constraint(&g, &s);
+                t.commit(b'h' as u32).unwrap();
+                assert!(!t.allows(256).unwrap() && !t.allows(257).unwrap());
+                c.commit(256).unwrap();
+            }
+            let mut tokens = walk_tokens(c.as_mut(), seed, 6000);
+            if choice == ToolChoice::Auto {
+                tokens.insert(0, 256);
+            }
+            // The engine shows both tokens as their text.
+            let mut text = String::new();
+            for &t in &tokens {
+                match t {
+                    256 => text.push_str("[TOOL_CALLS]"),
+                    257 => text.push_str("[ARGS]"),
+                    t => text.push(char::from(t as u8)),
+                }
+            }
+            let expected: Vec<(&str, Value)> = text
+                .split("[TOOL_CALLS]")
+                .skip(1)
+                .map(|call| {
+                    let (name, args) = call.split_once("[ARGS]").expect(&text);
+                    (name, serde_json::from_str(args).expect(&text))
+                })
+                .collect();
+            let mut p = CallParser::new(format);
+            let pieces: Vec<Piece> = p.push(&text).into_iter().chain(p.finish()).collect();
+            assert!(
+                pieces.iter().all(|p| !matches!(p, Piece::Content(_))),
+                "{text:?}"
+            );
+            assert_eq!(p.calls().len(), expected.len(), "{text:?}");
+            for ((name, args), call) in expected.iter().zip(p.calls()) {
+                assert!(names.contains(name), "{text:?}");
+                assert_eq!(call.name, *name);
+                let parsed: Value = serde_json::from_str(&call.arguments).unwrap();
+                assert_eq!(&parsed, args);
+                assert!(call.id.len() == 9 && call.id.bytes().all(|b| b.is_ascii_alphanumeric()));
+            }
+            calls_seen += expected.len();
+        }
+    }
+    assert!(calls_seen > 12, "some replies hold several calls");
 }

@@ -29,6 +29,9 @@ pub struct Spec {
     /// With `spm`: Mistral's control tokens (`[INST]`, `[TOOL_CALLS]`, ...) and a chat
     /// template that takes tools in Mistral's format.
     pub mistral: bool,
+    /// With `mistral`: `[ARGS]` too, and [`MISTRAL_ARGS_TEMPLATE`] (Mistral Small 3.2's
+    /// `[TOOL_CALLS]name[ARGS]{...}` calls) instead of v0.3's.
+    pub mistral_args: bool,
     /// The context length the metadata declares.
     pub context: u32,
     /// Model width and FFN width (K-quant matrices need multiples of 256).
@@ -51,6 +54,7 @@ impl Default for Spec {
             matrix_dtype: None,
             spm: false,
             mistral: false,
+            mistral_args: false,
             context: 256,
             dim: DIM,
             ffn: FFN,
@@ -89,7 +93,7 @@ pub fn write(path: &Path, spec: &Spec) {
     };
     let (dim, ffn) = (spec.dim, spec.ffn);
     let vocab_meta = if spec.spm {
-        spm_vocab(spec.mistral)
+        spm_vocab(spec.mistral, spec.mistral_args)
     } else {
         bpe_vocab(spec.pre)
     };
@@ -284,9 +288,22 @@ pub const MISTRAL_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(last=
 {%- endif %}
 {%- endfor %}"#;
 
+/// A chat template in the format of Mistral Small 3.2 and later (tools before the last user
+/// turn, each call `[TOOL_CALLS]name[ARGS]` and its arguments, results without ids), written
+/// for the tests.
+pub const MISTRAL_ARGS_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}
+{%- if tools and loop.index0 == ns.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]
+{%- elif m.role == 'assistant' %}{{ m.content or '' }}
+{%- for c in m.tool_calls or [] %}{% set a = c.function.arguments %}{{ '[TOOL_CALLS]' + c.function.name + '[ARGS]' }}{% if a is string %}{{ a }}{% else %}{{ a | tojson }}{% endif %}{% endfor %}{{ eos_token }}
+{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]
+{%- endif %}
+{%- endfor %}"#;
+
 /// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces,
 /// and with `mistral` [`MISTRAL_CONTROLS`] and [`MISTRAL_TEMPLATE`].
-fn spm_vocab(mistral: bool) -> Vec<(String, Value)> {
+fn spm_vocab(mistral: bool, args: bool) -> Vec<(String, Value)> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
     let mut scores = vec![Value::F32(0.0); 3];
@@ -302,14 +319,19 @@ fn spm_vocab(mistral: bool) -> Vec<(String, Value)> {
     }
     let mut extra = Vec::new();
     if mistral {
-        for c in MISTRAL_CONTROLS {
+        for c in MISTRAL_CONTROLS.iter().chain(args.then_some(&"[ARGS]")) {
             tokens.push(c.to_string());
             types.push(Value::I32(3));
             scores.push(Value::F32(0.0));
         }
+        let template = if args {
+            MISTRAL_ARGS_TEMPLATE
+        } else {
+            MISTRAL_TEMPLATE
+        };
         extra.push((
             "tokenizer.chat_template".to_string(),
-            Value::String(MISTRAL_TEMPLATE.into()),
+            Value::String(template.into()),
         ));
     }
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
