@@ -8,6 +8,7 @@
 mod grammar;
 mod schema;
 pub mod toolcall;
+mod toolprompt;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
