@@ -296,6 +296,13 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_POOLING")]
     pub pooling: Option<crate::model::Pooling>,
 
+    /// A reasoning model's thinking (`<think>...</think>` or `[THINK]...[/THINK]`): `auto`
+    /// returns it apart, as `reasoning_content` (Anthropic: `thinking` blocks; Responses:
+    /// `reasoning` items); `none` leaves it in the reply's text. Requests may override it.
+    #[arg(long, env = "EDGEINFER_REASONING_FORMAT", default_value = "auto",
+          value_parser = ["auto", "none"])]
+    pub reasoning_format: String,
+
     /// Requests allowed to wait for a slot in the running batch (in flight at most:
     /// `--max-batch-size` plus this); beyond it clients get 429 with Retry-After at once, so
     /// overload sheds quickly instead of queueing without bound. 0: never wait, for nodes
@@ -470,6 +477,10 @@ pub struct ModelArgs {
     /// embedded tokenizer is wrong or unsupported).
     #[arg(long, env = "EDGEINFER_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+
+    /// A Jinja chat template that replaces the model file's (a fixed or newer template).
+    #[arg(long, env = "EDGEINFER_CHAT_TEMPLATE_FILE")]
+    pub chat_template_file: Option<PathBuf>,
 
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (GPU N; a build with the `cuda`
     /// feature, see scripts/build_cuda.sh). On CUDA, weights and the KV cache live in GPU

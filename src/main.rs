@@ -182,20 +182,38 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     sampling.validate()?;
     let path = resolve_model(args.source.model.as_deref(), &args.source.models_dir)?;
     let tokenizer = args.source.tokenizer.as_deref();
+    let template_file = args.source.chat_template_file.as_deref();
     match args.source.device {
         DeviceChoice::Cpu => {
-            let model = LoadedModel::load(&path, tokenizer, &candle_core::Device::Cpu)
+            let mut model = LoadedModel::load(&path, tokenizer, &candle_core::Device::Cpu)
                 .with_context(|| format!("cannot load model {}", path.display()))?;
+            model.template = replace_template(model.template, template_file)?;
             generate_on(&model, &args, sampling)
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(n) => {
-            let model = load_cuda(&path, tokenizer, n)?;
+            let mut model = load_cuda(&path, tokenizer, n)?;
+            model.template = replace_template(model.template, template_file)?;
             generate_on(&model, &args, sampling)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => Err(no_cuda()),
     }
+}
+
+/// `template`, or the one in `file` (`--chat-template-file`) with the same special tokens.
+fn replace_template(
+    template: edgeinfer::model::ChatTemplate,
+    file: Option<&Path>,
+) -> Result<edgeinfer::model::ChatTemplate> {
+    let Some(file) = file else {
+        return Ok(template);
+    };
+    let source = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the chat template {}", file.display()))?;
+    template
+        .with_source(&source)
+        .with_context(|| format!("the chat template {}", file.display()))
 }
 
 /// Loads `path` onto GPU `n`; the tensors are read on the host and uploaded.
@@ -289,6 +307,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
 
     use edgeinfer::gateway::price::PriceTable;
     use edgeinfer::gateway::{Gateway, GatewayConfig};
+    use edgeinfer::structured::reasoning::{Reasoner, ThinkSyntax};
     use edgeinfer::structured::{Grammars, ToolFormat};
 
     let manifest = Manifest::builtin();
@@ -366,8 +385,10 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let model_arg = args.source.model.clone();
     let models_dir = args.source.models_dir.clone();
     let tokenizer = args.source.tokenizer.clone();
+    let template_file = args.source.chat_template_file.clone();
     let device = args.source.device;
     let pooling_flag = args.pooling;
+    let split_reasoning_flag = args.reasoning_format == "auto";
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let path = resolve_model(model_arg.as_deref(), &models_dir)?;
         let loaded = match device {
@@ -396,18 +417,28 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             pooling,
         } = loaded;
         let tokenizer = Arc::new(tokenizer);
-        let template = Arc::new(template);
+        let template = Arc::new(replace_template(template, template_file.as_deref())?);
         let grammars = Grammars::new(tokenizer.clone(), vocab_size)
             .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?;
         let (tool_format, native_tools) = ToolFormat::for_template(template.source());
         // A format opened by a control token the vocabulary lacks: the generic rendering.
+        let control = |t: &str| {
+            tokenizer
+                .token_id(t)
+                .filter(|&id| tokenizer.is_control(id) && (id as usize) < vocab_size)
+        };
         let (tool_format, native_tools) = tool_format
-            .resolve(|t| {
-                tokenizer
-                    .token_id(t)
-                    .filter(|&id| tokenizer.is_control(id) && (id as usize) < vocab_size)
-            })
+            .resolve(control)
             .map_or((ToolFormat::HERMES, false), |f| (f, native_tools));
+        let reasoner = ThinkSyntax::detect(template.source(), |t| tokenizer.token_id(t).is_some())
+            .map(|s| Reasoner::new(s, control));
+        if let Some(r) = &reasoner {
+            tracing::info!(
+                open = r.syntax.open,
+                close = r.syntax.close,
+                "a reasoning model"
+            );
+        }
         // Response-cache keys name the exact weights and template.
         let model_hash = hub::sha256_file_memo(&path)?;
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
@@ -422,6 +453,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             grammars: Arc::new(grammars),
             tool_format,
             native_tools,
+            reasoner,
+            split_reasoning: split_reasoning_flag,
             model_hash,
             template_hash,
         });

@@ -3,20 +3,12 @@
 //! validates, renders and runs; the answer is rendered here in Anthropic's shapes, whole or
 //! as its event stream. Errors get Anthropic's envelope in [`super::error`].
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
-
-use axum::response::sse::Event as SseEvent;
-use axum::response::Response;
-use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::gate::Tail;
 use super::response::Meta;
 use crate::engine::request::FinishReason;
-use crate::engine::request::{Event, EventReceiver, Usage};
-use crate::structured::toolcall::{CallParser, Piece};
+use crate::engine::request::Usage;
 
 /// Translates a Messages request (`count`: a count_tokens request, which has no
 /// `max_tokens`) into a chat-completions request.
@@ -71,7 +63,30 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
         }
         out.insert("stop".into(), s.clone());
     }
-    for field in ["thinking", "mcp_servers", "container"] {
+    // Extended thinking: a reasoning model thinks within the budget; disabled, it answers
+    // at once. A model that does not reason answers as it would anyway.
+    match b.get("thinking") {
+        None | Some(Value::Null) => {}
+        Some(t) => {
+            let budget = match (
+                t.get("type").and_then(Value::as_str),
+                t.get("budget_tokens"),
+            ) {
+                (Some("enabled"), Some(n)) => n.as_u64().filter(|&n| n >= 1),
+                (Some("disabled"), _) => Some(0),
+                _ => None,
+            };
+            let Some(budget) = budget else {
+                return Err(ApiError::invalid(
+                    "thinking",
+                    "`thinking` must be `{\"type\": \"enabled\", \"budget_tokens\": N}` or \
+                     `{\"type\": \"disabled\"}`",
+                ));
+            };
+            out.insert("reasoning_budget".into(), Value::from(budget));
+        }
+    }
+    for field in ["mcp_servers", "container"] {
         if b.get(field).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid(
                 field,
@@ -181,6 +196,8 @@ fn translate_message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Ap
                 calls.push(json!({"id": id, "type": "function",
                     "function": {"name": name, "arguments": input.to_string()}}));
             }
+            // Past reasoning is not shown again (reasoning models' templates drop it too).
+            ("assistant", "thinking" | "redacted_thinking") => {}
             ("user", "tool_result") => {
                 let Some(id) = blk.get("tool_use_id").and_then(Value::as_str) else {
                     return Err(ApiError::invalid(
@@ -280,7 +297,11 @@ fn translate_tool_choice(c: &Value) -> Result<(Value, bool), ApiError> {
 
 /// Anthropic's `stop_reason` and `stop_sequence`: a stop string that ended the message is
 /// named (`stop_sequence`), else the end of the turn, a tool call or the token budget.
-fn stop_fields(r: FinishReason, stop: Option<String>, made_calls: bool) -> (&'static str, Value) {
+pub(super) fn stop_fields(
+    r: FinishReason,
+    stop: Option<String>,
+    made_calls: bool,
+) -> (&'static str, Value) {
     match (r, stop) {
         (FinishReason::Stop, Some(s)) => ("stop_sequence", Value::String(s)),
         (FinishReason::Stop, None) if made_calls => ("tool_use", Value::Null),
@@ -289,7 +310,7 @@ fn stop_fields(r: FinishReason, stop: Option<String>, made_calls: bool) -> (&'st
     }
 }
 
-fn usage_json(u: Usage) -> Value {
+pub(super) fn usage_json(u: Usage) -> Value {
     json!({
         "input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens),
         "cache_read_input_tokens": u.cached_tokens,
@@ -322,17 +343,17 @@ pub fn whole(
                 content.push(json!({"type": "text", "text": text}));
             }
         }
-        Some(mut p) => {
-            let mut t = String::new();
-            for piece in p.push(&text).into_iter().chain(p.finish()) {
-                if let Piece::Content(c) = piece {
-                    t.push_str(&c);
-                }
+        Some(p) => {
+            let (reasoning, text, calls) = p.whole(&text);
+            // The reasoning first, as Claude's extended thinking is (no signature: it is not
+            // Anthropic's to verify).
+            if let Some(r) = reasoning {
+                content.push(json!({"type": "thinking", "thinking": r, "signature": ""}));
             }
-            if !t.is_empty() {
+            if let Some(t) = text.filter(|t| !t.is_empty()) {
                 content.push(json!({"type": "text", "text": t}));
             }
-            for c in p.calls() {
+            for c in &calls {
                 made_calls = true;
                 content.push(json!({"type": "tool_use", "id": c.id, "name": c.name,
                     "input": input_of(&c.arguments)}));
@@ -343,172 +364,6 @@ pub fn whole(
     json!({"id": meta.id, "type": "message", "role": "assistant", "model": meta.model,
            "content": content, "stop_reason": stop_reason,
            "stop_sequence": stop_sequence, "usage": usage_json(usage)})
-}
-
-/// Streams Anthropic's events: `message_start`, `ping`, per block `content_block_start`,
-/// deltas (`text_delta`, `input_json_delta`) and `content_block_stop`, then `message_delta`
-/// (stop reason, usage) and `message_stop`; an error after the headers is an `error` event.
-/// Dropping the stream cancels the request, as on the OpenAI surface.
-pub fn sse(
-    rx: EventReceiver,
-    meta: Meta,
-    prompt_tokens: usize,
-    tail: Tail,
-    keep_alive: std::time::Duration,
-) -> Response {
-    let mut pending = VecDeque::new();
-    pending.push_back((
-        "message_start",
-        json!({"type": "message_start", "message": {
-            "id": meta.id, "type": "message", "role": "assistant", "model": meta.model,
-            "content": [], "stop_reason": Value::Null, "stop_sequence": Value::Null,
-            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
-        }}),
-    ));
-    pending.push_back(("ping", json!({"type": "ping"})));
-    let state = State {
-        rx,
-        calls: meta.call_parser(),
-        pending,
-        open: None,
-        blocks: 0,
-        tail,
-        ended: false,
-    };
-    super::stream::sse_of(events(state), keep_alive)
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Open {
-    Text,
-    /// A tool_use block for the parser's call `n`.
-    Call(usize),
-}
-
-struct State {
-    rx: EventReceiver,
-    calls: Option<CallParser>,
-    pending: VecDeque<(&'static str, Value)>,
-    /// The block being streamed.
-    open: Option<Open>,
-    /// Blocks started so far (the next block's index).
-    blocks: usize,
-    tail: Tail,
-    ended: bool,
-}
-
-impl State {
-    fn close(&mut self) {
-        if self.open.take().is_some() {
-            let index = self.blocks - 1;
-            self.pending.push_back((
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": index}),
-            ));
-        }
-    }
-
-    fn start(&mut self, open: Open, block: Value) {
-        self.close();
-        self.pending.push_back((
-            "content_block_start",
-            json!({"type": "content_block_start", "index": self.blocks, "content_block": block}),
-        ));
-        self.blocks += 1;
-        self.open = Some(open);
-    }
-
-    fn delta(&mut self, delta: Value) {
-        let index = self.blocks - 1;
-        self.pending.push_back((
-            "content_block_delta",
-            json!({"type": "content_block_delta", "index": index, "delta": delta}),
-        ));
-    }
-
-    fn piece(&mut self, piece: Piece) {
-        match piece {
-            Piece::Content(text) if text.is_empty() => {}
-            Piece::Content(text) => {
-                if self.open != Some(Open::Text) {
-                    self.start(Open::Text, json!({"type": "text", "text": ""}));
-                }
-                self.delta(json!({"type": "text_delta", "text": text}));
-            }
-            Piece::CallStart { index, id, name } => self.start(
-                Open::Call(index),
-                json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
-            ),
-            Piece::Arguments { text, .. } => {
-                self.delta(json!({"type": "input_json_delta", "partial_json": text}))
-            }
-        }
-    }
-
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            // Only the completions API asks for the prompt's scores; embeddings are not text.
-            Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
-            Some(Event::Token { text, .. }) => {
-                let pieces = match &mut self.calls {
-                    None => vec![Piece::Content(text)],
-                    Some(p) => p.push(&text),
-                };
-                pieces.into_iter().for_each(|p| self.piece(p));
-            }
-            Some(Event::Finished {
-                reason,
-                usage,
-                stop_sequence,
-                ..
-            }) => {
-                let mut made_calls = false;
-                if let Some(mut p) = self.calls.take() {
-                    p.finish().into_iter().for_each(|piece| self.piece(piece));
-                    made_calls = !p.calls().is_empty();
-                }
-                self.close();
-                let (stop_reason, stop_sequence) = stop_fields(reason, stop_sequence, made_calls);
-                self.pending.push_back((
-                    "message_delta",
-                    json!({"type": "message_delta",
-                           "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                           "usage": usage_json(usage)}),
-                ));
-                self.pending
-                    .push_back(("message_stop", json!({"type": "message_stop"})));
-                self.ended = true;
-            }
-            Some(Event::Failed(msg)) => {
-                self.pending
-                    .push_back(("error", ApiError::internal(msg).anthropic_body()));
-                self.ended = true;
-            }
-            None => {
-                self.pending
-                    .push_back(("error", ApiError::engine_stopped().anthropic_body()));
-                self.ended = true;
-            }
-        }
-    }
-}
-
-fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some((name, v)) = s.pending.pop_front() {
-                return Some((Ok(SseEvent::default().event(name).data(v.to_string())), s));
-            }
-            if s.ended {
-                return None;
-            }
-            let ev = s.rx.recv().await;
-            if let Some(ev) = &ev {
-                s.tail.observe(ev).await;
-            }
-            s.on_event(ev);
-        }
-    })
 }
 
 #[cfg(test)]

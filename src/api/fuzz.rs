@@ -58,6 +58,7 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         chat: true,
         logprobs: false,
         tools: tools.then_some(ToolFormat::HERMES),
+        reasoning: None,
         surface: super::response::Surface::OpenAi,
         pick: None,
     };

@@ -297,6 +297,12 @@ pub(super) async fn run(
     let mut sinks = sinks.into_iter();
     let mut constraints = out.constraints.into_iter();
     let tenant = gate.tenant();
+    // Control tokens the reply's parsers read as text: a tool format's markers, and a
+    // reasoning model's in a chat (even unsplit, so its reasoning stays delimited).
+    let mut shown = meta.tools.map(|f| f.shown_tokens()).unwrap_or_default();
+    if meta.chat {
+        shown.extend(ready.reasoner.iter().flat_map(|r| r.shown_tokens()));
+    }
     let mut reqs = Vec::with_capacity(count);
     let mut echoes = Vec::with_capacity(count);
     for (c, (input, j)) in inputs
@@ -325,7 +331,7 @@ pub(super) async fn run(
             tenant,
             prediction: prediction.clone(),
             embed: None,
-            shown_tokens: meta.tools.map(|f| f.shown_tokens()).unwrap_or_default(),
+            shown_tokens: shown.clone(),
         });
         echoes.push(input.echo.clone());
     }

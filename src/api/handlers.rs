@@ -174,12 +174,13 @@ impl Api {
 }
 
 /// The chat prompt as token ids: the template applied to the messages and tools (through
-/// the generic tool prompt when the template has no tool support).
+/// the generic tool prompt when the template has no tool support); and whether it opened a
+/// reasoning model's thinking.
 pub(super) fn render(
     r: &Ready,
     messages: Vec<Message>,
     tools: Vec<Value>,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<(Vec<u32>, bool), ApiError> {
     let (messages, native) = if tools.is_empty() || r.native_tools {
         let messages = if r.tool_format.short_ids {
             toolcall::with_short_ids(messages)
@@ -194,9 +195,12 @@ pub(super) fn render(
         .template
         .render_with_tools(&messages, true, native.then_some(tools.as_slice()))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    r.tokenizer
+    let opened = r.reasoner.is_some_and(|x| x.syntax.opened_by(&text));
+    let ids = r
+        .tokenizer
         .encode(&text, false)
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((ids, opened))
 }
 
 /// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).
@@ -235,19 +239,34 @@ pub(super) async fn chat(
             format!("`top_logprobs` must be at most 20, got {top}"),
         ));
     }
+    let split = match req.reasoning_format.as_deref() {
+        None => ready.split_reasoning,
+        Some("auto" | "deepseek") => true,
+        Some("none") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "reasoning_format",
+                format!("`reasoning_format` must be `auto` or `none`, got `{other}`"),
+            ))
+        }
+    };
+    let budget = req.reasoning_budget;
     let r = ready.clone();
     let tools_active = spec.calls_tools();
     // Render, tokenize and compile the grammar off the async threads; a grammar error is
     // the client's (400 naming the field), before anything is queued.
     let n = sampling.n()?;
-    let (prompt, constraints) = tokio::task::spawn_blocking(move || {
-        let prompt = render(&r, messages, tools)?;
+    let (prompt, opened, constraints) = tokio::task::spawn_blocking(move || {
+        let (prompt, opened) = render(&r, messages, tools)?;
+        // A reasoning model thinks (within its budget) before a constrained answer.
+        let mut spec = spec;
+        spec.think = r.reasoner.map(|x| x.spec(opened, budget));
         // One grammar state for each choice (compiled once: the compiler caches).
         let mut constraints = Vec::new();
         for _ in 0..n {
             constraints.extend(r.grammars.constraint(&spec)?);
         }
-        Ok::<_, ApiError>((prompt, constraints))
+        Ok::<_, ApiError>((prompt, opened, constraints))
     })
     .await
     .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
@@ -262,6 +281,11 @@ pub(super) async fn chat(
         chat: true,
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
+        // Workers AI's own shape returns the text as the model wrote it.
+        reasoning: ready
+            .reasoner
+            .filter(|_| split && !matches!(api, Api::Workers { .. }))
+            .map(|x| (x.syntax, opened)),
         surface: match api {
             Api::OpenAi => Surface::OpenAi,
             Api::Anthropic => Surface::Anthropic {
@@ -391,6 +415,7 @@ pub(super) async fn completion(
         chat: false,
         logprobs: req.logprobs.is_some(),
         tools: None,
+        reasoning: None,
         surface: match api {
             Api::Workers { .. } => Surface::Workers { json: false },
             _ => Surface::OpenAi,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod anthropic;
+mod anthropic_sse;
 pub mod body;
 mod choices;
 mod console;
@@ -61,6 +62,9 @@ pub struct Ready {
     /// How this model writes tool calls, and whether its template renders tools itself.
     pub tool_format: ToolFormat,
     pub native_tools: bool,
+    /// How the model reasons, if it does, and whether replies split it off by default.
+    pub reasoner: Option<crate::structured::reasoning::Reasoner>,
+    pub split_reasoning: bool,
     /// sha256 of the model file and of the chat template source: part of every response
     /// cache key, so a new model or template never replays old replies.
     pub model_hash: String,

@@ -11,7 +11,8 @@ use super::gate::Tail;
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver, LogprobInfo, Usage};
-use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
+use crate::structured::reasoning::{ReplyParser, ThinkSplitter, ThinkSyntax};
+use crate::structured::toolcall::{ParsedCall, Piece};
 use crate::structured::ToolFormat;
 
 /// Fields shared by every chunk or response of one request.
@@ -23,6 +24,9 @@ pub struct Meta {
     pub logprobs: bool,
     /// Set when the reply may hold tool calls: the text is parsed for them in this format.
     pub tools: Option<ToolFormat>,
+    /// Set when a chat reply's reasoning is split from its answer: the markers, and
+    /// whether the prompt opened the reasoning.
+    pub reasoning: Option<(ThinkSyntax, bool)>,
     /// The API shape the answer is rendered in.
     pub surface: Surface,
     /// `best_of`: keep each prompt's best choices of those generated (whole answers only).
@@ -114,7 +118,7 @@ pub async fn respond(
     };
     Ok(match meta.surface.clone() {
         Surface::Anthropic { prompt_tokens } => {
-            super::anthropic::sse(rx, meta, prompt_tokens, tail, keep_alive)
+            super::anthropic_sse::sse(rx, meta, prompt_tokens, tail, keep_alive)
         }
         Surface::Workers { .. } => super::workers::sse(rx, meta, tail, keep_alive),
         Surface::Responses(ctx) => super::responses_sse::sse(rx, meta, ctx, tail, keep_alive),
@@ -169,6 +173,7 @@ fn tool_call_json(c: &ParsedCall) -> Value {
 pub fn delta_json(piece: &Piece) -> Value {
     match piece {
         Piece::Content(text) => json!({"content": text}),
+        Piece::Reasoning(text) => json!({"reasoning_content": text}),
         Piece::CallStart { index, id, name } => json!({"tool_calls": [{
             "index": index, "id": id, "type": "function",
             "function": {"name": name, "arguments": ""},
@@ -188,9 +193,15 @@ impl Meta {
         }
     }
 
-    /// A parser for this reply's tool calls, when it may make any.
-    pub fn call_parser(&self) -> Option<CallParser> {
-        self.tools.map(CallParser::new)
+    /// A parser for this reply's reasoning and tool calls, when it may hold either.
+    pub fn call_parser(&self) -> Option<ReplyParser> {
+        if self.tools.is_none() && self.reasoning.is_none() {
+            return None;
+        }
+        let think = self
+            .reasoning
+            .map(|(s, opened)| ThinkSplitter::new(s, opened));
+        Some(ReplyParser::new(think, self.tools))
     }
 
     /// One streamed chunk. `delta` is the chat delta (for text completions its `content`
@@ -276,23 +287,21 @@ impl Meta {
             return json!({"index": index, "text": text, "logprobs": logprobs,
                           "finish_reason": finish_name(reason, false)});
         }
-        let (content, calls) = match self.call_parser() {
-            None => (Some(text), Vec::new()),
-            Some(mut p) => {
-                let mut content = String::new();
-                for piece in p.push(&text).into_iter().chain(p.finish()) {
-                    if let Piece::Content(t) = piece {
-                        content.push_str(&t);
-                    }
-                }
-                let calls: Vec<Value> = p.calls().iter().map(tool_call_json).collect();
+        let (reasoning, content, calls) = match self.call_parser() {
+            None => (None, Some(text), Vec::new()),
+            Some(p) => {
+                let (reasoning, content, calls) = p.whole(&text);
                 (
-                    (calls.is_empty() || !content.is_empty()).then_some(content),
-                    calls,
+                    reasoning,
+                    content,
+                    calls.iter().map(tool_call_json).collect(),
                 )
             }
         };
         let mut message = json!({"role": "assistant", "content": content});
+        if let Some(r) = reasoning {
+            message["reasoning_content"] = Value::String(r);
+        }
         if !calls.is_empty() {
             message["tool_calls"] = Value::Array(calls.clone());
         }

@@ -16,7 +16,7 @@ use super::response::Meta;
 use crate::engine::request::FinishReason;
 use crate::engine::request::Usage;
 use crate::gateway::Gateway;
-use crate::structured::toolcall::{ParsedCall, Piece};
+use crate::structured::toolcall::ParsedCall;
 
 /// What a Responses request carries into its answer: identity, the conversation so far
 /// (previous items plus this input), the request's settings to echo, where to store it.
@@ -126,6 +126,9 @@ fn normalize_item(it: &Value, i: usize) -> Result<Value, ApiError> {
             };
             Ok(json!({"type": "function_call_output", "call_id": call_id, "output": output}))
         }
+        // A reasoning model's earlier thinking, sent back: kept out of the prompt, as
+        // reasoning models' templates keep it.
+        "reasoning" => Ok(json!({"type": "reasoning"})),
         other => Err(ApiError::invalid(
             at(".type"),
             format!("input items of type `{other}` are not supported"),
@@ -161,6 +164,7 @@ fn messages(items: &[Value], instructions: Option<&str>) -> Vec<Value> {
             Some("function_call_output") => out.push(
                 json!({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]}),
             ),
+            Some("reasoning") => {}
             _ => {
                 let role = if it["role"] == "developer" {
                     "system"
@@ -320,6 +324,13 @@ pub(super) fn message_item(ctx: &ResponsesCtx, index: usize, text: &str, status:
            "content": [{"type": "output_text", "text": text, "annotations": []}]})
 }
 
+/// A reasoning model's thinking, as OpenAI's reasoning models' items carry it.
+pub(super) fn reasoning_item(ctx: &ResponsesCtx, index: usize, text: &str, status: &str) -> Value {
+    json!({"type": "reasoning", "id": format!("rs_{}_{index}", ctx.id.trim_start_matches("resp_")),
+           "status": status, "summary": [],
+           "content": [{"type": "reasoning_text", "text": text}]})
+}
+
 fn call_item(c: &ParsedCall, status: &str) -> Value {
     json!({"type": "function_call", "id": format!("fc_{}", c.id.trim_start_matches("call_")),
            "call_id": c.id, "name": c.name, "arguments": c.arguments, "status": status})
@@ -378,7 +389,7 @@ pub(super) fn finish(
     let r = object(ctx, meta, status, output.clone(), Some((reason, usage)));
     if ctx.store {
         let mut context = ctx.context.clone();
-        for it in &output {
+        for it in output.iter().filter(|it| it["type"] != "reasoning") {
             context.push(match it["type"].as_str() {
                 Some("function_call") => json!({"type": "function_call", "call_id": it["call_id"],
                     "name": it["name"], "arguments": it["arguments"]}),
@@ -416,21 +427,19 @@ pub fn whole(
     reason: FinishReason,
     usage: Usage,
 ) -> Value {
-    let (content, calls) = match meta.call_parser() {
-        None => (text, Vec::new()),
-        Some(mut p) => {
-            let mut content = String::new();
-            for piece in p.push(&text).into_iter().chain(p.finish()) {
-                if let Piece::Content(t) = piece {
-                    content.push_str(&t);
-                }
-            }
-            (content, p.calls().to_vec())
+    let (reasoning, content, calls) = match meta.call_parser() {
+        None => (None, text, Vec::new()),
+        Some(p) => {
+            let (reasoning, content, calls) = p.whole(&text);
+            (reasoning, content.unwrap_or_default(), calls)
         }
     };
     let mut output = Vec::new();
+    if let Some(r) = reasoning {
+        output.push(reasoning_item(ctx, 0, &r, "completed"));
+    }
     if !content.is_empty() || calls.is_empty() {
-        output.push(message_item(ctx, 0, &content, "completed"));
+        output.push(message_item(ctx, output.len(), &content, "completed"));
     }
     output.extend(calls.iter().map(|c| call_item(c, "completed")));
     finish(ctx, meta, output, reason, usage)
@@ -480,7 +489,10 @@ mod tests {
                 json!({"input": [{"role": "tool", "content": "x"}]}),
                 "input[0].role",
             ),
-            (json!({"input": [{"type": "reasoning"}]}), "input[0].type"),
+            (
+                json!({"input": [{"type": "web_search_call"}]}),
+                "input[0].type",
+            ),
             (
                 json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
                 "input[0].content[0]",

@@ -15,10 +15,11 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
-use super::responses::{finish, message_id, message_item, object, ResponsesCtx};
+use super::responses::{finish, message_id, message_item, object, reasoning_item, ResponsesCtx};
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver};
-use crate::structured::toolcall::{CallParser, Piece};
+use crate::structured::reasoning::ReplyParser;
+use crate::structured::toolcall::Piece;
 
 /// Streams the Responses API's typed events, each with a `sequence_number`.
 pub fn sse(
@@ -33,6 +34,7 @@ pub fn sse(
         calls: meta.call_parser(),
         pending: VecDeque::new(),
         seq: 0,
+        reasoning: None,
         text: None,
         call: None,
         output: Vec::new(),
@@ -50,7 +52,9 @@ pub fn sse(
 
 struct State {
     rx: EventReceiver,
-    calls: Option<CallParser>,
+    calls: Option<ReplyParser>,
+    /// The reasoning item being streamed: its text so far.
+    reasoning: Option<String>,
     pending: VecDeque<(&'static str, Value)>,
     seq: u64,
     /// The message item being streamed: its text so far.
@@ -76,6 +80,19 @@ impl State {
 
     fn close(&mut self) {
         let index = self.output.len();
+        if let Some(text) = self.reasoning.take() {
+            let item = reasoning_item(&self.ctx, index, &text, self.item_status);
+            self.emit(
+                "response.reasoning_text.done",
+                json!({"item_id": item["id"], "output_index": index, "content_index": 0,
+                       "text": text}),
+            );
+            self.emit(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
+            self.output.push(item);
+        }
         if let Some(text) = self.text.take() {
             let item = message_item(&self.ctx, index, &text, self.item_status);
             let id = item["id"].clone();
@@ -113,6 +130,29 @@ impl State {
     fn piece(&mut self, piece: Piece) {
         let index = self.output.len();
         match piece {
+            Piece::Reasoning(t) => {
+                if self.reasoning.is_none() {
+                    self.close();
+                    let index = self.output.len();
+                    let mut item = reasoning_item(&self.ctx, index, "", "in_progress");
+                    item["content"] = json!([]);
+                    self.emit(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": item}),
+                    );
+                    self.reasoning = Some(String::new());
+                }
+                let index = self.output.len();
+                let item = reasoning_item(&self.ctx, index, "", "in_progress");
+                self.emit(
+                    "response.reasoning_text.delta",
+                    json!({"item_id": item["id"], "output_index": index, "content_index": 0,
+                           "delta": t}),
+                );
+                if let Some(r) = &mut self.reasoning {
+                    r.push_str(&t);
+                }
+            }
             Piece::Content(t) if t.is_empty() => {}
             Piece::Content(t) => {
                 if self.text.is_none() {

@@ -18,12 +18,12 @@ use super::gate::Tail;
 use super::response::{add_usage, delta_json, finish_name, Meta};
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::{Event, EventReceiver, Usage};
-use crate::structured::toolcall::CallParser;
+use crate::structured::reasoning::ReplyParser;
 
 /// One choice's part of the stream.
 struct ChoiceState {
     /// Splits the text into content and tool-call deltas, when the reply may call tools.
-    calls: Option<CallParser>,
+    calls: Option<ReplyParser>,
     /// The completions API's logprobs, whose offsets run on from chunk to chunk.
     text_logprobs: TextLogprobs,
     /// The text `echo` puts first, until it is sent.
@@ -162,11 +162,15 @@ impl State {
                     }
                     _ => meta.logprobs_value(logprob.as_ref()),
                 };
-                let deltas: Vec<Value> = match &mut c.calls {
+                let mut deltas: Vec<Value> = match &mut c.calls {
                     None if text.is_empty() && logprob.is_none() => Vec::new(),
                     None => vec![json!({"content": text})],
                     Some(p) => p.push(&text).iter().map(delta_json).collect(),
                 };
+                // A token whose text the parser holds back still reports its logprob.
+                if deltas.is_empty() && !logprobs.is_null() {
+                    deltas.push(json!({"content": ""}));
+                }
                 for delta in deltas {
                     let chunk = meta.chunk(i, delta, None, std::mem::take(&mut logprobs));
                     self.pending.push_back(chunk);

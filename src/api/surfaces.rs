@@ -202,5 +202,5 @@ pub async fn count_tokens(
     let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools))
         .await
         .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
-    Ok(Json(json!({"input_tokens": prompt.len()})))
+    Ok(Json(json!({"input_tokens": prompt.0.len()})))
 }

@@ -65,6 +65,11 @@ pub struct ChatCompletionRequest {
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<ResponseFormat>,
+    /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
+    /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
+    pub reasoning_format: Option<String>,
+    /// Ours: the most tokens a reasoning model thinks before it must answer (0: not at all).
+    pub reasoning_budget: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,6 +308,7 @@ impl ChatCompletionRequest {
             choice,
             parallel: self.parallel_tool_calls.unwrap_or(true) && tool_format.parallel,
             tool_format,
+            think: None,
         })
     }
 }

@@ -17,7 +17,8 @@ use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
 use crate::engine::request::{Event, EventReceiver, Usage};
-use crate::structured::toolcall::{CallParser, ParsedCall, Piece};
+use crate::structured::reasoning::ReplyParser;
+use crate::structured::toolcall::{ParsedCall, Piece};
 
 /// Workers AI's defaults for text generation.
 const DEFAULT_MAX_TOKENS: u64 = 256;
@@ -214,7 +215,7 @@ pub fn sse(rx: EventReceiver, meta: Meta, tail: Tail, keep_alive: std::time::Dur
 
 struct State {
     rx: EventReceiver,
-    calls: Option<CallParser>,
+    calls: Option<ReplyParser>,
     pending: VecDeque<Value>,
     tail: Tail,
     ended: bool,

@@ -115,6 +115,11 @@ impl ChatTemplate {
         })
     }
 
+    /// Another template source with the same special tokens.
+    pub fn with_source(&self, source: &str) -> Result<Self, ModelError> {
+        Self::new(source, &self.bos_token, &self.eos_token)
+    }
+
     /// The template's Jinja source.
     pub fn source(&self) -> &str {
         &self.source

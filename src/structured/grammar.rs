@@ -8,6 +8,7 @@
 use llguidance::api::TopLevelGrammar;
 use serde_json::{json, Value};
 
+use super::reasoning::ThinkSpec;
 use super::toolcall::ToolFormat;
 use super::StructuredError;
 
@@ -58,6 +59,9 @@ pub struct ConstraintSpec {
     /// Whether several calls may come in one reply.
     pub parallel: bool,
     pub tool_format: ToolFormat,
+    /// A reasoning model's thinking before the constrained part (set after the prompt is
+    /// rendered, which says whether it opened the reasoning).
+    pub think: Option<ThinkSpec>,
 }
 
 /// The JSON layout we generate (llguidance's options, set by us only), after the schema's
@@ -205,6 +209,7 @@ impl ConstraintSpec {
             choice: ToolChoice::Auto,
             parallel: true,
             tool_format: ToolFormat::HERMES,
+            think: None,
         }
     }
 
@@ -293,6 +298,11 @@ impl ConstraintSpec {
     pub(crate) fn grammar(
         &self,
     ) -> Result<Option<(&'static str, TopLevelGrammar)>, StructuredError> {
+        if let Some(think) = &self.think {
+            if let Some(g) = self.with_thinking(think) {
+                return Ok(Some(g));
+            }
+        }
         if self.tools.is_empty() {
             return Ok(match &self.format {
                 OutputFormat::Text => None,
@@ -312,6 +322,42 @@ impl ConstraintSpec {
             });
         }
         Ok(Some(("tools", TopLevelGrammar::from_lark(self.lark()))))
+    }
+
+    /// The grammar with the reasoning first, when the rest can follow it in Lark: tool
+    /// calls, JSON, or text under a budget (`None`: regex and Lark formats, which then
+    /// start at once, and free text with no budget, which needs no grammar).
+    fn with_thinking(&self, think: &ThinkSpec) -> Option<(&'static str, TopLevelGrammar)> {
+        let (field, main) = if !self.tools.is_empty() {
+            let lark = self.lark();
+            let (first, rest) = lark.split_once('\n')?;
+            let start = first.strip_prefix("start: ")?;
+            (
+                "tools",
+                format!("start: think_part THINK_WS? ({start})\n{rest}"),
+            )
+        } else {
+            let (field, body) = match &self.format {
+                OutputFormat::Text if think.budget.is_some() => {
+                    ("reasoning_budget", "/(?s:.*)/".to_string())
+                }
+                OutputFormat::JsonObject => (
+                    "response_format",
+                    format!("%json {}", with_layout(&json!({"type": "object"}))),
+                ),
+                OutputFormat::JsonSchema { schema, .. } => (
+                    "response_format.json_schema",
+                    format!("%json {}", with_layout(schema)),
+                ),
+                _ => return None,
+            };
+            (
+                field,
+                format!("start: think_part THINK_WS? main\nmain: {body}\n"),
+            )
+        };
+        let g = format!("{main}{}", think.lark());
+        Some((field, TopLevelGrammar::from_lark(g)))
     }
 
     /// The Lark grammar of a reply that may (or must) be tool calls.

@@ -6,6 +6,7 @@
 //! an error naming the request field it came from, never an unconstrained run.
 
 mod grammar;
+pub mod reasoning;
 mod schema;
 pub mod toolcall;
 mod toolprompt;
@@ -312,6 +313,8 @@ impl TokenConstraint for Constraint {
 #[path = "tests.rs"]
 mod tests;
 
+#[cfg(test)]
+mod reasoning_tests;
 #[cfg(test)]
 #[path = "toolcall_tests.rs"]
 mod toolcall_tests;

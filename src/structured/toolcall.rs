@@ -208,6 +208,8 @@ pub struct ParsedCall {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
     Content(String),
+    /// The model's reasoning before its answer (see `reasoning`); never from `CallParser`.
+    Reasoning(String),
     /// A call began: its index among this reply's calls, id and name.
     CallStart {
         index: usize,

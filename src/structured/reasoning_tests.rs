@@ -1,0 +1,239 @@
+//! Reasoning: the splitter in any split, with and without tool calls, and grammars that let
+//! a model think (within a budget) before the constrained part.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use super::reasoning::{Marker, ReplyParser, ThinkSpec, ThinkSplitter, ThinkSyntax};
+use super::tests::{constraint, grammars, is_integer, walk, weather_tools};
+use super::toolcall::{Piece, ToolFormat};
+use super::*;
+
+/// (reasoning, content) of `text` fed in random splits; asserts every split agrees.
+fn split(text: &str, opened: bool) -> (String, String) {
+    let whole = |pieces: Vec<Piece>| {
+        let (mut r, mut c) = (String::new(), String::new());
+        for p in pieces {
+            match p {
+                Piece::Reasoning(t) => r.push_str(&t),
+                Piece::Content(t) => c.push_str(&t),
+                other => panic!("{other:?}"),
+            }
+        }
+        (r, c)
+    };
+    let mut p = ReplyParser::new(Some(ThinkSplitter::new(ThinkSyntax::TAGS, opened)), None);
+    let expected = whole(p.push(text).into_iter().chain(p.finish()).collect());
+    let chars: Vec<char> = text.chars().collect();
+    let mut rng = StdRng::seed_from_u64(7);
+    for _ in 0..40 {
+        let mut p = ReplyParser::new(Some(ThinkSplitter::new(ThinkSyntax::TAGS, opened)), None);
+        let mut pieces = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let n = rng.gen_range(1..5).min(chars.len() - i);
+            pieces.extend(p.push(&chars[i..i + n].iter().collect::<String>()));
+            i += n;
+        }
+        pieces.extend(p.finish());
+        assert!(pieces.iter().all(|p| match p {
+            Piece::Reasoning(t) | Piece::Content(t) => !t.is_empty(),
+            _ => true,
+        }));
+        assert_eq!(whole(pieces), expected, "{text:?}");
+    }
+    expected
+}
+
+#[test]
+fn reasoning_splits_from_the_answer_in_any_split() {
+    let s = |r: &str, c: &str| (r.to_string(), c.to_string());
+    let cases = [
+        // The model opens its reasoning.
+        (
+            "  <think>\n Let me see.\n\nTwo steps. </think>\n\nIt is 4.",
+            false,
+            s("Let me see.\n\nTwo steps.", "It is 4."),
+        ),
+        // The prompt opened it (DeepSeek-R1's template).
+        (
+            "Hmm, </thi is not the end.\n</think>\nDone",
+            true,
+            s("Hmm, </thi is not the end.", "Done"),
+        ),
+        // No reasoning: all of it is content, leading whitespace too.
+        ("  Hello <think>", false, s("", "  Hello <think>")),
+        ("<thi", false, s("", "<thi")),
+        ("", false, s("", "")),
+        // Cut short inside the reasoning.
+        ("<think>abc  </thi", false, s("abc  </thi", "")),
+        ("\n\n", true, s("", "")),
+        // An empty reasoning.
+        ("<think></think>Hi", false, s("", "Hi")),
+    ];
+    for (text, opened, expected) in cases {
+        assert_eq!(split(text, opened), expected, "{text:?}");
+    }
+}
+
+#[test]
+fn calls_after_reasoning_are_parsed() {
+    let text = "<think>I should look.</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+    let think = ThinkSplitter::new(ThinkSyntax::TAGS, false);
+    let (reasoning, content, calls) =
+        ReplyParser::new(Some(think), Some(ToolFormat::HERMES)).whole(text);
+    assert_eq!(reasoning.as_deref(), Some("I should look."));
+    assert_eq!(content, None);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].arguments, "{\"city\": \"Oslo\"}");
+    // Mistral's markers as the engine shows them.
+    let think = ThinkSplitter::new(ThinkSyntax::MISTRAL, false);
+    let (reasoning, content, _) = ReplyParser::new(Some(think), None).whole("[THINK]a[/THINK]b");
+    assert_eq!(
+        (reasoning.as_deref(), content.as_deref()),
+        (Some("a"), Some("b"))
+    );
+}
+
+#[test]
+fn reasoning_markers_come_from_the_template_or_vocabulary() {
+    let r1 = "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}{{ c.split('</think>')[-1] }}";
+    assert_eq!(ThinkSyntax::detect(r1, |_| false), Some(ThinkSyntax::TAGS));
+    assert_eq!(
+        ThinkSyntax::detect("[/THINK]", |_| false),
+        Some(ThinkSyntax::MISTRAL)
+    );
+    assert_eq!(
+        ThinkSyntax::detect("{{ m }}", |t| t == "</think>"),
+        Some(ThinkSyntax::TAGS)
+    );
+    assert_eq!(ThinkSyntax::detect("{{ m }}", |_| false), None);
+    assert!(ThinkSyntax::TAGS.opened_by("<|Assistant|><think>\n"));
+    assert!(!ThinkSyntax::TAGS.opened_by("<think>\n\n</think>\n\n"));
+}
+
+fn think(opened: bool, budget: Option<u64>) -> ThinkSpec {
+    ThinkSpec {
+        open: Marker::Text("<think>"),
+        close: Marker::Text("</think>"),
+        opened,
+        budget,
+    }
+}
+
+/// A walk that thinks `thought` (committed token by token), closes with `</think>`, then
+/// goes on at random: the whole output's text.
+fn think_then_walk(
+    c: &mut dyn crate::engine::constraint::TokenConstraint,
+    thought: &str,
+    seed: u64,
+) -> String {
+    let mut text = String::new();
+    for b in thought.bytes().chain("</think>".bytes()) {
+        assert!(c.allows(b as u32).unwrap(), "{text:?} then {:?}", b as char);
+        c.commit(b as u32).unwrap();
+        text.push(b as char);
+    }
+    text + &String::from_utf8(walk(c, seed, 6000)).unwrap()
+}
+
+#[test]
+fn a_grammar_lets_the_model_think_first() {
+    let g = grammars();
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}},
+                        "required": ["n"], "additionalProperties": false});
+    let mut s = ConstraintSpec::text();
+    s.format = OutputFormat::JsonSchema {
+        schema,
+        strict: true,
+    };
+    s.think = Some(think(true, None));
+    for seed in 0..4 {
+        let mut c = constraint(&g, &s);
+        // Nothing but thinking is forced: the JSON's `{` is not allowed yet... as text.
+        assert!(c.forced().is_empty());
+        let text = think_then_walk(c.as_mut(), "Let me count {\"n\": 1} </thin", seed);
+        let (reasoning, answer) = text.split_once("</think>").expect(&text);
+        assert!(reasoning.ends_with("</thin"), "{text:?}");
+        let v: Value = serde_json::from_str(answer.trim_start()).expect(&text);
+        assert!(is_integer(&v["n"]), "{text:?}");
+    }
+    // Not opened: the model may think first, or answer at once.
+    s.think = Some(think(false, None));
+    let mut c = constraint(&g, &s);
+    c.commit(b'{' as u32).unwrap();
+    let answer = format!(
+        "{{{}",
+        String::from_utf8(walk(c.as_mut(), 1, 6000)).unwrap()
+    );
+    let mut c = constraint(&g, &s);
+    for b in "<think>".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    let thought = think_then_walk(c.as_mut(), "hmm", 1);
+    for text in [answer.as_str(), &thought[..]] {
+        let json = text.rsplit_once("</think>").map_or(text, |(_, a)| a);
+        serde_json::from_str::<Value>(json.trim_start()).expect(text);
+    }
+    // Tools: reasoning, then the calls.
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    s.choice = ToolChoice::Required;
+    s.think = Some(think(true, None));
+    for seed in 0..4 {
+        let text = think_then_walk(constraint(&g, &s).as_mut(), "I should call.", seed);
+        let think = ThinkSplitter::new(ThinkSyntax::TAGS, true);
+        let (reasoning, content, calls) =
+            ReplyParser::new(Some(think), Some(ToolFormat::HERMES)).whole(&text);
+        assert_eq!(reasoning.as_deref(), Some("I should call."));
+        assert!(!calls.is_empty() && content.is_none(), "{text:?}");
+    }
+}
+
+#[test]
+fn a_zero_budget_answers_at_once() {
+    let g = grammars();
+    let schema = json!({"type": "object"});
+    let mut s = ConstraintSpec::text();
+    s.format = OutputFormat::JsonSchema {
+        schema,
+        strict: false,
+    };
+    // Opened by the prompt: the close marker is forced, then the answer.
+    s.think = Some(think(true, Some(0)));
+    let mut c = constraint(&g, &s);
+    let forced: Vec<u8> = c.forced().iter().map(|&t| t as u8).collect();
+    assert!(
+        forced.starts_with(b"</think>"),
+        "{:?}",
+        String::from_utf8_lossy(&forced)
+    );
+    let text = String::from_utf8(walk(c.as_mut(), 2, 6000)).unwrap();
+    serde_json::from_str::<Value>(text["</think>".len()..].trim_start()).expect(&text);
+    // Free text too gets a grammar for it.
+    let mut s = ConstraintSpec::text();
+    s.think = Some(think(true, Some(0)));
+    let forced: Vec<u8> = constraint(&g, &s)
+        .forced()
+        .iter()
+        .map(|&t| t as u8)
+        .collect();
+    assert_eq!(forced, b"</think>");
+    // Not opened: it may not open one.
+    s.think = Some(think(false, Some(0)));
+    let mut c = constraint(&g, &s);
+    c.commit(b'<' as u32).unwrap();
+    c.commit(b't' as u32).unwrap();
+    // (Text may still start `<t...`; only the reasoning's grammar is gone.)
+    assert!(c.allows(b'h' as u32).unwrap());
+    // A control-token marker is written by id.
+    let mut s = ConstraintSpec::text();
+    s.think = Some(ThinkSpec {
+        open: Marker::Token(256),
+        close: Marker::Token(257),
+        opened: true,
+        budget: Some(0),
+    });
+    assert_eq!(constraint(&g, &s).forced().first(), Some(&257));
+}
