@@ -183,20 +183,23 @@ fn calls_in_own_format(args_format: bool) {
     several["max_tokens"] = json!(400);
     let (status, reply) = server.post("/v1/chat/completions", &several);
     assert_eq!(status, 200, "{reply}");
-    if reply["choices"][0]["finish_reason"] == "tool_calls" {
-        let calls = calls_of(&reply);
-        for (name, args) in &calls {
-            assert_eq!(name, "get_weather");
-            serde_json::from_str::<Value>(args).unwrap();
-        }
-        if args_format {
-            // Each call opens with its own `[TOOL_CALLS]`.
-            let opened = tokens_of(&reply)
-                .iter()
-                .filter(|t| *t == "[TOOL_CALLS]")
-                .count();
-            assert_eq!(opened, calls.len(), "{reply}");
-        }
+    let calls = calls_of(&reply);
+    let whole = reply["choices"][0]["finish_reason"] == "tool_calls";
+    for (name, args) in &calls[..calls.len() - usize::from(!whole)] {
+        assert_eq!(name, "get_weather");
+        serde_json::from_str::<Value>(args).unwrap();
+    }
+    if args_format {
+        // Each call opens with its own `[TOOL_CALLS]` (one more if cut short before its
+        // name ended).
+        let opened = tokens_of(&reply)
+            .iter()
+            .filter(|t| *t == "[TOOL_CALLS]")
+            .count();
+        assert!(
+            opened == calls.len() || !whole && opened == calls.len() + 1,
+            "{reply}"
+        );
     }
     assert!(
         reply["choices"][0]["message"]["content"].is_null(),
@@ -289,4 +292,58 @@ fn past_name_args_calls_render_as_the_model_writes_them() {
         text.contains(r#"[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "C"}[TOOL_CALLS]get_time[ARGS]{}</s>[TOOL_RESULTS]sunny[/TOOL_RESULTS]"#),
         "{text}"
     );
+}
+
+#[test]
+fn shown_markers_keep_their_place_and_never_match_a_stop() {
+    use edgeinfer::engine::sequence::{OutputState, TokenOutcome};
+    use edgeinfer::model::{GgufFile, Tokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let spec = Spec {
+        spm: true,
+        mistral: true,
+        mistral_args: true,
+        ..Spec::default()
+    };
+    synthetic::write(&path, &spec);
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let marker = tok.token_id("[TOOL_CALLS]").unwrap();
+    let mut ids = tok.encode("hello", false).unwrap();
+    ids.push(marker);
+    ids.push(tok.token_id("▁world").unwrap());
+    // `lo!` holds `lo` back until the marker; `[TOOL` and `S] ` would match across it.
+    for (stops, text, stopped) in [
+        (
+            vec!["lo!", "[TOOL", "S] "],
+            "hello[TOOL_CALLS] world",
+            false,
+        ),
+        (vec![" wor"], "hello[TOOL_CALLS]", true),
+    ] {
+        let stops = stops.into_iter().map(String::from).collect();
+        let mut out = OutputState::new(stops, 100, &[]).showing(vec![marker]);
+        let mut emitted = String::new();
+        let mut ended = false;
+        for &id in &ids {
+            match out.push(&tok, id).unwrap() {
+                TokenOutcome::Continue { emit } => emitted.push_str(&emit),
+                TokenOutcome::Finished { emit, .. } => {
+                    emitted.push_str(&emit);
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        assert_eq!((emitted.as_str(), ended), (text, stopped));
+    }
+    // Not shown, the marker decodes to nothing.
+    let mut out = OutputState::new(Vec::new(), 100, &[]);
+    let emitted: String = ids
+        .iter()
+        .map(|&id| match out.push(&tok, id).unwrap() {
+            TokenOutcome::Continue { emit } | TokenOutcome::Finished { emit, .. } => emit,
+        })
+        .collect();
+    assert_eq!(emitted, "hello world");
 }

@@ -166,6 +166,13 @@ fn reasoning_comes_back_apart_on_every_surface() {
         (status, e["error"]["param"].as_str()),
         (400, Some("reasoning_format"))
     );
+    let (status, e) = s.post(CHAT, &ask(json!({"reasoning_budget": 100})));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("reasoning_budget"))
+    );
+    let (status, e) = s.post(CHAT, &ask(json!({"reasoning_budget": -1})));
+    assert_eq!(status, 200, "{e}");
     let mut bad = msg.clone();
     bad["thinking"] = json!({"type": "enabled"});
     let (status, e) = s.post("/v1/messages", &bad);

@@ -10,6 +10,7 @@ use super::types::{from_value, parse_body, ChatCompletionRequest, SamplingFields
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, Usage};
 use crate::model::ChatTemplate;
+use crate::structured::reasoning::ThinkSyntax;
 use crate::structured::{toolcall, ToolFormat};
 
 /// What the chat route does with a body before the engine: parse, type, validate every
@@ -35,8 +36,10 @@ pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiE
 }
 
 /// The SSE body a chat stream of these token texts sends (ending `stop`), as bytes on the
-/// wire; with `tools` the texts are parsed for Hermes-style tool calls.
-pub fn sse_body(texts: &[String], tools: bool) -> String {
+/// wire. `mode`'s bits: 1, the texts are parsed for tool calls, Hermes-style or with 2,
+/// Mistral's `[TOOL_CALLS]name[ARGS]{...}`; 4, a `<think>` reasoning is split off first,
+/// with 8 as if the prompt opened it.
+pub fn sse_body(texts: &[String], mode: u8) -> String {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     for t in texts {
         let _ = tx.send(Event::Token {
@@ -57,8 +60,12 @@ pub fn sse_body(texts: &[String], tools: bool) -> String {
         model: "m".into(),
         chat: true,
         logprobs: false,
-        tools: tools.then_some(ToolFormat::HERMES),
-        reasoning: None,
+        tools: (mode & 1 == 1).then_some(if mode & 2 == 2 {
+            ToolFormat::MISTRAL_ARGS
+        } else {
+            ToolFormat::HERMES
+        }),
+        reasoning: (mode & 4 == 4).then_some((ThinkSyntax::TAGS, mode & 8 == 8)),
         surface: super::response::Surface::OpenAi,
         pick: None,
     };
@@ -134,7 +141,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let body = sse_body(&texts, false);
+        let body = sse_body(&texts, 0);
         let events = sse_payloads(&body).unwrap();
         let content: String = events
             .iter()
@@ -142,6 +149,32 @@ mod tests {
             .collect();
         assert_eq!(content, texts.concat());
         assert_eq!(events.last().unwrap()["usage"]["total_tokens"], 0);
+    }
+
+    #[test]
+    fn sse_reasoning_and_named_calls_come_apart() {
+        let texts: Vec<String> = [
+            "<thi",
+            "nk>a ",
+            "b</th",
+            "ink>\n",
+            "[TOOL_CALLS]f[AR",
+            "GS]{}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let events = sse_payloads(&sse_body(&texts, 1 | 2 | 4)).unwrap();
+        let field = |f: &str| -> String {
+            let deltas = events.iter().map(|v| &v["choices"][0]["delta"]);
+            deltas.filter_map(|d| d[f].as_str()).collect()
+        };
+        assert_eq!(field("reasoning_content"), "a b");
+        assert_eq!(field("content"), "");
+        let call = events
+            .iter()
+            .find_map(|v| v["choices"][0]["delta"]["tool_calls"].get(0));
+        assert_eq!(call.unwrap()["function"]["name"], "f");
     }
 
     #[test]

@@ -250,7 +250,18 @@ pub(super) async fn chat(
             ))
         }
     };
-    let budget = req.reasoning_budget;
+    let budget = match req.reasoning_budget {
+        None | Some(-1) => None,
+        Some(0) => Some(0),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "reasoning_budget",
+                format!(
+                    "`reasoning_budget` must be 0 (no reasoning) or -1 (no limit), got {other}"
+                ),
+            ))
+        }
+    };
     let r = ready.clone();
     let tools_active = spec.calls_tools();
     // Render, tokenize and compile the grammar off the async threads; a grammar error is

@@ -68,8 +68,9 @@ pub struct ChatCompletionRequest {
     /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
     /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
     pub reasoning_format: Option<String>,
-    /// Ours: the most tokens a reasoning model thinks before it must answer (0: not at all).
-    pub reasoning_budget: Option<u64>,
+    /// Ours (llama.cpp's values): `0` has a reasoning model answer without thinking; `-1`
+    /// (the default) lets it think as long as `max_tokens` allows.
+    pub reasoning_budget: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -75,11 +75,10 @@ impl OutputState {
             });
         }
         self.generated += 1;
-        let piece = if self.shown.contains(&id) {
+        let shown = self.shown.contains(&id);
+        let piece = if shown {
             // The text held back comes first; the decoder goes on after it as before.
-            let mut piece = self.detok.flush(tok)?.unwrap_or_default();
-            piece.push_str(&tok.decode_with_control(&[id])?);
-            piece
+            self.detok.flush(tok)?.unwrap_or_default()
         } else {
             self.detok.push(tok, id)?.unwrap_or_default()
         };
@@ -94,6 +93,12 @@ impl OutputState {
                 })
             }
         };
+        if shown {
+            // A marker for the caller's parser, never part of a stop string: what the
+            // matcher held back is released before it.
+            emit.push_str(&self.stops.flush());
+            emit.push_str(&tok.decode_with_control(&[id])?);
+        }
         if self.generated >= self.max_tokens {
             let (rest, stop) = self.flush(tok)?;
             emit.push_str(&rest);
