@@ -1,7 +1,8 @@
 //! Reasoning models through the real server: the default model served with a DeepSeek-R1
 //! style chat template (`--chat-template-file`) whose generation prompt opens `<think>`.
-//! The thinking comes back apart from the answer on every surface, the same text as the
-//! unsplit reply; a zero budget answers at once; reasoning sent back is accepted.
+//! The thinking comes back apart from the answer on the OpenAI, Anthropic and Responses
+//! surfaces, the same text as the unsplit reply; a zero budget answers at once; reasoning
+//! sent back is accepted.
 
 mod common;
 
@@ -87,9 +88,16 @@ fn reasoning_comes_back_apart_on_every_surface() {
         (thought.clone(), answer.clone())
     );
 
-    // Anthropic's Messages: a thinking block; disabled, none.
-    let msg = json!({"model": split["model"], "max_tokens": 24, "temperature": 0,
-                     "messages": [{"role": "user", "content": "What is 2 + 2?"}]});
+    // Anthropic's Messages: a thinking block when thinking is enabled; otherwise none, as
+    // Claude's replies have none then.
+    let plain = json!({"model": split["model"], "max_tokens": 24, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is 2 + 2?"}]});
+    let (status, reply) = s.post("/v1/messages", &plain);
+    assert_eq!(status, 200, "{reply}");
+    let blocks = reply["content"].as_array().unwrap();
+    assert!(blocks.iter().all(|b| b["type"] == "text"), "{reply}");
+    let mut msg = plain.clone();
+    msg["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
     let (status, reply) = s.post("/v1/messages", &msg);
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["content"][0]["type"], "thinking", "{reply}");
@@ -182,8 +190,19 @@ fn reasoning_comes_back_apart_on_every_surface() {
 #[test]
 fn an_answer_after_the_reasoning_is_content() {
     let (_dir, s) = server();
-    // A regex fixes what the model writes, close marker included.
-    let regex = r"Two and two\. Four\.\n</think>\n\nIt is 4\.";
+    // A regex constrains the whole reply from its first token, so no reasoning is open
+    // then, whatever the prompt opened: its text is all content.
+    let body = ask(json!({"response_format": {"type": "regex", "regex": "yes|no"}}));
+    let (status, reply) = s.post(CHAT, &body);
+    assert_eq!(status, 200, "{reply}");
+    let message = &reply["choices"][0]["message"];
+    assert!(message["reasoning_content"].is_null(), "{reply}");
+    assert!(
+        ["yes", "no"].contains(&message["content"].as_str().unwrap()),
+        "{reply}"
+    );
+    // One that writes a reasoning of its own, close marker included, is split.
+    let regex = r"<think>Two and two\. Four\.\n</think>\n\nIt is 4\.";
     let body = ask(json!({"max_tokens": 40,
                           "response_format": {"type": "regex", "regex": regex}}));
     let (status, reply) = s.post(CHAT, &body);
@@ -249,6 +268,26 @@ fn a_zero_budget_answers_at_once() {
         "{reply}"
     );
     assert!(message["reasoning_content"].is_null(), "{reply}");
+    // Unsplit, the reasoning stays content and the call after it is still parsed.
+    let (status, reply) = s.post(
+        CHAT,
+        &ask(
+            json!({"reasoning_budget": 0, "max_tokens": 40, "tools": tools,
+                    "tool_choice": "required", "reasoning_format": "none",
+                    "parallel_tool_calls": false}),
+        ),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let message = &reply["choices"][0]["message"];
+    assert_eq!(
+        message["tool_calls"][0]["function"]["name"], "add",
+        "{reply}"
+    );
+    assert_eq!(message["content"], "</think>", "{reply}");
+    assert_eq!(
+        reply["choices"][0]["finish_reason"], "tool_calls",
+        "{reply}"
+    );
 }
 
 #[test]

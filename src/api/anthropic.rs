@@ -85,6 +85,10 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
                 ));
             };
             out.insert("reasoning_budget".into(), Value::from(budget));
+            if budget != 0 {
+                // Thinking blocks are returned only when asked for.
+                out.insert("reasoning_format".into(), Value::from("auto"));
+            }
         }
     }
     for field in ["mcp_servers", "container"] {

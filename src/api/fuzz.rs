@@ -10,7 +10,7 @@ use super::types::{from_value, parse_body, ChatCompletionRequest, SamplingFields
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, Usage};
 use crate::model::ChatTemplate;
-use crate::structured::reasoning::ThinkSyntax;
+use crate::structured::reasoning::{Shown, ThinkSyntax};
 use crate::structured::{toolcall, ToolFormat};
 
 /// What the chat route does with a body before the engine: parse, type, validate every
@@ -38,7 +38,7 @@ pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiE
 /// The SSE body a chat stream of these token texts sends (ending `stop`), as bytes on the
 /// wire. `mode`'s bits: 1, the texts are parsed for tool calls, Hermes-style or with 2,
 /// Mistral's `[TOOL_CALLS]name[ARGS]{...}`; 4, a `<think>` reasoning is split off first,
-/// with 8 as if the prompt opened it.
+/// with 8 as if the prompt opened it, with 16 left inline.
 pub fn sse_body(texts: &[String], mode: u8) -> String {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     for t in texts {
@@ -65,7 +65,15 @@ pub fn sse_body(texts: &[String], mode: u8) -> String {
         } else {
             ToolFormat::HERMES
         }),
-        reasoning: (mode & 4 == 4).then_some((ThinkSyntax::TAGS, mode & 8 == 8)),
+        reasoning: (mode & 4 == 4).then_some(super::response::Reasoning {
+            syntax: ThinkSyntax::TAGS,
+            opened: mode & 8 == 8,
+            shown: if mode & 16 == 16 {
+                Shown::Inline
+            } else {
+                Shown::Apart
+            },
+        }),
         surface: super::response::Surface::OpenAi,
         pick: None,
     };

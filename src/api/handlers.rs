@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::gate::{Directives, Gate};
 use super::generate::{run, Input, Output};
-use super::response::{Meta, Surface};
+use super::response::{Meta, Reasoning, Surface};
 use super::responses::ResponsesCtx;
 use super::types::{
     from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
@@ -23,7 +23,9 @@ use super::types::{
 use super::{AppState, Ready, RequestId};
 use crate::gateway::{Labels, Principal};
 use crate::model::Message;
+use crate::structured::reasoning::Shown;
 use crate::structured::toolcall;
+use crate::structured::OutputFormat;
 
 pub(super) fn body_or_error(
     body: Result<Bytes, BytesRejection>,
@@ -239,17 +241,24 @@ pub(super) async fn chat(
             format!("`top_logprobs` must be at most 20, got {top}"),
         ));
     }
-    let split = match req.reasoning_format.as_deref() {
-        None => ready.split_reasoning,
-        Some("auto" | "deepseek") => true,
-        Some("none") => false,
+    // Where a reasoning model's thinking goes. Workers AI's own shape has no place for it;
+    // Anthropic's shows it only when the request enabled thinking (which sets the format).
+    let shown = match req.reasoning_format.as_deref() {
+        None if matches!(api, Api::Workers { .. }) => Shown::Inline,
+        None if anthropic => Shown::Dropped,
+        None if ready.split_reasoning => Shown::Apart,
+        None | Some("none") => Shown::Inline,
+        Some("auto" | "deepseek") => Shown::Apart,
         Some(other) => {
             return Err(ApiError::invalid(
                 "reasoning_format",
-                format!("`reasoning_format` must be `auto` or `none`, got `{other}`"),
+                format!("`reasoning_format` must be `auto`, `deepseek` or `none`, got `{other}`"),
             ))
         }
     };
+    // Regex and Lark grammars constrain the whole reply from its first token: no reasoning
+    // is open when it starts, whatever the prompt opened.
+    let starts_at_once = matches!(spec.format, OutputFormat::Regex(_) | OutputFormat::Lark(_));
     let budget = match req.reasoning_budget {
         None | Some(-1) => None,
         Some(0) => Some(0),
@@ -293,10 +302,11 @@ pub(super) async fn chat(
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
         // Workers AI's own shape returns the text as the model wrote it.
-        reasoning: ready
-            .reasoner
-            .filter(|_| split && !matches!(api, Api::Workers { .. }))
-            .map(|x| (x.syntax, opened)),
+        reasoning: ready.reasoner.map(|x| Reasoning {
+            syntax: x.syntax,
+            opened: opened && !starts_at_once,
+            shown,
+        }),
         surface: match api {
             Api::OpenAi => Surface::OpenAi,
             Api::Anthropic => Surface::Anthropic {

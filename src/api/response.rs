@@ -11,7 +11,7 @@ use super::gate::Tail;
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver, LogprobInfo, Usage};
-use crate::structured::reasoning::{ReplyParser, ThinkSplitter, ThinkSyntax};
+use crate::structured::reasoning::{ReplyParser, Shown, ThinkSplitter, ThinkSyntax};
 use crate::structured::toolcall::{ParsedCall, Piece};
 use crate::structured::ToolFormat;
 
@@ -24,13 +24,22 @@ pub struct Meta {
     pub logprobs: bool,
     /// Set when the reply may hold tool calls: the text is parsed for them in this format.
     pub tools: Option<ToolFormat>,
-    /// Set when a chat reply's reasoning is split from its answer: the markers, and
-    /// whether the prompt opened the reasoning.
-    pub reasoning: Option<(ThinkSyntax, bool)>,
+    /// Set for a reasoning model's chat reply.
+    pub reasoning: Option<Reasoning>,
     /// The API shape the answer is rendered in.
     pub surface: Surface,
     /// `best_of`: keep each prompt's best choices of those generated (whole answers only).
     pub pick: Option<Pick>,
+}
+
+/// A reasoning model's reply: its markers, whether its reasoning is already open when the
+/// reply starts (the prompt opened it and the grammar, if any, begins with it), and where
+/// the reasoning goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Reasoning {
+    pub syntax: ThinkSyntax,
+    pub opened: bool,
+    pub shown: Shown,
 }
 
 /// `best_of`: each prompt ran `of` choices; the answer keeps the `keep` whose tokens have
@@ -193,14 +202,16 @@ impl Meta {
         }
     }
 
-    /// A parser for this reply's reasoning and tool calls, when it may hold either.
+    /// A parser for this reply's reasoning and tool calls, when it may hold either. Left
+    /// inline, the reasoning is still found, so that calls after it are parsed.
     pub fn call_parser(&self) -> Option<ReplyParser> {
-        if self.tools.is_none() && self.reasoning.is_none() {
-            return None;
-        }
         let think = self
             .reasoning
-            .map(|(s, opened)| ThinkSplitter::new(s, opened));
+            .filter(|r| r.shown != Shown::Inline || self.tools.is_some())
+            .map(|r| ThinkSplitter::new(r.syntax, r.opened).shown(r.shown));
+        if self.tools.is_none() && think.is_none() {
+            return None;
+        }
         Some(ReplyParser::new(think, self.tools))
     }
 

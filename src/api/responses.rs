@@ -438,7 +438,8 @@ pub fn whole(
     if let Some(r) = reasoning {
         output.push(reasoning_item(ctx, 0, &r, "completed"));
     }
-    if !content.is_empty() || calls.is_empty() {
+    // As the stream does: a message when there is text, or when nothing else came.
+    if !content.is_empty() || (calls.is_empty() && output.is_empty()) {
         output.push(message_item(ctx, output.len(), &content, "completed"));
     }
     output.extend(calls.iter().map(|c| call_item(c, "completed")));

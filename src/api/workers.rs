@@ -192,7 +192,14 @@ pub fn whole(meta: &Meta, text: String, json: bool, usage: Usage) -> Value {
             (content, p.calls().iter().map(call_json).collect())
         }
     };
-    let response = match serde_json::from_str::<Value>(&text) {
+    // A reasoning model thinks before the JSON: its value is what follows the thinking.
+    let answer = match meta.reasoning {
+        Some(r) => text
+            .split_once(r.syntax.close)
+            .map_or(&text[..], |(_, a)| a),
+        None => &text[..],
+    };
+    let response = match serde_json::from_str::<Value>(answer.trim_start()) {
         Ok(v) if json => v,
         _ => Value::from(text),
     };

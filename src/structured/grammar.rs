@@ -339,7 +339,14 @@ impl ConstraintSpec {
         } else {
             let (field, body) = match &self.format {
                 OutputFormat::Text if think.budget.is_some() => {
-                    ("reasoning_budget", "/(?s:.*)/".to_string())
+                    // Text that does not open a reasoning of its own.
+                    let body = match think.open_text() {
+                        Some(open) => {
+                            format!("/(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{}.*)/", regex_literal(open))
+                        }
+                        None => "/(?s:.*)/".to_string(),
+                    };
+                    ("reasoning_budget", format!("ANSWER\nANSWER: {body}"))
                 }
                 OutputFormat::JsonObject => (
                     "response_format",
@@ -375,12 +382,26 @@ impl ConstraintSpec {
                 format!("%json {}", with_layout(&json!({"type": "object"})))
             }
             OutputFormat::JsonSchema { schema, .. } => format!("%json {}", with_layout(schema)),
-            // Text that does not open a tool call (regex and lark were refused with tools).
+            // Text that does not open a tool call, nor a reasoning outside the grammar's
+            // reasoning part (regex and lark were refused with tools).
             _ => {
-                g.push_str(&format!(
-                    "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{}.*)/\n",
-                    regex_literal(&f.trigger())
-                ));
+                let trigger = regex_literal(&f.trigger());
+                match &self.think {
+                    None => g.push_str(&format!(
+                        "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/\n"
+                    )),
+                    // After the reasoning the whitespace is `THINK_WS`'s: text starting
+                    // with some would be a longer lexeme than it, and take a call's place.
+                    Some(t) => {
+                        let opens = match t.open_text() {
+                            Some(open) => format!("({trigger}|{})", regex_literal(open)),
+                            None => trigger,
+                        };
+                        g.push_str(&format!(
+                            "TEXT: /(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:{opens}.*)/\n"
+                        ))
+                    }
+                }
                 "TEXT".to_string()
             }
         };

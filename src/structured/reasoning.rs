@@ -28,7 +28,8 @@ impl ThinkSyntax {
     };
 
     /// The markers a model reasons in: the ones its chat template or its vocabulary
-    /// (`has_token`) names; `None` for a model that does not reason.
+    /// (`has_token`) names; `None` when neither names them (a template that only strips
+    /// thinking from past turns counts: its replies are split only if they open with it).
     pub fn detect(template: &str, has_token: impl Fn(&str) -> bool) -> Option<Self> {
         [Self::MISTRAL, Self::TAGS]
             .into_iter()
@@ -53,11 +54,24 @@ enum Mode {
 }
 
 /// Splits a reply into its reasoning and the rest. The reasoning's surrounding whitespace
-/// is dropped, and so is the whitespace between the close marker and the answer.
+/// is dropped, and so is the whitespace between the close marker and the answer. Inline,
+/// the reasoning stays content, verbatim: only the answer goes on to be parsed for calls.
 pub struct ThinkSplitter {
     syntax: ThinkSyntax,
     mode: Mode,
     buf: String,
+    shown: Shown,
+}
+
+/// Where a reply's reasoning goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// Apart, as [`Piece::Reasoning`].
+    Apart,
+    /// Left in the content, verbatim (markers and whitespace included).
+    Inline,
+    /// Nowhere: split off and dropped (a surface whose client did not ask for it).
+    Dropped,
 }
 
 impl ThinkSplitter {
@@ -71,6 +85,19 @@ impl ThinkSplitter {
                 Mode::Before
             },
             buf: String::new(),
+            shown: Shown::Apart,
+        }
+    }
+
+    /// Where the reasoning goes (apart by default).
+    pub fn shown(mut self, shown: Shown) -> Self {
+        self.shown = shown;
+        self
+    }
+
+    fn thought(&self, text: &str, out: &mut Vec<Piece>) {
+        if self.shown == Shown::Apart && !text.is_empty() {
+            out.push(Piece::Reasoning(text.to_string()));
         }
     }
 
@@ -83,13 +110,31 @@ impl ThinkSplitter {
                 Mode::Before => {
                     let t = self.buf.trim_start();
                     if let Some(rest) = t.strip_prefix(self.syntax.open) {
-                        self.buf = rest.to_string();
+                        let rest = rest.to_string();
+                        if self.shown == Shown::Inline {
+                            let opening = self.buf.len() - rest.len();
+                            out.push(Piece::Content(self.buf[..opening].to_string()));
+                        }
+                        self.buf = rest;
                         self.mode = Mode::Inside { started: false };
                     } else if self.syntax.open.starts_with(t) {
                         return answer;
                     } else {
                         self.mode = Mode::After { lead: false };
                     }
+                }
+                Mode::Inside { .. } if self.shown == Shown::Inline => {
+                    let (upto, next) = match self.buf.find(self.syntax.close) {
+                        Some(at) => (at + self.syntax.close.len(), Mode::After { lead: false }),
+                        None => (held_from(&self.buf, self.syntax.close), self.mode),
+                    };
+                    if upto > 0 {
+                        out.push(Piece::Content(self.buf.drain(..upto).collect()));
+                    }
+                    if next == self.mode {
+                        return answer;
+                    }
+                    self.mode = next;
                 }
                 Mode::Inside { started } => {
                     if !started {
@@ -102,10 +147,7 @@ impl ThinkSplitter {
                         self.mode = Mode::Inside { started: true };
                     }
                     if let Some(at) = self.buf.find(self.syntax.close) {
-                        let thought = self.buf[..at].trim_end();
-                        if !thought.is_empty() {
-                            out.push(Piece::Reasoning(thought.to_string()));
-                        }
+                        self.thought(self.buf[..at].trim_end(), out);
                         self.buf.drain(..at + self.syntax.close.len());
                         self.mode = Mode::After { lead: true };
                         continue;
@@ -116,7 +158,7 @@ impl ThinkSplitter {
                     let sent = self.buf[..held].trim_end().len();
                     if sent > 0 {
                         let thought: String = self.buf.drain(..sent).collect();
-                        out.push(Piece::Reasoning(thought));
+                        self.thought(&thought, out);
                     }
                     return answer;
                 }
@@ -137,11 +179,16 @@ impl ThinkSplitter {
     pub fn finish(&mut self, out: &mut Vec<Piece>) -> String {
         match self.mode {
             Mode::Before => std::mem::take(&mut self.buf),
+            Mode::Inside { .. } if self.shown == Shown::Inline => {
+                let rest = std::mem::take(&mut self.buf);
+                if !rest.is_empty() {
+                    out.push(Piece::Content(rest));
+                }
+                String::new()
+            }
             Mode::Inside { .. } => {
                 let thought = std::mem::take(&mut self.buf);
-                if !thought.trim_end().is_empty() {
-                    out.push(Piece::Reasoning(thought.trim_end().to_string()));
-                }
+                self.thought(thought.trim_end(), out);
                 String::new()
             }
             Mode::After { .. } => String::new(),
@@ -292,6 +339,16 @@ pub struct ThinkSpec {
 impl ThinkSpec {
     /// Lark rules for `think_part` (the reasoning, perhaps none) and `THINK_WS` (the
     /// whitespace a model writes after it, a little: a model cannot wander in it).
+    /// A regex alternative matching a reply that opens a reasoning in text (`TEXT` must not,
+    /// or thinking would escape the grammar's reasoning part); `None` for a token marker,
+    /// which no text spells.
+    pub(crate) fn open_text(&self) -> Option<&'static str> {
+        match self.open {
+            Marker::Text(t) => Some(t),
+            Marker::Token(_) => None,
+        }
+    }
+
     pub(crate) fn lark(&self) -> String {
         let close = self.close.lark();
         let mut g = String::from("THINK_WS: /[ \\t\\r\\n]{1,4}/\n");
@@ -299,7 +356,15 @@ impl ThinkSpec {
             (Some(0), true) => g.push_str(&format!("think_part: {close}\n")),
             (Some(0), false) => g.push_str("think_part: \"\"\n"),
             (_, opened) => {
-                g.push_str(&format!("think_body[suffix={close}]: /(?s:.*)/\n"));
+                match self.close {
+                    // Text: lazy, to the first close marker.
+                    Marker::Text(_) => {
+                        g.push_str(&format!("think_body[suffix={close}]: /(?s:.*)/\n"))
+                    }
+                    // A control token ends any text (no text can spell it); llguidance
+                    // takes no token as a suffix.
+                    Marker::Token(_) => g.push_str(&format!("think_body: /(?s:.*)/ {close}\n")),
+                }
                 if opened {
                     g.push_str("think_part: think_body\n");
                 } else {

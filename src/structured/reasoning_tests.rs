@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::reasoning::{Marker, ReplyParser, ThinkSpec, ThinkSplitter, ThinkSyntax};
+use super::reasoning::{Marker, ReplyParser, Shown, ThinkSpec, ThinkSplitter, ThinkSyntax};
 use super::tests::{constraint, grammars, is_integer, walk, weather_tools};
 use super::toolcall::{Piece, ToolFormat};
 use super::*;
@@ -220,13 +220,14 @@ fn a_zero_budget_answers_at_once() {
         .map(|&t| t as u8)
         .collect();
     assert_eq!(forced, b"</think>");
-    // Not opened: it may not open one.
+    // Not opened: it may not open one (text may start `<think`, not `<think>`).
     s.think = Some(think(false, Some(0)));
     let mut c = constraint(&g, &s);
-    c.commit(b'<' as u32).unwrap();
-    c.commit(b't' as u32).unwrap();
-    // (Text may still start `<t...`; only the reasoning's grammar is gone.)
-    assert!(c.allows(b'h' as u32).unwrap());
+    for b in "  <think".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    assert!(!c.allows(b'>' as u32).unwrap());
+    assert!(c.allows(b'!' as u32).unwrap());
     // A control-token marker is written by id.
     let mut s = ConstraintSpec::text();
     s.think = Some(ThinkSpec {
@@ -236,4 +237,88 @@ fn a_zero_budget_answers_at_once() {
         budget: Some(0),
     });
     assert_eq!(constraint(&g, &s).forced().first(), Some(&257));
+}
+
+#[test]
+fn a_control_token_closes_the_reasoning() {
+    // llguidance takes no token as a lazy rule's suffix: the body is any text, then the token.
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.format = OutputFormat::JsonObject;
+    s.think = Some(ThinkSpec {
+        open: Marker::Token(256),
+        close: Marker::Token(257),
+        opened: true,
+        budget: None,
+    });
+    let mut c = constraint(&g, &s);
+    for b in "a </x> {b".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    assert!(c.allows(257).unwrap());
+    c.commit(257).unwrap();
+    let json = String::from_utf8(walk(c.as_mut(), 4, 6000)).unwrap();
+    serde_json::from_str::<Value>(json.trim_start()).expect(&json);
+}
+
+#[test]
+fn auto_calls_after_reasoning_follow_the_schema() {
+    // Not opened, text markers: the reasoning may come first, but text may not open one
+    // of its own, so a call after it is still the grammar's.
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    s.choice = ToolChoice::Auto;
+    s.think = Some(think(false, None));
+    let mut t = constraint(&g, &s);
+    for b in "<think>hmm</think>\n".bytes() {
+        t.commit(b as u32).unwrap();
+    }
+    for b in "<tool_call>\n{\"name\": \"".bytes() {
+        t.commit(b as u32).unwrap();
+    }
+    // Only declared names from here.
+    assert!(!t.allows(b'x' as u32).unwrap());
+    // Text may hold markers later, but not open with one.
+    let mut t = constraint(&g, &s);
+    for b in "Hi".bytes() {
+        t.commit(b as u32).unwrap();
+    }
+    assert!(t.allows(b'<' as u32).unwrap());
+    let mut t = constraint(&g, &s);
+    for b in "<think>x</think><think".bytes() {
+        t.commit(b as u32).unwrap();
+    }
+    assert!(!t.allows(b'>' as u32).unwrap());
+}
+
+#[test]
+fn inline_reasoning_stays_content_and_calls_after_it_parse() {
+    let text =
+        "<think>a  b</think>\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
+    let think = ThinkSplitter::new(ThinkSyntax::TAGS, false).shown(Shown::Inline);
+    let (reasoning, content, calls) =
+        ReplyParser::new(Some(think), Some(ToolFormat::HERMES)).whole(text);
+    assert_eq!(reasoning, None);
+    assert_eq!(content.as_deref(), Some("<think>a  b</think>"));
+    assert_eq!(calls.len(), 1);
+    // In any split, inline text is the text itself; dropped, the reasoning is gone.
+    let text = "  <think> x </thi</think>\n ok";
+    for (shown, expected) in [(Shown::Inline, text), (Shown::Dropped, "ok")] {
+        for cut in 0..=text.len() {
+            let think = ThinkSplitter::new(ThinkSyntax::TAGS, false).shown(shown);
+            let mut p = ReplyParser::new(Some(think), None);
+            let mut pieces = p.push(&text[..cut]);
+            pieces.extend(p.push(&text[cut..]));
+            pieces.extend(p.finish());
+            let content: String = pieces
+                .into_iter()
+                .map(|p| match p {
+                    Piece::Content(t) => t,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(content, expected, "{shown:?} cut at {cut}");
+        }
+    }
 }
