@@ -239,6 +239,31 @@ fn a_zero_budget_answers_at_once() {
         expected_split(text).1.as_str(),
         "{reply}"
     );
+    // OpenAI's `reasoning_effort: none` is the same; the other efforts think.
+    let (_, none) = s.post(CHAT, &ask(json!({"reasoning_effort": "none"})));
+    assert_eq!(
+        none["choices"][0]["message"],
+        reply["choices"][0]["message"]
+    );
+    let (_, high) = s.post(CHAT, &ask(json!({"reasoning_effort": "high"})));
+    assert!(
+        high["choices"][0]["message"]["reasoning_content"].is_string(),
+        "{high}"
+    );
+    let (status, e) = s.post(CHAT, &ask(json!({"reasoning_effort": "max"})));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("reasoning_effort"))
+    );
+    // And the Responses API's `reasoning.effort`, echoed.
+    let (status, resp) = s.post(
+        "/v1/responses",
+        &json!({"input": "What is 2 + 2?", "max_output_tokens": 24,
+                "reasoning": {"effort": "none"}}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["output"][0]["type"], "message", "{resp}");
+    assert_eq!(resp["reasoning"]["effort"], "none", "{resp}");
     // A JSON answer and a tool call, each at once.
     let schema = json!({"type": "object", "properties": {"sum": {"type": "integer"}},
                         "required": ["sum"], "additionalProperties": false});

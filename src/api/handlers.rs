@@ -259,8 +259,21 @@ pub(super) async fn chat(
     // Regex and Lark grammars constrain the whole reply from its first token: no reasoning
     // is open when it starts, whatever the prompt opened.
     let starts_at_once = matches!(spec.format, OutputFormat::Regex(_) | OutputFormat::Lark(_));
+    let effort = match req.reasoning_effort.as_deref() {
+        None | Some("minimal" | "low" | "medium" | "high" | "xhigh") => None,
+        Some("none") => Some(0),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "reasoning_effort",
+                format!(
+                    "`reasoning_effort` must be none, minimal, low, medium, high or xhigh, got `{other}`"
+                ),
+            ))
+        }
+    };
     let budget = match req.reasoning_budget {
-        None | Some(-1) => None,
+        None => effort,
+        Some(-1) => None,
         Some(0) => Some(0),
         Some(other) => {
             return Err(ApiError::invalid(

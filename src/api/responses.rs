@@ -212,6 +212,9 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
             out.insert(field.into(), v.clone());
         }
     }
+    if let Some(effort) = b.get("reasoning").and_then(|r| r.get("effort")) {
+        out.insert("reasoning_effort".into(), effort.clone());
+    }
     if let Some(m) = b.get("max_output_tokens").filter(|v| !v.is_null()) {
         out.insert("max_tokens".into(), m.clone());
     }
@@ -300,6 +303,10 @@ pub fn echo(body: &Value) -> Map<String, Value> {
         get("text", json!({"format": {"type": "text"}})),
     );
     e.insert("store".into(), get("store", json!(true)));
+    e.insert(
+        "reasoning".into(),
+        get("reasoning", json!({"effort": null, "summary": null})),
+    );
     e
 }
 

@@ -71,6 +71,8 @@ pub struct ChatCompletionRequest {
     /// Ours (llama.cpp's values): `0` has a reasoning model answer without thinking; `-1`
     /// (the default) lets it think as long as `max_tokens` allows.
     pub reasoning_budget: Option<i64>,
+    /// OpenAI's: `none` is budget 0; `minimal` to `xhigh` let the model think as it does.
+    pub reasoning_effort: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
