@@ -82,6 +82,16 @@ fn reasoning_comes_back_apart_on_every_surface() {
         split["usage"]["completion_tokens"],
         raw["usage"]["completion_tokens"]
     );
+    // Its tokens, all of them when the reasoning never closed; none unsplit.
+    let reasoning_tokens = |v: &Value| v["completion_tokens_details"]["reasoning_tokens"].clone();
+    let used = split["usage"]["completion_tokens"].as_u64().unwrap();
+    let thinking = reasoning_tokens(&split["usage"]).as_u64().unwrap();
+    if answer.is_empty() {
+        assert_eq!(thinking, used, "{split}");
+    } else {
+        assert!(thinking > 0 && thinking < used, "{split}");
+    }
+    assert_eq!(reasoning_tokens(&raw["usage"]), 0);
     // Streamed, the deltas add up to the same.
     assert_eq!(
         streamed(&s, &ask(json!({}))),
@@ -167,6 +177,12 @@ fn reasoning_comes_back_apart_on_every_surface() {
     }
     assert_eq!(deltas, thought);
     assert_eq!(done["response"]["output"][0]["type"], "reasoning", "{done}");
+    let details = &done["response"]["usage"]["output_tokens_details"];
+    assert_eq!(
+        details["reasoning_tokens"],
+        resp["usage"]["output_tokens_details"]["reasoning_tokens"]
+    );
+    assert!(details["reasoning_tokens"].as_u64() > Some(0), "{done}");
 
     // Bad requests name their field.
     let (status, e) = s.post(CHAT, &ask(json!({"reasoning_format": "raw"})));
@@ -217,6 +233,22 @@ fn an_answer_after_the_reasoning_is_content() {
         streamed(&s, &body),
         ("Two and two. Four.".into(), "It is 4.".into())
     );
+    // Some of its tokens were the reasoning's, not all.
+    let usage = &reply["usage"];
+    let thinking = usage["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        thinking > 5 && thinking < usage["completion_tokens"].as_u64().unwrap(),
+        "{reply}"
+    );
+    // Streamed with usage, the same count.
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let last = s.stream(CHAT, &body).into_iter().rev().nth(1).unwrap();
+    let last: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["usage"], reply["usage"], "{last}");
 }
 
 #[test]

@@ -150,6 +150,7 @@ pub fn add_usage(total: &mut Usage, u: Usage, counts_prompt: bool) {
     total.total_tokens = total.prompt_tokens + total.completion_tokens;
     total.accepted_prediction_tokens += u.accepted_prediction_tokens;
     total.rejected_prediction_tokens += u.rejected_prediction_tokens;
+    total.reasoning_tokens += u.reasoning_tokens;
 }
 
 pub fn usage_json(u: Usage) -> Value {
@@ -161,6 +162,7 @@ pub fn usage_json(u: Usage) -> Value {
         "completion_tokens_details": {
             "accepted_prediction_tokens": u.accepted_prediction_tokens,
             "rejected_prediction_tokens": u.rejected_prediction_tokens,
+            "reasoning_tokens": u.reasoning_tokens,
         },
     })
 }
@@ -205,14 +207,18 @@ impl Meta {
     /// A parser for this reply's reasoning and tool calls, when it may hold either. Left
     /// inline, the reasoning is still found, so that calls after it are parsed.
     pub fn call_parser(&self) -> Option<ReplyParser> {
-        let think = self
-            .reasoning
-            .filter(|r| r.shown != Shown::Inline || self.tools.is_some())
-            .map(|r| ThinkSplitter::new(r.syntax, r.opened).shown(r.shown));
+        let think = self.splitter();
         if self.tools.is_none() && think.is_none() {
             return None;
         }
         Some(ReplyParser::new(think, self.tools))
+    }
+
+    /// The reasoning's splitter, when the reply has one (it also counts reasoning tokens).
+    fn splitter(&self) -> Option<ThinkSplitter> {
+        self.reasoning
+            .filter(|r| r.shown != Shown::Inline || self.tools.is_some())
+            .map(|r| ThinkSplitter::new(r.syntax, r.opened).shown(r.shown))
     }
 
     /// One streamed chunk. `delta` is the chat delta (for text completions its `content`
@@ -360,7 +366,8 @@ async fn gather(mut rx: EventReceiver) -> Result<Vec<Event>, ApiError> {
     Err(ApiError::engine_stopped())
 }
 
-fn reply(events: Vec<Event>) -> Reply {
+/// One choice's reply; `counter` counts the tokens of its reasoning, token by token.
+fn reply(events: Vec<Event>, mut counter: Option<ThinkSplitter>) -> Reply {
     let mut r = Reply {
         text: String::new(),
         lps: Vec::new(),
@@ -375,6 +382,9 @@ fn reply(events: Vec<Event>) -> Reply {
             Event::Prompt { first, logprobs } => r.prompt = Some((first, logprobs)),
             Event::Embedding(_) => {} // not a generation's
             Event::Token { text, logprob } => {
+                if let Some(c) = &mut counter {
+                    c.push(&text, &mut Vec::new());
+                }
                 r.text.push_str(&text);
                 r.lps.extend(logprob);
             }
@@ -390,6 +400,7 @@ fn reply(events: Vec<Event>) -> Reply {
             Event::Failed(_) => {}
         }
     }
+    r.usage.reasoning_tokens = counter.map_or(0, |c| c.tokens());
     r
 }
 
@@ -428,7 +439,7 @@ async fn collect(
     }
     let mut replies: Vec<(Reply, Option<String>, bool)> = gathered
         .into_iter()
-        .map(reply)
+        .map(|events| reply(events, meta.splitter()))
         .zip(shown)
         .map(|(r, (echo, counts))| (r, echo, counts))
         .collect();

@@ -220,9 +220,12 @@ impl State {
                 };
                 pieces.into_iter().for_each(|p| self.piece(p));
             }
-            Some(Event::Finished { reason, usage, .. }) => {
+            Some(Event::Finished {
+                reason, mut usage, ..
+            }) => {
                 if let Some(mut p) = self.calls.take() {
                     p.finish().into_iter().for_each(|piece| self.piece(piece));
+                    usage.reasoning_tokens = p.reasoning_tokens();
                 }
                 if reason == FinishReason::Length {
                     self.item_status = "incomplete";

@@ -176,9 +176,12 @@ impl State {
                     self.pending.push_back(chunk);
                 }
             }
-            Some(Event::Finished { reason, usage, .. }) => {
+            Some(Event::Finished {
+                reason, mut usage, ..
+            }) => {
                 let mut made_calls = false;
                 if let Some(p) = &mut c.calls {
+                    usage.reasoning_tokens = p.reasoning_tokens();
                     for piece in p.finish() {
                         let chunk = meta.chunk(i, delta_json(&piece), None, Value::Null);
                         self.pending.push_back(chunk);

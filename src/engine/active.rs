@@ -83,6 +83,7 @@ impl Active {
             cached_tokens: self.cached_tokens.min(prompt),
             accepted_prediction_tokens: self.draft.predicted.0,
             rejected_prediction_tokens: self.draft.predicted.1,
+            reasoning_tokens: 0,
         }
     }
 }

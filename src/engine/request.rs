@@ -137,6 +137,9 @@ pub struct Usage {
     /// kept (OpenAI's Predicted Outputs; both 0 without a prediction).
     pub accepted_prediction_tokens: usize,
     pub rejected_prediction_tokens: usize,
+    /// Completion tokens spent in a reasoning model's thinking: counted by the API's reply
+    /// parser, which knows the markers (the engine leaves 0).
+    pub reasoning_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

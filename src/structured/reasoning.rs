@@ -61,6 +61,11 @@ pub struct ThinkSplitter {
     mode: Mode,
     buf: String,
     shown: Shown,
+    /// Pushes (one a token) that were in the reasoning, whether this one is, and those not
+    /// yet known (the start of an open marker).
+    tokens: usize,
+    thinking: bool,
+    undecided: usize,
 }
 
 /// Where a reply's reasoning goes.
@@ -86,7 +91,15 @@ impl ThinkSplitter {
             },
             buf: String::new(),
             shown: Shown::Apart,
+            tokens: 0,
+            thinking: false,
+            undecided: 0,
         }
+    }
+
+    /// The pushes that were (partly) reasoning: its tokens, when fed a token at a time.
+    pub fn tokens(&self) -> usize {
+        self.tokens
     }
 
     /// Where the reasoning goes (apart by default).
@@ -103,6 +116,19 @@ impl ThinkSplitter {
 
     /// Feeds text: reasoning goes to `out`, and the answer's text is returned.
     pub fn push(&mut self, text: &str, out: &mut Vec<Piece>) -> String {
+        self.thinking = matches!(self.mode, Mode::Inside { .. });
+        let answer = self.split(text, out);
+        match (self.thinking || matches!(self.mode, Mode::Inside { .. }), self.mode) {
+            (false, Mode::Before) => self.undecided += 1,
+            (false, _) => self.undecided = 0,
+            (true, _) => {
+                self.tokens += 1 + std::mem::take(&mut self.undecided);
+            }
+        }
+        answer
+    }
+
+    fn split(&mut self, text: &str, out: &mut Vec<Piece>) -> String {
         self.buf.push_str(text);
         let mut answer = String::new();
         loop {
@@ -117,6 +143,7 @@ impl ThinkSplitter {
                         }
                         self.buf = rest;
                         self.mode = Mode::Inside { started: false };
+                        self.thinking = true;
                     } else if self.syntax.open.starts_with(t) {
                         return answer;
                     } else {
@@ -254,6 +281,11 @@ impl ReplyParser {
 
     pub fn calls(&self) -> &[ParsedCall] {
         self.calls.as_ref().map_or(&[], |c| c.calls())
+    }
+
+    /// The reasoning's tokens so far, when fed a token at a time.
+    pub fn reasoning_tokens(&self) -> usize {
+        self.think.as_ref().map_or(0, ThinkSplitter::tokens)
     }
 
     /// A whole reply's reasoning and content (`None` when it made calls and wrote no text).

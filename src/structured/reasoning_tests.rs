@@ -322,3 +322,24 @@ fn inline_reasoning_stays_content_and_calls_after_it_parse() {
         }
     }
 }
+
+#[test]
+fn reasoning_tokens_are_counted_a_token_at_a_time() {
+    let count = |tokens: &[&str], opened: bool| {
+        let mut t = ThinkSplitter::new(ThinkSyntax::TAGS, opened);
+        for tok in tokens {
+            t.push(tok, &mut Vec::new());
+        }
+        t.tokens()
+    };
+    // The markers count, the answer does not.
+    assert_eq!(
+        count(&["<think>", "a", " b", "</think>", "\n", "ok"], false),
+        4
+    );
+    assert_eq!(count(&["<th", "ink>a</th", "ink>", "ok"], false), 3);
+    assert_eq!(count(&["a", "</think>", "ok", "!"], true), 2);
+    assert_eq!(count(&["Hello", " <think>"], false), 0);
+    // A token that opens and closes is one.
+    assert_eq!(count(&["<think>x</think>ok"], false), 1);
+}
