@@ -112,11 +112,21 @@ fn calls_in_own_format(args_format: bool) {
     let tokens = tokens_of(&body);
     assert_eq!(tokens[0], "[TOOL_CALLS]", "{body}");
     if args_format {
-        // Then the name's tokens, `[ARGS]` and the arguments' object: the text between the
-        // two tokens is the name.
+        // Then the name's tokens, perhaps `[CALL_ID]` and an id (this vocabulary has it),
+        // `[ARGS]` and the arguments' object.
         let at = tokens.iter().position(|t| t == "[ARGS]");
         let at = at.unwrap_or_else(|| panic!("no [ARGS]: {tokens:?}"));
-        assert_eq!(tokens[1..at].concat(), "get_weather", "{tokens:?}");
+        let head = tokens[1..at].concat();
+        let (name, id) = match head.split_once("[CALL_ID]") {
+            Some((name, id)) => (name.to_string(), Some(id.to_string())),
+            None => (head, None),
+        };
+        assert_eq!(name, "get_weather", "{tokens:?}");
+        if let Some(id) = id {
+            // The model's own id is the call's.
+            let call_id = &body["choices"][0]["message"]["tool_calls"][0]["id"];
+            assert_eq!(call_id, id.as_str(), "{body}");
+        }
         assert_eq!(tokens[at + 1], "{", "{tokens:?}");
     }
 

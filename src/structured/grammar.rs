@@ -439,8 +439,19 @@ impl ConstraintSpec {
         let alts: Vec<String> = declared.iter().map(|(i, _)| format!("fn_{i}")).collect();
         if let (true, Some(args)) = (f.named(), f.args_token_id) {
             g.push_str(&format!("call: {special}({})\n", alts.join(" | ")));
+            // A call may carry its id where the vocabulary has `[CALL_ID]`.
+            let id = match f.call_id_token_id {
+                Some(cid) => {
+                    g.push_str("CALL_ID: /[A-Za-z0-9]{9}/\n");
+                    format!("(<[{cid}]> CALL_ID)? ")
+                }
+                None => String::new(),
+            };
             for (i, t) in declared {
-                g.push_str(&format!("fn_{i}: {} <[{args}]> args_{i}\n", lit(&t.name)));
+                g.push_str(&format!(
+                    "fn_{i}: {} {id}<[{args}]> args_{i}\n",
+                    lit(&t.name)
+                ));
                 g.push_str(&format!("args_{i}: %json {}\n", with_layout(&t.parameters)));
             }
             return g;

@@ -118,7 +118,10 @@ impl ThinkSplitter {
     pub fn push(&mut self, text: &str, out: &mut Vec<Piece>) -> String {
         self.thinking = matches!(self.mode, Mode::Inside { .. });
         let answer = self.split(text, out);
-        match (self.thinking || matches!(self.mode, Mode::Inside { .. }), self.mode) {
+        match (
+            self.thinking || matches!(self.mode, Mode::Inside { .. }),
+            self.mode,
+        ) {
             (false, Mode::Before) => self.undecided += 1,
             (false, _) => self.undecided = 0,
             (true, _) => {

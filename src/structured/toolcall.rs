@@ -16,6 +16,7 @@
 //! Invariant: feeding the parser the text in any split gives the same pieces concatenated,
 //! so streamed deltas add up to the non-streamed call exactly.
 
+use super::toolprompt::is_short_id;
 pub use super::toolprompt::{generic_messages, with_short_ids};
 
 /// How calls are written in the model's output. The grammar generates exactly
@@ -42,7 +43,13 @@ pub struct ToolFormat {
     /// calls written as a JSON object; with it, `special` opens every call, not the list.
     pub args_token: &'static str,
     pub args_token_id: Option<u32>,
+    /// With `args_token`: the id of `[CALL_ID]` when the vocabulary has it; a call may then
+    /// carry its id, `name[CALL_ID]abcDEF123[ARGS]{...}` (Mistral's v11 tokenizers).
+    pub call_id_token_id: Option<u32>,
 }
+
+/// The control token before a call's id in the named format.
+const CALL_ID: &str = "[CALL_ID]";
 
 impl ToolFormat {
     /// Hermes / Qwen style, and our generic format.
@@ -59,6 +66,7 @@ impl ToolFormat {
         short_ids: false,
         args_token: "",
         args_token_id: None,
+        call_id_token_id: None,
     };
     /// Llama 3.1's JSON tool calling: a bare object with `parameters`, one call a reply.
     pub const LLAMA3_JSON: Self = Self {
@@ -74,6 +82,7 @@ impl ToolFormat {
         short_ids: false,
         args_token: "",
         args_token_id: None,
+        call_id_token_id: None,
     };
     /// Mistral's (v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
     pub const MISTRAL: Self = Self {
@@ -89,6 +98,7 @@ impl ToolFormat {
         short_ids: true,
         args_token: "",
         args_token_id: None,
+        call_id_token_id: None,
     };
     /// Mistral Nemo's: the list right after the token, `[TOOL_CALLS][{...}]`.
     pub const MISTRAL_NEMO: Self = Self {
@@ -110,6 +120,7 @@ impl ToolFormat {
         short_ids: true,
         args_token: "[ARGS]",
         args_token_id: None,
+        call_id_token_id: None,
     };
 
     /// Whether a call is `name[ARGS]{...}` rather than a `{"name": ..}` object.
@@ -126,6 +137,7 @@ impl ToolFormat {
         self.special_id
             .into_iter()
             .chain(self.args_token_id)
+            .chain(self.call_id_token_id)
             .collect()
     }
 
@@ -149,9 +161,12 @@ impl ToolFormat {
             "" => None,
             t => Some(control_id(t)?),
         };
+        // Optional: a vocabulary without it has calls without ids.
+        let call_id_token_id = args_token_id.and_then(|_| control_id(CALL_ID));
         Some(Self {
             special_id: Some(id),
             args_token_id,
+            call_id_token_id,
             ..self
         })
     }
@@ -274,6 +289,23 @@ impl CallParser {
         &self.calls
     }
 
+    /// A call begins: its name read, its arguments next.
+    fn start_call(&mut self, name: String, id: Option<String>, out: &mut Vec<Piece>) {
+        let index = self.calls.len();
+        let id = id.unwrap_or_else(|| new_call_id(self.format.short_ids));
+        self.calls.push(ParsedCall {
+            id: id.clone(),
+            name: name.clone(),
+            arguments: String::new(),
+        });
+        out.push(Piece::CallStart { index, id, name });
+        self.mode = Mode::Args {
+            depth: 0,
+            in_str: false,
+            esc: false,
+        };
+    }
+
     /// Feeds the next text; returns what it completed.
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
@@ -340,26 +372,24 @@ impl CallParser {
                     }
                     return false;
                 };
-                let (name_end, tail) = if f.named() {
-                    (f.args_token, f.args_token.to_string())
-                } else {
-                    ("\"", format!("\", \"{}\": ", f.args_key))
-                };
-                let Some(end) = rest.find(name_end) else {
-                    // A bare name is a function's name, then the marker's start; anything
-                    // else is not a call.
-                    let stray = |(i, c): (usize, char)| {
-                        !is_name_char(c) && !f.args_token.starts_with(&rest[i..])
+                if f.named() {
+                    return match named_head(&f, rest) {
+                        NamedHead::More => false,
+                        NamedHead::NotACall if first => self.not_a_call(),
+                        NamedHead::NotACall => false,
+                        NamedHead::Call { name, id, len } => {
+                            let id = id.filter(|id| is_short_id(id));
+                            self.buf = rest[len..].to_string();
+                            self.start_call(name, id, out);
+                            true
+                        }
                     };
-                    if first && f.named() && rest.char_indices().any(stray) {
-                        return self.not_a_call();
-                    }
+                }
+                let tail = format!("\", \"{}\": ", f.args_key);
+                let Some(end) = rest.find('"') else {
                     return false;
                 };
                 let name = rest[..end].to_string();
-                if first && f.named() && (name.is_empty() || !name.chars().all(is_name_char)) {
-                    return self.not_a_call();
-                }
                 let Some(after) = rest[end..].strip_prefix(tail.as_str()) else {
                     if first && !tail.starts_with(&rest[end..]) {
                         return self.not_a_call();
@@ -367,19 +397,7 @@ impl CallParser {
                     return false;
                 };
                 self.buf = after.to_string();
-                let index = self.calls.len();
-                let id = new_call_id(f.short_ids);
-                self.calls.push(ParsedCall {
-                    id: id.clone(),
-                    name: name.clone(),
-                    arguments: String::new(),
-                });
-                out.push(Piece::CallStart { index, id, name });
-                self.mode = Mode::Args {
-                    depth: 0,
-                    in_str: false,
-                    esc: false,
-                };
+                self.start_call(name, None, out);
                 true
             }
             Mode::Args {
@@ -456,6 +474,58 @@ impl CallParser {
                 false
             }
         }
+    }
+}
+
+/// What the text after a named call's `[TOOL_CALLS]` holds so far.
+enum NamedHead {
+    More,
+    NotACall,
+    /// `name[ARGS]` or `name[CALL_ID]id[ARGS]`, `len` bytes of it.
+    Call {
+        name: String,
+        id: Option<String>,
+        len: usize,
+    },
+}
+
+fn named_head(f: &ToolFormat, rest: &str) -> NamedHead {
+    let call_id = f.call_id_token_id.map(|_| CALL_ID);
+    let Some(end) = rest.find(|c: char| !is_name_char(c)) else {
+        // Function names are at most 64 characters.
+        return match rest.len() > 64 {
+            true => NamedHead::NotACall,
+            false => NamedHead::More,
+        };
+    };
+    let (name, tail) = rest.split_at(end);
+    let call = |id: Option<&str>, after: &str| NamedHead::Call {
+        name: name.to_string(),
+        id: id.map(str::to_string),
+        len: rest.len() - after.len(),
+    };
+    if let Some(after) = tail.strip_prefix(f.args_token) {
+        return match name.is_empty() {
+            true => NamedHead::NotACall,
+            false => call(None, after),
+        };
+    }
+    if let Some(t) = call_id.and_then(|c| tail.strip_prefix(c)) {
+        let Some(id_end) = t.find(|c: char| !c.is_ascii_alphanumeric()) else {
+            return NamedHead::More;
+        };
+        let (id, t) = t.split_at(id_end);
+        return match t.strip_prefix(f.args_token) {
+            Some(after) if !name.is_empty() => call(Some(id), after),
+            None if f.args_token.starts_with(t) => NamedHead::More,
+            _ => NamedHead::NotACall,
+        };
+    }
+    let marker_start =
+        f.args_token.starts_with(tail) || call_id.is_some_and(|c| c.starts_with(tail));
+    match marker_start {
+        true => NamedHead::More,
+        false => NamedHead::NotACall,
     }
 }
 

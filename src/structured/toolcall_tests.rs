@@ -18,10 +18,17 @@ fn call_parser_gives_the_same_pieces_for_any_split() {
     let mistral = " [{\"name\": \"add\", \"arguments\": {\"a\": 1, \"s\": \"}]{\\\"\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]";
     // Mistral Small 3.2's calls, both control tokens shown as their text.
     let named = "[TOOL_CALLS]add[ARGS]{\"a\": 1, \"s\": \"}]{\\\"\"}[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}";
+    // The same with a call id (a vocabulary with `[CALL_ID]`).
+    let with_id = ToolFormat {
+        call_id_token_id: Some(9),
+        ..ToolFormat::MISTRAL_ARGS
+    };
+    let named_id = "[TOOL_CALLS]add[CALL_ID]abcDEF123[ARGS]{\"a\": 1, \"s\": \"}]{\\\"\"}[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}";
     for (format, text) in [
         (ToolFormat::HERMES, hermes),
         (ToolFormat::MISTRAL, mistral),
         (ToolFormat::MISTRAL_ARGS, named),
+        (with_id, named_id),
     ] {
         same_pieces_for_any_split(format, text);
     }
@@ -43,6 +50,11 @@ fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
     assert_eq!(whole.len(), 2);
     assert_eq!(whole[0].arguments, "{\"a\": 1, \"s\": \"}]{\\\"\"}");
     assert_eq!(whole[1].name, "get_weather");
+    // A call id the model wrote is the call's.
+    let model_id = text.contains("[CALL_ID]abcDEF123");
+    if model_id {
+        assert_eq!(whole[0].id, "abcDEF123");
+    }
     let mut rng = StdRng::seed_from_u64(3);
     for _ in 0..50 {
         let mut p = CallParser::new(format);
@@ -64,6 +76,9 @@ fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
         assert_eq!(calls.len(), 2);
         for (c, w) in calls.iter().zip(&whole) {
             assert_eq!((&c.name, &c.arguments), (&w.name, &w.arguments));
+        }
+        if model_id {
+            assert_eq!(calls[0].id, "abcDEF123");
         }
         assert_eq!(args[0], whole[0].arguments);
         assert_eq!(args[1], whole[1].arguments);
@@ -88,6 +103,17 @@ fn call_parser_keeps_plain_text_as_content() {
         // Text spelling the marker, then not a name.
         (ToolFormat::MISTRAL_ARGS, "[TOOL_CALLS] hello [ARGS]"),
         (ToolFormat::MISTRAL_ARGS, " [TOOL_CALLS]{\"a\": 1}"),
+        (
+            ToolFormat::MISTRAL_ARGS,
+            "[TOOL_CALLS]f[CALL_ID]abc[ARGS]{}",
+        ),
+        (
+            ToolFormat {
+                call_id_token_id: Some(9),
+                ..ToolFormat::MISTRAL_ARGS
+            },
+            "[TOOL_CALLS]f[CALL_ID]ab-c[ARGS]{}",
+        ),
     ] {
         for cut in 0..=text.len() {
             let mut p = CallParser::new(format);
@@ -197,6 +223,13 @@ fn the_tool_format_follows_the_template() {
         _ => None,
     });
     assert_eq!(both.map(|f| f.shown_tokens()), Some(vec![5, 9]));
+    let with_id = ToolFormat::MISTRAL_ARGS.resolve(|t| match t {
+        "[TOOL_CALLS]" => Some(5),
+        "[ARGS]" => Some(9),
+        "[CALL_ID]" => Some(11),
+        _ => None,
+    });
+    assert_eq!(with_id.map(|f| f.shown_tokens()), Some(vec![5, 9, 11]));
     let one = ToolFormat::MISTRAL_ARGS.resolve(|t| (t == "[TOOL_CALLS]").then_some(5));
     assert_eq!(one, None);
     assert_eq!(found.map(|f| f.shown_tokens()), Some(Vec::new()));
@@ -347,11 +380,13 @@ fn llama3_json_calls_are_generated_and_parsed() {
 #[test]
 fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
     let g = grammars();
-    // The single-byte vocabulary's specials 256 and 257 stand for `[TOOL_CALLS]` and `[ARGS]`.
+    // The single-byte vocabulary's specials 256, 257 and 258 stand for `[TOOL_CALLS]`,
+    // `[ARGS]` and `[CALL_ID]`.
     let format = ToolFormat::MISTRAL_ARGS
         .resolve(|t| match t {
             "[TOOL_CALLS]" => Some(256),
             "[ARGS]" => Some(257),
+            "[CALL_ID]" => Some(258),
             _ => None,
         })
         .unwrap();
@@ -360,7 +395,7 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
     s.tool_format = format;
     s.parallel = true;
     let names: Vec<&str> = s.tools.iter().map(|t| t.name.as_str()).collect();
-    let mut calls_seen = 0;
+    let (mut calls_seen, mut ids_seen) = (0, 0);
     for choice in [ToolChoice::Required, ToolChoice::Auto] {
         s.choice = choice.clone();
         for seed in 0..6 {
@@ -386,15 +421,20 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
                 match t {
                     256 => text.push_str("[TOOL_CALLS]"),
                     257 => text.push_str("[ARGS]"),
+                    258 => text.push_str("[CALL_ID]"),
                     t => text.push(char::from(t as u8)),
                 }
             }
-            let expected: Vec<(&str, Value)> = text
+            let expected: Vec<(&str, Option<&str>, Value)> = text
                 .split("[TOOL_CALLS]")
                 .skip(1)
                 .map(|call| {
-                    let (name, args) = call.split_once("[ARGS]").expect(&text);
-                    (name, serde_json::from_str(args).expect(&text))
+                    let (head, args) = call.split_once("[ARGS]").expect(&text);
+                    let (name, id) = match head.split_once("[CALL_ID]") {
+                        Some((name, id)) => (name, Some(id)),
+                        None => (head, None),
+                    };
+                    (name, id, serde_json::from_str(args).expect(&text))
                 })
                 .collect();
             let mut p = CallParser::new(format);
@@ -404,9 +444,14 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
                 "{text:?}"
             );
             assert_eq!(p.calls().len(), expected.len(), "{text:?}");
-            for ((name, args), call) in expected.iter().zip(p.calls()) {
+            for ((name, id, args), call) in expected.iter().zip(p.calls()) {
                 assert!(names.contains(name), "{text:?}");
                 assert_eq!(call.name, *name);
+                // The model's own id, when it wrote one.
+                if let Some(id) = id {
+                    assert_eq!(call.id, *id);
+                    ids_seen += 1;
+                }
                 let parsed: Value = serde_json::from_str(&call.arguments).unwrap();
                 assert_eq!(&parsed, args);
                 assert!(call.id.len() == 9 && call.id.bytes().all(|b| b.is_ascii_alphanumeric()));
@@ -415,4 +460,8 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
         }
     }
     assert!(calls_seen > 12, "some replies hold several calls");
+    assert!(
+        ids_seen > 0 && ids_seen < calls_seen,
+        "{ids_seen} of {calls_seen}"
+    );
 }

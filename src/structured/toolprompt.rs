@@ -81,7 +81,7 @@ pub fn generic_messages(messages: Vec<Message>, tools: &[Value]) -> Vec<Message>
 }
 
 /// Whether `id` is what Mistral's templates accept: 9 ASCII letters and digits.
-fn is_short_id(id: &str) -> bool {
+pub(super) fn is_short_id(id: &str) -> bool {
     id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 

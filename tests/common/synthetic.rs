@@ -29,7 +29,7 @@ pub struct Spec {
     /// With `spm`: Mistral's control tokens (`[INST]`, `[TOOL_CALLS]`, ...) and a chat
     /// template that takes tools in Mistral's format.
     pub mistral: bool,
-    /// With `mistral`: `[ARGS]` too, and [`MISTRAL_ARGS_TEMPLATE`] (Mistral Small 3.2's
+    /// With `mistral`: `[ARGS]` and `[CALL_ID]` too, and [`MISTRAL_ARGS_TEMPLATE`] (Mistral Small 3.2's
     /// `[TOOL_CALLS]name[ARGS]{...}` calls) instead of v0.3's.
     pub mistral_args: bool,
     /// The context length the metadata declares.
@@ -319,7 +319,8 @@ fn spm_vocab(mistral: bool, args: bool) -> Vec<(String, Value)> {
     }
     let mut extra = Vec::new();
     if mistral {
-        for c in MISTRAL_CONTROLS.iter().chain(args.then_some(&"[ARGS]")) {
+        let named = ["[ARGS]", "[CALL_ID]"];
+        for c in MISTRAL_CONTROLS.iter().chain(named.iter().filter(|_| args)) {
             tokens.push(c.to_string());
             types.push(Value::I32(3));
             scores.push(Value::F32(0.0));
