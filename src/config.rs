@@ -297,8 +297,8 @@ pub struct ServeArgs {
     pub pooling: Option<crate::model::Pooling>,
 
     /// A reasoning model's thinking (`<think>...</think>` or `[THINK]...[/THINK]`): `auto`
-    /// returns it apart, as `reasoning_content` (Anthropic: `thinking` blocks; Responses:
-    /// `reasoning` items); `none` leaves it in the reply's text. Requests may override it.
+    /// returns it apart, as `reasoning_content` (Responses: `reasoning` items); `none`
+    /// leaves it in the reply's text. Requests may override it (Anthropic's by `thinking`).
     #[arg(long, env = "EDGEINFER_REASONING_FORMAT", default_value = "auto",
           value_parser = ["auto", "none"])]
     pub reasoning_format: String,

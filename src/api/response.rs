@@ -214,10 +214,10 @@ impl Meta {
         Some(ReplyParser::new(think, self.tools))
     }
 
-    /// The reasoning's splitter, when the reply has one (it also counts reasoning tokens).
+    /// A reasoning model's splitter: it finds the reasoning (so that calls after it are
+    /// parsed, even when it stays inline) and counts its tokens.
     fn splitter(&self) -> Option<ThinkSplitter> {
         self.reasoning
-            .filter(|r| r.shown != Shown::Inline || self.tools.is_some())
             .map(|r| ThinkSplitter::new(r.syntax, r.opened).shown(r.shown))
     }
 
@@ -400,8 +400,14 @@ fn reply(events: Vec<Event>, mut counter: Option<ThinkSplitter>) -> Reply {
             Event::Failed(_) => {}
         }
     }
-    r.usage.reasoning_tokens = counter.map_or(0, |c| c.tokens());
+    set_reasoning_tokens(&mut r.usage, counter.map_or(0, |c| c.tokens()));
     r
+}
+
+/// The reasoning's share of a reply's completion tokens (the text an end-of-turn token
+/// flushes comes as one more event, which is not a completion token).
+pub fn set_reasoning_tokens(usage: &mut Usage, counted: usize) {
+    usage.reasoning_tokens = counted.min(usage.completion_tokens);
 }
 
 /// Collects every choice of one request into the whole answer.

@@ -225,7 +225,7 @@ impl State {
             }) => {
                 if let Some(mut p) = self.calls.take() {
                     p.finish().into_iter().for_each(|piece| self.piece(piece));
-                    usage.reasoning_tokens = p.reasoning_tokens();
+                    super::response::set_reasoning_tokens(&mut usage, p.reasoning_tokens());
                 }
                 if reason == FinishReason::Length {
                     self.item_status = "incomplete";

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::choices::Choice;
 use super::error::ApiError;
 use super::gate::Tail;
-use super::response::{add_usage, delta_json, finish_name, Meta};
+use super::response::{add_usage, delta_json, finish_name, set_reasoning_tokens, Meta};
 use super::text_logprobs::{prompt_items, Item, TextLogprobs};
 use crate::engine::request::{Event, EventReceiver, Usage};
 use crate::structured::reasoning::ReplyParser;
@@ -181,7 +181,7 @@ impl State {
             }) => {
                 let mut made_calls = false;
                 if let Some(p) = &mut c.calls {
-                    usage.reasoning_tokens = p.reasoning_tokens();
+                    set_reasoning_tokens(&mut usage, p.reasoning_tokens());
                     for piece in p.finish() {
                         let chunk = meta.chunk(i, delta_json(&piece), None, Value::Null);
                         self.pending.push_back(chunk);

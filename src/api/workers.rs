@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
 use crate::engine::request::{Event, EventReceiver, Usage};
-use crate::structured::reasoning::ReplyParser;
+use crate::structured::reasoning::{ReplyParser, Shown, ThinkSplitter};
 use crate::structured::toolcall::{ParsedCall, Piece};
 
 /// Workers AI's defaults for text generation.
@@ -194,12 +194,16 @@ pub fn whole(meta: &Meta, text: String, json: bool, usage: Usage) -> Value {
     };
     // A reasoning model thinks before the JSON: its value is what follows the thinking.
     let answer = match meta.reasoning {
-        Some(r) => text
-            .split_once(r.syntax.close)
-            .map_or(&text[..], |(_, a)| a),
-        None => &text[..],
+        Some(r) => {
+            let think = ThinkSplitter::new(r.syntax, r.opened).shown(Shown::Dropped);
+            ReplyParser::new(Some(think), None)
+                .whole(&text)
+                .1
+                .unwrap_or_default()
+        }
+        None => text.clone(),
     };
-    let response = match serde_json::from_str::<Value>(answer.trim_start()) {
+    let response = match serde_json::from_str::<Value>(&answer) {
         Ok(v) if json => v,
         _ => Value::from(text),
     };

@@ -97,7 +97,8 @@ impl ThinkSplitter {
         }
     }
 
-    /// The pushes that were (partly) reasoning: its tokens, when fed a token at a time.
+    /// The pushes that were (partly) reasoning: its tokens, when fed a token at a time
+    /// (its markers and the whitespace before the open one included), however it is shown.
     pub fn tokens(&self) -> usize {
         self.tokens
     }
@@ -372,11 +373,9 @@ pub struct ThinkSpec {
 }
 
 impl ThinkSpec {
-    /// Lark rules for `think_part` (the reasoning, perhaps none) and `THINK_WS` (the
-    /// whitespace a model writes after it, a little: a model cannot wander in it).
-    /// A regex alternative matching a reply that opens a reasoning in text (`TEXT` must not,
-    /// or thinking would escape the grammar's reasoning part); `None` for a token marker,
-    /// which no text spells.
+    /// The open marker's text, which answer text must not start with (or thinking would
+    /// escape the grammar's reasoning part); `None` for a token marker, which no text
+    /// spells.
     pub(crate) fn open_text(&self) -> Option<&'static str> {
         match self.open {
             Marker::Text(t) => Some(t),
@@ -384,6 +383,8 @@ impl ThinkSpec {
         }
     }
 
+    /// Lark rules for `think_part` (the reasoning, perhaps none) and `THINK_WS` (the
+    /// whitespace a model writes after it, a little: a model cannot wander in it).
     pub(crate) fn lark(&self) -> String {
         let close = self.close.lark();
         let mut g = String::from("THINK_WS: /[ \\t\\r\\n]{1,4}/\n");

@@ -292,7 +292,10 @@ impl CallParser {
     /// A call begins: its name read, its arguments next.
     fn start_call(&mut self, name: String, id: Option<String>, out: &mut Vec<Piece>) {
         let index = self.calls.len();
-        let id = id.unwrap_or_else(|| new_call_id(self.format.short_ids));
+        // A model's id once per reply (a repeated one would make two calls one).
+        let id = id
+            .filter(|id| self.calls.iter().all(|c| &c.id != id))
+            .unwrap_or_else(|| new_call_id(self.format.short_ids));
         self.calls.push(ParsedCall {
             id: id.clone(),
             name: name.clone(),
@@ -499,6 +502,9 @@ fn named_head(f: &ToolFormat, rest: &str) -> NamedHead {
         };
     };
     let (name, tail) = rest.split_at(end);
+    if end > 64 {
+        return NamedHead::NotACall;
+    }
     let call = |id: Option<&str>, after: &str| NamedHead::Call {
         name: name.to_string(),
         id: id.map(str::to_string),

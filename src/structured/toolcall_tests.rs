@@ -107,6 +107,11 @@ fn call_parser_keeps_plain_text_as_content() {
             ToolFormat::MISTRAL_ARGS,
             "[TOOL_CALLS]f[CALL_ID]abc[ARGS]{}",
         ),
+        // A name longer than any function's, whole or in pieces.
+        (
+            ToolFormat::MISTRAL_ARGS,
+            "[TOOL_CALLS]aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa[ARGS]{}",
+        ),
         (
             ToolFormat {
                 call_id_token_id: Some(9),
@@ -464,4 +469,21 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
         ids_seen > 0 && ids_seen < calls_seen,
         "{ids_seen} of {calls_seen}"
     );
+}
+
+#[test]
+fn a_models_call_id_is_used_once_per_reply() {
+    let format = ToolFormat {
+        call_id_token_id: Some(9),
+        ..ToolFormat::MISTRAL_ARGS
+    };
+    let text = "[TOOL_CALLS]f[CALL_ID]abcDEF123[ARGS]{}[TOOL_CALLS]g[CALL_ID]abcDEF123[ARGS]{}";
+    let mut p = CallParser::new(format);
+    p.push(text);
+    p.finish();
+    let calls = p.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].id, "abcDEF123");
+    assert_ne!(calls[1].id, "abcDEF123");
+    assert_eq!(calls[1].id.len(), 9);
 }
