@@ -12,12 +12,15 @@ use serde_json::{json, Value};
 const CHAT: &str = "/v1/chat/completions";
 
 /// ChatML, as SmolLM2's own, but the assistant turn opens its reasoning, and past replies
-/// lose theirs (as DeepSeek-R1's template does).
+/// lose theirs (as DeepSeek-R1's template does); `enable_thinking: false` closes it at once
+/// (as Qwen3's template does).
 const R1_STYLE: &str = "{% for message in messages %}{% set content = message['content'] %}\
 {% if message['role'] == 'assistant' and '</think>' in content %}\
 {% set content = content.split('</think>')[-1] | trim %}{% endif %}\
 {{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}";
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}\
+{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}\
+{% else %}{{ '<think>\n' }}{% endif %}{% endif %}";
 
 fn server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
@@ -349,6 +352,33 @@ fn a_zero_budget_answers_at_once() {
         reply["choices"][0]["finish_reason"], "tool_calls",
         "{reply}"
     );
+}
+
+#[test]
+fn template_kwargs_reach_the_template() {
+    let (_dir, s) = server();
+    let off = ask(json!({"chat_template_kwargs": {"enable_thinking": false}}));
+    let (status, reply) = s.post(CHAT, &off);
+    assert_eq!(status, 200, "{reply}");
+    let message = &reply["choices"][0]["message"];
+    assert!(message["reasoning_content"].is_null(), "{reply}");
+    assert!(!message["content"].as_str().unwrap().is_empty(), "{reply}");
+    let details = &reply["usage"]["completion_tokens_details"];
+    assert_eq!(details["reasoning_tokens"], 0, "{reply}");
+    // The prompt is longer by the closed reasoning.
+    let (_, on) = s.post(CHAT, &ask(json!({})));
+    let prompt = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(&reply) > prompt(&on), "{reply} {on}");
+    // The variables the server sets cannot be passed.
+    let bad = ask(json!({"chat_template_kwargs": {"add_generation_prompt": false}}));
+    let (status, e) = s.post(CHAT, &bad);
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(
+        e["error"]["param"],
+        "chat_template_kwargs.add_generation_prompt"
+    );
+    let (status, _) = s.post(CHAT, &ask(json!({"chat_template_kwargs": [1]})));
+    assert_eq!(status, 400);
 }
 
 #[test]

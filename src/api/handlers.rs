@@ -182,6 +182,7 @@ pub(super) fn render(
     r: &Ready,
     messages: Vec<Message>,
     tools: Vec<Value>,
+    kwargs: &serde_json::Map<String, Value>,
 ) -> Result<(Vec<u32>, bool), ApiError> {
     let (messages, native) = if tools.is_empty() || r.native_tools {
         let messages = if r.tool_format.short_ids {
@@ -195,7 +196,7 @@ pub(super) fn render(
     };
     let text = r
         .template
-        .render_with_tools(&messages, true, native.then_some(tools.as_slice()))
+        .render_with(&messages, true, native.then_some(tools.as_slice()), kwargs)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let opened = r.reasoner.is_some_and(|x| x.syntax.opened_by(&text));
     let ids = r
@@ -226,6 +227,7 @@ pub(super) async fn chat(
         |r: &ChatCompletionRequest| r.model.as_deref(),
     )?;
     let messages = req.validated_messages()?;
+    let kwargs = req.template_kwargs()?;
     let spec = req.constraint_spec(ready.tool_format)?;
     let tools = req.tools_json();
     let top = req.top_logprobs.unwrap_or(0);
@@ -290,7 +292,7 @@ pub(super) async fn chat(
     // the client's (400 naming the field), before anything is queued.
     let n = sampling.n()?;
     let (prompt, opened, constraints) = tokio::task::spawn_blocking(move || {
-        let (prompt, opened) = render(&r, messages, tools)?;
+        let (prompt, opened) = render(&r, messages, tools, &kwargs)?;
         // A reasoning model thinks (within its budget) before a constrained answer.
         let mut spec = spec;
         spec.think = r.reasoner.map(|x| x.spec(opened, budget));

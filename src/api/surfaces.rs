@@ -199,7 +199,8 @@ pub async fn count_tokens(
     check_model(&state, &who, req.model.as_deref())?;
     let messages = req.validated_messages()?;
     let tools = req.tools_json();
-    let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools))
+    let kwargs = req.template_kwargs()?;
+    let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools, &kwargs))
         .await
         .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
     Ok(Json(json!({"input_tokens": prompt.0.len()})))

@@ -73,6 +73,9 @@ pub struct ChatCompletionRequest {
     pub reasoning_budget: Option<i64>,
     /// OpenAI's: `none` is budget 0; `minimal` to `xhigh` let the model think as it does.
     pub reasoning_effort: Option<String>,
+    /// More variables for the chat template (vLLM's and llama.cpp's name), such as
+    /// `enable_thinking`.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +216,20 @@ pub fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiErr
 }
 
 impl ChatCompletionRequest {
+    /// `chat_template_kwargs`, none of them a variable the server sets.
+    pub fn template_kwargs(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
+        let kwargs = self.chat_template_kwargs.clone().unwrap_or_default();
+        for key in kwargs.keys() {
+            if crate::model::ChatTemplate::RESERVED.contains(&key.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("chat_template_kwargs.{key}"),
+                    format!("`{key}` is set by the server and cannot be passed"),
+                ));
+            }
+        }
+        Ok(kwargs)
+    }
+
     /// The messages as template input; refuses what we would otherwise silently ignore.
     pub fn validated_messages(&self) -> Result<Vec<Message>, ApiError> {
         for (field, value) in [

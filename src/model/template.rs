@@ -152,6 +152,32 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, ModelError> {
+        self.render_with(
+            messages,
+            add_generation_prompt,
+            tools,
+            &serde_json::Map::new(),
+        )
+    }
+
+    /// The variables a template reads that a request may not set (`chat_template_kwargs`).
+    pub const RESERVED: [&'static str; 5] = [
+        "messages",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "tools",
+    ];
+
+    /// As [`Self::render_with_tools`], with more variables for the template (a request's
+    /// `chat_template_kwargs`, e.g. `enable_thinking`); none of them [`Self::RESERVED`].
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&[serde_json::Value]>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ModelError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -162,6 +188,7 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
             tools => tools.map_or(Value::from(()), Value::from_serialize),
+            ..Value::from_serialize(extra)
         })
         .map_err(|e| ModelError::Template(format!("cannot render the chat template: {e}")))
     }
