@@ -174,8 +174,12 @@ fn reasoning_comes_back_apart_on_every_surface() {
     streamed_req["stream"] = json!(true);
     let mut deltas = String::new();
     let mut done = Value::Null;
+    let mut kinds = Vec::new();
     for data in s.stream("/v1/responses", &streamed_req) {
         let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        if v["output_index"] == 0 {
+            kinds.push(v["type"].as_str().unwrap_or("").to_string());
+        }
         match v["type"].as_str() {
             Some("response.reasoning_text.delta") => deltas.push_str(v["delta"].as_str().unwrap()),
             Some("response.completed" | "response.incomplete") => done = v,
@@ -183,6 +187,17 @@ fn reasoning_comes_back_apart_on_every_surface() {
         }
     }
     assert_eq!(deltas, thought);
+    // The reasoning item's events in OpenAI's order.
+    kinds.dedup();
+    let expected = [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ];
+    assert_eq!(kinds, expected);
     assert_eq!(done["response"]["output"][0]["type"], "reasoning", "{done}");
     let details = &done["response"]["usage"]["output_tokens_details"];
     assert_eq!(

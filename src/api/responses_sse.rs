@@ -88,6 +88,11 @@ impl State {
                        "text": text}),
             );
             self.emit(
+                "response.content_part.done",
+                json!({"item_id": item["id"], "output_index": index, "content_index": 0,
+                       "part": {"type": "reasoning_text", "text": text}}),
+            );
+            self.emit(
                 "response.output_item.done",
                 json!({"output_index": index, "item": item}),
             );
@@ -136,9 +141,15 @@ impl State {
                     let index = self.output.len();
                     let mut item = reasoning_item(&self.ctx, index, "", "in_progress");
                     item["content"] = json!([]);
+                    let id = item["id"].clone();
                     self.emit(
                         "response.output_item.added",
                         json!({"output_index": index, "item": item}),
+                    );
+                    self.emit(
+                        "response.content_part.added",
+                        json!({"item_id": id, "output_index": index, "content_index": 0,
+                               "part": {"type": "reasoning_text", "text": ""}}),
                     );
                     self.reasoning = Some(String::new());
                 }
