@@ -212,7 +212,7 @@ fn reasoning_comes_back_apart_on_every_surface() {
         (status, e["error"]["param"].as_str()),
         (400, Some("reasoning_format"))
     );
-    let (status, e) = s.post(CHAT, &ask(json!({"reasoning_budget": 100})));
+    let (status, e) = s.post(CHAT, &ask(json!({"reasoning_budget": -2})));
     assert_eq!(
         (status, e["error"]["param"].as_str()),
         (400, Some("reasoning_budget"))
@@ -367,6 +367,36 @@ fn a_zero_budget_answers_at_once() {
         reply["choices"][0]["finish_reason"], "tool_calls",
         "{reply}"
     );
+}
+
+#[test]
+fn a_budget_cuts_the_reasoning_short() {
+    let (_dir, s) = server();
+    // Unbudgeted, this model thinks past 40 tokens (it never closes on its own).
+    let body = ask(json!({"max_tokens": 40, "reasoning_budget": 8}));
+    let (status, reply) = s.post(CHAT, &body);
+    assert_eq!(status, 200, "{reply}");
+    let message = &reply["choices"][0]["message"];
+    assert!(message["reasoning_content"].is_string(), "{reply}");
+    // Eight tokens of thinking and the close marker's few.
+    let details = &reply["usage"]["completion_tokens_details"];
+    let thinking = details["reasoning_tokens"].as_u64().unwrap();
+    assert!((9..=16).contains(&thinking), "{reply}");
+    // Unsplit, the marker is where the budget ran out.
+    let mut raw = body.clone();
+    raw["reasoning_format"] = json!("none");
+    let (_, raw) = s.post(CHAT, &raw);
+    let text = raw["choices"][0]["message"]["content"].as_str().unwrap();
+    let (thought, answer) = expected_split(text);
+    assert_eq!(message["reasoning_content"], thought.as_str(), "{raw}");
+    assert_eq!(message["content"], answer.as_str(), "{raw}");
+    // Anthropic's `budget_tokens` is the same budget.
+    let msg = json!({"model": reply["model"], "max_tokens": 40, "temperature": 0,
+                     "thinking": {"type": "enabled", "budget_tokens": 8},
+                     "messages": [{"role": "user", "content": "What is 2 + 2?"}]});
+    let (status, m) = s.post("/v1/messages", &msg);
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["content"][0]["thinking"], thought.as_str(), "{m}");
 }
 
 #[test]

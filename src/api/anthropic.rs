@@ -63,9 +63,8 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
         }
         out.insert("stop".into(), s.clone());
     }
-    // Extended thinking: enabled, a reasoning model thinks (within `max_tokens`: the budget
-    // is not enforced); disabled, it answers at once. A model that does not reason answers
-    // as it would anyway.
+    // Extended thinking: enabled, a reasoning model thinks at most `budget_tokens`; disabled,
+    // it answers at once. A model that does not reason answers as it would anyway.
     match b.get("thinking") {
         None | Some(Value::Null) => {}
         Some(t) => {
@@ -73,7 +72,7 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
                 t.get("type").and_then(Value::as_str),
                 t.get("budget_tokens"),
             ) {
-                (Some("enabled"), Some(n)) => n.as_u64().filter(|&n| n >= 1).map(|_| -1),
+                (Some("enabled"), Some(n)) => n.as_i64().filter(|&n| n >= 1),
                 (Some("disabled"), _) => Some(0),
                 _ => None,
             };

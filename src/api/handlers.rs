@@ -276,12 +276,12 @@ pub(super) async fn chat(
     let budget = match req.reasoning_budget {
         None => effort,
         Some(-1) => None,
-        Some(0) => Some(0),
+        Some(n) if n >= 0 => Some(n as u64),
         Some(other) => {
             return Err(ApiError::invalid(
                 "reasoning_budget",
                 format!(
-                    "`reasoning_budget` must be 0 (no reasoning) or -1 (no limit), got {other}"
+                    "`reasoning_budget` must be -1 (no limit) or a number of tokens, got {other}"
                 ),
             ))
         }

@@ -68,8 +68,9 @@ pub struct ChatCompletionRequest {
     /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
     /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
     pub reasoning_format: Option<String>,
-    /// Ours (llama.cpp's values): `0` has a reasoning model answer without thinking; `-1`
-    /// (the default) lets it think as long as `max_tokens` allows.
+    /// Ours (llama.cpp's name): the most tokens a reasoning model thinks before its close
+    /// marker is forced (`0`: it answers at once); `-1` (the default): no limit but
+    /// `max_tokens`.
     pub reasoning_budget: Option<i64>,
     /// OpenAI's: `none` is budget 0; `minimal` to `xhigh` let the model think as it does.
     pub reasoning_effort: Option<String>,

@@ -5,6 +5,7 @@
 //! Invariant: fail closed. A grammar that does not compile, or compiles with a warning, is
 //! an error naming the request field it came from, never an unconstrained run.
 
+mod budget;
 mod grammar;
 pub mod reasoning;
 mod schema;
@@ -167,11 +168,31 @@ impl Grammars {
         let matcher = self
             .compile(grammar)
             .map_err(|m| StructuredError::new(param, m))?;
-        Ok(Some(Box::new(Constraint {
+        let constraint = Box::new(Constraint {
             matcher,
             stop_ids: self.stop_ids.clone(),
             vocab: self.vocab,
-        })))
+        });
+        // A reasoning budget the grammar's reasoning part cannot count (regex and Lark
+        // formats have none).
+        let starts_at_once = matches!(spec.format, OutputFormat::Regex(_) | OutputFormat::Lark(_));
+        Ok(Some(match spec.think {
+            Some(think) if !starts_at_once && think.budget.is_some_and(|b| b > 0) => {
+                let budget = think.budget.unwrap_or_default() as usize;
+                let env = self.factory.tok_env().clone();
+                // Free text may end while it thinks, as it may with no budget.
+                let free = spec.format == OutputFormat::Text && spec.tools.is_empty();
+                let stops = if free {
+                    self.stop_ids.clone()
+                } else {
+                    Vec::new()
+                };
+                Box::new(budget::Budgeted::new(
+                    constraint, env, &think, budget, stops,
+                ))
+            }
+            _ => constraint,
+        }))
     }
 
     /// A fresh matcher for `grammar`, from the cache when it was compiled before.

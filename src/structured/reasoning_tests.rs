@@ -343,3 +343,102 @@ fn reasoning_tokens_are_counted_a_token_at_a_time() {
     // A token that opens and closes is one.
     assert_eq!(count(&["<think>x</think>ok"], false), 1);
 }
+
+#[test]
+fn a_budget_forces_the_close_marker() {
+    let g = grammars();
+    let schema = json!({"type": "object"});
+    for (format, opened) in [
+        (OutputFormat::Text, true),
+        (OutputFormat::Text, false),
+        (
+            OutputFormat::JsonSchema {
+                schema,
+                strict: false,
+            },
+            true,
+        ),
+    ] {
+        for budget in [1u64, 5] {
+            let mut s = ConstraintSpec::text();
+            s.format = format.clone();
+            s.think = Some(think(opened, Some(budget)));
+            let mut c = constraint(&g, &s);
+            let mut text = String::new();
+            if !opened {
+                // The model opens a reasoning itself: the budget counts from there.
+                for b in "<think>".bytes() {
+                    c.commit(b as u32).unwrap();
+                }
+                text.push_str("<think>");
+            }
+            // A model that would think on: once the budget is spent, only the marker.
+            for _ in 0..budget {
+                assert!(c.forced().is_empty());
+                c.commit(b'x' as u32).unwrap();
+                text.push('x');
+            }
+            let forced: Vec<u8> = c.forced().iter().map(|&t| t as u8).collect();
+            assert_eq!(forced, b"</think>", "{format:?} {budget}");
+            assert!(!c.allows(b'x' as u32).unwrap());
+            let mut logits = vec![0.0; 262];
+            c.mask(&mut logits).unwrap();
+            assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), 1);
+            for &t in &forced {
+                c.commit(t as u32).unwrap();
+            }
+            // Then the grammar as usual.
+            if matches!(format, OutputFormat::JsonSchema { .. }) {
+                let json = String::from_utf8(walk(c.as_mut(), 5, 6000)).unwrap();
+                serde_json::from_str::<Value>(json.trim_start()).expect(&json);
+            } else {
+                assert!(c.allows(b'x' as u32).unwrap());
+            }
+        }
+    }
+    // A model that closes within its budget is not cut.
+    let mut s = ConstraintSpec::text();
+    s.think = Some(think(true, Some(20)));
+    let mut c = constraint(&g, &s);
+    for b in "ok</think>done and more".bytes() {
+        assert!(c.forced().is_empty());
+        c.commit(b as u32).unwrap();
+    }
+    // Free text may end while it thinks, as it may with no budget; JSON may not.
+    assert!(c.allows(261).unwrap() || !c.forced().is_empty());
+    let mut c = constraint(&g, &s);
+    c.commit(b'h' as u32).unwrap();
+    assert!(c.allows(261).unwrap());
+    let mut json = s.clone();
+    json.format = OutputFormat::JsonObject;
+    let mut c = constraint(&g, &json);
+    c.commit(b'h' as u32).unwrap();
+    assert!(!c.allows(261).unwrap());
+    let mut logits = vec![0.0; 262];
+    c.mask(&mut logits).unwrap();
+    assert!(logits[261].is_infinite());
+    let mut c = constraint(&g, &s);
+    c.commit(b'h' as u32).unwrap();
+    let mut logits = vec![0.0; 262];
+    c.mask(&mut logits).unwrap();
+    assert_eq!(logits[261], 0.0);
+    // A reply that opens none has no budget to spend.
+    s.think = Some(think(false, Some(2)));
+    let mut c = constraint(&g, &s);
+    for b in "Hello there".bytes() {
+        assert!(c.forced().is_empty());
+        c.commit(b as u32).unwrap();
+    }
+    // A control-token marker is forced by id.
+    s.think = Some(ThinkSpec {
+        open: Marker::Token(256),
+        close: Marker::Token(257),
+        opened: true,
+        budget: Some(3),
+    });
+    let mut c = constraint(&g, &s);
+    for b in "abc".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    assert_eq!(c.forced(), vec![257]);
+}
