@@ -161,12 +161,14 @@ impl ChatTemplate {
     }
 
     /// The variables a template reads that a request may not set (`chat_template_kwargs`).
-    pub const RESERVED: [&'static str; 5] = [
+    pub const RESERVED: [&'static str; 7] = [
         "messages",
         "add_generation_prompt",
         "bos_token",
         "eos_token",
         "tools",
+        "raise_exception",
+        "strftime_now",
     ];
 
     /// As [`Self::render_with_tools`], with more variables for the template (a request's

@@ -25,9 +25,11 @@ pub(crate) struct Budgeted {
     env: TokEnv,
     open: Marker,
     close: Marker,
-    /// The close marker as tokens (what is forced).
+    /// What is forced: the rest of the close marker, as tokens.
     closing: Vec<u32>,
     budget: usize,
+    /// Token ids the model has: a forced token past them is never drafted.
+    vocab: u32,
     /// Stop tokens a free-text reply may end with while it thinks (as it may with no
     /// budget, when no grammar runs); empty when an answer must follow.
     free_stops: Vec<u32>,
@@ -52,18 +54,16 @@ impl Budgeted {
         think: &ThinkSpec,
         budget: usize,
         free_stops: Vec<u32>,
+        vocab: u32,
     ) -> Self {
-        let closing = match think.close {
-            Marker::Token(id) => vec![id],
-            Marker::Text(t) => env.tokenize_bytes(t.as_bytes()),
-        };
         Self {
             inner,
             env,
             open: think.open,
             close: think.close,
-            closing,
+            closing: Vec::new(),
             budget,
+            vocab,
             free_stops,
             state: if think.opened {
                 State::Thinking(0)
@@ -120,8 +120,10 @@ impl Budgeted {
                 };
                 match (closed, spent + 1 >= self.budget) {
                     (true, _) => State::Done,
-                    (false, true) => State::Closing(0),
-                    (false, false) => State::Thinking(spent + 1),
+                    // Over budget: closed as soon as the marker may come (not inside a
+                    // character a token split).
+                    (false, true) if self.start_closing() => State::Closing(0),
+                    (false, _) => State::Thinking(spent + 1),
                 }
             }
             State::Closing(i) if i + 1 < self.closing.len() => State::Closing(i + 1),
@@ -130,16 +132,47 @@ impl Budgeted {
     }
 }
 
+impl Budgeted {
+    /// What the close marker still needs (a model may have begun it), as tokens; whether
+    /// the grammar takes it now.
+    fn start_closing(&mut self) -> bool {
+        self.closing = match self.close {
+            Marker::Token(id) => vec![id],
+            Marker::Text(close) => {
+                let close = close.as_bytes();
+                let begun = (1..close.len().min(self.text.len() + 1))
+                    .rev()
+                    .find(|&n| self.text.ends_with(&close[..n]))
+                    .unwrap_or(0);
+                self.env.tokenize_bytes(&close[begun..])
+            }
+        };
+        match self.closing.first() {
+            Some(&first) => self.inner.allows(first).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Free text after its reasoning: nothing left to enforce.
+    fn free_after(&self) -> bool {
+        self.state == State::Done && !self.free_stops.is_empty()
+    }
+}
+
 impl TokenConstraint for Budgeted {
     fn allows(&mut self, token: u32) -> Result<bool, ConstraintError> {
         match self.state {
             State::Closing(i) => Ok(self.closing[i] == token),
             State::Thinking(_) if self.free_stops.contains(&token) => Ok(true),
+            _ if self.free_after() => Ok(true),
             _ => self.inner.allows(token),
         }
     }
 
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
+        if self.free_after() {
+            return Ok(());
+        }
         let State::Closing(i) = self.state else {
             let free: &[u32] = match self.state {
                 State::Thinking(_) => &self.free_stops,
@@ -158,9 +191,9 @@ impl TokenConstraint for Budgeted {
             return Ok(());
         };
         let next = self.closing[i] as usize;
-        if next >= logits.len() {
+        if next >= logits.len() || !self.inner.allows(next as u32)? {
             return Err(ConstraintError(
-                "the reasoning's close marker is not in the model's vocabulary".into(),
+                "the reasoning's close marker cannot be written here".into(),
             ));
         }
         for (t, l) in logits.iter_mut().enumerate() {
@@ -172,6 +205,9 @@ impl TokenConstraint for Budgeted {
     }
 
     fn commit(&mut self, token: u32) -> Result<(), ConstraintError> {
+        if self.free_after() {
+            return Ok(());
+        }
         self.inner.commit(token)?;
         self.advance(token);
         Ok(())
@@ -179,7 +215,15 @@ impl TokenConstraint for Budgeted {
 
     fn forced(&mut self) -> Vec<u32> {
         match self.state {
-            State::Closing(i) => self.closing[i..].to_vec(),
+            State::Closing(i) => {
+                let vocab = self.vocab;
+                self.closing[i..]
+                    .iter()
+                    .copied()
+                    .take_while(|&t| t < vocab)
+                    .collect()
+            }
+            _ if self.free_after() => Vec::new(),
             _ => self.inner.forced(),
         }
     }

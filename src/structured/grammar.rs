@@ -339,12 +339,12 @@ impl ConstraintSpec {
         } else {
             let (field, body) = match &self.format {
                 OutputFormat::Text if think.budget.is_some() => {
-                    // Text that does not open a reasoning of its own.
+                    // Text that does not open a reasoning of its own, nor start with the
+                    // whitespace that is `THINK_WS`'s.
+                    let any = "/(?s:([^ \\t\\r\\n].*)?)/";
                     let body = match think.open_text() {
-                        Some(open) => {
-                            format!("/(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{}.*)/", regex_literal(open))
-                        }
-                        None => "/(?s:.*)/".to_string(),
+                        Some(open) => format!("{any} & ~/(?s:{}.*)/", regex_literal(open)),
+                        None => any.to_string(),
                     };
                     ("reasoning_budget", format!("ANSWER\nANSWER: {body}"))
                 }

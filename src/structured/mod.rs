@@ -188,7 +188,7 @@ impl Grammars {
                     Vec::new()
                 };
                 Box::new(budget::Budgeted::new(
-                    constraint, env, &think, budget, stops,
+                    constraint, env, &think, budget, stops, self.vocab,
                 ))
             }
             _ => constraint,

@@ -384,10 +384,11 @@ impl ThinkSpec {
     }
 
     /// Lark rules for `think_part` (the reasoning, perhaps none) and `THINK_WS` (the
-    /// whitespace a model writes after it, a little: a model cannot wander in it).
+    /// whitespace a model writes around it, a little: a model cannot wander in it; answer
+    /// text after it must not start with whitespace, or its longer lexeme would win).
     pub(crate) fn lark(&self) -> String {
         let close = self.close.lark();
-        let mut g = String::from("THINK_WS: /[ \\t\\r\\n]{1,4}/\n");
+        let mut g = String::from("THINK_WS: /[ \\t\\r\\n]{1,8}/\n");
         match (self.budget, self.opened) {
             (Some(0), true) => g.push_str(&format!("think_part: {close}\n")),
             (Some(0), false) => g.push_str("think_part: \"\"\n"),
@@ -404,7 +405,9 @@ impl ThinkSpec {
                 if opened {
                     g.push_str("think_part: think_body\n");
                 } else {
-                    g.push_str(&format!("think_part: ({} think_body)?\n", self.open.lark()));
+                    // A model may write a line or two before it opens its reasoning.
+                    let open = self.open.lark();
+                    g.push_str(&format!("think_part: (THINK_WS? {open} think_body)?\n"));
                 }
             }
         }

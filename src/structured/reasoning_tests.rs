@@ -442,3 +442,40 @@ fn a_budget_forces_the_close_marker() {
     }
     assert_eq!(c.forced(), vec![257]);
 }
+
+#[test]
+fn a_budget_closes_at_a_character_boundary_and_finishes_a_begun_marker() {
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.think = Some(think(false, Some(3)));
+    // Whitespace may come before the open marker.
+    let mut c = constraint(&g, &s);
+    for b in "\n<think>ab".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    // The budget's last token begins a three-byte character: the marker waits for its end.
+    let zhong = "中".as_bytes();
+    c.commit(zhong[0] as u32).unwrap();
+    assert!(c.forced().is_empty());
+    c.commit(zhong[1] as u32).unwrap();
+    assert!(c.forced().is_empty());
+    c.commit(zhong[2] as u32).unwrap();
+    let forced: Vec<u8> = c.forced().iter().map(|&t| t as u8).collect();
+    assert_eq!(forced, b"</think>");
+    // A marker the model began when the budget ran out is finished, not written again.
+    s.think = Some(think(true, Some(4)));
+    let mut c = constraint(&g, &s);
+    for b in "a</t".bytes() {
+        c.commit(b as u32).unwrap();
+    }
+    let forced: Vec<u8> = c.forced().iter().map(|&t| t as u8).collect();
+    assert_eq!(forced, b"hink>");
+    for &t in &forced {
+        c.commit(t as u32).unwrap();
+    }
+    // Free text after it: nothing left to enforce, whitespace or a marker included.
+    for b in "  <think>".bytes() {
+        assert!(c.allows(b as u32).unwrap());
+        c.commit(b as u32).unwrap();
+    }
+}
