@@ -316,7 +316,7 @@ pub(super) async fn chat(
         chat: true,
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
-        // Workers AI's own shape returns the text as the model wrote it.
+        // Where its thinking goes is `shown`, above.
         reasoning: ready.reasoner.map(|x| Reasoning {
             syntax: x.syntax,
             opened: opened && !starts_at_once,
