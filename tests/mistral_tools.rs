@@ -357,3 +357,78 @@ fn shown_markers_keep_their_place_and_never_match_a_stop() {
         .collect();
     assert_eq!(emitted, "hello world");
 }
+
+#[test]
+fn magistral_thinking_is_split_and_budgeted_by_its_control_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("magistral.gguf");
+    let spec = Spec {
+        spm: true,
+        mistral: true,
+        mistral_think: true,
+        context: 1024,
+        ..Spec::default()
+    };
+    synthetic::write(&path, &spec);
+    let server = Server::spawn(&["--model", path.to_str().unwrap()], &[]);
+    server.wait_ready();
+    let ask = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hello world"}],
+                              "temperature": 0, "max_tokens": 12, "logprobs": true});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    // The prompt opened the reasoning; three tokens of it, then `[/THINK]` is forced by id.
+    let (status, reply) = server.post("/v1/chat/completions", &ask(json!({"reasoning_budget": 3})));
+    assert_eq!(status, 200, "{reply}");
+    let tokens = tokens_of(&reply);
+    assert_eq!(tokens[3], "[/THINK]", "{tokens:?}");
+    // The three and the marker.
+    let details = &reply["usage"]["completion_tokens_details"];
+    assert_eq!(details["reasoning_tokens"], 4, "{reply}");
+    // Unsplit, the marker is in the text where the engine showed it, and the split reply
+    // is that text's two sides.
+    let (_, raw) = server.post(
+        "/v1/chat/completions",
+        &ask(json!({"reasoning_budget": 3, "reasoning_format": "none"})),
+    );
+    let text = raw["choices"][0]["message"]["content"].as_str().unwrap();
+    // (Byte tokens: the text is their bytes together.)
+    let bytes: Vec<u8> = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()[..3]
+        .iter()
+        .flat_map(|t| {
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    let thought = String::from_utf8_lossy(&bytes).into_owned();
+    let rest = text.strip_prefix(&format!("{thought}[/THINK]"));
+    let rest = rest.unwrap_or_else(|| panic!("{raw}"));
+    let message = &reply["choices"][0]["message"];
+    assert_eq!(
+        message["reasoning_content"].as_str().unwrap_or_default(),
+        thought.trim()
+    );
+    assert_eq!(message["content"], rest.trim_start(), "{reply}");
+    // JSON after a budgeted reasoning.
+    let (status, reply) = server.post(
+        "/v1/chat/completions",
+        &ask(json!({"reasoning_budget": 2, "max_tokens": 60,
+                    "response_format": {"type": "json_object"}})),
+    );
+    assert_eq!(status, 200, "{reply}");
+    // After two tokens, or as soon after as a character the tokens split is whole.
+    let at = tokens_of(&reply).iter().position(|t| t == "[/THINK]");
+    assert!(at.is_some_and(|at| (2..=5).contains(&at)), "{reply}");
+    if reply["choices"][0]["finish_reason"] == "stop" {
+        let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+        serde_json::from_str::<Value>(content).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    }
+}

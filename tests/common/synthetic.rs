@@ -32,6 +32,9 @@ pub struct Spec {
     /// With `mistral`: `[ARGS]` and `[CALL_ID]` too, and [`MISTRAL_ARGS_TEMPLATE`] (Mistral Small 3.2's
     /// `[TOOL_CALLS]name[ARGS]{...}` calls) instead of v0.3's.
     pub mistral_args: bool,
+    /// With `mistral`: Magistral's `[THINK]` and `[/THINK]` control tokens too, and a
+    /// template whose generation prompt opens the reasoning with `[THINK]`.
+    pub mistral_think: bool,
     /// The context length the metadata declares.
     pub context: u32,
     /// Model width and FFN width (K-quant matrices need multiples of 256).
@@ -55,6 +58,7 @@ impl Default for Spec {
             spm: false,
             mistral: false,
             mistral_args: false,
+            mistral_think: false,
             context: 256,
             dim: DIM,
             ffn: FFN,
@@ -93,7 +97,7 @@ pub fn write(path: &Path, spec: &Spec) {
     };
     let (dim, ffn) = (spec.dim, spec.ffn);
     let vocab_meta = if spec.spm {
-        spm_vocab(spec.mistral, spec.mistral_args)
+        spm_vocab(spec.mistral, spec.mistral_args, spec.mistral_think)
     } else {
         bpe_vocab(spec.pre)
     };
@@ -303,7 +307,7 @@ pub const MISTRAL_ARGS_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(
 
 /// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces,
 /// and with `mistral` [`MISTRAL_CONTROLS`] and [`MISTRAL_TEMPLATE`].
-fn spm_vocab(mistral: bool, args: bool) -> Vec<(String, Value)> {
+fn spm_vocab(mistral: bool, args: bool, think: bool) -> Vec<(String, Value)> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
     let mut scores = vec![Value::F32(0.0); 3];
@@ -320,7 +324,12 @@ fn spm_vocab(mistral: bool, args: bool) -> Vec<(String, Value)> {
     let mut extra = Vec::new();
     if mistral {
         let named = ["[ARGS]", "[CALL_ID]"];
-        for c in MISTRAL_CONTROLS.iter().chain(named.iter().filter(|_| args)) {
+        let thinking = ["[THINK]", "[/THINK]"];
+        let controls = MISTRAL_CONTROLS
+            .iter()
+            .chain(named.iter().filter(|_| args))
+            .chain(thinking.iter().filter(|_| think));
+        for c in controls {
             tokens.push(c.to_string());
             types.push(Value::I32(3));
             scores.push(Value::F32(0.0));
@@ -330,9 +339,13 @@ fn spm_vocab(mistral: bool, args: bool) -> Vec<(String, Value)> {
         } else {
             MISTRAL_TEMPLATE
         };
+        let mut template = template.to_string();
+        if think {
+            template.push_str("{% if add_generation_prompt %}[THINK]{% endif %}");
+        }
         extra.push((
             "tokenizer.chat_template".to_string(),
-            Value::String(template.into()),
+            Value::String(template),
         ));
     }
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
