@@ -182,31 +182,22 @@ pub fn envelope(result: Value) -> Value {
 pub fn whole(meta: &Meta, text: String, json: bool, usage: Usage) -> Value {
     let (text, calls) = match meta.call_parser() {
         None => (text, Vec::new()),
-        Some(mut p) => {
-            let mut content = String::new();
-            for piece in p.push(&text).into_iter().chain(p.finish()) {
-                if let Piece::Content(t) = piece {
-                    content.push_str(&t);
-                }
-            }
-            (content, p.calls().iter().map(call_json).collect())
+        Some(p) => {
+            let (_, content, calls) = p.whole(&text);
+            let calls = calls.iter().map(call_json).collect();
+            (content.unwrap_or_default(), calls)
         }
     };
-    // A reasoning model thinks before the JSON: its value is what follows the thinking.
-    let answer = match meta.reasoning {
+    // JSON mode: `response` is the value, which a reasoning model writes after its thinking.
+    let value = json.then(|| match meta.reasoning {
         Some(r) => {
             let think = ThinkSplitter::new(r.syntax, r.opened).shown(Shown::Dropped);
-            ReplyParser::new(Some(think), None)
-                .whole(&text)
-                .1
-                .unwrap_or_default()
+            let (_, answer, _) = ReplyParser::new(Some(think), None).whole(&text);
+            serde_json::from_str::<Value>(&answer.unwrap_or_default()).ok()
         }
-        None => text.clone(),
-    };
-    let response = match serde_json::from_str::<Value>(&answer) {
-        Ok(v) if json => v,
-        _ => Value::from(text),
-    };
+        None => serde_json::from_str::<Value>(&text).ok(),
+    });
+    let response = value.flatten().unwrap_or_else(|| Value::from(text));
     envelope(json!({"response": response, "tool_calls": calls, "usage": usage_json(usage)}))
 }
 

@@ -195,14 +195,8 @@ impl ToolFormat {
         }
     }
 
-    /// One call as the model writes it.
+    /// One call as the model writes it, in a JSON-object format (the generic rendering's).
     pub fn call_text(&self, name: &str, arguments: &str) -> String {
-        if self.named() {
-            return format!(
-                "{}{name}{}{arguments}{}",
-                self.open, self.args_token, self.close
-            );
-        }
         format!(
             "{}{{\"name\": \"{name}\", \"{}\": {arguments}}}{}",
             self.open, self.args_key, self.close
