@@ -45,6 +45,7 @@ pub fn sse_body(texts: &[String], mode: u8) -> String {
         let _ = tx.send(Event::Token {
             text: t.clone(),
             logprob: None,
+            at: std::time::Instant::now(),
         });
     }
     let _ = tx.send(Event::Finished {

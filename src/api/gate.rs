@@ -454,7 +454,7 @@ pub(super) fn recorded_bytes(events: &Recorded) -> usize {
     events
         .iter()
         .map(|e| match e {
-            Event::Token { text, logprob } => {
+            Event::Token { text, logprob, .. } => {
                 64 + text.len() + logprob.as_ref().map_or(0, logprob_bytes)
             }
             Event::Prompt { first, logprobs } => {

@@ -405,8 +405,15 @@ pub(super) async fn completion(
             ),
         ));
     }
-    if req.suffix.is_some() {
-        return Err(ApiError::invalid("suffix", "`suffix` is not supported yet"));
+    let suffix = req.suffix;
+    if suffix.is_some() {
+        fim_of(&ready, "suffix")?;
+        if req.echo == Some(true) {
+            return Err(ApiError::invalid(
+                "echo",
+                "`echo` cannot be used with `suffix`",
+            ));
+        }
     }
     let top = req.logprobs.unwrap_or(0);
     if top > 5 {
@@ -420,7 +427,23 @@ pub(super) async fn completion(
     // come back as their text, control tokens included.
     let r = ready.clone();
     let inputs = tokio::task::spawn_blocking(move || {
+        // With a suffix, each prompt is the prefix of a fill in the middle.
+        let fill = match (&suffix, &r.tokenizer.fim) {
+            (Some(s), Some(fim)) => Some((fim, r.tokenizer.encode(s, false)?)),
+            _ => None,
+        };
         let input = |prompt: Result<String, Vec<u32>>| match prompt {
+            prompt if fill.is_some() => {
+                let (fim, suffix) = fill.as_ref().expect("checked");
+                let prefix = match prompt {
+                    Ok(text) => r.tokenizer.encode(&text, false)?,
+                    Err(ids) => ids,
+                };
+                Ok(Input {
+                    prompt: fim.prompt(&r.tokenizer, &[], &prefix, suffix),
+                    echo: None,
+                })
+            }
             Err(ids) if echo => {
                 let ids_ok = ids.iter().all(|&t| (t as usize) < r.vocab_size);
                 let text = ids_ok.then(|| r.tokenizer.decode_with_control(&ids).ok());
@@ -467,6 +490,19 @@ pub(super) async fn completion(
         best_of: req.best_of,
     };
     run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
+}
+
+/// The model's fill-in-the-middle tokens, or the error for a fill it cannot do.
+pub(super) fn fim_of<'a>(
+    ready: &'a Ready,
+    field: &str,
+) -> Result<&'a crate::model::fim::Fim, ApiError> {
+    ready.tokenizer.fim.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            field,
+            "this model cannot fill in the middle: its vocabulary has no fill-in-the-middle tokens (code models such as CodeLlama, DeepSeek-Coder or Codestral have them)",
+        )
+    })
 }
 
 pub(super) fn unix_now() -> u64 {

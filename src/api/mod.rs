@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod gate;
 mod generate;
 mod handlers;
+mod infill;
 mod response;
 mod responses;
 mod responses_sse;
@@ -219,6 +220,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(utility::models))
         .route("/models/{*model}", get(utility::model))
         .route("/embeddings", post(embeddings::embeddings))
+        // llama-server's code completion between a prefix and a suffix.
+        .route("/infill", post(infill::infill))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
         .route("/v1/responses", post(surfaces::responses_create))

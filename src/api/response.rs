@@ -84,13 +84,15 @@ pub enum Surface {
     },
     /// OpenAI's Responses API, with what its answer echoes and stores.
     Responses(std::sync::Arc<super::responses::ResponsesCtx>),
+    /// llama-server's `/infill`, in llama.cpp's own shapes.
+    Infill(std::sync::Arc<super::infill::InfillCtx>),
 }
 
 impl Surface {
     /// The highest `temperature` the surface's API documents.
     pub fn max_temperature(&self) -> f32 {
         match self {
-            Surface::OpenAi | Surface::Responses(_) => 2.0,
+            Surface::OpenAi | Surface::Responses(_) | Surface::Infill(_) => 2.0,
             Surface::Anthropic { .. } => 1.0,
             Surface::Workers { .. } => 5.0,
         }
@@ -113,8 +115,19 @@ pub async fn respond(
     keep_alive: std::time::Duration,
     deadline: Deadline,
 ) -> Result<Response, ApiError> {
-    if !stream {
-        return collect(choices, meta, tail, deadline).await;
+    match (&meta.surface, stream) {
+        // Its limits may end the reply early: gathered by its own renderer.
+        (Surface::Infill(ctx), false) => {
+            let ctx = ctx.clone();
+            let Some(Choice { rx, .. }) = choices.into_iter().next() else {
+                return Err(ApiError::internal(
+                    "a reply without a choice. This is a bug.",
+                ));
+            };
+            return super::infill::whole(rx, meta, ctx, tail, deadline).await;
+        }
+        (_, false) => return collect(choices, meta, tail, deadline).await,
+        _ => {}
     }
     if let Surface::OpenAi = meta.surface {
         let sse = super::stream::sse_response(choices, meta, include_usage, tail, keep_alive);
@@ -131,6 +144,7 @@ pub async fn respond(
         }
         Surface::Workers { .. } => super::workers::sse(rx, meta, tail, keep_alive),
         Surface::Responses(ctx) => super::responses_sse::sse(rx, meta, ctx, tail, keep_alive),
+        Surface::Infill(ctx) => super::infill::sse(rx, meta, ctx, tail, keep_alive),
         Surface::OpenAi => {
             let choice = Choice::new(rx, None, true);
             super::stream::sse_response(vec![choice], meta, include_usage, tail, keep_alive)
@@ -381,7 +395,7 @@ fn reply(events: Vec<Event>, mut counter: Option<ThinkSplitter>) -> Reply {
         match ev {
             Event::Prompt { first, logprobs } => r.prompt = Some((first, logprobs)),
             Event::Embedding(_) => {} // not a generation's
-            Event::Token { text, logprob } => {
+            Event::Token { text, logprob, .. } => {
                 if let Some(c) = &mut counter {
                     c.push(&text, &mut Vec::new());
                 }
@@ -461,7 +475,8 @@ async fn collect(
                 Surface::Responses(ctx) => {
                     super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
                 }
-                Surface::OpenAi => meta.whole(vec![(r, echo, true)]),
+                // `/infill`'s whole replies are gathered by its own renderer.
+                Surface::OpenAi | Surface::Infill(_) => meta.whole(vec![(r, echo, true)]),
             }
         }
     };

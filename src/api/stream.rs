@@ -155,7 +155,7 @@ impl State {
         }
         match ev {
             Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
-            Some(Event::Token { text, logprob }) => {
+            Some(Event::Token { text, logprob, .. }) => {
                 let mut logprobs = match (&logprob, meta.chat) {
                     (Some(info), false) if meta.logprobs => {
                         c.text_logprobs.value([Item::Scored(info)])

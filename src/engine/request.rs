@@ -155,6 +155,8 @@ pub enum Event {
     Token {
         text: String,
         logprob: Option<LogprobInfo>,
+        /// When the engine made it (a renderer may read events in bursts).
+        at: std::time::Instant,
     },
     Finished {
         reason: FinishReason,

@@ -101,7 +101,8 @@ impl<M: ModelRunner> Engine<M> {
                 .filter(|_| shown)
                 .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
             // A closed receiver is noticed at the next step.
-            let _ = a.events.send(Event::Token { text, logprob });
+            let at = std::time::Instant::now();
+            let _ = a.events.send(Event::Token { text, logprob, at });
         }
         // The KV pool must hold the next position too.
         let full = a.tokens.len() >= self.model.context_length();

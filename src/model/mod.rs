@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod detok;
+pub mod fim;
 pub mod gguf;
 mod gguf_check;
 pub mod llama;

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 
+use super::fim::Fim;
 use super::gguf::GgufFile;
 use crate::error::ModelError;
 
@@ -56,8 +57,11 @@ pub struct Tokenizer {
     /// Whether the model asks for an EOS token after a text (embedding models that pool
     /// the last token): `/v1/embeddings` appends it.
     pub add_eos: bool,
-    /// Tokens that end generation: EOS, EOT and the end-of-turn control tokens.
+    /// Tokens that end generation: EOS, EOT, the end-of-turn control tokens and a code
+    /// model's fill-in-the-middle ends.
     pub stop_ids: Vec<u32>,
+    /// The fill-in-the-middle tokens, when the vocabulary has them.
+    pub fim: Option<Fim>,
     /// Control tokens (sorted): they encode from their text but decode to nothing.
     control_ids: Vec<u32>,
     /// A plain token one token's text is decoded after, and that token's own text (see
@@ -147,10 +151,8 @@ impl Tokenizer {
             })
             .collect();
         inner.add_special_tokens(&added);
-        Ok(Self::with_specials(
-            inner,
-            Specials::from_gguf(f, &tokens, &types)?,
-        ))
+        let specials = Specials::from_gguf(f, &tokens, &types)?;
+        Ok(Self::with_specials(inner, specials).with_fim(f))
     }
 
     /// Loads a `tokenizer.json`; BOS, EOS and end-of-turn tokens still come from the GGUF
@@ -170,7 +172,19 @@ impl Tokenizer {
             specials.stop_ids.sort_unstable();
             specials.stop_ids.dedup();
         }
-        Ok(Self::with_specials(inner, specials))
+        Ok(Self::with_specials(inner, specials).with_fim(f))
+    }
+
+    /// Finds the fill-in-the-middle tokens; their ends end every generation (as llama.cpp).
+    fn with_fim(mut self, f: &GgufFile) -> Self {
+        let meta = |k: &str| f.opt_u32(k).ok().flatten();
+        self.fim = Fim::detect(meta, |t| self.inner.token_to_id(t), self.vocab_size());
+        if let Some(fim) = &self.fim {
+            self.stop_ids.extend(&fim.ends);
+            self.stop_ids.sort_unstable();
+            self.stop_ids.dedup();
+        }
+        self
     }
 
     fn with_specials(inner: tokenizers::Tokenizer, s: Specials) -> Self {
@@ -187,6 +201,7 @@ impl Tokenizer {
             add_bos: s.add_bos,
             add_eos: s.add_eos,
             stop_ids: s.stop_ids,
+            fim: None,
             control_ids: s.control_ids,
             probe,
             bytes: Arc::default(),

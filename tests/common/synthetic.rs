@@ -44,6 +44,9 @@ pub struct Spec {
     pub embedding: bool,
     /// More metadata, written last (`{arch}` in a key is the architecture).
     pub meta: Vec<(&'static str, Value)>,
+    /// More control tokens after the byte-level vocabulary's (ids from 258 on): a code
+    /// model's fill-in-the-middle tokens.
+    pub controls: &'static [&'static str],
 }
 
 impl Default for Spec {
@@ -64,6 +67,7 @@ impl Default for Spec {
             ffn: FFN,
             embedding: false,
             meta: Vec::new(),
+            controls: &[],
         }
     }
 }
@@ -99,7 +103,7 @@ pub fn write(path: &Path, spec: &Spec) {
     let vocab_meta = if spec.spm {
         spm_vocab(spec.mistral, spec.mistral_args, spec.mistral_think)
     } else {
-        bpe_vocab(spec.pre)
+        bpe_vocab(spec.pre, spec.controls)
     };
     // One embedding row for each token.
     let vocab = vocab_meta
@@ -224,16 +228,19 @@ fn strings(v: &[&str]) -> Value {
     Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
 }
 
-/// Byte-level BPE metadata: 256 byte symbols, `<|im_start|>` (256), `<|im_end|>` (257).
-fn bpe_vocab(pre: &str) -> Vec<(String, Value)> {
+/// Byte-level BPE metadata: 256 byte symbols, `<|im_start|>` (256), `<|im_end|>` (257), then
+/// `controls`.
+fn bpe_vocab(pre: &str, controls: &[&str]) -> Vec<(String, Value)> {
     let mut tokens: Vec<Value> = byte_level_alphabet()
         .into_iter()
         .map(Value::String)
         .collect();
     tokens.push(Value::String("<|im_start|>".into()));
     tokens.push(Value::String("<|im_end|>".into()));
+    tokens.extend(controls.iter().map(|c| Value::String(c.to_string())));
     let mut types = vec![Value::I32(1); 256];
     types.extend([Value::I32(3), Value::I32(3)]);
+    types.extend(controls.iter().map(|_| Value::I32(3)));
     vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),

@@ -1,0 +1,382 @@
+//! Fill in the middle, end to end: synthetic code models whose vocabularies have
+//! fill-in-the-middle tokens (Qwen-style `<|fim_prefix|>` ... `<|file_sep|>`, or Mistral's
+//! `[PREFIX]` / `[SUFFIX]`), served over HTTP. A fill must generate exactly what the same
+//! layout written as token ids generates (every token and logprob), through the completions
+//! API's `suffix` and llama-server's `/infill`.
+
+mod common;
+
+use common::server::Server;
+use common::synthetic::{self, Spec};
+use serde_json::{json, Value};
+
+const QWEN: &[&str] = &[
+    "<|fim_prefix|>", // 258
+    "<|fim_suffix|>", // 259
+    "<|fim_middle|>", // 260
+    "<|fim_pad|>",    // 261
+    "<|repo_name|>",  // 262
+    "<|file_sep|>",   // 263
+];
+const PRE: u32 = 258;
+const SUF: u32 = 259;
+const MID: u32 = 260;
+const PAD: u32 = 261;
+const REPO: u32 = 262;
+const SEP: u32 = 263;
+
+fn server(controls: &'static [&'static str]) -> (tempfile::TempDir, Server) {
+    server_with(controls, 256)
+}
+
+fn server_with(controls: &'static [&'static str], context: u32) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coder.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            controls,
+            context,
+            ..Spec::default()
+        },
+    );
+    let server = Server::spawn(&["--model", path.to_str().unwrap()], &[]);
+    server.wait_ready();
+    (dir, server)
+}
+
+/// The byte-level vocabulary's ids: one token per byte.
+fn ids(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
+
+/// Greedy, a fixed length: the end-of-text token and the fill's ends banned.
+fn greedy(n: u64) -> Value {
+    json!({"temperature": 0, "max_tokens": n, "logprobs": 1,
+           "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}})
+}
+
+fn with(mut base: Value, more: Value) -> Value {
+    for (k, v) in more.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// (text, token logprobs) of a completions answer.
+fn completion(server: &Server, body: &Value) -> (String, Vec<f64>, Value) {
+    let (status, reply) = server.post("/v1/completions", body);
+    assert_eq!(status, 200, "{reply}");
+    let choice = &reply["choices"][0];
+    let lps = choice["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {reply}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    (
+        choice["text"].as_str().unwrap().to_string(),
+        lps,
+        reply["usage"].clone(),
+    )
+}
+
+#[test]
+fn suffix_fills_the_middle_as_the_models_layout_says() {
+    let (_dir, server) = server(QWEN);
+    let (prefix, suffix) = ("def add(a, b):\n    ", "\n    return c\n");
+    let filled = with(greedy(8), json!({"prompt": prefix, "suffix": suffix}));
+    let (text, lps, usage) = completion(&server, &filled);
+    // The layout as token ids: <PRE> prefix <SUF> suffix <MID>.
+    let mut layout = vec![PRE];
+    layout.extend(ids(prefix));
+    layout.push(SUF);
+    layout.extend(ids(suffix));
+    layout.push(MID);
+    let (want, want_lps, want_usage) =
+        completion(&server, &with(greedy(8), json!({"prompt": layout})));
+    assert_eq!(usage["completion_tokens"], 8, "{usage}");
+    assert_eq!((&text, &lps), (&want, &want_lps));
+    assert_eq!(usage["prompt_tokens"], want_usage["prompt_tokens"]);
+    assert_eq!(usage["prompt_tokens"], layout.len());
+    // The suffix matters: the prefix alone is another prompt.
+    let (_, alone, _) = completion(&server, &with(greedy(8), json!({"prompt": prefix})));
+    assert_ne!(lps, alone);
+    // Token ids as the prefix, several prompts, a stream: the same fill.
+    let (by_ids, _, _) = completion(
+        &server,
+        &with(greedy(8), json!({"prompt": ids(prefix), "suffix": suffix})),
+    );
+    assert_eq!(by_ids, want);
+    let (status, two) = server.post(
+        "/v1/completions",
+        &with(
+            greedy(8),
+            json!({"prompt": [prefix, "x = "], "suffix": suffix}),
+        ),
+    );
+    assert_eq!(status, 200, "{two}");
+    assert_eq!(two["choices"][0]["text"], want.as_str());
+    let mut streamed = String::new();
+    for data in server.stream(
+        "/v1/completions",
+        &with(
+            greedy(8),
+            json!({"prompt": prefix, "suffix": suffix, "stream": true}),
+        ),
+    ) {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        streamed.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, want);
+    // `echo` has no place in a fill.
+    let (status, err) = server.post(
+        "/v1/completions",
+        &json!({"prompt": prefix, "suffix": suffix, "echo": true}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "echo");
+}
+
+#[test]
+fn the_fim_tokens_end_a_fill() {
+    let (_dir, server) = server(QWEN);
+    // Forced, the padding token ends the reply as the end-of-text token does.
+    for end in [PAD, REPO, SEP] {
+        let body = json!({"prompt": "x", "suffix": "y", "temperature": 0, "max_tokens": 8,
+                          "logit_bias": {end.to_string(): 100}});
+        let (status, reply) = server.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["choices"][0]["finish_reason"], "stop", "{reply}");
+        assert_eq!(reply["usage"]["completion_tokens"], 0, "{reply}");
+    }
+}
+
+#[test]
+fn mistral_puts_the_suffix_first() {
+    let (_dir, server) = server(&["[PREFIX]", "[SUFFIX]"]);
+    let (prefix, suffix) = ("fn main() {", "}\n");
+    // This vocabulary ends at 259: only the end-of-text token is banned.
+    let greedy = |n: u64| with(greedy(n), json!({"logit_bias": {"257": -100}}));
+    let (text, lps, _) = completion(
+        &server,
+        &with(greedy(6), json!({"prompt": prefix, "suffix": suffix})),
+    );
+    // [SUFFIX] suffix [PREFIX] prefix: the reply continues the prefix.
+    let mut layout = vec![259];
+    layout.extend(ids(suffix));
+    layout.push(258);
+    layout.extend(ids(prefix));
+    let (want, want_lps, _) = completion(&server, &with(greedy(6), json!({"prompt": layout})));
+    assert_eq!((text, lps), (want, want_lps));
+}
+
+#[test]
+fn a_model_without_fim_tokens_says_so() {
+    let (_dir, server) = server(&[]);
+    let (status, err) = server.post("/v1/completions", &json!({"prompt": "a", "suffix": "b"}));
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "suffix");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fill in the middle"),
+        "{err}"
+    );
+    let (status, err) = server.post(
+        "/infill",
+        &json!({"input_prefix": "a", "input_suffix": "b"}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "input_suffix");
+}
+
+/// `/infill`'s greedy settings (llama.cpp's names) with the fill's ends banned.
+fn infill_greedy(n: i64) -> Value {
+    json!({"temperature": 0, "n_predict": n,
+           "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}})
+}
+
+#[test]
+fn infill_answers_in_llama_cpps_shape() {
+    let (_dir, server) = server(QWEN);
+    let ask = with(
+        infill_greedy(6),
+        json!({"input_prefix": "a = 1\n", "input_suffix": "\nb = 2\n", "prompt": "c",
+               "input_extra": [{"filename": "util.py", "text": "import os\n"}]}),
+    );
+    let (status, reply) = server.post("/infill", &ask);
+    assert_eq!(status, 200, "{reply}");
+    // llama.cpp's repository-level layout: the project, each file, then the fill (the line
+    // typed so far continues the prefix).
+    let mut layout = vec![REPO];
+    layout.extend(ids("myproject\n"));
+    layout.push(SEP);
+    layout.extend(ids("util.py\nimport os\n"));
+    layout.push(SEP);
+    layout.extend(ids("filename\n"));
+    layout.push(PRE);
+    layout.extend(ids("a = 1\nc"));
+    layout.push(SUF);
+    layout.extend(ids("\nb = 2\n"));
+    layout.push(MID);
+    let (want, _, _) = completion(&server, &with(greedy(6), json!({"prompt": layout})));
+    assert_eq!(reply["content"], want.as_str(), "{reply}");
+    assert_eq!(reply["stop"], true);
+    assert_eq!(reply["stop_type"], "limit", "{reply}");
+    assert_eq!(reply["tokens_predicted"], 6);
+    assert_eq!(reply["tokens_evaluated"], layout.len());
+    assert_eq!(reply["truncated"], false);
+    assert_eq!(reply["has_new_line"], want.contains('\n'));
+    for k in [
+        "prompt_n",
+        "prompt_ms",
+        "predicted_n",
+        "predicted_ms",
+        "predicted_per_second",
+    ] {
+        assert!(reply["timings"][k].is_number(), "{k}: {reply}");
+    }
+    assert_eq!(reply["timings"]["predicted_n"], 6);
+
+    // Streamed: pieces, then the final object with empty content; no [DONE].
+    let events = server.stream("/infill", &with(ask.clone(), json!({"stream": true})));
+    let objects: Vec<Value> = events
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| panic!("not JSON: {d}")))
+        .collect();
+    let (last, pieces) = objects.split_last().unwrap();
+    let text: String = pieces
+        .iter()
+        .map(|p| {
+            assert_eq!(p["stop"], false, "{p}");
+            p["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(text, want);
+    assert_eq!(
+        (&last["stop"], &last["content"]),
+        (&json!(true), &json!(""))
+    );
+    assert_eq!(last["tokens_predicted"], 6);
+
+    // `response_fields`: those paths only, under their names.
+    let picked = with(
+        ask.clone(),
+        json!({"response_fields": ["content", "timings/predicted_n", "nope"]}),
+    );
+    let (_, reply) = server.post("/infill", &picked);
+    assert_eq!(
+        reply,
+        json!({"content": want, "timings/predicted_n": 6}),
+        "{reply}"
+    );
+}
+
+#[test]
+fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
+    let (_dir, server) = server(QWEN);
+    let chunk = |i: usize| json!({"filename": format!("f{i}.py"), "text": format!("x{i} = {i}\n").repeat(4)});
+    let extra: Vec<Value> = (0..3).map(chunk).collect();
+    let base = json!({"input_prefix": "def f():\n", "input_suffix": "\n", "input_extra": extra});
+    // `n_predict: 0` computes the prompt only, as editors send to warm the cache.
+    let (status, warm) = server.post("/infill", &with(infill_greedy(0), base.clone()));
+    assert_eq!(status, 200, "{warm}");
+    assert_eq!(
+        (&warm["content"], &warm["tokens_predicted"]),
+        (&json!(""), &json!(0))
+    );
+    let (_, hot) = server.post("/infill", &with(infill_greedy(4), base.clone()));
+    assert!(
+        hot["timings"]["cache_n"].as_u64().unwrap() > 100,
+        "the warmed prompt came from the cache: {hot}"
+    );
+
+    // More context than the model's 256 positions: the oldest chunks are left out whole
+    // and the reply says so; the fill itself is never cut.
+    let many: Vec<Value> = (0..12).map(chunk).collect();
+    let (status, reply) = server.post(
+        "/infill",
+        &with(
+            infill_greedy(16),
+            json!({"input_prefix": "y = ", "input_suffix": "", "input_extra": many}),
+        ),
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["truncated"], true, "{reply}");
+    let evaluated = reply["tokens_evaluated"].as_u64().unwrap();
+    assert!(evaluated + 16 <= 256 && evaluated > 150, "{reply}");
+    let (status, err) = server.post(
+        "/infill",
+        &with(
+            infill_greedy(16),
+            json!({"input_prefix": "z".repeat(300), "input_suffix": ""}),
+        ),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "context_length_exceeded", "{err}");
+
+    // `n_indent`: a newline forced every token makes an empty second line, which is
+    // indented less than 1: the reply ends before it, as llama.cpp's does.
+    let newlines = json!({"input_prefix": "if x:\n", "input_suffix": "", "temperature": 0,
+                          "n_predict": 8, "logit_bias": {"10": 100}});
+    let (_, free) = server.post("/infill", &newlines);
+    assert_eq!(free["content"], "\n".repeat(8), "{free}");
+    let (_, cut) = server.post("/infill", &with(newlines.clone(), json!({"n_indent": 1})));
+    assert_eq!(cut["content"], "\n", "{cut}");
+    assert_eq!(cut["stop_type"], "limit", "{cut}");
+    let streamed: String = server
+        .stream(
+            "/infill",
+            &with(newlines.clone(), json!({"n_indent": 1, "stream": true})),
+        )
+        .iter()
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, "\n");
+    // llama.cpp's sampling names; OpenAI's are refused by name.
+    let (status, err) = server.post(
+        "/infill",
+        &json!({"input_prefix": "a", "input_suffix": "b", "max_tokens": 3}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "max_tokens");
+    let (status, err) = server.post("/infill", &json!({"input_prefix": "a"}));
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "input_suffix", "{err}");
+}
+
+#[test]
+fn past_t_max_predict_ms_the_next_newline_ends_the_fill() {
+    // Room for 2,000 tokens, which take far longer than the limit's 1 ms to generate.
+    let (_dir, server) = server_with(QWEN, 2048);
+    let newlines = json!({"input_prefix": "if x:\n", "input_suffix": "", "temperature": 0,
+                          "n_predict": 2000, "logit_bias": {"10": 100}});
+    let (_, free) = server.post("/infill", &newlines);
+    assert_eq!(free["tokens_predicted"], 2000, "{free}");
+    let timed = with(newlines, json!({"t_max_predict_ms": 1}));
+    let (_, cut) = server.post("/infill", &timed);
+    let n = cut["tokens_predicted"].as_u64().unwrap();
+    assert!(n > 0 && n < 2000, "{n} tokens");
+    assert_eq!(cut["content"], "\n".repeat(n as usize));
+    assert_eq!(cut["stop_type"], "limit");
+    // The time is the engine's: the tokens it made in the limit, not those read then.
+    let ms = cut["timings"]["predicted_ms"].as_f64().unwrap();
+    assert!((1.0..1000.0).contains(&ms), "{cut}");
+    let streamed = server.stream("/infill", &with(timed, json!({"stream": true})));
+    let last: Value = serde_json::from_str(streamed.last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["stop"], &last["stop_type"]),
+        (&json!(true), &json!("limit"))
+    );
+    assert!(last["tokens_predicted"].as_u64().unwrap() < 2000, "{last}");
+}
