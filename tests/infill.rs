@@ -171,7 +171,38 @@ fn mistral_puts_the_suffix_first() {
     layout.push(258);
     layout.extend(ids(prefix));
     let (want, want_lps, _) = completion(&server, &with(greedy(6), json!({"prompt": layout})));
-    assert_eq!((text, lps), (want, want_lps));
+    assert_eq!((&text, lps), (&want, want_lps));
+
+    // Mistral's own API for it (Codestral's `/v1/fim/completions`): a chat completion.
+    let ask = json!({"model": "coder", "prompt": prefix, "suffix": suffix,
+                     "temperature": 0, "max_tokens": 6, "random_seed": 7,
+                     "logit_bias": {"257": -100}});
+    let (status, reply) = server.post("/v1/fim/completions", &ask);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "chat.completion", "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        want.as_str(),
+        "{reply}"
+    );
+    assert_eq!(reply["usage"]["completion_tokens"], 6);
+    let mut streamed = String::new();
+    for data in server.stream(
+        "/v1/fim/completions",
+        &with(ask.clone(), json!({"stream": true})),
+    ) {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk", "{v}");
+        streamed.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, want);
+    let (status, err) = server.post("/v1/fim/completions", &with(ask, json!({"min_tokens": 5})));
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "min_tokens");
 }
 
 #[test]

@@ -152,6 +152,9 @@ pub(super) enum Api {
     },
     /// OpenAI's Responses API, with the conversation so far.
     Responses(Arc<ResponsesCtx>),
+    /// Mistral's fill-in-the-middle API (`/v1/fim/completions`): a completion's prompt and
+    /// suffix, answered as a chat completion.
+    MistralFim,
 }
 
 impl Api {
@@ -161,6 +164,7 @@ impl Api {
             Api::Anthropic => super::anthropic::to_chat_request(v, false),
             Api::Workers { model } => super::workers::to_openai(v, model),
             Api::Responses(ctx) => super::responses::to_chat_request(v, &ctx.context),
+            Api::MistralFim => mistral_fim_request(v),
         }
     }
 
@@ -171,6 +175,7 @@ impl Api {
             (Api::Anthropic, _) => "/v1/messages",
             (Api::Workers { .. }, _) => "/ai/run",
             (Api::Responses(_), _) => "/v1/responses",
+            (Api::MistralFim, _) => "/v1/fim/completions",
         }
     }
 }
@@ -334,6 +339,7 @@ pub(super) async fn chat(
                     .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
             },
             Api::Responses(ctx) => Surface::Responses(ctx.clone()),
+            Api::MistralFim => Surface::OpenAi,
         },
         pick: None,
     };
@@ -367,6 +373,49 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     completion(&state, rid, who, &headers, body, Api::OpenAi).await
+}
+
+/// Mistral's `POST /v1/fim/completions` (Codestral's API): `prompt` and `suffix` filled in
+/// the middle, answered in the chat completions' shapes.
+pub async fn mistral_fim(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    completion(&state, rid, who, &headers, body, Api::MistralFim).await
+}
+
+/// Mistral's names as the completions API's: `random_seed` is `seed`, the suffix is `""`
+/// when absent (the prompt is still filled as a prefix); `min_tokens` is refused, and so are
+/// the completions API's fields Mistral's API does not have.
+fn mistral_fim_request(mut v: Value) -> Result<Value, ApiError> {
+    let o = v.as_object_mut().expect("parse_body returns objects");
+    for field in ["echo", "best_of", "logprobs", "n"] {
+        if o.contains_key(field) {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not a field of Mistral's fill-in-the-middle API"),
+            ));
+        }
+    }
+    if o.get("min_tokens")
+        .is_some_and(|m| m.as_u64() != Some(0) && !m.is_null())
+    {
+        return Err(ApiError::invalid(
+            "min_tokens",
+            "`min_tokens` is not supported",
+        ));
+    }
+    o.remove("min_tokens");
+    if let Some(seed) = o.remove("random_seed") {
+        o.insert("seed".into(), seed);
+    }
+    if o.get("suffix").is_none_or(Value::is_null) {
+        o.insert("suffix".into(), Value::String(String::new()));
+    }
+    Ok(v)
 }
 
 pub(super) async fn completion(
@@ -471,7 +520,7 @@ pub(super) async fn completion(
         id: format!("cmpl-{}", rid.0),
         created: unix_now(),
         model: state.model_name.clone(),
-        chat: false,
+        chat: matches!(api, Api::MistralFim),
         logprobs: req.logprobs.is_some(),
         tools: None,
         reasoning: None,

@@ -220,8 +220,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(utility::models))
         .route("/models/{*model}", get(utility::model))
         .route("/embeddings", post(embeddings::embeddings))
-        // llama-server's code completion between a prefix and a suffix.
+        // llama-server's code completion between a prefix and a suffix, and Mistral's.
         .route("/infill", post(infill::infill))
+        .route("/v1/fim/completions", post(handlers::mistral_fim))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))
         .route("/v1/responses", post(surfaces::responses_create))
