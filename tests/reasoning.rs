@@ -424,6 +424,35 @@ fn template_kwargs_reach_the_template() {
     );
     let (status, _) = s.post(CHAT, &ask(json!({"chat_template_kwargs": [1]})));
     assert_eq!(status, 400);
+    // The other surfaces pass them on: the same longer prompt.
+    let kwargs = json!({"enable_thinking": false});
+    let user = json!([{"role": "user", "content": "Why is the sky blue?"}]);
+    let (status, a) = s.post(
+        "/v1/messages",
+        &json!({"model": reply["model"], "max_tokens": 4, "messages": user, "chat_template_kwargs": kwargs}),
+    );
+    assert_eq!(status, 200, "{a}");
+    let (_, a_on) = s.post(
+        "/v1/messages",
+        &json!({"model": reply["model"], "max_tokens": 4, "messages": user}),
+    );
+    let input = |v: &Value| {
+        v["usage"]["input_tokens"].as_u64().unwrap()
+            + v["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0)
+    };
+    assert!(input(&a) > input(&a_on), "{a} {a_on}");
+    let (status, r) = s.post(
+        "/v1/responses",
+        &json!({"input": "Why is the sky blue?", "max_output_tokens": 4, "store": false,
+                "chat_template_kwargs": kwargs}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let (_, r_on) = s.post(
+        "/v1/responses",
+        &json!({"input": "Why is the sky blue?", "max_output_tokens": 4, "store": false}),
+    );
+    let input = |v: &Value| v["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(input(&r) > input(&r_on), "{r} {r_on}");
 }
 
 #[test]

@@ -38,7 +38,15 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
             }
         }
     }
-    for field in ["temperature", "top_p", "top_k", "stream"] {
+    // Ours (as vLLM and llama.cpp take them): template variables and the prefix cache.
+    for field in [
+        "temperature",
+        "top_p",
+        "top_k",
+        "stream",
+        "chat_template_kwargs",
+        "cache_prompt",
+    ] {
         if let Some(v) = b.get(field) {
             out.insert(field.into(), v.clone());
         }

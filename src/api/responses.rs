@@ -207,6 +207,9 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
         "stream",
         "parallel_tool_calls",
         "seed",
+        // Ours (as vLLM and llama.cpp take them): template variables and the prefix cache.
+        "chat_template_kwargs",
+        "cache_prompt",
     ] {
         if let Some(v) = b.get(field) {
             out.insert(field.into(), v.clone());

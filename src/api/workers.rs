@@ -124,6 +124,9 @@ pub fn to_openai(body: Value, model: &str) -> Result<Value, ApiError> {
         "stream",
         // Not in Workers AI's schema; taken as in OpenAI's for code that forces a call.
         "tool_choice",
+        // Ours (as vLLM and llama.cpp take them): template variables and the prefix cache.
+        "chat_template_kwargs",
+        "cache_prompt",
     ] {
         if let Some(v) = b.get(field) {
             out.insert(field.into(), v.clone());
