@@ -256,6 +256,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         prediction: Vec::new(),
         embed: None,
         shown_tokens: Vec::new(),
+        lines: Default::default(),
     };
     (req, ended)
 }

@@ -408,6 +408,7 @@ async fn embed(
             tenant,
             prediction: Vec::new(),
             shown_tokens: Vec::new(),
+            lines: Default::default(),
             embed: Some(ready.pooling),
         })
         .collect();

@@ -38,6 +38,8 @@ pub(super) struct Output {
     pub constraints: Vec<Box<dyn TokenConstraint>>,
     /// `best_of`: how many choices each prompt runs, of which the best `n` are answered.
     pub best_of: Option<u64>,
+    /// Limits on the lines of a code completion (`/infill`'s).
+    pub lines: crate::engine::lines::LineLimits,
 }
 
 /// How many choices each prompt runs: `best_of` (from `n` to the most a request may run;
@@ -332,6 +334,7 @@ pub(super) async fn run(
             prediction: prediction.clone(),
             embed: None,
             shown_tokens: shown.clone(),
+            lines: out.lines,
         });
         echoes.push(input.echo.clone());
     }

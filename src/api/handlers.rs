@@ -350,6 +350,7 @@ pub(super) async fn chat(
         echo: false,
         constraints,
         best_of: None,
+        lines: Default::default(),
     };
     let input = Input { prompt, echo: None };
     run(
@@ -476,16 +477,17 @@ pub(super) async fn completion(
     // come back as their text, control tokens included.
     let r = ready.clone();
     let inputs = tokio::task::spawn_blocking(move || {
-        // With a suffix, each prompt is the prefix of a fill in the middle.
+        // With a suffix, each prompt is the prefix of a fill in the middle; code is text
+        // (a control token's spelling in it stays text), token ids are taken as given.
         let fill = match (&suffix, &r.tokenizer.fim) {
-            (Some(s), Some(fim)) => Some((fim, r.tokenizer.encode(s, false)?)),
+            (Some(s), Some(fim)) => Some((fim, r.tokenizer.encode_plain(s)?)),
             _ => None,
         };
         let input = |prompt: Result<String, Vec<u32>>| match prompt {
             prompt if fill.is_some() => {
                 let (fim, suffix) = fill.as_ref().expect("checked");
                 let prefix = match prompt {
-                    Ok(text) => r.tokenizer.encode(&text, false)?,
+                    Ok(text) => r.tokenizer.encode_plain(&text)?,
                     Err(ids) => ids,
                 };
                 Ok(Input {
@@ -537,6 +539,7 @@ pub(super) async fn completion(
         echo,
         constraints: Vec::new(),
         best_of: req.best_of,
+        lines: Default::default(),
     };
     run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
 }

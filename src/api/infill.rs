@@ -25,8 +25,10 @@ use super::generate::{run, Input, Output};
 use super::handlers::{accept, fim_of, unix_now};
 use super::response::{Deadline, Meta, Surface};
 use super::{AppState, RequestId};
+use crate::engine::lines::LineLimits;
 use crate::engine::request::{Event, EventReceiver, FinishReason, Usage};
 use crate::gateway::Principal;
+use crate::model::fim::fit_fill;
 
 /// llama.cpp's sampling default for its own endpoints.
 const DEFAULT_TEMPERATURE: f64 = 0.8;
@@ -42,11 +44,12 @@ pub struct InfillRequest {
     /// The text typed so far on the current line: it continues the prefix.
     #[serde(default)]
     pub prompt: String,
-    /// Lines after the first must be indented at least this much, or the reply ends there.
-    #[serde(default)]
-    pub n_indent: u64,
-    /// Once this long has passed since the first token, the reply ends at its next newline.
-    pub t_max_predict_ms: Option<u64>,
+    /// Lines after the first must be indented at least this much, or the reply ends there
+    /// (0 or less: no limit).
+    pub n_indent: Option<i64>,
+    /// Once this long has passed since the first token, the reply ends at its next newline
+    /// (0 or less: no limit).
+    pub t_max_predict_ms: Option<i64>,
     /// Only these fields of the reply (`timings/prompt_n` reads into objects), under
     /// those names.
     #[serde(default)]
@@ -86,9 +89,10 @@ fn to_sampling(mut v: Value) -> Result<Value, ApiError> {
     }
     match o.remove("n_predict") {
         None | Some(Value::Null) => {}
-        Some(n) if n.as_i64().is_some_and(|n| n < 0) => {}
-        Some(n) if n.is_u64() => {
-            o.insert("max_tokens".into(), n);
+        Some(n) if n.as_f64().is_some_and(|n| n < 0.0) => {}
+        Some(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f < 1e18) => {
+            let n = n.as_f64().unwrap_or_default() as u64;
+            o.insert("max_tokens".into(), n.into());
         }
         Some(n) => {
             return Err(ApiError::invalid(
@@ -115,7 +119,7 @@ pub async fn infill(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &state;
-    let (ready, req, sampling, gate) = accept(
+    let (ready, mut req, sampling, gate) = accept(
         state,
         &rid,
         who,
@@ -123,49 +127,57 @@ pub async fn infill(
         "/infill",
         body,
         to_sampling,
-        |r: &InfillRequest| r.model.as_deref(),
+        // Editor plugins send an empty name (llama-server serves one model and ignores it).
+        |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
     fim_of(&ready, "input_suffix")?;
-    let mut req = req;
-    let mut ctx = InfillCtx {
-        started: Instant::now(),
-        truncated: false,
-        prompt_tokens: 0,
-        n_indent: usize::try_from(req.n_indent).unwrap_or(usize::MAX),
-        t_max_predict: req
-            .t_max_predict_ms
-            .filter(|&ms| ms > 0)
-            .map(Duration::from_millis),
-        fields: std::mem::take(&mut req.response_fields),
+    let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).filter(|&v| v > 0);
+    let lines = LineLimits {
+        n_indent: positive(req.n_indent).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        t_max: positive(req.t_max_predict_ms).map(Duration::from_millis),
     };
+    let fields = std::mem::take(&mut req.response_fields);
     let requested = sampling.max_tokens(true)?;
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     let r = ready.clone();
-    let (prompt, left_out) = tokio::task::spawn_blocking(move || {
+    let (prompt, truncated) = tokio::task::spawn_blocking(move || {
         let tok = &r.tokenizer;
         let fim = tok.fim.as_ref().expect("checked");
-        // As llama.cpp: the line typed so far continues the prefix, tokenized apart.
-        let mut prefix = tok.encode(&req.input_prefix, false)?;
+        // As llama.cpp: code is text (control-token spellings in it stay text); the line
+        // typed so far continues the prefix, tokenized apart (and as a prompt).
+        let mut prefix = tok.encode_plain(&req.input_prefix)?;
         prefix.extend(tok.encode(&req.prompt, false)?);
-        let suffix = tok.encode(&req.input_suffix, false)?;
+        let mut suffix = tok.encode_plain(&req.input_suffix)?;
         let chunks: Vec<(String, String)> = req
             .input_extra
             .into_iter()
             .map(|c| (c.filename, c.text))
             .collect();
         let context = fim.context(tok, &chunks)?;
-        // The newest chunks that fit beside the fill and its completion (without
-        // `n_predict`, a quarter of the context is kept for it); the fill is never cut.
-        let fill = fim.prompt(tok, &[], &prefix, &suffix).len();
+        // The completion's room (without `n_predict`, a quarter of the context); then the
+        // fill, its prefix's far end and its suffix's cut first if it must be; then the
+        // newest whole chunks in at most half the context, so that a request and the
+        // warm-up before it (`n_predict: 0`) keep the same ones.
         let reserve = requested.unwrap_or(limit / 4);
-        let (context, left_out) = context.fit(limit.saturating_sub(fill + reserve));
-        Ok::<_, crate::error::ModelError>((fim.prompt(tok, &context, &prefix, &suffix), left_out))
+        // The layout's tokens and the context's own (its head and tail) always go in.
+        let frame = context.head.len() + context.tail.len();
+        let layout = fim.prompt(tok, &[], &[], &[]).len() + frame;
+        let room = limit.saturating_sub(reserve.saturating_add(layout));
+        let cut = fit_fill(&mut prefix, &mut suffix, room);
+        let fill = layout + prefix.len() + suffix.len();
+        let chunks_room = (limit / 2).min(limit.saturating_sub(fill.saturating_add(reserve)));
+        let (context, left_out) = context.fit(chunks_room + frame);
+        let prompt = fim.prompt(tok, &context, &prefix, &suffix);
+        Ok::<_, crate::error::ModelError>((prompt, cut || left_out > 0))
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    ctx.truncated = left_out > 0;
-    ctx.prompt_tokens = prompt.len();
+    let ctx = InfillCtx {
+        started: Instant::now(),
+        truncated,
+        fields,
+    };
     let meta = Meta {
         id: format!("infill-{}", rid.0),
         created: unix_now(),
@@ -185,6 +197,7 @@ pub async fn infill(
         echo: true,
         constraints: Vec::new(),
         best_of: None,
+        lines,
     };
     let input = Input { prompt, echo: None };
     run(
@@ -205,114 +218,51 @@ pub async fn infill(
 pub struct InfillCtx {
     /// When the request was read (its prompt's time counts from there).
     pub started: Instant,
-    /// Extra context chunks were left out to fit.
+    /// The prefix or suffix was cut, or extra context chunks left out, to fit.
     pub truncated: bool,
-    /// The prompt's size (what a reply cut by a limit reports: no usage comes then).
-    pub prompt_tokens: usize,
-    pub n_indent: usize,
-    pub t_max_predict: Option<Duration>,
     pub fields: Vec<String>,
 }
 
-/// llama.cpp's limits on a fill's text, applied as its tokens arrive: a line after the first
-/// indented less than `n_indent` ends the reply before its first non-blank character (an
-/// empty line too, as llama.cpp counts its newline as one); past `t_max_predict` from the
-/// first token, a piece with a newline ends it after that piece.
-struct Cut {
-    n_indent: usize,
-    t_max: Option<Duration>,
-    first: Option<Instant>,
-    /// In a new line's indentation (after the first newline), and how deep so far.
-    indenting: Option<usize>,
-    held: String,
-}
-
-impl Cut {
-    fn new(ctx: &InfillCtx) -> Self {
-        Self {
-            n_indent: ctx.n_indent,
-            t_max: ctx.t_max_predict,
-            first: None,
-            indenting: None,
-            held: String::new(),
-        }
-    }
-
-    /// The text of one token's piece to show, and whether the reply ends with it.
-    fn push(&mut self, piece: &str, now: Instant) -> (String, bool) {
-        let first = *self.first.get_or_insert(now);
-        let mut out = String::new();
-        for c in piece.chars() {
-            if let Some(depth) = self.indenting {
-                if c == ' ' || c == '\t' {
-                    self.held.push(c);
-                    self.indenting = Some(depth + 1);
-                    continue;
-                }
-                out.push_str(&std::mem::take(&mut self.held));
-                self.indenting = None;
-                if depth < self.n_indent {
-                    return (out, true);
-                }
-            }
-            out.push(c);
-            if c == '\n' && self.n_indent > 0 {
-                self.indenting = Some(0);
-            }
-        }
-        let late = self.t_max.is_some_and(|t| now.duration_since(first) > t);
-        (out, late && piece.contains('\n'))
-    }
-}
+/// How a reply ended: the engine's reason, the stop string, the usage.
+type End = (FinishReason, Option<String>, Usage);
 
 /// An `/infill` reply as it is gathered.
+#[derive(Default)]
 struct Fill {
     content: String,
-    tokens: usize,
     /// When the engine made the first and the last token.
     first: Option<Instant>,
     last: Option<Instant>,
-    /// How it ended: the engine's end, or `None` when a limit cut it.
-    end: Option<(FinishReason, Option<String>, Usage)>,
 }
 
 impl Fill {
-    fn new() -> Self {
-        Self {
-            content: String::new(),
-            tokens: 0,
-            first: None,
-            last: None,
-            end: None,
-        }
+    fn token(&mut self, text: &str, at: Instant) {
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        self.content.push_str(text);
     }
 
     /// llama.cpp's final object.
-    fn value(&self, meta: &Meta, ctx: &InfillCtx, content: &str) -> Value {
+    fn value(&self, meta: &Meta, ctx: &InfillCtx, content: &str, end: &End) -> Value {
+        let (reason, stop, usage) = end;
+        let (stop_type, word) = match (reason, stop) {
+            (FinishReason::Stop, Some(w)) => ("word", w.clone()),
+            (FinishReason::Stop, None) => ("eos", String::new()),
+            (_, _) => ("limit", String::new()),
+        };
+        let (prompt, predicted) = (usage.prompt_tokens, usage.completion_tokens);
+        let computed = prompt.saturating_sub(usage.cached_tokens);
         let now = Instant::now();
         let first = self.first.unwrap_or(now);
         let last = self.last.unwrap_or(first);
-        let (stop_type, word, usage) = match &self.end {
-            Some((FinishReason::Stop, Some(w), u)) => ("word", w.clone(), *u),
-            Some((FinishReason::Stop, None, u)) => ("eos", String::new(), *u),
-            Some((_, _, u)) => ("limit", String::new(), *u),
-            None => ("limit", String::new(), Usage::default()),
-        };
-        let prompt = if self.end.is_some() {
-            usage.prompt_tokens
-        } else {
-            ctx.prompt_tokens
-        };
-        let predicted = if self.end.is_some() {
-            usage.completion_tokens
-        } else {
-            self.tokens
-        };
-        let computed = prompt.saturating_sub(usage.cached_tokens);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let prompt_ms = ms(first.saturating_duration_since(ctx.started));
         let predicted_ms = ms(last.saturating_duration_since(first));
-        let per = |n: usize, t: f64| (t / n.max(1) as f64, n as f64 * 1e3 / t.max(1e-9));
+        // Per token and per second (llama.cpp's; 0 where nothing was timed).
+        let per = |n: usize, t: f64| match (n, t > 0.0) {
+            (0, _) | (_, false) => (0.0, 0.0),
+            (n, true) => (t / n as f64, n as f64 * 1e3 / t),
+        };
         let timings = json!({
             "cache_n": usage.cached_tokens,
             "prompt_n": computed, "prompt_ms": prompt_ms,
@@ -356,45 +306,31 @@ pub async fn whole(
     mut tail: Tail,
     deadline: Deadline,
 ) -> Result<Response, ApiError> {
-    let mut fill = Fill::new();
-    let mut cut = Cut::new(&ctx);
+    let mut fill = Fill::default();
     let gather = async {
         while let Some(ev) = rx.recv().await {
             tail.observe(&ev).await;
             match ev {
-                Event::Token { text, at, .. } => {
-                    fill.first.get_or_insert(at);
-                    fill.last = Some(at);
-                    fill.tokens += 1;
-                    let (shown, stop) = cut.push(&text, at);
-                    fill.content.push_str(&shown);
-                    if stop {
-                        // Dropping the receiver cancels the sequence in the engine.
-                        return Ok(());
-                    }
-                }
+                Event::Token { text, at, .. } => fill.token(&text, at),
                 Event::Finished {
                     reason,
                     usage,
                     stop_sequence,
                     ..
-                } => {
-                    fill.end = Some((reason, stop_sequence, usage));
-                    return Ok(());
-                }
+                } => return Ok((reason, stop_sequence, usage)),
                 Event::Failed(msg) => return Err(ApiError::internal(msg)),
                 Event::Prompt { .. } | Event::Embedding(_) => {}
             }
         }
         Err(ApiError::engine_stopped())
     };
-    match deadline {
+    let end = match deadline {
         None => gather.await?,
         Some((at, limit)) => tokio::time::timeout_at(at, gather)
             .await
             .map_err(|_| ApiError::request_timeout(limit))??,
-    }
-    let v = fill.value(&meta, &ctx, &fill.content);
+    };
+    let v = fill.value(&meta, &ctx, &fill.content, &end);
     Ok(Json(v).into_response())
 }
 
@@ -408,9 +344,9 @@ pub fn sse(
     keep_alive: Duration,
 ) -> Response {
     let state = Streamed {
-        cut: Cut::new(&ctx),
         rx: Some(rx),
-        fill: Fill::new(),
+        fill: Fill::default(),
+        tokens: 0,
         meta,
         ctx,
         tail,
@@ -420,10 +356,11 @@ pub fn sse(
 }
 
 struct Streamed {
-    /// `None` once the reply has ended (or a limit cut it, which cancels it).
+    /// `None` once the reply has ended.
     rx: Option<EventReceiver>,
-    cut: Cut,
     fill: Fill,
+    /// Pieces so far (the final object counts the engine's tokens).
+    tokens: usize,
     meta: Meta,
     ctx: Arc<InfillCtx>,
     tail: Tail,
@@ -434,22 +371,12 @@ impl Streamed {
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
             Some(Event::Token { text, at, .. }) => {
-                self.fill.first.get_or_insert(at);
-                self.fill.last = Some(at);
-                self.fill.tokens += 1;
-                let (shown, stop) = self.cut.push(&text, at);
-                self.fill.content.push_str(&shown);
-                if !shown.is_empty() {
+                self.fill.token(&text, at);
+                self.tokens += 1;
+                if !text.is_empty() {
                     self.pending.push_back(json!({
-                        "index": 0, "content": shown, "tokens": [], "stop": false,
-                        "id_slot": -1, "tokens_predicted": self.fill.tokens,
-                        "tokens_evaluated": self.ctx.prompt_tokens}));
-                }
-                if stop {
-                    // The receiver goes: the engine cancels the sequence.
-                    self.rx = None;
-                    let v = self.fill.value(&self.meta, &self.ctx, "");
-                    self.pending.push_back(v);
+                        "index": 0, "content": text, "tokens": [], "stop": false,
+                        "id_slot": -1, "tokens_predicted": self.tokens}));
                 }
             }
             Some(Event::Finished {
@@ -458,9 +385,9 @@ impl Streamed {
                 stop_sequence,
                 ..
             }) => {
-                self.fill.end = Some((reason, stop_sequence, usage));
                 self.rx = None;
-                let v = self.fill.value(&self.meta, &self.ctx, "");
+                let end = (reason, stop_sequence, usage);
+                let v = self.fill.value(&self.meta, &self.ctx, "", &end);
                 self.pending.push_back(v);
             }
             Some(Event::Failed(msg)) => {
@@ -495,71 +422,6 @@ fn events(state: Streamed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
 mod tests {
     use super::*;
 
-    fn ctx(n_indent: usize, t_max: Option<u64>) -> InfillCtx {
-        InfillCtx {
-            started: Instant::now(),
-            truncated: false,
-            prompt_tokens: 0,
-            n_indent,
-            t_max_predict: t_max.map(Duration::from_millis),
-            fields: Vec::new(),
-        }
-    }
-
-    /// The text shown of `pieces` fed one by one at `step` apart, and the piece it ended on.
-    fn feed(c: &InfillCtx, pieces: &[&str], step: Duration) -> (String, Option<usize>) {
-        let mut cut = Cut::new(c);
-        let t0 = Instant::now();
-        let mut out = String::new();
-        for (i, p) in pieces.iter().enumerate() {
-            let (shown, stop) = cut.push(p, t0 + step * i as u32);
-            out.push_str(&shown);
-            if stop {
-                return (out, Some(i));
-            }
-        }
-        (out, None)
-    }
-
-    #[test]
-    fn a_line_indented_less_than_n_indent_ends_the_fill_in_any_split() {
-        let text = "x = 1\n    y = 2\n  z = 3\n";
-        for at in 0..=text.len() {
-            let (a, b) = text.split_at(at);
-            let (shown, stop) = feed(&ctx(4, None), &[a, b], Duration::ZERO);
-            assert_eq!(shown, "x = 1\n    y = 2\n  ", "split at {at}");
-            assert!(stop.is_some());
-        }
-        // The first line is never checked; deep enough lines pass; 0 checks nothing.
-        assert_eq!(
-            feed(&ctx(4, None), &["a\n    b\n"], Duration::ZERO),
-            ("a\n    b\n".into(), None)
-        );
-        assert_eq!(
-            feed(&ctx(0, None), &["a\nb\n"], Duration::ZERO),
-            ("a\nb\n".into(), None)
-        );
-        // An empty line counts as no indentation, as in llama.cpp.
-        assert_eq!(
-            feed(&ctx(1, None), &["a\n", "\n b"], Duration::ZERO).0,
-            "a\n"
-        );
-        // Tabs indent.
-        assert_eq!(
-            feed(&ctx(2, None), &["a\n\t\tb"], Duration::ZERO),
-            ("a\n\t\tb".into(), None)
-        );
-    }
-
-    #[test]
-    fn past_the_time_limit_the_next_newline_ends_the_fill() {
-        let pieces = ["a", "b\n", "c", "d\n", "e"];
-        let (shown, stop) = feed(&ctx(0, Some(100)), &pieces, Duration::from_millis(60));
-        // 120 ms at the third piece, which has no newline; the fourth ends it.
-        assert_eq!((shown.as_str(), stop), ("ab\ncd\n", Some(3)));
-        assert_eq!(feed(&ctx(0, None), &pieces, Duration::from_secs(9)).1, None);
-    }
-
     #[test]
     fn response_fields_read_into_objects_under_their_paths() {
         let all = json!({"content": "x", "timings": {"prompt_n": 3}, "stop": true});
@@ -581,6 +443,12 @@ mod tests {
         let v = to_sampling(json!({"n_predict": -1, "temperature": 0})).unwrap();
         assert!(v.get("max_tokens").is_none());
         assert_eq!(v["temperature"], 0);
+        let v = to_sampling(json!({"n_predict": 128.0, "seed": 3})).unwrap();
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["seed"].as_u64()),
+            (Some(128), Some(3))
+        );
+        assert!(to_sampling(json!({"n_predict": 1.5})).is_err());
         assert!(to_sampling(json!({"n_predict": "x"})).is_err());
         assert!(to_sampling(json!({"max_tokens": 3})).is_err());
     }

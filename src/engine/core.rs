@@ -369,7 +369,8 @@ impl<M: ModelRunner> Engine<M> {
             tokens: req.prompt.clone(),
             sampler: Sampler::new(req.sampling.clone()),
             output: OutputState::new(req.stop.clone(), req.max_tokens, context)
-                .showing(std::mem::take(&mut req.shown_tokens)),
+                .showing(std::mem::take(&mut req.shown_tokens))
+                .cutting(req.lines),
             events,
             last_token_at: None,
             first_token_at: None,

@@ -5,6 +5,7 @@ pub mod constraint;
 pub mod core;
 mod fair;
 pub mod generate;
+pub mod lines;
 pub mod logprobs;
 mod pulse;
 pub mod request;

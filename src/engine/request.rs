@@ -56,6 +56,9 @@ pub struct GenerationRequest {
     /// Control tokens whose text the output keeps (a tool-call format's markers, for the
     /// caller's parser); every other control token decodes to nothing.
     pub shown_tokens: Vec<u32>,
+    /// llama-server's limits on a code completion's lines (none by default): reached, the
+    /// reply ends with [`FinishReason::Length`].
+    pub lines: super::lines::LineLimits,
 }
 
 /// Whose request it is, for fair admission: any number naming a key or end user (0 for

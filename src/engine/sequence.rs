@@ -4,6 +4,7 @@
 //! Knows token ids and text; never the model or HTTP. Invariant: the emitted pieces
 //! concatenate to the final text, which never contains a stop string or a broken character.
 
+use super::lines::{LineCut, LineLimits};
 use super::request::FinishReason;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::error::ModelError;
@@ -38,6 +39,8 @@ pub struct OutputState {
     generated: usize,
     /// Control tokens emitted as their text (see `GenerationRequest::shown_tokens`).
     shown: Vec<u32>,
+    /// Limits on the lines of the text emitted (see `GenerationRequest::lines`).
+    lines: Option<LineCut>,
 }
 
 impl OutputState {
@@ -50,7 +53,14 @@ impl OutputState {
             max_tokens,
             generated: 0,
             shown: Vec::new(),
+            lines: None,
         }
+    }
+
+    /// Ends the output at these limits on its lines (none: no change).
+    pub fn cutting(mut self, limits: LineLimits) -> Self {
+        self.lines = (limits != LineLimits::default()).then(|| LineCut::new(limits));
+        self
     }
 
     /// Emits these control tokens' text instead of nothing.
@@ -65,6 +75,49 @@ impl OutputState {
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<TokenOutcome, ModelError> {
+        let outcome = self.push_text(tok, id)?;
+        let Some(lines) = &mut self.lines else {
+            return Ok(outcome);
+        };
+        let now = std::time::Instant::now();
+        Ok(match outcome {
+            TokenOutcome::Continue { emit } => match lines.push(&emit, now) {
+                (emit, false) => TokenOutcome::Continue { emit },
+                (emit, true) => TokenOutcome::Finished {
+                    emit,
+                    reason: FinishReason::Length,
+                    counted: true,
+                    stop: None,
+                },
+            },
+            TokenOutcome::Finished {
+                emit,
+                reason,
+                counted,
+                stop,
+            } => match lines.push(&emit, now) {
+                // A line the limit cut: the limit ended the reply.
+                (shown, true) if shown != emit => TokenOutcome::Finished {
+                    emit: shown,
+                    reason: FinishReason::Length,
+                    counted,
+                    stop: None,
+                },
+                (mut shown, _) => {
+                    shown.push_str(&lines.flush());
+                    TokenOutcome::Finished {
+                        emit: shown,
+                        reason,
+                        counted,
+                        stop,
+                    }
+                }
+            },
+        })
+    }
+
+    /// [`Self::push`] before the limits on lines.
+    fn push_text(&mut self, tok: &Tokenizer, id: u32) -> Result<TokenOutcome, ModelError> {
         if tok.is_stop(id) {
             let (emit, stop) = self.flush(tok)?;
             return Ok(TokenOutcome::Finished {

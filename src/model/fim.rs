@@ -65,7 +65,7 @@ const MIDDLE_TEXTS: &[&str] = &[
     "<|code_middle|>",
     "<|middle|>",
 ];
-const PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"];
+const PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
 const REPO_TEXTS: &[&str] = &[
     "<|fim_repo|>",
     "<|repo_name|>",
@@ -162,40 +162,55 @@ impl Fim {
     }
 
     /// Other files' text put before the fill, as llama.cpp's `/infill` puts its `input_extra`:
-    /// with a file separator, a repository-level prompt (`<repo>myproject\n`, then
+    /// with a repository token, `<repo>myproject\n` first; with a file separator,
     /// `<file_sep>name\ntext` for each chunk and `<file_sep>filename\n` for the file being
-    /// filled); without one, each chunk after a `--- snippet ---` line. Each chunk's tokens
-    /// come apart, so the oldest can be left out whole.
+    /// filled (a repository-level prompt); without one, each chunk after a `--- snippet ---`
+    /// line. Names and texts are text only ([`Tokenizer::encode_plain`]). Each chunk's
+    /// tokens come apart, so the oldest can be left out whole.
     pub fn context(
         &self,
         tok: &Tokenizer,
         chunks: &[(String, String)],
     ) -> Result<ContextTokens, ModelError> {
         let mut head = Vec::new();
-        if let (Some(repo), Some(_)) = (self.repo, self.file_sep) {
+        if let Some(repo) = self.repo {
             head.push(repo);
-            head.extend(tok.encode(&format!("{PROJECT}\n"), false)?);
+            head.extend(tok.encode_plain(&format!("{PROJECT}\n"))?);
         }
         let mut parts = Vec::with_capacity(chunks.len());
         for (name, text) in chunks {
             let mut part = match self.file_sep {
                 Some(sep) => {
                     let mut p = vec![sep];
-                    p.extend(tok.encode(&format!("{name}\n"), false)?);
+                    p.extend(tok.encode_plain(&format!("{name}\n"))?);
                     p
                 }
-                None => tok.encode(SNIPPET, false)?,
+                None => tok.encode_plain(SNIPPET)?,
             };
-            part.extend(tok.encode(text, false)?);
+            part.extend(tok.encode_plain(text)?);
             parts.push(part);
         }
         let mut tail = Vec::new();
         if let Some(sep) = self.file_sep {
             tail.push(sep);
-            tail.extend(tok.encode(&format!("{CURRENT_FILE}\n"), false)?);
+            tail.extend(tok.encode_plain(&format!("{CURRENT_FILE}\n"))?);
         }
         Ok(ContextTokens { head, parts, tail })
     }
+}
+
+/// Cuts a fill's prefix (from its start) and suffix (from its end) to `room` tokens in all,
+/// the suffix to a quarter of it when both must give (llama.cpp's 3:1); whether it cut.
+pub fn fit_fill(prefix: &mut Vec<u32>, suffix: &mut Vec<u32>, room: usize) -> bool {
+    if prefix.len() + suffix.len() <= room {
+        return false;
+    }
+    let keep_suffix = suffix.len().min(room / 4);
+    let keep_prefix = prefix.len().min(room - keep_suffix);
+    let keep_suffix = suffix.len().min(room - keep_prefix);
+    prefix.drain(..prefix.len() - keep_prefix);
+    suffix.truncate(keep_suffix);
+    true
 }
 
 /// A fill's extra context as tokens: a head, one part per chunk (oldest first) and a tail.
@@ -287,6 +302,26 @@ mod tests {
             Fim::detect(none, lookup(&[("<fim_prefix>", 1), ("<fim_suffix>", 2)]), 9).is_none()
         );
         assert!(Fim::detect(none, none, 9).is_none());
+    }
+
+    #[test]
+    fn a_fill_too_long_keeps_the_prefixs_end_and_the_suffixs_start() {
+        let fit = |p: usize, s: usize, room: usize| {
+            let (mut prefix, mut suffix): (Vec<u32>, Vec<u32>) =
+                ((0..p as u32).collect(), (100..100 + s as u32).collect());
+            let cut = fit_fill(&mut prefix, &mut suffix, room);
+            (prefix, suffix, cut)
+        };
+        assert_eq!(fit(3, 2, 5), (vec![0, 1, 2], vec![100, 101], false));
+        // 3:1 when both are long; the prefix keeps its end, the suffix its start.
+        assert_eq!(
+            fit(10, 10, 8),
+            (vec![4, 5, 6, 7, 8, 9], vec![100, 101], true)
+        );
+        // A short side leaves its room to the other.
+        assert_eq!(fit(1, 10, 8), (vec![0], (100..107).collect(), true));
+        assert_eq!(fit(10, 1, 8), ((3..10).collect(), vec![100], true));
+        assert_eq!(fit(5, 5, 0), (vec![], vec![], true));
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Tokenizer {
     probe: Option<(u32, String)>,
     /// The bytes each token id stands for (see [`Self::token_bytes_of`]), built on first use.
     bytes: Arc<OnceLock<Vec<Vec<u8>>>>,
+    /// A copy that reads control-token spellings as text (see [`Self::encode_plain`]),
+    /// made on first use.
+    plain: Arc<OnceLock<tokenizers::Tokenizer>>,
 }
 
 /// What the metadata says about special tokens, independent of how text is split.
@@ -205,6 +208,7 @@ impl Tokenizer {
             control_ids: s.control_ids,
             probe,
             bytes: Arc::default(),
+            plain: Arc::default(),
         }
     }
 
@@ -221,6 +225,20 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Encodes `text` as text only, without BOS: a control token's spelling in it is text
+    /// (llama.cpp's `parse_special = false`), as code may hold `<|endoftext|>`.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = plain
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes `ids` to text; control tokens are dropped.
@@ -538,51 +556,5 @@ fn spm_json(f: &GgufFile, tokens: &[String]) -> Result<Json> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
-
-    fn pieces(pattern: &str, text: &str) -> Vec<String> {
-        let pre: PreTokenizerWrapper = serde_json::from_value(split(pattern)).unwrap();
-        let mut s = PreTokenizedString::from(text);
-        pre.pre_tokenize(&mut s).unwrap();
-        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
-            .into_iter()
-            .map(|(p, _, _)| p.to_string())
-            .collect()
-    }
-
-    #[test]
-    fn the_tekken_split_is_mistrals() {
-        // Expected: Python's `regex.findall` with the pattern of Mistral's tokenizer.json.
-        let cases: [(&str, &[&str]); 5] = [
-            (
-                "Hello World123 ABCdef",
-                &["Hello", " World", "1", "2", "3", " ABCdef"],
-            ),
-            (
-                "HTTPServer's JSONParser  \n\n  x",
-                &["HTTPServer", "'s", " JSONParser", "  \n\n", " ", " x"],
-            ),
-            (
-                "naïve café: 3.14159!\r\n// done",
-                &[
-                    "naïve", " café", ":", " ", "3", ".", "1", "4", "1", "5", "9", "!\r\n//",
-                    " done",
-                ],
-            ),
-            (
-                "getHTTPResponseCode(42)",
-                &["get", "HTTPResponse", "Code", "(", "4", "2", ")"],
-            ),
-            (
-                "ÉCOLE über straße 你好",
-                &["ÉCOLE", " über", " straße", " 你好"],
-            ),
-        ];
-        for (text, want) in cases {
-            assert_eq!(pieces(TEKKEN_SPLIT, text), want, "{text:?}");
-        }
-    }
-}
+#[path = "tokenizer_tests.rs"]
+mod tests;
