@@ -30,16 +30,17 @@ fn server(controls: &'static [&'static str]) -> (tempfile::TempDir, Server) {
 }
 
 fn server_with(controls: &'static [&'static str], context: u32) -> (tempfile::TempDir, Server) {
+    serve(Spec {
+        controls,
+        context,
+        ..Spec::default()
+    })
+}
+
+fn serve(spec: Spec) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("coder.gguf");
-    synthetic::write(
-        &path,
-        &Spec {
-            controls,
-            context,
-            ..Spec::default()
-        },
-    );
+    synthetic::write(&path, &spec);
     let server = Server::spawn(&["--model", path.to_str().unwrap()], &[]);
     server.wait_ready();
     (dir, server)
@@ -165,6 +166,35 @@ fn the_fim_tokens_end_a_fill() {
         assert_eq!(reply["choices"][0]["finish_reason"], "stop", "{reply}");
         assert_eq!(reply["usage"]["completion_tokens"], 0, "{reply}");
     }
+}
+
+#[test]
+fn fim_tokens_typed_as_words_are_control_tokens_still() {
+    // Older conversions type them user-defined; llama.cpp makes them control tokens.
+    let (_dir, server) = serve(Spec {
+        controls: QWEN,
+        controls_user_defined: true,
+        ..Spec::default()
+    });
+    // Code that spells one is text...
+    let spelled = "x = '<|fim_middle|>'";
+    let (status, reply) = server.post(
+        "/v1/completions",
+        &with(greedy(1), json!({"prompt": spelled, "suffix": spelled})),
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["usage"]["prompt_tokens"],
+        3 + 2 * spelled.len(),
+        "{reply}"
+    );
+    // ...and one the model writes is not shown.
+    let body = json!({"prompt": "x", "temperature": 0, "max_tokens": 2,
+                      "logit_bias": {MID.to_string(): 100}});
+    let (status, reply) = server.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["usage"]["completion_tokens"], 2, "{reply}");
+    assert_eq!(reply["choices"][0]["text"], "", "{reply}");
 }
 
 #[test]
@@ -364,12 +394,33 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
             json!({"input_prefix": "z".repeat(300), "input_suffix": "w".repeat(300)}),
         ),
     );
-    // A fill longer than the context keeps the prefix's end and the suffix's start, 3:1,
-    // as llama.cpp does, and says so.
+    // A fill longer than its half of the context (with the completion) keeps the prefix's
+    // end and the suffix's start, 3:1 as llama.cpp does, and says so.
     assert_eq!(status, 200, "{err}");
     assert_eq!(err["truncated"], true, "{err}");
     let evaluated = err["tokens_evaluated"].as_u64().unwrap();
-    assert!(evaluated + 16 <= 256 && evaluated > 200, "{err}");
+    assert!(evaluated + 16 <= 128 && evaluated > 100, "{err}");
+    // A completion longer than half the context takes the chunks' half.
+    let (status, big) = server.post(
+        "/infill",
+        &with(
+            infill_greedy(200),
+            json!({"input_prefix": "z".repeat(300), "input_suffix": "", "input_extra": [chunk(0)]}),
+        ),
+    );
+    assert_eq!(status, 200, "{big}");
+    let evaluated = big["tokens_evaluated"].as_u64().unwrap();
+    assert!(evaluated + 200 <= 256 && evaluated > 40, "{big}");
+    // One that leaves no room for the fill's own tokens is refused, the prompt as sent.
+    let (status, err) = server.post(
+        "/infill",
+        &with(
+            infill_greedy(250),
+            json!({"input_prefix": "z".repeat(300), "input_suffix": ""}),
+        ),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "context_length_exceeded", "{err}");
 
     // `n_indent`: a newline forced every token makes an empty second line, which is
     // indented less than 1: the reply ends before it, as llama.cpp's does.
@@ -440,4 +491,71 @@ fn past_t_max_predict_ms_the_next_newline_ends_the_fill() {
         (&json!(true), &json!("limit"))
     );
     assert!(last["tokens_predicted"].as_u64().unwrap() < 2000, "{last}");
+}
+
+#[test]
+fn llama_cpps_completion_endpoint_answers_in_its_shape() {
+    let (_dir, server) = server(QWEN);
+    let ask = json!({"prompt": "Hello", "n_predict": 5, "temperature": 0,
+                     "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}});
+    let (status, reply) = server.post("/completion", &ask);
+    assert_eq!(status, 200, "{reply}");
+    let (want, _, usage) = completion(&server, &with(greedy(5), json!({"prompt": "Hello"})));
+    assert_eq!(reply["content"], want.as_str(), "{reply}");
+    assert_eq!(reply["tokens_predicted"], 5);
+    assert_eq!(reply["tokens_evaluated"], usage["prompt_tokens"]);
+    assert_eq!(reply["stop_type"], "limit");
+    // Token ids; a stream of pieces and the final object.
+    let (_, by_ids) = server.post(
+        "/completion",
+        &with(ask.clone(), json!({"prompt": ids("Hello")})),
+    );
+    assert_eq!(by_ids["content"], want.as_str(), "{by_ids}");
+    let events = server.stream("/completion", &with(ask.clone(), json!({"stream": true})));
+    let objects: Vec<Value> = events
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, pieces) = objects.split_last().unwrap();
+    let text: String = pieces
+        .iter()
+        .map(|p| p["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want);
+    assert_eq!(
+        (&last["stop"], &last["tokens_predicted"]),
+        (&json!(true), &json!(5))
+    );
+    // A stop string: `stop_type: "word"` and the string.
+    let forced = json!({"prompt": "Hello", "n_predict": 8, "temperature": 0,
+                        "logit_bias": {"120": 100}, "stop": ["xx"]});
+    let (_, word) = server.post("/completion", &forced);
+    assert_eq!(
+        (&word["stop_type"], &word["stopping_word"]),
+        (&json!("word"), &json!("xx")),
+        "{word}"
+    );
+    assert_eq!(word["content"], "", "{word}");
+    // `json_schema` constrains the reply; the end of the grammar is an end of text.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                        "required": ["ok"], "additionalProperties": false});
+    let (status, constrained) = server.post(
+        "/completion",
+        &json!({"prompt": "Hello", "n_predict": 40, "temperature": 0, "json_schema": schema}),
+    );
+    assert_eq!(status, 200, "{constrained}");
+    let value: Value = serde_json::from_str(constrained["content"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {constrained}"));
+    assert!(value["ok"].is_boolean(), "{constrained}");
+    assert_eq!(constrained["stop_type"], "eos", "{constrained}");
+    // What it does not take is refused by name.
+    for (field, v) in [
+        ("grammar", json!("root ::= \"a\"")),
+        ("n_probs", json!(3)),
+        ("max_tokens", json!(3)),
+    ] {
+        let (status, err) = server.post("/completion", &json!({"prompt": "Hi", field: v}));
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["param"], field, "{err}");
+    }
 }

@@ -1,37 +1,24 @@
 //! llama-server's `/infill`: code completion between a prefix and a suffix, with other files'
-//! text as extra context, in llama.cpp's own request and response shapes, as editor plugins
-//! (llama.vim, llama.vscode) call it. The prompt is the model's fill-in-the-middle layout
-//! ([`crate::model::fim`]); the reply is rendered from the same engine events as every surface.
+//! text as extra context, in llama.cpp's own request and response shapes (native.rs), as
+//! editor plugins (llama.vim, llama.vscode) call it. The prompt is the model's
+//! fill-in-the-middle layout ([`crate::model::fim`]).
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
-use axum::response::sse::Event as SseEvent;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use futures_util::stream::{self, Stream};
+use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::gate::Tail;
-use super::generate::{run, Input, Output};
-use super::handlers::{accept, fim_of, unix_now};
-use super::response::{Deadline, Meta, Surface};
+use super::generate::{run, Input};
+use super::handlers::{accept, fim_of};
+use super::native::{line_limits, native_meta, native_output, to_sampling, NativeCtx};
 use super::{AppState, RequestId};
-use crate::engine::lines::LineLimits;
-use crate::engine::request::{Event, EventReceiver, FinishReason, Usage};
 use crate::gateway::Principal;
 use crate::model::fim::fit_fill;
-
-/// llama.cpp's sampling default for its own endpoints.
-const DEFAULT_TEMPERATURE: f64 = 0.8;
 
 #[derive(Debug, Deserialize)]
 pub struct InfillRequest {
@@ -67,50 +54,6 @@ fn default_filename() -> String {
     "tmp".into()
 }
 
-/// llama.cpp's sampling names as the OpenAI fields every generation reads: `n_predict` is
-/// `max_tokens` (negative: no limit but the context; 0: only the prompt is computed, to warm
-/// the prefix cache), `repeat_penalty` is `repetition_penalty`, a `seed` of -1 is none, and
-/// `temperature` defaults to llama.cpp's 0.8.
-fn to_sampling(mut v: Value) -> Result<Value, ApiError> {
-    let o = v.as_object_mut().expect("parse_body returns objects");
-    for openai in [
-        "max_tokens",
-        "max_completion_tokens",
-        "n",
-        "best_of",
-        "logprobs",
-    ] {
-        if o.contains_key(openai) {
-            return Err(ApiError::invalid(
-                openai,
-                format!("`{openai}` is not a field of /infill (`n_predict` is its token limit)"),
-            ));
-        }
-    }
-    match o.remove("n_predict") {
-        None | Some(Value::Null) => {}
-        Some(n) if n.as_f64().is_some_and(|n| n < 0.0) => {}
-        Some(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f < 1e18) => {
-            let n = n.as_f64().unwrap_or_default() as u64;
-            o.insert("max_tokens".into(), n.into());
-        }
-        Some(n) => {
-            return Err(ApiError::invalid(
-                "n_predict",
-                format!("`n_predict` must be an integer, got {n}"),
-            ))
-        }
-    }
-    if let Some(p) = o.remove("repeat_penalty") {
-        o.insert("repetition_penalty".into(), p);
-    }
-    if o.get("seed").and_then(Value::as_i64) == Some(-1) {
-        o.remove("seed");
-    }
-    o.entry("temperature").or_insert(json!(DEFAULT_TEMPERATURE));
-    Ok(v)
-}
-
 pub async fn infill(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
@@ -131,11 +74,7 @@ pub async fn infill(
         |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
     fim_of(&ready, "input_suffix")?;
-    let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).filter(|&v| v > 0);
-    let lines = LineLimits {
-        n_indent: positive(req.n_indent).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
-        t_max: positive(req.t_max_predict_ms).map(Duration::from_millis),
-    };
+    let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
     let requested = sampling.max_tokens(true)?;
     let limit = ready.context_length.min(ready.engine.kv_capacity);
@@ -154,16 +93,23 @@ pub async fn infill(
             .map(|c| (c.filename, c.text))
             .collect();
         let context = fim.context(tok, &chunks)?;
-        // The completion's room (without `n_predict`, a quarter of the context); then the
-        // fill, its prefix's far end and its suffix's cut first if it must be; then the
-        // newest whole chunks in at most half the context, so that a request and the
-        // warm-up before it (`n_predict: 0`) keep the same ones.
+        // Half the context for other files' chunks (the newest whole ones, whatever this
+        // request's size, so that an editor's warm-up with `n_predict: 0` and the request
+        // after it keep the same ones and the prefix cache serves them); the other half for
+        // the fill and the completion (`n_predict`, a quarter of the context without one),
+        // the prefix's far end and the suffix's end cut first if it must be (3:1). A
+        // completion longer than half the context takes the chunks' room; one that leaves
+        // no room for the fill's own tokens is refused with the prompt as sent.
         let reserve = requested.unwrap_or(limit / 4);
         // The layout's tokens and the context's own (its head and tail) always go in.
         let frame = context.head.len() + context.tail.len();
         let layout = fim.prompt(tok, &[], &[], &[]).len() + frame;
-        let room = limit.saturating_sub(reserve.saturating_add(layout));
-        let cut = fit_fill(&mut prefix, &mut suffix, room);
+        let half = limit - limit / 2;
+        let room = match half.checked_sub(reserve.saturating_add(layout)) {
+            Some(room) if room > 0 => room,
+            _ => limit.saturating_sub(reserve.saturating_add(layout)),
+        };
+        let cut = room > 0 && fit_fill(&mut prefix, &mut suffix, room);
         let fill = layout + prefix.len() + suffix.len();
         let chunks_room = (limit / 2).min(limit.saturating_sub(fill.saturating_add(reserve)));
         let (context, left_out) = context.fit(chunks_room + frame);
@@ -173,32 +119,14 @@ pub async fn infill(
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let ctx = InfillCtx {
-        started: Instant::now(),
+    let ctx = NativeCtx {
+        started: gate.arrived,
+        prompt_tokens: prompt.len(),
         truncated,
         fields,
     };
-    let meta = Meta {
-        id: format!("infill-{}", rid.0),
-        created: unix_now(),
-        model: state.model_name.clone(),
-        chat: false,
-        logprobs: false,
-        tools: None,
-        reasoning: None,
-        surface: Surface::Infill(Arc::new(ctx)),
-        pick: None,
-    };
-    let out = Output {
-        logprobs: false,
-        top_logprobs: 0,
-        prompt_logprobs: false,
-        // `n_predict: 0` computes the prompt alone (editors warm the cache with it).
-        echo: true,
-        constraints: Vec::new(),
-        best_of: None,
-        lines,
-    };
+    let meta = native_meta(state, &rid, "infill", ctx);
+    let out = native_output(lines, Vec::new());
     let input = Input { prompt, echo: None };
     run(
         state,
@@ -211,245 +139,4 @@ pub async fn infill(
         gate,
     )
     .await
-}
-
-/// What an `/infill` reply needs besides the engine's events.
-#[derive(Debug)]
-pub struct InfillCtx {
-    /// When the request was read (its prompt's time counts from there).
-    pub started: Instant,
-    /// The prefix or suffix was cut, or extra context chunks left out, to fit.
-    pub truncated: bool,
-    pub fields: Vec<String>,
-}
-
-/// How a reply ended: the engine's reason, the stop string, the usage.
-type End = (FinishReason, Option<String>, Usage);
-
-/// An `/infill` reply as it is gathered.
-#[derive(Default)]
-struct Fill {
-    content: String,
-    /// When the engine made the first and the last token.
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-impl Fill {
-    fn token(&mut self, text: &str, at: Instant) {
-        self.first.get_or_insert(at);
-        self.last = Some(at);
-        self.content.push_str(text);
-    }
-
-    /// llama.cpp's final object.
-    fn value(&self, meta: &Meta, ctx: &InfillCtx, content: &str, end: &End) -> Value {
-        let (reason, stop, usage) = end;
-        let (stop_type, word) = match (reason, stop) {
-            (FinishReason::Stop, Some(w)) => ("word", w.clone()),
-            (FinishReason::Stop, None) => ("eos", String::new()),
-            (_, _) => ("limit", String::new()),
-        };
-        let (prompt, predicted) = (usage.prompt_tokens, usage.completion_tokens);
-        let computed = prompt.saturating_sub(usage.cached_tokens);
-        let now = Instant::now();
-        let first = self.first.unwrap_or(now);
-        let last = self.last.unwrap_or(first);
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let prompt_ms = ms(first.saturating_duration_since(ctx.started));
-        let predicted_ms = ms(last.saturating_duration_since(first));
-        // Per token and per second (llama.cpp's; 0 where nothing was timed).
-        let per = |n: usize, t: f64| match (n, t > 0.0) {
-            (0, _) | (_, false) => (0.0, 0.0),
-            (n, true) => (t / n as f64, n as f64 * 1e3 / t),
-        };
-        let timings = json!({
-            "cache_n": usage.cached_tokens,
-            "prompt_n": computed, "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": per(computed, prompt_ms).0,
-            "prompt_per_second": per(computed, prompt_ms).1,
-            "predicted_n": predicted, "predicted_ms": predicted_ms,
-            "predicted_per_token_ms": per(predicted, predicted_ms).0,
-            "predicted_per_second": per(predicted, predicted_ms).1,
-        });
-        let all = json!({
-            "index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": true,
-            "model": meta.model, "tokens_predicted": predicted, "tokens_evaluated": prompt,
-            "has_new_line": self.content.contains('\n'), "truncated": ctx.truncated,
-            "stop_type": stop_type, "stopping_word": word,
-            "tokens_cached": prompt + predicted, "timings": timings,
-        });
-        pick_fields(all, &ctx.fields)
-    }
-}
-
-/// llama.cpp's `response_fields`: each path (`timings/prompt_n`) that exists, under its
-/// own name; none asked: everything.
-fn pick_fields(all: Value, fields: &[String]) -> Value {
-    if fields.is_empty() {
-        return all;
-    }
-    let mut out = serde_json::Map::new();
-    for f in fields {
-        if let Some(v) = f.split('/').try_fold(&all, |v, k| v.get(k)) {
-            out.insert(f.clone(), v.clone());
-        }
-    }
-    Value::Object(out)
-}
-
-/// The whole reply.
-pub async fn whole(
-    mut rx: EventReceiver,
-    meta: Meta,
-    ctx: Arc<InfillCtx>,
-    mut tail: Tail,
-    deadline: Deadline,
-) -> Result<Response, ApiError> {
-    let mut fill = Fill::default();
-    let gather = async {
-        while let Some(ev) = rx.recv().await {
-            tail.observe(&ev).await;
-            match ev {
-                Event::Token { text, at, .. } => fill.token(&text, at),
-                Event::Finished {
-                    reason,
-                    usage,
-                    stop_sequence,
-                    ..
-                } => return Ok((reason, stop_sequence, usage)),
-                Event::Failed(msg) => return Err(ApiError::internal(msg)),
-                Event::Prompt { .. } | Event::Embedding(_) => {}
-            }
-        }
-        Err(ApiError::engine_stopped())
-    };
-    let end = match deadline {
-        None => gather.await?,
-        Some((at, limit)) => tokio::time::timeout_at(at, gather)
-            .await
-            .map_err(|_| ApiError::request_timeout(limit))??,
-    };
-    let v = fill.value(&meta, &ctx, &fill.content, &end);
-    Ok(Json(v).into_response())
-}
-
-/// The streamed reply: one object per piece of text, then the final object (its `content`
-/// empty), as llama.cpp streams its own endpoints (no `[DONE]`).
-pub fn sse(
-    rx: EventReceiver,
-    meta: Meta,
-    ctx: Arc<InfillCtx>,
-    tail: Tail,
-    keep_alive: Duration,
-) -> Response {
-    let state = Streamed {
-        rx: Some(rx),
-        fill: Fill::default(),
-        tokens: 0,
-        meta,
-        ctx,
-        tail,
-        pending: VecDeque::new(),
-    };
-    super::stream::sse_of(events(state), keep_alive)
-}
-
-struct Streamed {
-    /// `None` once the reply has ended.
-    rx: Option<EventReceiver>,
-    fill: Fill,
-    /// Pieces so far (the final object counts the engine's tokens).
-    tokens: usize,
-    meta: Meta,
-    ctx: Arc<InfillCtx>,
-    tail: Tail,
-    pending: VecDeque<Value>,
-}
-
-impl Streamed {
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Token { text, at, .. }) => {
-                self.fill.token(&text, at);
-                self.tokens += 1;
-                if !text.is_empty() {
-                    self.pending.push_back(json!({
-                        "index": 0, "content": text, "tokens": [], "stop": false,
-                        "id_slot": -1, "tokens_predicted": self.tokens}));
-                }
-            }
-            Some(Event::Finished {
-                reason,
-                usage,
-                stop_sequence,
-                ..
-            }) => {
-                self.rx = None;
-                let end = (reason, stop_sequence, usage);
-                let v = self.fill.value(&self.meta, &self.ctx, "", &end);
-                self.pending.push_back(v);
-            }
-            Some(Event::Failed(msg)) => {
-                self.rx = None;
-                self.pending.push_back(ApiError::internal(msg).body());
-            }
-            Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
-            None => {
-                self.rx = None;
-                self.pending.push_back(ApiError::engine_stopped().body());
-            }
-        }
-    }
-}
-
-fn events(state: Streamed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(v) = s.pending.pop_front() {
-                return Some((Ok(SseEvent::default().data(v.to_string())), s));
-            }
-            let ev = s.rx.as_mut()?.recv().await;
-            if let Some(ev) = &ev {
-                s.tail.observe(ev).await;
-            }
-            s.on_event(ev);
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_fields_read_into_objects_under_their_paths() {
-        let all = json!({"content": "x", "timings": {"prompt_n": 3}, "stop": true});
-        let fields = ["content", "timings/prompt_n", "timings/nope", "missing"].map(String::from);
-        assert_eq!(
-            pick_fields(all.clone(), &fields),
-            json!({"content": "x", "timings/prompt_n": 3})
-        );
-        assert_eq!(pick_fields(all.clone(), &[]), all);
-    }
-
-    #[test]
-    fn llama_cpp_sampling_names_translate() {
-        let v = to_sampling(json!({"n_predict": 16, "repeat_penalty": 1.1, "seed": -1})).unwrap();
-        assert_eq!(v["max_tokens"], 16);
-        assert_eq!(v["repetition_penalty"], 1.1);
-        assert!(v.get("seed").is_none() && v.get("n_predict").is_none());
-        assert_eq!(v["temperature"], DEFAULT_TEMPERATURE);
-        let v = to_sampling(json!({"n_predict": -1, "temperature": 0})).unwrap();
-        assert!(v.get("max_tokens").is_none());
-        assert_eq!(v["temperature"], 0);
-        let v = to_sampling(json!({"n_predict": 128.0, "seed": 3})).unwrap();
-        assert_eq!(
-            (v["max_tokens"].as_u64(), v["seed"].as_u64()),
-            (Some(128), Some(3))
-        );
-        assert!(to_sampling(json!({"n_predict": 1.5})).is_err());
-        assert!(to_sampling(json!({"n_predict": "x"})).is_err());
-        assert!(to_sampling(json!({"max_tokens": 3})).is_err());
-    }
 }

@@ -15,6 +15,7 @@ pub mod gate;
 mod generate;
 mod handlers;
 mod infill;
+mod native;
 mod response;
 mod responses;
 mod responses_sse;
@@ -222,6 +223,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/embeddings", post(embeddings::embeddings))
         // llama-server's code completion between a prefix and a suffix, and Mistral's.
         .route("/infill", post(infill::infill))
+        // llama-server's own completion endpoint (its `/completions` is ours in OpenAI's
+        // shape, above).
+        .route("/completion", post(native::completion))
         .route("/v1/fim/completions", post(handlers::mistral_fim))
         .route("/v1/messages", post(surfaces::messages))
         .route("/v1/messages/count_tokens", post(surfaces::count_tokens))

@@ -84,15 +84,15 @@ pub enum Surface {
     },
     /// OpenAI's Responses API, with what its answer echoes and stores.
     Responses(std::sync::Arc<super::responses::ResponsesCtx>),
-    /// llama-server's `/infill`, in llama.cpp's own shapes.
-    Infill(std::sync::Arc<super::infill::InfillCtx>),
+    /// llama-server's own shapes (`/completion`, `/infill`).
+    LlamaCpp(std::sync::Arc<super::native::NativeCtx>),
 }
 
 impl Surface {
     /// The highest `temperature` the surface's API documents.
     pub fn max_temperature(&self) -> f32 {
         match self {
-            Surface::OpenAi | Surface::Responses(_) | Surface::Infill(_) => 2.0,
+            Surface::OpenAi | Surface::Responses(_) | Surface::LlamaCpp(_) => 2.0,
             Surface::Anthropic { .. } => 1.0,
             Surface::Workers { .. } => 5.0,
         }
@@ -116,15 +116,15 @@ pub async fn respond(
     deadline: Deadline,
 ) -> Result<Response, ApiError> {
     match (&meta.surface, stream) {
-        // Its limits may end the reply early: gathered by its own renderer.
-        (Surface::Infill(ctx), false) => {
+        // Timed by the engine's tokens: gathered by its own renderer.
+        (Surface::LlamaCpp(ctx), false) => {
             let ctx = ctx.clone();
             let Some(Choice { rx, .. }) = choices.into_iter().next() else {
                 return Err(ApiError::internal(
                     "a reply without a choice. This is a bug.",
                 ));
             };
-            return super::infill::whole(rx, meta, ctx, tail, deadline).await;
+            return super::native::whole(rx, meta, ctx, tail, deadline).await;
         }
         (_, false) => return collect(choices, meta, tail, deadline).await,
         _ => {}
@@ -144,7 +144,7 @@ pub async fn respond(
         }
         Surface::Workers { .. } => super::workers::sse(rx, meta, tail, keep_alive),
         Surface::Responses(ctx) => super::responses_sse::sse(rx, meta, ctx, tail, keep_alive),
-        Surface::Infill(ctx) => super::infill::sse(rx, meta, ctx, tail, keep_alive),
+        Surface::LlamaCpp(ctx) => super::native::sse(rx, meta, ctx, tail, keep_alive),
         Surface::OpenAi => {
             let choice = Choice::new(rx, None, true);
             super::stream::sse_response(vec![choice], meta, include_usage, tail, keep_alive)
@@ -475,8 +475,8 @@ async fn collect(
                 Surface::Responses(ctx) => {
                     super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
                 }
-                // `/infill`'s whole replies are gathered by its own renderer.
-                Surface::OpenAi | Surface::Infill(_) => meta.whole(vec![(r, echo, true)]),
+                // llama.cpp's whole replies are gathered by their own renderer.
+                Surface::OpenAi | Surface::LlamaCpp(_) => meta.whole(vec![(r, echo, true)]),
             }
         }
     };

@@ -13,6 +13,15 @@ pub struct LineLimits {
     pub t_max: Option<Duration>,
 }
 
+/// Which limit ended a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// A line indented too little: the text ends before its first non-blank character.
+    Indent,
+    /// The time limit: the text ends after this piece (nothing of it is lost).
+    Time,
+}
+
 /// The limits' state over one reply.
 #[derive(Debug)]
 pub struct LineCut {
@@ -34,8 +43,8 @@ impl LineCut {
         }
     }
 
-    /// The text of one token's piece to show, and whether the reply ends with it.
-    pub fn push(&mut self, piece: &str, now: Instant) -> (String, bool) {
+    /// The text of one token's piece to show, and the limit that ends the reply with it.
+    pub fn push(&mut self, piece: &str, now: Instant) -> (String, Option<Cut>) {
         let first = *self.first.get_or_insert(now);
         let mut out = String::new();
         for c in piece.chars() {
@@ -48,7 +57,7 @@ impl LineCut {
                 out.push_str(&std::mem::take(&mut self.held));
                 self.indenting = None;
                 if depth < self.limits.n_indent {
-                    return (out, true);
+                    return (out, Some(Cut::Indent));
                 }
             }
             out.push(c);
@@ -60,7 +69,7 @@ impl LineCut {
             .limits
             .t_max
             .is_some_and(|t| now.duration_since(first) > t);
-        (out, late && piece.contains('\n'))
+        (out, (late && piece.contains('\n')).then_some(Cut::Time))
     }
 
     /// The indentation still held when the reply ends for another reason.
@@ -90,7 +99,10 @@ mod tests {
         for (i, p) in pieces.iter().enumerate() {
             let (shown, stop) = cut.push(p, t0 + step * i as u32);
             out.push_str(&shown);
-            if stop {
+            if stop.is_some() {
+                if stop == Some(Cut::Time) {
+                    out.push_str(&cut.flush());
+                }
                 return (out, Some(i));
             }
         }
@@ -137,6 +149,18 @@ mod tests {
         let (shown, stop) = feed(limits(0, Some(100)), &pieces, Duration::from_millis(60));
         // 120 ms at the third piece, which has no newline; the fourth ends it.
         assert_eq!((shown.as_str(), stop), ("ab\ncd\n", Some(3)));
+        // With an indentation limit too, the indentation it holds is kept.
+        let pieces = ["a\n", "  b\n", "    "];
+        let (shown, stop) = feed(limits(2, Some(1)), &pieces, Duration::from_millis(5));
+        assert_eq!((shown.as_str(), stop), ("a\n  b\n", Some(1)));
+        let mut cut = LineCut::new(limits(2, Some(1)));
+        let t0 = Instant::now();
+        assert_eq!(cut.push("a\n ", t0), ("a\n".into(), None));
+        // The held space is shown once the time limit ends the reply at the next newline.
+        assert_eq!(
+            cut.push(" b\n", t0 + Duration::from_millis(5)),
+            ("  b\n".into(), Some(Cut::Time))
+        );
         assert_eq!(
             feed(limits(0, None), &pieces, Duration::from_secs(9)).1,
             None

@@ -4,7 +4,7 @@
 //! Knows token ids and text; never the model or HTTP. Invariant: the emitted pieces
 //! concatenate to the final text, which never contains a stop string or a broken character.
 
-use super::lines::{LineCut, LineLimits};
+use super::lines::{Cut, LineCut, LineLimits};
 use super::request::FinishReason;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::error::ModelError;
@@ -82,13 +82,29 @@ impl OutputState {
         let now = std::time::Instant::now();
         Ok(match outcome {
             TokenOutcome::Continue { emit } => match lines.push(&emit, now) {
-                (emit, false) => TokenOutcome::Continue { emit },
-                (emit, true) => TokenOutcome::Finished {
+                (emit, None) => TokenOutcome::Continue { emit },
+                (emit, Some(Cut::Indent)) => TokenOutcome::Finished {
                     emit,
                     reason: FinishReason::Length,
                     counted: true,
                     stop: None,
                 },
+                // Ended after this piece: what is held back comes out, as at `max_tokens`.
+                (mut emit, Some(Cut::Time)) => {
+                    emit.push_str(&lines.flush());
+                    let (rest, stop) = self.flush(tok)?;
+                    emit.push_str(&rest);
+                    let reason = match stop {
+                        Some(_) => FinishReason::Stop,
+                        None => FinishReason::Length,
+                    };
+                    TokenOutcome::Finished {
+                        emit,
+                        reason,
+                        counted: true,
+                        stop,
+                    }
+                }
             },
             TokenOutcome::Finished {
                 emit,
@@ -97,16 +113,16 @@ impl OutputState {
                 stop,
             } => match lines.push(&emit, now) {
                 // A line the limit cut: the limit ended the reply.
-                (shown, true) if shown != emit => TokenOutcome::Finished {
-                    emit: shown,
+                (emit, Some(Cut::Indent)) => TokenOutcome::Finished {
+                    emit,
                     reason: FinishReason::Length,
                     counted,
                     stop: None,
                 },
-                (mut shown, _) => {
-                    shown.push_str(&lines.flush());
+                (mut emit, None | Some(Cut::Time)) => {
+                    emit.push_str(&lines.flush());
                     TokenOutcome::Finished {
-                        emit: shown,
+                        emit,
                         reason,
                         counted,
                         stop,

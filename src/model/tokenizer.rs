@@ -178,15 +178,38 @@ impl Tokenizer {
         Ok(Self::with_specials(inner, specials).with_fim(f))
     }
 
-    /// Finds the fill-in-the-middle tokens; their ends end every generation (as llama.cpp).
+    /// Finds the fill-in-the-middle tokens; their ends end every generation, and all of
+    /// them are control tokens whatever the file's types say (as llama.cpp makes them):
+    /// never read from code's text, never shown.
     fn with_fim(mut self, f: &GgufFile) -> Self {
         let meta = |k: &str| f.opt_u32(k).ok().flatten();
         self.fim = Fim::detect(meta, |t| self.inner.token_to_id(t), self.vocab_size());
-        if let Some(fim) = &self.fim {
-            self.stop_ids.extend(&fim.ends);
-            self.stop_ids.sort_unstable();
-            self.stop_ids.dedup();
-        }
+        let Some(fim) = &self.fim else { return self };
+        self.stop_ids.extend(&fim.ends);
+        self.stop_ids.sort_unstable();
+        self.stop_ids.dedup();
+        let ids = [
+            Some(fim.prefix),
+            Some(fim.suffix),
+            fim.middle,
+            fim.repo,
+            fim.file_sep,
+        ];
+        let promoted: Vec<(u32, String)> = ids
+            .into_iter()
+            .flatten()
+            .chain(fim.ends.iter().copied())
+            .filter(|&id| !self.is_control(id))
+            .filter_map(|id| Some((id, self.inner.id_to_token(id)?)))
+            .collect();
+        let added: Vec<tokenizers::AddedToken> = promoted
+            .iter()
+            .map(|(_, text)| tokenizers::AddedToken::from(text.clone(), true).normalized(false))
+            .collect();
+        self.inner.add_special_tokens(&added);
+        self.control_ids.extend(promoted.iter().map(|&(id, _)| id));
+        self.control_ids.sort_unstable();
+        self.control_ids.dedup();
         self
     }
 

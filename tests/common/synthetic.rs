@@ -47,6 +47,9 @@ pub struct Spec {
     /// More control tokens after the byte-level vocabulary's (ids from 258 on): a code
     /// model's fill-in-the-middle tokens.
     pub controls: &'static [&'static str],
+    /// Type `controls` as user-defined words (4) instead of control tokens (3), as older
+    /// conversions do.
+    pub controls_user_defined: bool,
 }
 
 impl Default for Spec {
@@ -68,6 +71,7 @@ impl Default for Spec {
             embedding: false,
             meta: Vec::new(),
             controls: &[],
+            controls_user_defined: false,
         }
     }
 }
@@ -103,7 +107,8 @@ pub fn write(path: &Path, spec: &Spec) {
     let vocab_meta = if spec.spm {
         spm_vocab(spec.mistral, spec.mistral_args, spec.mistral_think)
     } else {
-        bpe_vocab(spec.pre, spec.controls)
+        let ty = if spec.controls_user_defined { 4 } else { 3 };
+        bpe_vocab(spec.pre, spec.controls, ty)
     };
     // One embedding row for each token.
     let vocab = vocab_meta
@@ -230,7 +235,7 @@ fn strings(v: &[&str]) -> Value {
 
 /// Byte-level BPE metadata: 256 byte symbols, `<|im_start|>` (256), `<|im_end|>` (257), then
 /// `controls`.
-fn bpe_vocab(pre: &str, controls: &[&str]) -> Vec<(String, Value)> {
+fn bpe_vocab(pre: &str, controls: &[&str], controls_type: i32) -> Vec<(String, Value)> {
     let mut tokens: Vec<Value> = byte_level_alphabet()
         .into_iter()
         .map(Value::String)
@@ -240,7 +245,7 @@ fn bpe_vocab(pre: &str, controls: &[&str]) -> Vec<(String, Value)> {
     tokens.extend(controls.iter().map(|c| Value::String(c.to_string())));
     let mut types = vec![Value::I32(1); 256];
     types.extend([Value::I32(3), Value::I32(3)]);
-    types.extend(controls.iter().map(|_| Value::I32(3)));
+    types.extend(controls.iter().map(|_| Value::I32(controls_type)));
     vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),

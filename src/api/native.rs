@@ -1,0 +1,478 @@
+//! llama-server's own shapes (its native endpoints, not the OpenAI-compatible ones): the
+//! sampling names they take, the reply object (`content`, `stop_type`, `tokens_predicted`,
+//! `timings`, ...) whole and streamed, and `POST /completion`. `/infill` (infill.rs) answers
+//! in them too. Every reply is rendered from the same engine events as every surface.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::HeaderMap;
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::gate::Tail;
+use super::generate::{run, Input, Output};
+use super::handlers::{accept, unix_now};
+use super::response::{Deadline, Meta, Surface};
+use super::{AppState, RequestId};
+use crate::engine::lines::LineLimits;
+use crate::engine::request::{Event, EventReceiver, FinishReason, Usage};
+use crate::gateway::Principal;
+use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
+
+/// llama.cpp's sampling default for its own endpoints.
+const DEFAULT_TEMPERATURE: f64 = 0.8;
+
+/// llama.cpp's `n_indent` and `t_max_predict_ms` (0 or less, or absent: no limit).
+pub(super) fn line_limits(n_indent: Option<i64>, t_max_predict_ms: Option<i64>) -> LineLimits {
+    let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).filter(|&v| v > 0);
+    LineLimits {
+        n_indent: positive(n_indent).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        t_max: positive(t_max_predict_ms).map(Duration::from_millis),
+    }
+}
+
+/// `POST /completion`'s fields besides sampling.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: NativePrompt,
+    pub n_indent: Option<i64>,
+    pub t_max_predict_ms: Option<i64>,
+    #[serde(default)]
+    pub response_fields: Vec<String>,
+    /// Probabilities of the top tokens (not given: refused above 0).
+    pub n_probs: Option<i64>,
+    /// A GBNF grammar (refused: send `json_schema`).
+    pub grammar: Option<Value>,
+    /// JSON valid against this schema.
+    pub json_schema: Option<Value>,
+}
+
+/// A prompt as text (control-token spellings are the tokens, BOS added if the model asks)
+/// or token ids (taken as given).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum NativePrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// llama-server's `POST /completion`: a raw prompt continued, in llama.cpp's shapes, with
+/// its sampling names, `n_indent`, `t_max_predict_ms`, `response_fields` and `json_schema`.
+pub async fn completion(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let state = &state;
+    let (ready, mut req, sampling, gate) = accept(
+        state,
+        &rid,
+        who,
+        &headers,
+        "/completion",
+        body,
+        to_sampling,
+        |r: &CompletionRequest| r.model.as_deref().filter(|m| !m.is_empty()),
+    )?;
+    if req.n_probs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "n_probs",
+            "`n_probs` is not supported here: /v1/completions gives `logprobs`",
+        ));
+    }
+    if req.grammar.as_ref().is_some_and(|g| !g.is_null()) {
+        return Err(ApiError::invalid(
+            "grammar",
+            "GBNF grammars are not supported: send `json_schema` (or use /v1/chat/completions' `response_format`, with `lark`)",
+        ));
+    }
+    let lines = line_limits(req.n_indent, req.t_max_predict_ms);
+    let fields = std::mem::take(&mut req.response_fields);
+    let format = req
+        .json_schema
+        .take()
+        .filter(|s| !s.is_null())
+        .map(|schema| OutputFormat::JsonSchema {
+            schema,
+            strict: false,
+        });
+    let r = ready.clone();
+    let (prompt, constraints) = tokio::task::spawn_blocking(move || {
+        let prompt = match req.prompt {
+            NativePrompt::Text(text) => r
+                .tokenizer
+                .encode(&text, true)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            NativePrompt::Ids(ids) => ids,
+        };
+        let mut constraints = Vec::new();
+        if let Some(format) = format {
+            let spec = ConstraintSpec {
+                format,
+                tools: Vec::new(),
+                choice: ToolChoice::None,
+                parallel: false,
+                tool_format: r.tool_format,
+                think: None,
+            };
+            constraints.extend(r.grammars.constraint(&spec)?);
+        }
+        Ok::<_, ApiError>((prompt, constraints))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))??;
+    let ctx = NativeCtx {
+        started: gate.arrived,
+        prompt_tokens: prompt.len(),
+        truncated: false,
+        fields,
+    };
+    let meta = native_meta(state, &rid, "cmpl", ctx);
+    let out = native_output(lines, constraints);
+    let input = Input { prompt, echo: None };
+    run(
+        state,
+        &ready,
+        vec![input],
+        &sampling,
+        out,
+        meta,
+        &rid.0,
+        gate,
+    )
+    .await
+}
+
+/// The envelope of a reply in llama.cpp's shapes.
+pub(super) fn native_meta(state: &AppState, rid: &RequestId, kind: &str, ctx: NativeCtx) -> Meta {
+    Meta {
+        id: format!("{kind}-{}", rid.0),
+        created: unix_now(),
+        model: state.model_name.clone(),
+        chat: false,
+        logprobs: false,
+        tools: None,
+        reasoning: None,
+        surface: Surface::LlamaCpp(Arc::new(ctx)),
+        pick: None,
+    }
+}
+
+/// One choice of text; `n_predict: 0` computes the prompt alone (editors warm the cache
+/// with it).
+pub(super) fn native_output(
+    lines: LineLimits,
+    constraints: Vec<Box<dyn crate::engine::constraint::TokenConstraint>>,
+) -> Output {
+    Output {
+        logprobs: false,
+        top_logprobs: 0,
+        prompt_logprobs: false,
+        echo: true,
+        constraints,
+        best_of: None,
+        lines,
+    }
+}
+
+/// llama.cpp's sampling names as the OpenAI fields every generation reads: `n_predict` is
+/// `max_tokens` (negative: no limit but the context; 0: only the prompt is computed, to warm
+/// the prefix cache), `repeat_penalty` is `repetition_penalty`, a `seed` of -1 is none, and
+/// `temperature` defaults to llama.cpp's 0.8.
+pub(super) fn to_sampling(mut v: Value) -> Result<Value, ApiError> {
+    let o = v.as_object_mut().expect("parse_body returns objects");
+    for openai in [
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "best_of",
+        "logprobs",
+    ] {
+        if o.contains_key(openai) {
+            return Err(ApiError::invalid(
+                openai,
+                format!("`{openai}` is not a field of /infill (`n_predict` is its token limit)"),
+            ));
+        }
+    }
+    match o.remove("n_predict") {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_f64().is_some_and(|n| n < 0.0) => {}
+        Some(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f < 1e18) => {
+            let n = n.as_f64().unwrap_or_default() as u64;
+            o.insert("max_tokens".into(), n.into());
+        }
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n_predict",
+                format!("`n_predict` must be an integer, got {n}"),
+            ))
+        }
+    }
+    if let Some(p) = o.remove("repeat_penalty") {
+        o.insert("repetition_penalty".into(), p);
+    }
+    if o.get("seed").and_then(Value::as_i64) == Some(-1) {
+        o.remove("seed");
+    }
+    o.entry("temperature").or_insert(json!(DEFAULT_TEMPERATURE));
+    Ok(v)
+}
+
+/// What a reply in llama.cpp's shapes needs besides the engine's events.
+#[derive(Debug)]
+pub struct NativeCtx {
+    /// When the request was read (its prompt's time counts from there).
+    pub started: Instant,
+    /// The prompt's size (streamed pieces carry it before the usage comes).
+    pub prompt_tokens: usize,
+    /// The prompt was cut to fit (`/infill`: its prefix or suffix, or extra context chunks).
+    pub truncated: bool,
+    pub fields: Vec<String>,
+}
+
+/// How a reply ended: the engine's reason, the stop string, the usage.
+type End = (FinishReason, Option<String>, Usage);
+
+/// A reply as it is gathered.
+#[derive(Default)]
+struct Fill {
+    content: String,
+    /// When the engine made the first and the last token.
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Fill {
+    fn token(&mut self, text: &str, at: Instant) {
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        self.content.push_str(text);
+    }
+
+    /// llama.cpp's final object.
+    fn value(&self, meta: &Meta, ctx: &NativeCtx, content: &str, end: &End) -> Value {
+        let (reason, stop, usage) = end;
+        let (stop_type, word) = match (reason, stop) {
+            (FinishReason::Stop, Some(w)) => ("word", w.clone()),
+            (FinishReason::Stop, None) => ("eos", String::new()),
+            (_, _) => ("limit", String::new()),
+        };
+        let (prompt, predicted) = (usage.prompt_tokens, usage.completion_tokens);
+        let computed = prompt.saturating_sub(usage.cached_tokens);
+        let now = Instant::now();
+        let first = self.first.unwrap_or(now);
+        let last = self.last.unwrap_or(first);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let prompt_ms = ms(first.saturating_duration_since(ctx.started));
+        let predicted_ms = ms(last.saturating_duration_since(first));
+        // Per token and per second (llama.cpp's; 0 where nothing was timed).
+        let per = |n: usize, t: f64| match (n, t > 0.0) {
+            (0, _) | (_, false) => (0.0, 0.0),
+            (n, true) => (t / n as f64, n as f64 * 1e3 / t),
+        };
+        let timings = json!({
+            "cache_n": usage.cached_tokens,
+            "prompt_n": computed, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": per(computed, prompt_ms).0,
+            "prompt_per_second": per(computed, prompt_ms).1,
+            "predicted_n": predicted, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": per(predicted, predicted_ms).0,
+            "predicted_per_second": per(predicted, predicted_ms).1,
+        });
+        let all = json!({
+            "index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": true,
+            "model": meta.model, "tokens_predicted": predicted, "tokens_evaluated": prompt,
+            "has_new_line": self.content.contains('\n'), "truncated": ctx.truncated,
+            "stop_type": stop_type, "stopping_word": word,
+            "tokens_cached": prompt + predicted, "timings": timings,
+        });
+        pick_fields(all, &ctx.fields)
+    }
+}
+
+/// llama.cpp's `response_fields`: each path (`timings/prompt_n`) that exists, under its
+/// own name; none asked: everything.
+pub(super) fn pick_fields(all: Value, fields: &[String]) -> Value {
+    if fields.is_empty() {
+        return all;
+    }
+    let mut out = serde_json::Map::new();
+    for f in fields {
+        if let Some(v) = f.split('/').try_fold(&all, |v, k| v.get(k)) {
+            out.insert(f.clone(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// The whole reply.
+pub async fn whole(
+    mut rx: EventReceiver,
+    meta: Meta,
+    ctx: Arc<NativeCtx>,
+    mut tail: Tail,
+    deadline: Deadline,
+) -> Result<Response, ApiError> {
+    let mut fill = Fill::default();
+    let gather = async {
+        while let Some(ev) = rx.recv().await {
+            tail.observe(&ev).await;
+            match ev {
+                Event::Token { text, at, .. } => fill.token(&text, at),
+                Event::Finished {
+                    reason,
+                    usage,
+                    stop_sequence,
+                    ..
+                } => return Ok((reason, stop_sequence, usage)),
+                Event::Failed(msg) => return Err(ApiError::internal(msg)),
+                Event::Prompt { .. } | Event::Embedding(_) => {}
+            }
+        }
+        Err(ApiError::engine_stopped())
+    };
+    let end = match deadline {
+        None => gather.await?,
+        Some((at, limit)) => tokio::time::timeout_at(at, gather)
+            .await
+            .map_err(|_| ApiError::request_timeout(limit))??,
+    };
+    let v = fill.value(&meta, &ctx, &fill.content, &end);
+    Ok(Json(v).into_response())
+}
+
+/// The streamed reply: one object per piece of text, then the final object (its `content`
+/// empty), as llama.cpp streams its own endpoints (no `[DONE]`).
+pub fn sse(
+    rx: EventReceiver,
+    meta: Meta,
+    ctx: Arc<NativeCtx>,
+    tail: Tail,
+    keep_alive: Duration,
+) -> Response {
+    let state = Streamed {
+        rx: Some(rx),
+        fill: Fill::default(),
+        tokens: 0,
+        meta,
+        ctx,
+        tail,
+        pending: VecDeque::new(),
+    };
+    super::stream::sse_of(events(state), keep_alive)
+}
+
+struct Streamed {
+    /// `None` once the reply has ended.
+    rx: Option<EventReceiver>,
+    fill: Fill,
+    /// Pieces so far (the final object counts the engine's tokens).
+    tokens: usize,
+    meta: Meta,
+    ctx: Arc<NativeCtx>,
+    tail: Tail,
+    pending: VecDeque<Value>,
+}
+
+impl Streamed {
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Token { text, at, .. }) => {
+                self.fill.token(&text, at);
+                self.tokens += 1;
+                if !text.is_empty() {
+                    self.pending.push_back(json!({
+                        "index": 0, "content": text, "tokens": [], "stop": false,
+                        "id_slot": -1, "tokens_predicted": self.tokens,
+                        "tokens_evaluated": self.ctx.prompt_tokens}));
+                }
+            }
+            Some(Event::Finished {
+                reason,
+                usage,
+                stop_sequence,
+                ..
+            }) => {
+                self.rx = None;
+                let end = (reason, stop_sequence, usage);
+                let v = self.fill.value(&self.meta, &self.ctx, "", &end);
+                self.pending.push_back(v);
+            }
+            Some(Event::Failed(msg)) => {
+                self.rx = None;
+                self.pending.push_back(ApiError::internal(msg).body());
+            }
+            Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
+            None => {
+                self.rx = None;
+                self.pending.push_back(ApiError::engine_stopped().body());
+            }
+        }
+    }
+}
+
+fn events(state: Streamed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(v) = s.pending.pop_front() {
+                return Some((Ok(SseEvent::default().data(v.to_string())), s));
+            }
+            let ev = s.rx.as_mut()?.recv().await;
+            if let Some(ev) = &ev {
+                s.tail.observe(ev).await;
+            }
+            s.on_event(ev);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_fields_read_into_objects_under_their_paths() {
+        let all = json!({"content": "x", "timings": {"prompt_n": 3}, "stop": true});
+        let fields = ["content", "timings/prompt_n", "timings/nope", "missing"].map(String::from);
+        assert_eq!(
+            pick_fields(all.clone(), &fields),
+            json!({"content": "x", "timings/prompt_n": 3})
+        );
+        assert_eq!(pick_fields(all.clone(), &[]), all);
+    }
+
+    #[test]
+    fn llama_cpp_sampling_names_translate() {
+        let v = to_sampling(json!({"n_predict": 16, "repeat_penalty": 1.1, "seed": -1})).unwrap();
+        assert_eq!(v["max_tokens"], 16);
+        assert_eq!(v["repetition_penalty"], 1.1);
+        assert!(v.get("seed").is_none() && v.get("n_predict").is_none());
+        assert_eq!(v["temperature"], DEFAULT_TEMPERATURE);
+        let v = to_sampling(json!({"n_predict": -1, "temperature": 0})).unwrap();
+        assert!(v.get("max_tokens").is_none());
+        assert_eq!(v["temperature"], 0);
+        let v = to_sampling(json!({"n_predict": 128.0, "seed": 3})).unwrap();
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["seed"].as_u64()),
+            (Some(128), Some(3))
+        );
+        assert!(to_sampling(json!({"n_predict": 1.5})).is_err());
+        assert!(to_sampling(json!({"n_predict": "x"})).is_err());
+        assert!(to_sampling(json!({"max_tokens": 3})).is_err());
+    }
+}
