@@ -266,6 +266,20 @@ fn a_model_without_fim_tokens_says_so() {
     );
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["param"], "input_suffix");
+    // llama-server's `/props` says so too.
+    let (status, props) = server.get("/props");
+    assert_eq!(status, 200, "{props}");
+    let props: Value = serde_json::from_str(&props).unwrap();
+    assert_eq!(props["infill"], false, "{props}");
+    assert_eq!(
+        props["default_generation_settings"]["n_ctx"], 256,
+        "{props}"
+    );
+    assert!(props["chat_template"].is_string(), "{props}");
+    let (_coder_dir, coder) = crate::server(QWEN);
+    let (_, props) = coder.get("/props");
+    let props: Value = serde_json::from_str(&props).unwrap();
+    assert_eq!(props["infill"], true, "{props}");
 }
 
 /// `/infill`'s greedy settings (llama.cpp's names) with the fill's ends banned.
@@ -394,13 +408,13 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
             json!({"input_prefix": "z".repeat(300), "input_suffix": "w".repeat(300)}),
         ),
     );
-    // A fill longer than its half of the context (with the completion) keeps the prefix's
-    // end and the suffix's start, 3:1 as llama.cpp does, and says so.
+    // A fill longer than the context less the completion keeps the prefix's end and the
+    // suffix's start, 3:1 as llama.cpp does, and says so.
     assert_eq!(status, 200, "{err}");
     assert_eq!(err["truncated"], true, "{err}");
     let evaluated = err["tokens_evaluated"].as_u64().unwrap();
-    assert!(evaluated + 16 <= 128 && evaluated > 100, "{err}");
-    // A completion longer than half the context takes the chunks' half.
+    assert!(evaluated + 16 <= 256 && evaluated > 200, "{err}");
+    // A completion that leaves the fill nothing beside the chunks takes their room.
     let (status, big) = server.post(
         "/infill",
         &with(
@@ -455,13 +469,28 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
         })
         .collect();
     assert_eq!(streamed, "\n");
-    // llama.cpp's sampling names; OpenAI's are refused by name.
+    // llama.cpp's sampling names, and OpenAI's limit as llama.cpp takes it; `logprobs` is
+    // refused by name.
+    let (status, three) = server.post(
+        "/infill",
+        &json!({"input_prefix": "a", "input_suffix": "b", "max_tokens": 3, "temperature": 0,
+                "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}}),
+    );
+    assert_eq!(status, 200, "{three}");
+    assert_eq!(three["tokens_predicted"], 3, "{three}");
     let (status, err) = server.post(
         "/infill",
-        &json!({"input_prefix": "a", "input_suffix": "b", "max_tokens": 3}),
+        &json!({"input_prefix": "a", "input_suffix": "b", "logprobs": 3}),
     );
     assert_eq!(status, 400, "{err}");
-    assert_eq!(err["error"]["param"], "max_tokens");
+    assert_eq!(err["error"]["param"], "logprobs");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/infill"),
+        "{err}"
+    );
     let (status, err) = server.post("/infill", &json!({"input_prefix": "a"}));
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["param"], "input_suffix", "{err}");
@@ -548,11 +577,34 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
         .unwrap_or_else(|e| panic!("{e}: {constrained}"));
     assert!(value["ok"].is_boolean(), "{constrained}");
     assert_eq!(constrained["stop_type"], "eos", "{constrained}");
+    // `{}` is any object, as llama.cpp reads it; a bad schema is the field's 400.
+    let (status, any) = server.post(
+        "/completion",
+        &json!({"prompt": "Hello", "n_predict": 60, "temperature": 0, "json_schema": {},
+                "grammar": ""}),
+    );
+    assert_eq!(status, 200, "{any}");
+    assert!(any["content"].as_str().unwrap().starts_with('{'), "{any}");
+    let (status, err) = server.post(
+        "/completion",
+        &json!({"prompt": "Hello", "json_schema": {"type": 5}}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "json_schema", "{err}");
+    // More stop strings than OpenAI's 4, as llama.cpp takes them.
+    let stops: Vec<String> = (0..6).map(|i| format!("zz{i}")).collect();
+    let (status, reply) = server.post(
+        "/completion",
+        &json!({"prompt": "Hello", "n_predict": 2, "stop": stops}),
+    );
+    assert_eq!(status, 200, "{reply}");
     // What it does not take is refused by name.
     for (field, v) in [
         ("grammar", json!("root ::= \"a\"")),
         ("n_probs", json!(3)),
-        ("max_tokens", json!(3)),
+        ("logprobs", json!(3)),
+        ("prompt", json!([1, "mixed"])),
+        ("prompt", json!([9999])),
     ] {
         let (status, err) = server.post("/completion", &json!({"prompt": "Hi", field: v}));
         assert_eq!(status, 400, "{err}");

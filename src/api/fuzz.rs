@@ -20,7 +20,7 @@ pub fn chat_request(data: &[u8], template: &ChatTemplate) -> Result<String, ApiE
     let req: ChatCompletionRequest = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     sampling.sampling_params(2.0)?;
-    sampling.stops()?;
+    sampling.stops(4)?;
     sampling.max_tokens(false)?;
     let messages = req.validated_messages()?;
     req.constraint_spec(ToolFormat::HERMES)?;

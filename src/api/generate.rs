@@ -68,11 +68,14 @@ fn budget(prompt: &[u32], requested: Option<usize>, ready: &Ready) -> Result<usi
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= ready.vocab_size) {
-        // Only a --tokenizer larger than the model's vocabulary can produce this.
-        return Err(ApiError::bad_request(format!(
-            "the prompt has token id {bad}, outside the model's vocabulary of {}",
-            ready.vocab_size
-        )));
+        // Token ids a client sent, or a --tokenizer larger than the model's vocabulary.
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "the prompt has token id {bad}, outside the model's vocabulary of {}",
+                ready.vocab_size
+            ),
+        ));
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     match requested {
@@ -105,7 +108,7 @@ pub(super) async fn run(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let sampling = fields.sampling_params(meta.surface.max_temperature())?;
-    let stop = fields.stops()?;
+    let stop = fields.stops(meta.surface.max_stops())?;
     let keep = fields.n()?;
     // Each prompt's choices: `n`, or `best_of` of which the best `n` are answered.
     let n = per_prompt(out.best_of, keep, fields.stream)?;

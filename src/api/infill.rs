@@ -69,7 +69,7 @@ pub async fn infill(
         &headers,
         "/infill",
         body,
-        to_sampling,
+        |v| to_sampling(v, "/infill"),
         // Editor plugins send an empty name (llama-server serves one model and ignores it).
         |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
@@ -93,26 +93,26 @@ pub async fn infill(
             .map(|c| (c.filename, c.text))
             .collect();
         let context = fim.context(tok, &chunks)?;
-        // Half the context for other files' chunks (the newest whole ones, whatever this
-        // request's size, so that an editor's warm-up with `n_predict: 0` and the request
-        // after it keep the same ones and the prefix cache serves them); the other half for
-        // the fill and the completion (`n_predict`, a quarter of the context without one),
-        // the prefix's far end and the suffix's end cut first if it must be (3:1). A
-        // completion longer than half the context takes the chunks' room; one that leaves
-        // no room for the fill's own tokens is refused with the prompt as sent.
+        // Other files' chunks first: the newest whole ones in half the context, whatever
+        // this request's size (so an editor's warm-up with `n_predict: 0` and the request
+        // after it keep the same ones and the prefix cache serves them). The fill gets what
+        // they leave beside the completion (`n_predict`, a quarter of the context without
+        // one), its prefix's start and its suffix's end cut first if it must be (3:1). When
+        // the completion leaves the fill nothing, the chunks get half of what it leaves; a
+        // completion that leaves no room for the layout's own tokens is refused with the
+        // prompt as sent.
         let reserve = requested.unwrap_or(limit / 4);
         // The layout's tokens and the context's own (its head and tail) always go in.
         let frame = context.head.len() + context.tail.len();
         let layout = fim.prompt(tok, &[], &[], &[]).len() + frame;
-        let half = limit - limit / 2;
-        let room = match half.checked_sub(reserve.saturating_add(layout)) {
-            Some(room) if room > 0 => room,
-            _ => limit.saturating_sub(reserve.saturating_add(layout)),
-        };
+        let free = limit.saturating_sub(reserve.saturating_add(layout));
+        let (mut chosen, mut left_out) = context.fit(limit / 2 + frame);
+        if free <= chosen.len() - frame {
+            (chosen, left_out) = context.fit(free / 2 + frame);
+        }
+        let room = free.saturating_sub(chosen.len() - frame);
         let cut = room > 0 && fit_fill(&mut prefix, &mut suffix, room);
-        let fill = layout + prefix.len() + suffix.len();
-        let chunks_room = (limit / 2).min(limit.saturating_sub(fill.saturating_add(reserve)));
-        let (context, left_out) = context.fit(chunks_room + frame);
+        let context = chosen;
         let prompt = fim.prompt(tok, &context, &prefix, &suffix);
         Ok::<_, crate::error::ModelError>((prompt, cut || left_out > 0))
     })

@@ -300,6 +300,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(utility::tokenize))
         .route("/detokenize", post(utility::detokenize))
         .route("/tokenizer_info", get(utility::tokenizer_info))
+        .route("/props", get(utility::props))
         .route("/key/generate", post(admin::generate))
         .route("/key/info", get(admin::key_info))
         .route("/key/update", post(admin::update))

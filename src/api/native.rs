@@ -46,7 +46,8 @@ pub(super) fn line_limits(n_indent: Option<i64>, t_max_predict_ms: Option<i64>) 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub model: Option<String>,
-    pub prompt: NativePrompt,
+    /// Read by [`native_prompt`]: a string or token ids.
+    pub prompt: Value,
     pub n_indent: Option<i64>,
     pub t_max_predict_ms: Option<i64>,
     #[serde(default)]
@@ -61,11 +62,30 @@ pub struct CompletionRequest {
 
 /// A prompt as text (control-token spellings are the tokens, BOS added if the model asks)
 /// or token ids (taken as given).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum NativePrompt {
     Text(String),
     Ids(Vec<u32>),
+}
+
+/// `prompt` as one of the forms taken, or the error that says which are.
+fn native_prompt(v: Value) -> Result<NativePrompt, ApiError> {
+    match v {
+        Value::String(s) => Ok(NativePrompt::Text(s)),
+        Value::Array(a) => a
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .map(NativePrompt::Ids)
+            .ok_or(()),
+        _ => Err(()),
+    }
+    .map_err(|()| {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string or an array of token ids (mixed arrays, several prompts and `prompt_string` objects are not supported)",
+        )
+    })
 }
 
 /// llama-server's `POST /completion`: a raw prompt continued, in llama.cpp's shapes, with
@@ -85,7 +105,7 @@ pub async fn completion(
         &headers,
         "/completion",
         body,
-        to_sampling,
+        |v| to_sampling(v, "/completion"),
         |r: &CompletionRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
     if req.n_probs.is_some_and(|n| n > 0) {
@@ -94,7 +114,11 @@ pub async fn completion(
             "`n_probs` is not supported here: /v1/completions gives `logprobs`",
         ));
     }
-    if req.grammar.as_ref().is_some_and(|g| !g.is_null()) {
+    if req
+        .grammar
+        .as_ref()
+        .is_some_and(|g| !g.is_null() && g.as_str() != Some(""))
+    {
         return Err(ApiError::invalid(
             "grammar",
             "GBNF grammars are not supported: send `json_schema` (or use /v1/chat/completions' `response_format`, with `lark`)",
@@ -102,17 +126,23 @@ pub async fn completion(
     }
     let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
+    let prompt = native_prompt(std::mem::take(&mut req.prompt))?;
+    // llama.cpp reads `{}` as any object.
     let format = req
         .json_schema
         .take()
         .filter(|s| !s.is_null())
+        .map(|s| match s.as_object() {
+            Some(o) if o.is_empty() => json!({"type": "object"}),
+            _ => s,
+        })
         .map(|schema| OutputFormat::JsonSchema {
             schema,
             strict: false,
         });
     let r = ready.clone();
     let (prompt, constraints) = tokio::task::spawn_blocking(move || {
-        let prompt = match req.prompt {
+        let prompt = match prompt {
             NativePrompt::Text(text) => r
                 .tokenizer
                 .encode(&text, true)
@@ -129,7 +159,15 @@ pub async fn completion(
                 tool_format: r.tool_format,
                 think: None,
             };
-            constraints.extend(r.grammars.constraint(&spec)?);
+            // Its errors name the field as the chat API has it.
+            let named = |e: crate::structured::StructuredError| {
+                let mut e = ApiError::from(e);
+                e.param = e
+                    .param
+                    .map(|p| p.replace("response_format.json_schema", "json_schema"));
+                e
+            };
+            constraints.extend(r.grammars.constraint(&spec).map_err(named)?);
         }
         Ok::<_, ApiError>((prompt, constraints))
     })
@@ -189,27 +227,28 @@ pub(super) fn native_output(
     }
 }
 
-/// llama.cpp's sampling names as the OpenAI fields every generation reads: `n_predict` is
-/// `max_tokens` (negative: no limit but the context; 0: only the prompt is computed, to warm
-/// the prefix cache), `repeat_penalty` is `repetition_penalty`, a `seed` of -1 is none, and
-/// `temperature` defaults to llama.cpp's 0.8.
-pub(super) fn to_sampling(mut v: Value) -> Result<Value, ApiError> {
+/// llama.cpp's sampling names as the OpenAI fields every generation reads (`route` names
+/// the endpoint in errors): `n_predict` is `max_tokens` (negative: no limit but the context;
+/// 0: only the prompt is computed, to warm the prefix cache; without it, `max_tokens` or
+/// `max_completion_tokens` as llama.cpp takes them), `repeat_penalty` is
+/// `repetition_penalty`, a `seed` of -1 is none, and `temperature` defaults to llama.cpp's
+/// 0.8.
+pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> {
     let o = v.as_object_mut().expect("parse_body returns objects");
-    for openai in [
-        "max_tokens",
-        "max_completion_tokens",
-        "n",
-        "best_of",
-        "logprobs",
-    ] {
-        if o.contains_key(openai) {
+    for field in ["best_of", "logprobs"] {
+        if o.contains_key(field) {
             return Err(ApiError::invalid(
-                openai,
-                format!("`{openai}` is not a field of /infill (`n_predict` is its token limit)"),
+                field,
+                format!("`{field}` is not a field of {route}"),
             ));
         }
     }
-    match o.remove("n_predict") {
+    let n_predict = o.remove("n_predict");
+    if n_predict.as_ref().is_some_and(|n| !n.is_null()) {
+        o.remove("max_tokens");
+        o.remove("max_completion_tokens");
+    }
+    match n_predict {
         None | Some(Value::Null) => {}
         Some(n) if n.as_f64().is_some_and(|n| n < 0.0) => {}
         Some(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f < 1e18) => {
@@ -229,7 +268,9 @@ pub(super) fn to_sampling(mut v: Value) -> Result<Value, ApiError> {
     if o.get("seed").and_then(Value::as_i64) == Some(-1) {
         o.remove("seed");
     }
-    o.entry("temperature").or_insert(json!(DEFAULT_TEMPERATURE));
+    if o.get("temperature").is_none_or(Value::is_null) {
+        o.insert("temperature".into(), json!(DEFAULT_TEMPERATURE));
+    }
     Ok(v)
 }
 
@@ -458,6 +499,7 @@ mod tests {
 
     #[test]
     fn llama_cpp_sampling_names_translate() {
+        let to_sampling = |v| to_sampling(v, "/infill");
         let v = to_sampling(json!({"n_predict": 16, "repeat_penalty": 1.1, "seed": -1})).unwrap();
         assert_eq!(v["max_tokens"], 16);
         assert_eq!(v["repetition_penalty"], 1.1);
@@ -473,6 +515,17 @@ mod tests {
         );
         assert!(to_sampling(json!({"n_predict": 1.5})).is_err());
         assert!(to_sampling(json!({"n_predict": "x"})).is_err());
-        assert!(to_sampling(json!({"max_tokens": 3})).is_err());
+        // OpenAI's limit as llama.cpp takes it: when `n_predict` is absent.
+        assert_eq!(
+            to_sampling(json!({"max_tokens": 3})).unwrap()["max_tokens"],
+            3
+        );
+        let v = to_sampling(json!({"max_tokens": 3, "n_predict": 5})).unwrap();
+        assert_eq!(v["max_tokens"], 5);
+        assert_eq!(
+            to_sampling(json!({"temperature": null})).unwrap()["temperature"],
+            0.8
+        );
+        assert!(to_sampling(json!({"logprobs": 2})).is_err());
     }
 }

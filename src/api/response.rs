@@ -92,9 +92,19 @@ impl Surface {
     /// The highest `temperature` the surface's API documents.
     pub fn max_temperature(&self) -> f32 {
         match self {
-            Surface::OpenAi | Surface::Responses(_) | Surface::LlamaCpp(_) => 2.0,
+            Surface::OpenAi | Surface::Responses(_) => 2.0,
             Surface::Anthropic { .. } => 1.0,
-            Surface::Workers { .. } => 5.0,
+            // llama.cpp sets none.
+            Surface::Workers { .. } | Surface::LlamaCpp(_) => 5.0,
+        }
+    }
+
+    /// The most stop strings a request may send (OpenAI's 4; llama.cpp sets no limit and
+    /// chat front-ends send more).
+    pub fn max_stops(&self) -> usize {
+        match self {
+            Surface::LlamaCpp(_) => 64,
+            _ => 4,
         }
     }
 }

@@ -528,16 +528,17 @@ impl SamplingFields {
         }
     }
 
-    pub fn stops(&self) -> Result<Vec<String>, ApiError> {
+    /// The stop strings, at most `max` (OpenAI's 4; llama.cpp's shapes take more).
+    pub fn stops(&self, max: usize) -> Result<Vec<String>, ApiError> {
         let stops = match &self.stop {
             None => vec![],
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        if stops.len() > 4 {
+        if stops.len() > max {
             return Err(ApiError::invalid(
                 "stop",
-                format!("at most 4 stop sequences (got {})", stops.len()),
+                format!("at most {max} stop sequences (got {})", stops.len()),
             ));
         }
         Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())

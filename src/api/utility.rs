@@ -146,6 +146,35 @@ pub async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Result<Json<V
     })))
 }
 
+/// llama-server's `GET /props`, which its clients read for the context window and the
+/// template: the parts that describe this node (no paths, no settings that do not apply).
+pub async fn props(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let ready = state.ready()?;
+    let tok = &ready.tokenizer;
+    let text = |id: Option<u32>| id.and_then(|id| tok.token_text(id));
+    let n_ctx = ready.context_length.min(ready.engine.kv_capacity);
+    Ok(Json(json!({
+        "default_generation_settings": {
+            "n_ctx": n_ctx,
+            "params": {"n_predict": -1, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+                       "min_p": 0.0, "repeat_penalty": 1.0, "seed": -1,
+                       "n_indent": 0, "t_max_predict_ms": 0},
+        },
+        "total_slots": ready.engine.max_batch_size,
+        "model_alias": state.model_name,
+        "modalities": {"vision": false, "video": false, "audio": false},
+        "chat_template": ready.template.source(),
+        "bos_token": text(tok.bos),
+        "eos_token": text(tok.eos),
+        "build_info": concat!("edgeinfer ", env!("CARGO_PKG_VERSION")),
+        "is_sleeping": false,
+        "endpoint_slots": false,
+        "endpoint_props": false,
+        "endpoint_metrics": true,
+        "infill": tok.fim.is_some(),
+    })))
+}
+
 pub async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,

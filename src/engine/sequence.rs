@@ -89,15 +89,21 @@ impl OutputState {
                     counted: true,
                     stop: None,
                 },
-                // Ended after this piece: what is held back comes out, as at `max_tokens`.
+                // Ended after this piece: what is held back comes out, as at `max_tokens`,
+                // still within the indentation limit.
                 (mut emit, Some(Cut::Time)) => {
-                    emit.push_str(&lines.flush());
                     let (rest, stop) = self.flush(tok)?;
+                    let lines = self.lines.as_mut().expect("set above");
+                    let (rest, cut) = lines.push(&rest, now);
                     emit.push_str(&rest);
-                    let reason = match stop {
-                        Some(_) => FinishReason::Stop,
-                        None => FinishReason::Length,
+                    let (reason, stop) = match (cut, stop) {
+                        (Some(Cut::Indent), _) => (FinishReason::Length, None),
+                        (_, Some(s)) => (FinishReason::Stop, Some(s)),
+                        (_, None) => (FinishReason::Length, None),
                     };
+                    if cut != Some(Cut::Indent) {
+                        emit.push_str(&lines.flush());
+                    }
                     TokenOutcome::Finished {
                         emit,
                         reason,
