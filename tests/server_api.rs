@@ -51,6 +51,20 @@ fn chat_completions_behave_like_openai() {
     assert!(!text.is_empty());
     let usage = &whole["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() <= 24);
+    // llama-server's /apply-template: the same prompt as text, which tokenizes to as many.
+    let (status, applied) = s.post("/apply-template", &body);
+    assert_eq!(status, 200, "{applied}");
+    let prompt = applied["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("<|im_start|>user\nName three colors.<|im_end|>")
+            && prompt.ends_with("<|im_start|>assistant\n"),
+        "{prompt}"
+    );
+    let (_, tokens) = s.post("/tokenize", &json!({"content": prompt}));
+    assert_eq!(
+        tokens["tokens"].as_array().unwrap().len() as u64,
+        usage["prompt_tokens"].as_u64().unwrap()
+    );
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()

@@ -189,6 +189,22 @@ pub(super) fn render(
     tools: Vec<Value>,
     kwargs: &serde_json::Map<String, Value>,
 ) -> Result<(Vec<u32>, bool), ApiError> {
+    let text = render_text(r, messages, tools, kwargs)?;
+    let opened = r.reasoner.is_some_and(|x| x.syntax.opened_by(&text));
+    let ids = r
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((ids, opened))
+}
+
+/// The chat prompt as text (see [`render`]).
+pub(super) fn render_text(
+    r: &Ready,
+    messages: Vec<Message>,
+    tools: Vec<Value>,
+    kwargs: &serde_json::Map<String, Value>,
+) -> Result<String, ApiError> {
     let (messages, native) = if tools.is_empty() || r.native_tools {
         let messages = if r.tool_format.short_ids {
             toolcall::with_short_ids(messages)
@@ -199,16 +215,9 @@ pub(super) fn render(
     } else {
         (toolcall::generic_messages(messages, &tools), false)
     };
-    let text = r
-        .template
+    r.template
         .render_with(&messages, true, native.then_some(tools.as_slice()), kwargs)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let opened = r.reasoner.is_some_and(|x| x.syntax.opened_by(&text));
-    let ids = r
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok((ids, opened))
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).

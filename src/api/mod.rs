@@ -301,6 +301,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(utility::detokenize))
         .route("/tokenizer_info", get(utility::tokenizer_info))
         .route("/props", get(utility::props))
+        .route("/apply-template", post(surfaces::apply_template))
         .route("/key/generate", post(admin::generate))
         .route("/key/info", get(admin::key_info))
         .route("/key/update", post(admin::update))

@@ -187,6 +187,28 @@ pub async fn messages(
 }
 
 /// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
+/// llama-server's `POST /apply-template`: a chat request's prompt as the template renders
+/// it (tools and `chat_template_kwargs` included), without generating.
+pub async fn apply_template(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let ready = state.ready()?;
+    let req: ChatCompletionRequest = from_value(&parse_body(&body)?)?;
+    check_model(&state, &who, req.model.as_deref().filter(|m| !m.is_empty()))?;
+    let messages = req.validated_messages()?;
+    let tools = req.tools_json();
+    let kwargs = req.template_kwargs()?;
+    let prompt = tokio::task::spawn_blocking(move || {
+        super::handlers::render_text(&ready, messages, tools, &kwargs)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
+    Ok(Json(json!({"prompt": prompt})))
+}
+
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
