@@ -489,7 +489,7 @@ pub(super) async fn completion(
         // With a suffix, each prompt is the prefix of a fill in the middle; code is text
         // (a control token's spelling in it stays text), token ids are taken as given.
         let fill = match (&suffix, &r.tokenizer.fim) {
-            (Some(s), Some(fim)) => Some((fim, r.tokenizer.encode_plain(s)?)),
+            (Some(s), Some(fim)) => Some((fim, fim.suffix_tokens(&r.tokenizer, s)?)),
             _ => None,
         };
         let input = |prompt: Result<String, Vec<u32>>| match prompt {

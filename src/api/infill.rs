@@ -86,7 +86,7 @@ pub async fn infill(
         // typed so far continues the prefix, tokenized apart (and as a prompt).
         let mut prefix = tok.encode_plain(&req.input_prefix)?;
         prefix.extend(tok.encode(&req.prompt, false)?);
-        let mut suffix = tok.encode_plain(&req.input_suffix)?;
+        let mut suffix = fim.suffix_tokens(tok, &req.input_suffix)?;
         let chunks: Vec<(String, String)> = req
             .input_extra
             .into_iter()

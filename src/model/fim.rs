@@ -80,6 +80,8 @@ const EOT_TEXTS: &[&str] = &["<EOT>", "▁<EOT>"];
 const PROJECT: &str = "myproject";
 /// The name of the file being filled in a repository-level prompt (llama.cpp's).
 const CURRENT_FILE: &str = "filename";
+/// A character that joins no piece: what a text is tokenized after to see it mid-line.
+const MARKER: &str = "\u{263A}";
 /// What separates extra context chunks in a vocabulary without a file separator.
 const SNIPPET: &str = "\n\n--- snippet ---\n\n";
 
@@ -159,6 +161,23 @@ impl Fim {
             }
         }
         out
+    }
+
+    /// The suffix's tokens. Mistral's layout writes it right after `[SUFFIX]`, as text goes
+    /// on mid-line: without the space SentencePiece puts before a text (`[SUFFIX]return`,
+    /// not `[SUFFIX]▁return`, as Mistral's own tokenizer writes it); the other layouts take
+    /// it as llama.cpp does. Code is text ([`Tokenizer::encode_plain`]).
+    pub fn suffix_tokens(&self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+        if self.order == FimOrder::PrefixSuffixMiddle || text.is_empty() {
+            return tok.encode_plain(text);
+        }
+        // Tokenized after a character no piece merges with, which is then taken off.
+        let marker = tok.encode_plain(MARKER)?;
+        let with = tok.encode_plain(&format!("{MARKER}{text}"))?;
+        Ok(match with.strip_prefix(marker.as_slice()) {
+            Some(rest) if !marker.is_empty() => rest.to_vec(),
+            _ => tok.encode_plain(text)?,
+        })
     }
 
     /// Other files' text put before the fill, as llama.cpp's `/infill` puts its `input_extra`:

@@ -44,8 +44,8 @@ pub struct Spec {
     pub embedding: bool,
     /// More metadata, written last (`{arch}` in a key is the architecture).
     pub meta: Vec<(&'static str, Value)>,
-    /// More control tokens after the byte-level vocabulary's (ids from 258 on): a code
-    /// model's fill-in-the-middle tokens.
+    /// More control tokens after the vocabulary's (byte-level: ids from 258 on;
+    /// SentencePiece-style: last): a code model's fill-in-the-middle tokens.
     pub controls: &'static [&'static str],
     /// Type `controls` as user-defined words (4) instead of control tokens (3), as older
     /// conversions do.
@@ -105,7 +105,12 @@ pub fn write(path: &Path, spec: &Spec) {
     };
     let (dim, ffn) = (spec.dim, spec.ffn);
     let vocab_meta = if spec.spm {
-        spm_vocab(spec.mistral, spec.mistral_args, spec.mistral_think)
+        spm_vocab(
+            spec.mistral,
+            spec.mistral_args,
+            spec.mistral_think,
+            spec.controls,
+        )
     } else {
         let ty = if spec.controls_user_defined { 4 } else { 3 };
         bpe_vocab(spec.pre, spec.controls, ty)
@@ -319,7 +324,7 @@ pub const MISTRAL_ARGS_TEMPLATE: &str = r#"{{ bos_token }}{% set ns = namespace(
 
 /// SentencePiece-style (`llama`) metadata: `<unk>` 0, `<s>` 1, `</s>` 2, bytes 3..259, pieces,
 /// and with `mistral` [`MISTRAL_CONTROLS`] and [`MISTRAL_TEMPLATE`].
-fn spm_vocab(mistral: bool, args: bool, think: bool) -> Vec<(String, Value)> {
+fn spm_vocab(mistral: bool, args: bool, think: bool, more: &[&str]) -> Vec<(String, Value)> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
     let mut scores = vec![Value::F32(0.0); 3];
@@ -359,6 +364,11 @@ fn spm_vocab(mistral: bool, args: bool, think: bool) -> Vec<(String, Value)> {
             "tokenizer.chat_template".to_string(),
             Value::String(template),
         ));
+    }
+    for c in more {
+        tokens.push(c.to_string());
+        types.push(Value::I32(3));
+        scores.push(Value::F32(0.0));
     }
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
     extra.extend(vec![
