@@ -13,8 +13,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::Event as SseEvent;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,7 +22,7 @@ use super::error::ApiError;
 use super::gate::Tail;
 use super::generate::{run, Input, Output};
 use super::handlers::{accept, unix_now};
-use super::response::{Deadline, Meta, Surface};
+use super::response::{Meta, Surface};
 use super::{AppState, RequestId};
 use crate::engine::lines::LineLimits;
 use crate::engine::request::{Event, EventReceiver, FinishReason, Usage};
@@ -287,7 +286,7 @@ pub struct NativeCtx {
 }
 
 /// How a reply ended: the engine's reason, the stop string, the usage.
-type End = (FinishReason, Option<String>, Usage);
+pub type End = (FinishReason, Option<String>, Usage);
 
 /// A reply as it is gathered.
 #[derive(Default)]
@@ -361,40 +360,21 @@ pub(super) fn pick_fields(all: Value, fields: &[String]) -> Value {
     Value::Object(out)
 }
 
-/// The whole reply.
-pub async fn whole(
-    mut rx: EventReceiver,
-    meta: Meta,
-    ctx: Arc<NativeCtx>,
-    mut tail: Tail,
-    deadline: Deadline,
-) -> Result<Response, ApiError> {
-    let mut fill = Fill::default();
-    let gather = async {
-        while let Some(ev) = rx.recv().await {
-            tail.observe(&ev).await;
-            match ev {
-                Event::Token { text, at, .. } => fill.token(&text, at),
-                Event::Finished {
-                    reason,
-                    usage,
-                    stop_sequence,
-                    ..
-                } => return Ok((reason, stop_sequence, usage)),
-                Event::Failed(msg) => return Err(ApiError::internal(msg)),
-                Event::Prompt { .. } | Event::Embedding(_) => {}
-            }
-        }
-        Err(ApiError::engine_stopped())
+/// The whole reply, from what the shared path gathered: its text, how it ended, and when
+/// the engine made its first and last token.
+pub fn whole(
+    meta: &Meta,
+    ctx: &NativeCtx,
+    content: String,
+    end: End,
+    made: (Option<Instant>, Option<Instant>),
+) -> Value {
+    let fill = Fill {
+        content,
+        first: made.0,
+        last: made.1,
     };
-    let end = match deadline {
-        None => gather.await?,
-        Some((at, limit)) => tokio::time::timeout_at(at, gather)
-            .await
-            .map_err(|_| ApiError::request_timeout(limit))??,
-    };
-    let v = fill.value(&meta, &ctx, &fill.content, &end);
-    Ok(Json(v).into_response())
+    fill.value(meta, ctx, &fill.content, &end)
 }
 
 /// The streamed reply: one object per piece of text, then the final object (its `content`

@@ -125,19 +125,8 @@ pub async fn respond(
     keep_alive: std::time::Duration,
     deadline: Deadline,
 ) -> Result<Response, ApiError> {
-    match (&meta.surface, stream) {
-        // Timed by the engine's tokens: gathered by its own renderer.
-        (Surface::LlamaCpp(ctx), false) => {
-            let ctx = ctx.clone();
-            let Some(Choice { rx, .. }) = choices.into_iter().next() else {
-                return Err(ApiError::internal(
-                    "a reply without a choice. This is a bug.",
-                ));
-            };
-            return super::native::whole(rx, meta, ctx, tail, deadline).await;
-        }
-        (_, false) => return collect(choices, meta, tail, deadline).await,
-        _ => {}
+    if !stream {
+        return collect(choices, meta, tail, deadline).await;
     }
     if let Surface::OpenAi = meta.surface {
         let sse = super::stream::sse_response(choices, meta, include_usage, tail, keep_alive);
@@ -362,6 +351,8 @@ struct Reply {
     stop_sequence: Option<String>,
     /// The logprob of the stop token that ended it, when no entry of `lps` holds it.
     end_logprob: Option<f32>,
+    /// When the engine made its first and its last token.
+    made: (Option<std::time::Instant>, Option<std::time::Instant>),
 }
 
 impl Reply {
@@ -400,12 +391,14 @@ fn reply(events: Vec<Event>, mut counter: Option<ThinkSplitter>) -> Reply {
         usage: Usage::default(),
         stop_sequence: None,
         end_logprob: None,
+        made: (None, None),
     };
     for ev in events {
         match ev {
             Event::Prompt { first, logprobs } => r.prompt = Some((first, logprobs)),
             Event::Embedding(_) => {} // not a generation's
-            Event::Token { text, logprob, .. } => {
+            Event::Token { text, logprob, at } => {
+                r.made = (r.made.0.or(Some(at)), Some(at));
                 if let Some(c) = &mut counter {
                     c.push(&text, &mut Vec::new());
                 }
@@ -485,8 +478,11 @@ async fn collect(
                 Surface::Responses(ctx) => {
                     super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
                 }
-                // llama.cpp's whole replies are gathered by their own renderer.
-                Surface::OpenAi | Surface::LlamaCpp(_) => meta.whole(vec![(r, echo, true)]),
+                Surface::LlamaCpp(ctx) => {
+                    let end = (r.reason, r.stop_sequence, r.usage);
+                    super::native::whole(&meta, ctx, r.text, end, r.made)
+                }
+                Surface::OpenAi => meta.whole(vec![(r, echo, true)]),
             }
         }
     };
@@ -516,6 +512,7 @@ mod tests {
             usage: Usage::default(),
             stop_sequence: None,
             end_logprob,
+            made: (None, None),
         };
         assert_eq!(
             reply(vec![info(-1.0), info(-2.0)], Some(-3.0)).mean_logprob(),
