@@ -2,6 +2,7 @@
 //! the grammar for 1 and 16 sequences, as the engine pays it. `mask` computes a full token
 //! mask for every sequence (the slow path, taken when the model's own pick is refused);
 //! `check` only confirms and commits a token the grammar allows (the usual path).
+//! `structured` is a strict JSON schema; `structured-gbnf` a JSON grammar in llama.cpp's GBNF.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +26,16 @@ fn grammars() -> Option<Grammars> {
     let tok = Tokenizer::from_gguf(&GgufFile::open(&path).ok()?).ok()?;
     Grammars::new(Arc::new(tok), VOCAB).ok()
 }
+
+const JSON_GBNF: &str = r#"
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]+)? ([eE] [-+]? [0-9]+)? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
 
 fn spec() -> ConstraintSpec {
     let schema = json!({"type": "object", "properties": {
@@ -54,7 +65,16 @@ fn step_masked(c: &mut dyn TokenConstraint, logits: &mut [f32]) -> u32 {
 
 pub fn bench(c: &mut Criterion) {
     let Some(g) = grammars() else { return };
-    let spec = spec();
+    run(c, &g, "structured", spec());
+    // The same kind of output from llama.cpp's GBNF (one lexeme per character).
+    let gbnf = ConstraintSpec {
+        format: OutputFormat::Gbnf(JSON_GBNF.into()),
+        ..ConstraintSpec::text()
+    };
+    run(c, &g, "structured-gbnf", gbnf);
+}
+
+fn run(c: &mut Criterion, g: &Grammars, name: &str, spec: ConstraintSpec) {
     let fresh = || g.constraint(&spec).unwrap().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let base: Vec<f32> = (0..VOCAB).map(|_| rng.gen_range(-10.0..10.0)).collect();
@@ -65,12 +85,12 @@ pub fn bench(c: &mut Criterion) {
         let mut l = base.clone();
         l.rotate_left(i * 131);
         let t = step_masked(walker.as_mut(), &mut l);
-        if Grammars::is_stop_id(&g, t) {
+        if Grammars::is_stop_id(g, t) {
             break;
         }
         path.push(t);
     }
-    let mut grp = c.benchmark_group("structured");
+    let mut grp = c.benchmark_group(name);
     for n in [1usize, 16] {
         grp.throughput(Throughput::Elements(n as u64));
         let mut seqs: Vec<(Box<dyn TokenConstraint>, usize)> =
@@ -83,7 +103,7 @@ pub fn bench(c: &mut Criterion) {
                     logits.rotate_left((*steps * 131 + k * 7) % VOCAB);
                     let t = step_masked(c.as_mut(), &mut logits);
                     *steps += 1;
-                    if Grammars::is_stop_id(&g, t) || *steps >= 48 {
+                    if Grammars::is_stop_id(g, t) || *steps >= 48 {
                         *c = fresh();
                         *steps = 0;
                     }

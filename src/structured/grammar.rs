@@ -27,6 +27,34 @@ pub enum OutputFormat {
     Regex(String),
     /// Our extension: a Lark grammar in llguidance's dialect.
     Lark(String),
+    /// llama.cpp's `grammar`: GBNF, or Lark in llguidance's dialect when it starts with
+    /// `%llguidance` (as llama.cpp built with llguidance reads it).
+    Gbnf(String),
+}
+
+impl OutputFormat {
+    /// Whether the format is a grammar of the whole reply from its first token (so no
+    /// reasoning part comes before it).
+    pub fn starts_at_once(&self) -> bool {
+        matches!(self, Self::Regex(_) | Self::Lark(_) | Self::Gbnf(_))
+    }
+}
+
+/// Turns GBNF into Lark for this vocabulary (its token references resolved).
+pub(crate) type GbnfToLark<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+
+/// A `grammar` field's Lark: converted from GBNF, or as sent when it is Lark already.
+fn gbnf_lark(src: &str, gbnf: GbnfToLark) -> Result<String, StructuredError> {
+    if src.trim_start().starts_with("%llguidance") {
+        if src.contains("x-guidance") {
+            return Err(StructuredError::new(
+                "grammar",
+                "`x-guidance` is not accepted in grammars",
+            ));
+        }
+        return Ok(src.to_string());
+    }
+    gbnf(src).map_err(|m| StructuredError::new("grammar", format!("GBNF: {m}")))
 }
 
 /// One callable function.
@@ -222,6 +250,7 @@ impl ConstraintSpec {
     /// one grammar and reports its error text.
     pub(crate) fn check(
         &self,
+        gbnf: GbnfToLark,
         compile: impl Fn(&str, TopLevelGrammar) -> Result<(), StructuredError>,
     ) -> Result<(), StructuredError> {
         match &self.format {
@@ -244,9 +273,18 @@ impl ConstraintSpec {
                 }
                 compile(param, TopLevelGrammar::from_lark(src.clone()))?;
             }
+            OutputFormat::Gbnf(src) => {
+                compile("grammar", TopLevelGrammar::from_lark(gbnf_lark(src, gbnf)?))?
+            }
         }
         let tools_active = self.calls_tools();
-        if tools_active && matches!(self.format, OutputFormat::Regex(_) | OutputFormat::Lark(_)) {
+        if tools_active && matches!(self.format, OutputFormat::Gbnf(_)) {
+            return Err(StructuredError::new(
+                "grammar",
+                "`grammar` cannot be combined with tool calls",
+            ));
+        }
+        if tools_active && self.format.starts_at_once() {
             return Err(StructuredError::new(
                 "response_format",
                 "`regex` and `lark` formats cannot be combined with tool calls",
@@ -297,6 +335,7 @@ impl ConstraintSpec {
     /// `None` when nothing is constrained.
     pub(crate) fn grammar(
         &self,
+        gbnf: GbnfToLark,
     ) -> Result<Option<(&'static str, TopLevelGrammar)>, StructuredError> {
         if let Some(think) = &self.think {
             if let Some(g) = self.with_thinking(think) {
@@ -319,6 +358,9 @@ impl ConstraintSpec {
                     "response_format.lark",
                     TopLevelGrammar::from_lark(src.clone()),
                 )),
+                OutputFormat::Gbnf(src) => {
+                    Some(("grammar", TopLevelGrammar::from_lark(gbnf_lark(src, gbnf)?)))
+                }
             });
         }
         Ok(Some(("tools", TopLevelGrammar::from_lark(self.lark()))))

@@ -6,6 +6,7 @@
 //! an error naming the request field it came from, never an unconstrained run.
 
 mod budget;
+mod gbnf;
 mod grammar;
 pub mod reasoning;
 mod schema;
@@ -157,12 +158,20 @@ impl Grammars {
         &self,
         spec: &ConstraintSpec,
     ) -> Result<Option<Box<dyn TokenConstraint>>, StructuredError> {
-        spec.check(|param, g| {
+        let gbnf = |src: &str| {
+            let trie = self.factory.tok_env().tok_trie();
+            let token = |t: &str| {
+                trie.get_special_token(t)
+                    .or_else(|| trie.token_id(t.as_bytes()))
+            };
+            gbnf::to_lark(src, &token, trie.vocab_size() as u32)
+        };
+        spec.check(&gbnf, |param, g| {
             self.compile(g)
                 .map(|_| ())
                 .map_err(|m| StructuredError::new(param, m))
         })?;
-        let Some((param, grammar)) = spec.grammar()? else {
+        let Some((param, grammar)) = spec.grammar(&gbnf)? else {
             return Ok(None);
         };
         let matcher = self
@@ -175,7 +184,7 @@ impl Grammars {
         });
         // A reasoning budget the grammar's reasoning part cannot count (regex and Lark
         // formats have none).
-        let starts_at_once = matches!(spec.format, OutputFormat::Regex(_) | OutputFormat::Lark(_));
+        let starts_at_once = spec.format.starts_at_once();
         Ok(Some(match spec.think {
             Some(think) if !starts_at_once && think.budget.is_some_and(|b| b > 0) => {
                 let budget = think.budget.unwrap_or_default() as usize;
