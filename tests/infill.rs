@@ -642,8 +642,19 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
     );
     assert_eq!(status, 200, "{reply}");
     // What it does not take is refused by name.
+    // A GBNF grammar shapes the reply as `json_schema` does; not both.
+    let (status, err) = server.post(
+        "/completion",
+        &json!({"prompt": "Hi", "json_schema": {}, "grammar": "root ::= \"a\""}),
+    );
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("grammar")),
+        "{err}"
+    );
     for (field, v) in [
-        ("grammar", json!("root ::= \"a\"")),
+        ("grammar", json!("root ::= \"a")),
+        ("grammar", json!(7)),
         ("n_probs", json!(3)),
         ("logprobs", json!(3)),
         ("prompt", json!([1, "mixed"])),

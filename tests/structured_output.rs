@@ -486,3 +486,132 @@ fn constrained_and_free_sequences_batch_without_changing_outputs() {
     assert!(!solo[2].1.is_empty(), "`required` made no call");
     assert!(s.wait_idle(Duration::from_secs(10)));
 }
+
+/// The lines a GBNF grammar below allows, as a check written apart from it.
+fn is_plate(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 8
+        && b[..3].iter().all(u8::is_ascii_uppercase)
+        && b[3] == b'-'
+        && b[4..].iter().all(u8::is_ascii_digit)
+}
+
+#[test]
+fn gbnf_grammars_shape_replies_on_every_completion_endpoint() {
+    let s = Server::start(&[]);
+    // llama.cpp's GBNF: rules, classes, a repetition count, a comment, a `-` in a name.
+    let plate = "root ::= letters \"-\" [0-9]{4} # a number plate\nletters ::= [A-Z]{3}";
+    let computed = s.metric("edgeinfer_prompt_tokens_total");
+    // Chat: sampled choices, each following the grammar to its end.
+    let (status, r) = s.post(
+        CHAT,
+        &chat(
+            "Make up a number plate.",
+            json!({"grammar": plate, "temperature": 1, "seed": 3, "n": 3, "max_tokens": 20}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    for c in r["choices"].as_array().unwrap() {
+        let text = c["message"]["content"].as_str().unwrap();
+        assert!(is_plate(text), "{text:?}: {r}");
+        assert_eq!(c["finish_reason"], "stop", "{r}");
+    }
+    // Streamed, the pieces add up to a plate.
+    let mut body = chat(
+        "A plate:",
+        json!({"grammar": plate, "max_tokens": 20, "stream": true}),
+    );
+    body["stream"] = json!(true);
+    let text: String = s
+        .stream(CHAT, &body)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(is_plate(&text), "{text:?}");
+    // Completions: several prompts, each choice constrained; `response_format` there too.
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": ["Plate one:", "Plate two:"], "grammar": plate, "n": 2,
+                "temperature": 1, "seed": 5, "max_tokens": 20}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{r}");
+    for c in choices {
+        assert!(is_plate(c["text"].as_str().unwrap()), "{r}");
+    }
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "A JSON object:", "max_tokens": 60, "temperature": 0,
+                "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(status, 200, "{r}");
+    if r["choices"][0]["finish_reason"] == "stop" {
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(v.is_object(), "{r}");
+    }
+    // llama-server's own endpoint, and Lark when it says it is llguidance's.
+    let (status, r) = s.post(
+        "/completion",
+        &json!({"prompt": "Plate:", "grammar": plate, "n_predict": 20, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(is_plate(r["content"].as_str().unwrap()), "{r}");
+    assert_eq!(r["stop_type"], "eos", "{r}");
+    let lark = "%llguidance {}\nstart: PLATE\nPLATE: /[A-Z]{3}-[0-9]{4}/";
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "Plate:", "grammar": lark, "max_tokens": 20}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(is_plate(r["choices"][0]["text"].as_str().unwrap()), "{r}");
+    let spent = s.metric("edgeinfer_prompt_tokens_total");
+    // Refused before any compute, naming `grammar` (with GBNF's line and column).
+    let cases = [
+        (CHAT, chat("Hi", json!({"grammar": "root ::= [a-z"}))),
+        (CHAT, chat("Hi", json!({"grammar": "root ::= x\nx ::= y"}))),
+        (CHAT, chat("Hi", json!({"grammar": "root ::= <nope>"}))),
+        (CHAT, chat("Hi", json!({"grammar": 7}))),
+        (
+            CHAT,
+            chat(
+                "Hi",
+                json!({"grammar": plate, "response_format": {"type": "json_object"}}),
+            ),
+        ),
+        (
+            CHAT,
+            chat("Hi", json!({"grammar": plate, "tools": tools()})),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "grammar": "root ::= \"a\" )"}),
+        ),
+        (
+            "/completion",
+            json!({"prompt": "Hi", "grammar": "start ::= \"a\""}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (status, r) = s.post(path, &body);
+        assert_eq!(status, 400, "{body}: {r}");
+        assert_eq!(r["error"]["param"], "grammar", "{body}: {r}");
+    }
+    let (_, r) = s.post(
+        CHAT,
+        &chat("Hi", json!({"grammar": "root ::= \"a\"\n  | \"b\""})),
+    );
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("line 2, column 3"), "{r}");
+    assert_eq!(s.metric("edgeinfer_prompt_tokens_total"), spent);
+    assert!(spent > computed);
+    // An empty grammar is none, as in llama.cpp.
+    let (status, r) = s.post(CHAT, &chat("Hi", json!({"grammar": "", "max_tokens": 2})));
+    assert_eq!(status, 200, "{r}");
+}

@@ -44,7 +44,7 @@ pub(super) struct Output {
 
 /// How many choices each prompt runs: `best_of` (from `n` to the most a request may run;
 /// more than `n` only whole, as they are ranked at the end), else `n`.
-fn per_prompt(best_of: Option<u64>, n: usize, stream: bool) -> Result<usize, ApiError> {
+pub(super) fn per_prompt(best_of: Option<u64>, n: usize, stream: bool) -> Result<usize, ApiError> {
     let Some(b) = best_of else { return Ok(n) };
     if b < n as u64 || b > MAX_CHOICES {
         return Err(ApiError::invalid(

@@ -13,19 +13,19 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::gate::{Directives, Gate};
-use super::generate::{run, Input, Output};
+use super::generate::{per_prompt, run, Input, Output};
 use super::response::{Meta, Reasoning, Surface};
 use super::responses::ResponsesCtx;
 use super::types::{
-    from_value, parse_body, ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields,
-    MAX_CHOICES,
+    from_value, output_format, parse_body, ChatCompletionRequest, CompletionRequest, PromptField,
+    SamplingFields, MAX_CHOICES,
 };
 use super::{AppState, Ready, RequestId};
 use crate::gateway::{Labels, Principal};
 use crate::model::Message;
 use crate::structured::reasoning::Shown;
 use crate::structured::toolcall;
-use crate::structured::OutputFormat;
+use crate::structured::{ConstraintSpec, OutputFormat};
 
 pub(super) fn body_or_error(
     body: Result<Bytes, BytesRejection>,
@@ -274,7 +274,7 @@ pub(super) async fn chat(
     };
     // Regex and Lark grammars constrain the whole reply from its first token: no reasoning
     // is open when it starts, whatever the prompt opened.
-    let starts_at_once = matches!(spec.format, OutputFormat::Regex(_) | OutputFormat::Lark(_));
+    let starts_at_once = spec.format.starts_at_once();
     let effort = match req.reasoning_effort.as_deref() {
         None | Some("minimal" | "low" | "medium" | "high" | "xhigh") => None,
         Some("none") => Some(0),
@@ -482,14 +482,28 @@ pub(super) async fn completion(
         ));
     }
     let echo = req.echo == Some(true);
+    // A grammar's state for each choice (compiled once: the compiler caches); past the
+    // most choices a request may run, `run` refuses it.
+    let format = output_format(req.response_format.as_ref(), req.grammar.as_deref())?;
+    let runs = prompts.len() * per_prompt(req.best_of, sampling.n()?, sampling.stream)?;
+    let spec =
+        (format != OutputFormat::Text && runs as u64 <= MAX_CHOICES).then(|| ConstraintSpec {
+            format,
+            ..ConstraintSpec::text()
+        });
     // Token ids are taken as given (checked against the vocabulary in `run`); echoed, they
     // come back as their text, control tokens included.
     let r = ready.clone();
-    let inputs = tokio::task::spawn_blocking(move || {
+    let (inputs, constraints) = tokio::task::spawn_blocking(move || {
         // With a suffix, each prompt is the prefix of a fill in the middle; code is text
         // (a control token's spelling in it stays text), token ids are taken as given.
         let fill = match (&suffix, &r.tokenizer.fim) {
-            (Some(s), Some(fim)) => Some((fim, fim.suffix_tokens(&r.tokenizer, s)?)),
+            (Some(s), Some(fim)) => {
+                let suffix = fim
+                    .suffix_tokens(&r.tokenizer, s)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Some((fim, suffix))
+            }
             _ => None,
         };
         let input = |prompt: Result<String, Vec<u32>>| match prompt {
@@ -519,14 +533,19 @@ pub(super) async fn completion(
                 echo: echo.then_some(text),
             }),
         };
-        prompts
+        let inputs = prompts
             .into_iter()
             .map(input)
             .collect::<Result<Vec<_>, _>>()
+            .map_err(|e: crate::error::ModelError| ApiError::bad_request(e.to_string()))?;
+        let mut constraints = Vec::new();
+        for _ in 0..spec.as_ref().map_or(0, |_| runs) {
+            constraints.extend(r.grammars.constraint(spec.as_ref().expect("checked"))?);
+        }
+        Ok::<_, ApiError>((inputs, constraints))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
-    .map_err(|e: crate::error::ModelError| ApiError::bad_request(e.to_string()))?;
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))??;
     let meta = Meta {
         id: format!("cmpl-{}", rid.0),
         created: unix_now(),
@@ -546,7 +565,7 @@ pub(super) async fn completion(
         top_logprobs: top as usize,
         prompt_logprobs: echo && req.logprobs.is_some(),
         echo,
-        constraints: Vec::new(),
+        constraints,
         best_of: req.best_of,
         lines: Default::default(),
     };

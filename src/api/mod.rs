@@ -10,6 +10,7 @@ mod console;
 mod embeddings;
 pub mod error;
 #[doc(hidden)]
+pub mod formats;
 pub mod fuzz;
 pub mod gate;
 mod generate;

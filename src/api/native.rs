@@ -53,8 +53,8 @@ pub struct CompletionRequest {
     pub response_fields: Vec<String>,
     /// Probabilities of the top tokens (not given: refused above 0).
     pub n_probs: Option<i64>,
-    /// A GBNF grammar (refused: send `json_schema`).
-    pub grammar: Option<Value>,
+    /// A GBNF grammar the reply follows (`""`: none).
+    pub grammar: Option<String>,
     /// JSON valid against this schema.
     pub json_schema: Option<Value>,
 }
@@ -113,24 +113,19 @@ pub async fn completion(
             "`n_probs` is not supported here: /v1/completions gives `logprobs`",
         ));
     }
-    if req
-        .grammar
-        .as_ref()
-        .is_some_and(|g| !g.is_null() && g.as_str() != Some(""))
-    {
+    let grammar = req.grammar.take().filter(|g| !g.is_empty());
+    let schema = req.json_schema.take().filter(|s| !s.is_null());
+    if grammar.is_some() && schema.is_some() {
         return Err(ApiError::invalid(
             "grammar",
-            "GBNF grammars are not supported: send `json_schema` (or use /v1/chat/completions' `response_format`, with `lark`)",
+            "`grammar` and `json_schema` cannot both shape the reply: send one",
         ));
     }
     let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
     let prompt = native_prompt(std::mem::take(&mut req.prompt))?;
     // llama.cpp reads `{}` as any object.
-    let format = req
-        .json_schema
-        .take()
-        .filter(|s| !s.is_null())
+    let format = schema
         .map(|s| match s.as_object() {
             Some(o) if o.is_empty() => json!({"type": "object"}),
             _ => s,
@@ -138,7 +133,8 @@ pub async fn completion(
         .map(|schema| OutputFormat::JsonSchema {
             schema,
             strict: false,
-        });
+        })
+        .or(grammar.map(OutputFormat::Gbnf));
     let r = ready.clone();
     let (prompt, constraints) = tokio::task::spawn_blocking(move || {
         let prompt = match prompt {

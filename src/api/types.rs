@@ -5,9 +5,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+pub use super::formats::{output_format, ResponseFormat};
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
-use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice, ToolFormat, ToolSpec};
+use crate::structured::{ConstraintSpec, ToolChoice, ToolFormat, ToolSpec};
 
 /// The most choices one request may ask for (prompts times `n`): each is a sequence in the
 /// engine.
@@ -65,6 +66,8 @@ pub struct ChatCompletionRequest {
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<ResponseFormat>,
+    /// llama.cpp's: a GBNF grammar the reply follows (`""`: none).
+    pub grammar: Option<String>,
     /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
     /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
     pub reasoning_format: Option<String>,
@@ -108,23 +111,6 @@ pub enum ToolChoiceField {
 #[derive(Debug, Deserialize)]
 pub struct NamedFunction {
     pub name: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ResponseFormat {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub json_schema: Option<JsonSchemaFormat>,
-    /// Our extensions: `{"type": "regex", "regex": ...}`, `{"type": "lark", "lark": ...}`.
-    pub regex: Option<String>,
-    pub lark: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct JsonSchemaFormat {
-    pub name: Option<String>,
-    pub schema: Option<Value>,
-    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +159,10 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<u64>,
+    /// vLLM's and llama.cpp's: the chat API's formats for the completion's text.
+    pub response_format: Option<ResponseFormat>,
+    /// llama.cpp's: a GBNF grammar the completion follows (`""`: none).
+    pub grammar: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,10 +269,7 @@ impl ChatCompletionRequest {
 
     /// What the reply must look like: its format, and the tools it may or must call.
     pub fn constraint_spec(&self, tool_format: ToolFormat) -> Result<ConstraintSpec, ApiError> {
-        let format = match &self.response_format {
-            None => OutputFormat::Text,
-            Some(f) => f.output_format()?,
-        };
+        let format = output_format(self.response_format.as_ref(), self.grammar.as_deref())?;
         let mut tools = Vec::new();
         for (i, t) in self.tools.iter().flatten().enumerate() {
             if t.kind != "function" {
@@ -338,40 +325,6 @@ impl ChatCompletionRequest {
 fn parameters_or_empty(p: &Option<Value>) -> Value {
     p.clone()
         .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
-}
-
-impl ResponseFormat {
-    fn output_format(&self) -> Result<OutputFormat, ApiError> {
-        let missing = |field: &str| {
-            ApiError::invalid(
-                format!("response_format.{field}"),
-                format!("response_format `{}` needs `{field}`", self.kind),
-            )
-        };
-        Ok(match self.kind.as_str() {
-            "text" => OutputFormat::Text,
-            "json_object" => OutputFormat::JsonObject,
-            "json_schema" => {
-                let js = self.json_schema.as_ref().ok_or_else(|| missing("json_schema"))?;
-                let schema = js
-                    .schema
-                    .clone()
-                    .ok_or_else(|| missing("json_schema.schema"))?;
-                OutputFormat::JsonSchema {
-                    schema,
-                    strict: js.strict.unwrap_or(false),
-                }
-            }
-            "regex" => OutputFormat::Regex(self.regex.clone().ok_or_else(|| missing("regex"))?),
-            "lark" => OutputFormat::Lark(self.lark.clone().ok_or_else(|| missing("lark"))?),
-            other => {
-                return Err(ApiError::invalid(
-                    "response_format.type",
-                    format!("response_format `{other}` is not supported: use text, json_object, json_schema, regex or lark"),
-                ))
-            }
-        })
-    }
 }
 
 impl ChatMessage {
