@@ -5,7 +5,8 @@ Each client sends `--requests` streaming chat completions one after another (tem
 `--max-tokens` each, a request may stop early at an end-of-turn token) and
 records time to first token and per-token arrival times. Prints aggregate generated tok/s
 over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard library only.
-`--response-format json_object|json_schema` constrains every request (structured output);
+`--response-format json_object|json_schema|gbnf` constrains every request (structured output;
+`gbnf`: the same report as a llama.cpp GBNF `grammar`);
 `--api-key KEY` sends a key (for a server with keys on).
 
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
@@ -32,7 +33,12 @@ SCHEMA = {"type": "object", "properties": {
 FORMATS = {
     "json_object": {"type": "json_object"},
     "json_schema": {"type": "json_schema", "json_schema": {"name": "report", "strict": True, "schema": SCHEMA}},
+    "gbnf": None,
 }
+# SCHEMA's report in GBNF, in the layout the server writes JSON.
+GBNF = r"""root ::= "{\"title\": " str ", \"summary\": " str ", \"points\": [" (str (", " str)*)? "]}"
+str ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\""
+"""
 
 
 def one_request(url, model, prompt, max_tokens, response_format=None, api_key=None):
@@ -42,7 +48,9 @@ def one_request(url, model, prompt, max_tokens, response_format=None, api_key=No
             "temperature": 0, "stream": True}
     if model:
         body["model"] = model
-    if response_format:
+    if response_format == "gbnf":
+        body["grammar"] = GBNF
+    elif response_format:
         body["response_format"] = FORMATS[response_format]
     start = time.perf_counter()
     headers = {"Content-Type": "application/json"}
