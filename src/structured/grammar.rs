@@ -90,6 +90,9 @@ pub struct ConstraintSpec {
     /// A reasoning model's thinking before the constrained part (set after the prompt is
     /// rendered, which says whether it opened the reasoning).
     pub think: Option<ThinkSpec>,
+    /// The request field the format came from when it is not `response_format` or
+    /// `grammar` (vLLM's `guided_json`, ...): the format's errors name it.
+    pub format_field: Option<&'static str>,
 }
 
 /// The JSON layout we generate (llguidance's options, set by us only), after the schema's
@@ -238,6 +241,7 @@ impl ConstraintSpec {
             parallel: true,
             tool_format: ToolFormat::HERMES,
             think: None,
+            format_field: None,
         }
     }
 

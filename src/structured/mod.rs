@@ -48,6 +48,9 @@ impl StructuredError {
 /// Compiled grammars kept for reuse, by hash of the grammar.
 const CACHE_ENTRIES: usize = 128;
 
+/// The grammar compiler's stack (address space; pages are committed only as it recurses).
+const COMPILE_STACK: usize = 512 << 20;
+
 /// grammar hash -> (last use, the compiled matcher in its start state, or the error).
 type Cache = HashMap<u64, (u64, Result<Matcher, String>)>;
 
@@ -158,6 +161,19 @@ impl Grammars {
         &self,
         spec: &ConstraintSpec,
     ) -> Result<Option<Box<dyn TokenConstraint>>, StructuredError> {
+        self.constraint_of(spec).map_err(|mut e| {
+            let format_error = e.param.starts_with("response_format") || e.param == "grammar";
+            if let Some(field) = spec.format_field.filter(|_| format_error) {
+                e.param = field.to_string();
+            }
+            e
+        })
+    }
+
+    fn constraint_of(
+        &self,
+        spec: &ConstraintSpec,
+    ) -> Result<Option<Box<dyn TokenConstraint>>, StructuredError> {
         let gbnf = |src: &str| {
             let trie = self.factory.tok_env().tok_trie();
             let token = |t: &str| {
@@ -238,7 +254,22 @@ impl Grammars {
         out
     }
 
+    /// Compiles on a thread of its own with a deep stack: llguidance's compiler recurses
+    /// along chains of rules and `$ref`s, which a request writes (a few hundred overflow a
+    /// 2 MiB stack, and an overflow aborts the process).
     fn compile_uncached(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("grammar-compile".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(s, || self.compile_here(grammar))
+                .map_err(|e| format!("cannot start the grammar compiler: {e}"))?
+                .join()
+                .map_err(|_| "the grammar compiler failed".to_string())?
+        })
+    }
+
+    fn compile_here(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
         let parser = self
             .factory
             .create_parser(grammar)
@@ -298,15 +329,29 @@ impl TokenConstraint for Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| failed("compute a mask", e))?;
-        let mut any = false;
+        // A stop token ends the reply only where the grammar may end, even where the grammar
+        // would take it as a token (GBNF's `!<[id]>` is any other token, the stop included).
+        let accepting = self
+            .matcher
+            .is_accepting()
+            .map_err(|e| failed("compute a mask", e))?;
+        let mut allowed = 0usize;
         for (i, l) in logits.iter_mut().enumerate() {
             if mask.is_allowed(i as u32) {
-                any = true;
+                allowed += 1;
             } else {
                 *l = f32::NEG_INFINITY;
             }
         }
-        if !any {
+        if !accepting {
+            for &s in &self.stop_ids {
+                if let Some(l) = logits.get_mut(s as usize) {
+                    allowed -= usize::from(mask.is_allowed(s));
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if allowed == 0 {
             return Err(ConstraintError(
                 "the output grammar allows no token here".into(),
             ));

@@ -192,7 +192,10 @@ fn mistakes_are_named_with_their_line_and_column() {
             "line 1, column 10: a `(` without its `)`",
         ),
         ("root ::= * \"a\"", "`*` follows nothing"),
-        ("root ::= \"a\"**", "two repetition marks in a row"),
+        (
+            "root ::= \"a\"*****",
+            "more than 4 repetition marks in a row",
+        ),
         ("root ::= \"a\"{3,1}", "runs backwards"),
         ("root ::= \"a\"{2001}", "at most 2000"),
         ("root ::= \"a\"{2,x}", "expected `}`"),
@@ -235,4 +238,89 @@ fn each_character_is_its_own_lexeme() {
     // Rules unused from `root` are left out.
     let lark = to_lark("root ::= \"a\"\nunused ::= \"b\"", &no_tokens, 262).unwrap();
     assert_eq!(lark.trim(), "start: \"a\"");
+}
+
+#[test]
+fn long_chains_of_rules_and_refs_compile_without_overflowing_the_stack() {
+    // A few hundred overflowed a 2 MiB stack in llguidance's compiler (the test thread's,
+    // and the server's blocking threads'), which aborts the process.
+    let n = 3000;
+    let mut g = String::from("root ::= r0\n");
+    for i in 0..n {
+        g.push_str(&format!("r{i} ::= \"a\" r{}\n", i + 1));
+    }
+    g.push_str(&format!("r{n} ::= \"b\"\n"));
+    let mut c = constraint(&g);
+    let mut logits = vec![0f32; 262];
+    for _ in 0..n {
+        c.mask(&mut logits).unwrap();
+        c.commit(b'a' as u32).unwrap();
+    }
+    assert!(c.allows(b'b' as u32).unwrap() && !c.allows(END).unwrap());
+    let mut defs = serde_json::Map::new();
+    for i in 0..n {
+        let next = format!("#/$defs/d{}", i + 1);
+        defs.insert(
+            format!("d{i}"),
+            serde_json::json!({"type": "object", "properties": {"x": {"$ref": next}}}),
+        );
+    }
+    defs.insert(format!("d{n}"), serde_json::json!({"type": "integer"}));
+    let schema = serde_json::json!({"$ref": "#/$defs/d0", "$defs": defs});
+    let s = ConstraintSpec {
+        format: OutputFormat::JsonSchema {
+            schema,
+            strict: false,
+        },
+        ..ConstraintSpec::text()
+    };
+    assert!(grammars().constraint(&s).unwrap().is_some());
+}
+
+#[test]
+fn what_llguidance_would_read_otherwise_is_written_so_it_reads_it_right() {
+    // `{0}` is nothing (Lark has no `{0}`); DEL in a literal; groups nested past the Lark
+    // parser's limit.
+    assert!(takes("root ::= \"a\" \"b\"{0} \"c\"{0,0}", "a"));
+    assert!(takes("root ::= \"x\\x7Fy\"", "x\u{7f}y"));
+    let mut deep = "\"z\"".to_string();
+    for _ in 0..40 {
+        deep = format!("(\"a\" {deep} | \"q\")");
+    }
+    let deep = format!("root ::= {deep}");
+    assert!(to_lark(&deep, &no_tokens, 262).unwrap().contains("\ng0: "));
+    let text = format!("{}z", "a".repeat(40));
+    assert!(takes(&deep, &text) && takes(&deep, "aaq") && !takes(&deep, "aa"));
+    // Chained repetition marks, as llama.cpp reads them.
+    assert!(takes("root ::= \"ab\"{2}?", "") && takes("root ::= \"ab\"{2}?", "abab"));
+    assert!(!takes("root ::= \"ab\"{2}?", "ab"));
+}
+
+#[test]
+fn a_stop_token_never_ends_a_grammar_early() {
+    // `!<[97]>` is any token but `a`, the stop token included: it may end the reply only
+    // where the grammar may end.
+    let mut c = constraint("root ::= \"x\" !<[97]> \"y\"");
+    c.commit(b'x' as u32).unwrap();
+    let mut logits = vec![0f32; 262];
+    c.mask(&mut logits).unwrap();
+    assert_eq!(logits[END as usize], f32::NEG_INFINITY);
+    assert_eq!(logits[b'a' as usize], f32::NEG_INFINITY);
+    assert!(logits[b'b' as usize].is_finite() && logits[258].is_finite());
+    assert!(!c.allows(END).unwrap());
+    c.commit(258).unwrap();
+    c.commit(b'y' as u32).unwrap();
+    let mut logits = vec![0f32; 262];
+    c.mask(&mut logits).unwrap();
+    assert!(logits[END as usize].is_finite());
+}
+
+#[test]
+fn special_tokens_are_found_by_name() {
+    // The test vocabulary's specials: `<|tool|>` (256) to `<|end|>` (261).
+    let mut c = constraint("root ::= \"a\" <|user|> \"b\"");
+    c.commit(b'a' as u32).unwrap();
+    assert!(c.allows(258).unwrap() && !c.allows(b'<' as u32).unwrap());
+    assert!(error("root ::= <|nobody|>").contains("`<|nobody|>` is not one token"));
+    assert!(error("root ::= <[+5]>").contains("not a token id"));
 }

@@ -11,13 +11,20 @@
 //! per full token mask than hand-written Lark with multi-character terminals (`%llguidance`
 //! grammars are taken as they are, for that).
 
-use std::collections::{BTreeSet, HashMap};
-use std::fmt::Write;
+mod lark;
+
+use std::collections::HashMap;
+
+use lark::Writer;
 
 /// llama.cpp's cap on a repetition's count.
 const MAX_REPETITION: u32 = 2000;
 /// Deepest nesting of groups taken (a bound on recursion, not a rule of GBNF).
 const MAX_DEPTH: usize = 128;
+/// Parentheses nested in one Lark rule before a group is written as a rule of its own.
+const MAX_PARENS: usize = 8;
+/// Repetition marks taken in a row on one item (`x*?`), a bound on recursion.
+const MAX_MARKS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
@@ -218,8 +225,10 @@ impl<'a, 't> Parser<'a, 't> {
         let text = &rest[..=end];
         self.pos += end + 1;
         let id = if let Some(num) = text.strip_prefix("<[").and_then(|t| t.strip_suffix("]>")) {
-            num.parse::<u32>()
-                .ok()
+            let digits = !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit());
+            digits
+                .then(|| num.parse::<u32>().ok())
+                .flatten()
                 .filter(|&id| id < self.vocab)
                 .ok_or_else(|| {
                     err_at(
@@ -277,11 +286,17 @@ impl<'a, 't> Parser<'a, 't> {
                     let Some(last) = items.pop() else {
                         return Err(err_at(self.src, at, format!("`{c}` follows nothing")));
                     };
-                    if matches!(last, Node::Repeat(..)) {
+                    let mut marks = 1;
+                    let mut x = &last;
+                    while let Node::Repeat(inner, ..) = x {
+                        marks += 1;
+                        x = inner;
+                    }
+                    if marks > MAX_MARKS {
                         return Err(err_at(
                             self.src,
                             at,
-                            "two repetition marks in a row: put the first in a group",
+                            format!("more than {MAX_MARKS} repetition marks in a row"),
                         ));
                     }
                     items.push(Node::Repeat(Box::new(last), min, max));
@@ -440,118 +455,10 @@ pub fn to_lark(
         names: &g.names,
         bodies: &bodies,
         root,
+        groups: Vec::new(),
     }
     .write())
 }
 
-/// Writes the parsed rules as Lark.
-struct Writer<'g> {
-    names: &'g [String],
-    bodies: &'g [Node],
-    root: usize,
-}
-
-impl Writer<'_> {
-    fn name(&self, i: usize) -> String {
-        if i == self.root {
-            return "start".into();
-        }
-        let base: String = self.names[i]
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        // The index keeps names unique (`a-b` and `a_b`) and starting with a letter.
-        format!("r{i}_{base}")
-    }
-
-    fn write(&self) -> String {
-        let mut used = BTreeSet::new();
-        reach(self.bodies, self.root, &mut used);
-        let mut out = String::new();
-        for i in std::iter::once(self.root).chain(used.into_iter().filter(|&i| i != self.root)) {
-            let _ = writeln!(out, "{}: {}", self.name(i), self.expr(&self.bodies[i], 0));
-        }
-        out
-    }
-
-    /// `prec`: 0 at the top, 1 inside a sequence, 2 under a repetition.
-    fn expr(&self, n: &Node, prec: u8) -> String {
-        let group = |s: String, at: u8| if prec >= at { format!("({s})") } else { s };
-        match n {
-            // One lexeme per character: see the module's note.
-            Node::Lit(s) if s.chars().count() > 1 => {
-                let chars: Vec<String> =
-                    s.chars().map(|c| lit(c.encode_utf8(&mut [0; 4]))).collect();
-                group(chars.join(" "), 2)
-            }
-            Node::Lit(s) => lit(s),
-            Node::Class(neg, ranges) => format!("/{}/", class(*neg, ranges)),
-            Node::Any => "/(?s:.)/".into(),
-            Node::Token(id, false) => format!("<[{id}]>"),
-            Node::Token(id, true) => format!("<[^{id}]>"),
-            Node::Ref(i) => self.name(*i),
-            Node::Seq(items) if items.is_empty() => "\"\"".into(),
-            Node::Seq(items) => {
-                let parts: Vec<String> = items.iter().map(|x| self.expr(x, 1)).collect();
-                group(parts.join(" "), 2)
-            }
-            Node::Alt(alts) => {
-                let parts: Vec<String> = alts.iter().map(|x| self.expr(x, 0)).collect();
-                group(parts.join(" | "), 1)
-            }
-            Node::Repeat(inner, min, max) => {
-                let mark = match (min, max) {
-                    (0, None) => "*".to_string(),
-                    (1, None) => "+".to_string(),
-                    (0, Some(1)) => "?".to_string(),
-                    (m, Some(x)) if m == x => format!("{{{m}}}"),
-                    (m, None) => format!("{{{m},}}"),
-                    (m, Some(x)) => format!("{{{m},{x}}}"),
-                };
-                format!("{}{mark}", self.expr(inner, 2))
-            }
-        }
-    }
-}
-
-/// The rules `i` uses, directly or not.
-fn reach(bodies: &[Node], i: usize, seen: &mut BTreeSet<usize>) {
-    seen.insert(i);
-    let mut stack = vec![&bodies[i]];
-    while let Some(n) = stack.pop() {
-        match n {
-            Node::Ref(j) if seen.insert(*j) => stack.push(&bodies[*j]),
-            Node::Seq(xs) | Node::Alt(xs) => stack.extend(xs),
-            Node::Repeat(x, ..) => stack.push(x),
-            _ => {}
-        }
-    }
-}
-
-/// A Lark string literal (a JSON string).
-fn lit(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serializes. This is a bug.")
-}
-
-/// A regex class, every character hex-escaped (no character is special inside).
-fn class(negated: bool, ranges: &[(char, char)]) -> String {
-    let mut s = String::from(if negated { "[^" } else { "[" });
-    for &(lo, hi) in ranges {
-        let _ = write!(s, "\\x{{{:X}}}", lo as u32);
-        if hi != lo {
-            let _ = write!(s, "-\\x{{{:X}}}", hi as u32);
-        }
-    }
-    s.push(']');
-    s
-}
-
 #[cfg(test)]
-#[path = "gbnf_tests.rs"]
 mod tests;
