@@ -526,6 +526,21 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
     );
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["param"], "logprobs");
+    // Grammars are /completion's, refused here rather than ignored.
+    for (field, v) in [
+        ("grammar", json!("root ::= \"a\"")),
+        ("json_schema", json!({})),
+    ] {
+        let (status, err) = server.post(
+            "/infill",
+            &json!({"input_prefix": "a", "input_suffix": "b", field: v}),
+        );
+        assert_eq!(
+            (status, &err["error"]["param"]),
+            (400, &json!(field)),
+            "{err}"
+        );
+    }
     assert!(
         err["error"]["message"]
             .as_str()
@@ -655,6 +670,7 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
     for (field, v) in [
         ("grammar", json!("root ::= \"a")),
         ("grammar", json!(7)),
+        ("grammar_lazy", json!(true)),
         ("n_probs", json!(3)),
         ("logprobs", json!(3)),
         ("prompt", json!([1, "mixed"])),

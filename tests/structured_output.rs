@@ -551,8 +551,9 @@ fn gbnf_grammars_shape_replies_on_every_completion_endpoint() {
                 "response_format": {"type": "json_object"}}),
     );
     assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with('{'), "{r}");
     if r["choices"][0]["finish_reason"] == "stop" {
-        let text = r["choices"][0]["text"].as_str().unwrap();
         let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert!(v.is_object(), "{r}");
     }
@@ -598,6 +599,20 @@ fn gbnf_grammars_shape_replies_on_every_completion_endpoint() {
             json!({"prompt": "Hi", "grammar": "start ::= \"a\""}),
         ),
     ];
+    for (path, body) in [
+        (
+            CHAT,
+            chat("Hi", json!({"grammar": plate, "grammar_lazy": true})),
+        ),
+        (
+            "/completion",
+            json!({"prompt": "Hi", "grammar": plate, "grammar_lazy": true}),
+        ),
+    ] {
+        let (status, r) = s.post(path, &body);
+        assert_eq!(status, 400, "{body}: {r}");
+        assert_eq!(r["error"]["param"], "grammar_lazy", "{body}: {r}");
+    }
     for (path, body) in cases {
         let (status, r) = s.post(path, &body);
         assert_eq!(status, 400, "{body}: {r}");
@@ -614,4 +629,101 @@ fn gbnf_grammars_shape_replies_on_every_completion_endpoint() {
     // An empty grammar is none, as in llama.cpp.
     let (status, r) = s.post(CHAT, &chat("Hi", json!({"grammar": "", "max_tokens": 2})));
     assert_eq!(status, 200, "{r}");
+}
+
+#[test]
+fn vllms_guided_fields_shape_replies() {
+    let s = Server::start(&[]);
+    let colours = json!(["red", "green", "blue"]);
+    let one_of = |t: &str| ["red", "green", "blue"].contains(&t);
+    for (n, extra) in [
+        json!({"guided_choice": colours}),
+        json!({"structured_outputs": {"choice": colours, "disable_any_whitespace": true}}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = chat(
+            "Pick a colour.",
+            json!({"temperature": 1, "seed": n, "n": 3, "max_tokens": 8}),
+        );
+        let mut body = body;
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, r) = s.post(CHAT, &body);
+        assert_eq!(status, 200, "{r}");
+        for c in r["choices"].as_array().unwrap() {
+            assert!(one_of(c["message"]["content"].as_str().unwrap()), "{r}");
+        }
+    }
+    // A regex on the completions API, and a GBNF grammar under vLLM's name.
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "Three digits:", "guided_regex": "[0-9]{3}", "max_tokens": 8}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        text.len() == 3 && text.bytes().all(|b| b.is_ascii_digit()),
+        "{r}"
+    );
+    let plate = "root ::= [A-Z]{3} \"-\" [0-9]{4}";
+    let (status, r) = s.post(
+        CHAT,
+        &chat(
+            "A plate.",
+            json!({"structured_outputs": {"grammar": plate}, "max_tokens": 20}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        is_plate(r["choices"][0]["message"]["content"].as_str().unwrap()),
+        "{r}"
+    );
+    // A schema sent as a string, as vLLM's clients may.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                        "required": ["ok"], "additionalProperties": false});
+    let (status, r) = s.post(
+        CHAT,
+        &chat(
+            "Answer as JSON.",
+            json!({"guided_json": schema.to_string(), "max_tokens": 40}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    let v: Value = serde_json::from_str(r["choices"][0]["message"]["content"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {r}"));
+    assert!(v["ok"].is_boolean(), "{r}");
+    // Mistakes name vLLM's field.
+    let cases = [
+        (json!({"guided_regex": "("}), "guided_regex"),
+        (json!({"guided_regex": 5}), "guided_regex"),
+        (json!({"guided_json": "not json"}), "guided_json"),
+        (json!({"guided_json": {"type": 5}}), "guided_json"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_grammar": "root ::= ["}), "guided_grammar"),
+        (json!({"guided_grammar": "start: ("}), "guided_grammar"),
+        (
+            json!({"structured_outputs": {"json": {"type": "object", "not": {}}}}),
+            "structured_outputs.json",
+        ),
+        (
+            json!({"structured_outputs": {"structural_tag": {"type": "x"}}}),
+            "structured_outputs.structural_tag",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_regex": "a"}),
+            "guided_regex",
+        ),
+        (
+            json!({"guided_choice": ["a"], "tools": tools()}),
+            "guided_choice",
+        ),
+    ];
+    for (extra, param) in cases {
+        let (status, r) = s.post(CHAT, &chat("Hi", extra.clone()));
+        assert_eq!(status, 400, "{extra}: {r}");
+        assert_eq!(r["error"]["param"], param, "{extra}: {r}");
+    }
 }

@@ -58,19 +58,187 @@ impl ResponseFormat {
     }
 }
 
-/// The reply's format from `response_format` and `grammar` (`""`: none), which cannot both
-/// shape it.
+/// vLLM's structured-output fields, as both completion requests declare them: the older
+/// `guided_*` ones and the newer `structured_outputs` object.
+#[derive(Debug, Default)]
+pub struct Guided<'a> {
+    /// A JSON schema, as an object or a string holding one.
+    pub guided_json: Option<&'a Value>,
+    pub guided_regex: Option<&'a String>,
+    /// The reply is exactly one of these.
+    pub guided_choice: Option<&'a Vec<String>>,
+    /// GBNF (xgrammar's EBNF is its superset) when it has `::=`, else llguidance's Lark.
+    pub guided_grammar: Option<&'a String>,
+    pub structured_outputs: Option<&'a StructuredOutputs>,
+    pub grammar_lazy: Option<bool>,
+}
+
+/// A request's [`Guided`] fields.
+macro_rules! guided_of {
+    ($t:ty) => {
+        impl $t {
+            pub fn guided(&self) -> $crate::api::formats::Guided<'_> {
+                $crate::api::formats::Guided {
+                    guided_json: self.guided_json.as_ref(),
+                    guided_regex: self.guided_regex.as_ref(),
+                    guided_choice: self.guided_choice.as_ref(),
+                    guided_grammar: self.guided_grammar.as_ref(),
+                    structured_outputs: self.structured_outputs.as_ref(),
+                    grammar_lazy: self.grammar_lazy,
+                }
+            }
+        }
+    };
+}
+pub(crate) use guided_of;
+
+/// vLLM's `structured_outputs`; its backend options (`disable_any_whitespace`, ...) are
+/// ignored.
+#[derive(Debug, Default, Deserialize)]
+pub struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
+    pub structural_tag: Option<Value>,
+}
+
+/// Each format a request sets, with the field it came from.
+type Found = Vec<(&'static str, OutputFormat)>;
+
+fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
+    let o = g.structured_outputs;
+    let json = [
+        ("guided_json", g.guided_json),
+        ("structured_outputs.json", o.and_then(|o| o.json.as_ref())),
+    ];
+    for (field, v) in json {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            found.push((field, json_schema(field, v)?));
+        }
+    }
+    let regex = [
+        ("guided_regex", g.guided_regex),
+        ("structured_outputs.regex", o.and_then(|o| o.regex.as_ref())),
+    ];
+    for (field, rx) in regex {
+        if let Some(rx) = rx {
+            found.push((field, OutputFormat::Regex(rx.clone())));
+        }
+    }
+    let choice = [
+        ("guided_choice", g.guided_choice),
+        (
+            "structured_outputs.choice",
+            o.and_then(|o| o.choice.as_ref()),
+        ),
+    ];
+    for (field, choices) in choice {
+        if let Some(choices) = choices {
+            found.push((field, one_of(field, choices)?));
+        }
+    }
+    let grammar = [
+        ("guided_grammar", g.guided_grammar),
+        (
+            "structured_outputs.grammar",
+            o.and_then(|o| o.grammar.as_ref()),
+        ),
+    ];
+    for (field, src) in grammar {
+        if let Some(src) = src {
+            let format = if src.contains("::=") {
+                OutputFormat::Gbnf(src.clone())
+            } else {
+                OutputFormat::Lark(src.clone())
+            };
+            found.push((field, format));
+        }
+    }
+    if let Some(o) = o {
+        if o.json_object == Some(true) {
+            found.push(("structured_outputs.json_object", OutputFormat::JsonObject));
+        }
+        if o.structural_tag.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid(
+                "structured_outputs.structural_tag",
+                "`structural_tag` is not supported: use `tools`, or a `grammar`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A schema sent as an object or as a string holding one.
+fn json_schema(field: &str, v: &Value) -> Result<OutputFormat, ApiError> {
+    let schema = match v {
+        Value::String(s) => serde_json::from_str(s).map_err(|e| {
+            ApiError::invalid(field, format!("`{field}` is not a JSON schema: {e}"))
+        })?,
+        v => v.clone(),
+    };
+    Ok(OutputFormat::JsonSchema {
+        schema,
+        strict: false,
+    })
+}
+
+/// A reply that is exactly one of `choices`.
+fn one_of(field: &str, choices: &[String]) -> Result<OutputFormat, ApiError> {
+    if choices.is_empty() {
+        return Err(ApiError::invalid(
+            field,
+            format!("`{field}` needs at least one choice"),
+        ));
+    }
+    let alts: Vec<String> = choices
+        .iter()
+        .map(|c| serde_json::to_string(c).expect("a string serializes. This is a bug."))
+        .collect();
+    Ok(OutputFormat::Lark(format!("start: {}\n", alts.join(" | "))))
+}
+
+/// llama.cpp's `grammar_lazy` (a grammar that starts at a trigger word or token), which is
+/// not taken: refused rather than applied from the first token.
+pub fn lazy_refused(lazy: Option<bool>) -> Result<(), ApiError> {
+    match lazy {
+        Some(true) => Err(ApiError::invalid(
+            "grammar_lazy",
+            "lazy grammars are not supported: send a grammar that allows the text before its part, or `tools`",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The reply's format from `response_format`, llama.cpp's `grammar` (`""`: none) and vLLM's
+/// fields, of which one at most may shape it; and the field to name in the format's errors
+/// when it is not `response_format` or `grammar`.
 pub fn output_format(
     response_format: Option<&ResponseFormat>,
     grammar: Option<&str>,
-) -> Result<OutputFormat, ApiError> {
-    match (response_format, grammar.filter(|g| !g.is_empty())) {
-        (Some(f), Some(_)) if f.kind != "text" => Err(ApiError::invalid(
-            "grammar",
-            "`grammar` and `response_format` cannot both shape the reply: send one",
-        )),
-        (_, Some(g)) => Ok(OutputFormat::Gbnf(g.to_string())),
-        (Some(f), None) => f.output_format(),
-        (None, None) => Ok(OutputFormat::Text),
+    guided: &Guided,
+) -> Result<(OutputFormat, Option<&'static str>), ApiError> {
+    lazy_refused(guided.grammar_lazy)?;
+    let mut found: Found = Vec::new();
+    if let Some(f) = response_format.filter(|f| f.kind != "text") {
+        found.push(("response_format", f.output_format()?));
     }
+    if let Some(g) = grammar.filter(|g| !g.is_empty()) {
+        found.push(("grammar", OutputFormat::Gbnf(g.to_string())));
+    }
+    guided_formats(guided, &mut found)?;
+    if let [(first, _), (second, _), ..] = found.as_slice() {
+        return Err(ApiError::invalid(
+            *second,
+            format!("`{first}` and `{second}` cannot both shape the reply: send one"),
+        ));
+    }
+    Ok(match found.pop() {
+        None => (OutputFormat::Text, None),
+        Some((field, format)) => {
+            let named = !matches!(field, "response_format" | "grammar");
+            (format, named.then_some(field))
+        }
+    })
 }

@@ -446,6 +446,11 @@ pub(super) async fn completion(
         |v| api.translate(v),
         |r: &CompletionRequest| r.model.as_deref(),
     )?;
+    let (format, format_field) = output_format(
+        req.response_format.as_ref(),
+        req.grammar.as_deref(),
+        &req.guided(),
+    )?;
     // Each prompt: its text (`Ok`) or its token ids (`Err`); an empty list is one empty
     // prompt (refused in `run`).
     let prompts: Vec<Result<String, Vec<u32>>> = match req.prompt {
@@ -484,11 +489,11 @@ pub(super) async fn completion(
     let echo = req.echo == Some(true);
     // A grammar's state for each choice (compiled once: the compiler caches); past the
     // most choices a request may run, `run` refuses it.
-    let format = output_format(req.response_format.as_ref(), req.grammar.as_deref())?;
     let runs = prompts.len() * per_prompt(req.best_of, sampling.n()?, sampling.stream)?;
     let spec =
         (format != OutputFormat::Text && runs as u64 <= MAX_CHOICES).then(|| ConstraintSpec {
             format,
+            format_field,
             ..ConstraintSpec::text()
         });
     // Token ids are taken as given (checked against the vocabulary in `run`); echoed, they

@@ -41,6 +41,9 @@ pub struct InfillRequest {
     /// those names.
     #[serde(default)]
     pub response_fields: Vec<String>,
+    /// Not taken here (refused when set, rather than ignored).
+    pub grammar: Option<String>,
+    pub json_schema: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +77,17 @@ pub async fn infill(
         |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
     fim_of(&ready, "input_suffix")?;
+    if req.grammar.as_ref().is_some_and(|g| !g.is_empty()) || req.json_schema.is_some() {
+        let field = if req.json_schema.is_some() {
+            "json_schema"
+        } else {
+            "grammar"
+        };
+        return Err(ApiError::invalid(
+            field,
+            format!("`{field}` is not taken by /infill: use /completion"),
+        ));
+    }
     let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
     let requested = sampling.max_tokens(true)?;

@@ -55,6 +55,8 @@ pub struct CompletionRequest {
     pub n_probs: Option<i64>,
     /// A GBNF grammar the reply follows (`""`: none).
     pub grammar: Option<String>,
+    /// A grammar applied from a trigger on (refused).
+    pub grammar_lazy: Option<bool>,
     /// JSON valid against this schema.
     pub json_schema: Option<Value>,
 }
@@ -113,6 +115,7 @@ pub async fn completion(
             "`n_probs` is not supported here: /v1/completions gives `logprobs`",
         ));
     }
+    super::formats::lazy_refused(req.grammar_lazy)?;
     let grammar = req.grammar.take().filter(|g| !g.is_empty());
     let schema = req.json_schema.take().filter(|s| !s.is_null());
     if grammar.is_some() && schema.is_some() {
@@ -153,6 +156,7 @@ pub async fn completion(
                 parallel: false,
                 tool_format: r.tool_format,
                 think: None,
+                format_field: None,
             };
             // Its errors name the field as the chat API has it.
             let named = |e: crate::structured::StructuredError| {

@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-pub use super::formats::{output_format, ResponseFormat};
+use super::formats::guided_of;
+pub use super::formats::{output_format, ResponseFormat, StructuredOutputs};
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
 use crate::structured::{ConstraintSpec, ToolChoice, ToolFormat, ToolSpec};
@@ -68,6 +69,14 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// llama.cpp's: a GBNF grammar the reply follows (`""`: none).
     pub grammar: Option<String>,
+    /// vLLM's structured-output fields (see [`Guided`]).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// llama.cpp's: a grammar applied from a trigger on (refused).
+    pub grammar_lazy: Option<bool>,
     /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
     /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
     pub reasoning_format: Option<String>,
@@ -163,6 +172,14 @@ pub struct CompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// llama.cpp's: a GBNF grammar the completion follows (`""`: none).
     pub grammar: Option<String>,
+    /// vLLM's structured-output fields (see [`Guided`]).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// llama.cpp's: a grammar applied from a trigger on (refused).
+    pub grammar_lazy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,7 +286,11 @@ impl ChatCompletionRequest {
 
     /// What the reply must look like: its format, and the tools it may or must call.
     pub fn constraint_spec(&self, tool_format: ToolFormat) -> Result<ConstraintSpec, ApiError> {
-        let format = output_format(self.response_format.as_ref(), self.grammar.as_deref())?;
+        let (format, format_field) = output_format(
+            self.response_format.as_ref(),
+            self.grammar.as_deref(),
+            &self.guided(),
+        )?;
         let mut tools = Vec::new();
         for (i, t) in self.tools.iter().flatten().enumerate() {
             if t.kind != "function" {
@@ -317,9 +338,13 @@ impl ChatCompletionRequest {
             parallel: self.parallel_tool_calls.unwrap_or(true) && tool_format.parallel,
             tool_format,
             think: None,
+            format_field,
         })
     }
 }
+
+guided_of!(ChatCompletionRequest);
+guided_of!(CompletionRequest);
 
 /// A function without `parameters` takes none.
 fn parameters_or_empty(p: &Option<Value>) -> Value {
