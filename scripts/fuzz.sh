@@ -18,7 +18,7 @@ elif [ $# -gt 0 ]; then
   shift
 fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_header chat_request tokenizer_roundtrip sse_encoder)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_header chat_request tokenizer_roundtrip sse_encoder gbnf)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version 0.13.1

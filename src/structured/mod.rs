@@ -289,6 +289,27 @@ impl Grammars {
     }
 }
 
+/// For the fuzzer: `text` read as GBNF and, when the converter takes it, compiled by
+/// llguidance over a byte vocabulary. `Err`: the compiler could not read the Lark the
+/// converter wrote (its syntax errors read `line(column): ...`), a bug of ours.
+#[doc(hidden)]
+pub fn fuzz_gbnf(text: &str) -> Result<(), String> {
+    static GRAMMARS: std::sync::OnceLock<Grammars> = std::sync::OnceLock::new();
+    let g = GRAMMARS.get_or_init(|| {
+        let env = llguidance::toktrie::ApproximateTokEnv::single_byte_env();
+        Grammars::from_env(env, vec![261]).expect("a byte vocabulary's compiler")
+    });
+    let Ok(lark) = gbnf::to_lark(text, &|_| None, 262) else {
+        return Ok(());
+    };
+    match g.compile_uncached(TopLevelGrammar::from_lark(lark.clone())) {
+        Err(e) if e.split_once("): ").is_some_and(|(at, _)| at.contains('(')) => {
+            Err(format!("{e}\n--- written as ---\n{lark}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A compiled grammar driving one sequence.
 struct Constraint {
     matcher: Matcher,
