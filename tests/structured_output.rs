@@ -695,6 +695,34 @@ fn vllms_guided_fields_shape_replies() {
     let v: Value = serde_json::from_str(r["choices"][0]["message"]["content"].as_str().unwrap())
         .unwrap_or_else(|e| panic!("{e}: {r}"));
     assert!(v["ok"].is_boolean(), "{r}");
+    // On the completions API too, every choice.
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "A colour:", "guided_choice": ["red", "green", "b\u{7f}lue"], "n": 2,
+                "temperature": 1, "seed": 4, "max_tokens": 8}),
+    );
+    assert_eq!(status, 200, "{r}");
+    for c in r["choices"].as_array().unwrap() {
+        assert!(
+            ["red", "green", "b\u{7f}lue"].contains(&c["text"].as_str().unwrap()),
+            "{r}"
+        );
+    }
+    // llama.cpp's top-level `json_schema`, and `json_object` with its `schema`.
+    for extra in [
+        json!({"json_schema": schema}),
+        json!({"response_format": {"type": "json_object", "schema": schema}}),
+    ] {
+        let mut body = chat("Answer as JSON.", json!({"max_tokens": 40}));
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, r) = s.post(CHAT, &body);
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {r}"));
+        assert!(v["ok"].is_boolean(), "{r}");
+    }
     // Mistakes name vLLM's field.
     let cases = [
         (json!({"guided_regex": "("}), "guided_regex"),
@@ -719,6 +747,27 @@ fn vllms_guided_fields_shape_replies() {
         (
             json!({"guided_choice": ["a"], "tools": tools()}),
             "guided_choice",
+        ),
+        (
+            json!({"guided_regex": "a", "structured_outputs": {"regex": "b"}}),
+            "structured_outputs.regex",
+        ),
+        (
+            json!({"guided_whitespace_pattern": " *"}),
+            "guided_whitespace_pattern",
+        ),
+        (
+            json!({"structured_outputs": {"json": {}, "disable_additional_properties": true}}),
+            "structured_outputs.disable_additional_properties",
+        ),
+        (json!({"json_schema": {"type": "nope"}}), "json_schema"),
+        (
+            json!({"response_format": {"type": "json_object", "schema": {"type": "nope"}}}),
+            "response_format.schema",
+        ),
+        (
+            json!({"guided_grammar": "start: /a+/ X\nX[stop=\"\"]: /b*/"}),
+            "guided_grammar",
         ),
     ];
     for (extra, param) in cases {

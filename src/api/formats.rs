@@ -1,11 +1,12 @@
-//! What a reply's text must be: OpenAI's `response_format` (with our `regex` and `lark`) and
-//! llama.cpp's GBNF `grammar`, read into the structured layer's [`OutputFormat`].
+//! What a reply's text must be: OpenAI's `response_format` (with our `regex` and `lark`),
+//! llama.cpp's GBNF `grammar` and `json_schema`, and vLLM's `guided_*` and
+//! `structured_outputs`, read into the structured layer's [`OutputFormat`].
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::structured::OutputFormat;
+use crate::structured::{lark_string, OutputFormat};
 
 #[derive(Debug, Deserialize)]
 pub struct ResponseFormat {
@@ -15,6 +16,8 @@ pub struct ResponseFormat {
     /// Our extensions: `{"type": "regex", "regex": ...}`, `{"type": "lark", "lark": ...}`.
     pub regex: Option<String>,
     pub lark: Option<String>,
+    /// llama.cpp's: `{"type": "json_object", "schema": {...}}` is that schema.
+    pub schema: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -25,14 +28,24 @@ pub struct JsonSchemaFormat {
 }
 
 impl ResponseFormat {
-    fn output_format(&self) -> Result<OutputFormat, ApiError> {
+    /// The format, and the field its errors name when it is not `response_format...`.
+    fn output_format(&self) -> Result<(OutputFormat, Option<&'static str>), ApiError> {
+        if self.kind == "json_object" {
+            if let Some(schema) = self.schema.clone().filter(|s| !s.is_null()) {
+                let format = OutputFormat::JsonSchema {
+                    schema,
+                    strict: false,
+                };
+                return Ok((format, Some("response_format.schema")));
+            }
+        }
         let missing = |field: &str| {
             ApiError::invalid(
                 format!("response_format.{field}"),
                 format!("response_format `{}` needs `{field}`", self.kind),
             )
         };
-        Ok(match self.kind.as_str() {
+        Ok((match self.kind.as_str() {
             "text" => OutputFormat::Text,
             "json_object" => OutputFormat::JsonObject,
             "json_schema" => {
@@ -54,7 +67,7 @@ impl ResponseFormat {
                     format!("response_format `{other}` is not supported: use text, json_object, json_schema, regex or lark"),
                 ))
             }
-        })
+        }, None))
     }
 }
 
@@ -71,6 +84,9 @@ pub struct Guided<'a> {
     pub guided_grammar: Option<&'a String>,
     pub structured_outputs: Option<&'a StructuredOutputs>,
     pub grammar_lazy: Option<bool>,
+    /// llama.cpp's top-level schema.
+    pub json_schema: Option<&'a Value>,
+    pub guided_whitespace_pattern: Option<&'a Value>,
 }
 
 /// A request's [`Guided`] fields.
@@ -85,6 +101,8 @@ macro_rules! guided_of {
                     guided_grammar: self.guided_grammar.as_ref(),
                     structured_outputs: self.structured_outputs.as_ref(),
                     grammar_lazy: self.grammar_lazy,
+                    json_schema: self.json_schema.as_ref(),
+                    guided_whitespace_pattern: self.guided_whitespace_pattern.as_ref(),
                 }
             }
         }
@@ -102,6 +120,9 @@ pub struct StructuredOutputs {
     pub grammar: Option<String>,
     pub json_object: Option<bool>,
     pub structural_tag: Option<Value>,
+    /// Options that change what is valid: refused when set.
+    pub disable_additional_properties: Option<bool>,
+    pub whitespace_pattern: Option<Value>,
 }
 
 /// Each format a request sets, with the field it came from.
@@ -110,6 +131,7 @@ type Found = Vec<(&'static str, OutputFormat)>;
 fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
     let o = g.structured_outputs;
     let json = [
+        ("json_schema", g.json_schema),
         ("guided_json", g.guided_json),
         ("structured_outputs.json", o.and_then(|o| o.json.as_ref())),
     ];
@@ -156,6 +178,27 @@ fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
             found.push((field, format));
         }
     }
+    let refused = [
+        (
+            "guided_whitespace_pattern",
+            g.guided_whitespace_pattern.is_some_and(|v| !v.is_null()),
+        ),
+        (
+            "structured_outputs.whitespace_pattern",
+            o.and_then(|o| o.whitespace_pattern.as_ref())
+                .is_some_and(|v| !v.is_null()),
+        ),
+        (
+            "structured_outputs.disable_additional_properties",
+            o.and_then(|o| o.disable_additional_properties) == Some(true),
+        ),
+    ];
+    if let Some((field, _)) = refused.iter().find(|(_, set)| *set) {
+        return Err(ApiError::invalid(
+            *field,
+            format!("`{field}` is not supported: JSON is written in one layout, and a schema says itself what it allows (`additionalProperties: false`)"),
+        ));
+    }
     if let Some(o) = o {
         if o.json_object == Some(true) {
             found.push(("structured_outputs.json_object", OutputFormat::JsonObject));
@@ -192,10 +235,7 @@ fn one_of(field: &str, choices: &[String]) -> Result<OutputFormat, ApiError> {
             format!("`{field}` needs at least one choice"),
         ));
     }
-    let alts: Vec<String> = choices
-        .iter()
-        .map(|c| serde_json::to_string(c).expect("a string serializes. This is a bug."))
-        .collect();
+    let alts: Vec<String> = choices.iter().map(|c| lark_string(c)).collect();
     Ok(OutputFormat::Lark(format!("start: {}\n", alts.join(" | "))))
 }
 
@@ -221,8 +261,11 @@ pub fn output_format(
 ) -> Result<(OutputFormat, Option<&'static str>), ApiError> {
     lazy_refused(guided.grammar_lazy)?;
     let mut found: Found = Vec::new();
+    let mut response_format_field = None;
     if let Some(f) = response_format.filter(|f| f.kind != "text") {
-        found.push(("response_format", f.output_format()?));
+        let (format, field) = f.output_format()?;
+        response_format_field = field;
+        found.push(("response_format", format));
     }
     if let Some(g) = grammar.filter(|g| !g.is_empty()) {
         found.push(("grammar", OutputFormat::Gbnf(g.to_string())));
@@ -236,9 +279,7 @@ pub fn output_format(
     }
     Ok(match found.pop() {
         None => (OutputFormat::Text, None),
-        Some((field, format)) => {
-            let named = !matches!(field, "response_format" | "grammar");
-            (format, named.then_some(field))
-        }
+        Some(("response_format", format)) => (format, response_format_field),
+        Some((field, format)) => (format, (field != "grammar").then_some(field)),
     })
 }

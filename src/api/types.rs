@@ -77,6 +77,10 @@ pub struct ChatCompletionRequest {
     pub structured_outputs: Option<StructuredOutputs>,
     /// llama.cpp's: a grammar applied from a trigger on (refused).
     pub grammar_lazy: Option<bool>,
+    /// llama.cpp's: a JSON schema the reply follows.
+    pub json_schema: Option<Value>,
+    /// vLLM's (refused: JSON is written in one layout).
+    pub guided_whitespace_pattern: Option<Value>,
     /// Ours (llama.cpp's name): `none` leaves a reasoning model's thinking in `content`;
     /// `auto` (or `deepseek`) returns it as `reasoning_content`. Default: `--reasoning-format`.
     pub reasoning_format: Option<String>,
@@ -180,6 +184,10 @@ pub struct CompletionRequest {
     pub structured_outputs: Option<StructuredOutputs>,
     /// llama.cpp's: a grammar applied from a trigger on (refused).
     pub grammar_lazy: Option<bool>,
+    /// llama.cpp's: a JSON schema the reply follows.
+    pub json_schema: Option<Value>,
+    /// vLLM's (refused: JSON is written in one layout).
+    pub guided_whitespace_pattern: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -43,15 +43,34 @@ impl OutputFormat {
 /// Turns GBNF into Lark for this vocabulary (its token references resolved).
 pub(crate) type GbnfToLark<'a> = &'a dyn Fn(&str) -> Result<String, String>;
 
+/// The most lines a Lark grammar sent as text may have (so rules): llguidance's compiler
+/// recurses along chains of rules, and its stack is large but not endless.
+const MAX_LARK_LINES: usize = 5_000;
+
+/// Checks a Lark grammar sent as text: no llguidance options that loosen enforcement, no
+/// lexeme that ends at the model's EOS (`stop=""`: our stop tokens end only a complete
+/// grammar), not too many rules.
+fn check_lark(param: &str, src: &str) -> Result<(), StructuredError> {
+    let refuse = |m: &str| Err(StructuredError::new(param, m));
+    if src.contains("x-guidance") {
+        return refuse("`x-guidance` is not accepted in grammars");
+    }
+    let squeezed: String = src.chars().filter(|c| !c.is_whitespace()).collect();
+    if squeezed.contains("stop=\"\"") {
+        return refuse("lexemes that end at the model's end token (`stop=\"\"`) are not supported");
+    }
+    if src.lines().count() > MAX_LARK_LINES {
+        return refuse(&format!(
+            "a Lark grammar of more than {MAX_LARK_LINES} lines"
+        ));
+    }
+    Ok(())
+}
+
 /// A `grammar` field's Lark: converted from GBNF, or as sent when it is Lark already.
 fn gbnf_lark(src: &str, gbnf: GbnfToLark) -> Result<String, StructuredError> {
     if src.trim_start().starts_with("%llguidance") {
-        if src.contains("x-guidance") {
-            return Err(StructuredError::new(
-                "grammar",
-                "`x-guidance` is not accepted in grammars",
-            ));
-        }
+        check_lark("grammar", src)?;
         return Ok(src.to_string());
     }
     gbnf(src).map_err(|m| StructuredError::new("grammar", format!("GBNF: {m}")))
@@ -113,10 +132,7 @@ fn json_grammar(schema: &Value) -> TopLevelGrammar {
     TopLevelGrammar::from_json_schema(with_layout(schema))
 }
 
-/// A Lark string literal (Lark's literals are JSON strings).
-fn lit(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serializes. This is a bug.")
-}
+use super::lark_string as lit;
 
 /// A regex matching `s` literally, every non-alphanumeric character hex-escaped.
 fn regex_literal(s: &str) -> String {
@@ -269,12 +285,7 @@ impl ConstraintSpec {
             }
             OutputFormat::Lark(src) => {
                 let param = "response_format.lark";
-                if src.contains("x-guidance") {
-                    return Err(StructuredError::new(
-                        param,
-                        "`x-guidance` is not accepted in grammars",
-                    ));
-                }
+                check_lark(param, src)?;
                 compile(param, TopLevelGrammar::from_lark(src.clone()))?;
             }
             OutputFormat::Gbnf(src) => {
@@ -282,16 +293,20 @@ impl ConstraintSpec {
             }
         }
         let tools_active = self.calls_tools();
-        if tools_active && matches!(self.format, OutputFormat::Gbnf(_)) {
-            return Err(StructuredError::new(
-                "grammar",
-                "`grammar` cannot be combined with tool calls",
-            ));
-        }
         if tools_active && self.format.starts_at_once() {
+            let field = match (&self.format, self.format_field) {
+                (_, Some(field)) => field,
+                (OutputFormat::Gbnf(_), None) => "grammar",
+                (_, None) => {
+                    return Err(StructuredError::new(
+                        "response_format",
+                        "`regex` and `lark` formats cannot be combined with tool calls",
+                    ))
+                }
+            };
             return Err(StructuredError::new(
-                "response_format",
-                "`regex` and `lark` formats cannot be combined with tool calls",
+                field,
+                format!("`{field}` cannot be combined with tool calls"),
             ));
         }
         let mut seen = std::collections::HashSet::new();

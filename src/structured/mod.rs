@@ -258,14 +258,24 @@ impl Grammars {
     /// along chains of rules and `$ref`s, which a request writes (a few hundred overflow a
     /// 2 MiB stack, and an overflow aborts the process).
     fn compile_uncached(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        let spare = grammar.clone();
         std::thread::scope(|s| {
-            std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("grammar-compile".into())
                 .stack_size(COMPILE_STACK)
                 .spawn_scoped(s, || self.compile_here(grammar))
-                .map_err(|e| format!("cannot start the grammar compiler: {e}"))?
-                .join()
-                .map_err(|_| "the grammar compiler failed".to_string())?
+            {
+                Ok(thread) => thread
+                    .join()
+                    .map_err(|_| "the grammar compiler failed".to_string())?,
+                // No thread (no memory for its stack): here, as before there was one.
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start a grammar compiler thread ({e}); compiling in place"
+                    );
+                    self.compile_here(spare)
+                }
+            }
         })
     }
 
@@ -308,6 +318,13 @@ pub fn fuzz_gbnf(text: &str) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// A Lark string literal: a JSON string, DEL escaped too (llguidance's lexer refuses it raw).
+pub(crate) fn lark_string(s: &str) -> String {
+    serde_json::to_string(s)
+        .expect("a string serializes. This is a bug.")
+        .replace('\u{7f}', "\\u007f")
 }
 
 /// A compiled grammar driving one sequence.

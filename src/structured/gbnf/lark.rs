@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use super::{Node, MAX_PARENS};
+use super::{Node, MAX_PARENS, MAX_RULES};
 
 /// Writes the parsed rules as Lark.
 pub(super) struct Writer<'g> {
@@ -34,19 +34,26 @@ impl Writer<'_> {
         format!("r{i}_{base}")
     }
 
-    pub fn write(mut self) -> String {
+    /// The Lark text, or the error of a grammar of more than [`MAX_RULES`] rules.
+    pub fn write(mut self) -> Result<String, String> {
         let mut used = BTreeSet::new();
         reach(self.bodies, self.root, &mut used);
+        let n = used.len();
         let mut out = String::new();
         let (bodies, root) = (self.bodies, self.root);
         for i in std::iter::once(root).chain(used.into_iter().filter(|&i| i != root)) {
             let body = self.expr(&bodies[i], 0, 0);
             let _ = writeln!(out, "{}: {body}", self.name(i));
         }
+        if n + self.groups.len() > MAX_RULES {
+            return Err(format!(
+                "more than {MAX_RULES} rules (with groups nested deep, each a rule)"
+            ));
+        }
         for g in &self.groups {
             let _ = writeln!(out, "{g}");
         }
-        out
+        Ok(out)
     }
 
     /// `prec`: 0 at the top, 1 inside a sequence, 2 under a repetition; `depth`: the
@@ -125,12 +132,7 @@ fn reach(bodies: &[Node], i: usize, seen: &mut BTreeSet<usize>) {
     }
 }
 
-/// A Lark string literal: a JSON string, DEL escaped too (llguidance's lexer refuses it raw).
-fn lit(s: &str) -> String {
-    serde_json::to_string(s)
-        .expect("a string serializes. This is a bug.")
-        .replace('\u{7f}', "\\u007f")
-}
+use crate::structured::lark_string as lit;
 
 /// A regex class, every character hex-escaped (no character is special inside).
 fn class(negated: bool, ranges: &[(char, char)]) -> String {

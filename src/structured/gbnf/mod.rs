@@ -23,6 +23,9 @@ const MAX_REPETITION: u32 = 2000;
 const MAX_DEPTH: usize = 128;
 /// Parentheses nested in one Lark rule before a group is written as a rule of its own.
 const MAX_PARENS: usize = 8;
+/// The most rules a grammar becomes: llguidance's compiler recurses along chains of rules,
+/// and its stack is large but not endless.
+const MAX_RULES: usize = 10_000;
 /// Repetition marks taken in a row on one item (`x*?`), a bound on recursion.
 const MAX_MARKS: usize = 4;
 
@@ -443,6 +446,9 @@ pub fn to_lark(
     while p.pos < src.len() {
         p.rule()?;
     }
+    if p.g.names.len() > MAX_RULES {
+        return Err(format!("more than {MAX_RULES} rules"));
+    }
     let Some(&root) = p.names.get("root") else {
         return Err("the grammar has no `root` rule".into());
     };
@@ -451,13 +457,13 @@ pub fn to_lark(
         return Err(format!("rule `{}` is used but never defined", g.names[i]));
     }
     let bodies: Vec<Node> = g.bodies.into_iter().flatten().collect();
-    Ok(Writer {
+    Writer {
         names: &g.names,
         bodies: &bodies,
         root,
         groups: Vec::new(),
     }
-    .write())
+    .write()
 }
 
 #[cfg(test)]

@@ -243,38 +243,68 @@ fn each_character_is_its_own_lexeme() {
 #[test]
 fn long_chains_of_rules_and_refs_compile_without_overflowing_the_stack() {
     // A few hundred overflowed a 2 MiB stack in llguidance's compiler (the test thread's,
-    // and the server's blocking threads'), which aborts the process.
-    let n = 3000;
+    // and the server's blocking threads'), which aborts the process. Chains as long as
+    // they are taken, each link nested as deep as it is written:
+    // GBNF (nested groups too; deeper, llguidance runs out of symbols first),
+    let n = super::MAX_RULES - 2;
     let mut g = String::from("root ::= r0\n");
     for i in 0..n {
-        g.push_str(&format!("r{i} ::= \"a\" r{}\n", i + 1));
+        let nested = (0..2).fold(format!("r{}", i + 1), |x, _| format!("(\"a\" {x} | \"q\")"));
+        g.push_str(&format!("r{i} ::= {nested}\n"));
     }
     g.push_str(&format!("r{n} ::= \"b\"\n"));
-    let mut c = constraint(&g);
-    let mut logits = vec![0f32; 262];
-    for _ in 0..n {
-        c.mask(&mut logits).unwrap();
+    let mut c = grammars().constraint(&spec(&g)).unwrap().unwrap();
+    for _ in 0..100 {
         c.commit(b'a' as u32).unwrap();
     }
-    assert!(c.allows(b'b' as u32).unwrap() && !c.allows(END).unwrap());
-    let mut defs = serde_json::Map::new();
-    for i in 0..n {
-        let next = format!("#/$defs/d{}", i + 1);
-        defs.insert(
-            format!("d{i}"),
-            serde_json::json!({"type": "object", "properties": {"x": {"$ref": next}}}),
-        );
+    assert!(c.allows(b'q' as u32).unwrap() && !c.allows(END).unwrap());
+    let more = format!("{g}x ::= \"c\"\nroot2 ::= x\n");
+    assert!(to_lark(
+        &more.replace("root ::= r0", "root ::= r0 root2"),
+        &no_tokens,
+        262
+    )
+    .unwrap_err()
+    .contains("more than 10000 rules"));
+    // Lark (llguidance's parser takes 30 levels of nesting),
+    let lines = 5000 - 2;
+    let (open, close) = ("(".repeat(28), ")".repeat(28));
+    let mut lark = String::from("start: r0\n");
+    for i in 0..lines {
+        lark.push_str(&format!("r{i}: {open}\"a\" r{}{close}\n", i + 1));
     }
-    defs.insert(format!("d{n}"), serde_json::json!({"type": "integer"}));
-    let schema = serde_json::json!({"$ref": "#/$defs/d0", "$defs": defs});
-    let s = ConstraintSpec {
-        format: OutputFormat::JsonSchema {
-            schema,
-            strict: false,
-        },
+    lark.push_str(&format!("r{lines}: \"b\"\n"));
+    let spec_of = |format| ConstraintSpec {
+        format,
         ..ConstraintSpec::text()
     };
-    assert!(grammars().constraint(&s).unwrap().is_some());
+    assert!(grammars()
+        .constraint(&spec_of(OutputFormat::Lark(lark.clone())))
+        .unwrap()
+        .is_some());
+    lark.push_str("extra: \"c\"\n");
+    let e = grammars()
+        .constraint(&spec_of(OutputFormat::Lark(lark)))
+        .unwrap_err();
+    assert!(e.message.contains("more than 5000 lines"), "{e}");
+    // and `$ref`s, until llguidance finds the schema too large.
+    for (n, ok) in [(3000, true), (15000, false)] {
+        let mut defs = serde_json::Map::new();
+        for i in 0..n {
+            let next = format!("#/$defs/d{}", i + 1);
+            defs.insert(
+                format!("d{i}"),
+                serde_json::json!({"type": "object", "properties": {"x": {"$ref": next}}}),
+            );
+        }
+        defs.insert(format!("d{n}"), serde_json::json!({"type": "integer"}));
+        let schema = serde_json::json!({"$ref": "#/$defs/d0", "$defs": defs});
+        let r = grammars().constraint(&spec_of(OutputFormat::JsonSchema {
+            schema,
+            strict: false,
+        }));
+        assert_eq!(r.is_ok(), ok, "{n}");
+    }
 }
 
 #[test]
