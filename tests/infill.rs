@@ -512,7 +512,7 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
         .collect();
     assert_eq!(streamed, "\n");
     // llama.cpp's sampling names, and OpenAI's limit as llama.cpp takes it; `logprobs` is
-    // refused by name.
+    // llama.cpp's `n_probs`, a number.
     let (status, three) = server.post(
         "/infill",
         &json!({"input_prefix": "a", "input_suffix": "b", "max_tokens": 3, "temperature": 0,
@@ -520,9 +520,21 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
     );
     assert_eq!(status, 200, "{three}");
     assert_eq!(three["tokens_predicted"], 3, "{three}");
+    let (status, probs) = server.post(
+        "/infill",
+        &json!({"input_prefix": "a", "input_suffix": "b", "max_tokens": 3, "logprobs": 2,
+                "temperature": 0,
+                "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}}),
+    );
+    assert_eq!(status, 200, "{probs}");
+    let entries = probs["completion_probabilities"].as_array().unwrap();
+    assert_eq!(entries.len(), 3, "{probs}");
+    assert!(entries
+        .iter()
+        .all(|e| e["top_logprobs"].as_array().unwrap().len() == 2));
     let (status, err) = server.post(
         "/infill",
-        &json!({"input_prefix": "a", "input_suffix": "b", "logprobs": 3}),
+        &json!({"input_prefix": "a", "input_suffix": "b", "logprobs": true}),
     );
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["param"], "logprobs");
@@ -587,11 +599,61 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
                      "logit_bias": {"257": -100, "261": -100, "262": -100, "263": -100}});
     let (status, reply) = server.post("/completion", &ask);
     assert_eq!(status, 200, "{reply}");
-    let (want, _, usage) = completion(&server, &with(greedy(5), json!({"prompt": "Hello"})));
+    let (want, lps, usage) = completion(&server, &with(greedy(5), json!({"prompt": "Hello"})));
     assert_eq!(reply["content"], want.as_str(), "{reply}");
     assert_eq!(reply["tokens_predicted"], 5);
     assert_eq!(reply["tokens_evaluated"], usage["prompt_tokens"]);
     assert_eq!(reply["stop_type"], "limit");
+    assert!(reply.get("completion_probabilities").is_none(), "{reply}");
+    // `n_probs`: each token's logprob (the completions API's, the same numbers) with its
+    // most likely alternatives, in llama.cpp's shape; `logprobs` is its other name.
+    let (status, probs) = server.post("/completion", &with(ask.clone(), json!({"n_probs": 3})));
+    assert_eq!(status, 200, "{probs}");
+    let entries = probs["completion_probabilities"].as_array().unwrap();
+    assert_eq!(entries.len(), 5, "{probs}");
+    let mut bytes = Vec::new();
+    for (e, lp) in entries.iter().zip(&lps) {
+        assert!(
+            (e["logprob"].as_f64().unwrap() - lp).abs() < 1e-4,
+            "{e} {lp}"
+        );
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        // The alternatives, most likely first, none less likely than the greedy pick.
+        let first = top[0]["logprob"].as_f64().unwrap();
+        assert!(first + 1e-4 >= *lp, "{e}");
+        assert!(top
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        bytes.extend(
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    assert_eq!(String::from_utf8_lossy(&bytes), want);
+    let (_, alias) = server.post("/completion", &with(ask.clone(), json!({"logprobs": 3})));
+    assert_eq!(
+        alias["completion_probabilities"],
+        probs["completion_probabilities"]
+    );
+    // Streamed, each piece carries its token's entry.
+    let pieces: Vec<Value> = server
+        .stream(
+            "/completion",
+            &with(ask.clone(), json!({"n_probs": 3, "stream": true})),
+        )
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|p| {
+            p["completion_probabilities"]
+                .as_array()
+                .map(|a| a[0].clone())
+        })
+        .collect();
+    assert_eq!(&pieces, entries);
     // Token ids; a stream of pieces and the final object.
     let (_, by_ids) = server.post(
         "/completion",
@@ -671,8 +733,9 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
         ("grammar", json!("root ::= \"a")),
         ("grammar", json!(7)),
         ("grammar_lazy", json!(true)),
-        ("n_probs", json!(3)),
-        ("logprobs", json!(3)),
+        ("n_probs", json!(101)),
+        ("post_sampling_probs", json!(true)),
+        ("logprobs", json!(true)),
         ("prompt", json!([1, "mixed"])),
         ("prompt", json!([9999])),
     ] {

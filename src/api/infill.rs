@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::generate::{run, Input};
 use super::handlers::{accept, fim_of};
-use super::native::{line_limits, native_meta, native_output, to_sampling, NativeCtx};
+use super::native::{line_limits, n_probs, native_meta, native_output, to_sampling, NativeCtx};
 use super::{AppState, RequestId};
 use crate::gateway::Principal;
 use crate::model::fim::fit_fill;
@@ -41,6 +41,9 @@ pub struct InfillRequest {
     /// those names.
     #[serde(default)]
     pub response_fields: Vec<String>,
+    /// Each token's logprob and those of the `n_probs` most likely, as `/completion`'s.
+    pub n_probs: Option<i64>,
+    pub post_sampling_probs: Option<bool>,
     /// Not taken here (refused when set, rather than ignored).
     pub grammar: Option<String>,
     pub json_schema: Option<serde_json::Value>,
@@ -88,6 +91,7 @@ pub async fn infill(
             format!("`{field}` is not taken by /infill: use /completion"),
         ));
     }
+    let probs = n_probs(req.n_probs, req.post_sampling_probs)?;
     let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
     let requested = sampling.max_tokens(true)?;
@@ -138,9 +142,10 @@ pub async fn infill(
         prompt_tokens: prompt.len(),
         truncated,
         fields,
+        probs,
     };
     let meta = native_meta(state, &rid, "infill", ctx);
-    let out = native_output(lines, Vec::new());
+    let out = native_output(lines, Vec::new(), probs);
     let input = Input { prompt, echo: None };
     run(
         state,

@@ -25,7 +25,9 @@ use super::handlers::{accept, unix_now};
 use super::response::{Meta, Surface};
 use super::{AppState, RequestId};
 use crate::engine::lines::LineLimits;
-use crate::engine::request::{Event, EventReceiver, FinishReason, Usage};
+use crate::engine::request::{
+    Event, EventReceiver, FinishReason, LogprobInfo, TokenLogprob, Usage,
+};
 use crate::gateway::Principal;
 use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
 
@@ -51,8 +53,10 @@ pub struct CompletionRequest {
     pub t_max_predict_ms: Option<i64>,
     #[serde(default)]
     pub response_fields: Vec<String>,
-    /// Probabilities of the top tokens (not given: refused above 0).
+    /// Each token's logprob and those of the `n_probs` most likely (`logprobs` is its alias).
     pub n_probs: Option<i64>,
+    /// Probabilities after the sampling chain (refused: the model's own are given).
+    pub post_sampling_probs: Option<bool>,
     /// A GBNF grammar the reply follows (`""`: none).
     pub grammar: Option<String>,
     /// A grammar applied from a trigger on (refused).
@@ -109,12 +113,7 @@ pub async fn completion(
         |v| to_sampling(v, "/completion"),
         |r: &CompletionRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
-    if req.n_probs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "n_probs",
-            "`n_probs` is not supported here: /v1/completions gives `logprobs`",
-        ));
-    }
+    let probs = n_probs(req.n_probs, req.post_sampling_probs)?;
     super::formats::lazy_refused(req.grammar_lazy)?;
     let grammar = req.grammar.take().filter(|g| !g.is_empty());
     let schema = req.json_schema.take().filter(|s| !s.is_null());
@@ -177,9 +176,10 @@ pub async fn completion(
         prompt_tokens: prompt.len(),
         truncated: false,
         fields,
+        probs,
     };
     let meta = native_meta(state, &rid, "cmpl", ctx);
-    let out = native_output(lines, constraints);
+    let out = native_output(lines, constraints, probs);
     let input = Input { prompt, echo: None };
     run(
         state,
@@ -209,15 +209,41 @@ pub(super) fn native_meta(state: &AppState, rid: &RequestId, kind: &str, ctx: Na
     }
 }
 
+/// The most alternatives `n_probs` may ask for.
+const MAX_PROBS: i64 = 100;
+
+/// llama.cpp's `n_probs` (0 or less: none) as the alternatives each token's entry lists,
+/// `None` when no probabilities are asked for.
+pub(super) fn n_probs(
+    n: Option<i64>,
+    post_sampling: Option<bool>,
+) -> Result<Option<usize>, ApiError> {
+    if post_sampling == Some(true) {
+        return Err(ApiError::invalid(
+            "post_sampling_probs",
+            "`post_sampling_probs` is not supported: `n_probs` gives the model's own log-probabilities",
+        ));
+    }
+    match n {
+        Some(n) if n > MAX_PROBS => Err(ApiError::invalid(
+            "n_probs",
+            format!("`n_probs` must be at most {MAX_PROBS}, got {n}"),
+        )),
+        Some(n) if n > 0 => Ok(Some(n as usize)),
+        _ => Ok(None),
+    }
+}
+
 /// One choice of text; `n_predict: 0` computes the prompt alone (editors warm the cache
-/// with it).
+/// with it); `probs`: each token's logprob with that many alternatives.
 pub(super) fn native_output(
     lines: LineLimits,
     constraints: Vec<Box<dyn crate::engine::constraint::TokenConstraint>>,
+    probs: Option<usize>,
 ) -> Output {
     Output {
-        logprobs: false,
-        top_logprobs: 0,
+        logprobs: probs.is_some(),
+        top_logprobs: probs.unwrap_or(0),
         prompt_logprobs: false,
         echo: true,
         constraints,
@@ -234,13 +260,23 @@ pub(super) fn native_output(
 /// 0.8.
 pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> {
     let o = v.as_object_mut().expect("parse_body returns objects");
-    for field in ["best_of", "logprobs"] {
-        if o.contains_key(field) {
+    // `logprobs` is llama.cpp's other name for `n_probs` (a number of alternatives).
+    if let Some(n) = o.remove("logprobs") {
+        if !n.is_i64() {
             return Err(ApiError::invalid(
-                field,
-                format!("`{field}` is not a field of {route}"),
+                "logprobs",
+                format!("`logprobs` on {route} is llama.cpp's `n_probs`: a number"),
             ));
         }
+        if !o.contains_key("n_probs") {
+            o.insert("n_probs".into(), n);
+        }
+    }
+    if o.contains_key("best_of") {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("`best_of` is not a field of {route}"),
+        ));
     }
     let n_predict = o.remove("n_predict");
     if n_predict.as_ref().is_some_and(|n| !n.is_null()) {
@@ -283,29 +319,42 @@ pub struct NativeCtx {
     /// The prompt was cut to fit (`/infill`: its prefix or suffix, or extra context chunks).
     pub truncated: bool,
     pub fields: Vec<String>,
+    /// `n_probs`: `completion_probabilities` with each token.
+    pub probs: Option<usize>,
 }
 
 /// How a reply ended: the engine's reason, the stop string, the usage.
 pub type End = (FinishReason, Option<String>, Usage);
 
+/// A token's entry in `completion_probabilities`, as llama.cpp writes it.
+fn prob_entry(info: &LogprobInfo) -> Value {
+    let entry = |t: &TokenLogprob| json!({"id": t.id, "token": t.token, "bytes": t.bytes, "logprob": t.logprob});
+    let mut v = entry(&info.chosen);
+    v["top_logprobs"] = info.top_logprobs.iter().map(entry).collect();
+    v
+}
+
 /// A reply as it is gathered.
 #[derive(Default)]
 struct Fill {
     content: String,
+    /// With `n_probs`: each token's entry.
+    probs: Vec<Value>,
     /// When the engine made the first and the last token.
     first: Option<Instant>,
     last: Option<Instant>,
 }
 
 impl Fill {
-    fn token(&mut self, text: &str, at: Instant) {
+    fn token(&mut self, text: &str, at: Instant, probs: Option<&LogprobInfo>) {
         self.first.get_or_insert(at);
         self.last = Some(at);
         self.content.push_str(text);
+        self.probs.extend(probs.map(prob_entry));
     }
 
-    /// llama.cpp's final object.
-    fn value(&self, meta: &Meta, ctx: &NativeCtx, content: &str, end: &End) -> Value {
+    /// llama.cpp's final object; `whole`: the reply's, not a stream's last piece.
+    fn value(&self, meta: &Meta, ctx: &NativeCtx, content: &str, end: &End, whole: bool) -> Value {
         let (reason, stop, usage) = end;
         let (stop_type, word) = match (reason, stop) {
             (FinishReason::Stop, Some(w)) => ("word", w.clone()),
@@ -334,13 +383,17 @@ impl Fill {
             "predicted_per_token_ms": per(predicted, predicted_ms).0,
             "predicted_per_second": per(predicted, predicted_ms).1,
         });
-        let all = json!({
+        let mut all = json!({
             "index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": true,
             "model": meta.model, "tokens_predicted": predicted, "tokens_evaluated": prompt,
             "has_new_line": self.content.contains('\n'), "truncated": ctx.truncated,
             "stop_type": stop_type, "stopping_word": word,
             "tokens_cached": prompt + predicted, "timings": timings,
         });
+        // Whole: every token's; streamed, the pieces carried them.
+        if ctx.probs.is_some() && whole {
+            all["completion_probabilities"] = Value::Array(self.probs.clone());
+        }
         pick_fields(all, &ctx.fields)
     }
 }
@@ -366,15 +419,17 @@ pub fn whole(
     meta: &Meta,
     ctx: &NativeCtx,
     content: String,
+    lps: &[LogprobInfo],
     end: End,
     made: (Option<Instant>, Option<Instant>),
 ) -> Value {
     let fill = Fill {
         content,
+        probs: lps.iter().map(prob_entry).collect(),
         first: made.0,
         last: made.1,
     };
-    fill.value(meta, ctx, &fill.content, &end)
+    fill.value(meta, ctx, &fill.content, &end, true)
 }
 
 /// The streamed reply: one object per piece of text, then the final object (its `content`
@@ -413,14 +468,19 @@ struct Streamed {
 impl Streamed {
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
-            Some(Event::Token { text, at, .. }) => {
-                self.fill.token(&text, at);
+            Some(Event::Token { text, at, logprob }) => {
+                let probs = logprob.as_ref().filter(|_| self.ctx.probs.is_some());
+                self.fill.token(&text, at, probs);
                 self.tokens += 1;
-                if !text.is_empty() {
-                    self.pending.push_back(json!({
+                if !text.is_empty() || probs.is_some() {
+                    let mut piece = json!({
                         "index": 0, "content": text, "tokens": [], "stop": false,
                         "id_slot": -1, "tokens_predicted": self.tokens,
-                        "tokens_evaluated": self.ctx.prompt_tokens}));
+                        "tokens_evaluated": self.ctx.prompt_tokens});
+                    if let Some(info) = probs {
+                        piece["completion_probabilities"] = json!([prob_entry(info)]);
+                    }
+                    self.pending.push_back(piece);
                 }
             }
             Some(Event::Finished {
@@ -431,7 +491,7 @@ impl Streamed {
             }) => {
                 self.rx = None;
                 let end = (reason, stop_sequence, usage);
-                let v = self.fill.value(&self.meta, &self.ctx, "", &end);
+                let v = self.fill.value(&self.meta, &self.ctx, "", &end, false);
                 self.pending.push_back(v);
             }
             Some(Event::Failed(msg)) => {
@@ -506,6 +566,11 @@ mod tests {
             to_sampling(json!({"temperature": null})).unwrap()["temperature"],
             0.8
         );
-        assert!(to_sampling(json!({"logprobs": 2})).is_err());
+        // `logprobs` is `n_probs` (when that is not given), a number.
+        assert_eq!(to_sampling(json!({"logprobs": 2})).unwrap()["n_probs"], 2);
+        let v = to_sampling(json!({"logprobs": 2, "n_probs": 4})).unwrap();
+        assert!(v["n_probs"] == 4 && v.get("logprobs").is_none());
+        assert!(to_sampling(json!({"logprobs": true})).is_err());
+        assert!(to_sampling(json!({"best_of": 2})).is_err());
     }
 }

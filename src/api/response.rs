@@ -480,7 +480,7 @@ async fn collect(
                 }
                 Surface::LlamaCpp(ctx) => {
                     let end = (r.reason, r.stop_sequence, r.usage);
-                    super::native::whole(&meta, ctx, r.text, end, r.made)
+                    super::native::whole(&meta, ctx, r.text, &r.lps, end, r.made)
                 }
                 Surface::OpenAi => meta.whole(vec![(r, echo, true)]),
             }
@@ -498,6 +498,7 @@ mod tests {
     fn a_replys_mean_logprob_counts_the_stop_token_that_ended_it() {
         let info = |logprob: f32| LogprobInfo {
             chosen: TokenLogprob {
+                id: 0,
                 token: "t".into(),
                 logprob,
                 bytes: vec![b't'],

@@ -92,6 +92,7 @@ mod tests {
 
     fn info(token: &str, logprob: f32, top: &[(&str, f32)]) -> LogprobInfo {
         let t = |token: &str, logprob| TokenLogprob {
+            id: 0,
             token: token.into(),
             logprob,
             bytes: token.as_bytes().to_vec(),

@@ -14,6 +14,7 @@ use crate::model::Tokenizer;
 pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
     let ls = LogSoftmax::new(logits);
     let entry = |id: u32| TokenLogprob {
+        id,
         token: tok.token_text_decoded(id),
         bytes: tok.token_bytes_of(id),
         logprob: ls.of(logits, id),

@@ -117,6 +117,9 @@ impl std::fmt::Debug for UsageSink {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TokenLogprob {
+    /// The token's id (llama.cpp's shapes show it; OpenAI's do not).
+    #[serde(skip)]
+    pub id: u32,
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
