@@ -201,6 +201,29 @@ fn chat_completions_behave_like_openai() {
     assert_eq!(t["tokens"], json!([19556, 28, 905, 17]));
     let (_, d) = s.post("/detokenize", &json!({"tokens": [19556, 28, 905, 17]}));
     assert_eq!(d["content"], "Hello, world!");
+    // llama-server's `with_pieces` (a piece not UTF-8 on its own comes as its bytes) and
+    // `parse_special: false` (control-token spellings are text).
+    let text = "Hi<|im_end|> \u{1F980}\u{1F9A0}";
+    let (_, t) = s.post("/tokenize", &json!({"content": text, "with_pieces": true}));
+    let entries = t["tokens"].as_array().unwrap();
+    let mut bytes = Vec::new();
+    for e in entries {
+        match &e["piece"] {
+            Value::String(p) => bytes.extend(p.as_bytes()),
+            Value::Array(b) => bytes.extend(b.iter().map(|b| b.as_u64().unwrap() as u8)),
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(bytes, text.as_bytes(), "{t}");
+    assert!(entries.iter().any(|e| e["piece"].is_array()), "{t}");
+    assert!(entries.iter().any(|e| e["piece"] == "<|im_end|>"), "{t}");
+    let (_, plain) = s.post(
+        "/tokenize",
+        &json!({"content": text, "parse_special": false}),
+    );
+    let plain = plain["tokens"].as_array().unwrap();
+    assert!(plain.len() > entries.len(), "{plain:?}");
+    assert!(!plain.contains(&entries[1]["id"]), "{plain:?}");
     let r = ureq::get(&format!("{}/health", s.base))
         .set("x-request-id", "my-id-42")
         .call()

@@ -90,8 +90,9 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Text to token ids. Takes llama-server's body (`content`, `add_special`) or vLLM's
-/// (`prompt`, `add_special_tokens`), and answers both: `tokens`, `count`, `max_model_len`.
+/// Text to token ids. Takes llama-server's body (`content`, `add_special`, `parse_special`,
+/// `with_pieces`) or vLLM's (`prompt`, `add_special_tokens`), and answers both: `tokens`,
+/// `count`, `max_model_len`.
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -102,6 +103,11 @@ pub async fn tokenize(
         add_special: Option<bool>,
         prompt: Option<String>,
         add_special_tokens: Option<bool>,
+        /// llama-server's: `false` reads control-token spellings as text.
+        parse_special: Option<bool>,
+        /// llama-server's: each token as `{"id", "piece"}` (its text, or its bytes when they
+        /// are not UTF-8 on their own).
+        with_pieces: Option<bool>,
     }
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
@@ -118,12 +124,40 @@ pub async fn tokenize(
         }
     };
     let r = ready.clone();
-    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, special))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let parse = req.parse_special.unwrap_or(true);
+    let ids = tokio::task::spawn_blocking(move || {
+        let mut ids = if parse {
+            r.tokenizer.encode(&text, false)?
+        } else {
+            r.tokenizer.encode_plain(&text)?
+        };
+        if special {
+            if let Some(bos) = r.tokenizer.bos.filter(|_| r.tokenizer.add_bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok::<_, crate::error::ModelError>(ids)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tokens: Value = if req.with_pieces == Some(true) {
+        let tok = &ready.tokenizer;
+        ids.iter()
+            .map(|&id| {
+                let bytes = tok.token_bytes_of(id);
+                let piece = match String::from_utf8(bytes) {
+                    Ok(text) => json!(text),
+                    Err(e) => json!(e.into_bytes()),
+                };
+                json!({"id": id, "piece": piece})
+            })
+            .collect()
+    } else {
+        json!(ids)
+    };
     Ok(Json(json!({
-        "tokens": ids, "count": ids.len(), "max_model_len": ready.context_length,
+        "tokens": tokens, "count": ids.len(), "max_model_len": ready.context_length,
     })))
 }
 
