@@ -130,25 +130,36 @@ type Found = Vec<(&'static str, OutputFormat)>;
 
 fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
     let o = g.structured_outputs;
-    let json = [
-        ("json_schema", g.json_schema),
-        ("guided_json", g.guided_json),
-        ("structured_outputs.json", o.and_then(|o| o.json.as_ref())),
-    ];
-    for (field, v) in json {
-        if let Some(v) = v.filter(|v| !v.is_null()) {
-            found.push((field, json_schema(field, v)?));
+    // Each kind under its names, read into a format by `make`.
+    fn each<T: ?Sized>(
+        found: &mut Found,
+        named: &[(&'static str, Option<&T>)],
+        make: impl Fn(&'static str, &T) -> Result<OutputFormat, ApiError>,
+    ) -> Result<(), ApiError> {
+        for &(field, v) in named {
+            if let Some(v) = v {
+                found.push((field, make(field, v)?));
+            }
         }
+        Ok(())
     }
+    fn not_null(v: Option<&Value>) -> Option<&Value> {
+        v.filter(|v| !v.is_null())
+    }
+    let json = [
+        ("json_schema", not_null(g.json_schema)),
+        ("guided_json", not_null(g.guided_json)),
+        (
+            "structured_outputs.json",
+            not_null(o.and_then(|o| o.json.as_ref())),
+        ),
+    ];
+    each(found, &json, json_schema)?;
     let regex = [
         ("guided_regex", g.guided_regex),
         ("structured_outputs.regex", o.and_then(|o| o.regex.as_ref())),
     ];
-    for (field, rx) in regex {
-        if let Some(rx) = rx {
-            found.push((field, OutputFormat::Regex(rx.clone())));
-        }
-    }
+    each(found, &regex, |_, rx| Ok(OutputFormat::Regex(rx.clone())))?;
     let choice = [
         ("guided_choice", g.guided_choice),
         (
@@ -156,11 +167,7 @@ fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
             o.and_then(|o| o.choice.as_ref()),
         ),
     ];
-    for (field, choices) in choice {
-        if let Some(choices) = choices {
-            found.push((field, one_of(field, choices)?));
-        }
-    }
+    each(found, &choice, |field, c| one_of(field, c))?;
     let grammar = [
         ("guided_grammar", g.guided_grammar),
         (
@@ -168,16 +175,13 @@ fn guided_formats(g: &Guided, found: &mut Found) -> Result<(), ApiError> {
             o.and_then(|o| o.grammar.as_ref()),
         ),
     ];
-    for (field, src) in grammar {
-        if let Some(src) = src {
-            let format = if src.contains("::=") {
-                OutputFormat::Gbnf(src.clone())
-            } else {
-                OutputFormat::Lark(src.clone())
-            };
-            found.push((field, format));
-        }
-    }
+    each(found, &grammar, |_, src| {
+        Ok(if src.contains("::=") {
+            OutputFormat::Gbnf(src.clone())
+        } else {
+            OutputFormat::Lark(src.clone())
+        })
+    })?;
     let refused = [
         (
             "guided_whitespace_pattern",
