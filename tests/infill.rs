@@ -634,6 +634,13 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
         );
     }
     assert_eq!(String::from_utf8_lossy(&bytes), want);
+    // This vocabulary's byte tokens have the byte's value as their id.
+    let single: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["bytes"].as_array().unwrap().len() == 1)
+        .collect();
+    assert!(!single.is_empty(), "{probs}");
+    assert!(single.iter().all(|e| e["id"] == e["bytes"][0]), "{probs}");
     let (_, alias) = server.post("/completion", &with(ask.clone(), json!({"logprobs": 3})));
     assert_eq!(
         alias["completion_probabilities"],
@@ -685,6 +692,10 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
         "{word}"
     );
     assert_eq!(word["content"], "", "{word}");
+    // The tokens that spelled the stop string have no entries, as in llama.cpp.
+    let (_, word) = server.post("/completion", &with(forced.clone(), json!({"n_probs": 2})));
+    assert_eq!(word["stop_type"], "word", "{word}");
+    assert!(word.get("completion_probabilities").is_none(), "{word}");
     // `json_schema` constrains the reply; the end of the grammar is an end of text.
     let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
                         "required": ["ok"], "additionalProperties": false});

@@ -209,8 +209,9 @@ pub(super) fn native_meta(state: &AppState, rid: &RequestId, kind: &str, ctx: Na
     }
 }
 
-/// The most alternatives `n_probs` may ask for.
-const MAX_PROBS: i64 = 100;
+/// The most alternatives `n_probs` may ask for (as the chat API's `top_logprobs`: each is
+/// decoded on the engine thread at every step).
+const MAX_PROBS: i64 = 20;
 
 /// llama.cpp's `n_probs` (0 or less: none) as the alternatives each token's entry lists,
 /// `None` when no probabilities are asked for.
@@ -260,15 +261,16 @@ pub(super) fn native_output(
 /// 0.8.
 pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> {
     let o = v.as_object_mut().expect("parse_body returns objects");
-    // `logprobs` is llama.cpp's other name for `n_probs` (a number of alternatives).
-    if let Some(n) = o.remove("logprobs") {
+    // `logprobs` is llama.cpp's other name for `n_probs` (a number of alternatives); null
+    // is not given.
+    if let Some(n) = o.remove("logprobs").filter(|n| !n.is_null()) {
         if !n.is_i64() {
             return Err(ApiError::invalid(
                 "logprobs",
                 format!("`logprobs` on {route} is llama.cpp's `n_probs`: a number"),
             ));
         }
-        if !o.contains_key("n_probs") {
+        if o.get("n_probs").is_none_or(Value::is_null) {
             o.insert("n_probs".into(), n);
         }
     }
@@ -346,11 +348,10 @@ struct Fill {
 }
 
 impl Fill {
-    fn token(&mut self, text: &str, at: Instant, probs: Option<&LogprobInfo>) {
+    fn token(&mut self, text: &str, at: Instant) {
         self.first.get_or_insert(at);
         self.last = Some(at);
         self.content.push_str(text);
-        self.probs.extend(probs.map(prob_entry));
     }
 
     /// llama.cpp's final object; `whole`: the reply's, not a stream's last piece.
@@ -390,9 +391,23 @@ impl Fill {
             "stop_type": stop_type, "stopping_word": word,
             "tokens_cached": prompt + predicted, "timings": timings,
         });
-        // Whole: every token's; streamed, the pieces carried them.
-        if ctx.probs.is_some() && whole {
-            all["completion_probabilities"] = Value::Array(self.probs.clone());
+        // Whole: the tokens of the content (a stop string's are left out, as llama.cpp
+        // leaves them); streamed, the pieces carried them.
+        if ctx.probs.is_some() && whole && !self.probs.is_empty() {
+            let mut at = 0;
+            let kept: Vec<Value> = self
+                .probs
+                .iter()
+                .take_while(|p| {
+                    let start = at;
+                    at += p["bytes"].as_array().map_or(0, Vec::len);
+                    stop_type != "word" || start < content.len()
+                })
+                .cloned()
+                .collect();
+            if !kept.is_empty() {
+                all["completion_probabilities"] = Value::Array(kept);
+            }
         }
         pick_fields(all, &ctx.fields)
     }
@@ -470,7 +485,7 @@ impl Streamed {
         match ev {
             Some(Event::Token { text, at, logprob }) => {
                 let probs = logprob.as_ref().filter(|_| self.ctx.probs.is_some());
-                self.fill.token(&text, at, probs);
+                self.fill.token(&text, at);
                 self.tokens += 1;
                 if !text.is_empty() || probs.is_some() {
                     let mut piece = json!({

@@ -8,6 +8,7 @@
 use llguidance::api::TopLevelGrammar;
 use serde_json::{json, Value};
 
+use super::lark_string as lit;
 use super::reasoning::ThinkSpec;
 use super::toolcall::ToolFormat;
 use super::StructuredError;
@@ -131,8 +132,6 @@ fn with_layout(schema: &Value) -> Value {
 fn json_grammar(schema: &Value) -> TopLevelGrammar {
     TopLevelGrammar::from_json_schema(with_layout(schema))
 }
-
-use super::lark_string as lit;
 
 /// A regex matching `s` literally, every non-alphanumeric character hex-escaped.
 fn regex_literal(s: &str) -> String {

@@ -258,12 +258,15 @@ impl Grammars {
     /// along chains of rules and `$ref`s, which a request writes (a few hundred overflow a
     /// 2 MiB stack, and an overflow aborts the process).
     fn compile_uncached(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
-        let spare = grammar.clone();
+        // The thread takes the grammar out; when it cannot start, it is still here.
+        let slot = Mutex::new(Some(grammar));
+        let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         std::thread::scope(|s| {
+            let compile = || take().map_or(Err("no grammar".into()), |g| self.compile_here(g));
             match std::thread::Builder::new()
                 .name("grammar-compile".into())
                 .stack_size(COMPILE_STACK)
-                .spawn_scoped(s, || self.compile_here(grammar))
+                .spawn_scoped(s, compile)
             {
                 Ok(thread) => thread
                     .join()
@@ -273,7 +276,7 @@ impl Grammars {
                     tracing::warn!(
                         "cannot start a grammar compiler thread ({e}); compiling in place"
                     );
-                    self.compile_here(spare)
+                    compile()
                 }
             }
         })
