@@ -71,8 +71,9 @@ impl ResponseFormat {
     }
 }
 
-/// vLLM's structured-output fields, as both completion requests declare them: the older
-/// `guided_*` ones and the newer `structured_outputs` object.
+/// The structured-output fields of other servers, as both completion requests declare them:
+/// vLLM's older `guided_*` ones and newer `structured_outputs` object, and llama.cpp's
+/// top-level `json_schema` and `grammar_lazy`.
 #[derive(Debug, Default)]
 pub struct Guided<'a> {
     /// A JSON schema, as an object or a string holding one.
