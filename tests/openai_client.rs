@@ -141,3 +141,22 @@ fn lm_evaluation_harness_scores_and_generates() {
     );
     assert_eq!(r["generated"][0], g["choices"][0]["text"], "{r}");
 }
+
+#[test]
+fn official_client_runs_and_cancels_batches() {
+    let r = run_client("batch_client.py");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(
+        r["counts"],
+        json!({"total": 2, "completed": 2, "failed": 0})
+    );
+    assert_eq!(r["metadata"], json!({"job": "nightly"}));
+    assert_eq!(r["results"], r["direct"], "{r}");
+    assert_eq!(r["file"]["purpose"], "batch");
+    assert_eq!(r["file"]["filename"], "asks.jsonl");
+    assert!(["cancelling", "cancelled"].contains(&r["cancel_status"].as_str().unwrap()));
+    assert_eq!(r["cancelled"], "cancelled", "{r}");
+    assert!(r["cancelled_counts"]["completed"].as_u64().unwrap() < 30);
+    // Newest first.
+    assert_eq!(r["listed"], json!([r["ids"][1], r["ids"][0]]));
+}

@@ -1,7 +1,8 @@
 //! Request bodies, before any handler: a JSON route gets JSON (415 for another declared
 //! type), the whole body must arrive within `--body-read-timeout` (408: a client trickling
 //! its body cannot hold a task and a connection for ever), and never more than
-//! `--max-body-bytes` (413). Handlers then read the buffered bytes at once.
+//! `--max-body-bytes` (413). Handlers then read the buffered bytes at once. The one
+//! exception is `/v1/files`: a multipart upload of up to 200 MiB, in up to 10 minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,18 +37,34 @@ pub fn is_json_type(value: Option<&str>) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// The least time a `/v1/files` upload gets to arrive (200 MiB at 350 KB/s).
+const UPLOAD_READ_TIMEOUT: Duration = Duration::from_secs(600);
+
 pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let limits = state.body_limits;
+    let mut limits = state.body_limits;
     let declared = req.headers().get(header::CONTENT_TYPE);
     let declared = match declared.map(|v| v.to_str()) {
         None => None,
         Some(Ok(v)) => Some(v),
         Some(Err(_)) => Some("(not text)"),
     };
-    if !is_json_type(declared) {
+    // `/v1/files` takes a multipart upload of up to a batch file's size, and more time.
+    let upload = req.uri().path() == "/v1/files";
+    if upload {
+        limits = BodyLimits {
+            max_bytes: super::batches::MAX_FILE_BYTES + (1 << 20),
+            read_timeout: limits.read_timeout.max(UPLOAD_READ_TIMEOUT),
+        };
+    }
+    let multipart = declared.is_some_and(|v| {
+        v.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/form-data")
+    });
+    if !(is_json_type(declared) || (upload && multipart)) {
         return ApiError::unsupported_media_type(declared.unwrap_or_default()).into_response();
     }
     let announced = req

@@ -186,6 +186,12 @@ impl ApiError {
         }
     }
 
+    /// 409: the thing named is in a state that does not allow this (a finished batch
+    /// cancelled).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+    }
+
     /// The engine thread ended before the request did.
     pub fn engine_stopped() -> Self {
         Self::unavailable("The engine stopped before the request finished")

@@ -45,6 +45,13 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// Marks a request the batch worker makes on behalf of a batch's owner.
+#[derive(Debug, Clone)]
+pub struct BatchCall {
+    pub owner_kind: String,
+    pub owner: String,
+}
+
 /// Middleware on every route but the probes, `/metrics` and the console's static assets: puts the request's [`Principal`]
 /// in its extensions, or answers 401 in OpenAI's shape.
 pub async fn authenticate(
@@ -52,8 +59,15 @@ pub async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let key = presented_key(req.headers());
-    match state.gateway.authenticate(key.as_deref()) {
+    // A batch's request, made inside this process (no client can set an extension): it runs
+    // as whoever made the batch, while that key is still live.
+    let who = match req.extensions().get::<BatchCall>() {
+        Some(call) => state.gateway.principal_of(&call.owner_kind, &call.owner),
+        None => state
+            .gateway
+            .authenticate(presented_key(req.headers()).as_deref()),
+    };
+    match who {
         Ok(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await
@@ -89,6 +103,9 @@ pub struct Directives {
     /// must be ready within this time of the request's arrival, or the request is
     /// cancelled and answered 504.
     pub request_timeout: Option<Duration>,
+    /// `x-edgeinfer-priority: low` (a batch's requests send it): admitted only when no other
+    /// request waits, and preempted first.
+    pub background: bool,
 }
 
 /// The server's defaults for requests whose headers do not say.
@@ -171,7 +188,19 @@ impl Directives {
                 )),
             },
         };
+        let background = match text("x-edgeinfer-priority")? {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("low") => true,
+            Some(v) if v.eq_ignore_ascii_case("normal") => false,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "x-edgeinfer-priority",
+                    "header `x-edgeinfer-priority` must be low or normal",
+                ))
+            }
+        };
         Ok(Self {
+            background,
             cache_ttl,
             request_timeout,
             skip_cache,
@@ -201,14 +230,19 @@ impl Gate {
     /// jump the queue.
     pub fn tenant(&self) -> Tenant {
         use std::hash::{Hash, Hasher};
+        let background = self.directives.background;
         let Principal::Key(k) = &self.principal else {
-            return Tenant::from(0);
+            return Tenant {
+                background,
+                ..Tenant::from(0)
+            };
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         k.id.hash(&mut h);
         Tenant {
             id: h.finish().max(1),
             weight: k.weight.unwrap_or(1).clamp(1, 100) as u32,
+            background,
         }
     }
 

@@ -4,6 +4,8 @@
 mod admin;
 mod anthropic;
 mod anthropic_sse;
+mod batch_worker;
+mod batches;
 pub mod body;
 mod choices;
 mod console;
@@ -100,6 +102,10 @@ pub struct AppState {
     pub metrics_key: Option<String>,
     /// `x-edgeinfer-node` (none when the name is not a valid header value).
     node_header: Option<HeaderValue>,
+    /// Wakes the batch worker (a batch created or cancelled).
+    pub batch_wake: tokio::sync::Notify,
+    /// Batch requests running at once, at most.
+    pub batch_concurrency: usize,
 }
 
 /// The HTTP side's settings.
@@ -119,6 +125,8 @@ pub struct HttpConfig {
     /// Sent in every response's `x-edgeinfer-node` header.
     pub node_name: String,
     pub metrics_key: Option<String>,
+    /// Batch API requests running at once, at most.
+    pub batch_concurrency: usize,
 }
 
 impl AppState {
@@ -149,6 +157,8 @@ impl AppState {
             stall_timeout: config.stall_timeout,
             metrics_key: config.metrics_key,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
+            batch_wake: tokio::sync::Notify::new(),
+            batch_concurrency: config.batch_concurrency,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -297,6 +307,21 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/{account_id}/{gateway_id}/compat/chat/completions",
             post(surfaces::gateway_compat),
         )
+        // OpenAI's Batch API: uploaded JSONL files, batches run in the background.
+        .route(
+            "/v1/files",
+            post(batches::upload)
+                .get(batches::files)
+                .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + (1 << 20))),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(batches::file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route("/v1/batches", post(batches::create).get(batches::batches))
+        .route("/v1/batches/{id}", get(batches::batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(utility::tokenize))
         .route("/detokenize", post(utility::detokenize))
@@ -458,6 +483,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let app = router(state.clone());
+    batch_worker::spawn(state.clone(), app.clone(), state.batch_concurrency);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -3,6 +3,8 @@
 //! next is the head of the tenant running the fewest sequences for its weight (a tenant
 //! running none first, whatever the weights: no weight starves another tenant), a sequence
 //! that ran before ahead of any that never did, and the earlier in the queue on a tie.
+//! Background requests form tenants of their own, offered only once no foreground head is
+//! left, and are the first preempted.
 //! Built once a step in one pass over the queue; each pick looks at one head per tenant.
 
 use std::collections::{HashMap, VecDeque};
@@ -14,6 +16,7 @@ use super::scheduler::SeqId;
 /// before).
 struct Queue {
     weight: u32,
+    background: bool,
     running: usize,
     waiting: VecDeque<(usize, SeqId, bool)>,
 }
@@ -36,23 +39,26 @@ impl Turns {
         waiting: impl Iterator<Item = (SeqId, Tenant, bool)>,
         running: impl Iterator<Item = Tenant>,
     ) -> Self {
-        let mut slot: HashMap<u64, usize> = HashMap::new();
+        let mut slot: HashMap<(u64, bool), usize> = HashMap::new();
         let mut tenants: Vec<Queue> = Vec::new();
         for (pos, (id, tenant, ran)) in waiting.enumerate() {
-            let i = *slot.entry(tenant.id).or_insert_with(|| {
-                tenants.push(Queue {
-                    weight: tenant.weight,
-                    running: 0,
-                    waiting: VecDeque::new(),
+            let i = *slot
+                .entry((tenant.id, tenant.background))
+                .or_insert_with(|| {
+                    tenants.push(Queue {
+                        weight: tenant.weight,
+                        background: tenant.background,
+                        running: 0,
+                        waiting: VecDeque::new(),
+                    });
+                    tenants.len() - 1
                 });
-                tenants.len() - 1
-            });
             // A key's weight changed while it waited: its newest request's holds.
             tenants[i].weight = tenant.weight;
             tenants[i].waiting.push_back((pos, id, ran));
         }
         for tenant in running {
-            if let Some(&i) = slot.get(&tenant.id) {
+            if let Some(&i) = slot.get(&(tenant.id, tenant.background)) {
                 tenants[i].running += 1;
             }
         }
@@ -63,7 +69,7 @@ impl Turns {
     pub(super) fn next(&self) -> Option<(usize, SeqId)> {
         let heads = self.tenants.iter().enumerate().filter_map(|(i, t)| {
             let &(pos, id, ran) = t.waiting.front()?;
-            Some(((!ran, share(t.running, t.weight), pos), i, id))
+            Some(((t.background, !ran, share(t.running, t.weight), pos), i, id))
         });
         heads.min().map(|(_, i, id)| (i, id))
     }
@@ -77,20 +83,22 @@ impl Turns {
 }
 
 /// Which running sequence to preempt, given each one's tenant oldest first: the newest of
-/// the tenant running the most for its weight (a tie: the tenant of the newer one). One
-/// tenant: the newest.
+/// the tenant running the most for its weight (a tie: the tenant of the newer one),
+/// background tenants before any other. One tenant: the newest.
 pub(super) fn victim(running: impl Iterator<Item = Tenant>) -> usize {
-    // tenant -> (sequences running, index of its newest, weight)
-    let mut seen: HashMap<u64, (usize, usize, u32)> = HashMap::new();
+    // (tenant, background) -> (sequences running, index of its newest, weight)
+    let mut seen: HashMap<(u64, bool), (usize, usize, u32)> = HashMap::new();
     for (i, tenant) in running.enumerate() {
-        let e = seen.entry(tenant.id).or_insert((0, 0, tenant.weight));
+        let e = seen
+            .entry((tenant.id, tenant.background))
+            .or_insert((0, 0, tenant.weight));
         *e = (e.0 + 1, i, tenant.weight);
     }
-    seen.into_values()
-        .map(|(n, newest, weight)| (share(n, weight), newest))
+    seen.into_iter()
+        .map(|((_, background), (n, newest, weight))| (background, share(n, weight), newest))
         .max()
         .expect("a sequence runs. This is a bug.")
-        .1
+        .2
 }
 
 #[cfg(test)]
@@ -158,8 +166,22 @@ mod tests {
 mod weighted {
     use super::{victim, Tenant, Turns};
 
-    const HEAVY: Tenant = Tenant { id: 7, weight: 2 };
-    const LIGHT: Tenant = Tenant { id: 9, weight: 1 };
+    const HEAVY: Tenant = Tenant {
+        id: 7,
+        weight: 2,
+        background: false,
+    };
+    const LIGHT: Tenant = Tenant {
+        id: 9,
+        weight: 1,
+        background: false,
+    };
+    /// The light tenant's batch.
+    const BATCH: Tenant = Tenant {
+        id: 9,
+        weight: 1,
+        background: true,
+    };
 
     #[test]
     fn a_tenant_of_weight_two_is_admitted_twice_as_often() {
@@ -182,12 +204,15 @@ mod weighted {
     #[test]
     fn no_weight_keeps_a_tenant_running_nothing_waiting() {
         // Weight 100 running 15 of 16: the light tenant running none is next.
-        let big = Tenant { id: 7, weight: 100 };
+        let big = Tenant {
+            weight: 100,
+            ..HEAVY
+        };
         let waiting = [(1, big, false), (2, big, false), (3, LIGHT, false)];
         let t = Turns::new(waiting.into_iter(), std::iter::repeat_n(big, 15));
         assert_eq!(t.next(), Some((1, 3)));
         // The newest waiting request's weight is the tenant's.
-        let lighter = Tenant { id: 7, weight: 1 };
+        let lighter = Tenant { weight: 1, ..HEAVY };
         let waiting = [(3, LIGHT, false), (1, big, false), (2, lighter, false)];
         let t = Turns::new(waiting.into_iter(), [big, LIGHT].into_iter());
         assert_eq!(t.next(), Some((0, 3)), "one each at weight 1: the earlier");
@@ -201,5 +226,27 @@ mod weighted {
         // Heavy runs 5 (2.5): heavy's newest.
         let running = [HEAVY, LIGHT, HEAVY, LIGHT, HEAVY, HEAVY, HEAVY];
         assert_eq!(victim(running.into_iter()), 6);
+    }
+
+    #[test]
+    fn background_requests_wait_for_every_other_and_go_first() {
+        // The batch queued first, its own tenant running nothing: still after both others,
+        // even the heavy one running the most; then the batch.
+        let waiting = [(1, BATCH, false), (2, HEAVY, false), (3, LIGHT, false)];
+        let mut t = Turns::new(waiting.into_iter(), [HEAVY, HEAVY, HEAVY].into_iter());
+        let mut got = Vec::new();
+        while let Some((i, id)) = t.next() {
+            t.take(i, true);
+            got.push(id);
+        }
+        assert_eq!(got, [3, 2, 1]);
+        // A preempted batch request (ran before) still waits for the foreground.
+        let waiting = [(1, BATCH, true), (2, HEAVY, false)];
+        let t = Turns::new(waiting.into_iter(), std::iter::empty());
+        assert_eq!(t.next(), Some((1, 2)));
+        // The batch's newest is preempted first, whoever runs the most.
+        let running = [HEAVY, BATCH, HEAVY, HEAVY, BATCH, HEAVY, LIGHT];
+        assert_eq!(victim(running.into_iter()), 4);
+        assert_eq!(victim([LIGHT, BATCH, LIGHT].into_iter()), 1);
     }
 }

@@ -63,17 +63,23 @@ pub struct GenerationRequest {
 
 /// Whose request it is, for fair admission: any number naming a key or end user (0 for
 /// none), and its weight: under contention, tenants' shares of the running batch follow
-/// their weights (at least 1).
+/// their weights (at least 1). A background request (a batch's, or one sent at low
+/// priority) is admitted only when no other waits, and is the first preempted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tenant {
     pub id: u64,
     pub weight: u32,
+    pub background: bool,
 }
 
 impl From<u64> for Tenant {
-    /// Tenant `id` of weight 1.
+    /// Tenant `id` of weight 1, in the foreground.
     fn from(id: u64) -> Self {
-        Self { id, weight: 1 }
+        Self {
+            id,
+            weight: 1,
+            background: false,
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! The embedded store: one SQLite file in WAL mode holding the keys, the request ledger and
-//! the stored responses of the Responses API.
+//! The embedded store: one SQLite file in WAL mode holding the keys, the request ledger,
+//! the stored responses of the Responses API, and the Batch API's files and batches.
 //! Knows tables and SQL; never HTTP. Invariant: every connection opens through [`open`], so
 //! every one has the same pragmas (WAL, a busy timeout, synchronous=NORMAL: a commit survives
 //! the process being killed; only a power loss can take the last commits).
@@ -55,6 +55,36 @@ CREATE TABLE IF NOT EXISTS responses (
     context TEXT NOT NULL             -- JSON array: the conversation's items through its output
 );
 CREATE INDEX IF NOT EXISTS responses_created ON responses(created);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,              -- file-...
+    owner TEXT NOT NULL,              -- the key id that made it ('' without a key)
+    purpose TEXT NOT NULL,            -- batch (uploaded) or batch_output
+    filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created INTEGER NOT NULL,         -- unix seconds
+    content BLOB NOT NULL             -- holds prompt or completion text
+);
+CREATE INDEX IF NOT EXISTS files_owner ON files(owner, created);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,              -- batch_...
+    owner_kind TEXT NOT NULL,         -- key, master or anonymous: whom its requests run as
+    owner TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    object TEXT NOT NULL              -- the batch object (JSON)
+);
+CREATE INDEX IF NOT EXISTS batches_owner ON batches(owner, created);
+CREATE INDEX IF NOT EXISTS batches_status ON batches(status);
+CREATE TABLE IF NOT EXISTS batch_lines (
+    batch_id TEXT NOT NULL,
+    line INTEGER NOT NULL,            -- 0-based, in the input file's order
+    custom_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,               -- the request (JSON): holds prompt text until the batch ends
+    ok INTEGER,                       -- NULL until run; 1: answered 2xx
+    result TEXT,                      -- the output line (JSON)
+    PRIMARY KEY (batch_id, line)
+);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
 ";

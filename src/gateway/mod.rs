@@ -13,6 +13,7 @@
 //! Invariant: every admitted request is settled exactly once (by `finish`, or by dropping its
 //! `Meter` when it never ran), so no window leaks a reservation.
 
+pub mod batches;
 pub mod cache;
 pub mod conversations;
 pub mod db;
@@ -65,6 +66,16 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// What it stores is kept under: its kind (`key`, `master`, `anonymous`) and its key id
+    /// (`''` without a key, as the Responses API's owner).
+    pub fn owner(&self) -> (&'static str, &str) {
+        match self {
+            Principal::Anonymous => ("anonymous", ""),
+            Principal::Master => ("master", ""),
+            Principal::Key(k) => ("key", &k.id),
+        }
+    }
+
     pub fn key_id(&self) -> Option<&str> {
         match self {
             Principal::Key(k) => Some(&k.id),
@@ -103,6 +114,8 @@ pub struct Gateway {
     pub keys: KeyStore,
     /// Stored responses of the Responses API.
     pub conversations: conversations::Conversations,
+    /// The Batch API's files and batches.
+    pub batches: batches::Batches,
     pub ledger: Ledger,
     pub prices: PriceTable,
     limits: Mutex<Limits>,
@@ -132,6 +145,7 @@ impl Gateway {
                 db::open(&config.db_path)?,
                 config.responses_retention,
             )?,
+            batches: batches::Batches::new(db::open(&config.db_path)?),
             ledger,
             prices: config.prices,
             limits: Mutex::new(Limits::new(config.global_tpm, config.global_rpm)),
@@ -172,6 +186,27 @@ impl Gateway {
             Some(k) => Ok(Principal::Key(k)),
             None if self.auth_required => Err(AuthError::Invalid),
             None => Ok(Principal::Anonymous),
+        }
+    }
+
+    /// Whom a stored batch's requests run as now, from [`Principal::owner`]: the key while it
+    /// is live (revoked: `Invalid`), the master while one is set, nobody only while auth is off.
+    pub fn principal_of(&self, kind: &str, owner: &str) -> Result<Principal, AuthError> {
+        match kind {
+            "master" if self.master_key.is_some() => Ok(Principal::Master),
+            "anonymous" if !self.auth_required => Ok(Principal::Anonymous),
+            "key" => match self.keys.resolve(owner) {
+                Ok(Some(k)) if k.id == owner && k.expired(db::unix_now()) => {
+                    Err(AuthError::Expired)
+                }
+                Ok(Some(k)) if k.id == owner => Ok(Principal::Key(k)),
+                Ok(_) => Err(AuthError::Invalid),
+                Err(e) => {
+                    tracing::error!(error = %e, "key lookup failed");
+                    Err(AuthError::Invalid)
+                }
+            },
+            _ => Err(AuthError::Missing),
         }
     }
 

@@ -1,0 +1,572 @@
+//! OpenAI's Batch API: `/v1/files` (JSONL uploads and the output files batches leave) and
+//! `/v1/batches`. A batch's requests are checked whole when it is created and stored; the
+//! [`super::batch_worker`] runs them in the background. Files and batches belong to the key
+//! that made them: another key gets 404.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::gateway::batches::{new_id, Batches, Line, Page};
+use crate::gateway::{GatewayError, Principal};
+
+/// The largest file `/v1/files` takes (OpenAI's limit for batch input).
+pub const MAX_FILE_BYTES: usize = 200 * 1024 * 1024;
+/// The most requests one batch holds (OpenAI's limit).
+pub const MAX_REQUESTS: usize = 50_000;
+/// Routes a batch may run (each line's `url` must be the batch's `endpoint`).
+pub const ENDPOINTS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
+/// How long a batch may take before it expires: OpenAI's only window.
+const WINDOW_SECS: i64 = 86_400;
+/// Validation errors listed at most (the rest are counted in the last one's message).
+const MAX_ERRORS: usize = 100;
+
+/// Runs a store call off the async threads.
+pub(super) async fn store<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Batches) -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let gateway = state.gateway.clone();
+    tokio::task::spawn_blocking(move || f(&gateway.batches))
+        .await
+        .map_err(|e| ApiError::internal(format!("the batch store task failed: {e}")))?
+        .map_err(|e| match e {
+            GatewayError::Invalid { field, reason } => {
+                ApiError::invalid(field.clone(), format!("`{field}` {reason}"))
+            }
+            e => ApiError::internal(e.to_string()),
+        })
+}
+
+fn owner(who: &Principal) -> String {
+    who.owner().1.to_string()
+}
+
+/// `POST /v1/files` (multipart: `purpose` and `file`).
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    mut form: Multipart,
+) -> Result<Json<Value>, ApiError> {
+    let (mut purpose, mut file) = (None, None);
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Cannot read the multipart form: {e}")))?;
+        let Some(field) = field else { break };
+        match field.name() {
+            Some("purpose") => {
+                let text = field.text().await.map_err(|e| {
+                    ApiError::invalid("purpose", format!("Cannot read `purpose`: {e}"))
+                })?;
+                purpose = Some(text);
+            }
+            Some("file") => {
+                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::invalid("file", format!("Cannot read `file`: {e}")))?;
+                file = Some((name, bytes));
+            }
+            _ => {}
+        }
+    }
+    match purpose.as_deref() {
+        Some("batch") => {}
+        Some(p) => {
+            return Err(ApiError::invalid(
+                "purpose",
+                format!(
+                    "`purpose` '{p}' is not supported: this server takes files for `batch` only"
+                ),
+            ))
+        }
+        None => return Err(ApiError::invalid("purpose", "`purpose` is required")),
+    }
+    let Some((name, bytes)) = file else {
+        return Err(ApiError::invalid("file", "`file` is required"));
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::invalid("file", "`file` is empty"));
+    }
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(ApiError::invalid(
+            "file",
+            format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    let owner = owner(&who);
+    let meta = store(&state, move |b| b.put_file(&owner, "batch", &name, &bytes)).await?;
+    Ok(Json(meta.object()))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    after: Option<String>,
+    limit: Option<String>,
+    purpose: Option<String>,
+}
+
+fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError> {
+    match q.limit.as_deref() {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {max}"),
+                )
+            }),
+    }
+}
+
+fn list(page: Page<Value>) -> Json<Value> {
+    let id = |v: Option<&Value>| v.map_or(Value::Null, |v| v["id"].clone());
+    Json(json!({
+        "object": "list",
+        "first_id": id(page.items.first()),
+        "last_id": id(page.items.last()),
+        "has_more": page.has_more,
+        "data": page.items,
+    }))
+}
+
+/// `GET /v1/files` (`purpose`, `after`, `limit` up to 10,000).
+pub async fn files(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit_of(&q, 10_000, 10_000)?;
+    let owner = owner(&who);
+    let page = store(&state, move |b| {
+        b.files(&owner, q.purpose.as_deref(), q.after.as_deref(), limit)
+    })
+    .await?;
+    Ok(list(Page {
+        items: page.items.iter().map(|f| f.object()).collect(),
+        has_more: page.has_more,
+    }))
+}
+
+fn no_file(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such File object: {id}"))
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn file(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (owner, key) = (owner(&who), id.clone());
+    store(&state, move |b| b.file(&key, &owner))
+        .await?
+        .map(|f| Json(f.object()))
+        .ok_or_else(|| no_file(&id))
+}
+
+/// `GET /v1/files/{id}/content`: the file's bytes.
+pub async fn file_content(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (owner, key) = (owner(&who), id.clone());
+    let bytes = store(&state, move |b| b.file_content(&key, &owner))
+        .await?
+        .ok_or_else(|| no_file(&id))?;
+    Ok(([(header::CONTENT_TYPE, "application/jsonl")], bytes).into_response())
+}
+
+/// `DELETE /v1/files/{id}`.
+pub async fn delete_file(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (owner, key) = (owner(&who), id.clone());
+    if !store(&state, move |b| b.delete_file(&key, &owner)).await? {
+        return Err(no_file(&id));
+    }
+    Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
+}
+
+/// One problem with a batch's input file, as OpenAI lists them.
+fn line_error(errors: &mut Vec<Value>, line: Option<usize>, code: &str, message: String) {
+    errors.push(json!({"code": code, "message": message, "param": null, "line": line}));
+}
+
+/// A batch's requests from its input file, or what is wrong with it (line numbers from 1).
+fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
+    let mut errors = Vec::new();
+    let Ok(text) = std::str::from_utf8(content) else {
+        line_error(
+            &mut errors,
+            None,
+            "invalid_file",
+            "The input file is not UTF-8 text".into(),
+        );
+        return Err(errors);
+    };
+    let mut lines = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = Some(i + 1);
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let v = match serde_json::from_str::<Value>(raw) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                line_error(
+                    &mut errors,
+                    n,
+                    "invalid_json_line",
+                    "This line is not a JSON object".into(),
+                );
+                continue;
+            }
+            Err(e) => {
+                line_error(
+                    &mut errors,
+                    n,
+                    "invalid_json_line",
+                    format!("This line is not valid JSON: {e}"),
+                );
+                continue;
+            }
+        };
+        let custom_id = match v.get("custom_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+            _ => {
+                line_error(
+                    &mut errors,
+                    n,
+                    "missing_required_parameter",
+                    "`custom_id` must be a string of 1 to 512 characters".into(),
+                );
+                continue;
+            }
+        };
+        if !seen.insert(custom_id.clone()) {
+            line_error(
+                &mut errors,
+                n,
+                "duplicate_custom_id",
+                format!("`custom_id` '{custom_id}' is used twice; each request needs its own"),
+            );
+        }
+        if v.get("method").and_then(Value::as_str) != Some("POST") {
+            line_error(
+                &mut errors,
+                n,
+                "invalid_method",
+                "`method` must be POST".into(),
+            );
+        }
+        let url = v.get("url").and_then(Value::as_str).unwrap_or_default();
+        if url != endpoint {
+            line_error(
+                &mut errors,
+                n,
+                "mismatched_endpoint",
+                format!("`url` '{url}' is not the batch's endpoint '{endpoint}'"),
+            );
+        }
+        match v.get("body") {
+            Some(Value::Object(b)) if b.get("stream").is_some_and(|s| s != &Value::Bool(false)) => {
+                line_error(
+                    &mut errors,
+                    n,
+                    "invalid_request",
+                    "`body.stream` is not supported in a batch".into(),
+                );
+            }
+            Some(Value::Object(b)) => lines.push(Line {
+                line: lines.len() as i64,
+                custom_id,
+                url: endpoint.to_string(),
+                body: Value::Object(b.clone()),
+            }),
+            _ => line_error(
+                &mut errors,
+                n,
+                "missing_required_parameter",
+                "`body` must be a JSON object".into(),
+            ),
+        }
+    }
+    if errors.is_empty() && lines.is_empty() {
+        line_error(
+            &mut errors,
+            None,
+            "empty_file",
+            "The input file holds no requests".into(),
+        );
+    }
+    if lines.len() > MAX_REQUESTS {
+        line_error(
+            &mut errors,
+            None,
+            "too_many_requests",
+            format!(
+                "A batch holds at most {MAX_REQUESTS} requests; this file has {}",
+                lines.len()
+            ),
+        );
+    }
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS + 1;
+        errors.truncate(MAX_ERRORS - 1);
+        line_error(
+            &mut errors,
+            None,
+            "invalid_file",
+            format!("...and {more} more problems"),
+        );
+    }
+    if errors.is_empty() {
+        Ok(lines)
+    } else {
+        Err(errors)
+    }
+}
+
+fn checked_metadata(v: Option<&Value>) -> Result<Value, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Value::Null),
+        Some(Value::Object(m))
+            if m.len() <= 16
+                && m.iter().all(|(k, v)| {
+                    k.len() <= 64 && v.as_str().is_some_and(|s| s.len() <= 512)
+                }) =>
+        {
+            Ok(Value::Object(m.clone()))
+        }
+        _ => Err(ApiError::invalid(
+            "metadata",
+            "`metadata` must be an object of at most 16 string values (keys up to 64 characters, values up to 512)",
+        )),
+    }
+}
+
+fn required_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ApiError::invalid(
+            field,
+            format!("`{field}` must be a string"),
+        )),
+        None => Err(ApiError::invalid(field, format!("`{field}` is required"))),
+    }
+}
+
+/// `POST /v1/batches`: `input_file_id`, `endpoint`, `completion_window` (`24h`), `metadata`.
+/// A file whose requests do not all check out makes a batch that has `failed`, listing why.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: Map<String, Value> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("The body must be a JSON object: {e}")))?;
+    let input = required_str(&body, "input_file_id")?.to_string();
+    let endpoint = required_str(&body, "endpoint")?;
+    if !ENDPOINTS.contains(&endpoint) {
+        return Err(ApiError::invalid(
+            "endpoint",
+            format!("`endpoint` must be one of {}", ENDPOINTS.join(", ")),
+        ));
+    }
+    if required_str(&body, "completion_window")? != "24h" {
+        return Err(ApiError::invalid(
+            "completion_window",
+            "`completion_window` must be 24h",
+        ));
+    }
+    let metadata = checked_metadata(body.get("metadata"))?;
+    let (kind, owner) = who.owner();
+    let (kind, owner) = (kind.to_string(), owner.to_string());
+    let (o, key) = (owner.clone(), input.clone());
+    let content = store(&state, move |b| b.file_content(&key, &o))
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid("input_file_id", format!("No such File object: {input}"))
+        })?;
+    let now = crate::gateway::db::unix_now();
+    let parsed = parse_requests(&content, endpoint);
+    let total = parsed.as_ref().map_or(0, Vec::len);
+    let mut object = json!({
+        "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": null,
+        "input_file_id": input, "completion_window": "24h", "status": "in_progress",
+        "output_file_id": null, "error_file_id": null, "created_at": now,
+        "in_progress_at": now, "expires_at": now + WINDOW_SECS, "finalizing_at": null,
+        "completed_at": null, "failed_at": null, "expired_at": null, "cancelling_at": null,
+        "cancelled_at": null,
+        "request_counts": {"total": total, "completed": 0, "failed": 0},
+        "metadata": metadata,
+    });
+    let lines = match parsed {
+        Ok(lines) => lines,
+        Err(errors) => {
+            object["status"] = "failed".into();
+            object["in_progress_at"] = Value::Null;
+            object["failed_at"] = now.into();
+            object["errors"] = json!({"object": "list", "data": errors});
+            Vec::new()
+        }
+    };
+    let saved = object.clone();
+    store(&state, move |b| b.create(&kind, &owner, &saved, &lines)).await?;
+    state.batch_wake.notify_one();
+    Ok(Json(object))
+}
+
+fn no_batch(id: &str) -> ApiError {
+    ApiError::not_found(format!("No batch found with id '{id}'."))
+}
+
+/// `GET /v1/batches/{id}`.
+pub async fn batch(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (owner, key) = (owner(&who), id.clone());
+    store(&state, move |b| b.batch(&key, &owner))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_batch(&id))
+}
+
+/// `GET /v1/batches` (`after`, `limit` up to 100).
+pub async fn batches(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit_of(&q, 20, 100)?;
+    let owner = owner(&who);
+    let page = store(&state, move |b| {
+        b.batches(&owner, q.after.as_deref(), limit)
+    })
+    .await?;
+    Ok(list(page))
+}
+
+/// `POST /v1/batches/{id}/cancel`: a running batch stops starting requests, drops the ones
+/// running, and ends `cancelled` with the results it has.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (owner, key) = (owner(&who), id.clone());
+    let object = store(&state, move |b| {
+        let Some(mut object) = b.batch(&key, &owner)? else {
+            return Ok(Err(no_batch(&key)));
+        };
+        let status = object["status"].as_str().unwrap_or_default().to_string();
+        match status.as_str() {
+            "in_progress" | "finalizing" => {
+                object["status"] = "cancelling".into();
+                object["cancelling_at"] = crate::gateway::db::unix_now().into();
+                if !b.save(&object, &status)? {
+                    // It moved on meanwhile: report it as it is now.
+                    return Ok(b.batch(&key, &owner)?.ok_or_else(|| no_batch(&key)));
+                }
+                Ok(Ok(object))
+            }
+            "cancelling" => Ok(Ok(object)),
+            s => Ok(Err(ApiError::conflict(format!(
+                "Cannot cancel a batch with status '{s}'."
+            )))),
+        }
+    })
+    .await??;
+    state.batch_wake.notify_one();
+    Ok(Json(object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(custom_id: &str, url: &str, body: Value) -> String {
+        json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
+    }
+
+    #[test]
+    fn input_files_are_checked_line_by_line() {
+        let chat = "/v1/chat/completions";
+        let good = [
+            line("a", chat, json!({"messages": []})),
+            String::new(),
+            line("b", chat, json!({"stream": false})),
+        ]
+        .join("\n");
+        let lines = parse_requests(good.as_bytes(), chat).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[1].line, lines[1].custom_id.as_str()), (1, "b"));
+        let bad = [
+            line("a", chat, json!({})),
+            "not json".to_string(),
+            line("a", chat, json!({})),
+            line("c", "/v1/embeddings", json!({})),
+            line("d", chat, json!({"stream": true})),
+            line("e", chat, json!("text")),
+            json!({"custom_id": "f", "method": "GET", "url": chat, "body": {}}).to_string(),
+            json!({"method": "POST", "url": chat, "body": {}}).to_string(),
+        ]
+        .join("\n");
+        let errors = parse_requests(bad.as_bytes(), chat).unwrap_err();
+        let got: Vec<(u64, &str)> = errors
+            .iter()
+            .map(|e| (e["line"].as_u64().unwrap(), e["code"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, "invalid_json_line"),
+                (3, "duplicate_custom_id"),
+                (4, "mismatched_endpoint"),
+                (5, "invalid_request"),
+                (6, "missing_required_parameter"),
+                (7, "invalid_method"),
+                (8, "missing_required_parameter"),
+            ]
+        );
+        let empty = parse_requests(b"\n\n", chat).unwrap_err();
+        assert_eq!(empty[0]["code"], "empty_file");
+        assert_eq!(
+            parse_requests(b"\xff", chat).unwrap_err()[0]["code"],
+            "invalid_file"
+        );
+        let many: String = (0..150).map(|_| "x\n").collect();
+        let errors = parse_requests(many.as_bytes(), chat).unwrap_err();
+        assert_eq!(errors.len(), MAX_ERRORS);
+        assert!(errors[MAX_ERRORS - 1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("51 more"));
+    }
+}

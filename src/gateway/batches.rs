@@ -1,0 +1,623 @@
+//! Files and batches of OpenAI's Batch API: uploaded JSONL files, the batches made of them,
+//! each batch's requests one row apiece (with its result once run), and the output and error
+//! files a finished batch leaves. Everything belongs to the key that made it (`owner`: the key
+//! id, `''` without one); another owner sees nothing. A batch's request rows hold prompt text
+//! only until it ends: then they are deleted and only the files remain (until deleted).
+//! Knows rows and JSON; never HTTP or the engine.
+
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+
+use super::GatewayError;
+
+/// Statuses a batch still has work in (the worker's).
+pub const ACTIVE: [&str; 3] = ["in_progress", "finalizing", "cancelling"];
+
+pub struct Batches {
+    conn: Mutex<Connection>,
+}
+
+/// One file's metadata, as OpenAI's file object.
+#[derive(Debug, Clone)]
+pub struct FileMeta {
+    pub id: String,
+    pub purpose: String,
+    pub filename: String,
+    pub bytes: i64,
+    pub created: i64,
+}
+
+impl FileMeta {
+    pub fn object(&self) -> Value {
+        json!({
+            "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created,
+            "filename": self.filename, "purpose": self.purpose, "status": "processed",
+            "status_details": null, "expires_at": null,
+        })
+    }
+}
+
+/// A batch the worker should look at: its id, who made it, and its object.
+#[derive(Debug, Clone)]
+pub struct ActiveBatch {
+    pub id: String,
+    pub owner_kind: String,
+    pub owner: String,
+    pub object: Value,
+}
+
+/// One request of a batch, waiting to run.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub line: i64,
+    pub custom_id: String,
+    pub url: String,
+    pub body: Value,
+}
+
+/// One page of a list, newest first.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+fn random_hex(n: usize) -> String {
+    use rand::Rng;
+    let mut r = rand::thread_rng();
+    (0..n)
+        .map(|_| char::from_digit(r.gen_range(0..16), 16).unwrap_or('0'))
+        .collect()
+}
+
+/// A new id with this prefix (`file-`, `batch_`, `batch_req_`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", random_hex(32))
+}
+
+const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created";
+
+fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
+    Ok(FileMeta {
+        id: r.get(0)?,
+        purpose: r.get(1)?,
+        filename: r.get(2)?,
+        bytes: r.get(3)?,
+        created: r.get(4)?,
+    })
+}
+
+fn parse(s: &str, what: &str) -> Result<Value, GatewayError> {
+    serde_json::from_str(s)
+        .map_err(|e| GatewayError::Db(format!("a stored {what} is corrupt: {e}")))
+}
+
+impl Batches {
+    pub fn new(conn: Connection) -> Self {
+        Self {
+            conn: Mutex::new(conn),
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a file; its metadata.
+    pub fn put_file(
+        &self,
+        owner: &str,
+        purpose: &str,
+        filename: &str,
+        content: &[u8],
+    ) -> Result<FileMeta, GatewayError> {
+        let meta = FileMeta {
+            id: new_id("file-"),
+            purpose: purpose.to_string(),
+            filename: filename.to_string(),
+            bytes: content.len() as i64,
+            created: super::db::unix_now(),
+        };
+        self.conn()
+            .execute(
+                "INSERT INTO files (id, owner, purpose, filename, bytes, created, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    meta.id,
+                    owner,
+                    meta.purpose,
+                    meta.filename,
+                    meta.bytes,
+                    meta.created,
+                    content
+                ],
+            )
+            .map_err(GatewayError::db)?;
+        Ok(meta)
+    }
+
+    pub fn file(&self, id: &str, owner: &str) -> Result<Option<FileMeta>, GatewayError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND owner = ?2"),
+                params![id, owner],
+                file_row,
+            )
+            .optional()
+            .map_err(GatewayError::db)
+    }
+
+    pub fn file_content(&self, id: &str, owner: &str) -> Result<Option<Vec<u8>>, GatewayError> {
+        self.conn()
+            .query_row(
+                "SELECT content FROM files WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(GatewayError::db)
+    }
+
+    /// Deletes a file; false if `owner` has none by that id.
+    pub fn delete_file(&self, id: &str, owner: &str) -> Result<bool, GatewayError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM files WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+            )
+            .map_err(GatewayError::db)?;
+        Ok(n > 0)
+    }
+
+    /// `owner`'s files newest first, after the file `after` (a cursor), of `purpose` if given.
+    pub fn files(
+        &self,
+        owner: &str,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<FileMeta>, GatewayError> {
+        let conn = self.conn();
+        let cursor = cursor_of(&conn, "files", owner, after)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1
+                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) < (?3, ?4)
+                 ORDER BY created DESC, rowid DESC LIMIT ?5"
+            ))
+            .map_err(GatewayError::db)?;
+        let mut items = stmt
+            .query_map(
+                params![owner, purpose, cursor.0, cursor.1, limit as i64 + 1],
+                file_row,
+            )
+            .map_err(GatewayError::db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(GatewayError::db)?;
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        Ok(Page { items, has_more })
+    }
+
+    /// Stores a new batch and its requests in one transaction.
+    pub fn create(
+        &self,
+        owner_kind: &str,
+        owner: &str,
+        object: &Value,
+        lines: &[Line],
+    ) -> Result<(), GatewayError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(GatewayError::db)?;
+        let id = object["id"].as_str().unwrap_or_default();
+        tx.execute(
+            "INSERT INTO batches (id, owner_kind, owner, created, status, object)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                owner_kind,
+                owner,
+                object["created_at"].as_i64().unwrap_or_default(),
+                object["status"].as_str().unwrap_or_default(),
+                object.to_string()
+            ],
+        )
+        .map_err(GatewayError::db)?;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO batch_lines (batch_id, line, custom_id, url, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(GatewayError::db)?;
+            for l in lines {
+                insert
+                    .execute(params![id, l.line, l.custom_id, l.url, l.body.to_string()])
+                    .map_err(GatewayError::db)?;
+            }
+        }
+        tx.commit().map_err(GatewayError::db)
+    }
+
+    /// The batch `id` if `owner` made it, its request counts current.
+    pub fn batch(&self, id: &str, owner: &str) -> Result<Option<Value>, GatewayError> {
+        let conn = self.conn();
+        let row: Option<String> = conn
+            .query_row(
+                "SELECT object FROM batches WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(GatewayError::db)?;
+        row.map(|s| with_counts(&conn, parse(&s, "batch")?))
+            .transpose()
+    }
+
+    /// `owner`'s batches newest first, after the batch `after`.
+    pub fn batches(
+        &self,
+        owner: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Value>, GatewayError> {
+        let conn = self.conn();
+        let cursor = cursor_of(&conn, "batches", owner, after)?;
+        let rows: Vec<String> = {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT object FROM batches WHERE owner = ?1 AND (created, rowid) < (?2, ?3)
+                     ORDER BY created DESC, rowid DESC LIMIT ?4",
+                )
+                .map_err(GatewayError::db)?;
+            let rows = stmt
+                .query_map(params![owner, cursor.0, cursor.1, limit as i64 + 1], |r| {
+                    r.get(0)
+                })
+                .map_err(GatewayError::db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(GatewayError::db)?;
+            rows
+        };
+        let has_more = rows.len() > limit;
+        let items = rows
+            .iter()
+            .take(limit)
+            .map(|s| with_counts(&conn, parse(s, "batch")?))
+            .collect::<Result<_, _>>()?;
+        Ok(Page { items, has_more })
+    }
+
+    /// Replaces a batch's object (its status with it) if its status is still `expect`;
+    /// whether it was.
+    pub fn save(&self, object: &Value, expect: &str) -> Result<bool, GatewayError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE batches SET status = ?2, object = ?3 WHERE id = ?1 AND status = ?4",
+                params![
+                    object["id"].as_str().unwrap_or_default(),
+                    object["status"].as_str().unwrap_or_default(),
+                    object.to_string(),
+                    expect
+                ],
+            )
+            .map_err(GatewayError::db)?;
+        Ok(n > 0)
+    }
+
+    /// Batches with work left, oldest first.
+    pub fn active(&self) -> Result<Vec<ActiveBatch>, GatewayError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, owner_kind, owner, object FROM batches
+                 WHERE status IN (?1, ?2, ?3) ORDER BY created, rowid",
+            )
+            .map_err(GatewayError::db)?;
+        let rows = stmt
+            .query_map(params![ACTIVE[0], ACTIVE[1], ACTIVE[2]], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
+            })
+            .map_err(GatewayError::db)?
+            .collect::<Result<Vec<(String, String, String, String)>, _>>()
+            .map_err(GatewayError::db)?;
+        rows.into_iter()
+            .map(|(id, owner_kind, owner, object)| {
+                Ok(ActiveBatch {
+                    id,
+                    owner_kind,
+                    owner,
+                    object: parse(&object, "batch")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` of a batch's requests without a result, in file order, skipping `busy`.
+    pub fn pending(
+        &self,
+        batch_id: &str,
+        busy: &[i64],
+        limit: usize,
+    ) -> Result<Vec<Line>, GatewayError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT line, custom_id, url, body FROM batch_lines
+                 WHERE batch_id = ?1 AND result IS NULL ORDER BY line",
+            )
+            .map_err(GatewayError::db)?;
+        let mut rows = stmt.query(params![batch_id]).map_err(GatewayError::db)?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(r) = rows.next().map_err(GatewayError::db)? else {
+                break;
+            };
+            let line: i64 = r.get(0).map_err(GatewayError::db)?;
+            if busy.contains(&line) {
+                continue;
+            }
+            let body: String = r.get(3).map_err(GatewayError::db)?;
+            out.push(Line {
+                line,
+                custom_id: r.get(1).map_err(GatewayError::db)?,
+                url: r.get(2).map_err(GatewayError::db)?,
+                body: parse(&body, "batch request")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records one request's output line; `ok`: it answered 2xx.
+    pub fn finish_line(
+        &self,
+        batch_id: &str,
+        line: i64,
+        ok: bool,
+        result: &Value,
+    ) -> Result<(), GatewayError> {
+        self.conn()
+            .execute(
+                "UPDATE batch_lines SET ok = ?3, result = ?4 WHERE batch_id = ?1 AND line = ?2",
+                params![batch_id, line, ok, result.to_string()],
+            )
+            .map_err(GatewayError::db)?;
+        Ok(())
+    }
+
+    /// Every request's (custom id, ok, output line) in file order; `None` for one not run.
+    #[allow(clippy::type_complexity)]
+    pub fn results(
+        &self,
+        batch_id: &str,
+    ) -> Result<Vec<(String, Option<(bool, Value)>)>, GatewayError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT custom_id, ok, result FROM batch_lines WHERE batch_id = ?1 ORDER BY line",
+            )
+            .map_err(GatewayError::db)?;
+        let rows = stmt
+            .query_map(params![batch_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<bool>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })
+            .map_err(GatewayError::db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(GatewayError::db)?;
+        rows.into_iter()
+            .map(|(custom_id, ok, result)| {
+                let done = match (ok, result) {
+                    (Some(ok), Some(r)) => Some((ok, parse(&r, "batch result")?)),
+                    _ => None,
+                };
+                Ok((custom_id, done))
+            })
+            .collect()
+    }
+
+    /// Ends a batch whose status is still `expect`: its output and error files stored, its
+    /// object saved, its request rows (prompt text) deleted, all in one transaction; whether
+    /// it was.
+    pub fn conclude(
+        &self,
+        owner: &str,
+        object: &mut Value,
+        output: &[u8],
+        errors: &[u8],
+        expect: &str,
+    ) -> Result<bool, GatewayError> {
+        let now = super::db::unix_now();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(GatewayError::db)?;
+        let id = object["id"].as_str().unwrap_or_default().to_string();
+        let status: Option<String> = tx
+            .query_row(
+                "SELECT status FROM batches WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(GatewayError::db)?;
+        if status.as_deref() != Some(expect) {
+            return Ok(false);
+        }
+        for (content, field, name) in [
+            (output, "output_file_id", "output"),
+            (errors, "error_file_id", "errors"),
+        ] {
+            if content.is_empty() {
+                continue;
+            }
+            let file = new_id("file-");
+            tx.execute(
+                "INSERT INTO files (id, owner, purpose, filename, bytes, created, content)
+                 VALUES (?1, ?2, 'batch_output', ?3, ?4, ?5, ?6)",
+                params![
+                    file,
+                    owner,
+                    format!("{id}_{name}.jsonl"),
+                    content.len() as i64,
+                    now,
+                    content
+                ],
+            )
+            .map_err(GatewayError::db)?;
+            object[field] = Value::from(file);
+        }
+        tx.execute(
+            "UPDATE batches SET status = ?2, object = ?3 WHERE id = ?1",
+            params![
+                id,
+                object["status"].as_str().unwrap_or_default(),
+                object.to_string()
+            ],
+        )
+        .map_err(GatewayError::db)?;
+        tx.execute("DELETE FROM batch_lines WHERE batch_id = ?1", params![id])
+            .map_err(GatewayError::db)?;
+        tx.commit().map_err(GatewayError::db)?;
+        Ok(true)
+    }
+}
+
+/// The (created, rowid) a list continues below: the `after` row's, or past everything.
+fn cursor_of(
+    conn: &Connection,
+    table: &str,
+    owner: &str,
+    after: Option<&str>,
+) -> Result<(i64, i64), GatewayError> {
+    let Some(after) = after else {
+        return Ok((i64::MAX, i64::MAX));
+    };
+    conn.query_row(
+        &format!("SELECT created, rowid FROM {table} WHERE id = ?1 AND owner = ?2"),
+        params![after, owner],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map_err(GatewayError::db)?
+    .ok_or_else(|| GatewayError::Invalid {
+        field: "after".into(),
+        reason: format!("names no {} of yours: '{after}'", &table[..table.len() - 1]),
+    })
+}
+
+/// A batch still running gets its request counts from its rows.
+fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayError> {
+    let status = object["status"].as_str().unwrap_or_default();
+    if !ACTIVE.contains(&status) {
+        return Ok(object);
+    }
+    let (total, completed, failed): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(ok = 1), 0), COALESCE(SUM(ok = 0), 0)
+             FROM batch_lines WHERE batch_id = ?1",
+            params![object["id"].as_str().unwrap_or_default()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(GatewayError::db)?;
+    object["request_counts"] = json!({"total": total, "completed": completed, "failed": failed});
+    Ok(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Batches) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::db::open(&dir.path().join("b.db")).unwrap();
+        (dir, Batches::new(conn))
+    }
+
+    #[test]
+    fn files_belong_to_their_owner_and_list_newest_first() {
+        let (_d, b) = store();
+        let ids: Vec<String> = (0..3)
+            .map(|i| {
+                b.put_file("k", "batch", &format!("f{i}.jsonl"), b"{}\n")
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        b.put_file("other", "batch", "x", b"").unwrap();
+        assert!(b.file(&ids[0], "other").unwrap().is_none());
+        assert_eq!(b.file_content(&ids[1], "k").unwrap().unwrap(), b"{}\n");
+        let page = b.files("k", None, None, 2).unwrap();
+        let names: Vec<_> = page.items.iter().map(|f| f.id.clone()).collect();
+        assert_eq!(names, [ids[2].clone(), ids[1].clone()]);
+        assert!(page.has_more);
+        let rest = b.files("k", None, Some(&ids[1]), 2).unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].id, ids[0]);
+        assert!(!rest.has_more);
+        assert!(b
+            .files("k", Some("batch_output"), None, 9)
+            .unwrap()
+            .items
+            .is_empty());
+        assert!(b.files("other", None, Some(&ids[0]), 2).is_err());
+        assert!(!b.delete_file(&ids[0], "other").unwrap());
+        assert!(b.delete_file(&ids[0], "k").unwrap());
+        assert!(b.file(&ids[0], "k").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_batch_runs_its_lines_then_keeps_only_its_files() {
+        let (_d, b) = store();
+        let mut object = json!({"id": "batch_1", "status": "in_progress", "created_at": 5,
+            "request_counts": {"total": 3, "completed": 0, "failed": 0}});
+        let lines: Vec<Line> = (0..3)
+            .map(|i| Line {
+                line: i,
+                custom_id: format!("c{i}"),
+                url: "/v1/chat/completions".into(),
+                body: json!({"n": i}),
+            })
+            .collect();
+        b.create("key", "k", &object, &lines).unwrap();
+        assert_eq!(b.active().unwrap().len(), 1);
+        let todo = b.pending("batch_1", &[0], 9).unwrap();
+        assert_eq!(todo.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(todo[0].body["n"], 1);
+        b.finish_line("batch_1", 1, true, &json!({"custom_id": "c1"}))
+            .unwrap();
+        b.finish_line("batch_1", 2, false, &json!({"custom_id": "c2"}))
+            .unwrap();
+        let seen = b.batch("batch_1", "k").unwrap().unwrap();
+        assert_eq!(
+            seen["request_counts"],
+            json!({"total": 3, "completed": 1, "failed": 1})
+        );
+        assert!(b.batch("batch_1", "other").unwrap().is_none());
+        let results = b.results("batch_1").unwrap();
+        assert!(results[0].1.is_none());
+        assert_eq!(results[1].1.as_ref().unwrap().0, true);
+        assert_eq!(results[2].1.as_ref().unwrap().1["custom_id"], "c2");
+        object["status"] = "completed".into();
+        assert!(!b
+            .conclude("k", &mut object, b"x", b"", "cancelling")
+            .unwrap());
+        assert!(b
+            .conclude("k", &mut object, b"out\n", b"", "in_progress")
+            .unwrap());
+        let out = object["output_file_id"].as_str().unwrap();
+        assert_eq!(b.file_content(out, "k").unwrap().unwrap(), b"out\n");
+        assert!(object.get("error_file_id").is_none());
+        assert!(b.active().unwrap().is_empty());
+        assert!(b.results("batch_1").unwrap().is_empty());
+        assert_eq!(
+            b.batch("batch_1", "k").unwrap().unwrap()["status"],
+            "completed"
+        );
+        assert_eq!(b.batches("k", None, 10).unwrap().items.len(), 1);
+    }
+}

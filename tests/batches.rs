@@ -1,0 +1,469 @@
+//! OpenAI's Batch API against the real server: files uploaded, batches run in the background
+//! through the same path as a client's requests, cancelled, owned by their key, and carried
+//! across a restart.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// A multipart upload of `content` as `purpose`; status and body.
+fn upload(s: &Server, content: &[u8], purpose: &str, key: Option<&str>) -> (u16, Value) {
+    let boundary = "edgeinfer-test-boundary";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(
+        format!("--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\ncontent-type: application/jsonl\r\n\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut req = ureq::post(&format!("{}/v1/files", s.base)).set(
+        "content-type",
+        &format!("multipart/form-data; boundary={boundary}"),
+    );
+    if let Some(k) = key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    match req.send_bytes(&body) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => {
+            (r.status(), r.into_json().unwrap_or(Value::Null))
+        }
+        Err(e) => panic!("upload failed: {e}"),
+    }
+}
+
+fn auth(key: Option<&str>) -> Vec<(&'static str, String)> {
+    key.map(|k| ("authorization", format!("Bearer {k}")))
+        .into_iter()
+        .collect()
+}
+
+fn call(
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let headers = auth(key);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = s.call(method, path, body, &headers);
+    (r.status, r.body)
+}
+
+/// The raw bytes of a file's content.
+fn content(s: &Server, id: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = ureq::get(&format!("{}/v1/files/{id}/content", s.base));
+    if let Some(k) = key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    match req.call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_string().unwrap()),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+fn jsonl(lines: &[Value]) -> Vec<u8> {
+    let mut out = String::new();
+    for l in lines {
+        out.push_str(&l.to_string());
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+fn request(custom_id: &str, body: Value) -> Value {
+    json!({"custom_id": custom_id, "method": "POST", "url": CHAT, "body": body})
+}
+
+fn chat(ask: &str, max_tokens: u32) -> Value {
+    json!({"messages": [{"role": "user", "content": ask}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+/// Uploads `lines` and makes a chat batch of them; the batch object.
+fn start_batch(s: &Server, lines: &[Value], key: Option<&str>) -> Value {
+    let (status, file) = upload(s, &jsonl(lines), "batch", key);
+    assert_eq!(status, 200, "{file}");
+    let (status, batch) = call(
+        s,
+        "POST",
+        "/v1/batches",
+        Some(&json!({"input_file_id": file["id"], "endpoint": CHAT, "completion_window": "24h"})),
+        key,
+    );
+    assert_eq!(status, 200, "{batch}");
+    batch
+}
+
+/// Polls the batch until `done` holds of it (or two minutes pass).
+fn wait_for(s: &Server, id: &str, key: Option<&str>, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, b) = call(s, "GET", &format!("/v1/batches/{id}"), None, key);
+        assert_eq!(status, 200, "{b}");
+        if done(&b) {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch did not get there: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ended(b: &Value) -> bool {
+    ["completed", "cancelled", "expired", "failed"].contains(&b["status"].as_str().unwrap())
+}
+
+/// An output or error file's lines by custom id.
+fn lines_of(s: &Server, file: &Value, key: Option<&str>) -> HashMap<String, Value> {
+    let Some(id) = file.as_str() else {
+        return HashMap::new();
+    };
+    let (status, text) = content(s, id, key);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["custom_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_runs_every_request_as_a_direct_call_would_and_leaves_its_files() {
+    let s = Server::start(&[]);
+    let asks = [
+        "Name a color.",
+        "Count to five.",
+        "What is 2+2?",
+        "Say hello.",
+    ];
+    let mut lines: Vec<Value> = asks
+        .iter()
+        .enumerate()
+        .map(|(i, a)| request(&format!("ask-{i}"), chat(a, 6)))
+        .collect();
+    lines.push(request(
+        "negative",
+        json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+    ));
+    lines.push(request(
+        "unknown-model",
+        json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    ));
+    let input = jsonl(&lines);
+    let (status, file) = upload(&s, &input, "batch", None);
+    assert_eq!(status, 200, "{file}");
+    assert_eq!(file["object"], "file");
+    assert_eq!(file["purpose"], "batch");
+    assert_eq!(file["filename"], "requests.jsonl");
+    assert_eq!(file["bytes"], input.len());
+    let (_, got) = content(&s, file["id"].as_str().unwrap(), None);
+    assert_eq!(got.as_bytes(), input);
+
+    let batch = start_batch(&s, &lines, None);
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    assert_eq!(batch["request_counts"]["total"], 6);
+    assert!(batch["id"].as_str().unwrap().starts_with("batch_"));
+    let id = batch["id"].as_str().unwrap();
+    let done = wait_for(&s, id, None, ended);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 6, "completed": 4, "failed": 2})
+    );
+    assert!(done["completed_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
+
+    let output = lines_of(&s, &done["output_file_id"], None);
+    let errors = lines_of(&s, &done["error_file_id"], None);
+    assert_eq!(output.len(), 4);
+    let (_, text) = content(&s, done["output_file_id"].as_str().unwrap(), None);
+    let order: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(order, ["ask-0", "ask-1", "ask-2", "ask-3"], "file order");
+    for (i, ask) in asks.iter().enumerate() {
+        let line = &output[&format!("ask-{i}")];
+        assert!(line["id"].as_str().unwrap().starts_with("batch_req_"));
+        assert_eq!(line["error"], Value::Null);
+        assert_eq!(line["response"]["status_code"], 200);
+        let body = &line["response"]["body"];
+        assert_eq!(body["object"], "chat.completion");
+        // The same request sent directly gets the same answer (greedy, batch-invariant).
+        let (status, direct) = s.post(CHAT, &chat(ask, 6));
+        assert_eq!(status, 200);
+        assert_eq!(
+            body["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"],
+            "{ask}"
+        );
+        assert_eq!(
+            body["usage"]["prompt_tokens"],
+            direct["usage"]["prompt_tokens"]
+        );
+    }
+    assert_eq!(errors["negative"]["response"]["status_code"], 400);
+    assert_eq!(
+        errors["negative"]["response"]["body"]["error"]["param"],
+        "max_tokens"
+    );
+    assert_eq!(errors["unknown-model"]["response"]["status_code"], 404);
+
+    // Listed, newest first; a finished batch cannot be cancelled.
+    let (_, list) = call(&s, "GET", "/v1/batches?limit=5", None, None);
+    assert_eq!(list["data"][0]["id"], id);
+    assert_eq!(list["has_more"], false);
+    let (status, e) = call(&s, "POST", &format!("/v1/batches/{id}/cancel"), None, None);
+    assert_eq!(status, 409, "{e}");
+    // Output files are listed under their purpose, and can be deleted.
+    let (_, files) = call(&s, "GET", "/v1/files?purpose=batch_output", None, None);
+    assert_eq!(files["data"].as_array().unwrap().len(), 2, "{files}");
+    let out_id = done["output_file_id"].as_str().unwrap();
+    let (status, deleted) = call(&s, "DELETE", &format!("/v1/files/{out_id}"), None, None);
+    assert_eq!((status, deleted["deleted"].clone()), (200, json!(true)));
+    assert_eq!(content(&s, out_id, None).0, 404);
+    assert_eq!(
+        call(&s, "GET", &format!("/v1/files/{out_id}"), None, None).0,
+        404
+    );
+}
+
+#[test]
+fn bad_files_and_bad_requests_are_refused_clearly() {
+    let s = Server::start(&[]);
+    // An input file with mistakes makes a batch that has failed, naming each line.
+    let bad = [
+        request("a", chat("x", 2)),
+        json!({"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+        request("a", chat("x", 2)),
+    ];
+    let failed = start_batch(&s, &bad, None);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let errors = failed["errors"]["data"].as_array().unwrap();
+    let got: Vec<(i64, &str)> = errors
+        .iter()
+        .map(|e| (e["line"].as_i64().unwrap(), e["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [(2, "mismatched_endpoint"), (3, "duplicate_custom_id")]
+    );
+    assert!(failed["failed_at"].is_i64());
+    let (_, file) = upload(&s, &jsonl(&[request("a", chat("x", 2))]), "batch", None);
+    let create = |body: Value| call(&s, "POST", "/v1/batches", Some(&body), None);
+    let good = json!({"input_file_id": file["id"], "endpoint": CHAT, "completion_window": "24h"});
+    for (field, value, param) in [
+        ("input_file_id", json!("file-nope"), "input_file_id"),
+        ("endpoint", json!("/v1/moderations"), "endpoint"),
+        ("completion_window", json!("1h"), "completion_window"),
+        ("metadata", json!({"k": 5}), "metadata"),
+        ("input_file_id", Value::Null, "input_file_id"),
+    ] {
+        let mut body = good.clone();
+        if value.is_null() {
+            body.as_object_mut().unwrap().remove(field);
+        } else {
+            body[field] = value;
+        }
+        let (status, e) = create(body);
+        assert_eq!(
+            (status, e["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{e}"
+        );
+    }
+    // Uploads: only for batches, with a file.
+    let (status, e) = upload(&s, b"{}", "fine-tune", None);
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("purpose")),
+        "{e}"
+    );
+    let (status, e) = upload(&s, b"", "batch", None);
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("file")),
+        "{e}"
+    );
+    // JSON routes still refuse multipart; unknown ids are 404s; a bad priority is a 400.
+    let (status, _) = common::server::raw_request(
+        &s.addr,
+        "POST",
+        CHAT,
+        Some("multipart/form-data; boundary=x"),
+        b"--x--",
+    );
+    assert_eq!(status, 415);
+    assert_eq!(call(&s, "GET", "/v1/batches/batch_nope", None, None).0, 404);
+    assert_eq!(
+        call(&s, "POST", "/v1/batches/batch_nope/cancel", None, None).0,
+        404
+    );
+    assert_eq!(call(&s, "GET", "/v1/batches?limit=0", None, None).0, 400);
+    let r = s.call(
+        "POST",
+        CHAT,
+        Some(&chat("x", 1)),
+        &[("x-edgeinfer-priority", "urgent")],
+    );
+    assert_eq!(
+        (r.status, r.body["error"]["param"].as_str()),
+        (400, Some("x-edgeinfer-priority"))
+    );
+    let r = s.call(
+        "POST",
+        CHAT,
+        Some(&chat("x", 1)),
+        &[("x-edgeinfer-priority", "low")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn a_cancelled_batch_stops_and_keeps_what_it_finished() {
+    let s = Server::start(&[]);
+    let lines: Vec<Value> = (0..40)
+        .map(|i| request(&format!("r{i}"), json!({"messages": [{"role": "user", "content": format!("Tell a long story about the number {i}.")}], "max_tokens": 48, "temperature": 0.7, "seed": i})))
+        .collect();
+    let batch = start_batch(&s, &lines, None);
+    let id = batch["id"].as_str().unwrap();
+    wait_for(&s, id, None, |b| {
+        b["request_counts"]["completed"].as_u64().unwrap() >= 2
+    });
+    let (status, cancelling) = call(&s, "POST", &format!("/v1/batches/{id}/cancel"), None, None);
+    assert_eq!(status, 200, "{cancelling}");
+    assert!(["cancelling", "cancelled"].contains(&cancelling["status"].as_str().unwrap()));
+    assert!(cancelling["cancelling_at"].is_i64());
+    let done = wait_for(&s, id, None, ended);
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let counts = &done["request_counts"];
+    let completed = counts["completed"].as_u64().unwrap();
+    assert!((2..40).contains(&completed), "{done}");
+    assert_eq!(counts["failed"], 0);
+    let output = lines_of(&s, &done["output_file_id"], None);
+    let errors = lines_of(&s, &done["error_file_id"], None);
+    assert_eq!(output.len() as u64, completed);
+    // Every request is in exactly one file; the ones never run say so.
+    assert_eq!(output.len() + errors.len(), 40);
+    for (custom_id, e) in &errors {
+        assert!(!output.contains_key(custom_id));
+        assert_eq!(e["error"]["code"], "batch_cancelled", "{e}");
+    }
+    // The engine is idle again: the running requests were dropped.
+    assert!(s.wait_idle(Duration::from_secs(10)));
+}
+
+#[test]
+fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
+    let master = "sk-master-batches-test-0123456789";
+    let s = Server::start(&["--master-key", master]);
+    let make_key = |alias: &str| {
+        let r = s.post_key("/key/generate", &json!({"key_alias": alias}), master);
+        assert_eq!(r.status, 200, "{}", r.body);
+        (
+            r.body["key"].as_str().unwrap().to_string(),
+            r.body["token"].as_str().unwrap().to_string(),
+        )
+    };
+    let (a, a_token) = make_key("batch-a");
+    let (b, _) = make_key("batch-b");
+    assert_eq!(upload(&s, b"{}", "batch", None).0, 401);
+    let lines: Vec<Value> = (0..3)
+        .map(|i| request(&format!("q{i}"), chat("Hi", 3)))
+        .collect();
+    let batch = start_batch(&s, &lines, Some(&a));
+    let id = batch["id"].as_str().unwrap();
+    let file = batch["input_file_id"].as_str().unwrap();
+    for path in [format!("/v1/batches/{id}"), format!("/v1/files/{file}")] {
+        assert_eq!(call(&s, "GET", &path, None, Some(&b)).0, 404, "{path}");
+    }
+    assert_eq!(content(&s, file, Some(&b)).0, 404);
+    assert_eq!(
+        call(
+            &s,
+            "POST",
+            &format!("/v1/batches/{id}/cancel"),
+            None,
+            Some(&b)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(&s, "DELETE", &format!("/v1/files/{file}"), None, Some(&b)).0,
+        404
+    );
+    let (_, list) = call(&s, "GET", "/v1/batches", None, Some(&b));
+    assert_eq!(list["data"], json!([]));
+    let (_, files) = call(&s, "GET", "/v1/files", None, Some(&b));
+    assert_eq!(files["data"], json!([]));
+    let done = wait_for(&s, id, Some(&a), ended);
+    assert_eq!(done["request_counts"]["completed"], 3, "{done}");
+    // Each request was metered to key A, labelled with its batch.
+    let (_, usage) = call(&s, "GET", "/v1/usage", None, Some(master));
+    let rows: Vec<&Value> = usage["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["key_id"] == a_token.as_str())
+        .collect();
+    let requests: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 3, "{usage}");
+}
+
+#[test]
+fn a_batch_goes_on_after_a_restart() {
+    let store = tempfile::tempdir().unwrap();
+    let db = store.path().join("edgeinfer.db");
+    let model = common::default_model_path();
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    let first = Server::spawn(&args, &[]);
+    first.wait_ready();
+    let lines: Vec<Value> = (0..24)
+        .map(|i| request(&format!("r{i}"), json!({"messages": [{"role": "user", "content": format!("Describe the number {i}.")}], "max_tokens": 40, "temperature": 0})))
+        .collect();
+    let batch = start_batch(&first, &lines, None);
+    let id = batch["id"].as_str().unwrap().to_string();
+    let partway = wait_for(&first, &id, None, |b| {
+        b["request_counts"]["completed"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(
+        partway["status"], "in_progress",
+        "the batch finished before the kill: {partway}"
+    );
+    first.kill9();
+    let second = Server::spawn(&args, &[]);
+    second.wait_ready();
+    let done = wait_for(&second, &id, None, ended);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 24, "completed": 24, "failed": 0})
+    );
+    let output = lines_of(&second, &done["output_file_id"], None);
+    assert_eq!(output.len(), 24);
+    assert!((0..24).all(|i| output.contains_key(&format!("r{i}"))));
+}
