@@ -7,7 +7,8 @@ records time to first token and per-token arrival times. Prints aggregate genera
 over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard library only.
 `--response-format json_object|json_schema|gbnf` constrains every request (structured output;
 `gbnf`: the same report as a llama.cpp GBNF `grammar`);
-`--api-key KEY` sends a key (for a server with keys on).
+`--api-key KEY` sends a key (for a server with keys on); `--priority low` sends
+`x-edgeinfer-priority: low` (background work, as the Batch API's requests run).
 
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
 """
@@ -41,7 +42,8 @@ str ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* 
 """
 
 
-def one_request(url, model, prompt, max_tokens, response_format=None, api_key=None):
+def one_request(url, model, prompt, max_tokens, response_format=None, api_key=None,
+                priority=None):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -56,6 +58,8 @@ def one_request(url, model, prompt, max_tokens, response_format=None, api_key=No
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    if priority:
+        headers["x-edgeinfer-priority"] = priority
     conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
     resp = conn.getresponse()
     if resp.status != 200:
@@ -83,6 +87,8 @@ def main():
     ap.add_argument("--response-format", choices=sorted(FORMATS), default=None,
                     help="constrain every request to this format")
     ap.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    ap.add_argument("--priority", choices=["low", "normal"], default=None,
+                    help="sent as `x-edgeinfer-priority`")
     args = ap.parse_args()
 
     results, errors = [], []
@@ -93,7 +99,7 @@ def main():
             prompt = PROMPTS[(i + r) % len(PROMPTS)]
             try:
                 start, times = one_request(args.url, args.model, prompt, args.max_tokens,
-                                           args.response_format, args.api_key)
+                                           args.response_format, args.api_key, args.priority)
                 with lock:
                     results.append((start, times))
             except Exception as e:  # report, keep going
