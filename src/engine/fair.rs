@@ -4,7 +4,7 @@
 //! running none first, whatever the weights: no weight starves another tenant), a sequence
 //! that ran before ahead of any that never did, and the earlier in the queue on a tie.
 //! Background requests form tenants of their own, offered only once no foreground head is
-//! left, and are the first preempted.
+//! left; they are the first preempted, and give their places to foreground ones waiting.
 //! Built once a step in one pass over the queue; each pick looks at one head per tenant.
 
 use std::collections::{HashMap, VecDeque};
@@ -101,6 +101,20 @@ pub(super) fn victim(running: impl Iterator<Item = Tenant>) -> usize {
         .2
 }
 
+/// Running sequences (indices, newest first) that give their places to waiting foreground
+/// ones: the newest background sequence for each foreground one waiting beyond the free
+/// places of `places`.
+pub(super) fn yielding(
+    waiting: impl Iterator<Item = Tenant>,
+    running: &[Tenant],
+    places: usize,
+) -> Vec<usize> {
+    let free = places.saturating_sub(running.len());
+    let want = waiting.filter(|t| !t.background).count().saturating_sub(free);
+    let background = running.iter().enumerate().rev().filter(|(_, t)| t.background);
+    background.map(|(i, _)| i).take(want).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{victim, Tenant, Turns};
@@ -164,7 +178,7 @@ mod tests {
 
 #[cfg(test)]
 mod weighted {
-    use super::{victim, Tenant, Turns};
+    use super::{victim, yielding, Tenant, Turns};
 
     const HEAVY: Tenant = Tenant {
         id: 7,
@@ -248,5 +262,20 @@ mod weighted {
         let running = [HEAVY, BATCH, HEAVY, HEAVY, BATCH, HEAVY, LIGHT];
         assert_eq!(victim(running.into_iter()), 4);
         assert_eq!(victim([LIGHT, BATCH, LIGHT].into_iter()), 1);
+    }
+
+    #[test]
+    fn waiting_foreground_sequences_take_background_places() {
+        let running = [HEAVY, BATCH, BATCH, LIGHT, BATCH];
+        // Two foreground waiting, four places all taken: the two newest batch sequences go.
+        let waiting = [LIGHT, BATCH, HEAVY];
+        assert_eq!(yielding(waiting.into_iter(), &running, 5), [4, 2]);
+        // One place free: one goes. Room for both, or only batches waiting: none.
+        assert_eq!(yielding(waiting.into_iter(), &running, 6), [4]);
+        assert!(yielding(waiting.into_iter(), &running, 7).is_empty());
+        assert!(yielding([BATCH].into_iter(), &running, 5).is_empty());
+        // More waiting than there are batch sequences: every one of them.
+        assert_eq!(yielding([LIGHT; 5].into_iter(), &running, 5), [4, 2, 1]);
+        assert!(yielding([LIGHT].into_iter(), &[HEAVY, LIGHT], 2).is_empty());
     }
 }

@@ -12,4 +12,5 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod step;
 pub mod stop;

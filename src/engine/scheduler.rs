@@ -24,8 +24,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
-use super::fair::{victim, Turns};
+use super::fair::{victim, yielding, Turns};
 use super::request::Tenant;
+pub use super::step::{BlockCopy, Chunk, Step};
 
 pub type SeqId = u64;
 
@@ -42,39 +43,6 @@ pub struct SchedulerConfig {
     pub max_scored_rows: usize,
     /// Draft tokens a step may verify, over all sequences (see [`Scheduler::set_draft`]).
     pub max_draft_rows: usize,
-}
-
-/// One sequence's share of a step: compute `len` tokens starting at position `start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunk {
-    pub id: SeqId,
-    pub start: usize,
-    pub len: usize,
-    /// True when the chunk reaches the sequence's last token, so a new token is sampled.
-    pub logits: bool,
-    /// Draft tokens after the sequence's last token: the chunk's last `draft` positions
-    /// hold them, and every row's logits are needed to verify them.
-    pub draft: usize,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Step {
-    pub chunks: Vec<Chunk>,
-    /// Sequences that lost their KV blocks this step and went back to waiting.
-    pub preempted: Vec<SeqId>,
-    /// Sequences that started running for the first time this step.
-    pub admitted: Vec<SeqId>,
-    /// KV rows to copy before the step runs (a cached block's leading rows into a new
-    /// sequence's own block).
-    pub copies: Vec<BlockCopy>,
-}
-
-/// Copy rows `0..rows` of KV block `src` into block `dst`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockCopy {
-    pub src: u32,
-    pub dst: u32,
-    pub rows: usize,
 }
 
 #[derive(Debug)]
@@ -349,6 +317,15 @@ impl Scheduler {
         let mut step = Step::default();
         let mut budget = self.config.max_batch_tokens;
         let mut scored_left = self.config.max_scored_rows;
+        // 0. Waiting foreground sequences take the places of running background ones.
+        if !self.waiting.is_empty() {
+            let tenant = |id: &SeqId| self.seqs[id].tenant;
+            let running: Vec<Tenant> = self.running.iter().map(tenant).collect();
+            let waiting = self.waiting.iter().map(tenant);
+            for at in yielding(waiting, &running, self.config.max_batch_size) {
+                self.preempt(self.running[at], &mut step);
+            }
+        }
         // 1. Running sequences, oldest first: decodes and continuing prefills.
         let mut i = 0;
         while i < self.running.len() {

@@ -168,6 +168,39 @@ fn waiting_sequences_are_admitted_fairly_among_tenants() {
 }
 
 #[test]
+fn a_waiting_foreground_sequence_takes_a_background_ones_place() {
+    let mut s = sched(2, 64, 100);
+    let batch = Tenant {
+        background: true,
+        ..Tenant::from(7)
+    };
+    for id in [1, 2, 3] {
+        add(&mut s, id, 5);
+        s.set_tenant(id, batch);
+    }
+    assert_eq!(run(&mut s).admitted, vec![1, 2]);
+    run(&mut s);
+    // A foreground sequence arrives with both places taken: the newest batch sequence gives
+    // its place at once, and waits behind it with the batch's own waiting one.
+    add(&mut s, 4, 5);
+    let st = run(&mut s);
+    assert_eq!((st.preempted, st.admitted), (vec![2], vec![4]));
+    let planned: Vec<SeqId> = st.chunks.iter().map(|c| c.id).collect();
+    assert_eq!(planned, vec![1, 4]);
+    // The place that frees next goes back to the batch, the preempted one first.
+    s.remove(1);
+    let st = run(&mut s);
+    assert!(st.preempted.is_empty());
+    assert_eq!(st.chunks.iter().map(|c| c.id).collect::<Vec<_>>(), vec![4, 2]);
+    // Foreground sequences never preempt each other.
+    add(&mut s, 5, 5);
+    let st = run(&mut s);
+    assert_eq!(st.preempted, vec![2]);
+    add(&mut s, 6, 5);
+    assert!(run(&mut s).preempted.is_empty());
+}
+
+#[test]
 fn out_of_blocks_preempts_the_newest_of_the_tenant_running_the_most() {
     // 6 blocks of 4 positions, full: tenant 7 runs seqs 1 and 2 (next position 7: fits),
     // tenant 9 runs seq 3, admitted after them (next position 8: needs a block).
