@@ -12,9 +12,11 @@ use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
 
-/// A multipart upload of `content` as `purpose`; status and body.
-fn upload(s: &Server, content: &[u8], purpose: &str, key: Option<&str>) -> (u16, Value) {
-    let boundary = "edgeinfer-test-boundary";
+const BOUNDARY: &str = "edgeinfer-test-boundary";
+
+/// A multipart form of `purpose` and `content` as the file.
+fn form(content: &[u8], purpose: &str) -> Vec<u8> {
+    let boundary = BOUNDARY;
     let mut body = Vec::new();
     body.extend_from_slice(
         format!(
@@ -28,6 +30,12 @@ fn upload(s: &Server, content: &[u8], purpose: &str, key: Option<&str>) -> (u16,
     );
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// A multipart upload of `content` as `purpose`; status and body.
+fn upload(s: &Server, content: &[u8], purpose: &str, key: Option<&str>) -> (u16, Value) {
+    let (boundary, body) = (BOUNDARY, form(content, purpose));
     let mut req = ureq::post(&format!("{}/v1/files", s.base)).set(
         "content-type",
         &format!("multipart/form-data; boundary={boundary}"),
@@ -240,6 +248,14 @@ fn a_batch_runs_every_request_as_a_direct_call_would_and_leaves_its_files() {
     let (status, deleted) = call(&s, "DELETE", &format!("/v1/files/{out_id}"), None, None);
     assert_eq!((status, deleted["deleted"].clone()), (200, json!(true)));
     assert_eq!(content(&s, out_id, None).0, 404);
+    // An error file is output, not input for another batch.
+    let e = json!({"input_file_id": done["error_file_id"], "endpoint": CHAT, "completion_window": "24h"});
+    let (status, e) = call(&s, "POST", "/v1/batches", Some(&e), None);
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("input_file_id")),
+        "{e}"
+    );
     assert_eq!(
         call(&s, "GET", &format!("/v1/files/{out_id}"), None, None).0,
         404
@@ -386,6 +402,20 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
     let (a, a_token) = make_key("batch-a");
     let (b, _) = make_key("batch-b");
     assert_eq!(upload(&s, b"{}", "batch", None).0, 401);
+    // Without a key, an upload gets the ordinary body limit (not a batch file's) before its
+    // 401; with one, the same 5 MiB is a file.
+    let big = vec![b'\n'; 5 << 20];
+    let ctype = format!("multipart/form-data; boundary={BOUNDARY}");
+    let (status, _) = common::server::raw_request(
+        &s.addr,
+        "POST",
+        "/v1/files",
+        Some(&ctype),
+        &form(&big, "batch"),
+    );
+    assert_eq!(status, 413);
+    let (status, f) = upload(&s, &big, "batch", Some(&a));
+    assert_eq!((status, f["bytes"].as_u64()), (200, Some(5 << 20)), "{f}");
     let lines: Vec<Value> = (0..3)
         .map(|i| request(&format!("q{i}"), chat("Hi", 3)))
         .collect();
@@ -411,8 +441,10 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
         call(&s, "DELETE", &format!("/v1/files/{file}"), None, Some(&b)).0,
         404
     );
-    let (_, list) = call(&s, "GET", "/v1/batches", None, Some(&b));
-    assert_eq!(list["data"], json!([]));
+    for other in [&b, master] {
+        let (_, list) = call(&s, "GET", "/v1/batches", None, Some(other));
+        assert_eq!(list["data"], json!([]));
+    }
     let (_, files) = call(&s, "GET", "/v1/files", None, Some(&b));
     assert_eq!(files["data"], json!([]));
     let done = wait_for(&s, id, Some(&a), ended);

@@ -1,29 +1,38 @@
 //! Runs the Batch API's stored requests in the background, through this server's own router:
 //! each one takes the same path as a client's (validation, limits, ledger, cache) as the
 //! batch's owner, at low priority (`x-edgeinfer-priority: low`: admitted only when no other
-//! request waits). At most half of `--max-batch-size` run at once, oldest batch first.
+//! request waits, and giving its place to one that finds every place taken). At most half of
+//! `--max-batch-size` run at once, shared evenly among the batches with work left (oldest
+//! first), and no more than half of a key's `max_parallel_requests`, so its own traffic keeps
+//! the rest.
 //!
-//! A request refused for the moment (the key's rate window, a full queue, a restart) is tried
-//! again later; any other answer is its result. A batch ends `completed` when every request
-//! has one, `cancelled` when asked, `expired` past its window; its output and error files are
-//! written then. State lives in the store, so a restarted server goes on where it stopped
-//! (a request running at the stop runs again).
+//! A request refused for the moment (the key's rate window, a full queue) is tried again
+//! later; any other answer is its result. A batch ends `completed` when every request has one,
+//! `cancelled` when asked, `expired` past its window; its output and error files are written
+//! then. State lives in the store, so a restarted server goes on where it stopped (a request
+//! running at the stop runs again). At shutdown the running requests are dropped at once, to
+//! run again after the restart, so they never hold the drain.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use super::batches::store;
+use super::error::ApiError;
 use super::gate::BatchCall;
 use super::AppState;
-use crate::gateway::batches::{new_id, ActiveBatch, Line};
+use crate::gateway::batches::{new_id, ActiveBatch, Line, Results};
+use crate::gateway::Principal;
 
 /// What one request came to.
 enum Outcome {
@@ -33,101 +42,153 @@ enum Outcome {
     Retry(Duration),
 }
 
-type Running = HashMap<(String, i64), JoinHandle<()>>;
+/// A running request: (batch id, line).
+type Key = (String, i64);
+
+struct Worker {
+    state: Arc<AppState>,
+    app: Router,
+    max_running: usize,
+    tx: UnboundedSender<(Key, Outcome)>,
+    /// Each running request's task and its batch's owner.
+    running: HashMap<Key, (JoinHandle<()>, String)>,
+    /// A batch whose request was refused for now starts nothing before this.
+    paused: HashMap<String, Instant>,
+}
 
 /// Starts the worker; it runs until the process ends.
 pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
-    tokio::spawn(run(state, app, max_running.max(1)));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = Worker {
+        state,
+        app,
+        max_running: max_running.max(1),
+        tx,
+        running: HashMap::new(),
+        paused: HashMap::new(),
+    };
+    tokio::spawn(worker.run(rx));
 }
 
-async fn run(state: Arc<AppState>, app: Router, max_running: usize) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<((String, i64), Outcome)>();
-    let mut running: Running = HashMap::new();
-    // A batch whose request was refused for now starts nothing before this.
-    let mut paused: HashMap<String, Instant> = HashMap::new();
-    loop {
-        tokio::select! {
-            Some((key, outcome)) = rx.recv() => {
-                running.remove(&key);
-                if let Outcome::Retry(after) = outcome {
-                    paused.insert(key.0, Instant::now() + after);
-                }
-                drain(&mut rx, &mut running, &mut paused);
+impl Worker {
+    async fn run(mut self, mut rx: UnboundedReceiver<(Key, Outcome)>) {
+        loop {
+            tokio::select! {
+                Some((key, outcome)) = rx.recv() => self.finished(key, outcome),
+                _ = self.state.batch_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            _ = state.batch_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        if state.shutting_down() || state.ready().is_err() {
-            continue;
-        }
-        if let Err(e) = step(&state, &app, &tx, &mut running, &mut paused, max_running).await {
-            tracing::error!(error = %e.message, "the batch worker's step failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            while let Ok((key, outcome)) = rx.try_recv() {
+                self.finished(key, outcome);
+            }
+            if self.state.shutting_down() {
+                for (_, (handle, _)) in self.running.drain() {
+                    handle.abort();
+                }
+                continue;
+            }
+            if self.state.ready().is_err() {
+                continue;
+            }
+            if let Err(e) = self.step().await {
+                tracing::error!(error = %e.message, "the batch worker's step failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
-}
 
-/// Takes in the completions already queued, so a step sees them all.
-fn drain(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<((String, i64), Outcome)>,
-    running: &mut Running,
-    paused: &mut HashMap<String, Instant>,
-) {
-    while let Ok((key, outcome)) = rx.try_recv() {
-        running.remove(&key);
+    fn finished(&mut self, key: Key, outcome: Outcome) {
+        self.running.remove(&key);
         if let Outcome::Retry(after) = outcome {
-            paused.insert(key.0, Instant::now() + after);
+            self.paused.insert(key.0, Instant::now() + after);
         }
     }
-}
 
-/// One look at every batch with work left: ends those that are done, cancelled or expired,
-/// and starts requests while there is room.
-async fn step(
-    state: &Arc<AppState>,
-    app: &Router,
-    tx: &tokio::sync::mpsc::UnboundedSender<((String, i64), Outcome)>,
-    running: &mut Running,
-    paused: &mut HashMap<String, Instant>,
-    max_running: usize,
-) -> Result<(), super::error::ApiError> {
-    let now = crate::gateway::db::unix_now();
-    paused.retain(|_, until| *until > Instant::now());
-    for batch in store(state, |b| b.active()).await? {
-        let mine: Vec<i64> = running
-            .keys()
-            .filter(|(b, _)| *b == batch.id)
-            .map(|k| k.1)
-            .collect();
-        let stop = |running: &mut Running| {
-            for line in &mine {
-                if let Some(h) = running.remove(&(batch.id.clone(), *line)) {
-                    h.abort();
-                }
+    /// The lines of `batch` running now.
+    fn lines_of(&self, batch: &str) -> Vec<i64> {
+        let keys = self.running.keys().filter(|(b, _)| b == batch);
+        keys.map(|k| k.1).collect()
+    }
+
+    fn stop(&mut self, batch: &str) {
+        for line in self.lines_of(batch) {
+            if let Some((h, _)) = self.running.remove(&(batch.to_string(), line)) {
+                h.abort();
             }
-        };
-        if batch.object["status"] == "cancelling" {
-            stop(running);
-            conclude(state, batch, "cancelled").await?;
-            continue;
         }
-        let room = max_running.saturating_sub(running.len());
+    }
+
+    /// One look at every batch with work left: ends those that are done, cancelled or
+    /// expired, and starts requests while there is room. A batch that cannot be ended is
+    /// marked failed; it never holds up the others.
+    async fn step(&mut self) -> Result<(), ApiError> {
+        let now = crate::gateway::db::unix_now();
+        self.paused.retain(|_, until| *until > Instant::now());
+        let active = store(&self.state, |b| b.active()).await?;
+        // Each batch's even share of the places (at least one).
+        let share = (self.max_running / active.len().max(1)).max(1);
+        for batch in active {
+            let id = batch.id.clone();
+            if let Err(e) = self.look_at(batch, now, share).await {
+                tracing::error!(batch = %id, error = %e.message, "a batch failed");
+                self.stop(&id);
+                let message = e.message.clone();
+                let failed = store(&self.state, move |b| {
+                    let Some(object) = b.active()?.into_iter().find(|a| a.id == id) else {
+                        return Ok(());
+                    };
+                    let expect = object.object["status"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let mut object = object.object;
+                    object["status"] = "failed".into();
+                    object["failed_at"] = crate::gateway::db::unix_now().into();
+                    object["errors"] = json!({"object": "list", "data": [
+                        {"code": "internal_error", "message": message, "param": null, "line": null}]});
+                    b.save(&object, &expect).map(|_| ())
+                });
+                failed.await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn look_at(
+        &mut self,
+        batch: ActiveBatch,
+        now: i64,
+        share: usize,
+    ) -> Result<(), ApiError> {
+        if batch.object["status"] == "cancelling" {
+            self.stop(&batch.id);
+            return conclude(&self.state, batch, "cancelled").await;
+        }
+        let mine = self.lines_of(&batch.id);
+        let owner_running = self
+            .running
+            .values()
+            .filter(|(_, o)| *o == batch.owner)
+            .count();
+        let room = self
+            .max_running
+            .saturating_sub(self.running.len())
+            .min(share.saturating_sub(mine.len()))
+            .min(self.key_cap(&batch).saturating_sub(owner_running));
         let (id, busy) = (batch.id.clone(), mine.clone());
-        let todo = store(state, move |b| b.pending(&id, &busy, room.max(1))).await?;
+        let todo = store(&self.state, move |b| b.pending(&id, &busy, room.max(1))).await?;
         if todo.is_empty() && mine.is_empty() {
-            conclude(state, batch, "completed").await?;
-            continue;
+            return conclude(&self.state, batch, "completed").await;
         }
         if batch.object["expires_at"]
             .as_i64()
             .is_some_and(|t| now >= t)
         {
-            stop(running);
-            conclude(state, batch, "expired").await?;
-            continue;
+            self.stop(&batch.id);
+            return conclude(&self.state, batch, "expired").await;
         }
-        if room == 0 || paused.contains_key(&batch.id) {
-            continue;
+        if room == 0 || self.paused.contains_key(&batch.id) {
+            return Ok(());
         }
         for line in todo.into_iter().take(room) {
             let key = (batch.id.clone(), line.line);
@@ -135,32 +196,67 @@ async fn step(
                 owner_kind: batch.owner_kind.clone(),
                 owner: batch.owner.clone(),
             };
-            let (app, tx, batch_id) = (app.clone(), tx.clone(), batch.id.clone());
-            let state = state.clone();
+            let task = run_line(
+                self.state.clone(),
+                self.app.clone(),
+                call,
+                batch.id.clone(),
+                line,
+            );
+            let tx = self.tx.clone();
             let handle = tokio::spawn(async move {
-                let line_no = line.line;
-                let outcome = call_one(app, call, &batch_id, line).await;
-                let outcome = match outcome {
-                    Outcome::Done { ok, result } => {
-                        let id = batch_id.clone();
-                        let saved = result.clone();
-                        match store(&state, move |b| b.finish_line(&id, line_no, ok, &saved)).await
-                        {
-                            Ok(()) => Outcome::Done { ok, result },
-                            Err(e) => {
-                                tracing::error!(error = %e.message, "a batch result could not be stored");
-                                Outcome::Retry(Duration::from_secs(1))
-                            }
-                        }
-                    }
-                    retry => retry,
-                };
-                let _ = tx.send(((batch_id, line_no), outcome));
+                let (key, outcome) = task.await;
+                let _ = tx.send((key, outcome));
             });
-            running.insert(key, handle);
+            self.running.insert(key, (handle, batch.owner.clone()));
+        }
+        Ok(())
+    }
+
+    /// How many of a batch's owner's requests may run at once: half its key's
+    /// `max_parallel_requests` (at least one), so its own traffic keeps the rest.
+    fn key_cap(&self, batch: &ActiveBatch) -> usize {
+        match self
+            .state
+            .gateway
+            .principal_of(&batch.owner_kind, &batch.owner)
+        {
+            Ok(Principal::Key(k)) => k
+                .max_parallel_requests
+                .map_or(usize::MAX, |p| (p as usize / 2).max(1)),
+            _ => usize::MAX,
         }
     }
-    Ok(())
+}
+
+/// Runs one request and stores its result; a panic in it is its (failed) result.
+async fn run_line(
+    state: Arc<AppState>,
+    app: Router,
+    call: BatchCall,
+    batch_id: String,
+    line: Line,
+) -> (Key, Outcome) {
+    let line_no = line.line;
+    let custom_id = line.custom_id.clone();
+    let outcome = AssertUnwindSafe(call_one(app, call, &batch_id, line))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| failed(&custom_id, "The request failed inside the server."));
+    let outcome = match outcome {
+        Outcome::Done { ok, result } => {
+            let (id, saved) = (batch_id.clone(), result.clone());
+            match store(&state, move |b| b.finish_line(&id, line_no, ok, &saved)).await {
+                Ok(()) => Outcome::Done { ok, result },
+                Err(e) => {
+                    tracing::error!(error = %e.message, "a batch result could not be stored");
+                    Outcome::Retry(Duration::from_secs(1))
+                }
+            }
+        }
+        retry => retry,
+    };
+    ((batch_id, line_no), outcome)
 }
 
 /// Runs one request through the router as the batch's owner.
@@ -177,7 +273,7 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
         .body(Body::from(line.body.to_string()));
     let req = match req {
         Ok(r) => r,
-        Err(e) => return done(&request_id, &line, None, Some(&e.to_string())),
+        Err(e) => return failed(&line.custom_id, &e.to_string()),
     };
     let Ok(resp) = app.oneshot(req).await;
     let status = resp.status();
@@ -201,96 +297,150 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
     let final_refusal = header("x-should-retry").as_deref() == Some("false");
     let bytes = match axum::body::to_bytes(resp.into_body(), 256 << 20).await {
         Ok(b) => b,
-        Err(e) => {
-            return done(
-                &request_id,
-                &line,
-                None,
-                Some(&format!("reading the reply: {e}")),
-            )
-        }
+        Err(e) => return failed(&line.custom_id, &format!("reading the reply: {e}")),
     };
     let body: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes).into_owned()));
-    let over_quota = body["error"]["type"] == "insufficient_quota";
+    let over_quota = body["error"]["code"] == "insufficient_quota";
     if (status == StatusCode::TOO_MANY_REQUESTS && !final_refusal && !over_quota)
         || status == StatusCode::SERVICE_UNAVAILABLE
     {
         return Outcome::Retry(retry_after);
     }
-    done(&request_id, &line, Some((status, body)), None)
-}
-
-/// An output line: the reply, or an error where there was none.
-fn done(
-    request_id: &str,
-    line: &Line,
-    reply: Option<(StatusCode, Value)>,
-    error: Option<&str>,
-) -> Outcome {
-    let ok = reply.as_ref().is_some_and(|(s, _)| s.is_success());
-    let response = reply.map_or(Value::Null, |(status, body)| {
-        json!({"status_code": status.as_u16(), "request_id": request_id, "body": body})
-    });
-    let error = error.map_or(
-        Value::Null,
-        |m| json!({"code": "internal_error", "message": m}),
-    );
     Outcome::Done {
-        ok,
-        result: json!({"id": request_id, "custom_id": line.custom_id, "response": response, "error": error}),
+        ok: status.is_success(),
+        result: json!({"id": request_id, "custom_id": line.custom_id,
+            "response": {"status_code": status.as_u16(), "request_id": request_id, "body": body},
+            "error": null}),
     }
 }
 
-/// Ends a batch `completed`, `cancelled` or `expired`: successes to the output file, the rest
-/// (failed requests, and those never run with a code saying why) to the error file.
+/// An output line for a request that got no reply.
+fn failed(custom_id: &str, message: &str) -> Outcome {
+    Outcome::Done {
+        ok: false,
+        result: json!({"id": new_id("batch_req_"), "custom_id": custom_id, "response": null,
+            "error": {"code": "internal_error", "message": message}}),
+    }
+}
+
+/// Ends a batch `completed`, `cancelled` or `expired` (if it is still as the worker saw it).
 async fn conclude(
     state: &AppState,
     batch: ActiveBatch,
     ending: &'static str,
-) -> Result<(), super::error::ApiError> {
+) -> Result<(), ApiError> {
     let ActiveBatch {
-        id, owner, object, ..
+        owner, mut object, ..
     } = batch;
     let expect = object["status"].as_str().unwrap_or_default().to_string();
     store(state, move |b| {
-        let results = b.results(&id)?;
-        let (mut output, mut errors) = (Vec::new(), Vec::new());
-        let (mut completed, mut failed) = (0u64, 0u64);
-        for (custom_id, result) in &results {
-            let (ok, line) = match result {
-                Some((ok, line)) => (*ok, line.clone()),
-                None => {
-                    let (code, message) = if ending == "expired" {
-                        ("batch_expired", "This request could not be executed before the completion window expired.")
-                    } else {
-                        ("batch_cancelled", "This request was not executed: the batch was cancelled.")
-                    };
-                    let line = json!({"id": new_id("batch_req_"), "custom_id": custom_id,
-                        "response": null, "error": {"code": code, "message": message}});
-                    (false, line)
-                }
-            };
-            let into = if ok { &mut output } else { &mut errors };
-            into.extend_from_slice(line.to_string().as_bytes());
-            into.push(b'\n');
-            if ok {
-                completed += 1;
-            } else if result.is_some() {
-                failed += 1;
-            }
-        }
-        let now = crate::gateway::db::unix_now();
-        let mut object = object;
-        object["status"] = ending.into();
-        object[format!("{ending}_at")] = now.into();
-        if ending == "completed" && object["finalizing_at"].is_null() {
-            object["finalizing_at"] = now.into();
-        }
-        object["request_counts"] =
-            json!({"total": results.len(), "completed": completed, "failed": failed});
-        b.conclude(&owner, &mut object, &output, &errors, &expect)
+        b.conclude(&owner, &mut object, &expect, |results, object| {
+            Ok(build_files(
+                results,
+                ending,
+                object,
+                crate::gateway::db::unix_now(),
+            ))
+        })
     })
     .await?;
     Ok(())
+}
+
+/// A batch's output and error files from its results: successes (2xx) to the output, the
+/// rest to the errors, with a line for each request never run (`batch_cancelled` or
+/// `batch_expired`); the object gets its status, time and counts.
+fn build_files(
+    results: &Results,
+    ending: &str,
+    object: &mut Value,
+    now: i64,
+) -> (Vec<u8>, Vec<u8>) {
+    let (mut output, mut errors) = (Vec::new(), Vec::new());
+    let (mut completed, mut failed) = (0u64, 0u64);
+    for (custom_id, result) in results {
+        let (ok, line) = match result {
+            Some((ok, line)) => (*ok, line),
+            None => {
+                let (code, message) = match ending {
+                    "expired" => (
+                        "batch_expired",
+                        "This request could not be executed before the completion window expired.",
+                    ),
+                    _ => (
+                        "batch_cancelled",
+                        "This request was not executed: the batch was cancelled.",
+                    ),
+                };
+                let line = json!({"id": new_id("batch_req_"), "custom_id": custom_id,
+                    "response": null, "error": {"code": code, "message": message}});
+                errors.extend_from_slice(line.to_string().as_bytes());
+                errors.push(b'\n');
+                continue;
+            }
+        };
+        let into = if ok { &mut output } else { &mut errors };
+        // Serialising into the buffer: no second copy of a large line.
+        let _ = serde_json::to_writer(&mut *into, line);
+        into.push(b'\n');
+        if ok {
+            completed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    object["status"] = ending.into();
+    object[format!("{ending}_at")] = now.into();
+    if ending == "completed" {
+        object["finalizing_at"] = now.into();
+    }
+    object["request_counts"] =
+        json!({"total": results.len(), "completed": completed, "failed": failed});
+    (output, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_hold_every_request_once_and_say_why_one_never_ran() {
+        let results: Results = vec![
+            ("a".into(), Some((true, json!({"custom_id": "a", "n": 1})))),
+            ("b".into(), None),
+            ("c".into(), Some((false, json!({"custom_id": "c"})))),
+        ];
+        for (ending, code) in [
+            ("expired", "batch_expired"),
+            ("cancelled", "batch_cancelled"),
+        ] {
+            let mut object = json!({"status": "in_progress"});
+            let (output, errors) = build_files(&results, ending, &mut object, 7);
+            let lines = |b: &[u8]| -> Vec<Value> {
+                std::str::from_utf8(b)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect()
+            };
+            assert_eq!(lines(&output), [json!({"custom_id": "a", "n": 1})]);
+            let errors = lines(&errors);
+            assert_eq!(errors.len(), 2);
+            assert_eq!(
+                (
+                    errors[0]["custom_id"].as_str(),
+                    errors[0]["error"]["code"].as_str()
+                ),
+                (Some("b"), Some(code))
+            );
+            assert_eq!(errors[1]["custom_id"], "c");
+            assert_eq!(object["status"], ending);
+            assert_eq!(object[format!("{ending}_at")], 7);
+            assert_eq!(
+                object["request_counts"],
+                json!({"total": 3, "completed": 1, "failed": 1})
+            );
+        }
+    }
 }

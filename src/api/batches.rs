@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -59,8 +60,13 @@ fn owner(who: &Principal) -> String {
 pub async fn upload(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
-    mut form: Multipart,
+    form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let mut form = form.map_err(|e| {
+        ApiError::bad_request(format!(
+            "Send the file as multipart/form-data with fields `purpose` and `file`: {e}"
+        ))
+    })?;
     let (mut purpose, mut file) = (None, None);
     loop {
         let field = form
@@ -210,144 +216,121 @@ pub async fn delete_file(
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-/// One problem with a batch's input file, as OpenAI lists them.
-fn line_error(errors: &mut Vec<Value>, line: Option<usize>, code: &str, message: String) {
-    errors.push(json!({"code": code, "message": message, "param": null, "line": line}));
+/// The problems found in a batch's input file, as OpenAI lists them: the first
+/// [`MAX_ERRORS`], the rest counted.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<Value>,
+    more: usize,
+}
+
+impl Problems {
+    fn add(&mut self, line: Option<usize>, code: &str, message: impl Into<String>) {
+        if self.listed.len() < MAX_ERRORS {
+            let message = message.into();
+            self.listed
+                .push(json!({"code": code, "message": message, "param": null, "line": line}));
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn into_list(mut self) -> Vec<Value> {
+        if let (Some(last), true) = (self.listed.last_mut(), self.more > 0) {
+            let m = last["message"].as_str().unwrap_or_default().to_string();
+            last["message"] = format!("{m} (and {} more problems)", self.more).into();
+        }
+        self.listed
+    }
 }
 
 /// A batch's requests from its input file, or what is wrong with it (line numbers from 1).
+/// Reading stops at the first request past [`MAX_REQUESTS`].
 fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
-    let mut errors = Vec::new();
+    let mut problems = Problems::default();
     let Ok(text) = std::str::from_utf8(content) else {
-        line_error(
-            &mut errors,
-            None,
-            "invalid_file",
-            "The input file is not UTF-8 text".into(),
-        );
-        return Err(errors);
+        problems.add(None, "invalid_file", "The input file is not UTF-8 text");
+        return Err(problems.into_list());
     };
     let mut lines = Vec::new();
     let mut seen = HashSet::new();
+    let mut requests = 0;
     for (i, raw) in text.lines().enumerate() {
         let n = Some(i + 1);
         if raw.trim().is_empty() {
             continue;
         }
-        let v = match serde_json::from_str::<Value>(raw) {
+        requests += 1;
+        if requests > MAX_REQUESTS {
+            let message = format!("A batch holds at most {MAX_REQUESTS} requests");
+            problems.add(n, "too_many_requests", message);
+            break;
+        }
+        let mut v = match serde_json::from_str::<Value>(raw) {
             Ok(Value::Object(m)) => m,
             Ok(_) => {
-                line_error(
-                    &mut errors,
-                    n,
-                    "invalid_json_line",
-                    "This line is not a JSON object".into(),
-                );
+                problems.add(n, "invalid_json_line", "This line is not a JSON object");
                 continue;
             }
             Err(e) => {
-                line_error(
-                    &mut errors,
-                    n,
-                    "invalid_json_line",
-                    format!("This line is not valid JSON: {e}"),
-                );
+                let message = format!("This line is not valid JSON: {e}");
+                problems.add(n, "invalid_json_line", message);
                 continue;
             }
         };
-        let custom_id = match v.get("custom_id") {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+        let custom_id = match v.remove("custom_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s,
             _ => {
-                line_error(
-                    &mut errors,
-                    n,
-                    "missing_required_parameter",
-                    "`custom_id` must be a string of 1 to 512 characters".into(),
-                );
+                let message = "`custom_id` must be a string of 1 to 512 characters";
+                problems.add(n, "missing_required_parameter", message);
                 continue;
             }
         };
         if !seen.insert(custom_id.clone()) {
-            line_error(
-                &mut errors,
-                n,
-                "duplicate_custom_id",
-                format!("`custom_id` '{custom_id}' is used twice; each request needs its own"),
-            );
+            let message =
+                format!("`custom_id` '{custom_id}' is used twice; each request needs its own");
+            problems.add(n, "duplicate_custom_id", message);
         }
         if v.get("method").and_then(Value::as_str) != Some("POST") {
-            line_error(
-                &mut errors,
-                n,
-                "invalid_method",
-                "`method` must be POST".into(),
-            );
+            problems.add(n, "invalid_method", "`method` must be POST");
         }
         let url = v.get("url").and_then(Value::as_str).unwrap_or_default();
         if url != endpoint {
-            line_error(
-                &mut errors,
-                n,
-                "mismatched_endpoint",
-                format!("`url` '{url}' is not the batch's endpoint '{endpoint}'"),
-            );
+            let message = format!("`url` '{url}' is not the batch's endpoint '{endpoint}'");
+            problems.add(n, "mismatched_endpoint", message);
         }
-        match v.get("body") {
-            Some(Value::Object(b)) if b.get("stream").is_some_and(|s| s != &Value::Bool(false)) => {
-                line_error(
-                    &mut errors,
-                    n,
-                    "invalid_request",
-                    "`body.stream` is not supported in a batch".into(),
-                );
+        match v.remove("body") {
+            Some(Value::Object(b))
+                if !matches!(
+                    b.get("stream"),
+                    None | Some(Value::Bool(false) | Value::Null)
+                ) =>
+            {
+                let message = "`body.stream` is not supported in a batch";
+                problems.add(n, "invalid_request", message);
             }
-            Some(Value::Object(b)) => lines.push(Line {
+            // Once a problem is found the requests are not kept, only checked.
+            Some(Value::Object(b)) if problems.listed.is_empty() => lines.push(Line {
                 line: lines.len() as i64,
                 custom_id,
                 url: endpoint.to_string(),
-                body: Value::Object(b.clone()),
+                body: Value::Object(b),
             }),
-            _ => line_error(
-                &mut errors,
+            Some(Value::Object(_)) => {}
+            _ => problems.add(
                 n,
                 "missing_required_parameter",
-                "`body` must be a JSON object".into(),
+                "`body` must be a JSON object",
             ),
         }
     }
-    if errors.is_empty() && lines.is_empty() {
-        line_error(
-            &mut errors,
-            None,
-            "empty_file",
-            "The input file holds no requests".into(),
-        );
+    if problems.listed.is_empty() && lines.is_empty() {
+        problems.add(None, "empty_file", "The input file holds no requests");
     }
-    if lines.len() > MAX_REQUESTS {
-        line_error(
-            &mut errors,
-            None,
-            "too_many_requests",
-            format!(
-                "A batch holds at most {MAX_REQUESTS} requests; this file has {}",
-                lines.len()
-            ),
-        );
-    }
-    if errors.len() > MAX_ERRORS {
-        let more = errors.len() - MAX_ERRORS + 1;
-        errors.truncate(MAX_ERRORS - 1);
-        line_error(
-            &mut errors,
-            None,
-            "invalid_file",
-            format!("...and {more} more problems"),
-        );
-    }
-    if errors.is_empty() {
+    if problems.listed.is_empty() {
         Ok(lines)
     } else {
-        Err(errors)
+        Err(problems.into_list())
     }
 }
 
@@ -407,13 +390,27 @@ pub async fn create(
     let (kind, owner) = who.owner();
     let (kind, owner) = (kind.to_string(), owner.to_string());
     let (o, key) = (owner.clone(), input.clone());
-    let content = store(&state, move |b| b.file_content(&key, &o))
-        .await?
-        .ok_or_else(|| {
-            ApiError::invalid("input_file_id", format!("No such File object: {input}"))
-        })?;
+    let content = store(&state, move |b| {
+        Ok(match b.file(&key, &o)? {
+            Some(f) if f.purpose == "batch" => b.file_content(&key, &o)?.map(Ok),
+            Some(f) => Some(Err(f.purpose)),
+            None => None,
+        })
+    })
+    .await?
+    .ok_or_else(|| ApiError::invalid("input_file_id", format!("No such File object: {input}")))?
+    .map_err(|purpose| {
+        ApiError::invalid(
+            "input_file_id",
+            format!("File {input} has purpose '{purpose}'; a batch's input needs purpose 'batch'"),
+        )
+    })?;
     let now = crate::gateway::db::unix_now();
-    let parsed = parse_requests(&content, endpoint);
+    // Reading up to 50,000 requests takes a while: off the async threads.
+    let target = endpoint.to_string();
+    let parsed = tokio::task::spawn_blocking(move || parse_requests(&content, &target))
+        .await
+        .map_err(|e| ApiError::internal(format!("checking the input file failed: {e}")))?;
     let total = parsed.as_ref().map_or(0, Vec::len);
     let mut object = json!({
         "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": null,
@@ -564,9 +561,21 @@ mod tests {
         let many: String = (0..150).map(|_| "x\n").collect();
         let errors = parse_requests(many.as_bytes(), chat).unwrap_err();
         assert_eq!(errors.len(), MAX_ERRORS);
-        assert!(errors[MAX_ERRORS - 1]["message"]
-            .as_str()
-            .unwrap()
-            .contains("51 more"));
+        let last = errors[MAX_ERRORS - 1]["message"].as_str().unwrap();
+        assert!(last.ends_with("(and 50 more problems)"), "{last}");
+        // Past the most requests a batch holds, reading stops there.
+        let over: String = (0..=MAX_REQUESTS)
+            .map(|i| line(&i.to_string(), chat, json!({})) + "\n")
+            .collect();
+        let errors = parse_requests(over.as_bytes(), chat).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let at = (errors[0]["code"].as_str(), errors[0]["line"].as_u64());
+        assert_eq!(
+            at,
+            (Some("too_many_requests"), Some(MAX_REQUESTS as u64 + 1))
+        );
+        // `stream: null` is no stream.
+        let null = line("n", chat, json!({"stream": null}));
+        assert!(parse_requests(null.as_bytes(), chat).is_ok());
     }
 }

@@ -51,8 +51,14 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
         Some(Ok(v)) => Some(v),
         Some(Err(_)) => Some("(not text)"),
     };
-    // `/v1/files` takes a multipart upload of up to a batch file's size, and more time.
-    let upload = req.uri().path() == "/v1/files";
+    // `/v1/files` takes a multipart upload of up to a batch file's size, and more time, from
+    // a caller the gateway lets in (anyone else gets the usual limits, then its 401).
+    let files = req.uri().path() == "/v1/files";
+    let upload = files
+        && state
+            .gateway
+            .authenticate(super::gate::presented_key(req.headers()).as_deref())
+            .is_ok();
     if upload {
         limits = BodyLimits {
             max_bytes: super::batches::MAX_FILE_BYTES + (1 << 20),
@@ -64,7 +70,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .to_ascii_lowercase()
             .starts_with("multipart/form-data")
     });
-    if !(is_json_type(declared) || (upload && multipart)) {
+    if !(is_json_type(declared) || (files && multipart)) {
         return ApiError::unsupported_media_type(declared.unwrap_or_default()).into_response();
     }
     let announced = req

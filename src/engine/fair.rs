@@ -110,8 +110,15 @@ pub(super) fn yielding(
     places: usize,
 ) -> Vec<usize> {
     let free = places.saturating_sub(running.len());
-    let want = waiting.filter(|t| !t.background).count().saturating_sub(free);
-    let background = running.iter().enumerate().rev().filter(|(_, t)| t.background);
+    let want = waiting
+        .filter(|t| !t.background)
+        .count()
+        .saturating_sub(free);
+    let background = running
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, t)| t.background);
     background.map(|(i, _)| i).take(want).collect()
 }
 

@@ -191,7 +191,10 @@ fn a_waiting_foreground_sequence_takes_a_background_ones_place() {
     s.remove(1);
     let st = run(&mut s);
     assert!(st.preempted.is_empty());
-    assert_eq!(st.chunks.iter().map(|c| c.id).collect::<Vec<_>>(), vec![4, 2]);
+    assert_eq!(
+        st.chunks.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![4, 2]
+    );
     // Foreground sequences never preempt each other.
     add(&mut s, 5, 5);
     let st = run(&mut s);

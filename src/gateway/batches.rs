@@ -1,8 +1,9 @@
 //! Files and batches of OpenAI's Batch API: uploaded JSONL files, the batches made of them,
 //! each batch's requests one row apiece (with its result once run), and the output and error
 //! files a finished batch leaves. Everything belongs to the key that made it (`owner`: the key
-//! id, `''` without one); another owner sees nothing. A batch's request rows hold prompt text
-//! only until it ends: then they are deleted and only the files remain (until deleted).
+//! id, `(master)` for the master key, `''` without a key); another owner sees nothing. A
+//! batch's request rows hold prompt text only until it ends: then they are deleted (and
+//! overwritten: this connection deletes securely) and only the files remain (until deleted).
 //! Knows rows and JSON; never HTTP or the engine.
 
 use std::sync::Mutex;
@@ -11,6 +12,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 use super::GatewayError;
+
+/// The most a stored file may hold (SQLite's blobs stop at 1,000,000,000 bytes).
+pub const MAX_STORED_BYTES: usize = 900_000_000;
 
 /// Statuses a batch still has work in (the worker's).
 pub const ACTIVE: [&str; 3] = ["in_progress", "finalizing", "cancelling"];
@@ -94,10 +98,13 @@ fn parse(s: &str, what: &str) -> Result<Value, GatewayError> {
 }
 
 impl Batches {
-    pub fn new(conn: Connection) -> Self {
-        Self {
+    pub fn new(conn: Connection) -> Result<Self, GatewayError> {
+        // Deleted files and request rows are overwritten, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(GatewayError::db)?;
+        Ok(Self {
             conn: Mutex::new(conn),
-        }
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -381,57 +388,24 @@ impl Batches {
     ) -> Result<(), GatewayError> {
         self.conn()
             .execute(
-                "UPDATE batch_lines SET ok = ?3, result = ?4 WHERE batch_id = ?1 AND line = ?2",
+                "UPDATE batch_lines SET ok = ?3, result = ?4
+                 WHERE batch_id = ?1 AND line = ?2 AND result IS NULL",
                 params![batch_id, line, ok, result.to_string()],
             )
             .map_err(GatewayError::db)?;
         Ok(())
     }
 
-    /// Every request's (custom id, ok, output line) in file order; `None` for one not run.
-    #[allow(clippy::type_complexity)]
-    pub fn results(
-        &self,
-        batch_id: &str,
-    ) -> Result<Vec<(String, Option<(bool, Value)>)>, GatewayError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT custom_id, ok, result FROM batch_lines WHERE batch_id = ?1 ORDER BY line",
-            )
-            .map_err(GatewayError::db)?;
-        let rows = stmt
-            .query_map(params![batch_id], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<bool>>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            })
-            .map_err(GatewayError::db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(GatewayError::db)?;
-        rows.into_iter()
-            .map(|(custom_id, ok, result)| {
-                let done = match (ok, result) {
-                    (Some(ok), Some(r)) => Some((ok, parse(&r, "batch result")?)),
-                    _ => None,
-                };
-                Ok((custom_id, done))
-            })
-            .collect()
-    }
-
-    /// Ends a batch whose status is still `expect`: its output and error files stored, its
-    /// object saved, its request rows (prompt text) deleted, all in one transaction; whether
-    /// it was.
+    /// Ends a batch whose status is still `expect`, in one transaction: `build` turns its
+    /// requests' results into the output and error files (and sets the object's status and
+    /// counts), the files are stored, the object saved, its request rows (prompt text)
+    /// deleted. Whether it was still `expect`.
     pub fn conclude(
         &self,
         owner: &str,
         object: &mut Value,
-        output: &[u8],
-        errors: &[u8],
         expect: &str,
+        build: impl FnOnce(&Results, &mut Value) -> Result<(Vec<u8>, Vec<u8>), GatewayError>,
     ) -> Result<bool, GatewayError> {
         let now = super::db::unix_now();
         let mut conn = self.conn();
@@ -448,10 +422,20 @@ impl Batches {
         if status.as_deref() != Some(expect) {
             return Ok(false);
         }
+        let (output, errors) = build(&results_of(&tx, &id)?, object)?;
         for (content, field, name) in [
-            (output, "output_file_id", "output"),
-            (errors, "error_file_id", "errors"),
+            (&output, "output_file_id", "output"),
+            (&errors, "error_file_id", "errors"),
         ] {
+            if content.len() > MAX_STORED_BYTES {
+                return Err(GatewayError::Invalid {
+                    field: "batch".into(),
+                    reason: format!(
+                        "its {name} file would be {} bytes, over the {MAX_STORED_BYTES} a file may hold; split the work into smaller batches",
+                        content.len()
+                    ),
+                });
+            }
             if content.is_empty() {
                 continue;
             }
@@ -465,7 +449,7 @@ impl Batches {
                     format!("{id}_{name}.jsonl"),
                     content.len() as i64,
                     now,
-                    content
+                    content.as_slice()
                 ],
             )
             .map_err(GatewayError::db)?;
@@ -485,6 +469,35 @@ impl Batches {
         tx.commit().map_err(GatewayError::db)?;
         Ok(true)
     }
+}
+
+/// Every request's (custom id, its result if it has one) in file order.
+pub type Results = Vec<(String, Option<(bool, Value)>)>;
+
+fn results_of(conn: &Connection, batch_id: &str) -> Result<Results, GatewayError> {
+    let mut stmt = conn
+        .prepare("SELECT custom_id, ok, result FROM batch_lines WHERE batch_id = ?1 ORDER BY line")
+        .map_err(GatewayError::db)?;
+    let rows = stmt
+        .query_map(params![batch_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<bool>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })
+        .map_err(GatewayError::db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GatewayError::db)?;
+    rows.into_iter()
+        .map(|(custom_id, ok, result)| {
+            let done = match (ok, result) {
+                (Some(ok), Some(r)) => Some((ok, parse(&r, "batch result")?)),
+                _ => None,
+            };
+            Ok((custom_id, done))
+        })
+        .collect()
 }
 
 /// The (created, rowid) a list continues below: the `after` row's, or past everything.
@@ -535,7 +548,7 @@ mod tests {
     fn store() -> (tempfile::TempDir, Batches) {
         let dir = tempfile::tempdir().unwrap();
         let conn = super::super::db::open(&dir.path().join("b.db")).unwrap();
-        (dir, Batches::new(conn))
+        (dir, Batches::new(conn).unwrap())
     }
 
     #[test]
@@ -598,22 +611,23 @@ mod tests {
             json!({"total": 3, "completed": 1, "failed": 1})
         );
         assert!(b.batch("batch_1", "other").unwrap().is_none());
-        let results = b.results("batch_1").unwrap();
-        assert!(results[0].1.is_none());
-        assert_eq!(results[1].1.as_ref().unwrap().0, true);
-        assert_eq!(results[2].1.as_ref().unwrap().1["custom_id"], "c2");
-        object["status"] = "completed".into();
-        assert!(!b
-            .conclude("k", &mut object, b"x", b"", "cancelling")
-            .unwrap());
-        assert!(b
-            .conclude("k", &mut object, b"out\n", b"", "in_progress")
-            .unwrap());
+        // A result comes once: a late repeat changes nothing.
+        b.finish_line("batch_1", 2, true, &json!({})).unwrap();
+        let files = |results: &Results, object: &mut Value| {
+            assert!(results[0].1.is_none());
+            assert!(results[1].1.as_ref().unwrap().0);
+            assert_eq!(results[2].1.as_ref().unwrap().1["custom_id"], "c2");
+            object["status"] = "completed".into();
+            Ok((b"out\n".to_vec(), Vec::new()))
+        };
+        assert!(!b.conclude("k", &mut object, "cancelling", files).unwrap());
+        assert_eq!(object["status"], "in_progress");
+        assert!(b.conclude("k", &mut object, "in_progress", files).unwrap());
         let out = object["output_file_id"].as_str().unwrap();
         assert_eq!(b.file_content(out, "k").unwrap().unwrap(), b"out\n");
         assert!(object.get("error_file_id").is_none());
         assert!(b.active().unwrap().is_empty());
-        assert!(b.results("batch_1").unwrap().is_empty());
+        assert!(results_of(&b.conn(), "batch_1").unwrap().is_empty());
         assert_eq!(
             b.batch("batch_1", "k").unwrap().unwrap()["status"],
             "completed"

@@ -85,6 +85,9 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     result TEXT,                      -- the output line (JSON)
     PRIMARY KEY (batch_id, line)
 );
+-- The requests left to run, and the counts, without reading the bodies.
+CREATE INDEX IF NOT EXISTS batch_lines_pending ON batch_lines(batch_id, line) WHERE result IS NULL;
+CREATE INDEX IF NOT EXISTS batch_lines_ok ON batch_lines(batch_id, ok);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
 ";

@@ -66,12 +66,12 @@ pub enum Principal {
 }
 
 impl Principal {
-    /// What it stores is kept under: its kind (`key`, `master`, `anonymous`) and its key id
-    /// (`''` without a key, as the Responses API's owner).
+    /// What it stores (the Batch API's files and batches) is kept under: its kind (`key`,
+    /// `master`, `anonymous`) and its owner (the key id, `(master)`, or `''`).
     pub fn owner(&self) -> (&'static str, &str) {
         match self {
             Principal::Anonymous => ("anonymous", ""),
-            Principal::Master => ("master", ""),
+            Principal::Master => ("master", "(master)"),
             Principal::Key(k) => ("key", &k.id),
         }
     }
@@ -145,7 +145,7 @@ impl Gateway {
                 db::open(&config.db_path)?,
                 config.responses_retention,
             )?,
-            batches: batches::Batches::new(db::open(&config.db_path)?),
+            batches: batches::Batches::new(db::open(&config.db_path)?)?,
             ledger,
             prices: config.prices,
             limits: Mutex::new(Limits::new(config.global_tpm, config.global_rpm)),
