@@ -459,6 +459,56 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
         .collect();
     let requests: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
     assert_eq!(requests, 3, "{usage}");
+    // A key revoked while its batch runs: the batch fails once, saying why, instead of
+    // answering every remaining request with a 401.
+    let (c, _) = make_key("batch-c");
+    let long: Vec<Value> = (0..40)
+        .map(|i| {
+            request(
+                &format!("l{i}"),
+                chat(&format!("Tell a long story about {i}."), 64),
+            )
+        })
+        .collect();
+    let batch = start_batch(&s, &long, Some(&c));
+    let r = s.post_key("/key/delete", &json!({"keys": [c]}), master);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = batch["id"].as_str().unwrap();
+    // The key is gone and the batch is not the master's: read it from the store.
+    assert_eq!(
+        call(&s, "GET", &format!("/v1/batches/{id}"), None, Some(master)).0,
+        404
+    );
+    let db = rusqlite::Connection::open(s.data_dir.path().join("edgeinfer.db")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let object: Value = loop {
+        let (status, object): (String, String) = db
+            .query_row(
+                "SELECT status, object FROM batches WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        if status != "in_progress" {
+            break serde_json::from_str(&object).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked key's batch kept running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(object["status"], "failed", "{object}");
+    assert_eq!(object["errors"]["data"][0]["code"], "batch_failed");
+    assert!(object["request_counts"]["completed"].as_u64().unwrap() < 40);
+    let rows: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM batch_lines WHERE batch_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 0, "its prompts are deleted");
 }
 
 #[test]

@@ -42,6 +42,12 @@ enum Outcome {
     Retry(Duration),
 }
 
+/// What the worker hears of a request: its result stored, or refused for now.
+enum Heard {
+    Stored,
+    Retry(Duration),
+}
+
 /// A running request: (batch id, line).
 type Key = (String, i64);
 
@@ -49,11 +55,13 @@ struct Worker {
     state: Arc<AppState>,
     app: Router,
     max_running: usize,
-    tx: UnboundedSender<(Key, Outcome)>,
+    tx: UnboundedSender<(Key, Heard)>,
     /// Each running request's task and its batch's owner.
     running: HashMap<Key, (JoinHandle<()>, String)>,
     /// A batch whose request was refused for now starts nothing before this.
     paused: HashMap<String, Instant>,
+    /// Rotates which batch the places are offered to first.
+    turn: usize,
 }
 
 /// Starts the worker; it runs until the process ends.
@@ -66,12 +74,13 @@ pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
         tx,
         running: HashMap::new(),
         paused: HashMap::new(),
+        turn: 0,
     };
     tokio::spawn(worker.run(rx));
 }
 
 impl Worker {
-    async fn run(mut self, mut rx: UnboundedReceiver<(Key, Outcome)>) {
+    async fn run(mut self, mut rx: UnboundedReceiver<(Key, Heard)>) {
         loop {
             tokio::select! {
                 Some((key, outcome)) = rx.recv() => self.finished(key, outcome),
@@ -97,9 +106,9 @@ impl Worker {
         }
     }
 
-    fn finished(&mut self, key: Key, outcome: Outcome) {
+    fn finished(&mut self, key: Key, heard: Heard) {
         self.running.remove(&key);
-        if let Outcome::Retry(after) = outcome {
+        if let Heard::Retry(after) = heard {
             self.paused.insert(key.0, Instant::now() + after);
         }
     }
@@ -119,51 +128,79 @@ impl Worker {
     }
 
     /// One look at every batch with work left: ends those that are done, cancelled or
-    /// expired, and starts requests while there is room. A batch that cannot be ended is
-    /// marked failed; it never holds up the others.
+    /// expired, and starts requests while there is room: first each batch's even share (the
+    /// batches taken in turn from a rotating start, so none waits behind older ones for
+    /// ever), then what is left, in the same order. A batch the store refuses to end (its
+    /// output too large) or whose key is gone is marked failed; a passing store error is
+    /// retried at the next step. Neither holds up the other batches.
     async fn step(&mut self) -> Result<(), ApiError> {
         let now = crate::gateway::db::unix_now();
         self.paused.retain(|_, until| *until > Instant::now());
-        let active = store(&self.state, |b| b.active()).await?;
-        // Each batch's even share of the places (at least one).
-        let share = (self.max_running / active.len().max(1)).max(1);
+        let mut active = store(&self.state, |b| b.active()).await?;
+        if active.is_empty() {
+            return Ok(());
+        }
+        self.turn = self.turn.wrapping_add(1);
+        let start = self.turn % active.len();
+        active.rotate_left(start);
+        let share = (self.max_running / active.len()).max(1);
+        let mut more = Vec::new();
         for batch in active {
             let id = batch.id.clone();
-            if let Err(e) = self.look_at(batch, now, share).await {
-                tracing::error!(batch = %id, error = %e.message, "a batch failed");
-                self.stop(&id);
-                let message = e.message.clone();
-                let failed = store(&self.state, move |b| {
-                    let Some(object) = b.active()?.into_iter().find(|a| a.id == id) else {
-                        return Ok(());
-                    };
-                    let expect = object.object["status"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    let mut object = object.object;
-                    object["status"] = "failed".into();
-                    object["failed_at"] = crate::gateway::db::unix_now().into();
-                    object["errors"] = json!({"object": "list", "data": [
-                        {"code": "internal_error", "message": message, "param": null, "line": null}]});
-                    b.save(&object, &expect).map(|_| ())
-                });
-                failed.await?;
+            match self.look_at(&batch, now, share).await {
+                Ok(true) => more.push(batch),
+                Ok(false) => {}
+                Err(e) => self.failed(&id, e).await,
+            }
+        }
+        for batch in more {
+            if self.running.len() >= self.max_running {
+                break;
+            }
+            let id = batch.id.clone();
+            if let Err(e) = self.look_at(&batch, now, self.max_running).await {
+                self.failed(&id, e).await;
             }
         }
         Ok(())
     }
 
+    /// A batch's step failed: a refusal (400: what the store will not hold, or a key that
+    /// is gone) fails the batch; anything else is logged and tried again.
+    async fn failed(&mut self, id: &str, e: ApiError) {
+        if e.status != StatusCode::BAD_REQUEST {
+            tracing::error!(batch = %id, error = %e.message, "a batch's step failed; retrying");
+            return;
+        }
+        tracing::warn!(batch = %id, error = %e.message, "a batch failed");
+        self.stop(id);
+        let (id, message) = (id.to_string(), e.message);
+        if let Err(e) = store(&self.state, move |b| b.fail(&id, &message)).await {
+            tracing::error!(error = %e.message, "a failed batch could not be marked");
+        }
+    }
+
+    /// Ends `batch` if it is done, cancelled or expired, else starts up to `share` of its
+    /// requests while there is room; whether it has requests left to start.
     async fn look_at(
         &mut self,
-        batch: ActiveBatch,
+        batch: &ActiveBatch,
         now: i64,
         share: usize,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         if batch.object["status"] == "cancelling" {
             self.stop(&batch.id);
-            return conclude(&self.state, batch, "cancelled").await;
+            return conclude(&self.state, batch, "cancelled")
+                .await
+                .map(|_| false);
         }
+        let cap = match self.owner_cap(batch) {
+            Ok(cap) => cap,
+            Err(gone) => {
+                self.stop(&batch.id);
+                return Err(ApiError::bad_request(gone));
+            }
+        };
         let mine = self.lines_of(&batch.id);
         let owner_running = self
             .running
@@ -174,22 +211,25 @@ impl Worker {
             .max_running
             .saturating_sub(self.running.len())
             .min(share.saturating_sub(mine.len()))
-            .min(self.key_cap(&batch).saturating_sub(owner_running));
+            .min(cap.saturating_sub(owner_running));
         let (id, busy) = (batch.id.clone(), mine.clone());
-        let todo = store(&self.state, move |b| b.pending(&id, &busy, room.max(1))).await?;
+        let todo = store(&self.state, move |b| b.pending(&id, &busy, room + 1)).await?;
         if todo.is_empty() && mine.is_empty() {
-            return conclude(&self.state, batch, "completed").await;
+            return conclude(&self.state, batch, "completed")
+                .await
+                .map(|_| false);
         }
         if batch.object["expires_at"]
             .as_i64()
             .is_some_and(|t| now >= t)
         {
             self.stop(&batch.id);
-            return conclude(&self.state, batch, "expired").await;
+            return conclude(&self.state, batch, "expired").await.map(|_| false);
         }
-        if room == 0 || self.paused.contains_key(&batch.id) {
-            return Ok(());
+        if self.paused.contains_key(&batch.id) {
+            return Ok(false);
         }
+        let left = todo.len() > room;
         for line in todo.into_iter().take(room) {
             let key = (batch.id.clone(), line.line);
             let call = BatchCall {
@@ -210,21 +250,26 @@ impl Worker {
             });
             self.running.insert(key, (handle, batch.owner.clone()));
         }
-        Ok(())
+        Ok(left)
     }
 
     /// How many of a batch's owner's requests may run at once: half its key's
-    /// `max_parallel_requests` (at least one), so its own traffic keeps the rest.
-    fn key_cap(&self, batch: &ActiveBatch) -> usize {
+    /// `max_parallel_requests` (at least one), so its own traffic keeps the rest. Err: the
+    /// key that made it is revoked or expired (or auth changed under it), why.
+    fn owner_cap(&self, batch: &ActiveBatch) -> Result<usize, String> {
         match self
             .state
             .gateway
             .principal_of(&batch.owner_kind, &batch.owner)
         {
-            Ok(Principal::Key(k)) => k
+            Ok(Principal::Key(k)) => Ok(k
                 .max_parallel_requests
-                .map_or(usize::MAX, |p| (p as usize / 2).max(1)),
-            _ => usize::MAX,
+                .map_or(usize::MAX, |p| (p as usize / 2).max(1))),
+            Ok(_) => Ok(usize::MAX),
+            Err(_) => Err(
+                "The key that made this batch was revoked or has expired (or the server's keys changed); its remaining requests were not run."
+                    .into(),
+            ),
         }
     }
 }
@@ -236,27 +281,27 @@ async fn run_line(
     call: BatchCall,
     batch_id: String,
     line: Line,
-) -> (Key, Outcome) {
+) -> (Key, Heard) {
     let line_no = line.line;
     let custom_id = line.custom_id.clone();
     let outcome = AssertUnwindSafe(call_one(app, call, &batch_id, line))
         .catch_unwind()
         .await
         .unwrap_or_else(|_| failed(&custom_id, "The request failed inside the server."));
-    let outcome = match outcome {
+    let heard = match outcome {
         Outcome::Done { ok, result } => {
-            let (id, saved) = (batch_id.clone(), result.clone());
-            match store(&state, move |b| b.finish_line(&id, line_no, ok, &saved)).await {
-                Ok(()) => Outcome::Done { ok, result },
+            let id = batch_id.clone();
+            match store(&state, move |b| b.finish_line(&id, line_no, ok, &result)).await {
+                Ok(()) => Heard::Stored,
                 Err(e) => {
                     tracing::error!(error = %e.message, "a batch result could not be stored");
-                    Outcome::Retry(Duration::from_secs(1))
+                    Heard::Retry(Duration::from_secs(1))
                 }
             }
         }
-        retry => retry,
+        Outcome::Retry(after) => Heard::Retry(after),
     };
-    ((batch_id, line_no), outcome)
+    ((batch_id, line_no), heard)
 }
 
 /// Runs one request through the router as the batch's owner.
@@ -295,14 +340,18 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
         .unwrap_or(Duration::from_secs(1))
         .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let final_refusal = header("x-should-retry").as_deref() == Some("false");
+    let timed = header("retry-after").is_some();
     let bytes = match axum::body::to_bytes(resp.into_body(), 256 << 20).await {
         Ok(b) => b,
         Err(e) => return failed(&line.custom_id, &format!("reading the reply: {e}")),
     };
     let body: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes).into_owned()));
+    // A spent budget that resets (it says when) waits for it; one that never resets is the
+    // request's answer.
     let over_quota = body["error"]["code"] == "insufficient_quota";
-    if (status == StatusCode::TOO_MANY_REQUESTS && !final_refusal && !over_quota)
+    let later = if over_quota { timed } else { !final_refusal };
+    if (status == StatusCode::TOO_MANY_REQUESTS && later)
         || status == StatusCode::SERVICE_UNAVAILABLE
     {
         return Outcome::Retry(retry_after);
@@ -327,12 +376,10 @@ fn failed(custom_id: &str, message: &str) -> Outcome {
 /// Ends a batch `completed`, `cancelled` or `expired` (if it is still as the worker saw it).
 async fn conclude(
     state: &AppState,
-    batch: ActiveBatch,
+    batch: &ActiveBatch,
     ending: &'static str,
 ) -> Result<(), ApiError> {
-    let ActiveBatch {
-        owner, mut object, ..
-    } = batch;
+    let (owner, mut object) = (batch.owner.clone(), batch.object.clone());
     let expect = object["status"].as_str().unwrap_or_default().to_string();
     store(state, move |b| {
         b.conclude(&owner, &mut object, &expect, |results, object| {
@@ -381,8 +428,7 @@ fn build_files(
             }
         };
         let into = if ok { &mut output } else { &mut errors };
-        // Serialising into the buffer: no second copy of a large line.
-        let _ = serde_json::to_writer(&mut *into, line);
+        into.extend_from_slice(line.as_bytes());
         into.push(b'\n');
         if ok {
             completed += 1;
@@ -407,9 +453,15 @@ mod tests {
     #[test]
     fn files_hold_every_request_once_and_say_why_one_never_ran() {
         let results: Results = vec![
-            ("a".into(), Some((true, json!({"custom_id": "a", "n": 1})))),
+            (
+                "a".into(),
+                Some((true, json!({"custom_id": "a", "n": 1}).to_string())),
+            ),
             ("b".into(), None),
-            ("c".into(), Some((false, json!({"custom_id": "c"})))),
+            (
+                "c".into(),
+                Some((false, json!({"custom_id": "c"}).to_string())),
+            ),
         ];
         for (ending, code) in [
             ("expired", "batch_expired"),

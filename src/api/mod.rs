@@ -4,6 +4,7 @@
 mod admin;
 mod anthropic;
 mod anthropic_sse;
+mod batch_input;
 mod batch_worker;
 mod batches;
 pub mod body;
@@ -308,20 +309,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(surfaces::gateway_compat),
         )
         // OpenAI's Batch API: uploaded JSONL files, batches run in the background.
-        .route(
-            "/v1/files",
-            post(batches::upload)
-                .get(batches::files)
-                .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + (1 << 20))),
-        )
-        .route(
-            "/v1/files/{id}",
-            get(batches::file).delete(batches::delete_file),
-        )
-        .route("/v1/files/{id}/content", get(batches::file_content))
-        .route("/v1/batches", post(batches::create).get(batches::batches))
-        .route("/v1/batches/{id}", get(batches::batch))
-        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .merge(batches::routes())
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(utility::tokenize))
         .route("/detokenize", post(utility::detokenize))

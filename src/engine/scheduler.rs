@@ -318,12 +318,14 @@ impl Scheduler {
         let mut budget = self.config.max_batch_tokens;
         let mut scored_left = self.config.max_scored_rows;
         // 0. Waiting foreground sequences take the places of running background ones.
+        let mut yielded = false;
         if !self.waiting.is_empty() {
             let tenant = |id: &SeqId| self.seqs[id].tenant;
             let running: Vec<Tenant> = self.running.iter().map(tenant).collect();
             let waiting = self.waiting.iter().map(tenant);
             for at in yielding(waiting, &running, self.config.max_batch_size) {
                 self.preempt(self.running[at], &mut step);
+                yielded = true;
             }
         }
         // 1. Running sequences, oldest first: decodes and continuing prefills.
@@ -389,8 +391,15 @@ impl Scheduler {
             let Some((tenant, id)) = turns.next() else {
                 break;
             };
+            // No background sequence takes a place a foreground one could not (it would be
+            // preempted again next step).
+            let background = self.seqs[&id].tenant.background;
+            if background && yielded {
+                break;
+            }
             if self.shares_computing(id, &computing) || self.capped(id, budget, scored_left) == 0 {
                 turns.take(tenant, false);
+                yielded |= !background;
                 continue;
             }
             let (hit, copy) = self.take_cached_prefix(id);

@@ -92,9 +92,15 @@ fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
     })
 }
 
+/// A stored JSON object (anything else is corruption).
 fn parse(s: &str, what: &str) -> Result<Value, GatewayError> {
-    serde_json::from_str(s)
-        .map_err(|e| GatewayError::Db(format!("a stored {what} is corrupt: {e}")))
+    match serde_json::from_str(s) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(GatewayError::Db(format!(
+            "a stored {what} is not an object"
+        ))),
+        Err(e) => Err(GatewayError::Db(format!("a stored {what} is corrupt: {e}"))),
+    }
 }
 
 impl Batches {
@@ -409,7 +415,11 @@ impl Batches {
     ) -> Result<bool, GatewayError> {
         let now = super::db::unix_now();
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(GatewayError::db)?;
+        // Immediate: the write lock first, so no other writer's commit (the ledger's) can
+        // invalidate this transaction's reads before it writes.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(GatewayError::db)?;
         let id = object["id"].as_str().unwrap_or_default().to_string();
         let status: Option<String> = tx
             .query_row(
@@ -471,8 +481,45 @@ impl Batches {
     }
 }
 
+impl Batches {
+    /// Ends a batch with work left as `failed`, saying why, and deletes its request rows;
+    /// false if it had already ended.
+    pub fn fail(&self, id: &str, message: &str) -> Result<bool, GatewayError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(GatewayError::db)?;
+        let row: Option<(String, String)> = tx
+            .query_row(
+                "SELECT status, object FROM batches WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(GatewayError::db)?;
+        let Some((status, object)) = row.filter(|(s, _)| ACTIVE.contains(&s.as_str())) else {
+            return Ok(false);
+        };
+        let mut object = with_counts(&tx, parse(&object, "batch")?)?;
+        object["status"] = "failed".into();
+        object["failed_at"] = super::db::unix_now().into();
+        object["errors"] = json!({"object": "list", "data": [
+            {"code": "batch_failed", "message": message, "param": null, "line": null}]});
+        tx.execute(
+            "UPDATE batches SET status = 'failed', object = ?2 WHERE id = ?1 AND status = ?3",
+            params![id, object.to_string(), status],
+        )
+        .map_err(GatewayError::db)?;
+        tx.execute("DELETE FROM batch_lines WHERE batch_id = ?1", params![id])
+            .map_err(GatewayError::db)?;
+        tx.commit().map_err(GatewayError::db)?;
+        Ok(true)
+    }
+}
+
 /// Every request's (custom id, its result if it has one) in file order.
-pub type Results = Vec<(String, Option<(bool, Value)>)>;
+/// Each result is its output line as stored (JSON text).
+pub type Results = Vec<(String, Option<(bool, String)>)>;
 
 fn results_of(conn: &Connection, batch_id: &str) -> Result<Results, GatewayError> {
     let mut stmt = conn
@@ -489,15 +536,13 @@ fn results_of(conn: &Connection, batch_id: &str) -> Result<Results, GatewayError
         .map_err(GatewayError::db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(GatewayError::db)?;
-    rows.into_iter()
-        .map(|(custom_id, ok, result)| {
-            let done = match (ok, result) {
-                (Some(ok), Some(r)) => Some((ok, parse(&r, "batch result")?)),
-                _ => None,
-            };
-            Ok((custom_id, done))
-        })
-        .collect()
+    let results = rows
+        .into_iter()
+        .map(|(custom_id, ok, result)| match (ok, result) {
+            (Some(ok), Some(r)) => (custom_id, Some((ok, r))),
+            _ => (custom_id, None),
+        });
+    Ok(results.collect())
 }
 
 /// The (created, rowid) a list continues below: the `after` row's, or past everything.
@@ -542,96 +587,5 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> (tempfile::TempDir, Batches) {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = super::super::db::open(&dir.path().join("b.db")).unwrap();
-        (dir, Batches::new(conn).unwrap())
-    }
-
-    #[test]
-    fn files_belong_to_their_owner_and_list_newest_first() {
-        let (_d, b) = store();
-        let ids: Vec<String> = (0..3)
-            .map(|i| {
-                b.put_file("k", "batch", &format!("f{i}.jsonl"), b"{}\n")
-                    .unwrap()
-                    .id
-            })
-            .collect();
-        b.put_file("other", "batch", "x", b"").unwrap();
-        assert!(b.file(&ids[0], "other").unwrap().is_none());
-        assert_eq!(b.file_content(&ids[1], "k").unwrap().unwrap(), b"{}\n");
-        let page = b.files("k", None, None, 2).unwrap();
-        let names: Vec<_> = page.items.iter().map(|f| f.id.clone()).collect();
-        assert_eq!(names, [ids[2].clone(), ids[1].clone()]);
-        assert!(page.has_more);
-        let rest = b.files("k", None, Some(&ids[1]), 2).unwrap();
-        assert_eq!(rest.items.len(), 1);
-        assert_eq!(rest.items[0].id, ids[0]);
-        assert!(!rest.has_more);
-        assert!(b
-            .files("k", Some("batch_output"), None, 9)
-            .unwrap()
-            .items
-            .is_empty());
-        assert!(b.files("other", None, Some(&ids[0]), 2).is_err());
-        assert!(!b.delete_file(&ids[0], "other").unwrap());
-        assert!(b.delete_file(&ids[0], "k").unwrap());
-        assert!(b.file(&ids[0], "k").unwrap().is_none());
-    }
-
-    #[test]
-    fn a_batch_runs_its_lines_then_keeps_only_its_files() {
-        let (_d, b) = store();
-        let mut object = json!({"id": "batch_1", "status": "in_progress", "created_at": 5,
-            "request_counts": {"total": 3, "completed": 0, "failed": 0}});
-        let lines: Vec<Line> = (0..3)
-            .map(|i| Line {
-                line: i,
-                custom_id: format!("c{i}"),
-                url: "/v1/chat/completions".into(),
-                body: json!({"n": i}),
-            })
-            .collect();
-        b.create("key", "k", &object, &lines).unwrap();
-        assert_eq!(b.active().unwrap().len(), 1);
-        let todo = b.pending("batch_1", &[0], 9).unwrap();
-        assert_eq!(todo.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(todo[0].body["n"], 1);
-        b.finish_line("batch_1", 1, true, &json!({"custom_id": "c1"}))
-            .unwrap();
-        b.finish_line("batch_1", 2, false, &json!({"custom_id": "c2"}))
-            .unwrap();
-        let seen = b.batch("batch_1", "k").unwrap().unwrap();
-        assert_eq!(
-            seen["request_counts"],
-            json!({"total": 3, "completed": 1, "failed": 1})
-        );
-        assert!(b.batch("batch_1", "other").unwrap().is_none());
-        // A result comes once: a late repeat changes nothing.
-        b.finish_line("batch_1", 2, true, &json!({})).unwrap();
-        let files = |results: &Results, object: &mut Value| {
-            assert!(results[0].1.is_none());
-            assert!(results[1].1.as_ref().unwrap().0);
-            assert_eq!(results[2].1.as_ref().unwrap().1["custom_id"], "c2");
-            object["status"] = "completed".into();
-            Ok((b"out\n".to_vec(), Vec::new()))
-        };
-        assert!(!b.conclude("k", &mut object, "cancelling", files).unwrap());
-        assert_eq!(object["status"], "in_progress");
-        assert!(b.conclude("k", &mut object, "in_progress", files).unwrap());
-        let out = object["output_file_id"].as_str().unwrap();
-        assert_eq!(b.file_content(out, "k").unwrap().unwrap(), b"out\n");
-        assert!(object.get("error_file_id").is_none());
-        assert!(b.active().unwrap().is_empty());
-        assert!(results_of(&b.conn(), "batch_1").unwrap().is_empty());
-        assert_eq!(
-            b.batch("batch_1", "k").unwrap().unwrap()["status"],
-            "completed"
-        );
-        assert_eq!(b.batches("k", None, 10).unwrap().items.len(), 1);
-    }
-}
+#[path = "batches_tests.rs"]
+mod tests;

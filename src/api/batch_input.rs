@@ -1,0 +1,216 @@
+//! A Batch API input file read and checked whole: each line `{"custom_id", "method": "POST",
+//! "url", "body"}`, or the list of what is wrong with it, as OpenAI lists it.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+
+use crate::gateway::batches::Line;
+
+/// The most requests one batch holds (OpenAI's limit).
+pub const MAX_REQUESTS: usize = 50_000;
+/// Problems listed at most (the rest are counted in the last one's message).
+const MAX_ERRORS: usize = 100;
+
+/// The problems found in a batch's input file, as OpenAI lists them: the first
+/// [`MAX_ERRORS`], the rest counted.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<Value>,
+    more: usize,
+}
+
+impl Problems {
+    fn add(&mut self, line: Option<usize>, code: &str, message: impl Into<String>) {
+        if self.listed.len() < MAX_ERRORS {
+            let message = message.into();
+            self.listed
+                .push(json!({"code": code, "message": message, "param": null, "line": line}));
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn into_list(mut self) -> Vec<Value> {
+        if let (Some(last), true) = (self.listed.last_mut(), self.more > 0) {
+            let m = last["message"].as_str().unwrap_or_default().to_string();
+            last["message"] = format!("{m} (and {} more problems)", self.more).into();
+        }
+        self.listed
+    }
+}
+
+/// A batch's requests from its input file, or what is wrong with it (line numbers from 1).
+/// Reading stops at the first request past [`MAX_REQUESTS`].
+pub(super) fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
+    let mut problems = Problems::default();
+    let content = content
+        .strip_prefix("\u{feff}".as_bytes())
+        .unwrap_or(content);
+    let Ok(text) = std::str::from_utf8(content) else {
+        problems.add(None, "invalid_file", "The input file is not UTF-8 text");
+        return Err(problems.into_list());
+    };
+    let mut lines = Vec::new();
+    let mut seen = HashSet::new();
+    let mut requests = 0;
+    for (i, raw) in text.lines().enumerate() {
+        let n = Some(i + 1);
+        if raw.trim().is_empty() {
+            continue;
+        }
+        requests += 1;
+        if requests > MAX_REQUESTS {
+            // Said whatever else was found.
+            let message = format!("A batch holds at most {MAX_REQUESTS} requests");
+            problems.more += problems.listed.len().saturating_sub(MAX_ERRORS - 1);
+            problems.listed.truncate(MAX_ERRORS - 1);
+            problems.add(n, "too_many_requests", message);
+            break;
+        }
+        let mut v = match serde_json::from_str::<Value>(raw) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                problems.add(n, "invalid_json_line", "This line is not a JSON object");
+                continue;
+            }
+            Err(e) => {
+                let message = format!("This line is not valid JSON: {e}");
+                problems.add(n, "invalid_json_line", message);
+                continue;
+            }
+        };
+        let custom_id = match v.remove("custom_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s,
+            _ => {
+                let message = "`custom_id` must be a string of 1 to 512 characters";
+                problems.add(n, "missing_required_parameter", message);
+                continue;
+            }
+        };
+        if !seen.insert(custom_id.clone()) {
+            let message =
+                format!("`custom_id` '{custom_id}' is used twice; each request needs its own");
+            problems.add(n, "duplicate_custom_id", message);
+        }
+        if v.get("method").and_then(Value::as_str) != Some("POST") {
+            problems.add(n, "invalid_method", "`method` must be POST");
+        }
+        let url = v.get("url").and_then(Value::as_str).unwrap_or_default();
+        if url != endpoint {
+            let message = format!("`url` '{url}' is not the batch's endpoint '{endpoint}'");
+            problems.add(n, "mismatched_endpoint", message);
+        }
+        match v.remove("body") {
+            Some(Value::Object(b))
+                if !matches!(
+                    b.get("stream"),
+                    None | Some(Value::Bool(false) | Value::Null)
+                ) =>
+            {
+                let message = "`body.stream` is not supported in a batch";
+                problems.add(n, "invalid_request", message);
+            }
+            // Once a problem is found the requests are not kept, only checked.
+            Some(Value::Object(b)) if problems.listed.is_empty() => lines.push(Line {
+                line: lines.len() as i64,
+                custom_id,
+                url: endpoint.to_string(),
+                body: Value::Object(b),
+            }),
+            Some(Value::Object(_)) => {}
+            _ => problems.add(
+                n,
+                "missing_required_parameter",
+                "`body` must be a JSON object",
+            ),
+        }
+    }
+    if problems.listed.is_empty() && lines.is_empty() {
+        problems.add(None, "empty_file", "The input file holds no requests");
+    }
+    if problems.listed.is_empty() {
+        Ok(lines)
+    } else {
+        Err(problems.into_list())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(custom_id: &str, url: &str, body: Value) -> String {
+        json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
+    }
+
+    #[test]
+    fn input_files_are_checked_line_by_line() {
+        let chat = "/v1/chat/completions";
+        let good = [
+            line("a", chat, json!({"messages": []})),
+            String::new(),
+            line("b", chat, json!({"stream": false})),
+        ]
+        .join("\n");
+        let lines = parse_requests(good.as_bytes(), chat).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[1].line, lines[1].custom_id.as_str()), (1, "b"));
+        let bad = [
+            line("a", chat, json!({})),
+            "not json".to_string(),
+            line("a", chat, json!({})),
+            line("c", "/v1/embeddings", json!({})),
+            line("d", chat, json!({"stream": true})),
+            line("e", chat, json!("text")),
+            json!({"custom_id": "f", "method": "GET", "url": chat, "body": {}}).to_string(),
+            json!({"method": "POST", "url": chat, "body": {}}).to_string(),
+        ]
+        .join("\n");
+        let errors = parse_requests(bad.as_bytes(), chat).unwrap_err();
+        let got: Vec<(u64, &str)> = errors
+            .iter()
+            .map(|e| (e["line"].as_u64().unwrap(), e["code"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, "invalid_json_line"),
+                (3, "duplicate_custom_id"),
+                (4, "mismatched_endpoint"),
+                (5, "invalid_request"),
+                (6, "missing_required_parameter"),
+                (7, "invalid_method"),
+                (8, "missing_required_parameter"),
+            ]
+        );
+        let empty = parse_requests(b"\n\n", chat).unwrap_err();
+        assert_eq!(empty[0]["code"], "empty_file");
+        assert_eq!(
+            parse_requests(b"\xff", chat).unwrap_err()[0]["code"],
+            "invalid_file"
+        );
+        let many: String = (0..150).map(|_| "x\n").collect();
+        let errors = parse_requests(many.as_bytes(), chat).unwrap_err();
+        assert_eq!(errors.len(), MAX_ERRORS);
+        let last = errors[MAX_ERRORS - 1]["message"].as_str().unwrap();
+        assert!(last.ends_with("(and 50 more problems)"), "{last}");
+        // Past the most requests a batch holds, reading stops there.
+        let over: String = (0..=MAX_REQUESTS)
+            .map(|i| line(&i.to_string(), chat, json!({})) + "\n")
+            .collect();
+        let errors = parse_requests(over.as_bytes(), chat).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let at = (errors[0]["code"].as_str(), errors[0]["line"].as_u64());
+        assert_eq!(
+            at,
+            (Some("too_many_requests"), Some(MAX_REQUESTS as u64 + 1))
+        );
+        // A byte-order mark is not a line's text.
+        let marked = format!("\u{feff}{}", line("m", chat, json!({})));
+        assert_eq!(parse_requests(marked.as_bytes(), chat).unwrap().len(), 1);
+        // `stream: null` is no stream.
+        let null = line("n", chat, json!({"stream": null}));
+        assert!(parse_requests(null.as_bytes(), chat).is_ok());
+    }
+}
