@@ -54,16 +54,7 @@ pub(super) async fn store<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Batches) -> Result<T, GatewayError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let gateway = state.gateway.clone();
-    tokio::task::spawn_blocking(move || f(&gateway.batches))
-        .await
-        .map_err(|e| ApiError::internal(format!("the batch store task failed: {e}")))?
-        .map_err(|e| match e {
-            GatewayError::Invalid { field, reason } => {
-                ApiError::invalid(field.clone(), format!("`{field}` {reason}"))
-            }
-            e => ApiError::internal(e.to_string()),
-        })
+    super::gate::on_store(state, "batch", move |g| f(&g.batches)).await
 }
 
 fn owner(who: &Principal) -> String {

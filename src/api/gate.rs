@@ -45,6 +45,27 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// Runs `f` on the gateway's stores on a blocking thread (a large conversation or file must
+/// not hold an async worker); `what` names the store if the task itself fails. A store's
+/// refusal of a field is a 400 naming it; any other store error a 500.
+pub async fn on_store<T: Send + 'static>(
+    state: &AppState,
+    what: &'static str,
+    f: impl FnOnce(&crate::gateway::Gateway) -> Result<T, crate::gateway::GatewayError> + Send + 'static,
+) -> Result<T, ApiError> {
+    use crate::gateway::GatewayError;
+    let gateway = state.gateway.clone();
+    tokio::task::spawn_blocking(move || f(&gateway))
+        .await
+        .map_err(|e| ApiError::internal(format!("the {what} store task failed: {e}")))?
+        .map_err(|e| match e {
+            GatewayError::Invalid { field, reason } => {
+                ApiError::invalid(field.clone(), format!("`{field}` {reason}"))
+            }
+            e => ApiError::internal(e.to_string()),
+        })
+}
+
 /// Marks a request the batch worker makes on behalf of a batch's owner.
 #[derive(Debug, Clone)]
 pub struct BatchCall {

@@ -27,11 +27,7 @@ async fn stored<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Conversations) -> Result<T, GatewayError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let gateway = state.gateway.clone();
-    tokio::task::spawn_blocking(move || f(&gateway.conversations))
-        .await
-        .map_err(|e| ApiError::internal(format!("the conversation store task failed: {e}")))?
-        .map_err(|e| ApiError::internal(e.to_string()))
+    super::gate::on_store(state, "conversation", move |g| f(&g.conversations)).await
 }
 
 /// OpenAI's `POST /v1/responses`: the conversation is the stored one named by

@@ -319,7 +319,8 @@ impl Scheduler {
         let mut scored_left = self.config.max_scored_rows;
         // 0. Waiting foreground sequences take the places of running background ones.
         let mut yielded = false;
-        if !self.waiting.is_empty() {
+        let background = |id: &SeqId| self.seqs[id].tenant.background;
+        if !self.waiting.is_empty() && self.running.iter().any(background) {
             let tenant = |id: &SeqId| self.seqs[id].tenant;
             let running: Vec<Tenant> = self.running.iter().map(tenant).collect();
             let waiting = self.waiting.iter().map(tenant);
