@@ -8,7 +8,8 @@ over the whole run, TTFT p50/p95, and per-stream decode tok/s p50. Standard libr
 `--response-format json_object|json_schema|gbnf` constrains every request (structured output;
 `gbnf`: the same report as a llama.cpp GBNF `grammar`);
 `--api-key KEY` sends a key (for a server with keys on); `--priority low` sends
-`x-edgeinfer-priority: low` (background work, as the Batch API's requests run).
+`x-edgeinfer-priority: low` (background work, as the Batch API's requests run);
+`--prompt-words N` lengthens each prompt with N words (a document to work on).
 
   scripts/load_test.py --url http://127.0.0.1:8080 --concurrency 16 --requests 2
 """
@@ -36,6 +37,10 @@ FORMATS = {
     "json_schema": {"type": "json_schema", "json_schema": {"name": "report", "strict": True, "schema": SCHEMA}},
     "gbnf": None,
 }
+# Common words (about a token each) for --prompt-words.
+WORDS = ("the of and to in is was for on that with as by at from his her an were which are this "
+         "be has had one their not but new its after first two who also they other been more "
+         "city year time people world state part used known many some would").split()
 # SCHEMA's report in GBNF, in the layout the server writes JSON.
 GBNF = r"""root ::= "{\"title\": " str ", \"summary\": " str ", \"points\": [" (str (", " str)*)? "]}"
 str ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\""
@@ -89,6 +94,8 @@ def main():
     ap.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     ap.add_argument("--priority", choices=["low", "normal"], default=None,
                     help="sent as `x-edgeinfer-priority`")
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="append this many words to each prompt (each client its own)")
     args = ap.parse_args()
 
     results, errors = [], []
@@ -97,6 +104,9 @@ def main():
     def client(i):
         for r in range(args.requests):
             prompt = PROMPTS[(i + r) % len(PROMPTS)]
+            if args.prompt_words:
+                words = (WORDS[(k * 7 + i * 13 + r) % len(WORDS)] for k in range(args.prompt_words))
+                prompt = " ".join(words) + "\n\n" + prompt
             try:
                 start, times = one_request(args.url, args.model, prompt, args.max_tokens,
                                            args.response_format, args.api_key, args.priority)

@@ -7,30 +7,41 @@
 #
 #   scripts/priority_probe.sh [BINARY] [ROUNDS]   (default target/release/edgeinfer, 3)
 #
-# Prints one JSON line per run: the interactive report, labelled with the background's priority.
+# SERVER_ARGS adds flags to each server (`--kv-cache-tokens 1024`: a KV cache the background
+# fills before the places run out); PRIORITIES picks the background's priorities (default
+# "low normal"); BEFORE=OLD_BINARY adds a run of an older build to each round, its background
+# at the first of PRIORITIES.
+# Prints one JSON line per run: the interactive report, labelled with the background's
+# priority (and the binary, with BEFORE). BG_ARGS adds flags to the background's load_test.py
+# (`--prompt-words 2000 --max-tokens 64`: long documents); BG_WARMUP, the seconds the
+# background runs before the interactive clients start (3).
 set -euo pipefail
 BIN=${1:-target/release/edgeinfer}
 ROUNDS=${2:-3}
 PORT=${PORT:-8097}
 BG_CLIENTS=${BG_CLIENTS:-24}
 FG_CLIENTS=${FG_CLIENTS:-4}
+read -r -a SERVER_ARGS <<<"${SERVER_ARGS:-}"
+read -r -a PRIORITIES <<<"${PRIORITIES:-low normal}"
+read -r -a BG_ARGS <<<"${BG_ARGS:-}"
 URL="http://127.0.0.1:$PORT"
 here=$(cd "$(dirname "$0")" && pwd)
 data=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$data"' EXIT
 
 run_one() {
-  local priority=$1
-  "$BIN" serve --port "$PORT" --data-dir "$data/$priority-$2" >/dev/null 2>&1 &
+  local priority=$1 bin=$3
+  "$bin" serve --port "$PORT" --data-dir "$data/$priority-$2-$RANDOM" "${SERVER_ARGS[@]}" \
+    >/dev/null 2>&1 &
   local server=$!
   until curl -sf "$URL/ready" >/dev/null; do sleep 0.2; done
   python3 "$here/load_test.py" --url "$URL" --concurrency "$BG_CLIENTS" --requests 50 \
-    --priority "$priority" >/dev/null 2>&1 &
+    --priority "$priority" "${BG_ARGS[@]}" >/dev/null 2>&1 &
   local bg=$!
-  sleep 3
+  sleep "${BG_WARMUP:-3}"
   local out
   out=$(python3 "$here/load_test.py" --url "$URL" --concurrency "$FG_CLIENTS" --requests 2)
-  echo "{\"background_priority\": \"$priority\", \"interactive\": $out}"
+  echo "{\"binary\": \"$bin\", \"background_priority\": \"$priority\", \"interactive\": $out}"
   kill "$bg" 2>/dev/null || true
   kill "$server"
   wait "$server" 2>/dev/null || true
@@ -38,6 +49,10 @@ run_one() {
 }
 
 for r in $(seq "$ROUNDS"); do
-  run_one low "$r"
-  run_one normal "$r"
+  for priority in "${PRIORITIES[@]}"; do
+    run_one "$priority" "$r" "$BIN"
+  done
+  if [ -n "${BEFORE:-}" ]; then
+    run_one "${PRIORITIES[0]}" "$r" "$BEFORE"
+  fi
 done

@@ -165,6 +165,18 @@ impl BlockManager {
         b
     }
 
+    /// Blocks that releasing every table of `tables` would make available (empty or
+    /// evictable): those no one else references.
+    pub fn freed_by<'a>(&self, tables: impl IntoIterator<Item = &'a [u32]>) -> usize {
+        let mut held: HashMap<u32, u32> = HashMap::new();
+        for &b in tables.into_iter().flatten() {
+            *held.entry(b).or_default() += 1;
+        }
+        held.into_iter()
+            .filter(|&(b, n)| self.refs[b as usize] == n)
+            .count()
+    }
+
     /// Drops a reference to every block of `table` (emptying it). Blocks nobody references
     /// become empty, or evictable when they are cached; the table's last blocks get the
     /// oldest LRU ticks, so a prefix outlives its tail.
@@ -320,6 +332,13 @@ mod tests {
         assert_eq!(b_blocks, a);
         assert_eq!(m.free_count(), 2);
         let mut b = b_blocks;
+        // Releasing both would free the shared blocks; one of them, none.
+        let mut c = Vec::new();
+        assert!(m.ensure(&mut c, 1));
+        assert_eq!(m.freed_by([a.as_slice()]), 0);
+        assert_eq!(m.freed_by([a.as_slice(), &b]), 2);
+        assert_eq!(m.freed_by([a.as_slice(), &c, &b]), 3);
+        m.release(&mut c);
         m.release(&mut a);
         assert_eq!(m.free_count(), 2, "still referenced by b");
         m.release(&mut b);

@@ -10,9 +10,11 @@
 //! `draft.rs`): its chunk then runs its last token and the drafts together, at most
 //! `max_draft_rows` drafts a step, and [`Scheduler::complete`] keeps the positions the
 //! sampled tokens confirmed. When KV blocks run out, the most recently admitted sequence is
-//! preempted: its blocks are freed and it waits to be recomputed. With prefix caching, a
-//! sequence admitted with no blocks first takes the cached blocks matching its tokens and
-//! starts computing after them; each block it fills is registered for later sequences. When
+//! preempted: its blocks are freed and it waits to be recomputed. Running background
+//! sequences (`fair.rs`) give up their places, and their blocks, to waiting foreground ones.
+//! With prefix caching (`scheduler_prefix.rs`), a sequence admitted with no blocks first
+//! takes the cached blocks matching its tokens and starts computing after them; each block
+//! it fills is registered for later sequences. When
 //! its next tokens part from a cached block's midway, the rows they share are copied into the
 //! sequence's own block (the step's `copies`), so reuse is token-granular. A waiting sequence
 //! whose leading blocks another sequence computes in the same step waits for them (one step)
@@ -27,6 +29,7 @@ use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
 use super::fair::{victim, yielding, Turns};
 use super::request::Tenant;
 pub use super::step::{BlockCopy, Chunk, Step};
+use background::FOREGROUND_LINGER_STEPS;
 
 pub type SeqId = u64;
 
@@ -95,6 +98,8 @@ pub struct Scheduler {
     /// Sources of the planned step's copies, held until it completes (or the next step is
     /// planned, or nothing is left to run).
     pinned: Vec<u32>,
+    /// Steps planned since one with a foreground sequence running or waiting.
+    since_foreground: usize,
 }
 
 impl Scheduler {
@@ -110,6 +115,7 @@ impl Scheduler {
             running: Vec::new(),
             seqs: HashMap::new(),
             pinned: Vec::new(),
+            since_foreground: usize::MAX,
         }
     }
 
@@ -329,13 +335,40 @@ impl Scheduler {
                 yielded = true;
             }
         }
-        // 1. Running sequences, oldest first: decodes and continuing prefills.
+        // 1. Running sequences, oldest first: decodes and continuing prefills, background
+        // prompts after the rest. While a foreground sequence waits, background prompts take
+        // only what the admissions leave (2b), and no background sequence is admitted; while
+        // one runs or waits (or did a few steps ago: an agent's next turn follows its last),
+        // they take short chunks.
+        let fg = |id: &SeqId| !self.seqs[id].tenant.background;
+        let foreground_waits = self.waiting.iter().any(fg);
+        self.since_foreground = if foreground_waits || self.running.iter().any(fg) {
+            0
+        } else {
+            self.since_foreground.saturating_add(1)
+        };
+        let foreground = self.since_foreground <= FOREGROUND_LINGER_STEPS;
+        yielded |= foreground_waits;
+        let mut order = self.running.clone();
+        order.sort_by_key(|id| self.background_prompt(*id));
+        let mut deferred = Vec::new();
+        let mut admitted_foreground = false;
         let mut i = 0;
-        while i < self.running.len() {
-            let id = self.running[i];
+        while i < order.len() {
+            let id = order[i];
+            if !self.running.contains(&id) {
+                i += 1; // preempted below
+                continue;
+            }
+            if foreground_waits && self.background_prompt(id) {
+                deferred.push(id);
+                i += 1;
+                continue;
+            }
             let s = &self.seqs[&id];
             let remaining = s.tokens.len() - s.computed;
-            let want = self.capped(id, remaining.min(budget), scored_left);
+            let want = remaining.min(budget).min(self.row_limit(id, foreground));
+            let want = self.capped(id, want, scored_left);
             if want == 0 {
                 i += 1;
                 continue;
@@ -343,20 +376,17 @@ impl Scheduler {
             let target = s.computed + want;
             if !self.grow(id, target) {
                 // Out of blocks: preempt the newest running sequence of the tenant running
-                // the most (maybe this one).
+                // the most (maybe this one). Planned already, its rows go back to the
+                // budgets they took.
                 let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
                 let gone = self.running[at];
-                // Planned already (before `i`), its rows go back to the budgets they took.
                 let scored = self.scoring(gone);
                 let refund = self.preempt(gone, &mut step);
                 budget += refund;
                 if scored {
                     scored_left += refund;
                 }
-                if at < i {
-                    i -= 1; // `id` moved down one place
-                }
-                continue; // re-examine `id` (or the next, if it was the victim)
+                continue; // re-examine `id` (skipped if it was the victim)
             }
             if self.scoring(id) {
                 scored_left -= want;
@@ -406,9 +436,15 @@ impl Scheduler {
             let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
-            let want = self.capped(id, want, scored_left);
+            let want = self.capped(id, want.min(self.row_limit(id, foreground)), scored_left);
             let target = s.computed + want;
-            if !self.grow(id, target) {
+            // A foreground sequence out of blocks takes those of background ones.
+            let fits = self.grow(id, target)
+                || (!background && {
+                    yielded = true;
+                    self.make_room(id, target, &mut step, &mut budget, &mut scored_left)
+                });
+            if !fits {
                 self.give_back_cached_prefix(id);
                 if let Some((src, _)) = copy {
                     self.blocks.release(&mut vec![src]);
@@ -421,6 +457,7 @@ impl Scheduler {
                 self.pinned.push(src);
             }
             turns.take(tenant, true);
+            admitted_foreground |= !background;
             let idx = self.waiting.iter().position(|&w| w == id);
             self.waiting
                 .remove(idx.expect("offered ids wait. This is a bug."));
@@ -440,6 +477,26 @@ impl Scheduler {
             let chunk = self.chunk(id, want);
             self.note_computing(&chunk, &mut computing);
             step.chunks.push(chunk);
+            budget -= want;
+        }
+        // 2b. Background prompts deferred in 1, unless a foreground sequence was admitted
+        // (its first token comes sooner from a short step), with what is left (none
+        // preempts anyone).
+        for id in deferred {
+            if admitted_foreground || budget == 0 || !self.running.contains(&id) {
+                continue;
+            }
+            let s = &self.seqs[&id];
+            let want = (s.tokens.len() - s.computed).min(budget);
+            let want = self.capped(id, want.min(self.row_limit(id, foreground)), scored_left);
+            let target = self.seqs[&id].computed + want;
+            if want == 0 || !self.grow(id, target) {
+                continue;
+            }
+            if self.scoring(id) {
+                scored_left -= want;
+            }
+            step.chunks.push(self.chunk(id, want));
             budget -= want;
         }
         // 3. Drafts, with what the step has left: tokens, and empty blocks (a draft never
@@ -469,34 +526,6 @@ impl Scheduler {
         step
     }
 
-    /// Adds the hashes of the full blocks chunk `c` completes to `computing`.
-    fn note_computing(&mut self, c: &Chunk, computing: &mut HashSet<u64>) {
-        let bs = self.blocks.block_size();
-        let Some(s) = self.seqs.get_mut(&c.id) else {
-            return;
-        };
-        if !s.cache || !self.blocks.caching() {
-            return;
-        }
-        // A chunk's drafts are not the sequence's tokens (yet).
-        let end = (c.start + c.len - c.draft) / bs;
-        computing.extend(&s.hashes(end, bs)[(c.start / bs).min(end)..]);
-    }
-
-    /// Whether waiting sequence `id` shares a full block that this step computes.
-    fn shares_computing(&mut self, id: SeqId, computing: &HashSet<u64>) -> bool {
-        let bs = self.blocks.block_size();
-        let s = self
-            .seqs
-            .get_mut(&id)
-            .expect("waiting ids are known. This is a bug.");
-        if computing.is_empty() || !s.cache || !self.blocks.caching() || !s.blocks.is_empty() {
-            return false;
-        }
-        let n = (s.tokens.len() - 1) / bs;
-        s.hashes(n, bs).iter().any(|h| computing.contains(h))
-    }
-
     /// The next `len` tokens of `id`, from its first uncomputed position.
     fn chunk(&self, id: SeqId, len: usize) -> Chunk {
         let s = &self.seqs[&id];
@@ -506,45 +535,6 @@ impl Scheduler {
             len,
             logits: s.computed + len == s.tokens.len(),
             draft: 0,
-        }
-    }
-
-    /// For a sequence about to be admitted with no blocks: takes references to the cached
-    /// blocks matching its leading full blocks, then looks for a cached block sharing the
-    /// start of the next one, and skips computing all of that (never its last token).
-    /// Returns the tokens taken and the partial block to copy from, pinned, with its rows.
-    fn take_cached_prefix(&mut self, id: SeqId) -> (usize, Option<(u32, usize)>) {
-        let bs = self.blocks.block_size();
-        let s = self
-            .seqs
-            .get_mut(&id)
-            .expect("waiting ids are known. This is a bug.");
-        if !s.cache || !self.blocks.caching() || !s.blocks.is_empty() {
-            return (0, None);
-        }
-        let last = s.tokens.len() - 1;
-        s.hashes(last / bs, bs);
-        let found = self.blocks.lookup(&s.hashes[..last / bs], &s.tokens);
-        let k = found.len();
-        s.registered = k;
-        s.computed = k * bs;
-        s.blocks = found;
-        let parent = if k == 0 { ROOT_HASH } else { s.hashes[k - 1] };
-        let tail = &s.tokens[k * bs..last.min((k + 1) * bs)];
-        let copy = self.blocks.partial(parent, tail);
-        if let Some((src, rows)) = copy {
-            self.blocks.pin(src);
-            s.computed += rows;
-        }
-        (s.computed, copy)
-    }
-
-    /// Undoes [`Self::take_cached_prefix`] for a sequence that could not be admitted.
-    fn give_back_cached_prefix(&mut self, id: SeqId) {
-        if let Some(s) = self.seqs.get_mut(&id) {
-            self.blocks.release(&mut s.blocks);
-            s.computed = 0;
-            s.registered = 0;
         }
     }
 
@@ -577,6 +567,11 @@ impl Scheduler {
         refund
     }
 }
+
+#[path = "scheduler_background.rs"]
+mod background;
+#[path = "scheduler_prefix.rs"]
+mod prefix;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

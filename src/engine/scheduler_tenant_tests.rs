@@ -94,6 +94,96 @@ fn a_place_given_up_for_a_foreground_sequence_is_not_retaken_by_the_background()
 }
 
 #[test]
+fn a_background_prompt_waits_a_step_for_a_foreground_one_and_then_takes_short_chunks() {
+    // 32 tokens a step: a batch sequence prefills a 100-token prompt, 32 tokens at a time.
+    let mut s = sched(4, 32, 100);
+    add(&mut s, 1, 100);
+    s.set_tenant(
+        1,
+        Tenant {
+            background: true,
+            ..Tenant::from(7)
+        },
+    );
+    assert_eq!(run(&mut s).chunks[0].len, 32);
+    // A foreground prompt of 5 tokens is admitted at once, in a step of its own.
+    add(&mut s, 2, 5);
+    let st = run(&mut s);
+    let planned: Vec<(SeqId, usize, usize)> =
+        st.chunks.iter().map(|c| (c.id, c.start, c.len)).collect();
+    assert_eq!(planned, vec![(2, 0, 5)]);
+    // While it decodes, the batch's prompt goes on after it, 32 / 16 = 2 tokens a step.
+    let planned: Vec<(SeqId, usize)> = run(&mut s).chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(planned, vec![(2, 1), (1, 2)]);
+    // Alone again, it takes short chunks for 16 more steps (the client may send its next
+    // request at once), then whole steps.
+    s.remove(2);
+    for _ in 0..16 {
+        assert_eq!(run(&mut s).chunks[0].len, 2);
+    }
+    assert_eq!(run(&mut s).chunks[0].len, 32);
+}
+
+#[test]
+fn a_foreground_sequence_out_of_blocks_takes_a_background_ones() {
+    // 6 blocks of 4 positions: two batch sequences hold 3 each (11-token prompts).
+    let mut s = sched(4, 64, 6);
+    let batch = Tenant {
+        background: true,
+        ..Tenant::from(7)
+    };
+    for id in [1, 2] {
+        add(&mut s, id, 11);
+        s.set_tenant(id, batch);
+    }
+    assert_eq!(run(&mut s).admitted, vec![1, 2]);
+    assert_eq!(s.free_blocks(), 0);
+    // Places are free, blocks are not: the newest batch sequence gives its blocks up.
+    add(&mut s, 3, 4);
+    let st = run(&mut s);
+    assert_eq!((st.preempted, st.admitted), (vec![2], vec![3]));
+    let planned: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
+    assert_eq!(planned, vec![(1, 1), (3, 4)]);
+    // A batch sequence out of blocks takes none from another (nor from a foreground one).
+    add(&mut s, 4, 4);
+    s.set_tenant(4, batch);
+    let st = run(&mut s);
+    assert!(st.preempted.is_empty() && st.admitted.is_empty());
+}
+
+#[test]
+fn background_sequences_give_up_blocks_only_when_that_is_enough() {
+    // 6 blocks of 4 positions: foreground 1 holds 3, batch 2 holds 2, one is free.
+    let mut s = sched(4, 64, 6);
+    add(&mut s, 1, 7);
+    add(&mut s, 2, 5);
+    s.set_tenant(
+        2,
+        Tenant {
+            background: true,
+            ..Tenant::from(7)
+        },
+    );
+    // The batch sequence is admitted once no foreground one waits, and reads its prompt 4
+    // (64 / 16) tokens a step beside the foreground decode.
+    assert_eq!(run(&mut s).admitted, vec![1]);
+    assert_eq!(run(&mut s).admitted, vec![2]);
+    run(&mut s);
+    assert_eq!(s.free_blocks(), 1);
+    // 13 tokens need 4 blocks: the batch sequence's 2 and the free one are not enough, so
+    // it keeps running and the newcomer waits.
+    add(&mut s, 3, 13);
+    let st = run(&mut s);
+    assert!(st.preempted.is_empty() && st.admitted.is_empty());
+    assert_eq!(st.chunks.len(), 2);
+    // 12 tokens need 3: enough (neither running sequence needs a new block yet).
+    s.remove(3);
+    add(&mut s, 5, 12);
+    let st = run(&mut s);
+    assert_eq!((st.preempted, st.admitted), (vec![2], vec![5]));
+}
+
+#[test]
 fn out_of_blocks_preempts_the_newest_of_the_tenant_running_the_most() {
     // 6 blocks of 4 positions, full: tenant 7 runs seqs 1 and 2 (next position 7: fits),
     // tenant 9 runs seq 3, admitted after them (next position 8: needs a block).
