@@ -228,6 +228,7 @@ impl Scheduler {
         self.running.retain(|&r| r != id);
         if self.seqs.is_empty() {
             self.blocks.release(&mut self.pinned);
+            self.since_foreground = usize::MAX;
         }
     }
 
@@ -353,47 +354,13 @@ impl Scheduler {
         order.sort_by_key(|id| self.background_prompt(*id));
         let mut deferred = Vec::new();
         let mut admitted_foreground = false;
-        let mut i = 0;
-        while i < order.len() {
-            let id = order[i];
-            if !self.running.contains(&id) {
-                i += 1; // preempted below
-                continue;
-            }
+        for id in order {
             if foreground_waits && self.background_prompt(id) {
                 deferred.push(id);
-                i += 1;
                 continue;
             }
-            let s = &self.seqs[&id];
-            let remaining = s.tokens.len() - s.computed;
-            let want = remaining.min(budget).min(self.row_limit(id, foreground));
-            let want = self.capped(id, want, scored_left);
-            if want == 0 {
-                i += 1;
-                continue;
-            }
-            let target = s.computed + want;
-            if !self.grow(id, target) {
-                // Out of blocks: preempt the newest running sequence of the tenant running
-                // the most (maybe this one). Planned already, its rows go back to the
-                // budgets they took.
-                let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
-                let gone = self.running[at];
-                let scored = self.scoring(gone);
-                let refund = self.preempt(gone, &mut step);
-                budget += refund;
-                if scored {
-                    scored_left += refund;
-                }
-                continue; // re-examine `id` (skipped if it was the victim)
-            }
-            if self.scoring(id) {
-                scored_left -= want;
-            }
-            step.chunks.push(self.chunk(id, want));
-            budget -= want;
-            i += 1;
+            let limit = self.row_limit(id, foreground);
+            self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
         }
         // Full blocks this step computes, by hash: a waiting sequence that would compute one
         // of them too (a burst of prompts with a common, uncached start) waits a step and
@@ -480,24 +447,12 @@ impl Scheduler {
             budget -= want;
         }
         // 2b. Background prompts deferred in 1, unless a foreground sequence was admitted
-        // (its first token comes sooner from a short step), with what is left (none
-        // preempts anyone).
+        // (its first token comes sooner from a short step), with what is left.
         for id in deferred {
-            if admitted_foreground || budget == 0 || !self.running.contains(&id) {
-                continue;
+            if !admitted_foreground && budget > 0 {
+                let limit = self.row_limit(id, foreground);
+                self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
             }
-            let s = &self.seqs[&id];
-            let want = (s.tokens.len() - s.computed).min(budget);
-            let want = self.capped(id, want.min(self.row_limit(id, foreground)), scored_left);
-            let target = self.seqs[&id].computed + want;
-            if want == 0 || !self.grow(id, target) {
-                continue;
-            }
-            if self.scoring(id) {
-                scored_left -= want;
-            }
-            step.chunks.push(self.chunk(id, want));
-            budget -= want;
         }
         // 3. Drafts, with what the step has left: tokens, and empty blocks (a draft never
         // evicts a cached block nor preempts anyone); only in small steps.
@@ -524,6 +479,43 @@ impl Scheduler {
             c.draft = draft;
         }
         step
+    }
+
+    /// Plans running sequence `id`'s next chunk, at most `limit` rows. Out of blocks, it
+    /// preempts the newest running sequence of the tenant running the most (maybe `id`),
+    /// whose planned rows go back to the budgets, until `id` fits or is gone.
+    fn plan_running(
+        &mut self,
+        id: SeqId,
+        limit: usize,
+        step: &mut Step,
+        budget: &mut usize,
+        scored_left: &mut usize,
+    ) {
+        while self.running.contains(&id) {
+            let s = &self.seqs[&id];
+            let remaining = s.tokens.len() - s.computed;
+            let want = self.capped(id, remaining.min(*budget).min(limit), *scored_left);
+            if want == 0 {
+                return;
+            }
+            if self.grow(id, self.seqs[&id].computed + want) {
+                if self.scoring(id) {
+                    *scored_left -= want;
+                }
+                step.chunks.push(self.chunk(id, want));
+                *budget -= want;
+                return;
+            }
+            let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
+            let gone = self.running[at];
+            let scored = self.scoring(gone);
+            let refund = self.preempt(gone, step);
+            *budget += refund;
+            if scored {
+                *scored_left += refund;
+            }
+        }
     }
 
     /// The next `len` tokens of `id`, from its first uncomputed position.

@@ -144,7 +144,8 @@ fn a_foreground_sequence_out_of_blocks_takes_a_background_ones() {
     assert_eq!((st.preempted, st.admitted), (vec![2], vec![3]));
     let planned: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.len)).collect();
     assert_eq!(planned, vec![(1, 1), (3, 4)]);
-    // A batch sequence out of blocks takes none from another (nor from a foreground one).
+    // Batch sequences out of blocks (preempted 2, offered first, then 4) take none from
+    // another, nor from a foreground one: nothing is preempted or admitted.
     add(&mut s, 4, 4);
     s.set_tenant(4, batch);
     let st = run(&mut s);
