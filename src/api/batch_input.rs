@@ -116,7 +116,7 @@ pub(super) fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>
                 line: lines.len() as i64,
                 custom_id,
                 url: endpoint.to_string(),
-                body: Value::Object(b),
+                body: Value::Object(b).to_string(),
             }),
             Some(Value::Object(_)) => {}
             _ => problems.add(

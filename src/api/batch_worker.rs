@@ -315,7 +315,7 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
         .header("cf-aig-request-timeout", "0")
         .header("cf-aig-metadata", json!({"batch_id": batch_id}).to_string())
         .extension(call)
-        .body(Body::from(line.body.to_string()));
+        .body(Body::from(line.body.clone()));
     let req = match req {
         Ok(r) => r,
         Err(e) => return failed(&line.custom_id, &e.to_string()),

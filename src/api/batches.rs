@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::multipart::MultipartRejection;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -40,7 +40,7 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
             "/v1/files",
             post(upload)
                 .get(files)
-                .layer(DefaultBodyLimit::max(MAX_FILE_BYTES + (1 << 20))),
+                .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
         )
         .route("/v1/files/{id}", get(file).delete(delete_file))
         .route("/v1/files/{id}/content", get(file_content))
@@ -61,10 +61,53 @@ fn owner(who: &Principal) -> String {
     who.owner().1.to_string()
 }
 
-/// `POST /v1/files` (multipart: `purpose` and `file`).
+/// The largest body `/v1/files` takes: a batch file and the form around it.
+pub const MAX_UPLOAD_BYTES: usize = MAX_FILE_BYTES + (1 << 20);
+
+/// A multipart error as the API's: 413 past the route's body limit, else a 400 about `what`.
+fn form_error(what: &'static str) -> impl Fn(MultipartError) -> ApiError {
+    move |e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(MAX_UPLOAD_BYTES),
+        _ => ApiError::bad_request(format!("Cannot read {what}: {e}")),
+    }
+}
+
+/// The form's `purpose` and `file` (name and bytes). The file is read chunk by chunk into one
+/// buffer sized from `hint` (the body's announced length), so the upload is held once.
+async fn read_form(
+    form: &mut Multipart,
+    hint: usize,
+) -> Result<(Option<String>, Option<(String, Vec<u8>)>), ApiError> {
+    let (mut purpose, mut file) = (None, None);
+    while let Some(mut field) = form.next_field().await.map_err(form_error("the form"))? {
+        match field.name() {
+            Some("purpose") => purpose = Some(field.text().await.map_err(form_error("`purpose`"))?),
+            Some("file") => {
+                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let mut bytes = Vec::with_capacity(hint.min(MAX_FILE_BYTES + 1));
+                while let Some(chunk) = field.chunk().await.map_err(form_error("`file`"))? {
+                    if bytes.len() + chunk.len() > MAX_FILE_BYTES {
+                        return Err(ApiError::invalid(
+                            "file",
+                            format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                file = Some((name, bytes));
+            }
+            _ => {}
+        }
+    }
+    Ok((purpose, file))
+}
+
+/// `POST /v1/files` (multipart: `purpose` and `file`). The body arrives as it is read (the
+/// body guard lets it through unbuffered), within the upload's time.
 pub async fn upload(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let mut form = form.map_err(|e| {
@@ -72,31 +115,16 @@ pub async fn upload(
             "Send the file as multipart/form-data with fields `purpose` and `file`: {e}"
         ))
     })?;
-    let (mut purpose, mut file) = (None, None);
-    loop {
-        let field = form
-            .next_field()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("Cannot read the multipart form: {e}")))?;
-        let Some(field) = field else { break };
-        match field.name() {
-            Some("purpose") => {
-                let text = field.text().await.map_err(|e| {
-                    ApiError::invalid("purpose", format!("Cannot read `purpose`: {e}"))
-                })?;
-                purpose = Some(text);
-            }
-            Some("file") => {
-                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| ApiError::invalid("file", format!("Cannot read `file`: {e}")))?;
-                file = Some((name, bytes));
-            }
-            _ => {}
-        }
-    }
+    let hint = (headers.get(header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    let limit = state
+        .body_limits
+        .read_timeout
+        .max(super::body::UPLOAD_READ_TIMEOUT);
+    let (purpose, file) = tokio::time::timeout(limit, read_form(&mut form, hint))
+        .await
+        .map_err(|_| ApiError::body_timeout(limit))??;
     match purpose.as_deref() {
         Some("batch") => {}
         Some(p) => {
@@ -114,12 +142,6 @@ pub async fn upload(
     };
     if bytes.is_empty() {
         return Err(ApiError::invalid("file", "`file` is empty"));
-    }
-    if bytes.len() > MAX_FILE_BYTES {
-        return Err(ApiError::invalid(
-            "file",
-            format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
-        ));
     }
     let owner = owner(&who);
     let meta = store(&state, move |b| b.put_file(&owner, "batch", &name, &bytes)).await?;
@@ -389,4 +411,58 @@ pub async fn cancel(
     .await??;
     state.batch_wake.notify_one();
     Ok(Json(object))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::extract::{FromRequest, Multipart, Request};
+    use axum::http::StatusCode;
+
+    use super::read_form;
+
+    fn form(fields: &[(&str, &[u8])]) -> Multipart {
+        let mut body = Vec::new();
+        for (name, content) in fields {
+            let head = format!(
+                "--XB\r\ncontent-disposition: form-data; name=\"{name}\"; filename=\"f\"\r\n\r\n"
+            );
+            body.extend_from_slice(head.as_bytes());
+            body.extend_from_slice(content);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XB--\r\n");
+        let req = Request::post("/v1/files")
+            .header("content-type", "multipart/form-data; boundary=XB")
+            .body(Body::from_stream(futures_chunks(body)))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(Multipart::from_request(req, &())).unwrap()
+    }
+
+    /// The body in 64 KiB pieces, as a network would bring it.
+    fn futures_chunks(
+        body: Vec<u8>,
+    ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+        let pieces: Vec<_> = body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+        futures_util::stream::iter(pieces)
+    }
+
+    #[test]
+    fn a_form_is_read_piece_by_piece_and_an_oversized_one_is_a_413() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let file: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut f = form(&[("purpose", b"batch"), ("file", &file)]);
+        let (purpose, got) = rt.block_on(read_form(&mut f, 0)).unwrap();
+        assert_eq!(purpose.as_deref(), Some("batch"));
+        assert_eq!(got.map(|(_, b)| b), Some(file));
+        // Past the body limit (axum's default of 2 MiB here; the route sets a batch file's).
+        let mut f = form(&[("junk", &vec![b'x'; 3 << 20]), ("purpose", b"batch")]);
+        let e = rt.block_on(read_form(&mut f, 0)).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }

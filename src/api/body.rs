@@ -38,7 +38,7 @@ pub fn is_json_type(value: Option<&str>) -> bool {
 }
 
 /// The least time a `/v1/files` upload gets to arrive (200 MiB at 350 KB/s).
-const UPLOAD_READ_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const UPLOAD_READ_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
@@ -61,7 +61,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .is_ok();
     if upload {
         limits = BodyLimits {
-            max_bytes: super::batches::MAX_FILE_BYTES + (1 << 20),
+            max_bytes: super::batches::MAX_UPLOAD_BYTES,
             read_timeout: limits.read_timeout.max(UPLOAD_READ_TIMEOUT),
         };
     }
@@ -80,6 +80,11 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limits.max_bytes as u64) {
         return ApiError::payload_too_large(limits.max_bytes).into_response();
+    }
+    if upload && multipart {
+        // Not buffered here (it would be held twice more): `batches::upload` reads it
+        // within the same limits.
+        return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
     let read = axum::body::to_bytes(body, limits.max_bytes);

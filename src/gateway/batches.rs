@@ -58,7 +58,8 @@ pub struct Line {
     pub line: i64,
     pub custom_id: String,
     pub url: String,
-    pub body: Value,
+    /// The request's body: a JSON object's text.
+    pub body: String,
 }
 
 /// One page of a list, newest first.
@@ -78,18 +79,6 @@ fn random_hex(n: usize) -> String {
 /// A new id with this prefix (`file-`, `batch_`, `batch_req_`).
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", random_hex(32))
-}
-
-const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created";
-
-fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
-    Ok(FileMeta {
-        id: r.get(0)?,
-        purpose: r.get(1)?,
-        filename: r.get(2)?,
-        bytes: r.get(3)?,
-        created: r.get(4)?,
-    })
 }
 
 /// A stored JSON object (anything else is corruption).
@@ -115,103 +104,6 @@ impl Batches {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Stores a file; its metadata.
-    pub fn put_file(
-        &self,
-        owner: &str,
-        purpose: &str,
-        filename: &str,
-        content: &[u8],
-    ) -> Result<FileMeta, GatewayError> {
-        let meta = FileMeta {
-            id: new_id("file-"),
-            purpose: purpose.to_string(),
-            filename: filename.to_string(),
-            bytes: content.len() as i64,
-            created: super::db::unix_now(),
-        };
-        self.conn()
-            .execute(
-                "INSERT INTO files (id, owner, purpose, filename, bytes, created, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    meta.id,
-                    owner,
-                    meta.purpose,
-                    meta.filename,
-                    meta.bytes,
-                    meta.created,
-                    content
-                ],
-            )
-            .map_err(GatewayError::db)?;
-        Ok(meta)
-    }
-
-    pub fn file(&self, id: &str, owner: &str) -> Result<Option<FileMeta>, GatewayError> {
-        self.conn()
-            .query_row(
-                &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND owner = ?2"),
-                params![id, owner],
-                file_row,
-            )
-            .optional()
-            .map_err(GatewayError::db)
-    }
-
-    pub fn file_content(&self, id: &str, owner: &str) -> Result<Option<Vec<u8>>, GatewayError> {
-        self.conn()
-            .query_row(
-                "SELECT content FROM files WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(GatewayError::db)
-    }
-
-    /// Deletes a file; false if `owner` has none by that id.
-    pub fn delete_file(&self, id: &str, owner: &str) -> Result<bool, GatewayError> {
-        let n = self
-            .conn()
-            .execute(
-                "DELETE FROM files WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-            )
-            .map_err(GatewayError::db)?;
-        Ok(n > 0)
-    }
-
-    /// `owner`'s files newest first, after the file `after` (a cursor), of `purpose` if given.
-    pub fn files(
-        &self,
-        owner: &str,
-        purpose: Option<&str>,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<FileMeta>, GatewayError> {
-        let conn = self.conn();
-        let cursor = cursor_of(&conn, "files", owner, after)?;
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1
-                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) < (?3, ?4)
-                 ORDER BY created DESC, rowid DESC LIMIT ?5"
-            ))
-            .map_err(GatewayError::db)?;
-        let mut items = stmt
-            .query_map(
-                params![owner, purpose, cursor.0, cursor.1, limit as i64 + 1],
-                file_row,
-            )
-            .map_err(GatewayError::db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(GatewayError::db)?;
-        let has_more = items.len() > limit;
-        items.truncate(limit);
-        Ok(Page { items, has_more })
     }
 
     /// Stores a new batch and its requests in one transaction.
@@ -247,7 +139,7 @@ impl Batches {
                 .map_err(GatewayError::db)?;
             for l in lines {
                 insert
-                    .execute(params![id, l.line, l.custom_id, l.url, l.body.to_string()])
+                    .execute(params![id, l.line, l.custom_id, l.url, l.body])
                     .map_err(GatewayError::db)?;
             }
         }
@@ -373,12 +265,11 @@ impl Batches {
             if busy.contains(&line) {
                 continue;
             }
-            let body: String = r.get(3).map_err(GatewayError::db)?;
             out.push(Line {
                 line,
                 custom_id: r.get(1).map_err(GatewayError::db)?,
                 url: r.get(2).map_err(GatewayError::db)?,
-                body: parse(&body, "batch request")?,
+                body: r.get(3).map_err(GatewayError::db)?,
             });
         }
         Ok(out)
@@ -449,21 +340,15 @@ impl Batches {
             if content.is_empty() {
                 continue;
             }
-            let file = new_id("file-");
-            tx.execute(
-                "INSERT INTO files (id, owner, purpose, filename, bytes, created, content)
-                 VALUES (?1, ?2, 'batch_output', ?3, ?4, ?5, ?6)",
-                params![
-                    file,
-                    owner,
-                    format!("{id}_{name}.jsonl"),
-                    content.len() as i64,
-                    now,
-                    content.as_slice()
-                ],
-            )
-            .map_err(GatewayError::db)?;
-            object[field] = Value::from(file);
+            let file = FileMeta {
+                id: new_id("file-"),
+                purpose: "batch_output".into(),
+                filename: format!("{id}_{name}.jsonl"),
+                bytes: content.len() as i64,
+                created: now,
+            };
+            insert_file(&tx, &file, owner, content)?;
+            object[field] = Value::from(file.id);
         }
         tx.execute(
             "UPDATE batches SET status = ?2, object = ?3 WHERE id = ?1",
@@ -585,6 +470,10 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
     object["request_counts"] = json!({"total": total, "completed": completed, "failed": failed});
     Ok(object)
 }
+
+#[path = "batch_files.rs"]
+mod files;
+use files::insert_file;
 
 #[cfg(test)]
 #[path = "batches_tests.rs"]
