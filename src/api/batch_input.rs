@@ -42,16 +42,55 @@ impl Problems {
 
 /// A batch's requests from its input file, or what is wrong with it (line numbers from 1).
 /// Reading stops at the first request past [`MAX_REQUESTS`].
-pub(super) fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
-    let mut problems = Problems::default();
-    let content = content
+#[cfg(test)]
+fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
+    let mut lines = Vec::new();
+    scan(content, endpoint, |l| lines.push(l))?;
+    Ok(lines)
+}
+
+/// How many requests a batch's input file holds, or what is wrong with it (as
+/// [`parse_requests`]); nothing is kept.
+pub(super) fn check_requests(content: &[u8], endpoint: &str) -> Result<usize, Vec<Value>> {
+    scan(content, endpoint, |_| {})
+}
+
+/// The requests of an input file [`check_requests`] passed, one at a time (the file is
+/// not held twice over).
+pub(super) fn requests<'a>(
+    content: &'a [u8],
+    endpoint: &'a str,
+) -> impl Iterator<Item = Line> + 'a {
+    let text = std::str::from_utf8(strip_bom(content)).unwrap_or_default();
+    let raw = text.lines().filter(|l| !l.trim().is_empty());
+    raw.take(MAX_REQUESTS)
+        .enumerate()
+        .filter_map(move |(i, raw)| {
+            let (custom_id, body) = read_line(raw, None, None, endpoint, &mut Problems::default())?;
+            let (url, body) = (endpoint.to_string(), body.to_string());
+            Some(Line {
+                line: i as i64,
+                custom_id,
+                url,
+                body,
+            })
+        })
+}
+
+fn strip_bom(content: &[u8]) -> &[u8] {
+    content
         .strip_prefix("\u{feff}".as_bytes())
-        .unwrap_or(content);
-    let Ok(text) = std::str::from_utf8(content) else {
+        .unwrap_or(content)
+}
+
+/// Checks every line, handing each request to `keep` while no problem has been found;
+/// the requests, or the problems.
+fn scan(content: &[u8], endpoint: &str, mut keep: impl FnMut(Line)) -> Result<usize, Vec<Value>> {
+    let mut problems = Problems::default();
+    let Ok(text) = std::str::from_utf8(strip_bom(content)) else {
         problems.add(None, "invalid_file", "The input file is not UTF-8 text");
         return Err(problems.into_list());
     };
-    let mut lines = Vec::new();
     let mut seen = HashSet::new();
     let mut requests = 0;
     for (i, raw) in text.lines().enumerate() {
@@ -68,71 +107,92 @@ pub(super) fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>
             problems.add(n, "too_many_requests", message);
             break;
         }
-        let mut v = match serde_json::from_str::<Value>(raw) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => {
-                problems.add(n, "invalid_json_line", "This line is not a JSON object");
-                continue;
-            }
-            Err(e) => {
-                let message = format!("This line is not valid JSON: {e}");
-                problems.add(n, "invalid_json_line", message);
-                continue;
-            }
-        };
-        let custom_id = match v.remove("custom_id") {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s,
-            _ => {
-                let message = "`custom_id` must be a string of 1 to 512 characters";
-                problems.add(n, "missing_required_parameter", message);
-                continue;
-            }
-        };
-        if !seen.insert(custom_id.clone()) {
-            let message =
-                format!("`custom_id` '{custom_id}' is used twice; each request needs its own");
-            problems.add(n, "duplicate_custom_id", message);
-        }
-        if v.get("method").and_then(Value::as_str) != Some("POST") {
-            problems.add(n, "invalid_method", "`method` must be POST");
-        }
-        let url = v.get("url").and_then(Value::as_str).unwrap_or_default();
-        if url != endpoint {
-            let message = format!("`url` '{url}' is not the batch's endpoint '{endpoint}'");
-            problems.add(n, "mismatched_endpoint", message);
-        }
-        match v.remove("body") {
-            Some(Value::Object(b))
-                if !matches!(
-                    b.get("stream"),
-                    None | Some(Value::Bool(false) | Value::Null)
-                ) =>
-            {
-                let message = "`body.stream` is not supported in a batch";
-                problems.add(n, "invalid_request", message);
-            }
-            // Once a problem is found the requests are not kept, only checked.
-            Some(Value::Object(b)) if problems.listed.is_empty() => lines.push(Line {
-                line: lines.len() as i64,
+        let read = read_line(raw, n, Some(&mut seen), endpoint, &mut problems);
+        // Once a problem is found the requests are not kept, only checked.
+        if let (Some((custom_id, body)), true) = (read, problems.listed.is_empty()) {
+            let url = endpoint.to_string();
+            let line = requests as i64 - 1;
+            keep(Line {
+                line,
                 custom_id,
-                url: endpoint.to_string(),
-                body: Value::Object(b).to_string(),
-            }),
-            Some(Value::Object(_)) => {}
-            _ => problems.add(
-                n,
-                "missing_required_parameter",
-                "`body` must be a JSON object",
-            ),
+                url,
+                body: body.to_string(),
+            });
         }
     }
-    if problems.listed.is_empty() && lines.is_empty() {
+    if problems.listed.is_empty() && requests == 0 {
         problems.add(None, "empty_file", "The input file holds no requests");
     }
     if problems.listed.is_empty() {
-        Ok(lines)
+        Ok(requests)
     } else {
         Err(problems.into_list())
+    }
+}
+
+/// One line's `custom_id` and body, when the line has no problem (each one found is added
+/// to `problems`, numbered `n`; a `custom_id` already in `seen` is one).
+fn read_line(
+    raw: &str,
+    n: Option<usize>,
+    seen: Option<&mut HashSet<String>>,
+    endpoint: &str,
+    problems: &mut Problems,
+) -> Option<(String, Value)> {
+    let mut v = match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            problems.add(n, "invalid_json_line", "This line is not a JSON object");
+            return None;
+        }
+        Err(e) => {
+            let message = format!("This line is not valid JSON: {e}");
+            problems.add(n, "invalid_json_line", message);
+            return None;
+        }
+    };
+    let custom_id = match v.remove("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s,
+        _ => {
+            let message = "`custom_id` must be a string of 1 to 512 characters";
+            problems.add(n, "missing_required_parameter", message);
+            return None;
+        }
+    };
+    let mut clean = true;
+    if seen.is_some_and(|seen| !seen.insert(custom_id.clone())) {
+        let message =
+            format!("`custom_id` '{custom_id}' is used twice; each request needs its own");
+        problems.add(n, "duplicate_custom_id", message);
+        clean = false;
+    }
+    if v.get("method").and_then(Value::as_str) != Some("POST") {
+        problems.add(n, "invalid_method", "`method` must be POST");
+        clean = false;
+    }
+    let url = v.get("url").and_then(Value::as_str).unwrap_or_default();
+    if url != endpoint {
+        let message = format!("`url` '{url}' is not the batch's endpoint '{endpoint}'");
+        problems.add(n, "mismatched_endpoint", message);
+        clean = false;
+    }
+    match v.remove("body") {
+        Some(Value::Object(b))
+            if !matches!(
+                b.get("stream"),
+                None | Some(Value::Bool(false) | Value::Null)
+            ) =>
+        {
+            let message = "`body.stream` is not supported in a batch";
+            problems.add(n, "invalid_request", message);
+            None
+        }
+        Some(body @ Value::Object(_)) => clean.then_some((custom_id, body)),
+        _ => {
+            let message = "`body` must be a JSON object";
+            problems.add(n, "missing_required_parameter", message);
+            None
+        }
     }
 }
 
@@ -156,6 +216,16 @@ mod tests {
         let lines = parse_requests(good.as_bytes(), chat).unwrap();
         assert_eq!(lines.len(), 2);
         assert_eq!((lines[1].line, lines[1].custom_id.as_str()), (1, "b"));
+        assert_eq!(lines[1].body, r#"{"stream":false}"#);
+        // What a batch stores: the same requests, read one at a time from a checked file
+        // (with a byte-order mark).
+        let marked = ["\u{feff}", &good].concat();
+        assert_eq!(check_requests(marked.as_bytes(), chat), Ok(2));
+        let each = |l: &Line| (l.line, l.custom_id.clone(), l.url.clone(), l.body.clone());
+        let stored: Vec<_> = requests(marked.as_bytes(), chat)
+            .map(|l| each(&l))
+            .collect();
+        assert_eq!(stored, lines.iter().map(each).collect::<Vec<_>>());
         let bad = [
             line("a", chat, json!({})),
             "not json".to_string(),

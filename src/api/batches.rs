@@ -13,7 +13,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::batch_input::parse_requests;
+use super::batch_input::{check_requests, requests};
 use super::error::ApiError;
 use super::AppState;
 use crate::gateway::batches::{new_id, Batches, Page};
@@ -64,11 +64,16 @@ fn owner(who: &Principal) -> String {
 /// The largest body `/v1/files` takes: a batch file and the form around it.
 pub const MAX_UPLOAD_BYTES: usize = MAX_FILE_BYTES + (1 << 20);
 
-/// A multipart error as the API's: 413 past the route's body limit, else a 400 about `what`.
-fn form_error(what: &'static str) -> impl Fn(MultipartError) -> ApiError {
-    move |e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(MAX_UPLOAD_BYTES),
-        _ => ApiError::bad_request(format!("Cannot read {what}: {e}")),
+/// A multipart error as the API's: 413 past the route's body limit, else a 400 about `what`
+/// (naming field `param`, if any).
+fn form_error(
+    what: &'static str,
+    param: Option<&'static str>,
+) -> impl Fn(MultipartError) -> ApiError {
+    move |e| match (e.status(), param) {
+        (StatusCode::PAYLOAD_TOO_LARGE, _) => ApiError::payload_too_large(MAX_UPLOAD_BYTES),
+        (_, Some(field)) => ApiError::invalid(field, format!("Cannot read {what}: {e}")),
+        (_, None) => ApiError::bad_request(format!("Cannot read {what}: {e}")),
     }
 }
 
@@ -79,13 +84,28 @@ async fn read_form(
     hint: usize,
 ) -> Result<(Option<String>, Option<(String, Vec<u8>)>), ApiError> {
     let (mut purpose, mut file) = (None, None);
-    while let Some(mut field) = form.next_field().await.map_err(form_error("the form"))? {
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(form_error("the multipart form", None))?
+    {
         match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(form_error("`purpose`"))?),
+            Some("purpose") => {
+                purpose = Some(
+                    field
+                        .text()
+                        .await
+                        .map_err(form_error("`purpose`", Some("purpose")))?,
+                )
+            }
             Some("file") => {
                 let name = field.file_name().unwrap_or("upload.jsonl").to_string();
                 let mut bytes = Vec::with_capacity(hint.min(MAX_FILE_BYTES + 1));
-                while let Some(chunk) = field.chunk().await.map_err(form_error("`file`"))? {
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(form_error("`file`", Some("file")))?
+                {
                     if bytes.len() + chunk.len() > MAX_FILE_BYTES {
                         return Err(ApiError::invalid(
                             "file",
@@ -317,10 +337,13 @@ pub async fn create(
     let now = crate::gateway::db::unix_now();
     // Reading up to 50,000 requests takes a while: off the async threads.
     let target = endpoint.to_string();
-    let parsed = tokio::task::spawn_blocking(move || parse_requests(&content, &target))
-        .await
-        .map_err(|e| ApiError::internal(format!("checking the input file failed: {e}")))?;
-    let total = parsed.as_ref().map_or(0, Vec::len);
+    let (content, checked) = tokio::task::spawn_blocking(move || {
+        let checked = check_requests(&content, &target);
+        (content, checked)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("checking the input file failed: {e}")))?;
+    let total = *checked.as_ref().unwrap_or(&0);
     let mut object = json!({
         "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": null,
         "input_file_id": input, "completion_window": "24h", "status": "in_progress",
@@ -331,18 +354,22 @@ pub async fn create(
         "request_counts": {"total": total, "completed": 0, "failed": 0},
         "metadata": metadata,
     });
-    let lines = match parsed {
-        Ok(lines) => lines,
+    let keep = match checked {
+        Ok(_) => usize::MAX,
         Err(errors) => {
             object["status"] = "failed".into();
             object["in_progress_at"] = Value::Null;
             object["failed_at"] = now.into();
             object["errors"] = json!({"object": "list", "data": errors});
-            Vec::new()
+            0
         }
     };
-    let saved = object.clone();
-    store(&state, move |b| b.create(&kind, &owner, &saved, &lines)).await?;
+    let (saved, target) = (object.clone(), endpoint.to_string());
+    store(&state, move |b| {
+        let lines = requests(&content, &target).take(keep);
+        b.create(&kind, &owner, &saved, lines)
+    })
+    .await?;
     state.batch_wake.notify_one();
     Ok(Json(object))
 }
@@ -451,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn a_form_is_read_piece_by_piece_and_an_oversized_one_is_a_413() {
+    fn a_form_arriving_in_pieces_is_read_whole_and_an_oversized_one_is_a_413() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

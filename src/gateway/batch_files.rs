@@ -54,7 +54,10 @@ impl Batches {
 
     pub fn file_content(&self, id: &str, owner: &str) -> Result<Option<Vec<u8>>, GatewayError> {
         let conn = self.conn();
-        let row: Option<i64> = conn
+        // One read transaction: the row cannot go (nor its rowid pass to another) between
+        // finding it and reading it.
+        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let row: Option<i64> = tx
             .query_row(
                 "SELECT rowid FROM files WHERE id = ?1 AND owner = ?2",
                 params![id, owner],
@@ -67,10 +70,12 @@ impl Batches {
         };
         // Read straight into one buffer (a column read would copy it twice).
         let blob =
-            (conn.blob_open(MAIN_DB, c"files", c"content", row, true)).map_err(GatewayError::db)?;
+            (tx.blob_open(MAIN_DB, c"files", c"content", row, true)).map_err(GatewayError::db)?;
         let mut content = vec![0; blob.len()];
         blob.read_at_exact(&mut content, 0)
             .map_err(GatewayError::db)?;
+        drop(blob);
+        tx.finish().map_err(GatewayError::db)?;
         Ok(Some(content))
     }
 

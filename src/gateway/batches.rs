@@ -112,7 +112,7 @@ impl Batches {
         owner_kind: &str,
         owner: &str,
         object: &Value,
-        lines: &[Line],
+        lines: impl IntoIterator<Item = Line>,
     ) -> Result<(), GatewayError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(GatewayError::db)?;

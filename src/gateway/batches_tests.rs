@@ -52,7 +52,7 @@ fn a_batch_runs_its_lines_then_keeps_only_its_files() {
             body: json!({"n": i}).to_string(),
         })
         .collect();
-    b.create("key", "k", &object, &lines).unwrap();
+    b.create("key", "k", &object, lines.clone()).unwrap();
     assert_eq!(b.active().unwrap().len(), 1);
     let todo = b.pending("batch_1", &[0], 9).unwrap();
     assert_eq!(todo.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2]);
@@ -92,7 +92,7 @@ fn a_batch_runs_its_lines_then_keeps_only_its_files() {
     // Failing: only a batch with work left, its rows gone, its counts kept.
     assert!(!b.fail("batch_1", "late").unwrap());
     let object = json!({"id": "batch_2", "status": "in_progress", "created_at": 6});
-    b.create("key", "k", &object, &lines).unwrap();
+    b.create("key", "k", &object, lines.clone()).unwrap();
     b.finish_line("batch_2", 0, true, &json!({})).unwrap();
     assert!(b.fail("batch_2", "the key is gone").unwrap());
     let failed = b.batch("batch_2", "k").unwrap().unwrap();
