@@ -1,5 +1,6 @@
-//! A Batch API input file read and checked whole: each line `{"custom_id", "method": "POST",
-//! "url", "body"}`, or the list of what is wrong with it, as OpenAI lists it.
+//! A Batch API input file checked line by line: each line `{"custom_id", "method": "POST",
+//! "url", "body"}`, or the list of what is wrong with it, as OpenAI lists it; then, once it
+//! passed, its requests read one at a time to be stored.
 
 use std::collections::HashSet;
 
@@ -45,18 +46,26 @@ impl Problems {
 #[cfg(test)]
 fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<Line>, Vec<Value>> {
     let mut lines = Vec::new();
-    scan(content, endpoint, |l| lines.push(l))?;
+    scan(content, endpoint, |line, custom_id, body| {
+        let (url, body) = (endpoint.to_string(), body.to_string());
+        lines.push(Line {
+            line,
+            custom_id,
+            url,
+            body,
+        });
+    })?;
     Ok(lines)
 }
 
-/// How many requests a batch's input file holds, or what is wrong with it (as
-/// [`parse_requests`]); nothing is kept.
+/// How many requests a batch's input file holds, or what is wrong with it (line numbers
+/// from 1; reading stops at the first request past [`MAX_REQUESTS`]); nothing is kept.
 pub(super) fn check_requests(content: &[u8], endpoint: &str) -> Result<usize, Vec<Value>> {
-    scan(content, endpoint, |_| {})
+    scan(content, endpoint, |_, _, _| {})
 }
 
 /// The requests of an input file [`check_requests`] passed, one at a time (the file is
-/// not held twice over).
+/// not held twice over). Only for such a file: a line with a problem is left out.
 pub(super) fn requests<'a>(
     content: &'a [u8],
     endpoint: &'a str,
@@ -83,9 +92,13 @@ fn strip_bom(content: &[u8]) -> &[u8] {
         .unwrap_or(content)
 }
 
-/// Checks every line, handing each request to `keep` while no problem has been found;
-/// the requests, or the problems.
-fn scan(content: &[u8], endpoint: &str, mut keep: impl FnMut(Line)) -> Result<usize, Vec<Value>> {
+/// Checks every line, handing each request (its number from 0, `custom_id` and body) to
+/// `keep` while no problem has been found; how many requests, or the problems.
+fn scan(
+    content: &[u8],
+    endpoint: &str,
+    mut keep: impl FnMut(i64, String, Value),
+) -> Result<usize, Vec<Value>> {
     let mut problems = Problems::default();
     let Ok(text) = std::str::from_utf8(strip_bom(content)) else {
         problems.add(None, "invalid_file", "The input file is not UTF-8 text");
@@ -110,14 +123,7 @@ fn scan(content: &[u8], endpoint: &str, mut keep: impl FnMut(Line)) -> Result<us
         let read = read_line(raw, n, Some(&mut seen), endpoint, &mut problems);
         // Once a problem is found the requests are not kept, only checked.
         if let (Some((custom_id, body)), true) = (read, problems.listed.is_empty()) {
-            let url = endpoint.to_string();
-            let line = requests as i64 - 1;
-            keep(Line {
-                line,
-                custom_id,
-                url,
-                body: body.to_string(),
-            });
+            keep(requests as i64 - 1, custom_id, body);
         }
     }
     if problems.listed.is_empty() && requests == 0 {
@@ -218,8 +224,8 @@ mod tests {
         assert_eq!((lines[1].line, lines[1].custom_id.as_str()), (1, "b"));
         assert_eq!(lines[1].body, r#"{"stream":false}"#);
         // What a batch stores: the same requests, read one at a time from a checked file
-        // (with a byte-order mark).
-        let marked = ["\u{feff}", &good].concat();
+        // (with a byte-order mark, CRLF line ends and a line of spaces).
+        let marked = ["\u{feff}", &good.replace('\n', "\r\n"), "\r\n   \r\n"].concat();
         assert_eq!(check_requests(marked.as_bytes(), chat), Ok(2));
         let each = |l: &Line| (l.line, l.custom_id.clone(), l.url.clone(), l.body.clone());
         let stored: Vec<_> = requests(marked.as_bytes(), chat)
