@@ -461,7 +461,7 @@ mod tests {
         body.extend_from_slice(b"--XB--\r\n");
         let req = Request::post("/v1/files")
             .header("content-type", "multipart/form-data; boundary=XB")
-            .body(Body::from_stream(futures_chunks(body)))
+            .body(Body::from_stream(in_pieces(body)))
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -470,7 +470,7 @@ mod tests {
     }
 
     /// The body in 64 KiB pieces, as a network would bring it.
-    fn futures_chunks(
+    fn in_pieces(
         body: Vec<u8>,
     ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
         let pieces: Vec<_> = body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();

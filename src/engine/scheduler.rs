@@ -508,13 +508,24 @@ impl Scheduler {
                 return;
             }
             let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
-            let gone = self.running[at];
-            let scored = self.scoring(gone);
-            let refund = self.preempt(gone, step);
-            *budget += refund;
-            if scored {
-                *scored_left += refund;
-            }
+            self.preempt_planned(self.running[at], step, budget, scored_left);
+        }
+    }
+
+    /// Preempts `gone` (see [`Self::preempt`]); the rows it had planned this step go back
+    /// to the budgets they took.
+    fn preempt_planned(
+        &mut self,
+        gone: SeqId,
+        step: &mut Step,
+        budget: &mut usize,
+        scored_left: &mut usize,
+    ) {
+        let scored = self.scoring(gone);
+        let refund = self.preempt(gone, step);
+        *budget += refund;
+        if scored {
+            *scored_left += refund;
         }
     }
 

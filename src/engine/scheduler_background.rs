@@ -47,12 +47,7 @@ impl Scheduler {
             return false;
         }
         for gone in background {
-            let scored = self.scoring(gone);
-            let refund = self.preempt(gone, step);
-            *budget += refund;
-            if scored {
-                *scored_left += refund;
-            }
+            self.preempt_planned(gone, step, budget, scored_left);
             if self.grow(id, positions) {
                 return true;
             }

@@ -2,6 +2,14 @@
 //! sequences giving their places to foreground ones.
 use super::*;
 
+/// Tenant 7's background (batch) requests.
+fn batch() -> Tenant {
+    Tenant {
+        background: true,
+        ..Tenant::from(7)
+    }
+}
+
 #[test]
 fn waiting_sequences_are_admitted_fairly_among_tenants() {
     let mut s = sched(2, 64, 100);
@@ -34,10 +42,7 @@ fn waiting_sequences_are_admitted_fairly_among_tenants() {
 #[test]
 fn a_waiting_foreground_sequence_takes_a_background_ones_place() {
     let mut s = sched(2, 64, 100);
-    let batch = Tenant {
-        background: true,
-        ..Tenant::from(7)
-    };
+    let batch = batch();
     for id in [1, 2, 3] {
         add(&mut s, id, 5);
         s.set_tenant(id, batch);
@@ -71,10 +76,7 @@ fn a_waiting_foreground_sequence_takes_a_background_ones_place() {
 fn a_place_given_up_for_a_foreground_sequence_is_not_retaken_by_the_background() {
     // Three places: two batch sequences decode, a foreground one prefills a 14-token prompt.
     let mut s = sched_cached(3, 12, 100, true);
-    let batch = Tenant {
-        background: true,
-        ..Tenant::from(7)
-    };
+    let batch = batch();
     for id in [2, 3] {
         add(&mut s, id, 2);
         s.set_tenant(id, batch);
@@ -98,13 +100,7 @@ fn a_background_prompt_waits_a_step_for_a_foreground_one_and_then_takes_short_ch
     // 32 tokens a step: a batch sequence prefills a 100-token prompt, 32 tokens at a time.
     let mut s = sched(4, 32, 100);
     add(&mut s, 1, 100);
-    s.set_tenant(
-        1,
-        Tenant {
-            background: true,
-            ..Tenant::from(7)
-        },
-    );
+    s.set_tenant(1, batch());
     assert_eq!(run(&mut s).chunks[0].len, 32);
     // A foreground prompt of 5 tokens is admitted at once, in a step of its own.
     add(&mut s, 2, 5);
@@ -128,10 +124,7 @@ fn a_background_prompt_waits_a_step_for_a_foreground_one_and_then_takes_short_ch
 fn a_foreground_sequence_out_of_blocks_takes_a_background_ones() {
     // 6 blocks of 4 positions: two batch sequences hold 3 each (11-token prompts).
     let mut s = sched(4, 64, 6);
-    let batch = Tenant {
-        background: true,
-        ..Tenant::from(7)
-    };
+    let batch = batch();
     for id in [1, 2] {
         add(&mut s, id, 11);
         s.set_tenant(id, batch);
@@ -158,13 +151,7 @@ fn background_sequences_give_up_blocks_only_when_that_is_enough() {
     let mut s = sched(4, 64, 6);
     add(&mut s, 1, 7);
     add(&mut s, 2, 5);
-    s.set_tenant(
-        2,
-        Tenant {
-            background: true,
-            ..Tenant::from(7)
-        },
-    );
+    s.set_tenant(2, batch());
     // The batch sequence is admitted once no foreground one waits, and reads its prompt 4
     // (64 / 16) tokens a step beside the foreground decode.
     assert_eq!(run(&mut s).admitted, vec![1]);
