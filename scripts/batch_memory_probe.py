@@ -5,6 +5,8 @@ requests, each padded to size), creates a batch from it and cancels it at once, 
 the server's peak resident memory (VmHWM, reset through /proc/PID/clear_refs first) over
 its resident memory before the upload: after the upload, and after the batch's creation
 (the peak of both; the allocator keeps some of what the upload freed for the creation).
+Then it restarts the server on the same data and downloads the file
+(`GET /v1/files/{id}/content`), reporting that peak over the fresh server's resident memory.
 Standard library only; Linux only.
 
   scripts/batch_memory_probe.py target/release/edgeinfer --mib 190 --requests 50000
@@ -52,6 +54,20 @@ def batch_file(mib, requests):
     return ("\n".join(lines) + "\n").encode()
 
 
+def start(args, data, url):
+    server = subprocess.Popen([args.binary, "serve", "--port", str(args.port),
+                               "--data-dir", data],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            urllib.request.urlopen(url + "/ready", timeout=5)
+            return server
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with status {server.returncode}")
+            time.sleep(0.2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -67,16 +83,8 @@ def main():
             f"filename=\"in.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n").encode()
     form += content + f"\r\n--{boundary}--\r\n".encode()
     with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen([args.binary, "serve", "--port", str(args.port),
-                                   "--data-dir", data],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = start(args, data, url)
         try:
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/ready", timeout=5)
-                    break
-                except OSError:
-                    time.sleep(0.2)
             pid = server.pid
             base = rss(pid, "VmRSS")
             reset_peak(pid)
@@ -91,6 +99,20 @@ def main():
             create_s = time.perf_counter() - t
             peak = rss(pid, "VmHWM")
             call(url, "POST", f"/v1/batches/{b['id']}/cancel", b"")
+            server.terminate()
+            server.wait()
+            server = start(args, data, url)
+            pid = server.pid
+            fresh = rss(pid, "VmRSS")
+            reset_peak(pid)
+            t = time.perf_counter()
+            got = 0
+            with urllib.request.urlopen(url + f"/v1/files/{f['id']}/content", timeout=1200) as r:
+                while chunk := r.read(1 << 20):
+                    got += len(chunk)
+            download_s = time.perf_counter() - t
+            assert got == len(content), f"downloaded {got} bytes of {len(content)}"
+            download_peak = rss(pid, "VmHWM")
             mib = 1024 * 1024
             print(json.dumps({
                 "binary": args.binary, "file_mib": round(len(content) / mib, 1),
@@ -98,7 +120,9 @@ def main():
                 "rss_before_mib": round(base / mib), "upload_peak_over_before_mib":
                 round((upload_peak - base) / mib), "upload_s": round(upload_s, 2),
                 "peak_over_before_mib": round((peak - base) / mib),
-                "create_s": round(create_s, 2)}))
+                "create_s": round(create_s, 2),
+                "download_peak_over_before_mib": round((download_peak - fresh) / mib),
+                "download_s": round(download_s, 2)}))
         finally:
             server.terminate()
             server.wait()

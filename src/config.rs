@@ -281,6 +281,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_max_bytes: usize,
 
+    /// Bytes the Batch API's files (uploads and batch results) of one key may hold together;
+    /// an upload past it gets a 400 until files are deleted or expire (0: no limit). Batch
+    /// results are always written, and count against it.
+    #[arg(long, env = "EDGEINFER_FILE_STORAGE_PER_KEY", default_value_t = 10 << 30)]
+    pub file_storage_per_key: u64,
+
     /// Days a stored Responses-API response (and its conversation's text) is kept: older
     /// ones are deleted and answer 404 (0: kept until deleted).
     #[arg(long, env = "EDGEINFER_RESPONSES_RETENTION_DAYS", default_value_t = 30)]

@@ -14,16 +14,18 @@ const CHAT: &str = "/v1/chat/completions";
 
 const BOUNDARY: &str = "edgeinfer-test-boundary";
 
-/// A multipart form of `purpose` and `content` as the file.
-fn form(content: &[u8], purpose: &str) -> Vec<u8> {
+/// A multipart form of `purpose`, `extra` fields and `content` as the file.
+fn form(content: &[u8], purpose: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let boundary = BOUNDARY;
     let mut body = Vec::new();
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
-        )
-        .as_bytes(),
-    );
+    for (name, value) in [("purpose", purpose)].iter().chain(extra) {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
     body.extend_from_slice(
         format!("--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\ncontent-type: application/jsonl\r\n\r\n")
             .as_bytes(),
@@ -35,7 +37,18 @@ fn form(content: &[u8], purpose: &str) -> Vec<u8> {
 
 /// A multipart upload of `content` as `purpose`; status and body.
 fn upload(s: &Server, content: &[u8], purpose: &str, key: Option<&str>) -> (u16, Value) {
-    let (boundary, body) = (BOUNDARY, form(content, purpose));
+    upload_with(s, content, purpose, &[], key)
+}
+
+/// [`upload`] with more form fields.
+fn upload_with(
+    s: &Server,
+    content: &[u8],
+    purpose: &str,
+    extra: &[(&str, &str)],
+    key: Option<&str>,
+) -> (u16, Value) {
+    let (boundary, body) = (BOUNDARY, form(content, purpose, extra));
     let mut req = ureq::post(&format!("{}/v1/files", s.base)).set(
         "content-type",
         &format!("multipart/form-data; boundary={boundary}"),
@@ -353,6 +366,160 @@ fn bad_files_and_bad_requests_are_refused_clearly() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// `(status, error param)` of a reply.
+fn refusal((status, e): (u16, Value)) -> (u16, Option<String>) {
+    (status, e["error"]["param"].as_str().map(str::to_string))
+}
+
+#[test]
+fn files_expire_as_asked_and_a_key_stores_no_more_than_its_quota() {
+    const QUOTA: usize = 3 << 20;
+    let s = Server::start(&["--file-storage-per-key", &QUOTA.to_string()]);
+    // OpenAI's default for batch input: 30 days; or as asked, from an hour to 30 days.
+    let line = jsonl(&[request("a", chat("Say hi.", 2))]);
+    let (status, plain) = upload(&s, &line, "batch", None);
+    assert_eq!(status, 200, "{plain}");
+    let created = plain["created_at"].as_i64().unwrap();
+    assert_eq!(plain["expires_at"].as_i64(), Some(created + 2_592_000));
+    let hour = [
+        ("expires_after[anchor]", "created_at"),
+        ("expires_after[seconds]", "3600"),
+    ];
+    let (status, short) = upload_with(&s, &line, "batch", &hour, None);
+    assert_eq!(status, 200, "{short}");
+    let created = short["created_at"].as_i64().unwrap();
+    assert_eq!(short["expires_at"].as_i64(), Some(created + 3600));
+    let (_, listed) = call(
+        &s,
+        "GET",
+        &format!("/v1/files/{}", short["id"].as_str().unwrap()),
+        None,
+        None,
+    );
+    assert_eq!(listed["expires_at"], short["expires_at"]);
+    for (fields, param) in [
+        (
+            vec![
+                ("expires_after[anchor]", "created_at"),
+                ("expires_after[seconds]", "60"),
+            ],
+            "expires_after.seconds",
+        ),
+        (
+            vec![
+                ("expires_after[anchor]", "created_at"),
+                ("expires_after[seconds]", "2592001"),
+            ],
+            "expires_after.seconds",
+        ),
+        (
+            vec![
+                ("expires_after[anchor]", "last_active_at"),
+                ("expires_after[seconds]", "3600"),
+            ],
+            "expires_after.anchor",
+        ),
+        (
+            vec![("expires_after[seconds]", "3600")],
+            "expires_after.anchor",
+        ),
+        (
+            vec![("expires_after[anchor]", "created_at")],
+            "expires_after.seconds",
+        ),
+        (
+            vec![
+                ("expires_after[anchor]", "created_at"),
+                ("expires_after[seconds]", "soon"),
+            ],
+            "expires_after[seconds]",
+        ),
+    ] {
+        let got = refusal(upload_with(&s, &line, "batch", &fields, None));
+        assert_eq!(got, (400, Some(param.to_string())), "{fields:?}");
+    }
+
+    // A batch's output files expire as `output_expires_after` asks.
+    let create = |extra: Value| {
+        let mut body =
+            json!({"input_file_id": plain["id"], "endpoint": CHAT, "completion_window": "24h"});
+        body["output_expires_after"] = extra;
+        call(&s, "POST", "/v1/batches", Some(&body), None)
+    };
+    for (bad, param) in [
+        (
+            json!({"anchor": "created_at", "seconds": 10}),
+            "output_expires_after.seconds",
+        ),
+        (
+            json!({"anchor": "created_at", "seconds": "3600"}),
+            "output_expires_after.seconds",
+        ),
+        (
+            json!({"anchor": "created", "seconds": 3600}),
+            "output_expires_after.anchor",
+        ),
+        (json!({}), "output_expires_after"),
+        (json!(3600), "output_expires_after"),
+    ] {
+        assert_eq!(
+            refusal(create(bad.clone())),
+            (400, Some(param.to_string())),
+            "{bad}"
+        );
+    }
+    let (status, batch) = create(json!({"anchor": "created_at", "seconds": 7200}));
+    assert_eq!(status, 200, "{batch}");
+    let done = wait_for(&s, batch["id"].as_str().unwrap(), None, ended);
+    assert_eq!(done["status"], "completed", "{done}");
+    let out = done["output_file_id"].as_str().unwrap();
+    let (_, out) = call(&s, "GET", &format!("/v1/files/{out}"), None, None);
+    assert_eq!(
+        out["expires_at"].as_i64(),
+        Some(out["created_at"].as_i64().unwrap() + 7200),
+        "{out}"
+    );
+
+    // A file of several download chunks comes back whole, streamed with its length.
+    let big: Vec<u8> = (0..(5usize << 19)).map(|i| b'a' + (i % 23) as u8).collect();
+    let (status, file) = upload(&s, &big, "batch", None);
+    assert_eq!(status, 200, "{file}");
+    let big_id = file["id"].as_str().unwrap().to_string();
+    let r = ureq::get(&format!("{}/v1/files/{big_id}/content", s.base))
+        .call()
+        .unwrap();
+    assert_eq!(
+        r.header("content-length"),
+        Some(big.len().to_string().as_str())
+    );
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut got).unwrap();
+    assert!(
+        got == big,
+        "the downloaded file differs ({} bytes of {})",
+        got.len(),
+        big.len()
+    );
+
+    // The key's files now hold 2.5 MiB and a little: another MiB does not fit, until the
+    // big file is deleted.
+    let mib = vec![b'x'; 1 << 20];
+    let (status, e) = upload(&s, &mib, "batch", None);
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("file")),
+        "{e}"
+    );
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&QUOTA.to_string()), "{message}");
+    assert_eq!(
+        call(&s, "DELETE", &format!("/v1/files/{big_id}"), None, None).0,
+        200
+    );
+    let (status, file) = upload(&s, &mib, "batch", None);
+    assert_eq!(status, 200, "{file}");
+}
+
 #[test]
 fn a_cancelled_batch_stops_and_keeps_what_it_finished() {
     let s = Server::start(&[]);
@@ -411,7 +578,7 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
         "POST",
         "/v1/files",
         Some(&ctype),
-        &form(&big, "batch"),
+        &form(&big, "batch", &[]),
     );
     assert_eq!(status, 413);
     let (status, f) = upload(&s, &big, "batch", Some(&a));

@@ -154,6 +154,8 @@ fn official_client_runs_and_cancels_batches() {
     assert_eq!(r["results"], r["direct"], "{r}");
     assert_eq!(r["file"]["purpose"], "batch");
     assert_eq!(r["file"]["filename"], "asks.jsonl");
+    // The expiries the client asked for (`expires_after`, `output_expires_after`).
+    assert_eq!(r["expiry"], json!([3600, 7200]), "{r}");
     assert!(["cancelling", "cancelled"].contains(&r["cancel_status"].as_str().unwrap()));
     assert_eq!(r["cancelled"], "cancelled", "{r}");
     assert!(r["cancelled_counts"]["completed"].as_u64().unwrap() < 30);

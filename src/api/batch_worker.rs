@@ -9,9 +9,10 @@
 //! A request refused for the moment (the key's rate window, a full queue) is tried again
 //! later; any other answer is its result. A batch ends `completed` when every request has one,
 //! `cancelled` when asked, `expired` past its window; its output and error files are written
-//! then. State lives in the store, so a restarted server goes on where it stopped (a request
-//! running at the stop runs again). At shutdown the running requests are dropped at once, to
-//! run again after the restart, so they never hold the drain.
+//! then. Once a minute it also deletes the files that have expired. State lives in the store,
+//! so a restarted server goes on where it stopped (a request running at the stop runs again).
+//! At shutdown the running requests are dropped at once, to run again after the restart, so
+//! they never hold the drain.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -62,7 +63,13 @@ struct Worker {
     paused: HashMap<String, Instant>,
     /// Rotates which batch the places are offered to first.
     turn: usize,
+    /// When expired files were last deleted.
+    swept: Option<Instant>,
 }
+
+/// How often the worker deletes the files that have expired (readers stop seeing a file the
+/// moment it expires; this frees its space).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the worker; it runs until the process ends.
 pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
@@ -75,6 +82,7 @@ pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
         running: HashMap::new(),
         paused: HashMap::new(),
         turn: 0,
+        swept: None,
     };
     tokio::spawn(worker.run(rx));
 }
@@ -135,6 +143,13 @@ impl Worker {
     /// retried at the next step. Neither holds up the other batches.
     async fn step(&mut self) -> Result<(), ApiError> {
         let now = crate::gateway::db::unix_now();
+        if self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            self.swept = Some(Instant::now());
+            let deleted = store(&self.state, move |b| b.delete_expired(now)).await?;
+            if deleted > 0 {
+                tracing::info!(files = deleted, "deleted expired batch files");
+            }
+        }
         self.paused.retain(|_, until| *until > Instant::now());
         let mut active = store(&self.state, |b| b.active()).await?;
         if active.is_empty() {

@@ -5,10 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -49,6 +46,18 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
         .route("/v1/batches/{id}/cancel", post(cancel))
 }
 
+#[path = "batch_files.rs"]
+mod files;
+use files::{delete_file, file, file_content, files, upload};
+
+/// The Batch API's settings.
+pub struct BatchSettings {
+    /// Batch requests running at once, at most.
+    pub concurrency: usize,
+    /// Bytes one key's files may hold (`--file-storage-per-key`; `None`: no limit).
+    pub file_storage_per_key: Option<u64>,
+}
+
 /// Runs a store call off the async threads.
 pub(super) async fn store<T: Send + 'static>(
     state: &AppState,
@@ -63,110 +72,6 @@ fn owner(who: &Principal) -> String {
 
 /// The largest body `/v1/files` takes: a batch file and the form around it.
 pub const MAX_UPLOAD_BYTES: usize = MAX_FILE_BYTES + (1 << 20);
-
-/// A multipart error as the API's: 413 past the route's body limit, else a 400 about `what`
-/// (naming field `param`, if any).
-fn form_error(
-    what: &'static str,
-    param: Option<&'static str>,
-) -> impl Fn(MultipartError) -> ApiError {
-    move |e| match (e.status(), param) {
-        (StatusCode::PAYLOAD_TOO_LARGE, _) => ApiError::payload_too_large(MAX_UPLOAD_BYTES),
-        (_, Some(field)) => ApiError::invalid(field, format!("Cannot read {what}: {e}")),
-        (_, None) => ApiError::bad_request(format!("Cannot read {what}: {e}")),
-    }
-}
-
-/// The form's `purpose` and `file` (name and bytes). The file is read chunk by chunk into one
-/// buffer sized from `hint` (the body's announced length), so the upload is held once.
-async fn read_form(
-    form: &mut Multipart,
-    hint: usize,
-) -> Result<(Option<String>, Option<(String, Vec<u8>)>), ApiError> {
-    let (mut purpose, mut file) = (None, None);
-    while let Some(mut field) = form
-        .next_field()
-        .await
-        .map_err(form_error("the multipart form", None))?
-    {
-        match field.name() {
-            Some("purpose") => {
-                purpose = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(form_error("`purpose`", Some("purpose")))?,
-                )
-            }
-            Some("file") => {
-                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let mut bytes = Vec::with_capacity(hint.min(MAX_FILE_BYTES + 1));
-                while let Some(chunk) = field
-                    .chunk()
-                    .await
-                    .map_err(form_error("`file`", Some("file")))?
-                {
-                    if bytes.len() + chunk.len() > MAX_FILE_BYTES {
-                        return Err(ApiError::invalid(
-                            "file",
-                            format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
-                        ));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                file = Some((name, bytes));
-            }
-            _ => {}
-        }
-    }
-    Ok((purpose, file))
-}
-
-/// `POST /v1/files` (multipart: `purpose` and `file`). The body arrives as it is read (the
-/// body guard lets it through unbuffered), within the upload's time.
-pub async fn upload(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    form: Result<Multipart, MultipartRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let mut form = form.map_err(|e| {
-        ApiError::bad_request(format!(
-            "Send the file as multipart/form-data with fields `purpose` and `file`: {e}"
-        ))
-    })?;
-    let hint = (headers.get(header::CONTENT_LENGTH))
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .unwrap_or(0);
-    let limit = state
-        .body_limits
-        .read_timeout
-        .max(super::body::UPLOAD_READ_TIMEOUT);
-    let (purpose, file) = tokio::time::timeout(limit, read_form(&mut form, hint))
-        .await
-        .map_err(|_| ApiError::body_timeout(limit))??;
-    match purpose.as_deref() {
-        Some("batch") => {}
-        Some(p) => {
-            return Err(ApiError::invalid(
-                "purpose",
-                format!(
-                    "`purpose` '{p}' is not supported: this server takes files for `batch` only"
-                ),
-            ))
-        }
-        None => return Err(ApiError::invalid("purpose", "`purpose` is required")),
-    }
-    let Some((name, bytes)) = file else {
-        return Err(ApiError::invalid("file", "`file` is required"));
-    };
-    if bytes.is_empty() {
-        return Err(ApiError::invalid("file", "`file` is empty"));
-    }
-    let owner = owner(&who);
-    let meta = store(&state, move |b| b.put_file(&owner, "batch", &name, &bytes)).await?;
-    Ok(Json(meta.object()))
-}
 
 #[derive(Deserialize)]
 pub struct ListQuery {
@@ -202,67 +107,6 @@ fn list(page: Page<Value>) -> Json<Value> {
     }))
 }
 
-/// `GET /v1/files` (`purpose`, `after`, `limit` up to 10,000).
-pub async fn files(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = limit_of(&q, 10_000, 10_000)?;
-    let owner = owner(&who);
-    let page = store(&state, move |b| {
-        b.files(&owner, q.purpose.as_deref(), q.after.as_deref(), limit)
-    })
-    .await?;
-    Ok(list(Page {
-        items: page.items.iter().map(|f| f.object()).collect(),
-        has_more: page.has_more,
-    }))
-}
-
-fn no_file(id: &str) -> ApiError {
-    ApiError::not_found(format!("No such File object: {id}"))
-}
-
-/// `GET /v1/files/{id}`.
-pub async fn file(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (owner(&who), id.clone());
-    store(&state, move |b| b.file(&key, &owner))
-        .await?
-        .map(|f| Json(f.object()))
-        .ok_or_else(|| no_file(&id))
-}
-
-/// `GET /v1/files/{id}/content`: the file's bytes.
-pub async fn file_content(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let (owner, key) = (owner(&who), id.clone());
-    let bytes = store(&state, move |b| b.file_content(&key, &owner))
-        .await?
-        .ok_or_else(|| no_file(&id))?;
-    Ok(([(header::CONTENT_TYPE, "application/jsonl")], bytes).into_response())
-}
-
-/// `DELETE /v1/files/{id}`.
-pub async fn delete_file(
-    State(state): State<Arc<AppState>>,
-    Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (owner(&who), id.clone());
-    if !store(&state, move |b| b.delete_file(&key, &owner)).await? {
-        return Err(no_file(&id));
-    }
-    Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
-}
-
 fn checked_metadata(v: Option<&Value>) -> Result<Value, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(Value::Null),
@@ -281,6 +125,45 @@ fn checked_metadata(v: Option<&Value>) -> Result<Value, ApiError> {
     }
 }
 
+/// `output_expires_after` (`{"anchor": "created_at", "seconds": N}`): how long after their
+/// creation a batch's output and error files expire (`None`: kept until deleted).
+fn output_expires_after(v: Option<&Value>) -> Result<Option<i64>, ApiError> {
+    const FIELD: &str = "output_expires_after";
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => {
+            let anchor = match m.get("anchor") {
+                None => None,
+                Some(Value::String(a)) => Some(a.as_str()),
+                Some(_) => Err(ApiError::invalid(
+                    format!("{FIELD}.anchor"),
+                    format!("`{FIELD}.anchor` must be a string"),
+                ))?,
+            };
+            let seconds = match m.get("seconds") {
+                None => None,
+                Some(n) => Some(n.as_i64().ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("{FIELD}.seconds"),
+                        format!("`{FIELD}.seconds` must be a whole number"),
+                    )
+                })?),
+            };
+            match files::expiry(anchor, seconds, FIELD)? {
+                None => Err(ApiError::invalid(
+                    FIELD,
+                    format!("`{FIELD}` needs `anchor` and `seconds`"),
+                )),
+                s => Ok(s),
+            }
+        }
+        Some(_) => Err(ApiError::invalid(
+            FIELD,
+            format!("`{FIELD}` must be an object: {{\"anchor\": \"created_at\", \"seconds\": N}}"),
+        )),
+    }
+}
+
 fn required_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
     match body.get(field) {
         Some(Value::String(s)) => Ok(s),
@@ -292,7 +175,8 @@ fn required_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str
     }
 }
 
-/// `POST /v1/batches`: `input_file_id`, `endpoint`, `completion_window` (`24h`), `metadata`.
+/// `POST /v1/batches`: `input_file_id`, `endpoint`, `completion_window` (`24h`), `metadata`,
+/// `output_expires_after`.
 /// A file whose requests do not all check out makes a batch that has `failed`, listing why.
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -316,6 +200,7 @@ pub async fn create(
         ));
     }
     let metadata = checked_metadata(body.get("metadata"))?;
+    let output_expiry = output_expires_after(body.get("output_expires_after"))?;
     let (kind, owner) = who.owner();
     let (kind, owner) = (kind.to_string(), owner.to_string());
     let (o, key) = (owner.clone(), input.clone());
@@ -354,6 +239,9 @@ pub async fn create(
         "request_counts": {"total": total, "completed": 0, "failed": 0},
         "metadata": metadata,
     });
+    if let Some(seconds) = output_expiry {
+        object["output_expires_after"] = json!({"anchor": "created_at", "seconds": seconds});
+    }
     let keep = match checked {
         Ok(_) => usize::MAX,
         Err(errors) => {
@@ -438,58 +326,4 @@ pub async fn cancel(
     .await??;
     state.batch_wake.notify_one();
     Ok(Json(object))
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::body::Body;
-    use axum::extract::{FromRequest, Multipart, Request};
-    use axum::http::StatusCode;
-
-    use super::read_form;
-
-    fn form(fields: &[(&str, &[u8])]) -> Multipart {
-        let mut body = Vec::new();
-        for (name, content) in fields {
-            let head = format!(
-                "--XB\r\ncontent-disposition: form-data; name=\"{name}\"; filename=\"f\"\r\n\r\n"
-            );
-            body.extend_from_slice(head.as_bytes());
-            body.extend_from_slice(content);
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(b"--XB--\r\n");
-        let req = Request::post("/v1/files")
-            .header("content-type", "multipart/form-data; boundary=XB")
-            .body(Body::from_stream(in_pieces(body)))
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(Multipart::from_request(req, &())).unwrap()
-    }
-
-    /// The body in 64 KiB pieces, as a network would bring it.
-    fn in_pieces(
-        body: Vec<u8>,
-    ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-        let pieces: Vec<_> = body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
-        futures_util::stream::iter(pieces)
-    }
-
-    #[test]
-    fn a_form_arriving_in_pieces_is_read_whole_and_an_oversized_one_is_a_413() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let file: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-        let mut f = form(&[("purpose", b"batch"), ("file", &file)]);
-        let (purpose, got) = rt.block_on(read_form(&mut f, 0)).unwrap();
-        assert_eq!(purpose.as_deref(), Some("batch"));
-        assert_eq!(got.map(|(_, b)| b), Some(file));
-        // Past the body limit (axum's default of 2 MiB here; the route sets a batch file's).
-        let mut f = form(&[("junk", &vec![b'x'; 3 << 20]), ("purpose", b"batch")]);
-        let e = rt.block_on(read_form(&mut f, 0)).unwrap_err();
-        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
-    }
 }

@@ -7,6 +7,7 @@ mod anthropic_sse;
 mod batch_input;
 mod batch_worker;
 mod batches;
+pub use batches::BatchSettings;
 pub mod body;
 mod choices;
 mod console;
@@ -105,8 +106,8 @@ pub struct AppState {
     node_header: Option<HeaderValue>,
     /// Wakes the batch worker (a batch created or cancelled).
     pub batch_wake: tokio::sync::Notify,
-    /// Batch requests running at once, at most.
-    pub batch_concurrency: usize,
+    /// The Batch API's settings.
+    pub batch: BatchSettings,
 }
 
 /// The HTTP side's settings.
@@ -126,8 +127,7 @@ pub struct HttpConfig {
     /// Sent in every response's `x-edgeinfer-node` header.
     pub node_name: String,
     pub metrics_key: Option<String>,
-    /// Batch API requests running at once, at most.
-    pub batch_concurrency: usize,
+    pub batch: BatchSettings,
 }
 
 impl AppState {
@@ -159,7 +159,7 @@ impl AppState {
             metrics_key: config.metrics_key,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             batch_wake: tokio::sync::Notify::new(),
-            batch_concurrency: config.batch_concurrency,
+            batch: config.batch,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -471,7 +471,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let app = router(state.clone());
-    batch_worker::spawn(state.clone(), app.clone(), state.batch_concurrency);
+    batch_worker::spawn(state.clone(), app.clone(), state.batch.concurrency);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()

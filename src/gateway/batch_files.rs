@@ -2,11 +2,35 @@
 //! batches, their content written and read through SQLite's incremental blob I/O.
 
 use rusqlite::blob::ZeroBlob;
-use rusqlite::{params, Connection, OptionalExtension, MAIN_DB};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior, MAIN_DB};
 
 use super::{cursor_of, new_id, Batches, FileMeta, GatewayError, Page};
 
-const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created";
+const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created,
+    (SELECT e.expires_at FROM file_expiry e WHERE e.file_id = files.id)";
+
+/// A file that has not expired by `now` (an SQL parameter). An expired file is gone to every
+/// reader the moment it expires, before [`Batches::delete_expired`] deletes it.
+fn live(now: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM file_expiry e WHERE e.file_id = files.id AND e.expires_at <= {now})"
+    )
+}
+
+/// The bytes `owner`'s files live at `now` hold.
+fn used_by(conn: &Connection, owner: &str, now: i64) -> Result<u64, GatewayError> {
+    let used: i64 = conn
+        .query_row(
+            &format!(
+                "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?1 AND {}",
+                live("?2")
+            ),
+            params![owner, now],
+            |r| r.get(0),
+        )
+        .map_err(GatewayError::db)?;
+    Ok(used.max(0) as u64)
+}
 
 fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
     Ok(FileMeta {
@@ -15,52 +39,119 @@ fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileMeta> {
         filename: r.get(2)?,
         bytes: r.get(3)?,
         created: r.get(4)?,
+        expires_at: r.get(5)?,
     })
 }
 
+/// A file to store: what it is for, its name, and how long after its creation it expires
+/// (`None`: kept until deleted).
+pub struct NewFile<'a> {
+    pub purpose: &'a str,
+    pub filename: &'a str,
+    pub expires_after: Option<i64>,
+}
+
 impl Batches {
-    /// Stores a file; its metadata.
+    /// Stores a file; its metadata. With `quota`, a file that would bring its owner's live
+    /// files past that many bytes is refused (checked in the writing transaction, so two
+    /// uploads cannot both squeeze under it).
     pub fn put_file(
         &self,
         owner: &str,
-        purpose: &str,
-        filename: &str,
+        file: NewFile<'_>,
         content: &[u8],
+        quota: Option<u64>,
     ) -> Result<FileMeta, GatewayError> {
+        let created = crate::gateway::db::unix_now();
         let meta = FileMeta {
             id: new_id("file-"),
-            purpose: purpose.to_string(),
-            filename: filename.to_string(),
+            purpose: file.purpose.to_string(),
+            filename: file.filename.to_string(),
             bytes: content.len() as i64,
-            created: crate::gateway::db::unix_now(),
+            created,
+            expires_at: file.expires_after.map(|s| created + s),
         };
         let conn = self.conn();
-        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+            .map_err(GatewayError::db)?;
+        if let Some(quota) = quota {
+            let used = used_by(&tx, owner, created)?;
+            if used + content.len() as u64 > quota {
+                return Err(GatewayError::Invalid {
+                    field: "file".into(),
+                    reason: format!(
+                        "({} bytes) does not fit: this key's files hold {used} of the {quota} bytes it may store (`--file-storage-per-key`); delete files it no longer needs",
+                        content.len()
+                    ),
+                });
+            }
+        }
         insert_file(&tx, &meta, owner, content)?;
         tx.commit().map_err(GatewayError::db)?;
         Ok(meta)
     }
 
+    /// The bytes `owner`'s live files hold.
+    pub fn storage_used(&self, owner: &str) -> Result<u64, GatewayError> {
+        used_by(&self.conn(), owner, crate::gateway::db::unix_now())
+    }
+
     pub fn file(&self, id: &str, owner: &str) -> Result<Option<FileMeta>, GatewayError> {
         self.conn()
             .query_row(
-                &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND owner = ?2"),
-                params![id, owner],
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND owner = ?2 AND {}",
+                    live("?3")
+                ),
+                params![id, owner, crate::gateway::db::unix_now()],
                 file_row,
             )
             .optional()
             .map_err(GatewayError::db)
     }
 
+    /// A live file's whole content.
     pub fn file_content(&self, id: &str, owner: &str) -> Result<Option<Vec<u8>>, GatewayError> {
+        self.file_range(id, owner, 0, usize::MAX, true)
+    }
+
+    /// Up to `len` bytes of file `id` from `offset` (fewer at its end), whether or not it
+    /// has expired since (a download under way finishes unless the file is deleted); `None`
+    /// once the file is gone.
+    pub fn file_chunk(
+        &self,
+        id: &str,
+        owner: &str,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, GatewayError> {
+        self.file_range(id, owner, offset, len, false)
+    }
+
+    fn file_range(
+        &self,
+        id: &str,
+        owner: &str,
+        offset: usize,
+        len: usize,
+        only_live: bool,
+    ) -> Result<Option<Vec<u8>>, GatewayError> {
         let conn = self.conn();
         // One read transaction: the row cannot go (nor its rowid pass to another) between
         // finding it and reading it.
         let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let now = if only_live {
+            crate::gateway::db::unix_now()
+        } else {
+            i64::MIN
+        };
         let row: Option<i64> = tx
             .query_row(
-                "SELECT rowid FROM files WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
+                &format!(
+                    "SELECT rowid FROM files WHERE id = ?1 AND owner = ?2 AND {}",
+                    live("?3")
+                ),
+                params![id, owner, now],
                 |r| r.get(0),
             )
             .optional()
@@ -71,23 +162,53 @@ impl Batches {
         // Read straight into one buffer (a column read would copy it twice).
         let blob =
             (tx.blob_open(MAIN_DB, c"files", c"content", row, true)).map_err(GatewayError::db)?;
-        let mut content = vec![0; blob.len()];
-        blob.read_at_exact(&mut content, 0)
+        let start = offset.min(blob.len());
+        let mut content = vec![0; len.min(blob.len() - start)];
+        blob.read_at_exact(&mut content, start)
             .map_err(GatewayError::db)?;
         drop(blob);
         tx.finish().map_err(GatewayError::db)?;
         Ok(Some(content))
     }
 
-    /// Deletes a file; false if `owner` has none by that id.
-    pub fn delete_file(&self, id: &str, owner: &str) -> Result<bool, GatewayError> {
-        let n = self
-            .conn()
+    /// Deletes every file that has expired by `now` (overwritten: `secure_delete`); how many.
+    pub fn delete_expired(&self, now: i64) -> Result<usize, GatewayError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let n = tx
             .execute(
-                "DELETE FROM files WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
+                "DELETE FROM files WHERE id IN
+                 (SELECT file_id FROM file_expiry WHERE expires_at <= ?1)",
+                params![now],
             )
             .map_err(GatewayError::db)?;
+        tx.execute(
+            "DELETE FROM file_expiry WHERE expires_at <= ?1",
+            params![now],
+        )
+        .map_err(GatewayError::db)?;
+        tx.commit().map_err(GatewayError::db)?;
+        Ok(n)
+    }
+
+    /// Deletes a file; false if `owner` has none by that id.
+    pub fn delete_file(&self, id: &str, owner: &str) -> Result<bool, GatewayError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let n = tx
+            .execute(
+                &format!(
+                    "DELETE FROM files WHERE id = ?1 AND owner = ?2 AND {}",
+                    live("?3")
+                ),
+                params![id, owner, crate::gateway::db::unix_now()],
+            )
+            .map_err(GatewayError::db)?;
+        if n > 0 {
+            tx.execute("DELETE FROM file_expiry WHERE file_id = ?1", params![id])
+                .map_err(GatewayError::db)?;
+        }
+        tx.commit().map_err(GatewayError::db)?;
         Ok(n > 0)
     }
 
@@ -104,13 +225,21 @@ impl Batches {
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1
-                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) < (?3, ?4)
-                 ORDER BY created DESC, rowid DESC LIMIT ?5"
+                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) < (?3, ?4) AND {}
+                 ORDER BY created DESC, rowid DESC LIMIT ?5",
+                live("?6")
             ))
             .map_err(GatewayError::db)?;
         let mut items = stmt
             .query_map(
-                params![owner, purpose, cursor.0, cursor.1, limit as i64 + 1],
+                params![
+                    owner,
+                    purpose,
+                    cursor.0,
+                    cursor.1,
+                    limit as i64 + 1,
+                    crate::gateway::db::unix_now()
+                ],
                 file_row,
             )
             .map_err(GatewayError::db)?
@@ -158,6 +287,13 @@ pub(super) fn insert_file(
         ))
         .map_err(GatewayError::db)?;
         blob.write_all_at(content, 0).map_err(GatewayError::db)?;
+    }
+    if let Some(at) = meta.expires_at {
+        conn.execute(
+            "INSERT INTO file_expiry (file_id, expires_at) VALUES (?1, ?2)",
+            params![meta.id, at],
+        )
+        .map_err(GatewayError::db)?;
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! files a finished batch leaves. Everything belongs to the key that made it (`owner`: the key
 //! id, `(master)` for the master key, `''` without a key); another owner sees nothing. A
 //! batch's request rows hold prompt text only until it ends: then they are deleted (and
-//! overwritten: this connection deletes securely) and only the files remain (until deleted).
+//! overwritten: this connection deletes securely) and only the files remain (until deleted,
+//! or until they expire: a file may carry an expiry time, past which readers no longer see
+//! it and [`Batches::delete_expired`] deletes it).
 //! Knows rows and JSON; never HTTP or the engine.
 
 use std::sync::Mutex;
@@ -31,6 +33,8 @@ pub struct FileMeta {
     pub filename: String,
     pub bytes: i64,
     pub created: i64,
+    /// Unix seconds; `None`: kept until deleted.
+    pub expires_at: Option<i64>,
 }
 
 impl FileMeta {
@@ -38,7 +42,7 @@ impl FileMeta {
         json!({
             "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created,
             "filename": self.filename, "purpose": self.purpose, "status": "processed",
-            "status_details": null, "expires_at": null,
+            "status_details": null, "expires_at": self.expires_at,
         })
     }
 }
@@ -346,6 +350,9 @@ impl Batches {
                 filename: format!("{id}_{name}.jsonl"),
                 bytes: content.len() as i64,
                 created: now,
+                expires_at: object["output_expires_after"]["seconds"]
+                    .as_i64()
+                    .map(|s| now + s),
             };
             insert_file(&tx, &file, owner, content)?;
             object[field] = Value::from(file.id);
@@ -474,6 +481,7 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
 #[path = "batch_files.rs"]
 mod files;
 use files::insert_file;
+pub use files::NewFile;
 
 #[cfg(test)]
 #[path = "batches_tests.rs"]

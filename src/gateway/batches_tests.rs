@@ -7,17 +7,27 @@ fn store() -> (tempfile::TempDir, Batches) {
     (dir, Batches::new(conn).unwrap())
 }
 
+/// A batch input file named `name`, expiring `expires_after` seconds after its creation.
+fn new_file(name: &str, expires_after: Option<i64>) -> NewFile<'_> {
+    NewFile {
+        purpose: "batch",
+        filename: name,
+        expires_after,
+    }
+}
+
+fn put(b: &Batches, owner: &str, name: &str, content: &[u8]) -> FileMeta {
+    b.put_file(owner, new_file(name, None), content, None)
+        .unwrap()
+}
+
 #[test]
 fn files_belong_to_their_owner_and_list_newest_first() {
     let (_d, b) = store();
     let ids: Vec<String> = (0..3)
-        .map(|i| {
-            b.put_file("k", "batch", &format!("f{i}.jsonl"), b"{}\n")
-                .unwrap()
-                .id
-        })
+        .map(|i| put(&b, "k", &format!("f{i}.jsonl"), b"{}\n").id)
         .collect();
-    b.put_file("other", "batch", "x", b"").unwrap();
+    put(&b, "other", "x", b"");
     assert!(b.file(&ids[0], "other").unwrap().is_none());
     assert_eq!(b.file_content(&ids[1], "k").unwrap().unwrap(), b"{}\n");
     let page = b.files("k", None, None, 2).unwrap();
@@ -37,6 +47,69 @@ fn files_belong_to_their_owner_and_list_newest_first() {
     assert!(!b.delete_file(&ids[0], "other").unwrap());
     assert!(b.delete_file(&ids[0], "k").unwrap());
     assert!(b.file(&ids[0], "k").unwrap().is_none());
+}
+
+#[test]
+fn an_expired_file_is_gone_to_readers_at_once_and_deleted_by_the_sweep() {
+    let (_d, b) = store();
+    let kept = put(&b, "k", "kept", b"kept\n");
+    assert_eq!(kept.expires_at, None);
+    let later = b
+        .put_file("k", new_file("later", Some(3600)), b"later\n", None)
+        .unwrap();
+    assert_eq!(later.expires_at, Some(later.created + 3600));
+    // Expired a second ago (the API takes an hour at least; the store takes what it is given).
+    let gone = b
+        .put_file("k", new_file("gone", Some(-1)), b"gone\n", None)
+        .unwrap();
+    assert!(b.file(&gone.id, "k").unwrap().is_none());
+    assert!(b.file_content(&gone.id, "k").unwrap().is_none());
+    assert!(!b.delete_file(&gone.id, "k").unwrap());
+    let listed: Vec<_> = (b.files("k", None, None, 9).unwrap().items)
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(listed, [later.id.clone(), kept.id.clone()]);
+    assert_eq!(
+        b.storage_used("k").unwrap(),
+        5 + 6,
+        "an expired file counts for nothing"
+    );
+    // A download under way reads on until the row is deleted.
+    assert_eq!(b.file_chunk(&gone.id, "k", 1, 3).unwrap().unwrap(), b"one");
+    assert_eq!(b.delete_expired(crate::gateway::db::unix_now()).unwrap(), 1);
+    assert!(b.file_chunk(&gone.id, "k", 0, 9).unwrap().is_none());
+    assert!(b.file(&later.id, "k").unwrap().is_some());
+    // An hour on, the other one goes too.
+    assert_eq!(b.delete_expired(later.created + 3600).unwrap(), 1);
+    assert!(b.file(&later.id, "k").unwrap().is_none());
+    assert!(b.file(&kept.id, "k").unwrap().is_some());
+}
+
+#[test]
+fn files_are_read_in_chunks_and_a_key_stores_no_more_than_its_quota() {
+    let (_d, b) = store();
+    let f = put(&b, "k", "f", b"0123456789");
+    let chunks: Vec<_> = [(0, 4), (4, 4), (8, 4), (10, 4), (12, 4)]
+        .iter()
+        .map(|&(at, len)| b.file_chunk(&f.id, "k", at, len).unwrap().unwrap())
+        .collect();
+    assert_eq!(chunks, [&b"0123"[..], b"4567", b"89", b"", b""]);
+    assert!(b.file_chunk(&f.id, "other", 0, 4).unwrap().is_none());
+    // 10 bytes stored of 16: 6 more fit, 7 do not; another key has its own 16.
+    let quota = Some(16);
+    assert!(b
+        .put_file("k", new_file("g", None), b"1234567", quota)
+        .is_err());
+    assert!(b
+        .put_file("other", new_file("g", None), b"1234567", quota)
+        .is_ok());
+    b.put_file("k", new_file("g", None), b"123456", quota)
+        .unwrap();
+    assert!(b.put_file("k", new_file("h", None), b"1", quota).is_err());
+    assert_eq!(b.storage_used("k").unwrap(), 16);
+    assert!(b.delete_file(&f.id, "k").unwrap());
+    b.put_file("k", new_file("h", None), b"1", quota).unwrap();
 }
 
 #[test]

@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS files (
     content BLOB NOT NULL             -- holds prompt or completion text
 );
 CREATE INDEX IF NOT EXISTS files_owner ON files(owner, created);
+-- When a file expires (none: kept until deleted). A table apart, not a column of files:
+-- a column after `content` would make SQLite walk the blob's overflow pages to read it, and
+-- write a zero blob's whole record out in memory.
+CREATE TABLE IF NOT EXISTS file_expiry (
+    file_id TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL       -- unix seconds
+);
+CREATE INDEX IF NOT EXISTS file_expiry_at ON file_expiry(expires_at);
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY,              -- batch_...
     owner_kind TEXT NOT NULL,         -- key, master or anonymous: whom its requests run as

@@ -34,12 +34,14 @@ def wait(batch_id):
 
 
 asks = ["Name a fruit.", "Name a river."]
-uploaded = client.files.create(file=("asks.jsonl", jsonl(asks, 6)), purpose="batch")
+uploaded = client.files.create(file=("asks.jsonl", jsonl(asks, 6)), purpose="batch",
+                               expires_after={"anchor": "created_at", "seconds": 3600})
 batch = client.batches.create(
     input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-    metadata={"job": "nightly"},
+    metadata={"job": "nightly"}, output_expires_after={"anchor": "created_at", "seconds": 7200},
 )
 done = wait(batch.id)
+output_file = client.files.retrieve(done.output_file_id)
 output = client.files.content(done.output_file_id).text
 results = {}
 for line in output.splitlines():
@@ -68,6 +70,8 @@ print(json.dumps({
     "results": results,
     "direct": direct,
     "file": {"purpose": uploaded.purpose, "filename": uploaded.filename, "bytes": uploaded.bytes},
+    "expiry": [uploaded.expires_at - uploaded.created_at,
+               output_file.expires_at - output_file.created_at],
     "cancel_status": cancelling.status,
     "cancelled": cancelled.status,
     "cancelled_counts": cancelled.request_counts.model_dump(),
