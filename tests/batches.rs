@@ -241,6 +241,17 @@ fn a_batch_runs_every_request_as_a_direct_call_would_and_leaves_its_files() {
             direct["usage"]["prompt_tokens"]
         );
     }
+    // The batch's usage is its answers' (the refused requests used nothing).
+    let sum = |field: &str| -> i64 {
+        (output.values())
+            .map(|l| l["response"]["body"]["usage"][field].as_i64().unwrap())
+            .sum()
+    };
+    let (input, generated) = (sum("prompt_tokens"), sum("completion_tokens"));
+    assert!(input > 0 && generated > 0);
+    assert_eq!(done["usage"]["input_tokens"], input, "{done}");
+    assert_eq!(done["usage"]["output_tokens"], generated, "{done}");
+    assert_eq!(done["usage"]["total_tokens"], input + generated, "{done}");
     assert_eq!(errors["negative"]["response"]["status_code"], 400);
     assert_eq!(
         errors["negative"]["response"]["body"]["error"]["param"],
@@ -347,6 +358,13 @@ fn bad_files_and_bad_requests_are_refused_clearly() {
         404
     );
     assert_eq!(call(&s, "GET", "/v1/batches?limit=0", None, None).0, 400);
+    let (status, e) = call(&s, "GET", "/v1/files?order=sideways", None, None);
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("order")));
+    let (_, asc) = call(&s, "GET", "/v1/files?order=asc&limit=1", None, None);
+    let (_, desc) = call(&s, "GET", "/v1/files?order=desc", None, None);
+    let desc = desc["data"].as_array().unwrap();
+    assert!(desc.len() >= 2, "{desc:?}");
+    assert_eq!(asc["data"][0]["id"], desc[desc.len() - 1]["id"]);
     let r = s.call(
         "POST",
         CHAT,
@@ -432,7 +450,7 @@ fn files_expire_as_asked_and_a_key_stores_no_more_than_its_quota() {
                 ("expires_after[anchor]", "created_at"),
                 ("expires_after[seconds]", "soon"),
             ],
-            "expires_after[seconds]",
+            "expires_after.seconds",
         ),
     ] {
         let got = refusal(upload_with(&s, &line, "batch", &fields, None));

@@ -151,6 +151,13 @@ fn official_client_runs_and_cancels_batches() {
         json!({"total": 2, "completed": 2, "failed": 0})
     );
     assert_eq!(r["metadata"], json!({"job": "nightly"}));
+    let usage = &r["usage"];
+    assert!(usage["input_tokens"].as_i64().unwrap() > 0, "{r}");
+    assert_eq!(
+        usage["total_tokens"].as_i64(),
+        Some(usage["input_tokens"].as_i64().unwrap() + usage["output_tokens"].as_i64().unwrap()),
+        "{r}"
+    );
     assert_eq!(r["results"], r["direct"], "{r}");
     assert_eq!(r["file"]["purpose"], "batch");
     assert_eq!(r["file"]["filename"], "asks.jsonl");

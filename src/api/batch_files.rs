@@ -70,10 +70,12 @@ async fn read_form(form: &mut Multipart, hint: usize) -> Result<Form, ApiError> 
             .map_err(form_error("`file`", Some("file")))?
         {
             if bytes.len() + chunk.len() > MAX_FILE_BYTES {
-                return Err(ApiError::invalid(
-                    "file",
-                    format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
-                ));
+                // A 413 as the body limit's, naming the field.
+                return Err(ApiError {
+                    message: format!("`file` is larger than {MAX_FILE_BYTES} bytes"),
+                    param: Some("file".into()),
+                    ..ApiError::payload_too_large(MAX_FILE_BYTES)
+                });
             }
             bytes.extend_from_slice(&chunk);
         }
@@ -121,8 +123,8 @@ pub async fn upload(
         None => None,
         Some(s) => Some(s.parse::<i64>().map_err(|_| {
             ApiError::invalid(
-                "expires_after[seconds]",
-                format!("`expires_after[seconds]` must be a whole number, not '{s}'"),
+                "expires_after.seconds",
+                format!("`expires_after.seconds` must be a whole number, not '{s}'"),
             )
         })?),
     };
@@ -183,7 +185,8 @@ pub(super) fn expiry(
     }
 }
 
-/// `GET /v1/files` (`purpose`, `after`, `limit` up to 10,000).
+/// `GET /v1/files` (`purpose`, `after`, `limit` up to 10,000, `order`: `desc`, newest first,
+/// or `asc`).
 pub async fn files(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
@@ -191,8 +194,19 @@ pub async fn files(
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit_of(&q, 10_000, 10_000)?;
     let owner = owner(&who);
+    let ascending = match q.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(o) => {
+            return Err(ApiError::invalid(
+                "order",
+                format!("`order` must be 'asc' or 'desc', not '{o}'"),
+            ))
+        }
+    };
     let page = store(&state, move |b| {
-        b.files(&owner, q.purpose.as_deref(), q.after.as_deref(), limit)
+        let (purpose, after) = (q.purpose.as_deref(), q.after.as_deref());
+        b.files(&owner, purpose, after, limit, ascending)
     })
     .await?;
     Ok(list(Page {
@@ -247,16 +261,23 @@ pub async fn file_content(
             if offset >= len {
                 return Ok(None);
             }
-            let read = store(&state, move |b| b.file_chunk(&id, &owner, offset, part)).await;
+            let file = id.clone();
+            let read = store(&state, move |b| b.file_chunk(&file, &owner, offset, part)).await;
             match read {
                 Ok(Some(chunk)) if !chunk.is_empty() => {
                     let next = offset + chunk.len();
                     Ok(Some((axum::body::Bytes::from(chunk), next)))
                 }
-                Ok(_) => Err(std::io::Error::other(
-                    "the file was deleted during its download",
-                )),
-                Err(e) => Err(std::io::Error::other(e.message)),
+                Ok(_) => {
+                    tracing::warn!(file = %id, offset, "a file was deleted during its download");
+                    Err(std::io::Error::other(
+                        "the file was deleted during its download",
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(file = %id, offset, error = %e.message, "a file's download failed");
+                    Err(std::io::Error::other(e.message))
+                }
             }
         }
     });

@@ -104,6 +104,10 @@ impl Worker {
                 }
                 continue;
             }
+            if self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                self.swept = Some(Instant::now());
+                self.sweep().await;
+            }
             if self.state.ready().is_err() {
                 continue;
             }
@@ -111,6 +115,31 @@ impl Worker {
                 tracing::error!(error = %e.message, "the batch worker's step failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+
+    /// Deletes the files that have expired, a few at a time (each round one short
+    /// transaction, so the store's other writers get the lock in between).
+    async fn sweep(&self) {
+        const ROUND: usize = 4;
+        let now = crate::gateway::db::unix_now();
+        let mut deleted = 0;
+        loop {
+            match store(&self.state, move |b| b.delete_expired(now, ROUND)).await {
+                Ok(n) => {
+                    deleted += n;
+                    if n < ROUND {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.message, "deleting expired batch files failed");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(files = deleted, "deleted expired batch files");
         }
     }
 
@@ -143,13 +172,6 @@ impl Worker {
     /// retried at the next step. Neither holds up the other batches.
     async fn step(&mut self) -> Result<(), ApiError> {
         let now = crate::gateway::db::unix_now();
-        if self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
-            self.swept = Some(Instant::now());
-            let deleted = store(&self.state, move |b| b.delete_expired(now)).await?;
-            if deleted > 0 {
-                tracing::info!(files = deleted, "deleted expired batch files");
-            }
-        }
         self.paused.retain(|_, until| *until > Instant::now());
         let mut active = store(&self.state, |b| b.active()).await?;
         if active.is_empty() {

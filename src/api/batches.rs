@@ -78,6 +78,7 @@ pub struct ListQuery {
     after: Option<String>,
     limit: Option<String>,
     purpose: Option<String>,
+    order: Option<String>,
 }
 
 fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError> {

@@ -171,24 +171,34 @@ impl Batches {
         Ok(Some(content))
     }
 
-    /// Deletes every file that has expired by `now` (overwritten: `secure_delete`); how many.
-    pub fn delete_expired(&self, now: i64) -> Result<usize, GatewayError> {
+    /// Deletes up to `limit` of the files that have expired by `now` (overwritten:
+    /// `secure_delete`), soonest expired first; how many. A bounded transaction, so a sweep
+    /// of many large files does not hold the store's write lock for long.
+    pub fn delete_expired(&self, now: i64, limit: usize) -> Result<usize, GatewayError> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
-        let n = tx
-            .execute(
-                "DELETE FROM files WHERE id IN
-                 (SELECT file_id FROM file_expiry WHERE expires_at <= ?1)",
-                params![now],
-            )
-            .map_err(GatewayError::db)?;
-        tx.execute(
-            "DELETE FROM file_expiry WHERE expires_at <= ?1",
-            params![now],
-        )
-        .map_err(GatewayError::db)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT file_id FROM file_expiry WHERE expires_at <= ?1
+                     ORDER BY expires_at LIMIT ?2",
+                )
+                .map_err(GatewayError::db)?;
+            let ids = stmt
+                .query_map(params![now, limit as i64], |r| r.get(0))
+                .map_err(GatewayError::db)?
+                .collect::<Result<_, _>>()
+                .map_err(GatewayError::db)?;
+            ids
+        };
+        for id in &ids {
+            tx.execute("DELETE FROM files WHERE id = ?1", params![id])
+                .map_err(GatewayError::db)?;
+            tx.execute("DELETE FROM file_expiry WHERE file_id = ?1", params![id])
+                .map_err(GatewayError::db)?;
+        }
         tx.commit().map_err(GatewayError::db)?;
-        Ok(n)
+        Ok(ids.len())
     }
 
     /// Deletes a file; false if `owner` has none by that id.
@@ -212,21 +222,30 @@ impl Batches {
         Ok(n > 0)
     }
 
-    /// `owner`'s files newest first, after the file `after` (a cursor), of `purpose` if given.
+    /// `owner`'s files newest first (oldest first if `ascending`), after the file `after` (a
+    /// cursor), of `purpose` if given.
     pub fn files(
         &self,
         owner: &str,
         purpose: Option<&str>,
         after: Option<&str>,
         limit: usize,
+        ascending: bool,
     ) -> Result<Page<FileMeta>, GatewayError> {
         let conn = self.conn();
-        let cursor = cursor_of(&conn, "files", owner, after)?;
+        let mut cursor = cursor_of(&conn, "files", owner, after)?;
+        let (past, order) = match ascending {
+            true => (">", "ASC"),
+            false => ("<", "DESC"),
+        };
+        if ascending && after.is_none() {
+            cursor = (i64::MIN, i64::MIN);
+        }
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1
-                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) < (?3, ?4) AND {}
-                 ORDER BY created DESC, rowid DESC LIMIT ?5",
+                 AND (?2 IS NULL OR purpose = ?2) AND (created, rowid) {past} (?3, ?4) AND {}
+                 ORDER BY created {order}, rowid {order} LIMIT ?5",
                 live("?6")
             ))
             .map_err(GatewayError::db)?;

@@ -279,7 +279,8 @@ impl Batches {
         Ok(out)
     }
 
-    /// Records one request's output line; `ok`: it answered 2xx.
+    /// Records one request's output line (`ok`: it answered 2xx) and adds the tokens its
+    /// answer used to the batch's usage, once (a line that has a result keeps it).
     pub fn finish_line(
         &self,
         batch_id: &str,
@@ -287,14 +288,27 @@ impl Batches {
         ok: bool,
         result: &Value,
     ) -> Result<(), GatewayError> {
-        self.conn()
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        let n = tx
             .execute(
                 "UPDATE batch_lines SET ok = ?3, result = ?4
                  WHERE batch_id = ?1 AND line = ?2 AND result IS NULL",
                 params![batch_id, line, ok, result.to_string()],
             )
             .map_err(GatewayError::db)?;
-        Ok(())
+        if n > 0 {
+            let [input, cached, output, reasoning] = tokens_of(&result["response"]["body"]);
+            tx.execute(
+                "INSERT INTO batch_usage (batch_id, input, cached, output, reasoning)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (batch_id) DO UPDATE SET input = input + ?2,
+                 cached = cached + ?3, output = output + ?4, reasoning = reasoning + ?5",
+                params![batch_id, input, cached, output, reasoning],
+            )
+            .map_err(GatewayError::db)?;
+        }
+        tx.commit().map_err(GatewayError::db)
     }
 
     /// Ends a batch whose status is still `expect`, in one transaction: `build` turns its
@@ -328,6 +342,7 @@ impl Batches {
             return Ok(false);
         }
         let (output, errors) = build(&results_of(&tx, &id)?, object)?;
+        object["usage"] = usage_of(&tx, &id)?;
         for (content, field, name) in [
             (&output, "output_file_id", "output"),
             (&errors, "error_file_id", "errors"),
@@ -366,8 +381,7 @@ impl Batches {
             ],
         )
         .map_err(GatewayError::db)?;
-        tx.execute("DELETE FROM batch_lines WHERE batch_id = ?1", params![id])
-            .map_err(GatewayError::db)?;
+        forget_lines(&tx, &id)?;
         tx.commit().map_err(GatewayError::db)?;
         Ok(true)
     }
@@ -402,8 +416,7 @@ impl Batches {
             params![id, object.to_string(), status],
         )
         .map_err(GatewayError::db)?;
-        tx.execute("DELETE FROM batch_lines WHERE batch_id = ?1", params![id])
-            .map_err(GatewayError::db)?;
+        forget_lines(&tx, &id)?;
         tx.commit().map_err(GatewayError::db)?;
         Ok(true)
     }
@@ -460,7 +473,53 @@ fn cursor_of(
     })
 }
 
-/// A batch still running gets its request counts from its rows.
+/// The tokens (input, cached input, output, reasoning) a reply's body says it used: a chat
+/// or text completion's or embeddings' `usage`, or a response's.
+fn tokens_of(body: &Value) -> [i64; 4] {
+    let u = &body["usage"];
+    let n = |a: &Value, b: &Value| a.as_i64().or_else(|| b.as_i64()).unwrap_or(0).max(0);
+    [
+        n(&u["prompt_tokens"], &u["input_tokens"]),
+        n(
+            &u["prompt_tokens_details"]["cached_tokens"],
+            &u["input_tokens_details"]["cached_tokens"],
+        ),
+        n(&u["completion_tokens"], &u["output_tokens"]),
+        n(
+            &u["completion_tokens_details"]["reasoning_tokens"],
+            &u["output_tokens_details"]["reasoning_tokens"],
+        ),
+    ]
+}
+
+/// Batch `id`'s usage so far, as OpenAI's batch object gives it.
+fn usage_of(conn: &Connection, id: &str) -> Result<Value, GatewayError> {
+    let [input, cached, output, reasoning] = conn
+        .query_row(
+            "SELECT input, cached, output, reasoning FROM batch_usage WHERE batch_id = ?1",
+            params![id],
+            |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
+        )
+        .optional()
+        .map_err(GatewayError::db)?
+        .unwrap_or([0i64; 4]);
+    Ok(json!({
+        "input_tokens": input, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": input + output,
+    }))
+}
+
+/// Deletes an ended batch's request rows (its prompts) and running usage.
+fn forget_lines(conn: &Connection, id: &str) -> Result<(), GatewayError> {
+    conn.execute("DELETE FROM batch_lines WHERE batch_id = ?1", params![id])
+        .map_err(GatewayError::db)?;
+    conn.execute("DELETE FROM batch_usage WHERE batch_id = ?1", params![id])
+        .map_err(GatewayError::db)?;
+    Ok(())
+}
+
+/// A batch still running gets its request counts and usage from its rows.
 fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayError> {
     let status = object["status"].as_str().unwrap_or_default();
     if !ACTIVE.contains(&status) {
@@ -475,6 +534,7 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
         )
         .map_err(GatewayError::db)?;
     object["request_counts"] = json!({"total": total, "completed": completed, "failed": failed});
+    object["usage"] = usage_of(conn, object["id"].as_str().unwrap_or_default())?;
     Ok(object)
 }
 

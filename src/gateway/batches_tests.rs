@@ -30,20 +30,29 @@ fn files_belong_to_their_owner_and_list_newest_first() {
     put(&b, "other", "x", b"");
     assert!(b.file(&ids[0], "other").unwrap().is_none());
     assert_eq!(b.file_content(&ids[1], "k").unwrap().unwrap(), b"{}\n");
-    let page = b.files("k", None, None, 2).unwrap();
+    let page = b.files("k", None, None, 2, false).unwrap();
     let names: Vec<_> = page.items.iter().map(|f| f.id.clone()).collect();
     assert_eq!(names, [ids[2].clone(), ids[1].clone()]);
     assert!(page.has_more);
-    let rest = b.files("k", None, Some(&ids[1]), 2).unwrap();
+    let rest = b.files("k", None, Some(&ids[1]), 2, false).unwrap();
     assert_eq!(rest.items.len(), 1);
     assert_eq!(rest.items[0].id, ids[0]);
     assert!(!rest.has_more);
     assert!(b
-        .files("k", Some("batch_output"), None, 9)
+        .files("k", Some("batch_output"), None, 9, false)
         .unwrap()
         .items
         .is_empty());
-    assert!(b.files("other", None, Some(&ids[0]), 2).is_err());
+    assert!(b.files("other", None, Some(&ids[0]), 2, false).is_err());
+    // Oldest first, from the start and after a cursor.
+    let page = b.files("k", None, None, 2, true).unwrap();
+    let names: Vec<_> = page.items.iter().map(|f| f.id.clone()).collect();
+    assert_eq!(names, [ids[0].clone(), ids[1].clone()]);
+    assert!(page.has_more);
+    let rest = b.files("k", None, Some(&ids[1]), 2, true).unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!(rest.items[0].id, ids[2]);
+    assert!(!rest.has_more);
     assert!(!b.delete_file(&ids[0], "other").unwrap());
     assert!(b.delete_file(&ids[0], "k").unwrap());
     assert!(b.file(&ids[0], "k").unwrap().is_none());
@@ -65,7 +74,7 @@ fn an_expired_file_is_gone_to_readers_at_once_and_deleted_by_the_sweep() {
     assert!(b.file(&gone.id, "k").unwrap().is_none());
     assert!(b.file_content(&gone.id, "k").unwrap().is_none());
     assert!(!b.delete_file(&gone.id, "k").unwrap());
-    let listed: Vec<_> = (b.files("k", None, None, 9).unwrap().items)
+    let listed: Vec<_> = (b.files("k", None, None, 9, false).unwrap().items)
         .into_iter()
         .map(|f| f.id)
         .collect();
@@ -77,11 +86,24 @@ fn an_expired_file_is_gone_to_readers_at_once_and_deleted_by_the_sweep() {
     );
     // A download under way reads on until the row is deleted.
     assert_eq!(b.file_chunk(&gone.id, "k", 1, 3).unwrap().unwrap(), b"one");
-    assert_eq!(b.delete_expired(crate::gateway::db::unix_now()).unwrap(), 1);
+    assert_eq!(
+        b.delete_expired(crate::gateway::db::unix_now(), 8).unwrap(),
+        1
+    );
     assert!(b.file_chunk(&gone.id, "k", 0, 9).unwrap().is_none());
     assert!(b.file(&later.id, "k").unwrap().is_some());
-    // An hour on, the other one goes too.
-    assert_eq!(b.delete_expired(later.created + 3600).unwrap(), 1);
+    // An hour on, the other one goes too; a sweep takes at most `limit` a time.
+    let again = b
+        .put_file("k", new_file("again", Some(-1)), b"x\n", None)
+        .unwrap();
+    assert_eq!(b.delete_expired(later.created + 3600, 1).unwrap(), 1);
+    assert!(
+        b.file_chunk(&again.id, "k", 0, 1).unwrap().is_none(),
+        "soonest first"
+    );
+    assert!(b.file_chunk(&later.id, "k", 0, 1).unwrap().is_some());
+    assert_eq!(b.delete_expired(later.created + 3600, 1).unwrap(), 1);
+    assert_eq!(b.delete_expired(later.created + 3600, 1).unwrap(), 0);
     assert!(b.file(&later.id, "k").unwrap().is_none());
     assert!(b.file(&kept.id, "k").unwrap().is_some());
 }
@@ -98,15 +120,19 @@ fn files_are_read_in_chunks_and_a_key_stores_no_more_than_its_quota() {
     assert!(b.file_chunk(&f.id, "other", 0, 4).unwrap().is_none());
     // 10 bytes stored of 16: 6 more fit, 7 do not; another key has its own 16.
     let quota = Some(16);
-    assert!(b
-        .put_file("k", new_file("g", None), b"1234567", quota)
-        .is_err());
+    let refused = |r: Result<FileMeta, GatewayError>| matches!(r, Err(GatewayError::Invalid { field, .. }) if field == "file");
+    assert!(refused(b.put_file(
+        "k",
+        new_file("g", None),
+        b"1234567",
+        quota
+    )));
     assert!(b
         .put_file("other", new_file("g", None), b"1234567", quota)
         .is_ok());
     b.put_file("k", new_file("g", None), b"123456", quota)
         .unwrap();
-    assert!(b.put_file("k", new_file("h", None), b"1", quota).is_err());
+    assert!(refused(b.put_file("k", new_file("h", None), b"1", quota)));
     assert_eq!(b.storage_used("k").unwrap(), 16);
     assert!(b.delete_file(&f.id, "k").unwrap());
     b.put_file("k", new_file("h", None), b"1", quota).unwrap();
@@ -130,28 +156,38 @@ fn a_batch_runs_its_lines_then_keeps_only_its_files() {
     let todo = b.pending("batch_1", &[0], 9).unwrap();
     assert_eq!(todo.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(todo[0].body, r#"{"n":1}"#);
-    b.finish_line("batch_1", 1, true, &json!({"custom_id": "c1"}))
-        .unwrap();
-    b.finish_line("batch_1", 2, false, &json!({"custom_id": "c2"}))
-        .unwrap();
+    // A chat completion's usage and a response's (the Responses API's names).
+    let chat = json!({"custom_id": "c1", "response": {"body": {"usage": {"prompt_tokens": 7,
+        "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4},
+        "completion_tokens_details": {"reasoning_tokens": 1}}}}});
+    b.finish_line("batch_1", 1, true, &chat).unwrap();
+    let failed = json!({"custom_id": "c2", "response": {"body": {"usage": {"input_tokens": 5,
+        "output_tokens": 2, "input_tokens_details": {"cached_tokens": 1}}}}});
+    b.finish_line("batch_1", 2, false, &failed).unwrap();
     let seen = b.batch("batch_1", "k").unwrap().unwrap();
     assert_eq!(
         seen["request_counts"],
         json!({"total": 3, "completed": 1, "failed": 1})
     );
+    let usage = json!({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 5},
+        "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 1},
+        "total_tokens": 17});
+    assert_eq!(seen["usage"], usage);
     assert!(b.batch("batch_1", "other").unwrap().is_none());
-    // A result comes once: a late repeat changes nothing.
-    b.finish_line("batch_1", 2, true, &json!({})).unwrap();
+    // A result comes once: a late repeat changes nothing (nor is its usage counted).
+    b.finish_line("batch_1", 2, true, &chat).unwrap();
+    assert_eq!(b.batch("batch_1", "k").unwrap().unwrap()["usage"], usage);
     let files = |results: &Results, object: &mut Value| {
         assert!(results[0].1.is_none());
         assert!(results[1].1.as_ref().unwrap().0);
-        assert_eq!(results[2].1.as_ref().unwrap().1, r#"{"custom_id":"c2"}"#);
+        assert_eq!(results[2].1.as_ref().unwrap().1, failed.to_string());
         object["status"] = "completed".into();
         Ok((b"out\n".to_vec(), Vec::new()))
     };
     assert!(!b.conclude("k", &mut object, "cancelling", files).unwrap());
     assert_eq!(object["status"], "in_progress");
     assert!(b.conclude("k", &mut object, "in_progress", files).unwrap());
+    assert_eq!(object["usage"], usage, "an ended batch keeps its usage");
     let out = object["output_file_id"].as_str().unwrap();
     assert_eq!(b.file_content(out, "k").unwrap().unwrap(), b"out\n");
     assert!(object.get("error_file_id").is_none());

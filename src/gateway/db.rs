@@ -96,6 +96,15 @@ CREATE TABLE IF NOT EXISTS batch_lines (
 -- The requests left to run, and the counts, without reading the bodies.
 CREATE INDEX IF NOT EXISTS batch_lines_pending ON batch_lines(batch_id, line) WHERE result IS NULL;
 CREATE INDEX IF NOT EXISTS batch_lines_ok ON batch_lines(batch_id, ok);
+-- The tokens a running batch's answered requests used (the row goes when the batch ends:
+-- its object keeps the totals).
+CREATE TABLE IF NOT EXISTS batch_usage (
+    batch_id TEXT PRIMARY KEY,
+    input INTEGER NOT NULL,
+    cached INTEGER NOT NULL,
+    output INTEGER NOT NULL,
+    reasoning INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys_version', 0);
 ";

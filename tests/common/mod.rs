@@ -74,7 +74,10 @@ pub fn python_with_clients() -> PathBuf {
         Command::new(p)
             .args([
                 "-c",
-                "import openai, anthropic, cloudflare, jsonschema, playwright",
+                // (An `openai` too old for files' `expires_after` is upgraded.)
+                "import openai, anthropic, cloudflare, jsonschema, playwright, inspect; \
+                 from openai.resources.files import Files; \
+                 assert 'expires_after' in inspect.signature(Files.create).parameters",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -91,6 +94,7 @@ pub fn python_with_clients() -> PathBuf {
             .args([
                 "install",
                 "--quiet",
+                "--upgrade",
                 "openai",
                 "anthropic",
                 "cloudflare",

@@ -66,6 +66,7 @@ listed = [b.id for b in client.batches.list(limit=10)]
 print(json.dumps({
     "status": done.status,
     "counts": done.request_counts.model_dump(),
+    "usage": done.usage.model_dump() if done.usage else None,
     "metadata": done.metadata,
     "results": results,
     "direct": direct,
