@@ -416,7 +416,7 @@ impl Batches {
             params![id, object.to_string(), status],
         )
         .map_err(GatewayError::db)?;
-        forget_lines(&tx, &id)?;
+        forget_lines(&tx, id)?;
         tx.commit().map_err(GatewayError::db)?;
         Ok(true)
     }
