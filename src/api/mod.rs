@@ -20,6 +20,7 @@ pub mod gate;
 mod generate;
 mod handlers;
 mod infill;
+mod listen;
 mod native;
 mod response;
 mod responses;
@@ -31,7 +32,8 @@ pub mod types;
 mod utility;
 mod workers;
 
-use std::net::SocketAddr;
+pub use listen::{serve, ConnLimits};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -441,157 +443,4 @@ pub fn install_metrics(
         })?;
     crate::telemetry::init(model_name, cache);
     Ok(handle)
-}
-
-/// How connections are accepted.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnLimits {
-    /// A client must send a request's whole header within this time after the connection
-    /// opens or goes idle, or the connection is closed (slow clients, idle keep-alives).
-    pub header_read_timeout: Duration,
-    /// Open connections at most; beyond it a new one gets a 503 and is closed.
-    pub max_connections: usize,
-}
-
-/// Serves until SIGINT/SIGTERM, then drains: `/ready` and new requests get 503 at once (`/health` stays 200, draining)
-/// (new connections are still accepted, so probes see the 503), running requests finish
-/// for up to `drain`, and it returns. If the engine thread dies it stops the same way, with
-/// a short drain, and returns an error so the process exits non-zero.
-pub async fn serve(
-    state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
-    drain: Duration,
-    limits: ConnLimits,
-) -> anyhow::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "listening");
-    let app = router(state.clone());
-    batch_worker::spawn(state.clone(), app.clone(), state.batch.concurrency);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    let failure_state = state.clone();
-    let failure = failure_state.engine_failure();
-    tokio::pin!(failure);
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let mut engine_failed = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        let (stream, _peer) = tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, never spin or exit.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut signal, if deadline.is_none() => {
-                tracing::info!(in_flight = state.in_flight(), "shutdown requested: readiness 503, draining running requests");
-                state.begin_shutdown();
-                deadline = Some(tokio::time::Instant::now() + drain);
-                continue;
-            }
-            _ = &mut failure, if !engine_failed => {
-                tracing::error!("the engine thread failed: stopping");
-                engine_failed = true;
-                state.begin_shutdown();
-                let short = tokio::time::Instant::now() + Duration::from_secs(2);
-                deadline = Some(deadline.map_or(short, |d| d.min(short)));
-                continue;
-            }
-            _ = tick.tick(), if deadline.is_some() => {
-                if state.in_flight() == 0 || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    break;
-                }
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_connection(stream));
-            continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
-    }
-    // The engine is idle (or time is up): close the listener and let every connection
-    // finish the response it is writing (streams' last events, ledger commits).
-    drop(listener);
-    let rest = deadline
-        .map_or(drain, |d| {
-            d.saturating_duration_since(tokio::time::Instant::now())
-        })
-        .max(Duration::from_millis(500));
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(rest) => {
-            tracing::warn!("drain timeout reached; exiting with requests still running");
-        }
-    }
-    if engine_failed {
-        anyhow::bail!("the engine thread failed (an internal error); exiting so a supervisor can restart the server");
-    }
-    Ok(())
-}
-
-/// Over `--max-connections`: a short 503 in OpenAI's shape, then close.
-async fn refuse_connection(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let body = ApiError::unavailable("Too many open connections; retry shortly")
-        .body()
-        .to_string();
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No SIGINT handler: rely on SIGTERM only, never shut down by accident.
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
