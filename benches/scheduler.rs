@@ -14,6 +14,7 @@ pub fn bench(c: &mut Criterion) {
                 max_batch_tokens: 512,
                 max_scored_rows: 512,
                 max_draft_rows: 0,
+                max_background_rows: 0,
             },
             BlockManager::new(100_000, 16, true),
         );

@@ -228,6 +228,7 @@ fn config(max_batch_tokens: usize, kv_cache_tokens: usize) -> EngineConfig {
         max_queue: 64,
         prefix_cache: true,
         speculate: 0,
+        background_chunk_tokens: 0,
     }
 }
 

@@ -46,6 +46,10 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Draft tokens a decoding sequence may verify per step (prompt lookup; 0: none).
     pub speculate: usize,
+    /// Tokens a background (low-priority) prompt computes a step at most, even with no
+    /// interactive request near (0: `max_batch_tokens`): bounds the step an arriving
+    /// interactive request waits for.
+    pub background_chunk_tokens: usize,
 }
 
 pub enum Command {
@@ -209,6 +213,7 @@ pub fn start<M: ModelRunner>(
             max_batch_tokens: config.max_batch_tokens,
             max_scored_rows: max_scored_rows(tokenizer.vocab_size(), config.max_batch_tokens),
             max_draft_rows: 2 * config.speculate,
+            max_background_rows: config.background_chunk_tokens,
         },
         BlockManager::new(n_blocks, config.block_size, config.prefix_cache),
     );

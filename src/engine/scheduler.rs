@@ -46,6 +46,9 @@ pub struct SchedulerConfig {
     pub max_scored_rows: usize,
     /// Draft tokens a step may verify, over all sequences (see [`Scheduler::set_draft`]).
     pub max_draft_rows: usize,
+    /// Rows a background prompt may compute a step when no foreground sequence is near
+    /// (0: the whole budget); see [`Scheduler::row_limit`].
+    pub max_background_rows: usize,
 }
 
 #[derive(Debug)]
@@ -340,7 +343,8 @@ impl Scheduler {
         // prompts after the rest. While a foreground sequence waits, background prompts take
         // only what the admissions leave (2b), and no background sequence is admitted; while
         // one runs or waits (or did a few steps ago: an agent's next turn follows its last),
-        // they take short chunks.
+        // they take short chunks. Background prompts share `bg_rows` a step, so their rows
+        // (and the step's time) do not grow with their number.
         let fg = |id: &SeqId| !self.seqs[id].tenant.background;
         let foreground_waits = self.waiting.iter().any(fg);
         self.since_foreground = if foreground_waits || self.running.iter().any(fg) {
@@ -349,6 +353,7 @@ impl Scheduler {
             self.since_foreground.saturating_add(1)
         };
         let foreground = self.since_foreground <= FOREGROUND_LINGER_STEPS;
+        let mut bg_rows = self.background_rows(foreground);
         yielded |= foreground_waits;
         let mut order = self.running.clone();
         order.sort_by_key(|id| self.background_prompt(*id));
@@ -359,8 +364,11 @@ impl Scheduler {
                 deferred.push(id);
                 continue;
             }
-            let limit = self.row_limit(id, foreground);
-            self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
+            let limit = self.row_limit(id, bg_rows);
+            let rows = self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
+            if limit != usize::MAX {
+                bg_rows -= rows;
+            }
         }
         // Full blocks this step computes, by hash: a waiting sequence that would compute one
         // of them too (a burst of prompts with a common, uncached start) waits a step and
@@ -395,7 +403,10 @@ impl Scheduler {
             if background && yielded {
                 break;
             }
-            if self.shares_computing(id, &computing) || self.capped(id, budget, scored_left) == 0 {
+            if self.shares_computing(id, &computing)
+                || self.capped(id, budget, scored_left) == 0
+                || self.row_limit(id, bg_rows) == 0
+            {
                 turns.take(tenant, false);
                 yielded |= !background;
                 continue;
@@ -403,7 +414,8 @@ impl Scheduler {
             let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
-            let want = self.capped(id, want.min(self.row_limit(id, foreground)), scored_left);
+            let limit = self.row_limit(id, bg_rows);
+            let want = self.capped(id, want.min(limit), scored_left);
             let target = s.computed + want;
             // A foreground sequence out of blocks takes those of background ones.
             let fits = self.grow(id, target)
@@ -445,13 +457,16 @@ impl Scheduler {
             self.note_computing(&chunk, &mut computing);
             step.chunks.push(chunk);
             budget -= want;
+            if limit != usize::MAX {
+                bg_rows -= want;
+            }
         }
         // 2b. Background prompts deferred in 1, unless a foreground sequence was admitted
         // (its first token comes sooner from a short step), with what is left.
         for id in deferred {
-            if !admitted_foreground && budget > 0 {
-                let limit = self.row_limit(id, foreground);
-                self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
+            if !admitted_foreground && budget > 0 && bg_rows > 0 {
+                let limit = self.row_limit(id, bg_rows);
+                bg_rows -= self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
             }
         }
         // 3. Drafts, with what the step has left: tokens, and empty blocks (a draft never
@@ -481,9 +496,9 @@ impl Scheduler {
         step
     }
 
-    /// Plans running sequence `id`'s next chunk, at most `limit` rows. Out of blocks, it
-    /// preempts the newest running sequence of the tenant running the most (maybe `id`),
-    /// whose planned rows go back to the budgets, until `id` fits or is gone.
+    /// Plans running sequence `id`'s next chunk, at most `limit` rows; how many it planned.
+    /// Out of blocks, it preempts the newest running sequence of the tenant running the most
+    /// (maybe `id`), whose planned rows go back to the budgets, until `id` fits or is gone.
     fn plan_running(
         &mut self,
         id: SeqId,
@@ -491,13 +506,13 @@ impl Scheduler {
         step: &mut Step,
         budget: &mut usize,
         scored_left: &mut usize,
-    ) {
+    ) -> usize {
         while self.running.contains(&id) {
             let s = &self.seqs[&id];
             let remaining = s.tokens.len() - s.computed;
             let want = self.capped(id, remaining.min(*budget).min(limit), *scored_left);
             if want == 0 {
-                return;
+                return 0;
             }
             if self.grow(id, self.seqs[&id].computed + want) {
                 if self.scoring(id) {
@@ -505,11 +520,12 @@ impl Scheduler {
                 }
                 step.chunks.push(self.chunk(id, want));
                 *budget -= want;
-                return;
+                return want;
             }
             let at = victim(self.running.iter().map(|id| self.seqs[id].tenant));
             self.preempt_planned(self.running[at], step, budget, scored_left);
         }
+        0
     }
 
     /// Preempts `gone` (see [`Self::preempt`]); the rows it had planned this step go back

@@ -3,9 +3,9 @@
 
 use super::{Scheduler, SeqId, Step};
 
-/// While foreground sequences run or wait, a background prompt computes at most this share of
-/// `max_batch_tokens` a step: a long prompt's chunk (its attention over a long context above
-/// all) would otherwise lengthen every step the foreground sequences decode in.
+/// While foreground sequences run or wait, background prompts compute at most this share of
+/// `max_batch_tokens` a step together: a long prompt's chunk (its attention over a long
+/// context above all) would otherwise lengthen every step the foreground sequences decode in.
 const BACKGROUND_CHUNK_SHARE: usize = 16;
 
 /// Steps the short chunks last after the foreground sequences are gone: a client's next
@@ -13,11 +13,25 @@ const BACKGROUND_CHUNK_SHARE: usize = 16;
 pub(super) const FOREGROUND_LINGER_STEPS: usize = 16;
 
 impl Scheduler {
-    /// Rows `id` may compute this step: a background sequence's are limited while
-    /// `foreground` sequences run or wait (or did lately).
-    pub(super) fn row_limit(&self, id: SeqId, foreground: bool) -> usize {
-        if foreground && self.seqs[&id].tenant.background {
+    /// Rows the step's background prompts may compute together: a sixteenth of the budget
+    /// while `foreground` sequences run or wait (or did lately), and `max_background_rows`
+    /// otherwise, so the step a foreground request arrives during (which it waits for) is
+    /// short too.
+    pub(super) fn background_rows(&self, foreground: bool) -> usize {
+        if foreground {
             (self.config.max_batch_tokens / BACKGROUND_CHUNK_SHARE).max(1)
+        } else if self.config.max_background_rows > 0 {
+            self.config.max_background_rows
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Rows `id` may compute this step: a background prompt's come out of `bg_rows` (what
+    /// the step's background prompts have left); anything else's are not limited here.
+    pub(super) fn row_limit(&self, id: SeqId, bg_rows: usize) -> usize {
+        if self.background_prompt(id) {
+            bg_rows
         } else {
             usize::MAX
         }

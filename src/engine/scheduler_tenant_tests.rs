@@ -121,6 +121,43 @@ fn a_background_prompt_waits_a_step_for_a_foreground_one_and_then_takes_short_ch
 }
 
 #[test]
+fn background_prompts_alone_share_their_own_rows_and_a_foreground_one_does_not() {
+    // 32 tokens a step, at most 8 of them background prompts', together.
+    let config = SchedulerConfig {
+        max_batch_size: 4,
+        max_batch_tokens: 32,
+        max_scored_rows: 32,
+        max_draft_rows: 8,
+        max_background_rows: 8,
+    };
+    let mut s = Scheduler::new(config, BlockManager::new(100, 4, false));
+    for id in [1, 2] {
+        add(&mut s, id, 20);
+        s.set_tenant(id, batch());
+    }
+    let planned = |st: &Step| -> Vec<(SeqId, usize, usize)> {
+        st.chunks.iter().map(|c| (c.id, c.start, c.len)).collect()
+    };
+    assert_eq!(planned(&run(&mut s)), vec![(1, 0, 8)]);
+    assert_eq!(planned(&run(&mut s)), vec![(1, 8, 8)]);
+    assert_eq!(planned(&run(&mut s)), vec![(1, 16, 4), (2, 0, 4)]);
+    // A background sequence decoding takes its row beside them.
+    assert_eq!(planned(&run(&mut s)), vec![(1, 20, 1), (2, 4, 8)]);
+    // A foreground prompt arrives: a step of its own (beside the background decode), then
+    // the background prompts share 32 / 16 = 2 rows a step.
+    add(&mut s, 3, 5);
+    assert_eq!(planned(&run(&mut s)), vec![(1, 21, 1), (3, 0, 5)]);
+    let st = run(&mut s);
+    assert_eq!(planned(&st), vec![(1, 22, 1), (3, 5, 1), (2, 12, 2)]);
+    // A foreground prompt alone takes the whole budget.
+    for id in [1, 2, 3] {
+        s.remove(id);
+    }
+    add(&mut s, 4, 40);
+    assert_eq!(planned(&run(&mut s)), vec![(4, 0, 32)]);
+}
+
+#[test]
 fn a_foreground_sequence_out_of_blocks_takes_a_background_ones() {
     // 6 blocks of 4 positions: two batch sequences hold 3 each (11-token prompts).
     let mut s = sched(4, 64, 6);

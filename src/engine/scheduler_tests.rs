@@ -18,6 +18,7 @@ fn sched_cached(
             max_batch_tokens,
             max_scored_rows: max_batch_tokens,
             max_draft_rows: 8,
+            max_background_rows: 0,
         },
         BlockManager::new(blocks, 4, caching),
     )
