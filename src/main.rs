@@ -382,7 +382,12 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         block_size: args.block_size,
         max_queue: args.max_queue,
         prefix_cache: !args.no_prefix_cache,
-        background_chunk_tokens: args.background_chunk_tokens,
+        background_chunk_tokens: args
+            .background_chunk_tokens
+            .unwrap_or(match args.source.device {
+                DeviceChoice::Cpu => 64,
+                DeviceChoice::Cuda(_) => 0,
+            }),
         speculate: args.speculate.unwrap_or(match args.source.device {
             DeviceChoice::Cpu => 4,
             DeviceChoice::Cuda(_) => 0,

@@ -70,6 +70,8 @@ struct Worker {
 /// How often the worker deletes the files that have expired (readers stop seeing a file the
 /// moment it expires; this frees its space).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Rounds (of a few files each) one pass of the sweep takes at most.
+const SWEEP_ROUNDS: usize = 16;
 
 /// Starts the worker; it runs until the process ends.
 pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
@@ -106,7 +108,10 @@ impl Worker {
             }
             if self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
                 self.swept = Some(Instant::now());
-                self.sweep().await;
+                if self.sweep().await {
+                    // More to do: the next pass, after the batches have had their turn.
+                    self.swept = None;
+                }
             }
             if self.state.ready().is_err() {
                 continue;
@@ -119,21 +124,25 @@ impl Worker {
     }
 
     /// Deletes the files that have expired, a few at a time (each round one short
-    /// transaction, so the store's other writers get the lock in between).
-    async fn sweep(&self) {
+    /// transaction, so the store's other writers get the lock in between), for at most
+    /// [`SWEEP_ROUNDS`] rounds; whether some may be left (then the next pass goes on).
+    async fn sweep(&self) -> bool {
         const ROUND: usize = 4;
         let now = crate::gateway::db::unix_now();
         let mut deleted = 0;
-        loop {
+        let mut more = false;
+        for _ in 0..SWEEP_ROUNDS {
             match store(&self.state, move |b| b.delete_expired(now, ROUND)).await {
                 Ok(n) => {
                     deleted += n;
-                    if n < ROUND {
+                    more = n == ROUND;
+                    if !more {
                         break;
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e.message, "deleting expired batch files failed");
+                    more = false;
                     break;
                 }
             }
@@ -141,6 +150,7 @@ impl Worker {
         if deleted > 0 {
             tracing::info!(files = deleted, "deleted expired batch files");
         }
+        more
     }
 
     fn finished(&mut self, key: Key, heard: Heard) {

@@ -13,17 +13,19 @@ const BACKGROUND_CHUNK_SHARE: usize = 16;
 pub(super) const FOREGROUND_LINGER_STEPS: usize = 16;
 
 impl Scheduler {
-    /// Rows the step's background prompts may compute together: a sixteenth of the budget
-    /// while `foreground` sequences run or wait (or did lately), and `max_background_rows`
-    /// otherwise, so the step a foreground request arrives during (which it waits for) is
-    /// short too.
+    /// Rows the step's background prompts may compute together: `max_background_rows` (so
+    /// the step a foreground request arrives during, which it waits for, is short), and no
+    /// more than a sixteenth of the budget while `foreground` sequences run or wait (or did
+    /// lately).
     pub(super) fn background_rows(&self, foreground: bool) -> usize {
+        let own = match self.config.max_background_rows {
+            0 => usize::MAX,
+            n => n,
+        };
         if foreground {
-            (self.config.max_batch_tokens / BACKGROUND_CHUNK_SHARE).max(1)
-        } else if self.config.max_background_rows > 0 {
-            self.config.max_background_rows
+            own.min((self.config.max_batch_tokens / BACKGROUND_CHUNK_SHARE).max(1))
         } else {
-            usize::MAX
+            own
         }
     }
 

@@ -158,6 +158,24 @@ fn background_prompts_alone_share_their_own_rows_and_a_foreground_one_does_not()
 }
 
 #[test]
+fn the_background_rows_near_foreground_ones_are_never_more_than_alone() {
+    let with = |max_batch_tokens, max_background_rows| {
+        let config = SchedulerConfig {
+            max_batch_size: 4,
+            max_batch_tokens,
+            max_scored_rows: max_batch_tokens,
+            max_draft_rows: 0,
+            max_background_rows,
+        };
+        let s = Scheduler::new(config, BlockManager::new(10, 4, false));
+        (s.background_rows(true), s.background_rows(false))
+    };
+    assert_eq!(with(256, 64), (16, 64));
+    assert_eq!(with(2048, 64), (64, 64));
+    assert_eq!(with(2048, 0), (128, usize::MAX));
+}
+
+#[test]
 fn a_foreground_sequence_out_of_blocks_takes_a_background_ones() {
     // 6 blocks of 4 positions: two batch sequences hold 3 each (11-token prompts).
     let mut s = sched(4, 64, 6);

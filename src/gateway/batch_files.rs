@@ -176,7 +176,9 @@ impl Batches {
     /// of many large files does not hold the store's write lock for long.
     pub fn delete_expired(&self, now: i64, limit: usize) -> Result<usize, GatewayError> {
         let conn = self.conn();
-        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        // Immediate: the write lock first, so no other writer's commit can void the read.
+        let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+            .map_err(GatewayError::db)?;
         let ids: Vec<String> = {
             let mut stmt = tx
                 .prepare(
