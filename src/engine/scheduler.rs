@@ -364,10 +364,11 @@ impl Scheduler {
                 deferred.push(id);
                 continue;
             }
+            let bg_prompt = self.background_prompt(id);
             let limit = self.row_limit(id, bg_rows);
             let rows = self.plan_running(id, limit, &mut step, &mut budget, &mut scored_left);
-            if limit != usize::MAX {
-                bg_rows -= rows;
+            if bg_prompt {
+                bg_rows = bg_rows.saturating_sub(rows);
             }
         }
         // Full blocks this step computes, by hash: a waiting sequence that would compute one
@@ -414,8 +415,8 @@ impl Scheduler {
             let (hit, copy) = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let want = (s.tokens.len() - s.computed).min(budget);
-            let limit = self.row_limit(id, bg_rows);
-            let want = self.capped(id, want.min(limit), scored_left);
+            let bg_prompt = self.background_prompt(id);
+            let want = self.capped(id, want.min(self.row_limit(id, bg_rows)), scored_left);
             let target = s.computed + want;
             // A foreground sequence out of blocks takes those of background ones.
             let fits = self.grow(id, target)
@@ -457,8 +458,8 @@ impl Scheduler {
             self.note_computing(&chunk, &mut computing);
             step.chunks.push(chunk);
             budget -= want;
-            if limit != usize::MAX {
-                bg_rows -= want;
+            if bg_prompt {
+                bg_rows = bg_rows.saturating_sub(want);
             }
         }
         // 2b. Background prompts deferred in 1, unless a foreground sequence was admitted

@@ -196,8 +196,7 @@ impl Batches {
         for id in &ids {
             tx.execute("DELETE FROM files WHERE id = ?1", params![id])
                 .map_err(GatewayError::db)?;
-            tx.execute("DELETE FROM file_expiry WHERE file_id = ?1", params![id])
-                .map_err(GatewayError::db)?;
+            forget_expiry(&tx, id)?;
         }
         tx.commit().map_err(GatewayError::db)?;
         Ok(ids.len())
@@ -217,8 +216,7 @@ impl Batches {
             )
             .map_err(GatewayError::db)?;
         if n > 0 {
-            tx.execute("DELETE FROM file_expiry WHERE file_id = ?1", params![id])
-                .map_err(GatewayError::db)?;
+            forget_expiry(&tx, id)?;
         }
         tx.commit().map_err(GatewayError::db)?;
         Ok(n > 0)
@@ -270,6 +268,13 @@ impl Batches {
         items.truncate(limit);
         Ok(Page { items, has_more })
     }
+}
+
+/// Deletes a deleted file's expiry.
+fn forget_expiry(conn: &Connection, id: &str) -> Result<(), GatewayError> {
+    conn.execute("DELETE FROM file_expiry WHERE file_id = ?1", params![id])
+        .map_err(GatewayError::db)?;
+    Ok(())
 }
 
 /// Inserts file `meta`'s row with its content, written through SQLite's incremental blob I/O
