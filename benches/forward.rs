@@ -45,6 +45,7 @@ pub fn bench(c: &mut Criterion) {
                     start: 0,
                     blocks: &blocks,
                     logits: Logits::Last,
+                    adapter: None,
                 };
                 model.forward_batch(&[seq], &mut pool).unwrap()
             })
@@ -61,6 +62,7 @@ pub fn bench(c: &mut Criterion) {
             start: 0,
             blocks: &blocks,
             logits: Logits::Skip,
+            adapter: None,
         };
         model.forward_batch(&[seq], &mut pool).unwrap();
         let turn = tokens(n, 4);
@@ -72,6 +74,7 @@ pub fn bench(c: &mut Criterion) {
                     start: ctx,
                     blocks: &blocks,
                     logits: Logits::Last,
+                    adapter: None,
                 };
                 model.forward_batch(&[seq], &mut pool).unwrap()
             })
@@ -92,6 +95,7 @@ pub fn bench(c: &mut Criterion) {
                         start: 0,
                         blocks: t,
                         logits: Logits::Skip,
+                        adapter: None,
                     };
                     model.forward_batch(&[seq], &mut pool).unwrap();
                 }
@@ -108,6 +112,7 @@ pub fn bench(c: &mut Criterion) {
                             start: ctx,
                             blocks: t,
                             logits: Logits::Last,
+                            adapter: None,
                         })
                         .collect();
                     model.forward_batch(&seqs, &mut pool).unwrap()

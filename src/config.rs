@@ -75,8 +75,19 @@ pub struct BackendCheckArgs {
 #[derive(Debug, Args)]
 pub struct SynthArgs {
     /// llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or mistral-7b.
-    #[arg(long, required_unless_present = "vocab_only")]
+    #[arg(long, required_unless_present_any = ["vocab_only", "lora_for"])]
     pub shape: Option<String>,
+    /// Write a random LoRA adapter for this model file instead (every linear layer of every
+    /// block, `--rank`, alpha 2 × rank), for trying `serve --lora`.
+    #[arg(long, conflicts_with_all = ["shape", "vocab_only"])]
+    pub lora_for: Option<PathBuf>,
+    /// The adapter's rank (with `--lora-for`).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// How far the adapter moves each layer's output, relative to its input (with
+    /// `--lora-for`).
+    #[arg(long, default_value_t = 0.05)]
+    pub strength: f32,
     /// Write only the donor's vocabulary, tokenizer and chat template, with no tensors: a
     /// small donor (about 2 MiB) to carry to a machine that has no model.
     #[arg(long)]
@@ -130,6 +141,13 @@ pub struct ServeArgs {
     /// the base URL. Repeat the flag, or separate names with commas in the variable.
     #[arg(long, env = "EDGEINFER_MODEL_ALIASES", value_delimiter = ',')]
     pub model_alias: Vec<String>,
+
+    /// A LoRA adapter served beside the base model, as `NAME=PATH` (a GGUF adapter, as
+    /// llama.cpp's `convert_lora_to_gguf.py` writes it): a request whose `model` is NAME runs
+    /// with it, in the same batches as the base model's. Repeat the flag, or separate them
+    /// with commas in the variable. CPU only for now.
+    #[arg(long = "lora", env = "EDGEINFER_LORA", value_delimiter = ',', value_parser = parse_lora)]
+    pub lora: Vec<LoraArg>,
 
     /// This node's name, sent in every response's `x-edgeinfer-node` header so a client behind
     /// a balancer sees which node answered. Defaults to the host name.
@@ -403,6 +421,25 @@ impl std::fmt::Display for DeviceChoice {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// A LoRA adapter to serve (`--lora NAME=PATH`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraArg {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+fn parse_lora(s: &str) -> Result<LoraArg, String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.trim().is_empty() && !path.is_empty() => Ok(LoraArg {
+            name: name.trim().to_string(),
+            path: PathBuf::from(path),
+        }),
+        _ => Err(format!(
+            "`{s}` is not NAME=PATH (the adapter's model name, then its GGUF file)"
+        )),
     }
 }
 

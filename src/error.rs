@@ -44,6 +44,8 @@ pub enum ModelError {
     UnsupportedTokenizer(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("LoRA adapter {path}: {reason}")]
+    Adapter { path: PathBuf, reason: String },
     #[error("chat template: {0}")]
     Template(String),
     #[error("model computation failed: {0}")]

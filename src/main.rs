@@ -98,6 +98,22 @@ fn run(cli: Cli) -> Result<()> {
 
 fn synth(args: edgeinfer::config::SynthArgs) -> Result<()> {
     use edgeinfer::model::synth::{self, Quant, SynthSpec, SHAPES};
+    if let Some(base) = &args.lora_for {
+        let spec = synth::LoraSpec {
+            rank: args.rank.max(1),
+            alpha: 2.0 * args.rank.max(1) as f32,
+            seed: args.seed,
+            strength: args.strength,
+            ..Default::default()
+        };
+        let pairs = synth::write_lora(&args.out, base, &spec)?;
+        eprintln!(
+            "wrote {} ({pairs} LoRA pairs of rank {})",
+            args.out.display(),
+            spec.rank
+        );
+        return Ok(());
+    }
     let donor = match &args.donor {
         Some(p) => p.clone(),
         None => resolve_model(None, &args.models_dir)?,
@@ -341,6 +357,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(db = %db_path.display(), auth = gateway.auth_required(), "key and ledger store open");
+    let adapters = adapter_names(&args, &name)?;
     let metrics = api::install_metrics(
         &name,
         edgeinfer::telemetry::CacheShape {
@@ -348,6 +365,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             num_blocks: args.kv_cache_tokens.div_ceil(args.block_size),
             prefix_caching: !args.no_prefix_cache,
         },
+        &adapters,
     )?;
     let http = HttpConfig {
         max_body_bytes: args.max_body_bytes,
@@ -360,6 +378,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         default_request_timeout: (args.request_timeout_ms > 0)
             .then(|| std::time::Duration::from_millis(args.request_timeout_ms)),
         model_aliases: args.model_alias.clone(),
+        adapters: adapters.clone(),
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
         node_name: args.node_name.clone().unwrap_or_else(host_name),
         metrics_key: args.metrics_key.clone().filter(|k| !k.is_empty()),
@@ -399,14 +418,19 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let template_file = args.source.chat_template_file.clone();
     let device = args.source.device;
     let pooling_flag = args.pooling;
+    let loras = args.lora.clone();
     let split_reasoning_flag = args.reasoning_format == "auto";
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let path = resolve_model(model_arg.as_deref(), &models_dir)?;
         let loaded = match device {
             DeviceChoice::Cpu => {
-                let model =
+                let mut model =
                     LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
                         .with_context(|| format!("cannot load model {}", path.display()))?;
+                for a in &loras {
+                    let index = model.llama.add_adapter(&a.path)?;
+                    tracing::info!(name = %a.name, path = %a.path.display(), index, "LoRA adapter loaded");
+                }
                 start_engine(model, engine_config, &path)?
             }
             #[cfg(feature = "cuda")]
@@ -451,7 +475,13 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
             );
         }
         // Response-cache keys name the exact weights and template.
-        let model_hash = hub::sha256_file_memo(&path)?;
+        let mut model_hash = hub::sha256_file_memo(&path)?;
+        for a in &loras {
+            // And the adapters': a changed adapter file never replays old replies either.
+            model_hash = admin_cli::sha256_hex(
+                format!("{model_hash} {}", hub::sha256_file_memo(&a.path)?).as_bytes(),
+            );
+        }
         let template_hash = admin_cli::sha256_hex(template.source().as_bytes());
         let _ = loader_state.ready.set(Ready {
             engine,
@@ -490,6 +520,26 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `--lora` adapters' names, in order: each must differ from the others and from the
+/// served model's names, and adapters run on the CPU only.
+fn adapter_names(args: &edgeinfer::config::ServeArgs, name: &str) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for a in &args.lora {
+        if a.name == name || args.model_alias.contains(&a.name) || names.contains(&a.name) {
+            anyhow::bail!(
+                "--lora {}: the name `{}` is taken (by the served model, an alias or another adapter)",
+                a.name,
+                a.name
+            );
+        }
+        names.push(a.name.clone());
+    }
+    if !names.is_empty() && args.source.device != DeviceChoice::Cpu {
+        anyhow::bail!("--lora: LoRA adapters run on the CPU backend only for now (--device cpu)");
+    }
+    Ok(names)
 }
 
 /// A model loaded, warmed up and handed to its engine thread.

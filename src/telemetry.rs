@@ -26,7 +26,7 @@ pub struct CacheShape {
 }
 
 /// Names every series and sets it to zero. Call once, after the recorder is installed.
-pub fn init(model_name: &str, cache: CacheShape) {
+pub fn init(model_name: &str, cache: CacheShape, adapters: &[String]) {
     let _ = MODEL_NAME.set(Box::leak(model_name.to_string().into_boxed_str()));
     describe();
     let m = model();
@@ -82,9 +82,11 @@ pub fn init(model_name: &str, cache: CacheShape) {
         "cache_dtype" => "f16",
         "enable_prefix_caching" => if cache.prefix_caching { "True" } else { "False" })
     .set(1.0);
-    // No LoRA adapters; the endpoint picker reads this family and logs an error without it.
+    // The LoRA adapters, all resident (the endpoint picker routes a request for one to a
+    // node that runs it, and logs an error without the family).
     gauge!("vllm:lora_requests_info",
-        "max_lora" => "0", "running_lora_adapters" => "", "waiting_lora_adapters" => "")
+        "max_lora" => adapters.len().to_string(),
+        "running_lora_adapters" => adapters.join(","), "waiting_lora_adapters" => "")
     .set(0.0);
 }
 
@@ -194,7 +196,7 @@ fn describe() {
     );
     describe_gauge!(
         "vllm:lora_requests_info",
-        "vLLM name: LoRA adapters (none are served)"
+        "vLLM name: the LoRA adapters served (all resident, in `running_lora_adapters`)"
     );
     describe_gauge!(
         "vllm:cache_config_info",

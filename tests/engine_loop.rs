@@ -258,6 +258,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
         embed: None,
         shown_tokens: Vec::new(),
         lines: Default::default(),
+        adapter: None,
     };
     (req, ended)
 }

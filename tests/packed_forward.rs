@@ -27,6 +27,7 @@ fn last_logits(
         start,
         blocks,
         logits: Logits::Last,
+        adapter: None,
     };
     model
         .forward_batch(&[input], pool)
@@ -101,6 +102,7 @@ fn mixed_batches_equal_each_sequence_alone() {
                 start: *start,
                 blocks: &seqs[*i].blocks,
                 logits: (*logits).into(),
+                adapter: None,
             })
             .collect();
         let out = model.forward_batch(&inputs, &mut pool).unwrap();
@@ -246,18 +248,21 @@ fn every_rows_logits_equal_each_prefix_run_alone() {
                     start: 0,
                     blocks: &[0],
                     logits: Logits::Last,
+                    adapter: None,
                 },
                 SeqInput {
                     tokens: &a,
                     start: 0,
                     blocks: &[1, 2, 3],
                     logits: Logits::All,
+                    adapter: None,
                 },
                 SeqInput {
                     tokens: &b[..2],
                     start: 0,
                     blocks: &[4],
                     logits: Logits::Skip,
+                    adapter: None,
                 },
             ],
             &mut pool,
@@ -303,6 +308,7 @@ fn hidden_rows_are_what_the_lm_head_reads() {
         start,
         blocks,
         logits,
+        adapter: None,
     };
     let out = model
         .forward_batch(

@@ -178,7 +178,7 @@ pub(super) async fn serve(
     let mut resp = Json(List {
         object: "list",
         data,
-        model: &state.model_name,
+        model: &gate.served.name,
         usage: json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}),
     })
     .into_response();
@@ -311,10 +311,15 @@ async fn embed(
     request_id: &str,
 ) -> Result<Embedded, ApiError> {
     let received = Instant::now();
-    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
+    let labels = labels(
+        &gate.served.name,
+        request_id,
+        gate.route,
+        Some(&gate.directives),
+    );
     let price = state
         .gateway
-        .price(&state.model_name, gate.directives.custom_cost);
+        .price(&gate.served.name, gate.directives.custom_cost);
     let deadline = gate
         .directives
         .request_timeout
@@ -410,6 +415,7 @@ async fn embed(
             shown_tokens: Vec::new(),
             lines: Default::default(),
             embed: Some(ready.pooling),
+            adapter: gate.served.adapter,
         })
         .collect();
     // Timed out, the sequences' receivers close: the engine drops them at its next step

@@ -236,6 +236,8 @@ impl Directives {
 
 /// Everything the gateway needs of one generation request.
 pub struct Gate {
+    /// The model (or adapter) the request runs on.
+    pub served: super::handlers::Served,
     pub principal: Principal,
     pub directives: Directives,
     pub route: &'static str,
@@ -301,6 +303,7 @@ impl Gate {
                 self.route,
                 "custom",
                 custom,
+                &self.served.name,
                 model_hash,
                 template_hash,
             ]));

@@ -184,10 +184,15 @@ pub(super) async fn run(
         .map(|i| i.prompt.len() * if shared { 1 } else { n })
         .sum();
     let max_total: usize = budgets.iter().sum();
-    let labels = labels(state, request_id, gate.route, Some(&gate.directives));
+    let labels = labels(
+        &gate.served.name,
+        request_id,
+        gate.route,
+        Some(&gate.directives),
+    );
     let price = state
         .gateway
-        .price(&state.model_name, gate.directives.custom_cost);
+        .price(&gate.served.name, gate.directives.custom_cost);
     let include_usage = fields.include_usage();
     // The first part of the response (a whole reply, a stream's first event) must be ready
     // by then, or the request is cancelled and answered 504.
@@ -338,6 +343,7 @@ pub(super) async fn run(
             embed: None,
             shown_tokens: shown.clone(),
             lines: out.lines,
+            adapter: gate.served.adapter,
         });
         echoes.push(input.echo.clone());
     }

@@ -26,7 +26,7 @@ use crate::structured::{ConstraintSpec, OutputFormat};
 
 #[path = "intake.rs"]
 mod intake;
-pub(super) use intake::{accept, body_or_error, check_model, labels};
+pub(super) use intake::{accept, body_or_error, check_model, labels, Served};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -223,7 +223,7 @@ pub(super) async fn chat(
             format!("chatcmpl-{}", rid.0)
         },
         created: unix_now(),
-        model: state.model_name.clone(),
+        model: gate.served.name.clone(),
         chat: true,
         logprobs: req.logprobs,
         tools: tools_active.then_some(ready.tool_format),
@@ -451,7 +451,7 @@ pub(super) async fn completion(
     let meta = Meta {
         id: format!("cmpl-{}", rid.0),
         created: unix_now(),
-        model: state.model_name.clone(),
+        model: gate.served.name.clone(),
         chat: matches!(api, Api::MistralFim),
         logprobs: req.logprobs.is_some(),
         tools: None,

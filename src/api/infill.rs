@@ -144,7 +144,7 @@ pub async fn infill(
         fields,
         probs,
     };
-    let meta = native_meta(state, &rid, "infill", ctx);
+    let meta = native_meta(&gate.served.name, &rid, "infill", ctx);
     let out = native_output(lines, Vec::new(), probs);
     let input = Input { prompt, echo: None };
     run(

@@ -28,37 +28,58 @@ pub(in crate::api) fn body_or_error(
     })
 }
 
-/// The model must be the served one (404), and one the key may use (403).
+/// What a request runs on: the served model, or one of its LoRA adapters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The name responses, the ledger and prices use: the served model's (for it or an
+    /// alias), or the adapter's.
+    pub name: String,
+    /// The adapter's index in the model, if any.
+    pub adapter: Option<usize>,
+}
+
+/// What `model` names: the served model (by its name, an alias, or none given) or a LoRA
+/// adapter (by its name); 404 for anything else, 403 for a model the key may not use
+/// (an adapter is a model of its own in a key's `models`).
 pub(in crate::api) fn check_model(
     state: &AppState,
     who: &Principal,
     model: Option<&str>,
-) -> Result<(), ApiError> {
-    match model {
-        Some(m) if m != state.model_name && !state.model_aliases.iter().any(|a| a == m) => {
-            Err(ApiError::model_not_found(m))
-        }
-        _ => match who {
-            Principal::Key(k) if !k.allows_model(&state.model_name) => Err(ApiError::forbidden(
-                "model_not_allowed",
-                format!("This key may not use the model `{}`", state.model_name),
-            )),
-            _ => Ok(()),
+) -> Result<Served, ApiError> {
+    let served = match model {
+        None => None,
+        Some(m) if m == state.model_name || state.model_aliases.iter().any(|a| a == m) => None,
+        Some(m) => match state.adapters.iter().position(|a| a == m) {
+            Some(i) => Some(i),
+            None => return Err(ApiError::model_not_found(m)),
         },
+    };
+    let served = Served {
+        name: served
+            .map_or(&state.model_name, |i| &state.adapters[i])
+            .clone(),
+        adapter: served,
+    };
+    match who {
+        Principal::Key(k) if !k.allows_model(&served.name) => Err(ApiError::forbidden(
+            "model_not_allowed",
+            format!("This key may not use the model `{}`", served.name),
+        )),
+        _ => Ok(served),
     }
 }
 
-/// A request's ledger labels: its id, the served model, the route, and the session and
-/// metadata headers when they parsed.
+/// A request's ledger labels: its id, the model it runs on (the served model or an
+/// adapter), the route, and the session and metadata headers when they parsed.
 pub(in crate::api) fn labels(
-    state: &AppState,
+    model: &str,
     request_id: &str,
     route: &str,
     d: Option<&Directives>,
 ) -> Labels {
     Labels {
         request_id: request_id.to_string(),
-        model: state.model_name.clone(),
+        model: model.to_string(),
         route: route.to_string(),
         session_id: d.and_then(|d| d.session_id.clone()),
         metadata: d.and_then(|d| d.metadata.clone()),
@@ -86,7 +107,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     // A retry with an `Idempotency-Key` is parsed first: its reply may be there to replay.
     let refuse = |who: &Principal| {
         let directives = Directives::from_headers(headers, state.directive_defaults).ok();
-        let labels = labels(state, &rid.0, route, directives.as_ref());
+        let labels = labels(&state.model_name, &rid.0, route, directives.as_ref());
         state
             .gateway
             .record_rejected(who.key_id(), &labels, Instant::now());
@@ -99,9 +120,10 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
-    check_model(state, &who, model(&req))?;
+    let served = check_model(state, &who, model(&req))?;
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
     let gate = Gate {
+        served,
         principal: who,
         directives,
         route,

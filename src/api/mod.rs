@@ -85,6 +85,9 @@ pub struct AppState {
     /// Other names requests may give the served model (e.g. Workers AI's
     /// `@cf/meta/llama-3.1-8b-instruct`).
     pub model_aliases: Vec<String>,
+    /// The LoRA adapters' names (`--lora`), by the model's index for each: a request that
+    /// names one runs with it.
+    pub adapters: Vec<String>,
     pub ready: OnceLock<Ready>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
@@ -124,6 +127,8 @@ pub struct HttpConfig {
     /// The request timeout of requests that send no `cf-aig-request-timeout`.
     pub default_request_timeout: Option<Duration>,
     pub model_aliases: Vec<String>,
+    /// The LoRA adapters' names, in the order the model loads them.
+    pub adapters: Vec<String>,
     /// How long the engine may hold work without finishing a step before liveness fails.
     pub stall_timeout: Duration,
     /// Sent in every response's `x-edgeinfer-node` header.
@@ -142,6 +147,7 @@ impl AppState {
         Self {
             model_name,
             model_aliases: config.model_aliases,
+            adapters: config.adapters,
             ready: OnceLock::new(),
             metrics,
             max_body_bytes: config.max_body_bytes,
@@ -424,6 +430,7 @@ pub(crate) fn new_id() -> String {
 pub fn install_metrics(
     model_name: &str,
     cache: crate::telemetry::CacheShape,
+    adapters: &[String],
 ) -> anyhow::Result<PrometheusHandle> {
     let latency = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -441,6 +448,6 @@ pub fn install_metrics(
             std::thread::sleep(Duration::from_secs(5));
             upkeep.run_upkeep();
         })?;
-    crate::telemetry::init(model_name, cache);
+    crate::telemetry::init(model_name, cache, adapters);
     Ok(handle)
 }

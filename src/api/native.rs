@@ -178,7 +178,7 @@ pub async fn completion(
         fields,
         probs,
     };
-    let meta = native_meta(state, &rid, "cmpl", ctx);
+    let meta = native_meta(&gate.served.name, &rid, "cmpl", ctx);
     let out = native_output(lines, constraints, probs);
     let input = Input { prompt, echo: None };
     run(
@@ -195,11 +195,11 @@ pub async fn completion(
 }
 
 /// The envelope of a reply in llama.cpp's shapes.
-pub(super) fn native_meta(state: &AppState, rid: &RequestId, kind: &str, ctx: NativeCtx) -> Meta {
+pub(super) fn native_meta(model: &str, rid: &RequestId, kind: &str, ctx: NativeCtx) -> Meta {
     Meta {
         id: format!("{kind}-{}", rid.0),
         created: unix_now(),
-        model: state.model_name.clone(),
+        model: model.to_string(),
         chat: false,
         logprobs: false,
         tools: None,

@@ -18,26 +18,35 @@ use super::types::{from_value, parse_body};
 use super::AppState;
 use crate::gateway::Principal;
 
-/// The served model, unless the caller's key may not use it (then the list is empty, as a
-/// completion with that key would answer 403).
+/// The served model and its LoRA adapters, each unless the caller's key may not use it
+/// (as a completion with that key would answer 403).
 pub async fn models(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
 ) -> Json<Value> {
-    let visible = match &who {
-        Principal::Key(k) => k.allows_model(&state.model_name),
+    let visible = |name: &str| match &who {
+        Principal::Key(k) => k.allows_model(name),
         Principal::Anonymous | Principal::Master => true,
     };
-    let data: Vec<Value> = visible.then(|| model_object(&state)).into_iter().collect();
+    let data: Vec<Value> = std::iter::once(&state.model_name)
+        .chain(&state.adapters)
+        .filter(|n| visible(n))
+        .map(|n| model_object(&state, n))
+        .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
-fn model_object(state: &AppState) -> Value {
+/// A model's object; an adapter's names the served model as its `parent` (as vLLM's do).
+fn model_object(state: &AppState, name: &str) -> Value {
     let ctx = state.ready.get().map(|r| r.context_length);
-    json!({
-        "id": state.model_name, "object": "model", "created": state.started,
+    let mut o = json!({
+        "id": name, "object": "model", "created": state.started,
         "owned_by": "edgeinfer", "context_length": ctx,
-    })
+    });
+    if name != state.model_name {
+        o["parent"] = json!(state.model_name);
+    }
+    o
 }
 
 /// OpenAI's `GET /v1/models/{model}`: the served model by its name or an alias; 404
@@ -47,9 +56,9 @@ pub async fn model(
     Extension(who): Extension<Principal>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    super::handlers::check_model(&state, &who, Some(&name))
+    let served = super::handlers::check_model(&state, &who, Some(&name))
         .map_err(|_| ApiError::model_not_found(&name))?;
-    Ok(Json(model_object(&state)))
+    Ok(Json(model_object(&state, &served.name)))
 }
 
 /// Liveness: 200 while the process and its engine thread are alive, also while the model

@@ -44,8 +44,18 @@ pub fn to_openai(body: Value, model: &str) -> Result<Value, ApiError> {
         ));
     };
     let mut out = Map::new();
-    out.insert("model".into(), Value::from(model));
-    for field in ["lora", "functions", "image"] {
+    // A fine-tune (`lora`) runs as the adapter of that name (`--lora NAME=PATH`).
+    match b.get("lora") {
+        None | Some(Value::Null) => out.insert("model".into(), Value::from(model)),
+        Some(Value::String(name)) if !name.is_empty() => out.insert("model".into(), json!(name)),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "lora",
+                "`lora` must name a LoRA adapter this server serves (`--lora NAME=PATH`)",
+            ))
+        }
+    };
+    for field in ["functions", "image"] {
         if b.get(field).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid(
                 field,
@@ -330,13 +340,21 @@ mod tests {
     }
 
     #[test]
+    fn a_fine_tune_runs_as_the_adapter_of_its_name() {
+        let t = to_openai(json!({"prompt": "a", "lora": "sql"}), "m").unwrap();
+        assert_eq!(t["model"], "sql");
+        let t = to_openai(json!({"prompt": "a", "lora": null}), "m").unwrap();
+        assert_eq!(t["model"], "m");
+    }
+
+    #[test]
     fn bad_bodies_name_their_field() {
         for (body, param) in [
             (json!({}), "messages"),
             (json!({"prompt": 5}), "prompt"),
             (json!({"prompt": "a", "messages": []}), "prompt"),
             (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
-            (json!({"prompt": "a", "lora": "x"}), "lora"),
+            (json!({"prompt": "a", "lora": 3}), "lora"),
             (json!({"messages": "hi"}), "messages"),
             (
                 json!({"prompt": "a", "raw": true, "response_format": {"type": "json_object"}}),

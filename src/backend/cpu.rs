@@ -4,9 +4,10 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::{Backend, HeadShape, KvPool, Result, StepPlan, WeightUse};
+use super::{Backend, HeadShape, KvPool, LoraShape, Result, StepPlan, WeightUse};
 use crate::kernels::attention::{packed_attention, AttentionSeq, AttentionShape};
 use crate::kernels::cpu::PARALLEL_QUANT_VALUES;
+use crate::kernels::lora::LowRank;
 use crate::kernels::norm::rms_norm;
 use crate::kernels::qmatmul::{Activations, Linear};
 use crate::kernels::silu::silu_mul_row;
@@ -34,6 +35,7 @@ impl Backend for Cpu {
     type Norm = Vec<f32>;
     type Kv = KvPool;
     type Step = StepPlan;
+    type Lora = LowRank;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -55,6 +57,13 @@ impl Backend for Cpu {
 
     fn load_norm(&self, w: Vec<f32>) -> Result<Vec<f32>> {
         Ok(w)
+    }
+
+    fn load_lora(&self, a: Vec<f32>, b: Vec<f32>, shape: LoraShape) -> Result<LowRank> {
+        let LoraShape { rank, n_in, n_out } = shape;
+        LowRank::new(a, &b, rank, n_in, n_out).ok_or_else(|| {
+            candle_core::Error::Msg(format!("a LoRA pair is not {shape:?}. This is a bug.")).into()
+        })
     }
 
     fn alloc_kv(
@@ -212,6 +221,18 @@ impl Backend for Cpu {
             data,
             n: rows.len(),
         })
+    }
+
+    fn lora_add(
+        &self,
+        y: &mut Rows,
+        x: &Rows,
+        lora: &LowRank,
+        rows: &[usize],
+        scale: f32,
+    ) -> Result<()> {
+        lora.add_rows(&mut y.data, &x.data, rows, scale);
+        Ok(())
     }
 
     fn to_host(&self, x: Rows) -> Result<Vec<f32>> {

@@ -42,6 +42,14 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// A LoRA pair's dimensions: `A` is `rank × n_in`, `B` is `n_out × rank`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraShape {
+    pub rank: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+}
+
 /// One sequence's part of a step, as the backend needs it: `len` rows of the step's packed
 /// activations, at positions `start..start + len`, with KV through `blocks`.
 #[derive(Clone, Debug)]
@@ -77,6 +85,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Kv: Send;
     /// One step's shared, device-side data (RoPE table, block tables, KV slots).
     type Step;
+    /// A LoRA adapter's pair for one weight ([`Backend::load_lora`]).
+    type Lora: Send + Sync;
 
     /// A short name for logs and metrics ("cpu", "cuda:0").
     fn name(&self) -> String;
@@ -94,6 +104,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         None
     }
     fn load_norm(&self, w: Vec<f32>) -> Result<Self::Norm>;
+    /// A LoRA pair for an `n_out × n_in` weight: `a` is `rank × n_in` and `b` is
+    /// `n_out × rank`, row-major f32.
+    fn load_lora(&self, a: Vec<f32>, b: Vec<f32>, shape: LoraShape) -> Result<Self::Lora>;
 
     /// A KV store of `n_blocks` blocks of `block_size` positions, `stride` values per
     /// position (`n_kv_head * head_dim`), for `n_layer` layers.
@@ -149,6 +162,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// A new matrix of the given rows of `x`, in that order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
+    /// `y[r] += scale · B·A·x[r]` for each row `r` in `rows`: an adapter's update of a
+    /// linear layer, for the rows of the sequences that use it.
+    fn lora_add(
+        &self,
+        y: &mut Self::Act,
+        x: &Self::Act,
+        lora: &Self::Lora,
+        rows: &[usize],
+        scale: f32,
+    ) -> Result<()>;
     /// `x` on the host, row-major.
     fn to_host(&self, x: Self::Act) -> Result<Vec<f32>>;
 }

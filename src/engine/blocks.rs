@@ -32,6 +32,12 @@ pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
 /// The parent hash of a sequence's first block.
 pub const ROOT_HASH: u64 = 0x6564_6765_696e_6672; // "edgeinfr"
 
+/// The parent hash of the first block of a sequence run with LoRA adapter `adapter`: its
+/// keys and values are the adapter's, so its blocks live apart from the base model's.
+pub fn adapter_root(adapter: usize) -> u64 {
+    chain_hash(ROOT_HASH, &[u32::MAX, adapter as u32])
+}
+
 #[derive(Debug)]
 pub struct BlockManager {
     block_size: usize,

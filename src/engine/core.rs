@@ -368,6 +368,10 @@ impl<M: ModelRunner> Engine<M> {
             self.scheduler.add(id, &req.prompt, req.cache_prompt);
         }
         self.scheduler.set_tenant(id, req.tenant);
+        if let Some(a) = req.adapter {
+            self.scheduler
+                .set_cache_root(id, super::blocks::adapter_root(a));
+        }
         let context = &req.prompt[req.prompt.len().saturating_sub(DETOK_CONTEXT)..];
         let active = Active {
             constraint: req.constraint.take(),
@@ -464,6 +468,7 @@ impl<M: ModelRunner> Engine<M> {
                     start: c.start,
                     blocks: self.scheduler.blocks(c.id),
                     logits,
+                    adapter: a.req.adapter,
                 }
             })
             .collect();

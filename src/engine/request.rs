@@ -59,6 +59,9 @@ pub struct GenerationRequest {
     /// llama-server's limits on a code completion's lines (none by default): reached, the
     /// reply ends with [`FinishReason::Length`].
     pub lines: super::lines::LineLimits,
+    /// The LoRA adapter it runs with (the model's index), or the base model alone. Its
+    /// prefix-cache blocks are its adapter's own.
+    pub adapter: Option<usize>,
 }
 
 /// Whose request it is, for fair admission: any number naming a key or end user (0 for

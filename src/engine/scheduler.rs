@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use super::blocks::{chain_hash, BlockManager, ROOT_HASH};
+use super::blocks::{chain_hash, BlockManager};
 use super::fair::{victim, yielding, Turns};
 use super::request::Tenant;
 pub use super::step::{BlockCopy, Chunk, Step};
@@ -76,6 +76,8 @@ struct SeqState {
     draft: usize,
     /// Whose sequence it is (0: nobody's in particular) and its weight.
     tenant: Tenant,
+    /// The parent hash of its first block: sequences of other roots share no blocks.
+    root: u64,
 }
 
 impl SeqState {
@@ -83,7 +85,7 @@ impl SeqState {
     fn hashes(&mut self, n: usize, block_size: usize) -> &[u64] {
         while self.hashes.len() < n {
             let i = self.hashes.len();
-            let parent = self.hashes.last().copied().unwrap_or(ROOT_HASH);
+            let parent = self.hashes.last().copied().unwrap_or(self.root);
             let block = &self.tokens[i * block_size..(i + 1) * block_size];
             self.hashes.push(chain_hash(parent, block));
         }
@@ -119,53 +121,6 @@ impl Scheduler {
             seqs: HashMap::new(),
             pinned: Vec::new(),
             since_foreground: usize::MAX,
-        }
-    }
-
-    /// Queues a sequence with its prompt; `cache` lets it use the prefix cache (when the
-    /// block manager has one).
-    pub fn add(&mut self, id: SeqId, prompt: &[u32], cache: bool) {
-        assert!(
-            !prompt.is_empty(),
-            "prompts are validated non-empty. This is a bug."
-        );
-        self.seqs.insert(
-            id,
-            SeqState {
-                tokens: prompt.to_vec(),
-                computed: 0,
-                blocks: Vec::new(),
-                ever_ran: false,
-                cache,
-                hashes: Vec::new(),
-                registered: 0,
-                cached_tokens: 0,
-                scored_until: 0,
-                rescored: 0,
-                draft: 0,
-                tenant: Tenant::from(0),
-            },
-        );
-        self.waiting.push_back(id);
-    }
-
-    /// Queues a sequence whose prompt is scored: every prompt row returns its logits, so its
-    /// prefill rows share the step's `max_scored_rows`; it never uses the prefix cache.
-    pub fn add_scoring(&mut self, id: SeqId, prompt: &[u32]) {
-        self.add(id, prompt, false);
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.scored_until = prompt.len();
-        }
-    }
-
-    /// Names whose sequence `id` is. Waiting sequences are admitted tenant by tenant (see
-    /// `fair.rs`): next is always one of the tenant running the fewest sequences for its
-    /// weight (the earliest of its own), so one tenant's burst does not queue the others
-    /// behind it; a preempted sequence still goes first. One tenant alone is served in
-    /// queue order.
-    pub fn set_tenant(&mut self, id: SeqId, tenant: impl Into<Tenant>) {
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.tenant = tenant.into();
         }
     }
 
@@ -217,7 +172,7 @@ impl Scheduler {
             if s.cache && s.computed % bs != 0 && full == s.registered && full < s.blocks.len() {
                 s.hashes(full, bs);
                 let parent = if full == 0 {
-                    ROOT_HASH
+                    s.root
                 } else {
                     s.hashes[full - 1]
                 };
@@ -271,7 +226,7 @@ impl Scheduler {
                 if full > s.registered {
                     s.hashes(full, bs);
                     for i in s.registered..full {
-                        let parent = if i == 0 { ROOT_HASH } else { s.hashes[i - 1] };
+                        let parent = if i == 0 { s.root } else { s.hashes[i - 1] };
                         let tokens = &s.tokens[i * bs..(i + 1) * bs];
                         self.blocks
                             .register(s.blocks[i], parent, s.hashes[i], tokens);
@@ -588,6 +543,8 @@ impl Scheduler {
     }
 }
 
+#[path = "scheduler_add.rs"]
+mod add;
 #[path = "scheduler_background.rs"]
 mod background;
 #[path = "scheduler_prefix.rs"]

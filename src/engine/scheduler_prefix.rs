@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 
 use super::{Chunk, Scheduler, SeqId};
-use crate::engine::blocks::ROOT_HASH;
 
 impl Scheduler {
     /// Adds the hashes of the full blocks chunk `c` completes to `computing`.
@@ -55,7 +54,7 @@ impl Scheduler {
         s.registered = k;
         s.computed = k * bs;
         s.blocks = found;
-        let parent = if k == 0 { ROOT_HASH } else { s.hashes[k - 1] };
+        let parent = if k == 0 { s.root } else { s.hashes[k - 1] };
         let tail = &s.tokens[k * bs..last.min((k + 1) * bs)];
         let copy = self.blocks.partial(parent, tail);
         if let Some((src, rows)) = copy {

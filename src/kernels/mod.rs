@@ -11,6 +11,7 @@ pub mod kpack;
 mod kpack_x86;
 pub mod kquant;
 mod kquant_x86;
+pub mod lora;
 pub mod norm;
 pub mod pool;
 pub mod qmatmul;

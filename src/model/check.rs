@@ -102,6 +102,7 @@ fn hidden<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Result<Vec<f32>> {
             from: 0,
             to: prompt.len(),
         },
+        adapter: None,
     };
     let mut out = model.forward_batch(&[input], &mut kv)?;
     out.pop()
@@ -142,6 +143,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             start,
             blocks: t,
             logits: Logits::Last,
+            adapter: None,
         };
         let first = model
             .forward_batch(&[seq(p, 0)], &mut kv)?
@@ -164,6 +166,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             start: 0,
             blocks: t,
             logits: Logits::Last,
+            adapter: None,
         })
         .collect();
     let firsts = model.forward_batch(&seqs, &mut kv)?;
@@ -177,6 +180,7 @@ pub fn batch_invariance<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> R
             start: p.len(),
             blocks: t,
             logits: Logits::Last,
+            adapter: None,
         })
         .collect();
     let seconds = model.forward_batch(&seqs, &mut kv)?;
@@ -230,6 +234,7 @@ pub fn decode_speed<B: Backend>(
                 start: 0,
                 blocks: t,
                 logits: Logits::Skip,
+                adapter: None,
             })
             .collect();
         model.forward_batch(&seqs, &mut kv)?;
@@ -246,6 +251,7 @@ pub fn decode_speed<B: Backend>(
                 start: pos,
                 blocks: t,
                 logits: Logits::Last,
+                adapter: None,
             })
             .collect();
         let out = model.forward_batch(&seqs, &mut kv)?;
@@ -281,6 +287,7 @@ pub fn prefill_speed<B: Backend>(model: &Llama<B>, tokens: usize) -> Result<f64>
         start: 0,
         blocks: &blocks,
         logits: Logits::Last,
+        adapter: None,
     };
     model.forward_batch(std::slice::from_ref(&seq), &mut kv)?;
     let started = Instant::now();

@@ -8,6 +8,7 @@
 use candle_core::Device;
 
 use super::gguf::{GgufFile, ModelConfig, RopeScaling};
+use super::lora::{self, Adapter, Target};
 use crate::backend::{Backend, Cpu, HeadShape, KvPool, StepPlan, StepSeq, WeightUse};
 use crate::error::ModelError;
 
@@ -36,6 +37,8 @@ pub struct Llama<B: Backend = Cpu> {
     norm: B::Norm,
     output: B::Weight,
     rope: Rope,
+    /// LoRA adapters, by the index a sequence names ([`SeqInput::adapter`]).
+    adapters: Vec<Adapter<B>>,
 }
 
 /// Positions per KV block for a single sequence's own cache.
@@ -68,6 +71,9 @@ pub struct SeqInput<'a> {
     pub blocks: &'a [u32],
     /// Which rows' logits to compute.
     pub logits: Logits,
+    /// The LoRA adapter its tokens run with ([`Llama::add_adapter`]'s index), or the base
+    /// model's weights alone.
+    pub adapter: Option<usize>,
 }
 
 /// The logits a sequence wants from a forward.
@@ -193,7 +199,21 @@ impl<B: Backend> Llama<B> {
             rope,
             config,
             backend,
+            adapters: Vec::new(),
         })
+    }
+
+    /// Loads the LoRA adapter at `path` for this model; sequences name it by the index
+    /// returned (0 for the first).
+    pub fn add_adapter(&mut self, path: &std::path::Path) -> Result<usize> {
+        let adapter = lora::load(path, &self.config, &self.backend)?;
+        self.adapters.push(adapter);
+        Ok(self.adapters.len() - 1)
+    }
+
+    /// How many adapters are loaded.
+    pub fn adapters(&self) -> usize {
+        self.adapters.len()
     }
 
     pub fn backend(&self) -> &B {
@@ -238,6 +258,7 @@ impl<B: Backend> Llama<B> {
             start: cache.len,
             blocks: &cache.blocks,
             logits: Logits::Last,
+            adapter: None,
         };
         let mut out = self.forward_batch(&[seq], &mut cache.pool)?;
         cache.len += tokens.len();
@@ -293,6 +314,17 @@ impl<B: Backend> Llama<B> {
             rope: self.rope.table(&positions),
         };
         let step = b.begin_step(pool, plan)?;
+        let groups = self.adapter_rows(seqs.iter().map(|s| (s.adapter, s.tokens.len())))?;
+        // A LoRA adapter's update of linear layer `t`'s output `y` from its input `x`, for
+        // the rows of the sequences using it.
+        let adapt = |y: &mut B::Act, x: &B::Act, l: usize, t: Target| -> Result<()> {
+            for (a, rows) in &groups {
+                if let Some(p) = self.adapters[*a].pair(l, t) {
+                    b.lora_add(y, x, &p.lora, rows, p.scale)?;
+                }
+            }
+            Ok(())
+        };
         let eps = c.norm_eps as f32;
         let mut x = b.embed(self.embed.as_ref().unwrap_or(&self.output), &tokens)?; // [n, dim]
         let shape = HeadShape {
@@ -303,39 +335,51 @@ impl<B: Backend> Llama<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = b.rms_norm(&x, &layer.attn_norm, eps)?;
             // [n, n_head * head_dim], [n, n_kv_head * head_dim] twice
-            let [mut q, mut k, v]: [B::Act; 3] = b
+            let [mut q, mut k, mut v]: [B::Act; 3] = b
                 .matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?
                 .try_into()
                 .map_err(|_| bug("three products"))?;
+            adapt(&mut q, &h, l, Target::Q)?;
+            adapt(&mut k, &h, l, Target::K)?;
+            adapt(&mut v, &h, l, Target::V)?;
             b.rope(&mut q, &step, c.head_dim)?;
             b.rope(&mut k, &step, c.head_dim)?;
             b.kv_write(pool, l, &step, &k, &v)?;
             let y = b.attention(&q, pool, l, &step, shape)?;
-            b.add(&mut x, &b.matmul(&layer.wo, &y)?)?;
+            let mut o = b.matmul(&layer.wo, &y)?;
+            adapt(&mut o, &y, l, Target::O)?;
+            b.add(&mut x, &o)?;
             let h = b.rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [mut gate, up]: [B::Act; 2] =
+            let [mut gate, mut up]: [B::Act; 2] =
                 b // [n, ffn_dim] each
                     .matmul_many(&[&layer.w_gate, &layer.w_up], &h)?
                     .try_into()
                     .map_err(|_| bug("two products"))?;
+            adapt(&mut gate, &h, l, Target::Gate)?;
+            adapt(&mut up, &h, l, Target::Up)?;
             b.silu_mul(&mut gate, &up)?;
-            b.add(&mut x, &b.matmul(&layer.w_down, &gate)?)?;
+            let mut down = b.matmul(&layer.w_down, &gate)?;
+            adapt(&mut down, &gate, l, Target::Down)?;
+            b.add(&mut x, &down)?;
         }
         // The output norm and the lm head run only on the rows sequences want, all at once.
         let (mut heads, mut hidden) = (Vec::new(), Vec::new());
+        let mut head_adapters = Vec::new();
         let mut end = 0;
         for s in seqs {
             end += s.tokens.len();
             let rows = end - s.tokens.len()..end;
+            let before = heads.len();
             match s.logits {
                 Logits::Skip => {}
                 Logits::Last => heads.push(end - 1),
-                Logits::All => heads.extend(rows),
+                Logits::All => heads.extend(rows.clone()),
                 Logits::Hidden { from, to } => {
                     let to = to.min(s.tokens.len());
                     hidden.extend(rows.start + from.min(to)..rows.start + to)
                 }
             }
+            head_adapters.push((s.adapter, heads.len() - before));
         }
         let normed = |rows: &[usize]| -> Result<Option<B::Act>> {
             if rows.is_empty() {
@@ -348,7 +392,15 @@ impl<B: Backend> Llama<B> {
             )?))
         };
         let logits = match normed(&heads)? {
-            Some(h) => b.to_host(b.matmul(&self.output, &h)?)?,
+            Some(h) => {
+                let mut logits = b.matmul(&self.output, &h)?;
+                for (a, rows) in &self.adapter_rows(head_adapters.into_iter())? {
+                    if let Some(p) = &self.adapters[*a].output {
+                        b.lora_add(&mut logits, &h, &p.lora, rows, p.scale)?;
+                    }
+                }
+                b.to_host(logits)?
+            }
             None => Vec::new(),
         };
         let states = match normed(&hidden)? {
@@ -389,6 +441,35 @@ impl<B: Backend> Llama<B> {
                 (!mine.is_empty()).then(|| mine.to_vec())
             })
             .collect())
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Each adapter named by `(adapter, rows)` runs of consecutive rows, with the rows that
+    /// use it, in order of first use.
+    fn adapter_rows(
+        &self,
+        runs: impl Iterator<Item = (Option<usize>, usize)>,
+    ) -> Result<Vec<(usize, Vec<usize>)>> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut row = 0;
+        for (adapter, n) in runs {
+            if let Some(a) = adapter {
+                if a >= self.adapters.len() {
+                    return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                        "a sequence names adapter {a} of {}. This is a bug.",
+                        self.adapters.len()
+                    ))));
+                }
+                let rows = row..row + n;
+                match groups.iter_mut().find(|g| g.0 == a) {
+                    Some(g) => g.1.extend(rows),
+                    None => groups.push((a, rows.collect())),
+                }
+            }
+            row += n;
+        }
+        Ok(groups)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod fim;
 pub mod gguf;
 mod gguf_check;
 pub mod llama;
+pub mod lora;
 mod pyjson;
 pub mod runner;
 pub mod synth;

@@ -383,6 +383,10 @@ pub fn write_vocab_only(out: &Path, donor: &Path) -> Result<u64, ModelError> {
     Ok(std::fs::metadata(out).map_err(io)?.len())
 }
 
+#[path = "synth_lora.rs"]
+mod lora;
+pub use lora::{write_lora, LoraSpec};
+
 #[cfg(test)]
 mod tests {
     use super::*;

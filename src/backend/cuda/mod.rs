@@ -17,7 +17,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Module, Storage, Tensor};
 use half::f16;
 
-use super::{Backend, HeadShape, Result, StepPlan, WeightUse};
+use super::{Backend, HeadShape, LoraShape, Result, StepPlan, WeightUse};
 use crate::error::ModelError;
 use crate::kernels::qmatmul::Linear;
 
@@ -156,6 +156,8 @@ impl Backend for Cuda {
     type Norm = Tensor;
     type Kv = CudaKv;
     type Step = CudaStep;
+    /// LoRA adapters run on the CPU backend only (for now): none is ever loaded here.
+    type Lora = std::convert::Infallible;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.ordinal)
@@ -180,6 +182,23 @@ impl Backend for Cuda {
     fn load_norm(&self, w: Vec<f32>) -> Result<Tensor> {
         let n = w.len();
         Ok(Tensor::from_vec(w, n, &self.device)?)
+    }
+
+    fn load_lora(&self, _a: Vec<f32>, _b: Vec<f32>, _shape: LoraShape) -> Result<Self::Lora> {
+        Err(ModelError::Candle(candle_core::Error::Msg(
+            "LoRA adapters run on the CPU backend only: serve them with --device cpu".into(),
+        )))
+    }
+
+    fn lora_add(
+        &self,
+        _y: &mut Tensor,
+        _x: &Tensor,
+        lora: &Self::Lora,
+        _rows: &[usize],
+        _scale: f32,
+    ) -> Result<()> {
+        match *lora {}
     }
 
     fn alloc_kv(
