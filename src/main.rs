@@ -428,7 +428,10 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
                     LoadedModel::load(&path, tokenizer.as_deref(), &candle_core::Device::Cpu)
                         .with_context(|| format!("cannot load model {}", path.display()))?;
                 for a in &loras {
-                    let index = model.llama.add_adapter(&a.path)?;
+                    let index = model
+                        .llama
+                        .add_adapter(&a.path)
+                        .with_context(|| format!("cannot load --lora {}", a.name))?;
                     tracing::info!(name = %a.name, path = %a.path.display(), index, "LoRA adapter loaded");
                 }
                 start_engine(model, engine_config, &path)?

@@ -1,0 +1,201 @@
+//! LoRA adapters over HTTP, on the default model with a random adapter: each is a model of
+//! its own (listed, named in replies and the ledger, allowed per key), answers with its own
+//! weights, keeps its own prefix-cache blocks, and Workers AI's `lora` field selects it.
+
+mod common;
+
+use common::server::{Reply, Server};
+use edgeinfer::model::synth::{write_lora, LoraSpec};
+use serde_json::{json, Value};
+
+const MASTER: &str = "sk-master-lora";
+
+fn post(s: &Server, path: &str, body: &Value, key: &str) -> Reply {
+    s.post_key(path, body, key)
+}
+
+fn completion(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1})
+}
+
+fn tokens_and_cached(r: &Reply) -> (Vec<f64>, u64) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lp = r.body["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let cached = r.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    (lp, cached)
+}
+
+#[test]
+fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("tuned.gguf");
+    let spec = LoraSpec {
+        strength: 0.3,
+        ..Default::default()
+    };
+    write_lora(&adapter, &common::default_model_path(), &spec).unwrap();
+    let flag = format!("tuned={}", adapter.display());
+    let s = Server::start(&["--master-key", MASTER, "--lora", &flag]);
+
+    let models = s.call(
+        "GET",
+        "/v1/models",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    let data = models.body["data"].as_array().unwrap().clone();
+    assert_eq!(data.len(), 2, "{}", models.body);
+    let base = data[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(data[1]["id"], "tuned");
+    assert_eq!(data[1]["parent"], base.as_str());
+
+    // The same long prompt: first the base model, then the adapter. The adapter's keys and
+    // values are its own, so it takes nothing from the base model's cached blocks.
+    let prompt = common::long_prompt("Now tell me about foxes.");
+    let b1 = post(&s, "/v1/completions", &completion(&base, &prompt), MASTER);
+    let t1 = post(&s, "/v1/completions", &completion("tuned", &prompt), MASTER);
+    let (b1_lp, b1_cached) = tokens_and_cached(&b1);
+    let (t1_lp, t1_cached) = tokens_and_cached(&t1);
+    assert_eq!(t1.body["model"], "tuned");
+    assert_eq!(b1.body["model"], base.as_str());
+    assert_eq!(b1_cached, 0);
+    assert_eq!(
+        t1_cached, 0,
+        "the adapter's request took the base model's cached blocks"
+    );
+    assert_ne!(b1_lp, t1_lp, "the adapter changed nothing");
+    // Again: each now finds its own blocks and answers as before.
+    let (t2_lp, t2_cached) = tokens_and_cached(&post(
+        &s,
+        "/v1/completions",
+        &completion("tuned", &prompt),
+        MASTER,
+    ));
+    let (b2_lp, b2_cached) = tokens_and_cached(&post(
+        &s,
+        "/v1/completions",
+        &completion(&base, &prompt),
+        MASTER,
+    ));
+    assert!(
+        t2_cached > 1000 && b2_cached > 1000,
+        "{t2_cached} {b2_cached}"
+    );
+    let close = |a: &[f64], b: &[f64]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-3)
+    };
+    assert!(close(&t1_lp, &t2_lp), "{t1_lp:?} vs {t2_lp:?}");
+    assert!(close(&b1_lp, &b2_lp), "{b1_lp:?} vs {b2_lp:?}");
+
+    // Workers AI: `lora` names the fine-tune, whatever model the path names.
+    let msgs = json!([{"role": "user", "content": "Name three colours."}]);
+    let chat = json!({"model": "tuned", "messages": msgs, "max_tokens": 16, "temperature": 0});
+    let openai = post(&s, "/v1/chat/completions", &chat, MASTER);
+    assert_eq!(openai.status, 200, "{}", openai.body);
+    let run = format!("/client/v4/accounts/a/ai/run/{base}");
+    let workers_body =
+        json!({"messages": msgs, "max_tokens": 16, "temperature": 0, "lora": "tuned"});
+    let w = post(&s, &run, &workers_body, MASTER);
+    assert_eq!(w.status, 200, "{}", w.body);
+    assert_eq!(
+        w.body["result"]["response"], openai.body["choices"][0]["message"]["content"],
+        "{}",
+        w.body
+    );
+    let unknown = post(&s, &run, &json!({"prompt": "Hi", "lora": "nope"}), MASTER);
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let unknown = post(&s, "/v1/completions", &completion("nope", "Hi"), MASTER);
+    assert_eq!(unknown.body["error"]["code"], "model_not_found");
+
+    // A key's `models` name the adapter like any model.
+    let key = |models: Value| {
+        let r = post(&s, "/key/generate", &json!({"models": models}), MASTER);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["key"].as_str().unwrap().to_string()
+    };
+    let base_only = key(json!([base]));
+    let tuned_only = key(json!(["tuned"]));
+    let r = post(
+        &s,
+        "/v1/completions",
+        &completion("tuned", "Hi"),
+        &base_only,
+    );
+    assert_eq!(
+        (r.status, r.body["error"]["code"].clone()),
+        (403, json!("model_not_allowed"))
+    );
+    let r = post(&s, "/v1/completions", &completion(&base, "Hi"), &tuned_only);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post(
+        &s,
+        "/v1/completions",
+        &completion("tuned", "Hi"),
+        &tuned_only,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed = s.call(
+        "GET",
+        "/v1/models",
+        None,
+        &[("authorization", &format!("Bearer {tuned_only}"))],
+    );
+    let ids: Vec<&Value> = listed.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    assert_eq!(ids, [&json!("tuned")]);
+
+    // The ledger counts the adapter's requests under its name.
+    let usage = s.call(
+        "GET",
+        "/v1/usage",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    let tuned_requests: u64 = usage.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["model"] == "tuned")
+        .map(|r| r["requests"].as_u64().unwrap())
+        .sum();
+    assert!(tuned_requests >= 4, "{}", usage.body);
+    let m = s.get("/metrics").1;
+    assert!(m.contains("running_lora_adapters=\"tuned\""), "{m}");
+}
+
+#[test]
+fn bad_lora_flags_stop_the_server_with_a_clear_message() {
+    let model = common::default_model_path();
+    let model = model.to_str().unwrap();
+    let run = |lora: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+            .args(["serve", "--port", "0", "--model", model, "--lora", lora])
+            .env("EDGEINFER_DATA_DIR", tempfile::tempdir().unwrap().path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_ne!(out.status.code(), Some(0), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    assert!(run("tuned").contains("is not NAME=PATH"));
+    let missing = run("tuned=/nonexistent/adapter.gguf");
+    assert!(missing.contains("/nonexistent/adapter.gguf"), "{missing}");
+    // The model file itself is no adapter.
+    let not_adapter = run(&format!("tuned={model}"));
+    assert!(not_adapter.contains("not a LoRA adapter"), "{not_adapter}");
+    // The served model's own name (the file's stem here).
+    let taken = run(&format!("SmolLM2-135M-Instruct.Q4_1={model}"));
+    assert!(taken.contains("is taken"), "{taken}");
+}
