@@ -417,6 +417,30 @@ fn the_computed_rows_of_a_finished_sequences_last_block_are_copied_by_the_next_t
 }
 
 #[test]
+fn sequences_of_other_cache_roots_share_no_blocks() {
+    let mut s = sched_cached(4, 64, 40, true);
+    add(&mut s, 1, 6);
+    let first = run_until(&mut s, 1, 10);
+    s.remove(1);
+    let mut follow = first.clone();
+    follow.extend([1, 2, 3]);
+    // Another root (a LoRA adapter's): neither the full blocks nor the partial one's rows.
+    s.add(2, &follow, true);
+    s.set_cache_root(2, 7);
+    run(&mut s);
+    assert_eq!(s.cached_tokens(2), 0);
+    let second = run_until(&mut s, 2, follow.len() + 3);
+    s.remove(2);
+    // A later sequence of that root finds its blocks; one of the first root finds its own.
+    s.add(3, &second, true);
+    s.set_cache_root(3, 7);
+    s.add(4, &follow, true);
+    run(&mut s);
+    assert_eq!(s.cached_tokens(3), 15);
+    assert_eq!(s.cached_tokens(4), 9);
+}
+
+#[test]
 fn scored_prompts_share_a_steps_scored_rows() {
     let mut s = sched(4, 32, 100);
     s.config.max_scored_rows = 10;
