@@ -114,6 +114,36 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
     let unknown = post(&s, "/v1/completions", &completion("nope", "Hi"), MASTER);
     assert_eq!(unknown.body["error"]["code"], "model_not_found");
 
+    // llama-server's `lora` list picks an adapter by its place among the `--lora` flags.
+    let native = |extra: Value| {
+        let mut body = json!({"prompt": "Once upon a time", "n_predict": 8, "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post(&s, "/completion", &body, MASTER)
+    };
+    let by_list = native(json!({"lora": [{"id": 0, "scale": 1.0}]}));
+    let by_name = native(json!({"model": "tuned"}));
+    let plain = native(json!({"lora": [{"id": 0, "scale": 0.0}]}));
+    assert_eq!(by_list.status, 200, "{}", by_list.body);
+    assert_eq!(by_list.body["model"], "tuned");
+    assert_eq!(by_list.body["content"], by_name.body["content"]);
+    assert_eq!(plain.body["model"], base.as_str());
+    for bad in [
+        json!({"lora": [{"id": 3, "scale": 1.0}]}),
+        json!({"lora": [{"id": 0, "scale": 0.5}]}),
+        json!({"lora": {"id": 0}}),
+        json!({"model": "tuned", "lora": [{"id": 0, "scale": 1.0}]}),
+    ] {
+        let r = native(bad.clone());
+        assert_eq!(
+            (r.status, &r.body["error"]["param"]),
+            (400, &json!("lora")),
+            "{bad}: {}",
+            r.body
+        );
+    }
+
     // A key's `models` name the adapter like any model.
     let key = |models: Value| {
         let r = post(&s, "/key/generate", &json!({"models": models}), MASTER);

@@ -69,6 +69,56 @@ pub(in crate::api) fn check_model(
     }
 }
 
+/// llama-server's `lora` field (`[{"id": 0, "scale": 1.0}]`, ids as `--lora` flags are
+/// ordered): one adapter at scale 1 (an adapter's alpha sets its scale), or none (an empty
+/// list, or scales of 0). Not with a `model` that names an adapter already.
+fn llama_lora(
+    state: &AppState,
+    who: &Principal,
+    served: Served,
+    lora: &Value,
+) -> Result<Served, ApiError> {
+    let bad = |m: String| ApiError::invalid("lora", m);
+    let entries = lora
+        .as_array()
+        .ok_or_else(|| bad("`lora` must be a list of `{\"id\", \"scale\"}`".into()))?;
+    let mut chosen = None;
+    for e in entries {
+        let id = e.get("id").and_then(Value::as_u64);
+        let scale = e.get("scale").map_or(Some(1.0), Value::as_f64);
+        let (Some(id), Some(scale)) = (id, scale) else {
+            return Err(bad(format!(
+                "`lora` entry {e} needs an integer `id` and a numeric `scale`"
+            )));
+        };
+        let Some(name) = state.adapters.get(id as usize) else {
+            return Err(bad(format!(
+                "`lora` names adapter {id}; this server has {}",
+                state.adapters.len()
+            )));
+        };
+        if scale == 0.0 {
+            continue;
+        }
+        if scale != 1.0 {
+            return Err(bad(format!("`lora` scale {scale}: adapters run at scale 1 (their alpha sets their scale) or 0 (off)")));
+        }
+        if chosen.replace(name).is_some() {
+            return Err(bad(
+                "`lora`: a request runs with one adapter at a time".into()
+            ));
+        }
+    }
+    match chosen {
+        None => Ok(served),
+        Some(_) if served.adapter.is_some() => Err(bad(format!(
+            "`model` names the adapter `{}` already: send `lora` or that `model`, not both",
+            served.name
+        ))),
+        Some(name) => check_model(state, who, Some(name)),
+    }
+}
+
 /// A request's ledger labels: its id, the model it runs on (the served model or an
 /// adapter), the route, and the session and metadata headers when they parsed.
 pub(in crate::api) fn labels(
@@ -120,7 +170,10 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
-    let served = check_model(state, &who, model(&req))?;
+    let mut served = check_model(state, &who, model(&req))?;
+    if let Some(lora) = body.get("lora").filter(|v| !v.is_null()) {
+        served = llama_lora(state, &who, served, lora)?;
+    }
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
     let gate = Gate {
         served,
