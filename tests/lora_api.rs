@@ -94,11 +94,18 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
     assert!(close(&t1_lp, &t2_lp), "{t1_lp:?} vs {t2_lp:?}");
     assert!(close(&b1_lp, &b2_lp), "{b1_lp:?} vs {b2_lp:?}");
 
-    // Workers AI: `lora` names the fine-tune, whatever model the path names.
+    // Workers AI: `lora` names a fine-tune of the model the path names.
     let msgs = json!([{"role": "user", "content": "Name three colours."}]);
     let chat = json!({"model": "tuned", "messages": msgs, "max_tokens": 16, "temperature": 0});
     let openai = post(&s, "/v1/chat/completions", &chat, MASTER);
     assert_eq!(openai.status, 200, "{}", openai.body);
+    let mut base_chat = chat.clone();
+    base_chat["model"] = json!(base);
+    let base_reply = post(&s, "/v1/chat/completions", &base_chat, MASTER);
+    assert_ne!(
+        base_reply.body["choices"][0]["message"]["content"],
+        openai.body["choices"][0]["message"]["content"]
+    );
     let run = format!("/client/v4/accounts/a/ai/run/{base}");
     let workers_body =
         json!({"messages": msgs, "max_tokens": 16, "temperature": 0, "lora": "tuned"});
@@ -110,7 +117,10 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
         w.body
     );
     let unknown = post(&s, &run, &json!({"prompt": "Hi", "lora": "nope"}), MASTER);
-    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    let elsewhere = "/client/v4/accounts/a/ai/run/@cf/some/other-model";
+    let other = post(&s, elsewhere, &workers_body, MASTER);
+    assert_eq!(other.status, 404, "{}", other.body);
     let unknown = post(&s, "/v1/completions", &completion("nope", "Hi"), MASTER);
     assert_eq!(unknown.body["error"]["code"], "model_not_found");
 
@@ -125,10 +135,31 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
     let by_list = native(json!({"lora": [{"id": 0, "scale": 1.0}]}));
     let by_name = native(json!({"model": "tuned"}));
     let plain = native(json!({"lora": [{"id": 0, "scale": 0.0}]}));
-    assert_eq!(by_list.status, 200, "{}", by_list.body);
+    assert_eq!(
+        (by_list.status, by_name.status),
+        (200, 200),
+        "{}",
+        by_list.body
+    );
     assert_eq!(by_list.body["model"], "tuned");
     assert_eq!(by_list.body["content"], by_name.body["content"]);
     assert_eq!(plain.body["model"], base.as_str());
+    assert_ne!(by_list.body["content"], plain.body["content"]);
+
+    // Embeddings run with the adapter too.
+    let embed = |model: &str| {
+        let r = post(
+            &s,
+            "/v1/embeddings",
+            &json!({"model": model, "input": "a fox"}),
+            MASTER,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["model"], model);
+        r.body["data"][0]["embedding"].clone()
+    };
+    assert_ne!(embed("tuned"), embed(&base));
+    assert_eq!(embed("tuned"), embed("tuned"));
     for bad in [
         json!({"lora": [{"id": 3, "scale": 1.0}]}),
         json!({"lora": [{"id": 0, "scale": 0.5}]}),
@@ -226,6 +257,11 @@ fn bad_lora_flags_stop_the_server_with_a_clear_message() {
     let not_adapter = run(&format!("tuned={model}"));
     assert!(not_adapter.contains("not a LoRA adapter"), "{not_adapter}");
     // The served model's own name (the file's stem here).
-    let taken = run(&format!("SmolLM2-135M-Instruct.Q4_1={model}"));
+    let stem = std::path::Path::new(model)
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let taken = run(&format!("{stem}={model}"));
     assert!(taken.contains("is taken"), "{taken}");
 }

@@ -64,7 +64,10 @@ impl Shape {
             ));
         };
         let text = b.remove("text").unwrap_or(Value::Null);
-        Ok(json!({"input": text, "model": model, "pooling": b.remove("pooling")}))
+        Ok(
+            json!({"input": text, "model": model, "pooling": b.remove("pooling"),
+                  "lora": b.remove("lora")}),
+        )
     }
 }
 
@@ -317,9 +320,10 @@ async fn embed(
         gate.route,
         Some(&gate.directives),
     );
-    let price = state
-        .gateway
-        .price(&gate.served.name, gate.directives.custom_cost);
+    let price = state.gateway.price(
+        &[&gate.served.name, &state.model_name],
+        gate.directives.custom_cost,
+    );
     let deadline = gate
         .directives
         .request_timeout

@@ -190,9 +190,10 @@ pub(super) async fn run(
         gate.route,
         Some(&gate.directives),
     );
-    let price = state
-        .gateway
-        .price(&gate.served.name, gate.directives.custom_cost);
+    let price = state.gateway.price(
+        &[&gate.served.name, &state.model_name],
+        gate.directives.custom_cost,
+    );
     let include_usage = fields.include_usage();
     // The first part of the response (a whole reply, a stream's first event) must be ready
     // by then, or the request is cancelled and answered 504.

@@ -69,20 +69,34 @@ pub(in crate::api) fn check_model(
     }
 }
 
-/// llama-server's `lora` field (`[{"id": 0, "scale": 1.0}]`, ids as `--lora` flags are
-/// ordered): one adapter at scale 1 (an adapter's alpha sets its scale), or none (an empty
+/// The `lora` field: Workers AI's (an adapter's name: the fine-tune of the model the path
+/// names), or llama-server's (`[{"id": 0, "scale": 1.0}]`, ids as `--lora` flags are
+/// ordered: one adapter at scale 1, as an adapter's alpha sets its scale, or none: an empty
 /// list, or scales of 0). Not with a `model` that names an adapter already.
-fn llama_lora(
+fn lora_field(
     state: &AppState,
     who: &Principal,
     served: Served,
     lora: &Value,
 ) -> Result<Served, ApiError> {
     let bad = |m: String| ApiError::invalid("lora", m);
-    let entries = lora
-        .as_array()
-        .ok_or_else(|| bad("`lora` must be a list of `{\"id\", \"scale\"}`".into()))?;
     let mut chosen = None;
+    let entries: &[Value] = match lora {
+        Value::String(name) => {
+            chosen = Some(state.adapters.iter().find(|a| *a == name).ok_or_else(|| {
+                bad(format!(
+                    "`lora`: this server has no adapter `{name}` (`--lora NAME=PATH`)"
+                ))
+            })?);
+            &[]
+        }
+        Value::Array(entries) => entries,
+        _ => {
+            return Err(bad(
+                "`lora` must be an adapter's name or a list of `{\"id\", \"scale\"}`".into(),
+            ))
+        }
+    };
     for e in entries {
         let id = e.get("id").and_then(Value::as_u64);
         let scale = e.get("scale").map_or(Some(1.0), Value::as_f64);
@@ -155,9 +169,9 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     let ready = state.ready()?;
     // Full: refuse before parsing, rendering or tokenizing anything (a flood's 429s stay cheap).
     // A retry with an `Idempotency-Key` is parsed first: its reply may be there to replay.
-    let refuse = |who: &Principal| {
+    let refuse = |who: &Principal, model: &str| {
         let directives = Directives::from_headers(headers, state.directive_defaults).ok();
-        let labels = labels(&state.model_name, &rid.0, route, directives.as_ref());
+        let labels = labels(model, &rid.0, route, directives.as_ref());
         state
             .gateway
             .record_rejected(who.key_id(), &labels, Instant::now());
@@ -165,14 +179,14 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     };
     let idempotent = headers.contains_key("idempotency-key");
     if !ready.engine.has_room() && !idempotent {
-        return Err(refuse(&who));
+        return Err(refuse(&who, &state.model_name));
     }
     let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     let mut served = check_model(state, &who, model(&req))?;
     if let Some(lora) = body.get("lora").filter(|v| !v.is_null()) {
-        served = llama_lora(state, &who, served, lora)?;
+        served = lora_field(state, &who, served, lora)?;
     }
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
     let gate = Gate {
@@ -188,7 +202,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
             .idempotency_key(&ready.model_hash, &ready.template_hash)
             .is_some_and(|k| state.idempotency.holds(k));
         if !held {
-            return Err(refuse(&gate.principal));
+            return Err(refuse(&gate.principal, &gate.served.name));
         }
     }
     Ok((ready, req, sampling, gate))

@@ -44,17 +44,21 @@ pub fn to_openai(body: Value, model: &str) -> Result<Value, ApiError> {
         ));
     };
     let mut out = Map::new();
-    // A fine-tune (`lora`) runs as the adapter of that name (`--lora NAME=PATH`).
+    out.insert("model".into(), Value::from(model));
+    // A fine-tune of the model: the LoRA adapter of that name (`--lora NAME=PATH`), which
+    // the intake picks once the model is checked.
     match b.get("lora") {
-        None | Some(Value::Null) => out.insert("model".into(), Value::from(model)),
-        Some(Value::String(name)) if !name.is_empty() => out.insert("model".into(), json!(name)),
+        None | Some(Value::Null) => {}
+        Some(Value::String(name)) if !name.is_empty() => {
+            out.insert("lora".into(), json!(name));
+        }
         Some(_) => {
             return Err(ApiError::invalid(
                 "lora",
                 "`lora` must name a LoRA adapter this server serves (`--lora NAME=PATH`)",
             ))
         }
-    };
+    }
     for field in ["functions", "image"] {
         if b.get(field).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid(
@@ -342,9 +346,9 @@ mod tests {
     #[test]
     fn a_fine_tune_runs_as_the_adapter_of_its_name() {
         let t = to_openai(json!({"prompt": "a", "lora": "sql"}), "m").unwrap();
-        assert_eq!(t["model"], "sql");
+        assert_eq!((&t["model"], &t["lora"]), (&json!("m"), &json!("sql")));
         let t = to_openai(json!({"prompt": "a", "lora": null}), "m").unwrap();
-        assert_eq!(t["model"], "m");
+        assert_eq!((&t["model"], t.get("lora")), (&json!("m"), None));
     }
 
     #[test]

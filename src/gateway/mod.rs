@@ -218,9 +218,10 @@ impl Gateway {
         }
     }
 
-    /// The price of a request: the custom one if given, else the model's.
-    pub fn price(&self, model: &str, custom: Option<Price>) -> Price {
-        custom.unwrap_or_else(|| self.prices.price(model))
+    /// The price of a request: the custom one if given, else that of the first of `models`
+    /// the table names (a LoRA adapter, then its base model), else the default.
+    pub fn price(&self, models: &[&str], custom: Option<Price>) -> Price {
+        custom.unwrap_or_else(|| self.prices.price_first(models))
     }
 
     /// Reserves a request's tokens, request slot and money, or says why not (and writes a

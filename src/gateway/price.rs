@@ -134,8 +134,15 @@ impl PriceTable {
     }
 
     pub fn price(&self, model: &str) -> Price {
-        self.models
-            .get(model)
+        self.price_first(&[model])
+    }
+
+    /// The price of the first of `models` the table names (a LoRA adapter's own, then its
+    /// base model's), else the `*` entry, else nothing.
+    pub fn price_first(&self, models: &[&str]) -> Price {
+        models
+            .iter()
+            .find_map(|m| self.models.get(*m))
             .or_else(|| self.models.get("*"))
             .copied()
             .unwrap_or_default()
@@ -164,6 +171,9 @@ mod tests {
         assert!(p.bound(100, 10) >= p.cost(tok));
         assert_eq!(t.price("other").output, 1_000_000);
         assert_eq!(t.price("other").input, 0);
+        // An adapter without a price of its own costs what its base model does.
+        assert_eq!(t.price_first(&["adapter", "m"]), t.price("m"));
+        assert_eq!(t.price_first(&["adapter", "other"]), t.price("*"));
         assert!(PriceTable::parse(r#"{"m": {"inptu": 1}}"#).is_err());
         assert!(PriceTable::parse(r#"{"m": {"input": -1}}"#).is_err());
     }

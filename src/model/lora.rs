@@ -71,9 +71,13 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
-/// The `(out, in)` shape of the model weight named `base` (`blk.N.attn_q.weight`,
-/// `output.weight`), and where it sits; `None` for a tensor no adapter may change here.
-fn place(c: &ModelConfig, base: &str) -> Option<(Option<(usize, Target)>, usize, usize)> {
+/// Where an adapted weight sits: a block's layer, or the lm head (`None`); and its
+/// `(out, in)` shape.
+type Place = (Option<(usize, Target)>, usize, usize);
+
+/// The place of the model weight named `base` (`blk.N.attn_q.weight`, `output.weight`);
+/// `None` for a tensor no adapter may change here.
+fn place(c: &ModelConfig, base: &str) -> Option<Place> {
     if base == "output.weight" {
         return Some((None, c.vocab_size, c.dim));
     }
@@ -137,7 +141,13 @@ pub fn load<B: Backend>(path: &Path, config: &ModelConfig, backend: &B) -> Resul
             ),
         ));
     }
-    let alpha = file.opt_f32("adapter.lora.alpha")?.unwrap_or(0.0);
+    let alpha = file
+        .opt_f32("adapter.lora.alpha")
+        .map_err(|e| bad(path, e.to_string()))?
+        .unwrap_or(0.0);
+    if !alpha.is_finite() {
+        return Err(bad(path, format!("`adapter.lora.alpha` is {alpha}")));
+    }
     let mut names: Vec<String> = file.content.tensor_infos.keys().cloned().collect();
     names.sort();
     let mut adapter = Adapter {
@@ -176,16 +186,9 @@ pub fn load<B: Backend>(path: &Path, config: &ModelConfig, backend: &B) -> Resul
                 ),
             ));
         };
-        let read = |file: &mut GgufFile, name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let t = file.tensor(name, &device)?;
-            let dims = t.shape().dims().to_vec();
-            Ok((
-                dims,
-                t.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?,
-            ))
-        };
-        let (a_dims, a) = read(&mut file, name)?;
-        let (b_dims, b) = read(&mut file, &b_name)?;
+        // Shapes first: nothing is read (or allocated) for a pair that does not fit.
+        let a_dims = file.tensor_dims(name).unwrap_or_default();
+        let b_dims = file.tensor_dims(&b_name).unwrap_or_default();
         let rank = a_dims.first().copied().unwrap_or(0);
         if a_dims.len() != 2 || b_dims.len() != 2 || a_dims[1] != n_in || b_dims[0] != n_out {
             return Err(bad(
@@ -204,6 +207,11 @@ pub fn load<B: Backend>(path: &Path, config: &ModelConfig, backend: &B) -> Resul
                 ),
             ));
         }
+        let read = |file: &mut GgufFile, name: &str| -> Result<Vec<f32>> {
+            let t = file.tensor(name, &device)?;
+            Ok(t.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (a, b) = (read(&mut file, name)?, read(&mut file, &b_name)?);
         if a.iter().chain(&b).any(|v| !v.is_finite()) {
             return Err(bad(
                 path,

@@ -80,7 +80,12 @@ pub fn write_lora(out: &Path, base: &Path, spec: &LoraSpec) -> Result<usize, Mod
         let seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(2 * i as u64);
         // A·x about as large as x; B·(A·x) about `strength` of it, after `alpha / rank`.
         let a_scale = (3.0 / *n_in as f32).sqrt();
-        let b_scale = spec.strength * (3.0 / r as f32).sqrt() * r as f32 / spec.alpha.max(1e-6);
+        let applied = if spec.alpha != 0.0 {
+            spec.alpha / r as f32
+        } else {
+            1.0
+        };
+        let b_scale = spec.strength * (3.0 / r as f32).sqrt() / applied;
         let matrix = |rows: usize, cols: usize, seed: u64, scale: f32| {
             let mut v = vec![0f32; rows * cols];
             fill_uniform(&mut v, seed, scale);
