@@ -22,7 +22,7 @@ use super::choices::{split_meter, Refusal};
 use super::error::ApiError;
 use super::gate::{add_headers, rate_headers, recorded_bytes, refusal_error, Gate, Recorded};
 use super::generate::in_time;
-use super::handlers::{accept, labels};
+use super::handlers::{accept, ledger_terms};
 use super::types::PromptField;
 use super::{AppState, Ready, RequestId};
 use crate::engine::core::{EngineHandle, SubmitError};
@@ -314,16 +314,7 @@ async fn embed(
     request_id: &str,
 ) -> Result<Embedded, ApiError> {
     let received = Instant::now();
-    let labels = labels(
-        &gate.served.name,
-        request_id,
-        gate.route,
-        Some(&gate.directives),
-    );
-    let price = state.gateway.price(
-        &[&gate.served.name, &state.model_name],
-        gate.directives.custom_cost,
-    );
+    let (labels, price) = ledger_terms(state, gate, request_id);
     let deadline = gate
         .directives
         .request_timeout

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::choices::{split_meter, Choice};
 use super::error::ApiError;
 use super::gate::{add_headers, rate_headers, refusal_error, replay, Gate, Recorded, Tail};
-use super::handlers::labels;
+use super::handlers::ledger_terms;
 use super::response::{respond, Deadline, Meta, Pick, Surface};
 use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
@@ -184,16 +184,7 @@ pub(super) async fn run(
         .map(|i| i.prompt.len() * if shared { 1 } else { n })
         .sum();
     let max_total: usize = budgets.iter().sum();
-    let labels = labels(
-        &gate.served.name,
-        request_id,
-        gate.route,
-        Some(&gate.directives),
-    );
-    let price = state.gateway.price(
-        &[&gate.served.name, &state.model_name],
-        gate.directives.custom_cost,
-    );
+    let (labels, price) = ledger_terms(state, &gate, request_id);
     let include_usage = fields.include_usage();
     // The first part of the response (a whole reply, a stream's first event) must be ready
     // by then, or the request is cancelled and answered 504.

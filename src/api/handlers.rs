@@ -26,7 +26,7 @@ use crate::structured::{ConstraintSpec, OutputFormat};
 
 #[path = "intake.rs"]
 mod intake;
-pub(super) use intake::{accept, body_or_error, check_model, labels, Served};
+pub(super) use intake::{accept, body_or_error, check_model, ledger_terms, Served};
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,

@@ -133,6 +133,19 @@ fn lora_field(
     }
 }
 
+/// What a request is ledgered as, and at what price: the model it runs on (an adapter
+/// without a price of its own costs its base model's), or the price its headers set.
+pub(in crate::api) fn ledger_terms(
+    state: &AppState,
+    gate: &Gate,
+    request_id: &str,
+) -> (Labels, crate::gateway::price::Price) {
+    let d = &gate.directives;
+    let labels = labels(&gate.served.name, request_id, gate.route, Some(d));
+    let models = [gate.served.name.as_str(), state.model_name.as_str()];
+    (labels, state.gateway.price(&models, d.custom_cost))
+}
+
 /// A request's ledger labels: its id, the model it runs on (the served model or an
 /// adapter), the route, and the session and metadata headers when they parsed.
 pub(in crate::api) fn labels(

@@ -71,6 +71,20 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
+/// The `(out, in)` shape of each of [`TARGETS`] in a model of `c`.
+pub fn target_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+    let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+    [
+        (q, c.dim),
+        (kv, c.dim),
+        (kv, c.dim),
+        (c.dim, q),
+        (c.ffn_dim, c.dim),
+        (c.ffn_dim, c.dim),
+        (c.dim, c.ffn_dim),
+    ]
+}
+
 /// Where an adapted weight sits: a block's layer, or the lm head (`None`); and its
 /// `(out, in)` shape.
 type Place = (Option<(usize, Target)>, usize, usize);
@@ -85,16 +99,7 @@ fn place(c: &ModelConfig, base: &str) -> Option<Place> {
     let (layer, name) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok().filter(|&l| l < c.n_layer)?;
     let t = TARGETS.iter().position(|&n| n == name)?;
-    let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-    let (out, inp) = [
-        (q, c.dim),
-        (kv, c.dim),
-        (kv, c.dim),
-        (c.dim, q),
-        (c.ffn_dim, c.dim),
-        (c.ffn_dim, c.dim),
-        (c.dim, c.ffn_dim),
-    ][t];
+    let (out, inp) = target_shapes(c)[t];
     let target = [
         Target::Q,
         Target::K,

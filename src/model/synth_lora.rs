@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use super::fill_uniform;
 use crate::error::ModelError;
 use crate::model::gguf::{GgufFile, ModelConfig};
-use crate::model::lora::TARGETS;
+use crate::model::lora::{target_shapes, TARGETS};
 
 /// What adapter to write.
 #[derive(Debug, Clone)]
@@ -50,16 +50,7 @@ impl Default for LoraSpec {
 pub fn write_lora(out: &Path, base: &Path, spec: &LoraSpec) -> Result<usize, ModelError> {
     let file = GgufFile::open(base)?;
     let c = ModelConfig::from_gguf(&file)?;
-    let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-    let shapes = [
-        (q, c.dim),
-        (kv, c.dim),
-        (kv, c.dim),
-        (c.dim, q),
-        (c.ffn_dim, c.dim),
-        (c.ffn_dim, c.dim),
-        (c.dim, c.ffn_dim),
-    ];
+    let shapes = target_shapes(&c);
     let mut jobs: Vec<(String, usize, usize)> = Vec::new();
     for l in 0..c.n_layer {
         if spec.blocks.as_ref().is_some_and(|b| !b.contains(&l)) {
