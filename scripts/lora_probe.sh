@@ -9,7 +9,8 @@
 # BEFORE=OLD_BINARY adds a base-model run of an older build (no --lora) to each round: what
 # the adapter seam costs requests that use no adapter. MODEL (default: the default model's
 # file), CLIENTS (16), REQUESTS per client (3), MAX_TOKENS (128), RANK (8), PORT (8098).
-# Prints one JSON line per run, labelled with the binary and what its clients asked for.
+# Prints one JSON line per load_test.py run (two for a half-and-half run, one per half),
+# labelled with the binary and what its clients asked for.
 set -euo pipefail
 BIN=${1:-target/release/edgeinfer}
 ROUNDS=${2:-3}
@@ -23,21 +24,28 @@ URL="http://127.0.0.1:$PORT"
 here=$(cd "$(dirname "$0")" && pwd)
 data=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$data"' EXIT
-"$BIN" synth --lora-for "$MODEL" --rank "$RANK" --out "$data/tuned.gguf" 2>/dev/null
-base=$(basename "$MODEL" .gguf)
+"$BIN" synth --lora-for "$MODEL" --rank "$RANK" --out "$data/tuned.gguf"
+base=base
 
-load() { # MODEL_NAME CLIENTS
+load() { # MODEL_NAME CLIENTS: the report's JSON line (a line of errors after it goes to stderr)
   python3 "$here/load_test.py" --url "$URL" --model "$1" --concurrency "$2" \
-    --requests "$REQUESTS" --max-tokens "$MAX_TOKENS"
+    --requests "$REQUESTS" --max-tokens "$MAX_TOKENS" | {
+    read -r report
+    echo "$report"
+    cat >&2
+  }
 }
 
 run_one() { # BINARY WHAT [SERVER FLAGS...]
   local bin=$1 what=$2
   shift 2
-  "$bin" serve --port "$PORT" --model "$MODEL" --data-dir "$data/run-$RANDOM" "$@" \
-    >/dev/null 2>&1 &
+  "$bin" serve --port "$PORT" --model "$MODEL" --served-model-name "$base" \
+    --data-dir "$data/run-$RANDOM" "$@" >"$data/server.log" 2>&1 &
   local server=$!
-  until curl -sf "$URL/ready" >/dev/null; do sleep 0.2; done
+  until curl -sf "$URL/ready" >/dev/null; do
+    kill -0 "$server" 2>/dev/null || { cat "$data/server.log" >&2; exit 1; }
+    sleep 0.2
+  done
   case $what in
     base) echo "{\"binary\": \"$bin\", \"clients\": \"base\", \"report\": $(load "$base" "$CLIENTS")}" ;;
     tuned) echo "{\"binary\": \"$bin\", \"clients\": \"tuned\", \"report\": $(load tuned "$CLIENTS")}" ;;

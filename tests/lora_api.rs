@@ -165,6 +165,7 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
         json!({"lora": [{"id": 0, "scale": 0.5}]}),
         json!({"lora": {"id": 0}}),
         json!({"model": "tuned", "lora": [{"id": 0, "scale": 1.0}]}),
+        json!({"model": "tuned", "lora": [{"id": 0, "scale": 0.0}]}),
     ] {
         let r = native(bad.clone());
         assert_eq!(
@@ -202,6 +203,12 @@ fn an_adapter_is_a_model_of_its_own_with_its_own_weights_and_cache() {
         &tuned_only,
     );
     assert_eq!(r.status, 200, "{}", r.body);
+    // Also when `lora` picks it: the key is checked against what the request runs on.
+    let r = post(&s, &run, &workers_body, &tuned_only);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed = json!({"prompt": "Hi", "n_predict": 4, "lora": [{"id": 0, "scale": 1.0}]});
+    assert_eq!(post(&s, "/completion", &listed, &tuned_only).status, 200);
+    assert_eq!(post(&s, "/completion", &listed, &base_only).status, 403);
     let listed = s.call(
         "GET",
         "/v1/models",

@@ -46,6 +46,11 @@ pub(in crate::api) fn check_model(
     who: &Principal,
     model: Option<&str>,
 ) -> Result<Served, ApiError> {
+    authorize(who, resolve_model(state, model)?)
+}
+
+/// What `model` names (404 for nothing served), whoever asks.
+fn resolve_model(state: &AppState, model: Option<&str>) -> Result<Served, ApiError> {
     let served = match model {
         None => None,
         Some(m) if m == state.model_name || state.model_aliases.iter().any(|a| a == m) => None,
@@ -54,12 +59,16 @@ pub(in crate::api) fn check_model(
             None => return Err(ApiError::model_not_found(m)),
         },
     };
-    let served = Served {
+    Ok(Served {
         name: served
             .map_or(&state.model_name, |i| &state.adapters[i])
             .clone(),
         adapter: served,
-    };
+    })
+}
+
+/// `served`, if the key may use it (403 otherwise).
+fn authorize(who: &Principal, served: Served) -> Result<Served, ApiError> {
     match who {
         Principal::Key(k) if !k.allows_model(&served.name) => Err(ApiError::forbidden(
             "model_not_allowed",
@@ -73,12 +82,7 @@ pub(in crate::api) fn check_model(
 /// names), or llama-server's (`[{"id": 0, "scale": 1.0}]`, ids as `--lora` flags are
 /// ordered: one adapter at scale 1, as an adapter's alpha sets its scale, or none: an empty
 /// list, or scales of 0). Not with a `model` that names an adapter already.
-fn lora_field(
-    state: &AppState,
-    who: &Principal,
-    served: Served,
-    lora: &Value,
-) -> Result<Served, ApiError> {
+fn lora_field(state: &AppState, served: Served, lora: &Value) -> Result<Served, ApiError> {
     let bad = |m: String| ApiError::invalid("lora", m);
     let mut chosen = None;
     let entries: &[Value] = match lora {
@@ -124,12 +128,14 @@ fn lora_field(
         }
     }
     match chosen {
+        _ if served.adapter.is_some() && (chosen.is_some() || !entries.is_empty()) => {
+            Err(bad(format!(
+                "`model` names the adapter `{}` already: send `lora` or that `model`, not both",
+                served.name
+            )))
+        }
         None => Ok(served),
-        Some(_) if served.adapter.is_some() => Err(bad(format!(
-            "`model` names the adapter `{}` already: send `lora` or that `model`, not both",
-            served.name
-        ))),
-        Some(name) => check_model(state, who, Some(name)),
+        Some(name) => resolve_model(state, Some(name)),
     }
 }
 
@@ -197,10 +203,13 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     let body = translate(parse_body(&body)?)?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
-    let mut served = check_model(state, &who, model(&req))?;
+    // The model named (404), then the adapter `lora` picks, then whether the key may use
+    // what it comes to (403).
+    let mut served = resolve_model(state, model(&req))?;
     if let Some(lora) = body.get("lora").filter(|v| !v.is_null()) {
-        served = lora_field(state, &who, served, lora)?;
+        served = lora_field(state, served, lora)?;
     }
+    let served = authorize(&who, served)?;
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
     let gate = Gate {
         served,
