@@ -734,3 +734,75 @@ fn a_batch_goes_on_after_a_restart() {
     assert_eq!(output.len(), 24);
     assert!((0..24).all(|i| output.contains_key(&format!("r{i}"))));
 }
+
+#[test]
+fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
+    let store = tempfile::tempdir().unwrap();
+    let db = store.path().join("edgeinfer.db");
+    let model = common::default_model_path();
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    let first = Server::spawn(&args, &[]);
+    first.wait_ready();
+    // One short request, to know when the batch is under way; the others run long (no
+    // end of text), to be cut off part way.
+    let lines: Vec<Value> = (0..12)
+        .map(|i| {
+            let mut body = chat(&format!("Tell a story about the number {i}."), 300);
+            if i == 0 {
+                body["max_tokens"] = json!(2);
+            } else {
+                body["logit_bias"] = json!({"0": -100, "2": -100});
+            }
+            request(&format!("r{i}"), body)
+        })
+        .collect();
+    let batch = start_batch(&first, &lines, None);
+    let id = batch["id"].as_str().unwrap().to_string();
+    let partway = wait_for(&first, &id, None, |b| {
+        b["request_counts"]["completed"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(partway["status"], "in_progress", "{partway}");
+    // A graceful stop cuts the running requests off; each is ledgered with what it computed.
+    assert!(first.terminate().success());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let cut: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM requests WHERE status = 'cancelled' AND completion_tokens > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(conn);
+    assert!(cut >= 1, "no request was cut off part way: nothing tested");
+    let second = Server::spawn(&args, &[]);
+    second.wait_ready();
+    let done = wait_for(&second, &id, None, ended);
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 12, "completed": 12, "failed": 0}),
+        "{done}"
+    );
+    // The usage report bills each request once: what its answer used, as the batch counts it.
+    let (status, usage) = call(&second, "GET", "/v1/usage", None, None);
+    assert_eq!(status, 200, "{usage}");
+    let sum = |field: &str| -> u64 {
+        let rows = usage["data"].as_array().unwrap();
+        rows.iter().map(|r| r[field].as_u64().unwrap()).sum()
+    };
+    assert_eq!(sum("requests"), 12, "{usage}");
+    assert_eq!(
+        sum("prompt_tokens"),
+        done["usage"]["input_tokens"].as_u64().unwrap(),
+        "{usage} {done}"
+    );
+    assert_eq!(
+        sum("completion_tokens"),
+        done["usage"]["output_tokens"].as_u64().unwrap(),
+        "{usage} {done}"
+    );
+}

@@ -282,6 +282,7 @@ impl Worker {
             let call = BatchCall {
                 owner_kind: batch.owner_kind.clone(),
                 owner: batch.owner.clone(),
+                attempt: format!("{}/{}", batch.id, line.line),
             };
             let task = run_line(
                 self.state.clone(),

@@ -71,6 +71,8 @@ pub async fn on_store<T: Send + 'static>(
 pub struct BatchCall {
     pub owner_kind: String,
     pub owner: String,
+    /// The line this runs (`batch_id/line`), the same for every attempt at it.
+    pub attempt: String,
 }
 
 /// Middleware on every route but the probes, `/metrics` and the console's static assets: puts the request's [`Principal`]
@@ -245,6 +247,8 @@ pub struct Gate {
     pub body: Value,
     /// When the whole body had arrived: the request timeout counts from here.
     pub arrived: std::time::Instant,
+    /// The batch line this request is an attempt at, if a batch's.
+    pub attempt: Option<String>,
 }
 
 impl Gate {

@@ -147,7 +147,10 @@ pub(in crate::api) fn ledger_terms(
     request_id: &str,
 ) -> (Labels, crate::gateway::price::Price) {
     let d = &gate.directives;
-    let labels = labels(&gate.served.name, request_id, gate.route, Some(d));
+    let labels = Labels {
+        attempt: gate.attempt.clone(),
+        ..labels(&gate.served.name, request_id, gate.route, Some(d))
+    };
     let models = [gate.served.name.as_str(), state.model_name.as_str()];
     (labels, state.gateway.price(&models, d.custom_cost))
 }
@@ -166,6 +169,7 @@ pub(in crate::api) fn labels(
         route: route.to_string(),
         session_id: d.and_then(|d| d.session_id.clone()),
         metadata: d.and_then(|d| d.metadata.clone()),
+        attempt: None,
     }
 }
 
@@ -190,7 +194,10 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     // A retry with an `Idempotency-Key` is parsed first: its reply may be there to replay.
     let refuse = |who: &Principal, model: &str| {
         let directives = Directives::from_headers(headers, state.directive_defaults).ok();
-        let labels = labels(model, &rid.0, route, directives.as_ref());
+        let labels = Labels {
+            attempt: rid.1.clone(),
+            ..labels(model, &rid.0, route, directives.as_ref())
+        };
         state
             .gateway
             .record_rejected(who.key_id(), &labels, Instant::now());
@@ -218,6 +225,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
         route,
         body,
         arrived,
+        attempt: rid.1.clone(),
     };
     if idempotent && !ready.engine.has_room() {
         let held = gate

@@ -222,9 +222,11 @@ impl AppState {
     }
 }
 
-/// The request's id (from `x-request-id`, or generated), in every log line about it.
+/// The request's id (from `x-request-id`, or generated), in every log line about it, and,
+/// for a batch's request, the line it is an attempt at (`batch_id/line`: its ledger row
+/// supersedes the line's earlier attempts').
 #[derive(Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub String, pub Option<String>);
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
@@ -396,7 +398,11 @@ async fn request_id(
         log_header(req.headers(), "x-session-id"),
         log_header(req.headers(), "cf-aig-metadata"),
     );
-    req.extensions_mut().insert(RequestId(id.clone()));
+    let attempt = req
+        .extensions()
+        .get::<gate::BatchCall>()
+        .map(|c| c.attempt.clone());
+    req.extensions_mut().insert(RequestId(id.clone(), attempt));
     let started = Instant::now();
     let mut resp = next.run(req).await;
     tracing::info!(request_id = %id, %method, %path, body_bytes = size,

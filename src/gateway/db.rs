@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS requests (
     ttft_ms INTEGER,
     duration_ms INTEGER NOT NULL,
     session_id TEXT,
-    metadata TEXT                     -- cf-aig-metadata, as sent (never prompt text)
+    metadata TEXT,                    -- cf-aig-metadata, as sent (never prompt text)
+    attempt TEXT,                     -- a batch line's attempts share this (batch_id/line)
+    superseded INTEGER NOT NULL DEFAULT 0 -- 1: a later attempt at the same line is billed instead
 );
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
 CREATE TABLE IF NOT EXISTS responses (
@@ -129,15 +131,33 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
         .map_err(fail)?;
     conn.execute_batch(SCHEMA).map_err(fail)?;
     // Stores made before a column existed get it (another process may add it first).
-    let has_weight = |c: &Connection| c.prepare("SELECT weight FROM keys LIMIT 0").is_ok();
-    if !has_weight(&conn) {
-        if let Err(e) = conn.execute_batch("ALTER TABLE keys ADD COLUMN weight INTEGER") {
-            if !has_weight(&conn) {
-                return Err(fail(e));
-            }
-        }
+    for (table, column, decl) in [
+        ("keys", "weight", "INTEGER"),
+        ("requests", "attempt", "TEXT"),
+        ("requests", "superseded", "INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        add_column(&conn, table, column, decl).map_err(fail)?;
     }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS requests_attempt ON requests(attempt) WHERE attempt IS NOT NULL;",
+    )
+    .map_err(fail)?;
     Ok(conn)
+}
+
+/// Adds `column` to `table` unless it is there already.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let has = |c: &Connection| {
+        c.prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
+            .is_ok()
+    };
+    if has(conn) {
+        return Ok(());
+    }
+    match conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")) {
+        Err(e) if !has(conn) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Unix seconds now.
@@ -157,7 +177,7 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_store_from_before_key_weights_gets_the_column() {
+    fn a_store_from_before_key_weights_and_batch_attempts_gets_the_columns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         let old = rusqlite::Connection::open(&path).unwrap();
@@ -167,7 +187,16 @@ mod tests {
              budget_duration_secs INTEGER, max_parallel_requests INTEGER,
              metadata TEXT NOT NULL, expires INTEGER, created INTEGER NOT NULL,
              revoked INTEGER NOT NULL DEFAULT 0);
-             INSERT INTO keys (id, models, metadata, created) VALUES ('k', '[]', '{}', 1);",
+             INSERT INTO keys (id, models, metadata, created) VALUES ('k', '[]', '{}', 1);
+             CREATE TABLE requests (id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL,
+             request_id TEXT NOT NULL, key_id TEXT, model TEXT NOT NULL, route TEXT NOT NULL,
+             status TEXT NOT NULL, finish_reason TEXT, prompt_tokens INTEGER NOT NULL,
+             cached_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+             cost_micros INTEGER NOT NULL, ttft_ms INTEGER, duration_ms INTEGER NOT NULL,
+             session_id TEXT, metadata TEXT);
+             INSERT INTO requests (ts_ms, request_id, model, route, status, prompt_tokens,
+             cached_tokens, completion_tokens, cost_micros, duration_ms)
+             VALUES (1, 'r', 'm', '/v1/chat/completions', 'ok', 1, 0, 1, 5, 1);",
         )
         .unwrap();
         drop(old);
@@ -176,6 +205,18 @@ mod tests {
             .query_row("SELECT weight FROM keys WHERE id = 'k'", [], |r| r.get(0))
             .unwrap();
         assert_eq!(w, None);
+        // An old row is billed (not superseded) and belongs to no batch line.
+        let (attempt, superseded): (Option<String>, i64) = conn
+            .query_row(
+                "SELECT attempt, superseded FROM requests WHERE request_id = 'r'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((attempt, superseded), (None, 0));
+        let f = crate::gateway::ledger::UsageFilter::default();
+        let lines = crate::gateway::ledger::usage(&conn, &f).unwrap();
+        assert_eq!((lines.len(), lines[0].cost_micros), (1, 5));
         // Opening again finds the column there.
         drop(conn);
         super::open(&path).unwrap();

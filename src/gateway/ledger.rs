@@ -33,6 +33,9 @@ pub struct Row {
     pub duration_ms: i64,
     pub session_id: Option<String>,
     pub metadata: Option<String>,
+    /// The batch line this is an attempt at (`batch_id/line`): a row with one supersedes the
+    /// earlier attempts' rows, so a line run again after a restart is billed once.
+    pub attempt: Option<String>,
 }
 
 type Msg = (Row, Option<oneshot::Sender<bool>>);
@@ -126,7 +129,8 @@ impl Ledger {
 
 pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
     conn.query_row(
-        "SELECT COALESCE(SUM(cost_micros), 0) FROM requests WHERE key_id = ?1 AND ts_ms >= ?2",
+        "SELECT COALESCE(SUM(cost_micros), 0) FROM requests
+         WHERE key_id = ?1 AND ts_ms >= ?2 AND superseded = 0",
         params![key_id, since_unix.saturating_mul(1000)],
         |r| r.get::<_, i64>(0),
     )
@@ -142,7 +146,7 @@ pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, Gatew
                     COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
                     SUM(r.completion_tokens), SUM(r.cost_micros)
              FROM requests r LEFT JOIN keys k ON k.id = r.key_id
-             WHERE (?1 IS NULL OR r.key_id = ?1)
+             WHERE r.superseded = 0 AND (?1 IS NULL OR r.key_id = ?1)
                AND (?2 IS NULL OR day >= ?2) AND (?3 IS NULL OR day <= ?3)
              GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id",
         )
@@ -197,10 +201,16 @@ fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO requests (ts_ms, request_id, key_id, model, route, status, finish_reason,
                 prompt_tokens, cached_tokens, completion_tokens, cost_micros, ttft_ms, duration_ms,
-                session_id, metadata)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                session_id, metadata, attempt)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        let mut supersede = tx.prepare_cached(
+            "UPDATE requests SET superseded = 1 WHERE attempt = ?1 AND superseded = 0",
         )?;
         for (r, _) in batch {
+            if let Some(attempt) = &r.attempt {
+                supersede.execute([attempt])?;
+            }
             stmt.execute(params![
                 r.ts_ms,
                 r.request_id,
@@ -217,6 +227,7 @@ fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
                 r.duration_ms,
                 r.session_id,
                 r.metadata,
+                r.attempt,
             ])?;
         }
     }
@@ -264,5 +275,52 @@ mod tests {
             ..UsageFilter::default()
         };
         assert!(usage(&other, &f).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_lines_last_attempt_is_billed_and_the_earlier_ones_are_kept_unbilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::start(&path).unwrap();
+        // Line 0 cut off by a shutdown, then run again; line 1 twice (a crash between its
+        // row and its result); a direct request and another batch's line once each.
+        let rows = [
+            (Some("batch_a/0"), "cancelled", 4, 100),
+            (Some("batch_a/1"), "ok", 9, 1000),
+            (None, "ok", 9, 10_000),
+            (Some("batch_a/0"), "ok", 9, 100_000),
+            (Some("batch_a/1"), "ok", 9, 1_000_000),
+            (Some("batch_b/0"), "ok", 9, 10_000_000),
+        ];
+        for (i, (attempt, status, completion, cost)) in rows.into_iter().enumerate() {
+            let row = Row {
+                ts_ms: 1_767_225_600_000 + i as i64,
+                request_id: format!("r{i}"),
+                key_id: Some("k".into()),
+                model: "m".into(),
+                route: "/v1/chat/completions".into(),
+                status,
+                prompt_tokens: 10,
+                completion_tokens: completion,
+                cost_micros: cost,
+                attempt: attempt.map(str::to_string),
+                ..Row::default()
+            };
+            assert!(ledger.record(row).await.unwrap());
+        }
+        let conn = super::super::db::open(&path).unwrap();
+        assert_eq!(spent(&conn, "k", 0).unwrap(), 11_110_000);
+        let lines = usage(&conn, &UsageFilter::default()).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!((lines[0].requests, lines[0].completion_tokens), (4, 36));
+        // The earlier attempts stay, marked.
+        let kept: Vec<String> = conn
+            .prepare("SELECT request_id FROM requests WHERE superseded = 1 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, ["r0", "r1"]);
     }
 }

@@ -132,6 +132,8 @@ pub struct Labels {
     pub route: String,
     pub session_id: Option<String>,
     pub metadata: Option<String>,
+    /// The batch line this request is an attempt at (see [`Row::attempt`]).
+    pub attempt: Option<String>,
 }
 
 impl Gateway {
@@ -373,6 +375,7 @@ impl Gateway {
             route: labels.route.clone(),
             session_id: labels.session_id.clone(),
             metadata: labels.metadata.clone(),
+            attempt: labels.attempt.clone(),
             duration_ms: received.elapsed().as_millis() as i64,
             ..Row::default()
         }
