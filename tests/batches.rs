@@ -737,17 +737,33 @@ fn a_batch_goes_on_after_a_restart() {
 
 #[test]
 fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
+    const MASTER: &str = "sk-master-batch-billing";
     let store = tempfile::tempdir().unwrap();
     let db = store.path().join("edgeinfer.db");
+    let prices = store.path().join("prices.json");
+    std::fs::write(&prices, r#"{"*": {"input": 1, "output": 1000}}"#).unwrap();
     let model = common::default_model_path();
     let args = [
         "--model",
         model.to_str().unwrap(),
         "--db",
         db.to_str().unwrap(),
+        "--master-key",
+        MASTER,
+        "--prices",
+        prices.to_str().unwrap(),
     ];
     let first = Server::spawn(&args, &[]);
     first.wait_ready();
+    // A key with a budget: its spend is held in memory, and must agree with the ledger's.
+    let made = first.post_key(
+        "/key/generate",
+        &json!({"max_budget": 1000, "budget_duration": "30d"}),
+        MASTER,
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    let key = made.body["key"].as_str().unwrap().to_string();
+    let key = Some(key.as_str());
     // One short request, to know when the batch is under way; the others run long (no
     // end of text), to be cut off part way.
     let lines: Vec<Value> = (0..12)
@@ -761,9 +777,9 @@ fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
             request(&format!("r{i}"), body)
         })
         .collect();
-    let batch = start_batch(&first, &lines, None);
+    let batch = start_batch(&first, &lines, key);
     let id = batch["id"].as_str().unwrap().to_string();
-    let partway = wait_for(&first, &id, None, |b| {
+    let partway = wait_for(&first, &id, key, |b| {
         b["request_counts"]["completed"].as_u64().unwrap() >= 1
     });
     assert_eq!(partway["status"], "in_progress", "{partway}");
@@ -781,14 +797,14 @@ fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
     assert!(cut >= 1, "no request was cut off part way: nothing tested");
     let second = Server::spawn(&args, &[]);
     second.wait_ready();
-    let done = wait_for(&second, &id, None, ended);
+    let done = wait_for(&second, &id, key, ended);
     assert_eq!(
         done["request_counts"],
         json!({"total": 12, "completed": 12, "failed": 0}),
         "{done}"
     );
     // The usage report bills each request once: what its answer used, as the batch counts it.
-    let (status, usage) = call(&second, "GET", "/v1/usage", None, None);
+    let (status, usage) = call(&second, "GET", "/v1/usage", None, key);
     assert_eq!(status, 200, "{usage}");
     let sum = |field: &str| -> u64 {
         let rows = usage["data"].as_array().unwrap();
@@ -805,4 +821,10 @@ fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
         done["usage"]["output_tokens"].as_u64().unwrap(),
         "{usage} {done}"
     );
+    // The key's budget counts the same: the cut-off attempts are taken back from its spend.
+    let (status, info) = call(&second, "GET", "/key/info", None, key);
+    assert_eq!(status, 200, "{info}");
+    let spend = (info["info"]["spend"].as_f64().unwrap() * 1e6).round() as u64;
+    assert_eq!(spend, sum("cost_micros"), "{info} {usage}");
+    assert!(spend > 0, "{usage}");
 }

@@ -113,6 +113,14 @@ pub async fn serve(
             tracing::warn!("drain timeout reached; exiting with requests still running");
         }
     }
+    // What the last requests computed (those cut off too) is in the ledger before the exit.
+    let flushed = state.gateway.ledger.flush();
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(5), flushed).await,
+        Ok(Ok(true))
+    ) {
+        tracing::error!("the ledger's last rows may not have been written before the exit");
+    }
     if engine_failed {
         anyhow::bail!("the engine thread failed (an internal error); exiting so a supervisor can restart the server");
     }

@@ -92,7 +92,6 @@ impl Active {
 /// whatever way (finished, failed, the client left, the engine stopped).
 impl Drop for Active {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Some(sink) = self.on_end.take() {
             sink.call(EndReport {
                 ending: self.ending,
@@ -100,5 +99,8 @@ impl Drop for Active {
                 first_token_at: self.first_token_at,
             });
         }
+        // After the report: a server draining for shutdown waits for none in flight, and
+        // then for the ledger rows queued before, so the report is among them.
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -214,6 +214,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!((attempt, superseded), (None, 0));
+        let index: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'requests_attempt'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
         let f = crate::gateway::ledger::UsageFilter::default();
         let lines = crate::gateway::ledger::usage(&conn, &f).unwrap();
         assert_eq!((lines.len(), lines[0].cost_micros), (1, 5));

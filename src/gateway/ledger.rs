@@ -34,11 +34,20 @@ pub struct Row {
     pub session_id: Option<String>,
     pub metadata: Option<String>,
     /// The batch line this is an attempt at (`batch_id/line`): a row with one supersedes the
-    /// earlier attempts' rows, so a line run again after a restart is billed once.
+    /// earlier attempts' rows (unless it is a refusal: see [`supersedes`]), so a line run
+    /// again after a restart is billed once, as its last attempt.
     pub attempt: Option<String>,
 }
 
-type Msg = (Row, Option<oneshot::Sender<bool>>);
+/// Whether a row of this status supersedes its line's earlier attempts: every ending of a
+/// request that ran (or was answered from the cache), not a refusal, which computed nothing
+/// and leaves the earlier attempt's work billed.
+pub fn supersedes(status: &str) -> bool {
+    !matches!(status, "rate_limited" | "rejected")
+}
+
+/// A row to write (`None`: nothing, only the acknowledgement of what was queued before).
+type Msg = (Option<Row>, Option<oneshot::Sender<bool>>);
 
 pub struct Ledger {
     tx: Mutex<mpsc::Sender<Msg>>,
@@ -108,9 +117,20 @@ impl Ledger {
         let tokens = [row.prompt_tokens, row.cached_tokens, row.completion_tokens];
         crate::telemetry::ledgered(row.key_id.as_deref(), row.status, tokens, row.cost_micros);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(mpsc::SendError((_, Some(ack)))) = tx.send((row, ack)) {
+        if let Err(mpsc::SendError((_, Some(ack)))) = tx.send((Some(row), ack)) {
             let _ = ack.send(false);
         }
+    }
+
+    /// Hears `true` once every row queued before it is committed (at shutdown, so that what
+    /// the last requests computed is not lost with the process).
+    pub fn flush(&self) -> oneshot::Receiver<bool> {
+        let (ack, done) = oneshot::channel();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(mpsc::SendError((_, Some(ack)))) = tx.send((None, Some(ack))) {
+            let _ = ack.send(false);
+        }
+        done
     }
 
     fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -124,6 +144,20 @@ impl Ledger {
 
     pub fn usage(&self, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
         usage(&self.reader(), f)
+    }
+
+    /// What a batch line's attempts so far cost since `since_unix`, as billed now (what the
+    /// next attempt's row will supersede).
+    pub fn attempt_cost(&self, attempt: &str, since_unix: i64) -> Result<u64, GatewayError> {
+        self.reader()
+            .query_row(
+                "SELECT COALESCE(SUM(cost_micros), 0) FROM requests
+                 WHERE attempt = ?1 AND superseded = 0 AND ts_ms >= ?2",
+                params![attempt, since_unix.saturating_mul(1000)],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|x| x.max(0) as u64)
+            .map_err(GatewayError::db)
     }
 }
 
@@ -207,8 +241,8 @@ fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
         let mut supersede = tx.prepare_cached(
             "UPDATE requests SET superseded = 1 WHERE attempt = ?1 AND superseded = 0",
         )?;
-        for (r, _) in batch {
-            if let Some(attempt) = &r.attempt {
+        for r in batch.iter().filter_map(|(r, _)| r.as_ref()) {
+            if let Some(attempt) = r.attempt.as_ref().filter(|_| supersedes(r.status)) {
                 supersede.execute([attempt])?;
             }
             stmt.execute(params![
@@ -278,20 +312,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_lines_last_attempt_is_billed_and_the_earlier_ones_are_kept_unbilled() {
+    async fn a_batch_lines_last_attempt_that_ran_is_billed_and_the_earlier_ones_kept_unbilled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
         let ledger = Ledger::start(&path).unwrap();
-        // Line 0 cut off by a shutdown, then run again; line 1 twice (a crash between its
-        // row and its result); a direct request and another batch's line once each.
+        // Line 0 cut off by a shutdown, refused once, then run again; line 1 twice (a crash
+        // between its row and its result); a direct request and another batch's line once
+        // each; a line cut off and then refused for good (its batch's key out of budget).
         let rows = [
             (Some("batch_a/0"), "cancelled", 4, 100),
             (Some("batch_a/1"), "ok", 9, 1000),
             (None, "ok", 9, 10_000),
+            (Some("batch_a/0"), "rate_limited", 0, 0),
             (Some("batch_a/0"), "ok", 9, 100_000),
             (Some("batch_a/1"), "ok", 9, 1_000_000),
             (Some("batch_b/0"), "ok", 9, 10_000_000),
+            (Some("batch_c/0"), "cancelled", 5, 7),
+            (Some("batch_c/0"), "rate_limited", 0, 0),
         ];
+        let mut acks = Vec::new();
         for (i, (attempt, status, completion, cost)) in rows.into_iter().enumerate() {
             let row = Row {
                 ts_ms: 1_767_225_600_000 + i as i64,
@@ -306,13 +345,20 @@ mod tests {
                 attempt: attempt.map(str::to_string),
                 ..Row::default()
             };
-            assert!(ledger.record(row).await.unwrap());
+            // Queued together: one write batch, in order.
+            acks.push(ledger.record(row));
+        }
+        assert!(ledger.flush().await.unwrap());
+        for ack in acks {
+            assert!(ack.await.unwrap());
         }
         let conn = super::super::db::open(&path).unwrap();
-        assert_eq!(spent(&conn, "k", 0).unwrap(), 11_110_000);
+        assert_eq!(spent(&conn, "k", 0).unwrap(), 11_110_007);
         let lines = usage(&conn, &UsageFilter::default()).unwrap();
         assert_eq!(lines.len(), 1);
-        assert_eq!((lines[0].requests, lines[0].completion_tokens), (4, 36));
+        assert_eq!((lines[0].requests, lines[0].completion_tokens), (6, 41));
+        assert_eq!(ledger.attempt_cost("batch_c/0", 0).unwrap(), 7);
+        assert_eq!(ledger.attempt_cost("batch_a/0", 0).unwrap(), 100_000);
         // The earlier attempts stay, marked.
         let kept: Vec<String> = conn
             .prepare("SELECT request_id FROM requests WHERE superseded = 1 ORDER BY id")
@@ -321,6 +367,6 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(kept, ["r0", "r1"]);
+        assert_eq!(kept, ["r0", "r1", "r3"]);
     }
 }

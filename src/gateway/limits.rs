@@ -374,6 +374,14 @@ impl Limits {
         }
     }
 
+    /// Takes back from a key's spend in its current period what `cost(period_start)` says
+    /// was counted there for work billed no more (a batch line's superseded attempts).
+    pub fn refund(&mut self, key: &str, cost: impl FnOnce(i64) -> u64) {
+        if let Some(w) = self.keys.get_mut(key).filter(|w| w.loaded) {
+            w.spend = w.spend.saturating_sub(cost(w.period_start));
+        }
+    }
+
     /// Admits a reply from the response cache, which reserves no tokens: only the key's money
     /// budget can refuse it, once spent (or reserved by running requests) or unable to pay
     /// `cost`; else `cost` is added to the spend.

@@ -278,3 +278,23 @@ fn a_prompt_only_request_needs_room_for_its_prompt_only() {
     assert!(l.admit(Some(("k", &s)), a(1), t0, 2000, |_| 0).is_err());
     l.settle(&g, None, t0);
 }
+
+#[test]
+fn a_refund_takes_back_what_was_counted_in_the_current_period_only() {
+    let mut l = Limits::new(None, None);
+    let s = LimitSpec {
+        max_budget_micros: Some(100),
+        budget_duration_secs: Some(3600),
+        created: 1000,
+        ..LimitSpec::default()
+    };
+    // Nothing held for the key yet: nothing to take back (its spend is read when needed).
+    l.refund("k", |_| panic!("not asked"));
+    assert_eq!(l.admit_cached(Some(("k", &s)), 10, 2000, |_| 90), Ok(()));
+    // A line's superseded attempt cost 30 in the period that started at 1000.
+    l.refund("k", |since| if since == 1000 { 30 } else { 0 });
+    assert_eq!(l.spend("k"), Some(70));
+    // Never below nothing.
+    l.refund("k", |_| 500);
+    assert_eq!(l.spend("k"), Some(0));
+}

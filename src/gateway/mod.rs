@@ -326,6 +326,7 @@ impl Gateway {
             self.ledger.record_then(row, None);
             return Err((refusal, rate));
         }
+        self.refund_attempts(&mut limits, who.key_id(), labels);
         drop(limits);
         Ok(self.ledger.record(Row {
             status: "cached",
@@ -356,6 +357,23 @@ impl Gateway {
             ..self.row(key_id, labels, received)
         };
         self.ledger.record_then(row, None);
+    }
+
+    /// Before the row of a batch line's attempt that ran is written: its earlier attempts'
+    /// cost, which that row supersedes, leaves the key's spend held in memory (the ledger's
+    /// sums leave it out once the row is written).
+    fn refund_attempts(&self, limits: &mut Limits, key_id: Option<&str>, labels: &Labels) {
+        let (Some(key), Some(attempt)) = (key_id, labels.attempt.as_deref()) else {
+            return;
+        };
+        limits.refund(key, |since| {
+            self.ledger
+                .attempt_cost(attempt, since)
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading a batch line's earlier cost failed");
+                    0
+                })
+        });
     }
 
     /// A key's spend since `since` in the ledger (0, logged, if it cannot be read).
@@ -415,9 +433,10 @@ impl Meter {
         let cost = self.price.cost(tokens);
         if let Some(grant) = self.grant.take() {
             let used = tokens.prompt + tokens.completion;
-            self.gateway
-                .limits()
-                .settle(&grant, Some((used, cost)), Instant::now());
+            let mut limits = self.gateway.limits();
+            limits.settle(&grant, Some((used, cost)), Instant::now());
+            let key = self.key_id.as_deref();
+            self.gateway.refund_attempts(&mut limits, key, &self.labels);
         }
         let (status, finish) = match report.ending {
             Ending::Finished(FinishReason::Stop) => ("ok", Some("stop")),
