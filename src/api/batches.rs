@@ -230,19 +230,7 @@ pub async fn create(
     .await
     .map_err(|e| ApiError::internal(format!("checking the input file failed: {e}")))?;
     let total = *checked.as_ref().unwrap_or(&0);
-    let mut object = json!({
-        "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": null,
-        "input_file_id": input, "completion_window": "24h", "status": "in_progress",
-        "output_file_id": null, "error_file_id": null, "created_at": now,
-        "in_progress_at": now, "expires_at": now + WINDOW_SECS, "finalizing_at": null,
-        "completed_at": null, "failed_at": null, "expired_at": null, "cancelling_at": null,
-        "cancelled_at": null,
-        "request_counts": {"total": total, "completed": 0, "failed": 0},
-        "metadata": metadata,
-    });
-    if let Some(seconds) = output_expiry {
-        object["output_expires_after"] = json!({"anchor": "created_at", "seconds": seconds});
-    }
+    let mut object = new_object(endpoint, json!(input), total, metadata, output_expiry, now);
     let keep = match checked {
         Ok(_) => usize::MAX,
         Err(errors) => {
@@ -261,6 +249,31 @@ pub async fn create(
     .await?;
     state.batch_wake.notify_one();
     Ok(Json(object))
+}
+
+/// A new batch's object, `in_progress` from `now` (its requests stored with it).
+pub(super) fn new_object(
+    endpoint: &str,
+    input_file_id: Value,
+    total: usize,
+    metadata: Value,
+    output_expiry: Option<i64>,
+    now: i64,
+) -> Value {
+    let mut object = json!({
+        "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": null,
+        "input_file_id": input_file_id, "completion_window": "24h", "status": "in_progress",
+        "output_file_id": null, "error_file_id": null, "created_at": now,
+        "in_progress_at": now, "expires_at": now + WINDOW_SECS, "finalizing_at": null,
+        "completed_at": null, "failed_at": null, "expired_at": null, "cancelling_at": null,
+        "cancelled_at": null,
+        "request_counts": {"total": total, "completed": 0, "failed": 0},
+        "metadata": metadata,
+    });
+    if let Some(seconds) = output_expiry {
+        object["output_expires_after"] = json!({"anchor": "created_at", "seconds": seconds});
+    }
+    object
 }
 
 fn no_batch(id: &str) -> ApiError {

@@ -31,6 +31,7 @@ mod text_logprobs;
 pub mod types;
 mod utility;
 mod workers;
+mod workers_batch;
 
 pub use listen::{serve, ConnLimits};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
@@ -122,10 +122,15 @@ pub async fn responses_delete(
 /// Workers AI's `POST /client/v4/accounts/{account_id}/ai/run/{model}` (and the same through
 /// AI Gateway's URL, `POST /v1/{account_id}/{gateway_id}/workers-ai/{model}`): a chat request
 /// (`messages`, or `prompt` through the chat template) or, with `raw`, a completion; the
-/// answer in Cloudflare's envelope (errors too, by the router's surface layer).
+/// answer in Cloudflare's envelope (errors too, by the router's surface layer). With
+/// `?queueRequest=true` and `requests`, or with a `request_id`: its asynchronous Batch API
+/// ([`super::workers_batch`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn workers_run(
     State(state): State<Arc<AppState>>,
     Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    uri: axum::http::Uri,
     Extension(rid): Extension<RequestId>,
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
@@ -134,6 +139,14 @@ pub async fn workers_run(
     let model = params.get("model").cloned().unwrap_or_default();
     let bytes = body_or_error(body, state.max_body_bytes)?;
     let parsed = parse_body(&bytes)?;
+    let queued = query
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| kv == "queueRequest=true");
+    let batch = super::workers_batch::route(&state, &who, uri.path(), &model, &parsed, queued);
+    if let Some(reply) = batch.await {
+        return reply;
+    }
     if super::workers::is_embedding(&parsed) {
         let shape = super::embeddings::Shape::Workers { model };
         return super::embeddings::serve(&state, rid, who, &headers, Ok(bytes), shape).await;

@@ -474,9 +474,13 @@ fn cursor_of(
 }
 
 /// The tokens (input, cached input, output, reasoning) a reply's body says it used: a chat
-/// or text completion's or embeddings' `usage`, or a response's.
+/// or text completion's or embeddings' `usage`, a response's, or, in Cloudflare's envelope,
+/// a Workers AI answer's (`result.usage`).
 fn tokens_of(body: &Value) -> [i64; 4] {
-    let u = &body["usage"];
+    let u = match &body["usage"] {
+        Value::Null => &body["result"]["usage"],
+        u => u,
+    };
     let n = |a: &Value, b: &Value| a.as_i64().or_else(|| b.as_i64()).unwrap_or(0).max(0);
     [
         n(&u["prompt_tokens"], &u["input_tokens"]),

@@ -1,0 +1,240 @@
+//! Workers AI's asynchronous Batch API on its route. `POST .../ai/run/{model}?queueRequest=true`
+//! with `{"requests": [input, ...]}` queues the inputs as one batch of this server's Batch API
+//! (the same store, worker, limits, ledger and durability; it is listed in `/v1/batches` too,
+//! with the route as its `endpoint`) and answers `{"status": "queued", "request_id",
+//! "model"}`. A `POST` of `{"request_id"}` to the route polls it: `queued` or `running`
+//! (HTTP 202) while it runs, then (200) `responses` in the inputs' order, each `{"id",
+//! "result", "success", "external_reference"}`, and the batch's `usage`.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::batch_input::MAX_REQUESTS;
+use super::batches::{new_object, store};
+use super::error::ApiError;
+use super::workers::envelope;
+use super::AppState;
+use crate::gateway::batches::{Line, ACTIVE};
+use crate::gateway::Principal;
+
+/// The batch object's field that marks it as Workers AI's and keeps what its polls need.
+const MARK: &str = "workers_ai";
+/// How long a finished batch's results are kept (its output files' expiry): a week.
+const KEEP_SECS: i64 = 7 * 86_400;
+
+/// Answers a queued batch's submission or poll; `None` for an ordinary request.
+pub async fn route(
+    state: &Arc<AppState>,
+    who: &Principal,
+    path: &str,
+    model: &str,
+    body: &Value,
+    queued: bool,
+) -> Option<Result<Response, ApiError>> {
+    let b = body.as_object()?;
+    let input = ["messages", "prompt", "text", "requests"];
+    if let (Some(id), false) = (
+        b.get("request_id"),
+        input.iter().any(|f| b.contains_key(*f)),
+    ) {
+        return Some(poll(state, who, id).await);
+    }
+    match (b.get("requests"), queued) {
+        (Some(requests), true) => Some(submit(state, who, path, model, requests).await),
+        (Some(_), false) => Some(Err(ApiError::invalid(
+            "requests",
+            "a list of `requests` is queued with `?queueRequest=true` (Workers AI's Batch API)",
+        ))),
+        (None, true) => Some(Err(ApiError::invalid(
+            "requests",
+            "`?queueRequest=true` queues `requests`: a list of inputs",
+        ))),
+        (None, false) => None,
+    }
+}
+
+/// The inputs as a batch's lines (each line's `custom_id` its index), and their
+/// `external_reference`s; or what is wrong with them.
+fn lines_of(path: &str, requests: &Value) -> Result<(Vec<Line>, Vec<Value>), ApiError> {
+    let items = match requests {
+        Value::Array(items) if !items.is_empty() && items.len() <= MAX_REQUESTS => items,
+        _ => {
+            return Err(ApiError::invalid(
+                "requests",
+                format!("`requests` must be a list of 1 to {MAX_REQUESTS} inputs"),
+            ))
+        }
+    };
+    let mut lines = Vec::with_capacity(items.len());
+    let mut references = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let bad = |f: &str, why: &str| {
+            let field = format!("requests[{i}]{f}");
+            ApiError::invalid(field.clone(), format!("`{field}` {why}"))
+        };
+        let Value::Object(input) = item else {
+            return Err(bad("", "must be a JSON object (an input)"));
+        };
+        let mut input: Map<String, Value> = input.clone();
+        if !matches!(
+            input.get("stream"),
+            None | Some(Value::Bool(false) | Value::Null)
+        ) {
+            return Err(bad(".stream", "is not supported in a batch"));
+        }
+        match input.remove("external_reference") {
+            None | Some(Value::Null) => references.push(Value::Null),
+            Some(r @ Value::String(_)) => references.push(r),
+            Some(_) => return Err(bad(".external_reference", "must be a string")),
+        }
+        lines.push(Line {
+            line: i as i64,
+            custom_id: i.to_string(),
+            url: path.to_string(),
+            body: Value::Object(input).to_string(),
+        });
+    }
+    Ok((lines, references))
+}
+
+async fn submit(
+    state: &Arc<AppState>,
+    who: &Principal,
+    path: &str,
+    model: &str,
+    requests: &Value,
+) -> Result<Response, ApiError> {
+    // The model is checked now (404, 403), as each input will be again when it runs.
+    super::handlers::check_model(state, who, Some(model))?;
+    let (lines, references) = lines_of(path, requests)?;
+    let now = crate::gateway::db::unix_now();
+    let total = lines.len();
+    let mut object = new_object(path, Value::Null, total, json!({}), Some(KEEP_SECS), now);
+    object[MARK] = json!({"model": model, "external_references": references});
+    let id = object["id"].as_str().unwrap_or_default().to_string();
+    let (kind, owner) = who.owner();
+    let (kind, owner) = (kind.to_string(), owner.to_string());
+    store(state, move |b| b.create(&kind, &owner, &object, lines)).await?;
+    state.batch_wake.notify_one();
+    let queued = json!({"status": "queued", "request_id": id, "model": model});
+    Ok(Json(envelope(queued)).into_response())
+}
+
+async fn poll(state: &Arc<AppState>, who: &Principal, id: &Value) -> Result<Response, ApiError> {
+    let Some(id) = id.as_str().map(str::to_string) else {
+        return Err(ApiError::invalid(
+            "request_id",
+            "`request_id` must be a string",
+        ));
+    };
+    let owner = who.owner().1.to_string();
+    let (key, o) = (id.clone(), owner.clone());
+    let object = store(state, move |b| b.batch(&key, &o))
+        .await?
+        .filter(|object| object.get(MARK).is_some())
+        .ok_or_else(|| ApiError::not_found(format!("No queued request found with id '{id}'.")))?;
+    let mark = &object[MARK];
+    let status = object["status"].as_str().unwrap_or_default();
+    if ACTIVE.contains(&status) {
+        let counts = &object["request_counts"];
+        let answered =
+            counts["completed"].as_u64().unwrap_or(0) + counts["failed"].as_u64().unwrap_or(0);
+        let word = if answered > 0 || status != "in_progress" {
+            "running"
+        } else {
+            "queued"
+        };
+        let body = envelope(json!({"status": word, "request_id": id, "model": mark["model"]}));
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
+    let files: Vec<String> = ["output_file_id", "error_file_id"]
+        .iter()
+        .filter_map(|f| object[*f].as_str().map(str::to_string))
+        .collect();
+    let contents = store(state, move |b| {
+        let mut all = Vec::new();
+        for file in &files {
+            all.extend(b.file_content(file, &owner)?.unwrap_or_default());
+            all.push(b'\n');
+        }
+        Ok(all)
+    })
+    .await?;
+    let references = mark["external_references"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut responses: Vec<Value> = (0..references.len())
+        .map(|i| not_run(i, &object, &references[i]))
+        .collect();
+    for line in String::from_utf8_lossy(&contents).lines() {
+        let Ok(line) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let index = line["custom_id"]
+            .as_str()
+            .and_then(|c| c.parse::<usize>().ok());
+        if let Some(slot) = index.and_then(|i| responses.get_mut(i)) {
+            let i = index.unwrap_or_default();
+            *slot = answered(i, &line, &references[i]);
+        }
+    }
+    let usage = &object["usage"];
+    let (input, output) = (
+        usage["input_tokens"].as_u64().unwrap_or(0),
+        usage["output_tokens"].as_u64().unwrap_or(0),
+    );
+    let usage = json!({"prompt_tokens": input, "completion_tokens": output,
+        "total_tokens": input + output});
+    Ok(Json(envelope(json!({"responses": responses, "usage": usage}))).into_response())
+}
+
+/// One input's entry from its line in the batch's output or error file.
+fn answered(i: usize, line: &Value, reference: &Value) -> Value {
+    let response = &line["response"];
+    if response.is_null() {
+        let message = line["error"]["message"]
+            .as_str()
+            .unwrap_or("The request was not run.");
+        return failed(i, workers_error(&line["error"]["code"], message), reference);
+    }
+    let body = &response["body"];
+    let ok = response["status_code"]
+        .as_u64()
+        .is_some_and(|s| (200..300).contains(&s));
+    if ok {
+        return json!({"id": i, "result": body["result"], "success": true,
+            "external_reference": reference});
+    }
+    let errors = match &body["errors"] {
+        Value::Array(e) => Value::Array(e.clone()),
+        _ => json!([{"code": 5000, "message": body.to_string()}]),
+    };
+    failed(i, errors, reference)
+}
+
+/// The entry of an input with no line: the batch ended before it ran.
+fn not_run(i: usize, object: &Value, reference: &Value) -> Value {
+    let why = object["errors"]["data"][0]["message"].as_str();
+    let message = why.unwrap_or("The batch ended before this request ran.");
+    failed(i, workers_error(&json!("batch_failed"), message), reference)
+}
+
+fn failed(i: usize, errors: Value, reference: &Value) -> Value {
+    json!({"id": i, "result": null, "success": false, "errors": errors,
+        "external_reference": reference})
+}
+
+/// Cloudflare's error list for a request that got no answer (`batch_cancelled`,
+/// `batch_expired`, ...): its code as a number, and the message.
+fn workers_error(code: &Value, message: &str) -> Value {
+    let number = match code.as_str() {
+        Some("batch_expired") => 3007,
+        _ => 5000,
+    };
+    json!([{"code": number, "message": message}])
+}
