@@ -151,19 +151,35 @@ fn bad_submissions_and_polls_get_the_envelope_and_batches_belong_to_their_key() 
     let queued_path = format!("{}?queueRequest=true", run_path());
     let hi = json!({"prompt": "Hi", "max_tokens": 2});
     for (body, names) in [
-        (json!({"requests": []}), "requests"),
-        (json!({"requests": "Hi"}), "requests"),
-        (json!({"requests": [hi, 5]}), "requests[1]"),
+        (json!({"requests": []}), "`requests` must be a list"),
+        (json!({"requests": "Hi"}), "`requests` must be a list"),
+        (
+            json!({"requests": [hi, 5]}),
+            "`requests[1]` must be a JSON object",
+        ),
         (
             json!({"requests": [{"prompt": "Hi", "stream": true}]}),
-            "requests[0].stream",
+            "`requests[0].stream`",
         ),
         (
             json!({"requests": [{"prompt": "Hi", "external_reference": 5}]}),
-            "requests[0].external_reference",
+            "`requests[0].external_reference`",
+        ),
+        // An input is never a poll, nor another batch, and has something to run.
+        (
+            json!({"requests": [hi, {"request_id": "batch_x"}]}),
+            "`requests[1]` must be an input",
+        ),
+        (
+            json!({"requests": [{"requests": [hi]}]}),
+            "`requests[0]` must be an input",
+        ),
+        (
+            json!({"requests": [{"max_tokens": 3}]}),
+            "`requests[0]` must be an input",
         ),
         // Nothing to queue.
-        (json!({"prompt": "Hi"}), "requests"),
+        (json!({"prompt": "Hi"}), "queues `requests`"),
     ] {
         let (status, e) = post(&s, &queued_path, &body, &alice);
         assert_eq!(status, 400, "{body}: {e}");
@@ -205,6 +221,31 @@ fn bad_submissions_and_polls_get_the_envelope_and_batches_belong_to_their_key() 
     workers_error(&e, 7000);
     let (done, _) = poll_until_done(&s, &id, &alice);
     assert_eq!(done["result"]["responses"][0]["success"], true, "{done}");
+    // A cancelled batch: the inputs it never ran say so.
+    let long = json!({"prompt": "Write a long story.", "max_tokens": 200});
+    let many = json!({"requests": vec![long; 6]});
+    let (status, queued) = post(&s, &queued_path, &many, &alice);
+    assert_eq!(status, 200, "{queued}");
+    let id = queued["result"]["request_id"].as_str().unwrap().to_string();
+    let r = s.call(
+        "POST",
+        &format!("/v1/batches/{id}/cancel"),
+        None,
+        &[("authorization", &format!("Bearer {alice}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (done, _) = poll_until_done(&s, &id, &alice);
+    let responses = done["result"]["responses"].as_array().unwrap();
+    assert_eq!(responses.len(), 6, "{done}");
+    let cancelled = responses
+        .iter()
+        .filter(|r| r["success"] == false)
+        .inspect(|r| {
+            let message = r["errors"][0]["message"].as_str().unwrap();
+            assert!(message.contains("cancelled"), "{done}");
+        })
+        .count();
+    assert!(cancelled >= 1, "{done}");
     // Without a key: 401 in the envelope.
     let (status, e) = s.post(&run_path(), &json!({"request_id": id}));
     assert_eq!(status, 401, "{e}");

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::batch_input::{check_requests, requests};
 use super::error::ApiError;
 use super::AppState;
-use crate::gateway::batches::{new_id, Batches, Page};
+use crate::gateway::batches::{new_id, BatchQuery, Batches, Page};
 use crate::gateway::{GatewayError, Principal};
 
 /// The largest file `/v1/files` takes (OpenAI's limit for batch input).
@@ -66,7 +66,32 @@ pub(super) async fn store<T: Send + 'static>(
     super::gate::on_store(state, "batch", move |g| f(&g.batches)).await
 }
 
-fn owner(who: &Principal) -> String {
+/// A live file's whole content, read a chunk at a time so that the store is free between
+/// chunks; `None` if `owner` has no such file (or it expired).
+pub(super) async fn read_file(
+    state: &AppState,
+    id: &str,
+    owner: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    const CHUNK: usize = 8 << 20;
+    let (key, o) = (id.to_string(), owner.to_string());
+    let Some(meta) = store(state, move |b| b.file(&key, &o)).await? else {
+        return Ok(None);
+    };
+    let size = meta.bytes.max(0) as usize;
+    let mut content = Vec::with_capacity(size);
+    while content.len() < size {
+        let (key, o, at) = (id.to_string(), owner.to_string(), content.len());
+        match store(state, move |b| b.file_chunk(&key, &o, at, CHUNK)).await? {
+            Some(chunk) if !chunk.is_empty() => content.extend_from_slice(&chunk),
+            // Deleted meanwhile.
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(content))
+}
+
+pub(super) fn owner(who: &Principal) -> String {
     who.owner().1.to_string()
 }
 
@@ -302,7 +327,12 @@ pub async fn batches(
     let limit = limit_of(&q, 20, 100)?;
     let owner = owner(&who);
     let page = store(&state, move |b| {
-        b.batches(&owner, q.after.as_deref(), limit)
+        let query = BatchQuery {
+            after: q.after.as_deref(),
+            limit,
+            ..BatchQuery::default()
+        };
+        b.batches(&owner, &query)
     })
     .await?;
     Ok(list(page))
@@ -315,8 +345,17 @@ pub async fn cancel(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (owner(&who), id.clone());
-    let object = store(&state, move |b| {
+    cancel_batch(&state, &who, &id).await.map(Json)
+}
+
+/// Asks `who`'s batch `id` to stop (see [`cancel`]); its object as it is now.
+pub(super) async fn cancel_batch(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+) -> Result<Value, ApiError> {
+    let (owner, key) = (owner(who), id.to_string());
+    let object = store(state, move |b| {
         let Some(mut object) = b.batch(&key, &owner)? else {
             return Ok(Err(no_batch(&key)));
         };
@@ -339,5 +378,5 @@ pub async fn cancel(
     })
     .await??;
     state.batch_wake.notify_one();
-    Ok(Json(object))
+    Ok(object)
 }

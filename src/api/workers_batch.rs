@@ -14,15 +14,17 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::batch_input::MAX_REQUESTS;
-use super::batches::{new_object, store};
+use super::batches::{new_object, read_file, store};
 use super::error::ApiError;
 use super::workers::envelope;
 use super::AppState;
 use crate::gateway::batches::{Line, ACTIVE};
 use crate::gateway::Principal;
 
-/// The batch object's field that marks it as Workers AI's and keeps what its polls need.
+/// The batch object's field that marks it as Workers AI's (holding the model's name).
 const MARK: &str = "workers_ai";
+/// The longest `external_reference` (as a Batch API `custom_id`).
+const MAX_REFERENCE: usize = 512;
 /// How long a finished batch's results are kept (its output files' expiry): a week.
 const KEEP_SECS: i64 = 7 * 86_400;
 
@@ -57,9 +59,9 @@ pub async fn route(
     }
 }
 
-/// The inputs as a batch's lines (each line's `custom_id` its index), and their
-/// `external_reference`s; or what is wrong with them.
-fn lines_of(path: &str, requests: &Value) -> Result<(Vec<Line>, Vec<Value>), ApiError> {
+/// The inputs as a batch's lines, each line's `custom_id` the JSON `[index,
+/// external_reference]`; or what is wrong with them.
+fn lines_of(path: &str, requests: &Value) -> Result<Vec<Line>, ApiError> {
     let items = match requests {
         Value::Array(items) if !items.is_empty() && items.len() <= MAX_REQUESTS => items,
         _ => {
@@ -70,7 +72,6 @@ fn lines_of(path: &str, requests: &Value) -> Result<(Vec<Line>, Vec<Value>), Api
         }
     };
     let mut lines = Vec::with_capacity(items.len());
-    let mut references = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let bad = |f: &str, why: &str| {
             let field = format!("requests[{i}]{f}");
@@ -86,19 +87,32 @@ fn lines_of(path: &str, requests: &Value) -> Result<(Vec<Line>, Vec<Value>), Api
         ) {
             return Err(bad(".stream", "is not supported in a batch"));
         }
-        match input.remove("external_reference") {
-            None | Some(Value::Null) => references.push(Value::Null),
-            Some(r @ Value::String(_)) => references.push(r),
-            Some(_) => return Err(bad(".external_reference", "must be a string")),
+        // An input runs as the route takes one alone (never a poll, nor another batch).
+        if ["request_id", "requests"]
+            .iter()
+            .any(|f| input.contains_key(*f))
+            || !["messages", "prompt", "text"]
+                .iter()
+                .any(|f| input.contains_key(*f))
+        {
+            return Err(bad("", "must be an input: `messages`, `prompt` or `text`"));
         }
+        let reference = match input.remove("external_reference") {
+            None | Some(Value::Null) => Value::Null,
+            Some(Value::String(r)) if r.len() <= MAX_REFERENCE => Value::String(r),
+            Some(_) => {
+                let why = format!("must be a string of at most {MAX_REFERENCE} bytes");
+                return Err(bad(".external_reference", &why));
+            }
+        };
         lines.push(Line {
             line: i as i64,
-            custom_id: i.to_string(),
+            custom_id: json!([i, reference]).to_string(),
             url: path.to_string(),
             body: Value::Object(input).to_string(),
         });
     }
-    Ok((lines, references))
+    Ok(lines)
 }
 
 async fn submit(
@@ -110,15 +124,30 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     // The model is checked now (404, 403), as each input will be again when it runs.
     super::handlers::check_model(state, who, Some(model))?;
-    let (lines, references) = lines_of(path, requests)?;
+    let lines = lines_of(path, requests)?;
     let now = crate::gateway::db::unix_now();
     let total = lines.len();
     let mut object = new_object(path, Value::Null, total, json!({}), Some(KEEP_SECS), now);
-    object[MARK] = json!({"model": model, "external_references": references});
+    object[MARK] = json!({"model": model});
     let id = object["id"].as_str().unwrap_or_default().to_string();
     let (kind, owner) = who.owner();
     let (kind, owner) = (kind.to_string(), owner.to_string());
-    store(state, move |b| b.create(&kind, &owner, &object, lines)).await?;
+    // The inputs are held until the batch ends: they count against the key's storage.
+    let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
+    let quota = state.batch.file_storage_per_key;
+    store(state, move |b| {
+        if let Some(quota) = quota {
+            let used = b.storage_used(&owner)?;
+            if used + bytes > quota {
+                return Err(crate::gateway::GatewayError::Invalid {
+                    field: "requests".into(),
+                    reason: format!("({bytes} bytes) do not fit: this key's files hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+                });
+            }
+        }
+        b.create(&kind, &owner, &object, lines)
+    })
+    .await?;
     state.batch_wake.notify_one();
     let queued = json!({"status": "queued", "request_id": id, "model": model});
     Ok(Json(envelope(queued)).into_response())
@@ -151,36 +180,43 @@ async fn poll(state: &Arc<AppState>, who: &Principal, id: &Value) -> Result<Resp
         let body = envelope(json!({"status": word, "request_id": id, "model": mark["model"]}));
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
-    let files: Vec<String> = ["output_file_id", "error_file_id"]
-        .iter()
-        .filter_map(|f| object[*f].as_str().map(str::to_string))
+    if status == "failed" {
+        let why = object["errors"]["data"][0]["message"]
+            .as_str()
+            .unwrap_or_default();
+        let message = format!("The batch failed and its results were not kept: {why}");
+        return Err(ApiError::conflict(message));
+    }
+    let total = object["request_counts"]["total"].as_u64().unwrap_or(0) as usize;
+    let mut responses: Vec<Value> = (0..total)
+        .map(|i| {
+            let message = "The batch ended before this request ran.";
+            failed(i, workers_error(&Value::Null, message), &Value::Null)
+        })
         .collect();
-    let contents = store(state, move |b| {
-        let mut all = Vec::new();
-        for file in &files {
-            all.extend(b.file_content(file, &owner)?.unwrap_or_default());
-            all.push(b'\n');
-        }
-        Ok(all)
-    })
-    .await?;
-    let references = mark["external_references"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let mut responses: Vec<Value> = (0..references.len())
-        .map(|i| not_run(i, &object, &references[i]))
-        .collect();
-    for line in String::from_utf8_lossy(&contents).lines() {
-        let Ok(line) = serde_json::from_str::<Value>(line) else {
+    for field in ["output_file_id", "error_file_id"] {
+        let Some(file) = object[field].as_str() else {
             continue;
         };
-        let index = line["custom_id"]
-            .as_str()
-            .and_then(|c| c.parse::<usize>().ok());
-        if let Some(slot) = index.and_then(|i| responses.get_mut(i)) {
-            let i = index.unwrap_or_default();
-            *slot = answered(i, &line, &references[i]);
+        let content = read_file(state, file, &owner).await?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "The results of '{id}' have expired or were deleted."
+            ))
+        })?;
+        for line in String::from_utf8_lossy(&content).lines() {
+            let Ok(line) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let key = line["custom_id"]
+                .as_str()
+                .and_then(|c| serde_json::from_str::<Value>(c).ok());
+            let Some(i) = key.as_ref().and_then(|k| k[0].as_u64()).map(|i| i as usize) else {
+                continue;
+            };
+            if let Some(slot) = responses.get_mut(i) {
+                let reference = key.as_ref().map_or(Value::Null, |k| k[1].clone());
+                *slot = answered(i, &line, &reference);
+            }
         }
     }
     let usage = &object["usage"];
@@ -215,13 +251,6 @@ fn answered(i: usize, line: &Value, reference: &Value) -> Value {
         _ => json!([{"code": 5000, "message": body.to_string()}]),
     };
     failed(i, errors, reference)
-}
-
-/// The entry of an input with no line: the batch ended before it ran.
-fn not_run(i: usize, object: &Value, reference: &Value) -> Value {
-    let why = object["errors"]["data"][0]["message"].as_str();
-    let message = why.unwrap_or("The batch ended before this request ran.");
-    failed(i, workers_error(&json!("batch_failed"), message), reference)
 }
 
 fn failed(i: usize, errors: Value, reference: &Value) -> Value {

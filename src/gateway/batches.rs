@@ -165,40 +165,6 @@ impl Batches {
             .transpose()
     }
 
-    /// `owner`'s batches newest first, after the batch `after`.
-    pub fn batches(
-        &self,
-        owner: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<Value>, GatewayError> {
-        let conn = self.conn();
-        let cursor = cursor_of(&conn, "batches", owner, after)?;
-        let rows: Vec<String> = {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT object FROM batches WHERE owner = ?1 AND (created, rowid) < (?2, ?3)
-                     ORDER BY created DESC, rowid DESC LIMIT ?4",
-                )
-                .map_err(GatewayError::db)?;
-            let rows = stmt
-                .query_map(params![owner, cursor.0, cursor.1, limit as i64 + 1], |r| {
-                    r.get(0)
-                })
-                .map_err(GatewayError::db)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(GatewayError::db)?;
-            rows
-        };
-        let has_more = rows.len() > limit;
-        let items = rows
-            .iter()
-            .take(limit)
-            .map(|s| with_counts(&conn, parse(s, "batch")?))
-            .collect::<Result<_, _>>()?;
-        Ok(Page { items, has_more })
-    }
-
     /// Replaces a batch's object (its status with it) if its status is still `expect`;
     /// whether it was.
     pub fn save(&self, object: &Value, expect: &str) -> Result<bool, GatewayError> {
@@ -544,8 +510,11 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
 
 #[path = "batch_files.rs"]
 mod files;
+#[path = "batch_list.rs"]
+mod list;
 use files::insert_file;
 pub use files::NewFile;
+pub use list::{BatchQuery, Deleted};
 
 #[cfg(test)]
 #[path = "batches_tests.rs"]
