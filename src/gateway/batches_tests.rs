@@ -197,7 +197,11 @@ fn a_batch_runs_its_lines_then_keeps_only_its_files() {
         b.batch("batch_1", "k").unwrap().unwrap()["status"],
         "completed"
     );
-    assert_eq!(b.batches("k", None, 10).unwrap().items.len(), 1);
+    let all = BatchQuery {
+        limit: 10,
+        ..BatchQuery::default()
+    };
+    assert_eq!(b.batches("k", &all).unwrap().items.len(), 1);
     // Failing: only a batch with work left, its rows gone, its counts kept.
     assert!(!b.fail("batch_1", "late").unwrap());
     let object = json!({"id": "batch_2", "status": "in_progress", "created_at": 6});
@@ -210,4 +214,79 @@ fn a_batch_runs_its_lines_then_keeps_only_its_files() {
     assert_eq!(failed["request_counts"]["completed"], 1);
     assert!(results_of(&b.conn(), "batch_2").unwrap().is_empty());
     assert!(b.active().unwrap().is_empty());
+}
+
+#[test]
+fn batches_page_from_either_side_of_a_cursor_by_endpoint_and_delete_once_ended() {
+    let (_d, b) = store();
+    let line = Line {
+        line: 0,
+        custom_id: "a".into(),
+        url: "/v1/messages".into(),
+        body: "{}".into(),
+    };
+    // b0..b4, oldest first; b1 and b3 of another endpoint.
+    for i in 0..5 {
+        let endpoint = if i % 2 == 1 {
+            "/v1/embeddings"
+        } else {
+            "/v1/messages"
+        };
+        let object = json!({"id": format!("b{i}"), "status": "in_progress", "created_at": i,
+                            "endpoint": endpoint});
+        b.create("key", "k", &object, [line.clone()]).unwrap();
+    }
+    let ids = |q: BatchQuery| -> (Vec<String>, bool) {
+        let page = b.batches("k", &q).unwrap();
+        let ids = page
+            .items
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_string());
+        (ids.collect(), page.has_more)
+    };
+    let messages = BatchQuery {
+        endpoint: Some("/v1/messages"),
+        limit: 2,
+        ..BatchQuery::default()
+    };
+    assert_eq!(ids(messages), (vec!["b4".into(), "b2".into()], true));
+    let after = BatchQuery {
+        after: Some("b2"),
+        ..messages
+    };
+    assert_eq!(ids(after), (vec!["b0".into()], false));
+    // The page before a cursor: the newer ones next to it, still newest first.
+    let before = BatchQuery {
+        before: Some("b0"),
+        limit: 1,
+        ..messages
+    };
+    assert_eq!(ids(before), (vec!["b2".into()], true));
+    let before = BatchQuery {
+        before: Some("b1"),
+        endpoint: None,
+        limit: 10,
+        ..messages
+    };
+    assert_eq!(
+        ids(before),
+        (vec!["b4".into(), "b3".into(), "b2".into()], false)
+    );
+    // Deleting: only an owner's batch that has ended, with its files.
+    assert_eq!(b.delete_batch("b4", "k").unwrap(), Deleted::Running);
+    assert_eq!(b.delete_batch("b4", "other").unwrap(), Deleted::NoSuchBatch);
+    let mut object = b.batch("b4", "k").unwrap().unwrap();
+    let done = |_: &Results, o: &mut Value| {
+        o["status"] = "cancelled".into();
+        Ok((b"out\n".to_vec(), b"err\n".to_vec()))
+    };
+    assert!(b.conclude("k", &mut object, "in_progress", done).unwrap());
+    let files = [&object["output_file_id"], &object["error_file_id"]]
+        .map(|f| f.as_str().unwrap().to_string());
+    assert_eq!(b.delete_batch("b4", "k").unwrap(), Deleted::Yes);
+    assert!(b.batch("b4", "k").unwrap().is_none());
+    for f in files {
+        assert!(b.file(&f, "k").unwrap().is_none());
+    }
+    assert_eq!(b.delete_batch("b4", "k").unwrap(), Deleted::NoSuchBatch);
 }
