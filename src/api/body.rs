@@ -1,8 +1,9 @@
 //! Request bodies, before any handler: a JSON route gets JSON (415 for another declared
 //! type), the whole body must arrive within `--body-read-timeout` (408: a client trickling
 //! its body cannot hold a task and a connection for ever), and never more than
-//! `--max-body-bytes` (413). Handlers then read the buffered bytes at once. The one
-//! exception is `/v1/files`: a multipart upload of up to 200 MiB, in up to 10 minutes.
+//! `--max-body-bytes` (413). Handlers then read the buffered bytes at once. The exceptions,
+//! for a caller the gateway lets in: `/v1/files`, a multipart upload of up to 200 MiB in up
+//! to 10 minutes, and `/v1/messages/batches`, a JSON body of up to 32 MiB.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,17 +54,24 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
     };
     // `/v1/files` takes a multipart upload of up to a batch file's size, and more time, from
     // a caller the gateway lets in (anyone else gets the usual limits, then its 401).
+    // A message batch (Anthropic's) is a JSON body of up to 32 MiB, on the same terms.
     let files = req.uri().path() == "/v1/files";
-    let upload = files
+    let message_batch = req.uri().path() == "/v1/messages/batches";
+    let admitted = (files || message_batch)
         && state
             .gateway
             .authenticate(super::gate::presented_key(req.headers()).as_deref())
             .is_ok();
+    let upload = files && admitted;
     if upload {
         limits = BodyLimits {
             max_bytes: super::batches::MAX_UPLOAD_BYTES,
             read_timeout: limits.read_timeout.max(UPLOAD_READ_TIMEOUT),
         };
+    } else if message_batch && admitted {
+        limits.max_bytes = limits
+            .max_bytes
+            .max(super::anthropic_batches::MAX_CREATE_BYTES);
     }
     let multipart = declared.is_some_and(|v| {
         v.trim_start()

@@ -3,6 +3,7 @@
 
 mod admin;
 mod anthropic;
+mod anthropic_batches;
 mod anthropic_sse;
 mod batch_input;
 mod batch_worker;
@@ -321,6 +322,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         // OpenAI's Batch API: uploaded JSONL files, batches run in the background.
         .merge(batches::routes())
+        .merge(anthropic_batches::routes())
         .route("/v1/usage", get(admin::usage))
         .route("/tokenize", post(utility::tokenize))
         .route("/detokenize", post(utility::detokenize))
