@@ -43,8 +43,11 @@ fn official_client_runs_a_message_batch_as_direct_calls() {
         "{r}"
     );
     assert!(ended["ended_at"].is_string(), "{r}");
-    let url = ended["results_url"].as_str().unwrap();
-    assert!(url.starts_with(&s.base) && url.ends_with("/results"), "{r}");
+    let url = format!(
+        "/v1/messages/batches/{}/results",
+        created["id"].as_str().unwrap()
+    );
+    assert_eq!(ended["results_url"], url.as_str(), "{r}");
 
     // Each request's result is what the same request gets directly (greedy).
     for id in ["colour", "count"] {
@@ -235,26 +238,92 @@ fn bad_batches_cancel_paging_and_owners() {
         page(&format!("limit=1&before_id={}", ids[0])),
         (vec![ids[1].clone()], true)
     );
-    // A batch past the default body limit (4 MiB) is taken, up to 32 MiB, from a key.
-    let mut big = request("big", 1);
-    big["params"]["metadata"] = json!({"user_id": "x".repeat(5 << 20)});
-    let body = json!({"requests": [big]});
+    // A batch past the default body limit (4 MiB) is taken, up to 32 MiB, from a key; one
+    // request past it could never run, and is refused at once.
+    let padded = |id: &str, bytes: usize| {
+        let mut r = request(id, 1);
+        r["params"]["metadata"] = json!({"user_id": "x".repeat(bytes)});
+        r
+    };
+    let body = json!({"requests": [padded("big1", 5 << 19), padded("big2", 5 << 19)]});
     let (status, b) = call(&s, "POST", BATCHES, Some(&body), &alice);
     assert_eq!(status, 200, "{b}");
-    let (status, _) = call(
-        &s,
-        "POST",
-        &format!("{BATCHES}/{}/cancel", b["id"].as_str().unwrap()),
-        None,
-        &alice,
+    let body = json!({"requests": [request("a", 1), padded("huge", 5 << 20)]});
+    let (status, e) = call(&s, "POST", BATCHES, Some(&body), &alice);
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("requests.1.params"),
+        "{e}"
     );
-    assert_eq!(status, 200);
     // Without a key, the usual limit (and then the 401).
     let (status, e) = s.post_tolerant(BATCHES, body.to_string().as_bytes());
     assert_eq!(status, 413, "{e}");
+    // A cursor that names nothing, by its name; an ended batch has nothing to cancel.
+    let (status, e) = call(
+        &s,
+        "GET",
+        &format!("{BATCHES}?after_id=msgbatch_nope"),
+        None,
+        &alice,
+    );
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("after_id"),
+        "{e}"
+    );
+    let (status, e) = call(&s, "POST", &format!("{BATCHES}/{id}/cancel"), None, &alice);
+    assert_eq!(status, 409, "{e}");
+    anthropic_error(&e, "invalid_request_error");
     let (_, theirs) = call(&s, "GET", BATCHES, None, &bob);
     assert_eq!(theirs["data"], json!([]), "{theirs}");
     let (status, e) = call(&s, "GET", &format!("{BATCHES}?limit=0"), None, &alice);
     assert_eq!(status, 400, "{e}");
     anthropic_error(&e, "invalid_request_error");
+}
+
+#[test]
+fn held_requests_count_against_the_key_storage_quota() {
+    let s = Server::start(&["--file-storage-per-key", "4000"]);
+    let mut big = request("big", 1);
+    big["params"]["messages"][0]["content"] = json!("word ".repeat(1000));
+    let (status, e) = s.post(BATCHES, &json!({"requests": [big]}));
+    assert_eq!(status, 400, "{e}");
+    anthropic_error(&e, "invalid_request_error");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--file-storage-per-key"), "{e}");
+    // Two batches that each fit, but not together while the first runs.
+    let size = |r: &[Value]| {
+        r.iter()
+            .map(|r| r["params"].to_string().len())
+            .sum::<usize>()
+    };
+    let first: Vec<Value> = (0..20).map(|i| request(&format!("a{i}"), 300)).collect();
+    let second: Vec<Value> = (0..12).map(|i| request(&format!("b{i}"), 300)).collect();
+    assert!(
+        size(&first) < 4000 && size(&second) < 4000,
+        "the test's sizes"
+    );
+    assert!(size(&first) + size(&second) > 4000, "the test's sizes");
+    let (status, b) = s.post(BATCHES, &json!({"requests": first}));
+    assert_eq!(status, 200, "{b}");
+    let (status, e) = s.post(BATCHES, &json!({"requests": second}));
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--file-storage-per-key"),
+        "{e}"
+    );
+    // Workers AI's queued inputs too.
+    let run = "/client/v4/accounts/abc/ai/run/SmolLM2-135M-Instruct.Q4_1?queueRequest=true";
+    let (status, e) = s.post(
+        run,
+        &json!({"requests": [{"prompt": "word ".repeat(1000)}]}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["errors"][0]["code"], 5006, "{e}");
 }

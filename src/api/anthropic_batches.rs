@@ -8,13 +8,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::batches::{cancel_batch, new_object, owner, read_file, store};
+use super::batches::{cancel_batch, create_held, new_object, owner, read_file, store};
 use super::error::ApiError;
 use super::AppState;
 use crate::gateway::batches::{new_id, BatchQuery, Deleted, Line, ACTIVE};
@@ -38,7 +38,8 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
             "/v1/messages/batches",
             post(create)
                 .get(list)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_CREATE_BYTES)),
+                // The body guard (body.rs) enforces the limit, up to MAX_CREATE_BYTES.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/messages/batches/{id}", get(retrieve).delete(delete))
         .route("/v1/messages/batches/{id}/cancel", post(cancel))
@@ -53,8 +54,9 @@ fn good_custom_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// The requests as a batch's lines, or what is wrong with them.
-fn lines_of(body: &Map<String, Value>) -> Result<Vec<Line>, ApiError> {
+/// The requests as a batch's lines, or what is wrong with them. A request whose `params`
+/// are larger than a request may be (`max_bytes`) could never run: refused now.
+fn lines_of(body: &Map<String, Value>, max_bytes: usize) -> Result<Vec<Line>, ApiError> {
     let items = match body.get("requests") {
         Some(Value::Array(items)) if !items.is_empty() && items.len() <= MAX_REQUESTS => items,
         _ => {
@@ -96,11 +98,19 @@ fn lines_of(body: &Map<String, Value>) -> Result<Vec<Line>, ApiError> {
         ) {
             return Err(bad(".params.stream", "is not supported in a batch"));
         }
+        let body = Value::Object(params.clone()).to_string();
+        if body.len() > max_bytes {
+            let why = format!(
+                "is {} bytes, over the {max_bytes} a request may be (`--max-body-bytes`)",
+                body.len()
+            );
+            return Err(bad(".params", &why));
+        }
         lines.push(Line {
             line: i as i64,
             custom_id,
             url: ENDPOINT.to_string(),
-            body: Value::Object(params.clone()).to_string(),
+            body,
         });
     }
     Ok(lines)
@@ -110,12 +120,17 @@ fn lines_of(body: &Map<String, Value>) -> Result<Vec<Line>, ApiError> {
 async fn create(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: Map<String, Value> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("The body must be a JSON object: {e}")))?;
-    let lines = lines_of(&body)?;
+    // Up to 32 MiB of JSON: read off the async threads.
+    let max_bytes = state.max_body_bytes;
+    let lines = tokio::task::spawn_blocking(move || {
+        let body: Map<String, Value> = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("The body must be a JSON object: {e}")))?;
+        lines_of(&body, max_bytes)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("reading the batch failed: {e}")))??;
     let now = crate::gateway::db::unix_now();
     let mut object = new_object(
         ENDPOINT,
@@ -126,27 +141,8 @@ async fn create(
         now,
     );
     object["id"] = new_id("msgbatch_").into();
-    let (kind, owner) = who.owner();
-    let (kind, owner) = (kind.to_string(), owner.to_string());
-    // The requests are held until the batch ends: they count against the key's storage.
-    let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
-    let quota = state.batch.file_storage_per_key;
-    let saved = object.clone();
-    store(&state, move |b| {
-        if let Some(quota) = quota {
-            let used = b.storage_used(&owner)?;
-            if used + bytes > quota {
-                return Err(crate::gateway::GatewayError::Invalid {
-                    field: "requests".into(),
-                    reason: format!("({bytes} bytes) do not fit: this key's files hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
-                });
-            }
-        }
-        b.create(&kind, &owner, &saved, lines)
-    })
-    .await?;
-    state.batch_wake.notify_one();
-    Ok(Json(render(&object, &base_url(&headers))))
+    create_held(&state, &who, object.clone(), lines).await?;
+    Ok(Json(render(&object)))
 }
 
 /// `who`'s message batch `id` (another's, or a batch of another API, is 404).
@@ -162,10 +158,9 @@ async fn retrieve(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let object = fetch(&state, &who, &id).await?;
-    Ok(Json(render(&object, &base_url(&headers))))
+    Ok(Json(render(&object)))
 }
 
 #[derive(Deserialize)]
@@ -181,7 +176,6 @@ async fn list(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
     Query(q): Query<ListQuery>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let limit = match q.limit.as_deref() {
         None => 20,
@@ -204,12 +198,12 @@ async fn list(
             before: q.before_id.as_deref(),
             endpoint: Some(ENDPOINT),
             limit,
+            names: ("after_id", "before_id"),
         };
         b.batches(&owner, &query)
     })
     .await?;
-    let base = base_url(&headers);
-    let data: Vec<Value> = page.items.iter().map(|o| render(o, &base)).collect();
+    let data: Vec<Value> = page.items.iter().map(render).collect();
     let id = |v: Option<&Value>| v.map_or(Value::Null, |v| v["id"].clone());
     Ok(Json(json!({
         "data": data, "has_more": page.has_more,
@@ -223,11 +217,15 @@ async fn cancel(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    fetch(&state, &who, &id).await?;
+    let object = fetch(&state, &who, &id).await?;
+    if !ACTIVE.contains(&object["status"].as_str().unwrap_or_default()) {
+        return Err(ApiError::conflict(format!(
+            "Message batch '{id}' has already ended; there is nothing to cancel."
+        )));
+    }
     let object = cancel_batch(&state, &who, &id).await?;
-    Ok(Json(render(&object, &base_url(&headers))))
+    Ok(Json(render(&object)))
 }
 
 /// `DELETE /v1/messages/batches/{id}`: an ended batch and its results.
@@ -314,19 +312,6 @@ fn result_line(line: &Value) -> Value {
     json!({"custom_id": line["custom_id"], "result": result})
 }
 
-/// Where this server was reached (`results_url` is absolute, as Anthropic's is): the
-/// `Host` header, over `X-Forwarded-Proto` or plain HTTP.
-fn base_url(headers: &HeaderMap) -> String {
-    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    match text(header::HOST.as_str()) {
-        Some(host) => {
-            let proto = text("x-forwarded-proto").unwrap_or("http");
-            format!("{proto}://{host}")
-        }
-        None => String::new(),
-    }
-}
-
 /// Unix seconds as RFC 3339 (UTC); `null` for none.
 fn rfc3339(t: &Value) -> Value {
     let Some(t) = t.as_i64() else {
@@ -338,8 +323,9 @@ fn rfc3339(t: &Value) -> Value {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}Z").into()
 }
 
-/// A stored batch in Anthropic's shape.
-fn render(o: &Value, base: &str) -> Value {
+/// A stored batch in Anthropic's shape. `results_url` is a path: the SDK joins it to its base
+/// URL (a prefix included), so it holds behind any proxy.
+fn render(o: &Value) -> Value {
     let status = o["status"].as_str().unwrap_or_default();
     let processing = match status {
         "in_progress" | "finalizing" => "in_progress",
@@ -366,7 +352,7 @@ fn render(o: &Value, base: &str) -> Value {
         .unwrap_or(&Value::Null);
     let id = o["id"].as_str().unwrap_or_default();
     let results_url = (processing == "ended" && status != "failed")
-        .then(|| format!("{base}/v1/messages/batches/{id}/results"));
+        .then(|| format!("/v1/messages/batches/{id}/results"));
     json!({
         "id": id, "type": "message_batch", "processing_status": processing,
         "request_counts": counts, "ended_at": rfc3339(ended),
@@ -379,6 +365,87 @@ fn render(o: &Value, base: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_stored_status_has_its_processing_status_and_counts() {
+        let at = |status: &str, completed: u64, failed: u64| {
+            let o = json!({"id": "msgbatch_x", "status": status, "created_at": 0,
+                "expires_at": 86_400, "cancelling_at": null, "completed_at": null,
+                "cancelled_at": null, "expired_at": null, "failed_at": null,
+                "request_counts": {"total": 10, "completed": completed, "failed": failed}});
+            let mut o = o;
+            let ending = match status {
+                "completed" => "completed_at",
+                "cancelled" => "cancelled_at",
+                "expired" => "expired_at",
+                "failed" => "failed_at",
+                _ => "none",
+            };
+            o[ending] = json!(60);
+            render(&o)
+        };
+        let counts = |p, s, e, c, x| json!({"processing": p, "succeeded": s, "errored": e, "canceled": c, "expired": x});
+        for (status, processing) in [("in_progress", "in_progress"), ("cancelling", "canceling")] {
+            let r = at(status, 4, 1);
+            assert_eq!(r["processing_status"], processing);
+            assert_eq!(r["request_counts"], counts(10, 0, 0, 0, 0));
+            assert_eq!(
+                (&r["results_url"], &r["ended_at"]),
+                (&Value::Null, &Value::Null)
+            );
+        }
+        let ended = [
+            ("completed", counts(0, 7, 3, 0, 0)),
+            ("cancelled", counts(0, 4, 1, 5, 0)),
+            ("expired", counts(0, 4, 1, 0, 5)),
+            ("failed", counts(0, 4, 6, 0, 0)),
+        ];
+        for (status, want) in ended {
+            let (completed, failed) = if status == "completed" {
+                (7, 3)
+            } else {
+                (4, 1)
+            };
+            let r = at(status, completed, failed);
+            assert_eq!(r["processing_status"], "ended", "{status}");
+            assert_eq!(r["request_counts"], want, "{status}");
+            assert_eq!(r["ended_at"], "1970-01-01T00:01:00Z", "{status}");
+            let url = (status != "failed").then_some("/v1/messages/batches/msgbatch_x/results");
+            assert_eq!(r["results_url"], json!(url), "{status}");
+        }
+    }
+
+    #[test]
+    fn results_say_how_each_request_ended() {
+        let line = |response: Value, error: Value| {
+            result_line(&json!({"custom_id": "c", "response": response, "error": error}))
+        };
+        let ok = line(
+            json!({"status_code": 200, "body": {"type": "message"}}),
+            Value::Null,
+        );
+        assert_eq!(
+            ok,
+            json!({"custom_id": "c", "result": {"type": "succeeded",
+            "message": {"type": "message"}}})
+        );
+        let refusal =
+            json!({"type": "error", "error": {"type": "not_found_error", "message": "m"}});
+        let bad = line(json!({"status_code": 404, "body": refusal}), Value::Null);
+        assert_eq!(bad["result"], json!({"type": "errored", "error": refusal}));
+        for (code, kind) in [
+            ("batch_cancelled", "canceled"),
+            ("batch_expired", "expired"),
+        ] {
+            let r = line(Value::Null, json!({"code": code, "message": "m"}));
+            assert_eq!(r["result"], json!({"type": kind}));
+        }
+        let lost = line(
+            Value::Null,
+            json!({"code": "internal_error", "message": "m"}),
+        );
+        assert_eq!(lost["result"]["error"]["error"]["type"], "api_error");
+    }
 
     #[test]
     fn times_are_rfc3339_and_custom_ids_are_checked() {

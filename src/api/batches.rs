@@ -66,6 +66,26 @@ pub(super) async fn store<T: Send + 'static>(
     super::gate::on_store(state, "batch", move |g| f(&g.batches)).await
 }
 
+/// Stores a batch made from a request's body (not from an uploaded file) and wakes the
+/// worker. Its requests are held until it ends, so they count against the key's storage
+/// (`--file-storage-per-key`) as files do.
+pub(super) async fn create_held(
+    state: &AppState,
+    who: &Principal,
+    object: Value,
+    lines: Vec<crate::gateway::batches::Line>,
+) -> Result<(), ApiError> {
+    let (kind, owner) = who.owner();
+    let (kind, owner) = (kind.to_string(), owner.to_string());
+    let quota = state.batch.file_storage_per_key;
+    store(state, move |b| {
+        b.create_held(&kind, &owner, &object, lines, quota)
+    })
+    .await?;
+    state.batch_wake.notify_one();
+    Ok(())
+}
+
 /// A live file's whole content, read a chunk at a time so that the store is free between
 /// chunks; `None` if `owner` has no such file (or it expired).
 pub(super) async fn read_file(

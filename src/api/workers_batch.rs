@@ -14,7 +14,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::batch_input::MAX_REQUESTS;
-use super::batches::{new_object, read_file, store};
+use super::batches::{create_held, new_object, read_file, store};
 use super::error::ApiError;
 use super::workers::envelope;
 use super::AppState;
@@ -130,25 +130,7 @@ async fn submit(
     let mut object = new_object(path, Value::Null, total, json!({}), Some(KEEP_SECS), now);
     object[MARK] = json!({"model": model});
     let id = object["id"].as_str().unwrap_or_default().to_string();
-    let (kind, owner) = who.owner();
-    let (kind, owner) = (kind.to_string(), owner.to_string());
-    // The inputs are held until the batch ends: they count against the key's storage.
-    let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
-    let quota = state.batch.file_storage_per_key;
-    store(state, move |b| {
-        if let Some(quota) = quota {
-            let used = b.storage_used(&owner)?;
-            if used + bytes > quota {
-                return Err(crate::gateway::GatewayError::Invalid {
-                    field: "requests".into(),
-                    reason: format!("({bytes} bytes) do not fit: this key's files hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
-                });
-            }
-        }
-        b.create(&kind, &owner, &object, lines)
-    })
-    .await?;
-    state.batch_wake.notify_one();
+    create_held(state, who, object, lines).await?;
     let queued = json!({"status": "queued", "request_id": id, "model": model});
     Ok(Json(envelope(queued)).into_response())
 }

@@ -4,10 +4,10 @@
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 
-use super::{cursor_of, parse, with_counts, Batches, GatewayError, Page, ACTIVE};
+use super::{cursor_named, parse, with_counts, Batches, GatewayError, Page, ACTIVE};
 
 /// Which of an owner's batches a page holds.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct BatchQuery<'a> {
     /// Those older than this batch (the page after it, newest first).
     pub after: Option<&'a str>,
@@ -16,6 +16,20 @@ pub struct BatchQuery<'a> {
     /// Only the batches of this endpoint.
     pub endpoint: Option<&'a str>,
     pub limit: usize,
+    /// The cursors' names, for an error about them: (after, before).
+    pub names: (&'a str, &'a str),
+}
+
+impl Default for BatchQuery<'_> {
+    fn default() -> Self {
+        Self {
+            after: None,
+            before: None,
+            endpoint: None,
+            limit: 20,
+            names: ("after", "before"),
+        }
+    }
 }
 
 /// What deleting a batch came to.
@@ -34,8 +48,14 @@ impl Batches {
     pub fn batches(&self, owner: &str, q: &BatchQuery) -> Result<Page<Value>, GatewayError> {
         let conn = self.conn();
         let (cursor, newer) = match (q.after, q.before) {
-            (_, Some(before)) => (cursor_of(&conn, "batches", owner, Some(before))?, true),
-            (after, None) => (cursor_of(&conn, "batches", owner, after)?, false),
+            (_, Some(before)) => (
+                cursor_named(&conn, "batches", q.names.1, owner, Some(before))?,
+                true,
+            ),
+            (after, None) => (
+                cursor_named(&conn, "batches", q.names.0, owner, after)?,
+                false,
+            ),
         };
         let sql = if newer {
             "SELECT object FROM batches WHERE owner = ?1 AND (created, rowid) > (?2, ?3)

@@ -120,6 +120,49 @@ impl Batches {
     ) -> Result<(), GatewayError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(GatewayError::db)?;
+        insert_batch(&tx, owner_kind, owner, object, lines)?;
+        tx.commit().map_err(GatewayError::db)
+    }
+
+    /// Stores a batch made from a request's body (no input file): its requests are held until
+    /// it ends, so they count against the owner's storage `quota` with its files (checked in
+    /// the writing transaction, as an upload's is).
+    pub fn create_held(
+        &self,
+        owner_kind: &str,
+        owner: &str,
+        object: &Value,
+        lines: Vec<Line>,
+        quota: Option<u64>,
+    ) -> Result<(), GatewayError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(GatewayError::db)?;
+        if let Some(quota) = quota {
+            let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
+            let used = files::used_by(&tx, owner, super::db::unix_now())?;
+            if used + bytes > quota {
+                return Err(GatewayError::Invalid {
+                    field: "requests".into(),
+                    reason: format!("({bytes} bytes) do not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+                });
+            }
+        }
+        insert_batch(&tx, owner_kind, owner, object, lines)?;
+        tx.commit().map_err(GatewayError::db)
+    }
+}
+
+/// A new batch's row and its requests', in `tx`.
+fn insert_batch(
+    tx: &Connection,
+    owner_kind: &str,
+    owner: &str,
+    object: &Value,
+    lines: impl IntoIterator<Item = Line>,
+) -> Result<(), GatewayError> {
+    {
         let id = object["id"].as_str().unwrap_or_default();
         tx.execute(
             "INSERT INTO batches (id, owner_kind, owner, created, status, object)
@@ -147,9 +190,11 @@ impl Batches {
                     .map_err(GatewayError::db)?;
             }
         }
-        tx.commit().map_err(GatewayError::db)
     }
+    Ok(())
+}
 
+impl Batches {
     /// The batch `id` if `owner` made it, its request counts current.
     pub fn batch(&self, id: &str, owner: &str) -> Result<Option<Value>, GatewayError> {
         let conn = self.conn();
@@ -423,7 +468,19 @@ fn cursor_of(
     owner: &str,
     after: Option<&str>,
 ) -> Result<(i64, i64), GatewayError> {
-    let Some(after) = after else {
+    cursor_named(conn, table, "after", owner, after)
+}
+
+/// The (created, rowid) position of `owner`'s row `id` in `table`, for a cursor given as
+/// `field`; past every row when there is none.
+fn cursor_named(
+    conn: &Connection,
+    table: &str,
+    field: &str,
+    owner: &str,
+    id: Option<&str>,
+) -> Result<(i64, i64), GatewayError> {
+    let Some(after) = id else {
         return Ok((i64::MAX, i64::MAX));
     };
     conn.query_row(
@@ -434,8 +491,11 @@ fn cursor_of(
     .optional()
     .map_err(GatewayError::db)?
     .ok_or_else(|| GatewayError::Invalid {
-        field: "after".into(),
-        reason: format!("names no {} of yours: '{after}'", &table[..table.len() - 1]),
+        field: field.into(),
+        reason: format!(
+            "names no {} of yours: '{after}'",
+            if table == "batches" { "batch" } else { "file" }
+        ),
     })
 }
 
