@@ -199,8 +199,12 @@ fn a_retry_is_replayed_past_a_full_queue() {
     // One long request runs, one waits: the queue is full.
     let long = json!({"messages": [{"role": "user", "content": "Tell me a story."}],
                       "max_tokens": 1000, "stream": true, "logit_bias": {"0": -100, "2": -100}});
-    let running = s.raw_post("/v1/chat/completions", &long);
-    assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(10)));
+    let mut running = s.raw_post("/v1/chat/completions", &long);
+    // It runs: its stream has begun. (The running gauge alone could still count the first
+    // request, and then the second long one could still be on its way in when the new
+    // request below is sent, and be admitted: a 200 where a 429 is due.)
+    let begun = common::server::read_some(&mut running, 400);
+    assert!(begun.contains("data:"), "{begun}");
     let waiting = s.raw_post("/v1/chat/completions", &long);
     assert!(s.wait_metric("edgeinfer_requests_waiting", 1.0, Duration::from_secs(10)));
     // The retry is handed its reply; a new request is refused as usual.
