@@ -14,7 +14,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::batches::{cancel_batch, create_held, new_object, owner, read_file, store};
+use super::batches::{cancel_batch, create_held, new_object, owner, result_lines, store};
 use super::error::ApiError;
 use super::AppState;
 use crate::gateway::batches::{new_id, BatchQuery, Deleted, Line, ACTIVE};
@@ -262,31 +262,10 @@ async fn results(
             "Message batch '{id}' is still processing; its results come once it has ended."
         )));
     }
-    if status == "failed" {
-        let why = object["errors"]["data"][0]["message"]
-            .as_str()
-            .unwrap_or_default();
-        return Err(ApiError::conflict(format!(
-            "The batch failed and its results were not kept: {why}"
-        )));
-    }
-    let owner = owner(&who);
     let mut out = Vec::new();
-    for field in ["output_file_id", "error_file_id"] {
-        let Some(file) = object[field].as_str() else {
-            continue;
-        };
-        let content = read_file(&state, file, &owner).await?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "The results of '{id}' have expired or were deleted."
-            ))
-        })?;
-        for line in String::from_utf8_lossy(&content).lines() {
-            if let Ok(line) = serde_json::from_str::<Value>(line) {
-                out.extend_from_slice(result_line(&line).to_string().as_bytes());
-                out.push(b'\n');
-            }
-        }
+    for line in result_lines(&state, &object, &owner(&who)).await? {
+        out.extend_from_slice(result_line(&line).to_string().as_bytes());
+        out.push(b'\n');
     }
     Ok(([(header::CONTENT_TYPE, "application/x-jsonl")], out).into_response())
 }

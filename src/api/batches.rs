@@ -86,13 +86,45 @@ pub(super) async fn create_held(
     Ok(())
 }
 
+/// The output lines of an ended batch (`object`, `owner`'s), output file first, then the
+/// error file: 409 for a batch that failed (its results were not kept), 404 once its files
+/// have expired or been deleted.
+pub(super) async fn result_lines(
+    state: &AppState,
+    object: &Value,
+    owner: &str,
+) -> Result<Vec<Value>, ApiError> {
+    let id = object["id"].as_str().unwrap_or_default();
+    if object["status"] == "failed" {
+        let why = object["errors"]["data"][0]["message"]
+            .as_str()
+            .unwrap_or_default();
+        return Err(ApiError::conflict(format!(
+            "The batch failed and its results were not kept: {why}"
+        )));
+    }
+    let mut lines = Vec::new();
+    for field in ["output_file_id", "error_file_id"] {
+        let Some(file) = object[field].as_str() else {
+            continue;
+        };
+        let content = read_file(state, file, owner).await?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "The results of '{id}' have expired or were deleted."
+            ))
+        })?;
+        let text = String::from_utf8_lossy(&content);
+        lines.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
+        );
+    }
+    Ok(lines)
+}
+
 /// A live file's whole content, read a chunk at a time so that the store is free between
 /// chunks; `None` if `owner` has no such file (or it expired).
-pub(super) async fn read_file(
-    state: &AppState,
-    id: &str,
-    owner: &str,
-) -> Result<Option<Vec<u8>>, ApiError> {
+async fn read_file(state: &AppState, id: &str, owner: &str) -> Result<Option<Vec<u8>>, ApiError> {
     const CHUNK: usize = 8 << 20;
     let (key, o) = (id.to_string(), owner.to_string());
     let Some(meta) = store(state, move |b| b.file(&key, &o)).await? else {

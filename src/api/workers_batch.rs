@@ -14,7 +14,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::batch_input::MAX_REQUESTS;
-use super::batches::{create_held, new_object, read_file, store};
+use super::batches::{create_held, new_object, result_lines, store};
 use super::error::ApiError;
 use super::workers::envelope;
 use super::AppState;
@@ -162,13 +162,7 @@ async fn poll(state: &Arc<AppState>, who: &Principal, id: &Value) -> Result<Resp
         let body = envelope(json!({"status": word, "request_id": id, "model": mark["model"]}));
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
-    if status == "failed" {
-        let why = object["errors"]["data"][0]["message"]
-            .as_str()
-            .unwrap_or_default();
-        let message = format!("The batch failed and its results were not kept: {why}");
-        return Err(ApiError::conflict(message));
-    }
+    let lines = result_lines(state, &object, &owner).await?;
     let total = object["request_counts"]["total"].as_u64().unwrap_or(0) as usize;
     let mut responses: Vec<Value> = (0..total)
         .map(|i| {
@@ -176,29 +170,16 @@ async fn poll(state: &Arc<AppState>, who: &Principal, id: &Value) -> Result<Resp
             failed(i, workers_error(&Value::Null, message), &Value::Null)
         })
         .collect();
-    for field in ["output_file_id", "error_file_id"] {
-        let Some(file) = object[field].as_str() else {
+    for line in &lines {
+        let key = line["custom_id"]
+            .as_str()
+            .and_then(|c| serde_json::from_str::<Value>(c).ok());
+        let Some(i) = key.as_ref().and_then(|k| k[0].as_u64()).map(|i| i as usize) else {
             continue;
         };
-        let content = read_file(state, file, &owner).await?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "The results of '{id}' have expired or were deleted."
-            ))
-        })?;
-        for line in String::from_utf8_lossy(&content).lines() {
-            let Ok(line) = serde_json::from_str::<Value>(line) else {
-                continue;
-            };
-            let key = line["custom_id"]
-                .as_str()
-                .and_then(|c| serde_json::from_str::<Value>(c).ok());
-            let Some(i) = key.as_ref().and_then(|k| k[0].as_u64()).map(|i| i as usize) else {
-                continue;
-            };
-            if let Some(slot) = responses.get_mut(i) {
-                let reference = key.as_ref().map_or(Value::Null, |k| k[1].clone());
-                *slot = answered(i, &line, &reference);
-            }
+        if let Some(slot) = responses.get_mut(i) {
+            let reference = key.as_ref().map_or(Value::Null, |k| k[1].clone());
+            *slot = answered(i, line, &reference);
         }
     }
     let usage = &object["usage"];

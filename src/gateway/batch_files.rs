@@ -4,7 +4,7 @@
 use rusqlite::blob::ZeroBlob;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior, MAIN_DB};
 
-use super::{cursor_of, new_id, Batches, FileMeta, GatewayError, Page};
+use super::{cursor_named, new_id, Batches, FileMeta, GatewayError, Page};
 
 const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created,
     (SELECT e.expires_at FROM file_expiry e WHERE e.file_id = files.id)";
@@ -238,7 +238,7 @@ impl Batches {
         ascending: bool,
     ) -> Result<Page<FileMeta>, GatewayError> {
         let conn = self.conn();
-        let mut cursor = cursor_of(&conn, "files", owner, after)?;
+        let mut cursor = cursor_named(&conn, "files", "after", owner, after)?;
         let (past, order) = match ascending {
             true => (">", "ASC"),
             false => ("<", "DESC"),

@@ -1,10 +1,12 @@
 //! Listing and deleting batches: a page of an owner's batches (newest first, from either
 //! side of a cursor, of one endpoint if asked), and a finished batch deleted with its files.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use serde_json::Value;
 
-use super::{cursor_named, parse, with_counts, Batches, GatewayError, Page, ACTIVE};
+use super::{
+    cursor_named, parse, status_and_object, with_counts, Batches, GatewayError, Page, ACTIVE,
+};
 
 /// Which of an owner's batches a page holds.
 #[derive(Debug, Clone, Copy)]
@@ -94,15 +96,8 @@ impl Batches {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
-        let row: Option<(String, String)> = tx
-            .query_row(
-                "SELECT status, object FROM batches WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(GatewayError::db)?;
-        let Some((status, object)) = row else {
+        let row = status_and_object(&tx, id)?.filter(|(o, _, _)| o == owner);
+        let Some((_, status, object)) = row else {
             return Ok(Deleted::NoSuchBatch);
         };
         if ACTIVE.contains(&status.as_str()) {

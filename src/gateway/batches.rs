@@ -406,15 +406,8 @@ impl Batches {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
-        let row: Option<(String, String)> = tx
-            .query_row(
-                "SELECT status, object FROM batches WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(GatewayError::db)?;
-        let Some((status, object)) = row.filter(|(s, _)| ACTIVE.contains(&s.as_str())) else {
+        let row = status_and_object(&tx, id)?;
+        let Some((_, status, object)) = row.filter(|(_, s, _)| ACTIVE.contains(&s.as_str())) else {
             return Ok(false);
         };
         let mut object = with_counts(&tx, parse(&object, "batch")?)?;
@@ -431,6 +424,20 @@ impl Batches {
         tx.commit().map_err(GatewayError::db)?;
         Ok(true)
     }
+}
+
+/// Batch `id`'s (owner, status, object text), if there is one.
+fn status_and_object(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<(String, String, String)>, GatewayError> {
+    conn.query_row(
+        "SELECT owner, status, object FROM batches WHERE id = ?1",
+        params![id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(GatewayError::db)
 }
 
 /// Every request's (custom id, its result if it has one) in file order.
@@ -462,15 +469,6 @@ fn results_of(conn: &Connection, batch_id: &str) -> Result<Results, GatewayError
 }
 
 /// The (created, rowid) a list continues below: the `after` row's, or past everything.
-fn cursor_of(
-    conn: &Connection,
-    table: &str,
-    owner: &str,
-    after: Option<&str>,
-) -> Result<(i64, i64), GatewayError> {
-    cursor_named(conn, table, "after", owner, after)
-}
-
 /// The (created, rowid) position of `owner`'s row `id` in `table`, for a cursor given as
 /// `field`; past every row when there is none.
 fn cursor_named(
