@@ -91,7 +91,8 @@ pub fn usage(args: UsageArgs) -> Result<()> {
         Some(k) => Some(
             keys.resolve(k)?
                 .map(|r| r.id.clone())
-                .unwrap_or_else(|| edgeinfer::gateway::keys::hash_key(k)),
+                // A revoked key, by its token or by the key itself.
+                .unwrap_or_else(|| edgeinfer::gateway::keys::id_of_unknown(k)),
         ),
         None => None,
     };

@@ -360,13 +360,31 @@ fn a_budget_ends_a_stream_with_length_then_refuses() {
     assert_eq!(first.status, 200, "{}", first.body);
     assert_eq!(first.header("cf-aig-cache-status"), Some("MISS"));
     let paid = first.body["usage"]["completion_tokens"].as_u64().unwrap();
-    // No max_tokens: the completion is clamped to what the rest of the budget pays for.
+    // A key with a budget may not price its own requests (or the budget would bind nothing).
+    let priced = s.call(
+        "POST",
+        "/v1/completions",
+        Some(&json!({"prompt": "7, 8,", "max_tokens": 5})),
+        &[
+            ("authorization", &auth),
+            (
+                "cf-aig-custom-cost",
+                r#"{"per_token_in": 0, "per_token_out": 0}"#,
+            ),
+        ],
+    );
+    assert_openai_error(&priced, 403, "custom_cost_not_allowed");
+    // No max_tokens: the completion is clamped to what the rest of the budget pays for. That
+    // reply is the budget's, not the request's: it is not cached.
     let body = json!({"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": true,
                       "stream_options": {"include_usage": true}});
-    let chunks = sse_lines(
-        stream_req(&s, "/v1/completions", &body, &[("authorization", &auth)]),
-        None,
-    );
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("cf-aig-cache-ttl", "600"),
+    ];
+    let resp = stream_req(&s, "/v1/completions", &body, &headers);
+    assert_eq!(resp.header("cf-aig-cache-status"), Some("BYPASS"));
+    let chunks = sse_lines(resp, None);
     let finish = chunks
         .iter()
         .find_map(|c| c["choices"][0]["finish_reason"].as_str())
@@ -395,6 +413,36 @@ fn a_budget_ends_a_stream_with_length_then_refuses() {
         "{}",
         info.body
     );
+}
+
+#[test]
+fn keys_made_offline_turn_auth_on_without_a_restart() {
+    // Loopback, no master key, no keys: auth is off and anyone may call.
+    let s = Server::spawn(
+        &["--model", common::default_model_path().to_str().unwrap()],
+        &[],
+    );
+    s.wait_ready();
+    let body = json!({"prompt": "1, 2,", "max_tokens": 1});
+    let open = s.call("POST", "/v1/completions", Some(&body), &[]);
+    assert_eq!(open.status, 200, "{}", open.body);
+    // A key made with the offline CLI turns it on at the next request.
+    let db = db_of(&s);
+    let out = edgeinfer(&["keys", "generate", "--db", &db, "--alias", "first"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).expect("keys generate prints JSON");
+    let key = made["key"].as_str().unwrap().to_string();
+    let none = s.call("POST", "/v1/completions", Some(&body), &[]);
+    assert_openai_error(&none, 401, "invalid_api_key");
+    let placeholder = [("authorization", "Bearer sk-placeholder")];
+    let r = s.call("POST", "/v1/completions", Some(&body), &placeholder);
+    assert_openai_error(&r, 401, "invalid_api_key");
+    assert_eq!(s.call("GET", "/v1/usage", None, &[]).status, 401);
+    assert_eq!(s.post_key("/v1/completions", &body, &key).status, 200);
 }
 
 /// Microdollars, as the ledger computes them (prices in picodollars per token).

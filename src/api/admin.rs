@@ -48,10 +48,9 @@ fn fields(
 /// A key's settings plus its spend in the current budget period (USD).
 fn info(state: &AppState, rec: &KeyRecord) -> Value {
     let mut v = rec.info();
-    let spend = state.gateway.spend(&rec.id).or_else(|| {
-        let start = rec.budget_period_start(crate::gateway::db::unix_now());
-        state.gateway.ledger.spent(&rec.id, start).ok()
-    });
+    let start = rec.budget_period_start(crate::gateway::db::unix_now());
+    let spend = (state.gateway.spend(&rec.id, start))
+        .or_else(|| state.gateway.ledger.spent(&rec.id, start).ok());
     v["spend"] = json!(spend.map(|m| m as f64 / 1e6));
     v
 }
@@ -233,15 +232,7 @@ pub async fn usage(
                     .resolve(name)?
                     .map(|r| r.id.clone())
                     // A revoked key, by its token or by the key itself.
-                    .unwrap_or_else(|| {
-                        let is_token =
-                            name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-                        if is_token {
-                            name.clone()
-                        } else {
-                            crate::gateway::keys::hash_key(name)
-                        }
-                    }),
+                    .unwrap_or_else(|| crate::gateway::keys::id_of_unknown(name)),
             ),
             (_, None) => None,
         };

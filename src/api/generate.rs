@@ -185,7 +185,7 @@ pub(super) async fn run(
         .sum();
     let max_total: usize = budgets.iter().sum();
     let (labels, price) = ledger_terms(state, &gate, request_id);
-    let include_usage = fields.include_usage();
+    let include_usage = fields.include_usage()?;
     // The first part of the response (a whole reply, a stream's first event) must be ready
     // by then, or the request is cancelled and answered 504.
     let deadline = gate
@@ -284,6 +284,11 @@ pub(super) async fn run(
         .admit(&gate.principal, ask, labels)
         .map_err(|(refusal, rate)| refusal_error(refusal, prompt_total, max_total, rate))?;
     share(&mut budgets, meter.max_tokens() as usize);
+    if idempotent.is_none() && (meter.max_tokens() as usize) < max_total {
+        // Cut short by the key's token window or budget: that reply is this moment's, not
+        // the request's, so it is not cached (a retry's is: it is the same reply).
+        leader = None;
+    }
     let mut headers = rate_headers(meter.rate);
     if idempotent.is_some() {
         // Not the response cache's business.

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::api::error::ApiError;
 use crate::api::gate::{Directives, Gate};
-use crate::api::types::{from_value, parse_body, SamplingFields};
+use crate::api::types::{from_value, parse_body, without_nulls, SamplingFields};
 use crate::api::{AppState, Ready, RequestId};
 use crate::gateway::{Labels, Principal};
 
@@ -75,6 +75,20 @@ fn authorize(who: &Principal, served: Served) -> Result<Served, ApiError> {
             format!("This key may not use the model `{}`", served.name),
         )),
         _ => Ok(served),
+    }
+}
+
+/// `cf-aig-custom-cost` prices a request for the ledger, and so for budgets: a key with a
+/// budget may not set its own (403), or the budget would bind nothing.
+fn may_set_price(who: &Principal, d: &Directives) -> Result<(), ApiError> {
+    match who {
+        Principal::Key(k) if k.max_budget_micros.is_some() && d.custom_cost.is_some() => {
+            Err(ApiError::forbidden(
+                "custom_cost_not_allowed",
+                "This key has a budget, so it may not price its own requests: drop the `cf-aig-custom-cost` header",
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -207,7 +221,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     if !ready.engine.has_room() && !idempotent {
         return Err(refuse(&who, &state.model_name));
     }
-    let body = translate(parse_body(&body)?)?;
+    let body = translate(without_nulls(parse_body(&body)?))?;
     let req: T = from_value(&body)?;
     let sampling: SamplingFields = from_value(&body)?;
     // The model named (404), then the adapter `lora` picks, then whether the key may use
@@ -218,6 +232,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     }
     let served = authorize(&who, served)?;
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
+    may_set_price(&who, &directives)?;
     let gate = Gate {
         served,
         principal: who,

@@ -93,10 +93,12 @@ impl KeyRecord {
             let uint = || -> Result<Option<u64>, GatewayError> {
                 match v {
                     Value::Null => Ok(None),
+                    // The store keeps SQLite's signed integers.
                     v => v
                         .as_u64()
+                        .filter(|&n| i64::try_from(n).is_ok())
                         .map(Some)
-                        .ok_or_else(|| bad("must be a non-negative integer")),
+                        .ok_or_else(|| bad("must be a non-negative integer below 2^63")),
                 }
             };
             match name.as_str() {
@@ -201,7 +203,10 @@ impl KeyRecord {
     }
 }
 
-/// "30s", "30m", "24h", "30d" (LiteLLM's forms) as seconds.
+/// The longest duration taken: 100 years.
+const MAX_DURATION_SECS: u64 = 100 * 366 * 86_400;
+
+/// "30s", "30m", "24h", "30d" (LiteLLM's forms) as seconds, up to 100 years.
 pub fn parse_duration(s: &str) -> Option<u64> {
     let s = s.trim();
     let unit = s.chars().last()?;
@@ -213,7 +218,19 @@ pub fn parse_duration(s: &str) -> Option<u64> {
         'd' => 86_400,
         _ => return None,
     };
-    n.checked_mul(mult).filter(|&x| x > 0)
+    n.checked_mul(mult)
+        .filter(|&x| x > 0 && x <= MAX_DURATION_SECS)
+}
+
+/// The id a name that no live key answers to stands for (a revoked key's): a token (64 hex
+/// digits) is the id itself, anything else is taken as the key.
+pub fn id_of_unknown(name: &str) -> String {
+    let is_token = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    if is_token {
+        name.to_ascii_lowercase()
+    } else {
+        hash_key(name)
+    }
 }
 
 /// The sha256 of a key, in hex: how it is stored and looked up.
@@ -505,6 +522,9 @@ mod tests {
         assert_eq!(s.resolve("a").unwrap().unwrap().id, rec.id);
         assert_eq!(s.revoke(&["a".into()]).unwrap(), 1);
         assert!(s.lookup(&key).unwrap().is_none());
+        // Revoked, it is still named by its token (in either case) or by the key itself.
+        assert_eq!(id_of_unknown(&key), rec.id);
+        assert_eq!(id_of_unknown(&rec.id.to_ascii_uppercase()), rec.id);
     }
 
     #[test]
@@ -522,6 +542,8 @@ mod tests {
         let (_dir, s) = store();
         for (body, field) in [
             (json!({"tpm_limit": -1}), "tpm_limit"),
+            (json!({"tpm_limit": 1u64 << 63}), "tpm_limit"),
+            (json!({"duration": "9223372036854775807s"}), "duration"),
             (json!({"max_budget": "x"}), "max_budget"),
             (json!({"budget_duration": "3w"}), "budget_duration"),
             (json!({"models": [1]}), "models"),
@@ -543,6 +565,9 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(3600));
         assert_eq!(parse_duration("0s"), None);
         assert_eq!(parse_duration("d"), None);
+        assert_eq!(parse_duration("36600d"), Some(36_600 * 86_400));
+        assert_eq!(parse_duration("36601d"), None);
+        assert_eq!(parse_duration("9223372036854775807s"), None);
         assert!(secrets_equal("abc", "abc") && !secrets_equal("abc", "abd"));
     }
 }

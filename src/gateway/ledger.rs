@@ -214,19 +214,43 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
                 Err(_) => break,
             }
         }
-        let ok = match insert(&mut conn, &batch) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, rows = batch.len(), "ledger write failed");
-                false
+        if write_with_retries(&mut conn, &batch) {
+            for (_, ack) in batch {
+                if let Some(ack) = ack {
+                    let _ = ack.send(true);
+                }
             }
-        };
-        for (_, ack) in batch {
-            if let Some(ack) = ack {
+            continue;
+        }
+        // One row at a time: a row that cannot be written loses itself alone.
+        for m in batch {
+            let ok = insert(&mut conn, std::slice::from_ref(&m)).is_ok();
+            if !ok {
+                tracing::error!(request_id = ?m.0.as_ref().map(|r| &r.request_id), "a ledger row was lost");
+            }
+            if let (_, Some(ack)) = m {
                 let _ = ack.send(ok);
             }
         }
     }
+}
+
+/// Waits between tries of a write that failed (the store busy past its timeout, say, while
+/// a large batch result or upload holds the write lock).
+const RETRY_WAITS_MS: [u64; 4] = [100, 500, 2_000, 5_000];
+
+/// Writes a batch of rows in one transaction, tried again a few times; whether it landed.
+fn write_with_retries(conn: &mut Connection, batch: &[Msg]) -> bool {
+    for (attempt, wait) in std::iter::once(0).chain(RETRY_WAITS_MS).enumerate() {
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        match insert(conn, batch) {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::error!(error = %e, rows = batch.len(), attempt, "ledger write failed")
+            }
+        }
+    }
+    false
 }
 
 fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {

@@ -117,13 +117,17 @@ impl Windows {
         }
     }
 
-    /// Reads the key's spend from the ledger once per budget period (a new period starts at 0).
-    fn load_spend(&mut self, spec: &LimitSpec, unix: i64, spent: impl FnOnce(i64) -> u64) {
+    /// Reads the key's spend from the ledger once per budget period. A new period's is read
+    /// too: a request admitted in the last one that ended in this one is billed here (and a
+    /// changed `budget_duration` moves the period). A spend that could not be read counts 0
+    /// for now and is read again at the next admission.
+    fn load_spend(&mut self, spec: &LimitSpec, unix: i64, spent: impl FnOnce(i64) -> Option<u64>) {
         let start = period_start(spec, unix);
         if !self.loaded || self.period_start != start {
-            self.spend = if self.loaded { 0 } else { spent(start) };
+            let read = spent(start);
+            self.spend = read.unwrap_or(0);
             self.period_start = start;
-            self.loaded = true;
+            self.loaded = read.is_some();
         }
     }
 
@@ -241,7 +245,7 @@ impl Limits {
         ask: Ask,
         now: Instant,
         unix: i64,
-        spent: impl FnOnce(i64) -> u64,
+        spent: impl FnOnce(i64) -> Option<u64>,
     ) -> Result<Grant, Refusal> {
         let Limits {
             global_spec,
@@ -300,7 +304,7 @@ impl Limits {
         // Money: the most this request could cost must fit the rest of the budget.
         for (w, _, spec) in &windows {
             if let Some(budget) = spec.max_budget_micros {
-                let left = budget.saturating_sub(w.spend + w.reserved_cost);
+                let left = budget.saturating_sub(w.spend.saturating_add(w.reserved_cost));
                 let mut n = fits;
                 if ask.price.bound(ask.prompt, n) > left && !ask.explicit && ask.price.output > 0 {
                     // The largest completion whose bound fits (bound is monotone in n).
@@ -331,7 +335,7 @@ impl Limits {
                 b.take(tokens);
             }
             w.parallel += ask.sequences;
-            w.reserved_cost += cost;
+            w.reserved_cost = w.reserved_cost.saturating_add(cost);
         }
         Ok(Grant {
             max_tokens: fits,
@@ -356,7 +360,7 @@ impl Limits {
                     if let Some(b) = &mut w.tokens {
                         b.give(grant.tokens.saturating_sub(tokens));
                     }
-                    w.spend += cost;
+                    w.spend = w.spend.saturating_add(cost);
                 }
                 None => {
                     if let Some(b) = &mut w.tokens {
@@ -390,7 +394,7 @@ impl Limits {
         key: Option<(&str, &LimitSpec)>,
         cost: u64,
         unix: i64,
-        spent: impl FnOnce(i64) -> u64,
+        spent: impl FnOnce(i64) -> Option<u64>,
     ) -> Result<(), Refusal> {
         let Some((id, spec)) = key else {
             return Ok(());
@@ -398,12 +402,12 @@ impl Limits {
         let w = self.keys.entry(id.to_string()).or_default();
         w.load_spend(spec, unix, spent);
         if let Some(budget) = spec.max_budget_micros {
-            let left = budget.saturating_sub(w.spend + w.reserved_cost);
+            let left = budget.saturating_sub(w.spend.saturating_add(w.reserved_cost));
             if left == 0 || cost > left {
                 return Err(w.budget_refusal(budget, spec, unix));
             }
         }
-        w.spend += cost;
+        w.spend = w.spend.saturating_add(cost);
         Ok(())
     }
 
@@ -429,9 +433,10 @@ impl Limits {
         info
     }
 
-    /// The key's spend in its current budget period, if it was loaded.
-    pub fn spend(&self, key: &str) -> Option<u64> {
-        self.keys.get(key).map(|w| w.spend)
+    /// The key's spend in the budget period from `period_start`, if that is the one loaded.
+    pub fn spend(&self, key: &str, period_start: i64) -> Option<u64> {
+        let w = self.keys.get(key)?;
+        (w.loaded && w.period_start == period_start).then_some(w.spend)
     }
 
     /// Engine sequences the key runs now (its parallel slots taken).

@@ -36,7 +36,7 @@ fn reservations_never_exceed_the_window() {
     let t0 = Instant::now();
     let mut granted = 0;
     for _ in 0..50 {
-        if l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0)
+        if l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| Some(0))
             .is_ok()
         {
             granted += 1;
@@ -44,7 +44,7 @@ fn reservations_never_exceed_the_window() {
     }
     assert_eq!(granted, 7, "7 x 140 = 980 <= 1000 < 8 x 140");
     // The next one waits for (140 - 20) tokens at 1000/60 per second.
-    match l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| 0) {
+    match l.admit(Some(("k", &s)), ask(40, 100, true), t0, 0, |_| Some(0)) {
         Err(Refusal::Tokens {
             retry_after: Some(d),
             ..
@@ -54,7 +54,7 @@ fn reservations_never_exceed_the_window() {
     // After that wait it fits.
     let later = t0 + Duration::from_secs_f64(7.21);
     assert!(l
-        .admit(Some(("k", &s)), ask(40, 100, true), later, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(40, 100, true), later, 0, |_| Some(0))
         .is_ok());
 }
 
@@ -64,34 +64,34 @@ fn unused_tokens_come_back_and_a_request_too_large_never_fits() {
     let s = spec(Some(300), Some(2));
     let t0 = Instant::now();
     let g = l
-        .admit(Some(("k", &s)), ask(100, 200, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(100, 200, true), t0, 0, |_| Some(0))
         .unwrap();
     assert!(l
-        .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| Some(0))
         .is_err());
     l.settle(&g, Some((110, 0)), t0);
     let info = l.rate_info(Some("k"), t0);
     assert_eq!(info.tokens.map(|t| t.1), Some(190));
     assert_eq!(info.requests.map(|t| t.1), Some(1));
     assert!(matches!(
-        l.admit(Some(("k", &s)), ask(100, 250, true), t0, 0, |_| 0),
+        l.admit(Some(("k", &s)), ask(100, 250, true), t0, 0, |_| Some(0)),
         Err(Refusal::Tokens {
             retry_after: None,
             ..
         })
     ));
     let g = l
-        .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(10, 10, true), t0, 0, |_| Some(0))
         .unwrap();
     // Requests per minute: both used.
     assert!(matches!(
-        l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
+        l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| Some(0)),
         Err(Refusal::Requests { .. })
     ));
     // A request that never ran gives its slot back.
     l.settle(&g, None, t0);
     assert!(l
-        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| Some(0))
         .is_ok());
 }
 
@@ -99,10 +99,12 @@ fn unused_tokens_come_back_and_a_request_too_large_never_fits() {
 fn without_max_tokens_the_completion_is_clamped_to_what_fits() {
     let mut l = Limits::new(Some(500), None);
     let t0 = Instant::now();
-    let g = l.admit(None, ask(100, 2000, false), t0, 0, |_| 0).unwrap();
+    let g = l
+        .admit(None, ask(100, 2000, false), t0, 0, |_| Some(0))
+        .unwrap();
     assert_eq!(g.max_tokens, 400);
     assert!(matches!(
-        l.admit(None, ask(1, 2000, false), t0, 0, |_| 0),
+        l.admit(None, ask(1, 2000, false), t0, 0, |_| Some(0)),
         Err(Refusal::Tokens {
             scope: Scope::Global,
             ..
@@ -132,27 +134,45 @@ fn budgets_reserve_the_most_a_request_can_cost() {
     // 30 already spent this period: 70 left.
     let g = l.admit(Some(("k", &s)), a(50, true), t0, 2000, |start| {
         assert_eq!(start, 1000);
-        30
+        Some(30)
     });
     let g = g.unwrap();
     // 10 left after reserving 60: a request of 10 + 1 cannot fit.
     assert!(matches!(
-        l.admit(Some(("k", &s)), a(1, true), t0, 2000, |_| 0),
+        l.admit(Some(("k", &s)), a(1, true), t0, 2000, |_| Some(0)),
         Err(Refusal::Budget { retry_after: Some(d), .. }) if d == Duration::from_secs(2600)
     ));
     l.settle(&g, Some((15, 15)), t0);
-    assert_eq!(l.spend("k"), Some(45));
+    assert_eq!(l.spend("k", 1000), Some(45));
+    assert_eq!(l.spend("k", 4600), None);
     // Without max_tokens, the completion is clamped to the budget: 55 - 10 = 45.
     let g = l
-        .admit(Some(("k", &s)), a(1000, false), t0, 2000, |_| 0)
+        .admit(Some(("k", &s)), a(1000, false), t0, 2000, |_| Some(0))
         .unwrap();
     assert_eq!(g.max_tokens, 45);
     l.settle(&g, None, t0);
-    // A new period starts from zero.
+    // A new period's spend is the ledger's: a request admitted in the last one that ended in
+    // this one is billed here.
     let g = l
-        .admit(Some(("k", &s)), a(1000, false), t0, 4700, |_| 0)
+        .admit(Some(("k", &s)), a(1, true), t0, 4700, |start| {
+            assert_eq!(start, 4600);
+            Some(20)
+        })
+        .unwrap();
+    l.settle(&g, Some((11, 11)), t0);
+    assert_eq!(l.spend("k", 4600), Some(31));
+    // A spend that cannot be read counts 0 and is read again at the next admission.
+    let g = l
+        .admit(Some(("k", &s)), a(1000, false), t0, 8300, |_| None)
         .unwrap();
     assert_eq!(g.max_tokens, 90);
+    assert_eq!(l.spend("k", 8200), None);
+    l.settle(&g, None, t0);
+    let g = l
+        .admit(Some(("k", &s)), a(1000, false), t0, 8300, |_| Some(50))
+        .unwrap();
+    assert_eq!(g.max_tokens, 40);
+    assert_eq!(l.spend("k", 8200), Some(50));
 }
 
 #[test]
@@ -164,15 +184,15 @@ fn parallel_requests_are_capped() {
     };
     let t0 = Instant::now();
     let g = l
-        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| Some(0))
         .unwrap();
     assert_eq!(
-        l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0),
+        l.admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| Some(0)),
         Err(Refusal::Parallel { limit: 1 })
     );
     l.settle(&g, Some((2, 0)), t0);
     assert!(l
-        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| 0)
+        .admit(Some(("k", &s)), ask(1, 1, true), t0, 0, |_| Some(0))
         .is_ok());
 }
 
@@ -188,17 +208,25 @@ fn each_choice_holds_a_parallel_slot() {
         sequences: n,
         ..ask(1, 1, true)
     };
-    let two = l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0).unwrap();
+    let two = l
+        .admit(Some(("k", &s)), choices(2), t0, 0, |_| Some(0))
+        .unwrap();
     assert_eq!(
-        l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0),
+        l.admit(Some(("k", &s)), choices(2), t0, 0, |_| Some(0)),
         Err(Refusal::Parallel { limit: 3 })
     );
-    let one = l.admit(Some(("k", &s)), choices(1), t0, 0, |_| 0).unwrap();
+    let one = l
+        .admit(Some(("k", &s)), choices(1), t0, 0, |_| Some(0))
+        .unwrap();
     // Settling gives back every slot a request held.
     l.settle(&two, Some((2, 0)), t0);
-    assert!(l.admit(Some(("k", &s)), choices(2), t0, 0, |_| 0).is_ok());
+    assert!(l
+        .admit(Some(("k", &s)), choices(2), t0, 0, |_| Some(0))
+        .is_ok());
     l.settle(&one, None, t0);
-    assert!(l.admit(Some(("k", &s)), choices(1), t0, 0, |_| 0).is_ok());
+    assert!(l
+        .admit(Some(("k", &s)), choices(1), t0, 0, |_| Some(0))
+        .is_ok());
 }
 
 #[test]
@@ -211,20 +239,28 @@ fn cache_hits_pay_from_the_budget_and_are_refused_once_it_is_spent() {
         ..LimitSpec::default()
     };
     // 90 spent: a hit costing 10 fits and is charged; the global windows are not touched.
-    assert_eq!(l.admit_cached(Some(("k", &s)), 10, 2000, |_| 90), Ok(()));
-    assert_eq!(l.spend("k"), Some(100));
+    assert_eq!(
+        l.admit_cached(Some(("k", &s)), 10, 2000, |_| Some(90)),
+        Ok(())
+    );
+    assert_eq!(l.spend("k", 1000), Some(100));
     assert!(l
-        .admit(None, ask(1, 1, true), Instant::now(), 2000, |_| 0)
+        .admit(None, ask(1, 1, true), Instant::now(), 2000, |_| Some(0))
         .is_ok());
     // Spent: even a free hit is refused, until the period resets.
     assert!(matches!(
-        l.admit_cached(Some(("k", &s)), 0, 2000, |_| 0),
+        l.admit_cached(Some(("k", &s)), 0, 2000, |_| Some(0)),
         Err(Refusal::Budget { retry_after: Some(d), .. }) if d == Duration::from_secs(2600)
     ));
-    assert_eq!(l.admit_cached(Some(("k", &s)), 0, 4700, |_| 0), Ok(()));
+    assert_eq!(
+        l.admit_cached(Some(("k", &s)), 0, 4700, |_| Some(0)),
+        Ok(())
+    );
     // A hit that costs more than is left is refused and charges nothing.
-    assert!(l.admit_cached(Some(("k", &s)), 101, 4700, |_| 0).is_err());
-    assert_eq!(l.spend("k"), Some(0));
+    assert!(l
+        .admit_cached(Some(("k", &s)), 101, 4700, |_| Some(0))
+        .is_err());
+    assert_eq!(l.spend("k", 4600), Some(0));
     // A budget reserved by a running request leaves nothing for a hit.
     let price = Price {
         output: 1_000_000,
@@ -239,15 +275,23 @@ fn cache_hits_pay_from_the_budget_and_are_refused_once_it_is_spent() {
     };
     let mut l = Limits::new(None, None);
     let g = l
-        .admit(Some(("k", &s)), full, Instant::now(), 2000, |_| 0)
+        .admit(Some(("k", &s)), full, Instant::now(), 2000, |_| Some(0))
         .unwrap();
-    assert!(l.admit_cached(Some(("k", &s)), 0, 2000, |_| 0).is_err());
+    assert!(l
+        .admit_cached(Some(("k", &s)), 0, 2000, |_| Some(0))
+        .is_err());
     l.settle(&g, Some((10, 10)), Instant::now());
-    assert_eq!(l.admit_cached(Some(("k", &s)), 0, 2000, |_| 0), Ok(()));
+    assert_eq!(
+        l.admit_cached(Some(("k", &s)), 0, 2000, |_| Some(0)),
+        Ok(())
+    );
     // Without a key or a budget, hits are always admitted.
-    assert_eq!(l.admit_cached(None, 5, 2000, |_| 0), Ok(()));
+    assert_eq!(l.admit_cached(None, 5, 2000, |_| Some(0)), Ok(()));
     let free = LimitSpec::default();
-    assert_eq!(l.admit_cached(Some(("f", &free)), 5, 2000, |_| 0), Ok(()));
+    assert_eq!(
+        l.admit_cached(Some(("f", &free)), 5, 2000, |_| Some(0)),
+        Ok(())
+    );
 }
 
 #[test]
@@ -272,10 +316,14 @@ fn a_prompt_only_request_needs_room_for_its_prompt_only() {
     let t0 = Instant::now();
     // Exactly the window and exactly the budget: it fits (it was refused for want of a
     // completion token that it never asks for).
-    let g = l.admit(Some(("k", &s)), a(40), t0, 2000, |_| 0).unwrap();
+    let g = l
+        .admit(Some(("k", &s)), a(40), t0, 2000, |_| Some(0))
+        .unwrap();
     assert_eq!(g.max_tokens, 0);
     // Nothing left of either: refused.
-    assert!(l.admit(Some(("k", &s)), a(1), t0, 2000, |_| 0).is_err());
+    assert!(l
+        .admit(Some(("k", &s)), a(1), t0, 2000, |_| Some(0))
+        .is_err());
     l.settle(&g, None, t0);
 }
 
@@ -290,11 +338,14 @@ fn a_refund_takes_back_what_was_counted_in_the_current_period_only() {
     };
     // Nothing held for the key yet: nothing to take back (its spend is read when needed).
     l.refund("k", |_| panic!("not asked"));
-    assert_eq!(l.admit_cached(Some(("k", &s)), 10, 2000, |_| 90), Ok(()));
+    assert_eq!(
+        l.admit_cached(Some(("k", &s)), 10, 2000, |_| Some(90)),
+        Ok(())
+    );
     // A line's superseded attempt cost 30 in the period that started at 1000.
     l.refund("k", |since| if since == 1000 { 30 } else { 0 });
-    assert_eq!(l.spend("k"), Some(70));
+    assert_eq!(l.spend("k", 1000), Some(70));
     // Never below nothing.
     l.refund("k", |_| 500);
-    assert_eq!(l.spend("k"), Some(0));
+    assert_eq!(l.spend("k", 1000), Some(0));
 }

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod price;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -120,8 +121,8 @@ pub struct Gateway {
     pub prices: PriceTable,
     limits: Mutex<Limits>,
     master_key: Option<String>,
-    /// Whether every request must carry a key: a master key is set or keys exist.
-    auth_required: bool,
+    /// Whether every request must carry a key: a master key is set or keys were seen.
+    auth_required: AtomicBool,
 }
 
 /// Labels of one request for its ledger row (never text).
@@ -140,7 +141,7 @@ impl Gateway {
     pub fn open(config: GatewayConfig) -> Result<Self, GatewayError> {
         let keys = KeyStore::new(db::open(&config.db_path)?)?;
         let ledger = Ledger::start(&config.db_path)?;
-        let auth_required = config.master_key.is_some() || keys.count()? > 0;
+        let auth_required = AtomicBool::new(config.master_key.is_some() || keys.count()? > 0);
         Ok(Self {
             keys,
             conversations: conversations::Conversations::new(
@@ -156,8 +157,18 @@ impl Gateway {
         })
     }
 
+    /// Whether every request needs a key: with a master key, or once the store holds keys
+    /// (also keys made offline with `edgeinfer keys` while the server runs). Once on, it
+    /// stays on until a restart; a store that cannot be read counts as holding keys.
     pub fn auth_required(&self) -> bool {
-        self.auth_required
+        if self.auth_required.load(Ordering::Relaxed) {
+            return true;
+        }
+        let held = self.keys.count().map_or(true, |n| n > 0);
+        if held {
+            self.auth_required.store(true, Ordering::Relaxed);
+        }
+        held
     }
 
     fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
@@ -168,7 +179,7 @@ impl Gateway {
     /// anonymous (clients send placeholder keys); a known one is still metered as itself.
     pub fn authenticate(&self, presented: Option<&str>) -> Result<Principal, AuthError> {
         let Some(key) = presented.filter(|k| !k.is_empty()) else {
-            return if self.auth_required {
+            return if self.auth_required() {
                 Err(AuthError::Missing)
             } else {
                 Ok(Principal::Anonymous)
@@ -186,7 +197,7 @@ impl Gateway {
         match found {
             Some(k) if k.expired(db::unix_now()) => Err(AuthError::Expired),
             Some(k) => Ok(Principal::Key(k)),
-            None if self.auth_required => Err(AuthError::Invalid),
+            None if self.auth_required() => Err(AuthError::Invalid),
             None => Ok(Principal::Anonymous),
         }
     }
@@ -196,7 +207,7 @@ impl Gateway {
     pub fn principal_of(&self, kind: &str, owner: &str) -> Result<Principal, AuthError> {
         match kind {
             "master" if self.master_key.is_some() => Ok(Principal::Master),
-            "anonymous" if !self.auth_required => Ok(Principal::Anonymous),
+            "anonymous" if !self.auth_required() => Ok(Principal::Anonymous),
             "key" => match self.keys.resolve(owner) {
                 Ok(Some(k)) if k.id == owner && k.expired(db::unix_now()) => {
                     Err(AuthError::Expired)
@@ -278,9 +289,9 @@ impl Gateway {
         Some(max.saturating_sub(self.limits().running(&k.id)))
     }
 
-    /// A key's spend in its current budget period, if known in memory.
-    pub fn spend(&self, key_id: &str) -> Option<u64> {
-        self.limits().spend(key_id)
+    /// A key's spend in the budget period from `period_start`, if known in memory.
+    pub fn spend(&self, key_id: &str, period_start: i64) -> Option<u64> {
+        self.limits().spend(key_id, period_start)
     }
 
     /// Admits and meters a reply replayed from the response cache: no tokens reserved or
@@ -376,12 +387,12 @@ impl Gateway {
         });
     }
 
-    /// A key's spend since `since` in the ledger (0, logged, if it cannot be read).
-    fn spent(&self, key_id: &str, since: i64) -> u64 {
-        self.ledger.spent(key_id, since).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "reading a key's spend failed; counting 0");
-            0
-        })
+    /// A key's spend since `since` in the ledger (`None`, logged, if it cannot be read).
+    fn spent(&self, key_id: &str, since: i64) -> Option<u64> {
+        self.ledger
+            .spent(key_id, since)
+            .map_err(|e| tracing::error!(error = %e, "reading a key's spend failed; counting 0 until it is read"))
+            .ok()
     }
 
     fn row(&self, key_id: Option<&str>, labels: &Labels, received: Instant) -> Row {

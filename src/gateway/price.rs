@@ -46,7 +46,7 @@ impl Price {
     pub fn bound(&self, prompt: u64, completion: u64) -> u64 {
         let picos = prompt as u128 * self.input.max(self.cached_input) as u128
             + completion as u128 * self.output as u128;
-        picos.div_ceil(1_000_000).min(u64::MAX as u128) as u64
+        picos.div_ceil(1_000_000).min(MAX_MICROS) as u64
     }
 
     /// `cf-aig-custom-cost: {"per_token_in": USD, "per_token_out": USD}` (AI Gateway's form).
@@ -59,8 +59,12 @@ impl Price {
         let per = |name: &str| -> Result<u64, GatewayError> {
             match v.get(name) {
                 None => Ok(0),
-                Some(x) => usd_to_picos(x.as_f64(), 1e12)
-                    .ok_or_else(|| bad(&format!("`{name}` must be a non-negative USD amount"))),
+                // At most 1 USD a token: sums of costs stay far inside the ledger's integers.
+                Some(x) => usd_to_picos(x.as_f64().filter(|&x| x <= 1.0), 1e12).ok_or_else(|| {
+                    bad(&format!(
+                        "`{name}` must be a USD amount from 0 to 1 (a token)"
+                    ))
+                }),
             }
         };
         if !v.is_object() {
@@ -76,8 +80,11 @@ impl Price {
     }
 }
 
+/// The most one request may cost: the ledger stores costs as SQLite's signed integers.
+const MAX_MICROS: u128 = i64::MAX as u128;
+
 fn round_micros(picos: u128) -> u64 {
-    ((picos + 500_000) / 1_000_000).min(u64::MAX as u128) as u64
+    ((picos + 500_000) / 1_000_000).min(MAX_MICROS) as u64
 }
 
 fn usd_to_picos(x: Option<f64>, scale: f64) -> Option<u64> {
@@ -193,5 +200,21 @@ mod tests {
         );
         assert!(Price::from_custom_cost("[1]").is_err());
         assert!(Price::from_custom_cost(r#"{"per_token_in": "x"}"#).is_err());
+        // At most 1 USD a token; costs stay within the ledger's signed integers.
+        assert!(Price::from_custom_cost(r#"{"per_token_out": 1}"#).is_ok());
+        assert!(Price::from_custom_cost(r#"{"per_token_out": 1.01}"#).is_err());
+        let huge = Price {
+            input: u64::MAX,
+            cached_input: u64::MAX,
+            output: u64::MAX,
+            cached_response: 0,
+        };
+        let all = Tokens {
+            prompt: 1 << 40,
+            cached: 0,
+            completion: 1 << 40,
+        };
+        assert_eq!(huge.cost(all), i64::MAX as u64);
+        assert_eq!(huge.bound(1 << 40, 1 << 40), i64::MAX as u64);
     }
 }
