@@ -474,3 +474,70 @@ fn ai_gateway_urls_reach_the_same_surfaces() {
     assert_eq!(status, 200, "{m}");
     assert!(m.contains(MODEL), "{m}");
 }
+
+#[test]
+fn an_assistant_prefill_is_continued_not_answered_anew() {
+    let s = Server::start(&[]);
+    let lead = "The three primary colors are";
+    let turns = json!([{"role": "user", "content": "Name the three primary colors."},
+                       {"role": "assistant", "content": lead}]);
+    // The prompt ends inside the assistant's turn, right after its text (no end of turn, no
+    // new turn opened).
+    let (st, t) = s.post(
+        "/apply-template",
+        &json!({"messages": turns, "continue_final_message": true}),
+    );
+    assert_eq!(st, 200, "{t}");
+    let prompt = t["prompt"].as_str().unwrap().to_string();
+    assert!(prompt.ends_with(lead), "{prompt:?}");
+    let (_, closed) = s.post("/apply-template", &json!({"messages": turns}));
+    let closed = closed["prompt"].as_str().unwrap();
+    assert!(
+        closed.len() > prompt.len() && closed.starts_with(&prompt),
+        "{closed:?}"
+    );
+    // That prompt continued as raw text is what each chat surface answers.
+    let (st, raw) = s.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{raw}");
+    let want = raw["choices"][0]["text"].as_str().unwrap().to_string();
+    let (st, m) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": 12, "temperature": 0, "messages": turns}),
+    );
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["content"][0]["text"], want.as_str(), "{m}");
+    let (st, c) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": turns, "max_tokens": 12, "temperature": 0,
+                "continue_final_message": true, "add_generation_prompt": false}),
+    );
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["choices"][0]["message"]["content"], want.as_str(), "{c}");
+    // Without it, OpenAI's chat opens a new turn: another reply.
+    let (_, fresh) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": turns, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_ne!(fresh["choices"][0]["message"]["content"], want.as_str());
+    // Nothing to continue: a 400 naming the field.
+    let (st, e) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}],
+                "continue_final_message": true}),
+    );
+    assert_eq!(
+        (st, &e["error"]["param"]),
+        (400, &json!("continue_final_message"))
+    );
+    // Anthropic takes more than OpenAI's 4 stop sequences.
+    let stops: Vec<String> = (0..6).map(|i| format!("zq{i}")).collect();
+    let (st, m) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": 4, "stop_sequences": stops,
+                "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(st, 200, "{m}");
+}

@@ -279,7 +279,7 @@ fn errors_have_the_openai_shape_and_status() {
             None,
         ),
         (
-            json!({"messages": user, "top_p": 0})
+            json!({"messages": user, "top_p": 1.5})
                 .to_string()
                 .into_bytes(),
             400,
@@ -347,6 +347,14 @@ fn errors_have_the_openai_shape_and_status() {
             Some("context_length_exceeded"),
         ),
         (vec![b' '; 200_000], 413, None, None),
+        (
+            json!({"messages": user, "stream_options": {"include_usage": true}})
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("stream_options"),
+            None,
+        ),
     ];
     for (body, status, param, code) in cases {
         let (got, r) = if status == 413 {
@@ -385,6 +393,45 @@ fn errors_have_the_openai_shape_and_status() {
         (status, r["error"]["type"].as_str()),
         (404, Some("invalid_request_error"))
     );
+    // What axum answers itself comes in OpenAI's shape too: a method the route does not
+    // take, a path that is not UTF-8.
+    for (method, path, status) in [
+        ("GET", "/v1/chat/completions", 405),
+        ("GET", "/v1/models/%FF", 400),
+    ] {
+        let r = s.call(method, path, None, &[]);
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            r.body
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // `null` is an optional field not given (OpenAI's fields are nullable), and `top_p: 0`
+    // keeps the most likely token alone: the greedy reply.
+    let greedy = chat("Say hi.", json!({"max_tokens": 6, "temperature": 0}));
+    let (st, want) = s.post("/v1/chat/completions", &greedy);
+    assert_eq!(st, 200, "{want}");
+    let nulls = chat(
+        "Say hi.",
+        json!({"max_tokens": 6, "temperature": 1, "top_p": 0, "stream": null, "logprobs": null,
+               "stream_options": null, "seed": null, "stop": null, "n": null}),
+    );
+    let (st, got) = s.post("/v1/chat/completions", &nulls);
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(
+        got["choices"][0]["message"]["content"],
+        want["choices"][0]["message"]["content"]
+    );
+    let streamed = chat(
+        "Say hi.",
+        json!({"max_tokens": 2, "stream": true, "stream_options": {"include_usage": null}}),
+    );
+    let events = s.stream("/v1/chat/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
 }
 
 #[test]

@@ -120,6 +120,14 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
     for (i, m) in input.iter().enumerate() {
         translate_message(m, i, &mut messages)?;
     }
+    // A last assistant turn is a prefill: the reply continues it.
+    let prefill = input.last().is_some_and(|m| m["role"] == "assistant")
+        && messages
+            .last()
+            .is_some_and(|m| m["role"] == "assistant" && m.get("tool_calls").is_none());
+    if prefill {
+        out.insert("continue_final_message".into(), Value::Bool(true));
+    }
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = b.get("tools") {
         out.insert("tools".into(), translate_tools(tools)?);

@@ -3,7 +3,8 @@
 //! its body cannot hold a task and a connection for ever), and never more than
 //! `--max-body-bytes` (413). Handlers then read the buffered bytes at once. The exceptions,
 //! for a caller the gateway lets in: `/v1/files`, a multipart upload of up to 200 MiB in up
-//! to 10 minutes, and `/v1/messages/batches`, a JSON body of up to 32 MiB.
+//! to 10 minutes, and `/v1/messages/batches`, a JSON body of up to 32 MiB. Then the JSON
+//! read out of them: an object, its fields typed with errors that name the field.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
@@ -113,6 +116,45 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A request body's top-level `null`s dropped: OpenAI's optional fields take `null` as not
+/// given (`"stream": null`, `"logprobs": null`), and so does every field of ours.
+pub fn without_nulls(mut body: Value) -> Value {
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    body
+}
+
+pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(ApiError::bad_request("The request body is not valid UTF-8"));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object",
+        ));
+    }
+    Ok(v)
+}
+
+/// Reads typed fields out of a parsed body, naming the field whose type is wrong.
+pub fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            // A missing required field: serde names it in the message.
+            let msg = inner.to_string();
+            let field = msg.split('`').nth(1).unwrap_or("").to_string();
+            ApiError::invalid(field, format!("Invalid request: {msg}"))
+        } else {
+            ApiError::invalid(path.clone(), format!("Invalid value for `{path}`: {inner}"))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -277,6 +277,29 @@ pub async fn to_workers(resp: Response) -> Response {
     rerender(resp, workers_envelope).await
 }
 
+/// The same in OpenAI's own envelope, for the errors axum answers itself in plain text or
+/// with no body (a method the route does not take, a path that is not UTF-8).
+pub async fn to_openai(resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    rerender(resp, openai_envelope).await
+}
+
+fn openai_envelope(status: StatusCode, message: &str, _code: Option<&str>) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        403 => "permission_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    };
+    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+}
+
 async fn rerender(
     resp: Response,
     envelope: fn(StatusCode, &str, Option<&str>) -> serde_json::Value,
@@ -294,7 +317,17 @@ async fn rerender(
             .as_ref()
             .and_then(|v| v["error"][f].as_str().map(str::to_string))
     };
-    let message = field("message").unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    let message = field("message")
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string())
+        .to_string();
+    let message = match message.is_empty() {
+        true => parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Error")
+            .to_string(),
+        false => message,
+    };
     let body = envelope(parts.status, &message, field("code").as_deref()).to_string();
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.insert(

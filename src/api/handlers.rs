@@ -85,8 +85,9 @@ pub(super) fn render(
     messages: Vec<Message>,
     tools: Vec<Value>,
     kwargs: &serde_json::Map<String, Value>,
+    continues: bool,
 ) -> Result<(Vec<u32>, bool), ApiError> {
-    let text = render_text(r, messages, tools, kwargs)?;
+    let text = render_text(r, messages, tools, kwargs, continues)?;
     let opened = r.reasoner.is_some_and(|x| x.syntax.opened_by(&text));
     let ids = r
         .tokenizer
@@ -95,13 +96,16 @@ pub(super) fn render(
     Ok((ids, opened))
 }
 
-/// The chat prompt as text (see [`render`]).
+/// The chat prompt as text (see [`render`]). `continues`: it ends inside the last message
+/// (an assistant's), where the reply goes on, not at a new turn.
 pub(super) fn render_text(
     r: &Ready,
     messages: Vec<Message>,
     tools: Vec<Value>,
     kwargs: &serde_json::Map<String, Value>,
+    continues: bool,
 ) -> Result<String, ApiError> {
+    let last = messages.last().map(|m| m.content.clone());
     let (messages, native) = if tools.is_empty() || r.native_tools {
         let messages = if r.tool_format.short_ids {
             toolcall::with_short_ids(messages)
@@ -112,9 +116,35 @@ pub(super) fn render_text(
     } else {
         (toolcall::generic_messages(messages, &tools), false)
     };
-    r.template
-        .render_with(&messages, true, native.then_some(tools.as_slice()), kwargs)
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+    let text = r
+        .template
+        .render_with(
+            &messages,
+            !continues,
+            native.then_some(tools.as_slice()),
+            kwargs,
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match last.filter(|_| continues) {
+        Some(last) => cut_after(text, &last),
+        None => Ok(text),
+    }
+}
+
+/// A prompt rendered with its last message closed, cut right after that message's text (as
+/// the template wrote it: whole, or trimmed as some templates trim), so the reply goes on
+/// from there. A template that does not write it at all cannot be continued.
+fn cut_after(mut text: String, last: &str) -> Result<String, ApiError> {
+    for written in [last, last.trim_end(), last.trim()] {
+        if let Some(at) = text.rfind(written).filter(|_| !written.is_empty()) {
+            text.truncate(at + written.len());
+            return Ok(text);
+        }
+    }
+    Err(ApiError::invalid(
+        "messages",
+        "the chat template does not write the last assistant message's text as sent, so the reply cannot continue it",
+    ))
 }
 
 /// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).
@@ -137,7 +167,8 @@ pub(super) async fn chat(
         |v| api.translate(v),
         |r: &ChatCompletionRequest| r.model.as_deref(),
     )?;
-    let messages = req.validated_messages()?;
+    let mut messages = req.validated_messages()?;
+    let continues = req.continues(&mut messages)?;
     let kwargs = req.template_kwargs()?;
     let spec = req.constraint_spec(ready.tool_format)?;
     let tools = req.tools_json();
@@ -203,7 +234,7 @@ pub(super) async fn chat(
     // the client's (400 naming the field), before anything is queued.
     let n = sampling.n()?;
     let (prompt, opened, constraints) = tokio::task::spawn_blocking(move || {
-        let (prompt, opened) = render(&r, messages, tools, &kwargs)?;
+        let (prompt, opened) = render(&r, messages, tools, &kwargs, continues)?;
         // A reasoning model thinks (within its budget) before a constrained answer.
         let mut spec = spec;
         spec.think = r.reasoner.map(|x| x.spec(opened, budget));

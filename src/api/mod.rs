@@ -371,7 +371,7 @@ async fn surface_errors(req: Request, next: Next) -> Response {
     } else if workers {
         error::to_workers(resp).await
     } else {
-        resp
+        error::to_openai(resp).await
     }
 }
 

@@ -99,11 +99,11 @@ impl Surface {
         }
     }
 
-    /// The most stop strings a request may send (OpenAI's 4; llama.cpp sets no limit and
-    /// chat front-ends send more).
+    /// The most stop strings a request may send (OpenAI's 4; llama.cpp and Anthropic set no
+    /// limit and chat front-ends send more).
     pub fn max_stops(&self) -> usize {
         match self {
-            Surface::LlamaCpp(_) => 64,
+            Surface::LlamaCpp(_) | Surface::Anthropic { .. } => 64,
             _ => 4,
         }
     }

@@ -260,22 +260,25 @@ impl State {
                 self.emit(kind, json!({"response": r}));
                 self.ended = true;
             }
-            Some(Event::Failed(msg)) => {
-                self.emit(
-                    "error",
-                    json!({"code": "server_error", "message": msg, "param": null}),
-                );
-                self.ended = true;
-            }
-            None => {
-                let msg = ApiError::engine_stopped().message;
-                self.emit(
-                    "error",
-                    json!({"code": "server_error", "message": msg, "param": null}),
-                );
-                self.ended = true;
-            }
+            Some(Event::Failed(msg)) => self.fail(msg),
+            None => self.fail(ApiError::engine_stopped().message),
         }
+    }
+
+    /// The reply cannot go on: an `error` event, then `response.failed` with the response
+    /// as far as it got, so a client waiting for the final response event gets one.
+    fn fail(&mut self, msg: String) {
+        self.emit(
+            "error",
+            json!({"code": "server_error", "message": msg, "param": null}),
+        );
+        self.item_status = "incomplete";
+        self.close();
+        let output = std::mem::take(&mut self.output);
+        let mut r = object(&self.ctx, &self.meta, "failed", output, None);
+        r["error"] = json!({"code": "server_error", "message": msg});
+        self.emit("response.failed", json!({"response": r}));
+        self.ended = true;
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::handlers::{body_or_error, chat, check_model, completion, render, unix_now, Api};
 use super::responses::ResponsesCtx;
-use super::types::{from_value, parse_body, ChatCompletionRequest};
+use super::types::{from_value, parse_body, without_nulls, ChatCompletionRequest};
 use super::{AppState, RequestId};
 use crate::gateway::conversations::Conversations;
 use crate::gateway::{GatewayError, Principal};
@@ -205,13 +205,14 @@ pub async fn apply_template(
 ) -> Result<Json<Value>, ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
-    let req: ChatCompletionRequest = from_value(&parse_body(&body)?)?;
+    let req: ChatCompletionRequest = from_value(&without_nulls(parse_body(&body)?))?;
     check_model(&state, &who, req.model.as_deref().filter(|m| !m.is_empty()))?;
-    let messages = req.validated_messages()?;
+    let mut messages = req.validated_messages()?;
+    let continues = req.continues(&mut messages)?;
     let tools = req.tools_json();
     let kwargs = req.template_kwargs()?;
     let prompt = tokio::task::spawn_blocking(move || {
-        super::handlers::render_text(&ready, messages, tools, &kwargs)
+        super::handlers::render_text(&ready, messages, tools, &kwargs, continues)
     })
     .await
     .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
@@ -225,14 +226,16 @@ pub async fn count_tokens(
 ) -> Result<Json<Value>, ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
     let ready = state.ready()?;
-    let body = super::anthropic::to_chat_request(parse_body(&body)?, true)?;
+    let body = super::anthropic::to_chat_request(without_nulls(parse_body(&body)?), true)?;
     let req: ChatCompletionRequest = from_value(&body)?;
     check_model(&state, &who, req.model.as_deref())?;
-    let messages = req.validated_messages()?;
+    let mut messages = req.validated_messages()?;
+    let continues = req.continues(&mut messages)?;
     let tools = req.tools_json();
     let kwargs = req.template_kwargs()?;
-    let prompt = tokio::task::spawn_blocking(move || render(&ready, messages, tools, &kwargs))
-        .await
-        .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
+    let prompt =
+        tokio::task::spawn_blocking(move || render(&ready, messages, tools, &kwargs, continues))
+            .await
+            .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
     Ok(Json(json!({"input_tokens": prompt.0.len()})))
 }

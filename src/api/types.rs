@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use super::body::{from_value, parse_body, without_nulls};
 use super::error::ApiError;
 use super::formats::guided_of;
 pub use super::formats::{output_format, ResponseFormat, StructuredOutputs};
@@ -50,8 +51,8 @@ pub enum StopField {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
+    /// `null` is not given.
+    pub include_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +94,9 @@ pub struct ChatCompletionRequest {
     /// More variables for the chat template (vLLM's and llama.cpp's name), such as
     /// `enable_thinking`.
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// vLLM's (and Anthropic's prefill, which sets it): the reply continues the final
+    /// assistant message instead of opening a new turn.
+    pub continue_final_message: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,36 +205,6 @@ pub enum PromptField {
 }
 
 /// Parses a request body as a JSON object.
-pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
-    if std::str::from_utf8(body).is_err() {
-        return Err(ApiError::bad_request("The request body is not valid UTF-8"));
-    }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::bad_request(
-            "The request body must be a JSON object",
-        ));
-    }
-    Ok(v)
-}
-
-/// Reads typed fields out of a parsed body, naming the field whose type is wrong.
-pub fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            // A missing required field: serde names it in the message.
-            let msg = inner.to_string();
-            let field = msg.split('`').nth(1).unwrap_or("").to_string();
-            ApiError::invalid(field, format!("Invalid request: {msg}"))
-        } else {
-            ApiError::invalid(path.clone(), format!("Invalid value for `{path}`: {inner}"))
-        }
-    })
-}
-
 impl ChatCompletionRequest {
     /// `chat_template_kwargs`, none of them a variable the server sets.
     pub fn template_kwargs(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -270,6 +244,28 @@ impl ChatCompletionRequest {
             .enumerate()
             .map(|(i, m)| m.to_message(i))
             .collect()
+    }
+
+    /// Whether the reply continues `messages`' last (an assistant message, without tool
+    /// calls); with an empty one there is nothing to continue and it is dropped.
+    pub fn continues(&self, messages: &mut Vec<Message>) -> Result<bool, ApiError> {
+        if self.continue_final_message != Some(true) {
+            return Ok(false);
+        }
+        match messages.last() {
+            Some(m) if m.role == "assistant" && m.tool_calls.is_none() => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    "continue_final_message",
+                    "`continue_final_message` needs the last message to be an assistant's, without tool calls",
+                ))
+            }
+        }
+        if messages.last().is_some_and(|m| m.content.is_empty()) {
+            messages.pop();
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The tools as OpenAI-shaped JSON, for the chat template or the generic tool prompt.
@@ -547,10 +543,16 @@ impl SamplingFields {
         Ok(Some(usize::try_from(value).unwrap_or(usize::MAX)))
     }
 
-    pub fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
+    /// `stream_options.include_usage`. `stream_options` on a request that does not stream is
+    /// refused, as OpenAI and vLLM refuse it.
+    pub fn include_usage(&self) -> Result<bool, ApiError> {
+        match &self.stream_options {
+            Some(_) if !self.stream => Err(ApiError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed when `stream` is true",
+            )),
+            o => Ok(o.as_ref().and_then(|o| o.include_usage).unwrap_or(false)),
+        }
     }
 
     /// The text of `prediction`, when given: its `content`, a string or text parts joined.

@@ -29,7 +29,7 @@ pub struct SamplingParams {
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; `0` = off.
     pub top_k: usize,
-    /// Nucleus sampling threshold in `(0, 1]`; `1.0` = off.
+    /// Nucleus sampling threshold in `[0, 1]` (`0`: the most likely token); `1.0` = off.
     pub top_p: f32,
     /// Drop tokens with probability below `min_p * p_max`; `0` = off.
     pub min_p: f32,
@@ -101,8 +101,9 @@ impl SamplingParams {
         if !(0.0..=5.0).contains(&self.temperature) {
             return err("temperature", "in [0, 5]", self.temperature);
         }
-        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return err("top_p", "in (0, 1]", self.top_p);
+        // 0 keeps the most likely token alone, as OpenAI and llama.cpp read it.
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return err("top_p", "in [0, 1]", self.top_p);
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return err("min_p", "in [0, 1]", self.min_p);

@@ -139,6 +139,11 @@ fn top_p_keeps_only_the_nucleus() {
     // Control: without the filter the tail does show up.
     let c = counts(&draws(seeded(7), &logits, 500), 4);
     assert!(c[2] + c[3] > 0, "{c:?}");
+    // 0 keeps the most likely token alone.
+    let zero = with(seeded(7), |p| p.top_p = 0.0);
+    assert_eq!(zero.validate(), Ok(()));
+    let c = counts(&draws(zero, &logits, 200), 4);
+    assert_eq!(c[0], 200, "{c:?}");
 }
 
 #[test]
@@ -196,7 +201,7 @@ fn validate_rejects_each_bad_field_by_name() {
         ("temperature", |p| p.temperature = 5.5),
         ("temperature", |p| p.temperature = -0.1),
         ("temperature", |p| p.temperature = f32::NAN),
-        ("top_p", |p| p.top_p = 0.0),
+        ("top_p", |p| p.top_p = -0.01),
         ("top_p", |p| p.top_p = 1.01),
         ("min_p", |p| p.min_p = -0.1),
         ("min_p", |p| p.min_p = 1.5),
@@ -216,9 +221,12 @@ fn validate_rejects_each_bad_field_by_name() {
             Ok(()) => panic!("{params:?} should be rejected for `{field}`"),
         }
     }
-    let err = with(SamplingParams::default(), |p| p.top_p = 0.0).validate();
+    let err = with(SamplingParams::default(), |p| p.top_p = 1.5).validate();
     let message = err.map_err(|e| e.to_string());
-    assert_eq!(message, Err("`top_p` must be in (0, 1], got 0".to_owned()));
+    assert_eq!(
+        message,
+        Err("`top_p` must be in [0, 1], got 1.5".to_owned())
+    );
 }
 
 #[test]
