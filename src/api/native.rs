@@ -31,8 +31,14 @@ use crate::engine::request::{
 use crate::gateway::Principal;
 use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
 
-/// llama.cpp's sampling default for its own endpoints.
-const DEFAULT_TEMPERATURE: f64 = 0.8;
+/// llama.cpp's sampling defaults (its `common_params_sampling`) for its own endpoints: a
+/// request that names none samples as llama-server would.
+const DEFAULTS: [(&str, f64); 4] = [
+    ("temperature", 0.8),
+    ("top_k", 40.0),
+    ("top_p", 0.95),
+    ("min_p", 0.05),
+];
 
 /// llama.cpp's `n_indent` and `t_max_predict_ms` (0 or less, or absent: no limit).
 pub(super) fn line_limits(n_indent: Option<i64>, t_max_predict_ms: Option<i64>) -> LineLimits {
@@ -305,8 +311,14 @@ pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> 
     if o.get("seed").and_then(Value::as_i64) == Some(-1) {
         o.remove("seed");
     }
-    if o.get("temperature").is_none_or(Value::is_null) {
-        o.insert("temperature".into(), json!(DEFAULT_TEMPERATURE));
+    for (name, default) in DEFAULTS {
+        if o.get(name).is_none_or(Value::is_null) {
+            let v = match name {
+                "top_k" => json!(default as u64),
+                _ => json!(default),
+            };
+            o.insert(name.into(), v);
+        }
     }
     Ok(v)
 }
@@ -559,10 +571,17 @@ mod tests {
         assert_eq!(v["max_tokens"], 16);
         assert_eq!(v["repetition_penalty"], 1.1);
         assert!(v.get("seed").is_none() && v.get("n_predict").is_none());
-        assert_eq!(v["temperature"], DEFAULT_TEMPERATURE);
-        let v = to_sampling(json!({"n_predict": -1, "temperature": 0})).unwrap();
+        assert_eq!(
+            [&v["temperature"], &v["top_k"], &v["top_p"], &v["min_p"]],
+            [&json!(0.8), &json!(40), &json!(0.95), &json!(0.05)]
+        );
+        let v = to_sampling(json!({"n_predict": -1, "temperature": 0, "top_k": 0, "top_p": 1}))
+            .unwrap();
         assert!(v.get("max_tokens").is_none());
-        assert_eq!(v["temperature"], 0);
+        assert_eq!(
+            (&v["temperature"], &v["top_k"], &v["top_p"]),
+            (&json!(0), &json!(0), &json!(1))
+        );
         let v = to_sampling(json!({"n_predict": 128.0, "seed": 3})).unwrap();
         assert_eq!(
             (v["max_tokens"].as_u64(), v["seed"].as_u64()),

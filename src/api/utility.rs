@@ -199,8 +199,8 @@ pub async fn props(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Ap
     Ok(Json(json!({
         "default_generation_settings": {
             "n_ctx": n_ctx,
-            "params": {"n_predict": -1, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-                       "min_p": 0.0, "repeat_penalty": 1.0, "seed": -1,
+            "params": {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95,
+                       "min_p": 0.05, "repeat_penalty": 1.0, "seed": -1,
                        "n_indent": 0, "t_max_predict_ms": 0},
         },
         "total_slots": ready.engine.max_batch_size,
