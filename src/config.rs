@@ -486,8 +486,8 @@ pub struct GenerateArgs {
     pub system: Option<String>,
 
     /// Most tokens to generate. Generation also stops at an end-of-turn token or a stop string.
-    #[arg(long, short = 'n', default_value_t = 128)]
-    pub max_tokens: usize,
+    #[arg(long, short = 'n', default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
 
     /// Sampling temperature; 0 is greedy (deterministic), higher is more varied.
     #[arg(long, short = 't', default_value_t = 0.0)]

@@ -214,7 +214,7 @@ fn generate_on<B: Backend>(
         model.tokenizer.encode(&text, false)?
     };
     let params = GenerateParams {
-        max_tokens: args.max_tokens,
+        max_tokens: usize::try_from(args.max_tokens).unwrap_or(usize::MAX),
         sampling,
         stop: args.stop.clone(),
     };

@@ -282,3 +282,15 @@ fn serve_refuses_inconsistent_budgets() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+#[test]
+fn generating_no_tokens_is_a_usage_error() {
+    let out = edgeinfer(&["generate", "-n", "0", "-p", "hi"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // clap's usage error (status 2), before any model is read.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--max-tokens") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
