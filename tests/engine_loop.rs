@@ -554,3 +554,38 @@ fn embeddings_pool_each_position_once_through_chunks_preemption_and_generation()
         "no mean-pooled embedding ran again after a preemption"
     );
 }
+
+#[test]
+fn a_reply_that_ends_in_a_checked_draft_reports_the_prediction_it_was_metered_for() {
+    let config = EngineConfig {
+        speculate: 4,
+        ..config(512, 4096)
+    };
+    let (engine, _log, script) = start(config, None, Gate::new(true));
+    let p = prompt(&script, 0, 24, 5);
+    // The prediction is the reply itself, so every drafted step is checked and kept, and
+    // the reply's last token (max_tokens) comes inside such a step.
+    for n in [9, 10, 11, 12] {
+        let (mut req, ended) = request(p.clone(), n);
+        req.prediction = expected(&p, n + 8, &script);
+        let (text, end) = collect(engine.submit(req).unwrap());
+        assert_eq!(text, tokenizer().decode(&expected(&p, n, &script)).unwrap());
+        let Some(Event::Finished { usage, .. }) = end else {
+            panic!("{end:?}")
+        };
+        wait_idle(&engine);
+        let report = ended.lock().unwrap().take().expect("on_end was called");
+        assert!(usage.accepted_prediction_tokens > 0, "{usage:?}");
+        assert_eq!(
+            (
+                usage.accepted_prediction_tokens,
+                usage.rejected_prediction_tokens
+            ),
+            (
+                report.usage.accepted_prediction_tokens,
+                report.usage.rejected_prediction_tokens
+            ),
+            "n {n}: the reply's usage and the metered one"
+        );
+    }
+}

@@ -219,13 +219,22 @@ impl<M: ModelRunner> Engine<M> {
         sampled: &mut Vec<(SeqId, u32)>,
     ) -> bool {
         let vocab = logits.len() / c.len;
-        let draft = match self.active.get_mut(&c.id) {
-            Some(a) => std::mem::take(&mut a.draft.tokens),
+        let (draft, before) = match self.active.get_mut(&c.id) {
+            Some(a) => (std::mem::take(&mut a.draft.tokens), a.draft.predicted),
             None => return false,
         };
         let mut accepted = 0;
         let mut done = false;
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            // A row may end the reply, whose usage is written then: it counts this step's
+            // prediction tokens as they stand (the rest of the draft rejected).
+            if let Some(a) = self
+                .active
+                .get_mut(&c.id)
+                .filter(|a| a.draft.from_prediction)
+            {
+                a.draft.predicted = (before.0 + accepted, before.1 + c.draft - accepted);
+            }
             let (token, finished) = self.on_logits(c.id, row.to_vec());
             sampled.push((c.id, token));
             done = finished;
@@ -237,8 +246,7 @@ impl<M: ModelRunner> Engine<M> {
         telemetry::drafted(c.draft, accepted);
         if let Some(a) = self.active.get_mut(&c.id) {
             if a.draft.from_prediction {
-                a.draft.predicted.0 += accepted;
-                a.draft.predicted.1 += c.draft - accepted;
+                a.draft.predicted = (before.0 + accepted, before.1 + c.draft - accepted);
             }
             let source = usize::from(a.draft.from_prediction);
             let most = self.speculate * (1 + source);
