@@ -127,6 +127,7 @@ fn embeddings_are_unit_vectors_whatever_their_batch() {
     let e = post(json!({"input": ["short", too_long]}));
     assert_eq!(e.0, 400, "{}", e.1);
     assert_eq!(e.1["error"]["code"], "context_length_exceeded", "{}", e.1);
+    assert_eq!(e.1["error"]["param"], "input", "{}", e.1);
     // A request timeout cancels what is left (the timeout's clock starts at the body).
     let many: Vec<String> = (0..64).map(|i| format!("{long} {i}")).collect();
     let before = s.metric("edgeinfer_prompt_tokens_computed_total");

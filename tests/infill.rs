@@ -477,6 +477,7 @@ fn infill_warms_the_cache_leaves_old_context_out_and_ends_at_its_limits() {
     );
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["code"], "context_length_exceeded", "{err}");
+    assert_eq!(err["error"]["param"], "input_prefix", "{err}");
 
     // `n_indent`: a newline forced every token makes an empty second line, which is
     // indented less than 1: the reply ends before it, as llama.cpp's does.

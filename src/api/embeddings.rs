@@ -293,7 +293,7 @@ async fn tokenize(ready: &Ready, input: PromptField) -> Result<Vec<Vec<u32>>, Ap
             ));
         }
         if p.len() > limit {
-            return Err(ApiError::context_length(format!(
+            return Err(ApiError::context_length("input", format!(
                 "This model's maximum context length is {limit} tokens, however input {i} has {} tokens. Please shorten it.",
                 p.len()
             )));

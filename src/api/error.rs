@@ -86,9 +86,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
-    pub fn context_length(message: impl Into<String>) -> Self {
+    /// 400 `context_length_exceeded`, naming the field that holds the input (`messages`,
+    /// `prompt`, `input`).
+    pub fn context_length(param: &str, message: impl Into<String>) -> Self {
         Self {
-            param: Some("messages".into()),
+            param: Some(param.into()),
             code: Some("context_length_exceeded"),
             ..Self::bad_request(message)
         }

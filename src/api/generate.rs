@@ -63,7 +63,19 @@ pub(super) fn per_prompt(best_of: Option<u64>, n: usize, stream: bool) -> Result
 
 /// Checks one prompt against the model; its completion budget (`requested`, or the rest of
 /// the context).
-fn budget(prompt: &[u32], requested: Option<usize>, ready: &Ready) -> Result<usize, ApiError> {
+fn budget(
+    prompt: &[u32],
+    requested: Option<usize>,
+    ready: &Ready,
+    route: &str,
+) -> Result<usize, ApiError> {
+    // The field that holds the input on the route's own surface.
+    let field = match route {
+        "/v1/completions" | "/completion" | "/v1/fim/completions" => "prompt",
+        "/infill" => "input_prefix",
+        "/v1/responses" => "input",
+        _ => "messages",
+    };
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
@@ -79,13 +91,13 @@ fn budget(prompt: &[u32], requested: Option<usize>, ready: &Ready) -> Result<usi
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     match requested {
-        Some(m) if prompt.len().saturating_add(m) > limit => Err(ApiError::context_length(format!(
+        Some(m) if prompt.len().saturating_add(m) > limit => Err(ApiError::context_length(field, format!(
             "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
             prompt.len().saturating_add(m),
             prompt.len()
         ))),
         Some(m) => Ok(m),
-        None if prompt.len() >= limit => Err(ApiError::context_length(format!(
+        None if prompt.len() >= limit => Err(ApiError::context_length(field, format!(
             "This model's maximum context length is {limit} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
             prompt.len()
         ))),
@@ -171,7 +183,7 @@ pub(super) async fn run(
     // Each choice's completion budget, in choice order (prompt by prompt, `n` each).
     let mut budgets = Vec::with_capacity(count);
     for input in &inputs {
-        let m = budget(&input.prompt, requested, ready)?;
+        let m = budget(&input.prompt, requested, ready, gate.route)?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
     // A prompt's choices share its computation through the prefix cache, unless it is off
