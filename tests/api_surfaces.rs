@@ -516,12 +516,38 @@ fn an_assistant_prefill_is_continued_not_answered_anew() {
     );
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["choices"][0]["message"]["content"], want.as_str(), "{c}");
-    // Without it, OpenAI's chat opens a new turn: another reply.
-    let (_, fresh) = s.post(
+    // The cut is where the template wrote the message, whatever else holds the same text: a
+    // prefill found in the turn's end (`<` of `<|im_end|>`), or in an earlier message, with
+    // its trailing space kept.
+    for (user, prefill) in [("Hi", "<"), ("Start with \"Answer: \" please.", "Answer: ")] {
+        let turns = json!([{"role": "user", "content": user},
+                           {"role": "assistant", "content": prefill}]);
+        let (st, t) = s.post(
+            "/apply-template",
+            &json!({"messages": turns, "continue_final_message": true}),
+        );
+        assert_eq!(st, 200, "{t}");
+        let prompt = t["prompt"].as_str().unwrap();
+        let want = format!("{user}<|im_end|>\n<|im_start|>assistant\n{prefill}");
+        assert!(prompt.ends_with(&want), "{prompt:?}");
+    }
+    // Nothing may start the reply afresh: an output format, or Anthropic's thinking.
+    let (st, e) = s.post(
         "/v1/chat/completions",
-        &json!({"messages": turns, "max_tokens": 12, "temperature": 0}),
+        &json!({"messages": turns, "continue_final_message": true,
+                "response_format": {"type": "json_object"}}),
     );
-    assert_ne!(fresh["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(
+        (st, &e["error"]["param"]),
+        (400, &json!("continue_final_message")),
+        "{e}"
+    );
+    let (st, e) = s.post(
+        "/v1/messages",
+        &json!({"model": MODEL, "max_tokens": 12, "messages": turns,
+                "thinking": {"type": "enabled", "budget_tokens": 1024}}),
+    );
+    assert_eq!((st, &e["type"]), (400, &json!("error")), "{e}");
     // Nothing to continue: a 400 naming the field.
     let (st, e) = s.post(
         "/v1/chat/completions",

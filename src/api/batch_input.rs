@@ -193,6 +193,12 @@ fn read_line(
             problems.add(n, "invalid_request", message);
             None
         }
+        Some(Value::Object(b)) if b.get("stream_options").is_some_and(|o| !o.is_null()) => {
+            let message =
+                "`body.stream_options` is only for a streamed request, which a batch does not take";
+            problems.add(n, "invalid_request", message);
+            None
+        }
         Some(body @ Value::Object(_)) => clean.then_some((custom_id, body)),
         _ => {
             let message = "`body` must be a JSON object";
@@ -286,7 +292,15 @@ mod tests {
         let marked = format!("\u{feff}{}", line("m", chat, json!({})));
         assert_eq!(parse_requests(marked.as_bytes(), chat).unwrap().len(), 1);
         // `stream: null` is no stream.
-        let null = line("n", chat, json!({"stream": null}));
+        let null = line("n", chat, json!({"stream": null, "stream_options": null}));
         assert!(parse_requests(null.as_bytes(), chat).is_ok());
+        // Stream options without a stream would fail when the line runs: refused here.
+        let options = line(
+            "o",
+            chat,
+            json!({"stream_options": {"include_usage": true}}),
+        );
+        let errors = parse_requests(options.as_bytes(), chat).unwrap_err();
+        assert_eq!(errors[0]["code"], "invalid_request", "{errors:?}");
     }
 }

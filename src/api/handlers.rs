@@ -22,7 +22,7 @@ use crate::gateway::Principal;
 use crate::model::Message;
 use crate::structured::reasoning::Shown;
 use crate::structured::toolcall;
-use crate::structured::{ConstraintSpec, OutputFormat};
+use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
 
 #[path = "intake.rs"]
 mod intake;
@@ -100,12 +100,14 @@ pub(super) fn render(
 /// (an assistant's), where the reply goes on, not at a new turn.
 pub(super) fn render_text(
     r: &Ready,
-    messages: Vec<Message>,
+    mut messages: Vec<Message>,
     tools: Vec<Value>,
     kwargs: &serde_json::Map<String, Value>,
     continues: bool,
 ) -> Result<String, ApiError> {
-    let last = messages.last().map(|m| m.content.clone());
+    if let Some(last) = messages.last_mut().filter(|_| continues) {
+        last.content.push_str(CONTINUE_MARK);
+    }
     let (messages, native) = if tools.is_empty() || r.native_tools {
         let messages = if r.tool_format.short_ids {
             toolcall::with_short_ids(messages)
@@ -125,26 +127,53 @@ pub(super) fn render_text(
             kwargs,
         )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    match last.filter(|_| continues) {
-        Some(last) => cut_after(text, &last),
-        None => Ok(text),
+    if !continues {
+        return Ok(text);
     }
+    cut_at_mark(text)
 }
 
-/// A prompt rendered with its last message closed, cut right after that message's text (as
-/// the template wrote it: whole, or trimmed as some templates trim), so the reply goes on
-/// from there. A template that does not write it at all cannot be continued.
-fn cut_after(mut text: String, last: &str) -> Result<String, ApiError> {
-    for written in [last, last.trim_end(), last.trim()] {
-        if let Some(at) = text.rfind(written).filter(|_| !written.is_empty()) {
-            text.truncate(at + written.len());
-            return Ok(text);
-        }
+/// A continued message is text the reply goes on from, so nothing may start the reply
+/// afresh: an output format, a forced tool call, or thinking before it (Anthropic refuses a
+/// prefill with thinking too).
+fn refuse_shaped_continuation(
+    spec: &ConstraintSpec,
+    thinking: Option<u64>,
+    anthropic: bool,
+) -> Result<(), ApiError> {
+    let forced = spec.calls_tools() && !matches!(spec.choice, ToolChoice::Auto);
+    let thinks = anthropic && thinking.is_some_and(|b| b > 0);
+    if matches!(spec.format, OutputFormat::Text) && !forced && !thinks {
+        return Ok(());
     }
+    let field = if anthropic {
+        "messages"
+    } else {
+        "continue_final_message"
+    };
     Err(ApiError::invalid(
-        "messages",
-        "the chat template does not write the last assistant message's text as sent, so the reply cannot continue it",
+        field,
+        "a reply that continues the last assistant message cannot also have an output format, a forced tool call or thinking, which start it afresh",
     ))
+}
+
+/// Follows the text of a message to be continued: the rendered prompt is cut where the
+/// template wrote it, right after the message's own text (a template that trims a message
+/// trims nothing before the mark), and the turn's end goes. Private-use characters, which
+/// no text means.
+const CONTINUE_MARK: &str = "\u{f8ff}edgeinfer:continue\u{f8ff}";
+
+/// The prompt up to the continued message's mark; a template that does not write the
+/// message's text cannot continue it.
+fn cut_at_mark(mut text: String) -> Result<String, ApiError> {
+    let Some(at) = text.rfind(CONTINUE_MARK) else {
+        return Err(ApiError::invalid(
+            "messages",
+            "the chat template does not write the last assistant message's text, so the reply cannot continue it",
+        ));
+    };
+    text.truncate(at);
+    Ok(text)
 }
 
 /// Both chat surfaces: OpenAI's chat completions and Anthropic's messages (by `route`).
@@ -228,6 +257,9 @@ pub(super) async fn chat(
             ))
         }
     };
+    if continues {
+        refuse_shaped_continuation(&spec, budget, anthropic)?;
+    }
     let r = ready.clone();
     let tools_active = spec.calls_tools();
     // Render, tokenize and compile the grammar off the async threads; a grammar error is

@@ -214,39 +214,35 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
                 Err(_) => break,
             }
         }
-        if write_with_retries(&mut conn, &batch) {
-            for (_, ack) in batch {
-                if let Some(ack) = ack {
-                    let _ = ack.send(true);
-                }
-            }
-            continue;
-        }
-        // One row at a time: a row that cannot be written loses itself alone.
-        for m in batch {
-            let ok = insert(&mut conn, std::slice::from_ref(&m)).is_ok();
-            if !ok {
-                tracing::error!(request_id = ?m.0.as_ref().map(|r| &r.request_id), "a ledger row was lost");
-            }
-            if let (_, Some(ack)) = m {
+        let ok = write_with_retries(&mut conn, &batch);
+        for (_, ack) in batch {
+            if let Some(ack) = ack {
                 let _ = ack.send(ok);
             }
         }
     }
 }
 
-/// Waits between tries of a write that failed (the store busy past its timeout, say, while
-/// a large batch result or upload holds the write lock).
-const RETRY_WAITS_MS: [u64; 4] = [100, 500, 2_000, 5_000];
+/// More tries of a write that found the store busy (past its own 5 s timeout: a large batch
+/// result or upload holding the write lock, say), after these waits. Other errors are not
+/// tried again: they would fail the same way.
+const RETRY_WAITS_MS: [u64; 2] = [250, 250];
 
-/// Writes a batch of rows in one transaction, tried again a few times; whether it landed.
+/// Writes a batch of rows in one transaction; whether it landed.
 fn write_with_retries(conn: &mut Connection, batch: &[Msg]) -> bool {
     for (attempt, wait) in std::iter::once(0).chain(RETRY_WAITS_MS).enumerate() {
         std::thread::sleep(std::time::Duration::from_millis(wait));
         match insert(conn, batch) {
             Ok(()) => return true,
             Err(e) => {
-                tracing::error!(error = %e, rows = batch.len(), attempt, "ledger write failed")
+                tracing::error!(error = %e, rows = batch.len(), attempt, "ledger write failed");
+                let busy = matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                );
+                if !busy {
+                    return false;
+                }
             }
         }
     }

@@ -119,13 +119,19 @@ impl Windows {
 
     /// Reads the key's spend from the ledger once per budget period. A new period's is read
     /// too: a request admitted in the last one that ended in this one is billed here (and a
-    /// changed `budget_duration` moves the period). A spend that could not be read counts 0
-    /// for now and is read again at the next admission.
+    /// changed `budget_duration` moves the period). A spend that could not be read is read
+    /// again at the next admission; until then it is what this process counted in the period
+    /// (nothing, in a new one).
     fn load_spend(&mut self, spec: &LimitSpec, unix: i64, spent: impl FnOnce(i64) -> Option<u64>) {
         let start = period_start(spec, unix);
         if !self.loaded || self.period_start != start {
             let read = spent(start);
-            self.spend = read.unwrap_or(0);
+            let counted = if self.period_start == start {
+                self.spend
+            } else {
+                0
+            };
+            self.spend = read.unwrap_or(counted);
             self.period_start = start;
             self.loaded = read.is_some();
         }

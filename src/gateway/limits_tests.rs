@@ -161,12 +161,18 @@ fn budgets_reserve_the_most_a_request_can_cost() {
         .unwrap();
     l.settle(&g, Some((11, 11)), t0);
     assert_eq!(l.spend("k", 4600), Some(31));
-    // A spend that cannot be read counts 0 and is read again at the next admission.
+    // A spend that cannot be read is read again at the next admission; until then it is
+    // what this process counted in the period (nothing in a new one, then what settled).
     let g = l
         .admit(Some(("k", &s)), a(1000, false), t0, 8300, |_| None)
         .unwrap();
     assert_eq!(g.max_tokens, 90);
     assert_eq!(l.spend("k", 8200), None);
+    l.settle(&g, Some((30, 30)), t0);
+    let g = l
+        .admit(Some(("k", &s)), a(1000, false), t0, 8300, |_| None)
+        .unwrap();
+    assert_eq!(g.max_tokens, 60);
     l.settle(&g, None, t0);
     let g = l
         .admit(Some(("k", &s)), a(1000, false), t0, 8300, |_| Some(50))

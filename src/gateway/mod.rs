@@ -159,16 +159,22 @@ impl Gateway {
 
     /// Whether every request needs a key: with a master key, or once the store holds keys
     /// (also keys made offline with `edgeinfer keys` while the server runs). Once on, it
-    /// stays on until a restart; a store that cannot be read counts as holding keys.
+    /// stays on until a restart; while the store cannot be read, it is on for that request.
     pub fn auth_required(&self) -> bool {
         if self.auth_required.load(Ordering::Relaxed) {
             return true;
         }
-        let held = self.keys.count().map_or(true, |n| n > 0);
-        if held {
-            self.auth_required.store(true, Ordering::Relaxed);
+        match self.keys.count() {
+            Ok(0) => false,
+            Ok(_) => {
+                self.auth_required.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the key store failed; a key is required");
+                true
+            }
         }
-        held
     }
 
     fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
