@@ -118,10 +118,8 @@ fn resolve_model(model: Option<&str>, models_dir: &Path) -> Result<PathBuf> {
         None => manifest.default.clone(),
     };
     let entry = manifest.resolve(&spec)?;
-    let local = hub::local_path(&entry, models_dir);
-    if local.is_file() {
-        return Ok(local);
-    }
+    // A file already there is checked against the manifest's sha256 too (memoised, so once)
+    // and fetched again when it is not that file: a corrupt model is never served.
     Ok(hub::pull(&entry, models_dir)?)
 }
 
@@ -135,7 +133,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         frequency_penalty: args.frequency_penalty,
         presence_penalty: args.presence_penalty,
         seed: args.seed,
-        logit_bias: Vec::new(),
+        ..SamplingParams::default()
     };
     // Bad flags are reported before minutes of model loading or downloading.
     sampling.validate()?;

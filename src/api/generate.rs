@@ -67,15 +67,8 @@ fn budget(
     prompt: &[u32],
     requested: Option<usize>,
     ready: &Ready,
-    route: &str,
+    field: &str,
 ) -> Result<usize, ApiError> {
-    // The field that holds the input on the route's own surface.
-    let field = match route {
-        "/v1/completions" | "/completion" | "/v1/fim/completions" => "prompt",
-        "/infill" => "input_prefix",
-        "/v1/responses" => "input",
-        _ => "messages",
-    };
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
@@ -105,6 +98,18 @@ fn budget(
     }
 }
 
+/// The field that holds a request's input on its route's own surface (Workers AI's route
+/// takes a `prompt` or `messages`).
+fn input_field(gate: &Gate) -> &'static str {
+    match gate.route {
+        "/v1/completions" | "/completion" | "/v1/fim/completions" => "prompt",
+        "/infill" => "input_prefix",
+        "/v1/responses" => "input",
+        "/ai/run" if gate.body.get("prompt").is_some() => "prompt",
+        _ => "messages",
+    }
+}
+
 /// Validates budgets, answers from the response cache or reserves the request's tokens,
 /// submits its choices (`n` for each prompt), and answers whole or streamed.
 #[allow(clippy::too_many_arguments)]
@@ -119,7 +124,8 @@ pub(super) async fn run(
     gate: Gate,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let sampling = fields.sampling_params(meta.surface.max_temperature())?;
+    let mut sampling = fields.sampling_params(meta.surface.max_temperature())?;
+    sampling.llama_cpp_order = matches!(meta.surface, Surface::LlamaCpp(_));
     let stop = fields.stops(meta.surface.max_stops())?;
     let keep = fields.n()?;
     // Each prompt's choices: `n`, or `best_of` of which the best `n` are answered.
@@ -183,7 +189,7 @@ pub(super) async fn run(
     // Each choice's completion budget, in choice order (prompt by prompt, `n` each).
     let mut budgets = Vec::with_capacity(count);
     for input in &inputs {
-        let m = budget(&input.prompt, requested, ready, gate.route)?;
+        let m = budget(&input.prompt, requested, ready, input_field(&gate))?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
     // A prompt's choices share its computation through the prefix cache, unless it is off

@@ -22,6 +22,7 @@ mod generate;
 mod handlers;
 mod infill;
 mod listen;
+mod llama_sampling;
 mod native;
 mod response;
 mod responses;

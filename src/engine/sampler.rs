@@ -46,6 +46,11 @@ pub struct SamplingParams {
     /// ignored here (the API refuses them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
+    /// llama.cpp's order, for its own endpoints: top-p and min-p see the distribution before
+    /// the temperature (top-k, top-p, min-p, then temperature), and under a grammar the
+    /// unmasked pick is tried first even with those filters, as llama.cpp samples.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub llama_cpp_order: bool,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +65,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            llama_cpp_order: false,
         }
     }
 }
@@ -237,7 +243,8 @@ impl Sampler {
     /// generated tokens, optionally preceded by the prompt.
     ///
     /// Order: logit bias, penalties; then greedy argmax if `temperature <= 0`; otherwise
-    /// top-k, temperature softmax, top-p, min-p, renormalise, draw.
+    /// top-k, temperature softmax, top-p, min-p, renormalise, draw (with `llama_cpp_order`:
+    /// top-k, softmax, top-p, min-p, then the temperature's softmax of what is left, draw).
     /// Parameters should have passed [`SamplingParams::validate`]; invalid
     /// ones never panic but pick an unspecified (still deterministic) token.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
@@ -251,7 +258,8 @@ impl Sampler {
     /// argmax that is the masked argmax, and for a plain softmax draw, accepting an allowed
     /// draw and otherwise redrawing from the allowed tokens gives each allowed token
     /// `p / p(allowed)`, the masked distribution. With those filters the mask comes first,
-    /// since they must see only allowed tokens. The chosen token is committed.
+    /// since they must see only allowed tokens, except in `llama_cpp_order`, which tries the
+    /// unmasked pick first as llama.cpp does. The chosen token is committed.
     pub fn sample_constrained(
         &mut self,
         logits: &mut [f32],
@@ -261,7 +269,7 @@ impl Sampler {
         self.adjust(logits, history);
         let p = &self.params;
         let filtered = !p.is_greedy() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0);
-        if !filtered {
+        if !filtered || p.llama_cpp_order {
             let token = self.pick(logits, false);
             if constraint.allows(token)? {
                 constraint.commit(token)?;
@@ -313,7 +321,8 @@ impl Sampler {
             cands.sort_unstable_by(by_logit_desc);
         }
 
-        softmax(&mut cands, temperature);
+        let filters_first = self.params.llama_cpp_order;
+        softmax(&mut cands, if filters_first { 1.0 } else { temperature });
 
         if nucleus {
             // Smallest prefix of the sorted candidates reaching `top_p`; at least one.
@@ -337,6 +346,9 @@ impl Sampler {
             cands.retain(|c| c.p >= threshold);
         }
 
+        if filters_first && temperature != 1.0 {
+            softmax(&mut cands, temperature);
+        }
         self.draw(&cands)
     }
 

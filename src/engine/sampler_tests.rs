@@ -147,6 +147,25 @@ fn top_p_keeps_only_the_nucleus() {
 }
 
 #[test]
+fn llama_cpp_order_filters_before_the_temperature() {
+    // At temperature 1, min_p 0.2 drops token 3 (0.05 < 0.2 * 0.5); a temperature of 3
+    // flattens the distribution first and lets it through, unless the filters come first.
+    let logits = ln(&[0.5, 0.3, 0.15, 0.05]);
+    let hot = |llama: bool| {
+        with(seeded(3), move |p| {
+            p.temperature = 3.0;
+            p.min_p = 0.2;
+            p.llama_cpp_order = llama;
+        })
+    };
+    let c = counts(&draws(hot(true), &logits, 500), 4);
+    assert_eq!(c[3], 0, "{c:?}");
+    assert!(c[2] > 0, "{c:?}");
+    let c = counts(&draws(hot(false), &logits, 500), 4);
+    assert!(c[3] > 0, "{c:?}");
+}
+
+#[test]
 fn min_p_excludes_tokens_below_half_the_max() {
     let logits = ln(&[0.4, 0.3, 0.19, 0.11]);
     let c = counts(&draws(with(seeded(11), |p| p.min_p = 0.5), &logits, 500), 4);

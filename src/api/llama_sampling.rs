@@ -1,0 +1,180 @@
+//! llama-server's sampling fields read into the OpenAI ones every generation reads, with
+//! llama.cpp's defaults for what a request leaves out and its `samplers` chain.
+
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+
+/// llama.cpp's sampling defaults (its `common_params_sampling`) for its own endpoints: a
+/// request that names none samples as llama-server would.
+const DEFAULTS: [(&str, f64); 4] = [
+    ("temperature", 0.8),
+    ("top_k", 40.0),
+    ("top_p", 0.95),
+    ("min_p", 0.05),
+];
+
+/// llama.cpp's sampling names as the OpenAI fields every generation reads (`route` names
+/// the endpoint in errors): `n_predict` is `max_tokens` (negative: no limit but the context;
+/// 0: only the prompt is computed, to warm the prefix cache; without it, `max_tokens` or
+/// `max_completion_tokens` as llama.cpp takes them), `repeat_penalty` is
+/// `repetition_penalty`, a `seed` of -1 is none, and `temperature` defaults to llama.cpp's
+/// 0.8 (and the other filters to llama.cpp's defaults).
+pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> {
+    let o = v.as_object_mut().expect("parse_body returns objects");
+    // `logprobs` is llama.cpp's other name for `n_probs` (a number of alternatives); null
+    // is not given.
+    if let Some(n) = o.remove("logprobs").filter(|n| !n.is_null()) {
+        if !n.is_i64() {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` on {route} is llama.cpp's `n_probs`: a number"),
+            ));
+        }
+        if o.get("n_probs").is_none_or(Value::is_null) {
+            o.insert("n_probs".into(), n);
+        }
+    }
+    if o.contains_key("best_of") {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("`best_of` is not a field of {route}"),
+        ));
+    }
+    let n_predict = o.remove("n_predict");
+    if n_predict.as_ref().is_some_and(|n| !n.is_null()) {
+        o.remove("max_tokens");
+        o.remove("max_completion_tokens");
+    }
+    match n_predict {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_f64().is_some_and(|n| n < 0.0) => {}
+        Some(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f < 1e18) => {
+            let n = n.as_f64().unwrap_or_default() as u64;
+            o.insert("max_tokens".into(), n.into());
+        }
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n_predict",
+                format!("`n_predict` must be an integer, got {n}"),
+            ))
+        }
+    }
+    if let Some(p) = o.remove("repeat_penalty") {
+        o.insert("repetition_penalty".into(), p);
+    }
+    if o.get("seed").and_then(Value::as_i64) == Some(-1) {
+        o.remove("seed");
+    }
+    // `samplers` (names, or llama.cpp's one-letter codes as a string) picks the steps that
+    // run: a filter it leaves out does not, whatever its field says.
+    if let Some(chain) = o.get("samplers").and_then(sampler_chain) {
+        for (name, off) in [
+            ("top_k", json!(0)),
+            ("top_p", json!(1.0)),
+            ("min_p", json!(0.0)),
+        ] {
+            if !chain.iter().any(|s| s == name) {
+                o.insert(name.into(), off);
+            }
+        }
+    }
+    for (name, default) in DEFAULTS {
+        if o.get(name).is_none_or(Value::is_null) {
+            let v = match name {
+                "top_k" => json!(default as u64),
+                _ => json!(default),
+            };
+            o.insert(name.into(), v);
+        }
+    }
+    Ok(v)
+}
+
+/// llama.cpp's `samplers`, as the canonical names of the steps it lists (`top_k`, `top_p`,
+/// `min_p`, `temperature`, ...): an array of names (any case, `-` for `_`, its aliases) or
+/// a string of one-letter codes. `None`: not a chain.
+fn sampler_chain(v: &Value) -> Option<Vec<String>> {
+    let from_code = |c: char| match c {
+        'k' => "top_k",
+        'p' => "top_p",
+        'm' => "min_p",
+        't' => "temperature",
+        _ => "other",
+    };
+    let from_name = |n: &str| {
+        let n = n.to_ascii_lowercase().replace('-', "_");
+        match n.as_str() {
+            "topk" => "top_k".to_string(),
+            "topp" | "nucleus" => "top_p".to_string(),
+            "minp" => "min_p".to_string(),
+            "temp" => "temperature".to_string(),
+            _ => n,
+        }
+    };
+    match v {
+        Value::String(s) => Some(s.chars().map(|c| from_code(c).to_string()).collect()),
+        Value::Array(a) => a.iter().map(|n| n.as_str().map(from_name)).collect(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_cpp_sampling_names_translate() {
+        let to_sampling = |v| to_sampling(v, "/infill");
+        let v = to_sampling(json!({"n_predict": 16, "repeat_penalty": 1.1, "seed": -1})).unwrap();
+        assert_eq!(v["max_tokens"], 16);
+        assert_eq!(v["repetition_penalty"], 1.1);
+        assert!(v.get("seed").is_none() && v.get("n_predict").is_none());
+        assert_eq!(
+            [&v["temperature"], &v["top_k"], &v["top_p"], &v["min_p"]],
+            [&json!(0.8), &json!(40), &json!(0.95), &json!(0.05)]
+        );
+        let v = to_sampling(json!({"n_predict": -1, "temperature": 0, "top_k": 0, "top_p": 1}))
+            .unwrap();
+        assert!(v.get("max_tokens").is_none());
+        assert_eq!(
+            (&v["temperature"], &v["top_k"], &v["top_p"]),
+            (&json!(0), &json!(0), &json!(1))
+        );
+        let v = to_sampling(json!({"n_predict": 128.0, "seed": 3})).unwrap();
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["seed"].as_u64()),
+            (Some(128), Some(3))
+        );
+        assert!(to_sampling(json!({"n_predict": 1.5})).is_err());
+        assert!(to_sampling(json!({"n_predict": "x"})).is_err());
+        // OpenAI's limit as llama.cpp takes it: when `n_predict` is absent.
+        assert_eq!(
+            to_sampling(json!({"max_tokens": 3})).unwrap()["max_tokens"],
+            3
+        );
+        let v = to_sampling(json!({"max_tokens": 3, "n_predict": 5})).unwrap();
+        assert_eq!(v["max_tokens"], 5);
+        assert_eq!(
+            to_sampling(json!({"temperature": null})).unwrap()["temperature"],
+            0.8
+        );
+        // `logprobs` is `n_probs` (when that is not given), a number.
+        assert_eq!(to_sampling(json!({"logprobs": 2})).unwrap()["n_probs"], 2);
+        let v = to_sampling(json!({"logprobs": 2, "n_probs": 4})).unwrap();
+        assert!(v["n_probs"] == 4 && v.get("logprobs").is_none());
+        assert!(to_sampling(json!({"logprobs": true})).is_err());
+        assert!(to_sampling(json!({"best_of": 2})).is_err());
+        // `samplers` leaves out the filters it does not list, given or default.
+        let v = to_sampling(json!({"samplers": ["Top-K", "temperature"], "top_p": 0.5})).unwrap();
+        assert_eq!(
+            [&v["top_k"], &v["top_p"], &v["min_p"]],
+            [&json!(40), &json!(1.0), &json!(0.0)]
+        );
+        let v = to_sampling(json!({"samplers": "mt", "top_k": 5})).unwrap();
+        assert_eq!(
+            [&v["top_k"], &v["top_p"], &v["min_p"]],
+            [&json!(0), &json!(1.0), &json!(0.05)]
+        );
+    }
+}
