@@ -567,3 +567,37 @@ fn an_assistant_prefill_is_continued_not_answered_anew() {
     );
     assert_eq!(st, 200, "{m}");
 }
+
+#[test]
+fn a_call_cut_short_leaves_the_conversation_usable() {
+    let s = Server::start(&[]);
+    let tools = json!([{"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}]);
+    // The smallest budget that cuts a call inside its arguments.
+    let cut = (8..40)
+        .map(|n| {
+            let (st, r) = s.post(
+                "/v1/responses",
+                &json!({"model": MODEL, "input": "What is the weather in Paris?", "tools": tools,
+                        "tool_choice": "required", "max_output_tokens": n, "temperature": 0}),
+            );
+            assert_eq!(st, 200, "{r}");
+            r
+        })
+        .find(|r| {
+            r["output"].as_array().unwrap().iter().any(|it| {
+                it["type"] == "function_call"
+                    && serde_json::from_str::<Value>(it["arguments"].as_str().unwrap()).is_err()
+            })
+        })
+        .expect("a budget cuts the call inside its arguments");
+    assert_eq!(cut["status"], "incomplete", "{cut}");
+    // The next turn builds on it: the cut call is not in the stored conversation.
+    let (st, next) = s.post(
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "Never mind.", "previous_response_id": cut["id"],
+                "max_output_tokens": 4}),
+    );
+    assert_eq!(st, 200, "{next}");
+}

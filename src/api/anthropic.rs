@@ -126,6 +126,16 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
             .last()
             .is_some_and(|m| m["role"] == "assistant" && m.get("tool_calls").is_none());
     if prefill {
+        let text = messages
+            .last()
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or("");
+        if text.ends_with(char::is_whitespace) {
+            return Err(ApiError::invalid(
+                "messages",
+                "final assistant content cannot end with trailing whitespace",
+            ));
+        }
         out.insert("continue_final_message".into(), Value::Bool(true));
     }
     out.insert("messages".into(), Value::Array(messages));

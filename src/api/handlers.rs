@@ -105,7 +105,9 @@ pub(super) fn render_text(
     kwargs: &serde_json::Map<String, Value>,
     continues: bool,
 ) -> Result<String, ApiError> {
+    let mut continued = String::new();
     if let Some(last) = messages.last_mut().filter(|_| continues) {
+        continued = last.content.clone();
         last.content.push_str(CONTINUE_MARK);
     }
     let (messages, native) = if tools.is_empty() || r.native_tools {
@@ -130,7 +132,7 @@ pub(super) fn render_text(
     if !continues {
         return Ok(text);
     }
-    cut_at_mark(text)
+    cut_at_mark(text, &continued)
 }
 
 /// A continued message is text the reply goes on from, so nothing may start the reply
@@ -163,13 +165,17 @@ fn refuse_shaped_continuation(
 /// no text means.
 const CONTINUE_MARK: &str = "\u{f8ff}edgeinfer:continue\u{f8ff}";
 
-/// The prompt up to the continued message's mark; a template that does not write the
-/// message's text cannot continue it.
-fn cut_at_mark(mut text: String) -> Result<String, ApiError> {
-    let Some(at) = text.rfind(CONTINUE_MARK) else {
+/// The prompt up to the continued message's mark. A template that does not write the
+/// message's text as sent (leading space trimmed aside) before it cannot continue it: some
+/// drop an assistant message's thinking, and the reply would go on from what is left.
+fn cut_at_mark(mut text: String, continued: &str) -> Result<String, ApiError> {
+    let at = text
+        .rfind(CONTINUE_MARK)
+        .filter(|&at| text[..at].ends_with(continued.trim_start()));
+    let Some(at) = at else {
         return Err(ApiError::invalid(
             "messages",
-            "the chat template does not write the last assistant message's text, so the reply cannot continue it",
+            "the chat template does not write the last assistant message's text as sent, so the reply cannot continue it",
         ));
     };
     text.truncate(at);

@@ -281,7 +281,7 @@ impl ChatCompletionRequest {
                 }
                 f.insert(
                     "parameters".into(),
-                    parameters_or_empty(&t.function.parameters),
+                    ToolSpec::parameters_of(t.function.parameters.as_ref()),
                 );
                 serde_json::json!({"type": "function", "function": f})
             })
@@ -295,6 +295,10 @@ impl ChatCompletionRequest {
             self.grammar.as_deref(),
             &self.guided(),
         )?;
+        // OpenAI's limit: each tool's grammar is compiled and cached, shared by every client.
+        if self.tools.as_ref().is_some_and(|t| t.len() > 128) {
+            return Err(ApiError::invalid("tools", "at most 128 tools"));
+        }
         let mut tools = Vec::new();
         for (i, t) in self.tools.iter().flatten().enumerate() {
             if t.kind != "function" {
@@ -305,7 +309,7 @@ impl ChatCompletionRequest {
             }
             tools.push(ToolSpec {
                 name: t.function.name.clone(),
-                parameters: parameters_or_empty(&t.function.parameters),
+                parameters: ToolSpec::parameters_of(t.function.parameters.as_ref()),
                 strict: t.function.strict.unwrap_or(false),
             });
         }
@@ -349,12 +353,6 @@ impl ChatCompletionRequest {
 
 guided_of!(ChatCompletionRequest);
 guided_of!(CompletionRequest);
-
-/// A function without `parameters` takes none.
-fn parameters_or_empty(p: &Option<Value>) -> Value {
-    p.clone()
-        .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
-}
 
 impl ChatMessage {
     fn to_message(&self, i: usize) -> Result<Message, ApiError> {
@@ -451,6 +449,7 @@ impl SamplingFields {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             seed: self.seed,
             logit_bias: self.logit_bias()?,
+            llama_cpp_order: false,
         };
         p.validate().map_err(|e| match &e {
             SamplingError::OutOfRange { field, .. } => ApiError::invalid(*field, e.to_string()),

@@ -121,7 +121,8 @@ impl Windows {
     /// too: a request admitted in the last one that ended in this one is billed here (and a
     /// changed `budget_duration` moves the period). A spend that could not be read is read
     /// again at the next admission; until then it is what this process counted in the period
-    /// (nothing, in a new one).
+    /// (nothing, in a new one), and a later read never counts less than that (a row may be
+    /// still on its way to the ledger).
     fn load_spend(&mut self, spec: &LimitSpec, unix: i64, spent: impl FnOnce(i64) -> Option<u64>) {
         let start = period_start(spec, unix);
         if !self.loaded || self.period_start != start {
@@ -131,7 +132,7 @@ impl Windows {
             } else {
                 0
             };
-            self.spend = read.unwrap_or(counted);
+            self.spend = read.map_or(counted, |r| r.max(counted));
             self.period_start = start;
             self.loaded = read.is_some();
         }

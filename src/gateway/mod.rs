@@ -397,7 +397,7 @@ impl Gateway {
     fn spent(&self, key_id: &str, since: i64) -> Option<u64> {
         self.ledger
             .spent(key_id, since)
-            .map_err(|e| tracing::error!(error = %e, "reading a key's spend failed; counting 0 until it is read"))
+            .map_err(|e| tracing::error!(error = %e, "reading a key's spend failed; counting what this process saw until it is read"))
             .ok()
     }
 

@@ -86,6 +86,28 @@ pub struct ToolSpec {
     pub strict: bool,
 }
 
+impl ToolSpec {
+    /// A function's `parameters` as its arguments' schema: none takes none, and a schema
+    /// that names no `type` (`{}`, or only `properties`) is an object's, as arguments always
+    /// are (`["object"]` is `object`); otherwise the model could write a number or `null`.
+    pub fn parameters_of(p: Option<&Value>) -> Value {
+        let mut p = p
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        if let Some(o) = p.as_object_mut() {
+            let object = match o.get("type") {
+                None => true,
+                Some(Value::Array(a)) => a.len() == 1 && a[0] == "object",
+                Some(_) => false,
+            };
+            if object {
+                o.insert("type".into(), Value::from("object"));
+            }
+        }
+        p
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToolChoice {
     /// Never call a tool.
@@ -446,9 +468,18 @@ impl ConstraintSpec {
             // reasoning part (regex and lark were refused with tools).
             _ => {
                 let trigger = regex_literal(&f.trigger());
+                // A format whose calls open with a marker of their own (`<tool_call>`) has
+                // it nowhere in text: a call cannot open after some prose, so the markup
+                // never reaches the content unparsed. A bare JSON call's `{` is only kept
+                // from opening the reply.
+                let marked = if f.open.is_empty() {
+                    String::new()
+                } else {
+                    format!(" & ~/(?s:.*{trigger}.*)/")
+                };
                 match &self.think {
                     None => g.push_str(&format!(
-                        "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/\n"
+                        "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/{marked}\n"
                     )),
                     // After the reasoning the whitespace is `THINK_WS`'s: text starting
                     // with some would be a longer lexeme than it, and take a call's place.
@@ -458,7 +489,7 @@ impl ConstraintSpec {
                             None => trigger,
                         };
                         g.push_str(&format!(
-                            "TEXT: /(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:{opens}.*)/\n"
+                            "TEXT: /(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:{opens}.*)/{marked}\n"
                         ))
                     }
                 }

@@ -293,6 +293,54 @@ fn none_and_auto_text_never_open_a_call() {
 }
 
 #[test]
+fn text_never_holds_a_call_marker_after_prose_either() {
+    // A call's markup after some text would reach the content unparsed: it is refused, and
+    // text that only looks like its start is not.
+    let g = grammars();
+    for choice in [ToolChoice::None, ToolChoice::Auto] {
+        let mut s = ConstraintSpec::text();
+        s.tools = weather_tools();
+        s.choice = choice;
+        let mut c = constraint(&g, &s);
+        for &b in b"Let me check. <tool_cal" {
+            assert!(c.allows(b as u32).unwrap(), "{}", b as char);
+            c.commit(b as u32).unwrap();
+        }
+        assert!(c.allows(b'x' as u32).unwrap());
+        c.commit(b'l' as u32).unwrap();
+        assert!(!c.allows(b'>' as u32).unwrap(), "{:?}", s.choice);
+        assert!(c.allows(b'x' as u32).unwrap());
+    }
+}
+
+#[test]
+fn parameters_without_a_type_are_an_objects() {
+    for (given, want) in [
+        (None, json!({"type": "object", "properties": {}})),
+        (Some(json!({})), json!({"type": "object"})),
+        (
+            Some(json!({"properties": {"x": {}}})),
+            json!({"type": "object", "properties": {"x": {}}}),
+        ),
+        (Some(json!({"type": ["object"]})), json!({"type": "object"})),
+        (Some(json!({"type": "string"})), json!({"type": "string"})),
+    ] {
+        assert_eq!(ToolSpec::parameters_of(given.as_ref()), want);
+    }
+    // So a call's arguments are an object even where the schema said nothing.
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = vec![tool("f", ToolSpec::parameters_of(Some(&json!({}))))];
+    s.choice = ToolChoice::Required;
+    let mut c = constraint(&g, &s);
+    for &b in b"<tool_call>\n{\"name\": \"f\", \"arguments\": " {
+        c.commit(b as u32).unwrap();
+    }
+    assert!(!c.allows(b'n' as u32).unwrap() && !c.allows(b'1' as u32).unwrap());
+    assert!(c.allows(b'{' as u32).unwrap());
+}
+
+#[test]
 fn auto_calls_once_started_follow_the_schema() {
     let g = grammars();
     let mut s = ConstraintSpec::text();
