@@ -376,6 +376,22 @@ impl ServeArgs {
                 self.kv_cache_tokens, self.max_batch_tokens
             ));
         }
+        // Sizes that would overflow, or round the KV cache up to a block far past its size.
+        for (flag, value, most) in [
+            (
+                "--block-size",
+                self.block_size,
+                1024.min(self.kv_cache_tokens),
+            ),
+            ("--max-queue", self.max_queue, 1 << 20),
+            ("--max-connections", self.max_connections, 1 << 20),
+            ("--shutdown-timeout", self.shutdown_timeout as usize, 86_400),
+            ("--cache-ttl", self.cache_ttl as usize, 2_678_400),
+        ] {
+            if value > most {
+                return Err(format!("{flag} ({value}) must be at most {most}"));
+            }
+        }
         Ok(())
     }
 }

@@ -79,6 +79,34 @@ fn hostile_headers_are_refused_before_anything_is_allocated() {
 }
 
 #[test]
+fn metadata_that_would_size_or_break_the_model_is_named() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    // Four billion layers (sized before any is read), an end token outside the vocabulary
+    // (it met an assert in the grammar compiler): each a clear message naming the key.
+    for (meta, named) in [
+        (
+            vec![("{arch}.block_count", Value::U32(u32::MAX))],
+            "llama.block_count",
+        ),
+        (
+            vec![("tokenizer.ggml.eos_token_id", Value::U32(1_000_000))],
+            "tokenizer.ggml.eos_token_id",
+        ),
+    ] {
+        synthetic::write(
+            &path,
+            &Spec {
+                meta,
+                ..Spec::default()
+            },
+        );
+        assert_generate_fails(&path, named);
+    }
+}
+
+#[test]
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("falcon.gguf");
@@ -274,6 +302,19 @@ fn serve_refuses_inconsistent_budgets() {
         (
             vec!["serve", "--body-read-timeout", "0"],
             "--sse-keep-alive and --max-connections must be positive",
+        ),
+        // Sizes that would overflow or round the cache past its size.
+        (
+            vec!["serve", "--max-queue", "18446744073709551615"],
+            "--max-queue (18446744073709551615) must be at most",
+        ),
+        (
+            vec!["serve", "--block-size", "100000"],
+            "--block-size (100000) must be at most 1024",
+        ),
+        (
+            vec!["serve", "--shutdown-timeout", "99999999999"],
+            "--shutdown-timeout",
         ),
     ] {
         let out = edgeinfer(&args, &[]);

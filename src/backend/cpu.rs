@@ -73,7 +73,8 @@ impl Backend for Cpu {
         block_size: usize,
         n_blocks: usize,
     ) -> Result<KvPool> {
-        Ok(KvPool::new(n_layer, stride, block_size, n_blocks))
+        KvPool::new(n_layer, stride, block_size, n_blocks)
+            .map_err(|e| candle_core::Error::Msg(e).into())
     }
 
     fn grow_kv(&self, kv: &mut KvPool, extra: usize) -> Result<()> {

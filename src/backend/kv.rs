@@ -27,28 +27,42 @@ pub struct KvPool {
 /// `len` zero halves straight from the allocator's zeroed memory: pages the pool never
 /// writes cost nothing, and start-up does not write gigabytes of zeros
 /// (`vec![f16::ZERO; len]` would write every element).
-fn zeroed(len: usize) -> Vec<f16> {
-    bytemuck::allocation::zeroed_vec(len)
+fn zeroed(len: usize) -> Result<Vec<f16>, String> {
+    bytemuck::allocation::try_zeroed_vec(len)
+        .map_err(|()| format!("{} bytes of memory could not be allocated", len * 2))
 }
 
 impl KvPool {
-    pub fn new(n_layer: usize, stride: usize, block_size: usize, n_blocks: usize) -> Self {
+    /// The pool, or why its memory cannot be had.
+    pub fn new(
+        n_layer: usize,
+        stride: usize,
+        block_size: usize,
+        n_blocks: usize,
+    ) -> Result<Self, String> {
         assert!(
             block_size > 0,
             "block size must be positive. This is a bug."
         );
-        let len = n_blocks * block_size * stride;
-        Self {
+        let len = n_blocks
+            .checked_mul(block_size)
+            .and_then(|n| n.checked_mul(stride))
+            .filter(|n| n.checked_mul(2 * n_layer.max(1)).is_some())
+            .ok_or_else(|| format!("{n_blocks} blocks of {block_size} positions is too large"))?;
+        let layers = (0..n_layer)
+            .map(|_| {
+                Ok(LayerKv {
+                    k: zeroed(len)?,
+                    v: zeroed(len)?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
             block_size,
             n_blocks,
             stride,
-            layers: (0..n_layer)
-                .map(|_| LayerKv {
-                    k: zeroed(len),
-                    v: zeroed(len),
-                })
-                .collect(),
-        }
+            layers,
+        })
     }
 
     pub fn block_size(&self) -> usize {

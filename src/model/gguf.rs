@@ -307,6 +307,10 @@ pub struct ModelConfig {
     pub pooling: Option<Pooling>,
 }
 
+/// More layers than any model has (Llama 3.1 405B has 126): a file claiming more is corrupt,
+/// and is refused before anything is sized by it.
+const MAX_LAYERS: usize = 4096;
+
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let arch = f.get_str("general.architecture")?.to_string();
@@ -315,6 +319,12 @@ impl ModelConfig {
         }
         let key = |k: &str| format!("{arch}.{k}");
         let n_layer = f.get_u32(&key("block_count"))? as usize;
+        if n_layer > MAX_LAYERS {
+            return Err(bad(
+                &key("block_count"),
+                format!("{n_layer} layers is past the {MAX_LAYERS} any model has"),
+            ));
+        }
         let dim = f.get_u32(&key("embedding_length"))? as usize;
         let n_head = f.get_u32(&key("attention.head_count"))? as usize;
         let n_kv_head = f

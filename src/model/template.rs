@@ -95,11 +95,17 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// The most instructions one render of a chat template may run.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template's loops end: a render past this many instructions is an error, not a
+        // request that holds a thread for ever (a real chat's render takes thousands).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -229,6 +235,14 @@ mod tests {
         let t = ChatTemplate::new(MISTRAL, "<s>", "</s>").unwrap();
         let out = t.render(&msgs()[1..4], true).unwrap();
         assert_eq!(out, "<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]");
+    }
+
+    #[test]
+    fn a_template_that_loops_for_ever_is_an_error() {
+        let src = "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}{% endfor %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let err = t.render(&msgs()[1..2], true).unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
     }
 
     #[test]

@@ -88,8 +88,21 @@ struct Specials {
 impl Specials {
     fn from_gguf(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<Self> {
         let model = f.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
-        let eos = f.opt_u32("tokenizer.ggml.eos_token_id")?;
-        let mut stop_ids: Vec<u32> = [eos, f.opt_u32("tokenizer.ggml.eot_token_id")?]
+        // A special token's id names one of the vocabulary's tokens.
+        let id = |key: &str| -> Result<Option<u32>> {
+            match f.opt_u32(key)? {
+                Some(id) if id as usize >= tokens.len() => Err(ModelError::BadMetadata {
+                    key: key.into(),
+                    reason: format!(
+                        "token id {id} is outside the vocabulary of {} tokens",
+                        tokens.len()
+                    ),
+                }),
+                id => Ok(id),
+            }
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let mut stop_ids: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")?]
             .into_iter()
             .flatten()
             .collect();
@@ -105,7 +118,7 @@ impl Specials {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
-            bos: f.opt_u32("tokenizer.ggml.bos_token_id")?,
+            bos: id("tokenizer.ggml.bos_token_id")?,
             eos,
             add_bos: f
                 .opt_bool("tokenizer.ggml.add_bos_token")?
@@ -535,7 +548,10 @@ fn spm_json(f: &GgufFile, tokens: &[String]) -> Result<Json> {
         .map(|(i, t)| (t.as_str(), i))
         .collect();
     let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
-    for (merged, score) in tokens.iter().zip(&scores) {
+    // Splits cost the square of a piece's length: one past any real vocabulary's (a crafted
+    // file's megabyte token) is not split, so it cannot stall loading.
+    let splittable = tokens.iter().zip(&scores).filter(|(t, _)| t.len() <= 256);
+    for (merged, score) in splittable {
         for (split, _) in merged.char_indices().skip(1) {
             let (a, b) = merged.split_at(split);
             if let (Some(&ia), Some(&ib)) = (ids.get(a), ids.get(b)) {
