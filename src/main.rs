@@ -118,9 +118,23 @@ fn resolve_model(model: Option<&str>, models_dir: &Path) -> Result<PathBuf> {
         None => manifest.default.clone(),
     };
     let entry = manifest.resolve(&spec)?;
-    // A file already there is checked against the manifest's sha256 too (memoised, so once)
-    // and fetched again when it is not that file: a corrupt model is never served.
-    Ok(hub::pull(&entry, models_dir)?)
+    let local = hub::local_path(&entry, models_dir);
+    if !local.is_file() {
+        return Ok(hub::pull(&entry, models_dir)?);
+    }
+    // A file already there is checked against the manifest's sha256 (memoised, so once): a
+    // corrupt model is refused, never served, and nothing is fetched behind the user's back.
+    if let Some(expected) = &entry.sha256 {
+        let actual = hub::sha256_file_memo(&local)?;
+        if &actual != expected {
+            anyhow::bail!(
+                "{} is not the file the manifest names (sha256 {actual}, expected {expected}): run `edgeinfer pull {}` to fetch it again, or pass the file's path to use it as it is",
+                local.display(),
+                entry.name
+            );
+        }
+    }
+    Ok(local)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {

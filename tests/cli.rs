@@ -83,27 +83,25 @@ fn metadata_that_would_size_or_break_the_model_is_named() {
     use candle_core::quantized::gguf_file::Value;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    // Four billion layers (sized before any is read), an end token outside the vocabulary
-    // (it met an assert in the grammar compiler): each a clear message naming the key.
-    for (meta, named) in [
-        (
-            vec![("{arch}.block_count", Value::U32(u32::MAX))],
-            "llama.block_count",
-        ),
-        (
-            vec![("tokenizer.ggml.eos_token_id", Value::U32(1_000_000))],
-            "tokenizer.ggml.eos_token_id",
-        ),
-    ] {
-        synthetic::write(
-            &path,
-            &Spec {
-                meta,
-                ..Spec::default()
-            },
-        );
-        assert_generate_fails(&path, named);
-    }
+    let write = |meta| {
+        let spec = Spec {
+            meta,
+            ..Spec::default()
+        };
+        synthetic::write(&path, &spec);
+    };
+    // Four billion layers (the layer list was sized by it before any tensor was read): a
+    // clear message naming the key.
+    write(vec![("{arch}.block_count", Value::U32(u32::MAX))]);
+    assert_generate_fails(&path, "llama.block_count");
+    // An end token outside the vocabulary (it met an assert in the grammar compiler) is
+    // none, as llama.cpp takes it, with a warning naming the key.
+    write(vec![("tokenizer.ggml.eos_token_id", Value::U32(1_000_000))]);
+    let model = path.to_str().unwrap();
+    let out = edgeinfer(&["generate", "--model", model, "-p", "hi", "-n", "2"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("tokenizer.ggml.eos_token_id"), "{stderr}");
 }
 
 #[test]
@@ -332,6 +330,24 @@ fn generating_no_tokens_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("--max-tokens") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_named_model_that_is_not_the_manifests_file_is_refused() {
+    // A file under the default model's name that is not it: refused naming both hashes,
+    // neither served nor fetched again behind the user's back.
+    let dir = tempfile::tempdir().unwrap();
+    let file = common::default_model_path();
+    let name = file.file_name().unwrap();
+    std::fs::write(dir.path().join(name), b"not the weights").unwrap();
+    let models = dir.path().to_str().unwrap();
+    let out = edgeinfer(&["generate", "--models-dir", models, "-p", "hi"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not the file the manifest names") && stderr.contains("edgeinfer pull"),
         "{stderr}"
     );
 }

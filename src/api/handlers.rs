@@ -166,12 +166,14 @@ fn refuse_shaped_continuation(
 const CONTINUE_MARK: &str = "\u{f8ff}edgeinfer:continue\u{f8ff}";
 
 /// The prompt up to the continued message's mark. A template that does not write the
-/// message's text as sent (leading space trimmed aside) before it cannot continue it: some
-/// drop an assistant message's thinking, and the reply would go on from what is left.
+/// message's text as sent (its whitespace aside: some lay out a thinking block anew) before
+/// it cannot continue it: some drop an assistant message's thinking, and the reply would go
+/// on from what is left.
 fn cut_at_mark(mut text: String, continued: &str) -> Result<String, ApiError> {
+    let bare = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
     let at = text
         .rfind(CONTINUE_MARK)
-        .filter(|&at| text[..at].ends_with(continued.trim_start()));
+        .filter(|&at| bare(&text[..at]).ends_with(&bare(continued)));
     let Some(at) = at else {
         return Err(ApiError::invalid(
             "messages",

@@ -67,15 +67,28 @@ pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> 
         o.remove("seed");
     }
     // `samplers` (names, or llama.cpp's one-letter codes as a string) picks the steps that
-    // run: a filter it leaves out does not, whatever its field says.
+    // run: one it leaves out does not, whatever its fields say (without `temperature` the
+    // draw is at 1, without `penalties` there are none).
     if let Some(chain) = o.get("samplers").and_then(sampler_chain) {
-        for (name, off) in [
-            ("top_k", json!(0)),
-            ("top_p", json!(1.0)),
-            ("min_p", json!(0.0)),
-        ] {
-            if !chain.iter().any(|s| s == name) {
-                o.insert(name.into(), off);
+        let steps: [(&str, &[(&str, Value)]); 5] = [
+            ("top_k", &[("top_k", json!(0))]),
+            ("top_p", &[("top_p", json!(1.0))]),
+            ("min_p", &[("min_p", json!(0.0))]),
+            ("temperature", &[("temperature", json!(1.0))]),
+            (
+                "penalties",
+                &[
+                    ("repetition_penalty", json!(1.0)),
+                    ("frequency_penalty", json!(0.0)),
+                    ("presence_penalty", json!(0.0)),
+                ],
+            ),
+        ];
+        for (step, off) in steps {
+            if !chain.iter().any(|s| s == step) {
+                for (name, value) in off {
+                    o.insert((*name).into(), value.clone());
+                }
             }
         }
     }
@@ -100,6 +113,7 @@ fn sampler_chain(v: &Value) -> Option<Vec<String>> {
         'p' => "top_p",
         'm' => "min_p",
         't' => "temperature",
+        'e' => "penalties",
         _ => "other",
     };
     let from_name = |n: &str| {
@@ -175,6 +189,18 @@ mod tests {
         assert_eq!(
             [&v["top_k"], &v["top_p"], &v["min_p"]],
             [&json!(0), &json!(1.0), &json!(0.05)]
+        );
+        // Without `temperature` the draw is at 1; without `penalties` there are none.
+        let v = to_sampling(json!({"samplers": ["top_k"], "temperature": 0,
+                                   "repeat_penalty": 1.3, "presence_penalty": 0.5}))
+        .unwrap();
+        assert_eq!(
+            [
+                &v["temperature"],
+                &v["repetition_penalty"],
+                &v["presence_penalty"]
+            ],
+            [&json!(1.0), &json!(1.0), &json!(0.0)]
         );
     }
 }

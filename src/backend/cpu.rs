@@ -78,8 +78,8 @@ impl Backend for Cpu {
     }
 
     fn grow_kv(&self, kv: &mut KvPool, extra: usize) -> Result<()> {
-        kv.grow(extra);
-        Ok(())
+        kv.grow(extra)
+            .map_err(|e| candle_core::Error::Msg(e).into())
     }
 
     fn kv_blocks(&self, kv: &KvPool) -> usize {

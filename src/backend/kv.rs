@@ -78,14 +78,28 @@ impl KvPool {
         self.layers.len() * 2 * self.stride * std::mem::size_of::<f16>()
     }
 
-    /// Adds `extra` empty blocks (for a single growing sequence).
-    pub fn grow(&mut self, extra: usize) {
-        self.n_blocks += extra;
-        let len = self.n_blocks * self.block_size * self.stride;
+    /// Adds `extra` empty blocks (for a single growing sequence), or says why it cannot.
+    pub fn grow(&mut self, extra: usize) -> Result<(), String> {
+        let n_blocks = self.n_blocks.saturating_add(extra);
+        let too_large = || {
+            format!(
+                "{n_blocks} blocks of {} positions is too large",
+                self.block_size
+            )
+        };
+        let len = n_blocks
+            .checked_mul(self.block_size)
+            .and_then(|n| n.checked_mul(self.stride))
+            .ok_or_else(too_large)?;
         for l in &mut self.layers {
-            l.k.resize(len, f16::ZERO);
-            l.v.resize(len, f16::ZERO);
+            for v in [&mut l.k, &mut l.v] {
+                v.try_reserve_exact(len.saturating_sub(v.len()))
+                    .map_err(|e| format!("the KV cache cannot grow: {e}"))?;
+                v.resize(len, f16::ZERO);
+            }
         }
+        self.n_blocks = n_blocks;
+        Ok(())
     }
 
     fn offset(&self, blocks: &[u32], pos: usize) -> usize {

@@ -88,18 +88,18 @@ struct Specials {
 impl Specials {
     fn from_gguf(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<Self> {
         let model = f.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
-        // A special token's id names one of the vocabulary's tokens.
+        // A special token's id outside the vocabulary is none (as llama.cpp treats it).
         let id = |key: &str| -> Result<Option<u32>> {
-            match f.opt_u32(key)? {
-                Some(id) if id as usize >= tokens.len() => Err(ModelError::BadMetadata {
-                    key: key.into(),
-                    reason: format!(
-                        "token id {id} is outside the vocabulary of {} tokens",
-                        tokens.len()
-                    ),
-                }),
-                id => Ok(id),
+            let id = f.opt_u32(key)?;
+            let out = id.filter(|&id| id as usize >= tokens.len());
+            if let Some(id) = out {
+                tracing::warn!(
+                    key,
+                    id,
+                    "a special token id outside the vocabulary is ignored"
+                );
             }
+            Ok(id.filter(|_| out.is_none()))
         };
         let eos = id("tokenizer.ggml.eos_token_id")?;
         let mut stop_ids: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")?]

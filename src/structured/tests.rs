@@ -277,39 +277,30 @@ fn required_and_named_choices_always_call_with_valid_arguments() {
 #[test]
 fn none_and_auto_text_never_open_a_call() {
     let g = grammars();
-    for choice in [ToolChoice::None, ToolChoice::Auto] {
+    // At the start `auto` may go on into a call and `none` may not; after some text neither
+    // may (the markup would reach the content unparsed), though text that only looks like
+    // the marker's start is still text.
+    for (lead, choice, call) in [
+        ("", ToolChoice::None, false),
+        ("", ToolChoice::Auto, true),
+        ("Let me check. ", ToolChoice::None, false),
+        ("Let me check. ", ToolChoice::Auto, false),
+    ] {
         let mut s = ConstraintSpec::text();
         s.tools = weather_tools();
         s.choice = choice;
         let mut c = constraint(&g, &s);
-        for &b in b"<tool_call" {
-            assert!(c.allows(b as u32).unwrap());
+        for &b in format!("{lead}<tool_call").as_bytes() {
+            assert!(c.allows(b as u32).unwrap(), "{lead:?}: {}", b as char);
             c.commit(b as u32).unwrap();
         }
-        let l = b'>' as u32;
-        // `auto` may go on into a call; `none` may not.
-        assert_eq!(c.allows(l).unwrap(), s.choice == ToolChoice::Auto);
-    }
-}
-
-#[test]
-fn text_never_holds_a_call_marker_after_prose_either() {
-    // A call's markup after some text would reach the content unparsed: it is refused, and
-    // text that only looks like its start is not.
-    let g = grammars();
-    for choice in [ToolChoice::None, ToolChoice::Auto] {
-        let mut s = ConstraintSpec::text();
-        s.tools = weather_tools();
-        s.choice = choice;
-        let mut c = constraint(&g, &s);
-        for &b in b"Let me check. <tool_cal" {
-            assert!(c.allows(b as u32).unwrap(), "{}", b as char);
-            c.commit(b as u32).unwrap();
-        }
-        assert!(c.allows(b'x' as u32).unwrap());
-        c.commit(b'l' as u32).unwrap();
-        assert!(!c.allows(b'>' as u32).unwrap(), "{:?}", s.choice);
-        assert!(c.allows(b'x' as u32).unwrap());
+        assert_eq!(
+            c.allows(b'>' as u32).unwrap(),
+            call,
+            "{lead:?} {:?}",
+            s.choice
+        );
+        assert!(c.allows(b'x' as u32).unwrap(), "{lead:?} {:?}", s.choice);
     }
 }
 
