@@ -127,6 +127,7 @@ pub fn without_nulls(mut body: Value) -> Value {
     body
 }
 
+/// Parses a request body as a JSON object.
 pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("The request body is not valid UTF-8"));

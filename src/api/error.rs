@@ -319,16 +319,17 @@ async fn rerender(
             .as_ref()
             .and_then(|v| v["error"][f].as_str().map(str::to_string))
     };
-    let message = field("message")
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string())
-        .to_string();
-    let message = match message.is_empty() {
-        true => parts
+    // Axum's own errors are text, or nothing at all (a 405): then the status says it.
+    let message =
+        field("message").unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
+    let message = if message.is_empty() {
+        parts
             .status
             .canonical_reason()
             .unwrap_or("Error")
-            .to_string(),
-        false => message,
+            .to_string()
+    } else {
+        message
     };
     let body = envelope(parts.status, &message, field("code").as_deref()).to_string();
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);

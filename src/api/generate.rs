@@ -85,13 +85,13 @@ fn budget(
     let limit = ready.context_length.min(ready.engine.kv_capacity);
     match requested {
         Some(m) if prompt.len().saturating_add(m) > limit => Err(ApiError::context_length(field, format!(
-            "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+            "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the {field}, {m} in the completion). Please reduce the length of the {field} or completion.",
             prompt.len().saturating_add(m),
             prompt.len()
         ))),
         Some(m) => Ok(m),
         None if prompt.len() >= limit => Err(ApiError::context_length(field, format!(
-            "This model's maximum context length is {limit} tokens. However, your messages resulted in {} tokens. Please reduce the length of the messages.",
+            "This model's maximum context length is {limit} tokens. However, your {field} resulted in {} tokens. Please reduce the length of the {field}.",
             prompt.len()
         ))),
         None => Ok(limit - prompt.len()),

@@ -204,7 +204,6 @@ pub enum PromptField {
     ManyIds(Vec<Vec<u32>>),
 }
 
-/// Parses a request body as a JSON object.
 impl ChatCompletionRequest {
     /// `chat_template_kwargs`, none of them a variable the server sets.
     pub fn template_kwargs(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
