@@ -52,6 +52,20 @@ fn edgeinfer(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// A key made with the offline CLI (`edgeinfer keys generate --db DB ARGS...`).
+fn offline_key(db: &str, args: &[&str]) -> String {
+    let mut all = vec!["keys", "generate", "--db", db];
+    all.extend_from_slice(args);
+    let out = edgeinfer(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).expect("keys generate prints JSON");
+    made["key"].as_str().unwrap().to_string()
+}
+
 fn db_of(s: &Server) -> String {
     s.data_dir
         .path()
@@ -160,23 +174,7 @@ fn keys_guard_every_route_but_the_probes() {
 
     // The offline CLI writes the same store; the running server sees it at once.
     let db = db_of(&s);
-    let out = edgeinfer(&[
-        "keys",
-        "generate",
-        "--db",
-        &db,
-        "--alias",
-        "bob",
-        "--tpm-limit",
-        "5000",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let made: Value = serde_json::from_slice(&out.stdout).expect("keys generate prints JSON");
-    let bob = made["key"].as_str().unwrap().to_string();
+    let bob = offline_key(&db, &["--alias", "bob", "--tpm-limit", "5000"]);
     let ok = s.post_key(route, &body, &bob);
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(ok.header("x-ratelimit-limit-tokens"), Some("5000"));
@@ -428,14 +426,7 @@ fn keys_made_offline_turn_auth_on_without_a_restart() {
     assert_eq!(open.status, 200, "{}", open.body);
     // A key made with the offline CLI turns it on at the next request.
     let db = db_of(&s);
-    let out = edgeinfer(&["keys", "generate", "--db", &db, "--alias", "first"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let made: Value = serde_json::from_slice(&out.stdout).expect("keys generate prints JSON");
-    let key = made["key"].as_str().unwrap().to_string();
+    let key = offline_key(&db, &["--alias", "first"]);
     let none = s.call("POST", "/v1/completions", Some(&body), &[]);
     assert_openai_error(&none, 401, "invalid_api_key");
     let placeholder = [("authorization", "Bearer sk-placeholder")];

@@ -170,10 +170,19 @@ const CONTINUE_MARK: &str = "\u{f8ff}edgeinfer:continue\u{f8ff}";
 /// it cannot continue it: some drop an assistant message's thinking, and the reply would go
 /// on from what is left.
 fn cut_at_mark(mut text: String, continued: &str) -> Result<String, ApiError> {
-    let bare = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
-    let at = text
-        .rfind(CONTINUE_MARK)
-        .filter(|&at| bare(&text[..at]).ends_with(&bare(continued)));
+    // Compared from the end, whitespace skipped on both sides: only the prompt's tail is read.
+    let bare = |s: &str| {
+        s.chars()
+            .rev()
+            .filter(|c| !c.is_whitespace())
+            .collect::<Vec<_>>()
+    };
+    let tail_is = |before: &str| {
+        let want = bare(continued);
+        let got = before.chars().rev().filter(|c| !c.is_whitespace());
+        got.take(want.len()).eq(want.iter().copied())
+    };
+    let at = text.rfind(CONTINUE_MARK).filter(|&at| tail_is(&text[..at]));
     let Some(at) = at else {
         return Err(ApiError::invalid(
             "messages",
