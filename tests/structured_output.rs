@@ -421,6 +421,73 @@ fn a_tool_round_trip_renders_calls_and_results() {
 }
 
 #[test]
+fn auto_may_call_after_some_prose_which_is_the_content() {
+    // Earlier turns where the assistant said a sentence and then called: the model follows
+    // the pattern on some seeds. The prose is the content, never the call's markup.
+    let s = Server::start(&[]);
+    let mut messages = Vec::new();
+    for (city, t) in [("Paris", "18C"), ("Oslo", "3C"), ("Rome", "25C")] {
+        let call = json!({"id": format!("call_{city}"), "type": "function", "function": {
+            "name": "get_weather", "arguments": json!({"city": city, "unit": "celsius"}).to_string()}});
+        messages.extend([
+            json!({"role": "user", "content": format!("What is the weather in {city}?")}),
+            json!({"role": "assistant", "content": format!("Let me check the weather in {city}."), "tool_calls": [call]}),
+            json!({"role": "tool", "tool_call_id": format!("call_{city}"), "content": t}),
+            json!({"role": "assistant", "content": format!("It is {t} in {city}.")}),
+        ]);
+    }
+    messages.push(json!({"role": "user", "content": "What is the weather in Berlin?"}));
+    let mut both = None;
+    for seed in 0..8 {
+        let body = json!({"messages": messages, "tools": tools(), "tool_choice": "auto",
+            "temperature": 1, "seed": seed, "max_tokens": 80});
+        let (status, r) = s.post(CHAT, &body);
+        assert_eq!(status, 200, "{r}");
+        let m = &r["choices"][0]["message"];
+        let content = m["content"].as_str().unwrap_or("");
+        assert!(!content.contains("<tool_call>"), "{r}");
+        let calls = m["tool_calls"].as_array().cloned().unwrap_or_default();
+        if r["choices"][0]["finish_reason"] == "tool_calls" {
+            calls.iter().for_each(check_call);
+            if !content.is_empty() {
+                assert_eq!(content, content.trim_end(), "{r}");
+                both = Some(body);
+            }
+        }
+    }
+    let body = both.expect("no seed wrote prose and then a call");
+    // Streamed: the prose's deltas, then the call's, adding up to the whole reply.
+    let (_, whole) = s.post(CHAT, &body);
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (mut content, mut args, mut saw_call) = (String::new(), String::new(), false);
+    for d in s
+        .stream(CHAT, &stream_body)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+    {
+        let ch: Value = serde_json::from_str(d).unwrap();
+        let delta = &ch["choices"][0]["delta"];
+        if let Some(t) = delta["content"].as_str() {
+            assert!(!saw_call || t.is_empty(), "text after the call: {d}");
+            content.push_str(t);
+        }
+        if let Some(calls) = delta["tool_calls"].as_array() {
+            saw_call = true;
+            args.push_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    let m = &whole["choices"][0]["message"];
+    assert_eq!(content, m["content"].as_str().unwrap());
+    assert_eq!(
+        args,
+        m["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap()
+    );
+}
+
+#[test]
 fn constrained_and_free_sequences_batch_without_changing_outputs() {
     let s = Server::start(&["--max-batch-size", "8", "--max-batch-tokens", "64"]);
     let schema = json!({"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object",

@@ -148,14 +148,16 @@ fn messages(items: &[Value], instructions: Option<&str>) -> Vec<Value> {
             Some("function_call") => {
                 let call = json!({"id": it["call_id"], "type": "function",
                     "function": {"name": it["name"], "arguments": it["arguments"]}});
-                let last_calls = out.last_mut().filter(|m: &&mut Value| {
-                    m["role"] == "assistant" && m.get("tool_calls").is_some()
-                });
-                match last_calls {
-                    Some(m) => m["tool_calls"]
-                        .as_array_mut()
-                        .into_iter()
-                        .for_each(|a| a.push(call.clone())),
+                // A turn's text and its calls are one assistant message, as the model
+                // wrote them (prose, then the calls).
+                let turn = out
+                    .last_mut()
+                    .filter(|m: &&mut Value| m["role"] == "assistant");
+                match turn {
+                    Some(m) => match m["tool_calls"].as_array_mut() {
+                        Some(calls) => calls.push(call),
+                        None => m["tool_calls"] = json!([call]),
+                    },
                     None => {
                         out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]}))
                     }
@@ -476,6 +478,7 @@ mod tests {
     fn items_become_chat_messages() {
         let body = json!({"input": [
             {"role": "user", "content": "Weather in Paris?"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
             {"type": "function_call", "call_id": "call_1", "name": "w", "arguments": "{\"c\":\"P\"}"},
             {"type": "function_call", "call_id": "call_2", "name": "w", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
@@ -491,6 +494,10 @@ mod tests {
             m[2]["tool_calls"].as_array().unwrap().len(),
             2,
             "consecutive calls merge"
+        );
+        assert_eq!(
+            m[2]["content"], "Checking.",
+            "the turn's text is the calls' message"
         );
         assert_eq!(
             m[3],

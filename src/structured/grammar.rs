@@ -449,12 +449,30 @@ impl ConstraintSpec {
         Some((field, TopLevelGrammar::from_lark(g)))
     }
 
+    /// The prose before a call, `text` that holds something besides whitespace: for a
+    /// marker written as text it ends lazily at the marker (`suffix=`), for a control
+    /// token where that token comes.
+    fn prose_lark(&self, text: &str) -> String {
+        let f = &self.tool_format;
+        let body = format!("{text} & /(?s:.*[^ \\t\\r\\n].*)/");
+        match f.named() {
+            true => format!("prose: PROSE\nPROSE: {body}\n"),
+            false => format!("prose[suffix={}]: {body}\n", lit(&f.trigger())),
+        }
+    }
+
     /// The Lark grammar of a reply that may (or must) be tool calls.
     fn lark(&self) -> String {
         let f = &self.tool_format;
         let mut g = String::new();
+        // With `auto`, a format whose calls open with a marker of their own may also call
+        // after some prose ("Let me look that up." then `<tool_call>`), as models write.
+        let prose = self.choice == ToolChoice::Auto
+            && f.calls_after_text()
+            && matches!(self.format, OutputFormat::Text);
         let start = match self.choice {
             ToolChoice::None => "text",
+            ToolChoice::Auto if prose => "calls | text | prose calls_after_prose",
             ToolChoice::Auto => "calls | text",
             ToolChoice::Required | ToolChoice::Named(_) => "calls",
         };
@@ -469,29 +487,29 @@ impl ConstraintSpec {
             _ => {
                 let trigger = regex_literal(&f.trigger());
                 // A format whose calls open with a marker of their own (`<tool_call>`) has
-                // it nowhere in text: a call cannot open after some prose, so the markup
-                // never reaches the content unparsed. A bare JSON call's `{` is only kept
-                // from opening the reply.
+                // it nowhere in text, so the markup never reaches the content unparsed: a
+                // call after prose is the grammar's `prose` part. A bare JSON call's `{` is
+                // only kept from opening the reply.
                 let marked = if f.open.is_empty() {
                     String::new()
                 } else {
                     format!(" & ~/(?s:.*{trigger}.*)/")
                 };
-                match &self.think {
-                    None => g.push_str(&format!(
-                        "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/{marked}\n"
-                    )),
+                let body = match &self.think {
+                    None => format!("/(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/{marked}"),
                     // After the reasoning the whitespace is `THINK_WS`'s: text starting
                     // with some would be a longer lexeme than it, and take a call's place.
                     Some(t) => {
                         let opens = match t.open_text() {
                             Some(open) => format!("({trigger}|{})", regex_literal(open)),
-                            None => trigger,
+                            None => trigger.clone(),
                         };
-                        g.push_str(&format!(
-                            "TEXT: /(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:{opens}.*)/{marked}\n"
-                        ))
+                        format!("/(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:{opens}.*)/{marked}")
                     }
+                };
+                g.push_str(&format!("TEXT: {body}\n"));
+                if prose {
+                    g.push_str(&self.prose_lark(&body));
                 }
                 "TEXT".to_string()
             }
@@ -528,6 +546,19 @@ impl ConstraintSpec {
             })
             .collect();
         let alts: Vec<String> = declared.iter().map(|(i, _)| format!("fn_{i}")).collect();
+        if prose {
+            // The prose's end wrote the marker (`suffix=`) unless a control token opens calls.
+            let after = match f.named() {
+                true => "calls".to_string(),
+                false => format!(
+                    "{} ({}) {} {more}",
+                    wrap(&f.open[f.trigger().len()..]),
+                    alts.join(" | "),
+                    wrap(f.close)
+                ),
+            };
+            g.push_str(&format!("calls_after_prose: {after}\n"));
+        }
         if let (true, Some(args)) = (f.named(), f.args_token_id) {
             g.push_str(&format!("call: {special}({})\n", alts.join(" | ")));
             // A call may carry its id where the vocabulary has `[CALL_ID]`.

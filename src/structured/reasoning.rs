@@ -228,7 +228,7 @@ impl ThinkSplitter {
 }
 
 /// Where the longest end of `text` that begins `marker` starts (`text.len()` if none).
-fn held_from(text: &str, marker: &str) -> usize {
+pub(super) fn held_from(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
         .map(|n| text.len() - n)

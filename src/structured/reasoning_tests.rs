@@ -279,6 +279,13 @@ fn auto_calls_after_reasoning_follow_the_schema() {
     }
     // Only declared names from here.
     assert!(!t.allows(b'x' as u32).unwrap());
+    // So after some prose following the reasoning.
+    let mut t = constraint(&g, &s);
+    for b in "<think>hmm</think>\nSure.\n<tool_call>\n{\"name\": \"".bytes() {
+        assert!(t.allows(b as u32).unwrap(), "{:?}", b as char);
+        t.commit(b as u32).unwrap();
+    }
+    assert!(!t.allows(b'x' as u32).unwrap() && t.allows(b'a' as u32).unwrap());
     // Text may hold markers later, but not open with one.
     let mut t = constraint(&g, &s);
     for b in "Hi".bytes() {

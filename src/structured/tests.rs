@@ -275,16 +275,17 @@ fn required_and_named_choices_always_call_with_valid_arguments() {
 }
 
 #[test]
-fn none_and_auto_text_never_open_a_call() {
+fn none_never_opens_a_call_and_auto_may_after_prose() {
     let g = grammars();
-    // At the start `auto` may go on into a call and `none` may not; after some text neither
-    // may (the markup would reach the content unparsed), though text that only looks like
-    // the marker's start is still text.
+    // `auto` may go on into a call at the start or after some prose, `none` never may;
+    // text that only looks like the marker's start is still text.
     for (lead, choice, call) in [
         ("", ToolChoice::None, false),
         ("", ToolChoice::Auto, true),
         ("Let me check. ", ToolChoice::None, false),
-        ("Let me check. ", ToolChoice::Auto, false),
+        ("Let me check. ", ToolChoice::Auto, true),
+        // Not after whitespace alone (a call opens the reply, as it did).
+        (" \n", ToolChoice::Auto, false),
     ] {
         let mut s = ConstraintSpec::text();
         s.tools = weather_tools();
@@ -302,6 +303,42 @@ fn none_and_auto_text_never_open_a_call() {
         );
         assert!(c.allows(b'x' as u32).unwrap(), "{lead:?} {:?}", s.choice);
     }
+}
+
+#[test]
+fn a_call_after_prose_follows_the_schema_and_the_prose_is_content() {
+    let g = grammars();
+    let mut s = ConstraintSpec::text();
+    s.tools = weather_tools();
+    for seed in 0..6 {
+        s.parallel = seed % 2 == 0;
+        let mut c = constraint(&g, &s);
+        let lead = "Let me <b>check</b>.\n<tool_call>";
+        for &b in lead.as_bytes() {
+            c.commit(b as u32).unwrap();
+        }
+        let out = walk(c.as_mut(), seed, 6000);
+        let text = format!("{lead}{}", String::from_utf8(out).unwrap());
+        let (content, calls) = parse_all(&text);
+        assert_eq!(content, "Let me <b>check</b>.", "{text:?}");
+        assert!(
+            !calls.is_empty() && (s.parallel || calls.len() == 1),
+            "{text:?}"
+        );
+        for c in calls {
+            let args: Value = serde_json::from_str(&c.arguments).unwrap();
+            assert!(args.is_object(), "{text:?}");
+        }
+    }
+    // No text after the calls.
+    let mut c = constraint(&g, &s);
+    let reply =
+        "Sure.<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>";
+    for &b in reply.as_bytes() {
+        assert!(c.allows(b as u32).unwrap(), "{}", b as char);
+        c.commit(b as u32).unwrap();
+    }
+    assert!(!c.allows(b'x' as u32).unwrap() && c.allows(END).unwrap());
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! Invariant: feeding the parser the text in any split gives the same pieces concatenated,
 //! so streamed deltas add up to the non-streamed call exactly.
 
+use super::reasoning::held_from;
 use super::toolprompt::is_short_id;
 pub use super::toolprompt::{generic_messages, with_short_ids};
 
@@ -141,6 +142,13 @@ impl ToolFormat {
             .collect()
     }
 
+    /// Whether a call may follow some prose: formats whose calls open with a marker of
+    /// their own (a bare JSON object, or a list after a token that decodes to no text,
+    /// could not be told from text).
+    pub fn calls_after_text(&self) -> bool {
+        !self.open.is_empty()
+    }
+
     /// The text that starts a call; a reply that starts with it is parsed as calls.
     pub fn trigger(&self) -> String {
         if self.open.is_empty() {
@@ -257,8 +265,10 @@ pub struct CallParser {
     mode: Mode,
     buf: String,
     calls: Vec<ParsedCall>,
-    /// The whitespace before a reply that looked like a call: content again if it is not.
+    /// The whitespace before what looked like a call: content again if it is not.
     lead: String,
+    /// In text, where to look for a call's marker next (past one that opened no call).
+    skip: usize,
 }
 
 impl CallParser {
@@ -269,12 +279,15 @@ impl CallParser {
             buf: String::new(),
             calls: Vec::new(),
             lead: String::new(),
+            skip: 0,
         }
     }
 
     /// What looked like the start of a call is not one: all of it is content.
     fn not_a_call(&mut self) -> bool {
-        self.buf.insert_str(0, &std::mem::take(&mut self.lead));
+        let lead = std::mem::take(&mut self.lead);
+        self.skip = lead.len() + 1;
+        self.buf.insert_str(0, &lead);
         self.mode = Mode::Text;
         true
     }
@@ -321,6 +334,41 @@ impl CallParser {
         out
     }
 
+    /// Text: content up to a call's marker, where the format lets calls follow prose; the
+    /// whitespace before the marker goes with the call (the template writes its own), and
+    /// the start of a marker, with the whitespace before it, waits for what follows.
+    fn text(&mut self, out: &mut Vec<Piece>) -> bool {
+        let ws = [' ', '\t', '\r', '\n'];
+        let trigger = self.format.trigger();
+        let from = self.skip.min(self.buf.len());
+        let marker = self.format.calls_after_text().then(|| {
+            self.buf[from..]
+                .find(&trigger)
+                .map(|p| (from + p, true))
+                .unwrap_or_else(|| (held_from(&self.buf, &trigger).max(from), false))
+        });
+        let Some((at, found)) = marker else {
+            if !self.buf.is_empty() {
+                out.push(Piece::Content(std::mem::take(&mut self.buf)));
+            }
+            return false;
+        };
+        let upto = self.buf[..at].trim_end_matches(ws).len();
+        let rest = self.buf.split_off(upto);
+        self.skip = from.saturating_sub(upto);
+        if !self.buf.is_empty() {
+            out.push(Piece::Content(std::mem::take(&mut self.buf)));
+        }
+        self.buf = rest;
+        if found {
+            let at = at - upto;
+            self.lead = self.buf.drain(..at).collect();
+            self.skip = 0;
+            self.mode = Mode::Head;
+        }
+        found
+    }
+
     /// Makes one move; false when it needs more text.
     fn step(&mut self, out: &mut Vec<Piece>) -> bool {
         let f = self.format;
@@ -342,12 +390,7 @@ impl CallParser {
                     true
                 }
             }
-            Mode::Text => {
-                if !self.buf.is_empty() {
-                    out.push(Piece::Content(std::mem::take(&mut self.buf)));
-                }
-                false
-            }
+            Mode::Text => self.text(out),
             Mode::Head => {
                 // The list's opening before the first call (the space before it was trimmed).
                 let begin = if self.calls.is_empty() {

@@ -30,11 +30,22 @@ fn call_parser_gives_the_same_pieces_for_any_split() {
         (ToolFormat::MISTRAL_ARGS, named),
         (with_id, named_id),
     ] {
-        same_pieces_for_any_split(format, text);
+        same_pieces_for_any_split(format, text, "");
+    }
+    // Calls after some prose, in the formats whose calls open with a marker: the prose is
+    // the content, the whitespace before the marker the template's.
+    for (format, text) in [
+        (ToolFormat::HERMES, hermes),
+        (ToolFormat::MISTRAL_ARGS, named),
+        (with_id, named_id),
+    ] {
+        let prose = "Let me <tool check [TOOL that.";
+        same_pieces_for_any_split(format, &format!("{prose} \n{text}"), prose);
+        same_pieces_for_any_split(format, &format!("{prose}{text}"), prose);
     }
 }
 
-fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
+fn same_pieces_for_any_split(format: ToolFormat, text: &str, prose: &str) {
     let mut p = CallParser::new(format);
     let content: String = p
         .push(text)
@@ -46,7 +57,7 @@ fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
         })
         .collect();
     let whole = p.calls().to_vec();
-    assert_eq!(content, "");
+    assert_eq!(content, prose);
     assert_eq!(whole.len(), 2);
     assert_eq!(whole[0].arguments, "{\"a\": 1, \"s\": \"}]{\\\"\"}");
     assert_eq!(whole[1].name, "get_weather");
@@ -61,17 +72,24 @@ fn same_pieces_for_any_split(format: ToolFormat, text: &str) {
         let chars: Vec<char> = text.chars().collect();
         let mut i = 0;
         let mut args = vec![String::new(); 2];
+        let mut content = String::new();
+        let mut take = |pieces: Vec<Piece>| {
+            for p in pieces {
+                match p {
+                    Piece::Arguments { index, text } => args[index].push_str(&text),
+                    Piece::Content(t) => content.push_str(&t),
+                    _ => {}
+                }
+            }
+        };
         while i < chars.len() {
             let n = rng.gen_range(1..6).min(chars.len() - i);
             let piece: String = chars[i..i + n].iter().collect();
             i += n;
-            for p in p.push(&piece) {
-                if let Piece::Arguments { index, text } = p {
-                    args[index].push_str(&text);
-                }
-            }
+            take(p.push(&piece));
         }
-        p.finish();
+        take(p.finish());
+        assert_eq!(content, prose);
         let calls = p.calls();
         assert_eq!(calls.len(), 2);
         for (c, w) in calls.iter().zip(&whole) {
@@ -100,6 +118,12 @@ fn call_parser_keeps_plain_text_as_content() {
         (ToolFormat::LLAMA3_JSON, "  {\"title\": \"x\"}"),
         (ToolFormat::LLAMA3_JSON, "{\"name\": \"x\", \"kind\": 1}"),
         (ToolFormat::HERMES, "\n<tool_call>\n{\"nom\": 1}"),
+        // The marker after prose, then not a call; whitespace that no call follows.
+        (
+            ToolFormat::HERMES,
+            "Hi \n<tool_call>\n{\"nom\": 1} <tool_call>x  \n",
+        ),
+        (ToolFormat::MISTRAL_ARGS, "Hi [TOOL_CALLS] hello [ARGS] "),
         // Text spelling the marker, then not a name.
         (ToolFormat::MISTRAL_ARGS, "[TOOL_CALLS] hello [ARGS]"),
         (ToolFormat::MISTRAL_ARGS, " [TOOL_CALLS]{\"a\": 1}"),
@@ -410,10 +434,10 @@ fn mistral_named_calls_open_each_call_with_the_token_and_parse() {
                 assert_eq!(c.forced().first(), Some(&256));
                 assert!(!c.allows(257).unwrap() && !c.allows(b'g' as u32).unwrap());
             } else {
-                // Text may hold neither token.
+                // Text may hold no `[ARGS]`; a call may follow it.
                 let mut t = constraint(&g, &s);
                 t.commit(b'h' as u32).unwrap();
-                assert!(!t.allows(256).unwrap() && !t.allows(257).unwrap());
+                assert!(t.allows(256).unwrap() && !t.allows(257).unwrap());
                 c.commit(256).unwrap();
             }
             let mut tokens = walk_tokens(c.as_mut(), seed, 6000);
