@@ -94,6 +94,16 @@ fn metadata_that_would_size_or_break_the_model_is_named() {
     // clear message naming the key.
     write(vec![("{arch}.block_count", Value::U32(u32::MAX))]);
     assert_generate_fails(&path, "llama.block_count");
+    // Values no model runs with (every output NaN, or room for no token) load no model.
+    for (key, v) in [
+        ("{arch}.context_length", Value::U32(0)),
+        ("{arch}.rope.freq_base", Value::F32(0.0)),
+        ("{arch}.rope.freq_base", Value::F32(f32::NAN)),
+        ("{arch}.attention.layer_norm_rms_epsilon", Value::F32(-1.0)),
+    ] {
+        write(vec![(key, v)]);
+        assert_generate_fails(&path, &key.replace("{arch}", "llama"));
+    }
     // An end token outside the vocabulary (it met an assert in the grammar compiler) is
     // none, as llama.cpp takes it, with a warning naming the key.
     write(vec![("tokenizer.ggml.eos_token_id", Value::U32(1_000_000))]);

@@ -414,6 +414,25 @@ impl ModelConfig {
                 "bidirectional attention (an encoder-style embedding model) is not supported",
             ));
         }
+        // Read as llama.cpp reads them; a value no model can run with is named, not loaded
+        // into a model whose every output is NaN or that can hold no token.
+        let context_length = match f.opt_u32(&key("context_length"))? {
+            Some(0) => return Err(bad(&key("context_length"), "0: the model holds no token")),
+            v => v.map_or(4096, |v| v as usize),
+        };
+        let rope_theta = f.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(bad(&key("rope.freq_base"), format!("{rope_theta}")));
+        }
+        let norm_eps = f
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        if !(norm_eps.is_finite() && norm_eps >= 0.0) {
+            return Err(bad(
+                &key("attention.layer_norm_rms_epsilon"),
+                format!("{norm_eps}"),
+            ));
+        }
         Ok(Self {
             pooling,
             n_layer,
@@ -423,14 +442,10 @@ impl ModelConfig {
             head_dim,
             ffn_dim,
             vocab_size,
-            context_length: f
-                .opt_u32(&key("context_length"))?
-                .map_or(4096, |v| v as usize),
-            rope_theta: f.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            context_length,
+            rope_theta,
             rope_scaling,
-            norm_eps: f
-                .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5) as f64,
+            norm_eps: norm_eps as f64,
             tied_embeddings: !f.has_tensor("output.weight"),
             architecture: arch,
         })
