@@ -285,6 +285,50 @@ fn bad_batches_cancel_paging_and_owners() {
 }
 
 #[test]
+fn a_spent_budget_that_resets_waits_for_its_reset() {
+    // A milli-dollar a token and four a two-second period: one request of four tokens
+    // spends a period's budget, and the others wait for the next (they were all `errored`,
+    // 429, when only an OpenAI-shaped refusal was read as a budget's).
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.json");
+    std::fs::write(&prices, r#"{"*": {"input": 0, "output": 1000}}"#).unwrap();
+    let s = Server::start(&["--master-key", MASTER, "--prices", prices.to_str().unwrap()]);
+    let made = s.post_key(
+        "/key/generate",
+        &json!({"max_budget": 0.004, "budget_duration": "2s"}),
+        MASTER,
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    let key = made.body["key"].as_str().unwrap().to_string();
+    let requests: Vec<Value> = (0..3).map(|i| request(&format!("r{i}"), 4)).collect();
+    let (status, b) = call(
+        &s,
+        "POST",
+        BATCHES,
+        Some(&json!({"requests": requests})),
+        &key,
+    );
+    assert_eq!(status, 200, "{b}");
+    let at = format!("{BATCHES}/{}", b["id"].as_str().unwrap());
+    let start = Instant::now();
+    let ended = loop {
+        let (_, b) = call(&s, "GET", &at, None, &key);
+        if b["processing_status"] == "ended" {
+            break b;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "{b}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        ended["request_counts"],
+        json!({"processing": 0, "succeeded": 3, "errored": 0, "canceled": 0, "expired": 0}),
+        "{ended}"
+    );
+    // Three periods at least: the budget held.
+    assert!(start.elapsed() >= Duration::from_secs(3), "{ended}");
+}
+
+#[test]
 fn held_requests_count_against_the_key_storage_quota() {
     let s = Server::start(&["--file-storage-per-key", "4000"]);
     let mut big = request("big", 1);

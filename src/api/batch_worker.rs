@@ -395,10 +395,11 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
     };
     let body: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes).into_owned()));
-    // A spent budget that resets (it says when) waits for it; one that never resets is the
-    // request's answer.
-    let over_quota = body["error"]["code"] == "insufficient_quota";
-    let later = if over_quota { timed } else { !final_refusal };
+    // Read from the headers, which every surface sends alike (an Anthropic or Workers AI
+    // body has no OpenAI error code): a refusal that says when to come back (a rate window,
+    // a spent budget that resets) waits for it; one marked final without a time (a budget
+    // that never resets) is the request's answer.
+    let later = timed || !final_refusal;
     if (status == StatusCode::TOO_MANY_REQUESTS && later)
         || status == StatusCode::SERVICE_UNAVAILABLE
     {
