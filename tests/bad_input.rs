@@ -347,3 +347,56 @@ fn a_trickled_body_gets_408_within_the_body_timeout() {
     let (status, _) = s.get("/health");
     assert_eq!(status, 200);
 }
+
+/// A POST as a browser sends it: `host` and `origin` as given, a content type or none.
+fn browser_post(addr: &str, host: &str, origin: Option<&str>, json: bool) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let body = br#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#;
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+    let ct = if json {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: {host}\r\n{origin}{ct}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).unwrap();
+    sock.write_all(body).unwrap();
+    let mut text = String::new();
+    sock.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = text
+        .find("\r\n\r\n")
+        .and_then(|i| serde_json::from_str(&text[i + 4..]).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[test]
+fn web_pages_cannot_drive_a_keyless_loopback_server() {
+    let s = Server::start(&[]);
+    // A page on another site (a cross-site POST with no content type needs no preflight),
+    // and a page whose name was re-pointed at 127.0.0.1 (DNS rebinding).
+    for (host, origin, json) in [
+        (s.addr.as_str(), Some("https://evil.example"), false),
+        (s.addr.as_str(), Some("null"), true),
+        ("evil.example:8080", None, true),
+    ] {
+        let (status, e) = browser_post(&s.addr, host, origin, json);
+        assert_eq!(status, 403, "{host} {origin:?}: {e}");
+        assert_eq!(e["error"]["code"], "cross_site_request", "{e}");
+    }
+    // Programs on this machine, and the server's own console page, are let in.
+    let own = format!("http://{}", s.addr);
+    for (host, origin) in [
+        (s.addr.as_str(), None),
+        ("localhost", None),
+        (s.addr.as_str(), Some(own.as_str())),
+    ] {
+        let (status, r) = browser_post(&s.addr, host, origin, true);
+        assert_eq!(status, 200, "{host} {origin:?}: {r}");
+    }
+}

@@ -1,49 +1,28 @@
-//! The gateway at the HTTP edge: who is asking (keys from `Authorization: Bearer` or
-//! `x-api-key`), the AI Gateway request headers (`cf-aig-*`, `x-session-id`), OpenAI's
+//! The gateway at the HTTP edge: who is asking (`auth`, re-exported here), the AI Gateway
+//! request headers (`cf-aig-*`, `x-session-id`), OpenAI's
 //! `x-ratelimit-*` answer headers, refusals as 429s, and the [`Tail`] that holds a reply's
 //! end until its ledger row is committed and records it for the response cache.
 //!
 //! Knows headers and status codes; the decisions themselves live in `crate::gateway`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::auth::{authenticate, presented_key, BatchCall};
 use super::error::ApiError;
 use super::AppState;
 use crate::engine::request::{Event, EventReceiver, Tenant};
 use crate::gateway::cache::{canonical_json, Leader};
 use crate::gateway::limits::{RateInfo, Refusal, Scope};
 use crate::gateway::price::Price;
-use crate::gateway::{AuthError, Principal};
+use crate::gateway::Principal;
 
 /// A recorded reply: the engine's events, replayed on a hit.
 pub type Recorded = Vec<Event>;
-
-/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
-pub fn presented_key(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| rest.trim().to_string())
-        });
-    bearer.or_else(|| {
-        headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_string())
-    })
-}
 
 /// Runs `f` on the gateway's stores on a blocking thread (a large conversation or file must
 /// not hold an async worker); `what` names the store if the task itself fails. A store's
@@ -66,46 +45,6 @@ pub async fn on_store<T: Send + 'static>(
         })
 }
 
-/// Marks a request the batch worker makes on behalf of a batch's owner.
-#[derive(Debug, Clone)]
-pub struct BatchCall {
-    pub owner_kind: String,
-    pub owner: String,
-    /// The line this runs (`batch_id/line`), the same for every attempt at it.
-    pub attempt: String,
-}
-
-/// Middleware on every route but the probes, `/metrics` and the console's static assets: puts the request's [`Principal`]
-/// in its extensions, or answers 401 in OpenAI's shape.
-pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    // A batch's request, made inside this process (no client can set an extension): it runs
-    // as whoever made the batch, while that key is still live.
-    let who = match req.extensions().get::<BatchCall>() {
-        Some(call) => state.gateway.principal_of(&call.owner_kind, &call.owner),
-        None => state
-            .gateway
-            .authenticate(presented_key(req.headers()).as_deref()),
-    };
-    match who {
-        Ok(p) => {
-            req.extensions_mut().insert(p);
-            next.run(req).await
-        }
-        Err(e) => {
-            let msg = match e {
-                AuthError::Missing => "You didn't provide an API key. Pass it as `Authorization: Bearer KEY` (or `x-api-key: KEY`).",
-                AuthError::Invalid => "Incorrect API key provided (unknown or revoked).",
-                AuthError::Expired => "The API key provided has expired.",
-            };
-            ApiError::unauthorized(msg).into_response()
-        }
-    }
-}
-
 /// What a request's headers ask of the gateway.
 #[derive(Debug, Clone, Default)]
 pub struct Directives {
@@ -113,7 +52,7 @@ pub struct Directives {
     pub cache_ttl: Option<Duration>,
     /// `cf-aig-skip-cache: true`: neither read nor write the cache.
     pub skip_cache: bool,
-    /// `cf-aig-cache-key`: replaces the computed key (shared across keys).
+    /// `cf-aig-cache-key`: replaces the computed key (within the caller's key).
     pub cache_key: Option<String>,
     /// `cf-aig-custom-cost`.
     pub custom_cost: Option<Price>,
@@ -302,9 +241,17 @@ impl Gate {
         template_hash: &str,
     ) -> Option<[u8; 32]> {
         let d = &self.directives;
+        let mut scope = match &self.principal {
+            Principal::Key(k) => format!("key:{}", k.id),
+            Principal::Master => "master".into(),
+            Principal::Anonymous => "anonymous".into(),
+        };
+        // A custom key is the caller's own: another key naming it neither reads nor
+        // replaces this one's reply.
         if let Some(custom) = d.cache_key.as_ref().filter(|_| idempotency.is_none()) {
             return Some(crate::gateway::cache::cache_key(&[
                 self.route,
+                &scope,
                 "custom",
                 custom,
                 &self.served.name,
@@ -319,11 +266,6 @@ impl Gate {
                 m.remove(f);
             }
         }
-        let mut scope = match &self.principal {
-            Principal::Key(k) => format!("key:{}", k.id),
-            Principal::Master => "master".into(),
-            Principal::Anonymous => "anonymous".into(),
-        };
         if let Some(idem) = idempotency {
             scope = format!("{scope}\nidempotency:{idem}");
         }

@@ -5,6 +5,7 @@ mod admin;
 mod anthropic;
 mod anthropic_batches;
 mod anthropic_sse;
+mod auth;
 mod batch_input;
 mod batch_worker;
 mod batches;
@@ -110,6 +111,8 @@ pub struct AppState {
     pub stall_timeout: Duration,
     /// `--metrics-key`: the bearer token `/metrics` asks for (none: open).
     pub metrics_key: Option<String>,
+    /// Bound to a loopback address (see [`HttpConfig::loopback`]).
+    pub loopback: bool,
     /// `x-edgeinfer-node` (none when the name is not a valid header value).
     node_header: Option<HeaderValue>,
     /// Wakes the batch worker (a batch created or cancelled).
@@ -138,6 +141,9 @@ pub struct HttpConfig {
     pub node_name: String,
     pub metrics_key: Option<String>,
     pub batch: BatchSettings,
+    /// Bound to a loopback address: while no key is required, web pages are refused
+    /// (`auth::foreign_page`).
+    pub loopback: bool,
 }
 
 impl AppState {
@@ -168,6 +174,7 @@ impl AppState {
             },
             stall_timeout: config.stall_timeout,
             metrics_key: config.metrics_key,
+            loopback: config.loopback,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             batch_wake: tokio::sync::Notify::new(),
             batch: config.batch,
