@@ -374,13 +374,16 @@ fn a_budget_ends_a_stream_with_length_then_refuses() {
     assert_openai_error(&priced, 403, "custom_cost_not_allowed");
     // No max_tokens: the completion is clamped to what the rest of the budget pays for. That
     // reply is the budget's, not the request's: it is not cached.
-    let body = json!({"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": true,
+    // (Chat: the completions API's own default is 16 tokens. No end of text, so the reply
+    // runs to the clamp.)
+    let body = json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4, 5, 6,"}],
+                      "temperature": 0, "logit_bias": {"0": -100, "2": -100}, "stream": true,
                       "stream_options": {"include_usage": true}});
     let headers = [
         ("authorization", auth.as_str()),
         ("cf-aig-cache-ttl", "600"),
     ];
-    let resp = stream_req(&s, "/v1/completions", &body, &headers);
+    let resp = stream_req(&s, "/v1/chat/completions", &body, &headers);
     assert_eq!(resp.header("cf-aig-cache-status"), Some("BYPASS"));
     let chunks = sse_lines(resp, None);
     let finish = chunks
@@ -1084,4 +1087,37 @@ fn each_choice_holds_one_of_a_keys_parallel_slots() {
     drop(held);
     assert!(s.wait_idle(Duration::from_secs(30)));
     assert_eq!(post(&json!({"prompt": "Hi", "max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn a_custom_cache_key_is_the_callers_own() {
+    let s = Server::start(&["--master-key", MASTER]);
+    let (a, b) = (generate_key(&s, json!({})), generate_key(&s, json!({})));
+    let ask = |key: &str, prompt: &str| {
+        let auth = format!("Bearer {key}");
+        let body = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
+                          "temperature": 0});
+        s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&body),
+            &[
+                ("authorization", &auth),
+                ("cf-aig-cache-ttl", "600"),
+                ("cf-aig-cache-key", "daily-summary"),
+            ],
+        )
+    };
+    let first = ask(&a, "Say hi.");
+    assert_eq!(first.header("cf-aig-cache-status"), Some("MISS"));
+    // The caller's custom key names its reply, whatever the body.
+    let again = ask(&a, "Name a colour.");
+    assert_eq!(again.header("cf-aig-cache-status"), Some("HIT"));
+    assert_eq!(again.body["choices"], first.body["choices"]);
+    // Another key naming it has its own: it neither reads nor replaces the first's.
+    let other = ask(&b, "Name a colour.");
+    assert_eq!(other.header("cf-aig-cache-status"), Some("MISS"));
+    let mine = ask(&a, "Anything.");
+    assert_eq!(mine.header("cf-aig-cache-status"), Some("HIT"));
+    assert_eq!(mine.body["choices"], first.body["choices"]);
 }
