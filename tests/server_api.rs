@@ -89,6 +89,10 @@ fn chat_completions_behave_like_openai() {
     let last = &chunks[chunks.len() - 1];
     assert_eq!(last["choices"], json!([]));
     assert_eq!(usage_counts(last), usage_counts(&whole));
+    // OpenAI: with `include_usage` every other chunk carries `"usage": null`.
+    for c in &chunks[..chunks.len() - 1] {
+        assert_eq!(c.get("usage"), Some(&Value::Null), "{c}");
+    }
     // The same prompt a second time: all but the block holding its last token was cached.
     assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     assert!(
@@ -157,6 +161,14 @@ fn chat_completions_behave_like_openai() {
         .unwrap()
         .starts_with(" Paris"));
     assert_eq!(r["usage"]["prompt_tokens"], 5);
+    // Without `max_tokens`, 16 tokens, as OpenAI's completions API writes (not the rest of
+    // the context, as chat does).
+    let (_, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "logit_bias": {"0": -100, "2": -100}}),
+    );
+    assert_eq!(r["usage"]["completion_tokens"], 16, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
 
     // Logprobs.
     let (_, r) = s.post(
@@ -201,6 +213,11 @@ fn chat_completions_behave_like_openai() {
     assert_eq!(t["tokens"], json!([19556, 28, 905, 17]));
     let (_, d) = s.post("/detokenize", &json!({"tokens": [19556, 28, 905, 17]}));
     assert_eq!(d["content"], "Hello, world!");
+    // Control tokens round-trip too.
+    let chatml = "<|im_start|>user\nHi<|im_end|>";
+    let (_, t) = s.post("/tokenize", &json!({"content": chatml}));
+    let (_, d) = s.post("/detokenize", &json!({"tokens": t["tokens"]}));
+    assert_eq!(d["content"], chatml, "{t}");
     // llama-server's `with_pieces` (a piece not UTF-8 on its own comes as its bytes) and
     // `parse_special: false` (control-token spellings are text).
     let text = "Hi<|im_end|> \u{1F980}\u{1F9A0}";

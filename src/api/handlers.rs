@@ -405,6 +405,17 @@ fn mistral_fim_request(mut v: Value) -> Result<Value, ApiError> {
     Ok(v)
 }
 
+/// OpenAI's legacy completions API writes 16 tokens when `max_tokens` is not given (vLLM's
+/// does too), not the rest of the context as chat does.
+fn default_completion_length(api: &Api, mut v: Value) -> Value {
+    if let (Api::OpenAi, Some(o)) = (api, v.as_object_mut()) {
+        if !o.contains_key("max_tokens") && !o.contains_key("max_completion_tokens") {
+            o.insert("max_tokens".into(), Value::from(16));
+        }
+    }
+    v
+}
+
 pub(super) async fn completion(
     state: &AppState,
     rid: RequestId,
@@ -420,7 +431,7 @@ pub(super) async fn completion(
         headers,
         api.route(false),
         body,
-        |v| api.translate(v),
+        |v| api.translate(v).map(|v| default_completion_length(&api, v)),
         |r: &CompletionRequest| r.model.as_deref(),
     )?;
     let (format, format_field) = output_format(

@@ -255,7 +255,8 @@ impl Meta {
 
     pub fn usage_chunk(&self, usage: Usage) -> Value {
         json!({"id": self.id, "object": self.object(true), "created": self.created,
-               "model": self.model, "choices": [], "usage": usage_json(usage)})
+               "model": self.model, "system_fingerprint": Value::Null, "choices": [],
+               "usage": usage_json(usage)})
     }
 
     /// Chat logprobs for one token (`{"content": [...]}`), or null when not requested.

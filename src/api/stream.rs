@@ -220,7 +220,13 @@ fn data(v: Value) -> Result<SseEvent, Infallible> {
 fn events(state: State) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(state, |mut s| async move {
         loop {
-            if let Some(chunk) = s.pending.pop_front() {
+            if let Some(mut chunk) = s.pending.pop_front() {
+                // OpenAI: with `include_usage` every other chunk carries `"usage": null`.
+                if let Some(c) = chunk.as_object_mut().filter(|c| c.contains_key("choices")) {
+                    if s.include_usage {
+                        c.entry("usage").or_insert(Value::Null);
+                    }
+                }
                 return Some((data(chunk), s));
             }
             if s.ended {

@@ -236,10 +236,13 @@ pub async fn detokenize(
             format!("token id {bad} is outside the vocabulary of {vocab}"),
         ));
     }
-    let text = tokio::task::spawn_blocking(move || ready.tokenizer.decode(&req.tokens))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Control tokens written out, as llama-server and vLLM answer: `/tokenize` then
+    // `/detokenize` gives the text back.
+    let text =
+        tokio::task::spawn_blocking(move || ready.tokenizer.decode_with_control(&req.tokens))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
     // `content` as llama-server answers, `prompt` as vLLM does.
     Ok(Json(json!({"content": text, "prompt": text})))
 }
