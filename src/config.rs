@@ -179,7 +179,7 @@ pub struct ServeArgs {
     /// requests stay in the KV cache until their memory is needed, and a request whose prompt
     /// starts with the same tokens (a shared system prompt, an agent's history) skips
     /// recomputing them. Off: every prompt is computed in full.
-    #[arg(long, env = "EDGEINFER_NO_PREFIX_CACHE")]
+    #[arg(long, env = "EDGEINFER_NO_PREFIX_CACHE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_prefix_cache: bool,
 
     /// Speculative decoding by prompt lookup: when a decoding sequence's last tokens occurred
@@ -266,7 +266,7 @@ pub struct ServeArgs {
 
     /// Serve a non-loopback address without keys. Without it the server refuses to start
     /// on such an address unless keys are on.
-    #[arg(long, env = "EDGEINFER_INSECURE_NO_AUTH")]
+    #[arg(long, env = "EDGEINFER_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_no_auth: bool,
 
     /// Prices per model, a JSON file: {"MODEL or *": {"input": 0.15, "cached_input": 0.075,

@@ -361,3 +361,22 @@ fn a_named_model_that_is_not_the_manifests_file_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn boolean_variables_take_one_and_zero() {
+    // `EDGEINFER_NO_PREFIX_CACHE=1` was refused by the flag parser ("invalid value '1'"): the
+    // start goes on to the next problem, the missing model.
+    for v in ["1", "0", "true", "off"] {
+        let out = edgeinfer(
+            &["serve", "--model", "/nonexistent/m.gguf", "--port", "0"],
+            &[
+                ("EDGEINFER_NO_PREFIX_CACHE", v),
+                ("EDGEINFER_INSECURE_NO_AUTH", v),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{v}: {stderr}");
+        assert!(!stderr.contains("invalid value"), "{v}: {stderr}");
+        assert!(stderr.contains("m.gguf"), "{v}: {stderr}");
+    }
+}

@@ -51,12 +51,12 @@ pub enum Variant {
 pub fn best() -> Option<Variant> {
     static BEST: std::sync::OnceLock<Option<Variant>> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
-        if !super::x86::available() || std::env::var_os("EDGEINFER_NO_SIMD").is_some() {
+        if !super::x86::available() || super::env_flag("EDGEINFER_NO_SIMD") {
             return None;
         }
         let avx512 = is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
-            && std::env::var_os("EDGEINFER_NO_AVX512").is_none();
+            && !super::env_flag("EDGEINFER_NO_AVX512");
         Some(if avx512 {
             Variant::Avx512
         } else {

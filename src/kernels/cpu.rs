@@ -15,9 +15,7 @@ pub(crate) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SIMD.get_or_init(|| {
-            super::x86::available() && std::env::var_os("EDGEINFER_NO_SIMD").is_none()
-        })
+        *SIMD.get_or_init(|| super::x86::available() && !super::env_flag("EDGEINFER_NO_SIMD"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -244,7 +244,7 @@ pub fn wide_available() -> bool {
         super::x86::available()
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
-            && std::env::var_os("EDGEINFER_NO_AVX512").is_none()
+            && !super::env_flag("EDGEINFER_NO_AVX512")
     })
 }
 

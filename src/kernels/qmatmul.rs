@@ -322,7 +322,7 @@ unsafe fn rows_x86_multi(
 pub(crate) fn packed_preferred() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::env::var_os("EDGEINFER_NO_KPACK").is_none() && super::x86::available()
+        !super::env_flag("EDGEINFER_NO_KPACK") && super::x86::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -273,7 +273,7 @@ pub fn vnni_available() -> bool {
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
-            && std::env::var_os("EDGEINFER_NO_AVX512").is_none()
+            && !super::env_flag("EDGEINFER_NO_AVX512")
     })
 }
 

@@ -109,7 +109,7 @@ impl GgufFile {
         // temporary name, then renamed). A file truncated in place during those seconds, or
         // an I/O error on network storage, would end the process (SIGBUS) instead of an
         // error: `EDGEINFER_NO_MMAP=1` reads the file instead.
-        let map = if std::env::var_os("EDGEINFER_NO_MMAP").is_some_and(|v| v != "0") {
+        let map = if crate::kernels::env_flag("EDGEINFER_NO_MMAP") {
             None
         } else {
             unsafe { memmap2::Mmap::map(&file) }
