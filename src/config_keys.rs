@@ -111,14 +111,22 @@ pub struct UsageArgs {
     #[arg(long)]
     pub key: Option<String>,
     /// First day, YYYY-MM-DD (UTC).
-    #[arg(long)]
+    #[arg(long, value_parser = day)]
     pub start_date: Option<String>,
     /// Last day, YYYY-MM-DD (UTC).
-    #[arg(long)]
+    #[arg(long, value_parser = day)]
     pub end_date: Option<String>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// A day for the usage report's bounds, as the HTTP route takes it.
+fn day(v: &str) -> Result<String, String> {
+    match crate::gateway::ledger::is_day(v) {
+        true => Ok(v.to_string()),
+        false => Err("a calendar date written YYYY-MM-DD".into()),
+    }
 }

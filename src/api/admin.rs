@@ -197,15 +197,7 @@ pub async fn usage(
         ("end_date", q.get("end_date")),
     ] {
         if let Some(v) = v {
-            let ok = v.len() == 10
-                && v.bytes().enumerate().all(|(i, b)| {
-                    if i == 4 || i == 7 {
-                        b == b'-'
-                    } else {
-                        b.is_ascii_digit()
-                    }
-                });
-            if !ok {
+            if !crate::gateway::ledger::is_day(v) {
                 return Err(ApiError::invalid(
                     field,
                     format!("`{field}` must be a date YYYY-MM-DD"),

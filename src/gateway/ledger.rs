@@ -161,6 +161,31 @@ impl Ledger {
     }
 }
 
+/// Whether `day` is a calendar date written `YYYY-MM-DD` (the usage report's bounds are
+/// compared as text with the ledger's days, so `2025-1-5` or `2025-13-45` would silently
+/// match nothing).
+pub fn is_day(day: &str) -> bool {
+    let b = day.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b.get(r.clone())?
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| day[r].parse().ok())?
+    };
+    let (Some(y), Some(m), Some(d)) = (digits(0..4), digits(5..7), digits(8..10)) else {
+        return false;
+    };
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    b.len() == 10 && b[4] == b'-' && b[7] == b'-' && (1..=days).contains(&d)
+}
+
 pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
     conn.query_row(
         "SELECT COALESCE(SUM(cost_micros), 0) FROM requests
@@ -291,6 +316,28 @@ fn insert(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_are_calendar_dates() {
+        for d in ["2026-12-06", "2024-02-29", "2000-02-29", "1999-12-31"] {
+            assert!(is_day(d), "{d}");
+        }
+        for d in [
+            "2025-1-5",
+            "2025-13-01",
+            "2025-02-29",
+            "1900-02-29",
+            "2025-04-31",
+            "2025-00-10",
+            "2025-12-00",
+            "2025-12-061",
+            "2025/12/06",
+            "２０２５-12-06",
+            "",
+        ] {
+            assert!(!is_day(d), "{d}");
+        }
+    }
 
     #[tokio::test]
     async fn rows_are_committed_before_the_ack_and_summed_by_day_and_model() {
