@@ -606,6 +606,21 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
     assert_eq!(reply["tokens_evaluated"], usage["prompt_tokens"]);
     assert_eq!(reply["stop_type"], "limit");
     assert!(reply.get("completion_probabilities").is_none(), "{reply}");
+    // An `n_predict` past the free context writes to its end, as llama-server does (the
+    // OpenAI route's `max_tokens` is refused instead).
+    let (status, long) = server.post(
+        "/completion",
+        &with(ask.clone(), json!({"n_predict": 100000})),
+    );
+    assert_eq!(status, 200, "{long}");
+    let used =
+        long["tokens_evaluated"].as_u64().unwrap() + long["tokens_predicted"].as_u64().unwrap();
+    assert_eq!((used, &long["stop_type"]), (256, &json!("limit")), "{long}");
+    let (status, err) = server.post(
+        "/v1/completions",
+        &with(greedy(100000), json!({"prompt": "Hello"})),
+    );
+    assert_eq!(status, 400, "{err}");
     // `n_probs`: each token's logprob (the completions API's, the same numbers) with its
     // most likely alternatives, in llama.cpp's shape; `logprobs` is its other name.
     let (status, probs) = server.post("/completion", &with(ask.clone(), json!({"n_probs": 3})));

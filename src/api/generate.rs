@@ -67,8 +67,9 @@ fn budget(
     prompt: &[u32],
     requested: Option<usize>,
     ready: &Ready,
-    field: &str,
+    gate: &Gate,
 ) -> Result<usize, ApiError> {
+    let field = input_field(gate);
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
@@ -83,6 +84,12 @@ fn budget(
         ));
     }
     let limit = ready.context_length.min(ready.engine.kv_capacity);
+    // llama-server's `n_predict` is a most, not a promise: past the free context the reply
+    // ends there (`stop_type: "limit"`); only a prompt that fills the context is refused.
+    let requested = match gate.route {
+        "/completion" if prompt.len() < limit => requested.map(|m| m.min(limit - prompt.len())),
+        _ => requested,
+    };
     match requested {
         Some(m) if prompt.len().saturating_add(m) > limit => Err(ApiError::context_length(field, format!(
             "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the {field}, {m} in the completion). Please reduce the length of the {field} or completion.",
@@ -189,7 +196,7 @@ pub(super) async fn run(
     // Each choice's completion budget, in choice order (prompt by prompt, `n` each).
     let mut budgets = Vec::with_capacity(count);
     for input in &inputs {
-        let m = budget(&input.prompt, requested, ready, input_field(&gate))?;
+        let m = budget(&input.prompt, requested, ready, &gate)?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
     // A prompt's choices share its computation through the prefix cache, unless it is off
