@@ -385,11 +385,34 @@ impl Limits {
         }
     }
 
-    /// Takes back from a key's spend in its current period what `cost(period_start)` says
-    /// was counted there for work billed no more (a batch line's superseded attempts).
-    pub fn refund(&mut self, key: &str, cost: impl FnOnce(i64) -> u64) {
-        if let Some(w) = self.keys.get_mut(key).filter(|w| w.loaded) {
-            w.spend = w.spend.saturating_sub(cost(w.period_start));
+    /// Takes back from a key's spend in the period from `period` (if it is still the one
+    /// held) `cost`, counted there for work billed no more (a batch line's superseded
+    /// attempts).
+    pub fn refund(&mut self, key: &str, period: i64, cost: u64) {
+        if let Some(w) = self
+            .keys
+            .get_mut(key)
+            .filter(|w| w.loaded && w.period_start == period)
+        {
+            w.spend = w.spend.saturating_sub(cost);
+        }
+    }
+
+    /// The period whose spend a key holds in memory (`None`: not read yet).
+    pub fn loaded_period(&self, key: &str) -> Option<i64> {
+        self.keys
+            .get(key)
+            .filter(|w| w.loaded)
+            .map(|w| w.period_start)
+    }
+
+    /// The period whose spend an admission at `unix` would read from the ledger (`None`:
+    /// held already), so that it is read before the lock over every key's windows is taken.
+    pub fn spend_to_read(&self, key: &str, spec: &LimitSpec, unix: i64) -> Option<i64> {
+        let start = period_start(spec, unix);
+        match self.loaded_period(key) {
+            Some(p) if p == start => None,
+            _ => Some(start),
         }
     }
 

@@ -343,16 +343,26 @@ fn a_refund_takes_back_what_was_counted_in_the_current_period_only() {
         created: 1000,
         ..LimitSpec::default()
     };
-    // Nothing held for the key yet: nothing to take back (its spend is read when needed).
-    l.refund("k", |_| panic!("not asked"));
+    // Nothing held for the key yet: nothing to take back (its spend is read when needed),
+    // and the spend is to be read, for the period an admission at 2000 falls in.
+    assert_eq!(l.loaded_period("k"), None);
+    assert_eq!(l.spend_to_read("k", &s, 2000), Some(1000));
+    l.refund("k", 1000, 30);
     assert_eq!(
         l.admit_cached(Some(("k", &s)), 10, 2000, |_| Some(90)),
         Ok(())
     );
+    assert_eq!(l.loaded_period("k"), Some(1000));
+    assert_eq!(l.spend_to_read("k", &s, 2000), None);
+    // The next period's is read anew.
+    assert_eq!(l.spend_to_read("k", &s, 4700), Some(4600));
     // A line's superseded attempt cost 30 in the period that started at 1000.
-    l.refund("k", |since| if since == 1000 { 30 } else { 0 });
+    l.refund("k", 1000, 30);
+    assert_eq!(l.spend("k", 1000), Some(70));
+    // Not for another period than the one held.
+    l.refund("k", 4600, 30);
     assert_eq!(l.spend("k", 1000), Some(70));
     // Never below nothing.
-    l.refund("k", |_| 500);
+    l.refund("k", 1000, 500);
     assert_eq!(l.spend("k", 1000), Some(0));
 }

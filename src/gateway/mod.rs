@@ -254,9 +254,10 @@ impl Gateway {
         let spec = who.limits();
         let key = who.key_id().zip(spec.as_ref());
         let now = Instant::now();
+        let unix = db::unix_now();
+        let spent = self.spend_read_first(key, unix);
         let mut limits = self.limits();
-        let spent = |since| self.spent(who.key_id().unwrap_or_default(), since);
-        match limits.admit(key, ask, now, db::unix_now(), spent) {
+        match limits.admit(key, ask, now, unix, spent) {
             Ok(grant) => {
                 let rate = limits.rate_info(who.key_id(), now);
                 drop(limits);
@@ -329,10 +330,11 @@ impl Gateway {
         let cost = price.cached_cost(tokens);
         let spec = who.limits();
         let key = who.key_id().zip(spec.as_ref());
+        let unix = db::unix_now();
+        let spent = self.spend_read_first(key, unix);
+        let refund = self.attempt_refund(who.key_id(), labels);
         let mut limits = self.limits();
-        let admitted = limits.admit_cached(key, cost, db::unix_now(), |since| {
-            self.spent(who.key_id().unwrap_or_default(), since)
-        });
+        let admitted = limits.admit_cached(key, cost, unix, spent);
         if let Err(refusal) = admitted {
             let rate = limits.rate_info(who.key_id(), Instant::now());
             drop(limits);
@@ -343,7 +345,9 @@ impl Gateway {
             self.ledger.record_then(row, None);
             return Err((refusal, rate));
         }
-        self.refund_attempts(&mut limits, who.key_id(), labels);
+        if let Some((key, period, cost)) = refund {
+            limits.refund(key, period, cost);
+        }
         drop(limits);
         Ok(self.ledger.record(Row {
             status: "cached",
@@ -377,20 +381,45 @@ impl Gateway {
     }
 
     /// Before the row of a batch line's attempt that ran is written: its earlier attempts'
-    /// cost, which that row supersedes, leaves the key's spend held in memory (the ledger's
-    /// sums leave it out once the row is written).
-    fn refund_attempts(&self, limits: &mut Limits, key_id: Option<&str>, labels: &Labels) {
+    /// cost, which that row supersedes, is to leave the key's spend held in memory (the
+    /// ledger's sums leave it out once the row is written). Read from the ledger before the
+    /// limits' lock is taken: the key, the period it was read for, and the cost.
+    fn attempt_refund<'k>(
+        &self,
+        key_id: Option<&'k str>,
+        labels: &Labels,
+    ) -> Option<(&'k str, i64, u64)> {
         let (Some(key), Some(attempt)) = (key_id, labels.attempt.as_deref()) else {
-            return;
+            return None;
         };
-        limits.refund(key, |since| {
-            self.ledger
-                .attempt_cost(attempt, since)
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "reading a batch line's earlier cost failed");
-                    0
-                })
+        let period = self.limits().loaded_period(key)?;
+        let cost = self
+            .ledger
+            .attempt_cost(attempt, period)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading a batch line's earlier cost failed");
+                0
+            });
+        Some((key, period, cost))
+    }
+
+    /// The ledger read an admission at `unix` needs, done before the lock over every key's
+    /// windows is taken (a sum over a large ledger must not hold every other admission, nor
+    /// the engine thread settling a reply): `spent(period_start)` for the admission.
+    fn spend_read_first(
+        &self,
+        key: Option<(&str, &LimitSpec)>,
+        unix: i64,
+    ) -> impl FnOnce(i64) -> Option<u64> {
+        let read = key.and_then(|(id, spec)| {
+            let start = self.limits().spend_to_read(id, spec, unix)?;
+            Some((start, self.spent(id, start)))
         });
+        move |since| match read {
+            Some((start, spent)) if start == since => spent,
+            // Read by another admission meanwhile; a miss is read again at the next.
+            _ => None,
+        }
     }
 
     /// A key's spend since `since` in the ledger (`None`, logged, if it cannot be read).
@@ -450,10 +479,13 @@ impl Meter {
         let cost = self.price.cost(tokens);
         if let Some(grant) = self.grant.take() {
             let used = tokens.prompt + tokens.completion;
+            let key = self.key_id.as_deref();
+            let refund = self.gateway.attempt_refund(key, &self.labels);
             let mut limits = self.gateway.limits();
             limits.settle(&grant, Some((used, cost)), Instant::now());
-            let key = self.key_id.as_deref();
-            self.gateway.refund_attempts(&mut limits, key, &self.labels);
+            if let Some((key, period, cost)) = refund {
+                limits.refund(key, period, cost);
+            }
         }
         let (status, finish) = match report.ending {
             Ending::Finished(FinishReason::Stop) => ("ok", Some("stop")),
