@@ -1,6 +1,7 @@
 //! Faults: a panic on the engine thread fails its requests, flips /health to 503 and ends
 //! the process non-zero (a supervisor restarts it) instead of hanging; SIGTERM under load
-//! turns readiness to 503 at once, lets running streams finish, and exits 0.
+//! turns readiness to 503 at once, lets running streams finish, and exits 0; streams still
+//! running when the drain time is up end with an error event and are billed.
 
 mod common;
 
@@ -149,4 +150,53 @@ fn sigterm_under_load_drains_and_exits_zero() {
         .wait_exit(Duration::from_secs(30))
         .expect("the process exits");
     assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
+    let store = tempfile::tempdir().unwrap();
+    let db = store.path().join("e.db");
+    let mut s = Server::start(&["--shutdown-timeout", "1", "--db", db.to_str().unwrap()]);
+    // A stream far longer than the drain: no end of text, thousands of tokens.
+    let mut body = long_stream();
+    body["max_tokens"] = json!(4000);
+    body["logit_bias"] = json!({"0": -100, "2": -100});
+    let (tx, rx) = std::sync::mpsc::channel();
+    let base = s.base.clone();
+    let h = std::thread::spawn(move || stream_lines(&base, &body, tx));
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the stream starts");
+    std::thread::sleep(Duration::from_millis(500));
+    s.signal_term();
+    // Cut off at the drain's end, the stream is told so and ends (it was a broken body).
+    let lines = h.join().unwrap();
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"), "{tail:?}");
+    let error = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event: {tail:?}"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{error}"
+    );
+    let exit = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the process exits");
+    assert!(exit.success(), "{exit:?}");
+    // And metered: what it computed is in the ledger, as a cancelled request's.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (status, completion): (String, i64) = conn
+        .query_row(
+            "SELECT status, completion_tokens FROM requests WHERE route = '/v1/chat/completions'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(status, "cancelled");
+    assert!(completion > 10, "{completion} tokens");
 }

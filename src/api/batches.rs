@@ -79,7 +79,13 @@ pub(super) async fn create_held(
     let (kind, owner) = (kind.to_string(), owner.to_string());
     let quota = state.batch.file_storage_per_key;
     store(state, move |b| {
-        b.create_held(&kind, &owner, &object, lines, quota)
+        b.create_held(
+            &kind,
+            &owner,
+            &object,
+            lines,
+            quota.map(|q| (q, "requests")),
+        )
     })
     .await?;
     state.batch_wake.notify_one();
@@ -319,9 +325,11 @@ pub async fn create(
         }
     };
     let (saved, target) = (object.clone(), endpoint.to_string());
+    let quota = state.batch.file_storage_per_key;
     store(&state, move |b| {
         let lines = requests(&content, &target).take(keep);
-        b.create(&kind, &owner, &saved, lines)
+        let quota = quota.map(|q| (q, "input_file_id"));
+        b.create_held(&kind, &owner, &saved, lines, quota)
     })
     .await?;
     state.batch_wake.notify_one();

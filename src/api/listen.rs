@@ -100,20 +100,37 @@ pub async fn serve(
         });
     }
     // The engine is idle (or time is up): close the listener and let every connection
-    // finish the response it is writing (streams' last events, ledger commits).
+    // finish the response it is writing (streams' last events, ledger commits). Requests
+    // still running when time is up are ended by the engine, each told so and metered with
+    // what it computed: the connections then have a moment to write those endings.
     drop(listener);
-    let rest = deadline
+    let mut rest = deadline
         .map_or(drain, |d| {
             d.saturating_duration_since(tokio::time::Instant::now())
         })
         .max(Duration::from_millis(500));
+    if state.in_flight() > 0 {
+        tracing::warn!(
+            in_flight = state.in_flight(),
+            "drain timeout reached; ending the requests still running"
+        );
+        state.cut_off();
+        // Each ended request's ledger row is queued before it stops counting as in flight,
+        // so once none is, the flush below writes them all.
+        let ended = tokio::time::Instant::now() + Duration::from_secs(3);
+        while state.in_flight() > 0 && tokio::time::Instant::now() < ended {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rest = rest.max(Duration::from_secs(3));
+    }
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(rest) => {
-            tracing::warn!("drain timeout reached; exiting with requests still running");
+            tracing::warn!("connections still open at the exit");
         }
     }
-    // What the last requests computed (those cut off too) is in the ledger before the exit.
+    // What the last requests computed (those cut off too: their rows were queued as the
+    // engine dropped them) is in the ledger before the exit.
     let flushed = state.gateway.ledger.flush();
     if !matches!(
         tokio::time::timeout(Duration::from_secs(5), flushed).await,

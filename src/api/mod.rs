@@ -230,6 +230,13 @@ impl AppState {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
+
+    /// The drain is over: the engine ends what it still holds (see `EngineHandle::cut_off`).
+    fn cut_off(&self) {
+        if let Some(r) = self.ready.get() {
+            r.engine.cut_off();
+        }
+    }
 }
 
 /// The request's id (from `x-request-id`, or generated), in every log line about it, and,

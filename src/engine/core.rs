@@ -7,7 +7,7 @@
 //! are freed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +82,8 @@ pub struct EngineHandle {
     /// Sequences a step runs at most.
     pub max_batch_size: usize,
     heartbeat: Heartbeat,
+    /// Set once, at the end of a shutdown's drain: the engine ends what it holds.
+    cut: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
@@ -177,6 +179,12 @@ impl EngineHandle {
         self.heartbeat.silent_for()
     }
 
+    /// The end of a shutdown's drain: every request still held ends now, each told so (a
+    /// stream's error event) and metered with what it computed, and no more are taken.
+    pub fn cut_off(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
     /// Resolves when the engine thread dies; never if it stops normally.
     pub async fn failure(&self) {
         let mut rx = self.failed.clone();
@@ -222,6 +230,7 @@ pub fn start<M: ModelRunner>(
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (failed_tx, failed) = tokio::sync::watch::channel(false);
     let heartbeat = Heartbeat::default();
+    let cut = Arc::new(AtomicBool::new(false));
     let mut engine = Engine {
         heartbeat: heartbeat.clone(),
         model,
@@ -232,6 +241,7 @@ pub fn start<M: ModelRunner>(
         next_id: 0,
         prefix_cache: config.prefix_cache,
         in_flight: in_flight.clone(),
+        cut: cut.clone(),
         steps: 0,
         fault: injected_fault(),
         speculate: config.speculate,
@@ -248,7 +258,10 @@ pub fn start<M: ModelRunner>(
                 // Health turns first, so no client sees its error before the 503.
                 let _ = failed_tx.send(true);
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.fail_all("the engine failed (an internal error); retry the request")
+                    engine.fail_all(
+                        "the engine failed (an internal error); retry the request",
+                        Ending::Failed,
+                    )
                 }));
             }
         })
@@ -263,6 +276,7 @@ pub fn start<M: ModelRunner>(
         speculates: config.speculate > 0,
         max_batch_size: config.max_batch_size,
         heartbeat,
+        cut,
     })
 }
 
@@ -275,6 +289,7 @@ struct Engine<M> {
     next_id: SeqId,
     prefix_cache: bool,
     in_flight: Arc<AtomicUsize>,
+    cut: Arc<AtomicBool>,
     /// Steps run so far, and a fault to inject at one of them.
     steps: u64,
     fault: Option<Fault>,
@@ -299,6 +314,14 @@ impl<M: ModelRunner> Engine<M> {
             }
             while let Ok(cmd) = self.rx.try_recv() {
                 self.accept(cmd);
+            }
+            if self.cut.load(Ordering::SeqCst) {
+                // Cancelled as a client that left is: what was computed is billed.
+                self.fail_all(
+                    "the server is shutting down; retry the request",
+                    Ending::Cancelled,
+                );
+                break;
             }
             self.drop_cancelled();
             self.offer_drafts();
@@ -399,8 +422,9 @@ impl<M: ModelRunner> Engine<M> {
         self.active.insert(id, active);
     }
 
-    /// Ends every request with an error (the engine cannot go on).
-    fn fail_all(&mut self, message: &str) {
+    /// Ends every request with an error (the engine cannot go on, or the server stops), each
+    /// running one metered as `ending`.
+    fn fail_all(&mut self, message: &str, ending: Ending) {
         // New submissions now get `ShuttingDown`; queued ones are failed like the rest.
         self.rx.close();
         while let Ok(Command::Submit(mut req, events)) = self.rx.try_recv() {
@@ -415,8 +439,9 @@ impl<M: ModelRunner> Engine<M> {
             }
             let _ = events.send(Event::Failed(message.into()));
         }
-        for (_, mut a) in self.active.drain() {
-            a.ending = Ending::Failed;
+        for (id, mut a) in self.active.drain() {
+            self.scheduler.remove(id);
+            a.ending = ending;
             let _ = a.events.send(Event::Failed(message.into()));
         }
         let (cached_blocks, evictions) = self.scheduler.cache_stats();

@@ -17,17 +17,17 @@ fn live(now: &str) -> String {
     )
 }
 
-/// The bytes `owner`'s files live at `now` hold, and the requests of its batches made from a
-/// request's body rather than a file (Workers AI's and Anthropic's), held until they end.
+/// The bytes `owner`'s files live at `now` hold, and its running batches' requests and
+/// answers so far (held until they end; a batch made from a file holds a copy of it).
 pub(super) fn used_by(conn: &Connection, owner: &str, now: i64) -> Result<u64, GatewayError> {
     let used: i64 = conn
         .query_row(
             &format!(
                 "SELECT (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?1 AND {})
-                      + (SELECT COALESCE(SUM(length(CAST(l.body AS BLOB))), 0)
+                      + (SELECT COALESCE(SUM(length(CAST(l.body AS BLOB))
+                                             + COALESCE(length(CAST(l.result AS BLOB)), 0)), 0)
                          FROM batch_lines l JOIN batches b ON b.id = l.batch_id
-                         WHERE b.owner = ?1
-                           AND json_extract(b.object, '$.input_file_id') IS NULL)",
+                         WHERE b.owner = ?1)",
                 live("?2")
             ),
             params![owner, now],

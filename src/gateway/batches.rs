@@ -17,6 +17,8 @@ use super::GatewayError;
 
 /// The most a stored file may hold (SQLite's blobs stop at 1,000,000,000 bytes).
 pub const MAX_STORED_BYTES: usize = 900_000_000;
+/// The answers a running batch keeps: what its output file may hold (a little in tests).
+const HELD_RESULTS_CAP: usize = if cfg!(test) { 4096 } else { MAX_STORED_BYTES };
 
 /// Statuses a batch still has work in (the worker's).
 pub const ACTIVE: [&str; 3] = ["in_progress", "finalizing", "cancelling"];
@@ -118,34 +120,33 @@ impl Batches {
         object: &Value,
         lines: impl IntoIterator<Item = Line>,
     ) -> Result<(), GatewayError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(GatewayError::db)?;
-        insert_batch(&tx, owner_kind, owner, object, lines)?;
-        tx.commit().map_err(GatewayError::db)
+        self.create_held(owner_kind, owner, object, lines, None)
     }
 
-    /// Stores a batch made from a request's body (no input file): its requests are held until
-    /// it ends, so they count against the owner's storage `quota` with its files (checked in
-    /// the writing transaction, as an upload's is).
+    /// Stores a batch: its requests (and then their answers) are held until it ends, so they
+    /// count against the owner's storage quota with its files, a batch made from a file
+    /// too (it holds a copy, and one file may start many). With `quota` (the bytes and the
+    /// field to blame), checked in the writing transaction, as an upload's is.
     pub fn create_held(
         &self,
         owner_kind: &str,
         owner: &str,
         object: &Value,
-        lines: Vec<Line>,
-        quota: Option<u64>,
+        lines: impl IntoIterator<Item = Line>,
+        quota: Option<(u64, &str)>,
     ) -> Result<(), GatewayError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
-        if let Some(quota) = quota {
+        let lines: Vec<Line> = lines.into_iter().collect();
+        if let Some((quota, field)) = quota {
             let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
             let used = files::used_by(&tx, owner, super::db::unix_now())?;
             if used + bytes > quota {
                 return Err(GatewayError::Invalid {
-                    field: "requests".into(),
-                    reason: format!("({bytes} bytes) do not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+                    field: field.into(),
+                    reason: format!("({bytes} bytes of requests) does not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
                 });
             }
         }
@@ -301,21 +302,51 @@ impl Batches {
     ) -> Result<(), GatewayError> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        // The results a batch holds are its output file to be: past what a file may hold,
+        // a line's answer is not kept (the batch could not end, its results read into
+        // memory at once), and the line says so.
+        let held: i64 = tx
+            .query_row(
+                "SELECT result_bytes FROM batch_usage WHERE batch_id = ?1",
+                params![batch_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(GatewayError::db)?
+            .unwrap_or(0);
+        let mut text = result.to_string();
+        let mut ok = ok;
+        if held.max(0) as usize + text.len() > HELD_RESULTS_CAP {
+            ok = false;
+            text = json!({"id": result["id"], "custom_id": result["custom_id"], "response": null,
+                "error": {"code": "batch_output_too_large", "message": format!(
+                    "this request's answer ({} bytes) was not kept: the batch's results reached the {MAX_STORED_BYTES} bytes an output file may hold; split the work into smaller batches",
+                    text.len())}})
+            .to_string();
+        }
         let n = tx
             .execute(
                 "UPDATE batch_lines SET ok = ?3, result = ?4
                  WHERE batch_id = ?1 AND line = ?2 AND result IS NULL",
-                params![batch_id, line, ok, result.to_string()],
+                params![batch_id, line, ok, text],
             )
             .map_err(GatewayError::db)?;
         if n > 0 {
             let [input, cached, output, reasoning] = tokens_of(&result["response"]["body"]);
             tx.execute(
-                "INSERT INTO batch_usage (batch_id, input, cached, output, reasoning)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO batch_usage (batch_id, input, cached, output, reasoning, result_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (batch_id) DO UPDATE SET input = input + ?2,
-                 cached = cached + ?3, output = output + ?4, reasoning = reasoning + ?5",
-                params![batch_id, input, cached, output, reasoning],
+                 cached = cached + ?3, output = output + ?4, reasoning = reasoning + ?5,
+                 result_bytes = result_bytes + ?6",
+                params![
+                    batch_id,
+                    input,
+                    cached,
+                    output,
+                    reasoning,
+                    text.len() as i64
+                ],
             )
             .map_err(GatewayError::db)?;
         }

@@ -290,3 +290,50 @@ fn batches_page_from_either_side_of_a_cursor_by_endpoint_and_delete_once_ended()
     }
     assert_eq!(b.delete_batch("b4", "k").unwrap(), Deleted::NoSuchBatch);
 }
+
+#[test]
+fn a_batchs_held_answers_and_requests_are_bounded_and_counted() {
+    let (_d, b) = store();
+    let object = json!({"id": "batch_1", "status": "in_progress", "created_at": 5,
+        "input_file_id": "file-x"});
+    let lines: Vec<Line> = (0..3)
+        .map(|i| Line {
+            line: i,
+            custom_id: format!("c{i}"),
+            url: "/v1/embeddings".into(),
+            body: "x".repeat(100),
+        })
+        .collect();
+    // A batch made from a file holds a copy of its requests: they count against the quota.
+    let full = b.create_held(
+        "key",
+        "k",
+        &object,
+        lines.clone(),
+        Some((250, "input_file_id")),
+    );
+    assert!(
+        matches!(&full, Err(GatewayError::Invalid { field, .. }) if field == "input_file_id"),
+        "{full:?}"
+    );
+    b.create_held("key", "k", &object, lines, Some((300, "input_file_id")))
+        .unwrap();
+    assert_eq!(b.storage_used("k").unwrap(), 300);
+    // Answers past what an output file may hold (4096 bytes under test) are not kept.
+    let answer = |i: i64| {
+        json!({"id": format!("r{i}"), "custom_id": format!("c{i}"),
+        "response": {"status_code": 200, "body": {"data": "y".repeat(3000)}}})
+    };
+    b.finish_line("batch_1", 0, true, &answer(0)).unwrap();
+    b.finish_line("batch_1", 1, true, &answer(1)).unwrap();
+    let results = results_of(&b.conn(), "batch_1").unwrap();
+    assert!(matches!(&results[0].1, Some((true, r)) if r.len() > 3000));
+    let Some((false, kept)) = &results[1].1 else {
+        panic!("{:?}", results[1]);
+    };
+    let kept: Value = serde_json::from_str(kept).unwrap();
+    assert_eq!(kept["custom_id"], "c1");
+    assert_eq!(kept["error"]["code"], "batch_output_too_large");
+    // The answers count too while the batch runs.
+    assert!(b.storage_used("k").unwrap() > 3300);
+}
