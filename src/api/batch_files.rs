@@ -100,11 +100,29 @@ pub async fn upload(
     let hint = (headers.get(header::CONTENT_LENGTH))
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .unwrap_or(0);
+    let owner = owner(&who);
+    let quota = state.batch.file_storage_per_key;
+    // A file announced larger than the key may still store is refused before it is read.
+    if let Some(quota) = quota.filter(|_| hint > 0) {
+        let o = owner.clone();
+        let used = store(&state, move |b| b.storage_used(&o)).await?;
+        if used.saturating_add(hint as u64) > quota.saturating_add(FORM_OVERHEAD) {
+            return Err(ApiError::invalid(
+                "file",
+                format!("the upload ({hint} bytes) does not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+            ));
+        }
+    }
     let limit = state
         .body_limits
         .read_timeout
         .max(crate::api::body::UPLOAD_READ_TIMEOUT);
-    let form = tokio::time::timeout(limit, read_form(&mut form, hint))
+    // Uploads are held whole before they are stored: a few at once, the rest wait.
+    let read = async {
+        let _slot = UPLOADS.acquire().await;
+        read_form(&mut form, hint).await
+    };
+    let form = tokio::time::timeout(limit, read)
         .await
         .map_err(|_| ApiError::body_timeout(limit))??;
     match form.purpose.as_deref() {
@@ -135,8 +153,6 @@ pub async fn upload(
     if bytes.is_empty() {
         return Err(ApiError::invalid("file", "`file` is empty"));
     }
-    let owner = owner(&who);
-    let quota = state.batch.file_storage_per_key;
     let meta = store(&state, move |b| {
         let file = NewFile {
             purpose: "batch",
@@ -149,6 +165,12 @@ pub async fn upload(
     .await?;
     Ok(Json(meta.object()))
 }
+
+/// Uploads read at once (each up to `MAX_FILE_BYTES` in memory until it is stored).
+static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// What a multipart body holds besides the file (boundaries, headers, the other fields).
+const FORM_OVERHEAD: u64 = 64 << 10;
 
 /// The shortest and longest expiry a file may be given (OpenAI's: an hour, 30 days).
 const MIN_EXPIRY_SECS: i64 = 3_600;
