@@ -82,6 +82,12 @@ pub async fn authenticate(
         }
         Err(e) => {
             let msg = match e {
+                AuthError::Unavailable => {
+                    return ApiError::unavailable(
+                        "The key store cannot be read right now; retry shortly",
+                    )
+                    .into_response()
+                }
                 AuthError::Missing => "You didn't provide an API key. Pass it as `Authorization: Bearer KEY` (or `x-api-key: KEY`).",
                 AuthError::Invalid => "Incorrect API key provided (unknown or revoked).",
                 AuthError::Expired => "The API key provided has expired.",

@@ -33,7 +33,7 @@ use super::error::ApiError;
 use super::gate::BatchCall;
 use super::AppState;
 use crate::gateway::batches::{new_id, ActiveBatch, Line, Results};
-use crate::gateway::Principal;
+use crate::gateway::{AuthError, Principal};
 
 /// What one request came to.
 enum Outcome {
@@ -314,6 +314,8 @@ impl Worker {
                 .max_parallel_requests
                 .map_or(usize::MAX, |p| (p as usize / 2).max(1))),
             Ok(_) => Ok(usize::MAX),
+            // The key store could not be read: nothing new starts this time round.
+            Err(AuthError::Unavailable) => Ok(0),
             Err(_) => Err(
                 "The key that made this batch was revoked or has expired (or the server's keys changed); its remaining requests were not run."
                     .into(),

@@ -98,6 +98,8 @@ pub enum AuthError {
     Missing,
     Invalid,
     Expired,
+    /// The key store could not be read: try again (never taken as a revoked key).
+    Unavailable,
 }
 
 #[derive(Debug, Clone)]
@@ -196,10 +198,10 @@ impl Gateway {
                 return Ok(Principal::Master);
             }
         }
-        let found = self.keys.lookup(key).unwrap_or_else(|e| {
+        let found = self.keys.lookup(key).map_err(|e| {
             tracing::error!(error = %e, "key lookup failed");
-            None
-        });
+            AuthError::Unavailable
+        })?;
         match found {
             Some(k) if k.expired(db::unix_now()) => Err(AuthError::Expired),
             Some(k) => Ok(Principal::Key(k)),
@@ -222,7 +224,7 @@ impl Gateway {
                 Ok(_) => Err(AuthError::Invalid),
                 Err(e) => {
                     tracing::error!(error = %e, "key lookup failed");
-                    Err(AuthError::Invalid)
+                    Err(AuthError::Unavailable)
                 }
             },
             _ => Err(AuthError::Missing),
@@ -520,5 +522,45 @@ impl Drop for Meter {
             self.gateway
                 .record_rejected(self.key_id.as_deref(), &self.labels, self.received);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_key_store_that_cannot_be_read_is_unavailable_not_a_revoked_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("g.db");
+        let g = Gateway::open(GatewayConfig {
+            db_path: db_path.clone(),
+            master_key: Some("sk-master".into()),
+            prices: PriceTable::default(),
+            global_tpm: None,
+            global_rpm: None,
+            responses_retention: None,
+        })
+        .unwrap();
+        assert!(matches!(
+            g.authenticate(Some("sk-unknown")),
+            Err(AuthError::Invalid)
+        ));
+        // The store breaks (a disk error, a schema another binary changed).
+        let conn = rusqlite::Connection::open(&db_path).unwrap();
+        conn.execute_batch("DROP TABLE meta").unwrap();
+        assert!(matches!(
+            g.authenticate(Some("sk-unknown")),
+            Err(AuthError::Unavailable)
+        ));
+        assert!(matches!(
+            g.principal_of("key", "some-key-id"),
+            Err(AuthError::Unavailable)
+        ));
+        // The master key needs no store.
+        assert!(matches!(
+            g.authenticate(Some("sk-master")),
+            Ok(Principal::Master)
+        ));
     }
 }
