@@ -324,6 +324,9 @@ impl Worker {
     }
 }
 
+/// Attempts at one request that may end with the process before it is given up.
+const MAX_CUT_ATTEMPTS: i64 = 3;
+
 /// Runs one request and stores its result; a panic in it is its (failed) result.
 async fn run_line(
     state: Arc<AppState>,
@@ -334,10 +337,27 @@ async fn run_line(
 ) -> (Key, Heard) {
     let line_no = line.line;
     let custom_id = line.custom_id.clone();
-    let outcome = AssertUnwindSafe(call_one(app, call, &batch_id, line))
-        .catch_unwind()
+    // A request whose attempts the process did not outlive is not tried for ever (it may be
+    // what stops it): after `MAX_CUT_ATTEMPTS`, its answer is an error.
+    let id = batch_id.clone();
+    let started = store(&state, move |b| b.begin_attempt(&id, line_no))
         .await
-        .unwrap_or_else(|_| failed(&custom_id, "The request failed inside the server."));
+        .unwrap_or(1);
+    let outcome = if started > MAX_CUT_ATTEMPTS {
+        failed(
+            &custom_id,
+            &format!("The request was not tried again: each of its last {MAX_CUT_ATTEMPTS} attempts was cut off by the server stopping while it ran."),
+        )
+    } else {
+        AssertUnwindSafe(call_one(app, call, &batch_id, line))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| failed(&custom_id, "The request failed inside the server."))
+    };
+    let id = batch_id.clone();
+    if let Err(e) = store(&state, move |b| b.end_attempt(&id, line_no)).await {
+        tracing::error!(error = %e.message, "a batch request's attempt could not be closed");
+    }
     let heard = match outcome {
         Outcome::Done { ok, result } => {
             let id = batch_id.clone();

@@ -291,6 +291,32 @@ impl Batches {
         Ok(out)
     }
 
+    /// A request of a batch starts: how many of its attempts have now started without
+    /// ending (more than one: the process stopped while an earlier one ran).
+    pub fn begin_attempt(&self, batch_id: &str, line: i64) -> Result<i64, GatewayError> {
+        self.conn()
+            .query_row(
+                "UPDATE batch_lines SET attempts = attempts + 1
+                 WHERE batch_id = ?1 AND line = ?2 RETURNING attempts",
+                params![batch_id, line],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|n| n.unwrap_or(0))
+            .map_err(GatewayError::db)
+    }
+
+    /// An attempt at a request ended (answered, or to be tried again later).
+    pub fn end_attempt(&self, batch_id: &str, line: i64) -> Result<(), GatewayError> {
+        self.conn()
+            .execute(
+                "UPDATE batch_lines SET attempts = 0 WHERE batch_id = ?1 AND line = ?2",
+                params![batch_id, line],
+            )
+            .map(|_| ())
+            .map_err(GatewayError::db)
+    }
+
     /// Records one request's output line (`ok`: it answered 2xx) and adds the tokens its
     /// answer used to the batch's usage, once (a line that has a result keeps it).
     pub fn finish_line(

@@ -337,3 +337,24 @@ fn a_batchs_held_answers_and_requests_are_bounded_and_counted() {
     // The answers count too while the batch runs.
     assert!(b.storage_used("k").unwrap() > 3300);
 }
+
+#[test]
+fn attempts_the_process_did_not_outlive_are_counted() {
+    let (_d, b) = store();
+    let object = json!({"id": "batch_1", "status": "in_progress", "created_at": 5});
+    let line = Line {
+        line: 0,
+        custom_id: "c0".into(),
+        url: "/v1/chat/completions".into(),
+        body: "{}".into(),
+    };
+    b.create("key", "k", &object, [line]).unwrap();
+    // Started and never ended (the process stopped each time): counted up.
+    let started: Vec<i64> = (0..3).map(|_| b.begin_attempt("batch_1", 0).unwrap()).collect();
+    assert_eq!(started, [1, 2, 3]);
+    // An attempt that ends (answered, or to be tried later) clears the count.
+    b.end_attempt("batch_1", 0).unwrap();
+    assert_eq!(b.begin_attempt("batch_1", 0).unwrap(), 1);
+    // No such line: nothing started.
+    assert_eq!(b.begin_attempt("batch_1", 9).unwrap(), 0);
+}

@@ -136,6 +136,7 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
         ("requests", "attempt", "TEXT"),
         ("requests", "superseded", "INTEGER NOT NULL DEFAULT 0"),
         ("batch_usage", "result_bytes", "INTEGER NOT NULL DEFAULT 0"),
+        ("batch_lines", "attempts", "INTEGER NOT NULL DEFAULT 0"),
     ] {
         add_column(&conn, table, column, decl).map_err(fail)?;
     }
