@@ -117,12 +117,10 @@ pub async fn upload(
         .body_limits
         .read_timeout
         .max(crate::api::body::UPLOAD_READ_TIMEOUT);
-    // Uploads are held whole before they are stored: a few at once, the rest wait.
-    let read = async {
-        let _slot = UPLOADS.acquire().await;
-        read_form(&mut form, hint).await
-    };
-    let form = tokio::time::timeout(limit, read)
+    // Uploads are held whole before they are stored: a few at once, the rest wait (the wait
+    // is not the upload's time).
+    let _slot = UPLOADS.acquire().await;
+    let form = tokio::time::timeout(limit, read_form(&mut form, hint))
         .await
         .map_err(|_| ApiError::body_timeout(limit))??;
     match form.purpose.as_deref() {

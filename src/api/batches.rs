@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::batch_input::{check_requests, requests};
 use super::error::ApiError;
 use super::AppState;
-use crate::gateway::batches::{new_id, BatchQuery, Batches, Page};
+use crate::gateway::batches::{new_id, BatchQuery, Batches, Page, Quota};
 use crate::gateway::{GatewayError, Principal};
 
 /// The largest file `/v1/files` takes (OpenAI's limit for batch input).
@@ -79,13 +79,13 @@ pub(super) async fn create_held(
     let (kind, owner) = (kind.to_string(), owner.to_string());
     let quota = state.batch.file_storage_per_key;
     store(state, move |b| {
-        b.create_held(
-            &kind,
-            &owner,
-            &object,
-            lines,
-            quota.map(|q| (q, "requests")),
-        )
+        let bytes = lines.iter().map(|l| l.body.len() as u64).sum();
+        let quota = quota.map(|limit| Quota {
+            limit,
+            bytes,
+            field: "requests",
+        });
+        b.create_held(&kind, &owner, &object, lines, quota)
     })
     .await?;
     state.batch_wake.notify_one();
@@ -327,8 +327,14 @@ pub async fn create(
     let (saved, target) = (object.clone(), endpoint.to_string());
     let quota = state.batch.file_storage_per_key;
     store(&state, move |b| {
+        let quota = quota.map(|limit| Quota {
+            limit,
+            bytes: (requests(&content, &target).take(keep))
+                .map(|l| l.body.len() as u64)
+                .sum(),
+            field: "input_file_id",
+        });
         let lines = requests(&content, &target).take(keep);
-        let quota = quota.map(|q| (q, "input_file_id"));
         b.create_held(&kind, &owner, &saved, lines, quota)
     })
     .await?;

@@ -117,7 +117,8 @@ pub async fn serve(
         state.cut_off();
         // Each ended request's ledger row is queued before it stops counting as in flight,
         // so once none is, the flush below writes them all.
-        let ended = tokio::time::Instant::now() + Duration::from_secs(3);
+        // (The engine ends them between steps: a long prefill step is waited for.)
+        let ended = tokio::time::Instant::now() + Duration::from_secs(10);
         while state.in_flight() > 0 && tokio::time::Instant::now() < ended {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

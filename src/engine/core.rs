@@ -439,8 +439,7 @@ impl<M: ModelRunner> Engine<M> {
             }
             let _ = events.send(Event::Failed(message.into()));
         }
-        for (id, mut a) in self.active.drain() {
-            self.scheduler.remove(id);
+        for (_, mut a) in self.active.drain() {
             a.ending = ending;
             let _ = a.events.send(Event::Failed(message.into()));
         }

@@ -17,18 +17,31 @@ fn live(now: &str) -> String {
     )
 }
 
-/// The bytes `owner`'s files live at `now` hold, and its running batches' requests and
-/// answers so far (held until they end; a batch made from a file holds a copy of it).
+/// The bytes `owner`'s files live at `now` hold, and what its running batches hold until
+/// they end: their answers so far, the requests of those made from a request's body, and
+/// for those made from files, their copies past the size of the files still stored that
+/// they came from (one file may start many batches; a file is its requests and a little).
 pub(super) fn used_by(conn: &Connection, owner: &str, now: i64) -> Result<u64, GatewayError> {
+    let live = live("?2");
     let used: i64 = conn
         .query_row(
             &format!(
-                "SELECT (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?1 AND {})
-                      + (SELECT COALESCE(SUM(length(CAST(l.body AS BLOB))
-                                             + COALESCE(length(CAST(l.result AS BLOB)), 0)), 0)
-                         FROM batch_lines l JOIN batches b ON b.id = l.batch_id
-                         WHERE b.owner = ?1)",
-                live("?2")
+                "SELECT (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?1 AND {live})
+                  + (SELECT COALESCE(SUM(COALESCE(length(CAST(l.result AS BLOB)), 0)), 0)
+                     FROM batch_lines l JOIN batches b ON b.id = l.batch_id WHERE b.owner = ?1)
+                  + (SELECT COALESCE(SUM(length(CAST(l.body AS BLOB))), 0)
+                     FROM batch_lines l JOIN batches b ON b.id = l.batch_id
+                     WHERE b.owner = ?1 AND json_extract(b.object, '$.input_file_id') IS NULL)
+                  + MAX(0,
+                      (SELECT COALESCE(SUM(length(CAST(l.body AS BLOB))), 0)
+                       FROM batch_lines l JOIN batches b ON b.id = l.batch_id
+                       WHERE b.owner = ?1
+                         AND json_extract(b.object, '$.input_file_id') IS NOT NULL)
+                    - (SELECT COALESCE(SUM(bytes), 0) FROM files
+                       WHERE owner = ?1 AND {live} AND id IN (
+                         SELECT json_extract(b.object, '$.input_file_id') FROM batches b
+                         WHERE b.owner = ?1
+                           AND EXISTS (SELECT 1 FROM batch_lines l WHERE l.batch_id = b.id))))"
             ),
             params![owner, now],
             |r| r.get(0),

@@ -124,35 +124,41 @@ impl Batches {
     }
 
     /// Stores a batch: its requests (and then their answers) are held until it ends, so they
-    /// count against the owner's storage quota with its files, a batch made from a file
-    /// too (it holds a copy, and one file may start many). With `quota` (the bytes and the
-    /// field to blame), checked in the writing transaction, as an upload's is.
+    /// count against the owner's storage quota with its files (see `used_by`). With `quota`,
+    /// checked in the writing transaction, as an upload's is.
     pub fn create_held(
         &self,
         owner_kind: &str,
         owner: &str,
         object: &Value,
         lines: impl IntoIterator<Item = Line>,
-        quota: Option<(u64, &str)>,
+        quota: Option<Quota<'_>>,
     ) -> Result<(), GatewayError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
-        let lines: Vec<Line> = lines.into_iter().collect();
-        if let Some((quota, field)) = quota {
-            let bytes: u64 = lines.iter().map(|l| l.body.len() as u64).sum();
+        if let Some(q) = quota.filter(|q| q.bytes > 0) {
             let used = files::used_by(&tx, owner, super::db::unix_now())?;
-            if used + bytes > quota {
+            if used + q.bytes > q.limit {
                 return Err(GatewayError::Invalid {
-                    field: field.into(),
-                    reason: format!("({bytes} bytes of requests) does not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+                    field: q.field.into(),
+                    reason: format!("({} bytes of requests) does not fit: this key's files and running batches hold {used} of the {} bytes it may store (`--file-storage-per-key`)", q.bytes, q.limit),
                 });
             }
         }
         insert_batch(&tx, owner_kind, owner, object, lines)?;
         tx.commit().map_err(GatewayError::db)
     }
+}
+
+/// A new batch's share of its owner's storage: `bytes` of requests against `limit`, the
+/// refusal naming `field`. (A batch made from a file counts only past the file itself.)
+#[derive(Debug, Clone, Copy)]
+pub struct Quota<'a> {
+    pub limit: u64,
+    pub bytes: u64,
+    pub field: &'a str,
 }
 
 /// A new batch's row and its requests', in `tx`.
@@ -342,7 +348,9 @@ impl Batches {
             .unwrap_or(0);
         let mut text = result.to_string();
         let mut ok = ok;
-        if held.max(0) as usize + text.len() > HELD_RESULTS_CAP {
+        // Each line ends with a newline in the file; what is refused still takes its short
+        // line, so room is kept for those.
+        if held.max(0) as usize + text.len() + 1 > HELD_RESULTS_CAP - HELD_RESULTS_CAP / 16 {
             ok = false;
             text = json!({"id": result["id"], "custom_id": result["custom_id"], "response": null,
                 "error": {"code": "batch_output_too_large", "message": format!(
@@ -371,7 +379,7 @@ impl Batches {
                     cached,
                     output,
                     reasoning,
-                    text.len() as i64
+                    text.len() as i64 + 1
                 ],
             )
             .map_err(GatewayError::db)?;

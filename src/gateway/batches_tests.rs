@@ -304,21 +304,33 @@ fn a_batchs_held_answers_and_requests_are_bounded_and_counted() {
             body: "x".repeat(100),
         })
         .collect();
-    // A batch made from a file holds a copy of its requests: they count against the quota.
-    let full = b.create_held(
-        "key",
-        "k",
-        &object,
-        lines.clone(),
-        Some((250, "input_file_id")),
-    );
+    // A batch made from a file holds a copy of its requests: past the file itself (one
+    // file may start many batches), they count against the quota.
+    let quota = |limit| {
+        Some(Quota {
+            limit,
+            bytes: 300,
+            field: "input_file_id",
+        })
+    };
+    let full = b.create_held("key", "k", &object, lines.clone(), quota(250));
     assert!(
         matches!(&full, Err(GatewayError::Invalid { field, .. }) if field == "input_file_id"),
         "{full:?}"
     );
-    b.create_held("key", "k", &object, lines, Some((300, "input_file_id")))
+    // Its file gone (deleted or expired): the copy is all there is.
+    b.create_held("key", "k", &object, lines.clone(), quota(300))
         .unwrap();
     assert_eq!(b.storage_used("k").unwrap(), 300);
+    // With its file stored, two batches from it count the file and their copies past the
+    // file's own size (a file is its requests and a little more).
+    let file = put(&b, "k", "in.jsonl", &[b'z'; 400]);
+    for id in ["batch_2", "batch_3"] {
+        let o = json!({"id": id, "status": "in_progress", "created_at": 5,
+            "input_file_id": file.id});
+        b.create_held("key", "k", &o, lines.clone(), None).unwrap();
+    }
+    assert_eq!(b.storage_used("k").unwrap(), 300 + 400 + (600 - 400));
     // Answers past what an output file may hold (4096 bytes under test) are not kept.
     let answer = |i: i64| {
         json!({"id": format!("r{i}"), "custom_id": format!("c{i}"),
@@ -335,7 +347,7 @@ fn a_batchs_held_answers_and_requests_are_bounded_and_counted() {
     assert_eq!(kept["custom_id"], "c1");
     assert_eq!(kept["error"]["code"], "batch_output_too_large");
     // The answers count too while the batch runs.
-    assert!(b.storage_used("k").unwrap() > 3300);
+    assert!(b.storage_used("k").unwrap() > 900 + 3000);
 }
 
 #[test]
@@ -350,7 +362,9 @@ fn attempts_the_process_did_not_outlive_are_counted() {
     };
     b.create("key", "k", &object, [line]).unwrap();
     // Started and never ended (the process stopped each time): counted up.
-    let started: Vec<i64> = (0..3).map(|_| b.begin_attempt("batch_1", 0).unwrap()).collect();
+    let started: Vec<i64> = (0..3)
+        .map(|_| b.begin_attempt("batch_1", 0).unwrap())
+        .collect();
     assert_eq!(started, [1, 2, 3]);
     // An attempt that ends (answered, or to be tried later) clears the count.
     b.end_attempt("batch_1", 0).unwrap();

@@ -334,7 +334,9 @@ impl Gateway {
         let key = who.key_id().zip(spec.as_ref());
         let unix = db::unix_now();
         let spent = self.spend_read_first(key, unix);
-        let refund = self.attempt_refund(who.key_id(), labels);
+        // (The period this admission holds the key's spend for, loaded by it or before.)
+        let period = spec.as_ref().map(|s| limits::period_start(s, unix));
+        let refund = self.attempt_refund(who.key_id(), labels, period);
         let mut limits = self.limits();
         let admitted = limits.admit_cached(key, cost, unix, spent);
         if let Err(refusal) = admitted {
@@ -390,11 +392,12 @@ impl Gateway {
         &self,
         key_id: Option<&'k str>,
         labels: &Labels,
+        period: Option<i64>,
     ) -> Option<(&'k str, i64, u64)> {
         let (Some(key), Some(attempt)) = (key_id, labels.attempt.as_deref()) else {
             return None;
         };
-        let period = self.limits().loaded_period(key)?;
+        let period = period.or_else(|| self.limits().loaded_period(key))?;
         let cost = self
             .ledger
             .attempt_cost(attempt, period)
@@ -482,7 +485,7 @@ impl Meter {
         if let Some(grant) = self.grant.take() {
             let used = tokens.prompt + tokens.completion;
             let key = self.key_id.as_deref();
-            let refund = self.gateway.attempt_refund(key, &self.labels);
+            let refund = self.gateway.attempt_refund(key, &self.labels, None);
             let mut limits = self.gateway.limits();
             limits.settle(&grant, Some((used, cost)), Instant::now());
             if let Some((key, period, cost)) = refund {
