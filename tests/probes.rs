@@ -91,12 +91,19 @@ fn a_stalled_engine_fails_liveness_and_readiness() {
     s.wait_ready();
     let (status, body) = raw_request(&s.addr, "GET", "/health", None, b"");
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
-    // The first step hangs; the request never finishes.
+    // The first step hangs: the engine never answers the request, but the server does once
+    // the stall is seen (it waited for ever, a stream kept open by keep-alive comments).
     let base = s.base.clone();
+    let (tx, answered) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = ureq::post(&format!("{base}/v1/completions"))
+        let r = ureq::post(&format!("{base}/v1/completions"))
             .timeout(Duration::from_secs(30))
             .send_json(json!({"prompt": "Hi", "max_tokens": 2}));
+        let _ = tx.send(match r {
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        });
     });
     let started = Instant::now();
     let mut last = (0, serde_json::Value::Null);
@@ -117,6 +124,11 @@ fn a_stalled_engine_fails_liveness_and_readiness() {
         (status, body["status"].as_str()),
         (503, Some("engine_stalled"))
     );
+    let (code, body) = answered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting request is answered");
+    assert!(code >= 500, "{code} {body}");
+    assert!(body.contains("stopped making progress"), "{body}");
     s.kill9();
 }
 

@@ -37,6 +37,7 @@ pub async fn serve(
     tracing::info!(%addr, "listening");
     let app = router(state.clone());
     batch_worker::spawn(state.clone(), app.clone(), state.batch.concurrency);
+    tokio::spawn(watch_for_stalls(state.clone()));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -143,6 +144,30 @@ pub async fn serve(
         anyhow::bail!("the engine thread failed (an internal error); exiting so a supervisor can restart the server");
     }
     Ok(())
+}
+
+/// An engine stuck in a step for longer than `--stall-timeout` fails liveness (a supervisor
+/// restarts the server); the requests it holds are told so at once, so their clients (a
+/// stream kept open by keep-alive comments) get an ending instead of waiting for ever.
+async fn watch_for_stalls(state: Arc<AppState>) {
+    let mut told = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(ready) = state.ready.get() else {
+            continue;
+        };
+        let stalled = ready.engine.silent_for() > state.stall_timeout;
+        if stalled && !told {
+            let n = ready.engine.abandon(
+                "the engine has stopped making progress; the server is restarting, retry the request",
+            );
+            tracing::error!(
+                requests = n,
+                "the engine is stalled: its requests were ended"
+            );
+        }
+        told = stalled;
+    }
 }
 
 /// Over `--max-connections`: a short 503 in OpenAI's shape, then close.

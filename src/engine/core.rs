@@ -84,6 +84,9 @@ pub struct EngineHandle {
     heartbeat: Heartbeat,
     /// Set once, at the end of a shutdown's drain: the engine ends what it holds.
     cut: Arc<AtomicBool>,
+    /// Every request's event channel while it lives, so that a stalled engine's requests
+    /// can be told so from outside its thread ([`abandon`](Self::abandon)).
+    waiting: Arc<std::sync::Mutex<Vec<mpsc::WeakUnboundedSender<Event>>>>,
 }
 
 impl EngineHandle {
@@ -112,6 +115,7 @@ impl EngineHandle {
         let mut rxs = Vec::with_capacity(n);
         for req in reqs {
             let (tx, rx) = mpsc::unbounded_channel();
+            self.watch(&tx);
             if let Err(e) = self.tx.try_send(Command::Submit(Box::new(req), tx)) {
                 // Those sent are cancelled as their receivers drop; the rest never ran.
                 self.in_flight.fetch_sub(n - rxs.len(), Ordering::SeqCst);
@@ -136,6 +140,7 @@ impl EngineHandle {
             return Err((SubmitError::QueueFull, Box::new(req)));
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        self.watch(&tx);
         match self.tx.try_send(Command::Submit(Box::new(req), tx)) {
             Ok(()) => Ok(rx),
             Err(e) => {
@@ -177,6 +182,28 @@ impl EngineHandle {
     /// waits for work). A step of a large prompt takes seconds; minutes mean it is stuck.
     pub fn silent_for(&self) -> Duration {
         self.heartbeat.silent_for()
+    }
+
+    /// Keeps a weak handle on a request's events (those of ended requests are dropped as the
+    /// list grows).
+    fn watch(&self, tx: &mpsc::UnboundedSender<Event>) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= 2 * self.capacity.max(16) {
+            w.retain(|s| s.strong_count() > 0);
+        }
+        w.push(tx.downgrade());
+    }
+
+    /// A stalled engine (its thread stuck in a step) can tell its requests nothing: each
+    /// that still waits is told `message` from here, so its client gets an ending (a
+    /// stream's error event) instead of waiting for ever. How many were told.
+    pub fn abandon(&self, message: &str) -> usize {
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        waiting
+            .iter()
+            .filter_map(mpsc::WeakUnboundedSender::upgrade)
+            .filter(|tx| tx.send(Event::Failed(message.into())).is_ok())
+            .count()
     }
 
     /// The end of a shutdown's drain: every request still held ends now, each told so (a
@@ -277,6 +304,7 @@ pub fn start<M: ModelRunner>(
         max_batch_size: config.max_batch_size,
         heartbeat,
         cut,
+        waiting: Default::default(),
     })
 }
 
