@@ -120,6 +120,7 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
     for (i, m) in input.iter().enumerate() {
         translate_message(m, i, &mut messages)?;
     }
+    let messages = merge_turns(messages);
     // A last assistant turn is a prefill: the reply continues it.
     let prefill = input.last().is_some_and(|m| m["role"] == "assistant")
         && messages
@@ -179,6 +180,37 @@ fn text_of(v: &Value, field: &str) -> Result<String, ApiError> {
             format!("`{field}` must be a string or a list of text blocks"),
         )),
     }
+}
+
+/// Consecutive turns of one role are one turn, as Anthropic takes them (templates that
+/// insist on alternating roles, Mistral's and Llama 2's, would refuse them apart): their
+/// texts joined by a blank line. Turns with tool calls or results stay as they are. (The
+/// Responses API's items too: `instructions` and a developer item are one system turn.)
+pub(super) fn merge_turns(messages: Vec<Value>) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::with_capacity(messages.len());
+    for m in messages {
+        let plain = |m: &Value| {
+            matches!(m["role"].as_str(), Some("system" | "user" | "assistant"))
+                && m.get("tool_calls").is_none()
+                && m["content"].is_string()
+        };
+        match out.last_mut() {
+            Some(prev) if plain(prev) && plain(&m) && prev["role"] == m["role"] => {
+                let (a, b) = (
+                    prev["content"].as_str().unwrap_or(""),
+                    m["content"].as_str().unwrap_or(""),
+                );
+                let joined = match (a.is_empty(), b.is_empty()) {
+                    (true, _) => b.to_string(),
+                    (_, true) => a.to_string(),
+                    _ => format!("{a}\n\n{b}"),
+                };
+                prev["content"] = Value::String(joined);
+            }
+            _ => out.push(m),
+        }
+    }
+    out
 }
 
 fn translate_message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), ApiError> {
@@ -430,6 +462,22 @@ mod tests {
         assert_eq!(
             m[3],
             json!({"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"})
+        );
+    }
+
+    #[test]
+    fn consecutive_turns_of_one_role_are_one() {
+        let body = json!({"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": [{"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "d"},
+        ]});
+        let chat = to_chat_request(body, false).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"},
+                   {"role": "user", "content": "d"}])
         );
     }
 

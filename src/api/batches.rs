@@ -191,7 +191,7 @@ fn list(page: Page<Value>) -> Json<Value> {
     }))
 }
 
-fn checked_metadata(v: Option<&Value>) -> Result<Value, ApiError> {
+pub(super) fn checked_metadata(v: Option<&Value>) -> Result<Value, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(Value::Null),
         Some(Value::Object(m))

@@ -188,6 +188,8 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
         ));
     };
     let mut out = Map::new();
+    // Kept with a stored response: bounded as OpenAI bounds it (a 400 otherwise).
+    super::batches::checked_metadata(b.get("metadata"))?;
     let instructions = match b.get("instructions") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
@@ -200,7 +202,10 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
     };
     out.insert(
         "messages".into(),
-        Value::Array(messages(context, instructions)),
+        Value::Array(super::anthropic::merge_turns(messages(
+            context,
+            instructions,
+        ))),
     );
     for field in [
         "model",
@@ -290,7 +295,10 @@ pub fn echo(body: &Value) -> Map<String, Value> {
         "max_output_tokens".into(),
         get("max_output_tokens", Value::Null),
     );
-    e.insert("metadata".into(), get("metadata", json!({})));
+    // Metadata was checked (`to_chat_request`); of `text` and `reasoning`, the fields the
+    // API has, not whatever a request sent (a stored response keeps its echo).
+    let metadata = body.get("metadata").filter(|m| m.is_object());
+    e.insert("metadata".into(), metadata.cloned().unwrap_or(json!({})));
     e.insert(
         "parallel_tool_calls".into(),
         get("parallel_tool_calls", json!(true)),
@@ -303,14 +311,24 @@ pub fn echo(body: &Value) -> Map<String, Value> {
     e.insert("top_p".into(), get("top_p", json!(1.0)));
     e.insert("tool_choice".into(), get("tool_choice", json!("auto")));
     e.insert("tools".into(), get("tools", json!([])));
-    e.insert(
-        "text".into(),
-        get("text", json!({"format": {"type": "text"}})),
-    );
+    let text = body.get("text");
+    let format = text.and_then(|t| t.get("format")).cloned();
+    let mut t = json!({"format": format.unwrap_or(json!({"type": "text"}))});
+    if let Some(v) = text.and_then(|t| t.get("verbosity")) {
+        t["verbosity"] = v.clone();
+    }
+    e.insert("text".into(), t);
     e.insert("store".into(), get("store", json!(true)));
+    let reasoning = body.get("reasoning");
+    let field = |k: &str| {
+        reasoning
+            .and_then(|r| r.get(k))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     e.insert(
         "reasoning".into(),
-        get("reasoning", json!({"effort": null, "summary": null})),
+        json!({"effort": field("effort"), "summary": field("summary")}),
     );
     e
 }
@@ -533,5 +551,22 @@ mod tests {
         }
         let e = to_chat_request(json!({"tools": [{"type": "web_search"}]}), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tools[0].type"));
+        // Metadata is kept with a stored response: bounded as OpenAI bounds it.
+        for bad in [
+            json!("str"),
+            json!([1]),
+            json!({"k": "v".repeat(513)}),
+            json!({"k": 1}),
+        ] {
+            let e = to_chat_request(json!({"metadata": bad}), &[]).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("metadata"), "{bad}");
+        }
+        // The echo keeps the API's fields of `text` and `reasoning`, nothing else sent.
+        let e = echo(
+            &json!({"text": {"format": {"type": "text"}, "junk": "x".repeat(99)},
+                             "reasoning": {"effort": "low", "junk": 1}}),
+        );
+        assert_eq!(e["text"], json!({"format": {"type": "text"}}));
+        assert_eq!(e["reasoning"], json!({"effort": "low", "summary": null}));
     }
 }

@@ -42,7 +42,8 @@ pub async fn responses_create(
 ) -> Result<Response, ApiError> {
     let bytes = body_or_error(body, state.max_body_bytes)?;
     let v = parse_body(&bytes)?;
-    let owner = who.key_id().unwrap_or_default().to_string();
+    // The master key's apart from the key-less caller's, as its batches are.
+    let owner = who.owner().1.to_string();
     let mut context = match v.get("previous_response_id") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(id)) => {
@@ -92,7 +93,7 @@ pub async fn responses_get(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default().to_string();
+    let owner = who.owner().1.to_string();
     let key = id.clone();
     stored(&state, move |c| c.get(&key, &owner))
         .await?
@@ -106,7 +107,7 @@ pub async fn responses_delete(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = who.key_id().unwrap_or_default().to_string();
+    let owner = who.owner().1.to_string();
     let key = id.clone();
     let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
     if !deleted {
