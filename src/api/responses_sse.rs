@@ -78,6 +78,28 @@ impl State {
         self.pending.push_back((kind, data));
     }
 
+    /// Opens the message item text goes into, unless one is open.
+    fn open_text(&mut self) {
+        if self.text.is_some() {
+            return;
+        }
+        self.close();
+        let index = self.output.len();
+        let mut item = message_item(&self.ctx, index, "", "in_progress");
+        let id = item["id"].clone();
+        item["content"] = json!([]);
+        self.emit(
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.emit(
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []}}),
+        );
+        self.text = Some(String::new());
+    }
+
     fn close(&mut self) {
         let index = self.output.len();
         if let Some(text) = self.reasoning.take() {
@@ -166,24 +188,7 @@ impl State {
             }
             Piece::Content(t) if t.is_empty() => {}
             Piece::Content(t) => {
-                if self.text.is_none() {
-                    self.close();
-                    let index = self.output.len();
-                    let item = message_item(&self.ctx, index, "", "in_progress");
-                    let id = item["id"].clone();
-                    let mut item = item;
-                    item["content"] = json!([]);
-                    self.emit(
-                        "response.output_item.added",
-                        json!({"output_index": index, "item": item}),
-                    );
-                    self.emit(
-                        "response.content_part.added",
-                        json!({"item_id": id, "output_index": index, "content_index": 0,
-                        "part": {"type": "output_text", "text": "", "annotations": []}}),
-                    );
-                    self.text = Some(String::new());
-                }
+                self.open_text();
                 let index = self.output.len();
                 let id = message_id(&self.ctx, index);
                 self.emit(
@@ -241,11 +246,11 @@ impl State {
                 if reason == FinishReason::Length {
                     self.item_status = "incomplete";
                 }
-                self.close();
-                if self.output.is_empty() {
-                    self.output
-                        .push(message_item(&self.ctx, 0, "", self.item_status));
+                // A reply with nothing in it is an empty message, announced as any other.
+                if self.output.is_empty() && self.reasoning.is_none() {
+                    self.open_text();
                 }
+                self.close();
                 let r = finish(
                     &self.ctx,
                     &self.meta,
