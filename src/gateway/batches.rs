@@ -17,8 +17,6 @@ use super::GatewayError;
 
 /// The most a stored file may hold (SQLite's blobs stop at 1,000,000,000 bytes).
 pub const MAX_STORED_BYTES: usize = 900_000_000;
-/// The answers a running batch keeps: what its output file may hold (a little in tests).
-const HELD_RESULTS_CAP: usize = if cfg!(test) { 4096 } else { MAX_STORED_BYTES };
 
 /// Statuses a batch still has work in (the worker's).
 pub const ACTIVE: [&str; 3] = ["in_progress", "finalizing", "cancelling"];
@@ -263,130 +261,6 @@ impl Batches {
             .collect()
     }
 
-    /// Up to `limit` of a batch's requests without a result, in file order, skipping `busy`.
-    pub fn pending(
-        &self,
-        batch_id: &str,
-        busy: &[i64],
-        limit: usize,
-    ) -> Result<Vec<Line>, GatewayError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT line, custom_id, url, body FROM batch_lines
-                 WHERE batch_id = ?1 AND result IS NULL ORDER BY line",
-            )
-            .map_err(GatewayError::db)?;
-        let mut rows = stmt.query(params![batch_id]).map_err(GatewayError::db)?;
-        let mut out = Vec::new();
-        while out.len() < limit {
-            let Some(r) = rows.next().map_err(GatewayError::db)? else {
-                break;
-            };
-            let line: i64 = r.get(0).map_err(GatewayError::db)?;
-            if busy.contains(&line) {
-                continue;
-            }
-            out.push(Line {
-                line,
-                custom_id: r.get(1).map_err(GatewayError::db)?,
-                url: r.get(2).map_err(GatewayError::db)?,
-                body: r.get(3).map_err(GatewayError::db)?,
-            });
-        }
-        Ok(out)
-    }
-
-    /// A request of a batch starts: how many of its attempts have now started without
-    /// ending (more than one: the process stopped while an earlier one ran).
-    pub fn begin_attempt(&self, batch_id: &str, line: i64) -> Result<i64, GatewayError> {
-        self.conn()
-            .query_row(
-                "UPDATE batch_lines SET attempts = attempts + 1
-                 WHERE batch_id = ?1 AND line = ?2 RETURNING attempts",
-                params![batch_id, line],
-                |r| r.get(0),
-            )
-            .optional()
-            .map(|n| n.unwrap_or(0))
-            .map_err(GatewayError::db)
-    }
-
-    /// An attempt at a request ended (answered, or to be tried again later).
-    pub fn end_attempt(&self, batch_id: &str, line: i64) -> Result<(), GatewayError> {
-        self.conn()
-            .execute(
-                "UPDATE batch_lines SET attempts = 0 WHERE batch_id = ?1 AND line = ?2",
-                params![batch_id, line],
-            )
-            .map(|_| ())
-            .map_err(GatewayError::db)
-    }
-
-    /// Records one request's output line (`ok`: it answered 2xx) and adds the tokens its
-    /// answer used to the batch's usage, once (a line that has a result keeps it).
-    pub fn finish_line(
-        &self,
-        batch_id: &str,
-        line: i64,
-        ok: bool,
-        result: &Value,
-    ) -> Result<(), GatewayError> {
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
-        // The results a batch holds are its output file to be: past what a file may hold,
-        // a line's answer is not kept (the batch could not end, its results read into
-        // memory at once), and the line says so.
-        let held: i64 = tx
-            .query_row(
-                "SELECT result_bytes FROM batch_usage WHERE batch_id = ?1",
-                params![batch_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(GatewayError::db)?
-            .unwrap_or(0);
-        let mut text = result.to_string();
-        let mut ok = ok;
-        // Each line ends with a newline in the file; what is refused still takes its short
-        // line, so room is kept for those.
-        if held.max(0) as usize + text.len() + 1 > HELD_RESULTS_CAP - HELD_RESULTS_CAP / 16 {
-            ok = false;
-            text = json!({"id": result["id"], "custom_id": result["custom_id"], "response": null,
-                "error": {"code": "batch_output_too_large", "message": format!(
-                    "this request's answer ({} bytes) was not kept: the batch's results reached the {MAX_STORED_BYTES} bytes an output file may hold; split the work into smaller batches",
-                    text.len())}})
-            .to_string();
-        }
-        let n = tx
-            .execute(
-                "UPDATE batch_lines SET ok = ?3, result = ?4
-                 WHERE batch_id = ?1 AND line = ?2 AND result IS NULL",
-                params![batch_id, line, ok, text],
-            )
-            .map_err(GatewayError::db)?;
-        if n > 0 {
-            let [input, cached, output, reasoning] = tokens_of(&result["response"]["body"]);
-            tx.execute(
-                "INSERT INTO batch_usage (batch_id, input, cached, output, reasoning, result_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (batch_id) DO UPDATE SET input = input + ?2,
-                 cached = cached + ?3, output = output + ?4, reasoning = reasoning + ?5,
-                 result_bytes = result_bytes + ?6",
-                params![
-                    batch_id,
-                    input,
-                    cached,
-                    output,
-                    reasoning,
-                    text.len() as i64 + 1
-                ],
-            )
-            .map_err(GatewayError::db)?;
-        }
-        tx.commit().map_err(GatewayError::db)
-    }
-
     /// Ends a batch whose status is still `expect`, in one transaction: `build` turns its
     /// requests' results into the output and error files (and sets the object's status and
     /// counts), the files are stored, the object saved, its request rows (prompt text)
@@ -562,29 +436,6 @@ fn cursor_named(
     })
 }
 
-/// The tokens (input, cached input, output, reasoning) a reply's body says it used: a chat
-/// or text completion's or embeddings' `usage`, a response's, or, in Cloudflare's envelope,
-/// a Workers AI answer's (`result.usage`).
-fn tokens_of(body: &Value) -> [i64; 4] {
-    let u = match &body["usage"] {
-        Value::Null => &body["result"]["usage"],
-        u => u,
-    };
-    let n = |a: &Value, b: &Value| a.as_i64().or_else(|| b.as_i64()).unwrap_or(0).max(0);
-    [
-        n(&u["prompt_tokens"], &u["input_tokens"]),
-        n(
-            &u["prompt_tokens_details"]["cached_tokens"],
-            &u["input_tokens_details"]["cached_tokens"],
-        ),
-        n(&u["completion_tokens"], &u["output_tokens"]),
-        n(
-            &u["completion_tokens_details"]["reasoning_tokens"],
-            &u["output_tokens_details"]["reasoning_tokens"],
-        ),
-    ]
-}
-
 /// Batch `id`'s usage so far, as OpenAI's batch object gives it.
 fn usage_of(conn: &Connection, id: &str) -> Result<Value, GatewayError> {
     let [input, cached, output, reasoning] = conn
@@ -633,6 +484,8 @@ fn with_counts(conn: &Connection, mut object: Value) -> Result<Value, GatewayErr
 
 #[path = "batch_files.rs"]
 mod files;
+#[path = "batch_lines.rs"]
+mod lines;
 #[path = "batch_list.rs"]
 mod list;
 use files::insert_file;
