@@ -102,17 +102,6 @@ pub async fn upload(
         .unwrap_or(0);
     let owner = owner(&who);
     let quota = state.batch.file_storage_per_key;
-    // A file announced larger than the key may still store is refused before it is read.
-    if let Some(quota) = quota.filter(|_| hint > 0) {
-        let o = owner.clone();
-        let used = store(&state, move |b| b.storage_used(&o)).await?;
-        if used.saturating_add(hint as u64) > quota.saturating_add(FORM_OVERHEAD) {
-            return Err(ApiError::invalid(
-                "file",
-                format!("the upload ({hint} bytes) does not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
-            ));
-        }
-    }
     let limit = state
         .body_limits
         .read_timeout
@@ -166,9 +155,6 @@ pub async fn upload(
 
 /// Uploads read at once (each up to `MAX_FILE_BYTES` in memory until it is stored).
 static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-
-/// What a multipart body holds besides the file (boundaries, headers, the other fields).
-const FORM_OVERHEAD: u64 = 64 << 10;
 
 /// The shortest and longest expiry a file may be given (OpenAI's: an hour, 30 days).
 const MIN_EXPIRY_SECS: i64 = 3_600;
