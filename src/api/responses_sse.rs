@@ -84,8 +84,18 @@ impl State {
             return;
         }
         self.close();
+        let item = message_item(&self.ctx, self.output.len(), "", "in_progress");
+        self.announce(
+            item,
+            json!({"type": "output_text", "text": "", "annotations": []}),
+        );
+        self.text = Some(String::new());
+    }
+
+    /// Announces an item that parts of text go into: `output_item.added`, empty, then its
+    /// first part's `content_part.added`.
+    fn announce(&mut self, mut item: Value, part: Value) {
         let index = self.output.len();
-        let mut item = message_item(&self.ctx, index, "", "in_progress");
         let id = item["id"].clone();
         item["content"] = json!([]);
         self.emit(
@@ -94,10 +104,8 @@ impl State {
         );
         self.emit(
             "response.content_part.added",
-            json!({"item_id": id, "output_index": index, "content_index": 0,
-            "part": {"type": "output_text", "text": "", "annotations": []}}),
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
         );
-        self.text = Some(String::new());
     }
 
     fn close(&mut self) {
@@ -160,19 +168,8 @@ impl State {
             Piece::Reasoning(t) => {
                 if self.reasoning.is_none() {
                     self.close();
-                    let index = self.output.len();
-                    let mut item = reasoning_item(&self.ctx, index, "", "in_progress");
-                    item["content"] = json!([]);
-                    let id = item["id"].clone();
-                    self.emit(
-                        "response.output_item.added",
-                        json!({"output_index": index, "item": item}),
-                    );
-                    self.emit(
-                        "response.content_part.added",
-                        json!({"item_id": id, "output_index": index, "content_index": 0,
-                               "part": {"type": "reasoning_text", "text": ""}}),
-                    );
+                    let item = reasoning_item(&self.ctx, self.output.len(), "", "in_progress");
+                    self.announce(item, json!({"type": "reasoning_text", "text": ""}));
                     self.reasoning = Some(String::new());
                 }
                 let index = self.output.len();
