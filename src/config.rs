@@ -252,7 +252,8 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_STALL_TIMEOUT", default_value_t = 120)]
     pub stall_timeout: u64,
 
-    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting.
+    /// Seconds to let running requests finish after SIGINT/SIGTERM before exiting (a second
+    /// signal ends the drain at once).
     #[arg(long, env = "EDGEINFER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
 

@@ -200,3 +200,38 @@ fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
     assert_eq!(status, "cancelled");
     assert!(completion > 10, "{completion} tokens");
 }
+
+#[test]
+fn a_second_signal_ends_the_drain_at_once() {
+    let mut s = Server::start(&["--shutdown-timeout", "600"]);
+    let mut body = long_stream();
+    body["max_tokens"] = json!(4000);
+    body["logit_bias"] = json!({"0": -100, "2": -100});
+    let (tx, rx) = std::sync::mpsc::channel();
+    let base = s.base.clone();
+    let h = std::thread::spawn(move || stream_lines(&base, &body, tx));
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the stream starts");
+    s.signal_term();
+    // The first signal drains: the stream goes on.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!h.is_finished(), "the first signal let the stream run");
+    let second = Instant::now();
+    s.signal_term();
+    let lines = h.join().unwrap();
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"), "{tail:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("shutting down")),
+        "the stream was not ended by the second signal: {tail:?}"
+    );
+    let exit = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the process exits");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        second.elapsed() < Duration::from_secs(20),
+        "{:?} from the second signal to the exit",
+        second.elapsed()
+    );
+}

@@ -20,7 +20,7 @@ pub struct ConnLimits {
 
 /// Serves until SIGINT/SIGTERM, then drains: `/ready` and new requests get 503 at once (`/health` stays 200, draining)
 /// (new connections are still accepted, so probes see the 503), running requests finish
-/// for up to `drain`, and it returns. If the engine thread dies it stops the same way, with
+/// for up to `drain` (a second signal ends the drain at once), and it returns. If the engine thread dies it stops the same way, with
 /// a short drain, and returns an error so the process exits non-zero.
 pub async fn serve(
     state: Arc<AppState>,
@@ -52,6 +52,7 @@ pub async fn serve(
     tokio::pin!(failure);
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut engine_failed = false;
+    let mut forced = false;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         let (stream, _peer) = tokio::select! {
@@ -64,10 +65,19 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut signal, if deadline.is_none() => {
-                tracing::info!(in_flight = state.in_flight(), "shutdown requested: readiness 503, draining running requests");
-                state.begin_shutdown();
-                deadline = Some(tokio::time::Instant::now() + drain);
+            _ = &mut signal, if !forced => {
+                if deadline.is_none() {
+                    tracing::info!(in_flight = state.in_flight(), "shutdown requested: readiness 503, draining running requests");
+                    state.begin_shutdown();
+                    deadline = Some(tokio::time::Instant::now() + drain);
+                } else {
+                    // A second signal (Ctrl-C twice, an impatient supervisor): the drain
+                    // ends now, and the running requests are ended as at its timeout.
+                    tracing::warn!(in_flight = state.in_flight(), "second shutdown signal: ending the drain now");
+                    forced = true;
+                    deadline = Some(tokio::time::Instant::now());
+                }
+                signal.set(shutdown_signal());
                 continue;
             }
             _ = &mut failure, if !engine_failed => {
