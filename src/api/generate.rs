@@ -87,7 +87,9 @@ fn budget(
     // llama-server's `n_predict` is a most, not a promise: past the free context the reply
     // ends there (`stop_type: "limit"`); only a prompt that fills the context is refused.
     let requested = match gate.route {
-        "/completion" if prompt.len() < limit => requested.map(|m| m.min(limit - prompt.len())),
+        "/completion" | "/infill" if prompt.len() < limit => {
+            requested.map(|m| m.min(limit - prompt.len()))
+        }
         _ => requested,
     };
     match requested {

@@ -120,7 +120,9 @@ pub async fn infill(
         // the completion leaves the fill nothing, the chunks get half of what it leaves; a
         // completion that leaves no room for the layout's own tokens is refused with the
         // prompt as sent.
-        let reserve = requested.unwrap_or(limit / 4);
+        // (An `n_predict` past three quarters of the context reserves that much: the fill
+        // keeps a quarter, and the reply writes to the context's end, as llama-server's.)
+        let reserve = requested.unwrap_or(limit / 4).min(limit / 4 * 3);
         // The layout's tokens and the context's own (its head and tail) always go in.
         let frame = context.head.len() + context.tail.len();
         let layout = fim.prompt(tok, &[], &[], &[]).len() + frame;
