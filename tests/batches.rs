@@ -530,6 +530,39 @@ fn files_expire_as_asked_and_a_key_stores_no_more_than_its_quota() {
     );
     let message = e["error"]["message"].as_str().unwrap();
     assert!(message.contains(&QUOTA.to_string()), "{message}");
+    // One announced that large is refused before it is sent, to a client that waits for
+    // `100 Continue` (curl does for large bodies)...
+    use std::io::{Read, Write};
+    let head = |expect: &str| {
+        format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\nConnection: close\r\n{expect}\r\n",
+        s.addr,
+        8 << 20
+    )
+    };
+    let mut sock = std::net::TcpStream::connect(&s.addr).unwrap();
+    sock.write_all(head("Expect: 100-continue\r\n").as_bytes())
+        .unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = sock.read(&mut got).expect("an answer before the body");
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("--file-storage-per-key"), "{text}");
+    // ... and to one that sends it at once, after the whole body, never a broken pipe.
+    let mut body = form(&vec![b'y'; 8 << 20], "batch", &[]);
+    body.truncate(8 << 20);
+    body.resize(8 << 20, b'y');
+    let mut sock = std::net::TcpStream::connect(&s.addr).unwrap();
+    sock.write_all(head("").as_bytes()).unwrap();
+    sock.write_all(&body).expect("the whole body is taken");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut text = String::new();
+    let _ = sock.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("--file-storage-per-key"), "{text}");
     assert_eq!(
         call(&s, "DELETE", &format!("/v1/files/{big_id}"), None, None).0,
         200

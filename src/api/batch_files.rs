@@ -106,6 +106,25 @@ pub async fn upload(
         .body_limits
         .read_timeout
         .max(crate::api::body::UPLOAD_READ_TIMEOUT);
+    // A file announced larger than the key may still store is refused before it is held:
+    // a client that waits for `100 Continue` sends nothing more, one already sending has
+    // its body read and dropped, so it reads the refusal (not a broken pipe).
+    if let Some(quota) = quota.filter(|_| hint > 0) {
+        let o = owner.clone();
+        let used = store(&state, move |b| b.storage_used(&o)).await?;
+        if used.saturating_add(hint as u64) > quota.saturating_add(FORM_OVERHEAD) {
+            let expects = headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !expects {
+                let _ = tokio::time::timeout(limit, discard(&mut form)).await;
+            }
+            return Err(ApiError::invalid(
+                "file",
+                format!("the upload ({hint} bytes) does not fit: this key's files and running batches hold {used} of the {quota} bytes it may store (`--file-storage-per-key`)"),
+            ));
+        }
+    }
     // Uploads are held whole before they are stored: a few at once, the rest wait (the wait
     // is not the upload's time).
     let _slot = UPLOADS.acquire().await;
@@ -155,6 +174,16 @@ pub async fn upload(
 
 /// Uploads read at once (each up to `MAX_FILE_BYTES` in memory until it is stored).
 static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// What a multipart body holds besides the file (boundaries, headers, the other fields).
+const FORM_OVERHEAD: u64 = 64 << 10;
+
+/// Reads the rest of a refused upload, keeping none of it.
+async fn discard(form: &mut Multipart) {
+    while let Ok(Some(mut field)) = form.next_field().await {
+        while let Ok(Some(_)) = field.chunk().await {}
+    }
+}
 
 /// The shortest and longest expiry a file may be given (OpenAI's: an hour, 30 days).
 const MIN_EXPIRY_SECS: i64 = 3_600;
