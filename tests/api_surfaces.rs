@@ -260,6 +260,36 @@ fn official_openai_client_chains_responses() {
         "{r}"
     );
 
+    // The third turn's input items: the conversation it was given, oldest first when asked.
+    let items = r["input_items"].as_array().unwrap();
+    let roles: Vec<&str> = items.iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "assistant", "user"],
+        "{r}"
+    );
+    assert_eq!(items[0]["text"], "My name is Ada and I like tea.", "{r}");
+    assert_eq!(items[1]["text"], turns[0]["text"], "{r}");
+    assert_eq!(items[3]["text"], turns[1]["text"], "{r}");
+    assert_eq!(items[4]["text"], "And what is my name?", "{r}");
+    // Newest first by default.
+    assert_eq!(r["newest_input_item"], items[4]["id"], "{r}");
+    assert_eq!(r["newest_has_more"], true, "{r}");
+    // The answer's: the result, the calls (one or more) and the question, newest first.
+    let types: Vec<&str> = r["answer_input_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let (first, rest) = types.split_first().unwrap();
+    let (last, calls) = rest.split_last().unwrap();
+    assert_eq!((*first, *last), ("function_call_output", "message"), "{r}");
+    assert!(
+        !calls.is_empty() && calls.iter().all(|t| *t == "function_call"),
+        "{r}"
+    );
+    assert_eq!(r["cancel"], 400, "{r}");
     assert_eq!(r["retrieved_text"], turns[0]["text"], "{r}");
     assert_eq!(r["deleted"], true, "{r}");
     assert_eq!(r["after_delete"], 404, "{r}");
@@ -308,6 +338,29 @@ fn stored_responses_survive_a_restart_and_belong_to_their_key() {
     let theirs = get(&bob);
     assert_eq!(theirs.status, 404, "{}", theirs.body);
     assert!(theirs.body["error"]["message"].is_string());
+    // Its input items too: the owner's alone.
+    let items = |k: &str, query: &str| {
+        s.call(
+            "GET",
+            &format!("/v1/responses/{id}/input_items{query}"),
+            None,
+            &[("authorization", &format!("Bearer {k}"))],
+        )
+    };
+    let mine = items(&alice, "");
+    assert_eq!(mine.status, 200, "{}", mine.body);
+    assert_eq!(
+        mine.body["data"][0]["content"][0]["text"],
+        "My name is Ada."
+    );
+    assert_eq!(items(&bob, "").status, 404);
+    let bad = items(&alice, "?after=msg_nope");
+    assert_eq!(
+        (bad.status, &bad.body["error"]["param"]),
+        (400, &json!("after")),
+        "{}",
+        bad.body
+    );
     // Continuing works for the owner after the restart, and not for another key.
     let next = turn(&s, &alice, "What is my name?", Some(&id));
     assert_eq!(next.status, 200, "{}", next.body);

@@ -158,13 +158,13 @@ pub const MAX_UPLOAD_BYTES: usize = MAX_FILE_BYTES + (1 << 20);
 
 #[derive(Deserialize)]
 pub struct ListQuery {
-    after: Option<String>,
+    pub(super) after: Option<String>,
     limit: Option<String>,
     purpose: Option<String>,
-    order: Option<String>,
+    pub(super) order: Option<String>,
 }
 
-fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError> {
     match q.limit.as_deref() {
         None => Ok(default),
         Some(v) => v
@@ -180,7 +180,7 @@ fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError
     }
 }
 
-fn list(page: Page<Value>) -> Json<Value> {
+pub(super) fn list(page: Page<Value>) -> Json<Value> {
     let id = |v: Option<&Value>| v.map_or(Value::Null, |v| v["id"].clone());
     Json(json!({
         "object": "list",

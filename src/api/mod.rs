@@ -27,6 +27,7 @@ mod llama_sampling;
 mod native;
 mod response;
 mod responses;
+mod responses_items;
 mod responses_sse;
 mod stream;
 mod surfaces;
@@ -273,6 +274,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/responses/{id}",
             get(surfaces::responses_get).delete(surfaces::responses_delete),
         )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses_items::input_items),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses_items::cancel))
         .route(
             "/client/v4/accounts/{account_id}/ai/run/{*model}",
             post(surfaces::workers_run),

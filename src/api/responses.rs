@@ -419,19 +419,7 @@ pub(super) fn finish(
     let r = object(ctx, meta, status, output.clone(), Some((reason, usage)));
     if ctx.store {
         let mut context = ctx.context.clone();
-        // A call cut short has arguments that are no JSON: kept, it would make every later
-        // turn of the conversation a 400.
-        let whole = |it: &&Value| {
-            it["type"] != "function_call"
-                || it["arguments"]
-                    .as_str()
-                    .is_some_and(|a| serde_json::from_str::<Value>(a).is_ok())
-        };
-        for it in output
-            .iter()
-            .filter(|it| it["type"] != "reasoning")
-            .filter(whole)
-        {
+        for it in output.iter().filter(|it| carried_on(it)) {
             context.push(match it["type"].as_str() {
                 Some("function_call") => json!({"type": "function_call", "call_id": it["call_id"],
                     "name": it["name"], "arguments": it["arguments"]}),
@@ -459,6 +447,19 @@ pub(super) fn finish(
         }
     }
     r
+}
+
+/// Whether an output item goes on into its conversation: not reasoning (as reasoning
+/// models' templates leave it out), nor a call cut short, whose arguments are no JSON
+/// (kept, it would make every later turn of the conversation a 400).
+pub(super) fn carried_on(it: &Value) -> bool {
+    match it["type"].as_str() {
+        Some("reasoning") => false,
+        Some("function_call") => it["arguments"]
+            .as_str()
+            .is_some_and(|a| serde_json::from_str::<Value>(a).is_ok()),
+        _ => true,
+    }
 }
 
 /// The whole response.

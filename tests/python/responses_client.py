@@ -1,6 +1,6 @@
 """The official `openai` package's Responses API against the server: three turns chained by
 `previous_response_id`, streaming, a function-call round trip, `text.format` json_schema,
-retrieve and delete. Prints one JSON object for tests/api_surfaces.rs to check.
+input items, cancel, retrieve and delete. Prints one JSON object for tests/api_surfaces.rs to check.
 
     python responses_client.py BASE_URL MODEL
 """
@@ -62,6 +62,20 @@ js = client.responses.create(
         "type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
         "required": ["city", "country"], "additionalProperties": False}}})
 out["json"] = json.loads(js.output_text)
+
+# The third turn's input items: the conversation before its output, paged two at a time.
+items = list(client.responses.input_items.list(out["turns"][2]["id"], limit=2, order="asc"))
+out["input_items"] = [{"id": i.id, "type": i.type, "role": i.role,
+                       "text": "".join(c.text for c in i.content)} for i in items]
+newest = client.responses.input_items.list(out["turns"][2]["id"], limit=1)
+out["newest_input_item"] = newest.data[0].id
+out["newest_has_more"] = newest.has_more
+out["answer_input_types"] = [i.type for i in client.responses.input_items.list(answer.id)]
+try:
+    client.responses.cancel(out["turns"][2]["id"])
+    out["cancel"] = None
+except openai.BadRequestError as e:
+    out["cancel"] = e.status_code
 
 got = client.responses.retrieve(out["turns"][0]["id"])
 out["retrieved_text"] = got.output_text
