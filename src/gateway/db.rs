@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS requests (
     superseded INTEGER NOT NULL DEFAULT 0 -- 1: a later attempt at the same line is billed instead
 );
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts_ms);
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,              -- resp_...
     owner TEXT NOT NULL,              -- the key id that made it ('' without a key)

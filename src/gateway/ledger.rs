@@ -51,7 +51,11 @@ type Msg = (Option<Row>, Option<oneshot::Sender<bool>>);
 
 pub struct Ledger {
     tx: Mutex<mpsc::Sender<Msg>>,
+    /// For admissions' reads (a key's spend, a batch line's cost).
     reader: Mutex<Connection>,
+    /// For usage reports (the console polls one every few seconds): a report over many
+    /// rows never holds an admission's read.
+    reports: Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -84,6 +88,7 @@ impl Ledger {
     pub fn start(path: &Path) -> Result<Self, GatewayError> {
         let writer = super::db::open(path)?;
         let reader = super::db::open(path)?;
+        let reports = super::db::open(path)?;
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("edgeinfer-ledger".into())
@@ -95,6 +100,7 @@ impl Ledger {
         Ok(Self {
             tx: Mutex::new(tx),
             reader: Mutex::new(reader),
+            reports: Mutex::new(reports),
             path: path.to_path_buf(),
         })
     }
@@ -143,7 +149,7 @@ impl Ledger {
     }
 
     pub fn usage(&self, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
-        usage(&self.reader(), f)
+        usage(&self.reports.lock().unwrap_or_else(|p| p.into_inner()), f)
     }
 
     /// What a batch line's attempts so far cost since `since_unix`, as billed now (what the
@@ -186,6 +192,22 @@ pub fn is_day(day: &str) -> bool {
     b.len() == 10 && b[4] == b'-' && b[7] == b'-' && (1..=days).contains(&d)
 }
 
+/// The first millisecond (unix) of a `YYYY-MM-DD` day, UTC; `None` if it is no day.
+pub fn day_start_ms(day: &str) -> Option<i64> {
+    if !is_day(day) {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| day[r].parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    // Days since 1970-01-01 of a proleptic Gregorian date (years counted from March).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
 pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
     conn.query_row(
         "SELECT COALESCE(SUM(cost_micros), 0) FROM requests
@@ -197,21 +219,30 @@ pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, Ga
     .map_err(GatewayError::db)
 }
 
-/// Totals by day (UTC), model and key.
-pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
-    let mut stmt = conn
-        .prepare(
-            "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
+/// Totals by day (UTC), model and key: `?1` a key or NULL, `?2`..`?3` the milliseconds.
+const USAGE_SQL: &str =
+    "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
                     COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
                     SUM(r.completion_tokens), SUM(r.cost_micros)
              FROM requests r LEFT JOIN keys k ON k.id = r.key_id
              WHERE r.superseded = 0 AND (?1 IS NULL OR r.key_id = ?1)
-               AND (?2 IS NULL OR day >= ?2) AND (?3 IS NULL OR day <= ?3)
-             GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id",
-        )
-        .map_err(GatewayError::db)?;
+               AND r.ts_ms >= ?2 AND r.ts_ms < ?3
+             GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id";
+
+/// Totals by day (UTC), model and key.
+pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
+    let mut stmt = conn.prepare(USAGE_SQL).map_err(GatewayError::db)?;
+    // The days as bounds on the indexed time, so a report of a few days reads those rows.
+    let bound = |day: &Option<String>, or: i64| -> Result<i64, GatewayError> {
+        day.as_deref().map_or(Ok(or), |d| {
+            day_start_ms(d)
+                .ok_or_else(|| GatewayError::Db(format!("'{d}' is not a YYYY-MM-DD day")))
+        })
+    };
+    let start = bound(&f.start, i64::MIN)?;
+    let end = bound(&f.end, i64::MAX - 86_400_000)? + 86_400_000;
     let rows = stmt
-        .query_map(params![f.key_id, f.start, f.end], |r| {
+        .query_map(params![f.key_id, start, end], |r| {
             let n = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
             Ok(UsageLine {
                 day: r.get(0)?,
@@ -337,6 +368,67 @@ mod tests {
         ] {
             assert!(!is_day(d), "{d}");
         }
+    }
+
+    #[test]
+    fn days_start_at_their_first_millisecond() {
+        for (day, ms) in [
+            ("1970-01-01", 0),
+            ("2026-01-01", 1_767_225_600_000),
+            ("2024-02-29", 1_709_164_800_000),
+            ("2000-03-01", 951_868_800_000),
+            ("1969-12-31", -86_400_000),
+        ] {
+            assert_eq!(day_start_ms(day), Some(ms), "{day}");
+        }
+        assert_eq!(day_start_ms("2025-02-29"), None);
+    }
+
+    #[tokio::test]
+    async fn a_report_of_some_days_reads_only_their_rows_through_the_time_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let ledger = Ledger::start(&path).unwrap();
+        let jan2 = 1_767_312_000_000; // 2026-01-02T00:00:00Z
+        for (i, ts) in [jan2 - 1, jan2, jan2 + 86_400_000 - 1, jan2 + 86_400_000]
+            .into_iter()
+            .enumerate()
+        {
+            let row = Row {
+                ts_ms: ts,
+                request_id: format!("r{i}"),
+                model: "m".into(),
+                route: "/v1/chat/completions".into(),
+                status: "ok",
+                cost_micros: 1 << i,
+                ..Row::default()
+            };
+            assert!(ledger.record(row).await.unwrap());
+        }
+        let day = |start: &str, end: &str| UsageFilter {
+            start: Some(start.into()),
+            end: Some(end.into()),
+            ..UsageFilter::default()
+        };
+        let lines = ledger.usage(&day("2026-01-02", "2026-01-02")).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            (lines[0].day.as_str(), lines[0].cost_micros),
+            ("2026-01-02", 0b0110)
+        );
+        let lines = ledger.usage(&day("2026-01-01", "2026-01-03")).unwrap();
+        let costs: Vec<u64> = lines.iter().map(|l| l.cost_micros).collect();
+        assert_eq!(costs, [1, 6, 8]);
+        // Without a key, by the time index (not a scan of every row).
+        let conn = super::super::db::open(&path).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {USAGE_SQL}"))
+            .unwrap()
+            .query_map(params![Option::<String>::None, 0, 1], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(plan.iter().any(|p| p.contains("requests_ts")), "{plan:?}");
     }
 
     #[tokio::test]

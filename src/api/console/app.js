@@ -310,7 +310,9 @@ function draw(id, series, fixedMax) {
 }
 
 async function refreshUsage() {
-  const { status, body } = await getJson("/v1/usage").catch(() => ({ status: "unreachable", body: null }));
+  // The last 30 days (UTC), this one included: a report that reads those days' rows alone.
+  const since = new Date(Date.now() - 29 * 86400e3).toISOString().slice(0, 10);
+  const { status, body } = await getJson(`/v1/usage?start_date=${since}`).catch(() => ({ status: "unreachable", body: null }));
   const tbody = $("usage").querySelector("tbody");
   if (status !== 200 || !body || !Array.isArray(body.data)) { $("usage-note").textContent = `usage: ${status}`; return; }
   const byKey = new Map();
