@@ -867,6 +867,30 @@ fn the_response_cache_replays_exact_deterministic_replies() {
         counter(&s, "edgeinfer_prompt_tokens_total") - prompt0,
         usage["prompt_tokens"].as_f64().unwrap()
     );
+
+    // A stream does not wait for an identical one under way (it would get nothing until
+    // that one ended): it runs by itself, bypassing the cache.
+    let long = json!({"messages": [{"role": "user", "content": "Tell a long story."}],
+                      "max_tokens": 600, "temperature": 0, "stream": true,
+                      "logit_bias": {"0": -100, "2": -100}});
+    let post = || {
+        ureq::post(&format!("{}/v1/chat/completions", s.base))
+            .set(ttl[0].0, ttl[0].1)
+            .send_json(long.clone())
+            .unwrap()
+    };
+    let first = post();
+    assert_eq!(first.header("cf-aig-cache-status"), Some("MISS"));
+    let second = post();
+    assert_eq!(second.header("cf-aig-cache-status"), Some("BYPASS"));
+    let mut b = [0u8; 4096];
+    std::io::Read::read_exact(&mut second.into_reader(), &mut b).unwrap();
+    // (Tokens, not only the opening chunk, while the first still runs.)
+    assert!(
+        counter(&s, "edgeinfer_requests_running") >= 1.0,
+        "the second stream's tokens came before the first ended"
+    );
+    drop(first);
 }
 
 /// A long streamed request, running: it holds one engine slot until dropped.

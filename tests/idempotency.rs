@@ -102,6 +102,59 @@ fn a_client_that_leaves_mid_stream_can_retry_and_get_the_whole_reply() {
     assert_eq!(rows("cancelled"), 0.0);
 }
 
+#[test]
+fn a_streamed_retry_is_answered_at_once_and_kept_alive_until_the_replay() {
+    let s = Server::start(&["--sse-keep-alive", "1"]);
+    let key = [("idempotency-key", "agent-step-9")];
+    std::thread::scope(|sc| {
+        // The first attempt: a long whole request.
+        let first = sc.spawn(|| {
+            s.call(
+                "POST",
+                "/v1/chat/completions",
+                Some(&sampled(1500, false)),
+                &key,
+            )
+        });
+        assert!(s.wait_metric("edgeinfer_requests_running", 1.0, Duration::from_secs(20)));
+        // Its streamed retry gets its headers while the first still runs, then comments
+        // that keep the connection alive, then the replay.
+        let r = ureq::post(&format!("{}/v1/chat/completions", s.base))
+            .set(key[0].0, key[0].1)
+            .send_json(sampled(1500, true))
+            .expect("the retry is answered");
+        assert_eq!(s.metric("edgeinfer_requests_running"), 1.0, "not at once");
+        assert_eq!(r.header("idempotent-replayed"), Some("true"));
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let mut body = String::new();
+        r.into_reader().read_to_string(&mut body).unwrap();
+        let first = first.join().unwrap();
+        assert_eq!(first.status, 200, "{}", first.body);
+        let lines: Vec<&str> = body.lines().filter(|l| !l.is_empty()).collect();
+        assert!(
+            lines[0].starts_with(':'),
+            "no keep-alive first: {:?}",
+            &lines[..3]
+        );
+        let streamed: String = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(streamed, text(&first));
+        assert_eq!(lines.last(), Some(&"data: [DONE]"));
+    });
+    // One generation in all.
+    assert!(s.wait_idle(Duration::from_secs(30)));
+    let rows = |status| s.labelled("edgeinfer_gateway_requests_total", &[("status", status)]);
+    assert_eq!((rows("ok"), rows("replayed")), (1.0, 1.0));
+}
+
 const MASTER: &str = "sk-master-test-0123456789";
 
 #[test]

@@ -249,11 +249,33 @@ pub(super) async fn run(
                 Lookup::Hit(hit) => hit,
                 // Made, and no longer held: never generated twice.
                 Lookup::Gone => return Err(ApiError::idempotency_gone()),
-                // With a deadline, a stream does not wait for an identical one under way (a
-                // waiter gets the whole reply at its end, past its time to a first token):
-                // it runs by itself. A retry of an idempotent request waits, within it.
-                Lookup::Wait(_) if fields.stream && deadline.is_some() && idempotent.is_none() => {
-                    break
+                // A stream does not wait for an identical one under way (a waiter gets the
+                // whole reply at its end: no first token for the whole generation, and a
+                // silent connection that proxies cut): it runs by itself.
+                Lookup::Wait(_) if fields.stream && idempotent.is_none() => break,
+                // A streamed retry of an idempotent request must not generate again: it is
+                // answered at once and kept alive (`--sse-keep-alive`) until the first
+                // attempt's reply is replayed (within its deadline, if it has one, as below).
+                Lookup::Wait(rx) if fields.stream && deadline.is_none() => {
+                    let reply = Reply {
+                        echo: inputs.into_iter().next().and_then(|i| i.echo),
+                        meta,
+                        stream: true,
+                        include_usage,
+                    };
+                    let (gateway, keep_alive) = (state.gateway.clone(), state.sse_keep_alive);
+                    let later = async move {
+                        let Some(hit) = cache::wait(rx).await else {
+                            return Err(ApiError::unavailable(
+                                "the first request with this Idempotency-Key failed before it finished; send it again",
+                            ));
+                        };
+                        let at = (&*gateway, keep_alive);
+                        replay_hit(at, &gate, &hit, (price, true), &labels, reply, received).await
+                    };
+                    let mut resp = super::stream::sse_when_ready(later, keep_alive);
+                    add_headers(&mut resp, vec![("idempotent-replayed", "true".into())]);
+                    return Ok(resp);
                 }
                 Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {
                     Ok(Some(hit)) => hit,
@@ -278,7 +300,7 @@ pub(super) async fn run(
             };
             let replayed = idempotent.is_some();
             return replay_hit(
-                state,
+                (&state.gateway, state.sse_keep_alive),
                 &gate,
                 &hit,
                 (price, replayed),
@@ -519,7 +541,7 @@ struct Reply {
 
 /// Answers from a cached reply: metered as `cached` at its own price, no tokens reserved.
 async fn replay_hit(
-    state: &AppState,
+    (gateway, keep_alive): (&crate::gateway::Gateway, Duration),
     gate: &Gate,
     hit: &Cached<Recorded>,
     (price, replayed): (crate::gateway::price::Price, bool),
@@ -535,8 +557,7 @@ async fn replay_hit(
             _ => None,
         })
         .unwrap_or_default();
-    let committed = state
-        .gateway
+    let committed = gateway
         .admit_cache_hit(&gate.principal, usage, price, replayed, labels, received)
         .map_err(|(refusal, rate)| {
             refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
@@ -551,11 +572,11 @@ async fn replay_hit(
         reply.stream,
         reply.include_usage,
         Tail::default(),
-        state.sse_keep_alive,
+        keep_alive,
         None,
     )
     .await?;
-    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
+    let mut headers = rate_headers(gateway.rate_info(&gate.principal));
     if replayed {
         headers.push(("idempotent-replayed", "true".into()));
     } else {

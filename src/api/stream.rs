@@ -126,6 +126,63 @@ pub fn sse_of(
     resp
 }
 
+/// A stream whose events are not ready yet (an idempotent retry waiting for the first
+/// attempt's reply): answered at once, a comment every `keep_alive` while `later` runs, then
+/// the body of the response it gives; an error then is one `error` event, in a shape both
+/// OpenAI's and Anthropic's clients raise.
+pub fn sse_when_ready(
+    later: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+    keep_alive: std::time::Duration,
+) -> Response {
+    use axum::body::{Body, Bytes};
+    use axum::http::header;
+    type Chunk = Result<Bytes, axum::Error>;
+    enum Phase {
+        Waiting(
+            futures_util::future::BoxFuture<'static, Result<Response, ApiError>>,
+            tokio::time::Interval,
+        ),
+        Body(BoxStream<'static, Chunk>),
+    }
+    let first_tick = tokio::time::Instant::now() + keep_alive;
+    let waiting = Phase::Waiting(
+        Box::pin(later),
+        tokio::time::interval_at(first_tick, keep_alive),
+    );
+    let body = stream::unfold(waiting, |phase| async move {
+        let mut rest = match phase {
+            Phase::Waiting(mut later, mut tick) => tokio::select! {
+                _ = tick.tick() => {
+                    let alive: Chunk = Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    return Some((alive, Phase::Waiting(later, tick)));
+                }
+                answer = &mut later => match answer {
+                    Ok(resp) => resp.into_body().into_data_stream().boxed(),
+                    Err(e) => {
+                        let mut body = e.body();
+                        body["type"] = json!("error");
+                        let event = format!("event: error\ndata: {body}\n\n");
+                        stream::once(async move { Ok(Bytes::from(event)) }).boxed()
+                    }
+                },
+            },
+            Phase::Body(rest) => rest,
+        };
+        let chunk = rest.next().await?;
+        Some((chunk, Phase::Body(rest)))
+    });
+    let mut resp = Body::from_stream(body).into_response();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache"),
+        (header::HeaderName::from_static("x-accel-buffering"), "no"),
+    ] {
+        resp.headers_mut()
+            .insert(name, axum::http::HeaderValue::from_static(value));
+    }
+    resp
+}
+
 impl State {
     /// Whether `ev` ends the last choice still running.
     fn ends_all(&self, i: usize, ev: &Event) -> bool {
