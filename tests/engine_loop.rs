@@ -426,7 +426,7 @@ fn a_failed_forward_fails_that_steps_requests_and_the_engine_goes_on() {
     let (req, ended) = request(p.clone(), 40);
     let (text, end) = collect(engine.submit(req).unwrap());
     assert!(
-        matches!(end, Some(Event::Failed(ref m)) if m.contains("injected failure")),
+        matches!(end, Some(Event::Failed(ref f)) if f.message.contains("injected failure")),
         "{end:?}"
     );
     wait_idle(&engine);

@@ -127,7 +127,8 @@ fn a_stalled_engine_fails_liveness_and_readiness() {
     let (code, body) = answered
         .recv_timeout(Duration::from_secs(10))
         .expect("the waiting request is answered");
-    assert!(code >= 500, "{code} {body}");
+    // 503: the server, not the request, is at fault (a batch keeps the line for later).
+    assert_eq!(code, 503, "{body}");
     assert!(body.contains("stopped making progress"), "{body}");
     s.kill9();
 }

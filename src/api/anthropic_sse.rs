@@ -160,9 +160,9 @@ impl State {
                     .push_back(("message_stop", json!({"type": "message_stop"})));
                 self.ended = true;
             }
-            Some(Event::Failed(msg)) => {
+            Some(Event::Failed(f)) => {
                 self.pending
-                    .push_back(("error", ApiError::internal(msg).anthropic_body()));
+                    .push_back(("error", ApiError::engine(f).anthropic_body()));
                 self.ended = true;
             }
             None => {

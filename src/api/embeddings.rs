@@ -499,7 +499,7 @@ async fn vector(i: usize, mut rx: EventReceiver) -> Result<(usize, Vec<f32>), Ap
                     .map(|v| (i, v))
                     .ok_or_else(|| ApiError::internal("the engine sent no embedding"))
             }
-            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            Event::Failed(f) => return Err(ApiError::engine(f)),
             _ => {}
         }
     }

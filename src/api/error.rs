@@ -199,6 +199,16 @@ impl ApiError {
         Self::unavailable("The engine stopped before the request finished")
     }
 
+    /// A request the engine ended unfinished: 503 (retry) when the server could not go on,
+    /// 500 when the request itself failed.
+    pub fn engine(f: crate::engine::request::Failure) -> Self {
+        if f.retry {
+            Self::unavailable(f.message)
+        } else {
+            Self::internal(f.message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

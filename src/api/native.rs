@@ -449,9 +449,9 @@ impl Streamed {
                 let v = self.fill.value(&self.meta, &self.ctx, "", &end, false);
                 self.pending.push_back(v);
             }
-            Some(Event::Failed(msg)) => {
+            Some(Event::Failed(f)) => {
                 self.rx = None;
-                self.pending.push_back(ApiError::internal(msg).body());
+                self.pending.push_back(ApiError::engine(f).body());
             }
             Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
             None => {

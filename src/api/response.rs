@@ -371,8 +371,8 @@ async fn gather(mut rx: EventReceiver) -> Result<Vec<Event>, ApiError> {
     let mut events = Vec::new();
     while let Some(ev) = rx.recv().await {
         let end = matches!(ev, Event::Finished { .. });
-        if let Event::Failed(msg) = ev {
-            return Err(ApiError::internal(msg));
+        if let Event::Failed(f) = ev {
+            return Err(ApiError::engine(f));
         }
         events.push(ev);
         if end {

@@ -262,7 +262,7 @@ impl State {
                 self.emit(kind, json!({"response": r}));
                 self.ended = true;
             }
-            Some(Event::Failed(msg)) => self.fail(msg),
+            Some(Event::Failed(f)) => self.fail(f.message),
             None => self.fail(ApiError::engine_stopped().message),
         }
     }

@@ -257,8 +257,8 @@ impl State {
                     self.ended = true;
                 }
             }
-            Some(Event::Failed(msg)) => {
-                self.pending.push_back(ApiError::internal(msg).body());
+            Some(Event::Failed(f)) => {
+                self.pending.push_back(ApiError::engine(f).body());
                 self.ended = true;
             }
             None if c.finished => {}

@@ -277,9 +277,8 @@ impl State {
                     .push_back(json!({"response": "", "usage": usage_json(usage)}));
                 self.ended = true;
             }
-            Some(Event::Failed(msg)) => {
-                self.pending
-                    .push_back(ApiError::internal(msg).workers_body());
+            Some(Event::Failed(f)) => {
+                self.pending.push_back(ApiError::engine(f).workers_body());
                 self.ended = true;
             }
             None => {

@@ -18,7 +18,7 @@ use super::blocks::BlockManager;
 use super::logprobs::PromptScores;
 use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
-    EndReport, Ending, Event, EventSender, FinishReason, GenerationRequest, Usage,
+    EndReport, Ending, Event, EventSender, Failure, FinishReason, GenerationRequest, Usage,
 };
 use super::sampler::Sampler;
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
@@ -310,11 +310,11 @@ impl<M: ModelRunner> Engine<M> {
                     first_token_at: None,
                 });
             }
-            let _ = events.send(Event::Failed(message.into()));
+            let _ = events.send(Event::Failed(Failure::server(message)));
         }
         for (_, mut a) in self.active.drain() {
             a.ending = ending;
-            let _ = a.events.send(Event::Failed(message.into()));
+            let _ = a.events.send(Event::Failed(Failure::server(message)));
         }
         let (cached_blocks, evictions) = self.scheduler.cache_stats();
         telemetry::gauges(0, 0, 0.0, cached_blocks, evictions);
@@ -388,9 +388,9 @@ impl<M: ModelRunner> Engine<M> {
                 for c in &step.chunks {
                     if let Some(mut a) = self.active.remove(&c.id) {
                         a.ending = Ending::Failed;
-                        let _ = a
-                            .events
-                            .send(Event::Failed(format!("model computation failed: {e}")));
+                        let _ = a.events.send(Event::Failed(Failure::request(format!(
+                            "model computation failed: {e}"
+                        ))));
                     }
                     self.scheduler.discard(c.id);
                 }

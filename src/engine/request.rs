@@ -185,7 +185,34 @@ pub enum Event {
     /// An embedding request's vector: its prompt's final hidden states pooled, of unit
     /// length. Comes before its [`Event::Finished`].
     Embedding(Vec<f32>),
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why the engine ended a request without finishing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub message: String,
+    /// The server is stopping, stalled or broken, not the request at fault: the same
+    /// request may well succeed sent again (after a restart, or to another node).
+    pub retry: bool,
+}
+
+impl Failure {
+    /// This request failed (its grammar, its text, the model's computation on it).
+    pub fn request(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: false,
+        }
+    }
+
+    /// The server cannot finish it (shutting down, stalled, a failed engine).
+    pub fn server(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: true,
+        }
+    }
 }
 
 pub type EventSender = mpsc::UnboundedSender<Event>;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Engine, ModelRunner};
 use crate::engine::logprobs::logprob_info;
-use crate::engine::request::{Ending, Event, FinishReason};
+use crate::engine::request::{Ending, Event, Failure, FinishReason};
 use crate::engine::scheduler::{Chunk, SeqId};
 use crate::engine::sequence::{TokenOutcome, PENALTY_WINDOW};
 use crate::telemetry;
@@ -52,7 +52,9 @@ impl<M: ModelRunner> Engine<M> {
                     // The grammar error may quote generated text: the client gets it, the log does not.
                     tracing::error!(request_id = %a.req.request_id, "constrained sampling failed");
                     a.ending = Ending::Failed;
-                    let _ = a.events.send(Event::Failed(e.to_string()));
+                    let _ = a
+                        .events
+                        .send(Event::Failed(Failure::request(e.to_string())));
                     return (0, true);
                 }
             },
@@ -71,9 +73,9 @@ impl<M: ModelRunner> Engine<M> {
             Ok(o) => o,
             Err(e) => {
                 a.ending = Ending::Failed;
-                let _ = a
-                    .events
-                    .send(Event::Failed(format!("detokenization failed: {e}")));
+                let _ = a.events.send(Event::Failed(Failure::request(format!(
+                    "detokenization failed: {e}"
+                ))));
                 return (token, true);
             }
         };
