@@ -295,6 +295,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEINFER_METRICS_KEY", hide_env_values = true)]
     pub metrics_key: Option<String>,
 
+    /// Web pages that may call the node from a browser (CORS): their origins as browsers
+    /// send them (`https://app.example.com`), or `*` for any. Repeat the flag, or separate
+    /// origins with commas in the variable. None by default.
+    #[arg(long, env = "EDGEINFER_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+
     /// Memory the replies kept for `Idempotency-Key` retries may hold (24 hours each, least
     /// recently used out first; a retry whose reply is gone gets 409, never a new generation).
     #[arg(long, env = "EDGEINFER_IDEMPOTENCY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -370,6 +376,9 @@ impl ServeArgs {
             .is_some_and(|k| !k.is_empty() && k.len() < 8)
         {
             return Err("--metrics-key must have at least 8 characters".into());
+        }
+        for origin in &self.cors_allow_origin {
+            crate::api::cors::check_origin(origin)?;
         }
         if self.kv_cache_tokens < self.max_batch_tokens {
             return Err(format!(

@@ -338,6 +338,7 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         node_name: args.node_name.clone().unwrap_or_else(host_name),
         metrics_key: args.metrics_key.clone().filter(|k| !k.is_empty()),
         loopback: admin_cli::is_loopback(&args.host),
+        cors_origins: args.cors_allow_origin.clone(),
         batch: api::BatchSettings {
             concurrency: (args.max_batch_size / 2).max(1),
             file_storage_per_key: (args.file_storage_per_key > 0)

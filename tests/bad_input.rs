@@ -400,3 +400,101 @@ fn web_pages_cannot_drive_a_keyless_loopback_server() {
         assert_eq!(status, 200, "{host} {origin:?}: {r}");
     }
 }
+
+#[test]
+fn pages_of_the_origins_let_in_may_call_from_a_browser() {
+    const MASTER: &str = "sk-master-cors-test";
+    let app = "https://app.example";
+    let s = Server::start(&["--master-key", MASTER, "--cors-allow-origin", app]);
+    let preflight = |origin: &str| {
+        s.call(
+            "OPTIONS",
+            CHAT,
+            None,
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                ),
+            ],
+        )
+    };
+    // The preflight is answered before any key is asked for.
+    let ok = preflight(app);
+    assert!(ok.status < 300, "{}", ok.status);
+    assert_eq!(ok.header("access-control-allow-origin"), Some(app));
+    let headers = ok
+        .header("access-control-allow-headers")
+        .unwrap_or_default();
+    assert!(headers.contains("authorization"), "{headers}");
+    // Another site's page is not let in.
+    let other = preflight("https://evil.example");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    // The answers, a 401 included, are the page's to read, with the headers it needs.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let bearer = format!("Bearer {MASTER}");
+    let r = s.call(
+        "POST",
+        CHAT,
+        Some(&body),
+        &[("origin", app), ("authorization", &bearer)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("access-control-allow-origin"), Some(app));
+    let exposed = r
+        .header("access-control-expose-headers")
+        .unwrap_or_default();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    let denied = s.call("POST", CHAT, Some(&body), &[("origin", app)]);
+    assert_eq!(denied.status, 401, "{}", denied.body);
+    assert_eq!(denied.header("access-control-allow-origin"), Some(app));
+    drop(s);
+
+    // Without the flag no page is let in, and a key-less loopback server lets in the listed
+    // pages alone.
+    let s = Server::start(&[]);
+    assert_eq!(preflight_of(&s, app), None);
+    drop(s);
+    let s = Server::start(&["--cors-allow-origin", app]);
+    let (status, r) = browser_post(&s.addr, &s.addr, Some(app), true);
+    assert_eq!(status, 200, "{r}");
+    let (status, e) = browser_post(&s.addr, &s.addr, Some("https://evil.example"), true);
+    assert_eq!(
+        (status, &e["error"]["code"]),
+        (403, &json!("cross_site_request")),
+        "{e}"
+    );
+    // A malformed origin stops the start with a message naming the flag.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args([
+            "serve",
+            "--cors-allow-origin",
+            "app.example/x",
+            "--port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--cors-allow-origin"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+fn preflight_of(s: &Server, origin: &str) -> Option<String> {
+    s.call(
+        "OPTIONS",
+        CHAT,
+        None,
+        &[
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+        ],
+    )
+    .header("access-control-allow-origin")
+    .map(String::from)
+}

@@ -64,7 +64,7 @@ pub async fn authenticate(
     };
     match who {
         Ok(Principal::Anonymous) if state.loopback => {
-            match foreign_page(req.headers()) {
+            match foreign_page(req.headers(), &state.cors_origins) {
                 Some(why) => ApiError::forbidden(
                     "cross_site_request",
                     format!("Refused: {why}. Without API keys this server answers only programs on this machine; create a key (`edgeinfer keys generate` or --master-key) to serve others."),
@@ -98,13 +98,18 @@ pub async fn authenticate(
 }
 
 /// Why a request to a key-less loopback server looks like a web page's, if it does: a `Host`
-/// that is not a loopback name, or an `Origin` that is not a loopback page.
-pub fn foreign_page(headers: &HeaderMap) -> Option<&'static str> {
+/// that is not a loopback name, or an `Origin` that is neither a loopback page nor one
+/// `--cors-allow-origin` lets in.
+pub fn foreign_page(headers: &HeaderMap, allowed: &[String]) -> Option<&'static str> {
     let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
     if header("host").is_some_and(|h| !loopback_authority(h)) {
         return Some("the request names a host other than this machine's loopback address");
     }
     let origin = header("origin")?;
+    // A page the operator lets in (`--cors-allow-origin`).
+    if super::cors::allowed(allowed, origin) {
+        return None;
+    }
     let authority = origin
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
@@ -146,7 +151,7 @@ mod tests {
             if let Some(v) = origin {
                 h.insert("origin", v.parse().unwrap());
             }
-            foreign_page(&h).is_none()
+            foreign_page(&h, &[]).is_none()
         };
         for host in [
             "127.0.0.1:8080",

@@ -13,6 +13,7 @@ pub use batches::BatchSettings;
 pub mod body;
 mod choices;
 mod console;
+pub mod cors;
 mod embeddings;
 pub mod error;
 #[doc(hidden)]
@@ -114,6 +115,8 @@ pub struct AppState {
     pub metrics_key: Option<String>,
     /// Bound to a loopback address (see [`HttpConfig::loopback`]).
     pub loopback: bool,
+    /// `--cors-allow-origin`: the pages that may call the node from a browser.
+    pub cors_origins: Vec<String>,
     /// `x-edgeinfer-node` (none when the name is not a valid header value).
     node_header: Option<HeaderValue>,
     /// Wakes the batch worker (a batch created or cancelled).
@@ -143,8 +146,10 @@ pub struct HttpConfig {
     pub metrics_key: Option<String>,
     pub batch: BatchSettings,
     /// Bound to a loopback address: while no key is required, web pages are refused
-    /// (`auth::foreign_page`).
+    /// (`auth::foreign_page`) but for those of `cors_origins`.
     pub loopback: bool,
+    /// `--cors-allow-origin`.
+    pub cors_origins: Vec<String>,
 }
 
 impl AppState {
@@ -176,6 +181,7 @@ impl AppState {
             stall_timeout: config.stall_timeout,
             metrics_key: config.metrics_key,
             loopback: config.loopback,
+            cors_origins: config.cors_origins,
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             batch_wake: tokio::sync::Notify::new(),
             batch: config.batch,
@@ -359,7 +365,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             gate::authenticate,
         ));
-    Router::new()
+    let app = Router::new()
         .merge(keyed)
         .route("/health", get(utility::health))
         .route("/ready", get(utility::ready))
@@ -372,8 +378,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body::guard))
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
-        .layer(middleware::from_fn(surface_errors))
-        .with_state(state)
+        .layer(middleware::from_fn(surface_errors));
+    // Outermost: a preflight is answered before any key is asked for, and errors too are
+    // readable by the pages let in.
+    let app = match cors::layer(&state.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// Errors in the envelope of the surface a path belongs to: Anthropic's under

@@ -1,0 +1,99 @@
+//! Cross-origin access for web apps that call the node from a browser page
+//! (`--cors-allow-origin`): preflights answered before any key is asked for, and every
+//! answer, errors included, readable by the pages of the origins listed. None by default:
+//! a page on another site then cannot read what the node answers.
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, Method};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+/// The headers a page may read besides the simple ones: ids, rate limits, cache status.
+const EXPOSED: [&str; 14] = [
+    "x-request-id",
+    "x-edgeinfer-node",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "cf-aig-cache-status",
+    "age",
+    "idempotent-replayed",
+];
+
+/// The layer for `origins` (`*`: any page), or `None` when none is listed.
+pub fn layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            // Keys travel in headers (`Authorization`, `x-api-key`), never in cookies.
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(EXPOSED.map(HeaderName::from_static))
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+/// Whether a page of `origin` is one `--cors-allow-origin` lets in.
+pub fn allowed(origins: &[String], origin: &str) -> bool {
+    origins.iter().any(|o| o == "*" || o == origin)
+}
+
+/// Checks an origin as `--cors-allow-origin` takes it: `*`, or `http(s)://host[:port]`
+/// as a browser sends it (no path, no trailing slash).
+pub fn check_origin(origin: &str) -> Result<(), String> {
+    let authority = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match authority {
+        _ if origin == "*" => Ok(()),
+        Some(a) if !a.is_empty() && !a.contains(['/', '?', '#', ' ']) && a.is_ascii() => Ok(()),
+        _ => Err(format!(
+            "--cors-allow-origin '{origin}' must be * or an origin as browsers send it, such as https://app.example.com or http://localhost:3000 (no path)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_written_as_browsers_send_them() {
+        for ok in [
+            "*",
+            "https://app.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+        ] {
+            assert_eq!(check_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.b/path",
+            "ftp://x",
+            "https://",
+            "",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+        let list = ["https://a.example".to_string()];
+        assert!(allowed(&list, "https://a.example"));
+        assert!(!allowed(&list, "https://b.example"));
+        assert!(allowed(&["*".to_string()], "https://b.example"));
+    }
+}
