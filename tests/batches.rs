@@ -769,6 +769,56 @@ fn a_batch_goes_on_after_a_restart() {
 }
 
 #[test]
+fn a_request_that_keeps_failing_the_engine_is_given_up() {
+    let store = tempfile::tempdir().unwrap();
+    let db = store.path().join("edgeinfer.db");
+    let model = common::default_model_path();
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    // Every start, the engine fails a few steps into the batch's request (as a request that
+    // meets an engine bug would), and the process exits for its supervisor to restart it.
+    let fault = [("EDGEINFER_FAULT", "engine-panic-at-step=6")];
+    let line = request("r0", chat("Describe the sea.", 40));
+    let mut id = String::new();
+    for start in 0..3 {
+        let mut s = Server::spawn(&args, &fault);
+        s.wait_ready();
+        if start == 0 {
+            id = start_batch(&s, std::slice::from_ref(&line), None)["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        let exit = s
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("start {start}: the engine did not fail"));
+        assert!(!exit.success());
+    }
+    // After three attempts that the engine did not outlive, the request is not tried again:
+    // its answer is an error, and the batch ends.
+    let s = Server::spawn(&args, &fault);
+    s.wait_ready();
+    let done = wait_for(&s, &id, None, ended);
+    assert_eq!(
+        (&done["status"], &done["request_counts"]),
+        (
+            &json!("completed"),
+            &json!({"total": 1, "completed": 0, "failed": 1})
+        ),
+        "{done}"
+    );
+    let errors = lines_of(&s, &done["error_file_id"], None);
+    let message = errors["r0"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("not tried again"), "{errors:?}");
+}
+
+#[test]
 fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
     const MASTER: &str = "sk-master-batch-billing";
     let store = tempfile::tempdir().unwrap();

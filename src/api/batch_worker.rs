@@ -41,6 +41,9 @@ enum Outcome {
     Done { ok: bool, result: Value },
     /// Refused for now: try again after this long.
     Retry(Duration),
+    /// The engine could not finish it (stopping, stalled, failed): try again after this
+    /// long, the attempt counted as one the process did not outlive.
+    Cut(Duration),
 }
 
 /// What the worker hears of a request: its result stored, or refused for now.
@@ -337,8 +340,8 @@ async fn run_line(
 ) -> (Key, Heard) {
     let line_no = line.line;
     let custom_id = line.custom_id.clone();
-    // A request whose attempts the process did not outlive is not tried for ever (it may be
-    // what stops it): after `MAX_CUT_ATTEMPTS`, its answer is an error.
+    // A request whose attempts the process or the engine did not outlive is not tried for
+    // ever (it may be what stops them): after `MAX_CUT_ATTEMPTS`, its answer is an error.
     let id = batch_id.clone();
     let started = store(&state, move |b| b.begin_attempt(&id, line_no))
         .await
@@ -346,7 +349,7 @@ async fn run_line(
     let outcome = if started > MAX_CUT_ATTEMPTS {
         failed(
             &custom_id,
-            &format!("The request was not tried again: each of its last {MAX_CUT_ATTEMPTS} attempts was cut off by the server stopping while it ran."),
+            &format!("The request was not tried again: each of its last {MAX_CUT_ATTEMPTS} attempts ended with the server stopping, or its engine failing or stalling, while it ran."),
         )
     } else {
         AssertUnwindSafe(call_one(app, call, &batch_id, line))
@@ -354,9 +357,18 @@ async fn run_line(
             .await
             .unwrap_or_else(|_| failed(&custom_id, "The request failed inside the server."))
     };
+    // An attempt the engine could not finish stays counted, as one the process did not
+    // outlive (it may be what fails or stalls the engine).
     let id = batch_id.clone();
-    if let Err(e) = store(&state, move |b| b.end_attempt(&id, line_no)).await {
-        tracing::error!(error = %e.message, "a batch request's attempt could not be closed");
+    let ran = match outcome {
+        Outcome::Done { .. } => Some(true),
+        Outcome::Retry(_) => Some(false),
+        Outcome::Cut(_) => None,
+    };
+    if let Some(ran) = ran {
+        if let Err(e) = store(&state, move |b| b.end_attempt(&id, line_no, ran)).await {
+            tracing::error!(error = %e.message, "a batch request's attempt could not be closed");
+        }
     }
     let heard = match outcome {
         Outcome::Done { ok, result } => {
@@ -369,7 +381,7 @@ async fn run_line(
                 }
             }
         }
-        Outcome::Retry(after) => Heard::Retry(after),
+        Outcome::Retry(after) | Outcome::Cut(after) => Heard::Retry(after),
     };
     ((batch_id, line_no), heard)
 }
@@ -392,6 +404,10 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
     };
     let Ok(resp) = app.oneshot(req).await;
     let status = resp.status();
+    let cut = resp
+        .extensions()
+        .get::<super::error::EngineUnavailable>()
+        .is_some();
     let headers = resp.headers().clone();
     let header = |name: &str| {
         headers
@@ -422,6 +438,9 @@ async fn call_one(app: Router, call: BatchCall, batch_id: &str, line: Line) -> O
     // a spent budget that resets) waits for it; one marked final without a time (a budget
     // that never resets) is the request's answer.
     let later = timed || !final_refusal;
+    if cut {
+        return Outcome::Cut(retry_after);
+    }
     if (status == StatusCode::TOO_MANY_REQUESTS && later)
         || status == StatusCode::SERVICE_UNAVAILABLE
     {

@@ -203,7 +203,10 @@ impl ApiError {
     /// 500 when the request itself failed.
     pub fn engine(f: crate::engine::request::Failure) -> Self {
         if f.retry {
-            Self::unavailable(f.message)
+            Self {
+                code: Some(ENGINE_UNAVAILABLE),
+                ..Self::unavailable(f.message)
+            }
         } else {
             Self::internal(f.message)
         }
@@ -359,9 +362,21 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+/// The code of a request the engine could not finish (shutting down, stalled, failed).
+const ENGINE_UNAVAILABLE: &str = "engine_unavailable";
+
+/// Marks (in the response's extensions, never on the wire) an answer the engine could not
+/// finish: the batch worker counts such attempts, as it counts those the process did not
+/// outlive, so a request that keeps failing or stalling the engine is given up.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineUnavailable;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.code == Some(ENGINE_UNAVAILABLE) {
+            resp.extensions_mut().insert(EngineUnavailable);
+        }
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, v);

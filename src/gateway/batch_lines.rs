@@ -59,13 +59,17 @@ impl Batches {
             .map_err(GatewayError::db)
     }
 
-    /// An attempt at a request ended (answered, or to be tried again later).
-    pub fn end_attempt(&self, batch_id: &str, line: i64) -> Result<(), GatewayError> {
+    /// An attempt at a request ended: answered (`ran`: the count starts over), or refused
+    /// before it ran (to be tried later: this attempt is taken back, the earlier ones that
+    /// the process or the engine did not outlive still count).
+    pub fn end_attempt(&self, batch_id: &str, line: i64, ran: bool) -> Result<(), GatewayError> {
+        let sql = if ran {
+            "UPDATE batch_lines SET attempts = 0 WHERE batch_id = ?1 AND line = ?2"
+        } else {
+            "UPDATE batch_lines SET attempts = MAX(attempts - 1, 0) WHERE batch_id = ?1 AND line = ?2"
+        };
         self.conn()
-            .execute(
-                "UPDATE batch_lines SET attempts = 0 WHERE batch_id = ?1 AND line = ?2",
-                params![batch_id, line],
-            )
+            .execute(sql, params![batch_id, line])
             .map(|_| ())
             .map_err(GatewayError::db)
     }

@@ -366,8 +366,11 @@ fn attempts_the_process_did_not_outlive_are_counted() {
         .map(|_| b.begin_attempt("batch_1", 0).unwrap())
         .collect();
     assert_eq!(started, [1, 2, 3]);
-    // An attempt that ends (answered, or to be tried later) clears the count.
-    b.end_attempt("batch_1", 0).unwrap();
+    // One refused before it ran is taken back; the earlier ones still count.
+    b.end_attempt("batch_1", 0, false).unwrap();
+    assert_eq!(b.begin_attempt("batch_1", 0).unwrap(), 3);
+    // An attempt answered clears the count.
+    b.end_attempt("batch_1", 0, true).unwrap();
     assert_eq!(b.begin_attempt("batch_1", 0).unwrap(), 1);
     // No such line: nothing started.
     assert_eq!(b.begin_attempt("batch_1", 9).unwrap(), 0);
