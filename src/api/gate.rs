@@ -429,6 +429,11 @@ pub fn detach(
         let mut recorded = Vec::new();
         while let Some(ev) = from.recv().await {
             let finished = matches!(ev, Event::Finished { .. });
+            if matches!(ev, Event::Failed(_)) {
+                // Its end (a stalled engine may never close the channel).
+                let _ = tx.send(ev);
+                break;
+            }
             recorded.push(ev.clone());
             let _ = tx.send(ev);
             if finished {

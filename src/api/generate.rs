@@ -257,6 +257,11 @@ pub(super) async fn run(
                 // answered at once and kept alive (`--sse-keep-alive`) until the first
                 // attempt's reply is replayed (within its deadline, if it has one, as below).
                 Lookup::Wait(rx) if fields.stream && deadline.is_none() => {
+                    // Sent now, the headers say what a replay's would (it is free: the key's
+                    // windows stand as they are).
+                    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
+                    headers.push(("idempotent-replayed", "true".into()));
+                    let render = super::stream::error_event_of(&meta.surface);
                     let reply = Reply {
                         echo: inputs.into_iter().next().and_then(|i| i.echo),
                         meta,
@@ -273,8 +278,8 @@ pub(super) async fn run(
                         let at = (&*gateway, keep_alive);
                         replay_hit(at, &gate, &hit, (price, true), &labels, reply, received).await
                     };
-                    let mut resp = super::stream::sse_when_ready(later, keep_alive);
-                    add_headers(&mut resp, vec![("idempotent-replayed", "true".into())]);
+                    let mut resp = super::stream::sse_when_ready(later, keep_alive, render);
+                    add_headers(&mut resp, headers);
                     return Ok(resp);
                 }
                 Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {

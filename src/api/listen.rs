@@ -53,6 +53,7 @@ pub async fn serve(
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut engine_failed = false;
     let mut forced = false;
+    let mut first_signal = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         let (stream, _peer) = tokio::select! {
@@ -67,12 +68,14 @@ pub async fn serve(
             },
             _ = &mut signal, if !forced => {
                 if deadline.is_none() {
+                    first_signal = tokio::time::Instant::now();
                     tracing::info!(in_flight = state.in_flight(), "shutdown requested: readiness 503, draining running requests");
                     state.begin_shutdown();
                     deadline = Some(tokio::time::Instant::now() + drain);
-                } else {
+                } else if first_signal.elapsed() >= Duration::from_secs(1) {
                     // A second signal (Ctrl-C twice, an impatient supervisor): the drain
-                    // ends now, and the running requests are ended as at its timeout.
+                    // ends now, and the running requests are ended as at its timeout. (Not
+                    // one a moment after the first: a wrapper forwarding the terminal's own.)
                     tracing::warn!(in_flight = state.in_flight(), "second shutdown signal: ending the drain now");
                     forced = true;
                     deadline = Some(tokio::time::Instant::now());

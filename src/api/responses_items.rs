@@ -78,19 +78,13 @@ pub async fn input_items(
     Ok(list(Page { items, has_more }))
 }
 
-/// A stored item as OpenAI lists it: with an id (the `i`th of response `id`'s input; a
-/// call's from its `call_id`, as its output item had it) and a status.
+/// A stored item as OpenAI lists it: with an id (the `i`th of response `id`'s input, so
+/// ids are unique and `after` pages by them) and a status.
 fn shown(it: &Value, id: &str, i: usize) -> Value {
     let tag = id.trim_start_matches("resp_");
     let mut it = it.clone();
     let item_id = match it["type"].as_str() {
-        Some("function_call") => format!(
-            "fc_{}",
-            it["call_id"]
-                .as_str()
-                .unwrap_or_default()
-                .trim_start_matches("call_")
-        ),
+        Some("function_call") => format!("fc_{tag}_{i}"),
         Some("function_call_output") => format!("fco_{tag}_{i}"),
         Some("reasoning") => {
             it["summary"] = json!([]);

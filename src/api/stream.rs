@@ -126,13 +126,29 @@ pub fn sse_of(
     resp
 }
 
+/// How a stream of `surface` tells an error after its headers went out: one SSE event.
+pub fn error_event_of(surface: &super::response::Surface) -> fn(&ApiError) -> String {
+    use super::response::Surface;
+    match surface {
+        Surface::Anthropic { .. } => |e| format!("event: error\ndata: {}\n\n", e.anthropic_body()),
+        Surface::Workers { .. } => |e| format!("data: {}\n\n", e.workers_body()),
+        Surface::Responses(_) => |e| {
+            let data = json!({"type": "error", "code": e.code.unwrap_or(e.kind),
+                              "message": e.message, "param": e.param});
+            format!("event: error\ndata: {data}\n\n")
+        },
+        Surface::OpenAi => |e| format!("data: {}\n\ndata: [DONE]\n\n", e.body()),
+        Surface::LlamaCpp(_) => |e| format!("data: {}\n\n", e.body()),
+    }
+}
+
 /// A stream whose events are not ready yet (an idempotent retry waiting for the first
 /// attempt's reply): answered at once, a comment every `keep_alive` while `later` runs, then
-/// the body of the response it gives; an error then is one `error` event, in a shape both
-/// OpenAI's and Anthropic's clients raise.
+/// the body of the response it gives; an error then is one event as `error_event` writes it.
 pub fn sse_when_ready(
     later: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
     keep_alive: std::time::Duration,
+    error_event: fn(&ApiError) -> String,
 ) -> Response {
     use axum::body::{Body, Bytes};
     use axum::http::header;
@@ -149,7 +165,7 @@ pub fn sse_when_ready(
         Box::pin(later),
         tokio::time::interval_at(first_tick, keep_alive),
     );
-    let body = stream::unfold(waiting, |phase| async move {
+    let body = stream::unfold(waiting, move |phase| async move {
         let mut rest = match phase {
             Phase::Waiting(mut later, mut tick) => tokio::select! {
                 _ = tick.tick() => {
@@ -159,9 +175,7 @@ pub fn sse_when_ready(
                 answer = &mut later => match answer {
                     Ok(resp) => resp.into_body().into_data_stream().boxed(),
                     Err(e) => {
-                        let mut body = e.body();
-                        body["type"] = json!("error");
-                        let event = format!("event: error\ndata: {body}\n\n");
+                        let event = error_event(&e);
                         stream::once(async move { Ok(Bytes::from(event)) }).boxed()
                     }
                 },

@@ -219,19 +219,34 @@ pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, Ga
     .map_err(GatewayError::db)
 }
 
-/// Totals by day (UTC), model and key: `?1` a key or NULL, `?2`..`?3` the milliseconds.
-const USAGE_SQL: &str =
+/// Totals by day (UTC), model and key, of rows whose milliseconds are in `?2`..`?3` (every
+/// key's: read through the time index; `?1` is NULL).
+const USAGE_SQL: &str = concat!(
     "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
-                    COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
-                    SUM(r.completion_tokens), SUM(r.cost_micros)
-             FROM requests r LEFT JOIN keys k ON k.id = r.key_id
-             WHERE r.superseded = 0 AND (?1 IS NULL OR r.key_id = ?1)
-               AND r.ts_ms >= ?2 AND r.ts_ms < ?3
-             GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id";
+            COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
+            SUM(r.completion_tokens), SUM(r.cost_micros)
+     FROM requests r LEFT JOIN keys k ON k.id = r.key_id
+     WHERE r.superseded = 0 AND (?1 IS NULL) AND r.ts_ms >= ?2 AND r.ts_ms < ?3",
+    "\n     GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id"
+);
+
+/// [`USAGE_SQL`] for one key `?1`: read through the key's own index.
+const KEY_USAGE_SQL: &str = concat!(
+    "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
+            COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
+            SUM(r.completion_tokens), SUM(r.cost_micros)
+     FROM requests r LEFT JOIN keys k ON k.id = r.key_id
+     WHERE r.superseded = 0 AND r.key_id = ?1 AND r.ts_ms >= ?2 AND r.ts_ms < ?3",
+    "\n     GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id"
+);
 
 /// Totals by day (UTC), model and key.
 pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
-    let mut stmt = conn.prepare(USAGE_SQL).map_err(GatewayError::db)?;
+    let sql = match f.key_id {
+        Some(_) => KEY_USAGE_SQL,
+        None => USAGE_SQL,
+    };
+    let mut stmt = conn.prepare(sql).map_err(GatewayError::db)?;
     // The days as bounds on the indexed time, so a report of a few days reads those rows.
     let bound = |day: &Option<String>, or: i64| -> Result<i64, GatewayError> {
         day.as_deref().map_or(Ok(or), |d| {
@@ -429,6 +444,18 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(plan.iter().any(|p| p.contains("requests_ts")), "{plan:?}");
+        // A key's, by its own index.
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {KEY_USAGE_SQL}"))
+            .unwrap()
+            .query_map(params!["k", 0, 1], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|p| p.contains("requests_key_ts")),
+            "{plan:?}"
+        );
     }
 
     #[tokio::test]
@@ -468,6 +495,11 @@ mod tests {
             ..UsageFilter::default()
         };
         assert!(usage(&other, &f).unwrap().is_empty());
+        let f = UsageFilter {
+            key_id: Some("k".into()),
+            ..UsageFilter::default()
+        };
+        assert_eq!(usage(&other, &f).unwrap(), lines);
     }
 
     #[tokio::test]
