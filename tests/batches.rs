@@ -729,8 +729,8 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
     assert_eq!(rows, 0, "its prompts are deleted");
 }
 
-#[test]
-fn a_batch_goes_on_after_a_restart() {
+/// A server's arguments for the default model and a store that outlives its process.
+fn restartable() -> (tempfile::TempDir, Vec<String>) {
     let store = tempfile::tempdir().unwrap();
     let db = store.path().join("edgeinfer.db");
     let model = common::default_model_path();
@@ -740,6 +740,13 @@ fn a_batch_goes_on_after_a_restart() {
         "--db",
         db.to_str().unwrap(),
     ];
+    (store, args.map(String::from).to_vec())
+}
+
+#[test]
+fn a_batch_goes_on_after_a_restart() {
+    let (_store, args) = restartable();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = Server::spawn(&args, &[]);
     first.wait_ready();
     let lines: Vec<Value> = (0..24)
@@ -770,15 +777,8 @@ fn a_batch_goes_on_after_a_restart() {
 
 #[test]
 fn a_request_that_keeps_failing_the_engine_is_given_up() {
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("edgeinfer.db");
-    let model = common::default_model_path();
-    let args = [
-        "--model",
-        model.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ];
+    let (_store, args) = restartable();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Every start, the engine fails a few steps into the batch's request (as a request that
     // meets an engine bug would), and the process exits for its supervisor to restart it.
     let fault = [("EDGEINFER_FAULT", "engine-panic-at-step=6")];

@@ -152,12 +152,9 @@ fn sigterm_under_load_drains_and_exits_zero() {
     assert!(exit.success(), "{exit:?}");
 }
 
-#[test]
-fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("e.db");
-    let mut s = Server::start(&["--shutdown-timeout", "1", "--db", db.to_str().unwrap()]);
-    // A stream far longer than the drain: no end of text, thousands of tokens.
+/// Starts a stream far longer than any drain (no end of text, thousands of tokens) and
+/// returns once its first event came; joined, it gives the stream's `data:` payloads.
+fn endless_stream(s: &Server) -> std::thread::JoinHandle<Vec<String>> {
     let mut body = long_stream();
     body["max_tokens"] = json!(4000);
     body["logit_bias"] = json!({"0": -100, "2": -100});
@@ -166,6 +163,15 @@ fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
     let h = std::thread::spawn(move || stream_lines(&base, &body, tx));
     rx.recv_timeout(Duration::from_secs(60))
         .expect("the stream starts");
+    h
+}
+
+#[test]
+fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
+    let store = tempfile::tempdir().unwrap();
+    let db = store.path().join("e.db");
+    let mut s = Server::start(&["--shutdown-timeout", "1", "--db", db.to_str().unwrap()]);
+    let h = endless_stream(&s);
     std::thread::sleep(Duration::from_millis(500));
     s.signal_term();
     // Cut off at the drain's end, the stream is told so and ends (it was a broken body).
@@ -204,14 +210,7 @@ fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
 #[test]
 fn a_second_signal_ends_the_drain_at_once() {
     let mut s = Server::start(&["--shutdown-timeout", "600"]);
-    let mut body = long_stream();
-    body["max_tokens"] = json!(4000);
-    body["logit_bias"] = json!({"0": -100, "2": -100});
-    let (tx, rx) = std::sync::mpsc::channel();
-    let base = s.base.clone();
-    let h = std::thread::spawn(move || stream_lines(&base, &body, tx));
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the stream starts");
+    let h = endless_stream(&s);
     s.signal_term();
     // The first signal drains: the stream goes on.
     std::thread::sleep(Duration::from_millis(1500));

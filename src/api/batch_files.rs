@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
 
-use super::{limit_of, list, owner, store, ListQuery, MAX_FILE_BYTES, MAX_UPLOAD_BYTES};
+use super::{ascending, limit_of, list, owner, store, ListQuery, MAX_FILE_BYTES, MAX_UPLOAD_BYTES};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::gateway::batches::{NewFile, Page};
@@ -229,16 +229,7 @@ pub async fn files(
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit_of(&q, 10_000, 10_000)?;
     let owner = owner(&who);
-    let ascending = match q.order.as_deref() {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(o) => {
-            return Err(ApiError::invalid(
-                "order",
-                format!("`order` must be 'asc' or 'desc', not '{o}'"),
-            ))
-        }
-    };
+    let ascending = ascending(&q)?;
     let page = store(&state, move |b| {
         let (purpose, after) = (q.purpose.as_deref(), q.after.as_deref());
         b.files(&owner, purpose, after, limit, ascending)

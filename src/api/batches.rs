@@ -161,7 +161,7 @@ pub struct ListQuery {
     pub(super) after: Option<String>,
     limit: Option<String>,
     purpose: Option<String>,
-    pub(super) order: Option<String>,
+    order: Option<String>,
 }
 
 pub(super) fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usize, ApiError> {
@@ -177,6 +177,18 @@ pub(super) fn limit_of(q: &ListQuery, default: usize, max: usize) -> Result<usiz
                     format!("`limit` must be a whole number from 1 to {max}"),
                 )
             }),
+    }
+}
+
+/// A list's `order`: `desc` (newest first, the default) or `asc`; whether ascending.
+pub(super) fn ascending(q: &ListQuery) -> Result<bool, ApiError> {
+    match q.order.as_deref() {
+        None | Some("desc") => Ok(false),
+        Some("asc") => Ok(true),
+        Some(o) => Err(ApiError::invalid(
+            "order",
+            format!("`order` must be 'asc' or 'desc', not '{o}'"),
+        )),
     }
 }
 

@@ -8,7 +8,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::batches::{limit_of, list, ListQuery};
+use super::batches::{ascending, limit_of, list, ListQuery};
 use super::error::ApiError;
 use super::responses::carried_on;
 use super::AppState;
@@ -35,16 +35,7 @@ pub async fn input_items(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit_of(&q, 20, 100)?;
-    let ascending = match q.order.as_deref() {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(o) => {
-            return Err(ApiError::invalid(
-                "order",
-                format!("`order` must be 'asc' or 'desc', not '{o}'"),
-            ))
-        }
-    };
+    let ascending = ascending(&q)?;
     let stored = stored(&state, &who, &id).await?;
     // The conversation's items end with those of this response's output that were kept.
     let outputs = stored.response["output"]
