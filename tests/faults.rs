@@ -158,6 +158,7 @@ fn endless_stream(s: &Server) -> std::thread::JoinHandle<Vec<String>> {
     let mut body = long_stream();
     body["max_tokens"] = json!(4000);
     body["logit_bias"] = json!({"0": -100, "2": -100});
+    body["stream_options"] = json!({"include_usage": true});
     let (tx, rx) = std::sync::mpsc::channel();
     let base = s.base.clone();
     let h = std::thread::spawn(move || stream_lines(&base, &body, tx));
@@ -205,6 +206,13 @@ fn a_drain_that_runs_out_ends_the_streams_and_bills_them() {
         .unwrap();
     assert_eq!(status, "cancelled");
     assert!(completion > 10, "{completion} tokens");
+    // The client was told the same, in the usage chunk before the error.
+    let usage = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage chunk: {tail:?}"));
+    assert_eq!(usage["usage"]["completion_tokens"], completion, "{usage}");
 }
 
 #[test]

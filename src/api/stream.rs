@@ -271,7 +271,13 @@ impl State {
                     self.ended = true;
                 }
             }
-            Some(Event::Failed(f)) => {
+            Some(Event::Failed(mut f)) => {
+                // With `include_usage`, what was computed (and billed) comes first, with the
+                // choices that finished before it.
+                if let Some(usage) = f.usage.take().filter(|_| self.include_usage) {
+                    add_usage(&mut self.usage, usage, c.counts_prompt);
+                    self.pending.push_back(self.meta.usage_chunk(self.usage));
+                }
                 self.pending.push_back(ApiError::engine(f).body());
                 self.ended = true;
             }

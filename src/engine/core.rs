@@ -310,11 +310,13 @@ impl<M: ModelRunner> Engine<M> {
                     first_token_at: None,
                 });
             }
-            let _ = events.send(Event::Failed(Failure::server(message)));
+            let nothing = Failure::server(message).with_usage(Usage::default());
+            let _ = events.send(Event::Failed(nothing));
         }
         for (_, mut a) in self.active.drain() {
             a.ending = ending;
-            let _ = a.events.send(Event::Failed(Failure::server(message)));
+            let failure = Failure::server(message).with_usage(a.usage());
+            let _ = a.events.send(Event::Failed(failure));
         }
         let (cached_blocks, evictions) = self.scheduler.cache_stats();
         telemetry::gauges(0, 0, 0.0, cached_blocks, evictions);
@@ -388,9 +390,8 @@ impl<M: ModelRunner> Engine<M> {
                 for c in &step.chunks {
                     if let Some(mut a) = self.active.remove(&c.id) {
                         a.ending = Ending::Failed;
-                        let _ = a.events.send(Event::Failed(Failure::request(format!(
-                            "model computation failed: {e}"
-                        ))));
+                        let failure = Failure::request(format!("model computation failed: {e}"));
+                        let _ = a.events.send(Event::Failed(failure.with_usage(a.usage())));
                     }
                     self.scheduler.discard(c.id);
                 }

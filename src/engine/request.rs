@@ -195,6 +195,9 @@ pub struct Failure {
     /// The server is stopping, stalled or broken, not the request at fault: the same
     /// request may well succeed sent again (after a restart, or to another node).
     pub retry: bool,
+    /// What it had computed, as its ledger row has it (none when the engine could not say:
+    /// a stalled engine's requests are answered from outside it).
+    pub usage: Option<Usage>,
 }
 
 impl Failure {
@@ -203,6 +206,7 @@ impl Failure {
         Self {
             message: message.into(),
             retry: false,
+            usage: None,
         }
     }
 
@@ -211,6 +215,14 @@ impl Failure {
         Self {
             message: message.into(),
             retry: true,
+            usage: None,
+        }
+    }
+
+    pub fn with_usage(self, usage: Usage) -> Self {
+        Self {
+            usage: Some(usage),
+            ..self
         }
     }
 }

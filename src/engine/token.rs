@@ -52,9 +52,8 @@ impl<M: ModelRunner> Engine<M> {
                     // The grammar error may quote generated text: the client gets it, the log does not.
                     tracing::error!(request_id = %a.req.request_id, "constrained sampling failed");
                     a.ending = Ending::Failed;
-                    let _ = a
-                        .events
-                        .send(Event::Failed(Failure::request(e.to_string())));
+                    let failure = Failure::request(e.to_string()).with_usage(a.usage());
+                    let _ = a.events.send(Event::Failed(failure));
                     return (0, true);
                 }
             },
@@ -73,9 +72,8 @@ impl<M: ModelRunner> Engine<M> {
             Ok(o) => o,
             Err(e) => {
                 a.ending = Ending::Failed;
-                let _ = a.events.send(Event::Failed(Failure::request(format!(
-                    "detokenization failed: {e}"
-                ))));
+                let failure = Failure::request(format!("detokenization failed: {e}"));
+                let _ = a.events.send(Event::Failed(failure.with_usage(a.usage())));
                 return (token, true);
             }
         };
