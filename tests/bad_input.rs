@@ -454,6 +454,11 @@ fn pages_of_the_origins_let_in_may_call_from_a_browser() {
         (403, &json!("cross_site_request")),
         "{e}"
     );
+    drop(s);
+    // `*` lets any page read a keyed server's answers, never drive a key-less one.
+    let s = Server::start(&["--cors-allow-origin", "*"]);
+    let (status, e) = browser_post(&s.addr, &s.addr, Some("https://evil.example"), true);
+    assert_eq!(status, 403, "{e}");
     // A malformed origin stops the start with a message naming the flag.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
         .args([

@@ -41,8 +41,8 @@ enum Outcome {
     Done { ok: bool, result: Value },
     /// Refused for now: try again after this long.
     Retry(Duration),
-    /// The engine could not finish it (stopping, stalled, failed): try again after this
-    /// long, the attempt counted as one the process did not outlive.
+    /// The engine failed or stalled with it running: try again after this long, the attempt
+    /// counted as one the process did not outlive.
     Cut(Duration),
 }
 

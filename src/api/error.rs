@@ -196,19 +196,23 @@ impl ApiError {
 
     /// The engine thread ended before the request did.
     pub fn engine_stopped() -> Self {
-        Self::unavailable("The engine stopped before the request finished")
+        Self {
+            code: Some(ENGINE_UNAVAILABLE),
+            ..Self::unavailable("The engine stopped before the request finished")
+        }
     }
 
     /// A request the engine ended unfinished: 503 (retry) when the server could not go on,
     /// 500 when the request itself failed.
     pub fn engine(f: crate::engine::request::Failure) -> Self {
-        if f.retry {
-            Self {
+        use crate::engine::request::Cause;
+        match f.cause {
+            Cause::Request => Self::internal(f.message),
+            Cause::Stopping => Self::unavailable(f.message),
+            Cause::Engine => Self {
                 code: Some(ENGINE_UNAVAILABLE),
                 ..Self::unavailable(f.message)
-            }
-        } else {
-            Self::internal(f.message)
+            },
         }
     }
 
@@ -362,12 +366,12 @@ impl From<SubmitError> for ApiError {
     }
 }
 
-/// The code of a request the engine could not finish (shutting down, stalled, failed).
+/// The code of a request the engine failed or stalled with (it may be the cause).
 const ENGINE_UNAVAILABLE: &str = "engine_unavailable";
 
-/// Marks (in the response's extensions, never on the wire) an answer the engine could not
-/// finish: the batch worker counts such attempts, as it counts those the process did not
-/// outlive, so a request that keeps failing or stalling the engine is given up.
+/// Marks (in the response's extensions, never on the wire) an answer the engine failed or
+/// stalled with: the batch worker counts such attempts, as it counts those the process did
+/// not outlive, so a request that keeps failing or stalling the engine is given up.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineUnavailable;
 

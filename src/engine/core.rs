@@ -18,7 +18,7 @@ use super::blocks::BlockManager;
 use super::logprobs::PromptScores;
 use super::pulse::{injected_fault, Fault, Heartbeat};
 use super::request::{
-    EndReport, Ending, Event, EventSender, Failure, FinishReason, GenerationRequest, Usage,
+    Cause, EndReport, Ending, Event, EventSender, Failure, FinishReason, GenerationRequest, Usage,
 };
 use super::sampler::Sampler;
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Step};
@@ -310,12 +310,18 @@ impl<M: ModelRunner> Engine<M> {
                     first_token_at: None,
                 });
             }
-            let nothing = Failure::server(message).with_usage(Usage::default());
+            let nothing = Failure::new(message, Cause::Stopping).with_usage(Usage::default());
             let _ = events.send(Event::Failed(nothing));
         }
         for (_, mut a) in self.active.drain() {
             a.ending = ending;
-            let failure = Failure::server(message).with_usage(a.usage());
+            // A failed engine (not a shutdown) with a request that had run in it.
+            let usage = a.usage();
+            let cause = match ending {
+                Ending::Failed if usage.total_tokens > 0 => Cause::Engine,
+                _ => Cause::Stopping,
+            };
+            let failure = Failure::new(message, cause).with_usage(usage);
             let _ = a.events.send(Event::Failed(failure));
         }
         let (cached_blocks, evictions) = self.scheduler.cache_stats();

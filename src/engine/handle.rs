@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::super::pulse::Heartbeat;
-use super::super::request::{Event, Failure, GenerationRequest};
+use super::super::request::{Cause, Event, Failure, GenerationRequest};
 use super::{Command, SubmitError};
 
 /// A cheap handle to the engine thread, shared by the HTTP handlers.
@@ -151,7 +151,10 @@ impl EngineHandle {
         waiting
             .iter()
             .filter_map(mpsc::WeakUnboundedSender::upgrade)
-            .filter(|tx| tx.send(Event::Failed(Failure::server(message))).is_ok())
+            .filter(|tx| {
+                let stalled = Failure::new(message, Cause::Engine);
+                tx.send(Event::Failed(stalled)).is_ok()
+            })
             .count()
     }
 

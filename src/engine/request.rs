@@ -188,13 +188,24 @@ pub enum Event {
     Failed(Failure),
 }
 
+/// Who ended a request unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The request itself (its grammar, its text, the model's computation on it).
+    Request,
+    /// The server is stopping, or the request never ran: sent again (after a restart, or to
+    /// another node) it may well succeed.
+    Stopping,
+    /// The engine failed or stalled while the request ran in it: sent again it may
+    /// succeed, or it may be what fails the engine.
+    Engine,
+}
+
 /// Why the engine ended a request without finishing it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub message: String,
-    /// The server is stopping, stalled or broken, not the request at fault: the same
-    /// request may well succeed sent again (after a restart, or to another node).
-    pub retry: bool,
+    pub cause: Cause,
     /// What it had computed, as its ledger row has it (none when the engine could not say:
     /// a stalled engine's requests are answered from outside it).
     pub usage: Option<Usage>,
@@ -203,18 +214,14 @@ pub struct Failure {
 impl Failure {
     /// This request failed (its grammar, its text, the model's computation on it).
     pub fn request(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retry: false,
-            usage: None,
-        }
+        Self::new(message, Cause::Request)
     }
 
-    /// The server cannot finish it (shutting down, stalled, a failed engine).
-    pub fn server(message: impl Into<String>) -> Self {
+    /// The server cannot finish it: `cause` says whether the engine failed with it in.
+    pub fn new(message: impl Into<String>, cause: Cause) -> Self {
         Self {
             message: message.into(),
-            retry: true,
+            cause,
             usage: None,
         }
     }
