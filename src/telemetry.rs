@@ -207,12 +207,35 @@ fn describe() {
 /// One ledger row, as `/v1/usage` totals it: by key (`key_id` is its token, the sha256 of
 /// the key; its first 12 hex digits name it here, as `/key/list` shows it) and status.
 pub fn ledgered(key_id: Option<&str>, status: &'static str, tokens: [u64; 3], cost_micros: u64) {
-    let key = key_id.map_or_else(|| "none".to_string(), |k| k.chars().take(12).collect());
+    let key = key_label(key_id);
     counter!(GW_REQUESTS, "key" => key.clone(), "status" => status).increment(1);
     for (kind, n) in ["prompt", "cached", "completion"].into_iter().zip(tokens) {
         counter!(GW_TOKENS, "key" => key.clone(), "kind" => kind).increment(n);
     }
     counter!(GW_COST, "key" => key).increment(cost_micros);
+}
+
+/// Keys that get series of their own, at most: past them (many short-lived keys), rows count
+/// under `other`, so a scrape stays small and the metrics' memory bounded.
+const MAX_KEY_LABELS: usize = 1000;
+
+/// The `key` label of a row of `key_id`: its first 12 hex digits, `none`, or `other` once
+/// `MAX_KEY_LABELS` keys have theirs.
+fn key_label(key_id: Option<&str>) -> String {
+    static LABELLED: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
+        std::sync::Mutex::new(None);
+    let Some(k) = key_id else {
+        return "none".into();
+    };
+    let label: String = k.chars().take(12).collect();
+    let mut labelled = LABELLED.lock().unwrap_or_else(|p| p.into_inner());
+    let labelled = labelled.get_or_insert_with(Default::default);
+    if labelled.contains(&label) || labelled.len() < MAX_KEY_LABELS {
+        labelled.insert(label.clone());
+        label
+    } else {
+        "other".into()
+    }
 }
 
 /// A request got its first step: how long it waited, its prompt, and what the prefix cache
@@ -302,4 +325,20 @@ pub fn gauges(running: usize, waiting: usize, kv_usage: f64, cached_blocks: usiz
     gauge!(PS_KV_USAGE, "model_name" => m).set(kv_usage);
     gauge!(PREFIX_BLOCKS).set(cached_blocks as f64);
     counter!(EVICTIONS).absolute(evictions);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_past_the_most_labelled_count_as_other() {
+        let key = |i: usize| format!("{i:012x}ffff");
+        let labels: Vec<String> = (0..super::MAX_KEY_LABELS + 5)
+            .map(|i| super::key_label(Some(&key(i))))
+            .collect();
+        assert_eq!(labels[0], format!("{:012x}", 0));
+        assert_eq!(labels[super::MAX_KEY_LABELS + 4], "other");
+        // A key that has its series keeps it; no key is `none`.
+        assert_eq!(super::key_label(Some(&key(3))), format!("{:012x}", 3));
+        assert_eq!(super::key_label(None), "none");
+    }
 }
