@@ -9,16 +9,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::choices::{split_meter, Choice};
 use super::error::ApiError;
-use super::gate::{add_headers, rate_headers, refusal_error, replay, Gate, Recorded, Tail};
+use super::gate::{add_headers, rate_headers, refusal_error, Gate, Tail};
 use super::handlers::ledger_terms;
+use super::replay::{replay_hit, Reply};
 use super::response::{respond, Deadline, Meta, Pick, Surface};
 use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
-use crate::engine::request::{Event, GenerationRequest};
-use crate::gateway::cache::{self, Cached, Lookup};
+use crate::engine::request::GenerationRequest;
+use crate::gateway::cache::{self, Lookup};
 use crate::gateway::limits::Ask;
-use crate::gateway::Labels;
 
 /// One prompt of a request, as token ids, and the text `echo` puts before its choices.
 pub(super) struct Input {
@@ -257,30 +257,14 @@ pub(super) async fn run(
                 // answered at once and kept alive (`--sse-keep-alive`) until the first
                 // attempt's reply is replayed (within its deadline, if it has one, as below).
                 Lookup::Wait(rx) if fields.stream && deadline.is_none() => {
-                    // Sent now, the headers say what a replay's would (it is free: the key's
-                    // windows stand as they are).
-                    let mut headers = rate_headers(state.gateway.rate_info(&gate.principal));
-                    headers.push(("idempotent-replayed", "true".into()));
-                    let render = super::stream::error_event_of(&meta.surface);
                     let reply = Reply {
                         echo: inputs.into_iter().next().and_then(|i| i.echo),
                         meta,
                         stream: true,
                         include_usage,
                     };
-                    let (gateway, keep_alive) = (state.gateway.clone(), state.sse_keep_alive);
-                    let later = async move {
-                        let Some(hit) = cache::wait(rx).await else {
-                            return Err(ApiError::unavailable(
-                                "the first request with this Idempotency-Key failed before it finished; send it again",
-                            ));
-                        };
-                        let at = (&*gateway, keep_alive);
-                        replay_hit(at, &gate, &hit, (price, true), &labels, reply, received).await
-                    };
-                    let mut resp = super::stream::sse_when_ready(later, keep_alive, render);
-                    add_headers(&mut resp, headers);
-                    return Ok(resp);
+                    let terms = (price, labels, received);
+                    return Ok(super::replay::when_replayed(state, gate, rx, terms, reply));
                 }
                 Lookup::Wait(rx) => match in_time(deadline, cache::wait(rx)).await {
                     Ok(Some(hit)) => hit,
@@ -534,62 +518,6 @@ fn share(budgets: &mut [usize], granted: usize) {
     for m in budgets.iter_mut().take(left) {
         *m += 1;
     }
-}
-
-/// How to render a reply.
-struct Reply {
-    meta: Meta,
-    echo: Option<String>,
-    stream: bool,
-    include_usage: bool,
-}
-
-/// Answers from a cached reply: metered as `cached` at its own price, no tokens reserved.
-async fn replay_hit(
-    (gateway, keep_alive): (&crate::gateway::Gateway, Duration),
-    gate: &Gate,
-    hit: &Cached<Recorded>,
-    (price, replayed): (crate::gateway::price::Price, bool),
-    labels: &Labels,
-    reply: Reply,
-    received: Instant,
-) -> Result<Response, ApiError> {
-    let usage = hit
-        .value
-        .iter()
-        .find_map(|e| match e {
-            Event::Finished { usage, .. } => Some(*usage),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let committed = gateway
-        .admit_cache_hit(&gate.principal, usage, price, replayed, labels, received)
-        .map_err(|(refusal, rate)| {
-            refusal_error(refusal, usage.prompt_tokens, usage.completion_tokens, rate)
-        })?;
-    if !matches!(committed.await, Ok(true)) {
-        tracing::error!("the ledger row of a cache hit was not committed");
-    }
-    let choice = Choice::new(replay(&hit.value), reply.echo, true);
-    let mut resp = respond(
-        vec![choice],
-        reply.meta,
-        reply.stream,
-        reply.include_usage,
-        Tail::default(),
-        keep_alive,
-        None,
-    )
-    .await?;
-    let mut headers = rate_headers(gateway.rate_info(&gate.principal));
-    if replayed {
-        headers.push(("idempotent-replayed", "true".into()));
-    } else {
-        headers.push(("cf-aig-cache-status", "HIT".into()));
-        headers.push(("age", hit.age().to_string()));
-    }
-    add_headers(&mut resp, headers);
-    Ok(resp)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ mod infill;
 mod listen;
 mod llama_sampling;
 mod native;
+mod replay;
 mod response;
 mod responses;
 mod responses_items;
