@@ -222,14 +222,13 @@ const MAX_KEY_LABELS: usize = 1000;
 /// The `key` label of a row of `key_id`: its first 12 hex digits, `none`, or `other` once
 /// `MAX_KEY_LABELS` keys have theirs.
 fn key_label(key_id: Option<&str>) -> String {
-    static LABELLED: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
-        std::sync::Mutex::new(None);
+    static LABELLED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let Some(k) = key_id else {
         return "none".into();
     };
     let label: String = k.chars().take(12).collect();
     let mut labelled = LABELLED.lock().unwrap_or_else(|p| p.into_inner());
-    let labelled = labelled.get_or_insert_with(Default::default);
     if labelled.contains(&label) || labelled.len() < MAX_KEY_LABELS {
         labelled.insert(label.clone());
         label

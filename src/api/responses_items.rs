@@ -16,13 +16,18 @@ use crate::gateway::batches::Page;
 use crate::gateway::conversations::Stored;
 use crate::gateway::Principal;
 
-async fn stored(state: &AppState, who: &Principal, id: &str) -> Result<Stored, ApiError> {
+/// The stored response `id` if `who` made it (404 otherwise, as for one that never was).
+pub(super) async fn owned(state: &AppState, who: &Principal, id: &str) -> Result<Stored, ApiError> {
     let (key, owner) = (id.to_string(), who.owner().1.to_string());
     super::gate::on_store(state, "conversation", move |g| {
         g.conversations.get(&key, &owner)
     })
     .await?
-    .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
+    .ok_or_else(|| no_response(id))
+}
+
+pub(super) fn no_response(id: &str) -> ApiError {
+    ApiError::not_found(format!("No response found with id '{id}'."))
 }
 
 /// The items the model was given for a stored response: the conversation through its
@@ -36,7 +41,7 @@ pub async fn input_items(
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit_of(&q, 20, 100)?;
     let ascending = ascending(&q)?;
-    let stored = stored(&state, &who, &id).await?;
+    let stored = owned(&state, &who, &id).await?;
     // The conversation's items end with those of this response's output that were kept.
     let outputs = stored.response["output"]
         .as_array()
@@ -102,7 +107,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    stored(&state, &who, &id).await?;
+    owned(&state, &who, &id).await?;
     Err(ApiError::bad_request(
         "Only responses created with `background: true` can be cancelled; this server answers every response in its request, so this one has already finished",
     ))

@@ -93,12 +93,8 @@ pub async fn responses_get(
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let owner = who.owner().1.to_string();
-    let key = id.clone();
-    stored(&state, move |c| c.get(&key, &owner))
-        .await?
-        .map(|s| Json(s.response))
-        .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
+    let stored = super::responses_items::owned(&state, &who, &id).await?;
+    Ok(Json(stored.response))
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -111,9 +107,7 @@ pub async fn responses_delete(
     let key = id.clone();
     let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
     if !deleted {
-        return Err(ApiError::not_found(format!(
-            "No response found with id '{id}'."
-        )));
+        return Err(super::responses_items::no_response(&id));
     }
     Ok(Json(
         json!({"id": id, "object": "response", "deleted": true}),

@@ -219,26 +219,28 @@ pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, Ga
     .map_err(GatewayError::db)
 }
 
-/// Totals by day (UTC), model and key, of rows whose milliseconds are in `?2`..`?3` (every
-/// key's: read through the time index; `?1` is NULL).
-const USAGE_SQL: &str = concat!(
-    "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
-            COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
-            SUM(r.completion_tokens), SUM(r.cost_micros)
-     FROM requests r LEFT JOIN keys k ON k.id = r.key_id
-     WHERE r.superseded = 0 AND (?1 IS NULL) AND r.ts_ms >= ?2 AND r.ts_ms < ?3",
-    "\n     GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id"
-);
+/// Totals by day (UTC), model and key of the rows `$rows` picks, whose milliseconds are in
+/// `?2`..`?3`.
+macro_rules! usage_sql {
+    ($rows:literal) => {
+        concat!(
+            "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
+                    COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
+                    SUM(r.completion_tokens), SUM(r.cost_micros)
+             FROM requests r LEFT JOIN keys k ON k.id = r.key_id
+             WHERE r.superseded = 0 AND ",
+            $rows,
+            " AND r.ts_ms >= ?2 AND r.ts_ms < ?3
+             GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id"
+        )
+    };
+}
 
-/// [`USAGE_SQL`] for one key `?1`: read through the key's own index.
-const KEY_USAGE_SQL: &str = concat!(
-    "SELECT date(r.ts_ms / 1000, 'unixepoch') AS day, r.model, r.key_id, k.alias,
-            COUNT(*), SUM(r.prompt_tokens), SUM(r.cached_tokens),
-            SUM(r.completion_tokens), SUM(r.cost_micros)
-     FROM requests r LEFT JOIN keys k ON k.id = r.key_id
-     WHERE r.superseded = 0 AND r.key_id = ?1 AND r.ts_ms >= ?2 AND r.ts_ms < ?3",
-    "\n     GROUP BY day, r.model, r.key_id ORDER BY day, r.model, k.alias, r.key_id"
-);
+/// Every key's, read through the time index (`?1` is NULL).
+const USAGE_SQL: &str = usage_sql!("?1 IS NULL");
+
+/// One key's (`?1`), read through the key's own index.
+const KEY_USAGE_SQL: &str = usage_sql!("r.key_id = ?1");
 
 /// Totals by day (UTC), model and key.
 pub fn usage(conn: &Connection, f: &UsageFilter) -> Result<Vec<UsageLine>, GatewayError> {
