@@ -7,7 +7,8 @@ use serde_json::{json, Map, Value};
 use edgeinfer::config::{KeyFields, KeysCommand, StoreArgs, UsageArgs};
 use edgeinfer::gateway::db;
 use edgeinfer::gateway::keys::{KeyRecord, KeyStore};
-use edgeinfer::gateway::ledger::{self, UsageFilter};
+use edgeinfer::gateway::ledger;
+use edgeinfer::gateway::usage::{self, UsageFilter};
 
 fn store(args: &StoreArgs) -> Result<(KeyStore, rusqlite::Connection)> {
     let path = args.db_path();
@@ -96,7 +97,7 @@ pub fn usage(args: UsageArgs) -> Result<()> {
         ),
         None => None,
     };
-    let lines = ledger::usage(
+    let lines = usage::usage(
         &conn,
         &UsageFilter {
             key_id,

@@ -326,6 +326,11 @@ pub struct ServeArgs {
     /// ones are deleted and answer 404 (0: kept until deleted).
     #[arg(long, env = "EDGEINFER_RESPONSES_RETENTION_DAYS", default_value_t = 30)]
     pub responses_retention_days: u64,
+    /// Days of per-request ledger rows kept (UTC days before today's): older rows are folded
+    /// into daily totals by model and key, which usage reports and budgets read, so they stay
+    /// exact; request ids, sessions, metadata and timings go (0: every row is kept).
+    #[arg(long, env = "EDGEINFER_LEDGER_RETENTION_DAYS", default_value_t = 90)]
+    pub ledger_retention_days: u32,
 }
 
 /// Most draft tokens `--speculate` may ask for.
@@ -363,6 +368,12 @@ impl ServeArgs {
         }
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());
+        }
+        let min = crate::gateway::retention::MIN_DAYS;
+        if (1..min).contains(&self.ledger_retention_days) {
+            return Err(format!(
+                "--ledger-retention-days must be 0 (keep every row) or at least {min}: a batch line's attempts can span a day"
+            ));
         }
         if self.idempotency_max_bytes == 0 {
             return Err("--idempotency-max-bytes must be positive".into());

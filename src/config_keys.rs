@@ -125,7 +125,7 @@ pub struct UsageArgs {
 
 /// A day for the usage report's bounds, as the HTTP route takes it.
 fn day(v: &str) -> Result<String, String> {
-    match crate::gateway::ledger::is_day(v) {
+    match crate::gateway::usage::is_day(v) {
         true => Ok(v.to_string()),
         false => Err("a calendar date written YYYY-MM-DD".into()),
     }

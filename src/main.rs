@@ -304,6 +304,8 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         responses_retention: (args.responses_retention_days > 0).then(|| {
             std::time::Duration::from_secs(args.responses_retention_days.saturating_mul(86_400))
         }),
+        ledger_retention_days: (args.ledger_retention_days > 0)
+            .then_some(args.ledger_retention_days),
     })?;
     if !gateway.auth_required() && !args.insecure_no_auth && !admin_cli::is_loopback(&args.host) {
         anyhow::bail!(

@@ -1145,3 +1145,101 @@ fn a_custom_cache_key_is_the_callers_own() {
     assert_eq!(mine.header("cf-aig-cache-status"), Some("HIT"));
     assert_eq!(mine.body["choices"], first.body["choices"]);
 }
+
+#[test]
+fn ledger_rows_past_the_retention_fold_into_totals_that_still_bill() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db").to_string_lossy().into_owned();
+    // A key with a lifetime budget of 1 cent, made 30 days ago, that spent 1.2 cents 20 days
+    // ago; and a key-less row beside.
+    let key = offline_key(&db, &["--alias", "old", "--max-budget", "0.01"]);
+    let day_ms = 86_400_000i64;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE keys SET created = created - 30 * 86400 WHERE alias = 'old'",
+        [],
+    )
+    .unwrap();
+    for (i, key_id) in ["(SELECT id FROM keys WHERE alias = 'old')", "NULL"]
+        .iter()
+        .enumerate()
+    {
+        for j in 0..3 {
+            conn.execute(
+                &format!(
+                    "INSERT INTO requests (ts_ms, request_id, key_id, model, route, status,
+                        prompt_tokens, cached_tokens, completion_tokens, cost_micros, duration_ms)
+                     VALUES (?1, ?2, {key_id}, 'm', '/v1/chat/completions', 'ok', 10, 2, 5, 4000, 9)"
+                ),
+                rusqlite::params![now_ms - 20 * day_ms + j, format!("old-{i}-{j}")],
+            )
+            .unwrap();
+        }
+    }
+    drop(conn);
+    let report = || {
+        let out = edgeinfer(&["usage", "--db", &db, "--json"]);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = report();
+    assert_eq!(before.lines().count(), 2, "{before}");
+    // Every completion token costs 1,000 micro-USD (a free request fits any budget).
+    let prices = dir.path().join("prices.json");
+    std::fs::write(&prices, r#"{"*": {"input": 0, "output": 1000}}"#).unwrap();
+    let s = Server::start(&[
+        "--master-key",
+        MASTER,
+        "--db",
+        &db,
+        "--prices",
+        prices.to_str().unwrap(),
+        "--ledger-retention-days",
+        "2",
+    ]);
+    // The rows go at the start (in the background): the reports and the budget stay.
+    let rows = || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rows(), 0, "the old rows are still there");
+    assert_eq!(report(), before);
+    let r = s.post_key(
+        "/v1/completions",
+        &json!({"prompt": "7, 8,", "max_tokens": 1}),
+        &key,
+    );
+    assert_openai_error(&r, 429, "insufficient_quota");
+    let usage = s.call(
+        "GET",
+        "/v1/usage",
+        None,
+        &[("authorization", &format!("Bearer {MASTER}"))],
+    );
+    // (The refusal's own row is today's, at no cost.)
+    let costs: Vec<u64> = usage.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["model"] == "m")
+        .map(|l| l["cost_micros"].as_u64().unwrap())
+        .collect();
+    assert_eq!(costs, [12_000, 12_000], "{}", usage.body);
+    // A day is too short to keep.
+    let out = edgeinfer(&["serve", "--db", &db, "--ledger-retention-days", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ledger-retention-days"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

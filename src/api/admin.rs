@@ -16,7 +16,7 @@ use super::handlers::body_or_error;
 use super::types::parse_body;
 use super::AppState;
 use crate::gateway::keys::KeyRecord;
-use crate::gateway::ledger::UsageFilter;
+use crate::gateway::usage::UsageFilter;
 use crate::gateway::Principal;
 
 fn require_master(p: &Principal) -> Result<(), ApiError> {
@@ -197,7 +197,7 @@ pub async fn usage(
         ("end_date", q.get("end_date")),
     ] {
         if let Some(v) = v {
-            if !crate::gateway::ledger::is_day(v) {
+            if !crate::gateway::usage::is_day(v) {
                 return Err(ApiError::invalid(
                     field,
                     format!("`{field}` must be a date YYYY-MM-DD"),

@@ -1,4 +1,5 @@
-//! The embedded store: one SQLite file in WAL mode holding the keys, the request ledger,
+//! The embedded store: one SQLite file in WAL mode holding the keys, the request ledger
+//! (with the totals of the rows past its retention),
 //! the stored responses of the Responses API, and the Batch API's files and batches.
 //! Knows tables and SQL; never HTTP. Invariant: every connection opens through [`open`], so
 //! every one has the same pragmas (WAL, a busy timeout, synchronous=NORMAL: a commit survives
@@ -50,6 +51,27 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts_ms);
+-- The rows past the ledger's retention, folded (gateway/retention.rs): their totals by day,
+-- which the usage reports add to the rows kept, and each key's spend by budget period,
+-- which its budget adds.
+CREATE TABLE IF NOT EXISTS usage_days (
+    day TEXT NOT NULL,                -- YYYY-MM-DD, UTC
+    model TEXT NOT NULL,
+    key_id TEXT NOT NULL,             -- '' for the rows without a key
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    PRIMARY KEY (day, model, key_id)
+);
+CREATE INDEX IF NOT EXISTS usage_days_key ON usage_days(key_id, day);
+CREATE TABLE IF NOT EXISTS spend_carried (
+    key_id TEXT NOT NULL,
+    period_start INTEGER NOT NULL,    -- unix seconds: the budget period the rows fell in
+    cost_micros INTEGER NOT NULL,
+    PRIMARY KEY (key_id, period_start)
+);
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,              -- resp_...
     owner TEXT NOT NULL,              -- the key id that made it ('' without a key)
@@ -225,8 +247,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(index, 1);
-        let f = crate::gateway::ledger::UsageFilter::default();
-        let lines = crate::gateway::ledger::usage(&conn, &f).unwrap();
+        let f = crate::gateway::usage::UsageFilter::default();
+        let lines = crate::gateway::usage::usage(&conn, &f).unwrap();
         assert_eq!((lines.len(), lines[0].cost_micros), (1, 5));
         // Opening again finds the column there.
         drop(conn);

@@ -21,6 +21,8 @@ pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod price;
+pub mod retention;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,6 +113,9 @@ pub struct GatewayConfig {
     pub global_rpm: Option<u64>,
     /// How long stored responses are kept (`None`: until deleted).
     pub responses_retention: Option<std::time::Duration>,
+    /// Whole days of ledger rows kept (`None`: every row); older rows are folded into daily
+    /// totals (see [`retention`]).
+    pub ledger_retention_days: Option<u32>,
 }
 
 pub struct Gateway {
@@ -143,6 +148,9 @@ impl Gateway {
     pub fn open(config: GatewayConfig) -> Result<Self, GatewayError> {
         let keys = KeyStore::new(db::open(&config.db_path)?)?;
         let ledger = Ledger::start(&config.db_path)?;
+        if let Some(days) = config.ledger_retention_days {
+            retention::keep(&config.db_path, days)?;
+        }
         let auth_required = AtomicBool::new(config.master_key.is_some() || keys.count()? > 0);
         Ok(Self {
             keys,
@@ -543,6 +551,7 @@ mod tests {
             global_tpm: None,
             global_rpm: None,
             responses_retention: None,
+            ledger_retention_days: None,
         })
         .unwrap();
         assert!(matches!(
