@@ -410,6 +410,13 @@ fn pages_of_the_origins_let_in_may_call_from_a_browser() {
     let ok = preflight(&s, app);
     assert!(ok.status < 300, "{}", ok.status);
     assert_eq!(ok.header("access-control-allow-origin"), Some(app));
+    // From a public page to a node on a more private network (Private Network Access), and
+    // with an id to find it in the log by.
+    assert_eq!(
+        ok.header("access-control-allow-private-network"),
+        Some("true")
+    );
+    assert!(ok.header("x-request-id").is_some_and(|id| !id.is_empty()));
     let headers = ok
         .header("access-control-allow-headers")
         .unwrap_or_default();
@@ -459,6 +466,10 @@ fn pages_of_the_origins_let_in_may_call_from_a_browser() {
     let s = Server::start(&["--cors-allow-origin", "*"]);
     let (status, e) = browser_post(&s.addr, &s.addr, Some("https://evil.example"), true);
     assert_eq!(status, 403, "{e}");
+    // Nor does it let every public page reach into a private network.
+    let any = preflight(&s, "https://evil.example");
+    assert_eq!(any.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(any.header("access-control-allow-private-network"), None);
     // A malformed origin stops the start with a message naming the flag.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
         .args([
@@ -491,6 +502,7 @@ fn preflight(s: &Server, origin: &str) -> common::server::Reply {
                 "access-control-request-headers",
                 "authorization,content-type",
             ),
+            ("access-control-request-private-network", "true"),
         ],
     )
 }

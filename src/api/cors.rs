@@ -27,11 +27,17 @@ const EXPOSED: [&str; 14] = [
 ];
 
 /// The layer for `origins` (`*`: any page), or `None` when none is listed.
+///
+/// The pages of named origins may also call a node on a more private network than theirs
+/// (a public app calling a node on the LAN or loopback: Private Network Access preflights
+/// are answered `Access-Control-Allow-Private-Network: true`); `*` does not let every public
+/// page reach into a private network.
 pub fn layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
-    let allow = if origins.iter().any(|o| o == "*") {
+    let any = origins.iter().any(|o| o == "*");
+    let allow = if any {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
@@ -39,6 +45,7 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
+            .allow_private_network(!any)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             // Keys travel in headers (`Authorization`, `x-api-key`), never in cookies.
             .allow_headers(AllowHeaders::mirror_request())

@@ -378,15 +378,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(utility::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body::guard))
-        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .layer(middleware::from_fn(surface_errors));
-    // Outermost: a preflight is answered before any key is asked for, and errors too are
-    // readable by the pages let in.
+    // A preflight is answered before any key is asked for, and errors too are readable by
+    // the pages let in.
     let app = match cors::layer(&state.cors_origins) {
         Some(cors) => app.layer(cors),
         None => app,
     };
-    app.with_state(state)
+    // Outermost: every answer, a preflight's included, has its id and log line.
+    app.layer(middleware::from_fn_with_state(state.clone(), request_id))
+        .with_state(state)
 }
 
 /// Errors in the envelope of the surface a path belongs to: Anthropic's under
