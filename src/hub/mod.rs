@@ -36,23 +36,21 @@ pub fn local_path(entry: &ModelEntry, dir: &Path) -> PathBuf {
 
 /// Makes sure `entry` is present and verified under `dir`, fetching it if needed.
 /// Returns its path. A present, verified file is not fetched again.
+///
+/// Pulls of the same file (servers started together, say) take turns: the later ones wait
+/// for the first (`.FILE.lock`), then find its file. The partial files a crashed pull left
+/// are removed.
 pub fn pull(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, HubError> {
     let dest = local_path(entry, dir);
-    if dest.exists() {
-        match &entry.sha256 {
-            None => return Ok(dest),
-            Some(expected) => {
-                let actual = sha256_file_memo(&dest)?;
-                if &actual == expected {
-                    tracing::info!(path = %dest.display(), "model present and verified");
-                    return Ok(dest);
-                }
-                tracing::warn!(path = %dest.display(), %expected, %actual,
-                    "present file has the wrong checksum; fetching it again");
-            }
-        }
+    if present(entry, &dest)? {
+        return Ok(dest);
     }
     std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
+    let _turn = take_turn(&dest)?;
+    remove_orphans(&dest);
+    if present(entry, &dest)? {
+        return Ok(dest);
+    }
     let mut attempts = Vec::new();
     for source in &entry.sources {
         let label = sources::describe(source);
@@ -72,6 +70,93 @@ pub fn pull(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, HubError> {
         what: entry.name.clone(),
         attempts: attempts.join("\n"),
     })
+}
+
+/// Whether `dest` is there and, when the entry has a sha256, verified.
+fn present(entry: &ModelEntry, dest: &Path) -> Result<bool, HubError> {
+    if !dest.exists() {
+        return Ok(false);
+    }
+    let Some(expected) = &entry.sha256 else {
+        return Ok(true);
+    };
+    let actual = sha256_file_memo(dest)?;
+    if &actual == expected {
+        tracing::info!(path = %dest.display(), "model present and verified");
+        return Ok(true);
+    }
+    tracing::warn!(path = %dest.display(), %expected, %actual,
+        "present file has the wrong checksum; fetching it again");
+    Ok(false)
+}
+
+/// A name beside `dest`: `.FILE` followed by `suffix`.
+fn beside(dest: &Path, suffix: &str) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!(".{name}{suffix}"))
+}
+
+/// Waits for this file's turn: an exclusive lock on `.FILE.lock`, held until the returned
+/// file is dropped (or the process ends, a crash included). On a file system without locks
+/// the pull goes on without one (as before: its partial file is its own).
+fn take_turn(dest: &Path) -> Result<Option<File>, HubError> {
+    let path = beside(dest, ".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| io_err(&path, source))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(path = %dest.display(), "another pull is fetching this file; waiting for it");
+            f.lock().map_err(|source| io_err(&path, source))?;
+            Ok(Some(f))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock; pulling without waiting for other pulls");
+            Ok(None)
+        }
+    }
+}
+
+/// Removes what crashed pulls of `dest` left: `FILE.PID.part` files and `.FILE.pip-PID`
+/// folders of other processes. Called with the file's turn held, so no live pull owns them.
+fn remove_orphans(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let ours = std::process::id().to_string();
+    let (part, pip) = (format!("{name}."), format!(".{name}.pip-"));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let pid = file
+            .strip_prefix(&part)
+            .and_then(|rest| rest.strip_suffix(".part"))
+            .or_else(|| file.strip_prefix(&pip));
+        let Some(pid) = pid.filter(|p| p.bytes().all(|b| b.is_ascii_digit()) && *p != ours) else {
+            continue;
+        };
+        let path = e.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), pid, "removed what a stopped pull left")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove what a stopped pull left")
+            }
+        }
+    }
 }
 
 /// Copies `reader` (of `size` bytes if known) to `dest` through `DEST.part`, hashing as it
@@ -212,15 +297,58 @@ mod tests {
         assert_eq!(leftovers(&dir), Vec::<String>::new());
     }
 
-    /// Files in `dir` (a failed pull must leave none, `.part` files included).
+    /// Files in `dir` but the empty lock files (a failed pull must leave none, `.part` files
+    /// included).
     fn leftovers(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.ends_with(".lock"))
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Another process pulling the same file holds its turn: this pull waits, removes what
+    /// a crashed pull left, and finds the other's file instead of fetching its own.
+    #[test]
+    fn a_second_pull_waits_for_the_first_and_takes_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("models");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes = b"GGUF the first pull's bytes";
+        let staged = tmp.path().join("staged");
+        std::fs::write(&staged, bytes).unwrap();
+        let e = entry(
+            // A source that cannot be fetched: the pull must not need it.
+            vec![Source::Path {
+                path: tmp.path().join("nowhere").display().to_string(),
+            }],
+            Some(sha256_file(&staged).unwrap()),
+        );
+        let first = File::create(dir.join(".test.gguf.lock")).unwrap();
+        first.lock().unwrap();
+        let orphans = [
+            dir.join("test.gguf.4242424.part"),
+            dir.join(".test.gguf.pip-4242424"),
+        ];
+        std::fs::write(&orphans[0], b"half").unwrap();
+        std::fs::create_dir(&orphans[1]).unwrap();
+        let other = dir.join("other.gguf.4242424.part");
+        std::fs::write(&other, b"another file's").unwrap();
+        let (e2, dir2) = (e.clone(), dir.clone());
+        let second = std::thread::spawn(move || pull(&e2, &dir2));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!second.is_finished(), "the second pull did not wait");
+        std::fs::rename(&staged, dir.join("test.gguf")).unwrap();
+        drop(first);
+        assert_eq!(second.join().unwrap().unwrap(), dir.join("test.gguf"));
+        assert!(orphans.iter().all(|o| !o.exists()), "{orphans:?}");
+        assert!(
+            other.exists(),
+            "another file's part is not this pull's to remove"
+        );
     }
 
     /// A source that fails midway (a dropped connection; a full disk fails `write_all` or

@@ -94,7 +94,9 @@ fn fetch_pip(
     dest: &Path,
     expected: Option<&str>,
 ) -> Result<(), HubError> {
-    let dir = dest.with_file_name(format!(".pip-download-{}", std::process::id()));
+    // Named for the file and the process, so a later pull of the file can tell it from a
+    // live one's and remove it (`super::remove_orphans`).
+    let dir = super::beside(dest, &format!(".pip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| io_err(&dir, source))?;
     let result = (|| {
         let python = std::env::var("EDGEINFER_PYTHON").unwrap_or_else(|_| "python3".into());
