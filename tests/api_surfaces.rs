@@ -654,3 +654,59 @@ fn a_call_cut_short_leaves_the_conversation_usable() {
     );
     assert_eq!(st, 200, "{next}");
 }
+
+#[test]
+fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
+    // 512 tokens of KV cache: the most a sequence holds.
+    let s = Server::start(&["--kv-cache-tokens", "512"]);
+    let limit = 512;
+    let turn = |i: usize| {
+        let (role, kind) = if i % 2 == 0 {
+            ("user", "input_text")
+        } else {
+            ("assistant", "output_text")
+        };
+        let text = format!("Note {i}: ") + &"the river runs past the old mill. ".repeat(6);
+        json!({"type": "message", "role": role, "content": [{"type": kind, "text": text}]})
+    };
+    // Eleven turns (about 60 tokens each), the last a user's question.
+    let mut items: Vec<Value> = (0..10).map(turn).collect();
+    items.push(json!({"role": "user", "content": "What runs past the mill?"}));
+    let max_out = 16;
+    let ask = |items: &[Value], truncation: &str| {
+        s.post(
+            "/v1/responses",
+            &json!({"model": MODEL, "instructions": "Answer briefly.", "input": items,
+                    "truncation": truncation, "max_output_tokens": max_out,
+                    "temperature": 0, "store": false}),
+        )
+    };
+    let (st, e) = ask(&items, "disabled");
+    assert_eq!(
+        (st, &e["error"]["code"]),
+        (400, &json!("context_length_exceeded")),
+        "{e}"
+    );
+    let (st, r) = ask(&items, "auto");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["truncation"], "auto");
+    assert!(r["output"][0]["content"][0]["text"].is_string(), "{r}");
+    // As many turns as fit are kept, the newest: the same prompt as the longest suffix
+    // that fits untruncated.
+    let longest = (0..items.len())
+        .find_map(|from| {
+            let (st, r) = ask(&items[from..], "disabled");
+            let input = r["usage"]["input_tokens"].as_u64()? as usize;
+            (st == 200 && input + max_out <= limit).then_some(input)
+        })
+        .expect("the last turn fits");
+    assert_eq!(r["usage"]["input_tokens"].as_u64(), Some(longest as u64));
+    assert!(longest > 100, "{longest}: more than the question was kept");
+    // Any other value is refused.
+    let (st, e) = ask(&items, "sometimes");
+    assert_eq!(
+        (st, &e["error"]["param"]),
+        (400, &json!("truncation")),
+        "{e}"
+    );
+}

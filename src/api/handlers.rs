@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::generate::{per_prompt, run, Input, Output};
 use super::response::{Meta, Reasoning, Surface};
 use super::responses::ResponsesCtx;
+use super::truncation::{render_fitting, Fit};
 use super::types::{
     output_format, ChatCompletionRequest, CompletionRequest, PromptField, MAX_CHOICES,
 };
@@ -282,8 +283,15 @@ pub(super) async fn chat(
     // Render, tokenize and compile the grammar off the async threads; a grammar error is
     // the client's (400 naming the field), before anything is queued.
     let n = sampling.n()?;
+    let fit = match &api {
+        Api::Responses(ctx) if ctx.truncate => Some(Fit {
+            limit: ready.context_length.min(ready.engine.kv_capacity),
+            max_tokens: sampling.max_tokens(false)?,
+        }),
+        _ => None,
+    };
     let (prompt, opened, constraints) = tokio::task::spawn_blocking(move || {
-        let (prompt, opened) = render(&r, messages, tools, &kwargs, continues)?;
+        let (prompt, opened) = render_fitting(&r, messages, tools, &kwargs, continues, fit)?;
         // A reasoning model thinks (within its budget) before a constrained answer.
         let mut spec = spec;
         spec.think = r.reasoner.map(|x| x.spec(opened, budget));

@@ -34,6 +34,7 @@ mod responses_sse;
 mod stream;
 mod surfaces;
 mod text_logprobs;
+mod truncation;
 pub mod types;
 mod utility;
 mod workers;

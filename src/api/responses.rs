@@ -26,6 +26,9 @@ pub struct ResponsesCtx {
     pub created_at: u64,
     pub store: bool,
     pub context: Vec<Value>,
+    /// `truncation: "auto"`: the oldest turns go when the conversation leaves no room for
+    /// the reply (see `truncation.rs`); the stored conversation keeps them.
+    pub truncate: bool,
     /// The request's settings as the response object echoes them.
     pub echo: Map<String, Value>,
     pub gateway: Arc<Gateway>,
@@ -319,6 +322,7 @@ pub fn echo(body: &Value) -> Map<String, Value> {
     }
     e.insert("text".into(), t);
     e.insert("store".into(), get("store", json!(true)));
+    e.insert("truncation".into(), get("truncation", json!("disabled")));
     let reasoning = body.get("reasoning");
     let field = |k: &str| {
         reasoning

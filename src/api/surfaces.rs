@@ -66,6 +66,17 @@ pub async fn responses_create(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
     };
+    let truncate = match v.get("truncation") {
+        None | Some(Value::Null) => false,
+        Some(t) if t == "disabled" => false,
+        Some(t) if t == "auto" => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "truncation",
+                "`truncation` must be auto or disabled",
+            ))
+        }
+    };
     let ctx = ResponsesCtx {
         // Never the client's x-request-id: ids must not collide across keys.
         id: format!("resp_{}", super::new_id()),
@@ -73,6 +84,7 @@ pub async fn responses_create(
         created_at: unix_now(),
         store,
         context,
+        truncate,
         echo: super::responses::echo(&v),
         gateway: state.gateway.clone(),
     };
