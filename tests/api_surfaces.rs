@@ -661,7 +661,7 @@ fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
     let s = Server::start(&["--kv-cache-tokens", "512"]);
     let limit = 512;
     let turn = |i: usize| {
-        let (role, kind) = if i % 2 == 0 {
+        let (role, kind) = if i.is_multiple_of(2) {
             ("user", "input_text")
         } else {
             ("assistant", "output_text")
