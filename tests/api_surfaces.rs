@@ -710,3 +710,128 @@ fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
         "{e}"
     );
 }
+
+/// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).
+fn poll_response(s: &Server, id: &str, want: Option<&str>) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = s.call("GET", &format!("/v1/responses/{id}"), None, &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = r.body["status"].as_str().unwrap_or_default().to_string();
+        let done = match want {
+            Some(w) => status == w,
+            None => status != "queued" && status != "in_progress",
+        };
+        if done || std::time::Instant::now() > deadline {
+            return r.body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn background_responses_run_on_and_can_be_cancelled() {
+    let s = Server::start(&[]);
+    let ask = json!({"model": MODEL, "input": "List three colors.", "max_output_tokens": 12,
+                     "temperature": 0});
+    let (st, fg) = s.post("/v1/responses", &ask);
+    assert_eq!(st, 200, "{fg}");
+    let mut bg_ask = ask.clone();
+    bg_ask["background"] = json!(true);
+    let (st, queued) = s.post("/v1/responses", &bg_ask);
+    assert_eq!(st, 200, "{queued}");
+    assert_eq!(
+        (&queued["status"], &queued["background"], &queued["output"]),
+        (&json!("queued"), &json!(true), &json!([])),
+        "{queued}"
+    );
+    let id = queued["id"].as_str().unwrap();
+    let done = poll_response(&s, id, None);
+    // The same answer as in the request, stored and chained as any response.
+    assert_eq!(done["status"], fg["status"], "{done}");
+    assert_eq!(done["output"][0]["content"], fg["output"][0]["content"]);
+    assert_eq!(done["usage"]["output_tokens"], fg["usage"]["output_tokens"]);
+    let (st, next) = s.post(
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "One more.", "previous_response_id": id,
+                "max_output_tokens": 4}),
+    );
+    assert_eq!(st, 200, "{next}");
+    // An ended one is not cancelled; a request answered in its request has no run to stop.
+    let r = s.call("POST", &format!("/v1/responses/{id}/cancel"), None, &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Its end is read from the store, and its events are not kept to stream again.
+    for (field, value) in [("store", json!(false)), ("stream", json!(true))] {
+        let mut bad = bg_ask.clone();
+        bad[field] = value;
+        let (st, e) = s.post("/v1/responses", &bad);
+        assert_eq!(
+            (st, &e["error"]["param"]),
+            (400, &json!("background")),
+            "{e}"
+        );
+    }
+    drop(s);
+
+    // A run that cannot end (the engine hangs at its first step): in progress until
+    // cancelled; a chain cannot build on it yet.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db").to_string_lossy().into_owned();
+    let model = common::default_model_path();
+    let flags = ["--model", model.to_str().unwrap(), "--db", &db];
+    let s = Server::spawn(&flags, &[("EDGEINFER_FAULT", "engine-stall-at-step=1")]);
+    s.wait_ready();
+    let start = |s: &Server| {
+        let (st, r) = s.post("/v1/responses", &bg_ask);
+        assert_eq!(st, 200, "{r}");
+        r["id"].as_str().unwrap().to_string()
+    };
+    let (cancelled, lost) = (start(&s), start(&s));
+    let running = poll_response(&s, &cancelled, Some("in_progress"));
+    assert_eq!(running["status"], "in_progress", "{running}");
+    let (st, e) = s.post(
+        "/v1/responses",
+        &json!({"model": MODEL, "input": "And?", "previous_response_id": cancelled}),
+    );
+    assert_eq!(
+        (st, &e["error"]["param"]),
+        (400, &json!("previous_response_id")),
+        "{e}"
+    );
+    let r = s.call(
+        "POST",
+        &format!("/v1/responses/{cancelled}/cancel"),
+        None,
+        &[],
+    );
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (200, &json!("cancelled")),
+        "{}",
+        r.body
+    );
+    assert_eq!(poll_response(&s, &cancelled, None)["status"], "cancelled");
+    // Cancelling again answers the same.
+    let r = s.call(
+        "POST",
+        &format!("/v1/responses/{cancelled}/cancel"),
+        None,
+        &[],
+    );
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (200, &json!("cancelled")),
+        "{}",
+        r.body
+    );
+    // A run the node does not live to finish reads failed after the restart.
+    assert_eq!(
+        poll_response(&s, &lost, Some("in_progress"))["status"],
+        "in_progress"
+    );
+    s.kill9();
+    let s = Server::start(&["--db", &db]);
+    let after = poll_response(&s, &lost, None);
+    assert_eq!(after["status"], "failed", "{after}");
+    assert!(after["error"]["message"].is_string(), "{after}");
+}

@@ -29,6 +29,7 @@ mod native;
 mod replay;
 mod response;
 mod responses;
+mod responses_background;
 mod responses_items;
 mod responses_sse;
 mod stream;
@@ -125,6 +126,8 @@ pub struct AppState {
     pub batch_wake: tokio::sync::Notify,
     /// The Batch API's settings.
     pub batch: BatchSettings,
+    /// The Responses API's runs in the background.
+    background: responses_background::Running,
 }
 
 /// The HTTP side's settings.
@@ -187,6 +190,7 @@ impl AppState {
             node_header: HeaderValue::from_str(&config.node_name).ok(),
             batch_wake: tokio::sync::Notify::new(),
             batch: config.batch,
+            background: Default::default(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

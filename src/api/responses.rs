@@ -323,6 +323,7 @@ pub fn echo(body: &Value) -> Map<String, Value> {
     e.insert("text".into(), t);
     e.insert("store".into(), get("store", json!(true)));
     e.insert("truncation".into(), get("truncation", json!("disabled")));
+    e.insert("background".into(), get("background", json!(false)));
     let reasoning = body.get("reasoning");
     let field = |k: &str| {
         reasoning
@@ -378,12 +379,23 @@ pub(super) fn object(
     output: Vec<Value>,
     end: Option<(FinishReason, Usage)>,
 ) -> Value {
+    object_of(ctx, &meta.model, status, output, end)
+}
+
+/// The response object of `model` (see [`object`]).
+pub(super) fn object_of(
+    ctx: &ResponsesCtx,
+    model: &str,
+    status: &str,
+    output: Vec<Value>,
+    end: Option<(FinishReason, Usage)>,
+) -> Value {
     let mut r = ctx.echo.clone();
     r.insert("id".into(), Value::from(ctx.id.clone()));
     r.insert("object".into(), json!("response"));
     r.insert("created_at".into(), Value::from(ctx.created_at));
     r.insert("status".into(), Value::from(status));
-    r.insert("model".into(), Value::from(meta.model.clone()));
+    r.insert("model".into(), Value::from(model));
     r.insert("output".into(), Value::Array(output));
     r.insert("error".into(), Value::Null);
     let incomplete = matches!(end, Some((FinishReason::Length, _)));

@@ -1,6 +1,6 @@
 //! A stored response's input items (`GET /v1/responses/{id}/input_items`, as OpenAI's SDKs
-//! page them) and `POST /v1/responses/{id}/cancel`, which this server, answering every
-//! response as it is asked, refuses as OpenAI refuses a response not run in the background.
+//! page them) and `POST /v1/responses/{id}/cancel`, which stops a response run in the
+//! background and, as OpenAI does, refuses one that was not.
 
 use std::sync::Arc;
 
@@ -101,14 +101,20 @@ fn shown(it: &Value, id: &str, i: usize) -> Value {
 }
 
 /// `POST /v1/responses/{id}/cancel`: only a response run in the background may be
-/// cancelled, and this server runs none there (`background` is answered in the request).
+/// cancelled (see `responses_background`).
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    owned(&state, &who, &id).await?;
-    Err(ApiError::bad_request(
-        "Only responses created with `background: true` can be cancelled; this server answers every response in its request, so this one has already finished",
-    ))
+    let stored = owned(&state, &who, &id).await?;
+    if stored.response["background"] != true {
+        return Err(ApiError::bad_request(
+            "Only responses created with `background: true` can be cancelled; this one was answered in its request, so it has already finished",
+        ));
+    }
+    let owner = who.owner().1.to_string();
+    super::responses_background::cancel(&state, &owner, stored.response)
+        .await
+        .map(Json)
 }

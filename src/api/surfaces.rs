@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::handlers::{body_or_error, chat, check_model, completion, render, unix_now, Api};
 use super::responses::ResponsesCtx;
+use super::responses_background as background;
 use super::types::{from_value, parse_body, without_nulls, ChatCompletionRequest};
 use super::{AppState, RequestId};
 use crate::gateway::conversations::Conversations;
@@ -48,10 +49,16 @@ pub async fn responses_create(
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(id)) => {
             let (key, who) = (id.clone(), owner.clone());
-            stored(&state, move |c| c.get(&key, &who))
+            let previous = stored(&state, move |c| c.get(&key, &who))
                 .await?
-                .ok_or_else(|| previous_not_found(id))?
-                .context
+                .ok_or_else(|| previous_not_found(id))?;
+            if background::unfinished(&previous.response) {
+                return Err(ApiError::invalid(
+                    "previous_response_id",
+                    format!("Previous response '{id}' has not finished; wait for it (GET /v1/responses/{id})"),
+                ));
+            }
+            previous.context
         }
         Some(_) => {
             return Err(ApiError::invalid(
@@ -66,6 +73,7 @@ pub async fn responses_create(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
     };
+    let in_background = background::check(&v, store)?;
     let truncate = match v.get("truncation") {
         None | Some(Value::Null) => false,
         Some(t) if t == "disabled" => false,
@@ -88,6 +96,14 @@ pub async fn responses_create(
         echo: super::responses::echo(&v),
         gateway: state.gateway.clone(),
     };
+    if in_background {
+        // What would refuse it at once is refused now, not stored as its failure.
+        state.ready()?;
+        let model = check_model(&state, &who, v["model"].as_str())?.name;
+        super::responses::to_chat_request(v, &ctx.context)?;
+        let asked = (rid, who, headers);
+        return background::start(state.clone(), asked, bytes, Arc::new(ctx), model).await;
+    }
     let api = Api::Responses(Arc::new(ctx));
     chat(&state, rid, who, &headers, Ok(bytes), api).await
 }
@@ -106,7 +122,9 @@ pub async fn responses_get(
     Extension(who): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
     let stored = super::responses_items::owned(&state, &who, &id).await?;
-    Ok(Json(stored.response))
+    Ok(Json(
+        background::current(&state, who.owner().1, stored.response).await,
+    ))
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -118,6 +136,10 @@ pub async fn responses_delete(
     let owner = who.owner().1.to_string();
     let key = id.clone();
     let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
+    if deleted {
+        // A background run stops with it (its end would store it again).
+        state.background.stop(&id);
+    }
     if !deleted {
         return Err(super::responses_items::no_response(&id));
     }

@@ -79,8 +79,11 @@ impl Conversations {
         self.expire(now)?;
         self.conn()
             .execute(
+                // A background response's final state replaces its queued one.
                 "INSERT INTO responses (id, owner, created, response, context)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET response = excluded.response,
+                     context = excluded.context WHERE owner = excluded.owner",
                 params![
                     id,
                     owner,
@@ -124,6 +127,25 @@ impl Conversations {
             response: parse(&response)?,
             context,
         }))
+    }
+
+    /// Replaces the response `id` of `owner` while it is still unfinished (a background
+    /// response `queued` or `in_progress`); whether it was.
+    pub fn update_unfinished(
+        &self,
+        id: &str,
+        owner: &str,
+        response: &Value,
+    ) -> Result<bool, GatewayError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE responses SET response = ?3 WHERE id = ?1 AND owner = ?2
+                 AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
+                params![id, owner, response.to_string()],
+            )
+            .map_err(GatewayError::db)?;
+        Ok(n > 0)
     }
 
     /// Deletes the response `id` if `owner` made it; false if there was none.
