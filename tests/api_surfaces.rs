@@ -657,58 +657,82 @@ fn a_call_cut_short_leaves_the_conversation_usable() {
 
 #[test]
 fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
+    // A template that, as Mistral's and Llama 2's do, refuses a conversation that does not
+    // start with a user's turn: only cuts before a user turn are taken with it.
+    let dir = tempfile::tempdir().unwrap();
+    let alternating = dir.path().join("alternating.jinja");
+    std::fs::write(
+        &alternating,
+        "{% for m in messages %}{% if m['role'] != 'system' and loop.index0 == (1 if messages[0]['role'] == 'system' else 0) and m['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
     // 512 tokens of KV cache: the most a sequence holds.
-    let s = Server::start(&["--kv-cache-tokens", "512"]);
     let limit = 512;
+    // Long user turns (about 100 tokens), short assistant ones: dropping the first user turn
+    // is what makes it fit, so the earliest cut is an assistant's.
     let turn = |i: usize| {
-        let (role, kind) = if i.is_multiple_of(2) {
-            ("user", "input_text")
+        let (role, kind, n) = if i.is_multiple_of(2) {
+            ("user", "input_text", 12)
         } else {
-            ("assistant", "output_text")
+            ("assistant", "output_text", 1)
         };
-        let text = format!("Note {i}: ") + &"the river runs past the old mill. ".repeat(6);
+        let text = format!("Note {i}: ") + &"the river runs past the old mill. ".repeat(n);
         json!({"type": "message", "role": role, "content": [{"type": kind, "text": text}]})
     };
-    // Eleven turns (about 60 tokens each), the last a user's question.
+    // Eleven turns, the last a user's question.
     let mut items: Vec<Value> = (0..10).map(turn).collect();
     items.push(json!({"role": "user", "content": "What runs past the mill?"}));
     let max_out = 16;
-    let ask = |items: &[Value], truncation: &str| {
-        s.post(
-            "/v1/responses",
-            &json!({"model": MODEL, "instructions": "Answer briefly.", "input": items,
-                    "truncation": truncation, "max_output_tokens": max_out,
-                    "temperature": 0, "store": false}),
-        )
-    };
-    let (st, e) = ask(&items, "disabled");
-    assert_eq!(
-        (st, &e["error"]["code"]),
-        (400, &json!("context_length_exceeded")),
-        "{e}"
-    );
-    let (st, r) = ask(&items, "auto");
-    assert_eq!(st, 200, "{r}");
-    assert_eq!(r["truncation"], "auto");
-    assert!(r["output"][0]["content"][0]["text"].is_string(), "{r}");
-    // As many turns as fit are kept, the newest: the same prompt as the longest suffix
-    // that fits untruncated.
-    let longest = (0..items.len())
-        .find_map(|from| {
-            let (st, r) = ask(&items[from..], "disabled");
-            let input = r["usage"]["input_tokens"].as_u64()? as usize;
-            (st == 200 && input + max_out <= limit).then_some(input)
-        })
-        .expect("the last turn fits");
-    assert_eq!(r["usage"]["input_tokens"].as_u64(), Some(longest as u64));
-    assert!(longest > 100, "{longest}: more than the question was kept");
-    // Any other value is refused.
-    let (st, e) = ask(&items, "sometimes");
-    assert_eq!(
-        (st, &e["error"]["param"]),
-        (400, &json!("truncation")),
-        "{e}"
-    );
+    let mut kept = vec![];
+    for template in [None, Some(alternating.to_str().unwrap())] {
+        let mut flags = vec!["--kv-cache-tokens", "512"];
+        flags.extend(
+            template
+                .map(|t| ["--chat-template-file", t])
+                .into_iter()
+                .flatten(),
+        );
+        let s = Server::start(&flags);
+        let ask = |items: &[Value], truncation: &str| {
+            s.post(
+                "/v1/responses",
+                &json!({"model": MODEL, "instructions": "Answer briefly.", "input": items,
+                        "truncation": truncation, "max_output_tokens": max_out,
+                        "temperature": 0, "store": false}),
+            )
+        };
+        let (st, e) = ask(&items, "disabled");
+        assert_eq!(
+            (st, &e["error"]["code"]),
+            (400, &json!("context_length_exceeded")),
+            "{e}"
+        );
+        let (st, r) = ask(&items, "auto");
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["truncation"], "auto");
+        assert!(r["output"][0]["content"][0]["text"].is_string(), "{r}");
+        // As many turns as fit are kept, the newest: the same prompt as the longest suffix
+        // that fits untruncated (and that the template takes).
+        let (from, longest) = (0..items.len())
+            .find_map(|from| {
+                let (st, r) = ask(&items[from..], "disabled");
+                let input = r["usage"]["input_tokens"].as_u64()? as usize;
+                (st == 200 && input + max_out <= limit).then_some((from, input))
+            })
+            .expect("the last turn fits");
+        assert_eq!(r["usage"]["input_tokens"].as_u64(), Some(longest as u64));
+        assert!(longest > 100, "{longest}: more than the question was kept");
+        kept.push(from);
+        // Any other value is refused.
+        let (st, e) = ask(&items, "sometimes");
+        assert_eq!(
+            (st, &e["error"]["param"]),
+            (400, &json!("truncation")),
+            "{e}"
+        );
+    }
+    // The first cut at an assistant's turn; the alternating template's at a user's.
+    assert!(kept[0] % 2 == 1 && kept[1] == kept[0] + 1, "{kept:?}");
 }
 
 /// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).

@@ -37,36 +37,58 @@ pub(super) fn render_fitting(
     continues: bool,
     fit: Option<Fit>,
 ) -> Result<(Vec<u32>, bool), ApiError> {
-    let whole = render(r, messages.clone(), tools.clone(), kwargs, continues)?;
     let Some(fit) = fit else {
-        return Ok(whole);
+        return render(r, messages, tools, kwargs, continues);
     };
-    if whole.0.len() + fit.max_tokens.unwrap_or(1) <= fit.limit {
+    let whole = render(r, messages.clone(), tools.clone(), kwargs, continues)?;
+    if whole.0.len().saturating_add(fit.max_tokens.unwrap_or(1)) <= fit.limit {
         return Ok(whole);
     }
     let system = messages.iter().take_while(|m| m.role == "system").count();
-    let cuts: Vec<usize> = (system + 1..messages.len())
-        .filter(|&i| matches!(messages[i].role.as_str(), "user" | "assistant"))
-        .collect();
+    let cuts_at = |role: &str| -> Vec<usize> {
+        (system + 1..messages.len())
+            .filter(|&i| messages[i].role == role)
+            .collect()
+    };
     let fits_from = |at: usize| {
         let kept = [&messages[..system], &messages[at..]].concat();
-        // A template that refuses a conversation starting where this one is cut (roles
-        // must alternate from a user's, say) makes it a cut that does not fit.
         render(r, kept, tools.clone(), kwargs, continues)
             .ok()
-            .filter(|(prompt, _)| prompt.len() + fit.room() <= fit.limit)
+            .filter(|(prompt, _)| prompt.len().saturating_add(fit.room()) <= fit.limit)
     };
-    // The earliest cut that fits: a later cut keeps less, so it fits if an earlier one does.
+    // The earliest user turn the rest fits from (every template takes a conversation that
+    // starts with one), then, between it and the user turn before, the earliest assistant
+    // turn, for templates that take a conversation starting with one (those that insist on
+    // alternating roles refuse them all).
+    let users = cuts_at("user");
+    let found = earliest(&users, fits_from);
+    let (after, before) = match found {
+        Some((j, _)) => (j.checked_sub(1).map_or(system, |p| users[p]), users[j]),
+        None => (users.last().copied().unwrap_or(system), messages.len()),
+    };
+    let assistants: Vec<usize> = cuts_at("assistant")
+        .into_iter()
+        .filter(|&i| i > after && i < before)
+        .collect();
+    let fitted = earliest(&assistants, fits_from)
+        .or(found)
+        .map(|(_, fitted)| fitted);
+    Ok(fitted.unwrap_or(whole))
+}
+
+/// The earliest of `cuts` the rest fits from (a later cut keeps less: it fits if an earlier
+/// one does), by bisection, with its prompt.
+fn earliest<T>(cuts: &[usize], fits_from: impl Fn(usize) -> Option<T>) -> Option<(usize, T)> {
     let (mut lo, mut hi, mut best) = (0, cuts.len(), None);
     while lo < hi {
         let mid = (lo + hi) / 2;
         match fits_from(cuts[mid]) {
             Some(fitted) => {
-                best = Some(fitted);
+                best = Some((mid, fitted));
                 hi = mid;
             }
             None => lo = mid + 1,
         }
     }
-    Ok(best.unwrap_or(whole))
+    best
 }

@@ -52,8 +52,8 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts_ms);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts_ms);
 -- The rows past the ledger's retention, folded (gateway/retention.rs): their totals by day,
--- which the usage reports add to the rows kept, and each key's spend by budget period,
--- which its budget adds.
+-- which the usage reports add to the rows kept, and each key's spend by the hour from its
+-- creation, which its budget adds.
 CREATE TABLE IF NOT EXISTS usage_days (
     day TEXT NOT NULL,                -- YYYY-MM-DD, UTC
     model TEXT NOT NULL,
@@ -68,9 +68,9 @@ CREATE TABLE IF NOT EXISTS usage_days (
 CREATE INDEX IF NOT EXISTS usage_days_key ON usage_days(key_id, day);
 CREATE TABLE IF NOT EXISTS spend_carried (
     key_id TEXT NOT NULL,
-    period_start INTEGER NOT NULL,    -- unix seconds: the budget period the rows fell in
+    hour_start INTEGER NOT NULL,      -- unix seconds: the key's creation plus whole hours
     cost_micros INTEGER NOT NULL,
-    PRIMARY KEY (key_id, period_start)
+    PRIMARY KEY (key_id, hour_start)
 );
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,              -- resp_...

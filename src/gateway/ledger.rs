@@ -144,13 +144,13 @@ impl Ledger {
 }
 
 /// A key's spend (microdollars) since `since_unix`, a start of its budget period: its rows
-/// since then, and what the rows past the retention carried into this period or later.
+/// since then, and what the rows past the retention carried into the hours since then.
 pub fn spent(conn: &Connection, key_id: &str, since_unix: i64) -> Result<u64, GatewayError> {
     conn.query_row(
         "SELECT (SELECT COALESCE(SUM(cost_micros), 0) FROM requests
                  WHERE key_id = ?1 AND ts_ms >= ?2 AND superseded = 0)
               + (SELECT COALESCE(SUM(cost_micros), 0) FROM spend_carried
-                 WHERE key_id = ?1 AND period_start >= ?3)",
+                 WHERE key_id = ?1 AND hour_start >= ?3)",
         params![key_id, since_unix.saturating_mul(1000), since_unix],
         |r| r.get::<_, i64>(0),
     )

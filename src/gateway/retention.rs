@@ -2,8 +2,10 @@
 //! the UTC day that many days ago are folded, then deleted:
 //! - into their totals by day, model and key (`usage_days`), which the usage reports add to
 //!   the rows kept, so a report reads the same before and after;
-//! - into each key's spend by budget period (`spend_carried`), which the key's budget adds,
-//!   so a lifetime budget, or a period longer than the retention, still counts them.
+//! - into each key's spend by the hour from its creation (`spend_carried`), which the key's
+//!   budget adds from its period's start, so a lifetime budget, or a period longer than the
+//!   retention, still counts them, whatever `budget_duration` says then (exact for periods
+//!   of whole hours; a shorter period starts after every folded row).
 //!
 //! Only the per-request detail goes: ids, statuses, timings, sessions, metadata.
 //!
@@ -49,21 +51,21 @@ const FOLD_DAYS: &str = "
         completion_tokens = completion_tokens + excluded.completion_tokens,
         cost_micros = cost_micros + excluded.cost_micros";
 
-/// Folds the keys' spend in the rows that ended before `?1` into their budget periods, as
-/// `limits::period_start` counts them (a period starts at the key's creation, then every
-/// `budget_duration_secs`; without one, the one period is the key's life).
+/// Folds the keys' spend in the rows that ended before `?1` into the hours from each key's
+/// creation, where its budget periods start (`limits::period_start`: at the creation, then
+/// every `budget_duration_secs`). A row from before the creation (no period counts it) goes
+/// into the hour before.
 const FOLD_SPEND: &str = "
-    INSERT INTO spend_carried (key_id, period_start, cost_micros)
+    INSERT INTO spend_carried (key_id, hour_start, cost_micros)
     SELECT r.key_id,
-           CASE WHEN k.budget_duration_secs > 0 AND r.ts_ms / 1000 >= k.created
-                THEN k.created + (r.ts_ms / 1000 - k.created) / k.budget_duration_secs
-                                 * k.budget_duration_secs
-                ELSE k.created END,
+           CASE WHEN r.ts_ms / 1000 >= k.created
+                THEN k.created + (r.ts_ms / 1000 - k.created) / 3600 * 3600
+                ELSE k.created - 3600 END,
            SUM(r.cost_micros)
     FROM requests r JOIN keys k ON k.id = r.key_id
     WHERE r.ts_ms < ?1 AND r.superseded = 0
     GROUP BY 1, 2
-    ON CONFLICT (key_id, period_start) DO UPDATE SET
+    ON CONFLICT (key_id, hour_start) DO UPDATE SET
         cost_micros = cost_micros + excluded.cost_micros";
 
 /// Folds and deletes the rows that ended before `cutoff_ms`, about `chunk` rows per
@@ -152,10 +154,16 @@ mod tests {
             .unwrap();
         }
         let ledger = Ledger::start(path).unwrap();
-        for i in 0..400i64 {
+        for i in 0..410i64 {
             let key = ["periodic", "lifetime", ""][i as usize % 3];
+            // Ten rows a day, and ten more at one millisecond (a chunk's edge among them).
+            let at = if i < 400 {
+                i * 8_640_000 + 1
+            } else {
+                10 * 86_400_000 + 7
+            };
             let row = Row {
-                ts_ms: made * 1000 + i * 8_640_000 + 1, // ten rows a day
+                ts_ms: made * 1000 + at,
                 request_id: format!("r{i}"),
                 key_id: (!key.is_empty()).then(|| key.to_string()),
                 model: ["a", "b"][i as usize % 2].into(),
@@ -194,10 +202,13 @@ mod tests {
                     all.push(usage(conn, &f).unwrap());
                 }
             }
+            // The periods' starts as the keys have them, and as other whole-hour durations
+            // would (the key changed since).
             let periods = (0..5).map(|p| made + p * 10 * 86_400);
+            let other_durations = [0, 1, 37, 24 * 9 + 5, 24 * 31].map(|h| made + h * 3_600);
             let budgets: Vec<u64> = periods
-                .map(|since| spent(conn, "periodic", since).unwrap())
-                .chain([spent(conn, "lifetime", made).unwrap()])
+                .chain(other_durations)
+                .flat_map(|since| ["periodic", "lifetime"].map(|k| spent(conn, k, since).unwrap()))
                 .collect();
             (all, budgets)
         };
@@ -212,7 +223,7 @@ mod tests {
             conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
                 .unwrap()
         };
-        assert_eq!(rows(&conn), 400);
+        assert_eq!(rows(&conn), 410);
         // Seven days kept; the older ones fold in chunks of 7 rows (a day's rows split
         // across chunks, and chunks across days).
         let cutoff = cutoff_ms(now, 7);
@@ -225,7 +236,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rows(&conn), kept);
-        assert_eq!(gone as i64 + kept, 400);
+        assert_eq!(gone as i64 + kept, 410);
         assert!(gone > 300 && kept > 50, "{gone} {kept}");
         same(&conn);
         // Again: nothing more goes, and nothing counts twice.

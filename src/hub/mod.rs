@@ -46,8 +46,11 @@ pub fn pull(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, HubError> {
         return Ok(dest);
     }
     std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
-    let _turn = take_turn(&dest)?;
-    remove_orphans(&dest);
+    let turn = take_turn(&dest)?;
+    // Only with the turn held is no live pull writing them.
+    if turn.is_some() {
+        remove_orphans(&dest);
+    }
     if present(entry, &dest)? {
         return Ok(dest);
     }
