@@ -290,6 +290,15 @@ fn official_openai_client_chains_responses() {
         "{r}"
     );
     assert_eq!(r["cancel"], 400, "{r}");
+    // Run in the background: queued at once, then polled to its end (which cannot be
+    // cancelled any more).
+    assert_eq!(r["background_first"], "queued", "{r}");
+    assert!(
+        ["completed", "incomplete"].contains(&r["background_end"].as_str().unwrap()),
+        "{r}"
+    );
+    assert!(!r["background_text"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(r["background_cancel"], 400, "{r}");
     assert_eq!(r["retrieved_text"], turns[0]["text"], "{r}");
     assert_eq!(r["deleted"], true, "{r}");
     assert_eq!(r["after_delete"], 404, "{r}");

@@ -1,6 +1,6 @@
 """The official `openai` package's Responses API against the server: three turns chained by
 `previous_response_id`, streaming, a function-call round trip, `text.format` json_schema,
-input items, cancel, retrieve and delete. Prints one JSON object for tests/api_surfaces.rs to check.
+input items, cancel, a background response polled to its end, retrieve and delete. Prints one JSON object for tests/api_surfaces.rs to check.
 
     python responses_client.py BASE_URL MODEL
 """
@@ -76,6 +76,22 @@ try:
     out["cancel"] = None
 except openai.BadRequestError as e:
     out["cancel"] = e.status_code
+
+import time
+bg = client.responses.create(model=model, input="Name a color.", background=True,
+                             max_output_tokens=8, temperature=0)
+out["background_first"] = bg.status
+deadline = time.time() + 60
+while bg.status in ("queued", "in_progress") and time.time() < deadline:
+    time.sleep(0.1)
+    bg = client.responses.retrieve(bg.id)
+out["background_end"] = bg.status
+out["background_text"] = bg.output_text
+try:
+    client.responses.cancel(bg.id)
+    out["background_cancel"] = None
+except openai.BadRequestError as e:
+    out["background_cancel"] = e.status_code
 
 got = client.responses.retrieve(out["turns"][0]["id"])
 out["retrieved_text"] = got.output_text
