@@ -819,6 +819,65 @@ fn a_request_that_keeps_failing_the_engine_is_given_up() {
 }
 
 #[test]
+fn the_request_that_fails_the_engine_is_given_up_alone_and_those_beside_it_answered() {
+    let (_store, args) = restartable();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Every start, the engine fails at any step that runs the request of 37 tokens (as a
+    // request that meets an engine bug would), with the others running beside it.
+    let fault = [("EDGEINFER_FAULT", "engine-panic-on-max-tokens=37")];
+    let mut lines: Vec<Value> = (0..4)
+        .map(|i| {
+            request(
+                &format!("r{i}"),
+                chat(&format!("Describe the number {i}."), 30),
+            )
+        })
+        .collect();
+    lines.insert(1, request("bad", chat("Describe the sea.", 37)));
+    let (mut id, mut crashes) = (String::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let done = loop {
+        let mut s = Server::spawn(&args, &fault);
+        s.wait_ready();
+        if id.is_empty() {
+            id = start_batch(&s, &lines, None)["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        // The batch ends, or the engine fails and the process exits for its supervisor to
+        // start it again.
+        let ended_here = loop {
+            assert!(Instant::now() < deadline, "{crashes} crashes so far");
+            if s.wait_exit(Duration::from_millis(200)).is_some() {
+                break None;
+            }
+            let got = ureq::get(&format!("{}/v1/batches/{id}", s.base)).call();
+            if let Ok(b) = got.map(|r| r.into_json::<Value>().unwrap()) {
+                if ended(&b) {
+                    break Some(b);
+                }
+            }
+        };
+        match ended_here {
+            Some(b) => break b,
+            None => crashes += 1,
+        }
+    };
+    // Three attempts of its own, each alone, then it is given up; the four beside it,
+    // counted once with it at the first failure, were answered.
+    assert_eq!(crashes, 3, "{done}");
+    assert_eq!(
+        (&done["status"], &done["request_counts"]),
+        (
+            &json!("completed"),
+            &json!({"total": 5, "completed": 4, "failed": 1})
+        ),
+        "{done}"
+    );
+}
+
+#[test]
 fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
     const MASTER: &str = "sk-master-batch-billing";
     let store = tempfile::tempdir().unwrap();

@@ -28,11 +28,12 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
+use super::batch_output::conclude;
 use super::batches::store;
 use super::error::ApiError;
 use super::gate::BatchCall;
 use super::AppState;
-use crate::gateway::batches::{new_id, ActiveBatch, Line, Results};
+use crate::gateway::batches::{new_id, ActiveBatch, Line};
 use crate::gateway::{AuthError, Principal};
 
 /// What one request came to.
@@ -68,6 +69,11 @@ struct Worker {
     turn: usize,
     /// When expired files were last deleted.
     swept: Option<Instant>,
+    /// A request running alone: its last attempt was one the process or the engine did not
+    /// outlive, so it may be what fails them, and nothing runs beside it.
+    alone: Option<Key>,
+    /// Such a request waits for the running ones to end: nothing new starts.
+    hold: bool,
 }
 
 /// How often the worker deletes the files that have expired (readers stop seeing a file the
@@ -88,6 +94,8 @@ pub fn spawn(state: Arc<AppState>, app: Router, max_running: usize) {
         paused: HashMap::new(),
         turn: 0,
         swept: None,
+        alone: None,
+        hold: false,
     };
     tokio::spawn(worker.run(rx));
 }
@@ -104,8 +112,18 @@ impl Worker {
                 self.finished(key, outcome);
             }
             if self.state.shutting_down() {
+                let cut: Vec<Key> = self.running.keys().cloned().collect();
                 for (_, (handle, _)) in self.running.drain() {
                     handle.abort();
+                }
+                // A graceful stop is not the requests' doing: their attempts are taken back
+                // (they run again after the restart, not alone). A failed or stalled
+                // engine's stop may be: theirs stay counted.
+                let engine_ok = self.state.ready().is_ok_and(|r| {
+                    !r.engine.has_failed() && r.engine.silent_for() < self.state.stall_timeout
+                });
+                for (id, line) in cut.into_iter().filter(|_| engine_ok) {
+                    let _ = store(&self.state, move |b| b.end_attempt(&id, line, false)).await;
                 }
                 continue;
             }
@@ -193,6 +211,7 @@ impl Worker {
         self.turn = self.turn.wrapping_add(1);
         let start = self.turn % active.len();
         active.rotate_left(start);
+        self.hold = self.isolate(&active).await?;
         let share = (self.max_running / active.len()).max(1);
         let mut more = Vec::new();
         for batch in active {
@@ -204,7 +223,7 @@ impl Worker {
             }
         }
         for batch in more {
-            if self.running.len() >= self.max_running {
+            if self.running.len() >= self.max_running || self.hold {
                 break;
             }
             let id = batch.id.clone();
@@ -213,6 +232,34 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Runs alone the first request whose last attempt the process or the engine did not
+    /// outlive (those that ran beside it are then not counted with it again: a request that
+    /// fails the engine every time is given up alone); whether nothing else may start.
+    async fn isolate(&mut self, active: &[ActiveBatch]) -> Result<bool, ApiError> {
+        if let Some(key) = &self.alone {
+            if self.running.contains_key(key) {
+                return Ok(true);
+            }
+            self.alone = None;
+        }
+        for batch in active {
+            if self.paused.contains_key(&batch.id) || batch.object["status"] == "cancelling" {
+                continue;
+            }
+            let (id, busy) = (batch.id.clone(), self.lines_of(&batch.id));
+            let Some(line) = store(&self.state, move |b| b.suspect(&id, &busy)).await? else {
+                continue;
+            };
+            // It waits for the running ones to end.
+            if self.running.is_empty() {
+                self.alone = Some((batch.id.clone(), line.line));
+                self.start(batch, line);
+            }
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// A batch's step failed: a refusal (400: what the store will not hold, or a key that
@@ -259,7 +306,11 @@ impl Worker {
             .count();
         let room = self
             .max_running
-            .saturating_sub(self.running.len())
+            .saturating_sub(if self.hold {
+                usize::MAX
+            } else {
+                self.running.len()
+            })
             .min(share.saturating_sub(mine.len()))
             .min(cap.saturating_sub(owner_running));
         let (id, busy) = (batch.id.clone(), mine.clone());
@@ -281,27 +332,32 @@ impl Worker {
         }
         let left = todo.len() > room;
         for line in todo.into_iter().take(room) {
-            let key = (batch.id.clone(), line.line);
-            let call = BatchCall {
-                owner_kind: batch.owner_kind.clone(),
-                owner: batch.owner.clone(),
-                attempt: format!("{}/{}", batch.id, line.line),
-            };
-            let task = run_line(
-                self.state.clone(),
-                self.app.clone(),
-                call,
-                batch.id.clone(),
-                line,
-            );
-            let tx = self.tx.clone();
-            let handle = tokio::spawn(async move {
-                let (key, outcome) = task.await;
-                let _ = tx.send((key, outcome));
-            });
-            self.running.insert(key, (handle, batch.owner.clone()));
+            self.start(batch, line);
         }
         Ok(left)
+    }
+
+    /// Starts one of `batch`'s requests.
+    fn start(&mut self, batch: &ActiveBatch, line: Line) {
+        let key = (batch.id.clone(), line.line);
+        let call = BatchCall {
+            owner_kind: batch.owner_kind.clone(),
+            owner: batch.owner.clone(),
+            attempt: format!("{}/{}", batch.id, line.line),
+        };
+        let task = run_line(
+            self.state.clone(),
+            self.app.clone(),
+            call,
+            batch.id.clone(),
+            line,
+        );
+        let tx = self.tx.clone();
+        let handle = tokio::spawn(async move {
+            let (key, outcome) = task.await;
+            let _ = tx.send((key, outcome));
+        });
+        self.running.insert(key, (handle, batch.owner.clone()));
     }
 
     /// How many of a batch's owner's requests may run at once: half its key's
@@ -460,129 +516,5 @@ fn failed(custom_id: &str, message: &str) -> Outcome {
         ok: false,
         result: json!({"id": new_id("batch_req_"), "custom_id": custom_id, "response": null,
             "error": {"code": "internal_error", "message": message}}),
-    }
-}
-
-/// Ends a batch `completed`, `cancelled` or `expired` (if it is still as the worker saw it).
-async fn conclude(
-    state: &AppState,
-    batch: &ActiveBatch,
-    ending: &'static str,
-) -> Result<(), ApiError> {
-    let (owner, mut object) = (batch.owner.clone(), batch.object.clone());
-    let expect = object["status"].as_str().unwrap_or_default().to_string();
-    store(state, move |b| {
-        b.conclude(&owner, &mut object, &expect, |results, object| {
-            Ok(build_files(
-                results,
-                ending,
-                object,
-                crate::gateway::db::unix_now(),
-            ))
-        })
-    })
-    .await?;
-    Ok(())
-}
-
-/// A batch's output and error files from its results: successes (2xx) to the output, the
-/// rest to the errors, with a line for each request never run (`batch_cancelled` or
-/// `batch_expired`); the object gets its status, time and counts.
-fn build_files(
-    results: &Results,
-    ending: &str,
-    object: &mut Value,
-    now: i64,
-) -> (Vec<u8>, Vec<u8>) {
-    let (mut output, mut errors) = (Vec::new(), Vec::new());
-    let (mut completed, mut failed) = (0u64, 0u64);
-    for (custom_id, result) in results {
-        let (ok, line) = match result {
-            Some((ok, line)) => (*ok, line),
-            None => {
-                let (code, message) = match ending {
-                    "expired" => (
-                        "batch_expired",
-                        "This request could not be executed before the completion window expired.",
-                    ),
-                    _ => (
-                        "batch_cancelled",
-                        "This request was not executed: the batch was cancelled.",
-                    ),
-                };
-                let line = json!({"id": new_id("batch_req_"), "custom_id": custom_id,
-                    "response": null, "error": {"code": code, "message": message}});
-                errors.extend_from_slice(line.to_string().as_bytes());
-                errors.push(b'\n');
-                continue;
-            }
-        };
-        let into = if ok { &mut output } else { &mut errors };
-        into.extend_from_slice(line.as_bytes());
-        into.push(b'\n');
-        if ok {
-            completed += 1;
-        } else {
-            failed += 1;
-        }
-    }
-    object["status"] = ending.into();
-    object[format!("{ending}_at")] = now.into();
-    if ending == "completed" {
-        object["finalizing_at"] = now.into();
-    }
-    object["request_counts"] =
-        json!({"total": results.len(), "completed": completed, "failed": failed});
-    (output, errors)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn files_hold_every_request_once_and_say_why_one_never_ran() {
-        let results: Results = vec![
-            (
-                "a".into(),
-                Some((true, json!({"custom_id": "a", "n": 1}).to_string())),
-            ),
-            ("b".into(), None),
-            (
-                "c".into(),
-                Some((false, json!({"custom_id": "c"}).to_string())),
-            ),
-        ];
-        for (ending, code) in [
-            ("expired", "batch_expired"),
-            ("cancelled", "batch_cancelled"),
-        ] {
-            let mut object = json!({"status": "in_progress"});
-            let (output, errors) = build_files(&results, ending, &mut object, 7);
-            let lines = |b: &[u8]| -> Vec<Value> {
-                std::str::from_utf8(b)
-                    .unwrap()
-                    .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect()
-            };
-            assert_eq!(lines(&output), [json!({"custom_id": "a", "n": 1})]);
-            let errors = lines(&errors);
-            assert_eq!(errors.len(), 2);
-            assert_eq!(
-                (
-                    errors[0]["custom_id"].as_str(),
-                    errors[0]["error"]["code"].as_str()
-                ),
-                (Some("b"), Some(code))
-            );
-            assert_eq!(errors[1]["custom_id"], "c");
-            assert_eq!(object["status"], ending);
-            assert_eq!(object[format!("{ending}_at")], 7);
-            assert_eq!(
-                object["request_counts"],
-                json!({"total": 3, "completed": 1, "failed": 1})
-            );
-        }
     }
 }

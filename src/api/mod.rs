@@ -7,6 +7,7 @@ mod anthropic_batches;
 mod anthropic_sse;
 mod auth;
 mod batch_input;
+mod batch_output;
 mod batch_worker;
 mod batches;
 pub use batches::BatchSettings;

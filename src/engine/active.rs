@@ -39,6 +39,9 @@ pub(super) struct Active {
     pub(super) draft: super::core::Draft,
     /// How the request ends if it is dropped now; set when it finishes or fails.
     pub(super) ending: Ending,
+    /// It has been in a step (its first chunk counts from the step's start): an engine
+    /// that fails now failed with it running, and it may be what failed it.
+    pub(super) stepped: bool,
     pub(super) on_end: Option<UsageSink>,
     /// The engine's count of requests not yet ended.
     pub(super) in_flight: Arc<AtomicUsize>,

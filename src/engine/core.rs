@@ -217,6 +217,11 @@ impl<M: ModelRunner> Engine<M> {
             }
             if !step.chunks.is_empty() {
                 self.steps += 1;
+                for c in &step.chunks {
+                    if let Some(a) = self.active.get_mut(&c.id) {
+                        a.stepped = true;
+                    }
+                }
                 match self.fault {
                     Some(Fault::PanicAt(n)) if n == self.steps => {
                         panic!("injected fault: the engine thread panics at step {n}")
@@ -224,6 +229,15 @@ impl<M: ModelRunner> Engine<M> {
                     Some(Fault::StallAt(n)) if n == self.steps => loop {
                         std::thread::sleep(Duration::from_secs(3600))
                     },
+                    Some(Fault::PanicOnMaxTokens(n))
+                        if step.chunks.iter().any(|c| {
+                            self.active
+                                .get(&c.id)
+                                .is_some_and(|a| a.req.max_tokens == n)
+                        }) =>
+                    {
+                        panic!("injected fault: the engine thread panics on a request of max_tokens {n}")
+                    }
                     _ => {}
                 }
                 let started = std::time::Instant::now();
@@ -285,6 +299,7 @@ impl<M: ModelRunner> Engine<M> {
                 .map(|p| Pooler::new(p, self.model.embedding_length(), req.prompt.len())),
             cached_tokens: 0,
             end_logprob: None,
+            stepped: false,
             prompt_done: 0,
             draft: Default::default(),
             ending: Ending::Cancelled,
@@ -315,10 +330,11 @@ impl<M: ModelRunner> Engine<M> {
         }
         for (_, mut a) in self.active.drain() {
             a.ending = ending;
-            // A failed engine (not a shutdown) with a request that had run in it.
+            // A failed engine (not a shutdown) with a request that had run in it (its step
+            // may be the one that failed, before it computed anything).
             let usage = a.usage();
             let cause = match ending {
-                Ending::Failed if usage.total_tokens > 0 => Cause::Engine,
+                Ending::Failed if a.stepped || usage.total_tokens > 0 => Cause::Engine,
                 _ => Cause::Stopping,
             };
             let failure = Failure::new(message, cause).with_usage(usage);

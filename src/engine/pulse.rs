@@ -38,18 +38,23 @@ impl Heartbeat {
 }
 
 /// A fault to inject for tests, from `EDGEINFER_FAULT`: `engine-panic-at-step=N` (the
-/// engine thread panics outside the forward pass at its N-th step) or
-/// `engine-stall-at-step=N` (it stops there, as a hung step would). Never set in production.
+/// engine thread panics outside the forward pass at its N-th step),
+/// `engine-stall-at-step=N` (it stops there, as a hung step would), or
+/// `engine-panic-on-max-tokens=N` (it panics at any step that runs a request with
+/// `max_tokens` N: a request that meets an engine bug). Never set in production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fault {
     PanicAt(u64),
     StallAt(u64),
+    PanicOnMaxTokens(usize),
 }
 
 pub(super) fn injected_fault() -> Option<Fault> {
     let spec = std::env::var("EDGEINFER_FAULT").ok()?;
     let fault = if let Some(n) = spec.strip_prefix("engine-panic-at-step=") {
         Fault::PanicAt(n.parse().ok()?)
+    } else if let Some(n) = spec.strip_prefix("engine-panic-on-max-tokens=") {
+        Fault::PanicOnMaxTokens(n.parse().ok()?)
     } else {
         Fault::StallAt(spec.strip_prefix("engine-stall-at-step=")?.parse().ok()?)
     };

@@ -9,6 +9,16 @@ use super::{Batches, GatewayError, Line, MAX_STORED_BYTES};
 /// The answers a running batch keeps: what its output file may hold (a little in tests).
 const HELD_RESULTS_CAP: usize = if cfg!(test) { 4096 } else { MAX_STORED_BYTES };
 
+/// A request read as `line, custom_id, url, body`.
+fn line_of(line: i64, r: &rusqlite::Row) -> rusqlite::Result<Line> {
+    Ok(Line {
+        line,
+        custom_id: r.get(1)?,
+        url: r.get(2)?,
+        body: r.get(3)?,
+    })
+}
+
 impl Batches {
     /// Up to `limit` of a batch's requests without a result, in file order, skipping `busy`.
     pub fn pending(
@@ -34,14 +44,29 @@ impl Batches {
             if busy.contains(&line) {
                 continue;
             }
-            out.push(Line {
-                line,
-                custom_id: r.get(1).map_err(GatewayError::db)?,
-                url: r.get(2).map_err(GatewayError::db)?,
-                body: r.get(3).map_err(GatewayError::db)?,
-            });
+            out.push(line_of(line, r).map_err(GatewayError::db)?);
         }
         Ok(out)
+    }
+
+    /// The first of a batch's requests without a result, skipping `busy`, whose last attempt
+    /// the process or the engine did not outlive (it may be what stops them): it runs alone.
+    pub fn suspect(&self, batch_id: &str, busy: &[i64]) -> Result<Option<Line>, GatewayError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT line, custom_id, url, body FROM batch_lines
+                 WHERE batch_id = ?1 AND result IS NULL AND attempts > 0 ORDER BY line",
+            )
+            .map_err(GatewayError::db)?;
+        let mut rows = stmt.query(params![batch_id]).map_err(GatewayError::db)?;
+        while let Some(r) = rows.next().map_err(GatewayError::db)? {
+            let line: i64 = r.get(0).map_err(GatewayError::db)?;
+            if !busy.contains(&line) {
+                return line_of(line, r).map(Some).map_err(GatewayError::db);
+            }
+        }
+        Ok(None)
     }
 
     /// A request of a batch starts: how many of its attempts have now started without

@@ -164,7 +164,10 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
         add_column(&conn, table, column, decl).map_err(fail)?;
     }
     conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS requests_attempt ON requests(attempt) WHERE attempt IS NOT NULL;",
+        "CREATE INDEX IF NOT EXISTS requests_attempt ON requests(attempt) WHERE attempt IS NOT NULL;
+         -- The requests running, and those whose last attempt was cut (`Batches::suspect`).
+         CREATE INDEX IF NOT EXISTS batch_lines_attempted ON batch_lines(batch_id, line)
+             WHERE result IS NULL AND attempts > 0;",
     )
     .map_err(fail)?;
     Ok(conn)
