@@ -6,12 +6,23 @@ input items, cancel, a background response polled to its end, retrieve and delet
 """
 import json
 import sys
+import time
 
 import openai
 
 base, model = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
 out = {"turns": []}
+
+
+def error_status(call, error):
+    """None if `call()` succeeds, else the status code of the `error` it raised."""
+    try:
+        call()
+        return None
+    except error as e:
+        return e.status_code
+
 
 prev = None
 for text in ["My name is Ada and I like tea.", "What do I like to drink?", "And what is my name?"]:
@@ -71,13 +82,8 @@ newest = client.responses.input_items.list(out["turns"][2]["id"], limit=1)
 out["newest_input_item"] = newest.data[0].id
 out["newest_has_more"] = newest.has_more
 out["answer_input_types"] = [i.type for i in client.responses.input_items.list(answer.id)]
-try:
-    client.responses.cancel(out["turns"][2]["id"])
-    out["cancel"] = None
-except openai.BadRequestError as e:
-    out["cancel"] = e.status_code
+out["cancel"] = error_status(lambda: client.responses.cancel(out["turns"][2]["id"]), openai.BadRequestError)
 
-import time
 bg = client.responses.create(model=model, input="Name a color.", background=True,
                              max_output_tokens=8, temperature=0)
 out["background_first"] = bg.status
@@ -87,28 +93,12 @@ while bg.status in ("queued", "in_progress") and time.time() < deadline:
     bg = client.responses.retrieve(bg.id)
 out["background_end"] = bg.status
 out["background_text"] = bg.output_text
-try:
-    client.responses.cancel(bg.id)
-    out["background_cancel"] = None
-except openai.BadRequestError as e:
-    out["background_cancel"] = e.status_code
+out["background_cancel"] = error_status(lambda: client.responses.cancel(bg.id), openai.BadRequestError)
 
 got = client.responses.retrieve(out["turns"][0]["id"])
 out["retrieved_text"] = got.output_text
 out["deleted"] = client.responses.delete(out["turns"][0]["id"]) is None
-try:
-    client.responses.retrieve(out["turns"][0]["id"])
-    out["after_delete"] = None
-except openai.NotFoundError as e:
-    out["after_delete"] = e.status_code
-try:
-    client.responses.create(model=model, input="hi", previous_response_id="resp_nope")
-    out["unknown_previous"] = None
-except openai.NotFoundError as e:
-    out["unknown_previous"] = e.status_code
-try:
-    client.responses.retrieve(again.id)
-    out["unstored"] = None
-except openai.NotFoundError as e:
-    out["unstored"] = e.status_code
+out["after_delete"] = error_status(lambda: client.responses.retrieve(out["turns"][0]["id"]), openai.NotFoundError)
+out["unknown_previous"] = error_status(lambda: client.responses.create(model=model, input="hi", previous_response_id="resp_nope"), openai.NotFoundError)
+out["unstored"] = error_status(lambda: client.responses.retrieve(again.id), openai.NotFoundError)
 print(json.dumps(out))
