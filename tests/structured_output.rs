@@ -371,6 +371,41 @@ fn tool_choices_hold_and_streamed_calls_equal_whole_ones() {
 }
 
 #[test]
+fn stop_strings_do_not_cut_a_forced_call() {
+    let s = Server::start(&[]);
+    // Every call's JSON holds a quote; a stop string of one would cut it at its name.
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "add"}}),
+    ] {
+        let body = chat(
+            "Add 2 and 40.",
+            json!({"tools": tools(), "tool_choice": choice, "stop": ["\"", "}"]}),
+        );
+        let (status, r) = s.post(CHAT, &body);
+        assert_eq!(status, 200, "{r}");
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+        c["message"]["tool_calls"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no call: {r}"))
+            .iter()
+            .for_each(check_call);
+    }
+    // With `auto` they hold for the text as asked.
+    let (status, r) = s.post(
+        CHAT,
+        &chat(
+            "Say hello.",
+            json!({"tools": tools(), "tool_choice": "auto", "stop": ["l"]}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(!text.contains('l'), "{r}");
+}
+
+#[test]
 fn a_tool_round_trip_renders_calls_and_results() {
     let s = Server::start(&[]);
     let user = json!({"role": "user", "content": "What is the weather in Paris?"});

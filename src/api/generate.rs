@@ -40,6 +40,9 @@ pub(super) struct Output {
     pub best_of: Option<u64>,
     /// Limits on the lines of a code completion (`/infill`'s).
     pub lines: crate::engine::lines::LineLimits,
+    /// The reply is tool calls alone (a forced call): stop strings, which would cut a
+    /// call's arguments, are not applied (they were checked).
+    pub calls_only: bool,
 }
 
 /// How many choices each prompt runs: `best_of` (from `n` to the most a request may run;
@@ -136,6 +139,7 @@ pub(super) async fn run(
     let mut sampling = fields.sampling_params(meta.surface.max_temperature())?;
     sampling.llama_cpp_order = matches!(meta.surface, Surface::LlamaCpp(_));
     let stop = fields.stops(meta.surface.max_stops())?;
+    let stop = if out.calls_only { Vec::new() } else { stop };
     let keep = fields.n()?;
     // Each prompt's choices: `n`, or `best_of` of which the best `n` are answered.
     let n = per_prompt(out.best_of, keep, fields.stream)?;

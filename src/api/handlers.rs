@@ -280,6 +280,7 @@ pub(super) async fn chat(
     }
     let r = ready.clone();
     let tools_active = spec.calls_tools();
+    let calls_only = tools_active && !matches!(spec.choice, ToolChoice::Auto);
     // Render, tokenize and compile the grammar off the async threads; a grammar error is
     // the client's (400 naming the field), before anything is queued.
     let n = sampling.n()?;
@@ -345,6 +346,7 @@ pub(super) async fn chat(
         constraints,
         best_of: None,
         lines: Default::default(),
+        calls_only,
     };
     let input = Input { prompt, echo: None };
     run(
@@ -569,6 +571,7 @@ pub(super) async fn completion(
         constraints,
         best_of: req.best_of,
         lines: Default::default(),
+        calls_only: false,
     };
     run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
 }

@@ -248,6 +248,7 @@ pub(super) fn native_output(
         constraints,
         best_of: None,
         lines,
+        calls_only: false,
     }
 }
 
