@@ -847,6 +847,13 @@ fn background_responses_run_on_and_can_be_cancelled() {
         );
         assert_eq!(poll_response(&s, &cancelled, None)["status"], "cancelled");
     }
+    // Deleting one stops it, and it stays deleted.
+    let deleted = start(&s);
+    let r = s.call("DELETE", &format!("/v1/responses/{deleted}"), None, &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = s.call("GET", &format!("/v1/responses/{deleted}"), None, &[]);
+    assert_eq!(r.status, 404, "{}", r.body);
     // A run the node does not live to finish reads failed after the restart.
     assert_eq!(
         poll_response(&s, &lost, Some("in_progress"))["status"],
@@ -857,4 +864,26 @@ fn background_responses_run_on_and_can_be_cancelled() {
     let after = poll_response(&s, &lost, None);
     assert_eq!(after["status"], "failed", "{after}");
     assert!(after["error"]["message"].is_string(), "{after}");
+    drop(s);
+
+    // A full node's refusal (one place, no queue, a long reply in it) is waited out.
+    let s = Server::start(&["--max-batch-size", "1", "--max-queue", "0"]);
+    let base = s.base.clone();
+    let long = std::thread::spawn(move || {
+        ureq::post(&format!("{base}/v1/completions"))
+            .send_json(json!({"prompt": "Once upon a time", "max_tokens": 120,
+                              "logit_bias": {"0": -100, "2": -100}}))
+            .map_or(0, |r| r.status())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (st, refused) = s.post("/v1/responses", &ask);
+    assert_eq!(st, 429, "the node was not full: nothing tested ({refused})");
+    let (st, queued) = s.post("/v1/responses", &bg_ask);
+    assert_eq!(st, 200, "{queued}");
+    let done = poll_response(&s, queued["id"].as_str().unwrap(), None);
+    assert!(
+        ["completed", "incomplete"].contains(&done["status"].as_str().unwrap()),
+        "{done}"
+    );
+    assert_eq!(long.join().unwrap(), 200);
 }

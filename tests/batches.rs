@@ -935,8 +935,17 @@ fn requests_cut_off_by_a_restart_run_again_and_are_billed_once() {
             |r| r.get(0),
         )
         .unwrap();
+    // Not their doing: their attempts are taken back (they run again, not one at a time).
+    let counted: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM batch_lines WHERE result IS NULL AND attempts > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     drop(conn);
     assert!(cut >= 1, "no request was cut off part way: nothing tested");
+    assert_eq!(counted, 0, "a graceful stop counted attempts");
     let second = Server::spawn(&args, &[]);
     second.wait_ready();
     let done = wait_for(&second, &id, key, ended);

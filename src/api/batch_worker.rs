@@ -112,18 +112,9 @@ impl Worker {
                 self.finished(key, outcome);
             }
             if self.state.shutting_down() {
-                let cut: Vec<Key> = self.running.keys().cloned().collect();
+                // Their attempts are taken back as they drop (see `Begun`).
                 for (_, (handle, _)) in self.running.drain() {
                     handle.abort();
-                }
-                // A graceful stop is not the requests' doing: their attempts are taken back
-                // (they run again after the restart, not alone). A failed or stalled
-                // engine's stop may be: theirs stay counted.
-                let engine_ok = self.state.ready().is_ok_and(|r| {
-                    !r.engine.has_failed() && r.engine.silent_for() < self.state.stall_timeout
-                });
-                for (id, line) in cut.into_iter().filter(|_| engine_ok) {
-                    let _ = store(&self.state, move |b| b.end_attempt(&id, line, false)).await;
                 }
                 continue;
             }
@@ -402,6 +393,12 @@ async fn run_line(
     let started = store(&state, move |b| b.begin_attempt(&id, line_no))
         .await
         .unwrap_or(1);
+    let mut begun = Begun {
+        state: state.clone(),
+        batch: batch_id.clone(),
+        line: line_no,
+        open: true,
+    };
     let outcome = if started > MAX_CUT_ATTEMPTS {
         failed(
             &custom_id,
@@ -421,6 +418,7 @@ async fn run_line(
         Outcome::Retry(_) => Some(false),
         Outcome::Cut(_) => None,
     };
+    begun.open = false;
     if let Some(ran) = ran {
         if let Err(e) = store(&state, move |b| b.end_attempt(&id, line_no, ran)).await {
             tracing::error!(error = %e.message, "a batch request's attempt could not be closed");
@@ -440,6 +438,32 @@ async fn run_line(
         Outcome::Retry(after) | Outcome::Cut(after) => Heard::Retry(after),
     };
     ((batch_id, line_no), heard)
+}
+
+/// An attempt begun and not yet ended. Dropped so (the worker stopped it: a graceful
+/// shutdown, its batch cancelled or ended), it is taken back: the stop was not the
+/// request's doing (it runs again after a restart, not alone). Unless the engine has failed
+/// or stalled, which the request may have done: then it stays counted.
+struct Begun {
+    state: Arc<AppState>,
+    batch: String,
+    line: i64,
+    open: bool,
+}
+
+impl Drop for Begun {
+    fn drop(&mut self) {
+        let engine_ok = self.state.ready.get().is_some_and(|r| {
+            !r.engine.has_failed() && r.engine.silent_for() < self.state.stall_timeout
+        });
+        if !self.open || !engine_ok {
+            return;
+        }
+        let batches = &self.state.gateway.batches;
+        if let Err(e) = batches.end_attempt(&self.batch, self.line, false) {
+            tracing::error!(error = %e, "a stopped batch request's attempt could not be taken back");
+        }
+    }
 }
 
 /// Runs one request through the router as the batch's owner.

@@ -29,6 +29,9 @@ pub struct ResponsesCtx {
     /// `truncation: "auto"`: the oldest turns go when the conversation leaves no room for
     /// the reply (see `truncation.rs`); the stored conversation keeps them.
     pub truncate: bool,
+    /// Run in the background: stored `queued` first, its end replaces that row (unless it
+    /// was cancelled or deleted meanwhile).
+    pub background: bool,
     /// The request's settings as the response object echoes them.
     pub echo: Map<String, Value>,
     pub gateway: Arc<Gateway>,
@@ -444,9 +447,14 @@ pub(super) fn finish(
             });
         }
         let put = || {
-            ctx.gateway
-                .conversations
-                .put(&ctx.id, &ctx.owner, &r, &context)
+            let stored = &ctx.gateway.conversations;
+            if ctx.background {
+                stored
+                    .update_unfinished(&ctx.id, &ctx.owner, &r, Some(&context))
+                    .map(|_| ())
+            } else {
+                stored.put(&ctx.id, &ctx.owner, &r, &context)
+            }
         };
         // A blocking write: on a multi-threaded runtime its worker's other tasks move
         // elsewhere while it runs (the answer is sent only once it is stored, so that a

@@ -1,16 +1,18 @@
 //! Responses run in the background (`background: true`, OpenAI's for long tasks): the
 //! request is answered at once with the response `queued`, stored; the run goes on by
 //! itself, through the same chat path as any request (limits, ledger, prefix cache), and
-//! stores its end as any stored response. `GET /v1/responses/{id}` shows it `in_progress`,
-//! then `completed` or `incomplete`, or `failed` with its error; `POST .../cancel` stops it
-//! (`cancelled`, billed for what it computed). A run the node did not live to finish (a
+//! its end replaces the stored row. `GET /v1/responses/{id}` shows it `in_progress`, then
+//! `completed` or `incomplete`, or `failed` with its error; `POST .../cancel` stops it
+//! (`cancelled`, billed for what it computed). Refusals for the moment (a full queue, a
+//! rate window) are waited out, as a batch's are. A run the node did not live to finish (a
 //! restart) reads `failed`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -21,6 +23,9 @@ use super::handlers::{chat, Api};
 use super::responses::{object_of, ResponsesCtx};
 use super::{AppState, RequestId};
 use crate::gateway::Principal;
+
+/// How long a run waits out refusals for the moment before it is `failed`: a batch's window.
+const PATIENCE: Duration = Duration::from_secs(24 * 3600);
 
 /// The background responses this process is running, by id.
 #[derive(Default)]
@@ -38,6 +43,15 @@ impl Running {
 
     fn is_running(&self, id: &str) -> bool {
         self.lock().contains_key(id)
+    }
+}
+
+/// Takes a run out of the registry however it ends (a panic included).
+struct Leave(Arc<AppState>, String);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.background.lock().remove(&self.1);
     }
 }
 
@@ -70,7 +84,7 @@ pub(super) fn check(body: &Value, store: bool) -> Result<bool, ApiError> {
 /// Stores the response `queued` and starts its run; the answer to the request.
 pub(super) async fn start(
     state: Arc<AppState>,
-    (rid, who, headers): (RequestId, Principal, HeaderMap),
+    (rid, who, mut headers): (RequestId, Principal, HeaderMap),
     bytes: Bytes,
     ctx: Arc<ResponsesCtx>,
     model: String,
@@ -86,22 +100,22 @@ pub(super) async fn start(
         g.conversations.put(&id, &owner, &row, &context)
     })
     .await?;
-    // Registered before the run can end (its end takes the same lock to leave).
+    // No deadline but the client's own: it takes as long as it takes (as a batch's requests).
+    if !headers.contains_key("cf-aig-request-timeout") {
+        headers.insert("cf-aig-request-timeout", HeaderValue::from_static("0"));
+    }
+    // Registered before the run can end (it leaves under the same lock).
     let mut running = state.background.lock();
-    let task = tokio::spawn(run(
-        state.clone(),
-        (rid, who, headers),
-        bytes,
-        ctx.clone(),
-        model,
-    ));
+    let asked = (rid, who, headers);
+    let task = tokio::spawn(run(state.clone(), asked, bytes, ctx.clone(), model));
     running.insert(ctx.id.clone(), task.abort_handle());
     drop(running);
     Ok(Json(queued).into_response())
 }
 
-/// The run: `in_progress`, then the chat path, which stores a reply as it ends; a request
-/// that could not run stores `failed` with its error.
+/// The run: `in_progress`, then the chat path, whose end replaces the stored row; refusals
+/// for the moment are waited out, and a request that could not run stores `failed` with
+/// its error.
 async fn run(
     state: Arc<AppState>,
     (rid, who, headers): (RequestId, Principal, HeaderMap),
@@ -109,17 +123,20 @@ async fn run(
     ctx: Arc<ResponsesCtx>,
     model: String,
 ) {
+    let _leave = Leave(state.clone(), ctx.id.clone());
     mark(&state, &ctx, &model, "in_progress", None).await;
-    let answer = chat(
-        &state,
-        rid,
-        who,
-        &headers,
-        Ok(bytes),
-        Api::Responses(ctx.clone()),
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response);
+    let since = Instant::now();
+    let answer = loop {
+        let api = Api::Responses(ctx.clone());
+        let (rid, who, body) = (rid.clone(), who.clone(), Ok(bytes.clone()));
+        let answer = chat(&state, rid, who, &headers, body, api)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        match wait_for_retry(&answer) {
+            Some(wait) if since.elapsed() + wait < PATIENCE => tokio::time::sleep(wait).await,
+            _ => break answer,
+        }
+    };
     let ok = answer.status().is_success();
     let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
         .await
@@ -132,7 +149,26 @@ async fn run(
         });
         mark(&state, &ctx, &model, "failed", Some(error)).await;
     }
-    state.background.lock().remove(&ctx.id);
+}
+
+/// How long to wait before asking again, for a refusal for the moment (a 429 or 503 not
+/// marked final: a full queue, a rate window, a node starting or stopping).
+fn wait_for_retry(answer: &Response) -> Option<Duration> {
+    let header = |name: &str| answer.headers().get(name).and_then(|v| v.to_str().ok());
+    let retried = matches!(answer.status().as_u16(), 429 | 503);
+    if !retried || header("x-should-retry") == Some("false") {
+        return None;
+    }
+    let wait = header("retry-after-ms")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .or_else(|| {
+            header("retry-after")
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_secs)
+        })
+        .unwrap_or(Duration::from_secs(1));
+    Some(wait.clamp(Duration::from_millis(100), Duration::from_secs(60)))
 }
 
 /// Writes the response `status` (with `error`) while it has not ended.
@@ -149,7 +185,7 @@ async fn mark(
     }
     let (id, owner) = (ctx.id.clone(), ctx.owner.clone());
     let written = super::gate::on_store(state, "conversation", move |g| {
-        g.conversations.update_unfinished(&id, &owner, &r)
+        g.conversations.update_unfinished(&id, &owner, &r, None)
     })
     .await;
     if let Err(e) = written {
@@ -158,7 +194,8 @@ async fn mark(
 }
 
 /// A stored background response as it stands: one left unfinished by a run this process
-/// does not hold (the node restarted) has failed, and is stored so.
+/// does not hold (the node restarted) has failed, and is stored so. One whose run ended
+/// since it was read is read again.
 pub(super) async fn current(state: &AppState, owner: &str, mut response: Value) -> Value {
     let id = response["id"].as_str().unwrap_or_default().to_string();
     if !unfinished(&response) || state.background.is_running(&id) {
@@ -167,35 +204,41 @@ pub(super) async fn current(state: &AppState, owner: &str, mut response: Value) 
     response["status"] = json!("failed");
     response["error"] = json!({"code": "server_error",
         "message": "the node stopped before the response finished; create it again"});
-    let (row, owner) = (response.clone(), owner.to_string());
-    let _ = super::gate::on_store(state, "conversation", move |g| {
-        g.conversations.update_unfinished(&id, &owner, &row)
+    let (row, who) = (response.clone(), owner.to_string());
+    let now = super::gate::on_store(state, "conversation", move |g| {
+        if g.conversations.update_unfinished(&id, &who, &row, None)? {
+            return Ok(Some(row));
+        }
+        Ok(g.conversations.get(&id, &who)?.map(|s| s.response))
     })
     .await;
-    response
+    match now {
+        Ok(Some(now)) => now,
+        _ => response,
+    }
 }
 
-/// `POST /v1/responses/{id}/cancel` of a background response: stops its run and stores it
-/// `cancelled`; the response as it stands. One that already ended is a 400.
+/// `POST /v1/responses/{id}/cancel` of a background response: stores it `cancelled`, then
+/// stops its run (an end stored first wins; none stored after replaces it); the response
+/// as it stands. One that already ended is a 400; cancelling again answers the same.
 pub(super) async fn cancel(
     state: &AppState,
     owner: &str,
     mut response: Value,
 ) -> Result<Value, ApiError> {
     let id = response["id"].as_str().unwrap_or_default().to_string();
-    if state.background.stop(&id) && unfinished(&response) {
+    if state.background.is_running(&id) && unfinished(&response) {
         response["status"] = json!("cancelled");
-        let (row, who) = (response.clone(), owner.to_string());
-        let key = id.clone();
+        let (row, who, key) = (response.clone(), owner.to_string(), id.clone());
         let cancelled = super::gate::on_store(state, "conversation", move |g| {
-            g.conversations.update_unfinished(&key, &who, &row)
+            g.conversations.update_unfinished(&key, &who, &row, None)
         })
         .await?;
         if cancelled {
+            state.background.stop(&id);
             return Ok(response);
         }
     }
-    // Ended before the stop (its end stored), or cancelled before: as it stands.
     let (key, who) = (id.clone(), owner.to_string());
     let now = super::gate::on_store(state, "conversation", move |g| {
         g.conversations.get(&key, &who)

@@ -52,7 +52,8 @@ pub async fn responses_create(
             let previous = stored(&state, move |c| c.get(&key, &who))
                 .await?
                 .ok_or_else(|| previous_not_found(id))?;
-            if background::unfinished(&previous.response) {
+            let response = background::current(&state, &owner, previous.response).await;
+            if background::unfinished(&response) {
                 return Err(ApiError::invalid(
                     "previous_response_id",
                     format!("Previous response '{id}' has not finished; wait for it (GET /v1/responses/{id})"),
@@ -93,6 +94,7 @@ pub async fn responses_create(
         store,
         context,
         truncate,
+        background: in_background,
         echo: super::responses::echo(&v),
         gateway: state.gateway.clone(),
     };
@@ -135,11 +137,11 @@ pub async fn responses_delete(
 ) -> Result<Json<Value>, ApiError> {
     let owner = who.owner().1.to_string();
     let key = id.clone();
+    // The owner's background run stops with it (its end is never stored once the row is
+    // gone); another key's request stops nothing (404 below).
+    super::responses_items::owned(&state, &who, &id).await?;
+    state.background.stop(&id);
     let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
-    if deleted {
-        // A background run stops with it (its end would store it again).
-        state.background.stop(&id);
-    }
     if !deleted {
         return Err(super::responses_items::no_response(&id));
     }

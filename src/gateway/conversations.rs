@@ -79,11 +79,8 @@ impl Conversations {
         self.expire(now)?;
         self.conn()
             .execute(
-                // A background response's final state replaces its queued one.
                 "INSERT INTO responses (id, owner, created, response, context)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET response = excluded.response,
-                     context = excluded.context WHERE owner = excluded.owner",
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     id,
                     owner,
@@ -129,20 +126,24 @@ impl Conversations {
         }))
     }
 
-    /// Replaces the response `id` of `owner` while it is still unfinished (a background
-    /// response `queued` or `in_progress`); whether it was.
+    /// Replaces the response `id` of `owner` (and its conversation, when given) while it is
+    /// still unfinished (a background response `queued` or `in_progress`): never one that
+    /// ended (a cancel or an end stored first wins) or was deleted; whether it was.
     pub fn update_unfinished(
         &self,
         id: &str,
         owner: &str,
         response: &Value,
+        context: Option<&[Value]>,
     ) -> Result<bool, GatewayError> {
+        let context = context.map(|c| Value::from(c.to_vec()).to_string());
         let n = self
             .conn()
             .execute(
-                "UPDATE responses SET response = ?3 WHERE id = ?1 AND owner = ?2
+                "UPDATE responses SET response = ?3, context = COALESCE(?4, context)
+                 WHERE id = ?1 AND owner = ?2
                  AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
-                params![id, owner, response.to_string()],
+                params![id, owner, response.to_string(), context],
             )
             .map_err(GatewayError::db)?;
         Ok(n > 0)
