@@ -463,13 +463,18 @@ fn pages_of_the_origins_let_in_may_call_from_a_browser() {
     );
     drop(s);
     // `*` lets any page read a keyed server's answers, never drive a key-less one.
-    let s = Server::start(&["--cors-allow-origin", "*"]);
+    let s = Server::start(&["--cors-allow-origin", "*", "--cors-allow-origin", app]);
     let (status, e) = browser_post(&s.addr, &s.addr, Some("https://evil.example"), true);
     assert_eq!(status, 403, "{e}");
-    // Nor does it let every public page reach into a private network.
+    // Nor does it let every public page reach into a private network (a named one may).
     let any = preflight(&s, "https://evil.example");
     assert_eq!(any.header("access-control-allow-origin"), Some("*"));
     assert_eq!(any.header("access-control-allow-private-network"), None);
+    let named = preflight(&s, app);
+    assert_eq!(
+        named.header("access-control-allow-private-network"),
+        Some("true")
+    );
     // A malformed origin stops the start with a message naming the flag.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
         .args([

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, AllowPrivateNetwork, CorsLayer};
 
 /// The headers a page may read besides the simple ones: ids, rate limits, cache status.
 const EXPOSED: [&str; 14] = [
@@ -31,21 +31,26 @@ const EXPOSED: [&str; 14] = [
 /// The pages of named origins may also call a node on a more private network than theirs
 /// (a public app calling a node on the LAN or loopback: Private Network Access preflights
 /// are answered `Access-Control-Allow-Private-Network: true`); `*` does not let every public
-/// page reach into a private network.
+/// page reach into a private network (the named ones still may beside it).
 pub fn layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
-    let any = origins.iter().any(|o| o == "*");
-    let allow = if any {
+    let named: Vec<HeaderValue> = origins
+        .iter()
+        .filter(|o| *o != "*")
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        AllowOrigin::list(named.clone())
     };
+    let private = AllowPrivateNetwork::predicate(move |origin, _| named.contains(origin));
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_private_network(!any)
+            .allow_private_network(private)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             // Keys travel in headers (`Authorization`, `x-api-key`), never in cookies.
             .allow_headers(AllowHeaders::mirror_request())
