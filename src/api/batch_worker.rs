@@ -453,9 +453,8 @@ struct Begun {
 
 impl Drop for Begun {
     fn drop(&mut self) {
-        let engine_ok = self.state.ready.get().is_some_and(|r| {
-            !r.engine.has_failed() && r.engine.silent_for() < self.state.stall_timeout
-        });
+        let engine_ok = (self.state.ready.get())
+            .is_some_and(|r| !r.engine.has_failed() && !self.state.stalled(r));
         if !self.open || !engine_ok {
             return;
         }

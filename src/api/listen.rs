@@ -169,7 +169,7 @@ async fn watch_for_stalls(state: Arc<AppState>) {
         let Some(ready) = state.ready.get() else {
             continue;
         };
-        let stalled = ready.engine.silent_for() > state.stall_timeout;
+        let stalled = state.stalled(ready);
         if stalled && !told {
             let n = ready.engine.abandon(
                 "the engine has stopped making progress; the server is restarting, retry the request",

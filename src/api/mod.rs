@@ -214,12 +214,17 @@ impl AppState {
                 "The engine failed; the server is restarting",
             ));
         }
-        if ready.engine.silent_for() > self.stall_timeout {
+        if self.stalled(&ready) {
             return Err(ApiError::unavailable(
                 "The engine has stopped making progress; the server is restarting",
             ));
         }
         Ok(ready)
+    }
+
+    /// Whether the engine has held work without finishing a step past `--stall-timeout`.
+    pub(crate) fn stalled(&self, ready: &Ready) -> bool {
+        ready.engine.silent_for() > self.stall_timeout
     }
 
     /// Requests inside the engine (0 while loading).

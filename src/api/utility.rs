@@ -88,7 +88,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let status = match state.ready.get() {
         None => "loading",
         Some(r) if r.engine.has_failed() => "engine_failed",
-        Some(r) if r.engine.silent_for() > state.stall_timeout => "engine_stalled",
+        Some(r) if state.stalled(r) => "engine_stalled",
         Some(_) if state.shutting_down() => "shutting_down",
         Some(_) => return Json(json!({"status": "ready"})).into_response(),
     };
