@@ -720,17 +720,26 @@ fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
         assert_eq!(st, 200, "{r}");
         assert_eq!(r["truncation"], "auto");
         assert!(r["output"][0]["content"][0]["text"].is_string(), "{r}");
-        // As many turns as fit are kept, the newest: the same prompt as the longest suffix
-        // that fits untruncated (and that the template takes).
-        let (from, longest) = (0..items.len())
-            .find_map(|from| {
+        // The newest turns are kept: the same prompt as a suffix that fits untruncated (and
+        // that the template takes), the longest or one at most a quarter of the context
+        // shorter (the cut moves in steps).
+        let inputs: Vec<Option<usize>> = (0..items.len())
+            .map(|from| {
                 let (st, r) = ask(&items[from..], "disabled");
                 let input = r["usage"]["input_tokens"].as_u64()? as usize;
-                (st == 200 && input + max_out <= limit).then_some((from, input))
+                (st == 200).then_some(input)
             })
+            .collect();
+        let least = (0..items.len())
+            .find(|&from| inputs[from].is_some_and(|n| n + max_out <= limit))
             .expect("the last turn fits");
-        assert_eq!(r["usage"]["input_tokens"].as_u64(), Some(longest as u64));
-        assert!(longest > 100, "{longest}: more than the question was kept");
+        let got = r["usage"]["input_tokens"].as_u64().unwrap() as usize;
+        let from = (least..items.len())
+            .find(|&from| inputs[from] == Some(got))
+            .unwrap_or_else(|| panic!("{got} tokens: no suffix's prompt in {inputs:?}"));
+        let longest = inputs[least].unwrap();
+        assert!(longest - got <= limit / 4 + 16, "{got} of {longest} kept");
+        assert!(got > 100, "{got}: more than the question was kept");
         kept.push(from);
         // Any other value is refused.
         let (st, e) = ask(&items, "sometimes");
@@ -740,8 +749,53 @@ fn truncation_auto_drops_the_oldest_turns_that_do_not_fit() {
             "{e}"
         );
     }
-    // The first cut at an assistant's turn; the alternating template's at a user's.
-    assert!(kept[0] % 2 == 1 && kept[1] == kept[0] + 1, "{kept:?}");
+    // The alternating template's cut at a user's turn.
+    assert!(kept[1] % 2 == 0, "{kept:?}");
+}
+
+#[test]
+fn truncation_auto_cuts_in_steps_so_the_prefix_cache_serves_the_history() {
+    // An agent at the limit: each request is the last one and a new turn. A cut that dropped
+    // only as much as it must would move with each (a new turn is longer than an old one),
+    // and the prompt, starting elsewhere each time, would share nothing with the last.
+    let limit = 512;
+    let s = Server::start(&["--kv-cache-tokens", "512"]);
+    let say = |role: &str, text: String| json!({"role": role, "content": text});
+    let mut items: Vec<Value> = (0..24)
+        .flat_map(|i| {
+            [
+                say("user", format!("Note {i}: the mill is old.")),
+                say("assistant", "Noted.".into()),
+            ]
+        })
+        .collect();
+    let mut hits = vec![];
+    for turn in 0..7 {
+        items.push(say(
+            "user",
+            format!("Question {turn}: what runs past the old mill by the river?"),
+        ));
+        let (st, r) = s.post(
+            "/v1/responses",
+            &json!({"model": MODEL, "instructions": "Answer briefly.", "input": items,
+                    "truncation": "auto", "max_output_tokens": 4, "temperature": 0,
+                    "store": false}),
+        );
+        assert_eq!(st, 200, "{r}");
+        let input = r["usage"]["input_tokens"].as_u64().unwrap();
+        let cached = r["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(input + 4 <= limit && input > 200, "{r}");
+        if turn > 0 {
+            hits.push((input, cached));
+        }
+        items.push(say("assistant", "The river runs past it.".into()));
+    }
+    eprintln!("(input, cached) by turn: {hits:?}");
+    // Most turns find the history in the cache: the cut moved at most twice in six turns.
+    let served = hits.iter().filter(|(input, cached)| cached * 2 >= *input);
+    assert!(served.count() >= 4, "(input, cached) by turn: {hits:?}");
 }
 
 /// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).

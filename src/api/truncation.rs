@@ -1,6 +1,10 @@
 //! The Responses API's `truncation: "auto"`: a conversation whose prompt leaves no room for
 //! the reply drops its oldest turns (the instructions stay) until it fits, instead of a 400.
 //! A turn starts at a user or assistant message: an assistant's calls go with their outputs.
+//!
+//! The turns go in steps (see [`steady`]): an agent at the limit adds a turn per request, and
+//! a cut that moved with each would change the prompt's start every time, so the prefix cache
+//! would serve none of the history kept. A cut that stays put over the next turns keeps it.
 
 use serde_json::{Map, Value};
 
@@ -27,8 +31,9 @@ impl Fit {
 }
 
 /// The chat prompt (see [`render`]); with `fit`, a conversation that leaves no room for the
-/// completion loses its oldest turns, as few as leave [`Fit::room`]. When even the last turn
-/// does not fit, the whole prompt is returned, for the usual 400.
+/// completion loses its oldest turns: as few as leave [`Fit::room`], or somewhat more, in the
+/// steps [`steady`] takes. When even the last turn does not fit, the whole prompt is
+/// returned, for the usual 400.
 pub(super) fn render_fitting(
     r: &Ready,
     messages: Vec<Message>,
@@ -70,10 +75,55 @@ pub(super) fn render_fitting(
         .into_iter()
         .filter(|&i| i > after && i < before)
         .collect();
-    let fitted = earliest(&assistants, fits_from)
-        .or(found)
-        .map(|(_, fitted)| fitted);
-    Ok(fitted.unwrap_or(whole))
+    let least = earliest(&assistants, fits_from)
+        .map(|(k, fitted)| (assistants[k], fitted))
+        .or(found.map(|(j, fitted)| (users[j], fitted)));
+    let Some((cut, fitted)) = least else {
+        return Ok(whole);
+    };
+    Ok(
+        steady(r, &messages[system..], cut - system, fit.limit / 4, |at| {
+            fits_from(system + at)
+        })
+        .unwrap_or(fitted),
+    )
+}
+
+/// The cut to take when `least` is the latest turn that must go first, so that the cut stays
+/// put while the conversation grows: the turns are weighed (in tokens, from the first one
+/// past the instructions, which does not change as turns are added), and the cut falls at
+/// the first turn that starts past the next multiple of `step` after `least`'s start. A
+/// request with one more turn then cuts at the same place until its `least` passes that
+/// multiple. At most `step` more tokens go than must; when a long turn straddles the
+/// multiple and more would, the cut is `least` (`None`), as it is when no turn starts past
+/// the multiple. A turn the template refuses to start with (see [`render_fitting`]) is
+/// passed over for the next.
+fn steady<T>(
+    r: &Ready,
+    turns: &[Message],
+    least: usize,
+    step: usize,
+    fits_from: impl Fn(usize) -> Option<T>,
+) -> Option<T> {
+    let step = step.max(1);
+    let tokens = |text: &str| r.tokenizer.encode(text, false).map_or(0, |ids| ids.len());
+    // Where each turn starts, in tokens: its content, its calls, and a few for its markers.
+    let mut starts = Vec::with_capacity(turns.len());
+    let mut at = 0usize;
+    for m in turns {
+        starts.push(at);
+        let calls = m
+            .tool_calls
+            .as_ref()
+            .map_or(0, |c| tokens(&Value::from(c.clone()).to_string()));
+        at = at.saturating_add(tokens(&m.content) + calls + 4);
+    }
+    let past = (starts[least] / step + 1) * step;
+    (least + 1..turns.len())
+        .filter(|&i| matches!(turns[i].role.as_str(), "user" | "assistant"))
+        .skip_while(|&i| starts[i] < past)
+        .take_while(|&i| starts[i] - starts[least] <= step)
+        .find_map(fits_from)
 }
 
 /// The earliest of `cuts` the rest fits from (a later cut keeps less: it fits if an earlier
