@@ -858,6 +858,43 @@ fn background_responses_run_on_and_can_be_cancelled() {
             "{e}"
         );
     }
+    // A retry of a create with its `Idempotency-Key` (the reply to the first was lost) is
+    // answered the first's response as it stands, and runs nothing again; another body
+    // under the key is another request.
+    let create = |body: &Value| {
+        let r = s.call(
+            "POST",
+            "/v1/responses",
+            Some(body),
+            &[("idempotency-key", "bg-1")],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    };
+    let first = create(&bg_ask);
+    let first_id = first.body["id"].as_str().unwrap();
+    let retry = create(&bg_ask);
+    assert_eq!(
+        (&retry.body["id"], retry.header("idempotent-replayed")),
+        (&first.body["id"], Some("true")),
+        "{}",
+        retry.body
+    );
+    let done = poll_response(&s, first_id, None);
+    assert!(
+        matches!(done["status"].as_str(), Some("completed" | "incomplete")),
+        "{done}"
+    );
+    let retry = create(&bg_ask);
+    assert_eq!(
+        retry.body, done,
+        "a retry after the end is answered the end"
+    );
+    let mut other = bg_ask.clone();
+    other["max_output_tokens"] = json!(5);
+    let another = create(&other);
+    assert_ne!(another.body["id"], first.body["id"], "{}", another.body);
+    assert_eq!(another.header("idempotent-replayed"), None);
     drop(s);
 
     // A run that cannot end (the engine hangs at its first step): in progress until

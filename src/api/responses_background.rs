@@ -81,7 +81,9 @@ pub(super) fn check(body: &Value, store: bool) -> Result<bool, ApiError> {
     }
 }
 
-/// Stores the response `queued` and starts its run; the answer to the request.
+/// Stores the response `queued` and starts its run; the answer to the request. A retry of
+/// a create (the same `Idempotency-Key`, caller and body) is answered the response the first
+/// made, as it stands, and starts nothing.
 pub(super) async fn start(
     state: Arc<AppState>,
     (rid, who, mut headers): (RequestId, Principal, HeaderMap),
@@ -90,16 +92,26 @@ pub(super) async fn start(
     model: String,
 ) -> Result<Response, ApiError> {
     let queued = object_of(&ctx, &model, "queued", vec![], None);
+    let idem = retry_key(&headers, &ctx.owner, &bytes)?;
     let (id, owner, row, context) = (
         ctx.id.clone(),
         ctx.owner.clone(),
         queued.clone(),
         ctx.context.clone(),
     );
-    super::gate::on_store(&state, "conversation", move |g| {
-        g.conversations.put(&id, &owner, &row, &context)
+    let earlier = super::gate::on_store(&state, "conversation", move |g| match idem {
+        Some(key) => g.conversations.put_once(&id, &owner, &row, &context, &key),
+        None => g
+            .conversations
+            .put(&id, &owner, &row, &context)
+            .map(|_| None),
     })
     .await?;
+    if let Some(earlier) = earlier {
+        let now = current(&state, &ctx.owner, earlier).await;
+        let replayed = [("idempotent-replayed", HeaderValue::from_static("true"))];
+        return Ok((replayed, Json(now)).into_response());
+    }
     // No deadline but the client's own: it takes as long as it takes (as a batch's requests).
     if !headers.contains_key("cf-aig-request-timeout") {
         headers.insert("cf-aig-request-timeout", HeaderValue::from_static("0"));
@@ -111,6 +123,32 @@ pub(super) async fn start(
     running.insert(ctx.id.clone(), task.abort_handle());
     drop(running);
     Ok(Json(queued).into_response())
+}
+
+/// What a background create's `Idempotency-Key` is stored under: the key with its caller
+/// and body (a different body under the same key is a different request).
+fn retry_key(headers: &HeaderMap, owner: &str, body: &[u8]) -> Result<Option<[u8; 32]>, ApiError> {
+    let Some(key) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 256);
+    let Some(key) = key else {
+        return Err(ApiError::invalid(
+            "idempotency-key",
+            "header `idempotency-key` must have 1 to 256 characters",
+        ));
+    };
+    let body: Value = serde_json::from_slice(body).unwrap_or_default();
+    let body = crate::gateway::cache::canonical_json(&body);
+    Ok(Some(crate::gateway::cache::cache_key(&[
+        "responses-background",
+        owner,
+        key,
+        &body,
+    ])))
 }
 
 /// The run: `in_progress`, then the chat path, whose end replaces the stored row; refusals

@@ -93,6 +93,58 @@ impl Conversations {
         Ok(())
     }
 
+    /// Stores a response made under `key` (a background create's `Idempotency-Key`, with its
+    /// owner and body) unless one was stored under it already: then that response, and
+    /// nothing is stored.
+    pub fn put_once(
+        &self,
+        id: &str,
+        owner: &str,
+        response: &Value,
+        context: &[Value],
+        key: &[u8],
+    ) -> Result<Option<Value>, GatewayError> {
+        let now = super::db::unix_now();
+        self.expire(now)?;
+        let conn = self.conn();
+        let earlier = || {
+            conn.query_row(
+                "SELECT response FROM responses WHERE owner = ?1 AND idem = ?2 AND created >= ?3",
+                params![owner, key, self.oldest_kept(now)],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(GatewayError::db)
+        };
+        let mut found = earlier()?;
+        if found.is_none() {
+            // Another process may store one under the key first: its row is the answer.
+            let stored = conn
+                .execute(
+                    "INSERT OR IGNORE INTO responses (id, owner, created, response, context, idem)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        id,
+                        owner,
+                        now,
+                        response.to_string(),
+                        Value::from(context.to_vec()).to_string(),
+                        key
+                    ],
+                )
+                .map_err(GatewayError::db)?;
+            if stored == 0 {
+                found = earlier()?;
+            }
+        }
+        found
+            .map(|r| {
+                serde_json::from_str(&r)
+                    .map_err(|e| GatewayError::Db(format!("a stored response is corrupt: {e}")))
+            })
+            .transpose()
+    }
+
     /// The response `id` if `owner` made it.
     pub fn get(&self, id: &str, owner: &str) -> Result<Option<Stored>, GatewayError> {
         self.get_at(id, owner, super::db::unix_now())

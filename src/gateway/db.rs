@@ -160,6 +160,8 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
         ("requests", "superseded", "INTEGER NOT NULL DEFAULT 0"),
         ("batch_usage", "result_bytes", "INTEGER NOT NULL DEFAULT 0"),
         ("batch_lines", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+        // A background response's `Idempotency-Key` (hashed with its owner and body).
+        ("responses", "idem", "BLOB"),
     ] {
         add_column(&conn, table, column, decl).map_err(fail)?;
     }
@@ -167,7 +169,9 @@ pub fn open(path: &Path) -> Result<Connection, GatewayError> {
         "CREATE INDEX IF NOT EXISTS requests_attempt ON requests(attempt) WHERE attempt IS NOT NULL;
          -- The requests running, and those whose last attempt was cut (`Batches::suspect`).
          CREATE INDEX IF NOT EXISTS batch_lines_attempted ON batch_lines(batch_id, line)
-             WHERE result IS NULL AND attempts > 0;",
+             WHERE result IS NULL AND attempts > 0;
+         CREATE UNIQUE INDEX IF NOT EXISTS responses_idem ON responses(owner, idem)
+             WHERE idem IS NOT NULL;",
     )
     .map_err(fail)?;
     Ok(conn)
