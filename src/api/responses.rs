@@ -486,112 +486,38 @@ pub(super) fn carried_on(it: &Value) -> bool {
     }
 }
 
-/// The whole response.
+/// The whole response; `lps`: the reply's logprobs, when asked for.
 pub fn whole(
     meta: &Meta,
     ctx: &ResponsesCtx,
-    text: String,
+    (text, lps): (String, Option<&[LogprobInfo]>),
     reason: FinishReason,
     usage: Usage,
 ) -> Value {
     let (reasoning, content, calls) = match meta.call_parser() {
-        None => (None, text, Vec::new()),
+        None => (None, text.clone(), Vec::new()),
         Some(p) => {
             let (reasoning, content, calls) = p.whole(&text);
             (reasoning, content.unwrap_or_default(), calls)
         }
     };
     let mut output = Vec::new();
-    if let Some(r) = reasoning {
-        output.push(reasoning_item(ctx, 0, &r, "completed"));
+    if let Some(r) = &reasoning {
+        output.push(reasoning_item(ctx, 0, r, "completed"));
     }
     // As the stream does: a message when there is text, or when nothing else came.
     if !content.is_empty() || (calls.is_empty() && output.is_empty()) {
-        output.push(message_item(ctx, output.len(), &content, "completed"));
+        let mut item = message_item(ctx, output.len(), &content, "completed");
+        if let Some(lps) = lps {
+            let mine = of_content(&text, reasoning.as_deref(), &content, lps);
+            item["content"][0]["logprobs"] = serde_json::to_value(mine).unwrap_or_default();
+        }
+        output.push(item);
     }
     output.extend(calls.iter().map(|c| call_item(c, "completed")));
     finish(ctx, meta, output, reason, usage)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn items_become_chat_messages() {
-        let body = json!({"input": [
-            {"role": "user", "content": "Weather in Paris?"},
-            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
-            {"type": "function_call", "call_id": "call_1", "name": "w", "arguments": "{\"c\":\"P\"}"},
-            {"type": "function_call", "call_id": "call_2", "name": "w", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
-        ], "instructions": "Be brief.", "max_output_tokens": 9,
-           "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}],
-           "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}});
-        let items = input_items(&body).unwrap();
-        let chat = to_chat_request(body, &items).unwrap();
-        let m = chat["messages"].as_array().unwrap();
-        assert_eq!(m.len(), 4, "{m:?}");
-        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
-        assert_eq!(
-            m[2]["tool_calls"].as_array().unwrap().len(),
-            2,
-            "consecutive calls merge"
-        );
-        assert_eq!(
-            m[2]["content"], "Checking.",
-            "the turn's text is the calls' message"
-        );
-        assert_eq!(
-            m[3],
-            json!({"role": "tool", "tool_call_id": "call_1", "content": "18 C"})
-        );
-        assert_eq!(chat["max_tokens"], 9);
-        assert_eq!(chat["tools"][0]["function"]["name"], "w");
-        assert_eq!(
-            chat["response_format"]["json_schema"]["schema"],
-            json!({"type": "object"})
-        );
-    }
-
-    #[test]
-    fn bad_input_names_its_field() {
-        for (body, param) in [
-            (json!({}), "input"),
-            (
-                json!({"input": [{"role": "tool", "content": "x"}]}),
-                "input[0].role",
-            ),
-            (
-                json!({"input": [{"type": "web_search_call"}]}),
-                "input[0].type",
-            ),
-            (
-                json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
-                "input[0].content[0]",
-            ),
-        ] {
-            let e = input_items(&body).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some(param), "{body}");
-        }
-        let e = to_chat_request(json!({"tools": [{"type": "web_search"}]}), &[]).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("tools[0].type"));
-        // Metadata is kept with a stored response: bounded as OpenAI bounds it.
-        for bad in [
-            json!("str"),
-            json!([1]),
-            json!({"k": "v".repeat(513)}),
-            json!({"k": 1}),
-        ] {
-            let e = to_chat_request(json!({"metadata": bad}), &[]).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some("metadata"), "{bad}");
-        }
-        // The echo keeps the API's fields of `text` and `reasoning`, nothing else sent.
-        let e = echo(
-            &json!({"text": {"format": {"type": "text"}, "junk": "x".repeat(99)},
-                             "reasoning": {"effort": "low", "junk": 1}}),
-        );
-        assert_eq!(e["text"], json!({"format": {"type": "text"}}));
-        assert_eq!(e["reasoning"], json!({"effort": "low", "summary": null}));
-    }
-}
+#[path = "responses_tests.rs"]
+mod tests;
