@@ -298,6 +298,14 @@ fn official_openai_client_chains_responses() {
         "{r}"
     );
     assert!(!r["background_text"].as_str().unwrap().is_empty(), "{r}");
+    // Logprobs read as the SDK's types: one per token, greedy ones the likeliest.
+    let lps = r["logprobs"].as_array().unwrap();
+    assert!((1..=4).contains(&lps.len()), "{r}");
+    assert!(
+        lps.iter()
+            .all(|lp| lp["top"][0] == lp["token"] && lp["top"].as_array().unwrap().len() == 2),
+        "{r}"
+    );
     assert_eq!(r["background_cancel"], 400, "{r}");
     assert_eq!(r["retrieved_text"], turns[0]["text"], "{r}");
     assert_eq!(r["deleted"], true, "{r}");
@@ -796,6 +804,96 @@ fn truncation_auto_cuts_in_steps_so_the_prefix_cache_serves_the_history() {
     // Most turns find the history in the cache: the cut moved at most twice in six turns.
     let served = hits.iter().filter(|(input, cached)| cached * 2 >= *input);
     assert!(served.count() >= 4, "(input, cached) by turn: {hits:?}");
+}
+
+#[test]
+fn responses_carry_the_message_tokens_logprobs_when_included() {
+    let s = Server::start(&[]);
+    let ask = json!({"model": MODEL, "input": "Name three colors.", "max_output_tokens": 8,
+                     "temperature": 0, "store": false,
+                     "include": ["message.output_text.logprobs"], "top_logprobs": 3});
+    let (st, r) = s.post("/v1/responses", &ask);
+    assert_eq!(st, 200, "{r}");
+    let part = &r["output"][0]["content"][0];
+    let lps = part["logprobs"].as_array().expect("logprobs").clone();
+    // One per token of the message, whose bytes make its text; greedy: each the likeliest.
+    assert_eq!(
+        lps.len() as u64,
+        r["usage"]["output_tokens"].as_u64().unwrap(),
+        "{r}"
+    );
+    let bytes: Vec<u8> = lps
+        .iter()
+        .flat_map(|lp| {
+            lp["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        part["text"].as_str().unwrap()
+    );
+    for lp in &lps {
+        let top = lp["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{lp}");
+        assert_eq!(top[0]["token"], lp["token"], "{lp}");
+        assert!(lp["logprob"].as_f64().unwrap() <= 0.0, "{lp}");
+    }
+    // The same as the chat API gives for the same conversation.
+    let (st, chat) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "Name three colors."}],
+                "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 3}),
+    );
+    assert_eq!(st, 200, "{chat}");
+    assert_eq!(json!(lps), chat["choices"][0]["logprobs"]["content"]);
+    // Streamed: the deltas' add up to them, as do the part's at its end.
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let events: Vec<Value> = s
+        .stream("/v1/responses", &streamed)
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let of = |kind: &'static str| events.iter().filter(move |e| e["type"] == kind);
+    let deltas: Vec<Value> = of("response.output_text.delta")
+        .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(deltas, lps);
+    let done = of("response.output_text.done").next().unwrap();
+    assert_eq!(done["logprobs"], json!(lps));
+    let end = of("response.incomplete").next().unwrap();
+    assert_eq!(
+        end["response"]["output"][0]["content"][0]["logprobs"],
+        json!(lps)
+    );
+    // Not asked for: none.
+    let mut plain = ask.clone();
+    plain.as_object_mut().unwrap().remove("include");
+    plain["top_logprobs"] = json!(0);
+    let (_, r) = s.post("/v1/responses", &plain);
+    assert!(
+        r["output"][0]["content"][0].get("logprobs").is_none(),
+        "{r}"
+    );
+    // Bad values are named.
+    for (field, value, param) in [
+        (
+            "include",
+            json!(["message.output_text.everything"]),
+            "include[0]",
+        ),
+        ("include", json!("message.output_text.logprobs"), "include"),
+        ("top_logprobs", json!(21), "top_logprobs"),
+    ] {
+        let mut bad = ask.clone();
+        bad[field] = value;
+        let (st, e) = s.post("/v1/responses", &bad);
+        assert_eq!((st, &e["error"]["param"]), (400, &json!(param)), "{e}");
+    }
 }
 
 /// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).

@@ -32,6 +32,7 @@ mod response;
 mod responses;
 mod responses_background;
 mod responses_items;
+mod responses_logprobs;
 mod responses_sse;
 mod stream;
 mod surfaces;

@@ -477,7 +477,8 @@ async fn collect(
                 }
                 Surface::Workers { json } => super::workers::whole(&meta, r.text, *json, r.usage),
                 Surface::Responses(ctx) => {
-                    super::responses::whole(&meta, ctx, r.text, r.reason, r.usage)
+                    let lps = meta.logprobs.then_some(&r.lps[..]);
+                    super::responses::whole(&meta, ctx, (r.text, lps), r.reason, r.usage)
                 }
                 Surface::LlamaCpp(ctx) => {
                     let end = (r.reason, r.stop_sequence, r.usage);

@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::response::Meta;
-use crate::engine::request::FinishReason;
-use crate::engine::request::Usage;
+use super::responses_logprobs::of_content;
+use crate::engine::request::{FinishReason, LogprobInfo, Usage};
 use crate::gateway::Gateway;
 use crate::structured::toolcall::ParsedCall;
 
@@ -231,6 +231,7 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
     if let Some(effort) = b.get("reasoning").and_then(|r| r.get("effort")) {
         out.insert("reasoning_effort".into(), effort.clone());
     }
+    super::responses_logprobs::to_chat(&b, &mut out)?;
     if let Some(m) = b.get("max_output_tokens").filter(|v| !v.is_null()) {
         out.insert("max_tokens".into(), m.clone());
     }
@@ -315,6 +316,7 @@ pub fn echo(body: &Value) -> Map<String, Value> {
     );
     e.insert("temperature".into(), get("temperature", json!(1.0)));
     e.insert("top_p".into(), get("top_p", json!(1.0)));
+    e.insert("top_logprobs".into(), get("top_logprobs", json!(0)));
     e.insert("tool_choice".into(), get("tool_choice", json!("auto")));
     e.insert("tools".into(), get("tools", json!([])));
     let text = body.get("text");

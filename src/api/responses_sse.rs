@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::gate::Tail;
 use super::response::Meta;
 use super::responses::{finish, message_id, message_item, object, reasoning_item, ResponsesCtx};
+use super::responses_logprobs::Streamed;
 use crate::engine::request::FinishReason;
 use crate::engine::request::{Event, EventReceiver};
 use crate::structured::reasoning::ReplyParser;
@@ -39,6 +40,7 @@ pub fn sse(
         call: None,
         output: Vec::new(),
         item_status: "completed",
+        lps: Streamed::default(),
         tail,
         ended: false,
         meta,
@@ -64,6 +66,8 @@ struct State {
     output: Vec<Value>,
     /// The status items get when they close: `incomplete` once the token budget ran out.
     item_status: &'static str,
+    /// The logprobs of the text to come and of the message (none unless asked for).
+    lps: Streamed,
     tail: Tail,
     ended: bool,
     meta: Meta,
@@ -129,13 +133,18 @@ impl State {
             self.output.push(item);
         }
         if let Some(text) = self.text.take() {
-            let item = message_item(&self.ctx, index, &text, self.item_status);
+            let mut item = message_item(&self.ctx, index, &text, self.item_status);
             let id = item["id"].clone();
-            let part = json!({"type": "output_text", "text": text, "annotations": []});
+            let mut part = json!({"type": "output_text", "text": text, "annotations": []});
+            let lps = self.lps.message();
+            if self.meta.logprobs {
+                part["logprobs"] = lps.clone();
+                item["content"][0]["logprobs"] = lps.clone();
+            }
             self.emit(
                 "response.output_text.done",
                 json!({"item_id": id, "output_index": index, "content_index": 0, "text": text,
-                       "logprobs": []}),
+                       "logprobs": lps}),
             );
             self.emit(
                 "response.content_part.done",
@@ -164,6 +173,9 @@ impl State {
 
     fn piece(&mut self, piece: Piece) {
         let index = self.output.len();
+        if !matches!(piece, Piece::Content(_)) {
+            self.lps.other();
+        }
         match piece {
             Piece::Reasoning(t) => {
                 if self.reasoning.is_none() {
@@ -188,10 +200,11 @@ impl State {
                 self.open_text();
                 let index = self.output.len();
                 let id = message_id(&self.ctx, index);
+                let lps = self.lps.text();
                 self.emit(
                     "response.output_text.delta",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t,
-                           "logprobs": []}),
+                           "logprobs": lps}),
                 );
                 if let Some(text) = &mut self.text {
                     text.push_str(&t);
@@ -226,7 +239,8 @@ impl State {
         match ev {
             // Only the completions API asks for the prompt's scores; embeddings are not text.
             Some(Event::Prompt { .. } | Event::Embedding(_)) => {}
-            Some(Event::Token { text, .. }) => {
+            Some(Event::Token { text, logprob, .. }) => {
+                self.lps.token(logprob);
                 let pieces = match &mut self.calls {
                     None => vec![Piece::Content(text)],
                     Some(p) => p.push(&text),

@@ -95,6 +95,13 @@ out["background_end"] = bg.status
 out["background_text"] = bg.output_text
 out["background_cancel"] = error_status(lambda: client.responses.cancel(bg.id), openai.BadRequestError)
 
+scored = client.responses.create(model=model, input="Name a color.", max_output_tokens=4,
+                                 temperature=0, include=["message.output_text.logprobs"],
+                                 top_logprobs=2, store=False)
+part = scored.output[0].content[0]
+out["logprobs"] = [{"token": lp.token, "top": [t.token for t in lp.top_logprobs]}
+                   for lp in part.logprobs]
+
 got = client.responses.retrieve(out["turns"][0]["id"])
 out["retrieved_text"] = got.output_text
 out["deleted"] = client.responses.delete(out["turns"][0]["id"]) is None
