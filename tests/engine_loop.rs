@@ -245,6 +245,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, Ended) {
             ..SamplingParams::default()
         },
         stop: Vec::new(),
+        stops_end: None,
         top_logprobs: 0,
         logprobs: false,
         prompt_logprobs: None,

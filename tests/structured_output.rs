@@ -406,6 +406,49 @@ fn stop_strings_do_not_cut_a_forced_call() {
 }
 
 #[test]
+fn under_auto_stop_strings_end_where_a_call_opens() {
+    // This model does not call under `auto` by itself: its output is fed through the stop
+    // matching token by token, as a reply that opens a call in the model's format would be.
+    use edgeinfer::engine::sequence::{OutputState, TokenOutcome};
+    use edgeinfer::engine::stop::StopsEnd;
+    use edgeinfer::model::{GgufFile, Tokenizer};
+    use edgeinfer::structured::toolcall::ToolFormat;
+    let f = GgufFile::open(&common::default_model_path()).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    // Its template takes no tools: the generic (Hermes) format, `<tool_call>` first.
+    let format = ToolFormat::HERMES;
+    let call = format.call_text("add", r#"{"a": 2, "b": 40}"#);
+    let run = |reply: &str, end: Option<StopsEnd>| {
+        let ids = tok.encode(reply, false).unwrap();
+        let mut out = OutputState::new(vec!["\"".into(), "}".into()], ids.len(), &[]).ending(end);
+        let mut text = String::new();
+        for id in ids {
+            match out.push(&tok, id).unwrap() {
+                TokenOutcome::Continue { emit } => text += &emit,
+                TokenOutcome::Finished { emit, stop, .. } => return (text + &emit, stop),
+            }
+        }
+        unreachable!("the budget ends it")
+    };
+    let end = || {
+        Some(StopsEnd {
+            text: format.trigger(),
+            anywhere: format.calls_after_text(),
+        })
+    };
+    // A call after some prose, and one alone: whole, the stops on the prose only.
+    for reply in [format!("Let me add them.\n{call}"), call.clone()] {
+        assert_eq!(run(&reply, end()), (reply.clone(), None));
+        // Without the end the call was cut at its name.
+        let (cut, stop) = run(&reply, None);
+        assert_eq!(stop.as_deref(), Some("\""), "{cut}");
+    }
+    // A stop in the prose before the call still ends the reply there.
+    let (text, stop) = run(&format!("Say \"hi\".\n{call}"), end());
+    assert_eq!((text.as_str(), stop.as_deref()), ("Say ", Some("\"")));
+}
+
+#[test]
 fn a_tool_round_trip_renders_calls_and_results() {
     let s = Server::start(&[]);
     let user = json!({"role": "user", "content": "What is the weather in Paris?"});

@@ -397,6 +397,7 @@ async fn embed(
             max_tokens: 0,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            stops_end: None,
             top_logprobs: 0,
             logprobs: false,
             prompt_logprobs: None,

@@ -17,8 +17,10 @@ use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
 use crate::engine::request::GenerationRequest;
+use crate::engine::stop::StopsEnd;
 use crate::gateway::cache::{self, Lookup};
 use crate::gateway::limits::Ask;
+use crate::structured::toolcall::ToolFormat;
 
 /// One prompt of a request, as token ids, and the text `echo` puts before its choices.
 pub(super) struct Input {
@@ -43,6 +45,18 @@ pub(super) struct Output {
     /// The reply is tool calls alone (a forced call): stop strings, which would cut a
     /// call's arguments, are not applied (they were checked).
     pub calls_only: bool,
+    /// The reply may be calls (`tool_choice: auto`): stop strings apply only to the text
+    /// before the first call's marker.
+    pub stops_end: Option<StopsEnd>,
+}
+
+/// Where a reply that may hold calls in `format` opens them: stop strings apply only
+/// before (see [`Output::stops_end`]).
+pub(super) fn calls_open(format: ToolFormat) -> StopsEnd {
+    StopsEnd {
+        text: format.trigger(),
+        anywhere: format.calls_after_text(),
+    }
 }
 
 /// How many choices each prompt runs: `best_of` (from `n` to the most a request may run;
@@ -368,6 +382,7 @@ pub(super) async fn run(
             max_tokens: budgets[c],
             sampling,
             stop: stop.clone(),
+            stops_end: out.stops_end.clone(),
             top_logprobs: out.top_logprobs,
             // Ranking reads each token's logprob, shown or not.
             logprobs: out.logprobs || ranked,

@@ -11,7 +11,7 @@ use axum::response::Response;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::generate::{per_prompt, run, Input, Output};
+use super::generate::{calls_open, per_prompt, run, Input, Output};
 use super::response::{Meta, Reasoning, Surface};
 use super::responses::ResponsesCtx;
 use super::truncation::{render_fitting, Fit};
@@ -347,6 +347,7 @@ pub(super) async fn chat(
         best_of: None,
         lines: Default::default(),
         calls_only,
+        stops_end: (tools_active && !calls_only).then(|| calls_open(ready.tool_format)),
     };
     let input = Input { prompt, echo: None };
     run(
@@ -572,6 +573,7 @@ pub(super) async fn completion(
         best_of: req.best_of,
         lines: Default::default(),
         calls_only: false,
+        stops_end: None,
     };
     run(state, &ready, inputs, &sampling, out, meta, &rid.0, gate).await
 }

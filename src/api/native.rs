@@ -249,6 +249,7 @@ pub(super) fn native_output(
         best_of: None,
         lines,
         calls_only: false,
+        stops_end: None,
     }
 }
 

@@ -289,6 +289,7 @@ impl<M: ModelRunner> Engine<M> {
             sampler: Sampler::new(req.sampling.clone()),
             output: OutputState::new(req.stop.clone(), req.max_tokens, context)
                 .showing(std::mem::take(&mut req.shown_tokens))
+                .ending(req.stops_end.take())
                 .cutting(req.lines),
             events,
             last_token_at: None,

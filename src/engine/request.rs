@@ -27,6 +27,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Where the stop strings stop applying (a tool call's marker), if anywhere.
+    pub stops_end: Option<super::stop::StopsEnd>,
     /// Number of most likely alternatives to report per token (0: only the chosen token's
     /// logprob when `logprobs` is set).
     pub top_logprobs: usize,

@@ -6,7 +6,7 @@
 
 use super::lines::{Cut, LineCut, LineLimits};
 use super::request::FinishReason;
-use super::stop::{StopMatcher, StopOutcome};
+use super::stop::{StopMatcher, StopOutcome, StopsEnd};
 use crate::error::ModelError;
 use crate::model::detok::IncrementalDecoder;
 use crate::model::Tokenizer;
@@ -60,6 +60,12 @@ impl OutputState {
     /// Ends the output at these limits on its lines (none: no change).
     pub fn cutting(mut self, limits: LineLimits) -> Self {
         self.lines = (limits != LineLimits::default()).then(|| LineCut::new(limits));
+        self
+    }
+
+    /// Stop strings apply only before this text (see [`StopsEnd`]).
+    pub fn ending(mut self, end: Option<StopsEnd>) -> Self {
+        self.stops = std::mem::take(&mut self.stops).ending(end);
         self
     }
 
@@ -172,7 +178,9 @@ impl OutputState {
             // A marker for the caller's parser, never part of a stop string: what the
             // matcher held back is released before it.
             emit.push_str(&self.stops.flush());
-            emit.push_str(&tok.decode_with_control(&[id])?);
+            let marker = tok.decode_with_control(&[id])?;
+            self.stops.passed(&marker);
+            emit.push_str(&marker);
         }
         if self.generated >= self.max_tokens {
             let (rest, stop) = self.flush(tok)?;

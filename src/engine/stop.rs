@@ -21,12 +21,29 @@ pub enum StopOutcome {
     Stopped { emit: String, stop: String },
 }
 
+/// Where stop strings stop applying: at a text that opens what they must not cut (a tool
+/// call's marker: its arguments are not prose). A stop string that starts before it still
+/// ends the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopsEnd {
+    pub text: String,
+    /// Found anywhere in the output; `false`: only when the output starts with it (after
+    /// whitespace).
+    pub anywhere: bool,
+}
+
 /// Incremental matcher for a fixed set of stop strings.
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
     /// Text received but not yet emitted: a possible start of a stop string.
     pending: String,
+    /// Where the stops end, until it is found or cannot be any more.
+    end: Option<StopsEnd>,
+    /// With `end`: the text received so far.
+    seen: String,
+    /// `end` was found: every stop string is off.
+    ended: bool,
 }
 
 impl StopMatcher {
@@ -35,8 +52,14 @@ impl StopMatcher {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
             stops,
-            pending: String::new(),
+            ..Self::default()
         }
+    }
+
+    /// Stop strings apply only before `end` (none: to the whole output).
+    pub fn ending(mut self, end: Option<StopsEnd>) -> Self {
+        self.end = end.filter(|e| !e.text.is_empty());
+        self
     }
 
     /// The active (non-empty) stop strings.
@@ -53,20 +76,28 @@ impl StopMatcher {
     /// proper prefix of some stop string. After `Stopped` the caller should
     /// stop pushing; a further push starts afresh.
     pub fn push(&mut self, text: &str) -> StopOutcome {
-        if self.stops.is_empty() {
+        if self.stops.is_empty() || self.ended {
             // Nothing is ever held back, so `pending` is empty.
             return StopOutcome::Continue {
                 emit: text.to_owned(),
             };
         }
         self.pending.push_str(text);
+        let end = self.find_end(text);
 
-        if let Some((pos, index)) = self.earliest_stop() {
+        let before_end = |&(pos, _): &(usize, usize)| end.is_none_or(|e| pos < e);
+        if let Some((pos, index)) = self.earliest_stop().filter(before_end) {
             let stop = self.stops[index].clone();
             // `pos` comes from `str::find`, so it is a char boundary.
             self.pending.truncate(pos);
             let emit = std::mem::take(&mut self.pending);
             return StopOutcome::Stopped { emit, stop };
+        }
+        if end.is_some() {
+            self.ended = true;
+            return StopOutcome::Continue {
+                emit: std::mem::take(&mut self.pending),
+            };
         }
 
         // The held suffix equals a stop prefix cut at one of the stop's char
@@ -80,6 +111,45 @@ impl StopMatcher {
     /// Returns the held-back text; call once generation ends without a stop.
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.pending)
+    }
+
+    /// Text sent out around the matcher (a control token's, for the caller's parser) after
+    /// what it held back was flushed: the stops end if it holds their end.
+    pub fn passed(&mut self, text: &str) {
+        if self.end.as_ref().is_some_and(|e| text.contains(&e.text)) {
+            self.ended = true;
+        } else if self.end.is_some() {
+            self.seen.push_str(text);
+        }
+    }
+
+    /// Where in `pending` the stops end, once `text` (just added to it) is seen; 0 when the
+    /// end began before `pending` (it was sent out, being no stop's start).
+    fn find_end(&mut self, text: &str) -> Option<usize> {
+        let end = self.end.as_ref()?;
+        let before = self.seen.len();
+        self.seen.push_str(text);
+        let at = if end.anywhere {
+            let mut from = before.saturating_sub(end.text.len());
+            while !self.seen.is_char_boundary(from) {
+                from -= 1;
+            }
+            self.seen[from..].find(&end.text).map(|p| from + p)
+        } else {
+            let body = self.seen.trim_start();
+            let lead = self.seen.len() - body.len();
+            if body.starts_with(&end.text) {
+                Some(lead)
+            } else {
+                if !end.text.starts_with(body) {
+                    // The output began otherwise: the stops apply to all of it.
+                    self.end = None;
+                    self.seen = String::new();
+                }
+                None
+            }
+        }?;
+        Some(at.saturating_sub(self.seen.len() - self.pending.len()))
     }
 
     /// `(byte position, index into stops)` of the earliest stop in `pending`.
@@ -128,6 +198,45 @@ mod tests {
             emit: emit.to_owned(),
             stop: stop.to_owned(),
         }
+    }
+
+    fn ending(stops: &[&str], end: &str, anywhere: bool) -> StopMatcher {
+        matcher(stops).ending(Some(StopsEnd {
+            text: end.into(),
+            anywhere,
+        }))
+    }
+
+    #[test]
+    fn stops_end_where_a_call_opens() {
+        // The marker split across pushes, its start sent out (no stop's start).
+        let mut m = ending(&["\""], "<tool_call>", true);
+        assert_eq!(m.push("Sure. <tool"), cont("Sure. <tool"));
+        assert_eq!(m.push("_call>\n{\"name\""), cont("_call>\n{\"name\""));
+        assert_eq!(m.push(": \"f\"}"), cont(": \"f\"}"));
+        // A stop before the marker still ends the output.
+        let mut m = ending(&["\""], "<tool_call>", true);
+        assert_eq!(m.push("Say \"hi <tool_call>"), stopped("Say ", "\""));
+        // A stop's start held back, then the marker: all of it goes out.
+        let mut m = ending(&["<tool_x"], "<tool_call>", true);
+        assert_eq!(m.push("a <tool_"), cont("a "));
+        assert_eq!(
+            m.push("call>{\"<tool_x\"}"),
+            cont("<tool_call>{\"<tool_x\"}")
+        );
+        // Only at the start: a reply that opens with it, after whitespace...
+        let mut m = ending(&["\n"], "{", false);
+        assert_eq!(m.push(" "), cont(" "));
+        assert_eq!(m.push("{\"a\":\n1}"), cont("{\"a\":\n1}"));
+        // ...not one that opens otherwise.
+        let mut m = ending(&["\n"], "{", false);
+        assert_eq!(m.push("Hi {"), cont("Hi {"));
+        assert_eq!(m.push("\n"), stopped("", "\n"));
+        // A control token's marker, sent out around the matcher.
+        let mut m = ending(&["\""], "[TOOL_CALLS]", true);
+        assert_eq!(m.push("ok"), cont("ok"));
+        m.passed("[TOOL_CALLS]");
+        assert_eq!(m.push("f[ARGS]{\"a\": 1}"), cont("f[ARGS]{\"a\": 1}"));
     }
 
     #[test]
