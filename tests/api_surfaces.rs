@@ -298,6 +298,18 @@ fn official_openai_client_chains_responses() {
         "{r}"
     );
     assert!(!r["background_text"].as_str().unwrap().is_empty(), "{r}");
+    // Streamed in the background and joined again after the third event: the rest of them.
+    let bs = &r["background_stream"];
+    assert_eq!(bs["first"][0], "response.created", "{r}");
+    let rest = bs["rest"].as_array().unwrap();
+    assert!(
+        rest.iter().enumerate().all(|(i, n)| n == &json!(i + 3)),
+        "{r}"
+    );
+    assert!(
+        bs["end"] == "response.completed" || bs["end"] == "response.incomplete",
+        "{r}"
+    );
     // Logprobs read as the SDK's types: one per token, greedy ones the likeliest.
     let lps = r["logprobs"].as_array().unwrap();
     assert!((1..=4).contains(&lps.len()), "{r}");
@@ -896,6 +908,84 @@ fn responses_carry_the_message_tokens_logprobs_when_included() {
     }
 }
 
+/// A stream's events (`data:` lines as JSON), at most `most` of them: the connection then
+/// drops.
+fn read_events(
+    s: &Server,
+    (method, path): (&str, &str),
+    body: Option<&Value>,
+    most: usize,
+) -> Vec<Value> {
+    use std::io::BufRead;
+    let req = ureq::request(method, &format!("{}{path}", s.base));
+    let r = match body {
+        Some(b) => req.send_json(b.clone()),
+        None => req.call(),
+    }
+    .expect("the stream starts");
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    std::io::BufReader::new(r.into_reader())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| {
+            l.strip_prefix("data: ")
+                .map(|d| serde_json::from_str(d).unwrap())
+        })
+        .take(most)
+        .collect()
+}
+
+#[test]
+fn background_streams_go_on_without_their_client_and_are_joined_again() {
+    let s = Server::start(&[]);
+    let ask = json!({"model": MODEL, "input": "Write a short poem about the sea.",
+                     "max_output_tokens": 64, "temperature": 0, "background": true,
+                     "stream": true});
+    // The client that created it reads a few events, then its connection drops.
+    let first = read_events(&s, ("POST", "/v1/responses"), Some(&ask), 4);
+    assert_eq!(first[0]["type"], "response.created", "{first:?}");
+    let id = first[0]["response"]["id"].as_str().unwrap().to_string();
+    // The run goes on to its end, stored.
+    let done = poll_response(&s, &id, None);
+    let status = done["status"].as_str().unwrap();
+    assert!(["completed", "incomplete"].contains(&status), "{done}");
+    // Joined again from the start: the events read first, then the rest, to the end.
+    let path = format!("/v1/responses/{id}?stream=true");
+    let all = read_events(&s, ("GET", &path), None, usize::MAX);
+    assert_eq!(all[..4], first[..]);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i, "{e}");
+    }
+    let end = all.last().unwrap();
+    assert_eq!(end["type"], format!("response.{status}"), "{end}");
+    assert_eq!(end["response"]["output"], done["output"]);
+    let text: String = all
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        done["output"][0]["content"][0]["text"].as_str().unwrap()
+    );
+    // From after an event: the ones after it.
+    let path = format!("/v1/responses/{id}?stream=true&starting_after=5");
+    assert_eq!(read_events(&s, ("GET", &path), None, usize::MAX), all[6..]);
+    // A response not streamed in the background has no events kept.
+    let mut whole = ask.clone();
+    whole["stream"] = json!(false);
+    let (st, r) = s.post("/v1/responses", &whole);
+    assert_eq!(st, 200, "{r}");
+    let path = format!("/v1/responses/{}?stream=true", r["id"].as_str().unwrap());
+    let r = s.call("GET", &path, None, &[]);
+    assert_eq!(
+        (r.status, &r.body["error"]["param"]),
+        (400, &json!("stream")),
+        "{}",
+        r.body
+    );
+}
+
 /// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).
 fn poll_response(s: &Server, id: &str, want: Option<&str>) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -945,17 +1035,15 @@ fn background_responses_run_on_and_can_be_cancelled() {
     // An ended one is not cancelled; a request answered in its request has no run to stop.
     let r = s.call("POST", &format!("/v1/responses/{id}/cancel"), None, &[]);
     assert_eq!(r.status, 400, "{}", r.body);
-    // Its end is read from the store, and its events are not kept to stream again.
-    for (field, value) in [("store", json!(false)), ("stream", json!(true))] {
-        let mut bad = bg_ask.clone();
-        bad[field] = value;
-        let (st, e) = s.post("/v1/responses", &bad);
-        assert_eq!(
-            (st, &e["error"]["param"]),
-            (400, &json!("background")),
-            "{e}"
-        );
-    }
+    // Its end is read from the store.
+    let mut bad = bg_ask.clone();
+    bad["store"] = json!(false);
+    let (st, e) = s.post("/v1/responses", &bad);
+    assert_eq!(
+        (st, &e["error"]["param"]),
+        (400, &json!("background")),
+        "{e}"
+    );
     // A retry of a create with its `Idempotency-Key` (the reply to the first was lost) is
     // answered the first's response as it stands, and runs nothing again; another body
     // under the key is another request.

@@ -31,6 +31,7 @@ mod replay;
 mod response;
 mod responses;
 mod responses_background;
+mod responses_events;
 mod responses_items;
 mod responses_logprobs;
 mod responses_sse;

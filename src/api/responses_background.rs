@@ -21,19 +21,24 @@ use tokio::task::AbortHandle;
 use super::error::ApiError;
 use super::handlers::{chat, Api};
 use super::responses::{object_of, ResponsesCtx};
+use super::responses_events::{EventLog, Logs};
 use super::{AppState, RequestId};
 use crate::gateway::Principal;
 
 /// How long a run waits out refusals for the moment before it is `failed`: a batch's window.
 const PATIENCE: Duration = Duration::from_secs(24 * 3600);
 
-/// The background responses this process is running, by id.
+/// The background responses this process is running, by id, and the events of those
+/// streamed.
 #[derive(Default)]
-pub struct Running(Mutex<HashMap<String, AbortHandle>>);
+pub struct Running {
+    runs: Mutex<HashMap<String, AbortHandle>>,
+    pub(super) logs: Logs,
+}
 
 impl Running {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AbortHandle>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops the run of `id`; whether one was running.
@@ -52,6 +57,7 @@ struct Leave(Arc<AppState>, String);
 impl Drop for Leave {
     fn drop(&mut self) {
         self.0.background.lock().remove(&self.1);
+        self.0.background.logs.end(&self.1);
     }
 }
 
@@ -60,18 +66,13 @@ pub(super) fn unfinished(response: &Value) -> bool {
     matches!(response["status"].as_str(), Some("queued" | "in_progress"))
 }
 
-/// Checks what a background request asks for: it is stored (its end is read from the store)
-/// and not streamed (its events are not kept to be streamed again).
+/// Checks what a background request asks for: it is stored (its end is read from the store).
 pub(super) fn check(body: &Value, store: bool) -> Result<bool, ApiError> {
     match body.get("background") {
         None | Some(Value::Null | Value::Bool(false)) => Ok(false),
         Some(Value::Bool(true)) if !store => Err(ApiError::invalid(
             "background",
             "`background: true` needs `store: true`: its end is read with GET /v1/responses/{id}",
-        )),
-        Some(Value::Bool(true)) if body["stream"] == true => Err(ApiError::invalid(
-            "background",
-            "a background response is not streamed here: poll GET /v1/responses/{id} for its end",
         )),
         Some(Value::Bool(true)) => Ok(true),
         Some(_) => Err(ApiError::invalid(
@@ -81,9 +82,10 @@ pub(super) fn check(body: &Value, store: bool) -> Result<bool, ApiError> {
     }
 }
 
-/// Stores the response `queued` and starts its run; the answer to the request. A retry of
-/// a create (the same `Idempotency-Key`, caller and body) is answered the response the first
-/// made, as it stands, and starts nothing.
+/// Stores the response `queued` and starts its run; the answer to the request: the response,
+/// or with `stream` the run's events (see `responses_events.rs`). A retry of a create (the
+/// same `Idempotency-Key`, caller and body) is answered the response the first made, as it
+/// stands (its events, when kept), and starts nothing.
 pub(super) async fn start(
     state: Arc<AppState>,
     (rid, who, mut headers): (RequestId, Principal, HeaderMap),
@@ -107,11 +109,20 @@ pub(super) async fn start(
             .map(|_| None),
     })
     .await?;
+    let streamed = serde_json::from_slice::<Value>(&bytes).is_ok_and(|b| b["stream"] == true);
+    let keep_alive = state.sse_keep_alive;
     if let Some(earlier) = earlier {
         let now = current(&state, &ctx.owner, earlier).await;
         let replayed = [("idempotent-replayed", HeaderValue::from_static("true"))];
-        return Ok((replayed, Json(now)).into_response());
+        let log = now["id"]
+            .as_str()
+            .and_then(|id| state.background.logs.get(id));
+        return match log.filter(|_| streamed) {
+            Some(log) => Ok((replayed, log.follow(None, keep_alive)?).into_response()),
+            None => Ok((replayed, Json(now)).into_response()),
+        };
     }
+    let log = streamed.then(|| state.background.logs.open(&ctx.id));
     // No deadline but the client's own: it takes as long as it takes (as a batch's requests).
     if !headers.contains_key("cf-aig-request-timeout") {
         headers.insert("cf-aig-request-timeout", HeaderValue::from_static("0"));
@@ -119,10 +130,19 @@ pub(super) async fn start(
     // Registered before the run can end (it leaves under the same lock).
     let mut running = state.background.lock();
     let asked = (rid, who, headers);
-    let task = tokio::spawn(run(state.clone(), asked, bytes, ctx.clone(), model));
+    let task = tokio::spawn(run(
+        state.clone(),
+        asked,
+        bytes,
+        ctx.clone(),
+        (model, log.clone()),
+    ));
     running.insert(ctx.id.clone(), task.abort_handle());
     drop(running);
-    Ok(Json(queued).into_response())
+    match log {
+        Some(log) => log.follow(None, keep_alive),
+        None => Ok(Json(queued).into_response()),
+    }
 }
 
 /// What a background create's `Idempotency-Key` is stored under: the key with its caller
@@ -159,7 +179,7 @@ async fn run(
     (rid, who, headers): (RequestId, Principal, HeaderMap),
     bytes: Bytes,
     ctx: Arc<ResponsesCtx>,
-    model: String,
+    (model, log): (String, Option<Arc<EventLog>>),
 ) {
     let _leave = Leave(state.clone(), ctx.id.clone());
     mark(&state, &ctx, &model, "in_progress", None).await;
@@ -176,6 +196,10 @@ async fn run(
         }
     };
     let ok = answer.status().is_success();
+    if let Some(log) = log.as_ref().filter(|_| ok) {
+        // The renderer stores the end, as for a whole answer.
+        return super::responses_events::record(answer.into_body(), log).await;
+    }
     let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
         .await
         .unwrap_or_default();
@@ -185,7 +209,12 @@ async fn run(
             "code": e["error"]["code"].as_str().or(e["error"]["type"].as_str()).unwrap_or("server_error"),
             "message": e["error"]["message"].as_str().unwrap_or("the response could not be run"),
         });
-        mark(&state, &ctx, &model, "failed", Some(error)).await;
+        let failed = mark(&state, &ctx, &model, "failed", Some(error)).await;
+        if let Some(log) = log {
+            let seq = log.len();
+            let ev = json!({"type": "response.failed", "sequence_number": seq, "response": failed});
+            log.push("response.failed", &ev.to_string());
+        }
     }
 }
 
@@ -209,26 +238,27 @@ fn wait_for_retry(answer: &Response) -> Option<Duration> {
     Some(wait.clamp(Duration::from_millis(100), Duration::from_secs(60)))
 }
 
-/// Writes the response `status` (with `error`) while it has not ended.
+/// Writes the response `status` (with `error`) while it has not ended; the response so.
 async fn mark(
     state: &AppState,
     ctx: &ResponsesCtx,
     model: &str,
     status: &str,
     error: Option<Value>,
-) {
+) -> Value {
     let mut r = object_of(ctx, model, status, vec![], None);
     if let Some(e) = error {
         r["error"] = e;
     }
-    let (id, owner) = (ctx.id.clone(), ctx.owner.clone());
+    let (id, owner, row) = (ctx.id.clone(), ctx.owner.clone(), r.clone());
     let written = super::gate::on_store(state, "conversation", move |g| {
-        g.conversations.update_unfinished(&id, &owner, &r, None)
+        g.conversations.update_unfinished(&id, &owner, &row, None)
     })
     .await;
     if let Err(e) = written {
         tracing::error!(error = %e.message, "a background response's state could not be stored");
     }
+    r
 }
 
 /// A stored background response as it stands: one left unfinished by a run this process

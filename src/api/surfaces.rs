@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, RawQuery, State};
+use axum::extract::{Extension, Path, Query, RawQuery, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
@@ -117,16 +117,35 @@ fn previous_not_found(id: &str) -> ApiError {
     }
 }
 
-/// `GET /v1/responses/{id}`: a stored response, to the key that made it (404 otherwise).
+/// `GET /v1/responses/{id}`'s query: `stream=true` joins a background response's stream,
+/// after the event `starting_after`.
+#[derive(serde::Deserialize)]
+pub struct GetQuery {
+    #[serde(default)]
+    stream: bool,
+    starting_after: Option<u64>,
+}
+
+/// `GET /v1/responses/{id}`: a stored response, to the key that made it (404 otherwise); with
+/// `stream=true`, the events of one created in the background with `stream`, while kept.
 pub async fn responses_get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Extension(who): Extension<Principal>,
-) -> Result<Json<Value>, ApiError> {
+    Query(q): Query<GetQuery>,
+) -> Result<Response, ApiError> {
     let stored = super::responses_items::owned(&state, &who, &id).await?;
-    Ok(Json(
-        background::current(&state, who.owner().1, stored.response).await,
-    ))
+    if q.stream {
+        let Some(log) = state.background.logs.get(&id) else {
+            return Err(ApiError::invalid(
+                "stream",
+                "this response's events are not kept: only one created with `background` and `stream` can be streamed again, until the node restarts",
+            ));
+        };
+        return log.follow(q.starting_after, state.sse_keep_alive);
+    }
+    let now = background::current(&state, who.owner().1, stored.response).await;
+    Ok(Json(now).into_response())
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -141,6 +160,7 @@ pub async fn responses_delete(
     // gone); another key's request stops nothing (404 below).
     super::responses_items::owned(&state, &who, &id).await?;
     state.background.stop(&id);
+    state.background.logs.remove(&id);
     let deleted = stored(&state, move |c| c.delete(&key, &owner)).await?;
     if !deleted {
         return Err(super::responses_items::no_response(&id));

@@ -95,6 +95,20 @@ out["background_end"] = bg.status
 out["background_text"] = bg.output_text
 out["background_cancel"] = error_status(lambda: client.responses.cancel(bg.id), openai.BadRequestError)
 
+# Streamed in the background: a few events, then joined again after the last one read.
+seen = []
+with client.responses.create(model=model, input="Name a color.", background=True, stream=True,
+                             max_output_tokens=8, temperature=0) as events:
+    for e in events:
+        seen.append(e)
+        if len(seen) == 3:
+            break
+rest = list(client.responses.retrieve(seen[0].response.id, stream=True,
+                                      starting_after=seen[-1].sequence_number))
+out["background_stream"] = {"first": [e.type for e in seen],
+                            "rest": [e.sequence_number for e in rest],
+                            "end": rest[-1].type if rest else None}
+
 scored = client.responses.create(model=model, input="Name a color.", max_output_tokens=4,
                                  temperature=0, include=["message.output_text.logprobs"],
                                  top_logprobs=2, store=False)
