@@ -943,7 +943,17 @@ fn background_streams_go_on_without_their_client_and_are_joined_again() {
                      "stream": true});
     // The client that created it reads a few events, then its connection drops.
     let first = read_events(&s, ("POST", "/v1/responses"), Some(&ask), 4);
-    assert_eq!(first[0]["type"], "response.created", "{first:?}");
+    // As OpenAI's: the response `queued` first.
+    let types: Vec<&str> = first.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types[..3],
+        [
+            "response.created",
+            "response.queued",
+            "response.in_progress"
+        ]
+    );
+    assert_eq!(first[0]["response"]["status"], "queued", "{first:?}");
     let id = first[0]["response"]["id"].as_str().unwrap().to_string();
     // The run goes on to its end, stored.
     let done = poll_response(&s, &id, None);
@@ -1076,6 +1086,40 @@ fn background_responses_run_on_and_can_be_cancelled() {
         retry.body, done,
         "a retry after the end is answered the end"
     );
+    // Cancelled, its generation stops at once, also when its create carried an
+    // Idempotency-Key (the run's reply is not recorded for replays, which outlive a cancel).
+    let running = |s: &Server| s.metric("edgeinfer_requests_running");
+    let long = json!({"model": MODEL, "input": "Count from 1 to 2000, one number per line.",
+                      "max_output_tokens": 4000, "temperature": 0, "background": true});
+    let r = s.call(
+        "POST",
+        "/v1/responses",
+        Some(&long),
+        &[("idempotency-key", "bg-long")],
+    );
+    let long_id = r.body["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while running(&s) < 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = s.call(
+        "POST",
+        &format!("/v1/responses/{long_id}/cancel"),
+        None,
+        &[],
+    );
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (200, &json!("cancelled")),
+        "{}",
+        r.body
+    );
+    // No token is made a moment after the cancel.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let made = || s.metric("edgeinfer_generation_tokens_total");
+    let after = made();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(made(), after, "still generating after the cancel");
     let mut other = bg_ask.clone();
     other["max_output_tokens"] = json!(5);
     let another = create(&other);

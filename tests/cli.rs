@@ -407,6 +407,7 @@ fn the_download_scripts_python_fallback_waits_for_a_pull_of_its_file() {
         .env("EDGEINFER_MODELS_DIR", dir.path())
         // Were it to fetch, it would fail at once.
         .env("PIP_NO_INDEX", "1")
+        .env("PIP_FIND_LINKS", "")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

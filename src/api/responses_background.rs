@@ -32,22 +32,31 @@ const PATIENCE: Duration = Duration::from_secs(24 * 3600);
 /// streamed.
 #[derive(Default)]
 pub struct Running {
-    runs: Mutex<HashMap<String, AbortHandle>>,
+    /// A run's handle; `None` while its response is being stored (it counts as running).
+    runs: Mutex<HashMap<String, Option<AbortHandle>>>,
     pub(super) logs: Logs,
 }
 
 impl Running {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AbortHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<AbortHandle>>> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops the run of `id`; whether one was running.
     pub(super) fn stop(&self, id: &str) -> bool {
-        self.lock().remove(id).inspect(AbortHandle::abort).is_some()
+        let run = self.lock().remove(id);
+        run.inspect(|h| h.iter().for_each(AbortHandle::abort))
+            .is_some()
     }
 
     fn is_running(&self, id: &str) -> bool {
         self.lock().contains_key(id)
+    }
+
+    /// Forgets `id`, whose run never started (its response was not stored, or is another's).
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+        self.logs.remove(id);
     }
 }
 
@@ -95,6 +104,12 @@ pub(super) async fn start(
 ) -> Result<Response, ApiError> {
     let queued = object_of(&ctx, &model, "queued", vec![], None);
     let idem = retry_key(&headers, &ctx.owner, &bytes)?;
+    let streamed = serde_json::from_slice::<Value>(&bytes).is_ok_and(|b| b["stream"] == true);
+    let keep_alive = state.sse_keep_alive;
+    // Running (and its events open) before its row is stored: a retry that finds the row
+    // finds it running, never an unfinished row no run holds (which reads `failed`).
+    state.background.lock().insert(ctx.id.clone(), None);
+    let log = streamed.then(|| state.background.logs.open(&ctx.id));
     let (id, owner, row, context) = (
         ctx.id.clone(),
         ctx.owner.clone(),
@@ -108,26 +123,42 @@ pub(super) async fn start(
             .put(&id, &owner, &row, &context)
             .map(|_| None),
     })
-    .await?;
-    let streamed = serde_json::from_slice::<Value>(&bytes).is_ok_and(|b| b["stream"] == true);
-    let keep_alive = state.sse_keep_alive;
+    .await
+    .inspect_err(|_| state.background.forget(&ctx.id))?;
     if let Some(earlier) = earlier {
+        state.background.forget(&ctx.id);
         let now = current(&state, &ctx.owner, earlier).await;
         let replayed = [("idempotent-replayed", HeaderValue::from_static("true"))];
-        let log = now["id"]
-            .as_str()
-            .and_then(|id| state.background.logs.get(id));
-        return match log.filter(|_| streamed) {
-            Some(log) => Ok((replayed, log.follow(None, keep_alive)?).into_response()),
-            None => Ok((replayed, Json(now)).into_response()),
-        };
+        if !streamed {
+            return Ok((replayed, Json(now)).into_response());
+        }
+        // Its events, or (no longer kept) the response as it stands.
+        let id = now["id"].as_str().unwrap_or_default();
+        let log = state.background.logs.get(id).unwrap_or_else(|| {
+            let log = Arc::new(EventLog::default());
+            log.push("response.created", json!({"response": now}));
+            if let Some(end @ ("completed" | "incomplete" | "failed")) = now["status"].as_str() {
+                log.push(&format!("response.{end}"), json!({"response": now}));
+            }
+            log.end();
+            log
+        });
+        return Ok((replayed, log.follow(None, keep_alive)?).into_response());
     }
-    let log = streamed.then(|| state.background.logs.open(&ctx.id));
-    // No deadline but the client's own: it takes as long as it takes (as a batch's requests).
+    if let Some(log) = &log {
+        // As OpenAI's: the response `queued` first (the run may wait for room).
+        log.push("response.created", json!({"response": queued}));
+        log.push("response.queued", json!({"response": queued}));
+    }
+    // No deadline but the client's own: it takes as long as it takes (as a batch's
+    // requests). The create's Idempotency-Key was used above: the run is not recorded as an
+    // idempotent reply (whose generation would outlive a cancel).
     if !headers.contains_key("cf-aig-request-timeout") {
         headers.insert("cf-aig-request-timeout", HeaderValue::from_static("0"));
     }
-    // Registered before the run can end (it leaves under the same lock).
+    headers.remove("idempotency-key");
+    // Registered before the run can end (it leaves under the same lock); stopped already
+    // (cancelled or deleted while stored), it stops at once.
     let mut running = state.background.lock();
     let asked = (rid, who, headers);
     let task = tokio::spawn(run(
@@ -137,7 +168,13 @@ pub(super) async fn start(
         ctx.clone(),
         (model, log.clone()),
     ));
-    running.insert(ctx.id.clone(), task.abort_handle());
+    match running.get_mut(&ctx.id) {
+        Some(slot) => *slot = Some(task.abort_handle()),
+        None => {
+            task.abort();
+            state.background.logs.end(&ctx.id);
+        }
+    }
     drop(running);
     match log {
         Some(log) => log.follow(None, keep_alive),
@@ -161,7 +198,13 @@ fn retry_key(headers: &HeaderMap, owner: &str, body: &[u8]) -> Result<Option<[u8
             "header `idempotency-key` must have 1 to 256 characters",
         ));
     };
-    let body: Value = serde_json::from_slice(body).unwrap_or_default();
+    // As for any request's key, not the fields of how the answer is delivered.
+    let mut body: Value = serde_json::from_slice(body).unwrap_or_default();
+    if let Some(b) = body.as_object_mut() {
+        for f in ["stream", "stream_options"] {
+            b.remove(f);
+        }
+    }
     let body = crate::gateway::cache::canonical_json(&body);
     Ok(Some(crate::gateway::cache::cache_key(&[
         "responses-background",
@@ -211,9 +254,7 @@ async fn run(
         });
         let failed = mark(&state, &ctx, &model, "failed", Some(error)).await;
         if let Some(log) = log {
-            let seq = log.len();
-            let ev = json!({"type": "response.failed", "sequence_number": seq, "response": failed});
-            log.push("response.failed", &ev.to_string());
+            log.push("response.failed", json!({"response": failed}));
         }
     }
 }

@@ -3,7 +3,7 @@
 //! with `GET /v1/responses/{id}?stream=true&starting_after=N` (a dropped connection, as
 //! OpenAI's SDKs resume), reads them from where it was, then follows the run to its end.
 //! The run goes on whoever reads it. The node keeps the events of its last
-//! [`KEPT_ENDED`] ended runs, each up to [`MAX_BYTES`], in memory.
+//! [`KEPT_ENDED`] ended runs, the last [`MAX_BYTES`] of each, in memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -13,16 +13,18 @@ use axum::body::Body;
 use axum::response::sse::Event as SseEvent;
 use axum::response::Response;
 use futures_util::stream::{self, StreamExt};
+use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::error::ApiError;
 
 /// Ended runs whose events are kept (the oldest go first).
 pub const KEPT_ENDED: usize = 64;
-/// A run's events are kept up to this many bytes; past them its stream cannot be joined.
+/// A run's last events kept, in bytes: a stream can be joined again from within them.
 pub const MAX_BYTES: usize = 4 << 20;
 
-/// One run's events, in order (an event's place is its `sequence_number`).
+/// One run's events, in order, each with its `sequence_number`: the last [`MAX_BYTES`] of
+/// them (the oldest go first, so the end is always there for the readers at it).
 #[derive(Default)]
 pub struct EventLog {
     inner: Mutex<Log>,
@@ -31,11 +33,11 @@ pub struct EventLog {
 
 #[derive(Default)]
 struct Log {
-    events: Vec<(String, String)>,
+    events: VecDeque<(String, String)>,
+    /// The `sequence_number` of `events[0]`.
+    first: usize,
     bytes: usize,
     ended: bool,
-    /// Past [`MAX_BYTES`]: no more are kept, and no one may join.
-    overflowed: bool,
 }
 
 impl EventLog {
@@ -43,22 +45,22 @@ impl EventLog {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps one event (`name`, its JSON `data`) for its readers.
-    pub fn push(&self, name: &str, data: &str) {
+    /// Keeps the next event: `data` gets its `type` (`name`) and `sequence_number`.
+    pub fn push(&self, name: &str, mut data: Value) {
         let mut log = self.lock();
+        data["type"] = Value::from(name);
+        data["sequence_number"] = Value::from(log.first + log.events.len());
+        let data = data.to_string();
         log.bytes += name.len() + data.len();
-        if log.bytes > MAX_BYTES {
-            log.overflowed = true;
-        } else {
-            log.events.push((name.to_string(), data.to_string()));
+        log.events.push_back((name.to_string(), data));
+        while log.bytes > MAX_BYTES && log.events.len() > 1 {
+            if let Some((n, d)) = log.events.pop_front() {
+                log.bytes -= n.len() + d.len();
+                log.first += 1;
+            }
         }
         drop(log);
         self.changed.notify_waiters();
-    }
-
-    /// How many events it holds (the next one's `sequence_number`).
-    pub fn len(&self) -> usize {
-        self.lock().events.len()
     }
 
     /// No more events: readers end once they have read them.
@@ -67,13 +69,15 @@ impl EventLog {
         self.changed.notify_waiters();
     }
 
-    /// The event at `at`; `Some(None)`: there is none and will be none; `None`: not yet.
+    /// The event at `at`; `Some(None)`: there is none and will be none (or it is no longer
+    /// kept: a reader that far behind ends); `None`: not yet.
     fn at(&self, at: usize) -> Option<Option<SseEvent>> {
         let l = self.lock();
-        match l.events.get(at) {
-            Some((name, data)) => Some(Some(SseEvent::default().event(name).data(data))),
-            None if l.ended || l.overflowed => Some(None),
-            None => None,
+        match at.checked_sub(l.first).map(|i| l.events.get(i)) {
+            None => Some(None),
+            Some(Some((name, data))) => Some(Some(SseEvent::default().event(name).data(data))),
+            Some(None) if l.ended => Some(None),
+            Some(None) => None,
         }
     }
 
@@ -84,12 +88,14 @@ impl EventLog {
         after: Option<u64>,
         keep_alive: std::time::Duration,
     ) -> Result<Response, ApiError> {
-        if self.lock().overflowed {
-            return Err(ApiError::bad_request(format!(
-                "this response's events outgrew the {MAX_BYTES} bytes the node keeps; GET it without `stream`"
-            )));
-        }
         let from = after.map_or(0, |a| a.saturating_add(1) as usize);
+        let first = self.lock().first;
+        if from < first {
+            return Err(ApiError::invalid(
+                "starting_after",
+                format!("this response's events before {first} are no longer kept (the node keeps the last {MAX_BYTES} bytes); GET it without `stream`"),
+            ));
+        }
         let events = stream::unfold((self, from), |(log, at)| async move {
             loop {
                 let step = {
@@ -183,10 +189,49 @@ pub async fn record(body: Body, log: &EventLog) {
                     payload.push(v.strip_prefix(' ').unwrap_or(v));
                 }
             }
-            // Keep-alive comments carry no data.
-            if !payload.is_empty() {
-                log.push(name, &payload.join("\n"));
+            // Keep-alive comments carry no data; the run's `response.created` came first.
+            let data: Value = serde_json::from_str(&payload.join("\n")).unwrap_or_default();
+            if !payload.is_empty() && name != "response.created" {
+                log.push(name, data);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_long_runs_last_events_are_kept_and_earlier_joins_refused() {
+        let log = Arc::new(EventLog::default());
+        let delta = "x".repeat(1000);
+        let n = MAX_BYTES / 1000 + 500;
+        for _ in 0..n {
+            log.push(
+                "response.output_text.delta",
+                serde_json::json!({"delta": delta}),
+            );
+        }
+        log.push("response.completed", serde_json::json!({"response": {}}));
+        let l = log.lock();
+        assert!(
+            l.first > 0 && l.bytes <= MAX_BYTES,
+            "{} {}",
+            l.first,
+            l.bytes
+        );
+        // The end is kept, numbered in order from the first.
+        let (name, data) = l.events.back().unwrap();
+        assert_eq!(name, "response.completed");
+        let data: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data["sequence_number"], n);
+        assert_eq!(data["type"], "response.completed");
+        let first = l.first as u64;
+        drop(l);
+        let keep_alive = std::time::Duration::from_secs(15);
+        assert!(log.clone().follow(None, keep_alive).is_err());
+        assert!(log.clone().follow(Some(first - 2), keep_alive).is_err());
+        assert!(log.clone().follow(Some(first - 1), keep_alive).is_ok());
     }
 }
