@@ -996,6 +996,17 @@ fn background_streams_go_on_without_their_client_and_are_joined_again() {
     );
 }
 
+/// Cancels a background response, which must answer `cancelled`.
+fn cancel_response(s: &Server, id: &str) {
+    let r = s.call("POST", &format!("/v1/responses/{id}/cancel"), None, &[]);
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (200, &json!("cancelled")),
+        "{}",
+        r.body
+    );
+}
+
 /// Polls a background response until it leaves `queued` / `in_progress` (or shows `want`).
 fn poll_response(s: &Server, id: &str, want: Option<&str>) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -1102,18 +1113,8 @@ fn background_responses_run_on_and_can_be_cancelled() {
     while running(&s) < 1.0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let r = s.call(
-        "POST",
-        &format!("/v1/responses/{long_id}/cancel"),
-        None,
-        &[],
-    );
-    assert_eq!(
-        (r.status, &r.body["status"]),
-        (200, &json!("cancelled")),
-        "{}",
-        r.body
-    );
+    assert_eq!(running(&s), 1.0, "the run did not start");
+    cancel_response(&s, &long_id);
     // No token is made a moment after the cancel.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let made = || s.metric("edgeinfer_generation_tokens_total");
@@ -1154,18 +1155,7 @@ fn background_responses_run_on_and_can_be_cancelled() {
     );
     // Cancelled (and cancelling again answers the same).
     for _ in 0..2 {
-        let r = s.call(
-            "POST",
-            &format!("/v1/responses/{cancelled}/cancel"),
-            None,
-            &[],
-        );
-        assert_eq!(
-            (r.status, &r.body["status"]),
-            (200, &json!("cancelled")),
-            "{}",
-            r.body
-        );
+        cancel_response(&s, &cancelled);
         assert_eq!(poll_response(&s, &cancelled, None)["status"], "cancelled");
     }
     // Deleting one stops it, and it stays deleted.

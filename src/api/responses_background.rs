@@ -42,11 +42,15 @@ impl Running {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stops the run of `id`; whether one was running.
+    /// Stops the run of `id` (and its events end, also when it never started); whether one
+    /// was running.
     pub(super) fn stop(&self, id: &str) -> bool {
         let run = self.lock().remove(id);
-        run.inspect(|h| h.iter().for_each(AbortHandle::abort))
-            .is_some()
+        let stopped = run
+            .inspect(|h| h.iter().for_each(AbortHandle::abort))
+            .is_some();
+        self.logs.end(id);
+        stopped
     }
 
     fn is_running(&self, id: &str) -> bool {
@@ -97,6 +101,24 @@ pub(super) fn check(body: &Value, store: bool) -> Result<bool, ApiError> {
 /// stands (its events, when kept), and starts nothing.
 pub(super) async fn start(
     state: Arc<AppState>,
+    asked: (RequestId, Principal, HeaderMap),
+    bytes: Bytes,
+    ctx: Arc<ResponsesCtx>,
+    model: String,
+) -> Result<Response, ApiError> {
+    // Carried through whatever its client does (a dropped request future is not polled
+    // again): a create stored is a create that runs, never one left reserved, `queued`.
+    tokio::spawn(begin(state, asked, bytes, ctx, model))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::internal(
+                "the background response could not start",
+            ))
+        })
+}
+
+async fn begin(
+    state: Arc<AppState>,
     (rid, who, mut headers): (RequestId, Principal, HeaderMap),
     bytes: Bytes,
     ctx: Arc<ResponsesCtx>,
@@ -132,9 +154,10 @@ pub(super) async fn start(
         if !streamed {
             return Ok((replayed, Json(now)).into_response());
         }
-        // Its events, or (no longer kept) the response as it stands.
+        // Its events, or (not all kept) the response as it stands.
         let id = now["id"].as_str().unwrap_or_default();
-        let log = state.background.logs.get(id).unwrap_or_else(|| {
+        let log = state.background.logs.get(id).filter(|l| l.whole());
+        let log = log.unwrap_or_else(|| {
             let log = Arc::new(EventLog::default());
             log.push("response.created", json!({"response": now}));
             if let Some(end @ ("completed" | "incomplete" | "failed")) = now["status"].as_str() {

@@ -63,18 +63,32 @@ impl EventLog {
         self.changed.notify_waiters();
     }
 
-    /// No more events: readers end once they have read them.
-    pub fn end(&self) {
-        self.lock().ended = true;
+    /// No more events: readers end once they have read them. Whether it had not ended.
+    pub fn end(&self) -> bool {
+        let was = std::mem::replace(&mut self.lock().ended, true);
         self.changed.notify_waiters();
+        !was
     }
 
-    /// The event at `at`; `Some(None)`: there is none and will be none (or it is no longer
-    /// kept: a reader that far behind ends); `None`: not yet.
+    /// Whether it still holds its first event.
+    pub fn whole(&self) -> bool {
+        self.lock().first == 0
+    }
+
+    /// The event at `at`; `Some(None)`: there is none and will be none; `None`: not yet. A
+    /// reader fallen behind what is kept gets an `error` event (then nothing).
     fn at(&self, at: usize) -> Option<Option<SseEvent>> {
+        if at == usize::MAX {
+            return Some(None);
+        }
         let l = self.lock();
         match at.checked_sub(l.first).map(|i| l.events.get(i)) {
-            None => Some(None),
+            None => {
+                let e = serde_json::json!({"type": "error", "code": "events_not_kept",
+                    "message": format!("events before {} are no longer kept; GET the response without `stream`", l.first),
+                    "param": null});
+                Some(Some(SseEvent::default().event("error").data(e.to_string())))
+            }
             Some(Some((name, data))) => Some(Some(SseEvent::default().event(name).data(data))),
             Some(None) if l.ended => Some(None),
             Some(None) => None,
@@ -91,9 +105,14 @@ impl EventLog {
         let from = after.map_or(0, |a| a.saturating_add(1) as usize);
         let first = self.lock().first;
         if from < first {
+            let param = if after.is_some() {
+                "starting_after"
+            } else {
+                "stream"
+            };
             return Err(ApiError::invalid(
-                "starting_after",
-                format!("this response's events before {first} are no longer kept (the node keeps the last {MAX_BYTES} bytes); GET it without `stream`"),
+                param,
+                format!("this response's events before {first} are no longer kept (the node keeps the last {MAX_BYTES} bytes); join after {} or GET it without `stream`", first - 1),
             ));
         }
         let events = stream::unfold((self, from), |(log, at)| async move {
@@ -110,6 +129,10 @@ impl EventLog {
                     step
                 };
                 match step {
+                    // After an event not kept (an error), nothing more.
+                    Some(Some(ev)) if at < log.lock().first => {
+                        return Some((Ok::<_, Infallible>(ev), (log, usize::MAX)))
+                    }
                     Some(Some(ev)) => return Some((Ok::<_, Infallible>(ev), (log, at + 1))),
                     Some(None) => return None,
                     None => continue,
@@ -148,7 +171,9 @@ impl Logs {
         let Some(log) = g.0.get(id).cloned() else {
             return;
         };
-        log.end();
+        if !log.end() {
+            return;
+        }
         g.1.push_back(id.to_string());
         while g.1.len() > KEPT_ENDED {
             if let Some(old) = g.1.pop_front() {
@@ -233,5 +258,18 @@ mod tests {
         assert!(log.clone().follow(None, keep_alive).is_err());
         assert!(log.clone().follow(Some(first - 2), keep_alive).is_err());
         assert!(log.clone().follow(Some(first - 1), keep_alive).is_ok());
+    }
+
+    #[test]
+    fn a_log_ended_twice_is_kept_once() {
+        let logs = Logs::default();
+        for i in 0..KEPT_ENDED + 1 {
+            logs.open(&i.to_string());
+            logs.end(&i.to_string());
+            logs.end(&i.to_string());
+        }
+        // Only the oldest went: each ended log counts once.
+        assert!(logs.get("0").is_none() && logs.get("1").is_some());
+        assert_eq!(logs.lock().1.len(), KEPT_ENDED);
     }
 }

@@ -135,6 +135,12 @@ impl Conversations {
                 .map_err(GatewayError::db)?;
             if stored == 0 {
                 found = earlier()?;
+                if found.is_none() {
+                    // Another's row under the key went as this one was refused.
+                    return Err(GatewayError::Db(
+                        "a response under this Idempotency-Key changed while stored; retry".into(),
+                    ));
+                }
             }
         }
         found
