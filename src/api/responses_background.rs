@@ -263,8 +263,13 @@ async fn run(
     };
     let ok = answer.status().is_success();
     if let Some(log) = log.as_ref().filter(|_| ok) {
-        // The renderer stores the end, as for a whole answer.
-        return super::responses_events::record(answer.into_body(), log).await;
+        // The renderer stores the end, as for a whole answer; a stream that failed (its
+        // `error` event) stored none, and the response failed.
+        super::responses_events::record(answer.into_body(), log).await;
+        let error = json!({"code": "server_error",
+                           "message": "the response failed before it finished; create it again"});
+        mark(&state, &ctx, &model, "failed", Some(error)).await;
+        return;
     }
     let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
         .await
