@@ -259,13 +259,6 @@ impl Gate {
                 template_hash,
             ]));
         }
-        // Fields that change how a reply is delivered or attributed, not what it says.
-        let mut body = self.body.clone();
-        if let Some(m) = body.as_object_mut() {
-            for f in ["stream", "stream_options", "user"] {
-                m.remove(f);
-            }
-        }
         if let Some(idem) = idempotency {
             scope = format!("{scope}\nidempotency:{idem}");
         }
@@ -274,9 +267,21 @@ impl Gate {
             &scope,
             model_hash,
             template_hash,
-            &canonical_json(&body),
+            &reply_body(&self.body),
         ]))
     }
+}
+
+/// A request body as reply keys read it: canonical JSON without the fields that change how
+/// a reply is delivered or attributed, not what it says.
+pub(super) fn reply_body(body: &Value) -> String {
+    let mut body = body.clone();
+    if let Some(m) = body.as_object_mut() {
+        for f in ["stream", "stream_options", "user"] {
+            m.remove(f);
+        }
+    }
+    canonical_json(&body)
 }
 
 /// A refusal as OpenAI's 429, with honest retry hints.

@@ -496,22 +496,24 @@ pub fn whole(
     reason: FinishReason,
     usage: Usage,
 ) -> Value {
-    let (reasoning, content, calls) = match meta.call_parser() {
-        None => (None, text.clone(), Vec::new()),
+    let (reasoning, parsed, calls) = match meta.call_parser() {
+        None => (None, None, Vec::new()),
         Some(p) => {
             let (reasoning, content, calls) = p.whole(&text);
-            (reasoning, content.unwrap_or_default(), calls)
+            (reasoning, Some(content.unwrap_or_default()), calls)
         }
     };
+    // Without a parser the message is the whole text.
+    let content = parsed.as_deref().unwrap_or(&text);
     let mut output = Vec::new();
     if let Some(r) = &reasoning {
         output.push(reasoning_item(ctx, 0, r, "completed"));
     }
     // As the stream does: a message when there is text, or when nothing else came.
     if !content.is_empty() || (calls.is_empty() && output.is_empty()) {
-        let mut item = message_item(ctx, output.len(), &content, "completed");
+        let mut item = message_item(ctx, output.len(), content, "completed");
         if let Some(lps) = lps {
-            let mine = of_content(&text, reasoning.as_deref(), &content, lps);
+            let mine = of_content(&text, reasoning.as_deref(), content, lps);
             item["content"][0]["logprobs"] = serde_json::to_value(mine).unwrap_or_default();
         }
         output.push(item);

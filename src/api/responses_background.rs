@@ -221,14 +221,8 @@ fn retry_key(headers: &HeaderMap, owner: &str, body: &[u8]) -> Result<Option<[u8
             "header `idempotency-key` must have 1 to 256 characters",
         ));
     };
-    // As for any request's key, not the fields of how the answer is delivered.
-    let mut body: Value = serde_json::from_slice(body).unwrap_or_default();
-    if let Some(b) = body.as_object_mut() {
-        for f in ["stream", "stream_options"] {
-            b.remove(f);
-        }
-    }
-    let body = crate::gateway::cache::canonical_json(&body);
+    // As any reply's key reads a body.
+    let body = super::gate::reply_body(&serde_json::from_slice(body).unwrap_or_default());
     Ok(Some(crate::gateway::cache::cache_key(&[
         "responses-background",
         owner,

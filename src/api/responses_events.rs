@@ -75,9 +75,9 @@ impl EventLog {
         self.lock().first == 0
     }
 
-    /// The event at `at`; `Some(None)`: there is none and will be none; `None`: not yet. A
-    /// reader fallen behind what is kept gets an `error` event (then nothing).
-    fn at(&self, at: usize) -> Option<Option<SseEvent>> {
+    /// The event at `at` and where to read next; `Some(None)`: there is none and will be none;
+    /// `None`: not yet. A reader fallen behind what is kept gets an `error` event, then nothing.
+    fn at(&self, at: usize) -> Option<Option<(SseEvent, usize)>> {
         if at == usize::MAX {
             return Some(None);
         }
@@ -87,9 +87,15 @@ impl EventLog {
                 let e = serde_json::json!({"type": "error", "code": "events_not_kept",
                     "message": format!("events before {} are no longer kept; GET the response without `stream`", l.first),
                     "param": null});
-                Some(Some(SseEvent::default().event("error").data(e.to_string())))
+                // After it, nothing more.
+                Some(Some((
+                    SseEvent::default().event("error").data(e.to_string()),
+                    usize::MAX,
+                )))
             }
-            Some(Some((name, data))) => Some(Some(SseEvent::default().event(name).data(data))),
+            Some(Some((name, data))) => {
+                Some(Some((SseEvent::default().event(name).data(data), at + 1)))
+            }
             Some(None) if l.ended => Some(None),
             Some(None) => None,
         }
@@ -129,11 +135,7 @@ impl EventLog {
                     step
                 };
                 match step {
-                    // After an event not kept (an error), nothing more.
-                    Some(Some(ev)) if at < log.lock().first => {
-                        return Some((Ok::<_, Infallible>(ev), (log, usize::MAX)))
-                    }
-                    Some(Some(ev)) => return Some((Ok::<_, Infallible>(ev), (log, at + 1))),
+                    Some(Some((ev, next))) => return Some((Ok::<_, Infallible>(ev), (log, next))),
                     Some(None) => return None,
                     None => continue,
                 }
