@@ -410,7 +410,7 @@ fn under_auto_stop_strings_end_where_a_call_opens() {
     // This model does not call under `auto` by itself: its output is fed through the stop
     // matching token by token, as a reply that opens a call in the model's format would be.
     use edgeinfer::engine::sequence::{OutputState, TokenOutcome};
-    use edgeinfer::engine::stop::StopsEnd;
+    use edgeinfer::engine::stop::{Aside, StopsEnd};
     use edgeinfer::model::{GgufFile, Tokenizer};
     use edgeinfer::structured::toolcall::ToolFormat;
     let f = GgufFile::open(&common::default_model_path()).unwrap();
@@ -434,6 +434,7 @@ fn under_auto_stop_strings_end_where_a_call_opens() {
         Some(StopsEnd {
             text: format.trigger(),
             anywhere: format.calls_after_text(),
+            aside: None,
         })
     };
     // A call after some prose, and one alone: whole, the stops on the prose only.
@@ -446,6 +447,45 @@ fn under_auto_stop_strings_end_where_a_call_opens() {
     // A stop in the prose before the call still ends the reply there.
     let (text, stop) = run(&format!("Say \"hi\".\n{call}"), end());
     assert_eq!((text.as_str(), stop.as_deref()), ("Say ", Some("\"")));
+
+    // A reasoning model's reply opens with its thinking: the stops end only at a call after
+    // it, in a format with a marker (one the thinking mentions opens nothing)...
+    let think = |format: ToolFormat| {
+        Some(StopsEnd {
+            text: format.trigger(),
+            anywhere: format.calls_after_text(),
+            aside: Some(Aside {
+                open: "<think>".into(),
+                close: "</think>".into(),
+                inside: false,
+            }),
+        })
+    };
+    let mused = "<think>\nA <tool_call> would do it.\n</think>\n\n";
+    let reply = format!("{mused}Say \"hi\".\n{call}");
+    let (text, stop) = run(&reply, think(format));
+    assert_eq!(
+        (text.as_str(), stop.as_deref()),
+        (&*format!("{mused}Say "), Some("\""))
+    );
+    let reply = format!("{mused}{call}");
+    assert_eq!(run(&reply, think(format)), (reply.clone(), None));
+    // Without the thinking known, the marker in it turned the stops off.
+    let (_, stop) = run(&format!("{mused}Say \"hi\".\n{call}"), end());
+    assert_eq!(stop, None);
+    // ...and in a format without one (Llama 3's bare JSON), at the start after it.
+    let json = ToolFormat::LLAMA3_JSON;
+    let reply = format!(
+        "<think>\nAdd them.\n</think>\n\n{}",
+        json.call_text("add", "{\"a\": 2}")
+    );
+    assert_eq!(run(&reply, think(json)), (reply.clone(), None));
+    let unaware = Some(StopsEnd {
+        aside: None,
+        ..think(json).unwrap()
+    });
+    let (cut, stop) = run(&reply, unaware);
+    assert_eq!(stop.as_deref(), Some("\""), "{cut}");
 }
 
 #[test]

@@ -17,9 +17,10 @@ use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
 use crate::engine::request::GenerationRequest;
-use crate::engine::stop::StopsEnd;
+use crate::engine::stop::{Aside, StopsEnd};
 use crate::gateway::cache::{self, Lookup};
 use crate::gateway::limits::Ask;
+use crate::structured::reasoning::ThinkSyntax;
 use crate::structured::toolcall::ToolFormat;
 
 /// One prompt of a request, as token ids, and the text `echo` puts before its choices.
@@ -51,11 +52,18 @@ pub(super) struct Output {
 }
 
 /// Where a reply that may hold calls in `format` opens them: stop strings apply only
-/// before (see [`Output::stops_end`]).
-pub(super) fn calls_open(format: ToolFormat) -> StopsEnd {
+/// before (see [`Output::stops_end`]). `think`: a reasoning model's thinking, which the
+/// reply may open with (`opened`: the prompt opened it), and in which a call's marker
+/// opens nothing.
+pub(super) fn calls_open(format: ToolFormat, think: Option<(ThinkSyntax, bool)>) -> StopsEnd {
     StopsEnd {
         text: format.trigger(),
         anywhere: format.calls_after_text(),
+        aside: think.map(|(syntax, opened)| Aside {
+            open: syntax.open.to_owned(),
+            close: syntax.close.to_owned(),
+            inside: opened,
+        }),
     }
 }
 

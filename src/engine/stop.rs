@@ -30,6 +30,19 @@ pub struct StopsEnd {
     /// Found anywhere in the output; `false`: only when the output starts with it (after
     /// whitespace).
     pub anywhere: bool,
+    /// A part the output may open with, in which `text` is not looked for; "the output
+    /// starts" then means after it.
+    pub aside: Option<Aside>,
+}
+
+/// A part an output may open with (after whitespace), from `open` to `close`: a reasoning
+/// model's thinking, which may mention what ends the stops without opening it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aside {
+    pub open: String,
+    pub close: String,
+    /// The output starts inside it (its prompt ended with `open`).
+    pub inside: bool,
 }
 
 /// Incremental matcher for a fixed set of stop strings.
@@ -40,8 +53,11 @@ pub struct StopMatcher {
     pending: String,
     /// Where the stops end, until it is found or cannot be any more.
     end: Option<StopsEnd>,
-    /// With `end`: the text received so far.
+    /// With `end`: the text received so far, less the first `dropped` bytes (an aside).
     seen: String,
+    dropped: usize,
+    /// With `end`: the aside the output may still open with or be in.
+    aside: Option<Aside>,
     /// `end` was found: every stop string is off.
     ended: bool,
 }
@@ -59,6 +75,8 @@ impl StopMatcher {
     /// Stop strings apply only before `end` (none: to the whole output).
     pub fn ending(mut self, end: Option<StopsEnd>) -> Self {
         self.end = end.filter(|e| !e.text.is_empty());
+        self.aside = self.end.as_mut().and_then(|e| e.aside.take());
+        self.aside = self.aside.take().filter(|a| !a.close.is_empty());
         self
     }
 
@@ -116,21 +134,33 @@ impl StopMatcher {
     /// Text sent out around the matcher (a control token's, for the caller's parser) after
     /// what it held back was flushed: the stops end if it holds their end.
     pub fn passed(&mut self, text: &str) {
-        if self.end.as_ref().is_some_and(|e| text.contains(&e.text)) {
+        if self.scan(text).is_some() {
             self.ended = true;
-        } else if self.end.is_some() {
-            self.seen.push_str(text);
         }
     }
 
     /// Where in `pending` the stops end, once `text` (just added to it) is seen; 0 when the
     /// end began before `pending` (it was sent out, being no stop's start).
     fn find_end(&mut self, text: &str) -> Option<usize> {
-        let end = self.end.as_ref()?;
-        let before = self.seen.len();
+        let at = self.scan(text)?;
+        let total = self.dropped + self.seen.len();
+        Some(at.saturating_sub(total - self.pending.len()))
+    }
+
+    /// Adds `text` to what was seen; where the end is (in bytes from the output's start),
+    /// once found.
+    fn scan(&mut self, text: &str) -> Option<usize> {
+        self.end.as_ref()?;
+        let before = self.dropped + self.seen.len();
         self.seen.push_str(text);
+        if !self.past_aside(before) {
+            return None;
+        }
+        let end = self.end.as_ref()?;
         let at = if end.anywhere {
-            let mut from = before.saturating_sub(end.text.len());
+            let mut from = before
+                .saturating_sub(self.dropped)
+                .saturating_sub(end.text.len());
             while !self.seen.is_char_boundary(from) {
                 from -= 1;
             }
@@ -149,7 +179,47 @@ impl StopMatcher {
                 None
             }
         }?;
-        Some(at.saturating_sub(self.seen.len() - self.pending.len()))
+        Some(self.dropped + at)
+    }
+
+    /// Whether the output is past its aside (or has none), dropping the aside from `seen`;
+    /// `before`: the output's length before the last text.
+    fn past_aside(&mut self, before: usize) -> bool {
+        let Some(aside) = self.aside.as_ref() else {
+            return true;
+        };
+        if !aside.inside {
+            let body = self.seen.trim_start();
+            if let Some(rest) = body.strip_prefix(aside.open.as_str()) {
+                let cut = self.seen.len() - rest.len();
+                self.drop_seen(cut);
+                self.aside.as_mut().expect("checked above").inside = true;
+            } else if aside.open.starts_with(body) {
+                return false; // Not known yet.
+            } else {
+                self.aside = None;
+                return true;
+            }
+        }
+        let close = &self.aside.as_ref().expect("checked above").close;
+        let mut from = before
+            .saturating_sub(self.dropped)
+            .saturating_sub(close.len());
+        while !self.seen.is_char_boundary(from) {
+            from -= 1;
+        }
+        let Some(p) = self.seen[from..].find(close.as_str()) else {
+            return false;
+        };
+        let cut = from + p + close.len();
+        self.aside = None;
+        self.drop_seen(cut);
+        true
+    }
+
+    fn drop_seen(&mut self, n: usize) {
+        self.seen.drain(..n);
+        self.dropped += n;
     }
 
     /// `(byte position, index into stops)` of the earliest stop in `pending`.
@@ -204,7 +274,100 @@ mod tests {
         matcher(stops).ending(Some(StopsEnd {
             text: end.into(),
             anywhere,
+            aside: None,
         }))
+    }
+
+    fn thinking(stops: &[&str], end: &str, anywhere: bool, inside: bool) -> StopMatcher {
+        matcher(stops).ending(Some(StopsEnd {
+            text: end.into(),
+            anywhere,
+            aside: Some(Aside {
+                open: "<think>".into(),
+                close: "</think>".into(),
+                inside,
+            }),
+        }))
+    }
+
+    /// Pushes `chunks` and then `passed` texts in order (`None`: a push), collecting what
+    /// goes out until a stop.
+    fn run(m: &mut StopMatcher, chunks: &[&str]) -> (String, Option<String>) {
+        let mut out = String::new();
+        for c in chunks {
+            match m.push(c) {
+                StopOutcome::Continue { emit } => out.push_str(&emit),
+                StopOutcome::Stopped { emit, stop } => {
+                    out.push_str(&emit);
+                    return (out, Some(stop));
+                }
+            }
+        }
+        out.push_str(&m.flush());
+        (out, None)
+    }
+
+    #[test]
+    fn stops_end_after_the_thinking() {
+        let call = "<tool_call>\n{\"name\": \"f\"}</tool_call>";
+        // A marker mentioned in the thinking does not end the stops; the call after it does.
+        let reply = format!("<think>I could use <tool_call> here.</think>\n\n{call}");
+        for size in [1, 2, 3, 5, 8, 100] {
+            let chars: Vec<char> = reply.chars().collect();
+            let chunks: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+            let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
+            let mut m = thinking(&["\"", " here."], "<tool_call>", true, false);
+            assert_eq!(
+                run(&mut m, &chunks),
+                (
+                    "<think>I could use <tool_call>".into(),
+                    Some(" here.".into())
+                ),
+                "chunks of {size}"
+            );
+            let mut m = thinking(&["\""], "<tool_call>", true, false);
+            assert_eq!(
+                run(&mut m, &chunks),
+                (reply.clone(), None),
+                "chunks of {size}"
+            );
+        }
+        // Inside from the start (the prompt opened it), the end only after the close.
+        let mut m = thinking(&["\""], "<tool_call>", true, true);
+        assert_eq!(
+            run(&mut m, &["say <tool_call> \"x\"", "</think>", call]),
+            ("say <tool_call> ".into(), Some("\"".into()))
+        );
+        let mut m = thinking(&["\""], "<tool_call>", true, true);
+        let (out, stop) = run(&mut m, &["hmm</th", "ink>", call]);
+        assert_eq!((out.as_str(), stop), (&*format!("hmm</think>{call}"), None));
+        // At the start: the reply's start is after the thinking, past whitespace...
+        let json = "{\"name\": \"f\", \"arguments\": {}}";
+        let mut m = thinking(&["\""], "{", false, false);
+        let (out, stop) = run(&mut m, &[" <thi", "nk>a</think>", "\n\n", json]);
+        assert_eq!(
+            (out.as_str(), stop),
+            (&*format!(" <think>a</think>\n\n{json}"), None)
+        );
+        // ...and a reply without thinking is read as before.
+        let mut m = thinking(&["\""], "{", false, false);
+        assert_eq!(run(&mut m, &[json]), (json.into(), None));
+        let mut m = thinking(&["\""], "{", false, false);
+        assert_eq!(
+            run(&mut m, &["Hi ", json]),
+            ("Hi {".into(), Some("\"".into()))
+        );
+        // Prose after the thinking keeps the stops.
+        let mut m = thinking(&["\""], "{", false, false);
+        assert_eq!(
+            run(&mut m, &["<think>a</think>", "Hi ", json]),
+            ("<think>a</think>Hi {".into(), Some("\"".into()))
+        );
+        // The close marker as a control token, sent out around the matcher.
+        let mut m = thinking(&["\""], "{", false, true);
+        assert_eq!(m.push("a"), cont("a"));
+        m.passed("</think>");
+        assert_eq!(m.push(json), cont(json));
     }
 
     #[test]
