@@ -549,7 +549,28 @@ fn share(budgets: &mut [usize], granted: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::{calls_open, share, Aside, ThinkSyntax, ToolFormat};
+
+    #[test]
+    fn calls_open_where_the_format_says_after_the_thinking() {
+        let end = calls_open(ToolFormat::HERMES, Some((ThinkSyntax::TAGS, true)));
+        assert_eq!((end.text.as_str(), end.anywhere), ("<tool_call>", true));
+        let aside = Aside {
+            open: "<think>".into(),
+            close: "</think>".into(),
+            inside: true,
+        };
+        assert_eq!(end.aside, Some(aside));
+        let end = calls_open(ToolFormat::LLAMA3_JSON, Some((ThinkSyntax::MISTRAL, false)));
+        assert_eq!((end.text.as_str(), end.anywhere), ("{", false));
+        let aside = end.aside.expect("thinking");
+        assert_eq!(
+            (aside.open.as_str(), aside.close.as_str()),
+            ("[THINK]", "[/THINK]")
+        );
+        assert!(!aside.inside);
+        assert_eq!(calls_open(ToolFormat::HERMES, None).aside, None);
+    }
 
     #[test]
     fn a_short_grant_is_shared_and_fully_used() {

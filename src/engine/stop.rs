@@ -134,6 +134,7 @@ impl StopMatcher {
     /// Text sent out around the matcher (a control token's, for the caller's parser) after
     /// what it held back was flushed: the stops end if it holds their end.
     pub fn passed(&mut self, text: &str) {
+        debug_assert!(self.pending.is_empty(), "held-back text not flushed first");
         if self.scan(text).is_some() {
             self.ended = true;
         }
@@ -166,7 +167,8 @@ impl StopMatcher {
             }
             self.seen[from..].find(&end.text).map(|p| from + p)
         } else {
-            let body = self.seen.trim_start();
+            // The whitespace a call's parser lets before it (not all of Unicode's).
+            let body = self.seen.trim_start_matches([' ', '\t', '\r', '\n']);
             let lead = self.seen.len() - body.len();
             if body.starts_with(&end.text) {
                 Some(lead)
@@ -209,6 +211,12 @@ impl StopMatcher {
             from -= 1;
         }
         let Some(p) = self.seen[from..].find(close.as_str()) else {
+            // Keep only what may start the close marker: a long thinking is not held.
+            let mut keep = self.seen.len().saturating_sub(close.len());
+            while !self.seen.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.drop_seen(keep);
             return false;
         };
         let cut = from + p + close.len();
@@ -290,8 +298,7 @@ mod tests {
         }))
     }
 
-    /// Pushes `chunks` and then `passed` texts in order (`None`: a push), collecting what
-    /// goes out until a stop.
+    /// Pushes `chunks` in order, collecting what goes out until a stop.
     fn run(m: &mut StopMatcher, chunks: &[&str]) -> (String, Option<String>) {
         let mut out = String::new();
         for c in chunks {
@@ -311,7 +318,7 @@ mod tests {
     fn stops_end_after_the_thinking() {
         let call = "<tool_call>\n{\"name\": \"f\"}</tool_call>";
         // A marker mentioned in the thinking does not end the stops; the call after it does.
-        let reply = format!("<think>I could use <tool_call> here.</think>\n\n{call}");
+        let reply = format!("<think>I could use é<tool_call> here.日</think>\n\né{call}");
         for size in [1, 2, 3, 5, 8, 100] {
             let chars: Vec<char> = reply.chars().collect();
             let chunks: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
@@ -320,7 +327,7 @@ mod tests {
             assert_eq!(
                 run(&mut m, &chunks),
                 (
-                    "<think>I could use <tool_call>".into(),
+                    "<think>I could use é<tool_call>".into(),
                     Some(" here.".into())
                 ),
                 "chunks of {size}"
@@ -368,6 +375,51 @@ mod tests {
         assert_eq!(m.push("a"), cont("a"));
         m.passed("</think>");
         assert_eq!(m.push(json), cont(json));
+        // Magistral's markers are control tokens, sent out around the matcher, the open one
+        // too: a call's marker and a list's start count after the close one only.
+        for (end, anywhere, call) in [
+            ("[TOOL_CALLS]", true, "[TOOL_CALLS]f[ARGS]{\"a\": \"b\"}"),
+            ("[{", false, "[{\"name\": \"f\"}]"),
+        ] {
+            let magistral = |aside: bool| {
+                matcher(&["\""]).ending(Some(StopsEnd {
+                    text: end.into(),
+                    anywhere,
+                    aside: aside.then(|| Aside {
+                        open: "[THINK]".into(),
+                        close: "[/THINK]".into(),
+                        inside: false,
+                    }),
+                }))
+            };
+            let (head, rest) = call.split_at(if anywhere { 12 } else { 0 });
+            let mut m = magistral(true);
+            assert_eq!(m.push(""), cont(""));
+            m.passed("[THINK]");
+            let musing = "no [TOOL_CALLS] or [{ yet";
+            assert_eq!(m.push(musing), cont(musing));
+            m.passed("[/THINK]");
+            if anywhere {
+                m.passed(head);
+            }
+            assert_eq!(m.push(rest), cont(rest), "{end}");
+            // Stops apply in the thinking, after a mention of the marker too...
+            let mut m = magistral(true);
+            m.passed("[THINK]");
+            let quoted = "[TOOL_CALLS] [{ \"x\"";
+            assert_eq!(m.push(quoted), stopped("[TOOL_CALLS] [{ ", "\""), "{end}");
+            // ...where, unaware of the thinking, the mention ended them, or the list's
+            // start after it was missed.
+            let mut m = magistral(false);
+            m.passed("[THINK]");
+            if anywhere {
+                assert_eq!(m.push(quoted), cont(quoted), "{end}");
+            } else {
+                assert_eq!(m.push(musing), cont(musing));
+                m.passed("[/THINK]");
+                assert!(matches!(m.push(rest), StopOutcome::Stopped { .. }), "{end}");
+            }
+        }
     }
 
     #[test]
