@@ -42,7 +42,7 @@ impl QMatrix {
             rows * cols / QK * kind.block_bytes(),
             "weight data length"
         );
-        let storage = if QTiles::supports(kind, rows, cols) && qtile::hardware() {
+        let storage = if QTiles::supports(kind, rows, cols) && qtile::tiled_here() {
             Storage::QTiles(QTiles::pack(kind, rows, cols, data))
         } else {
             Storage::Blocks(data.to_vec())

@@ -127,7 +127,7 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
         // Q4_1 and Q8_0 are kept in 16-row tiles where the CPU has their kernel.
         assert_eq!(
             m.tiled(),
-            dtype != GgmlDType::Q4_0 && crate::kernels::qtile::hardware(),
+            dtype != GgmlDType::Q4_0 && crate::kernels::qtile::tiled_here(),
             "{dtype:?}"
         );
         // And the public path (whichever kernel it picks: tiles for Q4_1 and Q8_0) agrees with both.
@@ -268,7 +268,7 @@ fn tiles_of_odd_and_even_block_counts_read_back_and_multiply_exactly() {
             let raw = qt.data().unwrap().to_vec();
             let kind = WeightKind::from_dtype(dtype).unwrap();
             let m = QMatrix::new(kind, rows, cols, &raw);
-            assert_eq!(m.tiled(), crate::kernels::qtile::hardware(), "{dtype:?}");
+            assert_eq!(m.tiled(), crate::kernels::qtile::tiled_here(), "{dtype:?}");
             let bytes = raw.len() / rows;
             let mut buf = Vec::new();
             for r in 0..rows {

@@ -288,22 +288,12 @@ pub mod x86 {
     }
 }
 
-/// True when this CPU has the tile kernel's instructions (whatever the environment says): the
-/// layout is chosen by hardware, so `EDGEINFER_NO_SIMD` / `EDGEINFER_NO_AVX512` rebuild rows
-/// for the other kernels and give the same results.
-pub fn hardware() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        super::x86::available()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// True when Q4_1 and Q8_0 matrices are kept in tiles: where the tile kernel runs
+/// ([`simd_available`]). With `EDGEINFER_NO_SIMD` or `EDGEINFER_NO_AVX512` set the rows stay
+/// as GGML lays them out, as on a CPU without AVX-512 VNNI, so a run under either switch
+/// measures such a CPU (rows rebuilt from tiles for every product were 2-10x slower).
+pub fn tiled_here() -> bool {
+    simd_available()
 }
 
 /// True when the tile kernel runs here (AVX-512 VNNI; neither `EDGEINFER_NO_SIMD` nor
