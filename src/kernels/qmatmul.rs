@@ -233,7 +233,8 @@ fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
 }
 
 /// The AVX2 kernels: each weight row is applied to every input row straight from its
-/// quantized blocks (it stays in L1 meanwhile). Bit-identical to [`rows_portable`].
+/// quantized blocks (it stays in L1 meanwhile), four weight rows at a time
+/// ([`super::x86::dot_rows4`]). Bit-identical to [`rows_portable`].
 ///
 /// # Safety
 /// The CPU must support what [`super::x86::available`] checks.
@@ -241,7 +242,28 @@ fn rows_portable(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_x86(m: &QMatrix, first: usize, out: &mut [f32], acts: &[Q8Row]) {
     use super::x86;
+    let n = acts.len();
+    let rows = out.len() / n;
+    let fours = rows / 4 * 4;
+    let mut bufs: [Vec<u8>; 4] = Default::default();
+    for (i, out4) in out[..fours * n].chunks_exact_mut(4 * n).enumerate() {
+        let [b0, b1, b2, b3] = &mut bufs;
+        let r = first + 4 * i;
+        let w = [
+            m.row_in(r, b0),
+            m.row_in(r + 1, b1),
+            m.row_in(r + 2, b2),
+            m.row_in(r + 3, b3),
+        ];
+        for (j, a) in acts.iter().enumerate() {
+            let got = x86::dot_rows4(m.kind, w, a);
+            for (k, v) in got.into_iter().enumerate() {
+                out4[k * n + j] = v;
+            }
+        }
+    }
     // One loop per weight type, so the type is not re-examined per dot product.
+    let (first, out) = (first + fours, &mut out[fours * n..]);
     match m.kind {
         WeightKind::Q4_0 => rows_x86_with(m, first, out, acts, |w, a| x86::dot_q4_0(w, a)),
         WeightKind::Q4_1 => rows_x86_with(m, first, out, acts, |w, a| x86::dot_q4_1(w, a)),

@@ -103,6 +103,11 @@ fn simd_kernels_are_bit_identical_to_portable_ones() {
                 };
             }
             assert_eq!(fast, portable, "{dtype:?}");
+            // One input row (a decode step) over rows 3..10: four at a time, then the rest.
+            let mut one = vec![0f32; 7];
+            unsafe { rows_x86(&m, 3, &mut one, &acts[..1]) };
+            let want: Vec<f32> = (3..10).map(|r| portable[r * 5]).collect();
+            assert_eq!(one, want, "{dtype:?}");
         }
         // The four-row kernels, with and without VNNI, agree with the single-row ones.
         #[cfg(target_arch = "x86_64")]
