@@ -14,7 +14,10 @@
 #     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON \
 #     -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON \
 #     -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
-#   cmake --build build -j2 --target llama-bench llama-server llama-quantize MODELS is a
+#   cmake --build build -j2 --target llama-bench llama-server llama-quantize
+# For CPUs without AVX-512, compare our AVX2 kernels (`EDGEINFER_NO_AVX512=1 scripts/...`)
+# with a build that stops at AVX2: the same line with -DGGML_AVX512=OFF and none of the
+# AVX512 / AVX_VNNI flags (README, "CPUs without AVX-512"). MODELS is a
 # comma-separated subset of default,1b,8b (default: all three). Only the ratios mean anything
 # on a shared host: each pair runs back to back.
 set -euo pipefail
