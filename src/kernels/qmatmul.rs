@@ -84,37 +84,70 @@ impl QMatrix {
     }
 
     fn matmul_q8(&self, q8: &Q8Acts) -> Vec<f32> {
-        let (acts, n) = (&q8.rows[..], q8.rows.len());
-        debug_assert!(acts.iter().all(|a| a.qs.len() == self.cols));
+        debug_assert!(q8.rows.iter().all(|a| a.qs.len() == self.cols));
         if let Storage::QTiles(t) = &self.storage {
             if qtile::simd_available() {
-                return matmul_tiles(t, acts);
+                return matmul_tiles(t, &q8.rows);
             }
         }
-        // Weight-row-major results: [rows, n].
-        let mut by_row = vec![0f32; self.rows * n];
-        let simd = simd_available();
-        #[cfg(target_arch = "x86_64")]
-        let quads = &q8.quads;
-        pool::for_chunks_mut(&mut by_row, ROWS_PER_TASK * n, |task, out| {
-            let first = task * ROWS_PER_TASK;
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // Safety: `simd::available()` checked the CPU features.
-                unsafe {
-                    if n >= 4 {
-                        rows_x86_multi(self, first, out, acts, quads)
-                    } else {
-                        rows_x86(self, first, out, acts)
-                    }
-                };
-                return;
-            }
-            let _ = simd;
-            rows_portable(self, first, out, acts)
-        });
-        transpose_rows(by_row, self.rows, n)
+        matmul_rows_many(&[self], q8).pop().expect("one product")
     }
+}
+
+/// The products of matrices kept in rows (no tile kernel here) with the same activations, in
+/// one parallel loop over all their rows, `ROWS_PER_TASK` a unit, claimed guided. Returns one
+/// `[n, rows]` per matrix.
+fn matmul_rows_many(ms: &[&QMatrix], q8: &Q8Acts) -> Vec<Vec<f32>> {
+    struct Dst(*mut f32);
+    // Safety: units write disjoint outputs (their rows' `n` values each).
+    unsafe impl Sync for Dst {}
+    let n = q8.rows.len();
+    if n == 0 {
+        return ms.iter().map(|_| Vec::new()).collect();
+    }
+    // Weight-row-major results: [rows, n].
+    let mut by_row: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+    let dsts: Vec<Dst> = by_row.iter_mut().map(|o| Dst(o.as_mut_ptr())).collect();
+    // (matrix, first row) pairs, matrix by matrix.
+    let units: Vec<(usize, usize)> = ms
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| (0..m.rows).step_by(ROWS_PER_TASK).map(move |r| (i, r)))
+        .collect();
+    let simd = simd_available();
+    pool::for_ranges_guided(units.len(), 1, |range| {
+        for &(i, first) in &units[range] {
+            let (m, dst) = (ms[i], &dsts[i]);
+            let rows = ROWS_PER_TASK.min(m.rows - first);
+            // Safety: rows `first..first + rows` of matrix `i` are this unit's alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(first * n), rows * n) };
+            rows_task(m, first, out, q8, simd);
+        }
+    });
+    by_row
+        .into_iter()
+        .zip(ms)
+        .map(|(b, m)| transpose_rows(b, m.rows, n))
+        .collect()
+}
+
+/// Rows `first..` of `m` (as many as `out` holds) against every input row.
+fn rows_task(m: &QMatrix, first: usize, out: &mut [f32], q8: &Q8Acts, simd: bool) {
+    let acts = &q8.rows[..];
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // Safety: `simd_available()` checked the CPU features.
+        unsafe {
+            if acts.len() >= 4 {
+                rows_x86_multi(m, first, out, acts, &q8.quads)
+            } else {
+                rows_x86(m, first, out, acts)
+            }
+        };
+        return;
+    }
+    let _ = simd;
+    rows_portable(m, first, out, acts)
 }
 
 /// `[n, rows]` from tiles, in parallel over tiles, two input rows per pass.
@@ -484,8 +517,8 @@ impl Linear {
     }
 
     /// The products of several layers reading the same activations (q, k, v; gate, up): one
-    /// parallel loop when all are repacked K-quant tiles or all Q4_1 / Q8_0 tiles, one per layer
-    /// otherwise.
+    /// parallel loop when all are repacked K-quant tiles, all Q4_1 / Q8_0 tiles, or all our
+    /// row kernels' (Q4_0, Q4_1, Q8_0 in rows), one per layer otherwise.
     pub fn apply_many(layers: &[&Linear], a: &Activations) -> candle_core::Result<Vec<Vec<f32>>> {
         let packed: Option<Vec<&KPacked>> = layers
             .iter()
@@ -506,8 +539,19 @@ impl Linear {
             .collect();
         match tiled {
             Some(ts) if ts.len() > 1 && qtile::simd_available() => {
-                Ok(matmul_tiles_many(&ts, &a.q8().rows))
+                return Ok(matmul_tiles_many(&ts, &a.q8().rows));
             }
+            _ => {}
+        }
+        let rows: Option<Vec<&QMatrix>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Native(m) if !m.tiled() => Some(m),
+                _ => None,
+            })
+            .collect();
+        match rows {
+            Some(ms) if ms.len() > 1 => Ok(matmul_rows_many(&ms, a.q8())),
             _ => layers.iter().map(|l| l.apply(a)).collect(),
         }
     }

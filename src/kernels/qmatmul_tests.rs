@@ -208,6 +208,41 @@ fn shared_activations_give_the_same_products() {
     assert!(shared.q8.get().is_some() && shared.q8k.get().is_some());
 }
 
+/// Layers kept in rows (Q4_0 always is) run in one loop: the same bits as each alone, for a
+/// decode step's one input row and a prompt's several, row counts off the task size included.
+#[test]
+fn layers_in_rows_run_together_as_each_alone() {
+    let cols = 576;
+    let layers: Vec<Linear> = [48, 20, 8]
+        .into_iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let w = random(rows, cols, 80 + i as u64);
+            Linear::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_0).unwrap()).unwrap()
+        })
+        .collect();
+    for n in [1, 3, 5] {
+        let x = random(n, cols, 9)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let a = Activations::new(&x, n);
+        let many = Linear::apply_many(&layers.iter().collect::<Vec<_>>(), &a).unwrap();
+        for (l, got) in layers.iter().zip(&many) {
+            let Linear::Native(m) = l else {
+                panic!("Q4_0 has our kernels")
+            };
+            let mut portable = vec![0f32; m.rows * n];
+            rows_portable(m, 0, &mut portable, &a.q8().rows);
+            let want: Vec<f32> = (0..n * m.rows)
+                .map(|k| portable[(k % m.rows) * n + k / m.rows])
+                .collect();
+            assert_eq!(got, &want, "n {n}, {} rows", m.rows);
+        }
+    }
+}
+
 #[test]
 fn other_types_fall_back_to_candle() {
     let w = random(8, 256, 3);
