@@ -311,9 +311,17 @@ fn tiles_of_odd_and_even_block_counts_read_back_and_multiply_exactly() {
             assert_eq!(m.tiled(), crate::kernels::qtile::tiled_here(), "{dtype:?}");
             let bytes = raw.len() / rows;
             let mut buf = Vec::new();
+            // The tiles read back byte for byte, whether or not this CPU keeps them.
+            let tiles = QTiles::pack(kind, rows, cols, &raw);
             for r in 0..rows {
                 let got = m.row_in(r, &mut buf);
                 assert_eq!(got, &raw[r * bytes..][..bytes], "{dtype:?} {cols} row {r}");
+                let got = tiles.row_into(r, &mut buf);
+                assert_eq!(
+                    got,
+                    &raw[r * bytes..][..bytes],
+                    "{dtype:?} {cols} tile row {r}"
+                );
             }
             for n in 1..=3 {
                 let x = random(n, cols, 7)

@@ -108,7 +108,7 @@ pub unsafe fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
 /// weight loads overlap instead of one row's at a time.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; each of `w` holds `a.d.len()` blocks of `kind`.
+/// The CPU must support AVX2, FMA and F16C (the lengths are checked).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_rows4(kind: super::quant::WeightKind, w: [&[u8]; 4], a: &Q8Row) -> [f32; 4] {
     use super::quant::WeightKind;
@@ -141,7 +141,11 @@ unsafe fn rows4_with(
     lanes: impl Fn(*const u8, __m256i) -> __m256,
 ) -> [f32; 4] {
     let nb = a.d.len();
-    assert!(w.iter().all(|w| w.len() >= nb * bytes) && (!with_min || a.s.len() >= nb));
+    assert!(
+        w.iter().all(|w| w.len() >= nb * bytes)
+            && a.qs.len() >= nb * QK
+            && (!with_min || a.s.len() >= nb)
+    );
     let p = w.map(<[u8]>::as_ptr);
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut summs = [0f32; 4];
