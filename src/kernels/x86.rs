@@ -147,25 +147,44 @@ unsafe fn rows4_with(
             && (!with_min || a.s.len() >= nb)
     );
     let p = w.map(<[u8]>::as_ptr);
+    let half = |r: usize, off: usize| std::ptr::read_unaligned(p[r].add(off) as *const i16);
     let mut acc = [_mm256_setzero_ps(); 4];
-    let mut summs = [0f32; 4];
+    let mut summs = _mm_setzero_ps();
     for b in 0..nb {
         let qy = _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i);
-        let ad = *a.d.get_unchecked(b);
+        let off = b * bytes;
+        // The four rows' scales widened by one instruction and multiplied by one: lane by
+        // lane the same f32 products (and minimum sums) as one row at a time.
+        let h = _mm_setr_epi16(
+            half(0, off),
+            half(1, off),
+            half(2, off),
+            half(3, off),
+            0,
+            0,
+            0,
+            0,
+        );
+        let d = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(*a.d.get_unchecked(b)));
+        let d = _mm256_castps128_ps256(d);
+        if with_min {
+            let (o, s) = (off + 2, *a.s.get_unchecked(b));
+            let h = _mm_setr_epi16(half(0, o), half(1, o), half(2, o), half(3, o), 0, 0, 0, 0);
+            summs = _mm_add_ps(summs, _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(s)));
+        }
         for r in 0..4 {
-            let blk = p[r].add(b * bytes);
+            let blk = p[r].add(off);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF_AHEAD * bytes) as *const i8);
-            let d = f16_at(blk) * ad;
-            if with_min {
-                summs[r] += f16_at(blk.add(2)) * *a.s.get_unchecked(b);
-            }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), lanes(blk, qy), acc[r]);
+            let dr = _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(r as i32));
+            acc[r] = _mm256_fmadd_ps(dr, lanes(blk, qy), acc[r]);
         }
     }
+    let mut sm = [0f32; 4];
+    _mm_storeu_ps(sm.as_mut_ptr(), summs);
     // Without a minimum, no `+ 0.0` (it would turn a -0.0 into +0.0).
     std::array::from_fn(|r| {
         if with_min {
-            hsum8(acc[r]) + summs[r]
+            hsum8(acc[r]) + sm[r]
         } else {
             hsum8(acc[r])
         }
