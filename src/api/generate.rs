@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::gate::{add_headers, rate_headers, refusal_error, Gate, Tail};
 use super::handlers::ledger_terms;
 use super::replay::{replay_hit, Reply};
-use super::response::{respond, Deadline, Meta, Pick, Surface};
+use super::response::{respond, Deadline, Meta, Pick, Reasoning, Surface};
 use super::types::{SamplingFields, MAX_CHOICES};
 use super::{AppState, Ready};
 use crate::engine::constraint::TokenConstraint;
@@ -20,7 +20,6 @@ use crate::engine::request::GenerationRequest;
 use crate::engine::stop::{Aside, StopsEnd};
 use crate::gateway::cache::{self, Lookup};
 use crate::gateway::limits::Ask;
-use crate::structured::reasoning::ThinkSyntax;
 use crate::structured::toolcall::ToolFormat;
 
 /// One prompt of a request, as token ids, and the text `echo` puts before its choices.
@@ -53,16 +52,16 @@ pub(super) struct Output {
 
 /// Where a reply that may hold calls in `format` opens them: stop strings apply only
 /// before (see [`Output::stops_end`]). `think`: a reasoning model's thinking, which the
-/// reply may open with (`opened`: the prompt opened it), and in which a call's marker
-/// opens nothing.
-pub(super) fn calls_open(format: ToolFormat, think: Option<(ThinkSyntax, bool)>) -> StopsEnd {
+/// reply may open with (or start in, when the prompt opened it), and in which a call's
+/// marker opens nothing.
+pub(super) fn calls_open(format: ToolFormat, think: &Option<Reasoning>) -> StopsEnd {
     StopsEnd {
         text: format.trigger(),
         anywhere: format.calls_after_text(),
-        aside: think.map(|(syntax, opened)| Aside {
-            open: syntax.open.to_owned(),
-            close: syntax.close.to_owned(),
-            inside: opened,
+        aside: think.as_ref().map(|r| Aside {
+            open: r.syntax.open.to_owned(),
+            close: r.syntax.close.to_owned(),
+            inside: r.opened,
         }),
     }
 }
@@ -549,11 +548,21 @@ fn share(budgets: &mut [usize], granted: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{calls_open, share, Aside, ThinkSyntax, ToolFormat};
+    use super::{calls_open, share, Aside, Reasoning, ToolFormat};
+    use crate::structured::reasoning::{Shown, ThinkSyntax};
+
+    fn thinks(syntax: ThinkSyntax, opened: bool) -> Option<Reasoning> {
+        let shown = Shown::Apart;
+        Some(Reasoning {
+            syntax,
+            opened,
+            shown,
+        })
+    }
 
     #[test]
     fn calls_open_where_the_format_says_after_the_thinking() {
-        let end = calls_open(ToolFormat::HERMES, Some((ThinkSyntax::TAGS, true)));
+        let end = calls_open(ToolFormat::HERMES, &thinks(ThinkSyntax::TAGS, true));
         assert_eq!((end.text.as_str(), end.anywhere), ("<tool_call>", true));
         let aside = Aside {
             open: "<think>".into(),
@@ -561,7 +570,10 @@ mod tests {
             inside: true,
         };
         assert_eq!(end.aside, Some(aside));
-        let end = calls_open(ToolFormat::LLAMA3_JSON, Some((ThinkSyntax::MISTRAL, false)));
+        let end = calls_open(
+            ToolFormat::LLAMA3_JSON,
+            &thinks(ThinkSyntax::MISTRAL, false),
+        );
         assert_eq!((end.text.as_str(), end.anywhere), ("{", false));
         let aside = end.aside.expect("thinking");
         assert_eq!(
@@ -569,7 +581,7 @@ mod tests {
             ("[THINK]", "[/THINK]")
         );
         assert!(!aside.inside);
-        assert_eq!(calls_open(ToolFormat::HERMES, None).aside, None);
+        assert_eq!(calls_open(ToolFormat::HERMES, &None).aside, None);
     }
 
     #[test]

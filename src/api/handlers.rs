@@ -347,12 +347,8 @@ pub(super) async fn chat(
         best_of: None,
         lines: Default::default(),
         calls_only,
-        stops_end: (tools_active && !calls_only).then(|| {
-            let think = ready
-                .reasoner
-                .map(|x| (x.syntax, opened && !starts_at_once));
-            calls_open(ready.tool_format, think)
-        }),
+        stops_end: (tools_active && !calls_only)
+            .then(|| calls_open(ready.tool_format, &meta.reasoning)),
     };
     let input = Input { prompt, echo: None };
     run(
