@@ -81,8 +81,7 @@ pub fn generate<B: Backend>(
     let decode_started = Instant::now();
     let mut decode_steps = 0usize;
     let finish = loop {
-        let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
-        let next = sampler.sample(&mut logits, window);
+        let next = sampler.sample(&mut logits, &history);
         let outcome = output.push(tok, next)?;
         let (emit, finished) = match outcome {
             TokenOutcome::Continue { emit } => (emit, None),

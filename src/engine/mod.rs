@@ -1,6 +1,7 @@
 //! The engine: sequences, scheduling and sampling. Knows tokens and budgets, never HTTP.
 mod active;
 pub mod blocks;
+pub mod chain;
 pub mod constraint;
 pub mod core;
 mod fair;

@@ -18,8 +18,13 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::chain::{self, ChainParams, ChainState};
 use super::constraint::{ConstraintError, TokenConstraint};
 use crate::model::llama::argmax;
+
+/// How many recent tokens the repetition penalties look at (llama.cpp's default
+/// `penalty_last_n`; its endpoints may set another).
+pub const PENALTY_WINDOW: usize = 64;
 
 /// How to pick the next token. The default is greedy with every filter off.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +56,10 @@ pub struct SamplingParams {
     /// unmasked pick is tried first even with those filters, as llama.cpp samples.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub llama_cpp_order: bool,
+    /// llama.cpp's other sampler settings and the order of its steps (with
+    /// `llama_cpp_order`; `None`: its defaults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llama: Option<ChainParams>,
 }
 
 impl Default for SamplingParams {
@@ -66,6 +75,7 @@ impl Default for SamplingParams {
             seed: None,
             logit_bias: Vec::new(),
             llama_cpp_order: false,
+            llama: None,
         }
     }
 }
@@ -85,6 +95,13 @@ impl SamplingParams {
     /// Greedy decoding: always the most likely token, no filters, no penalties.
     pub fn greedy() -> Self {
         Self::default()
+    }
+
+    /// Whether the same logits and history always give the same token: a seed, or a
+    /// temperature of 0 with no step that draws at random before it (llama.cpp's XTC).
+    pub fn is_deterministic(&self) -> bool {
+        let draws_early = self.llama.as_ref().is_some_and(ChainParams::draws_early);
+        self.seed.is_some() || self.temperature == 0.0 && !draws_early
     }
 
     /// Whether [`Sampler::sample`] takes the argmax instead of drawing.
@@ -134,27 +151,30 @@ impl SamplingParams {
         {
             return err("logit_bias", "in [-100, 100] for every token", b);
         }
-        Ok(())
+        match &self.llama {
+            Some(c) => c.validate(),
+            None => Ok(()),
+        }
     }
 }
 
 /// One surviving token during filtering.
 #[derive(Debug, Clone, Copy)]
-struct Candidate {
-    id: u32,
-    logit: f32,
-    p: f32,
+pub(super) struct Candidate {
+    pub(super) id: u32,
+    pub(super) logit: f32,
+    pub(super) p: f32,
 }
 
 /// Highest logit first, lowest id first among equals. NaNs are filtered out
 /// before this is used.
-fn by_logit_desc(a: &Candidate, b: &Candidate) -> Ordering {
+pub(super) fn by_logit_desc(a: &Candidate, b: &Candidate) -> Ordering {
     b.logit.total_cmp(&a.logit).then_with(|| a.id.cmp(&b.id))
 }
 
 /// Fills `p` with the temperature softmax of the candidates' logits (which
 /// are never NaN or +inf). If every logit is `-inf`, every `p` stays 0.
-fn softmax(cands: &mut [Candidate], temperature: f32) {
+pub(super) fn softmax(cands: &mut [Candidate], temperature: f32) {
     let max = cands
         .iter()
         .map(|c| c.logit)
@@ -178,6 +198,8 @@ fn softmax(cands: &mut [Candidate], temperature: f32) {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// llama.cpp's chain and its state, with `llama_cpp_order`.
+    chain: Option<(ChainParams, ChainState)>,
 }
 
 impl Sampler {
@@ -187,22 +209,32 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_entropy(),
         };
-        Self { params, rng }
+        let chain = params.llama_cpp_order.then(|| {
+            (
+                params.llama.clone().unwrap_or_default(),
+                ChainState::default(),
+            )
+        });
+        Self { params, rng, chain }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Adds the logit bias, then applies the penalties (llama.cpp's order: its bias
-    /// sampler comes first).
+    /// Adds the logit bias, then applies the penalties over the last [`PENALTY_WINDOW`]
+    /// tokens of `history` (llama.cpp's order: its bias sampler comes first). llama.cpp's
+    /// chain applies its penalties itself, where its steps put them.
     fn adjust(&self, logits: &mut [f32], history: &[u32]) {
         for &(token, bias) in &self.params.logit_bias {
             if let Some(logit) = logits.get_mut(token as usize) {
                 *logit += bias;
             }
         }
-        self.apply_penalties(logits, history);
+        if self.chain.is_none() {
+            let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
+            self.apply_penalties(logits, window);
+        }
     }
 
     /// Applies the repetition, frequency and presence penalties in place, as
@@ -224,32 +256,25 @@ impl Sampler {
         }
         // Each token is adjusted independently, so map order does not matter.
         for (&token, &count) in &counts {
-            let Some(logit) = logits.get_mut(token as usize) else {
-                continue;
-            };
-            if use_repeat {
-                *logit = if *logit > 0.0 {
-                    *logit / repeat
-                } else {
-                    *logit * repeat
-                };
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit = penalized(p, *logit, count);
             }
-            *logit -= count as f32 * p.frequency_penalty + p.presence_penalty;
         }
     }
 
     /// Picks the next token. `logits` is modified in place (bias and penalties,
-    /// nothing else). `history` is whatever the caller wants penalised:
-    /// generated tokens, optionally preceded by the prompt.
+    /// nothing else). `history` is the sequence so far (prompt included); the penalties
+    /// count its last [`PENALTY_WINDOW`] tokens (llama.cpp's chain: its `penalty_last_n`).
     ///
     /// Order: logit bias, penalties; then greedy argmax if `temperature <= 0`; otherwise
-    /// top-k, temperature softmax, top-p, min-p, renormalise, draw (with `llama_cpp_order`:
-    /// top-k, softmax, top-p, min-p, then the temperature's softmax of what is left, draw).
+    /// top-k, temperature softmax, top-p, min-p, renormalise, draw. With `llama_cpp_order`:
+    /// the logit bias, then llama.cpp's chain ([`chain`]: its steps in its order, the
+    /// temperature among them, or Mirostat), then the draw.
     /// Parameters should have passed [`SamplingParams::validate`]; invalid
     /// ones never panic but pick an unspecified (still deterministic) token.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.adjust(logits, history);
-        self.pick(logits, false)
+        self.pick(logits, history, false)
     }
 
     /// [`sample`](Self::sample) restricted to the tokens `constraint` allows, from exactly
@@ -270,21 +295,25 @@ impl Sampler {
         let p = &self.params;
         let filtered = !p.is_greedy() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0);
         if !filtered || p.llama_cpp_order {
-            let token = self.pick(logits, false);
+            let token = self.pick(logits, history, false);
             if constraint.allows(token)? {
                 constraint.commit(token)?;
                 return Ok(token);
             }
         }
         constraint.mask(logits)?;
-        let token = self.pick(logits, true);
+        let token = self.pick(logits, history, true);
         constraint.commit(token)?;
         Ok(token)
     }
 
-    /// Greedy argmax, or the filtered draw. `masked`: `-inf` logits are left out of the
-    /// candidates (a mask left most of the vocabulary at `-inf`).
-    fn pick(&mut self, logits: &[f32], masked: bool) -> u32 {
+    /// Greedy argmax, or the filtered draw, or llama.cpp's chain. `masked`: `-inf` logits
+    /// are left out of the candidates (a mask left most of the vocabulary at `-inf`).
+    fn pick(&mut self, logits: &[f32], history: &[u32], masked: bool) -> u32 {
+        if let Some((params, state)) = self.chain.as_mut() {
+            let p = &self.params;
+            return chain::pick(p, params, state, &mut self.rng, logits, history, masked);
+        }
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -321,8 +350,7 @@ impl Sampler {
             cands.sort_unstable_by(by_logit_desc);
         }
 
-        let filters_first = self.params.llama_cpp_order;
-        softmax(&mut cands, if filters_first { 1.0 } else { temperature });
+        softmax(&mut cands, temperature);
 
         if nucleus {
             // Smallest prefix of the sorted candidates reaching `top_p`; at least one.
@@ -346,36 +374,45 @@ impl Sampler {
             cands.retain(|c| c.p >= threshold);
         }
 
-        if filters_first && temperature != 1.0 {
-            softmax(&mut cands, temperature);
-        }
-        self.draw(&cands)
+        draw_index(&mut self.rng, &cands).map_or(0, |i| cands[i].id)
     }
+}
 
-    /// Draws one candidate in proportion to `p` (renormalising implicitly).
-    fn draw(&mut self, cands: &[Candidate]) -> u32 {
-        let Some(first) = cands.first() else {
-            return 0;
+/// `logit` after the repetition, frequency and presence penalties for a token seen `count`
+/// times, as llama.cpp does: a positive logit is divided by the repetition penalty and a
+/// non-positive one multiplied by it, then `count * frequency_penalty + presence_penalty` is
+/// subtracted.
+pub(super) fn penalized(p: &SamplingParams, logit: f32, count: u32) -> f32 {
+    let repeat = p.repetition_penalty;
+    let mut logit = logit;
+    if repeat != 1.0 && repeat.is_finite() && repeat > 0.0 {
+        logit = if logit > 0.0 {
+            logit / repeat
+        } else {
+            logit * repeat
         };
-        let total: f64 = cands.iter().map(|c| f64::from(c.p)).sum();
-        if !total.is_finite() || total <= 0.0 {
-            return first.id;
-        }
-        let r = self.rng.gen::<f64>() * total;
-        let mut cumulative = 0.0f64;
-        for c in cands {
-            cumulative += f64::from(c.p);
-            if cumulative > r {
-                return c.id;
-            }
-        }
-        // Rounding left `r` past the end: take the last token with any mass.
-        cands
-            .iter()
-            .rev()
-            .find(|c| c.p > 0.0)
-            .map_or(first.id, |c| c.id)
     }
+    logit - (count as f32 * p.frequency_penalty + p.presence_penalty)
+}
+
+/// Draws one candidate's index in proportion to `p` (renormalising implicitly); `None` for
+/// no candidates. Without any mass, the first.
+pub(super) fn draw_index(rng: &mut StdRng, cands: &[Candidate]) -> Option<usize> {
+    cands.first()?;
+    let total: f64 = cands.iter().map(|c| f64::from(c.p)).sum();
+    if !total.is_finite() || total <= 0.0 {
+        return Some(0);
+    }
+    let r = rng.gen::<f64>() * total;
+    let mut cumulative = 0.0f64;
+    for (i, c) in cands.iter().enumerate() {
+        cumulative += f64::from(c.p);
+        if cumulative > r {
+            return Some(i);
+        }
+    }
+    // Rounding left `r` past the end: take the last token with any mass.
+    Some(cands.iter().rposition(|c| c.p > 0.0).unwrap_or(0))
 }
 
 /// `log softmax(logits)[token]` at temperature 1, computed stably (max

@@ -11,8 +11,7 @@ use crate::error::ModelError;
 use crate::model::detok::IncrementalDecoder;
 use crate::model::Tokenizer;
 
-/// How many recent tokens the repetition penalties look at (llama.cpp's `penalty_last_n`).
-pub const PENALTY_WINDOW: usize = 64;
+pub use super::sampler::PENALTY_WINDOW;
 
 /// Prompt tokens the detokenizer sees before the first generated one (as TGI does).
 pub const DETOK_CONTEXT: usize = 5;

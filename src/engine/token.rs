@@ -9,7 +9,7 @@ use super::{Engine, ModelRunner};
 use crate::engine::logprobs::logprob_info;
 use crate::engine::request::{Ending, Event, Failure, FinishReason};
 use crate::engine::scheduler::{Chunk, SeqId};
-use crate::engine::sequence::{TokenOutcome, PENALTY_WINDOW};
+use crate::engine::sequence::TokenOutcome;
 use crate::telemetry;
 
 impl<M: ModelRunner> Engine<M> {
@@ -43,10 +43,9 @@ impl<M: ModelRunner> Engine<M> {
             .get_mut(&id)
             .expect("scheduled ids are active. This is a bug.");
         let logprobs = a.req.logprobs.then(|| logits.clone());
-        let window = &a.tokens[a.tokens.len().saturating_sub(PENALTY_WINDOW)..];
         let token = match a.constraint.as_deref_mut() {
-            None => a.sampler.sample(&mut logits, window),
-            Some(c) => match a.sampler.sample_constrained(&mut logits, window, c) {
+            None => a.sampler.sample(&mut logits, &a.tokens),
+            Some(c) => match a.sampler.sample_constrained(&mut logits, &a.tokens, c) {
                 Ok(t) => t,
                 Err(e) => {
                     // The grammar error may quote generated text: the client gets it, the log does not.
