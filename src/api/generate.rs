@@ -247,7 +247,7 @@ pub(super) async fn run(
 
     // The response cache (one choice only): replay a hit, wait for an identical request
     // under way, or lead. An `Idempotency-Key` keeps any reply (sampled too) for a day.
-    let deterministic = sampling.temperature == 0.0 || sampling.seed.is_some();
+    let deterministic = sampling.is_deterministic();
     let mut leader = None;
     let idempotent = gate.idempotency_key(&ready.model_hash, &ready.template_hash);
     if idempotent.is_some() && count > 1 {

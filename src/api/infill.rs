@@ -69,7 +69,7 @@ pub async fn infill(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &state;
-    let (ready, mut req, sampling, gate) = accept(
+    let (ready, mut req, mut sampling, gate) = accept(
         state,
         &rid,
         who,
@@ -80,6 +80,7 @@ pub async fn infill(
         // Editor plugins send an empty name (llama-server serves one model and ignores it).
         |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
+    sampling.llama = Some(super::llama_chain::chain_of(&ready, &gate.body).await?);
     fim_of(&ready, "input_suffix")?;
     if req.grammar.as_ref().is_some_and(|g| !g.is_empty()) || req.json_schema.is_some() {
         let field = if req.json_schema.is_some() {

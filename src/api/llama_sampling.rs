@@ -105,15 +105,20 @@ pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> 
 }
 
 /// llama.cpp's `samplers`, as the canonical names of the steps it lists (`top_k`, `top_p`,
-/// `min_p`, `temperature`, ...): an array of names (any case, `-` for `_`, its aliases) or
+/// `min_p`, `temperature`, `typ_p`, `top_n_sigma`, `xtc`, `dry`, `penalties`): an array of
+/// names (any case, `-` for `_`, its aliases) or
 /// a string of one-letter codes. `None`: not a chain.
-fn sampler_chain(v: &Value) -> Option<Vec<String>> {
+pub(super) fn sampler_chain(v: &Value) -> Option<Vec<String>> {
     let from_code = |c: char| match c {
         'k' => "top_k",
         'p' => "top_p",
         'm' => "min_p",
         't' => "temperature",
         'e' => "penalties",
+        'd' => "dry",
+        'y' => "typ_p",
+        's' => "top_n_sigma",
+        'x' => "xtc",
         _ => "other",
     };
     let from_name = |n: &str| {
@@ -123,6 +128,8 @@ fn sampler_chain(v: &Value) -> Option<Vec<String>> {
             "topp" | "nucleus" => "top_p".to_string(),
             "minp" => "min_p".to_string(),
             "temp" => "temperature".to_string(),
+            "typ" | "typp" | "typical_p" | "typical" => "typ_p".to_string(),
+            "topnsigma" => "top_n_sigma".to_string(),
             _ => n,
         }
     };

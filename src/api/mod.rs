@@ -25,6 +25,7 @@ mod generate;
 mod handlers;
 mod infill;
 mod listen;
+mod llama_chain;
 mod llama_sampling;
 mod native;
 mod replay;

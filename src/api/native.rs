@@ -101,7 +101,7 @@ pub async fn completion(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &state;
-    let (ready, mut req, sampling, gate) = accept(
+    let (ready, mut req, mut sampling, gate) = accept(
         state,
         &rid,
         who,
@@ -111,6 +111,7 @@ pub async fn completion(
         |v| to_sampling(v, "/completion"),
         |r: &CompletionRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
+    sampling.llama = Some(super::llama_chain::chain_of(&ready, &gate.body).await?);
     let probs = n_probs(req.n_probs, req.post_sampling_probs)?;
     super::formats::lazy_refused(req.grammar_lazy)?;
     let grammar = req.grammar.take().filter(|g| !g.is_empty());

@@ -1,0 +1,312 @@
+//! llama-server's other sampler settings (`typical_p`, `top_n_sigma`, `xtc_*`,
+//! `dynatemp_*`, `repeat_last_n`, `mirostat*`, `min_keep`, `dry_*`) and the order
+//! `samplers` gives, read from a `/completion` or `/infill` body into the engine's
+//! [`ChainParams`]; DRY's sequence breakers made into token sequences as llama.cpp makes them.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::llama_sampling::sampler_chain;
+use super::Ready;
+use crate::engine::chain::{ChainParams, DryParams, Step};
+use crate::model::Tokenizer;
+
+/// The most DRY sequence breakers a request may give (each costs a pass over the vocabulary).
+const MAX_BREAKERS: usize = 64;
+/// llama.cpp's limits: a breaker's first 40 bytes count, and a tail's first 20 tokens.
+const BREAKER_BYTES: usize = 40;
+const TAIL_TOKENS: usize = 20;
+
+/// The chain a llama.cpp endpoint's body asks for (its defaults for what it leaves out),
+/// its DRY breakers tokenized off the async threads.
+pub(super) async fn chain_of(ready: &Ready, body: &Value) -> Result<ChainParams, ApiError> {
+    let (mut chain, breakers) = read(body)?;
+    if let Some(dry) = chain.dry.as_mut() {
+        let tok = ready.tokenizer.clone();
+        dry.breakers = tokio::task::spawn_blocking(move || dry_breakers(&tok, &breakers))
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!("reading dry_sequence_breakers failed: {e}"))
+            })?;
+    }
+    Ok(chain)
+}
+
+/// The settings, and DRY's breakers as text (when DRY is on).
+fn read(body: &Value) -> Result<(ChainParams, Vec<String>), ApiError> {
+    let empty = Map::new();
+    let o = body.as_object().unwrap_or(&empty);
+    let mut c = ChainParams::default();
+    if let Some(names) = o.get("samplers").and_then(sampler_chain) {
+        c.steps = names.iter().filter_map(|n| step(n)).collect();
+    }
+    let bounded = |name: &'static str, v: f32, lo: f32, hi: f32| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be in [{lo}, {hi}], got {v}"),
+            ))
+        }
+    };
+    if let Some(v) = number(o, "typical_p")? {
+        c.typical_p = v;
+    }
+    if let Some(v) = number(o, "top_n_sigma")? {
+        c.top_n_sigma = v;
+    }
+    if let Some(v) = number(o, "xtc_probability")? {
+        c.xtc_probability = bounded("xtc_probability", v, 0.0, 1.0)?;
+    }
+    if let Some(v) = number(o, "xtc_threshold")? {
+        c.xtc_threshold = bounded("xtc_threshold", v, 0.0, 1.0)?;
+    }
+    if let Some(v) = number(o, "dynatemp_range")? {
+        c.dynatemp_range = v;
+    }
+    if let Some(v) = number(o, "dynatemp_exponent")? {
+        c.dynatemp_exponent = v;
+    }
+    // llama-server's name, and the name of its flag (-1: the whole context, as older
+    // versions read it).
+    let last_n = match integer(o, "repeat_last_n", -1)? {
+        Some(n) => Some(n),
+        None => integer(o, "penalty_last_n", -1)?,
+    };
+    if let Some(n) = last_n {
+        c.penalty_last_n = usize::try_from(n).ok();
+    }
+    if let Some(n) = integer(o, "mirostat", 0)? {
+        if n > 2 {
+            return Err(ApiError::invalid(
+                "mirostat",
+                format!("`mirostat` must be 0 (off), 1 or 2, got {n}"),
+            ));
+        }
+        c.mirostat = n as u8;
+    }
+    if let Some(v) = number(o, "mirostat_tau")? {
+        c.mirostat_tau = v;
+    }
+    if let Some(v) = number(o, "mirostat_eta")? {
+        c.mirostat_eta = v;
+    }
+    if let Some(n) = integer(o, "min_keep", 0)? {
+        c.min_keep = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    let (dry, breakers) = dry(o)?;
+    c.dry = dry;
+    Ok((c, breakers))
+}
+
+/// DRY's settings (`None` when off: a multiplier of 0 or a window of 0 tokens).
+fn dry(o: &Map<String, Value>) -> Result<(Option<DryParams>, Vec<String>), ApiError> {
+    let multiplier = number(o, "dry_multiplier")?.unwrap_or(0.0);
+    if multiplier < 0.0 {
+        return Err(ApiError::invalid(
+            "dry_multiplier",
+            format!("`dry_multiplier` must be >= 0 (0 is off), got {multiplier}"),
+        ));
+    }
+    // Below 1, llama-server takes its default.
+    let base = number(o, "dry_base")?.filter(|b| *b >= 1.0).unwrap_or(1.75);
+    let allowed_length = integer(o, "dry_allowed_length", 0)?.unwrap_or(2);
+    let last_n = integer(o, "dry_penalty_last_n", -1)?.unwrap_or(-1);
+    let breakers = match o.get("dry_sequence_breakers") {
+        None => ["\n", ":", "\"", "*"].map(String::from).to_vec(),
+        Some(v) => {
+            let bad = || {
+                ApiError::invalid(
+                    "dry_sequence_breakers",
+                    format!("`dry_sequence_breakers` must be a non-empty array of at most {MAX_BREAKERS} strings"),
+                )
+            };
+            let a = v.as_array().ok_or_else(bad)?;
+            if a.is_empty() || a.len() > MAX_BREAKERS {
+                return Err(bad());
+            }
+            a.iter()
+                .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    if multiplier == 0.0 || last_n == 0 {
+        return Ok((None, Vec::new()));
+    }
+    let dry = DryParams {
+        multiplier,
+        base,
+        allowed_length: usize::try_from(allowed_length).unwrap_or(usize::MAX),
+        last_n: usize::try_from(last_n).ok(),
+        breakers: Vec::new(),
+    };
+    Ok((Some(dry), breakers))
+}
+
+/// The chain step a canonical `samplers` name stands for (`None`: one we do not run).
+fn step(name: &str) -> Option<Step> {
+    Some(match name {
+        "penalties" => Step::Penalties,
+        "dry" => Step::Dry,
+        "top_n_sigma" => Step::TopNSigma,
+        "top_k" => Step::TopK,
+        "typ_p" => Step::TypicalP,
+        "top_p" => Step::TopP,
+        "min_p" => Step::MinP,
+        "xtc" => Step::Xtc,
+        "temperature" => Step::Temperature,
+        _ => return None,
+    })
+}
+
+/// A number field (absent: `None`).
+fn number(o: &Map<String, Value>, name: &'static str) -> Result<Option<f32>, ApiError> {
+    let Some(v) = o.get(name) else {
+        return Ok(None);
+    };
+    match v.as_f64().map(|f| f as f32).filter(|f| f.is_finite()) {
+        Some(f) => Ok(Some(f)),
+        None => Err(ApiError::invalid(
+            name,
+            format!("`{name}` must be a finite number, got {v}"),
+        )),
+    }
+}
+
+/// An integer field no smaller than `min` (absent: `None`).
+fn integer(o: &Map<String, Value>, name: &'static str, min: i64) -> Result<Option<i64>, ApiError> {
+    let Some(v) = o.get(name) else {
+        return Ok(None);
+    };
+    let n = v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+            .map(|f| f as i64)
+    });
+    match n.filter(|n| *n >= min) {
+        Some(n) => Ok(Some(n)),
+        None => Err(ApiError::invalid(
+            name,
+            format!("`{name}` must be an integer >= {min}, got {v}"),
+        )),
+    }
+}
+
+/// DRY's sequence breakers as llama.cpp finds them in the vocabulary: every token whose
+/// text holds a breaker is one on its own; a token whose text ends with the start of a
+/// breaker is one followed by the rest of it (tokenized as text, at most 20 tokens). Sorted
+/// and without repeats.
+pub(super) fn dry_breakers(tok: &Tokenizer, breakers: &[String]) -> Vec<(u32, Vec<u32>)> {
+    let mut out = Vec::new();
+    let words: Vec<Vec<u8>> = (0..tok.vocab_size() as u32)
+        .map(|id| tok.token_bytes_of(id))
+        .collect();
+    for b in breakers {
+        let mut end = b.len().min(BREAKER_BYTES);
+        while !b.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &b.as_bytes()[..end];
+        if s.is_empty() {
+            continue;
+        }
+        for (id, word) in words.iter().enumerate() {
+            let id = id as u32;
+            if word.windows(s.len()).any(|w| w == s) {
+                out.push((id, Vec::new()));
+                continue;
+            }
+            // Each place the word's end starts the breaker: the rest follows as a tail.
+            for pos in (0..word.len()).filter(|&p| word[p] == s[0]) {
+                let run = word.len() - pos;
+                if run < s.len() && word[pos..] == s[..run] {
+                    let Ok(rest) = std::str::from_utf8(&s[run..]) else {
+                        continue;
+                    };
+                    let Ok(mut tail) = tok.encode_plain(rest) else {
+                        continue;
+                    };
+                    tail.truncate(TAIL_TOKENS);
+                    out.push((id, tail));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn llama_cpp_sampler_settings_read_into_the_chain() {
+        let (c, breakers) = read(&json!({})).unwrap();
+        assert_eq!(c, ChainParams::default());
+        assert!(breakers.is_empty());
+        let (c, breakers) = read(&json!({
+            "samplers": ["dry", "Typical-P", "xtc", "temp"], "typical_p": 0.5,
+            "top_n_sigma": 1.5, "xtc_probability": 0.25, "xtc_threshold": 0.2,
+            "dynatemp_range": 0.3, "dynatemp_exponent": 2, "repeat_last_n": -1,
+            "mirostat": 2, "mirostat_tau": 4, "mirostat_eta": 0.2, "min_keep": 3,
+            "dry_multiplier": 0.8, "dry_base": 0.5, "dry_allowed_length": 3,
+            "dry_penalty_last_n": 128, "dry_sequence_breakers": ["\n\n", "###"]
+        }))
+        .unwrap();
+        assert_eq!(
+            c.steps,
+            [Step::Dry, Step::TypicalP, Step::Xtc, Step::Temperature]
+        );
+        assert_eq!(
+            (
+                c.typical_p,
+                c.top_n_sigma,
+                c.xtc_probability,
+                c.xtc_threshold
+            ),
+            (0.5, 1.5, 0.25, 0.2)
+        );
+        assert_eq!((c.dynatemp_range, c.dynatemp_exponent), (0.3, 2.0));
+        assert_eq!(c.penalty_last_n, None);
+        assert_eq!((c.mirostat, c.mirostat_tau, c.mirostat_eta), (2, 4.0, 0.2));
+        assert_eq!(c.min_keep, 3);
+        let d = c.dry.unwrap();
+        // A base below 1 is llama-server's default.
+        assert_eq!((d.multiplier, d.base, d.allowed_length), (0.8, 1.75, 3));
+        assert_eq!(d.last_n, Some(128));
+        assert_eq!(breakers, ["\n\n", "###"]);
+        // One-letter codes; the flag's name for the window.
+        let (c, _) = read(&json!({"samplers": "edskypmxt", "penalty_last_n": 16})).unwrap();
+        assert_eq!(c.steps, Step::DEFAULT);
+        assert_eq!(c.penalty_last_n, Some(16));
+        // Out of range or the wrong type: a 400 naming the field.
+        for (body, field) in [
+            (json!({"mirostat": 3}), "mirostat"),
+            (json!({"xtc_probability": 1.5}), "xtc_probability"),
+            (json!({"xtc_threshold": -0.1}), "xtc_threshold"),
+            (json!({"repeat_last_n": -2}), "repeat_last_n"),
+            (json!({"min_keep": 1.5}), "min_keep"),
+            (json!({"typical_p": "high"}), "typical_p"),
+            (json!({"dry_multiplier": -1}), "dry_multiplier"),
+            (
+                json!({"dry_sequence_breakers": []}),
+                "dry_sequence_breakers",
+            ),
+            (
+                json!({"dry_sequence_breakers": "\n"}),
+                "dry_sequence_breakers",
+            ),
+            (json!({"dry_allowed_length": -1}), "dry_allowed_length"),
+        ] {
+            let e = read(&body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{body}");
+        }
+        // DRY off: no breakers to tokenize.
+        let (c, b) = read(&json!({"dry_multiplier": 0.8, "dry_penalty_last_n": 0})).unwrap();
+        assert!(c.dry.is_none() && b.is_empty());
+    }
+}
