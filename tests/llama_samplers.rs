@@ -35,6 +35,17 @@ fn llama_cpps_other_samplers_shape_completion_replies() {
         !no_repeat.contains("I like cats. I like cats"),
         "{no_repeat:?}"
     );
+    // A period as a sequence breaker: no repetition reaches back past a sentence, and
+    // none within one is long enough to change the greedy pick.
+    let mut period = dry.clone();
+    period["dry_sequence_breakers"] = json!(["."]);
+    assert_eq!(completion(&s, period), plain);
+    // `cats.` spans two tokens: " cats" is a breaker when "." follows it, and a token that
+    // would go on with a repetition otherwise.
+    let mut two = dry.clone();
+    two["dry_sequence_breakers"] = json!(["cats."]);
+    let two = completion(&s, two);
+    assert!(two != plain && two != no_repeat, "{two:?}");
     // Off by its window, or left out of `samplers`: the greedy reply.
     let mut off = dry.clone();
     off["dry_penalty_last_n"] = json!(0);
