@@ -3,6 +3,8 @@
 //! `samplers` gives, read from a `/completion` or `/infill` body into the engine's
 //! [`ChainParams`]; DRY's sequence breakers made into token sequences as llama.cpp makes them.
 
+use std::sync::{Arc, Mutex};
+
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -17,18 +19,48 @@ const MAX_BREAKERS: usize = 64;
 const BREAKER_BYTES: usize = 40;
 const TAIL_TOKENS: usize = 20;
 
+/// Breaker sets made lately (a pass over the vocabulary each, some 25 ms for 49,152 tokens),
+/// by tokenizer and strings: most requests send llama.cpp's defaults.
+type Made = (usize, Vec<String>, Arc<Vec<(u32, Vec<u32>)>>);
+static MADE: Mutex<Vec<Made>> = Mutex::new(Vec::new());
+const MADE_KEPT: usize = 8;
+
 /// The chain a llama.cpp endpoint's body asks for (its defaults for what it leaves out),
-/// its DRY breakers tokenized off the async threads.
+/// its DRY breakers tokenized off the async threads (or as made for an earlier request).
 pub(super) async fn chain_of(ready: &Ready, body: &Value) -> Result<ChainParams, ApiError> {
     let (mut chain, breakers) = read(body)?;
-    if let Some(dry) = chain.dry.as_mut() {
-        let tok = ready.tokenizer.clone();
-        dry.breakers = tokio::task::spawn_blocking(move || dry_breakers(&tok, &breakers))
-            .await
-            .map_err(|e| {
-                ApiError::internal(format!("reading dry_sequence_breakers failed: {e}"))
-            })?;
-    }
+    let Some(dry) = chain.dry.as_mut() else {
+        return Ok(chain);
+    };
+    let tok = ready.tokenizer.clone();
+    let key = Arc::as_ptr(&tok) as usize;
+    let made = |m: &Vec<Made>| {
+        m.iter()
+            .find(|(k, b, _)| *k == key && *b == breakers)
+            .map(|(_, _, t)| t.clone())
+    };
+    let known = made(&MADE.lock().unwrap_or_else(|e| e.into_inner()));
+    let tokens = match known {
+        Some(t) => t,
+        None => {
+            let strings = breakers.clone();
+            let t = tokio::task::spawn_blocking(move || dry_breakers(&tok, &strings))
+                .await
+                .map_err(|e| {
+                    ApiError::internal(format!("reading dry_sequence_breakers failed: {e}"))
+                })?;
+            let t = Arc::new(t);
+            let mut m = MADE.lock().unwrap_or_else(|e| e.into_inner());
+            if made(&m).is_none() {
+                if m.len() == MADE_KEPT {
+                    m.remove(0);
+                }
+                m.push((key, breakers, t.clone()));
+            }
+            t
+        }
+    };
+    dry.breakers = tokens.as_ref().clone();
     Ok(chain)
 }
 
@@ -37,7 +69,13 @@ fn read(body: &Value) -> Result<(ChainParams, Vec<String>), ApiError> {
     let empty = Map::new();
     let o = body.as_object().unwrap_or(&empty);
     let mut c = ChainParams::default();
-    if let Some(names) = o.get("samplers").and_then(sampler_chain) {
+    if let Some(v) = o.get("samplers") {
+        let names = sampler_chain(v).ok_or_else(|| {
+            ApiError::invalid(
+                "samplers",
+                "`samplers` must be an array of sampler names or a string of one-letter codes",
+            )
+        })?;
         c.steps = names.iter().filter_map(|n| step(n)).collect();
     }
     let bounded = |name: &'static str, v: f32, lo: f32, hi: f32| {
@@ -112,7 +150,7 @@ fn dry(o: &Map<String, Value>) -> Result<(Option<DryParams>, Vec<String>), ApiEr
     // Below 1, llama-server takes its default.
     let base = number(o, "dry_base")?.filter(|b| *b >= 1.0).unwrap_or(1.75);
     let allowed_length = integer(o, "dry_allowed_length", 0)?.unwrap_or(2);
-    let last_n = integer(o, "dry_penalty_last_n", -1)?.unwrap_or(-1);
+    let last_n = integer(o, "dry_penalty_last_n", -1)?.unwrap_or(64);
     let breakers = match o.get("dry_sequence_breakers") {
         None => ["\n", ":", "\"", "*"].map(String::from).to_vec(),
         Some(v) => {
@@ -199,9 +237,7 @@ fn integer(o: &Map<String, Value>, name: &'static str, min: i64) -> Result<Optio
 /// and without repeats.
 pub(super) fn dry_breakers(tok: &Tokenizer, breakers: &[String]) -> Vec<(u32, Vec<u32>)> {
     let mut out = Vec::new();
-    let words: Vec<Vec<u8>> = (0..tok.vocab_size() as u32)
-        .map(|id| tok.token_bytes_of(id))
-        .collect();
+    let words = tok.byte_table();
     for b in breakers {
         let mut end = b.len().min(BREAKER_BYTES);
         while !b.is_char_boundary(end) {
@@ -211,6 +247,8 @@ pub(super) fn dry_breakers(tok: &Tokenizer, breakers: &[String]) -> Vec<(u32, Ve
         if s.is_empty() {
             continue;
         }
+        // The rest of the breaker after its first `run` bytes, tokenized once per `run`.
+        let mut tails: Vec<Option<Option<Vec<u32>>>> = vec![None; s.len()];
         for (id, word) in words.iter().enumerate() {
             let id = id as u32;
             if word.windows(s.len()).any(|w| w == s) {
@@ -221,14 +259,15 @@ pub(super) fn dry_breakers(tok: &Tokenizer, breakers: &[String]) -> Vec<(u32, Ve
             for pos in (0..word.len()).filter(|&p| word[p] == s[0]) {
                 let run = word.len() - pos;
                 if run < s.len() && word[pos..] == s[..run] {
-                    let Ok(rest) = std::str::from_utf8(&s[run..]) else {
-                        continue;
-                    };
-                    let Ok(mut tail) = tok.encode_plain(rest) else {
-                        continue;
-                    };
-                    tail.truncate(TAIL_TOKENS);
-                    out.push((id, tail));
+                    let tail = tails[run].get_or_insert_with(|| {
+                        let rest = std::str::from_utf8(&s[run..]).ok()?;
+                        let mut t = tok.encode_plain(rest).ok()?;
+                        t.truncate(TAIL_TOKENS);
+                        Some(t)
+                    });
+                    if let Some(t) = tail {
+                        out.push((id, t.clone()));
+                    }
                 }
             }
         }
@@ -305,6 +344,11 @@ mod tests {
             let e = read(&body).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
+        // DRY's window is llama.cpp's 64 unless given.
+        let (c, _) = read(&json!({"dry_multiplier": 0.8})).unwrap();
+        assert_eq!(c.dry.unwrap().last_n, Some(64));
+        let e = read(&json!({"samplers": ["top_k", 3]})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("samplers"));
         // DRY off: no breakers to tokenize.
         let (c, b) = read(&json!({"dry_multiplier": 0.8, "dry_penalty_last_n": 0})).unwrap();
         assert!(c.dry.is_none() && b.is_empty());

@@ -145,13 +145,14 @@ impl ChainParams {
         Ok(())
     }
 
-    /// Whether a step draws at random before the last one (XTC), so that even a
-    /// temperature of 0 does not make the pick a function of the logits.
-    pub fn draws_early(&self) -> bool {
-        self.mirostat == 0
-            && self.steps.contains(&Step::Xtc)
+    /// Whether the pick is random even at a temperature of 0: XTC draws whether to run, and
+    /// a dynamic temperature moves above 0.
+    pub fn random_at_zero(&self) -> bool {
+        let xtc = self.steps.contains(&Step::Xtc)
             && self.xtc_probability > 0.0
-            && self.xtc_threshold <= 0.5
+            && self.xtc_threshold <= 0.5;
+        let dynatemp = self.steps.contains(&Step::Temperature) && self.dynatemp_range > 0.0;
+        self.mirostat == 0 && (xtc || dynatemp)
     }
 }
 
@@ -431,12 +432,15 @@ fn typical(mass: f32, min_keep: usize, cands: &mut Cands) {
         .filter(|c| c.p > 0.0)
         .map(|c| -f64::from(c.p) * f64::from(c.p).ln())
         .sum();
-    let shift = |c: &Candidate| (-f64::from(c.p).ln() - entropy).abs();
-    let mut order: Vec<Candidate> = cands.c.clone();
-    order.sort_by(|a, b| shift(a).total_cmp(&shift(b)));
+    let mut order: Vec<(f64, Candidate)> = cands
+        .c
+        .iter()
+        .map(|c| ((-f64::from(c.p).ln() - entropy).abs(), *c))
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut sum = 0.0f64;
     let mut keep = order.len();
-    for (i, c) in order.iter().enumerate() {
+    for (i, (_, c)) in order.iter().enumerate() {
         sum += f64::from(c.p);
         if sum > f64::from(mass) && (min_keep == 0 || i + 1 >= min_keep) {
             keep = i + 1;
@@ -444,7 +448,7 @@ fn typical(mass: f32, min_keep: usize, cands: &mut Cands) {
         }
     }
     order.truncate(keep);
-    cands.c = order;
+    cands.c = order.into_iter().map(|(_, c)| c).collect();
     cands.sorted = false;
 }
 

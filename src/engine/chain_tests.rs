@@ -98,6 +98,28 @@ fn dry_penalises_what_would_extend_a_repetition() {
         dry_logits(&h, vec![(A, vec![])], None),
         [0.0, 0.0, -0.5, -0.5]
     );
+    // A huge base is clamped to stay finite: 10^10 to at most the 3rd power.
+    let d = DryParams {
+        multiplier: 1.0,
+        base: 1e10,
+        allowed_length: 2,
+        last_n: None,
+        breakers: Vec::new(),
+    };
+    let mut cands = Cands {
+        c: vec![Candidate {
+            id: A,
+            logit: 0.0,
+            p: 0.0,
+        }],
+        sorted: false,
+    };
+    dry(&d, &mut cands, &[A, B, A, B, A, B, A, B, A, B, A, B]);
+    assert!(
+        (cands.c[0].logit + 1e30).abs() < 1e25,
+        "{}",
+        cands.c[0].logit
+    );
     // b followed by c as a two-token breaker ends the sequence: nothing after it to repeat.
     assert_eq!(dry_logits(&h, vec![(B, vec![C])], None), [0.0; 4]);
     // ... but b followed by y never stands there: no limit.
@@ -202,6 +224,14 @@ fn mirostat_2_truncates_at_its_target_and_learns() {
         })
     };
     assert_eq!(counts(v2(0.0), &logits, &[], 100), [100, 0, 0, 0]);
+    // mu starts at twice the target: 1 bit keeps token 1 (1.74 bits) but not token 2 (2.74).
+    let twice = llama(|_, c| {
+        c.mirostat = 2;
+        c.mirostat_tau = 1.0;
+        c.mirostat_eta = 0.0;
+    });
+    let c = counts(twice, &logits, &[], 400);
+    assert!(c[1] > 0 && c[2] + c[3] == 0, "{c:?}");
     // Each pick is less surprising than the target, so mu grows and lets more in.
     let c = counts(v2(1.0), &logits, &[], 100);
     assert!(c[1] > 0, "{c:?}");
@@ -235,6 +265,19 @@ fn mirostat_1_picks_from_the_vocabulary_and_repeats_with_its_seed() {
     // A target near 0 bits keeps the top token alone.
     let c = counts(v1(0.01), &logits, &[], 100);
     assert_eq!(c[0], 100, "{c:?}");
+    // Zipf's exponent from these probabilities is 1.035; with mu at 2 and 3 bits (targets
+    // of 1 and 1.5) the k that reaches it is 2.24 and 4.38: two and four tokens.
+    let fixed = |tau: f32| {
+        llama(move |_, c| {
+            c.mirostat = 1;
+            c.mirostat_tau = tau;
+            c.mirostat_eta = 0.0;
+        })
+    };
+    let c = counts(fixed(1.0), &logits, &[], 400);
+    assert!(c[1] > 0 && c[2..].iter().all(|&n| n == 0), "{c:?}");
+    let c = counts(fixed(1.5), &logits, &[], 600);
+    assert!(c[3] > 0 && c[4] + c[5] == 0, "{c:?}");
 }
 
 #[test]
@@ -277,8 +320,28 @@ fn dynamic_temperature_follows_the_entropy() {
     });
     let c = counts(dyn_t.clone(), &[0.0; 4], &[], 400);
     assert!(c.iter().all(|&n| n > 50), "{c:?}");
-    let c = counts(dyn_t, &[8.0, 0.0, 0.0, 0.0], &[], 400);
-    assert_eq!(c[0], 400, "{c:?}");
+    // Entropy at 38% of its most: squared (the exponent), a temperature of 0.15, where 1
+    // would draw the others 13% of the time.
+    let peaked = [3.0, 0.0, 0.0, 0.0];
+    let sharp = llama(|p, c| {
+        p.temperature = 0.0;
+        c.dynatemp_range = 1.0;
+        c.dynatemp_exponent = 2.0;
+    });
+    assert_eq!(counts(sharp.clone(), &peaked, &[], 400)[0], 400);
+    let c = counts(llama(|_, _| {}), &peaked, &[], 400);
+    assert!(c[0] < 380, "{c:?}");
+    // Random at a temperature of 0: never replayed from a cache without a seed.
+    assert!(!SamplingParams {
+        seed: None,
+        ..sharp
+    }
+    .is_deterministic());
+    let plain = llama(|p, _| {
+        p.temperature = 0.0;
+        p.seed = None;
+    });
+    assert!(plain.is_deterministic());
 }
 
 #[test]

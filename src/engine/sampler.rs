@@ -98,10 +98,10 @@ impl SamplingParams {
     }
 
     /// Whether the same logits and history always give the same token: a seed, or a
-    /// temperature of 0 with no step that draws at random before it (llama.cpp's XTC).
+    /// temperature of 0 that llama.cpp's chain keeps at 0 with nothing random before it.
     pub fn is_deterministic(&self) -> bool {
-        let draws_early = self.llama.as_ref().is_some_and(ChainParams::draws_early);
-        self.seed.is_some() || self.temperature == 0.0 && !draws_early
+        let random = self.llama.as_ref().is_some_and(ChainParams::random_at_zero);
+        self.seed.is_some() || self.temperature == 0.0 && !random
     }
 
     /// Whether [`Sampler::sample`] takes the argmax instead of drawing.

@@ -190,6 +190,18 @@ fn repetition_penalty_flips_argmax_away_from_repeated_token() {
 }
 
 #[test]
+fn penalties_count_the_last_64_tokens() {
+    let mut s = Sampler::new(with(SamplingParams::greedy(), |p| {
+        p.repetition_penalty = 4.0
+    }));
+    let mut history = vec![0];
+    history.extend([2; 63]);
+    assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &history), 1);
+    history.push(2);
+    assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &history), 0);
+}
+
+#[test]
 fn presence_and_frequency_penalties_subtract_the_right_amounts() {
     let params = with(SamplingParams::greedy(), |p| {
         p.frequency_penalty = 0.5;

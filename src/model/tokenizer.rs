@@ -361,7 +361,7 @@ impl Tokenizer {
         table
     }
 
-    fn byte_table(&self) -> &[Vec<u8>] {
+    pub fn byte_table(&self) -> &[Vec<u8>] {
         self.bytes.get_or_init(|| {
             let byte_level = self
                 .inner
