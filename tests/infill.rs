@@ -773,7 +773,6 @@ fn llama_cpps_completion_endpoint_answers_in_its_shape() {
         ("grammar", json!(7)),
         ("grammar_lazy", json!(true)),
         ("n_probs", json!(101)),
-        ("post_sampling_probs", json!(true)),
         ("logprobs", json!(true)),
         ("prompt", json!([1, "mixed"])),
         ("prompt", json!([9999])),

@@ -86,3 +86,85 @@ fn llama_cpps_other_samplers_shape_completion_replies() {
         assert_eq!(r["error"]["param"], field, "{r}");
     }
 }
+
+/// `/v1/completions`' text for the prompt, greedy and 24 tokens long, with `extra` fields.
+fn openai(s: &Server, extra: Value) -> String {
+    let mut body = json!({"prompt": PROMPT, "max_tokens": 24, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let (status, r) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{body}: {r}");
+    r["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn openai_routes_sample_with_the_chain_when_a_request_names_its_samplers() {
+    let s = Server::start(&[]);
+    let plain = openai(&s, json!({}));
+    assert!(plain.contains("I like cats. I like cats"), "{plain:?}");
+    // As llama-server reads its OpenAI routes: DRY, and llama.cpp's name for the
+    // repetition penalty with its window.
+    let dry = openai(&s, json!({"dry_multiplier": 2.0}));
+    assert!(!dry.contains("I like cats. I like cats"), "{dry:?}");
+    assert_eq!(dry, completion(&s, json!({"dry_multiplier": 2.0})));
+    let penalised = openai(&s, json!({"repeat_penalty": 1.5, "repeat_last_n": -1}));
+    assert_ne!(penalised, plain);
+    assert_eq!(
+        openai(&s, json!({"repeat_penalty": 1.5, "repeat_last_n": 0})),
+        plain
+    );
+    // Mirostat 2 with a target of 0 bits keeps the top token alone.
+    let miro = json!({"temperature": 1.0, "seed": 5, "mirostat": 2, "mirostat_tau": 0,
+                      "mirostat_eta": 0});
+    assert_eq!(openai(&s, miro), plain);
+    // The chain's own checks, as a 400 naming the field.
+    let body = json!({"prompt": PROMPT, "max_tokens": 2, "mirostat": 7});
+    let (status, r) = s.post("/v1/completions", &body);
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "mirostat", "{r}");
+}
+
+#[test]
+fn post_sampling_probs_are_the_chains_distribution() {
+    let s = Server::start(&[]);
+    let ask = |extra: Value| {
+        let mut body = json!({"prompt": PROMPT, "n_predict": 8, "temperature": 1.0,
+                              "seed": 1, "top_k": 2, "top_p": 1.0, "min_p": 0.0,
+                              "n_probs": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, r) = s.post("/completion", &body);
+        assert_eq!(status, 200, "{r}");
+        r["completion_probabilities"].as_array().unwrap().clone()
+    };
+    // The model's own: five alternatives, as logprobs.
+    for e in ask(json!({})) {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 5, "{e}");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+    }
+    // After top-k 2: at most two, their probabilities summing to 1, the pick's among them.
+    let post = ask(json!({"post_sampling_probs": true}));
+    assert_eq!(post.len(), 8);
+    for e in &post {
+        let top = e["top_probs"].as_array().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{e}");
+        let sum: f64 = top.iter().map(|t| t["prob"].as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{e}");
+        let mine = top
+            .iter()
+            .find(|t| t["id"] == e["id"])
+            .expect("the pick is listed");
+        assert!((mine["prob"].as_f64().unwrap() - e["prob"].as_f64().unwrap()).abs() < 1e-6);
+        assert!(
+            e.get("logprob").is_none() && e.get("top_logprobs").is_none(),
+            "{e}"
+        );
+    }
+    // Greedy: the pick alone, certain.
+    for e in ask(json!({"post_sampling_probs": true, "temperature": 0})) {
+        assert_eq!(e["prob"], 1.0, "{e}");
+        assert_eq!(e["top_probs"].as_array().unwrap().len(), 1, "{e}");
+    }
+}

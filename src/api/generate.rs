@@ -158,7 +158,7 @@ pub(super) async fn run(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let mut sampling = fields.sampling_params(meta.surface.max_temperature())?;
-    sampling.llama_cpp_order = matches!(meta.surface, Surface::LlamaCpp(_));
+    super::llama_chain::apply(&mut sampling, &meta.surface, ready, &gate.body).await?;
     let stop = fields.stops(meta.surface.max_stops())?;
     let stop = if out.calls_only { Vec::new() } else { stop };
     let keep = fields.n()?;

@@ -69,7 +69,7 @@ pub async fn infill(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &state;
-    let (ready, mut req, mut sampling, gate) = accept(
+    let (ready, mut req, sampling, gate) = accept(
         state,
         &rid,
         who,
@@ -80,7 +80,6 @@ pub async fn infill(
         // Editor plugins send an empty name (llama-server serves one model and ignores it).
         |r: &InfillRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
-    sampling.llama = Some(super::llama_chain::chain_of(&ready, &gate.body).await?);
     fim_of(&ready, "input_suffix")?;
     if req.grammar.as_ref().is_some_and(|g| !g.is_empty()) || req.json_schema.is_some() {
         let field = if req.json_schema.is_some() {
@@ -93,7 +92,7 @@ pub async fn infill(
             format!("`{field}` is not taken by /infill: use /completion"),
         ));
     }
-    let probs = n_probs(req.n_probs, req.post_sampling_probs)?;
+    let probs = n_probs(req.n_probs)?;
     let lines = line_limits(req.n_indent, req.t_max_predict_ms);
     let fields = std::mem::take(&mut req.response_fields);
     let requested = sampling.max_tokens(true)?;
@@ -147,6 +146,7 @@ pub async fn infill(
         truncated,
         fields,
         probs,
+        post: req.post_sampling_probs == Some(true),
     };
     let meta = native_meta(&gate.served.name, &rid, "infill", ctx);
     let out = native_output(lines, Vec::new(), probs);

@@ -1,7 +1,8 @@
 //! llama-server's other sampler settings (`typical_p`, `top_n_sigma`, `xtc_*`,
 //! `dynatemp_*`, `repeat_last_n`, `mirostat*`, `min_keep`, `dry_*`) and the order
-//! `samplers` gives, read from a `/completion` or `/infill` body into the engine's
-//! [`ChainParams`]; DRY's sequence breakers made into token sequences as llama.cpp makes them.
+//! `samplers` gives, read from a `/completion` or `/infill` body (or an OpenAI one that
+//! sends them) into the engine's [`ChainParams`]; DRY's sequence breakers made into token
+//! sequences as llama.cpp makes them.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,8 +10,10 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::llama_sampling::sampler_chain;
+use super::response::Surface;
 use super::Ready;
 use crate::engine::chain::{ChainParams, DryParams, Step};
+use crate::engine::sampler::SamplingParams;
 use crate::model::Tokenizer;
 
 /// The most DRY sequence breakers a request may give (each costs a pass over the vocabulary).
@@ -25,9 +28,59 @@ type Made = (usize, Vec<String>, Arc<Vec<(u32, Vec<u32>)>>);
 static MADE: Mutex<Vec<Made>> = Mutex::new(Vec::new());
 const MADE_KEPT: usize = 8;
 
+/// The fields only llama.cpp's chain reads: on OpenAI's routes, a request that sends one is
+/// sampled by the chain, as llama-server samples its OpenAI routes.
+const CHAIN_ONLY: [&str; 18] = [
+    "samplers",
+    "typical_p",
+    "top_n_sigma",
+    "xtc_probability",
+    "xtc_threshold",
+    "dynatemp_range",
+    "dynatemp_exponent",
+    "repeat_last_n",
+    "penalty_last_n",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "min_keep",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "dry_sequence_breakers",
+];
+
+/// Samples `sampling`'s request with llama.cpp's chain where it should be: on llama.cpp's
+/// own endpoints always, on OpenAI's when the body sends a field only the chain reads (the
+/// OpenAI fields keep their defaults there; top-p and min-p then see the distribution
+/// before the temperature, as llama.cpp orders them).
+pub(super) async fn apply(
+    sampling: &mut SamplingParams,
+    surface: &Surface,
+    ready: &Ready,
+    body: &Value,
+) -> Result<(), ApiError> {
+    let asked = match surface {
+        Surface::LlamaCpp(_) => true,
+        Surface::OpenAi => CHAIN_ONLY.iter().any(|k| body.get(*k).is_some()),
+        _ => false,
+    };
+    if asked {
+        let mut chain = chain_of(ready, body).await?;
+        // `post_sampling_probs` (llama.cpp's endpoints): each token's probabilities are
+        // those after the chain.
+        chain.final_probs = matches!(surface, Surface::LlamaCpp(_))
+            && body.get("post_sampling_probs") == Some(&Value::Bool(true));
+        sampling.llama_cpp_order = true;
+        sampling.llama = Some(chain);
+    }
+    Ok(())
+}
+
 /// The chain a llama.cpp endpoint's body asks for (its defaults for what it leaves out),
 /// its DRY breakers tokenized off the async threads (or as made for an earlier request).
-pub(super) async fn chain_of(ready: &Ready, body: &Value) -> Result<ChainParams, ApiError> {
+async fn chain_of(ready: &Ready, body: &Value) -> Result<ChainParams, ApiError> {
     let (mut chain, breakers) = read(body)?;
     let Some(dry) = chain.dry.as_mut() else {
         return Ok(chain);

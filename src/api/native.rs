@@ -101,7 +101,7 @@ pub async fn completion(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &state;
-    let (ready, mut req, mut sampling, gate) = accept(
+    let (ready, mut req, sampling, gate) = accept(
         state,
         &rid,
         who,
@@ -111,8 +111,7 @@ pub async fn completion(
         |v| to_sampling(v, "/completion"),
         |r: &CompletionRequest| r.model.as_deref().filter(|m| !m.is_empty()),
     )?;
-    sampling.llama = Some(super::llama_chain::chain_of(&ready, &gate.body).await?);
-    let probs = n_probs(req.n_probs, req.post_sampling_probs)?;
+    let probs = n_probs(req.n_probs)?;
     super::formats::lazy_refused(req.grammar_lazy)?;
     let grammar = req.grammar.take().filter(|g| !g.is_empty());
     let schema = req.json_schema.take().filter(|s| !s.is_null());
@@ -176,6 +175,7 @@ pub async fn completion(
         truncated: false,
         fields,
         probs,
+        post: req.post_sampling_probs == Some(true),
     };
     let meta = native_meta(&gate.served.name, &rid, "cmpl", ctx);
     let out = native_output(lines, constraints, probs);
@@ -214,16 +214,7 @@ const MAX_PROBS: i64 = 20;
 
 /// llama.cpp's `n_probs` (0 or less: none) as the alternatives each token's entry lists,
 /// `None` when no probabilities are asked for.
-pub(super) fn n_probs(
-    n: Option<i64>,
-    post_sampling: Option<bool>,
-) -> Result<Option<usize>, ApiError> {
-    if post_sampling == Some(true) {
-        return Err(ApiError::invalid(
-            "post_sampling_probs",
-            "`post_sampling_probs` is not supported: `n_probs` gives the model's own log-probabilities",
-        ));
-    }
+pub(super) fn n_probs(n: Option<i64>) -> Result<Option<usize>, ApiError> {
     match n {
         Some(n) if n > MAX_PROBS => Err(ApiError::invalid(
             "n_probs",
@@ -266,16 +257,28 @@ pub struct NativeCtx {
     pub fields: Vec<String>,
     /// `n_probs`: `completion_probabilities` with each token.
     pub probs: Option<usize>,
+    /// `post_sampling_probs`: they are probabilities after llama.cpp's chain (`prob`,
+    /// `top_probs`), not the model's logprobs.
+    pub post: bool,
 }
 
 /// How a reply ended: the engine's reason, the stop string, the usage.
 pub type End = (FinishReason, Option<String>, Usage);
 
-/// A token's entry in `completion_probabilities`, as llama.cpp writes it.
-fn prob_entry(info: &LogprobInfo) -> Value {
-    let entry = |t: &TokenLogprob| json!({"id": t.id, "token": t.token, "bytes": t.bytes, "logprob": t.logprob});
+/// A token's entry in `completion_probabilities`, as llama.cpp writes it (`post`: the
+/// probabilities after its chain, as `prob` and `top_probs`).
+fn prob_entry(info: &LogprobInfo, post: bool) -> Value {
+    let entry = |t: &TokenLogprob| {
+        let mut v = json!({"id": t.id, "token": t.token, "bytes": t.bytes});
+        match post {
+            true => v["prob"] = json!(t.logprob.exp()),
+            false => v["logprob"] = json!(t.logprob),
+        }
+        v
+    };
     let mut v = entry(&info.chosen);
-    v["top_logprobs"] = info.top_logprobs.iter().map(entry).collect();
+    let top = if post { "top_probs" } else { "top_logprobs" };
+    v[top] = info.top_logprobs.iter().map(entry).collect();
     v
 }
 
@@ -383,7 +386,7 @@ pub fn whole(
 ) -> Value {
     let fill = Fill {
         content,
-        probs: lps.iter().map(prob_entry).collect(),
+        probs: lps.iter().map(|l| prob_entry(l, ctx.post)).collect(),
         first: made.0,
         last: made.1,
     };
@@ -436,7 +439,8 @@ impl Streamed {
                         "id_slot": -1, "tokens_predicted": self.tokens,
                         "tokens_evaluated": self.ctx.prompt_tokens});
                     if let Some(info) = probs {
-                        piece["completion_probabilities"] = json!([prob_entry(info)]);
+                        let entry = prob_entry(info, self.ctx.post);
+                        piece["completion_probabilities"] = json!([entry]);
                     }
                     self.pending.push_back(piece);
                 }

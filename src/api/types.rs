@@ -8,7 +8,6 @@ pub use super::body::{from_value, parse_body, without_nulls};
 use super::error::ApiError;
 use super::formats::guided_of;
 pub use super::formats::{output_format, ResponseFormat, StructuredOutputs};
-use crate::engine::chain::ChainParams;
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
 use crate::structured::{ConstraintSpec, ToolChoice, ToolFormat, ToolSpec};
@@ -28,6 +27,8 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// llama.cpp's name for it too.
+    #[serde(alias = "repeat_penalty")]
     pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<StopField>,
@@ -41,9 +42,6 @@ pub struct SamplingFields {
     pub cache_prompt: Option<bool>,
     /// OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`.
     pub prediction: Option<Value>,
-    /// llama.cpp's sampler chain, which its own endpoints read from their bodies.
-    #[serde(skip)]
-    pub llama: Option<ChainParams>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -453,7 +451,7 @@ impl SamplingFields {
             seed: self.seed,
             logit_bias: self.logit_bias()?,
             llama_cpp_order: false,
-            llama: self.llama.clone(),
+            llama: None,
         };
         p.validate().map_err(|e| match &e {
             SamplingError::OutOfRange { field, .. } => ApiError::invalid(*field, e.to_string()),

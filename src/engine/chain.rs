@@ -14,6 +14,12 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+#[path = "chain_dry.rs"]
+mod dry;
+use dry::dry;
+#[cfg(test)]
+use dry::z_array;
+
 use super::sampler::{
     by_logit_desc, draw_index, penalized, softmax, Candidate, SamplingError, SamplingParams,
 };
@@ -78,6 +84,9 @@ pub struct ChainParams {
     pub mirostat_eta: f32,
     /// DRY's settings; `None` is off.
     pub dry: Option<DryParams>,
+    /// Keep each pick's probability and the likeliest tokens after the chain
+    /// ([`ChainState::final_probs`]; llama.cpp's `post_sampling_probs`).
+    pub final_probs: bool,
 }
 
 impl Default for ChainParams {
@@ -96,6 +105,7 @@ impl Default for ChainParams {
             mirostat_tau: 5.0,
             mirostat_eta: 0.1,
             dry: None,
+            final_probs: false,
         }
     }
 }
@@ -145,14 +155,14 @@ impl ChainParams {
         Ok(())
     }
 
-    /// Whether the pick is random even at a temperature of 0: XTC draws whether to run, and
-    /// a dynamic temperature moves above 0.
+    /// Whether the pick is random even at a temperature of 0: XTC draws whether to run, a
+    /// dynamic temperature moves above 0, and without the temperature step the draw is at 1.
     pub fn random_at_zero(&self) -> bool {
         let xtc = self.steps.contains(&Step::Xtc)
             && self.xtc_probability > 0.0
             && self.xtc_threshold <= 0.5;
-        let dynatemp = self.steps.contains(&Step::Temperature) && self.dynatemp_range > 0.0;
-        self.mirostat == 0 && (xtc || dynatemp)
+        let temperature = self.steps.contains(&Step::Temperature);
+        self.mirostat == 0 && (xtc || !temperature || self.dynatemp_range > 0.0)
     }
 }
 
@@ -170,10 +180,39 @@ pub struct DryParams {
     pub breakers: Vec<(u32, Vec<u32>)>,
 }
 
-/// What a chain keeps from step to step: Mirostat's running target.
+/// What a chain keeps from step to step: Mirostat's running target, and (when asked) the
+/// last pick's probability after the chain with the [`FINAL_KEPT`] likeliest tokens then.
 #[derive(Debug, Clone, Default)]
 pub struct ChainState {
     mu: Option<f32>,
+    last: Option<(f32, Vec<(u32, f32)>)>,
+}
+
+/// How many of the final distribution's likeliest tokens are kept (the most `n_probs` asks).
+pub const FINAL_KEPT: usize = 20;
+
+impl ChainState {
+    /// The last pick's probability after the chain, and the likeliest tokens then (most
+    /// likely first, lowest id among equals; none at 0).
+    pub fn final_probs(&self) -> Option<(f32, &[(u32, f32)])> {
+        self.last.as_ref().map(|(p, top)| (*p, top.as_slice()))
+    }
+
+    /// Keeps pick `i` of the candidates' final distribution (their `p`).
+    fn keep(&mut self, c: &[Candidate], i: usize) {
+        let mut top: Vec<(u32, f32)> = c
+            .iter()
+            .filter(|c| c.p > 0.0)
+            .map(|c| (c.id, c.p))
+            .collect();
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if top.len() > FINAL_KEPT {
+            top.select_nth_unstable_by(FINAL_KEPT - 1, order);
+            top.truncate(FINAL_KEPT);
+        }
+        top.sort_unstable_by(order);
+        self.last = Some((c[i].p, top));
+    }
 }
 
 /// The candidates and whether they are sorted by logit, highest first.
@@ -219,6 +258,7 @@ pub(super) fn pick(
     history: &[u32],
     masked: bool,
 ) -> u32 {
+    state.last = None;
     let c: Vec<Candidate> = logits
         .iter()
         .enumerate()
@@ -236,7 +276,11 @@ pub(super) fn pick(
     if chain.mirostat != 0 {
         cands.scale(p.temperature);
         let mu = state.mu.get_or_insert(2.0 * chain.mirostat_tau);
-        return mirostat(chain, mu, &mut cands, logits.len(), rng);
+        let i = mirostat(chain, mu, &mut cands, logits.len(), rng);
+        if chain.final_probs {
+            state.keep(&cands.c, i);
+        }
+        return cands.c[i].id;
     }
     for step in &chain.steps {
         match step {
@@ -259,7 +303,11 @@ pub(super) fn pick(
         }
     }
     cands.probs(false);
-    draw_index(rng, &cands.c).map_or(0, |i| cands.c[i].id)
+    let i = draw_index(rng, &cands.c).unwrap_or(0);
+    if chain.final_probs {
+        state.keep(&cands.c, i);
+    }
+    cands.c[i].id
 }
 
 /// The repetition, frequency and presence penalties over the last `last_n` tokens.
@@ -280,104 +328,6 @@ fn penalties(p: &SamplingParams, last_n: Option<usize>, cands: &mut Cands, histo
         }
     }
     cands.sorted = false;
-}
-
-/// DRY over the last `last_n` tokens (see [`DryParams`]): for each earlier place where the
-/// sequence's latest tokens also stand (as far back as the last breaker allows), the token
-/// that followed them there is penalised by the length of that repetition.
-fn dry(d: &DryParams, cands: &mut Cands, history: &[u32]) {
-    if d.multiplier == 0.0 || d.base < 1.0 {
-        return;
-    }
-    let n = d.last_n.map_or(history.len(), |n| n.min(history.len()));
-    if n == 0 || n <= d.allowed_length {
-        return;
-    }
-    // Newest first.
-    let rev: Vec<u32> = history[history.len() - n..].iter().rev().copied().collect();
-    let tails = |head: u32| {
-        let from = d.breakers.partition_point(|(h, _)| *h < head);
-        d.breakers[from..]
-            .iter()
-            .take_while(move |(h, _)| *h == head)
-    };
-    // The latest breaker bounds how far back a repetition can reach: it counts only the
-    // tokens after it.
-    let mut limit = n;
-    for (i, &t) in rev.iter().enumerate() {
-        let longest = tails(t)
-            .map(|(_, tail)| tail)
-            .filter(|tail| tail.len() <= i && (0..tail.len()).all(|o| tail[o] == rev[i - o - 1]))
-            .map(Vec::len)
-            .max();
-        if let Some(len) = longest {
-            limit = i - len;
-            break;
-        }
-    }
-    if limit < d.allowed_length {
-        return;
-    }
-    // z[k]: how many of the newest tokens also stand, in order, ending k tokens back.
-    let z = z_array(&rev);
-    let mut longest: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-    for (k, &zk) in z.iter().enumerate().skip(1) {
-        let len = zk.min(limit);
-        if len >= d.allowed_length {
-            // The token that followed that earlier occurrence.
-            let next = rev[k - 1];
-            let e = longest.entry(next).or_insert(0);
-            *e = (*e).max(len);
-        }
-    }
-    if longest.is_empty() {
-        return;
-    }
-    // `base^exponent` stays finite.
-    let max_exp = if d.base > 1.000_001 {
-        (88.722_84 / d.base.ln()) as usize
-    } else {
-        0
-    };
-    for c in &mut cands.c {
-        let Some(&len) = longest.get(&c.id) else {
-            continue;
-        };
-        // A breaker token on its own is never penalised.
-        if tails(c.id).any(|(_, tail)| tail.is_empty()) {
-            continue;
-        }
-        let mut exp = len - d.allowed_length;
-        if max_exp > 0 {
-            exp = exp.min(max_exp);
-        }
-        c.logit -= d.multiplier * d.base.powi(exp as i32);
-    }
-    cands.sorted = false;
-}
-
-/// The Z-array: `z[k]` is the length of the longest common prefix of `s` and `s[k..]`
-/// (`z[0]` is `s.len()`).
-fn z_array(s: &[u32]) -> Vec<usize> {
-    let n = s.len();
-    let mut z = vec![0; n];
-    if n == 0 {
-        return z;
-    }
-    z[0] = n;
-    let (mut l, mut r) = (0, 0);
-    for k in 1..n {
-        let mut len = if k < r { z[k - l].min(r - k) } else { 0 };
-        while k + len < n && s[len] == s[k + len] {
-            len += 1;
-        }
-        if k + len > r {
-            l = k;
-            r = k + len;
-        }
-        z[k] = len;
-    }
-    z
 }
 
 /// Keeps the logits within `n` standard deviations of the top one.
@@ -535,14 +485,15 @@ fn temperature(t: f32, chain: &ChainParams, cands: &mut Cands) {
 }
 
 /// Mirostat 1 or 2 (after the temperature): truncates to reach the target surprise `mu`,
-/// draws, then moves `mu` by the learning rate times the draw's surprise error.
+/// draws (the pick's index is returned), then moves `mu` by the learning rate times the
+/// draw's surprise error.
 fn mirostat(
     chain: &ChainParams,
     mu: &mut f32,
     cands: &mut Cands,
     n_vocab: usize,
     rng: &mut StdRng,
-) -> u32 {
+) -> usize {
     cands.probs(true);
     if chain.mirostat == 1 {
         // Zipf's exponent estimated from the top 100 tokens, then the k that gives `mu`.
@@ -574,7 +525,7 @@ fn mirostat(
     let i = draw_index(rng, &cands.c).unwrap_or(0);
     let surprise = -cands.c[i].p.log2();
     *mu -= chain.mirostat_eta * (surprise - chain.mirostat_tau);
-    cands.c[i].id
+    i
 }
 
 #[cfg(test)]

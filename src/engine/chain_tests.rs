@@ -391,3 +391,33 @@ fn chain_settings_out_of_range_are_refused() {
     }
     assert!(llama(|_, _| {}).validate().is_ok());
 }
+
+#[test]
+fn final_probs_keep_the_chains_distribution() {
+    let logits = ln(&[0.5, 0.3, 0.15, 0.05]);
+    let mut s = Sampler::new(llama(|p, c| {
+        p.top_k = 2;
+        c.final_probs = true;
+    }));
+    for _ in 0..20 {
+        let t = s.sample(&mut logits.clone(), &[]);
+        let (p, top) = s.final_probs().unwrap();
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [0, 1]);
+        assert!((top[0].1 - 0.625).abs() < 1e-6 && (top[1].1 - 0.375).abs() < 1e-6);
+        assert_eq!(p, top[t as usize].1);
+    }
+    // Mirostat's truncation too: a target of 1 bit keeps 0 and 1.
+    let mut s = Sampler::new(llama(|_, c| {
+        c.mirostat = 2;
+        c.mirostat_tau = 1.0;
+        c.mirostat_eta = 0.0;
+        c.final_probs = true;
+    }));
+    s.sample(&mut logits.clone(), &[]);
+    assert_eq!(s.final_probs().unwrap().1.len(), 2);
+    // Not asked: none kept.
+    let mut s = Sampler::new(llama(|_, _| {}));
+    s.sample(&mut logits.clone(), &[]);
+    assert!(s.final_probs().is_none());
+}

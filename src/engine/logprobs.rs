@@ -13,12 +13,7 @@ use crate::model::Tokenizer;
 /// One pass of exponentials for all of them (scoring a prompt runs this on every row).
 pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) -> LogprobInfo {
     let ls = LogSoftmax::new(logits);
-    let entry = |id: u32| TokenLogprob {
-        id,
-        token: tok.token_text_decoded(id),
-        bytes: tok.token_bytes_of(id),
-        logprob: ls.of(logits, id),
-    };
+    let entry = |id: u32| entry(tok, id, ls.of(logits, id));
     let mut top_logprobs = Vec::new();
     if top > 0 && !logits.is_empty() {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -33,6 +28,35 @@ pub fn logprob_info(tok: &Tokenizer, logits: &[f32], chosen: u32, top: usize) ->
     LogprobInfo {
         chosen: entry(chosen),
         top_logprobs,
+    }
+}
+
+/// `chosen`'s entry from llama.cpp's distribution after its chain (llama.cpp's
+/// `post_sampling_probs`): its probability `p` and the likeliest tokens then (`finals`, most
+/// likely first), the first `top` of them, each probability as its log.
+pub fn final_info(
+    tok: &Tokenizer,
+    chosen: u32,
+    p: f32,
+    finals: &[(u32, f32)],
+    top: usize,
+) -> LogprobInfo {
+    LogprobInfo {
+        chosen: entry(tok, chosen, p.ln()),
+        top_logprobs: finals
+            .iter()
+            .take(top)
+            .map(|&(id, p)| entry(tok, id, p.ln()))
+            .collect(),
+    }
+}
+
+fn entry(tok: &Tokenizer, id: u32, logprob: f32) -> TokenLogprob {
+    TokenLogprob {
+        id,
+        token: tok.token_text_decoded(id),
+        bytes: tok.token_bytes_of(id),
+        logprob,
     }
 }
 

@@ -222,6 +222,14 @@ impl Sampler {
         &self.params
     }
 
+    /// With llama.cpp's chain asked to keep them: the last pick's probability after the
+    /// chain and the likeliest tokens then (see [`ChainState::final_probs`]).
+    pub fn final_probs(&self) -> Option<(f32, &[(u32, f32)])> {
+        self.chain
+            .as_ref()
+            .and_then(|(_, state)| state.final_probs())
+    }
+
     /// Adds the logit bias, then applies the penalties over the last [`PENALTY_WINDOW`]
     /// tokens of `history` (llama.cpp's order: its bias sampler comes first). llama.cpp's
     /// chain applies its penalties itself, where its steps put them.

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::{Engine, ModelRunner};
-use crate::engine::logprobs::logprob_info;
+use crate::engine::logprobs::{final_info, logprob_info};
 use crate::engine::request::{Ending, Event, Failure, FinishReason};
 use crate::engine::scheduler::{Chunk, SeqId};
 use crate::engine::sequence::TokenOutcome;
@@ -92,13 +92,21 @@ impl<M: ModelRunner> Engine<M> {
             telemetry::generated();
         }
         let shown = counted || scoring;
+        // llama.cpp's `post_sampling_probs`: the probabilities after its chain instead.
+        let tok = &self.tokenizer;
+        let top = a.req.top_logprobs;
+        let post = (a.req.logprobs.then(|| a.sampler.final_probs()).flatten())
+            .map(|(p, finals)| final_info(tok, token, p, finals, top));
         if let Some(l) = logprobs.as_ref().filter(|_| !shown) {
-            a.end_logprob = Some(logprob_info(&self.tokenizer, l, token, 0).chosen.logprob);
+            a.end_logprob = Some(match &post {
+                Some(info) => info.chosen.logprob,
+                None => logprob_info(tok, l, token, 0).chosen.logprob,
+            });
         }
         if shown || !text.is_empty() {
             let logprob = logprobs
                 .filter(|_| shown)
-                .map(|l| logprob_info(&self.tokenizer, &l, token, a.req.top_logprobs));
+                .map(|l| post.unwrap_or_else(|| logprob_info(tok, &l, token, top)));
             // A closed receiver is noticed at the next step.
             let at = std::time::Instant::now();
             let _ = a.events.send(Event::Token { text, logprob, at });
