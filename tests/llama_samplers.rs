@@ -118,11 +118,17 @@ fn openai_routes_sample_with_the_chain_when_a_request_names_its_samplers() {
     let miro = json!({"temperature": 1.0, "seed": 5, "mirostat": 2, "mirostat_tau": 0,
                       "mirostat_eta": 0});
     assert_eq!(openai(&s, miro), plain);
-    // The chain's own checks, as a 400 naming the field.
-    let body = json!({"prompt": PROMPT, "max_tokens": 2, "mirostat": 7});
-    let (status, r) = s.post("/v1/completions", &body);
-    assert_eq!(status, 400, "{r}");
-    assert_eq!(r["error"]["param"], "mirostat", "{r}");
+    // Both names of the penalty: the OpenAI extension's wins.
+    let both = json!({"repetition_penalty": 1.0, "repeat_penalty": 1.5, "repeat_last_n": -1});
+    assert_eq!(openai(&s, both), plain);
+    // The chain's own checks, as a 400 naming the field; `post_sampling_probs` is
+    // llama.cpp's endpoints' (here `logprobs` are the model's own).
+    for (field, value) in [("mirostat", json!(7)), ("post_sampling_probs", json!(true))] {
+        let body = json!({"prompt": PROMPT, "max_tokens": 2, field: value});
+        let (status, r) = s.post("/v1/completions", &body);
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+    }
 }
 
 #[test]

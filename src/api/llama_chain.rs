@@ -13,7 +13,7 @@ use super::llama_sampling::sampler_chain;
 use super::response::Surface;
 use super::Ready;
 use crate::engine::chain::{ChainParams, DryParams, Step};
-use crate::engine::sampler::SamplingParams;
+use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Tokenizer;
 
 /// The most DRY sequence breakers a request may give (each costs a pass over the vocabulary).
@@ -66,12 +66,22 @@ pub(super) async fn apply(
         Surface::OpenAi => CHAIN_ONLY.iter().any(|k| body.get(*k).is_some()),
         _ => false,
     };
+    let post = body.get("post_sampling_probs") == Some(&Value::Bool(true));
+    if post && matches!(surface, Surface::OpenAi) {
+        return Err(ApiError::invalid(
+            "post_sampling_probs",
+            "`post_sampling_probs` is read on /completion and /infill; here `logprobs` are the model's own",
+        ));
+    }
     if asked {
         let mut chain = chain_of(ready, body).await?;
-        // `post_sampling_probs` (llama.cpp's endpoints): each token's probabilities are
-        // those after the chain.
-        chain.final_probs = matches!(surface, Surface::LlamaCpp(_))
-            && body.get("post_sampling_probs") == Some(&Value::Bool(true));
+        // `post_sampling_probs` with `n_probs` (llama.cpp's endpoints): each token's
+        // probabilities are those after the chain.
+        let n_probs = body.get("n_probs").and_then(Value::as_i64).unwrap_or(0);
+        chain.final_probs = post && n_probs > 0;
+        chain.validate().map_err(|e| match &e {
+            SamplingError::OutOfRange { field, .. } => ApiError::invalid(*field, e.to_string()),
+        })?;
         sampling.llama_cpp_order = true;
         sampling.llama = Some(chain);
     }
@@ -217,8 +227,16 @@ fn dry(o: &Map<String, Value>) -> Result<(Option<DryParams>, Vec<String>), ApiEr
             if a.is_empty() || a.len() > MAX_BREAKERS {
                 return Err(bad());
             }
+            // llama.cpp reads a breaker's first 40 bytes.
+            let first = |s: &str| {
+                let mut end = s.len().min(BREAKER_BYTES);
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s[..end].to_string()
+            };
             a.iter()
-                .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
+                .map(|s| s.as_str().map(first).ok_or_else(bad))
                 .collect::<Result<Vec<_>, _>>()?
         }
     };
@@ -284,7 +302,8 @@ fn integer(o: &Map<String, Value>, name: &'static str, min: i64) -> Result<Optio
     }
 }
 
-/// DRY's sequence breakers as llama.cpp finds them in the vocabulary: every token whose
+/// DRY's sequence breakers (their first 40 bytes) as llama.cpp finds them in the
+/// vocabulary: every token whose
 /// text holds a breaker is one on its own; a token whose text ends with the start of a
 /// breaker is one followed by the rest of it (tokenized as text, at most 20 tokens). Sorted
 /// and without repeats.
@@ -292,11 +311,7 @@ pub(super) fn dry_breakers(tok: &Tokenizer, breakers: &[String]) -> Vec<(u32, Ve
     let mut out = Vec::new();
     let words = tok.byte_table();
     for b in breakers {
-        let mut end = b.len().min(BREAKER_BYTES);
-        while !b.is_char_boundary(end) {
-            end -= 1;
-        }
-        let s = &b.as_bytes()[..end];
+        let s = b.as_bytes();
         if s.is_empty() {
             continue;
         }
@@ -397,6 +412,10 @@ mod tests {
             let e = read(&body).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
+        // A breaker's first 40 bytes count.
+        let long = "ab".repeat(30);
+        let (_, b) = read(&json!({"dry_multiplier": 1, "dry_sequence_breakers": [long]})).unwrap();
+        assert_eq!(b, ["ab".repeat(20)]);
         // DRY's window is llama.cpp's 64 unless given.
         let (c, _) = read(&json!({"dry_multiplier": 0.8})).unwrap();
         assert_eq!(c.dry.unwrap().last_n, Some(64));

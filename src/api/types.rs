@@ -27,9 +27,9 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
-    /// llama.cpp's name for it too.
-    #[serde(alias = "repeat_penalty")]
     pub repetition_penalty: Option<f32>,
+    /// llama.cpp's name for `repetition_penalty` (which wins when both are sent).
+    pub repeat_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<StopField>,
     pub n: Option<u64>,
@@ -445,7 +445,7 @@ impl SamplingFields {
             top_k: self.top_k.unwrap_or(0) as usize,
             top_p: self.top_p.unwrap_or(1.0),
             min_p: self.min_p.unwrap_or(0.0),
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            repetition_penalty: (self.repetition_penalty.or(self.repeat_penalty)).unwrap_or(1.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             seed: self.seed,

@@ -269,8 +269,15 @@ pub(super) fn pick(
             p: 0.0,
         })
         .collect();
+    // Nothing to draw from (every logit NaN or masked): token 0, alone.
+    let none = |state: &mut ChainState| {
+        if chain.final_probs {
+            state.last = Some((1.0, Vec::new()));
+        }
+        0
+    };
     if c.is_empty() {
-        return 0;
+        return none(state);
     }
     let mut cands = Cands { c, sorted: false };
     if chain.mirostat != 0 {
@@ -299,7 +306,7 @@ pub(super) fn pick(
             Step::Temperature => temperature(p.temperature, chain, &mut cands),
         }
         if cands.c.is_empty() {
-            return 0;
+            return none(state);
         }
     }
     cands.probs(false);
