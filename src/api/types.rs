@@ -445,7 +445,10 @@ impl SamplingFields {
             top_k: self.top_k.unwrap_or(0) as usize,
             top_p: self.top_p.unwrap_or(1.0),
             min_p: self.min_p.unwrap_or(0.0),
-            repetition_penalty: (self.repetition_penalty.or(self.repeat_penalty)).unwrap_or(1.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(self.repeat_penalty)
+                .unwrap_or(1.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             seed: self.seed,

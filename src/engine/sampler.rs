@@ -2,15 +2,16 @@
 //!
 //! Owns: the logit bias, the repetition / frequency / presence penalties, greedy argmax, the
 //! top-k, top-p and min-p filters, temperature, the seeded random draw, and
-//! [`log_softmax_of`] for logprobs.
+//! [`log_softmax_of`] for logprobs; llama.cpp's chain of samplers is its child
+//! [`super::chain`].
 //!
 //! Must not know: the model, the tokenizer, HTTP or request formats. It only
 //! ever sees `f32` logits indexed by `u32` token ids.
 //!
 //! Invariant: with the same build, the same [`SamplingParams`] (seed
-//! included), the same logits and the same history give the same token. Every
-//! tie is broken by the lowest token id and NaN logits are treated as `-inf`,
-//! so nothing depends on hash or sort order.
+//! included), the same sequence of logits and histories give the same tokens (Mirostat
+//! carries its target from step to step). Every tie is broken by the lowest token id and
+//! NaN logits are treated as `-inf`, so nothing depends on hash or sort order.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -51,9 +52,9 @@ pub struct SamplingParams {
     /// ignored here (the API refuses them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
-    /// llama.cpp's order, for its own endpoints: top-p and min-p see the distribution before
-    /// the temperature (top-k, top-p, min-p, then temperature), and under a grammar the
-    /// unmasked pick is tried first even with those filters, as llama.cpp samples.
+    /// llama.cpp's chain (its endpoints, or a request that names its samplers): the steps
+    /// in its order (by default top-k, top-p and min-p before the temperature), and under a
+    /// grammar the unmasked pick tried first even with those filters, as llama.cpp samples.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub llama_cpp_order: bool,
     /// llama.cpp's other sampler settings and the order of its steps (with
