@@ -21,7 +21,8 @@ use dry::dry;
 use dry::z_array;
 
 use super::sampler::{
-    by_logit_desc, draw_index, penalized, softmax, Candidate, SamplingError, SamplingParams,
+    by_logit_desc, candidates, draw_index, penalized, softmax, Candidate, SamplingError,
+    SamplingParams,
 };
 
 /// One of the chain's steps (llama.cpp's `samplers` names them).
@@ -259,16 +260,7 @@ pub(super) fn pick(
     masked: bool,
 ) -> u32 {
     state.last = None;
-    let c: Vec<Candidate> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !(l.is_nan() || masked && **l == f32::NEG_INFINITY))
-        .map(|(i, &l)| Candidate {
-            id: i as u32,
-            logit: l.min(f32::MAX),
-            p: 0.0,
-        })
-        .collect();
+    let c = candidates(logits, masked);
     // Nothing to draw from (every logit NaN or masked): token 0, alone.
     let none = |state: &mut ChainState| {
         if chain.final_probs {
@@ -337,6 +329,14 @@ fn penalties(p: &SamplingParams, last_n: Option<usize>, cands: &mut Cands, histo
     cands.sorted = false;
 }
 
+/// The entropy (nats) of the candidates' `p`.
+fn entropy(c: &[Candidate]) -> f64 {
+    c.iter()
+        .filter(|c| c.p > 0.0)
+        .map(|c| -f64::from(c.p) * f64::from(c.p).ln())
+        .sum()
+}
+
 /// Keeps the logits within `n` standard deviations of the top one.
 fn top_n_sigma(n: f32, cands: &mut Cands) {
     if n <= 0.0 || cands.c.len() <= 1 {
@@ -383,12 +383,7 @@ fn typical(mass: f32, min_keep: usize, cands: &mut Cands) {
         return;
     }
     cands.probs(true);
-    let entropy: f64 = cands
-        .c
-        .iter()
-        .filter(|c| c.p > 0.0)
-        .map(|c| -f64::from(c.p) * f64::from(c.p).ln())
-        .sum();
+    let entropy = entropy(&cands.c);
     let mut order: Vec<(f64, Candidate)> = cands
         .c
         .iter()
@@ -481,12 +476,7 @@ fn temperature(t: f32, chain: &ChainParams, cands: &mut Cands) {
     let (lo, hi) = ((t - range).max(0.0), t + range);
     let max_entropy = (cands.c.len() as f64).ln();
     cands.probs(true);
-    let entropy: f64 = cands
-        .c
-        .iter()
-        .filter(|c| c.p > 0.0)
-        .map(|c| -f64::from(c.p) * f64::from(c.p).ln())
-        .sum();
+    let entropy = entropy(&cands.c);
     let norm = (entropy / max_entropy) as f32;
     cands.scale(lo + (hi - lo) * norm.powf(chain.dynatemp_exponent));
 }

@@ -167,6 +167,22 @@ pub(super) struct Candidate {
     pub(super) p: f32,
 }
 
+/// Every token but NaN ones (and with `masked`, `-inf` ones: a mask left most of the
+/// vocabulary there) as a candidate.
+pub(super) fn candidates(logits: &[f32], masked: bool) -> Vec<Candidate> {
+    logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !(l.is_nan() || masked && **l == f32::NEG_INFINITY))
+        // +inf is clamped so that it wins the softmax instead of making NaN.
+        .map(|(i, &l)| Candidate {
+            id: i as u32,
+            logit: l.min(f32::MAX),
+            p: 0.0,
+        })
+        .collect()
+}
+
 /// Highest logit first, lowest id first among equals. NaNs are filtered out
 /// before this is used.
 pub(super) fn by_logit_desc(a: &Candidate, b: &Candidate) -> Ordering {
@@ -328,17 +344,7 @@ impl Sampler {
         }
         let temperature = self.params.temperature;
 
-        let mut cands: Vec<Candidate> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| !(l.is_nan() || masked && **l == f32::NEG_INFINITY))
-            // +inf is clamped so that it wins the softmax instead of making NaN.
-            .map(|(i, &l)| Candidate {
-                id: i as u32,
-                logit: l.min(f32::MAX),
-                p: 0.0,
-            })
-            .collect();
+        let mut cands = candidates(logits, masked);
         if cands.is_empty() {
             return 0;
         }
