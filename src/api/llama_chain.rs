@@ -22,8 +22,8 @@ const MAX_BREAKERS: usize = 64;
 const BREAKER_BYTES: usize = 40;
 const TAIL_TOKENS: usize = 20;
 
-/// Breaker sets made lately (a pass over the vocabulary each, some 25 ms for 49,152 tokens),
-/// by tokenizer and strings: most requests send llama.cpp's defaults.
+/// Breaker sets made lately (a pass over the vocabulary each), by tokenizer and strings:
+/// most requests send llama.cpp's defaults.
 type Made = (usize, Vec<String>, Arc<Vec<(u32, Vec<u32>)>>);
 static MADE: Mutex<Vec<Made>> = Mutex::new(Vec::new());
 const MADE_KEPT: usize = 8;

@@ -215,9 +215,13 @@ pub(super) fn softmax(cands: &mut [Candidate], temperature: f32) {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// llama.cpp's chain and its state, with `llama_cpp_order`.
-    chain: Option<(ChainParams, ChainState)>,
+    /// llama.cpp's chain's state, with `llama_cpp_order` (its settings are `params.llama`).
+    chain: Option<ChainState>,
 }
+
+/// llama.cpp's chain as it is by default, for `llama_cpp_order` without settings.
+static DEFAULT_CHAIN: std::sync::LazyLock<ChainParams> =
+    std::sync::LazyLock::new(ChainParams::default);
 
 impl Sampler {
     /// Seeds from `params.seed` when given, otherwise from OS entropy.
@@ -226,12 +230,7 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_entropy(),
         };
-        let chain = params.llama_cpp_order.then(|| {
-            (
-                params.llama.clone().unwrap_or_default(),
-                ChainState::default(),
-            )
-        });
+        let chain = params.llama_cpp_order.then(ChainState::default);
         Self { params, rng, chain }
     }
 
@@ -242,9 +241,7 @@ impl Sampler {
     /// With llama.cpp's chain asked to keep them: the last pick's probability after the
     /// chain and the likeliest tokens then (see [`ChainState::final_probs`]).
     pub fn final_probs(&self) -> Option<(f32, &[(u32, f32)])> {
-        self.chain
-            .as_ref()
-            .and_then(|(_, state)| state.final_probs())
+        self.chain.as_ref().and_then(ChainState::final_probs)
     }
 
     /// Adds the logit bias, then applies the penalties over the last [`PENALTY_WINDOW`]
@@ -335,8 +332,9 @@ impl Sampler {
     /// Greedy argmax, or the filtered draw, or llama.cpp's chain. `masked`: `-inf` logits
     /// are left out of the candidates (a mask left most of the vocabulary at `-inf`).
     fn pick(&mut self, logits: &[f32], history: &[u32], masked: bool) -> u32 {
-        if let Some((params, state)) = self.chain.as_mut() {
+        if let Some(state) = self.chain.as_mut() {
             let p = &self.params;
+            let params = p.llama.as_ref().unwrap_or(&DEFAULT_CHAIN);
             return chain::pick(p, params, state, &mut self.rng, logits, history, masked);
         }
         if self.params.is_greedy() {
