@@ -1,6 +1,6 @@
 //! The tokenizer's unit tests.
 
-use super::*;
+use super::json::{split, TEKKEN_SPLIT};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
