@@ -62,6 +62,53 @@ fn trickled_headers_are_cut_off_while_others_are_served() {
     }
 }
 
+/// Sends `first` and then nothing; returns how long until the server closed the connection
+/// (or `None` if it never did within `limit`).
+fn fall_silent(addr: &str, first: &[u8], limit: Duration) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    s.write_all(first).unwrap();
+    let mut buf = [0u8; 256];
+    while started.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn silent_connections_are_closed_by_the_header_timeout() {
+    // A connection that sends no byte, or the start of HTTP/2's preface, would otherwise
+    // hold its slot for good: 2 of them would lock everyone else out here.
+    let s = Server::start(&["--header-read-timeout", "1", "--max-connections", "3"]);
+    let addr = s.addr.clone();
+    let firsts: [&[u8]; 2] = [b"", b"PRI * HTTP/2.0\r\n"];
+    let closed: Vec<Option<Duration>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = firsts
+            .iter()
+            .map(|f| {
+                let addr = &addr;
+                sc.spawn(move || fall_silent(addr, f, Duration::from_secs(10)))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (c, f) in closed.iter().zip(firsts) {
+        let c = c.unwrap_or_else(|| panic!("a connection sending {f:?} is closed"));
+        assert!(c < Duration::from_secs(4), "closed after {c:?}");
+    }
+    let (status, body) = s.post("/v1/chat/completions", &chat());
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn connections_beyond_the_cap_get_503_and_the_rest_go_on() {
     let s = Server::start(&["--max-connections", "2"]);

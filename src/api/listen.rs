@@ -1,4 +1,4 @@
-//! Serving connections: the accept loop with its connection limit, header timeout,
+//! Serving connections (HTTP/1.1): the accept loop with its connection limit, header timeout,
 //! graceful drain on SIGINT/SIGTERM and stop on an engine failure.
 
 use std::net::SocketAddr;
@@ -38,7 +38,11 @@ pub async fn serve(
     let app = router(state.clone());
     batch_worker::spawn(state.clone(), app.clone(), state.batch.concurrency);
     tokio::spawn(watch_for_stalls(state.clone()));
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: the automatic protocol detection waits for a connection's first 24
+    // bytes with no timer, and an HTTP/2 connection has no header-read timeout, so either
+    // would let silent connections hold every slot. Here the header-read timeout runs from
+    // the connection's opening, bytes or none.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -105,7 +109,7 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(app.clone());
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
