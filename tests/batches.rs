@@ -634,6 +634,15 @@ fn files_and_batches_belong_to_their_key_and_a_batch_runs_as_it() {
     assert_eq!(status, 413);
     let (status, f) = upload(&s, &big, "batch", Some(&a));
     assert_eq!((status, f["bytes"].as_u64()), (200, Some(5 << 20)), "{f}");
+    // The same 5 MiB as anything but a multipart form is not a file: the ordinary limit.
+    let bearer = format!("Bearer {a}");
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let (status, e) =
+        common::server::raw_request_with(&s.addr, "POST", "/v1/files", &headers, &big);
+    assert_eq!(status, 413, "{e}");
     let lines: Vec<Value> = (0..3)
         .map(|i| request(&format!("q{i}"), chat("Hi", 3)))
         .collect();

@@ -65,7 +65,14 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .gateway
             .authenticate(super::gate::presented_key(req.headers()).as_deref())
             .is_ok();
-    let upload = files && admitted;
+    let multipart = declared.is_some_and(|v| {
+        v.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/form-data")
+    });
+    // Only a multipart upload: any other body there is refused by the route anyway, and
+    // must not be buffered up to a batch file's size first.
+    let upload = files && admitted && multipart;
     if upload {
         limits = BodyLimits {
             max_bytes: super::batches::MAX_UPLOAD_BYTES,
@@ -76,11 +83,6 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .max_bytes
             .max(super::anthropic_batches::MAX_CREATE_BYTES);
     }
-    let multipart = declared.is_some_and(|v| {
-        v.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("multipart/form-data")
-    });
     if !(is_json_type(declared) || (files && multipart)) {
         return ApiError::unsupported_media_type(declared.unwrap_or_default()).into_response();
     }
@@ -92,7 +94,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next)
     if announced.is_some_and(|n| n > limits.max_bytes as u64) {
         return ApiError::payload_too_large(limits.max_bytes).into_response();
     }
-    if upload && multipart {
+    if upload {
         // Not buffered here (it would be held twice more): `batches::upload` reads it
         // within the same limits.
         return next.run(req).await;

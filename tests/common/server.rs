@@ -312,8 +312,24 @@ pub fn raw_request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> (u16, Value) {
+    let ct = content_type.map(|c| ("Content-Type", c));
+    raw_request_with(addr, method, path, ct.as_slice(), body)
+}
+
+/// [`raw_request`] with any headers: the reply is read even when the server answers before
+/// the body is sent.
+pub fn raw_request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
-    let ct = content_type.map_or(String::new(), |c| format!("Content-Type: {c}\r\n"));
+    let ct: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ct}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
