@@ -367,23 +367,36 @@ impl Scheduler {
                 yielded |= !background;
                 continue;
             }
-            let (hit, copy) = self.take_cached_prefix(id);
-            let s = &self.seqs[&id];
-            let want = (s.tokens.len() - s.computed).min(budget);
-            let bg_prompt = self.background_prompt(id);
-            let want = self.capped(id, want.min(self.row_limit(id, bg_rows)), scored_left);
-            let target = s.computed + want;
-            // A foreground sequence out of blocks takes those of background ones.
-            let fits = self.grow(id, target)
-                || (!background && {
-                    yielded = true;
-                    self.make_room(id, target, &mut step, &mut budget, &mut scored_left)
-                });
+            let (mut hit, mut copy) = self.take_cached_prefix(id);
+            let (fits, want, bg_prompt) = loop {
+                let s = &self.seqs[&id];
+                let want = (s.tokens.len() - s.computed).min(budget);
+                let bg_prompt = self.background_prompt(id);
+                let want = self.capped(id, want.min(self.row_limit(id, bg_rows)), scored_left);
+                let target = s.computed + want;
+                // A foreground sequence out of blocks takes those of background ones.
+                let fits = self.grow(id, target)
+                    || (!background && {
+                        yielded = true;
+                        self.make_room(id, target, &mut step, &mut budget, &mut scored_left)
+                    });
+                // The block a partial prefix is copied from is held meanwhile, and may be
+                // the very block the sequence needs: without the copy it computes those
+                // rows itself (else it could wait for good, the only one left).
+                let Some((src, rows)) = copy.filter(|_| !fits) else {
+                    break (fits, want, bg_prompt);
+                };
+                copy = None;
+                self.blocks.release(&mut vec![src]);
+                let s = self
+                    .seqs
+                    .get_mut(&id)
+                    .expect("offered ids are known. This is a bug.");
+                s.computed -= rows;
+                hit -= rows;
+            };
             if !fits {
                 self.give_back_cached_prefix(id);
-                if let Some((src, _)) = copy {
-                    self.blocks.release(&mut vec![src]);
-                }
                 break;
             }
             if let Some((src, rows)) = copy {

@@ -275,6 +275,43 @@ fn a_later_prompt_reuses_full_blocks_of_prompt_and_generated_tokens() {
 }
 
 #[test]
+fn a_partial_prefix_whose_block_is_needed_is_computed_instead_of_copied() {
+    // Four blocks of 4. The first sequence leaves two full blocks and a partial one (two
+    // rows) in the cache; the second takes the two, and its other two blocks are the last
+    // free one and the partial one, which the copy would hold: so it is not copied.
+    let mut s = sched_cached(4, 64, 4, true);
+    add(&mut s, 1, 10);
+    run(&mut s);
+    s.remove(1);
+    let mut next = prompt(1, 10);
+    next.extend([7, 8, 9, 10, 11, 12]);
+    s.add(2, &next, true);
+    let st = s.schedule();
+    assert!(st.copies.is_empty(), "{:?}", st.copies);
+    assert_eq!(
+        st.chunks,
+        vec![Chunk {
+            id: 2,
+            start: 8,
+            len: 8,
+            logits: true,
+            draft: 0
+        }]
+    );
+    assert_eq!((s.cached_tokens(2), s.free_blocks()), (8, 0));
+    s.complete(&st, &[(2, 5)]);
+    // With a block to spare, the same prompt copies the rows as before.
+    let mut s = sched_cached(4, 64, 5, true);
+    add(&mut s, 1, 10);
+    run(&mut s);
+    s.remove(1);
+    s.add(2, &next, true);
+    let st = s.schedule();
+    assert_eq!((st.copies.len(), st.chunks[0].start), (1, 10));
+    assert_eq!(s.cached_tokens(2), 10);
+}
+
+#[test]
 fn the_last_token_is_always_computed_and_shared_blocks_are_never_written() {
     let mut s = sched_cached(4, 64, 20, true);
     add(&mut s, 1, 8);
