@@ -73,6 +73,34 @@ fn incremental_decoding_never_splits_a_character() {
 }
 
 #[test]
+fn a_context_that_ends_inside_a_character_does_not_stop_the_text() {
+    // A prompt of token ids may end inside a character: the reply's first token completes
+    // it, and the reply's text starts with that whole character.
+    use edgeinfer::model::detok::IncrementalDecoder;
+    let model = common::default_model();
+    let tok = &model.tokenizer;
+    let text = "Say 你好 and 🚀 then stop";
+    let ids = tok.encode(text, false).unwrap();
+    let mut cut = 0;
+    for k in 1..ids.len() {
+        let before = tok.decode(&ids[..k]).unwrap();
+        if !before.ends_with('\u{FFFD}') {
+            continue;
+        }
+        cut += 1;
+        let whole = before.trim_end_matches('\u{FFFD}');
+        let mut dec = IncrementalDecoder::with_context(&ids[k.saturating_sub(5)..k]);
+        let mut out = String::new();
+        for &id in &ids[k..] {
+            out.extend(dec.push(tok, id).unwrap());
+        }
+        out.extend(dec.flush(tok).unwrap());
+        assert_eq!(out, text[whole.len()..], "cut after token {k}");
+    }
+    assert!(cut > 0, "no cut of {text:?} ends inside a character");
+}
+
+#[test]
 fn each_tokens_bytes_join_into_the_texts_bytes() {
     // Logprobs' `bytes` let a client rebuild characters split across tokens.
     let model = common::default_model();

@@ -46,11 +46,11 @@ impl IncrementalDecoder {
         self.tokens.push(token);
         let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&self.tokens[self.prefix_offset..])?;
-        if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
+        if full.ends_with('\u{FFFD}') {
             return Ok(None);
         }
-        match full.get(prefix.len()..) {
-            Some(delta) if full.starts_with(&prefix) => {
+        match delta(&prefix, &full) {
+            Some(delta) if !delta.is_empty() => {
                 let delta = delta.to_string();
                 self.prefix_offset = self.read_offset;
                 self.read_offset = self.tokens.len();
@@ -69,12 +69,19 @@ impl IncrementalDecoder {
         let full = tok.decode(&self.tokens[self.prefix_offset..])?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
-        if !full.starts_with(&prefix) {
-            return Ok(None);
-        }
-        Ok(full
-            .get(prefix.len()..)
+        Ok(delta(&prefix, &full)
             .filter(|d| !d.is_empty())
             .map(str::to_string))
     }
+}
+
+/// What `full` adds to `prefix`. A prefix that ends inside a character (a context cut
+/// there: a prompt of token ids) decodes to U+FFFD where `full` has the character: the
+/// character, whole, is then part of what is added.
+fn delta<'a>(prefix: &str, full: &'a str) -> Option<&'a str> {
+    if full.starts_with(prefix) {
+        return full.get(prefix.len()..);
+    }
+    let whole = prefix.trim_end_matches('\u{FFFD}');
+    (whole.len() < prefix.len() && full.starts_with(whole)).then(|| &full[whole.len()..])
 }
