@@ -222,3 +222,52 @@ fn a_prediction_drafts_the_reply_and_changes_nothing() {
         );
     }
 }
+
+#[test]
+fn a_prediction_with_tokens_the_model_lacks_drafts_only_what_it_has() {
+    // A `--tokenizer` larger than the model's vocabulary: its extra token may be in a
+    // prediction, and must never reach the model (it would fail the step for every request
+    // in it).
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("small.gguf");
+    common::synthetic::write(&model, &common::synthetic::Spec::default());
+    let mut tok: Value = serde_json::from_str(&common::synthetic::tokenizer_json()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap().len();
+    let extra = json!({"id": vocab, "content": "ZZZ", "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": false});
+    tok["added_tokens"].as_array_mut().unwrap().push(extra);
+    tok["model"]["vocab"]["ZZZ"] = json!(vocab);
+    let tok_path = dir.path().join("tokenizer.json");
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let s = Server::spawn(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tok_path.to_str().unwrap(),
+            "--speculate",
+            "4",
+        ],
+        &[],
+    );
+    s.wait_ready();
+    let (status, t) = s.post("/tokenize", &json!({"content": "ZZZ"}));
+    assert_eq!((status, &t["tokens"]), (200, &json!([vocab])), "{t}");
+    // The reply is forced to `aaaaaaaa` (one token per byte, `a` is 97): the prediction
+    // drafts from its start, and its fourth token is the extra one.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                      "temperature": 0, "logit_bias": {"97": 100}});
+    let (status, plain) = s.post(CHAT, &body);
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain["choices"][0]["message"]["content"], "aaaaaaaa");
+    let mut predicted = body.clone();
+    predicted["prediction"] = json!({"type": "content", "content": "aaaZZZaaaa"});
+    let (status, r) = s.post(CHAT, &predicted);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"], plain["choices"]);
+    let details = &r["usage"]["completion_tokens_details"];
+    assert!(
+        details["accepted_prediction_tokens"].as_u64() > Some(0),
+        "{r}"
+    );
+}

@@ -507,13 +507,14 @@ async fn first_event(choices: Vec<Choice>) -> Vec<Choice> {
 }
 
 /// The tokens of the request's `prediction` (none when it has none, or when the engine does
-/// not draft), at most a context's.
+/// not draft), at most a context's, up to the first the model does not have (a `--tokenizer`
+/// larger than its vocabulary): drafted, it would fail the step of every request in it.
 async fn predicted_tokens(fields: &SamplingFields, ready: &Ready) -> Result<Vec<u32>, ApiError> {
     let Some(text) = fields.prediction()?.filter(|_| ready.engine.speculates) else {
         return Ok(Vec::new());
     };
     let r = ready.clone();
-    let ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, false))
+    let mut ids = tokio::task::spawn_blocking(move || r.tokenizer.encode(&text, false))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -527,6 +528,8 @@ async fn predicted_tokens(fields: &SamplingFields, ready: &Ready) -> Result<Vec<
             ),
         ));
     }
+    let known = ids.iter().take_while(|&&t| (t as usize) < ready.vocab_size);
+    ids.truncate(known.count());
     Ok(ids)
 }
 
