@@ -193,6 +193,15 @@ fn workers_ai_shapes_stay_off_v1_and_its_openai_path_speaks_openai() {
     let (status, o) = s.post(&format!("{base}/v1/chat/completions"), &body);
     assert_eq!(status, 200, "{o}");
     assert!(o["choices"].is_array(), "{o}");
+    // Retrieving the model by its alias names it as asked, as OpenAI's retrieve does.
+    let (status, m) = s.get(&format!("/v1/models/{ALIAS}"));
+    assert_eq!(status, 200, "{m}");
+    let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+    assert_eq!(
+        (m["id"].as_str(), m.get("parent")),
+        (Some(ALIAS), None),
+        "{m}"
+    );
     let (status, e) = s.post(
         &format!("{base}/v1/chat/completions"),
         &json!({"model": "nope", "messages": []}),

@@ -58,7 +58,10 @@ pub async fn model(
 ) -> Result<Json<Value>, ApiError> {
     let served = super::handlers::check_model(&state, &who, Some(&name))
         .map_err(|_| ApiError::model_not_found(&name))?;
-    Ok(Json(model_object(&state, &served.name)))
+    let mut o = model_object(&state, &served.name);
+    // An alias is named as asked (clients compare the two), as OpenAI's retrieve answers.
+    o["id"] = json!(name);
+    Ok(Json(o))
 }
 
 /// Liveness: 200 while the process and its engine thread are alive, also while the model
