@@ -1074,6 +1074,24 @@ fn background_responses_run_on_and_can_be_cancelled() {
         (400, &json!("background")),
         "{e}"
     );
+    // What the request itself would be refused is refused at once, as in the foreground,
+    // not stored `queued` to fail later.
+    let schema = json!({"type": "json_schema", "name": "x", "schema": {"type": "nope"}});
+    for (field, value) in [
+        ("temperature", json!(7)),
+        ("max_output_tokens", json!(100_000)),
+        ("text", json!({"format": schema})),
+        ("top_logprobs", json!(50)),
+    ] {
+        let mut fg_bad = ask.clone();
+        fg_bad[field] = value;
+        let (fg_st, fg_e) = s.post("/v1/responses", &fg_bad);
+        let mut bg_bad = fg_bad.clone();
+        bg_bad["background"] = json!(true);
+        let (st, e) = s.post("/v1/responses", &bg_bad);
+        assert_eq!(fg_st, 400, "{field}: {fg_e}");
+        assert_eq!((st, &e), (fg_st, &fg_e), "{field}");
+    }
     // A retry of a create with its `Idempotency-Key` (the reply to the first was lost) is
     // answered the first's response as it stands, and runs nothing again; another body
     // under the key is another request.

@@ -226,6 +226,11 @@ pub(super) async fn run(
         let m = budget(&input.prompt, requested, ready, &gate)?;
         budgets.extend(std::iter::repeat_n(m, n));
     }
+    if matches!(&meta.surface, Surface::Responses(ctx) if ctx.check_only) {
+        return Ok(axum::response::IntoResponse::into_response(
+            axum::http::StatusCode::NO_CONTENT,
+        ));
+    }
     // A prompt's choices share its computation through the prefix cache, unless it is off
     // or the prompt is scored (each choice then computes it): shared, it counts once.
     let shared =

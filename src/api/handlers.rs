@@ -25,6 +25,7 @@ use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
 
 #[path = "intake.rs"]
 mod intake;
+use intake::accept_with;
 pub(super) use intake::{accept, body_or_error, check_model, ledger_terms, Served};
 
 #[path = "render.rs"]
@@ -91,12 +92,13 @@ pub(super) async fn chat(
     api: Api,
 ) -> Result<Response, ApiError> {
     let anthropic = matches!(api, Api::Anthropic);
-    let (ready, req, sampling, gate) = accept(
+    let checking = matches!(&api, Api::Responses(ctx) if ctx.check_only);
+    let (ready, req, sampling, gate) = accept_with(
         state,
         &rid,
         who,
         headers,
-        api.route(true),
+        (api.route(true), !checking),
         body,
         |v| api.translate(v),
         |r: &ChatCompletionRequest| r.model.as_deref(),

@@ -200,6 +200,23 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
     translate: impl FnOnce(Value) -> Result<Value, ApiError>,
     model: impl Fn(&T) -> Option<&str>,
 ) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
+    let front = (route, true);
+    accept_with(state, rid, who, headers, front, body, translate, model)
+}
+
+/// [`accept`]; `(route, refuse_full)`: whether a full node refuses it here (not a request
+/// only checked, to run later when there is room).
+#[allow(clippy::too_many_arguments)]
+pub(in crate::api) fn accept_with<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    rid: &RequestId,
+    who: Principal,
+    headers: &HeaderMap,
+    (route, refuse_full): (&'static str, bool),
+    body: Result<Bytes, BytesRejection>,
+    translate: impl FnOnce(Value) -> Result<Value, ApiError>,
+    model: impl Fn(&T) -> Option<&str>,
+) -> Result<(Ready, T, SamplingFields, Gate), ApiError> {
     let body = body_or_error(body, state.max_body_bytes)?;
     // The request timeout counts from here: parsing, templating and grammars included.
     let arrived = Instant::now();
@@ -218,7 +235,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
         ApiError::overloaded()
     };
     let idempotent = headers.contains_key("idempotency-key");
-    if !ready.engine.has_room() && !idempotent {
+    if refuse_full && !ready.engine.has_room() && !idempotent {
         return Err(refuse(&who, &state.model_name));
     }
     let body = translate(without_nulls(parse_body(&body)?))?;
@@ -242,7 +259,7 @@ pub(in crate::api) fn accept<T: serde::de::DeserializeOwned>(
         arrived,
         attempt: rid.1.clone(),
     };
-    if idempotent && !ready.engine.has_room() {
+    if refuse_full && idempotent && !ready.engine.has_room() {
         let held = gate
             .idempotency_key(&ready.model_hash, &ready.template_hash)
             .is_some_and(|k| state.idempotency.holds(k));

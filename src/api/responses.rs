@@ -20,6 +20,7 @@ use crate::structured::toolcall::ParsedCall;
 
 /// What a Responses request carries into its answer: identity, the conversation so far
 /// (previous items plus this input), the request's settings to echo, where to store it.
+#[derive(Clone)]
 pub struct ResponsesCtx {
     pub id: String,
     pub owner: String,
@@ -35,6 +36,9 @@ pub struct ResponsesCtx {
     /// The request's settings as the response object echoes them.
     pub echo: Map<String, Value>,
     pub gateway: Arc<Gateway>,
+    /// Only checked (a background create, before it is stored): the chat path refuses what
+    /// it would refuse, then answers 204 before anything is admitted, reserved or run.
+    pub check_only: bool,
 }
 
 /// The request's input as items: a string is one user message.

@@ -97,12 +97,18 @@ pub async fn responses_create(
         background: in_background,
         echo: super::responses::echo(&v),
         gateway: state.gateway.clone(),
+        check_only: false,
     };
     if in_background {
-        // What would refuse it at once is refused now, not stored as its failure.
-        state.ready()?;
+        // What would refuse it at once (but a full node: it waits for room) is refused
+        // now, not stored as its failure: the chat path checks it, and stops there.
         let model = check_model(&state, &who, v["model"].as_str())?.name;
-        super::responses::to_chat_request(v, &ctx.context)?;
+        let checked = Api::Responses(Arc::new(ResponsesCtx {
+            check_only: true,
+            ..ctx.clone()
+        }));
+        let (asked, body) = ((rid.clone(), who.clone()), Ok(bytes.clone()));
+        chat(&state, asked.0, asked.1, &headers, body, checked).await?;
         let asked = (rid, who, headers);
         return background::start(state.clone(), asked, bytes, Arc::new(ctx), model).await;
     }
