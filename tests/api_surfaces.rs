@@ -1225,3 +1225,63 @@ fn background_responses_run_on_and_can_be_cancelled() {
     );
     assert_eq!(long.join().unwrap(), 200);
 }
+
+#[test]
+fn background_runs_are_bounded_by_the_node_and_by_a_keys_parallel_requests() {
+    // Two requests in flight at most (one running, one queued); a key of one.
+    let master = "sk-master-background-test-0123456789";
+    let s = Server::start(&[
+        "--master-key",
+        master,
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "1",
+    ]);
+    let r = s.post_key(
+        "/key/generate",
+        &json!({"key_alias": "one", "max_parallel_requests": 1}),
+        master,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let one = r.body["key"].as_str().unwrap().to_string();
+    let long = json!({"model": MODEL, "input": "Count from 1 to 2000, one number per line.",
+                      "max_output_tokens": 4000, "temperature": 0, "background": true});
+    let create = |key: &str| {
+        let auth = format!("Bearer {key}");
+        s.call(
+            "POST",
+            "/v1/responses",
+            Some(&long),
+            &[("authorization", &auth)],
+        )
+    };
+    let cancel = |key: &str, id: &Value| {
+        let auth = format!("Bearer {key}");
+        let path = format!("/v1/responses/{}/cancel", id.as_str().unwrap());
+        let r = s.call("POST", &path, None, &[("authorization", &auth)]);
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let refused = |r: &common::server::Reply, whose: &str| {
+        assert_eq!(r.status, 429, "{}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(whose), "{}", r.body);
+        assert!(r.header("retry-after").is_some());
+    };
+    let a = create(&one);
+    assert_eq!(a.status, 200, "{}", a.body);
+    refused(&create(&one), "this key's 1");
+    let b = create(master);
+    assert_eq!(b.status, 200, "{}", b.body);
+    refused(&create(master), "this node's 2");
+    // A run that ends makes room.
+    cancel(&one, &a.body["id"]);
+    let c = create(master);
+    assert_eq!(c.status, 200, "{}", c.body);
+    refused(&create(&one), "this node's 2");
+    cancel(master, &b.body["id"]);
+    cancel(master, &c.body["id"]);
+    let d = create(&one);
+    assert_eq!(d.status, 200, "{}", d.body);
+    cancel(&one, &d.body["id"]);
+}

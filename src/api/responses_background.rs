@@ -32,14 +32,54 @@ const PATIENCE: Duration = Duration::from_secs(24 * 3600);
 /// streamed.
 #[derive(Default)]
 pub struct Running {
-    /// A run's handle; `None` while its response is being stored (it counts as running).
-    runs: Mutex<HashMap<String, Option<AbortHandle>>>,
+    runs: Mutex<HashMap<String, Run>>,
     pub(super) logs: Logs,
 }
 
+/// A run: whose it is, and its handle (`None` while its response is being stored: it counts
+/// as running).
+struct Run {
+    owner: String,
+    handle: Option<AbortHandle>,
+}
+
 impl Running {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<AbortHandle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Run>> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the run of `id` for `owner`, unless the node already runs `node_cap` or
+    /// the owner `owner_cap` (a key's parallel requests): each holds a body, a conversation
+    /// and its events for up to a day, so they are bounded as requests in flight are.
+    fn enter(
+        &self,
+        id: &str,
+        owner: &str,
+        (node_cap, owner_cap): (usize, Option<u64>),
+    ) -> Result<(), ApiError> {
+        let mut runs = self.lock();
+        let mine = runs.values().filter(|r| r.owner == owner).count() as u64;
+        if runs.len() >= node_cap || owner_cap.is_some_and(|cap| mine >= cap) {
+            let whose = if runs.len() >= node_cap {
+                format!("this node's {node_cap}")
+            } else {
+                format!(
+                    "this key's {} (`max_parallel_requests`)",
+                    owner_cap.unwrap_or(0)
+                )
+            };
+            return Err(ApiError::rate_limited(
+                "rate_limit_exceeded",
+                format!("Too many background responses in progress: at most {whose}. Retry when one has ended."),
+                Some(Duration::from_secs(1)),
+            ));
+        }
+        let run = Run {
+            owner: owner.to_string(),
+            handle: None,
+        };
+        runs.insert(id.to_string(), run);
+        Ok(())
     }
 
     /// Stops the run of `id` (and its events end, also when it never started); whether one
@@ -47,7 +87,7 @@ impl Running {
     pub(super) fn stop(&self, id: &str) -> bool {
         let run = self.lock().remove(id);
         let stopped = run
-            .inspect(|h| h.iter().for_each(AbortHandle::abort))
+            .inspect(|r| r.handle.iter().for_each(AbortHandle::abort))
             .is_some();
         self.logs.end(id);
         stopped
@@ -130,7 +170,12 @@ async fn begin(
     let keep_alive = state.sse_keep_alive;
     // Running (and its events open) before its row is stored: a retry that finds the row
     // finds it running, never an unfinished row no run holds (which reads `failed`).
-    state.background.lock().insert(ctx.id.clone(), None);
+    let owner_cap = match &who {
+        Principal::Key(k) => k.limit_spec().max_parallel,
+        _ => None,
+    };
+    let caps = (state.ready()?.engine.capacity(), owner_cap);
+    state.background.enter(&ctx.id, &ctx.owner, caps)?;
     let log = streamed.then(|| state.background.logs.open(&ctx.id));
     let (id, owner, row, context) = (
         ctx.id.clone(),
@@ -192,7 +237,7 @@ async fn begin(
         (model, log.clone()),
     ));
     match running.get_mut(&ctx.id) {
-        Some(slot) => *slot = Some(task.abort_handle()),
+        Some(run) => run.handle = Some(task.abort_handle()),
         None => {
             task.abort();
             state.background.logs.end(&ctx.id);
