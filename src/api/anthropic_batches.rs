@@ -14,7 +14,8 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::batches::{cancel_batch, create_held, new_object, owner, result_lines, store};
+use super::batch_results::result_body;
+use super::batches::{cancel_batch, create_held, new_object, owner, store};
 use super::error::ApiError;
 use super::AppState;
 use crate::gateway::batches::{new_id, BatchQuery, Deleted, Line, ACTIVE};
@@ -262,12 +263,8 @@ async fn results(
             "Message batch '{id}' is still processing; its results come once it has ended."
         )));
     }
-    let mut out = Vec::new();
-    for line in result_lines(&state, &object, &owner(&who)).await? {
-        out.extend_from_slice(result_line(&line).to_string().as_bytes());
-        out.push(b'\n');
-    }
-    Ok(([(header::CONTENT_TYPE, "application/x-jsonl")], out).into_response())
+    let body = result_body(state, &object, owner(&who), result_line).await?;
+    Ok(([(header::CONTENT_TYPE, "application/x-jsonl")], body).into_response())
 }
 
 /// A request's result from its line in the batch's output or error file.

@@ -101,20 +101,9 @@ pub(super) async fn result_lines(
     owner: &str,
 ) -> Result<Vec<Value>, ApiError> {
     let id = object["id"].as_str().unwrap_or_default();
-    if object["status"] == "failed" {
-        let why = object["errors"]["data"][0]["message"]
-            .as_str()
-            .unwrap_or_default();
-        return Err(ApiError::conflict(format!(
-            "The batch failed and its results were not kept: {why}"
-        )));
-    }
     let mut lines = Vec::new();
-    for field in ["output_file_id", "error_file_id"] {
-        let Some(file) = object[field].as_str() else {
-            continue;
-        };
-        let content = read_file(state, file, owner).await?.ok_or_else(|| {
+    for file in result_files(object)? {
+        let content = read_file(state, &file, owner).await?.ok_or_else(|| {
             ApiError::not_found(format!(
                 "The results of '{id}' have expired or were deleted."
             ))
@@ -126,6 +115,21 @@ pub(super) async fn result_lines(
         );
     }
     Ok(lines)
+}
+
+/// The files that hold an ended batch's results, output file first: 409 for a batch that
+/// failed (its results were not kept).
+pub(super) fn result_files(object: &Value) -> Result<Vec<String>, ApiError> {
+    if object["status"] == "failed" {
+        let why = object["errors"]["data"][0]["message"]
+            .as_str()
+            .unwrap_or_default();
+        return Err(ApiError::conflict(format!(
+            "The batch failed and its results were not kept: {why}"
+        )));
+    }
+    let files = ["output_file_id", "error_file_id"].map(|f| object[f].as_str());
+    Ok(files.into_iter().flatten().map(str::to_string).collect())
 }
 
 /// A live file's whole content, read a chunk at a time so that the store is free between

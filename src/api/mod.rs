@@ -8,6 +8,7 @@ mod anthropic_sse;
 mod auth;
 mod batch_input;
 mod batch_output;
+mod batch_results;
 mod batch_worker;
 mod batches;
 pub use batches::BatchSettings;
