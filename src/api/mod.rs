@@ -37,6 +37,7 @@ mod responses_events;
 mod responses_items;
 mod responses_logprobs;
 mod responses_sse;
+mod side_work;
 mod stream;
 mod surfaces;
 mod text_logprobs;
@@ -133,6 +134,8 @@ pub struct AppState {
     pub batch: BatchSettings,
     /// The Responses API's runs in the background.
     background: responses_background::Running,
+    /// Renders and tokenizations answered without generating, a core's worth at a time.
+    side_work: side_work::SideWork,
 }
 
 /// The HTTP side's settings.
@@ -196,6 +199,7 @@ impl AppState {
             batch_wake: tokio::sync::Notify::new(),
             batch: config.batch,
             background: Default::default(),
+            side_work: Default::default(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

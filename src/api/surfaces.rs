@@ -252,7 +252,6 @@ pub async fn messages(
     chat(&state, rid, who, &headers, body, Api::Anthropic).await
 }
 
-/// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
 /// llama-server's `POST /apply-template`: a chat request's prompt as the template renders
 /// it (tools and `chat_template_kwargs` included), without generating.
 pub async fn apply_template(
@@ -268,14 +267,14 @@ pub async fn apply_template(
     let continues = req.continues(&mut messages)?;
     let tools = req.tools_json();
     let kwargs = req.template_kwargs()?;
-    let prompt = tokio::task::spawn_blocking(move || {
-        super::handlers::render_text(&ready, messages, tools, &kwargs, continues)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
+    let prompt = state
+        .side_work
+        .run(move || super::handlers::render_text(&ready, messages, tools, &kwargs, continues))
+        .await??;
     Ok(Json(json!({"prompt": prompt})))
 }
 
+/// Anthropic's `POST /v1/messages/count_tokens`: the prompt's size as rendered for the model.
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
@@ -290,9 +289,9 @@ pub async fn count_tokens(
     let continues = req.continues(&mut messages)?;
     let tools = req.tools_json();
     let kwargs = req.template_kwargs()?;
-    let prompt =
-        tokio::task::spawn_blocking(move || render(&ready, messages, tools, &kwargs, continues))
-            .await
-            .map_err(|e| ApiError::internal(format!("templating failed: {e}")))??;
+    let prompt = state
+        .side_work
+        .run(move || render(&ready, messages, tools, &kwargs, continues))
+        .await??;
     Ok(Json(json!({"input_tokens": prompt.0.len()})))
 }

@@ -137,22 +137,23 @@ pub async fn tokenize(
     };
     let r = ready.clone();
     let parse = req.parse_special.unwrap_or(true);
-    let ids = tokio::task::spawn_blocking(move || {
-        let mut ids = if parse {
-            r.tokenizer.encode(&text, false)?
-        } else {
-            r.tokenizer.encode_plain(&text)?
-        };
-        if special {
-            if let Some(bos) = r.tokenizer.bos.filter(|_| r.tokenizer.add_bos) {
-                ids.insert(0, bos);
+    let ids = state
+        .side_work
+        .run(move || {
+            let mut ids = if parse {
+                r.tokenizer.encode(&text, false)?
+            } else {
+                r.tokenizer.encode_plain(&text)?
+            };
+            if special {
+                if let Some(bos) = r.tokenizer.bos.filter(|_| r.tokenizer.add_bos) {
+                    ids.insert(0, bos);
+                }
             }
-        }
-        Ok::<_, crate::error::ModelError>(ids)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok::<_, crate::error::ModelError>(ids)
+        })
+        .await?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let tokens: Value = if req.with_pieces == Some(true) {
         let tok = &ready.tokenizer;
         ids.iter()
@@ -241,11 +242,11 @@ pub async fn detokenize(
     }
     // Control tokens written out, as llama-server and vLLM answer: `/tokenize` then
     // `/detokenize` gives the text back.
-    let text =
-        tokio::task::spawn_blocking(move || ready.tokenizer.decode_with_control(&req.tokens))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let text = state
+        .side_work
+        .run(move || ready.tokenizer.decode_with_control(&req.tokens))
+        .await?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     // `content` as llama-server answers, `prompt` as vLLM does.
     Ok(Json(json!({"content": text, "prompt": text})))
 }
