@@ -1268,9 +1268,26 @@ fn background_runs_are_bounded_by_the_node_and_by_a_keys_parallel_requests() {
         assert!(message.contains(whose), "{}", r.body);
         assert!(r.header("retry-after").is_some());
     };
-    let a = create(&one);
+    let auth = format!("Bearer {one}");
+    let once = [
+        ("authorization", auth.as_str()),
+        ("idempotency-key", "bg-cap"),
+    ];
+    let a = s.call("POST", "/v1/responses", Some(&long), &once);
     assert_eq!(a.status, 200, "{}", a.body);
     refused(&create(&one), "this key's 1");
+    // A retry of that create (its reply was lost) is still answered it.
+    let retry = s.call("POST", "/v1/responses", Some(&long), &once);
+    assert_eq!(
+        (
+            retry.status,
+            &retry.body["id"],
+            retry.header("idempotent-replayed")
+        ),
+        (200, &a.body["id"], Some("true")),
+        "{}",
+        retry.body
+    );
     let b = create(master);
     assert_eq!(b.status, 200, "{}", b.body);
     refused(&create(master), "this node's 2");

@@ -168,30 +168,42 @@ async fn begin(
     let idem = retry_key(&headers, &ctx.owner, &bytes)?;
     let streamed = serde_json::from_slice::<Value>(&bytes).is_ok_and(|b| b["stream"] == true);
     let keep_alive = state.sse_keep_alive;
-    // Running (and its events open) before its row is stored: a retry that finds the row
-    // finds it running, never an unfinished row no run holds (which reads `failed`).
     let owner_cap = match &who {
         Principal::Key(k) => k.limit_spec().max_parallel,
         _ => None,
     };
     let caps = (state.ready()?.engine.capacity(), owner_cap);
-    state.background.enter(&ctx.id, &ctx.owner, caps)?;
-    let log = streamed.then(|| state.background.logs.open(&ctx.id));
-    let (id, owner, row, context) = (
-        ctx.id.clone(),
-        ctx.owner.clone(),
-        queued.clone(),
-        ctx.context.clone(),
-    );
-    let earlier = super::gate::on_store(&state, "conversation", move |g| match idem {
-        Some(key) => g.conversations.put_once(&id, &owner, &row, &context, &key),
-        None => g
-            .conversations
-            .put(&id, &owner, &row, &context)
-            .map(|_| None),
-    })
-    .await
-    .inspect_err(|_| state.background.forget(&ctx.id))?;
+    // Running (and its events open) before its row is stored: a retry that finds the row
+    // finds it running, never an unfinished row no run holds (which reads `failed`).
+    let (earlier, log) = match (state.background.enter(&ctx.id, &ctx.owner, caps), idem) {
+        (Err(full), None) => return Err(full),
+        // At the cap, a retry of a create is still answered the first's response.
+        (Err(full), Some(key)) => {
+            let owner = ctx.owner.clone();
+            let get = move |g: &crate::gateway::Gateway| g.conversations.get_once(&owner, &key);
+            let earlier = super::gate::on_store(&state, "conversation", get).await?;
+            (Some(earlier.ok_or(full)?), None)
+        }
+        (Ok(()), idem) => {
+            let log = streamed.then(|| state.background.logs.open(&ctx.id));
+            let (id, owner, row, context) = (
+                ctx.id.clone(),
+                ctx.owner.clone(),
+                queued.clone(),
+                ctx.context.clone(),
+            );
+            let earlier = super::gate::on_store(&state, "conversation", move |g| match idem {
+                Some(key) => g.conversations.put_once(&id, &owner, &row, &context, &key),
+                None => g
+                    .conversations
+                    .put(&id, &owner, &row, &context)
+                    .map(|_| None),
+            })
+            .await
+            .inspect_err(|_| state.background.forget(&ctx.id))?;
+            (earlier, log)
+        }
+    };
     if let Some(earlier) = earlier {
         state.background.forget(&ctx.id);
         let now = current(&state, &ctx.owner, earlier).await;

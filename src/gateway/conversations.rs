@@ -107,15 +107,7 @@ impl Conversations {
         let now = super::db::unix_now();
         self.expire(now)?;
         let conn = self.conn();
-        let earlier = || {
-            conn.query_row(
-                "SELECT response FROM responses WHERE owner = ?1 AND idem = ?2 AND created >= ?3",
-                params![owner, key, self.oldest_kept(now)],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(GatewayError::db)
-        };
+        let earlier = || self.stored_under(&conn, owner, key, now);
         let mut found = earlier()?;
         if found.is_none() {
             // Another process may store one under the key first: its row is the answer.
@@ -143,12 +135,29 @@ impl Conversations {
                 }
             }
         }
-        found
-            .map(|r| {
-                serde_json::from_str(&r)
-                    .map_err(|e| GatewayError::Db(format!("a stored response is corrupt: {e}")))
-            })
-            .transpose()
+        parsed(found)
+    }
+
+    /// The response stored under `key` by `owner` (see [`Self::put_once`]), if any.
+    pub fn get_once(&self, owner: &str, key: &[u8]) -> Result<Option<Value>, GatewayError> {
+        let now = super::db::unix_now();
+        parsed(self.stored_under(&self.conn(), owner, key, now)?)
+    }
+
+    fn stored_under(
+        &self,
+        conn: &Connection,
+        owner: &str,
+        key: &[u8],
+        now: i64,
+    ) -> Result<Option<String>, GatewayError> {
+        conn.query_row(
+            "SELECT response FROM responses WHERE owner = ?1 AND idem = ?2 AND created >= ?3",
+            params![owner, key, self.oldest_kept(now)],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(GatewayError::db)
     }
 
     /// The response `id` if `owner` made it.
@@ -218,6 +227,15 @@ impl Conversations {
             .map_err(GatewayError::db)?;
         Ok(n > 0)
     }
+}
+
+/// A stored response's JSON.
+fn parsed(row: Option<String>) -> Result<Option<Value>, GatewayError> {
+    row.map(|r| {
+        serde_json::from_str(&r)
+            .map_err(|e| GatewayError::Db(format!("a stored response is corrupt: {e}")))
+    })
+    .transpose()
 }
 
 #[cfg(test)]
