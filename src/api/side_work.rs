@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::sync::Semaphore;
 
 use super::error::ApiError;
@@ -13,7 +15,7 @@ use super::error::ApiError;
 const WAIT: Duration = Duration::from_secs(10);
 
 pub struct SideWork {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     wait: Duration,
 }
 
@@ -27,25 +29,27 @@ impl Default for SideWork {
 impl SideWork {
     pub fn new(slots: usize, wait: Duration) -> Self {
         Self {
-            slots: Semaphore::new(slots.max(1)),
+            slots: Arc::new(Semaphore::new(slots.max(1))),
             wait,
         }
     }
 
-    /// Runs `f` on a blocking thread when a slot is free: 429 if none frees up in time.
+    /// Runs `f` on a blocking thread when a slot is free: 429 if none frees up in time. The
+    /// slot is the work's until it ends, also when its client has gone meanwhile.
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let slot = tokio::time::timeout(self.wait, self.slots.acquire())
+        let slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| ApiError::overloaded())?
             .map_err(|_| ApiError::internal("the side work's slots are closed"))?;
-        let done = tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ApiError::internal(format!("the work failed: {e}")));
-        drop(slot);
-        done
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            f()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the work failed: {e}")))
     }
 }
 
@@ -77,9 +81,20 @@ mod tests {
         // The one slot is taken: the next waits 200 ms, then is refused as a full node.
         let refused = work.run(|| 1).await.unwrap_err();
         assert_eq!(refused.status.as_u16(), 429);
+        // A caller that leaves (its client gone) leaves its work the slot until it ends.
+        busy.abort();
+        assert!(busy.await.unwrap_err().is_cancelled());
+        assert_eq!(work.run(|| 1).await.unwrap_err().status.as_u16(), 429);
         // Once it is free, work runs.
         tx.send(()).unwrap();
-        busy.await.unwrap().unwrap();
-        assert_eq!(work.run(|| 2).await.unwrap(), 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let ran = loop {
+            match work.run(|| 2).await {
+                Ok(v) => break v,
+                Err(_) if std::time::Instant::now() < deadline => continue,
+                Err(e) => panic!("{}", e.message),
+            }
+        };
+        assert_eq!(ran, 2);
     }
 }
