@@ -90,8 +90,13 @@ async fn next(mut r: Reading) -> Result<Option<(Bytes, Reading)>, std::io::Error
 
 /// Adds `chunk` to `carry` and maps the lines that are now whole; the cut one stays.
 fn take_lines(carry: &mut Vec<u8>, chunk: &[u8], map: fn(&Value) -> Value) -> Vec<u8> {
+    // Only the chunk is searched: a line of many chunks is not read again for each.
+    let before = carry.len();
     carry.extend_from_slice(chunk);
-    let whole = carry.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let Some(end) = chunk.iter().rposition(|&b| b == b'\n') else {
+        return Vec::new();
+    };
+    let whole = before + end + 1;
     let rest = carry.split_off(whole);
     mapped(&std::mem::replace(carry, rest), map)
 }

@@ -374,15 +374,15 @@ impl Scheduler {
                 let bg_prompt = self.background_prompt(id);
                 let want = self.capped(id, want.min(self.row_limit(id, bg_rows)), scored_left);
                 let target = s.computed + want;
-                // A foreground sequence out of blocks takes those of background ones.
+                // A foreground sequence out of blocks takes those of background ones, but
+                // first gives up its copy: the block a partial prefix is copied from is
+                // held meanwhile, and may be the very block it needs. Without the copy it
+                // computes those rows itself (else it could wait for good, the only one).
                 let fits = self.grow(id, target)
-                    || (!background && {
+                    || (copy.is_none() && !background && {
                         yielded = true;
                         self.make_room(id, target, &mut step, &mut budget, &mut scored_left)
                     });
-                // The block a partial prefix is copied from is held meanwhile, and may be
-                // the very block the sequence needs: without the copy it computes those
-                // rows itself (else it could wait for good, the only one left).
                 let Some((src, rows)) = copy.filter(|_| !fits) else {
                     break (fits, want, bg_prompt);
                 };

@@ -247,3 +247,25 @@ fn out_of_blocks_preempts_the_newest_of_the_tenant_running_the_most() {
     let planned: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.start)).collect();
     assert_eq!(planned, vec![(1, 7), (3, 8)]);
 }
+
+#[test]
+fn a_foreground_sequence_gives_up_its_copy_before_a_background_ones_blocks() {
+    // Five blocks of 4: a cached prefix (two full blocks and a partial one), a running
+    // background sequence's block and one free. The next turn needs two more blocks: giving
+    // up the copy of the partial block frees one, so no background sequence gives its up.
+    let mut s = sched_cached(4, 64, 5, true);
+    add(&mut s, 1, 10);
+    run(&mut s);
+    s.remove(1);
+    add(&mut s, 9, 3);
+    s.set_tenant(9, batch());
+    run(&mut s);
+    let mut next = prompt(1, 10);
+    next.extend([7, 8, 9, 10, 11, 12]);
+    s.add(2, &next, true);
+    let st = s.schedule();
+    assert!(st.preempted.is_empty(), "{:?}", st.preempted);
+    assert!(st.copies.is_empty(), "{:?}", st.copies);
+    let starts: Vec<(SeqId, usize)> = st.chunks.iter().map(|c| (c.id, c.start)).collect();
+    assert_eq!(starts, vec![(9, 3), (2, 8)]);
+}

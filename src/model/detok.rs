@@ -2,7 +2,9 @@
 //!
 //! Knows only the tokenizer's `decode`. Invariant: a delta never ends in the middle of a UTF-8
 //! character (a token holding half of an emoji waits for the next one), and the deltas
-//! concatenate to the decoding of all tokens.
+//! concatenate to the decoding of all tokens after the context. A context that ends inside a
+//! character (a prompt of token ids cut there) decodes to U+FFFD at its end: the first delta
+//! then holds the whole character, its first bytes the context's.
 
 use super::tokenizer::Tokenizer;
 use crate::error::ModelError;
