@@ -1302,3 +1302,70 @@ fn background_runs_are_bounded_by_the_node_and_by_a_keys_parallel_requests() {
     assert_eq!(d.status, 200, "{}", d.body);
     cancel(&one, &d.body["id"]);
 }
+
+#[test]
+fn a_background_run_waiting_for_room_runs_as_its_key_stands_then() {
+    // One place and no queue, held by a long request: the run waits; meanwhile its key may
+    // no longer use the model, and its next attempt is refused so.
+    let master = "sk-master-background-key-0123456789";
+    let s = Server::start(&[
+        "--master-key",
+        master,
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "0",
+    ]);
+    let r = s.post_key("/key/generate", &json!({"key_alias": "later"}), master);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let key = r.body["key"].as_str().unwrap().to_string();
+    let base = s.base.clone();
+    let long = std::thread::spawn(move || {
+        ureq::post(&format!("{base}/v1/completions"))
+            .set("authorization", &format!("Bearer {master}"))
+            .send_json(json!({"prompt": "Once upon a time", "max_tokens": 400,
+                              "logit_bias": {"0": -100, "2": -100}}))
+            .map_or(0, |r| r.status())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let auth = format!("Bearer {key}");
+    let ask = json!({"model": MODEL, "input": "List three colors.", "max_output_tokens": 8,
+                     "background": true});
+    let r = s.call(
+        "POST",
+        "/v1/responses",
+        Some(&ask),
+        &[("authorization", &auth)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let u = s.post_key(
+        "/key/update",
+        &json!({"key": key, "models": ["another-model"]}),
+        master,
+    );
+    assert_eq!(u.status, 200, "{}", u.body);
+    assert_eq!(long.join().unwrap(), 200, "the node was not held");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let r = s.call(
+            "GET",
+            &format!("/v1/responses/{id}"),
+            None,
+            &[("authorization", &auth)],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = r.body["status"].as_str().unwrap_or_default().to_string();
+        if !["queued", "in_progress"].contains(&status.as_str())
+            || std::time::Instant::now() > deadline
+        {
+            break r.body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        (&done["status"], &done["error"]["code"]),
+        (&json!("failed"), &json!("model_not_allowed")),
+        "{done}"
+    );
+}

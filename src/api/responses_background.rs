@@ -301,15 +301,28 @@ async fn run(
     let _leave = Leave(state.clone(), ctx.id.clone());
     mark(&state, &ctx, &model, "in_progress", None).await;
     let since = Instant::now();
+    let mut who = who;
     let answer = loop {
         let api = Api::Responses(ctx.clone());
-        let (rid, who, body) = (rid.clone(), who.clone(), Ok(bytes.clone()));
-        let answer = chat(&state, rid, who, &headers, body, api)
+        let (rid, asker, body) = (rid.clone(), who.clone(), Ok(bytes.clone()));
+        let answer = chat(&state, rid, asker, &headers, body, api)
             .await
             .unwrap_or_else(IntoResponse::into_response);
         match wait_for_retry(&answer) {
             Some(wait) if since.elapsed() + wait < PATIENCE => tokio::time::sleep(wait).await,
             _ => break answer,
+        }
+        // Each attempt runs as its key stands now (revoked, expired, its models or limits
+        // changed meanwhile), as a batch's do.
+        let (kind, owner) = who.owner();
+        match state.gateway.principal_of(kind, owner) {
+            Ok(now) => who = now,
+            // The key store could not be read: the next attempt, as the key stood.
+            Err(crate::gateway::AuthError::Unavailable) => {}
+            Err(_) => {
+                let gone = "The key that created this response was revoked or has expired (or the server's keys changed); it was not run.";
+                break ApiError::unauthorized(gone).into_response();
+            }
         }
     };
     let ok = answer.status().is_success();
