@@ -210,3 +210,40 @@ fn pooling_metadata_is_read_and_bidirectional_models_are_refused() {
         "{e}"
     );
 }
+
+/// RoPE's linear scaling factor, under either key, must be a positive number: 0 or NaN
+/// would make every angle infinite (every output NaN), so such a file is refused by name.
+#[test]
+fn a_rope_scaling_factor_no_model_can_run_with_is_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    use edgeinfer::model::RopeScaling;
+    let dir = tempfile::tempdir().unwrap();
+    let load = |meta: Vec<(&'static str, Value)>| {
+        let path = dir.path().join("m.gguf");
+        synthetic::write(
+            &path,
+            &Spec {
+                meta,
+                ..Spec::default()
+            },
+        );
+        let mut f = GgufFile::open(&path).unwrap();
+        Llama::load(&mut f, &Device::Cpu).map(|m| m.config.rope_scaling)
+    };
+    let legacy = |x: f32| vec![("{arch}.rope.scale_linear", Value::F32(x))];
+    assert_eq!(
+        load(legacy(4.0)).unwrap(),
+        RopeScaling::Linear { factor: 4.0 }
+    );
+    assert_eq!(load(legacy(1.0)).unwrap(), RopeScaling::None);
+    for bad in [0.0, -2.0, f32::NAN, f32::INFINITY] {
+        let e = load(legacy(bad)).unwrap_err().to_string();
+        assert!(e.contains("llama.rope.scale_linear"), "{bad}: {e}");
+        let typed = vec![
+            ("{arch}.rope.scaling.type", Value::String("linear".into())),
+            ("{arch}.rope.scaling.factor", Value::F32(bad)),
+        ];
+        let e = load(typed).unwrap_err().to_string();
+        assert!(e.contains("llama.rope.scaling.factor"), "{bad}: {e}");
+    }
+}

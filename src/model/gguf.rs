@@ -392,6 +392,9 @@ impl ModelConfig {
                 ))
             }
             _ => match f.opt_f32(&key("rope.scale_linear"))? {
+                Some(factor) if !(factor.is_finite() && factor > 0.0) => {
+                    return Err(bad(&key("rope.scale_linear"), format!("{factor}")));
+                }
                 Some(factor) if factor != 1.0 => RopeScaling::Linear { factor },
                 _ => RopeScaling::None,
             },

@@ -23,7 +23,7 @@ use candle_core::Device;
 use crate::backend::{Backend, Cpu};
 
 pub use crate::backend::KvPool;
-pub use gguf::{GgufFile, ModelConfig, Pooling};
+pub use gguf::{GgufFile, ModelConfig, Pooling, RopeScaling};
 pub use llama::{KvCache, Llama, Logits, SeqInput};
 pub use runner::{LlamaRunner, ModelRunner};
 pub use template::{ChatTemplate, Message};
