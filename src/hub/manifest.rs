@@ -123,11 +123,25 @@ pub fn parse_hf_spec(spec: &str) -> Result<ModelEntry, HubError> {
     if !file.ends_with(".gguf") {
         return Err(bad("the file must be a .gguf file"));
     }
+    // A branch, tag, commit or `refs/pr/N`: what a git ref may hold, one file name locally.
+    let ref_safe = revision
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if !ref_safe || revision.split('/').any(|p| p.is_empty() || p == "..") {
+        return Err(bad(
+            "the revision must be a branch, tag, commit or refs/pr/N",
+        ));
+    }
     // Files from different repositories or revisions must not share a local name.
     let base = file.rsplit('/').next().unwrap_or(file);
     let local = match revision {
         "main" => format!("{}--{}", repo.replace('/', "--"), base),
-        rev => format!("{}--{}--{}", repo.replace('/', "--"), rev, base),
+        rev => format!(
+            "{}--{}--{}",
+            repo.replace('/', "--"),
+            rev.replace('/', "--"),
+            base
+        ),
     };
     Ok(ModelEntry {
         name: spec.into(),
@@ -171,6 +185,17 @@ mod tests {
         );
         let e = parse_hf_spec("a/b@v1.0:sub/dir/x.gguf").unwrap();
         assert_eq!(e.file, "a--b--v1.0--x.gguf");
+        // A revision with slashes is still one file name in the models directory.
+        let pr = parse_hf_spec("a/b@refs/pr/3:x.gguf").unwrap();
+        assert_eq!(pr.file, "a--b--refs--pr--3--x.gguf");
+        for bad in [
+            "a/b@refs/../x:x.gguf",
+            "a/b@/x:x.gguf",
+            "a/b@x y:x.gguf",
+            "a/b@x/:x.gguf",
+        ] {
+            assert!(parse_hf_spec(bad).is_err(), "{bad}");
+        }
         assert!(
             matches!(&e.sources[0], Source::Hf { revision, file, .. } if revision == "v1.0" && file == "sub/dir/x.gguf")
         );
