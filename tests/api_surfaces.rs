@@ -1369,3 +1369,42 @@ fn a_background_run_waiting_for_room_runs_as_its_key_stands_then() {
         "{done}"
     );
 }
+
+#[test]
+fn a_keys_models_may_name_the_served_model_by_its_alias() {
+    let master = "sk-master-alias-test-0123456789";
+    let s = Server::start(&["--model-alias", ALIAS, "--master-key", master]);
+    let key = |models: Value| {
+        let r = s.post_key("/key/generate", &json!({"models": models}), master);
+        assert_eq!(r.status, 200, "{}", r.body);
+        format!("Bearer {}", r.body["key"].as_str().unwrap())
+    };
+    let (aliased, other) = (key(json!([ALIAS])), key(json!(["another-model"])));
+    let chat = |auth: &str, model: &str| {
+        let body = json!({"model": model, "max_tokens": 2,
+                          "messages": [{"role": "user", "content": "Hi"}]});
+        let r = s.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&body),
+            &[("authorization", auth)],
+        );
+        r.status
+    };
+    // The alias's key may use the model by either name, and sees it.
+    assert_eq!(chat(&aliased, ALIAS), 200);
+    assert_eq!(chat(&aliased, MODEL), 200);
+    let list = s.call("GET", "/v1/models", None, &[("authorization", &aliased)]);
+    assert_eq!(list.body["data"][0]["id"], MODEL, "{}", list.body);
+    let one = s.call(
+        "GET",
+        &format!("/v1/models/{ALIAS}"),
+        None,
+        &[("authorization", &aliased)],
+    );
+    assert_eq!(one.status, 200, "{}", one.body);
+    // Another model's key may not.
+    assert_eq!(chat(&other, ALIAS), 403);
+    let list = s.call("GET", "/v1/models", None, &[("authorization", &other)]);
+    assert_eq!(list.body["data"], json!([]), "{}", list.body);
+}

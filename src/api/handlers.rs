@@ -26,7 +26,7 @@ use crate::structured::{ConstraintSpec, OutputFormat, ToolChoice};
 #[path = "intake.rs"]
 mod intake;
 use intake::accept_with;
-pub(super) use intake::{accept, body_or_error, check_model, ledger_terms, Served};
+pub(super) use intake::{accept, body_or_error, check_model, ledger_terms, may_use, Served};
 
 #[path = "render.rs"]
 mod render;

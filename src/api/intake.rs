@@ -46,7 +46,7 @@ pub(in crate::api) fn check_model(
     who: &Principal,
     model: Option<&str>,
 ) -> Result<Served, ApiError> {
-    authorize(who, resolve_model(state, model)?)
+    authorize(state, who, resolve_model(state, model)?)
 }
 
 /// What `model` names (404 for nothing served), whoever asks.
@@ -68,14 +68,27 @@ fn resolve_model(state: &AppState, model: Option<&str>) -> Result<Served, ApiErr
 }
 
 /// `served`, if the key may use it (403 otherwise).
-fn authorize(who: &Principal, served: Served) -> Result<Served, ApiError> {
-    match who {
-        Principal::Key(k) if !k.allows_model(&served.name) => Err(ApiError::forbidden(
+fn authorize(state: &AppState, who: &Principal, served: Served) -> Result<Served, ApiError> {
+    match may_use(state, who, &served.name) {
+        false => Err(ApiError::forbidden(
             "model_not_allowed",
             format!("This key may not use the model `{}`", served.name),
         )),
-        _ => Ok(served),
+        true => Ok(served),
     }
+}
+
+/// Whether `who` may use the model or adapter `name`: a key's `models` may name the served
+/// model by any of its names (an alias too), an adapter by its own.
+pub(in crate::api) fn may_use(state: &AppState, who: &Principal, name: &str) -> bool {
+    let Principal::Key(k) = who else {
+        return true;
+    };
+    if name != state.model_name {
+        return k.allows_model(name);
+    }
+    let mut names = std::iter::once(&state.model_name).chain(&state.model_aliases);
+    names.any(|n| k.allows_model(n))
 }
 
 /// `cf-aig-custom-cost` prices a request for the ledger, and so for budgets: a key with a
@@ -247,7 +260,7 @@ pub(in crate::api) fn accept_with<T: serde::de::DeserializeOwned>(
     if let Some(lora) = body.get("lora").filter(|v| !v.is_null()) {
         served = lora_field(state, served, lora)?;
     }
-    let served = authorize(&who, served)?;
+    let served = authorize(state, &who, served)?;
     let directives = Directives::from_headers(headers, state.directive_defaults)?;
     may_set_price(&who, &directives)?;
     let gate = Gate {

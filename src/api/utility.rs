@@ -24,10 +24,7 @@ pub async fn models(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
 ) -> Json<Value> {
-    let visible = |name: &str| match &who {
-        Principal::Key(k) => k.allows_model(name),
-        Principal::Anonymous | Principal::Master => true,
-    };
+    let visible = |name: &str| super::handlers::may_use(&state, &who, name);
     let data: Vec<Value> = std::iter::once(&state.model_name)
         .chain(&state.adapters)
         .filter(|n| visible(n))
