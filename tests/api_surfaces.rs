@@ -1226,25 +1226,37 @@ fn background_responses_run_on_and_can_be_cancelled() {
     assert_eq!(long.join().unwrap(), 200);
 }
 
-#[test]
-fn background_runs_are_bounded_by_the_node_and_by_a_keys_parallel_requests() {
-    // Two requests in flight at most (one running, one queued); a key of one.
-    let master = "sk-master-background-test-0123456789";
-    let s = Server::start(&[
+/// A node with keys, one place and `queue` waiting at most.
+fn one_place(master: &str, queue: usize) -> Server {
+    let queue = queue.to_string();
+    let flags = [
         "--master-key",
         master,
         "--max-batch-size",
         "1",
         "--max-queue",
-        "1",
-    ]);
-    let r = s.post_key(
-        "/key/generate",
-        &json!({"key_alias": "one", "max_parallel_requests": 1}),
-        master,
-    );
+        &queue,
+    ];
+    Server::start(&flags)
+}
+
+/// A new key made with `body`.
+fn new_key(s: &Server, master: &str, body: Value) -> String {
+    let r = s.post_key("/key/generate", &body, master);
     assert_eq!(r.status, 200, "{}", r.body);
-    let one = r.body["key"].as_str().unwrap().to_string();
+    r.body["key"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn background_runs_are_bounded_by_the_node_and_by_a_keys_parallel_requests() {
+    // Two requests in flight at most (one running, one queued); a key of one.
+    let master = "sk-master-background-test-0123456789";
+    let s = one_place(master, 1);
+    let one = new_key(
+        &s,
+        master,
+        json!({"key_alias": "one", "max_parallel_requests": 1}),
+    );
     let long = json!({"model": MODEL, "input": "Count from 1 to 2000, one number per line.",
                       "max_output_tokens": 4000, "temperature": 0, "background": true});
     let create = |key: &str| {
@@ -1308,17 +1320,8 @@ fn a_background_run_waiting_for_room_runs_as_its_key_stands_then() {
     // One place and no queue, held by a long request: the run waits; meanwhile its key may
     // no longer use the model, and its next attempt is refused so.
     let master = "sk-master-background-key-0123456789";
-    let s = Server::start(&[
-        "--master-key",
-        master,
-        "--max-batch-size",
-        "1",
-        "--max-queue",
-        "0",
-    ]);
-    let r = s.post_key("/key/generate", &json!({"key_alias": "later"}), master);
-    assert_eq!(r.status, 200, "{}", r.body);
-    let key = r.body["key"].as_str().unwrap().to_string();
+    let s = one_place(master, 0);
+    let key = new_key(&s, master, json!({"key_alias": "later"}));
     let base = s.base.clone();
     let long = std::thread::spawn(move || {
         ureq::post(&format!("{base}/v1/completions"))
@@ -1374,11 +1377,7 @@ fn a_background_run_waiting_for_room_runs_as_its_key_stands_then() {
 fn a_keys_models_may_name_the_served_model_by_its_alias() {
     let master = "sk-master-alias-test-0123456789";
     let s = Server::start(&["--model-alias", ALIAS, "--master-key", master]);
-    let key = |models: Value| {
-        let r = s.post_key("/key/generate", &json!({"models": models}), master);
-        assert_eq!(r.status, 200, "{}", r.body);
-        format!("Bearer {}", r.body["key"].as_str().unwrap())
-    };
+    let key = |models: Value| format!("Bearer {}", new_key(&s, master, json!({"models": models})));
     let (aliased, other) = (key(json!([ALIAS])), key(json!(["another-model"])));
     let chat = |auth: &str, model: &str| {
         let body = json!({"model": model, "max_tokens": 2,

@@ -18,14 +18,26 @@ fn chat() -> serde_json::Value {
 /// Sends `head` then one more header byte every 200 ms; returns how long until the server
 /// closed the connection (or `None` if it never did within `limit`).
 fn trickle(addr: &str, limit: Duration) -> Option<Duration> {
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    until_closed(addr, head, limit, true)
+}
+
+/// Sends `first` and then nothing; returns how long until the server closed the connection
+/// (or `None` if it never did within `limit`).
+fn fall_silent(addr: &str, first: &[u8], limit: Duration) -> Option<Duration> {
+    until_closed(addr, first, limit, false)
+}
+
+/// Sends `first`, then (`more`) a byte every 200 ms; how long until the server closed it.
+fn until_closed(addr: &str, first: &[u8], limit: Duration, more: bool) -> Option<Duration> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let started = Instant::now();
-    let _ = s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+    let _ = s.write_all(first);
     let mut buf = [0u8; 256];
     while started.elapsed() < limit {
-        if s.write_all(b"a").is_err() {
+        if more && s.write_all(b"a").is_err() {
             return Some(started.elapsed());
         }
         match s.read(&mut buf) {
@@ -60,28 +72,6 @@ fn trickled_headers_are_cut_off_while_others_are_served() {
             "closed after {c:?}"
         );
     }
-}
-
-/// Sends `first` and then nothing; returns how long until the server closed the connection
-/// (or `None` if it never did within `limit`).
-fn fall_silent(addr: &str, first: &[u8], limit: Duration) -> Option<Duration> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let started = Instant::now();
-    s.write_all(first).unwrap();
-    let mut buf = [0u8; 256];
-    while started.elapsed() < limit {
-        match s.read(&mut buf) {
-            Ok(0) => return Some(started.elapsed()),
-            Ok(_) => {}
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return Some(started.elapsed()),
-        }
-    }
-    None
 }
 
 #[test]

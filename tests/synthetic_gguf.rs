@@ -175,6 +175,23 @@ fn mapped_tensor_bytes_are_the_blocks_candle_reads() {
     assert!(f.tensor_bytes("no.such.tensor").is_err());
 }
 
+/// Loads the default synthetic model written with more metadata, in `dir`.
+fn load_with(
+    dir: &std::path::Path,
+    meta: Vec<(&'static str, candle_core::quantized::gguf_file::Value)>,
+) -> Result<Llama, edgeinfer::error::ModelError> {
+    let path = dir.join("m.gguf");
+    synthetic::write(
+        &path,
+        &Spec {
+            meta,
+            ..Spec::default()
+        },
+    );
+    let mut f = GgufFile::open(&path).unwrap();
+    Llama::load(&mut f, &Device::Cpu)
+}
+
 /// An embedding model's pooling is read; a pooling we cannot do still loads (for
 /// generation); a bidirectional model (which we would run causally) is refused by name.
 #[test]
@@ -182,18 +199,7 @@ fn pooling_metadata_is_read_and_bidirectional_models_are_refused() {
     use candle_core::quantized::gguf_file::Value;
     use edgeinfer::model::Pooling;
     let dir = tempfile::tempdir().unwrap();
-    let load = |meta: Vec<(&'static str, Value)>| {
-        let path = dir.path().join("m.gguf");
-        synthetic::write(
-            &path,
-            &Spec {
-                meta,
-                ..Spec::default()
-            },
-        );
-        let mut f = GgufFile::open(&path).unwrap();
-        Llama::load(&mut f, &Device::Cpu).map(|m| m.config.pooling)
-    };
+    let load = |meta| load_with(dir.path(), meta).map(|m| m.config.pooling);
     assert_eq!(load(vec![]).unwrap(), None);
     let mean = vec![("{arch}.pooling_type", Value::U32(1))];
     assert_eq!(load(mean).unwrap(), Some(Pooling::Mean));
@@ -218,18 +224,7 @@ fn a_rope_scaling_factor_no_model_can_run_with_is_refused() {
     use candle_core::quantized::gguf_file::Value;
     use edgeinfer::model::RopeScaling;
     let dir = tempfile::tempdir().unwrap();
-    let load = |meta: Vec<(&'static str, Value)>| {
-        let path = dir.path().join("m.gguf");
-        synthetic::write(
-            &path,
-            &Spec {
-                meta,
-                ..Spec::default()
-            },
-        );
-        let mut f = GgufFile::open(&path).unwrap();
-        Llama::load(&mut f, &Device::Cpu).map(|m| m.config.rope_scaling)
-    };
+    let load = |meta| load_with(dir.path(), meta).map(|m| m.config.rope_scaling);
     let legacy = |x: f32| vec![("{arch}.rope.scale_linear", Value::F32(x))];
     assert_eq!(
         load(legacy(4.0)).unwrap(),
