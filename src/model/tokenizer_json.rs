@@ -42,39 +42,35 @@ pub(super) fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>> {
 }
 
 pub(super) fn i32_array(f: &GgufFile, key: &str) -> Result<Vec<i32>> {
-    let bad = || ModelError::BadMetadata {
-        key: key.into(),
-        reason: "not an array of integers".into(),
-    };
-    let values = f
-        .metadata(key)
-        .and_then(|v| v.to_vec().ok())
-        .ok_or_else(bad)?;
-    values
-        .iter()
-        .map(|v| match v {
-            Value::I32(x) => Ok(*x),
-            Value::U32(x) => Ok(*x as i32),
-            Value::I8(x) => Ok(*x as i32),
-            Value::U8(x) => Ok(*x as i32),
-            _ => Err(bad()),
-        })
-        .collect()
+    array_of(f, key, "integers", |v| match v {
+        Value::I32(x) => Some(*x),
+        Value::U32(x) => Some(*x as i32),
+        Value::I8(x) => Some(*x as i32),
+        Value::U8(x) => Some(*x as i32),
+        _ => None,
+    })
 }
 
 fn f32_array(f: &GgufFile, key: &str) -> Result<Vec<f32>> {
+    array_of(f, key, "floats", |v| v.to_f32().ok())
+}
+
+/// The array at `key`, each value through `each` (an error naming `what` it must hold).
+fn array_of<T>(
+    f: &GgufFile,
+    key: &str,
+    what: &str,
+    each: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
     let bad = || ModelError::BadMetadata {
         key: key.into(),
-        reason: "not an array of floats".into(),
+        reason: format!("not an array of {what}"),
     };
     let values = f
         .metadata(key)
         .and_then(|v| v.to_vec().ok())
         .ok_or_else(bad)?;
-    values
-        .iter()
-        .map(|v| v.to_f32().map_err(|_| bad()))
-        .collect()
+    values.iter().map(|v| each(v).ok_or_else(bad)).collect()
 }
 
 fn vocab_json(tokens: &[String]) -> Json {
