@@ -260,6 +260,9 @@ fn official_openai_client_chains_responses() {
     assert_eq!(r["call"]["name"], "get_weather", "{r}");
     assert!(r["call"]["arguments"]["city"].is_string(), "{r}");
     assert_eq!(r["streamed_call"]["name"], "get_weather", "{r}");
+    // A reply that is one call lists the call alone, streamed or not.
+    assert_eq!(r["one_call_items"], json!(["function_call"]), "{r}");
+    assert_eq!(r["streamed_one_call_items"], r["one_call_items"], "{r}");
     // The output went back through previous_response_id: the call and its result are in
     // the prompt.
     let u = |k: &str| r[k]["input_tokens"].as_u64().unwrap();

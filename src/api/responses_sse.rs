@@ -200,7 +200,7 @@ impl State {
                 self.open_text();
                 let index = self.output.len();
                 let id = message_id(&self.ctx, index);
-                let lps = self.lps.text();
+                let lps = self.lps.text(&t);
                 self.emit(
                     "response.output_text.delta",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t,
@@ -257,8 +257,9 @@ impl State {
                 if reason == FinishReason::Length {
                     self.item_status = "incomplete";
                 }
-                // A reply with nothing in it is an empty message, announced as any other.
-                if self.output.is_empty() && self.reasoning.is_none() {
+                // A reply with nothing in it is an empty message, announced as any other
+                // (a call alone, still open here, is something).
+                if self.output.is_empty() && self.reasoning.is_none() && self.call.is_none() {
                     self.open_text();
                 }
                 self.close();

@@ -66,6 +66,11 @@ with client.responses.stream(model=model, input="Weather in Rome?", tools=tools,
     streamed_call = s.get_final_response()
 sc = [o for o in streamed_call.output if o.type == "function_call"]
 out["streamed_call"] = {"name": sc[0].name, "arguments": json.loads(sc[0].arguments)} if sc else None
+one = dict(model=model, input="Weather in Oslo?", tools=tools, tool_choice="required",
+           parallel_tool_calls=False, max_output_tokens=64, temperature=0)
+out["one_call_items"] = [o.type for o in client.responses.create(**one).output]
+with client.responses.stream(**one) as s:
+    out["streamed_one_call_items"] = [o.type for o in s.get_final_response().output]
 
 js = client.responses.create(
     model=model, input="Give a city and its country.", max_output_tokens=64, temperature=0,
