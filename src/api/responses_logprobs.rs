@@ -110,8 +110,22 @@ impl Streamed {
         self.pending.extend(lp);
     }
 
-    /// Text came out of the message: the tokens pending made it.
-    pub fn text(&mut self) -> Value {
+    /// Text came out of the message: the tokens pending made it, but for those wholly before
+    /// it (a reasoning's close marker and the blank after it, which no piece shows).
+    pub fn text(&mut self, delta: &str) -> Value {
+        let bytes: Vec<u8> = (self.pending.iter())
+            .flat_map(|lp| lp.chosen.bytes.iter().copied())
+            .collect();
+        let start = (bytes.windows(delta.len().max(1)))
+            .position(|w| w == delta.as_bytes())
+            .filter(|_| !delta.is_empty());
+        if let Some(start) = start {
+            let mut at = 0;
+            self.pending.retain(|lp| {
+                at += lp.chosen.bytes.len();
+                at > start
+            });
+        }
         let lps = std::mem::take(&mut self.pending);
         self.message.extend(lps.iter().cloned());
         serde_json::to_value(lps).unwrap_or_default()
@@ -174,6 +188,30 @@ mod tests {
         assert_eq!(tokens(mine), ["\n\n Hi", " there"]);
         // No text: none.
         assert!(of_content(&toks.concat(), None, "", &lps(&toks)).is_empty());
+    }
+
+    #[test]
+    fn a_stream_gives_the_message_the_logprobs_of_its_own_tokens() {
+        let mut s = Streamed::default();
+        let feed =
+            |s: &mut Streamed, toks: &[&str]| lps(toks).into_iter().for_each(|l| s.token(Some(l)));
+        let names = |v: Value| -> Vec<String> {
+            let v = v.as_array().unwrap().iter();
+            v.map(|l| l["token"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // The thinking's tokens went with it; the close marker and the blank after it show
+        // nothing, so they are still pending when the message's first text comes.
+        feed(&mut s, &["<think>", "Hmm"]);
+        s.other();
+        feed(&mut s, &["</think>", "\n\n", "Hel", "lo"]);
+        assert_eq!(names(s.text("Hello")), ["Hel", "lo"]);
+        // Text held back and let out later: all its tokens; one the delta is part of counts.
+        feed(&mut s, &[" wor", "ld"]);
+        assert_eq!(names(s.text(" world")), [" wor", "ld"]);
+        feed(&mut s, &["\n\n Hi"]);
+        assert_eq!(names(s.text("Hi")), ["\n\n Hi"]);
+        assert_eq!(names(s.message()), ["Hel", "lo", " wor", "ld", "\n\n Hi"]);
     }
 
     #[test]
