@@ -26,6 +26,8 @@ pub enum Item<'a> {
 pub struct TextLogprobs {
     /// Characters of the text before the next token.
     offset: usize,
+    /// The first bytes of a character the tokens so far have not finished.
+    carry: Vec<u8>,
 }
 
 impl TextLogprobs {
@@ -34,6 +36,7 @@ impl TextLogprobs {
         for item in items {
             let (text, width) = match item {
                 Item::Unscored { text, shown } => {
+                    self.carry.clear();
                     logprobs.push(Value::Null);
                     tops.push(Value::Null);
                     (text, if shown { text.chars().count() } else { 0 })
@@ -49,7 +52,7 @@ impl TextLogprobs {
                     let text = info.chosen.token.as_str();
                     match item {
                         Item::Narrow(_, width) => (text, width),
-                        _ => (text, text.chars().count()),
+                        _ => (text, self.added(&info.chosen.bytes)),
                     }
                 }
             };
@@ -59,6 +62,33 @@ impl TextLogprobs {
         }
         json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
                "text_offset": offsets})
+    }
+
+    /// The characters a token's `bytes` add to the text: a character split across tokens
+    /// counts at the token that ends it (its text alone reads U+FFFD), and bytes no
+    /// character can hold as the one U+FFFD the text shows for them.
+    fn added(&mut self, bytes: &[u8]) -> usize {
+        self.carry.extend_from_slice(bytes);
+        let mut chars = 0;
+        loop {
+            let (valid, bad) = match std::str::from_utf8(&self.carry) {
+                Ok(s) => (s.len(), None),
+                Err(e) => (e.valid_up_to(), e.error_len()),
+            };
+            chars += String::from_utf8_lossy(&self.carry[..valid])
+                .chars()
+                .count();
+            match bad {
+                Some(n) => {
+                    chars += 1;
+                    self.carry.drain(..valid + n);
+                }
+                None => {
+                    self.carry.drain(..valid);
+                    return chars;
+                }
+            }
+        }
     }
 }
 
@@ -129,5 +159,32 @@ mod tests {
         // Nor the space SentencePiece gives the word after it ("éb" typed, " é" scored).
         let v = TextLogprobs::default().value(prompt_items("<s>", &scored, "éb"));
         assert_eq!(v["text_offset"], json!([0, 0, 1]));
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_counts_once_at_its_end() {
+        // "a😀b" with the emoji's four bytes in two tokens, each alone U+FFFD text.
+        let byte_token = |bytes: &[u8]| {
+            let mut i = info("", -1.0, &[]);
+            i.chosen.token = String::from_utf8_lossy(bytes).into_owned();
+            i.chosen.bytes = bytes.to_vec();
+            i
+        };
+        let emoji = "😀".as_bytes();
+        let toks = [
+            info("a", -1.0, &[]),
+            byte_token(&emoji[..2]),
+            byte_token(&emoji[2..]),
+            info("b", -1.0, &[]),
+            // A byte no character has: one U+FFFD in the text.
+            byte_token(&[0xff]),
+            info("c", -1.0, &[]),
+        ];
+        let mut lp = TextLogprobs::default();
+        let v = lp.value(toks.iter().take(2).map(Item::Scored));
+        // Offsets go on across chunks, the character's first bytes carried.
+        let w = lp.value(toks.iter().skip(2).map(Item::Scored));
+        assert_eq!(v["text_offset"], json!([0, 1]));
+        assert_eq!(w["text_offset"], json!([1, 2, 3, 4]));
     }
 }
