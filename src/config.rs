@@ -407,6 +407,20 @@ impl ServeArgs {
             ("--max-queue", self.max_queue, 1 << 20),
             ("--max-connections", self.max_connections, 1 << 20),
             ("--shutdown-timeout", self.shutdown_timeout as usize, 86_400),
+            // Seconds added to a clock's now: past a day they mean nothing, and past
+            // its range they would overflow it in the middle of a request.
+            (
+                "--header-read-timeout",
+                self.header_read_timeout as usize,
+                86_400,
+            ),
+            (
+                "--body-read-timeout",
+                self.body_read_timeout as usize,
+                86_400,
+            ),
+            ("--sse-keep-alive", self.sse_keep_alive as usize, 86_400),
+            ("--stall-timeout", self.stall_timeout as usize, 86_400),
             ("--cache-ttl", self.cache_ttl as usize, 2_678_400),
         ] {
             if value > most {

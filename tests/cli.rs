@@ -324,6 +324,10 @@ fn serve_refuses_inconsistent_budgets() {
             vec!["serve", "--shutdown-timeout", "99999999999"],
             "--shutdown-timeout",
         ),
+        (
+            vec!["serve", "--sse-keep-alive", "18446744073709551615"],
+            "--sse-keep-alive (18446744073709551615) must be at most 86400",
+        ),
     ] {
         let out = edgeinfer(&args, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
