@@ -107,8 +107,8 @@ pub async fn responses_create(
             check_only: true,
             ..ctx.clone()
         }));
-        let (asked, body) = ((rid.clone(), who.clone()), Ok(bytes.clone()));
-        chat(&state, asked.0, asked.1, &headers, body, checked).await?;
+        let body = Ok(bytes.clone());
+        chat(&state, rid.clone(), who.clone(), &headers, body, checked).await?;
         let asked = (rid, who, headers);
         return background::start(state.clone(), asked, bytes, Arc::new(ctx), model).await;
     }
