@@ -279,9 +279,27 @@ pub async fn file_content(
         .await?
         .ok_or_else(|| no_file(&id))?;
     let len = meta.bytes.max(0) as usize;
+    let chunks = parts(state, id, self::owner(&who), len);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/jsonl".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
+}
+
+/// File `id`'s `len` bytes as a stream of parts read from the store one at a time (the
+/// store is free between them); a file deleted meanwhile ends it with an error.
+pub(in crate::api) fn parts(
+    state: Arc<AppState>,
+    id: String,
+    owner: String,
+    len: usize,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
     let part = len.div_ceil(DOWNLOAD_PARTS).max(MIN_DOWNLOAD_PART);
-    let owner = self::owner(&who);
-    let chunks = futures_util::stream::try_unfold(0usize, move |offset| {
+    futures_util::stream::try_unfold(0usize, move |offset| {
         let (state, owner, id) = (state.clone(), owner.clone(), id.clone());
         async move {
             if offset >= len {
@@ -306,15 +324,7 @@ pub async fn file_content(
                 }
             }
         }
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/jsonl".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        axum::body::Body::from_stream(chunks),
-    )
-        .into_response())
+    })
 }
 
 /// `DELETE /v1/files/{id}`.

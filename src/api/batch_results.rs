@@ -1,29 +1,18 @@
-//! A batch's results read as a stream: its output file, then its error file, a chunk at a
-//! time, each whole line mapped to the line the client gets. Memory stays at a chunk and a
-//! line, however large the files (a message batch's may hold 100,000 replies).
+//! A batch's results read as a stream: its output file, then its error file, a part at a
+//! time (as a download reads them), each whole line mapped to the line the client gets.
+//! Memory stays at a part and a line, however large the files (a message batch's may hold
+//! 100,000 replies).
 
+use std::future::ready;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use futures_util::{stream, StreamExt};
 use serde_json::Value;
 
-use super::batches::{result_files, store};
+use super::batches::{parts, result_files, store};
 use super::error::ApiError;
 use super::AppState;
-
-/// Bytes read from the store at a time.
-const CHUNK: usize = 1 << 20;
-
-/// Where the stream is: the files left (id, size), the offset in the first, and the start
-/// of a line the last chunk cut.
-struct Reading {
-    state: Arc<AppState>,
-    owner: String,
-    files: Vec<(String, usize)>,
-    offset: usize,
-    carry: Vec<u8>,
-    map: fn(&Value) -> Value,
-}
 
 /// The results of an ended batch (`object`, `owner`'s) as a body of JSON lines, each of
 /// its files' lines through `map`: 409 for a batch that failed, 404 once its files have
@@ -45,47 +34,15 @@ pub(super) async fn result_body(
         };
         files.push((file, meta.bytes.max(0) as usize));
     }
-    let reading = Reading {
-        state,
-        owner,
-        files,
-        offset: 0,
-        carry: Vec::new(),
-        map,
-    };
-    Ok(Body::from_stream(futures_util::stream::try_unfold(
-        reading, next,
-    )))
-}
-
-/// The next piece of the body: the lines a chunk completes (empty when it completes none).
-async fn next(mut r: Reading) -> Result<Option<(Bytes, Reading)>, std::io::Error> {
-    let Some((file, size)) = r.files.first().cloned() else {
-        return Ok(None);
-    };
-    if r.offset >= size {
-        // The file's last line may have no newline.
-        let last = std::mem::take(&mut r.carry);
-        r.files.remove(0);
-        r.offset = 0;
-        return Ok(Some((Bytes::from(mapped(&last, r.map)), r)));
-    }
-    let (id, owner, at) = (file.clone(), r.owner.clone(), r.offset);
-    let chunk = store(&r.state, move |b| b.file_chunk(&id, &owner, at, CHUNK)).await;
-    let chunk = match chunk {
-        Ok(Some(chunk)) if !chunk.is_empty() => chunk,
-        Ok(_) => {
-            tracing::warn!(file = %file, "a batch's results were deleted while read");
-            return Err(std::io::Error::other("the results were deleted while read"));
-        }
-        Err(e) => {
-            tracing::warn!(file = %file, error = %e.message, "reading a batch's results failed");
-            return Err(std::io::Error::other(e.message));
-        }
-    };
-    r.offset += chunk.len();
-    let out = take_lines(&mut r.carry, &chunk, r.map);
-    Ok(Some((Bytes::from(out), r)))
+    // Each file ends a line (its last may have no newline of its own).
+    let chunks = stream::iter(files).flat_map(move |(id, len)| {
+        let end = stream::once(ready(Ok(Bytes::from_static(b"\n"))));
+        parts(state.clone(), id, owner.clone(), len).chain(end)
+    });
+    let lines = chunks.scan(Vec::new(), move |carry, chunk| {
+        ready(Some(chunk.map(|c| Bytes::from(take_lines(carry, &c, map)))))
+    });
+    Ok(Body::from_stream(lines))
 }
 
 /// Adds `chunk` to `carry` and maps the lines that are now whole; the cut one stays.

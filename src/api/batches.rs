@@ -48,6 +48,7 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
 
 #[path = "batch_files.rs"]
 mod files;
+pub(super) use files::parts;
 use files::{delete_file, file, file_content, files, upload};
 
 /// The Batch API's settings.
