@@ -1,7 +1,9 @@
 //! The SentencePiece-style (`tokenizer.ggml.model = llama`) tokenizer of Llama 2 and Mistral
 //! GGUF files, built from a synthetic vocabulary: merges by score, `▁` for spaces, a BOS by
 //! default, byte fallback for characters outside the vocabulary. Also: each byte-level
-//! pre-tokenizer we know loads and round-trips.
+//! pre-tokenizer we know loads and round-trips, and what a byte-level vocabulary's metadata
+//! leaves unsaid (BOS, end-of-generation tokens, a missing pre-tokenizer) is read as llama.cpp
+//! reads it.
 
 mod common;
 
@@ -123,4 +125,79 @@ fn every_known_byte_level_pre_tokenizer_loads_and_round_trips() {
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text, "{pre}");
     }
+}
+
+fn bpe(spec: Spec) -> Tokenizer {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bpe.gguf");
+    synthetic::write(&path, &spec);
+    Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn end_of_generation_tokens_stop_a_reply_whatever_their_type() {
+    // Llama 3's `<|end_of_text|>` (id 258 here) ends a raw completion, as in llama.cpp.
+    let tok = bpe(Spec {
+        controls: &["<|end_of_text|>"],
+        ..Spec::default()
+    });
+    assert!(tok.stop_ids.contains(&258), "{:?}", tok.stop_ids);
+    // An older conversion types `<|im_end|>`-like tokens as user-defined words: they still
+    // end the turn, and are never shown.
+    let tok = bpe(Spec {
+        controls: &["<|eot_id|>"],
+        controls_user_defined: true,
+        ..Spec::default()
+    });
+    assert!(tok.stop_ids.contains(&258), "{:?}", tok.stop_ids);
+    assert!(tok.is_control(258));
+    assert_eq!(tok.decode(&[b'h' as u32, 258]).unwrap(), "h");
+    assert_eq!(tok.encode("<|eot_id|>", false).unwrap(), vec![258]);
+    // Other user-defined words stay words.
+    let tok = bpe(Spec {
+        controls: &["<tool>"],
+        controls_user_defined: true,
+        ..Spec::default()
+    });
+    assert!(!tok.stop_ids.contains(&258) && !tok.is_control(258));
+    assert_eq!(tok.decode(&[258]).unwrap(), "<tool>");
+}
+
+#[test]
+fn a_llama_3_vocabulary_takes_a_bos_unless_its_metadata_says_not() {
+    use candle_core::quantized::gguf_file::Value;
+    let tok = bpe(Spec {
+        pre: "llama-bpe",
+        ..Spec::default()
+    });
+    assert!(tok.add_bos);
+    assert_eq!(tok.encode("hi", true).unwrap()[0], 256);
+    let tok = bpe(Spec {
+        pre: "llama-bpe",
+        meta: vec![("tokenizer.ggml.add_bos_token", Value::Bool(false))],
+        ..Spec::default()
+    });
+    assert!(!tok.add_bos);
+    // GPT-2's split takes none unless told.
+    assert!(!bpe(Spec::default()).add_bos);
+}
+
+#[test]
+fn a_vocabulary_without_a_pre_tokenizer_is_read_as_its_family() {
+    // A Llama 3 vocabulary from before `tokenizer.ggml.pre` existed is Llama 3's: it takes a
+    // BOS (and Llama 3's split, which these merge-less vocabularies cannot show).
+    let tok = bpe(Spec {
+        pre: "",
+        controls: &["<|begin_of_text|>"],
+        ..Spec::default()
+    });
+    assert!(tok.add_bos);
+    // Any other loads as GPT-2's.
+    let tok = bpe(Spec {
+        pre: "",
+        ..Spec::default()
+    });
+    assert!(!tok.add_bos);
+    let text = "getHTTPResponse(42) naïve";
+    assert_eq!(tok.decode(&tok.encode(text, false).unwrap()).unwrap(), text);
 }

@@ -3,7 +3,8 @@
 //!
 //! Knows vocabularies, merges, pre-tokenizers and special tokens; never the model's tensors.
 //! Invariant: text that spells a control token (`<|im_start|>`) encodes to that one token, as
-//! in llama.cpp, and an unknown `tokenizer.ggml.pre` is refused rather than guessed.
+//! in llama.cpp, and an unknown `tokenizer.ggml.pre` is refused rather than guessed (a file
+//! from before the key existed is split as Llama 3's or GPT-2's, with a warning).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,16 +25,26 @@ use json::{gpt2_json, i32_array, spm_json, string_array};
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// Texts of control tokens that end a turn in common chat formats (llama.cpp's EOG list).
+/// Texts of tokens that end a turn or a text in common chat formats (llama.cpp's EOG list,
+/// for the families served here). A token that spells one is a control token whatever the
+/// file types it as (as llama.cpp overrides it): older conversions type `<|im_end|>` as a
+/// user-defined word.
 const END_OF_TURN_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
     "<|endoftext|>",
+    "<|end_of_text|>",
     "<|eom_id|>",
     "<end_of_turn>",
+    "<EOT>",
+    "_<EOT>",
     "</s>",
 ];
+
+/// Byte-level pre-tokenizers whose models take a BOS unless the metadata says otherwise
+/// (Llama 3's group and Tekken, as llama.cpp).
+const BOS_BY_DEFAULT_PRE: &[&str] = &["llama-bpe", "llama3", "llama-v3", "tekken"];
 
 /// A tokenizer plus what the model's metadata says about BOS, EOS and end-of-turn tokens.
 #[derive(Clone)]
@@ -104,6 +115,7 @@ impl Specials {
                 }
             }
         }
+        let pre = pre_tokenizer(f, tokens);
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
@@ -111,10 +123,9 @@ impl Specials {
             eos,
             add_bos: f
                 .opt_bool("tokenizer.ggml.add_bos_token")?
-                // SentencePiece vocabularies and Tekken add BOS unless told (as llama.cpp).
-                .unwrap_or(
-                    model == "llama" || f.get_str("tokenizer.ggml.pre").ok() == Some("tekken"),
-                ),
+                // SentencePiece vocabularies, Llama 3's and Tekken add BOS unless told (as
+                // llama.cpp).
+                .unwrap_or(model == "llama" || BOS_BY_DEFAULT_PRE.contains(&pre.as_str())),
             add_eos: f.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
             stop_ids,
             control_ids,
@@ -122,13 +133,37 @@ impl Specials {
     }
 }
 
+/// The vocabulary and its token types, with an end-of-turn text typed control whatever the
+/// file says.
 fn tokens_and_types(f: &GgufFile) -> Result<(Vec<String>, Vec<i32>)> {
     let tokens = string_array(f, "tokenizer.ggml.tokens")?;
-    let types = match f.metadata("tokenizer.ggml.token_type") {
+    let mut types = match f.metadata("tokenizer.ggml.token_type") {
         Some(_) => i32_array(f, "tokenizer.ggml.token_type")?,
         None => vec![1; tokens.len()],
     };
+    for (id, (text, ty)) in tokens.iter().zip(types.iter_mut()).enumerate() {
+        if *ty != TOKEN_TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&text.as_str()) {
+            tracing::warn!(
+                id,
+                token = text.as_str(),
+                "an end-of-turn token not typed control is made one (as llama.cpp does)"
+            );
+            *ty = TOKEN_TYPE_CONTROL;
+        }
+    }
     Ok((tokens, types))
+}
+
+/// A byte-level vocabulary's pre-tokenizer (`tokenizer.ggml.pre`). Files converted before
+/// the key existed have none: a Llama 3 vocabulary (it has `<|begin_of_text|>`) is split as
+/// Llama 3's, any other as GPT-2's (the tokenizer warns).
+fn pre_tokenizer(f: &GgufFile, tokens: &[String]) -> String {
+    if let Ok(pre) = f.get_str("tokenizer.ggml.pre") {
+        return pre.to_string();
+    }
+    let llama3 = tokens.iter().any(|t| t == "<|begin_of_text|>");
+    let guess = if llama3 { "llama-bpe" } else { "default" };
+    guess.to_string()
 }
 
 impl Tokenizer {
@@ -138,8 +173,16 @@ impl Tokenizer {
         let (tokens, types) = tokens_and_types(f)?;
         let json = match model {
             "gpt2" => {
-                let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
-                gpt2_json(f, &tokens, pre)?
+                let pre = pre_tokenizer(f, &tokens);
+                if f.metadata("tokenizer.ggml.pre").is_none() {
+                    tracing::warn!(
+                        pre_tokenizer = pre.as_str(),
+                        "the model has no `tokenizer.ggml.pre`; its text is split as this \
+                         pre-tokenizer's, which may differ from how it was trained (pass \
+                         --tokenizer with its tokenizer.json to be sure)"
+                    );
+                }
+                gpt2_json(f, &tokens, &pre)?
             }
             "llama" => spm_json(f, &tokens)?,
             other => return Err(ModelError::UnsupportedTokenizer(other.to_string())),

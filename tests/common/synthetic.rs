@@ -251,15 +251,19 @@ fn bpe_vocab(pre: &str, controls: &[&str], controls_type: i32) -> Vec<(String, V
     let mut types = vec![Value::I32(1); 256];
     types.extend([Value::I32(3), Value::I32(3)]);
     types.extend(controls.iter().map(|_| Value::I32(controls_type)));
-    vec![
+    let mut meta = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
-    ]
+    ];
+    // An empty `pre` writes none, as files converted before the key existed.
+    if !pre.is_empty() {
+        meta.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
+    }
+    meta
 }
 
 /// The pieces of the SentencePiece-style vocabulary after `<unk>`, `<s>`, `</s>` and the 256
