@@ -109,7 +109,10 @@ impl Batches {
         result: &Value,
     ) -> Result<(), GatewayError> {
         let conn = self.conn();
-        let tx = conn.unchecked_transaction().map_err(GatewayError::db)?;
+        // Immediate: it reads before it writes (see `KeyStore::write`).
+        let tx =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+                .map_err(GatewayError::db)?;
         // The results a batch holds are its output file to be: past what a file may hold,
         // a line's answer is not kept (the batch could not end, its results read into
         // memory at once), and the line says so.
