@@ -252,6 +252,14 @@ fn cases() -> Vec<(String, &'static str, Option<&'static str>, Vec<u8>)> {
         JSON,
         chat_with("stop", &stops),
     ));
+    // A stop string past the 1 KiB the engine looks for after each token.
+    let long = Value::from(vec!["x".repeat(1025)]).to_string();
+    c.push((
+        "1025-byte stop string".into(),
+        CHAT,
+        JSON,
+        chat_with("stop", &long),
+    ));
     // 3 MB: a prompt far beyond the context.
     let big = "word ".repeat(600_000);
     c.push((

@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::response::Meta;
+use super::types::{push_part, MAX_STOP_BYTES};
 use crate::engine::request::FinishReason;
 use crate::engine::request::Usage;
 
@@ -67,6 +68,13 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
             return Err(ApiError::invalid(
                 "stop_sequences",
                 "`stop_sequences` must be a list of non-empty strings",
+            ));
+        }
+        let longest = s.as_array().into_iter().flatten().filter_map(Value::as_str);
+        if longest.map(str::len).max().unwrap_or(0) > MAX_STOP_BYTES {
+            return Err(ApiError::invalid(
+                "stop_sequences",
+                format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes long"),
             ));
         }
         out.insert("stop".into(), s.clone());
@@ -150,6 +158,13 @@ pub fn to_chat_request(body: Value, count: bool) -> Result<Value, ApiError> {
             out.insert("parallel_tool_calls".into(), Value::Bool(false));
         }
     }
+    // A system prompt alone is no conversation (the system turn is in `messages` by now).
+    if input.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
     Ok(Value::Object(out))
 }
 
@@ -161,7 +176,7 @@ fn text_of(v: &Value, field: &str) -> Result<String, ApiError> {
             let mut text = String::new();
             for (j, blk) in blocks.iter().enumerate() {
                 match (blk.get("type").and_then(Value::as_str), blk.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), Some(Value::String(t))) => push_part(&mut text, t),
                     (kind, _) => {
                         return Err(ApiError::invalid(
                             format!("{field}[{j}]"),
@@ -241,7 +256,7 @@ fn translate_message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Ap
         let kind = blk.get("type").and_then(Value::as_str).unwrap_or_default();
         match (role, kind) {
             (_, "text") => match blk.get("text") {
-                Some(Value::String(t)) => text.push_str(t),
+                Some(Value::String(t)) => push_part(&mut text, t),
                 _ => return Err(ApiError::invalid(at(), "a text block needs `text`")),
             },
             ("assistant", "tool_use") => {
@@ -508,14 +523,47 @@ mod tests {
             let e = to_chat_request(body.clone(), false).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+        let hi = json!([{"role": "user", "content": "hi"}]);
         // A null system prompt is no system prompt.
         let chat = to_chat_request(
-            json!({"model": "m", "max_tokens": 5, "system": null, "messages": []}),
+            json!({"model": "m", "max_tokens": 5, "system": null, "messages": hi}),
             false,
         )
         .unwrap();
-        assert_eq!(chat["messages"], json!([]));
+        assert_eq!(chat["messages"], hi);
         // count_tokens takes no max_tokens.
-        assert!(to_chat_request(json!({"model": "m", "messages": []}), true).is_ok());
+        assert!(to_chat_request(json!({"model": "m", "messages": hi}), true).is_ok());
+        // A system prompt alone is no conversation, for either.
+        for count in [false, true] {
+            let body =
+                json!({"model": "m", "max_tokens": 5, "system": "Be terse.", "messages": []});
+            let e = to_chat_request(body, count).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("messages"));
+        }
+        // A stop sequence past what the engine looks for.
+        let long = "x".repeat(MAX_STOP_BYTES + 1);
+        let body = json!({"model": "m", "max_tokens": 5, "messages": hi, "stop_sequences": [long]});
+        let e = to_chat_request(body, false).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop_sequences"));
+    }
+
+    #[test]
+    fn text_blocks_are_joined_by_line_breaks() {
+        // As llama.cpp joins parts: a system prompt's blocks, a message's, a tool result's.
+        let blocks =
+            json!([{"type": "text", "text": "Summarize"}, {"type": "text", "text": "this"}]);
+        let chat = to_chat_request(
+            json!({"model": "m", "max_tokens": 5, "system": blocks, "messages": [
+                {"role": "user", "content": blocks},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": blocks}]},
+            ]}),
+            false,
+        )
+        .unwrap();
+        let m = &chat["messages"];
+        assert_eq!(m[0]["content"], "Summarize\nthis");
+        assert_eq!(m[1]["content"], "Summarize\nthis");
+        assert_eq!(m[3]["content"], "Summarize\nthis", "{m}");
     }
 }

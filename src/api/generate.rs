@@ -218,6 +218,22 @@ pub(super) async fn run(
             ),
         ));
     }
+    fields.refuse_unsupported()?;
+    if fields.ignore_eos == Some(true) {
+        // A grammar's (and a tool call's) only way to end is the end-of-text token.
+        if !out.constraints.is_empty() || meta.tools.is_some() {
+            return Err(ApiError::invalid(
+                "ignore_eos",
+                "`ignore_eos` cannot be combined with a grammar, an output format or tools, \
+                 which end with the end-of-text token",
+            ));
+        }
+        // As llama.cpp: the tokens that end a reply are never sampled.
+        let banned = ready.tokenizer.stop_ids.iter();
+        sampling
+            .logit_bias
+            .extend(banned.map(|&id| (id, f32::NEG_INFINITY)));
+    }
     let requested = fields.max_tokens(out.echo)?;
     let prediction = predicted_tokens(fields, ready).await?;
     // Each choice's completion budget, in choice order (prompt by prompt, `n` each).

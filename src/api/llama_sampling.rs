@@ -63,6 +63,11 @@ pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> 
     if let Some(p) = o.remove("repeat_penalty") {
         o.insert("repetition_penalty".into(), p);
     }
+    // llama-server's `logit_bias` may be pairs: `[[token, bias], ...]`, `false` banning it.
+    if let Some(Value::Array(pairs)) = o.get("logit_bias") {
+        let map = logit_bias_pairs(pairs)?;
+        o.insert("logit_bias".into(), Value::Object(map));
+    }
     if o.get("seed").and_then(Value::as_i64) == Some(-1) {
         o.remove("seed");
     }
@@ -104,6 +109,33 @@ pub(super) fn to_sampling(mut v: Value, route: &str) -> Result<Value, ApiError> 
     Ok(v)
 }
 
+/// llama-server's `logit_bias` pairs as OpenAI's map: a token id and a bias, or `false`
+/// (never this token: OpenAI's -100). A token given as text is refused: name its ids.
+fn logit_bias_pairs(pairs: &[Value]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let mut map = serde_json::Map::new();
+    for (i, pair) in pairs.iter().enumerate() {
+        let bad = || {
+            ApiError::invalid(
+                format!("logit_bias[{i}]"),
+                "each pair is `[token id, bias]`, the bias a number or `false` to ban the token",
+            )
+        };
+        let (Some(id), Some(bias)) = (pair.get(0).and_then(Value::as_u64), pair.get(1)) else {
+            return Err(bad());
+        };
+        let bias = match bias {
+            Value::Bool(false) => json!(-100),
+            Value::Number(n) => Value::Number(n.clone()),
+            _ => return Err(bad()),
+        };
+        if pair.as_array().map(Vec::len) != Some(2) {
+            return Err(bad());
+        }
+        map.insert(id.to_string(), bias);
+    }
+    Ok(map)
+}
+
 /// llama.cpp's `samplers`, as the canonical names of the steps it lists (`top_k`, `top_p`,
 /// `min_p`, `temperature`, `typ_p`, `top_n_sigma`, `xtc`, `dry`, `penalties`): an array of
 /// names (any case, `-` for `_`, its aliases) or
@@ -143,6 +175,28 @@ pub(super) fn sampler_chain(v: &Value) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logit_bias_pairs_become_openais_map() {
+        let v = to_sampling(
+            json!({"logit_bias": [[15, 2.5], [7, false]]}),
+            "/completion",
+        )
+        .unwrap();
+        assert_eq!(v["logit_bias"], json!({"15": 2.5, "7": -100}));
+        // The map passes as it is.
+        let v = to_sampling(json!({"logit_bias": {"15": 1}}), "/completion").unwrap();
+        assert_eq!(v["logit_bias"], json!({"15": 1}));
+        for bad in [
+            json!([["hello", 1]]),
+            json!([[1]]),
+            json!([[1, true]]),
+            json!([[1, 2, 3]]),
+        ] {
+            let e = to_sampling(json!({"logit_bias": bad}), "/completion").unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logit_bias[0]"), "{bad}");
+        }
+    }
 
     #[test]
     fn llama_cpp_sampling_names_translate() {

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::response::Meta;
 use super::responses_logprobs::of_content;
+use super::types::push_part;
 use crate::engine::request::{FinishReason, LogprobInfo, Usage};
 use crate::gateway::Gateway;
 use crate::structured::toolcall::ParsedCall;
@@ -79,7 +80,7 @@ fn normalize_item(it: &Value, i: usize) -> Result<Value, ApiError> {
                             (
                                 Some("input_text" | "output_text" | "text"),
                                 Some(Value::String(t)),
-                            ) => text.push_str(t),
+                            ) => push_part(&mut text, t),
                             (kind, _) => {
                                 return Err(ApiError::invalid(
                                     at(&format!(".content[{j}]")),

@@ -12,9 +12,15 @@ use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::model::Message;
 use crate::structured::{ConstraintSpec, ToolChoice, ToolFormat, ToolSpec};
 
+#[path = "types_message.rs"]
+mod message;
+pub(crate) use message::push_part;
+
 /// The most choices one request may ask for (prompts times `n`): each is a sequence in the
 /// engine.
 pub const MAX_CHOICES: u64 = 16;
+/// The longest stop string, in bytes: the engine looks for each one after every token.
+pub const MAX_STOP_BYTES: usize = 1024;
 
 /// Fields of both completion endpoints that shape generation.
 #[derive(Debug, Default, Deserialize)]
@@ -42,6 +48,13 @@ pub struct SamplingFields {
     pub cache_prompt: Option<bool>,
     /// OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`.
     pub prediction: Option<Value>,
+    /// llama.cpp's and vLLM's: the end-of-text and end-of-turn tokens are never sampled, so
+    /// the reply runs to its budget (benchmarks send it).
+    pub ignore_eos: Option<bool>,
+    /// vLLM's, refused when they would change the reply (see [`Self::refuse_unsupported`]).
+    pub min_tokens: Option<Value>,
+    pub stop_token_ids: Option<Value>,
+    pub include_stop_str_in_output: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,84 +368,42 @@ impl ChatCompletionRequest {
 guided_of!(ChatCompletionRequest);
 guided_of!(CompletionRequest);
 
-impl ChatMessage {
-    fn to_message(&self, i: usize) -> Result<Message, ApiError> {
-        if !["system", "user", "assistant", "developer", "tool"].contains(&self.role.as_str()) {
-            return Err(ApiError::invalid(
-                format!("messages[{i}].role"),
-                format!(
-                    "unsupported role `{}`: use system, user, assistant or tool",
-                    self.role
-                ),
-            ));
-        }
-        let content = match &self.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.iter().enumerate() {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        _ => {
-                            return Err(ApiError::invalid(
-                                format!("messages[{i}].content[{j}]"),
-                                format!(
-                                    "content part of type `{}` is not supported; only `text`",
-                                    p.kind
-                                ),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-        };
-        let role = if self.role == "developer" {
-            "system"
-        } else {
-            &self.role
-        };
-        let mut msg = Message::new(role, &content);
-        if self.role == "tool" {
-            msg.tool_call_id = Some(self.tool_call_id.clone().ok_or_else(|| {
-                ApiError::invalid(
-                    format!("messages[{i}].tool_call_id"),
-                    "a `tool` message needs `tool_call_id`",
-                )
-            })?);
-        }
-        if let Some(calls) = &self.tool_calls {
-            if self.role != "assistant" {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].tool_calls"),
-                    "only assistant messages carry `tool_calls`",
-                ));
-            }
-            let mut out = Vec::with_capacity(calls.len());
-            for (j, c) in calls.iter().enumerate() {
-                let args: Value = serde_json::from_str(&c.function.arguments)
-                    .ok()
-                    .filter(Value::is_object)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            format!("messages[{i}].tool_calls[{j}].function.arguments"),
-                            "`arguments` must be a JSON object's text",
-                        )
-                    })?;
-                out.push(serde_json::json!({
-                    "id": c.id, "type": c.kind.as_deref().unwrap_or("function"),
-                    "function": {"name": c.function.name, "arguments": args},
-                }));
-            }
-            msg.tool_calls = Some(out);
-        }
-        Ok(msg)
-    }
-}
-
 impl SamplingFields {
     /// The sampling settings; `max_temperature` is the surface's own bound (OpenAI's 2).
+    /// vLLM's fields this server does not implement, refused by name when set to anything
+    /// that would change the reply (silently ignored, a benchmark would measure short
+    /// replies): `min_tokens` over 0, `stop_token_ids` not empty,
+    /// `include_stop_str_in_output` true.
+    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let set = [
+            (
+                "min_tokens",
+                self.min_tokens
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null() && v.as_u64() != Some(0)),
+            ),
+            (
+                "stop_token_ids",
+                self.stop_token_ids
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())),
+            ),
+            (
+                "include_stop_str_in_output",
+                self.include_stop_str_in_output
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false)),
+            ),
+        ];
+        match set.into_iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not supported by this server"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn sampling_params(&self, max_temperature: f32) -> Result<SamplingParams, ApiError> {
         if let Some(t) = self.temperature.filter(|t| *t > max_temperature) {
             return Err(ApiError::invalid(
@@ -525,6 +496,15 @@ impl SamplingFields {
             return Err(ApiError::invalid(
                 "stop",
                 format!("at most {max} stop sequences (got {})", stops.len()),
+            ));
+        }
+        if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "a stop sequence may be at most {MAX_STOP_BYTES} bytes long (got one of {})",
+                    long.len()
+                ),
             ));
         }
         Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())

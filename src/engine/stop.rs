@@ -235,6 +235,9 @@ impl StopMatcher {
         self.stops
             .iter()
             .enumerate()
+            // A stop longer than the text cannot be in it (and `find` would first read the
+            // whole stop).
+            .filter(|(_, stop)| stop.len() <= self.pending.len())
             .filter_map(|(i, stop)| self.pending.find(stop.as_str()).map(|pos| (pos, i)))
             // `min_by_key` keeps the first of equal keys: the first listed.
             .min_by_key(|&(pos, i)| (pos, self.stops[i].len()))
