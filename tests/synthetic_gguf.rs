@@ -242,3 +242,19 @@ fn a_rope_scaling_factor_no_model_can_run_with_is_refused() {
         assert!(e.contains("llama.rope.scaling.factor"), "{bad}: {e}");
     }
 }
+
+/// One part of a split model (`-00001-of-00003.gguf`) is refused by what it is, not by the
+/// tensor or key it lacks.
+#[test]
+fn a_part_of_a_split_model_is_refused_as_one() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let split = vec![("split.count", Value::U16(3)), ("split.no", Value::U16(0))];
+    let e = load_with(dir.path(), split).err().unwrap().to_string();
+    assert!(
+        e.contains("part 1 of a model split in 3") && e.contains("llama-gguf-split"),
+        "{e}"
+    );
+    // A "split" of one part is the whole model.
+    assert!(load_with(dir.path(), vec![("split.count", Value::U16(1))]).is_ok());
+}

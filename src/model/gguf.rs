@@ -313,6 +313,18 @@ const MAX_LAYERS: usize = 4096;
 
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        // One part of a split model (`-00001-of-00003.gguf`) has some of the tensors (and
+        // only the first the metadata).
+        if let Some(n) = f.opt_u32("split.count")?.filter(|&n| n > 1) {
+            let part = f.opt_u32("split.no")?.unwrap_or(0) + 1;
+            return Err(bad(
+                "split.count",
+                format!(
+                    "this file is part {part} of a model split in {n}; merge the parts into one \
+                     file (llama.cpp's `llama-gguf-split --merge FIRST-PART MERGED.gguf`) and load that"
+                ),
+            ));
+        }
         let arch = f.get_str("general.architecture")?.to_string();
         if arch != "llama" && arch != "mistral" {
             return Err(ModelError::UnsupportedArchitecture(arch));

@@ -4,13 +4,20 @@
 //! clear error naming the field instead of a panic or a huge allocation in the parser.
 //!
 //! Knows the GGUF layout (v1 to v3); never what the metadata means. Invariant: it reads
-//! sequentially and allocates only key names (at most 64 KiB each).
+//! sequentially and allocates only key and tensor names (at most 64 KiB each). A key or a
+//! tensor named twice is refused (a parser keeps the last; llama.cpp refuses the file), and
+//! so are arrays past what any model holds: a parser holds each element in 32 bytes or so,
+//! whatever it takes in the file.
 
 use std::io::Read;
 
 /// GGML's limit on tensor dimensions.
 const MAX_DIMS: u32 = 4;
 const MAX_KEY_BYTES: u64 = 65_535;
+/// The most elements of one metadata array, and of all of them: real vocabularies and
+/// merge lists hold well under a million each.
+const MAX_ARRAY_ELEMS: u64 = 1 << 23;
+const MAX_ALL_ARRAY_ELEMS: u64 = 1 << 24;
 
 struct Walk<R> {
     r: R,
@@ -19,6 +26,8 @@ struct Walk<R> {
     len: u64,
     /// v1 files use 32-bit counts and lengths.
     wide: bool,
+    /// Elements of the arrays so far.
+    elems: u64,
 }
 
 impl<R: Read> Walk<R> {
@@ -81,9 +90,10 @@ impl<R: Read> Walk<R> {
         self.skip(n, what)
     }
 
-    fn key(&mut self, index: u64) -> Result<String, String> {
-        let what = format!("metadata key {index}");
-        let n = self.count(&what)?;
+    /// A name's bytes (a key's or a tensor's), at most 64 KiB, trailing NULs dropped as
+    /// candle reads them (some writers add them).
+    fn name(&mut self, what: &str) -> Result<Vec<u8>, String> {
+        let n = self.count(what)?;
         if n > MAX_KEY_BYTES || n > self.left() {
             return Err(format!("{what} claims {n} bytes"));
         }
@@ -92,11 +102,15 @@ impl<R: Read> Walk<R> {
             .read_exact(&mut b)
             .map_err(|_| format!("the file ends inside {what}"))?;
         self.pos += n;
-        // As candle reads keys: trailing NULs dropped (some writers add them).
         while b.last() == Some(&0) {
             b.pop();
         }
-        String::from_utf8(b).map_err(|_| format!("{what} is not UTF-8"))
+        Ok(b)
+    }
+
+    fn key(&mut self, index: u64) -> Result<String, String> {
+        let what = format!("metadata key {index}");
+        String::from_utf8(self.name(&what)?).map_err(|_| format!("{what} is not UTF-8"))
     }
 
     /// Skips one value of GGUF type `ty`; returns it when it is an integer of 32 bits or
@@ -127,6 +141,13 @@ impl<R: Read> Walk<R> {
                 }
                 let elem = self.u32(what)?;
                 let n = self.count(what)?;
+                self.elems = self.elems.saturating_add(n);
+                if n > MAX_ARRAY_ELEMS || self.elems > MAX_ALL_ARRAY_ELEMS {
+                    return Err(format!(
+                        "the length of {what} is {n} elements, past the {MAX_ARRAY_ELEMS} a \
+                         model's metadata array holds ({MAX_ALL_ARRAY_ELEMS} in all)"
+                    ));
+                }
                 match fixed(elem) {
                     Some(size) => {
                         self.fits(n, size, &format!("the length of {what}"))?;
@@ -186,6 +207,7 @@ pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
         pos: 0,
         len,
         wide: true,
+        elems: 0,
     };
     let magic = w.bytes::<4>("the magic")?;
     if &magic != b"GGUF" {
@@ -207,8 +229,12 @@ pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
     w.fits(n_kv, if w.wide { 12 } else { 8 }, "the metadata count")?;
     w.fits(n_tensors, if w.wide { 24 } else { 20 }, "the tensor count")?;
     let mut alignment = 32u64;
+    let mut keys = std::collections::HashSet::new();
     for i in 0..n_kv {
         let key = w.key(i)?;
+        if !keys.insert(key.clone()) {
+            return Err(format!("metadata key `{key}` appears twice"));
+        }
         let ty = w.u32(&format!("the type of `{key}`"))?;
         let v = w.value(ty, &format!("`{key}`"), 0)?;
         // candle takes the alignment from an 8-, 16- or 32-bit integer (a negative one, or
@@ -222,9 +248,14 @@ pub fn check_header(r: impl Read, len: u64) -> Result<(), String> {
             };
         }
     }
+    let mut names = std::collections::HashSet::new();
     for i in 0..n_tensors {
         let what = format!("tensor info {i}");
-        w.string(&what)?;
+        let name = w.name(&format!("the name of {what}"))?;
+        if !names.insert(name.clone()) {
+            let name = String::from_utf8_lossy(&name);
+            return Err(format!("tensor `{name}` appears twice"));
+        }
         let n_dims = w.u32(&what)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(format!(
@@ -401,5 +432,49 @@ mod tests {
         for cut in 0..header {
             assert!(check(&good[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn names_given_twice_and_arrays_past_any_models_are_refused() {
+        // A key twice (a parser would keep the last).
+        let mut kv = kv_u32("llama.block_count", 2);
+        kv.extend(kv_u32("llama.block_count", 30));
+        let e = check(&file(&kv, 2, &[8], 0, 32)).unwrap_err();
+        assert!(e.contains("`llama.block_count` appears twice"), "{e}");
+        // A tensor twice: `w` then `w` again, both at offset 0.
+        let one = file(&[], 0, &[8], 0, 32);
+        let info = &one[24..24 + 8 + 1 + 4 + 8 + 4 + 8];
+        let mut f = one[..24].to_vec();
+        f[8..16].copy_from_slice(&2u64.to_le_bytes());
+        f.extend(info);
+        f.extend(info);
+        while !f.len().is_multiple_of(32) {
+            f.push(0);
+        }
+        f.extend([0u8; 32]);
+        let e = check(&f).unwrap_err();
+        assert!(e.contains("tensor `w` appears twice"), "{e}");
+        // 2^24 one-byte elements the file does hold (a parser would take 32 bytes each).
+        let n = 1u64 << 24;
+        let mut kv = 3u64.to_le_bytes().to_vec();
+        kv.extend(b"k.a");
+        kv.extend(9u32.to_le_bytes());
+        kv.extend(0u32.to_le_bytes()); // array of u8
+        kv.extend(n.to_le_bytes());
+        kv.extend(vec![0u8; n as usize]);
+        let e = check(&file(&kv, 1, &[8], 0, 32)).unwrap_err();
+        assert!(
+            e.contains("length of `k.a`") && e.contains("elements"),
+            "{e}"
+        );
+        // A real vocabulary's size passes.
+        let n = 200_000u64;
+        let mut kv = 3u64.to_le_bytes().to_vec();
+        kv.extend(b"k.a");
+        kv.extend(9u32.to_le_bytes());
+        kv.extend(5u32.to_le_bytes()); // array of i32
+        kv.extend(n.to_le_bytes());
+        kv.extend(vec![0u8; 4 * n as usize]);
+        check(&file(&kv, 1, &[8], 0, 32)).unwrap();
     }
 }
