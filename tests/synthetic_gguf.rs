@@ -258,3 +258,30 @@ fn a_part_of_a_split_model_is_refused_as_one() {
     // A "split" of one part is the whole model.
     assert!(load_with(dir.path(), vec![("split.count", Value::U16(1))]).is_ok());
 }
+
+/// A chat template minijinja cannot read (a tag it does not know) does not stop the model:
+/// a built-in template stands in, as llama.cpp does, and `--chat-template-file` can replace
+/// it.
+#[test]
+fn a_chat_template_that_cannot_be_read_falls_back_to_a_built_in_one() {
+    use candle_core::quantized::gguf_file::Value;
+    use edgeinfer::model::LoadedModel;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let template = "{% frobnicate %}{{ messages }}";
+    synthetic::write(
+        &path,
+        &Spec {
+            meta: vec![("tokenizer.chat_template", Value::String(template.into()))],
+            ..Spec::default()
+        },
+    );
+    let model = LoadedModel::load(&path, None, &Device::Cpu).unwrap();
+    assert!(!model.template_from_file);
+    assert_ne!(model.template.source(), template);
+    let hi = [edgeinfer::model::Message::new("user", "hi")];
+    assert!(model
+        .render_chat(&hi)
+        .unwrap()
+        .contains("<|im_start|>user\nhi"));
+}

@@ -97,11 +97,19 @@ impl<B: Backend> LoadedModel<B> {
 fn load_template(file: &GgufFile, tok: &Tokenizer) -> Result<(ChatTemplate, bool), ModelError> {
     let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
     let (bos, eos) = (text(tok.bos), text(tok.eos));
-    match file.get_str("tokenizer.chat_template") {
-        Ok(src) => Ok((ChatTemplate::new(src, &bos, &eos)?, true)),
-        Err(_) => {
-            let src = ChatTemplate::fallback_source(|t| tok.token_id(t).is_some());
-            Ok((ChatTemplate::new(src, &bos, &eos)?, false))
+    if let Ok(src) = file.get_str("tokenizer.chat_template") {
+        match ChatTemplate::new(src, &bos, &eos) {
+            Ok(template) => return Ok((template, true)),
+            // As llama.cpp: a template minijinja cannot read falls back to a built-in one,
+            // with a warning (`--chat-template-file` can give the right one), rather than
+            // stopping a model that may serve completions and embeddings.
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the model's chat template cannot be used; a built-in one is used instead \
+                 (give the right one with --chat-template-file)"
+            ),
         }
     }
+    let src = ChatTemplate::fallback_source(|t| tok.token_id(t).is_some());
+    Ok((ChatTemplate::new(src, &bos, &eos)?, false))
 }

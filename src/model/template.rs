@@ -98,6 +98,45 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// The most instructions one render of a chat template may run.
 const TEMPLATE_FUEL: u64 = 50_000_000;
 
+/// Hugging Face's `{% generation %}` ... `{% endgeneration %}` (it marks the assistant's
+/// tokens for training masks and renders what it holds) as a block minijinja knows that
+/// does the same: `{% if true %}` ... `{% endif %}`, whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    // Each `{{ }}`, `{% %}` and `{# #}` in turn, so text inside one is never read as a tag.
+    while let Some(open) = rest.find('{').filter(|&o| o + 1 < rest.len()) {
+        let end = match rest.as_bytes()[open + 1] {
+            b'{' => "}}",
+            b'%' => "%}",
+            b'#' => "#}",
+            _ => {
+                out.push_str(&rest[..open + 1]);
+                rest = &rest[open + 1..];
+                continue;
+            }
+        };
+        let Some(close) = rest[open + 2..].find(end).map(|c| open + 2 + c + 2) else {
+            break;
+        };
+        let tag = &rest[open..close];
+        out.push_str(&rest[..open]);
+        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+');
+        let word = match (end, inner.trim()) {
+            ("%}", "generation") => Some("if true"),
+            ("%}", "endgeneration") => Some("endif"),
+            _ => None,
+        };
+        match word {
+            Some(w) => out.push_str(&tag.replacen(inner.trim(), w, 1)),
+            None => out.push_str(tag),
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
         let mut env = Environment::new();
@@ -111,7 +150,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         // Python's `json.dumps`, as Hugging Face's templates were written against.
         env.add_filter("tojson", super::pyjson::tojson);
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", without_generation_tags(source))
             .map_err(|e| ModelError::Template(format!("cannot parse the chat template: {e}")))?;
         Ok(Self {
             env,
@@ -213,6 +252,21 @@ mod tests {
             Message::new("assistant", "Hello!"),
             Message::new("user", "Bye"),
         ]
+    }
+
+    #[test]
+    fn hugging_faces_generation_tags_render_what_they_hold() {
+        // TRL's assistant-mask templates (SmolLM3's too) wrap the assistant's turn in them.
+        let src = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\n[{{ m.content }}]\n{%- endgeneration %}{% else %}({{ m.content }}){% endif %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert_eq!(
+            t.render(&msgs(), false).unwrap(),
+            "(Be brief.)(Hi)[Hello!](Bye)"
+        );
+        // The source is kept as written; other tags and text that merely spells one are kept.
+        assert_eq!(t.source(), src);
+        let t = ChatTemplate::new("{{ '{% generation %}' }}{é}{", "", "").unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "{% generation %}{é}{");
     }
 
     #[test]
