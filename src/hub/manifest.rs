@@ -107,8 +107,11 @@ pub fn parse_hf_spec(spec: &str) -> Result<ModelEntry, HubError> {
         None => (repo_rev, "main"),
     };
     let parts: Vec<&str> = repo.split('/').collect();
+    // As the Hub names repositories: no `--` or `..` (so `--` can join names locally).
     let valid_part = |p: &str| {
         !p.is_empty()
+            && !p.contains("--")
+            && !p.contains("..")
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
@@ -132,8 +135,9 @@ pub fn parse_hf_spec(spec: &str) -> Result<ModelEntry, HubError> {
             "the revision must be a branch, tag, commit or refs/pr/N",
         ));
     }
-    // Files from different repositories or revisions must not share a local name.
-    let base = file.rsplit('/').next().unwrap_or(file);
+    // Files from different repositories, revisions or folders must not share a local name
+    // (`a/m.gguf` and `b/m.gguf` are different models).
+    let base = file.replace('/', "--");
     let local = match revision {
         "main" => format!("{}--{}", repo.replace('/', "--"), base),
         rev => format!(
@@ -184,7 +188,10 @@ mod tests {
             }]
         );
         let e = parse_hf_spec("a/b@v1.0:sub/dir/x.gguf").unwrap();
-        assert_eq!(e.file, "a--b--v1.0--x.gguf");
+        assert_eq!(e.file, "a--b--v1.0--sub--dir--x.gguf");
+        // Same-named files in different folders are different models.
+        let (x, y) = (parse_hf_spec("a/b:x/m.gguf"), parse_hf_spec("a/b:y/m.gguf"));
+        assert_ne!(x.unwrap().file, y.unwrap().file);
         // A revision with slashes is still one file name in the models directory.
         let pr = parse_hf_spec("a/b@refs/pr/3:x.gguf").unwrap();
         assert_eq!(pr.file, "a--b--refs--pr--3--x.gguf");
@@ -207,6 +214,7 @@ mod tests {
             ("a/b", "expected HF_REPO:FILE"),
             ("a:x.gguf", "OWNER/NAME"),
             ("a/b/c:x.gguf", "OWNER/NAME"),
+            ("a/b--v1:x.gguf", "OWNER/NAME"),
             ("a/b:", "relative path"),
             ("a/b:../x.gguf", "relative path"),
             ("a/b:x.bin", ".gguf"),
