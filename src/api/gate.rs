@@ -316,6 +316,14 @@ pub fn refusal_error(r: Refusal, prompt: usize, max_tokens: usize, rate: RateInf
             format!("This key already has its maximum of {limit} requests running. Retry when one finishes."),
             Some(Duration::from_secs(1)),
         ),
+        Refusal::BudgetHeld { budget_micros } => ApiError::rate_limited(
+            "rate_limit_exceeded",
+            format!(
+                "This key's budget of ${:.6} is held by its requests running (the most each could cost). Retry when one finishes, or set max_tokens to reserve less.",
+                budget_micros as f64 / 1e6
+            ),
+            Some(Duration::from_secs(1)),
+        ),
         Refusal::Budget { budget_micros, retry_after } => {
             let mut e = ApiError::rate_limited(
                 "insufficient_quota",

@@ -174,6 +174,29 @@ pub struct Ask {
     pub sequences: u64,
 }
 
+impl Ask {
+    /// The completion (at most `fits` tokens) whose most possible cost fits `left`: `fits`
+    /// itself with an explicit `max_tokens`, else the largest that fits; `None` if none does.
+    fn completion_within(&self, fits: u64, left: u64) -> Option<u64> {
+        let mut n = fits;
+        if self.price.bound(self.prompt, n) > left && !self.explicit && self.price.output > 0 {
+            // The largest completion whose bound fits (bound is monotone in n).
+            let (mut lo, mut hi) = (0, n);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if self.price.bound(self.prompt, mid) <= left {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            n = lo;
+        }
+        let none = (n == 0 && self.max_tokens > 0) || self.price.bound(self.prompt, n) > left;
+        (!none).then_some(n)
+    }
+}
+
 /// An admitted request's hold on its windows; give it back with [`Limits::settle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -208,6 +231,11 @@ pub enum Refusal {
     Budget {
         budget_micros: u64,
         retry_after: Option<Duration>,
+    },
+    /// The key's money budget is not spent but held by its running requests (the most each
+    /// could cost): one of them ending gives back what it did not use.
+    BudgetHeld {
+        budget_micros: u64,
     },
 }
 
@@ -312,24 +340,22 @@ impl Limits {
         for (w, _, spec) in &windows {
             if let Some(budget) = spec.max_budget_micros {
                 let left = budget.saturating_sub(w.spend.saturating_add(w.reserved_cost));
-                let mut n = fits;
-                if ask.price.bound(ask.prompt, n) > left && !ask.explicit && ask.price.output > 0 {
-                    // The largest completion whose bound fits (bound is monotone in n).
-                    let (mut lo, mut hi) = (0, n);
-                    while lo < hi {
-                        let mid = (lo + hi).div_ceil(2);
-                        if ask.price.bound(ask.prompt, mid) <= left {
-                            lo = mid;
-                        } else {
-                            hi = mid - 1;
-                        }
+                match ask.completion_within(fits, left) {
+                    Some(n) => fits = n,
+                    // What the key's running requests hold comes back as they end: a
+                    // request that fits what is not spent is asked to retry, not told the
+                    // budget is spent.
+                    None if w.reserved_cost > 0
+                        && ask
+                            .completion_within(fits, budget.saturating_sub(w.spend))
+                            .is_some() =>
+                    {
+                        return Err(Refusal::BudgetHeld {
+                            budget_micros: budget,
+                        })
                     }
-                    n = lo;
+                    None => return Err(w.budget_refusal(budget, spec, unix)),
                 }
-                if (n == 0 && ask.max_tokens > 0) || ask.price.bound(ask.prompt, n) > left {
-                    return Err(w.budget_refusal(budget, spec, unix));
-                }
-                fits = n;
             }
         }
         let tokens = ask.prompt + fits;

@@ -137,9 +137,15 @@ fn budgets_reserve_the_most_a_request_can_cost() {
         Some(30)
     });
     let g = g.unwrap();
-    // 10 left after reserving 60: a request of 10 + 1 cannot fit.
+    // 10 left after reserving 60: a request of 10 + 1 cannot fit now, but would when that
+    // one ends, so it is asked to retry (the budget is not spent).
     assert!(matches!(
         l.admit(Some(("k", &s)), a(1, true), t0, 2000, |_| Some(0)),
+        Err(Refusal::BudgetHeld { budget_micros: 100 })
+    ));
+    // One that could not fit even then is told the budget is spent, and when it resets.
+    assert!(matches!(
+        l.admit(Some(("k", &s)), a(61, true), t0, 2000, |_| Some(0)),
         Err(Refusal::Budget { retry_after: Some(d), .. }) if d == Duration::from_secs(2600)
     ));
     l.settle(&g, Some((15, 15)), t0);
