@@ -123,3 +123,43 @@ fn each_tokens_bytes_join_into_the_texts_bytes() {
         }
     }
 }
+
+#[test]
+fn bytes_that_never_complete_a_character_are_not_held_back() {
+    // A reply of lone lead bytes (a `logit_bias` on one byte token): each can never be
+    // completed once 3 more tokens follow, so text comes out as it goes, not all at the end
+    // (which also decoded the whole held run again at each token).
+    use edgeinfer::model::detok::IncrementalDecoder;
+    let model = common::default_model();
+    let tok = &model.tokenizer;
+    let lead = tok.token_id("â").expect("the byte-level token of 0xE2");
+    assert_eq!(tok.token_bytes_of(lead), vec![0xE2]);
+    let ids: Vec<u32> = [tok.encode("Hi ", false).unwrap(), vec![lead; 200]].concat();
+    let mut dec = IncrementalDecoder::new();
+    let mut out = String::new();
+    let mut before_flush = 0;
+    for &id in &ids {
+        if let Some(piece) = dec.push(tok, id).unwrap() {
+            out.push_str(&piece);
+            before_flush = out.chars().count();
+        }
+    }
+    out.extend(dec.flush(tok).unwrap());
+    assert_eq!(out, tok.decode(&ids).unwrap());
+    assert!(
+        before_flush >= 190,
+        "only {before_flush} characters before the flush"
+    );
+    // A character completed after its lead bytes still comes out whole.
+    let text = "x🚀y 你好";
+    let ids = tok.encode(text, false).unwrap();
+    let mut dec = IncrementalDecoder::new();
+    let mut out = String::new();
+    for &id in &ids {
+        let piece = dec.push(tok, id).unwrap().unwrap_or_default();
+        assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+        out.push_str(&piece);
+    }
+    out.extend(dec.flush(tok).unwrap());
+    assert_eq!(out, text);
+}

@@ -1,13 +1,17 @@
 //! Incremental detokenization: turns a growing list of token ids into text deltas.
 //!
 //! Knows only the tokenizer's `decode`. Invariant: a delta never ends in the middle of a UTF-8
-//! character (a token holding half of an emoji waits for the next one), and the deltas
+//! character (a token holding half of an emoji waits for the next one; bytes no token can
+//! complete any more come out as U+FFFD), and the deltas
 //! concatenate to the decoding of all tokens after the context. A context that ends inside a
 //! character (a prompt of token ids cut there) decodes to U+FFFD at its end: the first delta
 //! then holds the whole character, its first bytes the context's.
 
 use super::tokenizer::Tokenizer;
 use crate::error::ModelError;
+
+/// The most tokens an unfinished character's bytes can span (3 bytes, one token each).
+const COMPLETABLE: usize = 3;
 
 /// Decodes a window of recent tokens, so each step costs O(window), not O(sequence).
 pub struct IncrementalDecoder {
@@ -49,7 +53,7 @@ impl IncrementalDecoder {
         let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&self.tokens[self.prefix_offset..])?;
         if full.ends_with('\u{FFFD}') {
-            return Ok(None);
+            return self.emit_permanent(tok, &prefix, &full);
         }
         match delta(&prefix, &full) {
             Some(delta) if !delta.is_empty() => {
@@ -59,6 +63,36 @@ impl IncrementalDecoder {
                 Ok(Some(delta))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// While the text ends in U+FFFD: what lies before the last [`COMPLETABLE`] tokens and
+    /// decodes the same with them can never change (a character's bytes span at most four
+    /// tokens), so it is emitted, invalid bytes as U+FFFD. A reply of lone bytes that never
+    /// complete a character (a `logit_bias` on one) would otherwise hold its whole text
+    /// back, decoding it all again at each token.
+    fn emit_permanent(
+        &mut self,
+        tok: &Tokenizer,
+        prefix: &str,
+        full: &str,
+    ) -> Result<Option<String>, ModelError> {
+        let cut = self.tokens.len().saturating_sub(COMPLETABLE);
+        if cut <= self.read_offset {
+            return Ok(None);
+        }
+        let upto = tok.decode(&self.tokens[self.prefix_offset..cut])?;
+        if !full.starts_with(&upto) {
+            return Ok(None);
+        }
+        match delta(prefix, &upto).filter(|d| !d.is_empty()) {
+            Some(d) => {
+                let d = d.to_string();
+                self.prefix_offset = self.read_offset;
+                self.read_offset = cut;
+                Ok(Some(d))
+            }
+            None => Ok(None),
         }
     }
 
