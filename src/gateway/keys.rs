@@ -363,7 +363,7 @@ impl KeyStore {
         };
         let mut rec = KeyRecord::new(hash_key(&key));
         rec.apply(fields)?;
-        self.write(&rec, true)?;
+        let rec = self.write(true, |_| Ok(rec))?;
         Ok((key, rec))
     }
 
@@ -373,10 +373,26 @@ impl KeyStore {
         name: &str,
         fields: &Map<String, Value>,
     ) -> Result<KeyRecord, GatewayError> {
-        let mut rec = (*self.resolve(name)?.ok_or(GatewayError::UnknownKey)?).clone();
-        rec.apply(fields)?;
-        self.write(&rec, false)?;
-        Ok(rec)
+        let id = self
+            .resolve(name)?
+            .ok_or(GatewayError::UnknownKey)?
+            .id
+            .clone();
+        // The record as it stands in the write's own transaction: a change another process
+        // made since this one last looked is kept, not written over.
+        self.write(false, |tx| {
+            let mut rec = tx
+                .query_row(
+                    "SELECT * FROM keys WHERE id = ?1 AND revoked = 0",
+                    [&id],
+                    row_to_record,
+                )
+                .optional()
+                .map_err(GatewayError::db)?
+                .ok_or(GatewayError::UnknownKey)?;
+            rec.apply(fields)?;
+            Ok(rec)
+        })
     }
 
     /// Revokes keys (kept in the store so the ledger still names them); returns how many.
@@ -396,7 +412,12 @@ impl KeyStore {
         Ok(ids.len())
     }
 
-    fn write(&self, r: &KeyRecord, insert: bool) -> Result<(), GatewayError> {
+    /// Writes the record `make` gives (reading, if it needs, in the write's transaction).
+    fn write(
+        &self,
+        insert: bool,
+        make: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<KeyRecord, GatewayError>,
+    ) -> Result<KeyRecord, GatewayError> {
         let mut conn = self.conn();
         // Immediate: it reads before it writes, and a read transaction that must become a
         // writer cannot wait for another's lock (SQLite answers "database is locked" at
@@ -404,6 +425,8 @@ impl KeyStore {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
+        let rec = make(&tx)?;
+        let r = &rec;
         if let Some(alias) = &r.alias {
             let taken: Option<String> = tx
                 .query_row(
@@ -458,7 +481,8 @@ impl KeyStore {
             return Err(GatewayError::UnknownKey);
         }
         bump_version(&tx)?;
-        tx.commit().map_err(GatewayError::db)
+        tx.commit().map_err(GatewayError::db)?;
+        Ok(rec)
     }
 }
 

@@ -106,3 +106,29 @@ fn a_write_waits_for_another_connections_write_lock() {
     assert_eq!(rec.tpm_limit, Some(5));
     assert_eq!(s.resolve("a").unwrap().unwrap().tpm_limit, Some(5));
 }
+
+#[test]
+fn an_update_keeps_a_change_another_process_made_meanwhile() {
+    // This store reads the key, then waits for the lock another process holds while it
+    // changes another field: the update is applied to the key as it then stands.
+    let (dir, s) = store();
+    s.generate(&fields(json!({"key_alias": "a"}))).unwrap();
+    let other = super::super::db::open(&dir.path().join("t.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let s = std::sync::Arc::new(s);
+    let updater = {
+        let s = s.clone();
+        std::thread::spawn(move || s.update("a", &fields(json!({"tpm_limit": 5}))))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    other
+        .execute_batch(
+            "UPDATE keys SET rpm_limit = 7 WHERE alias = 'a';
+             UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; COMMIT;",
+        )
+        .unwrap();
+    let rec = updater.join().unwrap().unwrap();
+    assert_eq!((rec.tpm_limit, rec.rpm_limit), (Some(5), Some(7)));
+    let now = s.resolve("a").unwrap().unwrap();
+    assert_eq!((now.tpm_limit, now.rpm_limit), (Some(5), Some(7)));
+}
