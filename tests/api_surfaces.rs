@@ -334,7 +334,14 @@ fn official_openai_client_chains_responses() {
     assert_eq!(r["retrieved_text"], turns[0]["text"], "{r}");
     assert_eq!(r["deleted"], true, "{r}");
     assert_eq!(r["after_delete"], 404, "{r}");
-    assert_eq!(r["unknown_previous"], 404, "{r}");
+    // As OpenAI answers: a 400 whose code says to send the history again.
+    assert_eq!(
+        r["unknown_previous"],
+        json!([400, "previous_response_not_found", "previous_response_id"]),
+        "{r}"
+    );
+    // A tool result that answers no call in the conversation.
+    assert_eq!(r["orphan_output"], 400, "{r}");
     assert_eq!(r["unstored"], 404, "{r}");
 }
 
@@ -410,7 +417,8 @@ fn stored_responses_survive_a_restart_and_belong_to_their_key() {
             > first.body["usage"]["input_tokens"].as_u64().unwrap()
     );
     let stolen = turn(&s, &bob, "What is my name?", Some(&id));
-    assert_eq!(stolen.status, 404, "{}", stolen.body);
+    assert_eq!(stolen.status, 400, "{}", stolen.body);
+    assert_eq!(stolen.body["error"]["code"], "previous_response_not_found");
     assert_eq!(stolen.body["error"]["param"], "previous_response_id");
     let del = s.call(
         "DELETE",

@@ -59,6 +59,32 @@ pub fn input_items(body: &Value) -> Result<Vec<Value>, ApiError> {
     }
 }
 
+/// Each new `function_call_output` (from `first_new` on) answers a call made before it in
+/// the conversation: OpenAI refuses an orphan (a client that sent the item's `id` for its
+/// `call_id`, or forgot `previous_response_id`), which a model would read as a result of
+/// nothing it asked.
+pub fn check_call_outputs(context: &[Value], first_new: usize) -> Result<(), ApiError> {
+    for (i, it) in context.iter().enumerate().skip(first_new) {
+        if it["type"] != "function_call_output" {
+            continue;
+        }
+        let id = &it["call_id"];
+        let called = context[..i]
+            .iter()
+            .any(|c| c["type"] == "function_call" && c["call_id"] == *id);
+        if !called {
+            return Err(ApiError::invalid(
+                "input",
+                format!(
+                    "No tool call found for function call output with call_id {}.",
+                    id.as_str().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn normalize_item(it: &Value, i: usize) -> Result<Value, ApiError> {
     let at = |f: &str| format!("input[{i}]{f}");
     let kind = it.get("type").and_then(Value::as_str).unwrap_or("message");

@@ -68,7 +68,9 @@ pub async fn responses_create(
             ))
         }
     };
+    let first_new = context.len();
     context.extend(super::responses::input_items(&v)?);
+    super::responses::check_call_outputs(&context, first_new)?;
     let store = match v.get("store") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -116,10 +118,15 @@ pub async fn responses_create(
     chat(&state, rid, who, &headers, Ok(bytes), api).await
 }
 
+/// OpenAI's answer for a previous response that is not there (or is another key's: the
+/// same answer, so it tells nothing): a 400 whose `code` clients read to resend the history.
 fn previous_not_found(id: &str) -> ApiError {
     ApiError {
-        param: Some("previous_response_id".into()),
-        ..ApiError::not_found(format!("Previous response with id '{id}' not found."))
+        code: Some("previous_response_not_found"),
+        ..ApiError::invalid(
+            "previous_response_id",
+            format!("Previous response with id '{id}' not found."),
+        )
     }
 }
 

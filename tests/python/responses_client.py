@@ -125,6 +125,12 @@ got = client.responses.retrieve(out["turns"][0]["id"])
 out["retrieved_text"] = got.output_text
 out["deleted"] = client.responses.delete(out["turns"][0]["id"]) is None
 out["after_delete"] = error_status(lambda: client.responses.retrieve(out["turns"][0]["id"]), openai.NotFoundError)
-out["unknown_previous"] = error_status(lambda: client.responses.create(model=model, input="hi", previous_response_id="resp_nope"), openai.NotFoundError)
+try:
+    client.responses.create(model=model, input="hi", previous_response_id="resp_nope")
+    out["unknown_previous"] = None
+except openai.BadRequestError as e:
+    out["unknown_previous"] = [e.status_code, e.code, e.param]
+out["orphan_output"] = error_status(lambda: client.responses.create(model=model, input=[
+    {"type": "function_call_output", "call_id": "call_nope", "output": "18 C"}]), openai.BadRequestError)
 out["unstored"] = error_status(lambda: client.responses.retrieve(again.id), openai.NotFoundError)
 print(json.dumps(out))
