@@ -954,6 +954,17 @@ fn vllms_guided_fields_shape_replies() {
             json!({"guided_grammar": "start: /a+/ X\nX[stop=\"\"]: /b*/"}),
             "guided_grammar",
         ),
+        // llguidance refuses an empty `suffix` itself.
+        (
+            json!({"guided_grammar": "start: /a+/ X\nX[suffix=\"\"]: /b*/"}),
+            "guided_grammar",
+        ),
+        // Tools that may not be called still leave no room for a format that starts at
+        // once (it was dropped: free text).
+        (
+            json!({"guided_choice": ["red", "green"], "tools": tools(), "tool_choice": "none"}),
+            "guided_choice",
+        ),
     ];
     for (extra, param) in cases {
         let (status, r) = s.post(CHAT, &chat("Hi", extra.clone()));

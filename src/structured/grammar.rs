@@ -217,8 +217,9 @@ impl ConstraintSpec {
                 compile("grammar", TopLevelGrammar::from_lark(gbnf_lark(src, gbnf)?))?
             }
         }
-        let tools_active = self.calls_tools();
-        if tools_active && self.format.starts_at_once() {
+        // Tools under `tool_choice: none` too: their grammar is text that opens no call,
+        // which would drop the format (never an unconstrained run that should not be).
+        if !self.tools.is_empty() && self.format.starts_at_once() {
             let field = match (&self.format, self.format_field) {
                 (_, Some(field)) => field,
                 (OutputFormat::Gbnf(_), None) => "grammar",
