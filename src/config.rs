@@ -369,6 +369,21 @@ impl ServeArgs {
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());
         }
+        // A key no client can send (a header cannot end in a newline, and presented keys are
+        // trimmed) would lock every request out: a key read from a file keeps its newline.
+        for (flag, key) in [
+            ("--master-key", &self.master_key),
+            ("--metrics-key", &self.metrics_key),
+        ] {
+            if key
+                .as_deref()
+                .is_some_and(|k| !k.chars().all(|c| c.is_ascii_graphic()))
+            {
+                return Err(format!(
+                    "{flag} must be printable ASCII without spaces (a key read from a file keeps its trailing newline: strip it)"
+                ));
+            }
+        }
         let min = crate::gateway::retention::MIN_DAYS;
         if (1..min).contains(&self.ledger_retention_days) {
             return Err(format!(

@@ -328,6 +328,15 @@ fn serve_refuses_inconsistent_budgets() {
             vec!["serve", "--sse-keep-alive", "18446744073709551615"],
             "--sse-keep-alive (18446744073709551615) must be at most 86400",
         ),
+        // A key read from a file with its newline: no client could send it.
+        (
+            vec!["serve", "--master-key", "sk-master-key\n"],
+            "--master-key must be printable ASCII",
+        ),
+        (
+            vec!["serve", "--metrics-key", "metrics key"],
+            "--metrics-key must be printable ASCII",
+        ),
     ] {
         let out = edgeinfer(&args, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
