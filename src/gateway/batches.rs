@@ -136,16 +136,25 @@ impl Batches {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(GatewayError::db)?;
-        if let Some(q) = quota.filter(|q| q.bytes > 0) {
-            let used = files::used_by(&tx, owner, super::db::unix_now())?;
-            if used + q.bytes > q.limit {
+        // Measured after the insert, in the same transaction (dropped uncommitted if it does
+        // not fit): a batch made from a stored file counts only past the file, which `used`
+        // already holds.
+        let quota = quota.filter(|q| q.bytes > 0);
+        let now = super::db::unix_now();
+        let before = match quota {
+            Some(_) => files::used_by(&tx, owner, now)?,
+            None => 0,
+        };
+        insert_batch(&tx, owner_kind, owner, object, lines)?;
+        if let Some(q) = quota {
+            let after = files::used_by(&tx, owner, now)?;
+            if after > q.limit && after > before {
                 return Err(GatewayError::Invalid {
                     field: q.field.into(),
-                    reason: format!("({} bytes of requests) does not fit: this key's files and running batches hold {used} of the {} bytes it may store (`--file-storage-per-key`)", q.bytes, q.limit),
+                    reason: format!("({} bytes of requests) does not fit: this key's files and running batches hold {before} of the {} bytes it may store (`--file-storage-per-key`), {after} with it", q.bytes, q.limit),
                 });
             }
         }
-        insert_batch(&tx, owner_kind, owner, object, lines)?;
         tx.commit().map_err(GatewayError::db)
     }
 }

@@ -331,6 +331,27 @@ fn a_batchs_held_answers_and_requests_are_bounded_and_counted() {
         b.create_held("key", "k", &o, lines.clone(), None).unwrap();
     }
     assert_eq!(b.storage_used("k").unwrap(), 300 + 400 + (600 - 400));
+    // A batch from a stored file fits a quota that holds the file and its copy past it: the
+    // file is not counted twice (it was refused with the quota the store then holds).
+    let (_d2, b2) = store();
+    let file = put(&b2, "k", "in.jsonl", &[b'z'; 400]);
+    let o = json!({"id": "batch_4", "status": "in_progress", "created_at": 5,
+        "input_file_id": file.id});
+    b2.create_held("key", "k", &o, lines.clone(), quota(450))
+        .unwrap();
+    assert_eq!(b2.storage_used("k").unwrap(), 400);
+    let o = json!({"id": "batch_5", "status": "in_progress", "created_at": 5,
+        "input_file_id": file.id});
+    let full = b2.create_held("key", "k", &o, lines.clone(), quota(450));
+    assert!(
+        matches!(&full, Err(GatewayError::Invalid { .. })),
+        "{full:?}"
+    );
+    assert_eq!(
+        b2.storage_used("k").unwrap(),
+        400,
+        "a refused batch holds nothing"
+    );
     // Answers past what an output file may hold (4096 bytes under test) are not kept.
     let answer = |i: i64| {
         json!({"id": format!("r{i}"), "custom_id": format!("c{i}"),
