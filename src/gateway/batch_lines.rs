@@ -176,16 +176,40 @@ fn tokens_of(body: &Value) -> [i64; 4] {
         u => u,
     };
     let n = |a: &Value, b: &Value| a.as_i64().or_else(|| b.as_i64()).unwrap_or(0).max(0);
+    // Anthropic's `input_tokens` are those past the cache: what it read from the cache (and
+    // wrote to it) are counted apart.
+    let read = n(&u["cache_read_input_tokens"], &Value::Null);
+    let written = n(&u["cache_creation_input_tokens"], &Value::Null);
     [
-        n(&u["prompt_tokens"], &u["input_tokens"]),
+        n(&u["prompt_tokens"], &u["input_tokens"]) + read + written,
         n(
             &u["prompt_tokens_details"]["cached_tokens"],
             &u["input_tokens_details"]["cached_tokens"],
-        ),
+        ) + read,
         n(&u["completion_tokens"], &u["output_tokens"]),
         n(
             &u["completion_tokens_details"]["reasoning_tokens"],
             &u["output_tokens_details"]["reasoning_tokens"],
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_surfaces_usage_counts_its_whole_prompt() {
+        let chat = json!({"usage": {"prompt_tokens": 30, "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 16}}});
+        assert_eq!(tokens_of(&chat), [30, 16, 5, 0]);
+        let responses = json!({"usage": {"input_tokens": 30, "output_tokens": 5,
+            "input_tokens_details": {"cached_tokens": 16},
+            "output_tokens_details": {"reasoning_tokens": 2}}});
+        assert_eq!(tokens_of(&responses), [30, 16, 5, 2]);
+        // Anthropic's input_tokens leave out what the cache served.
+        let message = json!({"type": "message", "usage": {"input_tokens": 14,
+            "output_tokens": 5, "cache_read_input_tokens": 16, "cache_creation_input_tokens": 0}});
+        assert_eq!(tokens_of(&message), [30, 16, 5, 0]);
+    }
 }
