@@ -225,6 +225,16 @@ pub fn to_chat_request(body: Value, context: &[Value]) -> Result<Value, ApiError
         ));
     };
     let mut out = Map::new();
+    // OpenAI's fields this server does not have, which would change the reply if dropped
+    // (no history, no instructions, calls past a limit): refused by name.
+    for field in ["conversation", "prompt", "max_tool_calls"] {
+        if b.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` is not supported by this server"),
+            ));
+        }
+    }
     // Kept with a stored response: bounded as OpenAI bounds it (a 400 otherwise).
     super::batches::checked_metadata(b.get("metadata"))?;
     let instructions = match b.get("instructions") {
@@ -450,6 +460,16 @@ pub(super) fn object_of(
     Value::Object(r)
 }
 
+/// A reply the budget cut (`Length`) has its last item `incomplete`: those before it were
+/// whole (and a stream said so as each closed).
+pub(super) fn mark_cut(output: &mut [Value], reason: FinishReason) {
+    if reason == FinishReason::Length {
+        if let Some(it) = output.last_mut() {
+            it["status"] = json!("incomplete");
+        }
+    }
+}
+
 /// The finished response: rendered, and stored with its conversation when asked.
 pub(super) fn finish(
     ctx: &ResponsesCtx,
@@ -463,11 +483,7 @@ pub(super) fn finish(
         FinishReason::Stop => "completed",
     };
     let mut output = output;
-    if reason == FinishReason::Length {
-        for it in &mut output {
-            it["status"] = json!("incomplete");
-        }
-    }
+    mark_cut(&mut output, reason);
     let r = object(ctx, meta, status, output.clone(), Some((reason, usage)));
     if ctx.store {
         let mut context = ctx.context.clone();

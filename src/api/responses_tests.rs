@@ -61,6 +61,12 @@ fn bad_input_names_its_field() {
     }
     let e = to_chat_request(json!({"tools": [{"type": "web_search"}]}), &[]).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tools[0].type"));
+    // Fields this server does not have are named, not dropped; null is not given.
+    for field in ["conversation", "prompt", "max_tool_calls"] {
+        let e = to_chat_request(json!({field: "x"}), &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(field));
+        assert!(to_chat_request(json!({"model": "m", field: null}), &[]).is_ok());
+    }
     // Metadata is kept with a stored response: bounded as OpenAI bounds it.
     for bad in [
         json!("str"),
@@ -78,4 +84,24 @@ fn bad_input_names_its_field() {
     );
     assert_eq!(e["text"], json!({"format": {"type": "text"}}));
     assert_eq!(e["reasoning"], json!({"effort": "low", "summary": null}));
+}
+
+#[test]
+fn a_cut_reply_has_only_its_last_item_incomplete() {
+    use crate::engine::request::FinishReason;
+    let items = || {
+        vec![
+            json!({"type": "function_call", "status": "completed", "arguments": "{}"}),
+            json!({"type": "message", "status": "completed"}),
+        ]
+    };
+    let mut cut = items();
+    mark_cut(&mut cut, FinishReason::Length);
+    assert_eq!(
+        (&cut[0]["status"], &cut[1]["status"]),
+        (&json!("completed"), &json!("incomplete"))
+    );
+    let mut whole = items();
+    mark_cut(&mut whole, FinishReason::Stop);
+    assert_eq!(whole, items());
 }
