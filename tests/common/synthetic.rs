@@ -42,7 +42,8 @@ pub struct Spec {
     pub ffn: usize,
     /// An embedding model's metadata: last-token pooling, and an EOS after each text.
     pub embedding: bool,
-    /// More metadata, written last (`{arch}` in a key is the architecture).
+    /// More metadata, written last, replacing a key written before (`{arch}` in a key is the
+    /// architecture).
     pub meta: Vec<(&'static str, Value)>,
     /// More control tokens after the vocabulary's (byte-level: ids from 258 on;
     /// SentencePiece-style: last): a code model's fill-in-the-middle tokens.
@@ -189,8 +190,11 @@ pub fn write(path: &Path, spec: &Spec) {
         meta.push((format!("{a}.pooling_type"), Value::U32(3)));
         meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(true)));
     }
+    // More metadata replaces a key written above (a file names each key once).
     for (k, v) in &spec.meta {
-        meta.push((k.replace("{arch}", a), v.clone()));
+        let k = k.replace("{arch}", a);
+        meta.retain(|(old, _)| *old != k);
+        meta.push((k, v.clone()));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
