@@ -142,10 +142,10 @@ pub struct ConstraintSpec {
 }
 
 /// The JSON layout we generate (llguidance's options, set by us only), after the schema's
-/// exact rewrites (`oneOf` of disjoint branches as `anyOf`).
+/// rewrites (`oneOf` of disjoint branches as `anyOf`, unknown string formats dropped).
 fn with_layout(schema: &Value) -> Value {
     let mut s = schema.clone();
-    super::schema::disjoint_one_of_as_any_of(&mut s);
+    super::schema::rewritten_for_llguidance(&mut s);
     if let Some(obj) = s.as_object_mut() {
         obj.insert(
             "x-guidance".into(),

@@ -1,10 +1,14 @@
-//! Exact rewrites of a user's JSON Schema before llguidance compiles it.
+//! Rewrites of a user's JSON Schema before llguidance compiles it.
 //!
 //! llguidance refuses `oneOf` (it cannot check that exactly one branch matches). When no
 //! value can match two branches, `oneOf` and `anyOf` accept the same values, so such a
 //! `oneOf` becomes an `anyOf`. That covers discriminated unions as Pydantic and Zod write
 //! them (objects told apart by a required property's constant), branches of distinct types,
 //! and branches of distinct constants. Any other `oneOf` is left for llguidance to refuse.
+//!
+//! A string `format` llguidance does not know (Pydantic's `password` and `binary`,
+//! OpenAPI's `byte`) is dropped: JSON Schema reads `format` as an annotation unless told
+//! otherwise, and OpenAI's non-strict tools take them; llguidance would refuse the schema.
 
 use serde_json::Value;
 
@@ -32,6 +36,21 @@ const MAP: &[&str] = &[
 ];
 const LIST: &[&str] = &["anyOf", "allOf", "oneOf", "prefixItems", "items"];
 
+/// The string formats llguidance 1.9 enforces (its `json/formats.rs`); others are dropped.
+const KNOWN_FORMATS: &[&str] = &[
+    "date-time",
+    "time",
+    "date",
+    "duration",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "uuid",
+    "uri",
+    "unknown",
+];
+
 /// Keywords that change what a `$ref` points to (base URIs, anchors, dynamic scopes):
 /// a schema holding any is left as it is, since `resolve` reads `#/...` from the root.
 const SCOPING: &[&str] = &[
@@ -42,8 +61,9 @@ const SCOPING: &[&str] = &[
     "$recursiveRef",
 ];
 
-/// Rewrites every `oneOf` of disjoint branches in `schema` (at any depth) into `anyOf`.
-pub(crate) fn disjoint_one_of_as_any_of(schema: &mut Value) {
+/// Rewrites every `oneOf` of disjoint branches in `schema` (at any depth) into `anyOf`, and
+/// drops the string formats llguidance does not know.
+pub(crate) fn rewritten_for_llguidance(schema: &mut Value) {
     if has_key(schema, SCOPING) {
         return;
     }
@@ -96,6 +116,12 @@ fn rewrite(root: &Value, node: &mut Value) {
                 children.iter_mut().for_each(|c| rewrite(root, c));
             }
         }
+    }
+    if m.get("format")
+        .and_then(Value::as_str)
+        .is_some_and(|f| !KNOWN_FORMATS.contains(&f))
+    {
+        m.remove("format");
     }
     let disjoint = match m.get("oneOf") {
         Some(Value::Array(branches)) => !m.contains_key("anyOf") && disjoint(root, branches),
@@ -202,7 +228,7 @@ fn tag<'a>(root: &'a Value, s: &'a Value, p: &str) -> Option<Vec<&'a Value>> {
 
 #[cfg(test)]
 mod tests {
-    use super::disjoint_one_of_as_any_of as rewrite;
+    use super::rewritten_for_llguidance as rewrite;
     use serde_json::{json, Value};
 
     fn rewritten(mut v: Value) -> Value {
@@ -259,6 +285,20 @@ mod tests {
         ] {
             assert_eq!(rewritten(overlap.clone()), overlap);
         }
+    }
+
+    #[test]
+    fn unknown_string_formats_are_dropped_where_they_are_schema() {
+        let v = json!({"type": "object", "properties": {
+            "pw": {"type": "string", "format": "password"},
+            "day": {"type": "string", "format": "date"},
+            "format": {"type": "string"}},
+            "default": {"format": "password"}});
+        let out = rewritten(v.clone());
+        assert_eq!(out["properties"]["pw"], json!({"type": "string"}));
+        assert_eq!(out["properties"]["day"], v["properties"]["day"]);
+        assert_eq!(out["properties"]["format"], v["properties"]["format"]);
+        assert_eq!(out["default"], v["default"]);
     }
 
     #[test]

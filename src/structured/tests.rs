@@ -129,6 +129,33 @@ fn schema_output_validates_and_uses_one_layout() {
 }
 
 #[test]
+fn string_formats_llguidance_lacks_are_annotations_and_known_ones_are_kept() {
+    // Pydantic's SecretStr (`password`) in a tool's parameters compiles; a `date` is still
+    // enforced.
+    let g = grammars();
+    let schema = json!({"type": "object", "properties": {
+        "pw": {"type": "string", "format": "password", "maxLength": 6},
+        "day": {"type": "string", "format": "date"},
+    }, "required": ["pw", "day"], "additionalProperties": false});
+    let mut s = ConstraintSpec::text();
+    s.tools = vec![tool("login", schema.clone())];
+    assert!(g.constraint(&s).is_ok());
+    for seed in 0..4 {
+        let s = spec(OutputFormat::JsonSchema {
+            schema: schema.clone(),
+            strict: true,
+        });
+        let out = walk(constraint(&g, &s).as_mut(), seed, 4000);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let day = v["day"].as_str().unwrap();
+        assert!(
+            day.len() == 10 && day.as_bytes()[4] == b'-' && day.as_bytes()[7] == b'-',
+            "{v}"
+        );
+    }
+}
+
+#[test]
 fn a_rejected_token_is_refused_and_a_stop_only_when_complete() {
     let g = grammars();
     let mut c = constraint(&g, &spec(OutputFormat::JsonObject));
