@@ -60,6 +60,24 @@ fn chat_completions_behave_like_openai() {
             && prompt.ends_with("<|im_start|>assistant\n"),
         "{prompt}"
     );
+    // A follow-up after calls, sent without `tools`: the calls and their results are in the
+    // prompt as they would be with tools (the template has no tool support).
+    let (status, followup) = s.post(
+        "/apply-template",
+        &json!({"messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]}),
+    );
+    assert_eq!(status, 200, "{followup}");
+    let text = followup["prompt"].as_str().unwrap();
+    assert!(
+        text.contains("<tool_call>")
+            && text.contains("get_weather")
+            && text.contains("<tool_response>\n18 C"),
+        "{text}"
+    );
     let (_, tokens) = s.post("/tokenize", &json!({"content": prompt}));
     assert_eq!(
         tokens["tokens"].as_array().unwrap().len() as u64,

@@ -42,7 +42,13 @@ pub(in crate::api) fn render_text(
         continued = last.content.clone();
         last.content.push_str(CONTINUE_MARK);
     }
-    let (messages, native) = if tools.is_empty() || r.native_tools {
+    // A conversation with calls in it is rendered as one with tools, whether or not this
+    // request sends them (a follow-up after the calls often does not): a template without
+    // tool support would drop the calls and choke on the results.
+    let history_of_calls = messages
+        .iter()
+        .any(|m| m.tool_calls.is_some() || m.role == "tool");
+    let (messages, native) = if (tools.is_empty() && !history_of_calls) || r.native_tools {
         let messages = if r.tool_format.short_ids {
             toolcall::with_short_ids(messages)
         } else {
