@@ -59,6 +59,30 @@ pub fn input_items(body: &Value) -> Result<Vec<Value>, ApiError> {
     }
 }
 
+/// An error from the chat path a Responses request runs through, its `param` named as the
+/// Responses API names it: the conversation is `input`, a tool's fields are its own (no
+/// `function` object), the budget is `max_output_tokens`, the format `text.format`.
+pub fn named_as_responses(mut e: ApiError) -> ApiError {
+    e.param = e.param.take().map(|p| {
+        if p == "messages" || p.starts_with("messages[") {
+            "input".into()
+        } else if p == "max_tokens" || p == "max_completion_tokens" {
+            "max_output_tokens".into()
+        } else if p.starts_with("tools[") {
+            p.replacen(".function.", ".", 1)
+        } else if let Some(rest) = p
+            .strip_prefix("response_format.json_schema")
+            .or_else(|| p.strip_prefix("response_format"))
+        {
+            // Responses' format holds the schema's fields itself.
+            format!("text.format{rest}")
+        } else {
+            p
+        }
+    });
+    e
+}
+
 /// Each new `function_call_output` (from `first_new` on) answers a call made before it in
 /// the conversation: OpenAI refuses an orphan (a client that sent the item's `id` for its
 /// `call_id`, or forgot `previous_response_id`), which a model would read as a result of

@@ -105,3 +105,22 @@ fn a_cut_reply_has_only_its_last_item_incomplete() {
     mark_cut(&mut whole, FinishReason::Stop);
     assert_eq!(whole, items());
 }
+
+#[test]
+fn chat_errors_name_the_responses_fields() {
+    let named = |p: &str| named_as_responses(ApiError::invalid(p, "x")).param.unwrap();
+    assert_eq!(named("messages"), "input");
+    assert_eq!(
+        named("messages[1].tool_calls[0].function.arguments"),
+        "input"
+    );
+    assert_eq!(named("tools[0].function.name"), "tools[0].name");
+    assert_eq!(named("max_tokens"), "max_output_tokens");
+    assert_eq!(named("response_format.json_schema"), "text.format");
+    assert_eq!(
+        named("response_format.json_schema.schema"),
+        "text.format.schema"
+    );
+    assert_eq!(named("response_format"), "text.format");
+    assert_eq!(named("temperature"), "temperature");
+}

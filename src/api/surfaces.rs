@@ -110,12 +110,16 @@ pub async fn responses_create(
             ..ctx.clone()
         }));
         let body = Ok(bytes.clone());
-        chat(&state, rid.clone(), who.clone(), &headers, body, checked).await?;
+        chat(&state, rid.clone(), who.clone(), &headers, body, checked)
+            .await
+            .map_err(super::responses::named_as_responses)?;
         let asked = (rid, who, headers);
         return background::start(state.clone(), asked, bytes, Arc::new(ctx), model).await;
     }
     let api = Api::Responses(Arc::new(ctx));
-    chat(&state, rid, who, &headers, Ok(bytes), api).await
+    chat(&state, rid, who, &headers, Ok(bytes), api)
+        .await
+        .map_err(super::responses::named_as_responses)
 }
 
 /// OpenAI's answer for a previous response that is not there (or is another key's: the
