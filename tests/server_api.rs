@@ -71,12 +71,12 @@ fn chat_completions_behave_like_openai() {
             {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]}),
     );
     assert_eq!(status, 200, "{followup}");
-    let text = followup["prompt"].as_str().unwrap();
+    let rendered = followup["prompt"].as_str().unwrap();
     assert!(
-        text.contains("<tool_call>")
-            && text.contains("get_weather")
-            && text.contains("<tool_response>\n18 C"),
-        "{text}"
+        rendered.contains("<tool_call>")
+            && rendered.contains("get_weather")
+            && rendered.contains("<tool_response>\n18 C"),
+        "{rendered}"
     );
     let (_, tokens) = s.post("/tokenize", &json!({"content": prompt}));
     assert_eq!(

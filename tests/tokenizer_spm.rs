@@ -153,6 +153,13 @@ fn end_of_generation_tokens_stop_a_reply_whatever_their_type() {
     assert!(tok.is_control(258));
     assert_eq!(tok.decode(&[b'h' as u32, 258]).unwrap(), "h");
     assert_eq!(tok.encode("<|eot_id|>", false).unwrap(), vec![258]);
+    // `</s>` typed as a word stays a word (Qwen's and Gemma's vocabularies have one).
+    let tok = bpe(Spec {
+        controls: &["</s>"],
+        controls_user_defined: true,
+        ..Spec::default()
+    });
+    assert!(!tok.stop_ids.contains(&258) && !tok.is_control(258));
     // Other user-defined words stay words.
     let tok = bpe(Spec {
         controls: &["<tool>"],
@@ -200,4 +207,22 @@ fn a_vocabulary_without_a_pre_tokenizer_is_read_as_its_family() {
     assert!(!tok.add_bos);
     let text = "getHTTPResponse(42) naïve";
     assert_eq!(tok.decode(&tok.encode(text, false).unwrap()).unwrap(), text);
+}
+
+#[test]
+fn streamed_byte_fallback_text_is_the_whole_decoding() {
+    // SentencePiece's byte fallback replaces a whole run of bytes with U+FFFD when any is
+    // invalid: a lone E2 before a rocket's four bytes, then a word.
+    use edgeinfer::model::detok::IncrementalDecoder;
+    let tok = tokenizer();
+    let bytes = [0xE2u32, 0xF0, 0x9F, 0x9A, 0x80];
+    let mut ids: Vec<u32> = bytes.iter().map(|b| 3 + b).collect();
+    ids.push(id("▁hello"));
+    let mut dec = IncrementalDecoder::new();
+    let mut out = String::new();
+    for &t in &ids {
+        out.extend(dec.push(&tok, t).unwrap());
+    }
+    out.extend(dec.flush(&tok).unwrap());
+    assert_eq!(out, tok.decode(&ids).unwrap());
 }

@@ -78,7 +78,10 @@ impl IncrementalDecoder {
         full: &str,
     ) -> Result<Option<String>, ModelError> {
         let cut = self.tokens.len().saturating_sub(COMPLETABLE);
-        if cut <= self.read_offset {
+        // Only where each invalid byte decodes on its own (GPT-2's byte level):
+        // SentencePiece's byte fallback makes a whole run U+FFFD, so a run's start can
+        // still change.
+        if cut <= self.read_offset || !tok.byte_level_decoder() {
             return Ok(None);
         }
         let upto = tok.decode(&self.tokens[self.prefix_offset..cut])?;

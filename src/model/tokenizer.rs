@@ -39,8 +39,11 @@ const END_OF_TURN_TEXTS: &[&str] = &[
     "<end_of_turn>",
     "<EOT>",
     "_<EOT>",
-    "</s>",
 ];
+
+/// An end-of-text spelling that ends a reply only when the file types it control: some
+/// vocabularies (Qwen's, Gemma's) have `</s>` as an ordinary word, which HTML and XML use.
+const CONTROL_END_TEXTS: &[&str] = &["</s>"];
 
 /// Byte-level pre-tokenizers whose models take a BOS unless the metadata says otherwise
 /// (Llama 3's group and Tekken, as llama.cpp).
@@ -69,6 +72,8 @@ pub struct Tokenizer {
     probe: Option<(u32, String)>,
     /// The bytes each token id stands for (see [`Self::token_bytes_of`]), built on first use.
     bytes: Arc<OnceLock<Vec<Vec<u8>>>>,
+    /// Whether the decoder is GPT-2's byte-level one (see [`Self::byte_level_decoder`]).
+    byte_level: bool,
     /// A copy that reads control-token spellings as text (see [`Self::encode_plain`]),
     /// made on first use.
     plain: Arc<OnceLock<tokenizers::Tokenizer>>,
@@ -110,7 +115,8 @@ impl Specials {
         for (id, (text, &ty)) in tokens.iter().zip(types).enumerate() {
             if ty == TOKEN_TYPE_CONTROL {
                 control_ids.push(id as u32);
-                if END_OF_TURN_TEXTS.contains(&text.as_str()) {
+                let text = text.as_str();
+                if END_OF_TURN_TEXTS.contains(&text) || CONTROL_END_TEXTS.contains(&text) {
                     stop_ids.push(id as u32);
                 }
             }
@@ -215,6 +221,7 @@ impl Tokenizer {
         if specials.stop_ids.is_empty() {
             specials.stop_ids = END_OF_TURN_TEXTS
                 .iter()
+                .chain(CONTROL_END_TEXTS)
                 .filter_map(|t| inner.token_to_id(t))
                 .collect();
             specials.stop_ids.sort_unstable();
@@ -265,7 +272,12 @@ impl Tokenizer {
             .ok()
             .and_then(|e| e.get_ids().last().copied())
             .and_then(|p| Some((p, inner.decode(&[p], false).ok()?)));
+        let byte_level = inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|d| d.contains("ByteLevel"));
         Self {
+            byte_level,
             inner,
             bos: s.bos,
             eos: s.eos,
@@ -393,13 +405,15 @@ impl Tokenizer {
         table
     }
 
+    /// Whether the decoder is GPT-2's byte-level one (each invalid byte its own U+FFFD);
+    /// SentencePiece's byte fallback replaces a whole run of bytes with one that is invalid.
+    pub fn byte_level_decoder(&self) -> bool {
+        self.byte_level
+    }
+
     pub fn byte_table(&self) -> &[Vec<u8>] {
         self.bytes.get_or_init(|| {
-            let byte_level = self
-                .inner
-                .get_decoder()
-                .and_then(|d| serde_json::to_string(d).ok())
-                .is_some_and(|d| d.contains("ByteLevel"));
+            let byte_level = self.byte_level_decoder();
             let unbyte = byte_level.then(gpt2_byte_decoder);
             let added = self.inner.get_added_tokens_decoder();
             (0..self.vocab_size() as u32)
