@@ -191,6 +191,13 @@ impl ConstraintSpec {
         !self.tools.is_empty() && self.choice != ToolChoice::None
     }
 
+    /// Whether the reply is the format's alone: no tools, or tools that may not be called
+    /// under a format that starts at once (a regex, grammar or choice: as vLLM takes it,
+    /// the format is the reply, which opens no call).
+    fn format_alone(&self) -> bool {
+        self.tools.is_empty() || (self.choice == ToolChoice::None && self.format.starts_at_once())
+    }
+
     /// Checks each piece on its own, so that an error names its field; `compile` compiles
     /// one grammar and reports its error text.
     pub(crate) fn check(
@@ -217,9 +224,7 @@ impl ConstraintSpec {
                 compile("grammar", TopLevelGrammar::from_lark(gbnf_lark(src, gbnf)?))?
             }
         }
-        // Tools under `tool_choice: none` too: their grammar is text that opens no call,
-        // which would drop the format (never an unconstrained run that should not be).
-        if !self.tools.is_empty() && self.format.starts_at_once() {
+        if self.calls_tools() && self.format.starts_at_once() {
             let field = match (&self.format, self.format_field) {
                 (_, Some(field)) => field,
                 (OutputFormat::Gbnf(_), None) => "grammar",
@@ -287,7 +292,7 @@ impl ConstraintSpec {
                 return Ok(Some(g));
             }
         }
-        if self.tools.is_empty() {
+        if self.format_alone() {
             return Ok(match &self.format {
                 OutputFormat::Text => None,
                 OutputFormat::JsonObject => {
@@ -315,7 +320,7 @@ impl ConstraintSpec {
     /// calls, JSON, or text under a budget (`None`: regex and Lark formats, which then
     /// start at once, and free text with no budget, which needs no grammar).
     fn with_thinking(&self, think: &ThinkSpec) -> Option<(&'static str, TopLevelGrammar)> {
-        let (field, main) = if !self.tools.is_empty() {
+        let (field, main) = if !self.format_alone() {
             let lark = self.lark();
             let (first, rest) = lark.split_once('\n')?;
             let start = first.strip_prefix("start: ")?;
