@@ -369,18 +369,17 @@ impl ServeArgs {
         if self.master_key.as_deref().is_some_and(|k| k.len() < 8) {
             return Err("--master-key must have at least 8 characters".into());
         }
-        // A key no client can send (a header cannot end in a newline, and presented keys are
-        // trimmed) would lock every request out: a key read from a file keeps its newline.
+        // A key no client can send (a header holds no control character, and presented keys
+        // are trimmed) would lock every request out: a key read from a file keeps its newline.
+        let sendable =
+            |k: &str| k.trim() == k && k.chars().all(|c| c.is_ascii() && !c.is_ascii_control());
         for (flag, key) in [
             ("--master-key", &self.master_key),
             ("--metrics-key", &self.metrics_key),
         ] {
-            if key
-                .as_deref()
-                .is_some_and(|k| !k.chars().all(|c| c.is_ascii_graphic()))
-            {
+            if key.as_deref().is_some_and(|k| !sendable(k)) {
                 return Err(format!(
-                    "{flag} must be printable ASCII without spaces (a key read from a file keeps its trailing newline: strip it)"
+                    "{flag} must be printable ASCII with no space at either end (a key read from a file keeps its trailing newline: strip it)"
                 ));
             }
         }

@@ -334,7 +334,7 @@ fn serve_refuses_inconsistent_budgets() {
             "--master-key must be printable ASCII",
         ),
         (
-            vec!["serve", "--metrics-key", "metrics key"],
+            vec!["serve", "--metrics-key", " metrics-key"],
             "--metrics-key must be printable ASCII",
         ),
     ] {

@@ -51,9 +51,15 @@ fn ignore_eos_runs_a_reply_to_its_budget() {
 #[test]
 fn vllms_fields_that_would_change_the_reply_are_refused_by_name() {
     let s = Server::start(&[]);
+    // A token that is no end of a reply (`stop_token_ids` naming the model's own ends,
+    // `<|im_end|>` here, as clients often do, changes nothing and passes).
+    let (_, r) = s.post("/tokenize", &json!({"content": "Hello"}));
+    let word = r["tokens"][0].as_u64().unwrap();
+    let (_, r) = s.post("/tokenize", &json!({"content": "<|im_end|>"}));
+    let end = r["tokens"][0].as_u64().unwrap();
     for (field, value) in [
         ("min_tokens", json!(5)),
-        ("stop_token_ids", json!([2])),
+        ("stop_token_ids", json!([word])),
         ("include_stop_str_in_output", json!(true)),
     ] {
         for route in ["/v1/chat/completions", "/v1/completions"] {
@@ -73,7 +79,7 @@ fn vllms_fields_that_would_change_the_reply_are_refused_by_name() {
             // Their defaults change nothing and pass.
             body[field] = match field {
                 "min_tokens" => json!(0),
-                "stop_token_ids" => json!([]),
+                "stop_token_ids" => json!([end]),
                 _ => json!(false),
             };
             let (status, r) = s.post(route, &body);

@@ -218,7 +218,7 @@ pub(super) async fn run(
             ),
         ));
     }
-    fields.refuse_unsupported()?;
+    fields.refuse_unsupported(&ready.tokenizer.stop_ids)?;
     if fields.ignore_eos == Some(true) {
         // A grammar's (and a tool call's) only way to end is the end-of-text token.
         if !out.constraints.is_empty() || meta.tools.is_some() {

@@ -369,12 +369,12 @@ guided_of!(ChatCompletionRequest);
 guided_of!(CompletionRequest);
 
 impl SamplingFields {
-    /// The sampling settings; `max_temperature` is the surface's own bound (OpenAI's 2).
     /// vLLM's fields this server does not implement, refused by name when set to anything
     /// that would change the reply (silently ignored, a benchmark would measure short
-    /// replies): `min_tokens` over 0, `stop_token_ids` not empty,
+    /// replies): `min_tokens` over 0, `stop_token_ids` naming a token that does not end a
+    /// reply already (`stop_ids`: the model's own, which clients often list), and
     /// `include_stop_str_in_output` true.
-    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+    pub fn refuse_unsupported(&self, stop_ids: &[u32]) -> Result<(), ApiError> {
         let set = [
             (
                 "min_tokens",
@@ -384,9 +384,15 @@ impl SamplingFields {
             ),
             (
                 "stop_token_ids",
-                self.stop_token_ids
-                    .as_ref()
-                    .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())),
+                self.stop_token_ids.as_ref().is_some_and(|v| {
+                    !v.is_null()
+                        && v.as_array().is_none_or(|a| {
+                            a.iter().any(|id| {
+                                id.as_u64()
+                                    .is_none_or(|id| !stop_ids.iter().any(|&s| u64::from(s) == id))
+                            })
+                        })
+                }),
             ),
             (
                 "include_stop_str_in_output",
@@ -404,6 +410,7 @@ impl SamplingFields {
         }
     }
 
+    /// The sampling settings; `max_temperature` is the surface's own bound (OpenAI's 2).
     pub fn sampling_params(&self, max_temperature: f32) -> Result<SamplingParams, ApiError> {
         if let Some(t) = self.temperature.filter(|t| *t > max_temperature) {
             return Err(ApiError::invalid(
