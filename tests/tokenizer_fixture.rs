@@ -150,6 +150,20 @@ fn bytes_that_never_complete_a_character_are_not_held_back() {
         before_flush >= 190,
         "only {before_flush} characters before the flush"
     );
+    // Control tokens between a character's bytes hold none of them (a fuzzed case): the
+    // streamed text is still the whole decoding.
+    for ids in [
+        vec![314, 0, 374, 4512, 156, 0, 0, 0, 0, 3, 0, 0, 128, 0],
+        [vec![lead], vec![0; 5], tok.encode("€", false).unwrap()].concat(),
+    ] {
+        let mut dec = IncrementalDecoder::new();
+        let mut out = String::new();
+        for &id in &ids {
+            out.extend(dec.push(tok, id).unwrap());
+        }
+        out.extend(dec.flush(tok).unwrap());
+        assert_eq!(out, tok.decode(&ids).unwrap(), "{ids:?}");
+    }
     // A character completed after its lead bytes still comes out whole.
     let text = "x🚀y 你好";
     let ids = tok.encode(text, false).unwrap();

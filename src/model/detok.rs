@@ -10,7 +10,7 @@
 use super::tokenizer::Tokenizer;
 use crate::error::ModelError;
 
-/// The most tokens an unfinished character's bytes can span (3 bytes, one token each).
+/// The most bytes an unfinished character can have (a fourth completes or breaks it).
 const COMPLETABLE: usize = 3;
 
 /// Decodes a window of recent tokens, so each step costs O(window), not O(sequence).
@@ -66,9 +66,9 @@ impl IncrementalDecoder {
         }
     }
 
-    /// While the text ends in U+FFFD: what lies before the last [`COMPLETABLE`] tokens and
-    /// decodes the same with them can never change (a character's bytes span at most four
-    /// tokens), so it is emitted, invalid bytes as U+FFFD. A reply of lone bytes that never
+    /// While the text ends in U+FFFD: what lies before the last tokens that hold
+    /// [`COMPLETABLE`] bytes, and decodes the same with them, can never change, so it is
+    /// emitted, invalid bytes as U+FFFD. A reply of lone bytes that never
     /// complete a character (a `logit_bias` on one) would otherwise hold its whole text
     /// back, decoding it all again at each token.
     fn emit_permanent(
@@ -77,11 +77,24 @@ impl IncrementalDecoder {
         prefix: &str,
         full: &str,
     ) -> Result<Option<String>, ModelError> {
-        let cut = self.tokens.len().saturating_sub(COMPLETABLE);
         // Only where each invalid byte decodes on its own (GPT-2's byte level):
         // SentencePiece's byte fallback makes a whole run U+FFFD, so a run's start can
         // still change.
-        if cut <= self.read_offset || !tok.byte_level_decoder() {
+        if !tok.byte_level_decoder() {
+            return Ok(None);
+        }
+        // The last tokens that hold at least the bytes an unfinished character can have
+        // (control tokens decode to nothing, so they hold none).
+        let mut cut = self.tokens.len();
+        let mut held = 0;
+        while cut > self.read_offset && held < COMPLETABLE {
+            cut -= 1;
+            let id = self.tokens[cut];
+            if !tok.is_control(id) {
+                held += tok.token_bytes_of(id).len();
+            }
+        }
+        if held < COMPLETABLE {
             return Ok(None);
         }
         let upto = tok.decode(&self.tokens[self.prefix_offset..cut])?;
